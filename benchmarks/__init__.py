@@ -1,0 +1,1 @@
+"""Benchmarks for ventilator and the naive pyzmq baseline it is compared against."""

@@ -1,0 +1,66 @@
+"""ventilator: a distributed task system for Python, built on ZeroMQ.
+
+A broker queues tasks and hands each to a worker that has room for it; the
+worker's result goes back to the client that submitted it, or to a named sink.
+
+    >>> import ventilator
+    >>> with ventilator.local(workers=2, modules=["ventilator.examples"]) as cluster:
+    ...     with ventilator.Client(cluster.address) as client:
+    ...         client.submit("ventilator.examples:square", 7).result()
+    49
+"""
+
+from .aio import AsyncClient
+from .broker import Broker, BrokerConfig
+from .client import Client, ClientExecutor, TaskFuture
+from .errors import (
+    ClientClosed,
+    FunctionNotFound,
+    NetworkError,
+    PickleNotAllowed,
+    PoisonTask,
+    ProtocolError,
+    ResultExpired,
+    TaskError,
+    TaskRaised,
+    TaskRejected,
+    TaskTimeout,
+    UsageError,
+    VentilatorError,
+)
+from .local import LocalCluster, local
+from .policy import Backoff, Limits
+from .sink import Sink, SinkResult
+from .worker import Worker, WorkerConfig
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncClient",
+    "Backoff",
+    "Broker",
+    "BrokerConfig",
+    "Client",
+    "ClientClosed",
+    "ClientExecutor",
+    "FunctionNotFound",
+    "Limits",
+    "LocalCluster",
+    "NetworkError",
+    "PickleNotAllowed",
+    "PoisonTask",
+    "ProtocolError",
+    "ResultExpired",
+    "Sink",
+    "SinkResult",
+    "TaskError",
+    "TaskFuture",
+    "TaskRaised",
+    "TaskRejected",
+    "TaskTimeout",
+    "UsageError",
+    "VentilatorError",
+    "Worker",
+    "WorkerConfig",
+    "local",
+]

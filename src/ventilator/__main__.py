@@ -1,0 +1,5 @@
+"""`python -m ventilator` is the `ventilator` command."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,254 @@
+"""The broker's I/O shell: two ROUTER sockets around the scheduler.
+
+One loop turn: wait for traffic or the next tick, drain what arrived (up to a
+batch per socket, so one busy side cannot starve the other), feed it to the
+scheduler, commit the journal, then send. Nothing is sent before the journal
+commit of the turn that produced it, which is what makes "accepted" mean
+"on disk".
+
+The frontend faces clients and sinks, the backend faces workers. Both set
+ROUTER_MANDATORY: a send to a peer that went away is an error the scheduler
+hears about (`peer_unreachable`), never a silent drop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from . import protocol as p
+from . import scheduler as s
+from .errors import ProtocolError
+from .journal import Journal, MemoryJournal, open_journal
+from .policy import Limits
+
+__all__ = ["Broker", "BrokerConfig"]
+
+log = logging.getLogger(__name__)
+
+# Messages drained from one socket per loop turn before the other gets its turn.
+DRAIN_BATCH = 512
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerConfig:
+    """Where the broker listens, where it journals, and its limits."""
+
+    frontend: str = "tcp://127.0.0.1:5555"
+    backend: str = "tcp://127.0.0.1:5556"
+    journal: str | None = "ventilator-journal.db"
+    durability: str = "process"
+    limits: Limits = field(default_factory=Limits)
+
+
+class Broker:
+    """Owns the sockets and the journal; the scheduler makes every decision.
+
+    Use it from one thread: `bind()`, then `serve()` until `stop()` is called
+    (from any thread, or a signal handler) and `serve` returns.
+    """
+
+    def __init__(self, config: BrokerConfig, context: zmq.Context[Any] | None = None):
+        self.config = config
+        self._context = context or zmq.Context.instance()
+        self._journal: Journal = open_journal(config.journal, config.durability)
+        durable = not isinstance(self._journal, MemoryJournal)
+        self._scheduler = s.Scheduler(config.limits, durable=durable)
+        self._frontend = self._router()
+        self._backend = self._router()
+        self._wake_read, self._wake_write = os.pipe()
+        self._stopping = False
+        self.frontend_endpoint = ""
+        self.backend_endpoint = ""
+
+    def _router(self) -> zmq.Socket[bytes]:
+        sock: zmq.Socket[bytes] = self._context.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # libzmq refuses oversized frames before Python ever sees them; the
+        # scheduler still names the limit for anything between it and this.
+        sock.setsockopt(zmq.MAXMSGSIZE, self.config.limits.max_payload_bytes + 65536)
+        sock.setsockopt(zmq.SNDHWM, 100_000)
+        sock.setsockopt(zmq.RCVHWM, 100_000)
+        sock.setsockopt(zmq.LINGER, 1000)
+        return sock
+
+    def bind(self) -> None:
+        """Bind both sockets and replay the journal.
+
+        Raises:
+            zmq.ZMQError: an endpoint is malformed or already in use.
+        """
+        self._frontend.bind(self.config.frontend)
+        self._backend.bind(self.config.backend)
+        self.frontend_endpoint = _endpoint(self._frontend)
+        self.backend_endpoint = _endpoint(self._backend)
+        self._replay()
+        log.info(
+            "broker listening frontend=%s backend=%s journal=%s durability=%s",
+            self.frontend_endpoint,
+            self.backend_endpoint,
+            self.config.journal,
+            self.config.durability,
+        )
+
+    def _replay(self) -> None:
+        now = time.monotonic()
+        tasks = self._journal.load()
+        for task in tasks:
+            self._scheduler.restore(task, now)
+        finished = sum(1 for task in tasks if task.state is s.State.FINISHED)
+        if tasks:
+            log.info(
+                "journal replayed: %d tasks queued again, %d results awaiting delivery",
+                len(tasks) - finished,
+                finished,
+            )
+
+    def stop(self) -> None:
+        """Ask `serve` to return after its current turn. Safe from any thread."""
+        self._stopping = True
+        os.write(self._wake_write, b"x")
+
+    def serve(self) -> None:
+        """Run loop turns until `stop()`; then commit, close and return."""
+        poller = zmq.Poller()
+        poller.register(self._frontend, zmq.POLLIN)
+        poller.register(self._backend, zmq.POLLIN)
+        poller.register(self._wake_read, zmq.POLLIN)
+        interval_s = self.config.limits.heartbeat_interval_s
+        next_tick = time.monotonic() + interval_s
+
+        try:
+            while not self._stopping:
+                timeout_ms = max(0.0, next_tick - time.monotonic()) * 1000
+                poller.poll(timeout_ms)
+                now = time.monotonic()
+                self._drain(self._frontend, self._scheduler.client_command, now)
+                self._drain(self._backend, self._scheduler.worker_command, now)
+                if now >= next_tick:
+                    self._scheduler.tick(now)
+                    self._scheduler.heartbeats()
+                    next_tick = now + interval_s
+                self._carry_out(self._scheduler.flush(), now)
+        finally:
+            self._close()
+
+    def _drain(self, sock: zmq.Socket[bytes], handle: Any, now: float) -> None:
+        allowed = p.FROM_CLIENT if sock is self._frontend else p.FROM_WORKER
+        for _ in range(DRAIN_BATCH):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) < 2:
+                continue  # ROUTER always adds the routing id; nothing else came
+            peer = frames[0]
+            try:
+                command = p.decode(frames[1:], allowed)
+            except ProtocolError as exc:
+                self._refuse(sock, peer, frames, exc)
+                continue
+            handle(peer, command, now)
+
+    def _refuse(
+        self,
+        sock: zmq.Socket[bytes],
+        peer: bytes,
+        frames: list[bytes],
+        exc: ProtocolError,
+    ) -> None:
+        side = "client" if sock is self._frontend else "worker"
+        log.warning(
+            "refused a malformed message peer=%s side=%s code=%s: %s (frames=%.120r)",
+            peer.hex(),
+            side,
+            exc.code,
+            exc,
+            [f[:32] for f in frames[1:6]],
+        )
+        self._send(sock, peer, p.Error(exc.code, str(exc)), time.monotonic())
+
+    def _carry_out(self, effects: s.Effects, now: float) -> None:
+        if effects.journal_dirty:
+            self._journal.commit(effects.accepted, effects.finished, effects.forgotten)
+        for peer, command in effects.to_workers:
+            self._send(self._backend, peer, command, now)
+        for peer, command in effects.to_clients:
+            self._send(self._frontend, peer, command, now)
+        for notice in effects.notices:
+            _log_notice(notice)
+
+    def _send(
+        self, sock: zmq.Socket[bytes], peer: bytes, command: p.Command, now: float
+    ) -> None:
+        try:
+            sock.send_multipart([peer, *p.encode(command)], zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as exc:
+            # EHOSTUNREACH: the peer is gone. EAGAIN: it stopped reading and its
+            # queue is full. Either way the scheduler takes back what it sent.
+            log.debug("send failed peer=%s: %s", peer.hex(), exc)
+            self._scheduler.peer_unreachable(peer, now)
+
+    def _close(self) -> None:
+        # Anything a last turn decided is committed before the sockets go.
+        self._carry_out(self._scheduler.flush(), time.monotonic())
+        self._journal.close()
+        self._frontend.close()
+        self._backend.close()
+        os.close(self._wake_read)
+        os.close(self._wake_write)
+        log.info("broker stopped")
+
+
+def _endpoint(sock: zmq.Socket[bytes]) -> str:
+    return sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
+def _log_notice(notice: s.Notice) -> None:
+    if isinstance(notice, s.WorkerJoined):
+        log.info(
+            "worker joined worker=%s capacity=%d services=%s",
+            notice.worker_id,
+            notice.capacity,
+            ",".join(notice.services),
+        )
+    elif isinstance(notice, s.WorkerLost):
+        level = logging.WARNING if notice.requeued or notice.poisoned else logging.INFO
+        log.log(
+            level,
+            "worker lost worker=%s reason=%s; requeued %d tasks, %d failed as poison",
+            notice.worker_id,
+            notice.reason,
+            notice.requeued,
+            notice.poisoned,
+        )
+    elif isinstance(notice, s.LateOutcome):
+        log.warning(
+            "dropped a late result ticket=%d attempt=%d worker=%s: that attempt was "
+            "given up on and the task rerun",
+            notice.ticket,
+            notice.attempt,
+            notice.worker_id,
+        )
+    elif isinstance(notice, s.ClientJoined):
+        log.info("client joined client=%s resent=%d", notice.recipient, notice.resent)
+    elif isinstance(notice, s.ClientLost):
+        log.info(
+            "client gone client=%s; keeping %d results for its return",
+            notice.recipient,
+            notice.held,
+        )
+    elif isinstance(notice, s.Rejected):
+        log.warning(
+            "refused task client=%s task=%d: %s",
+            notice.session,
+            notice.task_id,
+            notice.reason,
+        )
+    elif isinstance(notice, s.ResultsExpired):
+        log.warning("dropped %d results nobody collected (result_ttl_s)", notice.count)

@@ -1,0 +1,616 @@
+"""The `ventilator` command line.
+
+Every option can also come from the environment: ``VENTILATOR_<COMMAND>_<OPTION>``,
+e.g. ``VENTILATOR_WORKER_CONNECT`` or ``VENTILATOR_BROKER_JOURNAL``. This is the
+only module that configures logging.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import IO, Any
+
+import click
+
+from .broker import Broker, BrokerConfig
+from .client import DEFAULT_ADDRESS, Client, TaskFuture
+from .errors import TaskError, UsageError
+from .journal import DURABILITY_MODES
+from .local import LocalCluster
+from .policy import Limits
+from .registry import resolve
+from .sink import Sink
+from .worker import POOL_KINDS, Worker, WorkerConfig
+
+log = logging.getLogger(__name__)
+
+_DEFAULT_LIMITS = Limits()
+SHELL_FUNCTION = "ventilator.shell:run"
+# Tasks submitted ahead of the oldest unfinished one, for map and exec.
+MAP_AHEAD = 10_000
+
+
+@click.group(context_settings={"auto_envvar_prefix": "VENTILATOR"})
+@click.option(
+    "--log-level",
+    default="WARNING",
+    show_default=True,
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+)
+@click.version_option(package_name="ventilator")
+def cli(log_level: str) -> None:
+    """ventilator: a distributed task system on ZeroMQ."""
+    logging.basicConfig(
+        level=log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def main() -> None:
+    """Entry point of the `ventilator` command and of `python -m ventilator`."""
+    cli()
+
+
+def _stop_on_signals(stop: Callable[[], None]) -> None:
+    def handler(signum: int, frame: object) -> None:
+        log.info("received %s; stopping", signal.Signals(signum).name)
+        stop()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+# --- broker and worker ----------------------------------------------------------
+
+
+@cli.command()
+@click.option(
+    "--frontend",
+    default="tcp://127.0.0.1:5555",
+    show_default=True,
+    help="Endpoint clients and sinks connect to.",
+)
+@click.option(
+    "--backend",
+    default="tcp://127.0.0.1:5556",
+    show_default=True,
+    help="Endpoint workers connect to.",
+)
+@click.option(
+    "--journal",
+    default="ventilator-journal.db",
+    show_default=True,
+    help="SQLite journal file of accepted tasks.",
+)
+@click.option(
+    "--durability",
+    default="process",
+    show_default=True,
+    type=click.Choice(DURABILITY_MODES),
+    help="Survive a process kill, power loss (fsync), or nothing (memory).",
+)
+@click.option(
+    "--max-payload-bytes", type=int, default=_DEFAULT_LIMITS.max_payload_bytes, show_default=True
+)
+@click.option(
+    "--max-queued-tasks", type=int, default=_DEFAULT_LIMITS.max_queued_tasks, show_default=True
+)
+@click.option(
+    "--client-window",
+    type=int,
+    default=_DEFAULT_LIMITS.client_window,
+    show_default=True,
+    help="Tasks one client may have in the broker.",
+)
+@click.option("--heartbeat-interval-s", type=float, default=1.0, show_default=True)
+@click.option(
+    "--max-attempts",
+    type=int,
+    default=3,
+    show_default=True,
+    help="Worker deaths under one task before it fails as poison.",
+)
+@click.option(
+    "--announce",
+    is_flag=True,
+    help="Print the bound endpoints as one JSON line on stdout.",
+)
+def broker(
+    frontend: str,
+    backend: str,
+    journal: str,
+    durability: str,
+    max_payload_bytes: int,
+    max_queued_tasks: int,
+    client_window: int,
+    heartbeat_interval_s: float,
+    max_attempts: int,
+    announce: bool,
+) -> None:
+    """Run a broker: queue tasks from clients, hand them to workers."""
+    limits = Limits(
+        max_payload_bytes=max_payload_bytes,
+        max_queued_tasks=max_queued_tasks,
+        client_window=client_window,
+        heartbeat_interval_s=heartbeat_interval_s,
+        max_attempts=max_attempts,
+    )
+    config = BrokerConfig(frontend, backend, journal, durability, limits)
+    server = _or_usage_error(lambda: Broker(config))
+    _or_usage_error(server.bind)
+    if announce:
+        endpoints = {
+            "frontend": server.frontend_endpoint,
+            "backend": server.backend_endpoint,
+        }
+        click.echo(json.dumps(endpoints), nl=True)
+        sys.stdout.flush()
+    _stop_on_signals(server.stop)
+    server.serve()
+
+
+@cli.command()
+@click.argument("modules", nargs=-1, required=True)
+@click.option(
+    "--connect",
+    default="tcp://127.0.0.1:5556",
+    show_default=True,
+    help="The broker's backend endpoint.",
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Tasks run at once  [default: number of CPUs]",
+)
+@click.option(
+    "--pool",
+    type=click.Choice(POOL_KINDS),
+    default="process",
+    show_default=True,
+    help="Processes for CPU work, threads for I/O.",
+)
+@click.option(
+    "--prefetch",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Tasks held per slot beyond the running one.",
+)
+@click.option(
+    "--allow-pickle",
+    is_flag=True,
+    help="Run pickled callables: lets any client run any code here.",
+)
+@click.option("--heartbeat-interval-s", type=float, default=1.0, show_default=True)
+def worker(
+    modules: tuple[str, ...],
+    connect: str,
+    concurrency: int | None,
+    pool: str,
+    prefetch: int,
+    allow_pickle: bool,
+    heartbeat_interval_s: float,
+) -> None:
+    """Serve the public functions of MODULES (tasks name them module:function)."""
+    config = WorkerConfig(
+        modules=modules,
+        connect=connect,
+        concurrency=concurrency or os.cpu_count() or 1,
+        pool=pool,
+        prefetch=prefetch,
+        allow_pickle=allow_pickle,
+        heartbeat_interval_s=heartbeat_interval_s,
+    )
+    server = _or_usage_error(lambda: Worker(config))
+    _stop_on_signals(server.stop)
+    server.serve()
+
+
+def _or_usage_error(action: Callable[[], Any]) -> Any:
+    try:
+        return action()
+    except UsageError as exc:
+        raise click.UsageError(str(exc)) from exc
+    except Exception as exc:
+        raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
+
+
+# --- map and exec -----------------------------------------------------------------
+
+
+def _cluster_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(
+        [
+            click.option(
+                "--input",
+                "input_file",
+                type=click.File("r"),
+                default="-",
+                help="One task per line  [default: stdin]",
+            ),
+            click.option(
+                "--output",
+                "output_file",
+                type=click.File("w"),
+                default="-",
+                help="One JSON object per input line  [default: stdout]",
+            ),
+            click.option(
+                "--connect",
+                default=None,
+                help="A running broker's frontend; without it, an embedded "
+                "broker and local workers run.",
+            ),
+            click.option(
+                "--workers",
+                type=click.IntRange(min=1),
+                default=None,
+                help="Local worker processes  [default: number of CPUs]",
+            ),
+            click.option(
+                "--timeout-s",
+                type=float,
+                default=None,
+                help="Stop each task after this many seconds.",
+            ),
+            click.option(
+                "--retries",
+                type=click.IntRange(min=0),
+                default=0,
+                help="Run a task that raised again, up to this many times.",
+            ),
+            click.option(
+                "--progress/--no-progress",
+                default=None,
+                help="Progress bar  [default: when stderr is a terminal]",
+            ),
+        ]
+    ):
+        command = option(command)
+    return command
+
+
+@cli.command(name="map")
+@click.argument("function")
+@_cluster_options
+@click.option("--sink", default=None, help="Send results to this sink instead.")
+def map_command(
+    function: str,
+    input_file: IO[str],
+    output_file: IO[str],
+    connect: str | None,
+    workers: int | None,
+    timeout_s: float | None,
+    retries: int,
+    progress: bool | None,
+    sink: str | None,
+) -> None:
+    """Apply MODULE:FUNCTION to each input line (as JSON if it parses)."""
+    if connect is None:
+        _or_usage_error(lambda: resolve(function))
+    module = function.partition(":")[0]
+    inputs = (_parse_line(line) for line in _lines(input_file))
+    options = {"timeout_s": timeout_s, "retries": retries, "sink": sink}
+
+    def task(item: Any) -> tuple[str, tuple[Any, ...]]:
+        return function, (item,)
+
+    failed = _run_tasks(
+        task,
+        inputs,
+        output_file,
+        connect,
+        workers,
+        [module],
+        options,
+        progress,
+        _map_record,
+    )
+    sys.exit(1 if failed else 0)
+
+
+@cli.command(name="exec")
+@click.argument("command", nargs=-1, required=True)
+@_cluster_options
+def exec_command(
+    command: tuple[str, ...],
+    input_file: IO[str],
+    output_file: IO[str],
+    connect: str | None,
+    workers: int | None,
+    timeout_s: float | None,
+    retries: int,
+    progress: bool | None,
+) -> None:
+    """Run COMMAND once per input line: '{}' in an argument becomes the line.
+
+    Without '{}', the line is appended as the last argument. No shell is used.
+    Workers of a running broker must serve the ventilator.shell module.
+    """
+    substitute = any("{}" in arg for arg in command)
+
+    def task(line: str) -> tuple[str, tuple[Any, ...]]:
+        argv = (
+            [a.replace("{}", line) for a in command] if substitute else [*command, line]
+        )
+        return SHELL_FUNCTION, (argv, timeout_s)
+
+    failed = _run_tasks(
+        task,
+        _lines(input_file),
+        output_file,
+        connect,
+        workers,
+        ["ventilator.shell"],
+        {"retries": retries},
+        progress,
+        _exec_record,
+    )
+    sys.exit(1 if failed else 0)
+
+
+def _lines(stream: IO[str]) -> Iterator[str]:
+    for line in stream:
+        yield line.rstrip("\r\n")
+
+
+def _parse_line(line: str) -> Any:
+    try:
+        return json.loads(line)
+    except ValueError:
+        return line
+
+
+def _map_record(item: Any, future: TaskFuture) -> tuple[dict[str, Any], bool]:
+    error = future.exception()
+    if error is None:
+        return {"input": item, "result": future.result()}, True
+    return {"input": item, "error": _error_fields(error)}, False
+
+
+def _exec_record(line: str, future: TaskFuture) -> tuple[dict[str, Any], bool]:
+    error = future.exception()
+    if error is not None:
+        return {
+            "input": line,
+            "exit_code": None,
+            "stdout": "",
+            "stderr": "",
+            "error": _error_fields(error),
+        }, False
+    outcome = future.result()
+    return {"input": line, **outcome}, outcome["exit_code"] == 0
+
+
+def _error_fields(error: BaseException) -> dict[str, str]:
+    if isinstance(error, TaskError):
+        return {"type": error.remote_type, "message": error.message}
+    return {"type": type(error).__name__, "message": str(error)}
+
+
+def _run_tasks(
+    make_task: Callable[[Any], tuple[str, tuple[Any, ...]]],
+    items: Iterator[Any],
+    output: IO[str],
+    connect: str | None,
+    workers: int | None,
+    modules: list[str],
+    options: dict[str, Any],
+    progress: bool | None,
+    record: Callable[[Any, TaskFuture], tuple[dict[str, Any], bool]],
+) -> int:
+    """Submit a task per item, write records in input order; return failures."""
+    with contextlib.ExitStack() as stack:
+        address = connect
+        if address is None:
+            cluster = LocalCluster(workers, modules)
+            _or_usage_error(cluster.start)
+            stack.callback(cluster.stop)
+            address = cluster.address
+
+        client = stack.enter_context(Client(address or DEFAULT_ADDRESS))
+        bar = stack.enter_context(_Progress(progress))
+        started = time.perf_counter()
+        done = failed = 0
+        for item, future in _ordered(client, make_task, items, options):
+            fields, ok = record(item, future)
+            if not options.get("sink"):
+                output.write(json.dumps(fields) + "\n")
+            done += 1
+            failed += not ok
+            bar.advance()
+        output.flush()
+
+    _summary(done, failed, time.perf_counter() - started)
+    return failed
+
+
+def _ordered(
+    client: Client,
+    make_task: Callable[[Any], tuple[str, tuple[Any, ...]]],
+    items: Iterator[Any],
+    options: dict[str, Any],
+) -> Iterator[tuple[Any, TaskFuture]]:
+    """Submit ahead of the output; yield (item, finished future) in input order."""
+    window: deque[tuple[Any, TaskFuture]] = deque()
+    for item in items:
+        function, args = make_task(item)
+        window.append((item, client.submit(function, *args, **options)))
+        while window and (len(window) >= MAP_AHEAD or window[0][1].done()):
+            yield _wait(window.popleft())
+    while window:
+        yield _wait(window.popleft())
+
+
+def _wait(entry: tuple[Any, TaskFuture]) -> tuple[Any, TaskFuture]:
+    entry[1].exception()  # blocks until it is done, without raising
+    return entry
+
+
+def _summary(done: int, failed: int, elapsed_s: float) -> None:
+    rate = done / elapsed_s if elapsed_s > 0 else 0.0
+    click.echo(
+        f"ventilator: {done} tasks, {done - failed} succeeded, {failed} failed "
+        f"in {elapsed_s:.2f}s ({rate:,.0f} tasks/s)",
+        err=True,
+    )
+
+
+class _Progress:
+    """A rich progress bar on stderr when it is a terminal; silent otherwise."""
+
+    def __init__(self, wanted: bool | None) -> None:
+        self._enabled = sys.stderr.isatty() if wanted is None else wanted
+        self._progress: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> _Progress:
+        if self._enabled:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TaskProgressColumn,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
+            self._progress = Progress(
+                TextColumn("[bold]tasks"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TaskProgressColumn(),
+                TextColumn("{task.fields[rate]}"),
+                TimeElapsedColumn(),
+                transient=False,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task("tasks", total=None, rate="")
+            self._started = time.perf_counter()
+        return self
+
+    def advance(self) -> None:
+        if self._progress is not None:
+            elapsed = time.perf_counter() - self._started
+            done = self._progress.tasks[0].completed + 1
+            rate = f"{done / elapsed:,.0f}/s" if elapsed > 0 else ""
+            self._progress.update(self._task, advance=1, rate=rate)
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+
+# --- status and sink -------------------------------------------------------------
+
+
+@cli.command()
+@click.option(
+    "--connect",
+    default=DEFAULT_ADDRESS,
+    show_default=True,
+    help="The broker's frontend endpoint.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--timeout-s", type=float, default=5.0, show_default=True)
+def status(connect: str, as_json: bool, timeout_s: float) -> None:
+    """Show the broker's workers, queues and clients."""
+    with Client(connect) as client:
+        try:
+            report = client.status(timeout_s)
+        except TimeoutError:
+            raise click.ClickException(
+                f"no answer from a broker at {connect} within {timeout_s:g}s"
+            ) from None
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        _print_status(report)
+
+
+def _print_status(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    workers = Table(title=f"workers ({len(report['workers'])})")
+    for column in ("id", "functions", "capacity", "running", "last seen"):
+        workers.add_column(column)
+    for w in report["workers"]:
+        workers.add_row(
+            w["id"],
+            str(len(w["services"])),
+            str(w["capacity"]),
+            str(w["running"]),
+            f"{w['last_seen_s']:.1f}s ago",
+        )
+    console.print(workers)
+
+    queues = Table(title="tasks by function")
+    for column in ("function", "queued", "running"):
+        queues.add_column(column)
+    for function in sorted(set(report["queued"]) | set(report["running"])):
+        queues.add_row(
+            function,
+            str(report["queued"].get(function, 0)),
+            str(report["running"].get(function, 0)),
+        )
+    console.print(queues)
+
+    connected = [c["name"] for c in report["clients"] if c["connected"]]
+    console.print(
+        f"clients connected: {len(connected)}; "
+        f"results waiting for delivery: {report['results_waiting']}"
+    )
+
+
+@cli.command()
+@click.argument("name")
+@click.option(
+    "--connect",
+    default=DEFAULT_ADDRESS,
+    show_default=True,
+    help="The broker's frontend endpoint.",
+)
+@click.option(
+    "--output",
+    "output_file",
+    type=click.File("a"),
+    default="-",
+    help="Append JSON lines here  [default: stdout]",
+)
+@click.option(
+    "--idle-timeout-s",
+    type=float,
+    default=None,
+    help="Exit after this long without a result  [default: never]",
+)
+def sink(
+    name: str, connect: str, output_file: IO[str], idle_timeout_s: float | None
+) -> None:
+    """Receive the results of tasks submitted with sink=NAME, as JSON lines."""
+    with Sink(name, connect) as receiver:
+        for result in receiver.results(idle_timeout_s):
+            fields: dict[str, Any] = {
+                "client": result.session,
+                "task_id": result.task_id,
+            }
+            if result.error is None:
+                fields["result"] = result.value
+            else:
+                fields["error"] = _error_fields(result.error)
+            output_file.write(json.dumps(fields) + "\n")
+            output_file.flush()
+
+
+__all__ = ["cli", "main"]

@@ -1,0 +1,601 @@
+"""The client: submit tasks, get `concurrent.futures.Future`s back.
+
+One background thread owns the DEALER socket. Callers hand it tasks through a
+locked deque and a wake-up pipe; it sends everything that piled up in one
+SUBMIT per loop turn, so a burst of `submit` calls costs one message, not one
+each. Results come back in batches and complete their futures; the thread
+acknowledges them in one ACK per turn.
+
+Flow control is a window: at most `window` tasks of this client are in the
+broker at once, and `submit` blocks while the window is full. That is how a
+fast producer slows down instead of growing the broker's memory.
+
+A session id names this client to the broker. If the broker goes silent, the
+client reconnects with the same session: the broker sends again whatever it
+had not seen acknowledged, and the client resends whatever the broker had not
+accepted (all unfinished tasks when the broker has no durable journal). Task
+ids are the client's own, so the broker recognises a resubmission.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import logging
+import os
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, Future, InvalidStateError
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from . import protocol as p
+from .errors import (
+    ClientClosed,
+    PickleNotAllowed,
+    ProtocolError,
+    TaskRejected,
+    UsageError,
+    task_error_from_wire,
+)
+from .serialization import pack_call, pack_pickled_call, unpack_value
+
+__all__ = ["Client", "TaskFuture"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
+DEFAULT_WINDOW = 20_000
+# Tasks sent in one SUBMIT at most; bounds the size of one message.
+SUBMIT_BATCH = 2048
+
+
+class TaskFuture(Future):  # type: ignore[type-arg]
+    """A `concurrent.futures.Future` for one task; `cancel()` reaches the broker.
+
+    A task still queued at the broker is removed from the queue. A task already
+    running is not stopped: its future is cancelled here and its result dropped.
+    """
+
+    def __init__(self, client: Client, task_id: int) -> None:
+        super().__init__()
+        self._client = client
+        self.task_id = task_id
+
+    def cancel(self) -> bool:
+        if not super().cancel():
+            return False
+        self._client._cancel(self.task_id)
+        return True
+
+
+@dataclass(slots=True, eq=False)
+class _Pending:
+    spec: p.TaskSpec
+    future: TaskFuture
+    accepted: bool = False
+
+
+class Client:
+    """A connection to a broker's frontend. Thread-safe; use as a context manager.
+
+    Args:
+        address: the broker's frontend endpoint.
+        session: resume an earlier session (to collect its results), or None for
+            a new one.
+        allow_pickle: allow `submit` of callables that are not importable by
+            name, shipped with cloudpickle; the worker must allow it too.
+        window: at most this many tasks in the broker at once (the broker may
+            lower it).
+        heartbeat_interval_s: how often to beat; the broker is presumed gone
+            after `liveness` silent intervals, and the client reconnects.
+    """
+
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        session: str | None = None,
+        allow_pickle: bool = False,
+        window: int = DEFAULT_WINDOW,
+        heartbeat_interval_s: float = 1.0,
+        liveness: int = 3,
+        context: zmq.Context[Any] | None = None,
+    ) -> None:
+        if window < 1:
+            raise UsageError(f"window must be at least 1, got {window}")
+        self.address = address
+        self.session = session or uuid.uuid4().hex
+        self.allow_pickle = allow_pickle
+        self._heartbeat_interval_s = heartbeat_interval_s
+        self._liveness = liveness
+        self._context = context or zmq.Context.instance()
+
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)
+        self._window = window
+        self._in_window = 0
+        self._outgoing: deque[_Pending] = deque()
+        self._cancels: deque[int] = deque()
+        self._status_requests: deque[Future[dict[str, Any]]] = deque()
+        self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_read, False)
+        self._closed = False
+        self._max_payload_bytes: int | None = None
+
+        # Owned by the I/O thread from here on.
+        self._pending: dict[int, _Pending] = {}
+        self._status_waiting: deque[Future[dict[str, Any]]] = deque()
+        self._durable = True
+        self._thread = threading.Thread(
+            target=self._run, name=f"ventilator-client-{self.session[:8]}", daemon=True
+        )
+        self._thread.start()
+
+    # --- the caller's side -------------------------------------------------------
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def submit(
+        self,
+        function: str | Callable[..., Any],
+        /,
+        *args: Any,
+        timeout_s: float | None = None,
+        retries: int = 0,
+        sink: str | None = None,
+        **kwargs: Any,
+    ) -> TaskFuture:
+        """Submit one task; blocks only while this client's window is full.
+
+        Args:
+            function: ``"module:function"``, or a callable. A public module-level
+                function is sent by its name; any other callable is pickled,
+                which needs ``allow_pickle=True`` here and on the worker.
+            timeout_s: stop the task after this many seconds (TaskTimeout).
+            retries: run the task again up to this many times if it raises,
+                with capped exponential backoff.
+            sink: send the result to the sink registered under this name; the
+                future then completes with None once the broker accepted it.
+
+        Returns:
+            A future whose `result()` is the task's return value, or raises a
+            `TaskError` (see ventilator.errors) when the task failed.
+
+        Raises:
+            UsageError: the arguments cannot be encoded, or the client is closed.
+            PickleNotAllowed: a callable that needs pickling, without allow_pickle.
+        """
+        spec = self._spec(function, args, kwargs, timeout_s, retries, sink)
+        return self._enqueue([spec])[0]
+
+    def map(
+        self,
+        function: str | Callable[..., Any],
+        iterable: Iterable[Any],
+        **options: Any,
+    ) -> Iterator[Any]:
+        """Apply `function` to each item; yield the results in input order.
+
+        Submits ahead of what has been consumed, up to the window. A task that
+        failed raises its `TaskError` when its turn comes; use `submit` to handle
+        failures one by one.
+        """
+        futures: deque[TaskFuture] = deque()
+        items = iter(iterable)
+        while True:
+            batch = [
+                self._spec(function, (item,), {}, **options)
+                for item in itertools.islice(items, SUBMIT_BATCH)
+            ]
+            if batch:
+                futures.extend(self._enqueue(batch))
+            while futures and (not batch or len(futures) > self._window // 2):
+                yield futures.popleft().result()
+            if not batch and not futures:
+                return
+
+    def executor(self) -> ClientExecutor:
+        """A `concurrent.futures.Executor` that runs its calls through this client."""
+        return ClientExecutor(self)
+
+    def status(self, timeout_s: float = 10.0) -> dict[str, Any]:
+        """The broker's workers, queues and clients, as plain data.
+
+        Raises:
+            TimeoutError: the broker did not answer within `timeout_s`.
+        """
+        waiter: Future[dict[str, Any]] = Future()
+        with self._lock:
+            self._check_open()
+            self._status_requests.append(waiter)
+        self._wake()
+        return waiter.result(timeout_s)
+
+    def close(self) -> None:
+        """Leave the broker. Futures still pending fail with `ClientClosed`.
+
+        The broker keeps their results for this session; a new `Client` with the
+        same `session` collects them.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._room.notify_all()
+        self._wake()
+        self._thread.join()
+        os.close(self._wake_read)
+        os.close(self._wake_write)
+
+    def _spec(
+        self,
+        function: str | Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout_s: float | None = None,
+        retries: int = 0,
+        sink: str | None = None,
+    ) -> p.TaskSpec:
+        name, flags, payload = self._encode_call(function, args, kwargs)
+        if timeout_s is not None and not timeout_s > 0:
+            raise UsageError(f"timeout_s must be positive, got {timeout_s!r}")
+        if retries < 0:
+            raise UsageError(f"retries must be 0 or more, got {retries!r}")
+        limit = self._max_payload_bytes
+        if limit is not None and len(payload) > limit:
+            raise TaskRejected(
+                "TaskRejected",
+                f"payload of {len(payload)} bytes is over the broker's limit of "
+                f"{limit} bytes (max_payload_bytes)",
+            )
+        return p.TaskSpec(0, name, payload, flags, timeout_s, retries, sink)
+
+    def _encode_call(
+        self,
+        function: str | Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> tuple[str, int, bytes]:
+        if isinstance(function, str):
+            return function, p.Flags.NONE, pack_call(args, kwargs)
+
+        name = _importable_name(function)
+        if name is not None:
+            return name, p.Flags.NONE, pack_call(args, kwargs)
+        if not self.allow_pickle:
+            raise PickleNotAllowed(
+                f"{function!r} is not a public module-level function, so it would "
+                "have to be pickled; pass 'module:function' by name, or create the "
+                "client with allow_pickle=True (and start workers with "
+                "--allow-pickle)"
+            )
+        label = getattr(function, "__qualname__", type(function).__name__)
+        return (
+            f"pickled:{label}",
+            p.Flags.PICKLED,
+            pack_pickled_call(function, args, kwargs),
+        )
+
+    def _enqueue(self, specs: list[p.TaskSpec]) -> list[TaskFuture]:
+        futures = []
+        with self._room:
+            for spec in specs:
+                while self._in_window >= self._window and not self._closed:
+                    self._room.wait()
+                self._check_open()
+                task_id = next(self._ids)
+                future = TaskFuture(self, task_id)
+                spec = _with_id(spec, task_id)
+                self._outgoing.append(_Pending(spec, future))
+                self._in_window += 1
+                futures.append(future)
+        self._wake()
+        return futures
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise UsageError("this client is closed")
+
+    def _cancel(self, task_id: int) -> None:
+        with self._lock:
+            self._cancels.append(task_id)
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_write, b"x")
+        except (BlockingIOError, OSError):
+            pass  # already awake, or closed
+
+    def _release(self, count: int) -> None:
+        with self._room:
+            self._in_window -= count
+            self._room.notify_all()
+
+    # --- the I/O thread --------------------------------------------------------
+
+    def _run(self) -> None:
+        socket = self._connect()
+        broker_seen = time.monotonic()
+        next_beat = broker_seen + self._heartbeat_interval_s
+        poller = self._poller(socket)
+
+        while not self._closed:
+            timeout_ms = max(0.0, next_beat - time.monotonic()) * 1000
+            poller.poll(timeout_ms)
+            now = time.monotonic()
+            self._drain_wake()
+            if self._receive(socket):
+                broker_seen = now
+            self._send_outgoing(socket)
+
+            if now >= next_beat:
+                _send(socket, p.Heartbeat())
+                next_beat = now + self._heartbeat_interval_s
+                if now - broker_seen > self._heartbeat_interval_s * self._liveness:
+                    log.warning(
+                        "broker silent for %.1fs broker=%s; reconnecting",
+                        now - broker_seen,
+                        self.address,
+                    )
+                    socket.close(linger=0)
+                    socket = self._connect()
+                    poller = self._poller(socket)
+                    broker_seen = now
+
+        self._shutdown(socket)
+
+    def _connect(self) -> zmq.Socket[bytes]:
+        socket: zmq.Socket[bytes] = self._context.socket(zmq.DEALER)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.SNDHWM, 100_000)
+        socket.setsockopt(zmq.RCVHWM, 100_000)
+        socket.connect(self.address)
+        _send(socket, p.Hello(self.session))
+        self._resend(socket)
+        return socket
+
+    def _resend(self, socket: zmq.Socket[bytes]) -> None:
+        # After a reconnect: whatever the broker has not accepted may be lost; with
+        # no durable journal, so may everything it accepted.
+        again = [
+            pending.spec
+            for pending in self._pending.values()
+            if not pending.accepted or not self._durable
+        ]
+        for start in range(0, len(again), SUBMIT_BATCH):
+            _send(socket, p.Submit(again[start : start + SUBMIT_BATCH]))
+
+    def _poller(self, socket: zmq.Socket[bytes]) -> zmq.Poller:
+        poller = zmq.Poller()
+        poller.register(socket, zmq.POLLIN)
+        poller.register(self._wake_read, zmq.POLLIN)
+        return poller
+
+    def _drain_wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.read(self._wake_read, 65536)
+
+    def _receive(self, socket: zmq.Socket[bytes]) -> bool:
+        acks: list[tuple[str, int]] = []
+        heard = False
+        while True:
+            try:
+                frames = socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            heard = True
+            try:
+                command = p.decode(frames, p.TO_CLIENT)
+            except ProtocolError as exc:
+                log.warning("ignored a malformed message from the broker: %s", exc)
+                continue
+            self._handle(command, acks)
+
+        if acks:
+            _send(socket, p.Ack(acks))
+        return heard
+
+    def _handle(self, command: p.Command, acks: list[tuple[str, int]]) -> None:
+        if isinstance(command, p.Results):
+            self._complete(command.results, acks)
+        elif isinstance(command, p.Accepted):
+            self._accepted(command.task_ids)
+        elif isinstance(command, p.Welcome):
+            self._welcome(command)
+        elif isinstance(command, p.StatusReply):
+            if self._status_waiting:
+                _resolve(self._status_waiting.popleft(), command.status)
+        elif isinstance(command, p.Error):
+            log.warning(
+                "the broker refused a message: %s (%s)", command.message, command.code
+            )
+
+    def _welcome(self, welcome: p.Welcome) -> None:
+        self._durable = welcome.durable
+        self._max_payload_bytes = welcome.max_payload_bytes
+        with self._room:
+            self._window = min(self._window, welcome.window)
+
+    def _accepted(self, task_ids: Iterable[int]) -> None:
+        released = 0
+        for task_id in task_ids:
+            pending = self._pending.get(task_id)
+            if pending is None:
+                continue
+            pending.accepted = True
+            if pending.spec.sink is not None:
+                # Its result goes to the sink; for us, acceptance is the end.
+                del self._pending[task_id]
+                _resolve(pending.future, None)
+                released += 1
+            elif self._durable:
+                # The broker's journal has the payload now; drop our copy.
+                pending.spec = _without_payload(pending.spec)
+        if released:
+            self._release(released)
+
+    def _complete(
+        self, results: Iterable[p.ResultEntry], acks: list[tuple[str, int]]
+    ) -> None:
+        released = 0
+        for entry in results:
+            acks.append((entry.origin, entry.task_id))
+            pending = self._pending.pop(entry.task_id, None)
+            if pending is None:
+                continue  # a result sent again after a reconnect: already done
+            released += 1
+            _settle(pending.future, entry)
+        if released:
+            self._release(released)
+
+    def _send_outgoing(self, socket: zmq.Socket[bytes]) -> None:
+        with self._lock:
+            batch = list(self._outgoing)
+            self._outgoing.clear()
+            cancels = list(self._cancels)
+            self._cancels.clear()
+            status_requests = list(self._status_requests)
+            self._status_requests.clear()
+
+        for pending in batch:
+            self._pending[pending.spec.task_id] = pending
+        for start in range(0, len(batch), SUBMIT_BATCH):
+            chunk = batch[start : start + SUBMIT_BATCH]
+            _send(socket, p.Submit([pending.spec for pending in chunk]))
+        if cancels:
+            self._forget_cancelled(cancels)
+            _send(socket, p.Cancel(cancels))
+        for waiter in status_requests:
+            self._status_waiting.append(waiter)
+            _send(socket, p.StatusRequest())
+
+    def _forget_cancelled(self, task_ids: list[int]) -> None:
+        forgotten = sum(1 for t in task_ids if self._pending.pop(t, None) is not None)
+        if forgotten:
+            self._release(forgotten)
+
+    def _shutdown(self, socket: zmq.Socket[bytes]) -> None:
+        _send(socket, p.Bye())
+        socket.close(linger=100)
+        error = ClientClosed(
+            f"the client was closed before this task finished; session={self.session}"
+        )
+        for pending in self._pending.values():
+            _fail(pending.future, error)
+        for pending in self._outgoing:
+            _fail(pending.future, error)
+        for waiter in (*self._status_waiting, *self._status_requests):
+            _fail(waiter, error)
+
+
+class ClientExecutor(Executor):
+    """`concurrent.futures.Executor` over a `Client`; functions go by name.
+
+    `shutdown(wait=True)` waits for the futures it handed out; it does not close
+    the client, which may serve others.
+    """
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+        self._futures: set[Future[Any]] = set()
+        self._lock = threading.Lock()
+        self._shut = False
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future[Any]:
+        with self._lock:
+            if self._shut:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            future = self._client.submit(fn, *args, **kwargs)
+            self._futures.add(future)
+        future.add_done_callback(self._discard)
+        return future
+
+    def _discard(self, future: Future[Any]) -> None:
+        with self._lock:
+            self._futures.discard(future)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            self._shut = True
+            futures = list(self._futures)
+        if cancel_futures:
+            for future in futures:
+                future.cancel()
+        if wait:
+            for future in futures:
+                with contextlib.suppress(BaseException):
+                    future.exception()
+
+
+def _send(socket: zmq.Socket[bytes], command: p.Command) -> None:
+    try:
+        socket.send_multipart(p.encode(command), zmq.NOBLOCK, copy=False)
+    except zmq.Again:
+        # Not connected yet: the reconnect logic resends whatever matters.
+        log.debug("could not send %s: broker not reachable", type(command).__name__)
+
+
+def _importable_name(function: Callable[..., Any]) -> str | None:
+    """``module:name`` for a public module-level function, else None."""
+    module = getattr(function, "__module__", None)
+    qualname = getattr(function, "__qualname__", "")
+    if (
+        not module
+        or module == "__main__"
+        or "." in qualname
+        or "<" in qualname
+        or qualname.startswith("_")
+    ):
+        return None
+    return f"{module}:{qualname}"
+
+
+def _with_id(spec: p.TaskSpec, task_id: int) -> p.TaskSpec:
+    return dataclasses.replace(spec, task_id=task_id)
+
+
+def _without_payload(spec: p.TaskSpec) -> p.TaskSpec:
+    return dataclasses.replace(spec, payload=b"")
+
+
+def _settle(future: TaskFuture, entry: p.ResultEntry) -> None:
+    if entry.status is p.Status.CANCELLED:
+        future.cancel()
+        return
+    try:
+        value = unpack_value(entry.payload)
+    except Exception as exc:  # msgpack raises a family of unrelated types
+        _fail(
+            future, ProtocolError(f"undecodable result for task {entry.task_id}: {exc}")
+        )
+        return
+
+    if entry.status is p.Status.OK:
+        _resolve(future, value)
+    else:
+        _fail(future, task_error_from_wire(value))
+
+
+def _resolve(future: Future[Any], value: Any) -> None:
+    try:
+        future.set_result(value)
+    except InvalidStateError:
+        pass  # cancelled by its owner meanwhile
+
+
+def _fail(future: Future[Any], error: BaseException) -> None:
+    with contextlib.suppress(InvalidStateError):
+        future.set_exception(error)

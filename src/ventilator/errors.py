@@ -1,0 +1,184 @@
+"""Every exception ventilator raises, in one tree.
+
+::
+
+    VentilatorError
+    ├── UsageError                  the caller misused the API or the CLI
+    │   └── PickleNotAllowed        a callable was submitted without allow_pickle
+    ├── ProtocolError               a peer sent frames we cannot decode
+    ├── TaskError                   a task did not produce a result
+    │   ├── TaskRaised              the task's own code raised an exception
+    │   ├── TaskTimeout             the task ran past its timeout_s
+    │   ├── PoisonTask              workers died running it max_attempts times
+    │   ├── FunctionNotFound        no worker serves, or may run, the function
+    │   ├── TaskRejected            the broker refused it (size, queue, rights)
+    │   └── ResultExpired           the result outlived the broker's result TTL
+    └── NetworkError            the network or the broker went away
+        └── ClientClosed            the client was closed with tasks pending
+
+`TaskError` and its subclasses cross process boundaries: a worker reports one as a
+plain dict (`to_wire`), the client rebuilds it (`task_error_from_wire`), and each
+instance pickles, so a `Future` holding one can be passed between processes too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "ClientClosed",
+    "FunctionNotFound",
+    "NetworkError",
+    "PickleNotAllowed",
+    "PoisonTask",
+    "ProtocolError",
+    "ResultExpired",
+    "TaskError",
+    "TaskRaised",
+    "TaskRejected",
+    "TaskTimeout",
+    "UsageError",
+    "VentilatorError",
+    "task_error_from_wire",
+]
+
+
+class VentilatorError(Exception):
+    """The root of every exception ventilator raises on purpose."""
+
+
+class UsageError(VentilatorError):
+    """The caller asked for something ventilator cannot do as asked."""
+
+
+class PickleNotAllowed(UsageError):
+    """A callable was submitted but pickled callables were not enabled."""
+
+
+class ProtocolError(VentilatorError):
+    """A peer sent frames that do not follow the ventilator protocol.
+
+    Attributes:
+        code: a short stable identifier of the fault, sent back to the peer.
+    """
+
+    def __init__(self, message: str, code: str = "malformed") -> None:
+        super().__init__(message)
+        self.code = code
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (str(self), self.code))
+
+
+class TaskError(VentilatorError):
+    """A task ended without a result.
+
+    Attributes:
+        kind: which of the documented reasons applies (see the subclasses).
+        remote_type: the name of the remote exception type, e.g. ``"ValueError"``.
+        message: the remote exception's message.
+        remote_traceback: the formatted traceback from the worker, or ``""``.
+    """
+
+    kind = "error"
+
+    def __init__(
+        self, remote_type: str, message: str, remote_traceback: str = ""
+    ) -> None:
+        super().__init__(f"{remote_type}: {message}")
+        self.remote_type = remote_type
+        self.message = message
+        self.remote_traceback = remote_traceback
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.remote_type, self.message, self.remote_traceback))
+
+    def __str__(self) -> str:
+        text = f"{self.remote_type}: {self.message}"
+        if self.remote_traceback:
+            text += f"\n\nRemote traceback:\n{self.remote_traceback.rstrip()}"
+        return text
+
+    def to_wire(self) -> dict[str, str]:
+        """The error as a plain dict that msgpack and JSON can carry."""
+        return {
+            "kind": self.kind,
+            "type": self.remote_type,
+            "message": self.message,
+            "traceback": self.remote_traceback,
+        }
+
+
+class TaskRaised(TaskError):
+    """The task's own code raised; `remote_type` names the exception."""
+
+    kind = "raised"
+
+
+class TaskTimeout(TaskError):
+    """The task ran longer than its ``timeout_s`` and the worker stopped it."""
+
+    kind = "timeout"
+
+
+class PoisonTask(TaskError):
+    """Every attempt to run the task ended with its worker process dying."""
+
+    kind = "poison"
+
+
+class FunctionNotFound(TaskError):
+    """The worker that received the task does not serve its function."""
+
+    kind = "not_found"
+
+
+class TaskRejected(TaskError):
+    """The broker refused the task: too large, queue full, or not allowed."""
+
+    kind = "rejected"
+
+
+class ResultExpired(TaskError):
+    """The result was dropped after the broker kept it for its result TTL."""
+
+    kind = "expired"
+
+
+class NetworkError(VentilatorError):
+    """The broker could not be reached, or stopped answering."""
+
+
+class ClientClosed(NetworkError):
+    """The client was closed while this task was still pending."""
+
+
+_KINDS: dict[str, type[TaskError]] = {
+    cls.kind: cls
+    for cls in (
+        TaskRaised,
+        TaskTimeout,
+        PoisonTask,
+        FunctionNotFound,
+        TaskRejected,
+        ResultExpired,
+    )
+}
+
+
+def task_error_from_wire(fields: Any) -> TaskError:
+    """Rebuild a `TaskError` from the dict made by `TaskError.to_wire`.
+
+    Unknown kinds become a plain `TaskError`, so a newer worker never makes an
+    older client fail to report an error. A value that is not a dict at all
+    still gives an error that says so.
+    """
+    if not isinstance(fields, dict):
+        return TaskError("ProtocolError", f"undecodable error report {fields!r:.80}")
+
+    cls = _KINDS.get(str(fields.get("kind", "")), TaskError)
+    return cls(
+        str(fields.get("type", "Error")),
+        str(fields.get("message", "")),
+        str(fields.get("traceback", "")),
+    )

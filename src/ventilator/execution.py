@@ -1,0 +1,87 @@
+"""Running one task where it lands: decode, call, encode, never raise.
+
+Shared by the process and thread pools of a worker. Whatever the task does,
+`run_task` returns a status and a payload; an exception becomes an error report
+with the remote type, message and traceback.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from . import protocol as p
+from .errors import FunctionNotFound, TaskError, TaskRaised, TaskRejected
+from .serialization import (
+    pack_error,
+    pack_value,
+    unpack_call,
+    unpack_pickled_call,
+)
+
+__all__ = ["run_task"]
+
+
+def run_task(
+    functions: Mapping[str, Callable[..., Any]],
+    allow_pickle: bool,
+    function: str,
+    flags: int,
+    payload: Any,
+) -> tuple[p.Status, bytes]:
+    """Run one task and return how it ended, with its result or error report."""
+    try:
+        target, args, kwargs = _prepare(
+            functions, allow_pickle, function, flags, payload
+        )
+    except TaskError as error:
+        return _status_of(error), pack_error(error)
+
+    try:
+        value = target(*args, **kwargs)
+        return p.Status.OK, pack_value(value)
+    except Exception as exc:  # the task's own failure is a result, not our crash
+        error = TaskRaised(
+            type(exc).__name__, str(exc), "".join(traceback.format_exception(exc))
+        )
+        return p.Status.RAISED, pack_error(error)
+
+
+def _prepare(
+    functions: Mapping[str, Callable[..., Any]],
+    allow_pickle: bool,
+    function: str,
+    flags: int,
+    payload: Any,
+) -> tuple[Callable[..., Any], Any, Any]:
+    if flags & p.Flags.PICKLED:
+        if not allow_pickle:
+            # Never unpickle here: unpickling is running the sender's code.
+            raise TaskRejected(
+                "PickleNotAllowed",
+                "this worker does not run pickled callables; start it with "
+                "--allow-pickle to allow them",
+            )
+        try:
+            return unpack_pickled_call(payload)
+        except Exception as exc:
+            raise TaskRaised(type(exc).__name__, f"cannot unpickle the call: {exc}")
+
+    target = functions.get(function)
+    if target is None:
+        raise FunctionNotFound(
+            "FunctionNotFound", f"this worker does not serve {function!r}"
+        )
+    try:
+        args, kwargs = unpack_call(payload)
+    except Exception as exc:
+        raise TaskRaised("ValueError", f"cannot decode the arguments: {exc}") from exc
+    return target, args, kwargs
+
+
+def _status_of(error: TaskError) -> p.Status:
+    return {
+        "not_found": p.Status.NOT_FOUND,
+        "rejected": p.Status.REJECTED,
+    }.get(error.kind, p.Status.RAISED)

@@ -1,0 +1,198 @@
+"""The durable record of accepted tasks and undelivered results.
+
+SQLite in WAL mode: one row per task, written when the broker accepts it,
+updated when it finishes, deleted when its recipient acknowledges the result.
+The broker commits once per loop turn (group commit), before it tells anyone
+anything, so a task a client heard "accepted" for is on disk.
+
+Durability modes:
+
+- ``process`` (default): survives a kill of the broker process. WAL with
+  ``synchronous=NORMAL``: a commit reaches the OS before the broker answers.
+- ``power``: survives power loss too; ``synchronous=FULL`` fsyncs every commit.
+- ``memory``: no journal at all, for tests, benchmarks and embedded clusters
+  that live and die with their client.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Protocol
+
+from . import protocol as p
+from .errors import UsageError
+from .scheduler import State, Task
+
+__all__ = [
+    "DURABILITY_MODES",
+    "Journal",
+    "MemoryJournal",
+    "SqliteJournal",
+    "open_journal",
+]
+
+log = logging.getLogger(__name__)
+
+DURABILITY_MODES = ("process", "power", "memory")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (
+    session     TEXT    NOT NULL,
+    task_id     INTEGER NOT NULL,
+    function    TEXT    NOT NULL,
+    flags       INTEGER NOT NULL,
+    timeout_s   REAL,
+    retries     INTEGER NOT NULL,
+    recipient   TEXT    NOT NULL,
+    payload     BLOB    NOT NULL,
+    status      INTEGER,
+    result      BLOB,
+    PRIMARY KEY (session, task_id)
+) WITHOUT ROWID
+"""
+
+
+class Journal(Protocol):
+    """What the broker needs from a journal."""
+
+    def load(self) -> list[Task]:
+        """Every task still on record, oldest first, with tickets to be assigned."""
+        ...
+
+    def commit(
+        self,
+        accepted: Iterable[Task],
+        finished: Iterable[Task],
+        forgotten: Iterable[tuple[str, int]],
+    ) -> None:
+        """Record one loop turn's changes atomically."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class MemoryJournal:
+    """No journal: nothing survives the broker. For tests and embedded clusters."""
+
+    def load(self) -> list[Task]:
+        return []
+
+    def commit(
+        self,
+        accepted: Iterable[Task],
+        finished: Iterable[Task],
+        forgotten: Iterable[tuple[str, int]],
+    ) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class SqliteJournal:
+    """The journal in one SQLite file (plus its WAL), owned by one broker."""
+
+    def __init__(self, path: str | Path, durability: str = "process") -> None:
+        self.path = Path(path)
+        self._db = sqlite3.connect(self.path, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        sync = "FULL" if durability == "power" else "NORMAL"
+        self._db.execute(f"PRAGMA synchronous={sync}")
+        self._db.execute(_SCHEMA)
+
+    def load(self) -> list[Task]:
+        rows = self._db.execute(
+            "SELECT session, task_id, function, flags, timeout_s, retries,"
+            " recipient, payload, status, result FROM tasks"
+        )
+        return [_task_from_row(row) for row in rows]
+
+    def commit(
+        self,
+        accepted: Iterable[Task],
+        finished: Iterable[Task],
+        forgotten: Iterable[tuple[str, int]],
+    ) -> None:
+        db = self._db
+        db.execute("BEGIN")
+        try:
+            db.executemany(
+                "INSERT OR REPLACE INTO tasks VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL)",
+                [_accepted_row(task) for task in accepted],
+            )
+            db.executemany(
+                "UPDATE tasks SET status = ?, result = ?, payload = x''"
+                " WHERE session = ? AND task_id = ?",
+                [_finished_row(task) for task in finished],
+            )
+            db.executemany(
+                "DELETE FROM tasks WHERE session = ? AND task_id = ?", forgotten
+            )
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def open_journal(path: str | Path | None, durability: str = "process") -> Journal:
+    """The journal a broker was configured with.
+
+    Raises:
+        UsageError: an unknown durability mode, or a journal file that cannot be
+            opened (the message names the path).
+    """
+    if durability not in DURABILITY_MODES:
+        raise UsageError(
+            f"unknown durability {durability!r}; expected one of {DURABILITY_MODES}"
+        )
+    if durability == "memory" or path is None:
+        return MemoryJournal()
+
+    try:
+        return SqliteJournal(path, durability)
+    except sqlite3.Error as exc:
+        raise UsageError(f"cannot open journal {str(path)!r}: {exc}") from exc
+
+
+def _accepted_row(task: Task) -> tuple[object, ...]:
+    return (
+        task.session,
+        task.task_id,
+        task.function,
+        task.flags,
+        task.timeout_s,
+        task.retries_left,
+        task.recipient,
+        task.payload,
+    )
+
+
+def _finished_row(task: Task) -> tuple[object, ...]:
+    return (int(task.status or 0), task.result, task.session, task.task_id)
+
+
+def _task_from_row(row: tuple[object, ...]) -> Task:
+    session, task_id, function, flags, timeout_s, retries, recipient = row[:7]
+    payload, status, result = row[7:]
+    task = Task(
+        ticket=0,
+        session=str(session),
+        task_id=int(task_id),  # type: ignore[call-overload]
+        function=str(function),
+        payload=bytes(payload or b""),  # type: ignore[call-overload]
+        flags=int(flags),  # type: ignore[call-overload]
+        timeout_s=None if timeout_s is None else float(timeout_s),  # type: ignore[arg-type]
+        retries_left=int(retries),  # type: ignore[call-overload]
+        recipient=str(recipient),
+    )
+    if status is not None:
+        task.state = State.FINISHED
+        task.status = p.Status(int(status))  # type: ignore[call-overload]
+        task.result = bytes(result or b"")  # type: ignore[call-overload]
+    return task

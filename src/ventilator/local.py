@@ -1,0 +1,202 @@
+"""An embedded cluster: a broker and local workers, started and stopped for you.
+
+`local()` is what `ventilator map` uses when no broker is named. The broker and
+the worker are real child processes talking over loopback TCP on ports the
+broker picks itself, exactly as a deployed cluster would; nothing is
+short-circuited, so what works here works across machines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+
+from .client import Client
+from .errors import UsageError, VentilatorError
+
+__all__ = ["LocalCluster", "local"]
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 10.0
+
+
+class LocalCluster:
+    """A broker process and one worker process with `workers` task processes.
+
+    Attributes:
+        address: the broker's frontend, for `Client(address)`.
+        backend: the broker's backend, for more workers.
+    """
+
+    def __init__(
+        self,
+        workers: int | None = None,
+        modules: Sequence[str] = (),
+        *,
+        pool: str = "process",
+        prefetch: int = 1,
+        allow_pickle: bool = False,
+        journal: str | None = None,
+        log_level: str = "WARNING",
+    ) -> None:
+        if not modules:
+            raise UsageError(
+                "local() needs at least one module for its workers to serve"
+            )
+        self.workers = workers or os.cpu_count() or 1
+        self.modules = list(modules)
+        self._pool = pool
+        self._prefetch = prefetch
+        self._allow_pickle = allow_pickle
+        self._journal = journal
+        self._log_level = log_level
+        self._processes: list[subprocess.Popen[bytes]] = []
+        self.address = ""
+        self.backend = ""
+
+    def start(self) -> LocalCluster:
+        """Start the broker, then the worker; return once the worker is serving.
+
+        Raises:
+            VentilatorError: a process did not start within its deadline; the
+                ones already started are stopped again.
+        """
+        try:
+            self._start_broker()
+            self._start_worker()
+            self._wait_for_capacity(time.monotonic() + START_TIMEOUT_S)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _command(self, *args: str) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "ventilator",
+            "--log-level",
+            self._log_level,
+            *args,
+        ]
+
+    def _env(self) -> dict[str, str]:
+        # Children import the same modules the parent can, wherever they live.
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        return env
+
+    def _start_broker(self) -> None:
+        durability = (
+            ["--journal", self._journal]
+            if self._journal
+            else ["--durability", "memory"]
+        )
+        broker = subprocess.Popen(
+            self._command(
+                "broker",
+                "--frontend",
+                "tcp://127.0.0.1:*",
+                "--backend",
+                "tcp://127.0.0.1:*",
+                *durability,
+                "--announce",
+            ),
+            stdout=subprocess.PIPE,
+            env=self._env(),
+        )
+        self._processes.append(broker)
+        assert broker.stdout is not None
+        # The broker prints one JSON line once it is bound (or exits on failure).
+        line = broker.stdout.readline()
+        if not line:
+            raise VentilatorError(f"the embedded broker exited with {broker.wait()}")
+        endpoints = json.loads(line)
+        self.address = endpoints["frontend"]
+        self.backend = endpoints["backend"]
+
+    def _start_worker(self) -> None:
+        options = ["--pool", self._pool, "--prefetch", str(self._prefetch)]
+        if self._allow_pickle:
+            options.append("--allow-pickle")
+        worker = subprocess.Popen(
+            self._command(
+                "worker",
+                *self.modules,
+                "--connect",
+                self.backend,
+                "--concurrency",
+                str(self.workers),
+                *options,
+            ),
+            env=self._env(),
+        )
+        self._processes.append(worker)
+
+    def _wait_for_capacity(self, deadline: float) -> None:
+        with Client(self.address) as client:
+            while time.monotonic() < deadline:
+                for process in self._processes:
+                    if process.poll() is not None:
+                        raise VentilatorError(
+                            f"an embedded process exited with {process.returncode}: "
+                            f"{' '.join(process.args[3:6])}"  # type: ignore[index]
+                        )
+                status = client.status(timeout_s=max(0.1, deadline - time.monotonic()))
+                if status["workers"]:
+                    return
+                # The worker registers within a moment of its children starting;
+                # asking again is cheap and this happens once per cluster.
+                time.sleep(0.05)
+        raise VentilatorError(f"no worker registered within {START_TIMEOUT_S:g}s")
+
+    def stop(self) -> None:
+        """Stop the worker, then the broker: terminate, and kill after a deadline."""
+        for process in reversed(self._processes):
+            if process.poll() is None:
+                process.terminate()
+            try:
+                process.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                log.warning(
+                    "embedded process pid=%d ignored SIGTERM; killing it", process.pid
+                )
+                process.kill()
+                process.wait()
+            if process.stdout is not None:
+                process.stdout.close()
+        self._processes.clear()
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def local(
+    workers: int | None = None, modules: Sequence[str] = (), **options: object
+) -> Iterator[LocalCluster]:
+    """Start a broker and local workers; stop all of them on exit.
+
+    Args:
+        workers: task processes (default: the number of CPUs).
+        modules: modules whose public functions the workers serve.
+        options: `pool`, `prefetch`, `allow_pickle`, `journal`, `log_level`, as
+            for `LocalCluster`.
+
+    Yields:
+        The running cluster; its `address` is the broker's frontend.
+    """
+    cluster = LocalCluster(workers, modules, **options)  # type: ignore[arg-type]
+    with cluster:
+        yield cluster

@@ -1,0 +1,51 @@
+"""Policies as small immutable values: limits, and the backoff between retries."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["Backoff", "Limits"]
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Capped exponential backoff with jitter, for retrying tasks that raised.
+
+    The delay before retry number ``n`` (counting from 1) is drawn uniformly from
+    ``[(1 - jitter) * d, d]`` where ``d = min(cap_s, base_s * 2 ** (n - 1))``:
+    jitter spreads retries of many tasks that failed together.
+    """
+
+    base_s: float = 0.5
+    cap_s: float = 30.0
+    jitter: float = 0.5
+
+    def delay_s(self, attempt: int, unit_random: float) -> float:
+        """The delay before the next try, given a number drawn from [0, 1)."""
+        ceiling = min(self.cap_s, self.base_s * 2 ** max(0, attempt - 1))
+        return ceiling * (1 - self.jitter * unit_random)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What the broker allows and how long it waits; one immutable value.
+
+    The defaults suit one machine and tens of clients; every one has a
+    ``VENTILATOR_*`` variable and a broker flag.
+    """
+
+    # Frames larger than this are refused; the sockets drop anything much larger.
+    max_payload_bytes: int = 64 * 1024 * 1024
+    # Tasks and bytes the broker keeps in total (queued, running, results held).
+    max_queued_tasks: int = 2_000_000
+    max_queued_bytes: int = 4 * 1024 * 1024 * 1024
+    # Tasks one client may have in the broker at once; clients keep to it.
+    client_window: int = 100_000
+    # Results sent to one recipient and not yet acknowledged.
+    delivery_window: int = 20_000
+    heartbeat_interval_s: float = 1.0
+    liveness: int = 3
+    # A task whose worker died under it this many times fails as poison.
+    max_attempts: int = 3
+    result_ttl_s: float = 24 * 3600.0
+    retry_backoff: Backoff = field(default_factory=Backoff)

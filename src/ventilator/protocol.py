@@ -1,0 +1,618 @@
+"""The ventilator wire protocol: frames in, typed commands out, and back.
+
+Every message is a list of ZeroMQ frames (the ROUTER routing id is removed
+before decoding and added after encoding, by the broker shell)::
+
+    frame 0   header     b"VNT1"            protocol and version
+    frame 1   command    one byte           a `Cmd` value
+    frame 2   body       msgpack            the command's fields
+    frame 3+  payloads   raw bytes          one per task or result, never re-encoded
+
+Tasks and results travel in batches: one SUBMIT, TASKS, DONE or RESULTS message
+carries any number of entries, each with its own payload frame. Payload frames
+are opaque here; they are forwarded as received, so large arguments are not
+copied on their way through the broker.
+
+Decoding never trusts its input. Anything malformed raises `ProtocolError`
+naming what was wrong; no other exception leaves `decode`. The header frame
+comes first so that other protocols (7/MDP, say) can share a socket later.
+
+This module is pure: no sockets, no clock, no logging.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeAlias
+
+import msgpack
+
+from .errors import ProtocolError
+
+HEADER = b"VNT1"
+MAX_NAME_LENGTH = 256
+MAX_BODY_BYTES = 16 * 1024 * 1024
+
+# A payload is bytes, a memoryview or a zmq.Frame: whatever the socket gave us,
+# kept as is so that it can be forwarded without a copy.
+Payload: TypeAlias = Any
+
+
+class Cmd(enum.IntEnum):
+    """Command bytes. Clients use 1-15, workers 16-31; some go both ways."""
+
+    HELLO = 1
+    WELCOME = 2
+    SUBMIT = 3
+    ACCEPTED = 4
+    RESULTS = 5
+    ACK = 6
+    CANCEL = 7
+    STATUS = 8
+    STATUS_REPLY = 9
+    HEARTBEAT = 10
+    ERROR = 11
+    BYE = 12
+    READY = 16
+    TASKS = 17
+    DONE = 18
+
+
+class Status(enum.IntEnum):
+    """How a task ended. Every status but OK carries an error report payload."""
+
+    OK = 0
+    RAISED = 1
+    TIMEOUT = 2
+    CRASHED = 3
+    NOT_FOUND = 4
+    REJECTED = 5
+    POISON = 6
+    EXPIRED = 7
+    CANCELLED = 8
+
+
+class Flags(enum.IntFlag):
+    """Per-task flags."""
+
+    NONE = 0
+    PICKLED = 1  # the payload is a cloudpickled (callable, args, kwargs)
+
+
+# --- commands ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """Client -> broker: open or resume a session, optionally as a named sink."""
+
+    session: str
+    sink: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    """Broker -> client: the session is open; these are the broker's limits."""
+
+    window: int
+    max_payload_bytes: int
+    heartbeat_interval_s: float
+    durable: bool = True  # accepted tasks survive a broker restart
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSpec:
+    """One task as a client submits it."""
+
+    task_id: int
+    function: str
+    payload: Payload
+    flags: int = 0
+    timeout_s: float | None = None
+    retries: int = 0
+    sink: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Submit:
+    """Client -> broker: a batch of new tasks."""
+
+    tasks: Sequence[TaskSpec]
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """Broker -> client: these task ids are journalled and will run."""
+
+    task_ids: Sequence[int]
+
+
+@dataclass(frozen=True, slots=True)
+class ResultEntry:
+    """One finished task as the broker reports it to a client or a sink.
+
+    `origin` is empty for the receiver's own tasks; for a sink it names the
+    session that submitted the task.
+    """
+
+    task_id: int
+    status: Status
+    payload: Payload
+    origin: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Results:
+    """Broker -> client: a batch of finished tasks."""
+
+    results: Sequence[ResultEntry]
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """Client -> broker: these results arrived; the broker may forget them."""
+
+    keys: Sequence[tuple[str, int]]  # (origin, task_id), origin as in ResultEntry
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    """Client -> broker: cancel these tasks if they have not finished."""
+
+    task_ids: Sequence[int]
+
+
+@dataclass(frozen=True, slots=True)
+class StatusRequest:
+    """Client -> broker: describe yourself."""
+
+
+@dataclass(frozen=True, slots=True)
+class StatusReply:
+    """Broker -> client: workers, queues and clients, as plain data."""
+
+    status: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """Either way: I am alive."""
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    """Broker -> peer: your last message was refused, and why."""
+
+    code: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Bye:
+    """Peer -> broker: I am leaving on purpose."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """Worker -> broker: register, or re-register after a broker restart."""
+
+    worker_id: str
+    services: Sequence[str]
+    capacity: int
+    allow_pickle: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    """One task handed to a worker. `ticket` is the broker's own task number."""
+
+    ticket: int
+    attempt: int
+    function: str
+    payload: Payload
+    flags: int = 0
+    timeout_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Tasks:
+    """Broker -> worker: a batch of assignments."""
+
+    tasks: Sequence[Assignment]
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """One task's end as a worker reports it, fenced by its attempt number."""
+
+    ticket: int
+    attempt: int
+    status: Status
+    payload: Payload
+    duration_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    """Worker -> broker: a batch of outcomes."""
+
+    outcomes: Sequence[Outcome] = field(default_factory=list)
+
+
+Command: TypeAlias = (
+    Hello
+    | Welcome
+    | Submit
+    | Accepted
+    | Results
+    | Ack
+    | Cancel
+    | StatusRequest
+    | StatusReply
+    | Heartbeat
+    | Error
+    | Bye
+    | Ready
+    | Tasks
+    | Done
+)
+
+FROM_CLIENT = frozenset(
+    {Cmd.HELLO, Cmd.SUBMIT, Cmd.ACK, Cmd.CANCEL, Cmd.STATUS, Cmd.HEARTBEAT, Cmd.BYE}
+)
+FROM_WORKER = frozenset({Cmd.READY, Cmd.DONE, Cmd.HEARTBEAT, Cmd.BYE})
+TO_CLIENT = frozenset(
+    {Cmd.WELCOME, Cmd.ACCEPTED, Cmd.RESULTS, Cmd.STATUS_REPLY, Cmd.HEARTBEAT, Cmd.ERROR}
+)
+TO_WORKER = frozenset({Cmd.TASKS, Cmd.HEARTBEAT, Cmd.ERROR})
+
+
+# --- field checks -----------------------------------------------------------------
+
+
+def _expect(value: Any, kind: type | tuple[type, ...], what: str) -> Any:
+    # bool is an int to Python, never to us.
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise ProtocolError(f"{what} must be {_kind_name(kind)}, got {value!r:.60}")
+    return value
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    if isinstance(kind, tuple):
+        return " or ".join(k.__name__ for k in kind)
+    return kind.__name__
+
+
+def _name(value: Any, what: str) -> str:
+    _expect(value, str, what)
+    if not value or len(value) > MAX_NAME_LENGTH:
+        raise ProtocolError(f"{what} must be 1 to {MAX_NAME_LENGTH} characters")
+    return str(value)
+
+
+def _optional_name(value: Any, what: str) -> str | None:
+    return None if value is None else _name(value, what)
+
+
+def _count(value: Any, what: str) -> int:
+    _expect(value, int, what)
+    if value < 0 or value >= 2**63:
+        raise ProtocolError(f"{what} must be a non-negative 64-bit integer")
+    return int(value)
+
+
+def _timeout(value: Any) -> float | None:
+    if value is None:
+        return None
+    _expect(value, (int, float), "timeout_s")
+    if not value > 0:
+        raise ProtocolError(f"timeout_s must be positive, got {value!r}")
+    return float(value)
+
+
+def _status(value: Any) -> Status:
+    try:
+        return Status(_count(value, "status"))
+    except ValueError:
+        raise ProtocolError(f"unknown status {value!r}") from None
+
+
+def _rows(body: Any, payloads: Sequence[Payload], width: int, what: str) -> list[Any]:
+    """Check a batch body: a list of `width`-field rows, one payload each."""
+    _expect(body, list, f"{what} body")
+    if len(body) != len(payloads):
+        raise ProtocolError(
+            f"{what} has {len(body)} entries but {len(payloads)} payload frames"
+        )
+    for row in body:
+        if not isinstance(row, list) or len(row) != width:
+            raise ProtocolError(f"each {what} entry must be a list of {width} fields")
+    return body
+
+
+def _no_payloads(payloads: Sequence[Payload], what: str) -> None:
+    if payloads:
+        raise ProtocolError(f"{what} takes no payload frames, got {len(payloads)}")
+
+
+# --- per-command codecs ---------------------------------------------------------
+# Each encoder returns (command byte, body, payload frames); each decoder takes the
+# unpacked body and the payload frames and returns the command.
+
+
+def _encode(command: Command) -> tuple[Cmd, Any, Sequence[Payload]]:
+    encoder = _ENCODERS.get(type(command))
+    if encoder is None:
+        raise TypeError(f"not a ventilator command: {command!r}")
+    return encoder(command)
+
+
+_ENCODERS: dict[type, Callable[[Any], tuple[Cmd, Any, Sequence[Payload]]]] = {
+    Hello: lambda c: (Cmd.HELLO, {"session": c.session, "sink": c.sink}, ()),
+    Welcome: lambda c: (
+        Cmd.WELCOME,
+        [c.window, c.max_payload_bytes, c.heartbeat_interval_s, c.durable],
+        (),
+    ),
+    Submit: lambda c: (
+        Cmd.SUBMIT,
+        [
+            [t.task_id, t.function, t.flags, t.timeout_s, t.retries, t.sink]
+            for t in c.tasks
+        ],
+        [t.payload for t in c.tasks],
+    ),
+    Accepted: lambda c: (Cmd.ACCEPTED, list(c.task_ids), ()),
+    Results: lambda c: (
+        Cmd.RESULTS,
+        [[r.task_id, int(r.status), r.origin] for r in c.results],
+        [r.payload for r in c.results],
+    ),
+    Ack: lambda c: (Cmd.ACK, [list(key) for key in c.keys], ()),
+    Cancel: lambda c: (Cmd.CANCEL, list(c.task_ids), ()),
+    StatusRequest: lambda c: (Cmd.STATUS, None, ()),
+    StatusReply: lambda c: (Cmd.STATUS_REPLY, c.status, ()),
+    Heartbeat: lambda c: (Cmd.HEARTBEAT, None, ()),
+    Error: lambda c: (Cmd.ERROR, [c.code, c.message], ()),
+    Bye: lambda c: (Cmd.BYE, None, ()),
+    Ready: lambda c: (
+        Cmd.READY,
+        [c.worker_id, list(c.services), c.capacity, c.allow_pickle],
+        (),
+    ),
+    Tasks: lambda c: (
+        Cmd.TASKS,
+        [[a.ticket, a.attempt, a.function, a.flags, a.timeout_s] for a in c.tasks],
+        [a.payload for a in c.tasks],
+    ),
+    Done: lambda c: (
+        Cmd.DONE,
+        [[o.ticket, o.attempt, int(o.status), o.duration_s] for o in c.outcomes],
+        [o.payload for o in c.outcomes],
+    ),
+}
+
+
+def _decode_hello(body: Any, payloads: Sequence[Payload]) -> Hello:
+    _no_payloads(payloads, "HELLO")
+    _expect(body, dict, "HELLO body")
+    return Hello(
+        session=_name(body.get("session"), "session"),
+        sink=_optional_name(body.get("sink"), "sink"),
+    )
+
+
+def _decode_welcome(body: Any, payloads: Sequence[Payload]) -> Welcome:
+    _no_payloads(payloads, "WELCOME")
+    window, max_payload, interval, durable = _fixed(body, 4, "WELCOME")
+    return Welcome(
+        _count(window, "window"),
+        _count(max_payload, "max_payload_bytes"),
+        float(_expect(interval, (int, float), "heartbeat_interval_s")),
+        bool(_expect(durable, bool, "durable")),
+    )
+
+
+def _decode_submit(body: Any, payloads: Sequence[Payload]) -> Submit:
+    rows = _rows(body, payloads, 6, "SUBMIT")
+    if not rows:
+        raise ProtocolError("SUBMIT must carry at least one task")
+    return Submit(
+        [
+            TaskSpec(
+                task_id=_count(task_id, "task_id"),
+                function=_name(function, "function"),
+                payload=payload,
+                flags=_count(flags, "flags"),
+                timeout_s=_timeout(timeout_s),
+                retries=_count(retries, "retries"),
+                sink=_optional_name(sink, "sink"),
+            )
+            for (task_id, function, flags, timeout_s, retries, sink), payload in zip(
+                rows, payloads, strict=True
+            )
+        ]
+    )
+
+
+def _decode_ids(body: Any, payloads: Sequence[Payload], what: str) -> list[int]:
+    _no_payloads(payloads, what)
+    _expect(body, list, f"{what} body")
+    return [_count(task_id, "task_id") for task_id in body]
+
+
+def _decode_results(body: Any, payloads: Sequence[Payload]) -> Results:
+    rows = _rows(body, payloads, 3, "RESULTS")
+    return Results(
+        [
+            ResultEntry(
+                _count(task_id, "task_id"),
+                _status(status),
+                payload,
+                str(_expect(origin, str, "origin")),
+            )
+            for (task_id, status, origin), payload in zip(rows, payloads, strict=True)
+        ]
+    )
+
+
+def _decode_ack(body: Any, payloads: Sequence[Payload]) -> Ack:
+    _no_payloads(payloads, "ACK")
+    _expect(body, list, "ACK body")
+    keys = []
+    for key in body:
+        origin, task_id = _fixed(key, 2, "ACK entry")
+        keys.append((str(_expect(origin, str, "origin")), _count(task_id, "task_id")))
+    return Ack(keys)
+
+
+def _decode_error(body: Any, payloads: Sequence[Payload]) -> Error:
+    _no_payloads(payloads, "ERROR")
+    code, message = _fixed(body, 2, "ERROR")
+    return Error(str(_expect(code, str, "code")), str(_expect(message, str, "message")))
+
+
+def _decode_status_reply(body: Any, payloads: Sequence[Payload]) -> StatusReply:
+    _no_payloads(payloads, "STATUS_REPLY")
+    return StatusReply(_expect(body, dict, "STATUS_REPLY body"))
+
+
+def _decode_ready(body: Any, payloads: Sequence[Payload]) -> Ready:
+    _no_payloads(payloads, "READY")
+    worker_id, services, capacity, allow_pickle = _fixed(body, 4, "READY")
+    _expect(services, list, "services")
+    capacity = _count(capacity, "capacity")
+    if capacity < 1:
+        raise ProtocolError("capacity must be at least 1")
+    return Ready(
+        worker_id=_name(worker_id, "worker_id"),
+        services=[_name(service, "service") for service in services],
+        capacity=capacity,
+        allow_pickle=bool(_expect(allow_pickle, bool, "allow_pickle")),
+    )
+
+
+def _decode_tasks(body: Any, payloads: Sequence[Payload]) -> Tasks:
+    rows = _rows(body, payloads, 5, "TASKS")
+    return Tasks(
+        [
+            Assignment(
+                ticket=_count(ticket, "ticket"),
+                attempt=_count(attempt, "attempt"),
+                function=_name(function, "function"),
+                payload=payload,
+                flags=_count(flags, "flags"),
+                timeout_s=_timeout(timeout_s),
+            )
+            for (ticket, attempt, function, flags, timeout_s), payload in zip(
+                rows, payloads, strict=True
+            )
+        ]
+    )
+
+
+def _decode_done(body: Any, payloads: Sequence[Payload]) -> Done:
+    rows = _rows(body, payloads, 4, "DONE")
+    return Done(
+        [
+            Outcome(
+                ticket=_count(ticket, "ticket"),
+                attempt=_count(attempt, "attempt"),
+                status=_status(status),
+                payload=payload,
+                duration_s=float(_expect(duration, (int, float), "duration_s")),
+            )
+            for (ticket, attempt, status, duration), payload in zip(
+                rows, payloads, strict=True
+            )
+        ]
+    )
+
+
+def _fixed(body: Any, width: int, what: str) -> list[Any]:
+    if not isinstance(body, list) or len(body) != width:
+        raise ProtocolError(f"{what} must be a list of {width} fields")
+    return body
+
+
+def _bare(command: Command) -> Callable[[Any, Sequence[Payload]], Command]:
+    def decode(body: Any, payloads: Sequence[Payload]) -> Command:
+        _no_payloads(payloads, type(command).__name__.upper())
+        return command
+
+    return decode
+
+
+_DECODERS: dict[Cmd, Callable[[Any, Sequence[Payload]], Command]] = {
+    Cmd.HELLO: _decode_hello,
+    Cmd.WELCOME: _decode_welcome,
+    Cmd.SUBMIT: _decode_submit,
+    Cmd.ACCEPTED: lambda body, p: Accepted(_decode_ids(body, p, "ACCEPTED")),
+    Cmd.RESULTS: _decode_results,
+    Cmd.ACK: _decode_ack,
+    Cmd.CANCEL: lambda body, p: Cancel(_decode_ids(body, p, "CANCEL")),
+    Cmd.STATUS: _bare(StatusRequest()),
+    Cmd.STATUS_REPLY: _decode_status_reply,
+    Cmd.HEARTBEAT: _bare(Heartbeat()),
+    Cmd.ERROR: _decode_error,
+    Cmd.BYE: _bare(Bye()),
+    Cmd.READY: _decode_ready,
+    Cmd.TASKS: _decode_tasks,
+    Cmd.DONE: _decode_done,
+}
+
+
+# --- the public pair ----------------------------------------------------------------
+
+
+def encode(command: Command) -> list[Payload]:
+    """Turn a command into the frames to send (without any routing id)."""
+    cmd, body, payloads = _encode(command)
+    return [HEADER, bytes((cmd,)), msgpack.packb(body), *payloads]
+
+
+def decode(frames: Sequence[Payload], allowed: frozenset[Cmd]) -> Command:
+    """Turn received frames into a command, if it is one `allowed` here.
+
+    Raises:
+        ProtocolError: on anything malformed; `code` says which kind of fault.
+    """
+    if len(frames) < 3:
+        raise ProtocolError(f"expected at least 3 frames, got {len(frames)}", "frames")
+
+    header = bytes(frames[0])
+    if header != HEADER:
+        raise ProtocolError(f"unknown protocol header {header[:16]!r}", "header")
+
+    cmd = _command_byte(bytes(frames[1]), allowed)
+    body = _unpack(frames[2])
+    try:
+        return _DECODERS[cmd](body, frames[3:])
+    except ProtocolError:
+        raise
+    except (TypeError, ValueError) as exc:
+        # A shape we did not foresee, e.g. unpacking a row of the wrong kind.
+        raise ProtocolError(f"malformed {cmd.name}: {exc}") from exc
+
+
+def _command_byte(raw: bytes, allowed: frozenset[Cmd]) -> Cmd:
+    if len(raw) != 1:
+        raise ProtocolError("command frame must be exactly one byte", "command")
+    try:
+        cmd = Cmd(raw[0])
+    except ValueError:
+        raise ProtocolError(f"unknown command byte {raw[0]}", "command") from None
+    if cmd not in allowed:
+        raise ProtocolError(f"{cmd.name} is not accepted on this socket", "command")
+    return cmd
+
+
+def _unpack(frame: Payload) -> Any:
+    if len(frame) > MAX_BODY_BYTES:
+        raise ProtocolError(f"body frame over {MAX_BODY_BYTES} bytes", "size")
+    try:
+        return msgpack.unpackb(frame, use_list=True, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises a family of unrelated types
+        raise ProtocolError(f"body is not valid msgpack: {exc}", "body") from exc

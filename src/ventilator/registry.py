@@ -1,0 +1,70 @@
+"""Which functions a worker serves: the public functions of named modules.
+
+A task names its function as ``module:function``. Only functions defined in a
+module the worker was started with, whose names do not start with an
+underscore, can run: a task cannot reach anything else in the worker's process.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from .errors import UsageError
+
+__all__ = ["load_functions", "resolve"]
+
+
+def load_functions(modules: Iterable[str]) -> dict[str, Callable[..., Any]]:
+    """Import `modules` and return their public functions by ``module:function``.
+
+    Raises:
+        UsageError: a module cannot be imported, or defines no public function.
+    """
+    functions: dict[str, Callable[..., Any]] = {}
+    for module_name in modules:
+        found = _public_functions(module_name)
+        if not found:
+            raise UsageError(
+                f"module {module_name!r} defines no public function to serve"
+            )
+        functions.update(found)
+    return functions
+
+
+def _public_functions(module_name: str) -> dict[str, Callable[..., Any]]:
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UsageError(f"cannot import module {module_name!r}: {exc}") from exc
+
+    return {
+        f"{module_name}:{name}": function
+        for name, function in vars(module).items()
+        if not name.startswith("_")
+        and inspect.isfunction(function)
+        and function.__module__ == module.__name__
+    }
+
+
+def resolve(name: str) -> Callable[..., Any]:
+    """Find the function a ``module:function`` name points to, importing it.
+
+    Raises:
+        UsageError: the name is malformed, or the module or function is missing
+            or not public.
+    """
+    module_name, sep, function_name = name.partition(":")
+    if not sep or not module_name or not function_name:
+        raise UsageError(f"expected MODULE:FUNCTION, got {name!r}")
+
+    functions = _public_functions(module_name)
+    function = functions.get(name)
+    if function is None:
+        raise UsageError(
+            f"module {module_name!r} has no public function {function_name!r}; "
+            f"it has: {', '.join(sorted(f.split(':')[1] for f in functions)) or 'none'}"
+        )
+    return function

@@ -1,0 +1,122 @@
+"""The receiving end of the ventilator-sink pipeline.
+
+Tasks submitted with ``sink=NAME`` send their results to whichever process
+registered NAME, not to their submitter. The broker keeps those results until
+the sink acknowledges them, so a sink may start late, or restart, and still
+receive everything.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from . import protocol as p
+from .client import DEFAULT_ADDRESS
+from .errors import ProtocolError, TaskError, task_error_from_wire
+from .serialization import unpack_value
+
+__all__ = ["Sink", "SinkResult"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class SinkResult:
+    """One result that reached the sink."""
+
+    session: str  # the submitting client's session
+    task_id: int
+    value: Any = None
+    error: TaskError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class Sink:
+    """Receive the results addressed to sink `name`. Use as a context manager."""
+
+    def __init__(
+        self,
+        name: str,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        heartbeat_interval_s: float = 1.0,
+        context: zmq.Context[Any] | None = None,
+    ) -> None:
+        self.name = name
+        self.address = address
+        self._heartbeat_interval_s = heartbeat_interval_s
+        self._context = context or zmq.Context.instance()
+        self._socket = self._context.socket(zmq.DEALER)
+        self._socket.setsockopt(zmq.LINGER, 1000)
+        self._socket.connect(address)
+        self._send(p.Hello(uuid.uuid4().hex, sink=name))
+
+    def __enter__(self) -> Sink:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def results(self, idle_timeout_s: float | None = None) -> Iterator[SinkResult]:
+        """Yield results as they arrive; acknowledge each batch once consumed.
+
+        Args:
+            idle_timeout_s: stop after this long without a result; None waits
+                for ever (until the generator is closed).
+        """
+        last_result = time.monotonic()
+        next_beat = last_result + self._heartbeat_interval_s
+        while idle_timeout_s is None or time.monotonic() - last_result < idle_timeout_s:
+            if self._socket.poll(self._wait_ms(next_beat, last_result, idle_timeout_s)):
+                batch = self._receive()
+                if batch:
+                    yield from batch
+                    self._send(p.Ack([(r.session, r.task_id) for r in batch]))
+                    last_result = time.monotonic()
+            if time.monotonic() >= next_beat:
+                self._send(p.Heartbeat())
+                next_beat = time.monotonic() + self._heartbeat_interval_s
+
+    def _wait_ms(self, next_beat: float, last: float, idle_s: float | None) -> int:
+        wake_at = next_beat if idle_s is None else min(next_beat, last + idle_s)
+        return max(0, int((wake_at - time.monotonic()) * 1000))
+
+    def _receive(self) -> list[SinkResult]:
+        try:
+            command = p.decode(self._socket.recv_multipart(), p.TO_CLIENT)
+        except ProtocolError as exc:
+            log.warning("ignored a malformed message from the broker: %s", exc)
+            return []
+        if not isinstance(command, p.Results):
+            return []
+        return [_result(entry) for entry in command.results]
+
+    def _send(self, command: p.Command) -> None:
+        self._socket.send_multipart(p.encode(command), copy=False)
+
+    def close(self) -> None:
+        """Leave; results not yet acknowledged stay at the broker for next time."""
+        self._send(p.Bye())
+        self._socket.close()
+
+
+def _result(entry: p.ResultEntry) -> SinkResult:
+    try:
+        value = unpack_value(entry.payload)
+    except Exception as exc:  # msgpack raises a family of unrelated types
+        error = TaskError("ProtocolError", f"undecodable result: {exc}")
+        return SinkResult(entry.origin, entry.task_id, error=error)
+
+    if entry.status is p.Status.OK:
+        return SinkResult(entry.origin, entry.task_id, value)
+    return SinkResult(entry.origin, entry.task_id, error=task_error_from_wire(value))

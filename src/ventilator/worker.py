@@ -1,0 +1,240 @@
+"""The worker: one DEALER to the broker's backend, a pool that runs the tasks.
+
+The main thread only moves messages: tasks from the broker into the pool,
+outcomes from the pool back to the broker (batched, one DONE per loop turn),
+and heartbeats both ways. A broker silent for `liveness` heartbeat intervals is
+presumed gone: the worker opens a new socket and registers again, so a broker
+restart needs nothing from the operator.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from . import protocol as p
+from .errors import ProtocolError
+from .pool import Pool, make_pool
+from .registry import load_functions
+
+__all__ = ["Worker", "WorkerConfig"]
+
+log = logging.getLogger(__name__)
+
+POOL_KINDS = ("process", "thread")
+
+
+def default_worker_id() -> str:
+    """host.pid.random: unique, and readable in the broker's log."""
+    return f"{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(2)}"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    """What a worker serves, where it connects and how it runs tasks."""
+
+    modules: tuple[str, ...]
+    connect: str = "tcp://127.0.0.1:5556"
+    concurrency: int = field(default_factory=lambda: os.cpu_count() or 1)
+    pool: str = "process"
+    # Tasks held per slot: 1 keeps every queued task available to idle workers;
+    # more hides the round trip to the broker when tasks are tiny.
+    prefetch: int = 1
+    allow_pickle: bool = False
+    heartbeat_interval_s: float = 1.0
+    liveness: int = 3
+    worker_id: str = field(default_factory=default_worker_id)
+
+    @property
+    def capacity(self) -> int:
+        return self.concurrency * self.prefetch
+
+
+class Worker:
+    """Serve tasks until `stop()`.
+
+    Raises (from the constructor):
+        UsageError: a module cannot be imported or has no public function.
+    """
+
+    def __init__(self, config: WorkerConfig, context: zmq.Context[Any] | None = None):
+        self.config = config
+        self.services = sorted(load_functions(config.modules))
+        self._context = context or zmq.Context.instance()
+        self._pool: Pool | None = None
+        self._socket: zmq.Socket[bytes] | None = None
+        self._backlog: deque[p.Assignment] = deque()
+        self._outbox: list[p.Outcome] = []
+        self._broker_seen = 0.0
+        self._wake_read, self._wake_write = os.pipe()
+        self._stopping = False
+
+    def stop(self) -> None:
+        """Ask `serve` to return. Safe from any thread or a signal handler."""
+        self._stopping = True
+        os.write(self._wake_write, b"x")
+
+    def serve(self) -> None:
+        """Connect, register and run tasks until `stop()`; then leave cleanly."""
+        self._pool = make_pool(
+            self.config.pool,
+            self.config.concurrency,
+            self.config.modules,
+            self.config.allow_pickle,
+        )
+        try:
+            self._connect(time.monotonic())
+            self._loop()
+        finally:
+            self._leave()
+
+    def _connect(self, now: float) -> None:
+        if self._socket is not None:
+            self._socket.close(linger=0)
+        self._socket = self._context.socket(zmq.DEALER)
+        self._socket.setsockopt(zmq.LINGER, 1000)
+        self._socket.setsockopt(zmq.SNDHWM, 100_000)
+        self._socket.setsockopt(zmq.RCVHWM, 100_000)
+        self._socket.connect(self.config.connect)
+        self._register(now)
+
+    def _register(self, now: float) -> None:
+        # Tasks received but not started were given back to the queue by the
+        # broker when it forgot us; running them now would only waste work.
+        self._backlog.clear()
+        self._send(
+            p.Ready(
+                self.config.worker_id,
+                self.services,
+                self.config.capacity,
+                self.config.allow_pickle,
+            )
+        )
+        self._broker_seen = now
+        log.info(
+            "worker registering worker=%s broker=%s capacity=%d functions=%d",
+            self.config.worker_id,
+            self.config.connect,
+            self.config.capacity,
+            len(self.services),
+        )
+
+    def _loop(self) -> None:
+        assert self._pool is not None and self._socket is not None
+        interval_s = self.config.heartbeat_interval_s
+        next_beat = time.monotonic() + interval_s
+        poller, polled = zmq.Poller(), ()
+
+        while not self._stopping:
+            fds = (self._wake_read, *self._pool.fds())
+            if fds != polled:
+                poller, polled = self._poller(fds), fds
+
+            poller.poll(self._poll_timeout_ms(next_beat))
+            now = time.monotonic()
+            self._receive(now)
+            self._run_tasks(now)
+
+            if now >= next_beat:
+                self._send(p.Heartbeat())
+                next_beat = now + interval_s
+                self._check_broker(now)
+
+    def _poller(self, fds: tuple[int, ...]) -> zmq.Poller:
+        poller = zmq.Poller()
+        assert self._socket is not None
+        poller.register(self._socket, zmq.POLLIN)
+        for fd in fds:
+            poller.register(fd, zmq.POLLIN)
+        return poller
+
+    def _poll_timeout_ms(self, next_beat: float) -> float:
+        assert self._pool is not None
+        wake_at = next_beat
+        deadline = self._pool.next_deadline()
+        if deadline is not None:
+            wake_at = min(wake_at, deadline)
+        return max(0.0, wake_at - time.monotonic()) * 1000
+
+    def _receive(self, now: float) -> None:
+        assert self._socket is not None
+        while True:
+            try:
+                frames = self._socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._broker_seen = now
+            try:
+                command = p.decode(frames, p.TO_WORKER)
+            except ProtocolError as exc:
+                log.warning("ignored a malformed message from the broker: %s", exc)
+                continue
+            self._handle(command, now)
+
+    def _handle(self, command: p.Command, now: float) -> None:
+        if isinstance(command, p.Tasks):
+            self._backlog.extend(command.tasks)
+        elif isinstance(command, p.Error):
+            if command.code == "unknown_worker":
+                log.warning(
+                    "the broker does not know this worker (it restarted, or took us "
+                    "for dead); registering again"
+                )
+                self._register(now)
+            else:
+                log.warning("the broker refused a message: %s", command.message)
+
+    def _run_tasks(self, now: float) -> None:
+        assert self._pool is not None
+        pool = self._pool
+        # Start, collect, start again: slots freed by this turn's outcomes get
+        # work without waiting for the next turn.
+        self._start_backlog(now)
+        self._outbox.extend(pool.collect(now))
+        self._start_backlog(now)
+
+        if self._outbox:
+            self._send(p.Done(self._outbox))
+            self._outbox = []
+
+    def _start_backlog(self, now: float) -> None:
+        assert self._pool is not None
+        while self._backlog and self._pool.has_free_slot():
+            self._pool.start(self._backlog.popleft(), now)
+
+    def _check_broker(self, now: float) -> None:
+        silent_s = now - self._broker_seen
+        if silent_s > self.config.heartbeat_interval_s * self.config.liveness:
+            log.warning(
+                "broker silent for %.1fs broker=%s; reconnecting",
+                silent_s,
+                self.config.connect,
+            )
+            self._connect(now)
+
+    def _send(self, command: p.Command) -> None:
+        assert self._socket is not None
+        try:
+            self._socket.send_multipart(p.encode(command), zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            # Not connected yet, or the broker stopped reading: outcomes are lost
+            # here, and the broker requeues them when it takes us for dead.
+            log.debug("could not send %s: broker not reachable", type(command).__name__)
+
+    def _leave(self) -> None:
+        if self._socket is not None:
+            self._send(p.Bye())
+            self._socket.close()
+        if self._pool is not None:
+            self._pool.close()
+        os.close(self._wake_read)
+        os.close(self._wake_write)
+        log.info("worker stopped worker=%s", self.config.worker_id)
