@@ -2,4 +2,7 @@
 
 from .cli import main
 
-main()
+# Child processes started with "spawn" import this module again under another
+# name; only the real entry point may run the command line.
+if __name__ == "__main__":
+    main()

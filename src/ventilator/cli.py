@@ -99,10 +99,16 @@ def _stop_on_signals(stop: Callable[[], None]) -> None:
     help="Survive a process kill, power loss (fsync), or nothing (memory).",
 )
 @click.option(
-    "--max-payload-bytes", type=int, default=_DEFAULT_LIMITS.max_payload_bytes, show_default=True
+    "--max-payload-bytes",
+    type=int,
+    default=_DEFAULT_LIMITS.max_payload_bytes,
+    show_default=True,
 )
 @click.option(
-    "--max-queued-tasks", type=int, default=_DEFAULT_LIMITS.max_queued_tasks, show_default=True
+    "--max-queued-tasks",
+    type=int,
+    default=_DEFAULT_LIMITS.max_queued_tasks,
+    show_default=True,
 )
 @click.option(
     "--client-window",

@@ -5,10 +5,13 @@ it keeps heartbeating however long and CPU-bound the tasks are. Pools report
 through file descriptors the main loop polls next to its socket, so a finished
 task is noticed at once, with no polling interval.
 
-Process pool: one child per slot, each fed through its own pipe. A child that
-dies takes only its current task with it (reported as CRASHED, which the broker
-counts towards poison) and is replaced. A task past its timeout has its child
-killed and replaced.
+Process pool: one child per slot, fed through its own socket pair. Each child
+gets its next task before it finishes the current one (up to `PIPELINE_DEPTH`
+tasks in its pipe), so it never waits for the worker's main loop to be
+scheduled: on a busy machine that wait is what costs efficiency. A child that
+dies takes its current task with it (reported as CRASHED, which the broker
+counts towards poison); the tasks queued behind it go to another child. A task
+past its timeout has its child killed and replaced.
 
 Thread pool: for I/O-bound work. A thread cannot be killed, so a task past its
 timeout is reported as timed out and left to finish in the background; its
@@ -19,16 +22,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import multiprocessing
 import os
 import queue
-import signal
+import socket
+import subprocess
+import sys
 import time
+from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
 from typing import Protocol
 
 from . import protocol as p
@@ -37,22 +41,17 @@ from .execution import run_task
 from .registry import load_functions
 from .serialization import pack_error
 
-__all__ = ["Pool", "ProcessPool", "ThreadPool", "make_pool"]
+__all__ = ["POOL_KINDS", "Pool", "ProcessPool", "ThreadPool", "make_pool"]
 
 log = logging.getLogger(__name__)
 
+POOL_KINDS = ("process", "thread")
+
+# Tasks in one child's pipe at once: the running one and the next.
+PIPELINE_DEPTH = 2
+
 # How long a child gets to exit on its own before it is killed.
 CHILD_EXIT_GRACE_S = 2.0
-
-
-@dataclass(slots=True)
-class Running:
-    """A task a slot is running, and when it must be stopped."""
-
-    ticket: int
-    attempt: int
-    started: float
-    deadline: float | None
 
 
 class Pool(Protocol):
@@ -62,17 +61,25 @@ class Pool(Protocol):
         """Descriptors that become readable when a task ended or a child died."""
         ...
 
-    def has_free_slot(self) -> bool: ...
-
-    def start(self, task: p.Assignment, now: float) -> None: ...
+    def submit(self, task: p.Assignment, now: float) -> None:
+        """Run `task` as soon as a slot is free."""
+        ...
 
     def collect(self, now: float) -> list[p.Outcome]:
         """Outcomes of tasks that ended, crashed or timed out since the last call."""
         ...
 
-    def next_deadline(self) -> float | None: ...
+    def drop_waiting(self) -> int:
+        """Forget tasks not started yet (the broker requeued them); return how many."""
+        ...
 
-    def busy(self) -> int: ...
+    def next_deadline(self) -> float | None:
+        """When the earliest running task times out, if any has a timeout."""
+        ...
+
+    def load(self) -> int:
+        """Tasks held: running, in pipes, or waiting for a slot."""
+        ...
 
     def close(self) -> None: ...
 
@@ -86,161 +93,162 @@ def make_pool(
     return ProcessPool(concurrency, modules, allow_pickle)
 
 
-def _timeout_outcome(running: Running, now: float, timeout_s: float) -> p.Outcome:
-    error = TaskTimeout(
-        "TaskTimeout",
-        f"the task ran past its timeout of {timeout_s:g}s and was stopped",
-    )
-    return p.Outcome(
-        running.ticket,
-        running.attempt,
-        p.Status.TIMEOUT,
-        pack_error(error),
-        now - running.started,
-    )
+@dataclass(slots=True, eq=False)
+class _Running:
+    """A task handed to a slot, and since when it has been running."""
 
+    task: p.Assignment
+    started: float = 0.0
 
-def _deadline(task: p.Assignment, now: float) -> float | None:
-    return now + task.timeout_s if task.timeout_s else None
+    def deadline(self) -> float | None:
+        timeout_s = self.task.timeout_s
+        return self.started + timeout_s if timeout_s else None
+
+    def outcome(self, status: p.Status, payload: bytes, now: float) -> p.Outcome:
+        return p.Outcome(
+            self.task.ticket, self.task.attempt, status, payload, now - self.started
+        )
+
+    def timed_out(self, now: float) -> p.Outcome:
+        error = TaskTimeout(
+            "TaskTimeout",
+            f"the task ran past its timeout of {self.task.timeout_s:g}s "
+            "and was stopped",
+        )
+        return self.outcome(p.Status.TIMEOUT, pack_error(error), now)
 
 
 # --- processes -------------------------------------------------------------------
 
 
-def _child_main(conn: Connection, modules: Sequence[str], allow_pickle: bool) -> None:
-    """The loop of one child process: receive a task, run it, send the outcome."""
-    # Ctrl-C is for the worker's main process, which stops the children itself.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    functions = load_functions(modules)
-    while True:
-        try:
-            message = conn.recv()
-        except (EOFError, OSError):
-            return  # the worker went away
-        if message is None:
-            return
-
-        function, flags, payload = message
-        started = time.perf_counter()
-        status, result = run_task(functions, allow_pickle, function, flags, payload)
-        conn.send((int(status), result, time.perf_counter() - started))
-
-
 @dataclass(slots=True, eq=False)
 class _Child:
-    process: BaseProcess
+    process: subprocess.Popen[bytes]
     conn: Connection
-    running: Running | None = None
-    timeout_s: float | None = None
+    # Tasks sent down the pipe, oldest (the one running) first.
+    sent: deque[_Running] = field(default_factory=deque)
 
 
 class ProcessPool:
     """One child process per slot, replaced when it dies or overruns."""
 
     def __init__(self, size: int, modules: Sequence[str], allow_pickle: bool) -> None:
-        # spawn, not fork: the worker holds a ZeroMQ context and its I/O threads,
-        # which a forked child would inherit in an undefined state.
-        self._mp = multiprocessing.get_context("spawn")
         self._modules = list(modules)
         self._allow_pickle = allow_pickle
+        self._waiting: deque[p.Assignment] = deque()
         self._children = [self._spawn() for _ in range(size)]
 
     def _spawn(self) -> _Child:
-        parent_end, child_end = self._mp.Pipe()
-        process = self._mp.Process(
-            target=_child_main,
-            args=(child_end, self._modules, self._allow_pickle),
-            daemon=True,
+        # A fresh interpreter per child rather than fork: the worker holds a
+        # ZeroMQ context whose I/O threads a forked child would inherit broken.
+        parent_end, child_end = socket.socketpair()
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "ventilator._child",
+                str(child_end.fileno()),
+                "pickle" if self._allow_pickle else "no-pickle",
+                *self._modules,
+            ],
+            pass_fds=[child_end.fileno()],
+            stdin=subprocess.DEVNULL,
         )
-        process.start()
         child_end.close()
-        return _Child(process, parent_end)
+        return _Child(process, Connection(parent_end.detach()))
 
     def fds(self) -> Sequence[int]:
         return [child.conn.fileno() for child in self._children]
 
-    def has_free_slot(self) -> bool:
-        return any(child.running is None for child in self._children)
+    def submit(self, task: p.Assignment, now: float) -> None:
+        self._waiting.append(task)
+        self._feed(now)
 
-    def busy(self) -> int:
-        return sum(1 for child in self._children if child.running is not None)
+    def load(self) -> int:
+        return len(self._waiting) + sum(len(c.sent) for c in self._children)
 
-    def start(self, task: p.Assignment, now: float) -> None:
-        child = next(c for c in self._children if c.running is None)
-        child.running = Running(task.ticket, task.attempt, now, _deadline(task, now))
-        child.timeout_s = task.timeout_s
-        try:
+    def drop_waiting(self) -> int:
+        dropped = len(self._waiting)
+        self._waiting.clear()
+        return dropped
+
+    def _feed(self, now: float) -> None:
+        """Top up the children's pipes, idle children first."""
+        while self._waiting:
+            child = min(self._children, key=lambda c: len(c.sent))
+            if len(child.sent) >= PIPELINE_DEPTH:
+                return
+            self._send(child, self._waiting.popleft(), now)
+
+    def _send(self, child: _Child, task: p.Assignment, now: float) -> None:
+        child.sent.append(_Running(task, started=now))
+        # A dead child fails the send or not; either way collect() notices it.
+        with contextlib.suppress(OSError):
             child.conn.send((task.function, task.flags, bytes(task.payload)))
-        except OSError:
-            pass  # the child died; collect() reports the task as crashed
 
     def collect(self, now: float) -> list[p.Outcome]:
         outcomes: list[p.Outcome] = []
         for index, child in enumerate(self._children):
-            outcome = self._check(child, now)
-            if outcome is not None:
-                outcomes.append(outcome)
-            if (
-                outcome is not None
-                and outcome.status
-                in (
-                    p.Status.CRASHED,
-                    p.Status.TIMEOUT,
-                )
-            ) or (not child.process.is_alive() and child.running is None):
-                self._children[index] = self._replace(child)
+            if not self._receive(child, outcomes, now):
+                self._children[index] = self._replace(child, now)
+        self._feed(now)
         return outcomes
 
-    def _check(self, child: _Child, now: float) -> p.Outcome | None:
-        running = child.running
-        if running is None:
-            return None
+    def _receive(self, child: _Child, outcomes: list[p.Outcome], now: float) -> bool:
+        """Collect what `child` finished; False if it must be replaced."""
         try:
-            if child.conn.poll():
+            while child.sent and child.conn.poll():
                 status, result, duration_s = child.conn.recv()
-                child.running = None
-                return p.Outcome(
-                    running.ticket,
-                    running.attempt,
-                    p.Status(status),
-                    result,
-                    duration_s,
+                finished = child.sent.popleft().task
+                outcomes.append(
+                    p.Outcome(
+                        finished.ticket,
+                        finished.attempt,
+                        p.Status(status),
+                        result,
+                        duration_s,
+                    )
                 )
+                if child.sent:
+                    child.sent[0].started = now  # the next one starts now
         except (EOFError, OSError):
-            return self._crashed(child, running, now)
+            return self._lost(child, outcomes, now)
 
-        if not child.process.is_alive():
-            return self._crashed(child, running, now)
-        if running.deadline is not None and now >= running.deadline:
-            child.running = None
-            return _timeout_outcome(running, now, child.timeout_s or 0.0)
-        return None
+        if not _alive(child.process):
+            return self._lost(child, outcomes, now)
+        head = child.sent[0] if child.sent else None
+        deadline = head.deadline() if head is not None else None
+        if head is not None and deadline is not None and now >= deadline:
+            outcomes.append(head.timed_out(now))
+            child.sent.popleft()
+            return False
+        return True
 
-    def _crashed(self, child: _Child, running: Running, now: float) -> p.Outcome:
-        child.running = None
-        log.warning(
-            "task process died ticket=%d attempt=%d exitcode=%s; starting a new one",
-            running.ticket,
-            running.attempt,
-            child.process.exitcode,
-        )
-        return p.Outcome(
-            running.ticket,
-            running.attempt,
-            p.Status.CRASHED,
-            b"",
-            now - running.started,
-        )
+    def _lost(self, child: _Child, outcomes: list[p.Outcome], now: float) -> bool:
+        if child.sent:
+            running = child.sent.popleft()
+            log.warning(
+                "task process died ticket=%d attempt=%d exitcode=%s; "
+                "starting a new one",
+                running.task.ticket,
+                running.task.attempt,
+                child.process.poll(),
+            )
+            outcomes.append(running.outcome(p.Status.CRASHED, b"", now))
+        return False
 
-    def _replace(self, child: _Child) -> _Child:
+    def _replace(self, child: _Child, now: float) -> _Child:
+        # Tasks queued behind the lost one never started: another child runs them.
+        self._waiting.extendleft(r.task for r in reversed(child.sent))
+        child.sent.clear()
         self._stop_child(child, at_once=True)
         return self._spawn()
 
     def next_deadline(self) -> float | None:
         deadlines = [
-            c.running.deadline
-            for c in self._children
-            if c.running is not None and c.running.deadline is not None
+            deadline
+            for child in self._children
+            if child.sent and (deadline := child.sent[0].deadline()) is not None
         ]
         return min(deadlines, default=None)
 
@@ -250,18 +258,23 @@ class ProcessPool:
                 child.conn.send(None)
         deadline = time.monotonic() + CHILD_EXIT_GRACE_S
         for child in self._children:
-            child.process.join(max(0.0, deadline - time.monotonic()))
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.process.wait(max(0.0, deadline - time.monotonic()))
             self._stop_child(child, at_once=False)
 
     def _stop_child(self, child: _Child, at_once: bool) -> None:
-        if child.process.is_alive():
+        if _alive(child.process):
             child.process.kill() if at_once else child.process.terminate()
-            child.process.join(CHILD_EXIT_GRACE_S)
-            if child.process.is_alive():
+            try:
+                child.process.wait(CHILD_EXIT_GRACE_S)
+            except subprocess.TimeoutExpired:
                 child.process.kill()
-                child.process.join()
+                child.process.wait()
         child.conn.close()
-        child.process.close()
+
+
+def _alive(process: subprocess.Popen[bytes]) -> bool:
+    return process.poll() is None
 
 
 # --- threads ---------------------------------------------------------------------
@@ -275,38 +288,45 @@ class ThreadPool:
         self._allow_pickle = allow_pickle
         self._size = size
         self._executor = ThreadPoolExecutor(size, thread_name_prefix="ventilator-task")
-        self._done: queue.SimpleQueue[tuple[Running, p.Status, bytes, float]] = (
+        self._done: queue.SimpleQueue[tuple[_Running, p.Status, bytes]] = (
             queue.SimpleQueue()
         )
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_read, False)
-        self._running: dict[tuple[int, int], tuple[Running, float | None]] = {}
+        self._waiting: deque[p.Assignment] = deque()
+        self._running: dict[tuple[int, int], _Running] = {}
         self._abandoned = 0  # timed-out threads still running their task
 
     def fds(self) -> Sequence[int]:
         return [self._wake_read]
 
-    def has_free_slot(self) -> bool:
-        return len(self._running) + self._abandoned < self._size
+    def submit(self, task: p.Assignment, now: float) -> None:
+        self._waiting.append(task)
+        self._feed(now)
 
-    def busy(self) -> int:
-        return len(self._running)
+    def load(self) -> int:
+        return len(self._waiting) + len(self._running)
 
-    def start(self, task: p.Assignment, now: float) -> None:
-        running = Running(task.ticket, task.attempt, now, _deadline(task, now))
-        self._running[(task.ticket, task.attempt)] = (running, task.timeout_s)
-        self._executor.submit(self._run, running, task)
+    def drop_waiting(self) -> int:
+        dropped = len(self._waiting)
+        self._waiting.clear()
+        return dropped
 
-    def _run(self, running: Running, task: p.Assignment) -> None:
-        started = time.perf_counter()
+    def _feed(self, now: float) -> None:
+        while self._waiting and len(self._running) + self._abandoned < self._size:
+            task = self._waiting.popleft()
+            running = _Running(task, started=now)
+            self._running[(task.ticket, task.attempt)] = running
+            self._executor.submit(self._run, running)
+
+    def _run(self, running: _Running) -> None:
+        task = running.task
         status, result = run_task(
             self._functions, self._allow_pickle, task.function, task.flags, task.payload
         )
-        self._done.put((running, status, result, time.perf_counter() - started))
-        try:
+        self._done.put((running, status, result))
+        with contextlib.suppress(OSError):  # the pool closed while this ran
             os.write(self._wake_write, b"x")
-        except OSError:
-            pass  # the pool was closed while this task ran; nobody waits for it
 
     def collect(self, now: float) -> list[p.Outcome]:
         with contextlib.suppress(BlockingIOError):
@@ -314,23 +334,26 @@ class ThreadPool:
 
         outcomes = []
         while not self._done.empty():
-            running, status, result, duration_s = self._done.get()
-            key = (running.ticket, running.attempt)
-            if self._running.pop(key, None) is None:
+            running, status, result = self._done.get()
+            task = running.task
+            if self._running.pop((task.ticket, task.attempt), None) is None:
                 self._abandoned -= 1  # it had timed out; its result is not wanted
                 continue
-            outcomes.append(p.Outcome(*key, status, result, duration_s))
+            outcomes.append(running.outcome(status, result, now))
 
-        for key, (running, timeout_s) in list(self._running.items()):
-            if running.deadline is not None and now >= running.deadline:
+        for key, running in list(self._running.items()):
+            deadline = running.deadline()
+            if deadline is not None and now >= deadline:
                 del self._running[key]
                 self._abandoned += 1
-                outcomes.append(_timeout_outcome(running, now, timeout_s or 0.0))
+                outcomes.append(running.timed_out(now))
+
+        self._feed(now)
         return outcomes
 
     def next_deadline(self) -> float | None:
-        deadlines = [r.deadline for r, _ in self._running.values() if r.deadline]
-        return min(deadlines, default=None)
+        deadlines = [r.deadline() for r in self._running.values()]
+        return min((d for d in deadlines if d is not None), default=None)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

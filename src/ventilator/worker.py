@@ -14,7 +14,6 @@ import os
 import secrets
 import socket
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +28,6 @@ __all__ = ["Worker", "WorkerConfig"]
 
 log = logging.getLogger(__name__)
 
-POOL_KINDS = ("process", "thread")
 
 
 def default_worker_id() -> str:
@@ -71,8 +69,6 @@ class Worker:
         self._context = context or zmq.Context.instance()
         self._pool: Pool | None = None
         self._socket: zmq.Socket[bytes] | None = None
-        self._backlog: deque[p.Assignment] = deque()
-        self._outbox: list[p.Outcome] = []
         self._broker_seen = 0.0
         self._wake_read, self._wake_write = os.pipe()
         self._stopping = False
@@ -109,7 +105,8 @@ class Worker:
     def _register(self, now: float) -> None:
         # Tasks received but not started were given back to the queue by the
         # broker when it forgot us; running them now would only waste work.
-        self._backlog.clear()
+        if self._pool is not None:
+            self._pool.drop_waiting()
         self._send(
             p.Ready(
                 self.config.worker_id,
@@ -141,7 +138,7 @@ class Worker:
             poller.poll(self._poll_timeout_ms(next_beat))
             now = time.monotonic()
             self._receive(now)
-            self._run_tasks(now)
+            self._collect(now)
 
             if now >= next_beat:
                 self._send(p.Heartbeat())
@@ -181,7 +178,9 @@ class Worker:
 
     def _handle(self, command: p.Command, now: float) -> None:
         if isinstance(command, p.Tasks):
-            self._backlog.extend(command.tasks)
+            assert self._pool is not None
+            for task in command.tasks:
+                self._pool.submit(task, now)
         elif isinstance(command, p.Error):
             if command.code == "unknown_worker":
                 log.warning(
@@ -192,23 +191,11 @@ class Worker:
             else:
                 log.warning("the broker refused a message: %s", command.message)
 
-    def _run_tasks(self, now: float) -> None:
+    def _collect(self, now: float) -> None:
         assert self._pool is not None
-        pool = self._pool
-        # Start, collect, start again: slots freed by this turn's outcomes get
-        # work without waiting for the next turn.
-        self._start_backlog(now)
-        self._outbox.extend(pool.collect(now))
-        self._start_backlog(now)
-
-        if self._outbox:
-            self._send(p.Done(self._outbox))
-            self._outbox = []
-
-    def _start_backlog(self, now: float) -> None:
-        assert self._pool is not None
-        while self._backlog and self._pool.has_free_slot():
-            self._pool.start(self._backlog.popleft(), now)
+        outcomes = self._pool.collect(now)
+        if outcomes:
+            self._send(p.Done(outcomes))
 
     def _check_broker(self, now: float) -> None:
         silent_s = now - self._broker_seen

@@ -1,0 +1,47 @@
+"""The program a process-pool slot runs: ``python -m ventilator._child FD MODULE...``.
+
+Started with `subprocess`, not `multiprocessing`, so the child never imports
+the parent's ``__main__``: a worker embedded in any script needs no
+``if __name__ == "__main__"`` guard, and the child holds nothing but its pipe.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from multiprocessing.connection import Connection
+
+from .execution import run_task
+from .registry import load_functions
+
+
+def serve(conn: Connection, modules: Sequence[str], allow_pickle: bool) -> None:
+    """Receive a task, run it, send the outcome; until the pipe closes."""
+    functions = load_functions(modules)
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return  # the worker went away
+        if message is None:
+            return
+
+        function, flags, payload = message
+        started = time.perf_counter()
+        status, result = run_task(functions, allow_pickle, function, flags, payload)
+        conn.send((int(status), result, time.perf_counter() - started))
+
+
+def main(argv: Sequence[str]) -> None:
+    # Ctrl-C is for the worker's main process, which stops its children itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    fd, allow_pickle, *modules = argv
+    sock = socket.socket(fileno=int(fd))
+    serve(Connection(sock.detach()), modules, allow_pickle == "pickle")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

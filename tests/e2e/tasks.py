@@ -1,0 +1,91 @@
+"""Functions the e2e workers serve, as ``tests.e2e.tasks:NAME``.
+
+Each one is small and does one thing a test needs to observe: a value, a raised
+exception, time passing, a dead process, or where it ran.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+
+def square(x: float) -> float:
+    """Return ``x * x``."""
+    return x * x
+
+
+def echo(value: Any) -> Any:
+    """Return `value` unchanged (bytes stay bytes)."""
+    return value
+
+
+def describe(value: Any) -> list[Any]:
+    """Return the type name of `value` next to the value, to see how it arrived."""
+    return [type(value).__name__, value]
+
+
+def fail(message: str) -> None:
+    """Raise ValueError with `message`."""
+    raise ValueError(f"failed on purpose: {message}")
+
+
+def reciprocal(x: float) -> float:
+    """Return ``1 / x``; raises ZeroDivisionError for 0."""
+    return 1 / x
+
+
+def sleep_for(seconds: float) -> float:
+    """Sleep, then return how long was asked for."""
+    time.sleep(seconds)
+    return seconds
+
+
+def slow_echo(value: Any, seconds: float) -> Any:
+    """Sleep, then return `value`."""
+    time.sleep(seconds)
+    return value
+
+
+def crash(code: int = 1) -> None:
+    """End the process running the task at once, as a segfault would."""
+    os._exit(code)
+
+
+def pid() -> int:
+    """The id of the process running the task."""
+    return os.getpid()
+
+
+def make_bytes(size: int) -> bytes:
+    """Return `size` bytes, to produce a large result."""
+    return b"r" * size
+
+
+def touch(path: str) -> str:
+    """Create the file at `path`; the pickle tests use it as a tripwire."""
+    Path(path).touch()
+    return path
+
+
+def whereabouts(seconds: float) -> list[int]:
+    """Sleep, then return ``[pid, parent pid]``; in a process pool the parent is
+    the worker process."""
+    time.sleep(seconds)
+    return [os.getpid(), os.getppid()]
+
+
+def flaky(path: str, failures: int) -> int:
+    """Raise on the first `failures` calls for `path`, then return the call count.
+
+    The count lives in the file at `path`, so it survives between attempts that
+    run in different processes.
+    """
+    counter = Path(path)
+    calls = (int(counter.read_text()) if counter.exists() else 0) + 1
+    counter.write_text(str(calls))
+    if calls <= failures:
+        raise RuntimeError(f"failure {calls} of {failures}")
+    return calls

@@ -1,0 +1,456 @@
+"""The scheduler under random traffic: invariants hold after every step.
+
+A model of the peers (clients, a sink, workers) drives the scheduler with
+hello, submit, ready, done (right and wrong attempts), ack, cancel, deaths and
+time. After every step the scheduler checks its own invariants, and the model
+checks what the peers saw: no worker is sent more than its capacity, no
+recipient gets a result twice without reconnecting in between, nor one it
+already acknowledged, nor one meant for someone else. At the end every task is
+driven to completion and every accepted task must have been acknowledged once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from dataclasses import dataclass, field, replace
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from ventilator import protocol as p
+from ventilator.policy import Backoff, Limits
+from ventilator.scheduler import (
+    Effects,
+    LateOutcome,
+    Scheduler,
+    State,
+    sink_recipient,
+)
+
+FUNCTIONS = ("jobs:f", "jobs:g")
+SESSIONS = ("alice", "bob")
+SINK = "totals"
+WORKER_IDS = ("w1", "w2", "w3")
+
+Key = tuple[str, int]  # (submitting session, task id)
+
+LIMITS = Limits(
+    max_payload_bytes=8,
+    max_queued_tasks=10,
+    max_queued_bytes=60,
+    client_window=6,
+    delivery_window=3,
+    heartbeat_interval_s=1.0,
+    liveness=3,
+    max_attempts=2,
+    result_ttl_s=40.0,
+    retry_backoff=Backoff(base_s=0.5, cap_s=2.0, jitter=0.5),
+)
+
+
+@dataclass
+class ModelRecipient:
+    """What one client session (or the sink) has seen."""
+
+    name: str
+    peer: bytes | None = None
+    delivered: set[Key] = field(default_factory=set)  # not acknowledged yet
+    acked: set[Key] = field(default_factory=set)
+
+
+@dataclass
+class ModelWorker:
+    """What one live worker holds: its assignments by ticket."""
+
+    worker_id: str
+    peer: bytes
+    capacity: int
+    holding: dict[int, p.Assignment] = field(default_factory=dict)
+
+
+class SchedulerMachine(RuleBasedStateMachine):
+    @initialize()
+    def start(self) -> None:
+        self.scheduler = Scheduler(LIMITS, rng=random.Random(0))
+        self.now = 0.0
+        self.peers = itertools.count()
+        self.task_ids = itertools.count(1)
+        names = [*SESSIONS, sink_recipient(SINK)]
+        self.recipients = {name: ModelRecipient(name) for name in names}
+        self.workers: dict[str, ModelWorker] = {}
+        self.recipient_of: dict[Key, str] = {}  # accepted tasks: who gets the result
+        self.submitted: dict[bytes, list[p.TaskSpec]] = {}
+        self.given_up: list[p.Assignment] = []  # assignments of dead workers
+        # Start with someone to talk to, so that short runs reach deep states.
+        for name in self.recipients:
+            self._hello(name)
+        self._register("w1", 2, list(FUNCTIONS), False, same_connection=False)
+
+    # --- clients ---------------------------------------------------------------------
+
+    @rule(name=st.sampled_from([*SESSIONS, sink_recipient(SINK)]))
+    def hello(self, name: str) -> None:
+        self._hello(name)
+
+    def _hello(self, name: str) -> None:
+        recipient = self.recipients[name]
+        recipient.peer = self._new_peer(name)
+        recipient.delivered.clear()  # everything unacknowledged comes again
+        sink = SINK if name == sink_recipient(SINK) else None
+        session = "sink-reader" if sink else name
+        self._client(recipient.peer, p.Hello(session, sink))
+
+    @precondition(lambda self: self._connected(SESSIONS))
+    @rule(
+        data=st.data(),
+        count=st.integers(1, 3),
+        resubmit=st.booleans(),
+    )
+    def submit(self, data: st.DataObject, count: int, resubmit: bool) -> None:
+        session = data.draw(st.sampled_from(self._connected(SESSIONS)))
+        specs = [self._new_spec(data) for _ in range(count)]
+        unfinished = [
+            task_id
+            for (owner, task_id) in self.recipient_of
+            if owner == session and not self._acked((owner, task_id))
+        ]
+        if resubmit and unfinished:
+            specs.append(self._spec(data, data.draw(st.sampled_from(unfinished))))
+        self.submitted[self._peer_of(session)] = specs
+        self._client(self._peer_of(session), p.Submit(specs))
+
+    @precondition(lambda self: self._connected(SESSIONS))
+    @rule(data=st.data(), count=st.integers(1, 4))
+    def submit_to_the_sink(self, data: st.DataObject, count: int) -> None:
+        session = data.draw(st.sampled_from(self._connected(SESSIONS)))
+        specs = [replace(self._new_spec(data), sink=SINK) for _ in range(count)]
+        self.submitted[self._peer_of(session)] = specs
+        self._client(self._peer_of(session), p.Submit(specs))
+
+    @precondition(lambda self: self._connected(SESSIONS))
+    @rule(data=st.data())
+    def cancel(self, data: st.DataObject) -> None:
+        session = data.draw(st.sampled_from(self._connected(SESSIONS)))
+        mine = sorted(t for (owner, t) in self.recipient_of if owner == session)
+        task_ids = data.draw(st.lists(st.sampled_from(mine or [10**6]), max_size=3))
+        self._client(self._peer_of(session), p.Cancel(task_ids))
+
+    @precondition(lambda self: self._can_ack())
+    @rule(data=st.data())
+    def ack(self, data: st.DataObject) -> None:
+        candidates = [r for r in self.recipients.values() if r.delivered and r.peer]
+        recipient = data.draw(st.sampled_from(candidates))
+        keys = data.draw(
+            st.lists(st.sampled_from(sorted(recipient.delivered)), min_size=1)
+        )
+        wire_keys = [self._wire_key(recipient, key) for key in keys]
+        recipient.acked.update(keys)
+        recipient.delivered.difference_update(keys)
+        assert recipient.peer is not None
+        self._client(recipient.peer, p.Ack(wire_keys))
+
+    @precondition(lambda self: self._connected(list(self.recipients)))
+    @rule(data=st.data(), vanish=st.booleans())
+    def client_heartbeat_or_vanish(self, data: st.DataObject, vanish: bool) -> None:
+        name = data.draw(st.sampled_from(self._connected(list(self.recipients))))
+        peer = self._peer_of(name)
+        if vanish:
+            self.scheduler.peer_unreachable(peer, self.now)
+            self._flush()
+        else:
+            self._client(peer, p.Heartbeat())
+
+    @rule()
+    def command_from_a_stranger_is_refused(self) -> None:
+        stranger = self._new_peer("stranger")
+        self.scheduler.client_command(stranger, p.Cancel([1]), self.now)
+        effects = self._flush()
+        assert [c for peer, c in effects.to_clients if peer == stranger] == [
+            p.Error("hello_first", "send HELLO before any other command")
+        ]
+
+    # --- workers ---------------------------------------------------------------------
+
+    @rule(
+        worker_id=st.sampled_from(WORKER_IDS),
+        capacity=st.integers(1, 3),
+        services=st.lists(st.sampled_from(FUNCTIONS), min_size=1, unique=True),
+        allow_pickle=st.booleans(),
+        same_connection=st.booleans(),
+    )
+    def ready(
+        self,
+        worker_id: str,
+        capacity: int,
+        services: list[str],
+        allow_pickle: bool,
+        same_connection: bool,
+    ) -> None:
+        self._register(worker_id, capacity, services, allow_pickle, same_connection)
+
+    def _register(
+        self,
+        worker_id: str,
+        capacity: int,
+        services: list[str],
+        allow_pickle: bool,
+        same_connection: bool,
+    ) -> None:
+        old = self.workers.pop(worker_id, None)
+        if old is not None:
+            self.given_up.extend(old.holding.values())
+        if old is not None and same_connection:
+            peer = old.peer
+        else:
+            peer = self._new_peer(worker_id)
+        self.workers[worker_id] = ModelWorker(worker_id, peer, capacity)
+        self._worker(peer, p.Ready(worker_id, services, capacity, allow_pickle))
+
+    @precondition(lambda self: any(w.holding for w in self.workers.values()))
+    @rule(
+        data=st.data(),
+        status=st.sampled_from(
+            [p.Status.OK, p.Status.RAISED, p.Status.CRASHED, p.Status.TIMEOUT]
+        ),
+    )
+    def done(self, data: st.DataObject, status: p.Status) -> None:
+        worker = data.draw(
+            st.sampled_from([w for w in self.workers.values() if w.holding])
+        )
+        ticket = data.draw(st.sampled_from(sorted(worker.holding)))
+        assignment = worker.holding.pop(ticket)
+        outcome = p.Outcome(ticket, assignment.attempt, status, b"r")
+        self._worker(worker.peer, p.Done([outcome]))
+
+    @precondition(lambda self: any(w.holding for w in self.workers.values()))
+    @rule(data=st.data(), shift=st.sampled_from([-1, 1]))
+    def done_with_a_wrong_attempt_is_dropped(
+        self, data: st.DataObject, shift: int
+    ) -> None:
+        worker = data.draw(
+            st.sampled_from([w for w in self.workers.values() if w.holding])
+        )
+        assignment = worker.holding[data.draw(st.sampled_from(sorted(worker.holding)))]
+        ticket, attempt = assignment.ticket, assignment.attempt
+        wrong = p.Outcome(ticket, attempt + shift, p.Status.OK, b"")
+        effects = self._worker(worker.peer, p.Done([wrong]))
+        task = self.scheduler.tasks[ticket]
+        assert (task.state, task.attempt) == (State.RUNNING, attempt)
+        assert LateOutcome(ticket, attempt + shift, worker.worker_id) in effects.notices
+
+    @precondition(lambda self: self.given_up and self.workers)
+    @rule(data=st.data())
+    def late_done_of_a_given_up_attempt_is_dropped(self, data: st.DataObject) -> None:
+        stale = data.draw(st.sampled_from(self.given_up))
+        worker = data.draw(st.sampled_from(sorted(self.workers.values(), key=_id)))
+        late = p.Outcome(stale.ticket, stale.attempt, p.Status.OK, b"late")
+        effects = self._worker(worker.peer, p.Done([late]))
+        assert LateOutcome(stale.ticket, stale.attempt, worker.worker_id) in effects.notices
+
+    @precondition(lambda self: self.workers)
+    @rule(data=st.data(), how=st.sampled_from(["heartbeat", "bye", "unreachable"]))
+    def worker_heartbeats_or_leaves(self, data: st.DataObject, how: str) -> None:
+        worker = data.draw(st.sampled_from(sorted(self.workers.values(), key=_id)))
+        if how == "heartbeat":
+            self._worker(worker.peer, p.Heartbeat())
+        elif how == "bye":
+            self._worker(worker.peer, p.Bye())
+        else:
+            self.scheduler.peer_unreachable(worker.peer, self.now)
+            self._flush()
+
+    # --- time ------------------------------------------------------------------------
+
+    @rule(
+        advance_s=st.sampled_from([0.1, 0.5, 1.0, 2.0, 3.5, 45.0]),
+        everyone_heartbeats=st.booleans(),
+    )
+    def time_passes(self, advance_s: float, everyone_heartbeats: bool) -> None:
+        if everyone_heartbeats:  # else they all fall silent: a network partition
+            for worker in list(self.workers.values()):
+                self._worker(worker.peer, p.Heartbeat())
+            for name in self._connected(list(self.recipients)):
+                self._client(self._peer_of(name), p.Heartbeat())
+        self._advance(advance_s)
+
+    def _advance(self, advance_s: float) -> None:
+        self.now += advance_s
+        self.scheduler.tick(self.now)
+        if advance_s == 1.0:
+            self.scheduler.heartbeats()
+        self._flush()
+
+    # --- checks ----------------------------------------------------------------------
+
+    @invariant()
+    def scheduler_is_consistent(self) -> None:
+        self.scheduler.check_invariants()
+
+    @invariant()
+    def model_and_scheduler_agree_on_what_each_worker_holds(self) -> None:
+        for worker in self.workers.values():
+            held = self.scheduler.workers[worker.worker_id].running
+            assert held == set(worker.holding), worker.worker_id
+
+    @invariant()
+    def no_session_holds_more_than_its_window(self) -> None:
+        for session in SESSIONS:
+            held = [t for t in self.scheduler.tasks.values() if t.session == session]
+            assert len(held) <= LIMITS.client_window
+
+    def teardown(self) -> None:
+        if not hasattr(self, "scheduler"):
+            return
+        self._drain()
+        assert not self.scheduler.tasks
+        for key, name in self.recipient_of.items():
+            assert key in self.recipients[name].acked, key
+
+    # --- the model's side of each turn -----------------------------------------------
+
+    def _client(self, peer: bytes, command: p.Command) -> Effects:
+        self.scheduler.client_command(peer, command, self.now)
+        return self._flush()
+
+    def _worker(self, peer: bytes, command: p.Command) -> Effects:
+        self.scheduler.worker_command(peer, command, self.now)
+        return self._flush()
+
+    def _flush(self) -> Effects:
+        effects = self.scheduler.flush()
+        for peer, command in effects.to_workers:
+            if isinstance(command, p.Tasks):
+                self._assigned(peer, command.tasks)
+        for peer, command in effects.to_clients:
+            if isinstance(command, p.Results):
+                self._delivered(peer, command.results)
+            elif isinstance(command, p.Accepted):
+                self._accepted(peer, command.task_ids)
+        self._forget_the_departed()
+        return effects
+
+    def _assigned(self, peer: bytes, assignments: list[p.Assignment]) -> None:
+        [worker] = [w for w in self.workers.values() if w.peer == peer]
+        for assignment in assignments:
+            assert assignment.ticket not in worker.holding, "assigned twice"
+            worker.holding[assignment.ticket] = assignment
+        assert len(worker.holding) <= worker.capacity, "over capacity"
+
+    def _delivered(self, peer: bytes, entries: list[p.ResultEntry]) -> None:
+        [recipient] = [r for r in self.recipients.values() if r.peer == peer]
+        for entry in entries:
+            key = (entry.origin or recipient.name, entry.task_id)
+            if entry.status is p.Status.REJECTED and key not in self.recipient_of:
+                continue  # refused at submission; never accepted
+            assert self.recipient_of.get(key) == recipient.name, f"misrouted {key}"
+            assert key not in recipient.acked, f"{key} delivered after its ack"
+            assert key not in recipient.delivered, f"{key} delivered twice"
+            recipient.delivered.add(key)
+        assert len(recipient.delivered) <= LIMITS.delivery_window
+
+    def _accepted(self, peer: bytes, task_ids: list[int]) -> None:
+        [session] = [r.name for r in self.recipients.values() if r.peer == peer]
+        sinks = {spec.task_id: spec.sink for spec in self.submitted.pop(peer, [])}
+        for task_id in task_ids:
+            sink = sinks[task_id]
+            name = sink_recipient(sink) if sink else session
+            self.recipient_of.setdefault((session, task_id), name)
+
+    def _forget_the_departed(self) -> None:
+        # A peer the scheduler gave up on is gone: it would have to come back.
+        for worker in list(self.workers.values()):
+            live = self.scheduler.workers.get(worker.worker_id)
+            if live is None or live.peer != worker.peer:
+                self.given_up.extend(worker.holding.values())
+                del self.workers[worker.worker_id]
+        for recipient in self.recipients.values():
+            if self.scheduler.recipients.get(recipient.name, _NOBODY).peer is None:
+                recipient.peer = None
+
+    def _drain(self) -> None:
+        """Bring every recipient back and serve every task until none is left."""
+        for name in self.recipients:
+            self._hello(name)
+        self._register("drain", 50, list(FUNCTIONS), True, same_connection=False)
+        for _ in range(200):
+            if not self.scheduler.tasks:
+                return
+            for worker in list(self.workers.values()):
+                outcomes = [
+                    p.Outcome(a.ticket, a.attempt, p.Status.OK, b"r")
+                    for a in worker.holding.values()
+                ]
+                worker.holding.clear()
+                self._worker(worker.peer, p.Done(outcomes))
+            for recipient in self.recipients.values():
+                assert recipient.peer is not None
+                keys = [self._wire_key(recipient, k) for k in recipient.delivered]
+                recipient.acked |= recipient.delivered
+                recipient.delivered.clear()
+                self._client(recipient.peer, p.Ack(keys))
+            self._advance(0.5)
+
+    # --- small helpers ---------------------------------------------------------------
+
+    def _new_peer(self, name: str) -> bytes:
+        return f"{name}#{next(self.peers)}".encode()
+
+    def _new_spec(self, data: st.DataObject) -> p.TaskSpec:
+        return self._spec(data, next(self.task_ids))
+
+    def _spec(self, data: st.DataObject, task_id: int) -> p.TaskSpec:
+        return p.TaskSpec(
+            task_id=task_id,
+            function=data.draw(st.sampled_from(FUNCTIONS)),
+            payload=b"x" * data.draw(st.integers(0, 10)),
+            flags=data.draw(st.sampled_from([0, 0, 0, p.Flags.PICKLED])),
+            retries=data.draw(st.integers(0, 2)),
+            sink=data.draw(st.sampled_from([None, None, SINK])),
+        )
+
+    def _can_ack(self) -> bool:
+        return any(r.delivered and r.peer for r in self.recipients.values())
+
+    def _connected(self, names: list[str] | tuple[str, ...]) -> list[str]:
+        return [name for name in names if self.recipients[name].peer is not None]
+
+    def _peer_of(self, name: str) -> bytes:
+        peer = self.recipients[name].peer
+        assert peer is not None
+        return peer
+
+    def _acked(self, key: Key) -> bool:
+        return key in self.recipients[self.recipient_of[key]].acked
+
+    @staticmethod
+    def _wire_key(recipient: ModelRecipient, key: Key) -> tuple[str, int]:
+        session, task_id = key
+        return ("" if session == recipient.name else session, task_id)
+
+
+class _Nobody:
+    peer = None
+
+
+_NOBODY = _Nobody()
+
+
+def _id(worker: ModelWorker) -> str:
+    return worker.worker_id
+
+
+SchedulerMachine.TestCase.settings = settings(
+    max_examples=100,
+    stateful_step_count=50,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+test_scheduler_under_random_traffic = SchedulerMachine.TestCase
