@@ -26,9 +26,10 @@ from .errors import TaskError, UsageError
 from .journal import DURABILITY_MODES
 from .local import LocalCluster
 from .policy import Limits
+from .pool import POOL_KINDS
 from .registry import resolve
 from .sink import Sink
-from .worker import POOL_KINDS, Worker, WorkerConfig
+from .worker import Worker, WorkerConfig
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,6 @@ from .conftest import (
     free_port,
     status_when,
     wait_for_workers,
-    wait_until,
 )
 
 RESULT_TIMEOUT_S = 20.0
