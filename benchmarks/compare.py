@@ -223,7 +223,9 @@ def run(systems: list[str], only: list[str], runs: int) -> dict[str, Any]:
 
 
 def print_table(report: dict[str, Any]) -> None:
-    print(f"{'system':<20}{'workload':<10}{'metric':<16}{'median':>12}{'min':>12}{'max':>12}")
+    print(
+        f"{'system':<20}{'workload':<10}{'metric':<16}{'median':>12}{'min':>12}{'max':>12}"
+    )
     for system, by_workload in report.items():
         if not isinstance(by_workload, dict) or system == "machine":
             continue

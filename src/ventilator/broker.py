@@ -92,7 +92,7 @@ class Broker:
             "broker listening frontend=%s backend=%s journal=%s durability=%s",
             self.frontend_endpoint,
             self.backend_endpoint,
-            self.config.journal,
+            self.config.journal if self.config.durability != "memory" else "-",
             self.config.durability,
         )
 
@@ -216,6 +216,12 @@ def _log_notice(notice: s.Notice) -> None:
             notice.worker_id,
             notice.capacity,
             ",".join(notice.services),
+        )
+    elif isinstance(notice, s.WorkerDraining):
+        log.info(
+            "worker draining worker=%s; no new tasks, waiting for %d running",
+            notice.worker_id,
+            notice.running,
         )
     elif isinstance(notice, s.WorkerLost):
         level = logging.WARNING if notice.requeued or notice.poisoned else logging.INFO

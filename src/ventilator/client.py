@@ -314,10 +314,9 @@ class Client:
         self._wake()
 
     def _wake(self) -> None:
-        try:
+        # A full pipe means the thread is awake already; a closed one, that it left.
+        with contextlib.suppress(OSError):
             os.write(self._wake_write, b"x")
-        except (BlockingIOError, OSError):
-            pass  # already awake, or closed
 
     def _release(self, count: int) -> None:
         with self._room:
@@ -590,10 +589,8 @@ def _settle(future: TaskFuture, entry: p.ResultEntry) -> None:
 
 
 def _resolve(future: Future[Any], value: Any) -> None:
-    try:
+    with contextlib.suppress(InvalidStateError):  # cancelled by its owner meanwhile
         future.set_result(value)
-    except InvalidStateError:
-        pass  # cancelled by its owner meanwhile
 
 
 def _fail(future: Future[Any], error: BaseException) -> None:

@@ -66,7 +66,8 @@ def _prepare(
         try:
             return unpack_pickled_call(payload)
         except Exception as exc:
-            raise TaskRaised(type(exc).__name__, f"cannot unpickle the call: {exc}")
+            message = f"cannot unpickle the call: {exc}"
+            raise TaskRaised(type(exc).__name__, message) from exc
 
     target = functions.get(function)
     if target is None:

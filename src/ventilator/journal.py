@@ -120,7 +120,8 @@ class SqliteJournal:
         db.execute("BEGIN")
         try:
             db.executemany(
-                "INSERT OR REPLACE INTO tasks VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL)",
+                "INSERT OR REPLACE INTO tasks"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL)",
                 [_accepted_row(task) for task in accepted],
             )
             db.executemany(

@@ -58,6 +58,7 @@ class Cmd(enum.IntEnum):
     READY = 16
     TASKS = 17
     DONE = 18
+    DRAIN = 19
 
 
 class Status(enum.IntEnum):
@@ -195,6 +196,11 @@ class Bye:
 
 
 @dataclass(frozen=True, slots=True)
+class Drain:
+    """Worker -> broker: send me nothing more; I leave once my tasks are done."""
+
+
+@dataclass(frozen=True, slots=True)
 class Ready:
     """Worker -> broker: register, or re-register after a broker restart."""
 
@@ -254,6 +260,7 @@ Command: TypeAlias = (
     | Heartbeat
     | Error
     | Bye
+    | Drain
     | Ready
     | Tasks
     | Done
@@ -262,7 +269,7 @@ Command: TypeAlias = (
 FROM_CLIENT = frozenset(
     {Cmd.HELLO, Cmd.SUBMIT, Cmd.ACK, Cmd.CANCEL, Cmd.STATUS, Cmd.HEARTBEAT, Cmd.BYE}
 )
-FROM_WORKER = frozenset({Cmd.READY, Cmd.DONE, Cmd.HEARTBEAT, Cmd.BYE})
+FROM_WORKER = frozenset({Cmd.READY, Cmd.DONE, Cmd.DRAIN, Cmd.HEARTBEAT, Cmd.BYE})
 TO_CLIENT = frozenset(
     {Cmd.WELCOME, Cmd.ACCEPTED, Cmd.RESULTS, Cmd.STATUS_REPLY, Cmd.HEARTBEAT, Cmd.ERROR}
 )
@@ -377,6 +384,7 @@ _ENCODERS: dict[type, Callable[[Any], tuple[Cmd, Any, Sequence[Payload]]]] = {
     Heartbeat: lambda c: (Cmd.HEARTBEAT, None, ()),
     Error: lambda c: (Cmd.ERROR, [c.code, c.message], ()),
     Bye: lambda c: (Cmd.BYE, None, ()),
+    Drain: lambda c: (Cmd.DRAIN, None, ()),
     Ready: lambda c: (
         Cmd.READY,
         [c.worker_id, list(c.services), c.capacity, c.allow_pickle],
@@ -558,6 +566,7 @@ _DECODERS: dict[Cmd, Callable[[Any, Sequence[Payload]], Command]] = {
     Cmd.HEARTBEAT: _bare(Heartbeat()),
     Cmd.ERROR: _decode_error,
     Cmd.BYE: _bare(Bye()),
+    Cmd.DRAIN: _bare(Drain()),
     Cmd.READY: _decode_ready,
     Cmd.TASKS: _decode_tasks,
     Cmd.DONE: _decode_done,

@@ -88,10 +88,11 @@ class Worker:
     capacity: int
     last_seen: float
     running: set[int] = field(default_factory=set)
+    draining: bool = False
 
     @property
     def free(self) -> int:
-        return self.capacity - len(self.running)
+        return 0 if self.draining else self.capacity - len(self.running)
 
 
 @dataclass(slots=True, eq=False)
@@ -118,6 +119,12 @@ class WorkerJoined:
     worker_id: str
     services: tuple[str, ...]
     capacity: int
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerDraining:
+    worker_id: str
+    running: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +168,7 @@ class ResultsExpired:
 
 Notice = (
     WorkerJoined
+    | WorkerDraining
     | WorkerLost
     | LateOutcome
     | ClientJoined
@@ -432,6 +440,12 @@ class Scheduler:
         worker.last_seen = now
         if isinstance(command, p.Done):
             self._done(worker, command.outcomes, now)
+        elif isinstance(command, p.Drain):
+            worker.draining = True
+            self._offer(worker)
+            self._effects.notices.append(
+                WorkerDraining(worker.worker_id, len(worker.running))
+            )
         elif isinstance(command, p.Bye):
             self._remove_worker(worker, "said goodbye", deadly=False, now=now)
 
@@ -759,6 +773,7 @@ class Scheduler:
                     "services": list(w.services),
                     "capacity": w.capacity,
                     "running": len(w.running),
+                    "draining": w.draining,
                     "last_seen_s": round(now - w.last_seen, 3),
                 }
                 for w in self.workers.values()

@@ -9,6 +9,7 @@ restart needs nothing from the operator.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -27,7 +28,6 @@ from .registry import load_functions
 __all__ = ["Worker", "WorkerConfig"]
 
 log = logging.getLogger(__name__)
-
 
 
 def default_worker_id() -> str:
@@ -71,11 +71,20 @@ class Worker:
         self._socket: zmq.Socket[bytes] | None = None
         self._broker_seen = 0.0
         self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_read, False)
+        self._drain_requested = False
+        self._draining = False
         self._stopping = False
 
     def stop(self) -> None:
-        """Ask `serve` to return. Safe from any thread or a signal handler."""
-        self._stopping = True
+        """Leave gracefully: take no new tasks, finish the held ones, then go.
+
+        A second call leaves at once; the broker requeues what was running.
+        Safe from any thread or a signal handler.
+        """
+        if self._drain_requested:
+            self._stopping = True
+        self._drain_requested = True
         os.write(self._wake_write, b"x")
 
     def serve(self) -> None:
@@ -131,27 +140,44 @@ class Worker:
         poller, polled = zmq.Poller(), ()
 
         while not self._stopping:
-            fds = (self._wake_read, *self._pool.fds())
-            if fds != polled:
-                poller, polled = self._poller(fds), fds
+            # Children are replaced and the socket renewed on reconnects.
+            watched = (self._socket, self._wake_read, *self._pool.fds())
+            if watched != polled:
+                poller, polled = self._poller(watched), watched
 
             poller.poll(self._poll_timeout_ms(next_beat))
             now = time.monotonic()
             self._receive(now)
             self._collect(now)
+            if self._drain_requested and self._drained():
+                return
 
             if now >= next_beat:
                 self._send(p.Heartbeat())
                 next_beat = now + interval_s
                 self._check_broker(now)
 
-    def _poller(self, fds: tuple[int, ...]) -> zmq.Poller:
+    def _poller(self, watched: tuple[Any, ...]) -> zmq.Poller:
         poller = zmq.Poller()
-        assert self._socket is not None
-        poller.register(self._socket, zmq.POLLIN)
-        for fd in fds:
-            poller.register(fd, zmq.POLLIN)
+        for item in watched:
+            poller.register(item, zmq.POLLIN)
         return poller
+
+    def _drained(self) -> bool:
+        """Tell the broker we are draining, once; True when nothing is left."""
+        assert self._pool is not None
+        with contextlib.suppress(BlockingIOError):
+            os.read(self._wake_read, 64)
+        if not self._draining:
+            self._draining = True
+            self._send(p.Drain())
+            log.info(
+                "worker draining worker=%s: no new tasks; finishing %d held "
+                "(signal again to leave at once)",
+                self.config.worker_id,
+                self._pool.load(),
+            )
+        return self._pool.load() == 0
 
     def _poll_timeout_ms(self, next_beat: float) -> float:
         assert self._pool is not None

@@ -1,10 +1,11 @@
 """Fixtures for end-to-end tests: real broker, worker and client processes.
 
 Every process a test starts goes through `Processes`, which ends it by PID at
-teardown: SIGTERM, a deadline, then SIGKILL, and the same for whatever children
-it left behind (an embedded cluster's broker and worker, a worker's task
-processes). Every client a test opens is closed. Waits are conditions polled
-under a deadline, never bare sleeps.
+teardown: SIGTERM (twice, as an operator makes a worker leave at once), a
+deadline, then SIGKILL; and the same for whatever children it left behind (an
+embedded cluster's broker and worker, a worker's task processes). Every client
+a test opens is closed. Waits are conditions polled under a deadline, never
+bare sleeps.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +35,9 @@ MORE_TASKS = "tests.e2e.more_tasks"
 
 START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 5.0
+# A worker drains its held tasks on the first SIGTERM and leaves at once on the
+# second; this long after the first, teardown sends the second.
+SECOND_SIGNAL_AFTER_S = 1.0
 CLI_TIMEOUT_S = 60.0
 # Brokers and workers of the reliability tests beat this often, so that a dead
 # worker is noticed within a second.
@@ -78,12 +83,11 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def child_env(**extra: str) -> dict[str, str]:
-    """The environment of child processes: the repo root importable first."""
+def child_env() -> dict[str, str]:
+    """The environment of child processes: `tests.e2e.tasks` importable."""
     env = dict(os.environ)
     inherited = env.get("PYTHONPATH")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), inherited) if p)
-    env.update(extra)
     return env
 
 
@@ -131,9 +135,9 @@ def descendants(pid: int) -> list[ProcessId]:
                 parents.setdefault(stat[1], []).append(int(entry.name))
 
     found: list[ProcessId] = []
-    frontier = [pid]
+    frontier = deque([pid])
     while frontier:
-        for child in parents.get(frontier.pop(0), []):
+        for child in parents.get(frontier.popleft(), []):
             process_id = ProcessId.of(child)
             if process_id is not None:
                 found.append(process_id)
@@ -170,13 +174,14 @@ class Processes:
         return process
 
     def stop(self, process: subprocess.Popen[Any]) -> None:
-        """SIGTERM, wait, SIGKILL; then the same for children it left behind."""
+        """SIGTERM twice, wait, SIGKILL; then the same for children it left behind."""
         left_behind = descendants(process.pid) if process.poll() is None else []
+        for wait_s in (SECOND_SIGNAL_AFTER_S, STOP_TIMEOUT_S - SECOND_SIGNAL_AFTER_S):
+            if process.poll() is None:
+                process.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(wait_s)
         if process.poll() is None:
-            process.terminate()
-        try:
-            process.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
             process.kill()
             process.wait(STOP_TIMEOUT_S)
         for stream in (process.stdin, process.stdout):

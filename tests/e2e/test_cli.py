@@ -393,7 +393,7 @@ def test_sink_receives_results_submitted_before_and_after_it_started(
             "--output",
             str(output),
             "--idle-timeout-s",
-            "2",
+            "3",
         ),
     )
     wait_until(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable
+from typing import TypeVar
 
 from ventilator import protocol as p
 from ventilator.policy import Limits
@@ -18,6 +19,8 @@ from ventilator.serialization import unpack_value
 FUNCTION = "jobs:work"
 CLIENT = b"client-1"
 
+N = TypeVar("N")
+
 
 class Driver:
     """One scheduler, one clock, and the commands a shell would feed it."""
@@ -26,7 +29,7 @@ class Driver:
         self.scheduler = Scheduler(limits, rng=random.Random(1), durable=durable)
         self.now = 1000.0
 
-    # --- one loop turn each ----------------------------------------------------------
+    # --- one loop turn each -----------------------------------------------------------
 
     def client(self, peer: bytes, command: p.Command) -> Effects:
         self.scheduler.client_command(peer, command, self.now)
@@ -50,7 +53,7 @@ class Driver:
         self.scheduler.check_invariants()
         return effects
 
-    # --- the same, in the words of the tests -------------------------------------------
+    # --- the same, in the words of the tests ------------------------------------------
 
     def hello(
         self, peer: bytes = CLIENT, session: str = "alice", sink: str | None = None
@@ -99,7 +102,7 @@ def task(
     return p.TaskSpec(task_id, function, payload, **fields)  # type: ignore[arg-type]
 
 
-# --- reading effects -------------------------------------------------------------------
+# --- reading effects ------------------------------------------------------------------
 
 
 def sent(effects: Effects, peer: bytes, kind: type) -> list[p.Command]:
@@ -127,7 +130,7 @@ def error_codes(effects: Effects, peer: bytes) -> list[str]:
     return [error.code for error in sent(effects, peer, p.Error)]
 
 
-def notices(effects: Effects, kind: type) -> list[object]:
+def notices(effects: Effects, kind: type[N]) -> list[N]:
     return [notice for notice in effects.notices if isinstance(notice, kind)]
 
 

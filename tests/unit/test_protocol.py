@@ -39,6 +39,7 @@ EXAMPLES: list[p.Command] = [
     p.Heartbeat(),
     p.Error("hello_first", "send HELLO first"),
     p.Bye(),
+    p.Drain(),
     p.Ready("worker-1", ["jobs:square", "jobs:cube"], 4, allow_pickle=True),
     p.Tasks(
         [
@@ -67,7 +68,7 @@ def refusal(raw: list[Any], allowed: frozenset[p.Cmd] = EVERY_COMMAND) -> Protoc
     return caught.value
 
 
-# --- round trips --------------------------------------------------------------------
+# --- round trips ----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("command", EXAMPLES, ids=lambda c: type(c).__name__)
@@ -103,7 +104,7 @@ def test_encode_refuses_what_is_not_a_command() -> None:
         p.encode("HELLO")  # type: ignore[arg-type]
 
 
-# --- malformed frames: each fault has its code --------------------------------------
+# --- malformed frames: each fault has its code ----------------------------------------
 
 
 @pytest.mark.parametrize("count", [0, 1, 2])
@@ -129,7 +130,7 @@ def test_command_frame_of_the_wrong_length_is_refused(command_frame: bytes) -> N
     assert "one byte" in str(error)
 
 
-@pytest.mark.parametrize("byte", [0, 13, 15, 19, 255])
+@pytest.mark.parametrize("byte", [0, 13, 15, 31, 255])
 def test_unknown_command_byte_is_refused(byte: int) -> None:
     error = refusal([p.HEADER, bytes((byte,)), msgpack.packb(None)])
 
@@ -148,6 +149,7 @@ def test_unknown_command_byte_is_refused(byte: int) -> None:
         (p.Tasks([]), p.FROM_WORKER),
         (p.Submit([p.TaskSpec(1, "f", b"")]), p.TO_CLIENT),
         (p.Done([]), p.TO_WORKER),
+        (p.Drain(), p.FROM_CLIENT),
     ],
     ids=lambda x: type(x).__name__ if not isinstance(x, frozenset) else "",
 )
@@ -182,7 +184,7 @@ def test_body_over_the_size_limit_is_refused_before_unpacking() -> None:
     assert error.code == "size"
 
 
-# --- wrong body shapes and types ----------------------------------------------------
+# --- wrong body shapes and types ------------------------------------------------------
 
 TASK_ROW = [1, "jobs:f", 0, None, 0, None]
 READY_BODY = ["worker-1", ["jobs:f"], 2, False]
@@ -219,6 +221,7 @@ READY_BODY = ["worker-1", ["jobs:f"], 2, False]
         (p.Cmd.CANCEL, [1], 1, "takes no payload frames"),
         (p.Cmd.STATUS_REPLY, [1], 0, "STATUS_REPLY body must be dict"),
         (p.Cmd.HEARTBEAT, None, 1, "takes no payload frames"),
+        (p.Cmd.DRAIN, None, 1, "takes no payload frames"),
         (p.Cmd.ERROR, ["code"], 0, "list of 2 fields"),
         (p.Cmd.ERROR, ["code", 5], 0, "message must be str"),
         (p.Cmd.READY, READY_BODY[:3], 0, "list of 4 fields"),
@@ -349,7 +352,7 @@ def test_deeply_nested_body_is_refused_with_protocol_error() -> None:
     assert error.code in ("body", "malformed")
 
 
-# --- nothing but ProtocolError ever leaves decode -----------------------------------
+# --- nothing but ProtocolError ever leaves decode -------------------------------------
 
 msgpack_values = st.recursive(
     st.none()
@@ -358,8 +361,10 @@ msgpack_values = st.recursive(
     | st.floats()
     | st.text(max_size=8)
     | st.binary(max_size=8),
-    lambda inner: st.lists(inner, max_size=6)
-    | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=6)
+        | st.dictionaries(st.text(max_size=6), inner, max_size=4)
+    ),
     max_leaves=20,
 )
 

@@ -12,6 +12,7 @@ from ventilator.scheduler import (
     Scheduler,
     State,
     Task,
+    WorkerDraining,
     WorkerLost,
     sink_recipient,
 )
@@ -42,11 +43,7 @@ def driver() -> Driver:
     return driver
 
 
-def limits(**fields: object) -> Limits:
-    return Limits(**fields)  # type: ignore[arg-type]
-
-
-# --- submission ---------------------------------------------------------------------
+# --- submission -----------------------------------------------------------------------
 
 
 def test_submitted_task_is_journalled_and_accepted(driver: Driver) -> None:
@@ -64,7 +61,7 @@ def test_command_before_hello_is_refused_with_hello_first() -> None:
 
 
 def test_welcome_tells_the_client_the_limits_and_durability() -> None:
-    driver = Driver(limits(client_window=7, max_payload_bytes=99), durable=False)
+    driver = Driver(Limits(client_window=7, max_payload_bytes=99), durable=False)
 
     [welcome] = sent(driver.hello(), CLIENT, p.Welcome)
 
@@ -90,7 +87,7 @@ def test_same_task_id_from_two_sessions_is_two_tasks(driver: Driver) -> None:
 
 
 def test_oversized_payload_is_rejected_naming_the_limit() -> None:
-    driver = Driver(limits(max_payload_bytes=10))
+    driver = Driver(Limits(max_payload_bytes=10))
     driver.hello()
 
     effects = driver.submit(task(1, payload=b"x" * 11))
@@ -105,7 +102,7 @@ def test_oversized_payload_is_rejected_naming_the_limit() -> None:
 
 
 def test_client_window_is_enforced() -> None:
-    driver = Driver(limits(client_window=2))
+    driver = Driver(Limits(client_window=2))
     driver.hello()
 
     effects = driver.submit(task(1), task(2), task(3))
@@ -117,7 +114,7 @@ def test_client_window_is_enforced() -> None:
 
 
 def test_client_window_reopens_when_results_are_acknowledged() -> None:
-    driver = Driver(limits(client_window=1))
+    driver = Driver(Limits(client_window=1))
     driver.hello()
     driver.submit(task(1))
     [first] = assignments(driver.ready(W1), W1)
@@ -128,7 +125,7 @@ def test_client_window_reopens_when_results_are_acknowledged() -> None:
 
 
 def test_broker_task_limit_is_enforced() -> None:
-    driver = Driver(limits(max_queued_tasks=1))
+    driver = Driver(Limits(max_queued_tasks=1))
     driver.hello()
 
     effects = driver.submit(task(1), task(2))
@@ -138,7 +135,7 @@ def test_broker_task_limit_is_enforced() -> None:
 
 
 def test_broker_byte_limit_is_enforced() -> None:
-    driver = Driver(limits(max_queued_bytes=10))
+    driver = Driver(Limits(max_queued_bytes=10))
     driver.hello()
 
     effects = driver.submit(task(1, payload=b"x" * 6), task(2, payload=b"x" * 6))
@@ -147,7 +144,7 @@ def test_broker_byte_limit_is_enforced() -> None:
     assert "max_queued_bytes" in error_report(results(effects)[0])["message"]
 
 
-# --- dispatch -----------------------------------------------------------------------
+# --- dispatch -------------------------------------------------------------------------
 
 
 def test_queued_task_goes_to_a_ready_worker_that_serves_its_function(
@@ -216,7 +213,7 @@ def test_pickled_task_goes_only_to_a_worker_that_allows_pickle(driver: Driver) -
     assert len(assignments(taken, W2)) == 1
 
 
-# --- results ------------------------------------------------------------------------
+# --- results --------------------------------------------------------------------------
 
 
 def test_result_goes_back_to_the_submitter_with_status_and_payload(
@@ -285,7 +282,7 @@ def test_ack_of_a_result_not_yet_delivered_is_ignored(driver: Driver) -> None:
 
 
 def test_delivery_window_caps_unacknowledged_results() -> None:
-    driver = Driver(limits(delivery_window=2))
+    driver = Driver(Limits(delivery_window=2))
     driver.hello()
     driver.submit(task(1), task(2), task(3))
     work = assignments(driver.ready(W1, capacity=3), W1)
@@ -360,7 +357,7 @@ def test_result_from_an_unregistered_worker_asks_it_to_register(
     assert error_codes(effects, W1) == ["unknown_worker"]
 
 
-# --- failures -----------------------------------------------------------------------
+# --- failures -------------------------------------------------------------------------
 
 
 def test_task_of_dead_worker_is_requeued(driver: Driver) -> None:
@@ -386,7 +383,7 @@ def test_requeued_task_goes_before_tasks_that_never_ran(driver: Driver) -> None:
 
 
 def test_task_that_kills_its_worker_max_attempts_times_fails_as_poison() -> None:
-    driver = Driver(limits(max_attempts=3))
+    driver = Driver(Limits(max_attempts=3))
     driver.hello()
     driver.submit(task(1))
 
@@ -399,11 +396,11 @@ def test_task_that_kills_its_worker_max_attempts_times_fails_as_poison() -> None
     assert entry.status is p.Status.POISON
     assert error_report(entry)["kind"] == "poison"
     assert "max_attempts=3" in error_report(entry)["message"]
-    assert notices(effects, WorkerLost)[0].poisoned == 1  # type: ignore[attr-defined]
+    assert notices(effects, WorkerLost)[0].poisoned == 1
 
 
 def test_crashed_outcome_counts_as_a_death_of_the_worker() -> None:
-    driver = Driver(limits(max_attempts=2))
+    driver = Driver(Limits(max_attempts=2))
     driver.hello()
     driver.submit(task(1))
     [first] = assignments(driver.ready(W1), W1)
@@ -426,7 +423,7 @@ def test_silent_worker_is_expired_and_its_tasks_requeued(driver: Driver) -> None
 
     assert not notices(still_alive, WorkerLost)
     [lost] = notices(expired, WorkerLost)
-    assert lost.requeued == 1  # type: ignore[attr-defined]
+    assert lost.requeued == 1
     assert again.attempt == 2
 
 
@@ -439,10 +436,8 @@ def test_heartbeating_worker_is_not_expired(driver: Driver) -> None:
     assert "worker-1" in driver.scheduler.workers
 
 
-def test_worker_that_registers_again_gets_its_tasks_requeued_without_a_death() -> (
-    None
-):
-    driver = Driver(limits(max_attempts=1))
+def test_worker_that_registers_again_gets_its_tasks_requeued_without_a_death() -> None:
+    driver = Driver(Limits(max_attempts=1))
     driver.hello()
     driver.submit(task(1))
     driver.ready(W1)
@@ -454,14 +449,38 @@ def test_worker_that_registers_again_gets_its_tasks_requeued_without_a_death() -
     assert not results(effects)
 
 
-def test_worker_that_says_bye_has_its_tasks_requeued(driver: Driver) -> None:
+def test_worker_that_says_bye_has_its_tasks_requeued_first(driver: Driver) -> None:
     driver.submit(task(1))
-    driver.ready(W1)
+    [first] = assignments(driver.ready(W1), W1)
+    driver.submit(task(2))
 
     driver.worker(W1, p.Bye())
+    [again] = assignments(driver.ready(W2), W2)
 
     assert "worker-1" not in driver.scheduler.workers
+    assert (again.ticket, again.attempt) == (first.ticket, 2)
+
+
+def test_draining_worker_is_sent_no_more_tasks(driver: Driver) -> None:
+    driver.submit(task(1), task(2))
+    [first] = assignments(driver.ready(W1, capacity=1), W1)
+
+    drained = driver.worker(W1, p.Drain())
+    finished = driver.done(W1, first)
+
+    assert [n.running for n in notices(drained, WorkerDraining)] == [1]
+    assert [r.task_id for r in results(finished)] == [1]
+    assert not assignments(finished, W1)
     assert len(assignments(driver.ready(W2), W2)) == 1
+
+
+def test_draining_worker_is_shown_in_status(driver: Driver) -> None:
+    driver.ready(W1)
+    driver.worker(W1, p.Drain())
+
+    [worker] = driver.scheduler.status(driver.now)["workers"]  # type: ignore[union-attr]
+
+    assert worker["draining"] is True
 
 
 def test_raised_task_without_retries_fails_with_its_error(driver: Driver) -> None:
@@ -475,7 +494,7 @@ def test_raised_task_without_retries_fails_with_its_error(driver: Driver) -> Non
 
 def test_raised_task_with_retries_is_retried_after_backoff() -> None:
     backoff = Backoff(base_s=2.0, cap_s=10.0, jitter=0.0)
-    driver = Driver(limits(retry_backoff=backoff))
+    driver = Driver(Limits(retry_backoff=backoff))
     driver.hello()
     driver.submit(task(1, retries=1))
     [first] = assignments(driver.ready(W1), W1)
@@ -499,7 +518,7 @@ def test_raised_task_with_retries_is_retried_after_backoff() -> None:
 )
 def test_task_with_many_retries_keeps_being_retried() -> None:
     backoff = Backoff(base_s=0.001, cap_s=0.001, jitter=0.0)
-    driver = Driver(limits(retry_backoff=backoff))
+    driver = Driver(Limits(retry_backoff=backoff))
     driver.hello()
     driver.submit(task(1, retries=2000))
     effects = driver.ready(W1)
@@ -521,7 +540,7 @@ def test_timed_out_task_is_not_retried(driver: Driver) -> None:
     assert [r.status for r in results(effects)] == [p.Status.TIMEOUT]
 
 
-# --- cancellation -------------------------------------------------------------------
+# --- cancellation ---------------------------------------------------------------------
 
 
 def test_queued_task_can_be_cancelled(driver: Driver) -> None:
@@ -535,7 +554,7 @@ def test_queued_task_can_be_cancelled(driver: Driver) -> None:
 
 
 def test_task_waiting_for_a_retry_can_be_cancelled() -> None:
-    driver = Driver(limits(retry_backoff=Backoff(1.0, 1.0, 0.0)))
+    driver = Driver(Limits(retry_backoff=Backoff(1.0, 1.0, 0.0)))
     driver.hello()
     driver.submit(task(1, retries=1))
     [assignment] = assignments(driver.ready(W1), W1)
@@ -569,7 +588,7 @@ def test_cancel_of_another_sessions_task_does_nothing(driver: Driver) -> None:
     assert len(assignments(driver.ready(W1), W1)) == 1
 
 
-# --- clients coming and going -------------------------------------------------------
+# --- clients coming and going ---------------------------------------------------------
 
 
 def test_silent_client_is_given_up_and_its_results_kept(driver: Driver) -> None:
@@ -615,7 +634,7 @@ def test_client_that_says_bye_keeps_its_results_for_its_return(
 
 
 def test_uncollected_result_expires_to_a_tombstone_after_its_ttl() -> None:
-    driver = Driver(limits(result_ttl_s=60.0, heartbeat_interval_s=100.0))
+    driver = Driver(Limits(result_ttl_s=60.0, heartbeat_interval_s=100.0))
     driver.hello()
     driver.submit(task(1))
     driver.done(W1, assignments(driver.ready(W1), W1)[0])
@@ -633,7 +652,7 @@ def test_uncollected_result_expires_to_a_tombstone_after_its_ttl() -> None:
     assert "result_ttl_s" in error_report(tombstone)["message"]
 
 
-# --- introspection ------------------------------------------------------------------
+# --- introspection --------------------------------------------------------------------
 
 
 def test_status_request_is_answered_with_workers_queues_and_clients(
@@ -651,6 +670,17 @@ def test_status_request_is_answered_with_workers_queues_and_clients(
     assert reply.status["clients"][0]["name"] == "alice"
 
 
+def test_status_counts_a_task_waiting_for_its_retry_as_queued() -> None:
+    driver = Driver(Limits(retry_backoff=Backoff(5.0, 5.0, 0.0)))
+    driver.hello()
+    driver.submit(task(1, retries=1))
+    driver.done(W1, assignments(driver.ready(W1), W1)[0], p.Status.RAISED)
+
+    status = driver.scheduler.status(driver.now)
+
+    assert (status["queued"], status["running"]) == ({FUNCTION: 1}, {})
+
+
 def test_heartbeats_go_to_every_connected_peer(driver: Driver) -> None:
     driver.ready(W1)
     driver.scheduler.heartbeats()
@@ -660,7 +690,7 @@ def test_heartbeats_go_to_every_connected_peer(driver: Driver) -> None:
     assert sent(effects, W1, p.Heartbeat) and sent(effects, CLIENT, p.Heartbeat)
 
 
-# --- restore after a journal replay -------------------------------------------------
+# --- restore after a journal replay ---------------------------------------------------
 
 
 def journalled(task_id: int, **fields: object) -> Task:

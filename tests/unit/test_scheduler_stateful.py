@@ -1,10 +1,10 @@
 """The scheduler under random traffic: invariants hold after every step.
 
 A model of the peers (clients, a sink, workers) drives the scheduler with
-hello, submit, ready, done (right and wrong attempts), ack, cancel, deaths and
-time. After every step the scheduler checks its own invariants, and the model
-checks what the peers saw: no worker is sent more than its capacity, no
-recipient gets a result twice without reconnecting in between, nor one it
+hello, submit, ready, done (right and wrong attempts), ack, cancel, drain,
+deaths and time. After every step the scheduler checks its own invariants, and
+the model checks what the peers saw: no worker is sent more than its capacity,
+no recipient gets a result twice without reconnecting in between, nor one it
 already acknowledged, nor one meant for someone else. At the end every task is
 driven to completion and every accepted task must have been acknowledged once.
 """
@@ -74,6 +74,7 @@ class ModelWorker:
     peer: bytes
     capacity: int
     holding: dict[int, p.Assignment] = field(default_factory=dict)
+    draining: bool = False
 
 
 class SchedulerMachine(RuleBasedStateMachine):
@@ -94,7 +95,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             self._hello(name)
         self._register("w1", 2, list(FUNCTIONS), False, same_connection=False)
 
-    # --- clients ---------------------------------------------------------------------
+    # --- clients ----------------------------------------------------------------------
 
     @rule(name=st.sampled_from([*SESSIONS, sink_recipient(SINK)]))
     def hello(self, name: str) -> None:
@@ -177,7 +178,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             p.Error("hello_first", "send HELLO before any other command")
         ]
 
-    # --- workers ---------------------------------------------------------------------
+    # --- workers ----------------------------------------------------------------------
 
     @rule(
         worker_id=st.sampled_from(WORKER_IDS),
@@ -253,21 +254,30 @@ class SchedulerMachine(RuleBasedStateMachine):
         worker = data.draw(st.sampled_from(sorted(self.workers.values(), key=_id)))
         late = p.Outcome(stale.ticket, stale.attempt, p.Status.OK, b"late")
         effects = self._worker(worker.peer, p.Done([late]))
-        assert LateOutcome(stale.ticket, stale.attempt, worker.worker_id) in effects.notices
+        assert (
+            LateOutcome(stale.ticket, stale.attempt, worker.worker_id)
+            in effects.notices
+        )
 
     @precondition(lambda self: self.workers)
-    @rule(data=st.data(), how=st.sampled_from(["heartbeat", "bye", "unreachable"]))
+    @rule(
+        data=st.data(),
+        how=st.sampled_from(["heartbeat", "drain", "bye", "unreachable"]),
+    )
     def worker_heartbeats_or_leaves(self, data: st.DataObject, how: str) -> None:
         worker = data.draw(st.sampled_from(sorted(self.workers.values(), key=_id)))
         if how == "heartbeat":
             self._worker(worker.peer, p.Heartbeat())
+        elif how == "drain":
+            worker.draining = True
+            self._worker(worker.peer, p.Drain())
         elif how == "bye":
             self._worker(worker.peer, p.Bye())
         else:
             self.scheduler.peer_unreachable(worker.peer, self.now)
             self._flush()
 
-    # --- time ------------------------------------------------------------------------
+    # --- time -------------------------------------------------------------------------
 
     @rule(
         advance_s=st.sampled_from([0.1, 0.5, 1.0, 2.0, 3.5, 45.0]),
@@ -288,7 +298,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             self.scheduler.heartbeats()
         self._flush()
 
-    # --- checks ----------------------------------------------------------------------
+    # --- checks -----------------------------------------------------------------------
 
     @invariant()
     def scheduler_is_consistent(self) -> None:
@@ -314,7 +324,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         for key, name in self.recipient_of.items():
             assert key in self.recipients[name].acked, key
 
-    # --- the model's side of each turn -----------------------------------------------
+    # --- the model's side of each turn ------------------------------------------------
 
     def _client(self, peer: bytes, command: p.Command) -> Effects:
         self.scheduler.client_command(peer, command, self.now)
@@ -339,6 +349,7 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     def _assigned(self, peer: bytes, assignments: list[p.Assignment]) -> None:
         [worker] = [w for w in self.workers.values() if w.peer == peer]
+        assert not worker.draining, "a draining worker was sent tasks"
         for assignment in assignments:
             assert assignment.ticket not in worker.holding, "assigned twice"
             worker.holding[assignment.ticket] = assignment
@@ -372,7 +383,8 @@ class SchedulerMachine(RuleBasedStateMachine):
                 self.given_up.extend(worker.holding.values())
                 del self.workers[worker.worker_id]
         for recipient in self.recipients.values():
-            if self.scheduler.recipients.get(recipient.name, _NOBODY).peer is None:
+            known = self.scheduler.recipients.get(recipient.name)
+            if known is None or known.peer is None:
                 recipient.peer = None
 
     def _drain(self) -> None:
@@ -398,7 +410,7 @@ class SchedulerMachine(RuleBasedStateMachine):
                 self._client(recipient.peer, p.Ack(keys))
             self._advance(0.5)
 
-    # --- small helpers ---------------------------------------------------------------
+    # --- small helpers ----------------------------------------------------------------
 
     def _new_peer(self, name: str) -> bytes:
         return f"{name}#{next(self.peers)}".encode()
@@ -434,13 +446,6 @@ class SchedulerMachine(RuleBasedStateMachine):
     def _wire_key(recipient: ModelRecipient, key: Key) -> tuple[str, int]:
         session, task_id = key
         return ("" if session == recipient.name else session, task_id)
-
-
-class _Nobody:
-    peer = None
-
-
-_NOBODY = _Nobody()
 
 
 def _id(worker: ModelWorker) -> str:

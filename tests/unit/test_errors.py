@@ -1,0 +1,174 @@
+"""The exception tree, and task errors crossing processes by msgpack and pickle."""
+
+from __future__ import annotations
+
+import pickle
+
+import msgpack
+import pytest
+
+import ventilator
+from ventilator import errors
+from ventilator.errors import (
+    ClientClosed,
+    FunctionNotFound,
+    NetworkError,
+    PickleNotAllowed,
+    PoisonTask,
+    ProtocolError,
+    ResultExpired,
+    TaskError,
+    TaskRaised,
+    TaskRejected,
+    TaskTimeout,
+    UsageError,
+    VentilatorError,
+    task_error_from_wire,
+)
+
+TASK_ERRORS = [TaskError, *TaskError.__subclasses__()]
+TRACEBACK = 'Traceback (most recent call last):\n  File "t.py", line 1\nValueError: x\n'
+
+
+def through_msgpack(error: TaskError) -> TaskError:
+    wire = msgpack.unpackb(msgpack.packb(error.to_wire()), raw=False)
+    return task_error_from_wire(wire)
+
+
+def test_every_documented_task_error_is_a_subclass() -> None:
+    documented = {
+        TaskRaised,
+        TaskTimeout,
+        PoisonTask,
+        FunctionNotFound,
+        TaskRejected,
+        ResultExpired,
+    }
+
+    assert set(TaskError.__subclasses__()) == documented
+
+
+@pytest.mark.parametrize(
+    ("child", "parent"),
+    [
+        (UsageError, VentilatorError),
+        (PickleNotAllowed, UsageError),
+        (ProtocolError, VentilatorError),
+        (TaskError, VentilatorError),
+        (NetworkError, VentilatorError),
+        (ClientClosed, NetworkError),
+    ],
+)
+def test_exception_tree_is_as_the_docstring_draws_it(child: type, parent: type) -> None:
+    assert issubclass(child, parent)
+    assert child.__name__ in (errors.__doc__ or "")
+
+
+@pytest.mark.parametrize("cls", TASK_ERRORS, ids=lambda c: c.__name__)
+def test_task_error_survives_msgpack_with_type_message_and_traceback(
+    cls: type[TaskError],
+) -> None:
+    error = cls("ValueError", "bad input: 3", TRACEBACK)
+
+    again = through_msgpack(error)
+
+    assert type(again) is cls
+    assert (again.remote_type, again.message) == ("ValueError", "bad input: 3")
+    assert again.remote_traceback == TRACEBACK
+
+
+@pytest.mark.parametrize("cls", TASK_ERRORS, ids=lambda c: c.__name__)
+def test_task_error_survives_pickle_with_type_message_and_traceback(
+    cls: type[TaskError],
+) -> None:
+    error = cls("KeyError", "'missing'", TRACEBACK)
+
+    again = pickle.loads(pickle.dumps(error))
+
+    assert type(again) is cls
+    assert (again.remote_type, again.message) == ("KeyError", "'missing'")
+    assert again.remote_traceback == TRACEBACK
+    assert str(again) == str(error)
+
+
+def test_task_kinds_are_distinct() -> None:
+    kinds = [cls.kind for cls in TASK_ERRORS]
+
+    assert len(set(kinds)) == len(kinds)
+
+
+def test_unknown_kind_degrades_to_a_plain_task_error() -> None:
+    wire = {"kind": "from_the_future", "type": "Odd", "message": "m", "traceback": ""}
+
+    error = task_error_from_wire(wire)
+
+    assert type(error) is TaskError
+    assert (error.remote_type, error.message) == ("Odd", "m")
+
+
+def test_missing_fields_get_defaults() -> None:
+    error = task_error_from_wire({"kind": "raised"})
+
+    assert type(error) is TaskRaised
+    assert (error.remote_type, error.message, error.remote_traceback) == (
+        "Error",
+        "",
+        "",
+    )
+
+
+@pytest.mark.parametrize("value", [None, 42, "oops", [1, 2], b"\x00"])
+def test_report_that_is_not_a_dict_gives_a_task_error_saying_so(value: object) -> None:
+    error = task_error_from_wire(value)
+
+    assert type(error) is TaskError
+    assert "undecodable error report" in error.message
+    assert repr(value)[:10] in error.message
+
+
+def test_task_error_message_shows_the_remote_traceback() -> None:
+    text = str(TaskRaised("ValueError", "x", TRACEBACK))
+
+    assert text.startswith("ValueError: x")
+    assert "Remote traceback:" in text and 'File "t.py"' in text
+
+
+def test_task_error_without_traceback_is_one_line() -> None:
+    assert str(TaskTimeout("TaskTimeout", "ran past 2s")) == "TaskTimeout: ran past 2s"
+
+
+def test_protocol_error_keeps_its_code_through_pickle() -> None:
+    again = pickle.loads(pickle.dumps(ProtocolError("bad header", "header")))
+
+    assert (str(again), again.code) == ("bad header", "header")
+
+
+def test_protocol_error_code_defaults_to_malformed() -> None:
+    assert ProtocolError("x").code == "malformed"
+
+
+@pytest.mark.parametrize(
+    "cls", [UsageError, PickleNotAllowed, NetworkError, ClientClosed]
+)
+def test_other_errors_survive_pickle(cls: type[VentilatorError]) -> None:
+    again = pickle.loads(pickle.dumps(cls("what went wrong")))
+
+    assert type(again) is cls
+    assert str(again) == "what went wrong"
+
+
+def test_all_names_the_module_exports_exist() -> None:
+    defined = {
+        name
+        for name, value in vars(errors).items()
+        if isinstance(value, type) and issubclass(value, BaseException)
+    }
+
+    assert set(errors.__all__) == defined | {"task_error_from_wire"}
+
+
+def test_package_exports_every_public_exception() -> None:
+    public = set(errors.__all__) - {"task_error_from_wire"}
+
+    assert public <= set(ventilator.__all__)
+    assert all(getattr(ventilator, name) is getattr(errors, name) for name in public)

@@ -1,0 +1,92 @@
+"""Backoff and limits: small immutable values."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ventilator.policy import Backoff, Limits
+
+unit_randoms = st.floats(0.0, 1.0, exclude_max=True)
+
+
+def test_delay_doubles_with_each_attempt_without_jitter() -> None:
+    backoff = Backoff(base_s=0.5, cap_s=100.0, jitter=0.0)
+
+    delays = [backoff.delay_s(attempt, 0.7) for attempt in range(1, 6)]
+
+    assert delays == [0.5, 1.0, 2.0, 4.0, 8.0]
+
+
+def test_delay_is_capped() -> None:
+    backoff = Backoff(base_s=1.0, cap_s=5.0, jitter=0.0)
+
+    assert backoff.delay_s(10, 0.0) == 5.0
+
+
+def test_attempt_zero_or_below_waits_the_base_delay() -> None:
+    backoff = Backoff(base_s=0.5, cap_s=10.0, jitter=0.0)
+
+    assert backoff.delay_s(0, 0.0) == backoff.delay_s(-3, 0.0) == 0.5
+
+
+@given(attempt=st.integers(1, 60), unit_random=unit_randoms)
+def test_jitter_keeps_the_delay_within_its_range(
+    attempt: int, unit_random: float
+) -> None:
+    backoff = Backoff(base_s=0.25, cap_s=30.0, jitter=0.5)
+    ceiling = min(30.0, 0.25 * 2 ** (attempt - 1))
+
+    delay = backoff.delay_s(attempt, unit_random)
+
+    assert 0.5 * ceiling <= delay <= ceiling
+
+
+@given(attempt=st.integers(1, 60), unit_random=unit_randoms)
+def test_delay_is_never_over_the_cap(attempt: int, unit_random: float) -> None:
+    assert 0 < Backoff(cap_s=7.0).delay_s(attempt, unit_random) <= 7.0
+
+
+@given(attempt=st.integers(1, 20), unit_random=unit_randoms)
+def test_delay_never_shrinks_from_one_attempt_to_the_next(
+    attempt: int, unit_random: float
+) -> None:
+    backoff = Backoff(base_s=0.1, cap_s=5.0, jitter=0.0)
+
+    assert backoff.delay_s(attempt + 1, unit_random) >= backoff.delay_s(
+        attempt, unit_random
+    )
+
+
+def test_full_jitter_can_reach_almost_zero() -> None:
+    backoff = Backoff(base_s=1.0, cap_s=1.0, jitter=1.0)
+
+    assert backoff.delay_s(1, 0.999) == pytest.approx(0.001)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: policy.py Backoff.delay_s multiplies base_s by 2 ** (attempt - 1) "
+    "before capping; from attempt ~1025 the int is too large for a float and "
+    "OverflowError escapes instead of the capped delay",
+)
+def test_delay_of_a_very_late_attempt_is_the_cap() -> None:
+    assert Backoff(base_s=0.5, cap_s=30.0, jitter=0.0).delay_s(1100, 0.0) == 30.0
+
+
+def test_backoff_and_limits_are_immutable() -> None:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Backoff().cap_s = 1.0  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Limits().max_attempts = 9  # type: ignore[misc]
+
+
+def test_limits_default_to_a_worker_death_budget_and_a_fresh_backoff() -> None:
+    limits = Limits()
+
+    assert limits.max_attempts >= 1
+    assert limits.heartbeat_interval_s * limits.liveness > 0
+    assert limits.retry_backoff == Backoff()

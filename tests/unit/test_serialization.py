@@ -1,0 +1,124 @@
+"""What payload frames carry: msgpack values and calls, opt-in pickled calls."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ventilator.errors import TaskRaised, UsageError, task_error_from_wire
+from ventilator.serialization import (
+    pack_call,
+    pack_error,
+    pack_pickled_call,
+    pack_value,
+    unpack_call,
+    unpack_pickled_call,
+    unpack_value,
+)
+
+plain_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats(allow_nan=False)
+    | st.text()
+    | st.binary(),
+    lambda inner: (
+        st.lists(inner, max_size=5)
+        | st.dictionaries(st.text() | st.integers(0, 9), inner, max_size=5)
+    ),
+    max_leaves=25,
+)
+
+
+@given(value=plain_values)
+def test_plain_values_survive_a_round_trip(value: Any) -> None:
+    assert unpack_value(pack_value(value)) == value
+
+
+def test_bytes_and_text_stay_distinct() -> None:
+    assert unpack_value(pack_value([b"abc", "abc"])) == [b"abc", "abc"]
+
+
+@pytest.mark.parametrize(
+    ("value", "type_name"),
+    [
+        (object(), "object"),
+        ({1, 2}, "set"),
+        (1 + 2j, "complex"),
+        (2**64, "int"),
+        (ValueError("x"), "ValueError"),
+    ],
+)
+def test_value_msgpack_cannot_carry_is_refused_naming_its_type(
+    value: object, type_name: str
+) -> None:
+    with pytest.raises(UsageError, match=f"type {type_name} as msgpack"):
+        pack_value(value)
+
+
+def test_unsupported_value_inside_a_list_is_named_too() -> None:
+    with pytest.raises(UsageError, match="set"):
+        pack_value([1, {"inner": {2, 3}}])
+
+
+def test_refusal_says_which_types_work() -> None:
+    with pytest.raises(UsageError, match="plain types: None, bool, int"):
+        pack_value(object())
+
+
+@given(
+    args=st.lists(plain_values, max_size=4),
+    kwargs=st.dictionaries(st.text(), plain_values, max_size=3),
+)
+def test_call_arguments_survive_a_round_trip(
+    args: list[Any], kwargs: dict[str, Any]
+) -> None:
+    assert unpack_call(pack_call(tuple(args), kwargs)) == (args, kwargs)
+
+
+def test_call_without_keywords_is_packed_as_args_alone() -> None:
+    assert unpack_value(pack_call((1, 2), {})) == [[1, 2]]
+
+
+@pytest.mark.parametrize(
+    "call",
+    [None, 5, "args", [], [[1], {}, "extra"], [{"a": 1}], [[1], [2]], [[1], "kw"]],
+)
+def test_call_payload_of_the_wrong_shape_is_refused(call: object) -> None:
+    with pytest.raises(ValueError, match="call payload must be"):
+        unpack_call(pack_value(call))
+
+
+def test_pickled_call_survives_a_round_trip_with_a_lambda() -> None:
+    payload = pack_pickled_call(lambda x, y=0: x * 10 + y, (4,), {"y": 2})
+
+    function, args, kwargs = unpack_pickled_call(payload)
+
+    assert (args, kwargs) == ((4,), {"y": 2})
+    assert function(*args, **kwargs) == 42
+
+
+def test_pickled_call_keeps_a_partial() -> None:
+    payload = pack_pickled_call(functools.partial(pow, 2), (10,), {})
+
+    function, args, kwargs = unpack_pickled_call(payload)
+
+    assert function(*args, **kwargs) == 1024
+
+
+def test_error_report_survives_as_the_same_task_error() -> None:
+    error = TaskRaised("ZeroDivisionError", "division by zero", "Traceback...")
+
+    again = task_error_from_wire(unpack_value(pack_error(error)))
+
+    assert type(again) is TaskRaised
+    assert (again.remote_type, again.message, again.remote_traceback) == (
+        "ZeroDivisionError",
+        "division by zero",
+        "Traceback...",
+    )
