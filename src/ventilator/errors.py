@@ -103,9 +103,9 @@ class TaskError(VentilatorError):
         """The error as a plain dict that msgpack and JSON can carry."""
         return {
             "kind": self.kind,
-            "type": self.remote_type,
-            "message": self.message,
-            "traceback": self.remote_traceback,
+            "type": _utf8(self.remote_type),
+            "message": _utf8(self.message),
+            "traceback": _utf8(self.remote_traceback),
         }
 
 
@@ -151,6 +151,11 @@ class NetworkError(VentilatorError):
 
 class ClientClosed(NetworkError):
     """The client was closed while this task was still pending."""
+
+
+def _utf8(text: str) -> str:
+    """`text` with anything UTF-8 cannot carry (lone surrogates) escaped."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 _KINDS: dict[str, type[TaskError]] = {

@@ -41,11 +41,27 @@ def run_task(
     try:
         value = target(*args, **kwargs)
         return p.Status.OK, pack_value(value)
-    except Exception as exc:  # the task's own failure is a result, not our crash
-        error = TaskRaised(
-            type(exc).__name__, str(exc), "".join(traceback.format_exception(exc))
-        )
-        return p.Status.RAISED, pack_error(error)
+    # Whatever the task raises, SystemExit included, is its result, not our crash.
+    except BaseException as exc:
+        return p.Status.RAISED, pack_error(_raised(exc))
+
+
+def _raised(exc: BaseException) -> TaskRaised:
+    return TaskRaised(type(exc).__name__, _text(exc), _traceback(exc))
+
+
+def _text(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception:  # a broken __str__ must not hide the failure it describes
+        return f"<{type(exc).__name__} with an unprintable message>"
+
+
+def _traceback(exc: BaseException) -> str:
+    try:
+        return "".join(traceback.format_exception(exc))
+    except Exception:
+        return ""
 
 
 def _prepare(

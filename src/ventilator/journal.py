@@ -40,6 +40,7 @@ DURABILITY_MODES = ("process", "power", "memory")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
+    seq         INTEGER PRIMARY KEY,  -- acceptance order, kept by a replay
     session     TEXT    NOT NULL,
     task_id     INTEGER NOT NULL,
     function    TEXT    NOT NULL,
@@ -50,8 +51,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     payload     BLOB    NOT NULL,
     status      INTEGER,
     result      BLOB,
-    PRIMARY KEY (session, task_id)
-) WITHOUT ROWID
+    UNIQUE (session, task_id)
+)
 """
 
 
@@ -106,7 +107,7 @@ class SqliteJournal:
     def load(self) -> list[Task]:
         rows = self._db.execute(
             "SELECT session, task_id, function, flags, timeout_s, retries,"
-            " recipient, payload, status, result FROM tasks"
+            " recipient, payload, status, result FROM tasks ORDER BY seq"
         )
         return [_task_from_row(row) for row in rows]
 
@@ -120,8 +121,9 @@ class SqliteJournal:
         db.execute("BEGIN")
         try:
             db.executemany(
-                "INSERT OR REPLACE INTO tasks"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL)",
+                "INSERT OR REPLACE INTO tasks (session, task_id, function, flags,"
+                " timeout_s, retries, recipient, payload)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [_accepted_row(task) for task in accepted],
             )
             db.executemany(

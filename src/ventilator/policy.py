@@ -22,7 +22,9 @@ class Backoff:
 
     def delay_s(self, attempt: int, unit_random: float) -> float:
         """The delay before the next try, given a number drawn from [0, 1)."""
-        ceiling = min(self.cap_s, self.base_s * 2 ** max(0, attempt - 1))
+        # Cap the exponent before using it: 2 ** 2000 is an OverflowError in float.
+        doublings = min(max(0, attempt - 1), 64)
+        ceiling = min(self.cap_s, self.base_s * 2**doublings)
         return ceiling * (1 - self.jitter * unit_random)
 
 

@@ -23,6 +23,7 @@ This module is pure: no sockets, no clock, no logging.
 from __future__ import annotations
 
 import enum
+import reprlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
@@ -59,6 +60,7 @@ class Cmd(enum.IntEnum):
     TASKS = 17
     DONE = 18
     DRAIN = 19
+    CREDIT = 20
 
 
 class Status(enum.IntEnum):
@@ -201,6 +203,13 @@ class Drain:
 
 
 @dataclass(frozen=True, slots=True)
+class Credit:
+    """Worker -> broker: from now on, hold at most `capacity` tasks for me."""
+
+    capacity: int
+
+
+@dataclass(frozen=True, slots=True)
 class Ready:
     """Worker -> broker: register, or re-register after a broker restart."""
 
@@ -261,6 +270,7 @@ Command: TypeAlias = (
     | Error
     | Bye
     | Drain
+    | Credit
     | Ready
     | Tasks
     | Done
@@ -269,7 +279,9 @@ Command: TypeAlias = (
 FROM_CLIENT = frozenset(
     {Cmd.HELLO, Cmd.SUBMIT, Cmd.ACK, Cmd.CANCEL, Cmd.STATUS, Cmd.HEARTBEAT, Cmd.BYE}
 )
-FROM_WORKER = frozenset({Cmd.READY, Cmd.DONE, Cmd.DRAIN, Cmd.HEARTBEAT, Cmd.BYE})
+FROM_WORKER = frozenset(
+    {Cmd.READY, Cmd.DONE, Cmd.DRAIN, Cmd.CREDIT, Cmd.HEARTBEAT, Cmd.BYE}
+)
 TO_CLIENT = frozenset(
     {Cmd.WELCOME, Cmd.ACCEPTED, Cmd.RESULTS, Cmd.STATUS_REPLY, Cmd.HEARTBEAT, Cmd.ERROR}
 )
@@ -282,8 +294,18 @@ TO_WORKER = frozenset({Cmd.TASKS, Cmd.HEARTBEAT, Cmd.ERROR})
 def _expect(value: Any, kind: type | tuple[type, ...], what: str) -> Any:
     # bool is an int to Python, never to us.
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        raise ProtocolError(f"{what} must be {_kind_name(kind)}, got {value!r:.60}")
+        raise ProtocolError(f"{what} must be {_kind_name(kind)}, got {_short(value)}")
     return value
+
+
+# reprlib stops at a depth and a length, so a hostile body cannot make the error
+# message itself expensive (or recurse without end).
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 2, 40, 40
+
+
+def _short(value: Any) -> str:
+    return _REPR.repr(value)
 
 
 def _kind_name(kind: type | tuple[type, ...]) -> str:
@@ -385,6 +407,7 @@ _ENCODERS: dict[type, Callable[[Any], tuple[Cmd, Any, Sequence[Payload]]]] = {
     Error: lambda c: (Cmd.ERROR, [c.code, c.message], ()),
     Bye: lambda c: (Cmd.BYE, None, ()),
     Drain: lambda c: (Cmd.DRAIN, None, ()),
+    Credit: lambda c: (Cmd.CREDIT, c.capacity, ()),
     Ready: lambda c: (
         Cmd.READY,
         [c.worker_id, list(c.services), c.capacity, c.allow_pickle],
@@ -502,6 +525,14 @@ def _decode_ready(body: Any, payloads: Sequence[Payload]) -> Ready:
     )
 
 
+def _decode_credit(body: Any, payloads: Sequence[Payload]) -> Credit:
+    _no_payloads(payloads, "CREDIT")
+    capacity = _count(body, "capacity")
+    if capacity < 1:
+        raise ProtocolError("capacity must be at least 1")
+    return Credit(capacity)
+
+
 def _decode_tasks(body: Any, payloads: Sequence[Payload]) -> Tasks:
     rows = _rows(body, payloads, 5, "TASKS")
     return Tasks(
@@ -567,6 +598,7 @@ _DECODERS: dict[Cmd, Callable[[Any, Sequence[Payload]], Command]] = {
     Cmd.ERROR: _decode_error,
     Cmd.BYE: _bare(Bye()),
     Cmd.DRAIN: _bare(Drain()),
+    Cmd.CREDIT: _decode_credit,
     Cmd.READY: _decode_ready,
     Cmd.TASKS: _decode_tasks,
     Cmd.DONE: _decode_done,
@@ -601,7 +633,7 @@ def decode(frames: Sequence[Payload], allowed: frozenset[Cmd]) -> Command:
         return _DECODERS[cmd](body, frames[3:])
     except ProtocolError:
         raise
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:
         # A shape we did not foresee, e.g. unpacking a row of the wrong kind.
         raise ProtocolError(f"malformed {cmd.name}: {exc}") from exc
 

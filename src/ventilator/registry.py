@@ -37,8 +37,10 @@ def load_functions(modules: Iterable[str]) -> dict[str, Callable[..., Any]]:
 def _public_functions(module_name: str) -> dict[str, Callable[..., Any]]:
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise UsageError(f"cannot import module {module_name!r}: {exc}") from exc
+    except Exception as exc:  # a syntax error or a failing import is a usage error too
+        raise UsageError(
+            f"cannot import module {module_name!r}: {type(exc).__name__}: {exc}"
+        ) from exc
 
     return {
         f"{module_name}:{name}": function

@@ -89,10 +89,12 @@ class Worker:
     last_seen: float
     running: set[int] = field(default_factory=set)
     draining: bool = False
+    # Tasks it may hold above `capacity` after lowering it: those it had then.
+    grace: int = 0
 
     @property
     def free(self) -> int:
-        return 0 if self.draining else self.capacity - len(self.running)
+        return 0 if self.draining else max(0, self.capacity - len(self.running))
 
 
 @dataclass(slots=True, eq=False)
@@ -104,6 +106,12 @@ class Recipient:
     last_seen: float = 0.0
     pending: deque[int] = field(default_factory=deque)  # tickets to deliver
     unacked: dict[int, None] = field(default_factory=dict)  # delivered, in order
+
+
+def _counts_against_window(task: Task) -> bool:
+    """A task counts against its submitter's window until it is forgotten, except
+    a finished sink task, whose result is the sink's to collect."""
+    return task.state is not State.FINISHED or task.recipient == task.session
 
 
 def sink_recipient(name: str) -> str:
@@ -258,7 +266,7 @@ class Scheduler:
         elif isinstance(command, p.StatusRequest):
             self._effects.to_clients.append((peer, p.StatusReply(self.status(now))))
         elif isinstance(command, p.Bye):
-            self._client_gone(recipient)
+            self._client_gone(recipient, said_bye=True)
         # A heartbeat needs nothing more: any command refreshed last_seen.
 
     def _hello(self, peer: bytes, hello: p.Hello, now: float) -> None:
@@ -380,9 +388,17 @@ class Scheduler:
     def _admit(self, task: Task) -> None:
         self.tasks[task.ticket] = task
         self._by_key[task.key] = task.ticket
-        self._held[task.session] = self._held.get(task.session, 0) + 1
+        if _counts_against_window(task):
+            self._hold(task.session, +1)
         self._queued_bytes += len(task.payload) + len(task.result)
         self._recipient(task.recipient)
+
+    def _hold(self, session: str, change: int) -> None:
+        held = self._held.get(session, 0) + change
+        if held:
+            self._held[session] = held
+        else:
+            del self._held[session]
 
     def _ack(self, recipient: Recipient, keys: Iterable[tuple[str, int]]) -> None:
         for origin, task_id in keys:
@@ -395,9 +411,8 @@ class Scheduler:
     def _forget(self, task: Task) -> None:
         del self.tasks[task.ticket]
         del self._by_key[task.key]
-        self._held[task.session] -= 1
-        if not self._held[task.session]:
-            del self._held[task.session]
+        if _counts_against_window(task):
+            self._hold(task.session, -1)
         self._queued_bytes -= len(task.payload) + len(task.result)
         self._finish_order.pop(task.ticket, None)
         self._effects.forgotten.append(task.key)
@@ -412,8 +427,10 @@ class Scheduler:
             if task is not None and task.state in (State.QUEUED, State.WAITING):
                 self._finish(task, p.Status.CANCELLED, b"", now)
 
-    def _client_gone(self, recipient: Recipient) -> None:
-        if recipient.peer is not None:
+    def _client_gone(self, recipient: Recipient, said_bye: bool = False) -> None:
+        # A silent or unreachable client keeps its peer mapping: if it speaks
+        # again on the same connection, it is attached again without a HELLO.
+        if said_bye and recipient.peer is not None:
             self._recipient_of_peer.pop(recipient.peer, None)
         recipient.peer = None
         held = len(recipient.pending) + len(recipient.unacked)
@@ -440,6 +457,12 @@ class Scheduler:
         worker.last_seen = now
         if isinstance(command, p.Done):
             self._done(worker, command.outcomes, now)
+        elif isinstance(command, p.Credit):
+            # Tasks it holds beyond a lowered capacity stay with it; it just gets
+            # no more until it is under the new limit.
+            worker.capacity = command.capacity
+            worker.grace = max(0, len(worker.running) - worker.capacity)
+            self._offer(worker)
         elif isinstance(command, p.Drain):
             worker.draining = True
             self._offer(worker)
@@ -548,6 +571,7 @@ class Scheduler:
 
     def _release(self, worker: Worker, task: Task) -> None:
         worker.running.discard(task.ticket)
+        worker.grace = min(worker.grace, max(0, len(worker.running) - worker.capacity))
         task.worker = None
 
     def _offer(self, worker: Worker) -> None:
@@ -626,6 +650,7 @@ class Scheduler:
             )
             task.status = p.Status.EXPIRED
             self._replace_result(task, pack_error(error))
+            self._effects.finished.append(task)  # the journal keeps the tombstone
         if expired:
             self._effects.notices.append(ResultsExpired(len(expired)))
 
@@ -642,6 +667,10 @@ class Scheduler:
     def _finish(
         self, task: Task, status: p.Status, result: p.Payload, now: float
     ) -> None:
+        if task.recipient != task.session:
+            # The submitter saw its sink task through when it was accepted; the
+            # result now waits on the sink, bounded by the broker's totals.
+            self._hold(task.session, -1)
         task.state = State.FINISHED
         task.status = status
         task.finished_at = now
@@ -795,7 +824,7 @@ class Scheduler:
         """Raise AssertionError if the scheduler's state is inconsistent (for tests)."""
         running: set[int] = set()
         for worker in self.workers.values():
-            assert len(worker.running) <= worker.capacity, worker
+            assert len(worker.running) <= worker.capacity + worker.grace, worker
             assert not running & worker.running, "a task on two workers"
             running |= worker.running
             for ticket in worker.running:

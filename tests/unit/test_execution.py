@@ -177,23 +177,12 @@ def raises_with_an_undecodable_file_name() -> None:
     raise ValueError(f"cannot read {name}")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: execution.py run_task catches only Exception, so a task calling "
-    "sys.exit() raises SystemExit out of run_task; in the thread pool that slot "
-    "then never reports and the task hangs",
-)
 def test_task_that_calls_sys_exit_becomes_raised() -> None:
     status, report = run("jobs:exits", call(), functions={"jobs:exits": exits})
 
     assert (status, report["type"]) == (p.Status.RAISED, "SystemExit")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: execution.py run_task builds the report with str(exc) outside any "
-    "guard; an exception whose __str__ raises escapes run_task",
-)
 def test_exception_that_cannot_be_printed_still_becomes_raised() -> None:
     functions = {"jobs:unprintable": raises_unprintable}
 
@@ -202,12 +191,6 @@ def test_exception_that_cannot_be_printed_still_becomes_raised() -> None:
     assert (status, report["type"]) == (p.Status.RAISED, "UnprintableError")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: execution.py run_task packs the exception message as is; a lone "
-    "surrogate (e.g. a file name decoded with surrogateescape) makes pack_error "
-    "raise UsageError out of run_task",
-)
 def test_exception_message_with_an_undecodable_file_name_becomes_raised() -> None:
     functions = {"jobs:read": raises_with_an_undecodable_file_name}
 

@@ -158,12 +158,6 @@ def test_journal_is_in_wal_mode(journal: SqliteJournal, path: Path) -> None:
         assert other.execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: journal.py load() promises 'oldest first' but selects from a "
-    "WITHOUT ROWID table with no ORDER BY, so rows come back in (session, task_id) "
-    "order and a replay reorders the queue",
-)
 def test_load_gives_tasks_oldest_first(journal: SqliteJournal) -> None:
     journal.commit([a_task(9, "zoe")], [], [])
     journal.commit([a_task(5, "adam")], [], [])

@@ -113,12 +113,6 @@ def test_resolve_refuses_a_missing_module_naming_it() -> None:
         resolve("no_such_module_here:f")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: registry.py _public_functions catches only ImportError; a module "
-    "that fails to import for another reason (SyntaxError, an error at import time) "
-    "escapes as that error instead of the documented UsageError naming the module",
-)
 @pytest.mark.parametrize(
     "source", ["def broken(:\n    pass\n", "raise RuntimeError('no config')\n"]
 )

@@ -511,11 +511,6 @@ def test_raised_task_with_retries_is_retried_after_backoff() -> None:
     assert [r.status for r in results(final)] == [p.Status.RAISED]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Backoff.delay_s computes base_s * 2 ** (attempt - 1) before capping; "
-    "past ~1025 attempts the float conversion overflows and the scheduler raises",
-)
 def test_task_with_many_retries_keeps_being_retried() -> None:
     backoff = Backoff(base_s=0.001, cap_s=0.001, jitter=0.0)
     driver = Driver(Limits(retry_backoff=backoff))
@@ -602,12 +597,6 @@ def test_silent_client_is_given_up_and_its_results_kept(driver: Driver) -> None:
     assert len(driver.scheduler.tasks) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: _client_gone drops the peer from _recipient_of_peer, so the "
-    "'given up on and speaks again' branch of _recipient_for_peer never runs: the "
-    "client gets hello_first instead of its session back",
-)
 def test_client_given_up_for_silence_is_taken_back_when_it_speaks_again(
     driver: Driver,
 ) -> None:
