@@ -49,7 +49,7 @@ Result = dict[str, float]
 
 
 @contextmanager
-def _ventilator(journal: bool, prefetch: int) -> Iterator[Any]:
+def _ventilator(journal: bool, prefetch: int | None) -> Iterator[Any]:
     import tempfile
 
     import ventilator
@@ -64,7 +64,9 @@ def _ventilator(journal: bool, prefetch: int) -> Iterator[Any]:
                 yield client
 
 
-def ventilator_system(journal: bool, prefetch: int) -> dict[str, Callable[[], Result]]:
+def ventilator_system(
+    journal: bool, prefetch: int | None
+) -> dict[str, Callable[[], Result]]:
     def tiny() -> Result:
         with _ventilator(journal, prefetch) as client:
             started = time.perf_counter()
@@ -185,8 +187,8 @@ def _bytes_rate(elapsed_s: float) -> Result:
 
 
 SYSTEMS: dict[str, Callable[[], dict[str, Callable[[], Result]]]] = {
-    "ventilator": lambda: ventilator_system(journal=True, prefetch=2),
-    "ventilator-memory": lambda: ventilator_system(journal=False, prefetch=2),
+    "ventilator": lambda: ventilator_system(journal=True, prefetch=None),
+    "ventilator-memory": lambda: ventilator_system(journal=False, prefetch=None),
     "naive": naive_system,
     "processpool": process_pool_system,
 }

@@ -19,7 +19,7 @@ from .registry import load_functions
 
 
 def serve(conn: Connection, modules: Sequence[str], allow_pickle: bool) -> None:
-    """Receive a task, run it, send the outcome; until the pipe closes."""
+    """Receive a batch of tasks, run them, send their outcomes; until EOF."""
     functions = load_functions(modules)
     while True:
         try:
@@ -29,10 +29,12 @@ def serve(conn: Connection, modules: Sequence[str], allow_pickle: bool) -> None:
         if message is None:
             return
 
-        function, flags, payload = message
-        started = time.perf_counter()
-        status, result = run_task(functions, allow_pickle, function, flags, payload)
-        conn.send((int(status), result, time.perf_counter() - started))
+        reports = []
+        for function, flags, payload in message:
+            started = time.perf_counter()
+            status, result = run_task(functions, allow_pickle, function, flags, payload)
+            reports.append((int(status), result, time.perf_counter() - started))
+        conn.send(reports)
 
 
 def main(argv: Sequence[str]) -> None:

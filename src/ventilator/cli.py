@@ -188,10 +188,11 @@ def broker(
 )
 @click.option(
     "--prefetch",
-    type=click.IntRange(min=1),
-    default=1,
+    default="auto",
     show_default=True,
-    help="Tasks held per slot beyond the running one.",
+    callback=lambda ctx, param, value: _prefetch(value),
+    help="Tasks held per slot, counting the running one; 'auto' holds one when "
+    "tasks are long and more when they are short.",
 )
 @click.option(
     "--allow-pickle",
@@ -204,7 +205,7 @@ def worker(
     connect: str,
     concurrency: int | None,
     pool: str,
-    prefetch: int,
+    prefetch: int | None,
     allow_pickle: bool,
     heartbeat_interval_s: float,
 ) -> None:
@@ -221,6 +222,20 @@ def worker(
     server = _or_usage_error(lambda: Worker(config))
     _stop_on_signals(server.stop)
     server.serve()
+
+
+def _prefetch(value: str) -> int | None:
+    if value == "auto":
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise click.BadParameter(
+            f"expected 'auto' or a whole number >= 1, got {value!r}"
+        )
+    return number
 
 
 def _or_usage_error(action: Callable[[], Any]) -> Any:

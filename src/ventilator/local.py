@@ -42,7 +42,7 @@ class LocalCluster:
         modules: Sequence[str] = (),
         *,
         pool: str = "process",
-        prefetch: int = 1,
+        prefetch: int | None = None,
         allow_pickle: bool = False,
         journal: str | None = None,
         log_level: str = "WARNING",
@@ -124,7 +124,8 @@ class LocalCluster:
         self.backend = endpoints["backend"]
 
     def _start_worker(self) -> None:
-        options = ["--pool", self._pool, "--prefetch", str(self._prefetch)]
+        prefetch = "auto" if self._prefetch is None else str(self._prefetch)
+        options = ["--pool", self._pool, "--prefetch", prefetch]
         if self._allow_pickle:
             options.append("--allow-pickle")
         worker = subprocess.Popen(

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
-__all__ = ["Backoff", "Limits"]
+__all__ = ["Backoff", "Limits", "Prefetch"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +27,32 @@ class Backoff:
         doublings = min(max(0, attempt - 1), 64)
         ceiling = min(self.cap_s, self.base_s * 2**doublings)
         return ceiling * (1 - self.jitter * unit_random)
+
+
+@dataclass(frozen=True, slots=True)
+class Prefetch:
+    """How many tasks a worker holds per slot: a fixed number, or adapted.
+
+    Holding more than the running task hides the round trip to the broker, which
+    matters only when tasks are short: adapted, a slot holds about `buffer_s`
+    of work beyond its running task (up to `most` tasks), and just the running
+    one when tasks take `long_task_s` or more, so long tasks are never hoarded
+    while another worker sits idle.
+    """
+
+    fixed: int | None = None
+    buffer_s: float = 0.02
+    most: int = 256
+    long_task_s: float = 0.5
+
+    def per_slot(self, mean_task_s: float | None) -> int:
+        """Tasks to hold per slot, given the mean task duration seen so far."""
+        if self.fixed is not None:
+            return self.fixed
+        if mean_task_s is None or mean_task_s >= self.long_task_s:
+            return 1
+        extra = math.ceil(self.buffer_s / max(mean_task_s, 1e-6))
+        return min(self.most, 1 + extra)
 
 
 @dataclass(frozen=True, slots=True)

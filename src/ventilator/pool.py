@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 POOL_KINDS = ("process", "thread")
 
-# Tasks in one child's pipe at once: the running one and the next.
+# Batches in one child's pipe at once: the running one and the next.
 PIPELINE_DEPTH = 2
 
 # How long a child gets to exit on its own before it is killed.
@@ -93,6 +93,30 @@ def make_pool(
     return ProcessPool(concurrency, modules, allow_pickle)
 
 
+class TaskDuration:
+    """A moving average of how long tasks take here, and what follows from it."""
+
+    # Work per batch sent to a child: small enough not to delay results much.
+    BATCH_WORK_S = 0.002
+    MAX_BATCH = 64
+
+    def __init__(self) -> None:
+        self.mean_s: float | None = None
+
+    def observe(self, duration_s: float) -> None:
+        if self.mean_s is None:
+            self.mean_s = duration_s
+        else:
+            self.mean_s += 0.2 * (duration_s - self.mean_s)
+
+    def batch_size(self) -> int:
+        if self.mean_s is None:
+            return 1
+        return max(
+            1, min(self.MAX_BATCH, int(self.BATCH_WORK_S / max(self.mean_s, 1e-6)))
+        )
+
+
 @dataclass(slots=True, eq=False)
 class _Running:
     """A task handed to a slot, and since when it has been running."""
@@ -125,17 +149,25 @@ class _Running:
 class _Child:
     process: subprocess.Popen[bytes]
     conn: Connection
-    # Tasks sent down the pipe, oldest (the one running) first.
-    sent: deque[_Running] = field(default_factory=deque)
+    # Batches sent down the pipe, oldest (the one running) first.
+    sent: deque[list[_Running]] = field(default_factory=deque)
 
 
 class ProcessPool:
-    """One child process per slot, replaced when it dies or overruns."""
+    """One child process per slot, replaced when it dies or overruns.
+
+    Short tasks travel to a child in batches, sized to about `BATCH_WORK_S` of
+    work, so that a child's pipe costs one message per batch rather than per
+    task. A task with a timeout, or one that was in a batch whose child died,
+    travels alone: its deadline and its blame are then exact.
+    """
 
     def __init__(self, size: int, modules: Sequence[str], allow_pickle: bool) -> None:
         self._modules = list(modules)
         self._allow_pickle = allow_pickle
         self._waiting: deque[p.Assignment] = deque()
+        self._suspects: set[tuple[int, int]] = set()  # (ticket, attempt)
+        self._task_s = TaskDuration()
         self._children = [self._spawn() for _ in range(size)]
 
     def _spawn(self) -> _Child:
@@ -162,10 +194,10 @@ class ProcessPool:
 
     def submit(self, task: p.Assignment, now: float) -> None:
         self._waiting.append(task)
-        self._feed(now)
 
     def load(self) -> int:
-        return len(self._waiting) + sum(len(c.sent) for c in self._children)
+        in_pipes = sum(len(batch) for c in self._children for batch in c.sent)
+        return len(self._waiting) + in_pipes
 
     def drop_waiting(self) -> int:
         dropped = len(self._waiting)
@@ -178,77 +210,123 @@ class ProcessPool:
             child = min(self._children, key=lambda c: len(c.sent))
             if len(child.sent) >= PIPELINE_DEPTH:
                 return
-            self._send(child, self._waiting.popleft(), now)
+            self._send(child, self._next_batch(), now)
 
-    def _send(self, child: _Child, task: p.Assignment, now: float) -> None:
-        child.sent.append(_Running(task, started=now))
+    def _next_batch(self) -> list[p.Assignment]:
+        first = self._waiting.popleft()
+        if not self._batchable(first):
+            return [first]
+
+        # Share what waits among the children, in batches of bounded work.
+        share = -(-len(self._waiting) // len(self._children))
+        size = min(self._task_s.batch_size(), share + 1)
+        batch = [first]
+        while self._waiting and len(batch) < size and self._batchable(self._waiting[0]):
+            batch.append(self._waiting.popleft())
+        return batch
+
+    def _batchable(self, task: p.Assignment) -> bool:
+        return not task.timeout_s and (task.ticket, task.attempt) not in self._suspects
+
+    def _send(self, child: _Child, batch: list[p.Assignment], now: float) -> None:
+        child.sent.append([_Running(task, started=now) for task in batch])
+        message = [(task.function, task.flags, bytes(task.payload)) for task in batch]
         # A dead child fails the send or not; either way collect() notices it.
         with contextlib.suppress(OSError):
-            child.conn.send((task.function, task.flags, bytes(task.payload)))
+            child.conn.send(message)
 
     def collect(self, now: float) -> list[p.Outcome]:
         outcomes: list[p.Outcome] = []
         for index, child in enumerate(self._children):
-            if not self._receive(child, outcomes, now):
-                self._children[index] = self._replace(child, now)
+            health = self._receive(child, outcomes, now)
+            if health != "healthy":
+                if health == "lost" and child.sent:
+                    self._blame(
+                        child.sent.popleft(), outcomes, now, child.process.poll()
+                    )
+                self._children[index] = self._replace(child)
         self._feed(now)
         return outcomes
 
-    def _receive(self, child: _Child, outcomes: list[p.Outcome], now: float) -> bool:
-        """Collect what `child` finished; False if it must be replaced."""
+    def _receive(self, child: _Child, outcomes: list[p.Outcome], now: float) -> str:
+        """Collect what `child` finished; say if it is "healthy", "lost" or
+        "overran" (it was running a task past its timeout)."""
         try:
             while child.sent and child.conn.poll():
-                status, result, duration_s = child.conn.recv()
-                finished = child.sent.popleft().task
-                outcomes.append(
-                    p.Outcome(
-                        finished.ticket,
-                        finished.attempt,
-                        p.Status(status),
-                        result,
-                        duration_s,
-                    )
-                )
+                reports = child.conn.recv()
+                for running, (status, result, duration_s) in zip(
+                    child.sent.popleft(), reports, strict=True
+                ):
+                    self._task_s.observe(duration_s)
+                    self._suspects.discard((running.task.ticket, running.task.attempt))
+                    outcomes.append(running.outcome(p.Status(status), result, now))
                 if child.sent:
-                    child.sent[0].started = now  # the next one starts now
-        except (EOFError, OSError):
-            return self._lost(child, outcomes, now)
+                    for running in child.sent[0]:
+                        running.started = now  # the next batch starts now
+        except (EOFError, OSError, ValueError):
+            return "lost"
 
         if not _alive(child.process):
-            return self._lost(child, outcomes, now)
-        head = child.sent[0] if child.sent else None
-        deadline = head.deadline() if head is not None else None
-        if head is not None and deadline is not None and now >= deadline:
-            outcomes.append(head.timed_out(now))
-            child.sent.popleft()
+            return "lost"
+        return "overran" if self._overran(child, outcomes, now) else "healthy"
+
+    def _overran(self, child: _Child, outcomes: list[p.Outcome], now: float) -> bool:
+        if not child.sent or len(child.sent[0]) != 1:
+            return False  # only single tasks carry a timeout
+        running = child.sent[0][0]
+        deadline = running.deadline()
+        if deadline is None or now < deadline:
             return False
+        outcomes.append(running.timed_out(now))
+        child.sent.popleft()
         return True
 
-    def _lost(self, child: _Child, outcomes: list[p.Outcome], now: float) -> bool:
-        if child.sent:
-            running = child.sent.popleft()
+    def _replace(self, child: _Child) -> _Child:
+        # Tasks queued behind the lost one never started: another child runs them.
+        for batch in reversed(child.sent):
+            self._waiting.extendleft(r.task for r in reversed(batch))
+        child.sent.clear()
+        self._stop_child(child, at_once=True)
+        return self._spawn()
+
+    def _blame(
+        self,
+        batch: list[_Running],
+        outcomes: list[p.Outcome],
+        now: float,
+        exitcode: int | None,
+    ) -> None:
+        """Report the task that killed its child, or find out which one did."""
+        if len(batch) == 1:
+            running = batch[0]
             log.warning(
                 "task process died ticket=%d attempt=%d exitcode=%s; "
                 "starting a new one",
                 running.task.ticket,
                 running.task.attempt,
-                child.process.poll(),
+                exitcode,
             )
             outcomes.append(running.outcome(p.Status.CRASHED, b"", now))
-        return False
+            return
 
-    def _replace(self, child: _Child, now: float) -> _Child:
-        # Tasks queued behind the lost one never started: another child runs them.
-        self._waiting.extendleft(r.task for r in reversed(child.sent))
-        child.sent.clear()
-        self._stop_child(child, at_once=True)
-        return self._spawn()
+        # One task of the batch killed the child; running them one by one tells
+        # which, so that the others are not blamed for it.
+        log.warning(
+            "task process died running a batch of %d tasks exitcode=%s; "
+            "running them one at a time",
+            len(batch),
+            exitcode,
+        )
+        self._suspects.update((r.task.ticket, r.task.attempt) for r in batch)
+        self._waiting.extendleft(r.task for r in reversed(batch))
 
     def next_deadline(self) -> float | None:
         deadlines = [
             deadline
             for child in self._children
-            if child.sent and (deadline := child.sent[0].deadline()) is not None
+            if child.sent
+            and len(child.sent[0]) == 1
+            and (deadline := child.sent[0][0].deadline()) is not None
         ]
         return min(deadlines, default=None)
 

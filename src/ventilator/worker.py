@@ -22,7 +22,8 @@ import zmq
 
 from . import protocol as p
 from .errors import ProtocolError
-from .pool import Pool, make_pool
+from .policy import Prefetch
+from .pool import Pool, TaskDuration, make_pool
 from .registry import load_functions
 
 __all__ = ["Worker", "WorkerConfig"]
@@ -43,17 +44,16 @@ class WorkerConfig:
     connect: str = "tcp://127.0.0.1:5556"
     concurrency: int = field(default_factory=lambda: os.cpu_count() or 1)
     pool: str = "process"
-    # Tasks held per slot: 1 keeps every queued task available to idle workers;
-    # more hides the round trip to the broker when tasks are tiny.
-    prefetch: int = 1
+    # Tasks held per slot: None adapts to task length (see policy.Prefetch).
+    prefetch: int | None = None
     allow_pickle: bool = False
     heartbeat_interval_s: float = 1.0
     liveness: int = 3
     worker_id: str = field(default_factory=default_worker_id)
 
     @property
-    def capacity(self) -> int:
-        return self.concurrency * self.prefetch
+    def prefetch_policy(self) -> Prefetch:
+        return Prefetch(fixed=self.prefetch)
 
 
 class Worker:
@@ -70,6 +70,8 @@ class Worker:
         self._pool: Pool | None = None
         self._socket: zmq.Socket[bytes] | None = None
         self._broker_seen = 0.0
+        self._task_s = TaskDuration()
+        self._capacity = self._wanted_capacity()
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_read, False)
         self._drain_requested = False
@@ -120,7 +122,7 @@ class Worker:
             p.Ready(
                 self.config.worker_id,
                 self.services,
-                self.config.capacity,
+                self._capacity,
                 self.config.allow_pickle,
             )
         )
@@ -129,7 +131,7 @@ class Worker:
             "worker registering worker=%s broker=%s capacity=%d functions=%d",
             self.config.worker_id,
             self.config.connect,
-            self.config.capacity,
+            self._capacity,
             len(self.services),
         )
 
@@ -222,6 +224,26 @@ class Worker:
         outcomes = self._pool.collect(now)
         if outcomes:
             self._send(p.Done(outcomes))
+            for outcome in outcomes:
+                self._task_s.observe(outcome.duration_s)
+            self._adjust_credit()
+
+    def _wanted_capacity(self) -> int:
+        per_slot = self.config.prefetch_policy.per_slot(self._task_s.mean_s)
+        return self.config.concurrency * per_slot
+
+    def _adjust_credit(self) -> None:
+        # Only changes worth a message: halving or growing by half, or leaving
+        # the one-task-per-slot regime in either direction.
+        wanted = self._wanted_capacity()
+        current = self._capacity
+        low, high = min(wanted, current), max(wanted, current)
+        if wanted != current and (high >= 1.5 * low or low == self.config.concurrency):
+            self._capacity = wanted
+            self._send(p.Credit(wanted))
+            log.debug(
+                "credit changed worker=%s capacity=%d", self.config.worker_id, wanted
+            )
 
     def _check_broker(self, now: float) -> None:
         silent_s = now - self._broker_seen
