@@ -58,10 +58,10 @@ def _ventilator(journal: bool, prefetch: int | None) -> Iterator[Any]:
         options: dict[str, Any] = {"prefetch": prefetch}
         if journal:
             options["journal"] = str(Path(folder) / "journal.db")
-        with ventilator.local(WORKERS, ["benchmarks.workloads"], **options) as cluster:
-            with ventilator.Client(cluster.address) as client:
-                client.submit("benchmarks.workloads:square", 1).result()
-                yield client
+        cluster = ventilator.local(WORKERS, ["benchmarks.workloads"], **options)
+        with cluster as running, ventilator.Client(running.address) as client:
+            client.submit("benchmarks.workloads:square", 1).result()
+            yield client
 
 
 def ventilator_system(
