@@ -23,6 +23,7 @@ import zmq
 
 from . import protocol as p
 from . import scheduler as s
+from ._timing import poll_timeout_ms
 from .errors import ProtocolError
 from .journal import Journal, MemoryJournal, open_journal
 from .policy import Limits
@@ -125,8 +126,7 @@ class Broker:
 
         try:
             while not self._stopping:
-                timeout_ms = max(0.0, next_tick - time.monotonic()) * 1000
-                poller.poll(timeout_ms)
+                poller.poll(poll_timeout_ms(next_tick))
                 now = time.monotonic()
                 self._drain(self._frontend, self._scheduler.client_command, now)
                 self._drain(self._backend, self._scheduler.worker_command, now)

@@ -36,6 +36,7 @@ from typing import Any
 import zmq
 
 from . import protocol as p
+from ._timing import poll_timeout_ms
 from .errors import (
     ClientClosed,
     PickleNotAllowed,
@@ -332,8 +333,7 @@ class Client:
         poller = self._poller(socket)
 
         while not self._closed:
-            timeout_ms = max(0.0, next_beat - time.monotonic()) * 1000
-            poller.poll(timeout_ms)
+            poller.poll(poll_timeout_ms(next_beat))
             now = time.monotonic()
             self._drain_wake()
             if self._receive(socket):

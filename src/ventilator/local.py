@@ -148,8 +148,8 @@ class LocalCluster:
                 for process in self._processes:
                     if process.poll() is not None:
                         raise VentilatorError(
-                            f"an embedded process exited with {process.returncode}: "
-                            f"{' '.join(process.args[3:6])}"  # type: ignore[index]
+                            f"an embedded process pid={process.pid} exited with "
+                            f"{process.returncode} before the cluster was ready"
                         )
                 status = client.status(timeout_s=max(0.1, deadline - time.monotonic()))
                 if status["workers"]:

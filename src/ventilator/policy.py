@@ -25,7 +25,7 @@ class Backoff:
         """The delay before the next try, given a number drawn from [0, 1)."""
         # Cap the exponent before using it: 2 ** 2000 is an OverflowError in float.
         doublings = min(max(0, attempt - 1), 64)
-        ceiling = min(self.cap_s, self.base_s * 2**doublings)
+        ceiling = min(self.cap_s, math.ldexp(self.base_s, doublings))
         return ceiling * (1 - self.jitter * unit_random)
 
 

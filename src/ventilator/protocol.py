@@ -358,7 +358,7 @@ def _rows(body: Any, payloads: Sequence[Payload], width: int, what: str) -> list
     for row in body:
         if not isinstance(row, list) or len(row) != width:
             raise ProtocolError(f"each {what} entry must be a list of {width} fields")
-    return body
+    return list(body)
 
 
 def _no_payloads(payloads: Sequence[Payload], what: str) -> None:
@@ -573,7 +573,7 @@ def _decode_done(body: Any, payloads: Sequence[Payload]) -> Done:
 def _fixed(body: Any, width: int, what: str) -> list[Any]:
     if not isinstance(body, list) or len(body) != width:
         raise ProtocolError(f"{what} must be a list of {width} fields")
-    return body
+    return list(body)
 
 
 def _bare(command: Command) -> Callable[[Any, Sequence[Payload]], Command]:

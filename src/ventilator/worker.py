@@ -16,11 +16,12 @@ import secrets
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import zmq
 
 from . import protocol as p
+from ._timing import poll_timeout_ms
 from .errors import ProtocolError
 from .policy import Prefetch
 from .pool import Pool, TaskDuration, make_pool
@@ -139,7 +140,7 @@ class Worker:
         assert self._pool is not None and self._socket is not None
         interval_s = self.config.heartbeat_interval_s
         next_beat = time.monotonic() + interval_s
-        poller, polled = zmq.Poller(), ()
+        poller, polled = zmq.Poller(), cast(tuple[object, ...], ())
 
         while not self._stopping:
             # Children are replaced and the socket renewed on reconnects.
@@ -181,13 +182,13 @@ class Worker:
             )
         return self._pool.load() == 0
 
-    def _poll_timeout_ms(self, next_beat: float) -> float:
+    def _poll_timeout_ms(self, next_beat: float) -> int:
         assert self._pool is not None
         wake_at = next_beat
         deadline = self._pool.next_deadline()
         if deadline is not None:
             wake_at = min(wake_at, deadline)
-        return max(0.0, wake_at - time.monotonic()) * 1000
+        return poll_timeout_ms(wake_at)
 
     def _receive(self, now: float) -> None:
         assert self._socket is not None
