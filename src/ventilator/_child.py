@@ -34,7 +34,10 @@ def serve(conn: Connection, modules: Sequence[str], allow_pickle: bool) -> None:
             started = time.perf_counter()
             status, result = run_task(functions, allow_pickle, function, flags, payload)
             reports.append((int(status), result, time.perf_counter() - started))
-        conn.send(reports)
+        try:
+            conn.send(reports)
+        except OSError:
+            return  # the worker went away while we ran
 
 
 def main(argv: Sequence[str]) -> None:

@@ -16,6 +16,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import IO, Any
 
 import click
@@ -221,6 +222,8 @@ def worker(
     )
     server = _or_usage_error(lambda: Worker(config))
     _stop_on_signals(server.stop)
+    # SIGQUIT is the cold stop: leave now, the broker requeues what was running.
+    signal.signal(signal.SIGQUIT, lambda signum, frame: server.stop(at_once=True))
     server.serve()
 
 
@@ -327,18 +330,8 @@ def map_command(
     def task(item: Any) -> tuple[str, tuple[Any, ...]]:
         return function, (item,)
 
-    failed = _run_tasks(
-        task,
-        inputs,
-        output_file,
-        connect,
-        workers,
-        [module],
-        options,
-        progress,
-        _map_record,
-    )
-    sys.exit(1 if failed else 0)
+    job = _Job(task, [module], options, _map_record)
+    sys.exit(_run(job, inputs, output_file, connect, workers, progress))
 
 
 @cli.command(name="exec")
@@ -367,18 +360,8 @@ def exec_command(
         )
         return SHELL_FUNCTION, (argv, timeout_s)
 
-    failed = _run_tasks(
-        task,
-        _lines(input_file),
-        output_file,
-        connect,
-        workers,
-        ["ventilator.shell"],
-        {"retries": retries},
-        progress,
-        _exec_record,
-    )
-    sys.exit(1 if failed else 0)
+    job = _Job(task, ["ventilator.shell"], {"retries": retries}, _exec_record)
+    sys.exit(_run(job, _lines(input_file), output_file, connect, workers, progress))
 
 
 def _lines(stream: IO[str]) -> Iterator[str]:
@@ -420,24 +403,55 @@ def _error_fields(error: BaseException) -> dict[str, str]:
     return {"type": type(error).__name__, "message": str(error)}
 
 
-def _run_tasks(
-    make_task: Callable[[Any], tuple[str, tuple[Any, ...]]],
+@dataclass(frozen=True, slots=True)
+class _Job:
+    """What `map` and `exec` share: a task per item, and a record per result."""
+
+    make_task: Callable[[Any], tuple[str, tuple[Any, ...]]]
+    modules: list[str]  # what embedded workers must serve
+    options: dict[str, Any]  # for Client.submit
+    record: Callable[[Any, TaskFuture], tuple[dict[str, Any], bool]]
+
+
+def _run(
+    job: _Job,
     items: Iterator[Any],
     output: IO[str],
     connect: str | None,
     workers: int | None,
-    modules: list[str],
-    options: dict[str, Any],
     progress: bool | None,
-    record: Callable[[Any, TaskFuture], tuple[dict[str, Any], bool]],
+) -> int:
+    """Run the job; return the exit status: 0 all succeeded, 1 some failed."""
+    # SIGTERM unwinds like Ctrl-C does, so an embedded cluster is always stopped.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    try:
+        failed = _run_tasks(job, items, output, connect, workers, progress)
+    except KeyboardInterrupt:
+        click.echo("ventilator: interrupted; unfinished tasks abandoned", err=True)
+        return 130
+    return 1 if failed else 0
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _run_tasks(
+    job: _Job,
+    items: Iterator[Any],
+    output: IO[str],
+    connect: str | None,
+    workers: int | None,
+    progress: bool | None,
 ) -> int:
     """Submit a task per item, write records in input order; return failures."""
+    make_task, options, record = job.make_task, job.options, job.record
     with contextlib.ExitStack() as stack:
         address = connect
         if address is None:
-            cluster = LocalCluster(workers, modules)
-            _or_usage_error(cluster.start)
+            cluster = LocalCluster(workers, job.modules)
             stack.callback(cluster.stop)
+            _or_usage_error(cluster.start)
             address = cluster.address
 
         client = stack.enter_context(Client(address or DEFAULT_ADDRESS))

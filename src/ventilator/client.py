@@ -21,9 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import itertools
 import logging
 import os
+import queue
+import secrets
+import sys
 import threading
 import time
 import uuid
@@ -118,7 +122,12 @@ class Client:
         self._liveness = liveness
         self._context = context or zmq.Context.instance()
 
-        self._ids = itertools.count(1)
+        # Task ids are unique per session across Client objects: a random
+        # instance number in the high bits, a counter in the low ones. A client
+        # resuming a session must not reuse an id the broker still holds.
+        self._instance = secrets.randbits(30) + 1
+        self._ids = itertools.count(self._instance << 32)
+        self._orphans: queue.SimpleQueue[TaskFuture] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)
         self._window = window
@@ -129,11 +138,14 @@ class Client:
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_read, False)
         self._closed = False
+        self._close_deadline = 0.0
         self._max_payload_bytes: int | None = None
 
         # Owned by the I/O thread from here on.
         self._pending: dict[int, _Pending] = {}
         self._status_waiting: deque[Future[dict[str, Any]]] = deque()
+        self._socket: zmq.Socket[bytes]
+        self._welcomed = False
         self._durable = True
         self._thread = threading.Thread(
             target=self._run, name=f"ventilator-client-{self.session[:8]}", daemon=True
@@ -207,6 +219,23 @@ class Client:
             if not batch and not futures:
                 return
 
+    def collect(
+        self, count: int | None = None, timeout_s: float | None = None
+    ) -> Iterator[TaskFuture]:
+        """Yield finished futures of tasks an earlier `Client` of this session
+        submitted (resume it with ``Client(session=...)``).
+
+        Each future has the `task_id` that the earlier client's future had.
+        Stops after `count` futures, or when none arrived for `timeout_s`.
+        """
+        received = 0
+        while count is None or received < count:
+            try:
+                yield self._orphans.get(timeout=timeout_s)
+            except queue.Empty:
+                return
+            received += 1
+
     def executor(self) -> ClientExecutor:
         """A `concurrent.futures.Executor` that runs its calls through this client."""
         return ClientExecutor(self)
@@ -224,16 +253,18 @@ class Client:
         self._wake()
         return waiter.result(timeout_s)
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = 10.0) -> None:
         """Leave the broker. Futures still pending fail with `ClientClosed`.
 
-        The broker keeps their results for this session; a new `Client` with the
-        same `session` collects them.
+        Waits up to `timeout_s` until the broker has accepted every task this
+        client sent, so that none is lost by leaving. The broker keeps their
+        results for this session; ``Client(session=...)`` collects them later.
         """
         with self._lock:
             if self._closed:
                 return
             self._closed = True
+            self._close_deadline = time.monotonic() + timeout_s
             self._room.notify_all()
         self._wake()
         self._thread.join()
@@ -254,13 +285,9 @@ class Client:
             raise UsageError(f"timeout_s must be positive, got {timeout_s!r}")
         if retries < 0:
             raise UsageError(f"retries must be 0 or more, got {retries!r}")
-        limit = self._max_payload_bytes
-        if limit is not None and len(payload) > limit:
-            raise TaskRejected(
-                "TaskRejected",
-                f"payload of {len(payload)} bytes is over the broker's limit of "
-                f"{limit} bytes (max_payload_bytes)",
-            )
+        oversized = _oversized(len(payload), self._max_payload_bytes)
+        if oversized is not None:
+            raise oversized
         return p.TaskSpec(0, name, payload, flags, timeout_s, retries, sink)
 
     def _encode_call(
@@ -327,21 +354,21 @@ class Client:
     # --- the I/O thread --------------------------------------------------------
 
     def _run(self) -> None:
-        socket = self._connect()
+        self._socket = self._connect()
         broker_seen = time.monotonic()
         next_beat = broker_seen + self._heartbeat_interval_s
-        poller = self._poller(socket)
+        poller = self._poller()
 
-        while not self._closed:
+        while not self._closed or self._awaiting_acceptance():
             poller.poll(poll_timeout_ms(next_beat))
             now = time.monotonic()
             self._drain_wake()
-            if self._receive(socket):
+            if self._receive():
                 broker_seen = now
-            self._send_outgoing(socket)
+            self._send_outgoing()
 
             if now >= next_beat:
-                _send(socket, p.Heartbeat())
+                self._send(p.Heartbeat())
                 next_beat = now + self._heartbeat_interval_s
                 if now - broker_seen > self._heartbeat_interval_s * self._liveness:
                     log.warning(
@@ -349,12 +376,21 @@ class Client:
                         now - broker_seen,
                         self.address,
                     )
-                    socket.close(linger=0)
-                    socket = self._connect()
-                    poller = self._poller(socket)
+                    self._socket.close(linger=0)
+                    self._socket = self._connect()
+                    poller = self._poller()
                     broker_seen = now
 
-        self._shutdown(socket)
+        self._shutdown()
+
+    def _awaiting_acceptance(self) -> bool:
+        """While closing: are tasks still unaccepted, with time left to wait?"""
+        if time.monotonic() >= self._close_deadline:
+            return False
+        with self._lock:
+            if self._outgoing:
+                return True
+        return any(not pending.accepted for pending in self._pending.values())
 
     def _connect(self) -> zmq.Socket[bytes]:
         socket: zmq.Socket[bytes] = self._context.socket(zmq.DEALER)
@@ -362,24 +398,23 @@ class Client:
         socket.setsockopt(zmq.SNDHWM, 100_000)
         socket.setsockopt(zmq.RCVHWM, 100_000)
         socket.connect(self.address)
-        _send(socket, p.Hello(self.session))
-        self._resend(socket)
+        self._socket = socket
+        self._hello()
         return socket
 
-    def _resend(self, socket: zmq.Socket[bytes]) -> None:
-        # After a reconnect: whatever the broker has not accepted may be lost; with
-        # no durable journal, so may everything it accepted.
-        again = [
-            pending.spec
-            for pending in self._pending.values()
-            if not pending.accepted or not self._durable
-        ]
-        for start in range(0, len(again), SUBMIT_BATCH):
-            _send(socket, p.Submit(again[start : start + SUBMIT_BATCH]))
+    def _hello(self) -> None:
+        # Nothing else is sent until the broker's WELCOME gives its limits; then
+        # whatever it may not have (see _welcome) is sent again.
+        self._welcomed = False
+        with self._lock:
+            # Questions asked of a broker that forgot us will not be answered.
+            self._status_requests.extendleft(reversed(self._status_waiting))
+            self._status_waiting.clear()
+        self._send(p.Hello(self.session))
 
-    def _poller(self, socket: zmq.Socket[bytes]) -> zmq.Poller:
+    def _poller(self) -> zmq.Poller:
         poller = zmq.Poller()
-        poller.register(socket, zmq.POLLIN)
+        poller.register(self._socket, zmq.POLLIN)
         poller.register(self._wake_read, zmq.POLLIN)
         return poller
 
@@ -387,12 +422,19 @@ class Client:
         with contextlib.suppress(BlockingIOError):
             os.read(self._wake_read, 65536)
 
-    def _receive(self, socket: zmq.Socket[bytes]) -> bool:
+    def _send(self, command: p.Command) -> None:
+        try:
+            self._socket.send_multipart(p.encode(command), zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            # Not connected yet: the reconnect logic resends whatever matters.
+            log.debug("could not send %s: broker not reachable", type(command).__name__)
+
+    def _receive(self) -> bool:
         acks: list[tuple[str, int]] = []
         heard = False
         while True:
             try:
-                frames = socket.recv_multipart(zmq.NOBLOCK)
+                frames = self._socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 break
             heard = True
@@ -404,7 +446,7 @@ class Client:
             self._handle(command, acks)
 
         if acks:
-            _send(socket, p.Ack(acks))
+            self._send(p.Ack(acks))
         return heard
 
     def _handle(self, command: p.Command, acks: list[tuple[str, int]]) -> None:
@@ -418,15 +460,41 @@ class Client:
             if self._status_waiting:
                 _resolve(self._status_waiting.popleft(), command.status)
         elif isinstance(command, p.Error):
+            self._refused(command)
+
+    def _refused(self, error: p.Error) -> None:
+        if error.code == "hello_first" and self._welcomed:
+            # A restarted broker, or one that forgot this connection: open the
+            # session again, which also resends what it may have lost.
+            log.warning("the broker does not know this session; saying HELLO again")
+            self._hello()
+        elif error.code != "hello_first":
             log.warning(
-                "the broker refused a message: %s (%s)", command.message, command.code
+                "the broker refused a message: %s (%s)", error.message, error.code
             )
 
     def _welcome(self, welcome: p.Welcome) -> None:
+        self._welcomed = True
         self._durable = welcome.durable
         self._max_payload_bytes = welcome.max_payload_bytes
+        # Beat at least as often as the broker expects, or it takes us for gone.
+        self._heartbeat_interval_s = min(
+            self._heartbeat_interval_s, welcome.heartbeat_interval_s
+        )
         with self._room:
             self._window = min(self._window, welcome.window)
+        self._resend()
+
+    def _resend(self) -> None:
+        # Whatever the broker has not accepted may be lost; with no durable
+        # journal, so may everything it accepted.
+        again = [
+            pending.spec
+            for pending in self._pending.values()
+            if not pending.accepted or not self._durable
+        ]
+        for start in range(0, len(again), SUBMIT_BATCH):
+            self._send(p.Submit(again[start : start + SUBMIT_BATCH]))
 
     def _accepted(self, task_ids: Iterable[int]) -> None:
         released = 0
@@ -453,42 +521,69 @@ class Client:
         for entry in results:
             acks.append((entry.origin, entry.task_id))
             pending = self._pending.pop(entry.task_id, None)
-            if pending is None:
-                continue  # a result sent again after a reconnect: already done
-            released += 1
-            _settle(pending.future, entry)
+            if pending is not None:
+                released += 1
+                _settle(pending.future, entry)
+            elif entry.task_id >> 32 != self._instance:
+                # Submitted by an earlier Client of this session: see collect().
+                orphan = TaskFuture(self, entry.task_id)
+                _settle(orphan, entry)
+                self._orphans.put(orphan)
+            # Otherwise it is ours and sent again after a reconnect: already done.
         if released:
             self._release(released)
 
-    def _send_outgoing(self, socket: zmq.Socket[bytes]) -> None:
+    def _send_outgoing(self) -> None:
         with self._lock:
-            batch = list(self._outgoing)
-            self._outgoing.clear()
+            batch = self._take_outgoing()
             cancels = list(self._cancels)
             self._cancels.clear()
-            status_requests = list(self._status_requests)
-            self._status_requests.clear()
+            status_requests = list(self._status_requests) if self._welcomed else []
+            if self._welcomed:
+                self._status_requests.clear()
 
+        batch = self._refuse_oversized(batch)
         for pending in batch:
             self._pending[pending.spec.task_id] = pending
         for start in range(0, len(batch), SUBMIT_BATCH):
             chunk = batch[start : start + SUBMIT_BATCH]
-            _send(socket, p.Submit([pending.spec for pending in chunk]))
+            self._send(p.Submit([pending.spec for pending in chunk]))
         if cancels:
             self._forget_cancelled(cancels)
-            _send(socket, p.Cancel(cancels))
+            self._send(p.Cancel(cancels))
         for waiter in status_requests:
             self._status_waiting.append(waiter)
-            _send(socket, p.StatusRequest())
+            self._send(p.StatusRequest())
+
+    def _take_outgoing(self) -> list[_Pending]:
+        """Submissions that fit the broker's window; the rest wait their turn."""
+        if not self._welcomed:
+            return []
+        room = max(0, self._window - len(self._pending))
+        count = min(room, len(self._outgoing))
+        return [self._outgoing.popleft() for _ in range(count)]
+
+    def _refuse_oversized(self, batch: list[_Pending]) -> list[_Pending]:
+        # Checked here rather than at the broker: libzmq drops a connection that
+        # sends a frame far over the broker's limit, and with it the session.
+        fitting = []
+        for pending in batch:
+            oversized = _oversized(len(pending.spec.payload), self._max_payload_bytes)
+            if oversized is None:
+                fitting.append(pending)
+            else:
+                _fail(pending.future, oversized)
+                self._release(1)
+        return fitting
 
     def _forget_cancelled(self, task_ids: list[int]) -> None:
         forgotten = sum(1 for t in task_ids if self._pending.pop(t, None) is not None)
         if forgotten:
             self._release(forgotten)
 
-    def _shutdown(self, socket: zmq.Socket[bytes]) -> None:
-        _send(socket, p.Bye())
-        socket.close(linger=100)
+    def _shutdown(self) -> None:
+        self._send(p.Bye())
+        self._socket.close(linger=100)
         error = ClientClosed(
             f"the client was closed before this task finished; session={self.session}"
         )
@@ -539,27 +634,31 @@ class ClientExecutor(Executor):
                     future.exception()
 
 
-def _send(socket: zmq.Socket[bytes], command: p.Command) -> None:
-    try:
-        socket.send_multipart(p.encode(command), zmq.NOBLOCK, copy=False)
-    except zmq.Again:
-        # Not connected yet: the reconnect logic resends whatever matters.
-        log.debug("could not send %s: broker not reachable", type(command).__name__)
+def _oversized(size: int, limit: int | None) -> TaskRejected | None:
+    """The error for a payload over the broker's limit, once the limit is known."""
+    if limit is None or size <= limit:
+        return None
+    return TaskRejected(
+        "TaskRejected",
+        f"payload of {size} bytes is over the broker's limit of {limit} bytes "
+        "(max_payload_bytes)",
+    )
 
 
 def _importable_name(function: Callable[..., Any]) -> str | None:
-    """``module:name`` for a public module-level function, else None."""
-    module = getattr(function, "__module__", None)
-    qualname = getattr(function, "__qualname__", "")
-    if (
-        not module
-        or module == "__main__"
-        or "." in qualname
-        or "<" in qualname
-        or qualname.startswith("_")
-    ):
+    """``module:name`` for a public module-level function, else None.
+
+    Only a plain function that its module really exposes under that name
+    qualifies: a partial, a bound method, a lambda or a local function does not.
+    """
+    if not inspect.isfunction(function):
         return None
-    return f"{module}:{qualname}"
+    module, name = function.__module__, function.__qualname__
+    if module == "__main__" or name.startswith("_") or "." in name or "<" in name:
+        return None
+    if getattr(sys.modules.get(module), name, None) is not function:
+        return None
+    return f"{module}:{name}"
 
 
 def _with_id(spec: p.TaskSpec, task_id: int) -> p.TaskSpec:

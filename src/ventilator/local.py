@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -160,9 +161,15 @@ class LocalCluster:
         raise VentilatorError(f"no worker registered within {START_TIMEOUT_S:g}s")
 
     def stop(self) -> None:
-        """Stop the worker, then the broker: terminate, and kill after a deadline."""
+        """Stop the worker, then the broker: terminate, and kill after a deadline.
+
+        Tasks still running are abandoned: the worker gets SIGQUIT, "leave
+        now", rather than SIGTERM, "finish what you hold".
+        """
         for process in reversed(self._processes):
-            if process.poll() is None:
+            if process.poll() is None and process is not self._processes[0]:
+                process.send_signal(signal.SIGQUIT)  # a worker: leave now
+            elif process.poll() is None:
                 process.terminate()
             try:
                 process.wait(STOP_TIMEOUT_S)

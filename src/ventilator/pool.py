@@ -27,10 +27,10 @@ import queue
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Protocol
@@ -365,7 +365,14 @@ class ThreadPool:
         self._functions = load_functions(modules)
         self._allow_pickle = allow_pickle
         self._size = size
-        self._executor = ThreadPoolExecutor(size, thread_name_prefix="ventilator-task")
+        # Daemon threads, not a ThreadPoolExecutor: the interpreter joins an
+        # executor's threads at exit, so a worker told to leave at once would
+        # still wait for a task that may never return.
+        self._inbox: queue.SimpleQueue[_Running | None] = queue.SimpleQueue()
+        for number in range(size):
+            threading.Thread(
+                target=self._serve, name=f"ventilator-task-{number}", daemon=True
+            ).start()
         self._done: queue.SimpleQueue[tuple[_Running, p.Status, bytes]] = (
             queue.SimpleQueue()
         )
@@ -395,7 +402,11 @@ class ThreadPool:
             task = self._waiting.popleft()
             running = _Running(task, started=now)
             self._running[(task.ticket, task.attempt)] = running
-            self._executor.submit(self._run, running)
+            self._inbox.put(running)
+
+    def _serve(self) -> None:
+        while (running := self._inbox.get()) is not None:
+            self._run(running)
 
     def _run(self, running: _Running) -> None:
         task = running.task
@@ -434,6 +445,7 @@ class ThreadPool:
         return min((d for d in deadlines if d is not None), default=None)
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        for _ in range(self._size):
+            self._inbox.put(None)
         os.close(self._wake_read)
         os.close(self._wake_write)

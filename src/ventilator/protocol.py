@@ -285,7 +285,7 @@ FROM_WORKER = frozenset(
 TO_CLIENT = frozenset(
     {Cmd.WELCOME, Cmd.ACCEPTED, Cmd.RESULTS, Cmd.STATUS_REPLY, Cmd.HEARTBEAT, Cmd.ERROR}
 )
-TO_WORKER = frozenset({Cmd.TASKS, Cmd.HEARTBEAT, Cmd.ERROR})
+TO_WORKER = frozenset({Cmd.WELCOME, Cmd.TASKS, Cmd.HEARTBEAT, Cmd.ERROR})
 
 
 # --- field checks -----------------------------------------------------------------

@@ -279,18 +279,16 @@ class Scheduler:
             self._recipient_of_peer.pop(recipient.peer, None)
         resent = self._attach(recipient, peer, now)
 
-        self._effects.to_clients.append(
-            (
-                peer,
-                p.Welcome(
-                    window=self.limits.client_window,
-                    max_payload_bytes=self.limits.max_payload_bytes,
-                    heartbeat_interval_s=self.limits.heartbeat_interval_s,
-                    durable=self._durable,
-                ),
-            )
-        )
+        self._effects.to_clients.append((peer, self._welcome()))
         self._effects.notices.append(ClientJoined(name, resent))
+
+    def _welcome(self) -> p.Welcome:
+        return p.Welcome(
+            window=self.limits.client_window,
+            max_payload_bytes=self.limits.max_payload_bytes,
+            heartbeat_interval_s=self.limits.heartbeat_interval_s,
+            durable=self._durable,
+        )
 
     def _attach(self, recipient: Recipient, peer: bytes, now: float) -> int:
         recipient.peer = peer
@@ -348,6 +346,11 @@ class Scheduler:
                 f"payload of {size} bytes is over the limit of "
                 f"{limits.max_payload_bytes} bytes (max_payload_bytes)"
             )
+        if spec.flags & p.Flags.PICKLED and not self._pickle_served():
+            return (
+                "no connected worker runs pickled callables; start one with "
+                "--allow-pickle, or submit the function by its module:name"
+            )
         if self._held.get(session, 0) >= limits.client_window:
             return (
                 f"this client already has {limits.client_window} tasks in the broker "
@@ -362,6 +365,9 @@ class Scheduler:
                 f"the broker holds {limits.max_queued_bytes} bytes (max_queued_bytes)"
             )
         return None
+
+    def _pickle_served(self) -> bool:
+        return any(PICKLE_QUEUE in w.services for w in self.workers.values())
 
     def _reject(self, peer: bytes, session: str, task_id: int, reason: str) -> None:
         error = TaskRejected("TaskRejected", reason)
@@ -487,6 +493,7 @@ class Scheduler:
         self.workers[worker.worker_id] = worker
         self._worker_of_peer[peer] = worker.worker_id
         self._offer(worker)
+        self._effects.to_workers.append((peer, self._welcome()))
         self._effects.notices.append(
             WorkerJoined(worker.worker_id, services, worker.capacity)
         )
@@ -514,7 +521,15 @@ class Scheduler:
         self._offer(worker)
 
     def _settle(self, task: Task, outcome: p.Outcome, now: float) -> None:
-        if outcome.status is p.Status.CRASHED:
+        limit = self.limits.max_payload_bytes
+        if len(outcome.payload) > limit:
+            error = TaskRejected(
+                "ResultTooLarge",
+                f"the result of {len(outcome.payload)} bytes is over the limit of "
+                f"{limit} bytes (max_payload_bytes)",
+            )
+            self._finish(task, p.Status.REJECTED, pack_error(error), now)
+        elif outcome.status is p.Status.CRASHED:
             self._died_running(task, now)
         elif outcome.status is p.Status.RAISED and task.retries_left > 0:
             self._retry_later(task, now)

@@ -22,10 +22,11 @@ import zmq
 
 from . import protocol as p
 from ._timing import poll_timeout_ms
-from .errors import ProtocolError
+from .errors import ProtocolError, TaskRejected
 from .policy import Prefetch
 from .pool import Pool, TaskDuration, make_pool
 from .registry import load_functions
+from .serialization import pack_error
 
 __all__ = ["Worker", "WorkerConfig"]
 
@@ -72,6 +73,7 @@ class Worker:
         self._socket: zmq.Socket[bytes] | None = None
         self._broker_seen = 0.0
         self._task_s = TaskDuration()
+        self._max_payload_bytes: int | None = None
         self._capacity = self._wanted_capacity()
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_read, False)
@@ -79,16 +81,17 @@ class Worker:
         self._draining = False
         self._stopping = False
 
-    def stop(self) -> None:
+    def stop(self, at_once: bool = False) -> None:
         """Leave gracefully: take no new tasks, finish the held ones, then go.
 
-        A second call leaves at once; the broker requeues what was running.
-        Safe from any thread or a signal handler.
+        A second call, or `at_once`, leaves at once; the broker requeues what
+        was running. Safe from any thread or a signal handler.
         """
-        if self._drain_requested:
+        if self._drain_requested or at_once:
             self._stopping = True
         self._drain_requested = True
-        os.write(self._wake_write, b"x")
+        with contextlib.suppress(OSError):  # already left: nothing to wake
+            os.write(self._wake_write, b"x")
 
     def serve(self) -> None:
         """Connect, register and run tasks until `stop()`; then leave cleanly."""
@@ -206,7 +209,9 @@ class Worker:
             self._handle(command, now)
 
     def _handle(self, command: p.Command, now: float) -> None:
-        if isinstance(command, p.Tasks):
+        if isinstance(command, p.Welcome):
+            self._max_payload_bytes = command.max_payload_bytes
+        elif isinstance(command, p.Tasks):
             assert self._pool is not None
             for task in command.tasks:
                 self._pool.submit(task, now)
@@ -222,12 +227,31 @@ class Worker:
 
     def _collect(self, now: float) -> None:
         assert self._pool is not None
-        outcomes = self._pool.collect(now)
+        outcomes = [self._within_limit(o) for o in self._pool.collect(now)]
         if outcomes:
             self._send(p.Done(outcomes))
             for outcome in outcomes:
                 self._task_s.observe(outcome.duration_s)
             self._adjust_credit()
+
+    def _within_limit(self, outcome: p.Outcome) -> p.Outcome:
+        # A frame far over the broker's limit would get this connection dropped
+        # by libzmq, and the task blamed as if it had killed us.
+        limit = self._max_payload_bytes
+        if limit is None or len(outcome.payload) <= limit:
+            return outcome
+        error = TaskRejected(
+            "ResultTooLarge",
+            f"the result of {len(outcome.payload)} bytes is over the broker's "
+            f"limit of {limit} bytes (max_payload_bytes)",
+        )
+        return p.Outcome(
+            outcome.ticket,
+            outcome.attempt,
+            p.Status.REJECTED,
+            pack_error(error),
+            outcome.duration_s,
+        )
 
     def _wanted_capacity(self) -> int:
         per_slot = self.config.prefetch_policy.per_slot(self._task_s.mean_s)

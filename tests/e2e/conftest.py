@@ -241,25 +241,31 @@ class WorkerProcess:
         return rows[0] if rows else None
 
 
-def read_announcement(process: subprocess.Popen[bytes], timeout_s: float) -> Any:
-    """The first stdout line of a process, as JSON, read under a deadline."""
+def read_json_line(process: subprocess.Popen[bytes], timeout_s: float) -> Any:
+    """The next stdout line of a process, as JSON, read under a deadline.
+
+    Reads a byte at a time, so nothing after the line is consumed.
+
+    Raises:
+        ClusterError: no whole line within `timeout_s`, or the process exited.
+    """
     assert process.stdout is not None
     fd = process.stdout.fileno()
     received = b""
     deadline = time.monotonic() + timeout_s
     with selectors.DefaultSelector() as selector:
         selector.register(fd, selectors.EVENT_READ)
-        while b"\n" not in received:
+        while not received.endswith(b"\n"):
             remaining_s = deadline - time.monotonic()
             if remaining_s <= 0 or not selector.select(remaining_s):
-                raise ClusterError(f"no announcement within {timeout_s:g}s")
-            chunk = os.read(fd, 4096)
-            if not chunk:
+                raise ClusterError(f"no line on stdout within {timeout_s:g}s")
+            byte = os.read(fd, 1)
+            if not byte:
                 raise ClusterError(
-                    f"exited with {process.wait()} before announcing: {log_of(process)}"
+                    f"exited with {process.wait()} before a line: {log_of(process)}"
                 )
-            received += chunk
-    return json.loads(received.split(b"\n", 1)[0])
+            received += byte
+    return json.loads(received)
 
 
 class Launcher:
@@ -294,7 +300,7 @@ class Launcher:
             *extra,
         )
         process = self.processes.start("broker", argv, stdout=subprocess.PIPE)
-        endpoints = read_announcement(process, START_TIMEOUT_S)
+        endpoints = read_json_line(process, START_TIMEOUT_S)
         return BrokerProcess(
             process, endpoints["frontend"], endpoints["backend"], heartbeat_interval_s
         )
@@ -329,9 +335,9 @@ class Launcher:
         """A client of `broker`, closed at teardown.
 
         Unless told otherwise it beats twice per broker heartbeat interval: the
-        client does not adopt the interval the broker announces, and a client
-        the broker expires for silence never recovers (see
-        test_client_expired_for_silence_gets_its_results_after_speaking_again).
+        client does not adopt the interval the broker announces in WELCOME, and
+        a fast broker would otherwise take a default client for gone between
+        its beats (it recovers, but only when it next speaks).
         """
         if isinstance(broker, BrokerProcess):
             options.setdefault("heartbeat_interval_s", broker.heartbeat_interval_s / 2)

@@ -253,12 +253,6 @@ def test_exec_without_placeholder_appends_the_line_as_last_argument(
     assert record["stdout"] == "first last one\n"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: cli.py map/exec install no SIGTERM handler, so a terminated "
-    "`ventilator map` skips LocalCluster.stop and orphans its broker and worker",
-)
 def test_terminated_map_leaves_no_embedded_processes_behind(
     processes: Processes,
 ) -> None:

@@ -194,13 +194,6 @@ def test_lambda_without_allow_pickle_raises_pickle_not_allowed(
         client.submit(lambda x: x, 1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,
-    reason="BUG: client.py _importable_name names a callable without __qualname__ "
-    "(functools.partial, callable objects) 'functools:' and sends it by that bogus "
-    "name instead of refusing it; the task then waits forever",
-)
 def test_partial_without_allow_pickle_raises_pickle_not_allowed(
     client: ventilator.Client,
 ) -> None:
@@ -222,13 +215,6 @@ def test_lambda_runs_when_client_and_worker_allow_pickle(
     assert tripwire.exists()  # the tripwire works: the worker did unpickle
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TimeoutError,
-    reason="BUG: scheduler.py queues a pickled task under '<pickled>', which only "
-    "workers with --allow-pickle serve; with none, it waits forever instead of "
-    "failing with an error that names the missing --allow-pickle",
-)
 def test_pickled_task_fails_clearly_when_the_worker_does_not_allow_pickle(
     launch: Launcher, broker: BrokerProcess, tmp_path: Path
 ) -> None:
@@ -289,14 +275,6 @@ def test_oversized_payload_submitted_at_once_is_refused_naming_the_limit(
     assert "limit of 1000 bytes" in str(error)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TimeoutError,
-    reason="BUG: broker.py sets MAXMSGSIZE to the limit + 64 KiB, so libzmq drops "
-    "the connection of a client sending a bigger frame before WELCOME; the client "
-    "then gets hello_first errors forever (client.py _handle ignores them) and its "
-    "future never completes",
-)
 def test_much_larger_payload_submitted_at_once_is_refused_naming_the_limit(
     launch: Launcher, small_broker: BrokerProcess
 ) -> None:
@@ -308,14 +286,6 @@ def test_much_larger_payload_submitted_at_once_is_refused_naming_the_limit(
     assert "limit of 1000 bytes" in str(error)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: results are not checked against max_payload_bytes; one over the "
-    "limit + 64 KiB gets the worker disconnected by libzmq (broker.py MAXMSGSIZE), "
-    "the task reruns max_attempts times and fails as PoisonTask blaming dead "
-    "worker processes, never naming the limit",
-)
 def test_oversized_result_fails_naming_the_limit(
     launch: Launcher, small_broker: BrokerProcess
 ) -> None:
@@ -328,13 +298,6 @@ def test_oversized_result_fails_naming_the_limit(
     assert "max_payload_bytes" in str(error)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: client.py sends submissions before the broker's WELCOME lowers "
-    "its window (default 20000) to the broker's client_window, so a burst right "
-    "after connecting is refused with TaskRejected instead of being slowed down",
-)
 def test_burst_beyond_the_client_window_is_slowed_down_not_refused(
     launch: Launcher,
 ) -> None:

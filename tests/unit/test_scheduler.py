@@ -16,6 +16,7 @@ from ventilator.scheduler import (
     WorkerLost,
     sink_recipient,
 )
+from ventilator.serialization import unpack_value
 
 from .driver import (
     CLIENT,
@@ -205,12 +206,25 @@ def test_work_is_spread_over_every_ready_worker(driver: Driver) -> None:
 
 def test_pickled_task_goes_only_to_a_worker_that_allows_pickle(driver: Driver) -> None:
     driver.ready(W1, capacity=4)
+    driver.ready(W2, capacity=1, allow_pickle=True)
 
-    refused = driver.submit(task(1, flags=p.Flags.PICKLED))
-    taken = driver.ready(W2, allow_pickle=True)
+    effects = driver.submit(
+        task(1, flags=p.Flags.PICKLED), task(2, flags=p.Flags.PICKLED)
+    )
 
-    assert not assignments(refused, W1)
-    assert len(assignments(taken, W2)) == 1
+    assert not assignments(effects, W1)
+    assert len(assignments(effects, W2)) == 1
+
+
+def test_pickled_task_is_refused_when_no_worker_allows_pickle(driver: Driver) -> None:
+    driver.ready(W1, capacity=4)
+
+    effects = driver.submit(task(1, flags=p.Flags.PICKLED))
+
+    [refusal] = results(effects)
+    assert refusal.status is p.Status.REJECTED
+    assert "--allow-pickle" in unpack_value(refusal.payload)["message"]
+    assert not assignments(effects, W1)
 
 
 # --- results --------------------------------------------------------------------------
