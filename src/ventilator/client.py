@@ -20,7 +20,6 @@ ids are the client's own, so the broker recognises a resubmission.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import inspect
 import itertools
 import logging
@@ -33,9 +32,9 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, Future, InvalidStateError
+from concurrent.futures import CancelledError, Executor, Future, InvalidStateError
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import zmq
 
@@ -80,10 +79,49 @@ class TaskFuture(Future):  # type: ignore[type-arg]
         return True
 
 
+class _Slot:
+    """What `map` waits on instead of a Future: one condition serves a whole
+    map, so a task costs a slot, not a Future with its own lock."""
+
+    __slots__ = ("_done", "_error", "_value", "_wakeup")
+
+    def __init__(self, wakeup: threading.Condition) -> None:
+        self._wakeup = wakeup
+        self._done = False
+        self._value: Any = None
+        self._error: BaseException | None = None
+
+    def set_result(self, value: Any) -> None:
+        with self._wakeup:
+            self._value, self._done = value, True
+            self._wakeup.notify_all()
+
+    def set_exception(self, error: BaseException) -> None:
+        with self._wakeup:
+            self._error, self._done = error, True
+            self._wakeup.notify_all()
+
+    def cancel(self) -> bool:
+        self.set_exception(CancelledError())
+        return True
+
+    def result(self) -> Any:
+        with self._wakeup:
+            while not self._done:
+                self._wakeup.wait()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+_Outcome = TaskFuture | _Slot
+OutcomeT = TypeVar("OutcomeT", TaskFuture, _Slot)
+
+
 @dataclass(slots=True, eq=False)
 class _Pending:
     spec: p.TaskSpec
-    future: TaskFuture
+    future: _Outcome
     accepted: bool = False
 
 
@@ -191,7 +229,7 @@ class Client:
             PickleNotAllowed: a callable that needs pickling, without allow_pickle.
         """
         spec = self._spec(function, args, kwargs, timeout_s, retries, sink)
-        return self._enqueue([spec])[0]
+        return self._enqueue([spec], lambda task_id: TaskFuture(self, task_id))[0]
 
     def map(
         self,
@@ -205,7 +243,8 @@ class Client:
         failed raises its `TaskError` when its turn comes; use `submit` to handle
         failures one by one.
         """
-        futures: deque[TaskFuture] = deque()
+        wakeup = threading.Condition()
+        slots: deque[_Slot] = deque()
         items = iter(iterable)
         while True:
             batch = [
@@ -213,10 +252,10 @@ class Client:
                 for item in itertools.islice(items, SUBMIT_BATCH)
             ]
             if batch:
-                futures.extend(self._enqueue(batch))
-            while futures and (not batch or len(futures) > self._window // 2):
-                yield futures.popleft().result()
-            if not batch and not futures:
+                slots.extend(self._enqueue(batch, lambda _: _Slot(wakeup)))
+            while slots and (not batch or len(slots) > self._window // 2):
+                yield slots.popleft().result()
+            if not batch and not slots:
                 return
 
     def collect(
@@ -316,21 +355,24 @@ class Client:
             pack_pickled_call(function, args, kwargs),
         )
 
-    def _enqueue(self, specs: list[p.TaskSpec]) -> list[TaskFuture]:
-        futures = []
+    def _enqueue(
+        self, specs: list[p.TaskSpec], outcome: Callable[[int], OutcomeT]
+    ) -> list[OutcomeT]:
+        """Queue tasks for the I/O thread; `outcome(task_id)` makes what each
+        task's result is delivered to."""
+        outcomes = []
         with self._room:
             for spec in specs:
                 while self._in_window >= self._window and not self._closed:
                     self._room.wait()
                 self._check_open()
                 task_id = next(self._ids)
-                future = TaskFuture(self, task_id)
-                spec = _with_id(spec, task_id)
-                self._outgoing.append(_Pending(spec, future))
+                result = outcome(task_id)
+                self._outgoing.append(_Pending(_with_id(spec, task_id), result))
                 self._in_window += 1
-                futures.append(future)
+                outcomes.append(result)
         self._wake()
-        return futures
+        return outcomes
 
     def _check_open(self) -> None:
         if self._closed:
@@ -661,15 +703,32 @@ def _importable_name(function: Callable[..., Any]) -> str | None:
     return f"{module}:{name}"
 
 
+# Direct construction: dataclasses.replace costs several times more, per task.
 def _with_id(spec: p.TaskSpec, task_id: int) -> p.TaskSpec:
-    return dataclasses.replace(spec, task_id=task_id)
+    return p.TaskSpec(
+        task_id,
+        spec.function,
+        spec.payload,
+        spec.flags,
+        spec.timeout_s,
+        spec.retries,
+        spec.sink,
+    )
 
 
 def _without_payload(spec: p.TaskSpec) -> p.TaskSpec:
-    return dataclasses.replace(spec, payload=b"")
+    return p.TaskSpec(
+        spec.task_id,
+        spec.function,
+        b"",
+        spec.flags,
+        spec.timeout_s,
+        spec.retries,
+        spec.sink,
+    )
 
 
-def _settle(future: TaskFuture, entry: p.ResultEntry) -> None:
+def _settle(future: _Outcome, entry: p.ResultEntry) -> None:
     if entry.status is p.Status.CANCELLED:
         future.cancel()
         return
@@ -687,11 +746,11 @@ def _settle(future: TaskFuture, entry: p.ResultEntry) -> None:
         _fail(future, task_error_from_wire(value))
 
 
-def _resolve(future: Future[Any], value: Any) -> None:
+def _resolve(future: _Outcome | Future[Any], value: Any) -> None:
     with contextlib.suppress(InvalidStateError):  # cancelled by its owner meanwhile
         future.set_result(value)
 
 
-def _fail(future: Future[Any], error: BaseException) -> None:
+def _fail(future: _Outcome | Future[Any], error: BaseException) -> None:
     with contextlib.suppress(InvalidStateError):
         future.set_exception(error)
