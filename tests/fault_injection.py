@@ -190,8 +190,19 @@ def _count(tally: Tally, futures: dict[int, Future[Any]]) -> None:
             tally.duplicated += 1  # a result that is not this task's
 
 
-def _done_count(futures: dict[int, Future[Any]]) -> int:
-    return sum(1 for f in futures.values() if f.done())
+def _submit_work(
+    client: ventilator.Client, total: int, seconds: float
+) -> dict[int, Future[Any]]:
+    return {
+        i: client.submit("tests.fault_tasks:work", i, seconds) for i in range(total)
+    }
+
+
+def _wait_for_a_third(futures: dict[int, Future[Any]]) -> None:
+    def done() -> int:
+        return sum(1 for f in futures.values() if f.done())
+
+    wait_until(lambda: done() >= len(futures) // 3, "a third of the results")
 
 
 # --- the scenarios ----------------------------------------------------------------
@@ -205,13 +216,8 @@ def worker_killed(scale: float = 1.0) -> Tally:
         victims = [c.start_worker() for _ in range(3)]
         with c.client() as client:
             c.wait_for_workers(3, client)
-            futures = {
-                i: client.submit("tests.fault_tasks:work", i, 0.005)
-                for i in range(total)
-            }
-            wait_until(
-                lambda: _done_count(futures) >= total // 3, "a third of the results"
-            )
+            futures = _submit_work(client, total, seconds=0.005)
+            _wait_for_a_third(futures)
             victims[0].kill()
             _count(tally, futures)
         tally.executions = c.executions()
@@ -227,13 +233,8 @@ def broker_killed(scale: float = 1.0) -> Tally:
             c.start_worker()
         with c.client() as client:
             c.wait_for_workers(3, client)
-            futures = {
-                i: client.submit("tests.fault_tasks:work", i, 0.005)
-                for i in range(total)
-            }
-            wait_until(
-                lambda: _done_count(futures) >= total // 3, "a third of the results"
-            )
+            futures = _submit_work(client, total, seconds=0.005)
+            _wait_for_a_third(futures)
             assert c.broker is not None
             c.broker.kill()
             c.broker.wait()
@@ -301,10 +302,7 @@ def poison_task(scale: float = 1.0) -> Tally:
         c.start_worker(2)
         with c.client() as client:
             c.wait_for_workers(1, client)
-            futures = {
-                i: client.submit("tests.fault_tasks:work", i, 0.002)
-                for i in range(total)
-            }
+            futures = _submit_work(client, total, seconds=0.002)
             poison = client.submit("tests.fault_tasks:explode", -1)
             _count(tally, futures)
             error = poison.exception(timeout=DEADLINE_S)

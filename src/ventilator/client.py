@@ -38,6 +38,7 @@ from typing import Any, TypeVar
 
 import zmq
 
+from . import _wire
 from . import protocol as p
 from ._timing import poll_timeout_ms
 from .errors import (
@@ -465,28 +466,14 @@ class Client:
             os.read(self._wake_read, 65536)
 
     def _send(self, command: p.Command) -> None:
-        try:
-            self._socket.send_multipart(p.encode(command), zmq.NOBLOCK, copy=False)
-        except zmq.Again:
-            # Not connected yet: the reconnect logic resends whatever matters.
-            log.debug("could not send %s: broker not reachable", type(command).__name__)
+        _wire.send(self._socket, command)
 
     def _receive(self) -> bool:
         acks: list[tuple[str, int]] = []
         heard = False
-        while True:
-            try:
-                frames = self._socket.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                break
+        for command in _wire.receive(self._socket, p.TO_CLIENT):
             heard = True
-            try:
-                command = p.decode(frames, p.TO_CLIENT)
-            except ProtocolError as exc:
-                log.warning("ignored a malformed message from the broker: %s", exc)
-                continue
             self._handle(command, acks)
-
         if acks:
             self._send(p.Ack(acks))
         return heard

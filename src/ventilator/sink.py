@@ -17,9 +17,11 @@ from typing import Any
 
 import zmq
 
+from . import _wire
 from . import protocol as p
+from ._timing import poll_timeout_ms
 from .client import DEFAULT_ADDRESS
-from .errors import ProtocolError, TaskError, task_error_from_wire
+from .errors import TaskError, task_error_from_wire
 from .serialization import unpack_value
 
 __all__ = ["Sink", "SinkResult"]
@@ -59,7 +61,8 @@ class Sink:
         self._socket = self._context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 1000)
         self._socket.connect(address)
-        self._send(p.Hello(uuid.uuid4().hex, sink=name))
+        self._session = uuid.uuid4().hex
+        self._send(p.Hello(self._session, sink=name))
 
     def __enter__(self) -> Sink:
         return self
@@ -77,32 +80,33 @@ class Sink:
         last_result = time.monotonic()
         next_beat = last_result + self._heartbeat_interval_s
         while idle_timeout_s is None or time.monotonic() - last_result < idle_timeout_s:
-            if self._socket.poll(self._wait_ms(next_beat, last_result, idle_timeout_s)):
-                batch = self._receive()
-                if batch:
-                    yield from batch
-                    self._send(p.Ack([(r.session, r.task_id) for r in batch]))
-                    last_result = time.monotonic()
+            self._socket.poll(self._wait_ms(next_beat, last_result, idle_timeout_s))
+            batch = self._receive()
+            if batch:
+                yield from batch
+                self._send(p.Ack([(r.session, r.task_id) for r in batch]))
+                last_result = time.monotonic()
             if time.monotonic() >= next_beat:
                 self._send(p.Heartbeat())
                 next_beat = time.monotonic() + self._heartbeat_interval_s
 
     def _wait_ms(self, next_beat: float, last: float, idle_s: float | None) -> int:
         wake_at = next_beat if idle_s is None else min(next_beat, last + idle_s)
-        return max(0, int((wake_at - time.monotonic()) * 1000))
+        return poll_timeout_ms(wake_at)
 
     def _receive(self) -> list[SinkResult]:
-        try:
-            command = p.decode(self._socket.recv_multipart(), p.TO_CLIENT)
-        except ProtocolError as exc:
-            log.warning("ignored a malformed message from the broker: %s", exc)
-            return []
-        if not isinstance(command, p.Results):
-            return []
-        return [_result(entry) for entry in command.results]
+        batch: list[SinkResult] = []
+        for command in _wire.receive(self._socket, p.TO_CLIENT):
+            if isinstance(command, p.Results):
+                batch.extend(_result(entry) for entry in command.results)
+            elif isinstance(command, p.Error) and command.code == "hello_first":
+                # A restarted broker: register the name again; it kept our results.
+                log.warning("the broker does not know this sink; registering again")
+                self._send(p.Hello(self._session, sink=self.name))
+        return batch
 
     def _send(self, command: p.Command) -> None:
-        self._socket.send_multipart(p.encode(command), copy=False)
+        _wire.send(self._socket, command)
 
     def close(self) -> None:
         """Leave; results not yet acknowledged stay at the broker for next time."""

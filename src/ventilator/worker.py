@@ -20,9 +20,10 @@ from typing import Any, cast
 
 import zmq
 
+from . import _wire
 from . import protocol as p
 from ._timing import poll_timeout_ms
-from .errors import ProtocolError, TaskRejected
+from .errors import TaskRejected
 from .policy import Prefetch
 from .pool import Pool, TaskDuration, make_pool
 from .registry import load_functions
@@ -195,17 +196,8 @@ class Worker:
 
     def _receive(self, now: float) -> None:
         assert self._socket is not None
-        while True:
-            try:
-                frames = self._socket.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+        for command in _wire.receive(self._socket, p.TO_WORKER):
             self._broker_seen = now
-            try:
-                command = p.decode(frames, p.TO_WORKER)
-            except ProtocolError as exc:
-                log.warning("ignored a malformed message from the broker: %s", exc)
-                continue
             self._handle(command, now)
 
     def _handle(self, command: p.Command, now: float) -> None:
@@ -281,13 +273,10 @@ class Worker:
             self._connect(now)
 
     def _send(self, command: p.Command) -> None:
+        # Outcomes dropped here are not lost: the broker requeues them when it
+        # takes this worker for dead.
         assert self._socket is not None
-        try:
-            self._socket.send_multipart(p.encode(command), zmq.NOBLOCK, copy=False)
-        except zmq.Again:
-            # Not connected yet, or the broker stopped reading: outcomes are lost
-            # here, and the broker requeues them when it takes us for dead.
-            log.debug("could not send %s: broker not reachable", type(command).__name__)
+        _wire.send(self._socket, command)
 
     def _leave(self) -> None:
         if self._socket is not None:
