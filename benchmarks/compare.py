@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from benchmarks import naive_broker, workloads
+from benchmarks import naive_broker, peers, workloads
 
 log = logging.getLogger(__name__)
 
@@ -186,11 +186,36 @@ def _bytes_rate(elapsed_s: float) -> Result:
     }
 
 
+def _sizes() -> peers.Sizes:
+    return peers.Sizes(
+        workers=WORKERS,
+        tiny_tasks=TINY_TASKS,
+        sequential_tasks=SEQUENTIAL_TASKS,
+        cpu_tasks=CPU_TASKS,
+        cpu_task_s=CPU_TASK_S,
+        bytes_tasks=BYTES_TASKS,
+        bytes_size=BYTES_SIZE,
+    )
+
+
+def _scale_task_counts(scale: float) -> None:
+    """Multiply every task count by `scale` (hidden --scale, for smoke runs only)."""
+    global TINY_TASKS, SEQUENTIAL_TASKS, CPU_TASKS, BYTES_TASKS
+    TINY_TASKS, SEQUENTIAL_TASKS, CPU_TASKS, BYTES_TASKS = (
+        max(1, round(count * scale))
+        for count in (TINY_TASKS, SEQUENTIAL_TASKS, CPU_TASKS, BYTES_TASKS)
+    )
+
+
 SYSTEMS: dict[str, Callable[[], dict[str, Callable[[], Result]]]] = {
     "ventilator": lambda: ventilator_system(journal=True, prefetch=None),
     "ventilator-memory": lambda: ventilator_system(journal=False, prefetch=None),
     "naive": naive_system,
     "processpool": process_pool_system,
+    "dask": lambda: peers.dask_system(_sizes()),
+    "celery": lambda: peers.celery_system(_sizes()),
+    "ipyparallel": lambda: peers.ipyparallel_system(_sizes()),
+    "ray": lambda: peers.ray_system(_sizes()),
 }
 
 
@@ -211,7 +236,7 @@ def run(systems: list[str], only: list[str], runs: int) -> dict[str, Any]:
     for name in systems:
         try:
             workloads_of = SYSTEMS[name]()
-        except ImportError as exc:
+        except (ImportError, peers.Unavailable) as exc:
             report[name] = {"unavailable": str(exc)}
             continue
         report[name] = {}
@@ -251,10 +276,13 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", default=["A", "B", "C", "D"])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--json", default="benchmarks/results/latest.json")
+    parser.add_argument("--scale", type=float, default=1.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
 
+    _scale_task_counts(args.scale)
     report = run(args.systems, args.only, args.runs)
+    report["scale"] = args.scale
     print_table(report)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2))
