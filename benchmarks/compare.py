@@ -23,203 +23,40 @@ import logging
 import os
 import statistics
 import sys
-import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from benchmarks import naive_broker, peers, workloads
+from benchmarks import systems
 
 log = logging.getLogger(__name__)
 
-WORKERS = 2
-TINY_TASKS = 20_000
-SEQUENTIAL_TASKS = 2_000
-CPU_TASKS = 400
-CPU_TASK_S = 0.005
-BYTES_TASKS = 2_000
-BYTES_SIZE = 100 * 1024
+FULL_SIZES = systems.Sizes(
+    workers=2,
+    tiny_tasks=20_000,
+    sequential_tasks=2_000,
+    cpu_tasks=400,
+    cpu_task_s=0.005,
+    bytes_tasks=2_000,
+    bytes_size=100 * 1024,
+)
 
-Result = dict[str, float]
-
-
-# --- ventilator ------------------------------------------------------------------
-
-
-@contextmanager
-def _ventilator(journal: bool, prefetch: int | None) -> Iterator[Any]:
-    import tempfile
-
-    import ventilator
-
-    with tempfile.TemporaryDirectory() as folder:
-        options: dict[str, Any] = {"prefetch": prefetch}
-        if journal:
-            options["journal"] = str(Path(folder) / "journal.db")
-        cluster = ventilator.local(WORKERS, ["benchmarks.workloads"], **options)
-        with cluster as running, ventilator.Client(running.address) as client:
-            client.submit("benchmarks.workloads:square", 1).result()
-            yield client
-
-
-def ventilator_system(
-    journal: bool, prefetch: int | None
-) -> dict[str, Callable[[], Result]]:
-    def tiny() -> Result:
-        with _ventilator(journal, prefetch) as client:
-            started = time.perf_counter()
-            results = list(client.map("benchmarks.workloads:square", range(TINY_TASKS)))
-            elapsed = time.perf_counter() - started
-        workloads.check_squares(results)
-        return {"tasks_per_s": TINY_TASKS / elapsed}
-
-    def sequential() -> Result:
-        with _ventilator(journal, prefetch) as client:
-            times = []
-            for i in range(SEQUENTIAL_TASKS):
-                started = time.perf_counter()
-                client.submit("benchmarks.workloads:square", i).result()
-                times.append(time.perf_counter() - started)
-        return _latency(times)
-
-    def cpu() -> Result:
-        with _ventilator(journal, prefetch) as client:
-            started = time.perf_counter()
-            list(client.map("benchmarks.workloads:spin", [CPU_TASK_S] * CPU_TASKS))
-            elapsed = time.perf_counter() - started
-        return _efficiency(elapsed)
-
-    def large() -> Result:
-        blob = os.urandom(BYTES_SIZE)
-        with _ventilator(journal, prefetch) as client:
-            started = time.perf_counter()
-            futures = [
-                client.submit("benchmarks.workloads:length", blob)
-                for _ in range(BYTES_TASKS)
-            ]
-            lengths = [f.result() for f in futures]
-            elapsed = time.perf_counter() - started
-        assert set(lengths) == {BYTES_SIZE}, "a payload arrived damaged"
-        return _bytes_rate(elapsed)
-
-    return {"A": tiny, "B": sequential, "C": cpu, "D": large}
-
-
-# --- the naive credit broker, and ProcessPoolExecutor --------------------------------
-
-
-def naive_system() -> dict[str, Callable[[], Result]]:
-    return {
-        "A": lambda: {
-            "tasks_per_s": naive_broker.throughput_tiny(TINY_TASKS, WORKERS)[
-                "tasks_per_s"
-            ]
-        },
-        "B": lambda: naive_broker.latency_sequential(SEQUENTIAL_TASKS, WORKERS),
-        "D": lambda: naive_broker.bytes_throughput(BYTES_TASKS, BYTES_SIZE, WORKERS),
-    }
-
-
-def process_pool_system() -> dict[str, Callable[[], Result]]:
-    def tiny() -> Result:
-        with ProcessPoolExecutor(WORKERS) as pool:
-            pool.submit(workloads.square, 1).result()
-            started = time.perf_counter()
-            results = list(pool.map(workloads.square, range(TINY_TASKS), chunksize=1))
-            elapsed = time.perf_counter() - started
-        workloads.check_squares(results)
-        return {"tasks_per_s": TINY_TASKS / elapsed}
-
-    def sequential() -> Result:
-        with ProcessPoolExecutor(WORKERS) as pool:
-            pool.submit(workloads.square, 1).result()
-            times = []
-            for i in range(SEQUENTIAL_TASKS):
-                started = time.perf_counter()
-                pool.submit(workloads.square, i).result()
-                times.append(time.perf_counter() - started)
-        return _latency(times)
-
-    def cpu() -> Result:
-        with ProcessPoolExecutor(WORKERS) as pool:
-            pool.submit(workloads.square, 1).result()
-            started = time.perf_counter()
-            list(pool.map(workloads.spin, [CPU_TASK_S] * CPU_TASKS))
-            elapsed = time.perf_counter() - started
-        return _efficiency(elapsed)
-
-    def large() -> Result:
-        blob = os.urandom(BYTES_SIZE)
-        with ProcessPoolExecutor(WORKERS) as pool:
-            pool.submit(workloads.square, 1).result()
-            started = time.perf_counter()
-            futures = [pool.submit(workloads.length, blob) for _ in range(BYTES_TASKS)]
-            [f.result() for f in futures]
-            elapsed = time.perf_counter() - started
-        return _bytes_rate(elapsed)
-
-    return {"A": tiny, "B": sequential, "C": cpu, "D": large}
-
-
-# --- figures -----------------------------------------------------------------------
-
-
-def _latency(times_s: list[float]) -> Result:
-    ordered = sorted(times_s)
-    return {
-        "p50_us": ordered[len(ordered) // 2] * 1e6,
-        "p99_us": ordered[int(len(ordered) * 0.99)] * 1e6,
-    }
-
-
-def _efficiency(elapsed_s: float) -> Result:
-    ideal_s = CPU_TASKS * CPU_TASK_S / WORKERS
-    return {"efficiency_pct": 100 * ideal_s / elapsed_s, "wall_s": elapsed_s}
-
-
-def _bytes_rate(elapsed_s: float) -> Result:
-    return {
-        "tasks_per_s": BYTES_TASKS / elapsed_s,
-        "mb_per_s": BYTES_TASKS * BYTES_SIZE / elapsed_s / 1e6,
-    }
-
-
-def _sizes() -> peers.Sizes:
-    return peers.Sizes(
-        workers=WORKERS,
-        tiny_tasks=TINY_TASKS,
-        sequential_tasks=SEQUENTIAL_TASKS,
-        cpu_tasks=CPU_TASKS,
-        cpu_task_s=CPU_TASK_S,
-        bytes_tasks=BYTES_TASKS,
-        bytes_size=BYTES_SIZE,
-    )
-
-
-def _scale_task_counts(scale: float) -> None:
-    """Multiply every task count by `scale` (hidden --scale, for smoke runs only)."""
-    global TINY_TASKS, SEQUENTIAL_TASKS, CPU_TASKS, BYTES_TASKS
-    TINY_TASKS, SEQUENTIAL_TASKS, CPU_TASKS, BYTES_TASKS = (
-        max(1, round(count * scale))
-        for count in (TINY_TASKS, SEQUENTIAL_TASKS, CPU_TASKS, BYTES_TASKS)
-    )
-
-
-SYSTEMS: dict[str, Callable[[], dict[str, Callable[[], Result]]]] = {
-    "ventilator": lambda: ventilator_system(journal=True, prefetch=None),
-    "ventilator-memory": lambda: ventilator_system(journal=False, prefetch=None),
-    "naive": naive_system,
-    "processpool": process_pool_system,
-    "dask": lambda: peers.dask_system(_sizes()),
-    "celery": lambda: peers.celery_system(_sizes()),
-    "ipyparallel": lambda: peers.ipyparallel_system(_sizes()),
-    "ray": lambda: peers.ray_system(_sizes()),
+SYSTEMS: dict[str, Callable[[systems.Sizes], systems.Workloads]] = {
+    "ventilator": partial(systems.ventilator_system, journal=True),
+    "ventilator-memory": partial(systems.ventilator_system, journal=False),
+    "naive": systems.naive_system,
+    "processpool": systems.process_pool_system,
+    "dask": systems.dask_system,
+    "celery": systems.celery_system,
+    "ipyparallel": systems.ipyparallel_system,
+    "ray": systems.ray_system,
 }
 
 
-def _measure(run: Callable[[], Result], runs: int) -> dict[str, dict[str, float]]:
+def _measure(
+    run: Callable[[], systems.Result], runs: int
+) -> dict[str, dict[str, float]]:
     samples = [run() for _ in range(runs)]
     return {
         key: {
@@ -231,12 +68,14 @@ def _measure(run: Callable[[], Result], runs: int) -> dict[str, dict[str, float]
     }
 
 
-def run(systems: list[str], only: list[str], runs: int) -> dict[str, Any]:
+def run(
+    names: list[str], only: list[str], runs: int, sizes: systems.Sizes
+) -> dict[str, Any]:
     report: dict[str, Any] = {"machine": {"cpus": os.cpu_count()}, "runs": runs}
-    for name in systems:
+    for name in names:
         try:
-            workloads_of = SYSTEMS[name]()
-        except (ImportError, peers.Unavailable) as exc:
+            workloads_of = SYSTEMS[name](sizes)
+        except (ImportError, systems.Unavailable) as exc:
             report[name] = {"unavailable": str(exc)}
             continue
         report[name] = {}
@@ -280,8 +119,9 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
 
-    _scale_task_counts(args.scale)
-    report = run(args.systems, args.only, args.runs)
+    # --scale is hidden: smaller task counts, for smoke runs only.
+    sizes = FULL_SIZES.scaled(args.scale)
+    report = run(args.systems, args.only, args.runs, sizes)
     report["scale"] = args.scale
     print_table(report)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -1,26 +1,34 @@
-"""Ventilator's peers in the side-by-side benchmark: dask, Celery, ipyparallel, Ray.
+"""The systems of the side-by-side benchmark, and its four workloads, written once.
 
-Each ``*_system(sizes)`` factory returns the four workloads of
-``benchmarks.compare`` (A tiny, B sequential, C cpu, D bytes) for one peer, or
-raises ``Unavailable`` saying what to install when the peer's package (or, for
+Each ``*_system(sizes)`` factory returns the workloads of ``benchmarks.compare``
+for one system, keyed A (tiny tasks), B (sequential), C (cpu) and D (bytes), or
+raises ``Unavailable`` saying what to install when a peer's package (or, for
 Celery, the ``redis-server`` program) is missing.
 
-Every workload call starts its own cluster with ``sizes.workers`` worker
-processes on 127.0.0.1, pushes ``WARMUP_TASKS`` tiny tasks through it, times
-only the workload, and stops the cluster before it returns:
+Every system but the naive broker is driven through a small session with three
+calls, so the workloads and their figures exist once for all of them:
 
+    map          submit all, gather in order: the system's own bulk path (A, C)
+    call         one round trip (B)
+    submit_each  one submission per argument, then gather in order (D); for
+                 the peers, whose ``map`` does just that, it is ``map``
+
+Every workload call starts its own cluster with ``sizes.workers`` worker
+processes on 127.0.0.1, pushes a few tiny tasks through it, times only the
+workload, and stops the cluster before it returns:
+
+    ventilator   ventilator.local() with a journal in a temporary folder, or
+                 none (in memory), and a Client
+    processpool  concurrent.futures.ProcessPoolExecutor
     dask         LocalCluster(processes=True, one thread per worker) + Client
     celery       redis-server and a prefork celery worker, both started here
                  as subprocesses and ended by PID
     ipyparallel  ipp.Cluster(n=workers) with a load-balanced view
     ray          ray.init(num_cpus=workers), one remote function per workload
 
-dask, ipyparallel and Ray start and stop their own processes: leaving the
-cluster's context (or ``ray.shutdown()``) is what ends them.
-
-Each peer is driven through a small session with two calls, ``map`` (submit
-all, gather in order) and ``call`` (one round trip), so the four workloads are
-written once for all of them.
+Leaving the cluster's context (or ``ray.shutdown()``) is what ends the processes
+of every system but Celery. The naive broker measures A, B and D with its own
+client (see ``benchmarks.naive_broker``); ``naive_system`` only names them.
 """
 
 from __future__ import annotations
@@ -36,22 +44,29 @@ import subprocess
 import sys
 import tempfile
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import AbstractContextManager, contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from benchmarks import workloads
+from benchmarks import naive_broker, workloads
 
 __all__ = [
+    "Result",
     "Sizes",
     "Unavailable",
+    "Workloads",
     "celery_system",
     "dask_system",
     "ipyparallel_system",
+    "naive_system",
+    "process_pool_system",
     "ray_system",
+    "ventilator_system",
 ]
 
 log = logging.getLogger(__name__)
@@ -64,6 +79,7 @@ RESULT_TIMEOUT_S = 600.0  # A lost task fails the run instead of hanging it.
 STOP_GRACE_S = 10.0
 INSTALL_HINT = "pip install '.[bench]'"
 REPO_ROOT = Path(__file__).resolve().parent.parent
+WORKLOADS_MODULE = "benchmarks.workloads"
 
 Result = dict[str, float]
 Workloads = dict[str, Callable[[], Result]]
@@ -75,7 +91,7 @@ class Unavailable(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Sizes:
-    """How big each workload is; compare.py builds one from its constants."""
+    """How big each workload is; compare.py holds the full sizes, FULL_SIZES."""
 
     workers: int
     tiny_tasks: int
@@ -85,11 +101,35 @@ class Sizes:
     bytes_tasks: int
     bytes_size: int
 
+    def scaled(self, factor: float) -> Sizes:
+        """Return these sizes with every task count times ``factor``, at least 1."""
+        return replace(
+            self,
+            tiny_tasks=_scale(self.tiny_tasks, factor),
+            sequential_tasks=_scale(self.sequential_tasks, factor),
+            cpu_tasks=_scale(self.cpu_tasks, factor),
+            bytes_tasks=_scale(self.bytes_tasks, factor),
+        )
 
-class _Session(Protocol):
-    def map(self, workload: str, args: Sequence[Any]) -> list[Any]: ...
 
-    def call(self, workload: str, arg: Any) -> Any: ...
+def _scale(count: int, factor: float) -> int:
+    return max(1, round(count * factor))
+
+
+class _Session(ABC):
+    """One running cluster, driven by workload name (a function of `workloads`)."""
+
+    @abstractmethod
+    def map(self, workload: str, args: Sequence[Any]) -> list[Any]:
+        """Run the workload on every argument; return the results in order."""
+
+    @abstractmethod
+    def call(self, workload: str, arg: Any) -> Any:
+        """Run the workload once and wait for its result."""
+
+    def submit_each(self, workload: str, args: Sequence[Any]) -> list[Any]:
+        """Submit one task per argument, then gather the results in order."""
+        return self.map(workload, args)
 
 
 Opener = Callable[[int], AbstractContextManager[_Session]]
@@ -128,7 +168,7 @@ def _cpu(session: _Session, sizes: Sizes) -> Result:
 def _large(session: _Session, sizes: Sizes) -> Result:
     blob = os.urandom(sizes.bytes_size)
     started = time.perf_counter()
-    lengths = session.map("length", [blob] * sizes.bytes_tasks)
+    lengths = session.submit_each("length", [blob] * sizes.bytes_tasks)
     elapsed = time.perf_counter() - started
     if set(lengths) != {sizes.bytes_size}:
         raise RuntimeError(f"a payload arrived damaged: lengths {set(lengths)}")
@@ -150,16 +190,19 @@ def _warm_run(
     open_session: Opener,
     workload: Callable[[_Session, Sizes], Result],
     sizes: Sizes,
+    warmup_tasks: int,
 ) -> Result:
     with open_session(sizes.workers) as session:
-        session.map("square", range(WARMUP_TASKS))
+        session.map("square", range(warmup_tasks))
         return workload(session, sizes)
 
 
-def _workloads(open_session: Opener, sizes: Sizes) -> Workloads:
+def _workloads(
+    open_session: Opener, sizes: Sizes, warmup_tasks: int = WARMUP_TASKS
+) -> Workloads:
     by_key = {"A": _tiny, "B": _sequential, "C": _cpu, "D": _large}
     return {
-        key: partial(_warm_run, open_session, workload, sizes)
+        key: partial(_warm_run, open_session, workload, sizes, warmup_tasks)
         for key, workload in by_key.items()
     }
 
@@ -173,10 +216,112 @@ def _require(*modules: str) -> None:
             raise Unavailable(f"{module} is not installed ({INSTALL_HINT})") from exc
 
 
+# --- ventilator -------------------------------------------------------------------
+
+
+class _VentilatorSession(_Session):
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    def map(self, workload: str, args: Sequence[Any]) -> list[Any]:
+        # Client.map batches its submissions and takes no timeout.
+        return list(self._client.map(f"{WORKLOADS_MODULE}:{workload}", args))
+
+    def call(self, workload: str, arg: Any) -> Any:
+        future = self._client.submit(f"{WORKLOADS_MODULE}:{workload}", arg)
+        return future.result(timeout=RESULT_TIMEOUT_S)
+
+    def submit_each(self, workload: str, args: Sequence[Any]) -> list[Any]:
+        # As D has always run here: the client's thread sends the first payloads
+        # while later ones are encoded; map encodes up to 2,048 before sending any.
+        name = f"{WORKLOADS_MODULE}:{workload}"
+        futures = [self._client.submit(name, arg) for arg in args]
+        return [future.result(timeout=RESULT_TIMEOUT_S) for future in futures]
+
+
+@contextmanager
+def _ventilator_session(journal: bool, workers: int) -> Iterator[_Session]:
+    import ventilator
+
+    with tempfile.TemporaryDirectory(prefix="bench-ventilator-") as folder:
+        path = str(Path(folder) / "journal.db") if journal else None
+        with (
+            ventilator.local(workers, [WORKLOADS_MODULE], journal=path) as cluster,
+            ventilator.Client(cluster.address) as client,
+        ):
+            yield _VentilatorSession(client)
+
+
+def ventilator_system(sizes: Sizes, *, journal: bool) -> Workloads:
+    """Return ventilator's workloads, its journal in a file or (False) in memory."""
+    # One warm-up task, as ventilator's figures have always been measured.
+    return _workloads(partial(_ventilator_session, journal), sizes, warmup_tasks=1)
+
+
+# --- concurrent.futures.ProcessPoolExecutor ---------------------------------------
+
+
+class _ProcessPoolSession(_Session):
+    def __init__(self, pool: ProcessPoolExecutor) -> None:
+        self._pool = pool
+
+    def map(self, workload: str, args: Sequence[Any]) -> list[Any]:
+        function = getattr(workloads, workload)
+        pending = self._pool.map(function, args, timeout=RESULT_TIMEOUT_S)
+        return list(pending)
+
+    def call(self, workload: str, arg: Any) -> Any:
+        future = self._pool.submit(getattr(workloads, workload), arg)
+        return future.result(timeout=RESULT_TIMEOUT_S)
+
+    def submit_each(self, workload: str, args: Sequence[Any]) -> list[Any]:
+        # map wraps each argument in a one-item chunk; D sends the payloads bare.
+        function = getattr(workloads, workload)
+        futures = [self._pool.submit(function, arg) for arg in args]
+        return [future.result(timeout=RESULT_TIMEOUT_S) for future in futures]
+
+
+@contextmanager
+def _process_pool_session(workers: int) -> Iterator[_Session]:
+    with ProcessPoolExecutor(workers) as pool:
+        yield _ProcessPoolSession(pool)
+
+
+def process_pool_system(sizes: Sizes) -> Workloads:
+    """Return ProcessPoolExecutor's workloads, the no-network reference."""
+    # One warm-up task, as the pool's figures have always been measured.
+    return _workloads(_process_pool_session, sizes, warmup_tasks=1)
+
+
+# --- the naive pyzmq broker -------------------------------------------------------
+
+
+def naive_system(sizes: Sizes) -> Workloads:
+    """Return the naive broker's A, B and D, which it measures with its own client.
+
+    It has no C: its workers run only ``square`` and ``length``.
+    """
+
+    def tiny() -> Result:
+        figures = naive_broker.throughput_tiny(sizes.tiny_tasks, sizes.workers)
+        return {"tasks_per_s": figures["tasks_per_s"]}
+
+    sequential = partial(
+        naive_broker.latency_sequential, sizes.sequential_tasks, sizes.workers
+    )
+    large = partial(
+        naive_broker.bytes_throughput,
+        sizes.bytes_tasks,
+        sizes.bytes_size,
+        sizes.workers,
+    )
+    return {"A": tiny, "B": sequential, "D": large}
+
+
 # --- dask.distributed -------------------------------------------------------------
 
 
-class _DaskSession:
+class _DaskSession(_Session):
     def __init__(self, client: Any) -> None:
         self._client = client
 
@@ -221,7 +366,7 @@ def dask_system(sizes: Sizes) -> Workloads:
 # --- Celery on Redis --------------------------------------------------------------
 
 
-class _CelerySession:
+class _CelerySession(_Session):
     def __init__(self, app: Any) -> None:
         self._app = app
 
@@ -404,7 +549,7 @@ def celery_system(sizes: Sizes) -> Workloads:
 # --- ipyparallel ------------------------------------------------------------------
 
 
-class _IpyparallelSession:
+class _IpyparallelSession(_Session):
     def __init__(self, view: Any) -> None:
         self._view = view
 
@@ -447,7 +592,7 @@ def ipyparallel_system(sizes: Sizes) -> Workloads:
 # --- Ray --------------------------------------------------------------------------
 
 
-class _RaySession:
+class _RaySession(_Session):
     def __init__(self, ray: Any) -> None:
         self._ray = ray
         self._remote = {
@@ -502,7 +647,7 @@ def _check_ray_on_loopback(ray: Any) -> None:
     if address != HOST:
         raise RuntimeError(
             f"Ray runs on {address}, not {HOST} (was ray imported before"
-            " benchmarks.peers set its environment?); stopping it"
+            " benchmarks.systems set its environment?); stopping it"
         )
 
 
