@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 
 # Messages drained from one socket per loop turn before the other gets its turn.
 DRAIN_BATCH = 512
+# Frames at least this large are kept as views, not copied (pyzmq's own
+# threshold for zero-copy sends).
+ZERO_COPY_BYTES = 65536
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,12 +145,13 @@ class Broker:
         allowed = p.FROM_CLIENT if sock is self._frontend else p.FROM_WORKER
         for _ in range(DRAIN_BATCH):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                received = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            if len(frames) < 2:
+            if len(received) < 2:
                 continue  # ROUTER always adds the routing id; nothing else came
-            peer = frames[0]
+            frames = [_keep(frame) for frame in received]
+            peer = bytes(frames[0])
             try:
                 command = p.decode(frames[1:], allowed)
             except ProtocolError as exc:
@@ -159,7 +163,7 @@ class Broker:
         self,
         sock: zmq.Socket[bytes],
         peer: bytes,
-        frames: list[bytes],
+        frames: list[bytes | memoryview],
         exc: ProtocolError,
     ) -> None:
         side = "client" if sock is self._frontend else "worker"
@@ -169,7 +173,7 @@ class Broker:
             side,
             exc.code,
             exc,
-            [f[:32] for f in frames[1:6]],
+            [bytes(f[:32]) for f in frames[1:6]],
         )
         self._send(sock, peer, p.Error(exc.code, str(exc)), time.monotonic())
 
@@ -203,6 +207,14 @@ class Broker:
         os.close(self._wake_read)
         os.close(self._wake_write)
         log.info("broker stopped")
+
+
+def _keep(frame: zmq.Frame) -> bytes | memoryview:
+    """A frame's content: large ones as a view of libzmq's buffer, so a payload
+    is never copied on its way through the broker (nor into the journal)."""
+    if len(frame) >= ZERO_COPY_BYTES:
+        return frame.buffer
+    return frame.bytes
 
 
 def _endpoint(sock: zmq.Socket[bytes]) -> str:

@@ -59,6 +59,9 @@ DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
 DEFAULT_WINDOW = 20_000
 # Tasks sent in one SUBMIT at most; bounds the size of one message.
 SUBMIT_BATCH = 2048
+# ... and at most about this many payload bytes: one huge message would stall
+# the broker's loop while it is copied in, and hold memory on both sides.
+SUBMIT_BATCH_BYTES = 1024 * 1024
 
 
 class TaskFuture(Future):  # type: ignore[type-arg]
@@ -362,17 +365,25 @@ class Client:
         """Queue tasks for the I/O thread; `outcome(task_id)` makes what each
         task's result is delivered to."""
         outcomes = []
+        wake = False
         with self._room:
             for spec in specs:
                 while self._in_window >= self._window and not self._closed:
+                    if wake:  # what we queued must go out, or no room comes back
+                        self._wake()
+                        wake = False
                     self._room.wait()
                 self._check_open()
+                # The I/O thread takes the whole queue when it wakes: one wake-up
+                # per burst, not one write to the pipe per task.
+                wake = wake or not self._outgoing
                 task_id = next(self._ids)
                 result = outcome(task_id)
                 self._outgoing.append(_Pending(_with_id(spec, task_id), result))
                 self._in_window += 1
                 outcomes.append(result)
-        self._wake()
+        if wake:
+            self._wake()
         return outcomes
 
     def _check_open(self) -> None:
@@ -522,8 +533,8 @@ class Client:
             for pending in self._pending.values()
             if not pending.accepted or not self._durable
         ]
-        for start in range(0, len(again), SUBMIT_BATCH):
-            self._send(p.Submit(again[start : start + SUBMIT_BATCH]))
+        for chunk in _batches(again):
+            self._send(p.Submit(chunk))
 
     def _accepted(self, task_ids: Iterable[int]) -> None:
         released = 0
@@ -574,9 +585,8 @@ class Client:
         batch = self._refuse_oversized(batch)
         for pending in batch:
             self._pending[pending.spec.task_id] = pending
-        for start in range(0, len(batch), SUBMIT_BATCH):
-            chunk = batch[start : start + SUBMIT_BATCH]
-            self._send(p.Submit([pending.spec for pending in chunk]))
+        for chunk in _batches([pending.spec for pending in batch]):
+            self._send(p.Submit(chunk))
         if cancels:
             self._forget_cancelled(cancels)
             self._send(p.Cancel(cancels))
@@ -661,6 +671,20 @@ class ClientExecutor(Executor):
             for future in futures:
                 with contextlib.suppress(BaseException):
                     future.exception()
+
+
+def _batches(specs: list[p.TaskSpec]) -> Iterator[list[p.TaskSpec]]:
+    """Split submissions into messages bounded in count and in bytes."""
+    chunk: list[p.TaskSpec] = []
+    size = 0
+    for spec in specs:
+        if chunk and (len(chunk) >= SUBMIT_BATCH or size >= SUBMIT_BATCH_BYTES):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(spec)
+        size += len(spec.payload)
+    if chunk:
+        yield chunk
 
 
 def _oversized(size: int, limit: int | None) -> TaskRejected | None:
