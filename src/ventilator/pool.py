@@ -49,6 +49,11 @@ POOL_KINDS = ("process", "thread")
 
 # Batches in one child's pipe at once: the running one and the next.
 PIPELINE_DEPTH = 2
+# Payload bytes sent to a child that is busy: well inside a socket buffer, so
+# the write never waits on the child (see ProcessPool._feed).
+PIPE_SAFE_BYTES = 32 * 1024
+# Payload bytes in one batch to an idle child.
+BATCH_BYTES = 1024 * 1024
 
 # How long a child gets to exit on its own before it is killed.
 CHILD_EXIT_GRACE_S = 2.0
@@ -205,14 +210,24 @@ class ProcessPool:
         return dropped
 
     def _feed(self, now: float) -> None:
-        """Top up the children's pipes, idle children first."""
+        """Top up the children's pipes, idle children first.
+
+        A busy child may be writing a large result while we write to it; were
+        we to write more than its socket buffer holds, each would wait for the
+        other for ever. So a child that holds work only gets a small batch,
+        one that fits in the buffer whatever it is doing.
+        """
         while self._waiting:
             child = min(self._children, key=lambda c: len(c.sent))
+            busy = bool(child.sent)
             if len(child.sent) >= PIPELINE_DEPTH:
                 return
-            self._send(child, self._next_batch(), now)
+            if busy and len(self._waiting[0].payload) > PIPE_SAFE_BYTES:
+                return  # wait for an idle child
+            limit = PIPE_SAFE_BYTES if busy else BATCH_BYTES
+            self._send(child, self._next_batch(limit), now)
 
-    def _next_batch(self) -> list[p.Assignment]:
+    def _next_batch(self, limit_bytes: int) -> list[p.Assignment]:
         first = self._waiting.popleft()
         if not self._batchable(first):
             return [first]
@@ -220,8 +235,11 @@ class ProcessPool:
         # Share what waits among the children, in batches of bounded work.
         share = -(-len(self._waiting) // len(self._children))
         size = min(self._task_s.batch_size(), share + 1)
-        batch = [first]
+        batch, batch_bytes = [first], len(first.payload)
         while self._waiting and len(batch) < size and self._batchable(self._waiting[0]):
+            batch_bytes += len(self._waiting[0].payload)
+            if batch_bytes > limit_bytes:
+                break
             batch.append(self._waiting.popleft())
         return batch
 

@@ -408,3 +408,16 @@ def test_local_cluster_runs_tasks_and_leaves_no_process_behind() -> None:
         )
     finally:
         stop_process_ids(started)
+
+
+def test_payloads_larger_than_a_socket_buffer_pass_through_the_process_pool() -> None:
+    # A regression: with two batches in a child's pipe, the worker wrote a large
+    # task while the child wrote a large result, and each waited for the other.
+    payload = b"x" * 256 * 1024
+    with (
+        ventilator.local(workers=2, modules=[TASKS]) as cluster,
+        ventilator.Client(cluster.address) as client,
+    ):
+        echoed = list(client.map(f"{TASKS}:echo", [payload] * 100))
+
+    assert echoed == [payload] * 100
