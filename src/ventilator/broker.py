@@ -66,6 +66,7 @@ class Broker:
         self._frontend = self._router()
         self._backend = self._router()
         self._wake_read, self._wake_write = os.pipe()
+        self._refusal_log = _RateLimit(per_s=1.0)
         self._stopping = False
         self.frontend_endpoint = ""
         self.backend_endpoint = ""
@@ -77,7 +78,9 @@ class Broker:
         # scheduler still names the limit for anything between it and this.
         sock.setsockopt(zmq.MAXMSGSIZE, self.config.limits.max_payload_bytes + 65536)
         sock.setsockopt(zmq.SNDHWM, 100_000)
-        sock.setsockopt(zmq.RCVHWM, 100_000)
+        # Per peer. Kept low so that a peer flooding us waits in its own send
+        # queue, not in our memory; real peers batch, so 1,000 messages is a lot.
+        sock.setsockopt(zmq.RCVHWM, 1000)
         sock.setsockopt(zmq.LINGER, 1000)
         return sock
 
@@ -166,16 +169,20 @@ class Broker:
         frames: list[bytes | memoryview],
         exc: ProtocolError,
     ) -> None:
-        side = "client" if sock is self._frontend else "worker"
-        log.warning(
-            "refused a malformed message peer=%s side=%s code=%s: %s (frames=%.120r)",
-            peer.hex(),
-            side,
-            exc.code,
-            exc,
-            [bytes(f[:32]) for f in frames[1:6]],
-        )
-        self._send(sock, peer, p.Error(exc.code, str(exc)), time.monotonic())
+        now = time.monotonic()
+        if self._refusal_log.allows(now):
+            side = "client" if sock is self._frontend else "worker"
+            log.warning(
+                "refused a malformed message peer=%s side=%s code=%s: %s "
+                "(frames=%.120r)%s",
+                peer.hex(),
+                side,
+                exc.code,
+                exc,
+                [bytes(f[:32]) for f in frames[1:6]],
+                self._refusal_log.suppressed_note(),
+            )
+        self._send(sock, peer, p.Error(exc.code, str(exc)), now)
 
     def _carry_out(self, effects: s.Effects, now: float) -> None:
         if effects.journal_dirty:
@@ -207,6 +214,28 @@ class Broker:
         os.close(self._wake_read)
         os.close(self._wake_write)
         log.info("broker stopped")
+
+
+class _RateLimit:
+    """At most one log line per interval; the next one says how many were held
+    back. A flood of garbage must not become a flood of log."""
+
+    def __init__(self, per_s: float) -> None:
+        self._interval_s = 1.0 / per_s
+        self._next_at = 0.0
+        self._suppressed = 0
+
+    def allows(self, now: float) -> bool:
+        if now >= self._next_at:
+            self._next_at = now + self._interval_s
+            return True
+        self._suppressed += 1
+        return False
+
+    def suppressed_note(self) -> str:
+        note = f"; {self._suppressed} more not logged" if self._suppressed else ""
+        self._suppressed = 0
+        return note
 
 
 def _keep(frame: zmq.Frame) -> bytes | memoryview:

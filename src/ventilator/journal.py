@@ -16,11 +16,12 @@ Durability modes:
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import sqlite3
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Protocol
+from typing import IO, Protocol
 
 from . import protocol as p
 from .errors import UsageError
@@ -98,6 +99,7 @@ class SqliteJournal:
 
     def __init__(self, path: str | Path, durability: str = "process") -> None:
         self.path = Path(path)
+        self._lock = _lock_exclusively(self.path)
         self._db = sqlite3.connect(self.path, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         sync = "FULL" if durability == "power" else "NORMAL"
@@ -141,6 +143,26 @@ class SqliteJournal:
 
     def close(self) -> None:
         self._db.close()
+        self._lock.close()
+
+
+def _lock_exclusively(path: Path) -> IO[bytes]:
+    """Hold an exclusive lock beside the journal for as long as it is open.
+
+    Two brokers replaying one journal would both run its tasks; SQLite's own
+    locks only keep their writes apart. The lock is released by the OS when
+    the broker dies, however it dies.
+    """
+    lock = open(f"{path}.lock", "ab")  # noqa: SIM115 - held until close()
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise UsageError(
+            f"journal {str(path)!r} is in use by another broker; give each broker "
+            "its own --journal"
+        ) from None
+    return lock
 
 
 def open_journal(path: str | Path | None, durability: str = "process") -> Journal:
@@ -159,7 +181,7 @@ def open_journal(path: str | Path | None, durability: str = "process") -> Journa
 
     try:
         return SqliteJournal(path, durability)
-    except sqlite3.Error as exc:
+    except (sqlite3.Error, OSError) as exc:
         raise UsageError(f"cannot open journal {str(path)!r}: {exc}") from exc
 
 

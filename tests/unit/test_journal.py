@@ -246,3 +246,14 @@ def test_file_that_is_not_a_journal_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(UsageError, match=r"notes\.db"):
         open_journal(garbage)
+
+
+def test_a_second_broker_cannot_open_a_journal_in_use(tmp_path: Path) -> None:
+    first = SqliteJournal(tmp_path / "journal.db")
+    try:
+        with pytest.raises(UsageError, match="in use by another broker"):
+            SqliteJournal(tmp_path / "journal.db")
+    finally:
+        first.close()
+
+    SqliteJournal(tmp_path / "journal.db").close()  # free again once closed
