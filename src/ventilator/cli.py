@@ -10,19 +10,21 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import IO, Any
 
 import click
 
 from .broker import Broker, BrokerConfig
-from .client import DEFAULT_ADDRESS, Client, TaskFuture
+from .client import DEFAULT_ADDRESS, Client
 from .errors import TaskError, UsageError
 from .journal import DURABILITY_MODES
 from .local import LocalCluster
@@ -38,6 +40,10 @@ _DEFAULT_LIMITS = Limits()
 SHELL_FUNCTION = "ventilator.shell:run"
 # Tasks submitted ahead of the oldest unfinished one, for map and exec.
 MAP_AHEAD = 10_000
+# How long map/exec wait before checking that the embedded cluster still runs.
+HEALTH_CHECK_S = 1.0
+# How long map/exec wait for a broker named with --connect to answer at all.
+BROKER_ANSWER_S = 10.0
 
 
 @click.group(context_settings={"auto_envvar_prefix": "VENTILATOR"})
@@ -259,7 +265,8 @@ def _cluster_options(command: Callable[..., Any]) -> Callable[..., Any]:
             click.option(
                 "--input",
                 "input_file",
-                type=click.File("r"),
+                # A line that is not UTF-8 is one failed task, not a crash.
+                type=click.File("r", errors="surrogateescape"),
                 default="-",
                 help="One task per line  [default: stdin]",
             ),
@@ -321,6 +328,11 @@ def map_command(
     sink: str | None,
 ) -> None:
     """Apply MODULE:FUNCTION to each input line (as JSON if it parses)."""
+    if connect is None and sink is not None:
+        raise click.UsageError(
+            "--sink needs --connect: an embedded broker ends with the run, and "
+            "its sink's results with it"
+        )
     if connect is None:
         _or_usage_error(lambda: resolve(function))
     module = function.partition(":")[0]
@@ -371,19 +383,31 @@ def _lines(stream: IO[str]) -> Iterator[str]:
 
 def _parse_line(line: str) -> Any:
     try:
-        return json.loads(line)
+        return json.loads(line, parse_constant=_reject, parse_float=_finite)
     except ValueError:
         return line
 
 
-def _map_record(item: Any, future: TaskFuture) -> tuple[dict[str, Any], bool]:
+def _reject(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON a task can return as JSON")
+
+
+def _finite(text: str) -> float:
+    # 1e400 parses to infinity, which JSON output cannot carry: keep the string.
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
+def _map_record(item: Any, future: Future[Any]) -> tuple[dict[str, Any], bool]:
     error = future.exception()
     if error is None:
         return {"input": item, "result": future.result()}, True
     return {"input": item, "error": _error_fields(error)}, False
 
 
-def _exec_record(line: str, future: TaskFuture) -> tuple[dict[str, Any], bool]:
+def _exec_record(line: str, future: Future[Any]) -> tuple[dict[str, Any], bool]:
     error = future.exception()
     if error is not None:
         return {
@@ -410,7 +434,7 @@ class _Job:
     make_task: Callable[[Any], tuple[str, tuple[Any, ...]]]
     modules: list[str]  # what embedded workers must serve
     options: dict[str, Any]  # for Client.submit
-    record: Callable[[Any, TaskFuture], tuple[dict[str, Any], bool]]
+    record: Callable[[Any, Future[Any]], tuple[dict[str, Any], bool]]
 
 
 def _run(
@@ -445,59 +469,112 @@ def _run_tasks(
     progress: bool | None,
 ) -> int:
     """Submit a task per item, write records in input order; return failures."""
-    make_task, options, record = job.make_task, job.options, job.record
     with contextlib.ExitStack() as stack:
-        address = connect
-        if address is None:
+        if connect is None:
             cluster = LocalCluster(workers, job.modules)
             stack.callback(cluster.stop)
             _or_usage_error(cluster.start)
-            address = cluster.address
+            client = stack.enter_context(Client(cluster.address))
+            check = _embedded_health(cluster)
+        else:
+            client = stack.enter_context(Client(connect))
+            _check_broker(client, connect)
+            check = _no_check
 
-        client = stack.enter_context(Client(address or DEFAULT_ADDRESS))
         bar = stack.enter_context(_Progress(progress))
         started = time.perf_counter()
         done = failed = 0
-        for item, future in _ordered(client, make_task, items, options):
-            fields, ok = record(item, future)
-            if not options.get("sink"):
+        for item, future in _ordered(client, job, items, check):
+            fields, ok = job.record(item, future)
+            if not job.options.get("sink"):
                 output.write(json.dumps(fields) + "\n")
             done += 1
             failed += not ok
             bar.advance()
         output.flush()
 
-    _summary(done, failed, time.perf_counter() - started)
+    _summary(done, failed, time.perf_counter() - started, job.options.get("sink"))
     return failed
 
 
+def _check_broker(client: Client, address: str) -> None:
+    try:
+        client.status(timeout_s=BROKER_ANSWER_S)
+    except TimeoutError:
+        raise click.ClickException(
+            f"no broker answered at {address} within {BROKER_ANSWER_S:g}s"
+        ) from None
+
+
+def _embedded_health(cluster: LocalCluster) -> Callable[[], None]:
+    def check() -> None:
+        dead = cluster.exited()
+        if dead:
+            raise click.ClickException(
+                f"the embedded {dead} exited; unfinished tasks are lost"
+            )
+
+    return check
+
+
+def _no_check() -> None:
+    # A remote broker that goes away is waited for: the client reconnects and
+    # the broker's journal keeps the tasks.
+    return None
+
+
 def _ordered(
-    client: Client,
-    make_task: Callable[[Any], tuple[str, tuple[Any, ...]]],
-    items: Iterator[Any],
-    options: dict[str, Any],
-) -> Iterator[tuple[Any, TaskFuture]]:
+    client: Client, job: _Job, items: Iterator[Any], check: Callable[[], None]
+) -> Iterator[tuple[Any, Future[Any]]]:
     """Submit ahead of the output; yield (item, finished future) in input order."""
-    window: deque[tuple[Any, TaskFuture]] = deque()
+    window: deque[tuple[Any, Future[Any]]] = deque()
     for item in items:
-        function, args = make_task(item)
-        window.append((item, client.submit(function, *args, **options)))
+        window.append((item, _submit(client, job, item)))
         while window and (len(window) >= MAP_AHEAD or window[0][1].done()):
-            yield _wait(window.popleft())
+            yield _wait(window.popleft(), check)
     while window:
-        yield _wait(window.popleft())
+        yield _wait(window.popleft(), check)
 
 
-def _wait(entry: tuple[Any, TaskFuture]) -> tuple[Any, TaskFuture]:
-    entry[1].exception()  # blocks until it is done, without raising
+def _submit(client: Client, job: _Job, item: Any) -> Future[Any]:
+    """Submit one item's task; an item that cannot be sent is a failed task."""
+    try:
+        _require_utf8(item)
+        function, args = job.make_task(item)
+        return client.submit(function, *args, **job.options)
+    except UsageError as exc:
+        failed: Future[Any] = Future()
+        failed.set_exception(exc)
+        return failed
+
+
+def _require_utf8(item: Any) -> None:
+    if isinstance(item, str) and not item.isascii():
+        try:
+            item.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UsageError("the input line is not valid UTF-8") from None
+
+
+def _wait(
+    entry: tuple[Any, Future[Any]], check: Callable[[], None]
+) -> tuple[Any, Future[Any]]:
+    while not entry[1].done():
+        check()
+        with contextlib.suppress(TimeoutError):
+            entry[1].exception(timeout=HEALTH_CHECK_S)
     return entry
 
 
-def _summary(done: int, failed: int, elapsed_s: float) -> None:
+def _summary(done: int, failed: int, elapsed_s: float, sink: str | None) -> None:
     rate = done / elapsed_s if elapsed_s > 0 else 0.0
+    tasks = f"{done} task{'s' if done != 1 else ''}"
+    if sink:
+        outcome = f"accepted for sink {sink!r}; {failed} refused"
+    else:
+        outcome = f"{done - failed} succeeded, {failed} failed"
     click.echo(
-        f"ventilator: {done} tasks, {done - failed} succeeded, {failed} failed "
-        f"in {elapsed_s:.2f}s ({rate:,.0f} tasks/s)",
+        f"ventilator: {tasks}, {outcome} in {elapsed_s:.2f}s ({rate:,.0f} tasks/s)",
         err=True,
     )
 

@@ -340,6 +340,9 @@ class Client:
         kwargs: dict[str, Any],
     ) -> tuple[str, int, bytes]:
         if isinstance(function, str):
+            module, _, name = function.partition(":")
+            if not module or not name:
+                raise UsageError(f"expected 'module:function', got {function!r}")
             return function, p.Flags.NONE, pack_call(args, kwargs)
 
         name = _importable_name(function)

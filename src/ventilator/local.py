@@ -160,6 +160,13 @@ class LocalCluster:
                 time.sleep(0.05)
         raise VentilatorError(f"no worker registered within {START_TIMEOUT_S:g}s")
 
+    def exited(self) -> str | None:
+        """ "broker" or "worker" if that process has exited, else None."""
+        for name, process in zip(("broker", "worker"), self._processes, strict=False):
+            if process.poll() is not None:
+                return f"{name} (pid {process.pid}, exit status {process.returncode})"
+        return None
+
     def stop(self) -> None:
         """Stop the worker, then the broker: terminate, and kill after a deadline.
 

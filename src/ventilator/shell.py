@@ -7,6 +7,8 @@ run programs on the worker's machine. The embedded cluster of `exec` does so.
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 from typing import Any
 
@@ -22,20 +24,31 @@ def run(argv: list[str], timeout_s: float | None = None) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: the program does not exist on this worker.
-        subprocess.TimeoutExpired: it ran past `timeout_s` and was killed.
+        TimeoutError: it ran past `timeout_s`; it and its process group were
+            killed.
     """
     if not argv or not all(isinstance(arg, str) for arg in argv):
         raise ValueError(f"argv must be a non-empty list of strings, got {argv!r:.80}")
 
-    completed = subprocess.run(
+    # Its own process group, so that a timeout stops whatever it started too.
+    process = subprocess.Popen(
         argv,
-        capture_output=True,
-        timeout=timeout_s,
-        check=False,
         stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
     )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise TimeoutError(
+            f"{argv[0]} ran past its timeout of {timeout_s:g}s; it and the "
+            "processes it started were killed"
+        ) from None
     return {
-        "exit_code": completed.returncode,
-        "stdout": completed.stdout.decode("utf-8", "replace"),
-        "stderr": completed.stderr.decode("utf-8", "replace"),
+        "exit_code": process.returncode,
+        "stdout": stdout.decode("utf-8", "replace"),
+        "stderr": stderr.decode("utf-8", "replace"),
     }

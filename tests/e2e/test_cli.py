@@ -403,3 +403,36 @@ def test_sink_receives_results_submitted_before_and_after_it_started(
     assert sorted(record["result"] for record in records) == [i * i for i in range(15)]
     assert {record["client"] for record in records} == {client.session}
     assert len({record["task_id"] for record in records}) == 15
+
+
+def test_map_fails_a_line_that_is_not_utf8_and_runs_the_others(
+    processes: Processes, tmp_path: Path
+) -> None:
+    lines = tmp_path / "lines.txt"
+    lines.write_bytes(b"1\n\xff\n2\n")
+
+    completed = run_cli(
+        processes, "map", f"{TASKS}:echo", "--workers", "1", "--input", str(lines)
+    )
+
+    records = [json.loads(line) for line in completed.stdout.splitlines()]
+    assert completed.returncode == 1
+    assert [r.get("result") for r in records] == [1, None, 2]
+    assert "UTF-8" in records[1]["error"]["message"]
+
+
+def test_map_with_connect_and_no_broker_exits_with_an_error(
+    processes: Processes,
+) -> None:
+    completed = run_cli(
+        processes,
+        "map",
+        f"{TASKS}:echo",
+        "--connect",
+        "tcp://127.0.0.1:9",
+        input_text="1\n",
+        timeout_s=30,
+    )
+
+    assert completed.returncode == 1
+    assert "no broker answered" in completed.stderr
