@@ -36,7 +36,8 @@ def send(socket: zmq.Socket[bytes], command: p.Command) -> bool:
     message dropped here is not lost work.
     """
     try:
-        socket.send_multipart(p.encode(command), zmq.NOBLOCK, copy=False)
+        frames = p.encode(command)
+        socket.send_multipart(frames, zmq.NOBLOCK, copy=p.small(frames))
     except zmq.Again:
         log.debug("could not send %s: broker not reachable", type(command).__name__)
         return False

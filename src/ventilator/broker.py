@@ -34,9 +34,6 @@ log = logging.getLogger(__name__)
 
 # Messages drained from one socket per loop turn before the other gets its turn.
 DRAIN_BATCH = 512
-# Frames at least this large are kept as views, not copied (pyzmq's own
-# threshold for zero-copy sends).
-ZERO_COPY_BYTES = 65536
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,7 +195,8 @@ class Broker:
         self, sock: zmq.Socket[bytes], peer: bytes, command: p.Command, now: float
     ) -> None:
         try:
-            sock.send_multipart([peer, *p.encode(command)], zmq.NOBLOCK, copy=False)
+            frames = [peer, *p.encode(command)]
+            sock.send_multipart(frames, zmq.NOBLOCK, copy=p.small(frames))
         except zmq.ZMQError as exc:
             # EHOSTUNREACH: the peer is gone. EAGAIN: it stopped reading and its
             # queue is full. Either way the scheduler takes back what it sent.
@@ -241,7 +239,7 @@ class _RateLimit:
 def _keep(frame: zmq.Frame) -> bytes | memoryview:
     """A frame's content: large ones as a view of libzmq's buffer, so a payload
     is never copied on its way through the broker (nor into the journal)."""
-    if len(frame) >= ZERO_COPY_BYTES:
+    if len(frame) >= p.ZERO_COPY_BYTES:
         return frame.buffer
     return frame.bytes
 

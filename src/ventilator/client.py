@@ -340,14 +340,14 @@ class Client:
         kwargs: dict[str, Any],
     ) -> tuple[str, int, bytes]:
         if isinstance(function, str):
-            module, _, name = function.partition(":")
-            if not module or not name:
+            module, _, qualname = function.partition(":")
+            if not module or not qualname:
                 raise UsageError(f"expected 'module:function', got {function!r}")
             return function, p.Flags.NONE, pack_call(args, kwargs)
 
-        name = _importable_name(function)
-        if name is not None:
-            return name, p.Flags.NONE, pack_call(args, kwargs)
+        importable = _importable_name(function)
+        if importable is not None:
+            return importable, p.Flags.NONE, pack_call(args, kwargs)
         if not self.allow_pickle:
             raise PickleNotAllowed(
                 f"{function!r} is not a public module-level function, so it would "

@@ -35,6 +35,8 @@ from .errors import ProtocolError
 HEADER = b"VNT1"
 MAX_NAME_LENGTH = 256
 MAX_BODY_BYTES = 16 * 1024 * 1024
+# Frames at least this large travel without copies (pyzmq's own threshold).
+ZERO_COPY_BYTES = 65536
 
 # A payload is bytes, a memoryview or a zmq.Frame: whatever the socket gave us,
 # kept as is so that it can be forwarded without a copy.
@@ -612,6 +614,15 @@ def encode(command: Command) -> list[Payload]:
     """Turn a command into the frames to send (without any routing id)."""
     cmd, body, payloads = _encode(command)
     return [HEADER, bytes((cmd,)), msgpack.packb(body), *payloads]
+
+
+def small(frames: Sequence[Payload]) -> bool:
+    """Whether copying `frames` into libzmq beats lending them (zero-copy).
+
+    Lending costs pyzmq a Frame object and a release callback per frame, which
+    outweighs a memcpy for anything smaller than its own 64 KiB threshold.
+    """
+    return all(len(frame) < ZERO_COPY_BYTES for frame in frames)
 
 
 def decode(frames: Sequence[Payload], allowed: frozenset[Cmd]) -> Command:
