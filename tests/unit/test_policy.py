@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ventilator.policy import Backoff, Limits
+from ventilator.policy import Backoff, Limits, Prefetch
 
 unit_randoms = st.floats(0.0, 1.0, exclude_max=True)
 
@@ -84,3 +84,25 @@ def test_limits_default_to_a_worker_death_budget_and_a_fresh_backoff() -> None:
     assert limits.max_attempts >= 1
     assert limits.heartbeat_interval_s * limits.liveness > 0
     assert limits.retry_backoff == Backoff()
+
+
+def test_fixed_prefetch_ignores_task_length() -> None:
+    assert Prefetch(fixed=3).per_slot(None) == 3
+    assert Prefetch(fixed=3).per_slot(0.000001) == 3
+
+
+def test_adaptive_prefetch_holds_one_task_per_slot_until_tasks_are_known_short() -> (
+    None
+):
+    policy = Prefetch()
+
+    assert policy.per_slot(None) == 1
+    assert policy.per_slot(2.0) == 1
+
+
+def test_adaptive_prefetch_holds_about_its_buffer_of_short_tasks() -> None:
+    policy = Prefetch(buffer_s=0.02, most=256)
+
+    assert policy.per_slot(0.005) == 1 + 4
+    assert policy.per_slot(0.1) == 2
+    assert policy.per_slot(0.000001) == 256

@@ -1,0 +1,50 @@
+"""Small pure pieces of the I/O shells: log rate limiting, message splitting."""
+
+from __future__ import annotations
+
+from ventilator import protocol as p
+from ventilator.broker import _RateLimit
+from ventilator.client import SUBMIT_BATCH, SUBMIT_BATCH_BYTES, _batches
+
+
+def test_rate_limit_allows_one_line_per_interval_and_counts_the_rest() -> None:
+    limit = _RateLimit(per_s=1.0)
+
+    allowed = [limit.allows(now) for now in (0.0, 0.1, 0.2, 0.9, 1.0, 1.5)]
+
+    assert allowed == [True, False, False, False, True, False]
+    assert limit.suppressed_note() == "; 4 more not logged"
+    assert limit.suppressed_note() == ""
+
+
+def _spec(task_id: int, size: int) -> p.TaskSpec:
+    return p.TaskSpec(task_id, "jobs:f", b"x" * size)
+
+
+def test_submissions_are_split_by_count() -> None:
+    specs = [_spec(i, 1) for i in range(SUBMIT_BATCH * 2 + 1)]
+
+    sizes = [len(chunk) for chunk in _batches(specs)]
+
+    assert sizes == [SUBMIT_BATCH, SUBMIT_BATCH, 1]
+
+
+def test_submissions_are_split_by_bytes_keeping_order() -> None:
+    big = SUBMIT_BATCH_BYTES // 2 + 1
+    specs = [_spec(i, big) for i in range(5)]
+
+    chunks = list(_batches(specs))
+
+    assert [len(chunk) for chunk in chunks] == [2, 2, 1]
+    assert [s.task_id for chunk in chunks for s in chunk] == [0, 1, 2, 3, 4]
+
+
+def test_one_oversized_submission_still_travels_alone() -> None:
+    specs = [_spec(0, SUBMIT_BATCH_BYTES * 3), _spec(1, 1)]
+
+    assert [len(chunk) for chunk in _batches(specs)] == [1, 1]
+
+
+def test_only_messages_of_small_frames_are_copied() -> None:
+    assert p.small([b"header", b"x" * (p.ZERO_COPY_BYTES - 1)])
+    assert not p.small([b"header", b"x" * p.ZERO_COPY_BYTES])
