@@ -7,6 +7,7 @@ only module that configures logging.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import logging
@@ -421,6 +422,25 @@ def _exec_record(line: str, future: Future[Any]) -> tuple[dict[str, Any], bool]:
     return {"input": line, **outcome}, outcome["exit_code"] == 0
 
 
+def _json_line(fields: dict[str, Any]) -> str:
+    """One line of strict JSON, whatever msgpack types a task returned."""
+    return json.dumps(_jsonable(fields), allow_nan=False) + "\n"
+
+
+def _jsonable(value: Any) -> Any:
+    # bytes are kept whole as base64; JSON has no NaN or infinity, so those
+    # become the strings Python prints for them.
+    if isinstance(value, bytes):
+        return {"$base64": base64.b64encode(value).decode("ascii")}
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    if isinstance(value, dict):
+        return {str(key): _jsonable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(item) for item in value]
+    return value
+
+
 def _error_fields(error: BaseException) -> dict[str, str]:
     if isinstance(error, TaskError):
         return {"type": error.remote_type, "message": error.message}
@@ -487,7 +507,7 @@ def _run_tasks(
         for item, future in _ordered(client, job, items, check):
             fields, ok = job.record(item, future)
             if not job.options.get("sink"):
-                output.write(json.dumps(fields) + "\n")
+                output.write(_json_line(fields))
             done += 1
             failed += not ok
             bar.advance()
@@ -653,6 +673,7 @@ def status(connect: str, as_json: bool, timeout_s: float) -> None:
 
 def _print_status(report: dict[str, Any]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
@@ -661,7 +682,7 @@ def _print_status(report: dict[str, Any]) -> None:
         workers.add_column(column)
     for w in report["workers"]:
         workers.add_row(
-            w["id"],
+            escape(w["id"]),
             str(len(w["services"])),
             str(w["capacity"]),
             str(w["running"]),
@@ -674,7 +695,7 @@ def _print_status(report: dict[str, Any]) -> None:
         queues.add_column(column)
     for function in sorted(set(report["queued"]) | set(report["running"])):
         queues.add_row(
-            function,
+            escape(function),
             str(report["queued"].get(function, 0)),
             str(report["running"].get(function, 0)),
         )
@@ -722,7 +743,7 @@ def sink(
                 fields["result"] = result.value
             else:
                 fields["error"] = _error_fields(result.error)
-            output_file.write(json.dumps(fields) + "\n")
+            output_file.write(_json_line(fields))
             output_file.flush()
 
 

@@ -25,6 +25,7 @@ import itertools
 import logging
 import os
 import queue
+import re
 import secrets
 import sys
 import threading
@@ -340,9 +341,11 @@ class Client:
         kwargs: dict[str, Any],
     ) -> tuple[str, int, bytes]:
         if isinstance(function, str):
-            module, _, qualname = function.partition(":")
-            if not module or not qualname:
-                raise UsageError(f"expected 'module:function', got {function!r}")
+            if not _TASK_NAME.fullmatch(function):
+                raise UsageError(
+                    f"expected 'module:function' naming a public function, got "
+                    f"{function!r}"
+                )
             return function, p.Flags.NONE, pack_call(args, kwargs)
 
         importable = _importable_name(function)
@@ -674,6 +677,10 @@ class ClientExecutor(Executor):
             for future in futures:
                 with contextlib.suppress(BaseException):
                     future.exception()
+
+
+# A dotted module path, a colon, and a public name: what workers can serve.
+_TASK_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z]\w*")
 
 
 def _batches(specs: list[p.TaskSpec]) -> Iterator[list[p.TaskSpec]]:

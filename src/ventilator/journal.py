@@ -147,13 +147,16 @@ class SqliteJournal:
 
 
 def _lock_exclusively(path: Path) -> IO[bytes]:
-    """Hold an exclusive lock beside the journal for as long as it is open.
+    """Hold an exclusive lock on the journal file for as long as it is open.
 
     Two brokers replaying one journal would both run its tasks; SQLite's own
-    locks only keep their writes apart. The lock is released by the OS when
-    the broker dies, however it dies.
+    locks only keep their writes apart. flock() on the file itself covers any
+    path to it (symbolic or hard links) and does not touch SQLite's fcntl()
+    locks; the descriptor stays open until after SQLite has closed, since
+    closing any descriptor of the file would drop SQLite's locks. The OS
+    releases the lock when the broker dies, however it dies.
     """
-    lock = open(f"{path}.lock", "ab")  # noqa: SIM115 - held until close()
+    lock = open(path, "ab")  # noqa: SIM115 - held until close()
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

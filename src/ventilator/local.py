@@ -113,6 +113,9 @@ class LocalCluster:
             ),
             stdout=subprocess.PIPE,
             env=self._env(),
+            # Their own process group: Ctrl-C in a terminal reaches only us, and
+            # we stop them in order (see stop()).
+            process_group=0,
         )
         self._processes.append(broker)
         assert broker.stdout is not None
@@ -140,6 +143,7 @@ class LocalCluster:
                 *options,
             ),
             env=self._env(),
+            process_group=0,
         )
         self._processes.append(worker)
 

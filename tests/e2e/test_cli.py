@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
@@ -436,3 +437,20 @@ def test_map_with_connect_and_no_broker_exits_with_an_error(
 
     assert completed.returncode == 1
     assert "no broker answered" in completed.stderr
+
+
+def test_map_writes_bytes_results_as_base64_in_strict_json(
+    processes: Processes,
+) -> None:
+    completed = run_cli(
+        processes, "map", f"{TASKS}:make_bytes", "--workers", "1", input_text="3\n"
+    )
+
+    [line] = completed.stdout.splitlines()
+    record = json.loads(line, parse_constant=_no_constants)
+    assert completed.returncode == 0
+    assert base64.b64decode(record["result"]["$base64"]) == b"rrr"
+
+
+def _no_constants(name: str) -> None:
+    raise AssertionError(f"{name} is not strict JSON")

@@ -257,3 +257,15 @@ def test_a_second_broker_cannot_open_a_journal_in_use(tmp_path: Path) -> None:
         first.close()
 
     SqliteJournal(tmp_path / "journal.db").close()  # free again once closed
+
+
+def test_a_link_to_a_journal_in_use_is_refused_too(tmp_path: Path) -> None:
+    first = SqliteJournal(tmp_path / "journal.db")
+    (tmp_path / "symbolic.db").symlink_to(tmp_path / "journal.db")
+    (tmp_path / "hard.db").hardlink_to(tmp_path / "journal.db")
+    try:
+        for link in ("symbolic.db", "hard.db"):
+            with pytest.raises(UsageError, match="in use by another broker"):
+                SqliteJournal(tmp_path / link)
+    finally:
+        first.close()
