@@ -41,7 +41,7 @@ DURABILITY_MODES = ("process", "power", "memory")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
-    seq         INTEGER PRIMARY KEY,  -- acceptance order, kept by a replay
+    seq         INTEGER PRIMARY KEY,  -- the broker's ticket: acceptance order
     session     TEXT    NOT NULL,
     task_id     INTEGER NOT NULL,
     function    TEXT    NOT NULL,
@@ -51,8 +51,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     recipient   TEXT    NOT NULL,
     payload     BLOB    NOT NULL,
     status      INTEGER,
-    result      BLOB,
-    UNIQUE (session, task_id)
+    result      BLOB
 )
 """
 
@@ -61,14 +60,14 @@ class Journal(Protocol):
     """What the broker needs from a journal."""
 
     def load(self) -> list[Task]:
-        """Every task still on record, oldest first, with tickets to be assigned."""
+        """Every task still on record, oldest first, with its ticket."""
         ...
 
     def commit(
         self,
         accepted: Iterable[Task],
         finished: Iterable[Task],
-        forgotten: Iterable[tuple[str, int]],
+        forgotten: Iterable[int],
     ) -> None:
         """Record one loop turn's changes atomically."""
         ...
@@ -86,7 +85,7 @@ class MemoryJournal:
         self,
         accepted: Iterable[Task],
         finished: Iterable[Task],
-        forgotten: Iterable[tuple[str, int]],
+        forgotten: Iterable[int],
     ) -> None:
         pass
 
@@ -108,7 +107,7 @@ class SqliteJournal:
 
     def load(self) -> list[Task]:
         rows = self._db.execute(
-            "SELECT session, task_id, function, flags, timeout_s, retries,"
+            "SELECT seq, session, task_id, function, flags, timeout_s, retries,"
             " recipient, payload, status, result FROM tasks ORDER BY seq"
         )
         return [_task_from_row(row) for row in rows]
@@ -117,24 +116,24 @@ class SqliteJournal:
         self,
         accepted: Iterable[Task],
         finished: Iterable[Task],
-        forgotten: Iterable[tuple[str, int]],
+        forgotten: Iterable[int],
     ) -> None:
         db = self._db
         db.execute("BEGIN")
         try:
+            # Keyed by the ticket (the rowid): no secondary index to keep up.
             db.executemany(
-                "INSERT OR REPLACE INTO tasks (session, task_id, function, flags,"
+                "INSERT INTO tasks (seq, session, task_id, function, flags,"
                 " timeout_s, retries, recipient, payload)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [_accepted_row(task) for task in accepted],
             )
             db.executemany(
-                "UPDATE tasks SET status = ?, result = ?, payload = x''"
-                " WHERE session = ? AND task_id = ?",
+                "UPDATE tasks SET status = ?, result = ?, payload = x'' WHERE seq = ?",
                 [_finished_row(task) for task in finished],
             )
             db.executemany(
-                "DELETE FROM tasks WHERE session = ? AND task_id = ?", forgotten
+                "DELETE FROM tasks WHERE seq = ?", [(ticket,) for ticket in forgotten]
             )
         except BaseException:
             db.execute("ROLLBACK")
@@ -190,6 +189,7 @@ def open_journal(path: str | Path | None, durability: str = "process") -> Journa
 
 def _accepted_row(task: Task) -> tuple[object, ...]:
     return (
+        task.ticket,
         task.session,
         task.task_id,
         task.function,
@@ -202,14 +202,14 @@ def _accepted_row(task: Task) -> tuple[object, ...]:
 
 
 def _finished_row(task: Task) -> tuple[object, ...]:
-    return (int(task.status or 0), task.result, task.session, task.task_id)
+    return (int(task.status or 0), task.result, task.ticket)
 
 
 def _task_from_row(row: tuple[object, ...]) -> Task:
-    session, task_id, function, flags, timeout_s, retries, recipient = row[:7]
-    payload, status, result = row[7:]
+    seq, session, task_id, function, flags, timeout_s, retries = row[:7]
+    recipient, payload, status, result = row[7:]
     task = Task(
-        ticket=0,
+        ticket=int(seq),  # type: ignore[call-overload]
         session=str(session),
         task_id=int(task_id),  # type: ignore[call-overload]
         function=str(function),

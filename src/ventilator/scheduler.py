@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import enum
 import heapq
-import itertools
 import math
 import random
 from collections import OrderedDict, deque
@@ -192,7 +191,7 @@ class Effects:
 
     accepted: list[Task] = field(default_factory=list)
     finished: list[Task] = field(default_factory=list)
-    forgotten: list[tuple[str, int]] = field(default_factory=list)
+    forgotten: list[int] = field(default_factory=list)  # tickets
     to_clients: list[tuple[bytes, p.Command]] = field(default_factory=list)
     to_workers: list[tuple[bytes, p.Command]] = field(default_factory=list)
     notices: list[Notice] = field(default_factory=list)
@@ -220,7 +219,7 @@ class Scheduler:
         self._durable = durable
         self._backoff: Backoff = self.limits.retry_backoff
         self._rng = rng or random.Random()
-        self._tickets = itertools.count(1)
+        self._next_ticket = 1
 
         self.tasks: dict[int, Task] = {}
         self._by_key: dict[tuple[str, int], int] = {}
@@ -377,7 +376,7 @@ class Scheduler:
 
     def _accept(self, session: str, spec: p.TaskSpec) -> None:
         task = Task(
-            ticket=next(self._tickets),
+            ticket=self._new_ticket(),
             session=session,
             task_id=spec.task_id,
             function=spec.function,
@@ -390,6 +389,11 @@ class Scheduler:
         self._admit(task)
         self._enqueue(task)
         self._effects.accepted.append(task)
+
+    def _new_ticket(self) -> int:
+        ticket = self._next_ticket
+        self._next_ticket += 1
+        return ticket
 
     def _admit(self, task: Task) -> None:
         self.tasks[task.ticket] = task
@@ -421,7 +425,7 @@ class Scheduler:
             self._hold(task.session, -1)
         self._queued_bytes -= len(task.payload) + len(task.result)
         self._finish_order.pop(task.ticket, None)
-        self._effects.forgotten.append(task.key)
+        self._effects.forgotten.append(task.ticket)
 
     def _cancel(self, session: str, task_ids: Iterable[int], now: float) -> None:
         for task_id in task_ids:
@@ -788,7 +792,8 @@ class Scheduler:
         Tasks that had not finished go back to the queue; finished ones wait for
         their recipient to connect and acknowledge them.
         """
-        task.ticket = next(self._tickets)
+        # The ticket is the journal's key for the task: it survives restarts.
+        self._next_ticket = max(self._next_ticket, task.ticket + 1)
         task.worker = None
         self._admit(task)
         if task.state is State.FINISHED:

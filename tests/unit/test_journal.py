@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,10 +21,12 @@ from ventilator.scheduler import State, Task
 
 from .driver import Driver, accepted, assignments, results, task
 
+_TICKETS = itertools.count(1)
+
 
 def a_task(task_id: int, session: str = "alice", **fields: object) -> Task:
     values: dict[str, object] = {
-        "ticket": task_id,
+        "ticket": next(_TICKETS),  # the broker's ticket is the journal's key
         "session": session,
         "task_id": task_id,
         "function": "jobs:f",
@@ -104,8 +107,9 @@ def test_finished_task_is_loaded_with_its_status_and_result(
 def test_forgotten_task_is_gone_after_reopening(
     journal: SqliteJournal, path: Path
 ) -> None:
-    journal.commit([a_task(1), a_task(2)], [], [])
-    journal.commit([], [], [("alice", 1)])
+    first = a_task(1)
+    journal.commit([first, a_task(2)], [], [])
+    journal.commit([], [], [first.ticket])
     journal.close()
 
     assert [t.task_id for t in reopened(path)] == [2]
@@ -116,7 +120,7 @@ def test_accepted_finished_and_forgotten_in_one_turn_leaves_nothing(
 ) -> None:
     one = a_task(1)
 
-    journal.commit([one], [finished(one, p.Status.OK, b"")], [one.key])
+    journal.commit([one], [finished(one, p.Status.OK, b"")], [one.ticket])
 
     assert journal.load() == []
 
@@ -135,18 +139,20 @@ def test_sink_recipient_and_ok_status_survive(journal: SqliteJournal) -> None:
 
 
 def test_same_task_id_in_two_sessions_are_two_rows(journal: SqliteJournal) -> None:
-    journal.commit([a_task(1, "alice"), a_task(1, "bob")], [], [])
-    journal.commit([], [], [("alice", 1)])
+    alices = a_task(1, "alice")
+    journal.commit([alices, a_task(1, "bob")], [], [])
+    journal.commit([], [], [alices.ticket])
 
     assert [t.key for t in journal.load()] == [("bob", 1)]
 
 
 def test_failed_commit_leaves_the_journal_as_it_was(journal: SqliteJournal) -> None:
-    journal.commit([a_task(1)], [], [])
+    first = a_task(1)
+    journal.commit([first], [], [])
     broken = a_task(2, payload=object())  # sqlite cannot bind it
 
     with pytest.raises(sqlite3.Error):
-        journal.commit([broken], [], [("alice", 1)])
+        journal.commit([broken], [], [first.ticket])
 
     assert [t.task_id for t in journal.load()] == [1]
 
