@@ -454,3 +454,39 @@ def test_map_writes_bytes_results_as_base64_in_strict_json(
 
 def _no_constants(name: str) -> None:
     raise AssertionError(f"{name} is not strict JSON")
+
+
+def test_exec_timeout_kills_what_the_command_started(
+    processes: Processes, tmp_path: Path
+) -> None:
+    marker = tmp_path / "child.pid"
+    script = f"sleep 60 & echo $! > {marker}; wait"
+
+    completed = run_cli(
+        processes,
+        "exec",
+        "--workers",
+        "1",
+        "--timeout-s",
+        "1",
+        "--",
+        "sh",
+        "-c",
+        script,
+        input_text="x\n",
+    )
+
+    [record] = [json.loads(line) for line in completed.stdout.splitlines()]
+    assert completed.returncode == 1
+    assert record["error"]["type"] == "TimeoutError"
+    sleeper = int(marker.read_text())
+    wait_until(lambda: not Path(f"/proc/{sleeper}").exists(), 5, "the orphan to go")
+
+
+def test_map_sink_without_connect_is_a_usage_error(processes: Processes) -> None:
+    completed = run_cli(
+        processes, "map", f"{TASKS}:echo", "--sink", "totals", input_text="1\n"
+    )
+
+    assert completed.returncode == 2
+    assert "--sink needs --connect" in completed.stderr
