@@ -344,7 +344,8 @@ def map_command(
         return function, (item,)
 
     job = _Job(task, [module], options, _map_record)
-    sys.exit(_run(job, inputs, output_file, connect, workers, progress))
+    run = _Run(inputs, output_file, connect, workers, progress)
+    sys.exit(_run(job, run))
 
 
 @cli.command(name="exec")
@@ -374,7 +375,8 @@ def exec_command(
         return SHELL_FUNCTION, (argv, timeout_s)
 
     job = _Job(task, ["ventilator.shell"], {"retries": retries}, _exec_record)
-    sys.exit(_run(job, _lines(input_file), output_file, connect, workers, progress))
+    run = _Run(_lines(input_file), output_file, connect, workers, progress)
+    sys.exit(_run(job, run))
 
 
 def _lines(stream: IO[str]) -> Iterator[str]:
@@ -457,19 +459,23 @@ class _Job:
     record: Callable[[Any, Future[Any]], tuple[dict[str, Any], bool]]
 
 
-def _run(
-    job: _Job,
-    items: Iterator[Any],
-    output: IO[str],
-    connect: str | None,
-    workers: int | None,
-    progress: bool | None,
-) -> int:
+@dataclass(frozen=True, slots=True)
+class _Run:
+    """Where a job's items come from and go, and what runs them."""
+
+    items: Iterator[Any]
+    output: IO[str]
+    connect: str | None  # a broker's frontend, or None for an embedded cluster
+    workers: int | None  # embedded task processes
+    progress: bool | None  # None: when stderr is a terminal
+
+
+def _run(job: _Job, run: _Run) -> int:
     """Run the job; return the exit status: 0 all succeeded, 1 some failed."""
     # SIGTERM unwinds like Ctrl-C does, so an embedded cluster is always stopped.
     signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
-        failed = _run_tasks(job, items, output, connect, workers, progress)
+        failed = _run_tasks(job, run)
     except KeyboardInterrupt:
         click.echo("ventilator: interrupted; unfinished tasks abandoned", err=True)
         return 130
@@ -480,38 +486,31 @@ def _exit_on_signal(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def _run_tasks(
-    job: _Job,
-    items: Iterator[Any],
-    output: IO[str],
-    connect: str | None,
-    workers: int | None,
-    progress: bool | None,
-) -> int:
+def _run_tasks(job: _Job, run: _Run) -> int:
     """Submit a task per item, write records in input order; return failures."""
     with contextlib.ExitStack() as stack:
-        if connect is None:
-            cluster = LocalCluster(workers, job.modules)
+        if run.connect is None:
+            cluster = LocalCluster(run.workers, job.modules)
             stack.callback(cluster.stop)
             _or_usage_error(cluster.start)
             client = stack.enter_context(Client(cluster.address))
             check = _embedded_health(cluster)
         else:
-            client = stack.enter_context(Client(connect))
-            _check_broker(client, connect)
+            client = stack.enter_context(Client(run.connect))
+            _check_broker(client, run.connect)
             check = _no_check
 
-        bar = stack.enter_context(_Progress(progress))
+        bar = stack.enter_context(_Progress(run.progress))
         started = time.perf_counter()
         done = failed = 0
-        for item, future in _ordered(client, job, items, check):
+        for item, future in _ordered(client, job, run.items, check):
             fields, ok = job.record(item, future)
             if not job.options.get("sink"):
-                output.write(_json_line(fields))
+                run.output.write(_json_line(fields))
             done += 1
             failed += not ok
             bar.advance()
-        output.flush()
+        run.output.flush()
 
     _summary(done, failed, time.perf_counter() - started, job.options.get("sink"))
     return failed
