@@ -38,7 +38,13 @@ class AsyncClient:
 
         Options (`timeout_s`, `retries`, `sink`) are those of `Client.submit`.
         """
-        future = await asyncio.to_thread(self._client.submit, function, *args, **kwargs)
+        # Straight from the event loop while the window has room; only a full
+        # window costs a thread, which waits for room without blocking the loop.
+        future = self._client.submit_nowait(function, *args, **kwargs)
+        if future is None:
+            future = await asyncio.to_thread(
+                self._client.submit, function, *args, **kwargs
+            )
         return await asyncio.wrap_future(future)
 
     async def map(

@@ -236,6 +236,24 @@ class Client:
         spec = self._spec(function, args, kwargs, timeout_s, retries, sink)
         return self._enqueue([spec], lambda task_id: TaskFuture(self, task_id))[0]
 
+    def submit_nowait(
+        self,
+        function: str | Callable[..., Any],
+        /,
+        *args: Any,
+        timeout_s: float | None = None,
+        retries: int = 0,
+        sink: str | None = None,
+        **kwargs: Any,
+    ) -> TaskFuture | None:
+        """Like `submit`, but return None instead of waiting when the window is
+        full (for event loops, which must not block)."""
+        spec = self._spec(function, args, kwargs, timeout_s, retries, sink)
+        queued = self._enqueue(
+            [spec], lambda task_id: TaskFuture(self, task_id), block=False
+        )
+        return queued[0] if queued else None
+
     def map(
         self,
         function: str | Callable[..., Any],
@@ -366,13 +384,19 @@ class Client:
         )
 
     def _enqueue(
-        self, specs: list[p.TaskSpec], outcome: Callable[[int], OutcomeT]
+        self,
+        specs: list[p.TaskSpec],
+        outcome: Callable[[int], OutcomeT],
+        block: bool = True,
     ) -> list[OutcomeT]:
         """Queue tasks for the I/O thread; `outcome(task_id)` makes what each
-        task's result is delivered to."""
+        task's result is delivered to. Without `block`, queue nothing and
+        return [] when they do not all fit in the window now."""
         outcomes = []
         wake = False
         with self._room:
+            if not block and self._in_window + len(specs) > self._window:
+                return []
             for spec in specs:
                 while self._in_window >= self._window and not self._closed:
                     if wake:  # what we queued must go out, or no room comes back

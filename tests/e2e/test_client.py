@@ -421,3 +421,16 @@ def test_payloads_larger_than_a_socket_buffer_pass_through_the_process_pool() ->
         echoed = list(client.map(f"{TASKS}:echo", [payload] * 100))
 
     assert echoed == [payload] * 100
+
+
+def test_submit_nowait_declines_instead_of_waiting_when_the_window_is_full(
+    launch: Launcher, broker: BrokerProcess, two_workers: list[WorkerProcess]
+) -> None:
+    client = launch.client(broker, window=1)
+    first = client.submit_nowait(tasks.sleep_for, 0.5)
+
+    second = client.submit_nowait(tasks.sleep_for, 0.0)
+
+    assert first is not None and second is None
+    assert first.result(RESULT_TIMEOUT_S) == 0.5
+    wait_until(lambda: client.submit_nowait(tasks.echo, 1) is not None, 5, "room")
