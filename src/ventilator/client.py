@@ -234,7 +234,7 @@ class Client:
             PickleNotAllowed: a callable that needs pickling, without allow_pickle.
         """
         spec = self._spec(function, args, kwargs, timeout_s, retries, sink)
-        return self._enqueue([spec], lambda task_id: TaskFuture(self, task_id))[0]
+        return self._enqueue([spec], self._future)[0]
 
     def submit_nowait(
         self,
@@ -249,10 +249,11 @@ class Client:
         """Like `submit`, but return None instead of waiting when the window is
         full (for event loops, which must not block)."""
         spec = self._spec(function, args, kwargs, timeout_s, retries, sink)
-        queued = self._enqueue(
-            [spec], lambda task_id: TaskFuture(self, task_id), block=False
-        )
+        queued = self._enqueue([spec], self._future, block=False)
         return queued[0] if queued else None
+
+    def _future(self, task_id: int) -> TaskFuture:
+        return TaskFuture(self, task_id)
 
     def map(
         self,

@@ -324,12 +324,13 @@ class Scheduler:
     ) -> None:
         session = recipient.name
         accepted = self._accepted_for.setdefault(peer, [])
+        pickle_served = self._pickle_served()  # once per batch, not per task
         for spec in specs:
             if (session, spec.task_id) in self._by_key:
                 accepted.append(spec.task_id)  # a resubmission: already ours
                 continue
 
-            reason = self._refusal(session, spec)
+            reason = self._refusal(session, spec, pickle_served)
             if reason is not None:
                 self._reject(peer, session, spec.task_id, reason)
                 continue
@@ -337,7 +338,9 @@ class Scheduler:
             self._accept(session, spec)
             accepted.append(spec.task_id)
 
-    def _refusal(self, session: str, spec: p.TaskSpec) -> str | None:
+    def _refusal(
+        self, session: str, spec: p.TaskSpec, pickle_served: bool
+    ) -> str | None:
         limits = self.limits
         size = len(spec.payload)
         if size > limits.max_payload_bytes:
@@ -345,7 +348,7 @@ class Scheduler:
                 f"payload of {size} bytes is over the limit of "
                 f"{limits.max_payload_bytes} bytes (max_payload_bytes)"
             )
-        if spec.flags & p.Flags.PICKLED and not self._pickle_served():
+        if spec.flags & p.Flags.PICKLED and not pickle_served:
             return (
                 "no connected worker runs pickled callables; start one with "
                 "--allow-pickle, or submit the function by its module:name"
@@ -445,6 +448,12 @@ class Scheduler:
         recipient.peer = None
         held = len(recipient.pending) + len(recipient.unacked)
         self._effects.notices.append(ClientLost(recipient.name, held))
+
+        # A session that left with nothing owed is forgotten, so that sessions
+        # do not accumulate; one that still has tasks running is recreated when
+        # their results arrive.
+        if said_bye and not held:
+            del self.recipients[recipient.name]
 
     # --- workers ---------------------------------------------------------------------
 

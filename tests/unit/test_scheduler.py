@@ -775,3 +775,22 @@ def test_scheduler_starts_empty() -> None:
 
     assert scheduler.status(0.0)["workers"] == []
     assert not scheduler.flush().journal_dirty
+
+
+def test_session_that_leaves_with_nothing_owed_is_forgotten(driver: Driver) -> None:
+    driver.hello(session="alice")
+
+    driver.client(CLIENT, p.Bye())
+
+    assert "alice" not in driver.scheduler.recipients
+
+
+def test_session_that_leaves_owing_results_keeps_them(driver: Driver) -> None:
+    driver.hello(session="alice")
+    driver.submit(task(1))
+    [assignment] = assignments(driver.ready(W1), W1)
+    driver.client(CLIENT, p.Bye())
+
+    driver.done(W1, assignment, payload=b"49")
+
+    assert list(driver.scheduler.recipients["alice"].pending)
