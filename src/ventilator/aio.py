@@ -10,7 +10,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
-from .client import Client
+from .client import Client, values_of
 
 __all__ = ["AsyncClient"]
 
@@ -51,11 +51,33 @@ class AsyncClient:
         self,
         function: str | Callable[..., Any],
         iterable: Iterable[Any],
+        *,
+        chunksize: int | None = None,
         **options: Any,
     ) -> AsyncIterator[Any]:
-        """Yield `function(item)` for each item, in input order."""
+        """Yield `function(item)` for each item, in input order.
+
+        Items travel in batches as with `Client.map`, and the event loop waits
+        in a thread once per batch, not once per item.
+        """
+        if options or chunksize == 1:
+            async for value in self._map_each(function, iterable, options):
+                yield value
+            return
+
+        batches = self._client._map_batches(function, iterable, chunksize)
+        while (outcomes := await asyncio.to_thread(next, batches, None)) is not None:
+            for value in values_of(outcomes):
+                yield value
+
+    async def _map_each(
+        self,
+        function: str | Callable[..., Any],
+        iterable: Iterable[Any],
+        options: dict[str, Any],
+    ) -> AsyncIterator[Any]:
         results = await asyncio.to_thread(
-            self._client.map, function, iterable, **options
+            self._client.map, function, iterable, chunksize=1, **options
         )
         sentinel = object()
         while (

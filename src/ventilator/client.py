@@ -45,12 +45,22 @@ from ._timing import poll_timeout_ms
 from .errors import (
     ClientClosed,
     PickleNotAllowed,
+    PoisonTask,
     ProtocolError,
+    ResultExpired,
+    TaskError,
     TaskRejected,
     UsageError,
     task_error_from_wire,
 )
-from .serialization import pack_call, pack_pickled_call, unpack_value
+from .serialization import (
+    BatchPacker,
+    pack_call,
+    pack_pickled_batch,
+    pack_pickled_call,
+    unpack_batch_outcomes,
+    unpack_value,
+)
 
 __all__ = ["Client", "TaskFuture"]
 
@@ -63,6 +73,16 @@ SUBMIT_BATCH = 2048
 # ... and at most about this many payload bytes: one huge message would stall
 # the broker's loop while it is copied in, and hold memory on both sides.
 SUBMIT_BATCH_BYTES = 1024 * 1024
+
+# The batches of `map`: how much work one carries once the map knows how long an
+# item takes. Long enough to spread a task's cost (about 150 µs of CPU along the
+# whole path) over many items; short enough that the workers finish together.
+BATCH_TARGET_S = 0.005
+MAX_BATCH_ITEMS = 256
+MAX_BATCH_BYTES = 256 * 1024
+# Until a first batch is back, a map sends only this many one-item batches: a
+# slow function must not be packed many items to a task before we know.
+PROBE_BATCHES = 4
 
 
 class TaskFuture(Future):  # type: ignore[type-arg]
@@ -117,6 +137,75 @@ class _Slot:
         if self._error is not None:
             raise self._error
         return self._value
+
+
+class _BatchSlot(_Slot):
+    """A `_Slot` for one batch of a map, which keeps the batch's items: if the
+    batch fails as a whole, they are submitted again one by one."""
+
+    __slots__ = ("items",)
+
+    def __init__(self, wakeup: threading.Condition, items: list[Any]) -> None:
+        super().__init__(wakeup)
+        self.items = items
+
+
+class _BatchSizer:
+    """How many items the next batch of a map carries.
+
+    `chunksize` when the caller gave one. Otherwise one item per batch until a
+    batch came back, then as many as run in about BATCH_TARGET_S, by a moving
+    average of the time an item took on the workers.
+    """
+
+    def __init__(self, chunksize: int | None) -> None:
+        self._fixed = chunksize
+        self._item_s: float | None = None
+
+    @property
+    def probing(self) -> bool:
+        return self._fixed is None and self._item_s is None
+
+    def size(self) -> int:
+        if self._fixed is not None:
+            return self._fixed
+        if self._item_s is None:
+            return 1
+        fitting = int(BATCH_TARGET_S / max(self._item_s, 1e-9))
+        return max(1, min(MAX_BATCH_ITEMS, fitting))
+
+    def observe(self, items: int, elapsed_s: float) -> None:
+        item_s = elapsed_s / items
+        if self._item_s is None:
+            self._item_s = item_s
+        else:
+            self._item_s += 0.2 * (item_s - self._item_s)
+
+
+class _BatchEncoder:
+    """Turns a map's items into the payloads of batches of one function."""
+
+    def __init__(self, function: Callable[..., Any] | str, flags: int) -> None:
+        self._function = function
+        self._pickled = bool(flags & p.Flags.PICKLED)
+        self._packer = BatchPacker()
+
+    def take(self, items: Iterator[Any], count: int) -> tuple[list[Any], bytes]:
+        """Up to `count` items from `items`, fewer if they pass MAX_BATCH_BYTES
+        (a pickled batch is bounded by count only), and their payload."""
+        taken: list[Any] = []
+        encoded: list[bytes] = []
+        size = 0
+        for item in itertools.islice(items, count):
+            taken.append(item)
+            if not self._pickled:
+                encoded.append(self._packer.item(item))
+                size += len(encoded[-1])
+                if size >= MAX_BATCH_BYTES:
+                    break
+        if self._pickled and taken:
+            return taken, pack_pickled_batch(self._function, taken)  # type: ignore[arg-type]
+        return taken, self._packer.batch(encoded)
 
 
 _Outcome = TaskFuture | _Slot
@@ -259,14 +348,37 @@ class Client:
         self,
         function: str | Callable[..., Any],
         iterable: Iterable[Any],
+        *,
+        chunksize: int | None = None,
         **options: Any,
     ) -> Iterator[Any]:
         """Apply `function` to each item; yield the results in input order.
+
+        Items travel in batches, many to a task, so that a tiny function costs
+        a small part of a task per item. A batch carries about 5 ms of work
+        (at most 256 items), judged from the items already run, or `chunksize`
+        items. With `timeout_s`, `retries` or `sink`, which apply per item,
+        each item is a task of its own.
 
         Submits ahead of what has been consumed, up to the window. A task that
         failed raises its `TaskError` when its turn comes; use `submit` to handle
         failures one by one.
         """
+        if chunksize is not None and chunksize < 1:
+            raise UsageError(f"chunksize must be at least 1, got {chunksize!r}")
+        if options or chunksize == 1:
+            yield from self._map_each(function, iterable, options)
+            return
+
+        for outcomes in self._map_batches(function, iterable, chunksize):
+            yield from values_of(outcomes)
+
+    def _map_each(
+        self,
+        function: str | Callable[..., Any],
+        iterable: Iterable[Any],
+        options: dict[str, Any],
+    ) -> Iterator[Any]:
         wakeup = threading.Condition()
         slots: deque[_Slot] = deque()
         items = iter(iterable)
@@ -281,6 +393,78 @@ class Client:
                 yield slots.popleft().result()
             if not batch and not slots:
                 return
+
+    def _map_batches(
+        self,
+        function: str | Callable[..., Any],
+        iterable: Iterable[Any],
+        chunksize: int | None,
+    ) -> Iterator[list[list[Any]]]:
+        """Submit the items in batches; yield each batch's outcomes in order,
+        one ``[status, value or error report]`` per item."""
+        name, flags = self._name_of(function)
+        encoder = _BatchEncoder(function, flags)
+        sizer = _BatchSizer(chunksize)
+        wakeup = threading.Condition()
+        batches: deque[_BatchSlot] = deque()
+        ahead = 0  # items submitted and not yet yielded
+        items = iter(iterable)
+        more = True
+        while True:
+            while more and ahead < self._window:
+                if sizer.probing and len(batches) >= PROBE_BATCHES:
+                    break
+                taken, payload = encoder.take(items, sizer.size())
+                if not taken:
+                    more = False
+                    break
+                spec = p.TaskSpec(0, name, payload, flags | p.Flags.BATCH)
+                slot = _BatchSlot(wakeup, taken)
+                self._enqueue([spec], _always(slot))
+                batches.append(slot)
+                ahead += len(taken)
+
+            if not batches:
+                return
+            batch = batches.popleft()
+            ahead -= len(batch.items)
+            yield self._outcomes(function, batch, sizer)
+
+    def _outcomes(
+        self, function: str | Callable[..., Any], batch: _BatchSlot, sizer: _BatchSizer
+    ) -> list[list[Any]]:
+        try:
+            value = batch.result()
+        except TaskError as error:
+            if _split_when_failed(error, len(batch.items)):
+                log.info(
+                    "a batch of %d items failed as a whole (%s); running them one "
+                    "by one",
+                    len(batch.items),
+                    error.remote_type,
+                )
+                return self._run_singly(function, batch.items)
+            return [[p.Status.RAISED.value, error.to_wire()]] * len(batch.items)
+
+        try:
+            elapsed_s, outcomes = unpack_batch_outcomes(value, len(batch.items))
+        except ValueError as exc:
+            raise ProtocolError(f"undecodable result of a batch: {exc}") from exc
+        sizer.observe(len(batch.items), elapsed_s)
+        return outcomes
+
+    def _run_singly(
+        self, function: str | Callable[..., Any], items: list[Any]
+    ) -> list[list[Any]]:
+        wakeup = threading.Condition()
+        specs = [self._spec(function, (item,), {}) for item in items]
+        outcomes = []
+        for slot in self._enqueue(specs, lambda _: _Slot(wakeup)):
+            try:
+                outcomes.append([p.Status.OK.value, slot.result()])
+            except TaskError as error:
+                outcomes.append([p.Status.RAISED.value, error.to_wire()])
+        return outcomes
 
     def collect(
         self, count: int | None = None, timeout_s: float | None = None
@@ -359,17 +543,24 @@ class Client:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> tuple[str, int, bytes]:
+        name, flags = self._name_of(function)
+        if flags & p.Flags.PICKLED:
+            return name, flags, pack_pickled_call(function, args, kwargs)  # type: ignore[arg-type]
+        return name, flags, pack_call(args, kwargs)
+
+    def _name_of(self, function: str | Callable[..., Any]) -> tuple[str, int]:
+        """The name a task of `function` goes by, and its flags."""
         if isinstance(function, str):
             if not _TASK_NAME.fullmatch(function):
                 raise UsageError(
                     f"expected 'module:function' naming a public function, got "
                     f"{function!r}"
                 )
-            return function, p.Flags.NONE, pack_call(args, kwargs)
+            return function, p.Flags.NONE
 
         importable = _importable_name(function)
         if importable is not None:
-            return importable, p.Flags.NONE, pack_call(args, kwargs)
+            return importable, p.Flags.NONE
         if not self.allow_pickle:
             raise PickleNotAllowed(
                 f"{function!r} is not a public module-level function, so it would "
@@ -378,11 +569,7 @@ class Client:
                 "--allow-pickle)"
             )
         label = getattr(function, "__qualname__", type(function).__name__)
-        return (
-            f"pickled:{label}",
-            p.Flags.PICKLED,
-            pack_pickled_call(function, args, kwargs),
-        )
+        return f"pickled:{label}", p.Flags.PICKLED
 
     def _enqueue(
         self,
@@ -720,6 +907,32 @@ def _batches(specs: list[p.TaskSpec]) -> Iterator[list[p.TaskSpec]]:
         size += len(spec.payload)
     if chunk:
         yield chunk
+
+
+def values_of(outcomes: list[list[Any]]) -> Iterator[Any]:
+    """The values of a batch's outcomes, in order; a failed item raises its
+    `TaskError` in its place."""
+    for status, value in outcomes:
+        if status != p.Status.OK:
+            raise task_error_from_wire(value)
+        yield value
+
+
+def _always(outcome: OutcomeT) -> Callable[[int], OutcomeT]:
+    """An outcome maker for `_enqueue` that hands over one made beforehand."""
+    return lambda _task_id: outcome
+
+
+def _split_when_failed(error: TaskError, items: int) -> bool:
+    """Whether a batch that failed whole is worth running item by item.
+
+    Yes when the failure may belong to one item (a worker it killed, a result
+    too large, an oversized item) so that the others need not share it; no
+    when every item would fail the same way (no worker has the function).
+    """
+    if items < 2 or error.remote_type == "PickleNotAllowed":
+        return False
+    return isinstance(error, PoisonTask | ResultExpired | TaskRejected)
 
 
 def _oversized(size: int, limit: int | None) -> TaskRejected | None:

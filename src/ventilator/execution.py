@@ -7,16 +7,20 @@ with the remote type, message and traceback.
 
 from __future__ import annotations
 
+import time
 import traceback
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from . import protocol as p
-from .errors import FunctionNotFound, TaskError, TaskRaised, TaskRejected
+from .errors import FunctionNotFound, TaskError, TaskRaised, TaskRejected, UsageError
 from .serialization import (
+    pack_batch_outcomes,
     pack_error,
     pack_value,
+    unpack_batch,
     unpack_call,
+    unpack_pickled_batch,
     unpack_pickled_call,
 )
 
@@ -31,6 +35,9 @@ def run_task(
     payload: Any,
 ) -> tuple[p.Status, bytes]:
     """Run one task and return how it ended, with its result or error report."""
+    if flags & p.Flags.BATCH:
+        return _run_batch(functions, allow_pickle, function, flags, payload)
+
     try:
         target, args, kwargs = _prepare(
             functions, allow_pickle, function, flags, payload
@@ -44,6 +51,76 @@ def run_task(
     # Whatever the task raises, SystemExit included, is its result, not our crash.
     except BaseException as exc:
         return p.Status.RAISED, pack_error(_raised(exc))
+
+
+def _run_batch(
+    functions: Mapping[str, Callable[..., Any]],
+    allow_pickle: bool,
+    function: str,
+    flags: int,
+    payload: Any,
+) -> tuple[p.Status, bytes]:
+    """Call the function on each item of a batch; each item has its own outcome.
+
+    The batch as a whole is OK whenever it ran: an item that raised is reported
+    in its place, and the other items keep their results.
+    """
+    try:
+        target, items = _prepare_batch(
+            functions, allow_pickle, function, flags, payload
+        )
+    except TaskError as error:
+        return _status_of(error), pack_error(error)
+
+    started = time.perf_counter()
+    outcomes = [_call_one(target, item) for item in items]
+    elapsed_s = time.perf_counter() - started
+    try:
+        return p.Status.OK, pack_batch_outcomes(elapsed_s, outcomes)
+    except UsageError:
+        # Some result cannot be encoded: find it, and fail that item alone.
+        return p.Status.OK, pack_batch_outcomes(elapsed_s, _encodable(outcomes))
+
+
+def _call_one(target: Callable[..., Any], item: Any) -> list[Any]:
+    try:
+        return [p.Status.OK.value, target(item)]
+    except BaseException as exc:  # as in run_task: the item's result, not our crash
+        return [p.Status.RAISED.value, _raised(exc).to_wire()]
+
+
+def _encodable(outcomes: list[list[Any]]) -> list[list[Any]]:
+    checked = []
+    for status, value in outcomes:
+        try:
+            pack_value(value)
+        except UsageError as exc:
+            error = TaskRaised("UsageError", str(exc))
+            status, value = p.Status.RAISED.value, error.to_wire()
+        checked.append([status, value])
+    return checked
+
+
+def _prepare_batch(
+    functions: Mapping[str, Callable[..., Any]],
+    allow_pickle: bool,
+    function: str,
+    flags: int,
+    payload: Any,
+) -> tuple[Callable[..., Any], list[Any]]:
+    if flags & p.Flags.PICKLED:
+        _refuse_pickle_unless(allow_pickle)
+        try:
+            return unpack_pickled_batch(payload)
+        except Exception as exc:
+            message = f"cannot unpickle the batch: {exc}"
+            raise TaskRaised(type(exc).__name__, message) from exc
+
+    target = _served(functions, function)
+    try:
+        return target, unpack_batch(payload)
+    except Exception as exc:
+        raise TaskRaised("ValueError", f"cannot decode the items: {exc}") from exc
 
 
 def _raised(exc: BaseException) -> TaskRaised:
@@ -72,29 +149,40 @@ def _prepare(
     payload: Any,
 ) -> tuple[Callable[..., Any], Any, Any]:
     if flags & p.Flags.PICKLED:
-        if not allow_pickle:
-            # Never unpickle here: unpickling is running the sender's code.
-            raise TaskRejected(
-                "PickleNotAllowed",
-                "this worker does not run pickled callables; start it with "
-                "--allow-pickle to allow them",
-            )
+        _refuse_pickle_unless(allow_pickle)
         try:
             return unpack_pickled_call(payload)
         except Exception as exc:
             message = f"cannot unpickle the call: {exc}"
             raise TaskRaised(type(exc).__name__, message) from exc
 
-    target = functions.get(function)
-    if target is None:
-        raise FunctionNotFound(
-            "FunctionNotFound", f"this worker does not serve {function!r}"
-        )
+    target = _served(functions, function)
     try:
         args, kwargs = unpack_call(payload)
     except Exception as exc:
         raise TaskRaised("ValueError", f"cannot decode the arguments: {exc}") from exc
     return target, args, kwargs
+
+
+def _refuse_pickle_unless(allow_pickle: bool) -> None:
+    if not allow_pickle:
+        # Never unpickle here: unpickling is running the sender's code.
+        raise TaskRejected(
+            "PickleNotAllowed",
+            "this worker does not run pickled callables; start it with "
+            "--allow-pickle to allow them",
+        )
+
+
+def _served(
+    functions: Mapping[str, Callable[..., Any]], function: str
+) -> Callable[..., Any]:
+    target = functions.get(function)
+    if target is None:
+        raise FunctionNotFound(
+            "FunctionNotFound", f"this worker does not serve {function!r}"
+        )
+    return target
 
 
 def _status_of(error: TaskError) -> p.Status:

@@ -17,10 +17,14 @@ import msgpack
 from .errors import TaskError, UsageError
 
 __all__ = [
+    "BatchPacker",
+    "pack_batch_outcomes",
     "pack_call",
     "pack_error",
     "pack_pickled_call",
     "pack_value",
+    "unpack_batch",
+    "unpack_batch_outcomes",
     "unpack_call",
     "unpack_pickled_call",
     "unpack_value",
@@ -65,6 +69,17 @@ def unpack_call(payload: Any) -> tuple[list[Any], dict[str, Any]]:
     return args, kwargs
 
 
+def pack_pickled_batch(function: Callable[..., Any], items: list[Any]) -> bytes:
+    """Pickle a callable with the items of a batch, for workers that allow it."""
+    return cloudpickle.dumps((function, items))  # type: ignore[no-any-return]
+
+
+def unpack_pickled_batch(payload: Any) -> tuple[Callable[..., Any], list[Any]]:
+    """Unpickle a batch. This runs the sender's code: only for opted-in workers."""
+    function, items = pickle.loads(payload)
+    return function, list(items)
+
+
 def pack_pickled_call(
     function: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> bytes:
@@ -83,3 +98,83 @@ def unpack_pickled_call(
 def pack_error(error: TaskError) -> bytes:
     """Encode a task error report."""
     return pack_value(error.to_wire())
+
+
+# --- batches: one task that carries many items of a map --------------------------
+
+
+class BatchPacker:
+    """Encodes a map's items one by one, so that a batch can stop at a size.
+
+    The payload of a batch is a msgpack array of the items, built from each
+    item's own encoding: the client learns each item's size as it goes, and
+    keeps those encodings to resubmit items alone if the batch fails whole.
+    """
+
+    def __init__(self) -> None:
+        self._packer = msgpack.Packer(use_bin_type=True)
+
+    def item(self, value: Any) -> bytes:
+        """Encode one item.
+
+        Raises:
+            UsageError: the item has a type msgpack cannot carry.
+        """
+        try:
+            return self._packer.pack(value)  # type: ignore[no-any-return]
+        except (TypeError, ValueError, OverflowError) as exc:
+            self._packer.reset()
+            raise UsageError(
+                f"cannot send an item of type {type(value).__name__} as msgpack "
+                f"({exc}); use plain types: None, bool, int, float, str, bytes, "
+                "list, dict"
+            ) from exc
+
+    def batch(self, encoded_items: list[bytes]) -> bytes:
+        """The payload of a batch of items encoded with `item`."""
+        header: bytes = self._packer.pack_array_header(len(encoded_items))
+        return header + b"".join(encoded_items)
+
+    @staticmethod
+    def single_call(encoded_item: bytes) -> bytes:
+        """The payload of one ordinary task calling the function on one item:
+        ``[[item]]``, the shape `pack_call` gives."""
+        return b"\x91\x91" + encoded_item
+
+
+def unpack_batch(payload: Any) -> list[Any]:
+    """Decode a batch's items; raise ValueError when it is not a list."""
+    items = unpack_value(payload)
+    if not isinstance(items, list):
+        raise ValueError("a batch payload must be a list of items")
+    return items
+
+
+def pack_batch_outcomes(elapsed_s: float, outcomes: list[list[Any]]) -> bytes:
+    """Encode a batch's result: ``[elapsed_s, [[status, value or error], ...]]``.
+
+    `elapsed_s` is the time the items took to run, which tells the client how
+    many items the next batch should carry.
+
+    Raises:
+        UsageError: some value cannot be encoded; the caller finds which.
+    """
+    return pack_value([elapsed_s, outcomes])
+
+
+def unpack_batch_outcomes(value: Any, count: int) -> tuple[float, list[Any]]:
+    """Check the decoded result of a batch of `count` items.
+
+    Raises:
+        ValueError: it is not ``[elapsed_s, [[status, value], ...]]`` of `count`.
+    """
+    if not (isinstance(value, list) and len(value) == 2):
+        raise ValueError("a batch result must be [elapsed_s, outcomes]")
+    elapsed_s, outcomes = value
+    if not isinstance(elapsed_s, int | float) or not isinstance(outcomes, list):
+        raise ValueError("a batch result must be [elapsed_s, outcomes]")
+    if len(outcomes) != count:
+        raise ValueError(f"a batch of {count} items came back with {len(outcomes)}")
+    if not all(isinstance(o, list) and len(o) == 2 for o in outcomes):
+        raise ValueError("each outcome of a batch must be [status, value]")
+    return float(elapsed_s), outcomes

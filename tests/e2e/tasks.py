@@ -89,3 +89,15 @@ def flaky(path: str, failures: int) -> int:
     if calls <= failures:
         raise RuntimeError(f"failure {calls} of {failures}")
     return calls
+
+
+def crash_on_negative(x: int) -> int:
+    """Square `x`, but end the process at once on a negative one: a poison item."""
+    if x < 0:
+        os._exit(1)
+    return x * x
+
+
+def unsendable_on_negative(x: int) -> Any:
+    """Square `x`, but return a value msgpack cannot carry for a negative one."""
+    return object() if x < 0 else x * x

@@ -68,6 +68,58 @@ def test_map_yields_results_in_input_order(
     assert list(client.map(tasks.square, items)) == [i * i for i in items]
 
 
+@pytest.mark.parametrize("chunksize", [None, 1, 7])
+def test_map_in_batches_yields_every_result_in_input_order(
+    client: ventilator.Client, two_workers: list[WorkerProcess], chunksize: int | None
+) -> None:
+    items = list(range(3000))
+
+    results = list(client.map(tasks.square, items, chunksize=chunksize))
+
+    assert results == [i * i for i in items]
+
+
+def test_map_raises_a_failed_item_in_its_place_after_the_items_before_it(
+    client: ventilator.Client, two_workers: list[WorkerProcess]
+) -> None:
+    items = [*range(1, 20), 0, *range(20, 40)]
+    results: list[float] = []
+
+    with pytest.raises(ventilator.TaskRaised, match="ZeroDivisionError"):
+        for value in client.map(tasks.reciprocal, items, chunksize=8):
+            results.append(value)
+
+    assert results == [1 / i for i in range(1, 20)]
+
+
+def test_map_fails_only_the_item_whose_result_cannot_be_sent(
+    client: ventilator.Client, two_workers: list[WorkerProcess]
+) -> None:
+    items = [1, 2, -1, 3]
+    results: list[int] = []
+
+    with pytest.raises(ventilator.TaskRaised, match="cannot send a value of type"):
+        for value in client.map(tasks.unsendable_on_negative, items, chunksize=4):
+            results.append(value)
+
+    assert results == [1, 4]
+
+
+def test_map_batch_with_a_poison_item_runs_its_other_items_one_by_one(
+    client: ventilator.Client, two_workers: list[WorkerProcess]
+) -> None:
+    # With chunksize 10, items 20..24 share a batch with the poison item -1:
+    # the batch dies whole, then its items run alone and only -1 fails.
+    items = [*range(25), -1, *range(5)]
+    results: list[int] = []
+
+    with pytest.raises(ventilator.PoisonTask):
+        for value in client.map(tasks.crash_on_negative, items, chunksize=10):
+            results.append(value)
+
+    assert results == [i * i for i in range(25)]
+
+
 def test_executor_runs_calls_by_name_through_the_broker(
     client: ventilator.Client, two_workers: list[WorkerProcess]
 ) -> None:
@@ -213,6 +265,19 @@ def test_lambda_runs_when_client_and_worker_allow_pickle(
 
     assert future.result(RESULT_TIMEOUT_S) == 42
     assert tripwire.exists()  # the tripwire works: the worker did unpickle
+
+
+def test_map_of_a_lambda_runs_in_pickled_batches(
+    launch: Launcher, broker: BrokerProcess
+) -> None:
+    launch.worker(broker, allow_pickle=True)
+    client = launch.client(broker, allow_pickle=True)
+    wait_for_workers(client, 1)
+    offset = 3
+
+    results = list(client.map(lambda x: x + offset, range(500)))
+
+    assert results == [x + offset for x in range(500)]
 
 
 def test_pickled_task_fails_clearly_when_the_worker_does_not_allow_pickle(

@@ -1,0 +1,135 @@
+"""Batches of a map: how they are sized, encoded, run and decoded."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+
+from ventilator import protocol as p
+from ventilator.client import (
+    BATCH_TARGET_S,
+    MAX_BATCH_BYTES,
+    MAX_BATCH_ITEMS,
+    _BatchEncoder,
+    _BatchSizer,
+    values_of,
+)
+from ventilator.errors import TaskRaised, UsageError
+from ventilator.execution import run_task
+from ventilator.serialization import (
+    BatchPacker,
+    pack_call,
+    unpack_batch_outcomes,
+    unpack_value,
+)
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def reciprocal(x: float) -> float:
+    return 1 / x
+
+
+def test_sizer_sends_single_items_until_a_batch_came_back() -> None:
+    sizer = _BatchSizer(None)
+
+    assert sizer.probing
+    assert sizer.size() == 1
+
+
+def test_sizer_fits_about_the_target_time_of_work_in_a_batch() -> None:
+    sizer = _BatchSizer(None)
+
+    sizer.observe(items=4, elapsed_s=4 * BATCH_TARGET_S / 10)
+
+    assert not sizer.probing
+    assert sizer.size() == 10
+
+
+@pytest.mark.parametrize(("item_s", "size"), [(1e-9, MAX_BATCH_ITEMS), (10.0, 1)])
+def test_sizer_stays_between_one_item_and_the_maximum(item_s: float, size: int) -> None:
+    sizer = _BatchSizer(None)
+
+    sizer.observe(items=1, elapsed_s=item_s)
+
+    assert sizer.size() == size
+
+
+def test_sizer_keeps_the_size_the_caller_chose() -> None:
+    sizer = _BatchSizer(7)
+
+    sizer.observe(items=1, elapsed_s=10.0)
+
+    assert not sizer.probing
+    assert sizer.size() == 7
+
+
+def test_encoder_stops_a_batch_at_its_byte_bound() -> None:
+    encoder = _BatchEncoder("m:f", p.Flags.NONE)
+    blob = b"x" * (MAX_BATCH_BYTES // 3)
+    items = iter([blob] * 10)
+
+    taken, payload = encoder.take(items, count=10)
+
+    assert len(taken) == 3
+    assert unpack_value(payload) == [blob] * 3
+    assert len(list(items)) == 7  # nothing taken beyond the batch
+
+
+def test_packer_single_call_is_an_ordinary_call_payload() -> None:
+    packer = BatchPacker()
+
+    assert packer.single_call(packer.item({"a": 1})) == pack_call(({"a": 1},), {})
+
+
+def test_packer_names_the_type_it_cannot_encode() -> None:
+    with pytest.raises(UsageError, match="an item of type object"):
+        BatchPacker().item(object())
+
+
+def _run_batch(function: object, items: list[object]) -> tuple[p.Status, object]:
+    packer = BatchPacker()
+    payload = packer.batch([packer.item(item) for item in items])
+    status, result = run_task({"m:f": function}, False, "m:f", p.Flags.BATCH, payload)  # type: ignore[dict-item]
+    return status, unpack_value(result)
+
+
+def test_batch_runs_each_item_and_reports_each_outcome_in_order() -> None:
+    status, result = _run_batch(reciprocal, [1, 0, 4])
+
+    assert status is p.Status.OK
+    _, outcomes = unpack_batch_outcomes(result, 3)
+    values = values_of(outcomes)
+    assert next(values) == 1.0
+    with pytest.raises(TaskRaised, match="ZeroDivisionError"):
+        next(values)
+    assert outcomes[2] == [p.Status.OK.value, 0.25]
+
+
+def test_batch_of_an_unserved_function_fails_whole() -> None:
+    packer = BatchPacker()
+    payload = packer.batch([packer.item(1)])
+
+    status, _ = run_task({}, False, "m:missing", p.Flags.BATCH, payload)
+
+    assert status is p.Status.NOT_FOUND
+
+
+def test_batch_that_is_not_a_list_fails_whole_naming_the_items() -> None:
+    payload = msgpack.packb({"not": "a list"})
+
+    status, result = run_task({"m:f": square}, False, "m:f", p.Flags.BATCH, payload)
+
+    assert status is p.Status.RAISED
+    assert "cannot decode the items" in unpack_value(result)["message"]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [[], [0.1], [0.1, [[0, 1]]], ["soon", [[0, 1], [0, 4]]], [0.1, [[0], [0]]]],
+)
+def test_malformed_batch_results_are_refused(value: object) -> None:
+    with pytest.raises(ValueError, match="batch"):
+        unpack_batch_outcomes(value, 2)
