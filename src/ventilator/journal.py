@@ -3,7 +3,10 @@
 SQLite in WAL mode: one row per task, written when the broker accepts it,
 updated when it finishes, deleted when its recipient acknowledges the result.
 The broker commits once per loop turn (group commit), before it tells anyone
-anything, so a task a client heard "accepted" for is on disk.
+anything, so a task a client heard "accepted" for is on disk. Payloads and
+results larger than a few KiB go to append-only segment files beside the
+database (see `ventilator.segments`), written before the commit that refers to
+them.
 
 Durability modes:
 
@@ -26,6 +29,7 @@ from typing import IO, Protocol
 from . import protocol as p
 from .errors import UsageError
 from .scheduler import State, Task
+from .segments import INLINE_MAX_BYTES, BlobRef, SegmentStore
 
 __all__ = [
     "DURABILITY_MODES",
@@ -51,9 +55,13 @@ CREATE TABLE IF NOT EXISTS tasks (
     recipient   TEXT    NOT NULL,
     payload     BLOB    NOT NULL,
     status      INTEGER,
-    result      BLOB
+    result      BLOB,
+    payload_ref BLOB,  -- where a large payload lies in the segments, else NULL
+    result_ref  BLOB   -- where a large result lies, else NULL
 )
 """
+# Columns that journals of earlier versions lack, added when they are opened.
+_ADDED_COLUMNS = {"payload_ref": "BLOB", "result_ref": "BLOB"}
 
 
 class Journal(Protocol):
@@ -104,13 +112,43 @@ class SqliteJournal:
         sync = "FULL" if durability == "power" else "NORMAL"
         self._db.execute(f"PRAGMA synchronous={sync}")
         self._db.execute(_SCHEMA)
+        self._add_missing_columns()
+        self._segments = SegmentStore(
+            Path(f"{self.path}.blobs"), fsync=durability == "power"
+        )
+        # Where each task's large payload and result lie, to release them.
+        self._payload_refs: dict[int, BlobRef] = {}
+        self._result_refs: dict[int, BlobRef] = {}
+
+    def _add_missing_columns(self) -> None:
+        present = {row[1] for row in self._db.execute("PRAGMA table_info(tasks)")}
+        for name, kind in _ADDED_COLUMNS.items():
+            if name not in present:
+                self._db.execute(f"ALTER TABLE tasks ADD COLUMN {name} {kind}")
 
     def load(self) -> list[Task]:
         rows = self._db.execute(
             "SELECT seq, session, task_id, function, flags, timeout_s, retries,"
-            " recipient, payload, status, result FROM tasks ORDER BY seq"
+            " recipient, payload, status, result, payload_ref, result_ref"
+            " FROM tasks ORDER BY seq"
         )
-        return [_task_from_row(row) for row in rows]
+        tasks = []
+        for row in rows:
+            task = _task_from_row(row[:11])
+            payload_ref, result_ref = row[11:]
+            if payload_ref is not None:
+                task.payload = self._adopt(self._payload_refs, task, payload_ref)
+            if result_ref is not None:
+                task.result = self._adopt(self._result_refs, task, result_ref)
+            tasks.append(task)
+        self._segments.collect_unreferenced_on_disk()
+        return tasks
+
+    def _adopt(self, refs: dict[int, BlobRef], task: Task, packed: bytes) -> bytes:
+        ref = BlobRef.unpack(packed)
+        refs[task.ticket] = ref
+        self._segments.adopt(ref)
+        return self._segments.get(ref)
 
     def commit(
         self,
@@ -118,29 +156,77 @@ class SqliteJournal:
         finished: Iterable[Task],
         forgotten: Iterable[int],
     ) -> None:
+        # Blobs first, then the rows that refer to them; blobs the turn no
+        # longer needs are released only once the rows that held them are gone.
+        released: list[BlobRef] = []
+        accepted_rows = [self._accepted_row(task) for task in accepted]
+        finished_rows = [self._finished_row(task, released) for task in finished]
+        forgotten_rows = [self._forgotten_row(ticket, released) for ticket in forgotten]
+        self._segments.sync()
+
         db = self._db
         db.execute("BEGIN")
         try:
             # Keyed by the ticket (the rowid): no secondary index to keep up.
             db.executemany(
                 "INSERT INTO tasks (seq, session, task_id, function, flags,"
-                " timeout_s, retries, recipient, payload)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [_accepted_row(task) for task in accepted],
+                " timeout_s, retries, recipient, payload, payload_ref)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                accepted_rows,
             )
             db.executemany(
-                "UPDATE tasks SET status = ?, result = ?, payload = x'' WHERE seq = ?",
-                [_finished_row(task) for task in finished],
+                "UPDATE tasks SET status = ?, result = ?, result_ref = ?,"
+                " payload = x'', payload_ref = NULL WHERE seq = ?",
+                finished_rows,
             )
-            db.executemany(
-                "DELETE FROM tasks WHERE seq = ?", [(ticket,) for ticket in forgotten]
-            )
+            db.executemany("DELETE FROM tasks WHERE seq = ?", forgotten_rows)
         except BaseException:
             db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
 
+        for ref in released:
+            self._segments.release(ref)
+        self._segments.collect()
+
+    def _accepted_row(self, task: Task) -> tuple[object, ...]:
+        payload, ref = self._store(task.payload, self._payload_refs, task.ticket)
+        return (
+            task.ticket,
+            task.session,
+            task.task_id,
+            task.function,
+            task.flags,
+            task.timeout_s,
+            task.retries_left,
+            task.recipient,
+            payload,
+            ref,
+        )
+
+    def _finished_row(self, task: Task, released: list[BlobRef]) -> tuple[object, ...]:
+        _pop_into(self._payload_refs, task.ticket, released)
+        _pop_into(self._result_refs, task.ticket, released)  # an expired result's
+        result, ref = self._store(task.result, self._result_refs, task.ticket)
+        return (int(task.status or 0), result, ref, task.ticket)
+
+    def _forgotten_row(self, ticket: int, released: list[BlobRef]) -> tuple[int]:
+        _pop_into(self._payload_refs, ticket, released)
+        _pop_into(self._result_refs, ticket, released)
+        return (ticket,)
+
+    def _store(
+        self, blob: p.Payload, refs: dict[int, BlobRef], ticket: int
+    ) -> tuple[p.Payload, bytes | None]:
+        """What the row holds for `blob`: the blob itself when small, else a
+        reference to where it was written in the segments."""
+        if len(blob) <= INLINE_MAX_BYTES:
+            return blob, None
+        ref = refs[ticket] = self._segments.put(blob)
+        return b"", ref.pack()
+
     def close(self) -> None:
+        self._segments.close()
         self._db.close()
         self._lock.close()
 
@@ -187,22 +273,10 @@ def open_journal(path: str | Path | None, durability: str = "process") -> Journa
         raise UsageError(f"cannot open journal {str(path)!r}: {exc}") from exc
 
 
-def _accepted_row(task: Task) -> tuple[object, ...]:
-    return (
-        task.ticket,
-        task.session,
-        task.task_id,
-        task.function,
-        task.flags,
-        task.timeout_s,
-        task.retries_left,
-        task.recipient,
-        task.payload,
-    )
-
-
-def _finished_row(task: Task) -> tuple[object, ...]:
-    return (int(task.status or 0), task.result, task.ticket)
+def _pop_into(refs: dict[int, BlobRef], ticket: int, released: list[BlobRef]) -> None:
+    ref = refs.pop(ticket, None)
+    if ref is not None:
+        released.append(ref)
 
 
 def _task_from_row(row: tuple[object, ...]) -> Task:

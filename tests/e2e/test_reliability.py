@@ -313,6 +313,28 @@ def test_journalled_tasks_run_after_the_broker_is_killed_and_restarted(
     assert [f.result(20) for f in futures] == [0, 1, 8]
 
 
+def test_large_journalled_payloads_survive_the_broker_killed_and_restarted(
+    launch: Launcher, restartable: dict[str, Any]
+) -> None:
+    # Large payloads live in the journal's segment files, not its rows.
+    blobs = [bytes([i]) * (200_000 + i) for i in range(3)]
+    first = launch.broker(**restartable)
+    submitter = launch.client(first)
+    futures = [submitter.submit(f"{MORE_TASKS}:identity", blob) for blob in blobs]
+    status_when(
+        submitter,
+        lambda status: status["queued"].get(f"{MORE_TASKS}:identity") == 3,
+        10,
+        "three accepted tasks",
+    )
+
+    kill_broker(first)
+    second = launch.broker(**restartable)
+    launch.worker(second, MORE_TASKS)
+
+    assert [f.result(20) for f in futures] == blobs
+
+
 def test_client_gets_its_results_after_the_broker_is_killed_and_restarted(
     launch: Launcher, restartable: dict[str, Any]
 ) -> None:

@@ -18,6 +18,7 @@ from ventilator.journal import (
     open_journal,
 )
 from ventilator.scheduler import State, Task
+from ventilator.segments import INLINE_MAX_BYTES
 
 from .driver import Driver, accepted, assignments, results, task
 
@@ -149,7 +150,7 @@ def test_same_task_id_in_two_sessions_are_two_rows(journal: SqliteJournal) -> No
 def test_failed_commit_leaves_the_journal_as_it_was(journal: SqliteJournal) -> None:
     first = a_task(1)
     journal.commit([first], [], [])
-    broken = a_task(2, payload=object())  # sqlite cannot bind it
+    broken = a_task(2, session=object())  # sqlite cannot bind it
 
     with pytest.raises(sqlite3.Error):
         journal.commit([broken], [], [first.ticket])
@@ -275,3 +276,93 @@ def test_a_link_to_a_journal_in_use_is_refused_too(tmp_path: Path) -> None:
                 SqliteJournal(tmp_path / link)
     finally:
         first.close()
+
+
+# --- large blobs in segment files -------------------------------------------------
+
+BIG = INLINE_MAX_BYTES + 1
+
+
+def segment_files(path: Path) -> list[Path]:
+    return sorted(Path(f"{path}.blobs").glob("*.seg"))
+
+
+def test_large_payload_lives_in_a_segment_and_loads_back(
+    journal: SqliteJournal, path: Path
+) -> None:
+    payload = bytes(range(256)) * (BIG // 256 + 1)
+    journal.commit([a_task(1, payload=payload)], [], [])
+    journal.close()
+
+    [loaded] = reopened(path)
+
+    assert loaded.payload == payload
+    assert len(segment_files(path)) == 1
+    row = sqlite3.connect(path).execute("SELECT length(payload) FROM tasks").fetchone()
+    assert row == (0,)  # the row holds a reference, not the bytes
+
+
+def test_large_result_replaces_a_large_payload_and_loads_back(
+    journal: SqliteJournal, path: Path
+) -> None:
+    one = a_task(1, payload=b"p" * BIG)
+    journal.commit([one], [], [])
+    journal.commit([], [finished(one, p.Status.OK, b"r" * BIG)], [])
+    journal.close()
+
+    [loaded] = reopened(path)
+
+    assert loaded.state is State.FINISHED
+    assert loaded.result == b"r" * BIG
+    assert loaded.payload == b""
+
+
+def test_segment_is_deleted_once_nothing_refers_to_it(path: Path) -> None:
+    journal = SqliteJournal(path)
+    one = a_task(1, payload=b"p" * BIG)
+    journal.commit([one], [], [])
+    journal.close()
+    journal = SqliteJournal(path)  # a new broker writes to a new segment
+    [loaded] = journal.load()
+
+    journal.commit([], [finished(loaded, p.Status.OK, b"done")], [])
+    journal.commit([], [], [loaded.ticket])
+    journal.close()
+
+    assert segment_files(path) == []
+
+
+def test_segment_a_crashed_broker_left_unreferenced_is_deleted_on_load(
+    path: Path,
+) -> None:
+    journal = SqliteJournal(path)
+    journal.commit([a_task(1)], [], [])
+    journal.close()
+    orphan = Path(f"{path}.blobs") / "00000007.seg"
+    orphan.write_bytes(b"written, never committed")
+
+    reopened(path)
+
+    assert not orphan.exists()
+
+
+def test_journal_of_an_earlier_version_gains_the_reference_columns(
+    path: Path,
+) -> None:
+    db = sqlite3.connect(path)
+    db.execute(
+        "CREATE TABLE tasks (seq INTEGER PRIMARY KEY, session TEXT NOT NULL,"
+        " task_id INTEGER NOT NULL, function TEXT NOT NULL, flags INTEGER NOT NULL,"
+        " timeout_s REAL, retries INTEGER NOT NULL, recipient TEXT NOT NULL,"
+        " payload BLOB NOT NULL, status INTEGER, result BLOB)"
+    )
+    db.execute(
+        "INSERT INTO tasks VALUES (1, 's', 7, 'm:f', 0, NULL, 0, 's', x'01',"
+        " NULL, NULL)"
+    )
+    db.commit()
+    db.close()
+
+    [loaded] = reopened(path)
+
+    assert (loaded.task_id, loaded.payload) == (7, b"\x01")

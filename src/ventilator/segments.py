@@ -1,0 +1,187 @@
+"""Large blobs of the journal, in append-only segment files beside its database.
+
+SQLite writes a blob twice (to its WAL, then to the database at a checkpoint),
+page by page, at several hundred microseconds of CPU per 100 KiB. A segment file
+takes it with one write(). The journal's rows keep a reference (segment, offset,
+length) instead of the blob, written in the same transaction that makes the
+task exist, after the blob itself: a reference never points at bytes that are
+not there.
+
+A segment is deleted once no row references it. A broker never appends to a
+segment an earlier broker wrote: bytes after the last committed reference of a
+crashed broker are garbage nobody reads, and go with their segment.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["INLINE_MAX_BYTES", "BlobRef", "SegmentStore"]
+
+log = logging.getLogger(__name__)
+
+# Blobs up to this size stay in the SQLite row: for them a row costs less than
+# a write() and a reference.
+INLINE_MAX_BYTES = 8 * 1024
+# A new segment starts once the current one holds this much.
+SEGMENT_BYTES = 64 * 1024 * 1024
+
+_REF = struct.Struct("<IQQ")  # segment, offset, length
+_SUFFIX = ".seg"
+
+
+@dataclass(frozen=True, slots=True)
+class BlobRef:
+    """Where a blob lies: which segment, from which byte, how long."""
+
+    segment: int
+    offset: int
+    length: int
+
+    def pack(self) -> bytes:
+        return _REF.pack(self.segment, self.offset, self.length)
+
+    @classmethod
+    def unpack(cls, data: bytes) -> BlobRef:
+        return cls(*_REF.unpack(data))
+
+
+class SegmentStore:
+    """The segment files of one journal, in their own folder.
+
+    Args:
+        directory: created if missing; nothing else may write in it.
+        fsync: make `sync` flush written blobs to the disk (durability "power").
+    """
+
+    def __init__(self, directory: Path, fsync: bool) -> None:
+        directory.mkdir(exist_ok=True)
+        self._directory = directory
+        self._fsync = fsync
+        self._references: Counter[int] = Counter()
+        self._unreferenced: set[int] = set()
+        self._current = max(self._segments_on_disk(), default=0) + 1
+        self._fd: int | None = None
+        self._size = 0
+        self._unsynced = False
+
+    def put(self, blob: bytes | memoryview) -> BlobRef:
+        """Append `blob` to the current segment and count one reference to it."""
+        if self._fd is None or self._size >= SEGMENT_BYTES:
+            self._start_segment()
+        assert self._fd is not None
+
+        ref = BlobRef(self._current, self._size, len(blob))
+        _write_all(self._fd, blob)
+        self._size += len(blob)
+        self._unsynced = True
+        self._references[self._current] += 1
+        return ref
+
+    def get(self, ref: BlobRef) -> bytes:
+        """Read a blob back.
+
+        Raises:
+            OSError: its segment is missing or too short (the journal was
+                damaged outside the broker); the message names the segment.
+        """
+        path = self._path(ref.segment)
+        with open(path, "rb") as segment:
+            blob = os.pread(segment.fileno(), ref.length, ref.offset)
+        if len(blob) != ref.length:
+            raise OSError(
+                f"segment {path} ends before the {ref.length} bytes at {ref.offset}"
+            )
+        return blob
+
+    def sync(self) -> None:
+        """Make written blobs durable, before a commit references them."""
+        if self._fsync and self._unsynced and self._fd is not None:
+            os.fsync(self._fd)
+        self._unsynced = False
+
+    def adopt(self, ref: BlobRef) -> None:
+        """Count a reference found on loading the journal."""
+        self._references[ref.segment] += 1
+
+    def release(self, ref: BlobRef) -> None:
+        """One reference fewer; a segment left with none goes at `collect`."""
+        self._references[ref.segment] -= 1
+        if self._references[ref.segment] <= 0:
+            del self._references[ref.segment]
+            self._unreferenced.add(ref.segment)
+
+    def collect(self) -> None:
+        """Delete the segments nothing references any more, but the current one.
+
+        Called after the commit that dropped their last references, so that a
+        crash before it finds every referenced blob still there.
+        """
+        for segment in self._unreferenced - {self._current}:
+            if segment not in self._references:
+                _unlink(self._path(segment))
+        self._unreferenced &= {self._current}
+
+    def collect_unreferenced_on_disk(self) -> None:
+        """After loading: delete segments no loaded row references."""
+        self._unreferenced |= set(self._segments_on_disk()) - set(self._references)
+        self.collect()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            self.sync()
+            os.close(self._fd)
+            self._fd = None
+
+    def _start_segment(self) -> None:
+        if self._fd is not None:
+            self.sync()
+            os.close(self._fd)
+            if self._current not in self._references:
+                self._unreferenced.add(self._current)
+            self._current += 1
+
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
+        self._fd = os.open(self._path(self._current), flags, 0o600)
+        self._size = 0
+        if self._fsync:
+            _fsync_directory(self._directory)  # the new file's name must last too
+
+    def _path(self, segment: int) -> Path:
+        return self._directory / f"{segment:08d}{_SUFFIX}"
+
+    def _segments_on_disk(self) -> list[int]:
+        numbers = []
+        for path in self._directory.glob(f"*{_SUFFIX}"):
+            if path.stem.isdigit():
+                numbers.append(int(path.stem))
+        return numbers
+
+
+def _write_all(fd: int, blob: bytes | memoryview) -> None:
+    view = memoryview(blob)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("could not delete journal segment %s: %s", path, exc)
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
