@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 
 # Messages drained from one socket per loop turn before the other gets its turn.
 DRAIN_BATCH = 512
+# ... and frames (about one per task): a turn's journal commit and its sends
+# stay short, so heartbeats keep their pace even under a flood of submissions.
+DRAIN_FRAMES = 16_384
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,11 +146,15 @@ class Broker:
 
     def _drain(self, sock: zmq.Socket[bytes], handle: Any, now: float) -> None:
         allowed = p.FROM_CLIENT if sock is self._frontend else p.FROM_WORKER
+        frames_left = DRAIN_FRAMES
         for _ in range(DRAIN_BATCH):
+            if frames_left <= 0:
+                return
             try:
                 received = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
+            frames_left -= len(received)
             if len(received) < 2:
                 continue  # ROUTER always adds the routing id; nothing else came
             frames = [_keep(frame) for frame in received]

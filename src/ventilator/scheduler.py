@@ -850,7 +850,8 @@ class Scheduler:
         }
 
     def check_invariants(self) -> None:
-        """Raise AssertionError if the scheduler's state is inconsistent (for tests)."""
+        """Raise AssertionError if the scheduler's state is inconsistent (for
+        tests, after a `flush`)."""
         running: set[int] = set()
         for worker in self.workers.values():
             assert len(worker.running) <= worker.capacity + worker.grace, worker
@@ -871,3 +872,10 @@ class Scheduler:
         for task in self.tasks.values():
             if task.state is State.QUEUED:
                 assert task.ticket in queued, f"queued task {task.ticket} in no queue"
+                self._check_nobody_idles_for(task)
+
+    def _check_nobody_idles_for(self, task: Task) -> None:
+        for worker in self.workers.values():
+            assert task.queue not in worker.services or worker.free == 0, (
+                f"task {task.ticket} waits while {worker.worker_id} has free credit"
+            )
