@@ -8,9 +8,13 @@ Each system runs with 2 worker processes on 127.0.0.1. Each figure is the
 median of `--runs` runs, printed with its min and max. Workloads:
 
     A  20,000 tiny tasks (x*x) submitted at once: tasks/s until the last result.
+    A1 the same, one task per item, for a system whose map batches (ventilator).
     B  2,000 tasks one after another: p50 and p99 round trip.
     C  400 tasks of about 5 ms of pure-Python CPU: efficiency = ideal / actual.
-    D  2,000 tasks each carrying 100 KiB of bytes: tasks/s and MB/s.
+    D  2,000 tasks each carrying 100 KiB of bytes: tasks/s and MB/s; beside it
+       the raw write speed of the journal's disk for the same blobs ("disk").
+    E  scale, ventilator only, measured once (see benchmarks.scale): a million
+       tasks queued before any worker, and 200 workers with 50 clients.
 
 A system that is not installed is reported as such, never dropped silently.
 """
@@ -28,7 +32,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from benchmarks import systems
+from benchmarks import disk, scale, systems
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +76,15 @@ def run(
     names: list[str], only: list[str], runs: int, sizes: systems.Sizes
 ) -> dict[str, Any]:
     report: dict[str, Any] = {"machine": {"cpus": os.cpu_count()}, "runs": runs}
+    if "D" in only:
+        blobs = partial(disk.file_write, sizes.bytes_tasks, sizes.bytes_size)
+        rows = partial(disk.sqlite_wal_write, sizes.bytes_tasks, sizes.bytes_size)
+        report["disk"] = {
+            "D file": _measure(blobs, runs),
+            "D sqlite_wal": _measure(rows, runs),
+        }
+    if "E" in only:
+        report["E"] = _scale(sizes)
     for name in names:
         try:
             workloads_of = SYSTEMS[name](sizes)
@@ -88,22 +101,37 @@ def run(
     return report
 
 
+def _scale(sizes: systems.Sizes) -> dict[str, Any]:
+    log.info("running ventilator E (scale), once")
+    factor = sizes.tiny_tasks / FULL_SIZES.tiny_tasks
+    options = argparse.Namespace(
+        only=["E1", "E2"],
+        tasks=max(1000, round(1_000_000 * factor)),
+        peers_tasks=max(1000, round(100_000 * factor)),
+        workers=200,
+        clients=50,
+    )
+    figures = scale.run(options)
+    figures.pop("machine")
+    return figures
+
+
 def print_table(report: dict[str, Any]) -> None:
     print(
-        f"{'system':<20}{'workload':<10}{'metric':<16}{'median':>12}{'min':>12}{'max':>12}"
+        f"{'system':<20}{'workload':<14}{'metric':<16}{'median':>12}{'min':>12}{'max':>12}"
     )
     for system, by_workload in report.items():
-        if not isinstance(by_workload, dict) or system == "machine":
+        if not isinstance(by_workload, dict) or system in ("machine", "E"):
             continue
         if "unavailable" in by_workload:
-            print(f"{system:<20}{'-':<10}unavailable: {by_workload['unavailable']}")
+            print(f"{system:<20}{'-':<14}unavailable: {by_workload['unavailable']}")
             continue
         for workload, metrics in by_workload.items():
             if "unavailable" in metrics:
                 continue
             for metric, figures in metrics.items():
                 print(
-                    f"{system:<20}{workload:<10}{metric:<16}"
+                    f"{system:<20}{workload:<14}{metric:<16}"
                     f"{figures['median']:>12,.1f}{figures['min']:>12,.1f}"
                     f"{figures['max']:>12,.1f}"
                 )
@@ -112,7 +140,12 @@ def print_table(report: dict[str, Any]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
-    parser.add_argument("--only", nargs="+", default=["A", "B", "C", "D"])
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        default=["A", "A1", "B", "C", "D", "E"],
+        choices=["A", "A1", "B", "C", "D", "E"],
+    )
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--json", default="benchmarks/results/latest.json")
     parser.add_argument("--scale", type=float, default=1.0, help=argparse.SUPPRESS)
@@ -124,6 +157,9 @@ def main() -> None:
     report = run(args.systems, args.only, args.runs, sizes)
     report["scale"] = args.scale
     print_table(report)
+    if "E" in report:
+        print("\nE (scale, ventilator with its journal, one run)")
+        scale.print_report(report["E"])
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2))
     print(f"\nwritten to {args.json}")

@@ -131,6 +131,10 @@ class _Session(ABC):
         """Submit one task per argument, then gather the results in order."""
         return self.map(workload, args)
 
+    def map_each(self, workload: str, args: Sequence[Any]) -> list[Any]:
+        """`map` with one task per argument, where `map` would batch them."""
+        return self.map(workload, args)
+
 
 Opener = Callable[[int], AbstractContextManager[_Session]]
 
@@ -141,6 +145,14 @@ Opener = Callable[[int], AbstractContextManager[_Session]]
 def _tiny(session: _Session, sizes: Sizes) -> Result:
     started = time.perf_counter()
     results = session.map("square", range(sizes.tiny_tasks))
+    elapsed = time.perf_counter() - started
+    workloads.check_squares(list(results))
+    return {"tasks_per_s": sizes.tiny_tasks / elapsed}
+
+
+def _tiny_each(session: _Session, sizes: Sizes) -> Result:
+    started = time.perf_counter()
+    results = session.map_each("square", range(sizes.tiny_tasks))
     elapsed = time.perf_counter() - started
     workloads.check_squares(list(results))
     return {"tasks_per_s": sizes.tiny_tasks / elapsed}
@@ -198,9 +210,16 @@ def _warm_run(
 
 
 def _workloads(
-    open_session: Opener, sizes: Sizes, warmup_tasks: int = WARMUP_TASKS
+    open_session: Opener,
+    sizes: Sizes,
+    warmup_tasks: int = WARMUP_TASKS,
+    batching_map: bool = False,
 ) -> Workloads:
+    """The workloads of one system. A1 (one task per item) only for a system
+    whose `map` batches items, where it differs from A."""
     by_key = {"A": _tiny, "B": _sequential, "C": _cpu, "D": _large}
+    if batching_map:
+        by_key["A1"] = _tiny_each
     return {
         key: partial(_warm_run, open_session, workload, sizes, warmup_tasks)
         for key, workload in by_key.items()
@@ -231,6 +250,10 @@ class _VentilatorSession(_Session):
         future = self._client.submit(f"{WORKLOADS_MODULE}:{workload}", arg)
         return future.result(timeout=RESULT_TIMEOUT_S)
 
+    def map_each(self, workload: str, args: Sequence[Any]) -> list[Any]:
+        name = f"{WORKLOADS_MODULE}:{workload}"
+        return list(self._client.map(name, args, chunksize=1))
+
     def submit_each(self, workload: str, args: Sequence[Any]) -> list[Any]:
         # As D has always run here: the client's thread sends the first payloads
         # while later ones are encoded; map encodes up to 2,048 before sending any.
@@ -255,7 +278,9 @@ def _ventilator_session(journal: bool, workers: int) -> Iterator[_Session]:
 def ventilator_system(sizes: Sizes, *, journal: bool) -> Workloads:
     """Return ventilator's workloads, its journal in a file or (False) in memory."""
     # One warm-up task, as ventilator's figures have always been measured.
-    return _workloads(partial(_ventilator_session, journal), sizes, warmup_tasks=1)
+    return _workloads(
+        partial(_ventilator_session, journal), sizes, warmup_tasks=1, batching_map=True
+    )
 
 
 # --- concurrent.futures.ProcessPoolExecutor ---------------------------------------
