@@ -77,7 +77,7 @@ SUBMIT_BATCH_BYTES = 1024 * 1024
 # The batches of `map`: how much work one carries once the map knows how long an
 # item takes. Long enough to spread a task's cost (about 150 µs of CPU along the
 # whole path) over many items; short enough that the workers finish together.
-BATCH_TARGET_S = 0.005
+BATCH_TARGET_S = 0.02
 MAX_BATCH_ITEMS = 256
 MAX_BATCH_BYTES = 256 * 1024
 # Until a first batch is back, a map sends only this many one-item batches: a
@@ -355,7 +355,7 @@ class Client:
         """Apply `function` to each item; yield the results in input order.
 
         Items travel in batches, many to a task, so that a tiny function costs
-        a small part of a task per item. A batch carries about 5 ms of work
+        a small part of a task per item. A batch carries about 20 ms of work
         (at most 256 items), judged from the items already run, or `chunksize`
         items. With `timeout_s`, `retries` or `sink`, which apply per item,
         each item is a task of its own.
