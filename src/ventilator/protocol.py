@@ -44,7 +44,7 @@ Payload: TypeAlias = Any
 
 
 class Cmd(enum.IntEnum):
-    """Command bytes. Clients use 1-15, workers 16-31; some go both ways."""
+    """Command bytes. Clients use 1-15, workers 16-23, operators 24-31."""
 
     HELLO = 1
     WELCOME = 2
@@ -63,6 +63,12 @@ class Cmd(enum.IntEnum):
     DONE = 18
     DRAIN = 19
     CREDIT = 20
+    # Operator commands (client -> broker), answered by OPERATOR_REPLY.
+    LIST_FAILED = 24
+    RETRY = 25
+    PURGE = 26
+    CANCEL_TASK = 27
+    OPERATOR_REPLY = 28
 
 
 class Status(enum.IntEnum):
@@ -186,6 +192,47 @@ class StatusReply:
 
 
 @dataclass(frozen=True, slots=True)
+class ListFailed:
+    """Operator -> broker: the most recent failed tasks, newest first."""
+
+    limit: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """Operator -> broker: run these failed tasks (by ticket) again.
+
+    No tickets means every failed task the broker remembers. The results go to
+    the sink `sink`: the original recipient already has its failure.
+    """
+
+    tickets: Sequence[int]
+    sink: str
+
+
+@dataclass(frozen=True, slots=True)
+class Purge:
+    """Operator -> broker: cancel every task waiting in the queue of `function`."""
+
+    function: str
+
+
+@dataclass(frozen=True, slots=True)
+class CancelTask:
+    """Operator -> broker: cancel one task, named by its session and task id."""
+
+    session: str
+    task_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class OperatorReply:
+    """Broker -> operator: what an operator command did, as plain data."""
+
+    report: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
 class Heartbeat:
     """Either way: I am alive."""
 
@@ -272,6 +319,11 @@ Command: TypeAlias = (
     | Cancel
     | StatusRequest
     | StatusReply
+    | ListFailed
+    | Retry
+    | Purge
+    | CancelTask
+    | OperatorReply
     | Heartbeat
     | Error
     | Bye
@@ -282,14 +334,26 @@ Command: TypeAlias = (
     | Done
 )
 
-FROM_CLIENT = frozenset(
-    {Cmd.HELLO, Cmd.SUBMIT, Cmd.ACK, Cmd.CANCEL, Cmd.STATUS, Cmd.HEARTBEAT, Cmd.BYE}
+OPERATOR_COMMANDS = frozenset({Cmd.LIST_FAILED, Cmd.RETRY, Cmd.PURGE, Cmd.CANCEL_TASK})
+FROM_CLIENT = (
+    frozenset(
+        {Cmd.HELLO, Cmd.SUBMIT, Cmd.ACK, Cmd.CANCEL, Cmd.STATUS, Cmd.HEARTBEAT, Cmd.BYE}
+    )
+    | OPERATOR_COMMANDS
 )
 FROM_WORKER = frozenset(
     {Cmd.READY, Cmd.DONE, Cmd.DRAIN, Cmd.CREDIT, Cmd.HEARTBEAT, Cmd.BYE}
 )
 TO_CLIENT = frozenset(
-    {Cmd.WELCOME, Cmd.ACCEPTED, Cmd.RESULTS, Cmd.STATUS_REPLY, Cmd.HEARTBEAT, Cmd.ERROR}
+    {
+        Cmd.WELCOME,
+        Cmd.ACCEPTED,
+        Cmd.RESULTS,
+        Cmd.STATUS_REPLY,
+        Cmd.OPERATOR_REPLY,
+        Cmd.HEARTBEAT,
+        Cmd.ERROR,
+    }
 )
 TO_WORKER = frozenset({Cmd.WELCOME, Cmd.TASKS, Cmd.HEARTBEAT, Cmd.ERROR})
 
@@ -409,6 +473,11 @@ _ENCODERS: dict[type, Callable[[Any], tuple[Cmd, Any, Sequence[Payload]]]] = {
     Cancel: lambda c: (Cmd.CANCEL, list(c.task_ids), ()),
     StatusRequest: lambda c: (Cmd.STATUS, None, ()),
     StatusReply: lambda c: (Cmd.STATUS_REPLY, c.status, ()),
+    ListFailed: lambda c: (Cmd.LIST_FAILED, c.limit, ()),
+    Retry: lambda c: (Cmd.RETRY, [list(c.tickets), c.sink], ()),
+    Purge: lambda c: (Cmd.PURGE, c.function, ()),
+    CancelTask: lambda c: (Cmd.CANCEL_TASK, [c.session, c.task_id], ()),
+    OperatorReply: lambda c: (Cmd.OPERATOR_REPLY, c.report, ()),
     Heartbeat: lambda c: (Cmd.HEARTBEAT, None, ()),
     Error: lambda c: (Cmd.ERROR, [c.code, c.message], ()),
     Bye: lambda c: (Cmd.BYE, None, ()),
@@ -516,6 +585,34 @@ def _decode_status_reply(body: Any, payloads: Sequence[Payload]) -> StatusReply:
     return StatusReply(_expect(body, dict, "STATUS_REPLY body"))
 
 
+def _decode_list_failed(body: Any, payloads: Sequence[Payload]) -> ListFailed:
+    _no_payloads(payloads, "LIST_FAILED")
+    return ListFailed(_count(body, "limit"))
+
+
+def _decode_retry(body: Any, payloads: Sequence[Payload]) -> Retry:
+    _no_payloads(payloads, "RETRY")
+    tickets, sink = _fixed(body, 2, "RETRY")
+    _expect(tickets, list, "tickets")
+    return Retry([_count(t, "ticket") for t in tickets], _name(sink, "sink"))
+
+
+def _decode_purge(body: Any, payloads: Sequence[Payload]) -> Purge:
+    _no_payloads(payloads, "PURGE")
+    return Purge(_name(body, "function"))
+
+
+def _decode_cancel_task(body: Any, payloads: Sequence[Payload]) -> CancelTask:
+    _no_payloads(payloads, "CANCEL_TASK")
+    session, task_id = _fixed(body, 2, "CANCEL_TASK")
+    return CancelTask(_name(session, "session"), _count(task_id, "task_id"))
+
+
+def _decode_operator_reply(body: Any, payloads: Sequence[Payload]) -> OperatorReply:
+    _no_payloads(payloads, "OPERATOR_REPLY")
+    return OperatorReply(_expect(body, dict, "OPERATOR_REPLY body"))
+
+
 def _decode_ready(body: Any, payloads: Sequence[Payload]) -> Ready:
     _no_payloads(payloads, "READY")
     worker_id, services, capacity, allow_pickle = _fixed(body, 4, "READY")
@@ -600,6 +697,11 @@ _DECODERS: dict[Cmd, Callable[[Any, Sequence[Payload]], Command]] = {
     Cmd.CANCEL: lambda body, p: Cancel(_decode_ids(body, p, "CANCEL")),
     Cmd.STATUS: _bare(StatusRequest()),
     Cmd.STATUS_REPLY: _decode_status_reply,
+    Cmd.LIST_FAILED: _decode_list_failed,
+    Cmd.RETRY: _decode_retry,
+    Cmd.PURGE: _decode_purge,
+    Cmd.CANCEL_TASK: _decode_cancel_task,
+    Cmd.OPERATOR_REPLY: _decode_operator_reply,
     Cmd.HEARTBEAT: _bare(Heartbeat()),
     Cmd.ERROR: _decode_error,
     Cmd.BYE: _bare(Bye()),
