@@ -78,3 +78,5 @@ class Limits:
     max_attempts: int = 3
     result_ttl_s: float = 24 * 3600.0
     retry_backoff: Backoff = field(default_factory=Backoff)
+    # Failed tasks remembered for `ventilator failed` and `retry`, newest kept.
+    failed_kept: int = 1000

@@ -335,6 +335,9 @@ Command: TypeAlias = (
 )
 
 OPERATOR_COMMANDS = frozenset({Cmd.LIST_FAILED, Cmd.RETRY, Cmd.PURGE, Cmd.CANCEL_TASK})
+OperatorCommand: TypeAlias = ListFailed | Retry | Purge | CancelTask
+OPERATOR_TYPES = (ListFailed, Retry, Purge, CancelTask)
+
 FROM_CLIENT = (
     frozenset(
         {Cmd.HELLO, Cmd.SUBMIT, Cmd.ACK, Cmd.CANCEL, Cmd.STATUS, Cmd.HEARTBEAT, Cmd.BYE}

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from . import protocol as p
 from .errors import PoisonTask, ResultExpired, TaskRejected
 from .policy import Backoff, Limits
-from .serialization import pack_error
+from .serialization import pack_error, unpack_value
 
 # Pickled callables have no function name a worker registered; they share one
 # queue, served only by workers that opted in to unpickling.
@@ -40,6 +40,22 @@ PICKLE_QUEUE = "<pickled>"
 
 # How many results one RESULTS message carries at most.
 RESULTS_PER_MESSAGE = 1024
+
+# The session under which the broker resubmits failed tasks an operator retries.
+RETRY_SESSION = "ventilator:retry"
+# Arguments of a failed task are kept for a retry up to this size; larger ones
+# would make the bounded record of failures unbounded in bytes.
+RETRY_PAYLOAD_BYTES = p.ZERO_COPY_BYTES
+# How a task ended, as it is counted and shown: the statuses that are failures.
+FAILURE_STATUSES = frozenset(
+    {
+        p.Status.RAISED,
+        p.Status.TIMEOUT,
+        p.Status.POISON,
+        p.Status.NOT_FOUND,
+        p.Status.REJECTED,
+    }
+)
 
 
 class State(enum.Enum):
@@ -69,6 +85,11 @@ class Task:
     status: p.Status | None = None
     result: p.Payload = b""
     finished_at: float = 0.0
+    # For metrics: when it last entered its queue and last left it, and how long
+    # the worker said it ran. Plain floats, so they cost next to nothing.
+    queued_at: float = 0.0
+    started_at: float = 0.0
+    run_s: float = 0.0
 
     @property
     def key(self) -> tuple[str, int]:
@@ -105,6 +126,50 @@ class Recipient:
     last_seen: float = 0.0
     pending: deque[int] = field(default_factory=deque)  # tickets to deliver
     unacked: dict[int, None] = field(default_factory=dict)  # delivered, in order
+
+
+@dataclass(frozen=True, slots=True)
+class FailedTask:
+    """What the broker remembers of a failed task, for the operator."""
+
+    ticket: int
+    session: str
+    task_id: int
+    function: str
+    status: p.Status
+    error: p.Payload  # the packed error report, decoded only when shown
+    failed_at: float
+    payload: bytes | None  # the arguments, or None when too large to keep
+    flags: int
+    timeout_s: float | None
+
+    def report(self, now: float, traceback: bool = False) -> dict[str, object]:
+        """Plain data for the operator: who, what, and why it failed."""
+        error = _error_fields(self.error)
+        report: dict[str, object] = {
+            "ticket": self.ticket,
+            "session": self.session,
+            "task_id": self.task_id,
+            "function": self.function,
+            "outcome": self.status.name.lower(),
+            "type": error.get("type", ""),
+            "message": error.get("message", ""),
+            "retryable": self.payload is not None,
+            "failed_s_ago": round(now - self.failed_at, 3),
+        }
+        if traceback:
+            report["traceback"] = error.get("traceback", "")[-4000:]
+        return report
+
+
+def _error_fields(packed: p.Payload) -> dict[str, str]:
+    try:
+        fields = unpack_value(packed)
+    except Exception:  # msgpack raises a family of unrelated types
+        return {"type": "?", "message": "undecodable error report"}
+    if not isinstance(fields, dict):
+        return {"type": "?", "message": f"unexpected error report {fields!r:.80}"}
+    return {str(k): str(v) for k, v in fields.items()}
 
 
 def _counts_against_window(task: Task) -> bool:
@@ -229,6 +294,16 @@ class Scheduler:
         self._finish_order: OrderedDict[int, float] = OrderedDict()
         self._held: dict[str, int] = {}  # per submitting session: tasks not forgotten
         self._queued_bytes = 0
+        # Per queue: tickets still in it whose task left QUEUED without being
+        # taken (cancelled, purged); they are skipped when they reach the front.
+        self._stale: dict[str, int] = {}
+        # The latest time any event brought, for timestamps taken inside flush().
+        self._now = 0.0
+
+        # Running totals since start, and the latest failures, for the operator.
+        self.submitted = 0
+        self._finished_by_status = [0] * (max(p.Status) + 1)
+        self.failed: deque[FailedTask] = deque(maxlen=self.limits.failed_kept)
 
         self.workers: dict[str, Worker] = {}
         self._worker_of_peer: dict[bytes, str] = {}
@@ -245,6 +320,7 @@ class Scheduler:
 
     def client_command(self, peer: bytes, command: p.Command, now: float) -> None:
         """Feed one decoded command from a client's connection."""
+        self._now = now
         if isinstance(command, p.Hello):
             self._hello(peer, command, now)
             return
@@ -264,6 +340,9 @@ class Scheduler:
             self._cancel(recipient.name, command.task_ids, now)
         elif isinstance(command, p.StatusRequest):
             self._effects.to_clients.append((peer, p.StatusReply(self.status(now))))
+        elif isinstance(command, p.OPERATOR_TYPES):
+            report = self._operate(command, now)
+            self._effects.to_clients.append((peer, p.OperatorReply(report)))
         elif isinstance(command, p.Bye):
             self._client_gone(recipient, said_bye=True)
         # A heartbeat needs nothing more: any command refreshed last_seen.
@@ -335,7 +414,7 @@ class Scheduler:
                 self._reject(peer, session, spec.task_id, reason)
                 continue
 
-            self._accept(session, spec)
+            self._accept(session, spec, now)
             accepted.append(spec.task_id)
 
     def _refusal(
@@ -377,7 +456,7 @@ class Scheduler:
         self._effects.to_clients.append((peer, p.Results([entry])))
         self._effects.notices.append(Rejected(session, task_id, reason))
 
-    def _accept(self, session: str, spec: p.TaskSpec) -> None:
+    def _accept(self, session: str, spec: p.TaskSpec, now: float) -> None:
         task = Task(
             ticket=self._new_ticket(),
             session=session,
@@ -391,6 +470,7 @@ class Scheduler:
         )
         self._admit(task)
         self._enqueue(task)
+        self.submitted += 1
         self._effects.accepted.append(task)
 
     def _new_ticket(self) -> int:
@@ -459,6 +539,7 @@ class Scheduler:
 
     def worker_command(self, peer: bytes, command: p.Command, now: float) -> None:
         """Feed one decoded command from a worker's connection."""
+        self._now = now
         if isinstance(command, p.Ready):
             self._ready(peer, command, now)
             return
@@ -530,6 +611,7 @@ class Scheduler:
                 continue
 
             self._release(worker, task)
+            task.run_s = outcome.duration_s
             self._settle(task, outcome, now)
         self._offer(worker)
 
@@ -616,6 +698,7 @@ class Scheduler:
 
     def peer_unreachable(self, peer: bytes, now: float) -> None:
         """A send to `peer` failed: it disconnected, or stopped reading."""
+        self._now = now
         worker = self._worker_for_peer(peer)
         if worker is not None:
             self._remove_worker(worker, "unreachable", deadly=True, now=now)
@@ -627,6 +710,7 @@ class Scheduler:
 
     def tick(self, now: float) -> None:
         """Let time pass: expire silent peers, wake retries, drop old results."""
+        self._now = now
         self._expire_workers(now)
         self._expire_clients(now)
         self._wake_retries(now)
@@ -686,6 +770,7 @@ class Scheduler:
 
     def _enqueue(self, task: Task, front: bool = False) -> None:
         task.state = State.QUEUED
+        task.queued_at = self._now
         queue = self._queues.setdefault(task.queue, deque())
         if front:
             queue.appendleft(task.ticket)
@@ -699,6 +784,12 @@ class Scheduler:
             # The submitter saw its sink task through when it was accepted; the
             # result now waits on the sink, bounded by the broker's totals.
             self._hold(task.session, -1)
+        if task.state is State.QUEUED:
+            # Its ticket stays in the queue until it reaches the front.
+            self._stale[task.queue] = self._stale.get(task.queue, 0) + 1
+        if status in FAILURE_STATUSES:
+            self._remember_failure(task, status, result, now)
+        self._finished_by_status[status] += 1
         task.state = State.FINISHED
         task.status = status
         task.finished_at = now
@@ -710,6 +801,25 @@ class Scheduler:
         self._finish_order[task.ticket] = now
         self._effects.finished.append(task)
 
+    def _remember_failure(
+        self, task: Task, status: p.Status, error: p.Payload, now: float
+    ) -> None:
+        kept = task.payload if len(task.payload) <= RETRY_PAYLOAD_BYTES else None
+        self.failed.append(
+            FailedTask(
+                task.ticket,
+                task.session,
+                task.task_id,
+                task.function,
+                status,
+                error,
+                now,
+                bytes(kept) if kept is not None else None,
+                task.flags,
+                task.timeout_s,
+            )
+        )
+
     def _replace_result(self, task: Task, result: p.Payload) -> None:
         self._queued_bytes += len(result) - len(task.result)
         task.result = result
@@ -718,15 +828,17 @@ class Scheduler:
         for queue_name, queue in self._queues.items():
             available = self._available.get(queue_name)
             while queue and available:
-                self._assign_round(queue, available)
+                self._assign_round(queue_name, queue, available)
 
-    def _assign_round(self, queue: deque[int], available: dict[str, None]) -> None:
+    def _assign_round(
+        self, queue_name: str, queue: deque[int], available: dict[str, None]
+    ) -> None:
         # Spread the queue over every available worker rather than filling the
         # first one: with more credit than tasks, all workers get a share.
         share = max(1, math.ceil(len(queue) / len(available)))
         for worker_id in list(available):
             worker = self.workers[worker_id]
-            assignments = self._take(queue, worker, min(share, worker.free))
+            assignments = self._take(queue_name, queue, worker, min(share, worker.free))
             if assignments:
                 self._effects.to_workers.append((worker.peer, p.Tasks(assignments)))
             self._offer(worker)
@@ -734,15 +846,18 @@ class Scheduler:
                 return
 
     def _take(
-        self, queue: deque[int], worker: Worker, count: int
+        self, queue_name: str, queue: deque[int], worker: Worker, count: int
     ) -> list[p.Assignment]:
         assignments: list[p.Assignment] = []
+        now = self._now
         while queue and len(assignments) < count:
             task = self.tasks.get(queue.popleft())
             if task is None or task.state is not State.QUEUED:
-                continue  # cancelled, or finished while it waited: skip it
+                self._stale_taken(queue_name)  # cancelled while it waited: skip it
+                continue
 
             task.state = State.RUNNING
+            task.started_at = now
             task.attempt += 1
             task.worker = worker.worker_id
             worker.running.add(task.ticket)
@@ -757,6 +872,13 @@ class Scheduler:
                 )
             )
         return assignments
+
+    def _stale_taken(self, queue_name: str) -> None:
+        left = self._stale.get(queue_name, 0) - 1
+        if left > 0:
+            self._stale[queue_name] = left
+        else:
+            self._stale.pop(queue_name, None)
 
     def _deliver(self) -> None:
         for recipient in self.recipients.values():
@@ -802,6 +924,7 @@ class Scheduler:
         their recipient to connect and acknowledge them.
         """
         # The ticket is the journal's key for the task: it survives restarts.
+        self._now = now
         self._next_ticket = max(self._next_ticket, task.ticket + 1)
         task.worker = None
         self._admit(task)
@@ -812,42 +935,170 @@ class Scheduler:
             self._enqueue(task)
 
     def status(self, now: float) -> dict[str, object]:
-        """A plain-data picture of the broker, for `ventilator status`."""
-        queued: dict[str, int] = {}
-        running: dict[str, int] = {}
-        finished = 0
-        for task in self.tasks.values():
-            if task.state in (State.QUEUED, State.WAITING):
-                queued[task.function] = queued.get(task.function, 0) + 1
-            elif task.state is State.RUNNING:
-                running[task.function] = running.get(task.function, 0) + 1
-            else:
-                finished += 1
+        """A plain-data picture of the broker, for `ventilator status`.
 
+        Its cost grows with workers, running tasks and queues, not with the
+        number of queued tasks, so a dashboard may ask for it every second.
+        """
+        queued = self._queued_by_function()
+        running = self._running_by_function()
+        unfinished = sum(queued.values()) + sum(running.values())
         return {
-            "workers": [
-                {
-                    "id": w.worker_id,
-                    "services": list(w.services),
-                    "capacity": w.capacity,
-                    "running": len(w.running),
-                    "draining": w.draining,
-                    "last_seen_s": round(now - w.last_seen, 3),
-                }
-                for w in self.workers.values()
-            ],
+            "workers": [self._worker_status(w, now) for w in self.workers.values()],
             "queued": queued,
             "running": running,
-            "results_waiting": finished,
+            "results_waiting": len(self.tasks) - unfinished,
             "clients": [
                 {
                     "name": r.name,
+                    "kind": "sink" if r.name.startswith("sink:") else "client",
                     "connected": r.peer is not None,
                     "pending": len(r.pending),
                 }
                 for r in self.recipients.values()
             ],
+            "totals": self.totals(),
+            "recent_failures": [
+                record.report(now) for record in reversed(list(self.failed)[-10:])
+            ],
         }
+
+    def totals(self) -> dict[str, int]:
+        """Tasks accepted and finished since this broker started, by outcome."""
+        by_status = self._finished_by_status
+        return {
+            "submitted": self.submitted,
+            "completed": by_status[p.Status.OK],
+            "failed": sum(by_status[status] for status in FAILURE_STATUSES),
+            "cancelled": by_status[p.Status.CANCELLED],
+        }
+
+    def _worker_status(self, worker: Worker, now: float) -> dict[str, object]:
+        return {
+            "id": worker.worker_id,
+            "services": list(worker.services),
+            "capacity": worker.capacity,
+            "running": len(worker.running),
+            "draining": worker.draining,
+            "last_seen_s": round(now - worker.last_seen, 3),
+        }
+
+    def _queued_by_function(self) -> dict[str, int]:
+        queued = {
+            name: len(queue) - self._stale.get(name, 0)
+            for name, queue in self._queues.items()
+        }
+        for task in self._waiting_tasks():
+            queued[task.queue] = queued.get(task.queue, 0) + 1
+        return {name: count for name, count in queued.items() if count}
+
+    def _waiting_tasks(self) -> list[Task]:
+        """Tasks waiting for a retry; the heap also holds cancelled ones."""
+        tasks = (self.tasks.get(ticket) for _, ticket in self._waiting)
+        return [t for t in tasks if t is not None and t.state is State.WAITING]
+
+    def _running_by_function(self) -> dict[str, int]:
+        running: dict[str, int] = {}
+        for worker in self.workers.values():
+            for ticket in worker.running:
+                queue = self.tasks[ticket].queue
+                running[queue] = running.get(queue, 0) + 1
+        return running
+
+    # --- operator commands -----------------------------------------------------------
+
+    def _operate(self, command: p.OperatorCommand, now: float) -> dict[str, object]:
+        if isinstance(command, p.ListFailed):
+            records = list(self.failed)[-command.limit :] if command.limit else []
+            return {
+                "failed": [r.report(now, traceback=True) for r in reversed(records)],
+                "kept": len(self.failed),
+            }
+        if isinstance(command, p.Retry):
+            return self._retry_failed(command.tickets, command.sink, now)
+        if isinstance(command, p.Purge):
+            return {"purged": self._purge(command.function, now)}
+        return {"outcome": self._cancel_one(command.session, command.task_id, now)}
+
+    def _retry_failed(
+        self, tickets: Sequence[int], sink: str, now: float
+    ) -> dict[str, object]:
+        """Submit failed tasks again, as new tasks whose results go to `sink`.
+
+        The original recipient has had its failure already, and a task id's
+        result is delivered once; so the rerun is the broker's own task, named
+        after the failed one's ticket, and its result is the sink's.
+        """
+        wanted = set(tickets)
+        chosen = [r for r in self.failed if not wanted or r.ticket in wanted]
+        retried: list[int] = []
+        refused: dict[int, str] = {}
+        pickle_served = self._pickle_served()
+        for record in chosen:
+            reason = self._retry_refusal(record, sink, pickle_served)
+            if reason is not None:
+                refused[record.ticket] = reason
+                continue
+            spec = p.TaskSpec(
+                record.ticket,
+                record.function,
+                record.payload,
+                record.flags,
+                record.timeout_s,
+                sink=sink,
+            )
+            self._accept(RETRY_SESSION, spec, now)
+            self.failed.remove(record)
+            retried.append(record.ticket)
+
+        unknown = sorted(wanted - {r.ticket for r in chosen})
+        for ticket in unknown:
+            refused[ticket] = "no failed task with this ticket is remembered"
+        return {"retried": retried, "refused": refused, "sink": sink}
+
+    def _retry_refusal(
+        self, record: FailedTask, sink: str, pickle_served: bool
+    ) -> str | None:
+        if record.payload is None:
+            return (
+                f"its arguments were over {RETRY_PAYLOAD_BYTES} bytes and not kept; "
+                "submit it again from the client"
+            )
+        if (RETRY_SESSION, record.ticket) in self._by_key:
+            return "a retry of it is still in the broker"
+        spec = p.TaskSpec(record.ticket, record.function, record.payload, record.flags)
+        return self._refusal(RETRY_SESSION, spec, pickle_served)
+
+    def _purge(self, queue_name: str, now: float) -> int:
+        """Cancel every task waiting to run in one queue; return how many."""
+        purged = 0
+        queue = self._queues.get(queue_name, deque())
+        for ticket in queue:
+            task = self.tasks.get(ticket)
+            if task is not None and task.state is State.QUEUED:
+                self._finish(task, p.Status.CANCELLED, b"", now)
+                purged += 1
+        queue.clear()
+        self._stale.pop(queue_name, None)
+
+        for task in self._waiting_tasks():
+            if task.queue == queue_name:
+                self._finish(task, p.Status.CANCELLED, b"", now)
+                purged += 1
+        return purged
+
+    def _cancel_one(self, session: str, task_id: int, now: float) -> str:
+        """Cancel a task for an operator; say what became of it."""
+        ticket = self._by_key.get((session, task_id))
+        task = self.tasks.get(ticket) if ticket is not None else None
+        if task is None:
+            return "unknown"
+        if task.state is State.RUNNING:
+            return "running"  # workers cannot stop a task; it finishes
+        if task.state is State.FINISHED:
+            return "finished"
+        self._finish(task, p.Status.CANCELLED, b"", now)
+        return "cancelled"
 
     def check_invariants(self) -> None:
         """Raise AssertionError if the scheduler's state is inconsistent (for
@@ -873,9 +1124,21 @@ class Scheduler:
             if task.state is State.QUEUED:
                 assert task.ticket in queued, f"queued task {task.ticket} in no queue"
                 self._check_nobody_idles_for(task)
+        self._check_stale_counts()
 
     def _check_nobody_idles_for(self, task: Task) -> None:
         for worker in self.workers.values():
             assert task.queue not in worker.services or worker.free == 0, (
                 f"task {task.ticket} waits while {worker.worker_id} has free credit"
             )
+
+    def _check_stale_counts(self) -> None:
+        for name, queue in self._queues.items():
+            live = sum(
+                1
+                for ticket in queue
+                if ticket in self.tasks and self.tasks[ticket].state is State.QUEUED
+            )
+            stale = self._stale.get(name, 0)
+            assert len(queue) - stale == live, f"queue {name}: {stale} stale counted"
+        assert all(count > 0 for count in self._stale.values()), self._stale

@@ -28,6 +28,7 @@ from hypothesis.stateful import (
 from ventilator import protocol as p
 from ventilator.policy import Backoff, Limits
 from ventilator.scheduler import (
+    RETRY_SESSION,
     Effects,
     LateOutcome,
     Scheduler,
@@ -169,6 +170,33 @@ class SchedulerMachine(RuleBasedStateMachine):
         else:
             self._client(peer, p.Heartbeat())
 
+    # --- operators ------------------------------------------------------------------
+
+    @precondition(lambda self: self._connected(SESSIONS))
+    @rule(data=st.data(), function=st.sampled_from([*FUNCTIONS, "<pickled>"]))
+    def operator_purges_a_queue(self, data: st.DataObject, function: str) -> None:
+        operator = data.draw(st.sampled_from(self._connected(SESSIONS)))
+        self._client(self._peer_of(operator), p.Purge(function))
+        assert function not in self.scheduler.status(self.now)["queued"]  # type: ignore[operator]
+
+    @precondition(lambda self: self._connected(SESSIONS) and self.recipient_of)
+    @rule(data=st.data())
+    def operator_cancels_a_task(self, data: st.DataObject) -> None:
+        operator = data.draw(st.sampled_from(self._connected(SESSIONS)))
+        session, task_id = data.draw(st.sampled_from(sorted(self.recipient_of)))
+        self._client(self._peer_of(operator), p.CancelTask(session, task_id))
+
+    @precondition(lambda self: self._connected(SESSIONS) and self.scheduler.failed)
+    @rule(data=st.data(), every=st.booleans())
+    def operator_retries_failed_tasks(self, data: st.DataObject, every: bool) -> None:
+        operator = data.draw(st.sampled_from(self._connected(SESSIONS)))
+        known = [record.ticket for record in self.scheduler.failed]
+        tickets = [] if every else data.draw(st.lists(st.sampled_from(known)))
+        effects = self._client(self._peer_of(operator), p.Retry(tickets, SINK))
+        [reply] = [c for _, c in effects.to_clients if isinstance(c, p.OperatorReply)]
+        for ticket in reply.report["retried"]:
+            self.recipient_of[(RETRY_SESSION, ticket)] = sink_recipient(SINK)
+
     @rule()
     def command_from_a_stranger_is_refused(self) -> None:
         stranger = self._new_peer("stranger")
@@ -309,6 +337,12 @@ class SchedulerMachine(RuleBasedStateMachine):
         for worker in self.workers.values():
             held = self.scheduler.workers[worker.worker_id].running
             assert held == set(worker.holding), worker.worker_id
+
+    @invariant()
+    def every_task_finishes_at_most_once(self) -> None:
+        totals = self.scheduler.totals()
+        finished = totals["completed"] + totals["failed"] + totals["cancelled"]
+        assert finished <= totals["submitted"], totals
 
     @invariant()
     def no_session_holds_more_than_its_window(self) -> None:
