@@ -24,9 +24,11 @@ import zmq
 from . import protocol as p
 from . import scheduler as s
 from ._timing import poll_timeout_ms
+from .dashboard import DashboardServer
 from .errors import ProtocolError
 from .journal import Journal, MemoryJournal, open_journal
 from .policy import Limits
+from .telemetry import Telemetry
 
 __all__ = ["Broker", "BrokerConfig"]
 
@@ -48,6 +50,8 @@ class BrokerConfig:
     journal: str | None = "ventilator-journal.db"
     durability: str = "process"
     limits: Limits = field(default_factory=Limits)
+    # (host, port) of the dashboard, /metrics and /api; None: no HTTP at all.
+    http: tuple[str, int] | None = None
 
 
 class Broker:
@@ -68,8 +72,12 @@ class Broker:
         self._wake_read, self._wake_write = os.pipe()
         self._refusal_log = _RateLimit(per_s=1.0)
         self._stopping = False
+        # Counting costs a little per task, so only when someone can look.
+        self._telemetry = Telemetry() if config.http else None
+        self._dashboard: DashboardServer | None = None
         self.frontend_endpoint = ""
         self.backend_endpoint = ""
+        self.http_endpoint = ""
 
     def _router(self) -> zmq.Socket[bytes]:
         sock: zmq.Socket[bytes] = self._context.socket(zmq.ROUTER)
@@ -89,32 +97,43 @@ class Broker:
 
         Raises:
             zmq.ZMQError: an endpoint is malformed or already in use.
+            OSError: the HTTP address cannot be bound.
         """
         self._frontend.bind(self.config.frontend)
         self._backend.bind(self.config.backend)
         self.frontend_endpoint = _endpoint(self._frontend)
         self.backend_endpoint = _endpoint(self._backend)
-        self._replay()
+        requeued, awaiting = self._replay()
+        if self.config.http is not None and self._telemetry is not None:
+            self._serve_http(self.config.http, self._telemetry)
         log.info(
-            "broker listening frontend=%s backend=%s journal=%s durability=%s",
+            "broker listening frontend=%s backend=%s http=%s journal=%s "
+            "durability=%s; journal replay: %d tasks queued again, %d results "
+            "awaiting delivery",
             self.frontend_endpoint,
             self.backend_endpoint,
+            self.http_endpoint or "-",
             self.config.journal if self.config.durability != "memory" else "-",
             self.config.durability,
+            requeued,
+            awaiting,
         )
 
-    def _replay(self) -> None:
+    def _replay(self) -> tuple[int, int]:
+        """Restore the journal's tasks; return (queued again, results waiting)."""
         now = time.monotonic()
         tasks = self._journal.load()
         for task in tasks:
             self._scheduler.restore(task, now)
         finished = sum(1 for task in tasks if task.state is s.State.FINISHED)
-        if tasks:
-            log.info(
-                "journal replayed: %d tasks queued again, %d results awaiting delivery",
-                len(tasks) - finished,
-                finished,
-            )
+        return len(tasks) - finished, finished
+
+    def _serve_http(self, address: tuple[str, int], telemetry: Telemetry) -> None:
+        # A first snapshot, so that /health is green from the first request.
+        telemetry.publish(time.monotonic(), self._scheduler)
+        self._dashboard = DashboardServer(address, telemetry)
+        self._dashboard.start()
+        self.http_endpoint = self._dashboard.endpoint
 
     def stop(self) -> None:
         """Ask `serve` to return after its current turn. Safe from any thread."""
@@ -130,9 +149,15 @@ class Broker:
         interval_s = self.config.limits.heartbeat_interval_s
         next_tick = time.monotonic() + interval_s
 
+        telemetry = self._telemetry
         try:
             while not self._stopping:
-                poller.poll(poll_timeout_ms(next_tick))
+                wake_at = (
+                    next_tick
+                    if telemetry is None
+                    else min(next_tick, telemetry.due_at())
+                )
+                poller.poll(poll_timeout_ms(wake_at))
                 now = time.monotonic()
                 self._drain(self._frontend, self._scheduler.client_command, now)
                 self._drain(self._backend, self._scheduler.worker_command, now)
@@ -141,6 +166,8 @@ class Broker:
                     self._scheduler.heartbeats()
                     next_tick = now + interval_s
                 self._carry_out(self._scheduler.flush(), now)
+                if telemetry is not None:
+                    telemetry.publish(now, self._scheduler)
         finally:
             self._close()
 
@@ -191,6 +218,8 @@ class Broker:
     def _carry_out(self, effects: s.Effects, now: float) -> None:
         if effects.journal_dirty:
             self._journal.commit(effects.accepted, effects.finished, effects.forgotten)
+        if self._telemetry is not None:
+            self._telemetry.record(effects)
         for peer, command in effects.to_workers:
             self._send(self._backend, peer, command, now)
         for peer, command in effects.to_clients:
@@ -213,6 +242,8 @@ class Broker:
     def _close(self) -> None:
         # Anything a last turn decided is committed before the sockets go.
         self._carry_out(self._scheduler.flush(), time.monotonic())
+        if self._dashboard is not None:
+            self._dashboard.stop()
         self._journal.close()
         self._frontend.close()
         self._backend.close()

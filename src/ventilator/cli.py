@@ -18,14 +18,16 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass
 from typing import IO, Any
 
 import click
 
+from . import logs
 from .broker import Broker, BrokerConfig
 from .client import DEFAULT_ADDRESS, Client
+from .dashboard import parse_http_address
 from .errors import TaskError, UsageError
 from .journal import DURABILITY_MODES
 from .local import LocalCluster
@@ -47,21 +49,53 @@ HEALTH_CHECK_S = 1.0
 BROKER_ANSWER_S = 10.0
 
 
+def _log_setting(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+    """Apply --log-level or --log-format, given before or after the command.
+
+    The group's options are the defaults; a command's own override them. Both
+    go through here, and logging is set up again with what is known so far.
+    """
+    root = ctx.find_root()
+    settings = root.meta.setdefault("ventilator.logging", {"level": "WARNING"})
+    settings.setdefault("format", "text")
+    if value is not None:
+        settings[str(param.name)] = value
+    logs.configure(settings["level"], settings["format"])
+
+
+def _logging_options(default: bool) -> Callable[[Callable[..., Any]], Any]:
+    """--log-level and --log-format; `default` shows the defaults (the group)."""
+
+    def decorate(command: Callable[..., Any]) -> Any:
+        command = click.option(
+            "--log-format",
+            "format",
+            type=click.Choice(logs.LOG_FORMATS),
+            default="text" if default else None,
+            show_default=default,
+            expose_value=False,
+            callback=_log_setting,
+            help="Log lines as text, or one JSON object per line.",
+        )(command)
+        return click.option(
+            "--log-level",
+            "level",
+            type=click.Choice(logs.LOG_LEVELS, case_sensitive=False),
+            default="WARNING" if default else None,
+            show_default=default,
+            expose_value=False,
+            callback=_log_setting,
+            help="Log records at this level and above go to stderr.",
+        )(command)
+
+    return decorate
+
+
 @click.group(context_settings={"auto_envvar_prefix": "VENTILATOR"})
-@click.option(
-    "--log-level",
-    default="WARNING",
-    show_default=True,
-    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
-)
+@_logging_options(default=True)
 @click.version_option(package_name="ventilator")
-def cli(log_level: str) -> None:
+def cli() -> None:
     """ventilator: a distributed task system on ZeroMQ."""
-    logging.basicConfig(
-        level=log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
 
 
 def main() -> None:
@@ -82,6 +116,7 @@ def _stop_on_signals(stop: Callable[[], None]) -> None:
 
 
 @cli.command()
+@_logging_options(default=False)
 @click.option(
     "--frontend",
     default="tcp://127.0.0.1:5555",
@@ -139,6 +174,19 @@ def _stop_on_signals(stop: Callable[[], None]) -> None:
     is_flag=True,
     help="Print the bound endpoints as one JSON line on stdout.",
 )
+@click.option(
+    "--http",
+    "http_address",
+    default=None,
+    metavar="HOST:PORT",
+    help="Serve the dashboard, /metrics, /health and /api here (port 0: any "
+    "free port)  [default: off]",
+)
+@click.option(
+    "--http-allow-remote",
+    is_flag=True,
+    help="Allow --http on a non-loopback address; it has no authentication.",
+)
 def broker(
     frontend: str,
     backend: str,
@@ -150,8 +198,15 @@ def broker(
     heartbeat_interval_s: float,
     max_attempts: int,
     announce: bool,
+    http_address: str | None,
+    http_allow_remote: bool,
 ) -> None:
     """Run a broker: queue tasks from clients, hand them to workers."""
+    http = None
+    if http_address is not None:
+        http = _or_usage_error(
+            lambda: parse_http_address(http_address, http_allow_remote)
+        )
     limits = Limits(
         max_payload_bytes=max_payload_bytes,
         max_queued_tasks=max_queued_tasks,
@@ -159,13 +214,14 @@ def broker(
         heartbeat_interval_s=heartbeat_interval_s,
         max_attempts=max_attempts,
     )
-    config = BrokerConfig(frontend, backend, journal, durability, limits)
+    config = BrokerConfig(frontend, backend, journal, durability, limits, http)
     server = _or_usage_error(lambda: Broker(config))
     _or_usage_error(server.bind)
     if announce:
         endpoints = {
             "frontend": server.frontend_endpoint,
             "backend": server.backend_endpoint,
+            "http": server.http_endpoint or None,
         }
         click.echo(json.dumps(endpoints), nl=True)
         sys.stdout.flush()
@@ -174,6 +230,7 @@ def broker(
 
 
 @cli.command()
+@_logging_options(default=False)
 @click.argument("modules", nargs=-1, required=True)
 @click.option(
     "--connect",
@@ -314,6 +371,7 @@ def _cluster_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @cli.command(name="map")
+@_logging_options(default=False)
 @click.argument("function")
 @_cluster_options
 @click.option("--sink", default=None, help="Send results to this sink instead.")
@@ -349,6 +407,7 @@ def map_command(
 
 
 @cli.command(name="exec")
+@_logging_options(default=False)
 @click.argument("command", nargs=-1, required=True)
 @_cluster_options
 def exec_command(
@@ -404,14 +463,14 @@ def _finite(text: str) -> float:
 
 
 def _map_record(item: Any, future: Future[Any]) -> tuple[dict[str, Any], bool]:
-    error = future.exception()
+    error = _error_of(future)
     if error is None:
         return {"input": item, "result": future.result()}, True
     return {"input": item, "error": _error_fields(error)}, False
 
 
 def _exec_record(line: str, future: Future[Any]) -> tuple[dict[str, Any], bool]:
-    error = future.exception()
+    error = _error_of(future)
     if error is not None:
         return {
             "input": line,
@@ -422,6 +481,14 @@ def _exec_record(line: str, future: Future[Any]) -> tuple[dict[str, Any], bool]:
         }, False
     outcome = future.result()
     return {"input": line, **outcome}, outcome["exit_code"] == 0
+
+
+def _error_of(future: Future[Any]) -> BaseException | None:
+    # An operator may cancel or purge a task at the broker: its line then says
+    # so, instead of CancelledError escaping and ending the whole run.
+    if future.cancelled():
+        return CancelledError("the task was cancelled at the broker")
+    return future.exception()
 
 
 def _json_line(fields: dict[str, Any]) -> str:
@@ -503,7 +570,8 @@ def _run_tasks(job: _Job, run: _Run) -> int:
         bar = stack.enter_context(_Progress(run.progress))
         started = time.perf_counter()
         done = failed = 0
-        for item, future in _ordered(client, job, run.items, check):
+        items = _counted(run.items, bar.submitted)
+        for item, future in _ordered(client, job, items, check):
             fields, ok = job.record(item, future)
             if not job.options.get("sink"):
                 run.output.write(_json_line(fields))
@@ -514,6 +582,12 @@ def _run_tasks(job: _Job, run: _Run) -> int:
 
     _summary(done, failed, time.perf_counter() - started, job.options.get("sink"))
     return failed
+
+
+def _counted(items: Iterator[Any], count: Callable[[], None]) -> Iterator[Any]:
+    for item in items:
+        count()
+        yield item
 
 
 def _check_broker(client: Client, address: str) -> None:
@@ -580,7 +654,7 @@ def _wait(
 ) -> tuple[Any, Future[Any]]:
     while not entry[1].done():
         check()
-        with contextlib.suppress(TimeoutError):
+        with contextlib.suppress(TimeoutError, CancelledError):
             entry[1].exception(timeout=HEALTH_CHECK_S)
     return entry
 
@@ -599,15 +673,21 @@ def _summary(done: int, failed: int, elapsed_s: float, sink: str | None) -> None
 
 
 class _Progress:
-    """A rich progress bar on stderr when it is a terminal; silent otherwise."""
+    """A rich progress bar on stderr when it is a terminal; silent otherwise.
+
+    The total is what was read and submitted so far (input is streamed), so
+    the ETA covers the tasks known yet; it is exact once the input has ended.
+    """
 
     def __init__(self, wanted: bool | None) -> None:
         self._enabled = sys.stderr.isatty() if wanted is None else wanted
         self._progress: Any = None
         self._task: Any = None
+        self._submitted = 0
 
     def __enter__(self) -> _Progress:
         if self._enabled:
+            from rich.console import Console
             from rich.progress import (
                 BarColumn,
                 MofNCompleteColumn,
@@ -615,6 +695,7 @@ class _Progress:
                 TaskProgressColumn,
                 TextColumn,
                 TimeElapsedColumn,
+                TimeRemainingColumn,
             )
 
             self._progress = Progress(
@@ -624,6 +705,9 @@ class _Progress:
                 TaskProgressColumn(),
                 TextColumn("{task.fields[rate]}"),
                 TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
                 transient=False,
             )
             self._progress.start()
@@ -631,12 +715,17 @@ class _Progress:
             self._started = time.perf_counter()
         return self
 
+    def submitted(self) -> None:
+        self._submitted += 1
+
     def advance(self) -> None:
         if self._progress is not None:
             elapsed = time.perf_counter() - self._started
             done = self._progress.tasks[0].completed + 1
             rate = f"{done / elapsed:,.0f}/s" if elapsed > 0 else ""
-            self._progress.update(self._task, advance=1, rate=rate)
+            self._progress.update(
+                self._task, advance=1, total=self._submitted, rate=rate
+            )
 
     def __exit__(self, *exc_info: object) -> None:
         if self._progress is not None:
@@ -646,24 +735,42 @@ class _Progress:
 # --- status and sink -------------------------------------------------------------
 
 
-@cli.command()
-@click.option(
-    "--connect",
-    default=DEFAULT_ADDRESS,
-    show_default=True,
-    help="The broker's frontend endpoint.",
-)
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@click.option("--timeout-s", type=float, default=5.0, show_default=True)
-def status(connect: str, as_json: bool, timeout_s: float) -> None:
-    """Show the broker's workers, queues and clients."""
+def _connect_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    command = click.option(
+        "--timeout-s",
+        type=float,
+        default=5.0,
+        show_default=True,
+        help="How long to wait for the broker's answer.",
+    )(command)
+    return click.option(
+        "--connect",
+        default=DEFAULT_ADDRESS,
+        show_default=True,
+        help="The broker's frontend endpoint.",
+    )(command)
+
+
+@contextlib.contextmanager
+def _broker_answer(connect: str, timeout_s: float) -> Iterator[Client]:
+    """A client for one question; no answer in time is a clear CLI error."""
     with Client(connect) as client:
         try:
-            report = client.status(timeout_s)
+            yield client
         except TimeoutError:
             raise click.ClickException(
                 f"no answer from a broker at {connect} within {timeout_s:g}s"
             ) from None
+
+
+@cli.command()
+@_logging_options(default=False)
+@_connect_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def status(connect: str, as_json: bool, timeout_s: float) -> None:
+    """Show the broker's workers, queues, clients and recent failures."""
+    with _broker_answer(connect, timeout_s) as client:
+        report = client.status(timeout_s)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
@@ -672,42 +779,196 @@ def status(connect: str, as_json: bool, timeout_s: float) -> None:
 
 def _print_status(report: dict[str, Any]) -> None:
     from rich.console import Console
+
+    console = Console()
+    console.print(_workers_table(report["workers"]))
+    console.print(_queues_table(report))
+    console.print(_clients_table(report["clients"]))
+    totals = report.get("totals", {})
+    console.print(
+        f"tasks since start: {totals.get('submitted', 0)} submitted, "
+        f"{totals.get('completed', 0)} completed, {totals.get('failed', 0)} failed, "
+        f"{totals.get('cancelled', 0)} cancelled; results waiting for delivery: "
+        f"{report['results_waiting']}"
+    )
+    if report.get("recent_failures"):
+        console.print(_failures_table(report["recent_failures"], "recent failures"))
+
+
+def _workers_table(workers: list[dict[str, Any]]) -> Any:
     from rich.markup import escape
     from rich.table import Table
 
-    console = Console()
-    workers = Table(title=f"workers ({len(report['workers'])})")
+    table = Table(title=f"workers ({len(workers)})")
     for column in ("id", "functions", "capacity", "running", "last seen"):
-        workers.add_column(column)
-    for w in report["workers"]:
-        workers.add_row(
-            escape(w["id"]),
+        table.add_column(column)
+    for w in workers:
+        table.add_row(
+            escape(w["id"]) + (" (draining)" if w.get("draining") else ""),
             str(len(w["services"])),
             str(w["capacity"]),
             str(w["running"]),
             f"{w['last_seen_s']:.1f}s ago",
         )
-    console.print(workers)
+    return table
 
-    queues = Table(title="tasks by function")
+
+def _queues_table(report: dict[str, Any]) -> Any:
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title="tasks by function")
     for column in ("function", "queued", "running"):
-        queues.add_column(column)
+        table.add_column(column)
     for function in sorted(set(report["queued"]) | set(report["running"])):
-        queues.add_row(
+        table.add_row(
             escape(function),
             str(report["queued"].get(function, 0)),
             str(report["running"].get(function, 0)),
         )
-    console.print(queues)
+    return table
 
-    connected = [c["name"] for c in report["clients"] if c["connected"]]
-    console.print(
-        f"clients connected: {len(connected)}; "
-        f"results waiting for delivery: {report['results_waiting']}"
-    )
+
+def _clients_table(clients: list[dict[str, Any]]) -> Any:
+    from rich.markup import escape
+    from rich.table import Table
+
+    connected = sum(1 for c in clients if c["connected"])
+    table = Table(title=f"clients and sinks ({connected} connected)")
+    for column in ("name", "kind", "connected", "results pending"):
+        table.add_column(column)
+    for c in clients:
+        table.add_row(
+            escape(c["name"]),
+            c.get("kind", "client"),
+            "yes" if c["connected"] else "no",
+            str(c["pending"]),
+        )
+    return table
+
+
+def _failures_table(failures: list[dict[str, Any]], title: str) -> Any:
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ("ticket", "session", "task", "function", "outcome", "error"):
+        table.add_column(column, overflow="fold")
+    for f in failures:
+        table.add_row(
+            str(f["ticket"]),
+            escape(f["session"]),
+            str(f["task_id"]),
+            escape(f["function"]),
+            f["outcome"],
+            escape(f"{f['type']}: {f['message']}"),
+        )
+    return table
+
+
+# --- operator commands -------------------------------------------------------------
 
 
 @cli.command()
+@_logging_options(default=False)
+@_connect_option
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON, tracebacks too.")
+def failed(connect: str, timeout_s: float, limit: int, as_json: bool) -> None:
+    """List the broker's latest failed tasks with their reasons, newest first."""
+    with _broker_answer(connect, timeout_s) as client:
+        failures = client.failed(limit, timeout_s)
+    if as_json:
+        click.echo(json.dumps(failures, indent=2))
+        return
+    from rich.console import Console
+
+    Console().print(_failures_table(failures, f"failed tasks ({len(failures)})"))
+
+
+@cli.command()
+@_logging_options(default=False)
+@_connect_option
+@click.argument("tickets", nargs=-1, type=int)
+@click.option("--all", "every", is_flag=True, help="Every failed task remembered.")
+@click.option(
+    "--sink",
+    default="retried",
+    show_default=True,
+    help="The sink that receives the reruns' results.",
+)
+def retry(
+    connect: str, timeout_s: float, tickets: tuple[int, ...], every: bool, sink: str
+) -> None:
+    """Run failed tasks again, named by their TICKETS (see `ventilator failed`).
+
+    The submitter already received the failure, and a task's result is
+    delivered once: the rerun's result goes to the sink --sink instead
+    (read it with `ventilator sink NAME`).
+    """
+    if bool(tickets) == every:
+        raise click.UsageError("name the TICKETS to retry, or pass --all (not both)")
+    with _broker_answer(connect, timeout_s) as client:
+        report = client.retry(tickets, sink, timeout_s)
+    for ticket, reason in sorted(report["refused"].items()):
+        click.echo(f"ventilator: not retried ticket={ticket}: {reason}", err=True)
+    click.echo(f"retried {len(report['retried'])} task(s); results go to sink {sink!r}")
+    if report["refused"]:
+        sys.exit(1)
+
+
+@cli.command()
+@_logging_options(default=False)
+@_connect_option
+@click.argument("function")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def purge(connect: str, timeout_s: float, function: str, yes: bool) -> None:
+    """Cancel every task of FUNCTION still waiting to run.
+
+    Their submitters see them cancelled; running tasks finish.
+    """
+    with _broker_answer(connect, timeout_s) as client:
+        queued = client.status(timeout_s)["queued"].get(function, 0)
+        if not yes:
+            click.confirm(
+                f"Cancel the {queued} task(s) of {function} waiting to run?",
+                abort=True,
+            )
+        purged = client.purge(function, timeout_s)
+    click.echo(f"purged {purged} task(s) of {function}")
+
+
+@cli.command()
+@_logging_options(default=False)
+@_connect_option
+@click.argument("session")
+@click.argument("task_id", type=int)
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def cancel(
+    connect: str, timeout_s: float, session: str, task_id: int, yes: bool
+) -> None:
+    """Cancel the task TASK_ID of the client SESSION, if it has not started.
+
+    `ventilator failed` and the dashboard show sessions and task ids; a
+    client's own are `Client.session` and `TaskFuture.task_id`.
+    """
+    if not yes:
+        click.confirm(f"Cancel task {task_id} of session {session}?", abort=True)
+    with _broker_answer(connect, timeout_s) as client:
+        outcome = client.cancel_task(session, task_id, timeout_s)
+    messages = {
+        "cancelled": "cancelled; its submitter sees it cancelled",
+        "running": "not cancelled: it is running, and will finish",
+        "finished": "not cancelled: it had finished already",
+        "unknown": "not cancelled: the broker has no such task",
+    }
+    click.echo(f"task {task_id} of {session}: {messages.get(outcome, outcome)}")
+    if outcome != "cancelled":
+        sys.exit(1)
+
+
+@cli.command()
+@_logging_options(default=False)
 @click.argument("name")
 @click.option(
     "--connect",

@@ -32,7 +32,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import CancelledError, Executor, Future, InvalidStateError
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -212,6 +212,12 @@ _Outcome = TaskFuture | _Slot
 OutcomeT = TypeVar("OutcomeT", TaskFuture, _Slot)
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class _Question:
+    command: p.Command
+    answer: Future[dict[str, Any]]
+
+
 @dataclass(slots=True, eq=False)
 class _Pending:
     spec: p.TaskSpec
@@ -266,7 +272,9 @@ class Client:
         self._in_window = 0
         self._outgoing: deque[_Pending] = deque()
         self._cancels: deque[int] = deque()
-        self._status_requests: deque[Future[dict[str, Any]]] = deque()
+        # Questions for the broker (status, operator commands) and their answers'
+        # futures; the broker answers each in the order asked.
+        self._questions: deque[_Question] = deque()
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_read, False)
         self._closed = False
@@ -275,7 +283,7 @@ class Client:
 
         # Owned by the I/O thread from here on.
         self._pending: dict[int, _Pending] = {}
-        self._status_waiting: deque[Future[dict[str, Any]]] = deque()
+        self._asked: deque[_Question] = deque()
         self._socket: zmq.Socket[bytes]
         self._welcomed = False
         self._durable = True
@@ -493,12 +501,69 @@ class Client:
         Raises:
             TimeoutError: the broker did not answer within `timeout_s`.
         """
-        waiter: Future[dict[str, Any]] = Future()
+        return self._ask(p.StatusRequest(), timeout_s)
+
+    def failed(self, limit: int = 100, timeout_s: float = 10.0) -> list[dict[str, Any]]:
+        """The broker's latest failed tasks, newest first, with their reasons.
+
+        Each is a dict: ticket, session, task_id, function, outcome (raised,
+        timeout, poison, not_found, rejected), type, message, traceback,
+        retryable. The broker remembers a bounded number (`failed_kept`).
+
+        Raises:
+            TimeoutError: the broker did not answer within `timeout_s`.
+        """
+        report = self._ask(p.ListFailed(limit), timeout_s)
+        return list(report["failed"])
+
+    def retry(
+        self,
+        tickets: Sequence[int] = (),
+        sink: str = "retried",
+        timeout_s: float = 10.0,
+    ) -> dict[str, Any]:
+        """Run failed tasks (by ticket; none named: all) again.
+
+        The original submitter already has its failure, so the reruns are the
+        broker's own tasks and their results go to the sink `sink`.
+
+        Returns:
+            {"retried": [tickets], "refused": {ticket: reason}, "sink": sink}.
+
+        Raises:
+            TimeoutError: the broker did not answer within `timeout_s`.
+        """
+        return self._ask(p.Retry(list(tickets), sink), timeout_s)
+
+    def purge(self, function: str, timeout_s: float = 10.0) -> int:
+        """Cancel every task of `function` still waiting to run; return how many.
+
+        Their submitters see them cancelled. Running tasks are left alone.
+
+        Raises:
+            TimeoutError: the broker did not answer within `timeout_s`.
+        """
+        return int(self._ask(p.Purge(function), timeout_s)["purged"])
+
+    def cancel_task(self, session: str, task_id: int, timeout_s: float = 10.0) -> str:
+        """Cancel any session's task by its id, as an operator.
+
+        Returns what became of it: "cancelled", "running" (a running task is
+        not stopped), "finished" or "unknown".
+
+        Raises:
+            TimeoutError: the broker did not answer within `timeout_s`.
+        """
+        report = self._ask(p.CancelTask(session, task_id), timeout_s)
+        return str(report["outcome"])
+
+    def _ask(self, question: p.Command, timeout_s: float) -> dict[str, Any]:
+        answer: Future[dict[str, Any]] = Future()
         with self._lock:
             self._check_open()
-            self._status_requests.append(waiter)
+            self._questions.append(_Question(question, answer))
         self._wake()
-        return waiter.result(timeout_s)
+        return answer.result(timeout_s)
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Leave the broker. Futures still pending fail with `ClientClosed`.
@@ -680,8 +745,8 @@ class Client:
         self._welcomed = False
         with self._lock:
             # Questions asked of a broker that forgot us will not be answered.
-            self._status_requests.extendleft(reversed(self._status_waiting))
-            self._status_waiting.clear()
+            self._questions.extendleft(reversed(self._asked))
+            self._asked.clear()
         self._send(p.Hello(self.session))
 
     def _poller(self) -> zmq.Poller:
@@ -715,10 +780,15 @@ class Client:
         elif isinstance(command, p.Welcome):
             self._welcome(command)
         elif isinstance(command, p.StatusReply):
-            if self._status_waiting:
-                _resolve(self._status_waiting.popleft(), command.status)
+            self._answered(command.status)
+        elif isinstance(command, p.OperatorReply):
+            self._answered(command.report)
         elif isinstance(command, p.Error):
             self._refused(command)
+
+    def _answered(self, answer: dict[str, Any]) -> None:
+        if self._asked:
+            _resolve(self._asked.popleft().answer, answer)
 
     def _refused(self, error: p.Error) -> None:
         if error.code == "hello_first" and self._welcomed:
@@ -796,9 +866,9 @@ class Client:
             batch = self._take_outgoing()
             cancels = list(self._cancels)
             self._cancels.clear()
-            status_requests = list(self._status_requests) if self._welcomed else []
+            questions = list(self._questions) if self._welcomed else []
             if self._welcomed:
-                self._status_requests.clear()
+                self._questions.clear()
 
         batch = self._refuse_oversized(batch)
         for pending in batch:
@@ -808,9 +878,9 @@ class Client:
         if cancels:
             self._forget_cancelled(cancels)
             self._send(p.Cancel(cancels))
-        for waiter in status_requests:
-            self._status_waiting.append(waiter)
-            self._send(p.StatusRequest())
+        for question in questions:
+            self._asked.append(question)
+            self._send(question.command)
 
     def _take_outgoing(self) -> list[_Pending]:
         """Submissions that fit the broker's window; the rest wait their turn."""
@@ -848,8 +918,8 @@ class Client:
             _fail(pending.future, error)
         for pending in self._outgoing:
             _fail(pending.future, error)
-        for waiter in (*self._status_waiting, *self._status_requests):
-            _fail(waiter, error)
+        for question in (*self._asked, *self._questions):
+            _fail(question.answer, error)
 
 
 class ClientExecutor(Executor):

@@ -1,0 +1,54 @@
+"""Log output for the command line: readable text, or one JSON object per line.
+
+Library modules only ever call `logging.getLogger(__name__)`; handlers are
+configured here, and only the CLI calls `configure`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+
+__all__ = ["LOG_FORMATS", "LOG_LEVELS", "JsonFormatter", "configure"]
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("text", "json")
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record, on one line, for log shippers.
+
+    Fields: time (ISO 8601, UTC), level, logger, message, process, thread, and
+    exception (the formatted traceback) when there is one.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, object] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "process": record.process,
+            "thread": record.threadName,
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        # default=str: a stray object in a log argument must not lose the line.
+        return json.dumps(entry, default=str)
+
+
+def configure(level: str, log_format: str) -> None:
+    """Send every log record at `level` or above to stderr in `log_format`."""
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter(TEXT_FORMAT))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
