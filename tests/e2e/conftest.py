@@ -221,6 +221,7 @@ class BrokerProcess:
     frontend: str
     backend: str
     heartbeat_interval_s: float
+    http: str | None = None  # the dashboard's URL, when started with --http
 
     @property
     def pid(self) -> int:
@@ -302,7 +303,11 @@ class Launcher:
         process = self.processes.start("broker", argv, stdout=subprocess.PIPE)
         endpoints = read_json_line(process, START_TIMEOUT_S)
         return BrokerProcess(
-            process, endpoints["frontend"], endpoints["backend"], heartbeat_interval_s
+            process,
+            endpoints["frontend"],
+            endpoints["backend"],
+            heartbeat_interval_s,
+            endpoints.get("http"),
         )
 
     def worker(

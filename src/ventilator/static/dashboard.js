@@ -44,9 +44,24 @@ function ago(seconds) {
 
 function seconds(value) {
   if (value === null || value === undefined) return "–";
-  if (value < 0.001) return `${(value * 1e6).toFixed(0)} µs`;
-  if (value < 1) return `${(value * 1000).toFixed(1)} ms`;
-  return `${value.toFixed(2)} s`;
+  if (value === 0) return "0";
+  if (value < 0.001) return `${+(value * 1e6).toPrecision(3)}µs`;
+  if (value < 1) return `${+(value * 1000).toPrecision(3)}ms`;
+  return `${+value.toPrecision(3)}s`;
+}
+
+// "tests.tasks:a", "tests.tasks:b" -> one line per module: "tests.tasks: a, b".
+function byModule(services) {
+  const modules = new Map();
+  for (const name of services) {
+    const cut = name.lastIndexOf(":");
+    const module = cut < 0 ? "" : name.slice(0, cut);
+    if (!modules.has(module)) modules.set(module, []);
+    modules.get(module).push(cut < 0 ? name : name.slice(cut + 1));
+  }
+  return [...modules].map(([module, names]) => el("div", { class: "services" },
+    el("code", {}, module ? `${module}:` : ""), " ",
+    el("span", { class: "muted" }, names.join(", "))));
 }
 
 // --- figures and tables -----------------------------------------------------------
@@ -75,10 +90,9 @@ function renderWorkers(workers) {
   const rows = workers.map((w) => {
     const load = w.capacity ? Math.min(100, (100 * w.running) / w.capacity) : 0;
     const state = w.draining ? el("span", { class: "tag warn" }, "draining") : "";
-    const services = w.services.map((s) => el("div", {}, el("code", {}, s)));
     return el("tr", {},
       el("td", {}, el("code", {}, w.id), " ", state),
-      el("td", {}, ...services),
+      el("td", {}, ...byModule(w.services)),
       el("td", { class: "num" }, w.capacity),
       el("td", { class: "num" }, w.running,
         el("div", { class: "bar" }, el("span", { style: `width:${load}%` }))),
@@ -120,9 +134,8 @@ function renderClients(clients) {
 
 // --- charts: hand-drawn SVG --------------------------------------------------------
 
-const WIDTH = 600;
 const HEIGHT = 180;
-const PAD = { left: 44, right: 8, top: 10, bottom: 20 };
+const PAD = { left: 52, right: 8, top: 10, bottom: 20 };
 
 function niceMax(value) {
   if (!(value > 0)) return 1;
@@ -133,6 +146,9 @@ function niceMax(value) {
 
 function drawChart(id, samples, series, format) {
   const svg = document.getElementById(id);
+  // Drawn at the size shown, so text and dots are never stretched.
+  const WIDTH = Math.max(200, Math.round(svg.clientWidth || 600));
+  svg.setAttribute("viewBox", `0 0 ${WIDTH} ${HEIGHT}`);
   const values = series.flatMap((s) => samples.map((p) => p[s.key]).filter((v) => v !== null));
   const top = niceMax(Math.max(0, ...values));
   const t0 = samples.length ? samples[0].time : 0;
@@ -157,7 +173,15 @@ function drawChart(id, samples, series, format) {
   nodes.push(nowLabel);
 
   for (const s of series) {
-    const points = samples.filter((p) => p[s.key] !== null).map((p) => `${x(p.time).toFixed(1)},${y(p[s.key]).toFixed(1)}`);
+    const known = samples.filter((p) => p[s.key] !== null);
+    const points = known.map((p) => `${x(p.time).toFixed(1)},${y(p[s.key]).toFixed(1)}`);
+    if (s.dots) {
+      // Durations exist only where tasks finished: mark each one, since a
+      // burst of work leaves single samples a line would not show.
+      for (const p of known) {
+        nodes.push(svgEl("circle", { class: `dot ${s.css}`, cx: x(p.time), cy: y(p[s.key]), r: 2.5 }));
+      }
+    }
     if (points.length < 2) continue;
     if (s.area) {
       const base = y(0).toFixed(1);
@@ -176,8 +200,8 @@ function renderCharts(history) {
     { key: "failed", css: "bad" },
   ], (v) => (v >= 1000 ? `${(v / 1000).toFixed(1)}k` : v.toFixed(v < 10 && v % 1 ? 1 : 0)));
   drawChart("duration-chart", history, [
-    { key: "duration_max_s", css: "dim" },
-    { key: "duration_mean_s", css: "accent" },
+    { key: "duration_max_s", css: "dim", dots: true },
+    { key: "duration_mean_s", css: "accent", dots: true },
   ], seconds);
 }
 

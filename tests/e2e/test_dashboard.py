@@ -1,0 +1,223 @@
+"""The broker's HTTP face, against real processes: /health, /api, /metrics, and
+the dashboard page in a real (headless) Chromium."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import Future, wait
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+import ventilator
+
+from .conftest import (
+    MORE_TASKS,
+    TASKS,
+    BrokerProcess,
+    ClusterError,
+    Launcher,
+    wait_for_workers,
+    wait_until,
+)
+
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's package; never a downloaded one
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+SETTLE_S = 20.0
+
+
+@pytest.fixture
+def web_broker(launch: Launcher) -> BrokerProcess:
+    broker = launch.broker("--http", "127.0.0.1:0")
+    assert broker.http is not None and broker.http.startswith("http://127.0.0.1:")
+    return broker
+
+
+def get(broker: BrokerProcess, path: str) -> tuple[int, bytes]:
+    assert broker.http is not None
+    try:
+        with urllib.request.urlopen(broker.http + path, timeout=5) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def api(broker: BrokerProcess, name: str) -> Any:
+    status, body = get(broker, f"/api/{name}")
+    assert status == 200, body
+    return json.loads(body)
+
+
+SampleKey = tuple[str, tuple[tuple[str, str], ...]]  # (name, sorted labels)
+
+
+def metrics(broker: BrokerProcess) -> dict[SampleKey, float]:
+    """Every sample of /metrics, parsed by prometheus-client's own parser."""
+    status, body = get(broker, "/metrics")
+    assert status == 200
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(body.decode())
+        for sample in family.samples
+    }
+
+
+def run_tasks(client: ventilator.Client, squares: int, failures: int) -> None:
+    futures: list[Future[Any]] = [
+        client.submit(f"{TASKS}:square", i) for i in range(squares)
+    ]
+    futures += [client.submit(f"{TASKS}:fail", f"bad {i}") for i in range(failures)]
+    done, _ = wait(futures, timeout=30)
+    assert len(done) == len(futures)
+
+
+def test_health_answers_ok_and_unknown_pages_are_404(web_broker: BrokerProcess) -> None:
+    status, body = get(web_broker, "/health")
+    missing, _ = get(web_broker, "/nothing-here")
+
+    assert status == 200 and json.loads(body)["status"] == "ok"
+    assert missing == 404
+
+
+def test_http_on_a_public_address_is_refused_without_allow_remote(
+    launch: Launcher,
+) -> None:
+    with pytest.raises(ClusterError) as refused:
+        launch.broker("--http", "0.0.0.0:0")
+
+    assert "--http-allow-remote" in str(refused.value)
+
+
+def test_metrics_counters_match_the_tasks_run(
+    launch: Launcher, web_broker: BrokerProcess
+) -> None:
+    launch.worker(web_broker, concurrency=2)
+    client = launch.client(web_broker)
+    wait_for_workers(client, 1)
+
+    run_tasks(client, squares=30, failures=2)
+
+    square = (("function", f"{TASKS}:square"),)
+    fail = (("function", f"{TASKS}:fail"),)
+    expected = {
+        ("ventilator_tasks_submitted_total", square): 30,
+        ("ventilator_tasks_submitted_total", fail): 2,
+        ("ventilator_tasks_completed_total", square): 30,
+        ("ventilator_tasks_failed_total", (*fail, ("outcome", "raised"))): 2,
+        ("ventilator_task_duration_seconds_count", square): 30,
+        ("ventilator_task_queue_wait_seconds_count", square): 30,
+        ("ventilator_workers_connected", ()): 1,
+    }
+
+    def counted() -> bool:
+        samples = metrics(web_broker)
+        return all(samples.get(key) == value for key, value in expected.items())
+
+    wait_until(counted, SETTLE_S, f"/metrics to show {expected}")
+    samples = metrics(web_broker)
+    assert ("ventilator_tasks_completed_total", fail) not in samples
+    duration_sum = samples[("ventilator_task_duration_seconds_sum", square)]
+    assert 0 <= duration_sum < 30
+
+
+def test_api_status_is_what_ventilator_status_reports(
+    launch: Launcher, web_broker: BrokerProcess
+) -> None:
+    client = launch.client(web_broker)
+    client.submit(f"{MORE_TASKS}:cube", 2)  # no worker serves it: it stays queued
+
+    def agree() -> bool:
+        over_http = api(web_broker, "status")
+        over_zmq = client.status()
+        return over_http["queued"] == over_zmq["queued"] == {f"{MORE_TASKS}:cube": 1}
+
+    wait_until(agree, SETTLE_S, "/api/status and STATUS to agree on the queue")
+    assert set(api(web_broker, "status")) == set(client.status())
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    if not CHROMIUM.exists():
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS
+        )
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+def test_dashboard_shows_what_the_api_reports(
+    launch: Launcher, web_broker: BrokerProcess, browser: Any, tmp_path: Path
+) -> None:
+    launch.worker(web_broker, concurrency=2)
+    launch.worker(web_broker, concurrency=1)
+    client = launch.client(web_broker)
+    wait_for_workers(client, 2)
+    run_tasks(client, squares=40, failures=1)
+    for x in range(3):
+        client.submit(f"{MORE_TASKS}:cube", x)  # nobody serves it: queued
+    wait_until(
+        lambda: sum(api(web_broker, "status")["queued"].values()) == 3,
+        SETTLE_S,
+        "three tasks queued",
+    )
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.goto(web_broker.http)
+
+    def page_matches_api() -> bool:
+        status = api(web_broker, "status")
+        shown = {
+            key: page.get_by_test_id(key).inner_text()
+            for key in ("workers-count", "queued-total", "completed-total")
+        }
+        return shown == {
+            "workers-count": str(len(status["workers"])),
+            "queued-total": str(sum(status["queued"].values())),
+            "completed-total": str(status["totals"]["completed"]),
+        }
+
+    wait_until(page_matches_api, SETTLE_S, "the page to show what /api/status says")
+    assert page.get_by_test_id("completed-total").inner_text() == "40"
+    failures = page.get_by_test_id("failures-table")
+    assert "ValueError: failed on purpose: bad 0" in failures.inner_text()
+    assert "raised" in failures.inner_text()
+    # Once the history holds every completion, the next refresh charts it.
+    wait_until(
+        lambda: (
+            sum(s["completed"] for s in api(web_broker, "history")["samples"]) == 40
+        ),
+        SETTLE_S,
+        "the history to count 40 completions",
+    )
+    refreshes = int(page.locator("body").get_attribute("data-refreshed") or 0)
+    wait_until(
+        lambda: (
+            int(page.locator("body").get_attribute("data-refreshed") or 0)
+            > refreshes + 1
+        ),
+        SETTLE_S,
+        "the page to refresh",
+    )
+    assert page.locator("#throughput-chart polyline").count() >= 1
+    screenshot = tmp_path / "dashboard.png"
+    page.screenshot(path=str(screenshot), full_page=True)
+    assert screenshot.stat().st_size > 10_000
