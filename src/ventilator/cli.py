@@ -910,7 +910,7 @@ def retry(
         raise click.UsageError("name the TICKETS to retry, or pass --all (not both)")
     with _broker_answer(connect, timeout_s) as client:
         report = client.retry(tickets, sink, timeout_s)
-    for ticket, reason in sorted(report["refused"].items()):
+    for ticket, reason in report["refused"]:
         click.echo(f"ventilator: not retried ticket={ticket}: {reason}", err=True)
     click.echo(f"retried {len(report['retried'])} task(s); results go to sink {sink!r}")
     if report["refused"]:

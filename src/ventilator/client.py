@@ -528,7 +528,8 @@ class Client:
         broker's own tasks and their results go to the sink `sink`.
 
         Returns:
-            {"retried": [tickets], "refused": {ticket: reason}, "sink": sink}.
+            {"retried": [tickets], "refused": [[ticket, reason], ...],
+            "sink": sink}.
 
         Raises:
             TimeoutError: the broker did not answer within `timeout_s`.

@@ -1032,12 +1032,14 @@ class Scheduler:
         wanted = set(tickets)
         chosen = [r for r in self.failed if not wanted or r.ticket in wanted]
         retried: list[int] = []
-        refused: dict[int, str] = {}
+        # Pairs, not a dict: msgpack maps with integer keys are refused on the
+        # wire (strict_map_key).
+        refused: list[list[object]] = []
         pickle_served = self._pickle_served()
         for record in chosen:
             reason = self._retry_refusal(record, sink, pickle_served)
             if reason is not None:
-                refused[record.ticket] = reason
+                refused.append([record.ticket, reason])
                 continue
             spec = p.TaskSpec(
                 record.ticket,
@@ -1053,7 +1055,7 @@ class Scheduler:
 
         unknown = sorted(wanted - {r.ticket for r in chosen})
         for ticket in unknown:
-            refused[ticket] = "no failed task with this ticket is remembered"
+            refused.append([ticket, "no failed task with this ticket is remembered"])
         return {"retried": retried, "refused": refused, "sink": sink}
 
     def _retry_refusal(

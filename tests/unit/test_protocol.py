@@ -41,7 +41,7 @@ EXAMPLES: list[p.Command] = [
     p.Retry([], "retried"),
     p.Purge("jobs:square"),
     p.CancelTask("session-1", 42),
-    p.OperatorReply({"action": "purge", "count": 3}),
+    p.OperatorReply({"retried": [1], "refused": [[2, "not remembered"]]}),
     p.Heartbeat(),
     p.Error("hello_first", "send HELLO first"),
     p.Bye(),

@@ -1,0 +1,177 @@
+"""Operator commands and logs against a running broker: failed, retry, purge,
+cancel, --log-format json."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import CancelledError
+
+import pytest
+
+import ventilator
+from ventilator.scheduler import RETRY_SESSION
+
+from .conftest import (
+    MORE_TASKS,
+    TASKS,
+    BrokerProcess,
+    Launcher,
+    Processes,
+    json_lines,
+    log_of,
+    run_cli,
+    status_when,
+    wait_for_workers,
+    wait_until,
+)
+
+UNSERVED = f"{MORE_TASKS}:cube"  # no worker in these tests serves it
+
+
+def failed_once(client: ventilator.Client) -> None:
+    future = client.submit(f"{TASKS}:fail", "on purpose")
+    with pytest.raises(ventilator.TaskRaised):
+        future.result(30)
+
+
+@pytest.fixture
+def worker_client(launch: Launcher, broker: BrokerProcess) -> ventilator.Client:
+    launch.worker(broker)
+    client = launch.client(broker)
+    wait_for_workers(client, 1)
+    return client
+
+
+def test_failed_lists_a_failure_with_its_reason(
+    processes: Processes, broker: BrokerProcess, worker_client: ventilator.Client
+) -> None:
+    failed_once(worker_client)
+
+    listed = run_cli(processes, "failed", "--connect", broker.frontend, "--json")
+    table = run_cli(processes, "failed", "--connect", broker.frontend)
+
+    assert listed.returncode == 0, listed.stderr
+    [record] = json.loads(listed.stdout)
+    assert (record["session"], record["outcome"]) == (worker_client.session, "raised")
+    assert record["message"] == "failed on purpose: on purpose"
+    assert "Traceback" in record["traceback"]
+    assert str(record["ticket"]) in table.stdout and "raised" in table.stdout
+
+
+def test_retry_reruns_a_failed_task_for_the_sink(
+    processes: Processes, broker: BrokerProcess, worker_client: ventilator.Client
+) -> None:
+    failed_once(worker_client)
+    [first] = worker_client.failed()
+
+    retried = run_cli(processes, "retry", "--all", "--connect", broker.frontend)
+
+    assert retried.returncode == 0, retried.stderr
+    # The rerun fails the same way: it is now the broker's own failed task.
+    [again] = wait_until(
+        lambda: [f for f in worker_client.failed() if f["session"] == RETRY_SESSION],
+        30,
+        "the rerun to fail again",
+    )
+    assert again["task_id"] == first["ticket"]
+    with ventilator.Sink("retried", broker.frontend) as sink:
+        [result] = list(sink.results(idle_timeout_s=5))
+    assert (result.session, result.task_id) == (RETRY_SESSION, first["ticket"])
+    assert isinstance(result.error, ventilator.TaskRaised)
+
+
+def test_retry_of_an_unknown_ticket_says_so_and_exits_1(
+    processes: Processes, broker: BrokerProcess
+) -> None:
+    retried = run_cli(processes, "retry", "424242", "--connect", broker.frontend)
+
+    assert retried.returncode == 1
+    assert "424242" in retried.stderr
+
+
+def test_purge_asks_first_and_cancels_the_queue_with_yes(
+    processes: Processes, broker: BrokerProcess, launch: Launcher
+) -> None:
+    client = launch.client(broker)
+    futures = [client.submit(UNSERVED, x) for x in range(3)]
+    status_when(client, lambda s: s["queued"].get(UNSERVED) == 3, 10, "3 queued")
+
+    declined = run_cli(
+        processes, "purge", UNSERVED, "--connect", broker.frontend, input_text="n\n"
+    )
+    assert declined.returncode == 1
+    assert client.status()["queued"] == {UNSERVED: 3}
+
+    purged = run_cli(
+        processes, "purge", UNSERVED, "--yes", "--connect", broker.frontend
+    )
+
+    assert purged.returncode == 0, purged.stderr
+    assert "3" in purged.stdout
+    wait_until(lambda: all(f.cancelled() for f in futures), 10, "futures cancelled")
+    assert client.status()["queued"] == {}
+    with pytest.raises(CancelledError):
+        futures[0].result(0)
+
+
+def test_cancel_by_id_cancels_a_queued_task_and_reports_unknown_ones(
+    processes: Processes, broker: BrokerProcess, launch: Launcher
+) -> None:
+    client = launch.client(broker)
+    future = client.submit(UNSERVED, 2)
+    status_when(client, lambda s: s["queued"].get(UNSERVED) == 1, 10, "one queued")
+    task_id = str(future.task_id)  # type: ignore[attr-defined]
+
+    cancelled = run_cli(
+        processes,
+        "cancel",
+        client.session,
+        task_id,
+        "--yes",
+        "--connect",
+        broker.frontend,
+    )
+    unknown = run_cli(
+        processes, "cancel", client.session, "1", "--yes", "--connect", broker.frontend
+    )
+
+    assert cancelled.returncode == 0, cancelled.stderr
+    wait_until(future.cancelled, 10, "the future to be cancelled")
+    assert unknown.returncode == 1 and "no such task" in unknown.stdout
+
+
+def test_json_logs_are_one_object_per_line_with_lifecycle_events(
+    processes: Processes, launch: Launcher
+) -> None:
+    broker = launch.broker("--log-level", "INFO", "--log-format", "json")
+    worker = launch.worker(broker)
+    client = launch.client(broker)
+    [row] = wait_for_workers(client, 1)["workers"]
+
+    def logged() -> list[dict[str, str]]:
+        lines = json_lines(log_of(broker.process))
+        return [line for line in lines if row["id"] in line["message"]]
+
+    wait_until(logged, 10, "a log line naming the worker")
+    launch.processes.stop(worker.process)
+    wait_until(lambda: len(logged()) >= 2, 10, "the worker's leaving to be logged")
+    lines = json_lines(log_of(broker.process))
+    assert {"time", "level", "logger", "message"} <= set(lines[0])
+    assert any("journal replay" in line["message"] for line in lines)
+    assert {line["level"] for line in lines} <= {"INFO", "WARNING"}
+
+
+def test_map_progress_bar_shows_rate_and_eta(processes: Processes) -> None:
+    completed = run_cli(
+        processes,
+        "map",
+        f"{TASKS}:square",
+        "--workers",
+        "1",
+        "--progress",
+        input_text="\n".join(str(i) for i in range(20)) + "\n",
+    )
+
+    assert completed.returncode == 0, completed.stderr
+    assert len(json_lines(completed.stdout)) == 20  # the bar never touches stdout
+    assert "ETA" in completed.stderr and "/s" in completed.stderr

@@ -1,0 +1,110 @@
+"""Telemetry: per-turn counts become snapshots, and snapshots become metrics."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from ventilator import protocol as p
+from ventilator.logs import JsonFormatter
+from ventilator.telemetry import BUCKETS_S, Telemetry, metrics_registry
+
+from .driver import FUNCTION, Driver, assignments, task
+
+W1 = b"worker-1"
+
+
+def run_one_turn_each(driver: Driver, telemetry: Telemetry) -> None:
+    """Three tasks: two succeed after 0.2 s of work, one raises."""
+    telemetry.record(driver.submit(task(1), task(2), task(3)))
+    running = assignments(driver.ready(W1, capacity=3), W1)
+    driver.now += 0.5
+    outcomes = [
+        p.Outcome(a.ticket, a.attempt, status, b"r", 0.2)
+        for a, status in zip(
+            running, [p.Status.OK, p.Status.OK, p.Status.RAISED], strict=True
+        )
+    ]
+    telemetry.record(driver.worker(W1, p.Done(outcomes)))
+    telemetry.publish(driver.now, driver.scheduler)
+
+
+def samples(
+    telemetry: Telemetry,
+) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    text = generate_latest(metrics_registry(lambda: telemetry.latest)).decode()
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_counters_and_histograms_follow_the_tasks_finished() -> None:
+    driver, telemetry = Driver(), Telemetry()
+    driver.hello()
+
+    run_one_turn_each(driver, telemetry)
+
+    metrics = samples(telemetry)
+    function = frozenset({("function", FUNCTION)})
+    assert metrics[("ventilator_tasks_submitted_total", function)] == 3
+    assert metrics[("ventilator_tasks_completed_total", function)] == 2
+    raised = function | {("outcome", "raised")}
+    assert metrics[("ventilator_tasks_failed_total", raised)] == 1
+    assert metrics[("ventilator_task_duration_seconds_count", function)] == 3
+    assert abs(metrics[("ventilator_task_duration_seconds_sum", function)] - 0.6) < 1e-9
+    le_025 = function | {("le", "0.25")}
+    assert metrics[("ventilator_task_duration_seconds_bucket", le_025)] == 3
+    assert metrics[("ventilator_workers_connected", frozenset())] == 1
+
+
+def test_history_samples_completions_per_interval() -> None:
+    driver, telemetry = Driver(), Telemetry()
+    driver.hello()
+    telemetry.publish(driver.now, driver.scheduler)  # the first, empty sample
+
+    run_one_turn_each(driver, telemetry)
+    telemetry.publish(driver.now + 1.0, driver.scheduler)  # a second has passed
+
+    assert telemetry.latest is not None
+    last = telemetry.latest.history[-1]
+    assert (last["completed"], last["failed"]) == (2, 1)
+    assert abs(last["duration_mean_s"] - 0.2) < 1e-9
+
+
+def test_nothing_is_published_before_it_is_due() -> None:
+    driver, telemetry = Driver(), Telemetry(publish_every_s=10.0)
+    telemetry.publish(driver.now, driver.scheduler)
+    first = telemetry.latest
+
+    telemetry.publish(driver.now + 1.0, driver.scheduler)
+
+    assert telemetry.latest is first
+    assert tuple(sorted(BUCKETS_S)) == BUCKETS_S
+
+
+def test_json_log_lines_are_single_json_objects_with_the_exception() -> None:
+    try:
+        raise RuntimeError("disk on fire")
+    except RuntimeError:
+        record = logging.LogRecord(
+            "ventilator.broker",
+            logging.ERROR,
+            __file__,
+            1,
+            "lost %d tasks",
+            (3,),
+            sys.exc_info(),
+        )
+
+    line = JsonFormatter().format(record)
+
+    entry = json.loads(line)
+    assert "\n" not in line
+    assert (entry["level"], entry["message"]) == ("ERROR", "lost 3 tasks")
+    assert "disk on fire" in entry["exception"]
