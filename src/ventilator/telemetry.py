@@ -55,6 +55,10 @@ BUCKETS_S: tuple[float, ...] = (
 # Statuses whose run time a worker measured (a cancelled task never ran; a
 # poisoned one died without reporting).
 _RAN = frozenset({p.Status.OK, p.Status.RAISED, p.Status.TIMEOUT})
+# Looked up once here: attribute access on an Enum class is slow per task.
+_OK = p.Status.OK
+_EXPIRED = p.Status.EXPIRED
+_FAILURES = FAILURE_STATUSES
 # Failures are listed for /api/failed up to this many.
 FAILED_SHOWN = 50
 
@@ -152,29 +156,52 @@ class Telemetry:
             self.submitted[function] = self.submitted.get(function, 0) + count
 
     def _count_finished(self, effects: Effects) -> None:
-        tally: dict[tuple[str, str], int] = {}
-        interval = self._interval
+        # The broker's hot path: histograms are updated inline, and looked up
+        # once per function per turn, since a method call per task would cost
+        # as much as the counting itself.
+        tally: dict[tuple[str, p.Status], int] = {}
+        histograms: dict[str, tuple[Histogram, Histogram]] = {}
+        ran = self._interval
         for task in effects.finished:
             status = task.status
-            if status is None or status is p.Status.EXPIRED:
+            if status is None or status is _EXPIRED:
                 continue  # an expired result is a tombstone, not a second ending
-            key = (task.queue, _outcome(status))
+            function = task.queue
+            key = (function, status)
             tally[key] = tally.get(key, 0) + 1
+            pair = histograms.get(function)
+            if pair is None:
+                pair = histograms[function] = self._histograms(function)
             if task.started_at:
-                self._histogram(self.queue_wait, task.queue).observe(
-                    max(0.0, task.started_at - task.queued_at)
-                )
+                wait_s = max(0.0, task.started_at - task.queued_at)
+                pair[0].counts[bisect_left(BUCKETS_S, wait_s)] += 1
+                pair[0].total_s += wait_s
             if status in _RAN:
-                self._histogram(self.duration, task.queue).observe(task.run_s)
-                interval.duration_total_s += task.run_s
-                interval.duration_count += 1
-                interval.duration_max_s = max(interval.duration_max_s, task.run_s)
-            if status is p.Status.OK:
-                interval.completed += 1
-            elif status in FAILURE_STATUSES:
-                interval.failed += 1
-        for key, count in tally.items():
+                run_s = task.run_s
+                pair[1].counts[bisect_left(BUCKETS_S, run_s)] += 1
+                pair[1].total_s += run_s
+                ran.duration_total_s += run_s
+                ran.duration_count += 1
+                if run_s > ran.duration_max_s:
+                    ran.duration_max_s = run_s
+        self._add_outcomes(tally)
+
+    def _histograms(self, function: str) -> tuple[Histogram, Histogram]:
+        """(queue wait, duration) histograms of `function`."""
+        return (
+            self._histogram(self.queue_wait, function),
+            self._histogram(self.duration, function),
+        )
+
+    def _add_outcomes(self, tally: dict[tuple[str, p.Status], int]) -> None:
+        interval = self._interval
+        for (function, status), count in tally.items():
+            key = (function, _outcome(status))
             self.finished[key] = self.finished.get(key, 0) + count
+            if status is _OK:
+                interval.completed += count
+            elif status in _FAILURES:
+                interval.failed += count
 
     @staticmethod
     def _histogram(histograms: dict[str, Histogram], function: str) -> Histogram:
