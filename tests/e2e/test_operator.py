@@ -75,7 +75,7 @@ def test_retry_reruns_a_failed_task_for_the_sink(
     )
     assert again["task_id"] == first["ticket"]
     with ventilator.Sink("retried", broker.frontend) as sink:
-        [result] = list(sink.results(idle_timeout_s=5))
+        result = next(iter(sink.results(idle_timeout_s=10)))
     assert (result.session, result.task_id) == (RETRY_SESSION, first["ticket"])
     assert isinstance(result.error, ventilator.TaskRaised)
 
