@@ -63,6 +63,12 @@ def _log_setting(ctx: click.Context, param: click.Parameter, value: Any) -> None
     logs.configure(settings["level"], settings["format"])
 
 
+def _log_settings() -> tuple[str, str]:
+    """(level, format) that logging was set up with for this command."""
+    settings = click.get_current_context().find_root().meta["ventilator.logging"]
+    return str(settings["level"]).upper(), str(settings["format"])
+
+
 def _logging_options(default: bool) -> Callable[[Callable[..., Any]], Any]:
     """--log-level and --log-format; `default` shows the defaults (the group)."""
 
@@ -557,7 +563,11 @@ def _run_tasks(job: _Job, run: _Run) -> int:
     """Submit a task per item, write records in input order; return failures."""
     with contextlib.ExitStack() as stack:
         if run.connect is None:
-            cluster = LocalCluster(run.workers, job.modules)
+            level, log_format = _log_settings()
+            # The embedded broker and worker log as this command was told to.
+            cluster = LocalCluster(
+                run.workers, job.modules, log_level=level, log_format=log_format
+            )
             stack.callback(cluster.stop)
             _or_usage_error(cluster.start)
             client = stack.enter_context(Client(cluster.address))

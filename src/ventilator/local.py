@@ -47,6 +47,7 @@ class LocalCluster:
         allow_pickle: bool = False,
         journal: str | None = None,
         log_level: str = "WARNING",
+        log_format: str = "text",
     ) -> None:
         if not modules:
             raise UsageError(
@@ -59,6 +60,7 @@ class LocalCluster:
         self._allow_pickle = allow_pickle
         self._journal = journal
         self._log_level = log_level
+        self._log_format = log_format
         self._processes: list[subprocess.Popen[bytes]] = []
         self.address = ""
         self.backend = ""
@@ -86,6 +88,8 @@ class LocalCluster:
             "ventilator",
             "--log-level",
             self._log_level,
+            "--log-format",
+            self._log_format,
             *args,
         ]
 
@@ -210,8 +214,8 @@ def local(
     Args:
         workers: task processes (default: the number of CPUs).
         modules: modules whose public functions the workers serve.
-        options: `pool`, `prefetch`, `allow_pickle`, `journal`, `log_level`, as
-            for `LocalCluster`.
+        options: `pool`, `prefetch`, `allow_pickle`, `journal`, `log_level`,
+            `log_format`, as for `LocalCluster`.
 
     Yields:
         The running cluster; its `address` is the broker's frontend.

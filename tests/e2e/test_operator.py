@@ -175,3 +175,28 @@ def test_map_progress_bar_shows_rate_and_eta(processes: Processes) -> None:
     assert completed.returncode == 0, completed.stderr
     assert len(json_lines(completed.stdout)) == 20  # the bar never touches stdout
     assert "ETA" in completed.stderr and "/s" in completed.stderr
+
+
+def test_map_passes_its_log_options_to_the_embedded_broker(
+    processes: Processes,
+) -> None:
+    completed = run_cli(
+        processes,
+        "map",
+        f"{TASKS}:square",
+        "--workers",
+        "1",
+        "--log-level",
+        "INFO",
+        "--log-format",
+        "json",
+        input_text="3\n",
+    )
+
+    assert completed.returncode == 0, completed.stderr
+    records = [
+        json.loads(line)
+        for line in completed.stderr.splitlines()
+        if line.startswith("{")
+    ]
+    assert {"ventilator.broker", "ventilator.worker"} <= {r["logger"] for r in records}
