@@ -24,7 +24,6 @@ import zmq
 from . import protocol as p
 from . import scheduler as s
 from ._timing import poll_timeout_ms
-from .dashboard import DashboardServer
 from .errors import ProtocolError
 from .journal import Journal, MemoryJournal, open_journal
 from .policy import Limits
@@ -50,8 +49,9 @@ class BrokerConfig:
     journal: str | None = "ventilator-journal.db"
     durability: str = "process"
     limits: Limits = field(default_factory=Limits)
-    # (host, port) of the dashboard, /metrics and /api; None: no HTTP at all.
-    http: tuple[str, int] | None = None
+    # Count what each loop turn did, for a dashboard or metrics to read from
+    # `Broker.telemetry`. Off by default: counting costs a little per task.
+    telemetry: bool = False
 
 
 class Broker:
@@ -72,12 +72,9 @@ class Broker:
         self._wake_read, self._wake_write = os.pipe()
         self._refusal_log = _RateLimit(per_s=1.0)
         self._stopping = False
-        # Counting costs a little per task, so only when someone can look.
-        self._telemetry = Telemetry() if config.http else None
-        self._dashboard: DashboardServer | None = None
+        self.telemetry = Telemetry() if config.telemetry else None
         self.frontend_endpoint = ""
         self.backend_endpoint = ""
-        self.http_endpoint = ""
 
     def _router(self) -> zmq.Socket[bytes]:
         sock: zmq.Socket[bytes] = self._context.socket(zmq.ROUTER)
@@ -104,15 +101,14 @@ class Broker:
         self.frontend_endpoint = _endpoint(self._frontend)
         self.backend_endpoint = _endpoint(self._backend)
         requeued, awaiting = self._replay()
-        if self.config.http is not None and self._telemetry is not None:
-            self._serve_http(self.config.http, self._telemetry)
+        if self.telemetry is not None:
+            # A first snapshot, so that readers have one from the start.
+            self.telemetry.publish(time.monotonic(), self._scheduler)
         log.info(
-            "broker listening frontend=%s backend=%s http=%s journal=%s "
-            "durability=%s; journal replay: %d tasks queued again, %d results "
-            "awaiting delivery",
+            "broker listening frontend=%s backend=%s journal=%s durability=%s; "
+            "journal replay: %d tasks queued again, %d results awaiting delivery",
             self.frontend_endpoint,
             self.backend_endpoint,
-            self.http_endpoint or "-",
             self.config.journal if self.config.durability != "memory" else "-",
             self.config.durability,
             requeued,
@@ -128,13 +124,6 @@ class Broker:
         finished = sum(1 for task in tasks if task.state is s.State.FINISHED)
         return len(tasks) - finished, finished
 
-    def _serve_http(self, address: tuple[str, int], telemetry: Telemetry) -> None:
-        # A first snapshot, so that /health is green from the first request.
-        telemetry.publish(time.monotonic(), self._scheduler)
-        self._dashboard = DashboardServer(address, telemetry)
-        self._dashboard.start()
-        self.http_endpoint = self._dashboard.endpoint
-
     def stop(self) -> None:
         """Ask `serve` to return after its current turn. Safe from any thread."""
         self._stopping = True
@@ -149,7 +138,7 @@ class Broker:
         interval_s = self.config.limits.heartbeat_interval_s
         next_tick = time.monotonic() + interval_s
 
-        telemetry = self._telemetry
+        telemetry = self.telemetry
         try:
             while not self._stopping:
                 wake_at = (
@@ -218,8 +207,8 @@ class Broker:
     def _carry_out(self, effects: s.Effects, now: float) -> None:
         if effects.journal_dirty:
             self._journal.commit(effects.accepted, effects.finished, effects.forgotten)
-        if self._telemetry is not None:
-            self._telemetry.record(effects)
+        if self.telemetry is not None:
+            self.telemetry.record(effects)
         for peer, command in effects.to_workers:
             self._send(self._backend, peer, command, now)
         for peer, command in effects.to_clients:
@@ -242,8 +231,6 @@ class Broker:
     def _close(self) -> None:
         # Anything a last turn decided is committed before the sockets go.
         self._carry_out(self._scheduler.flush(), time.monotonic())
-        if self._dashboard is not None:
-            self._dashboard.stop()
         self._journal.close()
         self._frontend.close()
         self._backend.close()

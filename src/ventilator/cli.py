@@ -27,7 +27,7 @@ import click
 from . import logs
 from .broker import Broker, BrokerConfig
 from .client import DEFAULT_ADDRESS, Client
-from .dashboard import parse_http_address
+from .dashboard import DashboardServer, parse_http_address
 from .errors import TaskError, UsageError
 from .journal import DURABILITY_MODES
 from .local import LocalCluster
@@ -220,19 +220,30 @@ def broker(
         heartbeat_interval_s=heartbeat_interval_s,
         max_attempts=max_attempts,
     )
-    config = BrokerConfig(frontend, backend, journal, durability, limits, http)
+    config = BrokerConfig(
+        frontend, backend, journal, durability, limits, telemetry=http is not None
+    )
     server = _or_usage_error(lambda: Broker(config))
     _or_usage_error(server.bind)
+    dashboard = None
+    if http is not None and server.telemetry is not None:
+        telemetry = server.telemetry
+        dashboard = _or_usage_error(lambda: DashboardServer(http, telemetry))
+        dashboard.start()
     if announce:
         endpoints = {
             "frontend": server.frontend_endpoint,
             "backend": server.backend_endpoint,
-            "http": server.http_endpoint or None,
+            "http": dashboard.endpoint if dashboard else None,
         }
         click.echo(json.dumps(endpoints), nl=True)
         sys.stdout.flush()
     _stop_on_signals(server.stop)
-    server.serve()
+    try:
+        server.serve()
+    finally:
+        if dashboard is not None:
+            dashboard.stop()
 
 
 @cli.command()
