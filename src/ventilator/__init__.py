@@ -30,6 +30,7 @@ from .errors import (
 )
 from .local import LocalCluster, local
 from .policy import Backoff, Limits
+from .registry import mdp_service
 from .sink import Sink, SinkResult
 from .worker import Worker, WorkerConfig
 
@@ -63,4 +64,5 @@ __all__ = [
     "Worker",
     "WorkerConfig",
     "local",
+    "mdp_service",
 ]

@@ -6,9 +6,16 @@ scheduler, commit the journal, then send. Nothing is sent before the journal
 commit of the turn that produced it, which is what makes "accepted" mean
 "on disk".
 
-The frontend faces clients and sinks, the backend faces workers. Both set
-ROUTER_MANDATORY: a send to a peer that went away is an error the scheduler
-hears about (`peer_unreachable`), never a silent drop.
+The frontend faces clients and sinks, the backend faces workers; with
+`--mdp`, a third socket serves Majordomo (7/MDP) clients and workers together.
+MDP peers are also welcome on the frontend and backend: their first frame is
+empty where ventilator's is ``VNT1``. All set ROUTER_MANDATORY: a send to a
+peer that went away is an error the scheduler hears about
+(`peer_unreachable`), never a silent drop.
+
+Routing ids belong to one socket, so two sockets can hand out the same id.
+Before a peer reaches the scheduler its id is prefixed with its socket's tag
+(one byte), and a message for it goes out on that socket.
 """
 
 from __future__ import annotations
@@ -16,15 +23,18 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
 
+from . import mdp
 from . import protocol as p
 from . import scheduler as s
 from ._timing import poll_timeout_ms
 from .errors import ProtocolError
+from .gateway import MdpGateway, MdpSettings
 from .journal import Journal, MemoryJournal, open_journal
 from .policy import Limits
 from .telemetry import Telemetry
@@ -39,6 +49,9 @@ DRAIN_BATCH = 512
 # stay short, so heartbeats keep their pace even under a flood of submissions.
 DRAIN_FRAMES = 16_384
 
+# The one-byte prefix of a peer key: which socket the peer is on.
+FRONTEND, BACKEND, MDP = b"F", b"B", b"M"
+
 
 @dataclass(frozen=True, slots=True)
 class BrokerConfig:
@@ -52,6 +65,9 @@ class BrokerConfig:
     # Count what each loop turn did, for a dashboard or metrics to read from
     # `Broker.telemetry`. Off by default: counting costs a little per task.
     telemetry: bool = False
+    # A third endpoint where MDP clients and workers share one socket.
+    mdp: str | None = None
+    mdp_settings: MdpSettings = field(default_factory=MdpSettings)
 
 
 class Broker:
@@ -67,14 +83,22 @@ class Broker:
         self._journal: Journal = open_journal(config.journal, config.durability)
         durable = not isinstance(self._journal, MemoryJournal)
         self._scheduler = s.Scheduler(config.limits, durable=durable)
+        self._gateway = MdpGateway(
+            self._scheduler, config.mdp_settings, lambda: uuid.uuid4().hex
+        )
         self._frontend = self._router()
         self._backend = self._router()
+        self._mdp = self._router() if config.mdp else None
+        self._sockets = {FRONTEND: self._frontend, BACKEND: self._backend}
+        if self._mdp is not None:
+            self._sockets[MDP] = self._mdp
         self._wake_read, self._wake_write = os.pipe()
         self._refusal_log = _RateLimit(per_s=1.0)
         self._stopping = False
         self.telemetry = Telemetry() if config.telemetry else None
         self.frontend_endpoint = ""
         self.backend_endpoint = ""
+        self.mdp_endpoint = ""
 
     def _router(self) -> zmq.Socket[bytes]:
         sock: zmq.Socket[bytes] = self._context.socket(zmq.ROUTER)
@@ -87,6 +111,12 @@ class Broker:
         # queue, not in our memory; real peers batch, so 1,000 messages is a lot.
         sock.setsockopt(zmq.RCVHWM, 1000)
         sock.setsockopt(zmq.LINGER, 1000)
+        # ZMTP heartbeats: libzmq drops the connection of a peer that stopped
+        # answering (a host gone without a FIN), so the next send to it fails.
+        # MDP workers send nothing while busy; this is how a dead one is found.
+        mdp_settings = self.config.mdp_settings
+        sock.setsockopt(zmq.HEARTBEAT_IVL, _ms(mdp_settings.heartbeat_interval_s))
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, _ms(mdp_settings.max_silence_s))
         return sock
 
     def bind(self) -> None:
@@ -100,15 +130,21 @@ class Broker:
         self._backend.bind(self.config.backend)
         self.frontend_endpoint = _endpoint(self._frontend)
         self.backend_endpoint = _endpoint(self._backend)
+        if self._mdp is not None and self.config.mdp:
+            self._mdp.bind(self.config.mdp)
+            self.mdp_endpoint = _endpoint(self._mdp)
         requeued, awaiting = self._replay()
+        self._gateway.resume()
         if self.telemetry is not None:
             # A first snapshot, so that readers have one from the start.
             self.telemetry.publish(time.monotonic(), self._scheduler)
         log.info(
-            "broker listening frontend=%s backend=%s journal=%s durability=%s; "
-            "journal replay: %d tasks queued again, %d results awaiting delivery",
+            "broker listening frontend=%s backend=%s mdp=%s journal=%s "
+            "durability=%s; journal replay: %d tasks queued again, %d results "
+            "awaiting delivery",
             self.frontend_endpoint,
             self.backend_endpoint,
+            self.mdp_endpoint or "-",
             self.config.journal if self.config.durability != "memory" else "-",
             self.config.durability,
             requeued,
@@ -132,36 +168,38 @@ class Broker:
     def serve(self) -> None:
         """Run loop turns until `stop()`; then commit, close and return."""
         poller = zmq.Poller()
-        poller.register(self._frontend, zmq.POLLIN)
-        poller.register(self._backend, zmq.POLLIN)
+        for sock in self._sockets.values():
+            poller.register(sock, zmq.POLLIN)
         poller.register(self._wake_read, zmq.POLLIN)
         interval_s = self.config.limits.heartbeat_interval_s
-        next_tick = time.monotonic() + interval_s
+        mdp_interval_s = self.config.mdp_settings.heartbeat_interval_s
+        next_tick = next_mdp_beat = time.monotonic() + min(interval_s, mdp_interval_s)
 
         telemetry = self.telemetry
         try:
             while not self._stopping:
-                wake_at = (
-                    next_tick
-                    if telemetry is None
-                    else min(next_tick, telemetry.due_at())
-                )
+                wake_at = min(next_tick, next_mdp_beat)
+                if telemetry is not None:
+                    wake_at = min(wake_at, telemetry.due_at())
                 poller.poll(poll_timeout_ms(wake_at))
                 now = time.monotonic()
-                self._drain(self._frontend, self._scheduler.client_command, now)
-                self._drain(self._backend, self._scheduler.worker_command, now)
+                for tag in self._sockets:
+                    self._drain(tag, now)
                 if now >= next_tick:
                     self._scheduler.tick(now)
                     self._scheduler.heartbeats()
                     next_tick = now + interval_s
+                if now >= next_mdp_beat:
+                    self._gateway.heartbeats()
+                    next_mdp_beat = now + mdp_interval_s
                 self._carry_out(self._scheduler.flush(), now)
                 if telemetry is not None:
                     telemetry.publish(now, self._scheduler)
         finally:
             self._close()
 
-    def _drain(self, sock: zmq.Socket[bytes], handle: Any, now: float) -> None:
-        allowed = p.FROM_CLIENT if sock is self._frontend else p.FROM_WORKER
+    def _drain(self, tag: bytes, now: float) -> None:
+        sock = self._sockets[tag]
         frames_left = DRAIN_FRAMES
         for _ in range(DRAIN_BATCH):
             if frames_left <= 0:
@@ -174,66 +212,105 @@ class Broker:
             if len(received) < 2:
                 continue  # ROUTER always adds the routing id; nothing else came
             frames = [_keep(frame) for frame in received]
-            peer = bytes(frames[0])
-            try:
-                command = p.decode(frames[1:], allowed)
-            except ProtocolError as exc:
-                self._refuse(sock, peer, frames, exc)
-                continue
-            handle(peer, command, now)
+            self._handle(tag, frames, now)
+
+    def _handle(self, tag: bytes, frames: list[bytes | memoryview], now: float) -> None:
+        peer = tag + bytes(frames[0])
+        if mdp.is_mdp(frames[1:]):
+            self._gateway.receive(peer, frames[1:], now)
+            return
+        if tag == MDP:
+            exc = ProtocolError("expected MDP/0.1 (MDPC01 or MDPW01)", "header")
+            self._log_refusal(peer, frames, exc, "mdp")
+            return
+
+        allowed = p.FROM_CLIENT if tag == FRONTEND else p.FROM_WORKER
+        try:
+            command = p.decode(frames[1:], allowed)
+        except ProtocolError as exc:
+            self._refuse(peer, frames, exc)
+            return
+        if tag == FRONTEND:
+            self._scheduler.client_command(peer, command, now)
+        else:
+            self._scheduler.worker_command(peer, command, now)
 
     def _refuse(
+        self, peer: bytes, frames: list[bytes | memoryview], exc: ProtocolError
+    ) -> None:
+        side = "client" if peer[:1] == FRONTEND else "worker"
+        self._log_refusal(peer, frames, exc, side)
+        self._send(peer, p.Error(exc.code, str(exc)), time.monotonic())
+
+    def _log_refusal(
         self,
-        sock: zmq.Socket[bytes],
         peer: bytes,
         frames: list[bytes | memoryview],
         exc: ProtocolError,
+        side: str,
     ) -> None:
         now = time.monotonic()
         if self._refusal_log.allows(now):
-            side = "client" if sock is self._frontend else "worker"
             log.warning(
                 "refused a malformed message peer=%s side=%s code=%s: %s "
                 "(frames=%.120r)%s",
-                peer.hex(),
+                peer[1:].hex(),
                 side,
                 exc.code,
                 exc,
                 [bytes(f[:32]) for f in frames[1:6]],
                 self._refusal_log.suppressed_note(),
             )
-        self._send(sock, peer, p.Error(exc.code, str(exc)), now)
 
     def _carry_out(self, effects: s.Effects, now: float) -> None:
         if effects.journal_dirty:
             self._journal.commit(effects.accepted, effects.finished, effects.forgotten)
         if self.telemetry is not None:
             self.telemetry.record(effects)
+        gateway = self._gateway
         for peer, command in effects.to_workers:
-            self._send(self._backend, peer, command, now)
+            if gateway.owns(peer):
+                self._send_all(peer, gateway.to_worker(peer, command, now), now)
+            else:
+                self._send(peer, command, now)
         for peer, command in effects.to_clients:
-            self._send(self._frontend, peer, command, now)
+            if not gateway.owns(peer):
+                self._send(peer, command, now)
+            elif self._send_all(peer, gateway.to_client(peer, command), now):
+                gateway.delivered(peer, command, now)
+        outbox, gateway.outbox = gateway.outbox, []
+        for peer, frames in outbox:
+            self._send_frames(peer, frames, now)
         for notice in effects.notices:
             _log_notice(notice)
 
-    def _send(
-        self, sock: zmq.Socket[bytes], peer: bytes, command: p.Command, now: float
-    ) -> None:
+    def _send(self, peer: bytes, command: p.Command, now: float) -> bool:
+        return self._send_frames(peer, p.encode(command), now)
+
+    def _send_all(self, peer: bytes, messages: list[list[bytes]], now: float) -> bool:
+        return all(self._send_frames(peer, frames, now) for frames in messages)
+
+    def _send_frames(self, peer: bytes, frames: list[Any], now: float) -> bool:
+        """Send one message to `peer` on its socket; False (and the scheduler
+        told) if the peer is gone."""
+        sock = self._sockets[peer[:1]]
         try:
-            frames = [peer, *p.encode(command)]
-            sock.send_multipart(frames, zmq.NOBLOCK, copy=p.small(frames))
+            message = [peer[1:], *frames]
+            sock.send_multipart(message, zmq.NOBLOCK, copy=p.small(message))
         except zmq.ZMQError as exc:
             # EHOSTUNREACH: the peer is gone. EAGAIN: it stopped reading and its
             # queue is full. Either way the scheduler takes back what it sent.
             log.debug("send failed peer=%s: %s", peer.hex(), exc)
             self._scheduler.peer_unreachable(peer, now)
+            return False
+        return True
 
     def _close(self) -> None:
         # Anything a last turn decided is committed before the sockets go.
         self._carry_out(self._scheduler.flush(), time.monotonic())
         self._journal.close()
-        self._frontend.close()
-        self._backend.close()
+        for sock in self._sockets.values():
+            sock.close()
         os.close(self._wake_read)
         os.close(self._wake_write)
         log.info("broker stopped")
@@ -267,6 +344,10 @@ def _keep(frame: zmq.Frame) -> bytes | memoryview:
     if len(frame) >= p.ZERO_COPY_BYTES:
         return frame.buffer
     return frame.bytes
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
 
 
 def _endpoint(sock: zmq.Socket[bytes]) -> str:

@@ -29,6 +29,7 @@ from .broker import Broker, BrokerConfig
 from .client import DEFAULT_ADDRESS, Client
 from .dashboard import DashboardServer, parse_http_address
 from .errors import TaskError, UsageError
+from .gateway import MdpSettings
 from .journal import DURABILITY_MODES
 from .local import LocalCluster
 from .policy import Limits
@@ -176,6 +177,26 @@ def _stop_on_signals(stop: Callable[[], None]) -> None:
     help="Worker deaths under one task before it fails as poison.",
 )
 @click.option(
+    "--mdp",
+    default=None,
+    help="Also serve Majordomo (7/MDP) clients and workers on this endpoint; "
+    "they are welcome on the frontend and backend too.",
+)
+@click.option(
+    "--mdp-heartbeat",
+    type=click.FloatRange(min=0.01),
+    default=MdpSettings().heartbeat_interval_s,
+    show_default=True,
+    help="Seconds between heartbeats to MDP workers (zguide's peers use 2.5).",
+)
+@click.option(
+    "--mdp-liveness",
+    type=click.IntRange(min=1),
+    default=MdpSettings().liveness,
+    show_default=True,
+    help="Heartbeats an idle MDP worker may miss before it is presumed dead.",
+)
+@click.option(
     "--announce",
     is_flag=True,
     help="Print the bound endpoints as one JSON line on stdout.",
@@ -203,6 +224,9 @@ def broker(
     client_window: int,
     heartbeat_interval_s: float,
     max_attempts: int,
+    mdp: str | None,
+    mdp_heartbeat: float,
+    mdp_liveness: int,
     announce: bool,
     http_address: str | None,
     http_allow_remote: bool,
@@ -221,7 +245,14 @@ def broker(
         max_attempts=max_attempts,
     )
     config = BrokerConfig(
-        frontend, backend, journal, durability, limits, telemetry=http is not None
+        frontend,
+        backend,
+        journal,
+        durability,
+        limits,
+        telemetry=http is not None,
+        mdp=mdp,
+        mdp_settings=MdpSettings(mdp_heartbeat, mdp_liveness),
     )
     server = _or_usage_error(lambda: Broker(config))
     _or_usage_error(server.bind)
@@ -235,6 +266,7 @@ def broker(
             "frontend": server.frontend_endpoint,
             "backend": server.backend_endpoint,
             "http": dashboard.endpoint if dashboard else None,
+            "mdp": server.mdp_endpoint or None,
         }
         click.echo(json.dumps(endpoints), nl=True)
         sys.stdout.flush()

@@ -12,8 +12,16 @@ import traceback
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from . import mdp
 from . import protocol as p
-from .errors import FunctionNotFound, TaskError, TaskRaised, TaskRejected, UsageError
+from .errors import (
+    FunctionNotFound,
+    ProtocolError,
+    TaskError,
+    TaskRaised,
+    TaskRejected,
+    UsageError,
+)
 from .serialization import (
     pack_batch_outcomes,
     pack_error,
@@ -47,6 +55,8 @@ def run_task(
 
     try:
         value = target(*args, **kwargs)
+        if flags & p.Flags.RAW:
+            return p.Status.OK, _mdp_reply(value)
         return p.Status.OK, pack_value(value)
     # Whatever the task raises, SystemExit included, is its result, not our crash.
     except BaseException as exc:
@@ -123,6 +133,17 @@ def _prepare_batch(
         raise TaskRaised("ValueError", f"cannot decode the items: {exc}") from exc
 
 
+def _mdp_reply(value: Any) -> bytes:
+    """An MDP service's return value as a reply body: bytes or a list of bytes."""
+    frames = [value] if isinstance(value, bytes) else value
+    if not isinstance(frames, list) or not all(isinstance(f, bytes) for f in frames):
+        raise TypeError(
+            "an MDP service returns bytes or a list of bytes, "
+            f"not {type(value).__name__}"
+        )
+    return mdp.pack_body(frames)
+
+
 def _raised(exc: BaseException) -> TaskRaised:
     return TaskRaised(type(exc).__name__, _text(exc), _traceback(exc))
 
@@ -156,6 +177,9 @@ def _prepare(
             message = f"cannot unpickle the call: {exc}"
             raise TaskRaised(type(exc).__name__, message) from exc
 
+    if flags & p.Flags.RAW:
+        return _mdp_call(functions, function, payload)
+
     target = _served(functions, function)
     try:
         args, kwargs = unpack_call(payload)
@@ -183,6 +207,21 @@ def _served(
             "FunctionNotFound", f"this worker does not serve {function!r}"
         )
     return target
+
+
+def _mdp_call(
+    functions: Mapping[str, Callable[..., Any]], service: str, payload: Any
+) -> tuple[Callable[..., Any], Any, Any]:
+    target = functions.get(mdp.service_queue(service))
+    if target is None:
+        raise FunctionNotFound(
+            "FunctionNotFound", f"this worker does not serve MDP service {service!r}"
+        )
+    try:
+        frames = mdp.unpack_body(payload)
+    except ProtocolError as exc:
+        raise TaskRaised("ValueError", str(exc)) from exc
+    return target, (frames,), {}
 
 
 def _status_of(error: TaskError) -> p.Status:

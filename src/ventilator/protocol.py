@@ -94,6 +94,7 @@ class Flags(enum.IntFlag):
     # result lists their outcomes (see serialization.pack_batch). How `map`
     # makes a tiny function cost a fraction of a task per item.
     BATCH = 2
+    RAW = 4  # the payload is an MDP body, frames packed by mdp.pack_body
 
 
 # --- commands ------------------------------------------------------------------

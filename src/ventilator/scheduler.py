@@ -21,6 +21,7 @@ late result from an attempt that was given up on is dropped.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import heapq
 import math
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field
 
 from . import protocol as p
 from .errors import PoisonTask, ResultExpired, TaskRejected
+from .mdp import service_queue
 from .policy import Backoff, Limits
 from .serialization import pack_error, unpack_value
 
@@ -38,9 +40,14 @@ from .serialization import pack_error, unpack_value
 # queue, served only by workers that opted in to unpickling.
 PICKLE_QUEUE = "<pickled>"
 
-# The PICKLED flag as a plain int: `int & IntFlag` costs about 2 us in CPython,
-# and `Task.queue` is asked on every enqueue.
+# The flags as plain ints: `int & IntFlag` costs about 2 us in CPython, and
+# `Task.queue` is asked on every enqueue.
 _PICKLED = int(p.Flags.PICKLED)
+_RAW = int(p.Flags.RAW)
+
+# Session and recipient names of peers that do not speak ventilator's protocol
+# (MDP clients, Titanic): a ventilator client may not take them in its HELLO.
+GATEWAY_PREFIX = "mdp:"
 
 # How many results one RESULTS message carries at most.
 RESULTS_PER_MESSAGE = 1024
@@ -101,7 +108,11 @@ class Task:
 
     @property
     def queue(self) -> str:
-        return PICKLE_QUEUE if self.flags & _PICKLED else self.function
+        if self.flags & _PICKLED:
+            return PICKLE_QUEUE
+        if self.flags & _RAW:
+            return service_queue(self.function)
+        return self.function
 
 
 @dataclass(slots=True, eq=False)
@@ -115,6 +126,19 @@ class Worker:
     draining: bool = False
     # Tasks it may hold above `capacity` after lowering it: those it had then.
     grace: int = 0
+    # Silence after which it is presumed dead; None: the broker's default.
+    max_silence_s: float | None = None
+    # MDP workers send nothing while they work: silence while busy is not death
+    # (a dead busy worker is noticed when a send to it fails instead).
+    silent_while_busy: bool = False
+
+    def presumed_dead(self, now: float, default_silence_s: float) -> bool:
+        if self.silent_while_busy and self.running:
+            return False
+        limit_s = self.max_silence_s
+        if limit_s is None:
+            limit_s = default_silence_s
+        return now - self.last_seen > limit_s
 
     @property
     def free(self) -> int:
@@ -130,6 +154,8 @@ class Recipient:
     last_seen: float = 0.0
     pending: deque[int] = field(default_factory=deque)  # tickets to deliver
     unacked: dict[int, None] = field(default_factory=dict)  # delivered, in order
+    # MDP clients never heartbeat while they wait: their silence is not absence.
+    expires: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -352,17 +378,50 @@ class Scheduler:
         # A heartbeat needs nothing more: any command refreshed last_seen.
 
     def _hello(self, peer: bytes, hello: p.Hello, now: float) -> None:
+        if hello.session.startswith(GATEWAY_PREFIX):
+            message = f"session names starting {GATEWAY_PREFIX!r} are the broker's"
+            self._effects.to_clients.append((peer, p.Error("reserved_name", message)))
+            return
+
         name = sink_recipient(hello.sink) if hello.sink else hello.session
+        self.attach_recipient(peer, name, now)
+        self._effects.to_clients.append((peer, self._welcome()))
+
+    def attach_recipient(
+        self,
+        peer: bytes,
+        name: str,
+        now: float,
+        expires: bool = True,
+        announce: bool = True,
+    ) -> None:
+        """Connect recipient `name` to `peer` (a HELLO, or a gateway's client).
+
+        `expires=False` keeps it attached however long it is silent;
+        `announce=False` leaves it out of the log (one MDP client per request).
+        """
         recipient = self._recipient(name)
+        recipient.expires = expires
 
         # A session that reconnects takes its place back: everything it had been
         # sent but had not acknowledged is sent again (the client drops doubles).
         if recipient.peer is not None and recipient.peer != peer:
             self._recipient_of_peer.pop(recipient.peer, None)
         resent = self._attach(recipient, peer, now)
+        if announce:
+            self._effects.notices.append(ClientJoined(name, resent))
 
-        self._effects.to_clients.append((peer, self._welcome()))
-        self._effects.notices.append(ClientJoined(name, resent))
+    def detach_if_idle(self, name: str) -> None:
+        """Forget recipient `name` if it is owed nothing and has nothing running,
+        so that short-lived connections (MDP clients) do not accumulate."""
+        recipient = self.recipients.get(name)
+        if recipient is None or recipient.pending or recipient.unacked:
+            return
+        if self._held.get(name, 0):
+            return
+        if recipient.peer is not None:
+            self._recipient_of_peer.pop(recipient.peer, None)
+        del self.recipients[name]
 
     def _welcome(self) -> p.Welcome:
         return p.Welcome(
@@ -421,6 +480,25 @@ class Scheduler:
             self._accept(session, spec, now)
             accepted.append(spec.task_id)
 
+    def accept_task(
+        self,
+        session: str,
+        spec: p.TaskSpec,
+        now: float,
+        recipient: str | None = None,
+    ) -> str | None:
+        """Accept one task outside a client connection (MDP, Titanic).
+
+        Its result goes to `recipient` (default: `session`). Returns None once
+        it is accepted (or was already), else the reason it was refused.
+        """
+        if (session, spec.task_id) in self._by_key:
+            return None
+        reason = self._refusal(session, spec, self._pickle_served())
+        if reason is None:
+            self._accept(session, spec, now, recipient)
+        return reason
+
     def _refusal(
         self, session: str, spec: p.TaskSpec, pickle_served: bool
     ) -> str | None:
@@ -460,7 +538,15 @@ class Scheduler:
         self._effects.to_clients.append((peer, p.Results([entry])))
         self._effects.notices.append(Rejected(session, task_id, reason))
 
-    def _accept(self, session: str, spec: p.TaskSpec, now: float) -> None:
+    def _accept(
+        self,
+        session: str,
+        spec: p.TaskSpec,
+        now: float,
+        recipient: str | None = None,
+    ) -> None:
+        if recipient is None:
+            recipient = sink_recipient(spec.sink) if spec.sink else session
         task = Task(
             ticket=self._new_ticket(),
             session=session,
@@ -470,7 +556,7 @@ class Scheduler:
             flags=spec.flags,
             timeout_s=spec.timeout_s,
             retries_left=spec.retries,
-            recipient=sink_recipient(spec.sink) if spec.sink else session,
+            recipient=recipient,
         )
         self._admit(task)
         self._enqueue(task)
@@ -577,6 +663,27 @@ class Scheduler:
             self._remove_worker(worker, "said goodbye", deadly=False, now=now)
 
     def _ready(self, peer: bytes, ready: p.Ready, now: float) -> None:
+        if ready.worker_id.startswith(GATEWAY_PREFIX):
+            message = f"worker ids starting {GATEWAY_PREFIX!r} are the broker's"
+            self._effects.to_workers.append((peer, p.Error("reserved_name", message)))
+            return
+        self.register_worker(peer, ready, now)
+        self._effects.to_workers.append((peer, self._welcome()))
+
+    def register_worker(
+        self,
+        peer: bytes,
+        ready: p.Ready,
+        now: float,
+        max_silence_s: float | None = None,
+        silent_while_busy: bool = False,
+    ) -> None:
+        """Register a worker (a READY, or a gateway's worker), replacing any
+        earlier one of the same id or on the same connection.
+
+        `max_silence_s` overrides the broker's liveness for this worker;
+        `silent_while_busy` exempts it from expiry while it holds tasks.
+        """
         old = self.workers.get(ready.worker_id)
         if old is not None:
             self._remove_worker(old, "registered again", deadly=False, now=now)
@@ -588,10 +695,11 @@ class Scheduler:
         if ready.allow_pickle:
             services += (PICKLE_QUEUE,)
         worker = Worker(ready.worker_id, peer, services, ready.capacity, now)
+        worker.max_silence_s = max_silence_s
+        worker.silent_while_busy = silent_while_busy
         self.workers[worker.worker_id] = worker
         self._worker_of_peer[peer] = worker.worker_id
         self._offer(worker)
-        self._effects.to_workers.append((peer, self._welcome()))
         self._effects.notices.append(
             WorkerJoined(worker.worker_id, services, worker.capacity)
         )
@@ -729,15 +837,20 @@ class Scheduler:
         )
 
     def _expire_workers(self, now: float) -> None:
-        deadline = now - self.limits.heartbeat_interval_s * self.limits.liveness
-        for worker in [w for w in self.workers.values() if w.last_seen < deadline]:
+        silence_s = self.limits.heartbeat_interval_s * self.limits.liveness
+        dead = [w for w in self.workers.values() if w.presumed_dead(now, silence_s)]
+        for worker in dead:
             silent_s = now - worker.last_seen
             self._remove_worker(worker, f"silent for {silent_s:.1f}s", True, now)
 
     def _expire_clients(self, now: float) -> None:
         deadline = now - self.limits.heartbeat_interval_s * self.limits.liveness
         for recipient in self.recipients.values():
-            if recipient.peer is not None and recipient.last_seen < deadline:
+            if (
+                recipient.peer is not None
+                and recipient.expires
+                and recipient.last_seen < deadline
+            ):
                 self._client_gone(recipient)
 
     def _wake_retries(self, now: float) -> None:
@@ -918,6 +1031,40 @@ class Scheduler:
         self._accepted_for = {}
         self._effects = Effects()
         return effects
+
+    # --- for gateways (MDP, Titanic) -------------------------------------------------
+
+    def serves(self, queue: str) -> bool:
+        """Whether a registered worker that is not draining serves `queue`."""
+        return any(
+            queue in worker.services and not worker.draining
+            for worker in self.workers.values()
+        )
+
+    def find_task(self, session: str, task_id: int) -> Task | None:
+        """The task `session` submitted as `task_id`, if the broker still has it."""
+        ticket = self._by_key.get((session, task_id))
+        return None if ticket is None else self.tasks[ticket]
+
+    def withdraw(self, session: str, task_id: int) -> bool:
+        """Forget a task that is queued, waiting or finished, result and all.
+
+        Returns False if it is running (its worker has it; it finishes as usual)
+        and True otherwise, including when the broker never had it.
+        """
+        task = self.find_task(session, task_id)
+        if task is None:
+            return True
+        if task.state is State.RUNNING:
+            return False
+        if task.state is State.FINISHED:
+            recipient = self.recipients.get(task.recipient)
+            if recipient is not None:
+                recipient.unacked.pop(task.ticket, None)
+                with contextlib.suppress(ValueError):
+                    recipient.pending.remove(task.ticket)
+        self._forget(task)
+        return True
 
     # --- recovery and introspection ------------------------------------------------
 

@@ -1,0 +1,330 @@
+"""MDP peers as scheduler peers: the Majordomo gateway inside the broker.
+
+The broker hands every MDP message to `MdpGateway.receive` and asks it to
+turn scheduler commands for MDP peers into MDP frames. The gateway keeps no
+state of its own beyond a task-id counter: what an MDP peer is, what it holds
+and what it is owed all live in the scheduler, so requeueing, the journal and
+the invariants apply to MDP traffic unchanged.
+
+Mapping (peer keys are the broker's namespaced routing ids):
+
+- MDP client REQUEST -> a task of recipient ``mdp:<peer hex>``, flag RAW,
+  queue ``mdp:<service>``, payload the packed body. Its result goes back as an
+  MDP REPLY and is acknowledged once sent (MDP clients never acknowledge).
+- MDP worker READY -> a scheduler worker ``mdp:<peer hex>`` of capacity 1 on
+  queue ``mdp:<service>``, expired after `liveness` silent heartbeat intervals
+  while idle and never while busy (its death while busy is noticed when a
+  send to it fails: the broker heartbeats busy workers too).
+- A TASKS assignment -> MDP REQUEST, with ``<ticket>.<attempt>`` as the
+  client address, which the worker echoes in its REPLY -> a DONE outcome.
+- ``mmi.*`` (8/MMI) and ``titanic.*`` (9/TSP) are answered here.
+
+A request that fails (poison, a ventilator worker's exception, refused for the
+broker's limits) gets no reply: 7/MDP has no error reply, and a body the
+client would take for its worker's answer would be worse than silence. The
+broker logs it; the client's own timeout decides, as 7/MDP recommends.
+
+No sockets and no clock here (time is passed in); it logs, like the shells.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from . import mdp
+from . import protocol as p
+from . import scheduler as s
+from .errors import ProtocolError, TaskRejected
+from .serialization import pack_error
+from .titanic import Titanic
+
+__all__ = ["MdpGateway", "MdpSettings"]
+
+log = logging.getLogger(__name__)
+
+Frames = list[bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class MdpSettings:
+    """Heartbeats for MDP peers; the defaults are what zguide's peers use."""
+
+    heartbeat_interval_s: float = 2.5
+    liveness: int = 3
+
+    @property
+    def max_silence_s(self) -> float:
+        return self.heartbeat_interval_s * self.liveness
+
+
+def mdp_name(peer: bytes) -> str:
+    """The scheduler's name (worker id or recipient) of the MDP peer `peer`."""
+    return s.GATEWAY_PREFIX + peer.hex()
+
+
+class MdpGateway:
+    """Translates between MDP peers and the scheduler. Use from the broker's
+    thread only; send `outbox` after each turn's journal commit."""
+
+    def __init__(
+        self,
+        scheduler: s.Scheduler,
+        settings: MdpSettings,
+        new_uuid: Callable[[], str],
+    ) -> None:
+        self._scheduler = scheduler
+        self.settings = settings
+        self._titanic = Titanic(scheduler, new_uuid)
+        self._next_task_id = 1
+        # Replies decided here (MMI, Titanic, DISCONNECT), sent after the commit.
+        self.outbox: list[tuple[bytes, Frames]] = []
+
+    def resume(self) -> None:
+        """After the journal replay: never reuse a task id of a restored request."""
+        restored = [
+            task.task_id
+            for task in self._scheduler.tasks.values()
+            if task.session.startswith(s.GATEWAY_PREFIX)
+        ]
+        self._next_task_id = max(restored, default=0) + 1
+
+    def owns(self, peer: bytes) -> bool:
+        """Whether `peer` is an MDP worker or client the scheduler knows."""
+        name = mdp_name(peer)
+        return name in self._scheduler.workers or name in self._scheduler.recipients
+
+    # --- inbound ------------------------------------------------------------------
+
+    def receive(self, peer: bytes, frames: Sequence[Any], now: float) -> None:
+        """Handle one MDP message (routing id removed) from `peer`."""
+        try:
+            message = mdp.decode(frames)
+        except ProtocolError as exc:
+            self._malformed(peer, frames, exc, now)
+            return
+
+        if isinstance(message, mdp.ClientRequest):
+            self._request(peer, message, now)
+        else:
+            self._from_worker(peer, message, now)
+
+    def _malformed(
+        self, peer: bytes, frames: Sequence[Any], exc: ProtocolError, now: float
+    ) -> None:
+        if mdp.is_worker(frames):
+            # 7/MDP: a worker that breaks the protocol is disconnected.
+            self._disconnect(peer, f"malformed message: {exc}", now)
+            return
+        log.warning(
+            "dropped a malformed MDP client message peer=%s: %s (frames=%.120r)",
+            peer.hex(),
+            exc,
+            [bytes(frame[:32]) for frame in frames[:5]],
+        )
+
+    def _request(self, peer: bytes, request: mdp.ClientRequest, now: float) -> None:
+        if request.service.startswith("mmi."):
+            body = [self._mmi(request.service, request.body)]
+        elif request.service.startswith("titanic."):
+            body = self._titanic.answer(request.service, request.body, now)
+        else:
+            self._submit(peer, request, now)
+            return
+        self.outbox.append((peer, mdp.client_reply(request.service, body)))
+
+    def _mmi(self, service: str, body: Sequence[bytes]) -> bytes:
+        if service != "mmi.service":
+            return b"501"
+        try:
+            asked = body[0].decode()
+        except UnicodeDecodeError:
+            return b"404"
+        if asked in ("mmi.service", *Titanic.SERVICES):
+            return b"200"  # answered by the broker itself, always there
+        return b"200" if self._scheduler.serves(mdp.service_queue(asked)) else b"404"
+
+    def _submit(self, peer: bytes, request: mdp.ClientRequest, now: float) -> None:
+        name = mdp_name(peer)
+        recipient = self._scheduler.recipients.get(name)
+        if recipient is None or recipient.peer != peer:
+            self._scheduler.attach_recipient(
+                peer, name, now, expires=False, announce=False
+            )
+
+        task_id = self._next_task_id
+        self._next_task_id += 1
+        spec = p.TaskSpec(
+            task_id, request.service, mdp.pack_body(request.body), p.Flags.RAW
+        )
+        refusal = self._scheduler.accept_task(name, spec, now)
+        if refusal is not None:
+            log.warning(
+                "refused an MDP request client=%s service=%s; it gets no reply: %s",
+                peer.hex(),
+                request.service,
+                refusal,
+            )
+            self._scheduler.detach_if_idle(name)
+        else:
+            log.debug(
+                "MDP request client=%s service=%s task=%d",
+                peer.hex(),
+                request.service,
+                task_id,
+            )
+
+    def _from_worker(self, peer: bytes, message: mdp.Message, now: float) -> None:
+        if isinstance(message, mdp.WorkerReady):
+            self._ready(peer, message.service, now)
+            return
+
+        worker = self._scheduler.workers.get(mdp_name(peer))
+        if isinstance(message, mdp.WorkerDisconnect):
+            if worker is not None:
+                self._scheduler.worker_command(peer, p.Bye(), now)
+        elif worker is None:
+            # A worker we expired, or one that outlived a broker restart: 7/MDP
+            # tells it to reconnect and send READY again.
+            self._disconnect(peer, "not registered (send READY first)", now)
+        elif isinstance(message, mdp.WorkerReply):
+            self._reply(peer, worker, message, now)
+        else:
+            self._scheduler.worker_command(peer, p.Heartbeat(), now)
+
+    def _ready(self, peer: bytes, service: str, now: float) -> None:
+        if mdp_name(peer) in self._scheduler.workers:
+            self._disconnect(peer, "a second READY", now)
+        elif mdp.is_reserved(service):
+            self._disconnect(peer, f"the service {service!r} is the broker's", now)
+        else:
+            ready = p.Ready(mdp_name(peer), [mdp.service_queue(service)], capacity=1)
+            self._scheduler.register_worker(
+                peer,
+                ready,
+                now,
+                max_silence_s=self.settings.max_silence_s,
+                silent_while_busy=True,
+            )
+
+    def _reply(
+        self, peer: bytes, worker: s.Worker, reply: mdp.WorkerReply, now: float
+    ) -> None:
+        held = self._held_task(worker)
+        if held is None or reply.address != _address(held):
+            self._disconnect(peer, "a REPLY to no request it holds", now)
+            return
+        outcome = p.Outcome(
+            held.ticket, held.attempt, p.Status.OK, mdp.pack_body(reply.body)
+        )
+        self._scheduler.worker_command(peer, p.Done([outcome]), now)
+
+    def _held_task(self, worker: s.Worker) -> s.Task | None:
+        for ticket in worker.running:
+            return self._scheduler.tasks[ticket]
+        return None
+
+    def _disconnect(self, peer: bytes, reason: str, now: float) -> None:
+        """Send DISCONNECT and forget the worker; what it held is queued again."""
+        log.warning("disconnecting MDP worker peer=%s: %s", peer.hex(), reason)
+        if mdp_name(peer) in self._scheduler.workers:
+            self._scheduler.worker_command(peer, p.Bye(), now)
+        self.outbox.append((peer, mdp.worker_disconnect()))
+
+    def heartbeats(self) -> None:
+        """Queue a HEARTBEAT to every MDP worker, busy ones included: a send to a
+        worker whose connection died fails, which is how its death is noticed."""
+        beat = mdp.worker_heartbeat()
+        for worker in self._scheduler.workers.values():
+            if worker.worker_id.startswith(s.GATEWAY_PREFIX):
+                self.outbox.append((worker.peer, beat))
+
+    # --- outbound -----------------------------------------------------------------
+
+    def to_worker(self, peer: bytes, command: p.Command, now: float) -> list[Frames]:
+        """The MDP frames that carry `command` to worker `peer` (maybe none)."""
+        if isinstance(command, p.Tasks):
+            return [
+                frames
+                for assignment in command.tasks
+                if (frames := self._request_frames(peer, assignment, now))
+            ]
+        if isinstance(command, p.Error):
+            return [mdp.worker_disconnect()]
+        return []  # heartbeats are the gateway's own, on the MDP interval
+
+    def _request_frames(
+        self, peer: bytes, assignment: p.Assignment, now: float
+    ) -> Frames | None:
+        try:
+            if not assignment.flags & p.Flags.RAW:
+                raise ProtocolError("a ventilator task, not an MDP request", "body")
+            body = mdp.unpack_body(assignment.payload)
+        except ProtocolError as exc:
+            # Only a ventilator client naming an `mdp:` queue itself gets here.
+            self._refuse_task(peer, assignment, str(exc), now)
+            return None
+        return mdp.worker_request(_address(assignment), body)
+
+    def _refuse_task(
+        self, peer: bytes, assignment: p.Assignment, reason: str, now: float
+    ) -> None:
+        error = p.Outcome(
+            assignment.ticket,
+            assignment.attempt,
+            p.Status.REJECTED,
+            _error_report(f"an MDP worker cannot run this task: {reason}"),
+        )
+        self._scheduler.worker_command(peer, p.Done([error]), now)
+
+    def to_client(self, peer: bytes, command: p.Command) -> list[Frames]:
+        """The MDP REPLYs that carry `command` to client `peer` (maybe none)."""
+        if not isinstance(command, p.Results):
+            return []  # heartbeats, errors: MDP clients have no such thing
+        name = mdp_name(peer)
+        return [
+            frames
+            for entry in command.results
+            if (frames := self._reply_frames(peer, name, entry))
+        ]
+
+    def _reply_frames(
+        self, peer: bytes, name: str, entry: p.ResultEntry
+    ) -> Frames | None:
+        task = self._scheduler.find_task(name, entry.task_id)
+        service = task.function if task is not None else ""
+        if entry.status is not p.Status.OK or task is None:
+            log.warning(
+                "MDP request failed client=%s service=%s status=%s; 7/MDP has no "
+                "error reply, so the client gets none",
+                peer.hex(),
+                service,
+                entry.status.name,
+            )
+            return None
+        try:
+            return mdp.client_reply(service, mdp.unpack_body(entry.payload))
+        except ProtocolError as exc:
+            log.warning(
+                "dropped a reply for client=%s service=%s: %s", peer.hex(), service, exc
+            )
+            return None
+
+    def delivered(self, peer: bytes, command: p.Command, now: float) -> None:
+        """`command`'s replies reached `peer`'s socket: acknowledge on its
+        behalf, and forget the client if it is owed nothing more."""
+        if not isinstance(command, p.Results):
+            return
+        keys = [("", entry.task_id) for entry in command.results]
+        self._scheduler.client_command(peer, p.Ack(keys), now)
+        self._scheduler.detach_if_idle(mdp_name(peer))
+
+
+def _address(assignment: p.Assignment | s.Task) -> bytes:
+    return f"{assignment.ticket}.{assignment.attempt}".encode()
+
+
+def _error_report(message: str) -> bytes:
+    return pack_error(TaskRejected("NotAnMdpRequest", message))
