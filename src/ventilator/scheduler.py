@@ -1272,6 +1272,11 @@ class Scheduler:
             if task.state is State.FINISHED:
                 assert task.status is not None
 
+        for recipient in self.recipients.values():
+            if recipient.peer is not None:
+                owner = self._recipient_of_peer.get(recipient.peer)
+                assert owner == recipient.name, f"{recipient.name} not on its peer"
+
         queued = {t for q in self._queues.values() for t in q}
         for task in self.tasks.values():
             if task.state is State.QUEUED:

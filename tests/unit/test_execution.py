@@ -198,3 +198,52 @@ def test_exception_message_with_an_undecodable_file_name_becomes_raised() -> Non
 
     assert (status, report["type"]) == (p.Status.RAISED, "ValueError")
     assert "report-" in report["message"]
+
+
+def echo_frames(body: list[bytes]) -> list[bytes]:
+    return [*body, b"done"]
+
+
+def join_frames(body: list[bytes]) -> bytes:
+    return b"".join(body)
+
+
+def give_back_text(body: list[bytes]) -> str:
+    return "not bytes"
+
+
+MDP_FUNCTIONS = {
+    "mdp:echo": echo_frames,
+    "mdp:join": join_frames,
+    "mdp:text": give_back_text,
+}
+
+
+def _run_raw(service: str, body: list[bytes]) -> tuple[p.Status, bytes]:
+    from ventilator import mdp
+
+    return run_task(MDP_FUNCTIONS, False, service, p.Flags.RAW, mdp.pack_body(body))
+
+
+def test_an_mdp_service_gets_the_body_frames_and_returns_a_body() -> None:
+    from ventilator import mdp
+
+    status, payload = _run_raw("echo", [b"a", b""])
+    assert (status, mdp.unpack_body(payload)) == (p.Status.OK, [b"a", b"", b"done"])
+
+    status, payload = _run_raw("join", [b"a", b"b"])
+    assert (status, mdp.unpack_body(payload)) == (p.Status.OK, [b"ab"])
+
+
+def test_an_mdp_service_returning_no_bytes_raised() -> None:
+    status, payload = _run_raw("text", [b"a"])
+
+    assert status is p.Status.RAISED
+    message = task_error_from_wire(unpack_value(payload)).message
+    assert "bytes or a list of bytes" in message
+
+
+def test_an_mdp_service_the_worker_lacks_is_not_found() -> None:
+    status, _ = _run_raw("missing", [b"a"])
+
+    assert status is p.Status.NOT_FOUND

@@ -123,3 +123,32 @@ def test_module_that_fails_to_import_is_refused_naming_it(
 
     with pytest.raises(UsageError, match=name):
         load_functions([name])
+
+
+MDP_MODULE = """
+    import ventilator
+
+    @ventilator.mdp_service("echo")
+    def echo(body):
+        return body
+
+    def plain(x):
+        return x
+"""
+
+
+def test_an_mdp_service_is_served_under_its_queue_too(make_module: MakeModule) -> None:
+    name = make_module(MDP_MODULE)
+
+    functions = load_functions([name])
+
+    assert sorted(functions) == ["mdp:echo", f"{name}:echo", f"{name}:plain"]
+    assert functions["mdp:echo"] is functions[f"{name}:echo"]
+
+
+@pytest.mark.parametrize("service", ["", "mmi.service", "titanic.reply", "x" * 257])
+def test_mdp_service_refuses_names_it_cannot_serve(service: str) -> None:
+    from ventilator import mdp_service
+
+    with pytest.raises(UsageError, match="cannot serve MDP service"):
+        mdp_service(service)

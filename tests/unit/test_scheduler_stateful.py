@@ -2,11 +2,14 @@
 
 A model of the peers (clients, a sink, workers) drives the scheduler with
 hello, submit, ready, done (right and wrong attempts), ack, cancel, drain,
-deaths and time. After every step the scheduler checks its own invariants, and
-the model checks what the peers saw: no worker is sent more than its capacity,
-no recipient gets a result twice without reconnecting in between, nor one it
-already acknowledged, nor one meant for someone else. At the end every task is
-driven to completion and every accepted task must have been acknowledged once.
+deaths and time; and as the MDP gateway does, with requests of a client that
+never heartbeats, Titanic requests withdrawn by `withdraw`, and a worker of
+capacity 1 that is silent while busy. After every step the scheduler checks its
+own invariants, and the model checks what the peers saw: no worker is sent more
+than its capacity, no recipient gets a result twice without reconnecting in
+between, nor one it already acknowledged, nor one meant for someone else. At the
+end every task is driven to completion and every accepted task must have been
+acknowledged once.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from hypothesis.stateful import (
 )
 
 from ventilator import protocol as p
+from ventilator.mdp import service_queue
 from ventilator.policy import Backoff, Limits
 from ventilator.scheduler import (
     RETRY_SESSION,
@@ -40,6 +44,13 @@ FUNCTIONS = ("jobs:f", "jobs:g")
 SESSIONS = ("alice", "bob")
 SINK = "totals"
 WORKER_IDS = ("w1", "w2", "w3")
+# As the MDP gateway names them: a client, Titanic's recipient, a worker.
+MDP_CLIENT = "mdp:c0"
+TITANIC = "mdp:titanic"
+MDP_WORKER = "mdp:w0"
+MDP_SERVICE = "svc"
+MDP_SILENCE_S = 2.0
+GATEWAY_NAMES = (MDP_CLIENT, TITANIC)
 
 Key = tuple[str, int]  # (submitting session, task id)
 
@@ -85,20 +96,22 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.now = 0.0
         self.peers = itertools.count()
         self.task_ids = itertools.count(1)
-        names = [*SESSIONS, sink_recipient(SINK)]
+        names = [*SESSIONS, sink_recipient(SINK), *GATEWAY_NAMES]
         self.recipients = {name: ModelRecipient(name) for name in names}
+        self.titanic_requests = itertools.count()
         self.workers: dict[str, ModelWorker] = {}
         self.recipient_of: dict[Key, str] = {}  # accepted tasks: who gets the result
         self.submitted: dict[bytes, list[p.TaskSpec]] = {}
         self.given_up: list[p.Assignment] = []  # assignments of dead workers
         # Start with someone to talk to, so that short runs reach deep states.
         for name in self.recipients:
-            self._hello(name)
+            if name != TITANIC:  # Titanic's results wait; nobody reads them
+                self._hello(name)
         self._register("w1", 2, list(FUNCTIONS), False, same_connection=False)
 
     # --- clients ----------------------------------------------------------------------
 
-    @rule(name=st.sampled_from([*SESSIONS, sink_recipient(SINK)]))
+    @rule(name=st.sampled_from([*SESSIONS, sink_recipient(SINK), MDP_CLIENT]))
     def hello(self, name: str) -> None:
         self._hello(name)
 
@@ -106,6 +119,10 @@ class SchedulerMachine(RuleBasedStateMachine):
         recipient = self.recipients[name]
         recipient.peer = self._new_peer(name)
         recipient.delivered.clear()  # everything unacknowledged comes again
+        if name in GATEWAY_NAMES:
+            self.scheduler.attach_recipient(recipient.peer, name, self.now, False)
+            self._flush()
+            return
         sink = SINK if name == sink_recipient(SINK) else None
         session = "sink-reader" if sink else name
         self._client(recipient.peer, p.Hello(session, sink))
@@ -196,6 +213,73 @@ class SchedulerMachine(RuleBasedStateMachine):
         [reply] = [c for _, c in effects.to_clients if isinstance(c, p.OperatorReply)]
         for ticket in reply.report["retried"]:
             self.recipient_of[(RETRY_SESSION, ticket)] = sink_recipient(SINK)
+
+    @rule()
+    def hello_with_a_gateway_name_is_refused(self) -> None:
+        stranger = self._new_peer("impostor")
+        effects = self._client(stranger, p.Hello(MDP_CLIENT))
+        [(peer, error)] = effects.to_clients
+        assert peer == stranger and isinstance(error, p.Error)
+        assert stranger not in self.scheduler._recipient_of_peer
+
+    # --- as the MDP gateway -----------------------------------------------------------
+
+    @precondition(lambda self: self._connected([MDP_CLIENT]))
+    @rule(data=st.data())
+    def mdp_request(self, data: st.DataObject) -> None:
+        spec = self._raw_spec(data, next(self.task_ids))
+        if self.scheduler.accept_task(MDP_CLIENT, spec) is None:
+            self.recipient_of[(MDP_CLIENT, spec.task_id)] = MDP_CLIENT
+        self._flush()
+
+    @precondition(lambda self: self._connected([MDP_CLIENT]))
+    @rule()
+    def mdp_client_is_forgotten_only_when_owed_nothing(self) -> None:
+        self.scheduler.detach_if_idle(MDP_CLIENT)
+        owed = [
+            key
+            for key, name in self.recipient_of.items()
+            if name == MDP_CLIENT and not self._acked(key)
+        ]
+        assert (MDP_CLIENT in self.scheduler.recipients) == bool(owed)
+        self._flush()
+
+    @rule(data=st.data())
+    def titanic_request(self, data: st.DataObject) -> None:
+        session = f"{TITANIC}:{next(self.titanic_requests)}"
+        spec = self._raw_spec(data, 0)
+        if self.scheduler.accept_task(session, spec, TITANIC) is None:
+            self.recipient_of[(session, 0)] = TITANIC
+        self._flush()
+
+    @precondition(lambda self: self._titanic_keys())
+    @rule(data=st.data())
+    def titanic_close(self, data: st.DataObject) -> None:
+        key = data.draw(st.sampled_from(self._titanic_keys()))
+        running = self.scheduler.find_task(*key)
+        was_running = running is not None and running.state is State.RUNNING
+        withdrawn = self.scheduler.withdraw(*key)
+        assert withdrawn is not was_running
+        if withdrawn:
+            del self.recipient_of[key]
+            assert self.scheduler.find_task(*key) is None
+        self._flush()
+
+    def _titanic_keys(self) -> list[Key]:
+        return sorted(k for k, name in self.recipient_of.items() if name == TITANIC)
+
+    @rule(same_connection=st.booleans())
+    def mdp_worker_ready(self, same_connection: bool) -> None:
+        old = self.workers.pop(MDP_WORKER, None)
+        if old is not None:
+            self.given_up.extend(old.holding.values())
+        peer = old.peer if old and same_connection else self._new_peer(MDP_WORKER)
+        self.workers[MDP_WORKER] = ModelWorker(MDP_WORKER, peer, 1)
+        ready = p.Ready(MDP_WORKER, [service_queue(MDP_SERVICE)], 1)
+        self.scheduler.register_worker(
+            peer, ready, self.now, max_silence_s=MDP_SILENCE_S, silent_while_busy=True
+        )
+        self._flush()
 
     @rule()
     def command_from_a_stranger_is_refused(self) -> None:
@@ -321,7 +405,14 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     def _advance(self, advance_s: float) -> None:
         self.now += advance_s
+        busy_and_quiet = [
+            w.worker_id
+            for w in self.scheduler.workers.values()
+            if w.silent_while_busy and w.running
+        ]
         self.scheduler.tick(self.now)
+        for worker_id in busy_and_quiet:
+            assert worker_id in self.scheduler.workers, "expired while busy"
         if advance_s == 1.0:
             self.scheduler.heartbeats()
         self._flush()
@@ -431,7 +522,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         """Bring every recipient back and serve every task until none is left."""
         for name in self.recipients:
             self._hello(name)
-        self._register("drain", 50, list(FUNCTIONS), True, same_connection=False)
+        services = [*FUNCTIONS, service_queue(MDP_SERVICE)]
+        self._register("drain", 50, services, True, same_connection=False)
         for _ in range(200):
             if not self.scheduler.tasks:
                 return
@@ -467,6 +559,10 @@ class SchedulerMachine(RuleBasedStateMachine):
             retries=data.draw(st.integers(0, 2)),
             sink=data.draw(st.sampled_from([None, None, SINK])),
         )
+
+    def _raw_spec(self, data: st.DataObject, task_id: int) -> p.TaskSpec:
+        payload = b"x" * data.draw(st.integers(0, 10))
+        return p.TaskSpec(task_id, MDP_SERVICE, payload, p.Flags.RAW)
 
     def _can_ack(self) -> bool:
         return any(r.delivered and r.peer for r in self.recipients.values())

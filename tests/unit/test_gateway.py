@@ -1,0 +1,236 @@
+"""The MDP gateway over a real scheduler, without sockets: MDP frames in, MDP
+frames out, and the scheduler's queues, leases and journal records between."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from ventilator import mdp
+from ventilator import protocol as p
+from ventilator.gateway import MdpGateway, MdpSettings
+from ventilator.policy import Limits
+from ventilator.scheduler import Effects, Scheduler, State
+
+C, W = mdp.CLIENT, mdp.WORKER
+READY, REQUEST, REPLY, HEARTBEAT, DISCONNECT = (bytes((n,)) for n in range(1, 6))
+CLIENT, WORKER, OTHER = b"Mclient", b"Mworker", b"Mother"
+SETTINGS = MdpSettings(heartbeat_interval_s=1.0, liveness=3)
+
+Sent = list[tuple[bytes, list[bytes]]]
+
+
+class Shell:
+    """What the broker does with the gateway, minus the sockets."""
+
+    def __init__(self, limits: Limits | None = None) -> None:
+        self.scheduler = Scheduler(limits or Limits(max_attempts=2))
+        uuids = (f"{n:032x}" for n in itertools.count(1))
+        self.gateway = MdpGateway(self.scheduler, SETTINGS, lambda: next(uuids))
+        self.now = 0.0
+        self.journalled: list[Effects] = []
+
+    def receive(self, peer: bytes, *frames: bytes) -> Sent:
+        self.gateway.receive(peer, list(frames), self.now)
+        return self.turn()
+
+    def turn(self) -> Sent:
+        effects = self.scheduler.flush()
+        self.journalled.append(effects)
+        sent: Sent = []
+        for peer, command in effects.to_workers:
+            if self.gateway.owns(peer):
+                sent += [(peer, f) for f in self.gateway.to_worker(peer, command, 0)]
+        for peer, command in effects.to_clients:
+            if self.gateway.owns(peer):
+                sent += [(peer, f) for f in self.gateway.to_client(peer, command)]
+                self.gateway.delivered(peer, command, self.now)
+        sent += self.gateway.outbox
+        self.gateway.outbox = []
+        self.scheduler.check_invariants()
+        return sent
+
+    def later(self, seconds: float) -> Sent:
+        self.now += seconds
+        self.scheduler.tick(self.now)
+        return self.turn()
+
+
+@pytest.fixture
+def shell() -> Shell:
+    return Shell()
+
+
+def request_sent_to_worker(sent: Sent) -> tuple[bytes, list[bytes]]:
+    [(peer, frames)] = sent
+    assert peer == WORKER and frames[:3] == [b"", W, REQUEST] and frames[4] == b""
+    return frames[3], frames[5:]
+
+
+def test_a_request_is_queued_journalled_and_answered_once(shell: Shell) -> None:
+    assert shell.receive(CLIENT, b"", C, b"echo", b"a", b"") == []
+    [task] = shell.scheduler.tasks.values()
+    assert (task.state, task.queue, task.flags) == (
+        State.QUEUED,
+        "mdp:echo",
+        p.Flags.RAW,
+    )
+    assert shell.journalled[-1].accepted == [task]
+
+    address, body = request_sent_to_worker(
+        shell.receive(WORKER, b"", W, READY, b"echo")
+    )
+    assert body == [b"a", b""]
+
+    sent = shell.receive(WORKER, b"", W, REPLY, address, b"", b"A", b"")
+    assert sent == [(CLIENT, [b"", C, b"echo", b"A", b""])]
+    shell.turn()
+    assert shell.scheduler.tasks == {}  # acknowledged on the client's behalf
+    assert shell.scheduler.recipients == {}  # and the client, owed nothing, forgotten
+
+
+def test_a_worker_serves_one_request_at_a_time(shell: Shell) -> None:
+    shell.receive(WORKER, b"", W, READY, b"echo")
+    first = shell.receive(CLIENT, b"", C, b"echo", b"1")
+    assert shell.receive(CLIENT, b"", C, b"echo", b"2") == []
+
+    address, _ = request_sent_to_worker(first)
+    sent = shell.receive(WORKER, b"", W, REPLY, address, b"", b"one")
+    replies = [f for peer, f in sent if peer == CLIENT]
+    _, second = request_sent_to_worker([(p_, f) for p_, f in sent if p_ == WORKER])
+    assert replies == [[b"", C, b"echo", b"one"]] and second == [b"2"]
+
+
+def test_a_busy_worker_outlives_its_silence_and_an_idle_one_does_not(
+    shell: Shell,
+) -> None:
+    shell.receive(WORKER, b"", W, READY, b"echo")
+    shell.receive(OTHER, b"", W, READY, b"echo")
+    shell.receive(CLIENT, b"", C, b"echo", b"1")
+
+    shell.later(SETTINGS.max_silence_s + 1)
+
+    workers = shell.scheduler.workers
+    assert [w.peer for w in workers.values()] in ([WORKER], [OTHER])
+    assert all(w.running for w in workers.values())
+
+
+def test_the_request_of_an_unreachable_worker_goes_to_another(shell: Shell) -> None:
+    shell.receive(WORKER, b"", W, READY, b"echo")
+    request_sent_to_worker(shell.receive(CLIENT, b"", C, b"echo", b"x"))
+
+    shell.scheduler.peer_unreachable(WORKER, shell.now)
+    shell.turn()
+    [(peer, frames)] = shell.receive(OTHER, b"", W, READY, b"echo")
+
+    assert peer == OTHER and frames[5:] == [b"x"]
+
+
+def test_heartbeats_go_to_busy_and_idle_mdp_workers(shell: Shell) -> None:
+    shell.receive(WORKER, b"", W, READY, b"echo")
+    shell.receive(OTHER, b"", W, READY, b"echo")
+    shell.receive(CLIENT, b"", C, b"echo", b"x")
+
+    shell.gateway.heartbeats()
+
+    beats = [peer for peer, frames in shell.turn() if frames == [b"", W, HEARTBEAT]]
+    assert sorted(beats) == sorted([WORKER, OTHER])
+
+
+@pytest.mark.parametrize(
+    "frames",
+    [
+        [b"", W, HEARTBEAT],
+        [b"", W, REPLY, b"1.1", b"", b"x"],
+        [b"", W, READY, b"mmi.service"],
+        [b"", W, READY, b"titanic.request"],
+        [b"", W, b"\x07"],
+    ],
+)
+def test_unexpected_or_broken_worker_commands_get_disconnect(
+    shell: Shell, frames: list[bytes]
+) -> None:
+    assert shell.receive(WORKER, *frames) == [(WORKER, [b"", W, DISCONNECT])]
+    assert shell.scheduler.workers == {}
+
+
+def test_a_second_ready_disconnects_and_requeues_what_it_held(shell: Shell) -> None:
+    shell.receive(WORKER, b"", W, READY, b"echo")
+    shell.receive(CLIENT, b"", C, b"echo", b"x")
+
+    assert shell.receive(WORKER, b"", W, READY, b"echo") == [
+        (WORKER, [b"", W, DISCONNECT])
+    ]
+    [task] = shell.scheduler.tasks.values()
+    assert task.state is State.QUEUED and task.deaths == 0
+
+
+def test_a_failed_request_gets_no_reply(shell: Shell) -> None:
+    shell.receive(CLIENT, b"", C, b"echo", b"deadly")
+    for _ in range(2):  # max_attempts deaths: poison
+        shell.receive(WORKER, b"", W, READY, b"echo")
+        shell.scheduler.peer_unreachable(WORKER, shell.now)
+        assert [peer for peer, _ in shell.turn()] == []
+
+    assert shell.turn() == []
+    assert shell.scheduler.tasks == {}
+
+
+def test_mmi_service_answers_200_404_and_501(shell: Shell) -> None:
+    def ask(service: bytes, *body: bytes) -> list[bytes]:
+        [(peer, frames)] = shell.receive(CLIENT, b"", C, service, *body)
+        assert peer == CLIENT and frames[:3] == [b"", C, service]
+        return frames[3:]
+
+    assert ask(b"mmi.service", b"echo") == [b"404"]
+    shell.receive(WORKER, b"", W, READY, b"echo")
+    assert ask(b"mmi.service", b"echo") == [b"200"]
+    shell.receive(WORKER, b"", W, DISCONNECT)
+    assert ask(b"mmi.service", b"echo") == [b"404"]
+    assert ask(b"mmi.workers", b"echo") == [b"501"]
+    assert ask(b"mmi.service", b"titanic.reply") == [b"200"]
+
+
+def test_titanic_stores_the_reply_until_closed(shell: Shell) -> None:
+    def ask(service: bytes, *body: bytes) -> list[bytes]:
+        [(_, frames)] = shell.receive(CLIENT, b"", C, service, *body)
+        return frames[3:]
+
+    status, uuid = ask(b"titanic.request", b"echo", b"hi")
+    assert status == b"200" and len(uuid) == 32
+    assert ask(b"titanic.reply", uuid) == [b"300"]
+
+    sent = shell.receive(WORKER, b"", W, READY, b"echo")
+    address, body = request_sent_to_worker(sent)
+    assert body == [b"hi"]
+    shell.receive(WORKER, b"", W, REPLY, address, b"", b"HI")
+    assert ask(b"titanic.reply", uuid) == [b"200", b"HI"]
+    assert ask(b"titanic.reply", uuid) == [b"200", b"HI"]
+
+    assert ask(b"titanic.close", uuid) == [b"200"]
+    assert shell.scheduler.tasks == {}
+    assert shell.journalled[-1].forgotten  # the journal row goes too
+    assert ask(b"titanic.reply", uuid)[0][:3] == b"400"
+    assert ask(b"titanic.close", uuid) == [b"200"]
+
+
+def test_a_ventilator_task_on_an_mdp_queue_is_refused_not_sent(shell: Shell) -> None:
+    shell.scheduler.client_command(b"Fventilator", p.Hello("alice"), 0.0)
+    spec = p.TaskSpec(1, "mdp:echo", b"\x90")
+    shell.scheduler.client_command(b"Fventilator", p.Submit([spec]), 0.0)
+    shell.turn()
+
+    assert shell.receive(WORKER, b"", W, READY, b"echo") == []
+    shell.turn()
+    [task] = shell.scheduler.tasks.values()
+    assert task.status is p.Status.REJECTED
+
+
+def test_restored_requests_keep_their_task_ids_unique(shell: Shell) -> None:
+    shell.receive(CLIENT, b"", C, b"echo", b"x")
+    shell.gateway.resume()
+    shell.receive(OTHER, b"", C, b"echo", b"y")
+
+    ids = sorted(t.task_id for t in shell.scheduler.tasks.values())
+    assert ids == [1, 2]
