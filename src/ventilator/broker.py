@@ -281,6 +281,7 @@ class Broker:
         outbox, gateway.outbox = gateway.outbox, []
         for peer, frames in outbox:
             self._send_frames(peer, frames, now)
+        gateway.end_turn()
         for notice in effects.notices:
             _log_notice(notice)
 

@@ -81,6 +81,9 @@ class MdpGateway:
         self._next_task_id = 1
         # Replies decided here (MMI, Titanic, DISCONNECT), sent after the commit.
         self.outbox: list[tuple[bytes, Frames]] = []
+        # Clients answered this turn, forgotten once the turn's sends are done:
+        # until then `owns` must still know them.
+        self._answered: list[str] = []
 
     def resume(self) -> None:
         """After the journal replay: never reuse a task id of a restored request."""
@@ -314,12 +317,19 @@ class MdpGateway:
 
     def delivered(self, peer: bytes, command: p.Command, now: float) -> None:
         """`command`'s replies reached `peer`'s socket: acknowledge on its
-        behalf, and forget the client if it is owed nothing more."""
+        behalf (MDP clients never do)."""
         if not isinstance(command, p.Results):
             return
         keys = [("", entry.task_id) for entry in command.results]
         self._scheduler.client_command(peer, p.Ack(keys), now)
-        self._scheduler.detach_if_idle(mdp_name(peer))
+        self._answered.append(mdp_name(peer))
+
+    def end_turn(self) -> None:
+        """Forget the clients answered this turn that are owed nothing more, so
+        that one-request clients do not accumulate."""
+        for name in self._answered:
+            self._scheduler.detach_if_idle(name)
+        self._answered = []
 
 
 def _address(assignment: p.Assignment | s.Task) -> bytes:

@@ -42,18 +42,24 @@ class Shell:
         for peer, command in effects.to_workers:
             if self.gateway.owns(peer):
                 sent += [(peer, f) for f in self.gateway.to_worker(peer, command, 0)]
+            else:
+                assert not peer.startswith(b"M"), f"{command} in VNT1 to MDP {peer!r}"
         for peer, command in effects.to_clients:
             if self.gateway.owns(peer):
                 sent += [(peer, f) for f in self.gateway.to_client(peer, command)]
                 self.gateway.delivered(peer, command, self.now)
+            else:
+                assert not peer.startswith(b"M"), f"{command} in VNT1 to MDP {peer!r}"
         sent += self.gateway.outbox
         self.gateway.outbox = []
+        self.gateway.end_turn()
         self.scheduler.check_invariants()
         return sent
 
     def later(self, seconds: float) -> Sent:
         self.now += seconds
         self.scheduler.tick(self.now)
+        self.scheduler.heartbeats()
         return self.turn()
 
 
@@ -66,6 +72,20 @@ def request_sent_to_worker(sent: Sent) -> tuple[bytes, list[bytes]]:
     [(peer, frames)] = sent
     assert peer == WORKER and frames[:3] == [b"", W, REQUEST] and frames[4] == b""
     return frames[3], frames[5:]
+
+
+def test_heartbeats_of_the_scheduler_never_reach_mdp_peers_as_vnt1(
+    shell: Shell,
+) -> None:
+    shell.receive(WORKER, b"", W, READY, b"echo")
+    [(worker, request)] = shell.receive(CLIENT, b"", C, b"echo", b"x")
+    shell.scheduler.heartbeats()
+    assert shell.turn() == []  # heartbeats to MDP peers are the gateway's own
+
+    shell.scheduler.heartbeats()  # queued before the reply is delivered
+    sent = shell.receive(worker, b"", W, REPLY, *request[3:5], b"X")
+    assert sent == [(CLIENT, [b"", C, b"echo", b"X"])]
+    assert shell.later(0.5) == []  # the answered client is forgotten
 
 
 def test_a_request_is_queued_journalled_and_answered_once(shell: Shell) -> None:
