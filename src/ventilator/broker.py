@@ -88,7 +88,7 @@ class Broker:
         )
         self._frontend = self._router()
         self._backend = self._router()
-        self._mdp = self._router() if config.mdp else None
+        self._mdp = self._router(zmtp_heartbeats=True) if config.mdp else None
         self._sockets = {FRONTEND: self._frontend, BACKEND: self._backend}
         if self._mdp is not None:
             self._sockets[MDP] = self._mdp
@@ -100,7 +100,7 @@ class Broker:
         self.backend_endpoint = ""
         self.mdp_endpoint = ""
 
-    def _router(self) -> zmq.Socket[bytes]:
+    def _router(self, zmtp_heartbeats: bool = False) -> zmq.Socket[bytes]:
         sock: zmq.Socket[bytes] = self._context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         # libzmq refuses oversized frames before Python ever sees them; the
@@ -111,13 +111,22 @@ class Broker:
         # queue, not in our memory; real peers batch, so 1,000 messages is a lot.
         sock.setsockopt(zmq.RCVHWM, 1000)
         sock.setsockopt(zmq.LINGER, 1000)
-        # ZMTP heartbeats: libzmq drops the connection of a peer that stopped
-        # answering (a host gone without a FIN), so the next send to it fails.
-        # MDP workers send nothing while busy; this is how a dead one is found.
-        mdp_settings = self.config.mdp_settings
-        sock.setsockopt(zmq.HEARTBEAT_IVL, _ms(mdp_settings.heartbeat_interval_s))
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, _ms(mdp_settings.max_silence_s))
+        if zmtp_heartbeats:
+            self._heartbeat_connections(sock)
         return sock
+
+    def _heartbeat_connections(self, sock: zmq.Socket[bytes]) -> None:
+        """ZMTP heartbeats: libzmq drops the connection of a peer that stopped
+        answering (a host gone without a FIN), so the next send to it fails.
+        MDP workers send nothing while busy; this is how a dead host is found.
+
+        Only on the MDP socket: a connection whose reading is paused by
+        backpressure (our bulk transfers) reads no PONG either, and would be
+        dropped while healthy.
+        """
+        settings = self.config.mdp_settings
+        sock.setsockopt(zmq.HEARTBEAT_IVL, _ms(settings.heartbeat_interval_s))
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, _ms(settings.max_silence_s))
 
     def bind(self) -> None:
         """Bind both sockets and replay the journal.
