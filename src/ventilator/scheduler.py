@@ -901,9 +901,7 @@ class Scheduler:
             # The submitter saw its sink task through when it was accepted; the
             # result now waits on the sink, bounded by the broker's totals.
             self._hold(task.session, -1)
-        if task.state is State.QUEUED:
-            # Its ticket stays in the queue until it reaches the front.
-            self._stale[task.queue] = self._stale.get(task.queue, 0) + 1
+        self._leave_queue(task)
         if status in FAILURE_STATUSES:
             self._remember_failure(task, status, result, now)
         self._finished_by_status[status] += 1
@@ -990,6 +988,11 @@ class Scheduler:
             )
         return assignments
 
+    def _leave_queue(self, task: Task) -> None:
+        if task.state is State.QUEUED:
+            # Its ticket stays in the queue until it reaches the front.
+            self._stale[task.queue] = self._stale.get(task.queue, 0) + 1
+
     def _stale_taken(self, queue_name: str) -> None:
         left = self._stale.get(queue_name, 0) - 1
         if left > 0:
@@ -1063,6 +1066,7 @@ class Scheduler:
                 recipient.unacked.pop(task.ticket, None)
                 with contextlib.suppress(ValueError):
                     recipient.pending.remove(task.ticket)
+        self._leave_queue(task)
         self._forget(task)
         return True
 

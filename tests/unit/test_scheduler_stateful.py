@@ -228,7 +228,7 @@ class SchedulerMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def mdp_request(self, data: st.DataObject) -> None:
         spec = self._raw_spec(data, next(self.task_ids))
-        if self.scheduler.accept_task(MDP_CLIENT, spec) is None:
+        if self.scheduler.accept_task(MDP_CLIENT, spec, self.now) is None:
             self.recipient_of[(MDP_CLIENT, spec.task_id)] = MDP_CLIENT
         self._flush()
 
@@ -248,7 +248,7 @@ class SchedulerMachine(RuleBasedStateMachine):
     def titanic_request(self, data: st.DataObject) -> None:
         session = f"{TITANIC}:{next(self.titanic_requests)}"
         spec = self._raw_spec(data, 0)
-        if self.scheduler.accept_task(session, spec, TITANIC) is None:
+        if self.scheduler.accept_task(session, spec, self.now, TITANIC) is None:
             self.recipient_of[(session, 0)] = TITANIC
         self._flush()
 
