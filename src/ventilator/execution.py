@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 import traceback
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from . import mdp
 from . import protocol as p
@@ -33,6 +33,8 @@ from .serialization import (
 )
 
 __all__ = ["run_task"]
+
+Unpickled = TypeVar("Unpickled")
 
 
 def run_task(
@@ -120,11 +122,7 @@ def _prepare_batch(
 ) -> tuple[Callable[..., Any], list[Any]]:
     if flags & p.Flags.PICKLED:
         _refuse_pickle_unless(allow_pickle)
-        try:
-            return unpack_pickled_batch(payload)
-        except Exception as exc:
-            message = f"cannot unpickle the batch: {exc}"
-            raise TaskRaised(type(exc).__name__, message) from exc
+        return _unpickled(unpack_pickled_batch, payload, "batch")
 
     target = _served(functions, function)
     try:
@@ -171,11 +169,7 @@ def _prepare(
 ) -> tuple[Callable[..., Any], Any, Any]:
     if flags & p.Flags.PICKLED:
         _refuse_pickle_unless(allow_pickle)
-        try:
-            return unpack_pickled_call(payload)
-        except Exception as exc:
-            message = f"cannot unpickle the call: {exc}"
-            raise TaskRaised(type(exc).__name__, message) from exc
+        return _unpickled(unpack_pickled_call, payload, "call")
 
     if flags & p.Flags.RAW:
         return _mdp_call(functions, function, payload)
@@ -186,6 +180,16 @@ def _prepare(
     except Exception as exc:
         raise TaskRaised("ValueError", f"cannot decode the arguments: {exc}") from exc
     return target, args, kwargs
+
+
+def _unpickled(
+    unpickle: Callable[[Any], Unpickled], payload: Any, what: str
+) -> Unpickled:
+    try:
+        return unpickle(payload)
+    except Exception as exc:
+        message = f"cannot unpickle the {what}: {exc}"
+        raise TaskRaised(type(exc).__name__, message) from exc
 
 
 def _refuse_pickle_unless(allow_pickle: bool) -> None:
