@@ -7,23 +7,28 @@ the parent's ``__main__``: a worker embedded in any script needs no
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import sys
 import time
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
+from typing import IO
 
+from ._framing import read_message
 from .execution import run_task
 from .registry import load_functions
 
 
-def serve(conn: Connection, modules: Sequence[str], allow_pickle: bool) -> None:
+def serve(
+    batches: IO[bytes], conn: Connection, modules: Sequence[str], allow_pickle: bool
+) -> None:
     """Receive a batch of tasks, run them, send their outcomes; until EOF."""
     functions = load_functions(modules)
     while True:
         try:
-            message = conn.recv()
+            message = read_message(batches)
         except (EOFError, OSError):
             return  # the worker went away
         if message is None:
@@ -45,7 +50,9 @@ def main(argv: Sequence[str]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     fd, allow_pickle, *modules = argv
     sock = socket.socket(fileno=int(fd))
-    serve(Connection(sock.detach()), modules, allow_pickle == "pickle")
+    batches = sock.makefile("rb")
+    outcomes = Connection(os.dup(sock.fileno()))
+    serve(batches, outcomes, modules, allow_pickle == "pickle")
 
 
 if __name__ == "__main__":

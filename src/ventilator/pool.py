@@ -8,7 +8,10 @@ task is noticed at once, with no polling interval.
 Process pool: one child per slot, fed through its own socket pair. Each child
 gets its next task before it finishes the current one (up to `PIPELINE_DEPTH`
 tasks in its pipe), so it never waits for the worker's main loop to be
-scheduled: on a busy machine that wait is what costs efficiency. A child that
+scheduled: on a busy machine that wait is what costs efficiency. The worker
+writes to a child without blocking, keeping what the socket does not take yet
+for when it becomes writable: a child busy writing a large result would
+otherwise wait for the worker while the worker waits for it. A child that
 dies takes its current task with it (reported as CRASHED, which the broker
 counts towards poison); the tasks queued behind it go to another child. A task
 past its timeout has its child killed and replaced.
@@ -36,6 +39,7 @@ from multiprocessing.connection import Connection
 from typing import Protocol
 
 from . import protocol as p
+from ._framing import frame
 from .errors import TaskTimeout
 from .execution import run_task
 from .registry import load_functions
@@ -49,10 +53,7 @@ POOL_KINDS = ("process", "thread")
 
 # Batches in one child's pipe at once: the running one and the next.
 PIPELINE_DEPTH = 2
-# Payload bytes sent to a child that is busy: well inside a socket buffer, so
-# the write never waits on the child (see ProcessPool._feed).
-PIPE_SAFE_BYTES = 32 * 1024
-# Payload bytes in one batch to an idle child.
+# Payload bytes in one batch to a child.
 BATCH_BYTES = 1024 * 1024
 
 # How long a child gets to exit on its own before it is killed.
@@ -64,6 +65,10 @@ class Pool(Protocol):
 
     def fds(self) -> Sequence[int]:
         """Descriptors that become readable when a task ended or a child died."""
+        ...
+
+    def write_fds(self) -> Sequence[int]:
+        """Descriptors with writes pending: call `collect` once they are writable."""
         ...
 
     def submit(self, task: p.Assignment, now: float) -> None:
@@ -153,9 +158,12 @@ class _Running:
 @dataclass(slots=True, eq=False)
 class _Child:
     process: subprocess.Popen[bytes]
-    conn: Connection
+    conn: Connection  # outcomes come back here, read whole
+    writer: socket.socket  # batches go out here, never blocking
     # Batches sent down the pipe, oldest (the one running) first.
     sent: deque[list[_Running]] = field(default_factory=deque)
+    # Bytes of those batches the socket has not taken yet.
+    outbox: bytearray = field(default_factory=bytearray)
 
 
 class ProcessPool:
@@ -192,10 +200,13 @@ class ProcessPool:
             stdin=subprocess.DEVNULL,
         )
         child_end.close()
-        return _Child(process, Connection(parent_end.detach()))
+        return _Child(process, Connection(os.dup(parent_end.fileno())), parent_end)
 
     def fds(self) -> Sequence[int]:
         return [child.conn.fileno() for child in self._children]
+
+    def write_fds(self) -> Sequence[int]:
+        return [child.writer.fileno() for child in self._children if child.outbox]
 
     def submit(self, task: p.Assignment, now: float) -> None:
         self._waiting.append(task)
@@ -210,22 +221,12 @@ class ProcessPool:
         return dropped
 
     def _feed(self, now: float) -> None:
-        """Top up the children's pipes, idle children first.
-
-        A busy child may be writing a large result while we write to it; were
-        we to write more than its socket buffer holds, each would wait for the
-        other for ever. So a child that holds work only gets a small batch,
-        one that fits in the buffer whatever it is doing.
-        """
+        """Top up the children's pipes, idle children first."""
         while self._waiting:
             child = min(self._children, key=lambda c: len(c.sent))
-            busy = bool(child.sent)
             if len(child.sent) >= PIPELINE_DEPTH:
                 return
-            if busy and len(self._waiting[0].payload) > PIPE_SAFE_BYTES:
-                return  # wait for an idle child
-            limit = PIPE_SAFE_BYTES if busy else BATCH_BYTES
-            self._send(child, self._next_batch(limit), now)
+            self._send(child, self._next_batch(BATCH_BYTES), now)
 
     def _next_batch(self, limit_bytes: int) -> list[p.Assignment]:
         first = self._waiting.popleft()
@@ -249,12 +250,28 @@ class ProcessPool:
     def _send(self, child: _Child, batch: list[p.Assignment], now: float) -> None:
         child.sent.append([_Running(task, started=now) for task in batch])
         message = [(task.function, task.flags, bytes(task.payload)) for task in batch]
-        # A dead child fails the send or not; either way collect() notices it.
-        with contextlib.suppress(OSError):
-            child.conn.send(message)
+        for part in frame(message):
+            child.outbox += part
+        self._flush(child)
+
+    def _flush(self, child: _Child) -> None:
+        """Write what the child's socket takes now; the rest waits until the
+        worker's loop sees it writable (`write_fds`)."""
+        while child.outbox:
+            try:
+                written = child.writer.send(child.outbox, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError:
+                # A dead child: collect() notices it and requeues its batches.
+                child.outbox.clear()
+                return
+            del child.outbox[:written]
 
     def collect(self, now: float) -> list[p.Outcome]:
         outcomes: list[p.Outcome] = []
+        for child in self._children:
+            self._flush(child)
         for index, child in enumerate(self._children):
             health = self._receive(child, outcomes, now)
             if health != "healthy":
@@ -350,8 +367,11 @@ class ProcessPool:
 
     def close(self) -> None:
         for child in self._children:
-            with contextlib.suppress(OSError):
-                child.conn.send(None)
+            # Best effort: a child whose pipe is full is terminated below.
+            child.outbox.clear()
+            for part in frame(None):
+                child.outbox += part
+            self._flush(child)
         deadline = time.monotonic() + CHILD_EXIT_GRACE_S
         for child in self._children:
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -367,6 +387,7 @@ class ProcessPool:
                 child.process.kill()
                 child.process.wait()
         child.conn.close()
+        child.writer.close()
 
 
 def _alive(process: subprocess.Popen[bytes]) -> bool:
@@ -402,6 +423,9 @@ class ThreadPool:
 
     def fds(self) -> Sequence[int]:
         return [self._wake_read]
+
+    def write_fds(self) -> Sequence[int]:
+        return ()  # tasks go to threads through a queue
 
     def submit(self, task: p.Assignment, now: float) -> None:
         self._waiting.append(task)

@@ -148,9 +148,12 @@ class Worker:
 
         while not self._stopping:
             # Children are replaced and the socket renewed on reconnects.
-            watched = (self._socket, self._wake_read, *self._pool.fds())
+            watched = (
+                (self._socket, self._wake_read, *self._pool.fds()),
+                tuple(self._pool.write_fds()),
+            )
             if watched != polled:
-                poller, polled = self._poller(watched), watched
+                poller, polled = self._poller(*watched), watched
 
             poller.poll(self._poll_timeout_ms(next_beat))
             now = time.monotonic()
@@ -164,10 +167,16 @@ class Worker:
                 next_beat = now + interval_s
                 self._check_broker(now)
 
-    def _poller(self, watched: tuple[Any, ...]) -> zmq.Poller:
+    def _poller(
+        self, readable: tuple[Any, ...], writable: tuple[int, ...]
+    ) -> zmq.Poller:
         poller = zmq.Poller()
-        for item in watched:
+        for item in readable:
             poller.register(item, zmq.POLLIN)
+        for fd in writable:
+            # A child's pipe with a batch not fully written yet: write the
+            # rest as soon as the child has read what is in it.
+            poller.register(fd, zmq.POLLOUT)
         return poller
 
     def _drained(self) -> bool:

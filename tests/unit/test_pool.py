@@ -1,0 +1,59 @@
+"""The process pool with real child processes, driven as the worker's loop does."""
+
+from __future__ import annotations
+
+import select
+import time
+
+from ventilator import protocol as p
+from ventilator.pool import ProcessPool
+from ventilator.serialization import pack_call, unpack_value
+
+TASKS = "tests.e2e.tasks"
+DEADLINE_S = 60.0
+
+
+def run_all(pool: ProcessPool, count: int) -> list[p.Outcome]:
+    """Collect outcomes as the worker does: wait for readable or writable pipes."""
+    outcomes: list[p.Outcome] = []
+    deadline = time.monotonic() + DEADLINE_S
+    while len(outcomes) < count:
+        assert time.monotonic() < deadline, f"{len(outcomes)} of {count} came back"
+        select.select(pool.fds(), pool.write_fds(), [], 1.0)
+        outcomes += pool.collect(time.monotonic())
+    return outcomes
+
+
+def test_large_tasks_and_large_results_cross_pipelined_children() -> None:
+    # Each child holds two batches while it writes results as large as the
+    # tasks: a worker that blocked writing to a child would wait for ever.
+    blob = bytes(range(256)) * 1200  # about 300 KiB, above a socket buffer
+    pool = ProcessPool(2, [TASKS], allow_pickle=False)
+    try:
+        for ticket in range(1, 41):
+            call = pack_call((blob,), {})
+            pool.submit(p.Assignment(ticket, 1, f"{TASKS}:echo", call), 0.0)
+
+        outcomes = run_all(pool, 40)
+    finally:
+        pool.close()
+
+    assert sorted(o.ticket for o in outcomes) == list(range(1, 41))
+    assert all(o.status is p.Status.OK for o in outcomes)
+    assert all(unpack_value(o.payload) == blob for o in outcomes)
+
+
+def test_pool_reports_a_crash_and_runs_what_was_queued_behind_it() -> None:
+    pool = ProcessPool(1, [TASKS], allow_pickle=False)
+    try:
+        pool.submit(p.Assignment(1, 1, f"{TASKS}:crash", pack_call((3,), {})), 0.0)
+        for ticket in range(2, 6):
+            call = pack_call((ticket,), {})
+            pool.submit(p.Assignment(ticket, 1, f"{TASKS}:square", call), 0.0)
+
+        outcomes = {o.ticket: o for o in run_all(pool, 5)}
+    finally:
+        pool.close()
+
+    assert outcomes[1].status is p.Status.CRASHED
+    assert [unpack_value(outcomes[t].payload) for t in range(2, 6)] == [4, 9, 16, 25]
