@@ -73,6 +73,8 @@ class Worker:
         self._pool: Pool | None = None
         self._socket: zmq.Socket[bytes] | None = None
         self._broker_seen = 0.0
+        self._registering = False
+        self._registered_at = 0.0
         self._task_s = TaskDuration()
         self._max_payload_bytes: int | None = None
         self._capacity = self._wanted_capacity()
@@ -131,6 +133,11 @@ class Worker:
                 self.config.allow_pickle,
             )
         )
+        # Until the broker welcomes us, its "unknown_worker" answers are to
+        # what we sent before this READY: registering again for each would
+        # make the broker take back, each time, what it had just given us.
+        self._registering = True
+        self._registered_at = now
         self._broker_seen = now
         log.info(
             "worker registering worker=%s broker=%s capacity=%d functions=%d",
@@ -211,13 +218,16 @@ class Worker:
 
     def _handle(self, command: p.Command, now: float) -> None:
         if isinstance(command, p.Welcome):
+            self._registering = False
             self._max_payload_bytes = command.max_payload_bytes
         elif isinstance(command, p.Tasks):
             assert self._pool is not None
             for task in command.tasks:
                 self._pool.submit(task, now)
         elif isinstance(command, p.Error):
-            if command.code == "unknown_worker":
+            if command.code == "unknown_worker" and self._welcome_pending(now):
+                log.debug("unknown_worker about a message sent before our READY")
+            elif command.code == "unknown_worker":
                 log.warning(
                     "the broker does not know this worker (it restarted, or took us "
                     "for dead); registering again"
@@ -225,6 +235,12 @@ class Worker:
                 self._register(now)
             else:
                 log.warning("the broker refused a message: %s", command.message)
+
+    def _welcome_pending(self, now: float) -> bool:
+        """Whether a READY is on its way: sent within a heartbeat interval and
+        not answered yet (a longer wait means it was lost, and we send another)."""
+        recent = now - self._registered_at < self.config.heartbeat_interval_s
+        return self._registering and recent
 
     def _collect(self, now: float) -> None:
         assert self._pool is not None

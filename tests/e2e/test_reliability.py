@@ -31,9 +31,11 @@ from .conftest import (
     Launcher,
     WorkerProcess,
     free_port,
+    log_of,
     read_json_line,
     status_when,
     wait_for_workers,
+    wait_until,
 )
 
 RESULT_TIMEOUT_S = 20.0
@@ -287,6 +289,26 @@ def test_worker_registers_again_with_a_restarted_broker(
 
     status_when(client, worker.entry, 10, "the worker to return")
     assert client.submit(tasks.square, 5).result(RESULT_TIMEOUT_S) == 25
+
+
+def test_worker_registers_once_with_a_restarted_broker_it_sent_much_to(
+    launch: Launcher, restartable: dict[str, Any]
+) -> None:
+    # Outcomes and beats sent while the broker was down each earn an
+    # "unknown_worker" from the new one; answering each with a READY made the
+    # broker take back, each time, the tasks it had just handed over.
+    first = launch.broker(**restartable)
+    worker = launch.worker(first, concurrency=2)
+    client = launch.client(first, heartbeat_interval_s=0.5)
+    futures = [client.submit(tasks.sleep_for, 0.02) for _ in range(400)]
+    wait_until(lambda: sum(f.done() for f in futures) >= 20, 20, "some results")
+
+    kill_broker(first)
+    launch.broker(**restartable)
+
+    assert [f.result(60) for f in futures] == [0.02] * 400
+    log = log_of(worker.process)
+    assert log.count("registering again") == 1, log
 
 
 def test_journalled_tasks_run_after_the_broker_is_killed_and_restarted(
