@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 
+from . import _lifeline as lifeline
 from .client import Client
 from .errors import UsageError, VentilatorError
 
@@ -93,10 +94,12 @@ class LocalCluster:
             *args,
         ]
 
-    def _env(self) -> dict[str, str]:
+    def _env(self, stop_signal: str) -> dict[str, str]:
         # Children import the same modules the parent can, wherever they live.
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        # ... and stop as stop() would stop them if we die without calling it.
+        env[lifeline.ENV] = f"{os.getpid()}:{stop_signal}"
         return env
 
     def _start_broker(self) -> None:
@@ -116,7 +119,7 @@ class LocalCluster:
                 "--announce",
             ),
             stdout=subprocess.PIPE,
-            env=self._env(),
+            env=self._env("TERM"),
             # Their own process group: Ctrl-C in a terminal reaches only us, and
             # we stop them in order (see stop()).
             process_group=0,
@@ -146,7 +149,7 @@ class LocalCluster:
                 str(self.workers),
                 *options,
             ),
-            env=self._env(),
+            env=self._env("QUIT"),
             process_group=0,
         )
         self._processes.append(worker)

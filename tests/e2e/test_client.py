@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,9 @@ from .conftest import (
     TASKS,
     BrokerProcess,
     Launcher,
+    ProcessId,
     WorkerProcess,
+    child_env,
     descendants,
     status_when,
     stop_process_ids,
@@ -473,6 +477,45 @@ def test_local_cluster_runs_tasks_and_leaves_no_process_behind() -> None:
         )
     finally:
         stop_process_ids(started)
+
+
+# A program that starts an embedded cluster, says so, and waits to be killed.
+EMBEDDING_PROGRAM = f"""
+import sys, ventilator
+with ventilator.local(workers=1, modules=["{TASKS}"]):
+    print("started", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_embedded_cluster_stops_when_its_program_is_killed_outright() -> None:
+    program = subprocess.Popen(
+        [sys.executable, "-c", EMBEDDING_PROGRAM],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=child_env(),
+    )
+    started: list[ProcessId] = []
+    try:
+        assert program.stdout is not None
+        assert program.stdout.readline() == b"started\n"
+        started = descendants(program.pid)
+        assert len(started) >= 3  # a broker, a worker and its task process
+
+        program.kill()  # SIGKILL: no `with` block runs, no stop() is called
+        program.wait(RESULT_TIMEOUT_S)
+
+        wait_until(
+            lambda: not any(process.alive() for process in started),
+            10,
+            "the orphaned broker and worker to stop",
+        )
+    finally:
+        stop_process_ids(started)
+        if program.stdin is not None:
+            program.stdin.close()
+        if program.stdout is not None:
+            program.stdout.close()
 
 
 def test_payloads_larger_than_a_socket_buffer_pass_through_the_process_pool() -> None:
