@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from typing import Any
 
 import zmq
 
 from . import protocol as p
-from .errors import ProtocolError
+from .errors import ProtocolError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -42,3 +43,26 @@ def send(socket: zmq.Socket[bytes], command: p.Command) -> bool:
         log.debug("could not send %s: broker not reachable", type(command).__name__)
         return False
     return True
+
+
+def check_endpoint(context: zmq.Context[Any], address: str, what: str) -> None:
+    """Refuse an address ZeroMQ cannot connect to at all, naming it.
+
+    A typo (``foo``, a port that is not a number) would otherwise surface as a
+    traceback in a background thread and a client that waits for ever. Only
+    the syntax is checked: connecting never waits for the peer, nor resolves
+    a host name here.
+
+    Raises:
+        UsageError: the address is malformed.
+    """
+    probe = context.socket(zmq.DEALER)
+    try:
+        probe.connect(address)
+    except zmq.ZMQError as exc:
+        raise UsageError(
+            f"{what} {address!r} is not an address to connect to ({zmq.strerror(exc.errno)}); "
+            "expected e.g. tcp://127.0.0.1:5555"
+        ) from None
+    finally:
+        probe.close(linger=0)

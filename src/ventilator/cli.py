@@ -107,7 +107,13 @@ def cli() -> None:
 
 def main() -> None:
     """Entry point of the `ventilator` command and of `python -m ventilator`."""
-    cli()
+    try:
+        cli()
+    except UsageError as exc:
+        # What the library refused as a wrong call (a malformed address, say)
+        # is the user's error, told as click tells its own: no traceback.
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(2)
 
 
 def _stop_on_signals(stop: Callable[[], None]) -> None:

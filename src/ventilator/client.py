@@ -253,12 +253,13 @@ class Client:
     ) -> None:
         if window < 1:
             raise UsageError(f"window must be at least 1, got {window}")
+        self._context = context or zmq.Context.instance()
+        _wire.check_endpoint(self._context, address, "the broker address")
         self.address = address
         self.session = session or uuid.uuid4().hex
         self.allow_pickle = allow_pickle
         self._heartbeat_interval_s = heartbeat_interval_s
         self._liveness = liveness
-        self._context = context or zmq.Context.instance()
 
         # Task ids are unique per session across Client objects: a random
         # instance number in the high bits, a counter in the low ones. A client

@@ -490,3 +490,15 @@ def test_map_sink_without_connect_is_a_usage_error(processes: Processes) -> None
 
     assert completed.returncode == 2
     assert "--sink needs --connect" in completed.stderr
+
+
+@pytest.mark.parametrize("address", ["garbage", "tcp://127.0.0.1:notaport"])
+@pytest.mark.parametrize("command", [["status"], ["worker", TASKS]])
+def test_malformed_address_is_a_usage_error_naming_it(
+    processes: Processes, command: list[str], address: str
+) -> None:
+    result = run_cli(processes, *command, "--connect", address)
+
+    assert result.returncode == 2
+    assert f"{address!r} is not an address to connect to" in result.stderr
+    assert "Traceback" not in result.stderr

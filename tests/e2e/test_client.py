@@ -542,3 +542,8 @@ def test_submit_nowait_declines_instead_of_waiting_when_the_window_is_full(
     assert first is not None and second is None
     assert first.result(RESULT_TIMEOUT_S) == 0.5
     wait_until(lambda: client.submit_nowait(tasks.echo, 1) is not None, 5, "room")
+
+
+def test_client_with_a_malformed_address_is_refused_at_once() -> None:
+    with pytest.raises(ventilator.UsageError, match="'broker:5555' is not an address"):
+        ventilator.Client("broker:5555")
