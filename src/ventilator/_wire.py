@@ -60,8 +60,9 @@ def check_endpoint(context: zmq.Context[Any], address: str, what: str) -> None:
     try:
         probe.connect(address)
     except zmq.ZMQError as exc:
+        reason = zmq.strerror(exc.errno) if exc.errno else str(exc)
         raise UsageError(
-            f"{what} {address!r} is not an address to connect to ({zmq.strerror(exc.errno)}); "
+            f"{what} {address!r} is not an address to connect to ({reason}); "
             "expected e.g. tcp://127.0.0.1:5555"
         ) from None
     finally:

@@ -23,6 +23,7 @@ from .errors import (
     UsageError,
 )
 from .serialization import (
+    describe_error,
     pack_batch_outcomes,
     pack_error,
     pack_value,
@@ -128,7 +129,9 @@ def _prepare_batch(
     try:
         return target, unpack_batch(payload)
     except Exception as exc:
-        raise TaskRaised("ValueError", f"cannot decode the items: {exc}") from exc
+        raise TaskRaised(
+            "ValueError", f"cannot decode the items: {describe_error(exc)}"
+        ) from exc
 
 
 def _mdp_reply(value: Any) -> bytes:
@@ -178,7 +181,9 @@ def _prepare(
     try:
         args, kwargs = unpack_call(payload)
     except Exception as exc:
-        raise TaskRaised("ValueError", f"cannot decode the arguments: {exc}") from exc
+        raise TaskRaised(
+            "ValueError", f"cannot decode the arguments: {describe_error(exc)}"
+        ) from exc
     return target, args, kwargs
 
 

@@ -41,9 +41,24 @@ def pack_value(value: Any) -> bytes:
         return msgpack.packb(value, use_bin_type=True)  # type: ignore[no-any-return]
     except (TypeError, ValueError, OverflowError) as exc:
         raise UsageError(
-            f"cannot send a value of type {type(value).__name__} as msgpack ({exc}); "
-            "use plain types: None, bool, int, float, str, bytes, list, dict"
+            f"cannot send a value as msgpack: {_unsendable(value, exc)}; use plain "
+            "types: None, bool, int, float, str, bytes, list, dict, and integers "
+            "within 64 bits"
         ) from exc
+
+
+def _unsendable(value: Any, exc: Exception) -> str:
+    """What msgpack refused, in words: its own message names the type inside a
+    container ("can not serialize 'set' object"); an overflow names nothing."""
+    if isinstance(exc, OverflowError):
+        return f"an integer is out of range ({exc})"
+    return str(exc) or f"a {type(value).__name__} it cannot encode"
+
+
+def describe_error(exc: BaseException) -> str:
+    """An exception's message, or its type's name when the message is empty
+    (msgpack raises a bare FormatError for bytes that are not msgpack)."""
+    return str(exc) or type(exc).__name__
 
 
 def unpack_value(payload: Any) -> Any:

@@ -47,17 +47,18 @@ def test_bytes_and_text_stay_distinct() -> None:
 @pytest.mark.parametrize(
     ("value", "type_name"),
     [
-        (object(), "object"),
-        ({1, 2}, "set"),
-        (1 + 2j, "complex"),
-        (2**64, "int"),
-        (ValueError("x"), "ValueError"),
+        (object(), "'object' object"),
+        ({1, 2}, "'set' object"),
+        (1 + 2j, "'complex' object"),
+        (2**64, "an integer is out of range"),
+        (ValueError("x"), "'ValueError' object"),
+        ([1, {"inner": {2, 3}}], "'set' object"),
     ],
 )
 def test_value_msgpack_cannot_carry_is_refused_naming_its_type(
     value: object, type_name: str
 ) -> None:
-    with pytest.raises(UsageError, match=f"type {type_name} as msgpack"):
+    with pytest.raises(UsageError, match=type_name):
         pack_value(value)
 
 
