@@ -70,6 +70,8 @@ class Limits:
     max_queued_bytes: int = 4 * 1024 * 1024 * 1024
     # Tasks one client may have in the broker at once; clients keep to it.
     client_window: int = 100_000
+    # Payload and result bytes one client may have in the broker at once.
+    client_max_bytes: int = 1024 * 1024 * 1024
     # Results sent to one recipient and not yet acknowledged.
     delivery_window: int = 20_000
     heartbeat_interval_s: float = 1.0
@@ -77,6 +79,9 @@ class Limits:
     # A task whose worker died under it this many times fails as poison.
     max_attempts: int = 3
     result_ttl_s: float = 24 * 3600.0
+    # Connections to the broker, both sockets together, counted from the moment
+    # they are accepted (a peer that never says HELLO counts too).
+    max_peers: int = 10_000
     retry_backoff: Backoff = field(default_factory=Backoff)
     # Failed tasks remembered for `ventilator failed` and `retry`, newest kept.
     failed_kept: int = 1000

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 from . import protocol as p
 from .errors import PoisonTask, ResultExpired, TaskRejected
+from .fairqueue import FairQueue
 from .mdp import service_queue
 from .policy import Backoff, Limits
 from .serialization import pack_error, unpack_value
@@ -318,11 +319,14 @@ class Scheduler:
 
         self.tasks: dict[int, Task] = {}
         self._by_key: dict[tuple[str, int], int] = {}
-        self._queues: dict[str, deque[int]] = {}
+        # Per function, a lane per submitting session served in turns, so one
+        # client's backlog does not hold up the others (see fairqueue).
+        self._queues: dict[str, FairQueue] = {}
         self._waiting: list[tuple[float, int]] = []  # (due time, ticket) heap
         # Finished tasks by the time they finished, oldest first, for result expiry.
         self._finish_order: OrderedDict[int, float] = OrderedDict()
         self._held: dict[str, int] = {}  # per submitting session: tasks not forgotten
+        self._held_bytes: dict[str, int] = {}  # ... and their payload and result bytes
         self._queued_bytes = 0
         # Per queue: tickets still in it whose task left QUEUED without being
         # taken (cancelled, purged); they are skipped when they reach the front.
@@ -514,6 +518,12 @@ class Scheduler:
                 "no connected worker runs pickled callables; start one with "
                 "--allow-pickle, or submit the function by its module:name"
             )
+        if self._held_bytes.get(session, 0) + size > limits.client_max_bytes:
+            return (
+                f"this client already has {self._held_bytes.get(session, 0)} bytes "
+                f"in the broker, the limit is {limits.client_max_bytes} "
+                "(client_max_bytes); wait for results before submitting more"
+            )
         if self._held.get(session, 0) >= limits.client_window:
             return (
                 f"this client already has {limits.client_window} tasks in the broker "
@@ -531,6 +541,12 @@ class Scheduler:
 
     def _pickle_served(self) -> bool:
         return any(PICKLE_QUEUE in w.services for w in self.workers.values())
+
+    def reject(self, peer: bytes, task_id: int, reason: str) -> None:
+        """Refuse one submitted task for a reason the shell found (the sender's
+        rights): the client gets it as a TaskRejected result."""
+        session = self._recipient_of_peer.get(peer, "?")
+        self._reject(peer, session, task_id, reason)
 
     def _reject(self, peer: bytes, session: str, task_id: int, reason: str) -> None:
         error = TaskRejected("TaskRejected", reason)
@@ -573,7 +589,7 @@ class Scheduler:
         self._by_key[task.key] = task.ticket
         if _counts_against_window(task):
             self._hold(task.session, +1)
-        self._queued_bytes += len(task.payload) + len(task.result)
+        self._count_bytes(task, len(task.payload) + len(task.result))
         self._recipient(task.recipient)
 
     def _hold(self, session: str, change: int) -> None:
@@ -596,7 +612,7 @@ class Scheduler:
         del self._by_key[task.key]
         if _counts_against_window(task):
             self._hold(task.session, -1)
-        self._queued_bytes -= len(task.payload) + len(task.result)
+        self._count_bytes(task, -len(task.payload) - len(task.result))
         self._finish_order.pop(task.ticket, None)
         self._effects.forgotten.append(task.ticket)
 
@@ -888,11 +904,13 @@ class Scheduler:
     def _enqueue(self, task: Task, front: bool = False) -> None:
         task.state = State.QUEUED
         task.queued_at = self._now
-        queue = self._queues.setdefault(task.queue, deque())
+        queue = self._queues.get(task.queue)
+        if queue is None:
+            queue = self._queues[task.queue] = FairQueue()
         if front:
-            queue.appendleft(task.ticket)
+            queue.appendleft(task.ticket, task.session)
         else:
-            queue.append(task.ticket)
+            queue.append(task.ticket, task.session)
 
     def _finish(
         self, task: Task, status: p.Status, result: p.Payload, now: float
@@ -901,6 +919,7 @@ class Scheduler:
             # The submitter saw its sink task through when it was accepted; the
             # result now waits on the sink, bounded by the broker's totals.
             self._hold(task.session, -1)
+            self._hold_bytes(task.session, -len(task.payload) - len(task.result))
         self._leave_queue(task)
         if status in FAILURE_STATUSES:
             self._remember_failure(task, status, result, now)
@@ -909,7 +928,7 @@ class Scheduler:
         task.status = status
         task.finished_at = now
         # The arguments are not needed any more; only the result is kept.
-        self._queued_bytes -= len(task.payload)
+        self._count_bytes(task, -len(task.payload))
         task.payload = b""
         self._replace_result(task, result)
         self._recipient(task.recipient).pending.append(task.ticket)
@@ -936,8 +955,22 @@ class Scheduler:
         )
 
     def _replace_result(self, task: Task, result: p.Payload) -> None:
-        self._queued_bytes += len(result) - len(task.result)
+        self._count_bytes(task, len(result) - len(task.result))
         task.result = result
+
+    def _count_bytes(self, task: Task, change: int) -> None:
+        """Bytes held for a task count in the total, and for its submitter as
+        long as the task counts against its window."""
+        self._queued_bytes += change
+        if _counts_against_window(task):
+            self._hold_bytes(task.session, change)
+
+    def _hold_bytes(self, session: str, change: int) -> None:
+        held = self._held_bytes.get(session, 0) + change
+        if held:
+            self._held_bytes[session] = held
+        else:
+            self._held_bytes.pop(session, None)
 
     def _dispatch(self) -> None:
         for queue_name, queue in self._queues.items():
@@ -946,7 +979,7 @@ class Scheduler:
                 self._assign_round(queue_name, queue, available)
 
     def _assign_round(
-        self, queue_name: str, queue: deque[int], available: dict[str, None]
+        self, queue_name: str, queue: FairQueue, available: dict[str, None]
     ) -> None:
         # Spread the queue over every available worker rather than filling the
         # first one: with more credit than tasks, all workers get a share.
@@ -961,7 +994,7 @@ class Scheduler:
                 return
 
     def _take(
-        self, queue_name: str, queue: deque[int], worker: Worker, count: int
+        self, queue_name: str, queue: FairQueue, worker: Worker, count: int
     ) -> list[p.Assignment]:
         assignments: list[p.Assignment] = []
         now = self._now
@@ -1229,7 +1262,7 @@ class Scheduler:
     def _purge(self, queue_name: str, now: float) -> int:
         """Cancel every task waiting to run in one queue; return how many."""
         purged = 0
-        queue = self._queues.get(queue_name, deque())
+        queue = self._queues.get(queue_name, FairQueue())
         for ticket in queue:
             task = self.tasks.get(ticket)
             if task is not None and task.state is State.QUEUED:
@@ -1287,6 +1320,7 @@ class Scheduler:
                 assert task.ticket in queued, f"queued task {task.ticket} in no queue"
                 self._check_nobody_idles_for(task)
         self._check_stale_counts()
+        self._check_byte_counts()
 
     def _check_nobody_idles_for(self, task: Task) -> None:
         for worker in self.workers.values():
@@ -1304,3 +1338,17 @@ class Scheduler:
             stale = self._stale.get(name, 0)
             assert len(queue) - stale == live, f"queue {name}: {stale} stale counted"
         assert all(count > 0 for count in self._stale.values()), self._stale
+
+    def _check_byte_counts(self) -> None:
+        total = 0
+        held: dict[str, int] = {}
+        for task in self.tasks.values():
+            size = len(task.payload) + len(task.result)
+            total += size
+            if _counts_against_window(task):
+                held[task.session] = held.get(task.session, 0) + size
+        assert self._queued_bytes == total, (self._queued_bytes, total)
+        held = {session: size for session, size in held.items() if size}
+        assert self._held_bytes == held, (self._held_bytes, held)
+        for queue in self._queues.values():
+            assert len(queue) == sum(1 for _ in queue), "a fair queue miscounts"

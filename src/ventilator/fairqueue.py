@@ -1,0 +1,83 @@
+"""A FIFO per owner, served in turns: the function queues of the scheduler.
+
+One client that floods a function's queue must not make everyone else wait
+behind its backlog. Each owner (a submitting session) has its own lane; taking
+from the queue takes the next task of the next owner in turn, so with N owners
+waiting each gets 1/N of the workers, whatever their backlogs. Every operation
+is O(1); with one owner it is a plain FIFO.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+
+__all__ = ["FairQueue"]
+
+
+class FairQueue:
+    """Tickets in per-owner FIFO lanes, taken round-robin across owners."""
+
+    __slots__ = ("_lanes", "_size", "_turns")
+
+    def __init__(self) -> None:
+        self._lanes: dict[str, deque[int]] = {}
+        # Owners with a non-empty lane, the next to be served first.
+        self._turns: deque[str] = deque()
+        self._size = 0
+
+    def append(self, ticket: int, owner: str) -> None:
+        """Queue `ticket` behind the owner's other tickets."""
+        self._lane(owner, first=False).append(ticket)
+        self._size += 1
+
+    def appendleft(self, ticket: int, owner: str) -> None:
+        """Queue `ticket` before the owner's others (a task given back)."""
+        self._lane(owner, first=True).appendleft(ticket)
+        self._size += 1
+
+    def popleft(self) -> int:
+        """The next ticket of the owner whose turn it is.
+
+        Raises:
+            IndexError: the queue is empty.
+        """
+        owner = self._turns[0]
+        lane = self._lanes[owner]
+        ticket = lane.popleft()
+        self._size -= 1
+        if lane:
+            self._turns.rotate(-1)
+        else:
+            del self._lanes[owner]
+            self._turns.popleft()
+        return ticket
+
+    def _lane(self, owner: str, first: bool) -> deque[int]:
+        lane = self._lanes.get(owner)
+        if lane is None:
+            lane = self._lanes[owner] = deque()
+            # A newcomer, or an owner given a task back, is served next.
+            if first:
+                self._turns.appendleft(owner)
+            else:
+                self._turns.append(owner)
+        return lane
+
+    def clear(self) -> None:
+        self._lanes.clear()
+        self._turns.clear()
+        self._size = 0
+
+    def owners(self) -> int:
+        return len(self._lanes)
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __bool__(self) -> bool:
+        return self._size > 0
+
+    def __iter__(self) -> Iterator[int]:
+        for lane in self._lanes.values():
+            yield from lane
