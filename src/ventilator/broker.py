@@ -16,10 +16,20 @@ peer that went away is an error the scheduler hears about
 Routing ids belong to one socket, so two sockets can hand out the same id.
 Before a peer reaches the scheduler its id is prefixed with its socket's tag
 (one byte), and a message for it goes out on that socket.
+
+Security (see `security`): with CURVE keys, every message carries the key that
+sent it (the ZAP User-Id). A message whose key is not in the live allow list of
+its role (the socket's, or for MDP the header's) is refused before it is
+decoded, and a key's function rights filter what it submits or registers. A
+ZAP handler runs in every case, to refuse connections past `max_peers`; socket
+monitors count them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import logging
 import os
 import time
@@ -28,15 +38,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
-from . import mdp
+from . import mdp, security
 from . import protocol as p
 from . import scheduler as s
 from ._timing import poll_timeout_ms
-from .errors import ProtocolError
+from .errors import ProtocolError, UsageError
 from .gateway import MdpGateway, MdpSettings
 from .journal import Journal, MemoryJournal, open_journal
 from .policy import Limits
+from .security import CLIENT, WORKER, Gate, Identity, KeyStore, PeerCount, ServerKeys
 from .telemetry import Telemetry
 
 __all__ = ["Broker", "BrokerConfig"]
@@ -49,8 +61,31 @@ DRAIN_BATCH = 512
 # stay short, so heartbeats keep their pace even under a flood of submissions.
 DRAIN_FRAMES = 16_384
 
+# Messages queued to one peer before a send to it fails (and the scheduler takes
+# it for gone). Results and tasks travel in batches and are bounded by windows,
+# so real traffic needs few; a peer that never reads costs at most this many.
+SEND_QUEUE = 10_000
+# A peer that keeps sending garbage hears why at most this often: an ERROR per
+# bad message to a peer that never reads would pile up in its send queue.
+REFUSAL_REPLIES_PER_S = 1.0
+# How often the allocator is asked to give freed memory back to the system.
+TRIM_INTERVAL_S = 10.0
+
 # The one-byte prefix of a peer key: which socket the peer is on.
 FRONTEND, BACKEND, MDP = b"F", b"B", b"M"
+# Whose keys each socket lets in (its ZAP domain names the same).
+SOCKET_ROLES = {
+    FRONTEND: security.CLIENTS,
+    BACKEND: security.WORKERS,
+    MDP: security.MDP,
+}
+
+_MONITORED = (
+    zmq.EVENT_ACCEPTED
+    | zmq.EVENT_DISCONNECTED
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +103,15 @@ class BrokerConfig:
     # A third endpoint where MDP clients and workers share one socket.
     mdp: str | None = None
     mdp_settings: MdpSettings = field(default_factory=MdpSettings)
+    # CURVE: the broker's secret key and the allow lists; None for plain text.
+    curve: ServerKeys | None = None
+    # Let workers run pickled callables on an exposed broker without CURVE.
+    insecure: bool = False
+
+    def exposed(self) -> bool:
+        """Whether any endpoint is reachable from other machines."""
+        endpoints = [self.frontend, self.backend, *([self.mdp] if self.mdp else [])]
+        return not all(security.is_loopback(e) for e in endpoints)
 
 
 class Broker:
@@ -75,45 +119,82 @@ class Broker:
 
     Use it from one thread: `bind()`, then `serve()` until `stop()` is called
     (from any thread, or a signal handler) and `serve` returns.
+
+    Raises (from the constructor):
+        UsageError: a key file or allow list folder is unreadable.
     """
 
     def __init__(self, config: BrokerConfig, context: zmq.Context[Any] | None = None):
         self.config = config
-        self._context = context or zmq.Context.instance()
+        # Our own context: the ZAP handler is one per context, and ours.
+        self._own_context = context is None
+        self._context = context or zmq.Context()
+        self._keys: KeyStore | None = config.curve.key_store() if config.curve else None
+        self._peers = PeerCount(config.limits.max_peers)
+        self._gate = Gate(self._context, self._keys, self._peers)
         self._journal: Journal = open_journal(config.journal, config.durability)
         durable = not isinstance(self._journal, MemoryJournal)
         self._scheduler = s.Scheduler(config.limits, durable=durable)
         self._gateway = MdpGateway(
             self._scheduler, config.mdp_settings, lambda: uuid.uuid4().hex
         )
-        self._frontend = self._router()
-        self._backend = self._router()
-        self._mdp = self._router(zmtp_heartbeats=True) if config.mdp else None
+        self._frontend = self._router(FRONTEND)
+        self._backend = self._router(BACKEND)
+        self._mdp = self._router(MDP, zmtp_heartbeats=True) if config.mdp else None
         self._sockets = {FRONTEND: self._frontend, BACKEND: self._backend}
         if self._mdp is not None:
             self._sockets[MDP] = self._mdp
+        self._monitors = {self._monitor(tag): tag for tag in self._sockets}
         self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_read, False)
         self._refusal_log = _RateLimit(per_s=1.0)
+        self._handshake_log = _RateLimit(per_s=1.0)
+        self._trim = _MemoryTrim(TRIM_INTERVAL_S)
+        # Peers told why their message was refused, this second: garbage
+        # senders hear about it once a second, not once per message.
+        self._answered: set[bytes] = set()
+        self._answered_until = 0.0
+        # The worker connections of each key, so a reload that takes a key's
+        # rights away also takes its registration.
+        self._worker_keys: dict[bytes, str] = {}
         self._stopping = False
+        self._reload_requested = False
         self.telemetry = Telemetry() if config.telemetry else None
         self.frontend_endpoint = ""
         self.backend_endpoint = ""
         self.mdp_endpoint = ""
 
-    def _router(self, zmtp_heartbeats: bool = False) -> zmq.Socket[bytes]:
+    def _router(self, tag: bytes, zmtp_heartbeats: bool = False) -> zmq.Socket[bytes]:
         sock: zmq.Socket[bytes] = self._context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         # libzmq refuses oversized frames before Python ever sees them; the
         # scheduler still names the limit for anything between it and this.
         sock.setsockopt(zmq.MAXMSGSIZE, self.config.limits.max_payload_bytes + 65536)
-        sock.setsockopt(zmq.SNDHWM, 100_000)
+        sock.setsockopt(zmq.SNDHWM, SEND_QUEUE)
         # Per peer. Kept low so that a peer flooding us waits in its own send
         # queue, not in our memory; real peers batch, so 1,000 messages is a lot.
         sock.setsockopt(zmq.RCVHWM, 1000)
         sock.setsockopt(zmq.LINGER, 1000)
         if zmtp_heartbeats:
             self._heartbeat_connections(sock)
+        roles = SOCKET_ROLES[tag]
+        if self.config.curve is not None:
+            self.config.curve.apply(sock, roles)
+        else:
+            # No CURVE, but still a ZAP domain: the gate counts the peers.
+            sock.zap_domain = security.domain(roles).encode()
         return sock
+
+    def _monitor(self, tag: bytes) -> zmq.Socket[bytes]:
+        """A socket that hears a socket's connection events. Its queue has no
+        limit: a dropped DISCONNECTED would count a peer for ever, and enough
+        of them would lock everyone out (the loop reads the events every turn)."""
+        address = f"inproc://ventilator.monitor.{tag.decode()}.{id(self)}"
+        self._sockets[tag].monitor(address, _MONITORED)
+        monitor: zmq.Socket[bytes] = self._context.socket(zmq.PAIR)
+        monitor.setsockopt(zmq.RCVHWM, 0)
+        monitor.connect(address)
+        return monitor
 
     def _heartbeat_connections(self, sock: zmq.Socket[bytes]) -> None:
         """ZMTP heartbeats: libzmq drops the connection of a peer that stopped
@@ -129,19 +210,19 @@ class Broker:
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, _ms(settings.max_silence_s))
 
     def bind(self) -> None:
-        """Bind both sockets and replay the journal.
+        """Start the ZAP handler, bind the sockets and replay the journal.
 
         Raises:
             zmq.ZMQError: an endpoint is malformed or already in use.
-            OSError: the HTTP address cannot be bound.
         """
-        self._frontend.bind(self.config.frontend)
-        self._backend.bind(self.config.backend)
-        self.frontend_endpoint = _endpoint(self._frontend)
-        self.backend_endpoint = _endpoint(self._backend)
-        if self._mdp is not None and self.config.mdp:
-            self._mdp.bind(self.config.mdp)
-            self.mdp_endpoint = _endpoint(self._mdp)
+        self._check_exposure()
+        # Before any bind: a handshake that finds no ZAP handler is not checked.
+        self._gate.start()
+        try:
+            self._bind_sockets()
+        except zmq.ZMQError:
+            self._gate.stop()  # no thread left behind by a failed bind
+            raise
         requeued, awaiting = self._replay()
         self._gateway.resume()
         if self.telemetry is not None:
@@ -149,16 +230,48 @@ class Broker:
             self.telemetry.publish(time.monotonic(), self._scheduler)
         log.info(
             "broker listening frontend=%s backend=%s mdp=%s journal=%s "
-            "durability=%s; journal replay: %d tasks queued again, %d results "
-            "awaiting delivery",
+            "durability=%s curve=%s; journal replay: %d tasks queued again, %d "
+            "results awaiting delivery",
             self.frontend_endpoint,
             self.backend_endpoint,
             self.mdp_endpoint or "-",
             self.config.journal if self.config.durability != "memory" else "-",
             self.config.durability,
+            self._keys.counts() if self._keys else "off",
             requeued,
             awaiting,
         )
+
+    def _bind_sockets(self) -> None:
+        self._frontend.bind(self.config.frontend)
+        self._backend.bind(self.config.backend)
+        self.frontend_endpoint = _endpoint(self._frontend)
+        self.backend_endpoint = _endpoint(self._backend)
+        if self._mdp is not None and self.config.mdp:
+            self._mdp.bind(self.config.mdp)
+            self.mdp_endpoint = _endpoint(self._mdp)
+
+    def _check_exposure(self) -> None:
+        if self.config.curve is not None or not self.config.exposed():
+            return
+        log.warning(
+            "!!! broker bound to a non-loopback address WITHOUT CURVE: anyone who "
+            "reaches frontend=%s backend=%s mdp=%s can submit tasks and read "
+            "results. Use --secret-key, --clients and --workers. !!!",
+            self.config.frontend,
+            self.config.backend,
+            self.config.mdp or "-",
+        )
+        if self.config.insecure:
+            log.warning(
+                "!!! --insecure: workers may run pickled callables, which lets "
+                "anyone on the network run any code on them !!!"
+            )
+        else:
+            log.warning(
+                "workers that ask to run pickled callables will serve named "
+                "functions only (--insecure to allow it)"
+            )
 
     def _replay(self) -> tuple[int, int]:
         """Restore the journal's tasks; return (queued again, results waiting)."""
@@ -174,12 +287,20 @@ class Broker:
         self._stopping = True
         os.write(self._wake_write, b"x")
 
+    def reload(self) -> None:
+        """Ask for the allow lists to be read again at the next turn. Safe from
+        any thread or a signal handler (SIGHUP)."""
+        self._reload_requested = True
+        os.write(self._wake_write, b"x")
+
     def serve(self) -> None:
         """Run loop turns until `stop()`; then commit, close and return."""
         poller = zmq.Poller()
         for sock in self._sockets.values():
             poller.register(sock, zmq.POLLIN)
         poller.register(self._wake_read, zmq.POLLIN)
+        for monitor in self._monitors:
+            poller.register(monitor, zmq.POLLIN)
         interval_s = self.config.limits.heartbeat_interval_s
         mdp_interval_s = self.config.mdp_settings.heartbeat_interval_s
         next_tick = next_mdp_beat = time.monotonic() + min(interval_s, mdp_interval_s)
@@ -192,11 +313,14 @@ class Broker:
                     wake_at = min(wake_at, telemetry.due_at())
                 poller.poll(poll_timeout_ms(wake_at))
                 now = time.monotonic()
+                self._read_wake(now)
+                self._watch_connections()
                 for tag in self._sockets:
                     self._drain(tag, now)
                 if now >= next_tick:
                     self._scheduler.tick(now)
                     self._scheduler.heartbeats()
+                    self._trim.maybe(now)
                     next_tick = now + interval_s
                 if now >= next_mdp_beat:
                     self._gateway.heartbeats()
@@ -206,6 +330,63 @@ class Broker:
                     telemetry.publish(now, self._scheduler)
         finally:
             self._close()
+
+    def _read_wake(self, now: float) -> None:
+        # The pipe is only a wake-up: what it asks for is in the flags.
+        with contextlib.suppress(BlockingIOError):
+            os.read(self._wake_read, 4096)
+        if self._reload_requested:
+            self._reload_requested = False
+            self._reload_keys(now)
+
+    def _reload_keys(self, now: float) -> None:
+        if self._keys is None:
+            log.warning("reload asked for, but the broker runs without CURVE keys")
+            return
+        try:
+            changed = self._keys.reload()
+        except UsageError as exc:
+            log.error("allow lists not reloaded, the old ones stay in force: %s", exc)
+            return
+        log.info("allow lists reloaded: %s keys", self._keys.counts())
+        for identity in changed:
+            self._revoke(identity, now)
+        registered = {w.peer for w in self._scheduler.workers.values()}
+        self._worker_keys = {
+            peer: key for peer, key in self._worker_keys.items() if peer in registered
+        }
+
+    def _revoke(self, identity: Identity, now: float) -> None:
+        """A key lost access or rights: its workers must register again."""
+        peers = [p for p, k in self._worker_keys.items() if k == identity.public_key]
+        for peer in peers:
+            self._scheduler.peer_unreachable(peer, now)
+        log.warning(
+            "key removed or changed key=%s name=%s role=%s; %d worker connections "
+            "dropped, its next messages are checked against the new lists",
+            identity.fingerprint,
+            identity.name,
+            identity.role,
+            len(peers),
+        )
+
+    def _watch_connections(self) -> None:
+        for monitor, tag in self._monitors.items():
+            while monitor.poll(0):
+                event = recv_monitor_message(monitor)["event"]
+                if event == zmq.EVENT_ACCEPTED:
+                    self._peers.open += 1
+                elif event == zmq.EVENT_DISCONNECTED:
+                    self._peers.open = max(0, self._peers.open - 1)
+                elif self._handshake_log.allows(time.monotonic()):
+                    log.warning(
+                        "a connection to the %s socket failed its handshake "
+                        "(%s): a plain-text peer, a wrong broker key, or a "
+                        "refused one%s",
+                        _SIDES[tag],
+                        zmq.Event(event).name,
+                        self._handshake_log.suppressed_note(),
+                    )
 
     def _drain(self, tag: bytes, now: float) -> None:
         sock = self._sockets[tag]
@@ -220,36 +401,156 @@ class Broker:
             frames_left -= len(received)
             if len(received) < 2:
                 continue  # ROUTER always adds the routing id; nothing else came
+            user = self._user(received[0])
             frames = [_keep(frame) for frame in received]
-            self._handle(tag, frames, now)
+            self._handle(tag, frames, user, now)
 
-    def _handle(self, tag: bytes, frames: list[bytes | memoryview], now: float) -> None:
+    def _user(self, frame: zmq.Frame) -> str:
+        """The key that sent a message, as ZAP named it (with CURVE only)."""
+        return "" if self._keys is None else str(frame.get("User-Id"))
+
+    def _handle(
+        self, tag: bytes, frames: list[bytes | memoryview], user: str, now: float
+    ) -> None:
         peer = tag + bytes(frames[0])
         if mdp.is_mdp(frames[1:]):
-            self._gateway.receive(peer, frames[1:], now)
+            self._handle_mdp(peer, frames, user, now)
             return
         if tag == MDP:
             exc = ProtocolError("expected MDP/0.1 (MDPC01 or MDPW01)", "header")
             self._log_refusal(peer, frames, exc, "mdp")
             return
 
+        role = CLIENT if tag == FRONTEND else WORKER
+        identity = self._identity(role, user)
+        if identity is None:
+            self._refuse(peer, frames, _FORBIDDEN, now)
+            return
         allowed = p.FROM_CLIENT if tag == FRONTEND else p.FROM_WORKER
         try:
             command = p.decode(frames[1:], allowed)
         except ProtocolError as exc:
-            self._refuse(peer, frames, exc)
+            self._refuse(peer, frames, exc, now)
             return
-        if tag == FRONTEND:
-            self._scheduler.client_command(peer, command, now)
-        else:
-            self._scheduler.worker_command(peer, command, now)
+        self._admit(peer, identity, command, now)
+
+    def _handle_mdp(
+        self, peer: bytes, frames: list[bytes | memoryview], user: str, now: float
+    ) -> None:
+        # The role is the header's: an MDP worker on the frontend still needs
+        # a worker key. Rights name ventilator functions, which MDP services
+        # are not: a key with limited rights does not speak MDP at all.
+        role = WORKER if mdp.is_worker(frames[1:]) else CLIENT
+        identity = self._identity(role, user)
+        if identity is None or not identity.rights.unrestricted:
+            self._log_refusal(peer, frames, _FORBIDDEN_MDP, "mdp")
+            return
+        self._gateway.receive(peer, frames[1:], now)
+
+    def _identity(self, role: str, user: str) -> Identity | None:
+        """Who sent a message: its key's live identity in `role`; everyone when
+        the broker runs without CURVE; None when the key is not allowed."""
+        if self._keys is None:
+            return _EVERYONE[role]
+        return self._keys.identity(role, user)
+
+    def _admit(
+        self, peer: bytes, identity: Identity, command: p.Command, now: float
+    ) -> None:
+        """Hand a command to the scheduler, within what its key may do."""
+        if identity.role == CLIENT:
+            command_or_none = self._client_within_rights(peer, identity, command, now)
+            if command_or_none is not None:
+                self._scheduler.client_command(peer, command_or_none, now)
+            return
+        if isinstance(command, p.Ready):
+            command = self._ready_within_rights(identity, command)
+            if self._keys is not None:
+                self._worker_keys[peer] = identity.public_key
+        self._scheduler.worker_command(peer, command, now)
+
+    def _client_within_rights(
+        self, peer: bytes, identity: Identity, command: p.Command, now: float
+    ) -> p.Command | None:
+        if isinstance(command, p.Submit) and not identity.rights.unrestricted:
+            submit = self._within_rights(peer, identity, command)
+            return submit if submit.tasks else None
+        if isinstance(command, p.Hello) and self._keys is not None:
+            if not self._may_open(peer, identity, command, now):
+                return None
+            # Sessions live inside their key: another key cannot take over a
+            # session (and its results) by guessing its name.
+            session = f"{identity.fingerprint}.{command.session}"
+            return p.Hello(session, command.sink)
+        return command
+
+    def _may_open(
+        self, peer: bytes, identity: Identity, hello: p.Hello, now: float
+    ) -> bool:
+        """A sink collects other keys' results: a key with limited rights may
+        register only the sinks its rights name (``sink:NAME``)."""
+        if hello.sink is None or identity.rights.allows(f"sink:{hello.sink}"):
+            return True
+        reason = (
+            f"key {identity.name} ({identity.fingerprint}) may not receive the "
+            f"results of sink {hello.sink!r}; its rights are {identity.rights}"
+        )
+        log.warning("refused a sink: %s", reason)
+        self._send(peer, p.Error("forbidden", reason), now)
+        return False
+
+    def _within_rights(
+        self, peer: bytes, identity: Identity, submit: p.Submit
+    ) -> p.Submit:
+        allowed = []
+        for spec in submit.tasks:
+            name = security.right_name(spec.function, spec.flags)
+            if identity.rights.allows(name):
+                allowed.append(spec)
+            else:
+                self._scheduler.reject(
+                    peer,
+                    spec.task_id,
+                    f"key {identity.name} ({identity.fingerprint}) may not submit "
+                    f"{name}; it may submit {identity.rights}",
+                )
+        return p.Submit(allowed)
+
+    def _ready_within_rights(self, identity: Identity, ready: p.Ready) -> p.Ready:
+        rights = identity.rights
+        services = [name for name in ready.services if rights.allows(name)]
+        pickle = ready.allow_pickle and rights.allows(security.PICKLED_RIGHT)
+        if pickle and self._keys is None and self.config.exposed():
+            pickle = self.config.insecure
+        refused = len(ready.services) - len(services)
+        if refused or pickle != ready.allow_pickle:
+            log.warning(
+                "worker registered with less than it asked for worker=%s key=%s: "
+                "%d functions outside its rights %s%s",
+                ready.worker_id,
+                identity.fingerprint,
+                refused,
+                rights,
+                "; pickled callables refused"
+                if ready.allow_pickle and not pickle
+                else "",
+            )
+        return p.Ready(ready.worker_id, services, ready.capacity, pickle)
 
     def _refuse(
-        self, peer: bytes, frames: list[bytes | memoryview], exc: ProtocolError
+        self,
+        peer: bytes,
+        frames: list[bytes | memoryview],
+        exc: ProtocolError,
+        now: float,
     ) -> None:
-        side = "client" if peer[:1] == FRONTEND else "worker"
-        self._log_refusal(peer, frames, exc, side)
-        self._send(peer, p.Error(exc.code, str(exc)), time.monotonic())
+        self._log_refusal(peer, frames, exc, _SIDES[peer[:1]])
+        if now >= self._answered_until:
+            self._answered.clear()
+            self._answered_until = now + 1.0 / REFUSAL_REPLIES_PER_S
+        if peer not in self._answered:
+            self._answered.add(peer)
+            self._send(peer, p.Error(exc.code, str(exc)), now)
 
     def _log_refusal(
         self,
@@ -261,8 +562,7 @@ class Broker:
         now = time.monotonic()
         if self._refusal_log.allows(now):
             log.warning(
-                "refused a malformed message peer=%s side=%s code=%s: %s "
-                "(frames=%.120r)%s",
+                "refused a message peer=%s side=%s code=%s: %s (frames=%.120r)%s",
                 peer[1:].hex(),
                 side,
                 exc.code,
@@ -320,10 +620,49 @@ class Broker:
         self._carry_out(self._scheduler.flush(), time.monotonic())
         self._journal.close()
         for sock in self._sockets.values():
+            sock.disable_monitor()
             sock.close()
+        for monitor in self._monitors:
+            monitor.close(linger=0)
+        self._gate.stop()
+        if self._own_context:
+            self._context.term()
         os.close(self._wake_read)
         os.close(self._wake_write)
         log.info("broker stopped")
+
+
+_SIDES = {FRONTEND: "client", BACKEND: "worker", MDP: "mdp"}
+# Without CURVE everyone is the same anonymous identity, allowed everything.
+_EVERYONE = {
+    role: Identity("anonymous", role, security.ANONYMOUS) for role in (CLIENT, WORKER)
+}
+_FORBIDDEN = ProtocolError(
+    "your key is not (or no longer) allowed on this socket", "forbidden"
+)
+_FORBIDDEN_MDP = ProtocolError(
+    "MDP from a key not allowed in that role, or with limited rights", "forbidden"
+)
+
+
+class _MemoryTrim:
+    """Give memory freed after a burst (a flood of garbage, connections gone)
+    back to the system. glibc keeps freed heap memory for reuse, so without
+    this the broker's RSS stays at its high-water mark for ever: measured, 45
+    MiB after a garbage flood against 35 with it, from a 32 MiB baseline."""
+
+    def __init__(self, interval_s: float) -> None:
+        self._interval_s = interval_s
+        self._next_at = 0.0
+        library = ctypes.util.find_library("c")
+        libc = ctypes.CDLL(library) if library else None
+        # Not glibc (musl, macOS): nothing to call, nothing to do.
+        self._trim = getattr(libc, "malloc_trim", None)
+
+    def maybe(self, now: float) -> None:
+        if self._trim is not None and now >= self._next_at:
+            self._next_at = now + self._interval_s
+            self._trim(0)
 
 
 class _RateLimit:

@@ -35,6 +35,7 @@ from .local import LocalCluster
 from .policy import Limits
 from .pool import POOL_KINDS
 from .registry import resolve
+from .security import ServerKeys, generate_keys
 from .sink import Sink
 from .worker import Worker, WorkerConfig
 
@@ -125,6 +126,66 @@ def _stop_on_signals(stop: Callable[[], None]) -> None:
     signal.signal(signal.SIGINT, handler)
 
 
+def _key_file(
+    help_text: str, name: str = "--secret-key", envvar: str | None = None
+) -> Callable[..., Any]:
+    return click.option(
+        name,
+        type=click.Path(exists=True, dir_okay=False),
+        default=None,
+        envvar=envvar,
+        help=help_text,
+    )
+
+
+def _peer_keys(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--secret-key and --broker-key, for everything that connects to a broker;
+    one pair of variables for all of them, since one machine has one identity."""
+    command = _key_file(
+        "The broker's public .key file (CURVE)  [env: VENTILATOR_BROKER_KEY]",
+        "--broker-key",
+        "VENTILATOR_BROKER_KEY",
+    )(command)
+    secret_key = _key_file(
+        "This peer's .key_secret file (CURVE)  [env: VENTILATOR_SECRET_KEY]",
+        envvar="VENTILATOR_SECRET_KEY",
+    )
+    return secret_key(command)  # type: ignore[no-any-return]
+
+
+# --- keys -------------------------------------------------------------------------
+
+
+@cli.group()
+def keys() -> None:
+    """CURVE key pairs for brokers, clients and workers."""
+
+
+@keys.command(name="generate")
+@click.argument("name")
+@click.option(
+    "--dir",
+    "directory",
+    default=".",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Where to write NAME.key and NAME.key_secret.",
+)
+@click.option(
+    "--functions",
+    multiple=True,
+    help="Limit the key to functions matching this glob (repeatable), e.g. "
+    "'reports:*'; written to NAME.functions, to copy beside NAME.key.",
+)
+def keys_generate(name: str, directory: str, functions: tuple[str, ...]) -> None:
+    """Write a key pair: NAME.key (public, give it out) and NAME.key_secret
+    (mode 0600, keep it)."""
+    public, secret = _or_usage_error(lambda: generate_keys(name, directory, functions))
+    click.echo(f"public key: {public}\nsecret key: {secret}")
+    if functions:
+        click.echo(f"rights:     {public.with_suffix('.functions')}")
+
+
 # --- broker and worker ----------------------------------------------------------
 
 
@@ -203,6 +264,47 @@ def _stop_on_signals(stop: Callable[[], None]) -> None:
     help="Heartbeats an idle MDP worker may miss before it is presumed dead.",
 )
 @click.option(
+    "--client-max-bytes",
+    type=int,
+    default=_DEFAULT_LIMITS.client_max_bytes,
+    show_default=True,
+    help="Payload and result bytes one client may have in the broker.",
+)
+@click.option(
+    "--max-queued-bytes",
+    type=int,
+    default=_DEFAULT_LIMITS.max_queued_bytes,
+    show_default=True,
+)
+@click.option(
+    "--max-peers",
+    type=click.IntRange(min=1),
+    default=_DEFAULT_LIMITS.max_peers,
+    show_default=True,
+    help="Connections on both sockets together; more are refused.",
+)
+@_key_file(
+    "The broker's .key_secret file; turns CURVE on (needs --clients, --workers)."
+)
+@click.option(
+    "--clients",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="Folder of client public keys (NAME.key, optional NAME.functions).",
+)
+@click.option(
+    "--workers",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="Folder of worker public keys (NAME.key, optional NAME.functions).",
+)
+@click.option(
+    "--insecure",
+    is_flag=True,
+    help="Without CURVE on a non-loopback address, still let workers run "
+    "pickled callables.",
+)
+@click.option(
     "--announce",
     is_flag=True,
     help="Print the bound endpoints as one JSON line on stdout.",
@@ -233,11 +335,22 @@ def broker(
     mdp: str | None,
     mdp_heartbeat: float,
     mdp_liveness: int,
+    client_max_bytes: int,
+    max_queued_bytes: int,
+    max_peers: int,
+    secret_key: str | None,
+    clients: str | None,
+    workers: str | None,
+    insecure: bool,
     announce: bool,
     http_address: str | None,
     http_allow_remote: bool,
 ) -> None:
-    """Run a broker: queue tasks from clients, hand them to workers."""
+    """Run a broker: queue tasks from clients, hand them to workers.
+
+    With --secret-key, only clients and workers whose public keys are in
+    --clients and --workers get in; SIGHUP reads those folders again.
+    """
     http = None
     if http_address is not None:
         http = _or_usage_error(
@@ -246,9 +359,12 @@ def broker(
     limits = Limits(
         max_payload_bytes=max_payload_bytes,
         max_queued_tasks=max_queued_tasks,
+        max_queued_bytes=max_queued_bytes,
         client_window=client_window,
+        client_max_bytes=client_max_bytes,
         heartbeat_interval_s=heartbeat_interval_s,
         max_attempts=max_attempts,
+        max_peers=max_peers,
     )
     config = BrokerConfig(
         frontend,
@@ -256,6 +372,8 @@ def broker(
         journal,
         durability,
         limits,
+        curve=_server_keys(secret_key, clients, workers),
+        insecure=insecure,
         telemetry=http is not None,
         mdp=mdp,
         mdp_settings=MdpSettings(mdp_heartbeat, mdp_liveness),
@@ -277,11 +395,26 @@ def broker(
         click.echo(json.dumps(endpoints), nl=True)
         sys.stdout.flush()
     _stop_on_signals(server.stop)
+    signal.signal(signal.SIGHUP, lambda signum, frame: server.reload())
     try:
         server.serve()
     finally:
         if dashboard is not None:
             dashboard.stop()
+
+
+def _server_keys(
+    secret_key: str | None, clients: str | None, workers: str | None
+) -> ServerKeys | None:
+    given = [secret_key, clients, workers]
+    if not any(given):
+        return None
+    if secret_key is None or clients is None or workers is None:
+        raise click.UsageError(
+            "CURVE needs all of --secret-key, --clients and --workers (a folder "
+            "may be empty, to let no one of that role in)"
+        )
+    return ServerKeys(secret_key, clients, workers)
 
 
 @cli.command()
@@ -320,6 +453,12 @@ def broker(
     help="Run pickled callables: lets any client run any code here.",
 )
 @click.option("--heartbeat-interval-s", type=float, default=1.0, show_default=True)
+@_peer_keys
+@click.option(
+    "--insecure",
+    is_flag=True,
+    help="With --allow-pickle, accept a non-loopback broker without CURVE.",
+)
 def worker(
     modules: tuple[str, ...],
     connect: str,
@@ -328,6 +467,9 @@ def worker(
     prefetch: int | None,
     allow_pickle: bool,
     heartbeat_interval_s: float,
+    secret_key: str | None,
+    broker_key: str | None,
+    insecure: bool,
 ) -> None:
     """Serve the public functions of MODULES (tasks name them module:function)."""
     config = WorkerConfig(
@@ -338,6 +480,9 @@ def worker(
         prefetch=prefetch,
         allow_pickle=allow_pickle,
         heartbeat_interval_s=heartbeat_interval_s,
+        secret_key=secret_key,
+        broker_key=broker_key,
+        insecure=insecure,
     )
     server = _or_usage_error(lambda: Worker(config))
     _stop_on_signals(server.stop)
@@ -422,7 +567,7 @@ def _cluster_options(command: Callable[..., Any]) -> Callable[..., Any]:
         ]
     ):
         command = option(command)
-    return command
+    return _peer_keys(command)
 
 
 @cli.command(name="map")
@@ -439,6 +584,8 @@ def map_command(
     timeout_s: float | None,
     retries: int,
     progress: bool | None,
+    secret_key: str | None,
+    broker_key: str | None,
     sink: str | None,
 ) -> None:
     """Apply MODULE:FUNCTION to each input line (as JSON if it parses)."""
@@ -457,7 +604,7 @@ def map_command(
         return function, (item,)
 
     job = _Job(task, [module], options, _map_record)
-    run = _Run(inputs, output_file, connect, workers, progress)
+    run = _Run(inputs, output_file, connect, workers, progress, secret_key, broker_key)
     sys.exit(_run(job, run))
 
 
@@ -474,6 +621,8 @@ def exec_command(
     timeout_s: float | None,
     retries: int,
     progress: bool | None,
+    secret_key: str | None,
+    broker_key: str | None,
 ) -> None:
     """Run COMMAND once per input line: '{}' in an argument becomes the line.
 
@@ -489,7 +638,15 @@ def exec_command(
         return SHELL_FUNCTION, (argv, timeout_s)
 
     job = _Job(task, ["ventilator.shell"], {"retries": retries}, _exec_record)
-    run = _Run(_lines(input_file), output_file, connect, workers, progress)
+    run = _Run(
+        _lines(input_file),
+        output_file,
+        connect,
+        workers,
+        progress,
+        secret_key,
+        broker_key,
+    )
     sys.exit(_run(job, run))
 
 
@@ -590,6 +747,8 @@ class _Run:
     connect: str | None  # a broker's frontend, or None for an embedded cluster
     workers: int | None  # embedded task processes
     progress: bool | None  # None: when stderr is a terminal
+    secret_key: str | None = None  # CURVE, for a broker named with --connect
+    broker_key: str | None = None
 
 
 def _run(job: _Job, run: _Run) -> int:
@@ -622,7 +781,11 @@ def _run_tasks(job: _Job, run: _Run) -> int:
             client = stack.enter_context(Client(cluster.address))
             check = _embedded_health(cluster)
         else:
-            client = stack.enter_context(Client(run.connect))
+            client = stack.enter_context(
+                Client(
+                    run.connect, secret_key=run.secret_key, broker_key=run.broker_key
+                )
+            )
             _check_broker(client, run.connect)
             check = _no_check
 
@@ -795,6 +958,20 @@ class _Progress:
 
 
 def _connect_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--connect, --timeout-s and the CURVE keys of a one-question command; the
+    keys go to `_broker_answer` through the click context, not the signature."""
+    for name, envvar, what in (
+        ("--broker-key", "VENTILATOR_BROKER_KEY", "The broker's public .key file"),
+        ("--secret-key", "VENTILATOR_SECRET_KEY", "This peer's .key_secret file"),
+    ):
+        command = click.option(
+            name,
+            type=click.Path(exists=True, dir_okay=False),
+            envvar=envvar,
+            expose_value=False,
+            callback=_remember_key,
+            help=f"{what} (CURVE)  [env: {envvar}]",
+        )(command)
     command = click.option(
         "--timeout-s",
         type=float,
@@ -810,10 +987,21 @@ def _connect_option(command: Callable[..., Any]) -> Callable[..., Any]:
     )(command)
 
 
+def _remember_key(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+    assert param.name is not None
+    ctx.meta[f"ventilator.{param.name}"] = value
+
+
 @contextlib.contextmanager
 def _broker_answer(connect: str, timeout_s: float) -> Iterator[Client]:
     """A client for one question; no answer in time is a clear CLI error."""
-    with Client(connect) as client:
+    meta = click.get_current_context().meta
+    secret_key = meta.get("ventilator.secret_key")
+    broker_key = meta.get("ventilator.broker_key")
+    client = _or_usage_error(
+        lambda: Client(connect, secret_key=secret_key, broker_key=broker_key)
+    )
+    with client:
         try:
             yield client
         except TimeoutError:
@@ -1048,11 +1236,20 @@ def cancel(
     default=None,
     help="Exit after this long without a result  [default: never]",
 )
+@_peer_keys
 def sink(
-    name: str, connect: str, output_file: IO[str], idle_timeout_s: float | None
+    name: str,
+    connect: str,
+    output_file: IO[str],
+    idle_timeout_s: float | None,
+    secret_key: str | None,
+    broker_key: str | None,
 ) -> None:
     """Receive the results of tasks submitted with sink=NAME, as JSON lines."""
-    with Sink(name, connect) as receiver:
+    receiver = _or_usage_error(
+        lambda: Sink(name, connect, secret_key=secret_key, broker_key=broker_key)
+    )
+    with receiver:
         for result in receiver.results(idle_timeout_s):
             fields: dict[str, Any] = {
                 "client": result.session,

@@ -53,6 +53,7 @@ from .errors import (
     UsageError,
     task_error_from_wire,
 )
+from .security import client_keys
 from .serialization import (
     BatchPacker,
     pack_call,
@@ -238,6 +239,12 @@ class Client:
             lower it).
         heartbeat_interval_s: how often to beat; the broker is presumed gone
             after `liveness` silent intervals, and the client reconnects.
+        secret_key: this client's ``.key_secret`` file, for a CURVE broker.
+        broker_key: the broker's public ``.key`` file (with `secret_key`).
+
+    Raises:
+        UsageError: a bad window, or only one of the two key files, or a key
+            file that cannot be read.
     """
 
     def __init__(
@@ -250,11 +257,14 @@ class Client:
         heartbeat_interval_s: float = 1.0,
         liveness: int = 3,
         context: zmq.Context[Any] | None = None,
+        secret_key: str | None = None,
+        broker_key: str | None = None,
     ) -> None:
         if window < 1:
             raise UsageError(f"window must be at least 1, got {window}")
         self._context = context or zmq.Context.instance()
         _wire.check_endpoint(self._context, address, "the broker address")
+        self._curve = client_keys(secret_key, broker_key)
         self.address = address
         self.session = session or uuid.uuid4().hex
         self.allow_pickle = allow_pickle
@@ -736,6 +746,8 @@ class Client:
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.SNDHWM, 100_000)
         socket.setsockopt(zmq.RCVHWM, 100_000)
+        if self._curve is not None:
+            self._curve.apply(socket)
         socket.connect(self.address)
         self._socket = socket
         self._hello()

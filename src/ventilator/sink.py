@@ -22,6 +22,7 @@ from . import protocol as p
 from ._timing import poll_timeout_ms
 from .client import DEFAULT_ADDRESS
 from .errors import TaskError, task_error_from_wire
+from .security import client_keys
 from .serialization import unpack_value
 
 __all__ = ["Sink", "SinkResult"]
@@ -53,7 +54,10 @@ class Sink:
         *,
         heartbeat_interval_s: float = 1.0,
         context: zmq.Context[Any] | None = None,
+        secret_key: str | None = None,
+        broker_key: str | None = None,
     ) -> None:
+        curve = client_keys(secret_key, broker_key)  # as for Client
         self.name = name
         self.address = address
         self._heartbeat_interval_s = heartbeat_interval_s
@@ -61,6 +65,8 @@ class Sink:
         _wire.check_endpoint(self._context, address, "the broker address")
         self._socket = self._context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 1000)
+        if curve is not None:
+            curve.apply(self._socket)
         self._socket.connect(address)
         self._session = uuid.uuid4().hex
         self._send(p.Hello(self._session, sink=name))

@@ -23,10 +23,11 @@ import zmq
 from . import _wire
 from . import protocol as p
 from ._timing import poll_timeout_ms
-from .errors import TaskRejected
+from .errors import TaskRejected, UsageError
 from .policy import Prefetch
 from .pool import Pool, TaskDuration, make_pool
 from .registry import load_functions
+from .security import client_keys, is_loopback
 from .serialization import pack_error
 
 __all__ = ["Worker", "WorkerConfig"]
@@ -53,6 +54,11 @@ class WorkerConfig:
     heartbeat_interval_s: float = 1.0
     liveness: int = 3
     worker_id: str = field(default_factory=default_worker_id)
+    # CURVE: this worker's .key_secret file and the broker's public .key file.
+    secret_key: str | None = None
+    broker_key: str | None = None
+    # Run pickled callables from a broker reached without CURVE off this machine.
+    insecure: bool = False
 
     @property
     def prefetch_policy(self) -> Prefetch:
@@ -63,11 +69,15 @@ class Worker:
     """Serve tasks until `stop()`.
 
     Raises (from the constructor):
-        UsageError: a module cannot be imported or has no public function.
+        UsageError: a module cannot be imported or has no public function; a
+            key file cannot be read; or pickled callables from an exposed
+            broker without CURVE, and without `insecure`.
     """
 
     def __init__(self, config: WorkerConfig, context: zmq.Context[Any] | None = None):
         self.config = config
+        self._curve = client_keys(config.secret_key, config.broker_key)
+        _check_exposure(config, curve=self._curve is not None)
         self.services = sorted(load_functions(config.modules))
         self._context = context or zmq.Context.instance()
         _wire.check_endpoint(self._context, config.connect, "the broker's backend")
@@ -118,6 +128,8 @@ class Worker:
         self._socket.setsockopt(zmq.LINGER, 1000)
         self._socket.setsockopt(zmq.SNDHWM, 100_000)
         self._socket.setsockopt(zmq.RCVHWM, 100_000)
+        if self._curve is not None:
+            self._curve.apply(self._socket)
         self._socket.connect(self.config.connect)
         self._register(now)
 
@@ -313,3 +325,27 @@ class Worker:
         os.close(self._wake_read)
         os.close(self._wake_write)
         log.info("worker stopped worker=%s", self.config.worker_id)
+
+
+def _check_exposure(config: WorkerConfig, curve: bool) -> None:
+    """Unpickling what arrives in plain text from the network runs anyone's code."""
+    if curve or is_loopback(config.connect):
+        return
+    if not config.allow_pickle:
+        log.warning(
+            "connecting to %s without CURVE: tasks and results cross the network "
+            "unencrypted and the broker is not authenticated",
+            config.connect,
+        )
+        return
+    if not config.insecure:
+        raise UsageError(
+            f"refusing to run pickled callables from {config.connect} without "
+            "CURVE: anyone on the network could run code here. Use --secret-key "
+            "and --broker-key, or --insecure if you accept that"
+        )
+    log.warning(
+        "!!! --insecure: running pickled callables from %s without CURVE; anyone "
+        "who reaches that broker can run any code here !!!",
+        config.connect,
+    )

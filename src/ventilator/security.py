@@ -1,0 +1,430 @@
+"""CURVE keys, allow lists per role, function rights, and the ZAP gate.
+
+A broker with a secret key is a CURVE server on both sockets: every byte is
+encrypted, and only peers whose public key is in the allow list *of that
+socket's role* get through the handshake (a client key on the workers' socket is
+refused). Allow lists are folders of public certificates as
+`zmq.auth.create_certificates` writes them (``NAME.key``); a ``NAME.functions``
+file beside one limits that key to the functions matching its glob patterns, one
+per line (``reports:*``). No such file: every function.
+
+The gate is pyzmq's ZAP handler (`zmq.auth.thread.ThreadAuthenticator`) asking a
+`KeyStore` per handshake. It also runs without CURVE, for its other job: refusing
+connections past the broker's peer limit. On an accepted CURVE connection the
+ZAP User-Id is the client's public key, so the broker can tell, for every
+message, which key sent it, and check it against the *live* allow list: a key
+removed by a reload loses access even on a connection it already holds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import hashlib
+import ipaddress
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
+
+from . import protocol as p
+from .errors import UsageError
+
+__all__ = [
+    "CLIENT",
+    "WORKER",
+    "ClientKeys",
+    "Identity",
+    "KeyStore",
+    "Rights",
+    "ServerKeys",
+    "client_keys",
+    "fingerprint",
+    "generate_keys",
+    "is_loopback",
+]
+
+log = logging.getLogger(__name__)
+
+CLIENT = "client"
+WORKER = "worker"
+# Whose keys a broker socket lets in: the frontend clients', the backend
+# workers', an MDP socket either (each message's MDP header says which).
+CLIENTS: tuple[str, ...] = (CLIENT,)
+WORKERS: tuple[str, ...] = (WORKER,)
+MDP: tuple[str, ...] = (CLIENT, WORKER)
+# The ZAP domain of each kind of socket: it tells the gate which lists apply.
+_DOMAINS = {
+    CLIENTS: "ventilator.clients",
+    WORKERS: "ventilator.workers",
+    MDP: "ventilator.mdp",
+}
+ROLES_OF_DOMAIN = {domain: roles for roles, domain in _DOMAINS.items()}
+RIGHTS_SUFFIX = ".functions"
+# What a connection without CURVE carries as its ZAP User-Id.
+ANONYMOUS = "anonymous"
+# The name rights are checked against for pickled callables (see `right_name`).
+PICKLED_RIGHT = "pickled:"
+
+
+# --- rights and identities ----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Rights:
+    """The functions a key may submit (a client) or serve (a worker): globs
+    matched against ``module:function``. Pickled tasks are named
+    ``pickled:<qualname>``, so only a key granted ``pickled:*`` (or ``*``)
+    may submit or run them."""
+
+    patterns: tuple[str, ...] = ("*",)
+
+    def allows(self, function: str) -> bool:
+        return any(fnmatch.fnmatchcase(function, p) for p in self.patterns)
+
+    @property
+    def unrestricted(self) -> bool:
+        return "*" in self.patterns
+
+    def __str__(self) -> str:
+        return ",".join(self.patterns) or "(none)"
+
+
+def right_name(function: str, flags: int) -> str:
+    """The name a task's rights are checked against: its function, or for a
+    pickled callable ``pickled:`` and its label, whatever the label claims."""
+    if flags & p.Flags.PICKLED:
+        return PICKLED_RIGHT + function.removeprefix(PICKLED_RIGHT)
+    return function
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """One allowed key: whose it is (the certificate's file name), its role and
+    its rights."""
+
+    name: str
+    role: str
+    public_key: str  # Z85, as the ZAP User-Id carries it
+    rights: Rights = Rights()
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.public_key)
+
+
+def fingerprint(public_key: str | bytes) -> str:
+    """A short, stable, log-safe name for a public key (Z85 text or 32 raw bytes)."""
+    raw = public_key if isinstance(public_key, bytes) else public_key.encode()
+    if len(raw) == 40:
+        # Not Z85 after all: hash what we were given.
+        with contextlib.suppress(ValueError, KeyError, IndexError):
+            raw = z85.decode(raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+# --- key files -----------------------------------------------------------------------
+
+
+def generate_keys(
+    name: str, directory: str | os.PathLike[str], functions: Iterable[str] = ()
+) -> tuple[Path, Path]:
+    """Write ``NAME.key`` (public) and ``NAME.key_secret`` (mode 0600).
+
+    With `functions`, also ``NAME.functions``: copy it into the broker's allow
+    list folder beside ``NAME.key`` to limit the key to those functions.
+
+    Returns:
+        The paths of the public and secret files.
+
+    Raises:
+        UsageError: the name is not a plain file name, or the files exist.
+    """
+    if not name or Path(name).name != name or name.startswith("."):
+        raise UsageError(f"a key name must be a plain file name, got {name!r}")
+    target = Path(directory)
+    target.mkdir(parents=True, exist_ok=True)
+    public, secret = target / f"{name}.key", target / f"{name}.key_secret"
+    for path in (public, secret):
+        if path.exists():
+            raise UsageError(f"{path} exists; refusing to overwrite a key")
+
+    # Written in a private folder first: the secret is never readable by others,
+    # not even between its creation and the chmod.
+    staging = Path(tempfile.mkdtemp(prefix=".keys-", dir=target))
+    try:
+        made_public, made_secret = zmq.auth.create_certificates(staging, name)
+        os.chmod(made_secret, 0o600)
+        os.replace(made_secret, secret)
+        os.replace(made_public, public)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    patterns = [p.strip() for p in functions if p.strip()]
+    if patterns:
+        (target / f"{name}{RIGHTS_SUFFIX}").write_text("\n".join(patterns) + "\n")
+    return public, secret
+
+
+def read_secret_key(path: str | os.PathLike[str]) -> tuple[bytes, bytes]:
+    """(public, secret) Z85 keys from a ``.key_secret`` file.
+
+    Raises:
+        UsageError: the file is missing, or holds no secret key.
+    """
+    public, secret = _load(path)
+    if secret is None:
+        raise UsageError(
+            f"{path} holds no secret key; pass the NAME.key_secret file that "
+            "`ventilator keys generate` wrote"
+        )
+    return public, secret
+
+
+def read_public_key(path: str | os.PathLike[str]) -> bytes:
+    """The Z85 public key of a certificate file (``.key`` or ``.key_secret``)."""
+    return _load(path)[0]
+
+
+def _load(path: str | os.PathLike[str]) -> tuple[bytes, bytes | None]:
+    try:
+        return zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read a CURVE key from {path}: {exc}") from exc
+
+
+def load_allow_list(
+    directory: str | os.PathLike[str], role: str
+) -> dict[str, Identity]:
+    """Every ``*.key`` in `directory` as an `Identity`, keyed by its Z85 key.
+
+    Raises:
+        UsageError: the folder is missing or a certificate is unreadable.
+    """
+    folder = Path(directory)
+    if not folder.is_dir():
+        raise UsageError(f"the {role} allow list {folder} is not a folder")
+    allowed: dict[str, Identity] = {}
+    for certificate in sorted(folder.glob("*.key")):
+        key = read_public_key(certificate).decode("ascii")
+        rights = _read_rights(certificate.with_suffix(RIGHTS_SUFFIX))
+        allowed[key] = Identity(certificate.stem, role, key, rights)
+    return allowed
+
+
+def _read_rights(path: Path) -> Rights:
+    if not path.exists():
+        return Rights()
+    lines = (line.strip() for line in path.read_text().splitlines())
+    return Rights(tuple(p for p in lines if p and not p.startswith("#")))
+
+
+# --- the live allow lists -------------------------------------------------------
+
+
+class KeyStore:
+    """The broker's allow lists, one per role, reloadable while it runs.
+
+    Read from the ZAP thread and the broker's loop, replaced whole by `reload`:
+    a reader sees the old lists or the new ones, never half of each.
+    """
+
+    def __init__(self, folders: Mapping[str, str | os.PathLike[str]]) -> None:
+        self._folders = dict(folders)
+        self._lists: dict[str, dict[str, Identity]] = {}
+        self.reload()
+
+    def reload(self) -> list[Identity]:
+        """Read the folders again; return the identities that lost access or
+        changed rights (their connections must be looked at again).
+
+        Raises:
+            UsageError: a folder or a certificate is unreadable; the lists in
+                force are kept.
+        """
+        fresh = {role: load_allow_list(f, role) for role, f in self._folders.items()}
+        old, self._lists = self._lists, fresh
+        return [
+            identity
+            for role, identities in old.items()
+            for key, identity in identities.items()
+            if fresh[role].get(key) != identity
+        ]
+
+    def identity(self, role: str, public_key: str) -> Identity | None:
+        return self._lists.get(role, {}).get(public_key)
+
+    def counts(self) -> dict[str, int]:
+        return {role: len(keys) for role, keys in self._lists.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class ServerKeys:
+    """The broker's CURVE settings: its secret key and one allow list per role."""
+
+    secret_key: str
+    clients: str
+    workers: str
+
+    def key_store(self) -> KeyStore:
+        return KeyStore({CLIENT: self.clients, WORKER: self.workers})
+
+    def apply(self, sock: zmq.Socket[Any], roles: tuple[str, ...]) -> None:
+        """Make `sock` a CURVE server letting in the keys of `roles`."""
+        _, secret = read_secret_key(self.secret_key)
+        sock.curve_server = True
+        sock.curve_secretkey = secret
+        sock.zap_domain = domain(roles).encode()
+
+
+def domain(roles: tuple[str, ...]) -> str:
+    """The ZAP domain of a socket that lets in the keys of `roles`."""
+    return _DOMAINS[roles]
+
+
+@dataclass(frozen=True, slots=True)
+class ClientKeys:
+    """A client's, sink's or worker's CURVE keys: its own pair, and the broker's
+    public key (without which the broker cannot be told from an impostor)."""
+
+    public_key: bytes
+    secret_key: bytes
+    broker_key: bytes
+
+    @classmethod
+    def load(
+        cls, secret_key: str | os.PathLike[str], broker_key: str | os.PathLike[str]
+    ) -> ClientKeys:
+        public, secret = read_secret_key(secret_key)
+        return cls(public, secret, read_public_key(broker_key))
+
+    def apply(self, sock: zmq.Socket[Any]) -> None:
+        sock.curve_publickey = self.public_key
+        sock.curve_secretkey = self.secret_key
+        sock.curve_serverkey = self.broker_key
+
+
+def client_keys(
+    secret_key: str | os.PathLike[str] | None,
+    broker_key: str | os.PathLike[str] | None,
+) -> ClientKeys | None:
+    """The keys a peer connects with, from its two key files; None (neither
+    given) for a plain-text connection.
+
+    Raises:
+        UsageError: only one of the two is given, or a file is unreadable.
+    """
+    if secret_key is None and broker_key is None:
+        return None
+    if secret_key is None or broker_key is None:
+        raise UsageError(
+            "CURVE needs both a secret key (--secret-key) and the broker's public "
+            "key (--broker-key)"
+        )
+    return ClientKeys.load(secret_key, broker_key)
+
+
+def is_loopback(endpoint: str) -> bool:
+    """Whether a ZeroMQ endpoint can only be reached from this machine."""
+    if not endpoint.startswith("tcp://"):
+        return endpoint.startswith(("ipc://", "inproc://"))
+    host = urlsplit(endpoint).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # "*", an interface name or a host name: assume exposed
+
+
+# --- the gate -------------------------------------------------------------------
+
+
+class PeerCount:
+    """Open connections per broker, counted from socket monitor events by the
+    broker's loop and read by the ZAP thread."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open = 0
+
+    def full(self) -> bool:
+        # The connection being authenticated is counted already once its
+        # ACCEPTED event was seen; the monitor may lag a little behind, which
+        # errs on the side of letting a few more in, never of refusing early.
+        return self.open > self.limit
+
+
+class Gate(ThreadAuthenticator):
+    """The ZAP handler: a key is let in only on the socket of its role, and no
+    connection once the broker has `limit` peers."""
+
+    def __init__(
+        self,
+        context: zmq.Context[Any],
+        keys: KeyStore | None,
+        peers: PeerCount,
+    ) -> None:
+        super().__init__(context, log=logging.getLogger(f"{__name__}.zap"))
+        self.keys = keys
+        self.peers = peers
+        self._log_lock = threading.Lock()
+        self._next_log_at = 0.0
+        self._held_back = 0
+
+    def start(self) -> None:
+        super().start()
+        if self.keys is not None:
+            for name in _DOMAINS.values():
+                self.configure_curve_callback(name, self)
+
+    async def handle_zap_message(self, msg: list[bytes]) -> None:
+        if len(msg) >= 6 and self.peers.full():
+            self._refused(
+                "connection refused: the broker has %d peers (max_peers) address=%s",
+                self.peers.limit,
+                msg[3].decode("utf-8", "replace"),
+            )
+            self._send_zap_reply(msg[1], b"300", b"too many peers")
+            return
+        await super().handle_zap_message(msg)
+
+    def callback(self, domain: str, z85_key: bytes) -> bool:
+        """pyzmq's credentials-provider hook: is this key allowed here?"""
+        assert self.keys is not None  # only configured with a key store
+        roles = ROLES_OF_DOMAIN.get(domain, ())
+        key = z85_key.decode("ascii")
+        if any(self.keys.identity(role, key) is not None for role in roles):
+            return True
+        known_as = [r for r in (CLIENT, WORKER) if self.keys.identity(r, key)]
+        why = f"a {known_as[0]} key" if known_as else "unknown key"
+        self._refused(
+            "CURVE key refused key=%s socket=%s: %s",
+            fingerprint(key),
+            "+".join(roles) or domain,
+            why,
+        )
+        return False
+
+    def _refused(self, message: str, *args: object) -> None:
+        # A flood of handshakes must not become a flood of log lines.
+        with self._log_lock:
+            now = time.monotonic()
+            if now < self._next_log_at:
+                self._held_back += 1
+                return
+            self._next_log_at = now + 1.0
+            held, self._held_back = self._held_back, 0
+        note = f"; {held} more refusals not logged" if held else ""
+        log.warning(message + "%s", *args, note)
