@@ -318,6 +318,7 @@ class Launcher:
         pool: str = "process",
         heartbeat_interval_s: float | None = None,
         allow_pickle: bool = False,
+        extra: Sequence[str] = (),
     ) -> WorkerProcess:
         """Start a worker serving `modules` (default: the e2e tasks)."""
         interval_s = heartbeat_interval_s or broker.heartbeat_interval_s
@@ -333,6 +334,7 @@ class Launcher:
             "--heartbeat-interval-s",
             str(interval_s),
             *(["--allow-pickle"] if allow_pickle else []),
+            *extra,
         )
         return WorkerProcess(self.processes.start("worker", argv))
 

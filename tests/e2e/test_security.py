@@ -1,0 +1,245 @@
+"""CURVE on both broker sockets: who gets in, on which socket, with what rights,
+and what a reload takes away. Real broker, worker and client processes."""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import zmq
+
+import ventilator
+from ventilator.security import fingerprint, generate_keys, read_public_key
+
+from . import tasks
+from .conftest import (
+    TASKS,
+    BrokerProcess,
+    Launcher,
+    WorkerProcess,
+    log_of,
+    status_when,
+    wait_for_workers,
+    wait_until,
+)
+
+RESULT_TIMEOUT_S = 20.0
+# How long a refused peer is given to get an answer it must never get.
+REFUSED_WAIT_S = 2.0
+
+
+@dataclass(frozen=True)
+class Keyring:
+    """Key pairs in `home`, and the broker's allow lists in `clients`/`workers`."""
+
+    home: Path
+    clients: Path
+    workers: Path
+
+    def secret(self, name: str) -> str:
+        return str(self.home / f"{name}.key_secret")
+
+    def public(self, name: str) -> str:
+        return str(self.home / f"{name}.key")
+
+    def fingerprint(self, name: str) -> str:
+        return fingerprint(read_public_key(self.public(name)))
+
+    def allow(self, name: str, folder: Path) -> None:
+        for suffix in (".key", ".functions"):
+            source = self.home / f"{name}{suffix}"
+            if source.exists():
+                (folder / source.name).write_bytes(source.read_bytes())
+
+    def peer_options(self, name: str) -> list[str]:
+        return ["--secret-key", self.secret(name), "--broker-key", self.public("broker")]
+
+
+@pytest.fixture
+def keyring(tmp_path: Path) -> Keyring:
+    ring = Keyring(tmp_path / "keys", tmp_path / "clients", tmp_path / "workers")
+    for folder in (ring.home, ring.clients, ring.workers):
+        folder.mkdir()
+    for name in ("broker", "alice", "stranger", "w1"):
+        generate_keys(name, ring.home)
+    generate_keys("bob", ring.home, [f"{TASKS}:square"])
+    generate_keys("echoer", ring.home, [f"{TASKS}:echo"])
+    for client in ("alice", "bob"):
+        ring.allow(client, ring.clients)
+    for worker in ("w1", "echoer"):
+        ring.allow(worker, ring.workers)
+    return ring
+
+
+@pytest.fixture
+def curve_broker(launch: Launcher, keyring: Keyring) -> BrokerProcess:
+    return launch.broker(
+        "--secret-key",
+        keyring.secret("broker"),
+        "--clients",
+        str(keyring.clients),
+        "--workers",
+        str(keyring.workers),
+        heartbeat_interval_s=0.5,
+    )
+
+
+def curve_client(
+    launch: Launcher, broker: BrokerProcess, keyring: Keyring, name: str
+) -> ventilator.Client:
+    return launch.client(
+        broker, secret_key=keyring.secret(name), broker_key=keyring.public("broker")
+    )
+
+
+def curve_worker(
+    launch: Launcher, broker: BrokerProcess, keyring: Keyring, name: str
+) -> WorkerProcess:
+    return launch.worker(broker, pool="thread", extra=keyring.peer_options(name))
+
+
+def is_refused(client: ventilator.Client) -> bool:
+    """Whether the broker leaves this client unanswered."""
+    try:
+        client.status(timeout_s=REFUSED_WAIT_S)
+    except TimeoutError:
+        return True
+    return False
+
+
+def test_allowed_keys_run_tasks_over_curve(
+    launch: Launcher, curve_broker: BrokerProcess, keyring: Keyring
+) -> None:
+    curve_worker(launch, curve_broker, keyring, "w1")
+    alice = curve_client(launch, curve_broker, keyring, "alice")
+    wait_for_workers(alice, 1)
+
+    futures = [alice.submit(tasks.square, i) for i in range(20)]
+
+    assert [f.result(RESULT_TIMEOUT_S) for f in futures] == [i * i for i in range(20)]
+
+
+def test_unknown_key_and_plain_text_peer_are_refused(
+    launch: Launcher, curve_broker: BrokerProcess, keyring: Keyring
+) -> None:
+    stranger = curve_client(launch, curve_broker, keyring, "stranger")
+    plain = launch.client(curve_broker)
+
+    assert is_refused(stranger)
+    assert is_refused(plain)
+    # The refusal names the key, so an operator can tell whose it was.
+    wait_until(
+        lambda: keyring.fingerprint("stranger") in log_of(curve_broker.process),
+        5,
+        "the stranger's fingerprint in the broker's log",
+    )
+
+
+def test_a_client_key_cannot_register_as_a_worker(
+    launch: Launcher, curve_broker: BrokerProcess, keyring: Keyring
+) -> None:
+    curve_worker(launch, curve_broker, keyring, "alice")
+    bob = curve_client(launch, curve_broker, keyring, "bob")
+    wait_until(
+        lambda: keyring.fingerprint("alice") in log_of(curve_broker.process),
+        10,
+        "the refusal of alice's key on the worker socket",
+    )
+
+    assert bob.status()["workers"] == []
+    # ... and a worker key cannot act as a client.
+    assert is_refused(curve_client(launch, curve_broker, keyring, "w1"))
+
+
+def test_a_task_outside_the_clients_rights_is_rejected_naming_them(
+    launch: Launcher, curve_broker: BrokerProcess, keyring: Keyring
+) -> None:
+    curve_worker(launch, curve_broker, keyring, "w1")
+    bob = curve_client(launch, curve_broker, keyring, "bob")
+    wait_for_workers(bob, 1)
+
+    assert bob.submit(tasks.square, 4).result(RESULT_TIMEOUT_S) == 16
+    with pytest.raises(ventilator.TaskRejected) as refused:
+        bob.submit(tasks.echo, "hi").result(RESULT_TIMEOUT_S)
+    assert f"{TASKS}:echo" in refused.value.message
+    assert f"{TASKS}:square" in refused.value.message
+
+
+def test_a_worker_registers_only_the_functions_of_its_rights(
+    launch: Launcher, curve_broker: BrokerProcess, keyring: Keyring
+) -> None:
+    curve_worker(launch, curve_broker, keyring, "echoer")
+    alice = curve_client(launch, curve_broker, keyring, "alice")
+
+    status = wait_for_workers(alice, 1)
+
+    assert status["workers"][0]["services"] == [f"{TASKS}:echo"]
+
+
+def test_keys_removed_on_reload_lose_access_on_open_connections(
+    launch: Launcher, curve_broker: BrokerProcess, keyring: Keyring
+) -> None:
+    curve_worker(launch, curve_broker, keyring, "w1")
+    alice = curve_client(launch, curve_broker, keyring, "alice")
+    bob = curve_client(launch, curve_broker, keyring, "bob")
+    wait_for_workers(alice, 1)
+    assert alice.submit(tasks.square, 3).result(RESULT_TIMEOUT_S) == 9
+
+    (keyring.clients / "alice.key").unlink()
+    (keyring.workers / "w1.key").unlink()
+    curve_broker.process.send_signal(signal.SIGHUP)
+
+    status_when(bob, lambda s: not s["workers"], 10, "the removed worker to go")
+    assert is_refused(alice)
+    assert bob.status()["workers"] == []
+
+
+def test_connections_past_max_peers_wait_until_others_leave(
+    launch: Launcher,
+) -> None:
+    broker = launch.broker("--max-peers", "4")
+    context = zmq.Context()
+    idle = []
+    try:
+        # Connections that never say HELLO still take a place.
+        for _ in range(6):
+            sock = context.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(broker.frontend)
+            idle.append(sock)
+        client = launch.client(broker)
+        assert is_refused(client)
+    finally:
+        for sock in idle:
+            sock.close(linger=0)
+        context.term()
+
+    # They left: the waiting client reconnects on its own and gets in.
+    wait_until(lambda: not is_refused(client), 15, "the client to get in")
+
+
+def test_refused_handshakes_do_not_use_up_the_peer_limit(
+    launch: Launcher, keyring: Keyring
+) -> None:
+    broker = launch.broker(
+        "--secret-key",
+        keyring.secret("broker"),
+        "--clients",
+        str(keyring.clients),
+        "--workers",
+        str(keyring.workers),
+        "--max-peers",
+        "2",
+    )
+    strangers = [curve_client(launch, broker, keyring, "stranger") for _ in range(4)]
+    plain = [launch.client(broker) for _ in range(4)]
+    assert is_refused(strangers[0])
+    assert is_refused(plain[0])
+    for refused in strangers + plain:
+        refused.close()
+
+    alice = curve_client(launch, broker, keyring, "alice")
+
+    assert not is_refused(alice)
