@@ -54,7 +54,8 @@ class Keyring:
                 (folder / source.name).write_bytes(source.read_bytes())
 
     def peer_options(self, name: str) -> list[str]:
-        return ["--secret-key", self.secret(name), "--broker-key", self.public("broker")]
+        broker_key = self.public("broker")
+        return ["--secret-key", self.secret(name), "--broker-key", broker_key]
 
 
 @pytest.fixture

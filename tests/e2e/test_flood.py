@@ -1,0 +1,144 @@
+"""A flood of garbage on both broker sockets, from peers that never read, while
+a normal client runs its tasks: the broker stays up, every result arrives, and
+its memory comes back down."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgpack
+import zmq
+
+from ventilator import protocol as p
+
+from . import tasks
+from .conftest import BrokerProcess, Launcher, WorkerProcess, wait_until
+from .test_reliability import real_messages
+
+RESULT_TIMEOUT_S = 60.0
+NOISY_PEERS_PER_SOCKET = 4
+GARBAGE_MESSAGES = 12_000
+TASKS = 1000
+# RSS may stay this far above its baseline once the flood is over: allocator
+# arenas, caches warmed by the run. A leak per message would be far larger.
+RSS_MARGIN_BYTES = 24 * 1024 * 1024
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def wrong_types(rng: random.Random) -> object:
+    """A msgpack value of a shape no command has."""
+    pool: list[object] = [
+        None,
+        True,
+        -1,
+        2**64 - 1,
+        1.5,
+        "x" * rng.randint(0, 300),
+        b"\x00" * rng.randint(0, 300),
+        {"session": rng.randint(0, 9)},
+        {"session": ["nested"]},
+        [[1, "f", 0, None, 0, None]] * rng.randint(0, 4),
+        [["w", ["f"], 0, False]],
+        [rng.random() for _ in range(rng.randint(0, 20))],
+    ]
+    return rng.choice(pool)
+
+
+def garbage(rng: random.Random) -> Iterator[list[bytes]]:
+    """Random and truncated multipart messages: frame counts, sizes, headers,
+    command bytes, and msgpack bodies of the wrong types."""
+    samples = real_messages()
+    while True:
+        way = rng.randrange(7)
+        if way == 0:  # random frames
+            count = rng.randint(1, 20)
+            yield [rng.randbytes(rng.randint(0, 2048)) for _ in range(count)]
+        elif way == 1:  # our header, a random command byte, noise
+            count = rng.randint(1, 5)
+            noise = [rng.randbytes(rng.randint(0, 512)) for _ in range(count)]
+            yield [p.HEADER, bytes([rng.randrange(256)]), *noise]
+        elif way == 2:  # a real command with a body of the wrong type
+            cmd = rng.choice(list(p.Cmd))
+            payloads = [b"p"] * rng.randint(0, 3)
+            yield [p.HEADER, bytes([cmd]), msgpack.packb(wrong_types(rng)), *payloads]
+        elif way == 3:  # a real message cut short, frame or byte-wise
+            frames = rng.choice(samples)
+            cut = rng.randrange(len(frames))
+            yield [*frames[:cut], frames[cut][: rng.randrange(len(frames[cut]) + 1)]]
+        elif way == 4:  # a wrong header on a real message
+            frames = rng.choice(samples)
+            yield [rng.choice([b"", b"VNT2", b"MDPC01", rng.randbytes(4)]), *frames[1:]]
+        elif way == 5:  # one large frame (under the socket limit)
+            yield [p.HEADER, bytes([p.Cmd.SUBMIT]), rng.randbytes(256 * 1024)]
+        else:  # a real message and extra frames
+            frames = rng.choice(samples)
+            yield [*frames, *[rng.randbytes(8)] * rng.randint(1, 4)]
+
+
+def noisy_sockets(
+    context: zmq.Context[zmq.Socket[bytes]], broker: BrokerProcess
+) -> list[zmq.Socket[bytes]]:
+    """DEALERs that send and never read what the broker answers."""
+    sockets = []
+    for endpoint in (broker.frontend, broker.backend):
+        for _ in range(NOISY_PEERS_PER_SOCKET):
+            sock = context.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, 0)  # queue here, not a silent drop
+            sock.setsockopt(zmq.RCVHWM, 1)
+            sock.connect(endpoint)
+            sockets.append(sock)
+    return sockets
+
+
+def test_garbage_flood_leaves_broker_up_results_whole_memory_bounded(
+    launch: Launcher, broker: BrokerProcess, two_workers: list[WorkerProcess]
+) -> None:
+    client = launch.client(broker)
+    assert client.submit(tasks.square, 2).result(RESULT_TIMEOUT_S) == 4
+    baseline = rss_bytes(broker.pid)
+    rng = random.Random(5)
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    peak = baseline
+    try:
+        noisy = noisy_sockets(context, broker)
+        messages = garbage(rng)
+        futures = []
+        for i in range(GARBAGE_MESSAGES):
+            rng.choice(noisy).send_multipart(next(messages))
+            if i % (GARBAGE_MESSAGES // TASKS) == 0 and len(futures) < TASKS:
+                futures.append(client.submit(tasks.square, len(futures)))
+            if i % 500 == 0:
+                peak = max(peak, rss_bytes(broker.pid))
+        futures += [client.submit(tasks.square, i) for i in range(len(futures), TASKS)]
+
+        results = [f.result(RESULT_TIMEOUT_S) for f in futures]
+        peak = max(peak, rss_bytes(broker.pid))
+    finally:
+        for sock in noisy:
+            sock.close(linger=0)
+        context.term()
+
+    assert results == [i * i for i in range(TASKS)]
+    assert broker.process.poll() is None
+    status = client.status()
+    assert all(worker.entry(status) for worker in two_workers)
+    print(
+        f"\nbroker RSS: baseline {baseline / 2**20:.1f} MiB, peak {peak / 2**20:.1f} "
+        f"MiB; {GARBAGE_MESSAGES} garbage messages from {len(noisy)} peers, "
+        f"{TASKS} tasks"
+    )
+    after = wait_until(
+        lambda: (rss := rss_bytes(broker.pid)) <= baseline + RSS_MARGIN_BYTES and rss,
+        20,
+        f"broker RSS back within {RSS_MARGIN_BYTES >> 20} MiB of {baseline >> 20} MiB",
+    )
+    print(f"broker RSS after the flood: {after / 2**20:.1f} MiB")
