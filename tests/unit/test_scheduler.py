@@ -794,3 +794,71 @@ def test_session_that_leaves_owing_results_keeps_them(driver: Driver) -> None:
     driver.done(W1, assignment, payload=b"49")
 
     assert list(driver.scheduler.recipients["alice"].pending)
+
+
+# --- limits at their edge, fairness, refusals from the shell ------------------------
+
+
+def test_payload_of_exactly_the_limit_is_accepted() -> None:
+    driver = Driver(Limits(max_payload_bytes=10))
+    driver.hello()
+
+    effects = driver.submit(task(1, payload=b"x" * 10))
+
+    assert accepted(effects) == [1]
+    assert not results(effects)
+
+
+def test_result_of_exactly_the_limit_is_kept_and_one_more_byte_is_refused() -> None:
+    driver = Driver(Limits(max_payload_bytes=10))
+    driver.hello()
+    driver.submit(task(1), task(2))
+    running = assignments(driver.ready(W1, capacity=2), W1)
+
+    at_limit = driver.done(W1, running[0], payload=b"r" * 10)
+    over_limit = driver.done(W1, running[1], payload=b"r" * 11)
+
+    by_id = {e.task_id: e for e in results(at_limit) + results(over_limit)}
+    assert by_id[1].status is p.Status.OK
+    assert by_id[2].status is p.Status.REJECTED
+    assert "10 bytes (max_payload_bytes)" in error_report(by_id[2])["message"]
+
+
+def test_client_over_its_byte_limit_is_refused_and_others_are_not() -> None:
+    driver = Driver(Limits(client_max_bytes=10))
+    driver.hello()
+    driver.hello(OTHER, session="bob")
+
+    first = driver.submit(task(1, payload=b"x" * 6), task(2, payload=b"x" * 6))
+    other = driver.submit(task(1, payload=b"x" * 6), peer=OTHER)
+
+    assert accepted(first) == [1]
+    [refused] = results(first)
+    assert refused.task_id == 2
+    assert "client_max_bytes" in error_report(refused)["message"]
+    assert accepted(other, OTHER) == [1]
+
+
+def test_a_flooding_client_does_not_hold_up_another_on_the_same_function() -> None:
+    driver = Driver()
+    driver.hello()
+    driver.hello(OTHER, session="bob")
+    driver.submit(*[task(i) for i in range(100)])
+    driver.submit(task(1000), task(1001), peer=OTHER)
+
+    running = assignments(driver.ready(W1, capacity=4), W1)
+
+    sessions = [driver.scheduler.tasks[a.ticket].session for a in running]
+    assert sessions.count("bob") == 2
+
+
+def test_task_refused_by_the_shell_fails_as_rejected_with_its_reason(
+    driver: Driver,
+) -> None:
+    driver.scheduler.reject(CLIENT, 7, "key bob may not submit jobs:work")
+    effects = driver.flush()
+
+    [entry] = results(effects)
+    assert entry.task_id == 7
+    assert entry.status is p.Status.REJECTED
+    assert error_report(entry)["message"] == "key bob may not submit jobs:work"

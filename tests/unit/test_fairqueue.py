@@ -1,0 +1,68 @@
+"""The per-owner lanes of a function queue, served in turns."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ventilator.fairqueue import FairQueue
+
+
+def drain(queue: FairQueue) -> list[int]:
+    return [queue.popleft() for _ in range(len(queue))]
+
+
+def test_one_owner_is_a_plain_fifo() -> None:
+    queue = FairQueue()
+    for ticket in range(5):
+        queue.append(ticket, "alice")
+
+    assert drain(queue) == [0, 1, 2, 3, 4]
+    assert not queue
+
+
+def test_owners_take_turns_whatever_their_backlogs() -> None:
+    queue = FairQueue()
+    for ticket in range(100, 106):
+        queue.append(ticket, "flood")
+    queue.append(1, "bob")
+    queue.append(2, "bob")
+
+    assert drain(queue) == [100, 1, 101, 2, 102, 103, 104, 105]
+
+
+def test_a_task_given_back_goes_first_in_its_lane_and_its_owner_is_next() -> None:
+    queue = FairQueue()
+    queue.append(1, "alice")
+    queue.append(2, "bob")
+    queue.appendleft(9, "carol")
+    queue.appendleft(0, "alice")
+
+    assert drain(queue) == [9, 0, 2, 1]
+
+
+def test_empty_queue_raises_index_error() -> None:
+    with pytest.raises(IndexError):
+        FairQueue().popleft()
+
+
+@given(st.lists(st.tuples(st.booleans(), st.sampled_from("abc"))))
+def test_every_ticket_comes_out_once_in_lane_order(
+    operations: list[tuple[bool, str]],
+) -> None:
+    queue = FairQueue()
+    lanes: dict[str, list[int]] = {}
+    for ticket, (front, owner) in enumerate(operations):
+        if front:
+            queue.appendleft(ticket, owner)
+            lanes.setdefault(owner, []).insert(0, ticket)
+        else:
+            queue.append(ticket, owner)
+            lanes.setdefault(owner, []).append(ticket)
+
+    assert len(queue) == len(operations) == len(list(queue))
+    out = drain(queue)
+    assert sorted(out) == list(range(len(operations)))
+    for lane in lanes.values():
+        assert [t for t in out if t in lane] == lane

@@ -1,0 +1,165 @@
+"""Key files, allow lists, rights and exposure checks (no sockets here)."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+
+from ventilator import protocol as p
+from ventilator.broker import BrokerConfig
+from ventilator.errors import UsageError
+from ventilator.security import (
+    CLIENT,
+    WORKER,
+    KeyStore,
+    Rights,
+    client_keys,
+    fingerprint,
+    generate_keys,
+    is_loopback,
+    read_public_key,
+    read_secret_key,
+    right_name,
+)
+from ventilator.worker import Worker, WorkerConfig
+
+
+def test_generated_secret_key_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    public, secret = generate_keys("alice", tmp_path)
+
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    assert read_secret_key(secret)[0] == read_public_key(public)
+    assert sorted(f.name for f in tmp_path.iterdir()) == [
+        "alice.key",
+        "alice.key_secret",
+    ]
+
+
+def test_generate_refuses_to_overwrite_a_key(tmp_path: Path) -> None:
+    generate_keys("alice", tmp_path)
+
+    with pytest.raises(UsageError, match="exists"):
+        generate_keys("alice", tmp_path)
+
+
+@pytest.mark.parametrize("name", ["", "../alice", "a/b", ".hidden"])
+def test_generate_refuses_names_that_are_not_plain_file_names(
+    tmp_path: Path, name: str
+) -> None:
+    with pytest.raises(UsageError, match="plain file name"):
+        generate_keys(name, tmp_path)
+
+
+def test_rights_are_globs_over_function_names() -> None:
+    rights = Rights(("reports:*", "images.thumbs:make"))
+
+    assert rights.allows("reports:monthly")
+    assert rights.allows("images.thumbs:make")
+    assert not rights.allows("images.thumbs:delete")
+    assert not rights.unrestricted
+    assert Rights().unrestricted
+
+
+def test_a_pickled_task_is_checked_as_pickled_whatever_its_label_says() -> None:
+    assert right_name("reports:monthly", 0) == "reports:monthly"
+    assert right_name("reports:monthly", p.Flags.PICKLED) == "pickled:reports:monthly"
+    assert right_name("pickled:f", p.Flags.PICKLED) == "pickled:f"
+    assert not Rights(("reports:*",)).allows(right_name("reports:x", p.Flags.PICKLED))
+
+
+def allow(tmp_path: Path, folder: str, name: str, functions: str = "") -> str:
+    public, _ = generate_keys(name, tmp_path / "home")
+    target = tmp_path / folder
+    target.mkdir(exist_ok=True)
+    (target / public.name).write_bytes(public.read_bytes())
+    if functions:
+        (target / f"{name}.functions").write_text(functions)
+    return read_public_key(public).decode()
+
+
+def test_key_store_reads_rights_and_keeps_roles_apart(tmp_path: Path) -> None:
+    alice = allow(tmp_path, "clients", "alice", "# reports only\nreports:*\n")
+    worker = allow(tmp_path, "workers", "w1")
+
+    keys = KeyStore({CLIENT: tmp_path / "clients", WORKER: tmp_path / "workers"})
+
+    identity = keys.identity(CLIENT, alice)
+    assert identity is not None and identity.name == "alice"
+    assert identity.rights == Rights(("reports:*",))
+    assert keys.identity(WORKER, alice) is None
+    assert keys.identity(CLIENT, worker) is None
+
+
+def test_reload_reports_the_keys_removed_or_changed(tmp_path: Path) -> None:
+    alice = allow(tmp_path, "clients", "alice")
+    allow(tmp_path, "clients", "bob")
+    allow(tmp_path, "clients", "carol")
+    keys = KeyStore({CLIENT: tmp_path / "clients"})
+
+    (tmp_path / "clients" / "alice.key").unlink()
+    (tmp_path / "clients" / "bob.functions").write_text("reports:*\n")
+    changed = keys.reload()
+
+    assert sorted(i.name for i in changed) == ["alice", "bob"]
+    assert keys.identity(CLIENT, alice) is None
+
+
+def test_reload_of_a_missing_folder_keeps_the_lists_in_force(tmp_path: Path) -> None:
+    alice = allow(tmp_path, "clients", "alice")
+    keys = KeyStore({CLIENT: tmp_path / "clients"})
+    (tmp_path / "clients" / "alice.key").rename(tmp_path / "alice.key")
+    (tmp_path / "clients").rmdir()
+
+    with pytest.raises(UsageError, match="not a folder"):
+        keys.reload()
+    assert keys.identity(CLIENT, alice) is not None
+
+
+def test_fingerprint_is_the_same_for_z85_text_and_raw_bytes(tmp_path: Path) -> None:
+    public, _ = generate_keys("alice", tmp_path)
+    z85_key = read_public_key(public)
+
+    assert fingerprint(z85_key) == fingerprint(z85_key.decode())
+    assert len(fingerprint(z85_key)) == 16
+
+
+def test_a_peer_needs_both_key_files_or_neither(tmp_path: Path) -> None:
+    _, secret = generate_keys("alice", tmp_path)
+
+    assert client_keys(None, None) is None
+    with pytest.raises(UsageError, match="both"):
+        client_keys(str(secret), None)
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "loopback"),
+    [
+        ("tcp://127.0.0.1:5555", True),
+        ("tcp://127.0.0.1:*", True),
+        ("tcp://localhost:5555", True),
+        ("tcp://[::1]:5555", True),
+        ("ipc:///tmp/broker", True),
+        ("tcp://*:5555", False),
+        ("tcp://0.0.0.0:5555", False),
+        ("tcp://192.0.2.7:5555", False),
+        ("tcp://eth0:5555", False),
+    ],
+)
+def test_loopback_endpoints_are_told_from_exposed_ones(
+    endpoint: str, loopback: bool
+) -> None:
+    assert is_loopback(endpoint) is loopback
+    assert BrokerConfig(frontend=endpoint).exposed() is not loopback
+
+
+def test_worker_refuses_pickled_callables_from_an_exposed_broker_without_curve() -> (
+    None
+):
+    config = WorkerConfig(
+        ("ventilator.examples",), connect="tcp://192.0.2.7:5556", allow_pickle=True
+    )
+
+    with pytest.raises(UsageError, match="--insecure"):
+        Worker(config)
