@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 import ventilator
+from ventilator.serialization import pack_call, pack_value
 
 from . import tasks
 from .conftest import (
@@ -368,6 +369,45 @@ def test_oversized_result_fails_naming_the_limit(
 
     assert isinstance(error, ventilator.TaskError)
     assert "max_payload_bytes" in str(error)
+
+
+def test_task_and_result_of_exactly_the_limit_pass_one_byte_more_does_not(
+    launch: Launcher, small_broker: BrokerProcess
+) -> None:
+    client = launch.client(small_broker)
+    wait_for_workers(client, 1)
+    # Sizes on the wire: the packed call, and the packed result.
+    at_limit = b"x" * (1000 - (len(pack_call((b"x" * 500,), {})) - 500))
+    result_size = 1000 - (len(pack_value(b"r" * 500)) - 500)
+    assert len(pack_call((at_limit,), {})) == 1000
+    assert len(pack_value(b"r" * result_size)) == 1000
+
+    assert client.submit(tasks.echo, at_limit).result(RESULT_TIMEOUT_S) == at_limit
+    with pytest.raises(ventilator.TaskRejected, match="limit of 1000 bytes"):
+        client.submit(tasks.echo, at_limit + b"x")
+    made = client.submit(tasks.make_bytes, result_size).result(RESULT_TIMEOUT_S)
+    assert len(made) == result_size
+    error = client.submit(tasks.make_bytes, result_size + 1).exception(RESULT_TIMEOUT_S)
+    assert isinstance(error, ventilator.TaskRejected)
+    assert "limit of 1000 bytes" in str(error)
+
+
+def test_a_flooding_client_does_not_hold_up_another_on_the_same_function(
+    launch: Launcher, broker: BrokerProcess
+) -> None:
+    launch.worker(broker, concurrency=1, pool="thread")
+    flood = launch.client(broker)
+    wait_for_workers(flood, 1)
+    backlog = [flood.submit(tasks.slow_echo, i, 0.01) for i in range(400)]
+    status_when(flood, lambda s: sum(s["queued"].values()) > 300, 10, "a backlog")
+
+    other = launch.client(broker)
+    mine = [other.submit(tasks.slow_echo, i, 0.01) for i in range(10)]
+
+    assert [f.result(RESULT_TIMEOUT_S) for f in mine] == list(range(10))
+    # Served in turns: the flood's backlog is still mostly waiting.
+    assert sum(f.done() for f in backlog) < 200
+    assert [f.result(RESULT_TIMEOUT_S) for f in backlog] == list(range(400))
 
 
 def test_burst_beyond_the_client_window_is_slowed_down_not_refused(
