@@ -12,15 +12,19 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 from . import _lifeline as lifeline
 from .client import Client
 from .errors import UsageError, VentilatorError
+from .security import generate_keys
 
 __all__ = ["LocalCluster", "local"]
 
@@ -36,6 +40,8 @@ class LocalCluster:
     Attributes:
         address: the broker's frontend, for `Client(address)`.
         backend: the broker's backend, for more workers.
+        client_keys: with ``curve=True``, the key files a client passes:
+            ``Client(cluster.address, **cluster.client_keys)``; else empty.
     """
 
     def __init__(
@@ -49,6 +55,7 @@ class LocalCluster:
         journal: str | None = None,
         log_level: str = "WARNING",
         log_format: str = "text",
+        curve: bool = False,
     ) -> None:
         if not modules:
             raise UsageError(
@@ -63,6 +70,9 @@ class LocalCluster:
         self._log_level = log_level
         self._log_format = log_format
         self._processes: list[subprocess.Popen[bytes]] = []
+        self._curve = curve
+        self._keys_dir: Path | None = None
+        self.client_keys: dict[str, str] = {}
         self.address = ""
         self.backend = ""
 
@@ -74,6 +84,8 @@ class LocalCluster:
                 ones already started are stopped again.
         """
         try:
+            if self._curve:
+                self._make_keys()
             self._start_broker()
             self._start_worker()
             self._wait_for_capacity(time.monotonic() + START_TIMEOUT_S)
@@ -81,6 +93,43 @@ class LocalCluster:
             self.stop()
             raise
         return self
+
+    def _make_keys(self) -> None:
+        """A key pair each for the broker, the worker and clients, allowed in
+        a private folder that `stop()` removes."""
+        self._keys_dir = Path(tempfile.mkdtemp(prefix="ventilator-keys-"))
+        for name in ("broker", "worker", "client"):
+            generate_keys(name, self._keys_dir / name)
+        for role in ("client", "worker"):
+            allowed = self._keys_dir / f"{role}s"
+            allowed.mkdir()
+            shutil.copy(self._keys_dir / role / f"{role}.key", allowed)
+        self.client_keys = self._peer_keys("client")
+
+    def _peer_keys(self, name: str) -> dict[str, str]:
+        assert self._keys_dir is not None
+        return {
+            "secret_key": str(self._keys_dir / name / f"{name}.key_secret"),
+            "broker_key": str(self._keys_dir / "broker" / "broker.key"),
+        }
+
+    def _broker_curve_options(self) -> list[str]:
+        if self._keys_dir is None:
+            return []
+        return [
+            "--secret-key",
+            str(self._keys_dir / "broker" / "broker.key_secret"),
+            "--clients",
+            str(self._keys_dir / "clients"),
+            "--workers",
+            str(self._keys_dir / "workers"),
+        ]
+
+    def _worker_curve_options(self) -> list[str]:
+        if self._keys_dir is None:
+            return []
+        keys = self._peer_keys("worker")
+        return ["--secret-key", keys["secret_key"], "--broker-key", keys["broker_key"]]
 
     def _command(self, *args: str) -> list[str]:
         return [
@@ -116,6 +165,7 @@ class LocalCluster:
                 "--backend",
                 "tcp://127.0.0.1:*",
                 *durability,
+                *self._broker_curve_options(),
                 "--announce",
             ),
             stdout=subprocess.PIPE,
@@ -139,6 +189,7 @@ class LocalCluster:
         options = ["--pool", self._pool, "--prefetch", prefetch]
         if self._allow_pickle:
             options.append("--allow-pickle")
+        options += self._worker_curve_options()
         worker = subprocess.Popen(
             self._command(
                 "worker",
@@ -155,7 +206,12 @@ class LocalCluster:
         self._processes.append(worker)
 
     def _wait_for_capacity(self, deadline: float) -> None:
-        with Client(self.address) as client:
+        keys = self.client_keys
+        with Client(
+            self.address,
+            secret_key=keys.get("secret_key"),
+            broker_key=keys.get("broker_key"),
+        ) as client:
             while time.monotonic() < deadline:
                 for process in self._processes:
                     if process.poll() is not None:
@@ -200,6 +256,9 @@ class LocalCluster:
             if process.stdout is not None:
                 process.stdout.close()
         self._processes.clear()
+        if self._keys_dir is not None:
+            shutil.rmtree(self._keys_dir, ignore_errors=True)
+            self._keys_dir = None
 
     def __enter__(self) -> LocalCluster:
         return self.start()
@@ -218,7 +277,7 @@ def local(
         workers: task processes (default: the number of CPUs).
         modules: modules whose public functions the workers serve.
         options: `pool`, `prefetch`, `allow_pickle`, `journal`, `log_level`,
-            `log_format`, as for `LocalCluster`.
+            `log_format`, `curve`, as for `LocalCluster`.
 
     Yields:
         The running cluster; its `address` is the broker's frontend.

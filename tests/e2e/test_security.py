@@ -244,3 +244,13 @@ def test_refused_handshakes_do_not_use_up_the_peer_limit(
     alice = curve_client(launch, broker, keyring, "alice")
 
     assert not is_refused(alice)
+
+
+def test_embedded_cluster_with_curve_lets_in_only_its_own_client() -> None:
+    with ventilator.local(
+        workers=1, modules=[TASKS], pool="thread", curve=True
+    ) as cluster:
+        with ventilator.Client(cluster.address, **cluster.client_keys) as client:
+            assert client.submit(tasks.square, 5).result(RESULT_TIMEOUT_S) == 25
+        with ventilator.Client(cluster.address) as plain:
+            assert is_refused(plain)
