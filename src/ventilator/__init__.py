@@ -31,6 +31,7 @@ from .errors import (
 from .local import LocalCluster, local
 from .policy import Backoff, Limits
 from .registry import mdp_service
+from .security import ServerKeys, generate_keys
 from .sink import Sink, SinkResult
 from .worker import Worker, WorkerConfig
 
@@ -52,6 +53,7 @@ __all__ = [
     "PoisonTask",
     "ProtocolError",
     "ResultExpired",
+    "ServerKeys",
     "Sink",
     "SinkResult",
     "TaskError",
@@ -63,6 +65,7 @@ __all__ = [
     "VentilatorError",
     "Worker",
     "WorkerConfig",
+    "generate_keys",
     "local",
     "mdp_service",
 ]
