@@ -26,14 +26,26 @@ class FairQueue:
         self._turns: deque[str] = deque()
         self._size = 0
 
+    # Hot path (once per task each way): inlined rather than split into
+    # helpers, since a Python call costs as much as the work itself.
+
     def append(self, ticket: int, owner: str) -> None:
         """Queue `ticket` behind the owner's other tickets."""
-        self._lane(owner, first=False).append(ticket)
+        lane = self._lanes.get(owner)
+        if lane is None:
+            lane = self._lanes[owner] = deque()
+            self._turns.append(owner)
+        lane.append(ticket)
         self._size += 1
 
     def appendleft(self, ticket: int, owner: str) -> None:
-        """Queue `ticket` before the owner's others (a task given back)."""
-        self._lane(owner, first=True).appendleft(ticket)
+        """Queue `ticket` before the owner's others (a task given back); an
+        owner with no other tickets waiting is served next."""
+        lane = self._lanes.get(owner)
+        if lane is None:
+            lane = self._lanes[owner] = deque()
+            self._turns.appendleft(owner)
+        lane.appendleft(ticket)
         self._size += 1
 
     def popleft(self) -> int:
@@ -42,27 +54,17 @@ class FairQueue:
         Raises:
             IndexError: the queue is empty.
         """
-        owner = self._turns[0]
+        turns = self._turns
+        owner = turns[0]
         lane = self._lanes[owner]
         ticket = lane.popleft()
         self._size -= 1
-        if lane:
-            self._turns.rotate(-1)
-        else:
+        if not lane:
             del self._lanes[owner]
-            self._turns.popleft()
+            turns.popleft()
+        elif len(turns) > 1:
+            turns.rotate(-1)
         return ticket
-
-    def _lane(self, owner: str, first: bool) -> deque[int]:
-        lane = self._lanes.get(owner)
-        if lane is None:
-            lane = self._lanes[owner] = deque()
-            # A newcomer, or an owner given a task back, is served next.
-            if first:
-                self._turns.appendleft(owner)
-            else:
-                self._turns.append(owner)
-        return lane
 
     def clear(self) -> None:
         self._lanes.clear()
