@@ -360,7 +360,7 @@ class Broker:
         """A key lost access or rights: its workers must register again."""
         peers = [p for p, k in self._worker_keys.items() if k == identity.public_key]
         for peer in peers:
-            self._scheduler.peer_unreachable(peer, now)
+            self._scheduler.revoke_worker(peer, "its key was removed or changed", now)
         log.warning(
             "key removed or changed key=%s name=%s role=%s; %d worker connections "
             "dropped, its next messages are checked against the new lists",

@@ -836,6 +836,13 @@ class Scheduler:
         if name is not None:
             self._client_gone(self.recipients[name])
 
+    def revoke_worker(self, peer: bytes, reason: str, now: float) -> None:
+        """Drop the worker on `peer` for a reason of the shell's (its key lost
+        access): its tasks are requeued, not blamed, and it must register again."""
+        worker = self._worker_for_peer(peer)
+        if worker is not None:
+            self._remove_worker(worker, reason, deadly=False, now=now)
+
     def tick(self, now: float) -> None:
         """Let time pass: expire silent peers, wake retries, drop old results."""
         self._now = now

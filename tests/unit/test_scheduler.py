@@ -862,3 +862,16 @@ def test_task_refused_by_the_shell_fails_as_rejected_with_its_reason(
     assert entry.task_id == 7
     assert entry.status is p.Status.REJECTED
     assert error_report(entry)["message"] == "key bob may not submit jobs:work"
+
+
+def test_revoked_worker_gives_its_tasks_back_without_blame(driver: Driver) -> None:
+    driver.submit(task(1))
+    [running] = assignments(driver.ready(W1), W1)
+
+    driver.scheduler.revoke_worker(W1, "its key was removed", driver.now)
+    effects = driver.flush()
+
+    [lost] = notices(effects, WorkerLost)
+    assert (lost.requeued, lost.poisoned) == (1, 0)
+    assert driver.scheduler.tasks[running.ticket].deaths == 0
+    assert error_codes(driver.worker(W1, p.Heartbeat()), W1) == ["unknown_worker"]
