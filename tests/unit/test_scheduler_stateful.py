@@ -374,7 +374,7 @@ class SchedulerMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.workers)
     @rule(
         data=st.data(),
-        how=st.sampled_from(["heartbeat", "drain", "bye", "unreachable"]),
+        how=st.sampled_from(["heartbeat", "drain", "bye", "unreachable", "revoked"]),
     )
     def worker_heartbeats_or_leaves(self, data: st.DataObject, how: str) -> None:
         worker = data.draw(st.sampled_from(sorted(self.workers.values(), key=_id)))
@@ -385,6 +385,9 @@ class SchedulerMachine(RuleBasedStateMachine):
             self._worker(worker.peer, p.Drain())
         elif how == "bye":
             self._worker(worker.peer, p.Bye())
+        elif how == "revoked":  # the shell took its key away
+            self.scheduler.revoke_worker(worker.peer, "revoked", self.now)
+            self._flush()
         else:
             self.scheduler.peer_unreachable(worker.peer, self.now)
             self._flush()
