@@ -3,7 +3,9 @@ and what a reload takes away. Real broker, worker and client processes."""
 
 from __future__ import annotations
 
+import json
 import signal
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,8 +20,10 @@ from .conftest import (
     TASKS,
     BrokerProcess,
     Launcher,
+    Processes,
     WorkerProcess,
     log_of,
+    run_cli,
     status_when,
     wait_for_workers,
     wait_until,
@@ -254,3 +258,39 @@ def test_embedded_cluster_with_curve_lets_in_only_its_own_client() -> None:
             assert client.submit(tasks.square, 5).result(RESULT_TIMEOUT_S) == 25
         with ventilator.Client(cluster.address) as plain:
             assert is_refused(plain)
+
+
+def test_keys_generate_writes_a_private_secret_and_the_rights_file(
+    processes: Processes, tmp_path: Path
+) -> None:
+    result = run_cli(
+        processes,
+        "keys",
+        "generate",
+        "carol",
+        "--dir",
+        str(tmp_path),
+        "--functions",
+        "reports:*",
+    )
+
+    assert result.returncode == 0, result.stderr
+    secret = tmp_path / "carol.key_secret"
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    assert (tmp_path / "carol.functions").read_text() == "reports:*\n"
+    assert read_public_key(tmp_path / "carol.key") == read_public_key(secret)
+
+
+def test_status_takes_its_keys_from_the_environment(
+    processes: Processes,
+    curve_broker: BrokerProcess,
+    keyring: Keyring,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("VENTILATOR_SECRET_KEY", keyring.secret("alice"))
+    monkeypatch.setenv("VENTILATOR_BROKER_KEY", keyring.public("broker"))
+
+    result = run_cli(processes, "status", "--connect", curve_broker.frontend, "--json")
+
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["workers"] == []
