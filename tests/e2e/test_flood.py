@@ -23,7 +23,7 @@ GARBAGE_MESSAGES = 12_000
 TASKS = 1000
 # RSS may stay this far above its baseline once the flood is over: allocator
 # arenas, caches warmed by the run. A leak per message would be far larger.
-RSS_MARGIN_BYTES = 24 * 1024 * 1024
+RSS_MARGIN_BYTES = 12 * 1024 * 1024
 
 
 def rss_bytes(pid: int) -> int:
