@@ -3,6 +3,7 @@ and what a reload takes away. Real broker, worker and client processes."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import signal
 import stat
@@ -294,3 +295,20 @@ def test_status_takes_its_keys_from_the_environment(
 
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["workers"] == []
+
+
+def test_a_key_with_limited_rights_may_register_only_the_sinks_they_name(
+    launch: Launcher, curve_broker: BrokerProcess, keyring: Keyring
+) -> None:
+    curve_worker(launch, curve_broker, keyring, "w1")
+    alice = curve_client(launch, curve_broker, keyring, "alice")
+    wait_for_workers(alice, 1)
+    alice.submit(tasks.square, 6, sink="totals").result(RESULT_TIMEOUT_S)
+    keys = {"secret_key": keyring.secret("bob"), "broker_key": keyring.public("broker")}
+
+    with ventilator.Sink("totals", curve_broker.frontend, **keys) as thief:
+        assert list(thief.results(idle_timeout_s=REFUSED_WAIT_S)) == []
+    keys["secret_key"] = keyring.secret("alice")
+    with ventilator.Sink("totals", curve_broker.frontend, **keys) as owner:
+        [result] = list(itertools.islice(owner.results(RESULT_TIMEOUT_S), 1))
+    assert result.value == 36
