@@ -407,6 +407,12 @@ class Scheduler:
         recipient = self._recipient(name)
         recipient.expires = expires
 
+        # A connection that speaks for a new name no longer speaks for the old
+        # one: that one is away (its unacknowledged results wait) until it is back.
+        previous = self.recipients.get(self._recipient_of_peer.get(peer, name))
+        if previous is not None and previous is not recipient:
+            previous.peer = None
+
         # A session that reconnects takes its place back: everything it had been
         # sent but had not acknowledged is sent again (the client drops doubles).
         if recipient.peer is not None and recipient.peer != peer:

@@ -875,3 +875,12 @@ def test_revoked_worker_gives_its_tasks_back_without_blame(driver: Driver) -> No
     assert (lost.requeued, lost.poisoned) == (1, 0)
     assert driver.scheduler.tasks[running.ticket].deaths == 0
     assert error_codes(driver.worker(W1, p.Heartbeat()), W1) == ["unknown_worker"]
+
+
+def test_a_connection_that_says_hello_as_a_sink_leaves_its_session_away(
+    driver: Driver,
+) -> None:
+    driver.hello(sink="totals")
+
+    assert driver.scheduler.recipients["alice"].peer is None
+    assert driver.scheduler.recipients[sink_recipient("totals")].peer == CLIENT
