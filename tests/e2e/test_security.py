@@ -9,12 +9,19 @@ import signal
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zmq
 
 import ventilator
-from ventilator.security import fingerprint, generate_keys, read_public_key
+from tests.mdp_peers import MdpClient
+from ventilator.security import (
+    fingerprint,
+    generate_keys,
+    read_public_key,
+    read_secret_key,
+)
 
 from . import tasks
 from .conftest import (
@@ -23,6 +30,7 @@ from .conftest import (
     Launcher,
     Processes,
     WorkerProcess,
+    free_port,
     log_of,
     run_cli,
     status_when,
@@ -31,6 +39,7 @@ from .conftest import (
 )
 
 RESULT_TIMEOUT_S = 20.0
+MDP_TASKS = "tests.e2e.mdp_tasks"
 # How long a refused peer is given to get an answer it must never get.
 REFUSED_WAIT_S = 2.0
 
@@ -312,3 +321,51 @@ def test_a_key_with_limited_rights_may_register_only_the_sinks_they_name(
     with ventilator.Sink("totals", curve_broker.frontend, **keys) as owner:
         [result] = list(itertools.islice(owner.results(RESULT_TIMEOUT_S), 1))
     assert result.value == 36
+
+
+def mdp_client(endpoint: str, keyring: Keyring, name: str) -> MdpClient:
+    """An MDP client with `name`'s keys (a context's defaults reach its socket)."""
+    context: zmq.Context[Any] = zmq.Context()
+    public, secret = read_secret_key(keyring.secret(name))
+    context.setsockopt(zmq.CURVE_PUBLICKEY, public)
+    context.setsockopt(zmq.CURVE_SECRETKEY, secret)
+    context.setsockopt(zmq.CURVE_SERVERKEY, read_public_key(keyring.public("broker")))
+    return MdpClient(context, endpoint)
+
+
+def close_mdp_client(peer: MdpClient) -> None:
+    peer.socket.close(linger=0)
+    peer.socket.context.term()
+
+
+def test_mdp_peers_need_a_key_of_their_role_and_full_rights(
+    launch: Launcher, keyring: Keyring
+) -> None:
+    mdp = f"tcp://127.0.0.1:{free_port()}"
+    broker = launch.broker(
+        *("--secret-key", keyring.secret("broker")),
+        *("--clients", str(keyring.clients), "--workers", str(keyring.workers)),
+        *("--mdp", mdp),
+    )
+    launch.worker(broker, MDP_TASKS, pool="thread", extra=keyring.peer_options("w1"))
+    alice = mdp_client(mdp, keyring, "alice")
+    bob = mdp_client(mdp, keyring, "bob")  # limited rights: no MDP
+    stranger = mdp_client(mdp, keyring, "stranger")
+    try:
+        reply = wait_until(
+            lambda: _answered(alice, b"tagged", b"hi"), 20, "alice's MDP reply"
+        )
+        assert reply == [b"hi", b"ventilator"]
+        assert _answered(bob, b"tagged", b"hi") is None
+        # An unknown key never completes its handshake: nothing can be sent.
+        assert not stranger.socket.poll(REFUSED_WAIT_S * 1000, zmq.POLLOUT)
+    finally:
+        for peer in (alice, bob, stranger):
+            close_mdp_client(peer)
+
+
+def _answered(peer: MdpClient, service: bytes, *body: bytes) -> list[bytes] | None:
+    try:
+        return peer.request(service, *body, timeout_s=REFUSED_WAIT_S)
+    except TimeoutError:
+        return None
