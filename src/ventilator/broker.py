@@ -375,9 +375,9 @@ class Broker:
             while monitor.poll(0):
                 event = recv_monitor_message(monitor)["event"]
                 if event == zmq.EVENT_ACCEPTED:
-                    self._peers.open += 1
+                    self._peers.accepted += 1
                 elif event == zmq.EVENT_DISCONNECTED:
-                    self._peers.open = max(0, self._peers.open - 1)
+                    self._peers.closed += 1
                 elif self._handshake_log.allows(time.monotonic()):
                     log.warning(
                         "a connection to the %s socket failed its handshake "

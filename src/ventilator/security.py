@@ -352,18 +352,31 @@ def is_loopback(endpoint: str) -> bool:
 
 
 class PeerCount:
-    """Open connections per broker, counted from socket monitor events by the
-    broker's loop and read by the ZAP thread."""
+    """Open connections of a broker. The broker's loop counts accepted and
+    closed connections from socket monitor events; the ZAP thread counts the
+    handshakes it is asked about. Each counter has one writer.
+
+    Every connection is accepted before its handshake asks ZAP, so both
+    `accepted` and `handshakes` are lower bounds of the connections accepted
+    so far, whichever lags: their larger one, less those seen closed, bounds
+    the open connections without waiting for the loop to catch up (a close not
+    yet seen only makes a newcomer wait and retry).
+    """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self.open = 0
+        self.accepted = 0
+        self.closed = 0
+        self.handshakes = 0
 
-    def full(self) -> bool:
-        # The connection being authenticated is counted already once its
-        # ACCEPTED event was seen; the monitor may lag a little behind, which
-        # errs on the side of letting a few more in, never of refusing early.
-        return self.open > self.limit
+    @property
+    def open(self) -> int:
+        return max(self.accepted, self.handshakes) - self.closed
+
+    def admit(self) -> bool:
+        """Count a handshake; whether it fits under the limit."""
+        self.handshakes += 1
+        return self.open <= self.limit
 
 
 class Gate(ThreadAuthenticator):
@@ -390,7 +403,7 @@ class Gate(ThreadAuthenticator):
                 self.configure_curve_callback(name, self)
 
     async def handle_zap_message(self, msg: list[bytes]) -> None:
-        if len(msg) >= 6 and self.peers.full():
+        if len(msg) >= 6 and not self.peers.admit():
             self._refused(
                 "connection refused: the broker has %d peers (max_peers) address=%s",
                 self.peers.limit,

@@ -25,6 +25,7 @@ from ventilator.security import (
 
 from . import tasks
 from .conftest import (
+    START_TIMEOUT_S,
     TASKS,
     BrokerProcess,
     Launcher,
@@ -215,15 +216,18 @@ def test_connections_past_max_peers_wait_until_others_leave(
     launch: Launcher,
 ) -> None:
     broker = launch.broker("--max-peers", "4")
-    context = zmq.Context()
+    context: zmq.Context[Any] = zmq.Context()
     idle = []
     try:
-        # Connections that never say HELLO still take a place.
-        for _ in range(6):
+        # Connections that never say HELLO still take a place: four of them,
+        # each writable only once its handshake went through.
+        for _ in range(4):
             sock = context.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.IMMEDIATE, 1)
             sock.connect(broker.frontend)
             idle.append(sock)
+            assert sock.poll(START_TIMEOUT_S * 1000, zmq.POLLOUT), "not let in"
         client = launch.client(broker)
         assert is_refused(client)
     finally:
