@@ -334,6 +334,8 @@ def mdp_client(endpoint: str, keyring: Keyring, name: str) -> MdpClient:
     context.setsockopt(zmq.CURVE_PUBLICKEY, public)
     context.setsockopt(zmq.CURVE_SECRETKEY, secret)
     context.setsockopt(zmq.CURVE_SERVERKEY, read_public_key(keyring.public("broker")))
+    # Writable only once its handshake went through (and never, if refused).
+    context.setsockopt(zmq.IMMEDIATE, 1)
     return MdpClient(context, endpoint)
 
 
