@@ -65,6 +65,8 @@ DRAIN_FRAMES = 16_384
 # it for gone). Results and tasks travel in batches and are bounded by windows,
 # so real traffic needs few; a peer that never reads costs at most this many.
 SEND_QUEUE = 10_000
+# Messages queued from one peer before libzmq stops reading its connection.
+RECEIVE_QUEUE = 100
 # A peer that keeps sending garbage hears why at most this often: an ERROR per
 # bad message to a peer that never reads would pile up in its send queue.
 REFUSAL_REPLIES_PER_S = 1.0
@@ -172,8 +174,10 @@ class Broker:
         sock.setsockopt(zmq.MAXMSGSIZE, self.config.limits.max_payload_bytes + 65536)
         sock.setsockopt(zmq.SNDHWM, SEND_QUEUE)
         # Per peer. Kept low so that a peer flooding us waits in its own send
-        # queue, not in our memory; real peers batch, so 1,000 messages is a lot.
-        sock.setsockopt(zmq.RCVHWM, 1000)
+        # queue, not in our memory: peers x RCVHWM x message size is what a
+        # flood can make us hold. Real peers batch (a SUBMIT carries up to
+        # 2,048 tasks), so 100 messages is a lot.
+        sock.setsockopt(zmq.RCVHWM, RECEIVE_QUEUE)
         sock.setsockopt(zmq.LINGER, 1000)
         if zmtp_heartbeats:
             self._heartbeat_connections(sock)
