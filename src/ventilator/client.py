@@ -263,7 +263,7 @@ class Client:
         if window < 1:
             raise UsageError(f"window must be at least 1, got {window}")
         self._context = context or zmq.Context.instance()
-        _wire.check_endpoint(self._context, address, "the broker address")
+        _wire.check_endpoint(address, "the broker address")
         self._curve = client_keys(secret_key, broker_key)
         self.address = address
         self.session = session or uuid.uuid4().hex

@@ -62,7 +62,7 @@ class Sink:
         self.address = address
         self._heartbeat_interval_s = heartbeat_interval_s
         self._context = context or zmq.Context.instance()
-        _wire.check_endpoint(self._context, address, "the broker address")
+        _wire.check_endpoint(address, "the broker address")
         self._socket = self._context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 1000)
         if curve is not None:

@@ -80,7 +80,7 @@ class Worker:
         _check_exposure(config, curve=self._curve is not None)
         self.services = sorted(load_functions(config.modules))
         self._context = context or zmq.Context.instance()
-        _wire.check_endpoint(self._context, config.connect, "the broker's backend")
+        _wire.check_endpoint(config.connect, "the broker's backend")
         self._pool: Pool | None = None
         self._socket: zmq.Socket[bytes] | None = None
         self._broker_seen = 0.0
