@@ -549,7 +549,7 @@ def _cluster_options(command: Callable[..., Any]) -> Callable[..., Any]:
             ),
             click.option(
                 "--timeout-s",
-                type=float,
+                type=click.FloatRange(min=0, min_open=True),
                 default=None,
                 help="Stop each task after this many seconds.",
             ),

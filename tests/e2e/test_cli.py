@@ -502,3 +502,16 @@ def test_malformed_address_is_a_usage_error_naming_it(
     assert result.returncode == 2
     assert f"{address!r} is not an address to connect to" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("timeout", ["-1", "0"])
+def test_map_refuses_a_timeout_that_is_not_positive_before_running_anything(
+    processes: Processes, timeout: str
+) -> None:
+    result = run_cli(
+        processes, "map", f"{TASKS}:square", "--timeout-s", timeout, input_text="1\n"
+    )
+
+    assert result.returncode == 2
+    assert "Invalid value for '--timeout-s'" in result.stderr
+    assert result.stdout == ""
