@@ -79,10 +79,20 @@ class DashboardServer:
     """Serves the telemetry of one broker over HTTP from a daemon thread."""
 
     def __init__(self, address: tuple[str, int], telemetry: Telemetry) -> None:
+        """
+        Raises:
+            UsageError: the address cannot be bound; the message names it.
+        """
         self._telemetry = telemetry
         self._registry = metrics_registry(lambda: telemetry.latest)
         handler = type("Handler", (_Handler,), {"dashboard": self})
-        self._server = ThreadingHTTPServer(address, handler)
+        try:
+            self._server = ThreadingHTTPServer(address, handler)
+        except OSError as exc:
+            host, port = address
+            raise UsageError(
+                f"--http cannot listen on {host}:{port}: {exc.strerror or exc}"
+            ) from exc
         self._server.daemon_threads = True
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="ventilator-http", daemon=True

@@ -7,6 +7,7 @@ import hashlib
 import json
 import re
 import signal
+import socket
 import subprocess
 import sysconfig
 from pathlib import Path
@@ -515,3 +516,28 @@ def test_map_refuses_a_timeout_that_is_not_positive_before_running_anything(
     assert result.returncode == 2
     assert "Invalid value for '--timeout-s'" in result.stderr
     assert result.stdout == ""
+
+
+def test_broker_with_its_http_address_taken_says_so_naming_it(
+    processes: Processes,
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+
+        result = run_cli(
+            processes,
+            "broker",
+            "--frontend",
+            f"tcp://127.0.0.1:{free_port()}",
+            "--backend",
+            f"tcp://127.0.0.1:{free_port()}",
+            "--durability",
+            "memory",
+            "--http",
+            f"127.0.0.1:{port}",
+        )
+
+    assert result.returncode == 2
+    assert f"--http cannot listen on 127.0.0.1:{port}" in result.stderr
