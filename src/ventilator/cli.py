@@ -1261,6 +1261,10 @@ def sink(
                 fields["error"] = _error_fields(result.error)
             output_file.write(_json_line(fields))
             output_file.flush()
+    if not receiver.welcomed:
+        raise click.ClickException(
+            f"no broker answered at {connect} before the idle timeout ended"
+        )
 
 
 __all__ = ["cli", "main"]

@@ -69,6 +69,9 @@ class Sink:
             curve.apply(self._socket)
         self._socket.connect(address)
         self._session = uuid.uuid4().hex
+        # Whether a broker ever answered our HELLO: a sink that waited for
+        # results at a wrong address must be able to say so.
+        self.welcomed = False
         self._send(p.Hello(self._session, sink=name))
 
     def __enter__(self) -> Sink:
@@ -104,7 +107,9 @@ class Sink:
     def _receive(self) -> list[SinkResult]:
         batch: list[SinkResult] = []
         for command in _wire.receive(self._socket, p.TO_CLIENT):
-            if isinstance(command, p.Results):
+            if isinstance(command, p.Welcome):
+                self.welcomed = True
+            elif isinstance(command, p.Results):
                 batch.extend(_result(entry) for entry in command.results)
             elif isinstance(command, p.Error) and command.code == "hello_first":
                 # A restarted broker: register the name again; it kept our results.

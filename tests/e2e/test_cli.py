@@ -541,3 +541,14 @@ def test_broker_with_its_http_address_taken_says_so_naming_it(
 
     assert result.returncode == 2
     assert f"--http cannot listen on 127.0.0.1:{port}" in result.stderr
+
+
+def test_sink_that_no_broker_answered_says_so(processes: Processes) -> None:
+    address = f"tcp://127.0.0.1:{free_port()}"  # nobody listens there
+
+    result = run_cli(
+        processes, "sink", "reports", "--connect", address, "--idle-timeout-s", "0.5"
+    )
+
+    assert result.returncode == 1
+    assert f"no broker answered at {address}" in result.stderr
