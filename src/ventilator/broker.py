@@ -132,6 +132,12 @@ class Broker:
         self._own_context = context is None
         self._context = context or zmq.Context()
         self._keys: KeyStore | None = config.curve.key_store() if config.curve else None
+        self._admission = security.Admission(
+            curve=self._keys is not None,
+            pickle_permitted=(
+                self._keys is not None or config.insecure or not config.exposed()
+            ),
+        )
         self._peers = PeerCount(config.limits.max_peers)
         self._gate = Gate(self._context, self._keys, self._peers)
         self._journal: Journal = open_journal(config.journal, config.durability)
@@ -463,83 +469,20 @@ class Broker:
     ) -> None:
         """Hand a command to the scheduler, within what its key may do."""
         if identity.role == CLIENT:
-            command_or_none = self._client_within_rights(peer, identity, command, now)
-            if command_or_none is not None:
-                self._scheduler.client_command(peer, command_or_none, now)
+            admitted = self._admission.client(identity, command)
+            for task_id, reason in admitted.rejected:
+                self._scheduler.reject(peer, task_id, reason)
+            if admitted.forbidden is not None:
+                log.warning("refused a sink: %s", admitted.forbidden)
+                self._send(peer, p.Error("forbidden", admitted.forbidden), now)
+            if admitted.command is not None:
+                self._scheduler.client_command(peer, admitted.command, now)
             return
         if isinstance(command, p.Ready):
-            command = self._ready_within_rights(identity, command)
+            command = self._admission.ready(identity, command)
             if self._keys is not None:
                 self._worker_keys[peer] = identity.public_key
         self._scheduler.worker_command(peer, command, now)
-
-    def _client_within_rights(
-        self, peer: bytes, identity: Identity, command: p.Command, now: float
-    ) -> p.Command | None:
-        if isinstance(command, p.Submit) and not identity.rights.unrestricted:
-            submit = self._within_rights(peer, identity, command)
-            return submit if submit.tasks else None
-        if isinstance(command, p.Hello) and self._keys is not None:
-            if not self._may_open(peer, identity, command, now):
-                return None
-            # Sessions live inside their key: another key cannot take over a
-            # session (and its results) by guessing its name.
-            session = f"{identity.fingerprint}.{command.session}"
-            return p.Hello(session, command.sink)
-        return command
-
-    def _may_open(
-        self, peer: bytes, identity: Identity, hello: p.Hello, now: float
-    ) -> bool:
-        """A sink collects other keys' results: a key with limited rights may
-        register only the sinks its rights name (``sink:NAME``)."""
-        if hello.sink is None or identity.rights.allows(f"sink:{hello.sink}"):
-            return True
-        reason = (
-            f"key {identity.name} ({identity.fingerprint}) may not receive the "
-            f"results of sink {hello.sink!r}; its rights are {identity.rights}"
-        )
-        log.warning("refused a sink: %s", reason)
-        self._send(peer, p.Error("forbidden", reason), now)
-        return False
-
-    def _within_rights(
-        self, peer: bytes, identity: Identity, submit: p.Submit
-    ) -> p.Submit:
-        allowed = []
-        for spec in submit.tasks:
-            name = security.right_name(spec.function, spec.flags)
-            if identity.rights.allows(name):
-                allowed.append(spec)
-            else:
-                self._scheduler.reject(
-                    peer,
-                    spec.task_id,
-                    f"key {identity.name} ({identity.fingerprint}) may not submit "
-                    f"{name}; it may submit {identity.rights}",
-                )
-        return p.Submit(allowed)
-
-    def _ready_within_rights(self, identity: Identity, ready: p.Ready) -> p.Ready:
-        rights = identity.rights
-        services = [name for name in ready.services if rights.allows(name)]
-        pickle = ready.allow_pickle and rights.allows(security.PICKLED_RIGHT)
-        if pickle and self._keys is None and self.config.exposed():
-            pickle = self.config.insecure
-        refused = len(ready.services) - len(services)
-        if refused or pickle != ready.allow_pickle:
-            log.warning(
-                "worker registered with less than it asked for worker=%s key=%s: "
-                "%d functions outside its rights %s%s",
-                ready.worker_id,
-                identity.fingerprint,
-                refused,
-                rights,
-                "; pickled callables refused"
-                if ready.allow_pickle and not pickle
-                else "",
-            )
-        return p.Ready(ready.worker_id, services, ready.capacity, pickle)
 
     def _refuse(
         self,

@@ -125,6 +125,89 @@ class Identity:
         return fingerprint(self.public_key)
 
 
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """What a client's command becomes within its key's rights."""
+
+    command: p.Command | None  # what reaches the scheduler, if anything
+    rejected: list[tuple[int, str]]  # (task id, reason): tasks outside the rights
+    forbidden: str | None = None  # why the whole command is refused
+
+
+class Admission:
+    """What each key may do, decided apart from the broker's socket loop.
+
+    Args:
+        curve: peers have keys, so sessions are kept apart by key.
+        pickle_permitted: workers may run pickled callables at all; not on a
+            broker reachable from other machines without CURVE, unless
+            --insecure.
+    """
+
+    def __init__(self, curve: bool, pickle_permitted: bool) -> None:
+        self._curve = curve
+        self._pickle_permitted = pickle_permitted
+
+    def client(self, identity: Identity, command: p.Command) -> Admitted:
+        if isinstance(command, p.Submit) and not identity.rights.unrestricted:
+            return self._submit(identity, command)
+        if isinstance(command, p.Hello) and self._curve:
+            return self._hello(identity, command)
+        return Admitted(command, [])
+
+    def _submit(self, identity: Identity, submit: p.Submit) -> Admitted:
+        allowed, rejected = [], []
+        for spec in submit.tasks:
+            name = right_name(spec.function, spec.flags)
+            if identity.rights.allows(name):
+                allowed.append(spec)
+            else:
+                reason = (
+                    f"key {identity.name} ({identity.fingerprint}) may not submit "
+                    f"{name}; it may submit {identity.rights}"
+                )
+                rejected.append((spec.task_id, reason))
+        return Admitted(p.Submit(allowed) if allowed else None, rejected)
+
+    def _hello(self, identity: Identity, hello: p.Hello) -> Admitted:
+        # A sink collects other keys' results: a key with limited rights may
+        # register only the sinks its rights name (``sink:NAME``).
+        if hello.sink is not None and not identity.rights.allows(f"sink:{hello.sink}"):
+            reason = (
+                f"key {identity.name} ({identity.fingerprint}) may not receive the "
+                f"results of sink {hello.sink!r}; its rights are {identity.rights}"
+            )
+            return Admitted(None, [], forbidden=reason)
+        # Sessions live inside their key: another key cannot take over a
+        # session (and its results) by guessing its name.
+        session = f"{identity.fingerprint}.{hello.session}"
+        return Admitted(p.Hello(session, hello.sink), [])
+
+    def ready(self, identity: Identity, ready: p.Ready) -> p.Ready:
+        """A worker's registration, cut down to its rights."""
+        rights = identity.rights
+        services = [name for name in ready.services if rights.allows(name)]
+        pickle = (
+            ready.allow_pickle
+            and self._pickle_permitted
+            and rights.allows(PICKLED_RIGHT)
+        )
+        refused = len(ready.services) - len(services)
+        if refused or pickle != ready.allow_pickle:
+            log.warning(
+                "worker registered with less than it asked for worker=%s key=%s: "
+                "%d functions outside its rights %s%s",
+                ready.worker_id,
+                identity.fingerprint,
+                refused,
+                rights,
+                "; pickled callables refused"
+                if ready.allow_pickle and not pickle
+                else "",
+            )
+        return p.Ready(ready.worker_id, services, ready.capacity, pickle)
+
+
 def fingerprint(public_key: str | bytes) -> str:
     """A short, stable, log-safe name for a public key (Z85 text or 32 raw bytes)."""
     raw = public_key if isinstance(public_key, bytes) else public_key.encode()

@@ -13,6 +13,8 @@ from ventilator.errors import UsageError
 from ventilator.security import (
     CLIENT,
     WORKER,
+    Admission,
+    Identity,
     KeyStore,
     Rights,
     client_keys,
@@ -163,3 +165,45 @@ def test_worker_refuses_pickled_callables_from_an_exposed_broker_without_curve()
 
     with pytest.raises(UsageError, match="--insecure"):
         Worker(config)
+
+
+# --- admission: what a key's command becomes ----------------------------------------
+
+REPORTER = Identity("alice", CLIENT, "k" * 40, Rights(("reports:*",)))
+
+
+def test_admission_rejects_each_task_outside_the_rights_and_keeps_the_others() -> None:
+    admission = Admission(curve=True, pickle_permitted=True)
+    submit = p.Submit(
+        [p.TaskSpec(1, "reports:daily", b""), p.TaskSpec(2, "billing:charge", b"")]
+    )
+
+    admitted = admission.client(REPORTER, submit)
+
+    assert isinstance(admitted.command, p.Submit)
+    assert [spec.task_id for spec in admitted.command.tasks] == [1]
+    [(task_id, reason)] = admitted.rejected
+    assert task_id == 2 and "may not submit billing:charge" in reason
+
+
+def test_admission_keeps_a_session_inside_its_key_and_guards_sinks() -> None:
+    admission = Admission(curve=True, pickle_permitted=True)
+
+    opened = admission.client(REPORTER, p.Hello("s1"))
+    sink = admission.client(REPORTER, p.Hello("s1", sink="payroll"))
+
+    assert opened.command == p.Hello(f"{REPORTER.fingerprint}.s1")
+    assert sink.command is None
+    assert sink.forbidden is not None and "sink 'payroll'" in sink.forbidden
+
+
+def test_admission_turns_pickle_off_where_it_is_not_permitted() -> None:
+    worker = Identity("w1", WORKER, "w" * 40)
+    ready = p.Ready("w1", ["reports:daily"], 2, allow_pickle=True)
+
+    exposed = Admission(curve=False, pickle_permitted=False).ready(worker, ready)
+    loopback = Admission(curve=False, pickle_permitted=True).ready(worker, ready)
+
+    assert not exposed.allow_pickle
+    assert loopback.allow_pickle
+    assert list(loopback.services) == ["reports:daily"]
