@@ -226,9 +226,9 @@ class ProcessPool:
             child = min(self._children, key=lambda c: len(c.sent))
             if len(child.sent) >= PIPELINE_DEPTH:
                 return
-            self._send(child, self._next_batch(BATCH_BYTES), now)
+            self._send(child, self._next_batch(), now)
 
-    def _next_batch(self, limit_bytes: int) -> list[p.Assignment]:
+    def _next_batch(self) -> list[p.Assignment]:
         first = self._waiting.popleft()
         if not self._batchable(first):
             return [first]
@@ -239,7 +239,7 @@ class ProcessPool:
         batch, batch_bytes = [first], len(first.payload)
         while self._waiting and len(batch) < size and self._batchable(self._waiting[0]):
             batch_bytes += len(self._waiting[0].payload)
-            if batch_bytes > limit_bytes:
+            if batch_bytes > BATCH_BYTES:
                 break
             batch.append(self._waiting.popleft())
         return batch

@@ -68,6 +68,12 @@ class Keyring:
             if source.exists():
                 (folder / source.name).write_bytes(source.read_bytes())
 
+    def broker_options(self) -> list[str]:
+        return [
+            *("--secret-key", self.secret("broker")),
+            *("--clients", str(self.clients), "--workers", str(self.workers)),
+        ]
+
     def peer_options(self, name: str) -> list[str]:
         broker_key = self.public("broker")
         return ["--secret-key", self.secret(name), "--broker-key", broker_key]
@@ -91,15 +97,7 @@ def keyring(tmp_path: Path) -> Keyring:
 
 @pytest.fixture
 def curve_broker(launch: Launcher, keyring: Keyring) -> BrokerProcess:
-    return launch.broker(
-        "--secret-key",
-        keyring.secret("broker"),
-        "--clients",
-        str(keyring.clients),
-        "--workers",
-        str(keyring.workers),
-        heartbeat_interval_s=0.5,
-    )
+    return launch.broker(*keyring.broker_options(), heartbeat_interval_s=0.5)
 
 
 def curve_client(
@@ -242,16 +240,7 @@ def test_connections_past_max_peers_wait_until_others_leave(
 def test_refused_handshakes_do_not_use_up_the_peer_limit(
     launch: Launcher, keyring: Keyring
 ) -> None:
-    broker = launch.broker(
-        "--secret-key",
-        keyring.secret("broker"),
-        "--clients",
-        str(keyring.clients),
-        "--workers",
-        str(keyring.workers),
-        "--max-peers",
-        "2",
-    )
+    broker = launch.broker(*keyring.broker_options(), "--max-peers", "2")
     strangers = [curve_client(launch, broker, keyring, "stranger") for _ in range(4)]
     plain = [launch.client(broker) for _ in range(4)]
     assert is_refused(strangers[0])
@@ -348,11 +337,7 @@ def test_mdp_peers_need_a_key_of_their_role_and_full_rights(
     launch: Launcher, keyring: Keyring
 ) -> None:
     mdp = f"tcp://127.0.0.1:{free_port()}"
-    broker = launch.broker(
-        *("--secret-key", keyring.secret("broker")),
-        *("--clients", str(keyring.clients), "--workers", str(keyring.workers)),
-        *("--mdp", mdp),
-    )
+    broker = launch.broker(*keyring.broker_options(), "--mdp", mdp)
     launch.worker(broker, MDP_TASKS, pool="thread", extra=keyring.peer_options("w1"))
     alice = mdp_client(mdp, keyring, "alice")
     bob = mdp_client(mdp, keyring, "bob")  # limited rights: no MDP
