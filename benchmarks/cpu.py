@@ -35,13 +35,9 @@ def cpu_seconds(pid: int) -> float:
 
 
 def snapshot(cluster: ventilator.LocalCluster) -> dict[str, float]:
-    broker, worker = cluster._processes[:2]
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    return {
-        "broker": cpu_seconds(broker.pid),
-        "worker": cpu_seconds(worker.pid),
-        "client": usage.ru_utime + usage.ru_stime,
-    }
+    spent = {name: cpu_seconds(pid) for name, pid in cluster.pids.items()}
+    return {**spent, "client": usage.ru_utime + usage.ru_stime}
 
 
 def run(tasks: int, each: bool, size: int, journal: bool) -> None:

@@ -227,6 +227,12 @@ class LocalCluster:
                 time.sleep(0.05)
         raise VentilatorError(f"no worker registered within {START_TIMEOUT_S:g}s")
 
+    @property
+    def pids(self) -> dict[str, int]:
+        """The process ids of the broker and the worker, by those names."""
+        names = ("broker", "worker")
+        return {n: p.pid for n, p in zip(names, self._processes, strict=False)}
+
     def exited(self) -> str | None:
         """ "broker" or "worker" if that process has exited, else None."""
         for name, process in zip(("broker", "worker"), self._processes, strict=False):
