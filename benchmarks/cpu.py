@@ -4,6 +4,7 @@
     python -m benchmarks.cpu --each               # ... one task per item
     python -m benchmarks.cpu --bytes 102400 --tasks 2000   # D's 100 KiB payloads
     python -m benchmarks.cpu --memory             # no journal
+    python -m benchmarks.cpu --sequential --tasks 2000   # B: one round trip at a time
 
 Wall-clock rates move with whatever else runs; the CPU seconds a process spent
 per task move much less, so this is what to compare before and after a change.
@@ -40,7 +41,13 @@ def snapshot(cluster: ventilator.LocalCluster) -> dict[str, float]:
     return {**spent, "client": usage.ru_utime + usage.ru_stime}
 
 
-def run(tasks: int, each: bool, size: int, journal: bool) -> None:
+def _round_trip(client: ventilator.Client, index: int) -> float:
+    started = time.perf_counter()
+    client.submit(f"{FUNCTIONS}:square", index).result()
+    return time.perf_counter() - started
+
+
+def run(tasks: int, each: bool, size: int, journal: bool, sequential: bool) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-cpu-") as folder:
         path = str(Path(folder) / "journal.db") if journal else None
         with (
@@ -50,7 +57,9 @@ def run(tasks: int, each: bool, size: int, journal: bool) -> None:
             list(client.map(f"{FUNCTIONS}:square", range(100)))
             before = snapshot(cluster)
             started = time.perf_counter()
-            if size:
+            if sequential:
+                round_trips = [_round_trip(client, i) for i in range(tasks)]
+            elif size:
                 blob = os.urandom(size)
                 futures = [
                     client.submit(f"{FUNCTIONS}:length", blob) for _ in range(tasks)
@@ -65,6 +74,10 @@ def run(tasks: int, each: bool, size: int, journal: bool) -> None:
             after = snapshot(cluster)
 
     print(f"{tasks} tasks in {wall_s:.2f} s ({tasks / wall_s:,.0f}/s)")
+    if sequential:
+        round_trips.sort()
+        p50, p99 = round_trips[tasks // 2], round_trips[int(tasks * 0.99)]
+        print(f"  round trip p50 {p50 * 1e6:,.0f} µs, p99 {p99 * 1e6:,.0f} µs")
     for name in after:
         spent = after[name] - before[name]
         print(f"  {name:<8}{spent:8.2f} s CPU {spent / tasks * 1e6:10.1f} µs per task")
@@ -76,8 +89,11 @@ def main() -> None:
     parser.add_argument("--each", action="store_true", help="one task per item")
     parser.add_argument("--bytes", type=int, default=0, help="payload per task")
     parser.add_argument("--memory", action="store_true", help="no journal")
+    parser.add_argument(
+        "--sequential", action="store_true", help="one task at a time, as B"
+    )
     args = parser.parse_args()
-    run(args.tasks, args.each, args.bytes, journal=not args.memory)
+    run(args.tasks, args.each, args.bytes, not args.memory, args.sequential)
 
 
 if __name__ == "__main__":

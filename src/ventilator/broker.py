@@ -321,12 +321,18 @@ class Broker:
                 wake_at = min(next_tick, next_mdp_beat)
                 if telemetry is not None:
                     wake_at = min(wake_at, telemetry.due_at())
-                poller.poll(poll_timeout_ms(wake_at))
+                # Only what poll names is read: an idle socket or pipe asked
+                # anyway costs a failed read each, on every turn.
+                ready = dict(poller.poll(poll_timeout_ms(wake_at)))
                 now = time.monotonic()
-                self._read_wake(now)
-                self._watch_connections()
-                for tag in self._sockets:
-                    self._drain(tag, now)
+                if self._wake_read in ready:
+                    self._read_wake(now)
+                for monitor, tag in self._monitors.items():
+                    if monitor in ready:
+                        self._watch_connections(monitor, tag)
+                for tag, sock in self._sockets.items():
+                    if sock in ready:
+                        self._drain(tag, now)
                 if now >= next_tick:
                     self._scheduler.tick(now)
                     self._scheduler.heartbeats()
@@ -380,34 +386,31 @@ class Broker:
             len(peers),
         )
 
-    def _watch_connections(self) -> None:
-        for monitor, tag in self._monitors.items():
-            while monitor.poll(0):
-                event = recv_monitor_message(monitor)["event"]
-                if event == zmq.EVENT_ACCEPTED:
-                    self._peers.accepted += 1
-                elif event == zmq.EVENT_DISCONNECTED:
-                    self._peers.closed += 1
-                elif self._handshake_log.allows(time.monotonic()):
-                    log.warning(
-                        "a connection to the %s socket failed its handshake "
-                        "(%s): a plain-text peer, a wrong broker key, or a "
-                        "refused one%s",
-                        _SIDES[tag],
-                        zmq.Event(event).name,
-                        self._handshake_log.suppressed_note(),
-                    )
+    def _watch_connections(self, monitor: zmq.Socket[bytes], tag: bytes) -> None:
+        while _readable(monitor):
+            event = recv_monitor_message(monitor)["event"]
+            if event == zmq.EVENT_ACCEPTED:
+                self._peers.accepted += 1
+            elif event == zmq.EVENT_DISCONNECTED:
+                self._peers.closed += 1
+            elif self._handshake_log.allows(time.monotonic()):
+                log.warning(
+                    "a connection to the %s socket failed its handshake "
+                    "(%s): a plain-text peer, a wrong broker key, or a "
+                    "refused one%s",
+                    _SIDES[tag],
+                    zmq.Event(event).name,
+                    self._handshake_log.suppressed_note(),
+                )
 
     def _drain(self, tag: bytes, now: float) -> None:
         sock = self._sockets[tag]
         frames_left = DRAIN_FRAMES
         for _ in range(DRAIN_BATCH):
-            if frames_left <= 0:
+            # Asking is cheaper than the exception a failed read raises.
+            if frames_left <= 0 or not _readable(sock):
                 return
-            try:
-                received = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
+            received = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             frames_left -= len(received)
             if len(received) < 2:
                 continue  # ROUTER always adds the routing id; nothing else came
@@ -640,6 +643,11 @@ def _keep(frame: zmq.Frame) -> bytes | memoryview:
     if len(frame) >= p.ZERO_COPY_BYTES:
         return frame.buffer
     return frame.bytes
+
+
+def _readable(sock: zmq.Socket[bytes]) -> bool:
+    """Whether a message waits on `sock`, by its ZMQ_EVENTS."""
+    return bool(sock.get(zmq.EVENTS) & zmq.POLLIN)
 
 
 def _ms(seconds: float) -> int:
