@@ -35,7 +35,7 @@ import os
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -318,7 +318,9 @@ class Broker:
         telemetry = self.telemetry
         try:
             while not self._stopping:
-                wake_at = min(next_tick, next_mdp_beat)
+                wake_at = min(
+                    next_tick, next_mdp_beat, self._scheduler.announce_due_at()
+                )
                 if telemetry is not None:
                     wake_at = min(wake_at, telemetry.due_at())
                 # Only what poll names is read: an idle socket or pipe asked
@@ -341,7 +343,7 @@ class Broker:
                 if now >= next_mdp_beat:
                     self._gateway.heartbeats()
                     next_mdp_beat = now + mdp_interval_s
-                self._carry_out(self._scheduler.flush(), now)
+                self._carry_out(self._scheduler.flush(now), now)
                 if telemetry is not None:
                     telemetry.publish(now, self._scheduler)
         finally:
@@ -647,7 +649,7 @@ def _keep(frame: zmq.Frame) -> bytes | memoryview:
 
 def _readable(sock: zmq.Socket[bytes]) -> bool:
     """Whether a message waits on `sock`, by its ZMQ_EVENTS."""
-    return bool(sock.get(zmq.EVENTS) & zmq.POLLIN)
+    return bool(cast(int, sock.get(zmq.EVENTS)) & zmq.POLLIN)
 
 
 def _ms(seconds: float) -> int:

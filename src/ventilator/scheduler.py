@@ -52,6 +52,11 @@ GATEWAY_PREFIX = "mdp:"
 
 # How many results one RESULTS message carries at most.
 RESULTS_PER_MESSAGE = 1024
+# How long an ACCEPTED may wait for its task's result to make it needless: a
+# result implies acceptance, so a quick task's client hears one message instead
+# of two. Short enough that a sink task's future or a closing client barely
+# notice the wait.
+ACCEPT_GRACE_S = 0.005
 
 # The session under which the broker resubmits failed tasks an operator retries.
 RETRY_SESSION = "ventilator:retry"
@@ -348,7 +353,9 @@ class Scheduler:
         self._recipient_of_peer: dict[bytes, str] = {}
 
         self._effects = Effects()
-        self._accepted_for: dict[bytes, list[int]] = {}
+        # Accepted task ids not yet announced, per submitting peer, and when the
+        # first of them was accepted (see ACCEPT_GRACE_S).
+        self._unannounced: dict[bytes, tuple[float, dict[int, None]]] = {}
 
     # --- clients -------------------------------------------------------------------
 
@@ -475,11 +482,11 @@ class Scheduler:
         self, peer: bytes, recipient: Recipient, specs: Sequence[p.TaskSpec], now: float
     ) -> None:
         session = recipient.name
-        accepted = self._accepted_for.setdefault(peer, [])
+        accepted = self._unannounced.setdefault(peer, (now, {}))[1]
         pickle_served = self._pickle_served()  # once per batch, not per task
         for spec in specs:
             if (session, spec.task_id) in self._by_key:
-                accepted.append(spec.task_id)  # a resubmission: already ours
+                accepted[spec.task_id] = None  # a resubmission: already ours
                 continue
 
             reason = self._refusal(session, spec, pickle_served)
@@ -488,7 +495,7 @@ class Scheduler:
                 continue
 
             self._accept(session, spec, now)
-            accepted.append(spec.task_id)
+            accepted[spec.task_id] = None
 
     def accept_task(
         self,
@@ -1055,7 +1062,20 @@ class Scheduler:
                 batch = self._next_results(recipient, min(room, RESULTS_PER_MESSAGE))
                 if batch:
                     self._effects.to_clients.append((recipient.peer, p.Results(batch)))
+                    self._announced_by(recipient.peer, batch)
                     room -= len(batch)
+
+    def _announced_by(self, peer: bytes, results: list[p.ResultEntry]) -> None:
+        """Results to the peer that submitted them say they were accepted."""
+        unannounced = self._unannounced.get(peer)
+        if unannounced is None:
+            return
+        task_ids = unannounced[1]
+        for entry in results:
+            if not entry.origin:  # the recipient's own task, not a sink's
+                task_ids.pop(entry.task_id, None)
+        if not task_ids:
+            del self._unannounced[peer]
 
     def _next_results(self, recipient: Recipient, count: int) -> list[p.ResultEntry]:
         batch: list[p.ResultEntry] = []
@@ -1068,18 +1088,34 @@ class Scheduler:
             batch.append(p.ResultEntry(task.task_id, task.status, task.result, origin))
         return batch
 
-    def flush(self) -> Effects:
-        """End a loop turn: dispatch and deliver, then hand back what to do."""
+    def flush(self, now: float | None = None) -> Effects:
+        """End a loop turn: dispatch and deliver, then hand back what to do.
+
+        Acceptances are announced once ACCEPT_GRACE_S has passed since `now`
+        of their SUBMIT, unless a result announced them first; without `now`,
+        all of them at once (a broker's last turn).
+        """
         self._dispatch()
         self._deliver()
+        self._announce(now)
 
         effects = self._effects
-        for peer, task_ids in self._accepted_for.items():
-            if task_ids:
-                effects.to_clients.append((peer, p.Accepted(task_ids)))
-        self._accepted_for = {}
         self._effects = Effects()
         return effects
+
+    def _announce(self, now: float | None) -> None:
+        for peer, (accepted_at, task_ids) in list(self._unannounced.items()):
+            if now is None or now >= accepted_at + ACCEPT_GRACE_S:
+                del self._unannounced[peer]
+                if task_ids:
+                    accepted = p.Accepted(list(task_ids))
+                    self._effects.to_clients.append((peer, accepted))
+
+    def announce_due_at(self) -> float:
+        """When the oldest unannounced acceptance is due (inf if none is)."""
+        if not self._unannounced:
+            return math.inf
+        return min(at for at, _ in self._unannounced.values()) + ACCEPT_GRACE_S
 
     # --- for gateways (MDP, Titanic) -------------------------------------------------
 

@@ -25,9 +25,17 @@ N = TypeVar("N")
 class Driver:
     """One scheduler, one clock, and the commands a shell would feed it."""
 
-    def __init__(self, limits: Limits | None = None, durable: bool = True) -> None:
+    def __init__(
+        self,
+        limits: Limits | None = None,
+        durable: bool = True,
+        defer_acceptance: bool = False,
+    ) -> None:
         self.scheduler = Scheduler(limits, rng=random.Random(1), durable=durable)
         self.now = 1000.0
+        # As the broker does: ACCEPTED waits a little for a result to say it.
+        # Off, every turn announces its acceptances at once.
+        self.defer_acceptance = defer_acceptance
 
     # --- one loop turn each -----------------------------------------------------------
 
@@ -49,7 +57,7 @@ class Driver:
         return self.flush()
 
     def flush(self) -> Effects:
-        effects = self.scheduler.flush()
+        effects = self.scheduler.flush(self.now if self.defer_acceptance else None)
         self.scheduler.check_invariants()
         return effects
 

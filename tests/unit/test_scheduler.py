@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from ventilator import protocol as p
 from ventilator.policy import Backoff, Limits
 from ventilator.scheduler import (
+    ACCEPT_GRACE_S,
     ClientLost,
     LateOutcome,
     Scheduler,
@@ -228,6 +231,48 @@ def test_pickled_task_is_refused_when_no_worker_allows_pickle(driver: Driver) ->
 
 
 # --- results --------------------------------------------------------------------------
+
+
+def test_a_quick_result_stands_for_the_acceptance() -> None:
+    driver = Driver(defer_acceptance=True)
+    driver.hello()
+    submitted = driver.submit(task(1))
+    [assignment] = assignments(driver.ready(W1), W1)
+
+    finished = driver.done(W1, assignment)
+    later = driver.tick(ACCEPT_GRACE_S * 2)
+
+    assert [t.task_id for t in submitted.accepted] == [1]  # journalled at once
+    assert accepted(submitted) == accepted(finished) == accepted(later) == []
+    assert [r.task_id for r in results(finished)] == [1]
+
+
+def test_acceptance_is_announced_once_the_grace_has_passed() -> None:
+    driver = Driver(defer_acceptance=True)
+    driver.hello()
+    driver.submit(task(1), task(2))
+    assert driver.scheduler.announce_due_at() == driver.now + ACCEPT_GRACE_S
+
+    soon = driver.tick(ACCEPT_GRACE_S / 2)
+    due = driver.tick(ACCEPT_GRACE_S / 2)
+
+    assert accepted(soon) == []
+    assert accepted(due) == [1, 2]
+    assert driver.scheduler.announce_due_at() == math.inf
+
+
+def test_a_sink_result_does_not_stand_for_the_submitters_acceptance() -> None:
+    driver = Driver(defer_acceptance=True)
+    driver.hello()
+    sink = b"sink-peer"
+    driver.hello(sink, session="sink-session", sink="totals")
+    driver.submit(task(1, sink="totals"))
+    [assignment] = assignments(driver.ready(W1), W1)
+    driver.done(W1, assignment)
+
+    due = driver.tick(ACCEPT_GRACE_S)
+
+    assert accepted(due) == [1]
 
 
 def test_result_goes_back_to_the_submitter_with_status_and_payload(
