@@ -23,6 +23,7 @@ import contextlib
 import inspect
 import itertools
 import logging
+import math
 import os
 import queue
 import re
@@ -84,6 +85,10 @@ MAX_BATCH_BYTES = 256 * 1024
 # Until a first batch is back, a map sends only this many one-item batches: a
 # slow function must not be packed many items to a task before we know.
 PROBE_BATCHES = 4
+# Acknowledgements of results wait up to this long to travel with the next
+# submission, so that the broker reads both in one turn; or until this many.
+ACK_DELAY_S = 0.005
+ACK_BATCH = 1024
 
 
 class TaskFuture(Future):  # type: ignore[type-arg]
@@ -298,6 +303,8 @@ class Client:
         self._socket: zmq.Socket[bytes]
         self._welcomed = False
         self._durable = True
+        self._acks: list[tuple[str, int]] = []
+        self._acks_due = math.inf
         self._thread = threading.Thread(
             target=self._run, name=f"ventilator-client-{self.session[:8]}", daemon=True
         )
@@ -709,12 +716,12 @@ class Client:
         poller = self._poller()
 
         while not self._closed or self._awaiting_acceptance():
-            poller.poll(poll_timeout_ms(next_beat))
+            poller.poll(poll_timeout_ms(min(next_beat, self._acks_due)))
             now = time.monotonic()
             self._drain_wake()
-            if self._receive():
+            if self._receive(now):
                 broker_seen = now
-            self._send_outgoing()
+            self._send_outgoing(now)
 
             if now >= next_beat:
                 self._send(p.Heartbeat())
@@ -776,15 +783,25 @@ class Client:
     def _send(self, command: p.Command) -> None:
         _wire.send(self._socket, command)
 
-    def _receive(self) -> bool:
-        acks: list[tuple[str, int]] = []
+    def _receive(self, now: float) -> bool:
         heard = False
         for command in _wire.receive(self._socket, p.TO_CLIENT):
             heard = True
-            self._handle(command, acks)
-        if acks:
-            self._send(p.Ack(acks))
+            self._handle(command, self._acks)
+        if self._acks and self._acks_due == math.inf:
+            self._acks_due = now + ACK_DELAY_S
         return heard
+
+    def _send_acks(self, now: float, submitting: bool) -> None:
+        """Acknowledge results with the next submission, or once they are due.
+
+        Waiting lets the broker read acknowledgements and submissions in one
+        turn; `_take_outgoing` counts the unsent ones against the window."""
+        due = now >= self._acks_due or len(self._acks) >= ACK_BATCH
+        if self._acks and (submitting or due):
+            self._send(p.Ack(self._acks))
+            self._acks = []
+            self._acks_due = math.inf
 
     def _handle(self, command: p.Command, acks: list[tuple[str, int]]) -> None:
         if isinstance(command, p.Results):
@@ -875,8 +892,11 @@ class Client:
         if released:
             self._release(released)
 
-    def _send_outgoing(self) -> None:
+    def _send_outgoing(self, now: float) -> None:
         with self._lock:
+            # Before the submissions: the broker counts a result against our
+            # window until it is acknowledged.
+            self._send_acks(now, submitting=bool(self._outgoing))
             batch = self._take_outgoing()
             cancels = list(self._cancels)
             self._cancels.clear()
@@ -900,7 +920,7 @@ class Client:
         """Submissions that fit the broker's window; the rest wait their turn."""
         if not self._welcomed:
             return []
-        room = max(0, self._window - len(self._pending))
+        room = max(0, self._window - len(self._pending) - len(self._acks))
         count = min(room, len(self._outgoing))
         return [self._outgoing.popleft() for _ in range(count)]
 
@@ -923,6 +943,7 @@ class Client:
             self._release(forgotten)
 
     def _shutdown(self) -> None:
+        self._send_acks(time.monotonic(), submitting=True)
         self._send(p.Bye())
         self._socket.close(linger=100)
         error = ClientClosed(
