@@ -79,9 +79,11 @@ def run(
     if "D" in only:
         blobs = partial(disk.file_write, sizes.bytes_tasks, sizes.bytes_size)
         rows = partial(disk.sqlite_wal_write, sizes.bytes_tasks, sizes.bytes_size)
+        journal = partial(disk.journal_write, sizes.bytes_tasks, sizes.bytes_size)
         report["disk"] = {
             "D file": _measure(blobs, runs),
             "D sqlite_wal": _measure(rows, runs),
+            "D journal": _measure(journal, runs),
         }
     if "E" in only:
         report["E"] = _scale(sizes)
