@@ -723,3 +723,7 @@ def _log_notice(notice: s.Notice) -> None:
         )
     elif isinstance(notice, s.ResultsExpired):
         log.warning("dropped %d results nobody collected (result_ttl_s)", notice.count)
+    elif isinstance(notice, s.SinkTaken):
+        log.warning(
+            "refused a second receiver of sink=%s; the first one keeps it", notice.sink
+        )

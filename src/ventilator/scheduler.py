@@ -162,6 +162,9 @@ class Recipient:
     unacked: dict[int, None] = field(default_factory=dict)  # delivered, in order
     # MDP clients never heartbeat while they wait: their silence is not absence.
     expires: bool = True
+    # For a sink: the session of the process receiving it. One process at a
+    # time receives a sink; another is refused while this one is connected.
+    holder: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,6 +277,13 @@ class ResultsExpired:
     count: int
 
 
+@dataclass(frozen=True, slots=True)
+class SinkTaken:
+    """A second process asked to receive a sink that one already receives."""
+
+    sink: str
+
+
 Notice = (
     WorkerJoined
     | WorkerDraining
@@ -283,6 +293,7 @@ Notice = (
     | ClientLost
     | Rejected
     | ResultsExpired
+    | SinkTaken
 )
 
 
@@ -394,9 +405,38 @@ class Scheduler:
             self._effects.to_clients.append((peer, p.Error("reserved_name", message)))
             return
 
-        name = sink_recipient(hello.sink) if hello.sink else hello.session
-        self.attach_recipient(peer, name, now)
+        if hello.sink is None:
+            self.attach_recipient(peer, hello.session, now)
+        elif not self._attach_sink(peer, hello.sink, hello.session, now):
+            return
         self._effects.to_clients.append((peer, self._welcome()))
+
+    def _attach_sink(self, peer: bytes, sink: str, session: str, now: float) -> bool:
+        """Attach `peer` as the receiver of `sink`, unless another process is.
+
+        Two receivers of one name used to evict each other on every heartbeat.
+        The same process on a new connection (its session) takes over, since
+        its old connection is gone; another is refused until the holder leaves
+        or is given up on, and its HELLO changes nothing.
+        """
+        recipient = self.recipients.get(sink_recipient(sink))
+        if (
+            recipient is not None
+            and recipient.peer is not None
+            and recipient.peer != peer
+            and recipient.holder != session
+        ):
+            message = (
+                f"sink {sink!r} is being received by another process; one process "
+                "receives a sink at a time: stop that one, or use another name"
+            )
+            self._effects.to_clients.append((peer, p.Error("sink_taken", message)))
+            self._effects.notices.append(SinkTaken(sink))
+            return False
+
+        self.attach_recipient(peer, sink_recipient(sink), now)
+        self.recipients[sink_recipient(sink)].holder = session
+        return True
 
     def attach_recipient(
         self,
@@ -1362,6 +1402,8 @@ class Scheduler:
             if recipient.peer is not None:
                 owner = self._recipient_of_peer.get(recipient.peer)
                 assert owner == recipient.name, f"{recipient.name} not on its peer"
+            is_sink = recipient.name.startswith(sink_recipient(""))
+            assert recipient.holder is None or is_sink, f"{recipient.name} held"
 
         queued = {t for q in self._queues.values() for t in q}
         for task in self.tasks.values():

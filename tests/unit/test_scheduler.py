@@ -321,6 +321,60 @@ def test_results_for_a_sink_wait_until_it_connects(driver: Driver) -> None:
     assert [r.origin for r in results(effects, b"sink-peer")] == ["alice"]
 
 
+SINK_A = b"sink-a"
+SINK_B = b"sink-b"
+
+
+def sink_with_one_result_delivered(driver: Driver) -> None:
+    """Sink `totals` received by SINK_A, holding task 1's result unacknowledged."""
+    driver.hello(SINK_A, session="reader-a", sink="totals")
+    driver.submit(task(1, sink="totals"))
+    driver.done(W1, assignments(driver.ready(W1), W1)[0])
+
+
+def test_second_process_receiving_a_sink_is_refused_while_the_first_is_there(
+    driver: Driver,
+) -> None:
+    sink_with_one_result_delivered(driver)
+
+    refused = driver.hello(SINK_B, session="reader-b", sink="totals")
+    heartbeat = driver.client(SINK_A, p.Heartbeat())
+
+    assert error_codes(refused, SINK_B) == ["sink_taken"]
+    assert not sent(refused, SINK_B, p.Welcome)
+    assert not error_codes(heartbeat, SINK_A), "the first one was evicted"
+    assert driver.scheduler.recipients[sink_recipient("totals")].peer == SINK_A
+    assert SINK_B not in driver.scheduler._recipient_of_peer
+
+
+def test_sink_takes_its_name_back_on_a_new_connection(driver: Driver) -> None:
+    sink_with_one_result_delivered(driver)
+
+    effects = driver.hello(SINK_B, session="reader-a", sink="totals")
+
+    assert sent(effects, SINK_B, p.Welcome)
+    assert [r.origin for r in results(effects, SINK_B)] == ["alice"]
+
+
+@pytest.mark.parametrize("how", ["bye", "unreachable", "silent"])
+def test_a_sink_is_another_process_s_once_its_receiver_left(
+    driver: Driver, how: str
+) -> None:
+    sink_with_one_result_delivered(driver)
+    if how == "bye":
+        driver.client(SINK_A, p.Bye())
+    elif how == "unreachable":
+        driver.unreachable(SINK_A)
+    else:
+        driver.client(CLIENT, p.Heartbeat())
+        driver.tick(3.5)
+
+    effects = driver.hello(SINK_B, session="reader-b", sink="totals")
+
+    assert sent(effects, SINK_B, p.Welcome)
+    assert [r.origin for r in results(effects, SINK_B)] == ["alice"]
+
+
 def test_acknowledged_result_is_forgotten(driver: Driver) -> None:
     driver.submit(task(1))
     driver.done(W1, assignments(driver.ready(W1), W1)[0])

@@ -2,14 +2,14 @@
 
 A model of the peers (clients, a sink, workers) drives the scheduler with
 hello, submit, ready, done (right and wrong attempts), ack, cancel, drain,
-deaths and time; and as the MDP gateway does, with requests of a client that
-never heartbeats, Titanic requests withdrawn by `withdraw`, and a worker of
-capacity 1 that is silent while busy. After every step the scheduler checks its
-own invariants, and the model checks what the peers saw: no worker is sent more
-than its capacity, no recipient gets a result twice without reconnecting in
-between, nor one it already acknowledged, nor one meant for someone else. At the
-end every task is driven to completion and every accepted task must have been
-acknowledged once.
+deaths, time and a second process asking for the sink; and as the MDP gateway
+does, with requests of a client that never heartbeats, Titanic requests
+withdrawn by `withdraw`, and a worker of capacity 1 that is silent while busy.
+After every step the scheduler checks its own invariants, and the model checks
+what the peers saw: no worker is sent more than its capacity, no recipient gets
+a result twice without reconnecting in between, nor one it already
+acknowledged, nor one meant for someone else. At the end every task is driven
+to completion and every accepted task must have been acknowledged once.
 """
 
 from __future__ import annotations
@@ -221,6 +221,16 @@ class SchedulerMachine(RuleBasedStateMachine):
         [(peer, error)] = effects.to_clients
         assert peer == stranger and isinstance(error, p.Error)
         assert stranger not in self.scheduler._recipient_of_peer
+
+    @precondition(lambda self: self._connected([sink_recipient(SINK)]))
+    @rule()
+    def second_receiver_of_the_sink_is_refused(self) -> None:
+        rival = self._new_peer("rival-sink")
+        effects = self._client(rival, p.Hello("another-reader", SINK))
+        assert [type(c) for peer, c in effects.to_clients if peer == rival] == [p.Error]
+        assert rival not in self.scheduler._recipient_of_peer
+        sink = self.scheduler.recipients[sink_recipient(SINK)]
+        assert sink.peer == self._peer_of(sink_recipient(SINK)), "evicted"
 
     # --- as the MDP gateway -----------------------------------------------------------
 
