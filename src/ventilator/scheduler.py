@@ -529,7 +529,9 @@ class Scheduler:
                 accepted[spec.task_id] = None  # a resubmission: already ours
                 continue
 
-            reason = self._refusal(session, spec, pickle_served)
+            reason = p.submission_problem(spec.function, spec.flags)
+            if reason is None:
+                reason = self._refusal(session, spec, pickle_served)
             if reason is not None:
                 self._reject(peer, session, spec.task_id, reason)
                 continue

@@ -239,12 +239,12 @@ def test_a_ventilator_task_on_an_mdp_queue_is_refused_not_sent(shell: Shell) -> 
     shell.scheduler.client_command(b"Fventilator", p.Hello("alice"), 0.0)
     spec = p.TaskSpec(1, "mdp:echo", b"\x90")
     shell.scheduler.client_command(b"Fventilator", p.Submit([spec]), 0.0)
-    shell.turn()
+    effects = shell.scheduler.flush()
 
     assert shell.receive(WORKER, b"", W, READY, b"echo") == []
-    shell.turn()
-    [task] = shell.scheduler.tasks.values()
-    assert task.status is p.Status.REJECTED
+    [refusal] = [c for _, c in effects.to_clients if isinstance(c, p.Results)]
+    assert [r.status for r in refusal.results] == [p.Status.REJECTED]
+    assert not shell.scheduler.tasks
 
 
 def test_restored_requests_keep_their_task_ids_unique(shell: Shell) -> None:

@@ -40,6 +40,10 @@ W2 = b"worker-2"
 OTHER = b"client-2"
 
 
+def pickled_task(task_id: int) -> p.TaskSpec:
+    return task(task_id, function="pickled:<lambda>", flags=p.Flags.PICKLED)
+
+
 @pytest.fixture
 def driver() -> Driver:
     driver = Driver()
@@ -211,18 +215,33 @@ def test_pickled_task_goes_only_to_a_worker_that_allows_pickle(driver: Driver) -
     driver.ready(W1, capacity=4)
     driver.ready(W2, capacity=1, allow_pickle=True)
 
-    effects = driver.submit(
-        task(1, flags=p.Flags.PICKLED), task(2, flags=p.Flags.PICKLED)
-    )
+    effects = driver.submit(pickled_task(1), pickled_task(2))
 
     assert not assignments(effects, W1)
     assert len(assignments(effects, W2)) == 1
 
 
+def test_task_no_worker_could_serve_is_refused_and_the_others_accepted(
+    driver: Driver,
+) -> None:
+    driver.ready(W1, capacity=4, services=[FUNCTION, "mmi.service"])
+
+    effects = driver.submit(
+        task(1, function="nocolon"), task(2), task(3, function="mmi.service")
+    )
+
+    refused = {entry.task_id: error_report(entry) for entry in results(effects)}
+    assert sorted(refused) == [1, 3]
+    assert refused[1]["kind"] == "rejected"
+    assert "'module:function'" in refused[3]["message"]
+    assert accepted(effects) == [2]
+    assert [a.function for a in assignments(effects, W1)] == [FUNCTION]
+
+
 def test_pickled_task_is_refused_when_no_worker_allows_pickle(driver: Driver) -> None:
     driver.ready(W1, capacity=4)
 
-    effects = driver.submit(task(1, flags=p.Flags.PICKLED))
+    effects = driver.submit(pickled_task(1))
 
     [refusal] = results(effects)
     assert refusal.status is p.Status.REJECTED

@@ -564,11 +564,13 @@ class SchedulerMachine(RuleBasedStateMachine):
         return self._spec(data, next(self.task_ids))
 
     def _spec(self, data: st.DataObject, task_id: int) -> p.TaskSpec:
+        flags = data.draw(st.sampled_from([0, 0, 0, p.Flags.PICKLED]))
+        function = data.draw(st.sampled_from(FUNCTIONS))
         return p.TaskSpec(
             task_id=task_id,
-            function=data.draw(st.sampled_from(FUNCTIONS)),
+            function=f"pickled:{function}" if flags else function,
             payload=b"x" * data.draw(st.integers(0, 10)),
-            flags=data.draw(st.sampled_from([0, 0, 0, p.Flags.PICKLED])),
+            flags=flags,
             retries=data.draw(st.integers(0, 2)),
             sink=data.draw(st.sampled_from([None, None, SINK])),
         )
