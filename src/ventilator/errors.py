@@ -102,12 +102,18 @@ class TaskError(VentilatorError):
         refusals, timeouts, poison): then saying it again adds nothing."""
         return self.remote_type == type(self).__name__
 
-    def __str__(self) -> str:
+    @property
+    def summary(self) -> str:
+        """One line: the remote type (unless it is this class's name) and the
+        message, without the traceback."""
         # A traceback line reads "ventilator.errors.TaskRaised: ValueError: x",
         # but "ventilator.errors.TaskRejected: <reason>", not the name twice.
-        text = self.message
-        if not self._names_itself:
-            text = f"{self.remote_type}: {text}"
+        if self._names_itself:
+            return self.message
+        return f"{self.remote_type}: {self.message}"
+
+    def __str__(self) -> str:
+        text = self.summary
         if self.remote_traceback:
             text += f"\n\nRemote traceback:\n{self.remote_traceback.rstrip()}"
         return text

@@ -198,3 +198,8 @@ def test_package_exports_every_public_exception() -> None:
 
     assert public <= set(ventilator.__all__)
     assert all(getattr(ventilator, name) is getattr(errors, name) for name in public)
+
+
+def test_summary_is_one_line_without_the_traceback() -> None:
+    assert TaskRaised("ValueError", "x", TRACEBACK).summary == "ValueError: x"
+    assert PoisonTask("PoisonTask", "died twice").summary == "died twice"
