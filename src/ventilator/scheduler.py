@@ -284,6 +284,14 @@ class SinkTaken:
     sink: str
 
 
+@dataclass(frozen=True, slots=True)
+class FailureForgotten:
+    """The oldest failure records made room for new ones (`failed_kept`)."""
+
+    count: int
+    kept: int
+
+
 Notice = (
     WorkerJoined
     | WorkerDraining
@@ -294,6 +302,7 @@ Notice = (
     | Rejected
     | ResultsExpired
     | SinkTaken
+    | FailureForgotten
 )
 
 
@@ -304,13 +313,23 @@ class Effects:
     accepted: list[Task] = field(default_factory=list)
     finished: list[Task] = field(default_factory=list)
     forgotten: list[int] = field(default_factory=list)  # tickets
+    # Failure records for the operator: new ones, and tickets of those retried
+    # or dropped for room, so the journal keeps the same list as `failed`.
+    failures: list[FailedTask] = field(default_factory=list)
+    unfailed: list[int] = field(default_factory=list)
     to_clients: list[tuple[bytes, p.Command]] = field(default_factory=list)
     to_workers: list[tuple[bytes, p.Command]] = field(default_factory=list)
     notices: list[Notice] = field(default_factory=list)
 
     @property
     def journal_dirty(self) -> bool:
-        return bool(self.accepted or self.finished or self.forgotten)
+        return bool(
+            self.accepted
+            or self.finished
+            or self.forgotten
+            or self.failures
+            or self.unfailed
+        )
 
 
 class Scheduler:
@@ -1001,20 +1020,46 @@ class Scheduler:
         self, task: Task, status: p.Status, error: p.Payload, now: float
     ) -> None:
         kept = task.payload if len(task.payload) <= RETRY_PAYLOAD_BYTES else None
-        self.failed.append(
-            FailedTask(
-                task.ticket,
-                task.session,
-                task.task_id,
-                task.function,
-                status,
-                error,
-                now,
-                bytes(kept) if kept is not None else None,
-                task.flags,
-                task.timeout_s,
-            )
+        record = FailedTask(
+            task.ticket,
+            task.session,
+            task.task_id,
+            task.function,
+            status,
+            bytes(error),
+            now,
+            bytes(kept) if kept is not None else None,
+            task.flags,
+            task.timeout_s,
         )
+        if self._keep_failure(record):
+            self._effects.failures.append(record)
+
+    def _keep_failure(self, record: FailedTask) -> bool:
+        """Add `record` to the bounded list, the oldest making room; return
+        whether it was kept (not when the bound is 0)."""
+        kept = self.failed.maxlen or 0
+        if not kept:
+            return False
+        if len(self.failed) >= kept:
+            oldest = self.failed.popleft()
+            self._effects.unfailed.append(oldest.ticket)
+            self._note_failure_forgotten(kept)
+        self.failed.append(record)
+        return True
+
+    def _note_failure_forgotten(self, kept: int) -> None:
+        # One notice per run of them: a storm of failures is one log line.
+        notices = self._effects.notices
+        last = notices[-1] if notices else None
+        if isinstance(last, FailureForgotten):
+            notices[-1] = FailureForgotten(last.count + 1, kept)
+        else:
+            notices.append(FailureForgotten(1, kept))
+
+    def _unfail(self, record: FailedTask) -> None:
+        self.failed.remove(record)
+        self._effects.unfailed.append(record.ticket)
 
     def _replace_result(self, task: Task, result: p.Payload) -> None:
         self._count_bytes(task, len(result) - len(task.result))
@@ -1213,6 +1258,11 @@ class Scheduler:
         else:
             self._enqueue(task)
 
+    def restore_failure(self, record: FailedTask) -> None:
+        """Take back a failure record from the journal after a restart, oldest
+        first; `record.failed_at` must be on this process's clock."""
+        self._keep_failure(record)
+
     def status(self, now: float) -> dict[str, object]:
         """A plain-data picture of the broker, for `ventilator status`.
 
@@ -1329,7 +1379,7 @@ class Scheduler:
                 sink=sink,
             )
             self._accept(RETRY_SESSION, spec, now)
-            self.failed.remove(record)
+            self._unfail(record)
             retried.append(record.ticket)
 
         unknown = sorted(wanted - {r.ticket for r in chosen})
@@ -1414,6 +1464,8 @@ class Scheduler:
                 self._check_nobody_idles_for(task)
         self._check_stale_counts()
         self._check_byte_counts()
+        failed = [record.ticket for record in self.failed]
+        assert len(set(failed)) == len(failed), "a failure remembered twice"
 
     def _check_nobody_idles_for(self, task: Task) -> None:
         for worker in self.workers.values():

@@ -65,6 +65,7 @@ LIMITS = Limits(
     max_attempts=2,
     result_ttl_s=40.0,
     retry_backoff=Backoff(base_s=0.5, cap_s=2.0, jitter=0.5),
+    failed_kept=3,  # small, so the oldest make room often
 )
 
 
@@ -103,6 +104,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.recipient_of: dict[Key, str] = {}  # accepted tasks: who gets the result
         self.submitted: dict[bytes, list[p.TaskSpec]] = {}
         self.given_up: list[p.Assignment] = []  # assignments of dead workers
+        # The failure records a journal would hold, from the effects alone.
+        self.journalled_failures: set[int] = set()
         # Start with someone to talk to, so that short runs reach deep states.
         for name in self.recipients:
             if name != TITANIC:  # Titanic's results wait; nobody reads them
@@ -443,6 +446,12 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert held == set(worker.holding), worker.worker_id
 
     @invariant()
+    def the_journal_keeps_the_failed_list_the_scheduler_keeps(self) -> None:
+        remembered = {record.ticket for record in self.scheduler.failed}
+        assert self.journalled_failures == remembered
+        assert len(self.scheduler.failed) <= LIMITS.failed_kept
+
+    @invariant()
     def every_task_finishes_at_most_once(self) -> None:
         totals = self.scheduler.totals()
         finished = totals["completed"] + totals["failed"] + totals["cancelled"]
@@ -480,6 +489,8 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     def _flush(self) -> Effects:
         effects = self.scheduler.flush()
+        self.journalled_failures |= {record.ticket for record in effects.failures}
+        self.journalled_failures -= set(effects.unfailed)
         for peer, command in effects.to_workers:
             if isinstance(command, p.Tasks):
                 self._assigned(peer, command.tasks)
