@@ -530,10 +530,15 @@ class Scheduler:
         if name is None:
             return None
 
-        recipient = self.recipients[name]
-        if recipient.peer is None:
+        recipient = self.recipients.get(name)
+        if recipient is not None and recipient.peer is None:
             # It was given up on (silence, or a send failed) and speaks again.
             self._attach(recipient, peer, now)
+        elif recipient is None or recipient.peer != peer:
+            # Another connection took the name meanwhile (a sink's successor):
+            # this one must say HELLO again, and hear whether it may.
+            del self._recipient_of_peer[peer]
+            return None
         recipient.last_seen = now
         return recipient
 

@@ -394,6 +394,22 @@ def test_a_sink_is_another_process_s_once_its_receiver_left(
     assert [r.origin for r in results(effects, SINK_B)] == ["alice"]
 
 
+def test_a_sink_given_up_on_hears_that_its_name_was_taken(driver: Driver) -> None:
+    sink_with_one_result_delivered(driver)
+    driver.client(CLIENT, p.Heartbeat())
+    driver.tick(3.5)  # SINK_A fell silent: given up on
+    driver.hello(SINK_B, session="reader-b", sink="totals")
+
+    effects = driver.client(SINK_A, p.Ack([("alice", 1)]))
+
+    assert error_codes(effects, SINK_A) == ["hello_first"]
+    assert not effects.forgotten, "the old receiver acknowledged the new one's"
+    assert driver.scheduler.recipients[sink_recipient("totals")].peer == SINK_B
+    assert error_codes(driver.hello(SINK_A, "reader-a", "totals"), SINK_A) == [
+        "sink_taken"
+    ]
+
+
 def test_acknowledged_result_is_forgotten(driver: Driver) -> None:
     driver.submit(task(1))
     driver.done(W1, assignments(driver.ready(W1), W1)[0])
