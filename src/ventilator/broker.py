@@ -290,6 +290,11 @@ class Broker:
         for task in tasks:
             self._scheduler.restore(task, now)
         finished = sum(1 for task in tasks if task.state is s.State.FINISHED)
+        failures = self._journal.load_failures()
+        for record in failures:
+            self._scheduler.restore_failure(record)
+        if failures:
+            log.info("journal replay: %d failed tasks remembered", len(failures))
         return len(tasks) - finished, finished
 
     def stop(self) -> None:
@@ -525,7 +530,13 @@ class Broker:
 
     def _carry_out(self, effects: s.Effects, now: float) -> None:
         if effects.journal_dirty:
-            self._journal.commit(effects.accepted, effects.finished, effects.forgotten)
+            self._journal.commit(
+                effects.accepted,
+                effects.finished,
+                effects.forgotten,
+                effects.failures,
+                effects.unfailed,
+            )
         if self.telemetry is not None:
             self.telemetry.record(effects)
         gateway = self._gateway
@@ -723,3 +734,14 @@ def _log_notice(notice: s.Notice) -> None:
         )
     elif isinstance(notice, s.ResultsExpired):
         log.warning("dropped %d results nobody collected (result_ttl_s)", notice.count)
+    elif isinstance(notice, s.FailureForgotten):
+        log.info(
+            "forgot the %d oldest failed tasks: the broker remembers the latest "
+            "%d (failed_kept); those can no longer be retried",
+            notice.count,
+            notice.kept,
+        )
+    elif isinstance(notice, s.SinkTaken):
+        log.warning(
+            "refused a second receiver of sink=%s; the first one keeps it", notice.sink
+        )

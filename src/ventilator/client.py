@@ -26,7 +26,6 @@ import logging
 import math
 import os
 import queue
-import re
 import secrets
 import sys
 import threading
@@ -635,11 +634,9 @@ class Client:
     def _name_of(self, function: str | Callable[..., Any]) -> tuple[str, int]:
         """The name a task of `function` goes by, and its flags."""
         if isinstance(function, str):
-            if not _TASK_NAME.fullmatch(function):
-                raise UsageError(
-                    f"expected 'module:function' naming a public function, got "
-                    f"{function!r}"
-                )
+            problem = p.submission_problem(function, p.Flags.NONE)
+            if problem is not None:
+                raise UsageError(problem)
             return function, p.Flags.NONE
 
         importable = _importable_name(function)
@@ -653,7 +650,7 @@ class Client:
                 "--allow-pickle)"
             )
         label = getattr(function, "__qualname__", type(function).__name__)
-        return f"pickled:{label}", p.Flags.PICKLED
+        return f"{p.PICKLED_PREFIX}{label}", p.Flags.PICKLED
 
     def _enqueue(
         self,
@@ -994,10 +991,6 @@ class ClientExecutor(Executor):
             for future in futures:
                 with contextlib.suppress(BaseException):
                     future.exception()
-
-
-# A dotted module path, a colon, and a public name: what workers can serve.
-_TASK_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z]\w*")
 
 
 def _batches(specs: list[p.TaskSpec]) -> Iterator[list[p.TaskSpec]]:

@@ -69,6 +69,9 @@ class ProtocolError(VentilatorError):
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (str(self), self.code))
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self)!r}, code={self.code!r})"
+
 
 class TaskError(VentilatorError):
     """A task ended without a result.
@@ -85,7 +88,7 @@ class TaskError(VentilatorError):
     def __init__(
         self, remote_type: str, message: str, remote_traceback: str = ""
     ) -> None:
-        super().__init__(f"{remote_type}: {message}")
+        super().__init__(remote_type, message)
         self.remote_type = remote_type
         self.message = message
         self.remote_traceback = remote_traceback
@@ -93,11 +96,33 @@ class TaskError(VentilatorError):
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.remote_type, self.message, self.remote_traceback))
 
+    @property
+    def _names_itself(self) -> bool:
+        """Whether the remote type is only this class's own name (the broker's
+        refusals, timeouts, poison): then saying it again adds nothing."""
+        return self.remote_type == type(self).__name__
+
+    @property
+    def summary(self) -> str:
+        """One line: the remote type (unless it is this class's name) and the
+        message, without the traceback."""
+        # A traceback line reads "ventilator.errors.TaskRaised: ValueError: x",
+        # but "ventilator.errors.TaskRejected: <reason>", not the name twice.
+        if self._names_itself:
+            return self.message
+        return f"{self.remote_type}: {self.message}"
+
     def __str__(self) -> str:
-        text = f"{self.remote_type}: {self.message}"
+        text = self.summary
         if self.remote_traceback:
             text += f"\n\nRemote traceback:\n{self.remote_traceback.rstrip()}"
         return text
+
+    def __repr__(self) -> str:
+        name = type(self).__name__
+        if self._names_itself:
+            return f"{name}(message={self.message!r})"
+        return f"{name}(remote_type={self.remote_type!r}, message={self.message!r})"
 
     def to_wire(self) -> dict[str, str]:
         """The error as a plain dict that msgpack and JSON can carry."""

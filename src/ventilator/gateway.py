@@ -19,10 +19,19 @@ Mapping (peer keys are the broker's namespaced routing ids):
   client address, which the worker echoes in its REPLY -> a DONE outcome.
 - ``mmi.*`` (8/MMI) and ``titanic.*`` (9/TSP) are answered here.
 
-A request that fails (poison, a ventilator worker's exception, refused for the
-broker's limits) gets no reply: 7/MDP has no error reply, and a body the
-client would take for its worker's answer would be worse than silence. The
-broker logs it; the client's own timeout decides, as 7/MDP recommends.
+7/MDP has no error reply, but a client left without one can only time out
+and resend, for ever if the request always fails. So a request that cannot be
+served gets a REPLY on its service whose body is one status frame, in the
+codes of 9/TSP (Titanic) and 8/MMI, as `titanic.reply` answers here too:
+
+- ``500 <reason>``: the broker did not take the request (its limits: payload
+  size, queue or client window full); it may take it later.
+- ``400 <kind>: <reason>``: the request was taken and failed for good (a
+  worker died under it max_attempts times, a ventilator worker's function
+  raised, the reply was over the size limit, it expired or was cancelled).
+
+A service whose own replies may start with such a frame is ambiguous to its
+clients; 7/MDP leaves no room for an unambiguous marker.
 
 No sockets and no clock here (time is passed in); it logs, like the shells.
 """
@@ -37,8 +46,8 @@ from typing import Any
 from . import mdp
 from . import protocol as p
 from . import scheduler as s
-from .errors import ProtocolError, TaskRejected
-from .serialization import pack_error
+from .errors import ProtocolError, TaskRejected, task_error_from_wire
+from .serialization import pack_error, unpack_value
 from .titanic import Titanic
 
 __all__ = ["MdpGateway", "MdpSettings"]
@@ -46,6 +55,11 @@ __all__ = ["MdpGateway", "MdpSettings"]
 log = logging.getLogger(__name__)
 
 Frames = list[bytes]
+
+# The status codes of a reply the broker makes for a request it cannot serve
+# (9/TSP's meanings): not taken, try later; taken and failed, do not retry.
+TRY_LATER = "500"
+FAILED_FOR_GOOD = "400"
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,11 +179,13 @@ class MdpGateway:
         refusal = self._scheduler.accept_task(name, spec, now)
         if refusal is not None:
             log.warning(
-                "refused an MDP request client=%s service=%s; it gets no reply: %s",
+                "refused an MDP request client=%s service=%s; replied 500: %s",
                 peer.hex(),
                 request.service,
                 refusal,
             )
+            body = [f"{TRY_LATER} {refusal}".encode()]
+            self.outbox.append((peer, mdp.client_reply(request.service, body)))
             self._scheduler.detach_if_idle(name)
         else:
             log.debug(
@@ -297,23 +313,30 @@ class MdpGateway:
         self, peer: bytes, name: str, entry: p.ResultEntry
     ) -> Frames | None:
         task = self._scheduler.find_task(name, entry.task_id)
-        service = task.function if task is not None else ""
-        if entry.status is not p.Status.OK or task is None:
+        if task is None:
+            # Without the task there is no service name to reply on.
             log.warning(
-                "MDP request failed client=%s service=%s status=%s; 7/MDP has no "
-                "error reply, so the client gets none",
+                "dropped a result for MDP client=%s task=%d: the task is gone",
                 peer.hex(),
-                service,
-                entry.status.name,
+                entry.task_id,
             )
             return None
-        try:
-            return mdp.client_reply(service, mdp.unpack_body(entry.payload))
-        except ProtocolError as exc:
-            log.warning(
-                "dropped a reply for client=%s service=%s: %s", peer.hex(), service, exc
-            )
-            return None
+        service = task.function
+        if entry.status is p.Status.OK:
+            try:
+                return mdp.client_reply(service, mdp.unpack_body(entry.payload))
+            except ProtocolError as exc:
+                reason = f"the service's reply is not an MDP body: {exc}"
+        else:
+            reason = _failure(entry)
+        log.warning(
+            "MDP request failed client=%s service=%s; replied %s %s",
+            peer.hex(),
+            service,
+            FAILED_FOR_GOOD,
+            reason,
+        )
+        return mdp.client_reply(service, [f"{FAILED_FOR_GOOD} {reason}".encode()])
 
     def delivered(self, peer: bytes, command: p.Command, now: float) -> None:
         """`command`'s replies reached `peer`'s socket: acknowledge on its
@@ -338,3 +361,14 @@ def _address(assignment: p.Assignment | s.Task) -> bytes:
 
 def _error_report(message: str) -> bytes:
     return pack_error(TaskRejected("NotAnMdpRequest", message))
+
+
+def _failure(entry: p.ResultEntry) -> str:
+    """Why a request failed, in one line: its kind and the error's summary."""
+    if entry.status is p.Status.CANCELLED:
+        return "cancelled: by its client or an operator before it ran"
+    try:
+        error = task_error_from_wire(unpack_value(entry.payload))
+    except Exception:  # msgpack raises a family of unrelated types
+        return f"{entry.status.name.lower()}: undecodable error report"
+    return f"{error.kind}: {error.summary}"

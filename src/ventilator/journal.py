@@ -1,7 +1,10 @@
-"""The durable record of accepted tasks and undelivered results.
+"""The durable record of accepted tasks, undelivered results and failures.
 
 SQLite in WAL mode: one row per task, written when the broker accepts it,
 updated when it finishes, deleted when its recipient acknowledges the result.
+Beside them, the operator's list of failed tasks (`Scheduler.failed`): a row
+per failure, written when the task fails, deleted when an operator retries it
+or a newer failure takes its place in the bounded list.
 The broker commits once per loop turn (group commit), before it tells anyone
 anything, so a task a client heard "accepted" for is on disk. Payloads and
 results larger than a few KiB go to append-only segment files beside the
@@ -22,13 +25,14 @@ from __future__ import annotations
 import fcntl
 import logging
 import sqlite3
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Protocol
 
 from . import protocol as p
 from .errors import UsageError
-from .scheduler import State, Task
+from .scheduler import FailedTask, State, Task
 from .segments import INLINE_MAX_BYTES, BlobRef, SegmentStore
 
 __all__ = [
@@ -60,6 +64,22 @@ CREATE TABLE IF NOT EXISTS tasks (
     result_ref  BLOB   -- where a large result lies, else NULL
 )
 """
+# Failure records: when a task failed is kept as wall-clock time, since the
+# broker's monotonic clock starts again with the process.
+_FAILED_SCHEMA = """
+CREATE TABLE IF NOT EXISTS failed (
+    ticket      INTEGER PRIMARY KEY,
+    session     TEXT    NOT NULL,
+    task_id     INTEGER NOT NULL,
+    function    TEXT    NOT NULL,
+    status      INTEGER NOT NULL,
+    error       BLOB    NOT NULL,
+    failed_wall REAL    NOT NULL,
+    payload     BLOB,  -- the arguments for a retry; NULL when too large to keep
+    flags       INTEGER NOT NULL,
+    timeout_s   REAL
+)
+"""
 # Columns that journals of earlier versions lack, added when they are opened.
 _ADDED_COLUMNS = {"payload_ref": "BLOB", "result_ref": "BLOB"}
 
@@ -71,13 +91,20 @@ class Journal(Protocol):
         """Every task still on record, oldest first, with its ticket."""
         ...
 
+    def load_failures(self) -> list[FailedTask]:
+        """The failure records, oldest first, `failed_at` on the monotonic clock."""
+        ...
+
     def commit(
         self,
         accepted: Iterable[Task],
         finished: Iterable[Task],
         forgotten: Iterable[int],
+        failures: Iterable[FailedTask] = (),
+        unfailed: Iterable[int] = (),
     ) -> None:
-        """Record one loop turn's changes atomically."""
+        """Record one loop turn's changes atomically: tasks accepted, finished
+        and forgotten; failure records added and removed (by ticket)."""
         ...
 
     def close(self) -> None: ...
@@ -89,11 +116,16 @@ class MemoryJournal:
     def load(self) -> list[Task]:
         return []
 
+    def load_failures(self) -> list[FailedTask]:
+        return []
+
     def commit(
         self,
         accepted: Iterable[Task],
         finished: Iterable[Task],
         forgotten: Iterable[int],
+        failures: Iterable[FailedTask] = (),
+        unfailed: Iterable[int] = (),
     ) -> None:
         pass
 
@@ -112,6 +144,7 @@ class SqliteJournal:
         sync = "FULL" if durability == "power" else "NORMAL"
         self._db.execute(f"PRAGMA synchronous={sync}")
         self._db.execute(_SCHEMA)
+        self._db.execute(_FAILED_SCHEMA)
         self._add_missing_columns()
         self._segments = SegmentStore(
             Path(f"{self.path}.blobs"), fsync=durability == "power"
@@ -144,6 +177,15 @@ class SqliteJournal:
         self._segments.collect_unreferenced_on_disk()
         return tasks
 
+    def load_failures(self) -> list[FailedTask]:
+        rows = self._db.execute(
+            "SELECT ticket, session, task_id, function, status, error, failed_wall,"
+            " payload, flags, timeout_s FROM failed ORDER BY failed_wall, ticket"
+        )
+        # Ages carry over a restart; the monotonic clock does not.
+        now_wall, now = time.time(), time.monotonic()
+        return [_failure_from_row(row, now_wall, now) for row in rows]
+
     def _adopt(self, refs: dict[int, BlobRef], task: Task, packed: bytes) -> bytes:
         ref = BlobRef.unpack(packed)
         refs[task.ticket] = ref
@@ -155,6 +197,8 @@ class SqliteJournal:
         accepted: Iterable[Task],
         finished: Iterable[Task],
         forgotten: Iterable[int],
+        failures: Iterable[FailedTask] = (),
+        unfailed: Iterable[int] = (),
     ) -> None:
         # Blobs first, then the rows that refer to them; blobs the turn no
         # longer needs are released only once the rows that held them are gone.
@@ -180,6 +224,7 @@ class SqliteJournal:
                 finished_rows,
             )
             db.executemany("DELETE FROM tasks WHERE seq = ?", forgotten_rows)
+            self._write_failures(failures, unfailed)
         except BaseException:
             db.execute("ROLLBACK")
             raise
@@ -188,6 +233,21 @@ class SqliteJournal:
         for ref in released:
             self._segments.release(ref)
         self._segments.collect()
+
+    def _write_failures(
+        self, failures: Iterable[FailedTask], unfailed: Iterable[int]
+    ) -> None:
+        # Added before removed: a record may come and go in one turn.
+        failed_wall = time.time()  # the records were made in this loop turn
+        self._db.executemany(
+            "INSERT OR REPLACE INTO failed (ticket, session, task_id, function,"
+            " status, error, failed_wall, payload, flags, timeout_s)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [_failure_row(record, failed_wall) for record in failures],
+        )
+        self._db.executemany(
+            "DELETE FROM failed WHERE ticket = ?", [(t,) for t in unfailed]
+        )
 
     def _accepted_row(self, task: Task) -> tuple[object, ...]:
         payload, ref = self._store(task.payload, self._payload_refs, task.ticket)
@@ -298,3 +358,38 @@ def _task_from_row(row: tuple[object, ...]) -> Task:
         task.status = p.Status(int(status))  # type: ignore[call-overload]
         task.result = bytes(result or b"")  # type: ignore[call-overload]
     return task
+
+
+def _failure_row(record: FailedTask, failed_wall: float) -> tuple[object, ...]:
+    return (
+        record.ticket,
+        record.session,
+        record.task_id,
+        record.function,
+        int(record.status),
+        bytes(record.error),
+        failed_wall,
+        record.payload,
+        record.flags,
+        record.timeout_s,
+    )
+
+
+def _failure_from_row(
+    row: tuple[object, ...], now_wall: float, now: float
+) -> FailedTask:
+    ticket, session, task_id, function, status, error, failed_wall = row[:7]
+    payload, flags, timeout_s = row[7:]
+    age_s = max(0.0, now_wall - float(failed_wall))  # type: ignore[arg-type]
+    return FailedTask(
+        ticket=int(ticket),  # type: ignore[call-overload]
+        session=str(session),
+        task_id=int(task_id),  # type: ignore[call-overload]
+        function=str(function),
+        status=p.Status(int(status)),  # type: ignore[call-overload]
+        error=bytes(error),  # type: ignore[call-overload]
+        failed_at=now - age_s,
+        payload=None if payload is None else bytes(payload),  # type: ignore[call-overload]
+        flags=int(flags),  # type: ignore[call-overload]
+        timeout_s=None if timeout_s is None else float(timeout_s),  # type: ignore[arg-type]
+    )

@@ -23,6 +23,7 @@ This module is pure: no sockets, no clock, no logging.
 from __future__ import annotations
 
 import enum
+import re
 import reprlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -95,6 +96,50 @@ class Flags(enum.IntFlag):
     # makes a tiny function cost a fraction of a task per item.
     BATCH = 2
     RAW = 4  # the payload is an MDP body, frames packed by mdp.pack_body
+
+
+# What a task's function is called. A dotted module path, a colon and a public
+# name is what workers serve; a pickled callable is ``pickled:`` and a label
+# (its qualname, shown to operators; the queue is the pickle queue whatever it
+# says). ``mdp:`` names are the broker's MDP services, which only its gateway
+# submits (with `Flags.RAW`).
+TASK_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z]\w*")
+PICKLED_PREFIX = "pickled:"
+MDP_PREFIX = "mdp:"
+# A plain int: `~` on an IntFlag complements only its known bits.
+CLIENT_FLAGS = int(Flags.PICKLED | Flags.BATCH)
+
+
+def submission_problem(function: str, flags: int) -> str | None:
+    """Why no worker could ever run a task a client submitted under this name
+    and flags, naming the rule it breaks; None when it is a name our clients send.
+
+    Such a task would otherwise wait in a queue nobody serves, for ever.
+    """
+    if flags & ~CLIENT_FLAGS:
+        return (
+            f"task flags {flags} are not a client's: clients may set PICKLED (1) "
+            "and BATCH (2)"
+        )
+    if flags & Flags.PICKLED:
+        if not function.startswith(PICKLED_PREFIX):
+            return (
+                f"a pickled callable's name must start with {PICKLED_PREFIX!r}, "
+                f"got {function!r}"
+            )
+        return None
+    if function.startswith(MDP_PREFIX):
+        return (
+            f"function {function!r}: names starting {MDP_PREFIX!r} are the "
+            "broker's MDP services; MDP clients reach them"
+        )
+    if not TASK_NAME.fullmatch(function):
+        return (
+            f"function {function!r} is not 'module:function' (a dotted module "
+            "path, a colon and a public function name), the only names workers "
+            "serve"
+        )
+    return None
 
 
 # --- commands ------------------------------------------------------------------

@@ -162,6 +162,9 @@ class Recipient:
     unacked: dict[int, None] = field(default_factory=dict)  # delivered, in order
     # MDP clients never heartbeat while they wait: their silence is not absence.
     expires: bool = True
+    # For a sink: the session of the process receiving it. One process at a
+    # time receives a sink; another is refused while this one is connected.
+    holder: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,6 +277,21 @@ class ResultsExpired:
     count: int
 
 
+@dataclass(frozen=True, slots=True)
+class SinkTaken:
+    """A second process asked to receive a sink that one already receives."""
+
+    sink: str
+
+
+@dataclass(frozen=True, slots=True)
+class FailureForgotten:
+    """The oldest failure records made room for new ones (`failed_kept`)."""
+
+    count: int
+    kept: int
+
+
 Notice = (
     WorkerJoined
     | WorkerDraining
@@ -283,6 +301,8 @@ Notice = (
     | ClientLost
     | Rejected
     | ResultsExpired
+    | SinkTaken
+    | FailureForgotten
 )
 
 
@@ -293,13 +313,23 @@ class Effects:
     accepted: list[Task] = field(default_factory=list)
     finished: list[Task] = field(default_factory=list)
     forgotten: list[int] = field(default_factory=list)  # tickets
+    # Failure records for the operator: new ones, and tickets of those retried
+    # or dropped for room, so the journal keeps the same list as `failed`.
+    failures: list[FailedTask] = field(default_factory=list)
+    unfailed: list[int] = field(default_factory=list)
     to_clients: list[tuple[bytes, p.Command]] = field(default_factory=list)
     to_workers: list[tuple[bytes, p.Command]] = field(default_factory=list)
     notices: list[Notice] = field(default_factory=list)
 
     @property
     def journal_dirty(self) -> bool:
-        return bool(self.accepted or self.finished or self.forgotten)
+        return bool(
+            self.accepted
+            or self.finished
+            or self.forgotten
+            or self.failures
+            or self.unfailed
+        )
 
 
 class Scheduler:
@@ -394,9 +424,38 @@ class Scheduler:
             self._effects.to_clients.append((peer, p.Error("reserved_name", message)))
             return
 
-        name = sink_recipient(hello.sink) if hello.sink else hello.session
-        self.attach_recipient(peer, name, now)
+        if hello.sink is None:
+            self.attach_recipient(peer, hello.session, now)
+        elif not self._attach_sink(peer, hello.sink, hello.session, now):
+            return
         self._effects.to_clients.append((peer, self._welcome()))
+
+    def _attach_sink(self, peer: bytes, sink: str, session: str, now: float) -> bool:
+        """Attach `peer` as the receiver of `sink`, unless another process is.
+
+        Two receivers of one name used to evict each other on every heartbeat.
+        The same process on a new connection (its session) takes over, since
+        its old connection is gone; another is refused until the holder leaves
+        or is given up on, and its HELLO changes nothing.
+        """
+        recipient = self.recipients.get(sink_recipient(sink))
+        if (
+            recipient is not None
+            and recipient.peer is not None
+            and recipient.peer != peer
+            and recipient.holder != session
+        ):
+            message = (
+                f"sink {sink!r} is being received by another process; one process "
+                "receives a sink at a time: stop that one, or use another name"
+            )
+            self._effects.to_clients.append((peer, p.Error("sink_taken", message)))
+            self._effects.notices.append(SinkTaken(sink))
+            return False
+
+        self.attach_recipient(peer, sink_recipient(sink), now)
+        self.recipients[sink_recipient(sink)].holder = session
+        return True
 
     def attach_recipient(
         self,
@@ -471,10 +530,15 @@ class Scheduler:
         if name is None:
             return None
 
-        recipient = self.recipients[name]
-        if recipient.peer is None:
+        recipient = self.recipients.get(name)
+        if recipient is not None and recipient.peer is None:
             # It was given up on (silence, or a send failed) and speaks again.
             self._attach(recipient, peer, now)
+        elif recipient is None or recipient.peer != peer:
+            # Another connection took the name meanwhile (a sink's successor):
+            # this one must say HELLO again, and hear whether it may.
+            del self._recipient_of_peer[peer]
+            return None
         recipient.last_seen = now
         return recipient
 
@@ -489,7 +553,9 @@ class Scheduler:
                 accepted[spec.task_id] = None  # a resubmission: already ours
                 continue
 
-            reason = self._refusal(session, spec, pickle_served)
+            reason = p.submission_problem(spec.function, spec.flags)
+            if reason is None:
+                reason = self._refusal(session, spec, pickle_served)
             if reason is not None:
                 self._reject(peer, session, spec.task_id, reason)
                 continue
@@ -959,20 +1025,46 @@ class Scheduler:
         self, task: Task, status: p.Status, error: p.Payload, now: float
     ) -> None:
         kept = task.payload if len(task.payload) <= RETRY_PAYLOAD_BYTES else None
-        self.failed.append(
-            FailedTask(
-                task.ticket,
-                task.session,
-                task.task_id,
-                task.function,
-                status,
-                error,
-                now,
-                bytes(kept) if kept is not None else None,
-                task.flags,
-                task.timeout_s,
-            )
+        record = FailedTask(
+            task.ticket,
+            task.session,
+            task.task_id,
+            task.function,
+            status,
+            bytes(error),
+            now,
+            bytes(kept) if kept is not None else None,
+            task.flags,
+            task.timeout_s,
         )
+        if self._keep_failure(record):
+            self._effects.failures.append(record)
+
+    def _keep_failure(self, record: FailedTask) -> bool:
+        """Add `record` to the bounded list, the oldest making room; return
+        whether it was kept (not when the bound is 0)."""
+        kept = self.failed.maxlen or 0
+        if not kept:
+            return False
+        if len(self.failed) >= kept:
+            oldest = self.failed.popleft()
+            self._effects.unfailed.append(oldest.ticket)
+            self._note_failure_forgotten(kept)
+        self.failed.append(record)
+        return True
+
+    def _note_failure_forgotten(self, kept: int) -> None:
+        # One notice per run of them: a storm of failures is one log line.
+        notices = self._effects.notices
+        last = notices[-1] if notices else None
+        if isinstance(last, FailureForgotten):
+            notices[-1] = FailureForgotten(last.count + 1, kept)
+        else:
+            notices.append(FailureForgotten(1, kept))
+
+    def _unfail(self, record: FailedTask) -> None:
+        self.failed.remove(record)
+        self._effects.unfailed.append(record.ticket)
 
     def _replace_result(self, task: Task, result: p.Payload) -> None:
         self._count_bytes(task, len(result) - len(task.result))
@@ -1171,6 +1263,11 @@ class Scheduler:
         else:
             self._enqueue(task)
 
+    def restore_failure(self, record: FailedTask) -> None:
+        """Take back a failure record from the journal after a restart, oldest
+        first; `record.failed_at` must be on this process's clock."""
+        self._keep_failure(record)
+
     def status(self, now: float) -> dict[str, object]:
         """A plain-data picture of the broker, for `ventilator status`.
 
@@ -1287,7 +1384,7 @@ class Scheduler:
                 sink=sink,
             )
             self._accept(RETRY_SESSION, spec, now)
-            self.failed.remove(record)
+            self._unfail(record)
             retried.append(record.ticket)
 
         unknown = sorted(wanted - {r.ticket for r in chosen})
@@ -1362,6 +1459,8 @@ class Scheduler:
             if recipient.peer is not None:
                 owner = self._recipient_of_peer.get(recipient.peer)
                 assert owner == recipient.name, f"{recipient.name} not on its peer"
+            is_sink = recipient.name.startswith(sink_recipient(""))
+            assert recipient.holder is None or is_sink, f"{recipient.name} held"
 
         queued = {t for q in self._queues.values() for t in q}
         for task in self.tasks.values():
@@ -1370,6 +1469,8 @@ class Scheduler:
                 self._check_nobody_idles_for(task)
         self._check_stale_counts()
         self._check_byte_counts()
+        failed = [record.ticket for record in self.failed]
+        assert len(set(failed)) == len(failed), "a failure remembered twice"
 
     def _check_nobody_idles_for(self, task: Task) -> None:
         for worker in self.workers.values():

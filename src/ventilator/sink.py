@@ -4,6 +4,11 @@ Tasks submitted with ``sink=NAME`` send their results to whichever process
 registered NAME, not to their submitter. The broker keeps those results until
 the sink acknowledges them, so a sink may start late, or restart, and still
 receive everything.
+
+One process receives a sink at a time. A second one is refused while the first
+is connected; it keeps asking for a few seconds (a restarted sink may start
+before the broker noticed that its predecessor died), then gives up with a
+`UsageError`.
 """
 
 from __future__ import annotations
@@ -21,13 +26,18 @@ from . import _wire
 from . import protocol as p
 from ._timing import poll_timeout_ms
 from .client import DEFAULT_ADDRESS
-from .errors import TaskError, task_error_from_wire
+from .errors import TaskError, UsageError, task_error_from_wire
 from .security import client_keys
 from .serialization import unpack_value
 
 __all__ = ["Sink", "SinkResult"]
 
 log = logging.getLogger(__name__)
+
+# How long a sink whose name another process receives keeps asking for it. The
+# broker notices a killed receiver at its next heartbeat to it (1 s by default)
+# and a vanished host after 3 silent heartbeat intervals.
+TAKEN_WAIT_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,11 +66,16 @@ class Sink:
         context: zmq.Context[Any] | None = None,
         secret_key: str | None = None,
         broker_key: str | None = None,
+        taken_wait_s: float = TAKEN_WAIT_S,
     ) -> None:
         curve = client_keys(secret_key, broker_key)  # as for Client
         self.name = name
         self.address = address
         self._heartbeat_interval_s = heartbeat_interval_s
+        self._taken_wait_s = taken_wait_s
+        # Since when, and why, the broker refuses us the name (None: it has not).
+        self._refused_since: float | None = None
+        self._refusal = ""
         self._context = context or zmq.Context.instance()
         _wire.check_endpoint(address, "the broker address")
         self._socket = self._context.socket(zmq.DEALER)
@@ -72,7 +87,7 @@ class Sink:
         # Whether a broker ever answered our HELLO: a sink that waited for
         # results at a wrong address must be able to say so.
         self.welcomed = False
-        self._send(p.Hello(self._session, sink=name))
+        self._send(self._hello())
 
     def __enter__(self) -> Sink:
         return self
@@ -86,6 +101,10 @@ class Sink:
         Args:
             idle_timeout_s: stop after this long without a result; None waits
                 for ever (until the generator is closed).
+
+        Raises:
+            UsageError: another process receives this sink and kept it for
+                `taken_wait_s`, or this key may not receive it (CURVE rights).
         """
         last_result = time.monotonic()
         next_beat = last_result + self._heartbeat_interval_s
@@ -97,8 +116,12 @@ class Sink:
                 self._send(p.Ack([(r.session, r.task_id) for r in batch]))
                 last_result = time.monotonic()
             if time.monotonic() >= next_beat:
-                self._send(p.Heartbeat())
+                # Refused, we ask for the name again instead of heartbeating.
+                refused = self._refused_since is not None
+                self._send(self._hello() if refused else p.Heartbeat())
                 next_beat = time.monotonic() + self._heartbeat_interval_s
+        if self._refused_since is not None:
+            raise UsageError(self._refusal)
 
     def _wait_ms(self, next_beat: float, last: float, idle_s: float | None) -> int:
         wake_at = next_beat if idle_s is None else min(next_beat, last + idle_s)
@@ -109,13 +132,39 @@ class Sink:
         for command in _wire.receive(self._socket, p.TO_CLIENT):
             if isinstance(command, p.Welcome):
                 self.welcomed = True
+                self._refused_since = None
             elif isinstance(command, p.Results):
                 batch.extend(_result(entry) for entry in command.results)
-            elif isinstance(command, p.Error) and command.code == "hello_first":
-                # A restarted broker: register the name again; it kept our results.
-                log.warning("the broker does not know this sink; registering again")
-                self._send(p.Hello(self._session, sink=self.name))
+            elif isinstance(command, p.Error):
+                self._refused(command)
         return batch
+
+    def _refused(self, error: p.Error) -> None:
+        """Act on the broker's refusal of our last message."""
+        if error.code == "hello_first":
+            # A restarted broker: register the name again; it kept our results.
+            log.warning("the broker does not know this sink; registering again")
+            self._send(self._hello())
+        elif error.code == "sink_taken":
+            self._taken(error.message)
+        elif error.code == "forbidden":
+            raise UsageError(error.message)
+        else:
+            log.warning(
+                "the broker refused a message code=%s: %s", error.code, error.message
+            )
+
+    def _taken(self, message: str) -> None:
+        now = time.monotonic()
+        self._refusal = message
+        if self._refused_since is None:
+            log.warning("%s; asking again for %gs", message, self._taken_wait_s)
+            self._refused_since = now
+        elif now - self._refused_since >= self._taken_wait_s:
+            raise UsageError(message)
+
+    def _hello(self) -> p.Hello:
+        return p.Hello(self._session, sink=self.name)
 
     def _send(self, command: p.Command) -> None:
         _wire.send(self._socket, command)

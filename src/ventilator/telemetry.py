@@ -8,10 +8,23 @@ status, totals, a minute-by-minute history, histogram buckets) and swaps it in
 with one attribute assignment. Readers in other threads (the HTTP server, the
 Prometheus collector) only ever see a whole snapshot, never the scheduler.
 
+Tasks and items: `map` packs many items (calls of the function) into one
+batch task (`Flags.BATCH`), which the scheduler sees as one task. Users count
+items, so both are counted: a plain task is one item, a batch as many as it
+carries (read from its payload's msgpack array header when accepted, and from
+its result's per-item statuses when it ran). A batch that failed whole counts
+all its items with its outcome; items the client then resubmits one by one are
+new submissions. A pickled batch's arguments are opaque to the broker: its
+items are counted as submitted when it finishes.
+
 Prometheus metrics (collected from the latest snapshot, in a registry of our
 own, not prometheus-client's global one)::
 
-    ventilator_tasks_submitted_total{function}
+    ventilator_items_submitted_total{function}         calls of the function
+    ventilator_items_completed_total{function}
+    ventilator_items_failed_total{function,outcome}
+    ventilator_items_cancelled_total{function}
+    ventilator_tasks_submitted_total{function}         a batch counts once
     ventilator_tasks_completed_total{function}         succeeded
     ventilator_tasks_failed_total{function,outcome}    raised, timeout, poison, ...
     ventilator_tasks_cancelled_total{function}
@@ -42,7 +55,8 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from . import protocol as p
-from .scheduler import FAILURE_STATUSES, Effects, Scheduler
+from .scheduler import FAILURE_STATUSES, Effects, Scheduler, Task
+from .serialization import unpack_value
 
 __all__ = ["Snapshot", "Telemetry", "metrics_registry"]
 
@@ -59,6 +73,8 @@ _RAN = frozenset({p.Status.OK, p.Status.RAISED, p.Status.TIMEOUT})
 _OK = p.Status.OK
 _EXPIRED = p.Status.EXPIRED
 _FAILURES = FAILURE_STATUSES
+_BATCH = int(p.Flags.BATCH)
+_PICKLED = int(p.Flags.PICKLED)
 # Failures are listed for /api/failed up to this many.
 FAILED_SHOWN = 50
 
@@ -84,8 +100,10 @@ class Histogram:
 class _Interval:
     """What finished since the last history sample."""
 
-    completed: int = 0
+    completed: int = 0  # items
     failed: int = 0
+    tasks_completed: int = 0
+    tasks_failed: int = 0
     duration_total_s: float = 0.0
     duration_count: int = 0
     duration_max_s: float = 0.0
@@ -96,6 +114,8 @@ class _Interval:
             "time": round(at, 3),
             "completed": self.completed,
             "failed": self.failed,
+            "tasks_completed": self.tasks_completed,
+            "tasks_failed": self.tasks_failed,
             "duration_mean_s": self.duration_total_s / count if count else None,
             "duration_max_s": self.duration_max_s if count else None,
             "queued": sum(status["queued"].values()),
@@ -114,6 +134,8 @@ class Snapshot:
     failed: tuple[dict[str, Any], ...]
     submitted: dict[str, int]
     finished: dict[tuple[str, str], int]  # (function, outcome) -> count
+    items_submitted: dict[str, int]
+    items_finished: dict[tuple[str, str], int]
     duration: dict[str, tuple[tuple[int, ...], float]]
     queue_wait: dict[str, tuple[tuple[int, ...], float]]
 
@@ -133,6 +155,11 @@ class Telemetry:
 
     submitted: dict[str, int] = field(default_factory=dict)
     finished: dict[tuple[str, str], int] = field(default_factory=dict)
+    items_submitted: dict[str, int] = field(default_factory=dict)
+    items_finished: dict[tuple[str, str], int] = field(default_factory=dict)
+    # Items of each batch accepted and not finished yet, by ticket: a batch that
+    # fails whole has only an error report left to count from.
+    _batch_items: dict[int, int] = field(default_factory=dict)
     duration: dict[str, Histogram] = field(default_factory=dict)
     queue_wait: dict[str, Histogram] = field(default_factory=dict)
     _interval: _Interval = field(default_factory=_Interval)
@@ -150,10 +177,25 @@ class Telemetry:
     def _count_accepted(self, effects: Effects) -> None:
         # Tally per function first: one dict update per function, not per task.
         tally: dict[str, int] = {}
+        items: dict[str, int] = {}
         for task in effects.accepted:
-            tally[task.queue] = tally.get(task.queue, 0) + 1
-        for function, count in tally.items():
-            self.submitted[function] = self.submitted.get(function, 0) + count
+            function = task.queue
+            tally[function] = tally.get(function, 0) + 1
+            if task.flags & _BATCH:
+                count = self._accepted_batch(task)
+                items[function] = items.get(function, 0) + count - 1
+        _add(self.submitted, tally)
+        # A plain task is one item: only batches make the figures differ.
+        _add(self.items_submitted, tally)
+        _add(self.items_submitted, items)
+
+    def _accepted_batch(self, task: Task) -> int:
+        """The items of an accepted batch, 0 if they are counted when it ends."""
+        if task.flags & _PICKLED:
+            return 0
+        count = _array_length(task.payload)
+        self._batch_items[task.ticket] = count
+        return count
 
     def _count_finished(self, effects: Effects) -> None:
         # The broker's hot path: histograms are updated inline, and looked up
@@ -161,6 +203,7 @@ class Telemetry:
         # as much as the counting itself.
         tally: dict[tuple[str, p.Status], int] = {}
         histograms: dict[str, tuple[Histogram, Histogram]] = {}
+        batches: list[tuple[Task, p.Status]] = []
         ran = self._interval
         for task in effects.finished:
             status = task.status
@@ -169,6 +212,8 @@ class Telemetry:
             function = task.queue
             key = (function, status)
             tally[key] = tally.get(key, 0) + 1
+            if task.flags & _BATCH:
+                batches.append((task, status))
             pair = histograms.get(function)
             if pair is None:
                 pair = histograms[function] = self._histograms(function)
@@ -185,6 +230,7 @@ class Telemetry:
                 if run_s > ran.duration_max_s:
                     ran.duration_max_s = run_s
         self._add_outcomes(tally)
+        self._add_item_outcomes(tally, batches)
 
     def _histograms(self, function: str) -> tuple[Histogram, Histogram]:
         """(queue wait, duration) histograms of `function`."""
@@ -199,9 +245,42 @@ class Telemetry:
             key = (function, _outcome(status))
             self.finished[key] = self.finished.get(key, 0) + count
             if status is _OK:
+                interval.tasks_completed += count
+            elif status in _FAILURES:
+                interval.tasks_failed += count
+
+    def _add_item_outcomes(
+        self,
+        tally: dict[tuple[str, p.Status], int],
+        batches: list[tuple[Task, p.Status]],
+    ) -> None:
+        """Count items: the tasks' tally, with each batch replaced by its items."""
+        items = dict(tally)
+        for task, ending in batches:
+            items[(task.queue, ending)] -= 1
+            for status, count in self._finished_batch(task, ending).items():
+                items[(task.queue, status)] = items.get((task.queue, status), 0) + count
+        interval = self._interval
+        for (function, status), count in items.items():
+            shown = (function, _outcome(status))
+            self.items_finished[shown] = self.items_finished.get(shown, 0) + count
+            if status is _OK:
                 interval.completed += count
             elif status in _FAILURES:
                 interval.failed += count
+
+    def _finished_batch(self, task: Task, ending: p.Status) -> dict[p.Status, int]:
+        """How many items of a finished batch ended how."""
+        known = self._batch_items.pop(task.ticket, None)
+        outcomes = _item_outcomes(task.result) if ending is _OK else None
+        if outcomes is None:
+            # It failed whole (or its result is not a batch's): every item
+            # shares its ending. Unknown count: one restored or pickled batch.
+            outcomes = {ending: known or 1}
+        if known is None and task.flags & _PICKLED:
+            submitted = sum(outcomes.values())
+            _add(self.items_submitted, {task.queue: submitted})
+        return outcomes
 
     @staticmethod
     def _histogram(histograms: dict[str, Histogram], function: str) -> Histogram:
@@ -220,6 +299,7 @@ class Telemetry:
             return
         self._publish_at = now + self.publish_every_s
         status = scheduler.status(now)
+        status["items"] = self._item_totals()
         if now >= self._sample_at:
             self._take_sample(now, status)
         self.latest = Snapshot(
@@ -232,9 +312,23 @@ class Telemetry:
             ),
             submitted=dict(self.submitted),
             finished=dict(self.finished),
+            items_submitted=dict(self.items_submitted),
+            items_finished=dict(self.items_finished),
             duration={f: h.frozen() for f, h in self.duration.items()},
             queue_wait={f: h.frozen() for f, h in self.queue_wait.items()},
         )
+
+    def _item_totals(self) -> dict[str, int]:
+        """Items since start, as `Scheduler.totals` counts tasks."""
+        by_outcome: dict[str, int] = {}
+        for (_, outcome), count in self.items_finished.items():
+            by_outcome[outcome] = by_outcome.get(outcome, 0) + count
+        return {
+            "submitted": sum(self.items_submitted.values()),
+            "completed": by_outcome.pop("ok", 0),
+            "cancelled": by_outcome.pop("cancelled", 0),
+            "failed": sum(by_outcome.values()),
+        }
 
     def _take_sample(self, now: float, status: dict[str, Any]) -> None:
         # Wall-clock time, for the charts' axis only; nothing expires by it.
@@ -247,6 +341,40 @@ class Telemetry:
 
 def _outcome(status: p.Status) -> str:
     return "ok" if status is p.Status.OK else status.name.lower()
+
+
+def _add(totals: dict[str, int], tally: dict[str, int]) -> None:
+    for name, count in tally.items():
+        totals[name] = totals.get(name, 0) + count
+
+
+def _array_length(payload: p.Payload) -> int:
+    """The length of the msgpack array `payload` starts with, without decoding
+    the rest (a batch's items); 1 when it is not an array."""
+    head = bytes(payload[:5])
+    if head[:1] and 0x90 <= head[0] <= 0x9F:
+        return head[0] & 0x0F
+    if head[:1] == b"\xdc" and len(head) >= 3:
+        return int.from_bytes(head[1:3], "big")
+    if head[:1] == b"\xdd" and len(head) >= 5:
+        return int.from_bytes(head[1:5], "big")
+    return 1
+
+
+def _item_outcomes(result: p.Payload) -> dict[p.Status, int] | None:
+    """How many items of a batch's result ``[elapsed_s, [[status, value], ...]]``
+    ended how; None when the result does not have that shape."""
+    try:
+        outcomes = unpack_value(result)[1]
+        # Plain ints while counting: an Enum lookup per item would cost more
+        # than the decoding.
+        codes: dict[int, int] = {}
+        for entry in outcomes:
+            code = entry[0]
+            codes[code] = codes.get(code, 0) + 1
+        return {p.Status(code): count for code, count in codes.items()}
+    except Exception:  # msgpack, index, type and value errors alike: not a batch's
+        return None
 
 
 # --- Prometheus ----------------------------------------------------------------------
@@ -282,36 +410,54 @@ class _SnapshotCollector(Collector):
 
 
 def _counters(snapshot: Snapshot) -> Iterator[Metric]:
-    submitted = CounterMetricFamily(
-        "ventilator_tasks_submitted",
-        "Tasks the broker accepted.",
-        labels=["function"],
+    yield from _ending_counters(
+        "items",
+        "calls of the function (a batch of map counts each of its items)",
+        snapshot.items_submitted,
+        snapshot.items_finished,
     )
-    for function, count in sorted(snapshot.submitted.items()):
-        submitted.add_metric([function], count)
-    completed = CounterMetricFamily(
-        "ventilator_tasks_completed",
-        "Tasks that returned a result.",
-        labels=["function"],
+    yield from _ending_counters(
+        "tasks",
+        "tasks (a batch of map items counts once)",
+        snapshot.submitted,
+        snapshot.finished,
     )
-    failed = CounterMetricFamily(
-        "ventilator_tasks_failed",
-        "Tasks that failed, by outcome: raised, timeout, poison, not_found, rejected.",
-        labels=["function", "outcome"],
-    )
-    cancelled = CounterMetricFamily(
-        "ventilator_tasks_cancelled",
-        "Tasks cancelled before they ran, by their client or an operator.",
-        labels=["function"],
-    )
-    for (function, outcome), count in sorted(snapshot.finished.items()):
+
+
+def _ending_counters(
+    unit: str,
+    what: str,
+    submitted: dict[str, int],
+    finished: dict[tuple[str, str], int],
+) -> Iterator[Metric]:
+    """Submitted, completed, failed and cancelled counters of one unit."""
+    families = {
+        "submitted": f"Accepted by the broker: {what}.",
+        "completed": f"Returned a result: {what}.",
+        "failed": (
+            f"Failed, by outcome (raised, timeout, poison, not_found, rejected): "
+            f"{what}."
+        ),
+        "cancelled": f"Cancelled before they ran, by a client or an operator: {what}.",
+    }
+    counters = {
+        name: CounterMetricFamily(
+            f"ventilator_{unit}_{name}",
+            documentation,
+            labels=["function", "outcome"] if name == "failed" else ["function"],
+        )
+        for name, documentation in families.items()
+    }
+    for function, count in sorted(submitted.items()):
+        counters["submitted"].add_metric([function], count)
+    for (function, outcome), count in sorted(finished.items()):
         if outcome == "ok":
-            completed.add_metric([function], count)
+            counters["completed"].add_metric([function], count)
         elif outcome == "cancelled":
-            cancelled.add_metric([function], count)
+            counters["cancelled"].add_metric([function], count)
         else:
-            failed.add_metric([function, outcome], count)
-    yield from (submitted, completed, failed, cancelled)
+            counters["failed"].add_metric([function, outcome], count)
+    yield from counters.values()
 
 
 def _histogram(

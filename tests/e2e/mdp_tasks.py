@@ -15,3 +15,9 @@ def tagged(body: list[bytes]) -> list[bytes]:
 def single(body: list[bytes]) -> bytes:
     """Join the body into one frame: a handler may return plain bytes."""
     return b"+".join(body)
+
+
+@ventilator.mdp_service("refuse")
+def refuse(body: list[bytes]) -> bytes:
+    """Fail every request: the client must still hear an answer."""
+    raise ValueError(f"refused {len(body)} frames")

@@ -12,9 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import zmq
 
 import ventilator
-from ventilator.serialization import pack_call, pack_value
+from ventilator import _wire
+from ventilator import protocol as p
+from ventilator.serialization import pack_call, pack_value, unpack_value
 
 from . import tasks
 from .conftest import (
@@ -448,6 +451,46 @@ def test_task_for_an_unserved_function_waits_until_a_worker_serving_it_joins(
     launch.worker(broker, MORE_TASKS)
     assert future.result(RESULT_TIMEOUT_S) == 27
     assert client.status()["queued"] == {}
+
+
+def test_names_no_client_of_ours_sends_are_refused_from_a_raw_socket(
+    launch: Launcher, broker: BrokerProcess, two_workers: list[WorkerProcess]
+) -> None:
+    context: zmq.Context[Any] = zmq.Context()
+    raw = context.socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    try:
+        raw.connect(broker.frontend)
+        _wire.send(raw, p.Hello("raw-session"))
+        bad = [p.TaskSpec(1, "nocolon", b"\x92\x90\x80")]
+        bad.append(p.TaskSpec(2, "mmi.service", b"\x92\x90\x80"))
+        _wire.send(raw, p.Submit(bad))
+        refusals = raw_results(raw, count=2)
+    finally:
+        raw.close()
+        context.term()
+
+    assert sorted(refusals) == [1, 2]
+    assert all(entry.status is p.Status.REJECTED for entry in refusals.values())
+    assert "'module:function'" in unpack_value(refusals[2].payload)["message"]
+    client = launch.client(broker)
+    assert client.submit(tasks.square, 5).result(RESULT_TIMEOUT_S) == 25
+    assert client.status()["queued"] == {}
+
+
+def raw_results(socket: zmq.Socket[bytes], count: int) -> dict[int, p.ResultEntry]:
+    """The first `count` results `socket` receives, by task id."""
+    entries: dict[int, p.ResultEntry] = {}
+
+    def more() -> bool:
+        if socket.poll(100):
+            for command in _wire.receive(socket, p.TO_CLIENT):
+                if isinstance(command, p.Results):
+                    entries.update((e.task_id, e) for e in command.results)
+        return len(entries) >= count
+
+    wait_until(more, RESULT_TIMEOUT_S, f"{count} results on a raw socket")
+    return entries
 
 
 # --- asyncio ----------------------------------------------------------------------

@@ -146,7 +146,33 @@ def test_api_status_is_what_ventilator_status_reports(
         return over_http["queued"] == over_zmq["queued"] == {f"{MORE_TASKS}:cube": 1}
 
     wait_until(agree, SETTLE_S, "/api/status and STATUS to agree on the queue")
-    assert set(api(web_broker, "status")) == set(client.status())
+    assert set(api(web_broker, "status")) == set(client.status()) | {"items"}
+
+
+def test_metrics_count_each_item_of_a_map_and_its_batches_as_tasks(
+    launch: Launcher, web_broker: BrokerProcess
+) -> None:
+    launch.worker(web_broker, concurrency=2)
+    client = launch.client(web_broker)
+    wait_for_workers(client, 1)
+
+    squares = list(client.map(f"{TASKS}:square", range(100), chunksize=25))
+
+    assert squares == [i * i for i in range(100)]
+    square = (("function", f"{TASKS}:square"),)
+    expected = {
+        ("ventilator_items_submitted_total", square): 100,
+        ("ventilator_items_completed_total", square): 100,
+        ("ventilator_tasks_submitted_total", square): 4,
+        ("ventilator_tasks_completed_total", square): 4,
+    }
+
+    def counted() -> bool:
+        samples = metrics(web_broker)
+        return all(samples.get(key) == value for key, value in expected.items())
+
+    wait_until(counted, SETTLE_S, f"/metrics to show {expected}")
+    assert api(web_broker, "status")["items"]["completed"] == 100
 
 
 @pytest.fixture
@@ -173,6 +199,8 @@ def test_dashboard_shows_what_the_api_reports(
     client = launch.client(web_broker)
     wait_for_workers(client, 2)
     run_tasks(client, squares=40, failures=1)
+    # Twenty items in two batches: the page counts items, as users do.
+    assert len(list(client.map(f"{TASKS}:square", range(20), chunksize=10))) == 20
     for x in range(3):
         client.submit(f"{MORE_TASKS}:cube", x)  # nobody serves it: queued
     wait_until(
@@ -192,21 +220,22 @@ def test_dashboard_shows_what_the_api_reports(
         return shown == {
             "workers-count": str(len(status["workers"])),
             "queued-total": str(sum(status["queued"].values())),
-            "completed-total": str(status["totals"]["completed"]),
+            "completed-total": str(status["items"]["completed"]),
         }
 
     wait_until(page_matches_api, SETTLE_S, "the page to show what /api/status says")
-    assert page.get_by_test_id("completed-total").inner_text() == "40"
+    assert page.get_by_test_id("completed-total").inner_text() == "60"
+    assert api(web_broker, "status")["totals"]["completed"] == 42
     failures = page.get_by_test_id("failures-table")
     assert "ValueError: failed on purpose: bad 0" in failures.inner_text()
     assert "raised" in failures.inner_text()
     # Once the history holds every completion, the next refresh charts it.
     wait_until(
         lambda: (
-            sum(s["completed"] for s in api(web_broker, "history")["samples"]) == 40
+            sum(s["completed"] for s in api(web_broker, "history")["samples"]) == 60
         ),
         SETTLE_S,
-        "the history to count 40 completions",
+        "the history to count 60 completed items",
     )
     refreshes = int(page.locator("body").get_attribute("data-refreshed") or 0)
     wait_until(

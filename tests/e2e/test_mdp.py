@@ -223,6 +223,23 @@ def test_mdp_and_ventilator_workers_serve_one_service(
     assert peer.request(b"single", b"a", b"b", timeout_s=REPLY_TIMEOUT_S) == [b"a+b"]
 
 
+def test_a_request_whose_handler_raised_gets_a_400_reply(
+    processes: Processes, broker: MdpBroker, context: zmq.Context[Any]
+) -> None:
+    processes.start(
+        "worker",
+        ventilator_argv(
+            "worker", MDP_TASKS, "--connect", broker.backend, "--pool", "thread"
+        ),
+    )
+    peer = client(context, broker.mdp)
+
+    [status] = peer.request(b"refuse", b"a", b"b", timeout_s=REPLY_TIMEOUT_S)
+
+    assert status == b"400 raised: ValueError: refused 2 frames"
+    assert peer.request(b"single", b"a", b"b", timeout_s=REPLY_TIMEOUT_S) == [b"a+b"]
+
+
 # --- recovery ---------------------------------------------------------------------
 
 

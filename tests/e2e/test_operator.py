@@ -4,7 +4,11 @@ cancel, --log-format json."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 from concurrent.futures import CancelledError
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,6 +21,7 @@ from .conftest import (
     BrokerProcess,
     Launcher,
     Processes,
+    free_port,
     json_lines,
     log_of,
     run_cli,
@@ -78,6 +83,36 @@ def test_retry_reruns_a_failed_task_for_the_sink(
         result = next(iter(sink.results(idle_timeout_s=10)))
     assert (result.session, result.task_id) == (RETRY_SESSION, first["ticket"])
     assert isinstance(result.error, ventilator.TaskRaised)
+
+
+def test_failed_tasks_outlive_a_broker_restart_and_can_be_retried(
+    launch: Launcher, tmp_path: Path
+) -> None:
+    restartable: dict[str, Any] = {
+        "frontend": f"tcp://127.0.0.1:{free_port()}",
+        "backend": f"tcp://127.0.0.1:{free_port()}",
+        "durability": "process",
+        "journal": tmp_path / "journal.db",
+    }
+    first = launch.broker(**restartable)
+    launch.worker(first)
+    client = launch.client(first)
+    wait_for_workers(client, 1)
+    failed_once(client)
+    [before] = client.failed()
+
+    os.kill(first.pid, signal.SIGKILL)
+    first.process.wait(10)
+    second = launch.broker(**restartable)
+    observer = launch.client(second)
+    [after] = observer.failed()
+
+    assert {k: v for k, v in after.items() if k != "failed_s_ago"} == {
+        k: v for k, v in before.items() if k != "failed_s_ago"
+    }
+    assert after["failed_s_ago"] >= before["failed_s_ago"]
+    report = observer.retry([after["ticket"]], "retried")
+    assert report["retried"] == [after["ticket"]]
 
 
 def test_retry_of_an_unknown_ticket_says_so_and_exits_1(

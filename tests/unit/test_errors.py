@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import traceback
 
 import msgpack
 import pytest
@@ -134,7 +135,32 @@ def test_task_error_message_shows_the_remote_traceback() -> None:
 
 
 def test_task_error_without_traceback_is_one_line() -> None:
-    assert str(TaskTimeout("TaskTimeout", "ran past 2s")) == "TaskTimeout: ran past 2s"
+    assert str(TaskRaised("ValueError", "bad input")) == "ValueError: bad input"
+
+
+@pytest.mark.parametrize("cls", TASK_ERRORS, ids=lambda c: c.__name__)
+def test_task_error_named_after_its_own_type_says_the_name_once(
+    cls: type[TaskError],
+) -> None:
+    error = cls(cls.__name__, "payload of 9 bytes is over the limit")
+
+    line = traceback.format_exception_only(error)[-1]
+
+    assert str(error) == "payload of 9 bytes is over the limit"
+    assert line.count(cls.__name__) == 1, line
+    assert repr(error).count(cls.__name__) == 1, repr(error)
+
+
+def test_task_error_repr_names_the_remote_type_when_it_differs() -> None:
+    error = TaskRaised("KeyError", "'missing'", TRACEBACK)
+
+    assert repr(error) == "TaskRaised(remote_type='KeyError', message=\"'missing'\")"
+
+
+def test_protocol_error_repr_shows_its_code() -> None:
+    assert repr(ProtocolError("bad header", "header")) == (
+        "ProtocolError('bad header', code='header')"
+    )
 
 
 def test_protocol_error_keeps_its_code_through_pickle() -> None:
@@ -172,3 +198,8 @@ def test_package_exports_every_public_exception() -> None:
 
     assert public <= set(ventilator.__all__)
     assert all(getattr(ventilator, name) is getattr(errors, name) for name in public)
+
+
+def test_summary_is_one_line_without_the_traceback() -> None:
+    assert TaskRaised("ValueError", "x", TRACEBACK).summary == "ValueError: x"
+    assert PoisonTask("PoisonTask", "died twice").summary == "died twice"

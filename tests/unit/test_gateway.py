@@ -186,15 +186,43 @@ def test_a_second_ready_disconnects_and_requeues_what_it_held(shell: Shell) -> N
     assert task.state is State.QUEUED and task.deaths == 0
 
 
-def test_a_failed_request_gets_no_reply(shell: Shell) -> None:
+def test_a_request_that_failed_for_good_gets_a_400_reply(shell: Shell) -> None:
     shell.receive(CLIENT, b"", C, b"echo", b"deadly")
-    for _ in range(2):  # max_attempts deaths: poison
-        shell.receive(WORKER, b"", W, READY, b"echo")
-        shell.scheduler.peer_unreachable(WORKER, shell.now)
-        assert [peer for peer, _ in shell.turn()] == []
+    shell.receive(WORKER, b"", W, READY, b"echo")
+    shell.scheduler.peer_unreachable(WORKER, shell.now)
+    assert shell.turn() == []  # one death: requeued, no answer yet
 
+    shell.receive(WORKER, b"", W, READY, b"echo")
+    shell.scheduler.peer_unreachable(WORKER, shell.now)  # max_attempts: poison
+    [(peer, frames)] = shell.turn()
+
+    assert peer == CLIENT and frames[:3] == [b"", C, b"echo"]
+    [status] = frames[3:]
+    assert status.startswith(b"400 poison: ") and b"max_attempts=2" in status
     assert shell.turn() == []
     assert shell.scheduler.tasks == {}
+    assert not shell.gateway.owns(CLIENT)
+
+
+def test_a_request_the_broker_cannot_take_gets_a_500_reply() -> None:
+    shell = Shell(Limits(max_payload_bytes=8))
+
+    [(peer, frames)] = shell.receive(CLIENT, b"", C, b"echo", b"x" * 100)
+
+    assert peer == CLIENT and frames[:3] == [b"", C, b"echo"]
+    [status] = frames[3:]
+    assert status.startswith(b"500 ") and b"max_payload_bytes" in status
+    assert shell.scheduler.tasks == {}
+
+
+def test_a_cancelled_request_gets_a_400_reply(shell: Shell) -> None:
+    shell.receive(CLIENT, b"", C, b"echo", b"x")
+    shell.scheduler.client_command(b"Fventilator", p.Hello("operator"), shell.now)
+
+    shell.scheduler.client_command(b"Fventilator", p.Purge("mdp:echo"), shell.now)
+    sent = [(peer, frames) for peer, frames in shell.turn() if peer == CLIENT]
+
+    assert [frames[3][:13] for _, frames in sent] == [b"400 cancelled"]
 
 
 def test_mmi_service_answers_200_404_and_501(shell: Shell) -> None:
@@ -239,12 +267,12 @@ def test_a_ventilator_task_on_an_mdp_queue_is_refused_not_sent(shell: Shell) -> 
     shell.scheduler.client_command(b"Fventilator", p.Hello("alice"), 0.0)
     spec = p.TaskSpec(1, "mdp:echo", b"\x90")
     shell.scheduler.client_command(b"Fventilator", p.Submit([spec]), 0.0)
-    shell.turn()
+    effects = shell.scheduler.flush()
 
     assert shell.receive(WORKER, b"", W, READY, b"echo") == []
-    shell.turn()
-    [task] = shell.scheduler.tasks.values()
-    assert task.status is p.Status.REJECTED
+    [refusal] = [c for _, c in effects.to_clients if isinstance(c, p.Results)]
+    assert [r.status for r in refusal.results] == [p.Status.REJECTED]
+    assert not shell.scheduler.tasks
 
 
 def test_restored_requests_keep_their_task_ids_unique(shell: Shell) -> None:

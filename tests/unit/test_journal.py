@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import itertools
 import sqlite3
+import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,10 +19,17 @@ from ventilator.journal import (
     SqliteJournal,
     open_journal,
 )
-from ventilator.scheduler import State, Task
+from ventilator.policy import Limits
+from ventilator.scheduler import (
+    RETRY_PAYLOAD_BYTES,
+    Effects,
+    FailureForgotten,
+    State,
+    Task,
+)
 from ventilator.segments import INLINE_MAX_BYTES
 
-from .driver import Driver, accepted, assignments, results, task
+from .driver import CLIENT, Driver, accepted, assignments, notices, results, task
 
 _TICKETS = itertools.count(1)
 
@@ -197,6 +206,113 @@ def test_scheduler_state_survives_a_restart_through_the_journal(path: Path) -> N
     resubmitted = after.submit(task(3))
     assert accepted(resubmitted) == [3]  # known again, not run twice
     assert not resubmitted.accepted and not assignments(resubmitted, b"w2")
+
+
+# --- the operator's failed list -----------------------------------------------------
+
+
+def commit_turn(journal: SqliteJournal, effects: Effects) -> None:
+    journal.commit(
+        effects.accepted,
+        effects.finished,
+        effects.forgotten,
+        effects.failures,
+        effects.unfailed,
+    )
+
+
+def fail(driver: Driver, *specs: p.TaskSpec) -> list[Effects]:
+    """Submit `specs` and have a worker's code raise in each."""
+    turns = [driver.submit(*specs)]
+    for work in assignments(driver.ready(b"w1", capacity=len(specs)), b"w1"):
+        turns.append(driver.done(b"w1", work, p.Status.RAISED, b"\x80"))
+    return turns
+
+
+def restarted_failures(path: Path, limits: Limits | None = None) -> Driver:
+    """A new scheduler given the failure records the journal at `path` holds."""
+    driver = Driver(limits)
+    journal = SqliteJournal(path)
+    try:
+        for record in journal.load_failures():
+            driver.scheduler.restore_failure(record)
+    finally:
+        journal.close()
+    return driver
+
+
+def test_failed_tasks_are_remembered_across_a_restart(path: Path) -> None:
+    journal = SqliteJournal(path)
+    before = Driver()
+    before.hello()
+    big = b"x" * (RETRY_PAYLOAD_BYTES + 1)
+    for effects in fail(before, task(1, timeout_s=2.0), task(2, payload=big)):
+        commit_turn(journal, effects)
+    journal.close()
+
+    after = restarted_failures(path)
+
+    kept = {r.task_id: r for r in after.scheduler.failed}
+    assert sorted(kept) == [1, 2]
+    assert kept[1] == replace(
+        next(r for r in before.scheduler.failed if r.task_id == 1),
+        failed_at=kept[1].failed_at,
+    )
+    assert kept[2].payload is None  # too large to retry: not kept, as before
+    # On the broker's monotonic clock, which starts again with each process.
+    assert 0 <= time.monotonic() - kept[1].failed_at < 60
+
+
+def test_a_retried_failure_leaves_the_journal(path: Path) -> None:
+    journal = SqliteJournal(path)
+    driver = Driver()
+    driver.hello()
+    for effects in fail(driver, task(1), task(2)):
+        commit_turn(journal, effects)
+    first = driver.scheduler.failed[0].ticket
+
+    commit_turn(journal, driver.client(CLIENT, p.Retry([first], "retried")))
+    journal.close()
+
+    assert [r.ticket for r in restarted_failures(path).scheduler.failed] == [
+        r.ticket for r in driver.scheduler.failed
+    ]
+    assert first not in {r.ticket for r in driver.scheduler.failed}
+
+
+def test_the_oldest_failures_go_first_and_the_journal_follows(path: Path) -> None:
+    journal = SqliteJournal(path)
+    driver = Driver(Limits(failed_kept=2))
+    driver.hello()
+    turns = fail(driver, task(1), task(2), task(3))
+    for effects in turns:
+        commit_turn(journal, effects)
+    journal.close()
+
+    assert [r.task_id for r in driver.scheduler.failed] == [2, 3]
+    [forgotten] = [n for e in turns for n in notices(e, FailureForgotten)]
+    assert forgotten == FailureForgotten(count=1, kept=2)
+    again = restarted_failures(path, Limits(failed_kept=2))
+    assert [r.task_id for r in again.scheduler.failed] == [2, 3]
+
+
+def test_a_lower_bound_after_a_restart_drops_the_oldest_from_the_journal(
+    path: Path,
+) -> None:
+    journal = SqliteJournal(path)
+    driver = Driver()
+    driver.hello()
+    for effects in fail(driver, task(1), task(2), task(3)):
+        commit_turn(journal, effects)
+    journal.close()
+
+    smaller = restarted_failures(path, Limits(failed_kept=1))
+    journal = SqliteJournal(path)
+    commit_turn(journal, smaller.flush())
+    journal.close()
+
+    assert [r.task_id for r in smaller.scheduler.failed] == [3]
+    assert [r.task_id for r in restarted_failures(path).scheduler.failed] == [3]
 
 
 # --- choosing a journal ---------------------------------------------------------------

@@ -442,3 +442,42 @@ def test_almost_right_bodies_give_a_command_or_a_protocol_error(
     raw: list[bytes],
 ) -> None:
     check_decode(raw, EVERY_COMMAND)
+
+
+# --- names clients may submit -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("function", "flags"),
+    [
+        ("jobs:work", p.Flags.NONE),
+        ("my.pkg.tasks:score_2", p.Flags.NONE),
+        ("jobs:work", p.Flags.BATCH),
+        ("pickled:<lambda>", p.Flags.PICKLED),
+        ("pickled:outer.<locals>.inner", p.Flags.PICKLED | p.Flags.BATCH),
+    ],
+)
+def test_names_our_clients_send_are_accepted(function: str, flags: int) -> None:
+    assert p.submission_problem(function, flags) is None
+
+
+@pytest.mark.parametrize(
+    ("function", "flags", "rule"),
+    [
+        ("nocolon", p.Flags.NONE, "'module:function'"),
+        ("mmi.service", p.Flags.NONE, "'module:function'"),
+        ("jobs:_private", p.Flags.NONE, "public function name"),
+        ("jobs:work:again", p.Flags.NONE, "'module:function'"),
+        (" jobs:work", p.Flags.NONE, "'module:function'"),
+        ("mdp:echo", p.Flags.NONE, "MDP services"),
+        ("jobs:work", p.Flags.PICKLED, "must start with 'pickled:'"),
+        ("echo", p.Flags.RAW, "not a client's"),
+        ("jobs:work", 8, "not a client's"),
+    ],
+)
+def test_names_no_worker_could_serve_are_refused_naming_the_rule(
+    function: str, flags: int, rule: str
+) -> None:
+    problem = p.submission_problem(function, flags)
+
+    assert problem is not None and rule in problem

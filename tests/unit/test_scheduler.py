@@ -40,6 +40,10 @@ W2 = b"worker-2"
 OTHER = b"client-2"
 
 
+def pickled_task(task_id: int) -> p.TaskSpec:
+    return task(task_id, function="pickled:<lambda>", flags=p.Flags.PICKLED)
+
+
 @pytest.fixture
 def driver() -> Driver:
     driver = Driver()
@@ -211,18 +215,33 @@ def test_pickled_task_goes_only_to_a_worker_that_allows_pickle(driver: Driver) -
     driver.ready(W1, capacity=4)
     driver.ready(W2, capacity=1, allow_pickle=True)
 
-    effects = driver.submit(
-        task(1, flags=p.Flags.PICKLED), task(2, flags=p.Flags.PICKLED)
-    )
+    effects = driver.submit(pickled_task(1), pickled_task(2))
 
     assert not assignments(effects, W1)
     assert len(assignments(effects, W2)) == 1
 
 
+def test_task_no_worker_could_serve_is_refused_and_the_others_accepted(
+    driver: Driver,
+) -> None:
+    driver.ready(W1, capacity=4, services=[FUNCTION, "mmi.service"])
+
+    effects = driver.submit(
+        task(1, function="nocolon"), task(2), task(3, function="mmi.service")
+    )
+
+    refused = {entry.task_id: error_report(entry) for entry in results(effects)}
+    assert sorted(refused) == [1, 3]
+    assert refused[1]["kind"] == "rejected"
+    assert "'module:function'" in refused[3]["message"]
+    assert accepted(effects) == [2]
+    assert [a.function for a in assignments(effects, W1)] == [FUNCTION]
+
+
 def test_pickled_task_is_refused_when_no_worker_allows_pickle(driver: Driver) -> None:
     driver.ready(W1, capacity=4)
 
-    effects = driver.submit(task(1, flags=p.Flags.PICKLED))
+    effects = driver.submit(pickled_task(1))
 
     [refusal] = results(effects)
     assert refusal.status is p.Status.REJECTED
@@ -319,6 +338,76 @@ def test_results_for_a_sink_wait_until_it_connects(driver: Driver) -> None:
     effects = driver.hello(b"sink-peer", session="late-sink", sink="totals")
 
     assert [r.origin for r in results(effects, b"sink-peer")] == ["alice"]
+
+
+SINK_A = b"sink-a"
+SINK_B = b"sink-b"
+
+
+def sink_with_one_result_delivered(driver: Driver) -> None:
+    """Sink `totals` received by SINK_A, holding task 1's result unacknowledged."""
+    driver.hello(SINK_A, session="reader-a", sink="totals")
+    driver.submit(task(1, sink="totals"))
+    driver.done(W1, assignments(driver.ready(W1), W1)[0])
+
+
+def test_second_process_receiving_a_sink_is_refused_while_the_first_is_there(
+    driver: Driver,
+) -> None:
+    sink_with_one_result_delivered(driver)
+
+    refused = driver.hello(SINK_B, session="reader-b", sink="totals")
+    heartbeat = driver.client(SINK_A, p.Heartbeat())
+
+    assert error_codes(refused, SINK_B) == ["sink_taken"]
+    assert not sent(refused, SINK_B, p.Welcome)
+    assert not error_codes(heartbeat, SINK_A), "the first one was evicted"
+    assert driver.scheduler.recipients[sink_recipient("totals")].peer == SINK_A
+    assert SINK_B not in driver.scheduler._recipient_of_peer
+
+
+def test_sink_takes_its_name_back_on_a_new_connection(driver: Driver) -> None:
+    sink_with_one_result_delivered(driver)
+
+    effects = driver.hello(SINK_B, session="reader-a", sink="totals")
+
+    assert sent(effects, SINK_B, p.Welcome)
+    assert [r.origin for r in results(effects, SINK_B)] == ["alice"]
+
+
+@pytest.mark.parametrize("how", ["bye", "unreachable", "silent"])
+def test_a_sink_is_another_process_s_once_its_receiver_left(
+    driver: Driver, how: str
+) -> None:
+    sink_with_one_result_delivered(driver)
+    if how == "bye":
+        driver.client(SINK_A, p.Bye())
+    elif how == "unreachable":
+        driver.unreachable(SINK_A)
+    else:
+        driver.client(CLIENT, p.Heartbeat())
+        driver.tick(3.5)
+
+    effects = driver.hello(SINK_B, session="reader-b", sink="totals")
+
+    assert sent(effects, SINK_B, p.Welcome)
+    assert [r.origin for r in results(effects, SINK_B)] == ["alice"]
+
+
+def test_a_sink_given_up_on_hears_that_its_name_was_taken(driver: Driver) -> None:
+    sink_with_one_result_delivered(driver)
+    driver.client(CLIENT, p.Heartbeat())
+    driver.tick(3.5)  # SINK_A fell silent: given up on
+    driver.hello(SINK_B, session="reader-b", sink="totals")
+
+    effects = driver.client(SINK_A, p.Ack([("alice", 1)]))
+
+    assert error_codes(effects, SINK_A) == ["hello_first"]
+    assert not effects.forgotten, "the old receiver acknowledged the new one's"
+    assert driver.scheduler.recipients[sink_recipient("totals")].peer == SINK_B
+    assert error_codes(driver.hello(SINK_A, "reader-a", "totals"), SINK_A) == [
+        "sink_taken"
+    ]
 
 
 def test_acknowledged_result_is_forgotten(driver: Driver) -> None:

@@ -2,14 +2,14 @@
 
 A model of the peers (clients, a sink, workers) drives the scheduler with
 hello, submit, ready, done (right and wrong attempts), ack, cancel, drain,
-deaths and time; and as the MDP gateway does, with requests of a client that
-never heartbeats, Titanic requests withdrawn by `withdraw`, and a worker of
-capacity 1 that is silent while busy. After every step the scheduler checks its
-own invariants, and the model checks what the peers saw: no worker is sent more
-than its capacity, no recipient gets a result twice without reconnecting in
-between, nor one it already acknowledged, nor one meant for someone else. At the
-end every task is driven to completion and every accepted task must have been
-acknowledged once.
+deaths, time and a second process asking for the sink; and as the MDP gateway
+does, with requests of a client that never heartbeats, Titanic requests
+withdrawn by `withdraw`, and a worker of capacity 1 that is silent while busy.
+After every step the scheduler checks its own invariants, and the model checks
+what the peers saw: no worker is sent more than its capacity, no recipient gets
+a result twice without reconnecting in between, nor one it already
+acknowledged, nor one meant for someone else. At the end every task is driven
+to completion and every accepted task must have been acknowledged once.
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ LIMITS = Limits(
     max_attempts=2,
     result_ttl_s=40.0,
     retry_backoff=Backoff(base_s=0.5, cap_s=2.0, jitter=0.5),
+    failed_kept=3,  # small, so the oldest make room often
 )
 
 
@@ -103,6 +104,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.recipient_of: dict[Key, str] = {}  # accepted tasks: who gets the result
         self.submitted: dict[bytes, list[p.TaskSpec]] = {}
         self.given_up: list[p.Assignment] = []  # assignments of dead workers
+        # The failure records a journal would hold, from the effects alone.
+        self.journalled_failures: set[int] = set()
         # Start with someone to talk to, so that short runs reach deep states.
         for name in self.recipients:
             if name != TITANIC:  # Titanic's results wait; nobody reads them
@@ -221,6 +224,16 @@ class SchedulerMachine(RuleBasedStateMachine):
         [(peer, error)] = effects.to_clients
         assert peer == stranger and isinstance(error, p.Error)
         assert stranger not in self.scheduler._recipient_of_peer
+
+    @precondition(lambda self: self._connected([sink_recipient(SINK)]))
+    @rule()
+    def second_receiver_of_the_sink_is_refused(self) -> None:
+        rival = self._new_peer("rival-sink")
+        effects = self._client(rival, p.Hello("another-reader", SINK))
+        assert [type(c) for peer, c in effects.to_clients if peer == rival] == [p.Error]
+        assert rival not in self.scheduler._recipient_of_peer
+        sink = self.scheduler.recipients[sink_recipient(SINK)]
+        assert sink.peer == self._peer_of(sink_recipient(SINK)), "evicted"
 
     # --- as the MDP gateway -----------------------------------------------------------
 
@@ -433,6 +446,12 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert held == set(worker.holding), worker.worker_id
 
     @invariant()
+    def the_journal_keeps_the_failed_list_the_scheduler_keeps(self) -> None:
+        remembered = {record.ticket for record in self.scheduler.failed}
+        assert self.journalled_failures == remembered
+        assert len(self.scheduler.failed) <= LIMITS.failed_kept
+
+    @invariant()
     def every_task_finishes_at_most_once(self) -> None:
         totals = self.scheduler.totals()
         finished = totals["completed"] + totals["failed"] + totals["cancelled"]
@@ -470,6 +489,8 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     def _flush(self) -> Effects:
         effects = self.scheduler.flush()
+        self.journalled_failures |= {record.ticket for record in effects.failures}
+        self.journalled_failures -= set(effects.unfailed)
         for peer, command in effects.to_workers:
             if isinstance(command, p.Tasks):
                 self._assigned(peer, command.tasks)
@@ -554,11 +575,13 @@ class SchedulerMachine(RuleBasedStateMachine):
         return self._spec(data, next(self.task_ids))
 
     def _spec(self, data: st.DataObject, task_id: int) -> p.TaskSpec:
+        flags = data.draw(st.sampled_from([0, 0, 0, p.Flags.PICKLED]))
+        function = data.draw(st.sampled_from(FUNCTIONS))
         return p.TaskSpec(
             task_id=task_id,
-            function=data.draw(st.sampled_from(FUNCTIONS)),
+            function=f"pickled:{function}" if flags else function,
             payload=b"x" * data.draw(st.integers(0, 10)),
-            flags=data.draw(st.sampled_from([0, 0, 0, p.Flags.PICKLED])),
+            flags=flags,
             retries=data.draw(st.integers(0, 2)),
             sink=data.draw(st.sampled_from([None, None, SINK])),
         )

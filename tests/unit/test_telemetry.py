@@ -10,7 +10,10 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ventilator import protocol as p
+from ventilator.errors import TaskRaised
 from ventilator.logs import JsonFormatter
+from ventilator.policy import Limits
+from ventilator.serialization import BatchPacker, pack_batch_outcomes
 from ventilator.telemetry import BUCKETS_S, Telemetry, metrics_registry
 
 from .driver import FUNCTION, Driver, assignments, task
@@ -108,3 +111,64 @@ def test_json_log_lines_are_single_json_objects_with_the_exception() -> None:
     assert "\n" not in line
     assert (entry["level"], entry["message"]) == ("ERROR", "lost 3 tasks")
     assert "disk on fire" in entry["exception"]
+
+
+# --- items: a batch of map counts each of its items --------------------------------
+
+
+def batch_of(task_id: int, items: list[object]) -> p.TaskSpec:
+    payload = BatchPacker().batch([BatchPacker().item(item) for item in items])
+    return task(task_id, payload=payload, flags=p.Flags.BATCH)
+
+
+def test_items_of_a_batch_are_counted_one_by_one_beside_the_task() -> None:
+    driver, telemetry = Driver(), Telemetry()
+    driver.hello()
+    telemetry.publish(driver.now, driver.scheduler)  # the first, empty sample
+    telemetry.record(driver.submit(batch_of(1, list(range(20))), task(2)))
+    running = assignments(driver.ready(W1, capacity=2), W1)
+    raised = TaskRaised("ValueError", "bad item").to_wire()
+    outcomes = [[p.Status.OK.value, i] for i in range(17)] + [[1, raised]] * 3
+    batch_result = pack_batch_outcomes(0.01, outcomes)
+    done = [
+        p.Outcome(a.ticket, a.attempt, p.Status.OK, batch_result if a.flags else b"r")
+        for a in running
+    ]
+
+    telemetry.record(driver.worker(W1, p.Done(done)))
+    telemetry.publish(driver.now + 1.0, driver.scheduler)
+
+    metrics = samples(telemetry)
+    function = frozenset({("function", FUNCTION)})
+    failed = function | {("outcome", "raised")}
+    assert metrics[("ventilator_items_submitted_total", function)] == 21
+    assert metrics[("ventilator_items_completed_total", function)] == 18
+    assert metrics[("ventilator_items_failed_total", failed)] == 3
+    assert metrics[("ventilator_tasks_submitted_total", function)] == 2
+    assert metrics[("ventilator_tasks_completed_total", function)] == 2
+    assert telemetry.latest is not None
+    last = telemetry.latest.history[-1]
+    assert (last["completed"], last["failed"]) == (18, 3)
+    assert (last["tasks_completed"], last["tasks_failed"]) == (2, 0)
+    assert telemetry.latest.status["items"] == {
+        "submitted": 21,
+        "completed": 18,
+        "failed": 3,
+        "cancelled": 0,
+    }
+
+
+def test_a_batch_that_failed_whole_counts_each_item_failed() -> None:
+    driver, telemetry = Driver(Limits(max_attempts=1)), Telemetry()
+    driver.hello()
+    telemetry.record(driver.submit(batch_of(1, ["a", "b", "c", "d"])))
+    [running] = assignments(driver.ready(W1), W1)
+
+    crashed = p.Outcome(running.ticket, running.attempt, p.Status.CRASHED, b"")
+    telemetry.record(driver.worker(W1, p.Done([crashed])))
+    telemetry.publish(driver.now, driver.scheduler)
+
+    metrics = samples(telemetry)
+    poison = frozenset({("function", FUNCTION), ("outcome", "poison")})
+    assert metrics[("ventilator_items_failed_total", poison)] == 4
+    assert metrics[("ventilator_tasks_failed_total", poison)] == 1

@@ -76,14 +76,18 @@ function renderCards(status, history) {
   setText("slots", `${number(sum(workers.map((w) => w.capacity)))} slots`);
   setText("queued-total", number(queued));
   setText("running-total", `${number(running)} running`);
-  setText("completed-total", number(status.totals.completed));
-  setText("failed-total", number(status.totals.failed));
+  // Items, as users count them: a batch of map items is one task to the broker.
+  const items = status.items;
+  setText("completed-total", number(items.completed));
+  setText("failed-total", number(items.failed));
   setText("clients-count", `${clients.length - sinks} · ${sinks}`);
   setText("results-waiting", `${number(status.results_waiting)} results waiting`);
   const last = history.slice(-5);
   const rate = (key) => (last.length ? sum(last.map((s) => s[key])) / last.length : 0);
-  setText("completed-rate", `${rate("completed").toFixed(1)} /s over 5 s`);
-  setText("failed-rate", `${rate("failed").toFixed(1)} /s · ${number(status.totals.cancelled)} cancelled`);
+  setText("completed-rate",
+    `${rate("completed").toFixed(1)} /s over 5 s · ${number(status.totals.completed)} tasks`);
+  setText("failed-rate",
+    `${rate("failed").toFixed(1)} /s · ${number(items.cancelled)} cancelled · ${number(status.totals.failed)} tasks`);
 }
 
 function renderWorkers(workers) {
