@@ -102,7 +102,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.titanic_requests = itertools.count()
         self.workers: dict[str, ModelWorker] = {}
         self.recipient_of: dict[Key, str] = {}  # accepted tasks: who gets the result
-        self.submitted: dict[bytes, list[p.TaskSpec]] = {}
+        # (peer, task id) of every submission: what an ACCEPTED may name.
+        self.submitted: set[tuple[bytes, int]] = set()
         self.given_up: list[p.Assignment] = []  # assignments of dead workers
         # The failure records a journal would hold, from the effects alone.
         self.journalled_failures: set[int] = set()
@@ -146,7 +147,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         ]
         if resubmit and unfinished:
             specs.append(self._spec(data, data.draw(st.sampled_from(unfinished))))
-        self.submitted[self._peer_of(session)] = specs
+        self.submitted.update((self._peer_of(session), s.task_id) for s in specs)
         self._client(self._peer_of(session), p.Submit(specs))
 
     @precondition(lambda self: self._connected(SESSIONS))
@@ -154,7 +155,7 @@ class SchedulerMachine(RuleBasedStateMachine):
     def submit_to_the_sink(self, data: st.DataObject, count: int) -> None:
         session = data.draw(st.sampled_from(self._connected(SESSIONS)))
         specs = [replace(self._new_spec(data), sink=SINK) for _ in range(count)]
-        self.submitted[self._peer_of(session)] = specs
+        self.submitted.update((self._peer_of(session), s.task_id) for s in specs)
         self._client(self._peer_of(session), p.Submit(specs))
 
     @precondition(lambda self: self._connected(SESSIONS))
@@ -488,7 +489,10 @@ class SchedulerMachine(RuleBasedStateMachine):
         return self._flush()
 
     def _flush(self) -> Effects:
-        effects = self.scheduler.flush()
+        # With the time, as the broker does: ACCEPTED may wait for a result.
+        effects = self.scheduler.flush(self.now)
+        for task in effects.accepted:  # journalled: the result has an owner
+            self.recipient_of.setdefault((task.session, task.task_id), task.recipient)
         self.journalled_failures |= {record.ticket for record in effects.failures}
         self.journalled_failures -= set(effects.unfailed)
         for peer, command in effects.to_workers:
@@ -523,12 +527,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert len(recipient.delivered) <= LIMITS.delivery_window
 
     def _accepted(self, peer: bytes, task_ids: list[int]) -> None:
-        [session] = [r.name for r in self.recipients.values() if r.peer == peer]
-        sinks = {spec.task_id: spec.sink for spec in self.submitted.pop(peer, [])}
         for task_id in task_ids:
-            sink = sinks[task_id]
-            name = sink_recipient(sink) if sink else session
-            self.recipient_of.setdefault((session, task_id), name)
+            assert (peer, task_id) in self.submitted, f"ACCEPTED {task_id} unasked"
 
     def _forget_the_departed(self) -> None:
         # A peer the scheduler gave up on is gone: it would have to come back.
