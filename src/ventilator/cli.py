@@ -530,10 +530,10 @@ def _cluster_options(command: Callable[..., Any]) -> Callable[..., Any]:
             click.option(
                 "--input",
                 "input_file",
-                # A line that is not UTF-8 is one failed task, not a crash.
+                # A line that is not UTF-8 fails alone (see _record), not the run.
                 type=click.File("r", errors="surrogateescape"),
                 default="-",
-                help="One task per line  [default: stdin]",
+                help="One call per line  [default: stdin]",
             ),
             click.option(
                 "--output",
@@ -558,13 +558,13 @@ def _cluster_options(command: Callable[..., Any]) -> Callable[..., Any]:
                 "--timeout-s",
                 type=click.FloatRange(min=0, min_open=True),
                 default=None,
-                help="Stop each task after this many seconds.",
+                help="Stop each line's call after this many seconds.",
             ),
             click.option(
                 "--retries",
                 type=click.IntRange(min=0),
                 default=0,
-                help="Run a task that raised again, up to this many times.",
+                help="Run a line that raised again, up to this many times.",
             ),
             click.option(
                 "--progress/--no-progress",

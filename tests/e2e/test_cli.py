@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -16,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from ventilator import TaskRaised
+from ventilator import Sink, TaskRaised
 
 from .conftest import (
     MORE_TASKS,
@@ -712,6 +713,31 @@ def test_exec_timeout_kills_what_the_command_started(
     assert record["error"]["type"] == "TimeoutError"
     sleeper = int(marker.read_text())
     wait_until(lambda: not Path(f"/proc/{sleeper}").exists(), 5, "the orphan to go")
+
+
+def test_map_with_sink_sends_each_line_as_a_task_to_the_sink(
+    processes: Processes, launch: Launcher, broker: BrokerProcess
+) -> None:
+    launch.worker(broker, TASKS)
+    wait_for_workers(launch.client(broker), 1)
+
+    completed = run_cli(
+        processes,
+        "map",
+        f"{TASKS}:square",
+        "--connect",
+        broker.frontend,
+        "--sink",
+        "squares",
+        input_text="".join(f"{i}\n" for i in range(20)) + "1180591620717411303424\n",
+    )
+
+    assert completed.returncode == 1
+    assert completed.stdout == ""
+    assert "accepted for sink 'squares'; 1 refused" in completed.stderr
+    with Sink("squares", broker.frontend) as sink:
+        results = [r.value for r in itertools.islice(sink.results(10), 20)]
+    assert sorted(results) == [i * i for i in range(20)]
 
 
 def test_map_sink_without_connect_is_a_usage_error(processes: Processes) -> None:
