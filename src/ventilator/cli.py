@@ -691,16 +691,16 @@ _LINE_DECODER = json.JSONDecoder(parse_constant=_reject, parse_float=_finite)
 _RECORD_ENCODER = json.JSONEncoder(allow_nan=False)
 
 
-Record = tuple[dict[str, Any], bool]
+_Record = tuple[dict[str, Any], bool]
 
 
-def _map_record(line: str, item: Any, outcome: ItemOutcome) -> Record:
+def _map_record(line: str, item: Any, outcome: ItemOutcome) -> _Record:
     if outcome.error is None:
         return {"input": item, "result": outcome.value}, True
     return {"input": item, "error": _error_fields(outcome.error)}, False
 
 
-def _exec_record(line: str, item: Any, outcome: ItemOutcome) -> Record:
+def _exec_record(line: str, item: Any, outcome: ItemOutcome) -> _Record:
     if outcome.error is not None:
         return {
             "input": line,
@@ -712,7 +712,7 @@ def _exec_record(line: str, item: Any, outcome: ItemOutcome) -> Record:
     return {"input": line, **outcome.value}, outcome.value["exit_code"] == 0
 
 
-def _record(job: _Job, line: str, item: Any, outcome: ItemOutcome) -> Record:
+def _record(job: _Job, line: str, item: Any, outcome: ItemOutcome) -> _Record:
     """The output record of one line, and whether it succeeded."""
     if job.sink is not None:
         return {}, outcome.error is None
@@ -776,7 +776,7 @@ class _Job:
     function: str
     item_of: Callable[[str], Any]  # the function's argument for one input line
     modules: list[str]  # what embedded workers must serve
-    record: Callable[[str, Any, ItemOutcome], Record]
+    record: Callable[[str, Any, ItemOutcome], _Record]
     timeout_s: float | None = None  # per line, enforced by the worker
     retries: int = 0  # per line
     sink: str | None = None  # results go there, not to the output
