@@ -12,7 +12,7 @@ worker's result goes back to the client that submitted it, or to a named sink.
 
 from .aio import AsyncClient
 from .broker import Broker, BrokerConfig
-from .client import Client, ClientExecutor, TaskFuture
+from .client import Client, ClientExecutor, ItemOutcome, TaskFuture
 from .errors import (
     ClientClosed,
     FunctionNotFound,
@@ -46,6 +46,7 @@ __all__ = [
     "ClientClosed",
     "ClientExecutor",
     "FunctionNotFound",
+    "ItemOutcome",
     "Limits",
     "LocalCluster",
     "NetworkError",

@@ -15,6 +15,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -26,9 +27,9 @@ import click
 
 from . import logs
 from .broker import Broker, BrokerConfig
-from .client import DEFAULT_ADDRESS, Client
+from .client import DEFAULT_ADDRESS, Client, ItemOutcome
 from .dashboard import DashboardServer, parse_http_address
-from .errors import TaskError, UsageError
+from .errors import TaskError, TaskRejected, UsageError, VentilatorError
 from .gateway import MdpSettings
 from .journal import DURABILITY_MODES
 from .local import LocalCluster
@@ -42,11 +43,17 @@ from .worker import Worker, WorkerConfig
 log = logging.getLogger(__name__)
 
 _DEFAULT_LIMITS = Limits()
-SHELL_FUNCTION = "ventilator.shell:run"
+SHELL_FUNCTION = "ventilator.shell:run_call"
 # Tasks submitted ahead of the oldest unfinished one, for map and exec.
 MAP_AHEAD = 10_000
-# How long map/exec wait before checking that the embedded cluster still runs.
+# How often map/exec check that the embedded cluster still runs.
 HEALTH_CHECK_S = 1.0
+# How often the progress bar is redrawn at most.
+PROGRESS_REFRESH_S = 0.1
+# Tables of failures show session and task ids from this terminal width on.
+WIDE_COLUMNS = 120
+# A function's name folds beyond this width, to leave its error room.
+FUNCTION_COLUMNS = 32
 # How long map/exec wait for a broker named with --connect to answer at all.
 BROKER_ANSWER_S = 10.0
 
@@ -523,10 +530,10 @@ def _cluster_options(command: Callable[..., Any]) -> Callable[..., Any]:
             click.option(
                 "--input",
                 "input_file",
-                # A line that is not UTF-8 is one failed task, not a crash.
+                # A line that is not UTF-8 fails alone (see _record), not the run.
                 type=click.File("r", errors="surrogateescape"),
                 default="-",
-                help="One task per line  [default: stdin]",
+                help="One call per line  [default: stdin]",
             ),
             click.option(
                 "--output",
@@ -551,13 +558,13 @@ def _cluster_options(command: Callable[..., Any]) -> Callable[..., Any]:
                 "--timeout-s",
                 type=click.FloatRange(min=0, min_open=True),
                 default=None,
-                help="Stop each task after this many seconds.",
+                help="Stop each line's call after this many seconds.",
             ),
             click.option(
                 "--retries",
                 type=click.IntRange(min=0),
                 default=0,
-                help="Run a task that raised again, up to this many times.",
+                help="Run a line that raised again, up to this many times.",
             ),
             click.option(
                 "--progress/--no-progress",
@@ -597,14 +604,16 @@ def map_command(
     if connect is None:
         _or_usage_error(lambda: resolve(function))
     module = function.partition(":")[0]
-    inputs = (_parse_line(line) for line in _lines(input_file))
-    options = {"timeout_s": timeout_s, "retries": retries, "sink": sink}
-
-    def task(item: Any) -> tuple[str, tuple[Any, ...]]:
-        return function, (item,)
-
-    job = _Job(task, [module], options, _map_record)
-    run = _Run(inputs, output_file, connect, workers, progress, secret_key, broker_key)
+    job = _Job(function, _parse_line, [module], _map_record, timeout_s, retries, sink)
+    run = _Run(
+        _lines(input_file),
+        output_file,
+        connect,
+        workers,
+        progress,
+        secret_key,
+        broker_key,
+    )
     sys.exit(_run(job, run))
 
 
@@ -631,13 +640,15 @@ def exec_command(
     """
     substitute = any("{}" in arg for arg in command)
 
-    def task(line: str) -> tuple[str, tuple[Any, ...]]:
+    def call(line: str) -> list[Any]:
         argv = (
             [a.replace("{}", line) for a in command] if substitute else [*command, line]
         )
-        return SHELL_FUNCTION, (argv, timeout_s)
+        # The timeout travels with each line: the command's own, which kills
+        # its process group, not the task's, which would kill the worker's child.
+        return [argv, timeout_s]
 
-    job = _Job(task, ["ventilator.shell"], {"retries": retries}, _exec_record)
+    job = _Job(SHELL_FUNCTION, call, ["ventilator.shell"], _exec_record, None, retries)
     run = _Run(
         _lines(input_file),
         output_file,
@@ -657,7 +668,7 @@ def _lines(stream: IO[str]) -> Iterator[str]:
 
 def _parse_line(line: str) -> Any:
     try:
-        return json.loads(line, parse_constant=_reject, parse_float=_finite)
+        return _LINE_DECODER.decode(line)
     except ValueError:
         return line
 
@@ -674,43 +685,69 @@ def _finite(text: str) -> float:
     return value
 
 
-def _map_record(item: Any, future: Future[Any]) -> tuple[dict[str, Any], bool]:
-    error = _error_of(future)
-    if error is None:
-        return {"input": item, "result": future.result()}, True
-    return {"input": item, "error": _error_fields(error)}, False
+# Made once: json.loads and json.dumps with options build a new one per call,
+# which costs more than the rest of a short line's trip through the CLI.
+_LINE_DECODER = json.JSONDecoder(parse_constant=_reject, parse_float=_finite)
+_RECORD_ENCODER = json.JSONEncoder(allow_nan=False)
 
 
-def _exec_record(line: str, future: Future[Any]) -> tuple[dict[str, Any], bool]:
-    error = _error_of(future)
-    if error is not None:
+_Record = tuple[dict[str, Any], bool]
+
+
+def _map_record(line: str, item: Any, outcome: ItemOutcome) -> _Record:
+    if outcome.error is None:
+        return {"input": item, "result": outcome.value}, True
+    return {"input": item, "error": _error_fields(outcome.error)}, False
+
+
+def _exec_record(line: str, item: Any, outcome: ItemOutcome) -> _Record:
+    if outcome.error is not None:
         return {
             "input": line,
             "exit_code": None,
             "stdout": "",
             "stderr": "",
-            "error": _error_fields(error),
+            "error": _error_fields(outcome.error),
         }, False
-    outcome = future.result()
-    return {"input": line, **outcome}, outcome["exit_code"] == 0
+    return {"input": line, **outcome.value}, outcome.value["exit_code"] == 0
 
 
-def _error_of(future: Future[Any]) -> BaseException | None:
-    # An operator may cancel or purge a task at the broker: its line then says
-    # so, instead of CancelledError escaping and ending the whole run.
-    if future.cancelled():
-        return CancelledError("the task was cancelled at the broker")
-    return future.exception()
+def _record(job: _Job, line: str, item: Any, outcome: ItemOutcome) -> _Record:
+    """The output record of one line, and whether it succeeded."""
+    if job.sink is not None:
+        return {}, outcome.error is None
+    fields, ok = job.record(line, item, outcome)
+    if outcome.error is not None and not line.isascii():
+        # A line that is not UTF-8 never left: say so, and echo its bytes as
+        # they were, in a form any JSON reader accepts.
+        problem = _not_utf8(line)
+        if problem is not None:
+            fields["input"] = _jsonable(line.encode("utf-8", "surrogateescape"))
+            fields["error"] = problem
+    return fields, ok
+
+
+def _not_utf8(line: str) -> dict[str, str] | None:
+    """The error fields for a line read from bytes that were not UTF-8."""
+    try:
+        line.encode("utf-8", "surrogateescape").decode("utf-8")
+    except UnicodeDecodeError as exc:
+        message = f"the input line is not valid UTF-8: {exc}"
+        return {"type": "UnicodeDecodeError", "message": message}
+    return None
 
 
 def _json_line(fields: dict[str, Any]) -> str:
     """One line of strict JSON, whatever msgpack types a task returned."""
-    return json.dumps(_jsonable(fields), allow_nan=False) + "\n"
+    return _RECORD_ENCODER.encode(_jsonable(fields)) + "\n"
 
 
 def _jsonable(value: Any) -> Any:
     # bytes are kept whole as base64; JSON has no NaN or infinity, so those
-    # become the strings Python prints for them.
+    # become the strings Python prints for them; a lone surrogate (which only
+    # an escaped JSON input can hold) becomes its \udcxx spelling.
+    if isinstance(value, str):
+        return value if value.isascii() else _valid_text(value)
     if isinstance(value, bytes):
         return {"$base64": base64.b64encode(value).decode("ascii")}
     if isinstance(value, float) and not math.isfinite(value):
@@ -722,6 +759,10 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _valid_text(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _error_fields(error: BaseException) -> dict[str, str]:
     if isinstance(error, TaskError):
         return {"type": error.remote_type, "message": error.message}
@@ -730,19 +771,22 @@ def _error_fields(error: BaseException) -> dict[str, str]:
 
 @dataclass(frozen=True, slots=True)
 class _Job:
-    """What `map` and `exec` share: a task per item, and a record per result."""
+    """What `map` and `exec` share: an item per line, a record per outcome."""
 
-    make_task: Callable[[Any], tuple[str, tuple[Any, ...]]]
+    function: str
+    item_of: Callable[[str], Any]  # the function's argument for one input line
     modules: list[str]  # what embedded workers must serve
-    options: dict[str, Any]  # for Client.submit
-    record: Callable[[Any, Future[Any]], tuple[dict[str, Any], bool]]
+    record: Callable[[str, Any, ItemOutcome], _Record]
+    timeout_s: float | None = None  # per line, enforced by the worker
+    retries: int = 0  # per line
+    sink: str | None = None  # results go there, not to the output
 
 
 @dataclass(frozen=True, slots=True)
 class _Run:
-    """Where a job's items come from and go, and what runs them."""
+    """Where a job's lines come from and go, and what runs them."""
 
-    items: Iterator[Any]
+    lines: Iterator[str]
     output: IO[str]
     connect: str | None  # a broker's frontend, or None for an embedded cluster
     workers: int | None  # embedded task processes
@@ -751,65 +795,194 @@ class _Run:
     broker_key: str | None = None
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that the run unwinds as on Ctrl-C,
+    its embedded cluster stopped, but ends with its own status. A
+    BaseException, as KeyboardInterrupt is, so that no ``except Exception`` on
+    the way swallows it."""
+
+
 def _run(job: _Job, run: _Run) -> int:
-    """Run the job; return the exit status: 0 all succeeded, 1 some failed."""
-    # SIGTERM unwinds like Ctrl-C does, so an embedded cluster is always stopped.
-    signal.signal(signal.SIGTERM, _exit_on_signal)
+    """Run the job; return the exit status: 0 all succeeded, 1 some failed,
+    130 interrupted (SIGINT), 143 terminated (SIGTERM)."""
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         failed = _run_tasks(job, run)
     except KeyboardInterrupt:
         click.echo("ventilator: interrupted; unfinished tasks abandoned", err=True)
         return 130
+    except _Terminated:
+        click.echo("ventilator: terminated; unfinished tasks abandoned", err=True)
+        return 128 + signal.SIGTERM
     return 1 if failed else 0
 
 
-def _exit_on_signal(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+def _terminate(signum: int, frame: object) -> None:
+    # Once is enough: a second SIGTERM must not cut the cluster's stop short.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise _Terminated
 
 
 def _run_tasks(job: _Job, run: _Run) -> int:
-    """Submit a task per item, write records in input order; return failures."""
+    """Run an item per line, write records in input order; return failures."""
     with contextlib.ExitStack() as stack:
-        if run.connect is None:
-            level, log_format = _log_settings()
-            # The embedded broker and worker log as this command was told to.
-            cluster = LocalCluster(
-                run.workers, job.modules, log_level=level, log_format=log_format
-            )
-            stack.callback(cluster.stop)
-            _or_usage_error(cluster.start)
-            client = stack.enter_context(Client(cluster.address))
-            check = _embedded_health(cluster)
-        else:
-            client = stack.enter_context(
-                Client(
-                    run.connect, secret_key=run.secret_key, broker_key=run.broker_key
-                )
-            )
-            _check_broker(client, run.connect)
-            check = _no_check
-
+        client, watch = _connect(stack, job, run)
         bar = stack.enter_context(_Progress(run.progress))
         started = time.perf_counter()
         done = failed = 0
-        items = _counted(run.items, bar.submitted)
-        for item, future in _ordered(client, job, items, check):
-            fields, ok = job.record(item, future)
-            if not job.options.get("sink"):
-                run.output.write(_json_line(fields))
-            done += 1
-            failed += not ok
-            bar.advance()
+        # Lines read and not yet written: map_outcomes reads ahead of its output.
+        read: deque[tuple[str, Any]] = deque()
+        items = _items(job, run.lines, read, bar)
+        with watch.explained():
+            for outcome in _outcomes(client, job, items):
+                line, item = read.popleft()
+                fields, ok = _record(job, line, item, outcome)
+                if fields:
+                    run.output.write(_json_line(fields))
+                done += 1
+                failed += not ok
+                bar.advance()
         run.output.flush()
 
-    _summary(done, failed, time.perf_counter() - started, job.options.get("sink"))
+    _summary(done, failed, time.perf_counter() - started, job.sink)
     return failed
 
 
-def _counted(items: Iterator[Any], count: Callable[[], None]) -> Iterator[Any]:
-    for item in items:
-        count()
+def _connect(
+    stack: contextlib.ExitStack, job: _Job, run: _Run
+) -> tuple[Client, _ClusterWatch]:
+    """A client of the broker named with --connect, or of an embedded cluster
+    started here; both are stopped when `stack` closes."""
+    if run.connect is not None:
+        client = stack.enter_context(
+            Client(run.connect, secret_key=run.secret_key, broker_key=run.broker_key)
+        )
+        _check_broker(client, run.connect)
+        # A remote broker that goes away is waited for: the client reconnects
+        # and the broker's journal keeps the tasks.
+        return client, _ClusterWatch(None, client)
+
+    level, log_format = _log_settings()
+    # The embedded broker and worker log as this command was told to.
+    cluster = LocalCluster(
+        run.workers, job.modules, log_level=level, log_format=log_format
+    )
+    stack.callback(cluster.stop)
+    _or_usage_error(cluster.start)
+    client = stack.enter_context(Client(cluster.address))
+    return client, stack.enter_context(_ClusterWatch(cluster, client))
+
+
+def _items(
+    job: _Job, lines: Iterator[str], read: deque[tuple[str, Any]], bar: _Progress
+) -> Iterator[Any]:
+    for line in lines:
+        item = job.item_of(line)
+        read.append((line, item))
+        bar.submitted()
         yield item
+
+
+def _outcomes(client: Client, job: _Job, items: Iterator[Any]) -> Iterator[ItemOutcome]:
+    if job.sink is not None:
+        return _sent_to_sink(client, job, items)
+    return client.map_outcomes(
+        job.function, items, timeout_s=job.timeout_s, retries=job.retries
+    )
+
+
+def _sent_to_sink(
+    client: Client, job: _Job, items: Iterator[Any]
+) -> Iterator[ItemOutcome]:
+    """A task per line, since a sink receives the results of tasks; each
+    line's outcome is its task accepted (or refused) by the broker."""
+    window: deque[Future[Any]] = deque()
+    for item in items:
+        window.append(_submit(client, job, item))
+        while window and (len(window) >= MAP_AHEAD or window[0].done()):
+            yield _acceptance(window.popleft())
+    while window:
+        yield _acceptance(window.popleft())
+
+
+def _submit(client: Client, job: _Job, item: Any) -> Future[Any]:
+    """Submit one line's task; a line that cannot be sent is a refused task."""
+    try:
+        return client.submit(
+            job.function,
+            item,
+            timeout_s=job.timeout_s,
+            retries=job.retries,
+            sink=job.sink,
+        )
+    except (UsageError, TaskError) as exc:
+        refused: Future[Any] = Future()
+        refused.set_exception(exc)
+        return refused
+
+
+def _acceptance(future: Future[Any]) -> ItemOutcome:
+    # An operator may purge a task before it is accepted: its line says so.
+    if future.cancelled():
+        return ItemOutcome(None, CancelledError("the task was cancelled at the broker"))
+    error = future.exception()
+    if error is None:
+        return ItemOutcome(None, None)
+    if isinstance(error, UsageError):
+        return ItemOutcome(None, TaskRejected("UsageError", str(error)))
+    if isinstance(error, TaskError):
+        return ItemOutcome(None, error)
+    raise error
+
+
+class _ClusterWatch:
+    """Checks the embedded cluster every HEALTH_CHECK_S in a thread of its own.
+
+    When a process of it exited, results will never come: the watch closes the
+    client, which ends a map waiting on them, and `explained` turns what the
+    map then raises into an error naming the dead process.
+    """
+
+    def __init__(self, cluster: LocalCluster | None, client: Client) -> None:
+        self._cluster = cluster
+        self._client = client
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._watch, name="ventilator-cluster-watch", daemon=True
+        )
+        self.dead: str | None = None
+
+    def __enter__(self) -> _ClusterWatch:
+        if self._cluster is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _watch(self) -> None:
+        assert self._cluster is not None
+        while not self._stop.wait(HEALTH_CHECK_S):
+            dead = self._cluster.exited()
+            if dead:
+                # The error the run ends with says so; no need to say it twice.
+                log.info("the embedded %s exited; closing the client", dead)
+                self.dead = dead
+                self._client.close(timeout_s=0)
+                return
+
+    @contextlib.contextmanager
+    def explained(self) -> Iterator[None]:
+        try:
+            yield
+        except VentilatorError:
+            if self.dead is None:
+                raise
+            raise click.ClickException(
+                f"the embedded {self.dead} exited; unfinished tasks are lost"
+            ) from None
 
 
 def _check_broker(client: Client, address: str) -> None:
@@ -819,66 +992,6 @@ def _check_broker(client: Client, address: str) -> None:
         raise click.ClickException(
             f"no broker answered at {address} within {BROKER_ANSWER_S:g}s"
         ) from None
-
-
-def _embedded_health(cluster: LocalCluster) -> Callable[[], None]:
-    def check() -> None:
-        dead = cluster.exited()
-        if dead:
-            raise click.ClickException(
-                f"the embedded {dead} exited; unfinished tasks are lost"
-            )
-
-    return check
-
-
-def _no_check() -> None:
-    # A remote broker that goes away is waited for: the client reconnects and
-    # the broker's journal keeps the tasks.
-    return None
-
-
-def _ordered(
-    client: Client, job: _Job, items: Iterator[Any], check: Callable[[], None]
-) -> Iterator[tuple[Any, Future[Any]]]:
-    """Submit ahead of the output; yield (item, finished future) in input order."""
-    window: deque[tuple[Any, Future[Any]]] = deque()
-    for item in items:
-        window.append((item, _submit(client, job, item)))
-        while window and (len(window) >= MAP_AHEAD or window[0][1].done()):
-            yield _wait(window.popleft(), check)
-    while window:
-        yield _wait(window.popleft(), check)
-
-
-def _submit(client: Client, job: _Job, item: Any) -> Future[Any]:
-    """Submit one item's task; an item that cannot be sent is a failed task."""
-    try:
-        _require_utf8(item)
-        function, args = job.make_task(item)
-        return client.submit(function, *args, **job.options)
-    except UsageError as exc:
-        failed: Future[Any] = Future()
-        failed.set_exception(exc)
-        return failed
-
-
-def _require_utf8(item: Any) -> None:
-    if isinstance(item, str) and not item.isascii():
-        try:
-            item.encode("utf-8")
-        except UnicodeEncodeError:
-            raise UsageError("the input line is not valid UTF-8") from None
-
-
-def _wait(
-    entry: tuple[Any, Future[Any]], check: Callable[[], None]
-) -> tuple[Any, Future[Any]]:
-    while not entry[1].done():
-        check()
-        with contextlib.suppress(TimeoutError, CancelledError):
-            entry[1].exception(timeout=HEALTH_CHECK_S)
-    return entry
 
 
 def _summary(done: int, failed: int, elapsed_s: float, sink: str | None) -> None:
@@ -897,8 +1010,10 @@ def _summary(done: int, failed: int, elapsed_s: float, sink: str | None) -> None
 class _Progress:
     """A rich progress bar on stderr when it is a terminal; silent otherwise.
 
-    The total is what was read and submitted so far (input is streamed), so
-    the ETA covers the tasks known yet; it is exact once the input has ended.
+    The total is what was read so far (input is streamed, and read ahead of
+    the results), so the ETA covers the lines known yet; it is exact once the
+    input has ended. The bar is redrawn at most every PROGRESS_REFRESH_S, not
+    per line: lines finish by the thousand per second.
     """
 
     def __init__(self, wanted: bool | None) -> None:
@@ -906,6 +1021,9 @@ class _Progress:
         self._progress: Any = None
         self._task: Any = None
         self._submitted = 0
+        self._done = 0
+        self._started = time.perf_counter()
+        self._next_refresh = 0.0
 
     def __enter__(self) -> _Progress:
         if self._enabled:
@@ -941,16 +1059,23 @@ class _Progress:
         self._submitted += 1
 
     def advance(self) -> None:
+        self._done += 1
         if self._progress is not None:
-            elapsed = time.perf_counter() - self._started
-            done = self._progress.tasks[0].completed + 1
-            rate = f"{done / elapsed:,.0f}/s" if elapsed > 0 else ""
-            self._progress.update(
-                self._task, advance=1, total=self._submitted, rate=rate
-            )
+            now = time.perf_counter()
+            if now >= self._next_refresh:
+                self._refresh(now)
+
+    def _refresh(self, now: float) -> None:
+        self._next_refresh = now + PROGRESS_REFRESH_S
+        elapsed = now - self._started
+        rate = f"{self._done / elapsed:,.0f}/s" if elapsed > 0 else ""
+        self._progress.update(
+            self._task, completed=self._done, total=self._submitted, rate=rate
+        )
 
     def __exit__(self, *exc_info: object) -> None:
         if self._progress is not None:
+            self._refresh(time.perf_counter())
             self._progress.stop()
 
 
@@ -1035,26 +1160,38 @@ def _print_status(report: dict[str, Any]) -> None:
     console.print(
         f"tasks since start: {totals.get('submitted', 0)} submitted, "
         f"{totals.get('completed', 0)} completed, {totals.get('failed', 0)} failed, "
-        f"{totals.get('cancelled', 0)} cancelled; results waiting for delivery: "
-        f"{report['results_waiting']}"
+        f"{totals.get('cancelled', 0)} cancelled"
     )
+    console.print(f"results waiting for delivery: {report['results_waiting']}")
     if report.get("recent_failures"):
-        console.print(_failures_table(report["recent_failures"], "recent failures"))
+        failures = report["recent_failures"]
+        console.print(_failures_table(failures, "recent failures", console.width))
+
+
+def _table(title: str) -> Any:
+    """A table made to fit 80 columns: no vertical rules or edges, which
+    cost a few columns each that the widest cells need."""
+    from rich import box
+    from rich.table import Table
+
+    return Table(title=title, box=box.SIMPLE_HEAD, show_edge=False)
 
 
 def _workers_table(workers: list[dict[str, Any]]) -> Any:
     from rich.markup import escape
-    from rich.table import Table
 
-    table = Table(title=f"workers ({len(workers)})")
-    for column in ("id", "functions", "capacity", "running", "last seen"):
-        table.add_column(column)
+    table = _table(f"workers ({len(workers)})")
+    # The id (host.pid.tag) is what an operator looks for: folded whole, never
+    # cut; the other columns are short and keep to one line.
+    table.add_column("worker", overflow="fold", ratio=1)
+    for column in ("state", "running", "functions", "last seen"):
+        table.add_column(column, no_wrap=True)
     for w in workers:
         table.add_row(
-            escape(w["id"]) + (" (draining)" if w.get("draining") else ""),
+            escape(w["id"]),
+            "draining" if w.get("draining") else "serving",
+            f"{w['running']} of {w['capacity']}",
             str(len(w["services"])),
-            str(w["capacity"]),
-            str(w["running"]),
             f"{w['last_seen_s']:.1f}s ago",
         )
     return table
@@ -1062,11 +1199,11 @@ def _workers_table(workers: list[dict[str, Any]]) -> Any:
 
 def _queues_table(report: dict[str, Any]) -> Any:
     from rich.markup import escape
-    from rich.table import Table
 
-    table = Table(title="tasks by function")
-    for column in ("function", "queued", "running"):
-        table.add_column(column)
+    table = _table("tasks by function")
+    table.add_column("function", overflow="fold", ratio=1)
+    for column in ("queued", "running"):
+        table.add_column(column, justify="right", no_wrap=True)
     for function in sorted(set(report["queued"]) | set(report["running"])):
         table.add_row(
             escape(function),
@@ -1078,12 +1215,12 @@ def _queues_table(report: dict[str, Any]) -> Any:
 
 def _clients_table(clients: list[dict[str, Any]]) -> Any:
     from rich.markup import escape
-    from rich.table import Table
 
     connected = sum(1 for c in clients if c["connected"])
-    table = Table(title=f"clients and sinks ({connected} connected)")
-    for column in ("name", "kind", "connected", "results pending"):
-        table.add_column(column)
+    table = _table(f"clients and sinks ({connected} connected)")
+    table.add_column("name", overflow="fold", ratio=1)
+    for column in ("kind", "connected", "results pending"):
+        table.add_column(column, no_wrap=True)
     for c in clients:
         table.add_row(
             escape(c["name"]),
@@ -1094,18 +1231,28 @@ def _clients_table(clients: list[dict[str, Any]]) -> Any:
     return table
 
 
-def _failures_table(failures: list[dict[str, Any]], title: str) -> Any:
+def _failures_table(failures: list[dict[str, Any]], title: str, width: int) -> Any:
+    """Failed tasks; below WIDE_COLUMNS, without the session and task ids
+    (32 and up to 19 digits), which `--json` shows and no command here needs:
+    `retry` takes tickets."""
     from rich.markup import escape
-    from rich.table import Table
 
-    table = Table(title=title)
-    for column in ("ticket", "session", "task", "function", "outcome", "error"):
-        table.add_column(column, overflow="fold")
+    wide = width >= WIDE_COLUMNS
+    table = _table(title)
+    if not wide:
+        table.caption = "session and task ids: --json"
+    table.add_column("ticket", justify="right", no_wrap=True)
+    if wide:
+        table.add_column("session", no_wrap=True)
+        table.add_column("task", justify="right", no_wrap=True)
+    table.add_column("function", overflow="fold", max_width=FUNCTION_COLUMNS)
+    table.add_column("outcome", no_wrap=True)
+    table.add_column("error", overflow="fold", ratio=1)
     for f in failures:
+        ids = [escape(f["session"]), str(f["task_id"])] if wide else []
         table.add_row(
             str(f["ticket"]),
-            escape(f["session"]),
-            str(f["task_id"]),
+            *ids,
             escape(f["function"]),
             f["outcome"],
             escape(f"{f['type']}: {f['message']}"),
@@ -1130,7 +1277,9 @@ def failed(connect: str, timeout_s: float, limit: int, as_json: bool) -> None:
         return
     from rich.console import Console
 
-    Console().print(_failures_table(failures, f"failed tasks ({len(failures)})"))
+    console = Console()
+    title = f"failed tasks ({len(failures)})"
+    console.print(_failures_table(failures, title, console.width))
 
 
 @cli.command()

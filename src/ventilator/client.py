@@ -35,7 +35,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import CancelledError, Executor, Future, InvalidStateError
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import zmq
 
@@ -50,6 +50,7 @@ from .errors import (
     ResultExpired,
     TaskError,
     TaskRejected,
+    TaskTimeout,
     UsageError,
     task_error_from_wire,
 )
@@ -63,7 +64,7 @@ from .serialization import (
     unpack_value,
 )
 
-__all__ = ["Client", "TaskFuture"]
+__all__ = ["Client", "ItemOutcome", "TaskFuture"]
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,25 @@ PROBE_BATCHES = 4
 # submission, so that the broker reads both in one turn; or until this many.
 ACK_DELAY_S = 0.005
 ACK_BATCH = 1024
+# With a per-item timeout, a batch carries at most this share of it in work: a
+# batch shares one deadline, and one of items that each keep to theirs should
+# not run past it as a whole (it would then be run again item by item).
+TIMEOUT_SHARE = 0.1
+
+
+class ItemOutcome(NamedTuple):
+    """How one item of `Client.map_outcomes` ended.
+
+    Attributes:
+        value: the function's return value; None when `error` is set.
+        error: None on success; else why there is no value: a `TaskError`
+            (`TaskRejected` with remote_type "UsageError" for an item that could
+            not be encoded and was never sent), or a `CancelledError` when an
+            operator cancelled it at the broker.
+    """
+
+    value: Any
+    error: TaskError | CancelledError | None
 
 
 class TaskFuture(Future):  # type: ignore[type-arg]
@@ -146,26 +166,40 @@ class _Slot:
 
 class _BatchSlot(_Slot):
     """A `_Slot` for one batch of a map, which keeps the batch's items: if the
-    batch fails as a whole, they are submitted again one by one."""
+    batch fails as a whole, they are submitted again one by one.
 
-    __slots__ = ("items",)
+    `outcomes` is set from the start for an item refused before sending (it
+    cannot be encoded): it keeps its place in the map without being a task.
+    """
 
-    def __init__(self, wakeup: threading.Condition, items: list[Any]) -> None:
+    __slots__ = ("items", "outcomes")
+
+    def __init__(
+        self,
+        wakeup: threading.Condition,
+        items: list[Any],
+        outcomes: list[list[Any]] | None = None,
+    ) -> None:
         super().__init__(wakeup)
         self.items = items
+        self.outcomes = outcomes
 
 
 class _BatchSizer:
     """How many items the next batch of a map carries.
 
     `chunksize` when the caller gave one. Otherwise one item per batch until a
-    batch came back, then as many as run in about BATCH_TARGET_S, by a moving
-    average of the time an item took on the workers.
+    batch came back, then as many as run in about BATCH_TARGET_S (less with a
+    per-item timeout, see TIMEOUT_SHARE), by a moving average of the time an
+    item took on the workers.
     """
 
-    def __init__(self, chunksize: int | None) -> None:
+    def __init__(self, chunksize: int | None, timeout_s: float | None = None) -> None:
         self._fixed = chunksize
         self._item_s: float | None = None
+        self._target_s = BATCH_TARGET_S
+        if timeout_s is not None:
+            self._target_s = min(BATCH_TARGET_S, timeout_s * TIMEOUT_SHARE)
 
     @property
     def probing(self) -> bool:
@@ -176,7 +210,7 @@ class _BatchSizer:
             return self._fixed
         if self._item_s is None:
             return 1
-        fitting = int(BATCH_TARGET_S / max(self._item_s, 1e-9))
+        fitting = int(self._target_s / max(self._item_s, 1e-9))
         return max(1, min(MAX_BATCH_ITEMS, fitting))
 
     def observe(self, items: int, elapsed_s: float) -> None:
@@ -195,22 +229,45 @@ class _BatchEncoder:
         self._pickled = bool(flags & p.Flags.PICKLED)
         self._packer = BatchPacker()
 
-    def take(self, items: Iterator[Any], count: int) -> tuple[list[Any], bytes]:
-        """Up to `count` items from `items`, fewer if they pass MAX_BATCH_BYTES
-        (a pickled batch is bounded by count only), and their payload."""
+    def take(
+        self, items: Iterator[Any], count: int
+    ) -> tuple[list[Any], bytes, tuple[Any, list[Any]] | None]:
+        """Up to `count` items from `items` and their payload, and the item
+        that ended the batch early by failing to encode, with its outcome.
+
+        A batch also ends once it passes MAX_BATCH_BYTES; a pickled batch is
+        bounded by count only, and fails whole if an item cannot be pickled.
+        """
         taken: list[Any] = []
         encoded: list[bytes] = []
         size = 0
         for item in itertools.islice(items, count):
-            taken.append(item)
-            if not self._pickled:
+            if self._pickled:
+                taken.append(item)
+                continue
+            try:
                 encoded.append(self._packer.item(item))
-                size += len(encoded[-1])
-                if size >= MAX_BATCH_BYTES:
-                    break
+            except UsageError as exc:
+                return taken, self._packer.batch(encoded), (item, _refusal(exc))
+            taken.append(item)
+            size += len(encoded[-1])
+            if size >= MAX_BATCH_BYTES:
+                break
         if self._pickled and taken:
-            return taken, pack_pickled_batch(self._function, taken)  # type: ignore[arg-type]
-        return taken, self._packer.batch(encoded)
+            payload = pack_pickled_batch(self._function, taken)  # type: ignore[arg-type]
+            return taken, payload, None
+        return taken, self._packer.batch(encoded), None
+
+
+@dataclass(frozen=True, slots=True)
+class _MapJob:
+    """What every task of one map shares."""
+
+    function: str | Callable[..., Any]
+    name: str
+    flags: int
+    timeout_s: float | None = None
+    retries: int = 0
 
 
 _Outcome = TaskFuture | _Slot
@@ -382,21 +439,56 @@ class Client:
         Items travel in batches, many to a task, so that a tiny function costs
         a small part of a task per item. A batch carries about 20 ms of work
         (at most 256 items), judged from the items already run, or `chunksize`
-        items. With `timeout_s`, `retries` or `sink`, which apply per item,
-        each item is a task of its own.
+        items. `timeout_s` and `retries` still apply to each item (see
+        `map_outcomes`); with `sink`, each item is a task of its own.
 
-        Submits ahead of what has been consumed, up to the window. A task that
-        failed raises its `TaskError` when its turn comes; use `submit` to handle
-        failures one by one.
+        Submits ahead of what has been consumed, up to the window. An item that
+        failed raises its `TaskError` when its turn comes (`TaskRejected` for
+        one that could not be encoded); `map_outcomes` reports every item
+        without raising.
         """
-        if chunksize is not None and chunksize < 1:
-            raise UsageError(f"chunksize must be at least 1, got {chunksize!r}")
-        if options or chunksize == 1:
-            yield from self._map_each(function, iterable, options)
+        _check_chunksize(chunksize)
+        sink = options.pop("sink", None)
+        if sink is not None or chunksize == 1:
+            yield from self._map_each(function, iterable, {**options, "sink": sink})
             return
 
-        for outcomes in self._map_batches(function, iterable, chunksize):
+        for outcomes in self._map_batches(function, iterable, chunksize, **options):
             yield from values_of(outcomes)
+
+    def map_outcomes(
+        self,
+        function: str | Callable[..., Any],
+        iterable: Iterable[Any],
+        *,
+        chunksize: int | None = None,
+        timeout_s: float | None = None,
+        retries: int = 0,
+    ) -> Iterator[ItemOutcome]:
+        """Like `map`, but yield every item's `ItemOutcome` and raise for none.
+
+        An item that raised, timed out or could not be encoded has its error in
+        its place; the items around it are not held back. `timeout_s` and
+        `retries` apply to each item: a batch runs under the timeout of one
+        item and carries only a tenth of it in work; a batch that still runs
+        past it, or whose worker died, is run again item by item (so an item
+        of it may run twice). An item that raised in a batch is run again on
+        its own, up to `retries` more times; its first retry comes without
+        backoff, the later ones with the broker's.
+
+        Raises:
+            UsageError: a bad `chunksize`, `timeout_s` or `retries`, or a
+                function that cannot be named.
+            ClientClosed: the client was closed while the map waited.
+        """
+        _check_chunksize(chunksize)
+        batches = self._map_batches(function, iterable, chunksize, timeout_s, retries)
+        for outcomes in batches:
+            for status, value in outcomes:
+                if status == p.Status.OK:
+                    yield ItemOutcome(value, None)
+                else:
+                    yield ItemOutcome(None, _error_of(status, value))
 
     def _map_each(
         self,
@@ -424,12 +516,15 @@ class Client:
         function: str | Callable[..., Any],
         iterable: Iterable[Any],
         chunksize: int | None,
+        timeout_s: float | None = None,
+        retries: int = 0,
     ) -> Iterator[list[list[Any]]]:
         """Submit the items in batches; yield each batch's outcomes in order,
         one ``[status, value or error report]`` per item."""
-        name, flags = self._name_of(function)
-        encoder = _BatchEncoder(function, flags)
-        sizer = _BatchSizer(chunksize)
+        _check_task_options(timeout_s, retries)
+        job = _MapJob(function, *self._name_of(function), timeout_s, retries)
+        encoder = _BatchEncoder(function, job.flags)
+        sizer = _BatchSizer(chunksize, timeout_s)
         wakeup = threading.Condition()
         batches: deque[_BatchSlot] = deque()
         ahead = 0  # items submitted and not yet yielded
@@ -439,27 +534,45 @@ class Client:
             while more and ahead < self._window:
                 if sizer.probing and len(batches) >= PROBE_BATCHES:
                     break
-                taken, payload = encoder.take(items, sizer.size())
-                if not taken:
-                    more = False
-                    break
-                spec = p.TaskSpec(0, name, payload, flags | p.Flags.BATCH)
-                slot = _BatchSlot(wakeup, taken)
-                self._enqueue([spec], _always(slot))
-                batches.append(slot)
-                ahead += len(taken)
+                taken, payload, refused = encoder.take(items, sizer.size())
+                if taken:
+                    batches.append(self._submit_batch(job, wakeup, taken, payload))
+                if refused is not None:
+                    item, outcome = refused
+                    batches.append(_BatchSlot(wakeup, [item], [outcome]))
+                more = bool(taken) or refused is not None
+                ahead += len(taken) + (refused is not None)
 
             if not batches:
                 return
             batch = batches.popleft()
             ahead -= len(batch.items)
-            yield self._outcomes(function, batch, sizer)
+            yield self._outcomes(job, batch, sizer)
+
+    def _submit_batch(
+        self,
+        job: _MapJob,
+        wakeup: threading.Condition,
+        items: list[Any],
+        payload: bytes,
+    ) -> _BatchSlot:
+        # Retries are the items' own (see _retry_raised): a batch that failed
+        # whole fails the same way again, or is split.
+        flags = job.flags | p.Flags.BATCH
+        spec = p.TaskSpec(0, job.name, payload, flags, job.timeout_s)
+        slot = _BatchSlot(wakeup, items)
+        self._enqueue([spec], _always(slot))
+        return slot
 
     def _outcomes(
-        self, function: str | Callable[..., Any], batch: _BatchSlot, sizer: _BatchSizer
+        self, job: _MapJob, batch: _BatchSlot, sizer: _BatchSizer
     ) -> list[list[Any]]:
+        if batch.outcomes is not None:
+            return batch.outcomes
         try:
             value = batch.result()
+        except CancelledError:
+            return [_cancelled() for _ in batch.items]
         except TaskError as error:
             if _split_when_failed(error, len(batch.items)):
                 log.info(
@@ -468,7 +581,7 @@ class Client:
                     len(batch.items),
                     error.remote_type,
                 )
-                return self._run_singly(function, batch.items)
+                return self._run_singly(job, batch.items, job.retries)
             return [[p.Status.RAISED.value, error.to_wire()]] * len(batch.items)
 
         try:
@@ -476,19 +589,45 @@ class Client:
         except ValueError as exc:
             raise ProtocolError(f"undecodable result of a batch: {exc}") from exc
         sizer.observe(len(batch.items), elapsed_s)
+        if job.retries:
+            self._retry_raised(job, batch.items, outcomes)
         return outcomes
 
+    def _retry_raised(
+        self, job: _MapJob, items: list[Any], outcomes: list[list[Any]]
+    ) -> None:
+        """Run again, each on its own, the items that raised in their batch."""
+        raised = [
+            index
+            for index, (status, _) in enumerate(outcomes)
+            if status == p.Status.RAISED
+        ]
+        if not raised:
+            return
+        log.debug("retrying %d items of a batch that raised", len(raised))
+        again = self._run_singly(job, [items[i] for i in raised], job.retries - 1)
+        for index, outcome in zip(raised, again, strict=True):
+            outcomes[index] = outcome
+
     def _run_singly(
-        self, function: str | Callable[..., Any], items: list[Any]
+        self, job: _MapJob, items: list[Any], retries: int
     ) -> list[list[Any]]:
-        wakeup = threading.Condition()
-        specs = [self._spec(function, (item,), {}) for item in items]
-        outcomes = []
-        for slot in self._enqueue(specs, lambda _: _Slot(wakeup)):
+        """Each item as a task of its own; their outcomes, in order."""
+        outcomes: list[list[Any]] = [[] for _ in items]
+        specs, places = [], []
+        for index, item in enumerate(items):
             try:
-                outcomes.append([p.Status.OK.value, slot.result()])
-            except TaskError as error:
-                outcomes.append([p.Status.RAISED.value, error.to_wire()])
+                spec = self._spec(job.function, (item,), {}, job.timeout_s, retries)
+            except (TaskError, UsageError) as exc:  # too large alone, say
+                outcomes[index] = _refusal(exc)
+                continue
+            specs.append(spec)
+            places.append(index)
+
+        wakeup = threading.Condition()
+        slots = self._enqueue(specs, lambda _: _Slot(wakeup))
+        for index, slot in zip(places, slots, strict=True):
+            outcomes[index] = _settled(slot)
         return outcomes
 
     def collect(
@@ -611,10 +750,7 @@ class Client:
         sink: str | None = None,
     ) -> p.TaskSpec:
         name, flags, payload = self._encode_call(function, args, kwargs)
-        if timeout_s is not None and not timeout_s > 0:
-            raise UsageError(f"timeout_s must be positive, got {timeout_s!r}")
-        if retries < 0:
-            raise UsageError(f"retries must be 0 or more, got {retries!r}")
+        _check_task_options(timeout_s, retries)
         oversized = _oversized(len(payload), self._max_payload_bytes)
         if oversized is not None:
             raise oversized
@@ -1009,11 +1145,51 @@ def _batches(specs: list[p.TaskSpec]) -> Iterator[list[p.TaskSpec]]:
 
 def values_of(outcomes: list[list[Any]]) -> Iterator[Any]:
     """The values of a batch's outcomes, in order; a failed item raises its
-    `TaskError` in its place."""
+    `TaskError` (or `CancelledError`) in its place."""
     for status, value in outcomes:
         if status != p.Status.OK:
-            raise task_error_from_wire(value)
+            raise _error_of(status, value)
         yield value
+
+
+def _error_of(status: int, value: Any) -> TaskError | CancelledError:
+    """The error of an outcome that is not OK."""
+    if status == p.Status.CANCELLED:
+        return CancelledError("the task was cancelled at the broker")
+    return task_error_from_wire(value)
+
+
+def _cancelled() -> list[Any]:
+    return [p.Status.CANCELLED.value, None]
+
+
+def _refusal(error: UsageError | TaskError) -> list[Any]:
+    """The outcome of an item refused before it was sent."""
+    if not isinstance(error, TaskError):
+        error = TaskRejected("UsageError", str(error))
+    return [p.Status.REJECTED.value, error.to_wire()]
+
+
+def _settled(slot: _Slot) -> list[Any]:
+    """The outcome of a finished one-item task, as a batch would report it."""
+    try:
+        return [p.Status.OK.value, slot.result()]
+    except CancelledError:
+        return _cancelled()
+    except TaskError as error:
+        return [p.Status.RAISED.value, error.to_wire()]
+
+
+def _check_chunksize(chunksize: int | None) -> None:
+    if chunksize is not None and chunksize < 1:
+        raise UsageError(f"chunksize must be at least 1, got {chunksize!r}")
+
+
+def _check_task_options(timeout_s: float | None, retries: int) -> None:
+    if timeout_s is not None and not timeout_s > 0:
+        raise UsageError(f"timeout_s must be positive, got {timeout_s!r}")
+    if retries < 0:
+        raise UsageError(f"retries must be 0 or more, got {retries!r}")
 
 
 def _always(outcome: OutcomeT) -> Callable[[int], OutcomeT]:
@@ -1025,12 +1201,13 @@ def _split_when_failed(error: TaskError, items: int) -> bool:
     """Whether a batch that failed whole is worth running item by item.
 
     Yes when the failure may belong to one item (a worker it killed, a result
-    too large, an oversized item) so that the others need not share it; no
-    when every item would fail the same way (no worker has the function).
+    too large, an oversized item, a per-item timeout the batch ran past) so
+    that the others need not share it; no when every item would fail the same
+    way (no worker has the function).
     """
     if items < 2 or error.remote_type == "PickleNotAllowed":
         return False
-    return isinstance(error, PoisonTask | ResultExpired | TaskRejected)
+    return isinstance(error, PoisonTask | ResultExpired | TaskRejected | TaskTimeout)
 
 
 def _oversized(size: int, limit: int | None) -> TaskRejected | None:

@@ -137,6 +137,12 @@ class BatchPacker:
         """
         try:
             return self._packer.pack(value)  # type: ignore[no-any-return]
+        except UnicodeEncodeError as exc:
+            # Lone surrogates: text decoded from bytes that were not UTF-8.
+            self._packer.reset()
+            raise UsageError(
+                f"cannot send an item holding a string that is not valid UTF-8 ({exc})"
+            ) from exc
         except (TypeError, ValueError, OverflowError) as exc:
             self._packer.reset()
             raise UsageError(

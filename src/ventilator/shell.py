@@ -12,7 +12,7 @@ import signal
 import subprocess
 from typing import Any
 
-__all__ = ["run"]
+__all__ = ["run", "run_call"]
 
 
 def run(argv: list[str], timeout_s: float | None = None) -> dict[str, Any]:
@@ -52,3 +52,18 @@ def run(argv: list[str], timeout_s: float | None = None) -> dict[str, Any]:
         "stdout": stdout.decode("utf-8", "replace"),
         "stderr": stderr.decode("utf-8", "replace"),
     }
+
+
+def run_call(call: list[Any]) -> dict[str, Any]:
+    """`run(argv, timeout_s)` for ``call = [argv, timeout_s]``.
+
+    What the batches of `ventilator exec` call for each line, since a batch
+    hands its function one argument per item.
+
+    Raises:
+        ValueError: `call` is not a pair; and as `run`.
+    """
+    if not isinstance(call, list) or len(call) != 2:
+        raise ValueError(f"expected [argv, timeout_s], got {call!r:.80}")
+    argv, timeout_s = call
+    return run(argv, timeout_s)

@@ -101,3 +101,10 @@ def crash_on_negative(x: int) -> int:
 def unsendable_on_negative(x: int) -> Any:
     """Square `x`, but return a value msgpack cannot carry for a negative one."""
     return object() if x < 0 else x * x
+
+
+def flaky_item(item: list[Any]) -> int:
+    """`flaky(path, failures)` for ``item = [path, failures]``: the one-argument
+    form that `ventilator map` calls with a JSON input line."""
+    path, failures = item
+    return flaky(path, failures)

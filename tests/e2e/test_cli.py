@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
 import json
+import os
 import re
 import signal
 import socket
 import subprocess
 import sysconfig
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from ventilator import Sink, TaskRaised
 
 from .conftest import (
     MORE_TASKS,
@@ -25,6 +30,7 @@ from .conftest import (
     descendants,
     free_port,
     json_lines,
+    log_of,
     run_cli,
     status_when,
     stop_process_ids,
@@ -255,9 +261,7 @@ def test_exec_without_placeholder_appends_the_line_as_last_argument(
     assert record["stdout"] == "first last one\n"
 
 
-def test_terminated_map_leaves_no_embedded_processes_behind(
-    processes: Processes,
-) -> None:
+def start_sleeping_map(processes: Processes) -> subprocess.Popen[bytes]:
     command = processes.start(
         "map",
         ventilator_argv("map", f"{TASKS}:sleep_for", "--workers", "1"),
@@ -265,22 +269,72 @@ def test_terminated_map_leaves_no_embedded_processes_behind(
     )
     command.stdin.write(b"30\n30\n")
     command.stdin.flush()
+    return command
 
-    def embedded_cluster() -> list[ProcessId] | None:
+
+def embedded_cluster_of(command: subprocess.Popen[bytes]) -> list[ProcessId]:
+    def started() -> list[ProcessId] | None:
         # The broker, the worker and at least its task process.
         found = descendants(command.pid)
         return found if len(found) >= 3 else None
 
-    embedded = wait_until(embedded_cluster, 20, "the embedded cluster", ClusterError)
+    return wait_until(started, 20, "the embedded cluster", ClusterError)
 
-    command.send_signal(signal.SIGTERM)
-    command.wait(10)
+
+@pytest.mark.parametrize(
+    ("signum", "status", "said"),
+    [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")],
+)
+def test_stopped_map_exits_with_its_signal_status_leaving_no_processes(
+    processes: Processes, signum: signal.Signals, status: int, said: str
+) -> None:
+    command = start_sleeping_map(processes)
+    embedded = embedded_cluster_of(command)
+
+    command.send_signal(signum)
     try:
+        assert command.wait(10) == status
         wait_until(
             lambda: not any(p.alive() for p in embedded), 5, "embedded processes"
         )
     finally:
         stop_process_ids(embedded)
+    assert f"ventilator: {said}; unfinished tasks abandoned" in log_of(command)
+
+
+def test_run_whose_embedded_broker_died_exits_1_naming_it(
+    processes: Processes, tmp_path: Path
+) -> None:
+    marker = tmp_path / "running"
+    command = processes.start(
+        "exec",
+        ventilator_argv(
+            "exec", "--workers", "1", "--", "sh", "-c", "touch {}; exec sleep 30"
+        ),
+        stdin=subprocess.PIPE,
+    )
+    # Its input ended, so that it waits for results, not for lines.
+    command.stdin.write(f"{marker}\n".encode())
+    command.stdin.close()
+    wait_until(marker.exists, 20, "the command to run", ClusterError)
+    embedded = descendants(command.pid)
+    [broker] = [p for p in embedded if b"broker" in cmdline(p.pid)]
+
+    try:
+        os.kill(broker.pid, signal.SIGKILL)
+        assert command.wait(20) == 1
+    finally:
+        stop_process_ids(embedded)
+    said = log_of(command)
+    assert f"the embedded broker (pid {broker.pid}" in said
+    assert "unfinished tasks are lost" in said
+
+
+def cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return b""
 
 
 # --- map and exec against a running broker ----------------------------------------
@@ -366,6 +420,64 @@ def test_status_json_shows_workers_queues_and_clients(
     assert not running.done()
 
 
+def lines_within(text: str, columns: int) -> list[str]:
+    lines = text.splitlines()
+    assert lines, "no output"
+    too_wide = [line for line in lines if len(line) > columns]
+    assert not too_wide, f"wider than {columns} columns: {too_wide}"
+    return lines
+
+
+def test_status_table_keeps_each_row_on_one_line_in_80_columns(
+    processes: Processes,
+    launch: Launcher,
+    broker: BrokerProcess,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    worker = launch.worker(broker, TASKS, concurrency=1)
+    client = launch.client(broker)
+    wait_for_workers(client, 1)
+    client.submit(f"{TASKS}:sleep_for", 30)
+    status_when(
+        client, lambda status: status["running"], 10, "the task to run", ClusterError
+    )
+    monkeypatch.setenv("COLUMNS", "80")
+
+    completed = run_cli(processes, "status", "--connect", broker.frontend)
+
+    assert completed.returncode == 0, completed.stderr
+    lines = lines_within(completed.stdout, 80)
+    [worker_row] = [line for line in lines if f".{worker.pid}." in line]
+    assert "serving" in worker_row and "1 of 1" in worker_row
+    assert any(re.fullmatch(rf" {TASKS}:sleep_for +0 +1 *", line) for line in lines)
+    assert any(client.session in line for line in lines)
+
+
+@pytest.mark.parametrize(("columns", "ids_shown"), [(80, False), (160, True)])
+def test_failed_table_fits_the_terminal_showing_function_and_error_whole(
+    processes: Processes,
+    launch: Launcher,
+    broker: BrokerProcess,
+    monkeypatch: pytest.MonkeyPatch,
+    columns: int,
+    ids_shown: bool,
+) -> None:
+    launch.worker(broker, TASKS)
+    client = launch.client(broker)
+    wait_for_workers(client, 1)
+    with pytest.raises(TaskRaised):
+        client.submit(f"{TASKS}:fail", "now").result(30)
+    monkeypatch.setenv("COLUMNS", str(columns))
+
+    completed = run_cli(processes, "failed", "--connect", broker.frontend)
+
+    assert completed.returncode == 0, completed.stderr
+    lines = lines_within(completed.stdout, columns)
+    [row] = [line for line in lines if f"{TASKS}:fail" in line]
+    assert "raised" in row and "ValueError: failed on purpose" in row
+    assert (client.session in completed.stdout) is ids_shown
+
+
 def test_sink_receives_results_submitted_before_and_after_it_started(
     processes: Processes, launch: Launcher, broker: BrokerProcess, tmp_path: Path
 ) -> None:
@@ -407,20 +519,113 @@ def test_sink_receives_results_submitted_before_and_after_it_started(
     assert len({record["task_id"] for record in records}) == 15
 
 
-def test_map_fails_a_line_that_is_not_utf8_and_runs_the_others(
+def strict_json_lines(text: str) -> list[Any]:
+    """JSON lines whose every string is valid Unicode, as a strict reader wants
+    (Python's json accepts an escaped lone surrogate; many readers do not)."""
+    records = json_lines(text)
+    for record in records:
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    return records
+
+
+def test_map_fails_a_line_that_is_not_utf8_echoing_its_bytes_as_base64(
     processes: Processes, tmp_path: Path
 ) -> None:
     lines = tmp_path / "lines.txt"
-    lines.write_bytes(b"1\n\xff\n2\n")
+    lines.write_bytes(b'1\n\xff\n"caf\xe9"\n2\n')
 
     completed = run_cli(
         processes, "map", f"{TASKS}:echo", "--workers", "1", "--input", str(lines)
     )
 
-    records = [json.loads(line) for line in completed.stdout.splitlines()]
+    records = strict_json_lines(completed.stdout)
     assert completed.returncode == 1
-    assert [r.get("result") for r in records] == [1, None, 2]
-    assert "UTF-8" in records[1]["error"]["message"]
+    assert [r.get("result") for r in records] == [1, None, None, 2]
+    assert records[1]["input"] == {"$base64": base64.b64encode(b"\xff").decode()}
+    assert records[2]["input"] == {"$base64": base64.b64encode(b'"caf\xe9"').decode()}
+    for record in records[1:3]:
+        assert record["error"]["type"] == "UnicodeDecodeError"
+        assert "not valid UTF-8" in record["error"]["message"]
+
+
+def test_map_fails_only_the_lines_it_cannot_send_keeping_every_line_in_order(
+    processes: Processes, tmp_path: Path
+) -> None:
+    # 2**70 is JSON but no msgpack integer; enough lines that they go in batches.
+    values: list[Any] = list(range(400))
+    values[5] = values[250] = 2**70
+    lines = tmp_path / "lines.txt"
+    lines.write_bytes(b"".join(b"%d\n" % v for v in values[:300]) + b"\x80\n")
+    lines.write_bytes(lines.read_bytes() + b"".join(b"%d\n" % v for v in values[301:]))
+
+    completed = run_cli(
+        processes, "map", f"{TASKS}:square", "--workers", "2", "--input", str(lines)
+    )
+
+    records = strict_json_lines(completed.stdout)
+    assert completed.returncode == 1, completed.stderr
+    assert len(records) == 400
+    for index, record in enumerate(records):
+        if index in (5, 250):
+            assert record["input"] == 2**70
+            assert record["error"]["type"] == "UsageError"
+            assert "msgpack" in record["error"]["message"]
+        elif index == 300:
+            assert record["error"]["type"] == "UnicodeDecodeError"
+        else:
+            assert record == {"input": index, "result": index * index}
+    assert "397 succeeded, 3 failed" in completed.stderr
+
+
+def test_map_times_out_only_the_line_that_ran_past_its_timeout(
+    processes: Processes,
+) -> None:
+    seconds = [0] * 30 + [20] + [0] * 10
+
+    completed = run_cli(
+        processes,
+        "map",
+        f"{TASKS}:sleep_for",
+        "--workers",
+        "2",
+        "--timeout-s",
+        "1",
+        input_text="".join(f"{s}\n" for s in seconds),
+    )
+
+    records = json_lines(completed.stdout)
+    assert completed.returncode == 1, completed.stderr
+    assert [r.get("result") for r in records] == [*[0] * 30, None, *[0] * 10]
+    assert records[30]["error"]["type"] == "TaskTimeout"
+
+
+def test_map_retries_each_line_that_raised_up_to_its_retries(
+    processes: Processes, tmp_path: Path
+) -> None:
+    # The first lines go alone while map measures the function; these come after.
+    failures = [0] * 10 + [2, 0, 3, 1]
+    calls = [tmp_path / f"calls-{index}" for index in range(len(failures))]
+    lines = [
+        json.dumps([str(path), n]) for path, n in zip(calls, failures, strict=True)
+    ]
+
+    completed = run_cli(
+        processes,
+        "map",
+        f"{TASKS}:flaky_item",
+        "--workers",
+        "2",
+        "--retries",
+        "2",
+        input_text="".join(f"{line}\n" for line in lines),
+    )
+
+    records = json_lines(completed.stdout)
+    assert completed.returncode == 1, completed.stderr
+    assert [r.get("result") for r in records] == [*[1] * 10, 3, 1, None, 2]
+    assert records[12]["error"]["message"] == "failure 3 of 3"
+    # Each line ran once plus its retries, never more.
+    assert [int(path.read_text()) for path in calls] == [*[1] * 10, 3, 1, 3, 2]
 
 
 def test_map_with_connect_and_no_broker_exits_with_an_error(
@@ -457,6 +662,32 @@ def _no_constants(name: str) -> None:
     raise AssertionError(f"{name} is not strict JSON")
 
 
+def test_exec_fails_a_line_that_is_not_utf8_and_runs_the_others(
+    processes: Processes, tmp_path: Path
+) -> None:
+    lines = tmp_path / "lines.txt"
+    lines.write_bytes(b"a\nb\xffc\nd\n")
+
+    completed = run_cli(
+        processes,
+        "exec",
+        "--workers",
+        "1",
+        "--input",
+        str(lines),
+        "--",
+        "echo",
+        "{}",
+    )
+
+    records = strict_json_lines(completed.stdout)
+    assert completed.returncode == 1
+    assert [r["stdout"] for r in records] == ["a\n", "", "d\n"]
+    assert records[1]["exit_code"] is None
+    assert records[1]["input"] == {"$base64": base64.b64encode(b"b\xffc").decode()}
+    assert records[1]["error"]["type"] == "UnicodeDecodeError"
+
+
 def test_exec_timeout_kills_what_the_command_started(
     processes: Processes, tmp_path: Path
 ) -> None:
@@ -482,6 +713,31 @@ def test_exec_timeout_kills_what_the_command_started(
     assert record["error"]["type"] == "TimeoutError"
     sleeper = int(marker.read_text())
     wait_until(lambda: not Path(f"/proc/{sleeper}").exists(), 5, "the orphan to go")
+
+
+def test_map_with_sink_sends_each_line_as_a_task_to_the_sink(
+    processes: Processes, launch: Launcher, broker: BrokerProcess
+) -> None:
+    launch.worker(broker, TASKS)
+    wait_for_workers(launch.client(broker), 1)
+
+    completed = run_cli(
+        processes,
+        "map",
+        f"{TASKS}:square",
+        "--connect",
+        broker.frontend,
+        "--sink",
+        "squares",
+        input_text="".join(f"{i}\n" for i in range(20)) + "1180591620717411303424\n",
+    )
+
+    assert completed.returncode == 1
+    assert completed.stdout == ""
+    assert "accepted for sink 'squares'; 1 refused" in completed.stderr
+    with Sink("squares", broker.frontend) as sink:
+        results = [r.value for r in itertools.islice(sink.results(10), 20)]
+    assert sorted(results) == [i * i for i in range(20)]
 
 
 def test_map_sink_without_connect_is_a_usage_error(processes: Processes) -> None:

@@ -131,6 +131,39 @@ def test_map_batch_with_a_poison_item_runs_its_other_items_one_by_one(
     assert results == [i * i for i in range(25)]
 
 
+def test_map_outcomes_reports_every_item_in_order_without_raising(
+    client: ventilator.Client, two_workers: list[WorkerProcess]
+) -> None:
+    items: list[Any] = [*range(1, 300)]
+    items[100] = 0  # raises ZeroDivisionError
+    items[200] = object()  # cannot be encoded, so it is never sent
+
+    outcomes = list(client.map_outcomes(tasks.reciprocal, items))
+
+    assert len(outcomes) == len(items)
+    assert isinstance(outcomes[100].error, ventilator.TaskRaised)
+    assert outcomes[100].error.remote_type == "ZeroDivisionError"
+    assert isinstance(outcomes[200].error, ventilator.TaskRejected)
+    assert "an item of type object" in outcomes[200].error.message
+    others = [o for i, o in enumerate(outcomes) if i not in (100, 200)]
+    expected = [1 / x for i, x in enumerate(items) if i not in (100, 200)]
+    assert [o.value for o in others] == expected
+    assert all(o.error is None for o in others)
+
+
+def test_map_with_a_timeout_times_out_only_the_slow_item(
+    client: ventilator.Client, two_workers: list[WorkerProcess]
+) -> None:
+    seconds = [0.0] * 20 + [20.0] + [0.0] * 20
+    results = []
+
+    with pytest.raises(ventilator.TaskTimeout):
+        for value in client.map(tasks.sleep_for, seconds, timeout_s=1):
+            results.append(value)
+
+    assert results == [0.0] * 20
+
+
 def test_executor_runs_calls_by_name_through_the_broker(
     client: ventilator.Client, two_workers: list[WorkerProcess]
 ) -> None:

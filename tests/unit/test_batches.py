@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import CancelledError
+
 import msgpack
 import pytest
 
@@ -10,11 +12,21 @@ from ventilator.client import (
     BATCH_TARGET_S,
     MAX_BATCH_BYTES,
     MAX_BATCH_ITEMS,
+    TIMEOUT_SHARE,
     _BatchEncoder,
     _BatchSizer,
+    _split_when_failed,
     values_of,
 )
-from ventilator.errors import TaskRaised, UsageError
+from ventilator.errors import (
+    FunctionNotFound,
+    PoisonTask,
+    TaskError,
+    TaskRaised,
+    TaskRejected,
+    TaskTimeout,
+    UsageError,
+)
 from ventilator.execution import run_task
 from ventilator.serialization import (
     BatchPacker,
@@ -71,8 +83,9 @@ def test_encoder_stops_a_batch_at_its_byte_bound() -> None:
     blob = b"x" * (MAX_BATCH_BYTES // 3)
     items = iter([blob] * 10)
 
-    taken, payload = encoder.take(items, count=10)
+    taken, payload, refused = encoder.take(items, count=10)
 
+    assert refused is None
     assert len(taken) == 3
     assert unpack_value(payload) == [blob] * 3
     assert len(list(items)) == 7  # nothing taken beyond the batch
@@ -133,3 +146,62 @@ def test_batch_that_is_not_a_list_fails_whole_naming_the_items() -> None:
 def test_malformed_batch_results_are_refused(value: object) -> None:
     with pytest.raises(ValueError, match="batch"):
         unpack_batch_outcomes(value, 2)
+
+
+def test_encoder_ends_a_batch_at_an_item_it_cannot_encode_and_refuses_that_one() -> (
+    None
+):
+    encoder = _BatchEncoder("m:f", p.Flags.NONE)
+    unsendable = object()
+    items = iter([1, 2, unsendable, 3])
+
+    taken, payload, refused = encoder.take(items, count=10)
+
+    assert taken == [1, 2]
+    assert unpack_value(payload) == [1, 2]
+    assert refused is not None
+    assert refused[0] is unsendable
+    with pytest.raises(TaskRejected, match="an item of type object"):
+        list(values_of([refused[1]]))
+    assert list(items) == [3]  # the next batch starts after the refused item
+
+
+def test_encoder_names_a_string_that_is_not_utf8() -> None:
+    encoder = _BatchEncoder("m:f", p.Flags.NONE)
+    line = b"caf\xe9".decode("utf-8", "surrogateescape")
+
+    _, _, refused = encoder.take(iter([line]), count=10)
+
+    assert refused is not None
+    assert "UTF-8" in refused[1][1]["message"]
+
+
+def test_sizer_keeps_a_batch_well_inside_a_per_item_timeout() -> None:
+    sizer = _BatchSizer(None, timeout_s=0.05)
+
+    sizer.observe(items=1, elapsed_s=0.001)
+
+    assert sizer.size() == int(0.05 * TIMEOUT_SHARE / 0.001)
+
+
+def test_cancelled_item_raises_cancelled_error_in_its_place() -> None:
+    values = values_of([[p.Status.OK.value, 1], [p.Status.CANCELLED.value, None]])
+
+    assert next(values) == 1
+    with pytest.raises(CancelledError):
+        next(values)
+
+
+@pytest.mark.parametrize(
+    ("error", "split"),
+    [
+        (TaskTimeout("TaskTimeout", "ran past 1s"), True),
+        (PoisonTask("PoisonTask", "died"), True),
+        (FunctionNotFound("FunctionNotFound", "m:f"), False),
+    ],
+)
+def test_batch_that_failed_whole_is_split_when_one_item_may_be_to_blame(
+    error: TaskError, split: bool
+) -> None:
+    assert _split_when_failed(error, items=3) is split
+    assert not _split_when_failed(error, items=1)
