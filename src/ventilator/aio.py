@@ -57,15 +57,17 @@ class AsyncClient:
     ) -> AsyncIterator[Any]:
         """Yield `function(item)` for each item, in input order.
 
-        Items travel in batches as with `Client.map`, and the event loop waits
-        in a thread once per batch, not once per item.
+        Items travel in batches as with `Client.map` (`timeout_s` and `retries`
+        still apply to each item; with `sink`, each item is a task of its own),
+        and the event loop waits in a thread once per batch, not once per item.
         """
-        if options or chunksize == 1:
+        if options.get("sink") is not None or chunksize == 1:
             async for value in self._map_each(function, iterable, options):
                 yield value
             return
 
-        batches = self._client._map_batches(function, iterable, chunksize)
+        options.pop("sink", None)
+        batches = self._client._map_batches(function, iterable, chunksize, **options)
         while (outcomes := await asyncio.to_thread(next, batches, None)) is not None:
             for value in values_of(outcomes):
                 yield value

@@ -573,6 +573,25 @@ def test_async_client_map_yields_results_in_order(
     assert asyncio.run(main()) == [i * i for i in range(40)]
 
 
+def test_async_client_map_with_per_item_options_still_batches(
+    broker: BrokerProcess, two_workers: list[WorkerProcess]
+) -> None:
+    async def main() -> tuple[list[Any], dict[str, Any]]:
+        async with ventilator.AsyncClient(broker.frontend) as client:
+            values = [
+                value
+                async for value in client.map(
+                    tasks.square, range(200), chunksize=50, timeout_s=30, retries=1
+                )
+            ]
+            return values, await client.status()
+
+    values, status = asyncio.run(main())
+
+    assert values == [i * i for i in range(200)]
+    assert status["totals"]["submitted"] <= 8  # 4 batches of 50, not 200 tasks
+
+
 # --- the embedded cluster ---------------------------------------------------------
 
 
