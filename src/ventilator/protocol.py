@@ -316,6 +316,10 @@ class Ready:
     services: Sequence[str]
     capacity: int
     allow_pickle: bool = False
+    # The tasks it runs at once, when it leaves the broker to judge per
+    # function how many more to hold (adaptive prefetch); None: its capacity
+    # alone limits what it is sent (a fixed prefetch, an older worker).
+    slots: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -534,7 +538,7 @@ _ENCODERS: dict[type, Callable[[Any], tuple[Cmd, Any, Sequence[Payload]]]] = {
     Credit: lambda c: (Cmd.CREDIT, c.capacity, ()),
     Ready: lambda c: (
         Cmd.READY,
-        [c.worker_id, list(c.services), c.capacity, c.allow_pickle],
+        [c.worker_id, list(c.services), c.capacity, c.allow_pickle, c.slots],
         (),
     ),
     Tasks: lambda c: (
@@ -664,16 +668,23 @@ def _decode_operator_reply(body: Any, payloads: Sequence[Payload]) -> OperatorRe
 
 def _decode_ready(body: Any, payloads: Sequence[Payload]) -> Ready:
     _no_payloads(payloads, "READY")
-    worker_id, services, capacity, allow_pickle = _fixed(body, 4, "READY")
+    if not isinstance(body, list) or len(body) not in (4, 5):
+        raise ProtocolError("READY must be a list of 4 or 5 fields")
+    if len(body) == 4:
+        body = [*body, None]  # from a worker that predates `slots`
+    worker_id, services, capacity, allow_pickle, slots = body
     _expect(services, list, "services")
     capacity = _count(capacity, "capacity")
     if capacity < 1:
         raise ProtocolError("capacity must be at least 1")
+    if slots is not None and _count(slots, "slots") < 1:
+        raise ProtocolError("slots must be at least 1")
     return Ready(
         worker_id=_name(worker_id, "worker_id"),
         services=[_name(service, "service") for service in services],
         capacity=capacity,
         allow_pickle=bool(_expect(allow_pickle, bool, "allow_pickle")),
+        slots=slots,
     )
 
 

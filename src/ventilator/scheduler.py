@@ -34,7 +34,7 @@ from . import protocol as p
 from .errors import PoisonTask, ResultExpired, TaskRejected
 from .fairqueue import FairQueue
 from .mdp import service_queue
-from .policy import Backoff, Limits
+from .policy import Backoff, Limits, Prefetch
 from .serialization import pack_error, unpack_value
 
 # Pickled callables have no function name a worker registered; they share one
@@ -57,6 +57,8 @@ RESULTS_PER_MESSAGE = 1024
 # of two. Short enough that a sink task's future or a closing client barely
 # notice the wait.
 ACCEPT_GRACE_S = 0.005
+# Weight of the newest run time in a queue's moving average.
+RUN_TIME_WEIGHT = 0.2
 
 # The session under which the broker resubmits failed tasks an operator retries.
 RETRY_SESSION = "ventilator:retry"
@@ -129,6 +131,11 @@ class Worker:
     capacity: int
     last_seen: float
     running: set[int] = field(default_factory=set)
+    # The tasks it runs at once, if it leaves to the broker how many more of
+    # each function it holds (see Scheduler._allowance); None: no such limit.
+    slots: int | None = None
+    # How many of `running` each queue gave it.
+    held: dict[str, int] = field(default_factory=dict)
     draining: bool = False
     # Tasks it may hold above `capacity` after lowering it: those it had then.
     grace: int = 0
@@ -209,6 +216,14 @@ def _error_fields(packed: p.Payload) -> dict[str, str]:
     if not isinstance(fields, dict):
         return {"type": "?", "message": f"unexpected error report {fields!r:.80}"}
     return {str(k): str(v) for k, v in fields.items()}
+
+
+def _count_held(worker: Worker, queue_name: str, change: int) -> None:
+    held = worker.held.get(queue_name, 0) + change
+    if held:
+        worker.held[queue_name] = held
+    else:
+        del worker.held[queue_name]
 
 
 def _counts_against_window(task: Task) -> bool:
@@ -381,6 +396,11 @@ class Scheduler:
 
         self.recipients: dict[str, Recipient] = {}
         self._recipient_of_peer: dict[bytes, str] = {}
+
+        # Per queue, how long its tasks run (as workers report it), and how many
+        # of them a worker's slot may hold for that (see _allowance).
+        self._run_s: dict[str, float] = {}
+        self._prefetch = Prefetch()
 
         self._effects = Effects()
         # Accepted task ids not yet announced, per submitting peer, and when the
@@ -790,6 +810,7 @@ class Scheduler:
         if ready.allow_pickle:
             services += (PICKLE_QUEUE,)
         worker = Worker(ready.worker_id, peer, services, ready.capacity, now)
+        worker.slots = ready.slots
         worker.max_silence_s = max_silence_s
         worker.silent_while_busy = silent_while_busy
         self.workers[worker.worker_id] = worker
@@ -819,8 +840,18 @@ class Scheduler:
 
             self._release(worker, task)
             task.run_s = outcome.duration_s
+            self._observe_run(task.queue, outcome.duration_s)
             self._settle(task, outcome, now)
         self._offer(worker)
+
+    def _observe_run(self, queue_name: str, duration_s: float) -> None:
+        # A moving average, so that a function whose tasks grow longer is
+        # soon held one per slot.
+        mean_s = self._run_s.get(queue_name)
+        if mean_s is None:
+            self._run_s[queue_name] = duration_s
+        else:
+            self._run_s[queue_name] = mean_s + RUN_TIME_WEIGHT * (duration_s - mean_s)
 
     def _settle(self, task: Task, outcome: p.Outcome, now: float) -> None:
         limit = self.limits.max_payload_bytes
@@ -882,11 +913,14 @@ class Scheduler:
                 continue
             requeued += 1
         worker.running.clear()
+        worker.held.clear()
         self._effects.notices.append(
             WorkerLost(worker.worker_id, reason, requeued, poisoned)
         )
 
     def _release(self, worker: Worker, task: Task) -> None:
+        if task.ticket in worker.running:
+            _count_held(worker, task.queue, -1)
         worker.running.discard(task.ticket)
         worker.grace = min(worker.grace, max(0, len(worker.running) - worker.capacity))
         task.worker = None
@@ -1088,22 +1122,42 @@ class Scheduler:
         for queue_name, queue in self._queues.items():
             available = self._available.get(queue_name)
             while queue and available:
-                self._assign_round(queue_name, queue, available)
+                if not self._assign_round(queue_name, queue, available):
+                    break  # credit left, but no allowance for this queue
 
     def _assign_round(
         self, queue_name: str, queue: FairQueue, available: dict[str, None]
-    ) -> None:
+    ) -> bool:
+        """Hand out one round of `queue`; False if nobody could take any."""
         # Spread the queue over every available worker rather than filling the
         # first one: with more credit than tasks, all workers get a share.
         share = max(1, math.ceil(len(queue) / len(available)))
+        assigned = False
         for worker_id in list(available):
             worker = self.workers[worker_id]
-            assignments = self._take(queue_name, queue, worker, min(share, worker.free))
+            room = min(share, worker.free, self._allowance(worker, queue_name))
+            assignments = self._take(queue_name, queue, worker, room)
             if assignments:
                 self._effects.to_workers.append((worker.peer, p.Tasks(assignments)))
+                assigned = True
             self._offer(worker)
             if not queue:
-                return
+                break
+        return assigned
+
+    def _allowance(self, worker: Worker, queue_name: str) -> int:
+        """How many more tasks of `queue_name` the worker may hold.
+
+        Its credit follows the mean of everything it ran, so a worker that ran
+        tiny tasks has room for many; long tasks of another function must not
+        pile up there while other workers idle. Per function, a slot holds
+        what the prefetch policy allows for that function's run time, and one
+        task while that is not known yet.
+        """
+        if worker.slots is None:
+            return worker.free
+        per_slot = self._prefetch.per_slot(self._run_s.get(queue_name))
+        return max(0, worker.slots * per_slot - worker.held.get(queue_name, 0))
 
     def _take(
         self, queue_name: str, queue: FairQueue, worker: Worker, count: int
@@ -1121,6 +1175,7 @@ class Scheduler:
             task.attempt += 1
             task.worker = worker.worker_id
             worker.running.add(task.ticket)
+            _count_held(worker, queue_name, +1)
             assignments.append(
                 p.Assignment(
                     task.ticket,
@@ -1312,6 +1367,7 @@ class Scheduler:
             "id": worker.worker_id,
             "services": list(worker.services),
             "capacity": worker.capacity,
+            "slots": worker.slots,
             "running": len(worker.running),
             "draining": worker.draining,
             "last_seen_s": round(now - worker.last_seen, 3),
@@ -1447,6 +1503,7 @@ class Scheduler:
             for ticket in worker.running:
                 task = self.tasks[ticket]
                 assert task.state is State.RUNNING and task.worker == worker.worker_id
+            self._check_held_counts(worker)
 
         for ticket, task in self.tasks.items():
             assert self._by_key[task.key] == ticket
@@ -1474,9 +1531,17 @@ class Scheduler:
 
     def _check_nobody_idles_for(self, task: Task) -> None:
         for worker in self.workers.values():
-            assert task.queue not in worker.services or worker.free == 0, (
-                f"task {task.ticket} waits while {worker.worker_id} has free credit"
+            free = min(worker.free, self._allowance(worker, task.queue))
+            assert task.queue not in worker.services or free == 0, (
+                f"task {task.ticket} waits while {worker.worker_id} has room for it"
             )
+
+    def _check_held_counts(self, worker: Worker) -> None:
+        by_queue: dict[str, int] = {}
+        for ticket in worker.running:
+            queue_name = self.tasks[ticket].queue
+            by_queue[queue_name] = by_queue.get(queue_name, 0) + 1
+        assert worker.held == by_queue, f"{worker.worker_id} held {worker.held}"
 
     def _check_stale_counts(self) -> None:
         for name, queue in self._queues.items():

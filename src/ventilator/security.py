@@ -29,7 +29,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -205,7 +205,7 @@ class Admission:
                 if ready.allow_pickle and not pickle
                 else "",
             )
-        return p.Ready(ready.worker_id, services, ready.capacity, pickle)
+        return replace(ready, services=services, allow_pickle=pickle)
 
 
 def fingerprint(public_key: str | bytes) -> str:

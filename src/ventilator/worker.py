@@ -144,6 +144,9 @@ class Worker:
                 self.services,
                 self._capacity,
                 self.config.allow_pickle,
+                # Adaptive prefetch: the broker keeps long functions to one
+                # task per slot, whatever credit tiny ones earned us.
+                self.config.concurrency if self.config.prefetch is None else None,
             )
         )
         # Until the broker welcomes us, its "unknown_worker" answers are to

@@ -428,6 +428,30 @@ def test_task_and_result_of_exactly_the_limit_pass_one_byte_more_does_not(
     assert "limit of 1000 bytes" in str(error)
 
 
+def test_long_tasks_are_not_hoarded_by_a_worker_whose_credit_grew_on_tiny_ones(
+    launch: Launcher, broker: BrokerProcess
+) -> None:
+    veteran = launch.worker(broker, concurrency=2)
+    client = launch.client(broker)
+    wait_for_workers(client, 1)
+    list(client.map(tasks.square, range(3000), chunksize=1))
+    status_when(
+        client,
+        lambda s: (veteran.entry(s) or {}).get("capacity", 0) >= 8,
+        10,
+        "the veteran's credit grown on tiny tasks",
+    )
+    newcomer = launch.worker(broker, concurrency=2)
+    wait_for_workers(client, 2)
+
+    places = [client.submit(tasks.whereabouts, 1.0) for _ in range(8)]
+    parents = [f.result(RESULT_TIMEOUT_S)[1] for f in places]
+
+    # One per slot each, then whoever frees a slot: 4 and 4, not 6 and 2. (The
+    # tasks are long enough to hide the newcomer's task processes starting.)
+    assert parents.count(newcomer.pid) >= 3, parents
+
+
 def test_a_flooding_client_does_not_hold_up_another_on_the_same_function(
     launch: Launcher, broker: BrokerProcess
 ) -> None:

@@ -84,9 +84,10 @@ class Driver:
         services: Iterable[str] = (FUNCTION,),
         worker_id: str | None = None,
         allow_pickle: bool = False,
+        slots: int | None = None,
     ) -> Effects:
         worker_id = worker_id or peer.decode()
-        ready = p.Ready(worker_id, list(services), capacity, allow_pickle)
+        ready = p.Ready(worker_id, list(services), capacity, allow_pickle, slots)
         return self.worker(peer, ready)
 
     def done(
@@ -95,8 +96,11 @@ class Driver:
         assignment: p.Assignment,
         status: p.Status = p.Status.OK,
         payload: bytes = b"result",
+        duration_s: float = 0.0,
     ) -> Effects:
-        outcome = p.Outcome(assignment.ticket, assignment.attempt, status, payload)
+        outcome = p.Outcome(
+            assignment.ticket, assignment.attempt, status, payload, duration_s
+        )
         return self.worker(peer, p.Done([outcome]))
 
 

@@ -231,7 +231,7 @@ READY_BODY = ["worker-1", ["jobs:f"], 2, False]
         (p.Cmd.DRAIN, None, 1, "takes no payload frames"),
         (p.Cmd.ERROR, ["code"], 0, "list of 2 fields"),
         (p.Cmd.ERROR, ["code", 5], 0, "message must be str"),
-        (p.Cmd.READY, READY_BODY[:3], 0, "list of 4 fields"),
+        (p.Cmd.READY, READY_BODY[:3], 0, "list of 4 or 5 fields"),
         (p.Cmd.READY, ["w", "jobs:f", 2, False], 0, "services must be list"),
         (p.Cmd.READY, ["w", [""], 2, False], 0, "service must be 1 to 256"),
         (p.Cmd.READY, ["w", ["f"], 0, False], 0, "capacity must be at least 1"),

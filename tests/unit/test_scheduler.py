@@ -192,6 +192,57 @@ def test_worker_gets_more_work_as_it_finishes(driver: Driver) -> None:
     assert second.ticket != first.ticket
 
 
+# --- per-function prefetch: credit for tiny tasks is not room for long ones --------
+
+
+def test_a_function_of_unknown_run_time_is_held_one_per_slot(driver: Driver) -> None:
+    driver.submit(*[task(i) for i in range(8)])
+
+    effects = driver.ready(W1, capacity=20, slots=2)
+
+    assert len(assignments(effects, W1)) == 2
+
+
+def test_a_long_function_stays_one_per_slot_on_a_worker_with_credit_for_more(
+    driver: Driver,
+) -> None:
+    driver.submit(*[task(i) for i in range(8)])
+    first, _ = assignments(driver.ready(W1, capacity=20, slots=2), W1)
+
+    effects = driver.done(W1, first, duration_s=1.0)
+
+    assert len(assignments(effects, W1)) == 1  # back to one per slot
+
+
+def test_a_short_function_fills_the_credit(driver: Driver) -> None:
+    driver.submit(*[task(i) for i in range(40)])
+    first, _ = assignments(driver.ready(W1, capacity=20, slots=2), W1)
+
+    effects = driver.done(W1, first, duration_s=0.001)
+
+    assert len(assignments(effects, W1)) == 19  # the credit, not the slots
+
+
+def test_long_tasks_go_to_the_idle_worker_not_the_one_with_more_credit(
+    driver: Driver,
+) -> None:
+    driver.ready(W1, capacity=20, slots=2)
+    driver.ready(W2, capacity=2, slots=2)
+
+    effects = driver.submit(*[task(i) for i in range(8)])
+
+    assert len(assignments(effects, W1)) == len(assignments(effects, W2)) == 2
+    assert driver.scheduler.status(driver.now)["queued"] == {FUNCTION: 4}
+
+
+def test_a_worker_without_slots_is_limited_by_its_credit_alone(driver: Driver) -> None:
+    driver.submit(*[task(i) for i in range(8)])
+
+    effects = driver.ready(W1, capacity=6)
+
+    assert len(assignments(effects, W1)) == 6
+
+
 def test_tasks_are_dispatched_in_submission_order(driver: Driver) -> None:
     driver.submit(task(5), task(3), task(8))
 

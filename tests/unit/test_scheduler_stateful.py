@@ -312,6 +312,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         services=st.lists(st.sampled_from(FUNCTIONS), min_size=1, unique=True),
         allow_pickle=st.booleans(),
         same_connection=st.booleans(),
+        slots=st.one_of(st.none(), st.integers(1, 3)),
     )
     def ready(
         self,
@@ -320,8 +321,11 @@ class SchedulerMachine(RuleBasedStateMachine):
         services: list[str],
         allow_pickle: bool,
         same_connection: bool,
+        slots: int | None,
     ) -> None:
-        self._register(worker_id, capacity, services, allow_pickle, same_connection)
+        self._register(
+            worker_id, capacity, services, allow_pickle, same_connection, slots
+        )
 
     def _register(
         self,
@@ -330,6 +334,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         services: list[str],
         allow_pickle: bool,
         same_connection: bool,
+        slots: int | None = None,
     ) -> None:
         old = self.workers.pop(worker_id, None)
         if old is not None:
@@ -339,7 +344,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         else:
             peer = self._new_peer(worker_id)
         self.workers[worker_id] = ModelWorker(worker_id, peer, capacity)
-        self._worker(peer, p.Ready(worker_id, services, capacity, allow_pickle))
+        ready = p.Ready(worker_id, services, capacity, allow_pickle, slots)
+        self._worker(peer, ready)
 
     @precondition(lambda self: any(w.holding for w in self.workers.values()))
     @rule(
@@ -354,7 +360,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         )
         ticket = data.draw(st.sampled_from(sorted(worker.holding)))
         assignment = worker.holding.pop(ticket)
-        outcome = p.Outcome(ticket, assignment.attempt, status, b"r")
+        # Run times on both sides of the prefetch policy's long_task_s.
+        duration_s = data.draw(st.sampled_from([0.0, 0.001, 0.1, 2.0]))
+        outcome = p.Outcome(ticket, assignment.attempt, status, b"r", duration_s)
         self._worker(worker.peer, p.Done([outcome]))
 
     @precondition(lambda self: any(w.holding for w in self.workers.values()))
