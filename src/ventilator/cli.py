@@ -1355,6 +1355,7 @@ def cancel(
     messages = {
         "cancelled": "cancelled; its submitter sees it cancelled",
         "running": "not cancelled: it is running, and will finish",
+        "cancelled already": "not cancelled again: it was cancelled already",
         "finished": "not cancelled: it had finished already",
         "unknown": "not cancelled: the broker has no such task",
     }
