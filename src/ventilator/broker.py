@@ -709,6 +709,14 @@ def _log_notice(notice: s.Notice) -> None:
             notice.requeued,
             notice.poisoned,
         )
+    elif isinstance(notice, s.WorkerLeft):
+        # A goodbye is a departure, not a fault: what it had not finished was
+        # left on purpose (a cold stop), and runs on another worker.
+        log.info(
+            "worker left worker=%s; requeued %d unfinished tasks",
+            notice.worker_id,
+            notice.requeued,
+        )
     elif isinstance(notice, s.LateOutcome):
         log.warning(
             "dropped a late result ticket=%d attempt=%d worker=%s: that attempt was "

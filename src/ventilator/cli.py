@@ -538,7 +538,9 @@ def _cluster_options(command: Callable[..., Any]) -> Callable[..., Any]:
             click.option(
                 "--output",
                 "output_file",
-                type=click.File("w"),
+                # Opened now, not at the first line: a path that cannot be
+                # written is a usage error (exit 2) before anything runs.
+                type=click.File("w", lazy=False),
                 default="-",
                 help="One JSON object per input line  [default: stdout]",
             ),
@@ -1158,7 +1160,8 @@ def _print_status(report: dict[str, Any]) -> None:
     console.print(_clients_table(report["clients"]))
     totals = report.get("totals", {})
     console.print(
-        f"tasks since start: {totals.get('submitted', 0)} submitted, "
+        f"tasks since start: {totals.get('submitted', 0)} submitted "
+        f"({totals.get('restored', 0)} of them restored from the journal), "
         f"{totals.get('completed', 0)} completed, {totals.get('failed', 0)} failed, "
         f"{totals.get('cancelled', 0)} cancelled"
     )
@@ -1355,6 +1358,7 @@ def cancel(
     messages = {
         "cancelled": "cancelled; its submitter sees it cancelled",
         "running": "not cancelled: it is running, and will finish",
+        "cancelled already": "not cancelled again: it was cancelled already",
         "finished": "not cancelled: it had finished already",
         "unknown": "not cancelled: the broker has no such task",
     }
@@ -1403,6 +1407,9 @@ def sink(
             fields: dict[str, Any] = {
                 "client": result.session,
                 "task_id": result.task_id,
+                # Ids are 64-bit: readers that parse every JSON number as a
+                # double (JavaScript, jq 1.6) round those above 2**53.
+                "task_id_str": str(result.task_id),
             }
             if result.error is None:
                 fields["result"] = result.value

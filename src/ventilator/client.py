@@ -706,7 +706,7 @@ class Client:
         """Cancel any session's task by its id, as an operator.
 
         Returns what became of it: "cancelled", "running" (a running task is
-        not stopped), "finished" or "unknown".
+        not stopped), "cancelled already", "finished" or "unknown".
 
         Raises:
             TimeoutError: the broker did not answer within `timeout_s`.

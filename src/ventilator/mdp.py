@@ -33,7 +33,7 @@ from typing import Any, TypeAlias
 import msgpack
 
 from .errors import ProtocolError
-from .protocol import MAX_NAME_LENGTH
+from .protocol import MAX_NAME_LENGTH, unpack_failure
 
 __all__ = [
     "CLIENT",
@@ -268,7 +268,9 @@ def unpack_body(payload: Any) -> list[bytes]:
     try:
         frames = msgpack.unpackb(payload, raw=False)
     except Exception as exc:  # msgpack raises a family of unrelated types
-        raise ProtocolError(f"not a packed MDP body: {exc}", "body") from exc
+        raise ProtocolError(
+            f"not a packed MDP body: {unpack_failure(exc)}", "body"
+        ) from exc
     if not isinstance(frames, list) or not all(isinstance(f, bytes) for f in frames):
         raise ProtocolError("a packed MDP body is a list of byte strings", "body")
     return frames

@@ -116,6 +116,17 @@ def submission_problem(function: str, flags: int) -> str | None:
 
     Such a task would otherwise wait in a queue nobody serves, for ever.
     """
+    unprintable = _first_unprintable(function)
+    if unprintable is not None:
+        return (
+            f"function {function!r} has the control character {unprintable!r}; "
+            "names are printable text (they appear in logs and metric labels)"
+        )
+    if flags & Flags.RAW:
+        return (
+            f"task flags {flags} include RAW (4), which only the broker's MDP "
+            "gateway sets; clients may set PICKLED (1) and BATCH (2)"
+        )
     if flags & ~CLIENT_FLAGS:
         return (
             f"task flags {flags} are not a client's: clients may set PICKLED (1) "
@@ -140,6 +151,12 @@ def submission_problem(function: str, flags: int) -> str | None:
             "serve"
         )
     return None
+
+
+def _first_unprintable(name: str) -> str | None:
+    # str.isprintable is False for control, format and separator characters
+    # other than the plain space: none of them belongs in a name.
+    return next((char for char in name if not char.isprintable()), None)
 
 
 # --- commands ------------------------------------------------------------------
@@ -812,7 +829,7 @@ def decode(frames: Sequence[Payload], allowed: frozenset[Cmd]) -> Command:
         raise
     except (TypeError, ValueError, RecursionError) as exc:
         # A shape we did not foresee, e.g. unpacking a row of the wrong kind.
-        raise ProtocolError(f"malformed {cmd.name}: {exc}") from exc
+        raise ProtocolError(f"malformed {cmd.name}: {unpack_failure(exc)}") from exc
 
 
 def _command_byte(raw: bytes, allowed: frozenset[Cmd]) -> Cmd:
@@ -833,4 +850,24 @@ def _unpack(frame: Payload) -> Any:
     try:
         return msgpack.unpackb(frame, use_list=True, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises a family of unrelated types
-        raise ProtocolError(f"body is not valid msgpack: {exc}", "body") from exc
+        reason = unpack_failure(exc)
+        raise ProtocolError(
+            f"body is not valid msgpack: {reason} (body starts {bytes(frame[:16])!r})",
+            "body",
+        ) from exc
+
+
+def unpack_failure(exc: Exception) -> str:
+    """What a failed msgpack unpack (or decode) says, or what its type means
+    when it says nothing, so that no error message ends in an empty reason."""
+    message = str(exc)
+    if message:
+        return message
+    # msgpack's FormatError carries no text; the byte 0xc1 is its usual cause.
+    return _SILENT_ERRORS.get(type(exc), type(exc).__name__)
+
+
+_SILENT_ERRORS: dict[type, str] = {
+    msgpack.FormatError: "a byte that starts no msgpack value (0xc1 is reserved)",
+    msgpack.StackError: "values nested too deeply",
+}

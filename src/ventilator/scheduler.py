@@ -262,6 +262,15 @@ class WorkerLost:
 
 
 @dataclass(frozen=True, slots=True)
+class WorkerLeft:
+    """A worker said goodbye: a departure, not a fault. `requeued` counts the
+    tasks it had not finished (it was told to leave at once)."""
+
+    worker_id: str
+    requeued: int
+
+
+@dataclass(frozen=True, slots=True)
 class LateOutcome:
     ticket: int
     attempt: int
@@ -311,6 +320,7 @@ Notice = (
     WorkerJoined
     | WorkerDraining
     | WorkerLost
+    | WorkerLeft
     | LateOutcome
     | ClientJoined
     | ClientLost
@@ -385,7 +395,11 @@ class Scheduler:
         self._now = 0.0
 
         # Running totals since start, and the latest failures, for the operator.
+        # `submitted` counts every task this broker took on to run: accepted,
+        # or brought back unfinished from the journal (also in `restored`), so
+        # that what finishes never outnumbers what was submitted.
         self.submitted = 0
+        self.restored = 0
         self._finished_by_status = [0] * (max(p.Status) + 1)
         self.failed: deque[FailedTask] = deque(maxlen=self.limits.failed_kept)
 
@@ -568,12 +582,21 @@ class Scheduler:
         session = recipient.name
         accepted = self._unannounced.setdefault(peer, (now, {}))[1]
         pickle_served = self._pickle_served()  # once per batch, not per task
+        in_this_batch: set[int] = set()
         for spec in specs:
-            if (session, spec.task_id) in self._by_key:
+            # A resubmission comes in a later SUBMIT; one id twice in the same
+            # one is two tasks of which only the first could ever be answered.
+            duplicate = spec.task_id in in_this_batch
+            in_this_batch.add(spec.task_id)
+            if not duplicate and (session, spec.task_id) in self._by_key:
                 accepted[spec.task_id] = None  # a resubmission: already ours
                 continue
 
-            reason = p.submission_problem(spec.function, spec.flags)
+            reason = (
+                f"task_id {spec.task_id} appears twice in one SUBMIT"
+                if duplicate
+                else p.submission_problem(spec.function, spec.flags)
+            )
             if reason is None:
                 reason = self._refusal(session, spec, pickle_served)
             if reason is not None:
@@ -775,7 +798,8 @@ class Scheduler:
                 WorkerDraining(worker.worker_id, len(worker.running))
             )
         elif isinstance(command, p.Bye):
-            self._remove_worker(worker, "said goodbye", deadly=False, now=now)
+            requeued, _ = self._drop_worker(worker, deadly=False, now=now)
+            self._effects.notices.append(WorkerLeft(worker.worker_id, requeued))
 
     def _ready(self, peer: bytes, ready: p.Ready, now: float) -> None:
         if ready.worker_id.startswith(GATEWAY_PREFIX):
@@ -896,6 +920,14 @@ class Scheduler:
     def _remove_worker(
         self, worker: Worker, reason: str, deadly: bool, now: float
     ) -> None:
+        requeued, poisoned = self._drop_worker(worker, deadly, now)
+        self._effects.notices.append(
+            WorkerLost(worker.worker_id, reason, requeued, poisoned)
+        )
+
+    def _drop_worker(self, worker: Worker, deadly: bool, now: float) -> tuple[int, int]:
+        """Forget a worker and requeue its tasks (`deadly`: count it as a death
+        against each); return how many were requeued and how many poisoned."""
         del self.workers[worker.worker_id]
         if self._worker_of_peer.get(worker.peer) == worker.worker_id:
             del self._worker_of_peer[worker.peer]
@@ -914,9 +946,7 @@ class Scheduler:
             requeued += 1
         worker.running.clear()
         worker.held.clear()
-        self._effects.notices.append(
-            WorkerLost(worker.worker_id, reason, requeued, poisoned)
-        )
+        return requeued, poisoned
 
     def _release(self, worker: Worker, task: Task) -> None:
         if task.ticket in worker.running:
@@ -1317,6 +1347,8 @@ class Scheduler:
             self._finish_order[task.ticket] = now
         else:
             self._enqueue(task)
+            self.submitted += 1
+            self.restored += 1
 
     def restore_failure(self, record: FailedTask) -> None:
         """Take back a failure record from the journal after a restart, oldest
@@ -1353,10 +1385,16 @@ class Scheduler:
         }
 
     def totals(self) -> dict[str, int]:
-        """Tasks accepted and finished since this broker started, by outcome."""
+        """Tasks taken on and finished since this broker started, by outcome.
+
+        `submitted` includes the `restored` tasks: the unfinished ones the
+        journal brought back at start. Results that had finished before the
+        restart count in neither.
+        """
         by_status = self._finished_by_status
         return {
             "submitted": self.submitted,
+            "restored": self.restored,
             "completed": by_status[p.Status.OK],
             "failed": sum(by_status[status] for status in FAILURE_STATUSES),
             "cancelled": by_status[p.Status.CANCELLED],
@@ -1488,7 +1526,8 @@ class Scheduler:
         if task.state is State.RUNNING:
             return "running"  # workers cannot stop a task; it finishes
         if task.state is State.FINISHED:
-            return "finished"
+            cancelled = task.status is p.Status.CANCELLED
+            return "cancelled already" if cancelled else "finished"
         self._finish(task, p.Status.CANCELLED, b"", now)
         return "cancelled"
 
@@ -1528,6 +1567,16 @@ class Scheduler:
         self._check_byte_counts()
         failed = [record.ticket for record in self.failed]
         assert len(set(failed)) == len(failed), "a failure remembered twice"
+        self._check_totals()
+
+    def _check_totals(self) -> None:
+        # Withdrawn tasks count in neither side, hence <= rather than ==.
+        unfinished = sum(
+            1 for t in self.tasks.values() if t.state is not State.FINISHED
+        )
+        finished = sum(self._finished_by_status)
+        assert finished + unfinished <= self.submitted, (finished, self.submitted)
+        assert self.restored <= self.submitted
 
     def _check_nobody_idles_for(self, task: Task) -> None:
         for worker in self.workers.values():

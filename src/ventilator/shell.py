@@ -19,8 +19,9 @@ def run(argv: list[str], timeout_s: float | None = None) -> dict[str, Any]:
     """Run `argv` without a shell and report how it ended.
 
     Returns:
-        ``{"exit_code": int, "stdout": str, "stderr": str}``; output is decoded
-        as UTF-8 with undecodable bytes replaced.
+        ``{"exit_code": int, "stdout": ..., "stderr": ...}``; each output is a
+        str when it is valid UTF-8, else the bytes exactly as written (which
+        `ventilator exec` prints as ``{"$base64": ...}``).
 
     Raises:
         FileNotFoundError: the program does not exist on this worker.
@@ -49,9 +50,18 @@ def run(argv: list[str], timeout_s: float | None = None) -> dict[str, Any]:
         ) from None
     return {
         "exit_code": process.returncode,
-        "stdout": stdout.decode("utf-8", "replace"),
-        "stderr": stderr.decode("utf-8", "replace"),
+        "stdout": _text_if_utf8(stdout),
+        "stderr": _text_if_utf8(stderr),
     }
+
+
+def _text_if_utf8(output: bytes) -> str | bytes:
+    # Replacing undecodable bytes would lose binary output without a word;
+    # bytes travel as they are, and text stays readable as text.
+    try:
+        return output.decode("utf-8")
+    except UnicodeDecodeError:
+        return output
 
 
 def run_call(call: list[Any]) -> dict[str, Any]:

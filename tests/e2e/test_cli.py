@@ -517,6 +517,8 @@ def test_sink_receives_results_submitted_before_and_after_it_started(
     assert sorted(record["result"] for record in records) == [i * i for i in range(15)]
     assert {record["client"] for record in records} == {client.session}
     assert len({record["task_id"] for record in records}) == 15
+    # Exact for readers that round numbers above 2**53 (jq 1.6, JavaScript).
+    assert all(r["task_id_str"] == str(r["task_id"]) for r in records)
 
 
 def strict_json_lines(text: str) -> list[Any]:
@@ -738,6 +740,41 @@ def test_map_with_sink_sends_each_line_as_a_task_to_the_sink(
     with Sink("squares", broker.frontend) as sink:
         results = [r.value for r in itertools.islice(sink.results(10), 20)]
     assert sorted(results) == [i * i for i in range(20)]
+
+
+@pytest.mark.parametrize("option", ["--input", "--output"])
+def test_a_file_that_cannot_be_opened_is_a_usage_error_naming_it(
+    processes: Processes, tmp_path: Path, option: str
+) -> None:
+    missing = tmp_path / "no-such-folder" / "lines.txt"
+
+    completed = run_cli(
+        processes, "map", f"{TASKS}:echo", option, str(missing), input_text="1\n"
+    )
+
+    assert completed.returncode == 2
+    assert str(missing) in completed.stderr and option in completed.stderr
+
+
+def test_exec_keeps_output_that_is_not_utf8_as_base64(processes: Processes) -> None:
+    completed = run_cli(
+        processes,
+        "exec",
+        "--workers",
+        "1",
+        "--",
+        "sh",
+        "-c",
+        "printf '\\377\\0{}'",
+        input_text="x\nlast\n",
+    )
+
+    assert completed.returncode == 0, completed.stderr
+    records = strict_json_lines(completed.stdout)
+    assert [r["stdout"] for r in records] == [
+        {"$base64": base64.b64encode(b"\xff\x00x").decode()},
+        {"$base64": base64.b64encode(b"\xff\x00last").decode()},
+    ]
 
 
 def test_map_sink_without_connect_is_a_usage_error(processes: Processes) -> None:

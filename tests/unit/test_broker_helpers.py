@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
+import pytest
+
 from ventilator import protocol as p
-from ventilator.broker import _RateLimit
+from ventilator.broker import _log_notice, _RateLimit
 from ventilator.client import SUBMIT_BATCH, SUBMIT_BATCH_BYTES, _batches
+from ventilator.scheduler import WorkerLeft
 
 
 def test_rate_limit_allows_one_line_per_interval_and_counts_the_rest() -> None:
@@ -48,3 +53,14 @@ def test_one_oversized_submission_still_travels_alone() -> None:
 def test_only_messages_of_small_frames_are_copied() -> None:
     assert p.small([b"header", b"x" * (p.ZERO_COPY_BYTES - 1)])
     assert not p.small([b"header", b"x" * p.ZERO_COPY_BYTES])
+
+
+def test_a_worker_that_said_goodbye_is_logged_as_leaving_without_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.INFO, logger="ventilator.broker"):
+        _log_notice(WorkerLeft("worker-1", requeued=1))
+
+    [record] = caplog.records
+    assert record.levelno == logging.INFO
+    assert "lost" not in record.getMessage()

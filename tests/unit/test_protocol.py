@@ -169,12 +169,21 @@ def test_command_not_accepted_on_that_socket_is_refused(
     assert "not accepted on this socket" in str(error)
 
 
-@pytest.mark.parametrize("body", [b"", b"\xc1", b"\x92\x01", b"\x91\x01\x02"])
-def test_body_that_is_not_msgpack_is_refused(body: bytes) -> None:
+@pytest.mark.parametrize(
+    "body", [b"", b"\xc1", b"\xc1\xc1\xc1", b"\x92\x01", b"\x91\x01\x02"]
+)
+def test_body_that_is_not_msgpack_is_refused_saying_why(body: bytes) -> None:
     error = refusal([p.HEADER, bytes((p.Cmd.HEARTBEAT,)), body])
 
     assert error.code == "body"
     assert "msgpack" in str(error)
+    assert says_what_was_wrong(error)
+
+
+def test_a_reserved_msgpack_byte_is_named_in_the_refusal() -> None:
+    error = refusal([p.HEADER, bytes((p.Cmd.HELLO,)), b"\xc1\xc1\xc1"])
+
+    assert "0xc1" in str(error)
 
 
 def test_body_with_non_string_map_keys_is_refused() -> None:
@@ -385,9 +394,17 @@ def check_decode(raw: list[bytes], allowed: frozenset[p.Cmd]) -> None:
         command = p.decode(raw, allowed)
     except ProtocolError as exc:
         assert isinstance(exc.code, str) and exc.code
+        assert says_what_was_wrong(exc), repr(str(exc))
         return
     again = p.encode(command)
     assert p.encode(p.decode(again, allowed)) == again
+
+
+def says_what_was_wrong(error: ProtocolError) -> bool:
+    """No message ends on a colon or an empty pair of brackets: a reason that
+    came out blank."""
+    message = str(error).rstrip()
+    return bool(message) and not message.endswith((":", "()"))
 
 
 @settings(max_examples=300, deadline=None)
@@ -471,7 +488,12 @@ def test_names_our_clients_send_are_accepted(function: str, flags: int) -> None:
         (" jobs:work", p.Flags.NONE, "'module:function'"),
         ("mdp:echo", p.Flags.NONE, "MDP services"),
         ("jobs:work", p.Flags.PICKLED, "must start with 'pickled:'"),
-        ("echo", p.Flags.RAW, "not a client's"),
+        ("echo", p.Flags.RAW, "RAW (4)"),
+        ("jobs:echo", p.Flags.RAW, "only the broker's MDP gateway"),
+        ("jobs:echo", p.Flags.RAW | p.Flags.BATCH, "RAW (4)"),
+        ("jobs:work\x00", p.Flags.NONE, "control character '\\x00'"),
+        ("jobs:wo\nrk", p.Flags.NONE, "control character '\\n'"),
+        ("pickled:\x1b[31mred", p.Flags.PICKLED, "control character '\\x1b'"),
         ("jobs:work", 8, "not a client's"),
     ],
 )

@@ -16,6 +16,7 @@ from ventilator.scheduler import (
     State,
     Task,
     WorkerDraining,
+    WorkerLeft,
     WorkerLost,
     sink_recipient,
 )
@@ -84,6 +85,18 @@ def test_resubmitted_task_id_is_not_run_twice(driver: Driver) -> None:
     assert accepted(effects) == [1]
     assert not effects.accepted
     assert len(assignments(effects_on_ready, W1)) == 1
+
+
+def test_a_task_id_twice_in_one_submit_rejects_the_second_naming_the_id(
+    driver: Driver,
+) -> None:
+    effects = driver.submit(task(7, b"first"), task(7, b"second"))
+
+    [refusal] = results(effects)
+    assert (refusal.task_id, refusal.status) == (7, p.Status.REJECTED)
+    assert "task_id 7 appears twice" in error_report(refusal)["message"]
+    [assignment] = assignments(driver.ready(W1, capacity=2), W1)
+    assert assignment.payload == b"first"
 
 
 def test_same_task_id_from_two_sessions_is_two_tasks(driver: Driver) -> None:
@@ -660,6 +673,16 @@ def test_worker_that_says_bye_has_its_tasks_requeued_first(driver: Driver) -> No
     assert (again.ticket, again.attempt) == (first.ticket, 2)
 
 
+def test_worker_that_says_bye_has_left_not_been_lost(driver: Driver) -> None:
+    driver.submit(task(1))
+    driver.ready(W1)
+
+    effects = driver.worker(W1, p.Bye())
+
+    assert notices(effects, WorkerLeft) == [WorkerLeft("worker-1", 1)]
+    assert not notices(effects, WorkerLost)
+
+
 def test_draining_worker_is_sent_no_more_tasks(driver: Driver) -> None:
     driver.submit(task(1), task(2))
     [first] = assignments(driver.ready(W1, capacity=1), W1)
@@ -911,6 +934,17 @@ def test_restored_unfinished_task_is_queued_again() -> None:
     [assignment] = assignments(driver.ready(W1), W1)
 
     assert (assignment.payload, assignment.attempt) == (b"abc", 1)
+
+
+def test_restored_tasks_count_as_submitted_so_totals_add_up() -> None:
+    finished = journalled(2, payload=b"", state=State.FINISHED, status=p.Status.OK)
+    driver = restored(journalled(1), finished)
+    [assignment] = assignments(driver.ready(W1), W1)
+    driver.done(W1, assignment)
+
+    totals = driver.scheduler.totals()
+
+    assert (totals["submitted"], totals["restored"], totals["completed"]) == (1, 1, 1)
 
 
 def test_restored_result_is_delivered_when_its_client_says_hello() -> None:

@@ -66,6 +66,7 @@ def test_status_counts_outcomes_and_shows_recent_failures(driver: Driver) -> Non
 
     assert status["totals"] == {
         "submitted": 2,
+        "restored": 0,
         "completed": 0,
         "failed": 1,
         "cancelled": 1,
@@ -137,7 +138,17 @@ def test_cancel_by_id_says_what_became_of_the_task(driver: Driver) -> None:
         for task_id in (1, 2, 2, 77)
     ]
 
-    assert outcomes == ["running", "cancelled", "finished", "unknown"]
+    assert outcomes == ["running", "cancelled", "cancelled already", "unknown"]
+
+
+def test_cancelling_a_task_that_ended_otherwise_says_it_finished(
+    driver: Driver,
+) -> None:
+    fail(driver, 1)
+
+    report = operate(driver, p.CancelTask("alice", 1))
+
+    assert report["outcome"] == "finished"
 
 
 def test_a_queue_that_dispatches_past_cancelled_tasks_counts_right(
