@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from typing import cast
 
 import zmq
 
@@ -17,8 +18,13 @@ log = logging.getLogger(__name__)
 def receive(
     socket: zmq.Socket[bytes], allowed: frozenset[p.Cmd]
 ) -> Iterator[p.Command]:
-    """Yield every command waiting on `socket`; log and skip malformed ones."""
-    while True:
+    """Yield every command waiting on `socket`; log and skip malformed ones.
+
+    ZMQ_EVENTS says when the socket is empty: cheaper than a receive that
+    fails with `zmq.Again`, and it leaves the socket's descriptor ready to
+    announce the next message.
+    """
+    while has_input(socket):
         try:
             frames = socket.recv_multipart(zmq.NOBLOCK)
         except zmq.Again:
@@ -27,6 +33,11 @@ def receive(
             yield p.decode(frames, allowed)
         except ProtocolError as exc:
             log.warning("ignored a malformed message from the broker: %s", exc)
+
+
+def has_input(socket: zmq.Socket[bytes]) -> bool:
+    """Whether a message waits on `socket`, by its ZMQ_EVENTS."""
+    return bool(cast(int, socket.get(zmq.EVENTS)) & zmq.POLLIN)
 
 
 def send(socket: zmq.Socket[bytes], command: p.Command) -> bool:

@@ -19,8 +19,8 @@ def run_all(pool: ProcessPool, count: int) -> list[p.Outcome]:
     deadline = time.monotonic() + DEADLINE_S
     while len(outcomes) < count:
         assert time.monotonic() < deadline, f"{len(outcomes)} of {count} came back"
-        select.select(pool.fds(), pool.write_fds(), [], 1.0)
-        outcomes += pool.collect(time.monotonic())
+        readable, _, _ = select.select(pool.fds(), pool.write_fds(), [], 1.0)
+        outcomes += pool.collect(time.monotonic(), set(readable))
     return outcomes
 
 
