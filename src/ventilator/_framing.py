@@ -24,7 +24,7 @@ import msgpack
 
 __all__ = ["Inbox", "Message", "Outbox", "frame", "read_message", "write_message"]
 
-# Anything with the buffer protocol: bytes, a memoryview, a zmq.Frame.
+# Bytes, or a buffer of bytes: a memoryview of bytes, a zmq.Frame.
 Buffer: TypeAlias = Any
 # Rows (without their sizes) and the payload of each row.
 Message: TypeAlias = tuple[list[list[Any]], list[Buffer]]
@@ -32,17 +32,26 @@ Message: TypeAlias = tuple[list[list[Any]], list[Buffer]]
 _PREFIX = struct.Struct("!II")  # header bytes, payload bytes
 # Buffers in one sendmsg call: well under Linux's IOV_MAX of 1024.
 _MAX_BUFFERS = 512
+# Payloads smaller than this in all are copied into one buffer.
+_JOIN_BELOW_BYTES = 64 * 1024
 # Bytes an Inbox asks the socket for at once.
 _CHUNK_BYTES = 256 * 1024
 
 
 def frame(rows: Sequence[Sequence[Any]], payloads: Sequence[Buffer]) -> list[Buffer]:
-    """A message as the buffers to write in order; the payloads are not copied."""
-    sizes = [memoryview(payload).nbytes for payload in payloads]
-    header = msgpack.packb(
-        [[*row, size] for row, size in zip(rows, sizes, strict=True)]
-    )
-    return [_PREFIX.pack(len(header), sum(sizes)) + header, *payloads]
+    """A message as the buffers to write in order.
+
+    Large payloads are not copied; small ones are joined into one buffer,
+    which costs less than a buffer each, in Python and in the kernel.
+    """
+    sizes = [len(payload) for payload in payloads]
+    rows_with_sizes = [[*row, size] for row, size in zip(rows, sizes, strict=True)]
+    header = msgpack.packb(rows_with_sizes)
+    body_bytes = sum(sizes)
+    prefix = _PREFIX.pack(len(header), body_bytes)
+    if body_bytes < _JOIN_BELOW_BYTES:
+        return [b"".join([prefix, header, *payloads])]
+    return [prefix + header, *payloads]
 
 
 def _split(rows: list[list[Any]], body: Buffer) -> Message:
@@ -104,7 +113,7 @@ class Outbox:
         return bool(self._pending)
 
     def put(self, buffers: Iterable[Buffer]) -> None:
-        self._pending.extend(memoryview(buffer).cast("B") for buffer in buffers)
+        self._pending.extend(map(memoryview, buffers))
 
     def clear(self) -> None:
         self._pending.clear()

@@ -233,7 +233,8 @@ class Worker:
 
     def _receive(self, now: float) -> None:
         assert self._socket is not None
-        for command in _wire.receive(self._socket, p.TO_WORKER):
+        # Payloads go on to a child as they are: large ones are not copied.
+        for command in _wire.receive(self._socket, p.TO_WORKER, lend_large=True):
             self._broker_seen = now
             self._handle(command, now)
 
