@@ -318,8 +318,8 @@ class ProcessPool:
             try:
                 for reports, results in child.inbox.read():
                     self._finished(child, reports, results, outcomes, now)
-            except (EOFError, OSError, ValueError):
-                return "lost"
+            except (EOFError, OSError, ValueError, IndexError, TypeError):
+                return "lost"  # gone, or garbled: either way a new child
         if check_process and not _alive(child.process):
             return "lost"
         return "overran" if self._overran(child, outcomes, now) else "healthy"
@@ -340,7 +340,7 @@ class ProcessPool:
         ):
             self._task_s.observe(duration_s)
             self._suspects.discard((running.task.ticket, running.task.attempt))
-            outcomes.append(running.outcome(p.Status(status), result, now))
+            outcomes.append(running.outcome(_STATUSES[status], result, now))
         if child.sent:
             for running in child.sent[0]:
                 running.started = now
@@ -427,6 +427,10 @@ class ProcessPool:
                 child.process.kill()
                 child.process.wait()
         child.sock.close()
+
+
+# Status by value: indexing costs less than calling the enum, once per task.
+_STATUSES = tuple(p.Status)
 
 
 def _alive(process: subprocess.Popen[bytes]) -> bool:

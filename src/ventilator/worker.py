@@ -93,6 +93,7 @@ class Worker:
         self._registering = False
         self._registered_at = 0.0
         self._task_s = TaskDuration()
+        self._prefetch = config.prefetch_policy
         self._max_payload_bytes: int | None = None
         self._capacity = self._wanted_capacity()
         self._wake_read, self._wake_write = os.pipe()
@@ -293,7 +294,7 @@ class Worker:
         )
 
     def _wanted_capacity(self) -> int:
-        per_slot = self.config.prefetch_policy.per_slot(self._task_s.mean_s)
+        per_slot = self._prefetch.per_slot(self._task_s.mean_s)
         return self.config.concurrency * per_slot
 
     def _adjust_credit(self) -> None:
