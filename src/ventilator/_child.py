@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from typing import IO
 
+from ._allocator import keep_freed_memory
 from ._framing import read_message, write_message
 from .execution import run_task
 from .registry import load_functions
@@ -45,6 +46,7 @@ def serve(
 def main(argv: Sequence[str]) -> None:
     # Ctrl-C is for the worker's main process, which stops its children itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    keep_freed_memory()  # see _allocator: a payload per task
     fd, allow_pickle, *modules = argv
     sock = socket.socket(fileno=int(fd))
     serve(sock.makefile("rb"), sock, modules, allow_pickle == "pickle")
