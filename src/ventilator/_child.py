@@ -7,40 +7,38 @@ the parent's ``__main__``: a worker embedded in any script needs no
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import sys
 import time
 from collections.abc import Sequence
-from multiprocessing.connection import Connection
 from typing import IO
 
-from ._framing import read_message
+from ._allocator import keep_freed_memory
+from ._framing import read_message, write_message
 from .execution import run_task
 from .registry import load_functions
 
 
 def serve(
-    batches: IO[bytes], conn: Connection, modules: Sequence[str], allow_pickle: bool
+    batches: IO[bytes], sock: socket.socket, modules: Sequence[str], allow_pickle: bool
 ) -> None:
     """Receive a batch of tasks, run them, send their outcomes; until EOF."""
     functions = load_functions(modules)
     while True:
         try:
-            message = read_message(batches)
+            tasks, payloads = read_message(batches)
         except (EOFError, OSError):
-            return  # the worker went away
-        if message is None:
-            return
+            return  # the worker closed our pipe: leave
 
-        reports = []
-        for function, flags, payload in message:
+        reports, results = [], []
+        for (function, flags), payload in zip(tasks, payloads, strict=True):
             started = time.perf_counter()
             status, result = run_task(functions, allow_pickle, function, flags, payload)
-            reports.append((int(status), result, time.perf_counter() - started))
+            reports.append((int(status), time.perf_counter() - started))
+            results.append(result)
         try:
-            conn.send(reports)
+            write_message(sock, reports, results)
         except OSError:
             return  # the worker went away while we ran
 
@@ -48,11 +46,10 @@ def serve(
 def main(argv: Sequence[str]) -> None:
     # Ctrl-C is for the worker's main process, which stops its children itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    keep_freed_memory()  # see _allocator: a payload per task
     fd, allow_pickle, *modules = argv
     sock = socket.socket(fileno=int(fd))
-    batches = sock.makefile("rb")
-    outcomes = Connection(os.dup(sock.fileno()))
-    serve(batches, outcomes, modules, allow_pickle == "pickle")
+    serve(sock.makefile("rb"), sock, modules, allow_pickle == "pickle")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from typing import IO, Any
 import click
 
 from . import logs
+from ._allocator import keep_freed_memory
 from .broker import Broker, BrokerConfig
 from .client import DEFAULT_ADDRESS, Client, ItemOutcome
 from .dashboard import DashboardServer, parse_http_address
@@ -492,6 +493,7 @@ def worker(
         insecure=insecure,
     )
     server = _or_usage_error(lambda: Worker(config))
+    keep_freed_memory()  # this process exists to move payloads
     _stop_on_signals(server.stop)
     # SIGQUIT is the cold stop: leave now, the broker requeues what was running.
     signal.signal(signal.SIGQUIT, lambda signum, frame: server.stop(at_once=True))

@@ -37,6 +37,11 @@ __all__ = ["run_task"]
 
 Unpickled = TypeVar("Unpickled")
 
+# The flags as plain ints: `int & IntFlag` builds an enum member each time.
+_BATCH = int(p.Flags.BATCH)
+_PICKLED = int(p.Flags.PICKLED)
+_RAW = int(p.Flags.RAW)
+
 
 def run_task(
     functions: Mapping[str, Callable[..., Any]],
@@ -46,7 +51,7 @@ def run_task(
     payload: Any,
 ) -> tuple[p.Status, bytes]:
     """Run one task and return how it ended, with its result or error report."""
-    if flags & p.Flags.BATCH:
+    if flags & _BATCH:
         return _run_batch(functions, allow_pickle, function, flags, payload)
 
     try:
@@ -58,7 +63,7 @@ def run_task(
 
     try:
         value = target(*args, **kwargs)
-        if flags & p.Flags.RAW:
+        if flags & _RAW:
             return p.Status.OK, _mdp_reply(value)
         return p.Status.OK, pack_value(value)
     # Whatever the task raises, SystemExit included, is its result, not our crash.
@@ -121,7 +126,7 @@ def _prepare_batch(
     flags: int,
     payload: Any,
 ) -> tuple[Callable[..., Any], list[Any]]:
-    if flags & p.Flags.PICKLED:
+    if flags & _PICKLED:
         _refuse_pickle_unless(allow_pickle)
         return _unpickled(unpack_pickled_batch, payload, "batch")
 
@@ -170,11 +175,11 @@ def _prepare(
     flags: int,
     payload: Any,
 ) -> tuple[Callable[..., Any], Any, Any]:
-    if flags & p.Flags.PICKLED:
+    if flags & _PICKLED:
         _refuse_pickle_unless(allow_pickle)
         return _unpickled(unpack_pickled_call, payload, "call")
 
-    if flags & p.Flags.RAW:
+    if flags & _RAW:
         return _mdp_call(functions, function, payload)
 
     target = _served(functions, function)

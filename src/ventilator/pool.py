@@ -33,13 +33,12 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
-from typing import Protocol
+from typing import Any, Protocol
 
 from . import protocol as p
-from ._framing import frame
+from ._framing import Inbox, Outbox, frame
 from .errors import TaskTimeout
 from .execution import run_task
 from .registry import load_functions
@@ -58,6 +57,8 @@ BATCH_BYTES = 1024 * 1024
 
 # How long a child gets to exit on its own before it is killed.
 CHILD_EXIT_GRACE_S = 2.0
+# How often to look whether each child process is still alive.
+LIVENESS_CHECK_S = 1.0
 
 
 class Pool(Protocol):
@@ -75,8 +76,12 @@ class Pool(Protocol):
         """Run `task` as soon as a slot is free."""
         ...
 
-    def collect(self, now: float) -> list[p.Outcome]:
-        """Outcomes of tasks that ended, crashed or timed out since the last call."""
+    def collect(self, now: float, readable: Collection[int] = ()) -> list[p.Outcome]:
+        """Outcomes of tasks that ended, crashed or timed out since the last call.
+
+        `readable` names the descriptors of `fds` that poll found readable:
+        only those are read.
+        """
         ...
 
     def drop_waiting(self) -> int:
@@ -158,12 +163,14 @@ class _Running:
 @dataclass(slots=True, eq=False)
 class _Child:
     process: subprocess.Popen[bytes]
-    conn: Connection  # outcomes come back here, read whole
-    writer: socket.socket  # batches go out here, never blocking
+    sock: socket.socket  # our end of its pipe, both ways, never blocking
+    inbox: Inbox  # outcomes coming back
+    outbox: Outbox  # batches the socket has not taken yet
     # Batches sent down the pipe, oldest (the one running) first.
     sent: deque[list[_Running]] = field(default_factory=deque)
-    # Bytes of those batches the socket has not taken yet.
-    outbox: bytearray = field(default_factory=bytearray)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
 
 
 class ProcessPool:
@@ -173,6 +180,10 @@ class ProcessPool:
     work, so that a child's pipe costs one message per batch rather than per
     task. A task with a timeout, or one that was in a batch whose child died,
     travels alone: its deadline and its blame are then exact.
+
+    A dead child is noticed when its pipe reads end-of-file, which wakes the
+    worker's poll at once; a look at every child's process, once per
+    `LIVENESS_CHECK_S`, catches one whose pipe a task of its own kept open.
     """
 
     def __init__(self, size: int, modules: Sequence[str], allow_pickle: bool) -> None:
@@ -182,6 +193,8 @@ class ProcessPool:
         self._suspects: set[tuple[int, int]] = set()  # (ticket, attempt)
         self._task_s = TaskDuration()
         self._children = [self._spawn() for _ in range(size)]
+        self._fds = tuple(child.fileno() for child in self._children)
+        self._next_liveness_check = 0.0
 
     def _spawn(self) -> _Child:
         # A fresh interpreter per child rather than fork: the worker holds a
@@ -200,13 +213,19 @@ class ProcessPool:
             stdin=subprocess.DEVNULL,
         )
         child_end.close()
-        return _Child(process, Connection(os.dup(parent_end.fileno())), parent_end)
+        parent_end.setblocking(False)
+        # Room for the batches a child holds, so that feeding it rarely has to
+        # wait for the socket to become writable (the kernel caps this).
+        parent_end.setsockopt(
+            socket.SOL_SOCKET, socket.SO_SNDBUF, PIPELINE_DEPTH * BATCH_BYTES
+        )
+        return _Child(process, parent_end, Inbox(parent_end), Outbox(parent_end))
 
     def fds(self) -> Sequence[int]:
-        return [child.conn.fileno() for child in self._children]
+        return self._fds
 
     def write_fds(self) -> Sequence[int]:
-        return [child.writer.fileno() for child in self._children if child.outbox]
+        return [child.fileno() for child in self._children if child.outbox]
 
     def submit(self, task: p.Assignment, now: float) -> None:
         self._waiting.append(task)
@@ -249,61 +268,82 @@ class ProcessPool:
 
     def _send(self, child: _Child, batch: list[p.Assignment], now: float) -> None:
         child.sent.append([_Running(task, started=now) for task in batch])
-        message = [(task.function, task.flags, bytes(task.payload)) for task in batch]
-        for part in frame(message):
-            child.outbox += part
+        rows = [(task.function, task.flags) for task in batch]
+        child.outbox.put(frame(rows, [task.payload for task in batch]))
         self._flush(child)
 
     def _flush(self, child: _Child) -> None:
         """Write what the child's socket takes now; the rest waits until the
         worker's loop sees it writable (`write_fds`)."""
-        while child.outbox:
-            try:
-                written = child.writer.send(child.outbox, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                return
-            except OSError:
-                # A dead child: collect() notices it and requeues its batches.
-                child.outbox.clear()
-                return
-            del child.outbox[:written]
+        try:
+            child.outbox.flush()
+        except OSError:
+            # A dead child: its pipe reads end-of-file, and collect() requeues
+            # its batches.
+            child.outbox.clear()
 
-    def collect(self, now: float) -> list[p.Outcome]:
+    def collect(self, now: float, readable: Collection[int] = ()) -> list[p.Outcome]:
         outcomes: list[p.Outcome] = []
-        for child in self._children:
-            self._flush(child)
+        # Now and then, read every pipe and look at every process, whatever
+        # poll said: a task may hold a dead child's pipe open.
+        check_all = now >= self._next_liveness_check
+        if check_all:
+            self._next_liveness_check = now + LIVENESS_CHECK_S
         for index, child in enumerate(self._children):
-            health = self._receive(child, outcomes, now)
+            if child.outbox:
+                self._flush(child)
+            to_read = check_all or child.fileno() in readable
+            health = self._health(child, to_read, check_all, outcomes, now)
             if health != "healthy":
                 if health == "lost" and child.sent:
                     self._blame(
                         child.sent.popleft(), outcomes, now, child.process.poll()
                     )
                 self._children[index] = self._replace(child)
+                self._fds = tuple(child.fileno() for child in self._children)
         self._feed(now)
         return outcomes
 
-    def _receive(self, child: _Child, outcomes: list[p.Outcome], now: float) -> str:
+    def _health(
+        self,
+        child: _Child,
+        to_read: bool,
+        check_process: bool,
+        outcomes: list[p.Outcome],
+        now: float,
+    ) -> str:
         """Collect what `child` finished; say if it is "healthy", "lost" or
         "overran" (it was running a task past its timeout)."""
-        try:
-            while child.sent and child.conn.poll():
-                reports = child.conn.recv()
-                for running, (status, result, duration_s) in zip(
-                    child.sent.popleft(), reports, strict=True
-                ):
-                    self._task_s.observe(duration_s)
-                    self._suspects.discard((running.task.ticket, running.task.attempt))
-                    outcomes.append(running.outcome(p.Status(status), result, now))
-                if child.sent:
-                    for running in child.sent[0]:
-                        running.started = now  # the next batch starts now
-        except (EOFError, OSError, ValueError):
-            return "lost"
-
-        if not _alive(child.process):
+        if to_read:
+            try:
+                for reports, results in child.inbox.read():
+                    self._finished(child, reports, results, outcomes, now)
+            except (EOFError, OSError, ValueError, IndexError, TypeError):
+                return "lost"  # gone, or garbled: either way a new child
+        if check_process and not _alive(child.process):
             return "lost"
         return "overran" if self._overran(child, outcomes, now) else "healthy"
+
+    def _finished(
+        self,
+        child: _Child,
+        reports: list[list[Any]],
+        results: list[Any],
+        outcomes: list[p.Outcome],
+        now: float,
+    ) -> None:
+        """Turn a batch's reports into outcomes; the next batch starts now."""
+        if not child.sent:
+            raise ValueError("a task process reported a batch it was not given")
+        for running, (status, duration_s), result in zip(
+            child.sent.popleft(), reports, results, strict=True
+        ):
+            self._task_s.observe(duration_s)
+            self._suspects.discard((running.task.ticket, running.task.attempt))
+            outcomes.append(running.outcome(_STATUSES[status], result, now))
+        if child.sent:
+            for running in child.sent[0]:
+                running.started = now
 
     def _overran(self, child: _Child, outcomes: list[p.Outcome], now: float) -> bool:
         if not child.sent or len(child.sent[0]) != 1:
@@ -367,11 +407,11 @@ class ProcessPool:
 
     def close(self) -> None:
         for child in self._children:
-            # Best effort: a child whose pipe is full is terminated below.
+            # Best effort: batches not written yet are dropped, and end-of-file
+            # tells the child to leave once it has run what is in its pipe.
             child.outbox.clear()
-            for part in frame(None):
-                child.outbox += part
-            self._flush(child)
+            with contextlib.suppress(OSError):
+                child.sock.shutdown(socket.SHUT_WR)
         deadline = time.monotonic() + CHILD_EXIT_GRACE_S
         for child in self._children:
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -386,8 +426,11 @@ class ProcessPool:
             except subprocess.TimeoutExpired:
                 child.process.kill()
                 child.process.wait()
-        child.conn.close()
-        child.writer.close()
+        child.sock.close()
+
+
+# Status by value: indexing costs less than calling the enum, once per task.
+_STATUSES = tuple(p.Status)
 
 
 def _alive(process: subprocess.Popen[bytes]) -> bool:
@@ -422,7 +465,7 @@ class ThreadPool:
         self._abandoned = 0  # timed-out threads still running their task
 
     def fds(self) -> Sequence[int]:
-        return [self._wake_read]
+        return (self._wake_read,)
 
     def write_fds(self) -> Sequence[int]:
         return ()  # tasks go to threads through a queue
@@ -459,7 +502,7 @@ class ThreadPool:
         with contextlib.suppress(OSError):  # the pool closed while this ran
             os.write(self._wake_write, b"x")
 
-    def collect(self, now: float) -> list[p.Outcome]:
+    def collect(self, now: float, readable: Collection[int] = ()) -> list[p.Outcome]:
         with contextlib.suppress(BlockingIOError):
             os.read(self._wake_read, 65536)
 

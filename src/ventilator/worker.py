@@ -13,8 +13,10 @@ import contextlib
 import logging
 import os
 import secrets
+import select
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -83,10 +85,15 @@ class Worker:
         _wire.check_endpoint(config.connect, "the broker's backend")
         self._pool: Pool | None = None
         self._socket: zmq.Socket[bytes] | None = None
+        self._watch = _Watch()
+        # A send may have taken the socket's wake-up: ask ZMQ_EVENTS before
+        # sleeping (see _input_unannounced).
+        self._sent_since_check = False
         self._broker_seen = 0.0
         self._registering = False
         self._registered_at = 0.0
         self._task_s = TaskDuration()
+        self._prefetch = config.prefetch_policy
         self._max_payload_bytes: int | None = None
         self._capacity = self._wanted_capacity()
         self._wake_read, self._wake_write = os.pipe()
@@ -123,6 +130,7 @@ class Worker:
 
     def _connect(self, now: float) -> None:
         if self._socket is not None:
+            self._watch.forget_socket()
             self._socket.close(linger=0)
         self._socket = self._context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 1000)
@@ -131,6 +139,7 @@ class Worker:
         if self._curve is not None:
             self._curve.apply(self._socket)
         self._socket.connect(self.config.connect)
+        self._watch.socket(cast(int, self._socket.get(zmq.FD)))
         self._register(now)
 
     def _register(self, now: float) -> None:
@@ -164,24 +173,21 @@ class Worker:
         )
 
     def _loop(self) -> None:
-        assert self._pool is not None and self._socket is not None
+        assert self._pool is not None
         interval_s = self.config.heartbeat_interval_s
         next_beat = time.monotonic() + interval_s
-        poller, polled = zmq.Poller(), cast(tuple[object, ...], ())
+        self._watch.wake_pipe(self._wake_read)
 
         while not self._stopping:
-            # Children are replaced and the socket renewed on reconnects.
-            watched = (
-                (self._socket, self._wake_read, *self._pool.fds()),
-                tuple(self._pool.write_fds()),
-            )
-            if watched != polled:
-                poller, polled = self._poller(*watched), watched
-
-            poller.poll(self._poll_timeout_ms(next_beat))
+            # Children are replaced, and written to, now and then.
+            self._watch.pool(self._pool.fds(), self._pool.write_fds())
+            unannounced = self._input_unannounced()
+            timeout_ms = 0 if unannounced else self._poll_timeout_ms(next_beat)
+            ready = self._watch.wait(timeout_ms)
             now = time.monotonic()
-            self._receive(now)
-            self._collect(now)
+            if unannounced or self._watch.socket_ready(ready):
+                self._receive(now)
+            self._collect(now, ready)
             if self._drain_requested and self._drained():
                 return
 
@@ -190,17 +196,17 @@ class Worker:
                 next_beat = now + interval_s
                 self._check_broker(now)
 
-    def _poller(
-        self, readable: tuple[Any, ...], writable: tuple[int, ...]
-    ) -> zmq.Poller:
-        poller = zmq.Poller()
-        for item in readable:
-            poller.register(item, zmq.POLLIN)
-        for fd in writable:
-            # A child's pipe with a batch not fully written yet: write the
-            # rest as soon as the child has read what is in it.
-            poller.register(fd, zmq.POLLOUT)
-        return poller
+    def _input_unannounced(self) -> bool:
+        """Whether messages wait that the socket's descriptor will not announce.
+
+        Sending processes the socket's pending commands, which can consume the
+        wake-up of a message that arrived meanwhile; only ZMQ_EVENTS tells.
+        """
+        if not self._sent_since_check:
+            return False
+        assert self._socket is not None
+        self._sent_since_check = False
+        return _wire.has_input(self._socket)
 
     def _drained(self) -> bool:
         """Tell the broker we are draining, once; True when nothing is left."""
@@ -228,7 +234,8 @@ class Worker:
 
     def _receive(self, now: float) -> None:
         assert self._socket is not None
-        for command in _wire.receive(self._socket, p.TO_WORKER):
+        # Payloads go on to a child as they are: large ones are not copied.
+        for command in _wire.receive(self._socket, p.TO_WORKER, lend_large=True):
             self._broker_seen = now
             self._handle(command, now)
 
@@ -258,9 +265,9 @@ class Worker:
         recent = now - self._registered_at < self.config.heartbeat_interval_s
         return self._registering and recent
 
-    def _collect(self, now: float) -> None:
+    def _collect(self, now: float, ready: set[int]) -> None:
         assert self._pool is not None
-        outcomes = [self._within_limit(o) for o in self._pool.collect(now)]
+        outcomes = [self._within_limit(o) for o in self._pool.collect(now, ready)]
         if outcomes:
             self._send(p.Done(outcomes))
             for outcome in outcomes:
@@ -287,7 +294,7 @@ class Worker:
         )
 
     def _wanted_capacity(self) -> int:
-        per_slot = self.config.prefetch_policy.per_slot(self._task_s.mean_s)
+        per_slot = self._prefetch.per_slot(self._task_s.mean_s)
         return self.config.concurrency * per_slot
 
     def _adjust_credit(self) -> None:
@@ -318,6 +325,7 @@ class Worker:
         # takes this worker for dead.
         assert self._socket is not None
         _wire.send(self._socket, command)
+        self._sent_since_check = True
 
     def _leave(self) -> None:
         if self._socket is not None:
@@ -328,6 +336,55 @@ class Worker:
         os.close(self._wake_read)
         os.close(self._wake_write)
         log.info("worker stopped worker=%s", self.config.worker_id)
+
+
+class _Watch:
+    """One poll over the broker socket, the wake-up pipe and the pool's pipes.
+
+    The broker socket is watched through its ZMQ_FD, which becomes readable when
+    the socket's state may have changed, not once per message: the loop drains
+    the socket until ZMQ_EVENTS shows no input. A `select.poll` with lasting
+    registrations costs one system call per wait, where `zmq.Poller` rebuilds
+    its list each time and polls twice before it sleeps.
+    """
+
+    def __init__(self) -> None:
+        self._poll = select.poll()
+        self._socket_fd = -1
+        self._pool_fds: Sequence[int] = ()
+        self._write_fds: Sequence[int] = ()
+
+    def socket(self, fd: int) -> None:
+        self._socket_fd = fd
+        self._poll.register(fd, select.POLLIN)
+
+    def forget_socket(self) -> None:
+        self._poll.unregister(self._socket_fd)
+        self._socket_fd = -1
+
+    def wake_pipe(self, fd: int) -> None:
+        self._poll.register(fd, select.POLLIN)
+
+    def pool(self, fds: Sequence[int], write_fds: Sequence[int]) -> None:
+        """Watch these pipes from now on; cheap when nothing changed."""
+        if fds == self._pool_fds and write_fds == self._write_fds:
+            return
+        for fd in self._pool_fds:
+            with contextlib.suppress(KeyError):  # a replaced child's, closed
+                self._poll.unregister(fd)
+        for fd in fds:
+            # A pipe with a batch not fully written yet: write the rest as
+            # soon as the child has read what is in it.
+            writing = select.POLLOUT if fd in write_fds else 0
+            self._poll.register(fd, select.POLLIN | writing)
+        self._pool_fds, self._write_fds = fds, write_fds
+
+    def wait(self, timeout_ms: int) -> set[int]:
+        """The descriptors ready within `timeout_ms`."""
+        return {fd for fd, _events in self._poll.poll(timeout_ms)}
+
+    def socket_ready(self, ready: set[int]) -> bool:
+        return self._socket_fd in ready
 
 
 def _check_exposure(config: WorkerConfig, curve: bool) -> None:

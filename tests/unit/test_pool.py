@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import select
+import signal
 import time
+from pathlib import Path
 
 from ventilator import protocol as p
 from ventilator.pool import ProcessPool
@@ -19,8 +22,8 @@ def run_all(pool: ProcessPool, count: int) -> list[p.Outcome]:
     deadline = time.monotonic() + DEADLINE_S
     while len(outcomes) < count:
         assert time.monotonic() < deadline, f"{len(outcomes)} of {count} came back"
-        select.select(pool.fds(), pool.write_fds(), [], 1.0)
-        outcomes += pool.collect(time.monotonic())
+        readable, _, _ = select.select(pool.fds(), pool.write_fds(), [], 1.0)
+        outcomes += pool.collect(time.monotonic(), set(readable))
     return outcomes
 
 
@@ -57,3 +60,31 @@ def test_pool_reports_a_crash_and_runs_what_was_queued_behind_it() -> None:
 
     assert outcomes[1].status is p.Status.CRASHED
     assert [unpack_value(outcomes[t].payload) for t in range(2, 6)] == [4, 9, 16, 25]
+
+
+def children_of_this_process() -> set[int]:
+    pid = os.getpid()
+    return {
+        int(child)
+        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    }
+
+
+def test_a_child_killed_while_idle_is_replaced_and_nothing_is_blamed() -> None:
+    before = children_of_this_process()
+    pool = ProcessPool(1, [TASKS], allow_pickle=False)
+    try:
+        (idle_child,) = children_of_this_process() - before
+        os.kill(idle_child, signal.SIGKILL)
+        # Its pipe reads end-of-file at once: no task, so no outcome to report.
+        readable, _, _ = select.select(pool.fds(), [], [], DEADLINE_S)
+        blamed = pool.collect(time.monotonic(), set(readable))
+        pool.submit(p.Assignment(1, 1, f"{TASKS}:square", pack_call((7,), {})), 0.0)
+
+        outcomes = run_all(pool, 1)
+    finally:
+        pool.close()
+
+    assert readable and blamed == []
+    assert outcomes[0].status is p.Status.OK
+    assert unpack_value(outcomes[0].payload) == 49
