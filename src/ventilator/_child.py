@@ -1,4 +1,5 @@
-"""The program a process-pool slot runs: ``python -m ventilator._child FD MODULE...``.
+"""The program a process-pool slot runs:
+``python -m ventilator._child FD PARENT_PID pickle|no-pickle MODULE...``.
 
 Started with `subprocess`, not `multiprocessing`, so the child never imports
 the parent's ``__main__``: a worker embedded in any script needs no
@@ -16,6 +17,7 @@ from typing import IO
 
 from ._allocator import keep_freed_memory
 from ._framing import read_message, write_message
+from ._lifeline import end_with_parent
 from .execution import run_task
 from .registry import load_functions
 
@@ -47,7 +49,10 @@ def main(argv: Sequence[str]) -> None:
     # Ctrl-C is for the worker's main process, which stops its children itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     keep_freed_memory()  # see _allocator: a payload per task
-    fd, allow_pickle, *modules = argv
+    fd, parent, allow_pickle, *modules = argv
+    # A worker killed outright cannot stop us; a task that never returns would
+    # never see our pipe close, and would run on (and again elsewhere).
+    end_with_parent(int(parent))
     sock = socket.socket(fileno=int(fd))
     serve(sock.makefile("rb"), sock, modules, allow_pickle == "pickle")
 

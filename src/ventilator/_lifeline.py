@@ -10,19 +10,23 @@ So `local()` names itself in their environment (``VENTILATOR_STOP_WITH``, as
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
 import signal
 import threading
 import time
 
-__all__ = ["ENV", "watch_parent"]
+__all__ = ["ENV", "end_with_parent", "watch_parent"]
 
 log = logging.getLogger(__name__)
 
 ENV = "VENTILATOR_STOP_WITH"
 # How often to look. A watchdog, not a hot path: its cost is one getppid().
 CHECK_S = 0.5
+# prctl(2): ask the kernel for a signal when the parent dies (Linux only).
+_PR_SET_PDEATHSIG = 1
 
 
 def watch_parent() -> None:
@@ -44,9 +48,34 @@ def _watch(parent: int, stop_signal: signal.Signals) -> None:
     while os.getppid() == parent:
         time.sleep(CHECK_S)
     log.warning(
-        "the program that started this embedded process (pid %d) is gone; "
-        "stopping with %s",
+        "the process that started this one (pid %d) is gone; stopping with %s",
         parent,
         stop_signal.name,
     )
     os.kill(os.getpid(), stop_signal)
+
+
+def end_with_parent(parent: int) -> None:
+    """Die (SIGKILL) as soon as process `parent`, which started us, is gone.
+
+    For task processes: whatever their task is doing, even stuck in C code.
+    On Linux the kernel does it (PR_SET_PDEATHSIG); elsewhere a thread looks
+    every CHECK_S, which a task holding the GIL for good would defeat.
+    """
+    if not _ask_kernel_for_death_signal():
+        threading.Thread(
+            target=_watch,
+            args=(parent, signal.SIGKILL),
+            name="ventilator-lifeline",
+            daemon=True,
+        ).start()
+    if os.getppid() != parent:  # gone before the kernel was asked
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _ask_kernel_for_death_signal() -> bool:
+    library = ctypes.util.find_library("c")
+    prctl = getattr(ctypes.CDLL(library), "prctl", None) if library else None
+    if prctl is None:
+        return False
+    return bool(prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0)

@@ -206,6 +206,7 @@ class ProcessPool:
                 "-m",
                 "ventilator._child",
                 str(child_end.fileno()),
+                str(os.getpid()),
                 "pickle" if self._allow_pickle else "no-pickle",
                 *self._modules,
             ],

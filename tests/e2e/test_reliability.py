@@ -30,6 +30,7 @@ from .conftest import (
     ClusterError,
     Launcher,
     WorkerProcess,
+    descendants,
     free_port,
     log_of,
     read_json_line,
@@ -117,6 +118,37 @@ def test_tasks_of_a_killed_worker_reach_a_sink_exactly_once(
     assert sorted(result.value for result in received) == list(range(16))
     assert len({result.task_id for result in received}) == 16
     assert client.status()["results_waiting"] == 0
+
+
+def test_task_processes_end_with_a_worker_killed_outright(
+    launch: Launcher, fast_broker: BrokerProcess
+) -> None:
+    victim = launch.worker(fast_broker, concurrency=1)
+    client = launch.client(fast_broker)
+    wait_for_workers(client, 1)
+    client.submit(tasks.sleep_for, 600)
+    status_when(
+        client,
+        lambda status: (victim.entry(status) or {}).get("running"),
+        10,
+        "the task to start",
+    )
+    task_processes = descendants(victim.pid)
+    assert task_processes, "a process pool worker without a task process"
+
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.process.wait(10)
+
+    try:
+        wait_until(
+            lambda: not any(p.alive() for p in task_processes),
+            10,
+            "the dead worker's task processes to end",
+        )
+    finally:
+        for orphan in task_processes:  # what a failed test would leave behind
+            if orphan.alive():
+                os.kill(orphan.pid, signal.SIGKILL)
 
 
 def test_task_that_kills_its_process_every_time_fails_as_poison(
