@@ -41,6 +41,8 @@ Unpickled = TypeVar("Unpickled")
 _BATCH = int(p.Flags.BATCH)
 _PICKLED = int(p.Flags.PICKLED)
 _RAW = int(p.Flags.RAW)
+# How an unencodable result is named in its error.
+RETURN_VALUE = "the task's return value"
 
 
 def run_task(
@@ -65,10 +67,13 @@ def run_task(
         value = target(*args, **kwargs)
         if flags & _RAW:
             return p.Status.OK, _mdp_reply(value)
-        return p.Status.OK, pack_value(value)
     # Whatever the task raises, SystemExit included, is its result, not our crash.
     except BaseException as exc:
         return p.Status.RAISED, pack_error(_raised(exc))
+    try:
+        return p.Status.OK, pack_value(value, RETURN_VALUE)
+    except UsageError as exc:
+        return p.Status.RAISED, pack_error(_unsendable(exc))
 
 
 def _run_batch(
@@ -111,10 +116,9 @@ def _encodable(outcomes: list[list[Any]]) -> list[list[Any]]:
     checked = []
     for status, value in outcomes:
         try:
-            pack_value(value)
+            pack_value(value, RETURN_VALUE)
         except UsageError as exc:
-            error = TaskRaised("UsageError", str(exc))
-            status, value = p.Status.RAISED.value, error.to_wire()
+            status, value = p.Status.RAISED.value, _unsendable(exc).to_wire()
         checked.append([status, value])
     return checked
 
@@ -148,6 +152,12 @@ def _mdp_reply(value: Any) -> bytes:
             f"not {type(value).__name__}"
         )
     return mdp.pack_body(frames)
+
+
+def _unsendable(exc: UsageError) -> TaskRaised:
+    """The task ran, but what it returned cannot travel: its fault, not the
+    caller's, so not a UsageError."""
+    return TaskRaised("UnsendableResult", str(exc))
 
 
 def _raised(exc: BaseException) -> TaskRaised:

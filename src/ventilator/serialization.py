@@ -31,8 +31,8 @@ __all__ = [
 ]
 
 
-def pack_value(value: Any) -> bytes:
-    """Encode a result (or any value) as msgpack.
+def pack_value(value: Any, what: str = "a value") -> bytes:
+    """Encode a result (or any value) as msgpack; `what` names it in errors.
 
     Raises:
         UsageError: the value has a type msgpack cannot carry; the message names it.
@@ -41,7 +41,7 @@ def pack_value(value: Any) -> bytes:
         return msgpack.packb(value, use_bin_type=True)  # type: ignore[no-any-return]
     except (TypeError, ValueError, OverflowError) as exc:
         raise UsageError(
-            f"cannot send a value as msgpack: {_unsendable(value, exc)}; use plain "
+            f"{what} cannot be sent as msgpack: {_unsendable(value, exc)}; use plain "
             "types: None, bool, int, float, str, bytes, list, dict, and integers "
             "within 64 bits"
         ) from exc
@@ -68,7 +68,7 @@ def unpack_value(payload: Any) -> Any:
 
 def pack_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
     """Encode call arguments as msgpack ``[args, kwargs]``."""
-    return pack_value([list(args), kwargs] if kwargs else [list(args)])
+    return pack_value([list(args), kwargs] if kwargs else [list(args)], "the arguments")
 
 
 def unpack_call(payload: Any) -> tuple[list[Any], dict[str, Any]]:

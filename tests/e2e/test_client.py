@@ -108,7 +108,8 @@ def test_map_fails_only_the_item_whose_result_cannot_be_sent(
 
     with pytest.raises(
         ventilator.TaskRaised,
-        match="cannot send a value as msgpack: can not serialize 'object'",
+        match="UnsendableResult: the task's return value cannot be sent as "
+        "msgpack: can not serialize 'object'",
     ):
         for value in client.map(tasks.unsendable_on_negative, items, chunksize=4):
             results.append(value)

@@ -105,7 +105,8 @@ def test_result_msgpack_cannot_carry_becomes_raised_naming_its_type() -> None:
     status, report = run("jobs:set", call())
 
     assert status is p.Status.RAISED
-    assert report["type"] == "UsageError"
+    assert report["type"] == "UnsendableResult"  # the task's fault, not the caller's
+    assert report["message"].startswith("the task's return value cannot be sent")
     assert "set" in report["message"]
 
 
