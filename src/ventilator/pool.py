@@ -27,6 +27,7 @@ import contextlib
 import logging
 import os
 import queue
+import signal
 import socket
 import subprocess
 import sys
@@ -59,6 +60,8 @@ BATCH_BYTES = 1024 * 1024
 CHILD_EXIT_GRACE_S = 2.0
 # How often to look whether each child process is still alive.
 LIVENESS_CHECK_S = 1.0
+# How long to wait for a lost child to be reaped, to log how it ended.
+REAP_WAIT_S = 0.05
 
 
 class Pool(Protocol):
@@ -297,9 +300,8 @@ class ProcessPool:
             health = self._health(child, to_read, check_all, outcomes, now)
             if health != "healthy":
                 if health == "lost" and child.sent:
-                    self._blame(
-                        child.sent.popleft(), outcomes, now, child.process.poll()
-                    )
+                    ended = _how_it_ended(child.process)
+                    self._blame(child.sent.popleft(), outcomes, now, ended)
                 self._children[index] = self._replace(child)
                 self._fds = tuple(child.fileno() for child in self._children)
         self._feed(now)
@@ -370,17 +372,16 @@ class ProcessPool:
         batch: list[_Running],
         outcomes: list[p.Outcome],
         now: float,
-        exitcode: int | None,
+        ended: str,
     ) -> None:
         """Report the task that killed its child, or find out which one did."""
         if len(batch) == 1:
             running = batch[0]
             log.warning(
-                "task process died ticket=%d attempt=%d exitcode=%s; "
-                "starting a new one",
+                "task process died ticket=%d attempt=%d (%s); starting a new one",
                 running.task.ticket,
                 running.task.attempt,
-                exitcode,
+                ended,
             )
             outcomes.append(running.outcome(p.Status.CRASHED, b"", now))
             return
@@ -388,10 +389,10 @@ class ProcessPool:
         # One task of the batch killed the child; running them one by one tells
         # which, so that the others are not blamed for it.
         log.warning(
-            "task process died running a batch of %d tasks exitcode=%s; "
+            "task process died running a batch of %d tasks (%s); "
             "running them one at a time",
             len(batch),
-            exitcode,
+            ended,
         )
         self._suspects.update((r.task.ticket, r.task.attempt) for r in batch)
         self._waiting.extendleft(r.task for r in reversed(batch))
@@ -432,6 +433,19 @@ class ProcessPool:
 
 # Status by value: indexing costs less than calling the enum, once per task.
 _STATUSES = tuple(p.Status)
+
+
+def _how_it_ended(process: subprocess.Popen[bytes]) -> str:
+    """A lost child's end in words, for the log. Its pipe closes an instant
+    before the process is gone: wait that instant, not longer."""
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=REAP_WAIT_S)
+    code = process.returncode
+    if code is None:
+        return "still exiting"
+    if code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
 
 
 def _alive(process: subprocess.Popen[bytes]) -> bool:
