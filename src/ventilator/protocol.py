@@ -631,14 +631,22 @@ def _checked_task(
     sink: Any,
 ) -> TaskSpec:
     """A task of a SUBMIT, each field checked by the rules of the wire."""
-    return TaskSpec(
-        task_id=_count(task_id, "task_id"),
-        function=_name(function, "function"),
-        payload=payload,
-        flags=_count(flags, "flags"),
-        timeout_s=_timeout(timeout_s),
-        retries=_count(retries, "retries"),
-        sink=_optional_name(sink, "sink"),
+    fields = _task_fields(task_id, function, flags, timeout_s, retries, sink)
+    task_id, function, flags, timeout_s, retries, sink = fields
+    return TaskSpec(task_id, function, payload, flags, timeout_s, retries, sink)
+
+
+def _task_fields(
+    task_id: Any, function: Any, flags: Any, timeout_s: Any, retries: Any, sink: Any
+) -> tuple[int, str, int, float | None, int, str | None]:
+    # The one list of a task's rules: the decoder's and task_problem's.
+    return (
+        _count(task_id, "task_id"),
+        _name(function, "function"),
+        _count(flags, "flags"),
+        _timeout(timeout_s),
+        _count(retries, "retries"),
+        _optional_name(sink, "sink"),
     )
 
 
@@ -646,14 +654,14 @@ def task_problem(spec: TaskSpec) -> str | None:
     """Why a broker would refuse the SUBMIT that carries this task as malformed,
     naming the field and the rule; None when every field is within the rules.
 
-    The same checks as the broker's decoder, so that a client can refuse a bad
-    task alone at submit time instead of having its whole message refused.
+    The same checks as the broker's decoder (`_task_fields`), so that a client
+    can refuse a bad task alone at submit time instead of having its whole
+    message refused.
     """
     try:
-        _checked_task(
+        _task_fields(
             spec.task_id,
             spec.function,
-            spec.payload,
             spec.flags,
             spec.timeout_s,
             spec.retries,
