@@ -116,6 +116,11 @@ def check_endpoint(address: str, what: str) -> None:
 _TRANSPORTS = frozenset({"tcp", "ipc", "inproc", "pgm", "epgm", "ws", "wss", "vmci"})
 
 
+# Handshakes failed in a row without detail before a peer with keys blames its
+# broker key: libzmq retries every 100 ms, so this costs a fraction of a second.
+SILENT_FAILURES = 3
+
+
 class HandshakeWatch:
     """Watches a peer's socket for failed handshakes and says once, clearly,
     what is wrong: a key the broker refused, a key missing, a wrong broker key.
@@ -125,7 +130,8 @@ class HandshakeWatch:
     """
 
     EVENTS = (
-        zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+        zmq.EVENT_HANDSHAKE_SUCCEEDED
+        | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
         | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
         | zmq.EVENT_HANDSHAKE_FAILED_AUTH
     )
@@ -135,6 +141,9 @@ class HandshakeWatch:
         self._role = role
         self._public_key = public_key
         self._told: set[str] = set()  # what was said, across reconnects
+        # Why the last handshake failed; None once one succeeded.
+        self.problem: str | None = None
+        self._silent_failures = 0  # in a row, with no detail
         self._socket: zmq.Socket[Any] | None = None
         self.monitor: zmq.Socket[bytes] | None = None
 
@@ -146,15 +155,22 @@ class HandshakeWatch:
         self.monitor = socket.get_monitor_socket(self.EVENTS)
 
     def read(self) -> None:
-        """Explain every event waiting on the monitor (once per kind)."""
+        """Explain every event waiting on the monitor, each kind once, and keep
+        the latest problem in `problem` until a handshake succeeds."""
         while self.monitor is not None:
             try:
                 frames = self.monitor.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
             event = parse_monitor_message(frames)
+            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.problem, self._silent_failures = None, 0
+                continue
             problem = self._problem(event["event"], event["value"])
-            if problem is not None and problem not in self._told:
+            if problem is None:
+                continue
+            self.problem = problem
+            if problem not in self._told:
                 self._told.add(problem)
                 log.error("%s", problem)
 
@@ -171,8 +187,9 @@ class HandshakeWatch:
             key = fingerprint(self._public_key) if self._public_key else "?"
             return (
                 f"{where} refused this {self._role}'s CURVE key {key} (ZAP status "
-                f"{value}): it is not among the broker's {self._role} keys; ask "
-                "its operator to add the public key, or use a key that is"
+                f"{value}): it is not among the keys let in on that socket "
+                "(client keys on the frontend, worker keys on the backend); check "
+                "the address, or ask the broker's operator to add the public key"
             )
         if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
             if value != zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
@@ -190,8 +207,10 @@ class HandshakeWatch:
                 f"{where} does not use CURVE, but this {self._role} has keys: "
                 "drop them, or check that the broker runs with --secret-key"
             )
-        if self._public_key is not None:
-            # No detail: a CURVE server drops a HELLO it cannot decrypt.
+        self._silent_failures += 1
+        if self._public_key is not None and self._silent_failures >= SILENT_FAILURES:
+            # No detail: a CURVE server drops a HELLO it cannot decrypt (and
+            # a broker going down may cut one handshake short: hence a few).
             return (
                 f"the CURVE handshake with {where} failed: is --broker-key "
                 "(broker_key) the public key of the broker at that address?"

@@ -928,6 +928,10 @@ class Client:
             if self._receive(now):
                 broker_seen = now
             self._send_outgoing(now)
+            if self._handshakes.problem is not None and not self._welcomed:
+                # Questions (status) would wait in silence for an answer that
+                # cannot come: they fail, saying why.
+                self._fail_questions([self._handshakes.problem])
 
             if now >= next_beat:
                 self._send(p.Heartbeat())
@@ -1062,12 +1066,19 @@ class Client:
             "connect? Connect clients to the broker's frontend"
         )
         self._warn_once(message, logging.ERROR)
+        self._fail_questions([message])
+
+    def _fail_questions(self, problems: list[str]) -> None:
+        """Fail the questions asked (status, operator commands) with the last
+        of `problems`, which say why no answer can come: not a timeout later."""
+        if not problems:
+            return
         with self._lock:
             questions = [*self._asked, *self._questions]
             self._asked.clear()
             self._questions.clear()
         for question in questions:
-            _fail(question.answer, NetworkError(message))
+            _fail(question.answer, NetworkError(problems[-1]))
 
     def _warn_once(self, message: str, level: int = logging.WARNING) -> None:
         if message not in self._warned:
