@@ -14,6 +14,7 @@ from .aio import AsyncClient
 from .broker import Broker, BrokerConfig
 from .client import Client, ClientExecutor, ItemOutcome, TaskFuture
 from .errors import (
+    ClientBroken,
     ClientClosed,
     FunctionNotFound,
     NetworkError,
@@ -43,6 +44,7 @@ __all__ = [
     "Broker",
     "BrokerConfig",
     "Client",
+    "ClientBroken",
     "ClientClosed",
     "ClientExecutor",
     "FunctionNotFound",

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from typing import cast
+from typing import Any, cast
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from . import protocol as p
 from .errors import ProtocolError, UsageError
+from .security import fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -112,3 +114,105 @@ def check_endpoint(address: str, what: str) -> None:
 
 # What ZeroMQ can connect over.
 _TRANSPORTS = frozenset({"tcp", "ipc", "inproc", "pgm", "epgm", "ws", "wss", "vmci"})
+
+
+# Handshakes failed in a row without detail before a peer with keys blames its
+# broker key: libzmq retries every 100 ms, so this costs a fraction of a second.
+SILENT_FAILURES = 3
+
+
+class HandshakeWatch:
+    """Watches a peer's socket for failed handshakes and says once, clearly,
+    what is wrong: a key the broker refused, a key missing, a wrong broker key.
+
+    Without it a peer that the broker refuses sees nothing but silence: libzmq
+    handles the handshake, and only the broker's log says why.
+    """
+
+    EVENTS = (
+        zmq.EVENT_HANDSHAKE_SUCCEEDED
+        | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+        | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+        | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    )
+
+    def __init__(self, address: str, role: str, public_key: bytes | None) -> None:
+        self._address = address
+        self._role = role
+        self._public_key = public_key
+        self._told: set[str] = set()  # what was said, across reconnects
+        # Why the last handshake failed; None once one succeeded.
+        self.problem: str | None = None
+        self._silent_failures = 0  # in a row, with no detail
+        self._socket: zmq.Socket[Any] | None = None
+        self.monitor: zmq.Socket[bytes] | None = None
+
+    def watch(self, socket: zmq.Socket[Any]) -> None:
+        """Watch `socket` from now on; before it connects, to see every
+        handshake. Stops watching the one before, which must still be open."""
+        self.close()
+        self._socket = socket
+        self.monitor = socket.get_monitor_socket(self.EVENTS)
+
+    def read(self) -> None:
+        """Explain every event waiting on the monitor, each kind once, and keep
+        the latest problem in `problem` until a handshake succeeds."""
+        while self.monitor is not None:
+            try:
+                frames = self.monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            event = parse_monitor_message(frames)
+            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.problem, self._silent_failures = None, 0
+                continue
+            problem = self._problem(event["event"], event["value"])
+            if problem is None:
+                continue
+            self.problem = problem
+            if problem not in self._told:
+                self._told.add(problem)
+                log.error("%s", problem)
+
+    def close(self) -> None:
+        """Stop watching; call it before closing the watched socket."""
+        if self._socket is not None and self.monitor is not None:
+            self._socket.disable_monitor()
+            self.monitor.close(linger=0)
+        self._socket = self.monitor = None
+
+    def _problem(self, event: int, value: int) -> str | None:
+        where = f"the broker at {self._address}"
+        if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            key = fingerprint(self._public_key) if self._public_key else "?"
+            return (
+                f"{where} refused this {self._role}'s CURVE key {key} (ZAP status "
+                f"{value}): it is not among the keys let in on that socket "
+                "(client keys on the frontend, worker keys on the backend); check "
+                "the address, or ask the broker's operator to add the public key"
+            )
+        if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+            if value != zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+                return (
+                    f"the handshake with {self._address} failed (protocol error "
+                    f"{value:#x}): is it a ventilator broker's endpoint?"
+                )
+            if self._public_key is None:
+                return (
+                    f"{where} wants CURVE and this {self._role} has no key: give "
+                    "it a secret key and the broker's public key (--secret-key "
+                    "and --broker-key)"
+                )
+            return (
+                f"{where} does not use CURVE, but this {self._role} has keys: "
+                "drop them, or check that the broker runs with --secret-key"
+            )
+        self._silent_failures += 1
+        if self._public_key is not None and self._silent_failures >= SILENT_FAILURES:
+            # No detail: a CURVE server drops a HELLO it cannot decrypt (and
+            # a broker going down may cut one handshake short: hence a few).
+            return (
+                f"the CURVE handshake with {where} failed: is --broker-key "
+                "(broker_key) the public key of the broker at that address?"
+            )
+        return None

@@ -26,11 +26,12 @@ from typing import IO, Any
 import click
 
 from . import logs
+from . import protocol as p
 from ._allocator import keep_freed_memory
 from .broker import Broker, BrokerConfig
 from .client import DEFAULT_ADDRESS, Client, ItemOutcome
 from .dashboard import DashboardServer, parse_http_address
-from .errors import TaskError, TaskRejected, UsageError, VentilatorError
+from .errors import NetworkError, TaskError, TaskRejected, UsageError, VentilatorError
 from .gateway import MdpSettings
 from .journal import DURABILITY_MODES
 from .local import LocalCluster
@@ -605,6 +606,7 @@ def map_command(
             "--sink needs --connect: an embedded broker ends with the run, and "
             "its sink's results with it"
         )
+    _check_task_fields(function, timeout_s, retries, sink)
     if connect is None:
         _or_usage_error(lambda: resolve(function))
     module = function.partition(":")[0]
@@ -642,6 +644,7 @@ def exec_command(
     Without '{}', the line is appended as the last argument. No shell is used.
     Workers of a running broker must serve the ventilator.shell module.
     """
+    _check_task_fields(SHELL_FUNCTION, None, retries, None)
     substitute = any("{}" in arg for arg in command)
 
     def call(line: str) -> list[Any]:
@@ -663,6 +666,17 @@ def exec_command(
         broker_key,
     )
     sys.exit(_run(job, run))
+
+
+def _check_task_fields(
+    function: str, timeout_s: float | None, retries: int, sink: str | None
+) -> None:
+    """Refuse, before anything starts, a name or option that every line's task
+    would be refused for (the broker's own rules, see protocol.task_problem)."""
+    spec = p.TaskSpec(0, function, b"", 0, timeout_s, retries, sink)
+    problem = p.submission_problem(function, 0) or p.task_problem(spec)
+    if problem is not None:
+        raise click.UsageError(problem)
 
 
 def _lines(stream: IO[str]) -> Iterator[str]:
@@ -996,6 +1010,8 @@ def _check_broker(client: Client, address: str) -> None:
         raise click.ClickException(
             f"no broker answered at {address} within {BROKER_ANSWER_S:g}s"
         ) from None
+    except NetworkError as exc:  # it answered, but not as a broker's frontend
+        raise click.ClickException(str(exc)) from None
 
 
 def _summary(done: int, failed: int, elapsed_s: float, sink: str | None) -> None:
@@ -1137,6 +1153,8 @@ def _broker_answer(connect: str, timeout_s: float) -> Iterator[Client]:
             raise click.ClickException(
                 f"no answer from a broker at {connect} within {timeout_s:g}s"
             ) from None
+        except NetworkError as exc:  # it answered, but not as a broker's frontend
+            raise click.ClickException(str(exc)) from None
 
 
 @cli.command()

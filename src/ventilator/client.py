@@ -43,7 +43,9 @@ from . import _wire
 from . import protocol as p
 from ._timing import poll_timeout_ms
 from .errors import (
+    ClientBroken,
     ClientClosed,
+    NetworkError,
     PickleNotAllowed,
     PoisonTask,
     ProtocolError,
@@ -93,6 +95,9 @@ ACK_BATCH = 1024
 # batch shares one deadline, and one of items that each keep to theirs should
 # not run past it as a whole (it would then be run again item by item).
 TIMEOUT_SHARE = 0.1
+# ERROR codes with which a broker refuses a whole message it could not decode
+# (ProtocolError.code); with a SUBMIT, every task in it.
+_MESSAGE_REFUSED = frozenset({"frames", "size", "body", "malformed"})
 
 
 class ItemOutcome(NamedTuple):
@@ -350,6 +355,8 @@ class Client:
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_read, False)
         self._closed = False
+        # Set when the I/O thread failed; every later call raises it.
+        self._broken: ClientBroken | None = None
         self._close_deadline = 0.0
         self._max_payload_bytes: int | None = None
 
@@ -361,6 +368,9 @@ class Client:
         self._durable = True
         self._acks: list[tuple[str, int]] = []
         self._acks_due = math.inf
+        self._warned: set[str] = set()  # what the broker told us, logged once
+        public_key = self._curve.public_key if self._curve is not None else None
+        self._handshakes = _wire.HandshakeWatch(address, "client", public_key)
         self._thread = threading.Thread(
             target=self._run, name=f"ventilator-client-{self.session[:8]}", daemon=True
         )
@@ -496,20 +506,44 @@ class Client:
         iterable: Iterable[Any],
         options: dict[str, Any],
     ) -> Iterator[Any]:
+        # What every item shares is checked once: a bad name or option is the
+        # whole map's error, not each item's.
+        name, flags = self._name_of(function)
+        _check_task(p.TaskSpec(0, name, b"", flags, **options))
         wakeup = threading.Condition()
         slots: deque[_Slot] = deque()
         items = iter(iterable)
         while True:
-            batch = [
-                self._spec(function, (item,), {}, **options)
-                for item in itertools.islice(items, SUBMIT_BATCH)
-            ]
-            if batch:
-                slots.extend(self._enqueue(batch, lambda _: _Slot(wakeup)))
-            while slots and (not batch or len(slots) > self._window // 2):
+            chunk = list(itertools.islice(items, SUBMIT_BATCH))
+            slots.extend(self._queue_each(function, chunk, options, wakeup))
+            while slots and (not chunk or len(slots) > self._window // 2):
                 yield slots.popleft().result()
-            if not batch and not slots:
+            if not chunk and not slots:
                 return
+
+    def _queue_each(
+        self,
+        function: str | Callable[..., Any],
+        items: list[Any],
+        options: dict[str, Any],
+        wakeup: threading.Condition,
+    ) -> list[_Slot]:
+        """A task per item, queued; their slots in order. An item that cannot
+        be sent (too large, say) gets a slot failed with why, in its place."""
+        slots: list[_Slot] = []
+        specs: list[p.TaskSpec] = []
+        for item in items:
+            try:
+                specs.append(self._spec(function, (item,), {}, **options))
+                continue
+            except (TaskError, UsageError) as exc:
+                refused = _Slot(wakeup)
+                refused.set_exception(_as_task_error(exc))
+            slots.extend(self._enqueue(specs, lambda _: _Slot(wakeup)))
+            slots.append(refused)
+            specs = []
+        slots.extend(self._enqueue(specs, lambda _: _Slot(wakeup)))
+        return slots
 
     def _map_batches(
         self,
@@ -521,8 +555,8 @@ class Client:
     ) -> Iterator[list[list[Any]]]:
         """Submit the items in batches; yield each batch's outcomes in order,
         one ``[status, value or error report]`` per item."""
-        _check_task_options(timeout_s, retries)
         job = _MapJob(function, *self._name_of(function), timeout_s, retries)
+        _check_task(p.TaskSpec(0, job.name, b"", job.flags, timeout_s, retries))
         encoder = _BatchEncoder(function, job.flags)
         sizer = _BatchSizer(chunksize, timeout_s)
         wakeup = threading.Condition()
@@ -750,11 +784,12 @@ class Client:
         sink: str | None = None,
     ) -> p.TaskSpec:
         name, flags, payload = self._encode_call(function, args, kwargs)
-        _check_task_options(timeout_s, retries)
+        spec = p.TaskSpec(0, name, payload, flags, timeout_s, retries, sink)
+        _check_task(spec)
         oversized = _oversized(len(payload), self._max_payload_bytes)
         if oversized is not None:
             raise oversized
-        return p.TaskSpec(0, name, payload, flags, timeout_s, retries, sink)
+        return spec
 
     def _encode_call(
         self,
@@ -803,7 +838,7 @@ class Client:
             if not block and self._in_window + len(specs) > self._window:
                 return []
             for spec in specs:
-                while self._in_window >= self._window and not self._closed:
+                while self._in_window >= self._window and not self._stopped:
                     if wake:  # what we queued must go out, or no room comes back
                         self._wake()
                         wake = False
@@ -821,7 +856,13 @@ class Client:
             self._wake()
         return outcomes
 
+    @property
+    def _stopped(self) -> bool:
+        return self._closed or self._broken is not None
+
     def _check_open(self) -> None:
+        if self._broken is not None:
+            raise self._broken
         if self._closed:
             raise UsageError("this client is closed")
 
@@ -843,18 +884,54 @@ class Client:
     # --- the I/O thread --------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        except Exception as exc:  # a bug of ours: nothing may hang on it
+            self._broke(exc)
+
+    def _broke(self, cause: Exception) -> None:
+        """The I/O thread failed: fail what waits on it, and every later call."""
+        log.error(
+            "the client's I/O thread failed; failing its pending tasks session=%s",
+            self.session,
+            exc_info=cause,
+        )
+        error = ClientBroken(
+            f"the client's I/O thread failed ({type(cause).__name__}: {cause}); "
+            f"this client can send and receive nothing more; session={self.session}"
+        )
+        with self._room:
+            self._broken = error
+            self._room.notify_all()  # callers waiting for room in the window
+            outgoing, self._outgoing = self._outgoing, deque()
+            questions = [*self._asked, *self._questions]
+            self._questions.clear()
+        for pending in (*self._pending.values(), *outgoing):
+            _fail(pending.future, error)
+        for question in questions:
+            _fail(question.answer, error)
+        with contextlib.suppress(Exception):
+            self._close_socket(linger=0)
+
+    def _serve(self) -> None:
         self._socket = self._connect()
         broker_seen = time.monotonic()
         next_beat = broker_seen + self._heartbeat_interval_s
         poller = self._poller()
 
         while not self._closed or self._awaiting_acceptance():
-            poller.poll(poll_timeout_ms(min(next_beat, self._acks_due)))
+            ready = dict(poller.poll(poll_timeout_ms(min(next_beat, self._acks_due))))
             now = time.monotonic()
+            if self._handshakes.monitor in ready:
+                self._handshakes.read()
             self._drain_wake()
             if self._receive(now):
                 broker_seen = now
             self._send_outgoing(now)
+            if self._handshakes.problem is not None and not self._welcomed:
+                # Questions (status) would wait in silence for an answer that
+                # cannot come: they fail, saying why.
+                self._fail_questions([self._handshakes.problem])
 
             if now >= next_beat:
                 self._send(p.Heartbeat())
@@ -865,12 +942,16 @@ class Client:
                         now - broker_seen,
                         self.address,
                     )
-                    self._socket.close(linger=0)
+                    self._close_socket(linger=0)
                     self._socket = self._connect()
                     poller = self._poller()
                     broker_seen = now
 
         self._shutdown()
+
+    def _close_socket(self, linger: int) -> None:
+        self._handshakes.close()
+        self._socket.close(linger=linger)
 
     def _awaiting_acceptance(self) -> bool:
         """While closing: are tasks still unaccepted, with time left to wait?"""
@@ -888,6 +969,7 @@ class Client:
         socket.setsockopt(zmq.RCVHWM, 100_000)
         if self._curve is not None:
             self._curve.apply(socket)
+        self._handshakes.watch(socket)
         socket.connect(self.address)
         self._socket = socket
         self._hello()
@@ -907,6 +989,8 @@ class Client:
         poller = zmq.Poller()
         poller.register(self._socket, zmq.POLLIN)
         poller.register(self._wake_read, zmq.POLLIN)
+        if self._handshakes.monitor is not None:
+            poller.register(self._handshakes.monitor, zmq.POLLIN)
         return poller
 
     def _drain_wake(self) -> None:
@@ -955,15 +1039,93 @@ class Client:
             _resolve(self._asked.popleft().answer, answer)
 
     def _refused(self, error: p.Error) -> None:
-        if error.code == "hello_first" and self._welcomed:
-            # A restarted broker, or one that forgot this connection: open the
-            # session again, which also resends what it may have lost.
-            log.warning("the broker does not know this session; saying HELLO again")
-            self._hello()
-        elif error.code != "hello_first":
+        if error.code == "hello_first":
+            if self._welcomed:
+                # A restarted broker, or one that forgot this connection: open
+                # the session again, which also resends what it may have lost.
+                log.warning("the broker does not know this session; saying HELLO again")
+                self._hello()
+        elif error.code == p.UNSERVED:
+            self._warn_once(error.message)
+        elif error.code in _MESSAGE_REFUSED:
+            self._submit_refused(error)
+        elif error.code == "command":
+            self._misdirected(error)
+        else:
             log.warning(
                 "the broker refused a message: %s (%s)", error.message, error.code
             )
+
+    def _misdirected(self, error: p.Error) -> None:
+        """A command of ours was refused as not a client's: every one we send
+        is, so this is a broker's backend, where workers connect. It will
+        answer no question; they fail now instead of timing out in silence."""
+        message = (
+            f"{self.address} is not a broker's frontend: it refused a client's "
+            f"command ({error.message}); is it the backend, where workers "
+            "connect? Connect clients to the broker's frontend"
+        )
+        self._warn_once(message, logging.ERROR)
+        self._fail_questions([message])
+
+    def _fail_questions(self, problems: list[str]) -> None:
+        """Fail the questions asked (status, operator commands) with the last
+        of `problems`, which say why no answer can come: not a timeout later."""
+        if not problems:
+            return
+        with self._lock:
+            questions = [*self._asked, *self._questions]
+            self._asked.clear()
+            self._questions.clear()
+        for question in questions:
+            _fail(question.answer, NetworkError(problems[-1]))
+
+    def _warn_once(self, message: str, level: int = logging.WARNING) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            log.log(level, "%s", message)
+
+    def _submit_refused(self, error: p.Error) -> None:
+        """The broker refused a message of ours whole, as malformed.
+
+        Only a SUBMIT can be, and only for a task the client's own checks
+        missed (_check_task). The broker does not say which message it was:
+        the unaccepted tasks that break a rule fail with it, and the others
+        are sent again, since they may have shared its message (the broker
+        ignores a task it has already). When none breaks a known rule, every
+        unaccepted task fails with the broker's reason, rather than wait for
+        ever.
+        """
+        unaccepted = [x for x in self._pending.values() if not x.accepted]
+        faulty = [x for x in unaccepted if p.task_problem(x.spec) is not None]
+        blamed = faulty or unaccepted
+        for pending in blamed:
+            del self._pending[pending.spec.task_id]
+            reason = p.task_problem(pending.spec) or error.message
+            _fail(
+                pending.future,
+                TaskRejected(
+                    "ProtocolError",
+                    f"the broker refused the message that carried this task: {reason}",
+                ),
+            )
+        if blamed:
+            self._release(len(blamed))
+        log.error(
+            "the broker refused a message as malformed (%s: %s); failed %d "
+            "unaccepted tasks, sent %d again",
+            error.code,
+            error.message,
+            len(blamed),
+            len(unaccepted) - len(blamed),
+        )
+        if faulty:
+            self._resend_unaccepted()
+
+    def _resend_unaccepted(self) -> None:
+        again = [x.spec for x in self._pending.values() if not x.accepted]
+        for chunk in _batches(again):
+            self._send(p.Submit(chunk))
 
     def _welcome(self, welcome: p.Welcome) -> None:
         self._welcomed = True
@@ -1078,7 +1240,7 @@ class Client:
     def _shutdown(self) -> None:
         self._send_acks(time.monotonic(), submitting=True)
         self._send(p.Bye())
-        self._socket.close(linger=100)
+        self._close_socket(linger=100)
         error = ClientClosed(
             f"the client was closed before this task finished; session={self.session}"
         )
@@ -1165,9 +1327,14 @@ def _cancelled() -> list[Any]:
 
 def _refusal(error: UsageError | TaskError) -> list[Any]:
     """The outcome of an item refused before it was sent."""
-    if not isinstance(error, TaskError):
-        error = TaskRejected("UsageError", str(error))
-    return [p.Status.REJECTED.value, error.to_wire()]
+    return [p.Status.REJECTED.value, _as_task_error(error).to_wire()]
+
+
+def _as_task_error(error: UsageError | TaskError) -> TaskError:
+    """An item's own refusal as the `TaskError` it has in a map's results."""
+    if isinstance(error, TaskError):
+        return error
+    return TaskRejected("UsageError", str(error))
 
 
 def _settled(slot: _Slot) -> list[Any]:
@@ -1185,11 +1352,15 @@ def _check_chunksize(chunksize: int | None) -> None:
         raise UsageError(f"chunksize must be at least 1, got {chunksize!r}")
 
 
-def _check_task_options(timeout_s: float | None, retries: int) -> None:
-    if timeout_s is not None and not timeout_s > 0:
-        raise UsageError(f"timeout_s must be positive, got {timeout_s!r}")
-    if retries < 0:
-        raise UsageError(f"retries must be 0 or more, got {retries!r}")
+def _check_task(spec: p.TaskSpec) -> None:
+    """Refuse, alone and at once, a task whose fields break the wire's rules.
+
+    The broker refuses a whole SUBMIT for one such task, and with it the tasks
+    it was sent with; the rules are the broker's own (protocol.task_problem).
+    """
+    problem = p.task_problem(spec)
+    if problem is not None:
+        raise UsageError(f"cannot submit this task: {problem}")
 
 
 def _always(outcome: OutcomeT) -> Callable[[int], OutcomeT]:

@@ -15,6 +15,7 @@
     │   └── ResultExpired           the result outlived the broker's result TTL
     └── NetworkError            the network or the broker went away
         └── ClientClosed            the client was closed with tasks pending
+            └── ClientBroken        its I/O thread failed; it can do nothing more
 
 `TaskError` and its subclasses cross process boundaries: a worker reports one as a
 plain dict (`to_wire`), the client rebuilds it (`task_error_from_wire`), and each
@@ -26,6 +27,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "ClientBroken",
     "ClientClosed",
     "FunctionNotFound",
     "NetworkError",
@@ -176,6 +178,11 @@ class NetworkError(VentilatorError):
 
 class ClientClosed(NetworkError):
     """The client was closed while this task was still pending."""
+
+
+class ClientBroken(ClientClosed):
+    """The client's I/O thread failed (the message names why): its pending
+    tasks fail with this, and so does every later call; make a new client."""
 
 
 def _utf8(text: str) -> str:

@@ -36,6 +36,9 @@ from .errors import ProtocolError
 HEADER = b"VNT1"
 MAX_NAME_LENGTH = 256
 MAX_BODY_BYTES = 16 * 1024 * 1024
+# The longest task timeout: a year is beyond any real task, and an infinite or
+# astronomic one would overflow the clocks and waits it reaches on a worker.
+MAX_TIMEOUT_S = 365 * 24 * 3600
 # Frames at least this large travel without copies (pyzmq's own threshold).
 ZERO_COPY_BYTES = 65536
 
@@ -97,6 +100,10 @@ class Flags(enum.IntFlag):
     BATCH = 2
     RAW = 4  # the payload is an MDP body, frames packed by mdp.pack_body
 
+
+# The ERROR code of a notice, not a refusal: a SUBMIT was accepted, but no
+# connected worker serves a function of it, so its tasks wait for one.
+UNSERVED = "unserved"
 
 # What a task's function is called. A dotted module path, a colon and a public
 # name is what workers serve; a pickled callable is ``pickled:`` and a label
@@ -457,7 +464,9 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
 def _name(value: Any, what: str) -> str:
     _expect(value, str, what)
     if not value or len(value) > MAX_NAME_LENGTH:
-        raise ProtocolError(f"{what} must be 1 to {MAX_NAME_LENGTH} characters")
+        raise ProtocolError(
+            f"{what} must be 1 to {MAX_NAME_LENGTH} characters, got {len(value)}"
+        )
     return str(value)
 
 
@@ -468,7 +477,10 @@ def _optional_name(value: Any, what: str) -> str | None:
 def _count(value: Any, what: str) -> int:
     _expect(value, int, what)
     if value < 0 or value >= 2**63:
-        raise ProtocolError(f"{what} must be a non-negative 64-bit integer")
+        raise ProtocolError(
+            f"{what} must be a non-negative 64-bit integer (0 to 2**63-1), "
+            f"got {_short(value)}"
+        )
     return int(value)
 
 
@@ -476,8 +488,12 @@ def _timeout(value: Any) -> float | None:
     if value is None:
         return None
     _expect(value, (int, float), "timeout_s")
-    if not value > 0:
-        raise ProtocolError(f"timeout_s must be positive, got {value!r}")
+    # `not 0 < value` also refuses NaN, which compares false with everything.
+    if not 0 < value <= MAX_TIMEOUT_S:
+        raise ProtocolError(
+            f"timeout_s must be positive and at most {MAX_TIMEOUT_S} seconds "
+            f"(a year), got {_short(value)}"
+        )
     return float(value)
 
 
@@ -597,20 +613,63 @@ def _decode_submit(body: Any, payloads: Sequence[Payload]) -> Submit:
         raise ProtocolError("SUBMIT must carry at least one task")
     return Submit(
         [
-            TaskSpec(
-                task_id=_count(task_id, "task_id"),
-                function=_name(function, "function"),
-                payload=payload,
-                flags=_count(flags, "flags"),
-                timeout_s=_timeout(timeout_s),
-                retries=_count(retries, "retries"),
-                sink=_optional_name(sink, "sink"),
-            )
+            _checked_task(task_id, function, payload, flags, timeout_s, retries, sink)
             for (task_id, function, flags, timeout_s, retries, sink), payload in zip(
                 rows, payloads, strict=True
             )
         ]
     )
+
+
+def _checked_task(
+    task_id: Any,
+    function: Any,
+    payload: Payload,
+    flags: Any,
+    timeout_s: Any,
+    retries: Any,
+    sink: Any,
+) -> TaskSpec:
+    """A task of a SUBMIT, each field checked by the rules of the wire."""
+    fields = _task_fields(task_id, function, flags, timeout_s, retries, sink)
+    task_id, function, flags, timeout_s, retries, sink = fields
+    return TaskSpec(task_id, function, payload, flags, timeout_s, retries, sink)
+
+
+def _task_fields(
+    task_id: Any, function: Any, flags: Any, timeout_s: Any, retries: Any, sink: Any
+) -> tuple[int, str, int, float | None, int, str | None]:
+    # The one list of a task's rules: the decoder's and task_problem's.
+    return (
+        _count(task_id, "task_id"),
+        _name(function, "function"),
+        _count(flags, "flags"),
+        _timeout(timeout_s),
+        _count(retries, "retries"),
+        _optional_name(sink, "sink"),
+    )
+
+
+def task_problem(spec: TaskSpec) -> str | None:
+    """Why a broker would refuse the SUBMIT that carries this task as malformed,
+    naming the field and the rule; None when every field is within the rules.
+
+    The same checks as the broker's decoder (`_task_fields`), so that a client
+    can refuse a bad task alone at submit time instead of having its whole
+    message refused.
+    """
+    try:
+        _task_fields(
+            spec.task_id,
+            spec.function,
+            spec.flags,
+            spec.timeout_s,
+            spec.retries,
+            spec.sink,
+        )
+    except ProtocolError as exc:
+        return str(exc)
+    return None
 
 
 def _decode_ids(body: Any, payloads: Sequence[Payload], what: str) -> list[int]:

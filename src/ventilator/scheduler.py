@@ -583,6 +583,7 @@ class Scheduler:
         accepted = self._unannounced.setdefault(peer, (now, {}))[1]
         pickle_served = self._pickle_served()  # once per batch, not per task
         in_this_batch: set[int] = set()
+        functions: dict[str, None] = {}
         for spec in specs:
             # A resubmission comes in a later SUBMIT; one id twice in the same
             # one is two tasks of which only the first could ever be answered.
@@ -605,6 +606,21 @@ class Scheduler:
 
             self._accept(session, spec, now)
             accepted[spec.task_id] = None
+            if not spec.flags & p.Flags.PICKLED:  # refused above if unserved
+                functions[spec.function] = None
+        self._tell_unserved(peer, functions)
+
+    def _tell_unserved(self, peer: bytes, functions: Iterable[str]) -> None:
+        """Tell a client which functions of its SUBMIT no connected worker
+        serves: their tasks wait for one, which without a word looks like a
+        hang. A notice, not a refusal; the client logs each once."""
+        for function in functions:
+            if not any(function in w.services for w in self.workers.values()):
+                message = (
+                    f"no connected worker serves {function}; its tasks wait in "
+                    "the queue until one does"
+                )
+                self._effects.to_clients.append((peer, p.Error(p.UNSERVED, message)))
 
     def accept_task(
         self,

@@ -37,6 +37,11 @@ __all__ = ["Worker", "WorkerConfig"]
 log = logging.getLogger(__name__)
 
 
+# How a broker's frontend answers a worker's commands: READY is not a client's
+# command, and anything else comes before a HELLO.
+_FRONTEND_REFUSALS = frozenset({"command", "hello_first"})
+
+
 def default_worker_id() -> str:
     """host.pid.random: unique, and readable in the broker's log."""
     return f"{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(2)}"
@@ -89,6 +94,7 @@ class Worker:
         # A send may have taken the socket's wake-up: ask ZMQ_EVENTS before
         # sleeping (see _input_unannounced).
         self._sent_since_check = False
+        self._told_misdirected = False
         self._broker_seen = 0.0
         self._registering = False
         self._registered_at = 0.0
@@ -256,8 +262,21 @@ class Worker:
                     "for dead); registering again"
                 )
                 self._register(now)
+            elif command.code in _FRONTEND_REFUSALS:
+                self._misdirected(command)
             else:
                 log.warning("the broker refused a message: %s", command.message)
+
+    def _misdirected(self, error: p.Error) -> None:
+        # Said once: the worker keeps trying, and the answer stays the same.
+        if not self._told_misdirected:
+            self._told_misdirected = True
+            log.error(
+                "the broker at %s answers as its frontend, where clients connect "
+                "(%s): is --connect the broker's backend?",
+                self.config.connect,
+                error.message,
+            )
 
     def _welcome_pending(self, now: float) -> bool:
         """Whether a READY is on its way: sent within a heartbeat interval and

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import signal
 import stat
 from dataclasses import dataclass
@@ -115,10 +116,11 @@ def curve_worker(
 
 
 def is_refused(client: ventilator.Client) -> bool:
-    """Whether the broker leaves this client unanswered."""
+    """Whether the broker leaves this client unanswered (or its handshake
+    failed, which the client says at once)."""
     try:
         client.status(timeout_s=REFUSED_WAIT_S)
-    except TimeoutError:
+    except (TimeoutError, ventilator.NetworkError):
         return True
     return False
 
@@ -363,3 +365,71 @@ def _answered(peer: MdpClient, service: bytes, *body: bytes) -> list[bytes] | No
         return peer.request(service, *body, timeout_s=REFUSED_WAIT_S)
     except TimeoutError:
         return None
+
+
+# --- what a refused peer says -------------------------------------------------------
+
+
+def handshake_errors(caplog: pytest.LogCaptureFixture, says: str) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.ERROR and says in r.getMessage()
+    ]
+
+
+def reconnected_twice(caplog: pytest.LogCaptureFixture) -> bool:
+    # By the second reconnect, the first one's handshake has failed too.
+    reconnects = [
+        r
+        for r in caplog.records
+        if r.name == "ventilator.client" and "reconnecting" in r.getMessage()
+    ]
+    return len(reconnects) >= 2
+
+
+@pytest.mark.parametrize(
+    ("secret", "broker_key", "says"),
+    [
+        (None, None, "wants CURVE and this client has no key"),
+        ("stranger", "broker", "refused this client's CURVE key"),
+        ("w1", "broker", "refused this client's CURVE key"),
+        ("alice", "w1", "is --broker-key (broker_key) the public key"),
+    ],
+)
+def test_a_client_the_broker_refuses_says_once_what_is_wrong_with_its_key(
+    launch: Launcher,
+    curve_broker: BrokerProcess,
+    keyring: Keyring,
+    caplog: pytest.LogCaptureFixture,
+    secret: str | None,
+    broker_key: str | None,
+    says: str,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="ventilator")
+    keys = {}
+    if secret is not None and broker_key is not None:
+        keys = {"secret_key": keyring.secret(secret)}
+        keys["broker_key"] = keyring.public(broker_key)
+
+    client = launch.client(curve_broker, **keys)
+
+    wait_until(lambda: handshake_errors(caplog, says), 10, f"an error: {says}")
+    assert is_refused(client)
+    wait_until(lambda: reconnected_twice(caplog), 10, "the client to reconnect")
+    [said] = handshake_errors(caplog, says)  # said once, across reconnects
+    assert curve_broker.frontend in said
+    if secret in ("stranger", "w1"):
+        assert keyring.fingerprint(secret) in said
+
+
+def test_status_without_a_key_says_at_once_that_the_broker_wants_one(
+    processes: Processes, curve_broker: BrokerProcess
+) -> None:
+    args = ("status", "--connect", curve_broker.frontend, "--timeout-s", "30")
+
+    result = run_cli(processes, *args)
+
+    assert result.returncode == 1
+    assert "wants CURVE and this client has no key" in result.stderr
+    assert "no answer" not in result.stderr

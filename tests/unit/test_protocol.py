@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Any
 
 import msgpack
@@ -503,3 +505,48 @@ def test_names_no_worker_could_serve_are_refused_naming_the_rule(
     problem = p.submission_problem(function, flags)
 
     assert problem is not None and rule in problem
+
+
+# --- task_problem: the decoder's rules, for clients ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"sink": ""}, "sink"),
+        ({"sink": "s" * 257}, "sink"),
+        ({"function": ""}, "function"),
+        ({"function": "m:" + "f" * 300}, "function"),
+        ({"retries": 2**63}, "retries"),
+        ({"retries": -1}, "retries"),
+        ({"retries": 1.5}, "retries"),
+        ({"retries": True}, "retries"),
+        ({"timeout_s": 0}, "timeout_s"),
+        ({"timeout_s": math.inf}, "timeout_s"),
+        ({"timeout_s": math.nan}, "timeout_s"),
+        ({"timeout_s": p.MAX_TIMEOUT_S * 2}, "timeout_s"),
+        ({"timeout_s": "soon"}, "timeout_s"),
+    ],
+)
+def test_task_problem_names_the_field_and_agrees_with_the_decoder(
+    changes: dict[str, Any], field: str
+) -> None:
+    spec = dataclasses.replace(p.TaskSpec(1, "m:f", b"x"), **changes)
+
+    problem = p.task_problem(spec)
+
+    assert problem is not None and problem.startswith(field)
+    with pytest.raises(ProtocolError) as refused:
+        p.decode(p.encode(p.Submit([spec])), p.FROM_CLIENT)
+    assert str(refused.value) == problem
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{}, {"sink": "s" * 256}, {"timeout_s": p.MAX_TIMEOUT_S}, {"retries": 2**63 - 1}],
+)
+def test_task_problem_passes_a_task_within_the_rules(changes: dict[str, Any]) -> None:
+    spec = dataclasses.replace(p.TaskSpec(1, "m:f", b"x"), **changes)
+
+    assert p.task_problem(spec) is None
+    assert p.decode(p.encode(p.Submit([spec])), p.FROM_CLIENT) == p.Submit([spec])

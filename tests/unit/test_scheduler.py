@@ -1103,3 +1103,25 @@ def test_a_connection_that_says_hello_as_a_sink_leaves_its_session_away(
 
     assert driver.scheduler.recipients["alice"].peer is None
     assert driver.scheduler.recipients[sink_recipient("totals")].peer == CLIENT
+
+
+def test_client_is_told_when_no_connected_worker_serves_its_function(
+    driver: Driver,
+) -> None:
+    effects = driver.submit(task(1), task(2), task(3, function="jobs:other"))
+
+    told = [c.message for c in sent(effects, CLIENT, p.Error) if c.code == p.UNSERVED]
+    assert len(told) == 2  # once per function of the SUBMIT
+    assert FUNCTION in told[0] and "jobs:other" in told[1]
+    assert accepted(effects) == [1, 2, 3]  # a notice: the tasks wait
+
+
+def test_client_is_not_told_of_a_function_a_connected_worker_serves(
+    driver: Driver,
+) -> None:
+    driver.ready(W1, capacity=1)
+    driver.submit(task(1))  # the worker's one slot is taken now
+
+    effects = driver.submit(task(2))
+
+    assert error_codes(effects, CLIENT) == []
