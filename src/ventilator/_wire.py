@@ -84,8 +84,9 @@ def send(socket: zmq.Socket[bytes], command: p.Command) -> bool:
     return True
 
 
-def check_endpoint(address: str, what: str) -> None:
-    """Refuse an address no one could connect to, naming it.
+def check_endpoint(address: str, what: str, *, to_bind: bool = False) -> None:
+    """Refuse an address no one could connect to (or bind, with `to_bind`,
+    where a port may be ``*`` or 0 for any free one), naming it.
 
     A typo (``foo``, a port that is not a number) would otherwise surface as a
     traceback in a background thread and a client that waits for ever. Only
@@ -103,13 +104,19 @@ def check_endpoint(address: str, what: str) -> None:
         problem = f"unknown transport {transport!r}"
     elif transport == "tcp":
         host, colon, port = rest.rpartition(":")
-        if not colon or not host or not (port.isdigit() and 0 < int(port) < 65536):
+        any_port = to_bind and port in ("*", "0")
+        if not colon or not host or not (any_port or _port_number(port)):
             problem = "tcp needs HOST:PORT with a port from 1 to 65535"
     if problem is not None:
+        verb = "bind" if to_bind else "connect to"
         raise UsageError(
-            f"{what} {address!r} is not an address to connect to ({problem}); "
+            f"{what} {address!r} is not an address to {verb} ({problem}); "
             "expected e.g. tcp://127.0.0.1:5555"
         )
+
+
+def _port_number(port: str) -> bool:
+    return port.isdigit() and 0 < int(port) < 65536
 
 
 # What ZeroMQ can connect over.

@@ -40,7 +40,7 @@ from typing import Any, cast
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from . import mdp, security
+from . import _wire, mdp, security
 from . import protocol as p
 from . import scheduler as s
 from ._timing import poll_timeout_ms
@@ -223,8 +223,12 @@ class Broker:
         """Start the ZAP handler, bind the sockets and replay the journal.
 
         Raises:
-            zmq.ZMQError: an endpoint is malformed or already in use.
+            UsageError: an endpoint is malformed.
+            zmq.ZMQError: an endpoint is already in use, or its host unknown.
         """
+        # A malformed endpoint is the caller's error, told before any warning
+        # about exposing it.
+        self._check_endpoints()
         self._check_exposure()
         # Before any bind: a handshake that finds no ZAP handler is not checked.
         self._gate.start()
@@ -260,6 +264,13 @@ class Broker:
         if self._mdp is not None and self.config.mdp:
             self._mdp.bind(self.config.mdp)
             self.mdp_endpoint = _endpoint(self._mdp)
+
+    def _check_endpoints(self) -> None:
+        endpoints = {"frontend": self.config.frontend, "backend": self.config.backend}
+        if self.config.mdp:
+            endpoints["mdp"] = self.config.mdp
+        for name, address in endpoints.items():
+            _wire.check_endpoint(address, f"the {name} endpoint", to_bind=True)
 
     def _check_exposure(self) -> None:
         if self.config.curve is not None or not self.config.exposed():

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import signal
+import stat
 import sys
 import threading
 import time
@@ -28,8 +29,9 @@ import click
 from . import logs
 from . import protocol as p
 from ._allocator import keep_freed_memory
+from ._wire import check_endpoint
 from .broker import Broker, BrokerConfig
-from .client import DEFAULT_ADDRESS, Client, ItemOutcome
+from .client import DEFAULT_ADDRESS, Client, ItemOutcome, TaskFuture
 from .dashboard import DashboardServer, parse_http_address
 from .errors import NetworkError, TaskError, TaskRejected, UsageError, VentilatorError
 from .gateway import MdpSettings
@@ -198,6 +200,16 @@ def keys_generate(name: str, directory: str, functions: tuple[str, ...]) -> None
 # --- broker and worker ----------------------------------------------------------
 
 
+def _bind_address(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """Check an address to bind before anything starts (or warns about it)."""
+    if value is not None:
+        try:
+            check_endpoint(value, "the address", to_bind=True)
+        except UsageError as exc:
+            raise click.BadParameter(str(exc), ctx, param) from None
+    return value
+
+
 @cli.command()
 @_logging_options(default=False)
 @click.option(
@@ -205,12 +217,14 @@ def keys_generate(name: str, directory: str, functions: tuple[str, ...]) -> None
     default="tcp://127.0.0.1:5555",
     show_default=True,
     help="Endpoint clients and sinks connect to.",
+    callback=_bind_address,
 )
 @click.option(
     "--backend",
     default="tcp://127.0.0.1:5556",
     show_default=True,
     help="Endpoint workers connect to.",
+    callback=_bind_address,
 )
 @click.option(
     "--journal",
@@ -255,6 +269,7 @@ def keys_generate(name: str, directory: str, functions: tuple[str, ...]) -> None
 @click.option(
     "--mdp",
     default=None,
+    callback=_bind_address,
     help="Also serve Majordomo (7/MDP) clients and workers on this endpoint; "
     "they are welcome on the frontend and backend too.",
 )
@@ -540,10 +555,9 @@ def _cluster_options(command: Callable[..., Any]) -> Callable[..., Any]:
             ),
             click.option(
                 "--output",
-                "output_file",
-                # Opened now, not at the first line: a path that cannot be
-                # written is a usage error (exit 2) before anything runs.
-                type=click.File("w", lazy=False),
+                "output_path",
+                # Opened by _open_output, once it is known not to be the input.
+                type=click.Path(dir_okay=False, allow_dash=True),
                 default="-",
                 help="One JSON object per input line  [default: stdout]",
             ),
@@ -590,7 +604,7 @@ def _cluster_options(command: Callable[..., Any]) -> Callable[..., Any]:
 def map_command(
     function: str,
     input_file: IO[str],
-    output_file: IO[str],
+    output_path: str,
     connect: str | None,
     workers: int | None,
     timeout_s: float | None,
@@ -607,13 +621,15 @@ def map_command(
             "its sink's results with it"
         )
     _check_task_fields(function, timeout_s, retries, sink)
+    _check_workers(connect, workers)
     if connect is None:
         _or_usage_error(lambda: resolve(function))
     module = function.partition(":")[0]
-    job = _Job(function, _parse_line, [module], _map_record, timeout_s, retries, sink)
+    record = _map_record if sink is None else _sink_record
+    job = _Job(function, _parse_line, [module], record, timeout_s, retries, sink)
     run = _Run(
         _lines(input_file),
-        output_file,
+        _open_output(output_path, input_file),
         connect,
         workers,
         progress,
@@ -630,7 +646,7 @@ def map_command(
 def exec_command(
     command: tuple[str, ...],
     input_file: IO[str],
-    output_file: IO[str],
+    output_path: str,
     connect: str | None,
     workers: int | None,
     timeout_s: float | None,
@@ -645,6 +661,7 @@ def exec_command(
     Workers of a running broker must serve the ventilator.shell module.
     """
     _check_task_fields(SHELL_FUNCTION, None, retries, None)
+    _check_workers(connect, workers)
     substitute = any("{}" in arg for arg in command)
 
     def call(line: str) -> list[Any]:
@@ -658,7 +675,7 @@ def exec_command(
     job = _Job(SHELL_FUNCTION, call, ["ventilator.shell"], _exec_record, None, retries)
     run = _Run(
         _lines(input_file),
-        output_file,
+        _open_output(output_path, input_file),
         connect,
         workers,
         progress,
@@ -679,6 +696,54 @@ def _check_task_fields(
         raise click.UsageError(problem)
 
 
+def _check_workers(connect: str | None, workers: int | None) -> None:
+    if connect is not None and workers is not None:
+        raise click.UsageError(
+            "--workers starts local workers for the embedded broker and has no "
+            "meaning with --connect: start `ventilator worker` processes on the "
+            "broker's backend instead"
+        )
+
+
+def _open_output(path: str, input_file: IO[str]) -> IO[str]:
+    """The output stream, opened (and so emptied) only when it is not the input.
+
+    Opening the input for writing would empty it before a line is read: the
+    run would end at once with 0 tasks and the file lost. Standard output is
+    compared too, for `--input lines.txt >> lines.txt`.
+    """
+    param = _param_named("output_path")
+    same = _same_regular_file(input_file, path)
+    if same is not None:
+        raise click.BadParameter(
+            f"{same} is the --input file: writing it while reading it would lose "
+            "the input (or, appending, read the output back); write the output "
+            "to another file",
+            param=param,
+        )
+    return click.File("w", lazy=False).convert(path, param, click.get_current_context())
+
+
+def _param_named(name: str) -> click.Parameter:
+    ctx = click.get_current_context()
+    return next(param for param in ctx.command.params if param.name == name)
+
+
+def _same_regular_file(input_file: IO[str], output_path: str) -> str | None:
+    """The output's name when it is the regular file the input reads, else None
+    (two ttys or pipes may be one device, and are no loss to share)."""
+    try:
+        read = os.fstat(input_file.fileno())
+        written = os.fstat(1) if output_path == "-" else os.stat(output_path)
+    except (OSError, ValueError):
+        return None  # not there yet, or no descriptor: a new file, not the input
+    if not stat.S_ISREG(read.st_mode):
+        return None
+    if (read.st_dev, read.st_ino) != (written.st_dev, written.st_ino):
+        return None
+    return "standard output" if output_path == "-" else repr(output_path)
+
+
 def _lines(stream: IO[str]) -> Iterator[str]:
     for line in stream:
         yield line.rstrip("\r\n")
@@ -689,6 +754,19 @@ def _parse_line(line: str) -> Any:
         return _LINE_DECODER.decode(line)
     except ValueError:
         return line
+    except RecursionError:
+        # Valid JSON, but nested past what the decoder can read: not a string
+        # the caller meant, so the line fails alone rather than run as one.
+        return _Unsendable(
+            ValueError("the input line is JSON nested too deep to decode")
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Unsendable:
+    """The item of a line that fails before it is sent, and why."""
+
+    error: Exception
 
 
 def _reject(constant: str) -> Any:
@@ -718,6 +796,12 @@ def _map_record(line: str, item: Any, outcome: ItemOutcome) -> _Record:
     return {"input": item, "error": _error_fields(outcome.error)}, False
 
 
+def _sink_record(line: str, item: Any, outcome: ItemOutcome) -> _Record:
+    if outcome.error is None:
+        return {"input": item, **outcome.value}, True
+    return {"input": item, "error": _error_fields(outcome.error)}, False
+
+
 def _exec_record(line: str, item: Any, outcome: ItemOutcome) -> _Record:
     if outcome.error is not None:
         return {
@@ -730,10 +814,27 @@ def _exec_record(line: str, item: Any, outcome: ItemOutcome) -> _Record:
     return {"input": line, **outcome.value}, outcome.value["exit_code"] == 0
 
 
+def _write_record(
+    output: IO[str], job: _Job, line: str, item: Any, outcome: ItemOutcome
+) -> bool:
+    """Write the record of one line; return whether the line succeeded."""
+    fields, ok = _record(job, line, item, outcome)
+    try:
+        text = _json_line(fields)
+    except RecursionError:
+        # A value nested too deep for the JSON encoder (an echo of a deep
+        # input, say) fails its own line, not the run: the line is shown as read.
+        message = "the record is nested too deep to write as JSON"
+        error = {"type": "RecursionError", "message": message}
+        text, ok = _json_line({"input": line, "error": error}), False
+    output.write(text)
+    return ok
+
+
 def _record(job: _Job, line: str, item: Any, outcome: ItemOutcome) -> _Record:
     """The output record of one line, and whether it succeeded."""
-    if job.sink is not None:
-        return {}, outcome.error is None
+    if isinstance(item, _Unsendable):
+        return {"input": line, "error": _error_fields(item.error)}, False
     fields, ok = job.record(line, item, outcome)
     if outcome.error is not None and not line.isascii():
         # A line that is not UTF-8 never left: say so, and echo its bytes as
@@ -852,11 +953,9 @@ def _run_tasks(job: _Job, run: _Run) -> int:
         read: deque[tuple[str, Any]] = deque()
         items = _items(job, run.lines, read, bar)
         with watch.explained():
-            for outcome in _outcomes(client, job, items):
-                line, item = read.popleft()
-                fields, ok = _record(job, line, item, outcome)
-                if fields:
-                    run.output.write(_json_line(fields))
+            outcomes = _outcomes(client, job, items)
+            for line, item, outcome in _line_outcomes(outcomes, read):
+                ok = _write_record(run.output, job, line, item, outcome)
                 done += 1
                 failed += not ok
                 bar.advance()
@@ -898,7 +997,26 @@ def _items(
         item = job.item_of(line)
         read.append((line, item))
         bar.submitted()
-        yield item
+        if not isinstance(item, _Unsendable):
+            yield item
+
+
+def _line_outcomes(
+    outcomes: Iterator[ItemOutcome], read: deque[tuple[str, Any]]
+) -> Iterator[tuple[str, Any, ItemOutcome]]:
+    """Each line read with its outcome, in input order: the outcomes are those
+    of the lines sent, and a line that was not sent fails in its place."""
+    for outcome in outcomes:
+        yield from _unsent(read)
+        line, item = read.popleft()
+        yield line, item, outcome
+    yield from _unsent(read)
+
+
+def _unsent(read: deque[tuple[str, Any]]) -> Iterator[tuple[str, Any, ItemOutcome]]:
+    while read and isinstance(read[0][1], _Unsendable):
+        line, item = read.popleft()
+        yield line, item, ItemOutcome(None, item.error)
 
 
 def _outcomes(client: Client, job: _Job, items: Iterator[Any]) -> Iterator[ItemOutcome]:
@@ -918,9 +1036,9 @@ def _sent_to_sink(
     for item in items:
         window.append(_submit(client, job, item))
         while window and (len(window) >= MAP_AHEAD or window[0].done()):
-            yield _acceptance(window.popleft())
+            yield _acceptance(client, job, window.popleft())
     while window:
-        yield _acceptance(window.popleft())
+        yield _acceptance(client, job, window.popleft())
 
 
 def _submit(client: Client, job: _Job, item: Any) -> Future[Any]:
@@ -939,13 +1057,19 @@ def _submit(client: Client, job: _Job, item: Any) -> Future[Any]:
         return refused
 
 
-def _acceptance(future: Future[Any]) -> ItemOutcome:
+def _acceptance(client: Client, job: _Job, future: Future[Any]) -> ItemOutcome:
+    """A line's task accepted, as the ids its result will carry on the sink,
+    or refused, as why."""
     # An operator may purge a task before it is accepted: its line says so.
     if future.cancelled():
         return ItemOutcome(None, CancelledError("the task was cancelled at the broker"))
     error = future.exception()
     if error is None:
-        return ItemOutcome(None, None)
+        assert isinstance(future, TaskFuture)  # only a submitted task is accepted
+        task_id = future.task_id
+        # The fields `ventilator sink` writes with the result, to join on.
+        ids = {"client": client.session, "task_id": task_id}
+        return ItemOutcome({**ids, "task_id_str": str(task_id), "sink": job.sink}, None)
     if isinstance(error, UsageError):
         return ItemOutcome(None, TaskRejected("UsageError", str(error)))
     if isinstance(error, TaskError):

@@ -717,7 +717,7 @@ def test_exec_timeout_kills_what_the_command_started(
     wait_until(lambda: not Path(f"/proc/{sleeper}").exists(), 5, "the orphan to go")
 
 
-def test_map_with_sink_sends_each_line_as_a_task_to_the_sink(
+def test_map_with_sink_prints_the_ids_that_match_each_line_to_its_result(
     processes: Processes, launch: Launcher, broker: BrokerProcess
 ) -> None:
     launch.worker(broker, TASKS)
@@ -735,11 +735,19 @@ def test_map_with_sink_sends_each_line_as_a_task_to_the_sink(
     )
 
     assert completed.returncode == 1
-    assert completed.stdout == ""
     assert "accepted for sink 'squares'; 1 refused" in completed.stderr
+    records = json_lines(completed.stdout)
+    assert [r["input"] for r in records] == [*range(20), 2**70]
+    assert records[20]["error"]["type"] == "UsageError"
     with Sink("squares", broker.frontend) as sink:
-        results = [r.value for r in itertools.islice(sink.results(10), 20)]
-    assert sorted(results) == [i * i for i in range(20)]
+        results = list(itertools.islice(sink.results(10), 20))
+    # Each result on the sink is matched to its input line by the ids printed.
+    inputs = {(r["client"], r["task_id"]): r["input"] for r in records[:20]}
+    assert all(r["sink"] == "squares" for r in records[:20])
+    assert all(r["task_id_str"] == str(r["task_id"]) for r in records[:20])
+    assert sorted((inputs[(r.session, r.task_id)], r.value) for r in results) == [
+        (i, i * i) for i in range(20)
+    ]
 
 
 @pytest.mark.parametrize("option", ["--input", "--output"])
@@ -845,3 +853,101 @@ def test_sink_that_no_broker_answered_says_so(processes: Processes) -> None:
 
     assert result.returncode == 1
     assert f"no broker answered at {address}" in result.stderr
+
+
+def test_map_fails_a_line_nested_too_deep_alone_and_writes_the_others(
+    processes: Processes, tmp_path: Path
+) -> None:
+    # Past the JSON decoder's depth, and past the JSON encoder's for the echo.
+    too_deep, deep = "[" * 1000 + "]" * 1000, "[" * 600 + "]" * 600
+    lines = tmp_path / "deep.txt"
+    lines.write_text(f"1\n{too_deep}\n{deep}\n2\n")
+
+    completed = run_cli(
+        processes, "map", f"{TASKS}:echo", "--workers", "1", "--input", str(lines)
+    )
+
+    assert completed.returncode == 1, completed.stderr
+    records = json_lines(completed.stdout)
+    assert [r.get("result") for r in records] == [1, None, None, 2]
+    assert [r["input"] for r in records[1:3]] == [too_deep, deep]
+    assert "nested too deep to decode" in records[1]["error"]["message"]
+    assert "nested too deep to write" in records[2]["error"]["message"]
+    assert "2 succeeded, 2 failed" in completed.stderr
+
+
+@pytest.mark.parametrize("command", [["map", f"{TASKS}:echo"], ["exec", "echo"]])
+@pytest.mark.parametrize("stdin", [False, True])
+def test_the_input_file_as_output_is_a_usage_error_leaving_it_whole(
+    processes: Processes, tmp_path: Path, command: list[str], stdin: bool
+) -> None:
+    lines = tmp_path / "lines.txt"
+    lines.write_text("1\n2\n")
+    given = [] if stdin else ["--input", str(lines)]
+
+    with lines.open() as read:
+        completed = processes.start(
+            "cli",
+            ventilator_argv(*command[:1], "--output", str(lines), *given, *command[1:]),
+            stdin=read if stdin else subprocess.DEVNULL,
+        )
+        completed.wait(timeout=60)
+
+    assert completed.returncode == 2
+    assert f"{str(lines)!r} is the --input file" in log_of(completed)
+    assert lines.read_text() == "1\n2\n"
+
+
+def test_standard_output_appending_to_the_input_file_is_a_usage_error(
+    processes: Processes, tmp_path: Path
+) -> None:
+    lines = tmp_path / "lines.txt"
+    lines.write_text("1\n2\n")
+
+    with lines.open("a") as appended:
+        completed = processes.start(
+            "cli",
+            ventilator_argv("map", f"{TASKS}:echo", "--input", str(lines)),
+            stdout=appended,
+        )
+        completed.wait(timeout=60)
+
+    assert completed.returncode == 2
+    assert "standard output is the --input file" in log_of(completed)
+    assert lines.read_text() == "1\n2\n"
+
+
+@pytest.mark.parametrize("command", [["map", f"{TASKS}:echo"], ["exec", "echo"]])
+def test_workers_with_connect_is_a_usage_error(
+    processes: Processes, command: list[str]
+) -> None:
+    nobody = f"tcp://127.0.0.1:{free_port()}"
+
+    completed = run_cli(
+        processes,
+        *command[:1],
+        "--workers",
+        "2",
+        "--connect",
+        nobody,
+        *command[1:],
+        input_text="1\n",
+    )
+
+    assert completed.returncode == 2
+    assert "--workers starts local workers" in completed.stderr
+    assert "no meaning with --connect" in completed.stderr
+
+
+@pytest.mark.parametrize("option", ["--frontend", "--backend", "--mdp"])
+def test_broker_on_a_malformed_endpoint_is_a_usage_error_naming_the_option(
+    processes: Processes, option: str
+) -> None:
+    completed = run_cli(
+        processes, "broker", "--durability", "memory", option, "foo://bar"
+    )
+
+    assert completed.returncode == 2
+    assert f"Invalid value for '{option}'" in completed.stderr
+    assert "unknown transport 'foo'" in completed.stderr
+    assert "pickled" not in completed.stderr and "Traceback" not in completed.stderr

@@ -7,8 +7,9 @@ import logging
 import pytest
 
 from ventilator import protocol as p
-from ventilator.broker import _log_notice, _RateLimit
+from ventilator.broker import Broker, BrokerConfig, _log_notice, _RateLimit
 from ventilator.client import SUBMIT_BATCH, SUBMIT_BATCH_BYTES, _batches
+from ventilator.errors import UsageError
 from ventilator.scheduler import WorkerLeft
 
 
@@ -64,3 +65,17 @@ def test_a_worker_that_said_goodbye_is_logged_as_leaving_without_a_warning(
     [record] = caplog.records
     assert record.levelno == logging.INFO
     assert "lost" not in record.getMessage()
+
+
+def test_broker_refuses_a_malformed_endpoint_before_warning_about_exposure(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    server = Broker(BrokerConfig("foo://bar", "tcp://127.0.0.1:*", None, "memory"))
+    try:
+        with pytest.raises(UsageError, match="frontend endpoint 'foo://bar'"):
+            server.bind()
+    finally:
+        server.stop()
+        server.serve()  # returns at once, closing what the constructor opened
+
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []

@@ -35,3 +35,23 @@ def test_malformed_address_is_refused_naming_it_and_why(
         check_endpoint(address, "the broker address")
 
     assert repr(address) in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "address", ["tcp://127.0.0.1:*", "tcp://127.0.0.1:0", "tcp://*:5555"]
+)
+def test_an_address_to_bind_may_ask_for_any_free_port(address: str) -> None:
+    check_endpoint(address, "the frontend endpoint", to_bind=True)
+
+
+@pytest.mark.parametrize("address", ["tcp://127.0.0.1:*", "tcp://127.0.0.1:0"])
+def test_an_address_to_connect_to_needs_a_port(address: str) -> None:
+    with pytest.raises(UsageError, match="port from 1 to 65535"):
+        check_endpoint(address, "the broker address")
+
+
+def test_a_malformed_address_to_bind_is_refused_as_one() -> None:
+    with pytest.raises(UsageError, match="not an address to bind") as refused:
+        check_endpoint("foo://bar", "the frontend endpoint", to_bind=True)
+
+    assert "unknown transport 'foo'" in str(refused.value)
