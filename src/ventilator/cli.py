@@ -697,7 +697,11 @@ def _check_task_fields(
 
 
 def _check_workers(connect: str | None, workers: int | None) -> None:
-    if connect is not None and workers is not None:
+    if connect is None or workers is None:
+        return
+    # A default from the environment is meant for embedded runs, not an error.
+    source = click.get_current_context().get_parameter_source("workers")
+    if source is click.core.ParameterSource.COMMANDLINE:
         raise click.UsageError(
             "--workers starts local workers for the embedded broker and has no "
             "meaning with --connect: start `ventilator worker` processes on the "

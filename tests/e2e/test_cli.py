@@ -939,6 +939,29 @@ def test_workers_with_connect_is_a_usage_error(
     assert "no meaning with --connect" in completed.stderr
 
 
+def test_workers_from_the_environment_do_not_stop_a_run_with_connect(
+    processes: Processes,
+    launch: Launcher,
+    broker: BrokerProcess,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    launch.worker(broker, TASKS)
+    wait_for_workers(launch.client(broker), 1)
+    monkeypatch.setenv("VENTILATOR_MAP_WORKERS", "2")  # a default for embedded runs
+
+    completed = run_cli(
+        processes,
+        "map",
+        f"{TASKS}:square",
+        "--connect",
+        broker.frontend,
+        input_text="3\n",
+    )
+
+    assert completed.returncode == 0, completed.stderr
+    assert [json.loads(line)["result"] for line in completed.stdout.splitlines()] == [9]
+
+
 @pytest.mark.parametrize("option", ["--frontend", "--backend", "--mdp"])
 def test_broker_on_a_malformed_endpoint_is_a_usage_error_naming_the_option(
     processes: Processes, option: str
