@@ -126,6 +126,11 @@ _TRANSPORTS = frozenset({"tcp", "ipc", "inproc", "pgm", "epgm", "ws", "wss", "vm
 # Handshakes failed in a row without detail before a peer with keys blames its
 # broker key: libzmq retries every 100 ms, so this costs a fraction of a second.
 SILENT_FAILURES = 3
+# Handshakes failed in a row for the same reason before it counts as definitive
+# (a peer's tasks then fail rather than wait): a broker restarting with other
+# settings may fail one or two, a broker that will not let this peer in fails
+# every one, at libzmq's reconnect pace of about 100 ms.
+REFUSALS_BEFORE_GIVING_UP = 3
 
 
 class HandshakeWatch:
@@ -150,6 +155,7 @@ class HandshakeWatch:
         self._told: set[str] = set()  # what was said, across reconnects
         # Why the last handshake failed; None once one succeeded.
         self.problem: str | None = None
+        self._refusals = 0  # handshakes failed in a row for `problem`
         self._silent_failures = 0  # in a row, with no detail
         self._socket: zmq.Socket[Any] | None = None
         self.monitor: zmq.Socket[bytes] | None = None
@@ -171,15 +177,22 @@ class HandshakeWatch:
                 return
             event = parse_monitor_message(frames)
             if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self.problem, self._silent_failures = None, 0
+                self.problem, self._silent_failures, self._refusals = None, 0, 0
                 continue
             problem = self._problem(event["event"], event["value"])
             if problem is None:
                 continue
+            self._refusals = self._refusals + 1 if problem == self.problem else 1
             self.problem = problem
             if problem not in self._told:
                 self._told.add(problem)
                 log.error("%s", problem)
+
+    @property
+    def definitive(self) -> bool:
+        """Whether `problem` is past doubt: the last `REFUSALS_BEFORE_GIVING_UP`
+        handshakes all failed for it, and none succeeded since."""
+        return self.problem is not None and self._refusals >= REFUSALS_BEFORE_GIVING_UP
 
     def close(self) -> None:
         """Stop watching; call it before closing the watched socket."""

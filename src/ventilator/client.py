@@ -309,8 +309,8 @@ class Client:
         broker_key: the broker's public ``.key`` file (with `secret_key`).
 
     Raises:
-        UsageError: a bad window, or only one of the two key files, or a key
-            file that cannot be read.
+        UsageError: a bad window or session name, or only one of the two key
+            files, or a key file that cannot be read.
     """
 
     def __init__(
@@ -330,6 +330,7 @@ class Client:
             raise UsageError(f"window must be at least 1, got {window}")
         self._context = context or zmq.Context.instance()
         _wire.check_endpoint(address, "the broker address")
+        _check_session(session)
         self._curve = client_keys(secret_key, broker_key)
         self.address = address
         self.session = session or uuid.uuid4().hex
@@ -932,6 +933,8 @@ class Client:
                 # Questions (status) would wait in silence for an answer that
                 # cannot come: they fail, saying why.
                 self._fail_questions([self._handshakes.problem])
+                if self._handshakes.definitive:
+                    self._fail_tasks(self._handshakes.problem)
 
             if now >= next_beat:
                 self._send(p.Heartbeat())
@@ -954,8 +957,9 @@ class Client:
         self._socket.close(linger=linger)
 
     def _awaiting_acceptance(self) -> bool:
-        """While closing: are tasks still unaccepted, with time left to wait?"""
-        if time.monotonic() >= self._close_deadline:
+        """While closing: are tasks still unaccepted, with time left to wait?
+        Not while the broker refuses this client: none can be accepted."""
+        if time.monotonic() >= self._close_deadline or self._refused_entry:
             return False
         with self._lock:
             if self._outgoing:
@@ -1079,6 +1083,37 @@ class Client:
             self._questions.clear()
         for question in questions:
             _fail(question.answer, NetworkError(problems[-1]))
+
+    @property
+    def _refused_entry(self) -> bool:
+        """Whether the broker definitely refuses this client's handshakes."""
+        return not self._welcomed and self._handshakes.definitive
+
+    def _fail_tasks(self, problem: str) -> None:
+        """The broker refuses this client's handshakes, past doubt (see
+        HandshakeWatch.definitive): fail every task held, sent or not, rather
+        than let it wait for a broker that will not let this client in. The
+        connection keeps trying: tasks submitted after a handshake succeeds
+        (the operator let the key in) go through."""
+        with self._lock:
+            outgoing, self._outgoing = self._outgoing, deque()
+        held = [*self._pending.values(), *outgoing]
+        if not held:
+            return
+        self._pending.clear()
+        error = NetworkError(
+            f"{problem} (this task was not run: the broker refused this "
+            f"client's last {_wire.REFUSALS_BEFORE_GIVING_UP} handshakes; "
+            f"session={self.session})"
+        )
+        for pending in held:
+            _fail(pending.future, error)
+        self._release(len(held))
+        log.error(
+            "failed %d tasks: the broker refuses this client session=%s",
+            len(held),
+            self.session,
+        )
 
     def _warn_once(self, message: str, level: int = logging.WARNING) -> None:
         if message not in self._warned:
@@ -1345,6 +1380,18 @@ def _settled(slot: _Slot) -> list[Any]:
         return _cancelled()
     except TaskError as error:
         return [p.Status.RAISED.value, error.to_wire()]
+
+
+def _check_session(session: str | None) -> None:
+    """Refuse a session name the broker would refuse in HELLO: its futures
+    would otherwise wait for a welcome that never comes."""
+    if session is None:
+        return
+    if not isinstance(session, str):
+        raise UsageError(f"session must be a str, got {type(session).__name__}")
+    problem = p.name_problem(session, "session")
+    if problem is not None:
+        raise UsageError(f"cannot open this session: {problem}")
 
 
 def _check_chunksize(chunksize: int | None) -> None:

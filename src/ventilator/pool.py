@@ -17,8 +17,10 @@ counts towards poison); the tasks queued behind it go to another child. A task
 past its timeout has its child killed and replaced.
 
 Thread pool: for I/O-bound work. A thread cannot be killed, so a task past its
-timeout is reported as timed out and left to finish in the background; its
-result is dropped and its thread is not reused until it returns.
+timeout is reported as timed out and left to run on in the background, its
+result dropped; a fresh thread takes its slot, so that tasks that hang cannot
+jam the pool. At most `MAX_STUCK_THREADS` such threads may pile up: beyond
+that, a timed-out task keeps its slot until a stuck thread returns.
 """
 
 from __future__ import annotations
@@ -62,6 +64,11 @@ CHILD_EXIT_GRACE_S = 2.0
 LIVENESS_CHECK_S = 1.0
 # How long to wait for a lost child to be reaped, to log how it ended.
 REAP_WAIT_S = 0.05
+# Timed-out threads still running that a thread pool replaces with fresh ones.
+# Each holds its stack and whatever its task holds; past this many, a
+# timed-out task keeps its slot until one returns, rather than the worker
+# growing threads without bound.
+MAX_STUCK_THREADS = 32
 
 
 class Pool(Protocol):
@@ -151,11 +158,11 @@ class _Running:
             self.task.ticket, self.task.attempt, status, payload, now - self.started
         )
 
-    def timed_out(self, now: float) -> p.Outcome:
+    def timed_out(self, now: float, what_then: str = "was stopped") -> p.Outcome:
         error = TaskTimeout(
             "TaskTimeout",
             f"the task ran past its timeout of {self.task.timeout_s:g}s "
-            "and was stopped",
+            f"and {what_then}",
         )
         return self.outcome(p.Status.TIMEOUT, pack_error(error), now)
 
@@ -455,29 +462,65 @@ def _alive(process: subprocess.Popen[bytes]) -> bool:
 # --- threads ---------------------------------------------------------------------
 
 
-class ThreadPool:
-    """Threads for I/O-bound tasks; a pipe wakes the worker when one ends."""
+@dataclass(slots=True, eq=False)
+class _ThreadTask:
+    """A task handed to a thread, and what became of it; `lock` settles the
+    race between the thread finishing it and the pool giving up on it."""
 
-    def __init__(self, size: int, modules: Sequence[str], allow_pickle: bool) -> None:
+    running: _Running
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    finished: bool = False  # the thread has its result
+    abandoned: bool = False  # timed out: its result is dropped
+    replaced: bool = False  # a fresh thread took its slot: this one leaves
+
+
+# What a thread pool says of a task past its timeout.
+_RUNS_ON = (
+    "could not be stopped: it runs on in the background and its result will be dropped"
+)
+
+
+class ThreadPool:
+    """Threads for I/O-bound tasks; a pipe wakes the worker when one ends.
+
+    A task past its timeout cannot be stopped: its thread is abandoned and,
+    while fewer than `max_stuck` are, a fresh thread takes its slot. The
+    abandoned thread leaves once its task returns.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        modules: Sequence[str],
+        allow_pickle: bool,
+        max_stuck: int = MAX_STUCK_THREADS,
+    ) -> None:
         self._functions = load_functions(modules)
         self._allow_pickle = allow_pickle
         self._size = size
+        self._max_stuck = max_stuck
         # Daemon threads, not a ThreadPoolExecutor: the interpreter joins an
         # executor's threads at exit, so a worker told to leave at once would
         # still wait for a task that may never return.
-        self._inbox: queue.SimpleQueue[_Running | None] = queue.SimpleQueue()
-        for number in range(size):
-            threading.Thread(
-                target=self._serve, name=f"ventilator-task-{number}", daemon=True
-            ).start()
-        self._done: queue.SimpleQueue[tuple[_Running, p.Status, bytes]] = (
+        self._inbox: queue.SimpleQueue[_ThreadTask | None] = queue.SimpleQueue()
+        self._spawned = 0
+        for _ in range(size):
+            self._start_thread()
+        self._done: queue.SimpleQueue[tuple[_ThreadTask, p.Status, bytes]] = (
             queue.SimpleQueue()
         )
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_read, False)
         self._waiting: deque[p.Assignment] = deque()
-        self._running: dict[tuple[int, int], _Running] = {}
-        self._abandoned = 0  # timed-out threads still running their task
+        self._running: dict[tuple[int, int], _ThreadTask] = {}
+        self._stuck = 0  # abandoned threads still running their task
+        self._stuck_in_slot = 0  # of those, the ones no fresh thread replaced
+
+    def _start_thread(self) -> None:
+        self._spawned += 1
+        threading.Thread(
+            target=self._serve, name=f"ventilator-task-{self._spawned}", daemon=True
+        ).start()
 
     def fds(self) -> Sequence[int]:
         return (self._wake_read,)
@@ -498,24 +541,30 @@ class ThreadPool:
         return dropped
 
     def _feed(self, now: float) -> None:
-        while self._waiting and len(self._running) + self._abandoned < self._size:
+        while self._waiting and len(self._running) + self._stuck_in_slot < self._size:
             task = self._waiting.popleft()
-            running = _Running(task, started=now)
-            self._running[(task.ticket, task.attempt)] = running
-            self._inbox.put(running)
+            handed = _ThreadTask(_Running(task, started=now))
+            self._running[(task.ticket, task.attempt)] = handed
+            self._inbox.put(handed)
 
     def _serve(self) -> None:
-        while (running := self._inbox.get()) is not None:
-            self._run(running)
+        while (handed := self._inbox.get()) is not None:
+            if not self._run(handed):
+                return  # abandoned and replaced: a fresh thread has the slot
 
-    def _run(self, running: _Running) -> None:
-        task = running.task
+    def _run(self, handed: _ThreadTask) -> bool:
+        """Run a task and post its result; say whether this thread serves on."""
+        task = handed.running.task
         status, result = run_task(
             self._functions, self._allow_pickle, task.function, task.flags, task.payload
         )
-        self._done.put((running, status, result))
+        with handed.lock:
+            handed.finished = True
+            serve_on = not handed.replaced
+        self._done.put((handed, status, result))
         with contextlib.suppress(OSError):  # the pool closed while this ran
             os.write(self._wake_write, b"x")
+        return serve_on
 
     def collect(self, now: float, readable: Collection[int] = ()) -> list[p.Outcome]:
         with contextlib.suppress(BlockingIOError):
@@ -523,29 +572,76 @@ class ThreadPool:
 
         outcomes = []
         while not self._done.empty():
-            running, status, result = self._done.get()
-            task = running.task
-            if self._running.pop((task.ticket, task.attempt), None) is None:
-                self._abandoned -= 1  # it had timed out; its result is not wanted
+            handed, status, result = self._done.get()
+            if handed.abandoned:
+                self._stuck_returned(handed)
                 continue
-            outcomes.append(running.outcome(status, result, now))
+            task = handed.running.task
+            del self._running[(task.ticket, task.attempt)]
+            outcomes.append(handed.running.outcome(status, result, now))
 
-        for key, running in list(self._running.items()):
-            deadline = running.deadline()
-            if deadline is not None and now >= deadline:
+        for key, handed in list(self._running.items()):
+            deadline = handed.running.deadline()
+            if deadline is not None and now >= deadline and self._abandon(handed):
                 del self._running[key]
-                self._abandoned += 1
-                outcomes.append(running.timed_out(now))
+                outcomes.append(handed.running.timed_out(now, _RUNS_ON))
 
         self._feed(now)
         return outcomes
 
+    def _abandon(self, handed: _ThreadTask) -> bool:
+        """Give up on a task past its timeout, freeing its slot if the cap on
+        stuck threads allows; False if it finished meanwhile (its result is
+        on its way, and counts)."""
+        replace = self._stuck < self._max_stuck
+        with handed.lock:
+            if handed.finished:
+                return False
+            handed.abandoned = True
+            handed.replaced = replace
+        self._stuck += 1
+        task = handed.running.task
+        if replace:
+            self._start_thread()
+            log.warning(
+                "task ran past its timeout and cannot be stopped ticket=%d "
+                "function=%s; it runs on in the background (%d of at most %d "
+                "stuck threads) and a fresh thread takes its slot",
+                task.ticket,
+                task.function,
+                self._stuck,
+                self._max_stuck,
+            )
+        else:
+            self._stuck_in_slot += 1
+            log.error(
+                "task ran past its timeout and cannot be stopped ticket=%d "
+                "function=%s; %d threads are stuck, the limit, so it keeps its "
+                "slot until it returns: this worker serves fewer tasks at once",
+                task.ticket,
+                task.function,
+                self._stuck,
+            )
+        return True
+
+    def _stuck_returned(self, handed: _ThreadTask) -> None:
+        """An abandoned task returned; its result is not wanted."""
+        self._stuck -= 1
+        if not handed.replaced:
+            self._stuck_in_slot -= 1  # its thread serves its slot again
+        log.info(
+            "a timed-out task returned late ticket=%d; result dropped, %d threads "
+            "still stuck",
+            handed.running.task.ticket,
+            self._stuck,
+        )
+
     def next_deadline(self) -> float | None:
-        deadlines = [r.deadline() for r in self._running.values()]
+        deadlines = [h.running.deadline() for h in self._running.values()]
         return min((d for d in deadlines if d is not None), default=None)
 
     def close(self) -> None:
-        for _ in range(self._size):
+        for _ in range(self._spawned):
             self._inbox.put(None)
         os.close(self._wake_read)
         os.close(self._wake_write)

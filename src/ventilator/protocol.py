@@ -146,6 +146,12 @@ def submission_problem(function: str, flags: int) -> str | None:
                 f"got {function!r}"
             )
         return None
+    if function.startswith(PICKLED_PREFIX):
+        return (
+            f"function {function!r}: names starting {PICKLED_PREFIX!r} are "
+            "reserved for pickled callables (flag PICKLED), which a client "
+            "sends for a callable it is given, not for a name"
+        )
     if function.startswith(MDP_PREFIX):
         return (
             f"function {function!r}: names starting {MDP_PREFIX!r} are the "
@@ -461,12 +467,20 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
     return kind.__name__
 
 
+def name_problem(value: str, what: str) -> str | None:
+    """Why `value` cannot be the name field `what` (session, sink, ...) of a
+    message; None when the broker accepts it. Peers check their own names
+    with it, so that a name the broker would refuse fails where it is given."""
+    if not value or len(value) > MAX_NAME_LENGTH:
+        return f"{what} must be 1 to {MAX_NAME_LENGTH} characters, got {len(value)}"
+    return None
+
+
 def _name(value: Any, what: str) -> str:
     _expect(value, str, what)
-    if not value or len(value) > MAX_NAME_LENGTH:
-        raise ProtocolError(
-            f"{what} must be 1 to {MAX_NAME_LENGTH} characters, got {len(value)}"
-        )
+    problem = name_problem(value, what)
+    if problem is not None:
+        raise ProtocolError(problem)
     return str(value)
 
 

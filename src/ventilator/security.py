@@ -260,31 +260,65 @@ def generate_keys(
     return public, secret
 
 
-def read_secret_key(path: str | os.PathLike[str]) -> tuple[bytes, bytes]:
-    """(public, secret) Z85 keys from a ``.key_secret`` file.
+def read_secret_key(
+    path: str | os.PathLike[str], what: str = "the secret key file"
+) -> tuple[bytes, bytes]:
+    """(public, secret) Z85 keys from a ``.key_secret`` file; `what` names
+    the argument it came from, for errors.
 
     Raises:
         UsageError: the file is missing, or holds no secret key.
     """
-    public, secret = _load(path)
+    public, secret = _load(path, what)
     if secret is None:
         raise UsageError(
-            f"{path} holds no secret key; pass the NAME.key_secret file that "
-            "`ventilator keys generate` wrote"
+            f"{what} {path} holds no secret key; pass the NAME.key_secret file "
+            "that `ventilator keys generate` wrote"
         )
     return public, secret
 
 
-def read_public_key(path: str | os.PathLike[str]) -> bytes:
+def read_public_key(
+    path: str | os.PathLike[str], what: str = "the certificate file"
+) -> bytes:
     """The Z85 public key of a certificate file (``.key`` or ``.key_secret``)."""
-    return _load(path)[0]
+    return _load(path, what)[0]
 
 
-def _load(path: str | os.PathLike[str]) -> tuple[bytes, bytes | None]:
+# Every character a Z85-encoded key may hold (ZeroMQ RFC 32).
+_Z85 = frozenset(
+    "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#"
+)
+
+
+def _load(path: str | os.PathLike[str], what: str) -> tuple[bytes, bytes | None]:
+    # Keys are given as files: a key passed in their place must not end up in
+    # an error message, and from there in a log or a terminal's scrollback.
+    if not isinstance(path, str | os.PathLike):
+        raise UsageError(
+            f"{what} must be a path to a key file (str or os.PathLike), got "
+            f"{type(path).__name__}; its value is not shown, as it may be a key"
+        )
     try:
         return zmq.auth.load_certificate(path)
     except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot read a CURVE key from {path}: {exc}") from exc
+        if _looks_like_a_key(path):
+            raise UsageError(
+                f"{what} must be a path to a key file, and no such file exists; "
+                "what was given looks like a key itself (not shown): write it "
+                "to a file, as `ventilator keys generate` does, and pass its path"
+            ) from None
+        raise UsageError(f"cannot read a CURVE key from {what} {path}: {exc}") from exc
+
+
+def _looks_like_a_key(path: str | os.PathLike[str]) -> bool:
+    text = os.fspath(path)
+    return (
+        isinstance(text, str)
+        and len(text) == 40
+        and _Z85.issuperset(text)
+        and not os.path.exists(text)
+    )
 
 
 def load_allow_list(
@@ -389,8 +423,10 @@ class ClientKeys:
     def load(
         cls, secret_key: str | os.PathLike[str], broker_key: str | os.PathLike[str]
     ) -> ClientKeys:
-        public, secret = read_secret_key(secret_key)
-        return cls(public, secret, read_public_key(broker_key))
+        public, secret = read_secret_key(secret_key, "secret_key (--secret-key)")
+        return cls(
+            public, secret, read_public_key(broker_key, "broker_key (--broker-key)")
+        )
 
     def apply(self, sock: zmq.Socket[Any]) -> None:
         sock.curve_publickey = self.public_key

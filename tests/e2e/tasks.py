@@ -7,6 +7,7 @@ exception, time passing, a dead process, or where it ran.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,15 @@ def sleep_for(seconds: float) -> float:
     """Sleep, then return how long was asked for."""
     time.sleep(seconds)
     return seconds
+
+
+# Set by an in-process test to let the `hang` tasks of a thread pool return.
+RELEASE_HANGS = threading.Event()
+
+
+def hang(*_: Any) -> None:
+    """Block until `RELEASE_HANGS` is set: in a worker process, for ever."""
+    RELEASE_HANGS.wait()
 
 
 def slow_echo(value: Any, seconds: float) -> Any:

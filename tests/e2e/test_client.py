@@ -29,6 +29,7 @@ from .conftest import (
     WorkerProcess,
     child_env,
     descendants,
+    free_port,
     status_when,
     stop_process_ids,
     wait_for_workers,
@@ -710,3 +711,18 @@ def test_submit_nowait_declines_instead_of_waiting_when_the_window_is_full(
 def test_client_with_a_malformed_address_is_refused_at_once() -> None:
     with pytest.raises(ventilator.UsageError, match="'broker:5555' is not an address"):
         ventilator.Client("broker:5555")
+
+
+@pytest.mark.parametrize("session", ["x" * 300, 42])
+def test_client_with_a_session_the_broker_would_refuse_is_refused_at_once(
+    session: Any,
+) -> None:
+    with pytest.raises(ventilator.UsageError, match="session must be"):
+        ventilator.Client(f"tcp://127.0.0.1:{free_port()}", session=session)
+
+
+def test_a_plain_name_under_the_pickled_prefix_is_refused_at_submit(
+    client: ventilator.Client,
+) -> None:
+    with pytest.raises(ventilator.UsageError, match="reserved for pickled callables"):
+        client.submit("pickled:x", 1)

@@ -186,6 +186,26 @@ def test_task_past_its_timeout_fails_and_the_worker_keeps_serving(
     assert [w["id"] for w in client.status()["workers"]] == [worker_id]
 
 
+def test_thread_pool_frees_the_slots_of_tasks_that_hang_past_their_timeout(
+    launch: Launcher, broker: BrokerProcess
+) -> None:
+    # Threads cannot be stopped: without fresh threads in their slots, two hung
+    # tasks would hold the only two slots for ever and square(4) never ran.
+    launch.worker(broker, concurrency=2, pool="thread")
+    client = launch.client(broker)
+    wait_for_workers(client, 1)
+
+    hung = [client.submit(tasks.hang, i, timeout_s=0.5) for i in range(6)]
+    after = client.submit(tasks.square, 4)
+
+    assert after.result(RESULT_TIMEOUT_S) == 16
+    for future in hung:
+        error = future.exception(RESULT_TIMEOUT_S)
+        assert isinstance(error, ventilator.TaskTimeout)
+        assert "could not be stopped" in error.message
+        assert "result will be dropped" in error.message
+
+
 # --- garbage on the wire ----------------------------------------------------------
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import re
 import signal
 import stat
 from dataclasses import dataclass
@@ -421,6 +422,47 @@ def test_a_client_the_broker_refuses_says_once_what_is_wrong_with_its_key(
     assert curve_broker.frontend in said
     if secret in ("stranger", "w1"):
         assert keyring.fingerprint(secret) in said
+
+
+@pytest.mark.parametrize(
+    ("secret", "broker_key", "says"),
+    [
+        (None, None, "wants CURVE and this client has no key"),
+        ("stranger", "broker", "refused this client's CURVE key"),
+        ("alice", "w1", "is --broker-key (broker_key) the public key"),
+    ],
+)
+def test_tasks_of_a_client_the_broker_refuses_fail_saying_why(
+    launch: Launcher,
+    curve_broker: BrokerProcess,
+    keyring: Keyring,
+    secret: str | None,
+    broker_key: str | None,
+    says: str,
+) -> None:
+    # Without the diagnosis they waited for ever, and so did close().
+    keys = {}
+    if secret is not None and broker_key is not None:
+        keys = {"secret_key": keyring.secret(secret)}
+        keys["broker_key"] = keyring.public(broker_key)
+    client = launch.client(curve_broker, **keys)
+
+    early = client.submit(tasks.square, 3)
+    with pytest.raises(ventilator.NetworkError, match=re.escape(says)):
+        early.result(RESULT_TIMEOUT_S)
+    with pytest.raises(ventilator.NetworkError, match=re.escape(says)):
+        list(client.map(tasks.square, range(5), timeout_s=RESULT_TIMEOUT_S))
+    late = client.submit(tasks.square, 4)
+    with pytest.raises(ventilator.NetworkError, match=re.escape(says)):
+        late.result(RESULT_TIMEOUT_S)
+
+    unsent = client.submit(tasks.square, 5)
+    # No wait for acceptance, which cannot come (it would outlast the test's
+    # own timeout): the task fails at once.
+    client.close(timeout_s=3600)
+    assert isinstance(
+        unsent.exception(0), ventilator.NetworkError | ventilator.ClientClosed
+    )
 
 
 def test_status_without_a_key_says_at_once_that_the_broker_wants_one(

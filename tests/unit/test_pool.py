@@ -8,15 +8,16 @@ import signal
 import time
 from pathlib import Path
 
+from tests.e2e import tasks
 from ventilator import protocol as p
-from ventilator.pool import ProcessPool
+from ventilator.pool import ProcessPool, ThreadPool
 from ventilator.serialization import pack_call, unpack_value
 
 TASKS = "tests.e2e.tasks"
 DEADLINE_S = 60.0
 
 
-def run_all(pool: ProcessPool, count: int) -> list[p.Outcome]:
+def run_all(pool: ProcessPool | ThreadPool, count: int) -> list[p.Outcome]:
     """Collect outcomes as the worker does: wait for readable or writable pipes."""
     outcomes: list[p.Outcome] = []
     deadline = time.monotonic() + DEADLINE_S
@@ -88,3 +89,32 @@ def test_a_child_killed_while_idle_is_replaced_and_nothing_is_blamed() -> None:
     assert readable and blamed == []
     assert outcomes[0].status is p.Status.OK
     assert unpack_value(outcomes[0].payload) == 49
+
+
+def test_thread_pool_caps_stuck_threads_and_takes_slots_back_when_they_return() -> None:
+    # One slot, at most one stuck thread: the first hung task gets a fresh
+    # thread in its slot, the second keeps the slot, and the square behind it
+    # waits until the hung tasks are let go.
+    pool = ThreadPool(1, [TASKS], allow_pickle=False, max_stuck=1)
+    tasks.RELEASE_HANGS.clear()
+    try:
+        for ticket in (1, 2):
+            hang = p.Assignment(ticket, 1, f"{TASKS}:hang", pack_call((), {}), 0, 0.05)
+            pool.submit(hang, time.monotonic())
+        pool.submit(
+            p.Assignment(3, 1, f"{TASKS}:square", pack_call((4,), {})),
+            time.monotonic(),
+        )
+        timed_out = run_all(pool, 2)
+        assert {o.ticket for o in timed_out} == {1, 2}
+        assert all(o.status is p.Status.TIMEOUT for o in timed_out)
+        assert pool.load() == 1  # the square, waiting for a slot
+
+        tasks.RELEASE_HANGS.set()
+        (square,) = run_all(pool, 1)
+    finally:
+        tasks.RELEASE_HANGS.set()
+        pool.close()
+
+    assert square.ticket == 3
+    assert unpack_value(square.payload) == 16

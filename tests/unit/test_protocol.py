@@ -489,6 +489,8 @@ def test_names_our_clients_send_are_accepted(function: str, flags: int) -> None:
         ("jobs:work:again", p.Flags.NONE, "'module:function'"),
         (" jobs:work", p.Flags.NONE, "'module:function'"),
         ("mdp:echo", p.Flags.NONE, "MDP services"),
+        ("pickled:x", p.Flags.NONE, "reserved for pickled callables"),
+        ("pickled:x", p.Flags.BATCH, "reserved for pickled callables"),
         ("jobs:work", p.Flags.PICKLED, "must start with 'pickled:'"),
         ("echo", p.Flags.RAW, "RAW (4)"),
         ("jobs:echo", p.Flags.RAW, "only the broker's MDP gateway"),

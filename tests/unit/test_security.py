@@ -207,3 +207,18 @@ def test_admission_turns_pickle_off_where_it_is_not_permitted() -> None:
     assert not exposed.allow_pickle
     assert loopback.allow_pickle
     assert list(loopback.services) == ["reports:daily"]
+
+
+def test_a_key_given_in_place_of_a_key_file_is_refused_without_showing_it(
+    tmp_path: Path,
+) -> None:
+    public_file, secret_file = generate_keys("alice", tmp_path)
+    public, secret = read_secret_key(secret_file)
+
+    for given in (secret, secret.decode("ascii")):
+        with pytest.raises(UsageError) as refused:
+            client_keys(given, public_file)  # type: ignore[arg-type]
+        message = str(refused.value)
+        assert "secret_key" in message and "path to a key file" in message
+        assert secret.decode("ascii") not in message
+        assert public.decode("ascii") not in message
