@@ -300,7 +300,12 @@ class Broker:
         tasks = self._journal.load()
         for task in tasks:
             self._scheduler.restore(task, now)
-        finished = sum(1 for task in tasks if task.state is s.State.FINISHED)
+        unfinished = [task for task in tasks if task.state is not s.State.FINISHED]
+        if self.telemetry is not None:
+            # Submitted again, as the status totals count them: so that the
+            # metrics never show more tasks completed than submitted.
+            self.telemetry.record(s.Effects(accepted=unfinished))
+        finished = len(tasks) - len(unfinished)
         failures = self._journal.load_failures()
         for record in failures:
             self._scheduler.restore_failure(record)

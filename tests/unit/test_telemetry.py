@@ -5,14 +5,18 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from pathlib import Path
 
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ventilator import protocol as p
+from ventilator.broker import Broker, BrokerConfig
 from ventilator.errors import TaskRaised
+from ventilator.journal import open_journal
 from ventilator.logs import JsonFormatter
 from ventilator.policy import Limits
+from ventilator.scheduler import Task
 from ventilator.serialization import BatchPacker, pack_batch_outcomes
 from ventilator.telemetry import BUCKETS_S, Telemetry, metrics_registry
 
@@ -172,3 +176,24 @@ def test_a_batch_that_failed_whole_counts_each_item_failed() -> None:
     poison = frozenset({("function", FUNCTION), ("outcome", "poison")})
     assert metrics[("ventilator_items_failed_total", poison)] == 4
     assert metrics[("ventilator_tasks_failed_total", poison)] == 1
+
+
+def test_tasks_restored_from_the_journal_count_as_submitted(tmp_path: Path) -> None:
+    journal = open_journal(tmp_path / "journal.db")
+    waiting = Task(1, "alice", 1, FUNCTION, b"\x91\x01", 0, None, 0, "alice")
+    journal.commit([waiting], [], [])
+    journal.close()
+    config = BrokerConfig(
+        frontend="tcp://127.0.0.1:*",
+        backend="tcp://127.0.0.1:*",
+        journal=str(tmp_path / "journal.db"),
+        telemetry=True,
+    )
+    broker = Broker(config)
+
+    broker.bind()
+    broker.stop()
+    broker.serve()  # returns at once, closing everything
+
+    assert broker.telemetry is not None
+    assert broker.telemetry.submitted == {FUNCTION: 1}
