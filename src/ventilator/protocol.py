@@ -23,6 +23,7 @@ This module is pure: no sockets, no clock, no logging.
 from __future__ import annotations
 
 import enum
+import functools
 import re
 import reprlib
 from collections.abc import Callable, Sequence
@@ -117,11 +118,13 @@ MDP_PREFIX = "mdp:"
 CLIENT_FLAGS = int(Flags.PICKLED | Flags.BATCH)
 
 
+@functools.lru_cache(maxsize=4096)
 def submission_problem(function: str, flags: int) -> str | None:
     """Why no worker could ever run a task a client submitted under this name
     and flags, naming the rule it breaks; None when it is a name our clients send.
 
     Such a task would otherwise wait in a queue nobody serves, for ever.
+    Cached: the broker asks for every task, and a SUBMIT's tasks share a name.
     """
     unprintable = _first_unprintable(function)
     if unprintable is not None:
@@ -168,8 +171,11 @@ def submission_problem(function: str, flags: int) -> str | None:
 
 def _first_unprintable(name: str) -> str | None:
     # str.isprintable is False for control, format and separator characters
-    # other than the plain space: none of them belongs in a name.
-    return next((char for char in name if not char.isprintable()), None)
+    # other than the plain space: none of them belongs in a name. The whole
+    # name is asked first, in C: this runs for every task submitted.
+    if name.isprintable():
+        return None
+    return next(char for char in name if not char.isprintable())
 
 
 # --- commands ------------------------------------------------------------------
