@@ -580,7 +580,7 @@ class Scheduler:
         self, peer: bytes, recipient: Recipient, specs: Sequence[p.TaskSpec], now: float
     ) -> None:
         session = recipient.name
-        accepted = self._unannounced.setdefault(peer, (now, {}))[1]
+        accepted: dict[int, None] = {}
         pickle_served = self._pickle_served()  # once per batch, not per task
         in_this_batch: set[int] = set()
         functions: dict[str, None] = {}
@@ -608,6 +608,8 @@ class Scheduler:
             accepted[spec.task_id] = None
             if not spec.flags & p.Flags.PICKLED:  # refused above if unserved
                 functions[spec.function] = None
+        if accepted:
+            self._unannounced.setdefault(peer, (now, {}))[1].update(accepted)
         self._tell_unserved(peer, functions)
 
     def _tell_unserved(self, peer: bytes, functions: Iterable[str]) -> None:
@@ -615,7 +617,7 @@ class Scheduler:
         serves: their tasks wait for one, which without a word looks like a
         hang. A notice, not a refusal; the client logs each once."""
         for function in functions:
-            if not any(function in w.services for w in self.workers.values()):
+            if not self.serves(function):
                 message = (
                     f"no connected worker serves {function}; its tasks wait in "
                     "the queue until one does"
@@ -1300,9 +1302,8 @@ class Scheduler:
         for peer, (accepted_at, task_ids) in list(self._unannounced.items()):
             if now is None or now >= accepted_at + ACCEPT_GRACE_S:
                 del self._unannounced[peer]
-                if task_ids:
-                    accepted = p.Accepted(list(task_ids))
-                    self._effects.to_clients.append((peer, accepted))
+                accepted = p.Accepted(list(task_ids))
+                self._effects.to_clients.append((peer, accepted))
 
     def announce_due_at(self) -> float:
         """When the oldest unannounced acceptance is due (inf if none is)."""
@@ -1581,6 +1582,7 @@ class Scheduler:
                 self._check_nobody_idles_for(task)
         self._check_stale_counts()
         self._check_byte_counts()
+        assert all(ids for _, ids in self._unannounced.values()), "empty ACCEPTED"
         failed = [record.ticket for record in self.failed]
         assert len(set(failed)) == len(failed), "a failure remembered twice"
         self._check_totals()

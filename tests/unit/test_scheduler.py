@@ -344,6 +344,15 @@ def test_acceptance_is_announced_once_the_grace_has_passed() -> None:
     assert driver.scheduler.announce_due_at() == math.inf
 
 
+def test_a_submit_refused_whole_schedules_no_announcement() -> None:
+    driver = Driver(defer_acceptance=True)
+    driver.hello()
+
+    driver.submit(task(1, function="nocolon"))
+
+    assert driver.scheduler.announce_due_at() == math.inf
+
+
 def test_a_sink_result_does_not_stand_for_the_submitters_acceptance() -> None:
     driver = Driver(defer_acceptance=True)
     driver.hello()
