@@ -57,6 +57,9 @@ POOL_KINDS = ("process", "thread")
 PIPELINE_DEPTH = 2
 # Payload bytes in one batch to a child.
 BATCH_BYTES = 1024 * 1024
+# Functions whose run times a process pool keeps to size batches; past this
+# many it starts again, as every new function does, with batches of one.
+MAX_FUNCTIONS_TIMED = 1024
 
 # How long a child gets to exit on its own before it is killed.
 CHILD_EXIT_GRACE_S = 2.0
@@ -201,7 +204,8 @@ class ProcessPool:
         self._allow_pickle = allow_pickle
         self._waiting: deque[p.Assignment] = deque()
         self._suspects: set[tuple[int, int]] = set()  # (ticket, attempt)
-        self._task_s = TaskDuration()
+        # Per function: a batch is sized by how long its own function runs.
+        self._task_s: dict[str, TaskDuration] = {}
         self._children = [self._spawn() for _ in range(size)]
         self._fds = tuple(child.fileno() for child in self._children)
         self._next_liveness_check = 0.0
@@ -263,19 +267,38 @@ class ProcessPool:
         if not self._batchable(first):
             return [first]
 
-        # Share what waits among the children, in batches of bounded work.
-        share = -(-len(self._waiting) // len(self._children))
-        size = min(self._task_s.batch_size(), share + 1)
+        # Share what waits among the children (the first task included, or two
+        # tasks for two idle children would go to one), in batches of bounded
+        # work, each of one function, whose run time sizes it.
+        share = -(-(len(self._waiting) + 1) // len(self._children))
+        size = min(self._duration_of(first.function).batch_size(), share)
         batch, batch_bytes = [first], len(first.payload)
-        while self._waiting and len(batch) < size and self._batchable(self._waiting[0]):
+        while len(batch) < size and self._joins(first, batch_bytes):
             batch_bytes += len(self._waiting[0].payload)
-            if batch_bytes > BATCH_BYTES:
-                break
             batch.append(self._waiting.popleft())
         return batch
 
+    def _joins(self, first: p.Assignment, batch_bytes: int) -> bool:
+        """Whether the next waiting task may join the batch `first` began."""
+        if not self._waiting:
+            return False
+        task = self._waiting[0]
+        return (
+            task.function == first.function
+            and self._batchable(task)
+            and batch_bytes + len(task.payload) <= BATCH_BYTES
+        )
+
     def _batchable(self, task: p.Assignment) -> bool:
         return not task.timeout_s and (task.ticket, task.attempt) not in self._suspects
+
+    def _duration_of(self, function: str) -> TaskDuration:
+        duration = self._task_s.get(function)
+        if duration is None:
+            if len(self._task_s) >= MAX_FUNCTIONS_TIMED:
+                self._task_s.clear()  # pickled callables have endless names
+            duration = self._task_s[function] = TaskDuration()
+        return duration
 
     def _send(self, child: _Child, batch: list[p.Assignment], now: float) -> None:
         child.sent.append([_Running(task, started=now) for task in batch])
@@ -348,7 +371,7 @@ class ProcessPool:
         for running, (status, duration_s), result in zip(
             child.sent.popleft(), reports, results, strict=True
         ):
-            self._task_s.observe(duration_s)
+            self._duration_of(running.task.function).observe(duration_s)
             self._suspects.discard((running.task.ticket, running.task.attempt))
             outcomes.append(running.outcome(_STATUSES[status], result, now))
         if child.sent:

@@ -118,3 +118,25 @@ def test_thread_pool_caps_stuck_threads_and_takes_slots_back_when_they_return() 
 
     assert square.ticket == 3
     assert unpack_value(square.payload) == 16
+
+
+def test_two_tasks_for_two_idle_children_run_side_by_side() -> None:
+    # Squares teach the pool that tasks are tiny and worth batching; two slow
+    # tasks of another function must still go one to each child, not both
+    # into one child's batch while the other child idles.
+    pool = ProcessPool(2, [TASKS], allow_pickle=False)
+    try:
+        for ticket in range(1, 21):
+            call = pack_call((ticket,), {})
+            pool.submit(p.Assignment(ticket, 1, f"{TASKS}:square", call), 0.0)
+        run_all(pool, 20)
+
+        for ticket in (21, 22):
+            call = pack_call((0.2,), {})
+            pool.submit(p.Assignment(ticket, 1, f"{TASKS}:whereabouts", call), 0.0)
+        outcomes = run_all(pool, 2)
+    finally:
+        pool.close()
+
+    pids = {unpack_value(o.payload)[0] for o in outcomes}
+    assert len(pids) == 2, "both tasks ran in one child"
