@@ -32,7 +32,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from concurrent.futures import CancelledError, Executor, Future, InvalidStateError
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
@@ -79,9 +79,16 @@ SUBMIT_BATCH = 2048
 SUBMIT_BATCH_BYTES = 1024 * 1024
 
 # The batches of `map`: how much work one carries once the map knows how long an
-# item takes. Long enough to spread a task's cost (about 150 µs of CPU along the
-# whole path) over many items; short enough that the workers finish together.
-BATCH_TARGET_S = 0.02
+# item takes. Long enough to spread a task's cost over many items: each result
+# wakes worker, broker and client, about 1 ms of CPU in all, which on busy cores
+# delays the next batch. Short enough to keep results flowing.
+BATCH_TARGET_S = 0.05
+# When the map knows how many items are left, a batch carries at most this
+# share of them, so the last batches shrink and the workers finish together;
+# but never less than about TAPER_FLOOR_S of work, below which a task's cost
+# outweighs the time a late batch can leave a worker idle.
+TAPER_PARTS = 8
+TAPER_FLOOR_S = 0.005
 MAX_BATCH_ITEMS = 256
 MAX_BATCH_BYTES = 256 * 1024
 # Until a first batch is back, a map sends only this many one-item batches: a
@@ -196,7 +203,8 @@ class _BatchSizer:
     `chunksize` when the caller gave one. Otherwise one item per batch until a
     batch came back, then as many as run in about BATCH_TARGET_S (less with a
     per-item timeout, see TIMEOUT_SHARE), by a moving average of the time an
-    item took on the workers.
+    item took on the workers; fewer towards the end when the number of items
+    left is known (see TAPER_PARTS).
     """
 
     def __init__(self, chunksize: int | None, timeout_s: float | None = None) -> None:
@@ -210,12 +218,23 @@ class _BatchSizer:
     def probing(self) -> bool:
         return self._fixed is None and self._item_s is None
 
-    def size(self) -> int:
+    def size(self, items_left: int | None = None) -> int:
+        """Items for the next batch; `items_left`, when known, counts the
+        items not sent yet."""
         if self._fixed is not None:
             return self._fixed
         if self._item_s is None:
             return 1
-        fitting = int(self._target_s / max(self._item_s, 1e-9))
+        size = self._fitting(self._target_s)
+        if items_left is not None:
+            tapered = max(items_left // TAPER_PARTS, self._fitting(TAPER_FLOOR_S))
+            size = min(size, tapered)
+        return size
+
+    def _fitting(self, work_s: float) -> int:
+        """Items that run in about `work_s`, within the bounds of a batch."""
+        assert self._item_s is not None
+        fitting = int(work_s / max(self._item_s, 1e-9))
         return max(1, min(MAX_BATCH_ITEMS, fitting))
 
     def observe(self, items: int, elapsed_s: float) -> None:
@@ -563,13 +582,14 @@ class Client:
         wakeup = threading.Condition()
         batches: deque[_BatchSlot] = deque()
         ahead = 0  # items submitted and not yet yielded
+        items_left = len(iterable) if isinstance(iterable, Sized) else None
         items = iter(iterable)
         more = True
         while True:
             while more and ahead < self._window:
                 if sizer.probing and len(batches) >= PROBE_BATCHES:
                     break
-                taken, payload, refused = encoder.take(items, sizer.size())
+                taken, payload, refused = encoder.take(items, sizer.size(items_left))
                 if taken:
                     batches.append(self._submit_batch(job, wakeup, taken, payload))
                 if refused is not None:
@@ -577,6 +597,8 @@ class Client:
                     batches.append(_BatchSlot(wakeup, [item], [outcome]))
                 more = bool(taken) or refused is not None
                 ahead += len(taken) + (refused is not None)
+                if items_left is not None:
+                    items_left -= len(taken) + (refused is not None)
 
             if not batches:
                 return

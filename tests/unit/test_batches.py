@@ -12,6 +12,8 @@ from ventilator.client import (
     BATCH_TARGET_S,
     MAX_BATCH_BYTES,
     MAX_BATCH_ITEMS,
+    TAPER_FLOOR_S,
+    TAPER_PARTS,
     TIMEOUT_SHARE,
     _BatchEncoder,
     _BatchSizer,
@@ -67,6 +69,39 @@ def test_sizer_stays_between_one_item_and_the_maximum(item_s: float, size: int) 
     sizer.observe(items=1, elapsed_s=item_s)
 
     assert sizer.size() == size
+
+
+def test_sizer_shrinks_the_last_batches_to_a_share_of_the_items_left() -> None:
+    sizer = _BatchSizer(None)
+    sizer.observe(items=1, elapsed_s=BATCH_TARGET_S / 10)  # 10 items fit
+
+    assert sizer.size(items_left=1000) == 10
+    assert sizer.size(items_left=TAPER_PARTS * 4) == 4
+    assert sizer.size(items_left=3) == 1
+
+
+def test_sizer_tapers_no_lower_than_its_floor_of_work() -> None:
+    # Tiny items: a batch of TAPER_FLOOR_S of them costs less than the idle
+    # time it could save, so the tail keeps them together.
+    sizer = _BatchSizer(None)
+    item_s = TAPER_FLOOR_S / 20
+    sizer.observe(items=1, elapsed_s=item_s)
+
+    assert sizer.size(items_left=TAPER_PARTS * 2) == 20
+
+
+def test_map_sends_smaller_batches_as_its_items_run_out() -> None:
+    sizes = []
+    sizer = _BatchSizer(None)
+    sizer.observe(items=1, elapsed_s=BATCH_TARGET_S / 8)
+    items_left = 400
+    while items_left:
+        sizes.append(min(items_left, sizer.size(items_left)))
+        items_left -= sizes[-1]
+
+    assert sizes[0] == 8
+    assert sizes[-3:] == [1, 1, 1]
+    assert sizes == sorted(sizes, reverse=True)
 
 
 def test_sizer_keeps_the_size_the_caller_chose() -> None:
