@@ -1320,14 +1320,28 @@ class ClientExecutor(Executor):
         self._client = client
         self._futures: set[Future[Any]] = set()
         self._lock = threading.Lock()
+        # Signalled when the last submit in progress has registered its future.
+        self._registered = threading.Condition(self._lock)
+        self._submitting = 0
         self._shut = False
 
     def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future[Any]:
         with self._lock:
             if self._shut:
                 raise RuntimeError("cannot schedule new futures after shutdown")
+            self._submitting += 1
+        future: Future[Any] | None = None
+        try:
+            # Not under the lock: this blocks while the client's window is
+            # full, and the results that open it run _discard, which takes it.
             future = self._client.submit(fn, *args, **kwargs)
-            self._futures.add(future)
+        finally:
+            with self._lock:
+                if future is not None:
+                    self._futures.add(future)
+                self._submitting -= 1
+                if self._submitting == 0:
+                    self._registered.notify_all()
         future.add_done_callback(self._discard)
         return future
 
@@ -1338,6 +1352,9 @@ class ClientExecutor(Executor):
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._lock:
             self._shut = True
+            # A submit under way when we were shut down still hands out its
+            # future: wait for it to count among those we wait for.
+            self._registered.wait_for(lambda: self._submitting == 0)
             futures = list(self._futures)
         if cancel_futures:
             for future in futures:

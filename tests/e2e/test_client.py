@@ -177,6 +177,26 @@ def test_executor_runs_calls_by_name_through_the_broker(
     assert mapped == [i * i for i in range(25)]
 
 
+def test_executor_submits_past_the_window_as_results_open_it(
+    launch: Launcher, broker: BrokerProcess, two_workers: list[WorkerProcess]
+) -> None:
+    # submit blocks while the window is full; the results that open it must
+    # not wait on the executor's bookkeeping meanwhile (they once deadlocked).
+    client = launch.client(broker, window=10)
+    outcome: list[list[Any]] = []
+
+    def run() -> None:
+        with client.executor() as executor:
+            outcome.append(list(executor.map(tasks.square, range(60))))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(RESULT_TIMEOUT_S)
+
+    assert not thread.is_alive(), "the executor hung with its window full"
+    assert outcome == [[i * i for i in range(60)]]
+
+
 def test_concurrent_clients_never_receive_each_others_results(
     launch: Launcher, broker: BrokerProcess, two_workers: list[WorkerProcess]
 ) -> None:
