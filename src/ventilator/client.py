@@ -6,6 +6,11 @@ SUBMIT per loop turn, so a burst of `submit` calls costs one message, not one
 each. Results come back in batches and complete their futures; the thread
 acknowledges them in one ACK per turn.
 
+A task submitted while none of this client's is in flight, the round trip of
+a caller that waits for each result, skips the hand-over: while the I/O thread
+sleeps, the caller takes the socket (behind a lock, which is the memory barrier
+libzmq asks for when a socket changes threads) and sends the task itself.
+
 Flow control is a window: at most `window` tasks of this client are in the
 broker at once, and `submit` blocks while the window is full. That is how a
 fast producer slows down instead of growing the broker's memory.
@@ -27,6 +32,7 @@ import math
 import os
 import queue
 import secrets
+import select
 import sys
 import threading
 import time
@@ -35,7 +41,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from concurrent.futures import CancelledError, Executor, Future, InvalidStateError
 from dataclasses import dataclass
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar, cast
 
 import zmq
 
@@ -380,10 +386,20 @@ class Client:
         self._close_deadline = 0.0
         self._max_payload_bytes: int | None = None
 
-        # Owned by the I/O thread from here on.
+        # Owned by whoever holds `_socket_lock` from here on: the I/O thread,
+        # except while it waits (see _wait), when a caller may send (_send_now).
+        # A Lock's acquire and release are full memory barriers, so the socket
+        # changes threads as libzmq requires. Taken before `_lock`, never after.
+        self._socket_lock = threading.Lock()
         self._pending: dict[int, _Pending] = {}
         self._asked: deque[_Question] = deque()
         self._socket: zmq.Socket[bytes]
+        self._poll = select.poll()
+        self._socket_fd = -1
+        self._monitor_fd = -1
+        # A new socket, or a send since ZMQ_EVENTS last showed no input: a
+        # message may wait unannounced (see _input_unannounced).
+        self._input_unchecked = False
         self._welcomed = False
         self._durable = True
         self._acks: list[tuple[str, int]] = []
@@ -860,6 +876,10 @@ class Client:
         with self._room:
             if not block and self._in_window + len(specs) > self._window:
                 return []
+            # Tasks that find none of ours in flight go out at once, from this
+            # thread if it can (_send_now); tasks that follow others wait for
+            # the I/O thread, which gathers a burst into one SUBMIT.
+            alone = self._in_window == 0
             for spec in specs:
                 while self._in_window >= self._window and not self._stopped:
                     if wake:  # what we queued must go out, or no room comes back
@@ -875,7 +895,7 @@ class Client:
                 self._outgoing.append(_Pending(_with_id(spec, task_id), result))
                 self._in_window += 1
                 outcomes.append(result)
-        if wake:
+        if wake and not (alone and self._send_now()):
             self._wake()
         return outcomes
 
@@ -894,6 +914,25 @@ class Client:
             self._cancels.append(task_id)
         self._wake()
 
+    def _send_now(self) -> bool:
+        """Send what is queued from the caller's thread, if the I/O thread is
+        idle in its wait; False when it must be woken to do it (or to read).
+
+        This saves a round trip between threads (a pipe write, a wake-up and a
+        loop turn) on the path of a lone task, the one that waits for it.
+        """
+        if not self._socket_lock.acquire(blocking=False):
+            return False  # the I/O thread is busy: it may be sending already
+        try:
+            if self._stopped or not self._welcomed:
+                return False
+            self._send_outgoing(time.monotonic())
+            # The I/O thread sleeps on the socket's descriptor, which our sends
+            # may have silenced for a message that came in meanwhile.
+            return not self._input_unannounced()
+        finally:
+            self._socket_lock.release()
+
     def _wake(self) -> None:
         # A full pipe means the thread is awake already; a closed one, that it left.
         with contextlib.suppress(OSError):
@@ -907,10 +946,11 @@ class Client:
     # --- the I/O thread --------------------------------------------------------
 
     def _run(self) -> None:
-        try:
-            self._serve()
-        except Exception as exc:  # a bug of ours: nothing may hang on it
-            self._broke(exc)
+        with self._socket_lock:
+            try:
+                self._serve()
+            except Exception as exc:  # a bug of ours: nothing may hang on it
+                self._broke(exc)
 
     def _broke(self, cause: Exception) -> None:
         """The I/O thread failed: fail what waits on it, and every later call."""
@@ -937,17 +977,18 @@ class Client:
             self._close_socket(linger=0)
 
     def _serve(self) -> None:
+        self._poll.register(self._wake_read, select.POLLIN)
         self._socket = self._connect()
         broker_seen = time.monotonic()
         next_beat = broker_seen + self._heartbeat_interval_s
-        poller = self._poller()
 
         while not self._closed or self._awaiting_acceptance():
-            ready = dict(poller.poll(poll_timeout_ms(min(next_beat, self._acks_due))))
+            ready = self._wait(min(next_beat, self._acks_due))
             now = time.monotonic()
-            if self._handshakes.monitor in ready:
+            if self._monitor_fd in ready:
                 self._handshakes.read()
-            self._drain_wake()
+            if self._wake_read in ready:
+                self._drain_wake()
             if self._receive(now):
                 broker_seen = now
             self._send_outgoing(now)
@@ -969,12 +1010,42 @@ class Client:
                     )
                     self._close_socket(linger=0)
                     self._socket = self._connect()
-                    poller = self._poller()
                     broker_seen = now
 
         self._shutdown()
 
+    def _wait(self, wake_at: float) -> set[int]:
+        """The descriptors ready by `wake_at` (monotonic); none if it passed.
+
+        The only time the I/O thread lets go of the socket: a caller may send
+        on it meanwhile, and writes the pipe if a message then waits unseen.
+        """
+        if self._input_unannounced():
+            return {self._socket_fd}
+        self._socket_lock.release()
+        try:
+            return {fd for fd, _ in self._poll.poll(poll_timeout_ms(wake_at))}
+        finally:
+            self._socket_lock.acquire()
+
+    def _input_unannounced(self) -> bool:
+        """Whether a message waits that the socket's descriptor will not announce.
+
+        ZMQ_FD becomes readable when the socket's state may have changed, not
+        once per message, and not for a first message until a receive or
+        ZMQ_EVENTS found the socket empty; a send processes the socket's
+        pending commands, which can consume the wake-up of a message that
+        arrived meanwhile. Only ZMQ_EVENTS tells, and it is asked only after a
+        send or on a new socket: a receive stops on ZMQ_EVENTS already
+        (_wire.receive).
+        """
+        if not self._input_unchecked:
+            return False
+        self._input_unchecked = False
+        return _wire.has_input(self._socket)
+
     def _close_socket(self, linger: int) -> None:
+        self._unwatch()
         self._handshakes.close()
         self._socket.close(linger=linger)
 
@@ -998,6 +1069,7 @@ class Client:
         self._handshakes.watch(socket)
         socket.connect(self.address)
         self._socket = socket
+        self._watch()
         self._hello()
         return socket
 
@@ -1011,13 +1083,25 @@ class Client:
             self._asked.clear()
         self._send(p.Hello(self.session))
 
-    def _poller(self) -> zmq.Poller:
-        poller = zmq.Poller()
-        poller.register(self._socket, zmq.POLLIN)
-        poller.register(self._wake_read, zmq.POLLIN)
+    def _watch(self) -> None:
+        """Wait on the socket and its monitor through their ZMQ_FDs, with the
+        wake-up pipe in one `select.poll`: one system call per wait, where a
+        `zmq.Poller` polls twice and asks each socket's ZMQ_EVENTS twice. It
+        also leaves the socket alone while the I/O thread waits (see _wait)."""
+        self._socket_fd = cast(int, self._socket.get(zmq.FD))
+        self._poll.register(self._socket_fd, select.POLLIN)
+        self._input_unchecked = True
         if self._handshakes.monitor is not None:
-            poller.register(self._handshakes.monitor, zmq.POLLIN)
-        return poller
+            self._monitor_fd = cast(int, self._handshakes.monitor.get(zmq.FD))
+            self._poll.register(self._monitor_fd, select.POLLIN)
+            # Its descriptor announces events only once a receive found it empty.
+            self._handshakes.read()
+
+    def _unwatch(self) -> None:
+        for fd in (self._socket_fd, self._monitor_fd):
+            if fd != -1:
+                self._poll.unregister(fd)
+        self._socket_fd = self._monitor_fd = -1
 
     def _drain_wake(self) -> None:
         with contextlib.suppress(BlockingIOError):
@@ -1025,6 +1109,7 @@ class Client:
 
     def _send(self, command: p.Command) -> None:
         _wire.send(self._socket, command)
+        self._input_unchecked = True
 
     def _receive(self, now: float) -> bool:
         heard = False

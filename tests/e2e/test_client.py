@@ -221,6 +221,34 @@ def test_concurrent_clients_never_receive_each_others_results(
         assert results == [[index, i] for i in range(task_count)]
 
 
+def test_threads_sharing_a_client_each_get_their_own_results_one_by_one(
+    client: ventilator.Client, two_workers: list[WorkerProcess]
+) -> None:
+    # Waiting for each result leaves the client with none in flight now and
+    # then: the next task is sent by its caller's thread, racing the I/O
+    # thread and the other callers for the socket.
+    thread_count, task_count = 4, 60
+    start = threading.Barrier(thread_count)
+    received: dict[int, list[Any]] = {}
+
+    def run(index: int) -> None:
+        start.wait(RESULT_TIMEOUT_S)
+        received[index] = [
+            client.submit(tasks.echo, [index, i]).result(RESULT_TIMEOUT_S)
+            for i in range(task_count)
+        ]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(thread_count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+
+    assert sorted(received) == list(range(thread_count))
+    for index, results in received.items():
+        assert results == [[index, i] for i in range(task_count)]
+
+
 def test_cancelling_a_queued_task_removes_it_from_the_broker(
     launch: Launcher, broker: BrokerProcess
 ) -> None:
