@@ -450,7 +450,16 @@ TO_WORKER = frozenset({Cmd.WELCOME, Cmd.TASKS, Cmd.HEARTBEAT, Cmd.ERROR})
 # --- field checks -----------------------------------------------------------------
 
 
+# Counts are 64-bit signed on the wire.
+_COUNT_LIMIT = 2**63
+_STATUSES = {int(status): status for status in Status}
+
+
 def _expect(value: Any, kind: type | tuple[type, ...], what: str) -> Any:
+    # The usual case first, in one comparison: these checks run for every field
+    # of every message, and msgpack gives exact types.
+    if type(value) is kind:
+        return value
     # bool is an int to Python, never to us.
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise ProtocolError(f"{what} must be {_kind_name(kind)}, got {_short(value)}")
@@ -495,8 +504,11 @@ def _optional_name(value: Any, what: str) -> str | None:
 
 
 def _count(value: Any, what: str) -> int:
+    # Fast path for the usual case: a plain int (never a bool) in range.
+    if type(value) is int and 0 <= value < _COUNT_LIMIT:
+        return value
     _expect(value, int, what)
-    if value < 0 or value >= 2**63:
+    if value < 0 or value >= _COUNT_LIMIT:
         raise ProtocolError(
             f"{what} must be a non-negative 64-bit integer (0 to 2**63-1), "
             f"got {_short(value)}"
@@ -518,6 +530,10 @@ def _timeout(value: Any) -> float | None:
 
 
 def _status(value: Any) -> Status:
+    # A lookup, not Status(value): an enum call costs a few µs per outcome.
+    status = _STATUSES.get(value) if type(value) is int else None
+    if status is not None:
+        return status
     try:
         return Status(_count(value, "status"))
     except ValueError:
@@ -884,7 +900,8 @@ def small(frames: Sequence[Payload]) -> bool:
     Lending costs pyzmq a Frame object and a release callback per frame, which
     outweighs a memcpy for anything smaller than its own 64 KiB threshold.
     """
-    return all(len(frame) < ZERO_COPY_BYTES for frame in frames)
+    # map, not a generator: this runs for every message sent.
+    return max(map(len, frames), default=0) < ZERO_COPY_BYTES
 
 
 def decode(frames: Sequence[Payload], allowed: frozenset[Cmd]) -> Command:
@@ -911,12 +928,16 @@ def decode(frames: Sequence[Payload], allowed: frozenset[Cmd]) -> Command:
         raise ProtocolError(f"malformed {cmd.name}: {unpack_failure(exc)}") from exc
 
 
+_COMMANDS = {int(cmd): cmd for cmd in Cmd}
+
+
 def _command_byte(raw: bytes, allowed: frozenset[Cmd]) -> Cmd:
     if len(raw) != 1:
         raise ProtocolError("command frame must be exactly one byte", "command")
     try:
-        cmd = Cmd(raw[0])
-    except ValueError:
+        # A lookup, not Cmd(byte): an enum call costs a few µs per message.
+        cmd = _COMMANDS[raw[0]]
+    except KeyError:
         raise ProtocolError(f"unknown command byte {raw[0]}", "command") from None
     if cmd not in allowed:
         raise ProtocolError(f"{cmd.name} is not accepted on this socket", "command")

@@ -606,7 +606,7 @@ class Scheduler:
 
             self._accept(session, spec, now)
             accepted[spec.task_id] = None
-            if not spec.flags & p.Flags.PICKLED:  # refused above if unserved
+            if not spec.flags & _PICKLED:  # refused above if unserved
                 functions[spec.function] = None
         if accepted:
             self._unannounced.setdefault(peer, (now, {}))[1].update(accepted)
@@ -653,7 +653,7 @@ class Scheduler:
                 f"payload of {size} bytes is over the limit of "
                 f"{limits.max_payload_bytes} bytes (max_payload_bytes)"
             )
-        if spec.flags & p.Flags.PICKLED and not pickle_served:
+        if spec.flags & _PICKLED and not pickle_served:
             return (
                 "no connected worker runs pickled callables; start one with "
                 "--allow-pickle, or submit the function by its module:name"
