@@ -32,6 +32,7 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import select
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -153,6 +154,12 @@ class Broker:
         if self._mdp is not None:
             self._sockets[MDP] = self._mdp
         self._monitors = {self._monitor(tag): tag for tag in self._sockets}
+        # The loop's bookkeeping of its descriptors (see `_poller`): sockets
+        # that may hold input, and those sent on this turn.
+        self._fd_sockets: dict[int, bytes] = {}
+        self._fd_monitors: dict[int, zmq.Socket[bytes]] = {}
+        self._unread: set[bytes] = set()
+        self._sent_on: set[bytes] = set()
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_read, False)
         self._refusal_log = _RateLimit(per_s=1.0)
@@ -326,7 +333,7 @@ class Broker:
 
     def serve(self) -> None:
         """Run loop turns until `stop()`; then commit, close and return."""
-        poller, monitor_fds = self._poller()
+        poller = self._poller()
         interval_s = self.config.limits.heartbeat_interval_s
         mdp_interval_s = self.config.mdp_settings.heartbeat_interval_s
         next_tick = next_mdp_beat = time.monotonic() + min(interval_s, mdp_interval_s)
@@ -339,20 +346,16 @@ class Broker:
                 )
                 if telemetry is not None:
                     wake_at = min(wake_at, telemetry.due_at())
-                # Only what poll names is read: an idle socket or pipe asked
-                # anyway costs a failed read each, on every turn.
-                ready = dict(poller.poll(poll_timeout_ms(wake_at)))
+                # Input known to wait (a drain cut short) is read without waiting.
+                timeout_ms = 0 if self._unread else poll_timeout_ms(wake_at)
+                ready = poller.poll(timeout_ms)
                 now = time.monotonic()
-                if self._wake_read in ready:
-                    self._read_wake(now)
-                for fd, monitor in monitor_fds.items():
-                    if fd in ready:
-                        self._watch_connections(monitor)
-                for tag, sock in self._sockets.items():
-                    if sock in ready:
+                self._note_ready(ready, now)
+                for tag in self._sockets:
+                    if tag in self._unread:
                         self._drain(tag, now)
                 if now >= next_tick:
-                    self._watch_all_connections()
+                    self._check_everything()
                     self._scheduler.tick(now)
                     self._scheduler.heartbeats()
                     self._trim.maybe(now)
@@ -361,36 +364,59 @@ class Broker:
                     self._gateway.heartbeats()
                     next_mdp_beat = now + mdp_interval_s
                 self._carry_out(self._scheduler.flush(now), now)
+                self._recheck_sent_on()
                 if telemetry is not None:
                     telemetry.publish(now, self._scheduler)
         finally:
             self._close()
 
-    def _poller(self) -> tuple[zmq.Poller, dict[int, zmq.Socket[bytes]]]:
-        """A poller for the loop, and the monitors by their descriptor.
+    def _poller(self) -> select.poll:
+        """A poller of the loop's descriptors, and every socket read once.
 
-        Monitors are polled by their ZMQ_FD, not as sockets: zmq_poll asks each
-        socket it is given for ZMQ_EVENTS before and after it waits, a syscall
-        each, and connection events are rare. The descriptor only says that the
-        monitor may have news: `_watch_connections` then reads until
-        ZMQ_EVENTS says empty, which arms it again. A first read now arms it.
+        ZeroMQ sockets are polled by their ZMQ_FD, not through zmq_poll, which
+        asks every socket for ZMQ_EVENTS before and after it waits: a poll(2)
+        each, most of the syscalls of a turn. The descriptor only says that a
+        socket may have news; it is armed again once ZMQ_EVENTS has been read
+        and said "nothing to read". Anything that reads it without our
+        knowing disarms it: a send on the socket (hence `_recheck_sent_on`)
+        or a drain cut short (hence `_unread`). Reading everything now arms
+        every descriptor for the first wait.
         """
-        poller = zmq.Poller()
-        for sock in self._sockets.values():
-            poller.register(sock, zmq.POLLIN)
-        poller.register(self._wake_read, zmq.POLLIN)
-        monitor_fds = {cast(int, m.getsockopt(zmq.FD)): m for m in self._monitors}
-        for fd in monitor_fds:
-            poller.register(fd, zmq.POLLIN)
-        self._watch_all_connections()
-        return poller, monitor_fds
+        poller = select.poll()
+        poller.register(self._wake_read, select.POLLIN)
+        self._fd_sockets = {_fd(sock): tag for tag, sock in self._sockets.items()}
+        self._fd_monitors = {_fd(monitor): monitor for monitor in self._monitors}
+        for fd in [*self._fd_sockets, *self._fd_monitors]:
+            poller.register(fd, select.POLLIN)
+        self._check_everything()
+        return poller
 
-    def _watch_all_connections(self) -> None:
-        """Read every monitor. At start, to arm their descriptors; then on each
-        tick, so that a wake-up missed for any reason costs a count late by
-        one heartbeat interval at most, not a peer counted for ever."""
+    def _check_everything(self) -> None:
+        """Read every monitor and check every socket. At start, to arm their
+        descriptors; then on each tick, so that a wake-up missed for any reason
+        costs one heartbeat interval at most, never a message left unread."""
         for monitor in self._monitors:
             self._watch_connections(monitor)
+        self._unread.update(self._sockets)
+
+    def _note_ready(self, ready: list[tuple[int, int]], now: float) -> None:
+        """Act on the descriptors poll named: socket input is read after."""
+        for fd, _event in ready:
+            if fd == self._wake_read:
+                self._read_wake(now)
+            elif fd in self._fd_monitors:
+                self._watch_connections(self._fd_monitors[fd])
+            else:
+                self._unread.add(self._fd_sockets[fd])
+
+    def _recheck_sent_on(self) -> None:
+        """A send can take a socket's news for its own (libzmq runs pending
+        commands then), leaving its descriptor quiet with a message waiting:
+        ask ZMQ_EVENTS once for each socket sent on this turn."""
+        for tag in self._sent_on:
+            if _readable(self._sockets[tag]):
+                self._unread.add(tag)
+        self._sent_on.clear()
 
     def _read_wake(self, now: float) -> None:
         # The pipe is only a wake-up: what it asks for is in the flags.
@@ -450,23 +476,23 @@ class Broker:
                 )
 
     def _drain(self, tag: bytes, now: float) -> None:
+        """Read what waits on a socket, up to a batch; the socket stays in
+        `_unread` if it may hold more."""
         sock = self._sockets[tag]
         frames_left = DRAIN_FRAMES
-        # Poll named this socket readable, so its first message is there to
-        # take; each later one is asked for (see `_readable`).
         for _ in range(DRAIN_BATCH):
-            try:
-                received = _receive(sock)
-            except zmq.Again:
+            if frames_left <= 0:
                 return
+            if not _readable(sock):
+                self._unread.discard(tag)
+                return
+            received = _receive(sock)
             frames_left -= len(received)
             # ROUTER always adds the routing id; a message of nothing else is
             # dropped.
             if len(received) >= 2:
                 user = self._user(received[0])
                 self._handle(tag, [_keep(frame) for frame in received], user, now)
-            if frames_left <= 0 or not _readable(sock):
-                return
 
     def _user(self, frame: zmq.Frame) -> str:
         """The key that sent a message, as ZAP named it (with CURVE only)."""
@@ -609,7 +635,9 @@ class Broker:
     def _send_frames(self, peer: bytes, frames: list[Any], now: float) -> bool:
         """Send one message to `peer` on its socket; False (and the scheduler
         told) if the peer is gone."""
-        sock = self._sockets[peer[:1]]
+        tag = peer[:1]
+        sock = self._sockets[tag]
+        self._sent_on.add(tag)
         message = [peer[1:], *frames]
         small = p.small(message)
         if not small:
@@ -752,6 +780,11 @@ def _send_multipart(sock: zmq.Socket[bytes], message: list[Any], copy: bool) -> 
     for part in message[:-1]:
         sock.send(part, _NOBLOCK_MORE, copy=copy)
     sock.send(message[-1], _NOBLOCK, copy=copy)
+
+
+def _fd(sock: zmq.Socket[bytes]) -> int:
+    """The descriptor that signals news on `sock` (ZMQ_FD)."""
+    return cast(int, sock.getsockopt(zmq.FD))
 
 
 def _ms(seconds: float) -> int:
