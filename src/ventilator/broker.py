@@ -481,18 +481,25 @@ class Broker:
         sock = self._sockets[tag]
         frames_left = DRAIN_FRAMES
         for _ in range(DRAIN_BATCH):
-            if frames_left <= 0:
-                return
-            if not _readable(sock):
+            try:
+                received = _receive(sock)
+            except zmq.Again:
                 self._unread.discard(tag)
                 return
-            received = _receive(sock)
             frames_left -= len(received)
             # ROUTER always adds the routing id; a message of nothing else is
             # dropped.
             if len(received) >= 2:
                 user = self._user(received[0])
                 self._handle(tag, [_keep(frame) for frame in received], user, now)
+            if frames_left <= 0:
+                return
+            # Asking is cheaper than the exception a receive from an empty
+            # socket raises; the first receive is tried blind, as a socket
+            # gets here because something (most often a message) is waiting.
+            if not _readable(sock):
+                self._unread.discard(tag)
+                return
 
     def _user(self, frame: zmq.Frame) -> str:
         """The key that sent a message, as ZAP named it (with CURVE only)."""
