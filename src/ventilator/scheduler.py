@@ -144,6 +144,9 @@ class Worker:
     # MDP workers send nothing while they work: silence while busy is not death
     # (a dead busy worker is noticed when a send to it fails instead).
     silent_while_busy: bool = False
+    # Whether it is in the index of workers with free credit, under each of
+    # its services (see Scheduler._offer).
+    offered: bool = False
 
     def presumed_dead(self, now: float, default_silence_s: float) -> bool:
         if self.silent_while_busy and self.running:
@@ -951,6 +954,7 @@ class Scheduler:
             del self._worker_of_peer[worker.peer]
         for service in worker.services:
             self._available.get(service, {}).pop(worker.worker_id, None)
+        worker.offered = False
 
         requeued = poisoned = 0
         for ticket in sorted(worker.running, reverse=True):
@@ -976,6 +980,11 @@ class Scheduler:
     def _offer(self, worker: Worker) -> None:
         """Keep the index of workers with free credit up to date."""
         has_credit = worker.free > 0 and worker.worker_id in self.workers
+        # Most calls change nothing (a worker of 2 slots running 1 task stays
+        # offered), and the index has an entry per service: skip them.
+        if has_credit == worker.offered:
+            return
+        worker.offered = has_credit
         for service in worker.services:
             available = self._available.setdefault(service, {})
             if has_credit:
@@ -1560,6 +1569,7 @@ class Scheduler:
                 task = self.tasks[ticket]
                 assert task.state is State.RUNNING and task.worker == worker.worker_id
             self._check_held_counts(worker)
+            self._check_offered(worker)
 
         for ticket, task in self.tasks.items():
             assert self._by_key[task.key] == ticket
@@ -1602,6 +1612,12 @@ class Scheduler:
             assert task.queue not in worker.services or free == 0, (
                 f"task {task.ticket} waits while {worker.worker_id} has room for it"
             )
+
+    def _check_offered(self, worker: Worker) -> None:
+        assert worker.offered == (worker.free > 0), f"{worker.worker_id} offered"
+        for service in worker.services:
+            listed = worker.worker_id in self._available.get(service, {})
+            assert listed == worker.offered, f"{worker.worker_id} under {service}"
 
     def _check_held_counts(self, worker: Worker) -> None:
         by_queue: dict[str, int] = {}
