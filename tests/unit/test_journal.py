@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -14,6 +15,7 @@ import pytest
 from ventilator import protocol as p
 from ventilator.errors import UsageError
 from ventilator.journal import (
+    CHECKPOINT_EVERY_ROWS,
     DURABILITY_MODES,
     MemoryJournal,
     SqliteJournal,
@@ -165,6 +167,52 @@ def test_failed_commit_leaves_the_journal_as_it_was(journal: SqliteJournal) -> N
         journal.commit([broken], [], [first.ticket])
 
     assert [t.task_id for t in journal.load()] == [1]
+
+
+def test_a_turn_of_several_rows_of_one_kind_is_all_or_nothing(
+    journal: SqliteJournal,
+) -> None:
+    broken = a_task(2, session=object())  # sqlite cannot bind it
+
+    with pytest.raises(sqlite3.Error):
+        journal.commit([a_task(1), broken], [], [])
+
+    assert journal.load() == []
+
+
+def test_a_helper_thread_copies_the_wal_into_the_database(
+    journal: SqliteJournal, path: Path
+) -> None:
+    empty_size = path.stat().st_size
+
+    # One row per commit, as a sequential client's turns are.
+    for task_id in range(CHECKPOINT_EVERY_ROWS):
+        journal.commit([a_task(task_id)], [], [])
+
+    # The broker's own connection checkpoints only at a far larger WAL, so
+    # the database file grows only through the helper.
+    deadline = time.monotonic() + 10
+    while path.stat().st_size == empty_size:
+        assert time.monotonic() < deadline, "no checkpoint copied the WAL"
+        time.sleep(0.01)
+    assert len(journal.load()) == CHECKPOINT_EVERY_ROWS
+
+
+def test_closing_stops_the_helper_and_leaves_no_wal_behind(path: Path) -> None:
+    def helpers() -> int:
+        return sum(t.name == "journal-checkpoint" for t in threading.enumerate())
+
+    before = helpers()
+    journal = SqliteJournal(path)
+    journal.commit([a_task(1)], [], [])
+    assert helpers() == before + 1
+
+    journal.close()
+
+    assert helpers() == before
+    # The last connection to close copies the WAL and deletes it.
+    assert not Path(f"{path}-wal").exists()
+    assert [t.task_id for t in reopened(path)] == [1]
 
 
 def test_journal_is_in_wal_mode(journal: SqliteJournal, path: Path) -> None:
