@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import sqlite3
 import threading
@@ -17,6 +18,7 @@ from ventilator.errors import UsageError
 from ventilator.journal import (
     CHECKPOINT_EVERY_ROWS,
     DURABILITY_MODES,
+    FALLBACK_CHECKPOINT_PAGES,
     MemoryJournal,
     SqliteJournal,
     open_journal,
@@ -180,27 +182,31 @@ def test_a_turn_of_several_rows_of_one_kind_is_all_or_nothing(
     assert journal.load() == []
 
 
-def test_a_helper_thread_copies_the_wal_into_the_database(
+def test_the_wal_is_copied_into_the_database_after_the_helper_flushed_it(
     journal: SqliteJournal, path: Path
 ) -> None:
     empty_size = path.stat().st_size
+    task_ids = itertools.count()
 
-    # One row per commit, as a sequential client's turns are.
-    for task_id in range(CHECKPOINT_EVERY_ROWS):
-        journal.commit([a_task(task_id)], [], [])
-
-    # The broker's own connection checkpoints only at a far larger WAL, so
-    # the database file grows only through the helper.
+    # One row per commit, as a sequential client's turns are; the broker
+    # checkpoints at the first commit after the helper's flush.
+    for _ in range(CHECKPOINT_EVERY_ROWS):
+        journal.commit([a_task(next(task_ids))], [], [])
     deadline = time.monotonic() + 10
     while path.stat().st_size == empty_size:
-        assert time.monotonic() < deadline, "no checkpoint copied the WAL"
+        assert time.monotonic() < deadline, "the WAL was never copied"
         time.sleep(0.01)
-    assert len(journal.load()) == CHECKPOINT_EVERY_ROWS
+        journal.commit([a_task(next(task_ids))], [], [])
+
+    written = next(task_ids)
+    # Far fewer pages than SQLite's own automatic checkpoint waits for.
+    assert written < FALLBACK_CHECKPOINT_PAGES
+    assert len(journal.load()) == written
 
 
 def test_closing_stops_the_helper_and_leaves_no_wal_behind(path: Path) -> None:
     def helpers() -> int:
-        return sum(t.name == "journal-checkpoint" for t in threading.enumerate())
+        return sum(t.name == "journal-wal-flush" for t in threading.enumerate())
 
     before = helpers()
     journal = SqliteJournal(path)
@@ -217,9 +223,22 @@ def test_closing_stops_the_helper_and_leaves_no_wal_behind(path: Path) -> None:
 
 def test_journal_is_in_wal_mode(journal: SqliteJournal, path: Path) -> None:
     journal.commit([a_task(1)], [], [])
+    journal.close()
 
-    with sqlite3.connect(path) as other:
+    with contextlib.closing(sqlite3.connect(path)) as other:
         assert other.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+def test_no_one_else_reads_the_journal_while_it_is_open(
+    journal: SqliteJournal, path: Path
+) -> None:
+    journal.commit([a_task(1)], [], [])
+
+    with (
+        contextlib.closing(sqlite3.connect(path, timeout=0)) as other,
+        pytest.raises(sqlite3.OperationalError, match="locked"),
+    ):
+        other.execute("SELECT count(*) FROM tasks").fetchone()
 
 
 def test_load_gives_tasks_oldest_first(journal: SqliteJournal) -> None:
