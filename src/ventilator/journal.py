@@ -18,6 +18,10 @@ Durability modes:
 - ``power``: survives power loss too; ``synchronous=FULL`` fsyncs every commit.
 - ``memory``: no journal at all, for tests, benchmarks and embedded clusters
   that live and die with their client.
+
+The journal paces its own checkpoints (see `CHECKPOINT_EVERY_ROWS`) so that no
+commit waits for the WAL to reach the disk, and holds SQLite's locks for as
+long as it is open: nobody else reads the file meanwhile.
 """
 
 from __future__ import annotations
