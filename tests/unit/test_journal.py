@@ -16,7 +16,7 @@ import pytest
 from ventilator import protocol as p
 from ventilator.errors import UsageError
 from ventilator.journal import (
-    CHECKPOINT_EVERY_ROWS,
+    CHECKPOINT_EVERY_PAGES,
     DURABILITY_MODES,
     FALLBACK_CHECKPOINT_PAGES,
     MemoryJournal,
@@ -190,7 +190,7 @@ def test_the_wal_is_copied_into_the_database_after_the_helper_flushed_it(
 
     # One row per commit, as a sequential client's turns are; the broker
     # checkpoints at the first commit after the helper's flush.
-    for _ in range(CHECKPOINT_EVERY_ROWS):
+    for _ in range(CHECKPOINT_EVERY_PAGES):
         journal.commit([a_task(next(task_ids))], [], [])
     deadline = time.monotonic() + 10
     while path.stat().st_size == empty_size:
