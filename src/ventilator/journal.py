@@ -20,8 +20,8 @@ Durability modes:
   that live and die with their client.
 
 The journal paces its own checkpoints (see `CHECKPOINT_EVERY_PAGES`) so that no
-commit waits for the WAL to reach the disk, and holds SQLite's locks for as
-long as it is open: nobody else reads the file meanwhile.
+commit waits for a thousand pages of WAL to reach the disk, and holds SQLite's
+locks for as long as it is open: nobody else reads the file meanwhile.
 """
 
 from __future__ import annotations
@@ -89,6 +89,7 @@ CREATE TABLE IF NOT EXISTS failed (
 # Columns that journals of earlier versions lack, added when they are opened.
 _ADDED_COLUMNS = {"payload_ref": "BLOB", "result_ref": "BLOB"}
 
+# Tasks are keyed by the ticket (the rowid): no secondary index to keep up.
 _INSERT_TASKS = (
     "INSERT INTO tasks (seq, session, task_id, function, flags,"
     " timeout_s, retries, recipient, payload, payload_ref)"
@@ -186,7 +187,7 @@ class SqliteJournal:
         self._db = sqlite3.connect(self.path, isolation_level=None)
         # Set before WAL mode: SQLite then keeps the WAL's index in this
         # process's memory and holds its locks until it closes, where it took
-        # and dropped six fcntl() locks per commit (about 8 us of CPU each
+        # and dropped six fcntl() locks per commit (about 8 µs of CPU each
         # commit). The flock above already keeps other brokers off; this shuts
         # out outside readers too (a sqlite3 shell) while the broker runs.
         self._db.execute("PRAGMA locking_mode=EXCLUSIVE")
@@ -277,7 +278,7 @@ class SqliteJournal:
         for ref in released:
             self._segments.release(ref)
         self._segments.collect()
-        self._count_pages(sum(len(rows) for _, rows in statements))
+        self._pace_checkpoints(sum(len(rows) for _, rows in statements))
 
     def _write(self, statements: list[_Statement]) -> None:
         """Run `statements` (each with its rows) as one transaction."""
@@ -310,7 +311,9 @@ class SqliteJournal:
         removed: list[tuple[object, ...]] = [(ticket,) for ticket in unfailed]
         return [(_INSERT_FAILURES, added), (_FORGET_FAILURES, removed)]
 
-    def _count_pages(self, rows: int) -> None:
+    def _pace_checkpoints(self, rows: int) -> None:
+        """Count the pages a commit of `rows` added to the WAL; ask for a
+        flush when enough have, and checkpoint once one has finished."""
         if not rows:
             return
         self._pages_since_checkpoint += 1 + rows // _ROWS_PER_PAGE
@@ -326,9 +329,14 @@ class SqliteJournal:
         Run right after a commit by the only connection, so it copies every
         page and the next commit starts the WAL again from its first page.
         """
-        busy, wal_pages, copied = self._db.execute(
-            "PRAGMA wal_checkpoint(PASSIVE)"
-        ).fetchone()
+        try:
+            busy, wal_pages, copied = self._db.execute(
+                "PRAGMA wal_checkpoint(PASSIVE)"
+            ).fetchone()
+        except sqlite3.Error as exc:
+            # The turn's commit stands; the WAL waits for the next checkpoint.
+            log.warning("journal checkpoint failed path=%s: %s", self.path, exc)
+            return
         log.debug(
             "journal checkpoint busy=%s wal_pages=%s copied=%s", busy, wal_pages, copied
         )
