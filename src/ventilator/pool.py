@@ -207,8 +207,15 @@ class ProcessPool:
         # Per function: a batch is sized by how long its own function runs.
         self._task_s: dict[str, TaskDuration] = {}
         self._children = [self._spawn() for _ in range(size)]
-        self._fds = tuple(child.fileno() for child in self._children)
+        self._fds: tuple[int, ...] = ()
+        self._by_fd: dict[int, _Child] = {}
+        self._index_children()
+        # Children with a batch not fully written, as the worker polls them.
+        self._write_fds: tuple[int, ...] = ()
         self._next_liveness_check = 0.0
+        # The earliest deadline of a running task, as of the last collect():
+        # every task starts there, so until then no other can pass first.
+        self._next_deadline: float | None = None
 
     def _spawn(self) -> _Child:
         # A fresh interpreter per child rather than fork: the worker holds a
@@ -236,11 +243,17 @@ class ProcessPool:
         )
         return _Child(process, parent_end, Inbox(parent_end), Outbox(parent_end))
 
+    def _index_children(self) -> None:
+        self._fds = tuple(child.fileno() for child in self._children)
+        self._by_fd = {child.fileno(): child for child in self._children}
+
     def fds(self) -> Sequence[int]:
         return self._fds
 
     def write_fds(self) -> Sequence[int]:
-        return [child.fileno() for child in self._children if child.outbox]
+        # The same tuple until it changes: the worker's poll compares it each
+        # turn, and re-registers its descriptors only when it did.
+        return self._write_fds
 
     def submit(self, task: p.Assignment, now: float) -> None:
         self._waiting.append(task)
@@ -315,27 +328,60 @@ class ProcessPool:
             # A dead child: its pipe reads end-of-file, and collect() requeues
             # its batches.
             child.outbox.clear()
+        writing = child.fileno() in self._write_fds
+        if bool(child.outbox) != writing:
+            self._update_write_fds()
+
+    def _update_write_fds(self) -> None:
+        self._write_fds = tuple(c.fileno() for c in self._children if c.outbox)
 
     def collect(self, now: float, readable: Collection[int] = ()) -> list[p.Outcome]:
         outcomes: list[p.Outcome] = []
+        for fd in self._write_fds:
+            self._flush(self._by_fd[fd])
         # Now and then, read every pipe and look at every process, whatever
-        # poll said: a task may hold a dead child's pipe open.
+        # poll said: a task may hold a dead child's pipe open. And when a task
+        # may have run past its timeout, look at every child for it.
         check_all = now >= self._next_liveness_check
         if check_all:
             self._next_liveness_check = now + LIVENESS_CHECK_S
-        for index, child in enumerate(self._children):
-            if child.outbox:
-                self._flush(child)
-            to_read = check_all or child.fileno() in readable
-            health = self._health(child, to_read, check_all, outcomes, now)
-            if health != "healthy":
-                if health == "lost" and child.sent:
-                    ended = _how_it_ended(child.process)
-                    self._blame(child.sent.popleft(), outcomes, now, ended)
-                self._children[index] = self._replace(child)
-                self._fds = tuple(child.fileno() for child in self._children)
+        if check_all or self._deadline_passed(now):
+            for child in list(self._children):
+                to_read = check_all or child.fileno() in readable
+                self._check(child, to_read, check_all, outcomes, now)
+        else:
+            # The usual turn: read only the pipes poll found readable.
+            for fd in readable:
+                ready = self._by_fd.get(fd)
+                if ready is not None:
+                    self._check(ready, True, False, outcomes, now)
         self._feed(now)
+        self._next_deadline = self._earliest_deadline()
         return outcomes
+
+    def _deadline_passed(self, now: float) -> bool:
+        deadline = self._next_deadline
+        return deadline is not None and now >= deadline
+
+    def _check(
+        self,
+        child: _Child,
+        to_read: bool,
+        check_process: bool,
+        outcomes: list[p.Outcome],
+        now: float,
+    ) -> None:
+        """Collect what `child` finished; replace it if it was lost or overran."""
+        health = self._health(child, to_read, check_process, outcomes, now)
+        if health == "healthy":
+            return
+        if health == "lost" and child.sent:
+            ended = _how_it_ended(child.process)
+            self._blame(child.sent.popleft(), outcomes, now, ended)
+        index = self._children.index(child)
+        self._children[index] = self._replace(child)
+        self._index_children()
+        self._update_write_fds()
 
     def _health(
         self,
@@ -428,14 +474,17 @@ class ProcessPool:
         self._waiting.extendleft(r.task for r in reversed(batch))
 
     def next_deadline(self) -> float | None:
-        deadlines = [
-            deadline
-            for child in self._children
-            if child.sent
-            and len(child.sent[0]) == 1
-            and (deadline := child.sent[0][0].deadline()) is not None
-        ]
-        return min(deadlines, default=None)
+        return self._next_deadline
+
+    def _earliest_deadline(self) -> float | None:
+        earliest = None
+        for child in self._children:
+            # Only single tasks carry a timeout (see _batchable).
+            if child.sent and len(first := child.sent[0]) == 1:
+                deadline = first[0].deadline()
+                if deadline is not None and (earliest is None or deadline < earliest):
+                    earliest = deadline
+        return earliest
 
     def close(self) -> None:
         for child in self._children:

@@ -191,8 +191,9 @@ class Worker:
             timeout_ms = 0 if unannounced else self._poll_timeout_ms(next_beat)
             ready = self._watch.wait(timeout_ms)
             now = time.monotonic()
-            if unannounced or self._watch.socket_ready(ready):
-                self._receive(now)
+            announced = self._watch.socket_ready(ready)
+            if unannounced or announced:
+                self._receive(now, announced)
             self._collect(now, ready)
             if self._drain_requested and self._drained():
                 return
@@ -238,10 +239,13 @@ class Worker:
             wake_at = min(wake_at, deadline)
         return poll_timeout_ms(wake_at)
 
-    def _receive(self, now: float) -> None:
+    def _receive(self, now: float, announced: bool) -> None:
         assert self._socket is not None
         # Payloads go on to a child as they are: large ones are not copied.
-        for command in _wire.receive(self._socket, p.TO_WORKER, lend_large=True):
+        commands = _wire.receive(
+            self._socket, p.TO_WORKER, lend_large=True, announced=announced
+        )
+        for command in commands:
             self._broker_seen = now
             self._handle(command, now)
 
