@@ -41,6 +41,10 @@ log = logging.getLogger(__name__)
 # command, and anything else comes before a HELLO.
 _FRONTEND_REFUSALS = frozenset({"command", "hello_first"})
 
+# Least time between two CREDIT messages that do not change the regime (see
+# Worker._adjust_credit).
+CREDIT_INTERVAL_S = 1.0
+
 
 def default_worker_id() -> str:
     """host.pid.random: unique, and readable in the broker's log."""
@@ -102,6 +106,7 @@ class Worker:
         self._prefetch = config.prefetch_policy
         self._max_payload_bytes: int | None = None
         self._capacity = self._wanted_capacity()
+        self._credit_sent_at = -CREDIT_INTERVAL_S
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_read, False)
         self._drain_requested = False
@@ -295,7 +300,7 @@ class Worker:
             self._send(p.Done(outcomes))
             for outcome in outcomes:
                 self._task_s.observe(outcome.duration_s)
-            self._adjust_credit()
+            self._adjust_credit(now)
 
     def _within_limit(self, outcome: p.Outcome) -> p.Outcome:
         # A frame far over the broker's limit would get this connection dropped
@@ -320,18 +325,26 @@ class Worker:
         per_slot = self._prefetch.per_slot(self._task_s.mean_s)
         return self.config.concurrency * per_slot
 
-    def _adjust_credit(self) -> None:
-        # Only changes worth a message: halving or growing by half, or leaving
-        # the one-task-per-slot regime in either direction.
+    def _adjust_credit(self, now: float) -> None:
         wanted = self._wanted_capacity()
         current = self._capacity
+        if wanted == current:
+            return
+        # Leaving the one-task-per-slot regime, in either direction, is told at
+        # once: it decides whether long tasks are hoarded. Other changes only
+        # when worth a message (halving or growing by half), and at most once
+        # per CREDIT_INTERVAL_S: the run times of tiny tasks jitter with the
+        # machine's load, and followed closely they cost a CREDIT every twenty
+        # round trips, each one work for the broker too.
         low, high = min(wanted, current), max(wanted, current)
-        if wanted != current and (high >= 1.5 * low or low == self.config.concurrency):
-            self._capacity = wanted
-            self._send(p.Credit(wanted))
-            log.debug(
-                "credit changed worker=%s capacity=%d", self.config.worker_id, wanted
-            )
+        same_regime = low != self.config.concurrency
+        too_soon = now < self._credit_sent_at + CREDIT_INTERVAL_S
+        if same_regime and (high < 1.5 * low or too_soon):
+            return
+        self._capacity = wanted
+        self._credit_sent_at = now
+        self._send(p.Credit(wanted))
+        log.debug("credit changed worker=%s capacity=%d", self.config.worker_id, wanted)
 
     def _check_broker(self, now: float) -> None:
         silent_s = now - self._broker_seen

@@ -1,0 +1,85 @@
+"""The worker's credit, as a broker's backend socket sees it: real ZeroMQ on
+loopback, the run times fed in as the pool would report them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import zmq
+
+from ventilator import protocol as p
+from ventilator.worker import CREDIT_INTERVAL_S, Worker, WorkerConfig
+
+TASKS = "tests.e2e.tasks"
+RECEIVE_TIMEOUT_MS = 5000
+
+
+@pytest.fixture
+def backend() -> Iterator[tuple[zmq.Socket[bytes], int]]:
+    context = zmq.Context()
+    router = context.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    yield router, port
+    router.close(linger=0)
+    context.term()
+
+
+def commands_received(router: zmq.Socket[bytes]) -> list[p.Command]:
+    """Every command the worker sent, once its BYE (sent last) arrived."""
+    commands: list[p.Command] = []
+    while not commands or not isinstance(commands[-1], p.Bye):
+        assert router.poll(RECEIVE_TIMEOUT_MS), f"no BYE after {commands}"
+        _routing_id, *frames = router.recv_multipart()
+        commands.append(p.decode(frames, p.FROM_WORKER))
+    return commands
+
+
+def credits(commands: list[p.Command]) -> list[int]:
+    return [c.capacity for c in commands if isinstance(c, p.Credit)]
+
+
+def run_times(
+    worker: Worker, durations_s: list[float], start: float, step_s: float
+) -> None:
+    """Report one task per duration, one every `step_s` from `start`."""
+    for index, duration_s in enumerate(durations_s):
+        worker._task_s.observe(duration_s)
+        worker._adjust_credit(start + index * step_s)
+
+
+def test_run_times_that_jitter_cost_at_most_one_credit_a_second(
+    backend: tuple[zmq.Socket[bytes], int],
+) -> None:
+    router, port = backend
+    config = WorkerConfig((TASKS,), connect=f"tcp://127.0.0.1:{port}", concurrency=2)
+    worker = Worker(config, zmq.Context.instance())
+    worker._connect(0.0)
+    # Tiny tasks, and now and then a few slowed down by a busy machine: the
+    # credit wanted swings between 20 and 512, 30 times in 0.7 s.
+    jitter = ([1e-5] * 20 + [5e-3] * 3) * 30
+    run_times(worker, jitter, start=10.0, step_s=0.001)
+    worker._leave()
+
+    sent = credits(commands_received(router))
+
+    assert 1 <= len(sent) <= 1 + int(0.7 / CREDIT_INTERVAL_S)
+
+
+def test_tasks_turning_long_lower_the_credit_at_once(
+    backend: tuple[zmq.Socket[bytes], int],
+) -> None:
+    router, port = backend
+    config = WorkerConfig((TASKS,), connect=f"tcp://127.0.0.1:{port}", concurrency=2)
+    worker = Worker(config, zmq.Context.instance())
+    worker._connect(0.0)
+    run_times(worker, [1e-5] * 5, start=10.0, step_s=0.001)
+    # Within the same second: long tasks must not be hoarded meanwhile.
+    run_times(worker, [2.0] * 10, start=10.01, step_s=0.001)
+    worker._leave()
+
+    sent = credits(commands_received(router))
+
+    assert sent[0] > config.concurrency
+    assert sent[-1] == config.concurrency
