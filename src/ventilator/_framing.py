@@ -93,8 +93,12 @@ def write_message(
     sock: socket.socket, rows: Sequence[Sequence[Any]], payloads: Sequence[Buffer]
 ) -> None:
     """Write a whole message, waiting for the socket as long as it takes."""
+    buffers = frame(rows, payloads)
+    if len(buffers) == 1:
+        sock.sendall(buffers[0])  # the usual small message, in one call
+        return
     outbox = Outbox(sock)
-    outbox.put(frame(rows, payloads))
+    outbox.put(buffers)
     while outbox:
         outbox.flush()
 
