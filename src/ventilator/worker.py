@@ -41,8 +41,8 @@ log = logging.getLogger(__name__)
 # command, and anything else comes before a HELLO.
 _FRONTEND_REFUSALS = frozenset({"command", "hello_first"})
 
-# Least time between two CREDIT messages that do not change the regime (see
-# Worker._adjust_credit).
+# Least time between a CREDIT and one that cuts the credit within the same
+# regime (see Worker._adjust_credit).
 CREDIT_INTERVAL_S = 1.0
 
 
@@ -330,17 +330,19 @@ class Worker:
         current = self._capacity
         if wanted == current:
             return
-        # Leaving the one-task-per-slot regime, in either direction, is told at
-        # once: it decides whether long tasks are hoarded. Other changes only
-        # when worth a message (halving or growing by half), and at most once
-        # per CREDIT_INTERVAL_S: the run times of tiny tasks jitter with the
-        # machine's load, and followed closely they cost a CREDIT every twenty
-        # round trips, each one work for the broker too.
+        # Only changes worth a message: by half or more, and leaving the
+        # one-task-per-slot regime in either direction at once
+        # (that one decides whether long tasks are hoarded). A cut within the
+        # regime waits until CREDIT_INTERVAL_S after the last CREDIT: the run
+        # times of tiny tasks jitter with the machine's load, and a credit
+        # that followed each swing down and back up cost a CREDIT every twenty
+        # round trips, each one work for the broker too. Growth is not held
+        # back: it is what lets a stream of tiny tasks flow.
         low, high = min(wanted, current), max(wanted, current)
-        same_regime = low != self.config.concurrency
-        too_soon = now < self._credit_sent_at + CREDIT_INTERVAL_S
-        if same_regime and (high < 1.5 * low or too_soon):
-            return
+        if low != self.config.concurrency:
+            too_soon = now < self._credit_sent_at + CREDIT_INTERVAL_S
+            if high < 1.5 * low or (wanted < current and too_soon):
+                return
         self._capacity = wanted
         self._credit_sent_at = now
         self._send(p.Credit(wanted))

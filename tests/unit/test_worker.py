@@ -83,3 +83,22 @@ def test_tasks_turning_long_lower_the_credit_at_once(
 
     assert sent[0] > config.concurrency
     assert sent[-1] == config.concurrency
+
+
+def test_credit_grows_at_once_as_tasks_turn_out_tiny(
+    backend: tuple[zmq.Socket[bytes], int],
+) -> None:
+    router, port = backend
+    config = WorkerConfig((TASKS,), connect=f"tcp://127.0.0.1:{port}", concurrency=2)
+    worker = Worker(config, zmq.Context.instance())
+    worker._connect(0.0)
+    # A first task slowed by a cold start, then tiny ones, within 30 ms: the
+    # credit must grow to near its ceiling (within the half that is not worth
+    # a message) without waiting out CREDIT_INTERVAL_S.
+    run_times(worker, [2e-3] + [1e-5] * 30, start=10.0, step_s=0.001)
+    worker._leave()
+
+    sent = credits(commands_received(router))
+
+    ceiling = config.concurrency * config.prefetch_policy.most
+    assert sent[0] < ceiling / 1.5 <= sent[-1]
