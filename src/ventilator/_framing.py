@@ -128,9 +128,13 @@ class Outbox:
         Raises:
             OSError: the peer is gone (BrokenPipeError, ConnectionResetError).
         """
-        while self._pending:
+        pending = self._pending
+        while pending:
             try:
-                written = self._sock.sendmsg(islice(self._pending, _MAX_BUFFERS))
+                if len(pending) == 1:  # the usual small batch: no iovec to build
+                    written = self._sock.send(pending[0])
+                else:
+                    written = self._sock.sendmsg(islice(pending, _MAX_BUFFERS))
             except BlockingIOError:
                 return
             self._drop(written)

@@ -216,6 +216,9 @@ class ProcessPool:
         # The earliest deadline of a running task, as of the last collect():
         # every task starts there, so until then no other can pass first.
         self._next_deadline: float | None = None
+        # Whether a task with a timeout may be in a pipe: set when one is sent,
+        # cleared when a look at the pipes finds none.
+        self._timed_in_pipes = False
 
     def _spawn(self) -> _Child:
         # A fresh interpreter per child rather than fork: the worker holds a
@@ -314,6 +317,8 @@ class ProcessPool:
         return duration
 
     def _send(self, child: _Child, batch: list[p.Assignment], now: float) -> None:
+        if batch[0].timeout_s:
+            self._timed_in_pipes = True
         child.sent.append([_Running(task, started=now) for task in batch])
         rows = [(task.function, task.flags) for task in batch]
         child.outbox.put(frame(rows, [task.payload for task in batch]))
@@ -345,7 +350,8 @@ class ProcessPool:
         check_all = now >= self._next_liveness_check
         if check_all:
             self._next_liveness_check = now + LIVENESS_CHECK_S
-        if check_all or self._deadline_passed(now):
+        deadline = self._next_deadline
+        if check_all or (deadline is not None and now >= deadline):
             for child in list(self._children):
                 to_read = check_all or child.fileno() in readable
                 self._check(child, to_read, check_all, outcomes, now)
@@ -358,10 +364,6 @@ class ProcessPool:
         self._feed(now)
         self._next_deadline = self._earliest_deadline()
         return outcomes
-
-    def _deadline_passed(self, now: float) -> bool:
-        deadline = self._next_deadline
-        return deadline is not None and now >= deadline
 
     def _check(
         self,
@@ -477,13 +479,18 @@ class ProcessPool:
         return self._next_deadline
 
     def _earliest_deadline(self) -> float | None:
+        if not self._timed_in_pipes:
+            return None  # the usual case: no task in a pipe has a timeout
         earliest = None
+        timed = False
         for child in self._children:
             # Only single tasks carry a timeout (see _batchable).
+            timed = timed or any(batch[0].task.timeout_s for batch in child.sent)
             if child.sent and len(first := child.sent[0]) == 1:
                 deadline = first[0].deadline()
                 if deadline is not None and (earliest is None or deadline < earliest):
                     earliest = deadline
+        self._timed_in_pipes = timed
         return earliest
 
     def close(self) -> None:

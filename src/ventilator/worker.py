@@ -192,7 +192,7 @@ class Worker:
         while not self._stopping:
             # Children are replaced, and written to, now and then.
             self._watch.pool(self._pool.fds(), self._pool.write_fds())
-            unannounced = self._input_unannounced()
+            unannounced = self._sent_since_check and self._input_unannounced()
             timeout_ms = 0 if unannounced else self._poll_timeout_ms(next_beat)
             ready = self._watch.wait(timeout_ms)
             now = time.monotonic()
@@ -213,9 +213,8 @@ class Worker:
 
         Sending processes the socket's pending commands, which can consume the
         wake-up of a message that arrived meanwhile; only ZMQ_EVENTS tells.
+        Ask after a send only: each ask is a system call or two.
         """
-        if not self._sent_since_check:
-            return False
         assert self._socket is not None
         self._sent_since_check = False
         return _wire.has_input(self._socket)

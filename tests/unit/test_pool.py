@@ -140,3 +140,21 @@ def test_two_tasks_for_two_idle_children_run_side_by_side() -> None:
 
     pids = {unpack_value(o.payload)[0] for o in outcomes}
     assert len(pids) == 2, "both tasks ran in one child"
+
+
+def test_a_task_with_a_timeout_waiting_in_a_pipe_is_stopped_on_its_own_time() -> None:
+    # The hanging task waits in the child's pipe behind a slow one: its clock
+    # starts when the slow one ends, and the pool must still stop it then.
+    pool = ProcessPool(1, [TASKS], allow_pickle=False)
+    try:
+        pool.submit(p.Assignment(1, 1, f"{TASKS}:sleep_for", pack_call((0.3,), {})), 0)
+        hang = p.Assignment(2, 1, f"{TASKS}:hang", pack_call((), {}), timeout_s=0.2)
+        pool.submit(hang, 0.0)
+
+        outcomes = {o.ticket: o for o in run_all(pool, 2)}
+    finally:
+        pool.close()
+
+    assert outcomes[1].status is p.Status.OK
+    assert outcomes[2].status is p.Status.TIMEOUT
+    assert outcomes[2].duration_s >= 0.2
