@@ -44,10 +44,11 @@ def frame(rows: Sequence[Sequence[Any]], payloads: Sequence[Buffer]) -> list[Buf
     Large payloads are not copied; small ones are joined into one buffer,
     which costs less than a buffer each, in Python and in the kernel.
     """
-    sizes = [len(payload) for payload in payloads]
-    rows_with_sizes = [[*row, size] for row, size in zip(rows, sizes, strict=True)]
+    rows_with_sizes = [
+        [*row, len(payload)] for row, payload in zip(rows, payloads, strict=True)
+    ]
     header = msgpack.packb(rows_with_sizes)
-    body_bytes = sum(sizes)
+    body_bytes = sum(map(len, payloads))
     prefix = _PREFIX.pack(len(header), body_bytes)
     if body_bytes < _JOIN_BELOW_BYTES:
         return [b"".join([prefix, header, *payloads])]

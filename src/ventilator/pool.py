@@ -354,29 +354,26 @@ class ProcessPool:
         if check_all or (deadline is not None and now >= deadline):
             for child in list(self._children):
                 to_read = check_all or child.fileno() in readable
-                self._check(child, to_read, check_all, outcomes, now)
+                health = self._health(child, to_read, check_all, outcomes, now)
+                if health != "healthy":
+                    self._give_up(child, health, outcomes, now)
         else:
             # The usual turn: read only the pipes poll found readable.
             for fd in readable:
                 ready = self._by_fd.get(fd)
-                if ready is not None:
-                    self._check(ready, True, False, outcomes, now)
+                if ready is None:
+                    continue
+                health = self._health(ready, True, False, outcomes, now)
+                if health != "healthy":
+                    self._give_up(ready, health, outcomes, now)
         self._feed(now)
         self._next_deadline = self._earliest_deadline()
         return outcomes
 
-    def _check(
-        self,
-        child: _Child,
-        to_read: bool,
-        check_process: bool,
-        outcomes: list[p.Outcome],
-        now: float,
+    def _give_up(
+        self, child: _Child, health: str, outcomes: list[p.Outcome], now: float
     ) -> None:
-        """Collect what `child` finished; replace it if it was lost or overran."""
-        health = self._health(child, to_read, check_process, outcomes, now)
-        if health == "healthy":
-            return
+        """Replace a child that was lost or overran, blaming its task if lost."""
         if health == "lost" and child.sent:
             ended = _how_it_ended(child.process)
             self._blame(child.sent.popleft(), outcomes, now, ended)
