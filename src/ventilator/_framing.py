@@ -79,8 +79,10 @@ def _split(rows: list[list[Any]], body: Buffer) -> Message:
 def read_message(stream: IO[bytes]) -> Message:
     """The next message; EOFError when the worker closed its end."""
     head_bytes, body_bytes = _PREFIX.unpack(_read_exactly(stream, _PREFIX.size))
-    rows = msgpack.unpackb(_read_exactly(stream, head_bytes))
-    return _split(rows, _read_exactly(stream, body_bytes))
+    # Header and payloads in one read; the payloads stay views of it.
+    rest = memoryview(_read_exactly(stream, head_bytes + body_bytes))
+    rows = msgpack.unpackb(rest[:head_bytes])
+    return _split(rows, rest[head_bytes:])
 
 
 def _read_exactly(stream: IO[bytes], size: int) -> bytes:
