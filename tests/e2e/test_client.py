@@ -493,13 +493,36 @@ def test_long_tasks_are_not_hoarded_by_a_worker_whose_credit_grew_on_tiny_ones(
     )
     newcomer = launch.worker(broker, concurrency=2)
     wait_for_workers(client, 2)
+    # Its task processes import their modules after it registered: on a busy
+    # machine that takes longer than a task here, and the veteran would then
+    # rightly take the tasks that wait.
+    wait_for_task_processes(client, newcomer.pid, 2)
 
     places = [client.submit(tasks.whereabouts, 1.0) for _ in range(8)]
     parents = [f.result(RESULT_TIMEOUT_S)[1] for f in places]
 
-    # One per slot each, then whoever frees a slot: 4 and 4, not 6 and 2. (The
-    # tasks are long enough to hide the newcomer's task processes starting.)
+    # One per slot each, then whoever frees a slot: 4 and 4, not 6 and 2.
     assert parents.count(newcomer.pid) >= 3, parents
+
+
+def wait_for_task_processes(client: ventilator.Client, worker: int, count: int) -> None:
+    """Run quick tasks until `count` task processes of process `worker` ran one."""
+    seen: set[int] = set()
+
+    def all_answered() -> bool:
+        pids = [
+            f.result(RESULT_TIMEOUT_S)
+            for f in [client.submit(tasks.pid) for _ in range(8)]
+        ]
+        seen.update(pid for pid in pids if parent_of(pid) == worker)
+        return len(seen) >= count
+
+    wait_until(all_answered, RESULT_TIMEOUT_S, f"{count} task processes of {worker}")
+
+
+def parent_of(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[1])
 
 
 def test_a_flooding_client_does_not_hold_up_another_on_the_same_function(
