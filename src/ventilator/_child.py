@@ -27,6 +27,9 @@ def serve(
 ) -> None:
     """Receive a batch of tasks, run them, send their outcomes; until EOF."""
     functions = load_functions(modules)
+    # An empty message says we are ready: a task's timeout counts from here,
+    # not from a start that may take seconds on a loaded machine.
+    write_message(sock, [], [])
     while True:
         try:
             tasks, payloads = read_message(batches)

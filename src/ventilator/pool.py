@@ -65,6 +65,9 @@ MAX_FUNCTIONS_TIMED = 1024
 CHILD_EXIT_GRACE_S = 2.0
 # How often to look whether each child process is still alive.
 LIVENESS_CHECK_S = 1.0
+# How long a new child may take to import its modules and say it is ready
+# before it is taken for stuck and replaced (its tasks wait, unblamed).
+CHILD_START_TIMEOUT_S = 60.0
 # How long to wait for a lost child to be reaped, to log how it ended.
 REAP_WAIT_S = 0.05
 # Timed-out threads still running that a thread pool replaces with fresh ones.
@@ -179,8 +182,12 @@ class _Child:
     sock: socket.socket  # our end of its pipe, both ways, never blocking
     inbox: Inbox  # outcomes coming back
     outbox: Outbox  # batches the socket has not taken yet
+    spawned_at: float
     # Batches sent down the pipe, oldest (the one running) first.
     sent: deque[list[_Running]] = field(default_factory=deque)
+    # Whether it said it has imported its modules; until then its tasks wait
+    # in the pipe and their timeouts have not started.
+    ready: bool = False
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -244,7 +251,13 @@ class ProcessPool:
         parent_end.setsockopt(
             socket.SOL_SOCKET, socket.SO_SNDBUF, PIPELINE_DEPTH * BATCH_BYTES
         )
-        return _Child(process, parent_end, Inbox(parent_end), Outbox(parent_end))
+        return _Child(
+            process,
+            parent_end,
+            Inbox(parent_end),
+            Outbox(parent_end),
+            spawned_at=time.monotonic(),
+        )
 
     def _index_children(self) -> None:
         self._fds = tuple(child.fileno() for child in self._children)
@@ -390,17 +403,45 @@ class ProcessPool:
         outcomes: list[p.Outcome],
         now: float,
     ) -> str:
-        """Collect what `child` finished; say if it is "healthy", "lost" or
-        "overran" (it was running a task past its timeout)."""
+        """Collect what `child` finished; say if it is "healthy", "lost",
+        "overran" (it was running a task past its timeout) or "unstarted"
+        (it never said it was ready)."""
         if to_read:
             try:
                 for reports, results in child.inbox.read():
-                    self._finished(child, reports, results, outcomes, now)
+                    if child.ready:
+                        self._finished(child, reports, results, outcomes, now)
+                    else:
+                        self._started(child, reports, now)
             except (EOFError, OSError, ValueError, IndexError, TypeError):
                 return "lost"  # gone, or garbled: either way a new child
         if check_process and not _alive(child.process):
             return "lost"
+        if check_process and self._stuck_starting(child, now):
+            return "unstarted"
         return "overran" if self._overran(child, outcomes, now) else "healthy"
+
+    def _started(self, child: _Child, reports: list[list[Any]], now: float) -> None:
+        """A new child's first message, empty: it is ready; the batch waiting
+        in its pipe starts now, and so does the timeout of its task."""
+        if reports:
+            raise ValueError("a task process reported a batch before it was ready")
+        child.ready = True
+        if child.sent:
+            for running in child.sent[0]:
+                running.started = now
+
+    def _stuck_starting(self, child: _Child, now: float) -> bool:
+        if child.ready or now - child.spawned_at < CHILD_START_TIMEOUT_S:
+            return False
+        log.warning(
+            "task process pid=%d has not finished importing %s after %.0fs; "
+            "replacing it (its tasks wait for the new one)",
+            child.process.pid,
+            ", ".join(self._modules),
+            CHILD_START_TIMEOUT_S,
+        )
+        return True
 
     def _finished(
         self,
@@ -424,7 +465,7 @@ class ProcessPool:
                 running.started = now
 
     def _overran(self, child: _Child, outcomes: list[p.Outcome], now: float) -> bool:
-        if not child.sent or len(child.sent[0]) != 1:
+        if not child.ready or not child.sent or len(child.sent[0]) != 1:
             return False  # only single tasks carry a timeout
         running = child.sent[0][0]
         deadline = running.deadline()
@@ -483,7 +524,7 @@ class ProcessPool:
         for child in self._children:
             # Only single tasks carry a timeout (see _batchable).
             timed = timed or any(batch[0].task.timeout_s for batch in child.sent)
-            if child.sent and len(first := child.sent[0]) == 1:
+            if child.ready and child.sent and len(first := child.sent[0]) == 1:
                 deadline = first[0].deadline()
                 if deadline is not None and (earliest is None or deadline < earliest):
                     earliest = deadline

@@ -158,3 +158,20 @@ def test_a_task_with_a_timeout_waiting_in_a_pipe_is_stopped_on_its_own_time() ->
     assert outcomes[1].status is p.Status.OK
     assert outcomes[2].status is p.Status.TIMEOUT
     assert outcomes[2].duration_s >= 0.2
+
+
+def test_a_task_timeout_counts_from_when_its_process_is_ready() -> None:
+    # The child takes 1.5 s to import its module; a task with a 1 s timeout
+    # sent at once must not time out for the import it did not do.
+    module = "tests.e2e.slow_import_tasks"
+    pool = ProcessPool(1, [module], allow_pickle=False)
+    try:
+        call = pack_call((7,), {})
+        pool.submit(p.Assignment(1, 1, f"{module}:quick", call, 0, 1.0), 0.0)
+        pool.collect(time.monotonic())  # sent down the pipe now, as a worker does
+        (outcome,) = run_all(pool, 1)
+    finally:
+        pool.close()
+
+    assert outcome.status is p.Status.OK
+    assert unpack_value(outcome.payload) == 7
