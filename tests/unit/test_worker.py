@@ -40,6 +40,14 @@ def credits(commands: list[p.Command]) -> list[int]:
     return [c.capacity for c in commands if isinstance(c, p.Credit)]
 
 
+def connected_worker(port: int) -> Worker:
+    """A worker of two slots, connected to the test's broker socket at `port`."""
+    config = WorkerConfig((TASKS,), connect=f"tcp://127.0.0.1:{port}", concurrency=2)
+    worker = Worker(config, zmq.Context.instance())
+    worker._connect(0.0)
+    return worker
+
+
 def run_times(
     worker: Worker, durations_s: list[float], start: float, step_s: float
 ) -> None:
@@ -53,9 +61,7 @@ def test_run_times_that_jitter_cost_at_most_one_credit_a_second(
     backend: tuple[zmq.Socket[bytes], int],
 ) -> None:
     router, port = backend
-    config = WorkerConfig((TASKS,), connect=f"tcp://127.0.0.1:{port}", concurrency=2)
-    worker = Worker(config, zmq.Context.instance())
-    worker._connect(0.0)
+    worker = connected_worker(port)
     # Tiny tasks, and now and then a few slowed down by a busy machine: the
     # credit wanted swings between 20 and 512, 30 times in 0.7 s.
     jitter = ([1e-5] * 20 + [5e-3] * 3) * 30
@@ -71,9 +77,7 @@ def test_tasks_turning_long_lower_the_credit_at_once(
     backend: tuple[zmq.Socket[bytes], int],
 ) -> None:
     router, port = backend
-    config = WorkerConfig((TASKS,), connect=f"tcp://127.0.0.1:{port}", concurrency=2)
-    worker = Worker(config, zmq.Context.instance())
-    worker._connect(0.0)
+    worker = connected_worker(port)
     run_times(worker, [1e-5] * 5, start=10.0, step_s=0.001)
     # Within the same second: long tasks must not be hoarded meanwhile.
     run_times(worker, [2.0] * 10, start=10.01, step_s=0.001)
@@ -81,17 +85,15 @@ def test_tasks_turning_long_lower_the_credit_at_once(
 
     sent = credits(commands_received(router))
 
-    assert sent[0] > config.concurrency
-    assert sent[-1] == config.concurrency
+    assert sent[0] > worker.config.concurrency
+    assert sent[-1] == worker.config.concurrency
 
 
 def test_credit_grows_at_once_as_tasks_turn_out_tiny(
     backend: tuple[zmq.Socket[bytes], int],
 ) -> None:
     router, port = backend
-    config = WorkerConfig((TASKS,), connect=f"tcp://127.0.0.1:{port}", concurrency=2)
-    worker = Worker(config, zmq.Context.instance())
-    worker._connect(0.0)
+    worker = connected_worker(port)
     # A first task slowed by a cold start, then tiny ones, within 30 ms: the
     # credit must grow to near its ceiling (within the half that is not worth
     # a message) without waiting out CREDIT_INTERVAL_S.
@@ -100,5 +102,5 @@ def test_credit_grows_at_once_as_tasks_turn_out_tiny(
 
     sent = credits(commands_received(router))
 
-    ceiling = config.concurrency * config.prefetch_policy.most
+    ceiling = worker.config.concurrency * worker.config.prefetch_policy.most
     assert sent[0] < ceiling / 1.5 <= sent[-1]
