@@ -7,10 +7,10 @@ asyncio ones; the event loop is never blocked, even when the window is full.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any
 
-from .client import Client, values_of
+from .client import Client, _check_chunksize, _MapTasks, values_of
 
 __all__ = ["AsyncClient"]
 
@@ -60,32 +60,30 @@ class AsyncClient:
         Items travel in batches as with `Client.map` (`timeout_s` and `retries`
         still apply to each item; with `sink`, each item is a task of its own),
         and the event loop waits in a thread once per batch, not once per item.
+        A map that ends early (``aclose()``, its task cancelled, a failed item
+        raised) cancels the tasks whose results it has not yielded, as
+        `Client.map` does.
         """
-        if options.get("sink") is not None or chunksize == 1:
-            async for value in self._map_each(function, iterable, options):
-                yield value
-            return
+        _check_chunksize(chunksize)
+        # The tasks are cancelled from here: the thread that runs the map may
+        # be waiting in it for a result when this task is cancelled.
+        tasks = _MapTasks(self._client)
+        try:
+            if options.get("sink") is not None or chunksize == 1:
+                results = self._client._map_each(function, iterable, options, tasks)
+                async for value in _in_thread(results):
+                    yield value
+                return
 
-        options.pop("sink", None)
-        batches = self._client._map_batches(function, iterable, chunksize, **options)
-        while (outcomes := await asyncio.to_thread(next, batches, None)) is not None:
-            for value in values_of(outcomes):
-                yield value
-
-    async def _map_each(
-        self,
-        function: str | Callable[..., Any],
-        iterable: Iterable[Any],
-        options: dict[str, Any],
-    ) -> AsyncIterator[Any]:
-        results = await asyncio.to_thread(
-            self._client.map, function, iterable, chunksize=1, **options
-        )
-        sentinel = object()
-        while (
-            value := await asyncio.to_thread(next, results, sentinel)
-        ) is not sentinel:
-            yield value
+            options.pop("sink", None)
+            batches = self._client._map_batches(
+                function, iterable, chunksize, tasks=tasks, **options
+            )
+            async for outcomes in _in_thread(batches):
+                for value in values_of(outcomes):
+                    yield value
+        finally:
+            tasks.abandon()
 
     async def status(self) -> dict[str, Any]:
         """The broker's workers, queues and clients."""
@@ -94,3 +92,10 @@ class AsyncClient:
     async def close(self) -> None:
         """Leave the broker; pending tasks fail with `ClientClosed`."""
         await asyncio.to_thread(self._client.close)
+
+
+async def _in_thread(iterator: Iterator[Any]) -> AsyncIterator[Any]:
+    """The items of a blocking iterator, each waited for in a thread."""
+    done = object()
+    while (item := await asyncio.to_thread(next, iterator, done)) is not done:
+        yield item

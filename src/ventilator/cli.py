@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass
 from typing import IO, Any
@@ -60,6 +60,8 @@ WIDE_COLUMNS = 120
 FUNCTION_COLUMNS = 32
 # How long map/exec wait for a broker named with --connect to answer at all.
 BROKER_ANSWER_S = 10.0
+# How long an interrupted run waits for the broker to confirm its cancels.
+CANCEL_SETTLE_S = 2.0
 
 
 def _log_setting(ctx: click.Context, param: click.Parameter, value: Any) -> None:
@@ -932,10 +934,10 @@ def _run(job: _Job, run: _Run) -> int:
     try:
         failed = _run_tasks(job, run)
     except KeyboardInterrupt:
-        click.echo("ventilator: interrupted; unfinished tasks abandoned", err=True)
+        click.echo("ventilator: interrupted; unfinished tasks cancelled", err=True)
         return 130
     except _Terminated:
-        click.echo("ventilator: terminated; unfinished tasks abandoned", err=True)
+        click.echo("ventilator: terminated; unfinished tasks cancelled", err=True)
         return 128 + signal.SIGTERM
     return 1 if failed else 0
 
@@ -953,20 +955,59 @@ def _run_tasks(job: _Job, run: _Run) -> int:
         bar = stack.enter_context(_Progress(run.progress))
         started = time.perf_counter()
         done = failed = 0
-        # Lines read and not yet written: map_outcomes reads ahead of its output.
+        # Lines read and not yet written: the map reads ahead of its output.
         read: deque[tuple[str, Any]] = deque()
         items = _items(job, run.lines, read, bar)
         with watch.explained():
-            outcomes = _outcomes(client, job, items)
-            for line, item, outcome in _line_outcomes(outcomes, read):
-                ok = _write_record(run.output, job, line, item, outcome)
+            batches = _outcomes(client, job, items)
+            stack.enter_context(_cancelled_unless_done(client, batches, run))
+            for outcomes in batches:
+                for line, item, outcome in _line_outcomes(outcomes, read):
+                    ok = _write_record(run.output, job, line, item, outcome)
+                    done += 1
+                    failed += not ok
+                    bar.advance()
+                # Each batch as it comes: input may pause (tail -f) for hours.
+                run.output.flush()
+            for line, item, outcome in _unsent(read):
+                failed += not _write_record(run.output, job, line, item, outcome)
                 done += 1
-                failed += not ok
                 bar.advance()
         run.output.flush()
 
     _summary(done, failed, time.perf_counter() - started, job.sink)
     return failed
+
+
+@contextlib.contextmanager
+def _cancelled_unless_done(
+    client: Client, batches: Generator[list[ItemOutcome], None, None], run: _Run
+) -> Iterator[None]:
+    """Cancel the tasks of lines not written yet when the run stops early
+    (Ctrl-C, SIGTERM, a broken output): a broker must not run them for a
+    session that will never collect their results."""
+    try:
+        yield
+    except BaseException:
+        batches.close()
+        if run.connect is not None:
+            _settle_cancellations(client)
+        raise
+
+
+def _settle_cancellations(client: Client) -> None:
+    """Take in the broker's word on the tasks just cancelled, so that it
+    keeps no result for this session once it leaves.
+
+    The broker answers a question in the turn that reads it and sends the
+    results of that turn after the answer: the second answer comes after the
+    cancelled tasks' results, which the client then acknowledges on close.
+    """
+    for _ in range(2):
+        try:
+            client.status(timeout_s=CANCEL_SETTLE_S)
+        except (TimeoutError, VentilatorError):
+            return
 
 
 def _connect(
@@ -1006,7 +1047,7 @@ def _items(
 
 
 def _line_outcomes(
-    outcomes: Iterator[ItemOutcome], read: deque[tuple[str, Any]]
+    outcomes: list[ItemOutcome], read: deque[tuple[str, Any]]
 ) -> Iterator[tuple[str, Any, ItemOutcome]]:
     """Each line read with its outcome, in input order: the outcomes are those
     of the lines sent, and a line that was not sent fails in its place."""
@@ -1014,7 +1055,6 @@ def _line_outcomes(
         yield from _unsent(read)
         line, item = read.popleft()
         yield line, item, outcome
-    yield from _unsent(read)
 
 
 def _unsent(read: deque[tuple[str, Any]]) -> Iterator[tuple[str, Any, ItemOutcome]]:
@@ -1023,26 +1063,34 @@ def _unsent(read: deque[tuple[str, Any]]) -> Iterator[tuple[str, Any, ItemOutcom
         yield line, item, ItemOutcome(None, item.error)
 
 
-def _outcomes(client: Client, job: _Job, items: Iterator[Any]) -> Iterator[ItemOutcome]:
+def _outcomes(
+    client: Client, job: _Job, items: Iterator[Any]
+) -> Generator[list[ItemOutcome], None, None]:
+    """The lines' outcomes, a batch at a time, read by a thread of their own
+    so that a pause in the input does not hold back results already in."""
     if job.sink is not None:
         return _sent_to_sink(client, job, items)
-    return client.map_outcomes(
-        job.function, items, timeout_s=job.timeout_s, retries=job.retries
+    return client._outcome_batches(
+        job.function, items, None, job.timeout_s, job.retries, streaming=True
     )
 
 
 def _sent_to_sink(
     client: Client, job: _Job, items: Iterator[Any]
-) -> Iterator[ItemOutcome]:
+) -> Generator[list[ItemOutcome], None, None]:
     """A task per line, since a sink receives the results of tasks; each
     line's outcome is its task accepted (or refused) by the broker."""
     window: deque[Future[Any]] = deque()
-    for item in items:
-        window.append(_submit(client, job, item))
-        while window and (len(window) >= MAP_AHEAD or window[0].done()):
-            yield _acceptance(client, job, window.popleft())
-    while window:
-        yield _acceptance(client, job, window.popleft())
+    try:
+        for item in items:
+            window.append(_submit(client, job, item))
+            while window and (len(window) >= MAP_AHEAD or window[0].done()):
+                yield [_acceptance(client, job, window.popleft())]
+        while window:
+            yield [_acceptance(client, job, window.popleft())]
+    finally:
+        # Stopped early: the lines not written yet are not run.
+        client._withdraw([f.task_id for f in window if isinstance(f, TaskFuture)])
 
 
 def _submit(client: Client, job: _Job, item: Any) -> Future[Any]:

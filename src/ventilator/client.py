@@ -38,7 +38,14 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
+from collections.abc import (
+    Callable,
+    Generator,
+    Iterable,
+    Iterator,
+    Sequence,
+    Sized,
+)
 from concurrent.futures import CancelledError, Executor, Future, InvalidStateError
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar, cast
@@ -100,6 +107,13 @@ MAX_BATCH_BYTES = 256 * 1024
 # Until a first batch is back, a map sends only this many one-item batches: a
 # slow function must not be packed many items to a task before we know.
 PROBE_BATCHES = 4
+# A map over streaming input (the CLI's) sends a partial batch once it has
+# waited this long for more items: a pipe that goes quiet must not hold back
+# lines already read. Well under a batch's work, so full batches still form
+# while input flows.
+FEED_LINGER_S = 0.005
+# ... and reads at most this many items ahead of what it sent.
+FEED_MAX_ITEMS = 4 * MAX_BATCH_ITEMS
 # Acknowledgements of results wait up to this long to travel with the next
 # submission, so that the broker reads both in one turn; or until this many.
 ACK_DELAY_S = 0.005
@@ -151,10 +165,11 @@ class _Slot:
     """What `map` waits on instead of a Future: one condition serves a whole
     map, so a task costs a slot, not a Future with its own lock."""
 
-    __slots__ = ("_done", "_error", "_value", "_wakeup")
+    __slots__ = ("_done", "_error", "_value", "_wakeup", "task_id")
 
-    def __init__(self, wakeup: threading.Condition) -> None:
+    def __init__(self, wakeup: threading.Condition, task_id: int | None = None) -> None:
         self._wakeup = wakeup
+        self.task_id = task_id  # None for an item refused before it was sent
         self._done = False
         self._value: Any = None
         self._error: BaseException | None = None
@@ -172,6 +187,10 @@ class _Slot:
     def cancel(self) -> bool:
         self.set_exception(CancelledError())
         return True
+
+    @property
+    def done(self) -> bool:
+        return self._done
 
     def result(self) -> Any:
         with self._wakeup:
@@ -197,8 +216,9 @@ class _BatchSlot(_Slot):
         wakeup: threading.Condition,
         items: list[Any],
         outcomes: list[list[Any]] | None = None,
+        task_id: int | None = None,
     ) -> None:
-        super().__init__(wakeup)
+        super().__init__(wakeup, task_id)
         self.items = items
         self.outcomes = outcomes
 
@@ -259,11 +279,10 @@ class _BatchEncoder:
         self._pickled = bool(flags & p.Flags.PICKLED)
         self._packer = BatchPacker()
 
-    def take(
-        self, items: Iterator[Any], count: int
-    ) -> tuple[list[Any], bytes, tuple[Any, list[Any]] | None]:
-        """Up to `count` items from `items` and their payload, and the item
-        that ended the batch early by failing to encode, with its outcome.
+    def take(self, items: Iterator[Any], count: int) -> _Taken:
+        """Up to `count` items from `items` and their payload; the item that
+        ended the batch early by failing to encode, with its outcome; and what
+        `items` raised, if it did.
 
         A batch also ends once it passes MAX_BATCH_BYTES; a pickled batch is
         bounded by count only, and fails whole if an item cannot be pickled.
@@ -271,22 +290,275 @@ class _BatchEncoder:
         taken: list[Any] = []
         encoded: list[bytes] = []
         size = 0
-        for item in itertools.islice(items, count):
-            if self._pickled:
+        try:
+            for item in itertools.islice(items, count):
+                if self._pickled:
+                    taken.append(item)
+                    continue
+                try:
+                    encoded.append(self._packer.item(item))
+                except UsageError as exc:
+                    refused = (item, _refusal(exc))
+                    return _Taken(taken, self._packer.batch(encoded), refused)
                 taken.append(item)
-                continue
-            try:
-                encoded.append(self._packer.item(item))
-            except UsageError as exc:
-                return taken, self._packer.batch(encoded), (item, _refusal(exc))
-            taken.append(item)
-            size += len(encoded[-1])
-            if size >= MAX_BATCH_BYTES:
-                break
+                size += len(encoded[-1])
+                if size >= MAX_BATCH_BYTES:
+                    break
+        except Exception as exc:  # the caller's iterable raised: see _Taken
+            return _Taken(taken, self._payload(taken, encoded), raised=exc)
+        return _Taken(taken, self._payload(taken, encoded))
+
+    def _payload(self, taken: list[Any], encoded: list[bytes]) -> bytes:
         if self._pickled and taken:
-            payload = pack_pickled_batch(self._function, taken)  # type: ignore[arg-type]
-            return taken, payload, None
-        return taken, self._packer.batch(encoded), None
+            return pack_pickled_batch(self._function, taken)  # type: ignore[arg-type]
+        return self._packer.batch(encoded)
+
+
+class _Taken(NamedTuple):
+    """What `_BatchEncoder.take` read for one batch.
+
+    `raised` is what the map's iterable raised after `items`: as with the
+    built-in `map`, the results of the items before it come first, and then
+    the map raises it.
+    """
+
+    items: list[Any]
+    payload: bytes
+    refused: tuple[Any, list[Any]] | None = None
+    raised: Exception | None = None
+
+
+class _MapTasks:
+    """The tasks of one map whose results it has not yielded yet.
+
+    A map that is abandoned (its generator closed, an exception, an asyncio
+    task cancelled) cancels them, from its own thread or another: those not
+    sent yet are dropped, the others cancelled at the broker, and their slots
+    cancelled so that nothing waits on them.
+    """
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+        self._lock = threading.Lock()
+        self._slots: set[_Slot] = set()
+        self.abandoned = False
+
+    def track(self, slots: Iterable[_Slot]) -> None:
+        """Count `slots` as outstanding; cancel them at once if abandoned."""
+        with self._lock:
+            if not self.abandoned:
+                self._slots.update(slots)
+                return
+        self._cancel(list(slots))
+
+    def settled(self, slots: Iterable[_Slot]) -> None:
+        with self._lock:
+            self._slots.difference_update(slots)
+
+    def abandon(self) -> None:
+        """Cancel every outstanding task, and any tracked from now on."""
+        with self._lock:
+            self.abandoned = True
+            slots, self._slots = list(self._slots), set()
+        self._cancel(slots)
+
+    def _cancel(self, slots: list[_Slot]) -> None:
+        if not slots:
+            return
+        task_ids = [slot.task_id for slot in slots if slot.task_id is not None]
+        log.debug("cancelling %d tasks of an abandoned map", len(task_ids))
+        self._client._withdraw(task_ids)
+        for slot in slots:
+            slot.cancel()
+
+
+class _Feed:
+    """A map's items read by a thread of their own, for input that comes
+    slowly or in bursts (a pipe fed by ``tail -f``).
+
+    A map over a feed sends what has arrived once it has waited FEED_LINGER_S
+    for a whole batch, and yields each result as soon as it and those before
+    it are in, instead of blocking on input that may not come for hours. The
+    feed holds at most FEED_MAX_ITEMS read ahead. `wakeup` is shared with the
+    map's slots: one wait serves results and input alike.
+    """
+
+    def __init__(self, iterable: Iterable[Any]) -> None:
+        self.wakeup = threading.Condition()
+        self._items: deque[Any] = deque()
+        self._source = iter(iterable)
+        self._waiting = False  # the map waits on `wakeup` for input
+        self._reader_waits = False  # the reader waits for room
+        self._seen = -1  # items there were when the map last looked
+        self._partial_since: float | None = None
+        self.ended = False
+        self.raised: Exception | None = None
+        self._stopped = False
+        self._thread = threading.Thread(
+            target=self._read, name="ventilator-map-feed", daemon=True
+        )
+
+    def start(self) -> None:
+        if not self._thread.is_alive() and not self.ended:
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Read nothing more (the map was abandoned)."""
+        with self.wakeup:
+            self._stopped = True
+            self.wakeup.notify_all()
+
+    def _read(self) -> None:
+        try:
+            for item in self._source:
+                self._items.append(item)
+                if self._waiting or len(self._items) >= FEED_MAX_ITEMS:
+                    self._arrived()
+                if self._stopped:
+                    return
+        except Exception as exc:  # raised after the results before it
+            self.raised = exc
+        finally:
+            with self.wakeup:
+                self.ended = True
+                self.wakeup.notify_all()
+
+    def _arrived(self) -> None:
+        with self.wakeup:
+            self.wakeup.notify_all()
+            # Read ahead only so far: the map takes items as the window allows.
+            self._reader_waits = True
+            while len(self._items) >= FEED_MAX_ITEMS and not self._stopped:
+                self.wakeup.wait()
+            self._reader_waits = False
+
+    def ready(self, count: int) -> Iterator[Any] | None:
+        """An iterator over up to `count` items to send now (taken from the
+        feed as it is read), or None while a batch should wait for more."""
+        available = len(self._items)
+        if not available or (available < count and not self.ended):
+            if available and self._partial_since is None:
+                self._partial_since = time.monotonic()
+            lingered = self._partial_since is not None and (
+                time.monotonic() - self._partial_since >= FEED_LINGER_S
+            )
+            if not lingered:
+                self._seen = available
+                return None
+        self._partial_since = None
+        self._seen = -1  # what is left is looked at again before any wait
+        return (self._items.popleft() for _ in range(min(count, available)))
+
+    def taken(self) -> None:
+        """Tell a reader waiting for room that the map took items."""
+        if self._reader_waits:
+            with self.wakeup:
+                self.wakeup.notify_all()
+
+    @property
+    def exhausted(self) -> bool:
+        return self.ended and not self._items
+
+    def wait(self, result_in: Callable[[], bool], want_input: bool) -> None:
+        """Wait for a result (`result_in` says whether it came), or, when the
+        map has room for them, for more items or a partial batch's time."""
+        timeout_s = None
+        if want_input and self._partial_since is not None:
+            deadline = self._partial_since + FEED_LINGER_S
+            timeout_s = max(0.0, deadline - time.monotonic())
+        with self.wakeup:
+            self._waiting = want_input
+            try:
+                news = want_input and (self.ended or len(self._items) != self._seen)
+                if not news and not result_in():
+                    self.wakeup.wait(timeout_s)
+            finally:
+                self._waiting = False
+
+
+class _BatchMap:
+    """One map in batches: its items read, sent and not yet yielded."""
+
+    def __init__(
+        self,
+        client: Client,
+        job: _MapJob,
+        iterable: Iterable[Any] | _Feed,
+        chunksize: int | None,
+        tasks: _MapTasks,
+    ) -> None:
+        self._client = client
+        self.job = job
+        self.tasks = tasks
+        self.sizer = _BatchSizer(chunksize, job.timeout_s)
+        self._encoder = _BatchEncoder(job.function, job.flags)
+        self.feed = iterable if isinstance(iterable, _Feed) else None
+        self.wakeup = self.feed.wakeup if self.feed else threading.Condition()
+        self._items = None if isinstance(iterable, _Feed) else iter(iterable)
+        self._items_left = len(iterable) if isinstance(iterable, Sized) else None
+        self.batches: deque[_BatchSlot] = deque()
+        self.ahead = 0  # items submitted and not yet yielded
+        self._read_all = False
+        self._raised: Exception | None = None
+        if self.feed is not None:
+            self.feed.start()
+
+    @property
+    def more(self) -> bool:
+        """Whether items may be left to read."""
+        if self.feed is not None:
+            return not self.feed.exhausted
+        return not self._read_all
+
+    @property
+    def raised(self) -> Exception | None:
+        """What the iterable raised, once every item before it was read."""
+        if self.feed is not None and self.feed.exhausted:
+            return self.feed.raised
+        return self._raised
+
+    def has_room(self) -> bool:
+        if not self.more or self.ahead >= self._client._window:
+            return False
+        # Until a first batch is back, a slow function must not be packed
+        # many items to a task.
+        return not (self.sizer.probing and len(self.batches) >= PROBE_BATCHES)
+
+    def send_ahead(self) -> None:
+        """Submit batches of the items at hand while the window has room."""
+        while self.has_room():
+            count = self.sizer.size(self._items_left)
+            items = self._items if self.feed is None else self.feed.ready(count)
+            if items is None:
+                return  # a feed waiting a little for more input
+            self._send(self._encoder.take(items, count))
+            if self.feed is not None:
+                self.feed.taken()
+
+    def _send(self, taken: _Taken) -> None:
+        read = len(taken.items) + (taken.refused is not None)
+        if taken.items:
+            self.batches.append(
+                self._client._submit_batch(
+                    self.job, self.wakeup, taken.items, taken.payload, self.tasks
+                )
+            )
+        if taken.refused is not None:
+            item, outcome = taken.refused
+            self.batches.append(_BatchSlot(self.wakeup, [item], [outcome]))
+        self.ahead += read
+        if self._items_left is not None:
+            self._items_left -= read
+        if taken.raised is not None:
+            self._raised, self._read_all = taken.raised, True
+        elif self.feed is None and not read:
+            self._read_all = True
+
+    def wait(self) -> None:
+        """With a feed: wait until the first batch is done, or input came."""
+        assert self.feed is not None
+        head = self.batches[0] if self.batches else None
+        self.feed.wait(lambda: head is not None and head.done, self.has_room())
 
 
 @dataclass(frozen=True, slots=True)
@@ -483,7 +755,7 @@ class Client:
         """Apply `function` to each item; yield the results in input order.
 
         Items travel in batches, many to a task, so that a tiny function costs
-        a small part of a task per item. A batch carries about 20 ms of work
+        a small part of a task per item. A batch carries about 50 ms of work
         (at most 256 items), judged from the items already run, or `chunksize`
         items. `timeout_s` and `retries` still apply to each item (see
         `map_outcomes`); with `sink`, each item is a task of its own.
@@ -491,7 +763,13 @@ class Client:
         Submits ahead of what has been consumed, up to the window. An item that
         failed raises its `TaskError` when its turn comes (`TaskRejected` for
         one that could not be encoded); `map_outcomes` reports every item
-        without raising.
+        without raising. If `iterable` raises, the results of the items before
+        it come first, then its exception.
+
+        A map that ends early (a failed item raised, the generator is closed
+        or collected after a ``break``) cancels the tasks whose results it has
+        not yielded: those still queued at the broker never run; running ones
+        finish on their worker, and their results are dropped.
         """
         _check_chunksize(chunksize)
         sink = options.pop("sink", None)
@@ -499,8 +777,10 @@ class Client:
             yield from self._map_each(function, iterable, {**options, "sink": sink})
             return
 
-        for outcomes in self._map_batches(function, iterable, chunksize, **options):
-            yield from values_of(outcomes)
+        batches = self._map_batches(function, iterable, chunksize, **options)
+        with contextlib.closing(batches):
+            for outcomes in batches:
+                yield from values_of(outcomes)
 
     def map_outcomes(
         self,
@@ -520,42 +800,76 @@ class Client:
         past it, or whose worker died, is run again item by item (so an item
         of it may run twice). An item that raised in a batch is run again on
         its own, up to `retries` more times; its first retry comes without
-        backoff, the later ones with the broker's.
+        backoff, the later ones with the broker's. Closed early, it cancels
+        what it has not yielded, as `map` does.
 
         Raises:
             UsageError: a bad `chunksize`, `timeout_s` or `retries`, or a
                 function that cannot be named.
             ClientClosed: the client was closed while the map waited.
+            Exception: what `iterable` raised, after the outcomes before it.
         """
         _check_chunksize(chunksize)
-        batches = self._map_batches(function, iterable, chunksize, timeout_s, retries)
-        for outcomes in batches:
-            for status, value in outcomes:
-                if status == p.Status.OK:
-                    yield ItemOutcome(value, None)
-                else:
-                    yield ItemOutcome(None, _error_of(status, value))
+        batches = self._outcome_batches(
+            function, iterable, chunksize, timeout_s, retries
+        )
+        with contextlib.closing(batches):
+            for outcomes in batches:
+                yield from outcomes
+
+    def _outcome_batches(
+        self,
+        function: str | Callable[..., Any],
+        iterable: Iterable[Any],
+        chunksize: int | None,
+        timeout_s: float | None = None,
+        retries: int = 0,
+        streaming: bool = False,
+    ) -> Generator[list[ItemOutcome], None, None]:
+        """`map_outcomes` a batch at a time. With `streaming`, the items are
+        read by a thread of their own (see _Feed), for input that may pause."""
+        items = _Feed(iterable) if streaming else iterable
+        batches = self._map_batches(function, items, chunksize, timeout_s, retries)
+        with contextlib.closing(batches):
+            for outcomes in batches:
+                yield [
+                    ItemOutcome(value, None)
+                    if status == p.Status.OK
+                    else ItemOutcome(None, _error_of(status, value))
+                    for status, value in outcomes
+                ]
 
     def _map_each(
         self,
         function: str | Callable[..., Any],
         iterable: Iterable[Any],
         options: dict[str, Any],
+        tasks: _MapTasks | None = None,
     ) -> Iterator[Any]:
         # What every item shares is checked once: a bad name or option is the
         # whole map's error, not each item's.
         name, flags = self._name_of(function)
         _check_task(p.TaskSpec(0, name, b"", flags, **options))
+        tasks = tasks or _MapTasks(self)
         wakeup = threading.Condition()
         slots: deque[_Slot] = deque()
         items = iter(iterable)
-        while True:
-            chunk = list(itertools.islice(items, SUBMIT_BATCH))
-            slots.extend(self._queue_each(function, chunk, options, wakeup))
-            while slots and (not chunk or len(slots) > self._window // 2):
-                yield slots.popleft().result()
-            if not chunk and not slots:
-                return
+        more, raised = True, None
+        try:
+            while (more or slots) and not tasks.abandoned:
+                if more:
+                    chunk, raised = _read_items(items, SUBMIT_BATCH)
+                    more = len(chunk) == SUBMIT_BATCH
+                    queued = self._queue_each(function, chunk, options, wakeup, tasks)
+                    slots.extend(queued)
+                while slots and (not more or len(slots) > self._window // 2):
+                    slot = slots.popleft()
+                    tasks.settled([slot])
+                    yield slot.result()
+            if raised is not None:
+                raise raised
+        finally:
+            tasks.abandon()
 
     def _queue_each(
         self,
@@ -563,9 +877,16 @@ class Client:
         items: list[Any],
         options: dict[str, Any],
         wakeup: threading.Condition,
+        tasks: _MapTasks,
     ) -> list[_Slot]:
         """A task per item, queued; their slots in order. An item that cannot
         be sent (too large, say) gets a slot failed with why, in its place."""
+
+        def queue(specs: list[p.TaskSpec]) -> list[_Slot]:
+            queued = self._enqueue(specs, lambda task_id: _Slot(wakeup, task_id))
+            tasks.track(queued)
+            return queued
+
         slots: list[_Slot] = []
         specs: list[p.TaskSpec] = []
         for item in items:
@@ -575,52 +896,49 @@ class Client:
             except (TaskError, UsageError) as exc:
                 refused = _Slot(wakeup)
                 refused.set_exception(_as_task_error(exc))
-            slots.extend(self._enqueue(specs, lambda _: _Slot(wakeup)))
+            slots.extend(queue(specs))
             slots.append(refused)
             specs = []
-        slots.extend(self._enqueue(specs, lambda _: _Slot(wakeup)))
+        slots.extend(queue(specs))
         return slots
 
     def _map_batches(
         self,
         function: str | Callable[..., Any],
-        iterable: Iterable[Any],
+        iterable: Iterable[Any] | _Feed,
         chunksize: int | None,
         timeout_s: float | None = None,
         retries: int = 0,
-    ) -> Iterator[list[list[Any]]]:
+        tasks: _MapTasks | None = None,
+    ) -> Generator[list[list[Any]], None, None]:
         """Submit the items in batches; yield each batch's outcomes in order,
-        one ``[status, value or error report]`` per item."""
+        one ``[status, value or error report]`` per item.
+
+        However it ends, what it has not yielded is cancelled (`tasks`, which
+        another thread may abandon too)."""
         job = _MapJob(function, *self._name_of(function), timeout_s, retries)
         _check_task(p.TaskSpec(0, job.name, b"", job.flags, timeout_s, retries))
-        encoder = _BatchEncoder(function, job.flags)
-        sizer = _BatchSizer(chunksize, timeout_s)
-        wakeup = threading.Condition()
-        batches: deque[_BatchSlot] = deque()
-        ahead = 0  # items submitted and not yet yielded
-        items_left = len(iterable) if isinstance(iterable, Sized) else None
-        items = iter(iterable)
-        more = True
-        while True:
-            while more and ahead < self._window:
-                if sizer.probing and len(batches) >= PROBE_BATCHES:
+        run = _BatchMap(self, job, iterable, chunksize, tasks or _MapTasks(self))
+        try:
+            while not run.tasks.abandoned:
+                run.send_ahead()
+                if not run.batches and not run.more:
                     break
-                taken, payload, refused = encoder.take(items, sizer.size(items_left))
-                if taken:
-                    batches.append(self._submit_batch(job, wakeup, taken, payload))
-                if refused is not None:
-                    item, outcome = refused
-                    batches.append(_BatchSlot(wakeup, [item], [outcome]))
-                more = bool(taken) or refused is not None
-                ahead += len(taken) + (refused is not None)
-                if items_left is not None:
-                    items_left -= len(taken) + (refused is not None)
-
-            if not batches:
-                return
-            batch = batches.popleft()
-            ahead -= len(batch.items)
-            yield self._outcomes(job, batch, sizer)
+                if run.feed is not None and not (run.batches and run.batches[0].done):
+                    run.wait()  # for input, or for the first batch's result
+                    continue
+                head = run.batches[0]
+                outcomes = self._outcomes(job, head, run.sizer, run.tasks)
+                run.batches.popleft()
+                run.ahead -= len(head.items)
+                run.tasks.settled([head])
+                yield outcomes
+            if run.raised is not None and not run.tasks.abandoned:
+                raise run.raised
+        finally:
+            run.tasks.abandon()
+            if run.feed is not None:
+                run.feed.stop()
 
     def _submit_batch(
         self,
@@ -628,17 +946,23 @@ class Client:
         wakeup: threading.Condition,
         items: list[Any],
         payload: bytes,
+        tasks: _MapTasks,
     ) -> _BatchSlot:
         # Retries are the items' own (see _retry_raised): a batch that failed
         # whole fails the same way again, or is split.
         flags = job.flags | p.Flags.BATCH
         spec = p.TaskSpec(0, job.name, payload, flags, job.timeout_s)
         slot = _BatchSlot(wakeup, items)
-        self._enqueue([spec], _always(slot))
+
+        def numbered(task_id: int) -> _Slot:
+            slot.task_id = task_id
+            return slot
+
+        tasks.track(self._enqueue([spec], numbered))
         return slot
 
     def _outcomes(
-        self, job: _MapJob, batch: _BatchSlot, sizer: _BatchSizer
+        self, job: _MapJob, batch: _BatchSlot, sizer: _BatchSizer, tasks: _MapTasks
     ) -> list[list[Any]]:
         if batch.outcomes is not None:
             return batch.outcomes
@@ -654,7 +978,7 @@ class Client:
                     len(batch.items),
                     error.remote_type,
                 )
-                return self._run_singly(job, batch.items, job.retries)
+                return self._run_singly(job, batch.items, job.retries, tasks)
             return [[p.Status.RAISED.value, error.to_wire()]] * len(batch.items)
 
         try:
@@ -663,11 +987,15 @@ class Client:
             raise ProtocolError(f"undecodable result of a batch: {exc}") from exc
         sizer.observe(len(batch.items), elapsed_s)
         if job.retries:
-            self._retry_raised(job, batch.items, outcomes)
+            self._retry_raised(job, batch.items, outcomes, tasks)
         return outcomes
 
     def _retry_raised(
-        self, job: _MapJob, items: list[Any], outcomes: list[list[Any]]
+        self,
+        job: _MapJob,
+        items: list[Any],
+        outcomes: list[list[Any]],
+        tasks: _MapTasks,
     ) -> None:
         """Run again, each on its own, the items that raised in their batch."""
         raised = [
@@ -678,12 +1006,13 @@ class Client:
         if not raised:
             return
         log.debug("retrying %d items of a batch that raised", len(raised))
-        again = self._run_singly(job, [items[i] for i in raised], job.retries - 1)
+        retried = [items[i] for i in raised]
+        again = self._run_singly(job, retried, job.retries - 1, tasks)
         for index, outcome in zip(raised, again, strict=True):
             outcomes[index] = outcome
 
     def _run_singly(
-        self, job: _MapJob, items: list[Any], retries: int
+        self, job: _MapJob, items: list[Any], retries: int, tasks: _MapTasks
     ) -> list[list[Any]]:
         """Each item as a task of its own; their outcomes, in order."""
         outcomes: list[list[Any]] = [[] for _ in items]
@@ -698,9 +1027,11 @@ class Client:
             places.append(index)
 
         wakeup = threading.Condition()
-        slots = self._enqueue(specs, lambda _: _Slot(wakeup))
+        slots = self._enqueue(specs, lambda task_id: _Slot(wakeup, task_id))
+        tasks.track(slots)
         for index, slot in zip(places, slots, strict=True):
             outcomes[index] = _settled(slot)
+        tasks.settled(slots)
         return outcomes
 
     def collect(
@@ -933,6 +1264,23 @@ class Client:
         finally:
             self._socket_lock.release()
 
+    def _withdraw(self, task_ids: list[int]) -> None:
+        """Cancel tasks nobody waits for any more (an abandoned map): those
+        not sent yet are dropped here, the others cancelled at the broker as
+        `TaskFuture.cancel` does. Their outcomes are the caller's to settle."""
+        if not task_ids:
+            return
+        wanted = set(task_ids)
+        with self._room:
+            unsent = {x.spec.task_id for x in self._outgoing} & wanted
+            if unsent:
+                kept = (x for x in self._outgoing if x.spec.task_id not in unsent)
+                self._outgoing = deque(kept)
+                self._in_window -= len(unsent)
+                self._room.notify_all()
+            self._cancels.extend(wanted - unsent)
+        self._wake()
+
     def _wake(self) -> None:
         # A full pipe means the thread is awake already; a closed one, that it left.
         with contextlib.suppress(OSError):
@@ -1055,7 +1403,9 @@ class Client:
         if time.monotonic() >= self._close_deadline or self._refused_entry:
             return False
         with self._lock:
-            if self._outgoing:
+            # Cancels too: a map abandoned just before close() must not leave
+            # its tasks to run for a session that is going away.
+            if self._outgoing or self._cancels:
                 return True
         return any(not pending.accepted for pending in self._pending.values())
 
@@ -1534,9 +1884,14 @@ def _check_task(spec: p.TaskSpec) -> None:
         raise UsageError(f"cannot submit this task: {problem}")
 
 
-def _always(outcome: OutcomeT) -> Callable[[int], OutcomeT]:
-    """An outcome maker for `_enqueue` that hands over one made beforehand."""
-    return lambda _task_id: outcome
+def _read_items(items: Iterator[Any], count: int) -> tuple[list[Any], Exception | None]:
+    """Up to `count` items, and what `items` raised after them, if it did."""
+    read: list[Any] = []
+    try:
+        read.extend(itertools.islice(items, count))
+    except Exception as exc:  # raised after the results of the items before it
+        return read, exc
+    return read, None
 
 
 def _split_when_failed(error: TaskError, items: int) -> bool:

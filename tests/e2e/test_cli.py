@@ -31,6 +31,7 @@ from .conftest import (
     free_port,
     json_lines,
     log_of,
+    read_json_line,
     run_cli,
     status_when,
     stop_process_ids,
@@ -299,7 +300,7 @@ def test_stopped_map_exits_with_its_signal_status_leaving_no_processes(
         )
     finally:
         stop_process_ids(embedded)
-    assert f"ventilator: {said}; unfinished tasks abandoned" in log_of(command)
+    assert f"ventilator: {said}; unfinished tasks cancelled" in log_of(command)
 
 
 def test_run_whose_embedded_broker_died_exits_1_naming_it(
@@ -362,6 +363,59 @@ def test_map_with_connect_returns_results_computed_by_the_workers(
     assert json_lines(completed.stdout) == [
         {"input": i, "result": i**3} for i in range(30)
     ]
+
+
+def test_map_writes_each_result_while_its_input_stays_open(
+    processes: Processes,
+) -> None:
+    # As under `tail -f | ventilator map`: lines come one at a time and the
+    # input never ends; each line's record must come out before the next.
+    command = processes.start(
+        "map",
+        ventilator_argv("map", f"{TASKS}:square", "--workers", "1"),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    for number in (2, 3, 4):
+        command.stdin.write(f"{number}\n".encode())
+        command.stdin.flush()
+        record = read_json_line(command, 30)
+        assert record == {"input": number, "result": number * number}
+
+
+def test_interrupted_map_with_connect_cancels_its_unfinished_tasks(
+    processes: Processes, launch: Launcher, broker: BrokerProcess
+) -> None:
+    launch.worker(broker, concurrency=1)
+    client = launch.client(broker)
+    wait_for_workers(client, 1)
+    command = processes.start(
+        "map",
+        ventilator_argv("map", f"{TASKS}:sleep_for", "--connect", broker.frontend),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    command.stdin.write(b"0.3\n" * 30)
+    command.stdin.close()
+    # Two lines done: past its first probes, the map has sent every line.
+    read_json_line(command, 30)
+    read_json_line(command, 30)
+
+    command.send_signal(signal.SIGINT)
+
+    assert command.wait(20) == 130
+    function = f"{TASKS}:sleep_for"
+    status = status_when(
+        client,
+        lambda s: function not in s["queued"] and function not in s["running"],
+        20,
+        "the interrupted map's tasks to be gone",
+    )
+    assert status["totals"]["cancelled"] >= 20
+    # The cancelled tasks' results were taken in: the broker keeps none of
+    # them for a session that is gone (tasks its worker held may leave some).
+    left = [c for c in status["clients"] if c["name"] != client.session]
+    assert sum(c["pending"] for c in left) <= 3
 
 
 def test_exec_with_connect_runs_on_workers_serving_the_shell_module(

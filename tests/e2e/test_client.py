@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +165,82 @@ def test_map_with_a_timeout_times_out_only_the_slow_item(
             results.append(value)
 
     assert results == [0.0] * 20
+
+
+def cancelled_when_idle(client: ventilator.Client, function: str) -> dict[str, int]:
+    """The broker's totals once nothing of `function` is queued or running."""
+    status = status_when(
+        client,
+        lambda s: function not in s["queued"] and function not in s["running"],
+        RESULT_TIMEOUT_S,
+        "the abandoned map's tasks to be gone",
+    )
+    return dict(status["totals"])
+
+
+@pytest.mark.parametrize("chunksize", [2, 1])
+def test_a_map_closed_after_a_break_cancels_the_tasks_it_has_not_yielded(
+    launch: Launcher, broker: BrokerProcess, chunksize: int | None
+) -> None:
+    launch.worker(broker, concurrency=1)
+    client = launch.client(broker)
+    wait_for_workers(client, 1)
+
+    results = client.map(tasks.sleep_for, [0.3] * 30, chunksize=chunksize)
+    assert next(results) == 0.3
+    results.close()
+
+    totals = cancelled_when_idle(client, f"{TASKS}:sleep_for")
+    # 15 or 30 tasks, all sent at once; a few had started, the rest never run.
+    assert totals["cancelled"] >= 10
+    assert totals["completed"] + totals["cancelled"] == totals["submitted"]
+
+
+def test_cancelling_the_task_of_an_async_map_cancels_its_remaining_tasks(
+    launch: Launcher, broker: BrokerProcess
+) -> None:
+    launch.worker(broker, concurrency=1)
+    wait_for_workers(launch.client(broker), 1)
+
+    async def main() -> None:
+        async with ventilator.AsyncClient(broker.frontend) as client:
+            first = asyncio.Event()
+
+            async def consume() -> None:
+                items = [0.3] * 30
+                async for _ in client.map(tasks.sleep_for, items, chunksize=2):
+                    first.set()
+
+            consumer = asyncio.ensure_future(consume())
+            await asyncio.wait_for(first.wait(), RESULT_TIMEOUT_S)
+            consumer.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await consumer
+
+    asyncio.run(main())
+
+    totals = cancelled_when_idle(launch.client(broker), f"{TASKS}:sleep_for")
+    assert totals["cancelled"] >= 10
+
+
+def numbers_then_a_failure(count: int) -> Iterator[int]:
+    yield from range(count)
+    raise KeyError("the input broke")
+
+
+@pytest.mark.parametrize("chunksize", [None, 1, 7])
+def test_a_map_whose_iterable_raises_yields_the_results_before_it_then_raises(
+    client: ventilator.Client, two_workers: list[WorkerProcess], chunksize: int | None
+) -> None:
+    results: list[int] = []
+
+    with pytest.raises(KeyError, match="the input broke"):
+        for value in client.map(
+            tasks.square, numbers_then_a_failure(50), chunksize=chunksize
+        ):
+            results.append(value)
+
+    assert results == [i * i for i in range(50)]
 
 
 def test_executor_runs_calls_by_name_through_the_broker(
