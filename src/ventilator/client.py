@@ -222,6 +222,10 @@ class _BatchSlot(_Slot):
         self.items = items
         self.outcomes = outcomes
 
+    @property
+    def done(self) -> bool:
+        return self.outcomes is not None or self._done
+
 
 class _BatchSizer:
     """How many items the next batch of a map carries.
@@ -1042,6 +1046,11 @@ class Client:
 
         Each future has the `task_id` that the earlier client's future had.
         Stops after `count` futures, or when none arrived for `timeout_s`.
+
+        A task of `map` carries a batch of items: its future's result is the
+        batch's, ``[elapsed_s, [[status, value], ...]]`` with one pair per item
+        in input order (`values_of` turns the pairs into values). The broker
+        does not mark batches, so they are not told apart from other tasks.
         """
         received = 0
         while count is None or received < count:
@@ -1746,6 +1755,9 @@ class Client:
 
 class ClientExecutor(Executor):
     """`concurrent.futures.Executor` over a `Client`; functions go by name.
+
+    `submit` takes the keywords of `Client.submit`: `timeout_s`, `retries` and
+    `sink` are the task's options, never arguments of the function.
 
     `shutdown(wait=True)` waits for the futures it handed out; it does not close
     the client, which may serve others.

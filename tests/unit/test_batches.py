@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Iterator
 from concurrent.futures import CancelledError
 
 import msgpack
@@ -17,6 +20,7 @@ from ventilator.client import (
     TIMEOUT_SHARE,
     _BatchEncoder,
     _BatchSizer,
+    _Feed,
     _split_when_failed,
     values_of,
 )
@@ -118,9 +122,9 @@ def test_encoder_stops_a_batch_at_its_byte_bound() -> None:
     blob = b"x" * (MAX_BATCH_BYTES // 3)
     items = iter([blob] * 10)
 
-    taken, payload, refused = encoder.take(items, count=10)
+    taken, payload, refused, raised = encoder.take(items, count=10)
 
-    assert refused is None
+    assert refused is None and raised is None
     assert len(taken) == 3
     assert unpack_value(payload) == [blob] * 3
     assert len(list(items)) == 7  # nothing taken beyond the batch
@@ -190,7 +194,7 @@ def test_encoder_ends_a_batch_at_an_item_it_cannot_encode_and_refuses_that_one()
     unsendable = object()
     items = iter([1, 2, unsendable, 3])
 
-    taken, payload, refused = encoder.take(items, count=10)
+    taken, payload, refused, _ = encoder.take(items, count=10)
 
     assert taken == [1, 2]
     assert unpack_value(payload) == [1, 2]
@@ -201,11 +205,23 @@ def test_encoder_ends_a_batch_at_an_item_it_cannot_encode_and_refuses_that_one()
     assert list(items) == [3]  # the next batch starts after the refused item
 
 
+def test_encoder_keeps_the_items_read_before_the_iterable_raised() -> None:
+    def items() -> Iterator[int]:
+        yield from (1, 2)
+        raise KeyError("the input broke")
+
+    taken = _BatchEncoder("m:f", p.Flags.NONE).take(items(), count=10)
+
+    assert taken.items == [1, 2]
+    assert unpack_value(taken.payload) == [1, 2]
+    assert isinstance(taken.raised, KeyError)
+
+
 def test_encoder_names_a_string_that_is_not_utf8() -> None:
     encoder = _BatchEncoder("m:f", p.Flags.NONE)
     line = b"caf\xe9".decode("utf-8", "surrogateescape")
 
-    _, _, refused = encoder.take(iter([line]), count=10)
+    refused = encoder.take(iter([line]), count=10).refused
 
     assert refused is not None
     assert "UTF-8" in refused[1][1]["message"]
@@ -240,3 +256,43 @@ def test_batch_that_failed_whole_is_split_when_one_item_may_be_to_blame(
 ) -> None:
     assert _split_when_failed(error, items=3) is split
     assert not _split_when_failed(error, items=1)
+
+
+def ready_items(feed: _Feed, count: int, timeout_s: float = 5.0) -> list[int] | None:
+    """What the feed gives a map asking for `count` items, waiting as a map
+    does until it gives something or `timeout_s` passed."""
+    deadline = time.monotonic() + timeout_s
+    while (ready := feed.ready(count)) is None and time.monotonic() < deadline:
+        feed.wait(lambda: False, want_input=True)
+    return None if ready is None else list(ready)
+
+
+def test_feed_gives_a_partial_batch_once_the_input_pauses() -> None:
+    release = threading.Event()
+
+    def paused() -> Iterator[int]:
+        yield from (1, 2)
+        release.wait(10)  # input that stays open, as under tail -f
+
+    feed = _Feed(paused())
+    feed.start()
+    try:
+        assert ready_items(feed, count=10) == [1, 2]
+    finally:
+        release.set()
+
+
+def test_feed_ends_with_what_its_iterable_raised() -> None:
+    def broken() -> Iterator[int]:
+        yield 1
+        raise KeyError("the input broke")
+
+    feed = _Feed(broken())
+    feed.start()
+
+    assert ready_items(feed, count=10) == [1]
+    deadline = time.monotonic() + 5.0
+    while not feed.exhausted and time.monotonic() < deadline:
+        feed.wait(lambda: False, want_input=True)
+    assert feed.exhausted
+    assert isinstance(feed.raised, KeyError)
