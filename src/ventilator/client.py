@@ -38,14 +38,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import (
-    Callable,
-    Generator,
-    Iterable,
-    Iterator,
-    Sequence,
-    Sized,
-)
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence, Sized
 from concurrent.futures import CancelledError, Executor, Future, InvalidStateError
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar, cast
@@ -394,6 +387,7 @@ class _Feed:
         self._waiting = False  # the map waits on `wakeup` for input
         self._reader_waits = False  # the reader waits for room
         self._seen = -1  # items there were when the map last looked
+        self._wanted = 1  # items the map asked for when it last looked
         self._partial_since: float | None = None
         self.ended = False
         self.raised: Exception | None = None
@@ -416,7 +410,12 @@ class _Feed:
         try:
             for item in self._source:
                 self._items.append(item)
-                if self._waiting or len(self._items) >= FEED_MAX_ITEMS:
+                # The map is woken for the first item (a partial batch starts
+                # to linger) and for a whole batch, not for each item between.
+                held = len(self._items)
+                if held >= FEED_MAX_ITEMS or (
+                    self._waiting and (held == 1 or held >= self._wanted)
+                ):
                     self._arrived()
                 if self._stopped:
                     return
@@ -440,6 +439,7 @@ class _Feed:
         """An iterator over up to `count` items to send now (taken from the
         feed as it is read), or None while a batch should wait for more."""
         available = len(self._items)
+        self._wanted = count
         if not available or (available < count and not self.ended):
             if available and self._partial_since is None:
                 self._partial_since = time.monotonic()
