@@ -558,7 +558,11 @@ class Broker:
             admitted = self._admission.client(identity, command)
             for task_id, reason in admitted.rejected:
                 self._scheduler.reject(peer, task_id, reason)
-            if admitted.forbidden is not None:
+            if admitted.code == security.NOT_PERMITTED and admitted.forbidden:
+                # An operator's question: answered in turn with its others.
+                log.warning("refused an operator command: %s", admitted.forbidden)
+                self._scheduler.answer(peer, p.Error(admitted.code, admitted.forbidden))
+            elif admitted.forbidden is not None:
                 log.warning("refused a sink: %s", admitted.forbidden)
                 self._send(peer, p.Error("forbidden", admitted.forbidden), now)
             if admitted.command is not None:

@@ -1331,6 +1331,8 @@ def _broker_answer(connect: str, timeout_s: float) -> Iterator[Client]:
             ) from None
         except NetworkError as exc:  # it answered, but not as a broker's frontend
             raise click.ClickException(str(exc)) from None
+        except UsageError as exc:  # this key may not give that command
+            raise click.ClickException(str(exc)) from None
 
 
 @cli.command()

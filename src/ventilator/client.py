@@ -62,7 +62,7 @@ from .errors import (
     UsageError,
     task_error_from_wire,
 )
-from .security import client_keys
+from .security import NOT_PERMITTED, client_keys
 from .serialization import (
     BatchPacker,
     pack_call,
@@ -1081,6 +1081,8 @@ class Client:
 
         Raises:
             TimeoutError: the broker did not answer within `timeout_s`.
+            UsageError: under CURVE, this client's key has a ``.functions``
+                file (see README, Security).
         """
         report = self._ask(p.ListFailed(limit), timeout_s)
         return list(report["failed"])
@@ -1102,6 +1104,8 @@ class Client:
 
         Raises:
             TimeoutError: the broker did not answer within `timeout_s`.
+            UsageError: under CURVE, this client's key has a ``.functions``
+                file (see README, Security).
         """
         return self._ask(p.Retry(list(tickets), sink), timeout_s)
 
@@ -1112,17 +1116,25 @@ class Client:
 
         Raises:
             TimeoutError: the broker did not answer within `timeout_s`.
+            UsageError: under CURVE, this client's key has a ``.functions``
+                file (see README, Security).
         """
         return int(self._ask(p.Purge(function), timeout_s)["purged"])
 
     def cancel_task(self, session: str, task_id: int, timeout_s: float = 10.0) -> str:
         """Cancel any session's task by its id, as an operator.
 
+        Under CURVE a bare session name is one of this client's key (as
+        `self.session` is); another key's session is named in full,
+        ``<fingerprint>.<name>``, as `failed()` and sinks show it.
+
         Returns what became of it: "cancelled", "running" (a running task is
         not stopped), "cancelled already", "finished" or "unknown".
 
         Raises:
             TimeoutError: the broker did not answer within `timeout_s`.
+            UsageError: under CURVE, this client's key has a ``.functions``
+                file and the session is another key's.
         """
         report = self._ask(p.CancelTask(session, task_id), timeout_s)
         return str(report["outcome"])
@@ -1521,6 +1533,9 @@ class Client:
             self._submit_refused(error)
         elif error.code == "command":
             self._misdirected(error)
+        elif error.code == NOT_PERMITTED and self._asked:
+            # An operator command this client's key may not give: its answer.
+            _fail(self._asked.popleft().answer, UsageError(error.message))
         else:
             log.warning(
                 "the broker refused a message: %s (%s)", error.message, error.code

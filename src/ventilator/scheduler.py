@@ -691,6 +691,11 @@ class Scheduler:
         session = self._recipient_of_peer.get(peer, "?")
         self._reject(peer, session, task_id, reason)
 
+    def answer(self, peer: bytes, reply: p.Command) -> None:
+        """Send a client a reply the shell decided (an operator command its key
+        may not give), in order with the scheduler's replies to its questions."""
+        self._effects.to_clients.append((peer, reply))
+
     def _reject(self, peer: bytes, session: str, task_id: int, reason: str) -> None:
         error = TaskRejected("TaskRejected", reason)
         entry = p.ResultEntry(task_id, p.Status.REJECTED, pack_error(error))

@@ -24,6 +24,7 @@ import hashlib
 import ipaddress
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -77,6 +78,15 @@ RIGHTS_SUFFIX = ".functions"
 ANONYMOUS = "anonymous"
 # The name rights are checked against for pickled callables (see `right_name`).
 PICKLED_RIGHT = "pickled:"
+# The ERROR code of an operator command the sender's key may not give.
+NOT_PERMITTED = "not_permitted"
+# A session name already inside a key: its fingerprint and a dot, as the broker
+# makes it at HELLO and as status, failed and sink records show it.
+_QUALIFIED_SESSION = re.compile(r"[0-9a-f]{16}\.")
+# Sessions of the broker's own (retries, MDP clients): inside no key.
+_BROKER_SESSIONS = ("ventilator:", "mdp:")
+# Operator commands as the CLI and the Client name them.
+_COMMAND_NAMES = {p.ListFailed: "failed", p.Retry: "retry", p.Purge: "purge"}
 
 
 # --- rights and identities ----------------------------------------------------------
@@ -132,6 +142,7 @@ class Admitted:
     command: p.Command | None  # what reaches the scheduler, if anything
     rejected: list[tuple[int, str]]  # (task id, reason): tasks outside the rights
     forbidden: str | None = None  # why the whole command is refused
+    code: str = "forbidden"  # the ERROR code that refusal is sent with
 
 
 class Admission:
@@ -153,6 +164,8 @@ class Admission:
             return self._submit(identity, command)
         if isinstance(command, p.Hello) and self._curve:
             return self._hello(identity, command)
+        if isinstance(command, p.OPERATOR_TYPES) and self._curve:
+            return self._operator(identity, command)
         return Admitted(command, [])
 
     def _submit(self, identity: Identity, submit: p.Submit) -> Admitted:
@@ -183,6 +196,35 @@ class Admission:
         session = f"{identity.fingerprint}.{hello.session}"
         return Admitted(p.Hello(session, hello.sink), [])
 
+    def _operator(self, identity: Identity, command: p.OperatorCommand) -> Admitted:
+        """An operator command within the key's rights.
+
+        A key limited by a ``.functions`` file may cancel the tasks of its own
+        sessions only; purge, failed and retry reach every key's work, so they
+        are for keys with every right. A session named without a key is the
+        caller's own, as at HELLO.
+        """
+        if isinstance(command, p.CancelTask):
+            session = qualified_session(identity, command.session)
+            command = p.CancelTask(session, command.task_id)
+            mine = session.startswith(f"{identity.fingerprint}.")
+            if mine or identity.rights.unrestricted:
+                return Admitted(command, [])
+            reason = (
+                f"key {identity.name} ({identity.fingerprint}) may cancel only "
+                f"its own sessions' tasks, not those of session {session!r}: a key "
+                "with a .functions file operates on its own work"
+            )
+        elif identity.rights.unrestricted:
+            return Admitted(command, [])
+        else:
+            reason = (
+                f"key {identity.name} ({identity.fingerprint}) may not use "
+                f"{_COMMAND_NAMES[type(command)]}: purge, failed and retry reach "
+                "every key's work, so they are for keys without a .functions file"
+            )
+        return Admitted(None, [], forbidden=reason, code=NOT_PERMITTED)
+
     def ready(self, identity: Identity, ready: p.Ready) -> p.Ready:
         """A worker's registration, cut down to its rights."""
         rights = identity.rights
@@ -206,6 +248,20 @@ class Admission:
                 else "",
             )
         return replace(ready, services=services, allow_pickle=pickle)
+
+
+def qualified_session(identity: Identity, session: str) -> str:
+    """The full name of a session a client names under CURVE.
+
+    Sessions live inside their key, so a bare name is the caller's own (as at
+    HELLO); a name already inside a key (``<fingerprint>.<name>``, as status,
+    failed and sink records show it) or one of the broker's own is taken as
+    it is. A session its user named like a fingerprint and a dot must then be
+    given in full.
+    """
+    if session.startswith(_BROKER_SESSIONS) or _QUALIFIED_SESSION.match(session):
+        return session
+    return f"{identity.fingerprint}.{session}"
 
 
 def fingerprint(public_key: str | bytes) -> str:

@@ -475,3 +475,33 @@ def test_status_without_a_key_says_at_once_that_the_broker_wants_one(
     assert result.returncode == 1
     assert "wants CURVE and this client has no key" in result.stderr
     assert "no answer" not in result.stderr
+
+
+def test_a_key_with_limited_rights_operates_only_on_its_own_sessions(
+    launch: Launcher, curve_broker: BrokerProcess, keyring: Keyring
+) -> None:
+    # No worker: every task waits in the queue, where an operator could cancel it.
+    alice = curve_client(launch, curve_broker, keyring, "alice")
+    bob = curve_client(launch, curve_broker, keyring, "bob")
+    alices = alice.submit(tasks.square, 2)
+    bobs = [bob.submit(tasks.square, n) for n in range(2)]
+    queued = {f"{TASKS}:square": 3}
+    status_when(alice, lambda s: s["queued"] == queued, RESULT_TIMEOUT_S, "3 queued")
+    alice_session = f"{keyring.fingerprint('alice')}.{alice.session}"
+
+    with pytest.raises(ventilator.UsageError, match="only its own sessions"):
+        bob.cancel_task(alice_session, alices.task_id)
+    for refused in (
+        lambda: bob.purge(f"{TASKS}:square"),
+        lambda: bob.failed(),
+        lambda: bob.retry([1]),
+    ):
+        with pytest.raises(ventilator.UsageError, match=r"without a \.functions file"):
+            refused()
+
+    # A session named as its user chose it is the caller's own, as at HELLO.
+    assert bob.cancel_task(bob.session, bobs[0].task_id) == "cancelled"
+    bob_session = f"{keyring.fingerprint('bob')}.{bob.session}"
+    assert alice.cancel_task(bob_session, bobs[1].task_id) == "cancelled"
+    wait_until(lambda: all(f.cancelled() for f in bobs), RESULT_TIMEOUT_S, "cancels")
+    assert not alices.done()

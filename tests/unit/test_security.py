@@ -12,6 +12,7 @@ from ventilator.broker import BrokerConfig
 from ventilator.errors import UsageError
 from ventilator.security import (
     CLIENT,
+    NOT_PERMITTED,
     WORKER,
     Admission,
     Identity,
@@ -21,6 +22,7 @@ from ventilator.security import (
     fingerprint,
     generate_keys,
     is_loopback,
+    qualified_session,
     read_public_key,
     read_secret_key,
     right_name,
@@ -168,6 +170,7 @@ def test_worker_refuses_pickled_callables_from_an_exposed_broker_without_curve()
 
 
 # --- admission: what a key's command becomes ----------------------------------------
+OPERATOR = Identity("ops", CLIENT, "o" * 40)
 
 REPORTER = Identity("alice", CLIENT, "k" * 40, Rights(("reports:*",)))
 
@@ -195,6 +198,45 @@ def test_admission_keeps_a_session_inside_its_key_and_guards_sinks() -> None:
     assert opened.command == p.Hello(f"{REPORTER.fingerprint}.s1")
     assert sink.command is None
     assert sink.forbidden is not None and "sink 'payroll'" in sink.forbidden
+
+
+def test_a_limited_key_may_cancel_only_in_its_own_sessions() -> None:
+    admission = Admission(curve=True, pickle_permitted=True)
+    own = f"{REPORTER.fingerprint}.s1"
+    other = f"{'0' * 16}.s1"
+
+    bare = admission.client(REPORTER, p.CancelTask("s1", 7))
+    full = admission.client(REPORTER, p.CancelTask(own, 7))
+    foreign = admission.client(REPORTER, p.CancelTask(other, 7))
+    by_operator = admission.client(OPERATOR, p.CancelTask(other, 7))
+
+    assert bare.command == full.command == p.CancelTask(own, 7)
+    assert foreign.command is None and foreign.code == NOT_PERMITTED
+    assert foreign.forbidden is not None and repr(other) in foreign.forbidden
+    assert by_operator.command == p.CancelTask(other, 7)
+
+
+@pytest.mark.parametrize(
+    "command", [p.ListFailed(), p.Retry([1], "retried"), p.Purge("reports:daily")]
+)
+def test_commands_over_every_keys_work_are_for_keys_with_every_right(
+    command: p.OperatorCommand,
+) -> None:
+    admission = Admission(curve=True, pickle_permitted=True)
+
+    limited = admission.client(REPORTER, command)
+    unlimited = admission.client(OPERATOR, command)
+    without_curve = Admission(curve=False, pickle_permitted=True).client(
+        REPORTER, command
+    )
+
+    assert limited.command is None and limited.code == NOT_PERMITTED
+    assert limited.forbidden is not None and ".functions" in limited.forbidden
+    assert unlimited.command == without_curve.command == command
+
+
+def test_broker_sessions_are_taken_as_named() -> None:
+    assert qualified_session(REPORTER, "ventilator:retry") == "ventilator:retry"
 
 
 def test_admission_turns_pickle_off_where_it_is_not_permitted() -> None:
