@@ -48,6 +48,7 @@ from ._timing import poll_timeout_ms
 from .errors import ProtocolError, UsageError
 from .gateway import MdpGateway, MdpSettings
 from .journal import Journal, MemoryJournal, open_journal
+from .logs import RateLimit as _RateLimit
 from .policy import Limits
 from .security import CLIENT, WORKER, Gate, Identity, KeyStore, PeerCount, ServerKeys
 from .telemetry import Telemetry
@@ -711,28 +712,6 @@ class _MemoryTrim:
         if self._trim is not None and now >= self._next_at:
             self._next_at = now + self._interval_s
             self._trim(0)
-
-
-class _RateLimit:
-    """At most one log line per interval; the next one says how many were held
-    back. A flood of garbage must not become a flood of log."""
-
-    def __init__(self, per_s: float) -> None:
-        self._interval_s = 1.0 / per_s
-        self._next_at = 0.0
-        self._suppressed = 0
-
-    def allows(self, now: float) -> bool:
-        if now >= self._next_at:
-            self._next_at = now + self._interval_s
-            return True
-        self._suppressed += 1
-        return False
-
-    def suppressed_note(self) -> str:
-        note = f"; {self._suppressed} more not logged" if self._suppressed else ""
-        self._suppressed = 0
-        return note
 
 
 def _keep(frame: zmq.Frame) -> bytes | memoryview:

@@ -1890,7 +1890,7 @@ def _check_session(session: str | None) -> None:
         return
     if not isinstance(session, str):
         raise UsageError(f"session must be a str, got {type(session).__name__}")
-    problem = p.name_problem(session, "session")
+    problem = p.label_problem(session, "session")
     if problem is not None:
         raise UsageError(f"cannot open this session: {problem}")
 

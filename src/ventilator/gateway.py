@@ -47,6 +47,7 @@ from . import mdp
 from . import protocol as p
 from . import scheduler as s
 from .errors import ProtocolError, TaskRejected, task_error_from_wire
+from .logs import RateLimit
 from .serialization import pack_error, unpack_value
 from .titanic import Titanic
 
@@ -98,6 +99,9 @@ class MdpGateway:
         # Clients answered this turn, forgotten once the turn's sends are done:
         # until then `owns` must still know them.
         self._answered: list[str] = []
+        # Peers' faults are logged at most once a second, as the broker's own
+        # refusals are: a flood of garbage must not become a flood of log.
+        self._fault_log = RateLimit(per_s=1.0)
 
     def resume(self) -> None:
         """After the journal replay: never reuse a task id of a restored request."""
@@ -135,12 +139,18 @@ class MdpGateway:
             # 7/MDP: a worker that breaks the protocol is disconnected.
             self._disconnect(peer, f"malformed message: {exc}", now)
             return
-        log.warning(
+        self._warn(
+            now,
             "dropped a malformed MDP client message peer=%s: %s (frames=%.120r)",
             peer.hex(),
             exc,
             [bytes(frame[:32]) for frame in frames[:5]],
         )
+
+    def _warn(self, now: float, message: str, *args: object) -> None:
+        """Log a peer's fault, unless one was logged within the last second."""
+        if self._fault_log.allows(now):
+            log.warning(message + "%s", *args, self._fault_log.suppressed_note())
 
     def _request(self, peer: bytes, request: mdp.ClientRequest, now: float) -> None:
         if request.service.startswith("mmi."):
@@ -178,8 +188,9 @@ class MdpGateway:
         )
         refusal = self._scheduler.accept_task(name, spec, now)
         if refusal is not None:
-            log.warning(
-                "refused an MDP request client=%s service=%s; replied 500: %s",
+            self._warn(
+                now,
+                "refused an MDP request client=%s service=%r; replied 500: %s",
                 peer.hex(),
                 request.service,
                 refusal,
@@ -189,7 +200,7 @@ class MdpGateway:
             self._scheduler.detach_if_idle(name)
         else:
             log.debug(
-                "MDP request client=%s service=%s task=%d",
+                "MDP request client=%s service=%r task=%d",
                 peer.hex(),
                 request.service,
                 task_id,
@@ -247,7 +258,7 @@ class MdpGateway:
 
     def _disconnect(self, peer: bytes, reason: str, now: float) -> None:
         """Send DISCONNECT and forget the worker; what it held is queued again."""
-        log.warning("disconnecting MDP worker peer=%s: %s", peer.hex(), reason)
+        self._warn(now, "disconnecting MDP worker peer=%s: %s", peer.hex(), reason)
         if mdp_name(peer) in self._scheduler.workers:
             self._scheduler.worker_command(peer, p.Bye(), now)
         self.outbox.append((peer, mdp.worker_disconnect()))
@@ -330,7 +341,7 @@ class MdpGateway:
         else:
             reason = _failure(entry)
         log.warning(
-            "MDP request failed client=%s service=%s; replied %s %s",
+            "MDP request failed client=%s service=%r; replied %s %s",
             peer.hex(),
             service,
             FAILED_FOR_GOOD,

@@ -1,7 +1,8 @@
 """Log output for the command line: readable text, or one JSON object per line.
 
 Library modules only ever call `logging.getLogger(__name__)`; handlers are
-configured here, and only the CLI calls `configure`.
+configured here, and only the CLI calls `configure`. `RateLimit` keeps a peer's
+flood of garbage from becoming a flood of log lines.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import logging
 import sys
 from datetime import UTC, datetime
 
-__all__ = ["LOG_FORMATS", "LOG_LEVELS", "JsonFormatter", "configure"]
+__all__ = ["LOG_FORMATS", "LOG_LEVELS", "JsonFormatter", "RateLimit", "configure"]
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
@@ -52,3 +53,25 @@ def configure(level: str, log_format: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+class RateLimit:
+    """At most one log line per interval; the next one says how many were held
+    back. A flood of garbage must not become a flood of log."""
+
+    def __init__(self, per_s: float) -> None:
+        self._interval_s = 1.0 / per_s
+        self._next_at = 0.0
+        self._suppressed = 0
+
+    def allows(self, now: float) -> bool:
+        if now >= self._next_at:
+            self._next_at = now + self._interval_s
+            return True
+        self._suppressed += 1
+        return False
+
+    def suppressed_note(self) -> str:
+        note = f"; {self._suppressed} more not logged" if self._suppressed else ""
+        self._suppressed = 0
+        return note

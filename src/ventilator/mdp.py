@@ -33,7 +33,7 @@ from typing import Any, TypeAlias
 import msgpack
 
 from .errors import ProtocolError
-from .protocol import MAX_NAME_LENGTH, unpack_failure
+from .protocol import MAX_NAME_LENGTH, label_problem, unpack_failure
 
 __all__ = [
     "CLIENT",
@@ -210,7 +210,8 @@ def service_name(frame: Any) -> str:
     """A service name frame as text.
 
     Raises:
-        ProtocolError: empty, longer than 256 bytes, or not UTF-8.
+        ProtocolError: empty, longer than 256 bytes, not UTF-8, or with a
+            control character (service names reach logs and status tables).
     """
     raw = bytes(frame)
     if not raw or len(raw) > MAX_NAME_LENGTH:
@@ -219,11 +220,15 @@ def service_name(frame: Any) -> str:
             "service",
         )
     try:
-        return raw.decode("utf-8")
+        name = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise ProtocolError(
             f"a service name must be UTF-8, got {raw[:32]!r}", "service"
         ) from None
+    problem = label_problem(name, "service name")
+    if problem is not None:
+        raise ProtocolError(problem, "service")
+    return name
 
 
 def _body(frames: Sequence[Any]) -> tuple[bytes, ...]:

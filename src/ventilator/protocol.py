@@ -491,6 +491,29 @@ def name_problem(value: str, what: str) -> str | None:
     return None
 
 
+def label_problem(value: str, what: str) -> str | None:
+    """`name_problem`, and no control characters: for the names that stand for
+    a peer (session, sink, worker), which reach log lines and status tables,
+    where a newline would forge a line. Function names have their own check
+    (`submission_problem`), per task."""
+    problem = name_problem(value, what)
+    unprintable = None if problem else _first_unprintable(value)
+    if unprintable is not None:
+        return (
+            f"{what} {_short(value)} has the control character {unprintable!r}; "
+            "names are printable text (they appear in logs and status)"
+        )
+    return problem
+
+
+def _label(value: Any, what: str) -> str:
+    name = _name(value, what)
+    problem = label_problem(name, what)
+    if problem is not None:
+        raise ProtocolError(problem)
+    return name
+
+
 def _name(value: Any, what: str) -> str:
     _expect(value, str, what)
     problem = name_problem(value, what)
@@ -501,6 +524,10 @@ def _name(value: Any, what: str) -> str:
 
 def _optional_name(value: Any, what: str) -> str | None:
     return None if value is None else _name(value, what)
+
+
+def _optional_label(value: Any, what: str) -> str | None:
+    return None if value is None else _label(value, what)
 
 
 def _count(value: Any, what: str) -> int:
@@ -627,8 +654,8 @@ def _decode_hello(body: Any, payloads: Sequence[Payload]) -> Hello:
     _no_payloads(payloads, "HELLO")
     _expect(body, dict, "HELLO body")
     return Hello(
-        session=_name(body.get("session"), "session"),
-        sink=_optional_name(body.get("sink"), "sink"),
+        session=_label(body.get("session"), "session"),
+        sink=_optional_label(body.get("sink"), "sink"),
     )
 
 
@@ -759,7 +786,7 @@ def _decode_retry(body: Any, payloads: Sequence[Payload]) -> Retry:
     _no_payloads(payloads, "RETRY")
     tickets, sink = _fixed(body, 2, "RETRY")
     _expect(tickets, list, "tickets")
-    return Retry([_count(t, "ticket") for t in tickets], _name(sink, "sink"))
+    return Retry([_count(t, "ticket") for t in tickets], _label(sink, "sink"))
 
 
 def _decode_purge(body: Any, payloads: Sequence[Payload]) -> Purge:
@@ -770,7 +797,7 @@ def _decode_purge(body: Any, payloads: Sequence[Payload]) -> Purge:
 def _decode_cancel_task(body: Any, payloads: Sequence[Payload]) -> CancelTask:
     _no_payloads(payloads, "CANCEL_TASK")
     session, task_id = _fixed(body, 2, "CANCEL_TASK")
-    return CancelTask(_name(session, "session"), _count(task_id, "task_id"))
+    return CancelTask(_label(session, "session"), _count(task_id, "task_id"))
 
 
 def _decode_operator_reply(body: Any, payloads: Sequence[Payload]) -> OperatorReply:
@@ -792,8 +819,8 @@ def _decode_ready(body: Any, payloads: Sequence[Payload]) -> Ready:
     if slots is not None and _count(slots, "slots") < 1:
         raise ProtocolError("slots must be at least 1")
     return Ready(
-        worker_id=_name(worker_id, "worker_id"),
-        services=[_name(service, "service") for service in services],
+        worker_id=_label(worker_id, "worker_id"),
+        services=[_label(service, "service") for service in services],
         capacity=capacity,
         allow_pickle=bool(_expect(allow_pickle, bool, "allow_pickle")),
         slots=slots,

@@ -21,6 +21,7 @@ from .conftest import (
     BrokerProcess,
     Launcher,
     Processes,
+    free_port,
     json_lines,
     log_of,
     run_cli,
@@ -286,3 +287,10 @@ def test_a_worker_connected_to_the_frontend_says_so(
         10,
         "the worker to say it talks to a frontend",
     )
+
+
+def test_a_session_name_with_a_control_character_is_refused_where_it_is_given() -> None:
+    forged = "s\n2026-01-01 00:00:00,000 ERROR ventilator.broker: FORGED"
+
+    with pytest.raises(ventilator.UsageError, match="control character"):
+        ventilator.Client(f"tcp://127.0.0.1:{free_port()}", session=forged)

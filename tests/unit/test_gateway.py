@@ -4,6 +4,7 @@ frames out, and the scheduler's queues, leases and journal records between."""
 from __future__ import annotations
 
 import itertools
+import logging
 
 import pytest
 
@@ -282,3 +283,18 @@ def test_restored_requests_keep_their_task_ids_unique(shell: Shell) -> None:
 
     ids = sorted(t.task_id for t in shell.scheduler.tasks.values())
     assert ids == [1, 2]
+
+
+def test_a_flood_of_malformed_mdp_is_logged_once_a_second(
+    shell: Shell, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="ventilator.gateway"):
+        for n in range(200):
+            shell.receive(b"M%d" % n, b"", C, b"")  # a request without a body
+            shell.receive(b"M%d" % n, b"", W, b"\x09")  # no such worker command
+        shell.later(1.0)
+        shell.receive(CLIENT, b"", C, b"")
+
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2
+    assert warnings[1].endswith("; 399 more not logged")

@@ -350,6 +350,28 @@ def test_over_long_name_is_refused(cmd: p.Cmd, body: Any, payloads: int) -> None
     assert f"1 to {p.MAX_NAME_LENGTH} characters" in str(error)
 
 
+FORGED = "s\n2026-01-01 00:00:00,000 ERROR ventilator.broker: FORGED"
+
+
+@pytest.mark.parametrize(
+    ("cmd", "body"),
+    [
+        (p.Cmd.HELLO, {"session": FORGED}),
+        (p.Cmd.HELLO, {"session": "s\x00"}),
+        (p.Cmd.HELLO, {"session": "s", "sink": "k\x1b[31m"}),
+        (p.Cmd.CANCEL_TASK, [FORGED, 1]),
+        (p.Cmd.RETRY, [[1], FORGED]),
+        (p.Cmd.READY, [FORGED, ["m:f"], 1, False]),
+        (p.Cmd.READY, ["w", ["m:f\r"], 1, False]),
+    ],
+)
+def test_a_peer_name_with_a_control_character_is_refused(cmd: p.Cmd, body: Any) -> None:
+    error = refusal(frames(cmd, body))
+
+    assert "control character" in str(error)
+    assert "\n" not in str(error) and "\x00" not in str(error)
+
+
 def test_name_of_exactly_the_maximum_length_is_accepted() -> None:
     name = "s" * p.MAX_NAME_LENGTH
 
