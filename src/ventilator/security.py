@@ -289,10 +289,16 @@ def generate_keys(
         The paths of the public and secret files.
 
     Raises:
-        UsageError: the name is not a plain file name, or the files exist.
+        UsageError: the name is not a plain file name, the files exist, or a
+            function pattern is empty or not a valid glob; nothing is written.
     """
     if not name or Path(name).name != name or name.startswith("."):
         raise UsageError(f"a key name must be a plain file name, got {name!r}")
+    patterns = [pattern.strip() for pattern in functions]
+    for pattern in patterns:
+        problem = _pattern_problem(pattern)
+        if problem is not None:
+            raise UsageError(problem)
     target = Path(directory)
     target.mkdir(parents=True, exist_ok=True)
     public, secret = target / f"{name}.key", target / f"{name}.key_secret"
@@ -310,10 +316,29 @@ def generate_keys(
         os.replace(made_public, public)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    patterns = [p.strip() for p in functions if p.strip()]
     if patterns:
         (target / f"{name}{RIGHTS_SUFFIX}").write_text("\n".join(patterns) + "\n")
     return public, secret
+
+
+def _pattern_problem(pattern: str) -> str | None:
+    """Why `pattern` cannot be a line of a rights file; None when it can."""
+    if not pattern:
+        return (
+            "a function pattern is empty: a rights file without patterns lets "
+            "the key use no function at all; leave the patterns out to let it "
+            "use every function, or name them ('reports:*')"
+        )
+    if not pattern.isprintable() or any(char.isspace() for char in pattern):
+        return f"function pattern {pattern!r} has a space or control character"
+    # fnmatch takes a '[' it cannot close as a plain character, silently: the
+    # pattern would match something else than its author meant.
+    if re.search(r"\[(?![^\]]*\])", pattern):
+        return (
+            f"function pattern {pattern!r} is not a valid glob: a '[' is never "
+            "closed by ']'"
+        )
+    return None
 
 
 def read_secret_key(

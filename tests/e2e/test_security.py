@@ -287,6 +287,20 @@ def test_keys_generate_writes_a_private_secret_and_the_rights_file(
     assert read_public_key(tmp_path / "carol.key") == read_public_key(secret)
 
 
+def test_keys_generate_refuses_an_empty_rights_pattern_saying_what_it_means(
+    processes: Processes, tmp_path: Path
+) -> None:
+    keys = tmp_path / "keys"
+    result = run_cli(
+        processes, "keys", "generate", "x", "--dir", str(keys), "--functions", ""
+    )
+
+    assert result.returncode == 2, result.stdout
+    assert "no function at all" in result.stderr
+    assert "rights:" not in result.stdout
+    assert not keys.exists()
+
+
 def test_status_takes_its_keys_from_the_environment(
     processes: Processes,
     curve_broker: BrokerProcess,

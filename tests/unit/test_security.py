@@ -48,6 +48,24 @@ def test_generate_refuses_to_overwrite_a_key(tmp_path: Path) -> None:
         generate_keys("alice", tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("functions", "refusal"),
+    [
+        ([""], "lets the key use no function at all"),
+        (["reports:*", "  "], "lets the key use no function at all"),
+        (["mytasks:["], "'mytasks:\\[' is not a valid glob"),
+        (["reports:a\nb"], "control character"),
+    ],
+)
+def test_generate_refuses_a_pattern_that_would_not_mean_what_it_says(
+    tmp_path: Path, functions: list[str], refusal: str
+) -> None:
+    with pytest.raises(UsageError, match=refusal):
+        generate_keys("alice", tmp_path, functions)
+
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("name", ["", "../alice", "a/b", ".hidden"])
 def test_generate_refuses_names_that_are_not_plain_file_names(
     tmp_path: Path, name: str
