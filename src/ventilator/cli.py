@@ -1120,7 +1120,7 @@ def _acceptance(client: Client, job: _Job, future: Future[Any]) -> ItemOutcome:
         assert isinstance(future, TaskFuture)  # only a submitted task is accepted
         task_id = future.task_id
         # The fields `ventilator sink` writes with the result, to join on.
-        ids = {"client": client.session, "task_id": task_id}
+        ids = {"client": client.session_at_broker, "task_id": task_id}
         return ItemOutcome({**ids, "task_id_str": str(task_id), "sink": job.sink}, None)
     if isinstance(error, UsageError):
         return ItemOutcome(None, TaskRejected("UsageError", str(error)))

@@ -62,7 +62,7 @@ from .errors import (
     UsageError,
     task_error_from_wire,
 )
-from .security import NOT_PERMITTED, client_keys
+from .security import NOT_PERMITTED, client_keys, fingerprint
 from .serialization import (
     BatchPacker,
     pack_call,
@@ -1063,6 +1063,15 @@ class Client:
     def executor(self) -> ClientExecutor:
         """A `concurrent.futures.Executor` that runs its calls through this client."""
         return ClientExecutor(self)
+
+    @property
+    def session_at_broker(self) -> str:
+        """The name the broker knows this session by, as sink records,
+        `failed()` and status show it: under CURVE, sessions live inside their
+        key, ``<key fingerprint>.<session>``; without, `session` itself."""
+        if self._curve is None:
+            return self.session
+        return f"{fingerprint(self._curve.public_key)}.{self.session}"
 
     def status(self, timeout_s: float = 10.0) -> dict[str, Any]:
         """The broker's workers, queues and clients, as plain data.

@@ -34,6 +34,7 @@ from .conftest import (
     Processes,
     WorkerProcess,
     free_port,
+    json_lines,
     log_of,
     run_cli,
     status_when,
@@ -519,3 +520,32 @@ def test_a_key_with_limited_rights_operates_only_on_its_own_sessions(
     assert alice.cancel_task(bob_session, bobs[1].task_id) == "cancelled"
     wait_until(lambda: all(f.cancelled() for f in bobs), RESULT_TIMEOUT_S, "cancels")
     assert not alices.done()
+
+
+def test_map_with_sink_prints_the_client_its_sink_records_carry_under_curve(
+    processes: Processes,
+    launch: Launcher,
+    curve_broker: BrokerProcess,
+    keyring: Keyring,
+) -> None:
+    curve_worker(launch, curve_broker, keyring, "w1")
+    wait_for_workers(curve_client(launch, curve_broker, keyring, "alice"), 1)
+
+    completed = run_cli(
+        processes,
+        "map",
+        f"{TASKS}:square",
+        *("--connect", curve_broker.frontend, "--sink", "squares"),
+        *keyring.peer_options("alice"),
+        input_text="".join(f"{i}\n" for i in range(5)),
+    )
+
+    assert completed.returncode == 0, completed.stderr
+    printed = {(r["client"], r["task_id"]) for r in json_lines(completed.stdout)}
+    alice = {
+        "secret_key": keyring.secret("alice"),
+        "broker_key": keyring.public("broker"),
+    }
+    with ventilator.Sink("squares", curve_broker.frontend, **alice) as sink:
+        results = list(itertools.islice(sink.results(RESULT_TIMEOUT_S), 5))
+    assert {(r.session, r.task_id) for r in results} == printed
