@@ -95,6 +95,10 @@ class Worker:
         self._pool: Pool | None = None
         self._socket: zmq.Socket[bytes] | None = None
         self._watch = _Watch()
+        # A broker that refuses this worker's handshake is otherwise silence:
+        # say once what is wrong with the keys, as clients do.
+        public_key = self._curve.public_key if self._curve is not None else None
+        self._handshakes = _wire.HandshakeWatch(config.connect, "worker", public_key)
         # A send may have taken the socket's wake-up: ask ZMQ_EVENTS before
         # sleeping (see _input_unannounced).
         self._sent_since_check = False
@@ -142,8 +146,10 @@ class Worker:
     def _connect(self, now: float) -> None:
         if self._socket is not None:
             self._watch.forget_socket()
+            self._handshakes.close()
             self._socket.close(linger=0)
         self._socket = self._context.socket(zmq.DEALER)
+        self._handshakes.watch(self._socket)
         self._socket.setsockopt(zmq.LINGER, 1000)
         self._socket.setsockopt(zmq.SNDHWM, 100_000)
         self._socket.setsockopt(zmq.RCVHWM, 100_000)
@@ -348,6 +354,7 @@ class Worker:
         log.debug("credit changed worker=%s capacity=%d", self.config.worker_id, wanted)
 
     def _check_broker(self, now: float) -> None:
+        self._handshakes.read()  # logs a refused handshake's reason, once
         silent_s = now - self._broker_seen
         if silent_s > self.config.heartbeat_interval_s * self.config.liveness:
             log.warning(
@@ -367,6 +374,7 @@ class Worker:
     def _leave(self) -> None:
         if self._socket is not None:
             self._send(p.Bye())
+            self._handshakes.close()
             self._socket.close()
         if self._pool is not None:
             self._pool.close()

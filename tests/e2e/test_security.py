@@ -549,3 +549,23 @@ def test_map_with_sink_prints_the_client_its_sink_records_carry_under_curve(
     with ventilator.Sink("squares", curve_broker.frontend, **alice) as sink:
         results = list(itertools.islice(sink.results(RESULT_TIMEOUT_S), 5))
     assert {(r.session, r.task_id) for r in results} == printed
+
+
+def test_a_worker_the_broker_refuses_says_once_what_is_wrong_with_its_key(
+    launch: Launcher, curve_broker: BrokerProcess, keyring: Keyring
+) -> None:
+    # A client's key on the workers' socket: the handshake is refused.
+    worker = launch.worker(
+        curve_broker,
+        pool="thread",
+        heartbeat_interval_s=0.2,
+        extra=keyring.peer_options("alice"),
+    )
+
+    wait_until(
+        lambda: log_of(worker.process).count("broker silent") >= 2,
+        RESULT_TIMEOUT_S,
+        "the worker to reconnect twice",
+    )
+    diagnosis = f"refused this worker's CURVE key {keyring.fingerprint('alice')}"
+    assert log_of(worker.process).count(diagnosis) == 1, log_of(worker.process)
