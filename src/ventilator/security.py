@@ -505,14 +505,27 @@ class ClientKeys:
         cls, secret_key: str | os.PathLike[str], broker_key: str | os.PathLike[str]
     ) -> ClientKeys:
         public, secret = read_secret_key(secret_key, "secret_key (--secret-key)")
-        return cls(
-            public, secret, read_public_key(broker_key, "broker_key (--broker-key)")
-        )
+        return cls(public, secret, _broker_public_key(broker_key))
 
     def apply(self, sock: zmq.Socket[Any]) -> None:
         sock.curve_publickey = self.public_key
         sock.curve_secretkey = self.secret_key
         sock.curve_serverkey = self.broker_key
+
+
+def _broker_public_key(path: str | os.PathLike[str]) -> bytes:
+    """The broker's public key from its ``.key`` file. Its ``.key_secret``
+    holds the public key too, but a copy of it on a peer is a leaked secret:
+    refused, so that it is noticed and removed rather than relied on."""
+    what = "broker_key (--broker-key)"
+    public, secret = _load(path, what)
+    if secret is not None:
+        raise UsageError(
+            f"{what} {path} is a secret key file: give the broker's public key "
+            "(its .key file); the .key_secret belongs on the broker alone, and "
+            "a copy elsewhere should be deleted"
+        )
+    return public
 
 
 def client_keys(

@@ -155,6 +155,17 @@ def test_a_peer_needs_both_key_files_or_neither(tmp_path: Path) -> None:
         client_keys(str(secret), None)
 
 
+def test_a_brokers_secret_key_given_as_its_public_key_is_refused(
+    tmp_path: Path,
+) -> None:
+    _, secret = generate_keys("alice", tmp_path)
+    broker_public, broker_secret = generate_keys("broker", tmp_path)
+
+    assert client_keys(str(secret), str(broker_public)) is not None
+    with pytest.raises(UsageError, match=r"is a secret key file.*\.key file"):
+        client_keys(str(secret), str(broker_secret))
+
+
 @pytest.mark.parametrize(
     ("endpoint", "loopback"),
     [
