@@ -265,12 +265,12 @@ class Broker:
         )
 
     def _bind_sockets(self) -> None:
-        self._frontend.bind(self.config.frontend)
-        self._backend.bind(self.config.backend)
+        _bind(self._frontend, self.config.frontend, "frontend")
+        _bind(self._backend, self.config.backend, "backend")
         self.frontend_endpoint = _endpoint(self._frontend)
         self.backend_endpoint = _endpoint(self._backend)
         if self._mdp is not None and self.config.mdp:
-            self._mdp.bind(self.config.mdp)
+            _bind(self._mdp, self.config.mdp, "mdp")
             self.mdp_endpoint = _endpoint(self._mdp)
 
     def _check_endpoints(self) -> None:
@@ -779,6 +779,16 @@ def _fd(sock: zmq.Socket[bytes]) -> int:
 
 def _ms(seconds: float) -> int:
     return max(1, round(seconds * 1000))
+
+
+def _bind(sock: zmq.Socket[bytes], address: str, name: str) -> None:
+    """Bind `sock`; a failure names the endpoint and its option, since libzmq's
+    "Address already in use" does not say which of three it was."""
+    try:
+        sock.bind(address)
+    except zmq.ZMQError as exc:
+        message = f"cannot bind the {name} endpoint (--{name}) {address}: {exc}"
+        raise zmq.ZMQError(exc.errno, message) from exc
 
 
 def _endpoint(sock: zmq.Socket[bytes]) -> str:

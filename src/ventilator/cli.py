@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 import click
+from click.core import ParameterSource
 
 from . import logs
 from . import protocol as p
@@ -112,7 +113,30 @@ def _logging_options(default: bool) -> Callable[[Callable[..., Any]], Any]:
     return decorate
 
 
-@click.group(context_settings={"auto_envvar_prefix": "VENTILATOR"})
+class _Commands(click.Group):
+    """The command group; a bad value from a `VENTILATOR_*` variable is
+    reported under the variable's name, not only the option's, which the user
+    never typed."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.BadParameter as exc:
+            _name_the_variable(exc)
+            raise
+
+
+def _name_the_variable(exc: click.BadParameter) -> None:
+    ctx, param = exc.ctx, exc.param
+    if ctx is None or not isinstance(param, click.Option) or param.name is None:
+        return
+    if ctx.get_parameter_source(param.name) is not ParameterSource.ENVIRONMENT:
+        return
+    envvar = param.envvar or f"{ctx.auto_envvar_prefix}_{param.name.upper()}"
+    exc.param_hint = f"{envvar} (the environment's value for {param.opts[0]})"
+
+
+@click.group(cls=_Commands, context_settings={"auto_envvar_prefix": "VENTILATOR"})
 @_logging_options(default=True)
 @click.version_option(package_name="ventilator")
 def cli() -> None:

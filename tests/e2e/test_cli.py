@@ -82,6 +82,7 @@ def test_broker_on_an_endpoint_in_use_exits_with_an_error(
 
     assert completed.returncode == 1
     assert "in use" in completed.stderr
+    assert f"--frontend) {broker.frontend}" in completed.stderr
 
 
 def test_status_without_a_broker_exits_1_naming_the_address(
@@ -1031,3 +1032,15 @@ def test_broker_on_a_malformed_endpoint_is_a_usage_error_naming_the_option(
     assert f"Invalid value for '{option}'" in completed.stderr
     assert "unknown transport 'foo'" in completed.stderr
     assert "pickled" not in completed.stderr and "Traceback" not in completed.stderr
+
+
+def test_a_bad_value_from_the_environment_is_reported_under_its_variable(
+    processes: Processes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VENTILATOR_STATUS_TIMEOUT_S", "soon")
+
+    completed = run_cli(processes, "status")
+
+    assert completed.returncode == 2
+    assert "VENTILATOR_STATUS_TIMEOUT_S" in completed.stderr
+    assert "'soon'" in completed.stderr
