@@ -560,9 +560,7 @@ class Broker:
             for task_id, reason in admitted.rejected:
                 self._scheduler.reject(peer, task_id, reason)
             if admitted.code == security.NOT_PERMITTED and admitted.forbidden:
-                # An operator's question: answered in turn with its others.
-                log.warning("refused an operator command: %s", admitted.forbidden)
-                self._scheduler.answer(peer, p.Error(admitted.code, admitted.forbidden))
+                self._refuse_operator(peer, admitted.forbidden, now)
             elif admitted.forbidden is not None:
                 log.warning("refused a sink: %s", admitted.forbidden)
                 self._send(peer, p.Error("forbidden", admitted.forbidden), now)
@@ -574,6 +572,18 @@ class Broker:
             if self._keys is not None:
                 self._worker_keys[peer] = identity.public_key
         self._scheduler.worker_command(peer, command, now)
+
+    def _refuse_operator(self, peer: bytes, reason: str, now: float) -> None:
+        """Refuse an operator command the sender's key may not give. The answer
+        goes through the scheduler, in turn with the answers to the client's
+        other questions, which it pairs with them by order."""
+        if self._refusal_log.allows(now):
+            log.warning(
+                "refused an operator command: %s%s",
+                reason,
+                self._refusal_log.suppressed_note(),
+            )
+        self._scheduler.answer(peer, p.Error(security.NOT_PERMITTED, reason))
 
     def _refuse(
         self,
