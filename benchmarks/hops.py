@@ -4,9 +4,10 @@
 
 Benchmark B (one task at a time) is bound by the hand-offs on its path, each a
 wake-up of another thread or process. The naive broker's round trip has four:
-client, broker, worker, broker, client. Ventilator's has two more on each side:
-the client's caller hands the task to its I/O thread and is woken by it, and the
-worker hands the task to a task process over a pipe and reads it back.
+client, broker, worker, broker, client. Ventilator's had two more on each side:
+the client's caller handed the task to its I/O thread and was woken by it, and
+the worker hands the task to a task process over a pipe and reads it back. (A
+lone task is now sent by the caller itself; only the wake-up back remains.)
 
 This runs the naive topology with no per-task logic at all (no ids, journal,
 credit or encoding beyond one msgpack), then adds those hand-offs one kind at a
@@ -40,7 +41,7 @@ SHAPES = {
     "naive (4 hand-offs)": (False, False),
     "+ task process (6)": (True, False),
     "+ client I/O thread (6)": (False, True),
-    "+ both, as ventilator (8)": (True, True),
+    "+ both (8)": (True, True),
 }
 
 _SPAWN = multiprocessing.get_context("spawn")
