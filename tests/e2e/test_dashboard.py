@@ -229,6 +229,9 @@ def test_dashboard_shows_what_the_api_reports(
     failures = page.get_by_test_id("failures-table")
     assert "ValueError: failed on purpose: bad 0" in failures.inner_text()
     assert "raised" in failures.inner_text()
+    # The list is journalled and outlives a restart; the count is this run's.
+    note = page.locator("#failed-note").inner_text()
+    assert note == "(latest 1; 1 failed since the broker started)"
     # Once the history holds every completion, the next refresh charts it.
     wait_until(
         lambda: (

@@ -123,7 +123,10 @@ function renderFailures(failed, total) {
     el("td", {}, el("code", {}, `${f.session} · ${f.task_id}`)),
     el("td", { class: "num" }, `${ago(f.failed_s_ago)} ago`)));
   fill("failures", rows, 6, "no failed task");
-  setText("failed-note", failed.length ? `(latest ${failed.length} of ${number(total)})` : "");
+  // The list survives a broker restart (it is journalled); the count does not.
+  setText("failed-note", failed.length
+    ? `(latest ${failed.length}; ${number(total)} failed since the broker started)`
+    : "");
 }
 
 function renderClients(clients) {
