@@ -20,6 +20,7 @@ _NOBLOCK = int(zmq.NOBLOCK)
 _NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
+_FD = int(zmq.FD)
 
 
 def receive(
@@ -68,6 +69,38 @@ def _receive_frames(socket: zmq.Socket[bytes], lend_large: bool) -> list[p.Paylo
 def has_input(socket: zmq.Socket[bytes]) -> bool:
     """Whether a message waits on `socket`, by its ZMQ_EVENTS."""
     return bool(cast(int, socket.getsockopt(_EVENTS)) & _POLLIN)
+
+
+def fd_of(socket: zmq.Socket[bytes]) -> int:
+    """The descriptor that signals news on `socket` (ZMQ_FD)."""
+    return cast(int, socket.getsockopt(_FD))
+
+
+class InputCheck:
+    """Whether a message waits on a socket that its ZMQ_FD will not announce.
+
+    ZMQ_FD becomes readable when the socket's state may have changed, not once
+    per message, and not for a first message until ZMQ_EVENTS found the socket
+    empty. A send runs the socket's pending commands, which can consume the
+    wake-up of a message that arrived meanwhile. So on a new socket and after a
+    send, ZMQ_EVENTS is asked once before the owner sleeps; otherwise not at
+    all, since each ask is a system call or two. A receive that drains the
+    socket (`receive`) ends on ZMQ_EVENTS, which arms the descriptor again.
+    """
+
+    def __init__(self, socket: zmq.Socket[bytes]) -> None:
+        self._socket = socket
+        self._due = True
+
+    def sent(self) -> None:
+        self._due = True
+
+    def unannounced(self) -> bool:
+        """Whether a message waits unannounced; asks only when it may."""
+        if not self._due:
+            return False
+        self._due = False
+        return has_input(self._socket)
 
 
 def send(socket: zmq.Socket[bytes], command: p.Command) -> bool:

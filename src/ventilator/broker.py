@@ -36,7 +36,7 @@ import select
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -385,8 +385,12 @@ class Broker:
         """
         poller = select.poll()
         poller.register(self._wake_read, select.POLLIN)
-        self._fd_sockets = {_fd(sock): tag for tag, sock in self._sockets.items()}
-        self._fd_monitors = {_fd(monitor): monitor for monitor in self._monitors}
+        self._fd_sockets = {
+            _wire.fd_of(sock): tag for tag, sock in self._sockets.items()
+        }
+        self._fd_monitors = {
+            _wire.fd_of(monitor): monitor for monitor in self._monitors
+        }
         for fd in [*self._fd_sockets, *self._fd_monitors]:
             poller.register(fd, select.POLLIN)
         self._check_everything()
@@ -415,7 +419,7 @@ class Broker:
         commands then), leaving its descriptor quiet with a message waiting:
         ask ZMQ_EVENTS once for each socket sent on this turn."""
         for tag in self._sent_on:
-            if _readable(self._sockets[tag]):
+            if _wire.has_input(self._sockets[tag]):
                 self._unread.add(tag)
         self._sent_on.clear()
 
@@ -460,7 +464,7 @@ class Broker:
 
     def _watch_connections(self, monitor: zmq.Socket[bytes]) -> None:
         tag = self._monitors[monitor]
-        while _readable(monitor):
+        while _wire.has_input(monitor):
             event = recv_monitor_message(monitor)["event"]
             if event == zmq.EVENT_ACCEPTED:
                 self._peers.accepted += 1
@@ -498,7 +502,7 @@ class Broker:
             # Asking is cheaper than the exception a receive from an empty
             # socket raises; the first receive is tried blind, as a socket
             # gets here because something (most often a message) is waiting.
-            if not _readable(sock):
+            if not _wire.has_input(sock):
                 self._unread.discard(tag)
                 return
 
@@ -748,14 +752,6 @@ def _received_frame(part: Any) -> Any:
 # uses them as plain ints.
 _NOBLOCK = int(zmq.NOBLOCK)
 _NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
-_EVENTS = int(zmq.EVENTS)
-_POLLIN = int(zmq.POLLIN)
-
-
-def _readable(sock: zmq.Socket[bytes]) -> bool:
-    """Whether a message waits on `sock`, by its ZMQ_EVENTS: cheaper than the
-    exception a receive from an empty socket raises."""
-    return bool(cast(int, sock.getsockopt(_EVENTS)) & _POLLIN)
 
 
 def _receive(sock: zmq.Socket[bytes]) -> list[zmq.Frame]:
@@ -780,11 +776,6 @@ def _send_multipart(sock: zmq.Socket[bytes], message: list[Any], copy: bool) -> 
     for part in message[:-1]:
         sock.send(part, _NOBLOCK_MORE, copy=copy)
     sock.send(message[-1], _NOBLOCK, copy=copy)
-
-
-def _fd(sock: zmq.Socket[bytes]) -> int:
-    """The descriptor that signals news on `sock` (ZMQ_FD)."""
-    return cast(int, sock.getsockopt(zmq.FD))
 
 
 def _ms(seconds: float) -> int:

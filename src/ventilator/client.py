@@ -41,7 +41,7 @@ from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence, Sized
 from concurrent.futures import CancelledError, Executor, Future, InvalidStateError
 from dataclasses import dataclass
-from typing import Any, NamedTuple, TypeVar, cast
+from typing import Any, NamedTuple, TypeVar
 
 import zmq
 
@@ -673,9 +673,7 @@ class Client:
         self._poll = select.poll()
         self._socket_fd = -1
         self._monitor_fd = -1
-        # A new socket, or a send since ZMQ_EVENTS last showed no input: a
-        # message may wait unannounced (see _input_unannounced).
-        self._input_unchecked = False
+        self._input: _wire.InputCheck  # with the socket (see _watch)
         self._welcomed = False
         self._durable = True
         self._acks: list[tuple[str, int]] = []
@@ -1290,7 +1288,7 @@ class Client:
             self._send_outgoing(time.monotonic())
             # The I/O thread sleeps on the socket's descriptor, which our sends
             # may have silenced for a message that came in meanwhile.
-            return not self._input_unannounced()
+            return not self._input.unannounced()
         finally:
             self._socket_lock.release()
 
@@ -1398,29 +1396,13 @@ class Client:
         The only time the I/O thread lets go of the socket: a caller may send
         on it meanwhile, and writes the pipe if a message then waits unseen.
         """
-        if self._input_unannounced():
+        if self._input.unannounced():
             return {self._socket_fd}
         self._socket_lock.release()
         try:
             return {fd for fd, _ in self._poll.poll(poll_timeout_ms(wake_at))}
         finally:
             self._socket_lock.acquire()
-
-    def _input_unannounced(self) -> bool:
-        """Whether a message waits that the socket's descriptor will not announce.
-
-        ZMQ_FD becomes readable when the socket's state may have changed, not
-        once per message, and not for a first message until a receive or
-        ZMQ_EVENTS found the socket empty; a send processes the socket's
-        pending commands, which can consume the wake-up of a message that
-        arrived meanwhile. Only ZMQ_EVENTS tells, and it is asked only after a
-        send or on a new socket: a receive stops on ZMQ_EVENTS already
-        (_wire.receive).
-        """
-        if not self._input_unchecked:
-            return False
-        self._input_unchecked = False
-        return _wire.has_input(self._socket)
 
     def _close_socket(self, linger: int) -> None:
         self._unwatch()
@@ -1468,11 +1450,11 @@ class Client:
         wake-up pipe in one `select.poll`: one system call per wait, where a
         `zmq.Poller` polls twice and asks each socket's ZMQ_EVENTS twice. It
         also leaves the socket alone while the I/O thread waits (see _wait)."""
-        self._socket_fd = cast(int, self._socket.get(zmq.FD))
+        self._socket_fd = _wire.fd_of(self._socket)
         self._poll.register(self._socket_fd, select.POLLIN)
-        self._input_unchecked = True
+        self._input = _wire.InputCheck(self._socket)
         if self._handshakes.monitor is not None:
-            self._monitor_fd = cast(int, self._handshakes.monitor.get(zmq.FD))
+            self._monitor_fd = _wire.fd_of(self._handshakes.monitor)
             self._poll.register(self._monitor_fd, select.POLLIN)
             # Its descriptor announces events only once a receive found it empty.
             self._handshakes.read()
@@ -1489,7 +1471,7 @@ class Client:
 
     def _send(self, command: p.Command) -> None:
         _wire.send(self._socket, command)
-        self._input_unchecked = True
+        self._input.sent()
 
     def _receive(self, now: float) -> bool:
         heard = False

@@ -18,7 +18,7 @@ import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import zmq
 
@@ -94,14 +94,12 @@ class Worker:
         _wire.check_endpoint(config.connect, "the broker's backend")
         self._pool: Pool | None = None
         self._socket: zmq.Socket[bytes] | None = None
+        self._input: _wire.InputCheck | None = None  # with the socket
         self._watch = _Watch()
         # A broker that refuses this worker's handshake is otherwise silence:
         # say once what is wrong with the keys, as clients do.
         public_key = self._curve.public_key if self._curve is not None else None
         self._handshakes = _wire.HandshakeWatch(config.connect, "worker", public_key)
-        # A send may have taken the socket's wake-up: ask ZMQ_EVENTS before
-        # sleeping (see _input_unannounced).
-        self._sent_since_check = False
         self._told_misdirected = False
         self._broker_seen = 0.0
         self._registering = False
@@ -156,7 +154,8 @@ class Worker:
         if self._curve is not None:
             self._curve.apply(self._socket)
         self._socket.connect(self.config.connect)
-        self._watch.socket(cast(int, self._socket.get(zmq.FD)))
+        self._watch.socket(_wire.fd_of(self._socket))
+        self._input = _wire.InputCheck(self._socket)
         self._register(now)
 
     def _register(self, now: float) -> None:
@@ -198,7 +197,7 @@ class Worker:
         while not self._stopping:
             # Children are replaced, and written to, now and then.
             self._watch.pool(self._pool.fds(), self._pool.write_fds())
-            unannounced = self._sent_since_check and self._input_unannounced()
+            unannounced = self._input is not None and self._input.unannounced()
             timeout_ms = 0 if unannounced else self._poll_timeout_ms(next_beat)
             ready = self._watch.wait(timeout_ms)
             now = time.monotonic()
@@ -213,17 +212,6 @@ class Worker:
                 self._send(p.Heartbeat())
                 next_beat = now + interval_s
                 self._check_broker(now)
-
-    def _input_unannounced(self) -> bool:
-        """Whether messages wait that the socket's descriptor will not announce.
-
-        Sending processes the socket's pending commands, which can consume the
-        wake-up of a message that arrived meanwhile; only ZMQ_EVENTS tells.
-        Ask after a send only: each ask is a system call or two.
-        """
-        assert self._socket is not None
-        self._sent_since_check = False
-        return _wire.has_input(self._socket)
 
     def _drained(self) -> bool:
         """Tell the broker we are draining, once; True when nothing is left."""
@@ -369,7 +357,8 @@ class Worker:
         # takes this worker for dead.
         assert self._socket is not None
         _wire.send(self._socket, command)
-        self._sent_since_check = True
+        if self._input is not None:
+            self._input.sent()
 
     def _leave(self) -> None:
         if self._socket is not None:

@@ -1,10 +1,12 @@
-"""The address check every peer makes before it connects."""
+"""The address check every peer makes before it connects, and the rule for
+messages a socket's descriptor does not announce."""
 
 from __future__ import annotations
 
 import pytest
+import zmq
 
-from ventilator._wire import check_endpoint
+from ventilator._wire import InputCheck, check_endpoint
 from ventilator.errors import UsageError
 
 
@@ -55,3 +57,24 @@ def test_a_malformed_address_to_bind_is_refused_as_one() -> None:
         check_endpoint("foo://bar", "the frontend endpoint", to_bind=True)
 
     assert "unknown transport 'foo'" in str(refused.value)
+
+
+def test_input_check_asks_on_a_new_socket_and_after_each_send_only() -> None:
+    context = zmq.Context()
+    ours, theirs = context.socket(zmq.PAIR), context.socket(zmq.PAIR)
+    try:
+        ours.bind("inproc://input-check")
+        theirs.connect("inproc://input-check")
+        theirs.send(b"waiting")
+        ours.poll(5000)  # the message has arrived
+        check = InputCheck(ours)
+
+        assert check.unannounced()  # a new socket: asked, and it waits
+        assert not check.unannounced()  # not asked again until a send
+        ours.send(b"hello")
+        check.sent()
+        assert check.unannounced()  # asked again: still waiting
+    finally:
+        ours.close(linger=0)
+        theirs.close(linger=0)
+        context.term()
