@@ -404,6 +404,18 @@ def reconnected_twice(caplog: pytest.LogCaptureFixture) -> bool:
     return len(reconnects) >= 2
 
 
+def client_keys(
+    keyring: Keyring, secret: str | None, broker_key: str | None
+) -> dict[str, str]:
+    """A client's key options: none unless both keys are named."""
+    if secret is None or broker_key is None:
+        return {}
+    return {
+        "secret_key": keyring.secret(secret),
+        "broker_key": keyring.public(broker_key),
+    }
+
+
 @pytest.mark.parametrize(
     ("secret", "broker_key", "says"),
     [
@@ -423,12 +435,7 @@ def test_a_client_the_broker_refuses_says_once_what_is_wrong_with_its_key(
     says: str,
 ) -> None:
     caplog.set_level(logging.WARNING, logger="ventilator")
-    keys = {}
-    if secret is not None and broker_key is not None:
-        keys = {"secret_key": keyring.secret(secret)}
-        keys["broker_key"] = keyring.public(broker_key)
-
-    client = launch.client(curve_broker, **keys)
+    client = launch.client(curve_broker, **client_keys(keyring, secret, broker_key))
 
     wait_until(lambda: handshake_errors(caplog, says), 10, f"an error: {says}")
     assert is_refused(client)
@@ -456,11 +463,7 @@ def test_tasks_of_a_client_the_broker_refuses_fail_saying_why(
     says: str,
 ) -> None:
     # Without the diagnosis they waited for ever, and so did close().
-    keys = {}
-    if secret is not None and broker_key is not None:
-        keys = {"secret_key": keyring.secret(secret)}
-        keys["broker_key"] = keyring.public(broker_key)
-    client = launch.client(curve_broker, **keys)
+    client = launch.client(curve_broker, **client_keys(keyring, secret, broker_key))
 
     early = client.submit(tasks.square, 3)
     with pytest.raises(ventilator.NetworkError, match=re.escape(says)):
