@@ -501,7 +501,7 @@ class _BatchMap:
         self._items = None if isinstance(iterable, _Feed) else iter(iterable)
         self._items_left = len(iterable) if isinstance(iterable, Sized) else None
         self.batches: deque[_BatchSlot] = deque()
-        self.ahead = 0  # items submitted and not yet yielded
+        self._ahead = 0  # items submitted and not yet yielded
         self._read_all = False
         self._raised: Exception | None = None
         if self.feed is not None:
@@ -522,7 +522,7 @@ class _BatchMap:
         return self._raised
 
     def has_room(self) -> bool:
-        if not self.more or self.ahead >= self._client._window:
+        if not self.more or self._ahead >= self._client._window:
             return False
         # Until a first batch is back, a slow function must not be packed
         # many items to a task.
@@ -550,13 +550,19 @@ class _BatchMap:
         if taken.refused is not None:
             item, outcome = taken.refused
             self.batches.append(_BatchSlot(self.wakeup, [item], [outcome]))
-        self.ahead += read
+        self._ahead += read
         if self._items_left is not None:
             self._items_left -= read
         if taken.raised is not None:
             self._raised, self._read_all = taken.raised, True
         elif self.feed is None and not read:
             self._read_all = True
+
+    def pop_head(self) -> _BatchSlot:
+        """The oldest batch, its outcomes taken: no longer counted ahead."""
+        head = self.batches.popleft()
+        self._ahead -= len(head.items)
+        return head
 
     def wait(self) -> None:
         """With a feed: wait until the first batch is done, or input came."""
@@ -929,11 +935,8 @@ class Client:
                 if run.feed is not None and not (run.batches and run.batches[0].done):
                     run.wait()  # for input, or for the first batch's result
                     continue
-                head = run.batches[0]
-                outcomes = self._outcomes(job, head, run.sizer, run.tasks)
-                run.batches.popleft()
-                run.ahead -= len(head.items)
-                run.tasks.settled([head])
+                outcomes = self._outcomes(job, run.batches[0], run.sizer, run.tasks)
+                run.tasks.settled([run.pop_head()])
                 yield outcomes
             if run.raised is not None and not run.tasks.abandoned:
                 raise run.raised
