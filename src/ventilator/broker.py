@@ -2,9 +2,11 @@
 
 One loop turn: wait for traffic or the next tick, drain what arrived (up to a
 batch per socket, so one busy side cannot starve the other), feed it to the
-scheduler, commit the journal, then send. Nothing is sent before the journal
-commit of the turn that produced it, which is what makes "accepted" mean
-"on disk".
+scheduler, send tasks to workers, commit the journal, then answer clients.
+Nothing reaches a client before the journal commit of the turn that produced
+it, which is what makes "accepted" mean "on disk"; a worker may start a task
+while its acceptance is being written (if the broker dies first, the client,
+never told, sends it again).
 
 The frontend faces clients and sinks, the backend faces workers; with
 `--mdp`, a third socket serves Majordomo (7/MDP) clients and workers together.
@@ -624,6 +626,11 @@ class Broker:
             )
 
     def _carry_out(self, effects: s.Effects, now: float) -> None:
+        # Workers first: a task may run before its acceptance is on disk, as
+        # nobody has been told it was accepted. Were the broker to die before
+        # the commit, the client would send it again (at-least-once), and the
+        # worker overlaps its run with our commit instead of waiting for it.
+        self._send_to_workers(effects.to_workers, now)
         if effects.journal_dirty:
             self._journal.commit(
                 effects.accepted,
@@ -634,13 +641,26 @@ class Broker:
             )
         if self.telemetry is not None:
             self.telemetry.record(effects)
+        self._send_to_clients(effects.to_clients, now)
+        for notice in effects.notices:
+            _log_notice(notice)
+
+    def _send_to_workers(
+        self, messages: list[tuple[bytes, p.Command]], now: float
+    ) -> None:
         gateway = self._gateway
-        for peer, command in effects.to_workers:
+        for peer, command in messages:
             if gateway.owns(peer):
                 self._send_all(peer, gateway.to_worker(peer, command, now), now)
             else:
                 self._send(peer, command, now)
-        for peer, command in effects.to_clients:
+
+    def _send_to_clients(
+        self, messages: list[tuple[bytes, p.Command]], now: float
+    ) -> None:
+        """Acceptances and results, and MDP replies: after the turn's commit."""
+        gateway = self._gateway
+        for peer, command in messages:
             if not gateway.owns(peer):
                 self._send(peer, command, now)
             elif self._send_all(peer, gateway.to_client(peer, command), now):
@@ -649,8 +669,6 @@ class Broker:
         for peer, frames in outbox:
             self._send_frames(peer, frames, now)
         gateway.end_turn()
-        for notice in effects.notices:
-            _log_notice(notice)
 
     def _send(self, peer: bytes, command: p.Command, now: float) -> bool:
         return self._send_frames(peer, p.encode(command), now)

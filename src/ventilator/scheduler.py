@@ -336,7 +336,8 @@ Notice = (
 
 @dataclass(slots=True)
 class Effects:
-    """What one loop turn asks the shell to do, in this order: journal, then send."""
+    """What one loop turn asks the shell to do, in this order: send to workers,
+    journal, then send to clients (nothing a client hears may outrun the disk)."""
 
     accepted: list[Task] = field(default_factory=list)
     finished: list[Task] = field(default_factory=list)
