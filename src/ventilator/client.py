@@ -108,7 +108,9 @@ FEED_LINGER_S = 0.005
 # ... and reads at most this many items ahead of what it sent.
 FEED_MAX_ITEMS = 4 * MAX_BATCH_ITEMS
 # Acknowledgements of results wait up to this long to travel with the next
-# submission, so that the broker reads both in one turn; or until this many.
+# batch of submissions, or until this many. A lone task does not take them
+# along: they are a message of their own, which the broker reads in a turn of
+# its own more often than not, on the lone task's way.
 ACK_DELAY_S = 0.005
 ACK_BATCH = 1024
 # With a per-item timeout, a batch carries at most this share of it in work: a
@@ -1701,7 +1703,7 @@ class Client:
         with self._lock:
             # Before the submissions: the broker counts a result against our
             # window until it is acknowledged.
-            self._send_acks(now, submitting=bool(self._outgoing))
+            self._send_acks(now, submitting=self._acks_go_along())
             batch = self._take_outgoing()
             cancels = list(self._cancels)
             self._cancels.clear()
@@ -1720,6 +1722,14 @@ class Client:
         for question in questions:
             self._asked.append(question)
             self._send(question.command)
+
+    def _acks_go_along(self) -> bool:
+        """Whether the acknowledgements due travel with this turn's
+        submissions: with a batch, or when the tasks fit the window only once
+        the broker has forgotten the results they acknowledge."""
+        outgoing = len(self._outgoing)
+        in_broker = len(self._pending) + len(self._acks)
+        return outgoing > 1 or (outgoing == 1 and in_broker + 1 > self._window)
 
     def _take_outgoing(self) -> list[_Pending]:
         """Submissions that fit the broker's window; the rest wait their turn."""

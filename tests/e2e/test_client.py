@@ -856,6 +856,18 @@ def test_submit_nowait_declines_instead_of_waiting_when_the_window_is_full(
     wait_until(lambda: client.submit_nowait(tasks.echo, 1) is not None, 5, "room")
 
 
+def test_one_task_at_a_time_through_a_window_of_one(
+    launch: Launcher, broker: BrokerProcess, two_workers: list[WorkerProcess]
+) -> None:
+    # A lone task leaves its client's acknowledgements behind, except when
+    # it fits the window only once they are sent: here, every time.
+    client = launch.client(broker, window=1)
+
+    results = [client.submit(tasks.echo, i).result(RESULT_TIMEOUT_S) for i in range(50)]
+
+    assert results == list(range(50))
+
+
 def test_client_with_a_malformed_address_is_refused_at_once() -> None:
     with pytest.raises(ventilator.UsageError, match="'broker:5555' is not an address"):
         ventilator.Client("broker:5555")
