@@ -126,8 +126,11 @@ def run_round_trips(count: int, journal: bool) -> None:
                 client.submit(square, i).result(60)
 
 
-def trace(count: int, journal: bool) -> list[tuple[int, int, str, str]]:
-    """Run B traced; return every stamp as (time ns, pid, label, b|e)."""
+def trace(
+    count: int, journal: bool, functions: list[str]
+) -> list[tuple[int, int, str, str]]:
+    """Run B with `functions` traced; return every stamp as (time ns, pid,
+    label, b|e)."""
     with tempfile.TemporaryDirectory(prefix="bench-trace-") as folder:
         hook = Path(folder) / "hook"
         hook.mkdir()
@@ -140,7 +143,7 @@ def trace(count: int, journal: bool) -> list[tuple[int, int, str, str]]:
             os.environ,
             PYTHONPATH=path,
             VENTILATOR_TRACE_DIR=str(stamps),
-            VENTILATOR_TRACE_FUNCTIONS=",".join(TRACED),
+            VENTILATOR_TRACE_FUNCTIONS=",".join(functions),
         )
         command = [sys.executable, "-m", "benchmarks.trace", "--run", str(count)]
         if journal:
@@ -159,10 +162,6 @@ def _read_stamps(folder: Path) -> list[tuple[int, int, str, str]]:
     return stamps
 
 
-def _role(label: str) -> str:
-    return ROLES.get(label.split(".")[0], "task process")
-
-
 def _name(label: str, edge: str, roles: dict[int, str], pid: int) -> str:
     function, _, tag = label.partition(":")
     side = f"({SOCKET_SIDES.get(tag, tag)})" if tag else ""
@@ -171,9 +170,10 @@ def _name(label: str, edge: str, roles: dict[int, str], pid: int) -> str:
 
 def steps(stamps: list[tuple[int, int, str, str]]) -> dict[str, object]:
     """The median time from each event of a round trip to the next."""
-    roles: dict[int, str] = {}
+    roles: dict[int, str] = collections.defaultdict(lambda: "task process")
     for _, pid, label, _ in stamps:
-        roles.setdefault(pid, _role(label))
+        if pid not in roles and label.split(".")[0] in ROLES:
+            roles[pid] = ROLES[label.split(".")[0]]
     starts = [
         i
         for i, (_, _, label, edge) in enumerate(stamps)
@@ -224,6 +224,13 @@ def main() -> None:
     parser.add_argument("--round-trips", type=int, default=3000)
     parser.add_argument("--journal", action="store_true", help="journal in a file")
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument(
+        "--also",
+        nargs="+",
+        default=[],
+        metavar="MODULE:NAME",
+        help="more functions to stamp, e.g. ventilator.protocol:decode",
+    )
     parser.add_argument("--run", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run is not None:
@@ -231,7 +238,7 @@ def main() -> None:
         return
 
     started = time.perf_counter()
-    report = steps(trace(args.round_trips, args.journal))
+    report = steps(trace(args.round_trips, args.journal, TRACED + args.also))
     print_steps(report)
     print(f"({time.perf_counter() - started:.0f} s)")
     if args.json:
