@@ -28,7 +28,14 @@ codes of 9/TSP (Titanic) and 8/MMI, as `titanic.reply` answers here too:
   size, queue or client window full); it may take it later.
 - ``400 <kind>: <reason>``: the request was taken and failed for good (a
   worker died under it max_attempts times, a ventilator worker's function
-  raised, the reply was over the size limit, it expired or was cancelled).
+  raised, the reply was over the size limit, it expired or was cancelled),
+  or it is malformed (``400 malformed request: <reason>``: no body, a service
+  name that is empty, too long, not UTF-8 or holds control characters), and
+  resending it as it is would fail the same way.
+
+A malformed request is answered on the service frame it carried, byte for
+byte (an empty one if it had none), since clients such as zguide's
+``mdcliapi`` check that a reply names the service they asked for.
 
 A service whose own replies may start with such a frame is ambiguous to its
 clients; 7/MDP leaves no room for an unambiguous marker.
@@ -139,9 +146,15 @@ class MdpGateway:
             # 7/MDP: a worker that breaks the protocol is disconnected.
             self._disconnect(peer, f"malformed message: {exc}", now)
             return
+        # A client that hears nothing can only time out and resend the same
+        # bad request; a 400 tells it (and its user) what to fix instead.
+        service = bytes(frames[2]) if len(frames) > 2 else b""
+        body = [f"{FAILED_FOR_GOOD} malformed request: {exc}".encode()]
+        self.outbox.append((peer, mdp.client_reply(service, body)))
         self._warn(
             now,
-            "dropped a malformed MDP client message peer=%s: %s (frames=%.120r)",
+            "replied %s to a malformed MDP client request peer=%s: %s (frames=%.120r)",
+            FAILED_FOR_GOOD,
             peer.hex(),
             exc,
             [bytes(frame[:32]) for frame in frames[:5]],

@@ -238,9 +238,11 @@ def _body(frames: Sequence[Any]) -> tuple[bytes, ...]:
 # --- encoding -------------------------------------------------------------------
 
 
-def client_reply(service: str, body: Sequence[bytes]) -> list[bytes]:
-    """The frames of a REPLY to an MDP client (routing id not included)."""
-    return [b"", CLIENT, service.encode(), *body]
+def client_reply(service: str | bytes, body: Sequence[bytes]) -> list[bytes]:
+    """The frames of a REPLY to an MDP client (routing id not included); a
+    service given as bytes is sent as it is (the frame a client sent)."""
+    frame = service.encode() if isinstance(service, str) else service
+    return [b"", CLIENT, frame, *body]
 
 
 def worker_request(address: bytes, body: Sequence[bytes]) -> list[bytes]:

@@ -424,15 +424,29 @@ def test_second_ready_and_stray_reply_disconnect_a_registered_worker(
         worker.close()
 
 
-def test_malformed_client_messages_are_dropped_and_service_goes_on(
+MALFORMED_REQUESTS = [
+    ([b"", CLIENT], b"", b"at least one body frame"),
+    ([b"", CLIENT, b"echo"], b"echo", b"at least one body frame"),
+    ([b"", CLIENT, b"", b"body"], b"", b"a service name is 1 to 256 bytes"),
+    ([b"", CLIENT, b"\xff", b"body"], b"\xff", b"must be UTF-8"),
+    ([b"", CLIENT, b"a\nb", b"body"], b"a\nb", b"control character"),
+]
+
+
+def test_malformed_client_requests_get_a_400_reply_and_service_goes_on(
     processes: Processes, broker: MdpBroker, context: zmq.Context[Any]
 ) -> None:
     garbage = raw_dealer(context, broker.mdp)
+    for frames, _, _ in MALFORMED_REQUESTS:
+        garbage.send_multipart(frames)
+    for _, service, reason in MALFORMED_REQUESTS:
+        reply = receive(garbage)
+        assert reply[:3] == [b"", CLIENT, service], reply
+        [status] = reply[3:]
+        assert status.startswith(b"400 malformed request: "), status
+        assert reason in status, status
+
     for frames in (
-        [b"", CLIENT],
-        [b"", CLIENT, b"echo"],  # no body
-        [b"", CLIENT, b"", b"body"],  # empty service
-        [b"", CLIENT, b"\xff", b"body"],
         [b"VNT1", b"\x01", b"\xc1"],  # ventilator's protocol on the MDP socket
         [b"junk"],
     ):
