@@ -365,6 +365,7 @@ class Broker:
                     next_tick = now + interval_s
                 if now >= next_mdp_beat:
                     self._gateway.heartbeats()
+                    self._gateway.expire_unserved(now)
                     next_mdp_beat = now + mdp_interval_s
                 self._carry_out(self._scheduler.flush(now), now)
                 self._recheck_sent_on()

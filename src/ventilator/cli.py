@@ -314,6 +314,30 @@ def _bind_address(ctx: click.Context, param: click.Parameter, value: Any) -> Any
     help="Heartbeats an idle MDP worker may miss before it is presumed dead.",
 )
 @click.option(
+    "--mdp-unserved-expiry",
+    type=click.FloatRange(min=0.0),
+    default=MdpSettings().unserved_expiry_s,
+    show_default=True,
+    help="Seconds an MDP request waits for a worker of its service when none "
+    "offers it; then it is answered '400 expired: ...' and forgotten.",
+)
+@click.option(
+    "--mdp-unserved-per-service",
+    type=click.IntRange(min=1),
+    default=MdpSettings().unserved_per_service,
+    show_default=True,
+    help="MDP requests that may wait for one service no worker offers; more "
+    "are answered '500 ...'.",
+)
+@click.option(
+    "--mdp-unserved-total",
+    type=click.IntRange(min=1),
+    default=MdpSettings().unserved_total,
+    show_default=True,
+    help="MDP requests that may wait for services no worker offers, all "
+    "together; more are answered '500 ...'.",
+)
+@click.option(
     "--client-max-bytes",
     type=int,
     default=_DEFAULT_LIMITS.client_max_bytes,
@@ -385,6 +409,9 @@ def broker(
     mdp: str | None,
     mdp_heartbeat: float,
     mdp_liveness: int,
+    mdp_unserved_expiry: float,
+    mdp_unserved_per_service: int,
+    mdp_unserved_total: int,
     client_max_bytes: int,
     max_queued_bytes: int,
     max_peers: int,
@@ -426,7 +453,13 @@ def broker(
         insecure=insecure,
         telemetry=http is not None,
         mdp=mdp,
-        mdp_settings=MdpSettings(mdp_heartbeat, mdp_liveness),
+        mdp_settings=MdpSettings(
+            mdp_heartbeat,
+            mdp_liveness,
+            unserved_expiry_s=mdp_unserved_expiry,
+            unserved_per_service=mdp_unserved_per_service,
+            unserved_total=mdp_unserved_total,
+        ),
     )
     server = _or_usage_error(lambda: Broker(config))
     _or_usage_error(server.bind)

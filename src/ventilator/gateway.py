@@ -1,10 +1,11 @@
 """MDP peers as scheduler peers: the Majordomo gateway inside the broker.
 
 The broker hands every MDP message to `MdpGateway.receive` and asks it to
-turn scheduler commands for MDP peers into MDP frames. The gateway keeps no
-state of its own beyond a task-id counter: what an MDP peer is, what it holds
-and what it is owed all live in the scheduler, so requeueing, the journal and
-the invariants apply to MDP traffic unchanged.
+turn scheduler commands for MDP peers into MDP frames. The gateway keeps
+little state of its own (a task-id counter, and since when each service with
+waiting requests has had no worker): what an MDP peer is, what it holds and
+what it is owed all live in the scheduler, so requeueing, the journal and the
+invariants apply to MDP traffic unchanged.
 
 Mapping (peer keys are the broker's namespaced routing ids):
 
@@ -40,6 +41,13 @@ byte (an empty one if it had none), since clients such as zguide's
 A service whose own replies may start with such a frame is ambiguous to its
 clients; 7/MDP leaves no room for an unambiguous marker.
 
+Requests for a service no worker offers wait, as 7/MDP says they should, but
+not without bound (anyone can name a service): at most
+`MdpSettings.unserved_per_service` per service and `unserved_total` in all
+(beyond: ``500``), and each for at most `unserved_expiry_s` without a worker
+(then: ``400 expired: ...``, and the request is forgotten). Titanic's stored
+requests are exempt: waiting for a worker is what they are for.
+
 No sockets and no clock here (time is passed in); it logs, like the shells.
 """
 
@@ -50,7 +58,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from . import mdp
+from . import mdp, titanic
 from . import protocol as p
 from . import scheduler as s
 from .errors import ProtocolError, TaskRejected, task_error_from_wire
@@ -76,6 +84,13 @@ class MdpSettings:
 
     heartbeat_interval_s: float = 2.5
     liveness: int = 3
+    # Requests for a service no worker offers: how long one may wait for a
+    # worker, and how many may wait per service and in all. zguide's clients
+    # give up after 2.5 s (three times for mdcliapi); 30 s outlasts a
+    # worker's restart, and 1,000 or 10,000 small bodies are a few MB at most.
+    unserved_expiry_s: float = 30.0
+    unserved_per_service: int = 1_000
+    unserved_total: int = 10_000
 
     @property
     def max_silence_s(self) -> float:
@@ -109,6 +124,11 @@ class MdpGateway:
         # Peers' faults are logged at most once a second, as the broker's own
         # refusals are: a flood of garbage must not become a flood of log.
         self._fault_log = RateLimit(per_s=1.0)
+        # Queues of services no worker offers, with requests waiting: since
+        # when (as first seen), and how many requests wait in them all (exact
+        # at each sweep, counted up as requests come between sweeps).
+        self._unserved_since: dict[str, float] = {}
+        self._unserved_waiting = 0
 
     def resume(self) -> None:
         """After the journal replay: never reuse a task id of a restored request."""
@@ -199,7 +219,14 @@ class MdpGateway:
         spec = p.TaskSpec(
             task_id, request.service, mdp.pack_body(request.body), p.Flags.RAW
         )
-        refusal = self._scheduler.accept_task(name, spec, now)
+        queue = mdp.service_queue(request.service)
+        unserved = not self._scheduler.serves(queue)
+        refusal = self._unserved_refusal(request.service, now) if unserved else None
+        if refusal is None:
+            refusal = self._scheduler.accept_task(name, spec, now)
+            if refusal is None and unserved:
+                self._unserved_since.setdefault(queue, now)
+                self._unserved_waiting += 1
         if refusal is not None:
             self._warn(
                 now,
@@ -218,6 +245,83 @@ class MdpGateway:
                 request.service,
                 task_id,
             )
+
+    def _unserved_refusal(self, service: str, now: float) -> str | None:
+        """Why a request for `service`, which no worker offers, cannot wait."""
+        settings = self.settings
+        waiting = self._scheduler.queued_count(mdp.service_queue(service))
+        if waiting >= settings.unserved_per_service:
+            return (
+                f"no worker offers {service!r} and {waiting} requests already "
+                f"wait for one (--mdp-unserved-per-service)"
+            )
+        if self._unserved_waiting >= settings.unserved_total:
+            return (
+                f"no worker offers {service!r} and {self._unserved_waiting} "
+                "requests already wait for services no worker offers "
+                "(--mdp-unserved-total)"
+            )
+        return None
+
+    def expire_unserved(self, now: float) -> None:
+        """Sweep the queues of services no worker offers: answer and forget the
+        requests that waited `unserved_expiry_s` there, and recount the rest.
+
+        A request's wait counts from when it was queued or the service was
+        first seen without a worker, whichever is later, so a backlog survives
+        a worker's quick restart.
+        """
+        offered = {
+            queue
+            for worker in self._scheduler.workers.values()
+            if not worker.draining
+            for queue in worker.services
+        }
+        cutoff = now - self.settings.unserved_expiry_s
+        since_by_queue: dict[str, float] = {}
+        expired: dict[str, int] = {}
+        for queue in self._scheduler.waiting_queues(mdp.QUEUE_PREFIX):
+            if queue in offered:
+                continue
+            since = self._unserved_since.get(queue, now)
+            if since <= cutoff and (count := self._expire(queue, cutoff)):
+                expired[queue[len(mdp.QUEUE_PREFIX) :]] = count
+            if self._scheduler.queued_count(queue):
+                since_by_queue[queue] = since
+        self._unserved_since = since_by_queue
+        self._unserved_waiting = sum(
+            self._scheduler.queued_count(queue) for queue in since_by_queue
+        )
+        if expired:
+            log.warning(
+                "expired %d MDP requests that waited %gs for a worker of "
+                "%d services (%s); replied %s",
+                sum(expired.values()),
+                self.settings.unserved_expiry_s,
+                len(expired),
+                ", ".join(repr(name) for name in list(expired)[:3])
+                + (", ..." if len(expired) > 3 else ""),
+                FAILED_FOR_GOOD,
+            )
+
+    def _expire(self, queue: str, cutoff: float) -> int:
+        """Forget the requests queued in `queue` by `cutoff`, each answered."""
+        withdrawn = self._scheduler.withdraw_queued(
+            queue, cutoff, spare=lambda task: task.recipient == titanic.RECIPIENT
+        )
+        for task in withdrawn:
+            reason = (
+                f"expired: no worker offered {task.function!r} within "
+                f"{self.settings.unserved_expiry_s:g}s (--mdp-unserved-expiry)"
+            )
+            recipient = self._scheduler.recipients.get(task.recipient)
+            if recipient is not None and recipient.peer is not None:
+                body = [f"{FAILED_FOR_GOOD} {reason}".encode()]
+                self.outbox.append(
+                    (recipient.peer, mdp.client_reply(task.function, body))
+                )
+            self._answered.append(task.recipient)
+        return len(withdrawn)
 
     def _from_worker(self, peer: bytes, message: mdp.Message, now: float) -> None:
         if isinstance(message, mdp.WorkerReady):

@@ -27,7 +27,7 @@ import heapq
 import math
 import random
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from . import protocol as p
@@ -1360,6 +1360,47 @@ class Scheduler:
         self._leave_queue(task)
         self._forget(task)
         return True
+
+    def queued_count(self, queue_name: str) -> int:
+        """How many tasks wait in `queue_name` (retries in backoff not counted)."""
+        queue = self._queues.get(queue_name)
+        return 0 if queue is None else len(queue) - self._stale.get(queue_name, 0)
+
+    def waiting_queues(self, prefix: str) -> list[str]:
+        """The queues whose names start with `prefix` and in which a task waits."""
+        return [
+            name
+            for name in self._queues
+            if name.startswith(prefix) and self.queued_count(name)
+        ]
+
+    def withdraw_queued(
+        self, queue_name: str, queued_by: float, spare: Callable[[Task], bool]
+    ) -> list[Task]:
+        """Forget every task that has waited in `queue_name` since `queued_by`
+        or earlier, except those `spare` keeps; return the forgotten ones.
+
+        A queue left with nothing waiting is dropped, stale tickets and all:
+        requests for names nobody serves must not leave a queue behind each.
+        """
+        queue = self._queues.get(queue_name)
+        if queue is None:
+            return []
+        withdrawn = [
+            task
+            for ticket in queue
+            if (task := self.tasks.get(ticket)) is not None
+            and task.state is State.QUEUED
+            and task.queued_at <= queued_by
+            and not spare(task)
+        ]
+        for task in withdrawn:
+            self._leave_queue(task)
+            self._forget(task)
+        if not self.queued_count(queue_name):
+            del self._queues[queue_name]
+            self._stale.pop(queue_name, None)
+        return withdrawn
 
     # --- recovery and introspection ------------------------------------------------
 

@@ -63,6 +63,7 @@ def start_broker(
     processes: Processes,
     journal: Path | None = None,
     ports: tuple[int, int, int] | None = None,
+    options: tuple[str, ...] = (),
 ) -> MdpBroker:
     """A broker with an MDP endpoint and fast MDP heartbeats."""
     frontend, backend, mdp = (
@@ -76,6 +77,7 @@ def start_broker(
         *("--mdp-heartbeat", str(BEAT_S), "--mdp-liveness", "3"),
         *(("--journal", str(journal)) if journal else ("--durability", "memory")),
         "--announce",
+        *options,
     )
     process = processes.start("broker", argv, stdout=subprocess.PIPE)
     endpoints = read_json_line(process, START_TIMEOUT_S)
@@ -363,6 +365,28 @@ def test_titanic_refuses_malformed_requests(
     assert peer.request(b"titanic.reply", b"not-a-uuid")[0][:3] == b"400"
     assert peer.request(b"titanic.reply", b"0" * 32)[0][:3] == b"400"
     assert peer.request(b"titanic.other", b"0" * 32) == [b"501"]
+
+
+def test_requests_for_a_service_nobody_offers_are_bounded_and_expire(
+    processes: Processes, context: zmq.Context[Any]
+) -> None:
+    options = ("--mdp-unserved-expiry", "1", "--mdp-unserved-per-service", "2")
+    broker = start_broker(processes, options=options)
+    peer = client(context, broker.mdp)
+    for body in (b"1", b"2", b"3"):
+        peer.send(b"nobody", body)
+
+    service, [status] = peer.recv(REPLY_TIMEOUT_S)  # the third, refused at once
+    assert service == b"nobody" and status.startswith(b"500 no worker offers")
+    for _ in range(2):
+        service, [status] = peer.recv(REPLY_TIMEOUT_S)
+        assert service == b"nobody"
+        assert status.startswith(b"400 expired: no worker offered 'nobody'")
+
+    start_worker(processes, broker.mdp, "echo")
+    wait_for_service(context, broker.mdp, b"echo")
+    assert peer.request(b"echo", b"served", timeout_s=REPLY_TIMEOUT_S) == [b"served"]
+    peer.close()
 
 
 # --- malformed traffic ----------------------------------------------------------------

@@ -10,7 +10,7 @@ import pytest
 
 from ventilator import mdp
 from ventilator import protocol as p
-from ventilator.gateway import MdpGateway, MdpSettings
+from ventilator.gateway import MdpGateway, MdpSettings, mdp_name
 from ventilator.policy import Limits
 from ventilator.scheduler import Effects, Scheduler, State
 
@@ -25,10 +25,12 @@ Sent = list[tuple[bytes, list[bytes]]]
 class Shell:
     """What the broker does with the gateway, minus the sockets."""
 
-    def __init__(self, limits: Limits | None = None) -> None:
+    def __init__(
+        self, limits: Limits | None = None, settings: MdpSettings = SETTINGS
+    ) -> None:
         self.scheduler = Scheduler(limits or Limits(max_attempts=2))
         uuids = (f"{n:032x}" for n in itertools.count(1))
-        self.gateway = MdpGateway(self.scheduler, SETTINGS, lambda: next(uuids))
+        self.gateway = MdpGateway(self.scheduler, settings, lambda: next(uuids))
         self.now = 0.0
         self.journalled: list[Effects] = []
 
@@ -61,6 +63,7 @@ class Shell:
         self.now += seconds
         self.scheduler.tick(self.now)
         self.scheduler.heartbeats()
+        self.gateway.expire_unserved(self.now)
         return self.turn()
 
 
@@ -298,3 +301,83 @@ def test_a_flood_of_malformed_mdp_is_logged_once_a_second(
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 2
     assert warnings[1].endswith("; 399 more not logged")
+
+
+# --- requests for services no worker offers ----------------------------------------
+
+EXPIRY_S = SETTINGS.unserved_expiry_s
+
+
+def statuses(sent: Sent) -> list[tuple[bytes, bytes, bytes]]:
+    """(peer, service, status frame) of each one-frame client reply in `sent`."""
+    return [(peer, f[2], f[3]) for peer, f in sent if f[:2] == [b"", C]]
+
+
+def test_requests_for_a_service_nobody_offers_expire_with_a_400(
+    shell: Shell, caplog: pytest.LogCaptureFixture
+) -> None:
+    shell.receive(CLIENT, b"", C, b"nobody", b"1")
+    shell.later(EXPIRY_S / 2)
+    shell.receive(OTHER, b"", C, b"nobody", b"2")  # queued half way through
+
+    with caplog.at_level(logging.WARNING, logger="ventilator.gateway"):
+        [(peer, service, status)] = statuses(shell.later(EXPIRY_S / 2))
+
+    assert (peer, service) == (CLIENT, b"nobody")
+    assert status.startswith(b"400 expired: no worker offered 'nobody' within 30s")
+    assert [r.getMessage() for r in caplog.records] == [
+        "expired 1 MDP requests that waited 30s for a worker of 1 services "
+        "('nobody'); replied 400"
+    ]
+    assert not shell.gateway.owns(CLIENT)  # owed nothing more: forgotten
+    [task] = shell.scheduler.tasks.values()
+    assert task.session == mdp_name(OTHER)
+
+    [(peer, _, _)] = statuses(shell.later(EXPIRY_S / 2))
+    assert peer == OTHER
+    assert shell.scheduler.tasks == {} and shell.scheduler.recipients == {}
+    assert shell.scheduler.waiting_queues("mdp:") == []  # no queue left behind
+    assert shell.journalled[-1].forgotten  # and the journal forgets them too
+
+
+def test_a_backlog_outlives_its_busy_worker_and_titanic_requests_wait_on(
+    shell: Shell,
+) -> None:
+    shell.receive(WORKER, b"", W, READY, b"echo")
+    shell.receive(CLIENT, b"", C, b"echo", b"runs")
+    shell.receive(CLIENT, b"", C, b"echo", b"waits")
+    [(_, stored)] = shell.receive(OTHER, b"", C, b"titanic.request", b"echo", b"x")
+    assert stored[3] == b"200"
+    assert statuses(shell.later(EXPIRY_S * 2)) == []  # served, if busy: no expiry
+
+    shell.scheduler.peer_unreachable(WORKER, shell.now)
+    shell.turn()
+    assert statuses(shell.later(1)) == []  # this sweep sees the service unserved
+    assert statuses(shell.later(EXPIRY_S - 2)) == []  # its wait counts from there
+    sent = statuses(shell.later(2))
+
+    assert [(p_, s_, st[:12]) for p_, s_, st in sent] == [
+        (CLIENT, b"echo", b"400 expired:")
+    ] * 2
+    [stored] = shell.scheduler.tasks.values()  # Titanic's request waits on
+    assert stored.recipient == "mdp:titanic" and stored.state is State.QUEUED
+
+
+def test_requests_for_services_nobody_offers_are_bounded_with_a_500() -> None:
+    settings = MdpSettings(unserved_per_service=2, unserved_total=3)
+    shell = Shell(settings=settings)
+    for body in (b"1", b"2"):
+        assert shell.receive(CLIENT, b"", C, b"a", body) == []
+
+    [(_, service, status)] = statuses(shell.receive(CLIENT, b"", C, b"a", b"3"))
+    assert service == b"a" and status.startswith(b"500 no worker offers 'a' and 2")
+    assert b"--mdp-unserved-per-service" in status
+
+    assert shell.receive(CLIENT, b"", C, b"b", b"1") == []
+    [(_, _, status)] = statuses(shell.receive(CLIENT, b"", C, b"c", b"1"))
+    assert status.startswith(b"500 ") and b"--mdp-unserved-total" in status
+
+    shell.receive(WORKER, b"", W, READY, b"d")
+    sent = shell.receive(CLIENT, b"", C, b"d", b"served")  # a worker offers d
+    assert [peer for peer, _ in sent] == [WORKER]
+    assert len(shell.scheduler.tasks) == 4

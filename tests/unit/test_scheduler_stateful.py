@@ -279,6 +279,26 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert self.scheduler.find_task(*key) is None
         self._flush()
 
+    @rule(waited_s=st.sampled_from([0.0, 2.0, 45.0]))
+    def mdp_requests_nobody_took_are_withdrawn(self, waited_s: float) -> None:
+        # What the gateway does to requests for a service no worker offers.
+        queue = service_queue(MDP_SERVICE)
+        waiting = {
+            task.key: task.queued_at
+            for task in self.scheduler.tasks.values()
+            if task.queue == queue and task.state is State.QUEUED
+        }
+        queued_by = self.now - waited_s
+        withdrawn = self.scheduler.withdraw_queued(
+            queue, queued_by, spare=lambda task: task.recipient == TITANIC
+        )
+        for task in withdrawn:
+            assert waiting.pop(task.key) <= queued_by and task.recipient != TITANIC
+            assert self.scheduler.find_task(*task.key) is None
+            del self.recipient_of[task.key]
+        assert self.scheduler.queued_count(queue) == len(waiting)
+        self._flush()
+
     def _titanic_keys(self) -> list[Key]:
         return sorted(k for k, name in self.recipient_of.items() if name == TITANIC)
 
