@@ -347,7 +347,10 @@ class MdpGateway:
         elif mdp.is_reserved(service):
             self._disconnect(peer, f"the service {service!r} is the broker's", now)
         else:
-            ready = p.Ready(mdp_name(peer), [mdp.service_queue(service)], capacity=1)
+            # One request at a time (7/MDP): one slot, and no credit beyond it.
+            ready = p.Ready(
+                mdp_name(peer), [mdp.service_queue(service)], capacity=1, slots=1
+            )
             self._scheduler.register_worker(
                 peer,
                 ready,

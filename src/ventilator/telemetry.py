@@ -32,7 +32,7 @@ own, not prometheus-client's global one)::
     ventilator_task_queue_wait_seconds{function}       histogram, queued to started
     ventilator_queue_depth{function}                   waiting to run (retries too)
     ventilator_tasks_running{function}
-    ventilator_workers_connected   ventilator_worker_slots
+    ventilator_workers_connected   ventilator_worker_slots   ventilator_worker_credit
     ventilator_clients_connected   ventilator_results_waiting
 """
 
@@ -496,7 +496,14 @@ def _gauges(status: dict[str, Any]) -> Iterator[Metric]:
     )
     yield GaugeMetricFamily(
         "ventilator_worker_slots",
-        "Tasks all workers may hold at once (their credit).",
+        "Tasks all workers run at once, as they declared it (--concurrency; "
+        "1 per MDP worker). Workers with a fixed --prefetch declare none.",
+        value=sum(w["slots"] or 0 for w in workers),
+    )
+    yield GaugeMetricFamily(
+        "ventilator_worker_credit",
+        "Tasks all workers may hold at once: their slots times what prefetch "
+        "lets each slot hold, running or waiting.",
         value=sum(w["capacity"] for w in workers),
     )
     yield GaugeMetricFamily(

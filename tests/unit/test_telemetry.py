@@ -197,3 +197,14 @@ def test_tasks_restored_from_the_journal_count_as_submitted(tmp_path: Path) -> N
 
     assert broker.telemetry is not None
     assert broker.telemetry.submitted == {FUNCTION: 1}
+
+
+def test_worker_slots_are_the_slots_declared_and_credit_is_apart() -> None:
+    driver, telemetry = Driver(), Telemetry()
+    driver.ready(W1, capacity=47, slots=4)  # adaptive prefetch: credit grows
+    driver.ready(b"worker-2", capacity=6)  # a fixed --prefetch declares no slots
+    telemetry.publish(driver.now, driver.scheduler)
+
+    metrics = samples(telemetry)
+    assert metrics[("ventilator_worker_slots", frozenset())] == 4
+    assert metrics[("ventilator_worker_credit", frozenset())] == 47 + 6

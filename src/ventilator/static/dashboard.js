@@ -73,7 +73,9 @@ function renderCards(status, history) {
   const clients = status.clients.filter((c) => c.connected);
   const sinks = clients.filter((c) => c.kind === "sink").length;
   setText("workers-count", number(workers.length));
-  setText("slots", `${number(sum(workers.map((w) => w.capacity)))} slots`);
+  // Slots as workers declared them, not their credit (capacity), which
+  // prefetch makes many times larger for short tasks.
+  setText("slots", `${number(sum(workers.map((w) => w.slots ?? 0)))} slots`);
   setText("queued-total", number(queued));
   setText("running-total", `${number(running)} running`);
   // Items, as users count them: a batch of map items is one task to the broker.
