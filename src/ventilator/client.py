@@ -100,6 +100,15 @@ MAX_BATCH_BYTES = 256 * 1024
 # Until a first batch is back, a map sends only this many one-item batches: a
 # slow function must not be packed many items to a task before we know.
 PROBE_BATCHES = 4
+# After that, it keeps at most SLOW_START times as many items sent ahead as
+# have come back. Without it, the window let a map of a few thousand items
+# send them all the moment its first item came back, each batch sized by that
+# one item: a rare slow first item made it 3,000 tasks for 3,000 items.
+SLOW_START = 8
+# How long an item takes is a mean over items (not batches) in which an item
+# weighs half as much once this many more came back: one slow item among
+# many fast ones shrinks the next batches, then fades.
+ESTIMATE_HALF_LIFE_ITEMS = 32
 # A map over streaming input (the CLI's) sends a partial batch once it has
 # waited this long for more items: a pipe that goes quiet must not hold back
 # lines already read. Well under a batch's work, so full batches still form
@@ -227,21 +236,43 @@ class _BatchSizer:
 
     `chunksize` when the caller gave one. Otherwise one item per batch until a
     batch came back, then as many as run in about BATCH_TARGET_S (less with a
-    per-item timeout, see TIMEOUT_SHARE), by a moving average of the time an
-    item took on the workers; fewer towards the end when the number of items
-    left is known (see TAPER_PARTS).
+    per-item timeout, see TIMEOUT_SHARE), by a moving mean of the time an item
+    took on the workers; fewer towards the end when the number of items left
+    is known (see TAPER_PARTS).
+
+    The mean is the right measure for a batch's work: sized by it, a batch of
+    items that are mostly instant and sometimes slow still carries about
+    BATCH_TARGET_S of work, so a slow item holds up a few others, not a
+    MAX_BATCH_ITEMS batch. A mean of a few items is at the mercy of one slow
+    one, hence `ahead_limit`: the map commits items to batches only as fast as
+    results confirm the estimate.
     """
 
     def __init__(self, chunksize: int | None, timeout_s: float | None = None) -> None:
         self._fixed = chunksize
-        self._item_s: float | None = None
+        # Decayed sums of the items' run time and of their count (see
+        # ESTIMATE_HALF_LIFE_ITEMS), and every item seen, undecayed.
+        self._work_s = 0.0
+        self._weight = 0.0
+        self._seen = 0
         self._target_s = BATCH_TARGET_S
         if timeout_s is not None:
             self._target_s = min(BATCH_TARGET_S, timeout_s * TIMEOUT_SHARE)
 
     @property
     def probing(self) -> bool:
-        return self._fixed is None and self._item_s is None
+        return self._fixed is None and not self._seen
+
+    @property
+    def _item_s(self) -> float | None:
+        return self._work_s / self._weight if self._seen else None
+
+    def ahead_limit(self) -> int | None:
+        """How many items the map may have sent and not yielded, for the
+        estimate's sake; None: no limit but the client's window."""
+        if self._fixed is not None:
+            return None
+        return max(PROBE_BATCHES, SLOW_START * self._seen)
 
     def size(self, items_left: int | None = None) -> int:
         """Items for the next batch; `items_left`, when known, counts the
@@ -258,16 +289,17 @@ class _BatchSizer:
 
     def _fitting(self, work_s: float) -> int:
         """Items that run in about `work_s`, within the bounds of a batch."""
-        assert self._item_s is not None
-        fitting = int(work_s / max(self._item_s, 1e-9))
+        item_s = self._item_s
+        assert item_s is not None
+        fitting = int(work_s / max(item_s, 1e-9))
         return max(1, min(MAX_BATCH_ITEMS, fitting))
 
     def observe(self, items: int, elapsed_s: float) -> None:
-        item_s = elapsed_s / items
-        if self._item_s is None:
-            self._item_s = item_s
-        else:
-            self._item_s += 0.2 * (item_s - self._item_s)
+        """A batch of `items` came back; its items ran `elapsed_s` in all."""
+        fading = 0.5 ** (items / ESTIMATE_HALF_LIFE_ITEMS)
+        self._work_s = self._work_s * fading + elapsed_s
+        self._weight = self._weight * fading + items
+        self._seen += items
 
 
 class _BatchEncoder:
@@ -526,9 +558,11 @@ class _BatchMap:
     def has_room(self) -> bool:
         if not self.more or self._ahead >= self._client._window:
             return False
-        # Until a first batch is back, a slow function must not be packed
-        # many items to a task.
-        return not (self.sizer.probing and len(self.batches) >= PROBE_BATCHES)
+        # Until enough batches are back, the size of a batch is a guess: a
+        # slow function must not be packed many items to a task, nor a fast
+        # one sent item by item for want of patience (see SLOW_START).
+        limit = self.sizer.ahead_limit()
+        return limit is None or self._ahead < limit
 
     def send_ahead(self) -> None:
         """Submit batches of the items at hand while the window has room."""

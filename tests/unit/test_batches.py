@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import CancelledError
 
@@ -15,6 +16,8 @@ from ventilator.client import (
     BATCH_TARGET_S,
     MAX_BATCH_BYTES,
     MAX_BATCH_ITEMS,
+    PROBE_BATCHES,
+    SLOW_START,
     TAPER_FLOOR_S,
     TAPER_PARTS,
     TIMEOUT_SHARE,
@@ -106,6 +109,65 @@ def test_map_sends_smaller_batches_as_its_items_run_out() -> None:
     assert sizes[0] == 8
     assert sizes[-3:] == [1, 1, 1]
     assert sizes == sorted(sizes, reverse=True)
+
+
+def mixed_durations(count: int) -> list[float]:
+    """The tester's mix: mostly instant, 4% take 50 ms, 1% 300 ms (item 0 too)."""
+    shares = [(x * 7919) % 100 for x in range(count)]
+    return [0.3 if r == 0 else 0.05 if r < 5 else 0.00002 for r in shares]
+
+
+def run_map(sizer: _BatchSizer, durations: list[float]) -> list[list[float]]:
+    """The batches `_BatchMap` would make of items taking `durations`: it sends
+    while `ahead_limit` allows, and results come back in order, at once (the
+    worst case: a short map that the window lets send everything at once)."""
+    batches: list[list[float]] = []
+    unyielded: deque[list[float]] = deque()
+    sent = ahead = 0
+    while sent < len(durations) or unyielded:
+        limit = sizer.ahead_limit()
+        while sent < len(durations) and (limit is None or ahead < limit):
+            size = sizer.size(items_left=len(durations) - sent)
+            batch = durations[sent : sent + size]
+            batches.append(batch)
+            unyielded.append(batch)
+            sent += len(batch)
+            ahead += len(batch)
+        head = unyielded.popleft()
+        sizer.observe(len(head), sum(head))
+        ahead -= len(head)
+    return batches
+
+
+def test_a_slow_first_item_does_not_make_every_batch_one_item() -> None:
+    durations = mixed_durations(3000)
+
+    batches = run_map(_BatchSizer(None), durations)
+
+    assert sum(map(len, batches)) == 3000
+    assert len(batches) < 3000 / 4  # it was 3,000: one task per item
+    # ... and sized by the mean, a slow item holds up a few others, never a
+    # batch of hundreds.
+    assert max(len(b) for b in batches if max(b) >= 0.3) <= 64
+
+
+def test_one_slow_item_among_many_fast_ones_fades_from_the_estimate() -> None:
+    durations = [0.3 if x == 10 else 0.00002 for x in range(20_000)]
+
+    batches = run_map(_BatchSizer(None), durations)
+
+    assert len(batches) < 20_000 / MAX_BATCH_ITEMS * 2
+    assert len(batches[-10]) == MAX_BATCH_ITEMS or len(batches) < 20
+
+
+def test_sizer_sends_ahead_by_what_came_back_unless_the_caller_chose() -> None:
+    sizer = _BatchSizer(None)
+    assert sizer.ahead_limit() == PROBE_BATCHES
+
+    sizer.observe(items=5, elapsed_s=0.5)
+
+    assert sizer.ahead_limit() == SLOW_START * 5
+    assert _BatchSizer(7).ahead_limit() is None
 
 
 def test_sizer_keeps_the_size_the_caller_chose() -> None:
