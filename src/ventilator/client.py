@@ -633,6 +633,9 @@ class _Pending:
     spec: p.TaskSpec
     future: _Outcome
     accepted: bool = False
+    # Its payload's size, which the broker counts against client_max_bytes
+    # until the task ends (the spec may drop the payload once accepted).
+    size: int = 0
 
 
 class Client:
@@ -692,6 +695,10 @@ class Client:
         self._window = window
         self._in_window = 0
         self._outgoing: deque[_Pending] = deque()
+        # The broker's client_max_bytes (unknown until WELCOME), and the bytes
+        # waiting in _outgoing: a caller waits while they would pass it.
+        self._max_bytes: float = math.inf
+        self._outgoing_bytes = 0
         self._cancels: deque[int] = deque()
         # Questions for the broker (status, operator commands) and their answers'
         # futures; the broker answers each in the order asked.
@@ -710,6 +717,12 @@ class Client:
         # changes threads as libzmq requires. Taken before `_lock`, never after.
         self._socket_lock = threading.Lock()
         self._pending: dict[int, _Pending] = {}
+        # Bytes the broker holds for us as we reckon them: payloads of tasks
+        # sent and not finished, results received and not acknowledged (of
+        # which `_acks_bytes`). Nothing is sent that would take them past
+        # _max_bytes, which the broker would refuse.
+        self._bytes_held = 0
+        self._acks_bytes = 0
         self._asked: deque[_Question] = deque()
         self._socket: zmq.Socket[bytes]
         self._poll = select.poll()
@@ -1272,14 +1285,15 @@ class Client:
         outcomes = []
         wake = False
         with self._room:
-            if not block and self._in_window + len(specs) > self._window:
+            if not block and not self._fits(specs):
                 return []
             # Tasks that find none of ours in flight go out at once, from this
             # thread if it can (_send_now); tasks that follow others wait for
             # the I/O thread, which gathers a burst into one SUBMIT.
             alone = self._in_window == 0
             for spec in specs:
-                while self._in_window >= self._window and not self._stopped:
+                size = len(spec.payload)
+                while self._must_wait(size) and not self._stopped:
                     if wake:  # what we queued must go out, or no room comes back
                         self._wake()
                         wake = False
@@ -1290,12 +1304,31 @@ class Client:
                 wake = wake or not self._outgoing
                 task_id = next(self._ids)
                 result = outcome(task_id)
-                self._outgoing.append(_Pending(_with_id(spec, task_id), result))
+                pending = _Pending(_with_id(spec, task_id), result, size=size)
+                self._outgoing.append(pending)
+                self._outgoing_bytes += size
                 self._in_window += 1
                 outcomes.append(result)
         if wake and not (alone and self._send_now()):
             self._wake()
         return outcomes
+
+    def _must_wait(self, size: int) -> bool:
+        """Whether a task of `size` bytes waits for room: the window is full,
+        or it would take the bytes waiting to be sent past the broker's
+        client_max_bytes (then they could not all be sent anyway)."""
+        if self._in_window >= self._window:
+            return True
+        waiting = self._outgoing_bytes
+        return waiting > 0 and waiting + size > self._max_bytes
+
+    def _fits(self, specs: list[p.TaskSpec]) -> bool:
+        """Whether all of `specs` fit the window and the bytes now."""
+        if self._in_window + len(specs) > self._window:
+            return False
+        size = sum(len(spec.payload) for spec in specs)
+        waiting = self._outgoing_bytes
+        return not (waiting > 0 and waiting + size > self._max_bytes)
 
     @property
     def _stopped(self) -> bool:
@@ -1343,6 +1376,7 @@ class Client:
             if unsent:
                 kept = (x for x in self._outgoing if x.spec.task_id not in unsent)
                 self._outgoing = deque(kept)
+                self._outgoing_bytes = sum(x.size for x in self._outgoing)
                 self._in_window -= len(unsent)
                 self._room.notify_all()
             self._cancels.extend(wanted - unsent)
@@ -1382,6 +1416,7 @@ class Client:
             self._broken = error
             self._room.notify_all()  # callers waiting for room in the window
             outgoing, self._outgoing = self._outgoing, deque()
+            self._outgoing_bytes = 0
             questions = [*self._asked, *self._questions]
             self._questions.clear()
         for pending in (*self._pending.values(), *outgoing):
@@ -1531,6 +1566,8 @@ class Client:
             self._send(p.Ack(self._acks))
             self._acks = []
             self._acks_due = math.inf
+            self._bytes_held -= self._acks_bytes
+            self._acks_bytes = 0
 
     def _handle(self, command: p.Command, acks: list[tuple[str, int]]) -> None:
         if isinstance(command, p.Results):
@@ -1608,10 +1645,12 @@ class Client:
         (the operator let the key in) go through."""
         with self._lock:
             outgoing, self._outgoing = self._outgoing, deque()
+            self._outgoing_bytes = 0
         held = [*self._pending.values(), *outgoing]
         if not held:
             return
         self._pending.clear()
+        self._bytes_held = self._acks_bytes
         error = NetworkError(
             f"{problem} (this task was not run: the broker refused this "
             f"client's last {_wire.REFUSALS_BEFORE_GIVING_UP} handshakes; "
@@ -1647,6 +1686,7 @@ class Client:
         blamed = faulty or unaccepted
         for pending in blamed:
             del self._pending[pending.spec.task_id]
+            self._bytes_held -= pending.size
             reason = p.task_problem(pending.spec) or error.message
             _fail(
                 pending.future,
@@ -1683,6 +1723,8 @@ class Client:
         )
         with self._room:
             self._window = min(self._window, welcome.window)
+            self._max_bytes = welcome.client_max_bytes or math.inf
+            self._room.notify_all()
         self._resend()
 
     def _resend(self) -> None:
@@ -1706,6 +1748,7 @@ class Client:
             if pending.spec.sink is not None:
                 # Its result goes to the sink; for us, acceptance is the end.
                 del self._pending[task_id]
+                self._bytes_held -= pending.size
                 _resolve(pending.future, None)
                 released += 1
             elif self._durable:
@@ -1720,9 +1763,13 @@ class Client:
         released = 0
         for entry in results:
             acks.append((entry.origin, entry.task_id))
+            # The broker holds the result, instead of the payload, until acked.
+            self._acks_bytes += len(entry.payload)
+            self._bytes_held += len(entry.payload)
             pending = self._pending.pop(entry.task_id, None)
             if pending is not None:
                 released += 1
+                self._bytes_held -= pending.size
                 _settle(pending.future, entry)
             elif entry.task_id >> 32 != self._instance:
                 # Submitted by an earlier Client of this session: see collect().
@@ -1762,16 +1809,33 @@ class Client:
         submissions: with a batch, or when the tasks fit the window only once
         the broker has forgotten the results they acknowledge."""
         outgoing = len(self._outgoing)
+        if outgoing > 1:
+            return True
+        if outgoing == 0:
+            return False
         in_broker = len(self._pending) + len(self._acks)
-        return outgoing > 1 or (outgoing == 1 and in_broker + 1 > self._window)
+        bytes_after = self._bytes_held + self._outgoing[0].size
+        return in_broker + 1 > self._window or bytes_after > self._max_bytes
 
     def _take_outgoing(self) -> list[_Pending]:
         """Submissions that fit the broker's window; the rest wait their turn."""
         if not self._welcomed:
             return []
         room = max(0, self._window - len(self._pending) - len(self._acks))
-        count = min(room, len(self._outgoing))
-        return [self._outgoing.popleft() for _ in range(count)]
+        if not self._pending and not self._acks:
+            self._bytes_held = 0  # nothing of ours in the broker, by any count
+        taken: list[_Pending] = []
+        while self._outgoing and len(taken) < room:
+            size = self._outgoing[0].size
+            # Alone, a task larger than the limit goes: the broker says why not.
+            if self._bytes_held and self._bytes_held + size > self._max_bytes:
+                break
+            taken.append(self._outgoing.popleft())
+            self._bytes_held += size
+            self._outgoing_bytes -= size
+        if taken:
+            self._room.notify_all()  # callers waiting for bytes to go
+        return taken
 
     def _refuse_oversized(self, batch: list[_Pending]) -> list[_Pending]:
         # Checked here rather than at the broker: libzmq drops a connection that
@@ -1787,9 +1851,14 @@ class Client:
         return fitting
 
     def _forget_cancelled(self, task_ids: list[int]) -> None:
-        forgotten = sum(1 for t in task_ids if self._pending.pop(t, None) is not None)
-        if forgotten:
-            self._release(forgotten)
+        forgotten = [self._pending.pop(t, None) for t in task_ids]
+        count = 0
+        for pending in forgotten:
+            if pending is not None:
+                self._bytes_held -= pending.size
+                count += 1
+        if count:
+            self._release(count)
 
     def _shutdown(self) -> None:
         self._send_acks(time.monotonic(), submitting=True)

@@ -197,6 +197,9 @@ class Welcome:
     max_payload_bytes: int
     heartbeat_interval_s: float
     durable: bool = True  # accepted tasks survive a broker restart
+    # Payload and result bytes the client may have in the broker; 0: unsaid
+    # (a broker from before it said so).
+    client_max_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -601,7 +604,13 @@ _ENCODERS: dict[type, Callable[[Any], tuple[Cmd, Any, Sequence[Payload]]]] = {
     Hello: lambda c: (Cmd.HELLO, {"session": c.session, "sink": c.sink}, ()),
     Welcome: lambda c: (
         Cmd.WELCOME,
-        [c.window, c.max_payload_bytes, c.heartbeat_interval_s, c.durable],
+        [
+            c.window,
+            c.max_payload_bytes,
+            c.heartbeat_interval_s,
+            c.durable,
+            c.client_max_bytes,
+        ],
         (),
     ),
     Submit: lambda c: (
@@ -661,12 +670,15 @@ def _decode_hello(body: Any, payloads: Sequence[Payload]) -> Hello:
 
 def _decode_welcome(body: Any, payloads: Sequence[Payload]) -> Welcome:
     _no_payloads(payloads, "WELCOME")
-    window, max_payload, interval, durable = _fixed(body, 4, "WELCOME")
+    if isinstance(body, list) and len(body) == 4:
+        body = [*body, 0]  # a broker from before client_max_bytes
+    window, max_payload, interval, durable, max_bytes = _fixed(body, 5, "WELCOME")
     return Welcome(
         _count(window, "window"),
         _count(max_payload, "max_payload_bytes"),
         float(_expect(interval, (int, float), "heartbeat_interval_s")),
         bool(_expect(durable, bool, "durable")),
+        _count(max_bytes, "client_max_bytes"),
     )
 
 

@@ -542,6 +542,7 @@ class Scheduler:
             window=self.limits.client_window,
             max_payload_bytes=self.limits.max_payload_bytes,
             heartbeat_interval_s=self.limits.heartbeat_interval_s,
+            client_max_bytes=self.limits.client_max_bytes,
             durable=self._durable,
         )
 

@@ -868,6 +868,23 @@ def test_one_task_at_a_time_through_a_window_of_one(
     assert results == list(range(50))
 
 
+def test_submissions_wait_for_room_under_the_brokers_byte_limit(
+    launch: Launcher,
+) -> None:
+    # Thirty 10 kB tasks against a limit of 100 kB per client: the client must
+    # hold back what does not fit, not have the broker refuse it.
+    broker = launch.broker("--client-max-bytes", "100000")
+    launch.worker(broker)
+    client = launch.client(broker)
+    blob = b"x" * 10_000
+
+    futures = [client.submit(tasks.slow_echo, blob, 0.01) for _ in range(30)]
+    mapped = list(client.map(tasks.echo, [blob] * 30, chunksize=1))
+
+    assert [f.result(RESULT_TIMEOUT_S) for f in futures] == [blob] * 30
+    assert mapped == [blob] * 30
+
+
 def test_client_with_a_malformed_address_is_refused_at_once() -> None:
     with pytest.raises(ventilator.UsageError, match="'broker:5555' is not an address"):
         ventilator.Client("broker:5555")

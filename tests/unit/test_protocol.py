@@ -20,6 +20,7 @@ EXAMPLES: list[p.Command] = [
     p.Hello("session-1"),
     p.Hello("session-1", sink="totals"),
     p.Welcome(100, 1024, 0.5, durable=False),
+    p.Welcome(100, 1024, 0.5, client_max_bytes=4096),
     p.Submit(
         [
             p.TaskSpec(1, "jobs:square", b"\x91\x07"),
@@ -216,7 +217,8 @@ READY_BODY = ["worker-1", ["jobs:f"], 2, False]
         (p.Cmd.HELLO, {"session": 5}, 0, "session must be str"),
         (p.Cmd.HELLO, {"session": "s", "sink": ""}, 0, "sink must be 1 to 256"),
         (p.Cmd.HELLO, {"session": "s"}, 1, "takes no payload frames"),
-        (p.Cmd.WELCOME, [1, 2, 3], 0, "list of 4 fields"),
+        (p.Cmd.WELCOME, [1, 2, 3], 0, "list of 5 fields"),
+        (p.Cmd.WELCOME, [1, 2, 3.0, True, -1], 0, "client_max_bytes must be"),
         (p.Cmd.WELCOME, [1, 2, "3", True], 0, "heartbeat_interval_s must be"),
         (p.Cmd.WELCOME, [1, 2, 3.0, 1], 0, "durable must be bool"),
         (p.Cmd.SUBMIT, {"tasks": []}, 0, "SUBMIT body must be list"),
@@ -574,3 +576,11 @@ def test_task_problem_passes_a_task_within_the_rules(changes: dict[str, Any]) ->
 
     assert p.task_problem(spec) is None
     assert p.decode(p.encode(p.Submit([spec])), p.FROM_CLIENT) == p.Submit([spec])
+
+
+def test_a_welcome_from_a_broker_before_client_max_bytes_still_decodes() -> None:
+    frames = [p.HEADER, bytes([p.Cmd.WELCOME]), msgpack.packb([7, 8, 1.0, True])]
+
+    welcome = p.decode(frames, p.TO_CLIENT)
+
+    assert welcome == p.Welcome(7, 8, 1.0, True, client_max_bytes=0)

@@ -70,11 +70,12 @@ def test_command_before_hello_is_refused_with_hello_first() -> None:
 
 
 def test_welcome_tells_the_client_the_limits_and_durability() -> None:
-    driver = Driver(Limits(client_window=7, max_payload_bytes=99), durable=False)
+    limits = Limits(client_window=7, max_payload_bytes=99, client_max_bytes=500)
+    driver = Driver(limits, durable=False)
 
     [welcome] = sent(driver.hello(), CLIENT, p.Welcome)
 
-    assert welcome == p.Welcome(7, 99, 1.0, durable=False)
+    assert welcome == p.Welcome(7, 99, 1.0, durable=False, client_max_bytes=500)
 
 
 def test_resubmitted_task_id_is_not_run_twice(driver: Driver) -> None:
