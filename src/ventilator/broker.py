@@ -883,3 +883,11 @@ def _log_notice(notice: s.Notice) -> None:
         log.warning(
             "refused a second receiver of sink=%s; the first one keeps it", notice.sink
         )
+    elif isinstance(notice, s.SessionHeld):
+        # A refused client asks again every heartbeat: its first refusal is news.
+        log.log(
+            logging.WARNING if notice.first else logging.DEBUG,
+            "refused a second client of session=%s; the one holding it keeps it "
+            "until it says BYE or falls silent",
+            notice.session,
+        )

@@ -56,6 +56,7 @@ from .errors import (
     PoisonTask,
     ProtocolError,
     ResultExpired,
+    SessionInUse,
     TaskError,
     TaskRejected,
     TaskTimeout,
@@ -129,6 +130,11 @@ TIMEOUT_SHARE = 0.1
 # ERROR codes with which a broker refuses a whole message it could not decode
 # (ProtocolError.code); with a SUBMIT, every task in it.
 _MESSAGE_REFUSED = frozenset({"frames", "size", "body", "malformed"})
+# A client refused its session (another live client holds it) asks again every
+# heartbeat for this many of its liveness periods, then fails what it holds:
+# long enough for a broker with the same settings to give up a holder that
+# died without BYE, and take it over then.
+SESSION_WAIT_LIVENESS_PERIODS = 3
 
 
 class ItemOutcome(NamedTuple):
@@ -730,6 +736,9 @@ class Client:
         self._monitor_fd = -1
         self._input: _wire.InputCheck  # with the socket (see _watch)
         self._welcomed = False
+        # Since when the broker refuses our session to us (another live client
+        # holds it); None while it is ours, or not asked for yet.
+        self._session_refused_at: float | None = None
         self._durable = True
         self._acks: list[tuple[str, int]] = []
         self._acks_due = math.inf
@@ -1450,7 +1459,11 @@ class Client:
                     self._fail_tasks(self._handshakes.problem)
 
             if now >= next_beat:
-                self._send(p.Heartbeat())
+                # A refused client asks again instead: a beat would only be
+                # answered "hello_first".
+                refused = self._session_refused_at is not None
+                self._send(self._hello_command() if refused else p.Heartbeat())
+                self._give_up_waiting_for_session(now)
                 next_beat = now + self._heartbeat_interval_s
                 if now - broker_seen > self._heartbeat_interval_s * self._liveness:
                     log.warning(
@@ -1488,6 +1501,8 @@ class Client:
         Not while the broker refuses this client: none can be accepted."""
         if time.monotonic() >= self._close_deadline or self._refused_entry:
             return False
+        if self._session_refused_at is not None:
+            return False  # the session is another client's: nothing is accepted
         with self._lock:
             # Cancels too: a map abandoned just before close() must not leave
             # its tasks to run for a session that is going away.
@@ -1517,7 +1532,12 @@ class Client:
             # Questions asked of a broker that forgot us will not be answered.
             self._questions.extendleft(reversed(self._asked))
             self._asked.clear()
-        self._send(p.Hello(self.session))
+        self._send(self._hello_command())
+
+    def _hello_command(self) -> p.Hello:
+        # The instance tells the broker this is the client that holds the
+        # session, back on a new connection, and not a second one.
+        return p.Hello(self.session, instance=self._instance)
 
     def _watch(self) -> None:
         """Wait on the socket and its monitor through their ZMQ_FDs, with the
@@ -1596,6 +1616,8 @@ class Client:
                 self._hello()
         elif error.code == p.UNSERVED:
             self._warn_once(error.message)
+        elif error.code == p.SESSION_IN_USE:
+            self._session_refused(error)
         elif error.code in _MESSAGE_REFUSED:
             self._submit_refused(error)
         elif error.code == "command":
@@ -1607,6 +1629,48 @@ class Client:
             log.warning(
                 "the broker refused a message: %s (%s)", error.message, error.code
             )
+
+    def _session_refused(self, error: p.Error) -> None:
+        """Another live client holds our session: wait for it, asking again
+        each heartbeat (see _serve), and say so once."""
+        if self._session_refused_at is None:
+            self._session_refused_at = time.monotonic()
+        self._warn_once(
+            f"{error.message}; this client asks again every "
+            f"{self._heartbeat_interval_s:g}s and takes the session once that "
+            f"client has left; after {self._session_wait_s:g}s it fails its "
+            f"tasks with SessionInUse (session={self.session}, {error.code})"
+        )
+
+    @property
+    def _session_wait_s(self) -> float:
+        periods = SESSION_WAIT_LIVENESS_PERIODS * self._liveness
+        return periods * self._heartbeat_interval_s
+
+    def _give_up_waiting_for_session(self, now: float) -> None:
+        """Refused our session for longer than we wait: fail what we hold
+        (tasks, questions) rather than let it hang. We keep asking: what is
+        submitted once the session is ours again goes through."""
+        since = self._session_refused_at
+        if since is None or now - since < self._session_wait_s:
+            return
+        with self._lock:
+            outgoing, self._outgoing = self._outgoing, deque()
+        held = [*self._pending.values(), *outgoing]
+        self._pending.clear()
+        message = (
+            f"session {self.session!r} is held by another live client, which "
+            f"kept it for the {now - since:.1f}s this client waited; one client "
+            "holds a session at a time: close the other one, or use another "
+            "session name"
+        )
+        for pending in held:
+            _fail(pending.future, SessionInUse(f"{message}; {_fate(pending)}"))
+        if held:
+            self._release(len(held))
+        self._fail_questions([message])
+        if held:
+            log.error("failed %d tasks: %s", len(held), message)
 
     def _misdirected(self, error: p.Error) -> None:
         """A command of ours was refused as not a client's: every one we send
@@ -1715,6 +1779,9 @@ class Client:
 
     def _welcome(self, welcome: p.Welcome) -> None:
         self._welcomed = True
+        if self._session_refused_at is not None:
+            self._session_refused_at = None
+            log.info("the session is ours now session=%s", self.session)
         self._durable = welcome.durable
         self._max_payload_bytes = welcome.max_payload_bytes
         # Beat at least as often as the broker expects, or it takes us for gone.
@@ -2069,6 +2136,14 @@ def _importable_name(function: Callable[..., Any]) -> str | None:
 
 
 # Direct construction: dataclasses.replace costs several times more, per task.
+def _fate(pending: _Pending) -> str:
+    """What became of a task its client gave up on while refused its session."""
+    if pending.accepted:
+        # Accepted while the session was ours: it runs, for the session.
+        return "the broker has this task: its holder can collect() the result"
+    return "the broker had not accepted this task"
+
+
 def _with_id(spec: p.TaskSpec, task_id: int) -> p.TaskSpec:
     return p.TaskSpec(
         task_id,

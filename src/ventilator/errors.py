@@ -4,7 +4,8 @@
 
     VentilatorError
     ├── UsageError                  the caller misused the API or the CLI
-    │   └── PickleNotAllowed        a callable was submitted without allow_pickle
+    │   ├── PickleNotAllowed        a callable was submitted without allow_pickle
+    │   └── SessionInUse            another live client holds the session
     ├── ProtocolError               a peer sent frames we cannot decode
     ├── TaskError                   a task did not produce a result
     │   ├── TaskRaised              the task's own code raised an exception
@@ -35,6 +36,7 @@ __all__ = [
     "PoisonTask",
     "ProtocolError",
     "ResultExpired",
+    "SessionInUse",
     "TaskError",
     "TaskRaised",
     "TaskRejected",
@@ -55,6 +57,12 @@ class UsageError(VentilatorError):
 
 class PickleNotAllowed(UsageError):
     """A callable was submitted but pickled callables were not enabled."""
+
+
+class SessionInUse(UsageError):
+    """Another live `Client` holds this client's session, and kept it for as
+    long as this one waited (see README, Sessions): close that one, or use
+    another session name."""
 
 
 class ProtocolError(VentilatorError):

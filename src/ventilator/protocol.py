@@ -105,6 +105,9 @@ class Flags(enum.IntFlag):
 # The ERROR code of a notice, not a refusal: a SUBMIT was accepted, but no
 # connected worker serves a function of it, so its tasks wait for one.
 UNSERVED = "unserved"
+# An ERROR code: the HELLO's session is held by another live client (see
+# Scheduler._attach_session); the client asks again until it is free.
+SESSION_IN_USE = "session_in_use"
 
 # What a task's function is called. A dotted module path, a colon and a public
 # name is what workers serve; a pickled callable is ``pickled:`` and a label
@@ -183,10 +186,16 @@ def _first_unprintable(name: str) -> str | None:
 
 @dataclass(frozen=True, slots=True)
 class Hello:
-    """Client -> broker: open or resume a session, optionally as a named sink."""
+    """Client -> broker: open or resume a session, optionally as a named sink.
+
+    `instance` tells one `Client` object from another on the same session: the
+    same one reconnecting takes its session back, another is refused while the
+    holder is live. None from peers that predate it (they take the session).
+    """
 
     session: str
     sink: str | None = None
+    instance: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -533,6 +542,10 @@ def _optional_label(value: Any, what: str) -> str | None:
     return None if value is None else _label(value, what)
 
 
+def _optional_count(value: Any, what: str) -> int | None:
+    return None if value is None else _count(value, what)
+
+
 def _count(value: Any, what: str) -> int:
     # Fast path for the usual case: a plain int (never a bool) in range.
     if type(value) is int and 0 <= value < _COUNT_LIMIT:
@@ -601,7 +614,11 @@ def _encode(command: Command) -> tuple[Cmd, Any, Sequence[Payload]]:
 
 
 _ENCODERS: dict[type, Callable[[Any], tuple[Cmd, Any, Sequence[Payload]]]] = {
-    Hello: lambda c: (Cmd.HELLO, {"session": c.session, "sink": c.sink}, ()),
+    Hello: lambda c: (
+        Cmd.HELLO,
+        {"session": c.session, "sink": c.sink, "instance": c.instance},
+        (),
+    ),
     Welcome: lambda c: (
         Cmd.WELCOME,
         [
@@ -665,6 +682,7 @@ def _decode_hello(body: Any, payloads: Sequence[Payload]) -> Hello:
     return Hello(
         session=_label(body.get("session"), "session"),
         sink=_optional_label(body.get("sink"), "sink"),
+        instance=_optional_count(body.get("instance"), "instance"),
     )
 
 

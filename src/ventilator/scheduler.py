@@ -175,6 +175,11 @@ class Recipient:
     # For a sink: the session of the process receiving it. One process at a
     # time receives a sink; another is refused while this one is connected.
     holder: str | None = None
+    # For a client session: the instance of the `Client` holding it (from its
+    # HELLO; None from older clients), and the last other one refused it, so
+    # that a client asking again every heartbeat is logged once.
+    instance: int | None = None
+    refused: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,6 +238,17 @@ def _counts_against_window(task: Task) -> bool:
     """A task counts against its submitter's window until it is forgotten, except
     a finished sink task, whose result is the sink's to collect."""
     return task.state is not State.FINISHED or task.recipient == task.session
+
+
+def _held_by_another(recipient: Recipient, peer: bytes, hello: p.Hello) -> bool:
+    """Whether a live connection of another `Client` holds the session."""
+    return (
+        recipient.peer is not None
+        and recipient.peer != peer
+        and recipient.instance is not None
+        and hello.instance is not None
+        and recipient.instance != hello.instance
+    )
 
 
 def sink_recipient(name: str) -> str:
@@ -312,6 +328,15 @@ class SinkTaken:
 
 
 @dataclass(frozen=True, slots=True)
+class SessionHeld:
+    """A second live client asked for a session that one already holds;
+    `first` is False when the same client asked again."""
+
+    session: str
+    first: bool
+
+
+@dataclass(frozen=True, slots=True)
 class FailureForgotten:
     """The oldest failure records made room for new ones (`failed_kept`)."""
 
@@ -330,6 +355,7 @@ Notice = (
     | Rejected
     | ResultsExpired
     | SinkTaken
+    | SessionHeld
     | FailureForgotten
 )
 
@@ -463,10 +489,50 @@ class Scheduler:
             return
 
         if hello.sink is None:
-            self.attach_recipient(peer, hello.session, now)
+            if not self._attach_session(peer, hello, now):
+                return
         elif not self._attach_sink(peer, hello.sink, hello.session, now):
             return
         self._effects.to_clients.append((peer, self._welcome()))
+
+    def _attach_session(self, peer: bytes, hello: p.Hello, now: float) -> bool:
+        """Attach `peer` to its session, unless another live `Client` holds it.
+
+        Two clients on one session used to take it from each other on every
+        message, each saying HELLO again once it found itself replaced. The
+        same client (its instance) on a new connection takes over at once,
+        since its old connection is gone; another is refused until the holder
+        says BYE or is given up on. A HELLO without an instance comes from an
+        older client, which takes the session as it always did.
+        """
+        recipient = self.recipients.get(hello.session)
+        if recipient is not None and _held_by_another(recipient, peer, hello):
+            self._refuse_session(peer, recipient, hello.instance)
+            return False
+
+        self.attach_recipient(peer, hello.session, now)
+        recipient = self.recipients[hello.session]
+        recipient.instance = hello.instance
+        if recipient.refused == hello.instance:
+            recipient.refused = None
+        return True
+
+    def _refuse_session(
+        self, peer: bytes, recipient: Recipient, instance: int | None
+    ) -> None:
+        silence_s = self.limits.heartbeat_interval_s * self.limits.liveness
+        message = (
+            f"session {recipient.name!r} is held by another live client; one "
+            "client holds a session at a time: close that one, or use another "
+            f"session name (the broker gives a client up after {silence_s:g}s "
+            "of silence)"
+        )
+        error = p.Error(p.SESSION_IN_USE, message)
+        self._effects.to_clients.append((peer, error))
+        self._effects.notices.append(
+            SessionHeld(recipient.name, first=recipient.refused != instance)
+        )
+        recipient.refused = instance
 
     def _attach_sink(self, peer: bytes, sink: str, session: str, now: float) -> bool:
         """Attach `peer` as the receiver of `sink`, unless another process is.
@@ -1632,6 +1698,13 @@ class Scheduler:
                 assert owner == recipient.name, f"{recipient.name} not on its peer"
             is_sink = recipient.name.startswith(sink_recipient(""))
             assert recipient.holder is None or is_sink, f"{recipient.name} held"
+            # Sinks have holders, sessions have instances; one refused client
+            # is remembered, never the one holding the session.
+            assert recipient.instance is None or not is_sink, recipient.name
+            assert recipient.refused is None or not is_sink, recipient.name
+            assert recipient.refused is None or recipient.refused != (
+                recipient.instance
+            ), f"{recipient.name} refused its holder"
 
         queued = {t for q in self._queues.values() for t in q}
         for task in self.tasks.values():

@@ -194,7 +194,7 @@ class Admission:
         # Sessions live inside their key: another key cannot take over a
         # session (and its results) by guessing its name.
         session = f"{identity.fingerprint}.{hello.session}"
-        return Admitted(p.Hello(session, hello.sink), [])
+        return Admitted(replace(hello, session=session), [])
 
     def _operator(self, identity: Identity, command: p.OperatorCommand) -> Admitted:
         """An operator command within the key's rights.

@@ -64,9 +64,13 @@ class Driver:
     # --- the same, in the words of the tests ------------------------------------------
 
     def hello(
-        self, peer: bytes = CLIENT, session: str = "alice", sink: str | None = None
+        self,
+        peer: bytes = CLIENT,
+        session: str = "alice",
+        sink: str | None = None,
+        instance: int | None = None,
     ) -> Effects:
-        return self.client(peer, p.Hello(session, sink))
+        return self.client(peer, p.Hello(session, sink, instance))
 
     def submit(self, *specs: p.TaskSpec, peer: bytes = CLIENT) -> Effects:
         return self.client(peer, p.Submit(list(specs)))

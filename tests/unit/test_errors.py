@@ -18,6 +18,7 @@ from ventilator.errors import (
     PoisonTask,
     ProtocolError,
     ResultExpired,
+    SessionInUse,
     TaskError,
     TaskRaised,
     TaskRejected,
@@ -54,6 +55,7 @@ def test_every_documented_task_error_is_a_subclass() -> None:
     [
         (UsageError, VentilatorError),
         (PickleNotAllowed, UsageError),
+        (SessionInUse, UsageError),
         (ProtocolError, VentilatorError),
         (TaskError, VentilatorError),
         (NetworkError, VentilatorError),
@@ -174,7 +176,7 @@ def test_protocol_error_code_defaults_to_malformed() -> None:
 
 
 @pytest.mark.parametrize(
-    "cls", [UsageError, PickleNotAllowed, NetworkError, ClientClosed]
+    "cls", [UsageError, PickleNotAllowed, SessionInUse, NetworkError, ClientClosed]
 )
 def test_other_errors_survive_pickle(cls: type[VentilatorError]) -> None:
     again = pickle.loads(pickle.dumps(cls("what went wrong")))

@@ -19,6 +19,7 @@ EVERY_COMMAND = frozenset(p.Cmd)
 EXAMPLES: list[p.Command] = [
     p.Hello("session-1"),
     p.Hello("session-1", sink="totals"),
+    p.Hello("session-1", instance=2**30),
     p.Welcome(100, 1024, 0.5, durable=False),
     p.Welcome(100, 1024, 0.5, client_max_bytes=4096),
     p.Submit(
@@ -322,12 +323,27 @@ def test_bool_where_a_number_is_expected_is_refused(
         (p.Cmd.READY, ["w", ["f"], -3, False], 0),
         (p.Cmd.WELCOME, [-1, 1, 1.0, True], 0),
         (p.Cmd.TASKS, [[1, -1, "f", 0, None]], 1),
+        (p.Cmd.HELLO, {"session": "s", "instance": -1}, 0),
     ],
 )
 def test_negative_count_is_refused(cmd: p.Cmd, body: Any, payloads: int) -> None:
     error = refusal(frames(cmd, body, *[b"x"] * payloads))
 
     assert "non-negative" in str(error)
+
+
+def test_hello_of_a_client_that_predates_instances_is_decoded_without_one() -> None:
+    raw = frames(p.Cmd.HELLO, {"session": "s", "sink": None})
+
+    hello = p.decode(raw, EVERY_COMMAND)
+
+    assert hello == p.Hello("s", instance=None)
+
+
+def test_hello_with_an_instance_that_is_not_a_number_is_refused() -> None:
+    error = refusal(frames(p.Cmd.HELLO, {"session": "s", "instance": "1"}))
+
+    assert "instance" in str(error)
 
 
 def test_count_of_64_bits_or_more_is_refused() -> None:

@@ -13,6 +13,7 @@ from ventilator.scheduler import (
     ClientLost,
     LateOutcome,
     Scheduler,
+    SessionHeld,
     State,
     Task,
     WorkerDraining,
@@ -871,6 +872,103 @@ def test_uncollected_result_expires_to_a_tombstone_after_its_ttl() -> None:
     [tombstone] = results(expired, b"client-3")
     assert tombstone.status is p.Status.EXPIRED
     assert "result_ttl_s" in error_report(tombstone)["message"]
+
+
+# --- one live client per session -----------------------------------------------------
+
+A, B = 1, 2  # the instance numbers of two Client objects on session "alice"
+
+
+def session_with_one_result_delivered(driver: Driver) -> None:
+    """Session alice held by client A on CLIENT, task 1's result unacknowledged."""
+    driver.hello(CLIENT, instance=A)
+    driver.submit(task(1))
+    driver.done(W1, assignments(driver.ready(W1), W1)[0])
+
+
+def test_second_client_of_a_session_is_refused_while_the_first_is_there() -> None:
+    driver = Driver()
+    session_with_one_result_delivered(driver)
+
+    refused = driver.hello(OTHER, instance=B)
+    heartbeat = driver.client(CLIENT, p.Heartbeat())
+
+    assert error_codes(refused, OTHER) == [p.SESSION_IN_USE]
+    [error] = sent(refused, OTHER, p.Error)
+    assert isinstance(error, p.Error) and "'alice'" in error.message
+    assert not sent(refused, OTHER, p.Welcome)
+    assert not results(refused, OTHER), "the second client got the first's result"
+    assert not error_codes(heartbeat, CLIENT), "the first one was evicted"
+    assert driver.scheduler.recipients["alice"].peer == CLIENT
+    assert OTHER not in driver.scheduler._recipient_of_peer
+
+
+def test_a_refused_client_asking_again_is_news_only_the_first_time() -> None:
+    driver = Driver()
+    session_with_one_result_delivered(driver)
+
+    first = driver.hello(OTHER, instance=B)
+    again = driver.hello(OTHER, instance=B)
+
+    assert notices(first, SessionHeld) == [SessionHeld("alice", first=True)]
+    assert notices(again, SessionHeld) == [SessionHeld("alice", first=False)]
+
+
+def test_a_client_takes_its_session_back_at_once_on_a_new_connection() -> None:
+    driver = Driver()
+    session_with_one_result_delivered(driver)
+
+    effects = driver.hello(OTHER, instance=A)
+
+    assert sent(effects, OTHER, p.Welcome)
+    assert [r.task_id for r in results(effects, OTHER)] == [1]
+
+
+@pytest.mark.parametrize("how", ["bye", "unreachable", "silent"])
+def test_a_session_is_another_client_s_once_its_holder_left(how: str) -> None:
+    driver = Driver()
+    session_with_one_result_delivered(driver)
+    driver.hello(OTHER, instance=B)  # refused while A is there
+    if how == "bye":
+        driver.client(CLIENT, p.Bye())
+    elif how == "unreachable":
+        driver.unreachable(CLIENT)
+    else:
+        driver.tick(3.5)
+
+    effects = driver.hello(OTHER, instance=B)
+
+    assert sent(effects, OTHER, p.Welcome)
+    assert [r.task_id for r in results(effects, OTHER)] == [1]
+    assert not notices(effects, SessionHeld)
+
+
+def test_a_client_given_up_on_is_refused_once_another_took_its_session() -> None:
+    driver = Driver()
+    session_with_one_result_delivered(driver)
+    driver.tick(3.5)  # A fell silent: given up on
+    driver.hello(OTHER, instance=B)
+
+    speaks_again = driver.client(CLIENT, p.Ack([("", 1)]))
+    hello_again = driver.hello(CLIENT, instance=A)
+
+    assert error_codes(speaks_again, CLIENT) == ["hello_first"]
+    assert not speaks_again.forgotten, "the old holder acknowledged the new one's"
+    assert error_codes(hello_again, CLIENT) == [p.SESSION_IN_USE]
+    assert driver.scheduler.recipients["alice"].peer == OTHER
+
+
+@pytest.mark.parametrize(("holder", "newcomer"), [(A, None), (None, B)])
+def test_a_client_that_sends_no_instance_takes_the_session_as_before(
+    holder: int | None, newcomer: int | None
+) -> None:
+    driver = Driver()
+    driver.hello(CLIENT, instance=holder)
+
+    effects = driver.hello(OTHER, instance=newcomer)
+
+    assert sent(effects, OTHER, p.Welcome)
+    assert driver.scheduler.recipients["alice"].peer == OTHER
 
 
 # --- introspection --------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 A model of the peers (clients, a sink, workers) drives the scheduler with
 hello, submit, ready, done (right and wrong attempts), ack, cancel, drain,
-deaths, time and a second process asking for the sink; and as the MDP gateway
+deaths, time, a second process asking for the sink and a second client
+opening a session (refused while the holder is live); and as the MDP gateway
 does, with requests of a client that never heartbeats, Titanic requests
 withdrawn by `withdraw`, and a worker of capacity 1 that is silent while busy.
 After every step the scheduler checks its own invariants, and the model checks
@@ -76,6 +77,9 @@ class ModelRecipient:
     name: str
     peer: bytes | None = None
     delivered: set[Key] = field(default_factory=set)  # not acknowledged yet
+    # The `Client` holding a session (its HELLO's instance); None: an older
+    # client that sends none, and for the sink and the gateway's names.
+    instance: int | None = None
     acked: set[Key] = field(default_factory=set)
 
 
@@ -99,6 +103,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.task_ids = itertools.count(1)
         names = [*SESSIONS, sink_recipient(SINK), *GATEWAY_NAMES]
         self.recipients = {name: ModelRecipient(name) for name in names}
+        self.instances = itertools.count(1)
+        for session in SESSIONS:
+            self.recipients[session].instance = next(self.instances)
         self.titanic_requests = itertools.count()
         self.workers: dict[str, ModelWorker] = {}
         self.recipient_of: dict[Key, str] = {}  # accepted tasks: who gets the result
@@ -129,7 +136,44 @@ class SchedulerMachine(RuleBasedStateMachine):
             return
         sink = SINK if name == sink_recipient(SINK) else None
         session = "sink-reader" if sink else name
-        self._client(recipient.peer, p.Hello(session, sink))
+        self._client(recipient.peer, p.Hello(session, sink, recipient.instance))
+
+    @rule(name=st.sampled_from(SESSIONS), predates_instances=st.booleans())
+    def another_client_opens_a_session(
+        self, name: str, predates_instances: bool
+    ) -> None:
+        """A second `Client` says HELLO for a session: refused while the one
+        holding it is connected, the session's new holder if not, or if
+        either of them is an older client that sends no instance."""
+        recipient = self.recipients[name]
+        newcomer = None if predates_instances else next(self.instances)
+        peer = self._new_peer(f"{name}-other")
+        held = self.scheduler.recipients.get(name)
+        refused = (
+            held is not None
+            and held.peer is not None
+            and None not in (held.instance, newcomer)
+        )
+        if not refused:
+            recipient.peer, recipient.instance = peer, newcomer
+            recipient.delivered.clear()  # everything unacknowledged comes again
+
+        effects = self._client(peer, p.Hello(name, instance=newcomer))
+
+        answers = [type(c) for to, c in effects.to_clients if to == peer]
+        if refused:
+            assert answers == [p.Error], answers
+            assert peer not in self.scheduler._recipient_of_peer
+        else:
+            assert answers[0] is p.Welcome, answers
+        assert self.scheduler.recipients[name].peer == recipient.peer
+
+    @precondition(lambda self: self._connected(SESSIONS))
+    @rule(data=st.data())
+    def client_says_bye(self, data: st.DataObject) -> None:
+        name = data.draw(st.sampled_from(self._connected(SESSIONS)))
+        self._client(self._peer_of(name), p.Bye())
+        assert self.recipients[name].peer is None, "still connected after BYE"
 
     @precondition(lambda self: self._connected(SESSIONS))
     @rule(

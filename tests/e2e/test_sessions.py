@@ -1,0 +1,92 @@
+"""Sessions against a real broker: one live client holds a session at a time."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+import ventilator
+from ventilator import protocol as p
+
+from . import tasks
+from .conftest import (
+    FAST_HEARTBEAT_S,
+    BrokerProcess,
+    Launcher,
+    WorkerProcess,
+    wait_for_workers,
+    wait_until,
+)
+
+RESULT_TIMEOUT_S = 20.0
+
+
+@pytest.fixture
+def fast_broker(launch: Launcher) -> BrokerProcess:
+    """A broker beating every 0.2 s, so that its clients beat every 0.1 s and
+    a refused one gives up after 3 x 3 x 0.1 s."""
+    return launch.broker(heartbeat_interval_s=FAST_HEARTBEAT_S)
+
+
+@pytest.fixture
+def worker(launch: Launcher, fast_broker: BrokerProcess) -> WorkerProcess:
+    """One worker that runs two tasks at a time."""
+    worker = launch.worker(fast_broker, concurrency=2)
+    wait_for_workers(launch.client(fast_broker), 1)
+    return worker
+
+
+def refusals(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    """What the clients of this test logged about being refused their session."""
+    return [
+        record
+        for record in caplog.records
+        if record.name == "ventilator.client" and p.SESSION_IN_USE in record.message
+    ]
+
+
+def test_a_second_live_client_of_a_session_is_refused_and_the_first_keeps_it(
+    launch: Launcher,
+    fast_broker: BrokerProcess,
+    worker: WorkerProcess,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="ventilator.client")
+    first = launch.client(fast_broker, session="same")
+    first.status(RESULT_TIMEOUT_S)  # answered: the session is first's
+    first_futures = [first.submit(tasks.sleep_for, 0.05) for _ in range(20)]
+
+    second = launch.client(fast_broker, session="same")
+    second_futures = [second.submit(tasks.square, i) for i in range(20)]
+
+    # Before, each HELLO took the session from the other on every message, and
+    # the first client's results went to the second one, which kept them.
+    assert [f.result(RESULT_TIMEOUT_S) for f in first_futures] == [0.05] * 20
+    for future in second_futures:
+        with pytest.raises(ventilator.SessionInUse, match="session 'same'"):
+            future.result(RESULT_TIMEOUT_S)
+    assert len(refusals(caplog)) == 1, "the refusal is logged once per client"
+
+
+def test_a_refused_client_takes_the_session_over_once_its_holder_closed(
+    launch: Launcher,
+    fast_broker: BrokerProcess,
+    worker: WorkerProcess,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="ventilator.client")
+    first = launch.client(fast_broker, session="same")
+    owed = [first.submit(tasks.slow_echo, i, 0.5) for i in range(4)]
+    first.status(RESULT_TIMEOUT_S)  # answered: the session is first's
+    # Waits 3 x 10 x 0.1 s for the session: time enough to see first close.
+    second = launch.client(fast_broker, session="same", liveness=10)
+    own = second.submit(tasks.square, 3)
+    wait_until(lambda: refusals(caplog), RESULT_TIMEOUT_S, "the second one refused")
+
+    first.close()  # says BYE with its tasks still running: their results wait
+
+    assert own.result(RESULT_TIMEOUT_S) == 9
+    collected = list(second.collect(count=len(owed), timeout_s=RESULT_TIMEOUT_S))
+    assert sorted(f.task_id for f in collected) == sorted(f.task_id for f in owed)
+    assert sorted(f.result(0) for f in collected) == [0, 1, 2, 3]
