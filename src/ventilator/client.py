@@ -1654,22 +1654,26 @@ class Client:
         since = self._session_refused_at
         if since is None or now - since < self._session_wait_s:
             return
-        with self._lock:
-            outgoing, self._outgoing = self._outgoing, deque()
-        held = [*self._pending.values(), *outgoing]
-        self._pending.clear()
         message = (
             f"session {self.session!r} is held by another live client, which "
             f"kept it for the {now - since:.1f}s this client waited; one client "
             "holds a session at a time: close the other one, or use another "
             "session name"
         )
+        with self._lock:
+            outgoing, self._outgoing = self._outgoing, deque()
+            questions = [*self._asked, *self._questions]
+            self._asked.clear()
+            self._questions.clear()
+        held = [*self._pending.values(), *outgoing]
+        self._pending.clear()
+
         for pending in held:
             _fail(pending.future, SessionInUse(f"{message}; {_fate(pending)}"))
+        for question in questions:
+            _fail(question.answer, SessionInUse(message))
         if held:
             self._release(len(held))
-        self._fail_questions([message])
-        if held:
             log.error("failed %d tasks: %s", len(held), message)
 
     def _misdirected(self, error: p.Error) -> None:
@@ -2135,7 +2139,6 @@ def _importable_name(function: Callable[..., Any]) -> str | None:
     return f"{module}:{name}"
 
 
-# Direct construction: dataclasses.replace costs several times more, per task.
 def _fate(pending: _Pending) -> str:
     """What became of a task its client gave up on while refused its session."""
     if pending.accepted:
@@ -2144,6 +2147,7 @@ def _fate(pending: _Pending) -> str:
     return "the broker had not accepted this task"
 
 
+# Direct construction: dataclasses.replace costs several times more, per task.
 def _with_id(spec: p.TaskSpec, task_id: int) -> p.TaskSpec:
     return p.TaskSpec(
         task_id,

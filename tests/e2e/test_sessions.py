@@ -66,6 +66,8 @@ def test_a_second_live_client_of_a_session_is_refused_and_the_first_keeps_it(
     for future in second_futures:
         with pytest.raises(ventilator.SessionInUse, match="session 'same'"):
             future.result(RESULT_TIMEOUT_S)
+    with pytest.raises(ventilator.SessionInUse):
+        second.status(RESULT_TIMEOUT_S)  # a question waits no longer than a task
     assert len(refusals(caplog)) == 1, "the refusal is logged once per client"
 
 

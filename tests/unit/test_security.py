@@ -229,6 +229,14 @@ def test_admission_keeps_a_session_inside_its_key_and_guards_sinks() -> None:
     assert sink.forbidden is not None and "sink 'payroll'" in sink.forbidden
 
 
+def test_admission_keeps_the_client_instance_that_tells_clients_apart() -> None:
+    admission = Admission(curve=True, pickle_permitted=True)
+
+    opened = admission.client(REPORTER, p.Hello("s1", instance=7))
+
+    assert opened.command == p.Hello(f"{REPORTER.fingerprint}.s1", instance=7)
+
+
 def test_a_limited_key_may_cancel_only_in_its_own_sessions() -> None:
     admission = Admission(curve=True, pickle_permitted=True)
     own = f"{REPORTER.fingerprint}.s1"
