@@ -1662,11 +1662,13 @@ class Client:
         )
         with self._lock:
             outgoing, self._outgoing = self._outgoing, deque()
+            self._outgoing_bytes = 0
             questions = [*self._asked, *self._questions]
             self._asked.clear()
             self._questions.clear()
         held = [*self._pending.values(), *outgoing]
         self._pending.clear()
+        self._bytes_held = self._acks_bytes
 
         for pending in held:
             _fail(pending.future, SessionInUse(f"{message}; {_fate(pending)}"))
