@@ -572,7 +572,9 @@ class Broker:
                 log.warning("refused a sink: %s", admitted.forbidden)
                 self._send(peer, p.Error("forbidden", admitted.forbidden), now)
             if admitted.command is not None:
-                self._scheduler.client_command(peer, admitted.command, now)
+                self._scheduler.client_command(
+                    peer, admitted.command, now, admitted.scope
+                )
             return
         if isinstance(command, p.Ready):
             command = self._admission.ready(identity, command)

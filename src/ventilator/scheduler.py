@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import heapq
+import itertools
 import math
 import random
 from collections import OrderedDict, deque
@@ -256,6 +257,36 @@ def sink_recipient(name: str) -> str:
     return f"sink:{name}"
 
 
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """What a client with limited rights sees and reaches with its questions
+    (status) and operator commands (failed, retry): the sessions whose names
+    start with `sessions`, and the functions `may_submit` allows it, asked
+    with a function's name and its task flags.
+
+    The scheduler knows no keys: the shell makes a scope from one (under
+    CURVE, a key's sessions are ``<fingerprint>.<name>``). None: no limits.
+    """
+
+    sessions: str
+    may_submit: Callable[[str, int], bool]
+
+    def owns(self, session: str) -> bool:
+        return session.startswith(self.sessions)
+
+    def shows_queue(self, name: str) -> bool:
+        """Whether a queue (a function's, or the pickled callables') is one
+        the client may submit to."""
+        return self.may_submit(name, _PICKLED if name == PICKLE_QUEUE else 0)
+
+    @property
+    def retry_session(self) -> str:
+        """Where this client's retries run: inside its own sessions, so that
+        their own failures are its to read and retry, and its window bounds
+        them."""
+        return self.sessions + RETRY_SESSION
+
+
 # --- notices: what the broker's log should say ----------------------------------
 
 
@@ -453,8 +484,11 @@ class Scheduler:
 
     # --- clients -------------------------------------------------------------------
 
-    def client_command(self, peer: bytes, command: p.Command, now: float) -> None:
-        """Feed one decoded command from a client's connection."""
+    def client_command(
+        self, peer: bytes, command: p.Command, now: float, scope: Scope | None = None
+    ) -> None:
+        """Feed one decoded command from a client's connection; `scope` limits
+        what its status and operator commands see and reach (see `Scope`)."""
         self._now = now
         if isinstance(command, p.Hello):
             self._hello(peer, command, now)
@@ -474,9 +508,10 @@ class Scheduler:
         elif isinstance(command, p.Cancel):
             self._cancel(recipient.name, command.task_ids, now)
         elif isinstance(command, p.StatusRequest):
-            self._effects.to_clients.append((peer, p.StatusReply(self.status(now))))
+            status = self.status(now, scope)
+            self._effects.to_clients.append((peer, p.StatusReply(status)))
         elif isinstance(command, p.OPERATOR_TYPES):
-            report = self._operate(command, now)
+            report = self._operate(command, now, scope)
             self._effects.to_clients.append((peer, p.OperatorReply(report)))
         elif isinstance(command, p.Bye):
             self._client_gone(recipient, said_bye=True)
@@ -1495,12 +1530,15 @@ class Scheduler:
         first; `record.failed_at` must be on this process's clock."""
         self._keep_failure(record)
 
-    def status(self, now: float) -> dict[str, object]:
-        """A plain-data picture of the broker, for `ventilator status`.
+    def status(self, now: float, scope: Scope | None = None) -> dict[str, object]:
+        """A plain-data picture of the broker, for `ventilator status`; within
+        `scope`, as `_status_within` says.
 
         Its cost grows with workers, running tasks and queues, not with the
         number of queued tasks, so a dashboard may ask for it every second.
         """
+        if scope is not None:
+            return self._status_within(scope, now)
         queued = self._queued_by_function()
         running = self._running_by_function()
         unfinished = sum(queued.values()) + sum(running.values())
@@ -1509,18 +1547,38 @@ class Scheduler:
             "queued": queued,
             "running": running,
             "results_waiting": len(self.tasks) - unfinished,
+            "clients": [self._client_status(r) for r in self.recipients.values()],
+            "totals": self.totals(),
+            "recent_failures": [
+                record.report(now) for record in self._failures(10, None)
+            ],
+        }
+
+    def _status_within(self, scope: Scope, now: float) -> dict[str, object]:
+        """The broker as a client with limited rights sees it: its own sessions
+        (and the sinks it receives) and their failures; the workers and queues
+        of the functions it may submit, counting every client's tasks in them
+        (how far back its own wait); and the totals, which are only numbers.
+        Other clients' sessions and failures, and functions outside its
+        rights, are not its business."""
+        queued = self._queued_by_function()
+        running = self._running_by_function()
+        unfinished = sum(queued.values()) + sum(running.values())
+        workers = (self._worker_within(scope, w, now) for w in self.workers.values())
+        return {
+            "scope": scope.sessions,
+            "workers": [worker for worker in workers if worker is not None],
+            "queued": {q: n for q, n in queued.items() if scope.shows_queue(q)},
+            "running": {q: n for q, n in running.items() if scope.shows_queue(q)},
+            "results_waiting": len(self.tasks) - unfinished,
             "clients": [
-                {
-                    "name": r.name,
-                    "kind": "sink" if r.name.startswith("sink:") else "client",
-                    "connected": r.peer is not None,
-                    "pending": len(r.pending),
-                }
-                for r in self.recipients.values()
+                self._client_status(recipient)
+                for recipient in self.recipients.values()
+                if scope.owns(recipient.name) or scope.owns(recipient.holder or "")
             ],
             "totals": self.totals(),
             "recent_failures": [
-                record.report(now) for record in reversed(list(self.failed)[-10:])
+                record.report(now) for record in self._failures(10, scope)
             ],
         }
 
@@ -1539,6 +1597,31 @@ class Scheduler:
             "failed": sum(by_status[status] for status in FAILURE_STATUSES),
             "cancelled": by_status[p.Status.CANCELLED],
         }
+
+    def _client_status(self, recipient: Recipient) -> dict[str, object]:
+        return {
+            "name": recipient.name,
+            "kind": "sink" if recipient.name.startswith("sink:") else "client",
+            "connected": recipient.peer is not None,
+            "pending": len(recipient.pending),
+        }
+
+    def _worker_within(
+        self, scope: Scope, worker: Worker, now: float
+    ) -> dict[str, object] | None:
+        """A worker as a client with limited rights sees it: the functions of
+        its rights that it serves; None when it serves none of them."""
+        services = [name for name in worker.services if scope.shows_queue(name)]
+        if not services:
+            return None
+        return {**self._worker_status(worker, now), "services": services}
+
+    def _failures(self, limit: int, scope: Scope | None) -> list[FailedTask]:
+        """The latest `limit` failures (within `scope`), newest first."""
+        newest_first: Iterable[FailedTask] = reversed(self.failed)
+        if scope is not None:
+            newest_first = (r for r in newest_first if scope.owns(r.session))
+        return list(itertools.islice(newest_first, limit))
 
     def _worker_status(self, worker: Worker, now: float) -> dict[str, object]:
         return {
@@ -1575,37 +1658,52 @@ class Scheduler:
 
     # --- operator commands -----------------------------------------------------------
 
-    def _operate(self, command: p.OperatorCommand, now: float) -> dict[str, object]:
+    def _operate(
+        self, command: p.OperatorCommand, now: float, scope: Scope | None = None
+    ) -> dict[str, object]:
         if isinstance(command, p.ListFailed):
-            records = list(self.failed)[-command.limit :] if command.limit else []
+            records = self._failures(command.limit, scope)
+            kept = sum(1 for r in self.failed if scope is None or scope.owns(r.session))
             return {
-                "failed": [r.report(now, traceback=True) for r in reversed(records)],
-                "kept": len(self.failed),
+                "failed": [r.report(now, traceback=True) for r in records],
+                "kept": kept,
             }
         if isinstance(command, p.Retry):
-            return self._retry_failed(command.tickets, command.sink, now)
+            return self._retry_failed(command.tickets, command.sink, now, scope)
         if isinstance(command, p.Purge):
             return {"purged": self._purge(command.function, now)}
         return {"outcome": self._cancel_one(command.session, command.task_id, now)}
 
     def _retry_failed(
-        self, tickets: Sequence[int], sink: str, now: float
+        self,
+        tickets: Sequence[int],
+        sink: str,
+        now: float,
+        scope: Scope | None = None,
     ) -> dict[str, object]:
         """Submit failed tasks again, as new tasks whose results go to `sink`.
 
         The original recipient has had its failure already, and a task id's
         result is delivered once; so the rerun is the broker's own task, named
-        after the failed one's ticket, and its result is the sink's.
+        after the failed one's ticket, and its result is the sink's. Within a
+        `scope`, only its sessions' failures are retried, each if the client
+        may still submit its function, and the rerun is one of its sessions'.
         """
+        session = RETRY_SESSION if scope is None else scope.retry_session
         wanted = set(tickets)
-        chosen = [r for r in self.failed if not wanted or r.ticket in wanted]
+        chosen = [
+            r
+            for r in self.failed
+            if (not wanted or r.ticket in wanted)
+            and (scope is None or scope.owns(r.session))
+        ]
         retried: list[int] = []
         # Pairs, not a dict: msgpack maps with integer keys are refused on the
         # wire (strict_map_key).
         refused: list[list[object]] = []
         pickle_served = self._pickle_served()
         for record in chosen:
-            reason = self._retry_refusal(record, sink, pickle_served)
+            reason = self._retry_refusal(record, session, pickle_served, scope)
             if reason is not None:
                 refused.append([record.ticket, reason])
                 continue
@@ -1617,27 +1715,36 @@ class Scheduler:
                 record.timeout_s,
                 sink=sink,
             )
-            self._accept(RETRY_SESSION, spec, now)
+            self._accept(session, spec, now)
             self._unfail(record)
             retried.append(record.ticket)
 
         unknown = sorted(wanted - {r.ticket for r in chosen})
+        mine = "" if scope is None else " among this client's sessions' failures"
         for ticket in unknown:
-            refused.append([ticket, "no failed task with this ticket is remembered"])
+            refused.append(
+                [ticket, f"no failed task with this ticket is remembered{mine}"]
+            )
         return {"retried": retried, "refused": refused, "sink": sink}
 
     def _retry_refusal(
-        self, record: FailedTask, sink: str, pickle_served: bool
+        self,
+        record: FailedTask,
+        session: str,
+        pickle_served: bool,
+        scope: Scope | None,
     ) -> str | None:
         if record.payload is None:
             return (
                 f"its arguments were over {RETRY_PAYLOAD_BYTES} bytes and not kept; "
                 "submit it again from the client"
             )
-        if (RETRY_SESSION, record.ticket) in self._by_key:
+        if scope is not None and not scope.may_submit(record.function, record.flags):
+            return f"this client may not submit {record.function} (its rights)"
+        if (session, record.ticket) in self._by_key:
             return "a retry of it is still in the broker"
         spec = p.TaskSpec(record.ticket, record.function, record.payload, record.flags)
-        return self._refusal(RETRY_SESSION, spec, pickle_served)
+        return self._refusal(session, spec, pickle_served)
 
     def _purge(self, queue_name: str, now: float) -> int:
         """Cancel every task waiting to run in one queue; return how many."""

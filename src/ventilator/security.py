@@ -41,6 +41,7 @@ from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
 from . import protocol as p
+from . import scheduler as s
 from .errors import UsageError
 
 __all__ = [
@@ -104,6 +105,10 @@ class Rights:
     def allows(self, function: str) -> bool:
         return any(fnmatch.fnmatchcase(function, p) for p in self.patterns)
 
+    def allows_task(self, function: str, flags: int) -> bool:
+        """Whether a task of `function` with these flags is within the rights."""
+        return self.allows(right_name(function, flags))
+
     @property
     def unrestricted(self) -> bool:
         return "*" in self.patterns
@@ -143,6 +148,8 @@ class Admitted:
     rejected: list[tuple[int, str]]  # (task id, reason): tasks outside the rights
     forbidden: str | None = None  # why the whole command is refused
     code: str = "forbidden"  # the ERROR code that refusal is sent with
+    # What the command sees and reaches, for a key with limited rights.
+    scope: s.Scope | None = None
 
 
 class Admission:
@@ -166,6 +173,8 @@ class Admission:
             return self._hello(identity, command)
         if isinstance(command, p.OPERATOR_TYPES) and self._curve:
             return self._operator(identity, command)
+        if isinstance(command, p.StatusRequest) and self._curve:
+            return Admitted(command, [], scope=scope_of(identity))
         return Admitted(command, [])
 
     def _submit(self, identity: Identity, submit: p.Submit) -> Admitted:
@@ -199,30 +208,51 @@ class Admission:
     def _operator(self, identity: Identity, command: p.OperatorCommand) -> Admitted:
         """An operator command within the key's rights.
 
-        A key limited by a ``.functions`` file may cancel the tasks of its own
-        sessions only; purge, failed and retry reach every key's work, so they
-        are for keys with every right. A session named without a key is the
-        caller's own, as at HELLO.
+        A key limited by a ``.functions`` file operates on its own sessions'
+        work only: it may cancel their tasks, read their failures and retry
+        them (into a sink its rights name, as functions they still allow);
+        purge empties a function's queue of every key's tasks, so it is for
+        keys with every right. A session named without a key is the caller's
+        own, as at HELLO.
         """
         if isinstance(command, p.CancelTask):
-            session = qualified_session(identity, command.session)
-            command = p.CancelTask(session, command.task_id)
-            mine = session.startswith(f"{identity.fingerprint}.")
-            if mine or identity.rights.unrestricted:
-                return Admitted(command, [])
-            reason = (
-                f"key {identity.name} ({identity.fingerprint}) may cancel only "
-                f"its own sessions' tasks, not those of session {session!r}: a key "
-                "with a .functions file operates on its own work"
-            )
-        elif identity.rights.unrestricted:
+            return self._cancel(identity, command)
+        if identity.rights.unrestricted:
             return Admitted(command, [])
-        else:
-            reason = (
-                f"key {identity.name} ({identity.fingerprint}) may not use "
-                f"{_COMMAND_NAMES[type(command)]}: purge, failed and retry reach "
-                "every key's work, so they are for keys without a .functions file"
-            )
+        if isinstance(command, p.ListFailed):
+            return Admitted(command, [], scope=scope_of(identity))
+        if isinstance(command, p.Retry):
+            return self._retry(identity, command)
+        reason = (
+            f"key {identity.name} ({identity.fingerprint}) may not use "
+            f"{_COMMAND_NAMES[type(command)]}: it reaches every key's tasks, so "
+            "it is for keys without a .functions file"
+        )
+        return Admitted(None, [], forbidden=reason, code=NOT_PERMITTED)
+
+    def _cancel(self, identity: Identity, command: p.CancelTask) -> Admitted:
+        session = qualified_session(identity, command.session)
+        command = p.CancelTask(session, command.task_id)
+        mine = session.startswith(f"{identity.fingerprint}.")
+        if mine or identity.rights.unrestricted:
+            return Admitted(command, [])
+        reason = (
+            f"key {identity.name} ({identity.fingerprint}) may cancel only "
+            f"its own sessions' tasks, not those of session {session!r}: a key "
+            "with a .functions file operates on its own work"
+        )
+        return Admitted(None, [], forbidden=reason, code=NOT_PERMITTED)
+
+    def _retry(self, identity: Identity, command: p.Retry) -> Admitted:
+        # The reruns' results go to the sink: one the key may not receive
+        # would hand its results to whoever does, or mix them into theirs.
+        if identity.rights.allows(f"sink:{command.sink}"):
+            return Admitted(command, [], scope=scope_of(identity))
+        reason = (
+            f"key {identity.name} ({identity.fingerprint}) may retry only into a "
+            f"sink its rights name, not {command.sink!r}: add sink:{command.sink} "
+            f"to its .functions file (its rights are {identity.rights})"
+        )
         return Admitted(None, [], forbidden=reason, code=NOT_PERMITTED)
 
     def ready(self, identity: Identity, ready: p.Ready) -> p.Ready:
@@ -248,6 +278,14 @@ class Admission:
                 else "",
             )
         return replace(ready, services=services, allow_pickle=pickle)
+
+
+def scope_of(identity: Identity) -> s.Scope | None:
+    """What a key's status and operator commands see and reach: with limited
+    rights, its own sessions and the functions it may submit; else all."""
+    if identity.rights.unrestricted:
+        return None
+    return s.Scope(f"{identity.fingerprint}.", identity.rights.allows_task)
 
 
 def qualified_session(identity: Identity, session: str) -> str:

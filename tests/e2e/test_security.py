@@ -89,7 +89,7 @@ def keyring(tmp_path: Path) -> Keyring:
         folder.mkdir()
     for name in ("broker", "alice", "stranger", "w1"):
         generate_keys(name, ring.home)
-    generate_keys("bob", ring.home, [f"{TASKS}:square"])
+    generate_keys("bob", ring.home, [f"{TASKS}:square", "sink:bobs"])
     generate_keys("echoer", ring.home, [f"{TASKS}:echo"])
     for client in ("alice", "bob"):
         ring.allow(client, ring.clients)
@@ -104,10 +104,17 @@ def curve_broker(launch: Launcher, keyring: Keyring) -> BrokerProcess:
 
 
 def curve_client(
-    launch: Launcher, broker: BrokerProcess, keyring: Keyring, name: str
+    launch: Launcher,
+    broker: BrokerProcess,
+    keyring: Keyring,
+    name: str,
+    session: str | None = None,
 ) -> ventilator.Client:
     return launch.client(
-        broker, secret_key=keyring.secret(name), broker_key=keyring.public("broker")
+        broker,
+        secret_key=keyring.secret(name),
+        broker_key=keyring.public("broker"),
+        session=session,
     )
 
 
@@ -509,13 +516,10 @@ def test_a_key_with_limited_rights_operates_only_on_its_own_sessions(
 
     with pytest.raises(ventilator.UsageError, match="only its own sessions"):
         bob.cancel_task(alice_session, alices.task_id)
-    for refused in (
-        lambda: bob.purge(f"{TASKS}:square"),
-        lambda: bob.failed(),
-        lambda: bob.retry([1]),
-    ):
-        with pytest.raises(ventilator.UsageError, match=r"without a \.functions file"):
-            refused()
+    with pytest.raises(ventilator.UsageError, match=r"without a \.functions file"):
+        bob.purge(f"{TASKS}:square")
+    with pytest.raises(ventilator.UsageError, match="sink:retried"):
+        bob.retry([1])
 
     # A session named as its user chose it is the caller's own, as at HELLO.
     assert bob.cancel_task(bob.session, bobs[0].task_id) == "cancelled"
@@ -572,3 +576,42 @@ def test_a_worker_the_broker_refuses_says_once_what_is_wrong_with_its_key(
     )
     diagnosis = f"refused this worker's CURVE key {keyring.fingerprint('alice')}"
     assert log_of(worker.process).count(diagnosis) == 1, log_of(worker.process)
+
+
+def test_a_limited_key_sees_and_retries_only_its_own_sessions_work(
+    launch: Launcher, curve_broker: BrokerProcess, keyring: Keyring
+) -> None:
+    curve_worker(launch, curve_broker, keyring, "w1")
+    alice = curve_client(launch, curve_broker, keyring, "alice")
+    bob = curve_client(launch, curve_broker, keyring, "bob")
+    wait_for_workers(alice, 1)
+    for failing in (alice.submit(tasks.fail, "alice's"), bob.submit(tasks.square, "b")):
+        with pytest.raises(ventilator.TaskRaised):
+            failing.result(RESULT_TIMEOUT_S)
+
+    seen_by_bob, seen_by_alice = bob.status(), alice.status()
+    [own_failure] = bob.failed()
+    report = bob.retry(sink="bobs")
+    keys = {"secret_key": keyring.secret("bob"), "broker_key": keyring.public("broker")}
+    with ventilator.Sink("bobs", curve_broker.frontend, **keys) as sink:
+        [rerun] = list(itertools.islice(sink.results(RESULT_TIMEOUT_S), 1))
+
+    assert [c["name"] for c in seen_by_bob["clients"]] == [bob.session_at_broker]
+    assert [f["session"] for f in seen_by_bob["recent_failures"]] == [
+        bob.session_at_broker
+    ]
+    assert [w["services"] for w in seen_by_bob["workers"]] == [[f"{TASKS}:square"]]
+    assert {c["name"] for c in seen_by_alice["clients"]} >= {
+        alice.session_at_broker,
+        bob.session_at_broker,
+    }
+    assert own_failure["session"] == bob.session_at_broker
+    assert report["retried"] == [own_failure["ticket"]] and report["refused"] == []
+    assert rerun.task_id == own_failure["ticket"] and not rerun.ok
+    # The rerun failed too: bob's to read, in a session of his key.
+    reruns = f"{keyring.fingerprint('bob')}.ventilator:retry"
+    assert [f["session"] for f in bob.failed()] == [reruns]
+    assert [f["session"] for f in alice.failed()] == [
+        reruns,
+        alice.session_at_broker,
+    ]

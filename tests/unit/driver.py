@@ -13,7 +13,7 @@ from typing import TypeVar
 
 from ventilator import protocol as p
 from ventilator.policy import Limits
-from ventilator.scheduler import Effects, Scheduler
+from ventilator.scheduler import Effects, Scheduler, Scope
 from ventilator.serialization import unpack_value
 
 FUNCTION = "jobs:work"
@@ -39,8 +39,10 @@ class Driver:
 
     # --- one loop turn each -----------------------------------------------------------
 
-    def client(self, peer: bytes, command: p.Command) -> Effects:
-        self.scheduler.client_command(peer, command, self.now)
+    def client(
+        self, peer: bytes, command: p.Command, scope: Scope | None = None
+    ) -> Effects:
+        self.scheduler.client_command(peer, command, self.now, scope)
         return self.flush()
 
     def worker(self, peer: bytes, command: p.Command) -> Effects:

@@ -8,7 +8,12 @@ import pytest
 
 from ventilator import protocol as p
 from ventilator.errors import TaskRaised
-from ventilator.scheduler import RETRY_PAYLOAD_BYTES, RETRY_SESSION, sink_recipient
+from ventilator.scheduler import (
+    RETRY_PAYLOAD_BYTES,
+    RETRY_SESSION,
+    Scope,
+    sink_recipient,
+)
 from ventilator.serialization import pack_error
 
 from .driver import FUNCTION, Driver, assignments, results, sent, task
@@ -171,3 +176,105 @@ def test_sink_tasks_are_reported_as_sinks(driver: Driver) -> None:
 
     kinds = {c["name"]: c["kind"] for c in clients}  # type: ignore[attr-defined]
     assert kinds[sink_recipient("totals")] == "sink" and kinds["alice"] == "client"
+
+
+# --- within a scope: a client with limited rights (a key's .functions file) ------
+
+MINE, THEIRS = b"mine", b"theirs"
+SECRET = "jobs:secret"
+
+
+def own_scope(*functions: str) -> Scope:
+    """The scope of the sessions named ``k1.*`` that may submit `functions`."""
+    return Scope("k1.", lambda function, flags: function in functions)
+
+
+def operate_within(driver: Driver, scope: Scope, command: p.Command) -> dict[str, Any]:
+    [reply] = sent(driver.client(MINE, command, scope), MINE, p.OperatorReply)
+    assert isinstance(reply, p.OperatorReply)
+    return reply.report
+
+
+def fail_for(driver: Driver, peer: bytes, task_id: int, function: str) -> int:
+    """Run a task of `peer` to a failure; return its ticket."""
+    driver.submit(task(task_id, function=function), peer=peer)
+    [assignment] = assignments(
+        driver.ready(W1, services=[function], worker_id=f"w-{peer!r}-{task_id}"), W1
+    )
+    error = pack_error(TaskRaised("ValueError", f"bad input {task_id}"))
+    driver.done(W1, assignment, p.Status.RAISED, error)
+    return assignment.ticket
+
+
+@pytest.fixture
+def tenants() -> Driver:
+    """Two sessions of two keys, and a failure each."""
+    driver = Driver()
+    driver.hello(MINE, "k1.s")
+    driver.hello(THEIRS, "k2.s")
+    fail_for(driver, MINE, 1, FUNCTION)
+    fail_for(driver, THEIRS, 1, SECRET)
+    return driver
+
+
+def test_status_within_a_scope_shows_only_its_sessions_and_functions(
+    tenants: Driver,
+) -> None:
+    tenants.ready(b"w-both", services=[FUNCTION, SECRET], capacity=0)
+    tenants.submit(task(2, function=SECRET), peer=THEIRS)
+    tenants.submit(task(3), peer=THEIRS)
+
+    [reply] = sent(
+        tenants.client(MINE, p.StatusRequest(), own_scope(FUNCTION)),
+        MINE,
+        p.StatusReply,
+    )
+    mine = reply.status  # type: ignore[attr-defined]
+    everything = tenants.scheduler.status(tenants.now)
+
+    assert mine["scope"] == "k1."
+    assert [c["name"] for c in mine["clients"]] == ["k1.s"]
+    assert [f["session"] for f in mine["recent_failures"]] == ["k1.s"]
+    assert mine["queued"] == {FUNCTION: 1}  # every client's tasks of its function
+    assert [w["services"] for w in mine["workers"]] == [[FUNCTION]]
+    assert mine["totals"] == everything["totals"]
+    assert {c["name"] for c in everything["clients"]} == {"k1.s", "k2.s"}  # type: ignore[attr-defined]
+    assert "scope" not in everything
+
+
+def test_failed_and_retry_within_a_scope_reach_only_its_sessions_failures(
+    tenants: Driver,
+) -> None:
+    scope = own_scope(FUNCTION)
+    theirs = next(r.ticket for r in tenants.scheduler.failed if r.session == "k2.s")
+
+    listed = operate_within(tenants, scope, p.ListFailed(10))
+    refused = operate_within(tenants, scope, p.Retry([theirs], "retried"))
+    retried = operate_within(tenants, scope, p.Retry([], "retried"))
+
+    assert [r["session"] for r in listed["failed"]] == ["k1.s"] and listed["kept"] == 1
+    assert refused["retried"] == []
+    assert "this client's sessions" in dict(refused["refused"])[theirs]
+    assert len(retried["retried"]) == 1 and retried["refused"] == []
+    # The rerun is the client's own: its failure is the client's to retry too.
+    [rerun] = assignments(tenants.ready(W1, worker_id="w-again"), W1)
+    error = pack_error(TaskRaised("ValueError", "still bad"))
+    tenants.done(W1, rerun, p.Status.RAISED, error)
+    again = operate_within(tenants, scope, p.ListFailed(10))["failed"]
+    assert [r["session"] for r in again] == [scope.retry_session]
+    assert [r.session for r in tenants.scheduler.failed] == [
+        "k2.s",
+        "k1.ventilator:retry",
+    ]
+
+
+def test_a_retry_within_a_scope_is_checked_against_its_rights(
+    tenants: Driver,
+) -> None:
+    ticket = next(r.ticket for r in tenants.scheduler.failed if r.session == "k1.s")
+
+    report = operate_within(tenants, own_scope(SECRET), p.Retry([ticket], "retried"))
+
+    assert report["retried"] == []
+    assert "may not submit" in dict(report["refused"])[ticket]
+    assert len(tenants.scheduler.failed) == 2

@@ -253,11 +253,24 @@ def test_a_limited_key_may_cancel_only_in_its_own_sessions() -> None:
     assert by_operator.command == p.CancelTask(other, 7)
 
 
-@pytest.mark.parametrize(
-    "command", [p.ListFailed(), p.Retry([1], "retried"), p.Purge("reports:daily")]
-)
-def test_commands_over_every_keys_work_are_for_keys_with_every_right(
-    command: p.OperatorCommand,
+def test_purge_which_reaches_every_keys_tasks_is_for_keys_with_every_right() -> None:
+    admission = Admission(curve=True, pickle_permitted=True)
+    purge = p.Purge("reports:daily")
+
+    limited = admission.client(REPORTER, purge)
+    unlimited = admission.client(OPERATOR, purge)
+    without_curve = Admission(curve=False, pickle_permitted=True).client(
+        REPORTER, purge
+    )
+
+    assert limited.command is None and limited.code == NOT_PERMITTED
+    assert limited.forbidden is not None and ".functions" in limited.forbidden
+    assert unlimited.command == without_curve.command == purge
+
+
+@pytest.mark.parametrize("command", [p.StatusRequest(), p.ListFailed()])
+def test_a_limited_keys_status_and_failures_are_within_its_own_work(
+    command: p.Command,
 ) -> None:
     admission = Admission(curve=True, pickle_permitted=True)
 
@@ -267,9 +280,28 @@ def test_commands_over_every_keys_work_are_for_keys_with_every_right(
         REPORTER, command
     )
 
-    assert limited.command is None and limited.code == NOT_PERMITTED
-    assert limited.forbidden is not None and ".functions" in limited.forbidden
-    assert unlimited.command == without_curve.command == command
+    assert limited.command == command and limited.scope is not None
+    assert limited.scope.sessions == f"{REPORTER.fingerprint}."
+    assert limited.scope.may_submit("reports:daily", 0)
+    assert not limited.scope.may_submit("billing:charge", 0)
+    assert not limited.scope.may_submit("reports:daily", p.Flags.PICKLED)
+    assert unlimited.scope is None and without_curve.scope is None
+
+
+def test_a_limited_key_retries_only_into_a_sink_its_rights_name() -> None:
+    admission = Admission(curve=True, pickle_permitted=True)
+    collector = Identity(
+        "carol", CLIENT, "c" * 40, Rights(("reports:*", "sink:retried"))
+    )
+    retry = p.Retry([1], "retried")
+
+    refused = admission.client(REPORTER, retry)
+    allowed = admission.client(collector, retry)
+
+    assert refused.command is None and refused.code == NOT_PERMITTED
+    assert refused.forbidden is not None and "sink:retried" in refused.forbidden
+    assert allowed.command == retry and allowed.scope is not None
+    assert allowed.scope.sessions == f"{collector.fingerprint}."
 
 
 def test_broker_sessions_are_taken_as_named() -> None:
