@@ -175,6 +175,9 @@ class Broker:
         # The worker connections of each key, so a reload that takes a key's
         # rights away also takes its registration.
         self._worker_keys: dict[bytes, str] = {}
+        # The client connections of removed keys, and the session each spoke
+        # for: it may still acknowledge what it was sent (see `_late_ack`).
+        self._revoked_clients: dict[bytes, str] = {}
         self._stopping = False
         self._reload_requested = False
         self.telemetry = Telemetry() if config.telemetry else None
@@ -445,7 +448,10 @@ class Broker:
             return
         log.info("allow lists reloaded: %s keys", self._keys.counts())
         for identity in changed:
-            self._revoke(identity, now)
+            if identity.role == CLIENT:
+                self._revoke_clients(identity)
+            else:
+                self._revoke(identity, now)
         registered = {w.peer for w in self._scheduler.workers.values()}
         self._worker_keys = {
             peer: key for peer, key in self._worker_keys.items() if peer in registered
@@ -464,6 +470,44 @@ class Broker:
             identity.role,
             len(peers),
         )
+
+    def _revoke_clients(self, identity: Identity) -> None:
+        """A client key removed: its connections are sent no more results, and
+        told why. A key whose rights changed keeps its connections: each
+        message is checked against the rights in force."""
+        assert self._keys is not None  # only a reload of keys gets here
+        if self._keys.identity(CLIENT, identity.public_key) is not None:
+            log.info(
+                "client key rights changed key=%s name=%s; its next messages are "
+                "checked against the new ones",
+                identity.fingerprint,
+                identity.name,
+            )
+            return
+        peers = self._connections_of(identity)
+        for peer in peers:
+            session = self._scheduler.revoke_client(peer, _revoked(identity))
+            if session is not None:
+                self._revoked_clients[peer] = session
+        log.warning(
+            "client key removed key=%s name=%s; %d connections are sent no more "
+            "results, which wait for the key's return (result_ttl_s)",
+            identity.fingerprint,
+            identity.name,
+            len(peers),
+        )
+
+    def _connections_of(self, identity: Identity) -> list[bytes]:
+        """The client connections speaking for a key: under CURVE, its sessions
+        are named inside it (``<fingerprint>.<name>``), and so are the holders
+        of the sinks it receives."""
+        inside = f"{identity.fingerprint}."
+        return [
+            recipient.peer
+            for recipient in self._scheduler.recipients.values()
+            if recipient.peer is not None
+            and (recipient.holder or recipient.name).startswith(inside)
+        ]
 
     def _watch_connections(self, monitor: zmq.Socket[bytes]) -> None:
         tag = self._monitors[monitor]
@@ -527,6 +571,9 @@ class Broker:
 
         role = CLIENT if tag == FRONTEND else WORKER
         identity = self._identity(role, user)
+        if identity is None and peer in self._revoked_clients:
+            self._late_ack(peer, frames, now)
+            return
         if identity is None:
             self._refuse(peer, frames, _FORBIDDEN, now)
             return
@@ -537,6 +584,21 @@ class Broker:
             self._refuse(peer, frames, exc, now)
             return
         self._admit(peer, identity, command, now)
+
+    def _late_ack(
+        self, peer: bytes, frames: list[bytes | memoryview], now: float
+    ) -> None:
+        """A message from a client connection whose key was removed: an ACK of
+        results it was sent before is taken, so that they are not delivered
+        again when the key is back; anything else is refused."""
+        try:
+            command: p.Command | None = p.decode(frames[1:], _ACK_ONLY)
+        except ProtocolError:
+            command = None
+        if isinstance(command, p.Ack):
+            self._scheduler.acknowledge(self._revoked_clients[peer], command.keys)
+        else:
+            self._refuse(peer, frames, _FORBIDDEN, now)
 
     def _handle_mdp(
         self, peer: bytes, frames: list[bytes | memoryview], user: str, now: float
@@ -563,6 +625,8 @@ class Broker:
     ) -> None:
         """Hand a command to the scheduler, within what its key may do."""
         if identity.role == CLIENT:
+            if isinstance(command, p.Hello):
+                self._revoked_clients.pop(peer, None)  # its key is back
             admitted = self._admission.client(identity, command)
             for task_id, reason in admitted.rejected:
                 self._scheduler.reject(peer, task_id, reason)
@@ -724,6 +788,22 @@ _EVERYONE = {
 _FORBIDDEN = ProtocolError(
     "your key is not (or no longer) allowed on this socket", "forbidden"
 )
+# What a client connection whose key was removed may still send (`_late_ack`).
+_ACK_ONLY = frozenset({p.Cmd.ACK})
+
+
+def _revoked(identity: Identity) -> p.Error:
+    """What a client connection hears when its key is removed."""
+    message = (
+        f"key {identity.name} ({identity.fingerprint}) was removed from the "
+        "broker's client allow list: this connection is sent no more results. "
+        "Its sessions' tasks keep running and their results wait at the broker "
+        "(result_ttl_s): once the key is allowed again, open the session again "
+        "(Client(session=...)) and collect() them"
+    )
+    return p.Error(security.REVOKED, message)
+
+
 _FORBIDDEN_MDP = ProtocolError(
     "MDP from a key not allowed in that role, or with limited rights", "forbidden"
 )

@@ -63,7 +63,7 @@ from .errors import (
     UsageError,
     task_error_from_wire,
 )
-from .security import NOT_PERMITTED, client_keys, fingerprint
+from .security import NOT_PERMITTED, REVOKED, client_keys, fingerprint
 from .serialization import (
     BatchPacker,
     pack_call,
@@ -743,6 +743,8 @@ class Client:
         self._acks: list[tuple[str, int]] = []
         self._acks_due = math.inf
         self._warned: set[str] = set()  # what the broker told us, logged once
+        # Why the broker stopped serving this client's key, once it said so.
+        self._revoked: str | None = None
         public_key = self._curve.public_key if self._curve is not None else None
         self._handshakes = _wire.HandshakeWatch(address, "client", public_key)
         self._thread = threading.Thread(
@@ -1146,11 +1148,11 @@ class Client:
         Each is a dict: ticket, session, task_id, function, outcome (raised,
         timeout, poison, not_found, rejected), type, message, traceback,
         retryable. The broker remembers a bounded number (`failed_kept`).
+        Under CURVE, a key with a ``.functions`` file gets its own sessions'
+        failures only (see README, Security).
 
         Raises:
             TimeoutError: the broker did not answer within `timeout_s`.
-            UsageError: under CURVE, this client's key has a ``.functions``
-                file (see README, Security).
         """
         report = self._ask(p.ListFailed(limit), timeout_s)
         return list(report["failed"])
@@ -1170,10 +1172,13 @@ class Client:
             {"retried": [tickets], "refused": [[ticket, reason], ...],
             "sink": sink}.
 
+        Under CURVE, a key with a ``.functions`` file retries its own
+        sessions' failures only, as functions its rights still allow.
+
         Raises:
             TimeoutError: the broker did not answer within `timeout_s`.
             UsageError: under CURVE, this client's key has a ``.functions``
-                file (see README, Security).
+                file that does not name the sink (``sink:NAME``).
         """
         return self._ask(p.Retry(list(tickets), sink), timeout_s)
 
@@ -1609,7 +1614,9 @@ class Client:
 
     def _refused(self, error: p.Error) -> None:
         if error.code == "hello_first":
-            if self._welcomed:
+            # Not once the key was revoked: its results would come back to
+            # futures failed meanwhile, and be acknowledged and lost.
+            if self._welcomed and self._revoked is None:
                 # A restarted broker, or one that forgot this connection: open
                 # the session again, which also resends what it may have lost.
                 log.warning("the broker does not know this session; saying HELLO again")
@@ -1625,6 +1632,8 @@ class Client:
         elif error.code == NOT_PERMITTED and self._asked:
             # An operator command this client's key may not give: its answer.
             _fail(self._asked.popleft().answer, UsageError(error.message))
+        elif error.code == REVOKED or (error.code == "forbidden" and self._revoked):
+            self._key_revoked(self._revoked or error.message)
         else:
             log.warning(
                 "the broker refused a message: %s (%s)", error.message, error.code
@@ -1713,27 +1722,45 @@ class Client:
         than let it wait for a broker that will not let this client in. The
         connection keeps trying: tasks submitted after a handshake succeeds
         (the operator let the key in) go through."""
-        with self._lock:
-            outgoing, self._outgoing = self._outgoing, deque()
-            self._outgoing_bytes = 0
-        held = [*self._pending.values(), *outgoing]
-        if not held:
-            return
-        self._pending.clear()
-        self._bytes_held = self._acks_bytes
         error = NetworkError(
             f"{problem} (this task was not run: the broker refused this "
             f"client's last {_wire.REFUSALS_BEFORE_GIVING_UP} handshakes; "
             f"session={self.session})"
         )
+        failed = self._fail_held(error)
+        if failed:
+            log.error(
+                "failed %d tasks: the broker refuses this client session=%s",
+                failed,
+                self.session,
+            )
+
+    def _key_revoked(self, message: str) -> None:
+        """The broker removed this client's key: it sends no more results, and
+        refuses what this client sends. Every task held, and every one
+        submitted later, fails saying so, rather than wait for results that
+        will not come here; those of tasks the broker has wait there for the
+        session's return, under a key it allows again."""
+        if self._revoked is None:
+            self._revoked = message
+            log.error("%s (session=%s)", message, self.session)
+        self._fail_questions([message])
+        self._fail_held(NetworkError(f"{message} (session={self.session})"))
+
+    def _fail_held(self, error: NetworkError) -> int:
+        """Fail every task held, sent or not, with `error`; return how many."""
+        with self._lock:
+            outgoing, self._outgoing = self._outgoing, deque()
+            self._outgoing_bytes = 0
+        held = [*self._pending.values(), *outgoing]
+        if not held:
+            return 0
+        self._pending.clear()
+        self._bytes_held = self._acks_bytes
         for pending in held:
             _fail(pending.future, error)
         self._release(len(held))
-        log.error(
-            "failed %d tasks: the broker refuses this client session=%s",
-            len(held),
-            self.session,
-        )
+        return len(held)
 
     def _warn_once(self, message: str, level: int = logging.WARNING) -> None:
         if message not in self._warned:

@@ -1121,6 +1121,32 @@ class Scheduler:
         if worker is not None:
             self._remove_worker(worker, reason, deadly=False, now=now)
 
+    def revoke_client(self, peer: bytes, farewell: p.Command) -> str | None:
+        """Stop sending results to the client connection on `peer`, for a
+        reason of the shell's (its key lost access), and send it `farewell`.
+
+        Its session (or sink) is away from then on, as if it had gone: what it
+        is owed waits for it to say HELLO again, within result_ttl_s. What the
+        connection was sent before stays unacknowledged, for `acknowledge`.
+        Returns the session's name, or None if the connection had none.
+        """
+        name = self._recipient_of_peer.pop(peer, None)
+        recipient = self.recipients.get(name) if name is not None else None
+        if recipient is not None and recipient.peer == peer:
+            recipient.peer = None
+            held = len(recipient.pending) + len(recipient.unacked)
+            self._effects.notices.append(ClientLost(recipient.name, held))
+        self._effects.to_clients.append((peer, farewell))
+        return name
+
+    def acknowledge(self, name: str, keys: Iterable[tuple[str, int]]) -> None:
+        """Take an ACK for session `name` from a connection that no longer
+        speaks for it (see `revoke_client`): the results it was sent while it
+        did are its to acknowledge, so that they are not delivered again."""
+        recipient = self.recipients.get(name)
+        if recipient is not None:
+            self._ack(recipient, keys)
+
     def tick(self, now: float) -> None:
         """Let time pass: expire silent peers, wake retries, drop old results."""
         self._now = now

@@ -81,6 +81,9 @@ ANONYMOUS = "anonymous"
 PICKLED_RIGHT = "pickled:"
 # The ERROR code of an operator command the sender's key may not give.
 NOT_PERMITTED = "not_permitted"
+# The ERROR code a client connection hears once its key is removed: it is sent
+# no more results (see `Broker._revoke_clients`).
+REVOKED = "revoked"
 # A session name already inside a key: its fingerprint and a dot, as the broker
 # makes it at HELLO and as status, failed and sink records show it.
 _QUALIFIED_SESSION = re.compile(r"[0-9a-f]{16}\.")

@@ -27,7 +27,7 @@ from . import protocol as p
 from ._timing import poll_timeout_ms
 from .client import DEFAULT_ADDRESS
 from .errors import TaskError, UsageError, task_error_from_wire
-from .security import client_keys
+from .security import REVOKED, client_keys
 from .serialization import unpack_value
 
 __all__ = ["Sink", "SinkResult"]
@@ -147,7 +147,9 @@ class Sink:
             self._send(self._hello())
         elif error.code == "sink_taken":
             self._taken(error.message)
-        elif error.code == "forbidden":
+        elif error.code in ("forbidden", REVOKED):
+            # Its key is not (or no longer) allowed: what the broker holds for
+            # this sink waits there for a process with a key it allows.
             raise UsageError(error.message)
         else:
             log.warning(

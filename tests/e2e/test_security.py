@@ -615,3 +615,31 @@ def test_a_limited_key_sees_and_retries_only_its_own_sessions_work(
         reruns,
         alice.session_at_broker,
     ]
+
+
+def test_a_removed_key_is_sent_no_more_results_and_gets_the_rest_once_back(
+    launch: Launcher, curve_broker: BrokerProcess, keyring: Keyring
+) -> None:
+    curve_worker(launch, curve_broker, keyring, "w1")
+    alice = curve_client(launch, curve_broker, keyring, "alice")
+    wait_for_workers(alice, 1)
+    # One at a time on the worker: most finish after the key is removed.
+    futures = [alice.submit(tasks.slow_echo, n, 0.2) for n in range(8)]
+    wait_until(lambda: sum(f.done() for f in futures) >= 2, RESULT_TIMEOUT_S, "2")
+
+    (keyring.clients / "alice.key").unlink()
+    curve_broker.process.send_signal(signal.SIGHUP)
+    wait_until(lambda: all(f.done() for f in futures), RESULT_TIMEOUT_S, "all done")
+    received = {f.result() for f in futures if f.exception() is None}
+    refusals = [str(f.exception()) for f in futures if f.exception() is not None]
+
+    keyring.allow("alice", keyring.clients)
+    curve_broker.process.send_signal(signal.SIGHUP)
+    again = curve_client(launch, curve_broker, keyring, "alice", alice.session)
+    rest = again.collect(8 - len(received), timeout_s=RESULT_TIMEOUT_S)
+    collected = [future.result() for future in rest]
+    more = list(again.collect(timeout_s=REFUSED_WAIT_S))
+
+    assert refusals and all("was removed" in refusal for refusal in refusals)
+    assert sorted([*received, *collected]) == list(range(8))
+    assert more == []

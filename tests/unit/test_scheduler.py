@@ -532,6 +532,45 @@ def test_unacked_results_are_redelivered_when_the_client_says_hello_again(
     assert [r.task_id for r in results(effects, OTHER)] == [2]
 
 
+def test_a_revoked_connection_is_sent_no_more_results_but_may_ack_its_own(
+    driver: Driver,
+) -> None:
+    driver.submit(task(1), task(2))
+    first, second = assignments(driver.ready(W1, capacity=2), W1)
+    driver.done(W1, first)
+    farewell = p.Error("revoked", "your key was removed")
+
+    driver.scheduler.revoke_client(CLIENT, farewell)
+    told = driver.flush()
+    while_revoked = driver.done(W1, second)
+    # Its ACK of what it was sent before comes in after the revocation.
+    driver.scheduler.acknowledge("alice", [("", 1)])
+    late_ack = driver.flush()
+    refused = driver.ack(("", 2))
+    back = driver.hello(OTHER)
+
+    assert error_codes(told, CLIENT) == ["revoked"]
+    assert results(while_revoked, CLIENT) == []
+    assert len(late_ack.forgotten) == 1
+    assert error_codes(refused, CLIENT) == ["hello_first"]
+    assert [r.task_id for r in results(back, OTHER)] == [2]
+
+
+def test_revoking_a_sinks_connection_keeps_its_results_for_the_next_holder(
+    driver: Driver,
+) -> None:
+    driver.hello(SINK_A, "reader", sink="totals")
+    driver.submit(task(1, sink="totals"))
+    [assignment] = assignments(driver.ready(W1), W1)
+
+    driver.scheduler.revoke_client(SINK_A, p.Error("revoked", "gone"))
+    while_revoked = driver.done(W1, assignment)
+    successor = driver.hello(OTHER, "other-reader", sink="totals")
+
+    assert results(while_revoked, SINK_A) == []
+    assert [r.task_id for r in results(successor, OTHER)] == [1]
+
+
 def test_results_wait_for_a_client_that_went_away(driver: Driver) -> None:
     driver.submit(task(1))
     [assignment] = assignments(driver.ready(W1), W1)

@@ -2,8 +2,9 @@
 
 A model of the peers (clients, a sink, workers) drives the scheduler with
 hello, submit, ready, done (right and wrong attempts), ack, cancel, drain,
-deaths, time, a second process asking for the sink and a second client
-opening a session (refused while the holder is live); and as the MDP gateway
+deaths, time, a client connection revoked (with late acknowledgements), a
+second process asking for the sink and a second client opening a session
+(refused while the holder is live); and as the MDP gateway
 does, with requests of a client that never heartbeats, Titanic requests
 withdrawn by `withdraw`, and a worker of capacity 1 that is silent while busy.
 After every step the scheduler checks its own invariants, and the model checks
@@ -37,6 +38,7 @@ from ventilator.scheduler import (
     Effects,
     LateOutcome,
     Scheduler,
+    Scope,
     State,
     sink_recipient,
 )
@@ -235,6 +237,27 @@ class SchedulerMachine(RuleBasedStateMachine):
         else:
             self._client(peer, p.Heartbeat())
 
+    @precondition(lambda self: self._connected([*SESSIONS, sink_recipient(SINK)]))
+    @rule(data=st.data(), late_ack=st.booleans())
+    def client_key_is_revoked(self, data: st.DataObject, late_ack: bool) -> None:
+        # As the shell does when a reload removes the key of a connection: it
+        # is sent nothing more (a result to it finds no recipient in the
+        # model), but may acknowledge what it had; the rest comes again after
+        # a HELLO, and an acknowledged result never does.
+        names = self._connected([*SESSIONS, sink_recipient(SINK)])
+        recipient = self.recipients[data.draw(st.sampled_from(names))]
+        farewell = p.Error("revoked", "the key was removed")
+        name = self.scheduler.revoke_client(self._peer_of(recipient.name), farewell)
+        self._flush()
+        assert name == recipient.name and recipient.peer is None
+        if late_ack and recipient.delivered:
+            keys = data.draw(st.lists(st.sampled_from(sorted(recipient.delivered))))
+            recipient.acked.update(keys)
+            recipient.delivered.difference_update(keys)
+            wire_keys = [self._wire_key(recipient, key) for key in keys]
+            self.scheduler.acknowledge(name, wire_keys)
+            self._flush()
+
     # --- operators ------------------------------------------------------------------
 
     @precondition(lambda self: self._connected(SESSIONS))
@@ -252,15 +275,24 @@ class SchedulerMachine(RuleBasedStateMachine):
         self._client(self._peer_of(operator), p.CancelTask(session, task_id))
 
     @precondition(lambda self: self._connected(SESSIONS) and self.scheduler.failed)
-    @rule(data=st.data(), every=st.booleans())
-    def operator_retries_failed_tasks(self, data: st.DataObject, every: bool) -> None:
+    @rule(data=st.data(), every=st.booleans(), within=st.booleans())
+    def operator_retries_failed_tasks(
+        self, data: st.DataObject, every: bool, within: bool
+    ) -> None:
         operator = data.draw(st.sampled_from(self._connected(SESSIONS)))
         known = [record.ticket for record in self.scheduler.failed]
         tickets = [] if every else data.draw(st.lists(st.sampled_from(known)))
-        effects = self._client(self._peer_of(operator), p.Retry(tickets, SINK))
+        # Within a scope (a key with limited rights): its own sessions' only,
+        # rerun in a session of its own.
+        scope = Scope(operator, lambda function, flags: "g" not in function)
+        retry = p.Retry(tickets, SINK)
+        effects = self._client(
+            self._peer_of(operator), retry, scope if within else None
+        )
         [reply] = [c for _, c in effects.to_clients if isinstance(c, p.OperatorReply)]
+        session = scope.retry_session if within else RETRY_SESSION
         for ticket in reply.report["retried"]:
-            self.recipient_of[(RETRY_SESSION, ticket)] = sink_recipient(SINK)
+            self.recipient_of[(session, ticket)] = sink_recipient(SINK)
 
     @rule()
     def hello_with_a_gateway_name_is_refused(self) -> None:
@@ -552,8 +584,10 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     # --- the model's side of each turn ------------------------------------------------
 
-    def _client(self, peer: bytes, command: p.Command) -> Effects:
-        self.scheduler.client_command(peer, command, self.now)
+    def _client(
+        self, peer: bytes, command: p.Command, scope: Scope | None = None
+    ) -> Effects:
+        self.scheduler.client_command(peer, command, self.now, scope)
         return self._flush()
 
     def _worker(self, peer: bytes, command: p.Command) -> Effects:
