@@ -1410,6 +1410,12 @@ def _print_status(report: dict[str, Any]) -> None:
     from rich.console import Console
 
     console = Console()
+    if "scope" in report:
+        # A key with a .functions file: the broker showed it a part only.
+        console.print(
+            f"as this key sees it: its own sessions ({report['scope']}*) and the "
+            "functions it may submit; totals are the broker's"
+        )
     console.print(_workers_table(report["workers"]))
     console.print(_queues_table(report))
     console.print(_clients_table(report["clients"]))
