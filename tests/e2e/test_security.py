@@ -617,6 +617,19 @@ def test_a_limited_key_sees_and_retries_only_its_own_sessions_work(
     ]
 
 
+def test_status_of_a_limited_key_says_it_shows_a_part(
+    processes: Processes, curve_broker: BrokerProcess, keyring: Keyring
+) -> None:
+    connect = ["--connect", curve_broker.frontend, *keyring.peer_options("bob")]
+
+    table = run_cli(processes, "status", *connect)
+    as_json = run_cli(processes, "status", *connect, "--json")
+
+    assert table.returncode == 0, table.stderr
+    assert f"{keyring.fingerprint('bob')}.*" in table.stdout
+    assert json.loads(as_json.stdout)["scope"] == f"{keyring.fingerprint('bob')}."
+
+
 def test_a_removed_key_is_sent_no_more_results_and_gets_the_rest_once_back(
     launch: Launcher, curve_broker: BrokerProcess, keyring: Keyring
 ) -> None:
