@@ -645,6 +645,8 @@ def test_a_removed_key_is_sent_no_more_results_and_gets_the_rest_once_back(
     wait_until(lambda: all(f.done() for f in futures), RESULT_TIMEOUT_S, "all done")
     received = {f.result() for f in futures if f.exception() is None}
     refusals = [str(f.exception()) for f in futures if f.exception() is not None]
+    with pytest.raises(ventilator.NetworkError, match="was removed"):
+        alice.submit(tasks.square, 3).result(RESULT_TIMEOUT_S)
 
     keyring.allow("alice", keyring.clients)
     curve_broker.process.send_signal(signal.SIGHUP)
