@@ -1881,6 +1881,10 @@ class Client:
             self._release(released)
 
     def _send_outgoing(self, now: float) -> None:
+        if self._revoked is not None and self._outgoing:
+            # Fail them here, saying why: sent, they would meet a broker that
+            # refuses this key, and a reconnection would blame the handshake.
+            self._key_revoked(self._revoked)
         with self._lock:
             # Before the submissions: the broker counts a result against our
             # window until it is acknowledged.
