@@ -628,6 +628,12 @@ class ThreadPool:
         )
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_read, False)
+        os.set_blocking(self._wake_write, False)
+        # An abandoned thread may return after close(): it must not write to
+        # the pipe's descriptor number, which may belong to someone else by
+        # then (it once fed a byte into a task process's socket).
+        self._wake_lock = threading.Lock()
+        self._closed = False
         self._waiting: deque[p.Assignment] = deque()
         self._running: dict[tuple[int, int], _ThreadTask] = {}
         self._stuck = 0  # abandoned threads still running their task
@@ -679,8 +685,9 @@ class ThreadPool:
             handed.finished = True
             serve_on = not handed.replaced
         self._done.put((handed, status, result))
-        with contextlib.suppress(OSError):  # the pool closed while this ran
-            os.write(self._wake_write, b"x")
+        with self._wake_lock, contextlib.suppress(BlockingIOError):
+            if not self._closed:  # a full pipe: the worker is awake already
+                os.write(self._wake_write, b"x")
         return serve_on
 
     def collect(self, now: float, readable: Collection[int] = ()) -> list[p.Outcome]:
@@ -760,5 +767,7 @@ class ThreadPool:
     def close(self) -> None:
         for _ in range(self._spawned):
             self._inbox.put(None)
-        os.close(self._wake_read)
-        os.close(self._wake_write)
+        with self._wake_lock:
+            self._closed = True
+            os.close(self._wake_read)
+            os.close(self._wake_write)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import select
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -118,6 +119,30 @@ def test_thread_pool_caps_stuck_threads_and_takes_slots_back_when_they_return() 
 
     assert square.ticket == 3
     assert unpack_value(square.payload) == 16
+
+
+def test_a_thread_that_returns_after_close_writes_to_no_reused_descriptor() -> None:
+    # A hung task outlives its pool; the pipe's descriptor numbers go to new
+    # files, and the thread's return must not write a byte into them.
+    pool = ThreadPool(1, [TASKS], allow_pickle=False, max_stuck=1)
+    tasks.RELEASE_HANGS.clear()
+    hang = p.Assignment(1, 1, f"{TASKS}:hang", pack_call((), {}), 0, 0.05)
+    pool.submit(hang, time.monotonic())
+    run_all(pool, 1)  # its timeout
+    threads = {t for t in threading.enumerate() if t.name.startswith("ventilator-task")}
+    pool.close()
+    newcomer_read, newcomer_write = os.pipe()  # the lowest free numbers: the old ones
+    try:
+        tasks.RELEASE_HANGS.set()
+        for thread in threads:
+            thread.join(DEADLINE_S)
+            assert not thread.is_alive(), "the hung thread did not return"
+
+        readable, _, _ = select.select([newcomer_read], [], [], 0)
+        assert not readable, "a returning thread wrote into a reused descriptor"
+    finally:
+        os.close(newcomer_read)
+        os.close(newcomer_write)
 
 
 def test_two_tasks_for_two_idle_children_run_side_by_side() -> None:
