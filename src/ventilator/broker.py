@@ -915,19 +915,23 @@ def _log_notice(notice: s.Notice) -> None:
         level = logging.WARNING if notice.requeued or notice.poisoned else logging.INFO
         log.log(
             level,
-            "worker lost worker=%s reason=%s; requeued %d tasks, %d failed as poison",
+            "worker lost worker=%s reason=%s; requeued %d tasks, %d failed as poison, "
+            "dropped %d cancelled by their clients",
             notice.worker_id,
             notice.reason,
             notice.requeued,
             notice.poisoned,
+            notice.dropped,
         )
     elif isinstance(notice, s.WorkerLeft):
         # A goodbye is a departure, not a fault: what it had not finished was
         # left on purpose (a cold stop), and runs on another worker.
         log.info(
-            "worker left worker=%s; requeued %d unfinished tasks",
+            "worker left worker=%s; requeued %d unfinished tasks, dropped %d "
+            "cancelled by their clients",
             notice.worker_id,
             notice.requeued,
+            notice.dropped,
         )
     elif isinstance(notice, s.LateOutcome):
         log.warning(

@@ -14,7 +14,11 @@ Every accepted task is in exactly one state::
       └────────────────────────────────────────────────────────────────────┘
 
 A task whose worker died `max_attempts` times finishes as POISON; a cancelled
-task finishes as CANCELLED. A worker never holds more tasks than its capacity.
+task finishes as CANCELLED. A task its submitter cancels while a worker runs it
+stays RUNNING (the worker cannot be told to stop) but is marked `cancelled`:
+once its worker is done with it or gone, it is dropped, result and all, never
+requeued; the journal forgets it at once, so a restart does not queue it again.
+A worker never holds more tasks than its capacity.
 Results of one attempt only count while that attempt is current (fencing): a
 late result from an attempt that was given up on is dropped.
 """
@@ -105,6 +109,9 @@ class Task:
     status: p.Status | None = None
     result: p.Payload = b""
     finished_at: float = 0.0
+    # Cancelled by its submitter while a worker ran it: dropped, not requeued
+    # and not delivered, once that worker is done with it or gone.
+    cancelled: bool = False
     # For metrics: when it last entered its queue and last left it, and how long
     # the worker said it ran. Plain floats, so they cost next to nothing.
     queued_at: float = 0.0
@@ -309,15 +316,18 @@ class WorkerLost:
     reason: str
     requeued: int
     poisoned: int
+    dropped: int = 0  # tasks cancelled while it ran them: not requeued
 
 
 @dataclass(frozen=True, slots=True)
 class WorkerLeft:
     """A worker said goodbye: a departure, not a fault. `requeued` counts the
-    tasks it had not finished (it was told to leave at once)."""
+    tasks it had not finished (it was told to leave at once), `dropped` those
+    of them that had been cancelled."""
 
     worker_id: str
     requeued: int
+    dropped: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -871,11 +881,30 @@ class Scheduler:
         for task_id in task_ids:
             ticket = self._by_key.get((session, task_id))
             task = self.tasks.get(ticket) if ticket is not None else None
-            # Running tasks are left to finish: stopping them is best effort that
-            # the worker protocol does not offer yet, and the result is dropped by
-            # the client, whose future is already cancelled.
-            if task is not None and task.state in (State.QUEUED, State.WAITING):
+            if task is None:
+                continue
+            if task.state in (State.QUEUED, State.WAITING):
                 self._finish(task, p.Status.CANCELLED, b"", now)
+            elif task.state is State.RUNNING and not task.cancelled:
+                self._cancel_running(task)
+
+    def _cancel_running(self, task: Task) -> None:
+        """Mark a running task cancelled: it runs on, for nobody.
+
+        The worker protocol cannot stop a task, so its worker keeps the slot
+        until it reports; then, or when the worker dies, the task is dropped.
+        The client that cancelled it has settled its future already and wants
+        no result. The journal forgets it now: a broker restarted on it must
+        not queue it again.
+        """
+        task.cancelled = True
+        self._effects.forgotten.append(task.ticket)
+
+    def _drop_cancelled(self, task: Task, now: float) -> None:
+        """Forget a task cancelled while it ran, whatever its worker made of it;
+        it counts as cancelled."""
+        self._conclude(task, p.Status.CANCELLED, b"", now)
+        self._forget(task)
 
     def _client_gone(self, recipient: Recipient, said_bye: bool = False) -> None:
         # A silent or unreachable client keeps its peer mapping: if it speaks
@@ -927,8 +956,10 @@ class Scheduler:
                 WorkerDraining(worker.worker_id, len(worker.running))
             )
         elif isinstance(command, p.Bye):
-            requeued, _ = self._drop_worker(worker, deadly=False, now=now)
-            self._effects.notices.append(WorkerLeft(worker.worker_id, requeued))
+            requeued, _, dropped = self._drop_worker(worker, deadly=False, now=now)
+            self._effects.notices.append(
+                WorkerLeft(worker.worker_id, requeued, dropped)
+            )
 
     def _ready(self, peer: bytes, ready: p.Ready, now: float) -> None:
         if ready.worker_id.startswith(GATEWAY_PREFIX):
@@ -994,7 +1025,10 @@ class Scheduler:
             self._release(worker, task)
             task.run_s = outcome.duration_s
             self._observe_run(task.queue, outcome.duration_s)
-            self._settle(task, outcome, now)
+            if task.cancelled:
+                self._drop_cancelled(task, now)
+            else:
+                self._settle(task, outcome, now)
         self._offer(worker)
 
     def _observe_run(self, queue_name: str, duration_s: float) -> None:
@@ -1049,14 +1083,17 @@ class Scheduler:
     def _remove_worker(
         self, worker: Worker, reason: str, deadly: bool, now: float
     ) -> None:
-        requeued, poisoned = self._drop_worker(worker, deadly, now)
+        requeued, poisoned, dropped = self._drop_worker(worker, deadly, now)
         self._effects.notices.append(
-            WorkerLost(worker.worker_id, reason, requeued, poisoned)
+            WorkerLost(worker.worker_id, reason, requeued, poisoned, dropped)
         )
 
-    def _drop_worker(self, worker: Worker, deadly: bool, now: float) -> tuple[int, int]:
+    def _drop_worker(
+        self, worker: Worker, deadly: bool, now: float
+    ) -> tuple[int, int, int]:
         """Forget a worker and requeue its tasks (`deadly`: count it as a death
-        against each); return how many were requeued and how many poisoned."""
+        against each), but drop those cancelled while it ran them; return how
+        many were requeued, poisoned and dropped."""
         del self.workers[worker.worker_id]
         if self._worker_of_peer.get(worker.peer) == worker.worker_id:
             del self._worker_of_peer[worker.peer]
@@ -1064,19 +1101,23 @@ class Scheduler:
             self._available.get(service, {}).pop(worker.worker_id, None)
         worker.offered = False
 
-        requeued = poisoned = 0
+        requeued = poisoned = dropped = 0
         for ticket in sorted(worker.running, reverse=True):
             task = self.tasks[ticket]
             task.worker = None
-            if not deadly:
+            if task.cancelled:
+                self._drop_cancelled(task, now)
+                dropped += 1
+            elif not deadly:
                 self._enqueue(task, front=True)
+                requeued += 1
             elif self._died_running(task, now):
                 poisoned += 1
-                continue
-            requeued += 1
+            else:
+                requeued += 1
         worker.running.clear()
         worker.held.clear()
-        return requeued, poisoned
+        return requeued, poisoned, dropped
 
     def _release(self, worker: Worker, task: Task) -> None:
         if task.ticket in worker.running:
@@ -1226,6 +1267,15 @@ class Scheduler:
     def _finish(
         self, task: Task, status: p.Status, result: p.Payload, now: float
     ) -> None:
+        self._conclude(task, status, result, now)
+        self._recipient(task.recipient).pending.append(task.ticket)
+        self._finish_order[task.ticket] = now
+
+    def _conclude(
+        self, task: Task, status: p.Status, result: p.Payload, now: float
+    ) -> None:
+        """Make `task` FINISHED with `status`, counted and journalled, but not
+        yet waiting for its recipient."""
         if task.recipient != task.session:
             # The submitter saw its sink task through when it was accepted; the
             # result now waits on the sink, bounded by the broker's totals.
@@ -1242,8 +1292,6 @@ class Scheduler:
         self._count_bytes(task, -len(task.payload))
         task.payload = b""
         self._replace_result(task, result)
-        self._recipient(task.recipient).pending.append(task.ticket)
-        self._finish_order[task.ticket] = now
         self._effects.finished.append(task)
 
     def _remember_failure(
@@ -1796,6 +1844,8 @@ class Scheduler:
         task = self.tasks.get(ticket) if ticket is not None else None
         if task is None:
             return "unknown"
+        if task.cancelled:
+            return "cancelled already"  # by its client, while it runs
         if task.state is State.RUNNING:
             return "running"  # workers cannot stop a task; it finishes
         if task.state is State.FINISHED:
@@ -1824,6 +1874,8 @@ class Scheduler:
                 assert ticket in running, f"task {ticket} running on no worker"
             if task.state is State.FINISHED:
                 assert task.status is not None
+            if task.cancelled:
+                assert task.state is State.RUNNING, f"task {ticket} cancelled"
 
         for recipient in self.recipients.values():
             if recipient.peer is not None:

@@ -275,6 +275,29 @@ def test_scheduler_state_survives_a_restart_through_the_journal(path: Path) -> N
     assert not resubmitted.accepted and not assignments(resubmitted, b"w2")
 
 
+@pytest.mark.parametrize("then", ["broker stops", "worker reports", "worker dies"])
+def test_task_cancelled_while_running_is_not_queued_again_after_a_restart(
+    path: Path, then: str
+) -> None:
+    journal = SqliteJournal(path)
+    before = Driver()
+    before.hello()
+    turns = [before.submit(task(1, payload=b"p" * BIG), task(2))]
+    [work, _] = assignments(before.ready(b"w1", capacity=2), b"w1")
+    turns.append(before.cancel(1))
+    if then == "worker reports":
+        turns.append(before.done(b"w1", work, payload=b"r" * BIG))
+    elif then == "worker dies":
+        turns.append(before.unreachable(b"w1"))
+    for effects in turns:
+        commit_turn(journal, effects)
+    journal.close()
+
+    # Task 2 was running and not cancelled: it comes back; task 1 does not.
+    assert [(t.task_id, t.state) for t in reopened(path)] == [(2, State.QUEUED)]
+    assert segment_files(path) == []  # its payload's segment went with it
+
+
 # --- the operator's failed list -----------------------------------------------------
 
 

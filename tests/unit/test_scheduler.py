@@ -834,15 +834,77 @@ def test_task_waiting_for_a_retry_can_be_cancelled() -> None:
     assert not assignments(later, W1)
 
 
-def test_running_task_is_left_to_finish_when_cancelled(driver: Driver) -> None:
+def test_running_task_cancelled_keeps_its_slot_until_the_worker_reports(
+    driver: Driver,
+) -> None:
+    driver.submit(task(1), task(2))
+    [assignment] = assignments(driver.ready(W1), W1)
+
+    cancelled = driver.cancel(1)
+    finished = driver.done(W1, assignment)
+
+    assert not assignments(cancelled, W1), "the worker still runs the first"
+    assert [a.ticket for a in assignments(finished, W1)] == [assignment.ticket + 1]
+
+
+def test_running_task_cancelled_is_dropped_result_and_all(driver: Driver) -> None:
     driver.submit(task(1))
     [assignment] = assignments(driver.ready(W1), W1)
 
     cancelled = driver.cancel(1)
     finished = driver.done(W1, assignment)
 
-    assert not results(cancelled)
-    assert [r.status for r in results(finished)] == [p.Status.OK]
+    assert not results(cancelled) and not results(finished)
+    assert not driver.scheduler.tasks
+    assert driver.scheduler.totals()["cancelled"] == 1
+
+
+def test_running_task_cancelled_is_forgotten_by_the_journal_at_once(
+    driver: Driver,
+) -> None:
+    driver.submit(task(1))
+    [assignment] = assignments(driver.ready(W1), W1)
+
+    cancelled = driver.cancel(1)
+
+    # A broker restarted on the journal now must not queue it again.
+    assert cancelled.forgotten == [assignment.ticket]
+    assert driver.scheduler.tasks[assignment.ticket].state is State.RUNNING
+
+
+@pytest.mark.parametrize("how", ["dies", "leaves", "falls silent"])
+def test_running_task_cancelled_is_not_requeued_when_its_worker_goes(
+    driver: Driver, how: str
+) -> None:
+    driver.submit(task(1))
+    driver.ready(W1)
+    driver.cancel(1)
+
+    if how == "dies":
+        gone = driver.unreachable(W1)
+    elif how == "leaves":
+        gone = driver.worker(W1, p.Bye())
+    else:
+        gone = driver.tick(3.5)
+    on_ready = driver.ready(W2)
+
+    assert not assignments(on_ready, W2)
+    assert not results(gone) and not driver.scheduler.tasks
+    lost = notices(gone, WorkerLost) + notices(gone, WorkerLeft)
+    assert [(n.requeued, n.dropped) for n in lost] == [(0, 1)]
+
+
+def test_operator_cancel_of_a_task_its_client_cancelled_says_so(
+    driver: Driver,
+) -> None:
+    driver.submit(task(1))
+    driver.ready(W1)
+    driver.cancel(1)
+
+    effects = driver.client(CLIENT, p.CancelTask("alice", 1))
+
+    [reply] = sent(effects, CLIENT, p.OperatorReply)
+    assert reply.report == {"outcome": "cancelled already"}
 
 
 def test_cancel_of_another_sessions_task_does_nothing(driver: Driver) -> None:

@@ -10,8 +10,10 @@ withdrawn by `withdraw`, and a worker of capacity 1 that is silent while busy.
 After every step the scheduler checks its own invariants, and the model checks
 what the peers saw: no worker is sent more than its capacity, no recipient gets
 a result twice without reconnecting in between, nor one it already
-acknowledged, nor one meant for someone else. At the end every task is driven
-to completion and every accepted task must have been acknowledged once.
+acknowledged, nor one meant for someone else; a task cancelled while it ran
+never runs again. At the end every task is driven to completion and every
+accepted task must have been acknowledged once, but those cancelled while
+they ran, whose results nobody receives.
 """
 
 from __future__ import annotations
@@ -114,6 +116,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         # (peer, task id) of every submission: what an ACCEPTED may name.
         self.submitted: set[tuple[bytes, int]] = set()
         self.given_up: list[p.Assignment] = []  # assignments of dead workers
+        # Tasks their client cancelled while a worker ran them: never delivered.
+        self.dropped: set[Key] = set()
         # The failure records a journal would hold, from the effects alone.
         self.journalled_failures: set[int] = set()
         # Start with someone to talk to, so that short runs reach deep states.
@@ -210,7 +214,16 @@ class SchedulerMachine(RuleBasedStateMachine):
         session = data.draw(st.sampled_from(self._connected(SESSIONS)))
         mine = sorted(t for (owner, t) in self.recipient_of if owner == session)
         task_ids = data.draw(st.lists(st.sampled_from(mine or [10**6]), max_size=3))
+        running = [
+            (session, task_id)
+            for task_id in task_ids
+            if (task := self.scheduler.find_task(session, task_id)) is not None
+            and task.state is State.RUNNING
+        ]
         self._client(self._peer_of(session), p.Cancel(task_ids))
+        for key in running:  # no result for them will reach anyone
+            self.recipient_of.pop(key, None)
+            self.dropped.add(key)
 
     @precondition(lambda self: self._can_ack())
     @rule(data=st.data())
@@ -555,6 +568,12 @@ class SchedulerMachine(RuleBasedStateMachine):
         remembered = {record.ticket for record in self.scheduler.failed}
         assert self.journalled_failures == remembered
         assert len(self.scheduler.failed) <= LIMITS.failed_kept
+
+    @invariant()
+    def a_task_cancelled_while_running_never_runs_again(self) -> None:
+        for session, task_id in self.dropped:
+            task = self.scheduler.find_task(session, task_id)
+            assert task is None or (task.cancelled and task.state is State.RUNNING)
 
     @invariant()
     def every_task_finishes_at_most_once(self) -> None:

@@ -1,0 +1,88 @@
+"""Cancelled work stays cancelled: a task its client cancelled while a worker
+ran it is not run again when that worker dies or the broker restarts."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import ventilator
+
+from . import tasks
+from .conftest import (
+    FAST_HEARTBEAT_S,
+    BrokerProcess,
+    Launcher,
+    free_port,
+    status_when,
+    wait_for_workers,
+)
+
+# Long enough that a rerun of it would hold the only slot past the probe's wait.
+LONG_S = 60.0
+PROBE_TIMEOUT_S = 20.0
+SLEEP_FOR = f"{tasks.__name__}:sleep_for"
+
+
+def cancel_while_running(client: ventilator.Client) -> None:
+    """Submit a long task, wait until a worker runs it, cancel it."""
+    future = client.submit(tasks.sleep_for, LONG_S)
+    status_when(
+        client,
+        lambda status: status["running"].get(SLEEP_FOR) == 1,
+        10,
+        "the long task to run",
+    )
+    assert future.cancel()
+    # The broker reads a connection's commands in order: once it answers a
+    # question asked after the CANCEL, it has the cancellation.
+    client.status()
+
+
+def test_cancelled_running_task_is_not_rerun_when_its_worker_dies(
+    launch: Launcher,
+) -> None:
+    broker = launch.broker(heartbeat_interval_s=FAST_HEARTBEAT_S)
+    victim = launch.worker(broker, pool="thread")
+    client = launch.client(broker)
+    wait_for_workers(client, 1)
+    cancel_while_running(client)
+
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.process.wait(10)
+    launch.worker(broker, pool="thread")
+
+    # Requeued, it would go first to the new worker's only slot, for LONG_S.
+    assert client.submit(tasks.square, 3).result(PROBE_TIMEOUT_S) == 9
+    status = client.status()
+    assert (status["queued"], status["running"]) == ({}, {})
+    assert status["totals"]["cancelled"] == 1
+
+
+def test_cancelled_running_task_is_not_queued_again_by_a_restarted_broker(
+    launch: Launcher, tmp_path: Path
+) -> None:
+    options = {
+        "frontend": f"tcp://127.0.0.1:{free_port()}",
+        "backend": f"tcp://127.0.0.1:{free_port()}",
+        "durability": "process",
+        "journal": tmp_path / "journal.db",
+    }
+    first = launch.broker(**options)  # type: ignore[arg-type]
+    launch.worker(first, pool="thread")
+    client = launch.client(first)
+    wait_for_workers(client, 1)
+    cancel_while_running(client)
+
+    kill(first)
+    second = launch.broker(**options)  # type: ignore[arg-type]
+
+    status = launch.client(second).status()
+    assert (status["queued"], status["totals"]["restored"]) == ({}, 0)
+    assert status["results_waiting"] == 0
+
+
+def kill(broker: BrokerProcess) -> None:
+    os.kill(broker.pid, signal.SIGKILL)
+    broker.process.wait(10)
