@@ -306,9 +306,12 @@ class Retry:
 
 @dataclass(frozen=True, slots=True)
 class Purge:
-    """Operator -> broker: cancel every task waiting in the queue of `function`."""
+    """Operator -> broker: cancel every task waiting in the queue of `function`;
+    or, given `session` instead, drop all the broker holds for that session
+    (results waiting for it, tasks it submitted), if it is not connected."""
 
-    function: str
+    function: str = ""
+    session: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -650,7 +653,13 @@ _ENCODERS: dict[type, Callable[[Any], tuple[Cmd, Any, Sequence[Payload]]]] = {
     StatusReply: lambda c: (Cmd.STATUS_REPLY, c.status, ()),
     ListFailed: lambda c: (Cmd.LIST_FAILED, c.limit, ()),
     Retry: lambda c: (Cmd.RETRY, [list(c.tickets), c.sink], ()),
-    Purge: lambda c: (Cmd.PURGE, c.function, ()),
+    # A session's purge is a map, so that the old form (a bare function name)
+    # keeps its meaning on the wire.
+    Purge: lambda c: (
+        Cmd.PURGE,
+        c.function if c.session is None else {"session": c.session},
+        (),
+    ),
     CancelTask: lambda c: (Cmd.CANCEL_TASK, [c.session, c.task_id], ()),
     OperatorReply: lambda c: (Cmd.OPERATOR_REPLY, c.report, ()),
     Heartbeat: lambda c: (Cmd.HEARTBEAT, None, ()),
@@ -821,6 +830,8 @@ def _decode_retry(body: Any, payloads: Sequence[Payload]) -> Retry:
 
 def _decode_purge(body: Any, payloads: Sequence[Payload]) -> Purge:
     _no_payloads(payloads, "PURGE")
+    if isinstance(body, dict):
+        return Purge(session=_label(body.get("session"), "session"))
     return Purge(_name(body, "function"))
 
 

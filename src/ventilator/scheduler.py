@@ -786,14 +786,31 @@ class Scheduler:
                 "(client_window); wait for results before submitting more"
             )
         if len(self.tasks) >= limits.max_queued_tasks:
-            return (
-                f"the broker holds {limits.max_queued_tasks} tasks (max_queued_tasks)"
-            )
+            return self._full_of_tasks()
         if self._queued_bytes + size > limits.max_queued_bytes:
             return (
                 f"the broker holds {limits.max_queued_bytes} bytes (max_queued_bytes)"
             )
         return None
+
+    def _full_of_tasks(self) -> str:
+        """Why the broker takes no more tasks: what it holds, by state.
+
+        Results waiting for delivery count: they hold memory and journal space
+        as tasks do, and the limit bounds both. Those of clients that left wait
+        for `result_ttl_s`, unless an operator drops them.
+        """
+        queued = sum(self._queued_by_function().values())
+        running = sum(len(worker.running) for worker in self.workers.values())
+        waiting = len(self.tasks) - queued - running
+        return (
+            f"the broker holds {len(self.tasks)} tasks, its limit "
+            f"(max_queued_tasks): {queued} queued, {running} running, {waiting} "
+            "results waiting for delivery; results wait until their client "
+            f"collects them, or for {self.limits.result_ttl_s:g}s (result_ttl_s); "
+            "an operator drops those of a session that left with "
+            "`ventilator purge --session NAME`"
+        )
 
     def _pickle_served(self) -> bool:
         return any(PICKLE_QUEUE in w.services for w in self.workers.values())
@@ -901,8 +918,8 @@ class Scheduler:
         self._effects.forgotten.append(task.ticket)
 
     def _drop_cancelled(self, task: Task, now: float) -> None:
-        """Forget a task cancelled while it ran, whatever its worker made of it;
-        it counts as cancelled."""
+        """Forget an unfinished task nobody wants, as cancelled (one cancelled
+        while it ran, whatever its worker made of it; one of a purged session)."""
         self._conclude(task, p.Status.CANCELLED, b"", now)
         self._forget(task)
 
@@ -1744,6 +1761,8 @@ class Scheduler:
             }
         if isinstance(command, p.Retry):
             return self._retry_failed(command.tickets, command.sink, now, scope)
+        if isinstance(command, p.Purge) and command.session is not None:
+            return self._purge_session(command.session, now)
         if isinstance(command, p.Purge):
             return {"purged": self._purge(command.function, now)}
         return {"outcome": self._cancel_one(command.session, command.task_id, now)}
@@ -1837,6 +1856,45 @@ class Scheduler:
                 self._finish(task, p.Status.CANCELLED, b"", now)
                 purged += 1
         return purged
+
+    def _purge_session(self, name: str, now: float) -> dict[str, object]:
+        """Drop everything the broker holds for session `name`, which left: the
+        results waiting for it, and the tasks it submitted (queued ones at
+        once, running ones when their workers are done with them). Refused
+        while it is connected: its results are on their way to it."""
+        recipient = self.recipients.get(name)
+        if recipient is not None and recipient.peer is not None:
+            return {
+                "session": name,
+                "refused": f"session {name!r} is connected: it receives its "
+                "results; purge --session is for sessions that left",
+            }
+
+        dropped = {"results": 0, "queued": 0, "running": 0}
+        for task in list(self.tasks.values()):
+            kind = self._purge_for_session(task, name, now)
+            if kind is not None:
+                dropped[kind] += 1
+        if recipient is not None:
+            recipient.pending.clear()  # of tickets forgotten just now
+            recipient.unacked.clear()
+            self.detach_if_idle(name)
+        return {"session": name, **dropped}
+
+    def _purge_for_session(self, task: Task, name: str, now: float) -> str | None:
+        """Drop `task` if it is session `name`'s; say how it was held."""
+        if task.state is State.FINISHED:
+            if task.recipient != name:
+                return None  # a sink task's result is the sink's
+            self._forget(task)
+            return "results"
+        if task.session != name or task.cancelled:
+            return None
+        if task.state is State.RUNNING:
+            self._cancel_running(task)
+            return "running"
+        self._drop_cancelled(task, now)
+        return "queued"
 
     def _cancel_one(self, session: str, task_id: int, now: float) -> str:
         """Cancel a task for an operator; say what became of it."""

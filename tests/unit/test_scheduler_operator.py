@@ -8,6 +8,7 @@ import pytest
 
 from ventilator import protocol as p
 from ventilator.errors import TaskRaised
+from ventilator.policy import Limits
 from ventilator.scheduler import (
     RETRY_PAYLOAD_BYTES,
     RETRY_SESSION,
@@ -16,7 +17,16 @@ from ventilator.scheduler import (
 )
 from ventilator.serialization import pack_error
 
-from .driver import FUNCTION, Driver, assignments, results, sent, task
+from .driver import (
+    CLIENT,
+    FUNCTION,
+    Driver,
+    assignments,
+    error_report,
+    results,
+    sent,
+    task,
+)
 
 W1 = b"worker-1"
 OPERATOR = b"operator"
@@ -132,6 +142,86 @@ def test_purge_leaves_running_tasks_alone(driver: Driver) -> None:
 
     assert report == {"purged": 1}
     assert driver.scheduler.status(driver.now)["running"] == {FUNCTION: 1}
+
+
+def departed_with(driver: Driver, results_waiting: int, queued: int) -> None:
+    """Alice leaves results waiting and tasks queued, then vanishes."""
+    driver.submit(*[task(i) for i in range(1, results_waiting + 1)])
+    work = assignments(driver.ready(W1, capacity=results_waiting), W1)
+    for assignment in work:
+        driver.done(W1, assignment)
+    driver.worker(W1, p.Bye())
+    driver.submit(*[task(100 + i) for i in range(queued)])
+    driver.unreachable(CLIENT)
+
+
+def test_purging_a_session_that_left_drops_its_results_and_queued_tasks(
+    driver: Driver,
+) -> None:
+    departed_with(driver, results_waiting=2, queued=3)
+
+    report = operate(driver, p.Purge(session="alice"))
+
+    assert report == {"session": "alice", "results": 2, "queued": 3, "running": 0}
+    assert not driver.scheduler.tasks
+    assert "alice" not in driver.scheduler.recipients
+    assert driver.scheduler.totals()["cancelled"] == 3
+
+
+def test_purging_a_session_drops_its_running_task_when_the_worker_reports(
+    driver: Driver,
+) -> None:
+    driver.submit(task(1))
+    [work] = assignments(driver.ready(W1), W1)
+    driver.unreachable(CLIENT)
+
+    report = operate(driver, p.Purge(session="alice"))
+    finished = driver.done(W1, work)
+
+    assert report["running"] == 1
+    assert not results(finished) and not driver.scheduler.tasks
+
+
+def test_purging_a_connected_session_is_refused(driver: Driver) -> None:
+    driver.submit(task(1))
+
+    report = operate(driver, p.Purge(session="alice"))
+
+    assert "connected" in str(report["refused"])
+    assert len(driver.scheduler.tasks) == 1
+
+
+def test_purging_a_session_leaves_other_sessions_and_sinks_alone(
+    driver: Driver,
+) -> None:
+    driver.hello(OPERATOR, "bob")
+    driver.submit(task(1), peer=OPERATOR)
+    driver.hello(b"sink", "reader", sink="totals")
+    driver.submit(task(2, sink="totals"))
+    [one, two] = assignments(driver.ready(W1, capacity=2), W1)
+    driver.done(W1, one)
+    driver.done(W1, two)
+    driver.unreachable(CLIENT)
+    driver.unreachable(b"sink")
+
+    report = operate(driver, p.Purge(session="alice"))
+
+    assert report == {"session": "alice", "results": 0, "queued": 0, "running": 0}
+    assert len(driver.scheduler.tasks) == 2
+
+
+def test_refusal_at_the_task_limit_says_what_the_broker_holds() -> None:
+    driver = Driver(Limits(max_queued_tasks=4))
+    driver.hello()
+    driver.hello(OPERATOR, "operator")
+    departed_with(driver, results_waiting=3, queued=1)
+
+    effects = driver.submit(task(9), peer=OPERATOR)
+
+    message = error_report(results(effects, OPERATOR)[0])["message"]
+    assert "4 tasks" in message and "max_queued_tasks" in message
+    assert "1 queued, 0 running, 3 results waiting for delivery" in message
+    assert "purge --session" in message
 
 
 def test_cancel_by_id_says_what_became_of_the_task(driver: Driver) -> None:

@@ -2,6 +2,7 @@
 
 A model of the peers (clients, a sink, workers) drives the scheduler with
 hello, submit, ready, done (right and wrong attempts), ack, cancel, drain,
+operator commands (purge of a queue or a departed session, cancel, retry),
 deaths, time, a client connection revoked (with late acknowledgements), a
 second process asking for the sink and a second client opening a session
 (refused while the holder is live); and as the MDP gateway
@@ -279,6 +280,28 @@ class SchedulerMachine(RuleBasedStateMachine):
         operator = data.draw(st.sampled_from(self._connected(SESSIONS)))
         self._client(self._peer_of(operator), p.Purge(function))
         assert function not in self.scheduler.status(self.now)["queued"]  # type: ignore[operator]
+
+    @precondition(lambda self: self._connected(SESSIONS))
+    @rule(data=st.data(), purged=st.sampled_from(SESSIONS))
+    def operator_purges_a_session(self, data: st.DataObject, purged: str) -> None:
+        operator = data.draw(st.sampled_from(self._connected(SESSIONS)))
+        gone = self.recipients[purged].peer is None
+        doomed = [key for key in self.recipient_of if self._purged_with(key, purged)]
+        effects = self._client(self._peer_of(operator), p.Purge(session=purged))
+        [reply] = [c for _, c in effects.to_clients if isinstance(c, p.OperatorReply)]
+        assert ("refused" in reply.report) != gone, reply.report
+        if gone:  # what it held reaches nobody now
+            for key in doomed:
+                self.recipients[self.recipient_of.pop(key)].delivered.discard(key)
+                self.dropped.add(key)
+
+    def _purged_with(self, key: Key, session: str) -> bool:
+        task = self.scheduler.find_task(*key)
+        if task is None:
+            return False
+        if task.state is State.FINISHED:
+            return task.recipient == session
+        return task.session == session
 
     @precondition(lambda self: self._connected(SESSIONS) and self.recipient_of)
     @rule(data=st.data())
