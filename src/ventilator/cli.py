@@ -1580,13 +1580,27 @@ def retry(
 @cli.command()
 @_logging_options(default=False)
 @_connect_option
-@click.argument("function")
+@click.argument("function", required=False)
+@click.option(
+    "--session",
+    help="Instead: drop all the broker holds for this session, which left.",
+)
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
-def purge(connect: str, timeout_s: float, function: str, yes: bool) -> None:
+def purge(
+    connect: str, timeout_s: float, function: str | None, session: str | None, yes: bool
+) -> None:
     """Cancel every task of FUNCTION still waiting to run.
 
-    Their submitters see them cancelled; running tasks finish.
+    Their submitters see them cancelled; running tasks finish. With
+    --session NAME instead of FUNCTION: drop the results waiting for a
+    session that is not connected and the tasks it submitted (running ones
+    when they end), as `status` names it.
     """
+    if session is not None and function is None:
+        _purge_session(connect, timeout_s, session, yes)
+        return
+    if function is None or session is not None:
+        raise click.UsageError("give either FUNCTION or --session NAME")
     with _broker_answer(connect, timeout_s) as client:
         queued = client.status(timeout_s)["queued"].get(function, 0)
         if not yes:
@@ -1596,6 +1610,22 @@ def purge(connect: str, timeout_s: float, function: str, yes: bool) -> None:
             )
         purged = client.purge(function, timeout_s)
     click.echo(f"purged {purged} task(s) of {function}")
+
+
+def _purge_session(connect: str, timeout_s: float, session: str, yes: bool) -> None:
+    if not yes:
+        click.confirm(
+            f"Drop the results waiting for session {session} and the tasks it "
+            "submitted?",
+            abort=True,
+        )
+    with _broker_answer(connect, timeout_s) as client:
+        dropped = client.purge_session(session, timeout_s)
+    click.echo(
+        f"session {session}: dropped {dropped['results']} result(s) waiting for "
+        f"delivery and {dropped['queued']} queued task(s); "
+        f"{dropped['running']} running task(s) will be dropped when they end"
+    )
 
 
 @cli.command()

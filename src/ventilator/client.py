@@ -1194,6 +1194,29 @@ class Client:
         """
         return int(self._ask(p.Purge(function), timeout_s)["purged"])
 
+    def purge_session(self, session: str, timeout_s: float = 10.0) -> dict[str, int]:
+        """Drop everything the broker holds for a session that left.
+
+        The results waiting for it are dropped, and the tasks it submitted:
+        those queued at once, those running once their workers are done with
+        them (never run again). Nothing is delivered to anyone. Name the
+        session as `status()` shows it (under CURVE, ``<fingerprint>.<name>``).
+
+        Returns:
+            {"results": dropped results, "queued": dropped queued tasks,
+            "running": running tasks that will be dropped when they end}.
+
+        Raises:
+            UsageError: the session is connected (its results are on their
+                way to it), or, under CURVE, this client's key has a
+                ``.functions`` file (see README, Security).
+            TimeoutError: the broker did not answer within `timeout_s`.
+        """
+        report = self._ask(p.Purge(session=session), timeout_s)
+        if "refused" in report:
+            raise UsageError(str(report["refused"]))
+        return {kind: int(report[kind]) for kind in ("results", "queued", "running")}
+
     def cancel_task(self, session: str, task_id: int, timeout_s: float = 10.0) -> str:
         """Cancel any session's task by its id, as an operator.
 

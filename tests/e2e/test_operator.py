@@ -235,3 +235,53 @@ def test_map_passes_its_log_options_to_the_embedded_broker(
         if line.startswith("{")
     ]
     assert {"ventilator.broker", "ventilator.worker"} <= {r["logger"] for r in records}
+
+
+def test_results_of_a_session_that_left_are_dropped_with_purge_session(
+    processes: Processes, launch: Launcher
+) -> None:
+    broker = launch.broker("--max-queued-tasks", "3")
+    departed = launch.client(broker)
+    for x in range(3):
+        departed.submit(UNSERVED, x)
+    status_when(departed, lambda s: s["queued"].get(UNSERVED) == 3, 10, "3 queued")
+    departed.close()  # its results are kept for it: it may come back
+    frontend = ("--connect", broker.frontend)
+    run_cli(processes, "purge", UNSERVED, "--yes", *frontend)
+    newcomer = launch.client(broker)
+
+    with pytest.raises(ventilator.TaskRejected) as refused:
+        newcomer.submit(UNSERVED, 9).result(10)
+    dropped = run_cli(
+        processes, "purge", "--session", departed.session, "--yes", *frontend
+    )
+
+    message = str(refused.value)
+    assert "0 queued, 0 running, 3 results waiting for delivery" in message
+    assert dropped.returncode == 0, dropped.stderr
+    assert "dropped 3 result(s)" in dropped.stdout
+    assert newcomer.status()["results_waiting"] == 0
+    newcomer.submit(UNSERVED, 9)  # accepted: nothing holds the room any more
+    status_when(newcomer, lambda s: s["queued"].get(UNSERVED) == 1, 10, "1 queued")
+
+
+def test_purge_session_of_a_connected_session_is_refused(
+    processes: Processes, broker: BrokerProcess, launch: Launcher
+) -> None:
+    client = launch.client(broker)
+    client.submit(UNSERVED, 1)
+    status_when(client, lambda s: s["queued"].get(UNSERVED) == 1, 10, "1 queued")
+
+    refused = run_cli(
+        processes,
+        "purge",
+        "--session",
+        client.session,
+        "--yes",
+        "--connect",
+        broker.frontend,
+    )
+
+    assert refused.returncode == 1
+    assert "connected" in refused.stderr
+    assert client.status()["queued"] == {UNSERVED: 1}
