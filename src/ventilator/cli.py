@@ -977,6 +977,23 @@ class _Run:
     broker_key: str | None = None
 
 
+@dataclass(slots=True)
+class _Stopping:
+    """What became of a run's unfinished lines when it stopped early."""
+
+    # Lines whose tasks a broker was asked to cancel and did not confirm it
+    # (it was down): those it had accepted may still run there.
+    unconfirmed: int = 0
+
+    def outcome(self) -> str:
+        if not self.unconfirmed:
+            return "unfinished tasks cancelled"
+        return (
+            f"could not reach the broker to cancel the tasks of {self.unconfirmed} "
+            "unfinished line(s); those it had accepted may still run there"
+        )
+
+
 class _Terminated(BaseException):
     """SIGTERM, raised in the main thread so that the run unwinds as on Ctrl-C,
     its embedded cluster stopped, but ends with its own status. A
@@ -988,13 +1005,14 @@ def _run(job: _Job, run: _Run) -> int:
     """Run the job; return the exit status: 0 all succeeded, 1 some failed,
     130 interrupted (SIGINT), 143 terminated (SIGTERM)."""
     signal.signal(signal.SIGTERM, _terminate)
+    stopping = _Stopping()
     try:
-        failed = _run_tasks(job, run)
+        failed = _run_tasks(job, run, stopping)
     except KeyboardInterrupt:
-        click.echo("ventilator: interrupted; unfinished tasks cancelled", err=True)
+        click.echo(f"ventilator: interrupted; {stopping.outcome()}", err=True)
         return 130
     except _Terminated:
-        click.echo("ventilator: terminated; unfinished tasks cancelled", err=True)
+        click.echo(f"ventilator: terminated; {stopping.outcome()}", err=True)
         return 128 + signal.SIGTERM
     return 1 if failed else 0
 
@@ -1005,7 +1023,7 @@ def _terminate(signum: int, frame: object) -> None:
     raise _Terminated
 
 
-def _run_tasks(job: _Job, run: _Run) -> int:
+def _run_tasks(job: _Job, run: _Run, stopping: _Stopping) -> int:
     """Run an item per line, write records in input order; return failures."""
     with contextlib.ExitStack() as stack:
         client, watch = _connect(stack, job, run)
@@ -1017,7 +1035,9 @@ def _run_tasks(job: _Job, run: _Run) -> int:
         items = _items(job, run.lines, read, bar)
         with watch.explained():
             batches = _outcomes(client, job, items)
-            stack.enter_context(_cancelled_unless_done(client, batches, run))
+            stack.enter_context(
+                _cancelled_unless_done(client, batches, run, stopping, read)
+            )
             for outcomes in batches:
                 for line, item, outcome in _line_outcomes(outcomes, read):
                     ok = _write_record(run.output, job, line, item, outcome)
@@ -1038,23 +1058,30 @@ def _run_tasks(job: _Job, run: _Run) -> int:
 
 @contextlib.contextmanager
 def _cancelled_unless_done(
-    client: Client, batches: Generator[list[ItemOutcome], None, None], run: _Run
+    client: Client,
+    batches: Generator[list[ItemOutcome], None, None],
+    run: _Run,
+    stopping: _Stopping,
+    unfinished: deque[tuple[str, Any]],
 ) -> Iterator[None]:
     """Cancel the tasks of lines not written yet when the run stops early
     (Ctrl-C, SIGTERM, a broken output): a broker must not run them for a
-    session that will never collect their results."""
+    session that will never collect their results. `stopping` learns whether
+    a broker named with --connect confirmed it."""
     try:
         yield
     except BaseException:
+        lines = len(unfinished)
         batches.close()
-        if run.connect is not None:
-            _settle_cancellations(client)
+        if run.connect is not None and not _settle_cancellations(client):
+            stopping.unconfirmed = lines
         raise
 
 
-def _settle_cancellations(client: Client) -> None:
+def _settle_cancellations(client: Client) -> bool:
     """Take in the broker's word on the tasks just cancelled, so that it
-    keeps no result for this session once it leaves.
+    keeps no result for this session once it leaves; False if it did not
+    answer (it may never have heard the cancellation).
 
     The broker answers a question in the turn that reads it and sends the
     results of that turn after the answer: the second answer comes after the
@@ -1064,7 +1091,8 @@ def _settle_cancellations(client: Client) -> None:
         try:
             client.status(timeout_s=CANCEL_SETTLE_S)
         except (TimeoutError, VentilatorError):
-            return
+            return False
+    return True
 
 
 def _connect(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 from pathlib import Path
 
 import ventilator
@@ -12,10 +13,14 @@ import ventilator
 from . import tasks
 from .conftest import (
     FAST_HEARTBEAT_S,
+    MORE_TASKS,
     BrokerProcess,
     Launcher,
+    Processes,
     free_port,
+    log_of,
     status_when,
+    ventilator_argv,
     wait_for_workers,
 )
 
@@ -86,3 +91,31 @@ def test_cancelled_running_task_is_not_queued_again_by_a_restarted_broker(
 def kill(broker: BrokerProcess) -> None:
     os.kill(broker.pid, signal.SIGKILL)
     broker.process.wait(10)
+
+
+def test_interrupted_map_says_when_its_cancellation_reached_no_broker(
+    processes: Processes, launch: Launcher
+) -> None:
+    broker = launch.broker()
+    unserved = f"{MORE_TASKS}:cube"
+    command = processes.start(
+        "map",
+        ventilator_argv("map", unserved, "--connect", broker.frontend),
+        stdin=subprocess.PIPE,
+    )
+    command.stdin.write(b"1\n2\n3\n")
+    command.stdin.flush()  # and left open: the map waits for more lines
+    status_when(
+        launch.client(broker),
+        lambda status: status["queued"].get(unserved) == 3,
+        20,
+        "the map's three tasks",
+    )
+
+    kill(broker)
+    command.send_signal(signal.SIGINT)
+
+    assert command.wait(30) == 130
+    said = log_of(command)
+    assert "could not reach the broker to cancel the tasks of 3 unfinished" in said
+    assert "unfinished tasks cancelled" not in said
