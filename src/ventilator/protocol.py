@@ -537,10 +537,6 @@ def _name(value: Any, what: str) -> str:
     return str(value)
 
 
-def _optional_name(value: Any, what: str) -> str | None:
-    return None if value is None else _name(value, what)
-
-
 def _optional_label(value: Any, what: str) -> str | None:
     return None if value is None else _label(value, what)
 
@@ -748,7 +744,9 @@ def _task_fields(
         _count(flags, "flags"),
         _timeout(timeout_s),
         _count(retries, "retries"),
-        _optional_name(sink, "sink"),
+        # A sink's HELLO refuses control characters: a task naming such a
+        # sink could never be received.
+        _optional_label(sink, "sink"),
     )
 
 

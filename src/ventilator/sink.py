@@ -68,6 +68,7 @@ class Sink:
         broker_key: str | None = None,
         taken_wait_s: float = TAKEN_WAIT_S,
     ) -> None:
+        _check_name(name)
         curve = client_keys(secret_key, broker_key)  # as for Client
         self.name = name
         self.address = address
@@ -175,6 +176,16 @@ class Sink:
         """Leave; results not yet acknowledged stay at the broker for next time."""
         self._send(p.Bye())
         self._socket.close()
+
+
+def _check_name(name: str) -> None:
+    """Refuse a name the broker's HELLO would refuse: the sink would ask for
+    it again and again, receiving nothing."""
+    if not isinstance(name, str):
+        raise UsageError(f"a sink's name must be a str, got {type(name).__name__}")
+    problem = p.label_problem(name, "sink")
+    if problem is not None:
+        raise UsageError(f"cannot receive this sink: {problem}")
 
 
 def _result(entry: p.ResultEntry) -> SinkResult:

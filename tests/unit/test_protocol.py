@@ -559,6 +559,8 @@ def test_names_no_worker_could_serve_are_refused_naming_the_rule(
     [
         ({"sink": ""}, "sink"),
         ({"sink": "s" * 257}, "sink"),
+        ({"sink": "a\nb"}, "sink"),  # a sink's HELLO refuses these names
+        ({"sink": "x\x1by"}, "sink"),
         ({"function": ""}, "function"),
         ({"function": "m:" + "f" * 300}, "function"),
         ({"retries": 2**63}, "retries"),
