@@ -491,6 +491,9 @@ class Scheduler:
         # Accepted task ids not yet announced, per submitting peer, and when the
         # first of them was accepted (see ACCEPT_GRACE_S).
         self._unannounced: dict[bytes, tuple[float, dict[int, None]]] = {}
+        # Why the broker is full, worked out once per loop turn: a SUBMIT of
+        # many tasks to a full broker asks for it once per task.
+        self._full_reason: str | None = None
 
     # --- clients -------------------------------------------------------------------
 
@@ -786,7 +789,9 @@ class Scheduler:
                 "(client_window); wait for results before submitting more"
             )
         if len(self.tasks) >= limits.max_queued_tasks:
-            return self._full_of_tasks()
+            if self._full_reason is None:
+                self._full_reason = self._full_of_tasks()
+            return self._full_reason
         if self._queued_bytes + size > limits.max_queued_bytes:
             return (
                 f"the broker holds {limits.max_queued_bytes} bytes (max_queued_bytes)"
@@ -1501,6 +1506,7 @@ class Scheduler:
         self._dispatch()
         self._deliver()
         self._announce(now)
+        self._full_reason = None
 
         effects = self._effects
         self._effects = Effects()
