@@ -3,20 +3,62 @@
 A worker serves these functions only when started with this module named
 (`ventilator worker ventilator.shell`), because serving them lets any client
 run programs on the worker's machine. The embedded cluster of `exec` does so.
+
+A line's command ends with everything it started. It runs in a session of its
+own; when it ends, runs past its timeout or writes too much, its process
+group, its descendants (found through /proc, even those that left the group
+with `setsid`) and, run on a task process's main thread, the orphans it left
+(adopted while it runs, see `_proctree.adopt_orphans`) are killed. The
+command's own process also gets SIGKILL from the kernel if the process that
+started it dies (Linux's parent-death signal).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import selectors
 import signal
 import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["run", "run_call"]
+from . import _proctree
+from .policy import Limits
+
+__all__ = ["ResultTooLarge", "run", "run_call"]
+
+log = logging.getLogger(__name__)
+
+# Output kept when the caller names no limit: the broker's default limit on a
+# result, since more could not be sent back anyway.
+DEFAULT_MAX_OUTPUT_BYTES = Limits().max_payload_bytes
+# Room in a result for what is not output: the exit code, keys, framing.
+RESULT_OVERHEAD_BYTES = 1024
+_READ_BYTES = 65536
+# prctl(2): the signal the kernel sends us when our parent dies (Linux only).
+_PR_SET_PDEATHSIG = 1
 
 
-def run(argv: list[str], timeout_s: float | None = None) -> dict[str, Any]:
+class ResultTooLarge(RuntimeError):
+    """The command wrote more output than a result may carry."""
+
+
+def run(
+    argv: list[str],
+    timeout_s: float | None = None,
+    max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
+) -> dict[str, Any]:
     """Run `argv` without a shell and report how it ended.
+
+    Args:
+        argv: the program and its arguments.
+        timeout_s: kill it (and what it started) after this many seconds.
+        max_output_bytes: kill it once its stdout and stderr together pass
+            this many bytes (what a result may carry, less some room).
 
     Returns:
         ``{"exit_code": int, "stdout": ..., "stderr": ...}``; each output is a
@@ -25,34 +67,160 @@ def run(argv: list[str], timeout_s: float | None = None) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: the program does not exist on this worker.
-        TimeoutError: it ran past `timeout_s`; it and its process group were
-            killed.
+        TimeoutError: it ran past `timeout_s`; it was killed, with the
+            processes it started (the message names any that could not be).
+        ResultTooLarge: it wrote more than `max_output_bytes`; killed as well.
     """
     if not argv or not all(isinstance(arg, str) for arg in argv):
         raise ValueError(f"argv must be a non-empty list of strings, got {argv!r:.80}")
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    output_limit = max(0, max_output_bytes - RESULT_OVERHEAD_BYTES)
 
-    # Its own process group, so that a timeout stops whatever it started too.
-    process = subprocess.Popen(
-        argv,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
+    command = _Command(argv)
     try:
-        stdout, stderr = process.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
+        ended = command.collect(deadline, output_limit)
+    finally:
+        left = command.stop()
+    if ended == "timeout":
         raise TimeoutError(
-            f"{argv[0]} ran past its timeout of {timeout_s:g}s; it and the "
-            "processes it started were killed"
-        ) from None
+            f"{argv[0]} ran past its timeout of {timeout_s:g}s; {_killed(left)}"
+        )
+    if ended == "too_large":
+        raise ResultTooLarge(
+            f"{argv[0]} wrote more than {output_limit} bytes of output, more than "
+            f"a result may carry (the broker's limit is {max_output_bytes} bytes, "
+            f"max_payload_bytes); {_killed(left)}"
+        )
     return {
-        "exit_code": process.returncode,
-        "stdout": _text_if_utf8(stdout),
-        "stderr": _text_if_utf8(stderr),
+        "exit_code": command.process.returncode,
+        "stdout": _text_if_utf8(b"".join(command.stdout)),
+        "stderr": _text_if_utf8(b"".join(command.stderr)),
     }
+
+
+def _killed(left: list[int]) -> str:
+    if not left:
+        return "it and the processes it started were killed"
+    return (
+        "it and the processes it started were killed, except pids "
+        f"{', '.join(map(str, left))}, which this worker may not signal"
+    )
+
+
+@dataclass(eq=False)
+class _Command:
+    """A running command, its output so far, and what it left behind."""
+
+    argv: list[str]
+    process: subprocess.Popen[bytes] = field(init=False)
+    stdout: list[bytes] = field(default_factory=list)
+    stderr: list[bytes] = field(default_factory=list)
+    # Our children before it started: any other child of ours when it ends
+    # is an orphan of its that we adopted.
+    others: set[int] = field(default_factory=set)
+    adopting: bool = False
+
+    def __post_init__(self) -> None:
+        # Adopting orphans is for a process running one command at a time: a
+        # task process runs its tasks on its main thread. Elsewhere another
+        # thread's children would look like ours.
+        if threading.current_thread() is threading.main_thread():
+            self.others = set(_proctree.children_of(os.getpid()))
+            self.adopting = _proctree.adopt_orphans(True)
+        try:
+            # A session of its own, so that no terminal signal reaches it and
+            # its whole process group can be killed at once.
+            self.process = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+                preexec_fn=_dies_with(os.getpid()),
+            )
+        except BaseException:
+            self._stop_adopting()
+            raise
+
+    def collect(self, deadline: float | None, limit: int) -> str:
+        """Read its output until it ends: "exited", "timeout" or "too_large"."""
+        assert self.process.stdout is not None and self.process.stderr is not None
+        kept = 0
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.process.stdout, selectors.EVENT_READ, self.stdout)
+            selector.register(self.process.stderr, selectors.EVENT_READ, self.stderr)
+            while selector.get_map():
+                wait_s = None if deadline is None else deadline - time.monotonic()
+                if wait_s is not None and wait_s <= 0:
+                    return "timeout"
+                for key, _events in selector.select(wait_s):
+                    chunk = os.read(key.fd, _READ_BYTES)
+                    if not chunk:
+                        selector.unregister(key.fileobj)
+                        continue
+                    key.data.append(chunk)
+                    kept += len(chunk)
+                    if kept > limit:
+                        return "too_large"
+        # Both outputs closed; it may still run (it closed them itself).
+        try:
+            wait_s = None if deadline is None else max(0, deadline - time.monotonic())
+            self.process.wait(wait_s)
+        except subprocess.TimeoutExpired:
+            return "timeout"
+        return "exited"
+
+    def stop(self) -> list[int]:
+        """Kill what is left of it, without reading on; return the pids that
+        could not be killed."""
+        pid = self.process.pid
+        left = _proctree.kill_trees([pid] if self.process.poll() is None else [])
+        # Its group may hold processes whose parent died and that init took.
+        with contextlib.suppress(OSError):  # none left, or not ours to signal
+            os.killpg(pid, signal.SIGKILL)
+        adopted = self._adopted()
+        left += _proctree.kill_trees(adopted)
+        for stream in (self.process.stdout, self.process.stderr):
+            if stream is not None:
+                stream.close()
+        # Not for ever: one we may not kill is left to run (its pid is named).
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(_proctree.REAP_WAIT_S)
+        unreaped = _proctree.reap(c for c in adopted if c not in left)
+        self._stop_adopting()
+        if unreaped:
+            log.warning(
+                "killed processes %s did not end within %gs",
+                ", ".join(map(str, unreaped)),
+                _proctree.REAP_WAIT_S,
+            )
+        return sorted(set(left))
+
+    def _adopted(self) -> list[int]:
+        """Our children that are neither the command nor older than it."""
+        if not self.adopting:
+            return []
+        ours = _proctree.children_of(os.getpid())
+        return [c for c in ours if c not in self.others and c != self.process.pid]
+
+    def _stop_adopting(self) -> None:
+        if self.adopting:
+            _proctree.adopt_orphans(False)
+            self.adopting = False
+
+
+def _dies_with(parent: int) -> Any:
+    """What the command runs before its program: ask the kernel to kill it
+    when `parent`, the process starting it, dies (Linux only)."""
+    prctl = _proctree.prctl()
+
+    def ask() -> None:
+        if prctl is not None:
+            prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+            if os.getppid() != parent:  # died before we asked
+                os._exit(1)
+
+    return ask
 
 
 def _text_if_utf8(output: bytes) -> str | bytes:
@@ -65,15 +233,22 @@ def _text_if_utf8(output: bytes) -> str | bytes:
 
 
 def run_call(call: list[Any]) -> dict[str, Any]:
-    """`run(argv, timeout_s)` for ``call = [argv, timeout_s]``.
+    """`run(argv, timeout_s, max_output_bytes)` for ``call = [argv, timeout_s]``
+    or ``[argv, timeout_s, max_output_bytes]``.
 
     What the batches of `ventilator exec` call for each line, since a batch
     hands its function one argument per item.
 
     Raises:
-        ValueError: `call` is not a pair; and as `run`.
+        ValueError: `call` is not such a list; and as `run`.
     """
-    if not isinstance(call, list) or len(call) != 2:
-        raise ValueError(f"expected [argv, timeout_s], got {call!r:.80}")
-    argv, timeout_s = call
-    return run(argv, timeout_s)
+    if not isinstance(call, list) or len(call) not in (2, 3):
+        raise ValueError(
+            f"expected [argv, timeout_s, max_output_bytes], got {call!r:.80}"
+        )
+    argv, timeout_s, *limit = call
+    if limit and not (isinstance(limit[0], int) and limit[0] > 0):
+        raise ValueError(
+            f"max_output_bytes must be a positive int, got {limit[0]!r:.40}"
+        )
+    return run(argv, timeout_s, *limit)
