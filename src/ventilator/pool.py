@@ -40,6 +40,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from . import _proctree
 from . import protocol as p
 from ._framing import Inbox, Outbox, frame
 from .errors import TaskTimeout
@@ -546,6 +547,9 @@ class ProcessPool:
 
     def _stop_child(self, child: _Child, at_once: bool) -> None:
         if _alive(child.process):
+            # What its task started goes first, or it would run on, adopted by
+            # init: a command, a task's own subprocess, and theirs.
+            _proctree.kill_descendants(child.process.pid)
             child.process.kill() if at_once else child.process.terminate()
             try:
                 child.process.wait(CHILD_EXIT_GRACE_S)

@@ -10,11 +10,14 @@ import time
 from pathlib import Path
 
 from tests.e2e import tasks
+from tests.e2e.conftest import wait_until
+from tests.leftovers import pid_file
 from ventilator import protocol as p
 from ventilator.pool import ProcessPool, ThreadPool
 from ventilator.serialization import pack_call, unpack_value
 
 TASKS = "tests.e2e.tasks"
+PROCESS_TASKS = "tests.e2e.process_tasks"
 DEADLINE_S = 60.0
 
 
@@ -200,3 +203,43 @@ def test_a_task_timeout_counts_from_when_its_process_is_ready() -> None:
 
     assert outcome.status is p.Status.OK
     assert unpack_value(outcome.payload) == 7
+
+
+# --- what a task started ends with its task process ---------------------------------
+
+
+def test_a_timed_out_task_leaves_no_process_it_started(tmp_path: Path) -> None:
+    with pid_file(tmp_path) as pids:
+        program = ["sh", "-c", pids.sleeper()]
+        pool = ProcessPool(1, [PROCESS_TASKS], allow_pickle=False)
+        try:
+            call = pack_call((program,), {})
+            function = f"{PROCESS_TASKS}:run_program"
+            pool.submit(p.Assignment(1, 1, function, call, timeout_s=1.0), 0.0)
+
+            [outcome] = run_all(pool, 1)
+        finally:
+            pool.close()
+
+        assert outcome.status is p.Status.TIMEOUT
+        assert len(pids.recorded()) == 1
+        wait_until(lambda: not pids.alive(), 5, "the task's subprocess to go")
+
+
+def test_a_closed_pool_leaves_no_process_its_running_commands_started(
+    tmp_path: Path,
+) -> None:
+    # What a worker leaving at once does: its running commands, and what
+    # they started in the background, end with it.
+    with pid_file(tmp_path) as pids:
+        script = f"sh -c '{pids.sleeper()}' & {pids.sleeper()}"
+        pool = ProcessPool(1, ["ventilator.shell"], allow_pickle=False)
+        try:
+            call = pack_call(([["sh", "-c", script], None],), {})
+            pool.submit(p.Assignment(1, 1, "ventilator.shell:run_call", call), 0.0)
+            pool.collect(time.monotonic())
+            wait_until(lambda: len(pids.alive()) == 2, 30, "the commands to start")
+        finally:
+            pool.close()
+
+        wait_until(lambda: not pids.alive(), 5, "the commands to go")

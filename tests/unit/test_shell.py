@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import ProcessId, stop_process_ids
+from tests.leftovers import pid_file
 from ventilator import shell
 
 
@@ -36,91 +35,51 @@ def test_output_that_is_not_utf8_comes_back_as_its_exact_bytes() -> None:
 
 
 # --- what a command started ends with it --------------------------------------------
-#
-# The commands write the pids of what they start into a file, so that the test
-# can count them, see them gone after, and end any that a failure left behind,
-# by pid (only a process that still runs their `sleep 600`, or the shell about
-# to become it, so that a reused pid is never taken for one of them).
-
-
-@pytest.fixture
-def pid_file(tmp_path: Path) -> Iterator[Path]:
-    path = tmp_path / "pids"
-    path.touch()
-    try:
-        yield path
-    finally:
-        stop_process_ids(alive(path))
-
-
-def recorded(pid_file: Path) -> list[int]:
-    return [int(pid) for pid in pid_file.read_text().split()]
-
-
-def alive(pid_file: Path) -> list[ProcessId]:
-    """The recorded processes still sleeping."""
-    found = []
-    for pid in recorded(pid_file):
-        process_id = ProcessId.of(pid)
-        # Its shell, or the sleep the shell became.
-        sleeping = b"sleep 600" in cmdline(pid) or cmdline(pid) == b"sleep\x00600\x00"
-        if process_id is not None and process_id.alive() and sleeping:
-            found.append(process_id)
-    return found
-
-
-def cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
-
-
-def sleeper(pid_file: Path) -> str:
-    """A shell command that records its pid and sleeps long."""
-    return f"echo $$ >> {pid_file}; exec sleep 600"
 
 
 @pytest.mark.timeout(60)
 def test_timeout_ends_a_line_whose_setsid_process_holds_its_output(
-    pid_file: Path,
+    tmp_path: Path,
 ) -> None:
     # The setsid process leaves the command's process group and session and
     # keeps its stdout open: the line must end on its timeout anyway.
-    script = f"setsid sh -c '{sleeper(pid_file)}' & {sleeper(pid_file)}"
+    with pid_file(tmp_path) as pids:
+        script = f"setsid sh -c '{pids.sleeper()}' & {pids.sleeper()}"
 
-    with pytest.raises(TimeoutError, match="it and the processes it started were"):
-        shell.run(["sh", "-c", script], timeout_s=1)
+        with pytest.raises(TimeoutError, match="it and the processes it started"):
+            shell.run(["sh", "-c", script], timeout_s=1)
 
-    assert len(recorded(pid_file)) == 2
-    assert alive(pid_file) == []
+        assert len(pids.recorded()) == 2
+        assert pids.alive() == []
 
 
 @pytest.mark.timeout(60)
 def test_timeout_kills_a_setsid_process_whose_parent_already_exited(
-    pid_file: Path,
+    tmp_path: Path,
 ) -> None:
     # The subshell exits at once: its setsid child is an orphan, out of the
     # command's group and tree, that only adoption finds.
-    script = f"(setsid sh -c '{sleeper(pid_file)}' &); {sleeper(pid_file)}"
+    with pid_file(tmp_path) as pids:
+        script = f"(setsid sh -c '{pids.sleeper()}' &); {pids.sleeper()}"
 
-    with pytest.raises(TimeoutError):
-        shell.run(["sh", "-c", script], timeout_s=1)
+        with pytest.raises(TimeoutError):
+            shell.run(["sh", "-c", script], timeout_s=1)
 
-    assert len(recorded(pid_file)) == 2
-    assert alive(pid_file) == []
+        assert len(pids.recorded()) == 2
+        assert pids.alive() == []
 
 
-def test_what_a_command_left_running_when_it_exited_is_killed(pid_file: Path) -> None:
-    started = f"(setsid sh -c '{sleeper(pid_file)}' > /dev/null 2>&1 &)"
-    # It exits once the process it left has recorded itself.
-    script = f"{started}; until [ -s {pid_file} ]; do sleep 0.01; done; echo done"
+def test_what_a_command_left_running_when_it_exited_is_killed(tmp_path: Path) -> None:
+    with pid_file(tmp_path) as pids:
+        started = f"(setsid sh -c '{pids.sleeper()}' > /dev/null 2>&1 &)"
+        # It exits once the process it left has recorded itself.
+        recorded = f"until [ -s {pids.path} ]; do sleep 0.01; done"
 
-    report = shell.run(["sh", "-c", script])
+        report = shell.run(["sh", "-c", f"{started}; {recorded}; echo done"])
 
-    assert report["stdout"] == "done\n"
-    assert len(recorded(pid_file)) == 1
-    assert alive(pid_file) == []
+        assert report["stdout"] == "done\n"
+        assert len(pids.recorded()) == 1
+        assert pids.alive() == []
 
 
 @pytest.mark.timeout(60)
