@@ -722,6 +722,7 @@ def exec_command(
     _check_task_fields(SHELL_FUNCTION, None, retries, None)
     _check_workers(connect, workers)
     substitute = any("{}" in arg for arg in command)
+    limit = _ResultLimit()
 
     def call(line: str) -> list[Any]:
         argv = (
@@ -729,9 +730,19 @@ def exec_command(
         )
         # The timeout travels with each line: the command's own, which kills
         # its process group, not the task's, which would kill the worker's child.
-        return [argv, timeout_s]
+        # So does the most output a result may carry: past it the command is
+        # stopped rather than read into memory for a result the broker refuses.
+        return [argv, timeout_s, limit.max_payload_bytes()]
 
-    job = _Job(SHELL_FUNCTION, call, ["ventilator.shell"], _exec_record, None, retries)
+    job = _Job(
+        SHELL_FUNCTION,
+        call,
+        ["ventilator.shell"],
+        _exec_record,
+        None,
+        retries,
+        connected=limit.learn,
+    )
     run = _Run(
         _lines(input_file),
         _open_output(output_path, input_file),
@@ -742,6 +753,22 @@ def exec_command(
         broker_key,
     )
     sys.exit(_run(job, run))
+
+
+class _ResultLimit:
+    """The broker's limit on a result, once its client has learnt it."""
+
+    def __init__(self) -> None:
+        self._client: Client | None = None
+
+    def learn(self, client: Client) -> None:
+        self._client = client
+
+    def max_payload_bytes(self) -> int:
+        # The client learns it from the broker's WELCOME; until then (the
+        # first lines of an embedded run) the default, which such a broker has.
+        known = self._client._max_payload_bytes if self._client is not None else None
+        return known or _DEFAULT_LIMITS.max_payload_bytes
 
 
 def _check_task_fields(
@@ -962,6 +989,8 @@ class _Job:
     timeout_s: float | None = None  # per line, enforced by the worker
     retries: int = 0  # per line
     sink: str | None = None  # results go there, not to the output
+    # Told the client once it is connected (exec: to learn the broker's limits).
+    connected: Callable[[Client], None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -1027,6 +1056,8 @@ def _run_tasks(job: _Job, run: _Run, stopping: _Stopping) -> int:
     """Run an item per line, write records in input order; return failures."""
     with contextlib.ExitStack() as stack:
         client, watch = _connect(stack, job, run)
+        if job.connected is not None:
+            job.connected(client)
         bar = stack.enter_context(_Progress(run.progress))
         started = time.perf_counter()
         done = failed = 0
