@@ -145,6 +145,7 @@ def cli() -> None:
 
 def main() -> None:
     """Entry point of the `ventilator` command and of `python -m ventilator`."""
+    _fill_closed_streams()
     try:
         cli()
     except UsageError as exc:
@@ -152,6 +153,32 @@ def main() -> None:
         # is the user's error, told as click tells its own: no traceback.
         click.echo(f"Error: {exc}", err=True)
         sys.exit(2)
+
+
+# Standard streams that were closed when the command started (0, 1, 2).
+_CLOSED_STREAMS: set[int] = set()
+
+
+def _fill_closed_streams() -> None:
+    """Put /dev/null where a standard stream was closed (`2>&-`).
+
+    Otherwise the first file or socket opened takes its descriptor, and what
+    is meant for stderr (a log line, a child's traceback) lands in it; and
+    Python, finding no stream, leaves sys.stderr None, on which the first
+    message fails. Output that would go to a closed stdout is refused where it
+    is opened (see _open_output), as Unix tools refuse to write there.
+    """
+    for fd, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            _CLOSED_STREAMS.add(fd)
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+            mode = "r" if fd == 0 else "w"
+            setattr(sys, name, open(fd, mode, closefd=False))  # noqa: SIM115
 
 
 def _stop_on_signals(stop: Callable[[], None]) -> None:
@@ -795,7 +822,7 @@ def _check_workers(connect: str | None, workers: int | None) -> None:
         )
 
 
-def _open_output(path: str, input_file: IO[str]) -> IO[str]:
+def _open_output(path: str, input_file: IO[str]) -> _Output:
     """The output stream, opened (and so emptied) only when it is not the input.
 
     Opening the input for writing would empty it before a line is read: the
@@ -803,6 +830,11 @@ def _open_output(path: str, input_file: IO[str]) -> IO[str]:
     compared too, for `--input lines.txt >> lines.txt`.
     """
     param = _param_named("output_path")
+    if path == "-" and 1 in _CLOSED_STREAMS:
+        raise click.BadParameter(
+            "standard output is closed: name a file to write the output to",
+            param=param,
+        )
     same = _same_regular_file(input_file, path)
     if same is not None:
         raise click.BadParameter(
@@ -811,7 +843,47 @@ def _open_output(path: str, input_file: IO[str]) -> IO[str]:
             "to another file",
             param=param,
         )
-    return click.File("w", lazy=False).convert(path, param, click.get_current_context())
+    ctx = click.get_current_context()
+    stream = click.File("w", lazy=False).convert(path, param, ctx)
+    return _Output(stream, "standard output" if path == "-" else repr(path))
+
+
+class _OutputFailed(Exception):
+    """Writing the output failed: the run stops, its unfinished tasks cancelled."""
+
+    def __init__(self, name: str, error: OSError) -> None:
+        super().__init__(f"cannot write the output to {name}: {error.strerror}")
+        self.broken_pipe = isinstance(error, BrokenPipeError)
+
+
+class _Output:
+    """The output stream of map and exec, whose write errors say which file
+    failed and leave nothing for Python to fail on again at exit."""
+
+    def __init__(self, stream: IO[str], name: str) -> None:
+        self._stream = stream
+        self.name = name
+
+    def write(self, text: str) -> None:
+        try:
+            self._stream.write(text)
+        except OSError as exc:
+            raise self._failed(exc) from exc
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as exc:
+            raise self._failed(exc) from exc
+
+    def _failed(self, error: OSError) -> _OutputFailed:
+        # What is still buffered would fail again when the stream is closed
+        # or at exit ("Exception ignored ..."): let it go to /dev/null instead.
+        with contextlib.suppress(OSError, ValueError):
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, self._stream.fileno())
+            os.close(null)
+        return _OutputFailed(self.name, error)
 
 
 def _param_named(name: str) -> click.Parameter:
@@ -905,7 +977,7 @@ def _exec_record(line: str, item: Any, outcome: ItemOutcome) -> _Record:
 
 
 def _write_record(
-    output: IO[str], job: _Job, line: str, item: Any, outcome: ItemOutcome
+    output: _Output, job: _Job, line: str, item: Any, outcome: ItemOutcome
 ) -> bool:
     """Write the record of one line; return whether the line succeeded."""
     fields, ok = _record(job, line, item, outcome)
@@ -998,7 +1070,7 @@ class _Run:
     """Where a job's lines come from and go, and what runs them."""
 
     lines: Iterator[str]
-    output: IO[str]
+    output: _Output
     connect: str | None  # a broker's frontend, or None for an embedded cluster
     workers: int | None  # embedded task processes
     progress: bool | None  # None: when stderr is a terminal
@@ -1031,12 +1103,19 @@ class _Terminated(BaseException):
 
 
 def _run(job: _Job, run: _Run) -> int:
-    """Run the job; return the exit status: 0 all succeeded, 1 some failed,
-    130 interrupted (SIGINT), 143 terminated (SIGTERM)."""
+    """Run the job; return the exit status: 0 all succeeded, 1 some failed or
+    the output could not be written, 130 interrupted (SIGINT), 141 the output
+    was a pipe its reader closed, 143 terminated (SIGTERM)."""
     signal.signal(signal.SIGTERM, _terminate)
     stopping = _Stopping()
     try:
         failed = _run_tasks(job, run, stopping)
+    except _OutputFailed as exc:
+        if exc.broken_pipe:
+            # As `yes | head` ends: quietly, with the status of SIGPIPE.
+            return 128 + signal.SIGPIPE
+        click.echo(f"ventilator: {exc}; {stopping.outcome()}", err=True)
+        return 1
     except KeyboardInterrupt:
         click.echo(f"ventilator: interrupted; {stopping.outcome()}", err=True)
         return 130
