@@ -8,9 +8,12 @@ A line's command ends with everything it started. It runs in a session of its
 own; when it ends, runs past its timeout or writes too much, its process
 group, its descendants (found through /proc, even those that left the group
 with `setsid`) and, run on a task process's main thread, the orphans it left
-(adopted while it runs, see `_proctree.adopt_orphans`) are killed. The
-command's own process also gets SIGKILL from the kernel if the process that
-started it dies (Linux's parent-death signal).
+(adopted while it runs, see `_proctree.adopt_orphans`) are killed.
+
+The kernel's parent-death signal is not asked for: it would need code run
+between fork and exec, which makes each command cost twice as much to start.
+A task process stopped by its worker kills its commands itself (see pool);
+only one killed outright leaves them running.
 """
 
 from __future__ import annotations
@@ -39,8 +42,6 @@ DEFAULT_MAX_OUTPUT_BYTES = Limits().max_payload_bytes
 # Room in a result for what is not output: the exit code, keys, framing.
 RESULT_OVERHEAD_BYTES = 1024
 _READ_BYTES = 65536
-# prctl(2): the signal the kernel sends us when our parent dies (Linux only).
-_PR_SET_PDEATHSIG = 1
 
 
 class ResultTooLarge(RuntimeError):
@@ -136,7 +137,6 @@ class _Command:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 start_new_session=True,
-                preexec_fn=_dies_with(os.getpid()),
             )
         except BaseException:
             self._stop_adopting()
@@ -207,20 +207,6 @@ class _Command:
         if self.adopting:
             _proctree.adopt_orphans(False)
             self.adopting = False
-
-
-def _dies_with(parent: int) -> Any:
-    """What the command runs before its program: ask the kernel to kill it
-    when `parent`, the process starting it, dies (Linux only)."""
-    prctl = _proctree.prctl()
-
-    def ask() -> None:
-        if prctl is not None:
-            prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-            if os.getppid() != parent:  # died before we asked
-                os._exit(1)
-
-    return ask
 
 
 def _text_if_utf8(output: bytes) -> str | bytes:
