@@ -8,16 +8,19 @@ the parent's ``__main__``: a worker embedded in any script needs no
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import sys
 import time
-from collections.abc import Sequence
-from typing import IO
+import traceback
+from collections.abc import Callable, Sequence
+from typing import IO, Any
 
 from ._allocator import keep_freed_memory
-from ._framing import read_message, write_message
+from ._framing import CANNOT_START, read_message, write_message
 from ._lifeline import end_with_parent
+from .errors import UsageError
 from .execution import run_task
 from .registry import load_functions
 
@@ -26,7 +29,7 @@ def serve(
     batches: IO[bytes], sock: socket.socket, modules: Sequence[str], allow_pickle: bool
 ) -> None:
     """Receive a batch of tasks, run them, send their outcomes; until EOF."""
-    functions = load_functions(modules)
+    functions = _import_or_explain(sock, modules)
     # An empty message says we are ready: a task's timeout counts from here,
     # not from a start that may take seconds on a loaded machine.
     write_message(sock, [], [])
@@ -46,6 +49,21 @@ def serve(
             write_message(sock, reports, results)
         except OSError:
             return  # the worker went away while we ran
+
+
+def _import_or_explain(
+    sock: socket.socket, modules: Sequence[str]
+) -> dict[str, Callable[..., Any]]:
+    """The modules' functions; if they do not import, tell the worker why
+    and leave. The worker logs it now and then: a traceback on stderr from
+    each child it restarts would bury it."""
+    try:
+        return load_functions(modules)
+    except UsageError as error:
+        reason, details = str(error), traceback.format_exc()
+    with contextlib.suppress(OSError):  # the worker is gone: nobody to tell
+        write_message(sock, [[CANNOT_START, reason]], [details.encode()])
+    raise SystemExit(2)
 
 
 def main(argv: Sequence[str]) -> None:

@@ -9,6 +9,10 @@ one scatter-gather call (`sendmsg`) writes them.
 The worker's end never blocks (see pool.ProcessPool): an `Outbox` keeps what
 the socket did not take yet, an `Inbox` puts together messages that arrive in
 pieces. The child's end blocks (`read_message`, `write_message`).
+
+A child's first message says it imported its modules: empty, it is ready; with
+one row ``[CANNOT_START, reason]`` and the traceback as its payload, it cannot
+import them and leaves.
 """
 
 from __future__ import annotations
@@ -22,12 +26,22 @@ from typing import IO, Any, TypeAlias
 
 import msgpack
 
-__all__ = ["Inbox", "Message", "Outbox", "frame", "read_message", "write_message"]
+__all__ = [
+    "CANNOT_START",
+    "Inbox",
+    "Message",
+    "Outbox",
+    "frame",
+    "read_message",
+    "write_message",
+]
 
 # Bytes, or a buffer of bytes: a memoryview of bytes, a zmq.Frame.
 Buffer: TypeAlias = Any
 # Rows (without their sizes) and the payload of each row.
 Message: TypeAlias = tuple[list[list[Any]], list[Buffer]]
+
+CANNOT_START = "cannot_start"
 
 _PREFIX = struct.Struct("!II")  # header bytes, payload bytes
 # Buffers in one sendmsg call: well under Linux's IOV_MAX of 1024.

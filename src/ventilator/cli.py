@@ -1591,12 +1591,19 @@ def _workers_table(workers: list[dict[str, Any]]) -> Any:
     for w in workers:
         table.add_row(
             escape(w["id"]),
-            "draining" if w.get("draining") else "serving",
+            _worker_state(w),
             f"{w['running']} of {w['capacity']}",
             str(len(w["services"])),
             f"{w['last_seen_s']:.1f}s ago",
         )
     return table
+
+
+def _worker_state(worker: dict[str, Any]) -> str:
+    if worker.get("draining"):
+        return "draining"
+    # A worker whose task processes cannot start registers without functions.
+    return "serving" if worker["services"] else "not serving"
 
 
 def _queues_table(report: dict[str, Any]) -> Any:

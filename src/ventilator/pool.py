@@ -16,6 +16,15 @@ dies takes its current task with it (reported as CRASHED, which the broker
 counts towards poison); the tasks queued behind it go to another child. A task
 past its timeout has its child killed and replaced.
 
+A child that dies before it said it is ready did not fail a task: its modules
+do not import here (a deploy broken after the worker started), or the machine
+killed it. Its tasks go back to the others, unblamed, and its slot starts a new
+child after a delay that doubles with each failed start (`CHILD_RESTART_BACKOFF`),
+for ever, so that a fixed deploy needs no restart of the worker. While no child
+is ready and every slot has failed to start, `start_failure` says why: the
+worker then hands its tasks back to the broker and serves nothing until one
+starts.
+
 Thread pool: for I/O-bound work. A thread cannot be killed, so a task past its
 timeout is reported as timed out and left to run on in the background, its
 result dropped; a fresh thread takes its slot, so that tasks that hang cannot
@@ -29,6 +38,7 @@ import contextlib
 import logging
 import os
 import queue
+import random
 import signal
 import socket
 import subprocess
@@ -42,9 +52,10 @@ from typing import Any, Protocol
 
 from . import _proctree
 from . import protocol as p
-from ._framing import Inbox, Outbox, frame
+from ._framing import CANNOT_START, Inbox, Outbox, frame
 from .errors import TaskTimeout
 from .execution import run_task
+from .policy import Backoff
 from .registry import load_functions
 from .serialization import pack_error
 
@@ -69,6 +80,13 @@ LIVENESS_CHECK_S = 1.0
 # How long a new child may take to import its modules and say it is ready
 # before it is taken for stuck and replaced (its tasks wait, unblamed).
 CHILD_START_TIMEOUT_S = 60.0
+# How long a slot whose child died before it was ready waits before it starts
+# another: a broken deploy must not cost a core in restarts, and a fixed one
+# is picked up within the cap.
+CHILD_RESTART_BACKOFF = Backoff(base_s=0.5, cap_s=30.0, jitter=0.2)
+# How often the error that no task process can start is repeated while it lasts
+# (at once when the reason changes).
+START_FAILURE_REPEAT_S = 300.0
 # How long to wait for a lost child to be reaped, to log how it ended.
 REAP_WAIT_S = 0.05
 # Timed-out threads still running that a thread pool replaces with fresh ones.
@@ -111,6 +129,10 @@ class Pool(Protocol):
 
     def load(self) -> int:
         """Tasks held: running, in pipes, or waiting for a slot."""
+        ...
+
+    def start_failure(self) -> str | None:
+        """Why no task can run here, while no task process can start; else None."""
         ...
 
     def close(self) -> None: ...
@@ -189,9 +211,23 @@ class _Child:
     # Whether it said it has imported its modules; until then its tasks wait
     # in the pipe and their timeouts have not started.
     ready: bool = False
+    # Children of its slot that died before they were ready, in a row: while
+    # any did, it gets no task before it is ready.
+    failed_starts: int = 0
+    # What it said before it left, if it could not import its modules:
+    # the reason in one line, and the traceback.
+    start_error: tuple[str, str] | None = None
 
     def fileno(self) -> int:
         return self.sock.fileno()
+
+
+@dataclass(slots=True, frozen=True)
+class _Resting:
+    """A slot whose child could not start, until its next try."""
+
+    restart_at: float
+    failed_starts: int
 
 
 class ProcessPool:
@@ -207,9 +243,21 @@ class ProcessPool:
     `LIVENESS_CHECK_S`, catches one whose pipe a task of its own kept open.
     """
 
-    def __init__(self, size: int, modules: Sequence[str], allow_pickle: bool) -> None:
+    def __init__(
+        self,
+        size: int,
+        modules: Sequence[str],
+        allow_pickle: bool,
+        restart_backoff: Backoff = CHILD_RESTART_BACKOFF,
+    ) -> None:
         self._modules = list(modules)
         self._allow_pickle = allow_pickle
+        self._restart_backoff = restart_backoff
+        # Slots without a child: theirs could not start, and they wait to retry.
+        self._resting: list[_Resting] = []
+        self._starts_failing = False  # see start_failure
+        self._start_error: tuple[str, str] | None = None  # the latest, and why
+        self._start_error_logged: tuple[str, float] | None = None  # reason, when
         self._waiting: deque[p.Assignment] = deque()
         self._suspects: set[tuple[int, int]] = set()  # (ticket, attempt)
         # Per function: a batch is sized by how long its own function runs.
@@ -228,7 +276,7 @@ class ProcessPool:
         # cleared when a look at the pipes finds none.
         self._timed_in_pipes = False
 
-    def _spawn(self) -> _Child:
+    def _spawn(self, failed_starts: int = 0) -> _Child:
         # A fresh interpreter per child rather than fork: the worker holds a
         # ZeroMQ context whose I/O threads a forked child would inherit broken.
         parent_end, child_end = socket.socketpair()
@@ -258,11 +306,24 @@ class ProcessPool:
             Inbox(parent_end),
             Outbox(parent_end),
             spawned_at=time.monotonic(),
+            failed_starts=failed_starts,
         )
 
     def _index_children(self) -> None:
         self._fds = tuple(child.fileno() for child in self._children)
         self._by_fd = {child.fileno(): child for child in self._children}
+        self._count_failing_starts()
+
+    def _count_failing_starts(self) -> None:
+        # No child ready, and none that may become so without having failed.
+        self._starts_failing = not any(
+            child.ready or not child.failed_starts for child in self._children
+        )
+
+    def start_failure(self) -> str | None:
+        if not self._starts_failing or self._start_error is None:
+            return None
+        return self._start_error[0]
 
     def fds(self) -> Sequence[int]:
         return self._fds
@@ -287,8 +348,14 @@ class ProcessPool:
     def _feed(self, now: float) -> None:
         """Top up the children's pipes, idle children first."""
         while self._waiting:
-            child = min(self._children, key=lambda c: len(c.sent))
-            if len(child.sent) >= PIPELINE_DEPTH:
+            # A child whose slot failed to start gets tasks once it is ready:
+            # they would only travel back and forth while the deploy is broken.
+            child = min(
+                (c for c in self._children if c.ready or not c.failed_starts),
+                key=lambda c: len(c.sent),
+                default=None,
+            )
+            if child is None or len(child.sent) >= PIPELINE_DEPTH:
                 return
             self._send(child, self._next_batch(), now)
 
@@ -356,6 +423,8 @@ class ProcessPool:
 
     def collect(self, now: float, readable: Collection[int] = ()) -> list[p.Outcome]:
         outcomes: list[p.Outcome] = []
+        if self._resting:
+            self._restart_rested(now)
         for fd in self._write_fds:
             self._flush(self._by_fd[fd])
         # Now and then, read every pipe and look at every process, whatever
@@ -388,6 +457,9 @@ class ProcessPool:
         self, child: _Child, health: str, outcomes: list[p.Outcome], now: float
     ) -> None:
         """Replace a child that was lost or overran, blaming its task if lost."""
+        if not child.ready:
+            self._failed_start(child, health, now)
+            return
         if health == "lost" and child.sent:
             ended = _how_it_ended(child.process)
             self._blame(child.sent.popleft(), outcomes, now, ended)
@@ -413,7 +485,7 @@ class ProcessPool:
                     if child.ready:
                         self._finished(child, reports, results, outcomes, now)
                     else:
-                        self._started(child, reports, now)
+                        self._started(child, reports, results, now)
             except (EOFError, OSError, ValueError, IndexError, TypeError):
                 return "lost"  # gone, or garbled: either way a new child
         if check_process and not _alive(child.process):
@@ -422,12 +494,27 @@ class ProcessPool:
             return "unstarted"
         return "overran" if self._overran(child, outcomes, now) else "healthy"
 
-    def _started(self, child: _Child, reports: list[list[Any]], now: float) -> None:
-        """A new child's first message, empty: it is ready; the batch waiting
-        in its pipe starts now, and so does the timeout of its task."""
+    def _started(
+        self, child: _Child, reports: list[list[Any]], results: list[Any], now: float
+    ) -> None:
+        """A new child's first message. Empty: it is ready; the batch waiting
+        in its pipe starts now, and so does the timeout of its task. With a
+        reason and a traceback: it cannot import its modules, and leaves."""
+        if reports and reports[0][0] == CANNOT_START:
+            details = bytes(results[0]).decode(errors="replace")
+            child.start_error = (str(reports[0][1]), details)
+            return
         if reports:
             raise ValueError("a task process reported a batch before it was ready")
         child.ready = True
+        if child.failed_starts:
+            self._count_failing_starts()
+            log.info(
+                "task process pid=%d started after %d failed starts of its slot; "
+                "it runs tasks again",
+                child.process.pid,
+                child.failed_starts,
+            )
         if child.sent:
             for running in child.sent[0]:
                 running.started = now
@@ -477,12 +564,67 @@ class ProcessPool:
         return True
 
     def _replace(self, child: _Child) -> _Child:
+        self._retire(child)
+        return self._spawn()
+
+    def _retire(self, child: _Child) -> None:
         # Tasks queued behind the lost one never started: another child runs them.
         for batch in reversed(child.sent):
             self._waiting.extendleft(r.task for r in reversed(batch))
         child.sent.clear()
         self._stop_child(child, at_once=True)
-        return self._spawn()
+
+    def _failed_start(self, child: _Child, health: str, now: float) -> None:
+        """A child died or hung before it was ready: no task of its is to
+        blame. Its slot rests, longer after each failure in a row."""
+        error = self._start_error = _why_not_started(child, health)
+        self._retire(child)
+        self._children.remove(child)
+        failed_starts = child.failed_starts + 1
+        delay_s = self._restart_backoff.delay_s(failed_starts, random.random())
+        self._resting.append(_Resting(now + delay_s, failed_starts))
+        self._index_children()
+        self._update_write_fds()
+        self._report_start_failure(error, failed_starts, delay_s, now)
+
+    def _report_start_failure(
+        self, error: tuple[str, str], failed_starts: int, delay_s: float, now: float
+    ) -> None:
+        """Log why a task process cannot start: at once, then now and then, or
+        at once again if the reason changed; the traceback with a new reason."""
+        reason, details = error
+        last = self._start_error_logged
+        new_reason = last is None or last[0] != reason
+        if (
+            last is not None
+            and not new_reason
+            and now - last[1] < START_FAILURE_REPEAT_S
+        ):
+            log.debug("task process failed to start again: %s", reason)
+            return
+        self._start_error_logged = (reason, now)
+        log.error(
+            "task process for %s cannot start: %s; %s (%d failed starts in a "
+            "row; next try in %.1fs, then less often, at least every %gs)%s",
+            ", ".join(self._modules),
+            reason,
+            "no task runs here until one starts"
+            if self._starts_failing
+            else "the other task processes run its tasks",
+            failed_starts,
+            delay_s,
+            self._restart_backoff.cap_s,
+            f"\n{details.rstrip()}" if new_reason and details else "",
+        )
+
+    def _restart_rested(self, now: float) -> None:
+        """Start a child in each slot whose rest is over."""
+        due = [slot for slot in self._resting if slot.restart_at <= now]
+        if not due:
+            return
+        self._resting = [slot for slot in self._resting if slot.restart_at > now]
+        self._children += [self._spawn(slot.failed_starts) for slot in due]
+        self._index_children()
 
     def _blame(
         self,
@@ -515,7 +657,11 @@ class ProcessPool:
         self._waiting.extendleft(r.task for r in reversed(batch))
 
     def next_deadline(self) -> float | None:
-        return self._next_deadline
+        if not self._resting:
+            return self._next_deadline
+        restart_at = min(slot.restart_at for slot in self._resting)
+        deadline = self._next_deadline
+        return restart_at if deadline is None else min(deadline, restart_at)
 
     def _earliest_deadline(self) -> float | None:
         if not self._timed_in_pipes:
@@ -574,6 +720,15 @@ def _how_it_ended(process: subprocess.Popen[bytes]) -> str:
     if code < 0:
         return f"killed by {signal.Signals(-code).name}"
     return f"exit code {code}"
+
+
+def _why_not_started(child: _Child, health: str) -> tuple[str, str]:
+    """Why a child never became ready, in one line, and its traceback if any."""
+    if child.start_error is not None:
+        return child.start_error
+    if health == "unstarted":
+        return f"it did not finish importing in {CHILD_START_TIMEOUT_S:.0f}s", ""
+    return f"it ended before it was ready ({_how_it_ended(child.process)})", ""
 
 
 def _alive(process: subprocess.Popen[bytes]) -> bool:
@@ -763,6 +918,9 @@ class ThreadPool:
             handed.running.task.ticket,
             self._stuck,
         )
+
+    def start_failure(self) -> str | None:
+        return None  # threads run in the worker, which imported the modules
 
     def next_deadline(self) -> float | None:
         deadlines = [h.running.deadline() for h in self._running.values()]

@@ -114,6 +114,8 @@ class Worker:
         self._drain_requested = False
         self._draining = False
         self._stopping = False
+        # Registered as serving nothing, since no task process can start.
+        self._benched = False
 
     def stop(self, at_once: bool = False) -> None:
         """Leave gracefully: take no new tasks, finish the held ones, then go.
@@ -163,12 +165,13 @@ class Worker:
         # broker when it forgot us; running them now would only waste work.
         if self._pool is not None:
             self._pool.drop_waiting()
+        services = [] if self._benched else self.services
         self._send(
             p.Ready(
                 self.config.worker_id,
-                self.services,
+                services,
                 self._capacity,
-                self.config.allow_pickle,
+                self.config.allow_pickle and not self._benched,
                 # Adaptive prefetch: the broker keeps long functions to one
                 # task per slot, whatever credit tiny ones earned us.
                 self.config.concurrency if self.config.prefetch is None else None,
@@ -185,7 +188,7 @@ class Worker:
             self.config.worker_id,
             self.config.connect,
             self._capacity,
-            len(self.services),
+            len(services),
         )
 
     def _loop(self) -> None:
@@ -205,6 +208,7 @@ class Worker:
             if unannounced or announced:
                 self._receive(now, announced)
             self._collect(now, ready)
+            self._follow_pool(now)
             if self._drain_requested and self._drained():
                 return
 
@@ -253,6 +257,8 @@ class Worker:
             self._max_payload_bytes = command.max_payload_bytes
         elif isinstance(command, p.Tasks):
             assert self._pool is not None
+            if self._benched:
+                return  # sent before our READY without services: requeued
             for task in command.tasks:
                 self._pool.submit(task, now)
         elif isinstance(command, p.Error):
@@ -294,6 +300,31 @@ class Worker:
             for outcome in outcomes:
                 self._task_s.observe(outcome.duration_s)
             self._adjust_credit(now)
+
+    def _follow_pool(self, now: float) -> None:
+        """Serve nothing while no task process can start, and again once one
+        can. Registering again without services makes the broker requeue what
+        it gave us, unblamed, for the workers that can run it; the status
+        shows us serving no function."""
+        assert self._pool is not None
+        benched = self._pool.start_failure() is not None
+        if benched == self._benched:
+            return
+        self._benched = benched
+        if benched:
+            log.error(
+                "worker serves nothing until its task processes can start "
+                "worker=%s: handing %d tasks back to the broker for other workers",
+                self.config.worker_id,
+                self._pool.load(),
+            )
+        else:
+            log.info(
+                "task processes start again worker=%s; serving %d functions",
+                self.config.worker_id,
+                len(self.services),
+            )
+        self._register(now)
 
     def _within_limit(self, outcome: p.Outcome) -> p.Outcome:
         # A frame far over the broker's limit would get this connection dropped

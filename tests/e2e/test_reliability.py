@@ -20,7 +20,7 @@ import zmq
 import ventilator
 from ventilator import protocol as p
 
-from . import tasks
+from . import broken_child_tasks, tasks
 from .conftest import (
     FAST_HEARTBEAT_S,
     MORE_TASKS,
@@ -167,6 +167,32 @@ def test_task_that_kills_its_process_every_time_fails_as_poison(
     assert "max_attempts=2" in error.message
     assert [f.result(RESULT_TIMEOUT_S) for f in others] == [i * i for i in range(20)]
     assert worker.process.poll() is None
+
+
+def test_worker_whose_task_processes_cannot_start_hands_its_tasks_on(
+    launch: Launcher, broker: BrokerProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its module imports in the worker, not in its task processes: a deploy
+    # broken under a running worker, as each new child meets it.
+    monkeypatch.setenv(broken_child_tasks.BREAK_CHILDREN, "1")
+    broken = launch.worker(broker, broken_child_tasks.__name__, concurrency=2)
+    monkeypatch.delenv(broken_child_tasks.BREAK_CHILDREN)
+    client = launch.client(broker)
+    wait_for_workers(client, 1)
+    futures = [client.submit(broken_child_tasks.double, i) for i in range(10)]
+
+    status_when(
+        client,
+        lambda status: (broken.entry(status) or {}).get("services") == [],
+        RESULT_TIMEOUT_S,
+        "the broken worker to serve no function",
+    )
+    launch.worker(broker, broken_child_tasks.__name__)
+
+    # Handed back unblamed: not one PoisonTask, though each child died.
+    assert [f.result(RESULT_TIMEOUT_S) for f in futures] == [2 * i for i in range(10)]
+    assert "on purpose" in log_of(broken.process)  # the cause, in its log
+    assert broken.process.poll() is None
 
 
 def test_task_past_its_timeout_fails_and_the_worker_keeps_serving(

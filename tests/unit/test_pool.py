@@ -9,15 +9,20 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.e2e import tasks
+from tests.e2e.broken_child_tasks import BREAK_CHILDREN
 from tests.e2e.conftest import wait_until
 from tests.leftovers import pid_file
 from ventilator import protocol as p
+from ventilator.policy import Backoff
 from ventilator.pool import ProcessPool, ThreadPool
 from ventilator.serialization import pack_call, unpack_value
 
 TASKS = "tests.e2e.tasks"
 PROCESS_TASKS = "tests.e2e.process_tasks"
+BROKEN = "tests.e2e.broken_child_tasks"
 DEADLINE_S = 60.0
 
 
@@ -243,3 +248,75 @@ def test_a_closed_pool_leaves_no_process_its_running_commands_started(
             pool.close()
 
         wait_until(lambda: not pids.alive(), 5, "the commands to go")
+
+
+def rests_after_failed_starts(pool: ProcessPool, count: int) -> list[float]:
+    """Drive the pool until its children failed to start `count` times; return
+    how long its slot rested after each failure. Nothing may be reported."""
+    rests: list[float] = []
+    restart_at = None
+    deadline = time.monotonic() + DEADLINE_S
+    while len(rests) < count:
+        assert time.monotonic() < deadline, f"{len(rests)} failed starts seen"
+        readable, _, _ = select.select(pool.fds(), pool.write_fds(), [], 0.05)
+        now = time.monotonic()
+        assert pool.collect(now, set(readable)) == []
+        # No task has a timeout: the pool's next deadline is the slot's restart.
+        if pool.next_deadline() not in (None, restart_at):
+            restart_at = pool.next_deadline()
+            assert restart_at is not None
+            rests.append(round(restart_at - now, 3))
+    return rests
+
+
+def test_a_child_that_cannot_import_blames_no_task_and_retries_ever_later(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(BREAK_CHILDREN, "1")  # before the pool starts its child
+    backoff = Backoff(base_s=0.1, cap_s=0.4, jitter=0.0)
+    pool = ProcessPool(1, [BROKEN], allow_pickle=False, restart_backoff=backoff)
+    try:
+        pool.submit(p.Assignment(1, 1, f"{BROKEN}:double", pack_call((21,), {})), 0)
+        rests = rests_after_failed_starts(pool, 4)
+        reason, held = pool.start_failure(), pool.load()
+
+        monkeypatch.delenv(BREAK_CHILDREN)  # the deploy is fixed
+        (outcome,) = run_all(pool, 1)
+        reason_after = pool.start_failure()
+    finally:
+        pool.close()
+
+    assert rests == [0.1, 0.2, 0.4, 0.4]
+    assert reason is not None and "on purpose" in reason
+    assert held == 1, "the task waits, unblamed, for a child that starts"
+    assert outcome.status is p.Status.OK
+    assert unpack_value(outcome.payload) == 42
+    assert reason_after is None
+
+
+def test_a_slot_that_cannot_restart_leaves_its_tasks_to_the_other_children(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pool = ProcessPool(2, [TASKS, BROKEN], allow_pickle=False)
+    try:
+        warm = [
+            p.Assignment(t, 1, f"{TASKS}:square", pack_call((t,), {})) for t in (1, 2)
+        ]
+        for task in warm:
+            pool.submit(task, 0.0)
+        run_all(pool, 2)  # both children imported the modules before the break
+        monkeypatch.setenv(BREAK_CHILDREN, "1")
+        pool.submit(p.Assignment(3, 1, f"{TASKS}:crash", pack_call((3,), {})), 0.0)
+        for ticket in range(4, 10):
+            call = pack_call((ticket,), {})
+            pool.submit(p.Assignment(ticket, 1, f"{BROKEN}:double", call), 0.0)
+
+        outcomes = {o.ticket: o for o in run_all(pool, 7)}
+        reason = pool.start_failure()
+    finally:
+        pool.close()
+
+    assert outcomes[3].status is p.Status.CRASHED
+    doubled = [unpack_value(outcomes[t].payload) for t in range(4, 10)]
+    assert doubled == [2 * t for t in range(4, 10)]
+    assert reason is None, "a child still serves: the pool is not failing"
