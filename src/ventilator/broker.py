@@ -47,7 +47,7 @@ from . import _wire, mdp, security
 from . import protocol as p
 from . import scheduler as s
 from ._timing import poll_timeout_ms
-from .errors import ProtocolError, UsageError
+from .errors import JournalError, ProtocolError, UsageError
 from .gateway import MdpGateway, MdpSettings
 from .journal import Journal, MemoryJournal, open_journal
 from .logs import RateLimit as _RateLimit
@@ -179,6 +179,7 @@ class Broker:
         # for: it may still acknowledge what it was sent (see `_late_ack`).
         self._revoked_clients: dict[bytes, str] = {}
         self._stopping = False
+        self._journal_failed = False
         self._reload_requested = False
         self.telemetry = Telemetry() if config.telemetry else None
         self.frontend_endpoint = ""
@@ -374,6 +375,15 @@ class Broker:
                 self._recheck_sent_on()
                 if telemetry is not None:
                     telemetry.publish(now, self._scheduler)
+        except JournalError as exc:
+            # Nothing of this turn was sent: no peer heard of what is not on disk.
+            self._journal_failed = True
+            log.error(
+                "%s; the broker stops (clients and workers wait for it to come "
+                "back; tasks accepted before are on disk)",
+                exc,
+            )
+            raise
         finally:
             self._close()
 
@@ -764,9 +774,14 @@ class Broker:
         return True
 
     def _close(self) -> None:
-        # Anything a last turn decided is committed before the sockets go.
-        self._carry_out(self._scheduler.flush(), time.monotonic())
-        self._journal.close()
+        # Anything a last turn decided is committed before the sockets go,
+        # unless the journal cannot take it: then nothing more is said.
+        if self._journal_failed:
+            with contextlib.suppress(OSError):  # its failure is logged already
+                self._journal.close()
+        else:
+            self._carry_out(self._scheduler.flush(), time.monotonic())
+            self._journal.close()
         for sock in self._sockets.values():
             sock.disable_monitor()
             sock.close()

@@ -34,7 +34,14 @@ from ._wire import check_endpoint
 from .broker import Broker, BrokerConfig
 from .client import DEFAULT_ADDRESS, Client, ItemOutcome, TaskFuture
 from .dashboard import DashboardServer, parse_http_address
-from .errors import NetworkError, TaskError, TaskRejected, UsageError, VentilatorError
+from .errors import (
+    JournalError,
+    NetworkError,
+    TaskError,
+    TaskRejected,
+    UsageError,
+    VentilatorError,
+)
 from .gateway import MdpSettings
 from .journal import DURABILITY_MODES
 from .local import LocalCluster
@@ -508,6 +515,8 @@ def broker(
     signal.signal(signal.SIGHUP, lambda signum, frame: server.reload())
     try:
         server.serve()
+    except JournalError as exc:
+        raise click.ClickException(str(exc)) from exc  # logged by the broker too
     finally:
         if dashboard is not None:
             dashboard.stop()

@@ -7,6 +7,7 @@
     │   ├── PickleNotAllowed        a callable was submitted without allow_pickle
     │   └── SessionInUse            another live client holds the session
     ├── ProtocolError               a peer sent frames we cannot decode
+    ├── JournalError                the broker cannot write its journal
     ├── TaskError                   a task did not produce a result
     │   ├── TaskRaised              the task's own code raised an exception
     │   ├── TaskTimeout             the task ran past its timeout_s
@@ -31,6 +32,7 @@ __all__ = [
     "ClientBroken",
     "ClientClosed",
     "FunctionNotFound",
+    "JournalError",
     "NetworkError",
     "PickleNotAllowed",
     "PoisonTask",
@@ -63,6 +65,12 @@ class SessionInUse(UsageError):
     """Another live `Client` holds this client's session, and kept it for as
     long as this one waited (see README, Sessions): close that one, or use
     another session name."""
+
+
+class JournalError(VentilatorError):
+    """The broker could not write its journal (a full or read-only disk, a
+    damaged file): it stops rather than answer for what is not on disk. The
+    message names the journal's path and the cause."""
 
 
 class ProtocolError(VentilatorError):

@@ -37,9 +37,10 @@ from pathlib import Path
 from typing import IO, Protocol
 
 from . import protocol as p
-from .errors import UsageError
+from .errors import JournalError, TaskRejected, UsageError
 from .scheduler import FailedTask, State, Task
 from .segments import INLINE_MAX_BYTES, BlobRef, SegmentStore
+from .serialization import pack_error
 
 __all__ = [
     "DURABILITY_MODES",
@@ -133,7 +134,11 @@ class Journal(Protocol):
     """What the broker needs from a journal."""
 
     def load(self) -> list[Task]:
-        """Every task still on record, oldest first, with its ticket."""
+        """Every task still on record, oldest first, with its ticket.
+
+        Raises:
+            UsageError: the journal cannot be read ("cannot open journal ...").
+        """
         ...
 
     def load_failures(self) -> list[FailedTask]:
@@ -149,7 +154,11 @@ class Journal(Protocol):
         unfailed: Iterable[int] = (),
     ) -> None:
         """Record one loop turn's changes atomically: tasks accepted, finished
-        and forgotten; failure records added and removed (by ticket)."""
+        and forgotten; failure records added and removed (by ticket).
+
+        Raises:
+            JournalError: the journal cannot be written; the message names it.
+        """
         ...
 
     def close(self) -> None: ...
@@ -201,9 +210,8 @@ class SqliteJournal:
         self._add_missing_columns()
         self._wal_flusher = _WalFlusher(Path(f"{self.path}-wal"))
         self._pages_since_checkpoint = 0
-        self._segments = SegmentStore(
-            Path(f"{self.path}.blobs"), fsync=durability == "power"
-        )
+        self._blobs = Path(f"{self.path}.blobs")
+        self._segments = SegmentStore(self._blobs, fsync=durability == "power")
         # Where each task's large payload and result lie, to release them.
         self._payload_refs: dict[int, BlobRef] = {}
         self._result_refs: dict[int, BlobRef] = {}
@@ -215,22 +223,57 @@ class SqliteJournal:
                 self._db.execute(f"ALTER TABLE tasks ADD COLUMN {name} {kind}")
 
     def load(self) -> list[Task]:
+        try:
+            tasks, unreadable = self._load_tasks()
+        except sqlite3.Error as exc:
+            raise UsageError(f"cannot open journal {str(self.path)!r}: {exc}") from exc
+        if unreadable:
+            # One damaged blob must not hold back the replay of every other
+            # task: its own task fails, and its client hears why.
+            log.error(
+                "journal replay: %d tasks failed as JournalDamaged, their payload "
+                "or result unreadable in %s (%s)",
+                len(unreadable),
+                self._blobs,
+                "; ".join(unreadable[:3]) + (" ..." if len(unreadable) > 3 else ""),
+            )
+        self._segments.collect_unreferenced_on_disk()
+        return tasks
+
+    def _load_tasks(self) -> tuple[list[Task], list[str]]:
+        """The tasks on record, and why each one that failed as damaged did."""
         rows = self._db.execute(
             "SELECT seq, session, task_id, function, flags, timeout_s, retries,"
             " recipient, payload, status, result, payload_ref, result_ref"
             " FROM tasks ORDER BY seq"
         )
-        tasks = []
+        blobs_missing = not self._blobs.is_dir()
+        tasks, unreadable = [], []
         for row in rows:
             task = _task_from_row(row[:11])
             payload_ref, result_ref = row[11:]
-            if payload_ref is not None:
-                task.payload = self._adopt(self._payload_refs, task, payload_ref)
-            if result_ref is not None:
-                task.result = self._adopt(self._result_refs, task, result_ref)
+            if blobs_missing and (payload_ref or result_ref):
+                raise self._missing_blobs(task)
+            try:
+                if payload_ref is not None:
+                    task.payload = self._adopt(self._payload_refs, task, payload_ref)
+                if result_ref is not None:
+                    task.result = self._adopt(self._result_refs, task, result_ref)
+            except OSError as exc:
+                _fail_as_damaged(task, exc)
+                unreadable.append(str(exc))
             tasks.append(task)
-        self._segments.collect_unreferenced_on_disk()
-        return tasks
+        return tasks, unreadable
+
+    def _missing_blobs(self, task: Task) -> UsageError:
+        # Copied or restored without its folder, most likely: nothing is lost
+        # yet, so say what to put back rather than fail the tasks.
+        return UsageError(
+            f"cannot open journal {str(self.path)!r}: its folder of large payloads "
+            f"{str(self._blobs)!r} is missing, and task ticket={task.ticket} keeps "
+            "its payload there; put the folder back beside the journal (a journal "
+            "is PATH, PATH-wal and PATH.blobs together)"
+        )
 
     def load_failures(self) -> list[FailedTask]:
         rows = self._db.execute(
@@ -254,6 +297,22 @@ class SqliteJournal:
         forgotten: Iterable[int],
         failures: Iterable[FailedTask] = (),
         unfailed: Iterable[int] = (),
+    ) -> None:
+        try:
+            self._commit(accepted, finished, forgotten, failures, unfailed)
+        except (sqlite3.Error, OSError) as exc:
+            raise JournalError(
+                f"cannot write journal {str(self.path)!r} "
+                f"(or its folder {str(self._blobs)!r}): {type(exc).__name__}: {exc}"
+            ) from exc
+
+    def _commit(
+        self,
+        accepted: Iterable[Task],
+        finished: Iterable[Task],
+        forgotten: Iterable[int],
+        failures: Iterable[FailedTask],
+        unfailed: Iterable[int],
     ) -> None:
         # Blobs first, then the rows that refer to them; blobs the turn no
         # longer needs are released only once the rows that held them are gone.
@@ -379,9 +438,11 @@ class SqliteJournal:
 
     def close(self) -> None:
         self._wal_flusher.close()
-        self._segments.close()
-        self._db.close()
-        self._lock.close()
+        try:
+            self._segments.close()
+        finally:
+            self._db.close()
+            self._lock.close()
 
 
 class _WalFlusher:
@@ -497,6 +558,19 @@ def open_journal(path: str | Path | None, durability: str = "process") -> Journa
         return SqliteJournal(path, durability)
     except (sqlite3.Error, OSError) as exc:
         raise UsageError(f"cannot open journal {str(path)!r}: {exc}") from exc
+
+
+def _fail_as_damaged(task: Task, exc: OSError) -> None:
+    """Finish a task whose payload or result cannot be read back: its client
+    gets an error that says so, rather than waiting for ever."""
+    error = TaskRejected(
+        "JournalDamaged",
+        f"the broker's journal lost this task's payload or result ({exc}); "
+        "submit it again",
+    )
+    task.state = State.FINISHED
+    task.status = p.Status.REJECTED
+    task.result = pack_error(error)
 
 
 def _pop_into(refs: dict[int, BlobRef], ticket: int, released: list[BlobRef]) -> None:

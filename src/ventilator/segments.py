@@ -55,12 +55,13 @@ class SegmentStore:
     """The segment files of one journal, in their own folder.
 
     Args:
-        directory: created if missing; nothing else may write in it.
+        directory: created with the first segment; nothing else may write in
+            it. Left alone until then, so that a journal whose folder went
+            missing is noticed on loading, not taken for one without blobs.
         fsync: make `sync` flush written blobs to the disk (durability "power").
     """
 
     def __init__(self, directory: Path, fsync: bool) -> None:
-        directory.mkdir(exist_ok=True)
         self._directory = directory
         self._fsync = fsync
         self._references: Counter[int] = Counter()
@@ -146,6 +147,7 @@ class SegmentStore:
                 self._unreferenced.add(self._current)
             self._current += 1
 
+        self._directory.mkdir(exist_ok=True)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
         self._fd = os.open(self._path(self._current), flags, 0o600)
         self._size = 0
@@ -156,6 +158,8 @@ class SegmentStore:
         return self._directory / f"{segment:08d}{_SUFFIX}"
 
     def _segments_on_disk(self) -> list[int]:
+        if not self._directory.is_dir():
+            return []
         numbers = []
         for path in self._directory.glob(f"*{_SUFFIX}"):
             if path.stem.isdigit():

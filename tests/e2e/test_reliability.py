@@ -435,6 +435,43 @@ def test_large_journalled_payloads_survive_the_broker_killed_and_restarted(
     assert [f.result(20) for f in futures] == blobs
 
 
+def test_broker_that_cannot_write_its_journal_says_so_and_exits(
+    launch: Launcher, restartable: dict[str, Any]
+) -> None:
+    broker = launch.broker(**restartable)
+    # Where the first large payload's segment goes, a file: the write fails.
+    Path(f"{restartable['journal']}.blobs").write_text("not a folder")
+    client = launch.client(broker)
+    client.submit(f"{MORE_TASKS}:identity", b"x" * 100_000)
+
+    code = broker.process.wait(RESULT_TIMEOUT_S)
+    client.close(timeout_s=0)  # its task was never accepted: nothing to wait for
+    log = log_of(broker.process)
+    assert code == 1
+    assert f"cannot write journal {str(restartable['journal'])!r}" in log
+    assert "Traceback" not in log
+
+
+def test_broker_whose_journal_lost_its_blob_folder_refuses_to_start(
+    launch: Launcher, restartable: dict[str, Any]
+) -> None:
+    first = launch.broker(**restartable)
+    submitter = launch.client(first)
+    submitter.submit(f"{MORE_TASKS}:identity", b"x" * 100_000)
+    status_when(submitter, lambda s: s["queued"], 10, "an accepted task")
+    kill_broker(first)
+    submitter.close(timeout_s=0)
+    blobs = Path(f"{restartable['journal']}.blobs")
+    for segment in blobs.iterdir():
+        segment.unlink()
+    blobs.rmdir()
+
+    with pytest.raises(ClusterError, match="exited with 2") as refused:
+        launch.broker(**restartable)
+    assert "cannot open journal" in str(refused.value)
+    assert blobs.name in str(refused.value)
+
+
 def test_client_gets_its_results_after_the_broker_is_killed_and_restarted(
     launch: Launcher, restartable: dict[str, Any]
 ) -> None:

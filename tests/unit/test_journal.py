@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from ventilator import protocol as p
-from ventilator.errors import UsageError
+from ventilator.errors import JournalError, UsageError
 from ventilator.journal import (
     CHECKPOINT_EVERY_PAGES,
     DURABILITY_MODES,
@@ -32,6 +32,7 @@ from ventilator.scheduler import (
     Task,
 )
 from ventilator.segments import INLINE_MAX_BYTES
+from ventilator.serialization import unpack_value
 
 from .driver import CLIENT, Driver, accepted, assignments, notices, results, task
 
@@ -165,7 +166,7 @@ def test_failed_commit_leaves_the_journal_as_it_was(journal: SqliteJournal) -> N
     journal.commit([first], [], [])
     broken = a_task(2, session=object())  # sqlite cannot bind it
 
-    with pytest.raises(sqlite3.Error):
+    with pytest.raises(JournalError, match=str(journal.path)):
         journal.commit([broken], [], [first.ticket])
 
     assert [t.task_id for t in journal.load()] == [1]
@@ -176,7 +177,7 @@ def test_a_turn_of_several_rows_of_one_kind_is_all_or_nothing(
 ) -> None:
     broken = a_task(2, session=object())  # sqlite cannot bind it
 
-    with pytest.raises(sqlite3.Error):
+    with pytest.raises(JournalError):
         journal.commit([a_task(1), broken], [], [])
 
     assert journal.load() == []
@@ -545,11 +546,66 @@ def test_segment_a_crashed_broker_left_unreferenced_is_deleted_on_load(
     journal.commit([a_task(1)], [], [])
     journal.close()
     orphan = Path(f"{path}.blobs") / "00000007.seg"
+    orphan.parent.mkdir()  # no large blob yet: the journal made no folder
     orphan.write_bytes(b"written, never committed")
 
     reopened(path)
 
     assert not orphan.exists()
+
+
+def journal_of_large_tasks(path: Path, count: int) -> None:
+    journal = SqliteJournal(path)
+    journal.commit([a_task(i, payload=b"%08d" % i * BIG) for i in range(count)], [], [])
+    journal.close()
+
+
+def test_a_journal_without_its_blob_folder_is_refused_naming_the_folder(
+    path: Path,
+) -> None:
+    journal_of_large_tasks(path, 2)
+    blobs = Path(f"{path}.blobs")
+    for segment in blobs.iterdir():
+        segment.unlink()
+    blobs.rmdir()
+
+    with pytest.raises(UsageError, match=rf"cannot open journal .*{blobs.name}"):
+        reopened(path)
+    # Refused, not emptied: the tasks still wait for their folder to come back.
+    assert not blobs.exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "deleted"])
+def test_a_task_whose_blob_is_unreadable_fails_and_the_others_load(
+    path: Path, damage: str
+) -> None:
+    journal_of_large_tasks(path, 1)
+    journal = SqliteJournal(path)  # a later broker writes a segment of its own
+    journal.load()
+    journal.commit([a_task(7, payload=b"seven" * BIG)], [], [])
+    journal.close()
+    first_segment = segment_files(path)[0]
+    if damage == "truncated":
+        first_segment.write_bytes(first_segment.read_bytes()[:100])
+    else:
+        first_segment.unlink()
+
+    damaged, intact = reopened(path)
+
+    assert damaged.state is State.FINISHED and damaged.status is p.Status.REJECTED
+    error = unpack_value(damaged.result)
+    assert error["type"] == "JournalDamaged"
+    assert first_segment.name in error["message"]
+    assert intact.state is State.QUEUED and intact.payload == b"seven" * BIG
+
+
+def test_a_blob_that_cannot_be_written_is_a_journal_error_naming_the_journal(
+    journal: SqliteJournal, path: Path
+) -> None:
+    Path(f"{path}.blobs").write_text("a file where the folder should be")
+
+    with pytest.raises(JournalError, match=str(path)):
+        journal.commit([a_task(1, payload=b"p" * BIG)], [], [])
 
 
 def test_journal_of_an_earlier_version_gains_the_reference_columns(
