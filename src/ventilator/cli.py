@@ -153,6 +153,7 @@ def cli() -> None:
 def main() -> None:
     """Entry point of the `ventilator` command and of `python -m ventilator`."""
     _fill_closed_streams()
+    _find_modules_in_working_directory()
     try:
         cli()
     except UsageError as exc:
@@ -186,6 +187,17 @@ def _fill_closed_streams() -> None:
                 os.close(null)
             mode = "r" if fd == 0 else "w"
             setattr(sys, name, open(fd, mode, closefd=False))  # noqa: SIM115
+
+
+def _find_modules_in_working_directory() -> None:
+    """Put the working directory first on `sys.path`, as `python -m` does and
+    the console script does not: ``ventilator map mytasks:f`` then finds
+    mytasks.py where it runs, as other task runners' commands do. Embedded
+    workers and their task processes inherit it (see `LocalCluster`)."""
+    with contextlib.suppress(OSError):  # a working directory deleted under us
+        cwd = os.getcwd()
+        if cwd not in sys.path and "" not in sys.path:
+            sys.path.insert(0, cwd)
 
 
 def _stop_on_signals(stop: Callable[[], None]) -> None:

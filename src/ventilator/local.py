@@ -24,6 +24,7 @@ from pathlib import Path
 from . import _lifeline as lifeline
 from .client import Client
 from .errors import UsageError, VentilatorError
+from .registry import load_functions
 from .security import generate_keys
 
 __all__ = ["LocalCluster", "local"]
@@ -80,6 +81,7 @@ class LocalCluster:
         """Start the broker, then the worker; return once the worker is serving.
 
         Raises:
+            UsageError: a module does not import; the message says why.
             VentilatorError: a process did not start within its deadline; the
                 ones already started are stopped again.
         """
@@ -215,10 +217,7 @@ class LocalCluster:
             while time.monotonic() < deadline:
                 for process in self._processes:
                     if process.poll() is not None:
-                        raise VentilatorError(
-                            f"an embedded process pid={process.pid} exited with "
-                            f"{process.returncode} before the cluster was ready"
-                        )
+                        raise self._exited_early(process)
                 status = client.status(timeout_s=max(0.1, deadline - time.monotonic()))
                 if status["workers"]:
                     return
@@ -226,6 +225,22 @@ class LocalCluster:
                 # asking again is cheap and this happens once per cluster.
                 time.sleep(0.05)
         raise VentilatorError(f"no worker registered within {START_TIMEOUT_S:g}s")
+
+    def _exited_early(self, process: subprocess.Popen[bytes]) -> VentilatorError:
+        """The error for a process that exited before the cluster was ready."""
+        message = (
+            f"an embedded process pid={process.pid} exited with "
+            f"{process.returncode} before the cluster was ready"
+        )
+        if process is self._processes[-1] and process.returncode == 2:
+            # The worker's usage error, most likely a module that does not
+            # import: it told only its stderr. Importing them here, on this
+            # failure alone, puts the cause in the exception too.
+            try:
+                load_functions(self.modules)
+            except UsageError as exc:
+                return UsageError(f"{message}: {exc}")
+        return VentilatorError(message)
 
     @property
     def pids(self) -> dict[str, int]:

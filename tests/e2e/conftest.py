@@ -165,10 +165,9 @@ class Processes:
         log_path = self._log_dir / f"{name}-{len(self._started)}.log"
         popen.setdefault("stdin", subprocess.DEVNULL)
         popen.setdefault("stdout", subprocess.DEVNULL)
+        popen.setdefault("cwd", REPO_ROOT)
         with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                argv, stderr=log, env=child_env(), cwd=REPO_ROOT, **popen
-            )
+            process = subprocess.Popen(argv, stderr=log, env=child_env(), **popen)
         process.log_path = log_path  # type: ignore[attr-defined]
         self._started.append(process)
         return process

@@ -11,6 +11,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import pytest
 from ventilator import Sink, TaskRaised
 
 from .conftest import (
+    CLI_TIMEOUT_S,
     MORE_TASKS,
     TASKS,
     BrokerProcess,
@@ -83,6 +85,23 @@ def test_broker_on_an_endpoint_in_use_exits_with_an_error(
     assert completed.returncode == 1
     assert "in use" in completed.stderr
     assert f"--frontend) {broker.frontend}" in completed.stderr
+
+
+def test_console_script_finds_a_module_in_its_working_directory(
+    processes: Processes, tmp_path: Path
+) -> None:
+    # As `python -m ventilator` does: the console script's own folder is first
+    # on its sys.path, not the folder it runs in.
+    (tmp_path / "tasks_in_cwd.py").write_text("def sq(x):\n    return x * x\n")
+    script = Path(sys.executable).with_name("ventilator")
+    argv = [str(script), "map", "tasks_in_cwd:sq", "--workers", "1"]
+    process = processes.start(
+        "cli", argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=tmp_path
+    )
+    stdout, _ = process.communicate(b"3\n4\n", timeout=CLI_TIMEOUT_S)
+
+    assert process.returncode == 0, log_of(process)
+    assert [line["result"] for line in json_lines(stdout.decode())] == [9, 16]
 
 
 def test_status_without_a_broker_exits_1_naming_the_address(

@@ -791,6 +791,14 @@ def test_local_cluster_runs_tasks_and_leaves_no_process_behind() -> None:
         stop_process_ids(started)
 
 
+def test_local_with_a_module_that_does_not_import_raises_saying_why() -> None:
+    with (
+        pytest.raises(ventilator.UsageError, match="on purpose"),
+        ventilator.local(workers=1, modules=["tests.e2e.unimportable_tasks"]),
+    ):
+        pass
+
+
 # A program that starts an embedded cluster, says so, and waits to be killed.
 EMBEDDING_PROGRAM = f"""
 import sys, ventilator
