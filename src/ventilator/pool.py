@@ -520,16 +520,8 @@ class ProcessPool:
                 running.started = now
 
     def _stuck_starting(self, child: _Child, now: float) -> bool:
-        if child.ready or now - child.spawned_at < CHILD_START_TIMEOUT_S:
-            return False
-        log.warning(
-            "task process pid=%d has not finished importing %s after %.0fs; "
-            "replacing it (its tasks wait for the new one)",
-            child.process.pid,
-            ", ".join(self._modules),
-            CHILD_START_TIMEOUT_S,
-        )
-        return True
+        # Reported as a failed start (see _failed_start), its tasks unblamed.
+        return not child.ready and now - child.spawned_at >= CHILD_START_TIMEOUT_S
 
     def _finished(
         self,
