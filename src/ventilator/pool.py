@@ -597,7 +597,7 @@ class ProcessPool:
         self._start_error_logged = (reason, now)
         log.error(
             "task process for %s cannot start: %s; %s (%d failed starts in a "
-            "row; next try in %.1fs, then less often, at least every %gs)%s",
+            "row; next try in %.1fs, then less often, up to %gs apart)%s",
             ", ".join(self._modules),
             reason,
             "no task runs here until one starts"
