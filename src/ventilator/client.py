@@ -1354,18 +1354,17 @@ class Client:
         """Whether a task of `size` bytes waits for room: the window is full,
         or it would take the bytes waiting to be sent past the broker's
         client_max_bytes (then they could not all be sent anyway)."""
-        if self._in_window >= self._window:
-            return True
-        waiting = self._outgoing_bytes
-        return waiting > 0 and waiting + size > self._max_bytes
+        return self._in_window >= self._window or self._too_many_bytes(size)
 
     def _fits(self, specs: list[p.TaskSpec]) -> bool:
         """Whether all of `specs` fit the window and the bytes now."""
-        if self._in_window + len(specs) > self._window:
-            return False
         size = sum(len(spec.payload) for spec in specs)
+        in_window = self._in_window + len(specs) <= self._window
+        return in_window and not self._too_many_bytes(size)
+
+    def _too_many_bytes(self, size: int) -> bool:
         waiting = self._outgoing_bytes
-        return not (waiting > 0 and waiting + size > self._max_bytes)
+        return waiting > 0 and waiting + size > self._max_bytes
 
     @property
     def _stopped(self) -> bool:
@@ -1599,7 +1598,7 @@ class Client:
         heard = False
         for command in _wire.receive(self._socket, p.TO_CLIENT):
             heard = True
-            self._handle(command, self._acks)
+            self._handle(command)
         if self._acks and self._acks_due == math.inf:
             self._acks_due = now + ACK_DELAY_S
         return heard
@@ -1617,9 +1616,9 @@ class Client:
             self._bytes_held -= self._acks_bytes
             self._acks_bytes = 0
 
-    def _handle(self, command: p.Command, acks: list[tuple[str, int]]) -> None:
+    def _handle(self, command: p.Command) -> None:
         if isinstance(command, p.Results):
-            self._complete(command.results, acks)
+            self._complete(command.results)
         elif isinstance(command, p.Accepted):
             self._accepted(command.task_ids)
         elif isinstance(command, p.Welcome):
@@ -1880,12 +1879,10 @@ class Client:
         if released:
             self._release(released)
 
-    def _complete(
-        self, results: Iterable[p.ResultEntry], acks: list[tuple[str, int]]
-    ) -> None:
+    def _complete(self, results: Iterable[p.ResultEntry]) -> None:
         released = 0
         for entry in results:
-            acks.append((entry.origin, entry.task_id))
+            self._acks.append((entry.origin, entry.task_id))
             # The broker holds the result, instead of the payload, until acked.
             self._acks_bytes += len(entry.payload)
             self._bytes_held += len(entry.payload)
