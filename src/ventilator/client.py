@@ -79,6 +79,12 @@ log = logging.getLogger(__name__)
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
 DEFAULT_WINDOW = 20_000
+# Payload bytes of this client's unfinished tasks in the broker at once. Large
+# payloads then flow through memory that every process reuses while it is warm,
+# instead of each landing on freshly faulted pages: 2,000 tasks of 100 KiB
+# submitted at once took a third less CPU in all with about 25 MiB in flight
+# than with all 200 MB. Workers still find a queue far deeper than their credit.
+DEFAULT_WINDOW_BYTES = 32 * 1024 * 1024
 # Tasks sent in one SUBMIT at most; bounds the size of one message.
 SUBMIT_BATCH = 2048
 # ... and at most about this many payload bytes: one huge message would stall
@@ -672,6 +678,7 @@ class Client:
         session: str | None = None,
         allow_pickle: bool = False,
         window: int = DEFAULT_WINDOW,
+        window_bytes: int = DEFAULT_WINDOW_BYTES,
         heartbeat_interval_s: float = 1.0,
         liveness: int = 3,
         context: zmq.Context[Any] | None = None,
@@ -680,6 +687,8 @@ class Client:
     ) -> None:
         if window < 1:
             raise UsageError(f"window must be at least 1, got {window}")
+        if window_bytes < 1:
+            raise UsageError(f"window_bytes must be at least 1, got {window_bytes}")
         self._context = context or zmq.Context.instance()
         _wire.check_endpoint(address, "the broker address")
         _check_session(session)
@@ -701,9 +710,11 @@ class Client:
         self._window = window
         self._in_window = 0
         self._outgoing: deque[_Pending] = deque()
-        # The broker's client_max_bytes (unknown until WELCOME), and the bytes
-        # waiting in _outgoing: a caller waits while they would pass it.
-        self._max_bytes: float = math.inf
+        # window_bytes, lowered to the broker's client_max_bytes once WELCOME
+        # tells it, and the bytes waiting in _outgoing: a caller waits while
+        # they would pass it.
+        self._window_bytes = window_bytes
+        self._max_bytes: float = window_bytes
         self._outgoing_bytes = 0
         self._cancels: deque[int] = deque()
         # Questions for the broker (status, operator commands) and their answers'
@@ -1845,7 +1856,8 @@ class Client:
         )
         with self._room:
             self._window = min(self._window, welcome.window)
-            self._max_bytes = welcome.client_max_bytes or math.inf
+            broker_limit = welcome.client_max_bytes or math.inf
+            self._max_bytes = min(self._window_bytes, broker_limit)
             self._room.notify_all()
         self._resend()
 

@@ -893,6 +893,33 @@ def test_submissions_wait_for_room_under_the_brokers_byte_limit(
     assert mapped == [blob] * 30
 
 
+def test_a_client_keeps_its_window_bytes_in_the_broker_and_the_rest_at_home(
+    launch: Launcher, broker: BrokerProcess
+) -> None:
+    # Eight tasks of 10 kB against window_bytes of 50 kB, and no worker yet:
+    # four reach the broker, the other four wait in the client for room.
+    client = launch.client(broker, window_bytes=50_000)
+    blob = b"x" * 10_000
+    futures = [client.submit(tasks.echo, blob) for _ in range(8)]
+    queue = f"{TASKS}:echo"
+
+    status = status_when(
+        client, lambda status: queue in status["queued"], 10, "tasks in the queue"
+    )
+    assert status["queued"][queue] <= 4
+    status_when(
+        client, lambda status: status["queued"].get(queue) == 4, 10, "four queued"
+    )
+
+    launch.worker(broker)
+    assert [f.result(RESULT_TIMEOUT_S) for f in futures] == [blob] * 8
+
+
+def test_window_bytes_below_one_is_refused_at_once() -> None:
+    with pytest.raises(ventilator.UsageError, match="window_bytes must be at least 1"):
+        ventilator.Client(f"tcp://127.0.0.1:{free_port()}", window_bytes=0)
+
+
 def test_client_with_a_malformed_address_is_refused_at_once() -> None:
     with pytest.raises(ventilator.UsageError, match="'broker:5555' is not an address"):
         ventilator.Client("broker:5555")
