@@ -141,7 +141,7 @@ def queued(tasks: int, chunksize: int) -> dict[str, float]:
     with (
         tempfile.TemporaryDirectory(prefix="bench-scale-") as folder,
         broker(folder, client_window=window) as (pid, frontend, backend),
-        ventilator.Client(frontend, window=window) as client,
+        ventilator.Client(frontend, window=window, window_bytes=1 << 40) as client,
     ):
         baseline = rss_bytes(pid)
         expected_tasks = -(-tasks // chunksize)

@@ -1576,6 +1576,8 @@ def _print_status(report: dict[str, Any]) -> None:
             "functions it may submit; totals are the broker's"
         )
     console.print(_workers_table(report["workers"]))
+    for line in _worker_problems(report["workers"]):
+        console.print(line)
     console.print(_queues_table(report))
     console.print(_clients_table(report["clients"]))
     totals = report.get("totals", {})
@@ -1625,6 +1627,18 @@ def _worker_state(worker: dict[str, Any]) -> str:
         return "draining"
     # A worker whose task processes cannot start registers without functions.
     return "serving" if worker["services"] else "not serving"
+
+
+def _worker_problems(workers: list[dict[str, Any]]) -> list[str]:
+    """Why each worker that serves nothing does so, one line each, for below
+    the table (a broker that predates `problem` does not say)."""
+    from rich.markup import escape
+
+    return [
+        f"[bold]{escape(w['id'])}[/bold] serves nothing: {escape(w['problem'])}"
+        for w in workers
+        if w.get("problem")
+    ]
 
 
 def _queues_table(report: dict[str, Any]) -> Any:

@@ -36,6 +36,8 @@ from .errors import ProtocolError
 
 HEADER = b"VNT1"
 MAX_NAME_LENGTH = 256
+# A worker's reason for serving nothing, as READY carries it to the status.
+MAX_PROBLEM_LENGTH = 1000
 MAX_BODY_BYTES = 16 * 1024 * 1024
 # The longest task timeout: a year is beyond any real task, and an infinite or
 # astronomic one would overflow the clocks and waits it reaches on a worker.
@@ -371,6 +373,10 @@ class Ready:
     # function how many more to hold (adaptive prefetch); None: its capacity
     # alone limits what it is sent (a fixed prefetch, an older worker).
     slots: int | None = None
+    # Why it serves nothing, when its task processes cannot start: shown to
+    # operators in the status. Sent only when set, so that a healthy worker's
+    # READY still reads to a broker that predates it.
+    problem: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -665,7 +671,8 @@ _ENCODERS: dict[type, Callable[[Any], tuple[Cmd, Any, Sequence[Payload]]]] = {
     Credit: lambda c: (Cmd.CREDIT, c.capacity, ()),
     Ready: lambda c: (
         Cmd.READY,
-        [c.worker_id, list(c.services), c.capacity, c.allow_pickle, c.slots],
+        [c.worker_id, list(c.services), c.capacity, c.allow_pickle, c.slots]
+        + ([] if c.problem is None else [c.problem]),
         (),
     ),
     Tasks: lambda c: (
@@ -846,11 +853,11 @@ def _decode_operator_reply(body: Any, payloads: Sequence[Payload]) -> OperatorRe
 
 def _decode_ready(body: Any, payloads: Sequence[Payload]) -> Ready:
     _no_payloads(payloads, "READY")
-    if not isinstance(body, list) or len(body) not in (4, 5):
-        raise ProtocolError("READY must be a list of 4 or 5 fields")
-    if len(body) == 4:
-        body = [*body, None]  # from a worker that predates `slots`
-    worker_id, services, capacity, allow_pickle, slots = body
+    if not isinstance(body, list) or len(body) not in (4, 5, 6):
+        raise ProtocolError("READY must be a list of 4 to 6 fields")
+    # Fields a worker leaves off: `slots` (older workers), `problem` (healthy).
+    fields: list[Any] = [*body, *[None] * (6 - len(body))]
+    worker_id, services, capacity, allow_pickle, slots, problem = fields
     _expect(services, list, "services")
     capacity = _count(capacity, "capacity")
     if capacity < 1:
@@ -863,7 +870,15 @@ def _decode_ready(body: Any, payloads: Sequence[Payload]) -> Ready:
         capacity=capacity,
         allow_pickle=bool(_expect(allow_pickle, bool, "allow_pickle")),
         slots=slots,
+        problem=None if problem is None else _problem(problem),
     )
+
+
+def _problem(value: Any) -> str:
+    text = str(_expect(value, str, "problem"))
+    if len(text) > MAX_PROBLEM_LENGTH:
+        raise ProtocolError(f"problem is longer than {MAX_PROBLEM_LENGTH} characters")
+    return text
 
 
 def _decode_credit(body: Any, payloads: Sequence[Payload]) -> Credit:

@@ -155,6 +155,8 @@ class Worker:
     # Whether it is in the index of workers with free credit, under each of
     # its services (see Scheduler._offer).
     offered: bool = False
+    # Why it serves nothing, as it said in its READY; for the status.
+    problem: str | None = None
 
     def presumed_dead(self, now: float, default_silence_s: float) -> bool:
         if self.silent_while_busy and self.running:
@@ -1017,6 +1019,7 @@ class Scheduler:
             services += (PICKLE_QUEUE,)
         worker = Worker(ready.worker_id, peer, services, ready.capacity, now)
         worker.slots = ready.slots
+        worker.problem = ready.problem
         worker.max_silence_s = max_silence_s
         worker.silent_while_busy = silent_while_busy
         self.workers[worker.worker_id] = worker
@@ -1729,6 +1732,7 @@ class Scheduler:
             "running": len(worker.running),
             "draining": worker.draining,
             "last_seen_s": round(now - worker.last_seen, 3),
+            "problem": worker.problem,
         }
 
     def _queued_by_function(self) -> dict[str, int]:

@@ -175,6 +175,7 @@ class Worker:
                 # Adaptive prefetch: the broker keeps long functions to one
                 # task per slot, whatever credit tiny ones earned us.
                 self.config.concurrency if self.config.prefetch is None else None,
+                self._problem(),
             )
         )
         # Until the broker welcomes us, its "unknown_worker" answers are to
@@ -190,6 +191,14 @@ class Worker:
             self._capacity,
             len(services),
         )
+
+    def _problem(self) -> str | None:
+        """Why we serve nothing, in words for the broker's status; else None."""
+        if not self._benched or self._pool is None:
+            return None
+        reason = self._pool.start_failure() or "task processes cannot start"
+        text = f"task processes cannot start: {reason}"
+        return text[: p.MAX_PROBLEM_LENGTH]
 
     def _loop(self) -> None:
         assert self._pool is not None

@@ -20,6 +20,7 @@ import pytest
 
 from ventilator import Sink, TaskRaised
 
+from . import broken_child_tasks
 from .conftest import (
     CLI_TIMEOUT_S,
     MORE_TASKS,
@@ -529,6 +530,32 @@ def test_status_table_keeps_each_row_on_one_line_in_80_columns(
     assert "serving" in worker_row and "1 of 1" in worker_row
     assert any(re.fullmatch(rf" {TASKS}:sleep_for +0 +1 *", line) for line in lines)
     assert any(client.session in line for line in lines)
+
+
+def test_status_says_why_a_worker_serves_nothing(
+    processes: Processes,
+    launch: Launcher,
+    broker: BrokerProcess,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(broken_child_tasks.BREAK_CHILDREN, "1")
+    broken = launch.worker(broker, broken_child_tasks.__name__, concurrency=1)
+    monkeypatch.delenv(broken_child_tasks.BREAK_CHILDREN)
+    client = launch.client(broker)
+    status_when(
+        client,
+        lambda status: (broken.entry(status) or {}).get("problem"),
+        20,
+        "the worker to say why it serves nothing",
+        ClusterError,
+    )
+    monkeypatch.setenv("COLUMNS", "200")
+
+    completed = run_cli(processes, "status", "--connect", broker.frontend)
+
+    assert completed.returncode == 0, completed.stderr
+    [line] = [x for x in completed.stdout.splitlines() if "serves nothing" in x]
+    assert f".{broken.pid}." in line and "on purpose" in line
 
 
 @pytest.mark.parametrize(("columns", "ids_shown"), [(80, False), (160, True)])

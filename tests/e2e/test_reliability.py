@@ -181,12 +181,14 @@ def test_worker_whose_task_processes_cannot_start_hands_its_tasks_on(
     wait_for_workers(client, 1)
     futures = [client.submit(broken_child_tasks.double, i) for i in range(10)]
 
-    status_when(
+    status = status_when(
         client,
         lambda status: (broken.entry(status) or {}).get("services") == [],
         RESULT_TIMEOUT_S,
         "the broken worker to serve no function",
     )
+    problem = broken.entry(status)["problem"]  # type: ignore[index]
+    assert "cannot start" in problem and "on purpose" in problem
     launch.worker(broker, broken_child_tasks.__name__)
 
     # Handed back unblamed: not one PoisonTask, though each child died.

@@ -53,6 +53,7 @@ EXAMPLES: list[p.Command] = [
     p.Drain(),
     p.Credit(16),
     p.Ready("worker-1", ["jobs:square", "jobs:cube"], 4, allow_pickle=True),
+    p.Ready("worker-2", [], 2, slots=2, problem="task processes cannot start: x"),
     p.Tasks(
         [
             p.Assignment(7, 1, "jobs:square", b"args"),
@@ -246,7 +247,9 @@ READY_BODY = ["worker-1", ["jobs:f"], 2, False]
         (p.Cmd.DRAIN, None, 1, "takes no payload frames"),
         (p.Cmd.ERROR, ["code"], 0, "list of 2 fields"),
         (p.Cmd.ERROR, ["code", 5], 0, "message must be str"),
-        (p.Cmd.READY, READY_BODY[:3], 0, "list of 4 or 5 fields"),
+        (p.Cmd.READY, READY_BODY[:3], 0, "list of 4 to 6 fields"),
+        (p.Cmd.READY, [*READY_BODY, None, 5], 0, "problem must be str"),
+        (p.Cmd.READY, [*READY_BODY, None, "x" * 1001], 0, "longer than 1000"),
         (p.Cmd.READY, ["w", "jobs:f", 2, False], 0, "services must be list"),
         (p.Cmd.READY, ["w", [""], 2, False], 0, "service must be 1 to 256"),
         (p.Cmd.READY, ["w", ["f"], 0, False], 0, "capacity must be at least 1"),
@@ -604,3 +607,9 @@ def test_a_welcome_from_a_broker_before_client_max_bytes_still_decodes() -> None
     welcome = p.decode(frames, p.TO_CLIENT)
 
     assert welcome == p.Welcome(7, 8, 1.0, True, client_max_bytes=0)
+
+
+def test_a_healthy_workers_ready_reads_to_a_broker_that_predates_problem() -> None:
+    frames = p.encode(p.Ready("w", ["m:f"], 2, slots=2))
+
+    assert len(msgpack.unpackb(frames[2])) == 5

@@ -96,8 +96,13 @@ function renderWorkers(workers) {
   const rows = workers.map((w) => {
     const load = w.capacity ? Math.min(100, (100 * w.running) / w.capacity) : 0;
     const state = w.draining ? el("span", { class: "tag warn" }, "draining") : "";
+    // A worker whose task processes cannot start serves nothing, and says why.
+    const problem = w.problem
+      ? el("div", { class: "problem" }, el("span", { class: "tag warn" }, "serves nothing"),
+        " ", w.problem)
+      : "";
     return el("tr", {},
-      el("td", {}, el("code", {}, w.id), " ", state),
+      el("td", {}, el("code", {}, w.id), " ", state, problem),
       el("td", {}, ...byModule(w.services)),
       el("td", { class: "num" }, w.capacity),
       el("td", { class: "num" }, w.running,
