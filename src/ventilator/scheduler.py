@@ -1453,9 +1453,19 @@ class Scheduler:
         return assignments
 
     def _leave_queue(self, task: Task) -> None:
-        if task.state is State.QUEUED:
-            # Its ticket stays in the queue until it reaches the front.
-            self._stale[task.queue] = self._stale.get(task.queue, 0) + 1
+        if task.state is not State.QUEUED:
+            return
+        # Its ticket stays in the queue until it reaches the front, unless
+        # nothing in the queue waits any more: then the queue goes, dead
+        # tickets and all. No worker takes from a queue of a name nobody
+        # serves, so each such name would leave its dead tickets behind.
+        name = task.queue
+        stale = self._stale.get(name, 0) + 1
+        if stale < len(self._queues[name]):
+            self._stale[name] = stale
+        else:
+            del self._queues[name]
+            self._stale.pop(name, None)
 
     def _stale_taken(self, queue_name: str) -> None:
         left = self._stale.get(queue_name, 0) - 1
@@ -1600,7 +1610,7 @@ class Scheduler:
             self._leave_queue(task)
             self._forget(task)
         if not self.queued_count(queue_name):
-            del self._queues[queue_name]
+            self._queues.pop(queue_name, None)  # if the last one left took it
             self._stale.pop(queue_name, None)
         return withdrawn
 

@@ -820,6 +820,22 @@ def test_queued_task_can_be_cancelled(driver: Driver) -> None:
     assert not assignments(on_ready, W1)
 
 
+def test_queues_of_names_nobody_serves_go_once_their_tasks_are_cancelled(
+    driver: Driver,
+) -> None:
+    names = [f"nobody.serves:f{i}" for i in range(50)]
+    for task_id, name in enumerate(names, 1):
+        driver.submit(task(task_id, function=name))
+    for task_id in range(1, 51):
+        driver.cancel(task_id)
+
+    status = driver.scheduler.status(driver.now)
+
+    assert not set(names) & set(driver.scheduler._queues)
+    assert status["queued"] == {}
+    driver.scheduler.check_invariants()
+
+
 def test_task_waiting_for_a_retry_can_be_cancelled() -> None:
     driver = Driver(Limits(retry_backoff=Backoff(1.0, 1.0, 0.0)))
     driver.hello()
