@@ -675,6 +675,14 @@ def _cluster_options(command: Callable[..., Any]) -> Callable[..., Any]:
                 "broker and local workers run.",
             ),
             click.option(
+                "--connect-timeout-s",
+                type=click.FloatRange(min=0, min_open=True),
+                default=BROKER_ANSWER_S,
+                show_default=True,
+                help="With --connect: how long the broker has to answer before "
+                "the run gives up.",
+            ),
+            click.option(
                 "--workers",
                 type=click.IntRange(min=1),
                 default=None,
@@ -713,6 +721,7 @@ def map_command(
     input_file: IO[str],
     output_path: str,
     connect: str | None,
+    connect_timeout_s: float,
     workers: int | None,
     timeout_s: float | None,
     retries: int,
@@ -742,6 +751,7 @@ def map_command(
         progress,
         secret_key,
         broker_key,
+        connect_timeout_s,
     )
     sys.exit(_run(job, run))
 
@@ -755,6 +765,7 @@ def exec_command(
     input_file: IO[str],
     output_path: str,
     connect: str | None,
+    connect_timeout_s: float,
     workers: int | None,
     timeout_s: float | None,
     retries: int,
@@ -799,6 +810,7 @@ def exec_command(
         progress,
         secret_key,
         broker_key,
+        connect_timeout_s,
     )
     sys.exit(_run(job, run))
 
@@ -1097,6 +1109,7 @@ class _Run:
     progress: bool | None  # None: when stderr is a terminal
     secret_key: str | None = None  # CURVE, for a broker named with --connect
     broker_key: str | None = None
+    connect_timeout_s: float = BROKER_ANSWER_S  # for it to answer at first
 
 
 @dataclass(slots=True)
@@ -1235,7 +1248,7 @@ def _connect(
         client = stack.enter_context(
             Client(run.connect, secret_key=run.secret_key, broker_key=run.broker_key)
         )
-        _check_broker(client, run.connect)
+        _check_broker(client, run.connect, run.connect_timeout_s)
         # A remote broker that goes away is waited for: the client reconnects
         # and the broker's journal keeps the tasks.
         return client, _ClusterWatch(None, client)
@@ -1395,12 +1408,13 @@ class _ClusterWatch:
             ) from None
 
 
-def _check_broker(client: Client, address: str) -> None:
+def _check_broker(client: Client, address: str, timeout_s: float) -> None:
     try:
-        client.status(timeout_s=BROKER_ANSWER_S)
+        client.status(timeout_s=timeout_s)
     except TimeoutError:
         raise click.ClickException(
-            f"no broker answered at {address} within {BROKER_ANSWER_S:g}s"
+            f"no broker answered at {address} within {timeout_s:g}s "
+            "(--connect-timeout-s)"
         ) from None
     except NetworkError as exc:  # it answered, but not as a broker's frontend
         raise click.ClickException(str(exc)) from None

@@ -744,12 +744,14 @@ def test_map_with_connect_and_no_broker_exits_with_an_error(
         f"{TASKS}:echo",
         "--connect",
         "tcp://127.0.0.1:9",
+        "--connect-timeout-s",
+        "0.5",
         input_text="1\n",
         timeout_s=30,
     )
 
     assert completed.returncode == 1
-    assert "no broker answered" in completed.stderr
+    assert "no broker answered at tcp://127.0.0.1:9 within 0.5s" in completed.stderr
 
 
 def test_map_writes_bytes_results_as_base64_in_strict_json(
