@@ -16,6 +16,7 @@ import argparse
 import json
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -150,6 +151,10 @@ class MdpWorker:
             raise AssertionError(f"unexpected command from the broker: {frames!r}")
 
 
+# Set while a request is being worked on.
+busy = threading.Event()
+
+
 def _echo(delay_s: float, tag: bytes | None) -> Handler:
     received = 0
 
@@ -157,7 +162,9 @@ def _echo(delay_s: float, tag: bytes | None) -> Handler:
         nonlocal received
         received += 1
         print(json.dumps({"received": received}), flush=True)
+        busy.set()
         time.sleep(delay_s)  # the work itself: a slow service, not a wait
+        busy.clear()
         return [*body, tag] if tag is not None else body
 
     return handle
@@ -175,8 +182,12 @@ def main(argv: Sequence[str]) -> None:
     stopping = False
 
     def stop(signum: int, frame: Any) -> None:
+        # Between requests, leave the loop cleanly; in the middle of a slow
+        # one, leave now: a test's teardown must not wait out its delay.
         nonlocal stopping
         stopping = True
+        if busy.is_set():
+            raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, stop)
     tag = args.tag.encode() if args.tag is not None else None
