@@ -85,6 +85,9 @@ DEFAULT_WINDOW = 20_000
 # submitted at once took a third less CPU in all with about 25 MiB in flight
 # than with all 200 MB. Workers still find a queue far deeper than their credit.
 DEFAULT_WINDOW_BYTES = 32 * 1024 * 1024
+# ... but this many tasks may always be in the broker, whatever their size, so
+# that tasks larger than the window still keep several workers busy.
+WINDOW_BYTES_MIN_TASKS = 16
 # Tasks sent in one SUBMIT at most; bounds the size of one message.
 SUBMIT_BATCH = 2048
 # ... and at most about this many payload bytes: one huge message would stall
@@ -710,11 +713,12 @@ class Client:
         self._window = window
         self._in_window = 0
         self._outgoing: deque[_Pending] = deque()
-        # window_bytes, lowered to the broker's client_max_bytes once WELCOME
-        # tells it, and the bytes waiting in _outgoing: a caller waits while
-        # they would pass it.
+        # The broker's client_max_bytes (unknown until WELCOME), a hard limit,
+        # and our own window_bytes, which WINDOW_BYTES_MIN_TASKS may pass; and
+        # the bytes waiting in _outgoing: a caller waits while they would pass
+        # the lower of the two.
+        self._max_bytes: float = math.inf
         self._window_bytes = window_bytes
-        self._max_bytes: float = window_bytes
         self._outgoing_bytes = 0
         self._cancels: deque[int] = deque()
         # Questions for the broker (status, operator commands) and their answers'
@@ -1375,7 +1379,18 @@ class Client:
 
     def _too_many_bytes(self, size: int) -> bool:
         waiting = self._outgoing_bytes
-        return waiting > 0 and waiting + size > self._max_bytes
+        limit = min(self._max_bytes, self._window_bytes)
+        return waiting > 0 and waiting + size > limit
+
+    def _room_for(self, size: int, in_broker: int) -> bool:
+        """Whether a task of `size` bytes may join the `in_broker` tasks of
+        ours in the broker: within its client_max_bytes (alone, a larger task
+        goes: the broker says why not), and within window_bytes unless fewer
+        than WINDOW_BYTES_MIN_TASKS are there."""
+        held = self._bytes_held
+        if held and held + size > self._max_bytes:
+            return False
+        return held + size <= self._window_bytes or in_broker < WINDOW_BYTES_MIN_TASKS
 
     @property
     def _stopped(self) -> bool:
@@ -1856,8 +1871,7 @@ class Client:
         )
         with self._room:
             self._window = min(self._window, welcome.window)
-            broker_limit = welcome.client_max_bytes or math.inf
-            self._max_bytes = min(self._window_bytes, broker_limit)
+            self._max_bytes = welcome.client_max_bytes or math.inf
             self._room.notify_all()
         self._resend()
 
@@ -1950,8 +1964,8 @@ class Client:
         if outgoing == 0:
             return False
         in_broker = len(self._pending) + len(self._acks)
-        bytes_after = self._bytes_held + self._outgoing[0].size
-        return in_broker + 1 > self._window or bytes_after > self._max_bytes
+        size = self._outgoing[0].size
+        return in_broker + 1 > self._window or not self._room_for(size, in_broker)
 
     def _take_outgoing(self) -> list[_Pending]:
         """Submissions that fit the broker's window; the rest wait their turn."""
@@ -1961,10 +1975,10 @@ class Client:
         if not self._pending and not self._acks:
             self._bytes_held = 0  # nothing of ours in the broker, by any count
         taken: list[_Pending] = []
+        in_broker = len(self._pending) + len(self._acks)
         while self._outgoing and len(taken) < room:
             size = self._outgoing[0].size
-            # Alone, a task larger than the limit goes: the broker says why not.
-            if self._bytes_held and self._bytes_held + size > self._max_bytes:
+            if not self._room_for(size, in_broker + len(taken)):
                 break
             taken.append(self._outgoing.popleft())
             self._bytes_held += size

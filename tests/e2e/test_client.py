@@ -18,6 +18,7 @@ import zmq
 import ventilator
 from ventilator import _wire
 from ventilator import protocol as p
+from ventilator.client import WINDOW_BYTES_MIN_TASKS
 from ventilator.serialization import pack_call, pack_value, unpack_value
 
 from . import tasks
@@ -896,23 +897,45 @@ def test_submissions_wait_for_room_under_the_brokers_byte_limit(
 def test_a_client_keeps_its_window_bytes_in_the_broker_and_the_rest_at_home(
     launch: Launcher, broker: BrokerProcess
 ) -> None:
-    # Eight tasks of 10 kB against window_bytes of 50 kB, and no worker yet:
-    # four reach the broker, the other four wait in the client for room.
+    # Twenty tasks of 10 kB against window_bytes of 50 kB, and no worker yet:
+    # the sixteen any window lets through reach the broker, and no more.
     client = launch.client(broker, window_bytes=50_000)
     blob = b"x" * 10_000
-    futures = [client.submit(tasks.echo, blob) for _ in range(8)]
+    futures = [client.submit(tasks.echo, blob) for _ in range(20)]
     queue = f"{TASKS}:echo"
 
     status = status_when(
         client, lambda status: queue in status["queued"], 10, "tasks in the queue"
     )
-    assert status["queued"][queue] <= 4
+    assert status["queued"][queue] <= WINDOW_BYTES_MIN_TASKS
     status_when(
-        client, lambda status: status["queued"].get(queue) == 4, 10, "four queued"
+        client,
+        lambda status: status["queued"].get(queue) == WINDOW_BYTES_MIN_TASKS,
+        10,
+        "the tasks any window lets through",
     )
 
     launch.worker(broker)
-    assert [f.result(RESULT_TIMEOUT_S) for f in futures] == [blob] * 8
+    assert [f.result(RESULT_TIMEOUT_S) for f in futures] == [blob] * 20
+
+
+def test_tasks_larger_than_window_bytes_still_keep_workers_busy_side_by_side(
+    launch: Launcher, broker: BrokerProcess
+) -> None:
+    launch.worker(broker, concurrency=2)
+    client = launch.client(broker, window_bytes=50_000)
+    wait_for_workers(client, 1)
+    blob = b"x" * 60_000
+
+    futures = [client.submit(tasks.slow_echo, blob, 1.0) for _ in range(2)]
+
+    status_when(
+        client,
+        lambda status: sum(status["running"].values()) == 2,
+        RESULT_TIMEOUT_S,
+        "both large tasks to run at once",
+    )
+    assert [f.result(RESULT_TIMEOUT_S) for f in futures] == [blob] * 2
 
 
 def test_window_bytes_below_one_is_refused_at_once() -> None:
