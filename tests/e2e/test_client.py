@@ -417,6 +417,22 @@ def test_lambda_without_allow_pickle_raises_pickle_not_allowed(
         client.submit(lambda x: x, 1)
 
 
+def test_a_function_of_main_is_refused_saying_workers_cannot_import_it(
+    client: ventilator.Client,
+) -> None:
+    # As a script or the REPL defines it: its module is __main__.
+    script: dict[str, Any] = {"__name__": "__main__"}
+    exec("def double(x):\n    return 2 * x\n", script)
+
+    with pytest.raises(ventilator.PickleNotAllowed) as refused:
+        client.submit(script["double"], 1)
+
+    message = str(refused.value)
+    assert "__main__" in message and "cannot import" in message
+    assert "module" in message and "allow_pickle=True" in message
+    assert "--allow-pickle" in message
+
+
 def test_partial_without_allow_pickle_raises_pickle_not_allowed(
     client: ventilator.Client,
 ) -> None:
