@@ -38,6 +38,10 @@ from .conftest import (
 )
 
 RESULT_TIMEOUT_S = 20.0
+# Tasks sent one by one through a window of one, and how long they may take
+# in all (a few milliseconds each on a quiet machine).
+ONE_AT_A_TIME = 50
+ONE_AT_A_TIME_DEADLINE_S = 30.0
 
 
 class Tripwire:
@@ -884,12 +888,31 @@ def test_one_task_at_a_time_through_a_window_of_one(
     launch: Launcher, broker: BrokerProcess, two_workers: list[WorkerProcess]
 ) -> None:
     # A lone task leaves its client's acknowledgements behind, except when
-    # it fits the window only once they are sent: here, every time.
+    # it fits the window only once they are sent: here, every time. Should
+    # they stay behind, `submit` waits for room for ever: it runs in a thread
+    # the test gives up on at a deadline (closing the client wakes it).
     client = launch.client(broker, window=1)
+    results: list[int] = []
+    failures: list[BaseException] = []
 
-    results = [client.submit(tasks.echo, i).result(RESULT_TIMEOUT_S) for i in range(50)]
+    def one_at_a_time() -> None:
+        try:
+            for i in range(ONE_AT_A_TIME):
+                results.append(client.submit(tasks.echo, i).result(RESULT_TIMEOUT_S))
+        except BaseException as exc:  # reported by the test's own thread
+            failures.append(exc)
 
-    assert results == list(range(50))
+    submitter = threading.Thread(target=one_at_a_time, daemon=True)
+    submitter.start()
+    submitter.join(ONE_AT_A_TIME_DEADLINE_S)
+
+    assert not submitter.is_alive(), (
+        f"after {ONE_AT_A_TIME_DEADLINE_S:g}s, {len(results)} of {ONE_AT_A_TIME} "
+        "tasks done and the next submit still waits for room in a window of one, "
+        "which the last result (and the acknowledgement it owes) should have freed"
+    )
+    assert not failures, f"task {len(results)} failed: {failures[0]!r}"
+    assert results == list(range(ONE_AT_A_TIME))
 
 
 def test_submissions_wait_for_room_under_the_brokers_byte_limit(
