@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import os
 import subprocess
 import sys
@@ -809,6 +810,22 @@ def test_local_cluster_runs_tasks_and_leaves_no_process_behind() -> None:
         )
     finally:
         stop_process_ids(started)
+
+
+def test_a_local_cluster_entered_by_hand_runs_until_it_is_stopped() -> None:
+    # Entered without a `with` block, and nothing kept but what it returned:
+    # a collection of garbage must not stop the cluster under its user.
+    cluster = ventilator.local(workers=1, modules=[TASKS]).__enter__()
+    try:
+        gc.collect()
+
+        assert set(cluster.pids) == {"broker", "worker"}
+        assert cluster.exited() is None
+        with ventilator.Client(cluster.address) as client:
+            assert client.submit(tasks.square, 3).result(RESULT_TIMEOUT_S) == 9
+    finally:
+        cluster.__exit__(None, None, None)
+    assert cluster.pids == {}
 
 
 def test_local_with_a_module_that_does_not_import_raises_saying_why() -> None:
