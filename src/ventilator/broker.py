@@ -620,6 +620,7 @@ class Broker:
         identity = self._identity(role, user)
         if identity is None or not identity.rights.unrestricted:
             self._log_refusal(peer, frames, _FORBIDDEN_MDP, "mdp")
+            self._gateway.refuse(peer, frames[1:], _mdp_refusal(role, identity))
             return
         self._gateway.receive(peer, frames[1:], now)
 
@@ -822,6 +823,16 @@ def _revoked(identity: Identity) -> p.Error:
 _FORBIDDEN_MDP = ProtocolError(
     "MDP from a key not allowed in that role, or with limited rights", "forbidden"
 )
+
+
+def _mdp_refusal(role: str, identity: Identity | None) -> str:
+    """Why a key may not speak MDP in `role`, for the peer to read."""
+    if identity is None:
+        return f"this key is not allowed as an MDP {role} on this broker"
+    return (
+        "this key has limited rights, which name ventilator functions, not MDP "
+        "services: only a key with full rights speaks MDP"
+    )
 
 
 class _MemoryTrim:

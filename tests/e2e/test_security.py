@@ -369,17 +369,22 @@ def test_mdp_peers_need_a_key_of_their_role_and_full_rights(
     launch.worker(broker, MDP_TASKS, pool="thread", extra=keyring.peer_options("w1"))
     alice = mdp_client(mdp, keyring, "alice")
     bob = mdp_client(mdp, keyring, "bob")  # limited rights: no MDP
+    w1 = mdp_client(mdp, keyring, "w1")  # a worker's key, as a client
     stranger = mdp_client(mdp, keyring, "stranger")
     try:
         reply = wait_until(
             lambda: _answered(alice, b"tagged", b"hi"), 20, "alice's MDP reply"
         )
         assert reply == [b"hi", b"ventilator"]
-        assert _answered(bob, b"tagged", b"hi") is None
+        # Refused for good, in the one way MDP clients can hear it.
+        [limited] = _answered(bob, b"tagged", b"hi") or [b"no reply"]
+        assert limited.startswith(b"400 forbidden:") and b"rights" in limited
+        [wrong_role] = _answered(w1, b"tagged", b"hi") or [b"no reply"]
+        assert wrong_role.startswith(b"400 forbidden:") and b"client" in wrong_role
         # An unknown key never completes its handshake: nothing can be sent.
         assert not stranger.socket.poll(REFUSED_WAIT_S * 1000, zmq.POLLOUT)
     finally:
-        for peer in (alice, bob, stranger):
+        for peer in (alice, bob, w1, stranger):
             close_mdp_client(peer)
 
 
