@@ -365,6 +365,7 @@ class Broker:
                     self._check_everything()
                     self._scheduler.tick(now)
                     self._scheduler.heartbeats()
+                    self._probe_revoked_clients(now)
                     self._trim.maybe(now)
                     next_tick = now + interval_s
                 if now >= next_mdp_beat:
@@ -506,6 +507,28 @@ class Broker:
             identity.name,
             len(peers),
         )
+
+    def _probe_revoked_clients(self, now: float) -> None:
+        """Forget the revoked client connections that have closed.
+
+        The scheduler sends them nothing more, so nothing else would tell: a
+        heartbeat each tick does, as ROUTER_MANDATORY fails a send to a
+        connection libzmq no longer has (or one that stopped reading). Those
+        still open keep their entry, and the late ACKs it lets through; the
+        beat also tells them the broker is there, so they do not reconnect
+        (which their key, removed, could not do).
+        """
+        gone = [
+            peer for peer in self._revoked_clients if not self._send(peer, _BEAT, now)
+        ]
+        for peer in gone:
+            del self._revoked_clients[peer]
+        if gone:
+            log.debug(
+                "forgot %d closed connections of removed client keys; %d remain",
+                len(gone),
+                len(self._revoked_clients),
+            )
 
     def _connections_of(self, identity: Identity) -> list[bytes]:
         """The client connections speaking for a key: under CURVE, its sessions
@@ -804,6 +827,9 @@ _EVERYONE = {
 _FORBIDDEN = ProtocolError(
     "your key is not (or no longer) allowed on this socket", "forbidden"
 )
+# What a revoked client connection is sent each tick, to learn whether it is
+# still open (see `_probe_revoked_clients`).
+_BEAT = p.Heartbeat()
 # What a client connection whose key was removed may still send (`_late_ack`).
 _ACK_ONLY = frozenset({p.Cmd.ACK})
 
