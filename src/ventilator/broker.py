@@ -365,6 +365,7 @@ class Broker:
                     self._check_everything()
                     self._scheduler.tick(now)
                     self._scheduler.heartbeats()
+                    self._probe_revoked_clients(now)
                     self._trim.maybe(now)
                     next_tick = now + interval_s
                 if now >= next_mdp_beat:
@@ -507,6 +508,28 @@ class Broker:
             len(peers),
         )
 
+    def _probe_revoked_clients(self, now: float) -> None:
+        """Forget the revoked client connections that have closed.
+
+        The scheduler sends them nothing more, so nothing else would tell: a
+        heartbeat each tick does, as ROUTER_MANDATORY fails a send to a
+        connection libzmq no longer has (or one that stopped reading). Those
+        still open keep their entry, and the late ACKs it lets through; the
+        beat also tells them the broker is there, so they do not reconnect
+        (which their key, removed, could not do).
+        """
+        gone = [
+            peer for peer in self._revoked_clients if not self._send(peer, _BEAT, now)
+        ]
+        for peer in gone:
+            del self._revoked_clients[peer]
+        if gone:
+            log.debug(
+                "forgot %d closed connections of removed client keys; %d remain",
+                len(gone),
+                len(self._revoked_clients),
+            )
+
     def _connections_of(self, identity: Identity) -> list[bytes]:
         """The client connections speaking for a key: under CURVE, its sessions
         are named inside it (``<fingerprint>.<name>``), and so are the holders
@@ -620,6 +643,7 @@ class Broker:
         identity = self._identity(role, user)
         if identity is None or not identity.rights.unrestricted:
             self._log_refusal(peer, frames, _FORBIDDEN_MDP, "mdp")
+            self._gateway.refuse(peer, frames[1:], _mdp_refusal(role, identity))
             return
         self._gateway.receive(peer, frames[1:], now)
 
@@ -803,6 +827,9 @@ _EVERYONE = {
 _FORBIDDEN = ProtocolError(
     "your key is not (or no longer) allowed on this socket", "forbidden"
 )
+# What a revoked client connection is sent each tick, to learn whether it is
+# still open (see `_probe_revoked_clients`).
+_BEAT = p.Heartbeat()
 # What a client connection whose key was removed may still send (`_late_ack`).
 _ACK_ONLY = frozenset({p.Cmd.ACK})
 
@@ -822,6 +849,16 @@ def _revoked(identity: Identity) -> p.Error:
 _FORBIDDEN_MDP = ProtocolError(
     "MDP from a key not allowed in that role, or with limited rights", "forbidden"
 )
+
+
+def _mdp_refusal(role: str, identity: Identity | None) -> str:
+    """Why a key may not speak MDP in `role`, for the peer to read."""
+    if identity is None:
+        return f"this key is not allowed as an MDP {role} on this broker"
+    return (
+        "this key has limited rights, which name ventilator functions, not MDP "
+        "services: only a key with full rights speaks MDP"
+    )
 
 
 class _MemoryTrim:

@@ -1316,12 +1316,7 @@ class Client:
         if importable is not None:
             return importable, p.Flags.NONE
         if not self.allow_pickle:
-            raise PickleNotAllowed(
-                f"{function!r} is not a public module-level function, so it would "
-                "have to be pickled; pass 'module:function' by name, or create the "
-                "client with allow_pickle=True (and start workers with "
-                "--allow-pickle)"
-            )
+            raise PickleNotAllowed(_pickle_refusal(function))
         label = getattr(function, "__qualname__", type(function).__name__)
         return f"{p.PICKLED_PREFIX}{label}", p.Flags.PICKLED
 
@@ -2216,6 +2211,27 @@ def _importable_name(function: Callable[..., Any]) -> str | None:
     if getattr(sys.modules.get(module), name, None) is not function:
         return None
     return f"{module}:{name}"
+
+
+def _pickle_refusal(function: Callable[..., Any]) -> str:
+    """Why `function` cannot be sent by name, and what the caller does instead."""
+    opt_in = (
+        "or create the client with allow_pickle=True and start the workers with "
+        "--allow-pickle to ship it pickled"
+    )
+    if getattr(function, "__module__", None) == "__main__":
+        # The worker's own __main__ is the worker, not the user's script: a
+        # name in __main__ means nothing there, however public.
+        return (
+            f"{function!r} is defined in __main__ (a script or the REPL), and "
+            "workers cannot import functions of __main__; move it into a module "
+            "the workers serve and import it from there (or submit its "
+            f"'module:function' name), {opt_in}"
+        )
+    return (
+        f"{function!r} is not a public module-level function, so it would have "
+        f"to be pickled; pass 'module:function' by name, {opt_in}"
+    )
 
 
 def _fate(pending: _Pending) -> str:

@@ -31,8 +31,10 @@ codes of 9/TSP (Titanic) and 8/MMI, as `titanic.reply` answers here too:
   worker died under it max_attempts times, a ventilator worker's function
   raised, the reply was over the size limit, it expired or was cancelled),
   or it is malformed (``400 malformed request: <reason>``: no body, a service
-  name that is empty, too long, not UTF-8 or holds control characters), and
-  resending it as it is would fail the same way.
+  name that is empty, too long, not UTF-8 or holds control characters), or its
+  sender's key may not speak MDP (``400 forbidden: <reason>``: a worker's key,
+  or one with limited rights), and resending it as it is would fail the same
+  way.
 
 A malformed request is answered on the service frame it carried, byte for
 byte (an empty one if it had none), since clients such as zguide's
@@ -158,6 +160,19 @@ class MdpGateway:
             self._request(peer, message, now)
         else:
             self._from_worker(peer, message, now)
+
+    def refuse(self, peer: bytes, frames: Sequence[Any], reason: str) -> None:
+        """Answer a message the broker would not take from `peer` (routing id
+        removed), for a reason of the shell's: the sender's key may not speak
+        MDP in that role. A client's request gets ``400 forbidden: <reason>``
+        on the service it asked for, since sent again it would fail the same
+        way. A worker is left unanswered: a DISCONNECT would have it connect
+        and say READY again at once (zguide's worker does), for ever."""
+        if mdp.is_worker(frames):
+            return
+        service = bytes(frames[2]) if len(frames) > 2 else b""
+        body = [f"{FAILED_FOR_GOOD} forbidden: {reason}".encode()]
+        self.outbox.append((peer, mdp.client_reply(service, body)))
 
     def _malformed(
         self, peer: bytes, frames: Sequence[Any], exc: ProtocolError, now: float

@@ -36,6 +36,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Protocol
 
+from . import _wal
 from . import protocol as p
 from .errors import JournalError, TaskRejected, UsageError
 from .scheduler import FailedTask, State, Task
@@ -193,6 +194,8 @@ class SqliteJournal:
     def __init__(self, path: str | Path, durability: str = "process") -> None:
         self.path = Path(path)
         self._lock = _lock_exclusively(self.path)
+        # Read before SQLite recovers the log, which may overwrite what it drops.
+        left_behind = _wal.survey(Path(f"{self.path}-wal"))
         self._db = sqlite3.connect(self.path, isolation_level=None)
         # Set before WAL mode: SQLite then keeps the WAL's index in this
         # process's memory and holds its locks until it closes, where it took
@@ -201,6 +204,8 @@ class SqliteJournal:
         # out outside readers too (a sqlite3 shell) while the broker runs.
         self._db.execute("PRAGMA locking_mode=EXCLUSIVE")
         self._db.execute("PRAGMA journal_mode=WAL")
+        if left_behind is not None:
+            self._report_wal_loss(left_behind)
         sync = "FULL" if durability == "power" else "NORMAL"
         self._db.execute(f"PRAGMA synchronous={sync}")
         self._db.execute(f"PRAGMA wal_autocheckpoint={FALLBACK_CHECKPOINT_PAGES}")
@@ -215,6 +220,28 @@ class SqliteJournal:
         # Where each task's large payload and result lie, to release them.
         self._payload_refs: dict[int, BlobRef] = {}
         self._result_refs: dict[int, BlobRef] = {}
+
+    def _report_wal_loss(self, left_behind: _wal.WalSurvey) -> None:
+        """Say what SQLite's recovery dropped of the WAL an earlier broker left.
+
+        SQLite drops a log's damaged or unfinished tail without a word, and
+        there is no getting it back; but its operator hears of it. Asking how
+        many frames the log holds checkpoints them too: the same copy into the
+        database the first paced checkpoint would have made.
+        """
+        kept_frames = self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1]
+        loss = left_behind.loss(kept_frames)
+        if loss is None:
+            return
+        log.log(
+            logging.ERROR if loss.certain else logging.WARNING,
+            "journal %s: its write-ahead log %s-wal was cut short or damaged: %s; "
+            "the broker goes on with what SQLite kept (%d frames)",
+            self.path,
+            self.path,
+            loss.describe(),
+            kept_frames,
+        )
 
     def _add_missing_columns(self) -> None:
         present = {row[1] for row in self._db.execute("PRAGMA table_info(tasks)")}

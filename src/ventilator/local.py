@@ -8,7 +8,6 @@ short-circuited, so what works here works across machines.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -18,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from . import _lifeline as lifeline
@@ -288,11 +287,16 @@ class LocalCluster:
         self.stop()
 
 
-@contextlib.contextmanager
 def local(
     workers: int | None = None, modules: Sequence[str] = (), **options: object
-) -> Iterator[LocalCluster]:
-    """Start a broker and local workers; stop all of them on exit.
+) -> LocalCluster:
+    """A broker and local workers, started as a `with` block opens and stopped
+    as it closes: ``with local(...) as cluster``.
+
+    The cluster is its own context manager, so one entered by hand
+    (``cluster = local(...).__enter__()``) runs for as long as the caller
+    wants it, until ``cluster.stop()`` or the program's end (its processes
+    stop with the program), however its references come and go.
 
     Args:
         workers: task processes (default: the number of CPUs).
@@ -300,9 +304,14 @@ def local(
         options: `pool`, `prefetch`, `allow_pickle`, `journal`, `log_level`,
             `log_format`, `curve`, as for `LocalCluster`.
 
-    Yields:
-        The running cluster; its `address` is the broker's frontend.
+    Returns:
+        The cluster, not started yet; entering it starts it and returns it.
+        Its `address` is the broker's frontend, on a port of its own: clients
+        connect with ``Client(cluster.address)`` (a `Client` given no address
+        looks for a broker at tcp://127.0.0.1:5555, not here).
+
+    Raises:
+        UsageError: no modules (here); a module that does not import (on
+            entering).
     """
-    cluster = LocalCluster(workers, modules, **options)  # type: ignore[arg-type]
-    with cluster:
-        yield cluster
+    return LocalCluster(workers, modules, **options)  # type: ignore[arg-type]

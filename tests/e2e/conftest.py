@@ -340,10 +340,11 @@ class Launcher:
     def client(self, broker: BrokerProcess | str, **options: Any) -> ventilator.Client:
         """A client of `broker`, closed at teardown.
 
-        Unless told otherwise it beats twice per broker heartbeat interval: the
-        client does not adopt the interval the broker announces in WELCOME, and
-        a fast broker would otherwise take a default client for gone between
-        its beats (it recovers, but only when it next speaks).
+        Unless told otherwise it beats twice per broker heartbeat interval. A
+        client lowers its interval to the one the broker announces in WELCOME,
+        but its first beat was scheduled before that, at its own interval (1 s
+        by default): a fast broker would take a default client for gone before
+        it (it recovers, but only when it next speaks).
         """
         if isinstance(broker, BrokerProcess):
             options.setdefault("heartbeat_interval_s", broker.heartbeat_interval_s / 2)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import os
 import subprocess
 import sys
@@ -39,6 +40,10 @@ from .conftest import (
 )
 
 RESULT_TIMEOUT_S = 20.0
+# Tasks sent one by one through a window of one, and how long they may take
+# in all (a few milliseconds each on a quiet machine).
+ONE_AT_A_TIME = 50
+ONE_AT_A_TIME_DEADLINE_S = 30.0
 
 
 class Tripwire:
@@ -418,6 +423,22 @@ def test_lambda_without_allow_pickle_raises_pickle_not_allowed(
         client.submit(lambda x: x, 1)
 
 
+def test_a_function_of_main_is_refused_saying_workers_cannot_import_it(
+    client: ventilator.Client,
+) -> None:
+    # As a script or the REPL defines it: its module is __main__.
+    script: dict[str, Any] = {"__name__": "__main__"}
+    exec("def double(x):\n    return 2 * x\n", script)
+
+    with pytest.raises(ventilator.PickleNotAllowed) as refused:
+        client.submit(script["double"], 1)
+
+    message = str(refused.value)
+    assert "__main__" in message and "cannot import" in message
+    assert "module" in message and "allow_pickle=True" in message
+    assert "--allow-pickle" in message
+
+
 def test_partial_without_allow_pickle_raises_pickle_not_allowed(
     client: ventilator.Client,
 ) -> None:
@@ -792,6 +813,22 @@ def test_local_cluster_runs_tasks_and_leaves_no_process_behind() -> None:
         stop_process_ids(started)
 
 
+def test_a_local_cluster_entered_by_hand_runs_until_it_is_stopped() -> None:
+    # Entered without a `with` block, and nothing kept but what it returned:
+    # a collection of garbage must not stop the cluster under its user.
+    cluster = ventilator.local(workers=1, modules=[TASKS]).__enter__()
+    try:
+        gc.collect()
+
+        assert set(cluster.pids) == {"broker", "worker"}
+        assert cluster.exited() is None
+        with ventilator.Client(cluster.address) as client:
+            assert client.submit(tasks.square, 3).result(RESULT_TIMEOUT_S) == 9
+    finally:
+        cluster.__exit__(None, None, None)
+    assert cluster.pids == {}
+
+
 def test_local_with_a_module_that_does_not_import_raises_saying_why() -> None:
     with (
         pytest.raises(ventilator.UsageError, match="on purpose"),
@@ -869,12 +906,31 @@ def test_one_task_at_a_time_through_a_window_of_one(
     launch: Launcher, broker: BrokerProcess, two_workers: list[WorkerProcess]
 ) -> None:
     # A lone task leaves its client's acknowledgements behind, except when
-    # it fits the window only once they are sent: here, every time.
+    # it fits the window only once they are sent: here, every time. Should
+    # they stay behind, `submit` waits for room for ever: it runs in a thread
+    # the test gives up on at a deadline (closing the client wakes it).
     client = launch.client(broker, window=1)
+    results: list[int] = []
+    failures: list[BaseException] = []
 
-    results = [client.submit(tasks.echo, i).result(RESULT_TIMEOUT_S) for i in range(50)]
+    def one_at_a_time() -> None:
+        try:
+            for i in range(ONE_AT_A_TIME):
+                results.append(client.submit(tasks.echo, i).result(RESULT_TIMEOUT_S))
+        except BaseException as exc:  # reported by the test's own thread
+            failures.append(exc)
 
-    assert results == list(range(50))
+    submitter = threading.Thread(target=one_at_a_time, daemon=True)
+    submitter.start()
+    submitter.join(ONE_AT_A_TIME_DEADLINE_S)
+
+    assert not submitter.is_alive(), (
+        f"after {ONE_AT_A_TIME_DEADLINE_S:g}s, {len(results)} of {ONE_AT_A_TIME} "
+        "tasks done and the next submit still waits for room in a window of one, "
+        "which the last result (and the acknowledgement it owes) should have freed"
+    )
+    assert not failures, f"task {len(results)} failed: {failures[0]!r}"
+    assert results == list(range(ONE_AT_A_TIME))
 
 
 def test_submissions_wait_for_room_under_the_brokers_byte_limit(

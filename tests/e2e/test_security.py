@@ -9,6 +9,8 @@ import logging
 import re
 import signal
 import stat
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,10 @@ import zmq
 
 import ventilator
 from tests.mdp_peers import MdpClient
+from ventilator.broker import Broker, BrokerConfig
+from ventilator.policy import Limits
 from ventilator.security import (
+    ServerKeys,
     fingerprint,
     generate_keys,
     read_public_key,
@@ -369,17 +374,22 @@ def test_mdp_peers_need_a_key_of_their_role_and_full_rights(
     launch.worker(broker, MDP_TASKS, pool="thread", extra=keyring.peer_options("w1"))
     alice = mdp_client(mdp, keyring, "alice")
     bob = mdp_client(mdp, keyring, "bob")  # limited rights: no MDP
+    w1 = mdp_client(mdp, keyring, "w1")  # a worker's key, as a client
     stranger = mdp_client(mdp, keyring, "stranger")
     try:
         reply = wait_until(
             lambda: _answered(alice, b"tagged", b"hi"), 20, "alice's MDP reply"
         )
         assert reply == [b"hi", b"ventilator"]
-        assert _answered(bob, b"tagged", b"hi") is None
+        # Refused for good, in the one way MDP clients can hear it.
+        [limited] = _answered(bob, b"tagged", b"hi") or [b"no reply"]
+        assert limited.startswith(b"400 forbidden:") and b"rights" in limited
+        [wrong_role] = _answered(w1, b"tagged", b"hi") or [b"no reply"]
+        assert wrong_role.startswith(b"400 forbidden:") and b"client" in wrong_role
         # An unknown key never completes its handshake: nothing can be sent.
         assert not stranger.socket.poll(REFUSED_WAIT_S * 1000, zmq.POLLOUT)
     finally:
-        for peer in (alice, bob, stranger):
+        for peer in (alice, bob, w1, stranger):
             close_mdp_client(peer)
 
 
@@ -658,3 +668,62 @@ def test_a_removed_key_is_sent_no_more_results_and_gets_the_rest_once_back(
     assert refusals and all("was removed" in refusal for refusal in refusals)
     assert sorted([*received, *collected]) == list(range(8))
     assert more == []
+
+
+# --- what the broker keeps of a removed key's connections ---------------------------
+
+
+@pytest.fixture
+def broker_in_thread(keyring: Keyring) -> Iterator[Broker]:
+    """A CURVE broker in this process, for what it keeps of its connections."""
+    keys = ServerKeys(
+        keyring.secret("broker"), str(keyring.clients), str(keyring.workers)
+    )
+    broker = Broker(
+        BrokerConfig(
+            frontend="tcp://127.0.0.1:*",
+            backend="tcp://127.0.0.1:*",
+            durability="memory",
+            limits=Limits(heartbeat_interval_s=0.2),
+            curve=keys,
+        )
+    )
+    broker.bind()
+    thread = threading.Thread(target=broker.serve, name="broker", daemon=True)
+    thread.start()
+    yield broker
+    broker.stop()
+    thread.join(START_TIMEOUT_S)
+
+
+def test_a_removed_keys_connections_are_forgotten_once_closed_and_kept_while_open(
+    broker_in_thread: Broker, keyring: Keyring
+) -> None:
+    broker = broker_in_thread
+    staying, leaving = (
+        ventilator.Client(
+            broker.frontend_endpoint,
+            secret_key=keyring.secret("alice"),
+            broker_key=keyring.public("broker"),
+            heartbeat_interval_s=0.1,
+        )
+        for _ in range(2)
+    )
+    revoked = broker._revoked_clients  # what a removed key's connections leave
+    try:
+        for client in (staying, leaving):
+            client.status(timeout_s=RESULT_TIMEOUT_S)  # its session is open
+        (keyring.clients / "alice.key").unlink()
+        broker.reload()
+        wait_until(lambda: len(revoked) == 2, 10, "both connections revoked")
+
+        leaving.close()
+
+        wait_until(lambda: len(revoked) == 1, 10, "the closed connection forgotten")
+        # The open one was probed in the same tick, and kept: its late ACKs
+        # are still taken. (Under CURVE a session is named inside its key.)
+        [kept] = revoked.values()
+        assert kept.endswith(f".{staying.session}")
+    finally:
+        staying.close()
+        leaving.close()

@@ -288,6 +288,27 @@ def test_restored_requests_keep_their_task_ids_unique(shell: Shell) -> None:
     assert ids == [1, 2]
 
 
+def test_a_refused_client_request_is_answered_400_forbidden_on_its_service(
+    shell: Shell,
+) -> None:
+    shell.gateway.refuse(CLIENT, [b"", C, b"echo\xff", b"body"], "limited rights")
+
+    [(peer, frames)] = shell.turn()
+    assert (peer, frames) == (
+        CLIENT,
+        [b"", C, b"echo\xff", b"400 forbidden: limited rights"],
+    )
+    assert mdp_name(CLIENT) not in shell.scheduler.recipients
+    assert shell.scheduler.tasks == {}
+
+
+def test_a_refused_worker_is_left_unanswered(shell: Shell) -> None:
+    shell.gateway.refuse(WORKER, [b"", W, READY, b"echo"], "not a worker key")
+
+    assert shell.turn() == []
+    assert shell.scheduler.workers == {}
+
+
 def test_a_flood_of_malformed_mdp_is_logged_once_a_second(
     shell: Shell, caplog: pytest.LogCaptureFixture
 ) -> None:

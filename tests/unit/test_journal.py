@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from ventilator import journal as journal_module
 from ventilator import protocol as p
 from ventilator.errors import JournalError, UsageError
 from ventilator.journal import (
@@ -628,3 +630,119 @@ def test_journal_of_an_earlier_version_gains_the_reference_columns(
     [loaded] = reopened(path)
 
     assert (loaded.task_id, loaded.payload) == (7, b"\x01")
+
+
+# --- a write-ahead log left behind, cut short or damaged ---------------------------
+
+FRAME_BYTES = 24 + 4096  # a frame header and a page of SQLite's default size
+WAL_HEADER_BYTES = 32
+
+
+def crashed_copy(path: Path, turns: int, rows: int = 3) -> Path:
+    """The journal as a broker killed after `turns` commits of `rows` tasks
+    leaves it (its WAL not yet copied into the database), copied elsewhere."""
+    journal = SqliteJournal(path)
+    for turn in range(turns):
+        journal.commit([a_task(turn * rows + row) for row in range(rows)], [], [])
+    copy = path.parent / "crashed" / path.name
+    copy.parent.mkdir()
+    for suffix in ("", "-wal"):
+        Path(f"{copy}{suffix}").write_bytes(Path(f"{path}{suffix}").read_bytes())
+    journal.close()
+    return copy
+
+
+def reopened_with_log(
+    path: Path, caplog: pytest.LogCaptureFixture
+) -> tuple[list[Task], list[logging.LogRecord]]:
+    """The tasks a broker replays from `path`, and the journal's warnings."""
+    with caplog.at_level(logging.WARNING, logger="ventilator.journal"):
+        tasks = reopened(path)
+    return tasks, [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def damage_wal(path: Path, damage: Callable[[bytes], bytes]) -> None:
+    wal = Path(f"{path}-wal")
+    wal.write_bytes(damage(wal.read_bytes()))
+
+
+def test_a_wal_left_by_a_killed_broker_replays_everything_without_a_warning(
+    path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    copy = crashed_copy(path, turns=10)
+
+    tasks, warnings = reopened_with_log(copy, caplog)
+
+    assert len(tasks) == 30
+    assert warnings == []
+
+
+def test_a_wal_cut_short_inside_a_frame_is_reported_naming_the_journal(
+    path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    copy = crashed_copy(path, turns=10)
+    damage_wal(copy, lambda wal: wal[: WAL_HEADER_BYTES + 7 * FRAME_BYTES + 1000])
+
+    tasks, warnings = reopened_with_log(copy, caplog)
+
+    assert len(tasks) < 30  # SQLite replays what it can, and drops the rest
+    [warning] = warnings
+    assert str(copy) in warning.getMessage() and "cut short" in warning.getMessage()
+
+
+def test_a_damaged_frame_that_drops_whole_commits_is_an_error(
+    path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    copy = crashed_copy(path, turns=10)
+    flipped = WAL_HEADER_BYTES + 2 * FRAME_BYTES + 100  # in the third page
+
+    def flip(wal: bytes) -> bytes:
+        return wal[:flipped] + bytes([wal[flipped] ^ 1]) + wal[flipped + 1 :]
+
+    damage_wal(copy, flip)
+
+    tasks, warnings = reopened_with_log(copy, caplog)
+
+    assert len(tasks) < 30
+    [error] = warnings
+    assert error.levelno == logging.ERROR
+    assert str(copy) in error.getMessage() and "commits" in error.getMessage()
+
+
+def test_a_wal_whose_header_is_cut_short_is_reported(
+    path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    copy = crashed_copy(path, turns=10)
+    damage_wal(copy, lambda wal: wal[:20])
+
+    tasks, warnings = reopened_with_log(copy, caplog)
+
+    [warning] = warnings
+    assert str(copy) in warning.getMessage() and "header" in warning.getMessage()
+    assert len(tasks) < 30
+
+
+def test_stale_frames_after_a_restarted_log_are_not_taken_for_damage(
+    path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # SQLite checkpoints after a large turn, starts the log again over its old
+    # frames, and cuts the file to the size limit inside one of them: a WAL
+    # of the current log, then stale frames, then part of one.
+    monkeypatch.setattr(journal_module, "FALLBACK_CHECKPOINT_PAGES", 4)
+    limit = WAL_HEADER_BYTES + 12 * FRAME_BYTES + 1000
+    monkeypatch.setattr(journal_module, "WAL_SIZE_LIMIT_BYTES", limit)
+    journal = SqliteJournal(path)
+    journal.commit([a_task(n, payload=b"p" * 4000) for n in range(40)], [], [])
+    for n in range(40, 43):
+        journal.commit([a_task(n)], [], [])
+    assert Path(f"{path}-wal").stat().st_size == limit  # as described above
+    copy = path.parent / "crashed" / path.name
+    copy.parent.mkdir()
+    for suffix in ("", "-wal"):
+        Path(f"{copy}{suffix}").write_bytes(Path(f"{path}{suffix}").read_bytes())
+    journal.close()
+
+    tasks, warnings = reopened_with_log(copy, caplog)
+
+    assert len(tasks) == 43
+    assert warnings == []
