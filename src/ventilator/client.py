@@ -1498,6 +1498,9 @@ class Client:
                 self._drain_wake()
             if self._receive(now):
                 broker_seen = now
+                # WELCOME may have lowered the interval to the broker's: the
+                # next beat must not keep the date our own interval gave it.
+                next_beat = min(next_beat, now + self._heartbeat_interval_s)
             self._send_outgoing(now)
             if self._handshakes.problem is not None and not self._welcomed:
                 # Questions (status) would wait in silence for an answer that

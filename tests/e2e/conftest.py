@@ -340,11 +340,9 @@ class Launcher:
     def client(self, broker: BrokerProcess | str, **options: Any) -> ventilator.Client:
         """A client of `broker`, closed at teardown.
 
-        Unless told otherwise it beats twice per broker heartbeat interval. A
-        client lowers its interval to the one the broker announces in WELCOME,
-        but its first beat was scheduled before that, at its own interval (1 s
-        by default): a fast broker would take a default client for gone before
-        it (it recovers, but only when it next speaks).
+        Unless told otherwise it beats twice per broker heartbeat interval,
+        for a margin over the interval it adopts from the broker's WELCOME on
+        a machine slowed by other work.
         """
         if isinstance(broker, BrokerProcess):
             options.setdefault("heartbeat_interval_s", broker.heartbeat_interval_s / 2)

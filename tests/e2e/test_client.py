@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -992,6 +993,25 @@ def test_tasks_larger_than_window_bytes_still_keep_workers_busy_side_by_side(
         "both large tasks to run at once",
     )
     assert [f.result(RESULT_TIMEOUT_S) for f in futures] == [blob] * 2
+
+
+def test_a_client_beats_at_the_brokers_interval_from_its_welcome_on(
+    launch: Launcher,
+) -> None:
+    # A client of 10 s beats to a broker that takes 0.6 s of silence for gone:
+    # it must adopt the broker's interval at once, not after its first beat.
+    broker = launch.broker(heartbeat_interval_s=0.2)
+    slow = launch.client(broker.frontend, heartbeat_interval_s=10.0)
+    slow.status()
+    observer = launch.client(broker)
+
+    def slow_seen_gone() -> bool:
+        clients = observer.status()["clients"]
+        return any(c["name"] == slow.session and not c["connected"] for c in clients)
+
+    deadline = time.monotonic() + 3.0  # five times the broker's patience
+    while time.monotonic() < deadline:
+        assert not slow_seen_gone(), "the broker took the silent client for gone"
 
 
 def test_window_bytes_below_one_is_refused_at_once() -> None:
