@@ -1043,7 +1043,9 @@ class Client:
                     len(batch.items),
                     error.remote_type,
                 )
-                return self._run_singly(job, batch.items, job.retries, tasks)
+                # The death that poisoned the batch counts for each item.
+                died = isinstance(error, PoisonTask)
+                return self._run_singly(job, batch.items, job.retries, tasks, died)
             return [[p.Status.RAISED.value, error.to_wire()]] * len(batch.items)
 
         try:
@@ -1077,9 +1079,16 @@ class Client:
             outcomes[index] = outcome
 
     def _run_singly(
-        self, job: _MapJob, items: list[Any], retries: int, tasks: _MapTasks
+        self,
+        job: _MapJob,
+        items: list[Any],
+        retries: int,
+        tasks: _MapTasks,
+        died: bool = False,
     ) -> list[list[Any]]:
-        """Each item as a task of its own; their outcomes, in order."""
+        """Each item as a task of its own; their outcomes, in order. `died`:
+        a worker died running them together, which the broker counts as each
+        one's first death (`Flags.SPLIT`)."""
         outcomes: list[list[Any]] = [[] for _ in items]
         specs, places = [], []
         for index, item in enumerate(items):
@@ -1088,7 +1097,7 @@ class Client:
             except (TaskError, UsageError) as exc:  # too large alone, say
                 outcomes[index] = _refusal(exc)
                 continue
-            specs.append(spec)
+            specs.append(_split(spec) if died else spec)
             places.append(index)
 
         wakeup = threading.Condition()
@@ -2207,6 +2216,18 @@ def _with_id(spec: p.TaskSpec, task_id: int) -> p.TaskSpec:
         spec.function,
         spec.payload,
         spec.flags,
+        spec.timeout_s,
+        spec.retries,
+        spec.sink,
+    )
+
+
+def _split(spec: p.TaskSpec) -> p.TaskSpec:
+    return p.TaskSpec(
+        spec.task_id,
+        spec.function,
+        spec.payload,
+        spec.flags | p.Flags.SPLIT,
         spec.timeout_s,
         spec.retries,
         spec.sink,

@@ -72,6 +72,9 @@ BATCH_BYTES = 1024 * 1024
 # Functions whose run times a process pool keeps to size batches; past this
 # many it starts again, as every new function does, with batches of one.
 MAX_FUNCTIONS_TIMED = 1024
+# Tasks that travel to a child alone, whose death the broker must hear of at
+# once (see ProcessPool._batchable).
+_ALONE = int(p.Flags.BATCH | p.Flags.SPLIT)
 
 # How long a child gets to exit on its own before it is killed.
 CHILD_EXIT_GRACE_S = 2.0
@@ -235,8 +238,9 @@ class ProcessPool:
 
     Short tasks travel to a child in batches, sized to about `BATCH_WORK_S` of
     work, so that a child's pipe costs one message per batch rather than per
-    task. A task with a timeout, or one that was in a batch whose child died,
-    travels alone: its deadline and its blame are then exact.
+    task. A task with a timeout, one that was in a batch whose child died, and
+    a map's batch or an item split from one, travel alone: their deadline and
+    their blame are then exact.
 
     A dead child is noticed when its pipe reads end-of-file, which wakes the
     worker's poll at once; a look at every child's process, once per
@@ -387,7 +391,14 @@ class ProcessPool:
         )
 
     def _batchable(self, task: p.Assignment) -> bool:
-        return not task.timeout_s and (task.ticket, task.attempt) not in self._suspects
+        # A map's batch, and an item of one that died, are blamed at the
+        # broker as soon as a child dies under them: a death shared with
+        # other tasks would run their culprit once more than it counts.
+        return (
+            not task.timeout_s
+            and not task.flags & _ALONE
+            and (task.ticket, task.attempt) not in self._suspects
+        )
 
     def _duration_of(self, function: str) -> TaskDuration:
         duration = self._task_s.get(function)

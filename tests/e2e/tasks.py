@@ -108,6 +108,16 @@ def crash_on_negative(x: int) -> int:
     return x * x
 
 
+def crash_on_negative_counted(item: list[Any]) -> int:
+    """`crash_on_negative` on ``item = [x, path]``; a negative x first appends a
+    line to the file at `path`, which counts the processes the poison killed."""
+    x, path = item
+    if x < 0:
+        with open(path, "a") as runs:
+            runs.write("ran\n")
+    return crash_on_negative(x)
+
+
 def unsendable_on_negative(x: int) -> Any:
     """Square `x`, but return a value msgpack cannot carry for a negative one."""
     return object() if x < 0 else x * x

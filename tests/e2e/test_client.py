@@ -134,6 +134,29 @@ def test_map_batch_with_a_poison_item_runs_its_other_items_one_by_one(
     assert results == [i * i for i in range(25)]
 
 
+@pytest.mark.parametrize("chunksize", [None, 10])
+def test_map_runs_a_poison_item_max_attempts_times_in_all(
+    client: ventilator.Client,
+    two_workers: list[WorkerProcess],
+    tmp_path: Path,
+    chunksize: int | None,
+) -> None:
+    # The broker's default max_attempts is 3. The batch that holds the poison
+    # item died with it once; alone, it may kill two more processes, no more.
+    runs = tmp_path / "runs"
+    items = [[x, str(runs)] for x in [*range(60), -1, *range(60)]]
+
+    outcomes = list(
+        client.map_outcomes(tasks.crash_on_negative_counted, items, chunksize=chunksize)
+    )
+
+    assert isinstance(outcomes[60].error, ventilator.PoisonTask)
+    assert [o.value for o in outcomes if o.error is None] == [
+        x * x for x in [*range(60), *range(60)]
+    ]
+    assert runs.read_text().count("ran") == 3
+
+
 def test_map_outcomes_reports_every_item_in_order_without_raising(
     client: ventilator.Client, two_workers: list[WorkerProcess]
 ) -> None:
