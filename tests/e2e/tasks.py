@@ -118,6 +118,18 @@ def crash_on_negative_counted(item: list[Any]) -> int:
     return crash_on_negative(x)
 
 
+def slow_from(item: list[Any]) -> int:
+    """For ``item = [x, threshold, seconds, path]``: return x, at once while it
+    is below `threshold`; from there on, after `seconds`, and once the file at
+    `path` has a line with the id of the process that ran it."""
+    x, threshold, seconds, path = item
+    if x >= threshold:
+        time.sleep(seconds)
+        with open(path, "a") as ran:
+            ran.write(f"{os.getpid()}\n")
+    return int(x)
+
+
 def unsendable_on_negative(x: int) -> Any:
     """Square `x`, but return a value msgpack cannot carry for a negative one."""
     return object() if x < 0 else x * x

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import subprocess
@@ -155,6 +156,43 @@ def test_map_runs_a_poison_item_max_attempts_times_in_all(
         x * x for x in [*range(60), *range(60)]
     ]
     assert runs.read_text().count("ran") == 3
+
+
+def fast_then_slow(
+    log: Path, slow_items: int, seconds: float = 0.1
+) -> Iterator[list[Any]]:
+    """300 instant items, then `slow_items` that take `seconds` each, as a
+    generator: a map cannot taper its last batches by the items left."""
+    for x in range(300 + slow_items):
+        yield [x, 300, seconds, str(log)]
+
+
+def test_map_stopped_when_items_turn_slow_leaves_no_long_batch_behind(
+    client: ventilator.Client, two_workers: list[WorkerProcess], tmp_path: Path
+) -> None:
+    # Batches sized for instant items held 256 slow ones: the first slow
+    # result came after its whole batch, 10 s here. They now stop at their
+    # budget (0.2 s), and what they did not run goes again, sized anew.
+    log = tmp_path / "slow"
+    results = client.map(tasks.slow_from, fast_then_slow(log, slow_items=100))
+
+    with contextlib.closing(results):
+        for value in results:
+            if value >= 300:
+                break
+
+    assert log.read_text().count("\n") < 30
+
+
+def test_map_spreads_items_that_turn_slow_over_the_workers(
+    client: ventilator.Client, two_workers: list[WorkerProcess], tmp_path: Path
+) -> None:
+    log = tmp_path / "slow"
+
+    results = list(client.map(tasks.slow_from, fast_then_slow(log, slow_items=40)))
+
+    assert results == list(range(340))
+    assert len(set(log.read_text().split())) == 2  # before, one ran all 40
 
 
 def test_map_outcomes_reports_every_item_in_order_without_raising(
