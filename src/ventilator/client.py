@@ -2227,11 +2227,14 @@ def _split_when_failed(error: TaskError, items: int) -> bool:
     Yes when the failure may belong to one item (a worker it killed, a result
     too large, an oversized item, a per-item timeout the batch ran past) so
     that the others need not share it; no when every item would fail the same
-    way (no worker has the function).
+    way (no worker has the function). A batch fails as poison at its first
+    death, so even its only item has attempts left (see Flags.SPLIT).
     """
-    if items < 2 or error.remote_type == "PickleNotAllowed":
+    if error.remote_type == "PickleNotAllowed":
         return False
-    return isinstance(error, PoisonTask | ResultExpired | TaskRejected | TaskTimeout)
+    if isinstance(error, PoisonTask):
+        return True
+    return items > 1 and isinstance(error, ResultExpired | TaskRejected | TaskTimeout)
 
 
 def _oversized(size: int, limit: int | None) -> TaskRejected | None:

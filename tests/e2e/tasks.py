@@ -130,6 +130,16 @@ def slow_from(item: list[Any]) -> int:
     return int(x)
 
 
+def crash_once(path: str) -> str:
+    """End the process at once the first time, when there is no file at `path`
+    yet (it is created then); return "survived" every time after."""
+    marker = Path(path)
+    if not marker.exists():
+        marker.touch()
+        os._exit(1)
+    return "survived"
+
+
 def unsendable_on_negative(x: int) -> Any:
     """Square `x`, but return a value msgpack cannot carry for a negative one."""
     return object() if x < 0 else x * x

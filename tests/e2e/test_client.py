@@ -158,6 +158,15 @@ def test_map_runs_a_poison_item_max_attempts_times_in_all(
     assert runs.read_text().count("ran") == 3
 
 
+def test_map_item_alone_in_a_batch_whose_process_died_once_runs_again(
+    client: ventilator.Client, two_workers: list[WorkerProcess], tmp_path: Path
+) -> None:
+    # The broker fails a batch at its first death; its one item has attempts left.
+    results = list(client.map(tasks.crash_once, [str(tmp_path / "crashed")]))
+
+    assert results == ["survived"]
+
+
 def fast_then_slow(
     log: Path, slow_items: int, seconds: float = 0.1
 ) -> Iterator[list[Any]]:

@@ -439,18 +439,19 @@ def test_cancelled_item_raises_cancelled_error_in_its_place() -> None:
 
 
 @pytest.mark.parametrize(
-    ("error", "split"),
+    ("error", "split", "one_runs_alone"),
     [
-        (TaskTimeout("TaskTimeout", "ran past 1s"), True),
-        (PoisonTask("PoisonTask", "died"), True),
-        (FunctionNotFound("FunctionNotFound", "m:f"), False),
+        (TaskTimeout("TaskTimeout", "ran past 1s"), True, False),
+        # A batch fails as poison at its first death: its items have attempts left.
+        (PoisonTask("PoisonTask", "died"), True, True),
+        (FunctionNotFound("FunctionNotFound", "m:f"), False, False),
     ],
 )
 def test_batch_that_failed_whole_is_split_when_one_item_may_be_to_blame(
-    error: TaskError, split: bool
+    error: TaskError, split: bool, one_runs_alone: bool
 ) -> None:
     assert _split_when_failed(error, items=3) is split
-    assert not _split_when_failed(error, items=1)
+    assert _split_when_failed(error, items=1) is one_runs_alone
 
 
 def ready_items(feed: _Feed, count: int, timeout_s: float = 5.0) -> list[int] | None:
