@@ -119,6 +119,15 @@ SLOW_START = 8
 # weighs half as much once this many more came back: one slow item among
 # many fast ones shrinks the next batches, then fades.
 ESTIMATE_HALF_LIFE_ITEMS = 32
+# ... but a batch that took this many times what the estimate said (and at
+# least TAPER_FLOOR_S) restarts it: items that turned slow for good would
+# otherwise fade in over hundreds of items, each batch sized for fast ones.
+RESTART_WHEN_SLOWER = 2
+# A batch stops on its worker once it has run this many times its target
+# work, and its unrun items are sent again: batches sized for fast items
+# that turned slow hold a worker a fraction of a second, not minutes, and
+# the map soon yields (or, after a break, stops).
+BATCH_OVERRUN = 4
 # A map over streaming input (the CLI's) sends a partial batch once it has
 # waited this long for more items: a pipe that goes quiet must not hold back
 # lines already read. Well under a batch's work, so full batches still form
@@ -282,6 +291,13 @@ class _BatchSizer:
     def _item_s(self) -> float | None:
         return self._work_s / self._weight if self._seen else None
 
+    def budget_s(self) -> float | None:
+        """How long a batch may run before its worker stops it (see
+        BATCH_OVERRUN); None, no limit, for the `chunksize` the caller chose."""
+        if self._fixed is not None:
+            return None
+        return BATCH_OVERRUN * self._target_s
+
     def ahead_limit(self) -> int | None:
         """How many items the map may have sent and not yielded, for the
         estimate's sake; None: no limit but the client's window."""
@@ -310,11 +326,24 @@ class _BatchSizer:
         return max(1, min(MAX_BATCH_ITEMS, fitting))
 
     def observe(self, items: int, elapsed_s: float) -> None:
-        """A batch of `items` came back; its items ran `elapsed_s` in all."""
-        fading = 0.5 ** (items / ESTIMATE_HALF_LIFE_ITEMS)
-        self._work_s = self._work_s * fading + elapsed_s
-        self._weight = self._weight * fading + items
+        """A batch ran `items` in `elapsed_s` in all."""
+        if self._much_slower(items, elapsed_s):
+            self._work_s, self._weight = elapsed_s, items
+        else:
+            fading = 0.5 ** (items / ESTIMATE_HALF_LIFE_ITEMS)
+            self._work_s = self._work_s * fading + elapsed_s
+            self._weight = self._weight * fading + items
         self._seen += items
+
+    def _much_slower(self, items: int, elapsed_s: float) -> bool:
+        """Whether a batch took much longer than the estimate said (see
+        RESTART_WHEN_SLOWER)."""
+        item_s = self._item_s
+        return (
+            item_s is not None
+            and elapsed_s >= TAPER_FLOOR_S
+            and elapsed_s > RESTART_WHEN_SLOWER * items * item_s
+        )
 
 
 class _BatchEncoder:
@@ -325,10 +354,12 @@ class _BatchEncoder:
         self._pickled = bool(flags & p.Flags.PICKLED)
         self._packer = BatchPacker()
 
-    def take(self, items: Iterator[Any], count: int) -> _Taken:
-        """Up to `count` items from `items` and their payload; the item that
-        ended the batch early by failing to encode, with its outcome; and what
-        `items` raised, if it did.
+    def take(
+        self, items: Iterator[Any], count: int, budget_s: float | None = None
+    ) -> _Taken:
+        """Up to `count` items from `items` and their payload, a batch that
+        stops after `budget_s` of work; the item that ended the batch early by
+        failing to encode, with its outcome; and what `items` raised, if it did.
 
         A batch also ends once it passes MAX_BATCH_BYTES; a pickled batch is
         bounded by count only, and fails whole if an item cannot be pickled.
@@ -345,19 +376,23 @@ class _BatchEncoder:
                     encoded.append(self._packer.item(item))
                 except UsageError as exc:
                     refused = (item, _refusal(exc))
-                    return _Taken(taken, self._packer.batch(encoded), refused)
+                    payload = self._packer.batch(encoded, budget_s)
+                    return _Taken(taken, payload, refused)
                 taken.append(item)
                 size += len(encoded[-1])
                 if size >= MAX_BATCH_BYTES:
                     break
         except Exception as exc:  # the caller's iterable raised: see _Taken
-            return _Taken(taken, self._payload(taken, encoded), raised=exc)
-        return _Taken(taken, self._payload(taken, encoded))
+            payload = self._payload(taken, encoded, budget_s)
+            return _Taken(taken, payload, raised=exc)
+        return _Taken(taken, self._payload(taken, encoded, budget_s))
 
-    def _payload(self, taken: list[Any], encoded: list[bytes]) -> bytes:
+    def _payload(
+        self, taken: list[Any], encoded: list[bytes], budget_s: float | None
+    ) -> bytes:
         if self._pickled and taken:
-            return pack_pickled_batch(self._function, taken)  # type: ignore[arg-type]
-        return self._packer.batch(encoded)
+            return pack_pickled_batch(self._function, taken, budget_s)  # type: ignore[arg-type]
+        return self._packer.batch(encoded, budget_s)
 
 
 class _Taken(NamedTuple):
@@ -586,21 +621,25 @@ class _BatchMap:
             items = self._items if self.feed is None else self.feed.ready(count)
             if items is None:
                 return  # a feed waiting a little for more input
-            self._send(self._encoder.take(items, count))
+            self._send(self._encoder.take(items, count, self.sizer.budget_s()))
             if self.feed is not None:
                 self.feed.taken()
 
+    def send_again(self, items: list[Any]) -> None:
+        """Submit the items a batch left unrun at its budget, in batches
+        sized by what it ran, to be yielded before any batch in flight."""
+        rest = iter(items)
+        again: list[_BatchSlot] = []
+        while slots := self._slots(
+            self._encoder.take(rest, self.sizer.size(), self.sizer.budget_s())
+        ):
+            again += slots
+        self.batches.extendleft(reversed(again))
+        self._ahead += len(items)
+
     def _send(self, taken: _Taken) -> None:
         read = len(taken.items) + (taken.refused is not None)
-        if taken.items:
-            self.batches.append(
-                self._client._submit_batch(
-                    self.job, self.wakeup, taken.items, taken.payload, self.tasks
-                )
-            )
-        if taken.refused is not None:
-            item, outcome = taken.refused
-            self.batches.append(_BatchSlot(self.wakeup, [item], [outcome]))
+        self.batches.extend(self._slots(taken))
         self._ahead += read
         if self._items_left is not None:
             self._items_left -= read
@@ -608,6 +647,20 @@ class _BatchMap:
             self._raised, self._read_all = taken.raised, True
         elif self.feed is None and not read:
             self._read_all = True
+
+    def _slots(self, taken: _Taken) -> list[_BatchSlot]:
+        """The batch of `taken` submitted, and the item it refused, in order."""
+        slots = []
+        if taken.items:
+            slots.append(
+                self._client._submit_batch(
+                    self.job, self.wakeup, taken.items, taken.payload, self.tasks
+                )
+            )
+        if taken.refused is not None:
+            item, outcome = taken.refused
+            slots.append(_BatchSlot(self.wakeup, [item], [outcome]))
+        return slots
 
     def pop_head(self) -> _BatchSlot:
         """The oldest batch, its outcomes taken: no longer counted ahead."""
@@ -840,7 +893,8 @@ class Client:
         Items travel in batches, many to a task, so that a tiny function costs
         a small part of a task per item. A batch carries about 50 ms of work
         (at most 256 items), judged from the items already run, or `chunksize`
-        items. `timeout_s` and `retries` still apply to each item (see
+        items; without `chunksize` it stops after 0.2 s, and the items it did
+        not run are sent again. `timeout_s` and `retries` still apply to each item (see
         `map_outcomes`); with `sink`, each item is a task of its own.
 
         Submits ahead of what has been consumed, up to the window. An item that
@@ -1011,7 +1065,10 @@ class Client:
                     run.wait()  # for input, or for the first batch's result
                     continue
                 outcomes = self._outcomes(job, run.batches[0], run.sizer, run.tasks)
-                run.tasks.settled([run.pop_head()])
+                head = run.pop_head()
+                run.tasks.settled([head])
+                if len(outcomes) < len(head.items):  # it stopped at its budget
+                    run.send_again(head.items[len(outcomes) :])
                 yield outcomes
             if run.raised is not None and not run.tasks.abandoned:
                 raise run.raised
@@ -1044,6 +1101,8 @@ class Client:
     def _outcomes(
         self, job: _MapJob, batch: _BatchSlot, sizer: _BatchSizer, tasks: _MapTasks
     ) -> list[list[Any]]:
+        """The outcomes of the batch's items in order: of its first items only
+        when it stopped at its budget."""
         if batch.outcomes is not None:
             return batch.outcomes
         try:
@@ -1058,14 +1117,16 @@ class Client:
                     len(batch.items),
                     error.remote_type,
                 )
-                return self._run_singly(job, batch.items, job.retries, tasks)
+                # The death that poisoned the batch counts for each item.
+                died = isinstance(error, PoisonTask)
+                return self._run_singly(job, batch.items, job.retries, tasks, died)
             return [[p.Status.RAISED.value, error.to_wire()]] * len(batch.items)
 
         try:
             elapsed_s, outcomes = unpack_batch_outcomes(value, len(batch.items))
         except ValueError as exc:
             raise ProtocolError(f"undecodable result of a batch: {exc}") from exc
-        sizer.observe(len(batch.items), elapsed_s)
+        sizer.observe(len(outcomes), elapsed_s)
         if job.retries:
             self._retry_raised(job, batch.items, outcomes, tasks)
         return outcomes
@@ -1092,9 +1153,16 @@ class Client:
             outcomes[index] = outcome
 
     def _run_singly(
-        self, job: _MapJob, items: list[Any], retries: int, tasks: _MapTasks
+        self,
+        job: _MapJob,
+        items: list[Any],
+        retries: int,
+        tasks: _MapTasks,
+        died: bool = False,
     ) -> list[list[Any]]:
-        """Each item as a task of its own; their outcomes, in order."""
+        """Each item as a task of its own; their outcomes, in order. `died`:
+        a worker died running them together, which the broker counts as each
+        one's first death (`Flags.SPLIT`)."""
         outcomes: list[list[Any]] = [[] for _ in items]
         specs, places = [], []
         for index, item in enumerate(items):
@@ -1103,7 +1171,7 @@ class Client:
             except (TaskError, UsageError) as exc:  # too large alone, say
                 outcomes[index] = _refusal(exc)
                 continue
-            specs.append(spec)
+            specs.append(_split(spec) if died else spec)
             places.append(index)
 
         wakeup = threading.Condition()
@@ -1125,7 +1193,8 @@ class Client:
 
         A task of `map` carries a batch of items: its future's result is the
         batch's, ``[elapsed_s, [[status, value], ...]]`` with one pair per item
-        in input order (`values_of` turns the pairs into values). The broker
+        in input order, or per item of its first ones if it stopped at its
+        time budget (`values_of` turns the pairs into values). The broker
         does not mark batches, so they are not told apart from other tasks.
         """
         received = 0
@@ -2182,11 +2251,14 @@ def _split_when_failed(error: TaskError, items: int) -> bool:
     Yes when the failure may belong to one item (a worker it killed, a result
     too large, an oversized item, a per-item timeout the batch ran past) so
     that the others need not share it; no when every item would fail the same
-    way (no worker has the function).
+    way (no worker has the function). A batch fails as poison at its first
+    death, so even its only item has attempts left (see Flags.SPLIT).
     """
-    if items < 2 or error.remote_type == "PickleNotAllowed":
+    if error.remote_type == "PickleNotAllowed":
         return False
-    return isinstance(error, PoisonTask | ResultExpired | TaskRejected | TaskTimeout)
+    if isinstance(error, PoisonTask):
+        return True
+    return items > 1 and isinstance(error, ResultExpired | TaskRejected | TaskTimeout)
 
 
 def _oversized(size: int, limit: int | None) -> TaskRejected | None:
@@ -2252,6 +2324,18 @@ def _with_id(spec: p.TaskSpec, task_id: int) -> p.TaskSpec:
         spec.function,
         spec.payload,
         spec.flags,
+        spec.timeout_s,
+        spec.retries,
+        spec.sink,
+    )
+
+
+def _split(spec: p.TaskSpec) -> p.TaskSpec:
+    return p.TaskSpec(
+        spec.task_id,
+        spec.function,
+        spec.payload,
+        spec.flags | p.Flags.SPLIT,
         spec.timeout_s,
         spec.retries,
         spec.sink,

@@ -86,23 +86,44 @@ def _run_batch(
     """Call the function on each item of a batch; each item has its own outcome.
 
     The batch as a whole is OK whenever it ran: an item that raised is reported
-    in its place, and the other items keep their results.
+    in its place, and the other items keep their results. A batch with a time
+    budget stops once it has run that long, with the outcomes it has.
     """
     try:
-        target, items = _prepare_batch(
+        target, items, budget_s = _prepare_batch(
             functions, allow_pickle, function, flags, payload
         )
     except TaskError as error:
         return _status_of(error), pack_error(error)
 
     started = time.perf_counter()
-    outcomes = [_call_one(target, item) for item in items]
+    outcomes = _call_each(target, items, started, budget_s)
     elapsed_s = time.perf_counter() - started
     try:
         return p.Status.OK, pack_batch_outcomes(elapsed_s, outcomes)
     except UsageError:
         # Some result cannot be encoded: find it, and fail that item alone.
         return p.Status.OK, pack_batch_outcomes(elapsed_s, _encodable(outcomes))
+
+
+def _call_each(
+    target: Callable[..., Any], items: list[Any], started: float, budget_s: float | None
+) -> list[list[Any]]:
+    """The outcomes of the items, in order, up to the first that ends past
+    `started + budget_s`: the map sized the batch well under its budget by
+    the items before, and sends what is left in batches sized by these."""
+    if budget_s is None:
+        return [_call_one(target, item) for item in items]
+    # Names bound once: the clock is read after every item, and a tiny item
+    # costs about as much as the reading.
+    clock, deadline = time.perf_counter, started + budget_s
+    outcomes: list[list[Any]] = []
+    ran = outcomes.append
+    for item in items:
+        ran(_call_one(target, item))
+        if clock() >= deadline:
+            break
+    return outcomes
 
 
 def _call_one(target: Callable[..., Any], item: Any) -> list[Any]:
@@ -129,14 +150,14 @@ def _prepare_batch(
     function: str,
     flags: int,
     payload: Any,
-) -> tuple[Callable[..., Any], list[Any]]:
+) -> tuple[Callable[..., Any], list[Any], float | None]:
     if flags & _PICKLED:
         _refuse_pickle_unless(allow_pickle)
         return _unpickled(unpack_pickled_batch, payload, "batch")
 
     target = _served(functions, function)
     try:
-        return target, unpack_batch(payload)
+        return target, *unpack_batch(payload)
     except Exception as exc:
         raise TaskRaised(
             "ValueError", f"cannot decode the items: {describe_error(exc)}"

@@ -72,6 +72,8 @@ BATCH_BYTES = 1024 * 1024
 # Functions whose run times a process pool keeps to size batches; past this
 # many it starts again, as every new function does, with batches of one.
 MAX_FUNCTIONS_TIMED = 1024
+_BATCH = int(p.Flags.BATCH)
+_SPLIT = int(p.Flags.SPLIT)
 
 # How long a child gets to exit on its own before it is killed.
 CHILD_EXIT_GRACE_S = 2.0
@@ -235,8 +237,10 @@ class ProcessPool:
 
     Short tasks travel to a child in batches, sized to about `BATCH_WORK_S` of
     work, so that a child's pipe costs one message per batch rather than per
-    task. A task with a timeout, or one that was in a batch whose child died,
-    travels alone: its deadline and its blame are then exact.
+    task. A task with a timeout, one that was in a batch whose child died, and
+    an item split from a map's batch that died, travel alone: their deadline
+    and their blame are then exact. A map's batch in a batch whose child died
+    is blamed at once (see `_blame`).
 
     A dead child is noticed when its pipe reads end-of-file, which wakes the
     worker's poll at once; a look at every child's process, once per
@@ -387,7 +391,13 @@ class ProcessPool:
         )
 
     def _batchable(self, task: p.Assignment) -> bool:
-        return not task.timeout_s and (task.ticket, task.attempt) not in self._suspects
+        # An item of a map's batch that died has that death counted already:
+        # in a batch that died, it would run once more alone, uncounted.
+        return (
+            not task.timeout_s
+            and not task.flags & _SPLIT
+            and (task.ticket, task.attempt) not in self._suspects
+        )
 
     def _duration_of(self, function: str) -> TaskDuration:
         duration = self._task_s.get(function)
@@ -638,15 +648,22 @@ class ProcessPool:
             return
 
         # One task of the batch killed the child; running them one by one tells
-        # which, so that the others are not blamed for it.
+        # which, so that the others are not blamed for it. But a map's batch
+        # is blamed at once: its map runs its items alone, each with this death
+        # counted, and a run of it here would cost its poison item one more
+        # run than it counts.
+        suspects = [r for r in batch if not r.task.flags & _BATCH]
+        blamed = [r for r in batch if r.task.flags & _BATCH]
         log.warning(
-            "task process died running a batch of %d tasks (%s); "
-            "running them one at a time",
+            "task process died running a batch of %d tasks (%s); %d map batches "
+            "of it reported as crashed, the other tasks run one at a time",
             len(batch),
             ended,
+            len(blamed),
         )
-        self._suspects.update((r.task.ticket, r.task.attempt) for r in batch)
-        self._waiting.extendleft(r.task for r in reversed(batch))
+        outcomes.extend(r.outcome(p.Status.CRASHED, b"", now) for r in blamed)
+        self._suspects.update((r.task.ticket, r.task.attempt) for r in suspects)
+        self._waiting.extendleft(r.task for r in reversed(suspects))
 
     def next_deadline(self) -> float | None:
         if not self._resting:

@@ -102,6 +102,10 @@ class Flags(enum.IntFlag):
     # makes a tiny function cost a fraction of a task per item.
     BATCH = 2
     RAW = 4  # the payload is an MDP body, frames packed by mdp.pack_body
+    # One item of a batch whose worker died under it: the broker counts that
+    # death as the item's first, so that the item that killed the batch runs
+    # `max_attempts` times in all, not once in the batch and that many alone.
+    SPLIT = 8
 
 
 # The ERROR code of a notice, not a refusal: a SUBMIT was accepted, but no
@@ -120,7 +124,7 @@ TASK_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z]\w*")
 PICKLED_PREFIX = "pickled:"
 MDP_PREFIX = "mdp:"
 # A plain int: `~` on an IntFlag complements only its known bits.
-CLIENT_FLAGS = int(Flags.PICKLED | Flags.BATCH)
+CLIENT_FLAGS = int(Flags.PICKLED | Flags.BATCH | Flags.SPLIT)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -140,12 +144,12 @@ def submission_problem(function: str, flags: int) -> str | None:
     if flags & Flags.RAW:
         return (
             f"task flags {flags} include RAW (4), which only the broker's MDP "
-            "gateway sets; clients may set PICKLED (1) and BATCH (2)"
+            "gateway sets; clients may set PICKLED (1), BATCH (2) and SPLIT (8)"
         )
     if flags & ~CLIENT_FLAGS:
         return (
-            f"task flags {flags} are not a client's: clients may set PICKLED (1) "
-            "and BATCH (2)"
+            f"task flags {flags} are not a client's: clients may set PICKLED (1), "
+            "BATCH (2) and SPLIT (8)"
         )
     if flags & Flags.PICKLED:
         if not function.startswith(PICKLED_PREFIX):

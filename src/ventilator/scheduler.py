@@ -13,11 +13,12 @@ Every accepted task is in exactly one state::
       │  └──worker died─────┘  └──raised, retries left──▶ WAITING ──due──┐
       └────────────────────────────────────────────────────────────────────┘
 
-A task whose worker died `max_attempts` times finishes as POISON; a cancelled
-task finishes as CANCELLED. A task its submitter cancels while a worker runs it
-stays RUNNING (the worker cannot be told to stop) but is marked `cancelled`:
-once its worker is done with it or gone, it is dropped, result and all, never
-requeued; the journal forgets it at once, so a restart does not queue it again.
+A task whose worker died `max_attempts` times finishes as POISON (a map's batch
+at its first death, see `_died_running`); a cancelled task finishes as
+CANCELLED. A task its submitter cancels while a worker runs it stays RUNNING
+(the worker cannot be told to stop) but is marked `cancelled`: once its worker
+is done with it or gone, it is dropped, result and all, never requeued; the
+journal forgets it at once, so a restart does not queue it again.
 A worker never holds more tasks than its capacity.
 Results of one attempt only count while that attempt is current (fencing): a
 late result from an attempt that was given up on is dropped.
@@ -50,6 +51,8 @@ PICKLE_QUEUE = "<pickled>"
 # `Task.queue` is asked on every enqueue.
 _PICKLED = int(p.Flags.PICKLED)
 _RAW = int(p.Flags.RAW)
+_BATCH = int(p.Flags.BATCH)
+_SPLIT = int(p.Flags.SPLIT)
 
 # Session and recipient names of peers that do not speak ventilator's protocol
 # (MDP clients, Titanic): a ventilator client may not take them in its HELLO.
@@ -858,6 +861,7 @@ class Scheduler:
             timeout_s=spec.timeout_s,
             retries_left=spec.retries,
             recipient=recipient,
+            deaths=1 if spec.flags & _SPLIT else 0,
         )
         self._admit(task)
         self._enqueue(task)
@@ -1090,20 +1094,31 @@ class Scheduler:
     def _died_running(self, task: Task, now: float) -> bool:
         """Requeue a task whose worker died under it; poison it if it keeps killing.
 
+        A batch of a map is not run whole again: one of its items may be to
+        blame, and each run of the batch runs that item. Its client runs the
+        items one by one instead (with `Flags.SPLIT`, this death counted).
+
         Returns whether the task was poisoned.
         """
         task.deaths += 1
-        if task.deaths >= self.limits.max_attempts:
+        if task.flags & _BATCH:
+            error = PoisonTask(
+                "PoisonTask",
+                "the worker process died running this batch of items; not "
+                "running it whole again (its map runs the items one by one)",
+            )
+        elif task.deaths >= self.limits.max_attempts:
             error = PoisonTask(
                 "PoisonTask",
                 f"the worker process died each of the {task.deaths} times it ran "
                 f"this task (max_attempts={self.limits.max_attempts}); not retrying",
             )
-            self._finish(task, p.Status.POISON, pack_error(error), now)
-            return True
+        else:
+            self._enqueue(task, front=True)
+            return False
 
-        self._enqueue(task, front=True)
-        return False
+        self._finish(task, p.Status.POISON, pack_error(error), now)
+        return True
 
     def _remove_worker(
         self, worker: Worker, reason: str, deadly: bool, now: float

@@ -84,15 +84,23 @@ def unpack_call(payload: Any) -> tuple[list[Any], dict[str, Any]]:
     return args, kwargs
 
 
-def pack_pickled_batch(function: Callable[..., Any], items: list[Any]) -> bytes:
-    """Pickle a callable with the items of a batch, for workers that allow it."""
-    return cloudpickle.dumps((function, items))  # type: ignore[no-any-return]
+def pack_pickled_batch(
+    function: Callable[..., Any], items: list[Any], budget_s: float | None = None
+) -> bytes:
+    """Pickle a callable with the items of a batch and its time budget (see
+    `BatchPacker.batch`), for workers that allow it."""
+    return cloudpickle.dumps((function, items, budget_s))  # type: ignore[no-any-return]
 
 
-def unpack_pickled_batch(payload: Any) -> tuple[Callable[..., Any], list[Any]]:
-    """Unpickle a batch. This runs the sender's code: only for opted-in workers."""
-    function, items = pickle.loads(payload)
-    return function, list(items)
+def unpack_pickled_batch(
+    payload: Any,
+) -> tuple[Callable[..., Any], list[Any], float | None]:
+    """Unpickle a batch: its callable, items and time budget (see
+    `BatchPacker.batch`). This runs the sender's code: only for opted-in workers.
+    """
+    # A batch journalled before batches had budgets has none.
+    function, items, *budget = pickle.loads(payload)
+    return function, list(items), _budget(budget[0] if budget else None)
 
 
 def pack_pickled_call(
@@ -124,6 +132,10 @@ class BatchPacker:
     The payload of a batch is a msgpack array of the items, built from each
     item's own encoding: the client learns each item's size as it goes, and
     keeps those encodings to resubmit items alone if the batch fails whole.
+    The array may be followed by a second msgpack value, the batch's time
+    budget in seconds: the worker runs no item more once the batch has run
+    that long, and reports the outcomes of those it ran. The array comes
+    first so that the broker counts a batch's items from its header alone.
     """
 
     def __init__(self) -> None:
@@ -151,10 +163,12 @@ class BatchPacker:
                 "list, dict"
             ) from exc
 
-    def batch(self, encoded_items: list[bytes]) -> bytes:
-        """The payload of a batch of items encoded with `item`."""
+    def batch(self, encoded_items: list[bytes], budget_s: float | None = None) -> bytes:
+        """The payload of a batch of items encoded with `item`, which stops
+        after `budget_s` seconds of work; None: it runs every item."""
         header: bytes = self._packer.pack_array_header(len(encoded_items))
-        return header + b"".join(encoded_items)
+        budget = b"" if budget_s is None else self._packer.pack(float(budget_s))
+        return header + b"".join(encoded_items) + budget
 
     @staticmethod
     def single_call(encoded_item: bytes) -> bytes:
@@ -163,19 +177,38 @@ class BatchPacker:
         return b"\x91\x91" + encoded_item
 
 
-def unpack_batch(payload: Any) -> list[Any]:
-    """Decode a batch's items; raise ValueError when it is not a list."""
-    items = unpack_value(payload)
-    if not isinstance(items, list):
-        raise ValueError("a batch payload must be a list of items")
-    return items
+def unpack_batch(payload: Any) -> tuple[list[Any], float | None]:
+    """Decode a batch's items and its time budget (see `BatchPacker.batch`).
+
+    Raises:
+        ValueError: the items are not a list, the budget not a number of
+            seconds, or something follows it.
+    """
+    # The limits of an Unpacker follow its buffer's size; the payload is whole.
+    unpacker = msgpack.Unpacker(
+        raw=False, strict_map_key=False, max_buffer_size=max(1, len(payload))
+    )
+    unpacker.feed(payload)
+    values = list(unpacker)
+    if not values or not isinstance(values[0], list) or len(values) > 2:
+        raise ValueError("a batch payload must be a list of items, then a budget")
+    return values[0], _budget(values[1] if len(values) == 2 else None)
+
+
+def _budget(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ValueError(f"a batch's budget must be seconds, got {value!r}")
+    return float(value)
 
 
 def pack_batch_outcomes(elapsed_s: float, outcomes: list[list[Any]]) -> bytes:
     """Encode a batch's result: ``[elapsed_s, [[status, value or error], ...]]``.
 
     `elapsed_s` is the time the items took to run, which tells the client how
-    many items the next batch should carry.
+    many items the next batch should carry. A batch stopped at its budget has
+    the outcomes of its first items only; the others did not run.
 
     Raises:
         UsageError: some value cannot be encoded; the caller finds which.
@@ -184,17 +217,19 @@ def pack_batch_outcomes(elapsed_s: float, outcomes: list[list[Any]]) -> bytes:
 
 
 def unpack_batch_outcomes(value: Any, count: int) -> tuple[float, list[Any]]:
-    """Check the decoded result of a batch of `count` items.
+    """Check the decoded result of a batch of `count` items: the outcomes of
+    its first items, all of them unless it stopped at its budget.
 
     Raises:
-        ValueError: it is not ``[elapsed_s, [[status, value], ...]]`` of `count`.
+        ValueError: it is not ``[elapsed_s, [[status, value], ...]]`` with one
+            to `count` outcomes.
     """
     if not (isinstance(value, list) and len(value) == 2):
         raise ValueError("a batch result must be [elapsed_s, outcomes]")
     elapsed_s, outcomes = value
     if not isinstance(elapsed_s, int | float) or not isinstance(outcomes, list):
         raise ValueError("a batch result must be [elapsed_s, outcomes]")
-    if len(outcomes) != count:
+    if not 1 <= len(outcomes) <= count:
         raise ValueError(f"a batch of {count} items came back with {len(outcomes)}")
     if not all(isinstance(o, list) and len(o) == 2 for o in outcomes):
         raise ValueError("each outcome of a batch must be [status, value]")

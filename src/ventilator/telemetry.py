@@ -14,8 +14,9 @@ items, so both are counted: a plain task is one item, a batch as many as it
 carries (read from its payload's msgpack array header when accepted, and from
 its result's per-item statuses when it ran). A batch that failed whole counts
 all its items with its outcome; items the client then resubmits one by one are
-new submissions. A pickled batch's arguments are opaque to the broker: its
-items are counted as submitted when it finishes.
+new submissions, as are the items a batch left unrun at its time budget. A
+pickled batch's arguments are opaque to the broker: its items are counted as
+submitted when it finishes.
 
 Prometheus metrics (collected from the latest snapshot, in a registry of our
 own, not prometheus-client's global one)::

@@ -108,6 +108,38 @@ def crash_on_negative(x: int) -> int:
     return x * x
 
 
+def crash_on_negative_counted(item: list[Any]) -> int:
+    """`crash_on_negative` on ``item = [x, path]``; a negative x first appends a
+    line to the file at `path`, which counts the processes the poison killed."""
+    x, path = item
+    if x < 0:
+        with open(path, "a") as runs:
+            runs.write("ran\n")
+    return crash_on_negative(x)
+
+
+def slow_from(item: list[Any]) -> int:
+    """For ``item = [x, threshold, seconds, path]``: return x, at once while it
+    is below `threshold`; from there on, after `seconds`, and once the file at
+    `path` has a line with the id of the process that ran it."""
+    x, threshold, seconds, path = item
+    if x >= threshold:
+        time.sleep(seconds)
+        with open(path, "a") as ran:
+            ran.write(f"{os.getpid()}\n")
+    return int(x)
+
+
+def crash_once(path: str) -> str:
+    """End the process at once the first time, when there is no file at `path`
+    yet (it is created then); return "survived" every time after."""
+    marker = Path(path)
+    if not marker.exists():
+        marker.touch()
+        os._exit(1)
+    return "survived"
+
+
 def unsendable_on_negative(x: int) -> Any:
     """Square `x`, but return a value msgpack cannot carry for a negative one."""
     return object() if x < 0 else x * x

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import gc
 import os
@@ -139,6 +140,75 @@ def test_map_batch_with_a_poison_item_runs_its_other_items_one_by_one(
             results.append(value)
 
     assert results == [i * i for i in range(25)]
+
+
+@pytest.mark.parametrize("chunksize", [None, 10])
+def test_map_runs_a_poison_item_max_attempts_times_in_all(
+    client: ventilator.Client,
+    two_workers: list[WorkerProcess],
+    tmp_path: Path,
+    chunksize: int | None,
+) -> None:
+    # The broker's default max_attempts is 3. The batch that holds the poison
+    # item died with it once; alone, it may kill two more processes, no more.
+    runs = tmp_path / "runs"
+    items = [[x, str(runs)] for x in [*range(60), -1, *range(60)]]
+
+    outcomes = list(
+        client.map_outcomes(tasks.crash_on_negative_counted, items, chunksize=chunksize)
+    )
+
+    assert isinstance(outcomes[60].error, ventilator.PoisonTask)
+    assert [o.value for o in outcomes if o.error is None] == [
+        x * x for x in [*range(60), *range(60)]
+    ]
+    assert runs.read_text().count("ran") == 3
+
+
+def test_map_item_alone_in_a_batch_whose_process_died_once_runs_again(
+    client: ventilator.Client, two_workers: list[WorkerProcess], tmp_path: Path
+) -> None:
+    # The broker fails a batch at its first death; its one item has attempts left.
+    results = list(client.map(tasks.crash_once, [str(tmp_path / "crashed")]))
+
+    assert results == ["survived"]
+
+
+def fast_then_slow(
+    log: Path, slow_items: int, seconds: float = 0.1
+) -> Iterator[list[Any]]:
+    """300 instant items, then `slow_items` that take `seconds` each, as a
+    generator: a map cannot taper its last batches by the items left."""
+    for x in range(300 + slow_items):
+        yield [x, 300, seconds, str(log)]
+
+
+def test_map_stopped_when_items_turn_slow_leaves_no_long_batch_behind(
+    client: ventilator.Client, two_workers: list[WorkerProcess], tmp_path: Path
+) -> None:
+    # Batches sized for instant items held 256 slow ones: the first slow
+    # result came after its whole batch, 10 s here. They now stop at their
+    # budget (0.2 s), and what they did not run goes again, sized anew.
+    log = tmp_path / "slow"
+    results = client.map(tasks.slow_from, fast_then_slow(log, slow_items=100))
+
+    with contextlib.closing(results):
+        for value in results:
+            if value >= 300:
+                break
+
+    assert log.read_text().count("\n") < 30
+
+
+def test_map_spreads_items_that_turn_slow_over_the_workers(
+    client: ventilator.Client, two_workers: list[WorkerProcess], tmp_path: Path
+) -> None:
+    log = tmp_path / "slow"
+
+    results = list(client.map(tasks.slow_from, fast_then_slow(log, slow_items=40)))
+
+    assert results == list(range(340))
+    assert len(set(log.read_text().split())) == 2  # before, one ran all 40
 
 
 def test_map_outcomes_reports_every_item_in_order_without_raising(

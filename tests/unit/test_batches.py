@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import threading
 import time
 from collections import deque
@@ -13,6 +14,7 @@ import pytest
 
 from ventilator import protocol as p
 from ventilator.client import (
+    BATCH_OVERRUN,
     BATCH_TARGET_S,
     MAX_BATCH_BYTES,
     MAX_BATCH_ITEMS,
@@ -40,7 +42,10 @@ from ventilator.execution import run_task
 from ventilator.serialization import (
     BatchPacker,
     pack_call,
+    pack_pickled_batch,
+    unpack_batch,
     unpack_batch_outcomes,
+    unpack_pickled_batch,
     unpack_value,
 )
 
@@ -163,6 +168,88 @@ def test_one_slow_item_among_many_fast_ones_fades_from_the_estimate() -> None:
     assert len(batches) < 20_000 / MAX_BATCH_ITEMS * 2
 
 
+def run_map_within_budget(
+    sizer: _BatchSizer, durations: list[float], slow_s: float
+) -> tuple[list[tuple[int, list[float]]], list[list[float]]]:
+    """As `run_map`, but each batch stops at the sizer's time budget, as a
+    worker stops it, and its unrun items are sent again before the rest.
+
+    Returns each batch as sent, with how many batches holding an item of
+    `slow_s` or more had come back by then; and the items each batch ran.
+    """
+    sent_batches: list[tuple[int, list[float]]] = []
+    ran_batches: list[list[float]] = []
+    unyielded: deque[list[float]] = deque()
+    sent = ahead = slow_back = 0
+
+    def send(batch: list[float]) -> list[float]:
+        sent_batches.append((slow_back, batch))
+        return batch
+
+    while sent < len(durations) or unyielded:
+        limit = sizer.ahead_limit()
+        while sent < len(durations) and (limit is None or ahead < limit):
+            unyielded.append(send(durations[sent : sent + sizer.size()]))
+            sent += len(unyielded[-1])
+            ahead += len(unyielded[-1])
+        head = unyielded.popleft()
+        ran = ran_within(head, sizer.budget_s())
+        ran_batches.append(ran)
+        slow_back += max(ran) >= slow_s
+        sizer.observe(len(ran), sum(ran))
+        ahead -= len(ran)
+        rest, again = head[len(ran) :], []
+        while rest:
+            again.append(send(rest[: sizer.size()]))
+            rest = rest[len(again[-1]) :]
+        unyielded.extendleft(reversed(again))
+    return sent_batches, ran_batches
+
+
+def ran_within(batch: list[float], budget_s: float | None) -> list[float]:
+    """The items of `batch` a worker runs before it passes `budget_s`."""
+    ran: list[float] = []
+    for duration in batch:
+        ran.append(duration)
+        if budget_s is not None and sum(ran) >= budget_s:
+            break
+    return ran
+
+
+def test_batches_follow_items_that_turn_slow_within_a_batch_or_two() -> None:
+    # The tester's map: instant items, then from the 300th 0.2 s each.
+    durations = [0.00002] * 300 + [0.2] * 300
+
+    sent, ran = run_map_within_budget(_BatchSizer(None), durations, slow_s=0.2)
+
+    budget_s = _BatchSizer(None).budget_s()
+    assert budget_s is not None
+    # No batch holds a worker much past its budget: it was 256 slow items.
+    assert max(sum(batch) for batch in ran) < budget_s + 0.2
+    # Once two batches of slow items came back, every batch is one item.
+    later = [batch for slow_back, batch in sent if slow_back >= 2]
+    assert later and all(len(batch) == 1 for batch in later)
+    assert sum(map(len, ran)) == len(durations)
+
+
+def test_batch_much_slower_than_the_estimate_restarts_it() -> None:
+    sizer = _BatchSizer(None)
+    for _ in range(20):
+        sizer.observe(items=MAX_BATCH_ITEMS, elapsed_s=MAX_BATCH_ITEMS * 0.00002)
+    assert sizer.size() == MAX_BATCH_ITEMS
+
+    sizer.observe(items=1, elapsed_s=0.2)
+
+    assert sizer.size() == 1
+
+
+def test_sizer_gives_a_batch_a_budget_of_its_target_unless_the_caller_chose() -> None:
+    assert _BatchSizer(None).budget_s() == BATCH_OVERRUN * BATCH_TARGET_S
+    timed = _BatchSizer(None, timeout_s=0.05).budget_s()
+    assert timed == pytest.approx(BATCH_OVERRUN * 0.05 * TIMEOUT_SHARE)
+    assert _BatchSizer(7).budget_s() is None
+
+
 def test_sizer_sends_ahead_by_what_came_back_unless_the_caller_chose() -> None:
     sizer = _BatchSizer(None)
     assert sizer.ahead_limit() == PROBE_BATCHES
@@ -225,6 +312,42 @@ def test_batch_runs_each_item_and_reports_each_outcome_in_order() -> None:
     assert outcomes[2] == [p.Status.OK.value, 0.25]
 
 
+def nap(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+def test_batch_stops_once_it_ran_past_its_budget_with_the_outcomes_it_has() -> None:
+    packer = BatchPacker()
+    payload = packer.batch([packer.item(0.02)] * 10, budget_s=0.03)
+
+    status, result = run_task({"m:f": nap}, False, "m:f", p.Flags.BATCH, payload)
+
+    assert status is p.Status.OK
+    elapsed_s, outcomes = unpack_batch_outcomes(unpack_value(result), 10)
+    assert 1 <= len(outcomes) < 10
+    assert outcomes == [[p.Status.OK.value, 0.02]] * len(outcomes)
+    assert elapsed_s >= 0.03
+
+
+def test_batch_payload_carries_its_budget_after_its_items() -> None:
+    packer = BatchPacker()
+    items = [packer.item(i) for i in range(3)]
+
+    assert unpack_batch(packer.batch(items, budget_s=0.2)) == ([0, 1, 2], 0.2)
+    assert unpack_batch(packer.batch(items)) == ([0, 1, 2], None)
+
+
+def test_pickled_batch_carries_its_budget_and_one_journalled_without_runs_whole() -> (
+    None
+):
+    payload = pack_pickled_batch(square, [1, 2], budget_s=0.2)
+    earlier = pickle.dumps((square, [1, 2]))
+
+    assert unpack_pickled_batch(payload) == (square, [1, 2], 0.2)
+    assert unpack_pickled_batch(earlier) == (square, [1, 2], None)
+
+
 def test_batch_of_an_unserved_function_fails_whole() -> None:
     packer = BatchPacker()
     payload = packer.batch([packer.item(1)])
@@ -245,7 +368,14 @@ def test_batch_that_is_not_a_list_fails_whole_naming_the_items() -> None:
 
 @pytest.mark.parametrize(
     "value",
-    [[], [0.1], [0.1, [[0, 1]]], ["soon", [[0, 1], [0, 4]]], [0.1, [[0], [0]]]],
+    [
+        [],
+        [0.1],
+        [0.1, []],
+        [0.1, [[0, 1]] * 3],
+        ["soon", [[0, 1], [0, 4]]],
+        [0.1, [[0], [0]]],
+    ],
 )
 def test_malformed_batch_results_are_refused(value: object) -> None:
     with pytest.raises(ValueError, match="batch"):
@@ -309,18 +439,19 @@ def test_cancelled_item_raises_cancelled_error_in_its_place() -> None:
 
 
 @pytest.mark.parametrize(
-    ("error", "split"),
+    ("error", "split", "one_runs_alone"),
     [
-        (TaskTimeout("TaskTimeout", "ran past 1s"), True),
-        (PoisonTask("PoisonTask", "died"), True),
-        (FunctionNotFound("FunctionNotFound", "m:f"), False),
+        (TaskTimeout("TaskTimeout", "ran past 1s"), True, False),
+        # A batch fails as poison at its first death: its items have attempts left.
+        (PoisonTask("PoisonTask", "died"), True, True),
+        (FunctionNotFound("FunctionNotFound", "m:f"), False, False),
     ],
 )
 def test_batch_that_failed_whole_is_split_when_one_item_may_be_to_blame(
-    error: TaskError, split: bool
+    error: TaskError, split: bool, one_runs_alone: bool
 ) -> None:
     assert _split_when_failed(error, items=3) is split
-    assert not _split_when_failed(error, items=1)
+    assert _split_when_failed(error, items=1) is one_runs_alone
 
 
 def ready_items(feed: _Feed, count: int, timeout_s: float = 5.0) -> list[int] | None:

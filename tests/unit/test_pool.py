@@ -18,7 +18,7 @@ from tests.leftovers import pid_file
 from ventilator import protocol as p
 from ventilator.policy import Backoff
 from ventilator.pool import ProcessPool, ThreadPool
-from ventilator.serialization import pack_call, unpack_value
+from ventilator.serialization import BatchPacker, pack_call, unpack_value
 
 TASKS = "tests.e2e.tasks"
 PROCESS_TASKS = "tests.e2e.process_tasks"
@@ -70,6 +70,38 @@ def test_pool_reports_a_crash_and_runs_what_was_queued_behind_it() -> None:
 
     assert outcomes[1].status is p.Status.CRASHED
     assert [unpack_value(outcomes[t].payload) for t in range(2, 6)] == [4, 9, 16, 25]
+
+
+def map_batch(ticket: int, xs: list[int], runs: Path) -> p.Assignment:
+    """A batch of `map` calling `crash_on_negative_counted`, which counts in
+    the file `runs` the processes a negative x killed."""
+    packer = BatchPacker()
+    payload = packer.batch([packer.item([x, str(runs)]) for x in xs])
+    function = f"{TASKS}:crash_on_negative_counted"
+    return p.Assignment(ticket, 1, function, payload, p.Flags.BATCH)
+
+
+def test_map_batches_in_a_batch_whose_child_died_are_reported_not_run_again(
+    tmp_path: Path,
+) -> None:
+    # The broker fails a map's batch at its first death, and its map runs the
+    # items alone with that death counted: a run of it here would not count.
+    runs = tmp_path / "runs"
+    pool = ProcessPool(1, [TASKS], allow_pickle=False)
+    try:
+        pool.submit(map_batch(1, [1, 2], runs), 0.0)  # times the function
+        assert run_all(pool, 1)[0].status is p.Status.OK
+        for ticket, xs in [(2, [3, 4]), (3, [5, -1, 6]), (4, [7])]:
+            pool.submit(map_batch(ticket, xs, runs), 0.0)
+
+        outcomes = run_all(pool, 3)
+    finally:
+        pool.close()
+
+    assert {o.ticket: o.status for o in outcomes} == dict.fromkeys(
+        [2, 3, 4], p.Status.CRASHED
+    )
+    assert runs.read_text().count("ran") == 1
 
 
 def children_of_this_process() -> set[int]:

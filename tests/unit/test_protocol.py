@@ -517,6 +517,7 @@ def test_almost_right_bodies_give_a_command_or_a_protocol_error(
         ("jobs:work", p.Flags.NONE),
         ("my.pkg.tasks:score_2", p.Flags.NONE),
         ("jobs:work", p.Flags.BATCH),
+        ("jobs:work", p.Flags.SPLIT),
         ("pickled:<lambda>", p.Flags.PICKLED),
         ("pickled:outer.<locals>.inner", p.Flags.PICKLED | p.Flags.BATCH),
     ],
@@ -543,7 +544,7 @@ def test_names_our_clients_send_are_accepted(function: str, flags: int) -> None:
         ("jobs:work\x00", p.Flags.NONE, "control character '\\x00'"),
         ("jobs:wo\nrk", p.Flags.NONE, "control character '\\n'"),
         ("pickled:\x1b[31mred", p.Flags.PICKLED, "control character '\\x1b'"),
-        ("jobs:work", 8, "not a client's"),
+        ("jobs:work", 16, "not a client's"),
     ],
 )
 def test_names_no_worker_could_serve_are_refused_naming_the_rule(

@@ -675,6 +675,34 @@ def test_crashed_outcome_counts_as_a_death_of_the_worker() -> None:
     assert [r.status for r in results(poisoned)] == [p.Status.POISON]
 
 
+def test_batch_whose_worker_died_fails_at_once_for_its_items_to_run_alone() -> None:
+    driver = Driver(Limits(max_attempts=3))
+    driver.hello()
+    driver.submit(task(1, flags=p.Flags.BATCH))
+    [batch] = assignments(driver.ready(W1), W1)
+
+    effects = driver.done(W1, batch, p.Status.CRASHED)
+
+    [entry] = results(effects)
+    assert entry.status is p.Status.POISON
+    assert error_report(entry)["kind"] == "poison"
+    assert "batch" in error_report(entry)["message"]
+
+
+def test_item_split_from_a_dead_batch_has_that_death_counted_already() -> None:
+    driver = Driver(Limits(max_attempts=3))
+    driver.hello()
+    driver.submit(task(1, flags=p.Flags.SPLIT))
+
+    [first] = assignments(driver.ready(W1), W1)
+    [second] = assignments(driver.done(W1, first, p.Status.CRASHED), W1)
+    poisoned = driver.done(W1, second, p.Status.CRASHED)
+
+    [entry] = results(poisoned)
+    assert entry.status is p.Status.POISON
+    assert "3 times" in error_report(entry)["message"]
+
+
 def test_silent_worker_is_expired_and_its_tasks_requeued(driver: Driver) -> None:
     driver.submit(task(1))
     driver.ready(W1)
