@@ -158,6 +158,9 @@ class Worker:
     # Whether it is in the index of workers with free credit, under each of
     # its services (see Scheduler._offer).
     offered: bool = False
+    # When it last reported an outcome, registered, or was given a task for a
+    # free slot: see Scheduler._stalled.
+    last_progress: float = 0.0
     # Why it serves nothing, as it said in its READY; for the status.
     problem: str | None = None
 
@@ -1024,6 +1027,7 @@ class Scheduler:
         worker = Worker(ready.worker_id, peer, services, ready.capacity, now)
         worker.slots = ready.slots
         worker.problem = ready.problem
+        worker.last_progress = now
         worker.max_silence_s = max_silence_s
         worker.silent_while_busy = silent_while_busy
         self.workers[worker.worker_id] = worker
@@ -1038,6 +1042,7 @@ class Scheduler:
         return self.workers.get(worker_id) if worker_id is not None else None
 
     def _done(self, worker: Worker, outcomes: Iterable[p.Outcome], now: float) -> None:
+        worker.last_progress = now
         for outcome in outcomes:
             task = self.tasks.get(outcome.ticket)
             if (
@@ -1407,22 +1412,78 @@ class Scheduler:
     def _assign_round(
         self, queue_name: str, queue: FairQueue, available: dict[str, None]
     ) -> bool:
-        """Hand out one round of `queue`; False if nobody could take any."""
-        # Spread the queue over every available worker rather than filling the
-        # first one: with more credit than tasks, all workers get a share.
-        share = max(1, math.ceil(len(queue) / len(available)))
-        assigned = False
+        """Hand out one round of `queue`; False if nobody could take any.
+
+        Idle slots first: a task sent to a worker whose slots are all busy
+        waits there behind them, while another worker may have a slot free.
+        Then what workers may hold beyond their slots (see `_prefetch_room`).
+        """
+        assigned = self._hand_out(
+            queue_name, queue, available, self._idle_room, into_slots=True
+        )
+        if queue and available:  # the idle slots may have taken all the credit
+            prefetched = self._hand_out(
+                queue_name, queue, available, self._prefetch_room, into_slots=False
+            )
+            assigned = assigned or prefetched
+        return assigned
+
+    def _hand_out(
+        self,
+        queue_name: str,
+        queue: FairQueue,
+        available: dict[str, None],
+        room_of: Callable[[Worker, str], int],
+        *,
+        into_slots: bool,
+    ) -> bool:
+        """Give each available worker up to the room `room_of` says it has
+        (its free slots, if `into_slots`); False if none had any."""
+        rooms = []
         for worker_id in list(available):
             worker = self.workers[worker_id]
-            room = min(share, worker.free, self._allowance(worker, queue_name))
-            assignments = self._take(queue_name, queue, worker, room)
+            room = room_of(worker, queue_name)
+            if room > 0:
+                rooms.append((worker, room))
+        if not rooms:
+            return False
+
+        # Spread the queue over the workers with room rather than filling the
+        # first one: with more room than tasks, each gets a share.
+        share = max(1, math.ceil(len(queue) / len(rooms)))
+        for worker, room in rooms:
+            assignments = self._take(queue_name, queue, worker, min(share, room))
             if assignments:
                 self._effects.to_workers.append((worker.peer, p.Tasks(assignments)))
-                assigned = True
+                if into_slots:
+                    worker.last_progress = self._now  # a slot starts on one
             self._offer(worker)
             if not queue:
                 break
-        return assigned
+        return True
+
+    def _idle_room(self, worker: Worker, queue_name: str) -> int:
+        """How many tasks of `queue_name` the worker can start at once: its
+        free slots (all its credit, if it does not say how many slots)."""
+        room = min(worker.free, self._allowance(worker, queue_name))
+        if worker.slots is None:
+            return room
+        return min(room, worker.slots - len(worker.running))
+
+    def _prefetch_room(self, worker: Worker, queue_name: str) -> int:
+        """How many more tasks of `queue_name` the worker may hold: none while
+        it is stalled, as they would wait behind tasks that may never end."""
+        if self._stalled(worker):
+            return 0
+        return min(worker.free, self._allowance(worker, queue_name))
+
+    def _stalled(self, worker: Worker) -> bool:
+        """Whether every slot of the worker is busy and it has shown no
+        progress for as long as a long task takes: tasks short enough to be
+        held beyond its slots would have come back by now."""
+        if worker.slots is None or len(worker.running) < worker.slots:
+            return False
+        return self._now - worker.last_progress > self._prefetch.long_task_s
 
     def _allowance(self, worker: Worker, queue_name: str) -> int:
         """How many more tasks of `queue_name` the worker may hold.
@@ -2007,7 +2068,10 @@ class Scheduler:
 
     def _check_nobody_idles_for(self, task: Task) -> None:
         for worker in self.workers.values():
-            free = min(worker.free, self._allowance(worker, task.queue))
+            free = max(
+                self._idle_room(worker, task.queue),
+                self._prefetch_room(worker, task.queue),
+            )
             assert task.queue not in worker.services or free == 0, (
                 f"task {task.ticket} waits while {worker.worker_id} has room for it"
             )

@@ -250,6 +250,48 @@ def test_long_tasks_go_to_the_idle_worker_not_the_one_with_more_credit(
     assert driver.scheduler.status(driver.now)["queued"] == {FUNCTION: 4}
 
 
+def _two_busy_slots_on_w1_then_w2_joins(driver: Driver) -> None:
+    """W1 learns the function is short, then both its slots take a task."""
+    driver.ready(W1, capacity=20, slots=2)
+    [first] = assignments(driver.submit(task(1)), W1)
+    driver.done(W1, first, duration_s=0.001)
+    assert len(assignments(driver.submit(task(2), task(3)), W1)) == 2
+    driver.ready(W2, capacity=20, slots=2)
+
+
+def test_idle_slots_are_filled_before_anything_is_held_beyond_busy_ones(
+    driver: Driver,
+) -> None:
+    _two_busy_slots_on_w1_then_w2_joins(driver)
+
+    effects = driver.submit(task(10), task(11))
+
+    assert len(assignments(effects, W2)) == 2
+    assert not assignments(effects, W1)
+
+
+def test_a_stalled_worker_is_given_no_tasks_to_wait_behind_its_busy_slots(
+    driver: Driver,
+) -> None:
+    _two_busy_slots_on_w1_then_w2_joins(driver)
+    driver.tick(1.0)  # W1 has reported nothing for longer than a long task
+
+    effects = driver.submit(*[task(i) for i in range(10, 30)])
+
+    assert not assignments(effects, W1)
+    assert len(assignments(effects, W2)) == 20  # all its credit
+
+
+def test_a_busy_worker_that_reports_keeps_holding_tasks_beyond_its_slots(
+    driver: Driver,
+) -> None:
+    _two_busy_slots_on_w1_then_w2_joins(driver)
+
+    effects = driver.submit(*[task(i) for i in range(10, 30)])
+
+    assert len(assignments(effects, W1)) > 0  # not stalled: it prefetches
+
+
 def test_a_worker_without_slots_is_limited_by_its_credit_alone(driver: Driver) -> None:
     driver.submit(*[task(i) for i in range(8)])
 
