@@ -159,7 +159,7 @@ class Worker:
     # its services (see Scheduler._offer).
     offered: bool = False
     # When it last reported an outcome, registered, or was given a task for a
-    # free slot: see Scheduler._stalled.
+    # free slot: see Scheduler._frees_a_slot_soon.
     last_progress: float = 0.0
     # Why it serves nothing, as it said in its READY; for the status.
     problem: str | None = None
@@ -1471,19 +1471,25 @@ class Scheduler:
         return min(room, worker.slots - len(worker.running))
 
     def _prefetch_room(self, worker: Worker, queue_name: str) -> int:
-        """How many more tasks of `queue_name` the worker may hold: none while
-        it is stalled, as they would wait behind tasks that may never end."""
-        if self._stalled(worker):
+        """How many more tasks of `queue_name` the worker may hold: none
+        unless a slot will soon be free to start them."""
+        if not self._frees_a_slot_soon(worker):
             return 0
         return min(worker.free, self._allowance(worker, queue_name))
 
-    def _stalled(self, worker: Worker) -> bool:
-        """Whether every slot of the worker is busy and it has shown no
-        progress for as long as a long task takes: tasks short enough to be
-        held beyond its slots would have come back by now."""
+    def _frees_a_slot_soon(self, worker: Worker) -> bool:
+        """Whether tasks held beyond the worker's slots would start soon: a
+        slot is free, or it holds tasks of a function known to be short and
+        has shown progress within as long as a long task takes. Otherwise
+        they would wait behind tasks that are long, of a length not known yet,
+        or that may never end."""
         if worker.slots is None or len(worker.running) < worker.slots:
+            return True
+        long_s = self._prefetch.long_task_s
+        if self._now - worker.last_progress > long_s:
             return False
-        return self._now - worker.last_progress > self._prefetch.long_task_s
+        run_s = self._run_s
+        return any(run_s.get(name, long_s) < long_s for name in worker.held)
 
     def _allowance(self, worker: Worker, queue_name: str) -> int:
         """How many more tasks of `queue_name` the worker may hold.

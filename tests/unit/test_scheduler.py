@@ -282,6 +282,29 @@ def test_a_stalled_worker_is_given_no_tasks_to_wait_behind_its_busy_slots(
     assert len(assignments(effects, W2)) == 20  # all its credit
 
 
+def test_nothing_is_held_behind_slots_busy_with_tasks_of_unknown_length(
+    driver: Driver,
+) -> None:
+    hang = "jobs:hang"
+    driver.ready(W1, capacity=20, slots=2, services=[FUNCTION, hang])
+    [first] = assignments(driver.submit(task(1)), W1)
+    driver.done(W1, first, duration_s=0.001)  # FUNCTION is short
+    assert (
+        len(
+            assignments(
+                driver.submit(task(2, function=hang), task(3, function=hang)), W1
+            )
+        )
+        == 2
+    )
+
+    held_back = driver.submit(*[task(i) for i in range(10, 15)])
+    joined = driver.ready(W2, capacity=20, slots=2)
+
+    assert not assignments(held_back, W1)
+    assert len(assignments(joined, W2)) == 5
+
+
 def test_a_busy_worker_that_reports_keeps_holding_tasks_beyond_its_slots(
     driver: Driver,
 ) -> None:
