@@ -76,6 +76,9 @@ RECEIVE_QUEUE = 100
 REFUSAL_REPLIES_PER_S = 1.0
 # How often the allocator is asked to give freed memory back to the system.
 TRIM_INTERVAL_S = 10.0
+# Room the journal's disk keeps for what is already accepted (its results,
+# retries, the SQLite log): new tasks are refused below it (see _DiskRoom).
+DEFAULT_JOURNAL_MIN_FREE_BYTES = 64 * 1024 * 1024
 
 # The one-byte prefix of a peer key: which socket the peer is on.
 FRONTEND, BACKEND, MDP = b"F", b"B", b"M"
@@ -113,6 +116,9 @@ class BrokerConfig:
     curve: ServerKeys | None = None
     # Let workers run pickled callables on an exposed broker without CURVE.
     insecure: bool = False
+    # New tasks are refused while the journal's disk has less room than this:
+    # a disk that fills would fail a commit and stop the broker for everyone.
+    journal_min_free_bytes: int = DEFAULT_JOURNAL_MIN_FREE_BYTES
 
     def exposed(self) -> bool:
         """Whether any endpoint is reachable from other machines."""
@@ -168,6 +174,7 @@ class Broker:
         self._refusal_log = _RateLimit(per_s=1.0)
         self._handshake_log = _RateLimit(per_s=1.0)
         self._trim = _MemoryTrim(TRIM_INTERVAL_S)
+        self._disk_room = _DiskRoom(self.config)
         # Peers told why their message was refused, this second: garbage
         # senders hear about it once a second, not once per message.
         self._answered: set[bytes] = set()
@@ -346,6 +353,7 @@ class Broker:
         next_tick = next_mdp_beat = time.monotonic() + min(interval_s, mdp_interval_s)
 
         telemetry = self.telemetry
+        self._scheduler.not_accepting = self._disk_room.problem()
         try:
             while not self._stopping:
                 wake_at = min(
@@ -367,6 +375,7 @@ class Broker:
                     self._scheduler.heartbeats()
                     self._probe_revoked_clients(now)
                     self._trim.maybe(now)
+                    self._scheduler.not_accepting = self._disk_room.problem()
                     next_tick = now + interval_s
                 if now >= next_mdp_beat:
                     self._gateway.heartbeats()
@@ -377,7 +386,8 @@ class Broker:
                 if telemetry is not None:
                     telemetry.publish(now, self._scheduler)
         except JournalError as exc:
-            # Nothing of this turn was sent: no peer heard of what is not on disk.
+            # No client heard of this turn's tasks: none was told "accepted" of
+            # what is not on disk (workers may have started some; at least once).
             self._journal_failed = True
             log.error(
                 "%s; the broker stops (clients and workers wait for it to come "
@@ -859,6 +869,57 @@ def _mdp_refusal(role: str, identity: Identity | None) -> str:
         "this key has limited rights, which name ventilator functions, not MDP "
         "services: only a key with full rights speaks MDP"
     )
+
+
+class _DiskRoom:
+    """Whether the journal's disk has room for new tasks, looked at once per
+    tick. A disk that filled used to fail a commit, which stops the broker
+    for everyone, and again at each restart; now new tasks are refused with
+    the reason while it lacks room, and what was accepted goes on."""
+
+    def __init__(self, config: BrokerConfig) -> None:
+        durable = config.journal is not None and config.durability != "memory"
+        self._folder = os.path.dirname(os.path.abspath(config.journal or ".")) or "."
+        self._min_free = config.journal_min_free_bytes if durable else 0
+        self._refusing = False
+
+    def problem(self) -> str | None:
+        """Why new tasks are refused now; None while the disk has room."""
+        if self._min_free <= 0:
+            return None
+        try:
+            stats = os.statvfs(self._folder)
+        except OSError:
+            return None  # no worse than before: the next commit says what is wrong
+        free = stats.f_bavail * stats.f_frsize
+        short = free < self._min_free
+        if short != self._refusing:
+            self._refusing = short
+            self._log_change(free)
+        if not short:
+            return None
+        return (
+            f"the journal's disk ({self._folder}) has {free // 2**20} MiB free, "
+            f"under the {self._min_free // 2**20} MiB the broker keeps for the "
+            "tasks it holds (--journal-min-free-bytes); new tasks are refused "
+            "until an operator frees space"
+        )
+
+    def _log_change(self, free: int) -> None:
+        if self._refusing:
+            log.error(
+                "journal disk nearly full folder=%s free_mib=%d min_free_mib=%d: "
+                "refusing new tasks until space is freed",
+                self._folder,
+                free // 2**20,
+                self._min_free // 2**20,
+            )
+        else:
+            log.warning(
+                "journal disk has room again folder=%s free_mib=%d: accepting tasks",
+                self._folder,
+                free // 2**20,
+            )
 
 
 class _MemoryTrim:

@@ -31,7 +31,7 @@ from . import logs
 from . import protocol as p
 from ._allocator import keep_freed_memory
 from ._wire import check_endpoint
-from .broker import Broker, BrokerConfig
+from .broker import DEFAULT_JOURNAL_MIN_FREE_BYTES, Broker, BrokerConfig
 from .client import DEFAULT_ADDRESS, Client, ItemOutcome, TaskFuture
 from .dashboard import DashboardServer, parse_http_address
 from .errors import (
@@ -312,6 +312,13 @@ def _bind_address(ctx: click.Context, param: click.Parameter, value: Any) -> Any
     help="Survive a process kill, power loss (fsync), or nothing (memory).",
 )
 @click.option(
+    "--journal-min-free-bytes",
+    type=click.IntRange(min=0),
+    default=DEFAULT_JOURNAL_MIN_FREE_BYTES,
+    show_default=True,
+    help="Refuse new tasks while the journal's disk has less room (0: never).",
+)
+@click.option(
     "--max-payload-bytes",
     type=int,
     default=_DEFAULT_LIMITS.max_payload_bytes,
@@ -447,6 +454,7 @@ def broker(
     backend: str,
     journal: str,
     durability: str,
+    journal_min_free_bytes: int,
     max_payload_bytes: int,
     max_queued_tasks: int,
     client_window: int,
@@ -497,6 +505,7 @@ def broker(
         limits,
         curve=_server_keys(secret_key, clients, workers),
         insecure=insecure,
+        journal_min_free_bytes=journal_min_free_bytes,
         telemetry=http is not None,
         mdp=mdp,
         mdp_settings=MdpSettings(

@@ -494,6 +494,9 @@ class Scheduler:
         # of them a worker's slot may hold for that (see _allowance).
         self._run_s: dict[str, float] = {}
         self._prefetch = Prefetch()
+        # Why no new task is accepted now, as the shell found (the journal's
+        # disk is nearly full); None: tasks are accepted within the limits.
+        self.not_accepting: str | None = None
 
         self._effects = Effects()
         # Accepted task ids not yet announced, per submitting peer, and when the
@@ -773,6 +776,8 @@ class Scheduler:
     def _refusal(
         self, session: str, spec: p.TaskSpec, pickle_served: bool
     ) -> str | None:
+        if self.not_accepting is not None:
+            return self.not_accepting
         limits = self.limits
         size = len(spec.payload)
         if size > limits.max_payload_bytes:

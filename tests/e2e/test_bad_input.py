@@ -8,6 +8,7 @@ import logging
 import math
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -294,3 +295,26 @@ def test_a_session_name_with_a_control_character_is_refused_where_it_is_given() 
 
     with pytest.raises(ventilator.UsageError, match="control character"):
         ventilator.Client(f"tcp://127.0.0.1:{free_port()}", session=forged)
+
+
+def test_a_broker_whose_journal_disk_lacks_room_refuses_new_tasks_and_stays_up(
+    launch: Launcher, tmp_path: Path
+) -> None:
+    # More room than any disk has: the broker must take it for a full disk.
+    broker = launch.broker(
+        "--journal-min-free-bytes",
+        str(2**62),
+        durability="process",
+        journal=tmp_path / "journal.db",
+    )
+    launch.worker(broker)
+    client = launch.client(broker)
+    wait_for_workers(client, 1)
+
+    refused = client.submit(tasks.echo, 1)
+
+    with pytest.raises(ventilator.TaskRejected, match="--journal-min-free-bytes"):
+        refused.result(RESULT_TIMEOUT_S)
+    assert client.status()["workers"]  # still serving
+    assert "journal disk nearly full" in log_of(broker.process)
+    assert broker.process.poll() is None
