@@ -500,7 +500,7 @@ def broker(
     config = BrokerConfig(
         frontend,
         backend,
-        journal,
+        _journal_named(journal, durability),
         durability,
         limits,
         curve=_server_keys(secret_key, clients, workers),
@@ -541,6 +541,15 @@ def broker(
     finally:
         if dashboard is not None:
             dashboard.stop()
+
+
+def _journal_named(journal: str, durability: str) -> str | None:
+    """The journal file, or None for a broker in memory that was not named
+    one: it opens none, and has none to warn about (see open_journal)."""
+    source = click.get_current_context().get_parameter_source("journal")
+    if durability == "memory" and source is ParameterSource.DEFAULT:
+        return None
+    return journal
 
 
 def _server_keys(

@@ -579,12 +579,27 @@ def open_journal(path: str | Path | None, durability: str = "process") -> Journa
             f"unknown durability {durability!r}; expected one of {DURABILITY_MODES}"
         )
     if durability == "memory" or path is None:
+        _warn_of_a_journal_left_aside(path)
         return MemoryJournal()
 
     try:
         return SqliteJournal(path, durability)
     except (sqlite3.Error, OSError) as exc:
         raise UsageError(f"cannot open journal {str(path)!r}: {exc}") from exc
+
+
+def _warn_of_a_journal_left_aside(path: str | Path | None) -> None:
+    """A broker started without a journal next to one an earlier broker wrote:
+    the tasks in it are not served now, and come back when a broker opens it
+    again, which an operator switching to memory may not expect."""
+    if path is None or not os.path.isfile(path) or not os.path.getsize(path):
+        return
+    log.warning(
+        "durability is memory, but journal %s exists: the tasks and results "
+        "it holds are not served by this broker; they come back when a "
+        "broker starts on it with durability process or power",
+        path,
+    )
 
 
 def _fail_as_damaged(task: Task, exc: OSError) -> None:

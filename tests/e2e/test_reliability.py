@@ -545,3 +545,21 @@ def test_client_paused_past_its_expiry_gets_its_results_when_it_resumes(
     paused.stdin.flush()
 
     assert read_json_line(paused, 15) == 9
+
+
+def test_a_broker_in_memory_warns_of_the_journal_it_leaves_aside(
+    launch: Launcher, restartable: dict[str, Any]
+) -> None:
+    first = launch.broker(**restartable)
+    client = launch.client(first)
+    client.submit(tasks.echo, 1)  # no worker: it waits in the journal
+    status_when(client, lambda status: status["queued"], 10, "the task queued")
+    client.close()
+    kill_broker(first)
+
+    in_memory = launch.broker(
+        "--journal", str(restartable["journal"]), durability="memory"
+    )
+
+    assert "journal" in log_of(in_memory.process)
+    assert "are not served by this broker" in log_of(in_memory.process)
