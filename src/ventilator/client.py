@@ -185,7 +185,7 @@ class TaskFuture(Future):  # type: ignore[type-arg]
     def cancel(self) -> bool:
         if not super().cancel():
             return False
-        self._client._cancel(self.task_id)
+        self._client._withdraw([self.task_id])
         return True
 
 
@@ -773,7 +773,10 @@ class Client:
         self._max_bytes: float = math.inf
         self._window_bytes = window_bytes
         self._outgoing_bytes = 0
+        # Tasks to cancel at the broker, and those cancelled lately, with when
+        # (see _remember_cancels).
         self._cancels: deque[int] = deque()
+        self._cancels_sent: deque[tuple[float, list[int]]] = deque()
         # Questions for the broker (status, operator commands) and their answers'
         # futures; the broker answers each in the order asked.
         self._questions: deque[_Question] = deque()
@@ -1466,11 +1469,6 @@ class Client:
         if self._closed:
             raise UsageError("this client is closed")
 
-    def _cancel(self, task_id: int) -> None:
-        with self._lock:
-            self._cancels.append(task_id)
-        self._wake()
-
     def _send_now(self) -> bool:
         """Send what is queued from the caller's thread, if the I/O thread is
         idle in its wait; False when it must be woken to do it (or to read).
@@ -1491,9 +1489,11 @@ class Client:
             self._socket_lock.release()
 
     def _withdraw(self, task_ids: list[int]) -> None:
-        """Cancel tasks nobody waits for any more (an abandoned map): those
-        not sent yet are dropped here, the others cancelled at the broker as
-        `TaskFuture.cancel` does. Their outcomes are the caller's to settle."""
+        """Cancel tasks nobody waits for any more (a cancelled future, an
+        abandoned map): those not sent yet are dropped here, never to be sent;
+        the others are cancelled at the broker once it welcomed this
+        connection (see _send_outgoing). Their outcomes are the caller's to
+        settle."""
         if not task_ids:
             return
         wanted = set(task_ids)
@@ -1652,6 +1652,10 @@ class Client:
             # Questions asked of a broker that forgot us will not be answered.
             self._questions.extendleft(reversed(self._asked))
             self._asked.clear()
+            # ... and cancellations it may not have read go again after WELCOME.
+            for _, task_ids in self._cancels_sent:
+                self._cancels.extend(task_ids)
+            self._cancels_sent.clear()
         self._send(self._hello_command())
 
     def _hello_command(self) -> p.Hello:
@@ -2003,8 +2007,7 @@ class Client:
             # window until it is acknowledged.
             self._send_acks(now, submitting=self._acks_go_along())
             batch = self._take_outgoing()
-            cancels = list(self._cancels)
-            self._cancels.clear()
+            cancels = self._take_cancels()
             questions = list(self._questions) if self._welcomed else []
             if self._welcomed:
                 self._questions.clear()
@@ -2017,6 +2020,7 @@ class Client:
         if cancels:
             self._forget_cancelled(cancels)
             self._send(p.Cancel(cancels))
+            self._remember_cancels(now, cancels)
         for question in questions:
             self._asked.append(question)
             self._send(question.command)
@@ -2053,6 +2057,28 @@ class Client:
         if taken:
             self._room.notify_all()  # callers waiting for bytes to go
         return taken
+
+    def _take_cancels(self) -> list[int]:
+        """The cancellations to send now (under `_lock`): none until the
+        broker welcomed this connection. Sent earlier, a CANCEL would reach
+        the broker before the SUBMIT that _welcome sends again, for a task it
+        does not know yet, and the task would run after all."""
+        if not self._welcomed or not self._cancels:
+            return []
+        cancels = list(self._cancels)
+        self._cancels.clear()
+        return cancels
+
+    def _remember_cancels(self, now: float, task_ids: list[int]) -> None:
+        """Keep what was cancelled lately, to cancel it again on a new
+        connection (see _hello): a CANCEL still queued when the old one was
+        closed is lost, while the SUBMIT before it may have arrived. A broker
+        is declared gone after `liveness` silent intervals; one more covers a
+        CANCEL sent just before its last word. Cancelling twice is harmless."""
+        self._cancels_sent.append((now, task_ids))
+        kept_s = (self._liveness + 1) * self._heartbeat_interval_s
+        while self._cancels_sent and self._cancels_sent[0][0] < now - kept_s:
+            self._cancels_sent.popleft()
 
     def _refuse_oversized(self, batch: list[_Pending]) -> list[_Pending]:
         # Checked here rather than at the broker: libzmq drops a connection that
