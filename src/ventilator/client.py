@@ -49,6 +49,7 @@ from . import _wire
 from . import protocol as p
 from ._timing import poll_timeout_ms
 from .errors import (
+    BrokerTimeout,
     ClientBroken,
     ClientClosed,
     NetworkError,
@@ -187,6 +188,24 @@ class TaskFuture(Future):  # type: ignore[type-arg]
             return False
         self._client._withdraw([self.task_id])
         return True
+
+    def result(self, timeout: float | None = None) -> Any:
+        """As `concurrent.futures.Future.result`.
+
+        Raises:
+            UsageError: called in a done-callback (on the client's I/O thread)
+                while this task is not done: the wait could never end.
+        """
+        if not self.done():
+            self._client._refuse_on_io_thread(f"result() of task {self.task_id}")
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """As `concurrent.futures.Future.exception`; raises `UsageError` as
+        `result` does."""
+        if not self.done():
+            self._client._refuse_on_io_thread(f"exception() of task {self.task_id}")
+        return super().exception(timeout)
 
 
 class _Slot:
@@ -807,6 +826,9 @@ class Client:
         self._monitor_fd = -1
         self._input: _wire.InputCheck  # with the socket (see _watch)
         self._welcomed = False
+        # When the I/O thread last heard from a broker; None while none answered.
+        self._started_at = time.monotonic()
+        self._broker_heard_at: float | None = None
         # Since when the broker refuses our session to us (another live client
         # holds it); None while it is ours, or not asked for yet.
         self._session_refused_at: float | None = None
@@ -1225,9 +1247,10 @@ class Client:
         """The broker's workers, queues and clients, as plain data.
 
         Raises:
-            TimeoutError: the broker did not answer within `timeout_s`.
+            BrokerTimeout: the broker did not answer within `timeout_s`
+                (a TimeoutError too).
         """
-        return self._ask(p.StatusRequest(), timeout_s)
+        return self._ask(p.StatusRequest(), timeout_s, "status")
 
     def failed(self, limit: int = 100, timeout_s: float = 10.0) -> list[dict[str, Any]]:
         """The broker's latest failed tasks, newest first, with their reasons.
@@ -1239,9 +1262,10 @@ class Client:
         failures only (see README, Security).
 
         Raises:
-            TimeoutError: the broker did not answer within `timeout_s`.
+            BrokerTimeout: the broker did not answer within `timeout_s`
+                (a TimeoutError too).
         """
-        report = self._ask(p.ListFailed(limit), timeout_s)
+        report = self._ask(p.ListFailed(limit), timeout_s, "failed")
         return list(report["failed"])
 
     def retry(
@@ -1263,11 +1287,12 @@ class Client:
         sessions' failures only, as functions its rights still allow.
 
         Raises:
-            TimeoutError: the broker did not answer within `timeout_s`.
+            BrokerTimeout: the broker did not answer within `timeout_s`
+                (a TimeoutError too).
             UsageError: under CURVE, this client's key has a ``.functions``
                 file that does not name the sink (``sink:NAME``).
         """
-        return self._ask(p.Retry(list(tickets), sink), timeout_s)
+        return self._ask(p.Retry(list(tickets), sink), timeout_s, "retry")
 
     def purge(self, function: str, timeout_s: float = 10.0) -> int:
         """Cancel every task of `function` still waiting to run; return how many.
@@ -1275,11 +1300,12 @@ class Client:
         Their submitters see them cancelled. Running tasks are left alone.
 
         Raises:
-            TimeoutError: the broker did not answer within `timeout_s`.
+            BrokerTimeout: the broker did not answer within `timeout_s`
+                (a TimeoutError too).
             UsageError: under CURVE, this client's key has a ``.functions``
                 file (see README, Security).
         """
-        return int(self._ask(p.Purge(function), timeout_s)["purged"])
+        return int(self._ask(p.Purge(function), timeout_s, "purge")["purged"])
 
     def purge_session(self, session: str, timeout_s: float = 10.0) -> dict[str, int]:
         """Drop everything the broker holds for a session that left.
@@ -1297,9 +1323,10 @@ class Client:
             UsageError: the session is connected (its results are on their
                 way to it), or, under CURVE, this client's key has a
                 ``.functions`` file (see README, Security).
-            TimeoutError: the broker did not answer within `timeout_s`.
+            BrokerTimeout: the broker did not answer within `timeout_s`
+                (a TimeoutError too).
         """
-        report = self._ask(p.Purge(session=session), timeout_s)
+        report = self._ask(p.Purge(session=session), timeout_s, "purge_session")
         if "refused" in report:
             raise UsageError(str(report["refused"]))
         return {kind: int(report[kind]) for kind in ("results", "queued", "running")}
@@ -1315,20 +1342,45 @@ class Client:
         not stopped), "cancelled already", "finished" or "unknown".
 
         Raises:
-            TimeoutError: the broker did not answer within `timeout_s`.
+            BrokerTimeout: the broker did not answer within `timeout_s`
+                (a TimeoutError too).
             UsageError: under CURVE, this client's key has a ``.functions``
                 file and the session is another key's.
         """
-        report = self._ask(p.CancelTask(session, task_id), timeout_s)
+        report = self._ask(p.CancelTask(session, task_id), timeout_s, "cancel_task")
         return str(report["outcome"])
 
-    def _ask(self, question: p.Command, timeout_s: float) -> dict[str, Any]:
-        answer: Future[dict[str, Any]] = Future()
+    def _ask(self, question: p.Command, timeout_s: float, what: str) -> dict[str, Any]:
+        """The broker's answer to `question`, which the caller knows as `what`."""
+        self._refuse_on_io_thread(f"{what}()")
+        asked = _Question(question, Future())
         with self._lock:
             self._check_open()
-            self._questions.append(_Question(question, answer))
+            self._questions.append(asked)
         self._wake()
-        return answer.result(timeout_s)
+        try:
+            return asked.answer.result(timeout_s)
+        except TimeoutError:
+            self._forget_question(asked)
+            raise BrokerTimeout(self._no_answer(what, timeout_s)) from None
+
+    def _forget_question(self, asked: _Question) -> None:
+        """Drop a question nobody waits for, if it was not sent yet: a client
+        that never reaches a broker must not pile up questions. One sent stays
+        in `_asked`, since the broker answers in the order asked."""
+        with self._lock, contextlib.suppress(ValueError):
+            self._questions.remove(asked)
+
+    def _no_answer(self, what: str, timeout_s: float) -> str:
+        heard_at = self._broker_heard_at
+        if heard_at is None:
+            since = "no broker has answered at this address yet: is one running there?"
+        else:
+            since = f"it was last heard {time.monotonic() - heard_at:.1f}s ago"
+        return (
+            f"the broker at {self.address} did not answer {what}() within "
+            f"{timeout_s:g}s; {since} (pass a larger timeout_s to wait longer)"
+        )
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Leave the broker. Futures still pending fail with `ClientClosed`.
@@ -1413,6 +1465,7 @@ class Client:
             for spec in specs:
                 size = len(spec.payload)
                 while self._must_wait(size) and not self._stopped:
+                    self._refuse_on_io_thread("submit() with the window full")
                     if wake:  # what we queued must go out, or no room comes back
                         self._wake()
                         wake = False
@@ -1431,6 +1484,21 @@ class Client:
         if wake and not (alone and self._send_now()):
             self._wake()
         return outcomes
+
+    def _refuse_on_io_thread(self, call: str) -> None:
+        """Raise, rather than let the I/O thread wait (in a done-callback, which
+        it runs) for what only it can bring: it would wait for itself, and
+        every future of this client with it."""
+        if threading.current_thread() is not self._thread:
+            return
+        raise UsageError(
+            f"{call} would wait on this client's I/O thread, which runs "
+            "done-callbacks and is the thread that would end the wait; a "
+            "callback must not wait for the client. Use the future passed to "
+            "the callback (it is done), chain with add_done_callback (or "
+            "submit_nowait), or hand the waiting to a thread of your own, "
+            "such as a concurrent.futures.ThreadPoolExecutor"
+        )
 
     def _must_wait(self, size: int) -> bool:
         """Whether a task of `size` bytes waits for room: the window is full,
@@ -1566,7 +1634,7 @@ class Client:
             if self._wake_read in ready:
                 self._drain_wake()
             if self._receive(now):
-                broker_seen = now
+                broker_seen = self._broker_heard_at = now
                 # WELCOME may have lowered the interval to the broker's: the
                 # next beat must not keep the date our own interval gave it.
                 next_beat = min(next_beat, now + self._heartbeat_interval_s)
@@ -1586,16 +1654,26 @@ class Client:
                 self._give_up_waiting_for_session(now)
                 next_beat = now + self._heartbeat_interval_s
                 if now - broker_seen > self._heartbeat_interval_s * self._liveness:
-                    log.warning(
-                        "broker silent for %.1fs broker=%s; reconnecting",
-                        now - broker_seen,
-                        self.address,
-                    )
+                    self._log_silence(now - broker_seen)
                     self._close_socket(linger=0)
                     self._socket = self._connect()
                     broker_seen = now
 
         self._shutdown()
+
+    def _log_silence(self, silent_s: float) -> None:
+        if self._broker_heard_at is None:
+            log.warning(
+                "no broker answered at %s yet (waited %.1fs); connecting again",
+                self.address,
+                time.monotonic() - self._started_at,
+            )
+        else:
+            log.warning(
+                "broker silent for %.1fs broker=%s; reconnecting",
+                silent_s,
+                self.address,
+            )
 
     def _wait(self, wake_at: float) -> set[int]:
         """The descriptors ready by `wake_at` (monotonic); none if it passed.
