@@ -1664,7 +1664,7 @@ class Client:
     def _log_silence(self, silent_s: float) -> None:
         if self._broker_heard_at is None:
             log.warning(
-                "no broker answered at %s yet (waited %.1fs); connecting again",
+                "no broker answered at %s yet (waited %.1fs); reconnecting",
                 self.address,
                 time.monotonic() - self._started_at,
             )
