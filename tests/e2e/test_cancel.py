@@ -186,3 +186,17 @@ def test_task_sent_then_cancelled_during_a_reconnect_is_cancelled_after_its_rese
         "the cancelled task to leave the queue",
     )
     assert future.cancelled()
+
+
+def test_only_the_cancelled_of_the_tasks_held_before_welcome_stay_unsent(
+    launch: Launcher,
+) -> None:
+    frontend = f"tcp://127.0.0.1:{free_port()}"
+    client = launch.client(frontend)
+    futures = [client.submit(UNSERVED, i) for i in range(20)]
+
+    assert all(future.cancel() for future in futures[1::2])
+    launch.broker(frontend=frontend)
+
+    assert queued_after_a_question(client) == 10
+    assert not any(future.done() for future in futures[::2])
