@@ -14,6 +14,7 @@ from .aio import AsyncClient
 from .broker import Broker, BrokerConfig
 from .client import Client, ClientExecutor, ItemOutcome, TaskFuture
 from .errors import (
+    BrokerTimeout,
     ClientBroken,
     ClientClosed,
     FunctionNotFound,
@@ -45,6 +46,7 @@ __all__ = [
     "Backoff",
     "Broker",
     "BrokerConfig",
+    "BrokerTimeout",
     "Client",
     "ClientBroken",
     "ClientClosed",

@@ -24,6 +24,7 @@ ids are the client's own, so the broker recognises a resubmission.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import inspect
 import itertools
@@ -49,6 +50,7 @@ from . import _wire
 from . import protocol as p
 from ._timing import poll_timeout_ms
 from .errors import (
+    BrokerTimeout,
     ClientBroken,
     ClientClosed,
     NetworkError,
@@ -135,6 +137,9 @@ BATCH_OVERRUN = 4
 FEED_LINGER_S = 0.005
 # ... and reads at most this many items ahead of what it sent.
 FEED_MAX_ITEMS = 4 * MAX_BATCH_ITEMS
+# Cancelling this many tasks or fewer finds each unsent one by a binary search
+# of the outgoing queue; more (an abandoned map) take one pass over it.
+WITHDRAW_BY_SEARCH = 16
 # Acknowledgements of results wait up to this long to travel with the next
 # batch of submissions, or until this many. A lone task does not take them
 # along: they are a message of their own, which the broker reads in a turn of
@@ -185,8 +190,26 @@ class TaskFuture(Future):  # type: ignore[type-arg]
     def cancel(self) -> bool:
         if not super().cancel():
             return False
-        self._client._cancel(self.task_id)
+        self._client._withdraw([self.task_id])
         return True
+
+    def result(self, timeout: float | None = None) -> Any:
+        """As `concurrent.futures.Future.result`.
+
+        Raises:
+            UsageError: called in a done-callback (on the client's I/O thread)
+                while this task is not done: the wait could never end.
+        """
+        if not self.done():
+            self._client._refuse_on_io_thread(f"result() of task {self.task_id}")
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """As `concurrent.futures.Future.exception`; raises `UsageError` as
+        `result` does."""
+        if not self.done():
+            self._client._refuse_on_io_thread(f"exception() of task {self.task_id}")
+        return super().exception(timeout)
 
 
 class _Slot:
@@ -773,7 +796,10 @@ class Client:
         self._max_bytes: float = math.inf
         self._window_bytes = window_bytes
         self._outgoing_bytes = 0
+        # Tasks to cancel at the broker, and those cancelled lately, with when
+        # (see _remember_cancels).
         self._cancels: deque[int] = deque()
+        self._cancels_sent: deque[tuple[float, list[int]]] = deque()
         # Questions for the broker (status, operator commands) and their answers'
         # futures; the broker answers each in the order asked.
         self._questions: deque[_Question] = deque()
@@ -804,6 +830,9 @@ class Client:
         self._monitor_fd = -1
         self._input: _wire.InputCheck  # with the socket (see _watch)
         self._welcomed = False
+        # When the I/O thread last heard from a broker; None while none answered.
+        self._started_at = time.monotonic()
+        self._broker_heard_at: float | None = None
         # Since when the broker refuses our session to us (another live client
         # holds it); None while it is ours, or not asked for yet.
         self._session_refused_at: float | None = None
@@ -1222,9 +1251,10 @@ class Client:
         """The broker's workers, queues and clients, as plain data.
 
         Raises:
-            TimeoutError: the broker did not answer within `timeout_s`.
+            BrokerTimeout: the broker did not answer within `timeout_s`
+                (a TimeoutError too).
         """
-        return self._ask(p.StatusRequest(), timeout_s)
+        return self._ask(p.StatusRequest(), timeout_s, "status")
 
     def failed(self, limit: int = 100, timeout_s: float = 10.0) -> list[dict[str, Any]]:
         """The broker's latest failed tasks, newest first, with their reasons.
@@ -1236,9 +1266,10 @@ class Client:
         failures only (see README, Security).
 
         Raises:
-            TimeoutError: the broker did not answer within `timeout_s`.
+            BrokerTimeout: the broker did not answer within `timeout_s`
+                (a TimeoutError too).
         """
-        report = self._ask(p.ListFailed(limit), timeout_s)
+        report = self._ask(p.ListFailed(limit), timeout_s, "failed")
         return list(report["failed"])
 
     def retry(
@@ -1260,11 +1291,12 @@ class Client:
         sessions' failures only, as functions its rights still allow.
 
         Raises:
-            TimeoutError: the broker did not answer within `timeout_s`.
+            BrokerTimeout: the broker did not answer within `timeout_s`
+                (a TimeoutError too).
             UsageError: under CURVE, this client's key has a ``.functions``
                 file that does not name the sink (``sink:NAME``).
         """
-        return self._ask(p.Retry(list(tickets), sink), timeout_s)
+        return self._ask(p.Retry(list(tickets), sink), timeout_s, "retry")
 
     def purge(self, function: str, timeout_s: float = 10.0) -> int:
         """Cancel every task of `function` still waiting to run; return how many.
@@ -1272,11 +1304,12 @@ class Client:
         Their submitters see them cancelled. Running tasks are left alone.
 
         Raises:
-            TimeoutError: the broker did not answer within `timeout_s`.
+            BrokerTimeout: the broker did not answer within `timeout_s`
+                (a TimeoutError too).
             UsageError: under CURVE, this client's key has a ``.functions``
                 file (see README, Security).
         """
-        return int(self._ask(p.Purge(function), timeout_s)["purged"])
+        return int(self._ask(p.Purge(function), timeout_s, "purge")["purged"])
 
     def purge_session(self, session: str, timeout_s: float = 10.0) -> dict[str, int]:
         """Drop everything the broker holds for a session that left.
@@ -1294,9 +1327,10 @@ class Client:
             UsageError: the session is connected (its results are on their
                 way to it), or, under CURVE, this client's key has a
                 ``.functions`` file (see README, Security).
-            TimeoutError: the broker did not answer within `timeout_s`.
+            BrokerTimeout: the broker did not answer within `timeout_s`
+                (a TimeoutError too).
         """
-        report = self._ask(p.Purge(session=session), timeout_s)
+        report = self._ask(p.Purge(session=session), timeout_s, "purge_session")
         if "refused" in report:
             raise UsageError(str(report["refused"]))
         return {kind: int(report[kind]) for kind in ("results", "queued", "running")}
@@ -1312,20 +1346,45 @@ class Client:
         not stopped), "cancelled already", "finished" or "unknown".
 
         Raises:
-            TimeoutError: the broker did not answer within `timeout_s`.
+            BrokerTimeout: the broker did not answer within `timeout_s`
+                (a TimeoutError too).
             UsageError: under CURVE, this client's key has a ``.functions``
                 file and the session is another key's.
         """
-        report = self._ask(p.CancelTask(session, task_id), timeout_s)
+        report = self._ask(p.CancelTask(session, task_id), timeout_s, "cancel_task")
         return str(report["outcome"])
 
-    def _ask(self, question: p.Command, timeout_s: float) -> dict[str, Any]:
-        answer: Future[dict[str, Any]] = Future()
+    def _ask(self, question: p.Command, timeout_s: float, what: str) -> dict[str, Any]:
+        """The broker's answer to `question`, which the caller knows as `what`."""
+        self._refuse_on_io_thread(f"{what}()")
+        asked = _Question(question, Future())
         with self._lock:
             self._check_open()
-            self._questions.append(_Question(question, answer))
+            self._questions.append(asked)
         self._wake()
-        return answer.result(timeout_s)
+        try:
+            return asked.answer.result(timeout_s)
+        except TimeoutError:
+            self._forget_question(asked)
+            raise BrokerTimeout(self._no_answer(what, timeout_s)) from None
+
+    def _forget_question(self, asked: _Question) -> None:
+        """Drop a question nobody waits for, if it was not sent yet: a client
+        that never reaches a broker must not pile up questions. One sent stays
+        in `_asked`, since the broker answers in the order asked."""
+        with self._lock, contextlib.suppress(ValueError):
+            self._questions.remove(asked)
+
+    def _no_answer(self, what: str, timeout_s: float) -> str:
+        heard_at = self._broker_heard_at
+        if heard_at is None:
+            since = "no broker has answered at this address yet: is one running there?"
+        else:
+            since = f"it was last heard {time.monotonic() - heard_at:.1f}s ago"
+        return (
+            f"the broker at {self.address} did not answer {what}() within "
+            f"{timeout_s:g}s; {since} (pass a larger timeout_s to wait longer)"
+        )
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Leave the broker. Futures still pending fail with `ClientClosed`.
@@ -1410,6 +1469,7 @@ class Client:
             for spec in specs:
                 size = len(spec.payload)
                 while self._must_wait(size) and not self._stopped:
+                    self._refuse_on_io_thread("submit() with the window full")
                     if wake:  # what we queued must go out, or no room comes back
                         self._wake()
                         wake = False
@@ -1428,6 +1488,21 @@ class Client:
         if wake and not (alone and self._send_now()):
             self._wake()
         return outcomes
+
+    def _refuse_on_io_thread(self, call: str) -> None:
+        """Raise, rather than let the I/O thread wait (in a done-callback, which
+        it runs) for what only it can bring: it would wait for itself, and
+        every future of this client with it."""
+        if threading.current_thread() is not self._thread:
+            return
+        raise UsageError(
+            f"{call} would wait on this client's I/O thread, which runs "
+            "done-callbacks and is the thread that would end the wait; a "
+            "callback must not wait for the client. Use the future passed to "
+            "the callback (it is done), chain with add_done_callback (or "
+            "submit_nowait), or hand the waiting to a thread of your own, "
+            "such as a concurrent.futures.ThreadPoolExecutor"
+        )
 
     def _must_wait(self, size: int) -> bool:
         """Whether a task of `size` bytes waits for room: the window is full,
@@ -1466,11 +1541,6 @@ class Client:
         if self._closed:
             raise UsageError("this client is closed")
 
-    def _cancel(self, task_id: int) -> None:
-        with self._lock:
-            self._cancels.append(task_id)
-        self._wake()
-
     def _send_now(self) -> bool:
         """Send what is queued from the caller's thread, if the I/O thread is
         idle in its wait; False when it must be woken to do it (or to read).
@@ -1491,22 +1561,49 @@ class Client:
             self._socket_lock.release()
 
     def _withdraw(self, task_ids: list[int]) -> None:
-        """Cancel tasks nobody waits for any more (an abandoned map): those
-        not sent yet are dropped here, the others cancelled at the broker as
-        `TaskFuture.cancel` does. Their outcomes are the caller's to settle."""
+        """Cancel tasks nobody waits for any more (a cancelled future, an
+        abandoned map): those not sent yet are dropped here, never to be sent;
+        the others are cancelled at the broker once it welcomed this
+        connection (see _send_outgoing). Their outcomes are the caller's to
+        settle."""
         if not task_ids:
             return
         wanted = set(task_ids)
         with self._room:
-            unsent = {x.spec.task_id for x in self._outgoing} & wanted
+            if len(wanted) <= WITHDRAW_BY_SEARCH:
+                unsent = {t for t in wanted if self._drop_unsent(t)}
+            else:
+                unsent = self._drop_all_unsent(wanted)
             if unsent:
-                kept = (x for x in self._outgoing if x.spec.task_id not in unsent)
-                self._outgoing = deque(kept)
-                self._outgoing_bytes = sum(x.size for x in self._outgoing)
                 self._in_window -= len(unsent)
                 self._room.notify_all()
             self._cancels.extend(wanted - unsent)
         self._wake()
+
+    def _drop_unsent(self, task_id: int) -> bool:
+        """Take the task out of the outgoing queue, if there (under `_lock`).
+
+        A binary search: task ids join the queue in increasing order and
+        leave from its head. Scanning the queue instead made cancelling
+        20,000 futures that were never sent, one by one, take half a minute.
+        """
+        outgoing = self._outgoing
+        index = bisect.bisect_left(outgoing, task_id, key=_task_id_of)
+        if index == len(outgoing) or outgoing[index].spec.task_id != task_id:
+            return False
+        self._outgoing_bytes -= outgoing[index].size
+        del outgoing[index]
+        return True
+
+    def _drop_all_unsent(self, wanted: set[int]) -> set[int]:
+        """Take those of `wanted` out of the outgoing queue in one pass
+        (under `_lock`); return their ids."""
+        unsent = {x.spec.task_id for x in self._outgoing} & wanted
+        if unsent:
+            kept = (x for x in self._outgoing if x.spec.task_id not in unsent)
+            self._outgoing = deque(kept)
+            self._outgoing_bytes = sum(x.size for x in self._outgoing)
+        return unsent
 
     def _wake(self) -> None:
         # A full pipe means the thread is awake already; a closed one, that it left.
@@ -1566,7 +1663,7 @@ class Client:
             if self._wake_read in ready:
                 self._drain_wake()
             if self._receive(now):
-                broker_seen = now
+                broker_seen = self._broker_heard_at = now
                 # WELCOME may have lowered the interval to the broker's: the
                 # next beat must not keep the date our own interval gave it.
                 next_beat = min(next_beat, now + self._heartbeat_interval_s)
@@ -1586,16 +1683,26 @@ class Client:
                 self._give_up_waiting_for_session(now)
                 next_beat = now + self._heartbeat_interval_s
                 if now - broker_seen > self._heartbeat_interval_s * self._liveness:
-                    log.warning(
-                        "broker silent for %.1fs broker=%s; reconnecting",
-                        now - broker_seen,
-                        self.address,
-                    )
+                    self._log_silence(now - broker_seen)
                     self._close_socket(linger=0)
                     self._socket = self._connect()
                     broker_seen = now
 
         self._shutdown()
+
+    def _log_silence(self, silent_s: float) -> None:
+        if self._broker_heard_at is None:
+            log.warning(
+                "no broker answered at %s yet (waited %.1fs); reconnecting",
+                self.address,
+                time.monotonic() - self._started_at,
+            )
+        else:
+            log.warning(
+                "broker silent for %.1fs broker=%s; reconnecting",
+                silent_s,
+                self.address,
+            )
 
     def _wait(self, wake_at: float) -> set[int]:
         """The descriptors ready by `wake_at` (monotonic); none if it passed.
@@ -1652,6 +1759,10 @@ class Client:
             # Questions asked of a broker that forgot us will not be answered.
             self._questions.extendleft(reversed(self._asked))
             self._asked.clear()
+            # ... and cancellations it may not have read go again after WELCOME.
+            for _, task_ids in self._cancels_sent:
+                self._cancels.extend(task_ids)
+            self._cancels_sent.clear()
         self._send(self._hello_command())
 
     def _hello_command(self) -> p.Hello:
@@ -2003,8 +2114,7 @@ class Client:
             # window until it is acknowledged.
             self._send_acks(now, submitting=self._acks_go_along())
             batch = self._take_outgoing()
-            cancels = list(self._cancels)
-            self._cancels.clear()
+            cancels = self._take_cancels()
             questions = list(self._questions) if self._welcomed else []
             if self._welcomed:
                 self._questions.clear()
@@ -2017,6 +2127,7 @@ class Client:
         if cancels:
             self._forget_cancelled(cancels)
             self._send(p.Cancel(cancels))
+            self._remember_cancels(now, cancels)
         for question in questions:
             self._asked.append(question)
             self._send(question.command)
@@ -2053,6 +2164,28 @@ class Client:
         if taken:
             self._room.notify_all()  # callers waiting for bytes to go
         return taken
+
+    def _take_cancels(self) -> list[int]:
+        """The cancellations to send now (under `_lock`): none until the
+        broker welcomed this connection. Sent earlier, a CANCEL would reach
+        the broker before the SUBMIT that _welcome sends again, for a task it
+        does not know yet, and the task would run after all."""
+        if not self._welcomed or not self._cancels:
+            return []
+        cancels = list(self._cancels)
+        self._cancels.clear()
+        return cancels
+
+    def _remember_cancels(self, now: float, task_ids: list[int]) -> None:
+        """Keep what was cancelled lately, to cancel it again on a new
+        connection (see _hello): a CANCEL still queued when the old one was
+        closed is lost, while the SUBMIT before it may have arrived. A broker
+        is declared gone after `liveness` silent intervals; one more covers a
+        CANCEL sent just before its last word. Cancelling twice is harmless."""
+        self._cancels_sent.append((now, task_ids))
+        kept_s = (self._liveness + 1) * self._heartbeat_interval_s
+        while self._cancels_sent and self._cancels_sent[0][0] < now - kept_s:
+            self._cancels_sent.popleft()
 
     def _refuse_oversized(self, batch: list[_Pending]) -> list[_Pending]:
         # Checked here rather than at the broker: libzmq drops a connection that
@@ -2318,6 +2451,10 @@ def _fate(pending: _Pending) -> str:
 
 
 # Direct construction: dataclasses.replace costs several times more, per task.
+def _task_id_of(pending: _Pending) -> int:
+    return pending.spec.task_id
+
+
 def _with_id(spec: p.TaskSpec, task_id: int) -> p.TaskSpec:
     return p.TaskSpec(
         task_id,

@@ -16,6 +16,7 @@
     │   ├── TaskRejected            the broker refused it (size, queue, rights)
     │   └── ResultExpired           the result outlived the broker's result TTL
     └── NetworkError            the network or the broker went away
+        ├── BrokerTimeout           no answer to a question in time (a TimeoutError)
         └── ClientClosed            the client was closed with tasks pending
             └── ClientBroken        its I/O thread failed; it can do nothing more
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "BrokerTimeout",
     "ClientBroken",
     "ClientClosed",
     "FunctionNotFound",
@@ -190,6 +192,13 @@ class ResultExpired(TaskError):
 
 class NetworkError(VentilatorError):
     """The broker could not be reached, or stopped answering."""
+
+
+class BrokerTimeout(NetworkError, TimeoutError):
+    """The broker did not answer a question (status, failed, retry, purge,
+    an operator's cancel) in time; the message names its address, the wait,
+    and whether any broker answered there yet. Also a built-in
+    `TimeoutError`, which these questions raised before."""
 
 
 class ClientClosed(NetworkError):

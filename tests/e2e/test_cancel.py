@@ -22,6 +22,7 @@ from .conftest import (
     status_when,
     ventilator_argv,
     wait_for_workers,
+    wait_until,
 )
 
 # Long enough that a rerun of it would hold the only slot past the probe's wait.
@@ -119,3 +120,83 @@ def test_interrupted_map_says_when_its_cancellation_reached_no_broker(
     said = log_of(command)
     assert "could not reach the broker to cancel the tasks of 3 unfinished" in said
     assert "unfinished tasks cancelled" not in said
+
+
+UNSERVED = f"{MORE_TASKS}:cube"  # no worker serves it: sent, it stays queued
+
+
+def queued_after_a_question(client: ventilator.Client) -> int:
+    """How many unserved tasks the broker holds once it answered a question,
+    which the client asks after everything it had to send."""
+    return int(client.status(20)["queued"].get(UNSERVED, 0))
+
+
+def test_tasks_cancelled_before_the_broker_welcomed_the_client_never_reach_it(
+    launch: Launcher,
+) -> None:
+    frontend = f"tcp://127.0.0.1:{free_port()}"
+    client = launch.client(frontend)  # no broker there yet: never welcomed
+    futures = [client.submit(UNSERVED, i) for i in range(20)]
+
+    assert all(future.cancel() for future in futures)
+    launch.broker(frontend=frontend)
+
+    assert queued_after_a_question(client) == 0
+    assert all(future.cancelled() for future in futures)
+
+
+def test_tasks_cancelled_while_the_client_reconnects_never_reach_the_broker(
+    launch: Launcher,
+) -> None:
+    broker = launch.broker(heartbeat_interval_s=FAST_HEARTBEAT_S)
+    client = launch.client(broker)
+    client.status()
+    os.kill(broker.pid, signal.SIGSTOP)
+    try:
+        # The client reconnects once the paused broker was silent too long;
+        # until the broker welcomes it again, it holds back its submissions.
+        wait_until(lambda: not client._welcomed, 10, "the client to reconnect")
+        futures = [client.submit(UNSERVED, i) for i in range(20)]
+        assert all(future.cancel() for future in futures)
+    finally:
+        os.kill(broker.pid, signal.SIGCONT)
+
+    assert queued_after_a_question(client) == 0
+
+
+def test_task_sent_then_cancelled_during_a_reconnect_is_cancelled_after_its_resend(
+    launch: Launcher,
+) -> None:
+    broker = launch.broker(heartbeat_interval_s=FAST_HEARTBEAT_S)
+    client = launch.client(broker)
+    client.status()
+    os.kill(broker.pid, signal.SIGSTOP)
+    try:
+        # Sent to the paused broker, never accepted: resent after the reconnect.
+        future = client.submit(UNSERVED, 1)
+        wait_until(lambda: not client._welcomed, 10, "the client to reconnect")
+        assert future.cancel()
+    finally:
+        os.kill(broker.pid, signal.SIGCONT)
+
+    status_when(
+        client,
+        lambda status: status["queued"].get(UNSERVED, 0) == 0,
+        10,
+        "the cancelled task to leave the queue",
+    )
+    assert future.cancelled()
+
+
+def test_only_the_cancelled_of_the_tasks_held_before_welcome_stay_unsent(
+    launch: Launcher,
+) -> None:
+    frontend = f"tcp://127.0.0.1:{free_port()}"
+    client = launch.client(frontend)
+    futures = [client.submit(UNSERVED, i) for i in range(20)]
+
+    assert all(future.cancel() for future in futures[1::2])
+    launch.broker(frontend=frontend)
+
+    assert queued_after_a_question(client) == 10
+    assert not any(future.done() for future in futures[::2])

@@ -11,6 +11,7 @@ import pytest
 import ventilator
 from ventilator import errors
 from ventilator.errors import (
+    BrokerTimeout,
     ClientClosed,
     FunctionNotFound,
     NetworkError,
@@ -60,6 +61,8 @@ def test_every_documented_task_error_is_a_subclass() -> None:
         (TaskError, VentilatorError),
         (NetworkError, VentilatorError),
         (ClientClosed, NetworkError),
+        (BrokerTimeout, NetworkError),
+        (BrokerTimeout, TimeoutError),
     ],
 )
 def test_exception_tree_is_as_the_docstring_draws_it(child: type, parent: type) -> None:
@@ -205,3 +208,12 @@ def test_package_exports_every_public_exception() -> None:
 def test_summary_is_one_line_without_the_traceback() -> None:
     assert TaskRaised("ValueError", "x", TRACEBACK).summary == "ValueError: x"
     assert PoisonTask("PoisonTask", "died twice").summary == "died twice"
+
+
+def test_broker_timeout_survives_pickle_with_its_message() -> None:
+    error = BrokerTimeout("the broker at tcp://127.0.0.1:1 did not answer")
+
+    again = pickle.loads(pickle.dumps(error))
+
+    assert type(again) is BrokerTimeout
+    assert str(again) == str(error)
