@@ -45,7 +45,7 @@ from .errors import (
 from .gateway import MdpSettings
 from .journal import DURABILITY_MODES
 from .local import LocalCluster
-from .policy import Limits
+from .policy import MAX_INTERVAL_S, MIN_HEARTBEAT_INTERVAL_S, Limits
 from .pool import POOL_KINDS
 from .registry import resolve
 from .security import ServerKeys, generate_keys
@@ -70,6 +70,19 @@ FUNCTION_COLUMNS = 32
 BROKER_ANSWER_S = 10.0
 # How long an interrupted run waits for the broker to confirm its cancels.
 CANCEL_SETTLE_S = 2.0
+
+
+class _FiniteRange(click.FloatRange):
+    """A range of floats without nan and inf, which every range check lets
+    through (nan compares false) and no duration or interval means."""
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
 
 
 def _log_setting(ctx: click.Context, param: click.Parameter, value: Any) -> None:
@@ -272,6 +285,15 @@ def keys_generate(name: str, directory: str, functions: tuple[str, ...]) -> None
 # --- broker and worker ----------------------------------------------------------
 
 
+_heartbeat_option = click.option(
+    "--heartbeat-interval-s",
+    type=_FiniteRange(MIN_HEARTBEAT_INTERVAL_S, MAX_INTERVAL_S),
+    default=1.0,
+    show_default=True,
+    help="Seconds between heartbeats; silence for 3 of them is death.",
+)
+
+
 def _bind_address(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
     """Check an address to bind before anything starts (or warns about it)."""
     if value is not None:
@@ -313,27 +335,27 @@ def _bind_address(ctx: click.Context, param: click.Parameter, value: Any) -> Any
 )
 @click.option(
     "--max-payload-bytes",
-    type=int,
+    type=click.IntRange(min=1),
     default=_DEFAULT_LIMITS.max_payload_bytes,
     show_default=True,
 )
 @click.option(
     "--max-queued-tasks",
-    type=int,
+    type=click.IntRange(min=1),
     default=_DEFAULT_LIMITS.max_queued_tasks,
     show_default=True,
 )
 @click.option(
     "--client-window",
-    type=int,
+    type=click.IntRange(min=1),
     default=_DEFAULT_LIMITS.client_window,
     show_default=True,
     help="Tasks one client may have in the broker.",
 )
-@click.option("--heartbeat-interval-s", type=float, default=1.0, show_default=True)
+@_heartbeat_option
 @click.option(
     "--max-attempts",
-    type=int,
+    type=click.IntRange(min=1),
     default=3,
     show_default=True,
     help="Worker deaths under one task before it fails as poison.",
@@ -347,7 +369,7 @@ def _bind_address(ctx: click.Context, param: click.Parameter, value: Any) -> Any
 )
 @click.option(
     "--mdp-heartbeat",
-    type=click.FloatRange(min=0.01),
+    type=_FiniteRange(min=0.01),
     default=MdpSettings().heartbeat_interval_s,
     show_default=True,
     help="Seconds between heartbeats to MDP workers (zguide's peers use 2.5).",
@@ -361,7 +383,7 @@ def _bind_address(ctx: click.Context, param: click.Parameter, value: Any) -> Any
 )
 @click.option(
     "--mdp-unserved-expiry",
-    type=click.FloatRange(min=0.0),
+    type=_FiniteRange(min=0.0),
     default=MdpSettings().unserved_expiry_s,
     show_default=True,
     help="Seconds an MDP request waits for a worker of its service when none "
@@ -385,14 +407,14 @@ def _bind_address(ctx: click.Context, param: click.Parameter, value: Any) -> Any
 )
 @click.option(
     "--client-max-bytes",
-    type=int,
+    type=click.IntRange(min=1),
     default=_DEFAULT_LIMITS.client_max_bytes,
     show_default=True,
     help="Payload and result bytes one client may have in the broker.",
 )
 @click.option(
     "--max-queued-bytes",
-    type=int,
+    type=click.IntRange(min=1),
     default=_DEFAULT_LIMITS.max_queued_bytes,
     show_default=True,
 )
@@ -583,7 +605,7 @@ def _server_keys(
     is_flag=True,
     help="Run pickled callables: lets any client run any code here.",
 )
-@click.option("--heartbeat-interval-s", type=float, default=1.0, show_default=True)
+@_heartbeat_option
 @_peer_keys
 @click.option(
     "--insecure",
@@ -676,7 +698,7 @@ def _cluster_options(command: Callable[..., Any]) -> Callable[..., Any]:
             ),
             click.option(
                 "--connect-timeout-s",
-                type=click.FloatRange(min=0, min_open=True),
+                type=_FiniteRange(min=0, min_open=True),
                 default=BROKER_ANSWER_S,
                 show_default=True,
                 help="With --connect: how long the broker has to answer before "
@@ -690,7 +712,7 @@ def _cluster_options(command: Callable[..., Any]) -> Callable[..., Any]:
             ),
             click.option(
                 "--timeout-s",
-                type=click.FloatRange(min=0, min_open=True),
+                type=_FiniteRange(min=0, min_open=True),
                 default=None,
                 help="Stop each line's call after this many seconds.",
             ),
@@ -1525,7 +1547,7 @@ def _connect_option(command: Callable[..., Any]) -> Callable[..., Any]:
         )(command)
     command = click.option(
         "--timeout-s",
-        type=float,
+        type=_FiniteRange(min=0, min_open=True, max=MAX_INTERVAL_S),
         default=5.0,
         show_default=True,
         help="How long to wait for the broker's answer.",
@@ -1870,7 +1892,7 @@ def cancel(
 )
 @click.option(
     "--idle-timeout-s",
-    type=float,
+    type=_FiniteRange(min=0, max=MAX_INTERVAL_S),
     default=None,
     help="Exit after this long without a result  [default: never]",
 )

@@ -9,6 +9,7 @@ import pytest
 import zmq
 
 from ventilator import protocol as p
+from ventilator.errors import UsageError
 from ventilator.worker import CREDIT_INTERVAL_S, Worker, WorkerConfig
 
 TASKS = "tests.e2e.tasks"
@@ -104,3 +105,20 @@ def test_credit_grows_at_once_as_tasks_turn_out_tiny(
 
     ceiling = worker.config.concurrency * worker.config.prefetch_policy.most
     assert sent[0] < ceiling / 1.5 <= sent[-1]
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("heartbeat_interval_s", 0.0),
+        ("heartbeat_interval_s", -2.0),
+        ("liveness", 0),
+        ("concurrency", 0),
+        ("prefetch", 0),
+    ],
+)
+def test_worker_config_refuses_nonsense_naming_the_setting(
+    setting: str, value: float
+) -> None:
+    with pytest.raises(UsageError, match=setting):
+        WorkerConfig(modules=("json",), **{setting: value})  # type: ignore[arg-type]
