@@ -1642,20 +1642,45 @@ def _workers_table(workers: list[dict[str, Any]]) -> Any:
     from rich.markup import escape
 
     table = _table(f"workers ({len(workers)})")
+    if any(w.get("prefetched") for w in workers):
+        table.caption = "+N: tasks prefetched, waiting on the worker"
     # The id (host.pid.tag) is what an operator looks for: folded whole, never
     # cut; the other columns are short and keep to one line.
     table.add_column("worker", overflow="fold", ratio=1)
-    for column in ("state", "running", "functions", "last seen"):
+    for column in ("state", "running", "oldest", "functions", "last seen"):
         table.add_column(column, no_wrap=True)
     for w in workers:
         table.add_row(
             escape(w["id"]),
             _worker_state(w),
-            f"{w['running']} of {w['capacity']}",
+            _worker_load(w),
+            _duration(w.get("oldest_running_s")),
             str(len(w["services"])),
             f"{w['last_seen_s']:.1f}s ago",
         )
     return table
+
+
+def _worker_load(worker: dict[str, Any]) -> str:
+    """'running of slots', and '+N' prefetched; a broker that predates
+    `prefetched`, or a worker without slots, shows its credit instead."""
+    slots = worker.get("slots")
+    prefetched = worker.get("prefetched")
+    if slots is None or prefetched is None:
+        return f"{worker['running']} of {worker['capacity']}"
+    return f"{worker['running']} of {slots}" + (f" +{prefetched}" if prefetched else "")
+
+
+def _duration(seconds: float | None) -> str:
+    """A short age for a table cell: 4.2s, 12m05s, 3h20m; '-' for none."""
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    return f"{minutes // 60}h{minutes % 60:02d}m"
 
 
 def _worker_state(worker: dict[str, Any]) -> str:
@@ -1682,7 +1707,9 @@ def _queues_table(report: dict[str, Any]) -> Any:
 
     table = _table("tasks by function")
     table.add_column("function", overflow="fold", ratio=1)
-    for column in ("queued", "running"):
+    # Workers hold prefetched tasks beside those they run: the broker counts
+    # both per function (the workers table tells them apart).
+    for column in ("queued", "on workers"):
         table.add_column(column, justify="right", no_wrap=True)
     for function in sorted(set(report["queued"]) | set(report["running"])):
         table.add_row(

@@ -1749,16 +1749,33 @@ class Scheduler:
         return list(itertools.islice(newest_first, limit))
 
     def _worker_status(self, worker: Worker, now: float) -> dict[str, object]:
+        held = len(worker.running)
+        # A worker runs at most `slots` of the tasks it holds; the rest wait
+        # on it. Without slots the broker cannot tell them apart.
+        running = held if worker.slots is None else min(held, worker.slots)
         return {
             "id": worker.worker_id,
             "services": list(worker.services),
             "capacity": worker.capacity,
             "slots": worker.slots,
-            "running": len(worker.running),
+            "held": held,
+            "running": running,
+            "prefetched": None if worker.slots is None else held - running,
+            "oldest_running_s": self._oldest_held_s(worker, now),
             "draining": worker.draining,
             "last_seen_s": round(now - worker.last_seen, 3),
             "problem": worker.problem,
         }
+
+    def _oldest_held_s(self, worker: Worker, now: float) -> float | None:
+        """Seconds since the worker was handed the oldest task it holds; None
+        when it holds none. Workers start tasks in the order they get them,
+        so that task runs, and has run at most this long: a hung task shows
+        as a number that keeps growing."""
+        if not worker.running:
+            return None
+        oldest = min(self.tasks[ticket].started_at for ticket in worker.running)
+        return round(now - oldest, 3)
 
     def _queued_by_function(self) -> dict[str, int]:
         queued = {

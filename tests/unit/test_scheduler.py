@@ -1134,6 +1134,44 @@ def test_status_request_is_answered_with_workers_queues_and_clients(
     assert reply.status["clients"][0]["name"] == "alice"
 
 
+def test_status_tells_running_tasks_from_prefetched_ones_and_ages_the_oldest() -> None:
+    driver = Driver(Limits(heartbeat_interval_s=100.0))
+    driver.hello()
+    driver.submit(task(1))
+    [first] = assignments(driver.ready(W1, capacity=4, slots=1), W1)
+    driver.done(W1, first, duration_s=0.001)  # short: the worker may prefetch
+    driver.tick(1.0)
+    driver.submit(task(2))
+    driver.tick(2.0)
+    driver.submit(task(3), task(4))
+    driver.tick(3.0)
+
+    [worker] = driver.scheduler.status(driver.now)["workers"]
+
+    assert (worker["held"], worker["running"], worker["prefetched"]) == (3, 1, 2)
+    assert worker["oldest_running_s"] == pytest.approx(5.0)
+
+
+def test_status_of_an_idle_worker_has_no_oldest_task(driver: Driver) -> None:
+    driver.ready(W1, capacity=2, slots=2)
+
+    [worker] = driver.scheduler.status(driver.now)["workers"]
+
+    assert (worker["running"], worker["prefetched"]) == (0, 0)
+    assert worker["oldest_running_s"] is None
+
+
+def test_status_counts_every_task_of_a_worker_without_slots_as_running(
+    driver: Driver,
+) -> None:
+    driver.ready(W1, capacity=2)
+    driver.submit(task(1), task(2))
+
+    [worker] = driver.scheduler.status(driver.now)["workers"]
+
+    assert (worker["held"], worker["running"], worker["prefetched"]) == (2, 2, None)
+
+
 def test_status_counts_a_task_waiting_for_its_retry_as_queued() -> None:
     driver = Driver(Limits(retry_backoff=Backoff(5.0, 5.0, 0.0)))
     driver.hello()
