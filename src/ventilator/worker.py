@@ -224,6 +224,8 @@ class Worker:
                 self._receive(now, announced)
             self._collect(now, ready)
             self._follow_pool(now)
+            if self._stopping:
+                return  # a cold stop came while we waited: no drain to announce
             if self._drain_requested and self._drained():
                 return
 
