@@ -939,9 +939,12 @@ class Scheduler:
         # again on the same connection, it is attached again without a HELLO.
         if said_bye and recipient.peer is not None:
             self._recipient_of_peer.pop(recipient.peer, None)
+        # Every failed send to a gone client reports it: say so once.
+        was_connected = recipient.peer is not None
         recipient.peer = None
         held = len(recipient.pending) + len(recipient.unacked)
-        self._effects.notices.append(ClientLost(recipient.name, held))
+        if was_connected:
+            self._effects.notices.append(ClientLost(recipient.name, held))
 
         # A session that left with nothing owed is forgotten, so that sessions
         # do not accumulate; one that still has tasks running is recreated when

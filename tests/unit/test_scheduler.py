@@ -964,6 +964,16 @@ def test_cancel_of_another_sessions_task_does_nothing(driver: Driver) -> None:
 # --- clients coming and going ---------------------------------------------------------
 
 
+def test_a_client_unreachable_twice_in_one_turn_is_lost_once(driver: Driver) -> None:
+    driver.submit(task(1))
+
+    driver.scheduler.peer_unreachable(CLIENT, driver.now)
+    driver.scheduler.peer_unreachable(CLIENT, driver.now)  # a second send failed
+    effects = driver.flush()
+
+    assert notices(effects, ClientLost) == [ClientLost("alice", 0)]
+
+
 def test_silent_client_is_given_up_and_its_results_kept(driver: Driver) -> None:
     driver.submit(task(1))
     driver.ready(W1)
