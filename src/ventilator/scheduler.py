@@ -217,7 +217,10 @@ class FailedTask:
             "ticket": self.ticket,
             "session": self.session,
             "task_id": self.task_id,
-            "function": self.function,
+            # An MDP service's queue, as status and the metrics name it.
+            "function": service_queue(self.function)
+            if self.flags & _RAW
+            else self.function,
             "outcome": self.status.name.lower(),
             "type": error.get("type", ""),
             "message": error.get("message", ""),
