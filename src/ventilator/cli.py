@@ -423,7 +423,8 @@ def _bind_address(ctx: click.Context, param: click.Parameter, value: Any) -> Any
     type=click.IntRange(min=1),
     default=_DEFAULT_LIMITS.max_peers,
     show_default=True,
-    help="Connections on both sockets together; more are refused.",
+    help="Connections on both sockets together; more are refused at their "
+    "handshake, and their ZeroMQ retries: they wait for a free place.",
 )
 @_key_file(
     "The broker's .key_secret file; turns CURVE on (needs --clients, --workers)."
