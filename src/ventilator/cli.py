@@ -1827,6 +1827,7 @@ def retry(
 @click.argument("function", required=False)
 @click.option(
     "--session",
+    callback=lambda ctx, param, value: _not_an_option(value, param),
     help="Instead: drop all the broker holds for this session, which left.",
 )
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
@@ -1853,7 +1854,32 @@ def purge(
                 abort=True,
             )
         purged = client.purge(function, timeout_s)
+        known = purged or _function_known(client.status(timeout_s), function)
     click.echo(f"purged {purged} task(s) of {function}")
+    if not known:
+        # A typo would purge nothing and look like success.
+        raise click.ClickException(
+            f"nothing matched {function!r}: no queue, running task or worker has "
+            "that function (`ventilator status` lists them)"
+        )
+
+
+def _not_an_option(value: str | None, param: click.Parameter) -> str | None:
+    """Refuse an option's name taken for a value (`--session --connect ...`)."""
+    if value is not None and value.startswith("-"):
+        raise click.BadParameter(
+            f"{value!r} looks like an option, not a session name: name the "
+            "session right after --session",
+            param=param,
+        )
+    return value
+
+
+def _function_known(report: dict[str, Any], function: str) -> bool:
+    """Whether the broker knows `function` from a queue, a running task or a
+    worker that serves it (in which case purging none of it is no typo)."""
+    served = any(function in w["services"] for w in report["workers"])
+    return served or function in report["queued"] or function in report["running"]
 
 
 def _purge_session(connect: str, timeout_s: float, session: str, yes: bool) -> None:
@@ -1870,6 +1896,12 @@ def _purge_session(connect: str, timeout_s: float, session: str, yes: bool) -> N
         f"delivery and {dropped['queued']} queued task(s); "
         f"{dropped['running']} running task(s) will be dropped when they end"
     )
+    if not any(dropped[kind] for kind in ("results", "queued", "running")):
+        # A session that left with nothing owed is forgotten: as is a typo.
+        raise click.ClickException(
+            f"nothing matched session {session!r}: the broker holds nothing for "
+            "it (`ventilator status` lists sessions)"
+        )
 
 
 @cli.command()
