@@ -45,7 +45,7 @@ from .errors import (
 from .gateway import MdpSettings
 from .journal import DURABILITY_MODES
 from .local import LocalCluster
-from .policy import Limits
+from .policy import MAX_INTERVAL_S, MIN_HEARTBEAT_INTERVAL_S, Limits
 from .pool import POOL_KINDS
 from .registry import resolve
 from .security import ServerKeys, generate_keys
@@ -70,6 +70,19 @@ FUNCTION_COLUMNS = 32
 BROKER_ANSWER_S = 10.0
 # How long an interrupted run waits for the broker to confirm its cancels.
 CANCEL_SETTLE_S = 2.0
+
+
+class _FiniteRange(click.FloatRange):
+    """A range of floats without nan and inf, which every range check lets
+    through (nan compares false) and no duration or interval means."""
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
 
 
 def _log_setting(ctx: click.Context, param: click.Parameter, value: Any) -> None:
@@ -272,6 +285,15 @@ def keys_generate(name: str, directory: str, functions: tuple[str, ...]) -> None
 # --- broker and worker ----------------------------------------------------------
 
 
+_heartbeat_option = click.option(
+    "--heartbeat-interval-s",
+    type=_FiniteRange(MIN_HEARTBEAT_INTERVAL_S, MAX_INTERVAL_S),
+    default=1.0,
+    show_default=True,
+    help="Seconds between heartbeats; silence for 3 of them is death.",
+)
+
+
 def _bind_address(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
     """Check an address to bind before anything starts (or warns about it)."""
     if value is not None:
@@ -320,27 +342,27 @@ def _bind_address(ctx: click.Context, param: click.Parameter, value: Any) -> Any
 )
 @click.option(
     "--max-payload-bytes",
-    type=int,
+    type=click.IntRange(min=1),
     default=_DEFAULT_LIMITS.max_payload_bytes,
     show_default=True,
 )
 @click.option(
     "--max-queued-tasks",
-    type=int,
+    type=click.IntRange(min=1),
     default=_DEFAULT_LIMITS.max_queued_tasks,
     show_default=True,
 )
 @click.option(
     "--client-window",
-    type=int,
+    type=click.IntRange(min=1),
     default=_DEFAULT_LIMITS.client_window,
     show_default=True,
     help="Tasks one client may have in the broker.",
 )
-@click.option("--heartbeat-interval-s", type=float, default=1.0, show_default=True)
+@_heartbeat_option
 @click.option(
     "--max-attempts",
-    type=int,
+    type=click.IntRange(min=1),
     default=3,
     show_default=True,
     help="Worker deaths under one task before it fails as poison.",
@@ -354,7 +376,7 @@ def _bind_address(ctx: click.Context, param: click.Parameter, value: Any) -> Any
 )
 @click.option(
     "--mdp-heartbeat",
-    type=click.FloatRange(min=0.01),
+    type=_FiniteRange(min=0.01),
     default=MdpSettings().heartbeat_interval_s,
     show_default=True,
     help="Seconds between heartbeats to MDP workers (zguide's peers use 2.5).",
@@ -368,7 +390,7 @@ def _bind_address(ctx: click.Context, param: click.Parameter, value: Any) -> Any
 )
 @click.option(
     "--mdp-unserved-expiry",
-    type=click.FloatRange(min=0.0),
+    type=_FiniteRange(min=0.0),
     default=MdpSettings().unserved_expiry_s,
     show_default=True,
     help="Seconds an MDP request waits for a worker of its service when none "
@@ -392,14 +414,14 @@ def _bind_address(ctx: click.Context, param: click.Parameter, value: Any) -> Any
 )
 @click.option(
     "--client-max-bytes",
-    type=int,
+    type=click.IntRange(min=1),
     default=_DEFAULT_LIMITS.client_max_bytes,
     show_default=True,
     help="Payload and result bytes one client may have in the broker.",
 )
 @click.option(
     "--max-queued-bytes",
-    type=int,
+    type=click.IntRange(min=1),
     default=_DEFAULT_LIMITS.max_queued_bytes,
     show_default=True,
 )
@@ -408,7 +430,8 @@ def _bind_address(ctx: click.Context, param: click.Parameter, value: Any) -> Any
     type=click.IntRange(min=1),
     default=_DEFAULT_LIMITS.max_peers,
     show_default=True,
-    help="Connections on both sockets together; more are refused.",
+    help="Connections on both sockets together; more are refused at their "
+    "handshake, and their ZeroMQ retries: they wait for a free place.",
 )
 @_key_file(
     "The broker's .key_secret file; turns CURVE on (needs --clients, --workers)."
@@ -601,7 +624,7 @@ def _server_keys(
     is_flag=True,
     help="Run pickled callables: lets any client run any code here.",
 )
-@click.option("--heartbeat-interval-s", type=float, default=1.0, show_default=True)
+@_heartbeat_option
 @_peer_keys
 @click.option(
     "--insecure",
@@ -694,7 +717,7 @@ def _cluster_options(command: Callable[..., Any]) -> Callable[..., Any]:
             ),
             click.option(
                 "--connect-timeout-s",
-                type=click.FloatRange(min=0, min_open=True),
+                type=_FiniteRange(min=0, min_open=True),
                 default=BROKER_ANSWER_S,
                 show_default=True,
                 help="With --connect: how long the broker has to answer before "
@@ -708,7 +731,7 @@ def _cluster_options(command: Callable[..., Any]) -> Callable[..., Any]:
             ),
             click.option(
                 "--timeout-s",
-                type=click.FloatRange(min=0, min_open=True),
+                type=_FiniteRange(min=0, min_open=True),
                 default=None,
                 help="Stop each line's call after this many seconds.",
             ),
@@ -1543,7 +1566,7 @@ def _connect_option(command: Callable[..., Any]) -> Callable[..., Any]:
         )(command)
     command = click.option(
         "--timeout-s",
-        type=float,
+        type=_FiniteRange(min=0, min_open=True, max=MAX_INTERVAL_S),
         default=5.0,
         show_default=True,
         help="How long to wait for the broker's answer.",
@@ -1638,20 +1661,45 @@ def _workers_table(workers: list[dict[str, Any]]) -> Any:
     from rich.markup import escape
 
     table = _table(f"workers ({len(workers)})")
+    if any(w.get("prefetched") for w in workers):
+        table.caption = "+N: tasks prefetched, waiting on the worker"
     # The id (host.pid.tag) is what an operator looks for: folded whole, never
     # cut; the other columns are short and keep to one line.
     table.add_column("worker", overflow="fold", ratio=1)
-    for column in ("state", "running", "functions", "last seen"):
+    for column in ("state", "running", "oldest", "functions", "last seen"):
         table.add_column(column, no_wrap=True)
     for w in workers:
         table.add_row(
             escape(w["id"]),
             _worker_state(w),
-            f"{w['running']} of {w['capacity']}",
+            _worker_load(w),
+            _duration(w.get("oldest_running_s")),
             str(len(w["services"])),
             f"{w['last_seen_s']:.1f}s ago",
         )
     return table
+
+
+def _worker_load(worker: dict[str, Any]) -> str:
+    """'running of slots', and '+N' prefetched; a broker that predates
+    `prefetched`, or a worker without slots, shows its credit instead."""
+    slots = worker.get("slots")
+    prefetched = worker.get("prefetched")
+    if slots is None or prefetched is None:
+        return f"{worker['running']} of {worker['capacity']}"
+    return f"{worker['running']} of {slots}" + (f" +{prefetched}" if prefetched else "")
+
+
+def _duration(seconds: float | None) -> str:
+    """A short age for a table cell: 4.2s, 12m05s, 3h20m; '-' for none."""
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    return f"{minutes // 60}h{minutes % 60:02d}m"
 
 
 def _worker_state(worker: dict[str, Any]) -> str:
@@ -1678,7 +1726,9 @@ def _queues_table(report: dict[str, Any]) -> Any:
 
     table = _table("tasks by function")
     table.add_column("function", overflow="fold", ratio=1)
-    for column in ("queued", "running"):
+    # Workers hold prefetched tasks beside those they run: the broker counts
+    # both per function (the workers table tells them apart).
+    for column in ("queued", "on workers"):
         table.add_column(column, justify="right", no_wrap=True)
     for function in sorted(set(report["queued"]) | set(report["running"])):
         table.add_row(
@@ -1795,6 +1845,7 @@ def retry(
 @click.argument("function", required=False)
 @click.option(
     "--session",
+    callback=lambda ctx, param, value: _not_an_option(value, param),
     help="Instead: drop all the broker holds for this session, which left.",
 )
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
@@ -1821,7 +1872,32 @@ def purge(
                 abort=True,
             )
         purged = client.purge(function, timeout_s)
+        known = purged or _function_known(client.status(timeout_s), function)
     click.echo(f"purged {purged} task(s) of {function}")
+    if not known:
+        # A typo would purge nothing and look like success.
+        raise click.ClickException(
+            f"nothing matched {function!r}: no queue, running task or worker has "
+            "that function (`ventilator status` lists them)"
+        )
+
+
+def _not_an_option(value: str | None, param: click.Parameter) -> str | None:
+    """Refuse an option's name taken for a value (`--session --connect ...`)."""
+    if value is not None and value.startswith("-"):
+        raise click.BadParameter(
+            f"{value!r} looks like an option, not a session name: name the "
+            "session right after --session",
+            param=param,
+        )
+    return value
+
+
+def _function_known(report: dict[str, Any], function: str) -> bool:
+    """Whether the broker knows `function` from a queue, a running task or a
+    worker that serves it (in which case purging none of it is no typo)."""
+    served = any(function in w["services"] for w in report["workers"])
+    return served or function in report["queued"] or function in report["running"]
 
 
 def _purge_session(connect: str, timeout_s: float, session: str, yes: bool) -> None:
@@ -1838,6 +1914,12 @@ def _purge_session(connect: str, timeout_s: float, session: str, yes: bool) -> N
         f"delivery and {dropped['queued']} queued task(s); "
         f"{dropped['running']} running task(s) will be dropped when they end"
     )
+    if not any(dropped[kind] for kind in ("results", "queued", "running")):
+        # A session that left with nothing owed is forgotten: as is a typo.
+        raise click.ClickException(
+            f"nothing matched session {session!r}: the broker holds nothing for "
+            "it (`ventilator status` lists sessions)"
+        )
 
 
 @cli.command()
@@ -1888,7 +1970,7 @@ def cancel(
 )
 @click.option(
     "--idle-timeout-s",
-    type=float,
+    type=_FiniteRange(min=0, max=MAX_INTERVAL_S),
     default=None,
     help="Exit after this long without a result  [default: never]",
 )

@@ -65,6 +65,7 @@ from .errors import (
     UsageError,
     task_error_from_wire,
 )
+from .policy import check_heartbeat
 from .security import NOT_PERMITTED, REVOKED, client_keys, fingerprint
 from .serialization import (
     BatchPacker,
@@ -768,6 +769,7 @@ class Client:
             raise UsageError(f"window must be at least 1, got {window}")
         if window_bytes < 1:
             raise UsageError(f"window_bytes must be at least 1, got {window_bytes}")
+        check_heartbeat(heartbeat_interval_s, liveness)
         self._context = context or zmq.Context.instance()
         _wire.check_endpoint(address, "the broker address")
         _check_session(session)

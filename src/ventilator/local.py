@@ -23,6 +23,7 @@ from pathlib import Path
 from . import _lifeline as lifeline
 from .client import Client
 from .errors import UsageError, VentilatorError
+from .policy import check_at_least
 from .registry import load_functions
 from .security import generate_keys
 
@@ -61,6 +62,10 @@ class LocalCluster:
             raise UsageError(
                 "local() needs at least one module for its workers to serve"
             )
+        if workers is not None:
+            check_at_least("workers", workers, 1)
+        if prefetch is not None:
+            check_at_least("prefetch", prefetch, 1)
         self.workers = workers or os.cpu_count() or 1
         self.modules = list(modules)
         self._pool = pool

@@ -3,9 +3,60 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
-__all__ = ["Backoff", "Limits", "Prefetch"]
+from .errors import UsageError
+
+__all__ = [
+    "MAX_INTERVAL_S",
+    "MIN_HEARTBEAT_INTERVAL_S",
+    "Backoff",
+    "Limits",
+    "Prefetch",
+    "check_at_least",
+    "check_heartbeat",
+    "check_seconds",
+]
+
+# Below this a heartbeat is a busy loop, not a sign of life: 0 made the client
+# spin and the broker lose every worker as poison.
+MIN_HEARTBEAT_INTERVAL_S = 0.01
+# Beyond a day a peer is never noticed gone, and a poll timeout in ms overflows.
+MAX_INTERVAL_S = 24 * 3600.0
+
+
+def check_at_least(name: str, value: float, least: float) -> None:
+    """Refuse a count or size below `least`, naming the setting.
+
+    Raises:
+        UsageError: `value` is below `least`, or not a finite number.
+    """
+    if not math.isfinite(value) or value < least:
+        raise UsageError(f"{name} must be a number >= {least:g}, got {value!r}")
+
+
+def check_seconds(name: str, value: float, least: float, most: float) -> None:
+    """Refuse a duration outside [least, most] seconds, naming the setting.
+
+    Raises:
+        UsageError: `value` is outside the range, or not a finite number.
+    """
+    if not (math.isfinite(value) and least <= value <= most):
+        raise UsageError(
+            f"{name} must be between {least:g} and {most:g} seconds, got {value!r}"
+        )
+
+
+def check_heartbeat(interval_s: float, liveness: int) -> None:
+    """Refuse a heartbeat interval or liveness that no peer can keep to.
+
+    Raises:
+        UsageError: naming the setting and the range it must be in.
+    """
+    check_seconds(
+        "heartbeat_interval_s", interval_s, MIN_HEARTBEAT_INTERVAL_S, MAX_INTERVAL_S
+    )
+    check_at_least("liveness", liveness, 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +71,12 @@ class Backoff:
     base_s: float = 0.5
     cap_s: float = 30.0
     jitter: float = 0.5
+
+    def __post_init__(self) -> None:
+        check_at_least("Backoff.base_s", self.base_s, 0)
+        check_at_least("Backoff.cap_s", self.cap_s, 0)
+        if not 0 <= self.jitter <= 1:
+            raise UsageError(f"Backoff.jitter must be in [0, 1], got {self.jitter!r}")
 
     def delay_s(self, attempt: int, unit_random: float) -> float:
         """The delay before the next try, given a number drawn from [0, 1)."""
@@ -44,6 +101,13 @@ class Prefetch:
     buffer_s: float = 0.02
     most: int = 256
     long_task_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.fixed is not None:
+            check_at_least("prefetch", self.fixed, 1)
+        check_at_least("Prefetch.buffer_s", self.buffer_s, 0)
+        check_at_least("Prefetch.most", self.most, 1)
+        check_at_least("Prefetch.long_task_s", self.long_task_s, 0)
 
     def per_slot(self, mean_task_s: float | None) -> int:
         """Tasks to hold per slot, given the mean task duration seen so far."""
@@ -85,3 +149,26 @@ class Limits:
     retry_backoff: Backoff = field(default_factory=Backoff)
     # Failed tasks remembered for `ventilator failed` and `retry`, newest kept.
     failed_kept: int = 1000
+
+    def __post_init__(self) -> None:
+        for setting in fields(self):
+            least = _LIMITS_AT_LEAST.get(setting.name)
+            if least is not None:
+                check_at_least(setting.name, getattr(self, setting.name), least)
+        check_heartbeat(self.heartbeat_interval_s, self.liveness)
+
+
+# The least each count and size of `Limits` may be; 0 would refuse everything
+# or, for a window, hang every client that waits for room.
+_LIMITS_AT_LEAST: dict[str, float] = {
+    "max_payload_bytes": 1,
+    "max_queued_tasks": 1,
+    "max_queued_bytes": 1,
+    "client_window": 1,
+    "client_max_bytes": 1,
+    "delivery_window": 1,
+    "max_attempts": 1,
+    "result_ttl_s": 0,
+    "max_peers": 1,
+    "failed_kept": 0,
+}

@@ -220,7 +220,10 @@ class FailedTask:
             "ticket": self.ticket,
             "session": self.session,
             "task_id": self.task_id,
-            "function": self.function,
+            # An MDP service's queue, as status and the metrics name it.
+            "function": service_queue(self.function)
+            if self.flags & _RAW
+            else self.function,
             "outcome": self.status.name.lower(),
             "type": error.get("type", ""),
             "message": error.get("message", ""),
@@ -947,9 +950,12 @@ class Scheduler:
         # again on the same connection, it is attached again without a HELLO.
         if said_bye and recipient.peer is not None:
             self._recipient_of_peer.pop(recipient.peer, None)
+        # Every failed send to a gone client reports it: say so once.
+        was_connected = recipient.peer is not None
         recipient.peer = None
         held = len(recipient.pending) + len(recipient.unacked)
-        self._effects.notices.append(ClientLost(recipient.name, held))
+        if was_connected:
+            self._effects.notices.append(ClientLost(recipient.name, held))
 
         # A session that left with nothing owed is forgotten, so that sessions
         # do not accumulate; one that still has tasks running is recreated when
@@ -1821,16 +1827,33 @@ class Scheduler:
         return list(itertools.islice(newest_first, limit))
 
     def _worker_status(self, worker: Worker, now: float) -> dict[str, object]:
+        held = len(worker.running)
+        # A worker runs at most `slots` of the tasks it holds; the rest wait
+        # on it. Without slots the broker cannot tell them apart.
+        running = held if worker.slots is None else min(held, worker.slots)
         return {
             "id": worker.worker_id,
             "services": list(worker.services),
             "capacity": worker.capacity,
             "slots": worker.slots,
-            "running": len(worker.running),
+            "held": held,
+            "running": running,
+            "prefetched": None if worker.slots is None else held - running,
+            "oldest_running_s": self._oldest_held_s(worker, now),
             "draining": worker.draining,
             "last_seen_s": round(now - worker.last_seen, 3),
             "problem": worker.problem,
         }
+
+    def _oldest_held_s(self, worker: Worker, now: float) -> float | None:
+        """Seconds since the worker was handed the oldest task it holds; None
+        when it holds none. Workers start tasks in the order they get them,
+        so that task runs, and has run at most this long: a hung task shows
+        as a number that keeps growing."""
+        if not worker.running:
+            return None
+        oldest = min(self.tasks[ticket].started_at for ticket in worker.running)
+        return round(now - oldest, 3)
 
     def _queued_by_function(self) -> dict[str, int]:
         queued = {

@@ -430,6 +430,11 @@ def _load(path: str | os.PathLike[str], what: str) -> tuple[bytes, bytes | None]
                 "what was given looks like a key itself (not shown): write it "
                 "to a file, as `ventilator keys generate` does, and pass its path"
             ) from None
+        if isinstance(exc, ValueError):  # pyzmq: "No public key found in ..."
+            raise UsageError(
+                f"{what} {path} is not a CURVE key file: it holds no key in the "
+                "form `ventilator keys generate` writes"
+            ) from exc
         raise UsageError(f"cannot read a CURVE key from {what} {path}: {exc}") from exc
 
 

@@ -27,6 +27,7 @@ from . import protocol as p
 from ._timing import poll_timeout_ms
 from .client import DEFAULT_ADDRESS
 from .errors import TaskError, UsageError, task_error_from_wire
+from .policy import check_heartbeat
 from .security import REVOKED, client_keys
 from .serialization import unpack_value
 
@@ -69,6 +70,7 @@ class Sink:
         taken_wait_s: float = TAKEN_WAIT_S,
     ) -> None:
         _check_name(name)
+        check_heartbeat(heartbeat_interval_s, liveness=1)
         curve = client_keys(secret_key, broker_key)  # as for Client
         self.name = name
         self.address = address

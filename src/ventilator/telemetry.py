@@ -33,6 +33,7 @@ own, not prometheus-client's global one)::
     ventilator_task_queue_wait_seconds{function}       histogram, queued to started
     ventilator_queue_depth{function}                   waiting to run (retries too)
     ventilator_tasks_running{function}
+    ventilator_oldest_running_task_seconds{worker}     workers holding a task only
     ventilator_workers_connected   ventilator_worker_slots   ventilator_worker_credit
     ventilator_clients_connected   ventilator_results_waiting
 """
@@ -476,6 +477,23 @@ def _histogram(
     return family
 
 
+def _oldest_running(workers: list[dict[str, Any]]) -> Metric:
+    """How long each worker has run its oldest task: the number to alert on
+    for a hung task (it grows while the worker still heartbeats)."""
+    oldest = GaugeMetricFamily(
+        "ventilator_oldest_running_task_seconds",
+        "Seconds since each worker was handed the oldest task it holds, which "
+        "it runs; workers that hold none are left out.",
+        labels=["worker"],
+    )
+    for worker in workers:
+        # A broker that predates the field does not say.
+        age_s = worker.get("oldest_running_s")
+        if age_s is not None:
+            oldest.add_metric([worker["id"]], age_s)
+    return oldest
+
+
 def _gauges(status: dict[str, Any]) -> Iterator[Metric]:
     depth = GaugeMetricFamily(
         "ventilator_queue_depth",
@@ -492,6 +510,7 @@ def _gauges(status: dict[str, Any]) -> Iterator[Metric]:
     workers = status["workers"]
     yield depth
     yield running
+    yield _oldest_running(workers)
     yield GaugeMetricFamily(
         "ventilator_workers_connected", "Workers registered.", value=len(workers)
     )

@@ -26,7 +26,7 @@ from . import _wire
 from . import protocol as p
 from ._timing import poll_timeout_ms
 from .errors import TaskRejected, UsageError
-from .policy import Prefetch
+from .policy import Prefetch, check_at_least, check_heartbeat
 from .pool import Pool, TaskDuration, make_pool
 from .registry import load_functions
 from .security import client_keys, is_loopback
@@ -70,6 +70,12 @@ class WorkerConfig:
     broker_key: str | None = None
     # Run pickled callables from a broker reached without CURVE off this machine.
     insecure: bool = False
+
+    def __post_init__(self) -> None:
+        check_at_least("concurrency", self.concurrency, 1)
+        if self.prefetch is not None:
+            check_at_least("prefetch", self.prefetch, 1)
+        check_heartbeat(self.heartbeat_interval_s, self.liveness)
 
     @property
     def prefetch_policy(self) -> Prefetch:
@@ -218,6 +224,8 @@ class Worker:
                 self._receive(now, announced)
             self._collect(now, ready)
             self._follow_pool(now)
+            if self._stopping:
+                return  # a cold stop came while we waited: no drain to announce
             if self._drain_requested and self._drained():
                 return
 

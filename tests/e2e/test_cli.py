@@ -492,6 +492,8 @@ def test_status_json_shows_workers_queues_and_clients(
     assert f".{worker.pid}." in row["id"]
     assert f"{TASKS}:sleep_for" in row["services"]
     assert (row["capacity"], row["running"]) == (1, 1)
+    assert (row["slots"], row["prefetched"]) == (1, 0)
+    assert row["oldest_running_s"] >= 0
     assert report["running"] == {f"{TASKS}:sleep_for": 1}
     assert report["queued"] == {f"{TASKS}:sleep_for": 1, f"{MORE_TASKS}:cube": 1}
     sessions = {c["name"]: c["connected"] for c in report["clients"]}
@@ -528,6 +530,7 @@ def test_status_table_keeps_each_row_on_one_line_in_80_columns(
     lines = lines_within(completed.stdout, 80)
     [worker_row] = [line for line in lines if f".{worker.pid}." in line]
     assert "serving" in worker_row and "1 of 1" in worker_row
+    assert re.search(r"\d+\.\ds ", worker_row), "no age of the oldest task"
     assert any(re.fullmatch(rf" {TASKS}:sleep_for +0 +1 *", line) for line in lines)
     assert any(client.session in line for line in lines)
 

@@ -285,3 +285,26 @@ def test_purge_session_of_a_connected_session_is_refused(
     assert refused.returncode == 1
     assert "connected" in refused.stderr
     assert client.status()["queued"] == {UNSERVED: 1}
+
+
+@pytest.mark.parametrize(
+    "what", [["nocolon"], ["--session", "nosuchsession"]], ids=["function", "session"]
+)
+def test_purge_of_something_the_broker_does_not_know_says_nothing_matched(
+    processes: Processes, broker: BrokerProcess, what: list[str]
+) -> None:
+    purged = run_cli(processes, "purge", *what, "--yes", "--connect", broker.frontend)
+
+    assert purged.returncode == 1, purged.stdout
+    assert "nothing matched" in purged.stderr
+
+
+def test_purge_session_followed_by_an_option_is_a_usage_error(
+    processes: Processes, broker: BrokerProcess
+) -> None:
+    purged = run_cli(
+        processes, "purge", "--session", "--connect", broker.frontend, "--yes"
+    )
+
+    assert purged.returncode == 2
+    assert "--session" in purged.stderr

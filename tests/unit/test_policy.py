@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ventilator.errors import UsageError
 from ventilator.policy import Backoff, Limits, Prefetch
 
 unit_randoms = st.floats(0.0, 1.0, exclude_max=True)
@@ -106,3 +107,42 @@ def test_adaptive_prefetch_holds_about_its_buffer_of_short_tasks() -> None:
     assert policy.per_slot(0.005) == 1 + 4
     assert policy.per_slot(0.1) == 2
     assert policy.per_slot(0.000001) == 256
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("heartbeat_interval_s", 0.0),
+        ("heartbeat_interval_s", -1.0),
+        ("heartbeat_interval_s", float("nan")),
+        ("heartbeat_interval_s", float("inf")),
+        ("max_payload_bytes", -5),
+        ("client_window", 0),
+        ("max_attempts", 0),
+        ("liveness", 0),
+        ("max_queued_tasks", 0),
+        ("max_queued_bytes", 0),
+        ("client_max_bytes", 0),
+        ("delivery_window", 0),
+        ("max_peers", 0),
+        ("result_ttl_s", -1.0),
+        ("failed_kept", -1),
+    ],
+)
+def test_limits_refuse_nonsense_naming_the_setting(setting: str, value: float) -> None:
+    with pytest.raises(UsageError, match=setting):
+        Limits(**{setting: value})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"base_s": -1.0}, {"cap_s": float("nan")}, {"jitter": 1.5}, {"jitter": -0.1}],
+)
+def test_backoff_refuses_nonsense(settings: dict[str, float]) -> None:
+    with pytest.raises(UsageError):
+        Backoff(**settings)
+
+
+def test_prefetch_refuses_a_fixed_count_below_one() -> None:
+    with pytest.raises(UsageError, match="prefetch"):
+        Prefetch(fixed=0)

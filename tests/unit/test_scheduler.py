@@ -1029,6 +1029,16 @@ def test_cancel_of_another_sessions_task_does_nothing(driver: Driver) -> None:
 # --- clients coming and going ---------------------------------------------------------
 
 
+def test_a_client_unreachable_twice_in_one_turn_is_lost_once(driver: Driver) -> None:
+    driver.submit(task(1))
+
+    driver.scheduler.peer_unreachable(CLIENT, driver.now)
+    driver.scheduler.peer_unreachable(CLIENT, driver.now)  # a second send failed
+    effects = driver.flush()
+
+    assert notices(effects, ClientLost) == [ClientLost("alice", 0)]
+
+
 def test_silent_client_is_given_up_and_its_results_kept(driver: Driver) -> None:
     driver.submit(task(1))
     driver.ready(W1)
@@ -1197,6 +1207,44 @@ def test_status_request_is_answered_with_workers_queues_and_clients(
     [worker] = reply.status["workers"]
     assert (worker["id"], worker["running"], worker["capacity"]) == ("worker-1", 2, 2)
     assert reply.status["clients"][0]["name"] == "alice"
+
+
+def test_status_tells_running_tasks_from_prefetched_ones_and_ages_the_oldest() -> None:
+    driver = Driver(Limits(heartbeat_interval_s=100.0))
+    driver.hello()
+    driver.submit(task(1))
+    [first] = assignments(driver.ready(W1, capacity=4, slots=1), W1)
+    driver.done(W1, first, duration_s=0.001)  # short: the worker may prefetch
+    driver.tick(1.0)
+    driver.submit(task(2))
+    driver.tick(2.0)
+    driver.submit(task(3), task(4))
+    driver.tick(3.0)
+
+    [worker] = driver.scheduler.status(driver.now)["workers"]
+
+    assert (worker["held"], worker["running"], worker["prefetched"]) == (3, 1, 2)
+    assert worker["oldest_running_s"] == pytest.approx(5.0)
+
+
+def test_status_of_an_idle_worker_has_no_oldest_task(driver: Driver) -> None:
+    driver.ready(W1, capacity=2, slots=2)
+
+    [worker] = driver.scheduler.status(driver.now)["workers"]
+
+    assert (worker["running"], worker["prefetched"]) == (0, 0)
+    assert worker["oldest_running_s"] is None
+
+
+def test_status_counts_every_task_of_a_worker_without_slots_as_running(
+    driver: Driver,
+) -> None:
+    driver.ready(W1, capacity=2)
+    driver.submit(task(1), task(2))
+
+    [worker] = driver.scheduler.status(driver.now)["workers"]
+
+    assert (worker["held"], worker["running"], worker["prefetched"]) == (2, 2, None)
 
 
 def test_status_counts_a_task_waiting_for_its_retry_as_queued() -> None:

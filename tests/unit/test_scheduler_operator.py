@@ -12,10 +12,11 @@ from ventilator.policy import Limits
 from ventilator.scheduler import (
     RETRY_PAYLOAD_BYTES,
     RETRY_SESSION,
+    FailedTask,
     Scope,
     sink_recipient,
 )
-from ventilator.serialization import pack_error
+from ventilator.serialization import pack_error, pack_value
 
 from .driver import (
     CLIENT,
@@ -368,3 +369,21 @@ def test_a_retry_within_a_scope_is_checked_against_its_rights(
     assert report["retried"] == []
     assert "may not submit" in dict(report["refused"])[ticket]
     assert len(tenants.scheduler.failed) == 2
+
+
+def test_a_failed_mdp_request_is_named_as_its_queue_and_metrics_name_it() -> None:
+    error = pack_value({"type": "MdpError", "message": "bad reply"})
+    record = FailedTask(
+        1,
+        "mdp:0a",
+        1,
+        "badret",
+        p.Status.RAISED,
+        error,
+        0.0,
+        None,
+        int(p.Flags.RAW),
+        None,
+    )
+
+    assert record.report(1.0)["function"] == "mdp:badret"

@@ -333,3 +333,12 @@ def test_a_key_given_in_place_of_a_key_file_is_refused_without_showing_it(
         assert "secret_key" in message and "path to a key file" in message
         assert secret.decode("ascii") not in message
         assert public.decode("ascii") not in message
+
+
+def test_a_garbage_key_file_is_named_as_not_a_key_file(tmp_path: Path) -> None:
+    public, _ = generate_keys("broker", tmp_path)
+    garbage = tmp_path / "garbage.key_secret"
+    garbage.write_text("this is no key\n")
+
+    with pytest.raises(UsageError, match="is not a CURVE key file"):
+        client_keys(str(garbage), str(public))

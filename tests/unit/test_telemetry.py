@@ -208,3 +208,21 @@ def test_worker_slots_are_the_slots_declared_and_credit_is_apart() -> None:
     metrics = samples(telemetry)
     assert metrics[("ventilator_worker_slots", frozenset())] == 4
     assert metrics[("ventilator_worker_credit", frozenset())] == 47 + 6
+
+
+def test_oldest_running_task_is_a_gauge_per_worker_holding_a_task() -> None:
+    driver, telemetry = Driver(), Telemetry()
+    driver.hello()
+    driver.ready(W1, capacity=1, slots=1)
+    driver.ready(b"worker-2", capacity=1, slots=1, services=["jobs:none"])
+    driver.submit(task(1))
+    driver.now += 2.5
+    telemetry.publish(driver.now, driver.scheduler)
+
+    metrics = samples(telemetry)
+    oldest = {
+        dict(labels)["worker"]: value
+        for (name, labels), value in metrics.items()
+        if name == "ventilator_oldest_running_task_seconds"
+    }
+    assert oldest == {"worker-1": 2.5}

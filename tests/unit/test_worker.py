@@ -3,12 +3,14 @@ loopback, the run times fed in as the pool would report them."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 
 import pytest
 import zmq
 
 from ventilator import protocol as p
+from ventilator.errors import UsageError
 from ventilator.worker import CREDIT_INTERVAL_S, Worker, WorkerConfig
 
 TASKS = "tests.e2e.tasks"
@@ -104,3 +106,41 @@ def test_credit_grows_at_once_as_tasks_turn_out_tiny(
 
     ceiling = worker.config.concurrency * worker.config.prefetch_policy.most
     assert sent[0] < ceiling / 1.5 <= sent[-1]
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("heartbeat_interval_s", 0.0),
+        ("heartbeat_interval_s", -2.0),
+        ("liveness", 0),
+        ("concurrency", 0),
+        ("prefetch", 0),
+    ],
+)
+def test_worker_config_refuses_nonsense_naming_the_setting(
+    setting: str, value: float
+) -> None:
+    with pytest.raises(UsageError, match=setting):
+        WorkerConfig(modules=("json",), **{setting: value})  # type: ignore[arg-type]
+
+
+def test_a_stop_at_once_leaves_without_announcing_a_drain(
+    backend: tuple[zmq.Socket[bytes], int],
+) -> None:
+    router, port = backend
+    config = WorkerConfig((TASKS,), connect=f"tcp://127.0.0.1:{port}", concurrency=1)
+    worker = Worker(config, zmq.Context.instance())
+    serving = threading.Thread(target=worker.serve)
+    serving.start()
+    try:
+        assert router.poll(RECEIVE_TIMEOUT_MS), "no READY from the worker"
+        worker.stop(at_once=True)  # as SIGQUIT does, while the worker waits
+
+        commands = commands_received(router)
+    finally:
+        worker.stop(at_once=True)
+        serving.join(RECEIVE_TIMEOUT_MS / 1000)
+
+    assert not serving.is_alive()
+    assert not any(isinstance(c, p.Drain) for c in commands), commands

@@ -92,6 +92,16 @@ function renderCards(status, history) {
     `${rate("failed").toFixed(1)} /s · ${number(items.cancelled)} cancelled · ${number(status.totals.failed)} tasks`);
 }
 
+// Tasks a worker holds beyond those it runs wait on it (prefetch).
+function prefetched(worker) {
+  return worker.prefetched ? el("span", { class: "sub" }, ` +${worker.prefetched} waiting`) : "";
+}
+
+// How long the worker's oldest task has run: a hung task keeps this growing.
+function oldest(seconds) {
+  return seconds === null || seconds === undefined ? "–" : ago(seconds);
+}
+
 function renderWorkers(workers) {
   const rows = workers.map((w) => {
     const load = w.capacity ? Math.min(100, (100 * w.running) / w.capacity) : 0;
@@ -105,11 +115,12 @@ function renderWorkers(workers) {
       el("td", {}, el("code", {}, w.id), " ", state, problem),
       el("td", {}, ...byModule(w.services)),
       el("td", { class: "num" }, w.capacity),
-      el("td", { class: "num" }, w.running,
+      el("td", { class: "num" }, w.running, prefetched(w),
         el("div", { class: "bar" }, el("span", { style: `width:${load}%` }))),
+      el("td", { class: "num" }, oldest(w.oldest_running_s)),
       el("td", { class: "num" }, `${ago(w.last_seen_s)} ago`));
   });
-  fill("workers", rows, 5, "no worker connected");
+  fill("workers", rows, 6, "no worker connected");
 }
 
 function renderQueues(status) {
