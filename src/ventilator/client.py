@@ -47,6 +47,7 @@ import zmq
 
 from . import _wire
 from . import protocol as p
+from ._recent import RecentResults
 from ._timing import poll_timeout_ms
 from .errors import (
     ClientBroken,
@@ -810,6 +811,9 @@ class Client:
         self._durable = True
         self._acks: list[tuple[str, int]] = []
         self._acks_due = math.inf
+        # Results handed to a future or to collect(): a copy the broker sends
+        # again is acknowledged, not handed on twice.
+        self._handed_on = RecentResults()
         self._warned: set[str] = set()  # what the broker told us, logged once
         # Why the broker stopped serving this client's key, once it said so.
         self._revoked: str | None = None
@@ -1940,7 +1944,16 @@ class Client:
             self._window = min(self._window, welcome.window)
             self._max_bytes = welcome.client_max_bytes or math.inf
             self._room.notify_all()
+        self._acknowledge_again()
         self._resend()
+
+    def _acknowledge_again(self) -> None:
+        """Acknowledge again the results handed on lately: the ACKs of some
+        may have died with the connection this one replaces (closed with
+        linger 0), and the broker would send them again, to this client or
+        to a later one of the session. It ignores those it has forgotten."""
+        for keys in self._handed_on.chunks(ACK_BATCH):
+            self._send(p.Ack(keys))
 
     def _resend(self) -> None:
         # Whatever the broker has not accepted may be lost; with no durable
@@ -1975,10 +1988,14 @@ class Client:
     def _complete(self, results: Iterable[p.ResultEntry]) -> None:
         released = 0
         for entry in results:
-            self._acks.append((entry.origin, entry.task_id))
+            key = (entry.origin, entry.task_id)
+            self._acks.append(key)
             # The broker holds the result, instead of the payload, until acked.
             self._acks_bytes += len(entry.payload)
             self._bytes_held += len(entry.payload)
+            if key in self._handed_on:
+                continue  # sent again; acknowledged above
+            self._handed_on.add(key)
             pending = self._pending.pop(entry.task_id, None)
             if pending is not None:
                 released += 1
