@@ -1559,12 +1559,19 @@ class Client:
     def _serve(self) -> None:
         self._poll.register(self._wake_read, select.POLLIN)
         self._socket = self._connect()
-        broker_seen = time.monotonic()
+        broker_seen = last_turn = time.monotonic()
         next_beat = broker_seen + self._heartbeat_interval_s
 
         while not self._closed or self._awaiting_acceptance():
             ready = self._wait(min(next_beat, self._acks_due))
             now = time.monotonic()
+            if self._stalled(now - last_turn):
+                # This process was stopped (SIGSTOP, a swapped-out host), not
+                # the broker silent: it had no chance to hear it. It gets its
+                # liveness period again, rather than a reconnection that
+                # drops what this socket still holds.
+                broker_seen = now
+            last_turn = now
             if self._monitor_fd in ready:
                 self._handshakes.read()
             if self._wake_read in ready:
@@ -1600,6 +1607,11 @@ class Client:
                     broker_seen = now
 
         self._shutdown()
+
+    def _stalled(self, turn_gap_s: float) -> bool:
+        """Whether a gap between two turns of the I/O loop, which wakes at
+        least every heartbeat, means that this process stood still."""
+        return turn_gap_s > self._heartbeat_interval_s * self._liveness
 
     def _wait(self, wake_at: float) -> set[int]:
         """The descriptors ready by `wake_at` (monotonic); none if it passed.
