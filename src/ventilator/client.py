@@ -48,6 +48,7 @@ import zmq
 
 from . import _wire
 from . import protocol as p
+from ._recent import RecentResults
 from ._timing import poll_timeout_ms
 from .errors import (
     BrokerTimeout,
@@ -841,6 +842,9 @@ class Client:
         self._durable = True
         self._acks: list[tuple[str, int]] = []
         self._acks_due = math.inf
+        # Results handed to a future or to collect(): a copy the broker sends
+        # again is acknowledged, not handed on twice.
+        self._handed_on = RecentResults()
         self._warned: set[str] = set()  # what the broker told us, logged once
         # Why the broker stopped serving this client's key, once it said so.
         self._revoked: str | None = None
@@ -1654,12 +1658,19 @@ class Client:
     def _serve(self) -> None:
         self._poll.register(self._wake_read, select.POLLIN)
         self._socket = self._connect()
-        broker_seen = time.monotonic()
+        broker_seen = last_turn = time.monotonic()
         next_beat = broker_seen + self._heartbeat_interval_s
 
         while not self._closed or self._awaiting_acceptance():
             ready = self._wait(min(next_beat, self._acks_due))
             now = time.monotonic()
+            if self._stalled(now - last_turn):
+                # This process was stopped (SIGSTOP, a swapped-out host), not
+                # the broker silent: it had no chance to hear it. It gets its
+                # liveness period again, rather than a reconnection that
+                # drops what this socket still holds.
+                broker_seen = now
+            last_turn = now
             if self._monitor_fd in ready:
                 self._handshakes.read()
             if self._wake_read in ready:
@@ -1705,6 +1716,11 @@ class Client:
                 silent_s,
                 self.address,
             )
+
+    def _stalled(self, turn_gap_s: float) -> bool:
+        """Whether a gap between two turns of the I/O loop, which wakes at
+        least every heartbeat, means that this process stood still."""
+        return turn_gap_s > self._heartbeat_interval_s * self._liveness
 
     def _wait(self, wake_at: float) -> set[int]:
         """The descriptors ready by `wake_at` (monotonic); none if it passed.
@@ -2053,7 +2069,16 @@ class Client:
             self._window = min(self._window, welcome.window)
             self._max_bytes = welcome.client_max_bytes or math.inf
             self._room.notify_all()
+        self._acknowledge_again()
         self._resend()
+
+    def _acknowledge_again(self) -> None:
+        """Acknowledge again the results handed on lately: the ACKs of some
+        may have died with the connection this one replaces (closed with
+        linger 0), and the broker would send them again, to this client or
+        to a later one of the session. It ignores those it has forgotten."""
+        for keys in self._handed_on.chunks(ACK_BATCH):
+            self._send(p.Ack(keys))
 
     def _resend(self) -> None:
         # Whatever the broker has not accepted may be lost; with no durable
@@ -2088,10 +2113,14 @@ class Client:
     def _complete(self, results: Iterable[p.ResultEntry]) -> None:
         released = 0
         for entry in results:
-            self._acks.append((entry.origin, entry.task_id))
+            key = (entry.origin, entry.task_id)
+            self._acks.append(key)
             # The broker holds the result, instead of the payload, until acked.
             self._acks_bytes += len(entry.payload)
             self._bytes_held += len(entry.payload)
+            if key in self._handed_on:
+                continue  # sent again; acknowledged above
+            self._handed_on.add(key)
             pending = self._pending.pop(entry.task_id, None)
             if pending is not None:
                 released += 1

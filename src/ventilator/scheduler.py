@@ -196,6 +196,9 @@ class Recipient:
     # that a client asking again every heartbeat is logged once.
     instance: int | None = None
     refused: int | None = None
+    # Whether a send to its connection failed since it attached: only then did
+    # results it was sent get lost on the way (see _recipient_for_peer).
+    send_failed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -681,10 +684,26 @@ class Scheduler:
         return self._redeliver(recipient)
 
     def _redeliver(self, recipient: Recipient) -> int:
+        recipient.send_failed = False
         unacked = list(recipient.unacked)
         recipient.pending.extendleft(reversed(unacked))
         recipient.unacked.clear()
         return len(unacked)
+
+    def _take_back(self, recipient: Recipient, peer: bytes, now: float) -> None:
+        """A recipient given up on speaks again on the same connection.
+
+        Given up for silence only, it was busy (a sink blocked on its output,
+        a paused process), not gone: what it was sent is still on its way in
+        this connection, in order, and sending it again would deliver it twice.
+        Only a failed send lost results, and then all unacknowledged ones go
+        again (the shell does not say which a failed message carried).
+        """
+        if recipient.send_failed:
+            self._attach(recipient, peer, now)
+            return
+        recipient.peer = peer
+        recipient.last_seen = now
 
     def _recipient(self, name: str) -> Recipient:
         recipient = self.recipients.get(name)
@@ -699,8 +718,7 @@ class Scheduler:
 
         recipient = self.recipients.get(name)
         if recipient is not None and recipient.peer is None:
-            # It was given up on (silence, or a send failed) and speaks again.
-            self._attach(recipient, peer, now)
+            self._take_back(recipient, peer, now)
         elif recipient is None or recipient.peer != peer:
             # Another connection took the name meanwhile (a sink's successor):
             # this one must say HELLO again, and hear whether it may.
@@ -900,12 +918,30 @@ class Scheduler:
             del self._held[session]
 
     def _ack(self, recipient: Recipient, keys: Iterable[tuple[str, int]]) -> None:
+        waiting_again: set[int] = set()
         for origin, task_id in keys:
             ticket = self._by_key.get((origin or recipient.name, task_id))
-            if ticket is None or ticket not in recipient.unacked:
-                continue  # a double ack, or not this recipient's to acknowledge
-            del recipient.unacked[ticket]
+            if ticket is None:
+                continue  # a double ack
+            if ticket in recipient.unacked:
+                del recipient.unacked[ticket]
+            elif self._owed_again(recipient, ticket):
+                # Received on a connection since replaced: it waits to be sent
+                # again, and must not be, or the recipient gets it twice.
+                waiting_again.add(ticket)
+            else:
+                continue  # not this recipient's to acknowledge
             self._forget(self.tasks[ticket])
+        if waiting_again:
+            recipient.pending = deque(
+                t for t in recipient.pending if t not in waiting_again
+            )
+
+    def _owed_again(self, recipient: Recipient, ticket: int) -> bool:
+        """Whether `ticket` is a finished result of `recipient` not yet sent
+        (again): one it may have received before a reconnection."""
+        task = self.tasks[ticket]
+        return task.state is State.FINISHED and task.recipient == recipient.name
 
     def _forget(self, task: Task) -> None:
         del self.tasks[task.ticket]
@@ -1209,7 +1245,9 @@ class Scheduler:
 
         name = self._recipient_of_peer.get(peer)
         if name is not None:
-            self._client_gone(self.recipients[name])
+            recipient = self.recipients[name]
+            recipient.send_failed = True
+            self._client_gone(recipient)
 
     def revoke_worker(self, peer: bytes, reason: str, now: float) -> None:
         """Drop the worker on `peer` for a reason of the shell's (its key lost

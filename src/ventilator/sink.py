@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,8 +24,9 @@ import zmq
 
 from . import _wire
 from . import protocol as p
+from ._recent import RecentResults
 from ._timing import poll_timeout_ms
-from .client import DEFAULT_ADDRESS
+from .client import ACK_BATCH, DEFAULT_ADDRESS
 from .errors import TaskError, UsageError, task_error_from_wire
 from .policy import check_heartbeat
 from .security import REVOKED, client_keys
@@ -90,6 +91,10 @@ class Sink:
         # Whether a broker ever answered our HELLO: a sink that waited for
         # results at a wrong address must be able to say so.
         self.welcomed = False
+        # Results yielded lately: a copy the broker sends again (after a
+        # reconnection, or a send to us that failed) is acknowledged, not
+        # written twice.
+        self._handed_on = RecentResults()
         self._send(self._hello())
 
     def __enter__(self) -> Sink:
@@ -114,8 +119,13 @@ class Sink:
         while idle_timeout_s is None or time.monotonic() - last_result < idle_timeout_s:
             self._socket.poll(self._wait_ms(next_beat, last_result, idle_timeout_s))
             batch = self._receive()
+            # WELCOME may have lowered the interval to the broker's.
+            next_beat = min(next_beat, time.monotonic() + self._heartbeat_interval_s)
             if batch:
-                yield from batch
+                for result in batch:
+                    # Acknowledged once the caller asks for the next: written.
+                    yield result
+                    self._handed_on.add((result.session, result.task_id))
                 self._send(p.Ack([(r.session, r.task_id) for r in batch]))
                 last_result = time.monotonic()
             if time.monotonic() >= next_beat:
@@ -131,16 +141,49 @@ class Sink:
         return poll_timeout_ms(wake_at)
 
     def _receive(self) -> list[SinkResult]:
-        batch: list[SinkResult] = []
+        batch: dict[tuple[str, int], SinkResult] = {}
         for command in _wire.receive(self._socket, p.TO_CLIENT):
             if isinstance(command, p.Welcome):
-                self.welcomed = True
-                self._refused_since = None
+                self._welcome(command)
             elif isinstance(command, p.Results):
-                batch.extend(_result(entry) for entry in command.results)
+                self._add_new(batch, command.results)
             elif isinstance(command, p.Error):
                 self._refused(command)
-        return batch
+        return list(batch.values())
+
+    def _welcome(self, welcome: p.Welcome) -> None:
+        self.welcomed = True
+        self._refused_since = None
+        # Beat at least as often as the broker expects, or it takes us for
+        # gone whenever no result comes for a while.
+        self._heartbeat_interval_s = min(
+            self._heartbeat_interval_s, welcome.heartbeat_interval_s
+        )
+        # ACKs sent while the broker did not know this connection were
+        # refused: what it still holds of ours would come again.
+        for keys in self._handed_on.chunks(ACK_BATCH):
+            self._send(p.Ack(keys))
+
+    def _add_new(
+        self,
+        batch: dict[tuple[str, int], SinkResult],
+        entries: Sequence[p.ResultEntry],
+    ) -> None:
+        """Add to `batch` the results neither yielded before nor in it.
+
+        Copies of results yielded are acknowledged at once; a copy of one in
+        the batch is dropped: the batch's ACK, once it is written, covers it.
+        """
+        copies: list[tuple[str, int]] = []
+        for entry in entries:
+            key = (entry.origin, entry.task_id)
+            if key in self._handed_on:
+                copies.append(key)
+            elif key not in batch:
+                batch[key] = _result(entry)
+        if copies:
+            log.debug("acknowledging %d results received twice", len(copies))
+            self._send(p.Ack(copies))
 
     def _refused(self, error: p.Error) -> None:
         """Act on the broker's refusal of our last message."""

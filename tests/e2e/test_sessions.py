@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import logging
+import select
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -14,7 +19,9 @@ from .conftest import (
     FAST_HEARTBEAT_S,
     BrokerProcess,
     Launcher,
+    Processes,
     WorkerProcess,
+    status_when,
     wait_for_workers,
     wait_until,
 )
@@ -35,6 +42,18 @@ def worker(launch: Launcher, fast_broker: BrokerProcess) -> WorkerProcess:
     worker = launch.worker(fast_broker, concurrency=2)
     wait_for_workers(launch.client(fast_broker), 1)
     return worker
+
+
+def read_line(process: subprocess.Popen[bytes], timeout_s: float) -> str:
+    """The next line `process` prints, within a deadline."""
+    assert process.stdout is not None
+    deadline = time.monotonic() + timeout_s
+    ready: list[object] = []
+    while not ready:
+        left_s = deadline - time.monotonic()
+        assert left_s > 0, f"no line from the child in {timeout_s:g}s"
+        ready, _, _ = select.select([process.stdout], [], [], left_s)
+    return process.stdout.readline().decode().strip()
 
 
 def refusals(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
@@ -92,3 +111,76 @@ def test_a_refused_client_takes_the_session_over_once_its_holder_closed(
     collected = list(second.collect(count=len(owed), timeout_s=RESULT_TIMEOUT_S))
     assert sorted(f.task_id for f in collected) == sorted(f.task_id for f in owed)
     assert sorted(f.result(0) for f in collected) == [0, 1, 2, 3]
+
+
+# A client stopped (SIGSTOP) past the broker's liveness (0.6 s) while its
+# results come: more than an ACK batch of them (1,024), so that on its return
+# the broker may hear its ACK before anything else; 1 kB each.
+PAUSED_CLIENT_TASKS = 1100
+PAUSED_CLIENT_SCRIPT = """
+import sys
+import ventilator
+from tests.e2e import tasks
+address, session, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+with ventilator.Client(address, session=session) as client:
+    futures = [client.submit(tasks.echo, "x" * 1000) for _ in range(count)]
+    print("submitted", flush=True)
+    values = [future.result(60) for future in futures]
+    print("got", sum(len(value) == 1000 for value in values), flush=True)
+"""
+
+
+def test_a_client_paused_past_its_liveness_leaves_no_result_to_deliver_again(
+    launch: Launcher, processes: Processes, fast_broker: BrokerProcess
+) -> None:
+    launch.worker(fast_broker, concurrency=4)
+    observer = launch.client(fast_broker)
+    child = processes.start(
+        "paused-client",
+        [
+            sys.executable,
+            "-c",
+            PAUSED_CLIENT_SCRIPT,
+            fast_broker.frontend,
+            "paused",
+            str(PAUSED_CLIENT_TASKS),
+        ],
+        stdout=subprocess.PIPE,
+    )
+    assert read_line(child, RESULT_TIMEOUT_S) == "submitted"
+    status_when(
+        observer,
+        lambda status: status["totals"]["submitted"] == PAUSED_CLIENT_TASKS,
+        RESULT_TIMEOUT_S,
+        "the broker accepting the tasks of the client to pause",
+    )
+
+    child.send_signal(signal.SIGSTOP)
+    try:
+        status_when(
+            observer,
+            lambda status: (
+                any(
+                    c["name"] == "paused" and not c["connected"]
+                    for c in status["clients"]
+                )
+                and not any(status["queued"].values())
+                and not any(status["running"].values())
+            ),
+            RESULT_TIMEOUT_S,
+            "the broker giving the paused client up, every result finished",
+        )
+    finally:
+        child.send_signal(signal.SIGCONT)
+
+    assert read_line(child, RESULT_TIMEOUT_S) == f"got {PAUSED_CLIENT_TASKS}"
+    assert child.wait(RESULT_TIMEOUT_S) == 0
+    # Every result was acknowledged: none waits for a later collect().
+    status_when(
+        observer,
+        lambda status: status["results_waiting"] == 0,
+        RESULT_TIMEOUT_S,
+        "the broker forgetting every result of the paused client",
+    )
+    with launch.client(fast_broker, session="paused") as later:
+        assert list(later.collect(timeout_s=1.0)) == []

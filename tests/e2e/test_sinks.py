@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 import itertools
+import os
+import select
+import subprocess
+import time
 
 import pytest
 
 import ventilator
 
 from . import tasks
-from .conftest import BrokerProcess, Launcher, WorkerProcess, status_when
+from .conftest import (
+    BrokerProcess,
+    Launcher,
+    Processes,
+    WorkerProcess,
+    json_lines,
+    status_when,
+    ventilator_argv,
+)
 
 RESULT_TIMEOUT_S = 20.0
 
@@ -59,3 +71,72 @@ def test_a_sink_name_is_free_again_once_its_receiver_closed(
         [result] = list(itertools.islice(successor.results(RESULT_TIMEOUT_S), 1))
 
     assert result.value == 49
+
+
+# A sink whose output stops being read: results of 10 kB, a few dozen of them,
+# overflow the 64 kB of a pipe, and the sink blocks on its writes long past the
+# broker's liveness (a fifth of a second apart, three beats).
+SLOW_SINK_RESULTS = 60
+SLOW_SINK_RESULT_CHARS = 10_000
+# What the test reads at most: every result three times over.
+SLOW_SINK_READ_CAP_BYTES = 3 * SLOW_SINK_RESULTS * (SLOW_SINK_RESULT_CHARS + 200)
+
+
+def sink_is_away(client: ventilator.Client, name: str) -> None:
+    def away(status: dict[str, object]) -> bool:
+        clients = status["clients"]
+        assert isinstance(clients, list)
+        return any(c["name"] == f"sink:{name}" and not c["connected"] for c in clients)
+
+    status_when(client, away, RESULT_TIMEOUT_S, f"the broker giving sink {name} up")
+
+
+def read_until_eof(
+    process: subprocess.Popen[bytes], cap_bytes: int, timeout_s: float
+) -> bytes:
+    """What `process` writes to its stdout until it closes it, within a
+    deadline and `cap_bytes` (past which a runaway writer is cut off)."""
+    assert process.stdout is not None
+    descriptor = process.stdout.fileno()
+    chunks: list[bytes] = []
+    read = 0
+    deadline = time.monotonic() + timeout_s
+    while read < cap_bytes:
+        left_s = deadline - time.monotonic()
+        assert left_s > 0, f"no end of the sink's output in {timeout_s:g}s"
+        ready, _, _ = select.select([descriptor], [], [], left_s)
+        if not ready:
+            continue
+        chunk = os.read(descriptor, 65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        read += len(chunk)
+    return b"".join(chunks)
+
+
+def test_a_sink_whose_output_is_read_slowly_writes_each_result_once(
+    launch: Launcher, processes: Processes
+) -> None:
+    broker = launch.broker(heartbeat_interval_s=0.2)
+    launch.worker(broker, concurrency=2)
+    client = launch.client(broker)
+    sink = processes.start(
+        "sink",
+        ventilator_argv(
+            "sink", "slow", "--connect", broker.frontend, "--idle-timeout-s", "3"
+        ),
+        stdout=subprocess.PIPE,
+    )
+    sink_connected(client, "slow")
+
+    text = "x" * SLOW_SINK_RESULT_CHARS
+    for _ in range(SLOW_SINK_RESULTS):
+        client.submit(tasks.echo, text, sink="slow")
+    # Nobody reads its output: it blocks writing, and goes silent meanwhile.
+    sink_is_away(client, "slow")
+    output = read_until_eof(sink, SLOW_SINK_READ_CAP_BYTES, 4 * RESULT_TIMEOUT_S)
+
+    task_ids = [line["task_id"] for line in json_lines(output.decode())]
+    assert len(task_ids) == SLOW_SINK_RESULTS, "results missing or written twice"
+    assert len(set(task_ids)) == SLOW_SINK_RESULTS

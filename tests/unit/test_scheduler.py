@@ -1061,6 +1061,75 @@ def test_client_given_up_for_silence_is_taken_back_when_it_speaks_again(
     assert driver.scheduler.recipients["alice"].peer == CLIENT
 
 
+def test_client_given_up_for_silence_is_not_sent_again_what_it_was_sent(
+    driver: Driver,
+) -> None:
+    # Busy (a sink blocked on its output, a paused process), not gone: its
+    # connection still carries what it was sent.
+    driver.submit(task(1))
+    [assignment] = assignments(driver.ready(W1), W1)
+    first = driver.done(W1, assignment)
+    driver.tick(3.5)
+
+    back = driver.client(CLIENT, p.Heartbeat())
+
+    assert [r.task_id for r in results(first)] == [1]
+    assert results(back) == []
+    assert driver.scheduler.recipients["alice"].peer == CLIENT
+
+
+def test_client_whose_send_failed_is_sent_its_unacked_results_on_return(
+    driver: Driver,
+) -> None:
+    driver.submit(task(1))
+    [assignment] = assignments(driver.ready(W1), W1)
+    driver.done(W1, assignment)
+    driver.unreachable(CLIENT)
+
+    back = driver.client(CLIENT, p.Heartbeat())
+
+    assert [r.task_id for r in results(back)] == [1]
+
+
+def test_ack_of_a_result_waiting_to_be_sent_again_forgets_it() -> None:
+    # The client received 1 and 2, then reconnected before its ACK left: the
+    # new connection is sent 1 again (a window of one), then acknowledges both.
+    driver = Driver(Limits(delivery_window=1))
+    driver.hello()
+    driver.submit(task(1), task(2))
+    work = assignments(driver.ready(W1, capacity=2), W1)
+    for assignment in work:
+        driver.done(W1, assignment)
+    driver.ack(("", 1))  # 2 was sent in its turn
+    resent = driver.hello(OTHER)
+
+    acked = driver.ack(("", 2), peer=OTHER)
+
+    assert [r.task_id for r in results(resent, OTHER)] == [2]
+    assert len(acked.forgotten) == 1
+    assert driver.scheduler.tasks == {}
+
+
+def test_ack_of_a_result_not_yet_sent_again_keeps_it_from_being_sent() -> None:
+    driver = Driver(Limits(delivery_window=1))
+    driver.hello()
+    driver.submit(task(1), task(2))
+    work = assignments(driver.ready(W1, capacity=2), W1)
+    driver.done(W1, work[0])
+    driver.ack(("", 1))
+    driver.done(W1, work[1])  # sent; not acknowledged before the reconnection
+    driver.submit(task(3))
+    [third] = assignments(driver.ready(W1, capacity=2), W1)
+    driver.done(W1, third)  # waits: the window of one is full
+    resent = driver.hello(OTHER)  # 2 again; 3 waits behind it
+
+    after_ack = driver.ack(("", 3), ("", 2), peer=OTHER)
+
+    assert [r.task_id for r in results(resent, OTHER)] == [2]
+    assert results(after_ack, OTHER) == []
+    assert driver.scheduler.tasks == {}
+
+
 def test_client_that_says_bye_keeps_its_results_for_its_return(
     driver: Driver,
 ) -> None:
