@@ -150,6 +150,14 @@ class Broker:
         )
         self._peers = PeerCount(config.limits.max_peers)
         self._gate = Gate(self._context, self._keys, self._peers)
+        # A journal file this broker creates, removed if it never serves.
+        self._new_journal = (
+            config.journal
+            if config.durability != "memory"
+            and config.journal is not None
+            and not os.path.exists(config.journal)
+            else None
+        )
         self._journal: Journal = open_journal(config.journal, config.durability)
         durable = not isinstance(self._journal, MemoryJournal)
         self._scheduler = s.Scheduler(config.limits, durable=durable)
@@ -257,6 +265,7 @@ class Broker:
             self._bind_sockets()
         except zmq.ZMQError:
             self._gate.stop()  # no thread left behind by a failed bind
+            self._remove_new_journal()
             raise
         requeued, awaiting = self._replay()
         self._gateway.resume()
@@ -276,6 +285,19 @@ class Broker:
             requeued,
             awaiting,
         )
+
+    def _remove_new_journal(self) -> None:
+        """A broker that could not bind leaves no empty journal behind, if it
+        was the one that created it (an existing journal is never touched)."""
+        self._journal.close()
+        path = self._new_journal
+        if path is None:
+            return
+        for leftover in (path, f"{path}-wal", f"{path}-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(leftover)
+        with contextlib.suppress(OSError):  # not empty: it holds blobs after all
+            os.rmdir(f"{path}.blobs")
 
     def _bind_sockets(self) -> None:
         _bind(self._frontend, self.config.frontend, "frontend")

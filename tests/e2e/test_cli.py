@@ -88,6 +88,26 @@ def test_broker_on_an_endpoint_in_use_exits_with_an_error(
     assert f"--frontend) {broker.frontend}" in completed.stderr
 
 
+def test_broker_on_an_endpoint_in_use_leaves_no_journal_it_created(
+    processes: Processes, broker: BrokerProcess, tmp_path: Path
+) -> None:
+    journal = tmp_path / "journal.db"
+
+    completed = run_cli(
+        processes,
+        "broker",
+        "--frontend",
+        broker.frontend,
+        "--backend",
+        "tcp://127.0.0.1:*",
+        "--journal",
+        str(journal),
+    )
+
+    assert completed.returncode == 1
+    assert not list(tmp_path.glob("journal.db*"))
+
+
 def test_console_script_finds_a_module_in_its_working_directory(
     processes: Processes, tmp_path: Path
 ) -> None:
