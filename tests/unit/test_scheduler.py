@@ -1286,9 +1286,8 @@ def test_status_tells_running_tasks_from_prefetched_ones_and_ages_the_oldest() -
     driver.done(W1, first, duration_s=0.001)  # short: the worker may prefetch
     driver.tick(1.0)
     driver.submit(task(2))
-    driver.tick(2.0)
-    driver.submit(task(3), task(4))
-    driver.tick(3.0)
+    driver.submit(task(3), task(4))  # held while task 2 is fresh: prefetched
+    driver.tick(5.0)
 
     [worker] = driver.scheduler.status(driver.now)["workers"]
 
