@@ -136,8 +136,11 @@ class Limits:
     client_window: int = 100_000
     # Payload and result bytes one client may have in the broker at once.
     client_max_bytes: int = 1024 * 1024 * 1024
-    # Results sent to one recipient and not yet acknowledged.
+    # Results sent to one recipient and not yet acknowledged, and their bytes
+    # (one result goes whatever its size): a slow recipient of large results
+    # must not have gigabytes queued towards it in the sockets.
     delivery_window: int = 20_000
+    delivery_window_bytes: int = 64 * 1024 * 1024
     heartbeat_interval_s: float = 1.0
     liveness: int = 3
     # A task whose worker died under it this many times fails as poison.
@@ -167,6 +170,7 @@ _LIMITS_AT_LEAST: dict[str, float] = {
     "client_window": 1,
     "client_max_bytes": 1,
     "delivery_window": 1,
+    "delivery_window_bytes": 1,
     "max_attempts": 1,
     "result_ttl_s": 0,
     "max_peers": 1,

@@ -185,7 +185,9 @@ class Recipient:
     peer: bytes | None = None
     last_seen: float = 0.0
     pending: deque[int] = field(default_factory=deque)  # tickets to deliver
-    unacked: dict[int, None] = field(default_factory=dict)  # delivered, in order
+    # Delivered and not acknowledged, in order: ticket -> its result's bytes.
+    unacked: dict[int, int] = field(default_factory=dict)
+    unacked_bytes: int = 0
     # MDP clients never heartbeat while they wait: their silence is not absence.
     expires: bool = True
     # For a sink: the session of the process receiving it. One process at a
@@ -199,6 +201,25 @@ class Recipient:
     # Whether a send to its connection failed since it attached: only then did
     # results it was sent get lost on the way (see _recipient_for_peer).
     send_failed: bool = False
+
+    def delivered(self, ticket: int, size: int) -> None:
+        self.unacked[ticket] = size
+        self.unacked_bytes += size
+
+    def acknowledged(self, ticket: int) -> bool:
+        """Forget a delivered result; False if it was not waiting for an ack."""
+        size = self.unacked.pop(ticket, None)
+        if size is None:
+            return False
+        self.unacked_bytes -= size
+        return True
+
+    def take_back_unacked(self) -> list[int]:
+        """The delivered results not acknowledged, oldest first, forgotten."""
+        tickets = list(self.unacked)
+        self.unacked.clear()
+        self.unacked_bytes = 0
+        return tickets
 
 
 @dataclass(frozen=True, slots=True)
@@ -685,9 +706,8 @@ class Scheduler:
 
     def _redeliver(self, recipient: Recipient) -> int:
         recipient.send_failed = False
-        unacked = list(recipient.unacked)
+        unacked = recipient.take_back_unacked()
         recipient.pending.extendleft(reversed(unacked))
-        recipient.unacked.clear()
         return len(unacked)
 
     def _take_back(self, recipient: Recipient, peer: bytes, now: float) -> None:
@@ -923,8 +943,8 @@ class Scheduler:
             ticket = self._by_key.get((origin or recipient.name, task_id))
             if ticket is None:
                 continue  # a double ack
-            if ticket in recipient.unacked:
-                del recipient.unacked[ticket]
+            if recipient.acknowledged(ticket):
+                pass
             elif self._owed_again(recipient, ticket):
                 # Received on a connection since replaced: it waits to be sent
                 # again, and must not be, or the recipient gets it twice.
@@ -1610,8 +1630,12 @@ class Scheduler:
             if recipient.peer is None:
                 continue
             room = self.limits.delivery_window - len(recipient.unacked)
+            limit_bytes = self.limits.delivery_window_bytes
             while recipient.pending and room > 0:
-                batch = self._next_results(recipient, min(room, RESULTS_PER_MESSAGE))
+                if recipient.unacked_bytes >= limit_bytes:
+                    break  # a slow recipient of large results: the rest wait here
+                count = min(room, RESULTS_PER_MESSAGE)
+                batch = self._next_results(recipient, count, limit_bytes)
                 if batch:
                     self._effects.to_clients.append((recipient.peer, p.Results(batch)))
                     self._announced_by(recipient.peer, batch)
@@ -1629,13 +1653,19 @@ class Scheduler:
         if not task_ids:
             del self._unannounced[peer]
 
-    def _next_results(self, recipient: Recipient, count: int) -> list[p.ResultEntry]:
+    def _next_results(
+        self, recipient: Recipient, count: int, limit_bytes: int
+    ) -> list[p.ResultEntry]:
+        """Up to `count` results for `recipient`, the first whatever its size,
+        the others within `limit_bytes` delivered and not acknowledged."""
         batch: list[p.ResultEntry] = []
         while recipient.pending and len(batch) < count:
+            if batch and recipient.unacked_bytes >= limit_bytes:
+                break
             task = self.tasks.get(recipient.pending.popleft())
             if task is None or task.status is None or task.ticket in recipient.unacked:
                 continue
-            recipient.unacked[task.ticket] = None
+            recipient.delivered(task.ticket, len(task.result))
             origin = task.session if task.recipient != task.session else ""
             batch.append(p.ResultEntry(task.task_id, task.status, task.result, origin))
         return batch
@@ -1697,7 +1727,7 @@ class Scheduler:
         if task.state is State.FINISHED:
             recipient = self.recipients.get(task.recipient)
             if recipient is not None:
-                recipient.unacked.pop(task.ticket, None)
+                recipient.acknowledged(task.ticket)
                 with contextlib.suppress(ValueError):
                     recipient.pending.remove(task.ticket)
         self._leave_queue(task)
@@ -2045,7 +2075,7 @@ class Scheduler:
                 dropped[kind] += 1
         if recipient is not None:
             recipient.pending.clear()  # of tickets forgotten just now
-            recipient.unacked.clear()
+            recipient.take_back_unacked()
             self.detach_if_idle(name)
         return {"session": name, **dropped}
 
@@ -2108,6 +2138,9 @@ class Scheduler:
                 owner = self._recipient_of_peer.get(recipient.peer)
                 assert owner == recipient.name, f"{recipient.name} not on its peer"
             is_sink = recipient.name.startswith(sink_recipient(""))
+            assert recipient.unacked_bytes == sum(recipient.unacked.values()), (
+                f"{recipient.name} counts {recipient.unacked_bytes} bytes unacked"
+            )
             assert recipient.holder is None or is_sink, f"{recipient.name} held"
             # Sinks have holders, sessions have instances; one refused client
             # is remembered, never the one holding the session.

@@ -903,6 +903,20 @@ def test_timed_out_task_is_not_retried(driver: Driver) -> None:
 # --- cancellation ---------------------------------------------------------------------
 
 
+def test_large_results_wait_at_the_broker_beyond_the_delivery_window_bytes() -> None:
+    driver = Driver(Limits(delivery_window_bytes=2_500_000))
+    driver.hello()
+    driver.submit(*[task(i) for i in range(5)])
+    work = assignments(driver.ready(W1, capacity=5), W1)
+    big = b"x" * 1_000_000
+
+    sent = [r for a in work for r in results(driver.done(W1, a, payload=big))]
+
+    assert len(sent) == 3  # the third passes 2.5 MB; the rest wait for acks
+    later = results(driver.ack(*[("", r.task_id) for r in sent]))
+    assert len(later) == 2
+
+
 def test_queued_task_can_be_cancelled(driver: Driver) -> None:
     driver.submit(task(1))
 
