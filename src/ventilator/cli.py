@@ -70,6 +70,9 @@ FUNCTION_COLUMNS = 32
 BROKER_ANSWER_S = 10.0
 # How long an interrupted run waits for the broker to confirm its cancels.
 CANCEL_SETTLE_S = 2.0
+# How long a stopped run's client waits for an embedded broker to take its
+# cancellations before the cluster is stopped anyway.
+EMBEDDED_CLOSE_S = 1.0
 
 
 class _FiniteRange(click.FloatRange):
@@ -1258,7 +1261,11 @@ def _cancelled_unless_done(
     except BaseException:
         lines = len(unfinished)
         batches.close()
-        if run.connect is not None and not _settle_cancellations(client):
+        if run.connect is None:
+            # The embedded broker ends with the run: its client need not wait
+            # the usual close timeout for it to take the cancellations.
+            client.close(timeout_s=EMBEDDED_CLOSE_S)
+        elif not _settle_cancellations(client):
             stopping.unconfirmed = lines
         raise
 
