@@ -9,6 +9,7 @@ dropped (a socket closed with linger 0 loses the ACKs still in it).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterator
 
 # Keys remembered. The broker sends again only results not acknowledged, of
@@ -24,7 +25,10 @@ class RecentResults:
 
     def __init__(self, limit: int = RECENT_RESULTS) -> None:
         self._limit = limit
-        self._keys: dict[ResultKey, None] = {}  # in insertion order
+        # An OrderedDict, not a dict: a plain dict iterated from its head after
+        # many deletions there walks their empty slots, and evicting the oldest
+        # cost 7.5 µs a result at 32,768 keys, against 0.3 µs.
+        self._keys: OrderedDict[ResultKey, None] = OrderedDict()
 
     def __contains__(self, key: object) -> bool:
         return key in self._keys
@@ -38,7 +42,7 @@ class RecentResults:
     def add(self, key: ResultKey) -> None:
         self._keys[key] = None
         if len(self._keys) > self._limit:
-            del self._keys[next(iter(self._keys))]
+            self._keys.popitem(last=False)
 
     def chunks(self, size: int) -> Iterator[list[ResultKey]]:
         """The keys remembered, oldest first, `size` at most per list."""
