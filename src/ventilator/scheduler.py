@@ -943,14 +943,12 @@ class Scheduler:
             ticket = self._by_key.get((origin or recipient.name, task_id))
             if ticket is None:
                 continue  # a double ack
-            if recipient.acknowledged(ticket):
-                pass
-            elif self._owed_again(recipient, ticket):
+            if not recipient.acknowledged(ticket):
+                if not self._owed_again(recipient, ticket):
+                    continue  # not this recipient's to acknowledge
                 # Received on a connection since replaced: it waits to be sent
                 # again, and must not be, or the recipient gets it twice.
                 waiting_again.add(ticket)
-            else:
-                continue  # not this recipient's to acknowledge
             self._forget(self.tasks[ticket])
         if waiting_again:
             recipient.pending = deque(
@@ -1656,11 +1654,12 @@ class Scheduler:
     def _next_results(
         self, recipient: Recipient, count: int, limit_bytes: int
     ) -> list[p.ResultEntry]:
-        """Up to `count` results for `recipient`, the first whatever its size,
-        the others within `limit_bytes` delivered and not acknowledged."""
+        """Up to `count` results for `recipient`, while the bytes it was sent
+        and has not acknowledged stay under `limit_bytes` (the caller checks
+        before the first, so one result goes whatever its size)."""
         batch: list[p.ResultEntry] = []
         while recipient.pending and len(batch) < count:
-            if batch and recipient.unacked_bytes >= limit_bytes:
+            if recipient.unacked_bytes >= limit_bytes:
                 break
             task = self.tasks.get(recipient.pending.popleft())
             if task is None or task.status is None or task.ticket in recipient.unacked:
