@@ -54,6 +54,17 @@ class ClusterError(Exception):
     """
 
 
+@contextlib.contextmanager
+def paused(pid: int) -> Iterator[None]:
+    """Process `pid` stopped (SIGSTOP) for the block, as a long GC pause or a
+    suspended laptop would stop it, and resumed (SIGCONT) whatever happens."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
 def wait_until(
     predicate: Callable[[], T],
     timeout_s: float,

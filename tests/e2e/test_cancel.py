@@ -19,6 +19,7 @@ from .conftest import (
     Processes,
     free_port,
     log_of,
+    paused,
     status_when,
     ventilator_argv,
     wait_for_workers,
@@ -158,15 +159,12 @@ def test_tasks_cancelled_while_the_client_reconnects_never_reach_the_broker(
     broker = launch.broker(heartbeat_interval_s=FAST_HEARTBEAT_S)
     client = launch.client(broker)
     client.status()
-    os.kill(broker.pid, signal.SIGSTOP)
-    try:
+    with paused(broker.pid):
         # The client reconnects once the paused broker was silent too long;
         # until the broker welcomes it again, it holds back its submissions.
         wait_until(lambda: not client._welcomed, 10, "the client to reconnect")
         futures = [client.submit(UNSERVED, i) for i in range(20)]
         assert all(future.cancel() for future in futures)
-    finally:
-        os.kill(broker.pid, signal.SIGCONT)
 
     assert queued_after_a_question(client) == 0
 
@@ -177,14 +175,11 @@ def test_task_sent_then_cancelled_during_a_reconnect_is_cancelled_after_its_rese
     broker = launch.broker(heartbeat_interval_s=FAST_HEARTBEAT_S)
     client = launch.client(broker)
     client.status()
-    os.kill(broker.pid, signal.SIGSTOP)
-    try:
+    with paused(broker.pid):
         # Sent to the paused broker, never accepted: resent after the reconnect.
         future = client.submit(UNSERVED, 1)
         wait_until(lambda: not client._welcomed, 10, "the client to reconnect")
         assert future.cancel()
-    finally:
-        os.kill(broker.pid, signal.SIGCONT)
 
     status_when(
         client,

@@ -69,26 +69,7 @@ def test_worker_for_an_unknown_module_exits_2(processes: Processes) -> None:
     assert "no_such_module_for_e2e" in completed.stderr
 
 
-def test_broker_on_an_endpoint_in_use_exits_with_an_error(
-    processes: Processes, broker: BrokerProcess
-) -> None:
-    completed = run_cli(
-        processes,
-        "broker",
-        "--frontend",
-        broker.frontend,
-        "--backend",
-        "tcp://127.0.0.1:*",
-        "--durability",
-        "memory",
-    )
-
-    assert completed.returncode == 1
-    assert "in use" in completed.stderr
-    assert f"--frontend) {broker.frontend}" in completed.stderr
-
-
-def test_broker_on_an_endpoint_in_use_leaves_no_journal_it_created(
+def test_broker_on_an_endpoint_in_use_exits_with_an_error_leaving_no_journal(
     processes: Processes, broker: BrokerProcess, tmp_path: Path
 ) -> None:
     journal = tmp_path / "journal.db"
@@ -105,6 +86,9 @@ def test_broker_on_an_endpoint_in_use_leaves_no_journal_it_created(
     )
 
     assert completed.returncode == 1
+    assert "in use" in completed.stderr
+    assert f"--frontend) {broker.frontend}" in completed.stderr
+    # The journal it created before binding is gone with it.
     assert not list(tmp_path.glob("journal.db*"))
 
 

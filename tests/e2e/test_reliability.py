@@ -38,6 +38,7 @@ from .conftest import (
     wait_for_workers,
     wait_until,
 )
+from .conftest import paused as stopped
 
 RESULT_TIMEOUT_S = 20.0
 
@@ -530,8 +531,7 @@ def test_client_paused_past_its_expiry_gets_its_results_when_it_resumes(
         return rows[0] if rows else None
 
     status_when(observer, connected, 10, "the client to say hello", ClusterError)
-    os.kill(paused.pid, signal.SIGSTOP)  # as a long GC pause or a suspended laptop
-    try:
+    with stopped(paused.pid):
         status_when(
             observer,
             lambda status: connected(status) is False,
@@ -539,8 +539,6 @@ def test_client_paused_past_its_expiry_gets_its_results_when_it_resumes(
             "the broker to take the paused client for gone",
             ClusterError,
         )
-    finally:
-        os.kill(paused.pid, signal.SIGCONT)
     paused.stdin.write(b"go\n")
     paused.stdin.flush()
 
