@@ -120,6 +120,11 @@ class BrokerConfig:
     # a disk that fills would fail a commit and stop the broker for everyone.
     journal_min_free_bytes: int = DEFAULT_JOURNAL_MIN_FREE_BYTES
 
+    @property
+    def durable(self) -> bool:
+        """Whether accepted tasks go to a journal file."""
+        return self.journal is not None and self.durability != "memory"
+
     def exposed(self) -> bool:
         """Whether any endpoint is reachable from other machines."""
         endpoints = [self.frontend, self.backend, *([self.mdp] if self.mdp else [])]
@@ -153,9 +158,7 @@ class Broker:
         # A journal file this broker creates, removed if it never serves.
         self._new_journal = (
             config.journal
-            if config.durability != "memory"
-            and config.journal is not None
-            and not os.path.exists(config.journal)
+            if config.durable and not os.path.exists(config.journal or "")
             else None
         )
         self._journal: Journal = open_journal(config.journal, config.durability)
@@ -900,9 +903,8 @@ class _DiskRoom:
     the reason while it lacks room, and what was accepted goes on."""
 
     def __init__(self, config: BrokerConfig) -> None:
-        durable = config.journal is not None and config.durability != "memory"
         self._folder = os.path.dirname(os.path.abspath(config.journal or ".")) or "."
-        self._min_free = config.journal_min_free_bytes if durable else 0
+        self._min_free = config.journal_min_free_bytes if config.durable else 0
         self._refusing = False
 
     def problem(self) -> str | None:
