@@ -37,6 +37,7 @@ import os
 import select
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -378,7 +379,7 @@ class Broker:
         next_tick = next_mdp_beat = time.monotonic() + min(interval_s, mdp_interval_s)
 
         telemetry = self.telemetry
-        self._scheduler.not_accepting = self._disk_room.problem()
+        self._look_at_disk()
         try:
             while not self._stopping:
                 wake_at = min(
@@ -400,8 +401,10 @@ class Broker:
                     self._scheduler.heartbeats()
                     self._probe_revoked_clients(now)
                     self._trim.maybe(now)
-                    self._scheduler.not_accepting = self._disk_room.problem()
+                    self._look_at_disk()
                     next_tick = now + interval_s
+                elif self._disk_room.due(self._journal.written_bytes):
+                    self._look_at_disk()
                 if now >= next_mdp_beat:
                     self._gateway.heartbeats()
                     self._gateway.expire_unserved(now)
@@ -422,6 +425,10 @@ class Broker:
             raise
         finally:
             self._close()
+
+    def _look_at_disk(self) -> None:
+        written = self._journal.written_bytes
+        self._scheduler.not_accepting = self._disk_room.problem(written)
 
     def _poller(self) -> select.poll:
         """A poller of the loop's descriptors, and every socket read once.
@@ -897,25 +904,42 @@ def _mdp_refusal(role: str, identity: Identity | None) -> str:
 
 
 class _DiskRoom:
-    """Whether the journal's disk has room for new tasks, looked at once per
-    tick. A disk that filled used to fail a commit, which stops the broker
-    for everyone, and again at each restart; now new tasks are refused with
-    the reason while it lacks room, and what was accepted goes on."""
+    """Whether the journal's disk has room for new tasks.
 
-    def __init__(self, config: BrokerConfig) -> None:
+    It looks once per tick, and again as soon as the journal has stored a
+    quarter of the reserve since its last look: a burst of large payloads
+    must not fill the disk between two ticks. A disk that filled used to
+    fail a commit, which stops the broker for everyone, and again at each
+    restart; now new tasks are refused with the reason while it lacks room,
+    and what was accepted goes on."""
+
+    def __init__(
+        self,
+        config: BrokerConfig,
+        free_bytes: Callable[[str], int] | None = None,
+    ) -> None:
         self._folder = os.path.dirname(os.path.abspath(config.journal or ".")) or "."
         self._min_free = config.journal_min_free_bytes if config.durable else 0
+        self._free_bytes = free_bytes or _free_bytes
         self._refusing = False
+        self._written_at_look = 0
 
-    def problem(self) -> str | None:
-        """Why new tasks are refused now; None while the disk has room."""
+    def due(self, written_bytes: int) -> bool:
+        """Whether the journal wrote enough since the last look to look again."""
+        if self._min_free <= 0:
+            return False
+        return written_bytes - self._written_at_look >= self._min_free // 4
+
+    def problem(self, written_bytes: int = 0) -> str | None:
+        """Why new tasks are refused now; None while the disk has room.
+        `written_bytes` is the journal's count at this look (see `due`)."""
         if self._min_free <= 0:
             return None
+        self._written_at_look = written_bytes
         try:
-            stats = os.statvfs(self._folder)
+            free = self._free_bytes(self._folder)
         except OSError:
             return None  # no worse than before: the next commit says what is wrong
-        free = stats.f_bavail * stats.f_frsize
         short = free < self._min_free
         if short != self._refusing:
             self._refusing = short
@@ -944,6 +968,12 @@ class _DiskRoom:
                 self._folder,
                 free // 2**20,
             )
+
+
+def _free_bytes(folder: str) -> int:
+    """Bytes an unprivileged process may still write in `folder`'s file system."""
+    stats = os.statvfs(folder)
+    return stats.f_bavail * stats.f_frsize
 
 
 class _MemoryTrim:

@@ -134,6 +134,10 @@ WAL_SIZE_LIMIT_BYTES = FALLBACK_CHECKPOINT_PAGES * 4096
 class Journal(Protocol):
     """What the broker needs from a journal."""
 
+    # Bytes of payloads and results stored since it opened: how fast its disk
+    # fills between two looks at the free space.
+    written_bytes: int
+
     def load(self) -> list[Task]:
         """Every task still on record, oldest first, with its ticket.
 
@@ -168,6 +172,8 @@ class Journal(Protocol):
 class MemoryJournal:
     """No journal: nothing survives the broker. For tests and embedded clusters."""
 
+    written_bytes = 0
+
     def load(self) -> list[Task]:
         return []
 
@@ -193,6 +199,7 @@ class SqliteJournal:
 
     def __init__(self, path: str | Path, durability: str = "process") -> None:
         self.path = Path(path)
+        self.written_bytes = 0
         self._lock = _lock_exclusively(self.path)
         # Read before SQLite recovers the log, which may overwrite what it drops.
         left_behind = _wal.survey(Path(f"{self.path}-wal"))
@@ -458,6 +465,7 @@ class SqliteJournal:
     ) -> tuple[p.Payload, bytes | None]:
         """What the row holds for `blob`: the blob itself when small, else a
         reference to where it was written in the segments."""
+        self.written_bytes += len(blob)
         if len(blob) <= INLINE_MAX_BYTES:
             return blob, None
         ref = refs[ticket] = self._segments.put(blob)

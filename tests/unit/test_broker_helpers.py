@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 
 from ventilator import protocol as p
-from ventilator.broker import Broker, BrokerConfig, _log_notice, _RateLimit
+from ventilator.broker import (
+    Broker,
+    BrokerConfig,
+    _DiskRoom,
+    _log_notice,
+    _RateLimit,
+)
 from ventilator.client import SUBMIT_BATCH, SUBMIT_BATCH_BYTES, _batches
 from ventilator.errors import UsageError
 from ventilator.scheduler import WorkerLeft
@@ -79,3 +86,40 @@ def test_broker_refuses_a_malformed_endpoint_before_warning_about_exposure(
         server.serve()  # returns at once, closing what the constructor opened
 
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def test_the_disk_is_looked_at_again_once_a_quarter_of_the_reserve_was_written(
+    tmp_path: Path,
+) -> None:
+    # A burst of large payloads between two ticks must not fill the disk: the
+    # journal's own writes bring the next look forward.
+    mib = 2**20
+    free = [100 * mib]
+    config = BrokerConfig(
+        journal=str(tmp_path / "journal.db"), journal_min_free_bytes=64 * mib
+    )
+    room = _DiskRoom(config, free_bytes=lambda folder: free[0])
+
+    assert room.problem(written_bytes=0) is None
+    assert not room.due(written_bytes=15 * mib)
+    assert room.due(written_bytes=16 * mib)
+
+    free[0] = 60 * mib
+    problem = room.problem(written_bytes=16 * mib)
+
+    assert problem is not None and "60 MiB free" in problem
+    assert not room.due(written_bytes=31 * mib)
+
+
+def test_a_memory_broker_never_looks_at_its_disk() -> None:
+    looked: list[str] = []
+
+    def free_bytes(folder: str) -> int:
+        looked.append(folder)
+        return 0
+
+    room = _DiskRoom(BrokerConfig(journal=None), free_bytes=free_bytes)
+
+    assert room.problem(written_bytes=10**12) is None
+    assert not room.due(written_bytes=10**12)
+    assert looked == []
