@@ -345,7 +345,7 @@ class Broker:
         """Restore the journal's tasks; return (queued again, results waiting)."""
         now = time.monotonic()
         tasks = self._journal.load()
-        for task in tasks:
+        for task in sorted(tasks, key=_replay_order):
             self._scheduler.restore(task, now)
         unfinished = [task for task in tasks if task.state is not s.State.FINISHED]
         if self.telemetry is not None:
@@ -901,6 +901,14 @@ def _mdp_refusal(role: str, identity: Identity | None) -> str:
         "this key has limited rights, which name ventilator functions, not MDP "
         "services: only a key with full rights speaks MDP"
     )
+
+
+def _replay_order(task: s.Task) -> tuple[bool, float]:
+    """Unfinished tasks first, in ticket order (their queue order), then
+    results in the order they finished (the order they expire in)."""
+    if task.state is s.State.FINISHED:
+        return (True, task.finished_at)
+    return (False, task.ticket)
 
 
 class _DiskRoom:

@@ -69,7 +69,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     status      INTEGER,
     result      BLOB,
     payload_ref BLOB,  -- where a large payload lies in the segments, else NULL
-    result_ref  BLOB   -- where a large result lies, else NULL
+    result_ref  BLOB,  -- where a large result lies, else NULL
+    finished_wall REAL -- when it finished (wall clock): its result's age
 )
 """
 # Failure records: when a task failed is kept as wall-clock time, since the
@@ -89,7 +90,7 @@ CREATE TABLE IF NOT EXISTS failed (
 )
 """
 # Columns that journals of earlier versions lack, added when they are opened.
-_ADDED_COLUMNS = {"payload_ref": "BLOB", "result_ref": "BLOB"}
+_ADDED_COLUMNS = {"payload_ref": "BLOB", "result_ref": "BLOB", "finished_wall": "REAL"}
 
 # Tasks are keyed by the ticket (the rowid): no secondary index to keep up.
 _INSERT_TASKS = (
@@ -98,7 +99,7 @@ _INSERT_TASKS = (
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _FINISH_TASKS = (
-    "UPDATE tasks SET status = ?, result = ?, result_ref = ?,"
+    "UPDATE tasks SET status = ?, result = ?, result_ref = ?, finished_wall = ?,"
     " payload = x'', payload_ref = NULL WHERE seq = ?"
 )
 _FORGET_TASKS = "DELETE FROM tasks WHERE seq = ?"
@@ -278,14 +279,18 @@ class SqliteJournal:
         """The tasks on record, and why each one that failed as damaged did."""
         rows = self._db.execute(
             "SELECT seq, session, task_id, function, flags, timeout_s, retries,"
-            " recipient, payload, status, result, payload_ref, result_ref"
-            " FROM tasks ORDER BY seq"
+            " recipient, payload, status, result, payload_ref, result_ref,"
+            " finished_wall FROM tasks ORDER BY seq"
         )
         blobs_missing = not self._blobs.is_dir()
+        # A result's age carries over a restart (its TTL runs on); the
+        # monotonic clock does not. Journals of earlier versions have no time:
+        # their results count as finished now.
+        now_wall, now = time.time(), time.monotonic()
         tasks, unreadable = [], []
         for row in rows:
             task = _task_from_row(row[:11])
-            payload_ref, result_ref = row[11:]
+            payload_ref, result_ref, finished_wall = row[11:]
             if blobs_missing and (payload_ref or result_ref):
                 raise self._missing_blobs(task)
             try:
@@ -296,6 +301,8 @@ class SqliteJournal:
             except OSError as exc:
                 _fail_as_damaged(task, exc)
                 unreadable.append(str(exc))
+            if task.state is State.FINISHED:
+                task.finished_at = _on_this_clock(finished_wall, now_wall, now)
             tasks.append(task)
         return tasks, unreadable
 
@@ -352,7 +359,10 @@ class SqliteJournal:
         # longer needs are released only once the rows that held them are gone.
         released: list[BlobRef] = []
         accepted_rows = [self._accepted_row(task) for task in accepted]
-        finished_rows = [self._finished_row(task, released) for task in finished]
+        finished_wall = time.time()  # the results came in this loop turn
+        finished_rows = [
+            self._finished_row(task, finished_wall, released) for task in finished
+        ]
         forgotten_rows: list[tuple[object, ...]] = [
             self._forgotten_row(ticket, released) for ticket in forgotten
         ]
@@ -449,11 +459,13 @@ class SqliteJournal:
             ref,
         )
 
-    def _finished_row(self, task: Task, released: list[BlobRef]) -> tuple[object, ...]:
+    def _finished_row(
+        self, task: Task, finished_wall: float, released: list[BlobRef]
+    ) -> tuple[object, ...]:
         _pop_into(self._payload_refs, task.ticket, released)
         _pop_into(self._result_refs, task.ticket, released)  # an expired result's
         result, ref = self._store(task.result, self._result_refs, task.ticket)
-        return (int(task.status or 0), result, ref, task.ticket)
+        return (int(task.status or 0), result, ref, finished_wall, task.ticket)
 
     def _forgotten_row(self, ticket: int, released: list[BlobRef]) -> tuple[int]:
         _pop_into(self._payload_refs, ticket, released)
@@ -621,6 +633,14 @@ def _fail_as_damaged(task: Task, exc: OSError) -> None:
     task.state = State.FINISHED
     task.status = p.Status.REJECTED
     task.result = pack_error(error)
+
+
+def _on_this_clock(wall: object, now_wall: float, now: float) -> float:
+    """A wall-clock time of the journal as a time of this process's monotonic
+    clock (`now` being `now_wall`); `now` for an unknown time."""
+    if wall is None:
+        return now
+    return now - max(0.0, now_wall - float(wall))  # type: ignore[arg-type]
 
 
 def _pop_into(refs: dict[int, BlobRef], ticket: int, released: list[BlobRef]) -> None:

@@ -1779,8 +1779,10 @@ class Scheduler:
     def restore(self, task: Task, now: float) -> None:
         """Take back a task from the journal after a restart.
 
-        Tasks that had not finished go back to the queue; finished ones wait for
-        their recipient to connect and acknowledge them.
+        Tasks that had not finished go back to the queue, in ticket order;
+        finished ones wait for their recipient to connect and acknowledge them,
+        and must come in the order they finished (`finished_at`, on this
+        process's clock): their results expire in that order.
         """
         # The ticket is the journal's key for the task: it survives restarts.
         self._now = now
@@ -1789,7 +1791,7 @@ class Scheduler:
         self._admit(task)
         if task.state is State.FINISHED:
             self._recipient(task.recipient).pending.append(task.ticket)
-            self._finish_order[task.ticket] = now
+            self._finish_order[task.ticket] = task.finished_at
         else:
             self._enqueue(task)
             self.submitted += 1

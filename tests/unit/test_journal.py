@@ -746,3 +746,46 @@ def test_stale_frames_after_a_restarted_log_are_not_taken_for_damage(
 
     assert len(tasks) == 43
     assert warnings == []
+
+
+def test_a_results_age_carries_over_a_restart(path: Path) -> None:
+    limits = Limits(result_ttl_s=60.0, heartbeat_interval_s=100.0)
+    journal = SqliteJournal(path)
+    before = Driver(limits)
+    before.hello()
+    turns = [before.submit(task(1))]
+    turns.append(before.done(b"w1", assignments(before.ready(b"w1"), b"w1")[0]))
+    for effects in turns:
+        journal.commit(effects.accepted, effects.finished, effects.forgotten)
+    journal.close()
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute("UPDATE tasks SET finished_wall = ?", (time.time() - 59.0,))
+
+    after = Driver(limits)
+    after.now = time.monotonic()  # the clock the journal converts ages to
+    [finished] = reopened(path)
+    after.scheduler.restore(finished, after.now)
+    after.tick(2.0)
+    [tombstone] = results(after.hello())
+
+    assert after.now - finished.finished_at == pytest.approx(61.0, abs=1.0)
+    assert tombstone.status is p.Status.EXPIRED
+
+
+def test_a_result_of_a_journal_without_finish_times_counts_as_finished_now(
+    path: Path,
+) -> None:
+    journal = SqliteJournal(path)
+    driver = Driver()
+    driver.hello()
+    driver.submit(task(1))
+    done = driver.done(b"w1", assignments(driver.ready(b"w1"), b"w1")[0])
+    journal.commit([driver.scheduler.tasks[1]], done.finished, [])
+    journal.close()
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute("UPDATE tasks SET finished_wall = NULL")  # as older versions left
+
+    started = time.monotonic()
+    [finished] = reopened(path)
+
+    assert started <= finished.finished_at <= time.monotonic()
