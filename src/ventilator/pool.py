@@ -13,7 +13,8 @@ writes to a child without blocking, keeping what the socket does not take yet
 for when it becomes writable: a child busy writing a large result would
 otherwise wait for the worker while the worker waits for it. A child that
 dies takes its current task with it (reported as CRASHED, which the broker
-counts towards poison); the tasks queued behind it go to another child. A task
+counts towards poison), even inside a batch (see `_progress`); the other tasks
+of its batch, and those queued behind it, go to another child. A task
 past its timeout has its child killed and replaced.
 
 A child that dies before it said it is ready did not fail a task: its modules
@@ -53,6 +54,7 @@ from typing import Any, Protocol
 from . import _proctree
 from . import protocol as p
 from ._framing import CANNOT_START, Inbox, Outbox, frame
+from ._progress import Progress
 from .errors import TaskTimeout
 from .execution import run_task
 from .policy import Backoff
@@ -207,9 +209,12 @@ class _Child:
     sock: socket.socket  # our end of its pipe, both ways, never blocking
     inbox: Inbox  # outcomes coming back
     outbox: Outbox  # batches the socket has not taken yet
+    progress: Progress  # which task of its batch it runs, told through memory
     spawned_at: float
     # Batches sent down the pipe, oldest (the one running) first.
     sent: deque[list[_Running]] = field(default_factory=deque)
+    # Batches it reported: the oldest in `sent` is its batch number this plus 1.
+    batches_reported: int = 0
     # Whether it said it has imported its modules; until then its tasks wait
     # in the pipe and their timeouts have not started.
     ready: bool = False
@@ -237,10 +242,13 @@ class ProcessPool:
 
     Short tasks travel to a child in batches, sized to about `BATCH_WORK_S` of
     work, so that a child's pipe costs one message per batch rather than per
-    task. A task with a timeout, one that was in a batch whose child died, and
-    an item split from a map's batch that died, travel alone: their deadline
-    and their blame are then exact. A map's batch in a batch whose child died
-    is blamed at once (see `_blame`).
+    task. A child notes which task of its batch it is running (see
+    `_progress`), so the task that killed it is blamed alone, at its first
+    death, and the others of its batch go again. A task with a timeout, and an
+    item split from a map's batch that died, travel alone: their deadline and
+    their blame are then exact. Should a child die between tasks, the tasks
+    of its batch run one at a time, and map batches among them are blamed at
+    once (see `_blame`).
 
     A dead child is noticed when its pipe reads end-of-file, which wakes the
     worker's poll at once; a look at every child's process, once per
@@ -284,20 +292,25 @@ class ProcessPool:
         # A fresh interpreter per child rather than fork: the worker holds a
         # ZeroMQ context whose I/O threads a forked child would inherit broken.
         parent_end, child_end = socket.socketpair()
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "ventilator._child",
-                str(child_end.fileno()),
-                str(os.getpid()),
-                "pickle" if self._allow_pickle else "no-pickle",
-                *self._modules,
-            ],
-            pass_fds=[child_end.fileno()],
-            stdin=subprocess.DEVNULL,
-        )
-        child_end.close()
+        progress, progress_fd = Progress.create()
+        try:
+            process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "ventilator._child",
+                    str(child_end.fileno()),
+                    str(progress_fd),
+                    str(os.getpid()),
+                    "pickle" if self._allow_pickle else "no-pickle",
+                    *self._modules,
+                ],
+                pass_fds=[child_end.fileno(), progress_fd],
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            child_end.close()
+            os.close(progress_fd)
         parent_end.setblocking(False)
         # Room for the batches a child holds, so that feeding it rarely has to
         # wait for the socket to become writable (the kernel caps this).
@@ -309,6 +322,7 @@ class ProcessPool:
             parent_end,
             Inbox(parent_end),
             Outbox(parent_end),
+            progress,
             spawned_at=time.monotonic(),
             failed_starts=failed_starts,
         )
@@ -472,7 +486,8 @@ class ProcessPool:
             return
         if health == "lost" and child.sent:
             ended = _how_it_ended(child.process)
-            self._blame(child.sent.popleft(), outcomes, now, ended)
+            culprit = child.progress.running_task(child.batches_reported + 1)
+            self._blame(child.sent.popleft(), culprit, outcomes, now, ended)
         index = self._children.index(child)
         self._children[index] = self._replace(child)
         self._index_children()
@@ -544,6 +559,7 @@ class ProcessPool:
         """Turn a batch's reports into outcomes; the next batch starts now."""
         if not child.sent:
             raise ValueError("a task process reported a batch it was not given")
+        child.batches_reported += 1
         for running, (status, duration_s), result in zip(
             child.sent.popleft(), reports, results, strict=True
         ):
@@ -631,24 +647,26 @@ class ProcessPool:
     def _blame(
         self,
         batch: list[_Running],
+        culprit: int | None,
         outcomes: list[p.Outcome],
         now: float,
         ended: str,
     ) -> None:
-        """Report the task that killed its child, or find out which one did."""
+        """Report the task that killed its child, or find out which one did.
+
+        `culprit` is the place in `batch` of the task the child was running
+        when it died, as its progress note says; None if it was between tasks.
+        """
         if len(batch) == 1:
-            running = batch[0]
-            log.warning(
-                "task process died ticket=%d attempt=%d (%s); starting a new one",
-                running.task.ticket,
-                running.task.attempt,
-                ended,
-            )
-            outcomes.append(running.outcome(p.Status.CRASHED, b"", now))
+            # Between tasks too: blamed, or a child that keeps dying on its
+            # result would never let its task fail.
+            culprit = 0
+        if culprit is not None:
+            self._blame_one(batch, culprit, outcomes, now, ended)
             return
 
-        # One task of the batch killed the child; running them one by one tells
-        # which, so that the others are not blamed for it. But a map's batch
+        # The child died between tasks; running them one by one tells which
+        # killed it, so that the others are not blamed for it. But a map's batch
         # is blamed at once: its map runs its items alone, each with this death
         # counted, and a run of it here would cost its poison item one more
         # run than it counts.
@@ -664,6 +682,31 @@ class ProcessPool:
         outcomes.extend(r.outcome(p.Status.CRASHED, b"", now) for r in blamed)
         self._suspects.update((r.task.ticket, r.task.attempt) for r in suspects)
         self._waiting.extendleft(r.task for r in reversed(suspects))
+
+    def _blame_one(
+        self,
+        batch: list[_Running],
+        culprit: int,
+        outcomes: list[p.Outcome],
+        now: float,
+        ended: str,
+    ) -> None:
+        """Report the task at `culprit` as crashed, this death counted
+        against it alone; the others of its batch go again, unblamed (those
+        before it ran, but their outcomes died with the child)."""
+        running = batch[culprit]
+        log.warning(
+            "task process died ticket=%d attempt=%d (%s); starting a new one%s",
+            running.task.ticket,
+            running.task.attempt,
+            ended,
+            f", and running again the {len(batch) - 1} other tasks of its batch"
+            if len(batch) > 1
+            else "",
+        )
+        outcomes.append(running.outcome(p.Status.CRASHED, b"", now))
+        innocents = batch[:culprit] + batch[culprit + 1 :]
+        self._waiting.extendleft(r.task for r in reversed(innocents))
 
     def next_deadline(self) -> float | None:
         if not self._resting:
@@ -712,6 +755,7 @@ class ProcessPool:
                 child.process.kill()
                 child.process.wait()
         child.sock.close()
+        child.progress.close()
 
 
 # Status by value: indexing costs less than calling the enum, once per task.

@@ -170,6 +170,33 @@ def test_task_that_kills_its_process_every_time_fails_as_poison(
     assert worker.process.poll() is None
 
 
+def test_task_that_kills_its_process_runs_max_attempts_times_among_quick_ones(
+    launch: Launcher, tmp_path: Path
+) -> None:
+    # Quick tasks of the same function travel to the task processes in
+    # batches, the poison ones among them: each of its deaths must count, the
+    # first in a batch included. Each run of a poison task appends a line.
+    broker = launch.broker("--max-attempts", "3")
+    launch.worker(broker, concurrency=3)
+    client = launch.client(broker)
+    wait_for_workers(client, 1)
+    runs = tmp_path / "runs"
+    xs = [*range(400), -1, *range(400), -2, *range(400), -3, *range(400)]
+
+    futures = [
+        client.submit(tasks.crash_on_negative_counted, [x, str(runs)]) for x in xs
+    ]
+
+    for x, future in zip(xs, futures, strict=True):
+        if x < 0:
+            error = future.exception(RESULT_TIMEOUT_S)
+            assert isinstance(error, ventilator.PoisonTask)
+            assert "each of the 3 times" in error.message
+        else:
+            assert future.result(RESULT_TIMEOUT_S) == x * x
+    assert runs.read_text().count("ran") == 3 * 3
+
+
 def test_worker_whose_task_processes_cannot_start_hands_its_tasks_on(
     launch: Launcher, broker: BrokerProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:
