@@ -15,7 +15,10 @@ otherwise wait for the worker while the worker waits for it. A child that
 dies takes its current task with it (reported as CRASHED, which the broker
 counts towards poison), even inside a batch (see `_progress`); the other tasks
 of its batch, and those queued behind it, go to another child. A task
-past its timeout has its child killed and replaced.
+past its timeout has its child killed and replaced. Whatever a child's tasks
+started goes with it, whether the worker stopped it or it died on its own: its
+environment carries a mark (`TASK_PROCESS_ENV`) that its commands inherit,
+which finds them even once init has adopted them (`_proctree.kill_marked`).
 
 A child that dies before it said it is ready did not fail a task: its modules
 do not import here (a deploy broken after the worker started), or the machine
@@ -29,8 +32,13 @@ starts.
 Thread pool: for I/O-bound work. A thread cannot be killed, so a task past its
 timeout is reported as timed out and left to run on in the background, its
 result dropped; a fresh thread takes its slot, so that tasks that hang cannot
-jam the pool. At most `MAX_STUCK_THREADS` such threads may pile up: beyond
-that, a timed-out task keeps its slot until a stuck thread returns.
+jam the pool. The processes its thread started are killed, with theirs: Linux
+lists a process's children per thread, so they are told from those of other
+tasks, and a task waiting for its command may return then. A command that has
+left its parent (a daemon) is not found: the worker's environment, which the
+threads share, cannot mark one task's commands. At most `MAX_STUCK_THREADS`
+such threads may pile up: beyond that, a timed-out task keeps its slot until a
+stuck thread returns.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ import logging
 import os
 import queue
 import random
+import secrets
 import signal
 import socket
 import subprocess
@@ -93,6 +102,9 @@ CHILD_RESTART_BACKOFF = Backoff(base_s=0.5, cap_s=30.0, jitter=0.2)
 START_FAILURE_REPEAT_S = 300.0
 # How long to wait for a lost child to be reaped, to log how it ended.
 REAP_WAIT_S = 0.05
+# The variable that marks the environment of a task process with its own
+# token, inherited by whatever it starts: what finds those once it is gone.
+TASK_PROCESS_ENV = "VENTILATOR_TASK_PROCESS"
 # Timed-out threads still running that a thread pool replaces with fresh ones.
 # Each holds its stack and whatever its task holds; past this many, a
 # timed-out task keeps its slot until one returns, rather than the worker
@@ -210,6 +222,7 @@ class _Child:
     inbox: Inbox  # outcomes coming back
     outbox: Outbox  # batches the socket has not taken yet
     progress: Progress  # which task of its batch it runs, told through memory
+    mark: str  # its TASK_PROCESS_ENV, inherited by what it starts
     spawned_at: float
     # Batches sent down the pipe, oldest (the one running) first.
     sent: deque[list[_Running]] = field(default_factory=deque)
@@ -293,6 +306,7 @@ class ProcessPool:
         # ZeroMQ context whose I/O threads a forked child would inherit broken.
         parent_end, child_end = socket.socketpair()
         progress, progress_fd = Progress.create()
+        mark = f"{os.getpid()}-{secrets.token_hex(8)}"
         try:
             process = subprocess.Popen(
                 [
@@ -307,6 +321,7 @@ class ProcessPool:
                 ],
                 pass_fds=[child_end.fileno(), progress_fd],
                 stdin=subprocess.DEVNULL,
+                env={**os.environ, TASK_PROCESS_ENV: mark},
             )
         finally:
             child_end.close()
@@ -323,6 +338,7 @@ class ProcessPool:
             Inbox(parent_end),
             Outbox(parent_end),
             progress,
+            mark,
             spawned_at=time.monotonic(),
             failed_starts=failed_starts,
         )
@@ -756,10 +772,25 @@ class ProcessPool:
                 child.process.wait()
         child.sock.close()
         child.progress.close()
+        _end_leftovers(child)
 
 
 # Status by value: indexing costs less than calling the enum, once per task.
 _STATUSES = tuple(p.Status)
+
+
+def _end_leftovers(child: _Child) -> None:
+    """Kill what a gone child's tasks started and left running: adopted by
+    init when the child died, no walk of its tree finds them any more."""
+    left = _proctree.kill_marked(TASK_PROCESS_ENV, [child.mark])
+    if left:
+        log.warning(
+            "killed %d processes that tasks of task process pid=%d started and "
+            "left running: %s",
+            len(left),
+            child.process.pid,
+            ", ".join(map(str, left)),
+        )
 
 
 def _how_it_ended(process: subprocess.Popen[bytes]) -> str:
@@ -798,6 +829,7 @@ class _ThreadTask:
 
     running: _Running
     lock: threading.Lock = field(default_factory=threading.Lock)
+    thread_id: int | None = None  # the native id of the thread running it
     finished: bool = False  # the thread has its result
     abandoned: bool = False  # timed out: its result is dropped
     replaced: bool = False  # a fresh thread took its slot: this one leaves
@@ -807,6 +839,24 @@ class _ThreadTask:
 _RUNS_ON = (
     "could not be stopped: it runs on in the background and its result will be dropped"
 )
+
+
+def _end_commands_of(handed: _ThreadTask) -> list[int]:
+    """Kill the processes the thread running a timed-out task started, and
+    theirs; return the ones it started. The thread itself cannot be stopped,
+    but a command it waits for ends, and it may return then."""
+    if handed.thread_id is None:
+        return []  # not started yet
+    commands = _proctree.children_of_thread(handed.thread_id)
+    if commands:
+        _proctree.kill_trees(commands)
+    return commands
+
+
+def _killed_commands(commands: list[int]) -> str:
+    if not commands:
+        return ""
+    return f"; the processes it started were killed: {', '.join(map(str, commands))}"
 
 
 class ThreadPool:
@@ -890,6 +940,7 @@ class ThreadPool:
     def _run(self, handed: _ThreadTask) -> bool:
         """Run a task and post its result; say whether this thread serves on."""
         task = handed.running.task
+        handed.thread_id = threading.get_native_id()
         status, result = run_task(
             self._functions, self._allow_pickle, task.function, task.flags, task.payload
         )
@@ -935,6 +986,9 @@ class ThreadPool:
                 return False
             handed.abandoned = True
             handed.replaced = replace
+            # Under the lock: the thread cannot have moved on to another task,
+            # whose commands these would be.
+            commands = _end_commands_of(handed)
         self._stuck += 1
         task = handed.running.task
         if replace:
@@ -942,21 +996,23 @@ class ThreadPool:
             log.warning(
                 "task ran past its timeout and cannot be stopped ticket=%d "
                 "function=%s; it runs on in the background (%d of at most %d "
-                "stuck threads) and a fresh thread takes its slot",
+                "stuck threads) and a fresh thread takes its slot%s",
                 task.ticket,
                 task.function,
                 self._stuck,
                 self._max_stuck,
+                _killed_commands(commands),
             )
         else:
             self._stuck_in_slot += 1
             log.error(
                 "task ran past its timeout and cannot be stopped ticket=%d "
                 "function=%s; %d threads are stuck, the limit, so it keeps its "
-                "slot until it returns: this worker serves fewer tasks at once",
+                "slot until it returns: this worker serves fewer tasks at once%s",
                 task.ticket,
                 task.function,
                 self._stuck,
+                _killed_commands(commands),
             )
         return True
 

@@ -313,6 +313,52 @@ def test_a_closed_pool_leaves_no_process_its_running_commands_started(
         wait_until(lambda: not pids.alive(), 5, "the commands to go")
 
 
+def test_a_task_process_that_dies_on_its_own_leaves_no_process_it_started(
+    tmp_path: Path,
+) -> None:
+    # Its commands outlive it, adopted by init, where no walk of its tree finds
+    # them; one of them has left its process group and session too.
+    with pid_file(tmp_path) as pids:
+        commands = [
+            ["sh", "-c", pids.sleeper()],
+            ["setsid", "sh", "-c", pids.sleeper()],
+        ]
+        pool = ProcessPool(1, [PROCESS_TASKS], allow_pickle=False)
+        try:
+            call = pack_call((commands, str(pids.path)), {})
+            function = f"{PROCESS_TASKS}:start_then_die"
+            pool.submit(p.Assignment(1, 1, function, call), 0.0)
+
+            [outcome] = run_all(pool, 1)
+            assert outcome.status is p.Status.CRASHED
+            assert len(pids.recorded()) == 2
+            wait_until(lambda: not pids.alive(), 5, "the dead task's commands to go")
+        finally:
+            pool.close()
+
+
+def test_a_thread_pool_task_past_its_timeout_leaves_no_process_it_started(
+    tmp_path: Path,
+) -> None:
+    # The thread cannot be stopped, but the command it waits for can: the
+    # thread then returns, its result dropped.
+    with pid_file(tmp_path) as pids:
+        pool = ThreadPool(1, [PROCESS_TASKS], allow_pickle=False)
+        try:
+            call = pack_call((["sh", "-c", pids.sleeper()],), {})
+            function = f"{PROCESS_TASKS}:run_program"
+            pool.submit(p.Assignment(1, 1, function, call, timeout_s=2.0), 0.0)
+
+            [outcome] = run_all(pool, 1)
+            assert outcome.status is p.Status.TIMEOUT
+            assert len(pids.recorded()) == 1
+            wait_until(
+                lambda: not pids.alive(), 5, "the timed-out task's command to go"
+            )
+        finally:
+            pool.close()
+
+
 def rests_after_failed_starts(pool: ProcessPool, count: int) -> list[float]:
     """Drive the pool until its children failed to start `count` times; return
     how long its slot rested after each failure. Nothing may be reported."""
