@@ -18,9 +18,10 @@ import pytest
 import zmq
 
 import ventilator
+from tests.leftovers import pid_file
 from ventilator import protocol as p
 
-from . import broken_child_tasks, tasks
+from . import broken_child_tasks, process_tasks, tasks
 from .conftest import (
     FAST_HEARTBEAT_S,
     MORE_TASKS,
@@ -195,6 +196,23 @@ def test_task_that_kills_its_process_runs_max_attempts_times_among_quick_ones(
         else:
             assert future.result(RESULT_TIMEOUT_S) == x * x
     assert runs.read_text().count("ran") == 3 * 3
+
+
+def test_commands_of_a_task_that_killed_its_process_end_with_it(
+    launch: Launcher, tmp_path: Path
+) -> None:
+    broker = launch.broker("--max-attempts", "1")
+    launch.worker(broker, "tests.e2e.process_tasks")
+    client = launch.client(broker)
+    wait_for_workers(client, 1)
+    with pid_file(tmp_path) as pids:
+        command = ["sh", "-c", pids.sleeper()]
+
+        poison = client.submit(process_tasks.start_then_die, [command], str(pids.path))
+
+        assert isinstance(poison.exception(RESULT_TIMEOUT_S), ventilator.PoisonTask)
+        assert len(pids.recorded()) == 1
+        wait_until(lambda: not pids.alive(), 5, "the dead task's command to go")
 
 
 def test_worker_whose_task_processes_cannot_start_hands_its_tasks_on(
