@@ -1,5 +1,5 @@
 """The program a process-pool slot runs:
-``python -m ventilator._child FD PARENT_PID pickle|no-pickle MODULE...``.
+``python -m ventilator._child FD PROGRESS_FD PARENT_PID pickle|no-pickle MODULE...``.
 
 Started with `subprocess`, not `multiprocessing`, so the child never imports
 the parent's ``__main__``: a worker embedded in any script needs no
@@ -9,6 +9,8 @@ the parent's ``__main__``: a worker embedded in any script needs no
 from __future__ import annotations
 
 import contextlib
+import itertools
+import os
 import signal
 import socket
 import sys
@@ -20,31 +22,43 @@ from typing import IO, Any
 from ._allocator import keep_freed_memory
 from ._framing import CANNOT_START, read_message, write_message
 from ._lifeline import end_with_parent
+from ._progress import Progress
 from .errors import UsageError
 from .execution import run_task
 from .registry import load_functions
 
 
 def serve(
-    batches: IO[bytes], sock: socket.socket, modules: Sequence[str], allow_pickle: bool
+    batches: IO[bytes],
+    sock: socket.socket,
+    progress: Progress,
+    modules: Sequence[str],
+    allow_pickle: bool,
 ) -> None:
-    """Receive a batch of tasks, run them, send their outcomes; until EOF."""
+    """Receive a batch of tasks, run them, send their outcomes; until EOF.
+
+    Before each task, `progress` notes which it is: if it kills us, the
+    worker blames it alone (see _progress)."""
     functions = _import_or_explain(sock, modules)
     # An empty message says we are ready: a task's timeout counts from here,
     # not from a start that may take seconds on a loaded machine.
     write_message(sock, [], [])
-    while True:
+    for batch in itertools.count(1):
         try:
             tasks, payloads = read_message(batches)
         except (EOFError, OSError):
             return  # the worker closed our pipe: leave
 
         reports, results = [], []
-        for (function, flags), payload in zip(tasks, payloads, strict=True):
+        for place, ((function, flags), payload) in enumerate(
+            zip(tasks, payloads, strict=True)
+        ):
+            progress.running(batch, place)
             started = time.perf_counter()
             status, result = run_task(functions, allow_pickle, function, flags, payload)
             reports.append((int(status), time.perf_counter() - started))
             results.append(result)
+        progress.between(batch)
         try:
             write_message(sock, reports, results)
         except OSError:
@@ -70,12 +84,14 @@ def main(argv: Sequence[str]) -> None:
     # Ctrl-C is for the worker's main process, which stops its children itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     keep_freed_memory()  # see _allocator: a payload per task
-    fd, parent, allow_pickle, *modules = argv
+    fd, progress_fd, parent, allow_pickle, *modules = argv
     # A worker killed outright cannot stop us; a task that never returns would
     # never see our pipe close, and would run on (and again elsewhere).
     end_with_parent(int(parent))
     sock = socket.socket(fileno=int(fd))
-    serve(sock.makefile("rb"), sock, modules, allow_pickle == "pickle")
+    progress = Progress(int(progress_fd))
+    os.close(int(progress_fd))  # the mapping holds its own
+    serve(sock.makefile("rb"), sock, progress, modules, allow_pickle == "pickle")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ parent link, which Linux shows in /proc. So: stop each process of the tree
 with SIGSTOP as it is found, so that none can start another meanwhile, then
 kill them all. A process whose parent died is adopted by the nearest
 "subreaper" ancestor (`adopt_orphans`), or else by init, where no walk from
-here finds it.
+here finds it. What finds it there is a mark in the environment it inherited
+(`kill_marked`), the way build servers find what a build left running.
 
 Linux only; elsewhere the walks find no process and only what the caller
 kills itself (a process group, say) is stopped.
@@ -21,12 +22,14 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 
 __all__ = [
     "adopt_orphans",
     "children_of",
+    "children_of_thread",
     "kill_descendants",
+    "kill_marked",
     "kill_trees",
     "prctl",
     "reap",
@@ -82,6 +85,82 @@ def children_of(pid: int) -> list[int]:
         except OSError:
             continue  # the thread ended meanwhile
     return children
+
+
+def children_of_thread(native_id: int) -> list[int]:
+    """The processes that a thread of this process started (its children are
+    its own in Linux, not its process's); [] if none or if this system cannot
+    tell."""
+    try:
+        with open(f"/proc/{os.getpid()}/task/{native_id}/children", "rb") as listing:
+            return [int(child) for child in listing.read().split()]
+    except OSError:
+        return []
+
+
+def kill_marked(name: str, values: Collection[str]) -> list[int]:
+    """Kill every process whose environment sets `name` to one of `values`,
+    and every descendant of theirs; return the marked ones found (any that
+    could not be killed is logged).
+
+    The mark is inherited, so this finds what a dead process started even
+    where its parent link is gone: adopted by init, in a session of its own.
+    A process that cleared its environment is found only as a descendant of
+    a marked one.
+    """
+    marks = {f"{name}={value}".encode() for value in values}
+    frozen: list[int] = []
+    seen: set[int] = set()
+    # Again after the first: a marked process may have forked meanwhile.
+    for _ in range(_MAX_WALKS):
+        found = [pid for pid in _marked(marks, seen) if _stop_if_marked(pid, marks)]
+        if not found:
+            break
+        frozen.extend(found)
+    if frozen:
+        kill_trees(frozen)
+    return frozen
+
+
+def _marked(marks: set[bytes], seen: set[int]) -> list[int]:
+    """Processes not seen yet whose environment holds one of `marks`."""
+    try:
+        pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return []  # no /proc here
+    found = [pid for pid in pids if pid not in seen and _has_mark(pid, marks)]
+    seen.update(found)
+    return found
+
+
+def _has_mark(pid: int, marks: set[bytes]) -> bool:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as environ:
+            return not marks.isdisjoint(environ.read().split(b"\0"))
+    except OSError:
+        return False  # gone, or another user's
+
+
+def _stop_if_marked(pid: int, marks: set[bytes]) -> bool:
+    """Stop the process if it still is a marked one: its pid may have gone to
+    another since the scan. A pidfd holds the process the check reads."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return False
+    except (AttributeError, OSError):
+        return _has_mark(pid, marks) and _signal(pid, signal.SIGSTOP)
+    try:
+        if not _has_mark(pid, marks):
+            return False
+        signal.pidfd_send_signal(pidfd, signal.SIGSTOP)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # killing it will be refused, and named
+    finally:
+        os.close(pidfd)
 
 
 def kill_descendants(pid: int) -> list[int]:

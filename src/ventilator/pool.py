@@ -13,8 +13,12 @@ writes to a child without blocking, keeping what the socket does not take yet
 for when it becomes writable: a child busy writing a large result would
 otherwise wait for the worker while the worker waits for it. A child that
 dies takes its current task with it (reported as CRASHED, which the broker
-counts towards poison); the tasks queued behind it go to another child. A task
-past its timeout has its child killed and replaced.
+counts towards poison), even inside a batch (see `_progress`); the other tasks
+of its batch, and those queued behind it, go to another child. A task
+past its timeout has its child killed and replaced. Whatever a child's tasks
+started goes with it, whether the worker stopped it or it died on its own: its
+environment carries a mark (`TASK_PROCESS_ENV`) that its commands inherit,
+which finds them even once init has adopted them (`_proctree.kill_marked`).
 
 A child that dies before it said it is ready did not fail a task: its modules
 do not import here (a deploy broken after the worker started), or the machine
@@ -28,8 +32,13 @@ starts.
 Thread pool: for I/O-bound work. A thread cannot be killed, so a task past its
 timeout is reported as timed out and left to run on in the background, its
 result dropped; a fresh thread takes its slot, so that tasks that hang cannot
-jam the pool. At most `MAX_STUCK_THREADS` such threads may pile up: beyond
-that, a timed-out task keeps its slot until a stuck thread returns.
+jam the pool. The processes its thread started are killed, with theirs: Linux
+lists a process's children per thread, so they are told from those of other
+tasks, and a task waiting for its command may return then. A command that has
+left its parent (a daemon) is not found: the worker's environment, which the
+threads share, cannot mark one task's commands. At most `MAX_STUCK_THREADS`
+such threads may pile up: beyond that, a timed-out task keeps its slot until a
+stuck thread returns.
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ import logging
 import os
 import queue
 import random
+import secrets
 import signal
 import socket
 import subprocess
@@ -53,6 +63,7 @@ from typing import Any, Protocol
 from . import _proctree
 from . import protocol as p
 from ._framing import CANNOT_START, Inbox, Outbox, frame
+from ._progress import Progress
 from .errors import TaskTimeout
 from .execution import run_task
 from .policy import Backoff
@@ -91,6 +102,9 @@ CHILD_RESTART_BACKOFF = Backoff(base_s=0.5, cap_s=30.0, jitter=0.2)
 START_FAILURE_REPEAT_S = 300.0
 # How long to wait for a lost child to be reaped, to log how it ended.
 REAP_WAIT_S = 0.05
+# The variable that marks the environment of a task process with its own
+# token, inherited by whatever it starts: what finds those once it is gone.
+TASK_PROCESS_ENV = "VENTILATOR_TASK_PROCESS"
 # Timed-out threads still running that a thread pool replaces with fresh ones.
 # Each holds its stack and whatever its task holds; past this many, a
 # timed-out task keeps its slot until one returns, rather than the worker
@@ -207,9 +221,13 @@ class _Child:
     sock: socket.socket  # our end of its pipe, both ways, never blocking
     inbox: Inbox  # outcomes coming back
     outbox: Outbox  # batches the socket has not taken yet
+    progress: Progress  # which task of its batch it runs, told through memory
+    mark: str  # its TASK_PROCESS_ENV, inherited by what it starts
     spawned_at: float
     # Batches sent down the pipe, oldest (the one running) first.
     sent: deque[list[_Running]] = field(default_factory=deque)
+    # Batches it reported: the oldest in `sent` is its batch number this plus 1.
+    batches_reported: int = 0
     # Whether it said it has imported its modules; until then its tasks wait
     # in the pipe and their timeouts have not started.
     ready: bool = False
@@ -237,10 +255,13 @@ class ProcessPool:
 
     Short tasks travel to a child in batches, sized to about `BATCH_WORK_S` of
     work, so that a child's pipe costs one message per batch rather than per
-    task. A task with a timeout, one that was in a batch whose child died, and
-    an item split from a map's batch that died, travel alone: their deadline
-    and their blame are then exact. A map's batch in a batch whose child died
-    is blamed at once (see `_blame`).
+    task. A child notes which task of its batch it is running (see
+    `_progress`), so the task that killed it is blamed alone, at its first
+    death, and the others of its batch go again. A task with a timeout, and an
+    item split from a map's batch that died, travel alone: their deadline and
+    their blame are then exact. Should a child die between tasks, the tasks
+    of its batch run one at a time, and map batches among them are blamed at
+    once (see `_blame`).
 
     A dead child is noticed when its pipe reads end-of-file, which wakes the
     worker's poll at once; a look at every child's process, once per
@@ -284,20 +305,27 @@ class ProcessPool:
         # A fresh interpreter per child rather than fork: the worker holds a
         # ZeroMQ context whose I/O threads a forked child would inherit broken.
         parent_end, child_end = socket.socketpair()
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "ventilator._child",
-                str(child_end.fileno()),
-                str(os.getpid()),
-                "pickle" if self._allow_pickle else "no-pickle",
-                *self._modules,
-            ],
-            pass_fds=[child_end.fileno()],
-            stdin=subprocess.DEVNULL,
-        )
-        child_end.close()
+        progress, progress_fd = Progress.create()
+        mark = f"{os.getpid()}-{secrets.token_hex(8)}"
+        try:
+            process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "ventilator._child",
+                    str(child_end.fileno()),
+                    str(progress_fd),
+                    str(os.getpid()),
+                    "pickle" if self._allow_pickle else "no-pickle",
+                    *self._modules,
+                ],
+                pass_fds=[child_end.fileno(), progress_fd],
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, TASK_PROCESS_ENV: mark},
+            )
+        finally:
+            child_end.close()
+            os.close(progress_fd)
         parent_end.setblocking(False)
         # Room for the batches a child holds, so that feeding it rarely has to
         # wait for the socket to become writable (the kernel caps this).
@@ -309,6 +337,8 @@ class ProcessPool:
             parent_end,
             Inbox(parent_end),
             Outbox(parent_end),
+            progress,
+            mark,
             spawned_at=time.monotonic(),
             failed_starts=failed_starts,
         )
@@ -472,7 +502,8 @@ class ProcessPool:
             return
         if health == "lost" and child.sent:
             ended = _how_it_ended(child.process)
-            self._blame(child.sent.popleft(), outcomes, now, ended)
+            culprit = child.progress.running_task(child.batches_reported + 1)
+            self._blame(child.sent.popleft(), culprit, outcomes, now, ended)
         index = self._children.index(child)
         self._children[index] = self._replace(child)
         self._index_children()
@@ -544,6 +575,7 @@ class ProcessPool:
         """Turn a batch's reports into outcomes; the next batch starts now."""
         if not child.sent:
             raise ValueError("a task process reported a batch it was not given")
+        child.batches_reported += 1
         for running, (status, duration_s), result in zip(
             child.sent.popleft(), reports, results, strict=True
         ):
@@ -631,24 +663,26 @@ class ProcessPool:
     def _blame(
         self,
         batch: list[_Running],
+        culprit: int | None,
         outcomes: list[p.Outcome],
         now: float,
         ended: str,
     ) -> None:
-        """Report the task that killed its child, or find out which one did."""
+        """Report the task that killed its child, or find out which one did.
+
+        `culprit` is the place in `batch` of the task the child was running
+        when it died, as its progress note says; None if it was between tasks.
+        """
         if len(batch) == 1:
-            running = batch[0]
-            log.warning(
-                "task process died ticket=%d attempt=%d (%s); starting a new one",
-                running.task.ticket,
-                running.task.attempt,
-                ended,
-            )
-            outcomes.append(running.outcome(p.Status.CRASHED, b"", now))
+            # Between tasks too: blamed, or a child that keeps dying on its
+            # result would never let its task fail.
+            culprit = 0
+        if culprit is not None:
+            self._blame_one(batch, culprit, outcomes, now, ended)
             return
 
-        # One task of the batch killed the child; running them one by one tells
-        # which, so that the others are not blamed for it. But a map's batch
+        # The child died between tasks; running them one by one tells which
+        # killed it, so that the others are not blamed for it. But a map's batch
         # is blamed at once: its map runs its items alone, each with this death
         # counted, and a run of it here would cost its poison item one more
         # run than it counts.
@@ -664,6 +698,31 @@ class ProcessPool:
         outcomes.extend(r.outcome(p.Status.CRASHED, b"", now) for r in blamed)
         self._suspects.update((r.task.ticket, r.task.attempt) for r in suspects)
         self._waiting.extendleft(r.task for r in reversed(suspects))
+
+    def _blame_one(
+        self,
+        batch: list[_Running],
+        culprit: int,
+        outcomes: list[p.Outcome],
+        now: float,
+        ended: str,
+    ) -> None:
+        """Report the task at `culprit` as crashed, this death counted
+        against it alone; the others of its batch go again, unblamed (those
+        before it ran, but their outcomes died with the child)."""
+        running = batch[culprit]
+        log.warning(
+            "task process died ticket=%d attempt=%d (%s); starting a new one%s",
+            running.task.ticket,
+            running.task.attempt,
+            ended,
+            f", and running again the {len(batch) - 1} other tasks of its batch"
+            if len(batch) > 1
+            else "",
+        )
+        outcomes.append(running.outcome(p.Status.CRASHED, b"", now))
+        innocents = batch[:culprit] + batch[culprit + 1 :]
+        self._waiting.extendleft(r.task for r in reversed(innocents))
 
     def next_deadline(self) -> float | None:
         if not self._resting:
@@ -712,10 +771,26 @@ class ProcessPool:
                 child.process.kill()
                 child.process.wait()
         child.sock.close()
+        child.progress.close()
+        _end_leftovers(child)
 
 
 # Status by value: indexing costs less than calling the enum, once per task.
 _STATUSES = tuple(p.Status)
+
+
+def _end_leftovers(child: _Child) -> None:
+    """Kill what a gone child's tasks started and left running: adopted by
+    init when the child died, no walk of its tree finds them any more."""
+    left = _proctree.kill_marked(TASK_PROCESS_ENV, [child.mark])
+    if left:
+        log.warning(
+            "killed %d processes that tasks of task process pid=%d started and "
+            "left running: %s",
+            len(left),
+            child.process.pid,
+            ", ".join(map(str, left)),
+        )
 
 
 def _how_it_ended(process: subprocess.Popen[bytes]) -> str:
@@ -754,6 +829,7 @@ class _ThreadTask:
 
     running: _Running
     lock: threading.Lock = field(default_factory=threading.Lock)
+    thread_id: int | None = None  # the native id of the thread running it
     finished: bool = False  # the thread has its result
     abandoned: bool = False  # timed out: its result is dropped
     replaced: bool = False  # a fresh thread took its slot: this one leaves
@@ -763,6 +839,24 @@ class _ThreadTask:
 _RUNS_ON = (
     "could not be stopped: it runs on in the background and its result will be dropped"
 )
+
+
+def _end_commands_of(handed: _ThreadTask) -> list[int]:
+    """Kill the processes the thread running a timed-out task started, and
+    theirs; return the ones it started. The thread itself cannot be stopped,
+    but a command it waits for ends, and it may return then."""
+    if handed.thread_id is None:
+        return []  # not started yet
+    commands = _proctree.children_of_thread(handed.thread_id)
+    if commands:
+        _proctree.kill_trees(commands)
+    return commands
+
+
+def _killed_commands(commands: list[int]) -> str:
+    if not commands:
+        return ""
+    return f"; the processes it started were killed: {', '.join(map(str, commands))}"
 
 
 class ThreadPool:
@@ -846,6 +940,7 @@ class ThreadPool:
     def _run(self, handed: _ThreadTask) -> bool:
         """Run a task and post its result; say whether this thread serves on."""
         task = handed.running.task
+        handed.thread_id = threading.get_native_id()
         status, result = run_task(
             self._functions, self._allow_pickle, task.function, task.flags, task.payload
         )
@@ -891,6 +986,9 @@ class ThreadPool:
                 return False
             handed.abandoned = True
             handed.replaced = replace
+            # Under the lock: the thread cannot have moved on to another task,
+            # whose commands these would be.
+            commands = _end_commands_of(handed)
         self._stuck += 1
         task = handed.running.task
         if replace:
@@ -898,21 +996,23 @@ class ThreadPool:
             log.warning(
                 "task ran past its timeout and cannot be stopped ticket=%d "
                 "function=%s; it runs on in the background (%d of at most %d "
-                "stuck threads) and a fresh thread takes its slot",
+                "stuck threads) and a fresh thread takes its slot%s",
                 task.ticket,
                 task.function,
                 self._stuck,
                 self._max_stuck,
+                _killed_commands(commands),
             )
         else:
             self._stuck_in_slot += 1
             log.error(
                 "task ran past its timeout and cannot be stopped ticket=%d "
                 "function=%s; %d threads are stuck, the limit, so it keeps its "
-                "slot until it returns: this worker serves fewer tasks at once",
+                "slot until it returns: this worker serves fewer tasks at once%s",
                 task.ticket,
                 task.function,
                 self._stuck,
+                _killed_commands(commands),
             )
         return True
 

@@ -12,8 +12,9 @@ with `setsid`) and, run on a task process's main thread, the orphans it left
 
 The kernel's parent-death signal is not asked for: it would need code run
 between fork and exec, which makes each command cost twice as much to start.
-A task process stopped by its worker kills its commands itself (see pool);
-only one killed outright leaves them running.
+The process pool kills the commands of a task process it stops, and those a
+task process that died left running (see pool); only a worker killed outright
+leaves them running.
 """
 
 from __future__ import annotations

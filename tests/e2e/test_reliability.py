@@ -18,9 +18,10 @@ import pytest
 import zmq
 
 import ventilator
+from tests.leftovers import pid_file
 from ventilator import protocol as p
 
-from . import broken_child_tasks, tasks
+from . import broken_child_tasks, process_tasks, tasks
 from .conftest import (
     FAST_HEARTBEAT_S,
     MORE_TASKS,
@@ -168,6 +169,50 @@ def test_task_that_kills_its_process_every_time_fails_as_poison(
     assert "max_attempts=2" in error.message
     assert [f.result(RESULT_TIMEOUT_S) for f in others] == [i * i for i in range(20)]
     assert worker.process.poll() is None
+
+
+def test_task_that_kills_its_process_runs_max_attempts_times_among_quick_ones(
+    launch: Launcher, tmp_path: Path
+) -> None:
+    # Quick tasks of the same function travel to the task processes in
+    # batches, the poison ones among them: each of its deaths must count, the
+    # first in a batch included. Each run of a poison task appends a line.
+    broker = launch.broker("--max-attempts", "3")
+    launch.worker(broker, concurrency=3)
+    client = launch.client(broker)
+    wait_for_workers(client, 1)
+    runs = tmp_path / "runs"
+    xs = [*range(400), -1, *range(400), -2, *range(400), -3, *range(400)]
+
+    futures = [
+        client.submit(tasks.crash_on_negative_counted, [x, str(runs)]) for x in xs
+    ]
+
+    for x, future in zip(xs, futures, strict=True):
+        if x < 0:
+            error = future.exception(RESULT_TIMEOUT_S)
+            assert isinstance(error, ventilator.PoisonTask)
+            assert "each of the 3 times" in error.message
+        else:
+            assert future.result(RESULT_TIMEOUT_S) == x * x
+    assert runs.read_text().count("ran") == 3 * 3
+
+
+def test_commands_of_a_task_that_killed_its_process_end_with_it(
+    launch: Launcher, tmp_path: Path
+) -> None:
+    broker = launch.broker("--max-attempts", "1")
+    launch.worker(broker, "tests.e2e.process_tasks")
+    client = launch.client(broker)
+    wait_for_workers(client, 1)
+    with pid_file(tmp_path) as pids:
+        command = ["sh", "-c", pids.sleeper()]
+
+        poison = client.submit(process_tasks.start_then_die, [command], str(pids.path))
+
+        assert isinstance(poison.exception(RESULT_TIMEOUT_S), ventilator.PoisonTask)
+        assert len(pids.recorded()) == 1
+        wait_until(lambda: not pids.alive(), 5, "the dead task's command to go")
 
 
 def test_worker_whose_task_processes_cannot_start_hands_its_tasks_on(

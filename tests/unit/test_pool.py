@@ -81,11 +81,13 @@ def map_batch(ticket: int, xs: list[int], runs: Path) -> p.Assignment:
     return p.Assignment(ticket, 1, function, payload, p.Flags.BATCH)
 
 
-def test_map_batches_in_a_batch_whose_child_died_are_reported_not_run_again(
+def test_only_the_map_batch_that_killed_its_batchs_child_is_reported_crashed(
     tmp_path: Path,
 ) -> None:
     # The broker fails a map's batch at its first death, and its map runs the
-    # items alone with that death counted: a run of it here would not count.
+    # items alone with that death counted. The map batches it shared a child's
+    # batch with did not kill it: they run again, and their items only once
+    # more (the first run's outcomes died with the child).
     runs = tmp_path / "runs"
     pool = ProcessPool(1, [TASKS], allow_pickle=False)
     try:
@@ -98,9 +100,38 @@ def test_map_batches_in_a_batch_whose_child_died_are_reported_not_run_again(
     finally:
         pool.close()
 
-    assert {o.ticket: o.status for o in outcomes} == dict.fromkeys(
-        [2, 3, 4], p.Status.CRASHED
-    )
+    assert {o.ticket: o.status for o in outcomes} == {
+        2: p.Status.OK,
+        3: p.Status.CRASHED,
+        4: p.Status.OK,
+    }
+    assert runs.read_text().count("ran") == 1
+
+
+def test_a_plain_task_that_kills_its_batchs_child_is_blamed_at_its_first_death(
+    tmp_path: Path,
+) -> None:
+    # Squares teach the pool that the function is quick, so the next five
+    # travel in one batch. The one that kills its child is reported at once,
+    # having run once; the others run again, unblamed.
+    runs = tmp_path / "runs"
+    function = f"{TASKS}:crash_on_negative_counted"
+    pool = ProcessPool(1, [TASKS], allow_pickle=False)
+    try:
+        for ticket in range(1, 11):
+            call = pack_call(([ticket, str(runs)],), {})
+            pool.submit(p.Assignment(ticket, 1, function, call), 0.0)
+        run_all(pool, 10)
+        for ticket, x in zip(range(11, 16), [1, 2, -1, 3, 4], strict=True):
+            call = pack_call(([x, str(runs)],), {})
+            pool.submit(p.Assignment(ticket, 1, function, call), 0.0)
+
+        outcomes = {o.ticket: o for o in run_all(pool, 5)}
+    finally:
+        pool.close()
+
+    assert outcomes.pop(13).status is p.Status.CRASHED
+    assert [unpack_value(o.payload) for o in outcomes.values()] == [1, 4, 9, 16]
     assert runs.read_text().count("ran") == 1
 
 
@@ -280,6 +311,52 @@ def test_a_closed_pool_leaves_no_process_its_running_commands_started(
             pool.close()
 
         wait_until(lambda: not pids.alive(), 5, "the commands to go")
+
+
+def test_a_task_process_that_dies_on_its_own_leaves_no_process_it_started(
+    tmp_path: Path,
+) -> None:
+    # Its commands outlive it, adopted by init, where no walk of its tree finds
+    # them; one of them has left its process group and session too.
+    with pid_file(tmp_path) as pids:
+        commands = [
+            ["sh", "-c", pids.sleeper()],
+            ["setsid", "sh", "-c", pids.sleeper()],
+        ]
+        pool = ProcessPool(1, [PROCESS_TASKS], allow_pickle=False)
+        try:
+            call = pack_call((commands, str(pids.path)), {})
+            function = f"{PROCESS_TASKS}:start_then_die"
+            pool.submit(p.Assignment(1, 1, function, call), 0.0)
+
+            [outcome] = run_all(pool, 1)
+            assert outcome.status is p.Status.CRASHED
+            assert len(pids.recorded()) == 2
+            wait_until(lambda: not pids.alive(), 5, "the dead task's commands to go")
+        finally:
+            pool.close()
+
+
+def test_a_thread_pool_task_past_its_timeout_leaves_no_process_it_started(
+    tmp_path: Path,
+) -> None:
+    # The thread cannot be stopped, but the command it waits for can: the
+    # thread then returns, its result dropped.
+    with pid_file(tmp_path) as pids:
+        pool = ThreadPool(1, [PROCESS_TASKS], allow_pickle=False)
+        try:
+            call = pack_call((["sh", "-c", pids.sleeper()],), {})
+            function = f"{PROCESS_TASKS}:run_program"
+            pool.submit(p.Assignment(1, 1, function, call, timeout_s=2.0), 0.0)
+
+            [outcome] = run_all(pool, 1)
+            assert outcome.status is p.Status.TIMEOUT
+            assert len(pids.recorded()) == 1
+            wait_until(
+                lambda: not pids.alive(), 5, "the timed-out task's command to go"
+            )
+        finally:
+            pool.close()
 
 
 def rests_after_failed_starts(pool: ProcessPool, count: int) -> list[float]:
