@@ -721,6 +721,14 @@ class _Question:
     answer: Future[dict[str, Any]]
 
 
+class _Collected(NamedTuple):
+    """A result of an earlier client of the session, waiting for `collect`."""
+
+    future: TaskFuture
+    key: tuple[str, int]  # what acknowledges it
+    size: int  # the bytes the broker holds for it until then
+
+
 @dataclass(slots=True, eq=False)
 class _Pending:
     spec: p.TaskSpec
@@ -786,7 +794,12 @@ class Client:
         # resuming a session must not reuse an id the broker still holds.
         self._instance = secrets.randbits(30) + 1
         self._ids = itertools.count(self._instance << 32)
-        self._orphans: queue.SimpleQueue[TaskFuture] = queue.SimpleQueue()
+        # Results of earlier clients of the session wait here for collect(),
+        # unacknowledged: the broker keeps them until collect() hands them on,
+        # so that a collector killed meanwhile loses none. `_handed` holds
+        # those handed on and not yet taken by the I/O thread to acknowledge.
+        self._orphans: queue.SimpleQueue[_Collected] = queue.SimpleQueue()
+        self._handed: list[_Collected] = []
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)
         self._window = window
@@ -845,6 +858,9 @@ class Client:
         # Results handed to a future or to collect(): a copy the broker sends
         # again is acknowledged, not handed on twice.
         self._handed_on = RecentResults()
+        # Results waiting in `_orphans`, by key (a copy of one is dropped):
+        # the broker counts them against the window until acknowledged.
+        self._collectable: set[tuple[str, int]] = set()
         self._warned: set[str] = set()  # what the broker told us, logged once
         # Why the broker stopped serving this client's key, once it said so.
         self._revoked: str | None = None
@@ -1226,6 +1242,11 @@ class Client:
         Each future has the `task_id` that the earlier client's future had.
         Stops after `count` futures, or when none arrived for `timeout_s`.
 
+        A result is acknowledged to the broker once it is yielded, not when it
+        arrives: those not yet yielded when this process dies, or the client
+        is closed, go to the next client of the session. Until then they count
+        against this client's window, as the broker counts them.
+
         A task of `map` carries a batch of items: its future's result is the
         batch's, ``[elapsed_s, [[status, value], ...]]`` with one pair per item
         in input order, or per item of its first ones if it stopped at its
@@ -1235,10 +1256,21 @@ class Client:
         received = 0
         while count is None or received < count:
             try:
-                yield self._orphans.get(timeout=timeout_s)
+                collected = self._orphans.get(timeout=timeout_s)
             except queue.Empty:
                 return
+            self._hand_over(collected)
+            yield collected.future
             received += 1
+
+    def _hand_over(self, collected: _Collected) -> None:
+        """Have the I/O thread acknowledge a result collect() hands on: only
+        now may the broker forget it."""
+        with self._lock:
+            wake = not self._handed
+            self._handed.append(collected)
+        if wake:
+            self._wake()
 
     def executor(self) -> ClientExecutor:
         """A `concurrent.futures.Executor` that runs its calls through this client."""
@@ -2114,13 +2146,13 @@ class Client:
         released = 0
         for entry in results:
             key = (entry.origin, entry.task_id)
-            self._acks.append(key)
+            if key in self._collectable:
+                continue  # sent again while it waits for collect(), which acks it
             # The broker holds the result, instead of the payload, until acked.
-            self._acks_bytes += len(entry.payload)
             self._bytes_held += len(entry.payload)
             if key in self._handed_on:
-                continue  # sent again; acknowledged above
-            self._handed_on.add(key)
+                self._acknowledge(key, len(entry.payload))  # sent again
+                continue
             pending = self._pending.pop(entry.task_id, None)
             if pending is not None:
                 released += 1
@@ -2128,12 +2160,34 @@ class Client:
                 _settle(pending.future, entry)
             elif entry.task_id >> 32 != self._instance:
                 # Submitted by an earlier Client of this session: see collect().
-                orphan = TaskFuture(self, entry.task_id)
-                _settle(orphan, entry)
-                self._orphans.put(orphan)
-            # Otherwise it is ours and sent again after a reconnect: already done.
+                self._keep_for_collect(key, entry)
+                continue
+            # A future counts as handed on; otherwise it is ours and sent again
+            # after a reconnect: already done.
+            self._handed_on.add(key)
+            self._acknowledge(key, len(entry.payload))
         if released:
             self._release(released)
+
+    def _acknowledge(self, key: tuple[str, int], size: int) -> None:
+        self._acks.append(key)
+        self._acks_bytes += size
+
+    def _keep_for_collect(self, key: tuple[str, int], entry: p.ResultEntry) -> None:
+        orphan = TaskFuture(self, entry.task_id)
+        _settle(orphan, entry)
+        self._collectable.add(key)
+        self._orphans.put(_Collected(orphan, key, len(entry.payload)))
+
+    def _take_handed(self, now: float) -> None:
+        """Acknowledge the results collect() handed on (under `_lock`)."""
+        for collected in self._handed:
+            self._collectable.discard(collected.key)
+            self._handed_on.add(collected.key)
+            self._acknowledge(collected.key, collected.size)
+        if self._handed and self._acks_due == math.inf:
+            self._acks_due = now + ACK_DELAY_S
+        self._handed.clear()
 
     def _send_outgoing(self, now: float) -> None:
         if self._revoked is not None and self._outgoing:
@@ -2143,6 +2197,7 @@ class Client:
         with self._lock:
             # Before the submissions: the broker counts a result against our
             # window until it is acknowledged.
+            self._take_handed(now)
             self._send_acks(now, submitting=self._acks_go_along())
             batch = self._take_outgoing()
             cancels = self._take_cancels()
@@ -2172,7 +2227,7 @@ class Client:
             return True
         if outgoing == 0:
             return False
-        in_broker = len(self._pending) + len(self._acks)
+        in_broker = self._held_in_broker()
         size = self._outgoing[0].size
         return in_broker + 1 > self._window or not self._room_for(size, in_broker)
 
@@ -2180,11 +2235,11 @@ class Client:
         """Submissions that fit the broker's window; the rest wait their turn."""
         if not self._welcomed:
             return []
-        room = max(0, self._window - len(self._pending) - len(self._acks))
-        if not self._pending and not self._acks:
+        in_broker = self._held_in_broker()
+        room = max(0, self._window - in_broker)
+        if not in_broker:
             self._bytes_held = 0  # nothing of ours in the broker, by any count
         taken: list[_Pending] = []
-        in_broker = len(self._pending) + len(self._acks)
         while self._outgoing and len(taken) < room:
             size = self._outgoing[0].size
             if not self._room_for(size, in_broker + len(taken)):
@@ -2195,6 +2250,11 @@ class Client:
         if taken:
             self._room.notify_all()  # callers waiting for bytes to go
         return taken
+
+    def _held_in_broker(self) -> int:
+        """Tasks and results of ours the broker counts against our window:
+        tasks unfinished, results not acknowledged."""
+        return len(self._pending) + len(self._acks) + len(self._collectable)
 
     def _take_cancels(self) -> list[int]:
         """The cancellations to send now (under `_lock`): none until the
@@ -2242,6 +2302,8 @@ class Client:
             self._release(count)
 
     def _shutdown(self) -> None:
+        with self._lock:
+            self._take_handed(time.monotonic())
         self._send_acks(time.monotonic(), submitting=True)
         self._send(p.Bye())
         self._close_socket(linger=100)
