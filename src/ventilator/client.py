@@ -48,6 +48,7 @@ import zmq
 
 from . import _wire
 from . import protocol as p
+from ._cancels import UnconfirmedCancels
 from ._recent import RecentResults
 from ._timing import poll_timeout_ms
 from .errors import (
@@ -812,10 +813,10 @@ class Client:
         self._max_bytes: float = math.inf
         self._window_bytes = window_bytes
         self._outgoing_bytes = 0
-        # Tasks to cancel at the broker, and those cancelled lately, with when
-        # (see _remember_cancels).
+        # Tasks to cancel at the broker, and those sent and not yet confirmed
+        # (see _cancels.py), sent again on every new connection.
         self._cancels: deque[int] = deque()
-        self._cancels_sent: deque[tuple[float, list[int]]] = deque()
+        self._unconfirmed_cancels = UnconfirmedCancels()
         # Questions for the broker (status, operator commands) and their answers'
         # futures; the broker answers each in the order asked.
         self._questions: deque[_Question] = deque()
@@ -1725,6 +1726,7 @@ class Client:
                 # answered "hello_first".
                 refused = self._session_refused_at is not None
                 self._send(self._hello_command() if refused else p.Heartbeat())
+                self._ask_cancel_receipt()
                 self._give_up_waiting_for_session(now)
                 next_beat = now + self._heartbeat_interval_s
                 if now - broker_seen > self._heartbeat_interval_s * self._liveness:
@@ -1809,10 +1811,8 @@ class Client:
             # Questions asked of a broker that forgot us will not be answered.
             self._questions.extendleft(reversed(self._asked))
             self._asked.clear()
-            # ... and cancellations it may not have read go again after WELCOME.
-            for _, task_ids in self._cancels_sent:
-                self._cancels.extend(task_ids)
-            self._cancels_sent.clear()
+            # ... and cancellations it did not confirm go again after WELCOME.
+            self._cancels.extend(self._unconfirmed_cancels.to_send_again())
         self._send(self._hello_command())
 
     def _hello_command(self) -> p.Hello:
@@ -2144,8 +2144,12 @@ class Client:
 
     def _complete(self, results: Iterable[p.ResultEntry]) -> None:
         released = 0
+        # Looked at once a message: results far outnumber cancels.
+        unconfirmed = self._unconfirmed_cancels if self._unconfirmed_cancels else None
         for entry in results:
             key = (entry.origin, entry.task_id)
+            if unconfirmed is not None:
+                unconfirmed.settled(entry.task_id)  # a task's end confirms a cancel
             if key in self._collectable:
                 continue  # sent again while it waits for collect(), which acks it
             # The broker holds the result, instead of the payload, until acked.
@@ -2213,7 +2217,7 @@ class Client:
         if cancels:
             self._forget_cancelled(cancels)
             self._send(p.Cancel(cancels))
-            self._remember_cancels(now, cancels)
+            self._remember_cancels(cancels)
         for question in questions:
             self._asked.append(question)
             self._send(question.command)
@@ -2267,16 +2271,42 @@ class Client:
         self._cancels.clear()
         return cancels
 
-    def _remember_cancels(self, now: float, task_ids: list[int]) -> None:
-        """Keep what was cancelled lately, to cancel it again on a new
-        connection (see _hello): a CANCEL still queued when the old one was
-        closed is lost, while the SUBMIT before it may have arrived. A broker
-        is declared gone after `liveness` silent intervals; one more covers a
-        CANCEL sent just before its last word. Cancelling twice is harmless."""
-        self._cancels_sent.append((now, task_ids))
-        kept_s = (self._liveness + 1) * self._heartbeat_interval_s
-        while self._cancels_sent and self._cancels_sent[0][0] < now - kept_s:
-            self._cancels_sent.popleft()
+    def _remember_cancels(self, task_ids: list[int]) -> None:
+        """Keep what was cancelled until the broker confirms it, to cancel it
+        again on a new connection (see _hello): a CANCEL still queued when the
+        old one was closed is lost, and so is one read by a broker that died
+        before its commit. Cancelling twice is harmless."""
+        forgotten = self._unconfirmed_cancels.sent(task_ids)
+        if forgotten:
+            log.warning(
+                "forgot %d cancellations the broker has not confirmed (over %d "
+                "kept); a broker restarted before it read them may run those "
+                "tasks session=%s",
+                forgotten,
+                len(self._unconfirmed_cancels),
+                self.session,
+            )
+
+    def _ask_cancel_receipt(self) -> None:
+        """Ask a question after the cancels sent so far, if some await no
+        result: its answer says the broker has them (see _cancels.py). At most
+        one is in flight, asked at a heartbeat, so cancels confirmed by their
+        results soon after they were sent cost no question."""
+        if not self._welcomed or self._cancels:
+            return  # the cancels waiting to go would not be covered
+        covers = self._unconfirmed_cancels.receipt_wanted()
+        if covers is None:
+            return
+        receipt: Future[dict[str, Any]] = Future()
+        receipt.add_done_callback(lambda done: self._receipt_done(done, covers))
+        with self._lock:
+            self._questions.append(_Question(p.StatusRequest(), receipt))
+
+    def _receipt_done(self, receipt: Future[dict[str, Any]], covers: int) -> None:
+        if receipt.exception() is None:
+            self._unconfirmed_cancels.receipt_answered(covers)
+        else:
+            self._unconfirmed_cancels.receipt_lost(covers)
 
     def _refuse_oversized(self, batch: list[_Pending]) -> list[_Pending]:
         # Checked here rather than at the broker: libzmq drops a connection that
