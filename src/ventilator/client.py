@@ -2146,11 +2146,12 @@ class Client:
         released = 0
         # Looked at once a message: results far outnumber cancels.
         unconfirmed = self._unconfirmed_cancels if self._unconfirmed_cancels else None
+        collectable = self._collectable
         for entry in results:
             key = (entry.origin, entry.task_id)
             if unconfirmed is not None:
                 unconfirmed.settled(entry.task_id)  # a task's end confirms a cancel
-            if key in self._collectable:
+            if collectable and key in collectable:
                 continue  # sent again while it waits for collect(), which acks it
             # The broker holds the result, instead of the payload, until acked.
             self._bytes_held += len(entry.payload)
