@@ -1751,8 +1751,11 @@ def _clients_table(clients: list[dict[str, Any]]) -> Any:
 
     connected = sum(1 for c in clients if c["connected"])
     table = _table(f"clients and sinks ({connected} connected)")
+    # Short headers: a session's 32-character name stays on one line in 80
+    # columns. A busy sink is connected with results unacknowledged.
+    table.caption = "pending: results not sent yet; unacked: sent, not acknowledged"
     table.add_column("name", overflow="fold", ratio=1)
-    for column in ("kind", "connected", "results pending"):
+    for column in ("kind", "connected", "pending", "unacked"):
         table.add_column(column, no_wrap=True)
     for c in clients:
         table.add_row(
@@ -1760,6 +1763,8 @@ def _clients_table(clients: list[dict[str, Any]]) -> Any:
             c.get("kind", "client"),
             "yes" if c["connected"] else "no",
             str(c["pending"]),
+            # An older broker does not say.
+            str(c.get("unacknowledged", "-")),
         )
     return table
 

@@ -48,6 +48,7 @@ import zmq
 
 from . import _wire
 from . import protocol as p
+from ._cancels import UnconfirmedCancels
 from ._recent import RecentResults
 from ._timing import poll_timeout_ms
 from .errors import (
@@ -721,6 +722,14 @@ class _Question:
     answer: Future[dict[str, Any]]
 
 
+class _Collected(NamedTuple):
+    """A result of an earlier client of the session, waiting for `collect`."""
+
+    future: TaskFuture
+    key: tuple[str, int]  # what acknowledges it
+    size: int  # the bytes the broker holds for it until then
+
+
 @dataclass(slots=True, eq=False)
 class _Pending:
     spec: p.TaskSpec
@@ -786,7 +795,12 @@ class Client:
         # resuming a session must not reuse an id the broker still holds.
         self._instance = secrets.randbits(30) + 1
         self._ids = itertools.count(self._instance << 32)
-        self._orphans: queue.SimpleQueue[TaskFuture] = queue.SimpleQueue()
+        # Results of earlier clients of the session wait here for collect(),
+        # unacknowledged: the broker keeps them until collect() hands them on,
+        # so that a collector killed meanwhile loses none. `_handed` holds
+        # those handed on and not yet taken by the I/O thread to acknowledge.
+        self._orphans: queue.SimpleQueue[_Collected] = queue.SimpleQueue()
+        self._handed: list[_Collected] = []
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)
         self._window = window
@@ -799,10 +813,10 @@ class Client:
         self._max_bytes: float = math.inf
         self._window_bytes = window_bytes
         self._outgoing_bytes = 0
-        # Tasks to cancel at the broker, and those cancelled lately, with when
-        # (see _remember_cancels).
+        # Tasks to cancel at the broker, and those sent and not yet confirmed
+        # (see _cancels.py), sent again on every new connection.
         self._cancels: deque[int] = deque()
-        self._cancels_sent: deque[tuple[float, list[int]]] = deque()
+        self._unconfirmed_cancels = UnconfirmedCancels()
         # Questions for the broker (status, operator commands) and their answers'
         # futures; the broker answers each in the order asked.
         self._questions: deque[_Question] = deque()
@@ -845,6 +859,9 @@ class Client:
         # Results handed to a future or to collect(): a copy the broker sends
         # again is acknowledged, not handed on twice.
         self._handed_on = RecentResults()
+        # Results waiting in `_orphans`, by key (a copy of one is dropped):
+        # the broker counts them against the window until acknowledged.
+        self._collectable: set[tuple[str, int]] = set()
         self._warned: set[str] = set()  # what the broker told us, logged once
         # Why the broker stopped serving this client's key, once it said so.
         self._revoked: str | None = None
@@ -1226,6 +1243,11 @@ class Client:
         Each future has the `task_id` that the earlier client's future had.
         Stops after `count` futures, or when none arrived for `timeout_s`.
 
+        A result is acknowledged to the broker once it is yielded, not when it
+        arrives: those not yet yielded when this process dies, or the client
+        is closed, go to the next client of the session. Until then they count
+        against this client's window, as the broker counts them.
+
         A task of `map` carries a batch of items: its future's result is the
         batch's, ``[elapsed_s, [[status, value], ...]]`` with one pair per item
         in input order, or per item of its first ones if it stopped at its
@@ -1235,10 +1257,21 @@ class Client:
         received = 0
         while count is None or received < count:
             try:
-                yield self._orphans.get(timeout=timeout_s)
+                collected = self._orphans.get(timeout=timeout_s)
             except queue.Empty:
                 return
+            self._hand_over(collected)
+            yield collected.future
             received += 1
+
+    def _hand_over(self, collected: _Collected) -> None:
+        """Have the I/O thread acknowledge a result collect() hands on: only
+        now may the broker forget it."""
+        with self._lock:
+            wake = not self._handed
+            self._handed.append(collected)
+        if wake:
+            self._wake()
 
     def executor(self) -> ClientExecutor:
         """A `concurrent.futures.Executor` that runs its calls through this client."""
@@ -1693,6 +1726,7 @@ class Client:
                 # answered "hello_first".
                 refused = self._session_refused_at is not None
                 self._send(self._hello_command() if refused else p.Heartbeat())
+                self._ask_cancel_receipt()
                 self._give_up_waiting_for_session(now)
                 next_beat = now + self._heartbeat_interval_s
                 if now - broker_seen > self._heartbeat_interval_s * self._liveness:
@@ -1777,10 +1811,8 @@ class Client:
             # Questions asked of a broker that forgot us will not be answered.
             self._questions.extendleft(reversed(self._asked))
             self._asked.clear()
-            # ... and cancellations it may not have read go again after WELCOME.
-            for _, task_ids in self._cancels_sent:
-                self._cancels.extend(task_ids)
-            self._cancels_sent.clear()
+            # ... and cancellations it did not confirm go again after WELCOME.
+            self._cancels.extend(self._unconfirmed_cancels.to_send_again())
         self._send(self._hello_command())
 
     def _hello_command(self) -> p.Hello:
@@ -2112,15 +2144,20 @@ class Client:
 
     def _complete(self, results: Iterable[p.ResultEntry]) -> None:
         released = 0
+        # Looked at once a message: results far outnumber cancels.
+        unconfirmed = self._unconfirmed_cancels if self._unconfirmed_cancels else None
+        collectable = self._collectable
         for entry in results:
             key = (entry.origin, entry.task_id)
-            self._acks.append(key)
+            if unconfirmed is not None:
+                unconfirmed.settled(entry.task_id)  # a task's end confirms a cancel
+            if collectable and key in collectable:
+                continue  # sent again while it waits for collect(), which acks it
             # The broker holds the result, instead of the payload, until acked.
-            self._acks_bytes += len(entry.payload)
             self._bytes_held += len(entry.payload)
             if key in self._handed_on:
-                continue  # sent again; acknowledged above
-            self._handed_on.add(key)
+                self._acknowledge(key, len(entry.payload))  # sent again
+                continue
             pending = self._pending.pop(entry.task_id, None)
             if pending is not None:
                 released += 1
@@ -2128,12 +2165,34 @@ class Client:
                 _settle(pending.future, entry)
             elif entry.task_id >> 32 != self._instance:
                 # Submitted by an earlier Client of this session: see collect().
-                orphan = TaskFuture(self, entry.task_id)
-                _settle(orphan, entry)
-                self._orphans.put(orphan)
-            # Otherwise it is ours and sent again after a reconnect: already done.
+                self._keep_for_collect(key, entry)
+                continue
+            # A future counts as handed on; otherwise it is ours and sent again
+            # after a reconnect: already done.
+            self._handed_on.add(key)
+            self._acknowledge(key, len(entry.payload))
         if released:
             self._release(released)
+
+    def _acknowledge(self, key: tuple[str, int], size: int) -> None:
+        self._acks.append(key)
+        self._acks_bytes += size
+
+    def _keep_for_collect(self, key: tuple[str, int], entry: p.ResultEntry) -> None:
+        orphan = TaskFuture(self, entry.task_id)
+        _settle(orphan, entry)
+        self._collectable.add(key)
+        self._orphans.put(_Collected(orphan, key, len(entry.payload)))
+
+    def _take_handed(self, now: float) -> None:
+        """Acknowledge the results collect() handed on (under `_lock`)."""
+        for collected in self._handed:
+            self._collectable.discard(collected.key)
+            self._handed_on.add(collected.key)
+            self._acknowledge(collected.key, collected.size)
+        if self._handed and self._acks_due == math.inf:
+            self._acks_due = now + ACK_DELAY_S
+        self._handed.clear()
 
     def _send_outgoing(self, now: float) -> None:
         if self._revoked is not None and self._outgoing:
@@ -2143,6 +2202,7 @@ class Client:
         with self._lock:
             # Before the submissions: the broker counts a result against our
             # window until it is acknowledged.
+            self._take_handed(now)
             self._send_acks(now, submitting=self._acks_go_along())
             batch = self._take_outgoing()
             cancels = self._take_cancels()
@@ -2158,7 +2218,7 @@ class Client:
         if cancels:
             self._forget_cancelled(cancels)
             self._send(p.Cancel(cancels))
-            self._remember_cancels(now, cancels)
+            self._remember_cancels(cancels)
         for question in questions:
             self._asked.append(question)
             self._send(question.command)
@@ -2172,7 +2232,7 @@ class Client:
             return True
         if outgoing == 0:
             return False
-        in_broker = len(self._pending) + len(self._acks)
+        in_broker = self._held_in_broker()
         size = self._outgoing[0].size
         return in_broker + 1 > self._window or not self._room_for(size, in_broker)
 
@@ -2180,11 +2240,11 @@ class Client:
         """Submissions that fit the broker's window; the rest wait their turn."""
         if not self._welcomed:
             return []
-        room = max(0, self._window - len(self._pending) - len(self._acks))
-        if not self._pending and not self._acks:
+        in_broker = self._held_in_broker()
+        room = max(0, self._window - in_broker)
+        if not in_broker:
             self._bytes_held = 0  # nothing of ours in the broker, by any count
         taken: list[_Pending] = []
-        in_broker = len(self._pending) + len(self._acks)
         while self._outgoing and len(taken) < room:
             size = self._outgoing[0].size
             if not self._room_for(size, in_broker + len(taken)):
@@ -2195,6 +2255,11 @@ class Client:
         if taken:
             self._room.notify_all()  # callers waiting for bytes to go
         return taken
+
+    def _held_in_broker(self) -> int:
+        """Tasks and results of ours the broker counts against our window:
+        tasks unfinished, results not acknowledged."""
+        return len(self._pending) + len(self._acks) + len(self._collectable)
 
     def _take_cancels(self) -> list[int]:
         """The cancellations to send now (under `_lock`): none until the
@@ -2207,16 +2272,42 @@ class Client:
         self._cancels.clear()
         return cancels
 
-    def _remember_cancels(self, now: float, task_ids: list[int]) -> None:
-        """Keep what was cancelled lately, to cancel it again on a new
-        connection (see _hello): a CANCEL still queued when the old one was
-        closed is lost, while the SUBMIT before it may have arrived. A broker
-        is declared gone after `liveness` silent intervals; one more covers a
-        CANCEL sent just before its last word. Cancelling twice is harmless."""
-        self._cancels_sent.append((now, task_ids))
-        kept_s = (self._liveness + 1) * self._heartbeat_interval_s
-        while self._cancels_sent and self._cancels_sent[0][0] < now - kept_s:
-            self._cancels_sent.popleft()
+    def _remember_cancels(self, task_ids: list[int]) -> None:
+        """Keep what was cancelled until the broker confirms it, to cancel it
+        again on a new connection (see _hello): a CANCEL still queued when the
+        old one was closed is lost, and so is one read by a broker that died
+        before its commit. Cancelling twice is harmless."""
+        forgotten = self._unconfirmed_cancels.sent(task_ids)
+        if forgotten:
+            log.warning(
+                "forgot %d cancellations the broker has not confirmed (over %d "
+                "kept); a broker restarted before it read them may run those "
+                "tasks session=%s",
+                forgotten,
+                len(self._unconfirmed_cancels),
+                self.session,
+            )
+
+    def _ask_cancel_receipt(self) -> None:
+        """Ask a question after the cancels sent so far, if some await no
+        result: its answer says the broker has them (see _cancels.py). At most
+        one is in flight, asked at a heartbeat, so cancels confirmed by their
+        results soon after they were sent cost no question."""
+        if not self._welcomed or self._cancels:
+            return  # the cancels waiting to go would not be covered
+        covers = self._unconfirmed_cancels.receipt_wanted()
+        if covers is None:
+            return
+        receipt: Future[dict[str, Any]] = Future()
+        receipt.add_done_callback(lambda done: self._receipt_done(done, covers))
+        with self._lock:
+            self._questions.append(_Question(p.StatusRequest(), receipt))
+
+    def _receipt_done(self, receipt: Future[dict[str, Any]], covers: int) -> None:
+        if receipt.exception() is None:
+            self._unconfirmed_cancels.receipt_answered(covers)
+        else:
+            self._unconfirmed_cancels.receipt_lost(covers)
 
     def _refuse_oversized(self, batch: list[_Pending]) -> list[_Pending]:
         # Checked here rather than at the broker: libzmq drops a connection that
@@ -2242,6 +2333,8 @@ class Client:
             self._release(count)
 
     def _shutdown(self) -> None:
+        with self._lock:
+            self._take_handed(time.monotonic())
         self._send_acks(time.monotonic(), submitting=True)
         self._send(p.Bye())
         self._close_socket(linger=100)

@@ -1876,6 +1876,8 @@ class Scheduler:
             "kind": "sink" if recipient.name.startswith("sink:") else "client",
             "connected": recipient.peer is not None,
             "pending": len(recipient.pending),
+            # Sent and not yet acknowledged: a busy sink holds them.
+            "unacknowledged": len(recipient.unacked),
         }
 
     def _worker_within(

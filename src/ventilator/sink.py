@@ -9,11 +9,19 @@ One process receives a sink at a time. A second one is refused while the first
 is connected; it keeps asking for a few seconds (a restarted sink may start
 before the broker noticed that its predecessor died), then gives up with a
 `UsageError`.
+
+The caller's thread does the receiving, in `results`. While the caller holds a
+result (writing it to an output that may block for minutes, behind a slow
+reader), a thread of the sink's own beats in its place, so that the broker
+does not take a busy sink for a dead one. The socket changes threads behind a
+lock, whose acquire and release are the memory barriers libzmq asks for.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -95,7 +103,16 @@ class Sink:
         # reconnection, or a send to us that failed) is acknowledged, not
         # written twice.
         self._handed_on = RecentResults()
+        # Held by whoever uses the socket: `results` while it receives, the
+        # beating thread while the caller holds a result (see _beat_meanwhile).
+        self._socket_lock = threading.Lock()
+        self._last_sent_at = time.monotonic()
+        self._closing = threading.Event()
         self._send(self._hello())
+        self._beater = threading.Thread(
+            target=self._beat_meanwhile, name=f"ventilator-sink-{name}", daemon=True
+        )
+        self._beater.start()
 
     def __enter__(self) -> Sink:
         return self
@@ -114,6 +131,12 @@ class Sink:
             UsageError: another process receives this sink and kept it for
                 `taken_wait_s`, or this key may not receive it (CURVE rights).
         """
+        with self._socket_lock:
+            yield from self._receive_until_idle(idle_timeout_s)
+        if self._refused_since is not None:
+            raise UsageError(self._refusal)
+
+    def _receive_until_idle(self, idle_timeout_s: float | None) -> Iterator[SinkResult]:
         last_result = time.monotonic()
         next_beat = last_result + self._heartbeat_interval_s
         while idle_timeout_s is None or time.monotonic() - last_result < idle_timeout_s:
@@ -124,7 +147,8 @@ class Sink:
             if batch:
                 for result in batch:
                     # Acknowledged once the caller asks for the next: written.
-                    yield result
+                    with self._lent_socket():
+                        yield result
                     self._handed_on.add((result.session, result.task_id))
                 self._send(p.Ack([(r.session, r.task_id) for r in batch]))
                 last_result = time.monotonic()
@@ -133,8 +157,33 @@ class Sink:
                 refused = self._refused_since is not None
                 self._send(self._hello() if refused else p.Heartbeat())
                 next_beat = time.monotonic() + self._heartbeat_interval_s
-        if self._refused_since is not None:
-            raise UsageError(self._refusal)
+
+    @contextlib.contextmanager
+    def _lent_socket(self) -> Iterator[None]:
+        """Let the beating thread use the socket while the caller holds a result."""
+        self._socket_lock.release()
+        try:
+            yield
+        finally:
+            self._socket_lock.acquire()
+
+    def _beat_meanwhile(self) -> None:
+        """Beat while nobody receives: the caller is busy with a result, or
+        between two calls of `results`. Checked twice an interval, so beats
+        are at most one and a half intervals apart, well within the broker's
+        liveness. A sink refused its name, or not yet welcomed, has nothing
+        to keep alive; `results` asks for the name again."""
+        while not self._closing.wait(self._heartbeat_interval_s / 2):
+            with self._socket_lock:
+                if self._closing.is_set():
+                    return
+                due = self._last_sent_at + self._heartbeat_interval_s
+                if (
+                    self.welcomed
+                    and self._refused_since is None
+                    and time.monotonic() >= due
+                ):
+                    self._send(p.Heartbeat())
 
     def _wait_ms(self, next_beat: float, last: float, idle_s: float | None) -> int:
         wake_at = next_beat if idle_s is None else min(next_beat, last + idle_s)
@@ -216,11 +265,17 @@ class Sink:
 
     def _send(self, command: p.Command) -> None:
         _wire.send(self._socket, command)
+        self._last_sent_at = time.monotonic()
 
     def close(self) -> None:
         """Leave; results not yet acknowledged stay at the broker for next time."""
-        self._send(p.Bye())
-        self._socket.close()
+        if self._closing.is_set():
+            return
+        self._closing.set()
+        self._beater.join()
+        with self._socket_lock:
+            self._send(p.Bye())
+            self._socket.close()
 
 
 def _check_name(name: str) -> None:

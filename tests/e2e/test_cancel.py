@@ -202,3 +202,56 @@ def test_only_the_cancelled_of_the_tasks_held_before_welcome_stay_unsent(
 
     assert queued_after_a_question(client) == 10
     assert not any(future.done() for future in futures[::2])
+
+
+def test_a_cancel_its_broker_died_without_reading_is_sent_to_the_restarted_one(
+    launch: Launcher, tmp_path: Path
+) -> None:
+    options = {
+        "frontend": f"tcp://127.0.0.1:{free_port()}",
+        "backend": f"tcp://127.0.0.1:{free_port()}",
+        "durability": "process",
+        "journal": tmp_path / "journal.db",
+        "heartbeat_interval_s": FAST_HEARTBEAT_S,
+    }
+    first = launch.broker(**options)  # type: ignore[arg-type]
+    client = launch.client(first)
+    future = client.submit(UNSERVED, 1)
+    assert queued_after_a_question(client) == 1  # journalled: a restart keeps it
+
+    # Stopped, the broker reads nothing more: the CANCEL dies with it.
+    os.kill(first.pid, signal.SIGSTOP)
+    assert future.cancel()
+    kill(first)
+    second = launch.broker(**options)  # type: ignore[arg-type]
+
+    status = status_when(
+        launch.client(second),
+        lambda status: status["totals"]["cancelled"] == 1,
+        PROBE_TIMEOUT_S,
+        "the restarted broker to hear the cancellation again",
+    )
+    assert status["totals"]["restored"] == 1
+    assert status["queued"] == {}
+    wait_until(
+        lambda: not client._unconfirmed_cancels,
+        PROBE_TIMEOUT_S,
+        "the client to hear the cancellation confirmed",
+    )
+
+
+def test_a_running_tasks_cancel_is_confirmed_by_a_receipt(launch: Launcher) -> None:
+    broker = launch.broker(heartbeat_interval_s=FAST_HEARTBEAT_S)
+    launch.worker(broker, pool="thread")
+    client = launch.client(broker)
+    wait_for_workers(client, 1)
+
+    cancel_while_running(client)
+
+    # No result answers it: the task runs on, for nobody. A question asked
+    # after it, at a heartbeat, confirms it, so the client keeps nothing.
+    wait_until(
+        lambda: not client._unconfirmed_cancels,
+        PROBE_TIMEOUT_S,
+        "the client to hear the running task's cancellation confirmed",
+    )

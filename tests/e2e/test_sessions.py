@@ -184,3 +184,68 @@ def test_a_client_paused_past_its_liveness_leaves_no_result_to_deliver_again(
     )
     with launch.client(fast_broker, session="paused") as later:
         assert list(later.collect(timeout_s=1.0)) == []
+
+
+# A collector that takes its results one at a time, each when told to on its
+# stdin, printing the id of each it took: it is killed (-9) between two.
+SLOW_COLLECTOR_SCRIPT = """
+import sys
+import ventilator
+address, session, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+client = ventilator.Client(address, session=session, liveness=10)
+results = client.collect(count=count, timeout_s=60)
+for line in sys.stdin:
+    print(next(results).task_id, flush=True)
+"""
+COLLECTED_RESULTS = 40
+TAKEN_BEFORE_KILL = 5
+
+
+def test_results_a_killed_collector_had_not_taken_go_to_the_next_one(
+    launch: Launcher, processes: Processes, fast_broker: BrokerProcess
+) -> None:
+    launch.worker(fast_broker, concurrency=2)
+    with launch.client(fast_broker, session="collected") as submitter:
+        owed = [submitter.submit(tasks.square, i) for i in range(COLLECTED_RESULTS)]
+    observer = launch.client(fast_broker)
+    collector = processes.start(
+        "slow-collector",
+        [
+            sys.executable,
+            "-c",
+            SLOW_COLLECTOR_SCRIPT,
+            fast_broker.frontend,
+            "collected",
+            str(COLLECTED_RESULTS),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    assert collector.stdin is not None
+    taken = set()
+    for _ in range(TAKEN_BEFORE_KILL):
+        collector.stdin.write(b"next\n")
+        collector.stdin.flush()
+        taken.add(int(read_line(collector, RESULT_TIMEOUT_S)))
+    # Every result went to the collector, which holds most of them untaken.
+    status_when(
+        observer,
+        lambda status: any(
+            c["name"] == "collected" and c["connected"] and c["pending"] == 0
+            for c in status["clients"]
+        ),
+        RESULT_TIMEOUT_S,
+        "every result of the session sent to the collector",
+    )
+
+    collector.kill()
+    collector.wait(RESULT_TIMEOUT_S)
+
+    with launch.client(fast_broker, session="collected", liveness=10) as later:
+        wanted = {future.task_id for future in owed}
+        seen = set(taken)
+        for future in later.collect(timeout_s=3.0):
+            seen.add(future.task_id)
+            if seen == wanted:
+                break
+    assert seen == wanted, f"{len(wanted - seen)} results lost with the collector"

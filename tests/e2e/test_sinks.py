@@ -7,6 +7,7 @@ import os
 import select
 import subprocess
 import time
+from typing import Any
 
 import pytest
 
@@ -19,6 +20,7 @@ from .conftest import (
     Processes,
     WorkerProcess,
     json_lines,
+    paused,
     status_when,
     ventilator_argv,
 )
@@ -76,6 +78,8 @@ def test_a_sink_name_is_free_again_once_its_receiver_closed(
 # A sink whose output stops being read: results of 10 kB, a few dozen of them,
 # overflow the 64 kB of a pipe, and the sink blocks on its writes long past the
 # broker's liveness (a fifth of a second apart, three beats).
+SLOW_SINK_HEARTBEAT_S = 0.2
+SLOW_SINK_LIVENESS_S = 3 * SLOW_SINK_HEARTBEAT_S
 SLOW_SINK_RESULTS = 60
 SLOW_SINK_RESULT_CHARS = 10_000
 # What the test reads at most: every result three times over.
@@ -115,10 +119,12 @@ def read_until_eof(
     return b"".join(chunks)
 
 
-def test_a_sink_whose_output_is_read_slowly_writes_each_result_once(
+def start_slow_sink(
     launch: Launcher, processes: Processes
-) -> None:
-    broker = launch.broker(heartbeat_interval_s=0.2)
+) -> tuple[ventilator.Client, subprocess.Popen[bytes]]:
+    """A `ventilator sink slow` whose output nobody reads yet, sent results
+    enough to block it, and a client of its broker."""
+    broker = launch.broker(heartbeat_interval_s=SLOW_SINK_HEARTBEAT_S)
     launch.worker(broker, concurrency=2)
     client = launch.client(broker)
     sink = processes.start(
@@ -129,14 +135,55 @@ def test_a_sink_whose_output_is_read_slowly_writes_each_result_once(
         stdout=subprocess.PIPE,
     )
     sink_connected(client, "slow")
-
     text = "x" * SLOW_SINK_RESULT_CHARS
     for _ in range(SLOW_SINK_RESULTS):
         client.submit(tasks.echo, text, sink="slow")
-    # Nobody reads its output: it blocks writing, and goes silent meanwhile.
-    sink_is_away(client, "slow")
-    output = read_until_eof(sink, SLOW_SINK_READ_CAP_BYTES, 4 * RESULT_TIMEOUT_S)
+    return client, sink
 
+
+def assert_written_once(sink: subprocess.Popen[bytes]) -> None:
+    output = read_until_eof(sink, SLOW_SINK_READ_CAP_BYTES, 4 * RESULT_TIMEOUT_S)
     task_ids = [line["task_id"] for line in json_lines(output.decode())]
     assert len(task_ids) == SLOW_SINK_RESULTS, "results missing or written twice"
     assert len(set(task_ids)) == SLOW_SINK_RESULTS
+
+
+def sink_row(client: ventilator.Client, name: str) -> dict[str, Any]:
+    [row] = [c for c in client.status()["clients"] if c["name"] == f"sink:{name}"]
+    return row
+
+
+def test_a_sink_whose_output_blocks_shows_connected_with_its_results_waiting(
+    launch: Launcher, processes: Processes
+) -> None:
+    client, sink = start_slow_sink(launch, processes)
+    # Nobody reads its output: it blocks writing, every result sent to it.
+    status_when(
+        client,
+        lambda status: status["totals"]["completed"] == SLOW_SINK_RESULTS,
+        RESULT_TIMEOUT_S,
+        "every task of the slow sink finished",
+    )
+
+    # Before, it went silent while it wrote, and status called it gone after
+    # one liveness period; watched over five, it is alive with results waiting.
+    watched_until = time.monotonic() + 5 * SLOW_SINK_LIVENESS_S
+    while time.monotonic() < watched_until:
+        row = sink_row(client, "slow")
+        assert row["connected"], f"a busy sink shown as gone: {row}"
+        assert row["pending"] + row["unacknowledged"] > 0, row
+        time.sleep(SLOW_SINK_HEARTBEAT_S / 2)  # the pace of the watch
+
+    assert_written_once(sink)
+
+
+def test_a_sink_paused_past_its_liveness_writes_each_result_once(
+    launch: Launcher, processes: Processes
+) -> None:
+    client, sink = start_slow_sink(launch, processes)
+    # Stopped, it cannot beat: the broker gives it up, then takes it back as
+    # it speaks again on the same connection, without sending anything twice.
+    with paused(sink.pid):
+        sink_is_away(client, "slow")
+
+    assert_written_once(sink)

@@ -153,8 +153,9 @@ function renderClients(clients) {
     el("td", {}, c.kind),
     el("td", {}, el("span", { class: c.connected ? "tag ok" : "tag" },
       c.connected ? "connected" : "away")),
-    el("td", { class: "num" }, number(c.pending))));
-  fill("clients", rows, 4, "no client");
+    el("td", { class: "num" }, number(c.pending)),
+    el("td", { class: "num" }, number(c.unacknowledged))));
+  fill("clients", rows, 5, "no client");
 }
 
 // --- charts: hand-drawn SVG --------------------------------------------------------
