@@ -1035,6 +1035,7 @@ class Client:
         options: dict[str, Any],
         tasks: _MapTasks | None = None,
     ) -> Iterator[Any]:
+        self._refuse_on_io_thread("map()")
         # What every item shares is checked once: a bad name or option is the
         # whole map's error, not each item's.
         name, flags = self._name_of(function)
@@ -1105,6 +1106,7 @@ class Client:
 
         However it ends, what it has not yielded is cancelled (`tasks`, which
         another thread may abandon too)."""
+        self._refuse_on_io_thread("map()")
         job = _MapJob(function, *self._name_of(function), timeout_s, retries)
         _check_task(p.TaskSpec(0, job.name, b"", job.flags, timeout_s, retries))
         run = _BatchMap(self, job, iterable, chunksize, tasks or _MapTasks(self))
@@ -1254,6 +1256,7 @@ class Client:
         time budget (`values_of` turns the pairs into values). The broker
         does not mark batches, so they are not told apart from other tasks.
         """
+        self._refuse_on_io_thread("collect()")
         received = 0
         while count is None or received < count:
             try:
@@ -1431,7 +1434,12 @@ class Client:
         Waits up to `timeout_s` until the broker has accepted every task this
         client sent, so that none is lost by leaving. The broker keeps their
         results for this session; ``Client(session=...)`` collects them later.
+
+        Raises:
+            UsageError: called in a done-callback (on the client's I/O thread),
+                which close() would have to wait for.
         """
+        self._refuse_on_io_thread("close()")
         with self._lock:
             if self._closed:
                 return
@@ -2403,6 +2411,8 @@ class ClientExecutor(Executor):
             for future in futures:
                 future.cancel()
         if wait:
+            if not all(future.done() for future in futures):
+                self._client._refuse_on_io_thread("shutdown(wait=True)")
             for future in futures:
                 with contextlib.suppress(BaseException):
                     future.exception()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 import pytest
 
@@ -101,3 +102,60 @@ def test_a_client_that_never_reached_a_broker_does_not_call_it_silent(
     reconnects = [r for r in caplog.records if address in r.getMessage()]
     assert reconnects
     assert not any("silent" in r.getMessage() for r in reconnects)
+
+
+def _in_a_done_callback(
+    client: ventilator.Client, call: Callable[[], object]
+) -> BaseException | None:
+    """What `call` raised when made from a done-callback; None if nothing."""
+    raised: list[BaseException | None] = []
+    called = threading.Event()
+
+    def callback(done: ventilator.TaskFuture) -> None:
+        try:
+            call()
+            raised.append(None)
+        except BaseException as exc:
+            raised.append(exc)
+        finally:
+            called.set()
+
+    client.submit(tasks.square, 2).add_done_callback(callback)
+    assert called.wait(CALLBACK_TIMEOUT_S), "the callback never ended"
+    return raised[0]
+
+
+@pytest.mark.parametrize("call", ["map", "map one by one", "collect", "close"])
+def test_a_done_callback_that_would_wait_on_the_client_gets_a_usage_error(
+    launch: Launcher, broker: BrokerProcess, call: str
+) -> None:
+    launch.worker(broker, pool="thread")
+    client = launch.client(broker)
+    calls: dict[str, Callable[[], object]] = {
+        "map": lambda: list(client.map(tasks.square, [1, 2])),
+        "map one by one": lambda: list(client.map(tasks.square, [1], chunksize=1)),
+        "collect": lambda: list(client.collect(timeout_s=1)),
+        "close": client.close,
+    }
+
+    raised = _in_a_done_callback(client, calls[call])
+
+    assert isinstance(raised, ventilator.UsageError)
+    assert f"{call.split()[0]}()" in str(raised) and "I/O thread" in str(raised)
+    assert client.submit(tasks.square, 4).result(CALLBACK_TIMEOUT_S) == 16
+
+
+def test_an_executors_shutdown_waiting_in_a_done_callback_gets_a_usage_error(
+    launch: Launcher, broker: BrokerProcess
+) -> None:
+    launch.worker(broker, pool="thread", concurrency=2)
+    client = launch.client(broker)
+    executor = client.executor()
+    executor.submit(tasks.hang)  # the callback's task runs beside it
+
+    raised = _in_a_done_callback(client, executor.shutdown)
+
+    assert isinstance(raised, ventilator.UsageError)
+    assert "shutdown(wait=True)" in str(raised)
+    # Not waiting is fine there.
+    assert _in_a_done_callback(client, lambda: executor.shutdown(wait=False)) is None
