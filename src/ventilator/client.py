@@ -862,6 +862,7 @@ class Client:
         # Results waiting in `_orphans`, by key (a copy of one is dropped):
         # the broker counts them against the window until acknowledged.
         self._collectable: set[tuple[str, int]] = set()
+        self._window_held_warned = False
         self._warned: set[str] = set()  # what the broker told us, logged once
         # Why the broker stopped serving this client's key, once it said so.
         self._revoked: str | None = None
@@ -2262,7 +2263,24 @@ class Client:
             self._outgoing_bytes -= size
         if taken:
             self._room.notify_all()  # callers waiting for bytes to go
+        elif self._outgoing and self._collectable and room == 0:
+            self._warn_window_held_for_collect()
         return taken
+
+    def _warn_window_held_for_collect(self) -> None:
+        """Say once why tasks do not go: a resumed session's results fill the
+        window until collect() takes them (the broker counts them too)."""
+        if self._window_held_warned:
+            return
+        self._window_held_warned = True
+        log.warning(
+            "%d results of earlier clients of session %s wait for collect() and "
+            "fill the broker's window of %d; new tasks wait until collect() "
+            "takes some",
+            len(self._collectable),
+            self.session,
+            self._window,
+        )
 
     def _held_in_broker(self) -> int:
         """Tasks and results of ours the broker counts against our window:

@@ -249,3 +249,34 @@ def test_results_a_killed_collector_had_not_taken_go_to_the_next_one(
             if seen == wanted:
                 break
     assert seen == wanted, f"{len(wanted - seen)} results lost with the collector"
+
+
+def test_a_resumed_session_whose_results_fill_the_window_says_collect_frees_it(
+    launch: Launcher, caplog: pytest.LogCaptureFixture
+) -> None:
+    broker = launch.broker("--client-window", "3")
+    with launch.client(broker, session="full") as first:
+        for n in range(3):
+            first.submit(tasks.square, n)
+    # Accepted before it left; they run now, for the session.
+    launch.worker(broker, pool="thread")
+
+    resumed = launch.client(broker, session="full")
+    status_when(
+        resumed,
+        lambda status: [c["unacknowledged"] for c in status["clients"]] == [3],
+        RESULT_TIMEOUT_S,
+        "the session's results to reach the resumed client",
+    )
+    with caplog.at_level(logging.WARNING, logger="ventilator.client"):
+        late = resumed.submit(tasks.square, 7)
+        wait_until(
+            lambda: any("wait for collect()" in r.message for r in caplog.records),
+            RESULT_TIMEOUT_S,
+            "the resumed client to say why its task waits",
+        )
+    assert not late.done()
+    collected = list(resumed.collect(count=3, timeout_s=RESULT_TIMEOUT_S))
+
+    assert sorted(f.result() for f in collected) == [0, 1, 4]
+    assert late.result(RESULT_TIMEOUT_S) == 49
