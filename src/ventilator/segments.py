@@ -7,9 +7,12 @@ length) instead of the blob, written in the same transaction that makes the
 task exist, after the blob itself: a reference never points at bytes that are
 not there.
 
-A segment is deleted once no row references it. A broker never appends to a
-segment an earlier broker wrote: bytes after the last committed reference of a
-crashed broker are garbage nobody reads, and go with their segment.
+A segment is deleted once no row references it; the one being written is
+emptied instead (past a megabyte, so that a broker that went idle keeps no
+dead blobs on disk, and a busy one does not pay for it per task), and deleted
+when the broker stops. A broker never appends to a segment an earlier broker
+wrote: bytes after the last committed reference of a crashed broker are
+garbage nobody reads, and go with their segment.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ log = logging.getLogger(__name__)
 INLINE_MAX_BYTES = 8 * 1024
 # A new segment starts once the current one holds this much.
 SEGMENT_BYTES = 64 * 1024 * 1024
+# The current segment, once no row refers to anything in it, is emptied when it
+# holds more than this: a truncate per megabyte written at most.
+IDLE_SEGMENT_KEPT_BYTES = 1024 * 1024
 
 _REF = struct.Struct("<IQQ")  # segment, offset, length
 _SUFFIX = ".seg"
@@ -127,6 +133,25 @@ class SegmentStore:
             if segment not in self._references:
                 _unlink(self._path(segment))
         self._unreferenced &= {self._current}
+        if self._size > IDLE_SEGMENT_KEPT_BYTES and self._current_unreferenced():
+            self._empty_current()
+
+    def _current_unreferenced(self) -> bool:
+        return self._fd is not None and self._current not in self._references
+
+    def _empty_current(self) -> None:
+        """Drop the bytes of the segment being written, none of them referenced
+        (by a committed row: `collect` runs after the commit). Appends go on
+        from its start, in the same file."""
+        assert self._fd is not None
+        try:
+            os.ftruncate(self._fd, 0)
+        except OSError as exc:
+            log.warning(
+                "could not empty journal segment %s: %s", self._path(self._current), exc
+            )
+            return
+        self._size = 0
 
     def collect_unreferenced_on_disk(self) -> None:
         """After loading: delete segments no loaded row references."""
@@ -134,10 +159,15 @@ class SegmentStore:
         self.collect()
 
     def close(self) -> None:
-        if self._fd is not None:
-            self.sync()
-            os.close(self._fd)
-            self._fd = None
+        """Close the segment being written; delete it if nothing refers to it."""
+        if self._fd is None:
+            return
+        unreferenced = self._current_unreferenced()
+        self.sync()
+        os.close(self._fd)
+        self._fd = None
+        if unreferenced:
+            _unlink(self._path(self._current))
 
     def _start_segment(self) -> None:
         if self._fd is not None:

@@ -33,7 +33,7 @@ from ventilator.scheduler import (
     State,
     Task,
 )
-from ventilator.segments import INLINE_MAX_BYTES
+from ventilator.segments import IDLE_SEGMENT_KEPT_BYTES, INLINE_MAX_BYTES
 from ventilator.serialization import unpack_value
 
 from .driver import CLIENT, Driver, accepted, assignments, notices, results, task
@@ -536,6 +536,35 @@ def test_segment_is_deleted_once_nothing_refers_to_it(path: Path) -> None:
 
     journal.commit([], [finished(loaded, p.Status.OK, b"done")], [])
     journal.commit([], [], [loaded.ticket])
+    journal.close()
+
+    assert segment_files(path) == []
+
+
+def test_segment_being_written_is_emptied_once_nothing_in_it_is_referenced(
+    journal: SqliteJournal, path: Path
+) -> None:
+    one = a_task(1, payload=b"p" * (IDLE_SEGMENT_KEPT_BYTES + 1))
+    journal.commit([one], [], [])
+    journal.commit([], [finished(one, p.Status.OK, b"done")], [])
+
+    [segment] = segment_files(path)
+    assert segment.stat().st_size == 0  # an idle broker keeps no dead blobs
+
+    two = a_task(2, payload=b"q" * BIG)
+    journal.commit([two], [], [])
+    journal.close()
+    loaded = {task.task_id: task for task in reopened(path)}
+    assert loaded[2].payload == b"q" * BIG  # appends start again from the start
+
+
+def test_segment_being_written_goes_when_the_broker_stops_with_nothing_in_it(
+    journal: SqliteJournal, path: Path
+) -> None:
+    one = a_task(1, payload=b"p" * BIG)
+    journal.commit([one], [], [])
+    journal.commit([], [finished(one, p.Status.OK, b"done")], [])
+
     journal.close()
 
     assert segment_files(path) == []
