@@ -74,15 +74,22 @@ def test_cancelled_running_task_is_not_rerun_when_its_worker_dies(
     assert status["totals"]["cancelled"] == 1
 
 
-def test_cancelled_running_task_is_not_queued_again_by_a_restarted_broker(
-    launch: Launcher, tmp_path: Path
-) -> None:
-    options = {
+def restartable(tmp_path: Path, **extra: object) -> dict[str, object]:
+    """Options of a broker that a second one replaces on the same endpoints
+    and journal."""
+    return {
         "frontend": f"tcp://127.0.0.1:{free_port()}",
         "backend": f"tcp://127.0.0.1:{free_port()}",
         "durability": "process",
         "journal": tmp_path / "journal.db",
+        **extra,
     }
+
+
+def test_cancelled_running_task_is_not_queued_again_by_a_restarted_broker(
+    launch: Launcher, tmp_path: Path
+) -> None:
+    options = restartable(tmp_path)
     first = launch.broker(**options)  # type: ignore[arg-type]
     launch.worker(first, pool="thread")
     client = launch.client(first)
@@ -207,13 +214,7 @@ def test_only_the_cancelled_of_the_tasks_held_before_welcome_stay_unsent(
 def test_a_cancel_its_broker_died_without_reading_is_sent_to_the_restarted_one(
     launch: Launcher, tmp_path: Path
 ) -> None:
-    options = {
-        "frontend": f"tcp://127.0.0.1:{free_port()}",
-        "backend": f"tcp://127.0.0.1:{free_port()}",
-        "durability": "process",
-        "journal": tmp_path / "journal.db",
-        "heartbeat_interval_s": FAST_HEARTBEAT_S,
-    }
+    options = restartable(tmp_path, heartbeat_interval_s=FAST_HEARTBEAT_S)
     first = launch.broker(**options)  # type: ignore[arg-type]
     client = launch.client(first)
     future = client.submit(UNSERVED, 1)
