@@ -499,6 +499,9 @@ class Scheduler:
         self._stale: dict[str, int] = {}
         # The latest time any event brought, for timestamps taken inside flush().
         self._now = 0.0
+        # Until when a worker's lost connection is blamed on our own stall
+        # rather than on its task (see stood_still).
+        self._stall_aftermath_until = -math.inf
 
         # Running totals since start, and the latest failures, for the operator.
         # `submitted` counts every task this broker took on to run: accepted,
@@ -1257,6 +1260,10 @@ class Scheduler:
         """A send to `peer` failed: it disconnected, or stopped reading."""
         self._now = now
         worker = self._worker_for_peer(peer)
+        if worker is not None and now < self._stall_aftermath_until:
+            reason = "unreachable after the broker stood still"
+            self._remove_worker(worker, reason, deadly=False, now=now)
+            return
         if worker is not None:
             self._remove_worker(worker, "unreachable", deadly=True, now=now)
             return
@@ -1308,6 +1315,24 @@ class Scheduler:
         self._wake_retries(now)
         self._expire_results(now)
 
+    def stood_still(self, stalled_s: float, now: float) -> None:
+        """The broker's loop stood still for `stalled_s` up to `now` (the process
+        was stopped, swapped out, or waited on its disk): no peer could be heard
+        meanwhile, so that stretch of their silence is not held against them.
+
+        Their silence is shifted by the stall rather than forgotten: a peer
+        that was already silent before it still expires on time, and a broker
+        that keeps stalling still finds its dead peers.
+        """
+        self._now = now
+        # Peers that gave up on us meanwhile closed their connection: a send
+        # to it fails, though they live and are about to register again.
+        self._stall_aftermath_until = now + self._peer_silence_s()
+        for worker in self.workers.values():
+            worker.last_seen = min(now, worker.last_seen + stalled_s)
+        for recipient in self.recipients.values():
+            recipient.last_seen = min(now, recipient.last_seen + stalled_s)
+
     def heartbeats(self) -> None:
         """Queue a heartbeat to every connected worker and client."""
         beat = p.Heartbeat()
@@ -1316,8 +1341,12 @@ class Scheduler:
             (r.peer, beat) for r in self.recipients.values() if r.peer is not None
         )
 
+    def _peer_silence_s(self) -> float:
+        """How long a peer may be silent before it is presumed gone."""
+        return self.limits.heartbeat_interval_s * self.limits.liveness
+
     def _expire_workers(self, now: float) -> None:
-        silence_s = self.limits.heartbeat_interval_s * self.limits.liveness
+        silence_s = self._peer_silence_s()
         dead = [w for w in self.workers.values() if w.presumed_dead(now, silence_s)]
         for worker in dead:
             silent_s = now - worker.last_seen

@@ -606,3 +606,46 @@ def test_a_broker_in_memory_warns_of_the_journal_it_leaves_aside(
 
     assert "journal" in log_of(in_memory.process)
     assert "are not served by this broker" in log_of(in_memory.process)
+
+
+# --- pauses: a process that stood still is not a dead one ------------------------
+
+
+# Over three times the 0.6 s that 3 x FAST_HEARTBEAT_S of silence takes to make a
+# peer presumed dead.
+PAUSE_S = 2.0
+
+
+def pause_for(pid: int, seconds: float) -> None:
+    """Stop `pid` for `seconds`, as a VM freeze or swapping would: the sleep is
+    the length of the fault, not a wait for something to happen."""
+    with stopped(pid):
+        time.sleep(seconds)
+
+
+def start_blocking_task(
+    client: ventilator.Client, folder: Path
+) -> tuple[ventilator.Future, Path]:
+    """Submit a task that runs until its release file exists; return once it
+    started, with that file's path."""
+    started, release = folder / "started", folder / "release"
+    future = client.submit(tasks.wait_for_file, str(started), str(release))
+    wait_until(started.exists, RESULT_TIMEOUT_S, "the task to start")
+    return future, release
+
+
+def test_a_paused_broker_blames_no_task_for_its_own_silence(
+    launch: Launcher, tmp_path: Path
+) -> None:
+    broker = launch.broker("--max-attempts", "1", heartbeat_interval_s=FAST_HEARTBEAT_S)
+    launch.worker(broker)
+    client = launch.client(broker)
+    wait_for_workers(client, 1)
+    future, release = start_blocking_task(client, tmp_path)
+
+    pause_for(broker.pid, PAUSE_S)
+    release.touch()
+
+    # With max_attempts=1 a single death counted against it fails it as poison.
+    assert future.result(RESULT_TIMEOUT_S) == "released"
+    assert client.failed() == []
