@@ -107,7 +107,11 @@ class Task:
     recipient: str
     state: State = State.QUEUED
     attempt: int = 0
+    # Strikes towards POISON: `deaths`, its task process died (the worker saw
+    # it and said CRASHED); `losses`, its worker was lost (silent, unreachable)
+    # while it ran, which a task can cause only in a thread pool.
     deaths: int = 0
+    losses: int = 0
     worker: str | None = None
     status: p.Status | None = None
     result: p.Payload = b""
@@ -267,6 +271,21 @@ def _error_fields(packed: p.Payload) -> dict[str, str]:
     if not isinstance(fields, dict):
         return {"type": "?", "message": f"unexpected error report {fields!r:.80}"}
     return {str(k): str(v) for k, v in fields.items()}
+
+
+def _strikes(task: Task) -> str:
+    """What was seen of a task's strikes, in words: "its task process died
+    2 times and its worker was lost 1 time"."""
+    seen = []
+    if task.deaths:
+        seen.append(f"its task process died {_times(task.deaths)}")
+    if task.losses:
+        seen.append(f"its worker was lost {_times(task.losses)}")
+    return " and ".join(seen)
+
+
+def _times(count: int) -> str:
+    return "1 time" if count == 1 else f"{count} times"
 
 
 def _count_held(worker: Worker, queue_name: str, change: int) -> None:
@@ -1055,7 +1074,7 @@ class Scheduler:
                 WorkerDraining(worker.worker_id, len(worker.running))
             )
         elif isinstance(command, p.Bye):
-            requeued, _, dropped = self._drop_worker(worker, deadly=False, now=now)
+            requeued, _, dropped = self._drop_worker(worker, lost=None, now=now)
             self._effects.notices.append(
                 WorkerLeft(worker.worker_id, requeued, dropped)
             )
@@ -1084,7 +1103,7 @@ class Scheduler:
         """
         old = self.workers.get(ready.worker_id)
         if old is not None:
-            self._remove_worker(old, "registered again", deadly=False, now=now)
+            self._remove_worker(old, "registered again", blamed=False, now=now)
         stale = self._worker_for_peer(peer)
         if stale is not None:
             self._remove_worker(stale, "replaced on its connection", False, now)
@@ -1165,48 +1184,66 @@ class Scheduler:
         heapq.heappush(self._waiting, (now + delay, task.ticket))
 
     def _died_running(self, task: Task, now: float) -> bool:
-        """Requeue a task whose worker died under it; poison it if it keeps killing.
+        """Requeue a task whose task process died under it (its worker said
+        CRASHED); poison it if it keeps killing. Returns whether it was."""
+        task.deaths += 1
+        return self._strike(task, "its task process died", now)
+
+    def _lost_running(self, task: Task, reason: str, now: float) -> bool:
+        """Requeue a task whose worker was lost under it (`reason`: silent,
+        unreachable); poison it if that keeps happening.
+
+        A lost worker is weaker evidence than a dead task process: the worker
+        may have been paused, or cut off. It still counts, because a task of a
+        thread pool can take its worker down with it, and must not kill
+        workers for ever. The message says what was seen, not a death.
+        """
+        task.losses += 1
+        return self._strike(task, f"its worker was lost ({reason})", now)
+
+    def _strike(self, task: Task, seen: str, now: float) -> bool:
+        """Requeue a task that just had a strike (`seen` says which), or fail
+        it as poison; return whether it was poisoned.
 
         A batch of a map is not run whole again: one of its items may be to
         blame, and each run of the batch runs that item. Its client runs the
-        items one by one instead (with `Flags.SPLIT`, this death counted).
-
-        Returns whether the task was poisoned.
+        items one by one instead (with `Flags.SPLIT`, one strike counted).
         """
-        task.deaths += 1
+        limit = self.limits.max_attempts
         if task.flags & _BATCH:
-            error = PoisonTask(
-                "PoisonTask",
-                "the worker process died running this batch of items; not "
-                "running it whole again (its map runs the items one by one)",
+            message = (
+                f"{seen} while running this batch of items; not running it "
+                "whole again (its map runs the items one by one)"
             )
-        elif task.deaths >= self.limits.max_attempts:
-            error = PoisonTask(
-                "PoisonTask",
-                f"the worker process died each of the {task.deaths} times it ran "
-                f"this task (max_attempts={self.limits.max_attempts}); not retrying",
+        elif task.deaths + task.losses >= limit:
+            message = (
+                f"{_strikes(task)} while running this task "
+                f"(max_attempts={limit}); not retrying; last: {seen}"
             )
         else:
             self._enqueue(task, front=True)
             return False
 
+        error = PoisonTask("PoisonTask", message)
         self._finish(task, p.Status.POISON, pack_error(error), now)
         return True
 
     def _remove_worker(
-        self, worker: Worker, reason: str, deadly: bool, now: float
+        self, worker: Worker, reason: str, blamed: bool, now: float
     ) -> None:
-        requeued, poisoned, dropped = self._drop_worker(worker, deadly, now)
+        lost = reason if blamed else None
+        requeued, poisoned, dropped = self._drop_worker(worker, lost, now)
         self._effects.notices.append(
             WorkerLost(worker.worker_id, reason, requeued, poisoned, dropped)
         )
 
     def _drop_worker(
-        self, worker: Worker, deadly: bool, now: float
+        self, worker: Worker, lost: str | None, now: float
     ) -> tuple[int, int, int]:
-        """Forget a worker and requeue its tasks (`deadly`: count it as a death
-        against each), but drop those cancelled while it ran them; return how
-        many were requeued, poisoned and dropped."""
+        """Forget a worker and requeue its tasks (`lost`: why it was lost, a
+        strike against each; None: it left or was replaced, no blame), but
+        drop those cancelled while it ran them; return how many were
+        requeued, poisoned and dropped."""
         del self.workers[worker.worker_id]
         if self._worker_of_peer.get(worker.peer) == worker.worker_id:
             del self._worker_of_peer[worker.peer]
@@ -1221,10 +1258,10 @@ class Scheduler:
             if task.cancelled:
                 self._drop_cancelled(task, now)
                 dropped += 1
-            elif not deadly:
+            elif lost is None:
                 self._enqueue(task, front=True)
                 requeued += 1
-            elif self._died_running(task, now):
+            elif self._lost_running(task, lost, now):
                 poisoned += 1
             else:
                 requeued += 1
@@ -1262,10 +1299,10 @@ class Scheduler:
         worker = self._worker_for_peer(peer)
         if worker is not None and now < self._stall_aftermath_until:
             reason = "unreachable after the broker stood still"
-            self._remove_worker(worker, reason, deadly=False, now=now)
+            self._remove_worker(worker, reason, blamed=False, now=now)
             return
         if worker is not None:
-            self._remove_worker(worker, "unreachable", deadly=True, now=now)
+            self._remove_worker(worker, "unreachable", blamed=True, now=now)
             return
 
         name = self._recipient_of_peer.get(peer)
@@ -1279,7 +1316,7 @@ class Scheduler:
         access): its tasks are requeued, not blamed, and it must register again."""
         worker = self._worker_for_peer(peer)
         if worker is not None:
-            self._remove_worker(worker, reason, deadly=False, now=now)
+            self._remove_worker(worker, reason, blamed=False, now=now)
 
     def revoke_client(self, peer: bytes, farewell: p.Command) -> str | None:
         """Stop sending results to the client connection on `peer`, for a

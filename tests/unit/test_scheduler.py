@@ -1640,3 +1640,39 @@ def test_worker_unreachable_long_after_a_broker_stall_is_blamed() -> None:
 
     [lost] = notices(effects, WorkerLost)
     assert (lost.requeued, lost.poisoned) == (0, 1)
+
+
+# --- what a poison task's message says was seen ---------------------------------------
+
+
+def test_task_whose_workers_were_lost_fails_saying_so_not_claiming_a_death() -> None:
+    driver = Driver(Limits(max_attempts=2))
+    driver.hello()
+    driver.submit(task(1))
+    driver.ready(W1)
+    driver.tick(3.5)  # W1 silent: lost
+    driver.hello()  # the client, silent as long, is back
+    driver.ready(W2)
+
+    poisoned = driver.unreachable(W2)
+
+    [entry] = results(poisoned)
+    message = error_report(entry)["message"]
+    assert entry.status is p.Status.POISON
+    assert "its worker was lost 2 times" in message
+    assert "unreachable" in message
+    assert "died" not in message
+
+
+def test_task_whose_process_died_fails_saying_its_task_process_died() -> None:
+    driver = Driver(Limits(max_attempts=1))
+    driver.hello()
+    driver.submit(task(1))
+    [running] = assignments(driver.ready(W1), W1)
+
+    poisoned = driver.done(W1, running, p.Status.CRASHED)
+
+    [entry] = results(poisoned)
+    message = error_report(entry)["message"]
+    assert "its task process died 1 time" in message
+    assert "lost" not in message
