@@ -612,11 +612,10 @@ class Broker:
                 self._peers.closed += 1
             elif self._handshake_log.allows(time.monotonic()):
                 log.warning(
-                    "a connection to the %s socket failed its handshake "
-                    "(%s): a plain-text peer, a wrong broker key, or a "
-                    "refused one%s",
+                    "a connection to the %s socket failed its handshake (%s): %s%s",
                     _SIDES[tag],
                     zmq.Event(event).name,
+                    _handshake_causes(event),
                     self._handshake_log.suppressed_note(),
                 )
 
@@ -919,6 +918,23 @@ def _mdp_refusal(role: str, identity: Identity | None) -> str:
         "this key has limited rights, which name ventilator functions, not MDP "
         "services: only a key with full rights speaks MDP"
     )
+
+
+def _handshake_causes(event: int) -> str:
+    """What may have made a handshake fail, for the operator.
+
+    NO_DETAIL is what libzmq reports when the connection closed before the
+    handshake finished: after a stall of the broker (SIGSTOP, a VM freeze),
+    the connections that peers opened and gave up on meanwhile, once they
+    took the broker for gone, are accepted on SIGCONT already closed.
+    """
+    causes = "a plain-text peer, a wrong broker key, or a refused one"
+    if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+        return (
+            "the peer closed it first (one that gave up waiting, as peers do "
+            f"while the broker stands still), {causes}"
+        )
+    return causes
 
 
 def _replay_order(task: s.Task) -> tuple[bool, float]:
