@@ -47,7 +47,7 @@ from zmq.utils.monitor import recv_monitor_message
 from . import _wire, mdp, security
 from . import protocol as p
 from . import scheduler as s
-from ._timing import poll_timeout_ms
+from ._timing import StallWatch, poll_timeout_ms
 from .errors import JournalError, ProtocolError, UsageError
 from .gateway import MdpGateway, MdpSettings
 from .journal import Journal, MemoryJournal, open_journal
@@ -377,6 +377,7 @@ class Broker:
         interval_s = self.config.limits.heartbeat_interval_s
         mdp_interval_s = self.config.mdp_settings.heartbeat_interval_s
         next_tick = next_mdp_beat = time.monotonic() + min(interval_s, mdp_interval_s)
+        stalls = StallWatch(min(interval_s, mdp_interval_s), time.monotonic())
 
         telemetry = self.telemetry
         self._look_at_disk()
@@ -391,6 +392,7 @@ class Broker:
                 timeout_ms = 0 if self._unread else poll_timeout_ms(wake_at)
                 ready = poller.poll(timeout_ms)
                 now = time.monotonic()
+                self._forgive_stall(stalls.stalled_s(now), now)
                 self._note_ready(ready, now)
                 for tag in self._sockets:
                     if tag in self._unread:
@@ -425,6 +427,22 @@ class Broker:
             raise
         finally:
             self._close()
+
+    def _forgive_stall(self, stalled_s: float, now: float) -> None:
+        """After this process stood still, give every peer back the silence
+        it could not help: on SIGCONT every worker would otherwise be taken for
+        dead at once, and its tasks blamed for a death nobody saw."""
+        if not stalled_s:
+            return
+        self._scheduler.stood_still(stalled_s, now)
+        log.warning(
+            "the broker stood still for %.1fs (stopped, swapped out, or waiting "
+            "on its disk); not holding that silence against its %d workers and "
+            "%d clients",
+            stalled_s,
+            len(self._scheduler.workers),
+            sum(1 for r in self._scheduler.recipients.values() if r.peer is not None),
+        )
 
     def _look_at_disk(self) -> None:
         written = self._journal.written_bytes
@@ -594,11 +612,10 @@ class Broker:
                 self._peers.closed += 1
             elif self._handshake_log.allows(time.monotonic()):
                 log.warning(
-                    "a connection to the %s socket failed its handshake "
-                    "(%s): a plain-text peer, a wrong broker key, or a "
-                    "refused one%s",
+                    "a connection to the %s socket failed its handshake (%s): %s%s",
                     _SIDES[tag],
                     zmq.Event(event).name,
+                    _handshake_causes(event),
                     self._handshake_log.suppressed_note(),
                 )
 
@@ -901,6 +918,23 @@ def _mdp_refusal(role: str, identity: Identity | None) -> str:
         "this key has limited rights, which name ventilator functions, not MDP "
         "services: only a key with full rights speaks MDP"
     )
+
+
+def _handshake_causes(event: int) -> str:
+    """What may have made a handshake fail, for the operator.
+
+    NO_DETAIL is what libzmq reports when the connection closed before the
+    handshake finished: after a stall of the broker (SIGSTOP, a VM freeze),
+    the connections that peers opened and gave up on meanwhile, once they
+    took the broker for gone, are accepted on SIGCONT already closed.
+    """
+    causes = "a plain-text peer, a wrong broker key, or a refused one"
+    if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+        return (
+            "the peer closed it first (one that gave up waiting, as peers do "
+            f"while the broker stands still), {causes}"
+        )
+    return causes
 
 
 def _replay_order(task: s.Task) -> tuple[bool, float]:

@@ -368,7 +368,8 @@ def _bind_address(ctx: click.Context, param: click.Parameter, value: Any) -> Any
     type=click.IntRange(min=1),
     default=3,
     show_default=True,
-    help="Worker deaths under one task before it fails as poison.",
+    help="Times a task's process dies or its worker is lost under it before it "
+    "fails as poison.",
 )
 @click.option(
     "--mdp",

@@ -107,7 +107,11 @@ class Task:
     recipient: str
     state: State = State.QUEUED
     attempt: int = 0
+    # Strikes towards POISON: `deaths`, its task process died (the worker saw
+    # it and said CRASHED); `losses`, its worker was lost (silent, unreachable)
+    # while it ran, which a task can cause only in a thread pool.
     deaths: int = 0
+    losses: int = 0
     worker: str | None = None
     status: p.Status | None = None
     result: p.Payload = b""
@@ -267,6 +271,21 @@ def _error_fields(packed: p.Payload) -> dict[str, str]:
     if not isinstance(fields, dict):
         return {"type": "?", "message": f"unexpected error report {fields!r:.80}"}
     return {str(k): str(v) for k, v in fields.items()}
+
+
+def _strikes(task: Task) -> str:
+    """What was seen of a task's strikes, in words: "its task process died
+    2 times and its worker was lost 1 time"."""
+    seen = []
+    if task.deaths:
+        seen.append(f"its task process died {_times(task.deaths)}")
+    if task.losses:
+        seen.append(f"its worker was lost {_times(task.losses)}")
+    return " and ".join(seen)
+
+
+def _times(count: int) -> str:
+    return "1 time" if count == 1 else f"{count} times"
 
 
 def _count_held(worker: Worker, queue_name: str, change: int) -> None:
@@ -499,6 +518,9 @@ class Scheduler:
         self._stale: dict[str, int] = {}
         # The latest time any event brought, for timestamps taken inside flush().
         self._now = 0.0
+        # Until when a worker's lost connection is blamed on our own stall
+        # rather than on its task (see stood_still).
+        self._stall_aftermath_until = -math.inf
 
         # Running totals since start, and the latest failures, for the operator.
         # `submitted` counts every task this broker took on to run: accepted,
@@ -1052,7 +1074,7 @@ class Scheduler:
                 WorkerDraining(worker.worker_id, len(worker.running))
             )
         elif isinstance(command, p.Bye):
-            requeued, _, dropped = self._drop_worker(worker, deadly=False, now=now)
+            requeued, _, dropped = self._drop_worker(worker, lost=None, now=now)
             self._effects.notices.append(
                 WorkerLeft(worker.worker_id, requeued, dropped)
             )
@@ -1081,7 +1103,7 @@ class Scheduler:
         """
         old = self.workers.get(ready.worker_id)
         if old is not None:
-            self._remove_worker(old, "registered again", deadly=False, now=now)
+            self._remove_worker(old, "registered again", blamed=False, now=now)
         stale = self._worker_for_peer(peer)
         if stale is not None:
             self._remove_worker(stale, "replaced on its connection", False, now)
@@ -1162,48 +1184,66 @@ class Scheduler:
         heapq.heappush(self._waiting, (now + delay, task.ticket))
 
     def _died_running(self, task: Task, now: float) -> bool:
-        """Requeue a task whose worker died under it; poison it if it keeps killing.
+        """Requeue a task whose task process died under it (its worker said
+        CRASHED); poison it if it keeps killing. Returns whether it was."""
+        task.deaths += 1
+        return self._strike(task, "its task process died", now)
+
+    def _lost_running(self, task: Task, reason: str, now: float) -> bool:
+        """Requeue a task whose worker was lost under it (`reason`: silent,
+        unreachable); poison it if that keeps happening.
+
+        A lost worker is weaker evidence than a dead task process: the worker
+        may have been paused, or cut off. It still counts, because a task of a
+        thread pool can take its worker down with it, and must not kill
+        workers for ever. The message says what was seen, not a death.
+        """
+        task.losses += 1
+        return self._strike(task, f"its worker was lost ({reason})", now)
+
+    def _strike(self, task: Task, seen: str, now: float) -> bool:
+        """Requeue a task that just had a strike (`seen` says which), or fail
+        it as poison; return whether it was poisoned.
 
         A batch of a map is not run whole again: one of its items may be to
         blame, and each run of the batch runs that item. Its client runs the
-        items one by one instead (with `Flags.SPLIT`, this death counted).
-
-        Returns whether the task was poisoned.
+        items one by one instead (with `Flags.SPLIT`, one strike counted).
         """
-        task.deaths += 1
+        limit = self.limits.max_attempts
         if task.flags & _BATCH:
-            error = PoisonTask(
-                "PoisonTask",
-                "the worker process died running this batch of items; not "
-                "running it whole again (its map runs the items one by one)",
+            message = (
+                f"{seen} while running this batch of items; not running it "
+                "whole again (its map runs the items one by one)"
             )
-        elif task.deaths >= self.limits.max_attempts:
-            error = PoisonTask(
-                "PoisonTask",
-                f"the worker process died each of the {task.deaths} times it ran "
-                f"this task (max_attempts={self.limits.max_attempts}); not retrying",
+        elif task.deaths + task.losses >= limit:
+            message = (
+                f"{_strikes(task)} while running this task "
+                f"(max_attempts={limit}); not retrying; last: {seen}"
             )
         else:
             self._enqueue(task, front=True)
             return False
 
+        error = PoisonTask("PoisonTask", message)
         self._finish(task, p.Status.POISON, pack_error(error), now)
         return True
 
     def _remove_worker(
-        self, worker: Worker, reason: str, deadly: bool, now: float
+        self, worker: Worker, reason: str, blamed: bool, now: float
     ) -> None:
-        requeued, poisoned, dropped = self._drop_worker(worker, deadly, now)
+        lost = reason if blamed else None
+        requeued, poisoned, dropped = self._drop_worker(worker, lost, now)
         self._effects.notices.append(
             WorkerLost(worker.worker_id, reason, requeued, poisoned, dropped)
         )
 
     def _drop_worker(
-        self, worker: Worker, deadly: bool, now: float
+        self, worker: Worker, lost: str | None, now: float
     ) -> tuple[int, int, int]:
-        """Forget a worker and requeue its tasks (`deadly`: count it as a death
-        against each), but drop those cancelled while it ran them; return how
-        many were requeued, poisoned and dropped."""
+        """Forget a worker and requeue its tasks (`lost`: why it was lost, a
+        strike against each; None: it left or was replaced, no blame), but
+        drop those cancelled while it ran them; return how many were
+        requeued, poisoned and dropped."""
         del self.workers[worker.worker_id]
         if self._worker_of_peer.get(worker.peer) == worker.worker_id:
             del self._worker_of_peer[worker.peer]
@@ -1218,10 +1258,10 @@ class Scheduler:
             if task.cancelled:
                 self._drop_cancelled(task, now)
                 dropped += 1
-            elif not deadly:
+            elif lost is None:
                 self._enqueue(task, front=True)
                 requeued += 1
-            elif self._died_running(task, now):
+            elif self._lost_running(task, lost, now):
                 poisoned += 1
             else:
                 requeued += 1
@@ -1257,8 +1297,12 @@ class Scheduler:
         """A send to `peer` failed: it disconnected, or stopped reading."""
         self._now = now
         worker = self._worker_for_peer(peer)
+        if worker is not None and now < self._stall_aftermath_until:
+            reason = "unreachable after the broker stood still"
+            self._remove_worker(worker, reason, blamed=False, now=now)
+            return
         if worker is not None:
-            self._remove_worker(worker, "unreachable", deadly=True, now=now)
+            self._remove_worker(worker, "unreachable", blamed=True, now=now)
             return
 
         name = self._recipient_of_peer.get(peer)
@@ -1272,7 +1316,7 @@ class Scheduler:
         access): its tasks are requeued, not blamed, and it must register again."""
         worker = self._worker_for_peer(peer)
         if worker is not None:
-            self._remove_worker(worker, reason, deadly=False, now=now)
+            self._remove_worker(worker, reason, blamed=False, now=now)
 
     def revoke_client(self, peer: bytes, farewell: p.Command) -> str | None:
         """Stop sending results to the client connection on `peer`, for a
@@ -1308,6 +1352,24 @@ class Scheduler:
         self._wake_retries(now)
         self._expire_results(now)
 
+    def stood_still(self, stalled_s: float, now: float) -> None:
+        """The broker's loop stood still for `stalled_s` up to `now` (the process
+        was stopped, swapped out, or waited on its disk): no peer could be heard
+        meanwhile, so that stretch of their silence is not held against them.
+
+        Their silence is shifted by the stall rather than forgotten: a peer
+        that was already silent before it still expires on time, and a broker
+        that keeps stalling still finds its dead peers.
+        """
+        self._now = now
+        # Peers that gave up on us meanwhile closed their connection: a send
+        # to it fails, though they live and are about to register again.
+        self._stall_aftermath_until = now + self._peer_silence_s()
+        for worker in self.workers.values():
+            worker.last_seen = min(now, worker.last_seen + stalled_s)
+        for recipient in self.recipients.values():
+            recipient.last_seen = min(now, recipient.last_seen + stalled_s)
+
     def heartbeats(self) -> None:
         """Queue a heartbeat to every connected worker and client."""
         beat = p.Heartbeat()
@@ -1316,8 +1378,12 @@ class Scheduler:
             (r.peer, beat) for r in self.recipients.values() if r.peer is not None
         )
 
+    def _peer_silence_s(self) -> float:
+        """How long a peer may be silent before it is presumed gone."""
+        return self.limits.heartbeat_interval_s * self.limits.liveness
+
     def _expire_workers(self, now: float) -> None:
-        silence_s = self.limits.heartbeat_interval_s * self.limits.liveness
+        silence_s = self._peer_silence_s()
         dead = [w for w in self.workers.values() if w.presumed_dead(now, silence_s)]
         for worker in dead:
             silent_s = now - worker.last_seen

@@ -24,7 +24,7 @@ import zmq
 
 from . import _wire
 from . import protocol as p
-from ._timing import poll_timeout_ms
+from ._timing import StallWatch, poll_timeout_ms
 from .errors import TaskRejected, UsageError
 from .policy import Prefetch, check_at_least, check_heartbeat
 from .pool import Pool, TaskDuration, make_pool
@@ -210,6 +210,7 @@ class Worker:
         assert self._pool is not None
         interval_s = self.config.heartbeat_interval_s
         next_beat = time.monotonic() + interval_s
+        stalls = StallWatch(interval_s, time.monotonic())
         self._watch.wake_pipe(self._wake_read)
 
         while not self._stopping:
@@ -219,6 +220,7 @@ class Worker:
             timeout_ms = 0 if unannounced else self._poll_timeout_ms(next_beat)
             ready = self._watch.wait(timeout_ms)
             now = time.monotonic()
+            self._forgive_broker(stalls.stalled_s(now), now)
             announced = self._watch.socket_ready(ready)
             if unannounced or announced:
                 self._receive(now, announced)
@@ -388,6 +390,20 @@ class Worker:
         self._credit_sent_at = now
         self._send(p.Credit(wanted))
         log.debug("credit changed worker=%s capacity=%d", self.config.worker_id, wanted)
+
+    def _forgive_broker(self, stalled_s: float, now: float) -> None:
+        """This process stood still (stopped, swapped out), so the broker's
+        silence meanwhile is ours: it does not count towards a reconnection,
+        which would only have the broker take back and rerun what we hold."""
+        if not stalled_s:
+            return
+        self._broker_seen = min(now, self._broker_seen + stalled_s)
+        log.warning(
+            "this worker stood still for %.1fs (stopped or swapped out); not "
+            "holding that silence against the broker worker=%s",
+            stalled_s,
+            self.config.worker_id,
+        )
 
     def _check_broker(self, now: float) -> None:
         self._handshakes.read()  # logs a refused handshake's reason, once

@@ -150,3 +150,12 @@ def flaky_item(item: list[Any]) -> int:
     form that `ventilator map` calls with a JSON input line."""
     path, failures = item
     return flaky(path, failures)
+
+
+def wait_for_file(started: str, release: str) -> str:
+    """Create `started`, then return "released" once `release` exists: a task
+    that runs exactly as long as its test wants."""
+    Path(started).touch()
+    while not os.path.exists(release):
+        time.sleep(0.01)
+    return "released"

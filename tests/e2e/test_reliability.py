@@ -36,6 +36,7 @@ from .conftest import (
     log_of,
     read_json_line,
     status_when,
+    ventilator_argv,
     wait_for_workers,
     wait_until,
 )
@@ -606,3 +607,102 @@ def test_a_broker_in_memory_warns_of_the_journal_it_leaves_aside(
 
     assert "journal" in log_of(in_memory.process)
     assert "are not served by this broker" in log_of(in_memory.process)
+
+
+# --- pauses: a process that stood still is not a dead one ------------------------
+
+
+# Over three times the 0.6 s that 3 x FAST_HEARTBEAT_S of silence takes to make a
+# peer presumed dead.
+PAUSE_S = 2.0
+
+
+def pause_for(pid: int, seconds: float) -> None:
+    """Stop `pid` for `seconds`, as a VM freeze or swapping would: the sleep is
+    the length of the fault, not a wait for something to happen."""
+    with stopped(pid):
+        time.sleep(seconds)
+
+
+def start_blocking_task(
+    client: ventilator.Client, folder: Path
+) -> tuple[ventilator.Future, Path]:
+    """Submit a task that runs until its release file exists; return once it
+    started, with that file's path."""
+    started, release = folder / "started", folder / "release"
+    future = client.submit(tasks.wait_for_file, str(started), str(release))
+    wait_until(started.exists, RESULT_TIMEOUT_S, "the task to start")
+    return future, release
+
+
+def test_a_paused_broker_blames_no_task_for_its_own_silence(
+    launch: Launcher, tmp_path: Path
+) -> None:
+    broker = launch.broker("--max-attempts", "1", heartbeat_interval_s=FAST_HEARTBEAT_S)
+    launch.worker(broker)
+    client = launch.client(broker)
+    wait_for_workers(client, 1)
+    future, release = start_blocking_task(client, tmp_path)
+
+    pause_for(broker.pid, PAUSE_S)
+    release.touch()
+
+    # With max_attempts=1 a single death counted against it fails it as poison.
+    assert future.result(RESULT_TIMEOUT_S) == "released"
+    assert client.failed() == []
+
+
+def test_a_paused_worker_does_not_blame_the_broker_for_its_own_silence(
+    launch: Launcher,
+) -> None:
+    # The test is the broker: it sees which connection each command comes on.
+    context = zmq.Context()
+    backend = context.socket(zmq.ROUTER)
+    backend.setsockopt(zmq.LINGER, 0)
+    try:
+        port = backend.bind_to_random_port("tcp://127.0.0.1")
+        worker = launch.processes.start(
+            "worker",
+            ventilator_argv(
+                "worker",
+                TASKS,
+                "--connect",
+                f"tcp://127.0.0.1:{port}",
+                "--heartbeat-interval-s",
+                str(FAST_HEARTBEAT_S),
+            ),
+        )
+        connection, ready = receive_from_worker(backend)
+        assert isinstance(ready, p.Ready)
+        backend.send_multipart([connection, *p.encode(fast_welcome())])
+        # Two beats later, a turn of its loop has read the WELCOME; each is
+        # answered, as a broker beats.
+        for _ in range(2):
+            assert receive_from_worker(backend) == (connection, p.Heartbeat())
+            backend.send_multipart([connection, *p.encode(p.Heartbeat())])
+
+        pause_for(worker.pid, PAUSE_S)
+
+        # Answered as a live broker answers, it keeps to its connection: a
+        # READY would be a new one, opened because it blamed us for its pause.
+        for _ in range(5):
+            sender, command = receive_from_worker(backend)
+            assert (sender, command) == (connection, p.Heartbeat())
+            backend.send_multipart([connection, *p.encode(p.Heartbeat())])
+    finally:
+        backend.close(linger=0)
+        context.term()
+
+
+def receive_from_worker(backend: zmq.Socket[bytes]) -> tuple[bytes, p.Command]:
+    assert backend.poll(RESULT_TIMEOUT_S * 1000), "the worker sent nothing"
+    connection, *frames = backend.recv_multipart()
+    return connection, p.decode(frames, p.FROM_WORKER)
+
+
+def fast_welcome() -> p.Welcome:
+    return p.Welcome(
+        window=100,
+        max_payload_bytes=1 << 20,
+        heartbeat_interval_s=FAST_HEARTBEAT_S,
+    )

@@ -6,12 +6,14 @@ import logging
 from pathlib import Path
 
 import pytest
+import zmq
 
 from ventilator import protocol as p
 from ventilator.broker import (
     Broker,
     BrokerConfig,
     _DiskRoom,
+    _handshake_causes,
     _log_notice,
     _RateLimit,
 )
@@ -123,3 +125,13 @@ def test_a_memory_broker_never_looks_at_its_disk() -> None:
     assert room.problem(written_bytes=10**12) is None
     assert not room.due(written_bytes=10**12)
     assert looked == []
+
+
+def test_a_handshake_cut_short_by_its_peer_is_named_as_such() -> None:
+    # What libzmq reports for the connections peers gave up on while the
+    # broker was stopped, accepted on SIGCONT already closed.
+    cut_short = _handshake_causes(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+    refused = _handshake_causes(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+
+    assert "peer closed it first" in cut_short
+    assert "closed" not in refused

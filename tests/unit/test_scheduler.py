@@ -1573,3 +1573,106 @@ def test_client_is_not_told_of_a_function_a_connected_worker_serves(
     effects = driver.submit(task(2))
 
     assert error_codes(effects, CLIENT) == []
+
+
+# --- the broker's own stall ----------------------------------------------------------
+
+
+def test_peers_silent_only_while_the_broker_stood_still_are_not_expired(
+    driver: Driver,
+) -> None:
+    driver.hello()
+    driver.submit(task(1))
+    driver.ready(W1)
+
+    # The broker was stopped for 8 s (heartbeat 1 s x liveness 3): nobody
+    # could be heard meanwhile.
+    driver.now += 8.0
+    driver.scheduler.stood_still(8.0, driver.now)
+    effects = driver.tick(0.0)
+
+    assert not notices(effects, WorkerLost)
+    assert not notices(effects, ClientLost)
+    assert driver.scheduler.tasks[1].state is State.RUNNING
+
+
+def test_peers_silent_past_a_stall_of_the_broker_are_still_expired(
+    driver: Driver,
+) -> None:
+    driver.submit(task(1))
+    driver.ready(W1)
+
+    driver.now += 8.0
+    driver.scheduler.stood_still(8.0, driver.now)
+    effects = driver.tick(3.5)  # silent for longer than its liveness since
+
+    [lost] = notices(effects, WorkerLost)
+    assert lost.requeued == 1
+
+
+def test_worker_whose_connection_closed_during_a_broker_stall_is_not_blamed() -> None:
+    driver = Driver(Limits(max_attempts=1))
+    driver.hello()
+    driver.submit(task(1))
+    driver.ready(W1)
+
+    # It gave up on the stopped broker and reconnected: its old connection is
+    # gone, the first send to it fails.
+    driver.now += 8.0
+    driver.scheduler.stood_still(8.0, driver.now)
+    effects = driver.unreachable(W1)
+
+    [lost] = notices(effects, WorkerLost)
+    assert (lost.requeued, lost.poisoned) == (1, 0)
+
+
+def test_worker_unreachable_long_after_a_broker_stall_is_blamed() -> None:
+    driver = Driver(Limits(max_attempts=1))
+    driver.hello()
+    driver.submit(task(1))
+    driver.ready(W1)
+    driver.now += 8.0
+    driver.scheduler.stood_still(8.0, driver.now)
+    driver.worker(W1, p.Heartbeat())
+
+    driver.now += 3.5  # past its liveness: the stall explains nothing any more
+    effects = driver.unreachable(W1)
+
+    [lost] = notices(effects, WorkerLost)
+    assert (lost.requeued, lost.poisoned) == (0, 1)
+
+
+# --- what a poison task's message says was seen ---------------------------------------
+
+
+def test_task_whose_workers_were_lost_fails_saying_so_not_claiming_a_death() -> None:
+    driver = Driver(Limits(max_attempts=2))
+    driver.hello()
+    driver.submit(task(1))
+    driver.ready(W1)
+    driver.tick(3.5)  # W1 silent: lost
+    driver.hello()  # the client, silent as long, is back
+    driver.ready(W2)
+
+    poisoned = driver.unreachable(W2)
+
+    [entry] = results(poisoned)
+    message = error_report(entry)["message"]
+    assert entry.status is p.Status.POISON
+    assert "its worker was lost 2 times" in message
+    assert "unreachable" in message
+    assert "died" not in message
+
+
+def test_task_whose_process_died_fails_saying_its_task_process_died() -> None:
+    driver = Driver(Limits(max_attempts=1))
+    driver.hello()
+    driver.submit(task(1))
+    [running] = assignments(driver.ready(W1), W1)
+
+    poisoned = driver.done(W1, running, p.Status.CRASHED)
+
+    [entry] = results(poisoned)
+    message = error_report(entry)["message"]
+    assert "its task process died 1 time" in message
+    assert "lost" not in message
