@@ -193,7 +193,7 @@ def test_task_that_kills_its_process_runs_max_attempts_times_among_quick_ones(
         if x < 0:
             error = future.exception(RESULT_TIMEOUT_S)
             assert isinstance(error, ventilator.PoisonTask)
-            assert "each of the 3 times" in error.message
+            assert "its task process died 3 times" in error.message
         else:
             assert future.result(RESULT_TIMEOUT_S) == x * x
     assert runs.read_text().count("ran") == 3 * 3
