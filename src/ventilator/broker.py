@@ -1167,6 +1167,15 @@ def _log_notice(notice: s.Notice) -> None:
         )
     elif isinstance(notice, s.ResultsExpired):
         log.warning("dropped %d results nobody collected (result_ttl_s)", notice.count)
+    elif isinstance(notice, s.TombstonesForgotten):
+        # Their clients stayed away twice the TTL: one that comes back with
+        # its futures sends those tasks again; a new process hears nothing.
+        log.info(
+            "forgot %d expired results, kept %gs (result_ttl_s) after they "
+            "expired to tell their clients",
+            notice.count,
+            notice.ttl_s,
+        )
     elif isinstance(notice, s.FailureForgotten):
         log.info(
             "forgot the %d oldest failed tasks: the broker remembers the latest "

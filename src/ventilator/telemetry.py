@@ -36,6 +36,7 @@ own, not prometheus-client's global one)::
     ventilator_oldest_running_task_seconds{worker}     workers holding a task only
     ventilator_workers_connected   ventilator_worker_slots   ventilator_worker_credit
     ventilator_clients_connected   ventilator_results_waiting
+    ventilator_results_expired                         tombstones kept for their clients
 """
 
 from __future__ import annotations
@@ -533,6 +534,13 @@ def _gauges(status: dict[str, Any]) -> Iterator[Metric]:
     )
     yield GaugeMetricFamily(
         "ventilator_results_waiting",
-        "Finished tasks whose result was not acknowledged yet.",
+        "Finished tasks whose result was not acknowledged yet (their result "
+        "not expired).",
         value=status["results_waiting"],
+    )
+    yield GaugeMetricFamily(
+        "ventilator_results_expired",
+        "Results that expired uncollected, kept as a few bytes each for one "
+        "more result TTL to tell their clients; in no limit.",
+        value=status.get("results_expired", 0),
     )
