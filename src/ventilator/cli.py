@@ -1648,12 +1648,24 @@ def _print_status(report: dict[str, Any]) -> None:
         f"tasks since start: {totals.get('submitted', 0)} submitted "
         f"({totals.get('restored', 0)} of them restored from the journal), "
         f"{totals.get('completed', 0)} completed, {totals.get('failed', 0)} failed, "
-        f"{totals.get('cancelled', 0)} cancelled"
+        f"{totals.get('cancelled', 0)} cancelled" + _split_totals(totals)
     )
     console.print(_results_line(report))
     if report.get("recent_failures"):
         failures = report["recent_failures"]
         console.print(_failures_table(failures, "recent failures", console.width))
+
+
+def _split_totals(totals: dict[str, Any]) -> str:
+    """The maps' batches a death or a lost worker split, when there were any (an
+    older broker does not count them apart: they are among the failed)."""
+    split = totals.get("split")
+    if not split:
+        return ""
+    return (
+        f", {split} map batches split (a process died or a worker was lost; "
+        "items rerun alone)"
+    )
 
 
 def _results_line(report: dict[str, Any]) -> str:

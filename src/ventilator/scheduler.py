@@ -296,6 +296,17 @@ def _times(count: int) -> str:
     return "1 time" if count == 1 else f"{count} times"
 
 
+def split_for_its_map(flags: int, status: p.Status) -> bool:
+    """Whether a task that ended with `status` is a map's batch handed back
+    to its map, which runs its items one by one (see `_strike`).
+
+    That is no failure of anything its user asked for: its items are tasks
+    of their own, and one that kills its worker fails as itself. So it is
+    neither remembered for `failed` and `retry` nor counted as failed.
+    """
+    return status is p.Status.POISON and bool(flags & _BATCH)
+
+
 def _count_held(worker: Worker, queue_name: str, change: int) -> None:
     held = worker.held.get(queue_name, 0) + change
     if held:
@@ -550,6 +561,7 @@ class Scheduler:
         self.submitted = 0
         self.restored = 0
         self._finished_by_status = [0] * (max(p.Status) + 1)
+        self._batches_split = 0  # counted apart from POISON: see split_for_its_map
         self.failed: deque[FailedTask] = deque(maxlen=self.limits.failed_kept)
 
         self.workers: dict[str, Worker] = {}
@@ -1544,9 +1556,10 @@ class Scheduler:
             self._hold(task.session, -1)
             self._hold_bytes(task.session, -len(task.payload) - len(task.result))
         self._leave_queue(task)
-        if status in FAILURE_STATUSES:
-            self._remember_failure(task, status, result, now)
-        self._finished_by_status[status] += 1
+        if split_for_its_map(task.flags, status):
+            self._batches_split += 1
+        else:
+            self._count_ending(task, status, result, now)
         task.state = State.FINISHED
         task.status = status
         task.finished_at = now
@@ -1555,6 +1568,13 @@ class Scheduler:
         task.payload = b""
         self._replace_result(task, result)
         self._effects.finished.append(task)
+
+    def _count_ending(
+        self, task: Task, status: p.Status, result: p.Payload, now: float
+    ) -> None:
+        if status in FAILURE_STATUSES:
+            self._remember_failure(task, status, result, now)
+        self._finished_by_status[status] += 1
 
     def _remember_failure(
         self, task: Task, status: p.Status, error: p.Payload, now: float
@@ -1953,8 +1973,13 @@ class Scheduler:
 
     def restore_failure(self, record: FailedTask) -> None:
         """Take back a failure record from the journal after a restart, oldest
-        first; `record.failed_at` must be on this process's clock."""
-        self._keep_failure(record)
+        first; `record.failed_at` must be on this process's clock. A batch
+        handed back to its map, which older brokers remembered as a failure,
+        is dropped from the journal instead."""
+        if split_for_its_map(record.flags, record.status):
+            self._effects.unfailed.append(record.ticket)
+        else:
+            self._keep_failure(record)
 
     def status(self, now: float, scope: Scope | None = None) -> dict[str, object]:
         """A plain-data picture of the broker, for `ventilator status`; within
@@ -2023,7 +2048,10 @@ class Scheduler:
 
         `submitted` includes the `restored` tasks: the unfinished ones the
         journal brought back at start. Results that had finished before the
-        restart count in neither.
+        restart count in neither. `split` counts maps' batches whose task
+        process died or whose worker was lost, handed back to their maps,
+        which submit their items anew (see `split_for_its_map`): they are
+        not `failed`.
         """
         by_status = self._finished_by_status
         return {
@@ -2032,6 +2060,7 @@ class Scheduler:
             "completed": by_status[p.Status.OK],
             "failed": sum(by_status[status] for status in FAILURE_STATUSES),
             "cancelled": by_status[p.Status.CANCELLED],
+            "split": self._batches_split,
         }
 
     def _client_status(self, recipient: Recipient) -> dict[str, object]:
@@ -2337,7 +2366,7 @@ class Scheduler:
         unfinished = sum(
             1 for t in self.tasks.values() if t.state is not State.FINISHED
         )
-        finished = sum(self._finished_by_status)
+        finished = sum(self._finished_by_status) + self._batches_split
         assert finished + unfinished <= self.submitted, (finished, self.submitted)
         assert self.restored <= self.submitted
 
