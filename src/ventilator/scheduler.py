@@ -416,10 +416,23 @@ class ClientJoined:
     resent: int
 
 
+class Departure(enum.Enum):
+    """How a client or sink stopped receiving its results."""
+
+    LEFT = "left"  # it said BYE
+    SILENT = "silent"  # given up on after liveness x heartbeat of silence
+    UNREACHABLE = "unreachable"  # a send to it failed
+    REVOKED = "revoked"  # its key lost access (see Scheduler.revoke_client)
+
+
 @dataclass(frozen=True, slots=True)
 class ClientLost:
+    """A client or sink stopped receiving: `held` results (pending or sent
+    and unacknowledged) wait for it to come back."""
+
     recipient: str
     held: int
+    how: Departure
 
 
 @dataclass(frozen=True, slots=True)
@@ -620,7 +633,7 @@ class Scheduler:
             report = self._operate(command, now, scope)
             self._effects.to_clients.append((peer, p.OperatorReply(report)))
         elif isinstance(command, p.Bye):
-            self._client_gone(recipient, said_bye=True)
+            self._client_gone(recipient, Departure.LEFT)
         # A heartbeat needs nothing more: any command refreshed last_seen.
 
     def _hello(self, peer: bytes, hello: p.Hello, now: float) -> None:
@@ -1065,9 +1078,10 @@ class Scheduler:
         self._conclude(task, p.Status.CANCELLED, b"", now)
         self._forget(task)
 
-    def _client_gone(self, recipient: Recipient, said_bye: bool = False) -> None:
+    def _client_gone(self, recipient: Recipient, how: Departure) -> None:
         # A silent or unreachable client keeps its peer mapping: if it speaks
         # again on the same connection, it is attached again without a HELLO.
+        said_bye = how is Departure.LEFT
         if said_bye and recipient.peer is not None:
             self._recipient_of_peer.pop(recipient.peer, None)
         # Every failed send to a gone client reports it: say so once.
@@ -1075,7 +1089,7 @@ class Scheduler:
         recipient.peer = None
         held = len(recipient.pending) + len(recipient.unacked)
         if was_connected:
-            self._effects.notices.append(ClientLost(recipient.name, held))
+            self._effects.notices.append(ClientLost(recipient.name, held, how))
 
         # A session that left with nothing owed is forgotten, so that sessions
         # do not accumulate; one that still has tasks running is recreated when
@@ -1353,7 +1367,7 @@ class Scheduler:
         if name is not None:
             recipient = self.recipients[name]
             recipient.send_failed = True
-            self._client_gone(recipient)
+            self._client_gone(recipient, Departure.UNREACHABLE)
 
     def revoke_worker(self, peer: bytes, reason: str, now: float) -> None:
         """Drop the worker on `peer` for a reason of the shell's (its key lost
@@ -1376,7 +1390,8 @@ class Scheduler:
         if recipient is not None and recipient.peer == peer:
             recipient.peer = None
             held = len(recipient.pending) + len(recipient.unacked)
-            self._effects.notices.append(ClientLost(recipient.name, held))
+            notice = ClientLost(recipient.name, held, Departure.REVOKED)
+            self._effects.notices.append(notice)
         self._effects.to_clients.append((peer, farewell))
         return name
 
@@ -1442,7 +1457,7 @@ class Scheduler:
                 and recipient.expires
                 and recipient.last_seen < deadline
             ):
-                self._client_gone(recipient)
+                self._client_gone(recipient, Departure.SILENT)
 
     def _wake_retries(self, now: float) -> None:
         while self._waiting and self._waiting[0][0] <= now:

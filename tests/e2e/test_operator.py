@@ -201,6 +201,29 @@ def test_json_logs_are_one_object_per_line_with_lifecycle_events(
     assert {line["level"] for line in lines} <= {"INFO", "WARNING"}
 
 
+def test_a_client_that_closes_is_logged_as_left_with_nothing_kept(
+    processes: Processes, launch: Launcher
+) -> None:
+    broker = launch.broker("--log-level", "INFO", "--log-format", "json")
+    client = launch.client(broker)
+    client.status()
+    session = client.session
+
+    client.close()
+
+    def departure() -> list[str]:
+        lines = json_lines(log_of(broker.process))
+        return [
+            line["message"]
+            for line in lines
+            if f"client={session}" in line["message"]
+            and "joined" not in line["message"]
+        ]
+
+    [message] = wait_until(departure, 10, "the client's leaving to be logged")
+    assert "left" in message and "keeping" not in message
+
+
 def test_map_progress_bar_shows_rate_and_eta(processes: Processes) -> None:
     completed = run_cli(
         processes,

@@ -11,6 +11,7 @@ from ventilator.policy import Backoff, Limits
 from ventilator.scheduler import (
     ACCEPT_GRACE_S,
     ClientLost,
+    Departure,
     LateOutcome,
     Scheduler,
     SessionHeld,
@@ -1050,7 +1051,40 @@ def test_a_client_unreachable_twice_in_one_turn_is_lost_once(driver: Driver) -> 
     driver.scheduler.peer_unreachable(CLIENT, driver.now)  # a second send failed
     effects = driver.flush()
 
-    assert notices(effects, ClientLost) == [ClientLost("alice", 0)]
+    assert notices(effects, ClientLost) == [
+        ClientLost("alice", 0, Departure.UNREACHABLE)
+    ]
+
+
+def test_a_client_that_says_bye_is_noted_as_left(driver: Driver) -> None:
+    driver.submit(task(1))
+    driver.done(W1, assignments(driver.ready(W1), W1)[0])
+    driver.ack(("", 1))
+
+    left = driver.client(CLIENT, p.Bye())
+
+    assert notices(left, ClientLost) == [ClientLost("alice", 0, Departure.LEFT)]
+
+
+def test_status_of_clients_adds_up_to_the_results_it_counts() -> None:
+    # A result delivered and not acknowledged, one not sent, a sink's, and a
+    # tombstone: each client's pending and unacked add up to the totals.
+    driver = Driver(Limits(result_ttl_s=60.0, heartbeat_interval_s=100.0))
+    results_expired_for_a_gone_client(driver, 1)
+    driver.hello(OTHER, session="bob")
+    submitted = driver.submit(task(1), task(2), task(3, sink="out"), peer=OTHER)
+    work = assignments(submitted, W1)
+    while work:
+        work += assignments(driver.done(W1, work.pop()), W1)
+    driver.unreachable(OTHER)
+
+    status = driver.scheduler.status(driver.now)
+
+    clients = status["clients"]
+    assert isinstance(clients, list)
+    owed = sum(c["pending"] + c["unacknowledged"] for c in clients)
+    assert (status["results_waiting"], status["results_expired"]) == (3, 1)
+    assert owed == 4
 
 
 def test_silent_client_is_given_up_and_its_results_kept(driver: Driver) -> None:
@@ -1059,7 +1093,7 @@ def test_silent_client_is_given_up_and_its_results_kept(driver: Driver) -> None:
 
     gone = driver.tick(3.5)
 
-    assert notices(gone, ClientLost) == [ClientLost("alice", 0)]
+    assert notices(gone, ClientLost) == [ClientLost("alice", 0, Departure.SILENT)]
     assert driver.scheduler.recipients["alice"].peer is None
     assert len(driver.scheduler.tasks) == 1
 
