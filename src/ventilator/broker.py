@@ -1153,11 +1153,7 @@ def _log_notice(notice: s.Notice) -> None:
     elif isinstance(notice, s.ClientJoined):
         log.info("client joined client=%s resent=%d", notice.recipient, notice.resent)
     elif isinstance(notice, s.ClientLost):
-        log.info(
-            "client gone client=%s; keeping %d results for its return",
-            notice.recipient,
-            notice.held,
-        )
+        _log_client_lost(notice)
     elif isinstance(notice, s.Rejected):
         log.warning(
             "refused task client=%s task=%d: %s",
@@ -1167,6 +1163,15 @@ def _log_notice(notice: s.Notice) -> None:
         )
     elif isinstance(notice, s.ResultsExpired):
         log.warning("dropped %d results nobody collected (result_ttl_s)", notice.count)
+    elif isinstance(notice, s.TombstonesForgotten):
+        # Their clients stayed away twice the TTL: one that comes back with
+        # its futures sends those tasks again; a new process hears nothing.
+        log.info(
+            "forgot %d expired results, kept %gs (result_ttl_s) after they "
+            "expired to tell their clients",
+            notice.count,
+            notice.ttl_s,
+        )
     elif isinstance(notice, s.FailureForgotten):
         log.info(
             "forgot the %d oldest failed tasks: the broker remembers the latest "
@@ -1186,3 +1191,26 @@ def _log_notice(notice: s.Notice) -> None:
             "until it says BYE or falls silent",
             notice.session,
         )
+
+
+# How each departure reads in the log line that notes it.
+_DEPARTURES = {
+    s.Departure.LEFT: "left",
+    s.Departure.SILENT: "fell silent",
+    s.Departure.UNREACHABLE: "unreachable",
+    s.Departure.REVOKED: "cut off (its key lost access)",
+}
+
+
+def _log_client_lost(notice: s.ClientLost) -> None:
+    how = _DEPARTURES[notice.how]
+    if not notice.held:
+        log.info("client %s client=%s", how, notice.recipient)
+        return
+    # Even one that said BYE may open its session again to collect them.
+    log.info(
+        "client %s client=%s; keeping %d results for its return (result_ttl_s)",
+        how,
+        notice.recipient,
+        notice.held,
+    )

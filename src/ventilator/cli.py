@@ -1648,12 +1648,37 @@ def _print_status(report: dict[str, Any]) -> None:
         f"tasks since start: {totals.get('submitted', 0)} submitted "
         f"({totals.get('restored', 0)} of them restored from the journal), "
         f"{totals.get('completed', 0)} completed, {totals.get('failed', 0)} failed, "
-        f"{totals.get('cancelled', 0)} cancelled"
+        f"{totals.get('cancelled', 0)} cancelled" + _split_totals(totals)
     )
-    console.print(f"results waiting for delivery: {report['results_waiting']}")
+    console.print(_results_line(report))
     if report.get("recent_failures"):
         failures = report["recent_failures"]
         console.print(_failures_table(failures, "recent failures", console.width))
+
+
+def _split_totals(totals: dict[str, Any]) -> str:
+    """The maps' batches a death or a lost worker split, when there were any (an
+    older broker does not count them apart: they are among the failed)."""
+    split = totals.get("split")
+    if not split:
+        return ""
+    return (
+        f", {split} map batches split (a process died or a worker was lost; "
+        "items rerun alone)"
+    )
+
+
+def _results_line(report: dict[str, Any]) -> str:
+    """Results waiting, and the tombstones of expired ones apart: both are in
+    the clients' pending and unacked columns, only the first in the limits."""
+    line = f"results waiting for delivery: {report['results_waiting']}"
+    expired = report.get("results_expired")  # an older broker does not say
+    if expired:
+        line += (
+            f"; and {expired} expired (a few bytes each, kept one more "
+            "result_ttl_s to tell their clients; not counted in the limits)"
+        )
+    return line
 
 
 def _table(title: str) -> Any:
@@ -1755,18 +1780,24 @@ def _clients_table(clients: list[dict[str, Any]]) -> Any:
     # Short headers: a session's 32-character name stays on one line in 80
     # columns. A busy sink is connected with results unacknowledged.
     table.caption = "pending: results not sent yet; unacked: sent, not acknowledged"
+    # Only when there are any: the column costs 9 of the 80 columns.
+    expired = any(c.get("expired") for c in clients)
+    if expired:
+        table.caption += "; expired: of those, results that expired"
     table.add_column("name", overflow="fold", ratio=1)
-    for column in ("kind", "connected", "pending", "unacked"):
+    columns = ("kind", "connected", "pending", "unacked")
+    for column in (*columns, "expired") if expired else columns:
         table.add_column(column, no_wrap=True)
     for c in clients:
-        table.add_row(
+        cells = [
             escape(c["name"]),
             c.get("kind", "client"),
             "yes" if c["connected"] else "no",
             str(c["pending"]),
             # An older broker does not say.
             str(c.get("unacknowledged", "-")),
-        )
+        ]
+        table.add_row(*cells, *([str(c["expired"])] if expired else []))
     return table
 
 

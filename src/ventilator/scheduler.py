@@ -22,6 +22,11 @@ journal forgets it at once, so a restart does not queue it again.
 A worker never holds more tasks than its capacity.
 Results of one attempt only count while that attempt is current (fencing): a
 late result from an attempt that was given up on is dropped.
+
+A result nobody collected within `result_ttl_s` is replaced by a tombstone
+(EXPIRED), so that a client coming back hears "expired", not silence. A
+tombstone is a few bytes and counts against no limit; it is forgotten once it
+has waited another `result_ttl_s` (see `_expire_results`, `_forget_tombstones`).
 """
 
 from __future__ import annotations
@@ -205,6 +210,9 @@ class Recipient:
     # Whether a send to its connection failed since it attached: only then did
     # results it was sent get lost on the way (see _recipient_for_peer).
     send_failed: bool = False
+    # How many of its results (pending or unacknowledged) are tombstones of
+    # expired ones, for the status.
+    expired: int = 0
 
     def delivered(self, ticket: int, size: int) -> None:
         self.unacked[ticket] = size
@@ -286,6 +294,17 @@ def _strikes(task: Task) -> str:
 
 def _times(count: int) -> str:
     return "1 time" if count == 1 else f"{count} times"
+
+
+def split_for_its_map(flags: int, status: p.Status) -> bool:
+    """Whether a task that ended with `status` is a map's batch handed back
+    to its map, which runs its items one by one (see `_strike`).
+
+    That is no failure of anything its user asked for: its items are tasks
+    of their own, and one that kills its worker fails as itself. So it is
+    neither remembered for `failed` and `retry` nor counted as failed.
+    """
+    return status is p.Status.POISON and bool(flags & _BATCH)
 
 
 def _count_held(worker: Worker, queue_name: str, change: int) -> None:
@@ -397,10 +416,23 @@ class ClientJoined:
     resent: int
 
 
+class Departure(enum.Enum):
+    """How a client or sink stopped receiving its results."""
+
+    LEFT = "left"  # it said BYE
+    SILENT = "silent"  # given up on after liveness x heartbeat of silence
+    UNREACHABLE = "unreachable"  # a send to it failed
+    REVOKED = "revoked"  # its key lost access (see Scheduler.revoke_client)
+
+
 @dataclass(frozen=True, slots=True)
 class ClientLost:
+    """A client or sink stopped receiving: `held` results (pending or sent
+    and unacknowledged) wait for it to come back."""
+
     recipient: str
     held: int
+    how: Departure
 
 
 @dataclass(frozen=True, slots=True)
@@ -413,6 +445,14 @@ class Rejected:
 @dataclass(frozen=True, slots=True)
 class ResultsExpired:
     count: int
+
+
+@dataclass(frozen=True, slots=True)
+class TombstonesForgotten:
+    """Tombstones of expired results kept another `ttl_s` were forgotten."""
+
+    count: int
+    ttl_s: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -449,6 +489,7 @@ Notice = (
     | ClientLost
     | Rejected
     | ResultsExpired
+    | TombstonesForgotten
     | SinkTaken
     | SessionHeld
     | FailureForgotten
@@ -510,6 +551,10 @@ class Scheduler:
         self._waiting: list[tuple[float, int]] = []  # (due time, ticket) heap
         # Finished tasks by the time they finished, oldest first, for result expiry.
         self._finish_order: OrderedDict[int, float] = OrderedDict()
+        # Tombstones of expired results by when they expired, oldest first, and
+        # their bytes: neither counts against max_queued_tasks or _bytes.
+        self._tombstones: OrderedDict[int, float] = OrderedDict()
+        self._tombstone_bytes = 0
         self._held: dict[str, int] = {}  # per submitting session: tasks not forgotten
         self._held_bytes: dict[str, int] = {}  # ... and their payload and result bytes
         self._queued_bytes = 0
@@ -529,6 +574,7 @@ class Scheduler:
         self.submitted = 0
         self.restored = 0
         self._finished_by_status = [0] * (max(p.Status) + 1)
+        self._batches_split = 0  # counted apart from POISON: see split_for_its_map
         self.failed: deque[FailedTask] = deque(maxlen=self.limits.failed_kept)
 
         self.workers: dict[str, Worker] = {}
@@ -587,7 +633,7 @@ class Scheduler:
             report = self._operate(command, now, scope)
             self._effects.to_clients.append((peer, p.OperatorReply(report)))
         elif isinstance(command, p.Bye):
-            self._client_gone(recipient, said_bye=True)
+            self._client_gone(recipient, Departure.LEFT)
         # A heartbeat needs nothing more: any command refreshed last_seen.
 
     def _hello(self, peer: bytes, hello: p.Hello, now: float) -> None:
@@ -864,11 +910,11 @@ class Scheduler:
                 f"this client already has {limits.client_window} tasks in the broker "
                 "(client_window); wait for results before submitting more"
             )
-        if len(self.tasks) >= limits.max_queued_tasks:
+        if self._held_tasks() >= limits.max_queued_tasks:
             if self._full_reason is None:
                 self._full_reason = self._full_of_tasks()
             return self._full_reason
-        if self._queued_bytes + size > limits.max_queued_bytes:
+        if self._queued_bytes - self._tombstone_bytes + size > limits.max_queued_bytes:
             return (
                 f"the broker holds {limits.max_queued_bytes} bytes (max_queued_bytes)"
             )
@@ -879,19 +925,25 @@ class Scheduler:
 
         Results waiting for delivery count: they hold memory and journal space
         as tasks do, and the limit bounds both. Those of clients that left wait
-        for `result_ttl_s`, unless an operator drops them.
+        for `result_ttl_s`, unless an operator drops them; then they are
+        tombstones, which do not count.
         """
+        held = self._held_tasks()
         queued = sum(self._queued_by_function().values())
         running = sum(len(worker.running) for worker in self.workers.values())
-        waiting = len(self.tasks) - queued - running
+        waiting = held - queued - running
         return (
-            f"the broker holds {len(self.tasks)} tasks, its limit "
+            f"the broker holds {held} tasks, its limit "
             f"(max_queued_tasks): {queued} queued, {running} running, {waiting} "
             "results waiting for delivery; results wait until their client "
             f"collects them, or for {self.limits.result_ttl_s:g}s (result_ttl_s); "
             "an operator drops those of a session that left with "
             "`ventilator purge --session NAME`"
         )
+
+    def _held_tasks(self) -> int:
+        """The tasks that count against max_queued_tasks: all but tombstones."""
+        return len(self.tasks) - len(self._tombstones)
 
     def _pickle_served(self) -> bool:
         return any(PICKLE_QUEUE in w.services for w in self.workers.values())
@@ -990,6 +1042,11 @@ class Scheduler:
             self._hold(task.session, -1)
         self._count_bytes(task, -len(task.payload) - len(task.result))
         self._finish_order.pop(task.ticket, None)
+        if self._tombstones.pop(task.ticket, None) is not None:
+            self._tombstone_bytes -= len(task.result)
+            recipient = self.recipients.get(task.recipient)
+            if recipient is not None:
+                recipient.expired -= 1
         self._effects.forgotten.append(task.ticket)
 
     def _cancel(self, session: str, task_ids: Iterable[int], now: float) -> None:
@@ -1021,9 +1078,10 @@ class Scheduler:
         self._conclude(task, p.Status.CANCELLED, b"", now)
         self._forget(task)
 
-    def _client_gone(self, recipient: Recipient, said_bye: bool = False) -> None:
+    def _client_gone(self, recipient: Recipient, how: Departure) -> None:
         # A silent or unreachable client keeps its peer mapping: if it speaks
         # again on the same connection, it is attached again without a HELLO.
+        said_bye = how is Departure.LEFT
         if said_bye and recipient.peer is not None:
             self._recipient_of_peer.pop(recipient.peer, None)
         # Every failed send to a gone client reports it: say so once.
@@ -1031,7 +1089,7 @@ class Scheduler:
         recipient.peer = None
         held = len(recipient.pending) + len(recipient.unacked)
         if was_connected:
-            self._effects.notices.append(ClientLost(recipient.name, held))
+            self._effects.notices.append(ClientLost(recipient.name, held, how))
 
         # A session that left with nothing owed is forgotten, so that sessions
         # do not accumulate; one that still has tasks running is recreated when
@@ -1309,7 +1367,7 @@ class Scheduler:
         if name is not None:
             recipient = self.recipients[name]
             recipient.send_failed = True
-            self._client_gone(recipient)
+            self._client_gone(recipient, Departure.UNREACHABLE)
 
     def revoke_worker(self, peer: bytes, reason: str, now: float) -> None:
         """Drop the worker on `peer` for a reason of the shell's (its key lost
@@ -1332,7 +1390,8 @@ class Scheduler:
         if recipient is not None and recipient.peer == peer:
             recipient.peer = None
             held = len(recipient.pending) + len(recipient.unacked)
-            self._effects.notices.append(ClientLost(recipient.name, held))
+            notice = ClientLost(recipient.name, held, Departure.REVOKED)
+            self._effects.notices.append(notice)
         self._effects.to_clients.append((peer, farewell))
         return name
 
@@ -1351,6 +1410,7 @@ class Scheduler:
         self._expire_clients(now)
         self._wake_retries(now)
         self._expire_results(now)
+        self._forget_tombstones(now)
 
     def stood_still(self, stalled_s: float, now: float) -> None:
         """The broker's loop stood still for `stalled_s` up to `now` (the process
@@ -1397,7 +1457,7 @@ class Scheduler:
                 and recipient.expires
                 and recipient.last_seen < deadline
             ):
-                self._client_gone(recipient)
+                self._client_gone(recipient, Departure.SILENT)
 
     def _wake_retries(self, now: float) -> None:
         while self._waiting and self._waiting[0][0] <= now:
@@ -1407,6 +1467,7 @@ class Scheduler:
                 self._enqueue(task)
 
     def _expire_results(self, now: float) -> None:
+        """Replace each result older than `result_ttl_s` by a tombstone."""
         deadline = now - self.limits.result_ttl_s
         expired: list[Task] = []
         while self._finish_order:
@@ -1425,9 +1486,59 @@ class Scheduler:
             )
             task.status = p.Status.EXPIRED
             self._replace_result(task, pack_error(error))
-            self._effects.finished.append(task)  # the journal keeps the tombstone
+            self._bury(task, now)
+            # The journal keeps the tombstone, and when it was made (as the
+            # time the task finished): a restart keeps it as long, no longer.
+            self._effects.finished.append(task)
         if expired:
             self._effects.notices.append(ResultsExpired(len(expired)))
+
+    def _bury(self, task: Task, expired_at: float) -> None:
+        """Keep `task`, whose result expired at `expired_at`, as a tombstone."""
+        self._tombstones[task.ticket] = expired_at
+        self._tombstone_bytes += len(task.result)
+        self._recipient(task.recipient).expired += 1
+
+    def _forget_tombstones(self, now: float) -> None:
+        """Forget the tombstones kept for `result_ttl_s` since they were made.
+
+        Telling a client its result expired is worth another TTL of a few
+        bytes; past that, a session that has not come back for twice the TTL
+        hears nothing of those tasks. Whoever was owed them and is away is
+        forgotten too, once it is owed nothing else.
+        """
+        deadline = now - self.limits.result_ttl_s
+        by_recipient: dict[str, set[int]] = {}
+        while self._tombstones:
+            ticket, expired_at = next(iter(self._tombstones.items()))
+            if expired_at >= deadline:
+                break
+            task = self.tasks[ticket]
+            by_recipient.setdefault(task.recipient, set()).add(ticket)
+            self._forget(task)
+        for name, tickets in by_recipient.items():
+            self._withdraw_results(name, tickets)
+        if by_recipient:
+            count = sum(len(tickets) for tickets in by_recipient.values())
+            ttl_s = self.limits.result_ttl_s
+            self._effects.notices.append(TombstonesForgotten(count, ttl_s))
+
+    def _withdraw_results(self, name: str, tickets: set[int]) -> None:
+        """Take forgotten `tickets` off what recipient `name` is owed."""
+        recipient = self.recipients.get(name)
+        if recipient is None:
+            return
+        left = {ticket for ticket in tickets if not recipient.acknowledged(ticket)}
+        # Results wait in about the order they finished, so the oldest, the
+        # expired ones, are mostly at the front: a recipient with a long
+        # backlog is not copied whole every tick.
+        pending = recipient.pending
+        while pending and pending[0] in left:
+            left.discard(pending.popleft())
+        if left:
+            recipient.pending = deque(t for t in pending if t not in left)
+        if recipient.peer is None:
+            self.detach_if_idle(name)
 
     # --- queues and results ----------------------------------------------------------
 
@@ -1460,9 +1571,10 @@ class Scheduler:
             self._hold(task.session, -1)
             self._hold_bytes(task.session, -len(task.payload) - len(task.result))
         self._leave_queue(task)
-        if status in FAILURE_STATUSES:
-            self._remember_failure(task, status, result, now)
-        self._finished_by_status[status] += 1
+        if split_for_its_map(task.flags, status):
+            self._batches_split += 1
+        else:
+            self._count_ending(task, status, result, now)
         task.state = State.FINISHED
         task.status = status
         task.finished_at = now
@@ -1471,6 +1583,13 @@ class Scheduler:
         task.payload = b""
         self._replace_result(task, result)
         self._effects.finished.append(task)
+
+    def _count_ending(
+        self, task: Task, status: p.Status, result: p.Payload, now: float
+    ) -> None:
+        if status in FAILURE_STATUSES:
+            self._remember_failure(task, status, result, now)
+        self._finished_by_status[status] += 1
 
     def _remember_failure(
         self, task: Task, status: p.Status, error: p.Payload, now: float
@@ -1848,7 +1967,8 @@ class Scheduler:
         Tasks that had not finished go back to the queue, in ticket order;
         finished ones wait for their recipient to connect and acknowledge them,
         and must come in the order they finished (`finished_at`, on this
-        process's clock): their results expire in that order.
+        process's clock): their results expire in that order. A tombstone's
+        `finished_at` is when its result expired: it is forgotten in turn.
         """
         # The ticket is the journal's key for the task: it survives restarts.
         self._now = now
@@ -1857,7 +1977,10 @@ class Scheduler:
         self._admit(task)
         if task.state is State.FINISHED:
             self._recipient(task.recipient).pending.append(task.ticket)
-            self._finish_order[task.ticket] = task.finished_at
+            if task.status is p.Status.EXPIRED:
+                self._bury(task, task.finished_at)  # journalled when it expired
+            else:
+                self._finish_order[task.ticket] = task.finished_at
         else:
             self._enqueue(task)
             self.submitted += 1
@@ -1865,8 +1988,13 @@ class Scheduler:
 
     def restore_failure(self, record: FailedTask) -> None:
         """Take back a failure record from the journal after a restart, oldest
-        first; `record.failed_at` must be on this process's clock."""
-        self._keep_failure(record)
+        first; `record.failed_at` must be on this process's clock. A batch
+        handed back to its map, which older brokers remembered as a failure,
+        is dropped from the journal instead."""
+        if split_for_its_map(record.flags, record.status):
+            self._effects.unfailed.append(record.ticket)
+        else:
+            self._keep_failure(record)
 
     def status(self, now: float, scope: Scope | None = None) -> dict[str, object]:
         """A plain-data picture of the broker, for `ventilator status`; within
@@ -1884,7 +2012,7 @@ class Scheduler:
             "workers": [self._worker_status(w, now) for w in self.workers.values()],
             "queued": queued,
             "running": running,
-            "results_waiting": len(self.tasks) - unfinished,
+            **self._results_held(unfinished),
             "clients": [self._client_status(r) for r in self.recipients.values()],
             "totals": self.totals(),
             "recent_failures": [
@@ -1908,7 +2036,7 @@ class Scheduler:
             "workers": [worker for worker in workers if worker is not None],
             "queued": {q: n for q, n in queued.items() if scope.shows_queue(q)},
             "running": {q: n for q, n in running.items() if scope.shows_queue(q)},
-            "results_waiting": len(self.tasks) - unfinished,
+            **self._results_held(unfinished),
             "clients": [
                 self._client_status(recipient)
                 for recipient in self.recipients.values()
@@ -1920,12 +2048,25 @@ class Scheduler:
             ],
         }
 
+    def _results_held(self, unfinished: int) -> dict[str, int]:
+        """Finished tasks waiting for their recipients: results, and apart
+        from them the tombstones of expired ones. Their sum is that of every
+        client's `pending` and `unacknowledged`."""
+        expired = len(self._tombstones)
+        return {
+            "results_waiting": len(self.tasks) - unfinished - expired,
+            "results_expired": expired,
+        }
+
     def totals(self) -> dict[str, int]:
         """Tasks taken on and finished since this broker started, by outcome.
 
         `submitted` includes the `restored` tasks: the unfinished ones the
         journal brought back at start. Results that had finished before the
-        restart count in neither.
+        restart count in neither. `split` counts maps' batches whose task
+        process died or whose worker was lost, handed back to their maps,
+        which submit their items anew (see `split_for_its_map`): they are
+        not `failed`.
         """
         by_status = self._finished_by_status
         return {
@@ -1934,6 +2075,7 @@ class Scheduler:
             "completed": by_status[p.Status.OK],
             "failed": sum(by_status[status] for status in FAILURE_STATUSES),
             "cancelled": by_status[p.Status.CANCELLED],
+            "split": self._batches_split,
         }
 
     def _client_status(self, recipient: Recipient) -> dict[str, object]:
@@ -1944,6 +2086,8 @@ class Scheduler:
             "pending": len(recipient.pending),
             # Sent and not yet acknowledged: a busy sink holds them.
             "unacknowledged": len(recipient.unacked),
+            # Of those two, the tombstones of expired results.
+            "expired": recipient.expired,
         }
 
     def _worker_within(
@@ -2226,6 +2370,7 @@ class Scheduler:
                 self._check_nobody_idles_for(task)
         self._check_stale_counts()
         self._check_byte_counts()
+        self._check_tombstones()
         assert all(ids for _, ids in self._unannounced.values()), "empty ACCEPTED"
         failed = [record.ticket for record in self.failed]
         assert len(set(failed)) == len(failed), "a failure remembered twice"
@@ -2236,7 +2381,7 @@ class Scheduler:
         unfinished = sum(
             1 for t in self.tasks.values() if t.state is not State.FINISHED
         )
-        finished = sum(self._finished_by_status)
+        finished = sum(self._finished_by_status) + self._batches_split
         assert finished + unfinished <= self.submitted, (finished, self.submitted)
         assert self.restored <= self.submitted
 
@@ -2273,6 +2418,20 @@ class Scheduler:
             stale = self._stale.get(name, 0)
             assert len(queue) - stale == live, f"queue {name}: {stale} stale counted"
         assert all(count > 0 for count in self._stale.values()), self._stale
+
+    def _check_tombstones(self) -> None:
+        size = 0
+        for ticket in self._tombstones:
+            task = self.tasks[ticket]
+            assert task.status is p.Status.EXPIRED, f"tombstone {ticket} not expired"
+            assert ticket not in self._finish_order, f"tombstone {ticket} expires"
+            size += len(task.result)
+        assert self._tombstone_bytes == size, (self._tombstone_bytes, size)
+        counted = sum(r.expired for r in self.recipients.values())
+        assert counted == len(self._tombstones), (counted, len(self._tombstones))
+        finished = sum(1 for t in self.tasks.values() if t.state is State.FINISHED)
+        owed = sum(len(r.pending) + len(r.unacked) for r in self.recipients.values())
+        assert owed == finished, f"recipients owed {owed} of {finished} results"
 
     def _check_byte_counts(self) -> None:
         total = 0

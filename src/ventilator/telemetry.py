@@ -13,10 +13,12 @@ batch task (`Flags.BATCH`), which the scheduler sees as one task. Users count
 items, so both are counted: a plain task is one item, a batch as many as it
 carries (read from its payload's msgpack array header when accepted, and from
 its result's per-item statuses when it ran). A batch that failed whole counts
-all its items with its outcome; items the client then resubmits one by one are
-new submissions, as are the items a batch left unrun at its time budget. A
-pickled batch's arguments are opaque to the broker: its items are counted as
-submitted when it finishes.
+all its items with its outcome, except one whose process died or whose worker
+was lost: that one was handed back to its map (`split_for_its_map`), and it
+and its items count as `split`, not failed. Items the client then resubmits
+one by one are new submissions, as are the items a batch left unrun at its
+time budget. A pickled batch's arguments are opaque to the broker: its items
+are counted as submitted when it finishes.
 
 Prometheus metrics (collected from the latest snapshot, in a registry of our
 own, not prometheus-client's global one)::
@@ -29,6 +31,8 @@ own, not prometheus-client's global one)::
     ventilator_tasks_completed_total{function}         succeeded
     ventilator_tasks_failed_total{function,outcome}    raised, timeout, poison, ...
     ventilator_tasks_cancelled_total{function}
+    ventilator_tasks_split_total{function}             batches handed back to their map
+    ventilator_items_split_total{function}             ... and the items they held
     ventilator_task_duration_seconds{function}         histogram, as workers measure
     ventilator_task_queue_wait_seconds{function}       histogram, queued to started
     ventilator_queue_depth{function}                   waiting to run (retries too)
@@ -36,6 +40,7 @@ own, not prometheus-client's global one)::
     ventilator_oldest_running_task_seconds{worker}     workers holding a task only
     ventilator_workers_connected   ventilator_worker_slots   ventilator_worker_credit
     ventilator_clients_connected   ventilator_results_waiting
+    ventilator_results_expired                         tombstones kept for their clients
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from . import protocol as p
-from .scheduler import FAILURE_STATUSES, Effects, Scheduler, Task
+from .scheduler import FAILURE_STATUSES, Effects, Scheduler, Task, split_for_its_map
 from .serialization import unpack_value
 
 __all__ = ["Snapshot", "Telemetry", "metrics_registry"]
@@ -73,7 +78,10 @@ BUCKETS_S: tuple[float, ...] = (
 _RAN = frozenset({p.Status.OK, p.Status.RAISED, p.Status.TIMEOUT})
 # Looked up once here: attribute access on an Enum class is slow per task.
 _OK = p.Status.OK
+_POISON = p.Status.POISON
 _EXPIRED = p.Status.EXPIRED
+# The outcome under which batches handed back to their map are counted.
+_SPLIT = "split"
 _FAILURES = FAILURE_STATUSES
 _BATCH = int(p.Flags.BATCH)
 _PICKLED = int(p.Flags.PICKLED)
@@ -211,6 +219,11 @@ class Telemetry:
             status = task.status
             if status is None or status is _EXPIRED:
                 continue  # an expired result is a tombstone, not a second ending
+            # Asked of poison only: a call per task would cost as much as
+            # the counting.
+            if status is _POISON and split_for_its_map(task.flags, status):
+                self._count_split(task)
+                continue
             function = task.queue
             key = (function, status)
             tally[key] = tally.get(key, 0) + 1
@@ -233,6 +246,13 @@ class Telemetry:
                     ran.duration_max_s = run_s
         self._add_outcomes(tally)
         self._add_item_outcomes(tally, batches)
+
+    def _count_split(self, task: Task) -> None:
+        """Count a batch handed back to its map, and its items, as split."""
+        key = (task.queue, _SPLIT)
+        self.finished[key] = self.finished.get(key, 0) + 1
+        items = self._finished_batch(task, _POISON)[_POISON]
+        self.items_finished[key] = self.items_finished.get(key, 0) + items
 
     def _histograms(self, function: str) -> tuple[Histogram, Histogram]:
         """(queue wait, duration) histograms of `function`."""
@@ -329,6 +349,7 @@ class Telemetry:
             "submitted": sum(self.items_submitted.values()),
             "completed": by_outcome.pop("ok", 0),
             "cancelled": by_outcome.pop("cancelled", 0),
+            "split": by_outcome.pop(_SPLIT, 0),
             "failed": sum(by_outcome.values()),
         }
 
@@ -441,6 +462,11 @@ def _ending_counters(
             f"{what}."
         ),
         "cancelled": f"Cancelled before they ran, by a client or an operator: {what}.",
+        "split": (
+            "Handed back to their map, which ran the items one by one, as a "
+            "process died or a worker was lost running them together; not "
+            f"failed: {what}."
+        ),
     }
     counters = {
         name: CounterMetricFamily(
@@ -455,8 +481,8 @@ def _ending_counters(
     for (function, outcome), count in sorted(finished.items()):
         if outcome == "ok":
             counters["completed"].add_metric([function], count)
-        elif outcome == "cancelled":
-            counters["cancelled"].add_metric([function], count)
+        elif outcome in ("cancelled", _SPLIT):
+            counters[outcome].add_metric([function], count)
         else:
             counters["failed"].add_metric([function, outcome], count)
     yield from counters.values()
@@ -533,6 +559,13 @@ def _gauges(status: dict[str, Any]) -> Iterator[Metric]:
     )
     yield GaugeMetricFamily(
         "ventilator_results_waiting",
-        "Finished tasks whose result was not acknowledged yet.",
+        "Finished tasks whose result was not acknowledged yet (their result "
+        "not expired).",
         value=status["results_waiting"],
+    )
+    yield GaugeMetricFamily(
+        "ventilator_results_expired",
+        "Results that expired uncollected, kept as a few bytes each for one "
+        "more result TTL to tell their clients; in no limit.",
+        value=status.get("results_expired", 0),
     )

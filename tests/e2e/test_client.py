@@ -165,6 +165,26 @@ def test_map_runs_a_poison_item_max_attempts_times_in_all(
     assert runs.read_text().count("ran") == 3
 
 
+def test_a_batch_whose_process_died_is_no_failure_only_its_poison_item_is(
+    client: ventilator.Client, two_workers: list[WorkerProcess], tmp_path: Path
+) -> None:
+    # The batch of items 10 to 19 dies with item -1 in it and is handed back
+    # to the map: nothing the user asked for failed but item -1.
+    runs = tmp_path / "runs"
+    items = [[x, str(runs)] for x in [*range(15), -1, *range(15)]]
+
+    outcomes = list(
+        client.map_outcomes(tasks.crash_on_negative_counted, items, chunksize=10)
+    )
+    failed = client.failed()
+    totals = client.status()["totals"]
+
+    assert [i for i, o in enumerate(outcomes) if o.error is not None] == [15]
+    [record] = failed
+    assert record["outcome"] == "poison" and "batch" not in record["message"]
+    assert (totals["failed"], totals["split"]) == (1, 1)
+
+
 def test_map_item_alone_in_a_batch_whose_process_died_once_runs_again(
     client: ventilator.Client, two_workers: list[WorkerProcess], tmp_path: Path
 ) -> None:

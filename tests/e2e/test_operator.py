@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
+from collections.abc import Iterator
 from concurrent.futures import CancelledError
 from pathlib import Path
 from typing import Any
@@ -13,10 +15,13 @@ from typing import Any
 import pytest
 
 import ventilator
+from ventilator.broker import Broker, BrokerConfig
+from ventilator.policy import Limits
 from ventilator.scheduler import RETRY_SESSION
 
 from .conftest import (
     MORE_TASKS,
+    START_TIMEOUT_S,
     TASKS,
     BrokerProcess,
     Launcher,
@@ -196,6 +201,29 @@ def test_json_logs_are_one_object_per_line_with_lifecycle_events(
     assert {line["level"] for line in lines} <= {"INFO", "WARNING"}
 
 
+def test_a_client_that_closes_is_logged_as_left_with_nothing_kept(
+    processes: Processes, launch: Launcher
+) -> None:
+    broker = launch.broker("--log-level", "INFO", "--log-format", "json")
+    client = launch.client(broker)
+    client.status()
+    session = client.session
+
+    client.close()
+
+    def departure() -> list[str]:
+        lines = json_lines(log_of(broker.process))
+        return [
+            line["message"]
+            for line in lines
+            if f"client={session}" in line["message"]
+            and "joined" not in line["message"]
+        ]
+
+    [message] = wait_until(departure, 10, "the client's leaving to be logged")
+    assert "left" in message and "keeping" not in message
+
+
 def test_map_progress_bar_shows_rate_and_eta(processes: Processes) -> None:
     completed = run_cli(
         processes,
@@ -263,6 +291,54 @@ def test_results_of_a_session_that_left_are_dropped_with_purge_session(
     assert newcomer.status()["results_waiting"] == 0
     newcomer.submit(UNSERVED, 9)  # accepted: nothing holds the room any more
     status_when(newcomer, lambda s: s["queued"].get(UNSERVED) == 1, 10, "1 queued")
+
+
+@pytest.fixture
+def short_ttl_broker() -> Iterator[str]:
+    """A broker in this process whose results expire after a second, with
+    room for 3 tasks; its frontend's endpoint. (The CLI has no option for
+    the result TTL.)"""
+    limits = Limits(heartbeat_interval_s=0.2, result_ttl_s=1.0, max_queued_tasks=3)
+    broker = Broker(
+        BrokerConfig(
+            frontend="tcp://127.0.0.1:*",
+            backend="tcp://127.0.0.1:*",
+            durability="memory",
+            limits=limits,
+        )
+    )
+    broker.bind()
+    thread = threading.Thread(target=broker.serve, name="broker", daemon=True)
+    thread.start()
+    yield broker.frontend_endpoint
+    broker.stop()
+    thread.join(START_TIMEOUT_S)
+
+
+def test_expired_results_of_a_session_that_left_hold_no_room_and_are_forgotten(
+    short_ttl_broker: str, launch: Launcher
+) -> None:
+    departed = launch.client(short_ttl_broker)
+    for x in range(3):
+        departed.submit(UNSERVED, x)
+    status_when(departed, lambda s: s["queued"].get(UNSERVED) == 3, 10, "3 queued")
+    departed.close()
+    newcomer = launch.client(short_ttl_broker)
+    newcomer.purge(UNSERVED)  # 3 "cancelled" results wait for the departed
+
+    expired = status_when(
+        newcomer, lambda s: s["results_expired"] == 3, 10, "3 results expired"
+    )
+    newcomer.submit(UNSERVED, 9)  # accepted: the expired results hold no room
+    status_when(newcomer, lambda s: s["queued"].get(UNSERVED) == 1, 10, "1 queued")
+    forgotten = status_when(
+        newcomer, lambda s: s["results_expired"] == 0, 10, "tombstones forgotten"
+    )
+
+    assert expired["results_waiting"] == 0
+    [gone] = [c for c in expired["clients"] if c["name"] == departed.session]
+    assert gone["pending"] + gone["unacknowledged"] == gone["expired"] == 3
+    assert departed.session not in [c["name"] for c in forgotten["clients"]]
 
 
 def test_purge_session_of_a_connected_session_is_refused(

@@ -801,6 +801,29 @@ def test_a_results_age_carries_over_a_restart(path: Path) -> None:
     assert tombstone.status is p.Status.EXPIRED
 
 
+def test_a_forgotten_tombstone_does_not_come_back_after_a_restart(path: Path) -> None:
+    limits = Limits(result_ttl_s=60.0, heartbeat_interval_s=100.0)
+    journal = SqliteJournal(path)
+    driver = Driver(limits)
+    driver.hello()
+    turns = [driver.submit(task(1))]
+    turns.append(driver.done(b"w1", assignments(driver.ready(b"w1"), b"w1")[0]))
+    turns.append(driver.unreachable(CLIENT))
+    turns.append(driver.tick(61.0))  # expired to a tombstone
+    for effects in turns:
+        journal.commit(effects.accepted, effects.finished, effects.forgotten)
+    journal.close()
+    [tombstone] = reopened(path)
+
+    journal = SqliteJournal(path)
+    forgotten = driver.tick(61.0)
+    journal.commit(forgotten.accepted, forgotten.finished, forgotten.forgotten)
+    journal.close()
+
+    assert tombstone.status is p.Status.EXPIRED
+    assert reopened(path) == []
+
+
 def test_a_result_of_a_journal_without_finish_times_counts_as_finished_now(
     path: Path,
 ) -> None:

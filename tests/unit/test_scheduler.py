@@ -11,6 +11,7 @@ from ventilator.policy import Backoff, Limits
 from ventilator.scheduler import (
     ACCEPT_GRACE_S,
     ClientLost,
+    Departure,
     LateOutcome,
     Scheduler,
     SessionHeld,
@@ -1050,7 +1051,40 @@ def test_a_client_unreachable_twice_in_one_turn_is_lost_once(driver: Driver) -> 
     driver.scheduler.peer_unreachable(CLIENT, driver.now)  # a second send failed
     effects = driver.flush()
 
-    assert notices(effects, ClientLost) == [ClientLost("alice", 0)]
+    assert notices(effects, ClientLost) == [
+        ClientLost("alice", 0, Departure.UNREACHABLE)
+    ]
+
+
+def test_a_client_that_says_bye_is_noted_as_left(driver: Driver) -> None:
+    driver.submit(task(1))
+    driver.done(W1, assignments(driver.ready(W1), W1)[0])
+    driver.ack(("", 1))
+
+    left = driver.client(CLIENT, p.Bye())
+
+    assert notices(left, ClientLost) == [ClientLost("alice", 0, Departure.LEFT)]
+
+
+def test_status_of_clients_adds_up_to_the_results_it_counts() -> None:
+    # A result delivered and not acknowledged, one not sent, a sink's, and a
+    # tombstone: each client's pending and unacked add up to the totals.
+    driver = Driver(Limits(result_ttl_s=60.0, heartbeat_interval_s=100.0))
+    results_expired_for_a_gone_client(driver, 1)
+    driver.hello(OTHER, session="bob")
+    submitted = driver.submit(task(1), task(2), task(3, sink="out"), peer=OTHER)
+    work = assignments(submitted, W1)
+    while work:
+        work += assignments(driver.done(W1, work.pop()), W1)
+    driver.unreachable(OTHER)
+
+    status = driver.scheduler.status(driver.now)
+
+    clients = status["clients"]
+    assert isinstance(clients, list)
+    owed = sum(c["pending"] + c["unacknowledged"] for c in clients)
+    assert (status["results_waiting"], status["results_expired"]) == (3, 1)
+    assert owed == 4
 
 
 def test_silent_client_is_given_up_and_its_results_kept(driver: Driver) -> None:
@@ -1059,7 +1093,7 @@ def test_silent_client_is_given_up_and_its_results_kept(driver: Driver) -> None:
 
     gone = driver.tick(3.5)
 
-    assert notices(gone, ClientLost) == [ClientLost("alice", 0)]
+    assert notices(gone, ClientLost) == [ClientLost("alice", 0, Departure.SILENT)]
     assert driver.scheduler.recipients["alice"].peer is None
     assert len(driver.scheduler.tasks) == 1
 
@@ -1175,6 +1209,117 @@ def test_uncollected_result_expires_to_a_tombstone_after_its_ttl() -> None:
     [tombstone] = results(expired, b"client-3")
     assert tombstone.status is p.Status.EXPIRED
     assert "result_ttl_s" in error_report(tombstone)["message"]
+
+
+def results_expired_for_a_gone_client(driver: Driver, count: int) -> None:
+    """Tasks 1..count of session alice finished, alice gone, their results
+    expired to tombstones just now (result_ttl_s 60)."""
+    driver.hello()
+    driver.submit(*(task(i) for i in range(1, count + 1)))
+    for assignment in assignments(driver.ready(W1, capacity=count), W1):
+        driver.done(W1, assignment)
+    driver.unreachable(CLIENT)
+    driver.tick(61.0)
+
+
+def test_a_tombstone_is_forgotten_one_ttl_after_its_result_expired() -> None:
+    driver = Driver(Limits(result_ttl_s=60.0, heartbeat_interval_s=100.0))
+    results_expired_for_a_gone_client(driver, 2)
+    tickets = set(driver.scheduler.tasks)
+
+    kept = driver.tick(59.0)
+    forgotten = driver.tick(2.0)
+    back = driver.hello(OTHER)
+
+    assert not kept.forgotten
+    assert set(forgotten.forgotten) == tickets
+    assert driver.scheduler.tasks == {}
+    assert results(back, OTHER) == []
+    assert driver.scheduler.status(driver.now)["results_waiting"] == 0
+
+
+def test_a_tombstone_delivered_and_not_acknowledged_is_forgotten_too() -> None:
+    driver = Driver(Limits(result_ttl_s=60.0, heartbeat_interval_s=100.0))
+    results_expired_for_a_gone_client(driver, 1)
+    [tombstone] = results(driver.hello(OTHER), OTHER)
+    driver.unreachable(OTHER)
+
+    driver.tick(61.0)
+    late_ack = driver.hello(b"client-3")
+
+    assert tombstone.status is p.Status.EXPIRED
+    assert driver.scheduler.tasks == {}
+    assert results(late_ack, b"client-3") == []
+
+
+def test_tombstones_do_not_count_against_max_queued_tasks() -> None:
+    limits = Limits(result_ttl_s=60.0, heartbeat_interval_s=100.0, max_queued_tasks=2)
+    driver = Driver(limits)
+    results_expired_for_a_gone_client(driver, 2)
+
+    driver.hello(OTHER, session="bob")
+    effects = driver.submit(task(1), task(2), peer=OTHER)
+
+    assert accepted(effects, OTHER) == [1, 2]
+
+
+def test_tombstones_do_not_count_against_max_queued_bytes() -> None:
+    limits = Limits(
+        result_ttl_s=60.0, heartbeat_interval_s=100.0, max_queued_bytes=2000
+    )
+    driver = Driver(limits)
+    results_expired_for_a_gone_client(driver, 2)
+    assert driver.scheduler.status(driver.now)["results_expired"] == 2
+
+    driver.hello(OTHER, session="bob")
+    effects = driver.submit(task(1, payload=b"x" * 1990), peer=OTHER)
+
+    assert accepted(effects, OTHER) == [1]
+
+
+def test_refusal_at_max_queued_tasks_counts_no_tombstone_as_waiting() -> None:
+    limits = Limits(result_ttl_s=60.0, heartbeat_interval_s=100.0, max_queued_tasks=3)
+    driver = Driver(limits)
+    results_expired_for_a_gone_client(driver, 2)
+    driver.hello(OTHER, session="bob")
+
+    effects = driver.submit(task(1), task(2), task(3), task(4), peer=OTHER)
+
+    [refusal] = results(effects, OTHER)
+    message = error_report(refusal)["message"]
+    assert "3 tasks" in message and "3 queued" in message
+    assert "0 results waiting" in message
+
+
+def test_status_counts_tombstones_apart_from_results_waiting() -> None:
+    driver = Driver(Limits(result_ttl_s=60.0, heartbeat_interval_s=100.0))
+    results_expired_for_a_gone_client(driver, 2)
+
+    status = driver.scheduler.status(driver.now)
+
+    assert status["results_waiting"] == 0
+    assert status["results_expired"] == 2
+    [alice] = status["clients"]
+    assert alice["pending"] + alice["unacknowledged"] == 2
+    assert alice["expired"] == 2
+
+
+def test_a_restored_tombstone_is_forgotten_one_ttl_after_it_expired() -> None:
+    limits = Limits(result_ttl_s=60.0, heartbeat_interval_s=100.0)
+    before = Driver(limits)
+    results_expired_for_a_gone_client(before, 1)
+    [tombstone] = before.scheduler.tasks.values()
+    tombstone.finished_at = before.now - 30.0  # as the journal says it expired
+
+    after = Driver(limits)
+    after.now = before.now
+    after.scheduler.restore(tombstone, after.now)
+    kept = after.tick(29.0)
+    forgotten = after.tick(2.0)
+
+    assert not kept.finished and not kept.forgotten  # not expired again
+    assert forgotten.forgotten == [tombstone.ticket]
+    assert after.scheduler.tasks == {}
 
 
 # --- one live client per session -----------------------------------------------------

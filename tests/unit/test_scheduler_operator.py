@@ -73,6 +73,58 @@ def test_the_list_of_failures_is_newest_first_and_bounded(driver: Driver) -> Non
     assert [record["task_id"] for record in failed] == [3, 2]
 
 
+def batch_whose_worker_died(driver: Driver, task_id: int) -> None:
+    driver.submit(task(task_id, flags=p.Flags.BATCH))
+    [batch] = assignments(driver.ready(W1, worker_id=f"w{task_id}"), W1)
+    driver.done(W1, batch, p.Status.CRASHED)
+
+
+def test_a_batch_handed_back_to_its_map_is_no_failure_to_list_or_retry(
+    driver: Driver,
+) -> None:
+    batch_whose_worker_died(driver, 1)
+
+    listed = operate(driver, p.ListFailed(10))
+    retried = operate(driver, p.Retry([], "retried"))
+    status = driver.scheduler.status(driver.now)
+
+    assert (listed["failed"], listed["kept"]) == ([], 0)
+    assert retried["retried"] == []
+    assert status["recent_failures"] == []
+    totals = status["totals"]
+    assert (totals["failed"], totals["split"]) == (0, 1)  # type: ignore[index]
+
+
+def test_an_item_of_a_split_batch_that_kills_its_worker_is_a_failure(
+    driver: Driver,
+) -> None:
+    batch_whose_worker_died(driver, 1)
+    driver.submit(task(2, flags=p.Flags.SPLIT))
+    [item] = assignments(driver.ready(W1, worker_id="w2"), W1)
+    [again] = assignments(driver.done(W1, item, p.Status.CRASHED), W1)
+    driver.done(W1, again, p.Status.CRASHED)
+
+    [record] = operate(driver, p.ListFailed(10))["failed"]
+
+    assert (record["task_id"], record["outcome"]) == (2, "poison")
+    assert driver.scheduler.totals()["failed"] == 1
+
+
+def test_a_split_batch_remembered_as_failed_by_an_older_broker_is_dropped(
+    driver: Driver,
+) -> None:
+    error = pack_error(TaskRaised("PoisonTask", "the worker process died"))
+    record = FailedTask(
+        7, "alice", 7, FUNCTION, p.Status.POISON, error, 0.0, b"", p.Flags.BATCH, None
+    )
+
+    driver.scheduler.restore_failure(record)
+    effects = driver.flush()
+
+    assert list(driver.scheduler.failed) == []
+    assert effects.unfailed == [7]
+
+
 def test_status_counts_outcomes_and_shows_recent_failures(driver: Driver) -> None:
     fail(driver, 1)
     driver.submit(task(2, function="jobs:unserved"))
@@ -86,6 +138,7 @@ def test_status_counts_outcomes_and_shows_recent_failures(driver: Driver) -> Non
         "completed": 0,
         "failed": 1,
         "cancelled": 1,
+        "split": 0,
     }
     assert [r["message"] for r in status["recent_failures"]] == ["bad input 1"]  # type: ignore[attr-defined]
 

@@ -567,12 +567,26 @@ class SchedulerMachine(RuleBasedStateMachine):
             for w in self.scheduler.workers.values()
             if w.silent_while_busy and w.running
         ]
+        tombstones = [
+            task.key
+            for task in self.scheduler.tasks.values()
+            if task.status is p.Status.EXPIRED
+        ]
         self.scheduler.tick(self.now)
         for worker_id in busy_and_quiet:
             assert worker_id in self.scheduler.workers, "expired while busy"
         if advance_s == 1.0:
             self.scheduler.heartbeats()
         self._flush()
+        self._forget_tombstones_forgotten(tombstones)
+
+    def _forget_tombstones_forgotten(self, tombstones: list[Key]) -> None:
+        # A tombstone kept result_ttl_s after its result expired is forgotten:
+        # it reaches nobody now, and must never come back.
+        for key in tombstones:
+            if self.scheduler.find_task(*key) is None and not self._acked(key):
+                self.recipients[self.recipient_of.pop(key)].delivered.discard(key)
+                self.dropped.add(key)
 
     # --- checks -----------------------------------------------------------------------
 

@@ -159,10 +159,11 @@ def test_items_of_a_batch_are_counted_one_by_one_beside_the_task() -> None:
         "completed": 18,
         "failed": 3,
         "cancelled": 0,
+        "split": 0,
     }
 
 
-def test_a_batch_that_failed_whole_counts_each_item_failed() -> None:
+def test_a_batch_handed_back_to_its_map_counts_split_not_failed() -> None:
     driver, telemetry = Driver(Limits(max_attempts=1)), Telemetry()
     driver.hello()
     telemetry.record(driver.submit(batch_of(1, ["a", "b", "c", "d"])))
@@ -173,9 +174,14 @@ def test_a_batch_that_failed_whole_counts_each_item_failed() -> None:
     telemetry.publish(driver.now, driver.scheduler)
 
     metrics = samples(telemetry)
-    poison = frozenset({("function", FUNCTION), ("outcome", "poison")})
-    assert metrics[("ventilator_items_failed_total", poison)] == 4
-    assert metrics[("ventilator_tasks_failed_total", poison)] == 1
+    function = frozenset({("function", FUNCTION)})
+    assert metrics[("ventilator_items_split_total", function)] == 4
+    assert metrics[("ventilator_tasks_split_total", function)] == 1
+    assert not [name for name, _ in metrics if name.endswith("_failed_total")]
+    assert telemetry.latest is not None
+    items = telemetry.latest.status["items"]
+    assert (items["failed"], items["split"]) == (0, 4)
+    assert telemetry.latest.history[-1]["tasks_failed"] == 0
 
 
 def test_tasks_restored_from_the_journal_count_as_submitted(tmp_path: Path) -> None:
