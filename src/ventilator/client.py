@@ -868,6 +868,9 @@ class Client:
         self._revoked: str | None = None
         public_key = self._curve.public_key if self._curve is not None else None
         self._handshakes = _wire.HandshakeWatch(address, "client", public_key)
+        # Why this address cannot be a broker's frontend, once a refusal showed
+        # it (see _misdirected); None while none did, or since a WELCOME.
+        self._misdirection: str | None = None
         self._thread = threading.Thread(
             target=self._run, name=f"ventilator-client-{self.session[:8]}", daemon=True
         )
@@ -1723,12 +1726,8 @@ class Client:
                 # next beat must not keep the date our own interval gave it.
                 next_beat = min(next_beat, now + self._heartbeat_interval_s)
             self._send_outgoing(now)
-            if self._handshakes.problem is not None and not self._welcomed:
-                # Questions (status) would wait in silence for an answer that
-                # cannot come: they fail, saying why.
-                self._fail_questions([self._handshakes.problem])
-                if self._handshakes.definitive:
-                    self._fail_tasks(self._handshakes.problem)
+            if not self._welcomed:
+                self._fail_unanswerable()
 
             if now >= next_beat:
                 # A refused client asks again instead: a beat would only be
@@ -1745,6 +1744,19 @@ class Client:
                     broker_seen = now
 
         self._shutdown()
+
+    def _fail_unanswerable(self) -> None:
+        """Before a WELCOME: fail what cannot be answered, saying why.
+
+        Questions (status) would wait in silence for an answer that cannot
+        come, from a broker whose handshakes fail or from a backend. Checked
+        every turn, not only when the refusal arrives: a question asked after
+        it must fail as promptly as one asked before.
+        """
+        problem = self._handshakes.problem
+        self._fail_questions([x for x in (problem, self._misdirection) if x])
+        if problem is not None and self._handshakes.definitive:
+            self._fail_tasks(problem)
 
     def _log_silence(self, silent_s: float) -> None:
         if self._broker_heard_at is None:
@@ -1913,7 +1925,10 @@ class Client:
         elif error.code in _MESSAGE_REFUSED:
             self._submit_refused(error)
         elif error.code == "command":
-            self._misdirected(error)
+            self._misdirected(f"it refused a client's command ({error.message})")
+        elif error.code == "unknown_worker":
+            # A backend's answer to our heartbeat, with advice for a worker.
+            self._misdirected("it took a client's heartbeat for a worker's")
         elif error.code == NOT_PERMITTED and self._asked:
             # An operator command this client's key may not give: its answer.
             _fail(self._asked.popleft().answer, UsageError(error.message))
@@ -1972,17 +1987,21 @@ class Client:
             self._release(len(held))
             log.error("failed %d tasks: %s", len(held), message)
 
-    def _misdirected(self, error: p.Error) -> None:
-        """A command of ours was refused as not a client's: every one we send
+    def _misdirected(self, evidence: str) -> None:
+        """A command of ours was answered as not a client's: every one we send
         is, so this is a broker's backend, where workers connect. It will
-        answer no question; they fail now instead of timing out in silence."""
-        message = (
-            f"{self.address} is not a broker's frontend: it refused a client's "
-            f"command ({error.message}); is it the backend, where workers "
-            "connect? Connect clients to the broker's frontend"
+        answer no question: those asked fail now, and those asked later at
+        once (see _fail_unanswerable), instead of timing out in silence."""
+        if self._misdirection is not None:
+            log.debug("%s still answers as a backend: %s", self.address, evidence)
+            return
+        self._misdirection = (
+            f"{self.address} is not a broker's frontend: {evidence}; is it the "
+            "backend, where workers connect? Connect clients to the broker's "
+            "frontend"
         )
-        self._warn_once(message, logging.ERROR)
-        self._fail_questions([message])
+        log.error("%s", self._misdirection)
+        self._fail_questions([self._misdirection])
 
     def _fail_questions(self, problems: list[str]) -> None:
         """Fail the questions asked (status, operator commands) with the last
@@ -2047,10 +2066,10 @@ class Client:
         self._release(len(held))
         return len(held)
 
-    def _warn_once(self, message: str, level: int = logging.WARNING) -> None:
+    def _warn_once(self, message: str) -> None:
         if message not in self._warned:
             self._warned.add(message)
-            log.log(level, "%s", message)
+            log.warning("%s", message)
 
     def _submit_refused(self, error: p.Error) -> None:
         """The broker refused a message of ours whole, as malformed.
@@ -2097,6 +2116,7 @@ class Client:
 
     def _welcome(self, welcome: p.Welcome) -> None:
         self._welcomed = True
+        self._misdirection = None  # a frontend answers here now
         if self._session_refused_at is not None:
             self._session_refused_at = None
             log.info("the session is ours now session=%s", self.session)
