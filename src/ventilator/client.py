@@ -78,7 +78,7 @@ from .serialization import (
     unpack_value,
 )
 
-__all__ = ["Client", "ItemOutcome", "TaskFuture"]
+__all__ = ["Client", "ClientExecutor", "ItemOutcome", "TaskFuture", "values_of"]
 
 log = logging.getLogger(__name__)
 
@@ -801,6 +801,10 @@ class Client:
         # those handed on and not yet taken by the I/O thread to acknowledge.
         self._orphans: queue.SimpleQueue[_Collected] = queue.SimpleQueue()
         self._handed: list[_Collected] = []
+        # Called by the I/O thread after it puts a result in `_orphans`: how an
+        # asyncio collect() learns of one without a thread blocked on the
+        # queue. A tuple, replaced whole, so the I/O thread reads it unlocked.
+        self._collect_listeners: tuple[Callable[[], None], ...] = ()
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)
         self._window = window
@@ -1018,11 +1022,15 @@ class Client:
         timeout_s: float | None = None,
         retries: int = 0,
         streaming: bool = False,
+        tasks: _MapTasks | None = None,
     ) -> Generator[list[ItemOutcome], None, None]:
         """`map_outcomes` a batch at a time. With `streaming`, the items are
-        read by a thread of their own (see _Feed), for input that may pause."""
+        read by a thread of their own (see _Feed), for input that may pause;
+        `tasks` lets another thread abandon the map (see _map_batches)."""
         items = _Feed(iterable) if streaming else iterable
-        batches = self._map_batches(function, items, chunksize, timeout_s, retries)
+        batches = self._map_batches(
+            function, items, chunksize, timeout_s, retries, tasks
+        )
         with contextlib.closing(batches):
             for outcomes in batches:
                 yield [
@@ -1270,6 +1278,29 @@ class Client:
             self._hand_over(collected)
             yield collected.future
             received += 1
+
+    def _collect_nowait(self) -> TaskFuture | None:
+        """The next result `collect` would yield if one is here, else None."""
+        try:
+            collected = self._orphans.get_nowait()
+        except queue.Empty:
+            return None
+        self._hand_over(collected)
+        return collected.future
+
+    @contextlib.contextmanager
+    def _collect_listener(self, listener: Callable[[], None]) -> Iterator[None]:
+        """Have the I/O thread call `listener` whenever a result waits for
+        `collect`, for the block. It must not block: it runs on that thread."""
+        with self._lock:
+            self._collect_listeners = (*self._collect_listeners, listener)
+        try:
+            yield
+        finally:
+            with self._lock:
+                listeners = list(self._collect_listeners)
+                listeners.remove(listener)
+                self._collect_listeners = tuple(listeners)
 
     def _hand_over(self, collected: _Collected) -> None:
         """Have the I/O thread acknowledge a result collect() hands on: only
@@ -2212,6 +2243,8 @@ class Client:
         _settle(orphan, entry)
         self._collectable.add(key)
         self._orphans.put(_Collected(orphan, key, len(entry.payload)))
+        for listener in self._collect_listeners:
+            listener()
 
     def _take_handed(self, now: float) -> None:
         """Acknowledge the results collect() handed on (under `_lock`)."""
@@ -2471,8 +2504,20 @@ def _batches(specs: list[p.TaskSpec]) -> Iterator[list[p.TaskSpec]]:
 
 
 def values_of(outcomes: list[list[Any]]) -> Iterator[Any]:
-    """The values of a batch's outcomes, in order; a failed item raises its
-    `TaskError` (or `CancelledError`) in its place."""
+    """The values of a `map` batch's items, from the ``[status, value]`` pairs
+    of its raw result (as `Client.collect` yields it: ``[elapsed_s, pairs]``).
+
+    A generator: nothing is checked until it is iterated, and it stops at the
+    first failed item. Use `map_outcomes` to see every item's error.
+
+    Yields:
+        Each item's value, in input order.
+
+    Raises:
+        TaskError: while iterating, in the place of an item that failed (its
+            subclass says how: `TaskRaised`, `TaskTimeout`, `TaskRejected`...).
+        concurrent.futures.CancelledError: likewise, for a cancelled item.
+    """
     for status, value in outcomes:
         if status != p.Status.OK:
             raise _error_of(status, value)
