@@ -2,15 +2,25 @@
 
 It wraps a `Client` (whose I/O thread does the work) and turns its futures into
 asyncio ones; the event loop is never blocked, even when the window is full.
+What would block (a full window, a map's next batch, a question to the broker)
+waits in a thread of the loop's default executor instead.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-from .client import Client, _check_chunksize, _MapTasks, values_of
+from .client import (
+    Client,
+    ItemOutcome,
+    TaskFuture,
+    _check_chunksize,
+    _MapTasks,
+    values_of,
+)
 
 __all__ = ["AsyncClient"]
 
@@ -18,7 +28,11 @@ __all__ = ["AsyncClient"]
 class AsyncClient:
     """A `Client` for asyncio programs. Use with ``async with``.
 
-    Takes the same arguments as `Client`.
+    Takes the same arguments as `Client`, and has these of its methods, under
+    the same names, as coroutines or async iterators: `submit`, `map`, `map_outcomes`,
+    `collect`, `status`, `failed`, `retry`, `purge`, `purge_session`,
+    `cancel_task`, `close`. Those that wait for the broker run in a thread of
+    the loop's default executor; `collect` needs none.
     """
 
     def __init__(self, address: str = "tcp://127.0.0.1:5555", **options: Any) -> None:
@@ -85,13 +99,149 @@ class AsyncClient:
         finally:
             tasks.abandon()
 
-    async def status(self) -> dict[str, Any]:
-        """The broker's workers, queues and clients."""
-        return await asyncio.to_thread(self._client.status)
+    async def map_outcomes(
+        self,
+        function: str | Callable[..., Any],
+        iterable: Iterable[Any],
+        *,
+        chunksize: int | None = None,
+        timeout_s: float | None = None,
+        retries: int = 0,
+    ) -> AsyncIterator[ItemOutcome]:
+        """Like `map`, but yield every item's `ItemOutcome` and raise for none,
+        as `Client.map_outcomes` does; ended early, it cancels what it has not
+        yielded, as `map` does.
+
+        Raises:
+            UsageError: a bad `chunksize`, `timeout_s` or `retries`, or a
+                function that cannot be named.
+            ClientClosed: the client was closed while the map waited.
+            Exception: what `iterable` raised, after the outcomes before it.
+        """
+        _check_chunksize(chunksize)
+        tasks = _MapTasks(self._client)  # cancelled from here, as in `map`
+        try:
+            batches = self._client._outcome_batches(
+                function, iterable, chunksize, timeout_s, retries, tasks=tasks
+            )
+            async for outcomes in _in_thread(batches):
+                for outcome in outcomes:
+                    yield outcome
+        finally:
+            tasks.abandon()
+
+    async def collect(
+        self, count: int | None = None, timeout_s: float | None = None
+    ) -> AsyncIterator[TaskFuture]:
+        """Yield finished futures of tasks an earlier client of this session
+        submitted, as `Client.collect` does (read their values with
+        ``future.result()``, which does not block: they are done).
+
+        Stops after `count` futures, or when none arrived for `timeout_s`
+        (None: waits until the task consuming it is cancelled). No thread
+        waits for results: the client's I/O thread wakes the loop when one
+        comes, so a cancelled collect leaves nothing behind that could take
+        a result and lose it.
+        """
+        arrived = asyncio.Event()
+        with self._client._collect_listener(_waker(arrived)):
+            received = 0
+            while count is None or received < count:
+                # Cleared before looking, so a result put meanwhile sets it.
+                arrived.clear()
+                future = self._client._collect_nowait()
+                if future is not None:
+                    received += 1
+                    yield future
+                    continue
+                try:
+                    await asyncio.wait_for(arrived.wait(), timeout_s)
+                except TimeoutError:
+                    return
+
+    async def status(self, timeout_s: float = 10.0) -> dict[str, Any]:
+        """The broker's workers, queues and clients, as `Client.status`.
+
+        Raises:
+            BrokerTimeout: the broker did not answer within `timeout_s`.
+        """
+        return await asyncio.to_thread(self._client.status, timeout_s)
+
+    async def failed(
+        self, limit: int = 100, timeout_s: float = 10.0
+    ) -> list[dict[str, Any]]:
+        """The broker's latest failed tasks, newest first, as `Client.failed`.
+
+        Raises:
+            BrokerTimeout: the broker did not answer within `timeout_s`.
+        """
+        return await asyncio.to_thread(self._client.failed, limit, timeout_s)
+
+    async def retry(
+        self,
+        tickets: Sequence[int] = (),
+        sink: str = "retried",
+        timeout_s: float = 10.0,
+    ) -> dict[str, Any]:
+        """Run failed tasks again, their results to `sink`, as `Client.retry`.
+
+        Raises:
+            BrokerTimeout: the broker did not answer within `timeout_s`.
+            UsageError: as for `Client.retry` (CURVE rights).
+        """
+        return await asyncio.to_thread(self._client.retry, tickets, sink, timeout_s)
+
+    async def purge(self, function: str, timeout_s: float = 10.0) -> int:
+        """Cancel every queued task of `function`; return how many, as
+        `Client.purge`.
+
+        Raises:
+            BrokerTimeout: the broker did not answer within `timeout_s`.
+            UsageError: as for `Client.purge` (CURVE rights).
+        """
+        return await asyncio.to_thread(self._client.purge, function, timeout_s)
+
+    async def purge_session(
+        self, session: str, timeout_s: float = 10.0
+    ) -> dict[str, int]:
+        """Drop what the broker holds for a session that left, as
+        `Client.purge_session`.
+
+        Raises:
+            UsageError: the session is connected, or CURVE rights forbid it.
+            BrokerTimeout: the broker did not answer within `timeout_s`.
+        """
+        return await asyncio.to_thread(self._client.purge_session, session, timeout_s)
+
+    async def cancel_task(
+        self, session: str, task_id: int, timeout_s: float = 10.0
+    ) -> str:
+        """Cancel any session's task by its id; return what became of it, as
+        `Client.cancel_task`.
+
+        Raises:
+            BrokerTimeout: the broker did not answer within `timeout_s`.
+            UsageError: as for `Client.cancel_task` (CURVE rights).
+        """
+        return await asyncio.to_thread(
+            self._client.cancel_task, session, task_id, timeout_s
+        )
 
     async def close(self) -> None:
         """Leave the broker; pending tasks fail with `ClientClosed`."""
         await asyncio.to_thread(self._client.close)
+
+
+def _waker(event: asyncio.Event) -> Callable[[], None]:
+    """A callable that sets `event` from any thread, on its loop."""
+    loop = asyncio.get_running_loop()
+
+    def wake() -> None:
+        # A loop closed meanwhile has nobody left to wake.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(event.set)
+
+    return wake
 
 
 async def _in_thread(iterator: Iterator[Any]) -> AsyncIterator[Any]:

@@ -78,7 +78,7 @@ from .serialization import (
     unpack_value,
 )
 
-__all__ = ["Client", "ItemOutcome", "TaskFuture"]
+__all__ = ["Client", "ClientExecutor", "ItemOutcome", "TaskFuture", "values_of"]
 
 log = logging.getLogger(__name__)
 
@@ -801,6 +801,10 @@ class Client:
         # those handed on and not yet taken by the I/O thread to acknowledge.
         self._orphans: queue.SimpleQueue[_Collected] = queue.SimpleQueue()
         self._handed: list[_Collected] = []
+        # Called by the I/O thread after it puts a result in `_orphans`: how an
+        # asyncio collect() learns of one without a thread blocked on the
+        # queue. A tuple, replaced whole, so the I/O thread reads it unlocked.
+        self._collect_listeners: tuple[Callable[[], None], ...] = ()
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)
         self._window = window
@@ -868,6 +872,9 @@ class Client:
         self._revoked: str | None = None
         public_key = self._curve.public_key if self._curve is not None else None
         self._handshakes = _wire.HandshakeWatch(address, "client", public_key)
+        # Why this address cannot be a broker's frontend, once a refusal showed
+        # it (see _misdirected); None while none did, or since a WELCOME.
+        self._misdirection: str | None = None
         self._thread = threading.Thread(
             target=self._run, name=f"ventilator-client-{self.session[:8]}", daemon=True
         )
@@ -1015,11 +1022,15 @@ class Client:
         timeout_s: float | None = None,
         retries: int = 0,
         streaming: bool = False,
+        tasks: _MapTasks | None = None,
     ) -> Generator[list[ItemOutcome], None, None]:
         """`map_outcomes` a batch at a time. With `streaming`, the items are
-        read by a thread of their own (see _Feed), for input that may pause."""
+        read by a thread of their own (see _Feed), for input that may pause;
+        `tasks` lets another thread abandon the map (see _map_batches)."""
         items = _Feed(iterable) if streaming else iterable
-        batches = self._map_batches(function, items, chunksize, timeout_s, retries)
+        batches = self._map_batches(
+            function, items, chunksize, timeout_s, retries, tasks
+        )
         with contextlib.closing(batches):
             for outcomes in batches:
                 yield [
@@ -1267,6 +1278,29 @@ class Client:
             self._hand_over(collected)
             yield collected.future
             received += 1
+
+    def _collect_nowait(self) -> TaskFuture | None:
+        """The next result `collect` would yield if one is here, else None."""
+        try:
+            collected = self._orphans.get_nowait()
+        except queue.Empty:
+            return None
+        self._hand_over(collected)
+        return collected.future
+
+    @contextlib.contextmanager
+    def _collect_listener(self, listener: Callable[[], None]) -> Iterator[None]:
+        """Have the I/O thread call `listener` whenever a result waits for
+        `collect`, for the block. It must not block: it runs on that thread."""
+        with self._lock:
+            self._collect_listeners = (*self._collect_listeners, listener)
+        try:
+            yield
+        finally:
+            with self._lock:
+                listeners = list(self._collect_listeners)
+                listeners.remove(listener)
+                self._collect_listeners = tuple(listeners)
 
     def _hand_over(self, collected: _Collected) -> None:
         """Have the I/O thread acknowledge a result collect() hands on: only
@@ -1723,12 +1757,8 @@ class Client:
                 # next beat must not keep the date our own interval gave it.
                 next_beat = min(next_beat, now + self._heartbeat_interval_s)
             self._send_outgoing(now)
-            if self._handshakes.problem is not None and not self._welcomed:
-                # Questions (status) would wait in silence for an answer that
-                # cannot come: they fail, saying why.
-                self._fail_questions([self._handshakes.problem])
-                if self._handshakes.definitive:
-                    self._fail_tasks(self._handshakes.problem)
+            if not self._welcomed:
+                self._fail_unanswerable()
 
             if now >= next_beat:
                 # A refused client asks again instead: a beat would only be
@@ -1745,6 +1775,19 @@ class Client:
                     broker_seen = now
 
         self._shutdown()
+
+    def _fail_unanswerable(self) -> None:
+        """Before a WELCOME: fail what cannot be answered, saying why.
+
+        Questions (status) would wait in silence for an answer that cannot
+        come, from a broker whose handshakes fail or from a backend. Checked
+        every turn, not only when the refusal arrives: a question asked after
+        it must fail as promptly as one asked before.
+        """
+        problem = self._handshakes.problem
+        self._fail_questions([x for x in (problem, self._misdirection) if x])
+        if problem is not None and self._handshakes.definitive:
+            self._fail_tasks(problem)
 
     def _log_silence(self, silent_s: float) -> None:
         if self._broker_heard_at is None:
@@ -1913,7 +1956,10 @@ class Client:
         elif error.code in _MESSAGE_REFUSED:
             self._submit_refused(error)
         elif error.code == "command":
-            self._misdirected(error)
+            self._misdirected(f"it refused a client's command ({error.message})")
+        elif error.code == "unknown_worker":
+            # A backend's answer to our heartbeat, with advice for a worker.
+            self._misdirected("it took a client's heartbeat for a worker's")
         elif error.code == NOT_PERMITTED and self._asked:
             # An operator command this client's key may not give: its answer.
             _fail(self._asked.popleft().answer, UsageError(error.message))
@@ -1972,17 +2018,21 @@ class Client:
             self._release(len(held))
             log.error("failed %d tasks: %s", len(held), message)
 
-    def _misdirected(self, error: p.Error) -> None:
-        """A command of ours was refused as not a client's: every one we send
+    def _misdirected(self, evidence: str) -> None:
+        """A command of ours was answered as not a client's: every one we send
         is, so this is a broker's backend, where workers connect. It will
-        answer no question; they fail now instead of timing out in silence."""
-        message = (
-            f"{self.address} is not a broker's frontend: it refused a client's "
-            f"command ({error.message}); is it the backend, where workers "
-            "connect? Connect clients to the broker's frontend"
+        answer no question: those asked fail now, and those asked later at
+        once (see _fail_unanswerable), instead of timing out in silence."""
+        if self._misdirection is not None:
+            log.debug("%s still answers as a backend: %s", self.address, evidence)
+            return
+        self._misdirection = (
+            f"{self.address} is not a broker's frontend: {evidence}; is it the "
+            "backend, where workers connect? Connect clients to the broker's "
+            "frontend"
         )
-        self._warn_once(message, logging.ERROR)
-        self._fail_questions([message])
+        log.error("%s", self._misdirection)
+        self._fail_questions([self._misdirection])
 
     def _fail_questions(self, problems: list[str]) -> None:
         """Fail the questions asked (status, operator commands) with the last
@@ -2047,10 +2097,10 @@ class Client:
         self._release(len(held))
         return len(held)
 
-    def _warn_once(self, message: str, level: int = logging.WARNING) -> None:
+    def _warn_once(self, message: str) -> None:
         if message not in self._warned:
             self._warned.add(message)
-            log.log(level, "%s", message)
+            log.warning("%s", message)
 
     def _submit_refused(self, error: p.Error) -> None:
         """The broker refused a message of ours whole, as malformed.
@@ -2097,6 +2147,7 @@ class Client:
 
     def _welcome(self, welcome: p.Welcome) -> None:
         self._welcomed = True
+        self._misdirection = None  # a frontend answers here now
         if self._session_refused_at is not None:
             self._session_refused_at = None
             log.info("the session is ours now session=%s", self.session)
@@ -2192,6 +2243,8 @@ class Client:
         _settle(orphan, entry)
         self._collectable.add(key)
         self._orphans.put(_Collected(orphan, key, len(entry.payload)))
+        for listener in self._collect_listeners:
+            listener()
 
     def _take_handed(self, now: float) -> None:
         """Acknowledge the results collect() handed on (under `_lock`)."""
@@ -2451,8 +2504,20 @@ def _batches(specs: list[p.TaskSpec]) -> Iterator[list[p.TaskSpec]]:
 
 
 def values_of(outcomes: list[list[Any]]) -> Iterator[Any]:
-    """The values of a batch's outcomes, in order; a failed item raises its
-    `TaskError` (or `CancelledError`) in its place."""
+    """The values of a `map` batch's items, from the ``[status, value]`` pairs
+    of its raw result (as `Client.collect` yields it: ``[elapsed_s, pairs]``).
+
+    A generator: nothing is checked until it is iterated, and it stops at the
+    first failed item. Use `map_outcomes` to see every item's error.
+
+    Yields:
+        Each item's value, in input order.
+
+    Raises:
+        TaskError: while iterating, in the place of an item that failed (its
+            subclass says how: `TaskRaised`, `TaskTimeout`, `TaskRejected`...).
+        concurrent.futures.CancelledError: likewise, for a cancelled item.
+    """
     for status, value in outcomes:
         if status != p.Status.OK:
             raise _error_of(status, value)

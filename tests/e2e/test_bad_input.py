@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import math
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -274,6 +275,72 @@ def test_status_against_the_backend_says_it_is_not_a_frontend_at_once(
     assert done.returncode == 1
     assert "not a broker's frontend" in done.stderr
     assert "no answer" not in done.stderr
+
+
+# A client asked at random points of its handshake with a backend: the question
+# must fail at once whether the backend's refusal of HELLO came before it or after.
+MISDIRECTED_ROUNDS = 300
+AT_ONCE_S = 2.0
+NOT_A_FRONTEND = "not a broker's frontend"
+
+
+def test_a_question_to_the_backend_fails_at_once_however_late_it_is_asked(
+    broker: BrokerProcess, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="ventilator.client")
+
+    for round_number in range(MISDIRECTED_ROUNDS):
+        with ventilator.Client(broker.backend) as client:
+            if round_number % 2:
+                # The order the race lost: the refusal is in before the question.
+                wait_for_another_error(caplog)
+            started = time.monotonic()
+            with pytest.raises(ventilator.NetworkError, match=NOT_A_FRONTEND):
+                client.status(timeout_s=5 * AT_ONCE_S)
+            assert time.monotonic() - started < AT_ONCE_S, f"round {round_number}"
+
+
+def test_a_client_beating_at_the_backend_gets_no_worker_advice(
+    broker: BrokerProcess, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="ventilator.client")
+
+    with ventilator.Client(broker.backend, heartbeat_interval_s=0.02) as client:
+        with pytest.raises(ventilator.NetworkError, match=NOT_A_FRONTEND):
+            client.status(timeout_s=10)
+        # Each beat the backend answers as a worker's is noted at DEBUG only.
+        wait_until(
+            lambda: len(records_of_client(caplog, logging.DEBUG)) >= 5,
+            10,
+            "the backend to answer five of the client's heartbeats",
+        )
+
+    assert records_of_client(caplog, logging.WARNING) == []
+    assert len(errors_of_client(caplog)) == 1
+
+
+def records_of_client(
+    caplog: pytest.LogCaptureFixture, level: int
+) -> list[logging.LogRecord]:
+    return [
+        r
+        for r in caplog.records
+        if r.name == "ventilator.client" and r.levelno == level
+    ]
+
+
+def errors_of_client(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return records_of_client(caplog, logging.ERROR)
+
+
+def wait_for_another_error(caplog: pytest.LogCaptureFixture) -> None:
+    """Wait until the client logs one ERROR more than it has so far."""
+    told_before = len(errors_of_client(caplog))
+    wait_until(
+        lambda: len(errors_of_client(caplog)) > told_before,
+        10,
+        "the client to hear that the backend refused its HELLO",
+    )
 
 
 def test_a_worker_connected_to_the_frontend_says_so(

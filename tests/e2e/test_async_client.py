@@ -1,0 +1,211 @@
+"""AsyncClient beyond submit and map, against a real broker and worker:
+map_outcomes, collect, and the operator questions, awaited on one event loop."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import pytest
+
+import ventilator
+
+from . import tasks
+from .conftest import (
+    MORE_TASKS,
+    TASKS,
+    BrokerProcess,
+    Launcher,
+    WorkerProcess,
+    free_port,
+    status_when,
+    wait_for_workers,
+    wait_until,
+)
+
+RESULT_TIMEOUT_S = 20.0
+UNSERVED = f"{MORE_TASKS}:cube"  # no worker in these tests serves it
+T = TypeVar("T")
+
+
+def run_with(
+    broker: BrokerProcess,
+    body: Callable[[ventilator.AsyncClient], Awaitable[T]],
+    **options: Any,
+) -> T:
+    """`body` awaited with an AsyncClient of `broker`, on a loop of its own,
+    under the results' deadline."""
+
+    async def main() -> T:
+        async with ventilator.AsyncClient(broker.frontend, **options) as client:
+            return await asyncio.wait_for(body(client), RESULT_TIMEOUT_S)
+
+    return asyncio.run(main())
+
+
+@pytest.fixture
+def worker(launch: Launcher, broker: BrokerProcess) -> WorkerProcess:
+    worker = launch.worker(broker, pool="thread", concurrency=2)
+    wait_for_workers(launch.client(broker), 1)
+    return worker
+
+
+def queued_unserved(launch: Launcher, broker: BrokerProcess, count: int) -> Any:
+    """A client (left open) with `count` tasks queued that no worker serves."""
+    client = launch.client(broker)
+    futures = [client.submit(UNSERVED, x) for x in range(count)]
+    status_when(
+        client, lambda s: s["queued"].get(UNSERVED) == count, 10, f"{count} queued"
+    )
+    return client, futures
+
+
+# --- map_outcomes -----------------------------------------------------------------
+
+
+def test_async_map_outcomes_reports_every_item_in_order_without_raising(
+    broker: BrokerProcess, worker: WorkerProcess
+) -> None:
+    async def outcomes(client: ventilator.AsyncClient) -> list[ventilator.ItemOutcome]:
+        items = [1, 0, 4, 2]
+        return [o async for o in client.map_outcomes(tasks.reciprocal, items)]
+
+    received = run_with(broker, outcomes)
+
+    assert [o.value for o in received] == [1.0, None, 0.25, 0.5]
+    assert [type(o.error) for o in received] == [
+        type(None),
+        ventilator.TaskRaised,
+        type(None),
+        type(None),
+    ]
+
+
+# --- collect ----------------------------------------------------------------------
+
+
+def test_async_collect_yields_what_an_earlier_client_of_the_session_left(
+    launch: Launcher, broker: BrokerProcess
+) -> None:
+    earlier = launch.client(broker)
+    left = [earlier.submit(tasks.square, x) for x in range(5)]
+    earlier.close()  # accepted, not run: no worker yet
+    launch.worker(broker, pool="thread")
+
+    async def collected(client: ventilator.AsyncClient) -> list[Any]:
+        return [f async for f in client.collect(count=5, timeout_s=RESULT_TIMEOUT_S)]
+
+    futures = run_with(broker, collected, session=earlier.session)
+
+    assert sorted(f.task_id for f in futures) == sorted(f.task_id for f in left)
+    assert sorted(f.result(0) for f in futures) == [x * x for x in range(5)]
+
+
+def test_a_cancelled_async_collect_takes_no_result_with_it(
+    launch: Launcher, broker: BrokerProcess
+) -> None:
+    earlier = launch.client(broker)
+    left = [earlier.submit(tasks.square, x) for x in range(3)]
+    earlier.close()
+
+    async def cancel_then_collect(client: ventilator.AsyncClient) -> list[Any]:
+        waiting = asyncio.ensure_future(anext(client.collect()))
+        await asyncio.sleep(0)  # one turn: it now waits for a result
+        waiting.cancel()
+        # The results come only now, after the cancelled collect stopped.
+        launch.worker(broker, pool="thread")
+        return [f async for f in client.collect(count=3, timeout_s=RESULT_TIMEOUT_S)]
+
+    futures = run_with(broker, cancel_then_collect, session=earlier.session)
+
+    assert sorted(f.task_id for f in futures) == sorted(f.task_id for f in left)
+
+
+def test_async_collect_stops_when_nothing_came_within_its_timeout(
+    broker: BrokerProcess,
+) -> None:
+    async def collected(client: ventilator.AsyncClient) -> list[Any]:
+        return [f async for f in client.collect(timeout_s=0.2)]
+
+    assert run_with(broker, collected) == []
+
+
+# --- operator questions -----------------------------------------------------------
+
+
+def test_async_failed_lists_a_failure_and_retry_runs_it_again(
+    broker: BrokerProcess, worker: WorkerProcess
+) -> None:
+    async def fail_then_retry(
+        client: ventilator.AsyncClient,
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        with pytest.raises(ventilator.TaskRaised):
+            await client.submit(f"{TASKS}:fail", "on purpose")
+        failures = await client.failed()
+        return failures, await client.retry([failures[0]["ticket"]])
+
+    failures, retried = run_with(broker, fail_then_retry)
+
+    [failure] = failures
+    assert (failure["outcome"], failure["message"]) == (
+        "raised",
+        "failed on purpose: on purpose",
+    )
+    assert retried["retried"] == [failure["ticket"]]
+    assert retried["sink"] == "retried"
+
+
+def test_async_purge_cancels_the_queued_tasks_of_a_function(
+    launch: Launcher, broker: BrokerProcess
+) -> None:
+    _, futures = queued_unserved(launch, broker, 3)
+
+    purged = run_with(broker, lambda client: client.purge(UNSERVED))
+
+    assert purged == 3
+    wait_until(lambda: all(f.cancelled() for f in futures), 10, "the futures cancelled")
+
+
+def test_async_cancel_task_cancels_another_sessions_queued_task(
+    launch: Launcher, broker: BrokerProcess
+) -> None:
+    submitter, [future] = queued_unserved(launch, broker, 1)
+
+    outcome = run_with(
+        broker,
+        lambda client: client.cancel_task(submitter.session, future.task_id),
+    )
+
+    assert outcome == "cancelled"
+    wait_until(future.cancelled, 10, "the future to be cancelled")
+
+
+def test_async_purge_session_drops_what_a_departed_session_left(
+    launch: Launcher, broker: BrokerProcess
+) -> None:
+    departed, _ = queued_unserved(launch, broker, 2)
+    departed.close()
+
+    dropped = run_with(broker, lambda client: client.purge_session(departed.session))
+
+    assert dropped == {"results": 0, "queued": 2, "running": 0}
+
+
+def test_async_purge_session_of_a_connected_session_is_a_usage_error(
+    launch: Launcher, broker: BrokerProcess
+) -> None:
+    connected, _ = queued_unserved(launch, broker, 1)
+
+    with pytest.raises(ventilator.UsageError):
+        run_with(broker, lambda client: client.purge_session(connected.session))
+
+
+def test_async_status_gives_up_after_its_timeout_without_a_broker() -> None:
+    async def status() -> None:
+        address = f"tcp://127.0.0.1:{free_port()}"
+        async with ventilator.AsyncClient(address) as client:
+            await client.status(timeout_s=0.2)
+
+    with pytest.raises(ventilator.BrokerTimeout):
+        asyncio.run(status())
