@@ -98,7 +98,9 @@ def _log_setting(ctx: click.Context, param: click.Parameter, value: Any) -> None
     settings = root.meta.setdefault("ventilator.logging", {"level": "WARNING"})
     settings.setdefault("format", "text")
     if value is not None:
-        settings[str(param.name)] = value
+        # The parameters are named after their options (log_level), so that
+        # their variables are too: VENTILATOR_MAP_LOG_LEVEL.
+        settings[str(param.name).removeprefix("log_")] = value
     logs.configure(settings["level"], settings["format"])
 
 
@@ -114,7 +116,6 @@ def _logging_options(default: bool) -> Callable[[Callable[..., Any]], Any]:
     def decorate(command: Callable[..., Any]) -> Any:
         command = click.option(
             "--log-format",
-            "format",
             type=click.Choice(logs.LOG_FORMATS),
             default="text" if default else None,
             show_default=default,
@@ -124,7 +125,6 @@ def _logging_options(default: bool) -> Callable[[Callable[..., Any]], Any]:
         )(command)
         return click.option(
             "--log-level",
-            "level",
             type=click.Choice(logs.LOG_LEVELS, case_sensitive=False),
             default="WARNING" if default else None,
             show_default=default,
@@ -139,7 +139,21 @@ def _logging_options(default: bool) -> Callable[[Callable[..., Any]], Any]:
 class _Commands(click.Group):
     """The command group; a bad value from a `VENTILATOR_*` variable is
     reported under the variable's name, not only the option's, which the user
-    never typed."""
+    never typed. The group's own options are parsed in `make_context`, its
+    commands' (at any depth) in `invoke`."""
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.BadParameter as exc:
+            _name_the_variable(exc)
+            raise
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -256,11 +270,13 @@ def _peer_keys(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @cli.group()
+@_logging_options(default=False)
 def keys() -> None:
     """CURVE key pairs for brokers, clients and workers."""
 
 
 @keys.command(name="generate")
+@_logging_options(default=False)
 @click.argument("name")
 @click.option(
     "--dir",
