@@ -1486,14 +1486,15 @@ def _check_broker(client: Client, address: str, timeout_s: float) -> None:
 
 
 def _summary(done: int, failed: int, elapsed_s: float, sink: str | None) -> None:
+    # Counted in lines, not tasks: lines travel many to a task.
     rate = done / elapsed_s if elapsed_s > 0 else 0.0
-    tasks = f"{done} task{'s' if done != 1 else ''}"
+    lines = f"{done} line{'s' if done != 1 else ''}"
     if sink:
         outcome = f"accepted for sink {sink!r}; {failed} refused"
     else:
         outcome = f"{done - failed} succeeded, {failed} failed"
     click.echo(
-        f"ventilator: {tasks}, {outcome} in {elapsed_s:.2f}s ({rate:,.0f} tasks/s)",
+        f"ventilator: {lines}, {outcome} in {elapsed_s:.2f}s ({rate:,.0f} lines/s)",
         err=True,
     )
 
@@ -1530,7 +1531,7 @@ class _Progress:
             )
 
             self._progress = Progress(
-                TextColumn("[bold]tasks"),
+                TextColumn("[bold]lines"),
                 BarColumn(),
                 MofNCompleteColumn(),
                 TaskProgressColumn(),
@@ -1542,7 +1543,7 @@ class _Progress:
                 transient=False,
             )
             self._progress.start()
-            self._task = self._progress.add_task("tasks", total=None, rate="")
+            self._task = self._progress.add_task("lines", total=None, rate="")
             self._started = time.perf_counter()
         return self
 
