@@ -49,7 +49,7 @@ from .policy import MAX_INTERVAL_S, MIN_HEARTBEAT_INTERVAL_S, Limits
 from .pool import POOL_KINDS
 from .registry import resolve
 from .security import ServerKeys, generate_keys
-from .sink import Sink
+from .sink import Sink, SinkResult
 from .worker import Worker, WorkerConfig
 
 log = logging.getLogger(__name__)
@@ -2049,24 +2049,38 @@ def sink(
         lambda: Sink(name, connect, secret_key=secret_key, broker_key=broker_key)
     )
     with receiver:
-        for result in receiver.results(idle_timeout_s):
-            fields: dict[str, Any] = {
-                "client": result.session,
-                "task_id": result.task_id,
-                # Ids are 64-bit: readers that parse every JSON number as a
-                # double (JavaScript, jq 1.6) round those above 2**53.
-                "task_id_str": str(result.task_id),
-            }
-            if result.error is None:
-                fields["result"] = result.value
-            else:
-                fields["error"] = _error_fields(result.error)
-            output_file.write(_json_line(fields))
-            output_file.flush()
+        try:
+            for result in receiver.results(idle_timeout_s):
+                output_file.write(_json_line(_sink_fields(result)))
+                output_file.flush()
+        except UsageError as exc:
+            # The name is taken, or this key may not receive it: the command
+            # was right, its broker would not serve it now; 1, as for the
+            # operator commands, not 2.
+            raise click.ClickException(str(exc)) from None
+        except KeyboardInterrupt:
+            # Ctrl-C is the way to stop a sink that runs until interrupted:
+            # the status a shell gives a command SIGINT ended, as map does.
+            sys.exit(128 + signal.SIGINT)
     if not receiver.welcomed:
         raise click.ClickException(
             f"no broker answered at {connect} before the idle timeout ended"
         )
+
+
+def _sink_fields(result: SinkResult) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "client": result.session,
+        "task_id": result.task_id,
+        # Ids are 64-bit: readers that parse every JSON number as a double
+        # (JavaScript, jq 1.6) round those above 2**53.
+        "task_id_str": str(result.task_id),
+    }
+    if result.error is None:
+        fields["result"] = result.value
+    else:
+        fields["error"] = _error_fields(result.error)
+    return fields
 
 
 __all__ = ["cli", "main"]
