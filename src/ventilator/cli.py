@@ -364,12 +364,15 @@ def _bind_address(ctx: click.Context, param: click.Parameter, value: Any) -> Any
     type=click.IntRange(min=1),
     default=_DEFAULT_LIMITS.max_payload_bytes,
     show_default=True,
+    help="Largest task arguments or result; larger ones are refused, naming the limit.",
 )
 @click.option(
     "--max-queued-tasks",
     type=click.IntRange(min=1),
     default=_DEFAULT_LIMITS.max_queued_tasks,
     show_default=True,
+    help="Tasks held in all: queued, running, and results waiting for "
+    "delivery; past it new tasks are refused.",
 )
 @click.option(
     "--client-window",
@@ -444,6 +447,7 @@ def _bind_address(ctx: click.Context, param: click.Parameter, value: Any) -> Any
     type=click.IntRange(min=1),
     default=_DEFAULT_LIMITS.max_queued_bytes,
     show_default=True,
+    help="Argument and result bytes held in all; past it new tasks are refused.",
 )
 @click.option(
     "--max-peers",
@@ -741,7 +745,7 @@ def _cluster_options(command: Callable[..., Any]) -> Callable[..., Any]:
                 default=BROKER_ANSWER_S,
                 show_default=True,
                 help="With --connect: how long the broker has to answer before "
-                "the run gives up.",
+                "the run gives up; ignored without --connect.",
             ),
             click.option(
                 "--workers",
@@ -1853,7 +1857,13 @@ def _failures_table(failures: list[dict[str, Any]], title: str, width: int) -> A
 @cli.command()
 @_logging_options(default=False)
 @_connect_option
-@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="List at most this many, the newest.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON, tracebacks too.")
 def failed(connect: str, timeout_s: float, limit: int, as_json: bool) -> None:
     """List the broker's latest failed tasks with their reasons, newest first."""

@@ -151,3 +151,19 @@ def test_every_command_takes_the_logging_options() -> None:
     for command in _commands(cli):
         options = {opt for param in command.params for opt in param.opts}
         assert {"--log-level", "--log-format"} <= options, command.name
+
+
+def test_every_option_has_help_text() -> None:
+    for command in [cli, *_commands(cli)]:
+        for param in command.params:
+            if isinstance(param, click.Option):
+                assert param.help, f"{command.name} {param.opts[0]}"
+
+
+@pytest.mark.parametrize("command", ["map", "exec"])
+def test_connect_timeout_help_says_it_is_ignored_without_connect(command: str) -> None:
+    # Not an error: a variable may set it for every run, embedded ones too.
+    [option] = [
+        p for p in cli.commands[command].params if p.name == "connect_timeout_s"
+    ]
+    assert "ignored without --connect" in str(option.help)
