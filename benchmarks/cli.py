@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 FUNCTION = "benchmarks.workloads:square"
-# What `ventilator map` prints last on stderr: "... in 1.23s (45,678 tasks/s)".
-SUMMARY = re.compile(r"in ([0-9.]+)s \(([0-9,]+) tasks/s\)")
+# What `ventilator map` prints last on stderr: "... in 1.23s (45,678 lines/s)".
+SUMMARY = re.compile(r"in ([0-9.]+)s \(([0-9,]+) lines/s\)")
 
 
 def run_once(kind: str, lines: int, folder: Path) -> dict[str, float]:

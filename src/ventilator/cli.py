@@ -49,7 +49,7 @@ from .policy import MAX_INTERVAL_S, MIN_HEARTBEAT_INTERVAL_S, Limits
 from .pool import POOL_KINDS
 from .registry import resolve
 from .security import ServerKeys, generate_keys
-from .sink import Sink
+from .sink import Sink, SinkResult
 from .worker import Worker, WorkerConfig
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,9 @@ def _log_setting(ctx: click.Context, param: click.Parameter, value: Any) -> None
     settings = root.meta.setdefault("ventilator.logging", {"level": "WARNING"})
     settings.setdefault("format", "text")
     if value is not None:
-        settings[str(param.name)] = value
+        # The parameters are named after their options (log_level), so that
+        # their variables are too: VENTILATOR_MAP_LOG_LEVEL.
+        settings[str(param.name).removeprefix("log_")] = value
     logs.configure(settings["level"], settings["format"])
 
 
@@ -114,7 +116,6 @@ def _logging_options(default: bool) -> Callable[[Callable[..., Any]], Any]:
     def decorate(command: Callable[..., Any]) -> Any:
         command = click.option(
             "--log-format",
-            "format",
             type=click.Choice(logs.LOG_FORMATS),
             default="text" if default else None,
             show_default=default,
@@ -124,7 +125,6 @@ def _logging_options(default: bool) -> Callable[[Callable[..., Any]], Any]:
         )(command)
         return click.option(
             "--log-level",
-            "level",
             type=click.Choice(logs.LOG_LEVELS, case_sensitive=False),
             default="WARNING" if default else None,
             show_default=default,
@@ -139,7 +139,21 @@ def _logging_options(default: bool) -> Callable[[Callable[..., Any]], Any]:
 class _Commands(click.Group):
     """The command group; a bad value from a `VENTILATOR_*` variable is
     reported under the variable's name, not only the option's, which the user
-    never typed."""
+    never typed. The group's own options are parsed in `make_context`, its
+    commands' (at any depth) in `invoke`."""
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.BadParameter as exc:
+            _name_the_variable(exc)
+            raise
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -256,11 +270,13 @@ def _peer_keys(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @cli.group()
+@_logging_options(default=False)
 def keys() -> None:
     """CURVE key pairs for brokers, clients and workers."""
 
 
 @keys.command(name="generate")
+@_logging_options(default=False)
 @click.argument("name")
 @click.option(
     "--dir",
@@ -348,12 +364,15 @@ def _bind_address(ctx: click.Context, param: click.Parameter, value: Any) -> Any
     type=click.IntRange(min=1),
     default=_DEFAULT_LIMITS.max_payload_bytes,
     show_default=True,
+    help="Largest task arguments or result; larger ones are refused, naming the limit.",
 )
 @click.option(
     "--max-queued-tasks",
     type=click.IntRange(min=1),
     default=_DEFAULT_LIMITS.max_queued_tasks,
     show_default=True,
+    help="Tasks held in all: queued, running, and results waiting for "
+    "delivery; past it new tasks are refused.",
 )
 @click.option(
     "--client-window",
@@ -428,6 +447,7 @@ def _bind_address(ctx: click.Context, param: click.Parameter, value: Any) -> Any
     type=click.IntRange(min=1),
     default=_DEFAULT_LIMITS.max_queued_bytes,
     show_default=True,
+    help="Argument and result bytes held in all; past it new tasks are refused.",
 )
 @click.option(
     "--max-peers",
@@ -725,7 +745,7 @@ def _cluster_options(command: Callable[..., Any]) -> Callable[..., Any]:
                 default=BROKER_ANSWER_S,
                 show_default=True,
                 help="With --connect: how long the broker has to answer before "
-                "the run gives up.",
+                "the run gives up; ignored without --connect.",
             ),
             click.option(
                 "--workers",
@@ -1470,14 +1490,15 @@ def _check_broker(client: Client, address: str, timeout_s: float) -> None:
 
 
 def _summary(done: int, failed: int, elapsed_s: float, sink: str | None) -> None:
+    # Counted in lines, not tasks: lines travel many to a task.
     rate = done / elapsed_s if elapsed_s > 0 else 0.0
-    tasks = f"{done} task{'s' if done != 1 else ''}"
+    lines = f"{done} line{'s' if done != 1 else ''}"
     if sink:
         outcome = f"accepted for sink {sink!r}; {failed} refused"
     else:
         outcome = f"{done - failed} succeeded, {failed} failed"
     click.echo(
-        f"ventilator: {tasks}, {outcome} in {elapsed_s:.2f}s ({rate:,.0f} tasks/s)",
+        f"ventilator: {lines}, {outcome} in {elapsed_s:.2f}s ({rate:,.0f} lines/s)",
         err=True,
     )
 
@@ -1514,7 +1535,7 @@ class _Progress:
             )
 
             self._progress = Progress(
-                TextColumn("[bold]tasks"),
+                TextColumn("[bold]lines"),
                 BarColumn(),
                 MofNCompleteColumn(),
                 TaskProgressColumn(),
@@ -1526,7 +1547,7 @@ class _Progress:
                 transient=False,
             )
             self._progress.start()
-            self._task = self._progress.add_task("tasks", total=None, rate="")
+            self._task = self._progress.add_task("lines", total=None, rate="")
             self._started = time.perf_counter()
         return self
 
@@ -1836,7 +1857,13 @@ def _failures_table(failures: list[dict[str, Any]], title: str, width: int) -> A
 @cli.command()
 @_logging_options(default=False)
 @_connect_option
-@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="List at most this many, the newest.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON, tracebacks too.")
 def failed(connect: str, timeout_s: float, limit: int, as_json: bool) -> None:
     """List the broker's latest failed tasks with their reasons, newest first."""
@@ -2032,24 +2059,38 @@ def sink(
         lambda: Sink(name, connect, secret_key=secret_key, broker_key=broker_key)
     )
     with receiver:
-        for result in receiver.results(idle_timeout_s):
-            fields: dict[str, Any] = {
-                "client": result.session,
-                "task_id": result.task_id,
-                # Ids are 64-bit: readers that parse every JSON number as a
-                # double (JavaScript, jq 1.6) round those above 2**53.
-                "task_id_str": str(result.task_id),
-            }
-            if result.error is None:
-                fields["result"] = result.value
-            else:
-                fields["error"] = _error_fields(result.error)
-            output_file.write(_json_line(fields))
-            output_file.flush()
+        try:
+            for result in receiver.results(idle_timeout_s):
+                output_file.write(_json_line(_sink_fields(result)))
+                output_file.flush()
+        except UsageError as exc:
+            # The name is taken, or this key may not receive it: the command
+            # was right, its broker would not serve it now; 1, as for the
+            # operator commands, not 2.
+            raise click.ClickException(str(exc)) from None
+        except KeyboardInterrupt:
+            # Ctrl-C is the way to stop a sink that runs until interrupted:
+            # the status a shell gives a command SIGINT ended, as map does.
+            sys.exit(128 + signal.SIGINT)
     if not receiver.welcomed:
         raise click.ClickException(
             f"no broker answered at {connect} before the idle timeout ended"
         )
+
+
+def _sink_fields(result: SinkResult) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "client": result.session,
+        "task_id": result.task_id,
+        # Ids are 64-bit: readers that parse every JSON number as a double
+        # (JavaScript, jq 1.6) round those above 2**53.
+        "task_id_str": str(result.task_id),
+    }
+    if result.error is None:
+        fields["result"] = result.value
+    else:
+        fields["error"] = _error_fields(result.error)
+    return fields
 
 
 __all__ = ["cli", "main"]

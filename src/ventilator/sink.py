@@ -48,6 +48,10 @@ log = logging.getLogger(__name__)
 # broker notices a killed receiver at its next heartbeat to it (1 s by default)
 # and a vanished host after 3 silent heartbeat intervals.
 TAKEN_WAIT_S = 5.0
+# Heartbeat intervals without a broker's WELCOME before the sink says so, and
+# between two such warnings: a Client's default liveness, so that both say
+# "no broker answered" after the same wait.
+SILENT_INTERVALS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +100,7 @@ class Sink:
             curve.apply(self._socket)
         self._socket.connect(address)
         self._session = uuid.uuid4().hex
+        self._started_at = time.monotonic()
         # Whether a broker ever answered our HELLO: a sink that waited for
         # results at a wrong address must be able to say so.
         self.welcomed = False
@@ -107,6 +112,8 @@ class Sink:
         # beating thread while the caller holds a result (see _beat_meanwhile).
         self._socket_lock = threading.Lock()
         self._last_sent_at = time.monotonic()
+        # When the sink last said that no broker answered (its start at first).
+        self._silence_noted_at = self._last_sent_at
         self._closing = threading.Event()
         self._send(self._hello())
         self._beater = threading.Thread(
@@ -157,6 +164,23 @@ class Sink:
                 refused = self._refused_since is not None
                 self._send(self._hello() if refused else p.Heartbeat())
                 next_beat = time.monotonic() + self._heartbeat_interval_s
+                self._warn_while_unanswered()
+
+    def _warn_while_unanswered(self) -> None:
+        """Say, now and then, that no broker has answered yet: a sink at a
+        wrong address, or started before its broker, would otherwise wait in
+        silence for ever."""
+        now = time.monotonic()
+        wait_s = self._heartbeat_interval_s * SILENT_INTERVALS
+        if self.welcomed or now - self._silence_noted_at < wait_s:
+            return
+        self._silence_noted_at = now
+        log.warning(
+            "no broker answered at %s yet (waited %.1fs) sink=%s; still waiting",
+            self.address,
+            now - self._started_at,
+            self.name,
+        )
 
     @contextlib.contextmanager
     def _lent_socket(self) -> Iterator[None]:

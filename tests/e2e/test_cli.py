@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from ventilator import Sink, TaskRaised
+from ventilator import Client, Sink, TaskRaised
 
 from . import broken_child_tasks
 from .conftest import (
@@ -688,7 +688,9 @@ def test_map_fails_only_the_lines_it_cannot_send_keeping_every_line_in_order(
             assert record["error"]["type"] == "UnicodeDecodeError"
         else:
             assert record == {"input": index, "result": index * index}
-    assert "397 succeeded, 3 failed" in completed.stderr
+    # Lines, not tasks: they travel many to a task.
+    assert "400 lines, 397 succeeded, 3 failed" in completed.stderr
+    assert "lines/s)" in completed.stderr
 
 
 def test_map_times_out_only_the_line_that_ran_past_its_timeout(
@@ -967,6 +969,45 @@ def test_sink_that_no_broker_answered_says_so(processes: Processes) -> None:
 
     assert result.returncode == 1
     assert f"no broker answered at {address}" in result.stderr
+
+
+def test_sink_waiting_for_a_broker_that_never_answers_warns_while_it_waits(
+    processes: Processes,
+) -> None:
+    address = f"tcp://127.0.0.1:{free_port()}"  # nobody listens there
+    sink = processes.start("sink", ventilator_argv("sink", "r", "--connect", address))
+
+    # Without --idle-timeout-s it waits for ever, so it must say what for.
+    wait_until(
+        lambda: f"no broker answered at {address} yet" in log_of(sink),
+        10,
+        "the sink's warning",
+    )
+    assert sink.poll() is None
+    # Ctrl-C is how such a sink is stopped: it is no error.
+    sink.send_signal(signal.SIGINT)
+    assert sink.wait(10) == 130, log_of(sink)
+
+
+def test_a_second_sink_of_a_taken_name_exits_1(
+    processes: Processes, broker: BrokerProcess, client: Client
+) -> None:
+    first = processes.start(
+        "sink", ventilator_argv("sink", "totals", "--connect", broker.frontend)
+    )
+    status_when(
+        client,
+        lambda status: any(c["name"] == "sink:totals" for c in status["clients"]),
+        10,
+        "the first sink registered",
+    )
+
+    second = run_cli(processes, "sink", "totals", "--connect", broker.frontend)
+
+    # The command was right; the name was busy: not a usage error.
+    assert second.returncode == 1, second.stderr
+    assert "totals" in second.stderr
+    assert first.poll() is None
 
 
 def test_map_fails_a_line_nested_too_deep_alone_and_writes_the_others(

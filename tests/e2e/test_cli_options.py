@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
+import click
 import pytest
 
 from ventilator import Client, Sink, local
+from ventilator.cli import cli
 from ventilator.errors import UsageError
 
-from .conftest import Processes, free_port, run_cli
+from .conftest import Processes, free_port, json_lines, run_cli
 
 
 @pytest.mark.parametrize(
@@ -79,3 +84,86 @@ def test_sink_refuses_a_heartbeat_of_zero() -> None:
 def test_local_refuses_fewer_than_one_worker() -> None:
     with pytest.raises(UsageError, match="workers"):
         local(-1, ["json"])
+
+
+@pytest.mark.parametrize(
+    "variable", ["VENTILATOR_LOG_LEVEL", "VENTILATOR_MAP_LOG_LEVEL"]
+)
+def test_a_bad_log_level_from_the_environment_names_the_variable(
+    processes: Processes, monkeypatch: pytest.MonkeyPatch, variable: str
+) -> None:
+    # Named as every other option's variable: after the option, not its
+    # parameter ("level"), which the user never sees.
+    monkeypatch.setenv(variable, "LOUD")
+
+    completed = run_cli(processes, "map", "json:dumps", "--workers", "1")
+
+    assert completed.returncode == 2, completed.stderr
+    assert variable in completed.stderr
+
+
+def test_the_logging_of_a_command_comes_from_its_variables(
+    processes: Processes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VENTILATOR_MAP_LOG_LEVEL", "INFO")
+    monkeypatch.setenv("VENTILATOR_MAP_LOG_FORMAT", "json")
+
+    completed = run_cli(
+        processes, "map", "json:dumps", "--workers", "1", input_text="1\n"
+    )
+
+    assert completed.returncode == 0, completed.stderr
+    # The embedded broker logs its start at INFO, as one JSON object.
+    records = json_lines(
+        "\n".join(line for line in completed.stderr.splitlines() if line[:1] == "{")
+    )
+    assert any(record["level"] == "INFO" for record in records), completed.stderr
+
+
+def test_keys_generate_takes_the_logging_options_after_it(
+    processes: Processes, tmp_path: Path
+) -> None:
+    completed = run_cli(
+        processes,
+        "keys",
+        "generate",
+        "k",
+        "--dir",
+        str(tmp_path),
+        "--log-level",
+        "INFO",
+        "--log-format",
+        "json",
+    )
+
+    assert completed.returncode == 0, completed.stderr
+    assert (tmp_path / "k.key").exists()
+
+
+def _commands(group: click.Group) -> Iterator[click.Command]:
+    for command in group.commands.values():
+        yield command
+        if isinstance(command, click.Group):
+            yield from _commands(command)
+
+
+def test_every_command_takes_the_logging_options() -> None:
+    for command in _commands(cli):
+        options = {opt for param in command.params for opt in param.opts}
+        assert {"--log-level", "--log-format"} <= options, command.name
+
+
+def test_every_option_has_help_text() -> None:
+    for command in [cli, *_commands(cli)]:
+        for param in command.params:
+            if isinstance(param, click.Option):
+                assert param.help, f"{command.name} {param.opts[0]}"
+
+
+@pytest.mark.parametrize("command", ["map", "exec"])
+def test_connect_timeout_help_says_it_is_ignored_without_connect(command: str) -> None:
+    # Not an error: a variable may set it for every run, embedded ones too.
+    [option] = [
+        p for p in cli.commands[command].params if p.name == "connect_timeout_s"
+    ]
+    assert "ignored without --connect" in str(option.help)

@@ -14,15 +14,31 @@ import pytest
 from .conftest import REPO_ROOT, child_env
 
 EXAMPLE_TIMEOUT_S = 60.0
-# Indented under a list item: runnable as they stand. The section's opening
-# example is a sketch of a project of the reader's own (myproject.tasks).
+# Indented under a list item: runnable as they stand, each alone.
 INDENTED_PYTHON = re.compile(r"\n  ```python\n(.*?)\n  ```", re.S)
+# The section's opening: a module of tasks, then the script that uses it.
+OPENING_PYTHON = re.compile(r"\n```python\n(.*?)\n```", re.S)
+
+
+def python_section() -> str:
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    return readme.split("\n## Python\n", 1)[1].split("\n## ", 1)[0]
 
 
 def python_section_examples() -> list[str]:
-    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
-    section = readme.split("\n## Python\n", 1)[1].split("\n## ", 1)[0]
-    return [textwrap.dedent(block) for block in INDENTED_PYTHON.findall(section)]
+    blocks = INDENTED_PYTHON.findall(python_section())
+    return [textwrap.dedent(block) for block in blocks]
+
+
+def run_example(script: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, script.name],
+        cwd=script.parent,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=EXAMPLE_TIMEOUT_S,
+    )
 
 
 def test_the_python_section_has_its_examples() -> None:
@@ -38,14 +54,19 @@ def test_a_readme_example_runs(example: str, tmp_path: Path) -> None:
     script = tmp_path / "example.py"
     script.write_text(example, encoding="utf-8")
 
-    done = subprocess.run(
-        [sys.executable, str(script)],
-        cwd=tmp_path,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=EXAMPLE_TIMEOUT_S,
-    )
+    done = run_example(script)
 
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip(), "every example prints what it got"
+
+
+def test_the_opening_example_runs_with_its_tasks_module(tmp_path: Path) -> None:
+    tasks, main = OPENING_PYTHON.findall(python_section())[:2]
+    (tmp_path / "tasks.py").write_text(tasks, encoding="utf-8")
+    (tmp_path / "main.py").write_text(main, encoding="utf-8")
+
+    done = run_example(tmp_path / "main.py")
+
+    assert done.returncode == 0, done.stderr
+    # What its comments promise.
+    assert done.stdout.splitlines()[:2] == ["photo.jpg resized to 640 px", "332833500"]
