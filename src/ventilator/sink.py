@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 # broker notices a killed receiver at its next heartbeat to it (1 s by default)
 # and a vanished host after 3 silent heartbeat intervals.
 TAKEN_WAIT_S = 5.0
+# What a broker's backend answers a client's HELLO ("command") and heartbeats
+# ("unknown_worker"): the sink was pointed at the wrong socket.
+_BACKEND_REFUSALS = frozenset({"command", "unknown_worker"})
 # Heartbeat intervals without a broker's WELCOME before the sink says so, and
 # between two such warnings: a Client's default liveness, so that both say
 # "no broker answered" after the same wait.
@@ -270,6 +273,14 @@ class Sink:
             # Its key is not (or no longer) allowed: what the broker holds for
             # this sink waits there for a process with a key it allows.
             raise UsageError(error.message)
+        elif error.code in _BACKEND_REFUSALS:
+            # Our HELLO and heartbeats answered as a worker's would be: no
+            # result will ever come on this address.
+            raise UsageError(
+                f"{self.address} is not a broker's frontend: it answered as its "
+                f"backend, where workers connect ({error.message}); connect "
+                "sinks to the broker's frontend"
+            )
         else:
             log.warning(
                 "the broker refused a message code=%s: %s", error.code, error.message

@@ -1010,6 +1010,16 @@ def test_a_second_sink_of_a_taken_name_exits_1(
     assert first.poll() is None
 
 
+def test_a_sink_pointed_at_a_backend_exits_1_naming_the_frontend(
+    processes: Processes, broker: BrokerProcess
+) -> None:
+    result = run_cli(processes, "sink", "totals", "--connect", broker.backend)
+
+    assert result.returncode == 1, result.stderr
+    assert f"{broker.backend} is not a broker's frontend" in result.stderr
+    assert "the broker refused a message" not in result.stderr  # no warning per beat
+
+
 def test_map_fails_a_line_nested_too_deep_alone_and_writes_the_others(
     processes: Processes, tmp_path: Path
 ) -> None:
