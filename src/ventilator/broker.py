@@ -185,6 +185,7 @@ class Broker:
         os.set_blocking(self._wake_read, False)
         self._refusal_log = _RateLimit(per_s=1.0)
         self._handshake_log = _RateLimit(per_s=1.0)
+        self._rejection_log = _RateLimit(per_s=1.0)
         self._trim = _MemoryTrim(TRIM_INTERVAL_S)
         self._disk_room = _DiskRoom(self.config)
         # Peers told why their message was refused, this second: garbage
@@ -447,6 +448,7 @@ class Broker:
     def _look_at_disk(self) -> None:
         written = self._journal.written_bytes
         self._scheduler.not_accepting = self._disk_room.problem(written)
+        self._scheduler.disk_budget = self._disk_room.budget()
 
     def _poller(self) -> select.poll:
         """A poller of the loop's descriptors, and every socket read once.
@@ -803,7 +805,13 @@ class Broker:
             self.telemetry.record(effects)
         self._send_to_clients(effects.to_clients, now)
         for notice in effects.notices:
-            _log_notice(notice)
+            # A refusal per task of a burst would flood the log (a full disk
+            # refuses them all): one a second, saying how many more.
+            if isinstance(notice, s.Rejected):
+                if self._rejection_log.allows(now):
+                    _log_rejection(notice, self._rejection_log.suppressed_note())
+            else:
+                _log_notice(notice)
 
     def _send_to_workers(
         self, messages: list[tuple[bytes, p.Command]], now: float
@@ -920,6 +928,16 @@ def _mdp_refusal(role: str, identity: Identity | None) -> str:
     )
 
 
+def _log_rejection(notice: s.Rejected, suppressed_note: str) -> None:
+    log.warning(
+        "refused task client=%s task=%d: %s%s",
+        notice.session,
+        notice.task_id,
+        notice.reason,
+        suppressed_note,
+    )
+
+
 def _handshake_causes(event: int) -> str:
     """What may have made a handshake fail, for the operator.
 
@@ -965,6 +983,7 @@ class _DiskRoom:
         self._free_bytes = free_bytes or _free_bytes
         self._refusing = False
         self._written_at_look = 0
+        self._free_at_look: int | None = None
 
     def due(self, written_bytes: int) -> bool:
         """Whether the journal wrote enough since the last look to look again."""
@@ -981,7 +1000,9 @@ class _DiskRoom:
         try:
             free = self._free_bytes(self._folder)
         except OSError:
+            self._free_at_look = None
             return None  # no worse than before: the next commit says what is wrong
+        self._free_at_look = free
         short = free < self._min_free
         if short != self._refusing:
             self._refusing = short
@@ -994,6 +1015,13 @@ class _DiskRoom:
             "tasks it holds (--journal-min-free-bytes); new tasks are refused "
             "until an operator frees space"
         )
+
+    def budget(self) -> s.DiskBudget:
+        """What the disk can take until the next look, as the last one found
+        (the scheduler spends it on the tasks and results it accepts)."""
+        if self._min_free <= 0 or self._free_at_look is None:
+            return s.DiskBudget()
+        return s.DiskBudget.after_look(self._free_at_look, self._min_free)
 
     def _log_change(self, free: int) -> None:
         if self._refusing:
@@ -1155,12 +1183,7 @@ def _log_notice(notice: s.Notice) -> None:
     elif isinstance(notice, s.ClientLost):
         _log_client_lost(notice)
     elif isinstance(notice, s.Rejected):
-        log.warning(
-            "refused task client=%s task=%d: %s",
-            notice.session,
-            notice.task_id,
-            notice.reason,
-        )
+        _log_rejection(notice, "")
     elif isinstance(notice, s.ResultsExpired):
         log.warning("dropped %d results nobody collected (result_ttl_s)", notice.count)
     elif isinstance(notice, s.TombstonesForgotten):

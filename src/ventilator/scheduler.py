@@ -234,6 +234,48 @@ class Recipient:
         return tickets
 
 
+@dataclass(slots=True)
+class DiskBudget:
+    """What the journal's disk can still take until the shell looks again.
+
+    New tasks must leave the reserve (`--journal-min-free-bytes`) whole: it is
+    kept for the tasks already held. Their results may use it, all but a
+    quarter kept for SQLite's log: a result the disk cannot take fails its
+    task, where its write would stop the broker, and again at each restart.
+    Infinite while no reserve is kept (a memory journal, or 0).
+    """
+
+    tasks: float = math.inf
+    results: float = math.inf
+    free: int = 0  # bytes free at the look, for messages
+    reserve: int = 0
+
+    @classmethod
+    def after_look(cls, free: int, reserve: int) -> DiskBudget:
+        return cls(free - reserve, free - reserve // 4, free, reserve)
+
+    def spend(self, size: int) -> None:
+        self.tasks -= size
+        self.results -= size
+
+    def task_refusal(self, size: int) -> str:
+        return (
+            f"the journal's disk has {self.free // _MIB} MiB free; this task's "
+            f"{size} bytes would cut into the {self.reserve // _MIB} MiB the broker "
+            "keeps for the tasks it holds (--journal-min-free-bytes)"
+        )
+
+    def result_refusal(self, size: int) -> str:
+        return (
+            f"the result of {size} bytes does not fit the journal's disk "
+            f"({self.free // _MIB} MiB free when the broker last looked); free "
+            "space there, or return less"
+        )
+
+
+_MIB = 2**20
+
+
 @dataclass(frozen=True, slots=True)
 class FailedTask:
     """What the broker remembers of a failed task, for the operator."""
@@ -592,6 +634,7 @@ class Scheduler:
         # Why no new task is accepted now, as the shell found (the journal's
         # disk is nearly full); None: tasks are accepted within the limits.
         self.not_accepting: str | None = None
+        self.disk_budget = DiskBudget()
 
         self._effects = Effects()
         # Accepted task ids not yet announced, per submitting peer, and when the
@@ -889,6 +932,8 @@ class Scheduler:
             return self.not_accepting
         limits = self.limits
         size = len(spec.payload)
+        if size > self.disk_budget.tasks:
+            return self.disk_budget.task_refusal(size)
         if size > limits.max_payload_bytes:
             return (
                 f"payload of {size} bytes is over the limit of "
@@ -989,6 +1034,7 @@ class Scheduler:
         self._admit(task)
         self._enqueue(task)
         self.submitted += 1
+        self.disk_budget.spend(len(spec.payload))
         self._effects.accepted.append(task)
 
     def _new_ticket(self) -> int:
@@ -1220,20 +1266,30 @@ class Scheduler:
             self._run_s[queue_name] = mean_s + RUN_TIME_WEIGHT * (duration_s - mean_s)
 
     def _settle(self, task: Task, outcome: p.Outcome, now: float) -> None:
-        limit = self.limits.max_payload_bytes
-        if len(outcome.payload) > limit:
-            error = TaskRejected(
-                "ResultTooLarge",
-                f"the result of {len(outcome.payload)} bytes is over the limit of "
-                f"{limit} bytes (max_payload_bytes)",
-            )
-            self._finish(task, p.Status.REJECTED, pack_error(error), now)
+        unkept = self._unkeepable(outcome.payload)
+        if unkept is not None:
+            self._finish(task, p.Status.REJECTED, pack_error(unkept), now)
         elif outcome.status is p.Status.CRASHED:
             self._died_running(task, now)
         elif outcome.status is p.Status.RAISED and task.retries_left > 0:
             self._retry_later(task, now)
         else:
+            self.disk_budget.spend(len(outcome.payload))
             self._finish(task, outcome.status, outcome.payload, now)
+
+    def _unkeepable(self, result: p.Payload) -> TaskRejected | None:
+        """Why a result cannot be kept: over the size limit, or more than the
+        journal's disk can take; None when it can."""
+        size, limit = len(result), self.limits.max_payload_bytes
+        if size > limit:
+            return TaskRejected(
+                "ResultTooLarge",
+                f"the result of {size} bytes is over the limit of {limit} bytes "
+                "(max_payload_bytes)",
+            )
+        if size > self.disk_budget.results:
+            return TaskRejected("ResultTooLarge", self.disk_budget.result_refusal(size))
+        return None
 
     def _retry_later(self, task: Task, now: float) -> None:
         task.retries_left -= 1

@@ -135,3 +135,18 @@ def test_a_handshake_cut_short_by_its_peer_is_named_as_such() -> None:
 
     assert "peer closed it first" in cut_short
     assert "closed" not in refused
+
+
+def test_the_disk_budget_keeps_the_reserve_for_tasks_and_a_quarter_of_it_for_results(
+    tmp_path: Path,
+) -> None:
+    mib = 2**20
+    config = BrokerConfig(
+        journal=str(tmp_path / "journal.db"), journal_min_free_bytes=64 * mib
+    )
+    room = _DiskRoom(config, free_bytes=lambda folder: 100 * mib)
+
+    room.problem(written_bytes=0)
+    budget = room.budget()
+
+    assert (budget.tasks, budget.results) == (36 * mib, 84 * mib)

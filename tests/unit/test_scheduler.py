@@ -12,6 +12,7 @@ from ventilator.scheduler import (
     ACCEPT_GRACE_S,
     ClientLost,
     Departure,
+    DiskBudget,
     LateOutcome,
     Scheduler,
     SessionHeld,
@@ -123,6 +124,40 @@ def test_oversized_payload_is_rejected_naming_the_limit() -> None:
     assert "11 bytes" in report["message"]
     assert "max_payload_bytes" in report["message"]
     assert not effects.accepted
+
+
+def test_a_task_that_would_cut_into_the_disk_reserve_is_rejected_saying_so() -> None:
+    driver = Driver()
+    driver.hello()
+    # 100 bytes free above a reserve of 1,000: one task of 60 fits, not two.
+    driver.scheduler.disk_budget = DiskBudget.after_look(free=1_100, reserve=1_000)
+
+    effects = driver.submit(task(1, payload=b"x" * 60), task(2, payload=b"y" * 60))
+
+    assert [t.task_id for t in effects.accepted] == [1]
+    [entry] = results(effects)
+    assert (entry.task_id, entry.status) == (2, p.Status.REJECTED)
+    assert "--journal-min-free-bytes" in error_report(entry)["message"]
+
+
+def test_a_result_the_journal_disk_cannot_take_fails_its_task_instead(
+    driver: Driver,
+) -> None:
+    # A write past the disk's end would stop the broker, and again at each
+    # restart as the task ran again: the task fails, the broker goes on.
+    driver.submit(task(1), task(2))
+    work = assignments(driver.ready(W1, capacity=2), W1)
+    # 2,000 bytes free, under a reserve of 4,000: results may use all but 1,000.
+    driver.scheduler.disk_budget = DiskBudget.after_look(free=2_000, reserve=4_000)
+
+    too_big = driver.done(W1, work[0], payload=b"r" * 1_001)
+    fits = driver.done(W1, work[1], payload=b"r" * 900)
+
+    [refused] = results(too_big)
+    assert refused.status is p.Status.REJECTED
+    assert "does not fit the journal's disk" in error_report(refused)["message"]
+    [kept] = results(fits)
+    assert (kept.status, kept.payload) == (p.Status.OK, b"r" * 900)
 
 
 def test_client_window_is_enforced() -> None:
