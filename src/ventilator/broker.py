@@ -1149,14 +1149,16 @@ def _log_notice(notice: s.Notice) -> None:
             notice.running,
         )
     elif isinstance(notice, s.WorkerLost):
-        level = logging.WARNING if notice.requeued or notice.poisoned else logging.INFO
+        busy = notice.requeued or notice.poisoned or notice.split
         log.log(
-            level,
-            "worker lost worker=%s reason=%s; requeued %d tasks, %d failed as poison, "
-            "dropped %d cancelled by their clients",
+            logging.WARNING if busy else logging.INFO,
+            "worker lost worker=%s reason=%s; requeued %d tasks, %d map batches "
+            "handed back to their maps, %d failed as poison, dropped %d "
+            "cancelled by their clients",
             notice.worker_id,
             notice.reason,
             notice.requeued,
+            notice.split,
             notice.poisoned,
             notice.dropped,
         )

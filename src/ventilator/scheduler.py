@@ -432,6 +432,7 @@ class WorkerLost:
     requeued: int
     poisoned: int
     dropped: int = 0  # tasks cancelled while it ran them: not requeued
+    split: int = 0  # map batches handed back to their maps, item by item
 
 
 @dataclass(frozen=True, slots=True)
@@ -1178,7 +1179,7 @@ class Scheduler:
                 WorkerDraining(worker.worker_id, len(worker.running))
             )
         elif isinstance(command, p.Bye):
-            requeued, _, dropped = self._drop_worker(worker, lost=None, now=now)
+            requeued, _, dropped, _ = self._drop_worker(worker, lost=None, now=now)
             self._effects.notices.append(
                 WorkerLeft(worker.worker_id, requeued, dropped)
             )
@@ -1346,18 +1347,19 @@ class Scheduler:
         self, worker: Worker, reason: str, blamed: bool, now: float
     ) -> None:
         lost = reason if blamed else None
-        requeued, poisoned, dropped = self._drop_worker(worker, lost, now)
+        requeued, poisoned, dropped, split = self._drop_worker(worker, lost, now)
         self._effects.notices.append(
-            WorkerLost(worker.worker_id, reason, requeued, poisoned, dropped)
+            WorkerLost(worker.worker_id, reason, requeued, poisoned, dropped, split)
         )
 
     def _drop_worker(
         self, worker: Worker, lost: str | None, now: float
-    ) -> tuple[int, int, int]:
+    ) -> tuple[int, int, int, int]:
         """Forget a worker and requeue its tasks (`lost`: why it was lost, a
         strike against each; None: it left or was replaced, no blame), but
         drop those cancelled while it ran them; return how many were
-        requeued, poisoned and dropped."""
+        requeued, poisoned, dropped, and split (map batches whose maps run
+        their items alone: no failure)."""
         del self.workers[worker.worker_id]
         if self._worker_of_peer.get(worker.peer) == worker.worker_id:
             del self._worker_of_peer[worker.peer]
@@ -1365,7 +1367,7 @@ class Scheduler:
             self._available.get(service, {}).pop(worker.worker_id, None)
         worker.offered = False
 
-        requeued = poisoned = dropped = 0
+        requeued = poisoned = dropped = split = 0
         for ticket in sorted(worker.running, reverse=True):
             task = self.tasks[ticket]
             task.worker = None
@@ -1375,13 +1377,15 @@ class Scheduler:
             elif lost is None:
                 self._enqueue(task, front=True)
                 requeued += 1
-            elif self._lost_running(task, lost, now):
-                poisoned += 1
-            else:
+            elif not self._lost_running(task, lost, now):
                 requeued += 1
+            elif task.flags & _BATCH:
+                split += 1
+            else:
+                poisoned += 1
         worker.running.clear()
         worker.held.clear()
-        return requeued, poisoned, dropped
+        return requeued, poisoned, dropped, split
 
     def _release(self, worker: Worker, task: Task) -> None:
         if task.ticket in worker.running:

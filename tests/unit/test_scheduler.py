@@ -723,6 +723,18 @@ def test_result_from_an_unregistered_worker_asks_it_to_register(
 # --- failures -------------------------------------------------------------------------
 
 
+def test_a_map_batch_of_a_lost_worker_is_counted_as_split_not_poisoned(
+    driver: Driver,
+) -> None:
+    driver.submit(task(1, flags=int(p.Flags.BATCH)), task(2))
+    assignments(driver.ready(W1, capacity=2), W1)
+
+    lost = driver.unreachable(W1)
+
+    [notice] = notices(lost, WorkerLost)
+    assert (notice.requeued, notice.split, notice.poisoned) == (1, 1, 0)
+
+
 def test_task_of_dead_worker_is_requeued(driver: Driver) -> None:
     driver.submit(task(1))
     [first] = assignments(driver.ready(W1), W1)
