@@ -67,6 +67,7 @@ from .errors import (
     UsageError,
     task_error_from_wire,
 )
+from .logs import Dwindling
 from .policy import check_heartbeat
 from .security import NOT_PERMITTED, REVOKED, client_keys, fingerprint
 from .serialization import (
@@ -854,6 +855,8 @@ class Client:
         # When the I/O thread last heard from a broker; None while none answered.
         self._started_at = time.monotonic()
         self._broker_heard_at: float | None = None
+        # Says a broker is silent (or never answered), less and less often.
+        self._silence_log = Dwindling(self._heartbeat_interval_s * self._liveness)
         # Since when the broker refuses our session to us (another live client
         # holds it); None while it is ours, or not asked for yet.
         self._session_refused_at: float | None = None
@@ -1769,7 +1772,7 @@ class Client:
                 self._give_up_waiting_for_session(now)
                 next_beat = now + self._heartbeat_interval_s
                 if now - broker_seen > self._heartbeat_interval_s * self._liveness:
-                    self._log_silence(now - broker_seen)
+                    self._log_silence(now)
                     self._close_socket(linger=0)
                     self._socket = self._connect()
                     broker_seen = now
@@ -1789,17 +1792,23 @@ class Client:
         if problem is not None and self._handshakes.definitive:
             self._fail_tasks(problem)
 
-    def _log_silence(self, silent_s: float) -> None:
-        if self._broker_heard_at is None:
+    def _log_silence(self, now: float) -> None:
+        """Say that the broker is silent, at each reconnection at first, then
+        less and less often while it stays so (see Dwindling)."""
+        heard_at = self._broker_heard_at
+        silent_since = self._started_at if heard_at is None else heard_at
+        if not self._silence_log.due(now, silent_since):
+            return
+        if heard_at is None:
             log.warning(
                 "no broker answered at %s yet (waited %.1fs); reconnecting",
                 self.address,
-                time.monotonic() - self._started_at,
+                now - self._started_at,
             )
         else:
             log.warning(
                 "broker silent for %.1fs broker=%s; reconnecting",
-                silent_s,
+                now - heard_at,
                 self.address,
             )
 

@@ -2,7 +2,8 @@
 
 Library modules only ever call `logging.getLogger(__name__)`; handlers are
 configured here, and only the CLI calls `configure`. `RateLimit` keeps a peer's
-flood of garbage from becoming a flood of log lines.
+flood of garbage from becoming a flood of log lines; `Dwindling` keeps a state
+that lasts (no broker answers) from being logged every few seconds for hours.
 """
 
 from __future__ import annotations
@@ -12,7 +13,14 @@ import logging
 import sys
 from datetime import UTC, datetime
 
-__all__ = ["LOG_FORMATS", "LOG_LEVELS", "JsonFormatter", "RateLimit", "configure"]
+__all__ = [
+    "LOG_FORMATS",
+    "LOG_LEVELS",
+    "Dwindling",
+    "JsonFormatter",
+    "RateLimit",
+    "configure",
+]
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
@@ -75,3 +83,27 @@ class RateLimit:
         note = f"; {self._suppressed} more not logged" if self._suppressed else ""
         self._suppressed = 0
         return note
+
+
+class Dwindling:
+    """When to say again that a state lasts (no broker answers): at once, then
+    after `first_interval_s`, then after twice as long each time, at most every
+    `max_interval_s`. A broker down overnight is logged a few hundred times,
+    not every few seconds; a new outage starts the count again."""
+
+    def __init__(self, first_interval_s: float, max_interval_s: float = 300.0) -> None:
+        self._first_s = first_interval_s
+        self._max_s = max(first_interval_s, max_interval_s)
+        self._began_at: float | None = None
+        self._interval_s = 0.0
+        self._next_at = 0.0
+
+    def due(self, now: float, began_at: float) -> bool:
+        """Whether to say it now, of a state that began at `began_at`."""
+        if began_at != self._began_at:
+            self._began_at, self._interval_s, self._next_at = began_at, 0.0, now
+        if now < self._next_at:
+            return False
+        self._interval_s = min(self._max_s, max(self._first_s, 2 * self._interval_s))
+        self._next_at = now + self._interval_s
+        return True

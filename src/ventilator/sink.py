@@ -36,6 +36,7 @@ from ._recent import RecentResults
 from ._timing import poll_timeout_ms
 from .client import ACK_BATCH, DEFAULT_ADDRESS
 from .errors import TaskError, UsageError, task_error_from_wire
+from .logs import Dwindling
 from .policy import check_heartbeat
 from .security import REVOKED, client_keys
 from .serialization import unpack_value
@@ -115,8 +116,8 @@ class Sink:
         # beating thread while the caller holds a result (see _beat_meanwhile).
         self._socket_lock = threading.Lock()
         self._last_sent_at = time.monotonic()
-        # When the sink last said that no broker answered (its start at first).
-        self._silence_noted_at = self._last_sent_at
+        # Says that no broker answered, less and less often.
+        self._unanswered_log = Dwindling(self._heartbeat_interval_s * SILENT_INTERVALS)
         self._closing = threading.Event()
         self._send(self._hello())
         self._beater = threading.Thread(
@@ -175,9 +176,10 @@ class Sink:
         silence for ever."""
         now = time.monotonic()
         wait_s = self._heartbeat_interval_s * SILENT_INTERVALS
-        if self.welcomed or now - self._silence_noted_at < wait_s:
+        if self.welcomed or now - self._started_at < wait_s:
             return
-        self._silence_noted_at = now
+        if not self._unanswered_log.due(now, self._started_at):
+            return
         log.warning(
             "no broker answered at %s yet (waited %.1fs) sink=%s; still waiting",
             self.address,

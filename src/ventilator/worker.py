@@ -26,6 +26,7 @@ from . import _wire
 from . import protocol as p
 from ._timing import StallWatch, poll_timeout_ms
 from .errors import TaskRejected, UsageError
+from .logs import Dwindling
 from .policy import Prefetch, check_at_least, check_heartbeat
 from .pool import Pool, TaskDuration, make_pool
 from .registry import load_functions
@@ -108,6 +109,10 @@ class Worker:
         self._handshakes = _wire.HandshakeWatch(config.connect, "worker", public_key)
         self._told_misdirected = False
         self._broker_seen = 0.0
+        # When the broker last said anything, across reconnections; how often
+        # to say it is silent.
+        self._broker_heard_at = time.monotonic()
+        self._silence_log = Dwindling(config.heartbeat_interval_s * config.liveness)
         self._registering = False
         self._registered_at = 0.0
         self._task_s = TaskDuration()
@@ -267,7 +272,7 @@ class Worker:
             self._socket, p.TO_WORKER, lend_large=True, announced=announced
         )
         for command in commands:
-            self._broker_seen = now
+            self._broker_seen = self._broker_heard_at = now
             self._handle(command, now)
 
     def _handle(self, command: p.Command, now: float) -> None:
@@ -409,11 +414,13 @@ class Worker:
         self._handshakes.read()  # logs a refused handshake's reason, once
         silent_s = now - self._broker_seen
         if silent_s > self.config.heartbeat_interval_s * self.config.liveness:
-            log.warning(
-                "broker silent for %.1fs broker=%s; reconnecting",
-                silent_s,
-                self.config.connect,
-            )
+            # At each reconnection at first, then less and less often.
+            if self._silence_log.due(now, self._broker_heard_at):
+                log.warning(
+                    "broker silent for %.1fs broker=%s; reconnecting",
+                    now - self._broker_heard_at,
+                    self.config.connect,
+                )
             self._connect(now)
 
     def _send(self, command: p.Command) -> None:

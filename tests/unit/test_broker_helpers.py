@@ -19,6 +19,7 @@ from ventilator.broker import (
 )
 from ventilator.client import SUBMIT_BATCH, SUBMIT_BATCH_BYTES, _batches
 from ventilator.errors import UsageError
+from ventilator.logs import Dwindling
 from ventilator.scheduler import WorkerLeft
 
 
@@ -150,3 +151,14 @@ def test_the_disk_budget_keeps_the_reserve_for_tasks_and_a_quarter_of_it_for_res
     budget = room.budget()
 
     assert (budget.tasks, budget.results) == (36 * mib, 84 * mib)
+
+
+def test_a_lasting_silence_is_said_less_and_less_often_and_anew_for_a_new_one() -> None:
+    dwindling = Dwindling(first_interval_s=3.0, max_interval_s=20.0)
+    began_at = 0.0
+
+    said_at = [t for t in range(0, 100) if dwindling.due(float(t), began_at)]
+
+    # At once, then 3, 6, 12 s later, then every 20 s at most.
+    assert said_at == [0, 3, 9, 21, 41, 61, 81]
+    assert dwindling.due(100.5, began_at=100.0)  # the broker came back, and went
