@@ -39,6 +39,13 @@ class AsyncClient:
         self._client = Client(address, **options)
         self.session = self._client.session
 
+    @property
+    def session_at_broker(self) -> str:
+        """The name the broker knows this session by (see
+        `Client.session_at_broker`): what `purge_session` and `cancel_task`
+        take under CURVE."""
+        return self._client.session_at_broker
+
     async def __aenter__(self) -> AsyncClient:
         return self
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
 import ventilator
+from ventilator.security import fingerprint, read_public_key
 
 from . import tasks
 from .conftest import (
@@ -209,3 +211,20 @@ def test_async_status_gives_up_after_its_timeout_without_a_broker() -> None:
 
     with pytest.raises(ventilator.BrokerTimeout):
         asyncio.run(status())
+
+
+def test_an_async_client_names_its_session_as_the_broker_does_under_curve(
+    tmp_path: Path,
+) -> None:
+    public, secret = ventilator.generate_keys("alice", tmp_path)
+    broker_public, _ = ventilator.generate_keys("broker", tmp_path)
+    address = f"tcp://127.0.0.1:{free_port()}"  # no broker need answer
+
+    async def name_it() -> str:
+        async with ventilator.AsyncClient(
+            address, session="s", secret_key=secret, broker_key=broker_public
+        ) as client:
+            return client.session_at_broker
+
+    # What purge_session and cancel_task take under CURVE.
+    assert asyncio.run(name_it()) == f"{fingerprint(read_public_key(public))}.s"
