@@ -804,14 +804,16 @@ class Broker:
         if self.telemetry is not None:
             self.telemetry.record(effects)
         self._send_to_clients(effects.to_clients, now)
-        for notice in effects.notices:
-            # A refusal per task of a burst would flood the log (a full disk
-            # refuses them all): one a second, saying how many more.
-            if isinstance(notice, s.Rejected):
-                if self._rejection_log.allows(now):
-                    _log_rejection(notice, self._rejection_log.suppressed_note())
-            else:
+        self._log_notices(effects.notices, now)
+
+    def _log_notices(self, notices: list[s.Notice], now: float) -> None:
+        for notice in notices:
+            if not isinstance(notice, s.Rejected):
                 _log_notice(notice)
+            elif self._rejection_log.allows(now):
+                # A refusal per task of a burst would flood the log (a full
+                # disk refuses them all): one a second, saying how many more.
+                _log_rejection(notice, self._rejection_log.suppressed_note())
 
     def _send_to_workers(
         self, messages: list[tuple[bytes, p.Command]], now: float
@@ -1184,8 +1186,6 @@ def _log_notice(notice: s.Notice) -> None:
         log.info("client joined client=%s resent=%d", notice.recipient, notice.resent)
     elif isinstance(notice, s.ClientLost):
         _log_client_lost(notice)
-    elif isinstance(notice, s.Rejected):
-        _log_rejection(notice, "")
     elif isinstance(notice, s.ResultsExpired):
         log.warning("dropped %d results nobody collected (result_ttl_s)", notice.count)
     elif isinstance(notice, s.TombstonesForgotten):

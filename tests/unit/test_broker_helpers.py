@@ -20,7 +20,7 @@ from ventilator.broker import (
 from ventilator.client import SUBMIT_BATCH, SUBMIT_BATCH_BYTES, _batches
 from ventilator.errors import UsageError
 from ventilator.logs import Dwindling
-from ventilator.scheduler import WorkerLeft
+from ventilator.scheduler import Notice, Rejected, WorkerLeft
 
 
 def test_rate_limit_allows_one_line_per_interval_and_counts_the_rest() -> None:
@@ -162,3 +162,22 @@ def test_a_lasting_silence_is_said_less_and_less_often_and_anew_for_a_new_one() 
     # At once, then 3, 6, 12 s later, then every 20 s at most.
     assert said_at == [0, 3, 9, 21, 41, 61, 81]
     assert dwindling.due(100.5, began_at=100.0)  # the broker came back, and went
+
+
+def test_a_burst_of_refused_tasks_is_logged_once_a_second_with_a_count(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    server = Broker(BrokerConfig(journal=None, durability="memory"))
+    refusals: list[Notice] = [Rejected("s", i, "disk full") for i in range(5)]
+    try:
+        with caplog.at_level(logging.WARNING, logger="ventilator.broker"):
+            server._log_notices(refusals, now=100.0)
+            server._log_notices(refusals[:1], now=101.5)
+    finally:
+        server.stop()
+        server.serve()
+
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2
+    assert "task=0" in messages[0] and "more not logged" not in messages[0]
+    assert messages[1].endswith("; 4 more not logged")
