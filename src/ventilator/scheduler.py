@@ -63,6 +63,12 @@ _SPLIT = int(p.Flags.SPLIT)
 # (MDP clients, Titanic): a ventilator client may not take them in its HELLO.
 GATEWAY_PREFIX = "mdp:"
 
+# The highest attempt a restored task takes from the worker that names it.
+# Far beyond any real count; what keeps a forged one from growing, attempt by
+# attempt, past what the wire carries (2**63 - 1), which would have every
+# worker refuse the TASKS that bring it.
+MAX_ADOPTED_ATTEMPT = 2**32
+
 # How many results one RESULTS message carries at most.
 RESULTS_PER_MESSAGE = 1024
 # How long an ACCEPTED may wait for its task's result to make it needless: a
@@ -1307,7 +1313,7 @@ class Scheduler:
         if task.state is not State.QUEUED or task.queue not in worker.services:
             return False
         if task.restored:
-            return True
+            return attempt <= MAX_ADOPTED_ATTEMPT
         return task.given_back_by == worker.worker_id and task.attempt == attempt
 
     def _unqueue(self, queue_name: str, tasks: list[Task]) -> None:

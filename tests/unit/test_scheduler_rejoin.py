@@ -197,3 +197,12 @@ def test_a_new_task_with_a_named_ticket_is_not_claimed(driver: Driver) -> None:
     assert notices(effects, WorkerReturned)[0].kept == 0
     [sent] = assignments(effects, W1)
     assert sent.ticket == new.ticket  # sent to run, not taken as running
+
+
+def test_a_restored_task_named_at_an_absurd_attempt_is_not_claimed() -> None:
+    driver = restarted(journalled(7))
+    forged = p.Assignment(7, 2**63 - 1, FUNCTION, b"")
+
+    [sent] = assignments(driver.ready(W1, held=[forged]), W1)
+
+    assert (sent.ticket, sent.attempt) == (7, 1)
