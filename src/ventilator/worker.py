@@ -4,7 +4,8 @@ The main thread only moves messages: tasks from the broker into the pool,
 outcomes from the pool back to the broker (batched, one DONE per loop turn),
 and heartbeats both ways. A broker silent for `liveness` heartbeat intervals is
 presumed gone: the worker opens a new socket and registers again, so a broker
-restart needs nothing from the operator.
+restart needs nothing from the operator. Its READY names the tasks it still
+holds, which the broker leaves with it rather than running them again.
 """
 
 from __future__ import annotations
