@@ -1144,6 +1144,18 @@ def _log_notice(notice: s.Notice) -> None:
             notice.capacity,
             ",".join(notice.services),
         )
+    elif isinstance(notice, s.WorkerReturned):
+        log.info(
+            "worker returned worker=%s; kept %d tasks it still holds, requeued %d "
+            "it no longer holds%s",
+            notice.worker_id,
+            notice.kept,
+            notice.requeued,
+            f"; {notice.refused} it named are finished or another's, and their "
+            "results will be dropped as late"
+            if notice.refused
+            else "",
+        )
     elif isinstance(notice, s.WorkerDraining):
         log.info(
             "worker draining worker=%s; no new tasks, waiting for %d running",

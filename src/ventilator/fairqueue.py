@@ -4,7 +4,7 @@ One client that floods a function's queue must not make everyone else wait
 behind its backlog. Each owner (a submitting session) has its own lane; taking
 from the queue takes the next task of the next owner in turn, so with N owners
 waiting each gets 1/N of the workers, whatever their backlogs. Every operation
-is O(1); with one owner it is a plain FIFO.
+is O(1) but `discard`; with one owner it is a plain FIFO.
 """
 
 from __future__ import annotations
@@ -65,6 +65,23 @@ class FairQueue:
         elif len(turns) > 1:
             turns.rotate(-1)
         return ticket
+
+    def discard(self, owner: str, tickets: set[int]) -> None:
+        """Take `tickets` out of the owner's lane, wherever they wait.
+
+        One pass over that lane: for the rare task taken back out of its
+        queue, not for the hot path.
+        """
+        lane = self._lanes.get(owner)
+        if lane is None:
+            return
+        kept = deque(ticket for ticket in lane if ticket not in tickets)
+        self._size -= len(lane) - len(kept)
+        if kept:
+            self._lanes[owner] = kept
+        else:
+            del self._lanes[owner]
+            self._turns.remove(owner)
 
     def clear(self) -> None:
         self._lanes.clear()

@@ -139,6 +139,11 @@ class Pool(Protocol):
         """Forget tasks not started yet (the broker requeued them); return how many."""
         ...
 
+    def held(self) -> list[tuple[int, int]]:
+        """(ticket, attempt) of every task it will still report an outcome
+        for: those started or in a pipe first, then those waiting."""
+        ...
+
     def next_deadline(self) -> float | None:
         """When the earliest running task times out, if any has a timeout."""
         ...
@@ -378,6 +383,15 @@ class ProcessPool:
         dropped = len(self._waiting)
         self._waiting.clear()
         return dropped
+
+    def held(self) -> list[tuple[int, int]]:
+        sent = [
+            running.task
+            for child in self._children
+            for batch in child.sent
+            for running in batch
+        ]
+        return [(task.ticket, task.attempt) for task in [*sent, *self._waiting]]
 
     def _feed(self, now: float) -> None:
         """Top up the children's pipes, idle children first."""
@@ -924,6 +938,11 @@ class ThreadPool:
         dropped = len(self._waiting)
         self._waiting.clear()
         return dropped
+
+    def held(self) -> list[tuple[int, int]]:
+        # An abandoned task has left `_running`: its outcome was reported.
+        waiting = [(task.ticket, task.attempt) for task in self._waiting]
+        return [*self._running, *waiting]
 
     def _feed(self, now: float) -> None:
         while self._waiting and len(self._running) + self._stuck_in_slot < self._size:

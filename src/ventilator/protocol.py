@@ -38,6 +38,9 @@ HEADER = b"VNT1"
 MAX_NAME_LENGTH = 256
 # A worker's reason for serving nothing, as READY carries it to the status.
 MAX_PROBLEM_LENGTH = 1000
+# The most tickets a READY may name as still held: far above what a worker's
+# credit lets it hold, low enough that a forged READY costs the broker little.
+MAX_HELD_TICKETS = 65536
 MAX_BODY_BYTES = 16 * 1024 * 1024
 # The longest task timeout: a year is beyond any real task, and an infinite or
 # astronomic one would overflow the clocks and waits it reaches on a worker.
@@ -381,6 +384,10 @@ class Ready:
     # operators in the status. Sent only when set, so that a healthy worker's
     # READY still reads to a broker that predates it.
     problem: str | None = None
+    # The tasks it still holds and will report, as (ticket, attempt), when it
+    # registers again: the broker keeps them with it instead of running them
+    # again elsewhere. Sent only when there are some, as `problem` is.
+    held: Sequence[tuple[int, int]] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -673,12 +680,7 @@ _ENCODERS: dict[type, Callable[[Any], tuple[Cmd, Any, Sequence[Payload]]]] = {
     Bye: lambda c: (Cmd.BYE, None, ()),
     Drain: lambda c: (Cmd.DRAIN, None, ()),
     Credit: lambda c: (Cmd.CREDIT, c.capacity, ()),
-    Ready: lambda c: (
-        Cmd.READY,
-        [c.worker_id, list(c.services), c.capacity, c.allow_pickle, c.slots]
-        + ([] if c.problem is None else [c.problem]),
-        (),
-    ),
+    Ready: lambda c: (Cmd.READY, _ready_body(c), ()),
     Tasks: lambda c: (
         Cmd.TASKS,
         [[a.ticket, a.attempt, a.function, a.flags, a.timeout_s] for a in c.tasks],
@@ -690,6 +692,21 @@ _ENCODERS: dict[type, Callable[[Any], tuple[Cmd, Any, Sequence[Payload]]]] = {
         [o.payload for o in c.outcomes],
     ),
 }
+
+
+def _ready_body(ready: Ready) -> list[Any]:
+    # Optional fields trail, each sent only when it or one after it is set,
+    # so that a READY without them reads to brokers that predate them.
+    body = [
+        ready.worker_id,
+        list(ready.services),
+        ready.capacity,
+        ready.allow_pickle,
+        ready.slots,
+    ]
+    if ready.held:
+        return [*body, ready.problem, [list(entry) for entry in ready.held]]
+    return body if ready.problem is None else [*body, ready.problem]
 
 
 def _decode_hello(body: Any, payloads: Sequence[Payload]) -> Hello:
@@ -857,11 +874,12 @@ def _decode_operator_reply(body: Any, payloads: Sequence[Payload]) -> OperatorRe
 
 def _decode_ready(body: Any, payloads: Sequence[Payload]) -> Ready:
     _no_payloads(payloads, "READY")
-    if not isinstance(body, list) or len(body) not in (4, 5, 6):
-        raise ProtocolError("READY must be a list of 4 to 6 fields")
-    # Fields a worker leaves off: `slots` (older workers), `problem` (healthy).
-    fields: list[Any] = [*body, *[None] * (6 - len(body))]
-    worker_id, services, capacity, allow_pickle, slots, problem = fields
+    if not isinstance(body, list) or len(body) not in (4, 5, 6, 7):
+        raise ProtocolError("READY must be a list of 4 to 7 fields")
+    # Fields a worker leaves off: `slots` (older workers), `problem` (healthy),
+    # `held` (nothing held).
+    fields: list[Any] = [*body, *[None] * (7 - len(body))]
+    worker_id, services, capacity, allow_pickle, slots, problem, held = fields
     _expect(services, list, "services")
     capacity = _count(capacity, "capacity")
     if capacity < 1:
@@ -875,7 +893,30 @@ def _decode_ready(body: Any, payloads: Sequence[Payload]) -> Ready:
         allow_pickle=bool(_expect(allow_pickle, bool, "allow_pickle")),
         slots=slots,
         problem=None if problem is None else _problem(problem),
+        held=() if held is None else _held(held),
     )
+
+
+def _held(value: Any) -> list[tuple[int, int]]:
+    """The tickets a READY names as held: bounded, well formed, each once."""
+    _expect(value, list, "held")
+    if len(value) > MAX_HELD_TICKETS:
+        raise ProtocolError(
+            f"held names {len(value)} tickets, more than {MAX_HELD_TICKETS}"
+        )
+    held: dict[int, int] = {}
+    for entry in value:
+        ticket, attempt = _fixed(entry, 2, "each held entry ([ticket, attempt])")
+        ticket = _count(ticket, "held ticket")
+        attempt = _count(attempt, "held attempt")
+        if attempt < 1:
+            raise ProtocolError(
+                f"held ticket {ticket} has attempt 0; attempts start at 1"
+            )
+        if ticket in held:
+            raise ProtocolError(f"held names ticket {ticket} more than once")
+        held[ticket] = attempt
+    return list(held.items())
 
 
 def _problem(value: Any) -> str:

@@ -63,6 +63,12 @@ _SPLIT = int(p.Flags.SPLIT)
 # (MDP clients, Titanic): a ventilator client may not take them in its HELLO.
 GATEWAY_PREFIX = "mdp:"
 
+# The highest attempt a restored task takes from the worker that names it.
+# Far beyond any real count; what keeps a forged one from growing, attempt by
+# attempt, past what the wire carries (2**63 - 1), which would have every
+# worker refuse the TASKS that bring it.
+MAX_ADOPTED_ATTEMPT = 2**32
+
 # How many results one RESULTS message carries at most.
 RESULTS_PER_MESSAGE = 1024
 # How long an ACCEPTED may wait for its task's result to make it needless: a
@@ -118,6 +124,13 @@ class Task:
     deaths: int = 0
     losses: int = 0
     worker: str | None = None
+    # Who may name it in a READY and keep it, while it waits in its queue and
+    # nobody took it since (see Scheduler._claimable): the worker it was
+    # taken back from, which may still run it; and, for a task the journal
+    # brought back after a restart, any worker (`restored`), since the broker
+    # no longer knows who ran it.
+    given_back_by: str | None = None
+    restored: bool = False
     status: p.Status | None = None
     result: p.Payload = b""
     finished_at: float = 0.0
@@ -420,6 +433,19 @@ class WorkerJoined:
 
 
 @dataclass(frozen=True, slots=True)
+class WorkerReturned:
+    """A worker registered again naming the tasks it still holds: `kept` of
+    them stay with it; `requeued` it held and no longer names went back to
+    their queues; `refused` it names are done, unknown or another's (their
+    results will be dropped as late)."""
+
+    worker_id: str
+    kept: int
+    requeued: int
+    refused: int
+
+
+@dataclass(frozen=True, slots=True)
 class WorkerDraining:
     worker_id: str
     running: int
@@ -524,6 +550,7 @@ class FailureForgotten:
 
 Notice = (
     WorkerJoined
+    | WorkerReturned
     | WorkerDraining
     | WorkerLost
     | WorkerLeft
@@ -1203,16 +1230,40 @@ class Scheduler:
         """Register a worker (a READY, or a gateway's worker), replacing any
         earlier one of the same id or on the same connection.
 
+        The tasks the READY names as held stay with the worker when they are
+        still its lease, or wait in their queue for it (see `_claimable`);
+        whatever else the earlier registration held is requeued, unblamed.
         `max_silence_s` overrides the broker's liveness for this worker;
         `silent_while_busy` exempts it from expiry while it holds tasks.
         """
+        worker = self._new_worker(peer, ready, now)
+        worker.max_silence_s = max_silence_s
+        worker.silent_while_busy = silent_while_busy
+        named = dict(ready.held)
         old = self.workers.get(ready.worker_id)
+        kept = requeued = 0
         if old is not None:
-            self._remove_worker(old, "registered again", blamed=False, now=now)
+            kept = self._hand_over(old, worker, named)
+            requeued = self._drop_worker(old, lost=None, now=now)[0]
         stale = self._worker_for_peer(peer)
         if stale is not None:
             self._remove_worker(stale, "replaced on its connection", False, now)
 
+        self.workers[worker.worker_id] = worker
+        self._worker_of_peer[peer] = worker.worker_id
+        kept += self._reclaim(worker, named)
+        # Tasks it kept beyond its credit stay; it gets no more until under it.
+        worker.grace = max(0, len(worker.running) - worker.capacity)
+        self._offer(worker)
+        if old is not None or named:
+            refused = len(named) - kept
+            notice = WorkerReturned(worker.worker_id, kept, requeued, refused)
+            self._effects.notices.append(notice)
+        self._effects.notices.append(
+            WorkerJoined(worker.worker_id, worker.services, worker.capacity)
+        )
+
+    def _new_worker(self, peer: bytes, ready: p.Ready, now: float) -> Worker:
         services = tuple(dict.fromkeys(ready.services))
         if ready.allow_pickle:
             services += (PICKLE_QUEUE,)
@@ -1220,14 +1271,72 @@ class Scheduler:
         worker.slots = ready.slots
         worker.problem = ready.problem
         worker.last_progress = now
-        worker.max_silence_s = max_silence_s
-        worker.silent_while_busy = silent_while_busy
-        self.workers[worker.worker_id] = worker
-        self._worker_of_peer[peer] = worker.worker_id
-        self._offer(worker)
-        self._effects.notices.append(
-            WorkerJoined(worker.worker_id, services, worker.capacity)
-        )
+        return worker
+
+    def _hand_over(self, old: Worker, new: Worker, named: dict[int, int]) -> int:
+        """Move to `new` the leases of `old` (the same worker id) that the
+        worker names with their current attempt; return how many."""
+        moved = 0
+        for ticket in list(old.running):
+            task = self.tasks[ticket]
+            if named.get(ticket) != task.attempt or task.queue not in new.services:
+                continue
+            self._release(old, task)
+            self._lease(new, task)
+            moved += 1
+        return moved
+
+    def _reclaim(self, worker: Worker, named: dict[int, int]) -> int:
+        """Give `worker` back the queued tasks it names and may claim (see
+        `_claimable`), with the attempt it runs; return how many."""
+        claimed: dict[str, list[Task]] = {}
+        for ticket, attempt in named.items():
+            task = self.tasks.get(ticket)
+            if task is not None and self._claimable(task, worker, attempt):
+                claimed.setdefault(task.queue, []).append(task)
+        for queue_name, tasks in claimed.items():
+            self._unqueue(queue_name, tasks)
+            for task in tasks:
+                if task.restored:
+                    task.started_at = self._now  # when it ran before is unknown
+                task.attempt = named[task.ticket]
+                task.state = State.RUNNING
+                self._lease(worker, task)
+        return sum(map(len, claimed.values()))
+
+    def _claimable(self, task: Task, worker: Worker, attempt: int) -> bool:
+        """Whether a worker that names `task` at `attempt` may have it back:
+        it waits in its queue, nobody took it since it was taken back from
+        this worker at that attempt, or since the journal restored it (the
+        broker then knows no attempt, and takes the worker's), and the
+        worker still serves its queue."""
+        if task.state is not State.QUEUED or task.queue not in worker.services:
+            return False
+        if task.restored:
+            return attempt <= MAX_ADOPTED_ATTEMPT
+        return task.given_back_by == worker.worker_id and task.attempt == attempt
+
+    def _unqueue(self, queue_name: str, tasks: list[Task]) -> None:
+        """Take `tasks`, all waiting in `queue_name`, out of it: at once, not
+        as stale tickets, since they may be queued again before those reach
+        the front. Costs one pass over the lanes of their sessions."""
+        queue = self._queues[queue_name]
+        by_session: dict[str, set[int]] = {}
+        for task in tasks:
+            by_session.setdefault(task.session, set()).add(task.ticket)
+        for session, tickets in by_session.items():
+            queue.discard(session, tickets)
+        if not self.queued_count(queue_name):  # only stale tickets, if any, left
+            del self._queues[queue_name]
+            self._stale.pop(queue_name, None)
+
+    def _lease(self, worker: Worker, task: Task) -> None:
+        """Record that `worker` runs `task` (already RUNNING at its attempt)."""
+        task.worker = worker.worker_id
+        task.given_back_by = None
+        task.restored = False
+        worker.running.add(task.ticket)
+        _count_held(worker, task.queue, +1)
 
     def _worker_for_peer(self, peer: bytes) -> Worker | None:
         worker_id = self._worker_of_peer.get(peer)
@@ -1371,6 +1480,8 @@ class Scheduler:
         for ticket in sorted(worker.running, reverse=True):
             task = self.tasks[ticket]
             task.worker = None
+            # It may still run there: the worker may name it on its return.
+            task.given_back_by = worker.worker_id
             if task.cancelled:
                 self._drop_cancelled(task, now)
                 dropped += 1
@@ -1832,6 +1943,8 @@ class Scheduler:
             task.started_at = now
             task.attempt += 1
             task.worker = worker.worker_id
+            task.given_back_by = None
+            task.restored = False
             worker.running.add(task.ticket)
             _count_held(worker, queue_name, +1)
             assignments.append(
@@ -2042,6 +2155,7 @@ class Scheduler:
             else:
                 self._finish_order[task.ticket] = task.finished_at
         else:
+            task.restored = True
             self._enqueue(task)
             self.submitted += 1
             self.restored += 1

@@ -4,7 +4,8 @@ The main thread only moves messages: tasks from the broker into the pool,
 outcomes from the pool back to the broker (batched, one DONE per loop turn),
 and heartbeats both ways. A broker silent for `liveness` heartbeat intervals is
 presumed gone: the worker opens a new socket and registers again, so a broker
-restart needs nothing from the operator.
+restart needs nothing from the operator. Its READY names the tasks it still
+holds, which the broker leaves with it rather than running them again.
 """
 
 from __future__ import annotations
@@ -172,10 +173,7 @@ class Worker:
         self._register(now)
 
     def _register(self, now: float) -> None:
-        # Tasks received but not started were given back to the queue by the
-        # broker when it forgot us; running them now would only waste work.
-        if self._pool is not None:
-            self._pool.drop_waiting()
+        held = self._held_tickets()
         services = [] if self._benched else self.services
         self._send(
             p.Ready(
@@ -187,6 +185,7 @@ class Worker:
                 # task per slot, whatever credit tiny ones earned us.
                 self.config.concurrency if self.config.prefetch is None else None,
                 self._problem(),
+                held,
             )
         )
         # Until the broker welcomes us, its "unknown_worker" answers are to
@@ -196,12 +195,32 @@ class Worker:
         self._registered_at = now
         self._broker_seen = now
         log.info(
-            "worker registering worker=%s broker=%s capacity=%d functions=%d",
+            "worker registering worker=%s broker=%s capacity=%d functions=%d "
+            "holding=%d",
             self.config.worker_id,
             self.config.connect,
             self._capacity,
             len(services),
+            len(held),
         )
+
+    def _held_tickets(self) -> list[tuple[int, int]]:
+        """The tasks to name in a READY, which the broker then leaves with us
+        rather than running them again elsewhere: all we hold, running or
+        waiting, since we will run and report each.
+
+        None while benched: what waits here cannot run, and is dropped for
+        the broker to give to others. Past what a READY may name, the waiting
+        ones are dropped too, for the same reason.
+        """
+        if self._pool is None:
+            return []
+        if not self._benched:
+            held = self._pool.held()
+            if len(held) <= p.MAX_HELD_TICKETS:
+                return held
+        self._pool.drop_waiting()
+        return [] if self._benched else self._pool.held()[: p.MAX_HELD_TICKETS]
 
     def _problem(self) -> str | None:
         """Why we serve nothing, in words for the broker's status; else None."""

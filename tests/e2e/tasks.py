@@ -152,6 +152,17 @@ def flaky_item(item: list[Any]) -> int:
     return flaky(path, failures)
 
 
+def run_counted(runs: str, release: str) -> str:
+    """Leave a marker file of its own in the folder `runs`, then return
+    "released" once `release` exists: a test counts the markers to know how
+    often the task ran, and ends it when it wants."""
+    marker = Path(runs, f"run-{os.getpid()}-{time.monotonic_ns()}")
+    marker.touch()
+    while not os.path.exists(release):
+        time.sleep(0.01)
+    return "released"
+
+
 def wait_for_file(started: str, release: str) -> str:
     """Create `started`, then return "released" once `release` exists: a task
     that runs exactly as long as its test wants."""

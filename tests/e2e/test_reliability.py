@@ -14,12 +14,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 import zmq
 
 import ventilator
 from tests.leftovers import pid_file
 from ventilator import protocol as p
+from ventilator.serialization import pack_value
 
 from . import broken_child_tasks, process_tasks, tasks
 from .conftest import (
@@ -706,3 +708,150 @@ def fast_welcome() -> p.Welcome:
         max_payload_bytes=1 << 20,
         heartbeat_interval_s=FAST_HEARTBEAT_S,
     )
+
+
+# --- a worker that comes back keeps what it still holds -----------------------------
+
+
+def start_counted_task(
+    client: ventilator.Client, folder: Path
+) -> tuple[ventilator.Future, Path, Path]:
+    """Submit a task that leaves a marker in a folder per run and runs until
+    its release file exists; return once it started, with both paths."""
+    runs, release = folder / "runs", folder / "release"
+    runs.mkdir()
+    future = client.submit(tasks.run_counted, str(runs), str(release))
+    wait_until(lambda: any(runs.iterdir()), RESULT_TIMEOUT_S, "the task to start")
+    return future, runs, release
+
+
+def runs_once_idle(client: ventilator.Client, runs: Path) -> int:
+    """How many times the task ran, once no worker holds or waits for any."""
+    status_when(
+        client,
+        lambda status: (
+            not status["queued"] and all(w["held"] == 0 for w in status["workers"])
+        ),
+        RESULT_TIMEOUT_S,
+        "every worker idle",
+    )
+    return len(list(runs.iterdir()))
+
+
+def test_a_task_running_while_the_broker_is_paused_past_liveness_runs_once(
+    launch: Launcher, tmp_path: Path
+) -> None:
+    # The worker takes the paused broker for gone and registers again, on a
+    # new connection, naming the task it still runs.
+    broker = launch.broker(heartbeat_interval_s=FAST_HEARTBEAT_S)
+    launch.worker(broker)
+    client = launch.client(broker)
+    wait_for_workers(client, 1)
+    future, runs, release = start_counted_task(client, tmp_path)
+
+    pause_for(broker.pid, PAUSE_S)
+    release.touch()
+
+    assert future.result(RESULT_TIMEOUT_S) == "released"
+    assert runs_once_idle(client, runs) == 1
+
+
+def test_a_task_running_while_the_broker_is_killed_and_restarted_runs_once(
+    launch: Launcher, restartable: dict[str, Any], tmp_path: Path
+) -> None:
+    first = launch.broker(**restartable)
+    launch.worker(first)
+    client = launch.client(first)
+    wait_for_workers(client, 1)
+    future, runs, release = start_counted_task(client, tmp_path)
+
+    kill_broker(first)
+    second = launch.broker(**restartable)
+    observer = launch.client(second)
+    # The journal brought the task back; the worker names it as it registers.
+    status_when(
+        observer,
+        lambda status: [w["held"] for w in status["workers"]] == [1],
+        RESULT_TIMEOUT_S,
+        "the worker back, holding its task",
+    )
+    release.touch()
+
+    assert future.result(RESULT_TIMEOUT_S) == "released"
+    assert runs_once_idle(observer, runs) == 1
+
+
+def test_a_worker_naming_a_task_leased_to_another_does_not_get_it(
+    launch: Launcher, broker: BrokerProcess, tmp_path: Path
+) -> None:
+    launch.worker(broker)
+    client = launch.client(broker)
+    wait_for_workers(client, 1)
+    future, runs, release = start_counted_task(client, tmp_path)
+    function = f"{TASKS}:run_counted"
+    # The broker's first task, at its first attempt.
+    leased = p.Outcome(1, 1, p.Status.OK, pack_value("stolen"))
+
+    context = zmq.Context()
+    thief = context.socket(zmq.DEALER)
+    thief.setsockopt(zmq.LINGER, 0)
+    try:
+        thief.connect(broker.backend)
+        thief.send_multipart(p.encode(p.Ready("thief", [function], 1, held=[(1, 1)])))
+        assert isinstance(receive(thief), p.Welcome)
+        thief.send_multipart(p.encode(p.Done([leased])))
+        # Answered in order: once welcomed again, its DONE was read before.
+        thief.send_multipart(p.encode(p.Ready("thief", [function], 1)))
+        assert isinstance(receive(thief), p.Welcome)
+        release.touch()
+
+        assert future.result(RESULT_TIMEOUT_S) == "released"
+    finally:
+        thief.close(linger=0)
+        context.term()
+    assert runs_once_idle(client, runs) == 1
+
+
+@pytest.mark.parametrize(
+    ("held", "words"),
+    [
+        ({"1": 1}, "held must be list"),
+        ([[1]], "list of 2 fields"),
+        ([[1, "1"]], "attempt must be int"),
+        ([[1, 0]], "attempt 0"),
+        ([[1, 1], [1, 2]], "more than once"),
+        ([[ticket, 1] for ticket in range(p.MAX_HELD_TICKETS + 1)], "more than"),
+    ],
+)
+def test_a_ready_with_a_malformed_held_list_is_refused_and_others_are_served(
+    launch: Launcher, broker: BrokerProcess, held: Any, words: str
+) -> None:
+    launch.worker(broker)
+    client = launch.client(broker)
+    wait_for_workers(client, 1)
+    body = ["forger", [f"{TASKS}:square"], 1, False, None, None, held]
+
+    context = zmq.Context()
+    forger = context.socket(zmq.DEALER)
+    forger.setsockopt(zmq.LINGER, 0)
+    try:
+        forger.connect(broker.backend)
+        forger.send_multipart([p.HEADER, bytes([p.Cmd.READY]), msgpack.packb(body)])
+        refusal = receive(forger)
+    finally:
+        forger.close(linger=0)
+        context.term()
+
+    assert isinstance(refusal, p.Error)
+    assert words in refusal.message
+    assert client.submit(tasks.square, 7).result(RESULT_TIMEOUT_S) == 49
+    assert "forger" not in [w["id"] for w in client.status()["workers"]]
+
+
+def receive(sock: zmq.Socket[bytes]) -> p.Command:
+    """The broker's next answer on `sock`, its heartbeats skipped."""
+    while True:
+        assert sock.poll(RESULT_TIMEOUT_S * 1000), "the broker sent nothing"
+        command = p.decode(sock.recv_multipart(), p.TO_WORKER)
+        if not isinstance(command, p.Heartbeat):
+            return command

@@ -91,9 +91,13 @@ class Driver:
         worker_id: str | None = None,
         allow_pickle: bool = False,
         slots: int | None = None,
+        held: Iterable[p.Assignment] = (),
     ) -> Effects:
         worker_id = worker_id or peer.decode()
-        ready = p.Ready(worker_id, list(services), capacity, allow_pickle, slots)
+        named = [(a.ticket, a.attempt) for a in held]
+        ready = p.Ready(
+            worker_id, list(services), capacity, allow_pickle, slots, held=named
+        )
         return self.worker(peer, ready)
 
     def done(

@@ -66,3 +66,17 @@ def test_every_ticket_comes_out_once_in_lane_order(
     assert sorted(out) == list(range(len(operations)))
     for lane in lanes.values():
         assert [t for t in out if t in lane] == lane
+
+
+def test_discarded_tickets_leave_their_lane_and_the_rest_keep_their_turns() -> None:
+    queue = FairQueue()
+    for ticket, owner in [(1, "alice"), (2, "bob"), (3, "alice"), (4, "carol")]:
+        queue.append(ticket, owner)
+
+    queue.discard("alice", {1, 3})
+    queue.discard("bob", {99})
+    queue.discard("nobody", {2})
+
+    assert len(queue) == 2
+    assert drain(queue) == [2, 4]
+    assert queue.owners() == 0

@@ -429,3 +429,27 @@ def test_a_slot_that_cannot_restart_leaves_its_tasks_to_the_other_children(
     doubled = [unpack_value(outcomes[t].payload) for t in range(4, 10)]
     assert doubled == [2 * t for t in range(4, 10)]
     assert reason is None, "a child still serves: the pool is not failing"
+
+
+@pytest.mark.parametrize("kind", [ProcessPool, ThreadPool])
+def test_a_pool_names_what_it_holds_running_first_until_reported(
+    kind: type[ProcessPool] | type[ThreadPool], tmp_path: Path
+) -> None:
+    pool = kind(1, [TASKS], allow_pickle=False)
+    release = tmp_path / "release"
+    try:
+        for ticket in (3, 1, 2):
+            call = pack_call((str(tmp_path / f"started-{ticket}"), str(release)), {})
+            pool.submit(p.Assignment(ticket, 2, f"{TASKS}:wait_for_file", call), 0.0)
+        pool.collect(time.monotonic())  # hands the first to its slot
+        wait_until(lambda: (tmp_path / "started-3").exists(), DEADLINE_S)
+
+        held = pool.held()
+        release.touch()
+        run_all(pool, 3)
+    finally:
+        pool.close()
+
+    assert held[0] == (3, 2)
+    assert sorted(held) == [(1, 2), (2, 2), (3, 2)]
+    assert pool.held() == []

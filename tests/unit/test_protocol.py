@@ -54,6 +54,8 @@ EXAMPLES: list[p.Command] = [
     p.Credit(16),
     p.Ready("worker-1", ["jobs:square", "jobs:cube"], 4, allow_pickle=True),
     p.Ready("worker-2", [], 2, slots=2, problem="task processes cannot start: x"),
+    p.Ready("worker-3", ["jobs:square"], 2, held=[(7, 1), (9, 3)]),
+    p.Ready("worker-4", [], 1, problem="x", held=[(7, 2)]),
     p.Tasks(
         [
             p.Assignment(7, 1, "jobs:square", b"args"),
@@ -247,7 +249,25 @@ READY_BODY = ["worker-1", ["jobs:f"], 2, False]
         (p.Cmd.DRAIN, None, 1, "takes no payload frames"),
         (p.Cmd.ERROR, ["code"], 0, "list of 2 fields"),
         (p.Cmd.ERROR, ["code", 5], 0, "message must be str"),
-        (p.Cmd.READY, READY_BODY[:3], 0, "list of 4 to 6 fields"),
+        (p.Cmd.READY, READY_BODY[:3], 0, "list of 4 to 7 fields"),
+        (p.Cmd.READY, [*READY_BODY, None, None, {}], 0, "held must be list"),
+        (p.Cmd.READY, [*READY_BODY, None, None, [7]], 0, "held entry"),
+        (p.Cmd.READY, [*READY_BODY, None, None, [[7]]], 0, "list of 2 fields"),
+        (p.Cmd.READY, [*READY_BODY, None, None, [[7, "1"]]], 0, "attempt must be"),
+        (p.Cmd.READY, [*READY_BODY, None, None, [[-7, 1]]], 0, "ticket must be"),
+        (p.Cmd.READY, [*READY_BODY, None, None, [[7, 0]]], 0, "attempt 0"),
+        (
+            p.Cmd.READY,
+            [*READY_BODY, None, None, [[7, 1], [7, 2]]],
+            0,
+            "ticket 7 more than once",
+        ),
+        (
+            p.Cmd.READY,
+            [*READY_BODY, None, None, [[t, 1] for t in range(p.MAX_HELD_TICKETS + 1)]],
+            0,
+            f"more than {p.MAX_HELD_TICKETS}",
+        ),
         (p.Cmd.READY, [*READY_BODY, None, 5], 0, "problem must be str"),
         (p.Cmd.READY, [*READY_BODY, None, "x" * 1001], 0, "longer than 1000"),
         (p.Cmd.READY, ["w", "jobs:f", 2, False], 0, "services must be list"),
@@ -614,3 +634,9 @@ def test_a_healthy_workers_ready_reads_to_a_broker_that_predates_problem() -> No
     frames = p.encode(p.Ready("w", ["m:f"], 2, slots=2))
 
     assert len(msgpack.unpackb(frames[2])) == 5
+
+
+def test_a_ready_holding_nothing_reads_to_a_broker_that_predates_held() -> None:
+    frames = p.encode(p.Ready("w", ["m:f"], 2, slots=2, problem="x", held=[]))
+
+    assert len(msgpack.unpackb(frames[2])) == 6

@@ -479,6 +479,43 @@ class SchedulerMachine(RuleBasedStateMachine):
         ready = p.Ready(worker_id, services, capacity, allow_pickle, slots)
         self._worker(peer, ready)
 
+    @precondition(lambda self: self.workers or self.given_up)
+    @rule(data=st.data(), worker_id=st.sampled_from(WORKER_IDS))
+    def worker_returns_naming_what_it_holds(
+        self, data: st.DataObject, worker_id: str
+    ) -> None:
+        # What it may name: its own leases, and any attempt given up on, its
+        # own or another worker's (which it must not get).
+        old = self.workers.get(worker_id)
+        candidates = [*(old.holding.values() if old else ()), *self.given_up]
+        named = data.draw(
+            st.lists(st.sampled_from(candidates), unique_by=lambda a: a.ticket)
+            if candidates
+            else st.just([])
+        )
+        if old is not None:
+            del self.workers[worker_id]
+        peer = self._new_peer(worker_id)
+        worker = self.workers[worker_id] = ModelWorker(worker_id, peer, 3)
+        held = [(a.ticket, a.attempt) for a in named]
+        self._worker(peer, p.Ready(worker_id, list(FUNCTIONS), 3, held=held))
+
+        running = self.scheduler.workers[worker_id].running
+        others = {
+            t for w in self.workers.values() if w is not worker for t in w.holding
+        }
+        assert not others & running, "took another worker's task"
+        # Those it was sent afresh in this turn are in its holding already.
+        kept = [a for a in named if a.ticket in running - worker.holding.keys()]
+        for assignment in kept:  # at the attempt it runs, so its outcome counts
+            assert self.scheduler.tasks[assignment.ticket].attempt == assignment.attempt
+        worker.holding.update((a.ticket, a) for a in kept)
+        self.given_up = [a for a in self.given_up if a not in kept]
+        if old is not None:
+            self.given_up.extend(
+                a for a in old.holding.values() if a.ticket not in worker.holding
+            )
+
     @precondition(lambda self: any(w.holding for w in self.workers.values()))
     @rule(
         data=st.data(),

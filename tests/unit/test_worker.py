@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import zmq
 
 from ventilator import protocol as p
 from ventilator.errors import UsageError
+from ventilator.pool import ThreadPool
+from ventilator.serialization import pack_call
 from ventilator.worker import CREDIT_INTERVAL_S, Worker, WorkerConfig
 
 TASKS = "tests.e2e.tasks"
@@ -144,3 +147,40 @@ def test_a_stop_at_once_leaves_without_announcing_a_drain(
 
     assert not serving.is_alive()
     assert not any(isinstance(c, p.Drain) for c in commands), commands
+
+
+def test_a_worker_registering_again_names_and_keeps_the_tasks_it_holds(
+    backend: tuple[zmq.Socket[bytes], int], tmp_path: Path
+) -> None:
+    router, port = backend
+    worker = connected_worker(port)
+    worker._pool = pool = ThreadPool(1, [TASKS], allow_pickle=False)
+    release = tmp_path / "release"
+    tasks = [
+        p.Assignment(ticket, 1, f"{TASKS}:wait_for_file", call)
+        for ticket, call in (
+            (7, pack_call((str(tmp_path / "a"), str(release)), {})),
+            (9, pack_call((str(tmp_path / "b"), str(release)), {})),
+        )
+    ]
+    try:
+        worker._handle(p.Tasks(tasks), 0.0)  # one runs, one waits for the slot
+        worker._register(1.0)
+        readies = [c for c in commands_until_ready(router, 2) if isinstance(c, p.Ready)]
+        held_after = pool.load()
+    finally:
+        release.touch()
+        worker._leave()  # closes the pool too
+
+    assert [list(ready.held) for ready in readies] == [[], [(7, 1), (9, 1)]]
+    assert held_after == 2
+
+
+def commands_until_ready(router: zmq.Socket[bytes], readies: int) -> list[p.Command]:
+    """What the worker sent, up to its `readies`-th READY."""
+    commands: list[p.Command] = []
+    while sum(isinstance(c, p.Ready) for c in commands) < readies:
+        assert router.poll(RECEIVE_TIMEOUT_MS), f"no READY after {commands}"
+        _routing_id, *frames = router.recv_multipart()
+        commands.append(p.decode(frames, p.FROM_WORKER))
+    return commands
