@@ -1783,14 +1783,17 @@ class Client:
         """Before a WELCOME: fail what cannot be answered, saying why.
 
         Questions (status) would wait in silence for an answer that cannot
-        come, from a broker whose handshakes fail or from a backend. Checked
-        every turn, not only when the refusal arrives: a question asked after
-        it must fail as promptly as one asked before.
+        come, from a broker whose handshakes fail or from a backend; so would
+        tasks, which a backend never accepts. Checked every turn, not only
+        when the refusal arrives: what is asked or submitted after it must
+        fail as promptly as what came before.
         """
         problem = self._handshakes.problem
         self._fail_questions([x for x in (problem, self._misdirection) if x])
         if problem is not None and self._handshakes.definitive:
             self._fail_tasks(problem)
+        if self._misdirection is not None:
+            self._fail_misdirected_tasks(self._misdirection)
 
     def _log_silence(self, now: float) -> None:
         """Say that the broker is silent, at each reconnection at first, then
@@ -2057,8 +2060,11 @@ class Client:
 
     @property
     def _refused_entry(self) -> bool:
-        """Whether the broker definitely refuses this client's handshakes."""
-        return not self._welcomed and self._handshakes.definitive
+        """Whether the broker definitely refuses this client's handshakes, or
+        the address is a backend's: either way nothing sent is accepted."""
+        if self._welcomed:
+            return False
+        return self._handshakes.definitive or self._misdirection is not None
 
     def _fail_tasks(self, problem: str) -> None:
         """The broker refuses this client's handshakes, past doubt (see
@@ -2076,6 +2082,20 @@ class Client:
             log.error(
                 "failed %d tasks: the broker refuses this client session=%s",
                 failed,
+                self.session,
+            )
+
+    def _fail_misdirected_tasks(self, misdirection: str) -> None:
+        """A backend answered: no task sent here can be accepted or run.
+        Fail those held, sent or not (none reached a broker's queue), rather
+        than hold them for a frontend that is not there."""
+        error = NetworkError(f"{misdirection} (this task was not run)")
+        failed = self._fail_held(error)
+        if failed:
+            log.error(
+                "failed %d tasks: %s is not a broker's frontend session=%s",
+                failed,
+                self.address,
                 self.session,
             )
 

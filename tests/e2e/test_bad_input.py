@@ -302,6 +302,24 @@ def test_a_question_to_the_backend_fails_at_once_however_late_it_is_asked(
             assert time.monotonic() - started < AT_ONCE_S, f"round {round_number}"
 
 
+def test_tasks_sent_to_the_backend_fail_at_once_naming_the_frontend(
+    broker: BrokerProcess,
+) -> None:
+    with ventilator.Client(broker.backend) as client:
+        before = client.submit(tasks.square, 3)
+        started = time.monotonic()
+        with pytest.raises(ventilator.NetworkError, match=NOT_A_FRONTEND):
+            before.result(timeout=5 * AT_ONCE_S)
+        # Submitted once the backend is known for one: failed as promptly.
+        after = client.submit(tasks.square, 4)
+        with pytest.raises(ventilator.NetworkError, match="this task was not run"):
+            after.result(timeout=5 * AT_ONCE_S)
+        with pytest.raises(ventilator.NetworkError, match=NOT_A_FRONTEND):
+            list(client.map(tasks.square, range(10)))
+
+    assert time.monotonic() - started < 3 * AT_ONCE_S
+
+
 def test_a_client_beating_at_the_backend_gets_no_worker_advice(
     broker: BrokerProcess, caplog: pytest.LogCaptureFixture
 ) -> None:
