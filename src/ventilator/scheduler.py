@@ -606,12 +606,15 @@ class Scheduler:
         limits: Limits | None = None,
         rng: random.Random | None = None,
         durable: bool = True,
+        first_ticket: int = 1,
     ):
         self.limits = limits or Limits()
         self._durable = durable
         self._backoff: Backoff = self.limits.retry_backoff
         self._rng = rng or random.Random()
-        self._next_ticket = 1
+        # A broker passes one above every ticket an earlier broker on its
+        # endpoints handed out (see broker.first_ticket).
+        self._next_ticket = first_ticket
 
         self.tasks: dict[int, Task] = {}
         self._by_key: dict[tuple[str, int], int] = {}

@@ -719,7 +719,7 @@ def start_counted_task(
     """Submit a task that leaves a marker in a folder per run and runs until
     its release file exists; return once it started, with both paths."""
     runs, release = folder / "runs", folder / "release"
-    runs.mkdir()
+    runs.mkdir(parents=True)
     future = client.submit(tasks.run_counted, str(runs), str(release))
     wait_until(lambda: any(runs.iterdir()), RESULT_TIMEOUT_S, "the task to start")
     return future, runs, release
@@ -784,20 +784,34 @@ def test_a_task_running_while_the_broker_is_killed_and_restarted_runs_once(
 def test_a_worker_naming_a_task_leased_to_another_does_not_get_it(
     launch: Launcher, broker: BrokerProcess, tmp_path: Path
 ) -> None:
-    launch.worker(broker)
-    client = launch.client(broker)
-    wait_for_workers(client, 1)
-    future, runs, release = start_counted_task(client, tmp_path)
     function = f"{TASKS}:run_counted"
-    # The broker's first task, at its first attempt.
-    leased = p.Outcome(1, 1, p.Status.OK, pack_value("stolen"))
+    runs, release = tmp_path / "runs", tmp_path / "release"
+    runs.mkdir()
+    client = launch.client(broker)
 
     context = zmq.Context()
     thief = context.socket(zmq.DEALER)
     thief.setsockopt(zmq.LINGER, 0)
     try:
+        # The thief is given the task first, which tells it its ticket; it
+        # leaves, and the task goes to a real worker at its next attempt.
         thief.connect(broker.backend)
-        thief.send_multipart(p.encode(p.Ready("thief", [function], 1, held=[(1, 1)])))
+        thief.send_multipart(p.encode(p.Ready("thief", [function], 1)))
+        assert isinstance(receive(thief), p.Welcome)
+        future = client.submit(tasks.run_counted, str(runs), str(release))
+        given = receive(thief)
+        assert isinstance(given, p.Tasks)
+        ticket = given.tasks[0].ticket
+        thief.send_multipart(p.encode(p.Bye()))
+        launch.worker(broker)
+        wait_until(lambda: any(runs.iterdir()), RESULT_TIMEOUT_S, "the task to run")
+
+        # Back, it names the task at the attempt the real worker runs, and
+        # reports a result for it.
+        leased = p.Outcome(ticket, 2, p.Status.OK, pack_value("stolen"))
+        thief.send_multipart(
+            p.encode(p.Ready("thief", [function], 1, held=[(ticket, 2)]))
+        )
         assert isinstance(receive(thief), p.Welcome)
         thief.send_multipart(p.encode(p.Done([leased])))
         # Answered in order: once welcomed again, its DONE was read before.
@@ -810,6 +824,39 @@ def test_a_worker_naming_a_task_leased_to_another_does_not_get_it(
         thief.close(linger=0)
         context.term()
     assert runs_once_idle(client, runs) == 1
+
+
+def test_a_restarted_broker_without_a_journal_hands_out_no_ticket_twice(
+    launch: Launcher, tmp_path: Path
+) -> None:
+    # A worker still runs the first broker's first task when a second broker,
+    # which remembers nothing, takes its place. The second broker's first
+    # task must not share that task's number: the first one's result, late,
+    # would be taken for its own.
+    endpoints = {
+        "frontend": f"tcp://127.0.0.1:{free_port()}",
+        "backend": f"tcp://127.0.0.1:{free_port()}",
+    }
+    first = launch.broker(**endpoints)
+    launch.worker(first, concurrency=2)
+    earlier = launch.client(first)
+    wait_for_workers(earlier, 1)
+    start_counted_task(earlier, tmp_path / "earlier")
+    earlier.close()
+
+    kill_broker(first)
+    second = launch.broker(**endpoints)
+    client = launch.client(second)
+    wait_for_workers(client, 1)
+    future, runs, release = start_counted_task(client, tmp_path / "later")
+    (tmp_path / "earlier" / "release").touch()
+    # It runs where the earlier task ran, once that one has reported.
+    assert client.submit(tasks.square, 7).result(RESULT_TIMEOUT_S) == 49
+
+    assert not future.done()
+    release.touch()
+    assert future.result(RESULT_TIMEOUT_S) == "released"
+    assert len(list(runs.iterdir())) == 1
 
 
 @pytest.mark.parametrize(
