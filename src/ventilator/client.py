@@ -50,7 +50,7 @@ from . import _wire
 from . import protocol as p
 from ._cancels import UnconfirmedCancels
 from ._recent import RecentResults
-from ._timing import poll_timeout_ms
+from ._timing import StallWatch, poll_timeout_ms
 from .errors import (
     BrokerTimeout,
     ClientBroken,
@@ -1737,19 +1737,17 @@ class Client:
     def _serve(self) -> None:
         self._poll.register(self._wake_read, select.POLLIN)
         self._socket = self._connect()
-        broker_seen = last_turn = time.monotonic()
+        broker_seen = time.monotonic()
         next_beat = broker_seen + self._heartbeat_interval_s
+        stalls = StallWatch(self._heartbeat_interval_s, broker_seen)
 
         while not self._closed or self._awaiting_acceptance():
             ready = self._wait(min(next_beat, self._acks_due))
             now = time.monotonic()
-            if self._stalled(now - last_turn):
-                # This process was stopped (SIGSTOP, a swapped-out host), not
-                # the broker silent: it had no chance to hear it. It gets its
-                # liveness period again, rather than a reconnection that
-                # drops what this socket still holds.
-                broker_seen = now
-            last_turn = now
+            # While this process stood still (SIGSTOP, a swapped-out host) it
+            # could not hear the broker: that silence is not the broker's, and
+            # a reconnection would drop what this socket still holds.
+            broker_seen = min(now, broker_seen + stalls.stalled_s(now))
             if self._monitor_fd in ready:
                 self._handshakes.read()
             if self._wake_read in ready:
@@ -1814,11 +1812,6 @@ class Client:
                 now - heard_at,
                 self.address,
             )
-
-    def _stalled(self, turn_gap_s: float) -> bool:
-        """Whether a gap between two turns of the I/O loop, which wakes at
-        least every heartbeat, means that this process stood still."""
-        return turn_gap_s > self._heartbeat_interval_s * self._liveness
 
     def _wait(self, wake_at: float) -> set[int]:
         """The descriptors ready by `wake_at` (monotonic); none if it passed.

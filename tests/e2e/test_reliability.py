@@ -593,6 +593,37 @@ def test_client_paused_past_its_expiry_gets_its_results_when_it_resumes(
     assert read_json_line(paused, 15) == 9
 
 
+def test_a_paused_client_does_not_blame_the_broker_for_its_own_silence(
+    launch: Launcher, fast_broker: BrokerProcess
+) -> None:
+    launch.worker(fast_broker, pool="thread")
+    observer = launch.client(fast_broker)
+    wait_for_workers(observer, 1)
+    paused = launch.processes.start(
+        "client",
+        [sys.executable, "-c", PAUSABLE_CLIENT, fast_broker.frontend],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    session = read_json_line(paused, START_TIMEOUT_S)
+    status_when(
+        observer,
+        lambda status: any(c["name"] == session for c in status["clients"]),
+        10,
+        "the client to say hello",
+        ClusterError,
+    )
+
+    # Over ten times its 0.1 s heartbeat: past its liveness of the broker.
+    pause_for(paused.pid, PAUSE_S)
+    paused.stdin.write(b"go\n")
+    paused.stdin.flush()
+
+    assert read_json_line(paused, 15) == 9
+    assert "silent" not in log_of(paused)
+    assert "reconnecting" not in log_of(paused)
+
+
 def test_a_broker_in_memory_warns_of_the_journal_it_leaves_aside(
     launch: Launcher, restartable: dict[str, Any]
 ) -> None:
