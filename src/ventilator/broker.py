@@ -377,6 +377,17 @@ class Broker:
             log.info("journal replay: %d failed tasks remembered", len(failures))
         return len(tasks) - finished, finished
 
+    def _await_returning_workers(self) -> None:
+        """Give the workers that ran restored tasks before the restart a
+        moment to come back and name them, rather than run them twice."""
+        wait_s = self._scheduler.await_returning_workers(time.monotonic())
+        if wait_s:
+            log.info(
+                "restored tasks wait %.1fs for the workers that ran them to "
+                "register again; other functions are served at once",
+                wait_s,
+            )
+
     def stop(self) -> None:
         """Ask `serve` to return after its current turn. Safe from any thread."""
         self._stopping = True
@@ -398,6 +409,7 @@ class Broker:
 
         telemetry = self.telemetry
         self._look_at_disk()
+        self._await_returning_workers()
         try:
             while not self._stopping:
                 wake_at = min(

@@ -38,7 +38,7 @@ import itertools
 import math
 import random
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence, Set
 from dataclasses import dataclass, field
 
 from . import protocol as p
@@ -58,6 +58,7 @@ _PICKLED = int(p.Flags.PICKLED)
 _RAW = int(p.Flags.RAW)
 _BATCH = int(p.Flags.BATCH)
 _SPLIT = int(p.Flags.SPLIT)
+_NONE: frozenset[str] = frozenset()
 
 # Session and recipient names of peers that do not speak ventilator's protocol
 # (MDP clients, Titanic): a ventilator client may not take them in its HELLO.
@@ -68,6 +69,12 @@ GATEWAY_PREFIX = "mdp:"
 # attempt, past what the wire carries (2**63 - 1), which would have every
 # worker refuse the TASKS that bring it.
 MAX_ADOPTED_ATTEMPT = 2**32
+
+# How many heartbeat intervals, after a restart, the tasks the journal brought
+# back wait for the workers that ran them to come back and name them. A worker
+# hears that the broker is new at its next beat (answered unknown_worker) and
+# registers again: within one interval, and a reconnection, of the start.
+RETURN_WAIT_BEATS = 2
 
 # How many results one RESULTS message carries at most.
 RESULTS_PER_MESSAGE = 1024
@@ -615,6 +622,10 @@ class Scheduler:
         # A broker passes one above every ticket an earlier broker on its
         # endpoints handed out (see broker.first_ticket).
         self._next_ticket = first_ticket
+        # After a restart, the queues of restored tasks, which dispatch nothing
+        # until `_restored_wait_until` (see await_returning_workers).
+        self._restored_queues: set[str] = set()
+        self._restored_wait_until = 0.0
 
         self.tasks: dict[int, Task] = {}
         self._by_key: dict[tuple[str, int], int] = {}
@@ -1828,8 +1839,35 @@ class Scheduler:
         else:
             self._held_bytes.pop(session, None)
 
+    def await_returning_workers(self, now: float) -> float:
+        """Start serving after a restart: hold the queues of restored tasks
+        back for RETURN_WAIT_BEATS heartbeat intervals from `now`; return how
+        long (0.0 if nothing was restored).
+
+        The workers that ran those tasks before the restart may run them
+        still. Each names them when it registers again, and keeps them (see
+        `_claimable`); a task handed to another worker first would run twice,
+        and the first result be dropped. Queues with nothing restored, and
+        tasks no returning worker names, are served as soon as the wait ends.
+        """
+        if not self._restored_queues:
+            return 0.0
+        wait_s = RETURN_WAIT_BEATS * self.limits.heartbeat_interval_s
+        self._restored_wait_until = now + wait_s
+        return wait_s
+
+    def _held_back(self) -> Set[str]:
+        """The queues that wait for returning workers now (see above)."""
+        if self._restored_wait_until and self._now >= self._restored_wait_until:
+            self._restored_queues.clear()
+            self._restored_wait_until = 0.0
+        return self._restored_queues if self._restored_wait_until else _NONE
+
     def _dispatch(self) -> None:
+        held_back = self._held_back()
         for queue_name, queue in self._queues.items():
+            if queue_name in held_back:
+                continue
             available = self._available.get(queue_name)
             while queue and available:
                 if not self._assign_round(queue_name, queue, available):
@@ -2159,6 +2197,7 @@ class Scheduler:
                 self._finish_order[task.ticket] = task.finished_at
         else:
             task.restored = True
+            self._restored_queues.add(task.queue)
             self._enqueue(task)
             self.submitted += 1
             self.restored += 1
@@ -2563,6 +2602,8 @@ class Scheduler:
         assert self.restored <= self.submitted
 
     def _check_nobody_idles_for(self, task: Task) -> None:
+        if task.queue in self._held_back():
+            return  # it waits for the worker that ran it before a restart
         for worker in self.workers.values():
             free = max(
                 self._idle_room(worker, task.queue),

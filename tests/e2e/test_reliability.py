@@ -812,6 +812,33 @@ def test_a_task_running_while_the_broker_is_killed_and_restarted_runs_once(
     assert runs_once_idle(observer, runs) == 1
 
 
+def test_a_restored_task_waits_for_its_worker_rather_than_run_twice(
+    launch: Launcher, restartable: dict[str, Any], tmp_path: Path
+) -> None:
+    first = launch.broker(**restartable)
+    launch.worker(first)
+    client = launch.client(first)
+    wait_for_workers(client, 1)
+    future, runs, release = start_counted_task(client, tmp_path)
+
+    kill_broker(first)
+    second = launch.broker(**restartable)
+    observer = launch.client(second)
+    # A worker new to the task, there first: it must not be given it while the
+    # worker that runs it comes back.
+    launch.worker(second)
+    status_when(
+        observer,
+        lambda status: sorted(w["held"] for w in status["workers"]) == [0, 1],
+        RESULT_TIMEOUT_S,
+        "both workers registered, the task with its first one",
+    )
+    release.touch()
+
+    assert future.result(RESULT_TIMEOUT_S) == "released"
+    assert runs_once_idle(observer, runs) == 1
+
+
 def test_a_worker_naming_a_task_leased_to_another_does_not_get_it(
     launch: Launcher, broker: BrokerProcess, tmp_path: Path
 ) -> None:

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from ventilator import protocol as p
-from ventilator.scheduler import State, Task, WorkerLost, WorkerReturned
+from ventilator.scheduler import (
+    RETURN_WAIT_BEATS,
+    State,
+    Task,
+    WorkerLost,
+    WorkerReturned,
+)
 
 from .driver import FUNCTION, Driver, assignments, notices, results, task
 
@@ -206,3 +212,50 @@ def test_a_restored_task_named_at_an_absurd_attempt_is_not_claimed() -> None:
     [sent] = assignments(driver.ready(W1, held=[forged]), W1)
 
     assert (sent.ticket, sent.attempt) == (7, 1)
+
+
+# --- the wait for returning workers ---------------------------------------------------
+
+
+def restarted_and_serving(*tasks: Task) -> Driver:
+    driver = restarted(*tasks)
+    driver.scheduler.await_returning_workers(driver.now)
+    return driver
+
+
+def test_restored_tasks_wait_for_the_workers_that_ran_them() -> None:
+    driver = restarted_and_serving(journalled(7), journalled(8))
+
+    # A worker that ran nothing before the restart is given none of them yet.
+    assert not assignments(driver.ready(W2, capacity=2), W2)
+    # The one that ran 7 comes back and keeps it.
+    named = p.Assignment(7, 1, FUNCTION, b"args")
+    assert not assignments(driver.ready(W1, held=[named]), W1)
+    assert held_by(driver, "worker-1") == {7}
+
+
+def test_restored_tasks_nobody_names_are_served_once_the_wait_is_over() -> None:
+    driver = restarted_and_serving(journalled(7))
+    assert not assignments(driver.ready(W2), W2)
+
+    wait_s = RETURN_WAIT_BEATS * driver.scheduler.limits.heartbeat_interval_s
+    [sent] = assignments(driver.tick(wait_s), W2)
+
+    assert sent.ticket == 7
+
+
+def test_functions_with_nothing_restored_are_served_during_the_wait() -> None:
+    driver = restarted_and_serving(journalled(7))
+    driver.submit(task(1, function="jobs:other"))
+
+    [sent] = assignments(driver.ready(W2, services=[FUNCTION, "jobs:other"]), W2)
+
+    assert sent.function == "jobs:other"
+
+
+def test_nothing_waits_after_a_restart_that_restored_nothing() -> None:
+    driver = restarted()
+    assert driver.scheduler.await_returning_workers(driver.now) == 0.0
+    driver.submit(task(1))
+
+    assert assignments(driver.ready(W2), W2)
