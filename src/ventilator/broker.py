@@ -421,7 +421,7 @@ class Broker:
                 timeout_ms = 0 if self._unread else poll_timeout_ms(wake_at)
                 ready = poller.poll(timeout_ms)
                 now = time.monotonic()
-                self._forgive_stall(stalls.stalled_s(now), now)
+                self._forgive_stall(stalls, now)
                 self._note_ready(ready, now)
                 for tag in self._sockets:
                     if tag in self._unread:
@@ -457,18 +457,19 @@ class Broker:
         finally:
             self._close()
 
-    def _forgive_stall(self, stalled_s: float, now: float) -> None:
+    def _forgive_stall(self, stalls: StallWatch, now: float) -> None:
         """After this process stood still, give every peer back the silence
         it could not help: on SIGCONT every worker would otherwise be taken for
         dead at once, and its tasks blamed for a death nobody saw."""
+        stalled_s = stalls.stalled_s(now)
         if not stalled_s:
             return
         self._scheduler.stood_still(stalled_s, now)
         log.warning(
-            "the broker stood still for %.1fs (stopped, swapped out, or waiting "
-            "on its disk); not holding that silence against its %d workers and "
-            "%d clients",
+            "the broker stood still for %.1fs (%s); not holding that silence "
+            "against its %d workers and %d clients",
             stalled_s,
+            stalls.cause(stalled_s),
             len(self._scheduler.workers),
             sum(1 for r in self._scheduler.recipients.values() if r.peer is not None),
         )
