@@ -199,9 +199,9 @@ class Broker:
         self._sent_on: set[bytes] = set()
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_read, False)
-        self._refusal_log = _RateLimit(per_s=1.0)
-        self._handshake_log = _RateLimit(per_s=1.0)
-        self._rejection_log = _RateLimit(per_s=1.0)
+        self._refusal_log = _RateLimit(per_s=1.0, what="refused messages")
+        self._handshake_log = _RateLimit(per_s=1.0, what="failed handshakes")
+        self._rejection_log = _RateLimit(per_s=1.0, what="refused tasks")
         self._trim = _MemoryTrim(TRIM_INTERVAL_S)
         self._disk_room = _DiskRoom(self.config)
         # Peers told why their message was refused, this second: garbage
@@ -431,6 +431,7 @@ class Broker:
                     self._scheduler.tick(now)
                     self._scheduler.heartbeats()
                     self._probe_revoked_clients(now)
+                    self._log_held_back(now)
                     self._trim.maybe(now)
                     self._look_at_disk()
                     next_tick = now + interval_s
@@ -834,6 +835,14 @@ class Broker:
             self.telemetry.record(effects)
         self._send_to_clients(effects.to_clients, now)
         self._log_notices(effects.notices, now)
+
+    def _log_held_back(self, now: float) -> None:
+        """Count the log lines each rate limit held back since its last one."""
+        for limit in (self._refusal_log, self._handshake_log, self._rejection_log):
+            note = limit.held_back(now)
+            if note is not None:
+                log.warning("%s", note)
+        self._gateway.log_held_back(now)
 
     def _log_notices(self, notices: list[s.Notice], now: float) -> None:
         for notice in notices:
