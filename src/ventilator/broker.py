@@ -98,20 +98,6 @@ _MONITORED = (
 )
 
 
-def first_ticket() -> int:
-    """The first ticket of this broker's life: the wall clock in microseconds.
-
-    Workers may still run tasks of an earlier broker on the same endpoints,
-    and report them after this one started. Their tickets must not name a
-    task of this one: a late result would answer it. An earlier broker
-    handed out tickets from its own start time upwards, one per task or map
-    batch, far fewer than one a microsecond, so the clock stays ahead of
-    them, with or without a journal (whose tasks keep their tickets). Only
-    a wall clock set back across a restart could bring a number back.
-    """
-    return time.time_ns() // 1000
-
-
 @dataclass(frozen=True, slots=True)
 class BrokerConfig:
     """Where the broker listens, where it journals, and its limits."""
@@ -178,9 +164,7 @@ class Broker:
         )
         self._journal: Journal = open_journal(config.journal, config.durability)
         durable = not isinstance(self._journal, MemoryJournal)
-        self._scheduler = s.Scheduler(
-            config.limits, durable=durable, first_ticket=first_ticket()
-        )
+        self._scheduler = s.Scheduler(config.limits, durable=durable)
         self._gateway = MdpGateway(
             self._scheduler, config.mdp_settings, lambda: uuid.uuid4().hex
         )
