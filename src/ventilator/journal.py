@@ -142,6 +142,12 @@ WAL_SIZE_LIMIT_BYTES = FALLBACK_CHECKPOINT_PAGES * 4096
 # measured at a few milliseconds a turn, no longer than a turn of a busy
 # broker's own commit, so heartbeats keep their pace (see docs/architecture.md).
 COMPACT_BYTES_PER_TURN = 4 * 1024 * 1024
+# A sparse segment is compacted once its live bytes stayed the same this long.
+# A segment that a backlog drains in order passes under a quarter live on its
+# way to empty: copying that last quarter, about to go anyway, would add up to
+# a quarter to every byte a busy broker writes. A straggler stays; a segment
+# drained slower than this copies little for the time it takes.
+COMPACT_QUIET_S = 5.0
 # After a compaction could not read or write its blobs, it waits this long
 # before trying again, rather than failing (and logging) every loop turn.
 COMPACT_RETRY_S = 60.0
@@ -264,6 +270,8 @@ class SqliteJournal:
         self._compaction: _Compaction | None = None
         self._compaction_retry_at = 0.0
         self._compaction_waits_for_room = False
+        # Sparse segments: their live bytes when last seen, and since when.
+        self._sparse_since: dict[int, tuple[int, float]] = {}
 
     def _report_wal_loss(self, left_behind: _wal.WalSurvey) -> None:
         """Say what SQLite's recovery dropped of the WAL an earlier broker left.
@@ -511,9 +519,9 @@ class SqliteJournal:
         return True  # the next turn looks for another sparse segment
 
     def _start_compaction(self, now: float, room_bytes: float) -> _Compaction | None:
-        """The compaction of the sparsest segment, if the disk has room for its
-        live bytes: they are on the disk twice until their old segment goes."""
-        segment = self._segments.sparse_segment()
+        """The compaction of the sparsest quiet segment, if the disk has room
+        for its live bytes: they are on the disk twice until it goes."""
+        segment = self._quiet_sparse_segment(now)
         if segment is None:
             return None
         live_bytes = self._segments.live_bytes(segment)
@@ -523,6 +531,24 @@ class SqliteJournal:
         self._compaction_waits_for_room = False
         self._compaction = _Compaction(segment, self._segments.size(segment), now)
         return self._compaction
+
+    def _quiet_sparse_segment(self, now: float) -> int | None:
+        """The sparsest segment worth compacting whose live bytes have not
+        changed for `COMPACT_QUIET_S`; None if there is none yet."""
+        sparse = self._segments.sparse_segments()
+        seen: dict[int, tuple[int, float]] = {}
+        for segment in sparse:
+            live_bytes = self._segments.live_bytes(segment)
+            seen_live_bytes, since = self._sparse_since.get(segment, (live_bytes, now))
+            seen[segment] = (
+                live_bytes,
+                since if seen_live_bytes == live_bytes else now,
+            )
+        self._sparse_since = seen
+        quiet = (
+            segment for segment in sparse if now - seen[segment][1] >= COMPACT_QUIET_S
+        )
+        return next(quiet, None)
 
     def _wait_for_room(self, segment: int, live_bytes: int, room_bytes: float) -> None:
         if self._compaction_waits_for_room:

@@ -18,7 +18,7 @@ A closed segment whose live blobs became a small part of it (one task that
 stays queued, one result nobody collects) is compacted: the journal copies
 its live blobs into the current segment, points their rows at the copies in
 one commit, and the segment, now unreferenced, goes like any other (see
-`SegmentStore.sparse_segment`).
+`SegmentStore.sparse_segments`).
 """
 
 from __future__ import annotations
@@ -90,6 +90,9 @@ class SegmentStore:
         # Sizes of closed segments, to tell how much of each is dead.
         self._sizes: dict[int, int] = {}
         self._unreferenced: set[int] = set()
+        # Whether a segment may have become worth compacting since the last
+        # look found none: the broker asks every loop turn.
+        self._may_be_sparse = False
         self._current = max(self._segments_on_disk(), default=0) + 1
         self._fd: int | None = None
         self._size = 0
@@ -148,25 +151,29 @@ class SegmentStore:
         """One reference fewer; a segment left with none goes at `collect`."""
         self._references[ref.segment] -= 1
         self._live_bytes[ref.segment] -= ref.length
+        self._may_be_sparse = True
         if self._references[ref.segment] <= 0:
             del self._references[ref.segment]
             del self._live_bytes[ref.segment]
             self._unreferenced.add(ref.segment)
 
-    def sparse_segment(self) -> int | None:
-        """A closed segment worth compacting, the sparsest; None if there is none.
+    def sparse_segments(self) -> list[int]:
+        """The closed segments worth compacting, sparsest first.
 
-        Worth it when under `COMPACT_BELOW_LIVE_FRACTION` of it is live and at
+        Worth it when under `COMPACT_BELOW_LIVE_FRACTION` of one is live and at
         least `COMPACT_MIN_DEAD_BYTES` of it dead. The segment being written is
         never one: its dead bytes go when it is emptied or, once closed, here.
         """
-        sparse = [
+        if not self._may_be_sparse:
+            return []
+        sparse = sorted(
             (self._live_bytes[segment] / size, segment)
             for segment, size in self._sizes.items()
             if segment in self._references
             and _worth_compacting(self._live_bytes[segment], size)
-        ]
-        return min(sparse)[1] if sparse else None
+        )
+        self._may_be_sparse = bool(sparse)
+        return [segment for _, segment in sparse]
 
     def live_bytes(self, segment: int) -> int:
         """Bytes of `segment` that rows still refer to."""
@@ -214,6 +221,7 @@ class SegmentStore:
         self.collect()
         for segment in set(on_disk) & set(self._references):
             self._sizes[segment] = self._path(segment).stat().st_size
+        self._may_be_sparse = True
 
     def close(self) -> None:
         """Close the segment being written; delete it if nothing refers to it."""
@@ -231,6 +239,7 @@ class SegmentStore:
             self.sync()
             os.close(self._fd)
             self._sizes[self._current] = self._size
+            self._may_be_sparse = True
             if self._current not in self._references:
                 self._unreferenced.add(self._current)
             self._current += 1

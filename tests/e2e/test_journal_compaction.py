@@ -18,7 +18,7 @@ import pytest
 
 from ventilator import protocol as p
 from ventilator import segments as segments_module
-from ventilator.journal import SqliteJournal
+from ventilator.journal import COMPACT_QUIET_S, SqliteJournal
 from ventilator.scheduler import State, Task
 from ventilator.segments import BlobRef
 
@@ -93,7 +93,8 @@ def loaded_payloads(path: Path, compact: bool = False) -> dict[int, bytes]:
     journal = SqliteJournal(path)
     try:
         loaded = journal.load()
-        while compact and journal.compact(1.0, math.inf):
+        journal.compact(0.0, math.inf)  # sees the sparse segments first
+        while compact and journal.compact(COMPACT_QUIET_S, math.inf):
             pass
     finally:
         journal.close()
@@ -156,7 +157,9 @@ def test_one_queued_task_does_not_pin_a_segment_of_a_real_broker(
     first_segment = Path(f"{journal}.blobs") / "00000001.seg"
     wait_until(lambda: not first_segment.exists(), 30, "the first segment to go")
     blob_bytes = sum(f.stat().st_size for f in Path(f"{journal}.blobs").iterdir())
-    assert blob_bytes < segments_module.SEGMENT_BYTES // 4
+    # Left: the segment being written, which the copy of the straggler keeps
+    # until it is closed in turn.
+    assert blob_bytes < segments_module.SEGMENT_BYTES // 2
 
     os.kill(broker.pid, signal.SIGKILL)
     broker.process.wait(10)
