@@ -516,7 +516,9 @@ class SqliteJournal:
         if moves and self._segments.live_bytes(compaction.segment):
             return True
         self._finish_compaction(compaction, now)
-        return True  # the next turn looks for another sparse segment
+        # The next turn looks for another sparse segment, unless this one had
+        # nothing left to move (its last blobs went meanwhile).
+        return bool(moves)
 
     def _start_compaction(self, now: float, room_bytes: float) -> _Compaction | None:
         """The compaction of the sparsest quiet segment, if the disk has room
