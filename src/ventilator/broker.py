@@ -394,6 +394,7 @@ class Broker:
         telemetry = self.telemetry
         self._look_at_disk()
         self._await_returning_workers()
+        compacting = False
         try:
             while not self._stopping:
                 wake_at = min(
@@ -401,8 +402,10 @@ class Broker:
                 )
                 if telemetry is not None:
                     wake_at = min(wake_at, telemetry.due_at())
-                # Input known to wait (a drain cut short) is read without waiting.
-                timeout_ms = 0 if self._unread else poll_timeout_ms(wake_at)
+                # Input known to wait (a drain cut short), or a compaction under
+                # way, goes on without waiting.
+                busy = self._unread or compacting
+                timeout_ms = 0 if busy else poll_timeout_ms(wake_at)
                 ready = poller.poll(timeout_ms)
                 now = time.monotonic()
                 self._forgive_stall(stalls, now)
@@ -426,6 +429,7 @@ class Broker:
                     self._gateway.expire_unserved(now)
                     next_mdp_beat = now + mdp_interval_s
                 self._carry_out(self._scheduler.flush(now), now)
+                compacting = self._compact_journal(now)
                 self._recheck_sent_on()
                 if telemetry is not None:
                     telemetry.publish(now, self._scheduler)
@@ -458,6 +462,12 @@ class Broker:
             len(self._scheduler.workers),
             sum(1 for r in self._scheduler.recipients.values() if r.peer is not None),
         )
+
+    def _compact_journal(self, now: float) -> bool:
+        """A bounded step of journal compaction, after the turn's own commit;
+        whether another waits. Its copies may use the disk's reserve as a
+        result may: they free far more than they take, once done."""
+        return self._journal.compact(now, self._scheduler.disk_budget.results)
 
     def _look_at_disk(self) -> None:
         written = self._journal.written_bytes

@@ -9,7 +9,13 @@ The broker commits once per loop turn (group commit), before it tells anyone
 anything, so a task a client heard "accepted" for is on disk. Payloads and
 results larger than a few KiB go to append-only segment files beside the
 database (see `ventilator.segments`), written before the commit that refers to
-them.
+them. A segment whose live blobs became a small part of it is compacted a few
+MiB per loop turn (`SqliteJournal.compact`): its live blobs are copied into the
+segment being written, their rows pointed at the copies in one commit, and the
+segment deleted once no row refers to it. A kill between any two of those steps
+leaves every row pointing at bytes that are there: the copies nothing refers to
+yet, or the old segment nothing refers to any more, are dead bytes the next
+compaction or load removes.
 
 Durability modes:
 
@@ -33,8 +39,9 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO, Literal, Protocol
 
 from . import _wal
 from . import protocol as p
@@ -131,6 +138,27 @@ FALLBACK_CHECKPOINT_PAGES = 8192
 # it when it starts again.
 WAL_SIZE_LIMIT_BYTES = FALLBACK_CHECKPOINT_PAGES * 4096
 
+# Live bytes a loop turn copies out of a sparse segment, at least one blob:
+# measured at a few milliseconds a turn, no longer than a turn of a busy
+# broker's own commit, so heartbeats keep their pace (see docs/architecture.md).
+COMPACT_BYTES_PER_TURN = 4 * 1024 * 1024
+# A sparse segment is compacted once its live bytes stayed the same this long.
+# A segment that a backlog drains in order passes under a quarter live on its
+# way to empty: copying that last quarter, about to go anyway, would add up to
+# a quarter to every byte a busy broker writes. A straggler stays; a segment
+# drained slower than this copies little for the time it takes.
+COMPACT_QUIET_S = 5.0
+# After a compaction could not read or write its blobs, it waits this long
+# before trying again, rather than failing (and logging) every loop turn.
+COMPACT_RETRY_S = 60.0
+
+# The column of `tasks` that holds a blob's reference.
+_Column = Literal["payload_ref", "result_ref"]
+_REPOINT = {
+    "payload_ref": "UPDATE tasks SET payload_ref = ? WHERE seq = ?",
+    "result_ref": "UPDATE tasks SET result_ref = ? WHERE seq = ?",
+}
+
 
 class Journal(Protocol):
     """What the broker needs from a journal."""
@@ -167,6 +195,16 @@ class Journal(Protocol):
         """
         ...
 
+    def compact(self, now: float, room_bytes: float) -> bool:
+        """Copy a bounded share of the live blobs out of a sparse segment, so
+        that it can go; `room_bytes` is what the disk may take meanwhile.
+        Return whether more waits for the next turn.
+
+        Raises:
+            JournalError: the journal cannot be written; the message names it.
+        """
+        ...
+
     def close(self) -> None: ...
 
 
@@ -190,6 +228,9 @@ class MemoryJournal:
         unfailed: Iterable[int] = (),
     ) -> None:
         pass
+
+    def compact(self, now: float, room_bytes: float) -> bool:
+        return False
 
     def close(self) -> None:
         pass
@@ -225,9 +266,12 @@ class SqliteJournal:
         self._pages_since_checkpoint = 0
         self._blobs = Path(f"{self.path}.blobs")
         self._segments = SegmentStore(self._blobs, fsync=durability == "power")
-        # Where each task's large payload and result lie, to release them.
-        self._payload_refs: dict[int, BlobRef] = {}
-        self._result_refs: dict[int, BlobRef] = {}
+        self._owners = _BlobOwners()
+        self._compaction: _Compaction | None = None
+        self._compaction_retry_at = 0.0
+        self._compaction_waits_for_room = False
+        # Sparse segments: their live bytes when last seen, and since when.
+        self._sparse_since: dict[int, tuple[int, float]] = {}
 
     def _report_wal_loss(self, left_behind: _wal.WalSurvey) -> None:
         """Say what SQLite's recovery dropped of the WAL an earlier broker left.
@@ -295,9 +339,9 @@ class SqliteJournal:
                 raise self._missing_blobs(task)
             try:
                 if payload_ref is not None:
-                    task.payload = self._adopt(self._payload_refs, task, payload_ref)
+                    task.payload = self._adopt("payload_ref", task, payload_ref)
                 if result_ref is not None:
-                    task.result = self._adopt(self._result_refs, task, result_ref)
+                    task.result = self._adopt("result_ref", task, result_ref)
             except OSError as exc:
                 _fail_as_damaged(task, exc)
                 unreadable.append(str(exc))
@@ -325,9 +369,9 @@ class SqliteJournal:
         now_wall, now = time.time(), time.monotonic()
         return [_failure_from_row(row, now_wall, now) for row in rows]
 
-    def _adopt(self, refs: dict[int, BlobRef], task: Task, packed: bytes) -> bytes:
+    def _adopt(self, column: _Column, task: Task, packed: bytes) -> bytes:
         ref = BlobRef.unpack(packed)
-        refs[task.ticket] = ref
+        self._owners.set(column, task.ticket, ref)
         self._segments.adopt(ref)
         return self._segments.get(ref)
 
@@ -444,8 +488,156 @@ class SqliteJournal:
             "journal checkpoint busy=%s wal_pages=%s copied=%s", busy, wal_pages, copied
         )
 
+    def compact(self, now: float, room_bytes: float) -> bool:
+        try:
+            return self._compact(now, room_bytes)
+        except sqlite3.Error as exc:
+            raise JournalError(
+                f"cannot write journal {str(self.path)!r} while compacting its "
+                f"folder {str(self._blobs)!r}: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    def _compact(self, now: float, room_bytes: float) -> bool:
+        if now < self._compaction_retry_at:
+            return False
+        compaction = self._compaction or self._start_compaction(now, room_bytes)
+        if compaction is None:
+            return False
+
+        try:
+            moves = self._copy_live_blobs(compaction.segment, COMPACT_BYTES_PER_TURN)
+        except OSError as exc:
+            self._give_up_compaction(compaction, exc, now)
+            return False
+        self._repoint(moves)
+        self._release_moved(moves)
+
+        compaction.count(moves)
+        if moves and self._segments.live_bytes(compaction.segment):
+            return True
+        self._finish_compaction(compaction, now)
+        # The next turn looks for another sparse segment, unless this one had
+        # nothing left to move (its last blobs went meanwhile).
+        return bool(moves)
+
+    def _start_compaction(self, now: float, room_bytes: float) -> _Compaction | None:
+        """The compaction of the sparsest quiet segment, if the disk has room
+        for its live bytes: they are on the disk twice until it goes."""
+        segment = self._quiet_sparse_segment(now)
+        if segment is None:
+            return None
+        live_bytes = self._segments.live_bytes(segment)
+        if live_bytes > room_bytes:
+            self._wait_for_room(segment, live_bytes, room_bytes)
+            return None
+        self._compaction_waits_for_room = False
+        self._compaction = _Compaction(segment, self._segments.size(segment), now)
+        return self._compaction
+
+    def _quiet_sparse_segment(self, now: float) -> int | None:
+        """The sparsest segment worth compacting whose live bytes have not
+        changed for `COMPACT_QUIET_S`; None if there is none yet."""
+        sparse = self._segments.sparse_segments()
+        seen: dict[int, tuple[int, float]] = {}
+        for segment in sparse:
+            live_bytes = self._segments.live_bytes(segment)
+            seen_live_bytes, since = self._sparse_since.get(segment, (live_bytes, now))
+            seen[segment] = (
+                live_bytes,
+                since if seen_live_bytes == live_bytes else now,
+            )
+        self._sparse_since = seen
+        quiet = (
+            segment for segment in sparse if now - seen[segment][1] >= COMPACT_QUIET_S
+        )
+        return next(quiet, None)
+
+    def _wait_for_room(self, segment: int, live_bytes: int, room_bytes: float) -> None:
+        if self._compaction_waits_for_room:
+            return
+        self._compaction_waits_for_room = True
+        log.warning(
+            "journal compaction of segment %s waits for disk room: its %d KiB of "
+            "live blobs would cut into the last quarter of --journal-min-free-bytes "
+            "(%d KiB left before it); it starts once the broker finds room",
+            self._segments.path(segment),
+            live_bytes // 1024,
+            max(0, int(room_bytes)) // 1024,
+        )
+
+    def _copy_live_blobs(self, segment: int, budget_bytes: int) -> list[_Move]:
+        """Step 1: append the first of `segment`'s live blobs, up to
+        `budget_bytes` (at least one), to the segment being written, and make
+        them durable. Nothing refers to the copies yet."""
+        chunk = _first_within(self._owners.in_segment(segment), budget_bytes)
+        if not chunk:
+            return []
+        blobs = self._segments.get_many([ref for _, _, ref in chunk])
+        moves: list[_Move] = []
+        try:
+            for (column, ticket, old), blob in zip(chunk, blobs, strict=True):
+                moves.append(_Move(column, ticket, old, self._segments.put(blob)))
+            self._segments.sync()
+        except OSError:
+            self._forget_copies(moves)
+            raise
+        self.written_bytes += sum(move.new.length for move in moves)
+        return moves
+
+    def _repoint(self, moves: list[_Move]) -> None:
+        """Step 2: point the rows at the copies, all in one commit."""
+        rows: dict[_Column, list[tuple[object, ...]]] = {}
+        for move in moves:
+            rows.setdefault(move.column, []).append((move.new.pack(), move.ticket))
+        try:
+            self._write([(_REPOINT[column], found) for column, found in rows.items()])
+        except sqlite3.Error:
+            self._forget_copies(moves)
+            raise
+        self._pace_checkpoints(len(moves))
+
+    def _release_moved(self, moves: list[_Move]) -> None:
+        """Step 3, after the commit: the old places are dead; a segment left
+        with no live blob is deleted."""
+        for move in moves:
+            self._owners.set(move.column, move.ticket, move.new)
+            self._segments.release(move.old)
+        self._segments.collect()
+
+    def _forget_copies(self, moves: list[_Move]) -> None:
+        """Copies no row will refer to: dead bytes, counted as such."""
+        for move in moves:
+            self._segments.release(move.new)
+
+    def _give_up_compaction(
+        self, compaction: _Compaction, exc: OSError, now: float
+    ) -> None:
+        self._compaction = None
+        self._compaction_retry_at = now + COMPACT_RETRY_S
+        log.warning(
+            "journal compaction of segment %s failed: %s; its rows still point at "
+            "it, and the broker tries again in %.0fs",
+            self._segments.path(compaction.segment),
+            exc,
+            COMPACT_RETRY_S,
+        )
+
+    def _finish_compaction(self, compaction: _Compaction, now: float) -> None:
+        self._compaction = None
+        log.info(
+            "journal compaction freed %d MiB: segment %s (%d MiB) deleted after "
+            "%d live blobs (%d KiB) were copied out in %d turns over %.2fs",
+            (compaction.size - compaction.moved_bytes) // 2**20,
+            self._segments.path(compaction.segment),
+            compaction.size // 2**20,
+            compaction.moved_blobs,
+            compaction.moved_bytes // 1024,
+            compaction.turns,
+            now - compaction.started_at,
+        )
+
     def _accepted_row(self, task: Task) -> tuple[object, ...]:
-        payload, ref = self._store(task.payload, self._payload_refs, task.ticket)
+        payload, ref = self._store(task.payload, "payload_ref", task.ticket)
         return (
             task.ticket,
             task.session,
@@ -462,25 +654,27 @@ class SqliteJournal:
     def _finished_row(
         self, task: Task, finished_wall: float, released: list[BlobRef]
     ) -> tuple[object, ...]:
-        _pop_into(self._payload_refs, task.ticket, released)
-        _pop_into(self._result_refs, task.ticket, released)  # an expired result's
-        result, ref = self._store(task.result, self._result_refs, task.ticket)
+        self._owners.pop_into("payload_ref", task.ticket, released)
+        # An expired result's, when a task finishes again.
+        self._owners.pop_into("result_ref", task.ticket, released)
+        result, ref = self._store(task.result, "result_ref", task.ticket)
         return (int(task.status or 0), result, ref, finished_wall, task.ticket)
 
     def _forgotten_row(self, ticket: int, released: list[BlobRef]) -> tuple[int]:
-        _pop_into(self._payload_refs, ticket, released)
-        _pop_into(self._result_refs, ticket, released)
+        self._owners.pop_into("payload_ref", ticket, released)
+        self._owners.pop_into("result_ref", ticket, released)
         return (ticket,)
 
     def _store(
-        self, blob: p.Payload, refs: dict[int, BlobRef], ticket: int
+        self, blob: p.Payload, column: _Column, ticket: int
     ) -> tuple[p.Payload, bytes | None]:
         """What the row holds for `blob`: the blob itself when small, else a
         reference to where it was written in the segments."""
         self.written_bytes += len(blob)
         if len(blob) <= INLINE_MAX_BYTES:
             return blob, None
-        ref = refs[ticket] = self._segments.put(blob)
+        ref = self._segments.put(blob)
+        self._owners.set(column, ticket, ref)
         return b"", ref.pack()
 
     def close(self) -> None:
@@ -490,6 +684,85 @@ class SqliteJournal:
         finally:
             self._db.close()
             self._lock.close()
+
+
+class _BlobOwners:
+    """Whose payload or result each blob in the segments is, by ticket and by
+    segment: the rows that release it, and the rows a compaction repoints."""
+
+    def __init__(self) -> None:
+        self._refs: dict[tuple[_Column, int], BlobRef] = {}
+        self._by_segment: dict[int, set[tuple[_Column, int]]] = {}
+
+    def set(self, column: _Column, ticket: int, ref: BlobRef) -> None:
+        """Record that the row of `ticket` refers to `ref` in `column`."""
+        self._forget((column, ticket))
+        self._refs[column, ticket] = ref
+        self._by_segment.setdefault(ref.segment, set()).add((column, ticket))
+
+    def pop_into(self, column: _Column, ticket: int, released: list[BlobRef]) -> None:
+        """Append the reference the row held in `column`, if any, to `released`."""
+        ref = self._forget((column, ticket))
+        if ref is not None:
+            released.append(ref)
+
+    def in_segment(self, segment: int) -> list[tuple[_Column, int, BlobRef]]:
+        """The references into `segment`, in the order of its bytes."""
+        owners = self._by_segment.get(segment, ())
+        found = [
+            (column, ticket, self._refs[column, ticket]) for column, ticket in owners
+        ]
+        return sorted(found, key=lambda owner: owner[2].offset)
+
+    def _forget(self, key: tuple[_Column, int]) -> BlobRef | None:
+        ref = self._refs.pop(key, None)
+        if ref is not None:
+            owners = self._by_segment[ref.segment]
+            owners.discard(key)
+            if not owners:
+                del self._by_segment[ref.segment]
+        return ref
+
+
+@dataclass(frozen=True, slots=True)
+class _Move:
+    """A live blob a compaction copied: the row, and its old and new places."""
+
+    column: _Column
+    ticket: int
+    old: BlobRef
+    new: BlobRef
+
+
+@dataclass(slots=True)
+class _Compaction:
+    """The compaction of one segment under way, counted for its log line."""
+
+    segment: int
+    size: int
+    started_at: float
+    moved_blobs: int = 0
+    moved_bytes: int = 0
+    turns: int = 0
+
+    def count(self, moves: list[_Move]) -> None:
+        self.turns += 1
+        self.moved_blobs += len(moves)
+        self.moved_bytes += sum(move.new.length for move in moves)
+
+
+def _first_within(
+    owners: list[tuple[_Column, int, BlobRef]], budget_bytes: int
+) -> list[tuple[_Column, int, BlobRef]]:
+    """The first of `owners` whose blobs add up to `budget_bytes`, at least one."""
+    chunk: list[tuple[_Column, int, BlobRef]] = []
+    total = 0
+    for owner in owners:
+        if chunk and total + owner[2].length > budget_bytes:
+            break
+        chunk.append(owner)
+        total += owner[2].length
+    return chunk
 
 
 class _WalFlusher:
@@ -641,12 +914,6 @@ def _on_this_clock(wall: object, now_wall: float, now: float) -> float:
     if wall is None:
         return now
     return now - max(0.0, now_wall - float(wall))  # type: ignore[arg-type]
-
-
-def _pop_into(refs: dict[int, BlobRef], ticket: int, released: list[BlobRef]) -> None:
-    ref = refs.pop(ticket, None)
-    if ref is not None:
-        released.append(ref)
 
 
 def _task_from_row(row: tuple[object, ...]) -> Task:

@@ -13,6 +13,12 @@ dead blobs on disk, and a busy one does not pay for it per task), and deleted
 when the broker stops. A broker never appends to a segment an earlier broker
 wrote: bytes after the last committed reference of a crashed broker are
 garbage nobody reads, and go with their segment.
+
+A closed segment whose live blobs became a small part of it (one task that
+stays queued, one result nobody collects) is compacted: the journal copies
+its live blobs into the current segment, points their rows at the copies in
+one commit, and the segment, now unreferenced, goes like any other (see
+`SegmentStore.sparse_segments`).
 """
 
 from __future__ import annotations
@@ -36,6 +42,15 @@ SEGMENT_BYTES = 64 * 1024 * 1024
 # The current segment, once no row refers to anything in it, is emptied when it
 # holds more than this: a truncate per megabyte written at most.
 IDLE_SEGMENT_KEPT_BYTES = 1024 * 1024
+# A closed segment is compacted once less than this part of it is live: each
+# byte copied then frees at least three, so copying costs at most a third of
+# what it frees, and the segments never hold more than four times their live
+# bytes (plus the dead bytes below). A half would free only as much as it
+# copies, and copied blobs may be copied again when their new segment thins.
+COMPACT_BELOW_LIVE_FRACTION = 0.25
+# ... and only once it holds at least this much dead: below it a copy and a
+# commit buy back less than the idle current segment may keep anyway.
+COMPACT_MIN_DEAD_BYTES = 4 * 1024 * 1024
 
 _REF = struct.Struct("<IQQ")  # segment, offset, length
 _SUFFIX = ".seg"
@@ -71,7 +86,13 @@ class SegmentStore:
         self._directory = directory
         self._fsync = fsync
         self._references: Counter[int] = Counter()
+        self._live_bytes: Counter[int] = Counter()
+        # Sizes of closed segments, to tell how much of each is dead.
+        self._sizes: dict[int, int] = {}
         self._unreferenced: set[int] = set()
+        # Whether a segment may have become worth compacting since the last
+        # look found none: the broker asks every loop turn.
+        self._may_be_sparse = False
         self._current = max(self._segments_on_disk(), default=0) + 1
         self._fd: int | None = None
         self._size = 0
@@ -84,10 +105,16 @@ class SegmentStore:
         assert self._fd is not None
 
         ref = BlobRef(self._current, self._size, len(blob))
-        _write_all(self._fd, blob)
-        self._size += len(blob)
         self._unsynced = True
-        self._references[self._current] += 1
+        try:
+            _write_all(self._fd, blob)
+        except OSError:
+            # Part of it may be written: appends go on from the file's end,
+            # and the next blob's offset must say where that is.
+            self._size = os.fstat(self._fd).st_size
+            raise
+        self._size += len(blob)
+        self.adopt(ref)
         return ref
 
     def get(self, ref: BlobRef) -> bytes:
@@ -97,14 +124,17 @@ class SegmentStore:
             OSError: its segment is missing or too short (the journal was
                 damaged outside the broker); the message names the segment.
         """
-        path = self._path(ref.segment)
+        return self.get_many([ref])[0]
+
+    def get_many(self, refs: list[BlobRef]) -> list[bytes]:
+        """Read several blobs of one segment back, opening it once.
+
+        Raises:
+            OSError: as `get`.
+        """
+        path = self._path(refs[0].segment)
         with open(path, "rb") as segment:
-            blob = os.pread(segment.fileno(), ref.length, ref.offset)
-        if len(blob) != ref.length:
-            raise OSError(
-                f"segment {path} ends before the {ref.length} bytes at {ref.offset}"
-            )
-        return blob
+            return [_read_exactly(segment.fileno(), ref, path) for ref in refs]
 
     def sync(self) -> None:
         """Make written blobs durable, before a commit references them."""
@@ -115,13 +145,43 @@ class SegmentStore:
     def adopt(self, ref: BlobRef) -> None:
         """Count a reference found on loading the journal."""
         self._references[ref.segment] += 1
+        self._live_bytes[ref.segment] += ref.length
 
     def release(self, ref: BlobRef) -> None:
         """One reference fewer; a segment left with none goes at `collect`."""
         self._references[ref.segment] -= 1
+        self._live_bytes[ref.segment] -= ref.length
+        self._may_be_sparse = True
         if self._references[ref.segment] <= 0:
             del self._references[ref.segment]
+            del self._live_bytes[ref.segment]
             self._unreferenced.add(ref.segment)
+
+    def sparse_segments(self) -> list[int]:
+        """The closed segments worth compacting, sparsest first.
+
+        Worth it when under `COMPACT_BELOW_LIVE_FRACTION` of one is live and at
+        least `COMPACT_MIN_DEAD_BYTES` of it dead. The segment being written is
+        never one: its dead bytes go when it is emptied or, once closed, here.
+        """
+        if not self._may_be_sparse:
+            return []
+        sparse = sorted(
+            (self._live_bytes[segment] / size, segment)
+            for segment, size in self._sizes.items()
+            if segment in self._references
+            and _worth_compacting(self._live_bytes[segment], size)
+        )
+        self._may_be_sparse = bool(sparse)
+        return [segment for _, segment in sparse]
+
+    def live_bytes(self, segment: int) -> int:
+        """Bytes of `segment` that rows still refer to."""
+        return self._live_bytes[segment]
+
+    def size(self, segment: int) -> int:
+        """Bytes in closed `segment`, live or dead (0 once deleted)."""
+        return self._sizes.get(segment, 0)
 
     def collect(self) -> None:
         """Delete the segments nothing references any more, but the current one.
@@ -132,6 +192,7 @@ class SegmentStore:
         for segment in self._unreferenced - {self._current}:
             if segment not in self._references:
                 _unlink(self._path(segment))
+                self._sizes.pop(segment, None)
         self._unreferenced &= {self._current}
         if self._size > IDLE_SEGMENT_KEPT_BYTES and self._current_unreferenced():
             self._empty_current()
@@ -155,8 +216,12 @@ class SegmentStore:
 
     def collect_unreferenced_on_disk(self) -> None:
         """After loading: delete segments no loaded row references."""
-        self._unreferenced |= set(self._segments_on_disk()) - set(self._references)
+        on_disk = self._segments_on_disk()
+        self._unreferenced |= set(on_disk) - set(self._references)
         self.collect()
+        for segment in set(on_disk) & set(self._references):
+            self._sizes[segment] = self._path(segment).stat().st_size
+        self._may_be_sparse = True
 
     def close(self) -> None:
         """Close the segment being written; delete it if nothing refers to it."""
@@ -173,6 +238,8 @@ class SegmentStore:
         if self._fd is not None:
             self.sync()
             os.close(self._fd)
+            self._sizes[self._current] = self._size
+            self._may_be_sparse = True
             if self._current not in self._references:
                 self._unreferenced.add(self._current)
             self._current += 1
@@ -183,6 +250,10 @@ class SegmentStore:
         self._size = 0
         if self._fsync:
             _fsync_directory(self._directory)  # the new file's name must last too
+
+    def path(self, segment: int) -> Path:
+        """The file of `segment`, for messages."""
+        return self._path(segment)
 
     def _path(self, segment: int) -> Path:
         return self._directory / f"{segment:08d}{_SUFFIX}"
@@ -195,6 +266,23 @@ class SegmentStore:
             if path.stem.isdigit():
                 numbers.append(int(path.stem))
         return numbers
+
+
+def _worth_compacting(live_bytes: int, size: int) -> bool:
+    dead_bytes = size - live_bytes
+    return (
+        live_bytes < size * COMPACT_BELOW_LIVE_FRACTION
+        and dead_bytes >= COMPACT_MIN_DEAD_BYTES
+    )
+
+
+def _read_exactly(fd: int, ref: BlobRef, path: Path) -> bytes:
+    blob = os.pread(fd, ref.length, ref.offset)
+    if len(blob) != ref.length:
+        raise OSError(
+            f"segment {path} ends before the {ref.length} bytes at {ref.offset}"
+        )
+    return blob
 
 
 def _write_all(fd: int, blob: bytes | memoryview) -> None:

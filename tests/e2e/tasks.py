@@ -23,6 +23,11 @@ def echo(value: Any) -> Any:
     return value
 
 
+def length(value: bytes) -> int:
+    """Return how many bytes arrived: a small result for a large payload."""
+    return len(value)
+
+
 def describe(value: Any) -> list[Any]:
     """Return the type name of `value` next to the value, to see how it arrived."""
     return [type(value).__name__, value]
