@@ -812,18 +812,29 @@ def test_a_task_running_while_the_broker_is_paused_past_liveness_runs_once(
     assert runs_once_idle(client, runs) == 1
 
 
-def test_a_task_running_while_the_broker_is_killed_and_restarted_runs_once(
-    launch: Launcher, restartable: dict[str, Any], tmp_path: Path
-) -> None:
+def restart_under_a_running_task(
+    launch: Launcher, restartable: dict[str, Any], folder: Path
+) -> tuple[BrokerProcess, ventilator.Client, ventilator.Future, Path, Path]:
+    """Start a counted task on a worker, then kill its broker and start
+    another on the same journal; return the new broker, a client of it, and
+    the task's future, runs folder and release file."""
     first = launch.broker(**restartable)
     launch.worker(first)
     client = launch.client(first)
     wait_for_workers(client, 1)
-    future, runs, release = start_counted_task(client, tmp_path)
+    future, runs, release = start_counted_task(client, folder)
 
     kill_broker(first)
     second = launch.broker(**restartable)
-    observer = launch.client(second)
+    return second, launch.client(second), future, runs, release
+
+
+def test_a_task_running_while_the_broker_is_killed_and_restarted_runs_once(
+    launch: Launcher, restartable: dict[str, Any], tmp_path: Path
+) -> None:
+    _, observer, future, runs, release = restart_under_a_running_task(
+        launch, restartable, tmp_path
+    )
     # The journal brought the task back; the worker names it as it registers.
     status_when(
         observer,
@@ -840,15 +851,9 @@ def test_a_task_running_while_the_broker_is_killed_and_restarted_runs_once(
 def test_a_restored_task_waits_for_its_worker_rather_than_run_twice(
     launch: Launcher, restartable: dict[str, Any], tmp_path: Path
 ) -> None:
-    first = launch.broker(**restartable)
-    launch.worker(first)
-    client = launch.client(first)
-    wait_for_workers(client, 1)
-    future, runs, release = start_counted_task(client, tmp_path)
-
-    kill_broker(first)
-    second = launch.broker(**restartable)
-    observer = launch.client(second)
+    second, observer, future, runs, release = restart_under_a_running_task(
+        launch, restartable, tmp_path
+    )
     # A worker new to the task, there first: it must not be given it while the
     # worker that runs it comes back.
     launch.worker(second)
