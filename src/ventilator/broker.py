@@ -682,6 +682,9 @@ class Broker:
         if mdp.is_mdp(frames[1:]):
             self._handle_mdp(peer, frames, user, now)
             return
+        if mdp.lacks_delimiter(frames[1:]):
+            self._gateway.refuse_undelimited(peer, frames[1:], now)
+            return
         if tag == MDP:
             exc = ProtocolError("expected MDP/0.1 (MDPC01 or MDPW01)", "header")
             self._log_refusal(peer, frames, exc, "mdp")

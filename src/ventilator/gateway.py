@@ -195,6 +195,23 @@ class MdpGateway:
             [bytes(frame[:32]) for frame in frames[:5]],
         )
 
+    def refuse_undelimited(
+        self, peer: bytes, frames: Sequence[Any], now: float
+    ) -> None:
+        """Answer MDP sent without its first, empty frame (a DEALER that left
+        out REQ's envelope) in the shape it came in, so that its sender reads
+        what to fix rather than wait for ever. A worker is only logged: it
+        would take a reply in any shape for a command."""
+        reason = (
+            "an MDP/0.1 message starts with an empty frame (REQ adds it; a "
+            "DEALER must send it first)"
+        )
+        if bytes(frames[0]) == mdp.CLIENT:
+            service = bytes(frames[1]) if len(frames) > 1 else b""
+            body = [f"{FAILED_FOR_GOOD} malformed request: {reason}".encode()]
+            self.outbox.append((peer, mdp.client_reply(service, body)[1:]))
+        self._warn(now, "refused MDP without its empty first frame peer=%s", peer.hex())
+
     def log_held_back(self, now: float) -> None:
         """Count the fault lines held back since the last one (see RateLimit)."""
         note = self._fault_log.held_back(now)

@@ -127,6 +127,12 @@ def is_mdp(frames: Sequence[Any]) -> bool:
     )
 
 
+def lacks_delimiter(frames: Sequence[Any]) -> bool:
+    """Whether `frames` (routing id removed) are MDP/0.1 without the empty
+    frame it starts with: sent from a DEALER that left out REQ's envelope."""
+    return len(frames) >= 1 and bytes(frames[0]) in (CLIENT, WORKER)
+
+
 def is_worker(frames: Sequence[Any]) -> bool:
     """Whether `frames` carry the MDP/Worker header (checked by `is_mdp` first)."""
     return len(frames) >= 2 and bytes(frames[1]) == WORKER

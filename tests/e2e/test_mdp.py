@@ -457,6 +457,22 @@ MALFORMED_REQUESTS = [
 ]
 
 
+def test_a_request_without_its_empty_first_frame_is_told_so_in_its_own_shape(
+    broker: MdpBroker, context: zmq.Context[Any]
+) -> None:
+    for endpoint in (broker.mdp, broker.frontend):
+        dealer = raw_dealer(context, endpoint)
+        dealer.send_multipart([CLIENT, b"echo", b"hi"])
+
+        service_frames = receive(dealer)
+
+        assert service_frames[:2] == [CLIENT, b"echo"], service_frames
+        [status] = service_frames[2:]
+        assert status.startswith(b"400 malformed request: "), status
+        assert b"empty frame" in status, status
+    assert broker.process.poll() is None
+
+
 def test_malformed_client_requests_get_a_400_reply_and_service_goes_on(
     processes: Processes, broker: MdpBroker, context: zmq.Context[Any]
 ) -> None:
