@@ -1214,10 +1214,12 @@ def _log_notice(notice: s.Notice) -> None:
             notice.requeued,
             notice.dropped,
         )
+    elif isinstance(notice, s.LeaseOverrun):
+        _log_overrun(notice)
     elif isinstance(notice, s.LateOutcome):
         log.warning(
             "dropped a late result ticket=%d attempt=%d worker=%s: that attempt was "
-            "given up on and the task rerun",
+            "given up on (its worker was lost, or let it overrun its deadline)",
             notice.ticket,
             notice.attempt,
             notice.worker_id,
@@ -1256,6 +1258,20 @@ def _log_notice(notice: s.Notice) -> None:
             "until it says BYE or falls silent",
             notice.session,
         )
+
+
+def _log_overrun(notice: s.LeaseOverrun) -> None:
+    log.warning(
+        "worker=%s let ticket=%d attempt=%d run %gs past its timeout of %gs "
+        "without reporting it (%d in a row); ended it as timed out, and a "
+        "result it sends later will be dropped",
+        notice.worker_id,
+        notice.ticket,
+        notice.attempt,
+        notice.grace_s,
+        notice.timeout_s,
+        notice.overruns,
+    )
 
 
 # How each departure reads in the log line that notes it.

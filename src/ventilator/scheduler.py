@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterable, Sequence, Set
 from dataclasses import dataclass, field
 
 from . import protocol as p
-from .errors import PoisonTask, ResultExpired, TaskRejected
+from .errors import PoisonTask, ResultExpired, TaskRejected, TaskTimeout
 from .fairqueue import FairQueue
 from .mdp import service_queue
 from .policy import Backoff, Limits, Prefetch
@@ -85,6 +85,13 @@ RESULTS_PER_MESSAGE = 1024
 ACCEPT_GRACE_S = 0.005
 # Weight of the newest run time in a queue's moving average.
 RUN_TIME_WEIGHT = 0.2
+# How long past a task's timeout_s the broker waits for its worker to report
+# the timeout itself, in heartbeat intervals. A worker notices a timeout at
+# once, but stopping the task (killing its process, starting another) and the
+# report's trip can take a moment on a loaded machine; three beats is also how
+# long the broker lets a worker stay silent before it is presumed dead. Only a
+# worker that does not enforce timeouts (hung, or not ours) is ever overtaken.
+LEASE_GRACE_BEATS = 3
 
 # The session under which the broker resubmits failed tasks an operator retries.
 RETRY_SESSION = "ventilator:retry"
@@ -144,6 +151,10 @@ class Task:
     # Cancelled by its submitter while a worker ran it: dropped, not requeued
     # and not delivered, once that worker is done with it or gone.
     cancelled: bool = False
+    # When the broker ends it as timed out unless its worker reports first
+    # (see Scheduler._expire_leases); None: no timeout_s, or it waits on its
+    # worker behind busy slots and its clock has not started.
+    deadline: float | None = None
     # For metrics: when it last entered its queue and last left it, and how long
     # the worker said it ran. Plain floats, so they cost next to nothing.
     queued_at: float = 0.0
@@ -192,6 +203,11 @@ class Worker:
     last_progress: float = 0.0
     # Why it serves nothing, as it said in its READY; for the status.
     problem: str | None = None
+    # Tickets it holds beyond its slots, in the order they were sent: each
+    # starts (and its deadline with it) when a slot frees.
+    unstarted: dict[int, None] = field(default_factory=dict)
+    # Tasks in a row whose deadline passed before it reported them.
+    overruns: int = 0
 
     def presumed_dead(self, now: float, default_silence_s: float) -> bool:
         if self.silent_while_busy and self.running:
@@ -480,6 +496,20 @@ class WorkerLeft:
 
 
 @dataclass(frozen=True, slots=True)
+class LeaseOverrun:
+    """A worker let a task run `grace_s` past its `timeout_s` without
+    reporting it; the broker ended it as timed out. `overruns`: how many in
+    a row that worker let pass."""
+
+    worker_id: str
+    ticket: int
+    attempt: int
+    timeout_s: float
+    grace_s: float
+    overruns: int
+
+
+@dataclass(frozen=True, slots=True)
 class LateOutcome:
     ticket: int
     attempt: int
@@ -561,6 +591,7 @@ Notice = (
     | WorkerDraining
     | WorkerLost
     | WorkerLeft
+    | LeaseOverrun
     | LateOutcome
     | ClientJoined
     | ClientLost
@@ -633,6 +664,10 @@ class Scheduler:
         # client's backlog does not hold up the others (see fairqueue).
         self._queues: dict[str, FairQueue] = {}
         self._waiting: list[tuple[float, int]] = []  # (due time, ticket) heap
+        # (deadline, ticket, attempt) of running tasks with a timeout, looked
+        # at once a tick; entries of tasks finished or re-armed since are
+        # skipped when they reach the top, not searched for.
+        self._deadlines: list[tuple[float, int, int]] = []
         # Finished tasks by the time they finished, oldest first, for result expiry.
         self._finish_order: OrderedDict[int, float] = OrderedDict()
         # Tombstones of expired results by when they expired, oldest first, and
@@ -1266,6 +1301,7 @@ class Scheduler:
         self.workers[worker.worker_id] = worker
         self._worker_of_peer[peer] = worker.worker_id
         kept += self._reclaim(worker, named)
+        self._start_waiting(worker, now)
         # Tasks it kept beyond its credit stay; it gets no more until under it.
         worker.grace = max(0, len(worker.running) - worker.capacity)
         self._offer(worker)
@@ -1345,12 +1381,23 @@ class Scheduler:
             self._stale.pop(queue_name, None)
 
     def _lease(self, worker: Worker, task: Task) -> None:
-        """Record that `worker` runs `task` (already RUNNING at its attempt)."""
+        """Record that `worker` runs `task` (already RUNNING at its attempt).
+
+        A task whose clock was running keeps its deadline (its entry may have
+        left the heap while it waited in its queue: it goes in again); one
+        without waits for a slot (see `_start_waiting`), as a returning worker
+        may hold more than its slots run.
+        """
         task.worker = worker.worker_id
         task.given_back_by = None
         task.restored = False
         worker.running.add(task.ticket)
         _count_held(worker, task.queue, +1)
+        if task.deadline is not None:
+            entry = (task.deadline, task.ticket, task.attempt)
+            heapq.heappush(self._deadlines, entry)
+        else:
+            worker.unstarted[task.ticket] = None
 
     def _worker_for_peer(self, peer: bytes) -> Worker | None:
         worker_id = self._worker_of_peer.get(peer)
@@ -1358,6 +1405,7 @@ class Scheduler:
 
     def _done(self, worker: Worker, outcomes: Iterable[p.Outcome], now: float) -> None:
         worker.last_progress = now
+        worker.overruns = 0
         for outcome in outcomes:
             task = self.tasks.get(outcome.ticket)
             if (
@@ -1378,6 +1426,7 @@ class Scheduler:
                 self._drop_cancelled(task, now)
             else:
                 self._settle(task, outcome, now)
+        self._start_waiting(worker, now)
         self._offer(worker)
 
     def _observe_run(self, queue_name: str, duration_s: float) -> None:
@@ -1510,12 +1559,14 @@ class Scheduler:
                 poisoned += 1
         worker.running.clear()
         worker.held.clear()
+        worker.unstarted.clear()
         return requeued, poisoned, dropped, split
 
     def _release(self, worker: Worker, task: Task) -> None:
         if task.ticket in worker.running:
             _count_held(worker, task.queue, -1)
         worker.running.discard(task.ticket)
+        worker.unstarted.pop(task.ticket, None)
         worker.grace = min(worker.grace, max(0, len(worker.running) - worker.capacity))
         task.worker = None
 
@@ -1533,6 +1584,99 @@ class Scheduler:
                 available.setdefault(worker.worker_id, None)
             else:
                 available.pop(worker.worker_id, None)
+
+    # --- deadlines: timeouts the broker enforces ------------------------------------
+
+    def _lease_grace_s(self) -> float:
+        return LEASE_GRACE_BEATS * self.limits.heartbeat_interval_s
+
+    def _arm(self, worker: Worker, task: Task, start: float) -> None:
+        """Start the broker's clock on a task that started at `start`, if it
+        has a timeout. Not on an MDP worker: 7/MDP cannot stop a request nor
+        take a second one while it runs, so its slot would not be free."""
+        if task.timeout_s is None or worker.silent_while_busy:
+            return
+        task.deadline = start + task.timeout_s + self._lease_grace_s()
+        heapq.heappush(self._deadlines, (task.deadline, task.ticket, task.attempt))
+
+    def _start_waiting(self, worker: Worker, now: float) -> None:
+        """Slots of `worker` freed: the tasks it held behind them start, in
+        the order they were sent, and their clocks with them. A worker that
+        declares no slots was sent nothing to hold (see `_idle_room`)."""
+        slots = worker.capacity if worker.slots is None else worker.slots
+        while worker.unstarted and len(worker.running) - len(worker.unstarted) < slots:
+            ticket = next(iter(worker.unstarted))
+            del worker.unstarted[ticket]
+            self._arm(worker, self.tasks[ticket], now)
+
+    def _expire_leases(self, now: float) -> None:
+        """End the running tasks whose worker let them pass their deadline;
+        then drop the workers that let too many pass in a row. Not before:
+        a task whose deadline passed in this tick ends as timed out too,
+        rather than wait in its queue for another worker."""
+        deadlines = self._deadlines
+        overrunners: dict[str, Worker] = {}
+        while deadlines and deadlines[0][0] <= now:
+            deadline, ticket, attempt = heapq.heappop(deadlines)
+            task = self.tasks.get(ticket)
+            if (
+                task is None
+                or task.state is not State.RUNNING
+                or task.attempt != attempt
+                or task.deadline != deadline
+                or task.worker is None
+            ):
+                continue  # finished, requeued or re-armed since
+            worker = self.workers[task.worker]
+            self._overran(worker, task, now)
+            overrunners[worker.worker_id] = worker
+        for worker in overrunners.values():
+            self._blame_overruns(worker, now)
+
+    def _overran(self, worker: Worker, task: Task, now: float) -> None:
+        """End `task` as timed out: its worker did not report it in time.
+
+        It ends as the worker itself would have ended it, TIMEOUT and not
+        retried (retries are for exceptions the task raised): run again, it
+        would keep its client waiting as long once more, and the first run
+        may still be going on there. Its worker, not the task, is blamed
+        (see `_blame_overruns`). A result it sends later is late.
+        """
+        self._release(worker, task)
+        worker.overruns += 1
+        timeout_s, grace_s = task.timeout_s or 0.0, self._lease_grace_s()
+        if task.cancelled:
+            self._drop_cancelled(task, now)
+        else:
+            error = TaskTimeout(
+                "TaskTimeout",
+                f"the task ran past its timeout of {timeout_s:g}s and its worker "
+                f"{worker.worker_id} did not report it within {grace_s:g}s more; "
+                "the broker ended it (it may still run there: its result will "
+                "be dropped)",
+            )
+            self._finish(task, p.Status.TIMEOUT, pack_error(error), now)
+        self._effects.notices.append(
+            LeaseOverrun(
+                worker.worker_id,
+                task.ticket,
+                task.attempt,
+                timeout_s,
+                grace_s,
+                worker.overruns,
+            )
+        )
+
+    def _blame_overruns(self, worker: Worker, now: float) -> None:
+        """Drop a worker that let `max_attempts` deadlines pass in a row (its
+        other tasks are requeued, unblamed: it, not they, is at fault), or
+        start what it held behind the slots those tasks took."""
+        if worker.overruns >= self.limits.max_attempts:
+            reason = f"let {worker.overruns} tasks in a row overrun their deadlines"
+            self._remove_worker(worker, reason, blamed=False, now=now)
+            return
+        self._start_waiting(worker, now)
+        self._offer(worker)
 
     # --- both ------------------------------------------------------------------------
 
@@ -1592,6 +1736,7 @@ class Scheduler:
         """Let time pass: expire silent peers, wake retries, drop old results."""
         self._now = now
         self._expire_workers(now)
+        self._expire_leases(now)
         self._expire_clients(now)
         self._wake_retries(now)
         self._expire_results(now)
@@ -1916,7 +2061,8 @@ class Scheduler:
         # first one: with more room than tasks, each gets a share.
         share = max(1, math.ceil(len(queue) / len(rooms)))
         for worker, room in rooms:
-            assignments = self._take(queue_name, queue, worker, min(share, room))
+            count = min(share, room)
+            assignments = self._take(queue_name, queue, worker, count, into_slots)
             if assignments:
                 self._effects.to_workers.append((worker.peer, p.Tasks(assignments)))
                 if into_slots:
@@ -1970,8 +2116,15 @@ class Scheduler:
         return max(0, worker.slots * per_slot - worker.held.get(queue_name, 0))
 
     def _take(
-        self, queue_name: str, queue: FairQueue, worker: Worker, count: int
+        self,
+        queue_name: str,
+        queue: FairQueue,
+        worker: Worker,
+        count: int,
+        into_slots: bool,
     ) -> list[p.Assignment]:
+        """Lease up to `count` tasks of `queue` to `worker`: started now in its
+        free slots if `into_slots`, else held behind its busy ones."""
         assignments: list[p.Assignment] = []
         now = self._now
         while queue and len(assignments) < count:
@@ -1988,6 +2141,11 @@ class Scheduler:
             task.restored = False
             worker.running.add(task.ticket)
             _count_held(worker, queue_name, +1)
+            task.deadline = None
+            if into_slots:
+                self._arm(worker, task, now)
+            else:
+                worker.unstarted[task.ticket] = None
             assignments.append(
                 p.Assignment(
                     task.ticket,
@@ -2625,6 +2783,10 @@ class Scheduler:
             queue_name = self.tasks[ticket].queue
             by_queue[queue_name] = by_queue.get(queue_name, 0) + 1
         assert worker.held == by_queue, f"{worker.worker_id} held {worker.held}"
+        # What waits behind its slots is among what it holds, clock not started.
+        for ticket in worker.unstarted:
+            assert ticket in worker.running, f"{worker.worker_id} unstarted {ticket}"
+            assert self.tasks[ticket].deadline is None, f"ticket {ticket} armed"
 
     def _check_stale_counts(self) -> None:
         for name, queue in self._queues.items():
