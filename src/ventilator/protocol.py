@@ -45,6 +45,9 @@ MAX_BODY_BYTES = 16 * 1024 * 1024
 # The longest task timeout: a year is beyond any real task, and an infinite or
 # astronomic one would overflow the clocks and waits it reaches on a worker.
 MAX_TIMEOUT_S = 365 * 24 * 3600
+# The error type a CRASHED outcome's report names: its message says how the
+# task process ended ("exit code 9", "killed by SIGKILL").
+PROCESS_DIED = "ProcessDied"
 # Frames at least this large travel without copies (pyzmq's own threshold).
 ZERO_COPY_BYTES = 65536
 

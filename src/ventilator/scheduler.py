@@ -92,6 +92,9 @@ RUN_TIME_WEIGHT = 0.2
 # long the broker lets a worker stay silent before it is presumed dead. Only a
 # worker that does not enforce timeouts (hung, or not ours) is ever overtaken.
 LEASE_GRACE_BEATS = 3
+# How much of a CRASHED outcome's report (how the task process ended) the
+# broker repeats to the client.
+MAX_DEATH_LENGTH = 200
 
 # The session under which the broker resubmits failed tasks an operator retries.
 RETRY_SESSION = "ventilator:retry"
@@ -357,6 +360,18 @@ def _error_fields(packed: p.Payload) -> dict[str, str]:
     if not isinstance(fields, dict):
         return {"type": "?", "message": f"unexpected error report {fields!r:.80}"}
     return {str(k): str(v) for k, v in fields.items()}
+
+
+def _how_it_died(report: p.Payload) -> str:
+    """How a task process ended, as its worker's CRASHED report says ("exit
+    code 9", "killed by SIGKILL"); "" when it says nothing (an older worker)
+    or something else. Shortened: it is a peer's word."""
+    if not report:
+        return ""
+    fields = _error_fields(report)
+    if fields.get("type") != p.PROCESS_DIED:
+        return ""
+    return fields.get("message", "")[:MAX_DEATH_LENGTH]
 
 
 def _strikes(task: Task) -> str:
@@ -1443,7 +1458,7 @@ class Scheduler:
         if unkept is not None:
             self._finish(task, p.Status.REJECTED, pack_error(unkept), now)
         elif outcome.status is p.Status.CRASHED:
-            self._died_running(task, now)
+            self._died_running(task, _how_it_died(outcome.payload), now)
         elif outcome.status is p.Status.RAISED and task.retries_left > 0:
             self._retry_later(task, now)
         else:
@@ -1470,11 +1485,13 @@ class Scheduler:
         delay = self._backoff.delay_s(task.attempt, self._rng.random())
         heapq.heappush(self._waiting, (now + delay, task.ticket))
 
-    def _died_running(self, task: Task, now: float) -> bool:
+    def _died_running(self, task: Task, how: str, now: float) -> bool:
         """Requeue a task whose task process died under it (its worker said
-        CRASHED); poison it if it keeps killing. Returns whether it was."""
+        CRASHED, and `how`, if it said); poison it if it keeps killing.
+        Returns whether it was."""
         task.deaths += 1
-        return self._strike(task, "its task process died", now)
+        seen = f"its task process died ({how})" if how else "its task process died"
+        return self._strike(task, seen, now)
 
     def _lost_running(self, task: Task, reason: str, now: float) -> bool:
         """Requeue a task whose worker was lost under it (`reason`: silent,

@@ -164,12 +164,13 @@ def test_task_that_kills_its_process_every_time_fails_as_poison(
     client = launch.client(broker)
     wait_for_workers(client, 1)
 
-    poison = client.submit(tasks.crash)
+    poison = client.submit(tasks.crash, 9)
     others = [client.submit(tasks.square, i) for i in range(20)]
 
     error = poison.exception(RESULT_TIMEOUT_S)
     assert isinstance(error, ventilator.PoisonTask)
     assert "max_attempts=2" in error.message
+    assert "(exit code 9)" in error.message  # how it died, as the worker saw
     assert [f.result(RESULT_TIMEOUT_S) for f in others] == [i * i for i in range(20)]
     assert worker.process.poll() is None
 
