@@ -335,6 +335,7 @@ class Broker:
             endpoints["mdp"] = self.config.mdp
         for name, address in endpoints.items():
             _wire.check_endpoint(address, f"the {name} endpoint", to_bind=True)
+        _check_distinct(endpoints)
 
     def _check_exposure(self) -> None:
         if self.config.curve is not None or not self.config.exposed():
@@ -1144,6 +1145,26 @@ def _send_multipart(sock: zmq.Socket[bytes], message: list[Any], copy: bool) -> 
     for part in message[:-1]:
         sock.send(part, _NOBLOCK_MORE, copy=copy)
     sock.send(message[-1], _NOBLOCK, copy=copy)
+
+
+def _check_distinct(endpoints: dict[str, str]) -> None:
+    """Refuse one address given for two endpoints: the second bind would fail
+    with "Address already in use", as if another process held it. An
+    address with a wildcard port ("*") is a fresh port each time.
+
+    Raises:
+        UsageError: naming both options and the address.
+    """
+    first_of: dict[str, str] = {}
+    for name, address in endpoints.items():
+        if address.endswith(":*") or address.endswith(":0"):
+            continue
+        first = first_of.setdefault(address, name)
+        if first != name:
+            raise UsageError(
+                f"the {name} endpoint (--{name}) {address} is the {first}'s "
+                f"address (--{first}): give each endpoint its own port"
+            )
 
 
 def _ms(seconds: float) -> int:
