@@ -435,12 +435,19 @@ class Worker:
         if silent_s > self.config.heartbeat_interval_s * self.config.liveness:
             # At each reconnection at first, then less and less often.
             if self._silence_log.due(now, self._broker_heard_at):
-                log.warning(
-                    "broker silent for %.1fs broker=%s; reconnecting",
-                    now - self._broker_heard_at,
-                    self.config.connect,
-                )
+                self._log_silence(now)
             self._connect(now)
+
+    def _log_silence(self, now: float) -> None:
+        refused = self._handshakes.refused_note()
+        if refused is not None:
+            log.warning("%s", refused)  # not silent: it refused our key
+            return
+        log.warning(
+            "broker silent for %.1fs broker=%s; reconnecting",
+            now - self._broker_heard_at,
+            self.config.connect,
+        )
 
     def _send(self, command: p.Command) -> None:
         # Outcomes dropped here are not lost: the broker requeues them when it
