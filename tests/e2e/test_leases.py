@@ -17,7 +17,15 @@ import ventilator
 from ventilator import protocol as p
 
 from . import tasks
-from .conftest import FAST_HEARTBEAT_S, TASKS, BrokerProcess, Launcher, status_when
+from .conftest import (
+    FAST_HEARTBEAT_S,
+    TASKS,
+    BrokerProcess,
+    Launcher,
+    status_when,
+    wait_for_workers,
+    wait_until,
+)
 
 RESULT_TIMEOUT_S = 20.0
 
@@ -113,3 +121,35 @@ def test_a_worker_that_reports_its_own_timeout_is_believed(
         future.result(RESULT_TIMEOUT_S)
     assert "did not report it" not in str(raised.value)
     assert client.submit(tasks.square, 3, timeout_s=5.0).result(RESULT_TIMEOUT_S) == 9
+
+
+def test_a_worker_declaring_a_capacity_over_the_limit_is_refused(
+    launch: Launcher, fast_broker: BrokerProcess
+) -> None:
+    client = launch.client(fast_broker)
+    ready = p.Ready("greedy", [f"{TASKS}:square"], 1_000_000)
+    with RawWorker(fast_broker.backend, ready, FAST_HEARTBEAT_S / 2) as greedy:
+        wait_until(lambda: greedy.errors, RESULT_TIMEOUT_S, "the broker's refusal")
+    assert greedy.errors[0] == "malformed"
+    assert not client.status(RESULT_TIMEOUT_S)["workers"]
+
+
+def test_a_worker_that_declares_no_slots_gets_no_more_than_its_share(
+    launch: Launcher, fast_broker: BrokerProcess
+) -> None:
+    client = launch.client(fast_broker)
+    ready = p.Ready("hoarder", [f"{TASKS}:square"], p.MAX_CAPACITY)
+    with RawWorker(fast_broker.backend, ready, FAST_HEARTBEAT_S / 2) as hoarder:
+        status_when(client, lambda s: s["workers"], RESULT_TIMEOUT_S, "the hoarder")
+        launch.worker(fast_broker)
+        launch.worker(fast_broker)
+        wait_for_workers(client, 3)
+        futures = [client.submit(tasks.square, i) for i in range(300)]
+
+        # The real workers run everything the hoarder was not given.
+        wait_until(
+            lambda: sum(f.done() for f in futures) == 300 - len(hoarder.given),
+            RESULT_TIMEOUT_S,
+            "the real workers to run the rest",
+        )
+        assert len(hoarder.given) <= 120, len(hoarder.given)

@@ -1,4 +1,5 @@
-"""The broker enforces timeout_s: a worker that never reports one keeps nothing."""
+"""What a worker may keep: timeouts the broker enforces, and an even share of a
+queue for a worker that does not say how many tasks it runs at once."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from .driver import (
 
 BEAT_S = 1.0
 GRACE_S = LEASE_GRACE_BEATS * BEAT_S
-W1, W2 = b"w1", b"w2"
+W1, W2, W3 = b"w1", b"w2", b"w3"
 
 
 def _driver(max_attempts: int = 3) -> Driver:
@@ -151,3 +152,23 @@ def test_a_slow_worker_does_not_make_another_workers_tasks_overrun() -> None:
     _beats_until(driver, 1.0 + GRACE_S + BEAT_S, W1, W2)
     assert driver.scheduler.workers["w2"].overruns == 0
     assert driver.scheduler.workers["w1"].overruns == 1
+
+
+def test_a_worker_without_slots_holds_no_more_than_an_even_share_of_a_queue() -> None:
+    driver = _driver()
+    driver.ready(W1, capacity=p.MAX_CAPACITY)  # declares no slots
+    driver.ready(W2, capacity=1, slots=1)
+    driver.ready(W3, capacity=1, slots=1)
+    effects = driver.submit(*[task(i) for i in range(300)])
+
+    hoarded = len(assignments(effects, W1))
+    assert hoarded <= 100
+    assert len(assignments(effects, W2)) == len(assignments(effects, W3)) == 1
+    assert driver.scheduler.queued_count("jobs:work") == 300 - hoarded - 2
+
+
+def test_a_worker_without_slots_alone_on_a_queue_may_hold_all_its_credit() -> None:
+    driver = _driver()
+    driver.ready(W1, capacity=50)
+    effects = driver.submit(*[task(i) for i in range(300)])
+    assert len(assignments(effects, W1)) == 50
