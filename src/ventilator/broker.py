@@ -1214,7 +1214,7 @@ def _log_notice(notice: s.Notice) -> None:
     elif isinstance(notice, s.WorkerLost):
         busy = notice.requeued or notice.poisoned or notice.split
         log.log(
-            logging.WARNING if busy else logging.INFO,
+            logging.WARNING if busy or notice.misbehaved else logging.INFO,
             "worker lost worker=%s reason=%s; requeued %d tasks, %d map batches "
             "handed back to their maps, %d failed as poison, dropped %d "
             "cancelled by their clients",
@@ -1282,16 +1282,18 @@ def _log_notice(notice: s.Notice) -> None:
 
 
 def _log_overrun(notice: s.LeaseOverrun) -> None:
+    ticket, attempt = notice.first
     log.warning(
-        "worker=%s let ticket=%d attempt=%d run %gs past its timeout of %gs "
-        "without reporting it (%d in a row); ended it as timed out, and a "
-        "result it sends later will be dropped",
+        "worker=%s let %d tasks run %gs past their timeout without reporting "
+        "them (%d in a row; the first ticket=%d attempt=%d timeout_s=%g); ended "
+        "them as timed out, and results it sends for them later will be dropped",
         notice.worker_id,
-        notice.ticket,
-        notice.attempt,
+        notice.count,
         notice.grace_s,
-        notice.timeout_s,
         notice.overruns,
+        ticket,
+        attempt,
+        notice.timeout_s,
     )
 
 

@@ -497,6 +497,9 @@ class WorkerLost:
     poisoned: int
     dropped: int = 0  # tasks cancelled while it ran them: not requeued
     split: int = 0  # map batches handed back to their maps, item by item
+    # It misbehaved (let deadlines pass), which is worth a warning even when
+    # it held nothing more.
+    misbehaved: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -512,13 +515,15 @@ class WorkerLeft:
 
 @dataclass(frozen=True, slots=True)
 class LeaseOverrun:
-    """A worker let a task run `grace_s` past its `timeout_s` without
-    reporting it; the broker ended it as timed out. `overruns`: how many in
-    a row that worker let pass."""
+    """A worker let tasks run `grace_s` past their timeout without reporting
+    them, and the broker ended them as timed out: `count` of them in one
+    tick (one notice, not one per task: a hoarder may hold hundreds), the
+    first of them `(ticket, attempt)` with its `timeout_s`. `overruns`: how
+    many in a row that worker let pass."""
 
     worker_id: str
-    ticket: int
-    attempt: int
+    count: int
+    first: tuple[int, int]
     timeout_s: float
     grace_s: float
     overruns: int
@@ -1533,12 +1538,26 @@ class Scheduler:
         return True
 
     def _remove_worker(
-        self, worker: Worker, reason: str, blamed: bool, now: float
+        self,
+        worker: Worker,
+        reason: str,
+        blamed: bool,
+        now: float,
+        misbehaved: bool = False,
     ) -> None:
+        """Drop `worker` (`blamed`: its tasks each get a strike) and say why."""
         lost = reason if blamed else None
         requeued, poisoned, dropped, split = self._drop_worker(worker, lost, now)
         self._effects.notices.append(
-            WorkerLost(worker.worker_id, reason, requeued, poisoned, dropped, split)
+            WorkerLost(
+                worker.worker_id,
+                reason,
+                requeued,
+                poisoned,
+                dropped,
+                split,
+                misbehaved,
+            )
         )
 
     def _drop_worker(
@@ -1632,7 +1651,7 @@ class Scheduler:
         a task whose deadline passed in this tick ends as timed out too,
         rather than wait in its queue for another worker."""
         deadlines = self._deadlines
-        overrunners: dict[str, Worker] = {}
+        overrun: dict[str, list[Task]] = {}
         while deadlines and deadlines[0][0] <= now:
             deadline, ticket, attempt = heapq.heappop(deadlines)
             task = self.tasks.get(ticket)
@@ -1644,11 +1663,10 @@ class Scheduler:
                 or task.worker is None
             ):
                 continue  # finished, requeued or re-armed since
-            worker = self.workers[task.worker]
-            self._overran(worker, task, now)
-            overrunners[worker.worker_id] = worker
-        for worker in overrunners.values():
-            self._blame_overruns(worker, now)
+            overrun.setdefault(task.worker, []).append(task)
+            self._overran(self.workers[task.worker], task, now)
+        for worker_id, tasks in overrun.items():
+            self._blame_overruns(self.workers[worker_id], tasks, now)
 
     def _overran(self, worker: Worker, task: Task, now: float) -> None:
         """End `task` as timed out: its worker did not report it in time.
@@ -1673,24 +1691,26 @@ class Scheduler:
                 "be dropped)",
             )
             self._finish(task, p.Status.TIMEOUT, pack_error(error), now)
+
+    def _blame_overruns(self, worker: Worker, tasks: list[Task], now: float) -> None:
+        """Say that `worker` let `tasks` overrun; drop it if it let
+        `max_attempts` deadlines pass in a row (its other tasks are requeued,
+        unblamed: it, not they, is at fault), or else start what it held
+        behind the slots those tasks took."""
+        first = tasks[0]
         self._effects.notices.append(
             LeaseOverrun(
                 worker.worker_id,
-                task.ticket,
-                task.attempt,
-                timeout_s,
-                grace_s,
+                len(tasks),
+                (first.ticket, first.attempt),
+                first.timeout_s or 0.0,
+                self._lease_grace_s(),
                 worker.overruns,
             )
         )
-
-    def _blame_overruns(self, worker: Worker, now: float) -> None:
-        """Drop a worker that let `max_attempts` deadlines pass in a row (its
-        other tasks are requeued, unblamed: it, not they, is at fault), or
-        start what it held behind the slots those tasks took."""
         if worker.overruns >= self.limits.max_attempts:
             reason = f"let {worker.overruns} tasks in a row overrun their deadlines"
-            self._remove_worker(worker, reason, blamed=False, now=now)
+            self._remove_worker(worker, reason, False, now, misbehaved=True)
             return
         self._start_waiting(worker, now)
         self._offer(worker)

@@ -63,7 +63,17 @@ def test_a_task_its_worker_never_reports_ends_as_timeout_after_the_grace() -> No
     assert entry.status is p.Status.TIMEOUT
     assert "did not report it" in error_report(entry)["message"]
     (overrun,) = notices(effects, LeaseOverrun)
-    assert overrun.worker_id == "w1" and overrun.overruns == 1
+    assert (overrun.worker_id, overrun.count, overrun.overruns) == ("w1", 1, 1)
+
+
+def test_the_overruns_of_one_tick_are_one_notice_per_worker() -> None:
+    driver = _driver(max_attempts=100)
+    driver.ready(W1, capacity=50)
+    driver.submit(*[task(i, timeout_s=1.0) for i in range(50)])
+    ticks = _beats_until(driver, 1.0 + GRACE_S + BEAT_S, W1)
+
+    overruns = [n for effects in ticks for n in notices(effects, LeaseOverrun)]
+    assert [(n.count, n.overruns) for n in overruns] == [(50, 50)]
 
 
 def test_a_worker_that_reports_its_own_timeout_first_sees_no_change() -> None:
@@ -126,7 +136,7 @@ def test_a_worker_that_overruns_max_attempts_deadlines_in_a_row_is_dropped() -> 
     ticks = _beats_until(driver, 2 * (1.0 + GRACE_S + BEAT_S), W1)
 
     lost = [n for effects in ticks for n in notices(effects, WorkerLost)]
-    assert [n.worker_id for n in lost] == ["w1"]
+    assert [(n.worker_id, n.misbehaved) for n in lost] == [("w1", True)]
     assert "w1" not in driver.scheduler.workers
     third = driver.scheduler.tasks[max(driver.scheduler.tasks)]
     assert third.state.value == "queued" and third.deaths + third.losses == 0
