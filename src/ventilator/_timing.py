@@ -27,12 +27,31 @@ class StallWatch:
     def __init__(self, interval_s: float, now: float) -> None:
         self._interval_s = interval_s
         self._last_turn = now
+        self._last_cpu_s = time.thread_time()
+        # Of the last stall, the CPU time the loop's thread spent computing.
+        self.computing_s = 0.0
 
     def stalled_s(self, now: float) -> float:
         """How long the loop stood still before this turn (at `now`); 0.0 if
         it turned on time. Call once per turn."""
         gap_s = now - self._last_turn
-        self._last_turn = now
+        cpu_s = time.thread_time()  # a fifth of a microsecond
+        busy_s = cpu_s - self._last_cpu_s
+        self._last_turn, self._last_cpu_s = now, cpu_s
         if gap_s <= 2 * self._interval_s:
             return 0.0
+        self.computing_s = busy_s
         return gap_s - self._interval_s
+
+    def cause(self, stalled_s: float) -> str:
+        """Why the loop stood still for `stalled_s`, in words for a log: it
+        was computing (one long turn), or it did not run at all."""
+        if self.computing_s >= stalled_s / 2:
+            return (
+                f"one turn computed for {self.computing_s:.1f}s: a large batch "
+                "or a long garbage collection"
+            )
+        return (
+            "it did not run: stopped, swapped out, starved of CPU by other "
+            "processes, or waiting on its disk"
+        )

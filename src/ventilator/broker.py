@@ -98,20 +98,6 @@ _MONITORED = (
 )
 
 
-def first_ticket() -> int:
-    """The first ticket of this broker's life: the wall clock in microseconds.
-
-    Workers may still run tasks of an earlier broker on the same endpoints,
-    and report them after this one started. Their tickets must not name a
-    task of this one: a late result would answer it. An earlier broker
-    handed out tickets from its own start time upwards, one per task or map
-    batch, far fewer than one a microsecond, so the clock stays ahead of
-    them, with or without a journal (whose tasks keep their tickets). Only
-    a wall clock set back across a restart could bring a number back.
-    """
-    return time.time_ns() // 1000
-
-
 @dataclass(frozen=True, slots=True)
 class BrokerConfig:
     """Where the broker listens, where it journals, and its limits."""
@@ -178,9 +164,7 @@ class Broker:
         )
         self._journal: Journal = open_journal(config.journal, config.durability)
         durable = not isinstance(self._journal, MemoryJournal)
-        self._scheduler = s.Scheduler(
-            config.limits, durable=durable, first_ticket=first_ticket()
-        )
+        self._scheduler = s.Scheduler(config.limits, durable=durable)
         self._gateway = MdpGateway(
             self._scheduler, config.mdp_settings, lambda: uuid.uuid4().hex
         )
@@ -199,9 +183,9 @@ class Broker:
         self._sent_on: set[bytes] = set()
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_read, False)
-        self._refusal_log = _RateLimit(per_s=1.0)
-        self._handshake_log = _RateLimit(per_s=1.0)
-        self._rejection_log = _RateLimit(per_s=1.0)
+        self._refusal_log = _RateLimit(per_s=1.0, what="refused messages")
+        self._handshake_log = _RateLimit(per_s=1.0, what="failed handshakes")
+        self._rejection_log = _RateLimit(per_s=1.0, what="refused tasks")
         self._trim = _MemoryTrim(TRIM_INTERVAL_S)
         self._disk_room = _DiskRoom(self.config)
         # Peers told why their message was refused, this second: garbage
@@ -422,7 +406,7 @@ class Broker:
                 timeout_ms = 0 if self._unread else poll_timeout_ms(wake_at)
                 ready = poller.poll(timeout_ms)
                 now = time.monotonic()
-                self._forgive_stall(stalls.stalled_s(now), now)
+                self._forgive_stall(stalls, now)
                 self._note_ready(ready, now)
                 for tag in self._sockets:
                     if tag in self._unread:
@@ -432,6 +416,7 @@ class Broker:
                     self._scheduler.tick(now)
                     self._scheduler.heartbeats()
                     self._probe_revoked_clients(now)
+                    self._log_held_back(now)
                     self._trim.maybe(now)
                     self._look_at_disk()
                     next_tick = now + interval_s
@@ -458,18 +443,19 @@ class Broker:
         finally:
             self._close()
 
-    def _forgive_stall(self, stalled_s: float, now: float) -> None:
+    def _forgive_stall(self, stalls: StallWatch, now: float) -> None:
         """After this process stood still, give every peer back the silence
         it could not help: on SIGCONT every worker would otherwise be taken for
         dead at once, and its tasks blamed for a death nobody saw."""
+        stalled_s = stalls.stalled_s(now)
         if not stalled_s:
             return
         self._scheduler.stood_still(stalled_s, now)
         log.warning(
-            "the broker stood still for %.1fs (stopped, swapped out, or waiting "
-            "on its disk); not holding that silence against its %d workers and "
-            "%d clients",
+            "the broker stood still for %.1fs (%s); not holding that silence "
+            "against its %d workers and %d clients",
             stalled_s,
+            stalls.cause(stalled_s),
             len(self._scheduler.workers),
             sum(1 for r in self._scheduler.recipients.values() if r.peer is not None),
         )
@@ -834,6 +820,14 @@ class Broker:
             self.telemetry.record(effects)
         self._send_to_clients(effects.to_clients, now)
         self._log_notices(effects.notices, now)
+
+    def _log_held_back(self, now: float) -> None:
+        """Count the log lines each rate limit held back since its last one."""
+        for limit in (self._refusal_log, self._handshake_log, self._rejection_log):
+            note = limit.held_back(now)
+            if note is not None:
+                log.warning("%s", note)
+        self._gateway.log_held_back(now)
 
     def _log_notices(self, notices: list[s.Notice], now: float) -> None:
         for notice in notices:

@@ -125,7 +125,7 @@ class MdpGateway:
         self._answered: list[str] = []
         # Peers' faults are logged at most once a second, as the broker's own
         # refusals are: a flood of garbage must not become a flood of log.
-        self._fault_log = RateLimit(per_s=1.0)
+        self._fault_log = RateLimit(per_s=1.0, what="MDP peer faults")
         # Queues of services no worker offers, with requests waiting: since
         # when (as first seen), and how many requests wait in them all (exact
         # at each sweep, counted up as requests come between sweeps).
@@ -194,6 +194,12 @@ class MdpGateway:
             exc,
             [bytes(frame[:32]) for frame in frames[:5]],
         )
+
+    def log_held_back(self, now: float) -> None:
+        """Count the fault lines held back since the last one (see RateLimit)."""
+        note = self._fault_log.held_back(now)
+        if note is not None:
+            log.warning("%s", note)
 
     def _warn(self, now: float, message: str, *args: object) -> None:
         """Log a peer's fault, unless one was logged within the last second."""

@@ -65,12 +65,14 @@ def configure(level: str, log_format: str) -> None:
 
 class RateLimit:
     """At most one log line per interval; the next one says how many were held
-    back. A flood of garbage must not become a flood of log."""
+    back, or `held_back` once the interval is over. A flood of garbage must
+    not become a flood of log."""
 
-    def __init__(self, per_s: float) -> None:
+    def __init__(self, per_s: float, what: str) -> None:
         self._interval_s = 1.0 / per_s
         self._next_at = 0.0
         self._suppressed = 0
+        self._what = what  # of the lines held back: "refused messages"
 
     def allows(self, now: float) -> bool:
         if now >= self._next_at:
@@ -83,6 +85,16 @@ class RateLimit:
         note = f"; {self._suppressed} more not logged" if self._suppressed else ""
         self._suppressed = 0
         return note
+
+    def held_back(self, now: float) -> str | None:
+        """Once the interval of the last line is over, the count of those held
+        back since, in words for a line of its own (the owner logs it on a
+        tick): the tail of a burst must not wait for the next burst to be
+        counted, on another peer's line. None when there is nothing to say."""
+        if not self._suppressed or now < self._next_at:
+            return None
+        count, self._suppressed = self._suppressed, 0
+        return f"{count} more {self._what} not logged in the last seconds"
 
 
 class Dwindling:

@@ -64,6 +64,12 @@ _NONE: frozenset[str] = frozenset()
 # (MDP clients, Titanic): a ventilator client may not take them in its HELLO.
 GATEWAY_PREFIX = "mdp:"
 
+# Tickets a returning worker names above this are not taken as numbers some
+# broker handed out (see Scheduler._fence): a forged one must not push ours
+# towards what the wire carries. A million tickets a second would take nine
+# years to reach it.
+MAX_FENCED_TICKET = 2**48
+
 # The highest attempt a restored task takes from the worker that names it.
 # Far beyond any real count; what keeps a forged one from growing, attempt by
 # attempt, past what the wire carries (2**63 - 1), which would have every
@@ -664,15 +670,16 @@ class Scheduler:
         limits: Limits | None = None,
         rng: random.Random | None = None,
         durable: bool = True,
-        first_ticket: int = 1,
     ):
         self.limits = limits or Limits()
         self._durable = durable
         self._backoff: Backoff = self.limits.retry_backoff
         self._rng = rng or random.Random()
-        # A broker passes one above every ticket an earlier broker on its
-        # endpoints handed out (see broker.first_ticket).
-        self._next_ticket = first_ticket
+        self._next_ticket = 1
+        # Ticket -> the highest attempt a returning worker still runs of a
+        # ticket it may not keep; the task of ours that bears it is next sent
+        # at a later attempt (see _fence).
+        self._fences: dict[int, int] = {}
         # After a restart, the queues of restored tasks, which dispatch nothing
         # until `_restored_wait_until` (see await_returning_workers).
         self._restored_queues: set[str] = set()
@@ -1180,6 +1187,7 @@ class Scheduler:
 
     def _forget(self, task: Task) -> None:
         del self.tasks[task.ticket]
+        self._fences.pop(task.ticket, None)
         del self._by_key[task.key]
         if _counts_against_window(task):
             self._hold(task.session, -1)
@@ -1321,6 +1329,7 @@ class Scheduler:
         self.workers[worker.worker_id] = worker
         self._worker_of_peer[peer] = worker.worker_id
         kept += self._reclaim(worker, named)
+        self._fence(worker, named)
         self._start_waiting(worker, now)
         # Tasks it kept beyond its credit stay; it gets no more until under it.
         worker.grace = max(0, len(worker.running) - worker.capacity)
@@ -1373,6 +1382,31 @@ class Scheduler:
                 task.state = State.RUNNING
                 self._lease(worker, task)
         return sum(map(len, claimed.values()))
+
+    def _fence(self, worker: Worker, named: dict[int, int]) -> None:
+        """Make sure nothing a returning worker names and may not keep can
+        ever answer a task of ours.
+
+        What it names may be an earlier broker's: one without a journal
+        numbered tasks from 1, one with a journal from its highest ticket on
+        disk (below those of its last, uncommitted turn). The worker still
+        runs those, and will report them. So later tickets start past every
+        ticket named, and a task of ours that bears one is next sent at an
+        attempt past the one named: the late result matches no lease.
+        """
+        fenced = {
+            ticket: attempt
+            for ticket, attempt in named.items()
+            if ticket not in worker.running and ticket <= MAX_FENCED_TICKET
+        }
+        if not fenced:
+            return
+        self._next_ticket = max(self._next_ticket, max(fenced) + 1)
+        for ticket, attempt in fenced.items():
+            task = self.tasks.get(ticket)
+            if task is not None and task.state is not State.FINISHED:
+                fence = min(attempt, MAX_ADOPTED_ATTEMPT)
+                self._fences[ticket] = max(self._fences.get(ticket, 0), fence)
 
     def _claimable(self, task: Task, worker: Worker, attempt: int) -> bool:
         """Whether a worker that names `task` at `attempt` may have it back:
@@ -2190,6 +2224,8 @@ class Scheduler:
 
             task.state = State.RUNNING
             task.started_at = now
+            if self._fences:  # after a worker came back from an earlier broker
+                task.attempt = max(task.attempt, self._fences.pop(task.ticket, 0))
             task.attempt += 1
             task.worker = worker.worker_id
             task.given_back_by = None

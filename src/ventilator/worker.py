@@ -249,7 +249,7 @@ class Worker:
             timeout_ms = 0 if unannounced else self._poll_timeout_ms(next_beat)
             ready = self._watch.wait(timeout_ms)
             now = time.monotonic()
-            self._forgive_broker(stalls.stalled_s(now), now)
+            self._forgive_broker(stalls, now)
             announced = self._watch.socket_ready(ready)
             if unannounced or announced:
                 self._receive(now, announced)
@@ -422,17 +422,19 @@ class Worker:
         self._send(p.Credit(wanted))
         log.debug("credit changed worker=%s capacity=%d", self.config.worker_id, wanted)
 
-    def _forgive_broker(self, stalled_s: float, now: float) -> None:
+    def _forgive_broker(self, stalls: StallWatch, now: float) -> None:
         """This process stood still (stopped, swapped out), so the broker's
         silence meanwhile is ours: it does not count towards a reconnection,
         which would only have the broker take back and rerun what we hold."""
+        stalled_s = stalls.stalled_s(now)
         if not stalled_s:
             return
         self._broker_seen = min(now, self._broker_seen + stalled_s)
         log.warning(
-            "this worker stood still for %.1fs (stopped or swapped out); not "
-            "holding that silence against the broker worker=%s",
+            "this worker stood still for %.1fs (%s); not holding that silence "
+            "against the broker worker=%s",
             stalled_s,
+            stalls.cause(stalled_s),
             self.config.worker_id,
         )
 

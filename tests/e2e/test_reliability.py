@@ -322,6 +322,31 @@ def garbage(rng: random.Random) -> Iterator[list[bytes]]:
             yield [*frames, rng.randbytes(8)]
 
 
+def test_a_burst_of_garbage_is_counted_in_the_log_once_it_is_over(
+    broker: BrokerProcess,
+) -> None:
+    context = zmq.Context()
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(broker.frontend)
+        for _ in range(20):
+            sock.send_multipart([b"garbage"])
+        # Answered: the broker read the burst.
+        assert sock.poll(RESULT_TIMEOUT_S * 1000), "the broker never answered"
+    finally:
+        sock.close(linger=0)
+        context.term()
+
+    # One line for the first; the rest counted on a line of their own, not
+    # held back until the next burst.
+    wait_until(
+        lambda: "19 more refused messages not logged" in log_of(broker.process),
+        RESULT_TIMEOUT_S,
+        "the broker to count the refusals it did not log",
+    )
+
+
 def test_garbage_on_both_sockets_does_not_disturb_a_running_client(
     launch: Launcher, broker: BrokerProcess, two_workers: list[WorkerProcess]
 ) -> None:

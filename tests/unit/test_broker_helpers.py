@@ -24,12 +24,25 @@ from ventilator.scheduler import Notice, Rejected, WorkerLeft
 
 
 def test_rate_limit_allows_one_line_per_interval_and_counts_the_rest() -> None:
-    limit = _RateLimit(per_s=1.0)
+    limit = _RateLimit(per_s=1.0, what="refused messages")
 
     allowed = [limit.allows(now) for now in (0.0, 0.1, 0.2, 0.9, 1.0, 1.5)]
 
     assert allowed == [True, False, False, False, True, False]
     assert limit.suppressed_note() == "; 4 more not logged"
+    assert limit.suppressed_note() == ""
+
+
+def test_rate_limit_counts_a_bursts_tail_once_its_interval_is_over() -> None:
+    limit = _RateLimit(per_s=1.0, what="refused messages")
+    for now in (0.0, 0.1, 0.2):
+        limit.allows(now)
+
+    assert limit.held_back(0.5) is None  # the interval of the last line runs
+    note = "2 more refused messages not logged in the last seconds"
+    assert limit.held_back(1.0) == note
+    assert limit.held_back(2.0) is None  # counted once
+    assert limit.allows(2.0)
     assert limit.suppressed_note() == ""
 
 

@@ -6,6 +6,7 @@ import pytest
 
 from ventilator import protocol as p
 from ventilator.scheduler import (
+    MAX_ADOPTED_ATTEMPT,
     RETURN_WAIT_BEATS,
     State,
     Task,
@@ -76,7 +77,8 @@ def test_a_task_named_with_another_attempt_is_not_kept(driver: Driver) -> None:
     effects = driver.ready(W1_AGAIN, worker_id="worker-1", held=[stale])
 
     [again] = assignments(effects, W1_AGAIN)
-    assert again.attempt == first.attempt + 1
+    # Sent past the attempt named: whatever runs under it answers nothing.
+    assert again.attempt == stale.attempt + 1
     assert notices(effects, WorkerReturned) == [WorkerReturned("worker-1", 0, 1, 1)]
 
 
@@ -191,7 +193,9 @@ def test_a_restored_task_of_a_function_the_worker_lacks_is_not_claimed() -> None
     assert driver.scheduler.tasks[7].state is State.QUEUED
 
 
-def test_a_new_task_with_a_named_ticket_is_not_claimed(driver: Driver) -> None:
+def test_a_new_task_with_a_named_ticket_is_sent_past_the_named_attempt(
+    driver: Driver,
+) -> None:
     # A broker without a journal numbers its tasks from 1 again after a
     # restart: a worker's old ticket may then name somebody else's task.
     driver.submit(task(1))
@@ -202,7 +206,32 @@ def test_a_new_task_with_a_named_ticket_is_not_claimed(driver: Driver) -> None:
 
     assert notices(effects, WorkerReturned)[0].kept == 0
     [sent] = assignments(effects, W1)
-    assert sent.ticket == new.ticket  # sent to run, not taken as running
+    assert (sent.ticket, sent.attempt) == (new.ticket, 2)  # sent to run
+    # The earlier broker's task ends: its result answers nothing of ours.
+    assert not results(driver.done(W1, named, payload=b"theirs"))
+    assert results(driver.done(W1, sent, payload=b"ours")) == [
+        p.ResultEntry(1, p.Status.OK, b"ours", "")
+    ]
+
+
+def test_tickets_start_past_those_a_returning_worker_names(driver: Driver) -> None:
+    driver.ready(W1, held=[p.Assignment(50, 1, FUNCTION, b"")])
+
+    driver.submit(task(1))
+
+    [new] = driver.scheduler.tasks.values()
+    assert new.ticket == 51
+
+
+def test_a_forged_ticket_does_not_push_the_numbering_near_the_wire_limit(
+    driver: Driver,
+) -> None:
+    driver.ready(W1, held=[p.Assignment(2**62, 1, FUNCTION, b"")])
+
+    driver.submit(task(1))
+
+    [new] = driver.scheduler.tasks.values()
+    assert new.ticket == 1
 
 
 def test_a_restored_task_named_at_an_absurd_attempt_is_not_claimed() -> None:
@@ -211,7 +240,9 @@ def test_a_restored_task_named_at_an_absurd_attempt_is_not_claimed() -> None:
 
     [sent] = assignments(driver.ready(W1, held=[forged]), W1)
 
-    assert (sent.ticket, sent.attempt) == (7, 1)
+    # Not claimed; sent past the attempt named, which is capped far below
+    # what the wire carries (each later run adds one).
+    assert (sent.ticket, sent.attempt) == (7, MAX_ADOPTED_ATTEMPT + 1)
 
 
 # --- the wait for returning workers ---------------------------------------------------
