@@ -98,6 +98,9 @@ RUN_TIME_WEIGHT = 0.2
 # long the broker lets a worker stay silent before it is presumed dead. Only a
 # worker that does not enforce timeouts (hung, or not ours) is ever overtaken.
 LEASE_GRACE_BEATS = 3
+# Stale entries the deadline heap may keep beyond twice the running tasks
+# before it is rebuilt (see Scheduler._compact_deadlines).
+DEADLINE_HEAP_SLACK = 1024
 # How much of a CRASHED outcome's report (how the task process ended) the
 # broker repeats to the client.
 MAX_DEATH_LENGTH = 200
@@ -1684,23 +1687,42 @@ class Scheduler:
         then drop the workers that let too many pass in a row. Not before:
         a task whose deadline passed in this tick ends as timed out too,
         rather than wait in its queue for another worker."""
+        self._compact_deadlines()
         deadlines = self._deadlines
         overrun: dict[str, list[Task]] = {}
         while deadlines and deadlines[0][0] <= now:
-            deadline, ticket, attempt = heapq.heappop(deadlines)
-            task = self.tasks.get(ticket)
-            if (
-                task is None
-                or task.state is not State.RUNNING
-                or task.attempt != attempt
-                or task.deadline != deadline
-                or task.worker is None
-            ):
+            task = self._armed_task(heapq.heappop(deadlines))
+            if task is None or task.worker is None:
                 continue  # finished, requeued or re-armed since
             overrun.setdefault(task.worker, []).append(task)
             self._overran(self.workers[task.worker], task, now)
         for worker_id, tasks in overrun.items():
             self._blame_overruns(self.workers[worker_id], tasks, now)
+
+    def _armed_task(self, entry: tuple[float, int, int]) -> Task | None:
+        """The running task a deadline heap entry still stands for, if any."""
+        deadline, ticket, attempt = entry
+        task = self.tasks.get(ticket)
+        if (
+            task is None
+            or task.state is not State.RUNNING
+            or task.attempt != attempt
+            or task.deadline != deadline
+        ):
+            return None
+        return task
+
+    def _compact_deadlines(self) -> None:
+        """Rebuild the deadline heap without its stale entries once they
+        outnumber the running tasks: a task that finishes well within a long
+        timeout_s (an hour, a day) leaves its entry for that long, and a
+        stream of such tasks would grow the heap without bound."""
+        running = sum(len(w.running) for w in self.workers.values())
+        if len(self._deadlines) <= 2 * running + DEADLINE_HEAP_SLACK:
+            return
+        live = [e for e in self._deadlines if self._armed_task(e) is not None]
+        heapq.heapify(live)
+        self._deadlines = live
 
     def _overran(self, worker: Worker, task: Task, now: float) -> None:
         """End `task` as timed out: its worker did not report it in time.

@@ -6,6 +6,7 @@ from __future__ import annotations
 from ventilator import protocol as p
 from ventilator.policy import Limits
 from ventilator.scheduler import (
+    DEADLINE_HEAP_SLACK,
     LEASE_GRACE_BEATS,
     LateOutcome,
     LeaseOverrun,
@@ -182,3 +183,19 @@ def test_a_worker_without_slots_alone_on_a_queue_may_hold_all_its_credit() -> No
     driver.ready(W1, capacity=50)
     effects = driver.submit(*[task(i) for i in range(300)])
     assert len(assignments(effects, W1)) == 50
+
+
+def test_tasks_that_finish_long_before_their_deadline_leave_no_trace_for_long() -> None:
+    driver = _driver()
+    driver.ready(W1, capacity=100)
+    for round_ in range(15):
+        specs = [task(round_ * 100 + i, timeout_s=86400.0) for i in range(100)]
+        given = assignments(driver.submit(*specs), W1)
+        outcomes = [
+            p.Outcome(a.ticket, a.attempt, p.Status.OK, b"", 0.0) for a in given
+        ]
+        driver.worker(W1, p.Done(outcomes))
+    _beats_until(driver, BEAT_S, W1)
+
+    # 1500 entries of tasks long finished, whose deadlines are a day away.
+    assert len(driver.scheduler._deadlines) <= DEADLINE_HEAP_SLACK
