@@ -234,6 +234,18 @@ class HandshakeWatch:
         handshakes all failed for it, and none succeeded since."""
         return self.problem is not None and self._refusals >= REFUSALS_BEFORE_GIVING_UP
 
+    def refused_note(self) -> str | None:
+        """What to say, in place of "broker silent", while the broker keeps
+        refusing our handshakes: it is not silent, it answered no (why was
+        said once, at ERROR). None while no handshake failed."""
+        if self.problem is None:
+            return None
+        return (
+            f"the broker at {self._address} refused this {self._role}'s "
+            f"handshake {_times(self._refusals)} in a row (why: the error "
+            "above); reconnecting"
+        )
+
     def close(self) -> None:
         """Stop watching; call it before closing the watched socket."""
         if self._socket is not None and self.monitor is not None:
@@ -276,3 +288,7 @@ class HandshakeWatch:
                 "(broker_key) the public key of the broker at that address?"
             )
         return None
+
+
+def _times(count: int) -> str:
+    return "once" if count == 1 else f"{count} times"

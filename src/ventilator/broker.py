@@ -319,6 +319,7 @@ class Broker:
             endpoints["mdp"] = self.config.mdp
         for name, address in endpoints.items():
             _wire.check_endpoint(address, f"the {name} endpoint", to_bind=True)
+        _check_distinct(endpoints)
 
     def _check_exposure(self) -> None:
         if self.config.curve is not None or not self.config.exposed():
@@ -1153,6 +1154,26 @@ def _send_multipart(sock: zmq.Socket[bytes], message: list[Any], copy: bool) -> 
     sock.send(message[-1], _NOBLOCK, copy=copy)
 
 
+def _check_distinct(endpoints: dict[str, str]) -> None:
+    """Refuse one address given for two endpoints: the second bind would fail
+    with "Address already in use", as if another process held it. An
+    address with a wildcard port ("*") is a fresh port each time.
+
+    Raises:
+        UsageError: naming both options and the address.
+    """
+    first_of: dict[str, str] = {}
+    for name, address in endpoints.items():
+        if address.endswith(":*") or address.endswith(":0"):
+            continue
+        first = first_of.setdefault(address, name)
+        if first != name:
+            raise UsageError(
+                f"the {name} endpoint (--{name}) {address} is the {first}'s "
+                f"address (--{first}): give each endpoint its own port"
+            )
+
+
 def _ms(seconds: float) -> int:
     return max(1, round(seconds * 1000))
 
@@ -1200,7 +1221,7 @@ def _log_notice(notice: s.Notice) -> None:
     elif isinstance(notice, s.WorkerLost):
         busy = notice.requeued or notice.poisoned or notice.split
         log.log(
-            logging.WARNING if busy else logging.INFO,
+            logging.WARNING if busy or notice.misbehaved else logging.INFO,
             "worker lost worker=%s reason=%s; requeued %d tasks, %d map batches "
             "handed back to their maps, %d failed as poison, dropped %d "
             "cancelled by their clients",
@@ -1221,10 +1242,12 @@ def _log_notice(notice: s.Notice) -> None:
             notice.requeued,
             notice.dropped,
         )
+    elif isinstance(notice, s.LeaseOverrun):
+        _log_overrun(notice)
     elif isinstance(notice, s.LateOutcome):
         log.warning(
             "dropped a late result ticket=%d attempt=%d worker=%s: that attempt was "
-            "given up on and the task rerun",
+            "given up on (its worker was lost, or let it overrun its deadline)",
             notice.ticket,
             notice.attempt,
             notice.worker_id,
@@ -1263,6 +1286,22 @@ def _log_notice(notice: s.Notice) -> None:
             "until it says BYE or falls silent",
             notice.session,
         )
+
+
+def _log_overrun(notice: s.LeaseOverrun) -> None:
+    ticket, attempt = notice.first
+    log.warning(
+        "worker=%s let %d tasks run %gs past their timeout without reporting "
+        "them (%d in a row; the first ticket=%d attempt=%d timeout_s=%g); ended "
+        "them as timed out, and results it sends for them later will be dropped",
+        notice.worker_id,
+        notice.count,
+        notice.grace_s,
+        notice.overruns,
+        ticket,
+        attempt,
+        notice.timeout_s,
+    )
 
 
 # How each departure reads in the log line that notes it.

@@ -1800,7 +1800,10 @@ class Client:
         silent_since = self._started_at if heard_at is None else heard_at
         if not self._silence_log.due(now, silent_since):
             return
-        if heard_at is None:
+        refused = self._handshakes.refused_note()
+        if refused is not None:
+            log.warning("%s", refused)  # not silent: it refused our key
+        elif heard_at is None:
             log.warning(
                 "no broker answered at %s yet (waited %.1fs); reconnecting",
                 self.address,
@@ -1952,7 +1955,8 @@ class Client:
             if self._welcomed and self._revoked is None:
                 # A restarted broker, or one that forgot this connection: open
                 # the session again, which also resends what it may have lost.
-                log.warning("the broker does not know this session; saying HELLO again")
+                # Expected after every broker restart, so not a warning.
+                log.info("the broker does not know this session; saying HELLO again")
                 self._hello()
         elif error.code == p.UNSERVED:
             self._warn_once(error.message)

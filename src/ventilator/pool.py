@@ -64,7 +64,7 @@ from . import _proctree
 from . import protocol as p
 from ._framing import CANNOT_START, Inbox, Outbox, frame
 from ._progress import Progress
-from .errors import TaskTimeout
+from .errors import TaskError, TaskTimeout
 from .execution import run_task
 from .policy import Backoff
 from .registry import load_functions
@@ -709,7 +709,8 @@ class ProcessPool:
             ended,
             len(blamed),
         )
-        outcomes.extend(r.outcome(p.Status.CRASHED, b"", now) for r in blamed)
+        report = crash_report(ended)
+        outcomes.extend(r.outcome(p.Status.CRASHED, report, now) for r in blamed)
         self._suspects.update((r.task.ticket, r.task.attempt) for r in suspects)
         self._waiting.extendleft(r.task for r in reversed(suspects))
 
@@ -734,7 +735,7 @@ class ProcessPool:
             if len(batch) > 1
             else "",
         )
-        outcomes.append(running.outcome(p.Status.CRASHED, b"", now))
+        outcomes.append(running.outcome(p.Status.CRASHED, crash_report(ended), now))
         innocents = batch[:culprit] + batch[culprit + 1 :]
         self._waiting.extendleft(r.task for r in reversed(innocents))
 
@@ -805,6 +806,13 @@ def _end_leftovers(child: _Child) -> None:
             child.process.pid,
             ", ".join(map(str, left)),
         )
+
+
+def crash_report(ended: str) -> bytes:
+    """The report a CRASHED outcome carries: how its task process ended
+    ("exit code 9", "killed by SIGKILL"), for the broker to tell the client
+    when the task fails as poison."""
+    return pack_error(TaskError(p.PROCESS_DIED, ended))
 
 
 def _how_it_ended(process: subprocess.Popen[bytes]) -> str:

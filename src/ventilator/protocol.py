@@ -41,10 +41,21 @@ MAX_PROBLEM_LENGTH = 1000
 # The most tickets a READY may name as still held: far above what a worker's
 # credit lets it hold, low enough that a forged READY costs the broker little.
 MAX_HELD_TICKETS = 65536
+# The most a worker may declare: tasks held (capacity, as READY and CREDIT
+# carry it) and tasks run at once (slots). A capacity as large as the held
+# tickets a READY may name, so a returning worker can always name them all;
+# slots beyond any machine's processes or useful threads. A worker that
+# declared a million took most of a queue while real workers idled: a READY
+# or CREDIT beyond these is refused, naming the limit.
+MAX_CAPACITY = MAX_HELD_TICKETS
+MAX_SLOTS = 4096
 MAX_BODY_BYTES = 16 * 1024 * 1024
 # The longest task timeout: a year is beyond any real task, and an infinite or
 # astronomic one would overflow the clocks and waits it reaches on a worker.
 MAX_TIMEOUT_S = 365 * 24 * 3600
+# The error type a CRASHED outcome's report names: its message says how the
+# task process ended ("exit code 9", "killed by SIGKILL").
+PROCESS_DIED = "ProcessDied"
 # Frames at least this large travel without copies (pyzmq's own threshold).
 ZERO_COPY_BYTES = 65536
 
@@ -881,11 +892,9 @@ def _decode_ready(body: Any, payloads: Sequence[Payload]) -> Ready:
     fields: list[Any] = [*body, *[None] * (7 - len(body))]
     worker_id, services, capacity, allow_pickle, slots, problem, held = fields
     _expect(services, list, "services")
-    capacity = _count(capacity, "capacity")
-    if capacity < 1:
-        raise ProtocolError("capacity must be at least 1")
-    if slots is not None and _count(slots, "slots") < 1:
-        raise ProtocolError("slots must be at least 1")
+    capacity = _declared(capacity, "capacity", MAX_CAPACITY)
+    if slots is not None:
+        _declared(slots, "slots", MAX_SLOTS)
     return Ready(
         worker_id=_label(worker_id, "worker_id"),
         services=[_label(service, "service") for service in services],
@@ -928,10 +937,20 @@ def _problem(value: Any) -> str:
 
 def _decode_credit(body: Any, payloads: Sequence[Payload]) -> Credit:
     _no_payloads(payloads, "CREDIT")
-    capacity = _count(body, "capacity")
-    if capacity < 1:
-        raise ProtocolError("capacity must be at least 1")
-    return Credit(capacity)
+    return Credit(_declared(body, "capacity", MAX_CAPACITY))
+
+
+def _declared(value: Any, what: str, most: int) -> int:
+    """A count a worker declares of itself (capacity, slots): 1 to `most`."""
+    count = _count(value, what)
+    if count < 1:
+        raise ProtocolError(f"{what} must be at least 1")
+    if count > most:
+        raise ProtocolError(
+            f"{what} {count} is over the most a worker may declare ({most}); "
+            f"a worker must register with {what} <= {most}"
+        )
+    return count
 
 
 def _decode_tasks(body: Any, payloads: Sequence[Payload]) -> Tasks:

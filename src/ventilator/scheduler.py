@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterable, Sequence, Set
 from dataclasses import dataclass, field
 
 from . import protocol as p
-from .errors import PoisonTask, ResultExpired, TaskRejected
+from .errors import PoisonTask, ResultExpired, TaskRejected, TaskTimeout
 from .fairqueue import FairQueue
 from .mdp import service_queue
 from .policy import Backoff, Limits, Prefetch
@@ -91,6 +91,19 @@ RESULTS_PER_MESSAGE = 1024
 ACCEPT_GRACE_S = 0.005
 # Weight of the newest run time in a queue's moving average.
 RUN_TIME_WEIGHT = 0.2
+# How long past a task's timeout_s the broker waits for its worker to report
+# the timeout itself, in heartbeat intervals. A worker notices a timeout at
+# once, but stopping the task (killing its process, starting another) and the
+# report's trip can take a moment on a loaded machine; three beats is also how
+# long the broker lets a worker stay silent before it is presumed dead. Only a
+# worker that does not enforce timeouts (hung, or not ours) is ever overtaken.
+LEASE_GRACE_BEATS = 3
+# Stale entries the deadline heap may keep beyond twice the running tasks
+# before it is rebuilt (see Scheduler._compact_deadlines).
+DEADLINE_HEAP_SLACK = 1024
+# How much of a CRASHED outcome's report (how the task process ended) the
+# broker repeats to the client.
+MAX_DEATH_LENGTH = 200
 
 # The session under which the broker resubmits failed tasks an operator retries.
 RETRY_SESSION = "ventilator:retry"
@@ -150,6 +163,10 @@ class Task:
     # Cancelled by its submitter while a worker ran it: dropped, not requeued
     # and not delivered, once that worker is done with it or gone.
     cancelled: bool = False
+    # When the broker ends it as timed out unless its worker reports first
+    # (see Scheduler._expire_leases); None: no timeout_s, or it waits on its
+    # worker behind busy slots and its clock has not started.
+    deadline: float | None = None
     # For metrics: when it last entered its queue and last left it, and how long
     # the worker said it ran. Plain floats, so they cost next to nothing.
     queued_at: float = 0.0
@@ -198,6 +215,11 @@ class Worker:
     last_progress: float = 0.0
     # Why it serves nothing, as it said in its READY; for the status.
     problem: str | None = None
+    # Tickets it holds beyond its slots, in the order they were sent: each
+    # starts (and its deadline with it) when a slot frees.
+    unstarted: dict[int, None] = field(default_factory=dict)
+    # Tasks in a row whose deadline passed before it reported them.
+    overruns: int = 0
 
     def presumed_dead(self, now: float, default_silence_s: float) -> bool:
         if self.silent_while_busy and self.running:
@@ -349,6 +371,18 @@ def _error_fields(packed: p.Payload) -> dict[str, str]:
     return {str(k): str(v) for k, v in fields.items()}
 
 
+def _how_it_died(report: p.Payload) -> str:
+    """How a task process ended, as its worker's CRASHED report says ("exit
+    code 9", "killed by SIGKILL"); "" when it says nothing (an older worker)
+    or something else. Shortened: it is a peer's word."""
+    if not report:
+        return ""
+    fields = _error_fields(report)
+    if fields.get("type") != p.PROCESS_DIED:
+        return ""
+    return fields.get("message", "")[:MAX_DEATH_LENGTH]
+
+
 def _strikes(task: Task) -> str:
     """What was seen of a task's strikes, in words: "its task process died
     2 times and its worker was lost 1 time"."""
@@ -472,6 +506,9 @@ class WorkerLost:
     poisoned: int
     dropped: int = 0  # tasks cancelled while it ran them: not requeued
     split: int = 0  # map batches handed back to their maps, item by item
+    # It misbehaved (let deadlines pass), which is worth a warning even when
+    # it held nothing more.
+    misbehaved: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -483,6 +520,22 @@ class WorkerLeft:
     worker_id: str
     requeued: int
     dropped: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseOverrun:
+    """A worker let tasks run `grace_s` past their timeout without reporting
+    them, and the broker ended them as timed out: `count` of them in one
+    tick (one notice, not one per task: a hoarder may hold hundreds), the
+    first of them `(ticket, attempt)` with its `timeout_s`. `overruns`: how
+    many in a row that worker let pass."""
+
+    worker_id: str
+    count: int
+    first: tuple[int, int]
+    timeout_s: float
+    grace_s: float
+    overruns: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -567,6 +620,7 @@ Notice = (
     | WorkerDraining
     | WorkerLost
     | WorkerLeft
+    | LeaseOverrun
     | LateOutcome
     | ClientJoined
     | ClientLost
@@ -640,6 +694,10 @@ class Scheduler:
         # client's backlog does not hold up the others (see fairqueue).
         self._queues: dict[str, FairQueue] = {}
         self._waiting: list[tuple[float, int]] = []  # (due time, ticket) heap
+        # (deadline, ticket, attempt) of running tasks with a timeout, looked
+        # at once a tick; entries of tasks finished or re-armed since are
+        # skipped when they reach the top, not searched for.
+        self._deadlines: list[tuple[float, int, int]] = []
         # Finished tasks by the time they finished, oldest first, for result expiry.
         self._finish_order: OrderedDict[int, float] = OrderedDict()
         # Tombstones of expired results by when they expired, oldest first, and
@@ -1275,6 +1333,7 @@ class Scheduler:
         self._worker_of_peer[peer] = worker.worker_id
         kept += self._reclaim(worker, named)
         self._fence(worker, named)
+        self._start_waiting(worker, now)
         # Tasks it kept beyond its credit stay; it gets no more until under it.
         worker.grace = max(0, len(worker.running) - worker.capacity)
         self._offer(worker)
@@ -1379,12 +1438,23 @@ class Scheduler:
             self._stale.pop(queue_name, None)
 
     def _lease(self, worker: Worker, task: Task) -> None:
-        """Record that `worker` runs `task` (already RUNNING at its attempt)."""
+        """Record that `worker` runs `task` (already RUNNING at its attempt).
+
+        A task whose clock was running keeps its deadline (its entry may have
+        left the heap while it waited in its queue: it goes in again); one
+        without waits for a slot (see `_start_waiting`), as a returning worker
+        may hold more than its slots run.
+        """
         task.worker = worker.worker_id
         task.given_back_by = None
         task.restored = False
         worker.running.add(task.ticket)
         _count_held(worker, task.queue, +1)
+        if task.deadline is not None:
+            entry = (task.deadline, task.ticket, task.attempt)
+            heapq.heappush(self._deadlines, entry)
+        else:
+            worker.unstarted[task.ticket] = None
 
     def _worker_for_peer(self, peer: bytes) -> Worker | None:
         worker_id = self._worker_of_peer.get(peer)
@@ -1392,6 +1462,7 @@ class Scheduler:
 
     def _done(self, worker: Worker, outcomes: Iterable[p.Outcome], now: float) -> None:
         worker.last_progress = now
+        worker.overruns = 0
         for outcome in outcomes:
             task = self.tasks.get(outcome.ticket)
             if (
@@ -1412,6 +1483,7 @@ class Scheduler:
                 self._drop_cancelled(task, now)
             else:
                 self._settle(task, outcome, now)
+        self._start_waiting(worker, now)
         self._offer(worker)
 
     def _observe_run(self, queue_name: str, duration_s: float) -> None:
@@ -1428,7 +1500,7 @@ class Scheduler:
         if unkept is not None:
             self._finish(task, p.Status.REJECTED, pack_error(unkept), now)
         elif outcome.status is p.Status.CRASHED:
-            self._died_running(task, now)
+            self._died_running(task, _how_it_died(outcome.payload), now)
         elif outcome.status is p.Status.RAISED and task.retries_left > 0:
             self._retry_later(task, now)
         else:
@@ -1455,11 +1527,13 @@ class Scheduler:
         delay = self._backoff.delay_s(task.attempt, self._rng.random())
         heapq.heappush(self._waiting, (now + delay, task.ticket))
 
-    def _died_running(self, task: Task, now: float) -> bool:
+    def _died_running(self, task: Task, how: str, now: float) -> bool:
         """Requeue a task whose task process died under it (its worker said
-        CRASHED); poison it if it keeps killing. Returns whether it was."""
+        CRASHED, and `how`, if it said); poison it if it keeps killing.
+        Returns whether it was."""
         task.deaths += 1
-        return self._strike(task, "its task process died", now)
+        seen = f"its task process died ({how})" if how else "its task process died"
+        return self._strike(task, seen, now)
 
     def _lost_running(self, task: Task, reason: str, now: float) -> bool:
         """Requeue a task whose worker was lost under it (`reason`: silent,
@@ -1501,12 +1575,26 @@ class Scheduler:
         return True
 
     def _remove_worker(
-        self, worker: Worker, reason: str, blamed: bool, now: float
+        self,
+        worker: Worker,
+        reason: str,
+        blamed: bool,
+        now: float,
+        misbehaved: bool = False,
     ) -> None:
+        """Drop `worker` (`blamed`: its tasks each get a strike) and say why."""
         lost = reason if blamed else None
         requeued, poisoned, dropped, split = self._drop_worker(worker, lost, now)
         self._effects.notices.append(
-            WorkerLost(worker.worker_id, reason, requeued, poisoned, dropped, split)
+            WorkerLost(
+                worker.worker_id,
+                reason,
+                requeued,
+                poisoned,
+                dropped,
+                split,
+                misbehaved,
+            )
         )
 
     def _drop_worker(
@@ -1544,12 +1632,14 @@ class Scheduler:
                 poisoned += 1
         worker.running.clear()
         worker.held.clear()
+        worker.unstarted.clear()
         return requeued, poisoned, dropped, split
 
     def _release(self, worker: Worker, task: Task) -> None:
         if task.ticket in worker.running:
             _count_held(worker, task.queue, -1)
         worker.running.discard(task.ticket)
+        worker.unstarted.pop(task.ticket, None)
         worker.grace = min(worker.grace, max(0, len(worker.running) - worker.capacity))
         task.worker = None
 
@@ -1567,6 +1657,119 @@ class Scheduler:
                 available.setdefault(worker.worker_id, None)
             else:
                 available.pop(worker.worker_id, None)
+
+    # --- deadlines: timeouts the broker enforces ------------------------------------
+
+    def _lease_grace_s(self) -> float:
+        return LEASE_GRACE_BEATS * self.limits.heartbeat_interval_s
+
+    def _arm(self, worker: Worker, task: Task, start: float) -> None:
+        """Start the broker's clock on a task that started at `start`, if it
+        has a timeout. Not on an MDP worker: 7/MDP cannot stop a request nor
+        take a second one while it runs, so its slot would not be free."""
+        if task.timeout_s is None or worker.silent_while_busy:
+            return
+        task.deadline = start + task.timeout_s + self._lease_grace_s()
+        heapq.heappush(self._deadlines, (task.deadline, task.ticket, task.attempt))
+
+    def _start_waiting(self, worker: Worker, now: float) -> None:
+        """Slots of `worker` freed: the tasks it held behind them start, in
+        the order they were sent, and their clocks with them. A worker that
+        declares no slots was sent nothing to hold (see `_idle_room`)."""
+        slots = worker.capacity if worker.slots is None else worker.slots
+        while worker.unstarted and len(worker.running) - len(worker.unstarted) < slots:
+            ticket = next(iter(worker.unstarted))
+            del worker.unstarted[ticket]
+            self._arm(worker, self.tasks[ticket], now)
+
+    def _expire_leases(self, now: float) -> None:
+        """End the running tasks whose worker let them pass their deadline;
+        then drop the workers that let too many pass in a row. Not before:
+        a task whose deadline passed in this tick ends as timed out too,
+        rather than wait in its queue for another worker."""
+        self._compact_deadlines()
+        deadlines = self._deadlines
+        overrun: dict[str, list[Task]] = {}
+        while deadlines and deadlines[0][0] <= now:
+            task = self._armed_task(heapq.heappop(deadlines))
+            if task is None or task.worker is None:
+                continue  # finished, requeued or re-armed since
+            overrun.setdefault(task.worker, []).append(task)
+            self._overran(self.workers[task.worker], task, now)
+        for worker_id, tasks in overrun.items():
+            self._blame_overruns(self.workers[worker_id], tasks, now)
+
+    def _armed_task(self, entry: tuple[float, int, int]) -> Task | None:
+        """The running task a deadline heap entry still stands for, if any."""
+        deadline, ticket, attempt = entry
+        task = self.tasks.get(ticket)
+        if (
+            task is None
+            or task.state is not State.RUNNING
+            or task.attempt != attempt
+            or task.deadline != deadline
+        ):
+            return None
+        return task
+
+    def _compact_deadlines(self) -> None:
+        """Rebuild the deadline heap without its stale entries once they
+        outnumber the running tasks: a task that finishes well within a long
+        timeout_s (an hour, a day) leaves its entry for that long, and a
+        stream of such tasks would grow the heap without bound."""
+        running = sum(len(w.running) for w in self.workers.values())
+        if len(self._deadlines) <= 2 * running + DEADLINE_HEAP_SLACK:
+            return
+        live = [e for e in self._deadlines if self._armed_task(e) is not None]
+        heapq.heapify(live)
+        self._deadlines = live
+
+    def _overran(self, worker: Worker, task: Task, now: float) -> None:
+        """End `task` as timed out: its worker did not report it in time.
+
+        It ends as the worker itself would have ended it, TIMEOUT and not
+        retried (retries are for exceptions the task raised): run again, it
+        would keep its client waiting as long once more, and the first run
+        may still be going on there. Its worker, not the task, is blamed
+        (see `_blame_overruns`). A result it sends later is late.
+        """
+        self._release(worker, task)
+        worker.overruns += 1
+        timeout_s, grace_s = task.timeout_s or 0.0, self._lease_grace_s()
+        if task.cancelled:
+            self._drop_cancelled(task, now)
+        else:
+            error = TaskTimeout(
+                "TaskTimeout",
+                f"the task ran past its timeout of {timeout_s:g}s and its worker "
+                f"{worker.worker_id} did not report it within {grace_s:g}s more; "
+                "the broker ended it (it may still run there: its result will "
+                "be dropped)",
+            )
+            self._finish(task, p.Status.TIMEOUT, pack_error(error), now)
+
+    def _blame_overruns(self, worker: Worker, tasks: list[Task], now: float) -> None:
+        """Say that `worker` let `tasks` overrun; drop it if it let
+        `max_attempts` deadlines pass in a row (its other tasks are requeued,
+        unblamed: it, not they, is at fault), or else start what it held
+        behind the slots those tasks took."""
+        first = tasks[0]
+        self._effects.notices.append(
+            LeaseOverrun(
+                worker.worker_id,
+                len(tasks),
+                (first.ticket, first.attempt),
+                first.timeout_s or 0.0,
+                self._lease_grace_s(),
+                worker.overruns,
+            )
+        )
+        if worker.overruns >= self.limits.max_attempts:
+            reason = f"let {worker.overruns} tasks in a row overrun their deadlines"
+            self._remove_worker(worker, reason, False, now, misbehaved=True)
+            return
+        self._start_waiting(worker, now)
+        self._offer(worker)
 
     # --- both ------------------------------------------------------------------------
 
@@ -1626,6 +1829,7 @@ class Scheduler:
         """Let time pass: expire silent peers, wake retries, drop old results."""
         self._now = now
         self._expire_workers(now)
+        self._expire_leases(now)
         self._expire_clients(now)
         self._wake_retries(now)
         self._expire_results(now)
@@ -1950,7 +2154,8 @@ class Scheduler:
         # first one: with more room than tasks, each gets a share.
         share = max(1, math.ceil(len(queue) / len(rooms)))
         for worker, room in rooms:
-            assignments = self._take(queue_name, queue, worker, min(share, room))
+            count = min(share, room)
+            assignments = self._take(queue_name, queue, worker, count, into_slots)
             if assignments:
                 self._effects.to_workers.append((worker.peer, p.Tasks(assignments)))
                 if into_slots:
@@ -1999,13 +2204,38 @@ class Scheduler:
         task while that is not known yet.
         """
         if worker.slots is None:
-            return worker.free
+            # It does not say how many it runs at once, so the broker cannot
+            # tell what runs there from what waits: an even share of the
+            # queue's work, not all its credit. A worker that declared a
+            # credit of thousands took 812 of 1000 tasks while two idled.
+            held = worker.held.get(queue_name, 0)
+            return max(0, min(worker.free, self._even_share(queue_name) - held))
         per_slot = self._prefetch.per_slot(self._run_s.get(queue_name))
         return max(0, worker.slots * per_slot - worker.held.get(queue_name, 0))
 
+    def _even_share(self, queue_name: str) -> int:
+        """An even share of a queue's tasks, waiting and held, among the
+        workers that serve it and take work. Costs a pass over the workers:
+        asked only for workers that declare no slots."""
+        serving = [
+            w
+            for w in self.workers.values()
+            if queue_name in w.services and not w.draining
+        ]
+        total = self.queued_count(queue_name)
+        total += sum(w.held.get(queue_name, 0) for w in serving)
+        return math.ceil(total / max(1, len(serving)))
+
     def _take(
-        self, queue_name: str, queue: FairQueue, worker: Worker, count: int
+        self,
+        queue_name: str,
+        queue: FairQueue,
+        worker: Worker,
+        count: int,
+        into_slots: bool,
     ) -> list[p.Assignment]:
+        """Lease up to `count` tasks of `queue` to `worker`: started now in its
+        free slots if `into_slots`, else held behind its busy ones."""
         assignments: list[p.Assignment] = []
         now = self._now
         while queue and len(assignments) < count:
@@ -2024,6 +2254,11 @@ class Scheduler:
             task.restored = False
             worker.running.add(task.ticket)
             _count_held(worker, queue_name, +1)
+            task.deadline = None
+            if into_slots:
+                self._arm(worker, task, now)
+            else:
+                worker.unstarted[task.ticket] = None
             assignments.append(
                 p.Assignment(
                     task.ticket,
@@ -2661,6 +2896,10 @@ class Scheduler:
             queue_name = self.tasks[ticket].queue
             by_queue[queue_name] = by_queue.get(queue_name, 0) + 1
         assert worker.held == by_queue, f"{worker.worker_id} held {worker.held}"
+        # What waits behind its slots is among what it holds, clock not started.
+        for ticket in worker.unstarted:
+            assert ticket in worker.running, f"{worker.worker_id} unstarted {ticket}"
+            assert self.tasks[ticket].deadline is None, f"ticket {ticket} armed"
 
     def _check_stale_counts(self) -> None:
         for name, queue in self._queues.items():

@@ -75,6 +75,11 @@ class WorkerConfig:
 
     def __post_init__(self) -> None:
         check_at_least("concurrency", self.concurrency, 1)
+        if self.concurrency > p.MAX_SLOTS:
+            raise UsageError(
+                f"concurrency must be at most {p.MAX_SLOTS} (the most slots a "
+                f"broker lets a worker declare), got {self.concurrency}"
+            )
         if self.prefetch is not None:
             check_at_least("prefetch", self.prefetch, 1)
         check_heartbeat(self.heartbeat_interval_s, self.liveness)
@@ -390,7 +395,9 @@ class Worker:
 
     def _wanted_capacity(self) -> int:
         per_slot = self._prefetch.per_slot(self._task_s.mean_s)
-        return self.config.concurrency * per_slot
+        # The broker refuses more (see protocol.MAX_CAPACITY); thousands of
+        # tiny tasks held hide a round trip as well as more would.
+        return min(p.MAX_CAPACITY, self.config.concurrency * per_slot)
 
     def _adjust_credit(self, now: float) -> None:
         wanted = self._wanted_capacity()
@@ -437,12 +444,19 @@ class Worker:
         if silent_s > self.config.heartbeat_interval_s * self.config.liveness:
             # At each reconnection at first, then less and less often.
             if self._silence_log.due(now, self._broker_heard_at):
-                log.warning(
-                    "broker silent for %.1fs broker=%s; reconnecting",
-                    now - self._broker_heard_at,
-                    self.config.connect,
-                )
+                self._log_silence(now)
             self._connect(now)
+
+    def _log_silence(self, now: float) -> None:
+        refused = self._handshakes.refused_note()
+        if refused is not None:
+            log.warning("%s", refused)  # not silent: it refused our key
+            return
+        log.warning(
+            "broker silent for %.1fs broker=%s; reconnecting",
+            now - self._broker_heard_at,
+            self.config.connect,
+        )
 
     def _send(self, command: p.Command) -> None:
         # Outcomes dropped here are not lost: the broker requeues them when it

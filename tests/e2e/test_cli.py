@@ -1151,3 +1151,15 @@ def test_a_bad_value_from_the_environment_is_reported_under_its_variable(
     assert completed.returncode == 2
     assert "VENTILATOR_STATUS_TIMEOUT_S" in completed.stderr
     assert "'soon'" in completed.stderr
+
+
+def test_one_address_for_frontend_and_backend_is_a_usage_error_naming_both(
+    processes: Processes,
+) -> None:
+    address = f"tcp://127.0.0.1:{free_port()}"
+
+    result = run_cli(processes, "broker", "--frontend", address, "--backend", address)
+
+    assert result.returncode == 2, result.stderr
+    assert "--backend" in result.stderr and "--frontend" in result.stderr
+    assert "already in use" not in result.stderr

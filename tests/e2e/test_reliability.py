@@ -4,6 +4,7 @@ the wire, a broker restart, a client that went quiet."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import random
 import signal
@@ -164,12 +165,13 @@ def test_task_that_kills_its_process_every_time_fails_as_poison(
     client = launch.client(broker)
     wait_for_workers(client, 1)
 
-    poison = client.submit(tasks.crash)
+    poison = client.submit(tasks.crash, 9)
     others = [client.submit(tasks.square, i) for i in range(20)]
 
     error = poison.exception(RESULT_TIMEOUT_S)
     assert isinstance(error, ventilator.PoisonTask)
     assert "max_attempts=2" in error.message
+    assert "(exit code 9)" in error.message  # how it died, as the worker saw
     assert [f.result(RESULT_TIMEOUT_S) for f in others] == [i * i for i in range(20)]
     assert worker.process.poll() is None
 
@@ -549,8 +551,9 @@ def test_broker_whose_journal_lost_its_blob_folder_refuses_to_start(
 
 
 def test_client_gets_its_results_after_the_broker_is_killed_and_restarted(
-    launch: Launcher, restartable: dict[str, Any]
+    launch: Launcher, restartable: dict[str, Any], caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="ventilator.client")
     first = launch.broker(**restartable)
     # Beats every 2 s, so it waits 6 s before it calls the broker silent: far
     # longer than the restart takes.
@@ -569,6 +572,14 @@ def test_client_gets_its_results_after_the_broker_is_killed_and_restarted(
     launch.worker(second, MORE_TASKS)
 
     assert [f.result(5) for f in futures] == [0, 1, 8]
+    # Opening its session again is what a restart asks of it, not a fault.
+    hellos = [
+        r
+        for r in caplog.records
+        if r.name == "ventilator.client" and "HELLO again" in r.getMessage()
+    ]
+    assert hellos
+    assert all(r.levelno == logging.INFO for r in hellos)
 
 
 # A client in its own process: prints its session, waits for a line on stdin,

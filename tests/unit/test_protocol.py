@@ -273,6 +273,20 @@ READY_BODY = ["worker-1", ["jobs:f"], 2, False]
         (p.Cmd.READY, ["w", "jobs:f", 2, False], 0, "services must be list"),
         (p.Cmd.READY, ["w", [""], 2, False], 0, "service must be 1 to 256"),
         (p.Cmd.READY, ["w", ["f"], 0, False], 0, "capacity must be at least 1"),
+        (
+            p.Cmd.READY,
+            ["w", ["f"], 1_000_000, False],
+            0,
+            f"capacity 1000000 is over the most a worker may declare "
+            f"({p.MAX_CAPACITY})",
+        ),
+        (
+            p.Cmd.READY,
+            ["w", ["f"], 2, False, p.MAX_SLOTS + 1],
+            0,
+            f"slots {p.MAX_SLOTS + 1} is over the most",
+        ),
+        (p.Cmd.CREDIT, p.MAX_CAPACITY + 1, 0, "capacity 65537 is over the most"),
         (p.Cmd.READY, ["w", ["f"], 2, "yes"], 0, "allow_pickle must be bool"),
         (p.Cmd.TASKS, [[1, 1, "f", 0]], 1, "list of 5 fields"),
         (p.Cmd.TASKS, [[1, "1", "f", 0, None]], 1, "attempt must be int"),

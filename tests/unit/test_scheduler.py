@@ -7,6 +7,7 @@ import math
 import pytest
 
 from ventilator import protocol as p
+from ventilator.errors import TaskError
 from ventilator.policy import Backoff, Limits
 from ventilator.scheduler import (
     ACCEPT_GRACE_S,
@@ -23,7 +24,7 @@ from ventilator.scheduler import (
     WorkerLost,
     sink_recipient,
 )
-from ventilator.serialization import unpack_value
+from ventilator.serialization import pack_error, unpack_value
 
 from .driver import (
     CLIENT,
@@ -786,6 +787,22 @@ def test_crashed_outcome_counts_as_a_death_of_the_worker() -> None:
 
     assert second.attempt == 2
     assert [r.status for r in results(poisoned)] == [p.Status.POISON]
+
+
+def test_poison_says_how_the_task_process_died_as_the_worker_reported_it() -> None:
+    driver = Driver(Limits(max_attempts=2))
+    driver.hello()
+    driver.submit(task(1))
+    [first] = assignments(driver.ready(W1), W1)
+    report = pack_error(TaskError(p.PROCESS_DIED, "killed by SIGKILL"))
+
+    [second] = assignments(driver.done(W1, first, p.Status.CRASHED, report), W1)
+    [entry] = results(driver.done(W1, second, p.Status.CRASHED, report))
+
+    assert (
+        "last: its task process died (killed by SIGKILL)"
+        in (error_report(entry)["message"])
+    )
 
 
 def test_batch_whose_worker_died_fails_at_once_for_its_items_to_run_alone() -> None:
