@@ -98,6 +98,11 @@ RUN_TIME_WEIGHT = 0.2
 # long the broker lets a worker stay silent before it is presumed dead. Only a
 # worker that does not enforce timeouts (hung, or not ours) is ever overtaken.
 LEASE_GRACE_BEATS = 3
+# How long, in heartbeat intervals, a worker that has reported nothing since it
+# registered may keep tasks past their deadlines: its task processes may still
+# be importing modules (a few seconds for the heavy ones) before any task of
+# it starts. Past it, a worker that never reports is overtaken all the same.
+START_GRACE_BEATS = 10
 # Stale entries the deadline heap may keep beyond twice the running tasks
 # before it is rebuilt (see Scheduler._compact_deadlines).
 DEADLINE_HEAP_SLACK = 1024
@@ -220,6 +225,11 @@ class Worker:
     unstarted: dict[int, None] = field(default_factory=dict)
     # Tasks in a row whose deadline passed before it reported them.
     overruns: int = 0
+    # When it registered, and last reported outcomes (None: not yet): while it
+    # reports, the broker leaves its tasks to its own timeouts (see
+    # Scheduler._trusted_until).
+    registered_at: float = 0.0
+    reported_at: float | None = None
 
     def presumed_dead(self, now: float, default_silence_s: float) -> bool:
         if self.silent_while_busy and self.running:
@@ -1352,7 +1362,7 @@ class Scheduler:
         worker = Worker(ready.worker_id, peer, services, ready.capacity, now)
         worker.slots = ready.slots
         worker.problem = ready.problem
-        worker.last_progress = now
+        worker.last_progress = worker.registered_at = now
         return worker
 
     def _hand_over(self, old: Worker, new: Worker, named: dict[int, int]) -> int:
@@ -1461,7 +1471,7 @@ class Scheduler:
         return self.workers.get(worker_id) if worker_id is not None else None
 
     def _done(self, worker: Worker, outcomes: Iterable[p.Outcome], now: float) -> None:
-        worker.last_progress = now
+        worker.last_progress = worker.reported_at = now
         worker.overruns = 0
         for outcome in outcomes:
             task = self.tasks.get(outcome.ticket)
@@ -1669,8 +1679,7 @@ class Scheduler:
         take a second one while it runs, so its slot would not be free."""
         if task.timeout_s is None or worker.silent_while_busy:
             return
-        task.deadline = start + task.timeout_s + self._lease_grace_s()
-        heapq.heappush(self._deadlines, (task.deadline, task.ticket, task.attempt))
+        self._rearm(task, start + task.timeout_s + self._lease_grace_s())
 
     def _start_waiting(self, worker: Worker, now: float) -> None:
         """Slots of `worker` freed: the tasks it held behind them start, in
@@ -1694,10 +1703,33 @@ class Scheduler:
             task = self._armed_task(heapq.heappop(deadlines))
             if task is None or task.worker is None:
                 continue  # finished, requeued or re-armed since
+            worker = self.workers[task.worker]
+            trusted_until = self._trusted_until(worker)
+            if trusted_until > now:
+                self._rearm(task, trusted_until)
+                continue
             overrun.setdefault(task.worker, []).append(task)
-            self._overran(self.workers[task.worker], task, now)
+            self._overran(worker, task, now)
         for worker_id, tasks in overrun.items():
             self._blame_overruns(self.workers[worker_id], tasks, now)
+
+    def _trusted_until(self, worker: Worker) -> float:
+        """Until when the broker leaves `worker`'s tasks to its own timeouts.
+
+        While it reports outcomes it is running its tasks, and stops those that
+        overrun itself: a task that waited for a slot, or for a task process
+        that restarts, is not its fault. Before its first report, its task
+        processes may still be importing modules. Only a worker silent about
+        its tasks for longer than that is overtaken.
+        """
+        if worker.reported_at is None:
+            start_grace_s = START_GRACE_BEATS * self.limits.heartbeat_interval_s
+            return worker.registered_at + start_grace_s
+        return worker.reported_at + self._lease_grace_s()
+
+    def _rearm(self, task: Task, deadline: float) -> None:
+        task.deadline = deadline
+        heapq.heappush(self._deadlines, (deadline, task.ticket, task.attempt))
 
     def _armed_task(self, entry: tuple[float, int, int]) -> Task | None:
         """The running task a deadline heap entry still stands for, if any."""

@@ -8,6 +8,7 @@ from ventilator.policy import Limits
 from ventilator.scheduler import (
     DEADLINE_HEAP_SLACK,
     LEASE_GRACE_BEATS,
+    START_GRACE_BEATS,
     LateOutcome,
     LeaseOverrun,
     WorkerLost,
@@ -49,10 +50,18 @@ def _beats_until(driver: Driver, seconds: float, *peers: bytes) -> list[Effects]
     return ticks
 
 
+def _started(driver: Driver, *peers: bytes) -> None:
+    """Let the workers' start grace pass, as if their task processes had
+    started long ago: the deadlines of a worker that reported nothing since it
+    registered wait for it (see test_a_new_worker_is_given_time_to_start)."""
+    _beats_until(driver, START_GRACE_BEATS * BEAT_S, *peers)
+
+
 def test_a_task_its_worker_never_reports_ends_as_timeout_after_the_grace() -> None:
     driver = _driver()
     given = assignments(driver.ready(W1, capacity=4), W1)
     assert not given
+    _started(driver, W1)
     given = assignments(driver.submit(task(1, timeout_s=2.0)), W1)
     assert len(given) == 1
 
@@ -70,11 +79,44 @@ def test_a_task_its_worker_never_reports_ends_as_timeout_after_the_grace() -> No
 def test_the_overruns_of_one_tick_are_one_notice_per_worker() -> None:
     driver = _driver(max_attempts=100)
     driver.ready(W1, capacity=50)
+    _started(driver, W1)
     driver.submit(*[task(i, timeout_s=1.0) for i in range(50)])
     ticks = _beats_until(driver, 1.0 + GRACE_S + BEAT_S, W1)
 
     overruns = [n for effects in ticks for n in notices(effects, LeaseOverrun)]
     assert [(n.count, n.overruns) for n in overruns] == [(50, 50)]
+
+
+def test_a_new_worker_is_given_time_to_start() -> None:
+    # Its task processes may still import modules: its first task's deadline
+    # waits for the start grace, not only its timeout.
+    driver = _driver()
+    driver.ready(W1, capacity=1)
+    (given,) = assignments(driver.submit(task(1, timeout_s=1.0)), W1)
+
+    _beats_until(driver, START_GRACE_BEATS * BEAT_S - BEAT_S, W1)
+    assert driver.scheduler.tasks[given.ticket].state.value == "running"
+    ticks = _beats_until(driver, 2 * BEAT_S, W1)
+
+    assert [n.count for t in ticks for n in notices(t, LeaseOverrun)] == [1]
+
+
+def test_a_worker_that_keeps_reporting_is_left_to_its_own_timeouts() -> None:
+    # A task that waits for a task process to restart is not the worker's
+    # fault while it goes on reporting others.
+    driver = _driver()
+    driver.ready(W1, capacity=2)
+    _started(driver, W1)
+    (slow,) = assignments(driver.submit(task(1, timeout_s=1.0)), W1)
+    for second in range(10):
+        (quick,) = assignments(driver.submit(task(10 + second)), W1)
+        driver.done(W1, quick)
+        assert not notices(driver.tick(BEAT_S), LeaseOverrun), f"at {second} s"
+
+    ticks = _beats_until(driver, GRACE_S + BEAT_S, W1)
+
+    assert [n.count for t in ticks for n in notices(t, LeaseOverrun)] == [1]
+    assert driver.scheduler.tasks[slow.ticket].status is p.Status.TIMEOUT
 
 
 def test_a_worker_that_reports_its_own_timeout_first_sees_no_change() -> None:
@@ -95,6 +137,7 @@ def test_a_worker_that_reports_its_own_timeout_first_sees_no_change() -> None:
 def test_a_late_result_of_an_overrun_task_is_dropped() -> None:
     driver = _driver()
     driver.ready(W1, capacity=1)
+    _started(driver, W1)
     (given,) = assignments(driver.submit(task(1, timeout_s=1.0)), W1)
     _beats_until(driver, 1.0 + GRACE_S + BEAT_S, W1)
 
@@ -132,6 +175,7 @@ def test_a_task_without_a_timeout_is_never_ended_by_the_broker() -> None:
 def test_a_worker_that_overruns_max_attempts_deadlines_in_a_row_is_dropped() -> None:
     driver = _driver(max_attempts=2)
     driver.ready(W1, capacity=1)
+    _started(driver, W1)
     specs = [task(i, timeout_s=1.0) for i in (1, 2, 3)]
     driver.submit(*specs)
     ticks = _beats_until(driver, 2 * (1.0 + GRACE_S + BEAT_S), W1)
@@ -146,6 +190,7 @@ def test_a_worker_that_overruns_max_attempts_deadlines_in_a_row_is_dropped() -> 
 def test_an_outcome_in_time_resets_the_count_of_overruns() -> None:
     driver = _driver(max_attempts=2)
     driver.ready(W1, capacity=1)
+    _started(driver, W1)
     driver.submit(task(1, timeout_s=1.0))
     _beats_until(driver, 1.0 + GRACE_S + BEAT_S, W1)
     (given,) = assignments(driver.submit(task(2, timeout_s=1.0)), W1)
@@ -157,6 +202,7 @@ def test_a_slow_worker_does_not_make_another_workers_tasks_overrun() -> None:
     driver = _driver()
     driver.ready(W1, capacity=1)
     driver.ready(W2, capacity=1)
+    _started(driver, W1, W2)
     effects = driver.submit(task(1, timeout_s=1.0), task(2, timeout_s=1.0))
     (mine,) = assignments(effects, W2)
     driver.done(W2, mine)
