@@ -1944,13 +1944,14 @@ def purge(
             )
         purged = client.purge(function, timeout_s)
         known = purged or _function_known(client.status(timeout_s), function)
-    click.echo(f"purged {purged} task(s) of {function}")
     if not known:
-        # A typo would purge nothing and look like success.
+        # A typo would purge nothing and look like success. The error alone
+        # is the answer: a count of nothing beside it said two things at once.
         raise click.ClickException(
             f"nothing matched {function!r}: no queue, running task or worker has "
             "that function (`ventilator status` lists them)"
         )
+    click.echo(f"purged {purged} task(s) of {function}")
 
 
 def _not_an_option(value: str | None, param: click.Parameter) -> str | None:
@@ -1980,17 +1981,18 @@ def _purge_session(connect: str, timeout_s: float, session: str, yes: bool) -> N
         )
     with _broker_answer(connect, timeout_s) as client:
         dropped = client.purge_session(session, timeout_s)
+    if not any(dropped[kind] for kind in ("results", "queued", "running")):
+        # A session that left with nothing owed is forgotten: as is a typo.
+        # The error alone answers, as for a function that matched nothing.
+        raise click.ClickException(
+            f"nothing matched session {session!r}: the broker holds nothing for "
+            "it (`ventilator status` lists sessions)"
+        )
     click.echo(
         f"session {session}: dropped {dropped['results']} result(s) waiting for "
         f"delivery and {dropped['queued']} queued task(s); "
         f"{dropped['running']} running task(s) will be dropped when they end"
     )
-    if not any(dropped[kind] for kind in ("results", "queued", "running")):
-        # A session that left with nothing owed is forgotten: as is a typo.
-        raise click.ClickException(
-            f"nothing matched session {session!r}: the broker holds nothing for "
-            "it (`ventilator status` lists sessions)"
-        )
 
 
 @cli.command()
