@@ -457,6 +457,22 @@ def _bind_address(ctx: click.Context, param: click.Parameter, value: Any) -> Any
     help="Connections on both sockets together; more are refused at their "
     "handshake, and their ZeroMQ retries: they wait for a free place.",
 )
+@click.option(
+    "--max-sessions",
+    type=click.IntRange(min=1),
+    default=_DEFAULT_LIMITS.max_sessions,
+    show_default=True,
+    help="Client sessions and sinks remembered at once; a HELLO naming a new "
+    "one past it is refused, naming the limit.",
+)
+@click.option(
+    "--session-grace-s",
+    type=_FiniteRange(min=0.0),
+    default=_DEFAULT_LIMITS.session_grace_s,
+    show_default=True,
+    help="Seconds after it was last heard that a session which left, owing "
+    "and holding nothing, is forgotten (status shows it until then).",
+)
 @_key_file(
     "The broker's .key_secret file; turns CURVE on (needs --clients, --workers)."
 )
@@ -516,6 +532,8 @@ def broker(
     client_max_bytes: int,
     max_queued_bytes: int,
     max_peers: int,
+    max_sessions: int,
+    session_grace_s: float,
     secret_key: str | None,
     clients: str | None,
     workers: str | None,
@@ -543,6 +561,8 @@ def broker(
         heartbeat_interval_s=heartbeat_interval_s,
         max_attempts=max_attempts,
         max_peers=max_peers,
+        max_sessions=max_sessions,
+        session_grace_s=session_grace_s,
     )
     config = BrokerConfig(
         frontend,
@@ -1663,7 +1683,7 @@ def _print_status(report: dict[str, Any]) -> None:
     for line in _worker_problems(report["workers"]):
         console.print(line)
     console.print(_queues_table(report))
-    console.print(_clients_table(report["clients"]))
+    console.print(_clients_table(report["clients"], report.get("client_counts")))
     totals = report.get("totals", {})
     console.print(
         f"tasks since start: {totals.get('submitted', 0)} submitted "
@@ -1793,14 +1813,25 @@ def _queues_table(report: dict[str, Any]) -> Any:
     return table
 
 
-def _clients_table(clients: list[dict[str, Any]]) -> Any:
+def _clients_table(clients: list[dict[str, Any]], counts: dict[str, int] | None) -> Any:
+    """The clients the broker listed; `counts` (None from an older broker,
+    which listed them all) covers those it did not list too."""
     from rich.markup import escape
 
-    connected = sum(1 for c in clients if c["connected"])
-    table = _table(f"clients and sinks ({connected} connected)")
+    if counts is None:
+        connected = sum(1 for c in clients if c["connected"])
+        counts = {"all": len(clients), "connected": connected}
+    table = _table(f"clients and sinks ({counts['connected']} connected)")
     # Short headers: a session's 32-character name stays on one line in 80
     # columns. A busy sink is connected with results unacknowledged.
     table.caption = "pending: results not sent yet; unacked: sent, not acknowledged"
+    unlisted = counts["all"] - len(clients)
+    if unlisted > 0:
+        # The broker lists the most relevant ones only: its answer stays small.
+        table.caption = (
+            f"{len(clients)} of {counts['all']} listed, owed the most results "
+            f"first ({unlisted} more not listed); " + table.caption
+        )
     # Only when there are any: the column costs 9 of the 80 columns.
     expired = any(c.get("expired") for c in clients)
     if expired:
