@@ -37,6 +37,7 @@ from .dashboard import DashboardServer, parse_http_address
 from .errors import (
     JournalError,
     NetworkError,
+    ProtocolError,
     TaskError,
     TaskRejected,
     UsageError,
@@ -1652,6 +1653,8 @@ def _broker_answer(connect: str, timeout_s: float) -> Iterator[Client]:
         except NetworkError as exc:  # it answered, but not as a broker's frontend
             raise click.ClickException(str(exc)) from None
         except UsageError as exc:  # this key may not give that command
+            raise click.ClickException(str(exc)) from None
+        except ProtocolError as exc:  # it answered, but unreadably (too large)
             raise click.ClickException(str(exc)) from None
 
 

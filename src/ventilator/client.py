@@ -2053,6 +2053,9 @@ class Client:
             "holds a session at a time: close the other one, or use another "
             "session name"
         )
+        # What is submitted from now on gets a whole wait of its own: failed
+        # at the next beat, it could never see the session freed meanwhile.
+        self._session_refused_at = now
         refusal = self._session_refusal
         if refusal is not None and refusal.code != p.SESSION_IN_USE:
             error = SessionRefused
