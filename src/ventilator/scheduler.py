@@ -797,10 +797,15 @@ class Scheduler:
     def _session_room(self, peer: bytes) -> str | None:
         """Why no new session may be opened on `peer` now; None if one may."""
         opened = self._opened_by_peer.get(peer, 0)
+        # The session it speaks for now is left, and forgotten if it holds
+        # nothing: that one makes room.
+        current = self.recipients.get(self._recipient_of_peer.get(peer, ""))
+        if current is not None and current.opened_by == peer:
+            opened -= self._holds_nothing(current)
         if opened >= SESSIONS_PER_CONNECTION:
             return (
-                f"this connection opened {opened} sessions the broker still "
-                f"holds tasks or results of, the most one may "
+                f"this connection opened {opened} sessions that the broker "
+                f"still holds tasks or results of, the most one may "
                 f"({SESSIONS_PER_CONNECTION}); keep one session per connection, "
                 "or connect anew for another"
             )

@@ -132,6 +132,19 @@ def test_a_connection_renaming_its_session_is_refused_past_a_few() -> None:
     assert len(driver.scheduler.tasks) == SESSIONS_PER_CONNECTION
 
 
+def test_an_idle_current_session_makes_room_at_the_limit() -> None:
+    driver = Driver(LIMITS)
+    for i in range(SESSIONS_PER_CONNECTION - 1):
+        driver.hello(session=f"s{i}")
+        driver.submit(task(1))
+    driver.hello(session="idle")
+
+    renamed = driver.hello(session="renamed")
+
+    assert sent(renamed, CLIENT, p.Welcome)
+    assert "idle" not in driver.scheduler.recipients
+
+
 def test_a_connection_renaming_idle_sessions_keeps_one_at_a_time() -> None:
     driver = Driver(LIMITS)
 
