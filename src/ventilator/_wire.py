@@ -4,7 +4,7 @@ commands without blocking, and never let a malformed frame escape."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 import zmq
@@ -28,8 +28,10 @@ def receive(
     allowed: frozenset[p.Cmd],
     lend_large: bool = False,
     announced: bool = False,
+    unreadable: Callable[[list[p.Payload], ProtocolError], None] | None = None,
 ) -> Iterator[p.Command]:
-    """Yield every command waiting on `socket`; log and skip malformed ones.
+    """Yield every command waiting on `socket`; log and skip malformed ones,
+    after handing each to `unreadable` if given (its frames and the error).
 
     Frames arrive as bytes, except with `lend_large`: then frames of at least
     `protocol.ZERO_COPY_BYTES` stay the zmq.Frame libzmq received, uncopied,
@@ -51,6 +53,8 @@ def receive(
             yield p.decode(frames, allowed)
         except ProtocolError as exc:
             log.warning("ignored a malformed message from the broker: %s", exc)
+            if unreadable is not None:
+                unreadable(frames, exc)
         waiting = has_input(socket)
 
 

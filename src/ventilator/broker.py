@@ -186,6 +186,7 @@ class Broker:
         self._refusal_log = _RateLimit(per_s=1.0, what="refused messages")
         self._handshake_log = _RateLimit(per_s=1.0, what="failed handshakes")
         self._rejection_log = _RateLimit(per_s=1.0, what="refused tasks")
+        self._session_refusal_log = _RateLimit(per_s=1.0, what="refused sessions")
         self._trim = _MemoryTrim(TRIM_INTERVAL_S)
         self._disk_room = _DiskRoom(self.config)
         # Peers told why their message was refused, this second: garbage
@@ -836,7 +837,13 @@ class Broker:
 
     def _log_held_back(self, now: float) -> None:
         """Count the log lines each rate limit held back since its last one."""
-        for limit in (self._refusal_log, self._handshake_log, self._rejection_log):
+        limits = (
+            self._refusal_log,
+            self._handshake_log,
+            self._rejection_log,
+            self._session_refusal_log,
+        )
+        for limit in limits:
             note = limit.held_back(now)
             if note is not None:
                 log.warning("%s", note)
@@ -844,12 +851,18 @@ class Broker:
 
     def _log_notices(self, notices: list[s.Notice], now: float) -> None:
         for notice in notices:
-            if not isinstance(notice, s.Rejected):
+            if isinstance(notice, s.Rejected):
+                if self._rejection_log.allows(now):
+                    # A refusal per task of a burst would flood the log (a full
+                    # disk refuses them all): one a second, saying how many more.
+                    _log_rejection(notice, self._rejection_log.suppressed_note())
+            elif isinstance(notice, s.SessionRefused):
+                # A peer saying HELLO under new names in a loop: as above.
+                if self._session_refusal_log.allows(now):
+                    note = self._session_refusal_log.suppressed_note()
+                    _log_session_refusal(notice, note)
+            else:
                 _log_notice(notice)
-            elif self._rejection_log.allows(now):
-                # A refusal per task of a burst would flood the log (a full
-                # disk refuses them all): one a second, saying how many more.
-                _log_rejection(notice, self._rejection_log.suppressed_note())
 
     def _send_to_workers(
         self, messages: list[tuple[bytes, p.Command]], now: float
@@ -1192,6 +1205,15 @@ def _endpoint(sock: zmq.Socket[bytes]) -> str:
     return sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
 
+def _log_session_refusal(notice: s.SessionRefused, suppressed_note: str) -> None:
+    log.warning(
+        "refused a new session=%s: %s; its client is told why%s",
+        notice.session,
+        notice.reason,
+        suppressed_note,
+    )
+
+
 def _log_notice(notice: s.Notice) -> None:
     if isinstance(notice, s.WorkerJoined):
         log.info(
@@ -1277,6 +1299,14 @@ def _log_notice(notice: s.Notice) -> None:
     elif isinstance(notice, s.SinkTaken):
         log.warning(
             "refused a second receiver of sink=%s; the first one keeps it", notice.sink
+        )
+    elif isinstance(notice, s.SessionsForgotten):
+        log.info(
+            "forgot %d sessions that left owing and holding nothing, %gs "
+            "(session_grace_s) after they were last heard; one that comes "
+            "back starts anew",
+            notice.count,
+            notice.grace_s,
         )
     elif isinstance(notice, s.SessionHeld):
         # A refused client asks again every heartbeat: its first refusal is news.

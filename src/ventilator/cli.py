@@ -37,6 +37,7 @@ from .dashboard import DashboardServer, parse_http_address
 from .errors import (
     JournalError,
     NetworkError,
+    ProtocolError,
     TaskError,
     TaskRejected,
     UsageError,
@@ -457,6 +458,22 @@ def _bind_address(ctx: click.Context, param: click.Parameter, value: Any) -> Any
     help="Connections on both sockets together; more are refused at their "
     "handshake, and their ZeroMQ retries: they wait for a free place.",
 )
+@click.option(
+    "--max-sessions",
+    type=click.IntRange(min=1),
+    default=_DEFAULT_LIMITS.max_sessions,
+    show_default=True,
+    help="Client sessions and sinks remembered at once; a HELLO naming a new "
+    "one past it is refused, naming the limit.",
+)
+@click.option(
+    "--session-grace-s",
+    type=_FiniteRange(min=0.0),
+    default=_DEFAULT_LIMITS.session_grace_s,
+    show_default=True,
+    help="Seconds after it was last heard that a session which left, owing "
+    "and holding nothing, is forgotten (status shows it until then).",
+)
 @_key_file(
     "The broker's .key_secret file; turns CURVE on (needs --clients, --workers)."
 )
@@ -516,6 +533,8 @@ def broker(
     client_max_bytes: int,
     max_queued_bytes: int,
     max_peers: int,
+    max_sessions: int,
+    session_grace_s: float,
     secret_key: str | None,
     clients: str | None,
     workers: str | None,
@@ -543,6 +562,8 @@ def broker(
         heartbeat_interval_s=heartbeat_interval_s,
         max_attempts=max_attempts,
         max_peers=max_peers,
+        max_sessions=max_sessions,
+        session_grace_s=session_grace_s,
     )
     config = BrokerConfig(
         frontend,
@@ -1633,6 +1654,8 @@ def _broker_answer(connect: str, timeout_s: float) -> Iterator[Client]:
             raise click.ClickException(str(exc)) from None
         except UsageError as exc:  # this key may not give that command
             raise click.ClickException(str(exc)) from None
+        except ProtocolError as exc:  # it answered, but unreadably (too large)
+            raise click.ClickException(str(exc)) from None
 
 
 @cli.command()
@@ -1663,7 +1686,7 @@ def _print_status(report: dict[str, Any]) -> None:
     for line in _worker_problems(report["workers"]):
         console.print(line)
     console.print(_queues_table(report))
-    console.print(_clients_table(report["clients"]))
+    console.print(_clients_table(report["clients"], report.get("client_counts")))
     totals = report.get("totals", {})
     console.print(
         f"tasks since start: {totals.get('submitted', 0)} submitted "
@@ -1793,14 +1816,25 @@ def _queues_table(report: dict[str, Any]) -> Any:
     return table
 
 
-def _clients_table(clients: list[dict[str, Any]]) -> Any:
+def _clients_table(clients: list[dict[str, Any]], counts: dict[str, int] | None) -> Any:
+    """The clients the broker listed; `counts` (None from an older broker,
+    which listed them all) covers those it did not list too."""
     from rich.markup import escape
 
-    connected = sum(1 for c in clients if c["connected"])
-    table = _table(f"clients and sinks ({connected} connected)")
+    if counts is None:
+        connected = sum(1 for c in clients if c["connected"])
+        counts = {"all": len(clients), "connected": connected}
+    table = _table(f"clients and sinks ({counts['connected']} connected)")
     # Short headers: a session's 32-character name stays on one line in 80
     # columns. A busy sink is connected with results unacknowledged.
     table.caption = "pending: results not sent yet; unacked: sent, not acknowledged"
+    unlisted = counts["all"] - len(clients)
+    if unlisted > 0:
+        # The broker lists the most relevant ones only: its answer stays small.
+        table.caption = (
+            f"{len(clients)} of {counts['all']} listed, owed the most results "
+            f"first ({unlisted} more not listed); " + table.caption
+        )
     # Only when there are any: the column costs 9 of the 80 columns.
     expired = any(c.get("expired") for c in clients)
     if expired:
@@ -1944,13 +1978,14 @@ def purge(
             )
         purged = client.purge(function, timeout_s)
         known = purged or _function_known(client.status(timeout_s), function)
-    click.echo(f"purged {purged} task(s) of {function}")
     if not known:
-        # A typo would purge nothing and look like success.
+        # A typo would purge nothing and look like success. The error alone
+        # is the answer: a count of nothing beside it said two things at once.
         raise click.ClickException(
             f"nothing matched {function!r}: no queue, running task or worker has "
             "that function (`ventilator status` lists them)"
         )
+    click.echo(f"purged {purged} task(s) of {function}")
 
 
 def _not_an_option(value: str | None, param: click.Parameter) -> str | None:
@@ -1980,17 +2015,18 @@ def _purge_session(connect: str, timeout_s: float, session: str, yes: bool) -> N
         )
     with _broker_answer(connect, timeout_s) as client:
         dropped = client.purge_session(session, timeout_s)
+    if not any(dropped[kind] for kind in ("results", "queued", "running")):
+        # A session that left with nothing owed is forgotten: as is a typo.
+        # The error alone answers, as for a function that matched nothing.
+        raise click.ClickException(
+            f"nothing matched session {session!r}: the broker holds nothing for "
+            "it (`ventilator status` lists sessions)"
+        )
     click.echo(
         f"session {session}: dropped {dropped['results']} result(s) waiting for "
         f"delivery and {dropped['queued']} queued task(s); "
         f"{dropped['running']} running task(s) will be dropped when they end"
     )
-    if not any(dropped[kind] for kind in ("results", "queued", "running")):
-        # A session that left with nothing owed is forgotten: as is a typo.
-        raise click.ClickException(
-            f"nothing matched session {session!r}: the broker holds nothing for "
-            "it (`ventilator status` lists sessions)"
-        )
 
 
 @cli.command()

@@ -61,6 +61,7 @@ from .errors import (
     ProtocolError,
     ResultExpired,
     SessionInUse,
+    SessionRefused,
     TaskError,
     TaskRejected,
     TaskTimeout,
@@ -721,6 +722,12 @@ OutcomeT = TypeVar("OutcomeT", TaskFuture, _Slot)
 class _Question:
     command: p.Command
     answer: Future[dict[str, Any]]
+    what: str = "a question"  # as the caller knows it: "status", "failed"...
+
+
+# The command bytes of answers to questions: one that cannot be read still
+# answers the oldest question asked (the broker answers in order).
+_ANSWER_BYTES = frozenset({bytes([p.Cmd.STATUS_REPLY]), bytes([p.Cmd.OPERATOR_REPLY])})
 
 
 class _Collected(NamedTuple):
@@ -860,6 +867,8 @@ class Client:
         # Since when the broker refuses our session to us (another live client
         # holds it); None while it is ours, or not asked for yet.
         self._session_refused_at: float | None = None
+        # Why: another client holds it (session_in_use), or no room for it.
+        self._session_refusal: p.Error | None = None
         self._durable = True
         self._acks: list[tuple[str, int]] = []
         self._acks_due = math.inf
@@ -1330,9 +1339,16 @@ class Client:
     def status(self, timeout_s: float = 10.0) -> dict[str, Any]:
         """The broker's workers, queues and clients, as plain data.
 
+        At most `STATUS_CLIENTS` (100) clients and sinks are listed, the most
+        relevant first (owed the most results, connected, heard last);
+        ``client_counts`` counts them all: ``all``, ``connected``, ``sinks``,
+        ``connected_sinks`` and ``listed``.
+
         Raises:
             BrokerTimeout: the broker did not answer within `timeout_s`
                 (a TimeoutError too).
+            ProtocolError: the broker answered, but its answer could not be
+                read (too large, or malformed); the message says why.
         """
         return self._ask(p.StatusRequest(), timeout_s, "status")
 
@@ -1437,7 +1453,7 @@ class Client:
     def _ask(self, question: p.Command, timeout_s: float, what: str) -> dict[str, Any]:
         """The broker's answer to `question`, which the caller knows as `what`."""
         self._refuse_on_io_thread(f"{what}()")
-        asked = _Question(question, Future())
+        asked = _Question(question, Future(), what)
         with self._lock:
             self._check_open()
             self._questions.append(asked)
@@ -1910,7 +1926,10 @@ class Client:
 
     def _receive(self, now: float) -> bool:
         heard = False
-        for command in _wire.receive(self._socket, p.TO_CLIENT):
+        commands = _wire.receive(
+            self._socket, p.TO_CLIENT, unreadable=self._unreadable_answer
+        )
+        for command in commands:
             heard = True
             self._handle(command)
         if self._acks and self._acks_due == math.inf:
@@ -1948,6 +1967,28 @@ class Client:
         if self._asked:
             _resolve(self._asked.popleft().answer, answer)
 
+    def _unreadable_answer(self, frames: list[p.Payload], error: ProtocolError) -> None:
+        """An answer that cannot be read still came: fail the question it
+        answers with why, rather than let it time out and advise waiting
+        longer (a status too large to read was taken for silence)."""
+        if len(frames) < 2 or bytes(frames[1]) not in _ANSWER_BYTES:
+            return
+        if not self._asked:
+            return
+        asked = self._asked.popleft()
+        message = (
+            f"the broker at {self.address} answered {asked.what}(), but its "
+            f"answer could not be read: {error}; a longer timeout_s will not "
+            "help"
+        )
+        if error.code == "size":
+            message += (
+                f" (a client reads answers of up to {p.MAX_BODY_BYTES} bytes; "
+                "a broker that lists every client in its status outgrows that "
+                "past about 100,000 sessions: upgrade it)"
+            )
+        _fail(asked.answer, ProtocolError(message, error.code))
+
     def _refused(self, error: p.Error) -> None:
         if error.code == "hello_first":
             # Not once the key was revoked: its results would come back to
@@ -1960,7 +2001,7 @@ class Client:
                 self._hello()
         elif error.code == p.UNSERVED:
             self._warn_once(error.message)
-        elif error.code == p.SESSION_IN_USE:
+        elif error.code in (p.SESSION_IN_USE, p.TOO_MANY_SESSIONS):
             self._session_refused(error)
         elif error.code in _MESSAGE_REFUSED:
             self._submit_refused(error)
@@ -1980,15 +2021,21 @@ class Client:
             )
 
     def _session_refused(self, error: p.Error) -> None:
-        """Another live client holds our session: wait for it, asking again
-        each heartbeat (see _serve), and say so once."""
+        """Another live client holds our session, or the broker has no room
+        for it: wait, asking again each heartbeat (see _serve), and say so
+        once."""
         if self._session_refused_at is None:
             self._session_refused_at = time.monotonic()
+        self._session_refusal = error
+        if error.code == p.SESSION_IN_USE:
+            until, kind = "takes the session once that client has left", "SessionInUse"
+        else:
+            until, kind = "takes the session once there is room", "SessionRefused"
         self._warn_once(
             f"{error.message}; this client asks again every "
-            f"{self._heartbeat_interval_s:g}s and takes the session once that "
-            f"client has left; after {self._session_wait_s:g}s it fails its "
-            f"tasks with SessionInUse (session={self.session}, {error.code})"
+            f"{self._heartbeat_interval_s:g}s and {until}; after "
+            f"{self._session_wait_s:g}s it fails its tasks with {kind} "
+            f"(session={self.session}, {error.code})"
         )
 
     @property
@@ -2003,12 +2050,23 @@ class Client:
         since = self._session_refused_at
         if since is None or now - since < self._session_wait_s:
             return
+        error: type[SessionRefused] = SessionInUse
         message = (
             f"session {self.session!r} is held by another live client, which "
             f"kept it for the {now - since:.1f}s this client waited; one client "
             "holds a session at a time: close the other one, or use another "
             "session name"
         )
+        # What is submitted from now on gets a whole wait of its own: failed
+        # at the next beat, it could never see the session freed meanwhile.
+        self._session_refused_at = now
+        refusal = self._session_refusal
+        if refusal is not None and refusal.code != p.SESSION_IN_USE:
+            error = SessionRefused
+            message = (
+                f"{refusal.message}; refused for the {now - since:.1f}s this "
+                "client waited"
+            )
         with self._lock:
             outgoing, self._outgoing = self._outgoing, deque()
             self._outgoing_bytes = 0
@@ -2020,9 +2078,9 @@ class Client:
         self._bytes_held = self._acks_bytes
 
         for pending in held:
-            _fail(pending.future, SessionInUse(f"{message}; {_fate(pending)}"))
+            _fail(pending.future, error(f"{message}; {_fate(pending)}"))
         for question in questions:
-            _fail(question.answer, SessionInUse(message))
+            _fail(question.answer, error(message))
         if held:
             self._release(len(held))
             log.error("failed %d tasks: %s", len(held), message)
@@ -2175,7 +2233,7 @@ class Client:
         self._welcomed = True
         self._misdirection = None  # a frontend answers here now
         if self._session_refused_at is not None:
-            self._session_refused_at = None
+            self._session_refused_at = self._session_refusal = None
             log.info("the session is ours now session=%s", self.session)
         self._durable = welcome.durable
         self._max_payload_bytes = welcome.max_payload_bytes

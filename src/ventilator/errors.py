@@ -5,7 +5,8 @@
     VentilatorError
     ├── UsageError                  the caller misused the API or the CLI
     │   ├── PickleNotAllowed        a callable was submitted without allow_pickle
-    │   └── SessionInUse            another live client holds the session
+    │   └── SessionRefused          the broker refused the client's session
+    │       └── SessionInUse        another live client holds the session
     ├── ProtocolError               a peer sent frames we cannot decode
     ├── JournalError                the broker cannot write its journal
     ├── TaskError                   a task did not produce a result
@@ -41,6 +42,7 @@ __all__ = [
     "ProtocolError",
     "ResultExpired",
     "SessionInUse",
+    "SessionRefused",
     "TaskError",
     "TaskRaised",
     "TaskRejected",
@@ -63,7 +65,14 @@ class PickleNotAllowed(UsageError):
     """A callable was submitted but pickled callables were not enabled."""
 
 
-class SessionInUse(UsageError):
+class SessionRefused(UsageError):
+    """The broker refused this client's session for as long as the client
+    waited: it has no room for another (`max_sessions`, or the few sessions
+    one connection may open); the message names the limit. Close clients
+    that are done, or wait for sessions that left to be forgotten."""
+
+
+class SessionInUse(SessionRefused):
     """Another live `Client` holds this client's session, and kept it for as
     long as this one waited (see README, Sessions): close that one, or use
     another session name."""

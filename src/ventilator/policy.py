@@ -149,6 +149,13 @@ class Limits:
     # Connections to the broker, both sockets together, counted from the moment
     # they are accepted (a peer that never says HELLO counts too).
     max_peers: int = 10_000
+    # Sessions and sinks the broker remembers at once; past it a HELLO naming
+    # a new one is refused. Each costs memory, and a client could otherwise
+    # say HELLO under new names for ever (a task each, beyond its window).
+    max_sessions: int = 50_000
+    # How long after it was last heard a session that left, owing and holding
+    # nothing, is still remembered (and shown by status) before it is forgotten.
+    session_grace_s: float = 60.0
     retry_backoff: Backoff = field(default_factory=Backoff)
     # Failed tasks remembered for `ventilator failed` and `retry`, newest kept.
     failed_kept: int = 1000
@@ -174,5 +181,7 @@ _LIMITS_AT_LEAST: dict[str, float] = {
     "max_attempts": 1,
     "result_ttl_s": 0,
     "max_peers": 1,
+    "max_sessions": 1,
+    "session_grace_s": 0,
     "failed_kept": 0,
 }

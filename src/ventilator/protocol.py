@@ -128,6 +128,10 @@ UNSERVED = "unserved"
 # An ERROR code: the HELLO's session is held by another live client (see
 # Scheduler._attach_session); the client asks again until it is free.
 SESSION_IN_USE = "session_in_use"
+# An ERROR code: the HELLO names a session (or sink) the broker has no room
+# for: it remembers `max_sessions` in all, and a connection opens a few at most
+# (see Scheduler._session_room); the message names the limit.
+TOO_MANY_SESSIONS = "too_many_sessions"
 
 # What a task's function is called. A dotted module path, a colon and a public
 # name is what workers serve; a pickled callable is ``pickled:`` and a label

@@ -110,6 +110,19 @@ DEADLINE_HEAP_SLACK = 1024
 # broker repeats to the client.
 MAX_DEATH_LENGTH = 200
 
+# How many sessions (or sinks) one connection may have opened that the broker
+# still remembers. Our clients and sinks open one per connection; a peer that
+# says HELLO under a new name leaves its old session, which is forgotten at
+# once if it holds nothing. What it holds (a task each) is not dropped, so a
+# connection that keeps renaming itself is refused past these few instead of
+# sidestepping the per-client window with a session per task.
+SESSIONS_PER_CONNECTION = 4
+# How many clients and sinks `status` lists, the most relevant first (owed
+# the most results, connected, heard last); its counts cover every one. A
+# client reads answers of up to protocol.MAX_BODY_BYTES: past about 100,000
+# sessions a full list no longer fitted, and status stopped working.
+STATUS_CLIENTS = 100
+
 # The session under which the broker resubmits failed tasks an operator retries.
 RETRY_SESSION = "ventilator:retry"
 # Arguments of a failed task are kept for a retry up to this size; larger ones
@@ -271,6 +284,11 @@ class Recipient:
     # How many of its results (pending or unacknowledged) are tombstones of
     # expired ones, for the status.
     expired: int = 0
+    # The connection it was last attached to, which stays mapped to it while
+    # it is away (it may speak again without a HELLO), and the one whose HELLO
+    # created it, which counts it against SESSIONS_PER_CONNECTION.
+    last_peer: bytes | None = None
+    opened_by: bytes | None = None
 
     def delivered(self, ticket: int, size: int) -> None:
         self.unacked[ticket] = size
@@ -444,9 +462,12 @@ def _held_by_another(recipient: Recipient, peer: bytes, hello: p.Hello) -> bool:
     )
 
 
+SINK_PREFIX = "sink:"
+
+
 def sink_recipient(name: str) -> str:
     """The recipient name under which a sink's results wait."""
-    return f"sink:{name}"
+    return f"{SINK_PREFIX}{name}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -617,6 +638,24 @@ class SessionHeld:
 
 
 @dataclass(frozen=True, slots=True)
+class SessionsForgotten:
+    """Sessions (or sinks) that left owing and holding nothing were forgotten,
+    `grace_s` (session_grace_s) after they were last heard."""
+
+    count: int
+    grace_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRefused:
+    """A HELLO named a new session the broker has no room for; `reason` names
+    the limit."""
+
+    session: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class FailureForgotten:
     """The oldest failure records made room for new ones (`failed_kept`)."""
 
@@ -639,6 +678,8 @@ Notice = (
     | TombstonesForgotten
     | SinkTaken
     | SessionHeld
+    | SessionsForgotten
+    | SessionRefused
     | FailureForgotten
 )
 
@@ -743,6 +784,8 @@ class Scheduler:
 
         self.recipients: dict[str, Recipient] = {}
         self._recipient_of_peer: dict[bytes, str] = {}
+        # Per connection, how many remembered recipients its HELLOs created.
+        self._opened_by_peer: dict[bytes, int] = {}
 
         # Per queue, how long its tasks run (as workers report it), and how many
         # of them a worker's slot may hold for that (see _allowance).
@@ -802,12 +845,98 @@ class Scheduler:
             self._effects.to_clients.append((peer, p.Error("reserved_name", message)))
             return
 
+        name = hello.session if hello.sink is None else sink_recipient(hello.sink)
+        is_new = name not in self.recipients
+        if is_new:
+            refusal = self._session_room(peer)
+            if refusal is not None:
+                self._refuse_new_session(peer, name, refusal)
+                return
+
         if hello.sink is None:
             if not self._attach_session(peer, hello, now):
                 return
         elif not self._attach_sink(peer, hello.sink, hello.session, now):
             return
+        if is_new:
+            self._count_opened(self.recipients[name], peer)
         self._effects.to_clients.append((peer, self._welcome()))
+
+    def _session_room(self, peer: bytes) -> str | None:
+        """Why no new session may be opened on `peer` now; None if one may."""
+        opened = self._opened_by_peer.get(peer, 0)
+        # The session it speaks for now is left, and forgotten if it holds
+        # nothing: that one makes room.
+        current = self.recipients.get(self._recipient_of_peer.get(peer, ""))
+        if current is not None and current.opened_by == peer:
+            opened -= self._holds_nothing(current)
+        if opened >= SESSIONS_PER_CONNECTION:
+            return (
+                f"this connection opened {opened} sessions that the broker "
+                f"still holds tasks or results of, the most one may "
+                f"({SESSIONS_PER_CONNECTION}); keep one session per connection, "
+                "or connect anew for another"
+            )
+        if len(self.recipients) >= self.limits.max_sessions:
+            return (
+                f"the broker holds {len(self.recipients)} sessions and sinks, "
+                f"its limit (max_sessions={self.limits.max_sessions}); those "
+                "that left owing nothing are forgotten "
+                f"{self.limits.session_grace_s:g}s after they were last heard "
+                "(session_grace_s): try again later, or purge sessions that left"
+            )
+        return None
+
+    def _refuse_new_session(self, peer: bytes, name: str, reason: str) -> None:
+        """Refuse a HELLO for a new session. The connection leaves the session
+        it spoke for, as a HELLO under a new name does, so that what it sends
+        next is not taken for that session's: it must say HELLO again."""
+        self._leave(peer)
+        message = f"no room for session {name!r}: {reason}"
+        error = p.Error(p.TOO_MANY_SESSIONS, message)
+        self._effects.to_clients.append((peer, error))
+        self._effects.notices.append(SessionRefused(name, reason))
+
+    def _leave(self, peer: bytes) -> None:
+        """`peer` no longer speaks for the recipient it spoke for, which is
+        away from now on (what it is owed waits), or forgotten if it holds
+        nothing: its own connection moved on, so no grace is needed."""
+        name = self._recipient_of_peer.pop(peer, None)
+        recipient = self.recipients.get(name) if name is not None else None
+        if recipient is None or recipient.peer != peer:
+            return
+        recipient.peer = None
+        if self._holds_nothing(recipient):
+            self._drop_recipient(recipient)
+
+    def _count_opened(self, recipient: Recipient, peer: bytes) -> None:
+        """Count `recipient`, which the HELLO of `peer` created, against it
+        (see SESSIONS_PER_CONNECTION) until the recipient is forgotten."""
+        recipient.opened_by = peer
+        self._opened_by_peer[peer] = self._opened_by_peer.get(peer, 0) + 1
+
+    def _holds_nothing(self, recipient: Recipient) -> bool:
+        """Whether forgetting `recipient` loses nothing: no result waits for
+        it (nor a tombstone: those wait in `pending` too), and no task it
+        submitted is in the broker (queued, waiting, running or finished)."""
+        return not (
+            recipient.pending or recipient.unacked or self._held.get(recipient.name, 0)
+        )
+
+    def _drop_recipient(self, recipient: Recipient) -> None:
+        """Forget `recipient` and every connection's mapping to it. A session
+        that comes back afterwards is simply new."""
+        del self.recipients[recipient.name]
+        for peer in (recipient.peer, recipient.last_peer):
+            if peer is not None and self._recipient_of_peer.get(peer) == recipient.name:
+                del self._recipient_of_peer[peer]
+        opener = recipient.opened_by
+        if opener is not None:
+            left = self._opened_by_peer[opener] - 1
+            if left:
+                self._opened_by_peer[opener] = left
+            else:
+                del self._opened_by_peer[opener]
 
     def _attach_session(self, peer: bytes, hello: p.Hello, now: float) -> bool:
         """Attach `peer` to its session, unless another live `Client` holds it.
@@ -892,15 +1021,19 @@ class Scheduler:
         recipient.expires = expires
 
         # A connection that speaks for a new name no longer speaks for the old
-        # one: that one is away (its unacknowledged results wait) until it is back.
-        previous = self.recipients.get(self._recipient_of_peer.get(peer, name))
-        if previous is not None and previous is not recipient:
-            previous.peer = None
+        # one: that one is away (its unacknowledged results wait) until it is
+        # back, or forgotten now if it holds nothing.
+        if self._recipient_of_peer.get(peer, name) != name:
+            self._leave(peer)
 
         # A session that reconnects takes its place back: everything it had been
         # sent but had not acknowledged is sent again (the client drops doubles).
-        if recipient.peer is not None and recipient.peer != peer:
-            self._recipient_of_peer.pop(recipient.peer, None)
+        # Its earlier connection, even one it was away from, speaks for it no
+        # more: that one must say HELLO again, and a forgotten killed client
+        # leaves no mapping behind.
+        earlier = recipient.peer or recipient.last_peer
+        if earlier not in (None, peer) and self._recipient_of_peer.get(earlier) == name:
+            del self._recipient_of_peer[earlier]
         resent = self._attach(recipient, peer, now)
         if announce:
             self._effects.notices.append(ClientJoined(name, resent))
@@ -909,13 +1042,8 @@ class Scheduler:
         """Forget recipient `name` if it is owed nothing and has nothing running,
         so that short-lived connections (MDP clients) do not accumulate."""
         recipient = self.recipients.get(name)
-        if recipient is None or recipient.pending or recipient.unacked:
-            return
-        if self._held.get(name, 0):
-            return
-        if recipient.peer is not None:
-            self._recipient_of_peer.pop(recipient.peer, None)
-        del self.recipients[name]
+        if recipient is not None and self._holds_nothing(recipient):
+            self._drop_recipient(recipient)
 
     def _welcome(self) -> p.Welcome:
         return p.Welcome(
@@ -927,7 +1055,7 @@ class Scheduler:
         )
 
     def _attach(self, recipient: Recipient, peer: bytes, now: float) -> int:
-        recipient.peer = peer
+        recipient.peer = recipient.last_peer = peer
         recipient.last_seen = now
         self._recipient_of_peer[peer] = recipient.name
         return self._redeliver(recipient)
@@ -950,7 +1078,7 @@ class Scheduler:
         if recipient.send_failed:
             self._attach(recipient, peer, now)
             return
-        recipient.peer = peer
+        recipient.peer = recipient.last_peer = peer
         recipient.last_seen = now
 
     def _recipient(self, name: str) -> Recipient:
@@ -1259,7 +1387,7 @@ class Scheduler:
         # do not accumulate; one that still has tasks running is recreated when
         # their results arrive.
         if said_bye and not held:
-            del self.recipients[recipient.name]
+            self._drop_recipient(recipient)
 
     # --- workers ---------------------------------------------------------------------
 
@@ -1905,14 +2033,23 @@ class Scheduler:
             self._remove_worker(worker, f"silent for {silent_s:.1f}s", True, now)
 
     def _expire_clients(self, now: float) -> None:
+        """Give up on silent clients and sinks; forget those that left owing
+        and holding nothing once `session_grace_s` passed since they were
+        last heard (a client killed without a BYE used to stay for ever)."""
         deadline = now - self.limits.heartbeat_interval_s * self.limits.liveness
+        forget_by = now - self.limits.session_grace_s
+        idle: list[Recipient] = []
         for recipient in self.recipients.values():
-            if (
-                recipient.peer is not None
-                and recipient.expires
-                and recipient.last_seen < deadline
-            ):
-                self._client_gone(recipient, Departure.SILENT)
+            if recipient.peer is not None:
+                if recipient.expires and recipient.last_seen < deadline:
+                    self._client_gone(recipient, Departure.SILENT)
+            elif recipient.last_seen <= forget_by and self._holds_nothing(recipient):
+                idle.append(recipient)
+        for recipient in idle:
+            self._drop_recipient(recipient)
+        if idle:
+            grace_s = self.limits.session_grace_s
+            self._effects.notices.append(SessionsForgotten(len(idle), grace_s))
 
     def _wake_retries(self, now: float) -> None:
         while self._waiting and self._waiting[0][0] <= now:
@@ -2532,7 +2669,7 @@ class Scheduler:
             "queued": queued,
             "running": running,
             **self._results_held(unfinished),
-            "clients": [self._client_status(r) for r in self.recipients.values()],
+            **self._clients_status(self.recipients.values()),
             "totals": self.totals(),
             "recent_failures": [
                 record.report(now) for record in self._failures(10, None)
@@ -2556,11 +2693,11 @@ class Scheduler:
             "queued": {q: n for q, n in queued.items() if scope.shows_queue(q)},
             "running": {q: n for q, n in running.items() if scope.shows_queue(q)},
             **self._results_held(unfinished),
-            "clients": [
-                self._client_status(recipient)
+            **self._clients_status(
+                recipient
                 for recipient in self.recipients.values()
                 if scope.owns(recipient.name) or scope.owns(recipient.holder or "")
-            ],
+            ),
             "totals": self.totals(),
             "recent_failures": [
                 record.report(now) for record in self._failures(10, scope)
@@ -2595,6 +2732,35 @@ class Scheduler:
             "failed": sum(by_status[status] for status in FAILURE_STATUSES),
             "cancelled": by_status[p.Status.CANCELLED],
             "split": self._batches_split,
+        }
+
+    def _clients_status(self, recipients: Iterable[Recipient]) -> dict[str, object]:
+        """The `STATUS_CLIENTS` most relevant of `recipients`, and exact counts
+        of them all: the answer stays readable however many there are.
+
+        Most relevant: owed the most results (pending or unacknowledged),
+        then connected, then heard last. A dashboard may ask every second:
+        one pass over them all, and a heap of the listed few.
+        """
+        counts = {"all": 0, "connected": 0, "sinks": 0, "connected_sinks": 0}
+        kept: list[tuple[int, bool, float, int, Recipient]] = []
+        for order, recipient in enumerate(recipients):
+            is_sink = recipient.name.startswith(SINK_PREFIX)
+            connected = recipient.peer is not None
+            counts["all"] += 1
+            counts["connected"] += connected
+            counts["sinks"] += is_sink
+            counts["connected_sinks"] += is_sink and connected
+            owed = len(recipient.pending) + len(recipient.unacked)
+            entry = (owed, connected, recipient.last_seen, -order, recipient)
+            if len(kept) < STATUS_CLIENTS:
+                heapq.heappush(kept, entry)
+            elif entry[:4] > kept[0][:4]:
+                heapq.heapreplace(kept, entry)
+        kept.sort(key=lambda entry: entry[:4], reverse=True)
+        return {
+            "clients": [self._client_status(entry[4]) for entry in kept],
+            "client_counts": {**counts, "listed": len(kept)},
         }
 
     def _client_status(self, recipient: Recipient) -> dict[str, object]:
@@ -2890,10 +3056,22 @@ class Scheduler:
         self._check_stale_counts()
         self._check_byte_counts()
         self._check_tombstones()
+        self._check_session_counts()
         assert all(ids for _, ids in self._unannounced.values()), "empty ACCEPTED"
         failed = [record.ticket for record in self.failed]
         assert len(set(failed)) == len(failed), "a failure remembered twice"
         self._check_totals()
+
+    def _check_session_counts(self) -> None:
+        """Each connection counts the remembered recipients it opened, and no
+        connection is mapped to a forgotten one (a leak per killed client)."""
+        opened: dict[bytes, int] = {}
+        for recipient in self.recipients.values():
+            if recipient.opened_by is not None:
+                opened[recipient.opened_by] = opened.get(recipient.opened_by, 0) + 1
+        assert opened == self._opened_by_peer, "sessions per connection miscounted"
+        for peer, name in self._recipient_of_peer.items():
+            assert name in self.recipients, f"{peer!r} mapped to forgotten {name}"
 
     def _check_totals(self) -> None:
         # Withdrawn tasks count in neither side, hence <= rather than ==.

@@ -269,7 +269,9 @@ class Sink:
             # A restarted broker: register the name again; it kept our results.
             log.warning("the broker does not know this sink; registering again")
             self._send(self._hello())
-        elif error.code == "sink_taken":
+        elif error.code in ("sink_taken", p.TOO_MANY_SESSIONS):
+            # No room for it is waited out as another receiver is: asked
+            # again each heartbeat, for as long.
             self._taken(error.message)
         elif error.code in ("forbidden", REVOKED):
             # Its key is not (or no longer) allowed: what the broker holds for

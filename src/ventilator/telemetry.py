@@ -555,7 +555,7 @@ def _gauges(status: dict[str, Any]) -> Iterator[Metric]:
     yield GaugeMetricFamily(
         "ventilator_clients_connected",
         "Clients and sinks connected.",
-        value=sum(1 for c in status["clients"] if c["connected"]),
+        value=status["client_counts"]["connected"],
     )
     yield GaugeMetricFamily(
         "ventilator_results_waiting",

@@ -20,6 +20,7 @@ from ventilator.errors import (
     ProtocolError,
     ResultExpired,
     SessionInUse,
+    SessionRefused,
     TaskError,
     TaskRaised,
     TaskRejected,
@@ -57,6 +58,8 @@ def test_every_documented_task_error_is_a_subclass() -> None:
         (UsageError, VentilatorError),
         (PickleNotAllowed, UsageError),
         (SessionInUse, UsageError),
+        (SessionRefused, UsageError),
+        (SessionInUse, SessionRefused),
         (ProtocolError, VentilatorError),
         (TaskError, VentilatorError),
         (NetworkError, VentilatorError),
@@ -179,7 +182,15 @@ def test_protocol_error_code_defaults_to_malformed() -> None:
 
 
 @pytest.mark.parametrize(
-    "cls", [UsageError, PickleNotAllowed, SessionInUse, NetworkError, ClientClosed]
+    "cls",
+    [
+        UsageError,
+        PickleNotAllowed,
+        SessionInUse,
+        SessionRefused,
+        NetworkError,
+        ClientClosed,
+    ],
 )
 def test_other_errors_survive_pickle(cls: type[VentilatorError]) -> None:
     again = pickle.loads(pickle.dumps(cls("what went wrong")))

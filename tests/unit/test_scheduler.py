@@ -1756,10 +1756,21 @@ def test_revoked_worker_gives_its_tasks_back_without_blame(driver: Driver) -> No
 def test_a_connection_that_says_hello_as_a_sink_leaves_its_session_away(
     driver: Driver,
 ) -> None:
+    driver.submit(task(1))
+
     driver.hello(sink="totals")
 
     assert driver.scheduler.recipients["alice"].peer is None
     assert driver.scheduler.recipients[sink_recipient("totals")].peer == CLIENT
+
+
+def test_a_connection_that_says_hello_under_a_new_name_forgets_an_idle_session(
+    driver: Driver,
+) -> None:
+    driver.hello(session="bob")
+
+    assert "alice" not in driver.scheduler.recipients
+    assert driver.scheduler.recipients["bob"].peer == CLIENT
 
 
 def test_client_is_told_when_no_connected_worker_serves_its_function(

@@ -70,8 +70,9 @@ function renderCards(status, history) {
   const workers = status.workers;
   const queued = sum(Object.values(status.queued));
   const running = sum(Object.values(status.running));
-  const clients = status.clients.filter((c) => c.connected);
-  const sinks = clients.filter((c) => c.kind === "sink").length;
+  // Counts of every client: the list holds the most relevant ones only.
+  const counts = status.client_counts;
+  const sinks = counts.connected_sinks;
   setText("workers-count", number(workers.length));
   // Slots as workers declared them, not their credit (capacity), which
   // prefetch makes many times larger for short tasks.
@@ -82,7 +83,7 @@ function renderCards(status, history) {
   const items = status.items;
   setText("completed-total", number(items.completed));
   setText("failed-total", number(items.failed));
-  setText("clients-count", `${clients.length - sinks} · ${sinks}`);
+  setText("clients-count", `${number(counts.connected - sinks)} · ${number(sinks)}`);
   setText("results-waiting", `${number(status.results_waiting)} results waiting`);
   const last = history.slice(-5);
   const rate = (key) => (last.length ? sum(last.map((s) => s[key])) / last.length : 0);
