@@ -21,6 +21,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import sys
 import threading
 import time
 from http import HTTPStatus
@@ -87,7 +88,7 @@ class DashboardServer:
         self._registry = metrics_registry(lambda: telemetry.latest)
         handler = type("Handler", (_Handler,), {"dashboard": self})
         try:
-            self._server = ThreadingHTTPServer(address, handler)
+            self._server = _Server(address, handler)
         except OSError as exc:
             host, port = address
             raise UsageError(
@@ -120,6 +121,18 @@ class DashboardServer:
 
     def metrics(self) -> bytes:
         return generate_latest(self._registry)
+
+
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A caller that hung up before its answer (a health check that gave
+        up) is routine: one DEBUG line, not socketserver's traceback on
+        stderr for each."""
+        error = sys.exc_info()[1]
+        if isinstance(error, ConnectionError):
+            log.debug("http %s hung up: %s", client_address[0], error)
+            return
+        log.warning("http request from %s failed", client_address[0], exc_info=True)
 
 
 class _Handler(BaseHTTPRequestHandler):

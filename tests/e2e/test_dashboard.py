@@ -4,6 +4,8 @@ the dashboard page in a real (headless) Chromium."""
 from __future__ import annotations
 
 import json
+import socket
+import struct
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -22,9 +24,13 @@ from .conftest import (
     BrokerProcess,
     ClusterError,
     Launcher,
+    log_of,
     wait_for_workers,
     wait_until,
 )
+
+# Callers that hang up before reading their answer.
+HANGUPS = 50
 
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's package; never a downloaded one
 CHROMIUM_ARGS = [
@@ -93,6 +99,24 @@ def test_health_answers_ok_and_unknown_pages_are_404(web_broker: BrokerProcess) 
     # How long ago the broker's loop published, as the README documents it.
     assert 0 <= json.loads(body)["snapshot_age_s"] < 10
     assert missing == 404
+
+
+def test_callers_that_hang_up_early_cost_no_traceback(
+    web_broker: BrokerProcess,
+) -> None:
+    assert web_broker.http is not None
+    host, port = web_broker.http.removeprefix("http://").split(":")
+    for _ in range(HANGUPS):
+        with socket.create_connection((host, int(port)), timeout=5) as caller:
+            # Closed with a reset before the answer is read, as a health
+            # check that gave up does.
+            caller.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+            )
+            caller.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+
+    assert get(web_broker, "/health")[0] == 200
+    assert "Traceback" not in log_of(web_broker.process)
 
 
 def test_http_on_a_public_address_is_refused_without_allow_remote(
