@@ -27,20 +27,25 @@ class StallWatch:
     def __init__(self, interval_s: float, now: float) -> None:
         self._interval_s = interval_s
         self._last_turn = now
-        self._last_cpu_s = time.thread_time()
-        # Of the last stall, the CPU time the loop's thread spent computing.
+        # The thread's CPU time, read at most once an interval: a system call
+        # on every turn of a busy loop showed in its profile.
+        self._cpu_at, self._cpu_s = now, time.thread_time()
+        # Of the last stall, the CPU time the loop's thread spent computing
+        # (from up to an interval before it began).
         self.computing_s = 0.0
 
     def stalled_s(self, now: float) -> float:
         """How long the loop stood still before this turn (at `now`); 0.0 if
         it turned on time. Call once per turn."""
         gap_s = now - self._last_turn
-        cpu_s = time.thread_time()  # a fifth of a microsecond
-        busy_s = cpu_s - self._last_cpu_s
-        self._last_turn, self._last_cpu_s = now, cpu_s
+        self._last_turn = now
         if gap_s <= 2 * self._interval_s:
+            if now - self._cpu_at >= self._interval_s:
+                self._cpu_at, self._cpu_s = now, time.thread_time()
             return 0.0
-        self.computing_s = busy_s
+        cpu_s = time.thread_time()
+        self.computing_s = cpu_s - self._cpu_s
+        self._cpu_at, self._cpu_s = now, cpu_s
         return gap_s - self._interval_s
 
     def cause(self, stalled_s: float) -> str:
