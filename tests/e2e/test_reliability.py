@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -596,15 +596,18 @@ with ventilator.Client(sys.argv[1], heartbeat_interval_s=0.1) as client:
 """
 
 
-def test_client_paused_past_its_expiry_gets_its_results_when_it_resumes(
-    launch: Launcher, fast_broker: BrokerProcess
-) -> None:
-    launch.worker(fast_broker, pool="thread")
-    observer = launch.client(fast_broker)
+def start_pausable_client(
+    launch: Launcher, broker: BrokerProcess
+) -> tuple[subprocess.Popen[bytes], ventilator.Client, Callable[[Any], Any]]:
+    """A worker, an observing client, and a PAUSABLE_CLIENT process the broker
+    has heard; return the process, the observer, and a status predicate
+    saying whether that client is connected (None: not listed)."""
+    launch.worker(broker, pool="thread")
+    observer = launch.client(broker)
     wait_for_workers(observer, 1)
     paused = launch.processes.start(
         "client",
-        [sys.executable, "-c", PAUSABLE_CLIENT, fast_broker.frontend],
+        [sys.executable, "-c", PAUSABLE_CLIENT, broker.frontend],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
     )
@@ -615,6 +618,13 @@ def test_client_paused_past_its_expiry_gets_its_results_when_it_resumes(
         return rows[0] if rows else None
 
     status_when(observer, connected, 10, "the client to say hello", ClusterError)
+    return paused, observer, connected
+
+
+def test_client_paused_past_its_expiry_gets_its_results_when_it_resumes(
+    launch: Launcher, fast_broker: BrokerProcess
+) -> None:
+    paused, observer, connected = start_pausable_client(launch, fast_broker)
     with stopped(paused.pid):
         status_when(
             observer,
@@ -632,23 +642,7 @@ def test_client_paused_past_its_expiry_gets_its_results_when_it_resumes(
 def test_a_paused_client_does_not_blame_the_broker_for_its_own_silence(
     launch: Launcher, fast_broker: BrokerProcess
 ) -> None:
-    launch.worker(fast_broker, pool="thread")
-    observer = launch.client(fast_broker)
-    wait_for_workers(observer, 1)
-    paused = launch.processes.start(
-        "client",
-        [sys.executable, "-c", PAUSABLE_CLIENT, fast_broker.frontend],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-    )
-    session = read_json_line(paused, START_TIMEOUT_S)
-    status_when(
-        observer,
-        lambda status: any(c["name"] == session for c in status["clients"]),
-        10,
-        "the client to say hello",
-        ClusterError,
-    )
+    paused, _, _ = start_pausable_client(launch, fast_broker)
 
     # Over ten times its 0.1 s heartbeat: past its liveness of the broker.
     pause_for(paused.pid, PAUSE_S)
