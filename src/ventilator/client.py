@@ -1805,9 +1805,17 @@ class Client:
         problem = self._handshakes.problem
         self._fail_questions([x for x in (problem, self._misdirection) if x])
         if problem is not None and self._handshakes.definitive:
-            self._fail_tasks(problem)
+            refusals = _wire.REFUSALS_BEFORE_GIVING_UP
+            self._fail_tasks(
+                f"{problem} (this task was not run: the broker refused this "
+                f"client's last {refusals} handshakes; session={self.session})",
+                "the broker refuses this client",
+            )
         if self._misdirection is not None:
-            self._fail_misdirected_tasks(self._misdirection)
+            self._fail_tasks(
+                f"{self._misdirection} (this task was not run)",
+                f"{self.address} is not a broker's frontend",
+            )
 
     def _log_silence(self, now: float) -> None:
         """Say that the broker is silent, at each reconnection at first, then
@@ -2121,38 +2129,14 @@ class Client:
             return False
         return self._handshakes.definitive or self._misdirection is not None
 
-    def _fail_tasks(self, problem: str) -> None:
-        """The broker refuses this client's handshakes, past doubt (see
-        HandshakeWatch.definitive): fail every task held, sent or not, rather
-        than let it wait for a broker that will not let this client in. The
-        connection keeps trying: tasks submitted after a handshake succeeds
-        (the operator let the key in) go through."""
-        error = NetworkError(
-            f"{problem} (this task was not run: the broker refused this "
-            f"client's last {_wire.REFUSALS_BEFORE_GIVING_UP} handshakes; "
-            f"session={self.session})"
-        )
-        failed = self._fail_held(error)
+    def _fail_tasks(self, message: str, why: str) -> None:
+        """Fail every task held, sent or not, with a NetworkError saying
+        `message`: where this client connects, none can be accepted (see
+        _fail_unanswerable). The connection keeps trying: tasks submitted
+        once a handshake succeeds (the operator let the key in) go through."""
+        failed = self._fail_held(NetworkError(message))
         if failed:
-            log.error(
-                "failed %d tasks: the broker refuses this client session=%s",
-                failed,
-                self.session,
-            )
-
-    def _fail_misdirected_tasks(self, misdirection: str) -> None:
-        """A backend answered: no task sent here can be accepted or run.
-        Fail those held, sent or not (none reached a broker's queue), rather
-        than hold them for a frontend that is not there."""
-        error = NetworkError(f"{misdirection} (this task was not run)")
-        failed = self._fail_held(error)
-        if failed:
-            log.error(
-                "failed %d tasks: %s is not a broker's frontend session=%s",
-                failed,
-                self.address,
-                self.session,
-            )
+            log.error("failed %d tasks: %s session=%s", failed, why, self.session)
 
     def _key_revoked(self, message: str) -> None:
         """The broker removed this client's key: it sends no more results, and
