@@ -38,7 +38,7 @@ import itertools
 import math
 import random
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Sequence, Set
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from . import protocol as p
@@ -58,7 +58,6 @@ _PICKLED = int(p.Flags.PICKLED)
 _RAW = int(p.Flags.RAW)
 _BATCH = int(p.Flags.BATCH)
 _SPLIT = int(p.Flags.SPLIT)
-_NONE: frozenset[str] = frozenset()
 
 # Session and recipient names of peers that do not speak ventilator's protocol
 # (MDP clients, Titanic): a ventilator client may not take them in its HELLO.
@@ -734,10 +733,12 @@ class Scheduler:
         # ticket it may not keep; the task of ours that bears it is next sent
         # at a later attempt (see _fence).
         self._fences: dict[int, int] = {}
-        # After a restart, the queues of restored tasks, which dispatch nothing
-        # until `_restored_wait_until` (see await_returning_workers).
+        # After a restart, the queues of restored tasks; once the broker
+        # serves, they dispatch nothing until `_held_back_until` (see
+        # await_returning_workers).
         self._restored_queues: set[str] = set()
-        self._restored_wait_until = 0.0
+        self._held_back: set[str] = set()
+        self._held_back_until = 0.0
 
         self.tasks: dict[int, Task] = {}
         self._by_key: dict[tuple[str, int], int] = {}
@@ -1994,6 +1995,7 @@ class Scheduler:
         self._wake_retries(now)
         self._expire_results(now)
         self._forget_tombstones(now)
+        self._end_wait_for_returning_workers(now)
 
     def stood_still(self, stalled_s: float, now: float) -> None:
         """The broker's loop stood still for `stalled_s` up to `now` (the process
@@ -2260,20 +2262,17 @@ class Scheduler:
         if not self._restored_queues:
             return 0.0
         wait_s = RETURN_WAIT_BEATS * self.limits.heartbeat_interval_s
-        self._restored_wait_until = now + wait_s
+        self._held_back, self._restored_queues = self._restored_queues, set()
+        self._held_back_until = now + wait_s
         return wait_s
 
-    def _held_back(self) -> Set[str]:
-        """The queues that wait for returning workers now (see above)."""
-        if self._restored_wait_until and self._now >= self._restored_wait_until:
-            self._restored_queues.clear()
-            self._restored_wait_until = 0.0
-        return self._restored_queues if self._restored_wait_until else _NONE
+    def _end_wait_for_returning_workers(self, now: float) -> None:
+        if self._held_back and now >= self._held_back_until:
+            self._held_back = set()  # the next flush dispatches them
 
     def _dispatch(self) -> None:
-        held_back = self._held_back()
         for queue_name, queue in self._queues.items():
-            if queue_name in held_back:
+            if queue_name in self._held_back:
                 continue
             available = self._available.get(queue_name)
             while queue and available:
@@ -3083,7 +3082,7 @@ class Scheduler:
         assert self.restored <= self.submitted
 
     def _check_nobody_idles_for(self, task: Task) -> None:
-        if task.queue in self._held_back():
+        if task.queue in self._held_back:
             return  # it waits for the worker that ran it before a restart
         for worker in self.workers.values():
             free = max(
