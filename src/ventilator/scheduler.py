@@ -1466,7 +1466,9 @@ class Scheduler:
             requeued = self._drop_worker(old, lost=None, now=now)[0]
         stale = self._worker_for_peer(peer)
         if stale is not None:
-            self._remove_worker(stale, "replaced on its connection", False, now)
+            self._remove_worker(
+                stale, "replaced on its connection", blamed=False, now=now
+            )
 
         self.workers[worker.worker_id] = worker
         self._worker_of_peer[peer] = worker.worker_id
@@ -1572,8 +1574,13 @@ class Scheduler:
             by_session.setdefault(task.session, set()).add(task.ticket)
         for session, tickets in by_session.items():
             queue.discard(session, tickets)
-        if not self.queued_count(queue_name):  # only stale tickets, if any, left
-            del self._queues[queue_name]
+        self._drop_queue_if_idle(queue_name)
+
+    def _drop_queue_if_idle(self, queue_name: str) -> None:
+        """Drop a queue in which nothing waits any more, with the stale
+        tickets it may still hold."""
+        if not self.queued_count(queue_name):
+            self._queues.pop(queue_name, None)  # the last to leave may have taken it
             self._stale.pop(queue_name, None)
 
     def _lease(self, worker: Worker, task: Task) -> None:
@@ -1590,8 +1597,7 @@ class Scheduler:
         worker.running.add(task.ticket)
         _count_held(worker, task.queue, +1)
         if task.deadline is not None:
-            entry = (task.deadline, task.ticket, task.attempt)
-            heapq.heappush(self._deadlines, entry)
+            self._rearm(task, task.deadline)
         else:
             worker.unstarted[task.ticket] = None
 
@@ -1666,13 +1672,12 @@ class Scheduler:
         delay = self._backoff.delay_s(task.attempt, self._rng.random())
         heapq.heappush(self._waiting, (now + delay, task.ticket))
 
-    def _died_running(self, task: Task, how: str, now: float) -> bool:
+    def _died_running(self, task: Task, how: str, now: float) -> None:
         """Requeue a task whose task process died under it (its worker said
-        CRASHED, and `how`, if it said); poison it if it keeps killing.
-        Returns whether it was."""
+        CRASHED, and `how`, if it said); poison it if it keeps killing."""
         task.deaths += 1
         seen = f"its task process died ({how})" if how else "its task process died"
-        return self._strike(task, seen, now)
+        self._strike(task, seen, now)
 
     def _lost_running(self, task: Task, reason: str, now: float) -> bool:
         """Requeue a task whose worker was lost under it (`reason`: silent,
@@ -1927,7 +1932,7 @@ class Scheduler:
         )
         if worker.overruns >= self.limits.max_attempts:
             reason = f"let {worker.overruns} tasks in a row overrun their deadlines"
-            self._remove_worker(worker, reason, False, now, misbehaved=True)
+            self._remove_worker(worker, reason, blamed=False, now=now, misbehaved=True)
             return
         self._start_waiting(worker, now)
         self._offer(worker)
@@ -2038,7 +2043,7 @@ class Scheduler:
         """Give up on silent clients and sinks; forget those that left owing
         and holding nothing once `session_grace_s` passed since they were
         last heard (a client killed without a BYE used to stay for ever)."""
-        deadline = now - self.limits.heartbeat_interval_s * self.limits.liveness
+        deadline = now - self._peer_silence_s()
         forget_by = now - self.limits.session_grace_s
         idle: list[Recipient] = []
         for recipient in self.recipients.values():
@@ -2423,10 +2428,10 @@ class Scheduler:
             worker.running.add(task.ticket)
             _count_held(worker, queue_name, +1)
             task.deadline = None
-            if into_slots:
-                self._arm(worker, task, now)
-            else:
+            if not into_slots:
                 worker.unstarted[task.ticket] = None
+            elif task.timeout_s is not None:  # most have none: no call for them
+                self._arm(worker, task, now)
             assignments.append(
                 p.Assignment(
                     task.ticket,
@@ -2607,9 +2612,7 @@ class Scheduler:
         for task in withdrawn:
             self._leave_queue(task)
             self._forget(task)
-        if not self.queued_count(queue_name):
-            self._queues.pop(queue_name, None)  # if the last one left took it
-            self._stale.pop(queue_name, None)
+        self._drop_queue_if_idle(queue_name)
         return withdrawn
 
     # --- recovery and introspection ------------------------------------------------
