@@ -415,7 +415,8 @@ class Broker:
                 for tag in self._sockets:
                     if tag in self._unread:
                         self._drain(tag, now)
-                if now >= next_tick:
+                ticked = now >= next_tick
+                if ticked:
                     self._check_everything()
                     self._scheduler.tick(now)
                     self._scheduler.heartbeats()
@@ -431,7 +432,9 @@ class Broker:
                     self._gateway.expire_unserved(now)
                     next_mdp_beat = now + mdp_interval_s
                 self._carry_out(self._scheduler.flush(now), now)
-                compacting = self._compact_journal(now)
+                # Looked for once a tick; carried on every turn once under way.
+                if compacting or ticked:
+                    compacting = self._compact_journal(now)
                 self._recheck_sent_on()
                 if telemetry is not None:
                     telemetry.publish(now, self._scheduler)
@@ -468,8 +471,13 @@ class Broker:
     def _compact_journal(self, now: float) -> bool:
         """A bounded step of journal compaction, after the turn's own commit;
         whether another waits. Its copies may use the disk's reserve as a
-        result may: they free far more than they take, once done."""
-        return self._journal.compact(now, self._scheduler.disk_budget.results)
+        result may (they free far more than they take, once done), and are
+        spent from the same budget until the next look at the disk."""
+        budget = self._scheduler.disk_budget
+        written = self._journal.written_bytes
+        more = self._journal.compact(now, budget.results)
+        budget.spend(self._journal.written_bytes - written)
+        return more
 
     def _look_at_disk(self) -> None:
         written = self._journal.written_bytes

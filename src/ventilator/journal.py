@@ -558,8 +558,8 @@ class SqliteJournal:
         self._compaction_waits_for_room = True
         log.warning(
             "journal compaction of segment %s waits for disk room: its %d KiB of "
-            "live blobs would cut into the last quarter of --journal-min-free-bytes "
-            "(%d KiB left before it); it starts once the broker finds room",
+            "live blobs are more than the disk may take now (%d KiB, after "
+            "--journal-min-free-bytes); it starts once the broker finds room",
             self._segments.path(segment),
             live_bytes // 1024,
             max(0, int(room_bytes)) // 1024,

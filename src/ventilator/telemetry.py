@@ -567,5 +567,5 @@ def _gauges(status: dict[str, Any]) -> Iterator[Metric]:
         "ventilator_results_expired",
         "Results that expired uncollected, kept as a few bytes each for one "
         "more result TTL to tell their clients; in no limit.",
-        value=status.get("results_expired", 0),
+        value=status["results_expired"],
     )
