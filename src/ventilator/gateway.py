@@ -170,9 +170,7 @@ class MdpGateway:
         and say READY again at once (zguide's worker does), for ever."""
         if mdp.is_worker(frames):
             return
-        service = bytes(frames[2]) if len(frames) > 2 else b""
-        body = [f"{FAILED_FOR_GOOD} forbidden: {reason}".encode()]
-        self.outbox.append((peer, mdp.client_reply(service, body)))
+        self._reply_failed(peer, _frame(frames, 2), f"forbidden: {reason}")
 
     def _malformed(
         self, peer: bytes, frames: Sequence[Any], exc: ProtocolError, now: float
@@ -183,9 +181,7 @@ class MdpGateway:
             return
         # A client that hears nothing can only time out and resend the same
         # bad request; a 400 tells it (and its user) what to fix instead.
-        service = bytes(frames[2]) if len(frames) > 2 else b""
-        body = [f"{FAILED_FOR_GOOD} malformed request: {exc}".encode()]
-        self.outbox.append((peer, mdp.client_reply(service, body)))
+        self._reply_failed(peer, _frame(frames, 2), f"malformed request: {exc}")
         self._warn(
             now,
             "replied %s to a malformed MDP client request peer=%s: %s (frames=%.120r)",
@@ -207,10 +203,18 @@ class MdpGateway:
             "DEALER must send it first)"
         )
         if bytes(frames[0]) == mdp.CLIENT:
-            service = bytes(frames[1]) if len(frames) > 1 else b""
-            body = [f"{FAILED_FOR_GOOD} malformed request: {reason}".encode()]
-            self.outbox.append((peer, mdp.client_reply(service, body)[1:]))
+            why = f"malformed request: {reason}"
+            self._reply_failed(peer, _frame(frames, 1), why, delimited=False)
         self._warn(now, "refused MDP without its empty first frame peer=%s", peer.hex())
+
+    def _reply_failed(
+        self, peer: bytes, service: bytes, why: str, delimited: bool = True
+    ) -> None:
+        """Answer a client's request ``400 <why>`` on the service frame it
+        carried: sent again, it would fail the same way. Without `delimited`,
+        in the shape of a request that lacked the empty first frame."""
+        reply = mdp.client_reply(service, [f"{FAILED_FOR_GOOD} {why}".encode()])
+        self.outbox.append((peer, reply if delimited else reply[1:]))
 
     def log_held_back(self, now: float) -> None:
         """Count the fault lines held back since the last one (see RateLimit)."""
@@ -541,3 +545,8 @@ def _failure(entry: p.ResultEntry) -> str:
     except Exception:  # msgpack raises a family of unrelated types
         return f"{entry.status.name.lower()}: undecodable error report"
     return f"{error.kind}: {error.summary}"
+
+
+def _frame(frames: Sequence[Any], index: int) -> bytes:
+    """Frame `index` of a message as bytes; empty if the message is shorter."""
+    return bytes(frames[index]) if len(frames) > index else b""
