@@ -928,9 +928,9 @@ class Scheduler:
         """Forget `recipient` and every connection's mapping to it. A session
         that comes back afterwards is simply new."""
         del self.recipients[recipient.name]
-        for peer in (recipient.peer, recipient.last_peer):
-            if peer is not None and self._recipient_of_peer.get(peer) == recipient.name:
-                del self._recipient_of_peer[peer]
+        peer = recipient.last_peer  # `peer` too, while it is connected
+        if peer is not None and self._recipient_of_peer.get(peer) == recipient.name:
+            del self._recipient_of_peer[peer]
         opener = recipient.opened_by
         if opener is not None:
             left = self._opened_by_peer[opener] - 1
@@ -1032,7 +1032,7 @@ class Scheduler:
         # Its earlier connection, even one it was away from, speaks for it no
         # more: that one must say HELLO again, and a forgotten killed client
         # leaves no mapping behind.
-        earlier = recipient.peer or recipient.last_peer
+        earlier = recipient.last_peer  # `peer` too, while it is connected
         if earlier not in (None, peer) and self._recipient_of_peer.get(earlier) == name:
             del self._recipient_of_peer[earlier]
         resent = self._attach(recipient, peer, now)
