@@ -113,8 +113,10 @@ def test_a_cancelled_async_collect_takes_no_result_with_it(
 
     async def cancel_then_collect(client: ventilator.AsyncClient) -> list[Any]:
         waiting = asyncio.ensure_future(anext(client.collect()))
-        await asyncio.sleep(0)  # one turn: it now waits for a result
+        await until_listening(client, True)
         waiting.cancel()
+        await until_listening(client, False)
+        assert waiting.cancelled()
         # The results come only now, after the cancelled collect stopped.
         launch.worker(broker, pool="thread")
         return [f async for f in client.collect(count=3, timeout_s=RESULT_TIMEOUT_S)]
@@ -122,6 +124,15 @@ def test_a_cancelled_async_collect_takes_no_result_with_it(
     futures = run_with(broker, cancel_then_collect, session=earlier.session)
 
     assert sorted(f.task_id for f in futures) == sorted(f.task_id for f in left)
+
+
+async def until_listening(client: ventilator.AsyncClient, listening: bool) -> None:
+    """Wait, on the loop, until a collect of `client` listens for results (or,
+    with False, until none does any more), for at most RESULT_TIMEOUT_S."""
+    deadline = asyncio.get_running_loop().time() + RESULT_TIMEOUT_S
+    while bool(client._client._collect_listeners) != listening:
+        assert asyncio.get_running_loop().time() < deadline, f"listening={listening}"
+        await asyncio.sleep(0.001)
 
 
 def test_async_collect_stops_when_nothing_came_within_its_timeout(
