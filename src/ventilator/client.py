@@ -38,6 +38,7 @@ import sys
 import threading
 import time
 import uuid
+import weakref
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence, Sized
 from concurrent.futures import CancelledError, Executor, Future, InvalidStateError
@@ -151,6 +152,11 @@ WITHDRAW_BY_SEARCH = 16
 # its own more often than not, on the lone task's way.
 ACK_DELAY_S = 0.005
 ACK_BATCH = 1024
+# What a map's unfinished items raise once close() cancelled them.
+MAP_CLOSED_UNDER = (
+    "the client was closed while this map ran; its tasks not finished then "
+    "were cancelled"
+)
 # With a per-item timeout, a batch carries at most this share of it in work: a
 # batch shares one deadline, and one of items that each keep to theirs should
 # not run past it as a whole (it would then be run again item by item).
@@ -451,6 +457,8 @@ class _MapTasks:
         self._lock = threading.Lock()
         self._slots: set[_Slot] = set()
         self.abandoned = False
+        self._closed = False
+        client._track_map(self)
 
     def track(self, slots: Iterable[_Slot]) -> None:
         """Count `slots` as outstanding; cancel them at once if abandoned."""
@@ -464,10 +472,13 @@ class _MapTasks:
         with self._lock:
             self._slots.difference_update(slots)
 
-    def abandon(self) -> None:
-        """Cancel every outstanding task, and any tracked from now on."""
+    def abandon(self, closed: bool = False) -> None:
+        """Cancel every outstanding task, and any tracked from now on. Their
+        slots raise CancelledError, or ClientClosed if the client was `closed`
+        under the map."""
         with self._lock:
             self.abandoned = True
+            self._closed = closed
             slots, self._slots = list(self._slots), set()
         self._cancel(slots)
 
@@ -478,7 +489,10 @@ class _MapTasks:
         log.debug("cancelling %d tasks of an abandoned map", len(task_ids))
         self._client._withdraw(task_ids)
         for slot in slots:
-            slot.cancel()
+            if self._closed:
+                slot.set_exception(ClientClosed(MAP_CLOSED_UNDER))
+            else:
+                slot.cancel()
 
 
 class _Feed:
@@ -813,6 +827,9 @@ class Client:
         # asyncio collect() learns of one without a thread blocked on the
         # queue. A tuple, replaced whole, so the I/O thread reads it unlocked.
         self._collect_listeners: tuple[Callable[[], None], ...] = ()
+        # Maps not finished yet, abandoned by close(): their results could
+        # reach nobody once the client is closed.
+        self._open_maps: weakref.WeakSet[_MapTasks] = weakref.WeakSet()
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)
         self._window = window
@@ -1483,7 +1500,9 @@ class Client:
         )
 
     def close(self, timeout_s: float = 10.0) -> None:
-        """Leave the broker. Futures still pending fail with `ClientClosed`.
+        """Leave the broker. Maps still open cancel what they have not
+        yielded, and raise `ClientClosed` if iterated further; futures still
+        pending fail with `ClientClosed`.
 
         Waits up to `timeout_s` until the broker has accepted every task this
         client sent, so that none is lost by leaving. The broker keeps their
@@ -1494,6 +1513,7 @@ class Client:
                 which close() would have to wait for.
         """
         self._refuse_on_io_thread("close()")
+        self._abandon_open_maps()
         with self._lock:
             if self._closed:
                 return
@@ -1504,6 +1524,20 @@ class Client:
         self._thread.join()
         os.close(self._wake_read)
         os.close(self._wake_write)
+
+    def _track_map(self, tasks: _MapTasks) -> None:
+        with self._lock:
+            self._open_maps.add(tasks)
+
+    def _abandon_open_maps(self) -> None:
+        """Cancel what maps still open have not yielded, as a map closed
+        early does: after close() their generators can yield nothing, and
+        their tasks would run for nobody (a map is not collected later)."""
+        with self._lock:
+            open_maps = list(self._open_maps)
+        for tasks in open_maps:
+            if not tasks.abandoned:
+                tasks.abandon(closed=True)
 
     def _spec(
         self,

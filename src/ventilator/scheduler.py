@@ -1380,6 +1380,8 @@ class Scheduler:
         # Every failed send to a gone client reports it: say so once.
         was_connected = recipient.peer is not None
         recipient.peer = None
+        if said_bye:
+            self._forget_cancellations(recipient)
         held = len(recipient.pending) + len(recipient.unacked)
         if was_connected:
             self._effects.notices.append(ClientLost(recipient.name, held, how))
@@ -1389,6 +1391,24 @@ class Scheduler:
         # their results arrive.
         if said_bye and not held:
             self._drop_recipient(recipient)
+
+    def _forget_cancellations(self, recipient: Recipient) -> None:
+        """Forget the "cancelled" results a client leaves unread as it says
+        BYE. It cancelled those tasks itself, or was there when they were
+        purged; a later client of the session collects finished work, and
+        news of what was called off, kept for a day, would only count against
+        the broker's limits. (A session purged while nobody was connected
+        keeps them, to tell its next client.)"""
+        owed = [*recipient.pending, *recipient.unacked]
+        cancelled = {
+            ticket for ticket in owed if self.tasks[ticket].status is p.Status.CANCELLED
+        }
+        if not cancelled:
+            return
+        for ticket in cancelled:
+            recipient.acknowledged(ticket)
+            self._forget(self.tasks[ticket])
+        recipient.pending = deque(t for t in recipient.pending if t not in cancelled)
 
     # --- workers ---------------------------------------------------------------------
 

@@ -7,6 +7,9 @@ import os
 import signal
 import subprocess
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 import ventilator
 
@@ -30,6 +33,7 @@ from .conftest import (
 LONG_S = 60.0
 PROBE_TIMEOUT_S = 20.0
 SLEEP_FOR = f"{tasks.__name__}:sleep_for"
+UNSERVED = f"{MORE_TASKS}:cube"  # no worker serves it: sent, it stays queued
 
 
 def cancel_while_running(client: ventilator.Client) -> None:
@@ -113,17 +117,16 @@ def test_interrupted_map_says_when_its_cancellation_reached_no_broker(
     processes: Processes, launch: Launcher
 ) -> None:
     broker = launch.broker()
-    unserved = f"{MORE_TASKS}:cube"
     command = processes.start(
         "map",
-        ventilator_argv("map", unserved, "--connect", broker.frontend),
+        ventilator_argv("map", UNSERVED, "--connect", broker.frontend),
         stdin=subprocess.PIPE,
     )
     command.stdin.write(b"1\n2\n3\n")
     command.stdin.flush()  # and left open: the map waits for more lines
     status_when(
         launch.client(broker),
-        lambda status: status["queued"].get(unserved) == 3,
+        lambda status: status["queued"].get(UNSERVED) == 3,
         20,
         "the map's three tasks",
     )
@@ -135,9 +138,6 @@ def test_interrupted_map_says_when_its_cancellation_reached_no_broker(
     said = log_of(command)
     assert "could not reach the broker to cancel the tasks of 3 unfinished" in said
     assert "unfinished tasks cancelled" not in said
-
-
-UNSERVED = f"{MORE_TASKS}:cube"  # no worker serves it: sent, it stays queued
 
 
 def queued_after_a_question(client: ventilator.Client) -> int:
@@ -256,3 +256,49 @@ def test_a_running_tasks_cancel_is_confirmed_by_a_receipt(launch: Launcher) -> N
         PROBE_TIMEOUT_S,
         "the client to hear the running task's cancellation confirmed",
     )
+
+
+def session_entry(status: dict[str, Any], session: str) -> dict[str, Any] | None:
+    """What the broker's status says of `session`, if it still lists it."""
+    return next((c for c in status["clients"] if c["name"] == session), None)
+
+
+def test_a_client_that_cancels_and_leaves_leaves_no_cancelled_results(
+    launch: Launcher, broker: BrokerProcess
+) -> None:
+    leaving = launch.client(broker)
+    futures = [leaving.submit(UNSERVED, x) for x in range(300)]
+    for future in futures:
+        future.cancel()
+    leaving.close()  # at once: the broker's "cancelled" answers find it gone
+
+    observer = launch.client(broker)
+    status = status_when(
+        observer,
+        lambda s: session_entry(s, leaving.session) is None,
+        10,
+        "the session that cancelled and left to be forgotten",
+    )
+    assert status["queued"].get(UNSERVED, 0) == 0
+
+
+def test_closing_a_client_cancels_the_maps_it_left_open(
+    launch: Launcher, broker: BrokerProcess
+) -> None:
+    launch.worker(broker, pool="thread", concurrency=1)
+    client = launch.client(broker)
+    observer = launch.client(broker)
+    wait_for_workers(observer, 1)
+
+    still_open = client.map(tasks.sleep_for, [0.05] * 400, chunksize=1)
+    assert next(still_open) == 0.05
+    client.close()  # the map is still referenced, never closed
+
+    status_when(
+        observer,
+        lambda s: s["queued"].get(SLEEP_FOR, 0) == 0,
+        10,
+        "the open map's queued tasks to be cancelled",
+    )
+    with pytest.raises(ventilator.ClientClosed, match="closed while this map ran"):
+        next(still_open)
