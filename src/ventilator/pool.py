@@ -156,7 +156,10 @@ class Pool(Protocol):
         """Why no task can run here, while no task process can start; else None."""
         ...
 
-    def close(self) -> None: ...
+    def close(self, at_once: bool = False) -> None:
+        """Stop: let the tasks under way end first, or (`at_once`) stop them,
+        as the broker runs them again elsewhere."""
+        ...
 
 
 def make_pool(
@@ -761,7 +764,12 @@ class ProcessPool:
         self._timed_in_pipes = timed
         return earliest
 
-    def close(self) -> None:
+    def close(self, at_once: bool = False) -> None:
+        if at_once:
+            # Abandoned: the broker runs them again, so they must not run on.
+            for child in self._children:
+                self._stop_child(child, at_once=True)
+            return
         for child in self._children:
             # Best effort: batches not written yet are dropped, and end-of-file
             # tells the child to leave once it has run what is in its pipe.
@@ -1062,7 +1070,9 @@ class ThreadPool:
         deadlines = [h.running.deadline() for h in self._running.values()]
         return min((d for d in deadlines if d is not None), default=None)
 
-    def close(self) -> None:
+    def close(self, at_once: bool = False) -> None:
+        # Threads cannot be stopped: with `at_once`, those running a task end
+        # with the process (they are daemons).
         for _ in range(self._spawned):
             self._inbox.put(None)
         with self._wake_lock:

@@ -467,15 +467,31 @@ class Worker:
             self._input.sent()
 
     def _leave(self) -> None:
+        # Leaving at once, the tasks under way stop before the broker hears
+        # BYE and runs them again elsewhere, or they would run twice.
+        at_once = self._stopping
+        if at_once and self._pool is not None:
+            self._abandon_tasks(self._pool)
         if self._socket is not None:
             self._send(p.Bye())
             self._handshakes.close()
             self._socket.close()
-        if self._pool is not None:
+        if self._pool is not None and not at_once:
             self._pool.close()
         os.close(self._wake_read)
         os.close(self._wake_write)
         log.info("worker stopped worker=%s", self.config.worker_id)
+
+    def _abandon_tasks(self, pool: Pool) -> None:
+        held = pool.load()
+        if held:
+            log.warning(
+                "worker leaving at once worker=%s: stopping %d tasks it held; "
+                "the broker runs them again elsewhere",
+                self.config.worker_id,
+                held,
+            )
+        pool.close(at_once=True)
 
 
 class _Watch:

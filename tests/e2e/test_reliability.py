@@ -995,3 +995,41 @@ def receive(sock: zmq.Socket[bytes]) -> p.Command:
         command = p.decode(sock.recv_multipart(), p.TO_WORKER)
         if not isinstance(command, p.Heartbeat):
             return command
+
+
+# --- a worker told to leave at once ---------------------------------------------------
+
+
+def pid_of_run(marker: Path) -> int:
+    """The task process that left `marker` (see tasks.run_counted)."""
+    return int(marker.name.split("-")[1])
+
+
+def is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_a_worker_leaving_at_once_stops_its_tasks_before_they_run_elsewhere(
+    launch: Launcher, broker: BrokerProcess, tmp_path: Path
+) -> None:
+    leaving = launch.worker(broker, concurrency=1)
+    client = launch.client(broker)
+    wait_for_workers(client, 1)
+    future, runs, release = start_counted_task(client, tmp_path)
+    [first_run] = list(runs.iterdir())
+    launch.worker(broker, concurrency=1)
+    wait_for_workers(client, 2)
+
+    leaving.process.send_signal(signal.SIGQUIT)  # leave at once
+
+    wait_until(lambda: len(list(runs.iterdir())) == 2, 30, "the task to run again")
+    # Stopped before its worker said BYE, so before the other could start it.
+    assert not is_alive(pid_of_run(first_run))
+    assert leaving.process.wait(20) == 0, log_of(leaving.process)
+    assert "stopping 1 tasks it held" in log_of(leaving.process)
+    release.touch()
+    assert future.result(RESULT_TIMEOUT_S) == "released"
