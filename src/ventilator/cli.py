@@ -67,6 +67,10 @@ PROGRESS_REFRESH_S = 0.1
 WIDE_COLUMNS = 120
 # A function's name folds beyond this width, to leave its error room.
 FUNCTION_COLUMNS = 32
+# Characters read at a time from NUL-separated input (--null).
+NUL_READ_CHARS = 65536
+# What a UTF-8 byte order mark decodes to, when one opens the input.
+BYTE_ORDER_MARK = "\ufeff"
 # How long map/exec wait for a broker named with --connect to answer at all.
 BROKER_ANSWER_S = 10.0
 # How long an interrupted run waits for the broker to confirm its cancels.
@@ -747,6 +751,14 @@ def _cluster_options(command: Callable[..., Any]) -> Callable[..., Any]:
                 help="One call per line  [default: stdin]",
             ),
             click.option(
+                "--null",
+                "-0",
+                "null_separated",
+                is_flag=True,
+                help="Input items end with a NUL byte, not a newline (as "
+                "`find -print0` writes them, for names with newlines).",
+            ),
+            click.option(
                 "--output",
                 "output_path",
                 # Opened by _open_output, once it is known not to be the input.
@@ -805,6 +817,7 @@ def _cluster_options(command: Callable[..., Any]) -> Callable[..., Any]:
 def map_command(
     function: str,
     input_file: IO[str],
+    null_separated: bool,
     output_path: str,
     connect: str | None,
     connect_timeout_s: float,
@@ -830,7 +843,7 @@ def map_command(
     record = _map_record if sink is None else _sink_record
     job = _Job(function, _parse_line, [module], record, timeout_s, retries, sink)
     run = _Run(
-        _lines(input_file),
+        _records(input_file, null_separated),
         _open_output(output_path, input_file),
         connect,
         workers,
@@ -849,6 +862,7 @@ def map_command(
 def exec_command(
     command: tuple[str, ...],
     input_file: IO[str],
+    null_separated: bool,
     output_path: str,
     connect: str | None,
     connect_timeout_s: float,
@@ -870,9 +884,10 @@ def exec_command(
     limit = _ResultLimit()
 
     def call(line: str) -> list[Any]:
-        argv = (
+        texts = (
             [a.replace("{}", line) for a in command] if substitute else [*command, line]
         )
+        argv = [_argument(text) for text in texts]
         # The timeout travels with each line: the command's own, which kills
         # its process group, not the task's, which would kill the worker's child.
         # So does the most output a result may carry: past it the command is
@@ -887,9 +902,10 @@ def exec_command(
         None,
         retries,
         connected=limit.learn,
+        takes_any_bytes=True,
     )
     run = _Run(
-        _lines(input_file),
+        _records(input_file, null_separated),
         _open_output(output_path, input_file),
         connect,
         workers,
@@ -899,6 +915,15 @@ def exec_command(
         connect_timeout_s,
     )
     sys.exit(_run(job, run))
+
+
+def _argument(text: str) -> str | bytes:
+    """A command's argument as it travels: its bytes when they are not UTF-8
+    (a file name in another encoding, read with surrogateescape), which the
+    command then receives exactly as they were read."""
+    if text.isascii() or _not_utf8(text) is None:
+        return text
+    return text.encode("utf-8", "surrogateescape")
 
 
 class _ResultLimit:
@@ -1025,9 +1050,35 @@ def _same_regular_file(input_file: IO[str], output_path: str) -> str | None:
     return "standard output" if output_path == "-" else repr(output_path)
 
 
+def _records(stream: IO[str], null_separated: bool) -> Iterator[str]:
+    """The input's items: its lines, or with `null_separated` what lies
+    between NUL characters. A byte order mark that opens the input (an editor
+    on Windows writes one) is not part of the first item."""
+    records = _nul_records(stream) if null_separated else _lines(stream)
+    first = next(records, None)
+    if first is None:
+        return
+    yield first.removeprefix(BYTE_ORDER_MARK)
+    yield from records
+
+
 def _lines(stream: IO[str]) -> Iterator[str]:
     for line in stream:
         yield line.rstrip("\r\n")
+
+
+def _nul_records(stream: IO[str]) -> Iterator[str]:
+    """Items ended by NUL, read a block at a time; the last may lack its NUL."""
+    partial: list[str] = []
+    while block := stream.read(NUL_READ_CHARS):
+        *ended, rest = block.split("\0")
+        for record in ended:
+            yield "".join(partial) + record
+            partial.clear()
+        partial.append(rest)
+    last = "".join(partial)
+    if last:
+        yield last
 
 
 def _parse_line(line: str) -> Any:
@@ -1117,13 +1168,12 @@ def _record(job: _Job, line: str, item: Any, outcome: ItemOutcome) -> _Record:
     if isinstance(item, _Unsendable):
         return {"input": line, "error": _error_fields(item.error)}, False
     fields, ok = job.record(line, item, outcome)
-    if outcome.error is not None and not line.isascii():
-        # A line that is not UTF-8 never left: say so, and echo its bytes as
-        # they were, in a form any JSON reader accepts.
-        problem = _not_utf8(line)
-        if problem is not None:
-            fields["input"] = _jsonable(line.encode("utf-8", "surrogateescape"))
-            fields["error"] = problem
+    problem = None if line.isascii() else _not_utf8(line)
+    if problem is not None:
+        # Its bytes as they were, in a form any JSON reader accepts.
+        fields["input"] = _jsonable(line.encode("utf-8", "surrogateescape"))
+        if outcome.error is not None and not job.takes_any_bytes:
+            fields["error"] = problem  # it never left: say why
     return fields, ok
 
 
@@ -1182,6 +1232,8 @@ class _Job:
     sink: str | None = None  # results go there, not to the output
     # Told the client once it is connected (exec: to learn the broker's limits).
     connected: Callable[[Client], None] | None = None
+    # Whether a line that is not UTF-8 can run (exec passes its bytes on).
+    takes_any_bytes: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -50,14 +50,15 @@ class ResultTooLarge(RuntimeError):
 
 
 def run(
-    argv: list[str],
+    argv: list[str | bytes],
     timeout_s: float | None = None,
     max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
 ) -> dict[str, Any]:
     """Run `argv` without a shell and report how it ended.
 
     Args:
-        argv: the program and its arguments.
+        argv: the program and its arguments, each str or bytes (bytes go to
+            the program as they are: a file name that is not UTF-8).
         timeout_s: kill it (and what it started) after this many seconds.
         max_output_bytes: kill it once its stdout and stderr together pass
             this many bytes (what a result may carry, less some room).
@@ -73,8 +74,10 @@ def run(
             processes it started (the message names any that could not be).
         ResultTooLarge: it wrote more than `max_output_bytes`; killed as well.
     """
-    if not argv or not all(isinstance(arg, str) for arg in argv):
-        raise ValueError(f"argv must be a non-empty list of strings, got {argv!r:.80}")
+    if not argv or not all(isinstance(arg, (str, bytes)) for arg in argv):
+        raise ValueError(
+            f"argv must be a non-empty list of strings or bytes, got {argv!r:.80}"
+        )
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     output_limit = max(0, max_output_bytes - RESULT_OVERHEAD_BYTES)
 
@@ -83,13 +86,14 @@ def run(
         ended = command.collect(deadline, output_limit)
     finally:
         left = command.stop()
+    program = os.fsdecode(argv[0])
     if ended == "timeout":
         raise TimeoutError(
-            f"{argv[0]} ran past its timeout of {timeout_s:g}s; {_killed(left)}"
+            f"{program} ran past its timeout of {timeout_s:g}s; {_killed(left)}"
         )
     if ended == "too_large":
         raise ResultTooLarge(
-            f"{argv[0]} wrote more than {output_limit} bytes of output, more than "
+            f"{program} wrote more than {output_limit} bytes of output, more than "
             f"a result may carry (the broker's limit is {max_output_bytes} bytes, "
             f"max_payload_bytes); {_killed(left)}"
         )
@@ -113,7 +117,7 @@ def _killed(left: list[int]) -> str:
 class _Command:
     """A running command, its output so far, and what it left behind."""
 
-    argv: list[str]
+    argv: list[str | bytes]
     process: subprocess.Popen[bytes] = field(init=False)
     stdout: list[bytes] = field(default_factory=list)
     stderr: list[bytes] = field(default_factory=list)

@@ -780,7 +780,7 @@ def _no_constants(name: str) -> None:
     raise AssertionError(f"{name} is not strict JSON")
 
 
-def test_exec_fails_a_line_that_is_not_utf8_and_runs_the_others(
+def test_exec_passes_a_line_that_is_not_utf8_to_its_command_as_bytes(
     processes: Processes, tmp_path: Path
 ) -> None:
     lines = tmp_path / "lines.txt"
@@ -799,11 +799,55 @@ def test_exec_fails_a_line_that_is_not_utf8_and_runs_the_others(
     )
 
     records = strict_json_lines(completed.stdout)
-    assert completed.returncode == 1
-    assert [r["stdout"] for r in records] == ["a\n", "", "d\n"]
-    assert records[1]["exit_code"] is None
+    assert completed.returncode == 0, completed.stderr
+    echoed = base64.b64encode(b"b\xffc\n").decode()
+    assert [r["stdout"] for r in records] == ["a\n", {"$base64": echoed}, "d\n"]
     assert records[1]["input"] == {"$base64": base64.b64encode(b"b\xffc").decode()}
-    assert records[1]["error"]["type"] == "UnicodeDecodeError"
+    assert "error" not in records[1]
+
+
+def test_exec_null_separated_input_takes_names_with_newlines_and_any_bytes(
+    processes: Processes, tmp_path: Path
+) -> None:
+    names = [b"two\nlines.txt", b"caf\xe9.txt"]
+    for index, name in enumerate(names):
+        Path(os.fsdecode(bytes(tmp_path) + b"/" + name)).write_bytes(b"x" * index)
+    listing = tmp_path / "listing"
+    listing.write_bytes(b"".join(bytes(tmp_path) + b"/" + n + b"\0" for n in names))
+
+    completed = run_cli(
+        processes,
+        "exec",
+        "--null",
+        "--workers",
+        "1",
+        "--input",
+        str(listing),
+        "--",
+        "stat",
+        "--format=%s",
+        "{}",
+    )
+
+    records = strict_json_lines(completed.stdout)
+    assert completed.returncode == 0, completed.stderr
+    assert [r["stdout"] for r in records] == ["0\n", "1\n"]
+    assert records[0]["input"] == str(tmp_path / "two\nlines.txt")
+
+
+def test_map_null_separated_input_and_a_byte_order_mark(
+    processes: Processes, tmp_path: Path
+) -> None:
+    items = tmp_path / "items"
+    items.write_bytes('\ufeff1\0two\nwords\0"x"'.encode())
+
+    completed = run_cli(
+        processes, "map", f"{TASKS}:echo", "-0", "--workers", "1", "--input", str(items)
+    )
+
+    records = strict_json_lines(completed.stdout)
+    assert completed.returncode == 0, completed.stderr
+    assert [r["result"] for r in records] == [1, "two\nwords", "x"]
 
 
 def test_exec_timeout_kills_what_the_command_started(
