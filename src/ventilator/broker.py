@@ -1237,8 +1237,8 @@ def _log_notice(notice: s.Notice) -> None:
             notice.worker_id,
             notice.kept,
             notice.requeued,
-            f"; {notice.refused} it named are finished or another's, and their "
-            "results will be dropped as late"
+            f"; {notice.refused} it named are finished or another's: told to "
+            "stop them, and any result of theirs is dropped as late"
             if notice.refused
             else "",
         )

@@ -513,8 +513,8 @@ class WorkerJoined:
 class WorkerReturned:
     """A worker registered again naming the tasks it still holds: `kept` of
     them stay with it; `requeued` it held and no longer names went back to
-    their queues; `refused` it names are done, unknown or another's (their
-    results will be dropped as late)."""
+    their queues; `refused` it names are done, unknown or another's (it is
+    told to stop them, see `p.Release`; results of theirs are dropped as late)."""
 
     worker_id: str
     kept: int
@@ -1437,6 +1437,18 @@ class Scheduler:
             return
         self.register_worker(peer, ready, now)
         self._effects.to_workers.append((peer, self._welcome()))
+        self._release_refused(peer, ready)
+
+    def _release_refused(self, peer: bytes, ready: p.Ready) -> None:
+        """Tell a returning worker which tasks it named it does not keep, so
+        that it stops running them: their results would only be dropped as
+        late, and a long one would hold its slot to the end."""
+        if not ready.held:
+            return
+        running = self.workers[ready.worker_id].running
+        refused = [entry for entry in ready.held if entry[0] not in running]
+        if refused:
+            self._effects.to_workers.append((peer, p.Release(refused)))
 
     def register_worker(
         self,

@@ -817,22 +817,30 @@ def test_a_task_running_while_the_broker_is_paused_past_liveness_runs_once(
     assert runs_once_idle(client, runs) == 1
 
 
+# Far more than loopback's socket buffers hold.
+LARGE = 24 * 1024 * 1024
+
+
 def test_a_task_that_ends_while_the_broker_is_paused_past_liveness_runs_once(
     launch: Launcher, tmp_path: Path
 ) -> None:
     # Its result goes to the paused broker on a connection the worker then
-    # gives up on; the worker must deliver it again on the next one.
+    # gives up on; the worker must deliver it again on the next one. A large
+    # result, as the kernel's buffers would hold a small one for the broker.
     broker = launch.broker(heartbeat_interval_s=FAST_HEARTBEAT_S)
     launch.worker(broker)
     client = launch.client(broker)
     wait_for_workers(client, 1)
-    future, runs, release = start_counted_task(client, tmp_path)
+    runs, release = tmp_path / "runs", tmp_path / "release"
+    runs.mkdir()
+    future = client.submit(tasks.run_counted_large, str(runs), str(release), LARGE)
+    wait_until(lambda: any(runs.iterdir()), RESULT_TIMEOUT_S, "the task to start")
 
     with stopped(broker.pid):
         release.touch()
         time.sleep(PAUSE_S)  # the length of the fault, past the worker's liveness
 
-    assert future.result(RESULT_TIMEOUT_S) == "released"
+    assert len(future.result(RESULT_TIMEOUT_S)) == LARGE
     assert runs_once_idle(client, runs) == 1
 
 

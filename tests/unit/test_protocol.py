@@ -52,6 +52,7 @@ EXAMPLES: list[p.Command] = [
     p.Bye(),
     p.Drain(),
     p.Credit(16),
+    p.Release([(7, 1), (9, 3)]),
     p.Ready("worker-1", ["jobs:square", "jobs:cube"], 4, allow_pickle=True),
     p.Ready("worker-2", [], 2, slots=2, problem="task processes cannot start: x"),
     p.Ready("worker-3", ["jobs:square"], 2, held=[(7, 1), (9, 3)]),
