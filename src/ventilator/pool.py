@@ -414,24 +414,15 @@ class ProcessPool:
 
     def _settle_released(self, outcomes: list[p.Outcome]) -> list[p.Outcome]:
         """Drop what was released from `outcomes` and from the waiting tasks,
-        and stop each child that runs a released task alone in its batch: a
-        long task would hold its slot to the end. A batch of short tasks runs
-        out (stopping it would cost a new process, and their work again);
-        its released outcomes are dropped as they come."""
+        and stop each child whose running batch holds a released task: a long
+        one would hold its slot to the end. The rest of that batch runs again
+        (a batch is short work, unless its function's run time is not known
+        yet); a released task further down a pipe is stopped once it starts."""
         released = self._released
         kept = [o for o in outcomes if (o.ticket, o.attempt) not in released]
         for child in list(self._children):
-            if child.sent and len(child.sent[0]) == 1:
-                task = child.sent[0][0].task
-                if (task.ticket, task.attempt) in released:
-                    child.sent.popleft()
-                    self._swap_child(child)
-                    log.info(
-                        "stopped task process pid=%d running ticket=%d, which "
-                        "the broker gave back; starting a new one",
-                        child.process.pid,
-                        task.ticket,
-                    )
+            if child.sent and self._runs_released(child):
+                self._stop_released(child)
         self._waiting = deque(
             t for t in self._waiting if (t.ticket, t.attempt) not in released
         )
@@ -443,6 +434,20 @@ class ProcessPool:
         }
         released &= in_pipes
         return kept
+
+    def _runs_released(self, child: _Child) -> bool:
+        return any(
+            (r.task.ticket, r.task.attempt) in self._released for r in child.sent[0]
+        )
+
+    def _stop_released(self, child: _Child) -> None:
+        log.info(
+            "stopping task process pid=%d: it runs a task the broker took back "
+            "(%d tasks in its pipe wait again); starting a new one",
+            child.process.pid,
+            sum(len(batch) for batch in child.sent),
+        )
+        self._swap_child(child)
 
     def _feed(self, now: float) -> None:
         """Top up the children's pipes, idle children first."""

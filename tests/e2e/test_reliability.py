@@ -983,6 +983,7 @@ def test_a_worker_naming_a_task_leased_to_another_does_not_get_it(
             p.encode(p.Ready("thief", [function], 1, held=[(ticket, 2)]))
         )
         assert isinstance(receive(thief), p.Welcome)
+        assert receive(thief) == p.Release([(ticket, 2)])  # not its task: stop it
         thief.send_multipart(p.encode(p.Done([leased])))
         # Answered in order: once welcomed again, its DONE was read before.
         thief.send_multipart(p.encode(p.Ready("thief", [function], 1)))
