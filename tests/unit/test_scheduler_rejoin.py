@@ -293,7 +293,7 @@ def test_nothing_waits_after_a_restart_that_restored_nothing() -> None:
     assert assignments(driver.ready(W2), W2)
 
 
-# --- what a returning worker is told, and results it sends again -----------------------
+# --- what a returning worker is told, and results it sends again ----------------------
 
 
 def test_a_returning_worker_is_told_the_named_tasks_it_does_not_keep(
