@@ -1274,6 +1274,14 @@ def _log_notice(notice: s.Notice) -> None:
         )
     elif isinstance(notice, s.LeaseOverrun):
         _log_overrun(notice)
+    elif isinstance(notice, s.LateOutcome) and notice.resent:
+        log.debug(
+            "dropped a result sent again ticket=%d attempt=%d worker=%s: the "
+            "task is settled or another worker's",
+            notice.ticket,
+            notice.attempt,
+            notice.worker_id,
+        )
     elif isinstance(notice, s.LateOutcome):
         log.warning(
             "dropped a late result ticket=%d attempt=%d worker=%s: that attempt was "

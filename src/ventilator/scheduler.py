@@ -242,6 +242,9 @@ class Worker:
     # Scheduler._trusted_until).
     registered_at: float = 0.0
     reported_at: float | None = None
+    # (ticket, attempt) its READY named and the broker did not keep: a result
+    # of one that follows was sent again, not late (see `p.Release`).
+    released: set[tuple[int, int]] = field(default_factory=set)
 
     def presumed_dead(self, now: float, default_silence_s: float) -> bool:
         if self.silent_while_busy and self.running:
@@ -573,6 +576,9 @@ class LateOutcome:
     ticket: int
     attempt: int
     worker_id: str
+    # Sent again by a returning worker, for a task the broker has settled or
+    # given to another: expected, and no fault of anyone's.
+    resent: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -1445,9 +1451,10 @@ class Scheduler:
         late, and a long one would hold its slot to the end."""
         if not ready.held:
             return
-        running = self.workers[ready.worker_id].running
-        refused = [entry for entry in ready.held if entry[0] not in running]
+        worker = self.workers[ready.worker_id]
+        refused = [entry for entry in ready.held if entry[0] not in worker.running]
         if refused:
+            worker.released = set(refused)
             self._effects.to_workers.append((peer, p.Release(refused)))
 
     def register_worker(
@@ -1628,9 +1635,7 @@ class Scheduler:
                 or task.attempt != outcome.attempt
                 or task.worker != worker.worker_id
             ):
-                self._effects.notices.append(
-                    LateOutcome(outcome.ticket, outcome.attempt, worker.worker_id)
-                )
+                self._late(worker, outcome)
                 continue
 
             self._release(worker, task)
@@ -1642,6 +1647,13 @@ class Scheduler:
                 self._settle(task, outcome, now)
         self._start_waiting(worker, now)
         self._offer(worker)
+
+    def _late(self, worker: Worker, outcome: p.Outcome) -> None:
+        key = (outcome.ticket, outcome.attempt)
+        resent = key in worker.released
+        worker.released.discard(key)
+        notice = LateOutcome(outcome.ticket, outcome.attempt, worker.worker_id, resent)
+        self._effects.notices.append(notice)
 
     def _observe_run(self, queue_name: str, duration_s: float) -> None:
         # A moving average, so that a function whose tasks grow longer is
