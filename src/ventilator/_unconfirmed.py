@@ -8,9 +8,10 @@ longer finds it among what the worker holds when it registers again.
 
 So the worker keeps what it sent until it has heard from the broker at
 least `confirm_after_s` later, on the same connection or a later one. A
-broker reads a connection in order and commits each turn before it sends
-anything, so a broker that speaks that long after a DONE went out has read
-and committed it, unless the DONE spent longer than that on the way. On
+broker reads what arrived at the start of each turn and commits the turn at
+its end, so what it sends in a turn that starts that long after a DONE went
+out follows the commit of the DONE, unless the DONE and the answer spent
+longer than that on their way together (a broker stalled with a backlog). On
 registering again the worker names the kept outcomes as held, so that the
 broker keeps their tasks with it, and sends them again right after its
 READY: a broker that still has a task leased to the worker, or restored from
