@@ -297,7 +297,8 @@ class ProcessPool:
         self._waiting: deque[p.Assignment] = deque()
         self._suspects: set[tuple[int, int]] = set()  # (ticket, attempt)
         # Tasks given up (see release) still in a child's pipe: their
-        # outcomes are dropped, and a child that starts one alone is stopped.
+        # outcomes are dropped, and a child whose running batch holds one is
+        # stopped.
         self._released: set[tuple[int, int]] = set()
         # Per function: a batch is sized by how long its own function runs.
         self._task_s: dict[str, TaskDuration] = {}
