@@ -1237,8 +1237,8 @@ def _log_notice(notice: s.Notice) -> None:
             notice.worker_id,
             notice.kept,
             notice.requeued,
-            f"; {notice.refused} it named are finished or another's, and their "
-            "results will be dropped as late"
+            f"; {notice.refused} it named are finished or another's: told to "
+            "stop them, and any result of theirs is dropped as late"
             if notice.refused
             else "",
         )
@@ -1274,6 +1274,14 @@ def _log_notice(notice: s.Notice) -> None:
         )
     elif isinstance(notice, s.LeaseOverrun):
         _log_overrun(notice)
+    elif isinstance(notice, s.LateOutcome) and notice.resent:
+        log.debug(
+            "dropped a result sent again ticket=%d attempt=%d worker=%s: the "
+            "task is settled or another worker's",
+            notice.ticket,
+            notice.attempt,
+            notice.worker_id,
+        )
     elif isinstance(notice, s.LateOutcome):
         log.warning(
             "dropped a late result ticket=%d attempt=%d worker=%s: that attempt was "

@@ -144,6 +144,12 @@ class Pool(Protocol):
         for: those started or in a pipe first, then those waiting."""
         ...
 
+    def release(self, tickets: Collection[tuple[int, int]]) -> int:
+        """Give up these tasks (the broker no longer has them here): drop
+        those waiting, stop those running where it can, and report none of
+        them; return how many of them it held."""
+        ...
+
     def next_deadline(self) -> float | None:
         """When the earliest running task times out, if any has a timeout."""
         ...
@@ -293,6 +299,10 @@ class ProcessPool:
         self._start_error_logged: tuple[str, float] | None = None  # reason, when
         self._waiting: deque[p.Assignment] = deque()
         self._suspects: set[tuple[int, int]] = set()  # (ticket, attempt)
+        # Tasks given up (see release) still in a child's pipe: their
+        # outcomes are dropped, and a child whose running batch holds one is
+        # stopped.
+        self._released: set[tuple[int, int]] = set()
         # Per function: a batch is sized by how long its own function runs.
         self._task_s: dict[str, TaskDuration] = {}
         self._children = [self._spawn() for _ in range(size)]
@@ -394,7 +404,54 @@ class ProcessPool:
             for batch in child.sent
             for running in batch
         ]
-        return [(task.ticket, task.attempt) for task in [*sent, *self._waiting]]
+        held = [(task.ticket, task.attempt) for task in [*sent, *self._waiting]]
+        if self._released:
+            return [key for key in held if key not in self._released]
+        return held
+
+    def release(self, tickets: Collection[tuple[int, int]]) -> int:
+        released = set(tickets).intersection(self.held())
+        if released:
+            self._released |= released
+            self._settle_released([])
+        return len(released)
+
+    def _settle_released(self, outcomes: list[p.Outcome]) -> list[p.Outcome]:
+        """Drop what was released from `outcomes` and from the waiting tasks,
+        and stop each child whose running batch holds a released task: a long
+        one would hold its slot to the end. The rest of that batch runs again
+        (a batch is short work, unless its function's run time is not known
+        yet); a released task further down a pipe is stopped once it starts."""
+        released = self._released
+        kept = [o for o in outcomes if (o.ticket, o.attempt) not in released]
+        for child in list(self._children):
+            if child.sent and self._runs_released(child):
+                self._stop_released(child)
+        self._waiting = deque(
+            t for t in self._waiting if (t.ticket, t.attempt) not in released
+        )
+        in_pipes = {
+            (r.task.ticket, r.task.attempt)
+            for child in self._children
+            for batch in child.sent
+            for r in batch
+        }
+        released &= in_pipes
+        return kept
+
+    def _runs_released(self, child: _Child) -> bool:
+        return any(
+            (r.task.ticket, r.task.attempt) in self._released for r in child.sent[0]
+        )
+
+    def _stop_released(self, child: _Child) -> None:
+        log.info(
+            "stopping task process pid=%d: it runs a task the broker took back "
+            "(%d tasks in its pipe wait again); starting a new one",
+            child.process.pid,
+            sum(len(batch) for batch in child.sent),
+        )
+        self._swap_child(child)
 
     def _feed(self, now: float) -> None:
         """Top up the children's pipes, idle children first."""
@@ -506,6 +563,8 @@ class ProcessPool:
                 health = self._health(ready, True, False, outcomes, now)
                 if health != "healthy":
                     self._give_up(ready, health, outcomes, now)
+        if self._released:
+            outcomes = self._settle_released(outcomes)
         self._feed(now)
         self._next_deadline = self._earliest_deadline()
         return outcomes
@@ -521,6 +580,10 @@ class ProcessPool:
             ended = _how_it_ended(child.process)
             culprit = child.progress.running_task(child.batches_reported + 1)
             self._blame(child.sent.popleft(), culprit, outcomes, now, ended)
+        self._swap_child(child)
+
+    def _swap_child(self, child: _Child) -> None:
+        """A new child in `child`'s slot; the tasks in its pipe wait again."""
         index = self._children.index(child)
         self._children[index] = self._replace(child)
         self._index_children()
@@ -960,6 +1023,21 @@ class ThreadPool:
         waiting = [(task.ticket, task.attempt) for task in self._waiting]
         return [*self._running, *waiting]
 
+    def release(self, tickets: Collection[tuple[int, int]]) -> int:
+        # A thread cannot be stopped: a running task's thread is abandoned,
+        # as one past its timeout is, and its result dropped.
+        released = set(tickets)
+        held = len(self._waiting)
+        self._waiting = deque(
+            t for t in self._waiting if (t.ticket, t.attempt) not in released
+        )
+        count = held - len(self._waiting)
+        for key in released.intersection(self._running):
+            if self._abandon(self._running[key], "was given back by the broker"):
+                del self._running[key]
+                count += 1
+        return count
+
     def _feed(self, now: float) -> None:
         while self._waiting and len(self._running) + self._stuck_in_slot < self._size:
             task = self._waiting.popleft()
@@ -1011,10 +1089,10 @@ class ThreadPool:
         self._feed(now)
         return outcomes
 
-    def _abandon(self, handed: _ThreadTask) -> bool:
-        """Give up on a task past its timeout, freeing its slot if the cap on
-        stuck threads allows; False if it finished meanwhile (its result is
-        on its way, and counts)."""
+    def _abandon(self, handed: _ThreadTask, why: str = "ran past its timeout") -> bool:
+        """Give up on a task past its timeout (or `why` else), freeing its
+        slot if the cap on stuck threads allows; False if it finished
+        meanwhile (its result is on its way, and counts)."""
         replace = self._stuck < self._max_stuck
         with handed.lock:
             if handed.finished:
@@ -1029,9 +1107,10 @@ class ThreadPool:
         if replace:
             self._start_thread()
             log.warning(
-                "task ran past its timeout and cannot be stopped ticket=%d "
+                "task %s and cannot be stopped ticket=%d "
                 "function=%s; it runs on in the background (%d of at most %d "
                 "stuck threads) and a fresh thread takes its slot%s",
+                why,
                 task.ticket,
                 task.function,
                 self._stuck,
@@ -1041,9 +1120,10 @@ class ThreadPool:
         else:
             self._stuck_in_slot += 1
             log.error(
-                "task ran past its timeout and cannot be stopped ticket=%d "
+                "task %s and cannot be stopped ticket=%d "
                 "function=%s; %d threads are stuck, the limit, so it keeps its "
                 "slot until it returns: this worker serves fewer tasks at once%s",
+                why,
                 task.ticket,
                 task.function,
                 self._stuck,
@@ -1057,7 +1137,7 @@ class ThreadPool:
         if not handed.replaced:
             self._stuck_in_slot -= 1  # its thread serves its slot again
         log.info(
-            "a timed-out task returned late ticket=%d; result dropped, %d threads "
+            "an abandoned task returned late ticket=%d; result dropped, %d threads "
             "still stuck",
             handed.running.task.ticket,
             self._stuck,

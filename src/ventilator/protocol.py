@@ -84,6 +84,7 @@ class Cmd(enum.IntEnum):
     DONE = 18
     DRAIN = 19
     CREDIT = 20
+    RELEASE = 21
     # Operator commands (client -> broker), answered by OPERATOR_REPLY.
     LIST_FAILED = 24
     RETRY = 25
@@ -406,6 +407,19 @@ class Ready:
 
 
 @dataclass(frozen=True, slots=True)
+class Release:
+    """Broker -> worker: of the tasks your READY named, these are not yours
+    (finished, another worker's, or fenced after a restart): drop them, stop
+    those running; their results would be dropped as late.
+
+    Sent after the WELCOME, only when a READY named some that were not kept.
+    A worker from before it logs it as a malformed message and runs them on.
+    """
+
+    tickets: Sequence[tuple[int, int]]
+
+
+@dataclass(frozen=True, slots=True)
 class Assignment:
     """One task handed to a worker. `ticket` is the broker's own task number."""
 
@@ -462,6 +476,7 @@ Command: TypeAlias = (
     | Bye
     | Drain
     | Credit
+    | Release
     | Ready
     | Tasks
     | Done
@@ -491,7 +506,7 @@ TO_CLIENT = frozenset(
         Cmd.ERROR,
     }
 )
-TO_WORKER = frozenset({Cmd.WELCOME, Cmd.TASKS, Cmd.HEARTBEAT, Cmd.ERROR})
+TO_WORKER = frozenset({Cmd.WELCOME, Cmd.TASKS, Cmd.HEARTBEAT, Cmd.ERROR, Cmd.RELEASE})
 
 
 # --- field checks -----------------------------------------------------------------
@@ -695,6 +710,7 @@ _ENCODERS: dict[type, Callable[[Any], tuple[Cmd, Any, Sequence[Payload]]]] = {
     Bye: lambda c: (Cmd.BYE, None, ()),
     Drain: lambda c: (Cmd.DRAIN, None, ()),
     Credit: lambda c: (Cmd.CREDIT, c.capacity, ()),
+    Release: lambda c: (Cmd.RELEASE, [list(entry) for entry in c.tickets], ()),
     Ready: lambda c: (Cmd.READY, _ready_body(c), ()),
     Tasks: lambda c: (
         Cmd.TASKS,
@@ -910,26 +926,32 @@ def _decode_ready(body: Any, payloads: Sequence[Payload]) -> Ready:
     )
 
 
-def _held(value: Any) -> list[tuple[int, int]]:
-    """The tickets a READY names as held: bounded, well formed, each once."""
-    _expect(value, list, "held")
+def _held(value: Any, what: str = "held") -> list[tuple[int, int]]:
+    """The tickets a READY names as held, or a RELEASE gives back: bounded,
+    well formed, each once."""
+    _expect(value, list, what)
     if len(value) > MAX_HELD_TICKETS:
         raise ProtocolError(
-            f"held names {len(value)} tickets, more than {MAX_HELD_TICKETS}"
+            f"{what} names {len(value)} tickets, more than {MAX_HELD_TICKETS}"
         )
     held: dict[int, int] = {}
     for entry in value:
-        ticket, attempt = _fixed(entry, 2, "each held entry ([ticket, attempt])")
-        ticket = _count(ticket, "held ticket")
-        attempt = _count(attempt, "held attempt")
+        ticket, attempt = _fixed(entry, 2, f"each {what} entry ([ticket, attempt])")
+        ticket = _count(ticket, f"{what} ticket")
+        attempt = _count(attempt, f"{what} attempt")
         if attempt < 1:
             raise ProtocolError(
-                f"held ticket {ticket} has attempt 0; attempts start at 1"
+                f"{what} ticket {ticket} has attempt 0; attempts start at 1"
             )
         if ticket in held:
-            raise ProtocolError(f"held names ticket {ticket} more than once")
+            raise ProtocolError(f"{what} names ticket {ticket} more than once")
         held[ticket] = attempt
     return list(held.items())
+
+
+def _decode_release(body: Any, payloads: Sequence[Payload]) -> Release:
+    _no_payloads(payloads, "RELEASE")
+    return Release(_held(body, "released"))
 
 
 def _problem(value: Any) -> str:
@@ -1028,6 +1050,7 @@ _DECODERS: dict[Cmd, Callable[[Any, Sequence[Payload]], Command]] = {
     Cmd.BYE: _bare(Bye()),
     Cmd.DRAIN: _bare(Drain()),
     Cmd.CREDIT: _decode_credit,
+    Cmd.RELEASE: _decode_release,
     Cmd.READY: _decode_ready,
     Cmd.TASKS: _decode_tasks,
     Cmd.DONE: _decode_done,

@@ -242,6 +242,9 @@ class Worker:
     # Scheduler._trusted_until).
     registered_at: float = 0.0
     reported_at: float | None = None
+    # (ticket, attempt) its READY named and the broker did not keep: a result
+    # of one that follows was sent again, not late (see `p.Release`).
+    released: set[tuple[int, int]] = field(default_factory=set)
 
     def presumed_dead(self, now: float, default_silence_s: float) -> bool:
         if self.silent_while_busy and self.running:
@@ -513,8 +516,8 @@ class WorkerJoined:
 class WorkerReturned:
     """A worker registered again naming the tasks it still holds: `kept` of
     them stay with it; `requeued` it held and no longer names went back to
-    their queues; `refused` it names are done, unknown or another's (their
-    results will be dropped as late)."""
+    their queues; `refused` it names are done, unknown or another's (it is
+    told to stop them, see `p.Release`; results of theirs are dropped as late)."""
 
     worker_id: str
     kept: int
@@ -573,6 +576,9 @@ class LateOutcome:
     ticket: int
     attempt: int
     worker_id: str
+    # Sent again by a returning worker, for a task the broker has settled or
+    # given to another: expected, and no fault of anyone's.
+    resent: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -1457,6 +1463,19 @@ class Scheduler:
             return
         self.register_worker(peer, ready, now)
         self._effects.to_workers.append((peer, self._welcome()))
+        self._release_refused(peer, ready)
+
+    def _release_refused(self, peer: bytes, ready: p.Ready) -> None:
+        """Tell a returning worker which tasks it named it does not keep, so
+        that it stops running them: their results would only be dropped as
+        late, and a long one would hold its slot to the end."""
+        if not ready.held:
+            return
+        worker = self.workers[ready.worker_id]
+        refused = [entry for entry in ready.held if entry[0] not in worker.running]
+        if refused:
+            worker.released = set(refused)
+            self._effects.to_workers.append((peer, p.Release(refused)))
 
     def register_worker(
         self,
@@ -1636,9 +1655,7 @@ class Scheduler:
                 or task.attempt != outcome.attempt
                 or task.worker != worker.worker_id
             ):
-                self._effects.notices.append(
-                    LateOutcome(outcome.ticket, outcome.attempt, worker.worker_id)
-                )
+                self._late(worker, outcome)
                 continue
 
             self._release(worker, task)
@@ -1650,6 +1667,13 @@ class Scheduler:
                 self._settle(task, outcome, now)
         self._start_waiting(worker, now)
         self._offer(worker)
+
+    def _late(self, worker: Worker, outcome: p.Outcome) -> None:
+        key = (outcome.ticket, outcome.attempt)
+        resent = key in worker.released
+        worker.released.discard(key)
+        notice = LateOutcome(outcome.ticket, outcome.attempt, worker.worker_id, resent)
+        self._effects.notices.append(notice)
 
     def _observe_run(self, queue_name: str, duration_s: float) -> None:
         # A moving average, so that a function whose tasks grow longer is

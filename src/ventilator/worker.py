@@ -5,7 +5,10 @@ outcomes from the pool back to the broker (batched, one DONE per loop turn),
 and heartbeats both ways. A broker silent for `liveness` heartbeat intervals is
 presumed gone: the worker opens a new socket and registers again, so a broker
 restart needs nothing from the operator. Its READY names the tasks it still
-holds, which the broker leaves with it rather than running them again.
+holds, which the broker leaves with it rather than running them again, and
+those whose results it sent but cannot know arrived, which it sends again
+(see `_unconfirmed`); the broker answers with the named tasks it did not
+keep, which the worker stops.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import zmq
 from . import _wire
 from . import protocol as p
 from ._timing import StallWatch, poll_timeout_ms
+from ._unconfirmed import Unconfirmed
 from .errors import TaskRejected, UsageError
 from .logs import Dwindling
 from .policy import Prefetch, check_at_least, check_heartbeat
@@ -122,6 +126,8 @@ class Worker:
         self._registering = False
         self._registered_at = 0.0
         self._task_s = TaskDuration()
+        # One heartbeat interval: see _unconfirmed for why that confirms.
+        self._unconfirmed = Unconfirmed(config.heartbeat_interval_s)
         self._prefetch = config.prefetch_policy
         self._max_payload_bytes: int | None = None
         self._capacity = self._wanted_capacity()
@@ -193,6 +199,7 @@ class Worker:
                 held,
             )
         )
+        resent = self._send_unconfirmed(held, now)
         # Until the broker welcomes us, its "unknown_worker" answers are to
         # what we sent before this READY: registering again for each would
         # make the broker take back, each time, what it had just given us.
@@ -201,31 +208,59 @@ class Worker:
         self._broker_seen = now
         log.info(
             "worker registering worker=%s broker=%s capacity=%d functions=%d "
-            "holding=%d",
+            "holding=%d results_resent=%d",
             self.config.worker_id,
             self.config.connect,
             self._capacity,
             len(services),
-            len(held),
+            len(held) - resent,
+            resent,
         )
+
+    def _send_unconfirmed(self, held: list[tuple[int, int]], now: float) -> int:
+        """Send again, right behind the READY that named them, the results
+        the broker may not have; return how many."""
+        named = set(held)
+        outcomes = [
+            o for o in self._unconfirmed.outcomes() if (o.ticket, o.attempt) in named
+        ]
+        if outcomes:
+            self._send(p.Done(outcomes))
+            self._unconfirmed.resent(now)
+        forgotten, self._unconfirmed.forgotten = self._unconfirmed.forgotten, 0
+        if forgotten:
+            log.warning(
+                "%d results sent before were not kept for sending again (over "
+                "the limit of results or bytes kept); their tasks run again if "
+                "the broker did not get them worker=%s",
+                forgotten,
+                self.config.worker_id,
+            )
+        return len(outcomes)
 
     def _held_tickets(self) -> list[tuple[int, int]]:
         """The tasks to name in a READY, which the broker then leaves with us
         rather than running them again elsewhere: all we hold, running or
-        waiting, since we will run and report each.
+        waiting, since we will run and report each; then those whose results
+        we send again right behind the READY.
 
         None while benched: what waits here cannot run, and is dropped for
         the broker to give to others. Past what a READY may name, the waiting
         ones are dropped too, for the same reason.
         """
-        if self._pool is None:
+        if self._pool is None or self._benched:
+            if self._pool is not None:
+                self._pool.drop_waiting()
             return []
-        if not self._benched:
-            held = self._pool.held()
-            if len(held) <= p.MAX_HELD_TICKETS:
-                return held
-        self._pool.drop_waiting()
-        return [] if self._benched else self._pool.held()[: p.MAX_HELD_TICKETS]
+        held = self._pool.held()
+        if len(held) > p.MAX_HELD_TICKETS:
+            self._pool.drop_waiting()
+            held = self._pool.held()[: p.MAX_HELD_TICKETS]
+        running = {ticket for ticket, _ in held}
+        # A ticket we run again, at a later attempt, is named at that one.
+        finished = self._unconfirmed.outcomes(skip=running)
+        room = p.MAX_HELD_TICKETS - len(held)
+        return held + [(o.ticket, o.attempt) for o in finished[:room]]
 
     def _problem(self) -> str | None:
         """Why we serve nothing, in words for the broker's status; else None."""
@@ -263,6 +298,7 @@ class Worker:
             if now >= next_beat:
                 self._send(p.Heartbeat())
                 next_beat = now + interval_s
+                self._unconfirmed.heard(self._broker_heard_at)
                 self._check_broker(now)
 
     def _drained(self) -> bool:
@@ -309,6 +345,8 @@ class Worker:
                 return  # sent before our READY without services: requeued
             for task in command.tasks:
                 self._pool.submit(task, now)
+        elif isinstance(command, p.Release):
+            self._release(command.tickets)
         elif isinstance(command, p.Error):
             if command.code == "unknown_worker" and self._welcome_pending(now):
                 log.debug("unknown_worker about a message sent before our READY")
@@ -322,6 +360,20 @@ class Worker:
                 self._misdirected(command)
             else:
                 log.warning("the broker refused a message: %s", command.message)
+
+    def _release(self, tickets: Sequence[tuple[int, int]]) -> None:
+        """The broker did not keep these tasks our READY named: it has their
+        results, or gave them to another worker. Stop running them."""
+        assert self._pool is not None
+        self._unconfirmed.forget(tickets)
+        given_up = self._pool.release(tickets)
+        log.info(
+            "the broker did not keep %d tasks this worker named worker=%s "
+            "(finished, or another worker's); stopped %d still held here",
+            len(tickets),
+            self.config.worker_id,
+            given_up,
+        )
 
     def _misdirected(self, error: p.Error) -> None:
         # Said once: the worker keeps trying, and the answer stays the same.
@@ -345,6 +397,7 @@ class Worker:
         outcomes = [self._within_limit(o) for o in self._pool.collect(now, ready)]
         if outcomes:
             self._send(p.Done(outcomes))
+            self._unconfirmed.sent(outcomes, now)
             for outcome in outcomes:
                 self._task_s.observe(outcome.duration_s)
             self._adjust_credit(now)
@@ -459,8 +512,8 @@ class Worker:
         )
 
     def _send(self, command: p.Command) -> None:
-        # Outcomes dropped here are not lost: the broker requeues them when it
-        # takes this worker for dead.
+        # Outcomes dropped here are not lost: they are sent again when we
+        # register again (see _unconfirmed).
         assert self._socket is not None
         _wire.send(self._socket, command)
         if self._input is not None:

@@ -168,6 +168,14 @@ def run_counted(runs: str, release: str) -> str:
     return "released"
 
 
+def run_counted_large(runs: str, release: str, size: int) -> bytes:
+    """As `run_counted`, but return `size` bytes: a result too large for the
+    kernel's socket buffers, so that part of it waits in the worker's
+    socket when the broker stops reading."""
+    run_counted(runs, release)
+    return bytes(size)
+
+
 def wait_for_file(started: str, release: str) -> str:
     """Create `started`, then return "released" once `release` exists: a task
     that runs exactly as long as its test wants."""

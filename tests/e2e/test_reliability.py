@@ -817,6 +817,83 @@ def test_a_task_running_while_the_broker_is_paused_past_liveness_runs_once(
     assert runs_once_idle(client, runs) == 1
 
 
+# Far more than loopback's socket buffers hold.
+LARGE = 24 * 1024 * 1024
+
+
+def test_a_task_that_ends_while_the_broker_is_paused_past_liveness_runs_once(
+    launch: Launcher, tmp_path: Path
+) -> None:
+    # Its result goes to the paused broker on a connection the worker then
+    # gives up on; the worker must deliver it again on the next one. A large
+    # result, as the kernel's buffers would hold a small one for the broker.
+    broker = launch.broker(heartbeat_interval_s=FAST_HEARTBEAT_S)
+    launch.worker(broker)
+    client = launch.client(broker)
+    wait_for_workers(client, 1)
+    runs, release = tmp_path / "runs", tmp_path / "release"
+    runs.mkdir()
+    future = client.submit(tasks.run_counted_large, str(runs), str(release), LARGE)
+    wait_until(lambda: any(runs.iterdir()), RESULT_TIMEOUT_S, "the task to start")
+
+    with stopped(broker.pid):
+        release.touch()
+        time.sleep(PAUSE_S)  # the length of the fault, past the worker's liveness
+
+    assert len(future.result(RESULT_TIMEOUT_S)) == LARGE
+    assert runs_once_idle(client, runs) == 1
+
+
+def test_a_task_that_ends_while_the_broker_is_down_runs_once_after_a_restart(
+    launch: Launcher, restartable: dict[str, Any], tmp_path: Path
+) -> None:
+    # The journal brings the task back unfinished: the worker's result never
+    # reached a broker, and the worker must name it and deliver it again.
+    first = launch.broker(**restartable)
+    launch.worker(first)
+    client = launch.client(first)
+    wait_for_workers(client, 1)
+    future, runs, release = start_counted_task(client, tmp_path)
+
+    kill_broker(first)
+    release.touch()
+    time.sleep(PAUSE_S)  # the length of the outage, past the worker's liveness
+    second = launch.broker(**restartable)
+
+    assert future.result(RESULT_TIMEOUT_S) == "released"
+    assert runs_once_idle(launch.client(second), runs) == 1
+
+
+def test_a_worker_stops_a_task_it_named_that_the_broker_gave_to_another(
+    launch: Launcher, fast_broker: BrokerProcess, tmp_path: Path
+) -> None:
+    # Paused past liveness, the worker is taken for dead and its task goes to
+    # another worker; back, it names the task, and must stop running it.
+    first = launch.worker(fast_broker)
+    client = launch.client(fast_broker)
+    wait_for_workers(client, 1)
+    future, runs, release = start_counted_task(client, tmp_path)
+    (first_run,) = runs.iterdir()
+    launch.worker(fast_broker)
+    wait_for_workers(client, 2)
+
+    pause_for(first.pid, PAUSE_S)
+    wait_until(lambda: len(list(runs.iterdir())) == 2, RESULT_TIMEOUT_S, "a rerun")
+
+    task_process = int(first_run.name.split("-")[1])
+    wait_until(
+        lambda: not Path(f"/proc/{task_process}").exists(),
+        RESULT_TIMEOUT_S,
+        "the first worker to stop the task it no longer has",
+    )
+    # Its slot is free: a task that only it can run now (the other worker
+    # runs the released task) is not held behind the stopped one.
+    assert client.submit(tasks.square, 7).result(RESULT_TIMEOUT_S) == 49
+    release.touch()
+    assert future.result(RESULT_TIMEOUT_S) == "released"
+    assert runs_once_idle(client, runs) == 2
+
+
 def restart_under_a_running_task(
     launch: Launcher, restartable: dict[str, Any], folder: Path
 ) -> tuple[BrokerProcess, ventilator.Client, ventilator.Future, Path, Path]:
@@ -906,6 +983,7 @@ def test_a_worker_naming_a_task_leased_to_another_does_not_get_it(
             p.encode(p.Ready("thief", [function], 1, held=[(ticket, 2)]))
         )
         assert isinstance(receive(thief), p.Welcome)
+        assert receive(thief) == p.Release([(ticket, 2)])  # not its task: stop it
         thief.send_multipart(p.encode(p.Done([leased])))
         # Answered in order: once welcomed again, its DONE was read before.
         thief.send_multipart(p.encode(p.Ready("thief", [function], 1)))

@@ -453,3 +453,32 @@ def test_a_pool_names_what_it_holds_running_first_until_reported(
     assert held[0] == (3, 2)
     assert sorted(held) == [(1, 2), (2, 2), (3, 2)]
     assert pool.held() == []
+
+
+@pytest.mark.parametrize("kind", [ProcessPool, ThreadPool])
+def test_a_pool_gives_up_released_tasks_running_or_waiting_and_runs_the_rest(
+    kind: type[ProcessPool] | type[ThreadPool], tmp_path: Path
+) -> None:
+    pool = kind(1, [TASKS], allow_pickle=False)
+    release = tmp_path / "release"
+    try:
+        for ticket in (1, 2):
+            call = pack_call((str(tmp_path / f"started-{ticket}"), str(release)), {})
+            pool.submit(p.Assignment(ticket, 1, f"{TASKS}:wait_for_file", call), 0.0)
+        square = p.Assignment(3, 1, f"{TASKS}:square", pack_call((3,), {}))
+        pool.submit(square, 0.0)
+        pool.collect(time.monotonic())  # hands the first to its slot
+        wait_until(lambda: (tmp_path / "started-1").exists(), DEADLINE_S)
+
+        given_up = pool.release([(1, 1), (2, 1), (9, 1)])
+        # Only the task not released comes back: the others would block the
+        # slot until `release` exists, which it never does meanwhile.
+        outcomes = run_all(pool, 1)
+        held = pool.held()
+    finally:
+        release.touch()
+        pool.close()
+
+    assert given_up == 2
+    assert [(o.ticket, unpack_value(o.payload)) for o in outcomes] == [(3, 9)]
+    assert held == []

@@ -52,6 +52,7 @@ EXAMPLES: list[p.Command] = [
     p.Bye(),
     p.Drain(),
     p.Credit(16),
+    p.Release([(7, 1), (9, 3)]),
     p.Ready("worker-1", ["jobs:square", "jobs:cube"], 4, allow_pickle=True),
     p.Ready("worker-2", [], 2, slots=2, problem="task processes cannot start: x"),
     p.Ready("worker-3", ["jobs:square"], 2, held=[(7, 1), (9, 3)]),
@@ -654,3 +655,24 @@ def test_a_ready_holding_nothing_reads_to_a_broker_that_predates_held() -> None:
     frames = p.encode(p.Ready("w", ["m:f"], 2, slots=2, problem="x", held=[]))
 
     assert len(msgpack.unpackb(frames[2])) == 6
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        ({"1": 1}, "released must be list"),
+        ([[1]], "list of 2 fields"),
+        ([[1, 0]], "attempt 0"),
+        ([[1, 1], [1, 2]], "more than once"),
+    ],
+)
+def test_a_malformed_release_is_refused_naming_the_fault(body: Any, words: str) -> None:
+    error = refusal(frames(p.Cmd.RELEASE, body), p.TO_WORKER)
+
+    assert words in str(error)
+
+
+def test_a_release_is_no_command_a_broker_takes() -> None:
+    error = refusal(p.encode(p.Release([(1, 1)])), p.FROM_WORKER)
+
+    assert "RELEASE" in str(error)

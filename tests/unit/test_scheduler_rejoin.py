@@ -8,13 +8,14 @@ from ventilator import protocol as p
 from ventilator.scheduler import (
     MAX_ADOPTED_ATTEMPT,
     RETURN_WAIT_BEATS,
+    LateOutcome,
     State,
     Task,
     WorkerLost,
     WorkerReturned,
 )
 
-from .driver import FUNCTION, Driver, assignments, notices, results, task
+from .driver import FUNCTION, Driver, assignments, notices, results, sent, task
 
 W1 = b"worker-1"
 W2 = b"worker-2"
@@ -290,3 +291,46 @@ def test_nothing_waits_after_a_restart_that_restored_nothing() -> None:
     driver.submit(task(1))
 
     assert assignments(driver.ready(W2), W2)
+
+
+# --- what a returning worker is told, and results it sends again ----------------------
+
+
+def test_a_returning_worker_is_told_the_named_tasks_it_does_not_keep(
+    driver: Driver,
+) -> None:
+    driver.submit(task(1), task(2))
+    kept, finished = assignments(driver.ready(W1, capacity=2), W1)
+    driver.done(W1, finished)
+
+    effects = driver.ready(W1_AGAIN, worker_id="worker-1", held=[kept, finished])
+
+    released = sent(effects, W1_AGAIN, p.Release)
+    assert released == [p.Release([(finished.ticket, finished.attempt)])]
+
+
+def test_a_returning_worker_that_keeps_all_it_named_is_told_nothing(
+    driver: Driver,
+) -> None:
+    driver.submit(task(1))
+    [first] = assignments(driver.ready(W1), W1)
+
+    effects = driver.ready(W1_AGAIN, worker_id="worker-1", held=[first])
+
+    assert not sent(effects, W1_AGAIN, p.Release)
+
+
+def test_a_result_sent_again_after_it_arrived_is_dropped_as_late(
+    driver: Driver,
+) -> None:
+    driver.submit(task(1))
+    [first] = assignments(driver.ready(W1), W1)
+    assert results(driver.done(W1, first, payload=b"49"))
+    driver.ready(W1_AGAIN, worker_id="worker-1", held=[first])
+
+    again = driver.done(W1_AGAIN, first, payload=b"49")
+
+    assert not results(again)
+    late = LateOutcome(first.ticket, 1, "worker-1", resent=True)
+    assert notices(again, LateOutcome) == [late]
+    assert not assignments(driver.flush(), W1_AGAIN)
