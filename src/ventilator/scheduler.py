@@ -217,6 +217,9 @@ class Worker:
     # How many of `running` each queue gave it.
     held: dict[str, int] = field(default_factory=dict)
     draining: bool = False
+    # Whether it is counted among the workers sharing its queues' work (see
+    # Scheduler._even_share): registered and not draining.
+    sharing: bool = False
     # Tasks it may hold above `capacity` after lowering it: those it had then.
     grace: int = 0
     # Silence after which it is presumed dead; None: the broker's default.
@@ -434,14 +437,6 @@ def split_for_its_map(flags: int, status: p.Status) -> bool:
     neither remembered for `failed` and `retry` nor counted as failed.
     """
     return status is p.Status.POISON and bool(flags & _BATCH)
-
-
-def _count_held(worker: Worker, queue_name: str, change: int) -> None:
-    held = worker.held.get(queue_name, 0) + change
-    if held:
-        worker.held[queue_name] = held
-    else:
-        del worker.held[queue_name]
 
 
 def _counts_against_window(task: Task) -> bool:
@@ -782,6 +777,11 @@ class Scheduler:
         self._worker_of_peer: dict[bytes, str] = {}
         # For each queue, the workers serving it that have free credit, oldest first.
         self._available: dict[str, dict[str, None]] = {}
+        # For each queue, how many registered workers that are not draining
+        # serve it, and how many of its tasks they hold: an even share costs
+        # no pass over the workers (see _even_share).
+        self._sharing: dict[str, int] = {}
+        self._held_by_sharing: dict[str, int] = {}
 
         self.recipients: dict[str, Recipient] = {}
         self._recipient_of_peer: dict[bytes, str] = {}
@@ -1419,6 +1419,7 @@ class Scheduler:
             worker.grace = max(0, len(worker.running) - worker.capacity)
             self._offer(worker)
         elif isinstance(command, p.Drain):
+            self._stop_sharing(worker)
             worker.draining = True
             self._offer(worker)
             self._effects.notices.append(
@@ -1472,6 +1473,7 @@ class Scheduler:
 
         self.workers[worker.worker_id] = worker
         self._worker_of_peer[peer] = worker.worker_id
+        self._start_sharing(worker)
         kept += self._reclaim(worker, named)
         self._fence(worker, named)
         self._start_waiting(worker, now)
@@ -1595,7 +1597,7 @@ class Scheduler:
         task.given_back_by = None
         task.restored = False
         worker.running.add(task.ticket)
-        _count_held(worker, task.queue, +1)
+        self._count_held(worker, task.queue, +1)
         if task.deadline is not None:
             self._rearm(task, task.deadline)
         else:
@@ -1749,6 +1751,7 @@ class Scheduler:
         drop those cancelled while it ran them; return how many were
         requeued, poisoned, dropped, and split (map batches whose maps run
         their items alone: no failure)."""
+        self._stop_sharing(worker)
         del self.workers[worker.worker_id]
         if self._worker_of_peer.get(worker.peer) == worker.worker_id:
             del self._worker_of_peer[worker.peer]
@@ -1781,11 +1784,43 @@ class Scheduler:
 
     def _release(self, worker: Worker, task: Task) -> None:
         if task.ticket in worker.running:
-            _count_held(worker, task.queue, -1)
+            self._count_held(worker, task.queue, -1)
         worker.running.discard(task.ticket)
         worker.unstarted.pop(task.ticket, None)
         worker.grace = min(worker.grace, max(0, len(worker.running) - worker.capacity))
         task.worker = None
+
+    def _count_held(self, worker: Worker, queue_name: str, change: int) -> None:
+        """Count `change` more tasks of `queue_name` held by `worker` (which
+        serves that queue: it got them from it)."""
+        held = worker.held.get(queue_name, 0) + change
+        if held:
+            worker.held[queue_name] = held
+        else:
+            del worker.held[queue_name]
+        if worker.sharing:
+            self._held_by_sharing[queue_name] += change
+
+    def _start_sharing(self, worker: Worker) -> None:
+        """Count a worker that registered among those sharing its queues."""
+        worker.sharing = True
+        for service in worker.services:
+            self._sharing[service] = self._sharing.get(service, 0) + 1
+            held = self._held_by_sharing.get(service, 0)
+            self._held_by_sharing[service] = held + worker.held.get(service, 0)
+
+    def _stop_sharing(self, worker: Worker) -> None:
+        """Stop counting a worker that drains or leaves (once: it may do both),
+        and forget the counts of a queue nobody serves any more."""
+        if not worker.sharing:
+            return
+        worker.sharing = False
+        for service in worker.services:
+            self._held_by_sharing[service] -= worker.held.get(service, 0)
+            self._sharing[service] -= 1
+            if not self._sharing[service]:
+                del self._sharing[service]
+                del self._held_by_sharing[service]
 
     def _offer(self, worker: Worker) -> None:
         """Keep the index of workers with free credit up to date."""
@@ -2388,16 +2423,12 @@ class Scheduler:
 
     def _even_share(self, queue_name: str) -> int:
         """An even share of a queue's tasks, waiting and held, among the
-        workers that serve it and take work. Costs a pass over the workers:
-        asked only for workers that declare no slots."""
-        serving = [
-            w
-            for w in self.workers.values()
-            if queue_name in w.services and not w.draining
-        ]
+        workers that serve it and take work. Asked once per slot-less worker
+        in each dispatch pass, so from counts kept up to date, not a pass over
+        the workers: that made a pass over many such workers quadratic."""
         total = self.queued_count(queue_name)
-        total += sum(w.held.get(queue_name, 0) for w in serving)
-        return math.ceil(total / max(1, len(serving)))
+        total += self._held_by_sharing.get(queue_name, 0)
+        return math.ceil(total / max(1, self._sharing.get(queue_name, 0)))
 
     def _take(
         self,
@@ -2426,7 +2457,7 @@ class Scheduler:
             task.given_back_by = None
             task.restored = False
             worker.running.add(task.ticket)
-            _count_held(worker, queue_name, +1)
+            self._count_held(worker, queue_name, +1)
             task.deadline = None
             if not into_slots:
                 worker.unstarted[task.ticket] = None
@@ -2545,10 +2576,7 @@ class Scheduler:
 
     def serves(self, queue: str) -> bool:
         """Whether a registered worker that is not draining serves `queue`."""
-        return any(
-            queue in worker.services and not worker.draining
-            for worker in self.workers.values()
-        )
+        return queue in self._sharing
 
     def find_task(self, session: str, task_id: int) -> Task | None:
         """The task `session` submitted as `task_id`, if the broker still has it."""
@@ -3023,6 +3051,7 @@ class Scheduler:
                 assert task.state is State.RUNNING and task.worker == worker.worker_id
             self._check_held_counts(worker)
             self._check_offered(worker)
+        self._check_sharing_counts()
 
         for ticket, task in self.tasks.items():
             assert self._by_key[task.key] == ticket
@@ -3112,6 +3141,21 @@ class Scheduler:
         for ticket in worker.unstarted:
             assert ticket in worker.running, f"{worker.worker_id} unstarted {ticket}"
             assert self.tasks[ticket].deadline is None, f"ticket {ticket} armed"
+
+    def _check_sharing_counts(self) -> None:
+        """The per-queue counts behind _even_share match a recount."""
+        sharing: dict[str, int] = {}
+        held: dict[str, int] = {}
+        for worker in self.workers.values():
+            assert worker.sharing == (not worker.draining), worker.worker_id
+            assert set(worker.held) <= set(worker.services), worker.worker_id
+            if not worker.sharing:
+                continue
+            for service in worker.services:
+                sharing[service] = sharing.get(service, 0) + 1
+                held[service] = held.get(service, 0) + worker.held.get(service, 0)
+        assert self._sharing == sharing, (self._sharing, sharing)
+        assert self._held_by_sharing == held, (self._held_by_sharing, held)
 
     def _check_stale_counts(self) -> None:
         for name, queue in self._queues.items():
