@@ -38,8 +38,9 @@ import itertools
 import math
 import random
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TypeAlias
 
 from . import protocol as p
 from .errors import PoisonTask, ResultExpired, TaskRejected, TaskTimeout
@@ -121,6 +122,14 @@ SESSIONS_PER_CONNECTION = 4
 # client reads answers of up to protocol.MAX_BODY_BYTES: past about 100,000
 # sessions a full list no longer fitted, and status stopped working.
 STATUS_CLIENTS = 100
+# The same for workers (serving nothing first, then holding the oldest task,
+# then the most), for functions (the most tasks queued and on workers first),
+# and for the functions each listed worker serves: thousands of workers or of
+# functions made the answer grow as fast, and every worker may serve every
+# function. Exact counts cover what is not listed.
+STATUS_WORKERS = 100
+STATUS_QUEUES = 100
+STATUS_SERVICES = 100
 
 # The session under which the broker resubmits failed tasks an operator retries.
 RETRY_SESSION = "ventilator:retry"
@@ -201,6 +210,10 @@ class Task:
         if self.flags & _RAW:
             return service_queue(self.function)
         return self.function
+
+
+# Serves nothing, -(when it was handed its oldest task), tasks held, -order.
+WorkerRelevance: TypeAlias = tuple[bool, float, int, int]
 
 
 @dataclass(slots=True, eq=False)
@@ -2682,22 +2695,28 @@ class Scheduler:
         else:
             self._keep_failure(record)
 
-    def status(self, now: float, scope: Scope | None = None) -> dict[str, object]:
+    def status(
+        self, now: float, scope: Scope | None = None, full: bool = False
+    ) -> dict[str, object]:
         """A plain-data picture of the broker, for `ventilator status`; within
         `scope`, as `_status_within` says.
 
-        Its cost grows with workers, running tasks and queues, not with the
-        number of queued tasks, so a dashboard may ask for it every second.
+        It lists the most relevant `STATUS_WORKERS` workers, `STATUS_QUEUES`
+        functions and `STATUS_CLIENTS` clients, with exact counts of them all,
+        so that it fits in an answer however many there are; `full` lists
+        every worker and function (the broker's own metrics, which no frame
+        carries). Its cost grows with workers, running tasks and queues, not
+        with the number of queued tasks, so a dashboard may ask every second.
         """
         if scope is not None:
             return self._status_within(scope, now)
         queued = self._queued_by_function()
         running = self._running_by_function()
         unfinished = sum(queued.values()) + sum(running.values())
+        every_worker = ((w, w.services) for w in self.workers.values())
         return {
-            "workers": [self._worker_status(w, now) for w in self.workers.values()],
-            "queued": queued,
-            "running": running,
+            **self._workers_status(every_worker, now, full),
+            **self._queues_status(queued, running, full),
             **self._results_held(unfinished),
             **self._clients_status(self.recipients.values()),
             "totals": self.totals(),
@@ -2716,12 +2735,14 @@ class Scheduler:
         queued = self._queued_by_function()
         running = self._running_by_function()
         unfinished = sum(queued.values()) + sum(running.values())
-        workers = (self._worker_within(scope, w, now) for w in self.workers.values())
         return {
             "scope": scope.sessions,
-            "workers": [worker for worker in workers if worker is not None],
-            "queued": {q: n for q, n in queued.items() if scope.shows_queue(q)},
-            "running": {q: n for q, n in running.items() if scope.shows_queue(q)},
+            **self._workers_status(self._workers_within(scope), now, full=False),
+            **self._queues_status(
+                {q: n for q, n in queued.items() if scope.shows_queue(q)},
+                {q: n for q, n in running.items() if scope.shows_queue(q)},
+                full=False,
+            ),
             **self._results_held(unfinished),
             **self._clients_status(
                 recipient
@@ -2805,15 +2826,80 @@ class Scheduler:
             "expired": recipient.expired,
         }
 
-    def _worker_within(
-        self, scope: Scope, worker: Worker, now: float
-    ) -> dict[str, object] | None:
-        """A worker as a client with limited rights sees it: the functions of
-        its rights that it serves; None when it serves none of them."""
-        services = [name for name in worker.services if scope.shows_queue(name)]
-        if not services:
-            return None
-        return {**self._worker_status(worker, now), "services": services}
+    def _workers_within(self, scope: Scope) -> Iterator[tuple[Worker, list[str]]]:
+        """The workers as a client with limited rights sees them: those that
+        serve functions of its rights, with those functions only."""
+        for worker in self.workers.values():
+            services = [name for name in worker.services if scope.shows_queue(name)]
+            if services:
+                yield worker, services
+
+    def _workers_status(
+        self,
+        shown: Iterable[tuple[Worker, Sequence[str]]],
+        now: float,
+        full: bool,
+    ) -> dict[str, object]:
+        """The `STATUS_WORKERS` most relevant of the `shown` workers (each with
+        the functions shown of it), all of them if `full`, and exact counts
+        of them all. One pass over them, and a heap of the listed few."""
+        counts = dict.fromkeys(
+            ("all", "draining", "not_serving", "held", "slots", "capacity"), 0
+        )
+        entries: list[tuple[WorkerRelevance, Worker, Sequence[str]]] = []
+        for order, (worker, services) in enumerate(shown):
+            counts["all"] += 1
+            counts["draining"] += worker.draining
+            counts["not_serving"] += not services
+            counts["held"] += len(worker.running)
+            counts["slots"] += worker.slots or 0
+            counts["capacity"] += worker.capacity
+            relevance = self._worker_relevance(worker, services, order)
+            entries.append((relevance, worker, services))
+        limit = len(entries) if full else STATUS_WORKERS
+        kept = heapq.nlargest(limit, entries, key=lambda entry: entry[0])
+        return {
+            "workers": [
+                self._worker_status(worker, now, services, full)
+                for _, worker, services in kept
+            ],
+            "worker_counts": {**counts, "listed": len(kept)},
+        }
+
+    def _worker_relevance(
+        self, worker: Worker, services: Sequence[str], order: int
+    ) -> WorkerRelevance:
+        """How much an operator wants to see a worker, most first: one that
+        serves nothing (there is something to fix), then the one holding the
+        oldest task (a hung task shows), then the one holding the most, then
+        the one that registered first."""
+        started = (self.tasks[ticket].started_at for ticket in worker.running)
+        oldest = min(started, default=math.inf)
+        return (not services, -oldest, len(worker.running), -order)
+
+    def _queues_status(
+        self, queued: dict[str, int], running: dict[str, int], full: bool
+    ) -> dict[str, object]:
+        """Tasks `queued` and `running` of the `STATUS_QUEUES` functions with
+        the most of both (every function if `full`), and exact totals."""
+        functions = queued.keys() | running.keys()
+        limit = len(functions) if full else STATUS_QUEUES
+        kept = heapq.nlargest(
+            limit,
+            sorted(functions),  # equal ones by name, whatever the dicts' order
+            key=lambda name: queued.get(name, 0) + running.get(name, 0),
+        )
+        counts = {
+            "all": len(functions),
+            "queued": sum(queued.values()),
+            "running": sum(running.values()),
+            "listed": len(kept),
+        }
+        return {
+            "queued": {name: queued[name] for name in kept if name in queued},
+            "running": {name: running[name] for name in kept if name in running},
+            "queue_counts": counts,
+        }
 
     def _failures(self, limit: int, scope: Scope | None) -> list[FailedTask]:
         """The latest `limit` failures (within `scope`), newest first."""
@@ -2822,14 +2908,18 @@ class Scheduler:
             newest_first = (r for r in newest_first if scope.owns(r.session))
         return list(itertools.islice(newest_first, limit))
 
-    def _worker_status(self, worker: Worker, now: float) -> dict[str, object]:
+    def _worker_status(
+        self, worker: Worker, now: float, services: Sequence[str], full: bool
+    ) -> dict[str, object]:
         held = len(worker.running)
         # A worker runs at most `slots` of the tasks it holds; the rest wait
         # on it. Without slots the broker cannot tell them apart.
         running = held if worker.slots is None else min(held, worker.slots)
+        listed = services if full else services[:STATUS_SERVICES]
         return {
             "id": worker.worker_id,
-            "services": list(worker.services),
+            "services": list(listed),
+            "service_count": len(services),
             "capacity": worker.capacity,
             "slots": worker.slots,
             "held": held,
