@@ -113,3 +113,23 @@ def test_status_lists_a_bounded_number_of_functions_and_counts_them_all(
     assert shown.returncode == 0, shown.stderr
     words = " ".join(shown.stdout.split())  # captions wrap to the table's width
     assert f"and {len(functions) - STATUS_QUEUES} more" in words
+
+
+def test_purge_of_a_function_status_does_not_list_asks_without_a_count(
+    broker: BrokerProcess, launch: Launcher, processes: Processes
+) -> None:
+    client = launch.client(broker)
+    functions = [f"{MORE_TASKS}:unserved{i}" for i in range(STATUS_QUEUES + 1)]
+    for function in functions:
+        client.submit(function)
+    queued = client.status(ANSWER_TIMEOUT_S)["queued"]
+    (unlisted,) = [function for function in functions if function not in queued]
+
+    connect = ("--connect", broker.frontend)
+    asked = run_cli(processes, "purge", unlisted, *connect, input_text="n\n")
+    purged = run_cli(processes, "purge", unlisted, "--yes", *connect)
+
+    # Not "the 0 tasks": the broker did not say how many wait.
+    assert "Cancel every task of" in asked.stdout, asked.stdout
+    assert purged.returncode == 0, purged.stderr
+    assert "purged 1 task(s)" in purged.stdout
