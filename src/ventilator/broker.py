@@ -860,6 +860,9 @@ class Broker:
             note = limit.held_back(now)
             if note is not None:
                 log.warning("%s", note)
+        note = self._gate.held_back(now)
+        if note is not None:
+            log.warning("%s", note)
         note = self._join_log.held_back(now)
         if note is not None:
             log.info("%s (`ventilator status` counts the clients)", note)
