@@ -201,6 +201,9 @@ class HandshakeWatch:
         self.problem: str | None = None
         self._refusals = 0  # handshakes failed in a row for `problem`
         self._silent_failures = 0  # in a row, with no detail
+        # Handshakes that succeeded, across reconnects: each is a connection
+        # (re)established, as after the broker restarted.
+        self.connections = 0
         self._socket: zmq.Socket[Any] | None = None
         self.monitor: zmq.Socket[bytes] | None = None
 
@@ -222,6 +225,7 @@ class HandshakeWatch:
             event = parse_monitor_message(frames)
             if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.problem, self._silent_failures, self._refusals = None, 0, 0
+                self.connections += 1
                 continue
             problem = self._problem(event["event"], event["value"])
             if problem is None:

@@ -77,6 +77,8 @@ RECEIVE_QUEUE = 100
 REFUSAL_REPLIES_PER_S = 1.0
 # How often the allocator is asked to give freed memory back to the system.
 TRIM_INTERVAL_S = 10.0
+# Lines per second saying a client joined; the rest are counted (see _join_log).
+JOINS_LOGGED_PER_S = 5.0
 # Room the journal's disk keeps for what is already accepted (its results,
 # retries, the SQLite log): new tasks are refused below it (see _DiskRoom).
 DEFAULT_JOURNAL_MIN_FREE_BYTES = 64 * 1024 * 1024
@@ -187,6 +189,9 @@ class Broker:
         self._handshake_log = _RateLimit(per_s=1.0, what="failed handshakes")
         self._rejection_log = _RateLimit(per_s=1.0, what="refused tasks")
         self._session_refusal_log = _RateLimit(per_s=1.0, what="refused sessions")
+        # A line per HELLO under a new name is a flood when a client renames
+        # itself in a loop; a few a second still name the clients of a start.
+        self._join_log = _RateLimit(JOINS_LOGGED_PER_S, what="clients joined")
         self._trim = _MemoryTrim(TRIM_INTERVAL_S)
         self._disk_room = _DiskRoom(self.config)
         # Peers told why their message was refused, this second: garbage
@@ -855,6 +860,12 @@ class Broker:
             note = limit.held_back(now)
             if note is not None:
                 log.warning("%s", note)
+        note = self._gate.held_back(now)
+        if note is not None:
+            log.warning("%s", note)
+        note = self._join_log.held_back(now)
+        if note is not None:
+            log.info("%s (`ventilator status` counts the clients)", note)
         self._gateway.log_held_back(now)
 
     def _log_notices(self, notices: list[s.Notice], now: float) -> None:
@@ -869,6 +880,9 @@ class Broker:
                 if self._session_refusal_log.allows(now):
                     note = self._session_refusal_log.suppressed_note()
                     _log_session_refusal(notice, note)
+            elif isinstance(notice, s.ClientJoined):
+                if self._join_log.allows(now):
+                    _log_client_joined(notice, self._join_log.suppressed_note())
             else:
                 _log_notice(notice)
 
@@ -1290,8 +1304,6 @@ def _log_notice(notice: s.Notice) -> None:
             notice.attempt,
             notice.worker_id,
         )
-    elif isinstance(notice, s.ClientJoined):
-        log.info("client joined client=%s resent=%d", notice.recipient, notice.resent)
     elif isinstance(notice, s.ClientLost):
         _log_client_lost(notice)
     elif isinstance(notice, s.ResultsExpired):
@@ -1357,6 +1369,12 @@ _DEPARTURES = {
     s.Departure.UNREACHABLE: "unreachable",
     s.Departure.REVOKED: "cut off (its key lost access)",
 }
+
+
+def _log_client_joined(notice: s.ClientJoined, note: str) -> None:
+    log.info(
+        "client joined client=%s resent=%d%s", notice.recipient, notice.resent, note
+    )
 
 
 def _log_client_lost(notice: s.ClientLost) -> None:

@@ -1734,7 +1734,7 @@ def _print_status(report: dict[str, Any]) -> None:
             f"as this key sees it: its own sessions ({report['scope']}*) and the "
             "functions it may submit; totals are the broker's"
         )
-    console.print(_workers_table(report["workers"]))
+    console.print(_workers_table(report["workers"], report.get("worker_counts")))
     for line in _worker_problems(report["workers"]):
         console.print(line)
     console.print(_queues_table(report))
@@ -1786,12 +1786,23 @@ def _table(title: str) -> Any:
     return Table(title=title, box=box.SIMPLE_HEAD, show_edge=False)
 
 
-def _workers_table(workers: list[dict[str, Any]]) -> Any:
+def _workers_table(workers: list[dict[str, Any]], counts: dict[str, int] | None) -> Any:
+    """The workers the broker listed; `counts` (None from an older broker,
+    which listed them all) covers those it did not list too."""
     from rich.markup import escape
 
-    table = _table(f"workers ({len(workers)})")
+    every = len(workers) if counts is None else counts["all"]
+    table = _table(f"workers ({every})")
+    captions = []
+    if every > len(workers):
+        # The broker lists the most relevant ones only: its answer stays small.
+        captions.append(
+            f"{len(workers)} listed: serving nothing, then holding the oldest "
+            f"task, first; and {every - len(workers)} more"
+        )
     if any(w.get("prefetched") for w in workers):
-        table.caption = "+N: tasks prefetched, waiting on the worker"
+        captions.append("+N: tasks prefetched, waiting on the worker")
+    table.caption = "; ".join(captions) or None
     # The id (host.pid.tag) is what an operator looks for: folded whole, never
     # cut; the other columns are short and keep to one line.
     table.add_column("worker", overflow="fold", ratio=1)
@@ -1803,7 +1814,8 @@ def _workers_table(workers: list[dict[str, Any]]) -> Any:
             _worker_state(w),
             _worker_load(w),
             _duration(w.get("oldest_running_s")),
-            str(len(w["services"])),
+            # An older broker lists every function and does not count them.
+            str(w.get("service_count", len(w["services"]))),
             f"{w['last_seen_s']:.1f}s ago",
         )
     return table
@@ -1864,6 +1876,13 @@ def _queues_table(report: dict[str, Any]) -> Any:
             escape(function),
             str(report["queued"].get(function, 0)),
             str(report["running"].get(function, 0)),
+        )
+    counts = report.get("queue_counts")  # an older broker lists every function
+    if counts is not None and counts["all"] > counts["listed"]:
+        table.caption = (
+            f"the {counts['listed']} functions with the most tasks listed; and "
+            f"{counts['all'] - counts['listed']} more ({counts['queued']} queued "
+            f"and {counts['running']} on workers in all)"
         )
     return table
 
@@ -2022,12 +2041,9 @@ def purge(
     if function is None or session is not None:
         raise click.UsageError("give either FUNCTION or --session NAME")
     with _broker_answer(connect, timeout_s) as client:
-        queued = client.status(timeout_s)["queued"].get(function, 0)
         if not yes:
-            click.confirm(
-                f"Cancel the {queued} task(s) of {function} waiting to run?",
-                abort=True,
-            )
+            question = _purge_question(client.status(timeout_s), function)
+            click.confirm(question, abort=True)
         purged = client.purge(function, timeout_s)
         known = purged or _function_known(client.status(timeout_s), function)
     if not known:
@@ -2051,11 +2067,34 @@ def _not_an_option(value: str | None, param: click.Parameter) -> str | None:
     return value
 
 
+def _purge_question(report: dict[str, Any], function: str) -> str:
+    """The confirmation to ask, with how many tasks of `function` wait when
+    the broker says (among many functions it lists the busiest only)."""
+    if function in report["queued"] or not _partial(report):
+        queued = report["queued"].get(function, 0)
+        return f"Cancel the {queued} task(s) of {function} waiting to run?"
+    return f"Cancel every task of {function} waiting to run?"
+
+
 def _function_known(report: dict[str, Any], function: str) -> bool:
     """Whether the broker knows `function` from a queue, a running task or a
-    worker that serves it (in which case purging none of it is no typo)."""
+    worker that serves it (in which case purging none of it is no typo).
+    When the broker listed part of its workers or functions only, it may
+    know more than it listed: then no typo is claimed."""
     served = any(function in w["services"] for w in report["workers"])
-    return served or function in report["queued"] or function in report["running"]
+    listed = function in report["queued"] or function in report["running"]
+    return served or listed or _partial(report)
+
+
+def _partial(report: dict[str, Any]) -> bool:
+    """Whether the broker left workers, functions or a worker's functions out
+    of `report` (an older broker lists them all, and has no counts)."""
+    counts = [report.get("worker_counts"), report.get("queue_counts")]
+    if any(c is not None and c["all"] > c["listed"] for c in counts):
+        return True
+    return any(
+        w.get("service_count", 0) > len(w["services"]) for w in report["workers"]
+    )
 
 
 def _purge_session(connect: str, timeout_s: float, session: str, yes: bool) -> None:

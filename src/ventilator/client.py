@@ -1359,7 +1359,14 @@ class Client:
         At most `STATUS_CLIENTS` (100) clients and sinks are listed, the most
         relevant first (owed the most results, connected, heard last);
         ``client_counts`` counts them all: ``all``, ``connected``, ``sinks``,
-        ``connected_sinks`` and ``listed``.
+        ``connected_sinks`` and ``listed``. Likewise at most `STATUS_WORKERS`
+        (100) workers (serving nothing first, then holding the oldest task,
+        then the most), each with at most `STATUS_SERVICES` (100) of its
+        functions (``service_count`` counts them), and ``queued`` and
+        ``running`` for the `STATUS_QUEUES` (100) functions with the most
+        tasks; ``worker_counts`` (``all``, ``draining``, ``not_serving``,
+        ``held``, ``slots``, ``capacity``, ``listed``) and ``queue_counts``
+        (``all``, ``queued``, ``running``, ``listed``) are exact.
 
         Raises:
             BrokerTimeout: the broker did not answer within `timeout_s`

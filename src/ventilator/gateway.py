@@ -313,17 +313,11 @@ class MdpGateway:
         first seen without a worker, whichever is later, so a backlog survives
         a worker's quick restart.
         """
-        offered = {
-            queue
-            for worker in self._scheduler.workers.values()
-            if not worker.draining
-            for queue in worker.services
-        }
         cutoff = now - self.settings.unserved_expiry_s
         since_by_queue: dict[str, float] = {}
         expired: dict[str, int] = {}
         for queue in self._scheduler.waiting_queues(mdp.QUEUE_PREFIX):
-            if queue in offered:
+            if self._scheduler.serves(queue):
                 continue
             since = self._unserved_since.get(queue, now)
             if since <= cutoff and (count := self._expire(queue, cutoff)):

@@ -38,8 +38,9 @@ import itertools
 import math
 import random
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TypeAlias
 
 from . import protocol as p
 from .errors import PoisonTask, ResultExpired, TaskRejected, TaskTimeout
@@ -121,6 +122,14 @@ SESSIONS_PER_CONNECTION = 4
 # client reads answers of up to protocol.MAX_BODY_BYTES: past about 100,000
 # sessions a full list no longer fitted, and status stopped working.
 STATUS_CLIENTS = 100
+# The same for workers (serving nothing first, then holding the oldest task,
+# then the most), for functions (the most tasks queued and on workers first),
+# and for the functions each listed worker serves: thousands of workers or of
+# functions made the answer grow as fast, and every worker may serve every
+# function. Exact counts cover what is not listed.
+STATUS_WORKERS = 100
+STATUS_QUEUES = 100
+STATUS_SERVICES = 100
 
 # The session under which the broker resubmits failed tasks an operator retries.
 RETRY_SESSION = "ventilator:retry"
@@ -203,6 +212,10 @@ class Task:
         return self.function
 
 
+# Serves nothing, -(when it was handed its oldest task), tasks held, -order.
+WorkerRelevance: TypeAlias = tuple[bool, float, int, int]
+
+
 @dataclass(slots=True, eq=False)
 class Worker:
     worker_id: str
@@ -217,6 +230,9 @@ class Worker:
     # How many of `running` each queue gave it.
     held: dict[str, int] = field(default_factory=dict)
     draining: bool = False
+    # Whether it is counted among the workers sharing its queues' work (see
+    # Scheduler._even_share): registered and not draining.
+    sharing: bool = False
     # Tasks it may hold above `capacity` after lowering it: those it had then.
     grace: int = 0
     # Silence after which it is presumed dead; None: the broker's default.
@@ -437,14 +453,6 @@ def split_for_its_map(flags: int, status: p.Status) -> bool:
     neither remembered for `failed` and `retry` nor counted as failed.
     """
     return status is p.Status.POISON and bool(flags & _BATCH)
-
-
-def _count_held(worker: Worker, queue_name: str, change: int) -> None:
-    held = worker.held.get(queue_name, 0) + change
-    if held:
-        worker.held[queue_name] = held
-    else:
-        del worker.held[queue_name]
 
 
 def _counts_against_window(task: Task) -> bool:
@@ -788,6 +796,11 @@ class Scheduler:
         self._worker_of_peer: dict[bytes, str] = {}
         # For each queue, the workers serving it that have free credit, oldest first.
         self._available: dict[str, dict[str, None]] = {}
+        # For each queue, how many registered workers that are not draining
+        # serve it, and how many of its tasks they hold: an even share costs
+        # no pass over the workers (see _even_share).
+        self._sharing: dict[str, int] = {}
+        self._held_by_sharing: dict[str, int] = {}
 
         self.recipients: dict[str, Recipient] = {}
         self._recipient_of_peer: dict[bytes, str] = {}
@@ -1445,6 +1458,7 @@ class Scheduler:
             worker.grace = max(0, len(worker.running) - worker.capacity)
             self._offer(worker)
         elif isinstance(command, p.Drain):
+            self._stop_sharing(worker)
             worker.draining = True
             self._offer(worker)
             self._effects.notices.append(
@@ -1511,6 +1525,7 @@ class Scheduler:
 
         self.workers[worker.worker_id] = worker
         self._worker_of_peer[peer] = worker.worker_id
+        self._start_sharing(worker)
         kept += self._reclaim(worker, named)
         self._fence(worker, named)
         self._start_waiting(worker, now)
@@ -1634,7 +1649,7 @@ class Scheduler:
         task.given_back_by = None
         task.restored = False
         worker.running.add(task.ticket)
-        _count_held(worker, task.queue, +1)
+        self._count_held(worker, task.queue, +1)
         if task.deadline is not None:
             self._rearm(task, task.deadline)
         else:
@@ -1793,6 +1808,7 @@ class Scheduler:
         drop those cancelled while it ran them; return how many were
         requeued, poisoned, dropped, and split (map batches whose maps run
         their items alone: no failure)."""
+        self._stop_sharing(worker)
         del self.workers[worker.worker_id]
         if self._worker_of_peer.get(worker.peer) == worker.worker_id:
             del self._worker_of_peer[worker.peer]
@@ -1825,11 +1841,43 @@ class Scheduler:
 
     def _release(self, worker: Worker, task: Task) -> None:
         if task.ticket in worker.running:
-            _count_held(worker, task.queue, -1)
+            self._count_held(worker, task.queue, -1)
         worker.running.discard(task.ticket)
         worker.unstarted.pop(task.ticket, None)
         worker.grace = min(worker.grace, max(0, len(worker.running) - worker.capacity))
         task.worker = None
+
+    def _count_held(self, worker: Worker, queue_name: str, change: int) -> None:
+        """Count `change` more tasks of `queue_name` held by `worker` (which
+        serves that queue: it got them from it)."""
+        held = worker.held.get(queue_name, 0) + change
+        if held:
+            worker.held[queue_name] = held
+        else:
+            del worker.held[queue_name]
+        if worker.sharing:
+            self._held_by_sharing[queue_name] += change
+
+    def _start_sharing(self, worker: Worker) -> None:
+        """Count a worker that registered among those sharing its queues."""
+        worker.sharing = True
+        for service in worker.services:
+            self._sharing[service] = self._sharing.get(service, 0) + 1
+            held = self._held_by_sharing.get(service, 0)
+            self._held_by_sharing[service] = held + worker.held.get(service, 0)
+
+    def _stop_sharing(self, worker: Worker) -> None:
+        """Stop counting a worker that drains or leaves (once: it may do both),
+        and forget the counts of a queue nobody serves any more."""
+        if not worker.sharing:
+            return
+        worker.sharing = False
+        for service in worker.services:
+            self._held_by_sharing[service] -= worker.held.get(service, 0)
+            self._sharing[service] -= 1
+            if not self._sharing[service]:
+                del self._sharing[service]
+                del self._held_by_sharing[service]
 
     def _offer(self, worker: Worker) -> None:
         """Keep the index of workers with free credit up to date."""
@@ -2432,16 +2480,12 @@ class Scheduler:
 
     def _even_share(self, queue_name: str) -> int:
         """An even share of a queue's tasks, waiting and held, among the
-        workers that serve it and take work. Costs a pass over the workers:
-        asked only for workers that declare no slots."""
-        serving = [
-            w
-            for w in self.workers.values()
-            if queue_name in w.services and not w.draining
-        ]
+        workers that serve it and take work. Asked once per slot-less worker
+        in each dispatch pass, so from counts kept up to date, not a pass over
+        the workers: that made a pass over many such workers quadratic."""
         total = self.queued_count(queue_name)
-        total += sum(w.held.get(queue_name, 0) for w in serving)
-        return math.ceil(total / max(1, len(serving)))
+        total += self._held_by_sharing.get(queue_name, 0)
+        return math.ceil(total / max(1, self._sharing.get(queue_name, 0)))
 
     def _take(
         self,
@@ -2470,7 +2514,7 @@ class Scheduler:
             task.given_back_by = None
             task.restored = False
             worker.running.add(task.ticket)
-            _count_held(worker, queue_name, +1)
+            self._count_held(worker, queue_name, +1)
             task.deadline = None
             if not into_slots:
                 worker.unstarted[task.ticket] = None
@@ -2589,10 +2633,7 @@ class Scheduler:
 
     def serves(self, queue: str) -> bool:
         """Whether a registered worker that is not draining serves `queue`."""
-        return any(
-            queue in worker.services and not worker.draining
-            for worker in self.workers.values()
-        )
+        return queue in self._sharing
 
     def find_task(self, session: str, task_id: int) -> Task | None:
         """The task `session` submitted as `task_id`, if the broker still has it."""
@@ -2698,22 +2739,28 @@ class Scheduler:
         else:
             self._keep_failure(record)
 
-    def status(self, now: float, scope: Scope | None = None) -> dict[str, object]:
+    def status(
+        self, now: float, scope: Scope | None = None, full: bool = False
+    ) -> dict[str, object]:
         """A plain-data picture of the broker, for `ventilator status`; within
         `scope`, as `_status_within` says.
 
-        Its cost grows with workers, running tasks and queues, not with the
-        number of queued tasks, so a dashboard may ask for it every second.
+        It lists the most relevant `STATUS_WORKERS` workers, `STATUS_QUEUES`
+        functions and `STATUS_CLIENTS` clients, with exact counts of them all,
+        so that it fits in an answer however many there are; `full` lists
+        every worker and function (the broker's own metrics, which no frame
+        carries). Its cost grows with workers, running tasks and queues, not
+        with the number of queued tasks, so a dashboard may ask every second.
         """
         if scope is not None:
             return self._status_within(scope, now)
         queued = self._queued_by_function()
         running = self._running_by_function()
         unfinished = sum(queued.values()) + sum(running.values())
+        every_worker = ((w, w.services) for w in self.workers.values())
         return {
-            "workers": [self._worker_status(w, now) for w in self.workers.values()],
-            "queued": queued,
-            "running": running,
+            **self._workers_status(every_worker, now, full),
+            **self._queues_status(queued, running, full),
             **self._results_held(unfinished),
             **self._clients_status(self.recipients.values()),
             "totals": self.totals(),
@@ -2732,12 +2779,14 @@ class Scheduler:
         queued = self._queued_by_function()
         running = self._running_by_function()
         unfinished = sum(queued.values()) + sum(running.values())
-        workers = (self._worker_within(scope, w, now) for w in self.workers.values())
         return {
             "scope": scope.sessions,
-            "workers": [worker for worker in workers if worker is not None],
-            "queued": {q: n for q, n in queued.items() if scope.shows_queue(q)},
-            "running": {q: n for q, n in running.items() if scope.shows_queue(q)},
+            **self._workers_status(self._workers_within(scope), now, full=False),
+            **self._queues_status(
+                {q: n for q, n in queued.items() if scope.shows_queue(q)},
+                {q: n for q, n in running.items() if scope.shows_queue(q)},
+                full=False,
+            ),
             **self._results_held(unfinished),
             **self._clients_status(
                 recipient
@@ -2821,15 +2870,80 @@ class Scheduler:
             "expired": recipient.expired,
         }
 
-    def _worker_within(
-        self, scope: Scope, worker: Worker, now: float
-    ) -> dict[str, object] | None:
-        """A worker as a client with limited rights sees it: the functions of
-        its rights that it serves; None when it serves none of them."""
-        services = [name for name in worker.services if scope.shows_queue(name)]
-        if not services:
-            return None
-        return {**self._worker_status(worker, now), "services": services}
+    def _workers_within(self, scope: Scope) -> Iterator[tuple[Worker, list[str]]]:
+        """The workers as a client with limited rights sees them: those that
+        serve functions of its rights, with those functions only."""
+        for worker in self.workers.values():
+            services = [name for name in worker.services if scope.shows_queue(name)]
+            if services:
+                yield worker, services
+
+    def _workers_status(
+        self,
+        shown: Iterable[tuple[Worker, Sequence[str]]],
+        now: float,
+        full: bool,
+    ) -> dict[str, object]:
+        """The `STATUS_WORKERS` most relevant of the `shown` workers (each with
+        the functions shown of it), all of them if `full`, and exact counts
+        of them all. One pass over them, and a heap of the listed few."""
+        counts = dict.fromkeys(
+            ("all", "draining", "not_serving", "held", "slots", "capacity"), 0
+        )
+        entries: list[tuple[WorkerRelevance, Worker, Sequence[str]]] = []
+        for order, (worker, services) in enumerate(shown):
+            counts["all"] += 1
+            counts["draining"] += worker.draining
+            counts["not_serving"] += not services
+            counts["held"] += len(worker.running)
+            counts["slots"] += worker.slots or 0
+            counts["capacity"] += worker.capacity
+            relevance = self._worker_relevance(worker, services, order)
+            entries.append((relevance, worker, services))
+        limit = len(entries) if full else STATUS_WORKERS
+        kept = heapq.nlargest(limit, entries, key=lambda entry: entry[0])
+        return {
+            "workers": [
+                self._worker_status(worker, now, services, full)
+                for _, worker, services in kept
+            ],
+            "worker_counts": {**counts, "listed": len(kept)},
+        }
+
+    def _worker_relevance(
+        self, worker: Worker, services: Sequence[str], order: int
+    ) -> WorkerRelevance:
+        """How much an operator wants to see a worker, most first: one that
+        serves nothing (there is something to fix), then the one holding the
+        oldest task (a hung task shows), then the one holding the most, then
+        the one that registered first."""
+        started = (self.tasks[ticket].started_at for ticket in worker.running)
+        oldest = min(started, default=math.inf)
+        return (not services, -oldest, len(worker.running), -order)
+
+    def _queues_status(
+        self, queued: dict[str, int], running: dict[str, int], full: bool
+    ) -> dict[str, object]:
+        """Tasks `queued` and `running` of the `STATUS_QUEUES` functions with
+        the most of both (every function if `full`), and exact totals."""
+        functions = queued.keys() | running.keys()
+        limit = len(functions) if full else STATUS_QUEUES
+        kept = heapq.nlargest(
+            limit,
+            sorted(functions),  # equal ones by name, whatever the dicts' order
+            key=lambda name: queued.get(name, 0) + running.get(name, 0),
+        )
+        counts = {
+            "all": len(functions),
+            "queued": sum(queued.values()),
+            "running": sum(running.values()),
+            "listed": len(kept),
+        }
+        return {
+            "queued": {name: queued[name] for name in kept if name in queued},
+            "running": {name: running[name] for name in kept if name in running},
+            "queue_counts": counts,
+        }
 
     def _failures(self, limit: int, scope: Scope | None) -> list[FailedTask]:
         """The latest `limit` failures (within `scope`), newest first."""
@@ -2838,14 +2952,18 @@ class Scheduler:
             newest_first = (r for r in newest_first if scope.owns(r.session))
         return list(itertools.islice(newest_first, limit))
 
-    def _worker_status(self, worker: Worker, now: float) -> dict[str, object]:
+    def _worker_status(
+        self, worker: Worker, now: float, services: Sequence[str], full: bool
+    ) -> dict[str, object]:
         held = len(worker.running)
         # A worker runs at most `slots` of the tasks it holds; the rest wait
         # on it. Without slots the broker cannot tell them apart.
         running = held if worker.slots is None else min(held, worker.slots)
+        listed = services if full else services[:STATUS_SERVICES]
         return {
             "id": worker.worker_id,
-            "services": list(worker.services),
+            "services": list(listed),
+            "service_count": len(services),
             "capacity": worker.capacity,
             "slots": worker.slots,
             "held": held,
@@ -3067,6 +3185,7 @@ class Scheduler:
                 assert task.state is State.RUNNING and task.worker == worker.worker_id
             self._check_held_counts(worker)
             self._check_offered(worker)
+        self._check_sharing_counts()
 
         for ticket, task in self.tasks.items():
             assert self._by_key[task.key] == ticket
@@ -3156,6 +3275,21 @@ class Scheduler:
         for ticket in worker.unstarted:
             assert ticket in worker.running, f"{worker.worker_id} unstarted {ticket}"
             assert self.tasks[ticket].deadline is None, f"ticket {ticket} armed"
+
+    def _check_sharing_counts(self) -> None:
+        """The per-queue counts behind _even_share match a recount."""
+        sharing: dict[str, int] = {}
+        held: dict[str, int] = {}
+        for worker in self.workers.values():
+            assert worker.sharing == (not worker.draining), worker.worker_id
+            assert set(worker.held) <= set(worker.services), worker.worker_id
+            if not worker.sharing:
+                continue
+            for service in worker.services:
+                sharing[service] = sharing.get(service, 0) + 1
+                held[service] = held.get(service, 0) + worker.held.get(service, 0)
+        assert self._sharing == sharing, (self._sharing, sharing)
+        assert self._held_by_sharing == held, (self._held_by_sharing, held)
 
     def _check_stale_counts(self) -> None:
         for name, queue in self._queues.items():

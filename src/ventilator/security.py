@@ -43,6 +43,7 @@ from zmq.utils import z85
 from . import protocol as p
 from . import scheduler as s
 from .errors import UsageError
+from .logs import RateLimit
 
 __all__ = [
     "CLIENT",
@@ -651,9 +652,10 @@ class Gate(ThreadAuthenticator):
         super().__init__(context, log=logging.getLogger(f"{__name__}.zap"))
         self.keys = keys
         self.peers = peers
+        # Refusals are logged from this gate's thread, and what a burst held
+        # back is counted from the broker's loop (`held_back`): one lock.
         self._log_lock = threading.Lock()
-        self._next_log_at = 0.0
-        self._held_back = 0
+        self._refusal_log = RateLimit(per_s=1.0, what="refused handshakes")
 
     def start(self) -> None:
         super().start()
@@ -689,14 +691,17 @@ class Gate(ThreadAuthenticator):
         )
         return False
 
+    def held_back(self, now: float) -> str | None:
+        """The refusals held back since the last one logged, once a second
+        passed, in words for a line of the broker's; else None. Without it
+        the tail of a burst was counted only at the next refusal, if any."""
+        with self._log_lock:
+            return self._refusal_log.held_back(now)
+
     def _refused(self, message: str, *args: object) -> None:
         # A flood of handshakes must not become a flood of log lines.
         with self._log_lock:
-            now = time.monotonic()
-            if now < self._next_log_at:
-                self._held_back += 1
+            if not self._refusal_log.allows(time.monotonic()):
                 return
-            self._next_log_at = now + 1.0
-            held, self._held_back = self._held_back, 0
-        note = f"; {held} more refusals not logged" if held else ""
+            note = self._refusal_log.suppressed_note()
         log.warning(message + "%s", *args, note)

@@ -320,7 +320,9 @@ class Telemetry:
         if now < self._publish_at:
             return
         self._publish_at = now + self.publish_every_s
-        status = scheduler.status(now)
+        # Every worker and function: a gauge per function or worker must not
+        # come and go with what `status` lists to its clients.
+        status = scheduler.status(now, full=True)
         status["items"] = self._item_totals()
         if now >= self._sample_at:
             self._take_sample(now, status)

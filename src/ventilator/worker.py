@@ -125,6 +125,9 @@ class Worker:
         self._silence_log = Dwindling(config.heartbeat_interval_s * config.liveness)
         self._registering = False
         self._registered_at = 0.0
+        # The connections made to the broker by when it last welcomed us (see
+        # _registering_again).
+        self._welcomed_on = 0
         self._task_s = TaskDuration()
         # One heartbeat interval: see _unconfirmed for why that confirms.
         self._unconfirmed = Unconfirmed(config.heartbeat_interval_s)
@@ -339,6 +342,8 @@ class Worker:
         if isinstance(command, p.Welcome):
             self._registering = False
             self._max_payload_bytes = command.max_payload_bytes
+            self._handshakes.read()  # the handshake came before the welcome
+            self._welcomed_on = self._handshakes.connections
         elif isinstance(command, p.Tasks):
             assert self._pool is not None
             if self._benched:
@@ -351,10 +356,7 @@ class Worker:
             if command.code == "unknown_worker" and self._welcome_pending(now):
                 log.debug("unknown_worker about a message sent before our READY")
             elif command.code == "unknown_worker":
-                log.warning(
-                    "the broker does not know this worker (it restarted, or took us "
-                    "for dead); registering again"
-                )
+                self._registering_again()
                 self._register(now)
             elif command.code in _FRONTEND_REFUSALS:
                 self._misdirected(command)
@@ -373,6 +375,26 @@ class Worker:
             len(tickets),
             self.config.worker_id,
             given_up,
+        )
+
+    def _registering_again(self) -> None:
+        """Say why the broker no longer knows us. After our connection to it
+        was made anew (a broker restart, most often) that is expected; over
+        the connection it welcomed us on, it took us for dead: a fault, and
+        tasks we held were requeued and may run twice."""
+        self._handshakes.read()
+        if self._handshakes.connections > self._welcomed_on:
+            log.info(
+                "the broker does not know this worker after it reconnected (the "
+                "broker restarted); registering again worker=%s",
+                self.config.worker_id,
+            )
+            return
+        log.warning(
+            "the broker does not know this worker on the connection it "
+            "welcomed it on (it took the worker for dead: its tasks were "
+            "requeued); registering again worker=%s",
+            self.config.worker_id,
         )
 
     def _misdirected(self, error: p.Error) -> None:

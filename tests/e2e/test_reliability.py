@@ -4,6 +4,7 @@ the wire, a broker restart, a client that went quiet."""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import random
@@ -454,7 +455,7 @@ def test_worker_registers_once_with_a_restarted_broker_it_sent_much_to(
     # "unknown_worker" from the new one; answering each with a READY made the
     # broker take back, each time, the tasks it had just handed over.
     first = launch.broker(**restartable)
-    worker = launch.worker(first, concurrency=2)
+    worker = launch.worker(first, concurrency=2, extra=JSON_LOG)
     client = launch.client(first, heartbeat_interval_s=0.5)
     futures = [client.submit(tasks.sleep_for, 0.02) for _ in range(400)]
     wait_until(lambda: sum(f.done() for f in futures) >= 20, 20, "some results")
@@ -463,8 +464,42 @@ def test_worker_registers_once_with_a_restarted_broker_it_sent_much_to(
     launch.broker(**restartable)
 
     assert [f.result(60) for f in futures] == [0.02] * 400
-    log = log_of(worker.process)
-    assert log.count("registering again") == 1, log
+    # Once, and as news rather than a fault: a broker restart is expected to
+    # forget its workers, and the worker saw its connection made anew.
+    assert registering_again_levels(worker) == ["INFO"], log_of(worker.process)
+
+
+def test_a_worker_taken_for_dead_on_its_connection_warns_as_it_registers_again(
+    launch: Launcher, fast_broker: BrokerProcess
+) -> None:
+    worker = launch.worker(fast_broker, extra=JSON_LOG)
+    client = launch.client(fast_broker)
+    wait_for_workers(client, 1)
+
+    with stopped(worker.pid):
+        status_when(
+            client,
+            lambda status: not status["workers"],
+            10,
+            "the broker to take the stopped worker for dead",
+        )
+    status_when(client, worker.entry, 10, "the worker to register again")
+
+    # Its connection stayed up: the broker gave up on it, a fault to look at.
+    assert registering_again_levels(worker) == ["WARNING"], log_of(worker.process)
+
+
+JSON_LOG = ("--log-format", "json", "--log-level", "INFO")
+
+
+def registering_again_levels(worker: WorkerProcess) -> list[str]:
+    """The levels of the worker's log records about registering again."""
+    records = [
+        json.loads(line)
+        for line in log_of(worker.process).splitlines()
+        if line.startswith("{")
+    ]
+    return [r["level"] for r in records if "registering again" in r["message"]]
 
 
 def test_journalled_tasks_run_after_the_broker_is_killed_and_restarted(

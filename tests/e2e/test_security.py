@@ -167,6 +167,25 @@ def test_unknown_key_and_plain_text_peer_are_refused(
     )
 
 
+def test_a_burst_of_refused_handshakes_is_counted_once_it_is_over(
+    launch: Launcher, keyring: Keyring
+) -> None:
+    broker = launch.broker(*keyring.broker_options(), "--log-format", "json")
+    strangers = [curve_client(launch, broker, keyring, "stranger") for _ in range(5)]
+    assert is_refused(strangers[0])
+    for stranger in strangers:
+        stranger.close()
+
+    # One refusal a second is logged; the rest of the burst is counted on a
+    # line of its own when the second is over, not at the next refusal, which
+    # may never come.
+    def counted() -> bool:
+        records = json_lines(log_of(broker.process))
+        return any("refused handshakes not logged" in r["message"] for r in records)
+
+    wait_until(counted, 10, "the broker to count the refusals it held back")
+
+
 def test_a_client_key_cannot_register_as_a_worker(
     launch: Launcher, curve_broker: BrokerProcess, keyring: Keyring
 ) -> None:

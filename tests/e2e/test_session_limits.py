@@ -3,6 +3,7 @@ bounded in number; status stays readable however many clients there are."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -25,6 +26,7 @@ from .conftest import (
     BrokerProcess,
     Launcher,
     Processes,
+    log_of,
     run_cli,
     status_when,
     wait_for_workers,
@@ -210,6 +212,31 @@ def test_status_lists_a_bounded_number_of_clients_and_counts_them_all(
     assert status["client_counts"]["listed"] == STATUS_CLIENTS
     # Listed first: the one asking, connected and heard last.
     assert status["clients"][0]["name"] == observer.session
+
+
+def test_a_client_renaming_itself_in_a_loop_does_not_flood_the_log(
+    launch: Launcher, context: zmq.Context[zmq.Socket[bytes]]
+) -> None:
+    broker = launch.broker("--log-level", "INFO", "--log-format", "json")
+    count = 200
+    socket = context.socket(zmq.DEALER)
+    socket.connect(broker.frontend)
+    for i in range(count):  # each holds nothing: left and forgotten at once
+        raw_hello(socket, f"renamed-{i}")
+    replies(socket, count, RESULT_TIMEOUT_S)
+
+    def broker_records() -> list[dict[str, str]]:
+        lines = log_of(broker.process).splitlines()
+        return [json.loads(line) for line in lines if line.startswith("{")]
+
+    # The joins held back are counted on a line of their own, a moment later.
+    wait_until(
+        lambda: any("more clients joined" in r["message"] for r in broker_records()),
+        RESULT_TIMEOUT_S,
+        "the broker to count the joins it did not log",
+    )
+    named = [r for r in broker_records() if "renamed-" in r["message"]]
+    assert 1 <= len(named) < count // 10, named
 
 
 def serve_one_oversized_status(router: zmq.Socket[bytes]) -> None:

@@ -3,6 +3,8 @@ queue for a worker that does not say how many tasks it runs at once."""
 
 from __future__ import annotations
 
+import math
+
 from ventilator import protocol as p
 from ventilator.policy import Limits
 from ventilator.scheduler import (
@@ -222,6 +224,57 @@ def test_a_worker_without_slots_holds_no_more_than_an_even_share_of_a_queue() ->
     assert hoarded <= 100
     assert len(assignments(effects, W2)) == len(assignments(effects, W3)) == 1
     assert driver.scheduler.queued_count("jobs:work") == 300 - hoarded - 2
+
+
+OTHER = "jobs:other"
+
+
+def _recounted_share(driver: Driver, queue_name: str) -> int:
+    """An even share of `queue_name` counted the long way, over every worker."""
+    scheduler = driver.scheduler
+    sharing = [
+        w
+        for w in scheduler.workers.values()
+        if queue_name in w.services and not w.draining
+    ]
+    total = scheduler.queued_count(queue_name)
+    total += sum(w.held.get(queue_name, 0) for w in sharing)
+    return math.ceil(total / max(1, len(sharing)))
+
+
+def _assert_shares_recounted(driver: Driver) -> None:
+    for queue_name in ("jobs:work", OTHER):
+        recounted = _recounted_share(driver, queue_name)
+        assert driver.scheduler._even_share(queue_name) == recounted, queue_name
+
+
+def test_even_shares_match_a_recount_through_joins_leaves_drains_requeues() -> None:
+    driver = _driver()
+    both = ("jobs:work", OTHER)
+    given = assignments(driver.ready(W1, capacity=40, services=both), W1)
+    driver.ready(W2, capacity=40)
+    driver.submit(*[task(i) for i in range(100)])
+    driver.submit(*[task(1000 + i, function=OTHER) for i in range(30)])
+    _assert_shares_recounted(driver)
+
+    driver.worker(W2, p.Drain())  # its tasks no longer count in the share
+    _assert_shares_recounted(driver)
+    given = assignments(driver.ready(W3, capacity=40, services=both), W3)
+    _assert_shares_recounted(driver)
+    driver.done(W3, given[0])
+    _assert_shares_recounted(driver)
+
+    # W3's connection fails: its tasks are requeued; it comes back naming
+    # them and gets them back on a new connection.
+    driver.unreachable(W3)
+    _assert_shares_recounted(driver)
+    driver.ready(b"w3-again", capacity=40, services=both, worker_id="w3", held=given)
+    _assert_shares_recounted(driver)
+
+    driver.worker(W2, p.Bye())
+    driver.worker(W1, p.Bye())
+    _assert_shares_recounted(driver)
+    assert set(driver.scheduler._sharing) == set(both)  # w3 alone serves both
 
 
 def test_a_worker_without_slots_alone_on_a_queue_may_hold_all_its_credit() -> None:
