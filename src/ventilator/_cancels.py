@@ -12,8 +12,9 @@ every new connection. Two things prove it:
   task is never run again;
 - the answer to a question asked after the CANCEL on the same connection: the
   broker reads a connection's commands in order and answers after its commit.
-  A running task's cancellation gets no answer of its own (it runs on, for
-  nobody), so a receipt question confirms it.
+  A running task's cancellation gets no answer of its own (its worker is
+  told to stop it, and the broker drops it), so a receipt question confirms
+  it.
 
 Each sending numbers the cancels it carries; a receipt confirms every cancel
 whose last sending came before it. The memory is bounded: past its limit the

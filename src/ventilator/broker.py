@@ -1267,31 +1267,28 @@ def _log_notice(notice: s.Notice) -> None:
         log.log(
             logging.WARNING if busy or notice.misbehaved else logging.INFO,
             "worker lost worker=%s reason=%s; requeued %d tasks, %d map batches "
-            "handed back to their maps, %d failed as poison, dropped %d "
-            "cancelled by their clients",
+            "handed back to their maps, %d failed as poison",
             notice.worker_id,
             notice.reason,
             notice.requeued,
             notice.split,
             notice.poisoned,
-            notice.dropped,
         )
     elif isinstance(notice, s.WorkerLeft):
         # A goodbye is a departure, not a fault: what it had not finished was
         # left on purpose (a cold stop), and runs on another worker.
         log.info(
-            "worker left worker=%s; requeued %d unfinished tasks, dropped %d "
-            "cancelled by their clients",
+            "worker left worker=%s; requeued %d unfinished tasks",
             notice.worker_id,
             notice.requeued,
-            notice.dropped,
         )
     elif isinstance(notice, s.LeaseOverrun):
         _log_overrun(notice)
-    elif isinstance(notice, s.LateOutcome) and notice.resent:
+    elif isinstance(notice, s.LateOutcome) and notice.released:
         log.debug(
-            "dropped a result sent again ticket=%d attempt=%d worker=%s: the "
-            "task is settled or another worker's",
+            "dropped a result of a task its worker was told to give up "
+            "ticket=%d attempt=%d worker=%s: the task is settled, cancelled "
+            "or another worker's",
             notice.ticket,
             notice.attempt,
             notice.worker_id,

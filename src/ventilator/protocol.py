@@ -408,12 +408,14 @@ class Ready:
 
 @dataclass(frozen=True, slots=True)
 class Release:
-    """Broker -> worker: of the tasks your READY named, these are not yours
-    (finished, another worker's, or fenced after a restart): drop them, stop
-    those running; their results would be dropped as late.
+    """Broker -> worker: these tasks are no longer yours: drop them, stop
+    those running, and report none (a result would be dropped as late).
 
-    Sent after the WELCOME, only when a READY named some that were not kept.
-    A worker from before it logs it as a malformed message and runs them on.
+    Sent after the WELCOME for tasks a READY named that the broker did not
+    keep (finished, another worker's, or fenced after a restart), and for
+    tasks the worker holds whose clients cancelled them, or whose deadline
+    the broker saw pass. A worker from before it logs it as a malformed
+    message and runs them on.
     """
 
     tickets: Sequence[tuple[int, int]]

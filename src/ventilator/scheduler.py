@@ -15,10 +15,10 @@ Every accepted task is in exactly one state::
 
 A task whose worker died `max_attempts` times finishes as POISON (a map's batch
 at its first death, see `_died_running`); a cancelled task finishes as
-CANCELLED. A task its submitter cancels while a worker runs it stays RUNNING
-(the worker cannot be told to stop) but is marked `cancelled`: once its worker
-is done with it or gone, it is dropped, result and all, never requeued; the
-journal forgets it at once, so a restart does not queue it again.
+CANCELLED. A task its submitter cancels while a worker holds it is taken back
+from that worker (RELEASE: it stops the task) and dropped at once, result and
+all, never requeued; the journal forgets it, so a restart does not queue it
+again.
 A worker never holds more tasks than its capacity.
 Results of one attempt only count while that attempt is current (fencing): a
 late result from an attempt that was given up on is dropped.
@@ -117,6 +117,9 @@ MAX_DEATH_LENGTH = 200
 # connection that keeps renaming itself is refused past these few instead of
 # sidestepping the per-client window with a session per task.
 SESSIONS_PER_CONNECTION = 4
+# Tasks given up (RELEASE) a worker's record remembers: a result crossing a
+# RELEASE comes within a round trip, so a few thousand is room enough.
+RELEASED_REMEMBERED = 4096
 # How many clients and sinks `status` lists, the most relevant first (owed
 # the most results, connected, heard last); its counts cover every one. A
 # client reads answers of up to protocol.MAX_BODY_BYTES: past about 100,000
@@ -186,9 +189,6 @@ class Task:
     status: p.Status | None = None
     result: p.Payload = b""
     finished_at: float = 0.0
-    # Cancelled by its submitter while a worker ran it: dropped, not requeued
-    # and not delivered, once that worker is done with it or gone.
-    cancelled: bool = False
     # When the broker ends it as timed out unless its worker reports first
     # (see Scheduler._expire_leases); None: no timeout_s, or it waits on its
     # worker behind busy slots and its clock has not started.
@@ -258,9 +258,11 @@ class Worker:
     # Scheduler._trusted_until).
     registered_at: float = 0.0
     reported_at: float | None = None
-    # (ticket, attempt) its READY named and the broker did not keep: a result
-    # of one that follows was sent again, not late (see `p.Release`).
-    released: set[tuple[int, int]] = field(default_factory=set)
+    # (ticket, attempt) it was told to give up (see `p.Release`): tasks its
+    # READY named that the broker did not keep, and tasks stopped since. A
+    # result of one that follows crossed the RELEASE, and is not a fault.
+    # Oldest first, at most RELEASED_REMEMBERED.
+    released: dict[tuple[int, int], None] = field(default_factory=dict)
 
     def presumed_dead(self, now: float, default_silence_s: float) -> bool:
         if self.silent_while_busy and self.running:
@@ -545,7 +547,6 @@ class WorkerLost:
     reason: str
     requeued: int
     poisoned: int
-    dropped: int = 0  # tasks cancelled while it ran them: not requeued
     split: int = 0  # map batches handed back to their maps, item by item
     # It misbehaved (let deadlines pass), which is worth a warning even when
     # it held nothing more.
@@ -555,12 +556,10 @@ class WorkerLost:
 @dataclass(frozen=True, slots=True)
 class WorkerLeft:
     """A worker said goodbye: a departure, not a fault. `requeued` counts the
-    tasks it had not finished (it was told to leave at once), `dropped` those
-    of them that had been cancelled."""
+    tasks it had not finished (it was told to leave at once)."""
 
     worker_id: str
     requeued: int
-    dropped: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -584,9 +583,9 @@ class LateOutcome:
     ticket: int
     attempt: int
     worker_id: str
-    # Sent again by a returning worker, for a task the broker has settled or
-    # given to another: expected, and no fault of anyone's.
-    resent: bool = False
+    # Of a task the worker was told to give up (see Worker.released): sent
+    # again on its return, or crossing the RELEASE; no fault of anyone's.
+    released: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -1362,6 +1361,7 @@ class Scheduler:
         self._effects.forgotten.append(task.ticket)
 
     def _cancel(self, session: str, task_ids: Iterable[int], now: float) -> None:
+        running: dict[int, Task] = {}  # a task named twice is stopped once
         for task_id in task_ids:
             ticket = self._by_key.get((session, task_id))
             task = self.tasks.get(ticket) if ticket is not None else None
@@ -1369,20 +1369,41 @@ class Scheduler:
                 continue
             if task.state in (State.QUEUED, State.WAITING):
                 self._finish(task, p.Status.CANCELLED, b"", now)
-            elif task.state is State.RUNNING and not task.cancelled:
-                self._cancel_running(task)
+            elif task.state is State.RUNNING:
+                running[task.ticket] = task
+        self._cancel_running(list(running.values()), now)
 
-    def _cancel_running(self, task: Task) -> None:
-        """Mark a running task cancelled: it runs on, for nobody.
+    def _cancel_running(self, tasks: list[Task], now: float) -> None:
+        """Stop tasks that workers hold (running, or waiting there for a
+        slot) for nobody: their clients settled their futures already.
 
-        The worker protocol cannot stop a task, so its worker keeps the slot
-        until it reports; then, or when the worker dies, the task is dropped.
-        The client that cancelled it has settled its future already and wants
-        no result. The journal forgets it now: a broker restarted on it must
-        not queue it again.
+        Each worker is told to give its tasks up (RELEASE): it stops them and
+        reports none, so their slots come back here at once, and the tasks are
+        forgotten now, by the journal too (a broker restarted on one must not
+        queue it again). A worker from before RELEASE runs them on; its
+        results are then dropped as late.
         """
-        task.cancelled = True
-        self._effects.forgotten.append(task.ticket)
+        by_worker: dict[str, list[Task]] = {}
+        for task in tasks:
+            assert task.worker is not None, f"task {task.ticket} held by no worker"
+            by_worker.setdefault(task.worker, []).append(task)
+        for worker_id, given_up in by_worker.items():
+            worker = self.workers[worker_id]
+            self._tell_to_give_up(worker, [(t.ticket, t.attempt) for t in given_up])
+            for task in given_up:
+                self._release(worker, task)
+                self._drop_cancelled(task, now)
+            self._start_waiting(worker, now)
+            self._offer(worker)
+
+    def _tell_to_give_up(self, worker: Worker, keys: list[tuple[int, int]]) -> None:
+        """Send `worker` a RELEASE of these (ticket, attempt), and remember
+        them for a while: a result it had sent before reading it is no fault."""
+        self._effects.to_workers.append((worker.peer, p.Release(keys)))
+        released = worker.released
+        released.update(dict.fromkeys(keys))
+        while len(released) > RELEASED_REMEMBERED:
+            del released[next(iter(released))]
 
     def _drop_cancelled(self, task: Task, now: float) -> None:
         """Forget an unfinished task nobody wants, as cancelled (one cancelled
@@ -1465,10 +1486,8 @@ class Scheduler:
                 WorkerDraining(worker.worker_id, len(worker.running))
             )
         elif isinstance(command, p.Bye):
-            requeued, _, dropped, _ = self._drop_worker(worker, lost=None, now=now)
-            self._effects.notices.append(
-                WorkerLeft(worker.worker_id, requeued, dropped)
-            )
+            requeued, _, _ = self._drop_worker(worker, lost=None, now=now)
+            self._effects.notices.append(WorkerLeft(worker.worker_id, requeued))
 
     def _ready(self, peer: bytes, ready: p.Ready, now: float) -> None:
         if ready.worker_id.startswith(GATEWAY_PREFIX):
@@ -1488,8 +1507,7 @@ class Scheduler:
         worker = self.workers[ready.worker_id]
         refused = [entry for entry in ready.held if entry[0] not in worker.running]
         if refused:
-            worker.released = set(refused)
-            self._effects.to_workers.append((peer, p.Release(refused)))
+            self._tell_to_give_up(worker, refused)
 
     def register_worker(
         self,
@@ -1676,19 +1694,17 @@ class Scheduler:
             self._release(worker, task)
             task.run_s = outcome.duration_s
             self._observe_run(task.queue, outcome.duration_s)
-            if task.cancelled:
-                self._drop_cancelled(task, now)
-            else:
-                self._settle(task, outcome, now)
+            self._settle(task, outcome, now)
         self._start_waiting(worker, now)
         self._offer(worker)
 
     def _late(self, worker: Worker, outcome: p.Outcome) -> None:
         key = (outcome.ticket, outcome.attempt)
-        resent = key in worker.released
-        worker.released.discard(key)
-        notice = LateOutcome(outcome.ticket, outcome.attempt, worker.worker_id, resent)
-        self._effects.notices.append(notice)
+        released = key in worker.released
+        worker.released.pop(key, None)
+        self._effects.notices.append(
+            LateOutcome(outcome.ticket, outcome.attempt, worker.worker_id, released)
+        )
 
     def _observe_run(self, queue_name: str, duration_s: float) -> None:
         # A moving average, so that a function whose tasks grow longer is
@@ -1787,27 +1803,18 @@ class Scheduler:
     ) -> None:
         """Drop `worker` (`blamed`: its tasks each get a strike) and say why."""
         lost = reason if blamed else None
-        requeued, poisoned, dropped, split = self._drop_worker(worker, lost, now)
+        requeued, poisoned, split = self._drop_worker(worker, lost, now)
         self._effects.notices.append(
-            WorkerLost(
-                worker.worker_id,
-                reason,
-                requeued,
-                poisoned,
-                dropped,
-                split,
-                misbehaved,
-            )
+            WorkerLost(worker.worker_id, reason, requeued, poisoned, split, misbehaved)
         )
 
     def _drop_worker(
         self, worker: Worker, lost: str | None, now: float
-    ) -> tuple[int, int, int, int]:
+    ) -> tuple[int, int, int]:
         """Forget a worker and requeue its tasks (`lost`: why it was lost, a
-        strike against each; None: it left or was replaced, no blame), but
-        drop those cancelled while it ran them; return how many were
-        requeued, poisoned, dropped, and split (map batches whose maps run
-        their items alone: no failure)."""
+        strike against each; None: it left or was replaced, no blame); return
+        how many were requeued, poisoned, and split (map batches whose maps
+        run their items alone: no failure)."""
         self._stop_sharing(worker)
         del self.workers[worker.worker_id]
         if self._worker_of_peer.get(worker.peer) == worker.worker_id:
@@ -1816,16 +1823,13 @@ class Scheduler:
             self._available.get(service, {}).pop(worker.worker_id, None)
         worker.offered = False
 
-        requeued = poisoned = dropped = split = 0
+        requeued = poisoned = split = 0
         for ticket in sorted(worker.running, reverse=True):
             task = self.tasks[ticket]
             task.worker = None
             # It may still run there: the worker may name it on its return.
             task.given_back_by = worker.worker_id
-            if task.cancelled:
-                self._drop_cancelled(task, now)
-                dropped += 1
-            elif lost is None:
+            if lost is None:
                 self._enqueue(task, front=True)
                 requeued += 1
             elif not self._lost_running(task, lost, now):
@@ -1837,7 +1841,7 @@ class Scheduler:
         worker.running.clear()
         worker.held.clear()
         worker.unstarted.clear()
-        return requeued, poisoned, dropped, split
+        return requeued, poisoned, split
 
     def _release(self, worker: Worker, task: Task) -> None:
         if task.ticket in worker.running:
@@ -1992,19 +1996,16 @@ class Scheduler:
         (see `_blame_overruns`). A result it sends later is late.
         """
         self._release(worker, task)
+        self._tell_to_give_up(worker, [(task.ticket, task.attempt)])
         worker.overruns += 1
         timeout_s, grace_s = task.timeout_s or 0.0, self._lease_grace_s()
-        if task.cancelled:
-            self._drop_cancelled(task, now)
-        else:
-            error = TaskTimeout(
-                "TaskTimeout",
-                f"the task ran past its timeout of {timeout_s:g}s and its worker "
-                f"{worker.worker_id} did not report it within {grace_s:g}s more; "
-                "the broker ended it (it may still run there: its result will "
-                "be dropped)",
-            )
-            self._finish(task, p.Status.TIMEOUT, pack_error(error), now)
+        error = TaskTimeout(
+            "TaskTimeout",
+            f"the task ran past its timeout of {timeout_s:g}s and its worker "
+            f"{worker.worker_id} did not report it within {grace_s:g}s more; "
+            "the broker ended it (and told the worker to stop it)",
+        )
+        self._finish(task, p.Status.TIMEOUT, pack_error(error), now)
 
     def _blame_overruns(self, worker: Worker, tasks: list[Task], now: float) -> None:
         """Say that `worker` let `tasks` overrun; drop it if it let
@@ -3148,10 +3149,10 @@ class Scheduler:
                 return None  # a sink task's result is the sink's
             self._forget(task)
             return "results"
-        if task.session != name or task.cancelled:
+        if task.session != name:
             return None
         if task.state is State.RUNNING:
-            self._cancel_running(task)
+            self._cancel_running([task], now)
             return "running"
         self._drop_cancelled(task, now)
         return "queued"
@@ -3162,10 +3163,8 @@ class Scheduler:
         task = self.tasks.get(ticket) if ticket is not None else None
         if task is None:
             return "unknown"
-        if task.cancelled:
-            return "cancelled already"  # by its client, while it runs
         if task.state is State.RUNNING:
-            return "running"  # workers cannot stop a task; it finishes
+            return "running"  # held by a worker: it is its client's to cancel
         if task.state is State.FINISHED:
             cancelled = task.status is p.Status.CANCELLED
             return "cancelled already" if cancelled else "finished"
@@ -3193,8 +3192,6 @@ class Scheduler:
                 assert ticket in running, f"task {ticket} running on no worker"
             if task.state is State.FINISHED:
                 assert task.status is not None
-            if task.cancelled:
-                assert task.state is State.RUNNING, f"task {ticket} cancelled"
 
         for recipient in self.recipients.values():
             if recipient.peer is not None:

@@ -364,14 +364,15 @@ class Worker:
                 log.warning("the broker refused a message: %s", command.message)
 
     def _release(self, tickets: Sequence[tuple[int, int]]) -> None:
-        """The broker did not keep these tasks our READY named: it has their
-        results, or gave them to another worker. Stop running them."""
+        """The broker took these tasks back: their clients cancelled them,
+        their deadlines passed, or (named by our READY) they finished or went
+        to another worker meanwhile. Stop them, and report none."""
         assert self._pool is not None
         self._unconfirmed.forget(tickets)
         given_up = self._pool.release(tickets)
         log.info(
-            "the broker did not keep %d tasks this worker named worker=%s "
-            "(finished, or another worker's); stopped %d still held here",
+            "the broker took back %d tasks worker=%s (cancelled, past their "
+            "deadline, or finished elsewhere); stopped %d still held here",
             len(tickets),
             self.config.worker_id,
             given_up,

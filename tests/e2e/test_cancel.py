@@ -20,6 +20,7 @@ from .conftest import (
     BrokerProcess,
     Launcher,
     Processes,
+    ProcessId,
     free_port,
     log_of,
     paused,
@@ -302,3 +303,29 @@ def test_closing_a_client_cancels_the_maps_it_left_open(
     )
     with pytest.raises(ventilator.ClientClosed, match="closed while this map ran"):
         next(still_open)
+
+
+def test_cancelling_a_running_task_stops_it_and_frees_its_slot(
+    launch: Launcher, broker: BrokerProcess, tmp_path: Path
+) -> None:
+    launch.worker(broker, concurrency=1)  # task processes, one slot
+    client = launch.client(broker)
+    wait_for_workers(client, 1)
+    runs, never = tmp_path / "runs", tmp_path / "never-released"
+    runs.mkdir()
+    running = client.submit(tasks.run_counted, str(runs), str(never))
+    wait_until(lambda: any(runs.iterdir()), PROBE_TIMEOUT_S, "the task to start")
+    [marker] = list(runs.iterdir())
+    task_process = ProcessId.of(int(marker.name.split("-")[1]))
+    assert task_process is not None
+
+    assert running.cancel()
+
+    # The only slot is free again: the next task runs, without the release.
+    assert client.submit(tasks.square, 7).result(PROBE_TIMEOUT_S) == 49
+    wait_until(
+        lambda: not task_process.alive(),
+        PROBE_TIMEOUT_S,
+        "the cancelled task's process to be stopped",
+    )
+    assert len(list(runs.iterdir())) == 1, "the cancelled task ran again"

@@ -34,6 +34,7 @@ from .conftest import (
     BrokerProcess,
     ClusterError,
     Launcher,
+    ProcessId,
     WorkerProcess,
     descendants,
     free_port,
@@ -1113,17 +1114,11 @@ def receive(sock: zmq.Socket[bytes]) -> p.Command:
 # --- a worker told to leave at once ---------------------------------------------------
 
 
-def pid_of_run(marker: Path) -> int:
+def process_of_run(marker: Path) -> ProcessId:
     """The task process that left `marker` (see tasks.run_counted)."""
-    return int(marker.name.split("-")[1])
-
-
-def is_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+    process = ProcessId.of(int(marker.name.split("-")[1]))
+    assert process is not None, f"the process of {marker.name} is gone already"
+    return process
 
 
 def test_a_worker_leaving_at_once_stops_its_tasks_before_they_run_elsewhere(
@@ -1134,6 +1129,7 @@ def test_a_worker_leaving_at_once_stops_its_tasks_before_they_run_elsewhere(
     wait_for_workers(client, 1)
     future, runs, release = start_counted_task(client, tmp_path)
     [first_run] = list(runs.iterdir())
+    first_process = process_of_run(first_run)
     launch.worker(broker, concurrency=1)
     wait_for_workers(client, 2)
 
@@ -1141,7 +1137,7 @@ def test_a_worker_leaving_at_once_stops_its_tasks_before_they_run_elsewhere(
 
     wait_until(lambda: len(list(runs.iterdir())) == 2, 30, "the task to run again")
     # Stopped before its worker said BYE, so before the other could start it.
-    assert not is_alive(pid_of_run(first_run))
+    assert not first_process.alive()
     assert leaving.process.wait(20) == 0, log_of(leaving.process)
     assert "stopping 1 tasks it held" in log_of(leaving.process)
     release.touch()

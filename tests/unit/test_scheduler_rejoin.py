@@ -331,6 +331,6 @@ def test_a_result_sent_again_after_it_arrived_is_dropped_as_late(
     again = driver.done(W1_AGAIN, first, payload=b"49")
 
     assert not results(again)
-    late = LateOutcome(first.ticket, 1, "worker-1", resent=True)
+    late = LateOutcome(first.ticket, 1, "worker-1", released=True)
     assert notices(again, LateOutcome) == [late]
     assert not assignments(driver.flush(), W1_AGAIN)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from hypothesis import HealthCheck, settings
@@ -179,8 +180,21 @@ class SchedulerMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def client_says_bye(self, data: st.DataObject) -> None:
         name = data.draw(st.sampled_from(self._connected(SESSIONS)))
+        # The "cancelled" results it leaves unread go with it.
+        cancelled = [
+            key
+            for key, recipient in self.recipient_of.items()
+            if recipient == name
+            and key not in self.recipients[name].acked
+            and (task := self.scheduler.find_task(*key)) is not None
+            and task.status is p.Status.CANCELLED
+        ]
         self._client(self._peer_of(name), p.Bye())
         assert self.recipients[name].peer is None, "still connected after BYE"
+        for key in cancelled:
+            self.recipient_of.pop(key)
+            self.recipients[name].delivered.discard(key)
+            self.dropped.add(key)
 
     @precondition(lambda self: self._connected(SESSIONS))
     @rule(
@@ -644,7 +658,7 @@ class SchedulerMachine(RuleBasedStateMachine):
     def a_task_cancelled_while_running_never_runs_again(self) -> None:
         for session, task_id in self.dropped:
             task = self.scheduler.find_task(session, task_id)
-            assert task is None or (task.cancelled and task.state is State.RUNNING)
+            assert task is None, f"{session} {task_id} kept after it was dropped"
 
     @invariant()
     def every_task_finishes_at_most_once(self) -> None:
@@ -694,6 +708,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         for peer, command in effects.to_workers:
             if isinstance(command, p.Tasks):
                 self._assigned(peer, command.tasks)
+            elif isinstance(command, p.Release):
+                self._released(peer, command.tickets)
         for peer, command in effects.to_clients:
             if isinstance(command, p.Results):
                 self._delivered(peer, command.results)
@@ -709,6 +725,14 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert assignment.ticket not in worker.holding, "assigned twice"
             worker.holding[assignment.ticket] = assignment
         assert len(worker.holding) <= worker.capacity, "over capacity"
+
+    def _released(self, peer: bytes, tickets: Sequence[tuple[int, int]]) -> None:
+        # The worker gives them up, as a worker that reads RELEASE does.
+        [worker] = [w for w in self.workers.values() if w.peer == peer]
+        for ticket, attempt in tickets:
+            held = worker.holding.get(ticket)
+            if held is not None and held.attempt == attempt:
+                del worker.holding[ticket]
 
     def _delivered(self, peer: bytes, entries: list[p.ResultEntry]) -> None:
         [recipient] = [r for r in self.recipients.values() if r.peer == peer]
@@ -821,7 +845,7 @@ test_scheduler_under_random_traffic = SchedulerMachine.TestCase
 
 def _late(effects: Effects) -> set[tuple[int, int, str]]:
     """The late outcomes dropped, whether or not sent again by a returning
-    worker that had named them (see LateOutcome.resent)."""
+    worker that had named them (see LateOutcome.released)."""
     return {
         (n.ticket, n.attempt, n.worker_id)
         for n in effects.notices
