@@ -1263,9 +1263,8 @@ def _log_notice(notice: s.Notice) -> None:
             notice.running,
         )
     elif isinstance(notice, s.WorkerLost):
-        busy = notice.requeued or notice.poisoned or notice.split
         log.log(
-            logging.WARNING if busy or notice.misbehaved else logging.INFO,
+            logging.WARNING if _worth_a_warning(notice) else logging.INFO,
             "worker lost worker=%s reason=%s; requeued %d tasks, %d map batches "
             "handed back to their maps, %d failed as poison",
             notice.worker_id,
@@ -1341,6 +1340,16 @@ def _log_notice(notice: s.Notice) -> None:
             "until it says BYE or falls silent",
             notice.session,
         )
+
+
+def _worth_a_warning(lost: s.WorkerLost) -> bool:
+    """A worker lost with tasks on it, or one that misbehaved, is news an
+    operator should see; one dropped for reasons of the broker's (replaced,
+    revoked, cut off while the broker stood still) is not."""
+    if lost.fault is s.Fault.MISBEHAVED:
+        return True
+    busy = lost.requeued or lost.poisoned or lost.split
+    return bool(busy) and lost.fault is s.Fault.LOST
 
 
 def _log_overrun(notice: s.LeaseOverrun) -> None:

@@ -541,6 +541,16 @@ class WorkerDraining:
     running: int
 
 
+class Fault(enum.Enum):
+    """Whose fault a worker's removal is, which decides what its tasks get."""
+
+    NONE = "none"  # replaced, revoked, or cut off by the broker's own stall
+    LOST = "lost"  # silent or unreachable: each of its tasks gets a strike
+    # It let deadlines pass: its tasks are requeued unblamed (it, not they,
+    # is at fault), and the operator is warned even if it held nothing more.
+    MISBEHAVED = "misbehaved"
+
+
 @dataclass(frozen=True, slots=True)
 class WorkerLost:
     worker_id: str
@@ -548,9 +558,7 @@ class WorkerLost:
     requeued: int
     poisoned: int
     split: int = 0  # map batches handed back to their maps, item by item
-    # It misbehaved (let deadlines pass), which is worth a warning even when
-    # it held nothing more.
-    misbehaved: bool = False
+    fault: Fault = Fault.LOST
 
 
 @dataclass(frozen=True, slots=True)
@@ -1537,9 +1545,7 @@ class Scheduler:
             requeued = self._drop_worker(old, lost=None, now=now)[0]
         stale = self._worker_for_peer(peer)
         if stale is not None:
-            self._remove_worker(
-                stale, "replaced on its connection", blamed=False, now=now
-            )
+            self._remove_worker(stale, "replaced on its connection", Fault.NONE, now)
 
         self.workers[worker.worker_id] = worker
         self._worker_of_peer[peer] = worker.worker_id
@@ -1794,18 +1800,13 @@ class Scheduler:
         return True
 
     def _remove_worker(
-        self,
-        worker: Worker,
-        reason: str,
-        blamed: bool,
-        now: float,
-        misbehaved: bool = False,
+        self, worker: Worker, reason: str, fault: Fault, now: float
     ) -> None:
-        """Drop `worker` (`blamed`: its tasks each get a strike) and say why."""
-        lost = reason if blamed else None
+        """Drop `worker`, its tasks struck or not as `fault` says, and say why."""
+        lost = reason if fault is Fault.LOST else None
         requeued, poisoned, split = self._drop_worker(worker, lost, now)
         self._effects.notices.append(
-            WorkerLost(worker.worker_id, reason, requeued, poisoned, split, misbehaved)
+            WorkerLost(worker.worker_id, reason, requeued, poisoned, split, fault)
         )
 
     def _drop_worker(
@@ -2025,7 +2026,7 @@ class Scheduler:
         )
         if worker.overruns >= self.limits.max_attempts:
             reason = f"let {worker.overruns} tasks in a row overrun their deadlines"
-            self._remove_worker(worker, reason, blamed=False, now=now, misbehaved=True)
+            self._remove_worker(worker, reason, Fault.MISBEHAVED, now)
             return
         self._start_waiting(worker, now)
         self._offer(worker)
@@ -2038,10 +2039,10 @@ class Scheduler:
         worker = self._worker_for_peer(peer)
         if worker is not None and now < self._stall_aftermath_until:
             reason = "unreachable after the broker stood still"
-            self._remove_worker(worker, reason, blamed=False, now=now)
+            self._remove_worker(worker, reason, Fault.NONE, now)
             return
         if worker is not None:
-            self._remove_worker(worker, "unreachable", blamed=True, now=now)
+            self._remove_worker(worker, "unreachable", Fault.LOST, now)
             return
 
         name = self._recipient_of_peer.get(peer)
@@ -2055,7 +2056,7 @@ class Scheduler:
         access): its tasks are requeued, not blamed, and it must register again."""
         worker = self._worker_for_peer(peer)
         if worker is not None:
-            self._remove_worker(worker, reason, blamed=False, now=now)
+            self._remove_worker(worker, reason, Fault.NONE, now)
 
     def revoke_client(self, peer: bytes, farewell: p.Command) -> str | None:
         """Stop sending results to the client connection on `peer`, for a
@@ -2130,7 +2131,7 @@ class Scheduler:
         dead = [w for w in self.workers.values() if w.presumed_dead(now, silence_s)]
         for worker in dead:
             silent_s = now - worker.last_seen
-            self._remove_worker(worker, f"silent for {silent_s:.1f}s", True, now)
+            self._remove_worker(worker, f"silent for {silent_s:.1f}s", Fault.LOST, now)
 
     def _expire_clients(self, now: float) -> None:
         """Give up on silent clients and sinks; forget those that left owing

@@ -20,7 +20,7 @@ from ventilator.broker import (
 from ventilator.client import SUBMIT_BATCH, SUBMIT_BATCH_BYTES, _batches
 from ventilator.errors import UsageError
 from ventilator.logs import Dwindling
-from ventilator.scheduler import Notice, Rejected, WorkerLeft
+from ventilator.scheduler import Fault, Notice, Rejected, WorkerLeft, WorkerLost
 
 
 def test_rate_limit_allows_one_line_per_interval_and_counts_the_rest() -> None:
@@ -88,6 +88,33 @@ def test_a_worker_that_said_goodbye_is_logged_as_leaving_without_a_warning(
     [record] = caplog.records
     assert record.levelno == logging.INFO
     assert "lost" not in record.getMessage()
+
+
+@pytest.mark.parametrize(
+    ("lost", "level"),
+    [
+        (WorkerLost("w", "silent for 3.1s", 2, 0), logging.WARNING),
+        (WorkerLost("w", "silent for 3.1s", 0, 0), logging.INFO),
+        (
+            WorkerLost(
+                "w", "unreachable after the broker stood still", 2, 0, fault=Fault.NONE
+            ),
+            logging.INFO,
+        ),
+        (
+            WorkerLost("w", "let 3 tasks overrun", 0, 0, fault=Fault.MISBEHAVED),
+            logging.WARNING,
+        ),
+    ],
+)
+def test_a_lost_worker_is_a_warning_only_when_it_was_at_fault(
+    caplog: pytest.LogCaptureFixture, lost: WorkerLost, level: int
+) -> None:
+    with caplog.at_level(logging.INFO, logger="ventilator.broker"):
+        _log_notice(lost)
+
+    [record] = caplog.records
+    assert record.levelno == level, record.getMessage()
 
 
 def test_broker_refuses_a_malformed_endpoint_before_warning_about_exposure(

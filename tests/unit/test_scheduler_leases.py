@@ -11,6 +11,7 @@ from ventilator.scheduler import (
     DEADLINE_HEAP_SLACK,
     LEASE_GRACE_BEATS,
     START_GRACE_BEATS,
+    Fault,
     LateOutcome,
     LeaseOverrun,
     WorkerLost,
@@ -183,7 +184,7 @@ def test_a_worker_that_overruns_max_attempts_deadlines_in_a_row_is_dropped() -> 
     ticks = _beats_until(driver, 2 * (1.0 + GRACE_S + BEAT_S), W1)
 
     lost = [n for effects in ticks for n in notices(effects, WorkerLost)]
-    assert [(n.worker_id, n.misbehaved) for n in lost] == [("w1", True)]
+    assert [(n.worker_id, n.fault) for n in lost] == [("w1", Fault.MISBEHAVED)]
     assert "w1" not in driver.scheduler.workers
     third = driver.scheduler.tasks[max(driver.scheduler.tasks)]
     assert third.state.value == "queued" and third.deaths + third.losses == 0
