@@ -31,7 +31,6 @@ has waited another `result_ttl_s` (see `_expire_results`, `_forget_tombstones`).
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import heapq
 import itertools
@@ -321,6 +320,21 @@ class Recipient:
             return False
         self.unacked_bytes -= size
         return True
+
+    def owe_no_more(self, tickets: set[int]) -> None:
+        """Stop owing the results of `tickets`, sent and unacknowledged or
+        still to send (their tasks are being forgotten).
+
+        Results wait in about the order they finished, so those withdrawn (the
+        acknowledged, the expired) are mostly at the front: the queue is
+        copied only when some lie further in, not for every ack or tick.
+        """
+        unsent = {ticket for ticket in tickets if not self.acknowledged(ticket)}
+        pending = self.pending
+        while pending and pending[0] in unsent:
+            unsent.discard(pending.popleft())
+        if unsent:
+            self.pending = deque(t for t in pending if t not in unsent)
 
     def take_back_unacked(self) -> list[int]:
         """The delivered results not acknowledged, oldest first, forgotten."""
@@ -1330,22 +1344,18 @@ class Scheduler:
             del self._held[session]
 
     def _ack(self, recipient: Recipient, keys: Iterable[tuple[str, int]]) -> None:
-        waiting_again: set[int] = set()
+        acked: set[int] = set()
         for origin, task_id in keys:
             ticket = self._by_key.get((origin or recipient.name, task_id))
             if ticket is None:
                 continue  # a double ack
-            if not recipient.acknowledged(ticket):
-                if not self._owed_again(recipient, ticket):
-                    continue  # not this recipient's to acknowledge
-                # Received on a connection since replaced: it waits to be sent
-                # again, and must not be, or the recipient gets it twice.
-                waiting_again.add(ticket)
+            # Received on a connection since replaced, a result waits to be
+            # sent again, and must not be, or the recipient gets it twice.
+            if ticket in recipient.unacked or self._owed_again(recipient, ticket):
+                acked.add(ticket)
+        recipient.owe_no_more(acked)
+        for ticket in acked:
             self._forget(self.tasks[ticket])
-        if waiting_again:
-            recipient.pending = deque(
-                t for t in recipient.pending if t not in waiting_again
-            )
 
     def _owed_again(self, recipient: Recipient, ticket: int) -> bool:
         """Whether `ticket` is a finished result of `recipient` not yet sent
@@ -1451,12 +1461,9 @@ class Scheduler:
         cancelled = {
             ticket for ticket in owed if self.tasks[ticket].status is p.Status.CANCELLED
         }
-        if not cancelled:
-            return
+        recipient.owe_no_more(cancelled)
         for ticket in cancelled:
-            recipient.acknowledged(ticket)
             self._forget(self.tasks[ticket])
-        recipient.pending = deque(t for t in recipient.pending if t not in cancelled)
 
     # --- workers ---------------------------------------------------------------------
 
@@ -2221,15 +2228,7 @@ class Scheduler:
         recipient = self.recipients.get(name)
         if recipient is None:
             return
-        left = {ticket for ticket in tickets if not recipient.acknowledged(ticket)}
-        # Results wait in about the order they finished, so the oldest, the
-        # expired ones, are mostly at the front: a recipient with a long
-        # backlog is not copied whole every tick.
-        pending = recipient.pending
-        while pending and pending[0] in left:
-            left.discard(pending.popleft())
-        if left:
-            recipient.pending = deque(t for t in pending if t not in left)
+        recipient.owe_no_more(tickets)
         if recipient.peer is None:
             self.detach_if_idle(name)
 
@@ -2656,9 +2655,7 @@ class Scheduler:
         if task.state is State.FINISHED:
             recipient = self.recipients.get(task.recipient)
             if recipient is not None:
-                recipient.acknowledged(task.ticket)
-                with contextlib.suppress(ValueError):
-                    recipient.pending.remove(task.ticket)
+                recipient.owe_no_more({task.ticket})
         self._leave_queue(task)
         self._forget(task)
         return True
