@@ -393,6 +393,7 @@ class MdpGateway:
                 now,
                 max_silence_s=self.settings.max_silence_s,
                 silent_while_busy=True,
+                obeys_release=False,
             )
 
     def _reply(

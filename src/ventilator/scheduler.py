@@ -188,6 +188,10 @@ class Task:
     status: p.Status | None = None
     result: p.Payload = b""
     finished_at: float = 0.0
+    # Cancelled by its submitter while held by a worker that cannot be told to
+    # stop it (an MDP worker): dropped, not requeued and not delivered, once
+    # that worker is done with it or gone.
+    cancelled: bool = False
     # When the broker ends it as timed out unless its worker reports first
     # (see Scheduler._expire_leases); None: no timeout_s, or it waits on its
     # worker behind busy slots and its clock has not started.
@@ -239,6 +243,9 @@ class Worker:
     # MDP workers send nothing while they work: silence while busy is not death
     # (a dead busy worker is noticed when a send to it fails instead).
     silent_while_busy: bool = False
+    # Whether it stops the tasks a RELEASE names: ours do; an MDP worker
+    # cannot be told to (7/MDP has no such command).
+    obeys_release: bool = True
     # Whether it is in the index of workers with free credit, under each of
     # its services (see Scheduler._offer).
     offered: bool = False
@@ -1387,7 +1394,7 @@ class Scheduler:
                 continue
             if task.state in (State.QUEUED, State.WAITING):
                 self._finish(task, p.Status.CANCELLED, b"", now)
-            elif task.state is State.RUNNING:
+            elif task.state is State.RUNNING and not task.cancelled:
                 running[task.ticket] = task
         self._cancel_running(list(running.values()), now)
 
@@ -1407,12 +1414,24 @@ class Scheduler:
             by_worker.setdefault(task.worker, []).append(task)
         for worker_id, given_up in by_worker.items():
             worker = self.workers[worker_id]
+            if not worker.obeys_release:
+                for task in given_up:
+                    self._leave_cancelled(task)
+                continue
             self._tell_to_give_up(worker, [(t.ticket, t.attempt) for t in given_up])
             for task in given_up:
                 self._release(worker, task)
                 self._drop_cancelled(task, now)
             self._start_waiting(worker, now)
             self._offer(worker)
+
+    def _leave_cancelled(self, task: Task) -> None:
+        """Mark `task` cancelled on a worker that cannot be told to stop it:
+        it keeps its slot until its worker reports (a second request would
+        meet an MDP worker still busy with the first); then, or when that
+        worker is gone, the task is dropped. The journal forgets it now."""
+        task.cancelled = True
+        self._effects.forgotten.append(task.ticket)
 
     def _tell_to_give_up(self, worker: Worker, keys: list[tuple[int, int]]) -> None:
         """Send `worker` a RELEASE of these (ticket, attempt), and remember
@@ -1451,15 +1470,19 @@ class Scheduler:
             self._drop_recipient(recipient)
 
     def _forget_cancellations(self, recipient: Recipient) -> None:
-        """Forget the "cancelled" results a client leaves unread as it says
-        BYE. It cancelled those tasks itself, or was there when they were
-        purged; a later client of the session collects finished work, and
-        news of what was called off, kept for a day, would only count against
-        the broker's limits. (A session purged while nobody was connected
-        keeps them, to tell its next client.)"""
+        """Forget the "cancelled" results of its own tasks a client leaves
+        unread as it says BYE. It cancelled those tasks itself, or was there
+        when they were purged; a later client of the session collects finished
+        work, and news of what was called off, kept for a day, would only
+        count against the broker's limits. A session purged while nobody was
+        connected keeps them, to tell its next client; so does a sink, whose
+        results are other clients' tasks, for its next run to count."""
         owed = [*recipient.pending, *recipient.unacked]
         cancelled = {
-            ticket for ticket in owed if self.tasks[ticket].status is p.Status.CANCELLED
+            ticket
+            for ticket in owed
+            if (task := self.tasks[ticket]).status is p.Status.CANCELLED
+            and task.session == recipient.name
         }
         recipient.owe_no_more(cancelled)
         for ticket in cancelled:
@@ -1531,6 +1554,7 @@ class Scheduler:
         now: float,
         max_silence_s: float | None = None,
         silent_while_busy: bool = False,
+        obeys_release: bool = True,
     ) -> None:
         """Register a worker (a READY, or a gateway's worker), replacing any
         earlier one of the same id or on the same connection.
@@ -1539,11 +1563,14 @@ class Scheduler:
         still its lease, or wait in their queue for it (see `_claimable`);
         whatever else the earlier registration held is requeued, unblamed.
         `max_silence_s` overrides the broker's liveness for this worker;
-        `silent_while_busy` exempts it from expiry while it holds tasks.
+        `silent_while_busy` exempts it from expiry while it holds tasks;
+        without `obeys_release`, a task of it that is cancelled keeps its slot
+        until it reports (see `_leave_cancelled`).
         """
         worker = self._new_worker(peer, ready, now)
         worker.max_silence_s = max_silence_s
         worker.silent_while_busy = silent_while_busy
+        worker.obeys_release = obeys_release
         named = dict(ready.held)
         old = self.workers.get(ready.worker_id)
         kept = requeued = 0
@@ -1707,7 +1734,10 @@ class Scheduler:
             self._release(worker, task)
             task.run_s = outcome.duration_s
             self._observe_run(task.queue, outcome.duration_s)
-            self._settle(task, outcome, now)
+            if task.cancelled:
+                self._drop_cancelled(task, now)
+            else:
+                self._settle(task, outcome, now)
         self._start_waiting(worker, now)
         self._offer(worker)
 
@@ -1837,7 +1867,9 @@ class Scheduler:
             task.worker = None
             # It may still run there: the worker may name it on its return.
             task.given_back_by = worker.worker_id
-            if lost is None:
+            if task.cancelled:
+                self._drop_cancelled(task, now)
+            elif lost is None:
                 self._enqueue(task, front=True)
                 requeued += 1
             elif not self._lost_running(task, lost, now):
@@ -3119,8 +3151,8 @@ class Scheduler:
     def _purge_session(self, name: str, now: float) -> dict[str, object]:
         """Drop everything the broker holds for session `name`, which left: the
         results waiting for it, and the tasks it submitted (queued ones at
-        once, running ones when their workers are done with them). Refused
-        while it is connected: its results are on their way to it."""
+        once, running ones stopped on their workers; see `_cancel_running`).
+        Refused while it is connected: its results are on their way to it."""
         recipient = self.recipients.get(name)
         if recipient is not None and recipient.peer is not None:
             return {
@@ -3147,7 +3179,7 @@ class Scheduler:
                 return None  # a sink task's result is the sink's
             self._forget(task)
             return "results"
-        if task.session != name:
+        if task.session != name or task.cancelled:
             return None
         if task.state is State.RUNNING:
             self._cancel_running([task], now)
@@ -3161,6 +3193,8 @@ class Scheduler:
         task = self.tasks.get(ticket) if ticket is not None else None
         if task is None:
             return "unknown"
+        if task.cancelled:
+            return "cancelled already"  # by its client, on an MDP worker
         if task.state is State.RUNNING:
             return "running"  # held by a worker: it is its client's to cancel
         if task.state is State.FINISHED:
@@ -3190,6 +3224,8 @@ class Scheduler:
                 assert ticket in running, f"task {ticket} running on no worker"
             if task.state is State.FINISHED:
                 assert task.status is not None
+            if task.cancelled:
+                assert task.state is State.RUNNING, f"task {ticket} cancelled"
 
         for recipient in self.recipients.values():
             if recipient.peer is not None:

@@ -229,6 +229,29 @@ def test_a_cancelled_request_gets_a_400_reply(shell: Shell) -> None:
     assert [frames[3][:13] for _, frames in sent] == [b"400 cancelled"]
 
 
+def test_a_purged_request_keeps_its_busy_worker_until_it_replies(
+    shell: Shell,
+) -> None:
+    # An MDP worker cannot be told to stop: a second request would reach it
+    # while it still runs the first, and its reply to the first cut it off.
+    shell.receive(WORKER, b"", W, READY, b"echo")
+    [(_, first)] = shell.receive(CLIENT, b"", C, b"echo", b"1")
+    assert shell.receive(OTHER, b"", C, b"echo", b"2") == []  # the worker is busy
+    shell.scheduler.peer_unreachable(CLIENT, shell.now)
+    shell.turn()
+    operator = b"Foperator"
+    shell.scheduler.client_command(operator, p.Hello("operator"), shell.now)
+    purge = p.Purge(None, session=mdp_name(CLIENT))
+    shell.scheduler.client_command(operator, purge, shell.now)
+
+    assert not [frames for peer, frames in shell.turn() if peer == WORKER]
+
+    after_reply = shell.receive(WORKER, b"", W, REPLY, first[3], b"", b"1")
+    [second] = [frames for peer, frames in after_reply if peer == WORKER]
+    assert second[2] == REQUEST and second[-1] == b"2"
+    assert not [f for _, f in after_reply if DISCONNECT in f]
+
+
 def test_mmi_service_answers_200_404_and_501(shell: Shell) -> None:
     def ask(service: bytes, *body: bytes) -> list[bytes]:
         [(peer, frames)] = shell.receive(CLIENT, b"", C, service, *body)

@@ -517,6 +517,33 @@ def test_results_for_a_sink_wait_until_it_connects(driver: Driver) -> None:
     assert [r.origin for r in results(effects, b"sink-peer")] == ["alice"]
 
 
+def test_a_client_that_leaves_forgets_the_cancelled_results_of_its_tasks(
+    driver: Driver,
+) -> None:
+    driver.submit(task(1), task(2))
+    driver.cancel(1)  # queued: its "cancelled" answer is on its way
+
+    left = driver.client(CLIENT, p.Bye())
+
+    assert len(left.forgotten) == 1
+    assert driver.scheduler.find_task("alice", 1) is None
+    assert driver.scheduler.find_task("alice", 2) is not None  # still queued
+
+
+def test_a_sink_that_leaves_keeps_the_cancelled_results_of_others_tasks(
+    driver: Driver,
+) -> None:
+    driver.hello(b"sink-peer", session="reader", sink="totals")
+    driver.submit(task(1, sink="totals"))
+    driver.cancel(1)
+
+    left = driver.client(b"sink-peer", p.Bye())
+
+    assert not left.forgotten
+    task_1 = driver.scheduler.find_task("alice", 1)
+    assert task_1 is not None and task_1.status is p.Status.CANCELLED
+
+
 SINK_A = b"sink-a"
 SINK_B = b"sink-b"
 

@@ -180,11 +180,12 @@ class SchedulerMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def client_says_bye(self, data: st.DataObject) -> None:
         name = data.draw(st.sampled_from(self._connected(SESSIONS)))
-        # The "cancelled" results it leaves unread go with it.
+        # The "cancelled" results of its own tasks it leaves unread go with it.
         cancelled = [
             key
             for key, recipient in self.recipient_of.items()
             if recipient == name
+            and key[0] == name
             and key not in self.recipients[name].acked
             and (task := self.scheduler.find_task(*key)) is not None
             and task.status is p.Status.CANCELLED
