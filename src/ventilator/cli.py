@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import io
 import json
 import logging
 import math
@@ -1054,7 +1055,7 @@ def _records(stream: IO[str], null_separated: bool) -> Iterator[str]:
     """The input's items: its lines, or with `null_separated` what lies
     between NUL characters. A byte order mark that opens the input (an editor
     on Windows writes one) is not part of the first item."""
-    records = _nul_records(stream) if null_separated else _lines(stream)
+    records = _nul_records(_untranslated(stream)) if null_separated else _lines(stream)
     first = next(records, None)
     if first is None:
         return
@@ -1065,6 +1066,17 @@ def _records(stream: IO[str], null_separated: bool) -> Iterator[str]:
 def _lines(stream: IO[str]) -> Iterator[str]:
     for line in stream:
         yield line.rstrip("\r\n")
+
+
+def _untranslated(stream: IO[str]) -> IO[str]:
+    """`stream` as read without newline translation: between NULs, a carriage
+    return is part of a name, not a line ending to turn into a newline."""
+    binary = getattr(stream, "buffer", None)
+    if binary is None:
+        return stream  # already text without a byte layer (a test's StringIO)
+    return io.TextIOWrapper(
+        binary, encoding="utf-8", errors="surrogateescape", newline=""
+    )
 
 
 def _nul_records(stream: IO[str]) -> Iterator[str]:

@@ -835,11 +835,11 @@ def test_exec_null_separated_input_takes_names_with_newlines_and_any_bytes(
     assert records[0]["input"] == str(tmp_path / "two\nlines.txt")
 
 
-def test_map_null_separated_input_and_a_byte_order_mark(
+def test_map_null_separated_input_keeps_line_endings_and_drops_a_byte_order_mark(
     processes: Processes, tmp_path: Path
 ) -> None:
     items = tmp_path / "items"
-    items.write_bytes('\ufeff1\0two\nwords\0"x"'.encode())
+    items.write_bytes('\ufeff1\0two\nwords\0"x"\0a\rb\r\n'.encode())
 
     completed = run_cli(
         processes, "map", f"{TASKS}:echo", "-0", "--workers", "1", "--input", str(items)
@@ -847,7 +847,7 @@ def test_map_null_separated_input_and_a_byte_order_mark(
 
     records = strict_json_lines(completed.stdout)
     assert completed.returncode == 0, completed.stderr
-    assert [r["result"] for r in records] == [1, "two\nwords", "x"]
+    assert [r["result"] for r in records] == [1, "two\nwords", "x", "a\rb\r\n"]
 
 
 def test_exec_timeout_kills_what_the_command_started(
