@@ -122,6 +122,11 @@ class Worker:
         # When the broker last said anything, across reconnections; how often
         # to say it is silent.
         self._broker_heard_at = time.monotonic()
+        # What the broker said reached us after this time, for all we can
+        # tell: when we last read its socket empty. A message read after this
+        # process stood still may have waited there since before the stall,
+        # and proves nothing about what we sent meanwhile (see _unconfirmed).
+        self._heard_after = self._socket_read_at = 0.0
         self._silence_log = Dwindling(config.heartbeat_interval_s * config.liveness)
         self._registering = False
         self._registered_at = 0.0
@@ -301,7 +306,7 @@ class Worker:
             if now >= next_beat:
                 self._send(p.Heartbeat())
                 next_beat = now + interval_s
-                self._unconfirmed.heard(self._broker_heard_at)
+                self._unconfirmed.heard(self._heard_after)
                 self._check_broker(now)
 
     def _drained(self) -> bool:
@@ -334,8 +339,10 @@ class Worker:
         commands = _wire.receive(
             self._socket, p.TO_WORKER, lend_large=True, announced=announced
         )
+        heard_after, self._socket_read_at = self._socket_read_at, now
         for command in commands:
             self._broker_seen = self._broker_heard_at = now
+            self._heard_after = heard_after
             self._handle(command, now)
 
     def _handle(self, command: p.Command, now: float) -> None:
