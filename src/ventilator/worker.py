@@ -229,22 +229,35 @@ class Worker:
         """Send again, right behind the READY that named them, the results
         the broker may not have; return how many."""
         named = set(held)
-        outcomes = [
-            o for o in self._unconfirmed.outcomes() if (o.ticket, o.attempt) in named
+        kept = self._unconfirmed.outcomes()
+        outcomes = [o for o in kept if (o.ticket, o.attempt) in named]
+        # Not named: run again at a later attempt, or past what a READY may
+        # name. Only what goes out now counts as sent again at `now`.
+        left_out = [
+            (o.ticket, o.attempt) for o in kept if (o.ticket, o.attempt) not in named
         ]
+        self._unconfirmed.forget(left_out)
         if outcomes:
             self._send(p.Done(outcomes))
             self._unconfirmed.resent(now)
-        forgotten, self._unconfirmed.forgotten = self._unconfirmed.forgotten, 0
+        named_tickets = {ticket for ticket, _ in held}
+        self._say_forgotten(sum(1 for t, _ in left_out if t not in named_tickets))
+        return len(outcomes)
+
+    def _say_forgotten(self, no_room: int) -> None:
+        """Warn of the results forgotten since the last registration, and of
+        `no_room` more that a READY could not name."""
+        forgotten = self._unconfirmed.forgotten + no_room
+        self._unconfirmed.forgotten = 0
         if forgotten:
             log.warning(
                 "%d results sent before were not kept for sending again (over "
-                "the limit of results or bytes kept); their tasks run again if "
-                "the broker did not get them worker=%s",
+                "the limit of results or bytes kept, or of tasks a READY may "
+                "name); their tasks run again if the broker did not get them "
+                "worker=%s",
                 forgotten,
                 self.config.worker_id,
             )
-        return len(outcomes)
 
     def _held_tickets(self) -> list[tuple[int, int]]:
         """The tasks to name in a READY, which the broker then leaves with us
