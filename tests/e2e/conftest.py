@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+import zmq
 
 import ventilator
 
@@ -477,3 +478,13 @@ def two_workers(launch: Launcher, broker: BrokerProcess) -> list[WorkerProcess]:
 @pytest.fixture
 def client(launch: Launcher, broker: BrokerProcess) -> ventilator.Client:
     return launch.client(broker)
+
+
+@pytest.fixture
+def context() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
+    """A ZeroMQ context for a test's raw sockets, closed with them at the end."""
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        yield context
+    finally:
+        context.destroy(linger=0)

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 
 import msgpack
 import pytest
@@ -16,6 +15,7 @@ import zmq
 
 import ventilator
 from ventilator import protocol as p
+from ventilator.broker import JOINS_LOGGED_PER_S
 from ventilator.scheduler import SESSIONS_PER_CONNECTION, STATUS_CLIENTS
 
 from . import tasks
@@ -65,15 +65,6 @@ def fast_broker(launch: Launcher) -> BrokerProcess:
     return launch.broker(
         "--session-grace-s", str(GRACE_S), heartbeat_interval_s=FAST_HEARTBEAT_S
     )
-
-
-@pytest.fixture
-def context() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
-    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    try:
-        yield context
-    finally:
-        context.destroy(linger=0)
 
 
 def killed_client(
@@ -221,9 +212,12 @@ def test_a_client_renaming_itself_in_a_loop_does_not_flood_the_log(
     count = 200
     socket = context.socket(zmq.DEALER)
     socket.connect(broker.frontend)
+    started = time.monotonic()
     for i in range(count):  # each holds nothing: left and forgotten at once
         raw_hello(socket, f"renamed-{i}")
     replies(socket, count, RESULT_TIMEOUT_S)
+    # However slowly a busy machine let the broker take them: a few a second.
+    at_most = JOINS_LOGGED_PER_S * (time.monotonic() - started + 2)
 
     def broker_records() -> list[dict[str, str]]:
         lines = log_of(broker.process).splitlines()
@@ -236,7 +230,7 @@ def test_a_client_renaming_itself_in_a_loop_does_not_flood_the_log(
         "the broker to count the joins it did not log",
     )
     named = [r for r in broker_records() if "renamed-" in r["message"]]
-    assert 1 <= len(named) < count // 10, named
+    assert 1 <= len(named) <= min(at_most, count // 2), named
 
 
 def serve_one_oversized_status(router: zmq.Socket[bytes]) -> None:
