@@ -482,6 +482,12 @@ class _MapTasks:
             slots, self._slots = list(self._slots), set()
         self._cancel(slots)
 
+    def raise_if_closed(self) -> None:
+        """Raise ClientClosed if close() abandoned the map: its caller must
+        not take the early end for the whole of it."""
+        if self._closed:
+            raise ClientClosed(MAP_CLOSED_UNDER)
+
     def _cancel(self, slots: list[_Slot]) -> None:
         if not slots:
             return
@@ -1097,6 +1103,7 @@ class Client:
                     slot = slots.popleft()
                     tasks.settled([slot])
                     yield slot.result()
+            tasks.raise_if_closed()
             if raised is not None:
                 raise raised
         finally:
@@ -1165,6 +1172,7 @@ class Client:
                 if len(outcomes) < len(head.items):  # it stopped at its budget
                     run.send_again(head.items[len(outcomes) :])
                 yield outcomes
+            run.tasks.raise_if_closed()
             if run.raised is not None and not run.tasks.abandoned:
                 raise run.raised
         finally:

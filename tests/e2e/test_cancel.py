@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -329,3 +330,23 @@ def test_cancelling_a_running_task_stops_it_and_frees_its_slot(
         "the cancelled task's process to be stopped",
     )
     assert len(list(runs.iterdir())) == 1, "the cancelled task ran again"
+
+
+def test_a_map_whose_client_another_thread_closes_raises_rather_than_ends(
+    launch: Launcher, broker: BrokerProcess
+) -> None:
+    launch.worker(broker, pool="thread", concurrency=1)
+    client = launch.client(broker)
+    wait_for_workers(client, 1)
+    results = client.map(tasks.sleep_for, [0.05] * 200, chunksize=4)
+    assert next(results) == 0.05
+
+    closer = threading.Thread(target=client.close)
+    closer.start()
+    closer.join(PROBE_TIMEOUT_S)
+
+    # Batches travel, so the map may still hold a few results; then it must
+    # say the client was closed, not end as if those were all.
+    with pytest.raises(ventilator.ClientClosed, match="closed while this map ran"):
+        for _ in results:
+            pass
