@@ -186,11 +186,17 @@ class ItemOutcome(NamedTuple):
     error: TaskError | CancelledError | None
 
 
+# Held while a future is cancelled, so that two threads cancelling it do not
+# both notify its waiters (the second would find it notified and fail).
+# Reentrant: a done-callback may cancel another future.
+_CANCELLING = threading.RLock()
+
+
 class TaskFuture(Future):  # type: ignore[type-arg]
     """A `concurrent.futures.Future` for one task; `cancel()` reaches the broker.
 
-    A task still queued at the broker is removed from the queue. A task already
-    running is not stopped: its future is cancelled here and its result dropped.
+    A task still queued at the broker is removed from the queue; one a worker
+    already holds is stopped there (see `Future.cancel()` in the README).
     """
 
     def __init__(self, client: Client, task_id: int) -> None:
@@ -199,8 +205,15 @@ class TaskFuture(Future):  # type: ignore[type-arg]
         self.task_id = task_id
 
     def cancel(self) -> bool:
-        if not super().cancel():
-            return False
+        with _CANCELLING:
+            if self.cancelled():
+                return True
+            if not super().cancel():
+                return False
+            # concurrent.futures.wait() and as_completed() count a cancelled
+            # future done once notified, which an executor's own worker does
+            # as it dequeues it; nothing else would here, and they waited on.
+            self.set_running_or_notify_cancel()
         self._client._withdraw([self.task_id])
         return True
 
@@ -1101,8 +1114,13 @@ class Client:
                     slots.extend(queued)
                 while slots and (not more or len(slots) > self._window // 2):
                     slot = slots.popleft()
-                    tasks.settled([slot])
-                    yield slot.result()
+                    # Tracked while awaited, so that abandoning the map (from
+                    # the event loop, or close()) cancels this task too.
+                    try:
+                        value = slot.result()
+                    finally:
+                        tasks.settled([slot])
+                    yield value
             tasks.raise_if_closed()
             if raised is not None:
                 raise raised

@@ -176,6 +176,12 @@ def run_counted_large(runs: str, release: str, size: int) -> bytes:
     return bytes(size)
 
 
+def run_counted_item(item: list[str]) -> str:
+    """`run_counted` for `map`, which passes one argument: [runs, release]."""
+    runs, release = item
+    return run_counted(runs, release)
+
+
 def wait_for_file(started: str, release: str) -> str:
     """Create `started`, then return "released" once `release` exists: a task
     that runs exactly as long as its test wants."""

@@ -4,6 +4,7 @@ map_outcomes, collect, and the operator questions, awaited on one event loop."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -239,3 +240,28 @@ def test_an_async_client_names_its_session_as_the_broker_does_under_curve(
 
     # What purge_session and cancel_task take under CURVE.
     assert asyncio.run(name_it()) == f"{fingerprint(read_public_key(public))}.s"
+
+
+def test_cancelling_an_item_by_item_async_map_stops_the_item_it_awaited(
+    launch: Launcher, broker: BrokerProcess, tmp_path: Path
+) -> None:
+    launch.worker(broker, concurrency=1)  # task processes, one slot
+    wait_for_workers(launch.client(broker), 1)
+    runs, never = tmp_path / "runs", tmp_path / "never-released"
+    runs.mkdir()
+
+    async def cancel_while_awaiting(client: ventilator.AsyncClient) -> Any:
+        items = [(str(runs), str(never))] * 3
+        mapped = client.map(tasks.run_counted_item, items, chunksize=1)
+        consumer = asyncio.ensure_future(anext(mapped))
+        while not any(runs.iterdir()):  # the first item runs: it is awaited
+            await asyncio.sleep(0.01)
+        consumer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await consumer
+        await mapped.aclose()
+        # The only slot is free again only if the awaited item was stopped.
+        return await client.submit(tasks.square, 6)
+
+    assert run_with(broker, cancel_while_awaiting) == 36
+    assert len(list(runs.iterdir())) == 1

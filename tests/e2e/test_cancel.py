@@ -3,6 +3,7 @@ ran it is not run again when that worker dies or the broker restarts."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import signal
 import subprocess
@@ -350,3 +351,20 @@ def test_a_map_whose_client_another_thread_closes_raises_rather_than_ends(
     with pytest.raises(ventilator.ClientClosed, match="closed while this map ran"):
         for _ in results:
             pass
+
+
+def test_cancelled_futures_count_as_done_for_wait_and_as_completed(
+    launch: Launcher, broker: BrokerProcess
+) -> None:
+    client = launch.client(broker)
+    with client.executor() as pool:
+        futures = [pool.submit(UNSERVED, x) for x in range(3)]
+        assert all(future.cancel() for future in futures)
+
+        done, not_done = concurrent.futures.wait(futures, timeout=PROBE_TIMEOUT_S)
+        completed = list(
+            concurrent.futures.as_completed(futures, timeout=PROBE_TIMEOUT_S)
+        )
+
+    assert (len(done), len(not_done), len(completed)) == (3, 0, 3)
+    assert all(future.cancelled() for future in futures)
