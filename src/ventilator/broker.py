@@ -37,7 +37,7 @@ import os
 import select
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,6 +79,8 @@ REFUSAL_REPLIES_PER_S = 1.0
 TRIM_INTERVAL_S = 10.0
 # Lines per second saying a client joined; the rest are counted (see _join_log).
 JOINS_LOGGED_PER_S = 5.0
+# Functions a worker's join line names; `status` lists them all.
+LOGGED_SERVICES = 20
 # Room the journal's disk keeps for what is already accepted (its results,
 # retries, the SQLite log): new tasks are refused below it (see _DiskRoom).
 DEFAULT_JOURNAL_MIN_FREE_BYTES = 64 * 1024 * 1024
@@ -1242,7 +1244,7 @@ def _log_notice(notice: s.Notice) -> None:
             "worker joined worker=%s capacity=%d services=%s",
             notice.worker_id,
             notice.capacity,
-            ",".join(notice.services),
+            _some_of(notice.services),
         )
     elif isinstance(notice, s.WorkerReturned):
         log.info(
@@ -1251,8 +1253,8 @@ def _log_notice(notice: s.Notice) -> None:
             notice.worker_id,
             notice.kept,
             notice.requeued,
-            f"; {notice.refused} it named are finished or another's: told to "
-            "stop them, and any result of theirs is dropped as late"
+            f"; {notice.refused} it named were not kept (finished here already, "
+            "or another worker's): told to give them up"
             if notice.refused
             else "",
         )
@@ -1340,6 +1342,14 @@ def _log_notice(notice: s.Notice) -> None:
             "until it says BYE or falls silent",
             notice.session,
         )
+
+
+def _some_of(names: Sequence[str], shown: int = LOGGED_SERVICES) -> str:
+    """The first `shown` of `names`, and how many more: a worker serving
+    thousands of functions made a join line of 600,000 characters."""
+    listed = ",".join(names[:shown])
+    more = len(names) - shown
+    return f"{listed} and {more} more" if more > 0 else listed
 
 
 def _worth_a_warning(lost: s.WorkerLost) -> bool:

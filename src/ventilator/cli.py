@@ -709,9 +709,18 @@ def worker(
     server = _or_usage_error(lambda: Worker(config))
     keep_freed_memory()  # this process exists to move payloads
     _stop_on_signals(server.stop)
-    # SIGQUIT is the cold stop: leave now, the broker requeues what was running.
-    signal.signal(signal.SIGQUIT, lambda signum, frame: server.stop(at_once=True))
+    signal.signal(signal.SIGQUIT, _leave_at_once(server))
     server.serve()
+
+
+def _leave_at_once(server: Worker) -> Callable[[int, object], None]:
+    """SIGQUIT, the cold stop: leave now; the broker requeues what ran."""
+
+    def handler(signum: int, frame: object) -> None:
+        log.info("received SIGQUIT; leaving at once")
+        server.stop(at_once=True)
+
+    return handler
 
 
 def _prefetch(value: str) -> int | None:

@@ -445,11 +445,16 @@ class ProcessPool:
         )
 
     def _stop_released(self, child: _Child) -> None:
+        others = sum(
+            (r.task.ticket, r.task.attempt) not in self._released
+            for batch in child.sent
+            for r in batch
+        )
         log.info(
             "stopping task process pid=%d: it runs a task the broker took back "
-            "(%d tasks in its pipe wait again); starting a new one",
+            "(other tasks in its pipe, which wait again: %d); starting a new one",
             child.process.pid,
-            sum(len(batch) for batch in child.sent),
+            others,
         )
         self._swap_child(child)
 
@@ -1033,7 +1038,7 @@ class ThreadPool:
         )
         count = held - len(self._waiting)
         for key in released.intersection(self._running):
-            if self._abandon(self._running[key], "was given back by the broker"):
+            if self._abandon(self._running[key], "was taken back by the broker"):
                 del self._running[key]
                 count += 1
         return count

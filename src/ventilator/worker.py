@@ -392,7 +392,7 @@ class Worker:
         given_up = self._pool.release(tickets)
         log.info(
             "the broker took back %d tasks worker=%s (cancelled, past their "
-            "deadline, or finished elsewhere); stopped %d still held here",
+            "deadline, or finished elsewhere); gave up the %d held here",
             len(tickets),
             self.config.worker_id,
             given_up,
@@ -579,14 +579,14 @@ class Worker:
         log.info("worker stopped worker=%s", self.config.worker_id)
 
     def _abandon_tasks(self, pool: Pool) -> None:
-        held = pool.load()
-        if held:
-            log.warning(
-                "worker leaving at once worker=%s: stopping %d tasks it held; "
-                "the broker runs them again elsewhere",
-                self.config.worker_id,
-                held,
-            )
+        # INFO: leaving at once is what the operator (or an embedded run
+        # that stops) asked for; the tasks are not lost.
+        log.info(
+            "worker leaving at once worker=%s: stopping the %d tasks it holds, "
+            "for the broker to give to other workers",
+            self.config.worker_id,
+            pool.load(),
+        )
         pool.close(at_once=True)
 
 

@@ -20,7 +20,14 @@ from ventilator.broker import (
 from ventilator.client import SUBMIT_BATCH, SUBMIT_BATCH_BYTES, _batches
 from ventilator.errors import UsageError
 from ventilator.logs import Dwindling
-from ventilator.scheduler import Fault, Notice, Rejected, WorkerLeft, WorkerLost
+from ventilator.scheduler import (
+    Fault,
+    Notice,
+    Rejected,
+    WorkerJoined,
+    WorkerLeft,
+    WorkerLost,
+)
 
 
 def test_rate_limit_allows_one_line_per_interval_and_counts_the_rest() -> None:
@@ -115,6 +122,18 @@ def test_a_lost_worker_is_a_warning_only_when_it_was_at_fault(
 
     [record] = caplog.records
     assert record.levelno == level, record.getMessage()
+
+
+def test_a_worker_serving_thousands_of_functions_joins_in_a_short_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    services = [f"jobs:function_{i}" for i in range(3000)]
+    with caplog.at_level(logging.INFO, logger="ventilator.broker"):
+        _log_notice(WorkerJoined("w", services, 4))
+
+    [record] = caplog.records
+    assert "and 2980 more" in record.getMessage()
+    assert len(record.getMessage()) < 1000
 
 
 def test_broker_refuses_a_malformed_endpoint_before_warning_about_exposure(
