@@ -71,7 +71,7 @@ class Unconfirmed:
     def sent(self, outcomes: Sequence[p.Outcome], now: float) -> None:
         """Keep the outcomes of a DONE just sent; forget the oldest past the
         limits."""
-        size = sum(len(outcome.payload) for outcome in outcomes)
+        size = _size_of(outcomes)
         self._sendings.append(_Sending(now, outcomes, size))
         self._outcomes += len(outcomes)
         self._bytes += size
@@ -114,8 +114,7 @@ class Unconfirmed:
                 o for o in sending.outcomes if (o.ticket, o.attempt) not in unwanted
             ]
             if outcomes:
-                size = sum(len(outcome.payload) for outcome in outcomes)
-                kept.append(_Sending(sending.sent_at, outcomes, size))
+                kept.append(_Sending(sending.sent_at, outcomes, _size_of(outcomes)))
         self._sendings = kept
         self._outcomes = sum(len(s.outcomes) for s in kept)
         self._bytes = sum(s.size for s in kept)
@@ -124,3 +123,8 @@ class Unconfirmed:
         oldest = self._sendings.popleft()
         self._outcomes -= len(oldest.outcomes)
         self._bytes -= oldest.size
+
+
+def _size_of(outcomes: Sequence[p.Outcome]) -> int:
+    """The result bytes `outcomes` hold, as the limit counts them."""
+    return sum(len(outcome.payload) for outcome in outcomes)

@@ -417,27 +417,34 @@ class ProcessPool:
         return len(released)
 
     def _settle_released(self, outcomes: list[p.Outcome]) -> list[p.Outcome]:
-        """Drop what was released from `outcomes` and from the waiting tasks,
-        and stop each child whose running batch holds a released task: a long
+        """Act on what was released: stop the children running it, drop it
+        from the waiting tasks, and remember only what is still in a pipe.
+        Return `outcomes` without those of released tasks."""
+        kept = [o for o in outcomes if (o.ticket, o.attempt) not in self._released]
+        self._stop_children_running_released()
+        self._waiting = deque(
+            t for t in self._waiting if (t.ticket, t.attempt) not in self._released
+        )
+        self._released = self._released.intersection(self._in_pipes())
+        return kept
+
+    def _stop_children_running_released(self) -> None:
+        """Stop each child whose running batch holds a released task: a long
         one would hold its slot to the end. The rest of that batch runs again
         (a batch is short work, unless its function's run time is not known
         yet); a released task further down a pipe is stopped once it starts."""
-        released = self._released
-        kept = [o for o in outcomes if (o.ticket, o.attempt) not in released]
         for child in list(self._children):
             if child.sent and self._runs_released(child):
                 self._stop_released(child)
-        self._waiting = deque(
-            t for t in self._waiting if (t.ticket, t.attempt) not in released
-        )
-        in_pipes = {
+
+    def _in_pipes(self) -> set[tuple[int, int]]:
+        """(ticket, attempt) of every task written to a child, not reported."""
+        return {
             (r.task.ticket, r.task.attempt)
             for child in self._children
             for batch in child.sent
             for r in batch
         }
-        released &= in_pipes
-        return kept
 
     def _runs_released(self, child: _Child) -> bool:
         return any(

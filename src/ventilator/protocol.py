@@ -924,11 +924,11 @@ def _decode_ready(body: Any, payloads: Sequence[Payload]) -> Ready:
         allow_pickle=bool(_expect(allow_pickle, bool, "allow_pickle")),
         slots=slots,
         problem=None if problem is None else _problem(problem),
-        held=() if held is None else _held(held),
+        held=() if held is None else _ticket_attempts(held),
     )
 
 
-def _held(value: Any, what: str = "held") -> list[tuple[int, int]]:
+def _ticket_attempts(value: Any, what: str = "held") -> list[tuple[int, int]]:
     """The tickets a READY names as held, or a RELEASE gives back: bounded,
     well formed, each once."""
     _expect(value, list, what)
@@ -936,7 +936,7 @@ def _held(value: Any, what: str = "held") -> list[tuple[int, int]]:
         raise ProtocolError(
             f"{what} names {len(value)} tickets, more than {MAX_HELD_TICKETS}"
         )
-    held: dict[int, int] = {}
+    pairs: dict[int, int] = {}
     for entry in value:
         ticket, attempt = _fixed(entry, 2, f"each {what} entry ([ticket, attempt])")
         ticket = _count(ticket, f"{what} ticket")
@@ -945,15 +945,15 @@ def _held(value: Any, what: str = "held") -> list[tuple[int, int]]:
             raise ProtocolError(
                 f"{what} ticket {ticket} has attempt 0; attempts start at 1"
             )
-        if ticket in held:
+        if ticket in pairs:
             raise ProtocolError(f"{what} names ticket {ticket} more than once")
-        held[ticket] = attempt
-    return list(held.items())
+        pairs[ticket] = attempt
+    return list(pairs.items())
 
 
 def _decode_release(body: Any, payloads: Sequence[Payload]) -> Release:
     _no_payloads(payloads, "RELEASE")
-    return Release(_held(body, "released"))
+    return Release(_ticket_attempts(body, "released"))
 
 
 def _problem(value: Any) -> str:
