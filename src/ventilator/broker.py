@@ -79,6 +79,8 @@ REFUSAL_REPLIES_PER_S = 1.0
 TRIM_INTERVAL_S = 10.0
 # Lines per second saying a client joined; the rest are counted (see _join_log).
 JOINS_LOGGED_PER_S = 5.0
+# Lines per second saying a worker was lost; the rest are counted.
+LOSSES_LOGGED_PER_S = 5.0
 # Functions a worker's join line names; `status` lists them all.
 LOGGED_SERVICES = 20
 # Room the journal's disk keeps for what is already accepted (its results,
@@ -194,6 +196,9 @@ class Broker:
         # A line per HELLO under a new name is a flood when a client renames
         # itself in a loop; a few a second still name the clients of a start.
         self._join_log = _RateLimit(JOINS_LOGGED_PER_S, what="clients joined")
+        # Hundreds of workers lost at once (a network cut) would be as many
+        # lines in the same millisecond.
+        self._loss_log = _RateLimit(LOSSES_LOGGED_PER_S, what="workers lost")
         self._trim = _MemoryTrim(TRIM_INTERVAL_S)
         self._disk_room = _DiskRoom(self.config)
         # Peers told why their message was refused, this second: garbage
@@ -868,6 +873,9 @@ class Broker:
         note = self._join_log.held_back(now)
         if note is not None:
             log.info("%s (`ventilator status` counts the clients)", note)
+        note = self._loss_log.held_back(now)
+        if note is not None:
+            log.warning("%s (`ventilator status` lists the workers left)", note)
         self._gateway.log_held_back(now)
 
     def _log_notices(self, notices: list[s.Notice], now: float) -> None:
@@ -885,6 +893,9 @@ class Broker:
             elif isinstance(notice, s.ClientJoined):
                 if self._join_log.allows(now):
                     _log_client_joined(notice, self._join_log.suppressed_note())
+            elif isinstance(notice, s.WorkerLost):
+                if self._loss_log.allows(now):
+                    _log_worker_lost(notice, self._loss_log.suppressed_note())
             else:
                 _log_notice(notice)
 
@@ -1265,16 +1276,7 @@ def _log_notice(notice: s.Notice) -> None:
             notice.running,
         )
     elif isinstance(notice, s.WorkerLost):
-        log.log(
-            logging.WARNING if _worth_a_warning(notice) else logging.INFO,
-            "worker lost worker=%s reason=%s; requeued %d tasks, %d map batches "
-            "handed back to their maps, %d failed as poison",
-            notice.worker_id,
-            notice.reason,
-            notice.requeued,
-            notice.split,
-            notice.poisoned,
-        )
+        _log_worker_lost(notice, "")
     elif isinstance(notice, s.WorkerLeft):
         # A goodbye is a departure, not a fault: what it had not finished was
         # left on purpose (a cold stop), and runs on another worker.
@@ -1385,6 +1387,20 @@ _DEPARTURES = {
     s.Departure.UNREACHABLE: "unreachable",
     s.Departure.REVOKED: "cut off (its key lost access)",
 }
+
+
+def _log_worker_lost(notice: s.WorkerLost, note: str) -> None:
+    log.log(
+        logging.WARNING if _worth_a_warning(notice) else logging.INFO,
+        "worker lost worker=%s reason=%s; requeued %d tasks, %d map batches "
+        "handed back to their maps, %d failed as poison%s",
+        notice.worker_id,
+        notice.reason,
+        notice.requeued,
+        notice.split,
+        notice.poisoned,
+        note,
+    )
 
 
 def _log_client_joined(notice: s.ClientJoined, note: str) -> None:

@@ -4,15 +4,26 @@ rest, in the answer and in `ventilator status`."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
 import zmq
 
 from ventilator import protocol as p
+from ventilator.broker import LOSSES_LOGGED_PER_S
 from ventilator.scheduler import STATUS_QUEUES, STATUS_SERVICES, STATUS_WORKERS
 
-from .conftest import MORE_TASKS, BrokerProcess, Launcher, Processes, run_cli
+from .conftest import (
+    FAST_HEARTBEAT_S,
+    MORE_TASKS,
+    BrokerProcess,
+    Launcher,
+    Processes,
+    log_of,
+    run_cli,
+    wait_until,
+)
 
 ANSWER_TIMEOUT_S = 20.0
 # The raw workers below never heartbeat: a slow beat keeps them registered
@@ -126,3 +137,33 @@ def test_purge_of_a_function_status_does_not_list_asks_without_a_count(
     assert "Cancel every task of" in asked.stdout, asked.stdout
     assert purged.returncode == 0, purged.stderr
     assert "purged 1 task(s)" in purged.stdout
+
+
+def test_many_workers_lost_at_once_are_a_few_lines_and_a_count(
+    launch: Launcher, context: zmq.Context[zmq.Socket[bytes]]
+) -> None:
+    broker = launch.broker(
+        "--log-level",
+        "INFO",
+        "--log-format",
+        "json",
+        heartbeat_interval_s=FAST_HEARTBEAT_S,
+    )
+    count = 60
+    readies = [p.Ready(f"lost-{i}", [f"{MORE_TASKS}:cube"], 1) for i in range(count)]
+    started = time.monotonic()
+    for socket in register_raw_workers(context, broker, readies):
+        socket.close(linger=0)  # all gone at once, as in a network cut
+
+    def broker_records() -> list[dict[str, str]]:
+        lines = log_of(broker.process).splitlines()
+        return [json.loads(line) for line in lines if line.startswith("{")]
+
+    wait_until(
+        lambda: any("more workers lost" in r["message"] for r in broker_records()),
+        ANSWER_TIMEOUT_S,
+        "the broker to count the losses it did not log",
+    )
+    named = [r for r in broker_records() if "worker lost worker=lost-" in r["message"]]
+    at_most = LOSSES_LOGGED_PER_S * (time.monotonic() - started + 2)
+    assert 1 <= len(named) <= min(at_most, count // 2), len(named)
