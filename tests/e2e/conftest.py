@@ -223,6 +223,26 @@ def log_of(process: subprocess.Popen[Any]) -> str:
     return path.read_text(errors="replace")[-4000:]
 
 
+def json_records(process: subprocess.Popen[Any]) -> list[dict[str, Any]]:
+    """Every record a process started with `--log-format json` logged so far."""
+    path: Path = process.log_path  # type: ignore[attr-defined]
+    lines = path.read_text(errors="replace").splitlines()
+    return [json.loads(line) for line in lines if line.startswith("{")]
+
+
+def named_once_counted(
+    process: subprocess.Popen[Any], named: str, counted: str, timeout_s: float
+) -> list[dict[str, Any]]:
+    """The records naming `named`, once the process has logged `counted`: the
+    line where a rate limit counts the lines it held back."""
+
+    def has_counted() -> bool:
+        return any(counted in record["message"] for record in json_records(process))
+
+    wait_until(has_counted, timeout_s, f"a line saying {counted!r}")
+    return [r for r in json_records(process) if named in r["message"]]
+
+
 # --- brokers, workers, clients ----------------------------------------------------
 
 

@@ -835,15 +835,23 @@ def runs_once_idle(client: ventilator.Client, runs: Path) -> int:
     return len(list(runs.iterdir()))
 
 
+def fast_broker_with_a_worker(
+    launch: Launcher,
+) -> tuple[BrokerProcess, ventilator.Client]:
+    """A broker of fast heartbeats with one worker registered, and a client."""
+    broker = launch.broker(heartbeat_interval_s=FAST_HEARTBEAT_S)
+    launch.worker(broker)
+    client = launch.client(broker)
+    wait_for_workers(client, 1)
+    return broker, client
+
+
 def test_a_task_running_while_the_broker_is_paused_past_liveness_runs_once(
     launch: Launcher, tmp_path: Path
 ) -> None:
     # The worker takes the paused broker for gone and registers again, on a
     # new connection, naming the task it still runs.
-    broker = launch.broker(heartbeat_interval_s=FAST_HEARTBEAT_S)
-    launch.worker(broker)
-    client = launch.client(broker)
-    wait_for_workers(client, 1)
+    broker, client = fast_broker_with_a_worker(launch)
     future, runs, release = start_counted_task(client, tmp_path)
 
     pause_for(broker.pid, PAUSE_S)
@@ -863,10 +871,7 @@ def test_a_task_that_ends_while_the_broker_is_paused_past_liveness_runs_once(
     # Its result goes to the paused broker on a connection the worker then
     # gives up on; the worker must deliver it again on the next one. A large
     # result, as the kernel's buffers would hold a small one for the broker.
-    broker = launch.broker(heartbeat_interval_s=FAST_HEARTBEAT_S)
-    launch.worker(broker)
-    client = launch.client(broker)
-    wait_for_workers(client, 1)
+    broker, client = fast_broker_with_a_worker(launch)
     runs, release = tmp_path / "runs", tmp_path / "release"
     runs.mkdir()
     future = client.submit(tasks.run_counted_large, str(runs), str(release), LARGE)
@@ -885,11 +890,9 @@ def test_a_task_that_ends_while_the_broker_is_down_runs_once_after_a_restart(
 ) -> None:
     # The journal brings the task back unfinished: the worker's result never
     # reached a broker, and the worker must name it and deliver it again.
-    first = launch.broker(**restartable)
-    launch.worker(first)
-    client = launch.client(first)
-    wait_for_workers(client, 1)
-    future, runs, release = start_counted_task(client, tmp_path)
+    first, future, runs, release = counted_task_on_a_journal(
+        launch, restartable, tmp_path
+    )
 
     kill_broker(first)
     release.touch()
@@ -936,15 +939,26 @@ def restart_under_a_running_task(
     """Start a counted task on a worker, then kill its broker and start
     another on the same journal; return the new broker, a client of it, and
     the task's future, runs folder and release file."""
-    first = launch.broker(**restartable)
-    launch.worker(first)
-    client = launch.client(first)
-    wait_for_workers(client, 1)
-    future, runs, release = start_counted_task(client, folder)
+    first, future, runs, release = counted_task_on_a_journal(
+        launch, restartable, folder
+    )
 
     kill_broker(first)
     second = launch.broker(**restartable)
     return second, launch.client(second), future, runs, release
+
+
+def counted_task_on_a_journal(
+    launch: Launcher, restartable: dict[str, Any], folder: Path
+) -> tuple[BrokerProcess, ventilator.Future, Path, Path]:
+    """A broker on a journal, and a counted task running on its one worker
+    (see start_counted_task): the broker, the future, runs and release."""
+    broker = launch.broker(**restartable)
+    launch.worker(broker)
+    client = launch.client(broker)
+    wait_for_workers(client, 1)
+    future, runs, release = start_counted_task(client, folder)
+    return broker, future, runs, release
 
 
 def test_a_task_running_while_the_broker_is_killed_and_restarted_runs_once(

@@ -3,7 +3,6 @@ bounded in number; status stays readable however many clients there are."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import threading
@@ -26,7 +25,7 @@ from .conftest import (
     BrokerProcess,
     Launcher,
     Processes,
-    log_of,
+    named_once_counted,
     run_cli,
     status_when,
     wait_for_workers,
@@ -219,17 +218,10 @@ def test_a_client_renaming_itself_in_a_loop_does_not_flood_the_log(
     # However slowly a busy machine let the broker take them: a few a second.
     at_most = JOINS_LOGGED_PER_S * (time.monotonic() - started + 2)
 
-    def broker_records() -> list[dict[str, str]]:
-        lines = log_of(broker.process).splitlines()
-        return [json.loads(line) for line in lines if line.startswith("{")]
-
     # The joins held back are counted on a line of their own, a moment later.
-    wait_until(
-        lambda: any("more clients joined" in r["message"] for r in broker_records()),
-        RESULT_TIMEOUT_S,
-        "the broker to count the joins it did not log",
+    named = named_once_counted(
+        broker.process, "renamed-", "more clients joined", RESULT_TIMEOUT_S
     )
-    named = [r for r in broker_records() if "renamed-" in r["message"]]
     assert 1 <= len(named) <= min(at_most, count // 2), named
 
 

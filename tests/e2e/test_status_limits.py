@@ -4,7 +4,6 @@ rest, in the answer and in `ventilator status`."""
 
 from __future__ import annotations
 
-import json
 import time
 
 import pytest
@@ -20,9 +19,8 @@ from .conftest import (
     BrokerProcess,
     Launcher,
     Processes,
-    log_of,
+    named_once_counted,
     run_cli,
-    wait_until,
 )
 
 ANSWER_TIMEOUT_S = 20.0
@@ -155,15 +153,11 @@ def test_many_workers_lost_at_once_are_a_few_lines_and_a_count(
     for socket in register_raw_workers(context, broker, readies):
         socket.close(linger=0)  # all gone at once, as in a network cut
 
-    def broker_records() -> list[dict[str, str]]:
-        lines = log_of(broker.process).splitlines()
-        return [json.loads(line) for line in lines if line.startswith("{")]
-
-    wait_until(
-        lambda: any("more workers lost" in r["message"] for r in broker_records()),
+    named = named_once_counted(
+        broker.process,
+        "worker lost worker=lost-",
+        "more workers lost",
         ANSWER_TIMEOUT_S,
-        "the broker to count the losses it did not log",
     )
-    named = [r for r in broker_records() if "worker lost worker=lost-" in r["message"]]
     at_most = LOSSES_LOGGED_PER_S * (time.monotonic() - started + 2)
     assert 1 <= len(named) <= min(at_most, count // 2), len(named)
