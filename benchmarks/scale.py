@@ -155,7 +155,7 @@ def queued(tasks: int, chunksize: int) -> dict[str, float]:
         started = time.perf_counter()
         consumer.start()
         _wait_for(
-            lambda: sum(client.status(60)["queued"].values()) >= expected_tasks,
+            lambda: client.status(60)["queue_counts"]["queued"] >= expected_tasks,
             DRAIN_TIMEOUT_S,
             "every task to be queued",
         )
@@ -198,7 +198,8 @@ def peers(tasks: int, workers: int, clients: int) -> dict[str, float]:
         ventilator.Client(frontend) as observer,
     ):
         _wait_for(
-            lambda: len(observer.status()["workers"]) >= workers,
+            # Counted, not listed: status lists at most STATUS_WORKERS.
+            lambda: observer.status()["worker_counts"]["all"] >= workers,
             60,
             f"{workers} simulated workers",
         )
