@@ -1919,7 +1919,10 @@ def _clients_table(clients: list[dict[str, Any]], counts: dict[str, int] | None)
     table = _table(f"clients and sinks ({counts['connected']} connected)")
     # Short headers: a session's 32-character name stays on one line in 80
     # columns. A busy sink is connected with results unacknowledged.
-    table.caption = "pending: results not sent yet; unacked: sent, not acknowledged"
+    table.caption = (
+        "tasks: its tasks the broker holds; pending: results not sent yet; "
+        "unacked: sent, not acknowledged"
+    )
     unlisted = counts["all"] - len(clients)
     if unlisted > 0:
         # The broker lists the most relevant ones only: its answer stays small.
@@ -1932,14 +1935,17 @@ def _clients_table(clients: list[dict[str, Any]], counts: dict[str, int] | None)
     if expired:
         table.caption += "; expired: of those, results that expired"
     table.add_column("name", overflow="fold", ratio=1)
-    columns = ("kind", "connected", "pending", "unacked")
+    # No kind column: a sink's name says it (sink:NAME), and "tasks" needs
+    # the room.
+    columns = ("connected", "tasks", "pending", "unacked")
     for column in (*columns, "expired") if expired else columns:
         table.add_column(column, no_wrap=True)
     for c in clients:
         cells = [
             escape(c["name"]),
-            c.get("kind", "client"),
             "yes" if c["connected"] else "no",
+            # An older broker does not say.
+            str(c.get("tasks", "-")),
             str(c["pending"]),
             # An older broker does not say.
             str(c.get("unacknowledged", "-")),

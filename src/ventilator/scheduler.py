@@ -1463,10 +1463,10 @@ class Scheduler:
         if was_connected:
             self._effects.notices.append(ClientLost(recipient.name, held, how))
 
-        # A session that left with nothing owed is forgotten, so that sessions
-        # do not accumulate; one that still has tasks running is recreated when
-        # their results arrive.
-        if said_bye and not held:
+        # A session that left holding nothing is forgotten at once, so that
+        # sessions do not accumulate; one with tasks in the broker stays
+        # listed (with what `purge --session` would drop) until they are done.
+        if said_bye and self._holds_nothing(recipient):
             self._drop_recipient(recipient)
 
     def _forget_cancellations(self, recipient: Recipient) -> None:
@@ -2878,6 +2878,7 @@ class Scheduler:
             counts["sinks"] += is_sink
             counts["connected_sinks"] += is_sink and connected
             owed = len(recipient.pending) + len(recipient.unacked)
+            owed += self._held.get(recipient.name, 0)
             entry = (owed, connected, recipient.last_seen, -order, recipient)
             if len(kept) < STATUS_CLIENTS:
                 heapq.heappush(kept, entry)
@@ -2897,6 +2898,10 @@ class Scheduler:
             "pending": len(recipient.pending),
             # Sent and not yet acknowledged: a busy sink holds them.
             "unacknowledged": len(recipient.unacked),
+            # Tasks it submitted that the broker holds, queued, running or
+            # finished: a session that left with tasks queued owes nothing
+            # yet, and shows here what `purge --session` would drop.
+            "tasks": self._held.get(recipient.name, 0),
             # Of those two, the tombstones of expired results.
             "expired": recipient.expired,
         }

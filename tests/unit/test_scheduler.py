@@ -1180,6 +1180,20 @@ def test_status_of_clients_adds_up_to_the_results_it_counts() -> None:
     assert owed == 4
 
 
+def test_status_shows_the_tasks_a_departed_session_left_queued(
+    driver: Driver,
+) -> None:
+    driver.submit(task(1), task(2))  # nobody serves them: they stay queued
+    driver.client(CLIENT, p.Bye())
+
+    status = driver.scheduler.status(driver.now)
+
+    clients = status["clients"]
+    assert isinstance(clients, list)
+    [alice] = [c for c in clients if c["name"] == "alice"]
+    assert (alice["connected"], alice["pending"], alice["tasks"]) == (False, 0, 2)
+
+
 def test_silent_client_is_given_up_and_its_results_kept(driver: Driver) -> None:
     driver.submit(task(1))
     driver.ready(W1)
