@@ -1399,31 +1399,34 @@ class Scheduler:
         self._cancel_running(list(running.values()), now)
 
     def _cancel_running(self, tasks: list[Task], now: float) -> None:
-        """Stop tasks that workers hold (running, or waiting there for a
-        slot) for nobody: their clients settled their futures already.
-
-        Each worker is told to give its tasks up (RELEASE): it stops them and
-        reports none, so their slots come back here at once, and the tasks are
-        forgotten now, by the journal too (a broker restarted on one must not
-        queue it again). A worker from before RELEASE runs them on; its
-        results are then dropped as late.
-        """
+        """Cancel tasks that workers hold (running, or waiting there for a
+        slot): their clients settled their futures already and want no
+        result. Each worker that can be told to stop them gives them up at
+        once; an MDP worker keeps its one until it replies."""
         by_worker: dict[str, list[Task]] = {}
         for task in tasks:
             assert task.worker is not None, f"task {task.ticket} held by no worker"
             by_worker.setdefault(task.worker, []).append(task)
-        for worker_id, given_up in by_worker.items():
+        for worker_id, cancelled in by_worker.items():
             worker = self.workers[worker_id]
-            if not worker.obeys_release:
-                for task in given_up:
+            if worker.obeys_release:
+                self._stop_on_worker(worker, cancelled, now)
+            else:
+                for task in cancelled:
                     self._leave_cancelled(task)
-                continue
-            self._tell_to_give_up(worker, [(t.ticket, t.attempt) for t in given_up])
-            for task in given_up:
-                self._release(worker, task)
-                self._drop_cancelled(task, now)
-            self._start_waiting(worker, now)
-            self._offer(worker)
+
+    def _stop_on_worker(self, worker: Worker, tasks: list[Task], now: float) -> None:
+        """Tell `worker` to give `tasks` up (RELEASE): it stops them and
+        reports none, so their slots come back here at once, and the tasks are
+        forgotten now, by the journal too (a broker restarted on one must not
+        queue it again). A worker from before RELEASE runs them on; its
+        results are then dropped as late."""
+        self._tell_to_give_up(worker, [(task.ticket, task.attempt) for task in tasks])
+        for task in tasks:
+            self._release(worker, task)
+            self._drop_cancelled(task, now)
+        self._start_waiting(worker, now)
+        self._offer(worker)
 
     def _leave_cancelled(self, task: Task) -> None:
         """Mark `task` cancelled on a worker that cannot be told to stop it:
