@@ -245,6 +245,21 @@ def _stop_on_signals(stop: Callable[[], None]) -> None:
     signal.signal(signal.SIGINT, handler)
 
 
+def _limit_option(
+    flag: str, help: str, type: click.ParamType[Any] | None = None
+) -> Callable[..., Any]:
+    """A broker option for the `Limits` field the flag names (``--max-peers``:
+    ``max_peers``), with that field's default: the two cannot drift apart."""
+    field = flag.removeprefix("--").replace("-", "_")
+    return click.option(
+        flag,
+        type=type or click.IntRange(min=1),
+        default=getattr(_DEFAULT_LIMITS, field),
+        show_default=True,
+        help=help,
+    )
+
+
 def _key_file(
     help_text: str, name: str = "--secret-key", envvar: str | None = None
 ) -> Callable[..., Any]:
@@ -365,35 +380,23 @@ def _bind_address(ctx: click.Context, param: click.Parameter, value: Any) -> Any
     show_default=True,
     help="Refuse new tasks while the journal's disk has less room (0: never).",
 )
-@click.option(
+@_limit_option(
     "--max-payload-bytes",
-    type=click.IntRange(min=1),
-    default=_DEFAULT_LIMITS.max_payload_bytes,
-    show_default=True,
-    help="Largest task arguments or result; larger ones are refused, naming the limit.",
+    "Largest task arguments or result; larger ones are refused, naming the limit.",
 )
-@click.option(
+@_limit_option(
     "--max-queued-tasks",
-    type=click.IntRange(min=1),
-    default=_DEFAULT_LIMITS.max_queued_tasks,
-    show_default=True,
-    help="Tasks held in all: queued, running, and results waiting for "
+    "Tasks held in all: queued, running, and results waiting for "
     "delivery; past it new tasks are refused.",
 )
-@click.option(
+@_limit_option(
     "--client-window",
-    type=click.IntRange(min=1),
-    default=_DEFAULT_LIMITS.client_window,
-    show_default=True,
-    help="Tasks one client may have in the broker.",
+    "Tasks one client may have in the broker.",
 )
 @_heartbeat_option
-@click.option(
+@_limit_option(
     "--max-attempts",
-    type=click.IntRange(min=1),
-    default=3,
-    show_default=True,
-    help="Times a task's process dies or its worker is lost under it before it "
+    "Times a task's process dies or its worker is lost under it before it "
     "fails as poison.",
 )
 @click.option(
@@ -441,43 +444,29 @@ def _bind_address(ctx: click.Context, param: click.Parameter, value: Any) -> Any
     help="MDP requests that may wait for services no worker offers, all "
     "together; more are answered '500 ...'.",
 )
-@click.option(
+@_limit_option(
     "--client-max-bytes",
-    type=click.IntRange(min=1),
-    default=_DEFAULT_LIMITS.client_max_bytes,
-    show_default=True,
-    help="Payload and result bytes one client may have in the broker.",
+    "Payload and result bytes one client may have in the broker.",
 )
-@click.option(
+@_limit_option(
     "--max-queued-bytes",
-    type=click.IntRange(min=1),
-    default=_DEFAULT_LIMITS.max_queued_bytes,
-    show_default=True,
-    help="Argument and result bytes held in all; past it new tasks are refused.",
+    "Argument and result bytes held in all; past it new tasks are refused.",
 )
-@click.option(
+@_limit_option(
     "--max-peers",
-    type=click.IntRange(min=1),
-    default=_DEFAULT_LIMITS.max_peers,
-    show_default=True,
-    help="Connections on both sockets together; more are refused at their "
+    "Connections on both sockets together; more are refused at their "
     "handshake, and their ZeroMQ retries: they wait for a free place.",
 )
-@click.option(
+@_limit_option(
     "--max-sessions",
-    type=click.IntRange(min=1),
-    default=_DEFAULT_LIMITS.max_sessions,
-    show_default=True,
-    help="Client sessions and sinks remembered at once; a HELLO naming a new "
+    "Client sessions and sinks remembered at once; a HELLO naming a new "
     "one past it is refused, naming the limit.",
 )
-@click.option(
+@_limit_option(
     "--session-grace-s",
-    type=_FiniteRange(min=0.0),
-    default=_DEFAULT_LIMITS.session_grace_s,
-    show_default=True,
-    help="Seconds after it was last heard that a session which left, owing "
+    "Seconds after it was last heard that a session which left, owing "
     "and holding nothing, is forgotten (status shows it until then).",
+    type=_FiniteRange(min=0.0),
 )
 @_key_file(
     "The broker's .key_secret file; turns CURVE on (needs --clients, --workers)."
