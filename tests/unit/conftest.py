@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from ventilator.journal import SqliteJournal
+
 _module_numbers = itertools.count()
 
 
@@ -34,3 +36,16 @@ def make_module(
     yield make
     for name in made:
         sys.modules.pop(name, None)
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    """Where the journal tests' SQLite journal lives."""
+    return tmp_path / "journal.db"
+
+
+@pytest.fixture
+def journal(path: Path) -> Iterator[SqliteJournal]:
+    journal = SqliteJournal(path)
+    yield journal
+    journal.close()

@@ -8,7 +8,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -37,40 +37,7 @@ from ventilator.segments import IDLE_SEGMENT_KEPT_BYTES, INLINE_MAX_BYTES
 from ventilator.serialization import unpack_value
 
 from .driver import CLIENT, Driver, accepted, assignments, notices, results, task
-
-_TICKETS = itertools.count(1)
-
-
-def a_task(task_id: int, session: str = "alice", **fields: object) -> Task:
-    values: dict[str, object] = {
-        "ticket": next(_TICKETS),  # the broker's ticket is the journal's key
-        "session": session,
-        "task_id": task_id,
-        "function": "jobs:f",
-        "payload": b"args-%d" % task_id,
-        "flags": 0,
-        "timeout_s": None,
-        "retries_left": 0,
-        "recipient": session,
-    }
-    return Task(**{**values, **fields})  # type: ignore[arg-type]
-
-
-def finished(one: Task, status: p.Status, result: bytes) -> Task:
-    one.state, one.status, one.result, one.payload = State.FINISHED, status, result, b""
-    return one
-
-
-@pytest.fixture
-def path(tmp_path: Path) -> Path:
-    return tmp_path / "journal.db"
-
-
-@pytest.fixture
-def journal(path: Path) -> Iterator[SqliteJournal]:
-    journal = SqliteJournal(path)
-    yield journal
-    journal.close()
+from .journal_tasks import a_task, finished
 
 
 def reopened(path: Path) -> list[Task]:
@@ -108,7 +75,7 @@ def test_finished_task_is_loaded_with_its_status_and_result(
 ) -> None:
     one = a_task(1)
     journal.commit([one], [], [])
-    journal.commit([], [finished(one, p.Status.RAISED, b"report")], [])
+    journal.commit([], [finished(one, b"report", p.Status.RAISED)], [])
     journal.close()
 
     [loaded] = reopened(path)
@@ -137,14 +104,14 @@ def test_accepted_finished_and_forgotten_in_one_turn_leaves_nothing(
 ) -> None:
     one = a_task(1)
 
-    journal.commit([one], [finished(one, p.Status.OK, b"")], [one.ticket])
+    journal.commit([one], [finished(one, b"")], [one.ticket])
 
     assert journal.load() == []
 
 
 def test_sink_recipient_and_ok_status_survive(journal: SqliteJournal) -> None:
     one = a_task(1, recipient="sink:totals")
-    journal.commit([one], [finished(one, p.Status.OK, b"49")], [])
+    journal.commit([one], [finished(one, b"49")], [])
 
     [loaded] = journal.load()
 
@@ -516,7 +483,7 @@ def test_large_result_replaces_a_large_payload_and_loads_back(
 ) -> None:
     one = a_task(1, payload=b"p" * BIG)
     journal.commit([one], [], [])
-    journal.commit([], [finished(one, p.Status.OK, b"r" * BIG)], [])
+    journal.commit([], [finished(one, b"r" * BIG)], [])
     journal.close()
 
     [loaded] = reopened(path)
@@ -534,7 +501,7 @@ def test_segment_is_deleted_once_nothing_refers_to_it(path: Path) -> None:
     journal = SqliteJournal(path)  # a new broker writes to a new segment
     [loaded] = journal.load()
 
-    journal.commit([], [finished(loaded, p.Status.OK, b"done")], [])
+    journal.commit([], [finished(loaded, b"done")], [])
     journal.commit([], [], [loaded.ticket])
     journal.close()
 
@@ -546,7 +513,7 @@ def test_segment_being_written_is_emptied_once_nothing_in_it_is_referenced(
 ) -> None:
     one = a_task(1, payload=b"p" * (IDLE_SEGMENT_KEPT_BYTES + 1))
     journal.commit([one], [], [])
-    journal.commit([], [finished(one, p.Status.OK, b"done")], [])
+    journal.commit([], [finished(one, b"done")], [])
 
     [segment] = segment_files(path)
     assert segment.stat().st_size == 0  # an idle broker keeps no dead blobs
@@ -563,7 +530,7 @@ def test_segment_being_written_goes_when_the_broker_stops_with_nothing_in_it(
 ) -> None:
     one = a_task(1, payload=b"p" * BIG)
     journal.commit([one], [], [])
-    journal.commit([], [finished(one, p.Status.OK, b"done")], [])
+    journal.commit([], [finished(one, b"done")], [])
 
     journal.close()
 

@@ -6,23 +6,21 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from ventilator import journal as journal_module
-from ventilator import protocol as p
 from ventilator import segments as segments_module
 from ventilator.journal import COMPACT_QUIET_S, SqliteJournal
 from ventilator.scheduler import State, Task
+
+from .journal_tasks import a_task, finished
 
 SEGMENT_BYTES = 8 * 2**20
 BLOB_BYTES = 256 * 1024
 BLOBS_PER_SEGMENT = SEGMENT_BYTES // BLOB_BYTES
 NO_LIMIT = math.inf
-
-_TICKETS = itertools.count(1)
 
 
 def blob(task_id: int, size: int = BLOB_BYTES) -> bytes:
@@ -31,45 +29,9 @@ def blob(task_id: int, size: int = BLOB_BYTES) -> bytes:
     return (pattern * (size // len(pattern) + 1))[:size]
 
 
-def a_task(task_id: int, payload: bytes) -> Task:
-    return Task(
-        ticket=next(_TICKETS),
-        session="alice",
-        task_id=task_id,
-        function="jobs:f",
-        payload=payload,
-        flags=0,
-        timeout_s=None,
-        retries_left=0,
-        recipient="alice",
-    )
-
-
-def finished(one: Task, result: bytes) -> Task:
-    one.state, one.status, one.result, one.payload = (
-        State.FINISHED,
-        p.Status.OK,
-        result,
-        b"",
-    )
-    return one
-
-
 @pytest.fixture(autouse=True)
 def small_segments(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(segments_module, "SEGMENT_BYTES", SEGMENT_BYTES)
-
-
-@pytest.fixture
-def path(tmp_path: Path) -> Path:
-    return tmp_path / "journal.db"
-
-
-@pytest.fixture
-def journal(path: Path) -> Iterator[SqliteJournal]:
-    journal = SqliteJournal(path)
-    yield journal
-    journal.close()
 
 
 def segment_files(path: Path) -> list[Path]:
@@ -87,7 +49,7 @@ def fill_segment_leaving_one(
     left queued ("queued"), or the large result of a task nobody collects
     ("result", written as the segment's last blob). Return that task."""
     count = BLOBS_PER_SEGMENT - (straggler == "result")
-    batch = [a_task(first_id + i, blob(first_id + i)) for i in range(count)]
+    batch = [a_task(first_id + i, payload=blob(first_id + i)) for i in range(count)]
     journal.commit(batch, [], [])
     kept, gone = batch[0], batch[1:]
     if straggler == "result":
@@ -137,7 +99,7 @@ def stragglers_in_three_segments(journal: SqliteJournal) -> dict[int, bytes]:
     for n, kind in enumerate(["queued", "result", "queued"]):
         kept = fill_segment_leaving_one(journal, 1000 * (n + 1), kind)
         expected[kept.task_id] = stored(kept)
-    journal.commit([a_task(9999, blob(9999))], [], [])  # closes the third
+    journal.commit([a_task(9999, payload=blob(9999))], [], [])  # closes the third
     expected[9999] = blob(9999)
     return expected
 
@@ -178,7 +140,9 @@ def test_a_compacted_task_still_finishes_and_goes_with_its_segment(
     journal: SqliteJournal, path: Path
 ) -> None:
     kept = fill_segment_leaving_one(journal, 1, "queued")
-    journal.commit([a_task(2000, blob(2000))], [], [])  # closes the first segment
+    journal.commit(
+        [a_task(2000, payload=blob(2000))], [], []
+    )  # closes the first segment
     compact_until_done(journal)
 
     journal.commit([], [finished(kept, b"ok")], [])
@@ -192,9 +156,9 @@ def test_a_compacted_task_still_finishes_and_goes_with_its_segment(
 def test_a_segment_still_a_quarter_live_is_left_alone(
     journal: SqliteJournal, path: Path
 ) -> None:
-    batch = [a_task(i, blob(i)) for i in range(BLOBS_PER_SEGMENT)]
+    batch = [a_task(i, payload=blob(i)) for i in range(BLOBS_PER_SEGMENT)]
     journal.commit(batch, [], [])
-    journal.commit([a_task(999, blob(999))], [], [])  # closes it
+    journal.commit([a_task(999, payload=blob(999))], [], [])  # closes it
     quarter = BLOBS_PER_SEGMENT // 4
     finish_and_forget(journal, batch[quarter:])
 
@@ -216,9 +180,9 @@ def test_each_step_copies_a_bounded_share(
 ) -> None:
     # Ten of the segment's 32 blobs stay; a step copies at most two of them.
     monkeypatch.setattr(journal_module, "COMPACT_BYTES_PER_TURN", 2 * BLOB_BYTES)
-    batch = [a_task(i, blob(i)) for i in range(BLOBS_PER_SEGMENT)]
+    batch = [a_task(i, payload=blob(i)) for i in range(BLOBS_PER_SEGMENT)]
     journal.commit(batch, [], [])
-    journal.commit([a_task(999, blob(999))], [], [])
+    journal.commit([a_task(999, payload=blob(999))], [], [])
     finish_and_forget(journal, batch[: BLOBS_PER_SEGMENT - 7])
     first, current = segment_files(path)
     size_before = current.stat().st_size
@@ -233,7 +197,8 @@ def test_each_step_copies_a_bounded_share(
     assert not first.exists()
     journal.close()
     assert {i: t.payload for i, t in by_task_id(path).items()} == {
-        one.task_id: one.payload for one in [*batch[-7:], a_task(999, blob(999))]
+        one.task_id: one.payload
+        for one in [*batch[-7:], a_task(999, payload=blob(999))]
     }
 
 
@@ -241,7 +206,7 @@ def test_compaction_waits_while_the_disk_has_no_room_for_the_copies(
     journal: SqliteJournal, path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     fill_segment_leaving_one(journal, 1, "queued")
-    journal.commit([a_task(2000, blob(2000))], [], [])
+    journal.commit([a_task(2000, payload=blob(2000))], [], [])
     sparse = segment_files(path)[0]
 
     with caplog.at_level(logging.WARNING, logger="ventilator.journal"):
@@ -258,7 +223,7 @@ def test_compaction_says_at_info_what_it_freed(
     journal: SqliteJournal, path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     fill_segment_leaving_one(journal, 1, "queued")
-    journal.commit([a_task(2000, blob(2000))], [], [])
+    journal.commit([a_task(2000, payload=blob(2000))], [], [])
     sparse = segment_files(path)[0]
 
     with caplog.at_level(logging.INFO, logger="ventilator.journal"):
@@ -274,7 +239,7 @@ def test_a_blob_that_cannot_be_read_stops_compaction_for_a_while_not_the_journal
     journal: SqliteJournal, path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     fill_segment_leaving_one(journal, 1, "queued")
-    journal.commit([a_task(2000, blob(2000))], [], [])
+    journal.commit([a_task(2000, payload=blob(2000))], [], [])
     sparse = segment_files(path)[0]
     sparse.write_bytes(b"")  # damaged outside the broker
 
@@ -284,7 +249,7 @@ def test_a_blob_that_cannot_be_read_stops_compaction_for_a_while_not_the_journal
 
     assert len(caplog.records) == 1
     assert sparse.name in caplog.records[0].getMessage()
-    journal.commit([a_task(3000, blob(3000))], [], [])  # the journal goes on
+    journal.commit([a_task(3000, payload=blob(3000))], [], [])  # the journal goes on
     journal.close()
     assert by_task_id(path)[3000].payload == blob(3000)
 
@@ -294,9 +259,9 @@ def test_a_segment_still_draining_waits_until_its_live_blobs_stay_put(
 ) -> None:
     # A backlog drained in order passes under a quarter live on its way to
     # empty: copying what is about to go anyway would be wasted.
-    batch = [a_task(i, blob(i)) for i in range(BLOBS_PER_SEGMENT)]
+    batch = [a_task(i, payload=blob(i)) for i in range(BLOBS_PER_SEGMENT)]
     journal.commit(batch, [], [])
-    journal.commit([a_task(999, blob(999))], [], [])
+    journal.commit([a_task(999, payload=blob(999))], [], [])
     finish_and_forget(journal, batch[:-5])
     assert not journal.compact(0.0, NO_LIMIT)
 
