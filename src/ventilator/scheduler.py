@@ -2039,7 +2039,6 @@ class Scheduler:
         (see `_blame_overruns`). A result it sends later is late.
         """
         self._release(worker, task)
-        self._tell_to_give_up(worker, [(task.ticket, task.attempt)])
         worker.overruns += 1
         timeout_s, grace_s = task.timeout_s or 0.0, self._lease_grace_s()
         error = TaskTimeout(
@@ -2054,7 +2053,9 @@ class Scheduler:
         """Say that `worker` let `tasks` overrun; drop it if it let
         `max_attempts` deadlines pass in a row (its other tasks are requeued,
         unblamed: it, not they, is at fault), or else start what it held
-        behind the slots those tasks took."""
+        behind the slots those tasks took. It is told to stop them, in one
+        RELEASE (see `_stop_on_worker`)."""
+        self._tell_to_give_up(worker, [(task.ticket, task.attempt) for task in tasks])
         first = tasks[0]
         self._effects.notices.append(
             LeaseOverrun(
@@ -2872,24 +2873,23 @@ class Scheduler:
         one pass over them all, and a heap of the listed few.
         """
         counts = {"all": 0, "connected": 0, "sinks": 0, "connected_sinks": 0}
-        kept: list[tuple[int, bool, float, int, Recipient]] = []
-        for order, recipient in enumerate(recipients):
-            is_sink = recipient.name.startswith(SINK_PREFIX)
-            connected = recipient.peer is not None
-            counts["all"] += 1
-            counts["connected"] += connected
-            counts["sinks"] += is_sink
-            counts["connected_sinks"] += is_sink and connected
-            owed = len(recipient.pending) + len(recipient.unacked)
-            owed += self._held.get(recipient.name, 0)
-            entry = (owed, connected, recipient.last_seen, -order, recipient)
-            if len(kept) < STATUS_CLIENTS:
-                heapq.heappush(kept, entry)
-            elif entry[:4] > kept[0][:4]:
-                heapq.heapreplace(kept, entry)
-        kept.sort(key=lambda entry: entry[:4], reverse=True)
+
+        def counted() -> Iterator[tuple[tuple[int, bool, float, int], Recipient]]:
+            for order, recipient in enumerate(recipients):
+                is_sink = recipient.name.startswith(SINK_PREFIX)
+                connected = recipient.peer is not None
+                counts["all"] += 1
+                counts["connected"] += connected
+                counts["sinks"] += is_sink
+                counts["connected_sinks"] += is_sink and connected
+                owed = len(recipient.pending) + len(recipient.unacked)
+                owed += self._held.get(recipient.name, 0)
+                yield (owed, connected, recipient.last_seen, -order), recipient
+
+        # Fed an iterator, nlargest keeps a heap of the listed few only.
+        kept = heapq.nlargest(STATUS_CLIENTS, counted(), key=lambda entry: entry[0])
         return {
-            "clients": [self._client_status(entry[4]) for entry in kept],
+            "clients": [self._client_status(recipient) for _, recipient in kept],
             "client_counts": {**counts, "listed": len(kept)},
         }
 
@@ -3170,10 +3170,14 @@ class Scheduler:
             }
 
         dropped = {"results": 0, "queued": 0, "running": 0}
+        running: list[Task] = []
         for task in list(self.tasks.values()):
             kind = self._purge_for_session(task, name, now)
+            if kind == "running":
+                running.append(task)
             if kind is not None:
                 dropped[kind] += 1
+        self._cancel_running(running, now)  # a RELEASE per worker, not per task
         if recipient is not None:
             recipient.pending.clear()  # of tickets forgotten just now
             recipient.take_back_unacked()
@@ -3181,7 +3185,8 @@ class Scheduler:
         return {"session": name, **dropped}
 
     def _purge_for_session(self, task: Task, name: str, now: float) -> str | None:
-        """Drop `task` if it is session `name`'s; say how it was held."""
+        """Drop `task` if it is session `name`'s (a running one is left to the
+        caller, which stops them all at once); say how it was held."""
         if task.state is State.FINISHED:
             if task.recipient != name:
                 return None  # a sink task's result is the sink's
@@ -3190,8 +3195,7 @@ class Scheduler:
         if task.session != name or task.cancelled:
             return None
         if task.state is State.RUNNING:
-            self._cancel_running([task], now)
-            return "running"
+            return "running"  # stopped with the others (see _purge_session)
         self._drop_cancelled(task, now)
         return "queued"
 

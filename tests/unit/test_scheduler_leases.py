@@ -25,6 +25,7 @@ from .driver import (
     error_report,
     notices,
     results,
+    sent,
     task,
 )
 
@@ -79,7 +80,7 @@ def test_a_task_its_worker_never_reports_ends_as_timeout_after_the_grace() -> No
     assert (overrun.worker_id, overrun.count, overrun.overruns) == ("w1", 1, 1)
 
 
-def test_the_overruns_of_one_tick_are_one_notice_per_worker() -> None:
+def test_the_overruns_of_one_tick_are_one_notice_and_one_release_per_worker() -> None:
     driver = _driver(max_attempts=100)
     driver.ready(W1, capacity=50)
     _started(driver, W1)
@@ -88,6 +89,8 @@ def test_the_overruns_of_one_tick_are_one_notice_per_worker() -> None:
 
     overruns = [n for effects in ticks for n in notices(effects, LeaseOverrun)]
     assert [(n.count, n.overruns) for n in overruns] == [(50, 50)]
+    releases = [r for effects in ticks for r in sent(effects, W1, p.Release)]
+    assert [len(release.tickets) for release in releases] == [50]
 
 
 def test_a_new_worker_is_given_time_to_start() -> None:

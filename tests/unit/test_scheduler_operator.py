@@ -222,18 +222,21 @@ def test_purging_a_session_that_left_drops_its_results_and_queued_tasks(
     assert driver.scheduler.totals()["cancelled"] == 3
 
 
-def test_purging_a_session_drops_its_running_task_when_the_worker_reports(
+def test_purging_a_session_stops_its_running_tasks_in_one_release_per_worker(
     driver: Driver,
 ) -> None:
-    driver.submit(task(1))
-    [work] = assignments(driver.ready(W1), W1)
+    driver.submit(task(1), task(2))
+    work = assignments(driver.ready(W1, capacity=2), W1)
     driver.unreachable(CLIENT)
 
-    report = operate(driver, p.Purge(session="alice"))
-    finished = driver.done(W1, work)
+    effects = driver.client(OPERATOR, p.Purge(session="alice"))
 
-    assert report["running"] == 1
-    assert not results(finished) and not driver.scheduler.tasks
+    [reply] = sent(effects, OPERATOR, p.OperatorReply)
+    assert reply.report["running"] == 2
+    [release] = sent(effects, W1, p.Release)
+    assert sorted(release.tickets) == sorted((a.ticket, a.attempt) for a in work)
+    assert not driver.scheduler.tasks
+    assert not results(driver.done(W1, work[0]))  # crossed the RELEASE: dropped
 
 
 def test_purging_a_connected_session_is_refused(driver: Driver) -> None:
