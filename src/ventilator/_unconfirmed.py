@@ -98,10 +98,21 @@ class Unconfirmed:
                 latest[outcome.ticket] = outcome
         return [o for ticket, o in latest.items() if ticket not in skip]
 
-    def resent(self, now: float) -> None:
-        """Everything kept went out again at `now`, on a new connection."""
-        for sending in self._sendings:
-            sending.sent_at = now
+    def resend(
+        self, running: Collection[int], room: int, now: float
+    ) -> list[p.Outcome]:
+        """What a READY names and a DONE right behind it sends again, at
+        `now`, on a new connection: each ticket's latest outcome, but for
+        tickets run again (`running`, named at their new attempt), at most
+        `room` of them. The rest is forgotten, and what was left out for room
+        counted in `forgotten`."""
+        latest = self.outcomes(skip=running)
+        kept = latest[:room]
+        self.forgotten += len(latest) - len(kept)
+        self._sendings = deque([_Sending(now, kept, _size_of(kept))] if kept else [])
+        self._outcomes = len(kept)
+        self._bytes = self._sendings[0].size if kept else 0
+        return kept
 
     def forget(self, tickets: Collection[tuple[int, int]]) -> None:
         """Forget these (ticket, attempt): the broker said it does not want them."""

@@ -193,6 +193,11 @@ class Worker:
 
     def _register(self, now: float) -> None:
         held = self._held_tickets()
+        # Results the broker may not have are named too, and sent again right
+        # behind the READY: it keeps their tasks with us, then settles them.
+        resent = self._unconfirmed.resend(
+            {ticket for ticket, _ in held}, p.MAX_HELD_TICKETS - len(held), now
+        )
         services = [] if self._benched else self.services
         self._send(
             p.Ready(
@@ -204,10 +209,12 @@ class Worker:
                 # task per slot, whatever credit tiny ones earned us.
                 self.config.concurrency if self.config.prefetch is None else None,
                 self._problem(),
-                held,
+                held + [(outcome.ticket, outcome.attempt) for outcome in resent],
             )
         )
-        resent = self._send_unconfirmed(held, now)
+        if resent:
+            self._send(p.Done(resent))
+        self._say_forgotten()
         # Until the broker welcomes us, its "unknown_worker" answers are to
         # what we sent before this READY: registering again for each would
         # make the broker take back, each time, what it had just given us.
@@ -221,34 +228,14 @@ class Worker:
             self.config.connect,
             self._capacity,
             len(services),
-            len(held) - resent,
-            resent,
+            len(held),
+            len(resent),
         )
 
-    def _send_unconfirmed(self, held: list[tuple[int, int]], now: float) -> int:
-        """Send again, right behind the READY that named them, the results
-        the broker may not have; return how many."""
-        named = set(held)
-        kept = self._unconfirmed.outcomes()
-        outcomes = [o for o in kept if (o.ticket, o.attempt) in named]
-        # Not named: run again at a later attempt, or past what a READY may
-        # name. Only what goes out now counts as sent again at `now`.
-        left_out = [
-            (o.ticket, o.attempt) for o in kept if (o.ticket, o.attempt) not in named
-        ]
-        self._unconfirmed.forget(left_out)
-        if outcomes:
-            self._send(p.Done(outcomes))
-            self._unconfirmed.resent(now)
-        named_tickets = {ticket for ticket, _ in held}
-        self._say_forgotten(sum(1 for t, _ in left_out if t not in named_tickets))
-        return len(outcomes)
-
-    def _say_forgotten(self, no_room: int) -> None:
-        """Warn of the results forgotten since the last registration, and of
-        `no_room` more that a READY could not name."""
-        forgotten = self._unconfirmed.forgotten + no_room
-        self._unconfirmed.forgotten = 0
+    def _say_forgotten(self) -> None:
+        """Warn of the results sent before that are no longer kept to be sent
+        again (since the last registration)."""
+        forgotten, self._unconfirmed.forgotten = self._unconfirmed.forgotten, 0
         if forgotten:
             log.warning(
                 "%d results sent before were not kept for sending again (over "
@@ -262,8 +249,7 @@ class Worker:
     def _held_tickets(self) -> list[tuple[int, int]]:
         """The tasks to name in a READY, which the broker then leaves with us
         rather than running them again elsewhere: all we hold, running or
-        waiting, since we will run and report each; then those whose results
-        we send again right behind the READY.
+        waiting, since we will run and report each.
 
         None while benched: what waits here cannot run, and is dropped for
         the broker to give to others. Past what a READY may name, the waiting
@@ -277,11 +263,7 @@ class Worker:
         if len(held) > p.MAX_HELD_TICKETS:
             self._pool.drop_waiting()
             held = self._pool.held()[: p.MAX_HELD_TICKETS]
-        running = {ticket for ticket, _ in held}
-        # A ticket we run again, at a later attempt, is named at that one.
-        finished = self._unconfirmed.outcomes(skip=running)
-        room = p.MAX_HELD_TICKETS - len(held)
-        return held + [(o.ticket, o.attempt) for o in finished[:room]]
+        return held
 
     def _problem(self) -> str | None:
         """Why we serve nothing, in words for the broker's status; else None."""

@@ -30,11 +30,26 @@ def test_results_stay_until_the_broker_speaks_an_interval_after_they_went() -> N
 def test_results_sent_again_wait_for_a_voice_after_the_new_sending() -> None:
     unconfirmed = Unconfirmed(confirm_after_s=1.0)
     unconfirmed.sent([outcome(1)], now=10.0)
-    unconfirmed.resent(now=20.0)
+    unconfirmed.resend(running=(), room=10, now=20.0)
 
     unconfirmed.heard(15.0)
 
     assert tickets(unconfirmed) == [(1, 1)]
+
+
+def test_a_resending_keeps_only_what_it_names_and_counts_what_had_no_room() -> None:
+    unconfirmed = Unconfirmed(confirm_after_s=1.0)
+    unconfirmed.sent([outcome(1, attempt=1), outcome(2), outcome(3)], now=1.0)
+    unconfirmed.sent([outcome(4)], now=2.0)
+
+    # 1 runs again (at a later attempt); room for two of the others.
+    resent = unconfirmed.resend(running={1}, room=2, now=5.0)
+
+    assert [(o.ticket, o.attempt) for o in resent] == [(2, 1), (3, 1)]
+    assert tickets(unconfirmed) == [(2, 1), (3, 1)]
+    assert unconfirmed.forgotten == 1  # 4, left out for room; 1 is superseded
+    unconfirmed.heard(5.5)
+    assert len(unconfirmed) == 2, "stamped as sent at the resending"
 
 
 def test_the_oldest_results_are_forgotten_past_the_count_and_counted() -> None:
