@@ -1275,8 +1275,6 @@ def _log_notice(notice: s.Notice) -> None:
             notice.worker_id,
             notice.running,
         )
-    elif isinstance(notice, s.WorkerLost):
-        _log_worker_lost(notice, "")
     elif isinstance(notice, s.WorkerLeft):
         # A goodbye is a departure, not a fault: what it had not finished was
         # left on purpose (a cold stop), and runs on another worker.

@@ -42,6 +42,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence, Sized
 from concurrent.futures import CancelledError, Executor, Future, InvalidStateError
+from concurrent.futures._base import CANCELLED as _CANCELLED
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
 
@@ -186,12 +187,6 @@ class ItemOutcome(NamedTuple):
     error: TaskError | CancelledError | None
 
 
-# Held while a future is cancelled, so that two threads cancelling it do not
-# both notify its waiters (the second would find it notified and fail).
-# Reentrant: a done-callback may cancel another future.
-_CANCELLING = threading.RLock()
-
-
 class TaskFuture(Future):  # type: ignore[type-arg]
     """A `concurrent.futures.Future` for one task; `cancel()` reaches the broker.
 
@@ -205,14 +200,17 @@ class TaskFuture(Future):  # type: ignore[type-arg]
         self.task_id = task_id
 
     def cancel(self) -> bool:
-        with _CANCELLING:
-            if self.cancelled():
+        if not super().cancel():
+            return False
+        # concurrent.futures.wait() and as_completed() count a cancelled
+        # future done once notified, which an executor's own worker does as it
+        # dequeues it; nothing else would here, and they waited on. Under the
+        # future's own lock, after its callbacks ran: of two threads that
+        # cancel it, one notifies (the second would find it notified, fail
+        # and log it) and withdraws the task.
+        with self._condition:
+            if self._state != _CANCELLED:  # notified already
                 return True
-            if not super().cancel():
-                return False
-            # concurrent.futures.wait() and as_completed() count a cancelled
-            # future done once notified, which an executor's own worker does
-            # as it dequeues it; nothing else would here, and they waited on.
             self.set_running_or_notify_cancel()
         self._client._withdraw([self.task_id])
         return True

@@ -90,9 +90,6 @@ class SegmentStore:
         # Sizes of closed segments, to tell how much of each is dead.
         self._sizes: dict[int, int] = {}
         self._unreferenced: set[int] = set()
-        # Whether a segment may have become worth compacting since the last
-        # look found none: the broker asks every loop turn.
-        self._may_be_sparse = False
         self._current = max(self._segments_on_disk(), default=0) + 1
         self._fd: int | None = None
         self._size = 0
@@ -151,7 +148,6 @@ class SegmentStore:
         """One reference fewer; a segment left with none goes at `collect`."""
         self._references[ref.segment] -= 1
         self._live_bytes[ref.segment] -= ref.length
-        self._may_be_sparse = True
         if self._references[ref.segment] <= 0:
             del self._references[ref.segment]
             del self._live_bytes[ref.segment]
@@ -164,15 +160,12 @@ class SegmentStore:
         least `COMPACT_MIN_DEAD_BYTES` of it dead. The segment being written is
         never one: its dead bytes go when it is emptied or, once closed, here.
         """
-        if not self._may_be_sparse:
-            return []
         sparse = sorted(
             (self._live_bytes[segment] / size, segment)
             for segment, size in self._sizes.items()
             if segment in self._references
             and _worth_compacting(self._live_bytes[segment], size)
         )
-        self._may_be_sparse = bool(sparse)
         return [segment for _, segment in sparse]
 
     def live_bytes(self, segment: int) -> int:

@@ -15,6 +15,7 @@ from ventilator.broker import (
     _DiskRoom,
     _handshake_causes,
     _log_notice,
+    _log_worker_lost,
     _RateLimit,
 )
 from ventilator.client import SUBMIT_BATCH, SUBMIT_BATCH_BYTES, _batches
@@ -118,7 +119,7 @@ def test_a_lost_worker_is_a_warning_only_when_it_was_at_fault(
     caplog: pytest.LogCaptureFixture, lost: WorkerLost, level: int
 ) -> None:
     with caplog.at_level(logging.INFO, logger="ventilator.broker"):
-        _log_notice(lost)
+        _log_worker_lost(lost, "")
 
     [record] = caplog.records
     assert record.levelno == level, record.getMessage()
