@@ -1535,20 +1535,12 @@ class Scheduler:
             message = f"worker ids starting {GATEWAY_PREFIX!r} are the broker's"
             self._effects.to_workers.append((peer, p.Error("reserved_name", message)))
             return
-        self.register_worker(peer, ready, now)
+        refused = self.register_worker(peer, ready, now)
         self._effects.to_workers.append((peer, self._welcome()))
-        self._release_refused(peer, ready)
-
-    def _release_refused(self, peer: bytes, ready: p.Ready) -> None:
-        """Tell a returning worker which tasks it named it does not keep, so
-        that it stops running them: their results would only be dropped as
-        late, and a long one would hold its slot to the end."""
-        if not ready.held:
-            return
-        worker = self.workers[ready.worker_id]
-        refused = [entry for entry in ready.held if entry[0] not in worker.running]
         if refused:
-            self._tell_to_give_up(worker, refused)
+            # So that it stops them: their results would only be dropped as
+            # late, and a long one would hold its slot to the end.
+            self._tell_to_give_up(self.workers[ready.worker_id], refused)
 
     def register_worker(
         self,
@@ -1558,7 +1550,7 @@ class Scheduler:
         max_silence_s: float | None = None,
         silent_while_busy: bool = False,
         obeys_release: bool = True,
-    ) -> None:
+    ) -> list[tuple[int, int]]:
         """Register a worker (a READY, or a gateway's worker), replacing any
         earlier one of the same id or on the same connection.
 
@@ -1568,7 +1560,9 @@ class Scheduler:
         `max_silence_s` overrides the broker's liveness for this worker;
         `silent_while_busy` exempts it from expiry while it holds tasks;
         without `obeys_release`, a task of it that is cancelled keeps its slot
-        until it reports (see `_leave_cancelled`).
+        until it reports (see `_leave_cancelled`). Returns the (ticket,
+        attempt) the READY named and the broker did not keep, for the worker
+        to be told to give up once welcomed.
         """
         worker = self._new_worker(peer, ready, now)
         worker.max_silence_s = max_silence_s
@@ -1588,18 +1582,19 @@ class Scheduler:
         self._worker_of_peer[peer] = worker.worker_id
         self._start_sharing(worker)
         kept += self._reclaim(worker, named)
-        self._fence(worker, named)
+        refused = {t: a for t, a in named.items() if t not in worker.running}
+        self._fence(refused)
         self._start_waiting(worker, now)
         # Tasks it kept beyond its credit stay; it gets no more until under it.
         worker.grace = max(0, len(worker.running) - worker.capacity)
         self._offer(worker)
         if old is not None or named:
-            refused = len(named) - kept
-            notice = WorkerReturned(worker.worker_id, kept, requeued, refused)
+            notice = WorkerReturned(worker.worker_id, kept, requeued, len(refused))
             self._effects.notices.append(notice)
         self._effects.notices.append(
             WorkerJoined(worker.worker_id, worker.services, worker.capacity)
         )
+        return list(refused.items())
 
     def _new_worker(self, peer: bytes, ready: p.Ready, now: float) -> Worker:
         services = tuple(dict.fromkeys(ready.services))
@@ -1642,9 +1637,9 @@ class Scheduler:
                 self._lease(worker, task)
         return sum(map(len, claimed.values()))
 
-    def _fence(self, worker: Worker, named: dict[int, int]) -> None:
-        """Make sure nothing a returning worker names and may not keep can
-        ever answer a task of ours.
+    def _fence(self, refused: dict[int, int]) -> None:
+        """Make sure nothing a returning worker named and did not keep (the
+        `refused` tickets and their attempts) can ever answer a task of ours.
 
         What it names may be an earlier broker's: one without a journal
         numbered tasks from 1, one with a journal from its highest ticket on
@@ -1653,11 +1648,7 @@ class Scheduler:
         ticket named, and a task of ours that bears one is next sent at an
         attempt past the one named: the late result matches no lease.
         """
-        fenced = {
-            ticket: attempt
-            for ticket, attempt in named.items()
-            if ticket not in worker.running and ticket <= MAX_FENCED_TICKET
-        }
+        fenced = {t: a for t, a in refused.items() if t <= MAX_FENCED_TICKET}
         if not fenced:
             return
         self._next_ticket = max(self._next_ticket, max(fenced) + 1)
@@ -2547,6 +2538,9 @@ class Scheduler:
             if self._fences:  # after a worker came back from an earlier broker
                 task.attempt = max(task.attempt, self._fences.pop(task.ticket, 0))
             task.attempt += 1
+            # What `_lease` records, written out: this runs for every task of
+            # every batch, where a call per task shows in A's figures. A field
+            # added to a lease goes in both.
             task.worker = worker.worker_id
             task.given_back_by = None
             task.restored = False
