@@ -1939,9 +1939,10 @@ class Scheduler:
 
     def _arm(self, worker: Worker, task: Task, start: float) -> None:
         """Start the broker's clock on a task that started at `start`, if it
-        has a timeout. Not on an MDP worker: 7/MDP cannot stop a request nor
-        take a second one while it runs, so its slot would not be free."""
-        if task.timeout_s is None or worker.silent_while_busy:
+        has a timeout. Not on a worker that cannot be told to stop it (an MDP
+        worker, which cannot take a second request while it runs one): its
+        slot would not be free."""
+        if task.timeout_s is None or not worker.obeys_release:
             return
         self._rearm(task, start + task.timeout_s + self._lease_grace_s())
 
