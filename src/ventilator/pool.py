@@ -413,29 +413,36 @@ class ProcessPool:
         released = set(tickets).intersection(self.held())
         if released:
             self._released |= released
+            self._drop_waiting_released()
             self._settle_released([])
         return len(released)
 
-    def _settle_released(self, outcomes: list[p.Outcome]) -> list[p.Outcome]:
-        """Act on what was released: stop the children running it, drop it
-        from the waiting tasks, and remember only what is still in a pipe.
-        Return `outcomes` without those of released tasks."""
-        kept = [o for o in outcomes if (o.ticket, o.attempt) not in self._released]
-        self._stop_children_running_released()
+    def _drop_waiting_released(self) -> None:
         self._waiting = deque(
             t for t in self._waiting if (t.ticket, t.attempt) not in self._released
         )
+
+    def _settle_released(self, outcomes: list[p.Outcome]) -> list[p.Outcome]:
+        """Act on what was released and is still in a pipe: stop the children
+        running it, and remember only what is still there. Return `outcomes`
+        without those of released tasks."""
+        kept = [o for o in outcomes if (o.ticket, o.attempt) not in self._released]
+        if self._stop_children_running_released():
+            # Their pipes' tasks wait again, but for those released.
+            self._drop_waiting_released()
         self._released = self._released.intersection(self._in_pipes())
         return kept
 
-    def _stop_children_running_released(self) -> None:
+    def _stop_children_running_released(self) -> bool:
         """Stop each child whose running batch holds a released task: a long
         one would hold its slot to the end. The rest of that batch runs again
         (a batch is short work, unless its function's run time is not known
-        yet); a released task further down a pipe is stopped once it starts."""
-        for child in list(self._children):
-            if child.sent and self._runs_released(child):
-                self._stop_released(child)
+        yet); a released task further down a pipe is stopped once it starts.
+        Return whether it stopped any."""
+        stopping = [c for c in self._children if c.sent and self._runs_released(c)]
+        for child in stopping:
+            self._stop_released(child)
+        return bool(stopping)
 
     def _in_pipes(self) -> set[tuple[int, int]]:
         """(ticket, attempt) of every task written to a child, not reported."""
