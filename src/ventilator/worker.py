@@ -118,21 +118,9 @@ class Worker:
         public_key = self._curve.public_key if self._curve is not None else None
         self._handshakes = _wire.HandshakeWatch(config.connect, "worker", public_key)
         self._told_misdirected = False
-        self._broker_seen = 0.0
-        # When the broker last said anything, across reconnections; how often
-        # to say it is silent.
-        self._broker_heard_at = time.monotonic()
-        # What the broker said reached us after this time, for all we can
-        # tell: when we last read its socket empty. A message read after this
-        # process stood still may have waited there since before the stall,
-        # and proves nothing about what we sent meanwhile (see _unconfirmed).
-        self._heard_after = self._socket_read_at = 0.0
-        self._silence_log = Dwindling(config.heartbeat_interval_s * config.liveness)
-        self._registering = False
-        self._registered_at = 0.0
-        # The connections made to the broker by when it last welcomed us (see
-        # _registering_again).
-        self._welcomed_on = 0
+        self._broker = _BrokerContact(
+            config.heartbeat_interval_s, config.liveness, time.monotonic()
+        )
         self._task_s = TaskDuration()
         # One heartbeat interval: see _unconfirmed for why that confirms.
         self._unconfirmed = Unconfirmed(config.heartbeat_interval_s)
@@ -218,9 +206,7 @@ class Worker:
         # Until the broker welcomes us, its "unknown_worker" answers are to
         # what we sent before this READY: registering again for each would
         # make the broker take back, each time, what it had just given us.
-        self._registering = True
-        self._registered_at = now
-        self._broker_seen = now
+        self._broker.registering(now)
         log.info(
             "worker registering worker=%s broker=%s capacity=%d functions=%d "
             "holding=%d results_resent=%d",
@@ -301,7 +287,7 @@ class Worker:
             if now >= next_beat:
                 self._send(p.Heartbeat())
                 next_beat = now + interval_s
-                self._unconfirmed.heard(self._heard_after)
+                self._unconfirmed.heard(self._broker.heard_after)
                 self._check_broker(now)
 
     def _drained(self) -> bool:
@@ -334,18 +320,15 @@ class Worker:
         commands = _wire.receive(
             self._socket, p.TO_WORKER, lend_large=True, announced=announced
         )
-        heard_after, self._socket_read_at = self._socket_read_at, now
+        self._broker.read(bool(commands), now)
         for command in commands:
-            self._broker_seen = self._broker_heard_at = now
-            self._heard_after = heard_after
             self._handle(command, now)
 
     def _handle(self, command: p.Command, now: float) -> None:
         if isinstance(command, p.Welcome):
-            self._registering = False
             self._max_payload_bytes = command.max_payload_bytes
             self._handshakes.read()  # the handshake came before the welcome
-            self._welcomed_on = self._handshakes.connections
+            self._broker.welcomed(self._handshakes.connections)
         elif isinstance(command, p.Tasks):
             assert self._pool is not None
             if self._benched:
@@ -355,7 +338,7 @@ class Worker:
         elif isinstance(command, p.Release):
             self._release(command.tickets)
         elif isinstance(command, p.Error):
-            if command.code == "unknown_worker" and self._welcome_pending(now):
+            if command.code == "unknown_worker" and self._broker.welcome_pending(now):
                 log.debug("unknown_worker about a message sent before our READY")
             elif command.code == "unknown_worker":
                 self._registering_again()
@@ -386,7 +369,7 @@ class Worker:
         the connection it welcomed us on, it took us for dead: a fault, and
         tasks we held were requeued and may run twice."""
         self._handshakes.read()
-        if self._handshakes.connections > self._welcomed_on:
+        if self._handshakes.connections > self._broker.welcomed_on:
             log.info(
                 "the broker does not know this worker after it reconnected (the "
                 "broker restarted); registering again worker=%s",
@@ -410,12 +393,6 @@ class Worker:
                 self.config.connect,
                 error.message,
             )
-
-    def _welcome_pending(self, now: float) -> bool:
-        """Whether a READY is on its way: sent within a heartbeat interval and
-        not answered yet (a longer wait means it was lost, and we send another)."""
-        recent = now - self._registered_at < self.config.heartbeat_interval_s
-        return self._registering and recent
 
     def _collect(self, now: float, ready: set[int]) -> None:
         assert self._pool is not None
@@ -507,7 +484,7 @@ class Worker:
         stalled_s = stalls.stalled_s(now)
         if not stalled_s:
             return
-        self._broker_seen = min(now, self._broker_seen + stalled_s)
+        self._broker.forgive(stalled_s, now)
         log.warning(
             "this worker stood still for %.1fs (%s); not holding that silence "
             "against the broker worker=%s",
@@ -518,10 +495,9 @@ class Worker:
 
     def _check_broker(self, now: float) -> None:
         self._handshakes.read()  # logs a refused handshake's reason, once
-        silent_s = now - self._broker_seen
-        if silent_s > self.config.heartbeat_interval_s * self.config.liveness:
+        if self._broker.presumed_gone(now):
             # At each reconnection at first, then less and less often.
-            if self._silence_log.due(now, self._broker_heard_at):
+            if self._broker.silence_worth_saying(now):
                 self._log_silence(now)
             self._connect(now)
 
@@ -532,7 +508,7 @@ class Worker:
             return
         log.warning(
             "broker silent for %.1fs broker=%s; reconnecting",
-            now - self._broker_heard_at,
+            self._broker.silent_s(now),
             self.config.connect,
         )
 
@@ -570,6 +546,68 @@ class Worker:
             pool.load(),
         )
         pool.close(at_once=True)
+
+
+class _BrokerContact:
+    """What the worker knows of its broker: when it last heard from it (is it
+    gone?), and where its registration stands (is a READY unanswered?)."""
+
+    def __init__(self, interval_s: float, liveness: int, now: float) -> None:
+        self._interval_s = interval_s
+        self._silence_limit_s = interval_s * liveness
+        # Silence counted towards a reconnection: from the last message, the
+        # last READY, or later when this process stood still meanwhile.
+        self._seen_at = 0.0
+        # When the broker last said anything, across reconnections: what a
+        # silence is logged from, less and less often.
+        self._heard_at = now
+        self._silence_log = Dwindling(self._silence_limit_s)
+        # What the broker said reached us after this time, for all we can
+        # tell: when we last read its socket empty. A message read after this
+        # process stood still may have waited there since before the stall,
+        # and proves nothing about what we sent meanwhile (see _unconfirmed).
+        self.heard_after = 0.0
+        self._read_at = 0.0
+        self._registering = False
+        self._registered_at = 0.0
+        # The connections made to the broker by when it last welcomed us (see
+        # Worker._registering_again).
+        self.welcomed_on = 0
+
+    def read(self, heard: bool, now: float) -> None:
+        """The socket was read empty at `now`; `heard` if it held messages."""
+        read_before, self._read_at = self._read_at, now
+        if heard:
+            self._seen_at = self._heard_at = now
+            self.heard_after = read_before
+
+    def registering(self, now: float) -> None:
+        self._registering = True
+        self._registered_at = now
+        self._seen_at = now
+
+    def welcomed(self, connections: int) -> None:
+        self._registering = False
+        self.welcomed_on = connections
+
+    def welcome_pending(self, now: float) -> bool:
+        """Whether a READY is on its way: sent within a heartbeat interval and
+        not answered yet (a longer wait means it was lost, and we send another)."""
+        recent = now - self._registered_at < self._interval_s
+        return self._registering and recent
+
+    def forgive(self, stalled_s: float, now: float) -> None:
+        """This process stood still for `stalled_s`: not the broker's silence."""
+        self._seen_at = min(now, self._seen_at + stalled_s)
+
+    def presumed_gone(self, now: float) -> bool:
+        return now - self._seen_at > self._silence_limit_s
+
+    def silence_worth_saying(self, now: float) -> bool:
+        return self._silence_log.due(now, self._heard_at)
+
+    def silent_s(self, now: float) -> float:
+        return now - self._heard_at
 
 
 class _Watch:
