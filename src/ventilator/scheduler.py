@@ -116,9 +116,12 @@ MAX_DEATH_LENGTH = 200
 # connection that keeps renaming itself is refused past these few instead of
 # sidestepping the per-client window with a session per task.
 SESSIONS_PER_CONNECTION = 4
-# Tasks given up (RELEASE) a worker's record remembers: a result crossing a
-# RELEASE comes within a round trip, so a few thousand is room enough.
-RELEASED_REMEMBERED = 4096
+# How long a worker's record remembers the tasks it was told to give up
+# (RELEASE). A result crossing a RELEASE comes within a round trip, and one
+# sent again after a reconnection right behind the READY: a minute is ample.
+# However many it was told at once (up to all it held), they cost no more
+# than those tasks did while it held them.
+RELEASED_KEPT_S = 60.0
 # How many clients and sinks `status` lists, the most relevant first (owed
 # the most results, connected, heard last); its counts cover every one. A
 # client reads answers of up to protocol.MAX_BODY_BYTES: past about 100,000
@@ -267,8 +270,9 @@ class Worker:
     # (ticket, attempt) it was told to give up (see `p.Release`): tasks its
     # READY named that the broker did not keep, and tasks stopped since. A
     # result of one that follows crossed the RELEASE, and is not a fault.
-    # Oldest first, at most RELEASED_REMEMBERED.
-    released: dict[tuple[int, int], None] = field(default_factory=dict)
+    # Oldest first, with when; those older than RELEASED_KEPT_S are shed at
+    # its next RELEASE.
+    released: dict[tuple[int, int], float] = field(default_factory=dict)
 
     def presumed_dead(self, now: float, default_silence_s: float) -> bool:
         if self.silent_while_busy and self.running:
@@ -1441,9 +1445,10 @@ class Scheduler:
         them for a while: a result it had sent before reading it is no fault."""
         self._effects.to_workers.append((worker.peer, p.Release(keys)))
         released = worker.released
-        released.update(dict.fromkeys(keys))
-        while len(released) > RELEASED_REMEMBERED:
+        since = self._now - RELEASED_KEPT_S
+        while released and next(iter(released.values())) < since:
             del released[next(iter(released))]
+        released.update(dict.fromkeys(keys, self._now))
 
     def _drop_cancelled(self, task: Task, now: float) -> None:
         """Forget an unfinished task nobody wants, as cancelled (one cancelled

@@ -11,6 +11,7 @@ from ventilator.errors import TaskError
 from ventilator.policy import Backoff, Limits
 from ventilator.scheduler import (
     ACCEPT_GRACE_S,
+    RELEASED_KEPT_S,
     ClientLost,
     Departure,
     DiskBudget,
@@ -1074,6 +1075,40 @@ def test_running_task_cancelled_is_dropped_result_and_all(driver: Driver) -> Non
     assert driver.scheduler.totals()["cancelled"] == 1
     [late] = notices(crossed, LateOutcome)
     assert late.released, "a result crossing its RELEASE is no fault"
+
+
+def test_every_result_crossing_a_large_cancel_is_no_fault(driver: Driver) -> None:
+    # More than a few thousand tasks held by one worker, all cancelled at
+    # once: each result it had sent before reading the RELEASE is expected.
+    count = 5000
+    driver.submit(*(task(i) for i in range(count)))
+    held = assignments(driver.ready(W1, capacity=count), W1)
+    assert len(held) == count
+
+    driver.cancel(*range(count))
+    crossed = driver.worker(W1, p.Done([_ok(a) for a in held]))
+
+    late = notices(crossed, LateOutcome)
+    assert len(late) == count
+    assert all(notice.released for notice in late)
+
+
+def test_released_tasks_are_forgotten_once_no_result_can_still_cross(
+    driver: Driver,
+) -> None:
+    driver.submit(task(1), task(2))
+    _first, second = assignments(driver.ready(W1, capacity=2), W1)
+    driver.cancel(1)
+
+    driver.now += RELEASED_KEPT_S + 1
+    driver.cancel(2)  # the next RELEASE to it sheds what no result can cross
+
+    worker = driver.scheduler.workers[W1.decode()]
+    assert list(worker.released) == [(second.ticket, second.attempt)]
+
+
+def _ok(assignment: p.Assignment) -> p.Outcome:
+    return p.Outcome(assignment.ticket, assignment.attempt, p.Status.OK, b"r", 0.0)
 
 
 def test_running_task_cancelled_is_forgotten_by_the_journal_at_once(
