@@ -201,6 +201,8 @@ class Broker:
         self._loss_log = _RateLimit(LOSSES_LOGGED_PER_S, what="workers lost")
         self._trim = _MemoryTrim(TRIM_INTERVAL_S)
         self._disk_room = _DiskRoom(self.config)
+        # Why the journal's files are no longer at their path, once noticed.
+        self._journal_gone: str | None = None
         # Peers told why their message was refused, this second: garbage
         # senders hear about it once a second, not once per message.
         self._answered: set[bytes] = set()
@@ -493,8 +495,31 @@ class Broker:
 
     def _look_at_disk(self) -> None:
         written = self._journal.written_bytes
-        self._scheduler.not_accepting = self._disk_room.problem(written)
+        refusal = self._journal_refusal() or self._disk_room.problem(written)
+        self._scheduler.not_accepting = refusal
         self._scheduler.disk_budget = self._disk_room.budget()
+
+    def _journal_refusal(self) -> str | None:
+        """Why new tasks are refused for good: the journal's files are gone,
+        so "accepted" would no longer mean "survives a restart". What was
+        accepted before runs on; only this process holds it now."""
+        if self._journal_gone is None:
+            self._journal_gone = self._journal.missing()
+            if self._journal_gone is None:
+                return None
+            log.error(
+                "journal is gone from its path: %s; the %d tasks and results "
+                "the broker holds are now only in its memory, and a restart "
+                "would lose them. New tasks are refused: let the held ones "
+                "finish (ventilator status), then restart the broker on a "
+                "journal whose folder exists",
+                self._journal_gone,
+                len(self._scheduler.tasks),
+            )
+        return (
+            f"the broker's journal is gone ({self._journal_gone}): it accepts "
+            "no new tasks until an operator restarts it"
+        )
 
     def _poller(self) -> select.poll:
         """A poller of the loop's descriptors, and every socket read once.

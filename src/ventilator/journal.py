@@ -206,6 +206,12 @@ class Journal(Protocol):
         """
         ...
 
+    def missing(self) -> str | None:
+        """Why the journal's files are no longer where a restart would read
+        them (deleted or replaced under the broker), in words; None while
+        they are."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -232,6 +238,9 @@ class MemoryJournal:
 
     def compact(self, now: float, room_bytes: float) -> bool:
         return False
+
+    def missing(self) -> str | None:
+        return None
 
     def close(self) -> None:
         pass
@@ -676,6 +685,17 @@ class SqliteJournal:
         self._owners.set(column, ticket, ref)
         return b"", ref.pack()
 
+    def missing(self) -> str | None:
+        # SQLite and the segments go on writing into files that were deleted
+        # under them, without an error, and a restart would find nothing.
+        if not _still_at(self.path, os.fstat(self._lock.fileno())):
+            return f"{self.path} was deleted or replaced"
+        if not os.path.exists(f"{self.path}-wal"):
+            return f"its write-ahead log {self.path}-wal was deleted"
+        if self._segments.current_deleted():
+            return f"its blob folder {self._blobs} was deleted"
+        return None
+
     def close(self) -> None:
         self._wal_flusher.close()
         try:
@@ -862,6 +882,15 @@ def _lock_exclusively(path: Path) -> IO[bytes]:
             "its own --journal"
         ) from None
     return lock
+
+
+def _still_at(path: Path, opened: os.stat_result) -> bool:
+    """Whether the file opened as `opened` is still the one at `path`."""
+    try:
+        found = os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (found.st_dev, found.st_ino) == (opened.st_dev, opened.st_ino)
 
 
 def open_journal(path: str | Path | None, durability: str = "process") -> Journal:

@@ -95,6 +95,10 @@ class SegmentStore:
         self._size = 0
         self._unsynced = False
 
+    def current_deleted(self) -> bool:
+        """Whether the segment being written was deleted (its folder with it)."""
+        return self._fd is not None and os.fstat(self._fd).st_nlink == 0
+
     def put(self, blob: bytes | memoryview) -> BlobRef:
         """Append `blob` to the current segment and count one reference to it."""
         if self._fd is None or self._size >= SEGMENT_BYTES:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ from .conftest import (
     json_lines,
     log_of,
     run_cli,
+    status_when,
     ventilator_argv,
     wait_for_workers,
     wait_until,
@@ -404,3 +406,32 @@ def test_a_broker_whose_journal_disk_lacks_room_refuses_new_tasks_and_stays_up(
     assert client.status()["workers"]  # still serving
     assert "journal disk nearly full" in log_of(broker.process)
     assert broker.process.poll() is None
+
+
+def test_a_broker_whose_journal_is_deleted_refuses_new_tasks_and_runs_the_held_ones(
+    launch: Launcher, tmp_path: Path
+) -> None:
+    folder = tmp_path / "journal"
+    folder.mkdir()
+    broker = launch.broker(durability="process", journal=folder / "journal.db")
+    client = launch.client(broker)
+    held = [client.submit(tasks.echo, n) for n in range(3)]
+    status_when(client, lambda status: sum(status["queued"].values()) == 3, 10, "3")
+
+    shutil.rmtree(folder)
+
+    def refused() -> str | None:
+        # Accepted, a task waits for a worker: no answer within the second.
+        try:
+            client.submit(tasks.echo, "late").result(1)
+        except ventilator.TaskRejected as exc:
+            return str(exc)
+        except TimeoutError:
+            return None
+        return None
+
+    reason = wait_until(refused, 10, "new tasks to be refused")
+    assert "journal" in reason and "restart" in reason
+    assert "is gone" in log_of(broker.process)
+    launch.worker(broker)
+    assert [f.result(RESULT_TIMEOUT_S) for f in held] == [0, 1, 2]

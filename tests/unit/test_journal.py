@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import shutil
 import sqlite3
 import threading
 import time
@@ -808,3 +809,45 @@ def test_a_result_of_a_journal_without_finish_times_counts_as_finished_now(
     [finished] = reopened(path)
 
     assert started <= finished.finished_at <= time.monotonic()
+
+
+def test_a_journal_in_place_is_not_missing(journal: SqliteJournal) -> None:
+    journal.commit([a_task(1, payload=b"x" * BIG)], [], [])
+
+    assert journal.missing() is None
+
+
+def test_a_journal_deleted_under_the_broker_says_it_is_missing(
+    journal: SqliteJournal, path: Path
+) -> None:
+    journal.commit([a_task(1)], [], [])
+    path.unlink()
+
+    assert journal.missing() == f"{path} was deleted or replaced"
+
+
+def test_a_journal_replaced_under_the_broker_says_it_is_missing(
+    journal: SqliteJournal, path: Path
+) -> None:
+    path.rename(path.with_name("aside.db"))
+    path.write_bytes(b"")
+
+    assert journal.missing() == f"{path} was deleted or replaced"
+
+
+def test_a_journal_whose_log_was_deleted_says_it_is_missing(
+    journal: SqliteJournal, path: Path
+) -> None:
+    journal.commit([a_task(1)], [], [])
+    Path(f"{path}-wal").unlink()
+
+    assert "write-ahead log" in (journal.missing() or "")
+
+
+def test_a_journal_whose_blob_folder_was_deleted_says_it_is_missing(
+    journal: SqliteJournal, path: Path
+) -> None:
+    journal.commit([a_task(1, payload=b"x" * BIG)], [], [])
+    shutil.rmtree(f"{path}.blobs")
+
+    assert "blob folder" in (journal.missing() or "")
