@@ -911,7 +911,22 @@ def open_journal(path: str | Path | None, durability: str = "process") -> Journa
     try:
         return SqliteJournal(path, durability)
     except (sqlite3.Error, OSError) as exc:
-        raise UsageError(f"cannot open journal {str(path)!r}: {exc}") from exc
+        hint = _cannot_open_hint(path) if _is_cantopen(exc) else ""
+        raise UsageError(f"cannot open journal {str(path)!r}: {exc}{hint}") from exc
+
+
+def _is_cantopen(exc: BaseException) -> bool:
+    return getattr(exc, "sqlite_errorname", None) == "SQLITE_CANTOPEN"
+
+
+def _cannot_open_hint(path: str | Path) -> str:
+    # SQLite's own words ("unable to open database file") name no file: most
+    # often the file opened, and the log beside it could not be created.
+    folder = os.path.dirname(os.path.abspath(path))
+    return (
+        f" (SQLite creates {os.path.basename(path)}-wal beside it: the folder "
+        f"{folder} must let this user create files)"
+    )
 
 
 def _warn_of_a_journal_left_aside(path: str | Path | None) -> None:

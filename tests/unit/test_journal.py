@@ -7,6 +7,7 @@ import itertools
 import logging
 import shutil
 import sqlite3
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -851,3 +852,25 @@ def test_a_journal_whose_blob_folder_was_deleted_says_it_is_missing(
     shutil.rmtree(f"{path}.blobs")
 
     assert "blob folder" in (journal.missing() or "")
+
+
+def test_a_journal_whose_folder_takes_no_new_file_says_where_and_why(
+    path: Path,
+) -> None:
+    open_journal(path).close()  # the journal exists; its log cannot be made
+    chattr = shutil.which("chattr")
+    if (
+        chattr is None
+        or subprocess.run(
+            [chattr, "+i", str(path.parent)], check=False, capture_output=True
+        ).returncode
+    ):
+        pytest.skip("cannot make a folder immutable here (chattr +i, as root)")
+
+    try:
+        with pytest.raises(UsageError) as refused:
+            open_journal(path)
+    finally:
+        subprocess.run([chattr, "-i", str(path.parent)], check=True)
+
+    assert f"{path.parent} must let this user create files" in str(refused.value)
