@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import logging
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, cast
 
 import zmq
@@ -188,6 +189,8 @@ def closed_first(value: int) -> bool:
 def handshake_interval_s(socket: zmq.Socket[Any]) -> float:
     """How long libzmq gives a connection of `socket` to finish its handshake."""
     return cast(int, socket.getsockopt(zmq.HANDSHAKE_IVL)) / 1000
+
+
 # Handshakes failed in a row for the same reason before it counts as definitive
 # (a peer's tasks then fail rather than wait): a broker restarting with other
 # settings may fail one or two, a broker that will not let this peer in fails
@@ -339,6 +342,69 @@ class HandshakeWatch:
                 "(broker_key) the public key of the broker at that address?"
             )
         return None
+
+
+@dataclass(slots=True)
+class Unfinished:
+    """Connections of one socket that ended before their handshake finished,
+    since `first_at`: `closed` of them by their other end, the rest timed out.
+    `followed`: a handshake succeeded on that socket after the first."""
+
+    first_at: float
+    closed: int = 0
+    timed_out: int = 0
+    followed: bool = False
+
+    @property
+    def count(self) -> int:
+        return self.closed + self.timed_out
+
+
+class UnfinishedHandshakes:
+    """The broker's account of connections that ended before their ZeroMQ
+    handshake finished (HANDSHAKE_FAILED_NO_DETAIL), per socket, told once
+    what followed them is known.
+
+    The broker cannot tell whose connection failed: the event names only
+    the socket. Most are harmless: the connections peers gave up on while
+    this broker stood still (accepted on SIGCONT, already closed), a peer
+    paused or overloaded mid-handshake, a port check. What matters is
+    whether peers get in, so a handshake that succeeds on the same socket
+    afterwards settles them as nothing to act on; failures that none follows
+    within `settle_s` are worth a warning. A refused key is another event
+    (the broker's ZAP handler and the PROTOCOL failures say those).
+    """
+
+    def __init__(self, settle_s: float) -> None:
+        self._settle_s = settle_s
+        self._pending: dict[bytes, Unfinished] = {}
+
+    def failed(self, tag: bytes, value: int, now: float) -> None:
+        """A connection of socket `tag` ended unfinished (the event's value)."""
+        unfinished = self._pending.setdefault(tag, Unfinished(now))
+        if closed_first(value):
+            unfinished.closed += 1
+        else:
+            unfinished.timed_out += 1
+
+    def succeeded(self, tag: bytes) -> None:
+        """A handshake on socket `tag` succeeded."""
+        unfinished = self._pending.get(tag)
+        if unfinished is not None:
+            unfinished.followed = True
+
+    def settled(self, now: float) -> list[tuple[bytes, Unfinished]]:
+        """The sockets' unfinished connections whose outcome is known, each
+        returned once: at once when a handshake succeeded since, or once
+        `settle_s` passed without one."""
+        done = [
+            (tag, unfinished)
+            for tag, unfinished in self._pending.items()
+            if unfinished.followed or now - unfinished.first_at >= self._settle_s
+        ]
+        for tag, _ in done:
+            del self._pending[tag]
+        return done
 
 
 def _times(count: int) -> str:
