@@ -50,6 +50,7 @@ from .local import LocalCluster
 from .policy import MAX_INTERVAL_S, MIN_HEARTBEAT_INTERVAL_S, Limits
 from .pool import POOL_KINDS
 from .registry import resolve
+from .scheduler import busiest_first
 from .security import ServerKeys, generate_keys
 from .sink import Sink, SinkResult
 from .worker import Worker, WorkerConfig
@@ -1881,7 +1882,9 @@ def _queues_table(report: dict[str, Any]) -> Any:
     # both per function (the workers table tells them apart).
     for column in ("queued", "on workers"):
         table.add_column(column, justify="right", no_wrap=True)
-    for function in sorted(set(report["queued"]) | set(report["running"])):
+    # Busiest first, as the broker chose which to list; an older broker's
+    # answer (by name) is put in that order too.
+    for function in busiest_first(report["queued"], report["running"]):
         table.add_row(
             escape(function),
             str(report["queued"].get(function, 0)),
