@@ -1728,11 +1728,33 @@ def _broker_answer(connect: str, timeout_s: float) -> Iterator[Client]:
 def status(connect: str, as_json: bool, timeout_s: float) -> None:
     """Show the broker's workers, queues, clients and recent failures."""
     with _broker_answer(connect, timeout_s) as client:
-        report = client.status(timeout_s)
+        report = _without_session(client.status(timeout_s), client.session_at_broker)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
         _print_status(report)
+
+
+def _without_session(report: dict[str, Any], session: str) -> dict[str, Any]:
+    """The broker's status without the session of the connection that asked
+    for it, in its list and its counts: a session this command made up to
+    ask, which holds nothing and leaves with the answer, is none of the
+    clients an operator looks for.
+
+    Left out here rather than by the broker: a program's client that asks is
+    one of its clients, and looks itself up in the answer. The broker counts
+    every connected session, this one too: connected, and not a sink."""
+    clients = [c for c in report["clients"] if c["name"] != session]
+    trimmed = {**report, "clients": clients}
+    counts = report.get("client_counts")  # an older broker does not count
+    if counts is not None:
+        trimmed["client_counts"] = {
+            **counts,
+            "all": max(0, counts["all"] - 1),
+            "connected": max(0, counts["connected"] - 1),
+            "listed": len(clients),
+        }
+    return trimmed
 
 
 def _print_status(report: dict[str, Any]) -> None:

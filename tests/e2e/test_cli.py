@@ -541,6 +541,24 @@ def test_status_lists_the_busiest_functions_first_in_text_and_json(
     assert rows == BUSIEST_FIRST
 
 
+def test_status_leaves_out_its_own_connection(
+    processes: Processes, launch: Launcher, broker: BrokerProcess
+) -> None:
+    launch.client(broker, session="watched").status()  # connected, said HELLO
+
+    as_json = run_cli(processes, "status", "--connect", broker.frontend, "--json")
+    as_text = run_cli(processes, "status", "--connect", broker.frontend)
+
+    assert as_json.returncode == as_text.returncode == 0, as_text.stderr
+    report = json.loads(as_json.stdout)
+    assert [c["name"] for c in report["clients"]] == ["watched"]
+    counts = report["client_counts"]
+    assert (counts["all"], counts["connected"], counts["listed"]) == (1, 1, 1)
+    assert "clients and sinks (1 connected)" in as_text.stdout
+    # A session the CLI made up: 32 hexadecimal digits.
+    assert not re.search(r"\b[0-9a-f]{32}\b", as_text.stdout), as_text.stdout
+
+
 def lines_within(text: str, columns: int) -> list[str]:
     lines = text.splitlines()
     assert lines, "no output"
