@@ -3,8 +3,10 @@ commands without blocking, and never let a malformed frame escape."""
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, cast
 
 import zmq
@@ -170,6 +172,25 @@ _TRANSPORTS = frozenset({"tcp", "ipc", "inproc", "pgm", "epgm", "ws", "wss", "vm
 # Handshakes failed in a row without detail before a peer with keys blames its
 # broker key: libzmq retries every 100 ms, so this costs a fraction of a second.
 SILENT_FAILURES = 3
+# The errno of a HANDSHAKE_FAILED_NO_DETAIL whose connection its other end
+# closed (a CURVE server that cannot read our HELLO, a peer that gave up).
+# When the handshake interval (ZMQ_HANDSHAKE_IVL) ran out instead, libzmq
+# passes on whatever errno its last read left: EAGAIN, with libzmq 4.3.
+_CLOSED_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED})
+
+
+def closed_first(value: int) -> bool:
+    """Whether a HANDSHAKE_FAILED_NO_DETAIL event (by its value) is a
+    connection closed by its other end, rather than a handshake that did not
+    finish within the handshake interval."""
+    return value in _CLOSED_ERRNOS
+
+
+def handshake_interval_s(socket: zmq.Socket[Any]) -> float:
+    """How long libzmq gives a connection of `socket` to finish its handshake."""
+    return cast(int, socket.getsockopt(zmq.HANDSHAKE_IVL)) / 1000
+
+
 # Handshakes failed in a row for the same reason before it counts as definitive
 # (a peer's tasks then fail rather than wait): a broker restarting with other
 # settings may fail one or two, a broker that will not let this peer in fails
@@ -201,6 +222,9 @@ class HandshakeWatch:
         self.problem: str | None = None
         self._refusals = 0  # handshakes failed in a row for `problem`
         self._silent_failures = 0  # in a row, with no detail
+        # Handshakes in a row that did not finish in time: the broker never
+        # answered (paused, overloaded), which no key of ours explains.
+        self.timeouts = 0
         # Handshakes that succeeded, across reconnects: each is a connection
         # (re)established, as after the broker restarted.
         self.connections = 0
@@ -225,7 +249,13 @@ class HandshakeWatch:
             event = parse_monitor_message(frames)
             if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.problem, self._silent_failures, self._refusals = None, 0, 0
+                self.timeouts = 0
                 self.connections += 1
+                continue
+            if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and not (
+                closed_first(event["value"])
+            ):
+                self._timed_out()
                 continue
             problem = self._problem(event["event"], event["value"])
             if problem is None:
@@ -252,6 +282,22 @@ class HandshakeWatch:
             f"the broker at {self._address} refused this {self._role}'s "
             f"handshake {_times(self._refusals)} in a row (why: the error "
             "above); reconnecting"
+        )
+
+    def _timed_out(self) -> None:
+        """A handshake the broker did not answer in time: said once a run, at
+        INFO. Not a refusal: a broker that will not let us in closes the
+        connection at once. If no handshake succeeds after it, the warnings
+        that the broker is silent are the ones to act on."""
+        self.timeouts += 1
+        if self.timeouts > 1 or self._socket is None:
+            return
+        log.info(
+            "the ZeroMQ handshake with the broker at %s did not finish within "
+            "%gs: the broker did not answer (paused or overloaded), or that "
+            "address is not a ZeroMQ endpoint; ZeroMQ tries again",
+            self._address,
+            handshake_interval_s(self._socket),
         )
 
     def close(self) -> None:
@@ -296,6 +342,69 @@ class HandshakeWatch:
                 "(broker_key) the public key of the broker at that address?"
             )
         return None
+
+
+@dataclass(slots=True)
+class Unfinished:
+    """Connections of one socket that ended before their handshake finished,
+    since `first_at`: `closed` of them by their other end, the rest timed out.
+    `followed`: a handshake succeeded on that socket after the first."""
+
+    first_at: float
+    closed: int = 0
+    timed_out: int = 0
+    followed: bool = False
+
+    @property
+    def count(self) -> int:
+        return self.closed + self.timed_out
+
+
+class UnfinishedHandshakes:
+    """The broker's account of connections that ended before their ZeroMQ
+    handshake finished (HANDSHAKE_FAILED_NO_DETAIL), per socket, told once
+    what followed them is known.
+
+    The broker cannot tell whose connection failed: the event names only
+    the socket. Most are harmless: the connections peers gave up on while
+    this broker stood still (accepted on SIGCONT, already closed), a peer
+    paused or overloaded mid-handshake, a port check. What matters is
+    whether peers get in, so a handshake that succeeds on the same socket
+    afterwards settles them as nothing to act on; failures that none follows
+    within `settle_s` are worth a warning. A refused key is another event
+    (the broker's ZAP handler and the PROTOCOL failures say those).
+    """
+
+    def __init__(self, settle_s: float) -> None:
+        self._settle_s = settle_s
+        self._pending: dict[bytes, Unfinished] = {}
+
+    def failed(self, tag: bytes, value: int, now: float) -> None:
+        """A connection of socket `tag` ended unfinished (the event's value)."""
+        unfinished = self._pending.setdefault(tag, Unfinished(now))
+        if closed_first(value):
+            unfinished.closed += 1
+        else:
+            unfinished.timed_out += 1
+
+    def succeeded(self, tag: bytes) -> None:
+        """A handshake on socket `tag` succeeded."""
+        unfinished = self._pending.get(tag)
+        if unfinished is not None:
+            unfinished.followed = True
+
+    def settled(self, now: float) -> list[tuple[bytes, Unfinished]]:
+        """The sockets' unfinished connections whose outcome is known, each
+        returned once: at once when a handshake succeeded since, or once
+        `settle_s` passed without one."""
+        done = [
+            (tag, unfinished)
+            for tag, unfinished in self._pending.items()
+            if unfinished.followed or now - unfinished.first_at >= self._settle_s
+        ]
+        for tag, _ in done:
+            del self._pending[tag]
+        return done
 
 
 def _times(count: int) -> str:

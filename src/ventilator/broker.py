@@ -99,9 +99,15 @@ SOCKET_ROLES = {
 _MONITORED = (
     zmq.EVENT_ACCEPTED
     | zmq.EVENT_DISCONNECTED
+    | zmq.EVENT_HANDSHAKE_SUCCEEDED
     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 )
+# How long connections that ended before their handshake finished wait for a
+# handshake on their socket to succeed before they are worth a warning. A peer
+# whose connection failed tries again within 0.1 s (libzmq's reconnect
+# interval), or opens a new one at once if it gave up on the old.
+HANDSHAKE_SETTLE_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +197,7 @@ class Broker:
         os.set_blocking(self._wake_read, False)
         self._refusal_log = _RateLimit(per_s=1.0, what="refused messages")
         self._handshake_log = _RateLimit(per_s=1.0, what="failed handshakes")
+        self._unfinished = _wire.UnfinishedHandshakes(HANDSHAKE_SETTLE_S)
         self._rejection_log = _RateLimit(per_s=1.0, what="refused tasks")
         self._session_refusal_log = _RateLimit(per_s=1.0, what="refused sessions")
         # A line per HELLO under a new name is a flood when a client renames
@@ -677,20 +684,29 @@ class Broker:
 
     def _watch_connections(self, monitor: zmq.Socket[bytes]) -> None:
         tag = self._monitors[monitor]
+        now = time.monotonic()
         while _wire.has_input(monitor):
-            event = recv_monitor_message(monitor)["event"]
+            message = recv_monitor_message(monitor)
+            event = message["event"]
             if event == zmq.EVENT_ACCEPTED:
                 self._peers.accepted += 1
             elif event == zmq.EVENT_DISCONNECTED:
                 self._peers.closed += 1
-            elif self._handshake_log.allows(time.monotonic()):
+            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._unfinished.succeeded(tag)
+            elif event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+                self._unfinished.failed(tag, message["value"], now)
+            elif self._handshake_log.allows(now):
                 log.warning(
-                    "a connection to the %s socket failed its handshake (%s): %s%s",
+                    "a connection to the %s socket failed its handshake (%s): "
+                    "a plain-text peer, a wrong broker key, or a refused one%s",
                     _SIDES[tag],
                     zmq.Event(event).name,
-                    _handshake_causes(event),
                     self._handshake_log.suppressed_note(),
                 )
+        for settled_tag, unfinished in self._unfinished.settled(now):
+            interval_s = _wire.handshake_interval_s(self._sockets[settled_tag])
+            _log_unfinished(_SIDES[settled_tag], unfinished, interval_s, now)
 
     def _drain(self, tag: bytes, now: float) -> None:
         """Read what waits on a socket, up to a batch; the socket stays in
@@ -1049,21 +1065,40 @@ def _log_rejection(notice: s.Rejected, suppressed_note: str) -> None:
     )
 
 
-def _handshake_causes(event: int) -> str:
-    """What may have made a handshake fail, for the operator.
-
-    NO_DETAIL is what libzmq reports when the connection closed before the
-    handshake finished: after a stall of the broker (SIGSTOP, a VM freeze),
-    the connections that peers opened and gave up on meanwhile, once they
-    took the broker for gone, are accepted on SIGCONT already closed.
-    """
-    causes = "a plain-text peer, a wrong broker key, or a refused one"
-    if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
-        return (
-            "the peer closed it first (one that gave up waiting, as peers do "
-            f"while the broker stands still), {causes}"
+def _log_unfinished(
+    side: str, unfinished: _wire.Unfinished, handshake_interval_s: float, now: float
+) -> None:
+    """Say what became of connections that ended before their ZeroMQ
+    handshake finished: nothing to act on if peers got in after them."""
+    ways = []
+    if unfinished.closed:
+        ways.append(f"{unfinished.closed} closed by the peer first")
+    if unfinished.timed_out:
+        ways.append(f"{unfinished.timed_out} not done within {handshake_interval_s:g}s")
+    what = (
+        f"{_connections(unfinished.count)} to the {side} socket ended before "
+        f"the ZeroMQ handshake finished ({', '.join(ways)})"
+    )
+    if unfinished.followed:
+        log.info(
+            "%s; handshakes on that socket succeeded since: peers that were "
+            "paused, overloaded, or gave up waiting (as they do while this "
+            "broker stands still) got in on a later try; nothing to do",
+            what,
         )
-    return causes
+        return
+    log.warning(
+        "%s, and none has succeeded on that socket in the %.0fs since: peers "
+        "that gave up or did not complete the handshake in time (paused or "
+        "overloaded), or no ZeroMQ peers at all (a port check, a scanner); if "
+        "clients or workers cannot connect, their own logs say why",
+        what,
+        now - unfinished.first_at,
+    )
+
+
+def _connections(count: int) -> str:
+    return "1 connection" if count == 1 else f"{count} connections"
 
 
 def _replay_order(task: s.Task) -> tuple[bool, float]:

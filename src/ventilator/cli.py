@@ -50,6 +50,7 @@ from .local import LocalCluster
 from .policy import MAX_INTERVAL_S, MIN_HEARTBEAT_INTERVAL_S, Limits
 from .pool import POOL_KINDS
 from .registry import resolve
+from .scheduler import busiest_first
 from .security import ServerKeys, generate_keys
 from .sink import Sink, SinkResult
 from .worker import Worker, WorkerConfig
@@ -1727,11 +1728,33 @@ def _broker_answer(connect: str, timeout_s: float) -> Iterator[Client]:
 def status(connect: str, as_json: bool, timeout_s: float) -> None:
     """Show the broker's workers, queues, clients and recent failures."""
     with _broker_answer(connect, timeout_s) as client:
-        report = client.status(timeout_s)
+        report = _without_session(client.status(timeout_s), client.session_at_broker)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
         _print_status(report)
+
+
+def _without_session(report: dict[str, Any], session: str) -> dict[str, Any]:
+    """The broker's status without the session of the connection that asked
+    for it, in its list and its counts: a session this command made up to
+    ask, which holds nothing and leaves with the answer, is none of the
+    clients an operator looks for.
+
+    Left out here rather than by the broker: a program's client that asks is
+    one of its clients, and looks itself up in the answer. The broker counts
+    every connected session, this one too: connected, and not a sink."""
+    clients = [c for c in report["clients"] if c["name"] != session]
+    trimmed = {**report, "clients": clients}
+    counts = report.get("client_counts")  # an older broker does not count
+    if counts is not None:
+        trimmed["client_counts"] = {
+            **counts,
+            "all": max(0, counts["all"] - 1),
+            "connected": max(0, counts["connected"] - 1),
+            "listed": len(clients),
+        }
+    return trimmed
 
 
 def _print_status(report: dict[str, Any]) -> None:
@@ -1881,7 +1904,9 @@ def _queues_table(report: dict[str, Any]) -> Any:
     # both per function (the workers table tells them apart).
     for column in ("queued", "on workers"):
         table.add_column(column, justify="right", no_wrap=True)
-    for function in sorted(set(report["queued"]) | set(report["running"])):
+    # Busiest first, as the broker chose which to list; an older broker's
+    # answer (by name) is put in that order too.
+    for function in busiest_first(report["queued"], report["running"]):
         table.add_row(
             escape(function),
             str(report["queued"].get(function, 0)),

@@ -505,6 +505,60 @@ def test_status_json_shows_workers_queues_and_clients(
     assert not running.done()
 
 
+# Tasks per function no worker serves, and the order status lists them in:
+# the busiest first; equal ones by name, numbers in it by value (job2 before
+# job10), where text order would put job10 first, and job9 after job1.
+QUEUE_LOADS = {"job1": 1, "job10": 3, "job2": 3, "job9": 12}
+BUSIEST_FIRST = ["job9", "job2", "job10", "job1"]
+
+
+def test_status_lists_the_busiest_functions_first_in_text_and_json(
+    processes: Processes,
+    launch: Launcher,
+    broker: BrokerProcess,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    client = launch.client(broker)
+    for name, count in QUEUE_LOADS.items():
+        for _ in range(count):
+            client.submit(f"{MORE_TASKS}:{name}")
+    status_when(
+        client,
+        lambda status: sum(status["queued"].values()) == sum(QUEUE_LOADS.values()),
+        10,
+        "every task queued",
+        ClusterError,
+    )
+    monkeypatch.setenv("COLUMNS", "200")
+
+    as_json = run_cli(processes, "status", "--connect", broker.frontend, "--json")
+    as_text = run_cli(processes, "status", "--connect", broker.frontend)
+
+    assert as_json.returncode == as_text.returncode == 0, as_text.stderr
+    queued = json.loads(as_json.stdout)["queued"]
+    assert [name.split(":")[1] for name in queued] == BUSIEST_FIRST
+    rows = re.findall(rf"^ *{MORE_TASKS}:(\w+) ", as_text.stdout, re.MULTILINE)
+    assert rows == BUSIEST_FIRST
+
+
+def test_status_leaves_out_its_own_connection(
+    processes: Processes, launch: Launcher, broker: BrokerProcess
+) -> None:
+    launch.client(broker, session="watched").status()  # connected, said HELLO
+
+    as_json = run_cli(processes, "status", "--connect", broker.frontend, "--json")
+    as_text = run_cli(processes, "status", "--connect", broker.frontend)
+
+    assert as_json.returncode == as_text.returncode == 0, as_text.stderr
+    report = json.loads(as_json.stdout)
+    assert [c["name"] for c in report["clients"]] == ["watched"]
+    counts = report["client_counts"]
+    assert (counts["all"], counts["connected"], counts["listed"]) == (1, 1, 1)
+    assert "clients and sinks (1 connected)" in as_text.stdout
+    # A session the CLI made up: 32 hexadecimal digits.
+    assert not re.search(r"\b[0-9a-f]{32}\b", as_text.stdout), as_text.stdout
+
+
 def lines_within(text: str, columns: int) -> list[str]:
     lines = text.splitlines()
     assert lines, "no output"

@@ -279,3 +279,31 @@ def test_dashboard_shows_what_the_api_reports(
     screenshot = tmp_path / "dashboard.png"
     page.screenshot(path=str(screenshot), full_page=True)
     assert screenshot.stat().st_size > 10_000
+
+
+def test_dashboard_lists_the_busiest_functions_first_as_status_does(
+    launch: Launcher, web_broker: BrokerProcess, browser: Any
+) -> None:
+    client = launch.client(web_broker)
+    # Nobody serves them: queued. Equal ones by name, numbers by value.
+    loads = {"job1": 1, "job10": 3, "job2": 3, "job9": 12}
+    for name, count in loads.items():
+        for _ in range(count):
+            client.submit(f"{MORE_TASKS}:{name}")
+    wait_until(
+        lambda: (
+            sum(api(web_broker, "status")["queued"].values()) == sum(loads.values())
+        ),
+        SETTLE_S,
+        "every task queued",
+    )
+    page = browser.new_page()
+    page.goto(web_broker.http)
+    rows = page.locator("#queues tr td:first-child")
+
+    busiest_first = [
+        f"{MORE_TASKS}:{name}" for name in ("job9", "job2", "job10", "job1")
+    ]
+    wait_until(lambda: rows.count() == 4, SETTLE_S, "four functions listed")
+    assert rows.all_inner_texts() == busiest_first
+    assert list(api(web_broker, "status")["queued"]) == busiest_first

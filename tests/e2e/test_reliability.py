@@ -38,6 +38,7 @@ from .conftest import (
     WorkerProcess,
     descendants,
     free_port,
+    json_records,
     log_of,
     read_json_line,
     status_when,
@@ -749,6 +750,32 @@ def test_a_paused_broker_blames_no_task_for_its_own_silence(
     # With max_attempts=1 a single death counted against it fails it as poison.
     assert future.result(RESULT_TIMEOUT_S) == "released"
     assert client.failed() == []
+
+
+def test_handshakes_cut_short_by_a_broker_pause_are_no_warning_once_peers_are_back(
+    launch: Launcher,
+) -> None:
+    # While the broker stands still, its peers give up on their connections
+    # and open new ones; on SIGCONT it accepts the abandoned ones already
+    # closed (libzmq: HANDSHAKE_FAILED_NO_DETAIL), then the new ones succeed.
+    broker = launch.broker(*JSON_LOG, heartbeat_interval_s=FAST_HEARTBEAT_S)
+    launch.worker(broker)
+    client = launch.client(broker)
+    wait_for_workers(client, 1)
+
+    pause_for(broker.pid, PAUSE_S)
+
+    assert client.submit(tasks.square, 3).result(RESULT_TIMEOUT_S) == 9
+    said = wait_until(
+        lambda: handshake_records(broker), RESULT_TIMEOUT_S, "a word on handshakes"
+    )
+    # A line per socket (clients', workers'), each at INFO: nothing to do.
+    assert {r["level"] for r in said} == {"INFO"}, said
+
+
+def handshake_records(broker: BrokerProcess) -> list[dict[str, Any]]:
+    """The broker's log records about handshakes, of a broker logging JSON."""
+    return [r for r in json_records(broker.process) if "handshake" in r["message"]]
 
 
 def test_a_paused_worker_does_not_blame_the_broker_for_its_own_silence(

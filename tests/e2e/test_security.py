@@ -659,7 +659,11 @@ def test_status_of_a_limited_key_says_it_shows_a_part(
 
     assert table.returncode == 0, table.stderr
     assert f"{keyring.fingerprint('bob')}.*" in table.stdout
-    assert json.loads(as_json.stdout)["scope"] == f"{keyring.fingerprint('bob')}."
+    report = json.loads(as_json.stdout)
+    assert report["scope"] == f"{keyring.fingerprint('bob')}."
+    # Its own session, inside its key, is not counted: it only asked.
+    assert report["clients"] == []
+    assert report["client_counts"]["all"] == 0
 
 
 def test_a_removed_key_is_sent_no_more_results_and_gets_the_rest_once_back(

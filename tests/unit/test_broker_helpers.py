@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 from pathlib import Path
 
 import pytest
-import zmq
 
 from ventilator import protocol as p
+from ventilator._wire import Unfinished, UnfinishedHandshakes
 from ventilator.broker import (
+    BACKEND,
+    FRONTEND,
     Broker,
     BrokerConfig,
     _DiskRoom,
-    _handshake_causes,
     _log_notice,
+    _log_unfinished,
     _log_worker_lost,
     _RateLimit,
 )
@@ -188,14 +191,51 @@ def test_a_memory_broker_never_looks_at_its_disk() -> None:
     assert looked == []
 
 
-def test_a_handshake_cut_short_by_its_peer_is_named_as_such() -> None:
-    # What libzmq reports for the connections peers gave up on while the
-    # broker was stopped, accepted on SIGCONT already closed.
-    cut_short = _handshake_causes(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
-    refused = _handshake_causes(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+# The value libzmq gives a connection its peer closed mid-handshake, and one
+# that ran out of handshake time (the errno its last read left).
+CLOSED, TIMED_OUT = errno.ECONNRESET, errno.EAGAIN
 
-    assert "peer closed it first" in cut_short
-    assert "closed" not in refused
+
+def test_unfinished_handshakes_that_a_success_follows_are_settled_at_once() -> None:
+    # The connections peers gave up on while the broker stood still, accepted
+    # on SIGCONT already closed, then the peers' new ones.
+    unfinished = UnfinishedHandshakes(settle_s=10.0)
+    unfinished.failed(FRONTEND, CLOSED, now=100.0)
+    unfinished.failed(FRONTEND, TIMED_OUT, now=100.0)
+    assert unfinished.settled(now=100.1) == []  # waiting to see what follows
+
+    unfinished.succeeded(FRONTEND)
+
+    [(tag, settled)] = unfinished.settled(now=100.2)
+    assert tag == FRONTEND
+    assert (settled.closed, settled.timed_out, settled.followed) == (1, 1, True)
+    assert unfinished.settled(now=200.0) == []  # told once
+
+
+def test_unfinished_handshakes_no_success_follows_are_settled_after_a_while() -> None:
+    unfinished = UnfinishedHandshakes(settle_s=10.0)
+    unfinished.succeeded(BACKEND)  # before: says nothing of what comes after
+    unfinished.failed(BACKEND, CLOSED, now=100.0)
+    unfinished.succeeded(FRONTEND)  # another socket's peers
+
+    assert unfinished.settled(now=109.9) == []
+    [(tag, settled)] = unfinished.settled(now=110.0)
+    assert tag == BACKEND
+    assert (settled.count, settled.followed) == (1, False)
+
+
+@pytest.mark.parametrize(("followed", "level"), [(True, "INFO"), (False, "WARNING")])
+def test_unfinished_handshakes_warn_only_when_no_peer_got_in_after_them(
+    caplog: pytest.LogCaptureFixture, followed: bool, level: str
+) -> None:
+    caplog.set_level(logging.INFO, logger="ventilator.broker")
+    unfinished = Unfinished(first_at=100.0, closed=3, followed=followed)
+
+    _log_unfinished("client", unfinished, handshake_interval_s=30.0, now=110.0)
+
+    assert [(r.name, r.levelname) for r in caplog.records] == [
+        ("ventilator.broker", level)
+    ]
 
 
 def test_the_disk_budget_keeps_the_reserve_for_tasks_and_a_quarter_of_it_for_results(

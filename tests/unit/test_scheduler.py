@@ -23,6 +23,8 @@ from ventilator.scheduler import (
     WorkerDraining,
     WorkerLeft,
     WorkerLost,
+    busiest_first,
+    name_order,
     sink_recipient,
 )
 from ventilator.serialization import pack_error, unpack_value
@@ -1034,6 +1036,38 @@ def test_queues_of_names_nobody_serves_go_once_their_tasks_are_cancelled(
     assert not set(names) & set(driver.scheduler._queues)
     assert status["queued"] == {}
     driver.scheduler.check_invariants()
+
+
+def test_names_are_ordered_as_text_with_the_numbers_in_them_by_value() -> None:
+    names = ["job10", "job9", "Job1", "job1.b", "job1", "job01", "job:2", "job"]
+
+    assert sorted(names, key=name_order) == [
+        "Job1",  # as text: capitals first
+        "job",
+        "job01",  # the same number as job1: the names settle it
+        "job1",
+        "job1.b",
+        "job9",
+        "job10",
+        "job:2",
+    ]
+
+
+def test_status_lists_the_functions_with_the_most_tasks_first(driver: Driver) -> None:
+    # Tasks of functions nobody serves: all of them queued.
+    loads = {"f1": 1, "f10": 3, "f2": 3, "f9": 12}
+    task_ids = iter(range(1, 100))
+    for name, count in loads.items():
+        for _ in range(count):
+            driver.submit(task(next(task_ids), function=f"nobody.serves:{name}"))
+
+    queued = driver.scheduler.status(driver.now)["queued"]
+
+    busiest = ["f9", "f2", "f10", "f1"]
+    assert list(queued) == [f"nobody.serves:{name}" for name in busiest]  # type: ignore[call-overload]
+    assert busiest_first(loads, {}) == busiest
+    # Running tasks count too: 2 on workers and 1 queued pass 2 queued.
+    assert busiest_first({"a": 2, "b": 1}, {"b": 2}) == ["b", "a"]
 
 
 def test_task_waiting_for_a_retry_can_be_cancelled() -> None:

@@ -1,13 +1,22 @@
-"""The address check every peer makes before it connects, and the rule for
-messages a socket's descriptor does not announce."""
+"""The address check every peer makes before it connects, the rule for
+messages a socket's descriptor does not announce, and what a peer makes of
+its failed handshakes."""
 
 from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import pytest
 import zmq
 
-from ventilator._wire import InputCheck, check_endpoint
+from ventilator._wire import SILENT_FAILURES, HandshakeWatch, InputCheck, check_endpoint
 from ventilator.errors import UsageError
+
+DEADLINE_S = 10.0
 
 
 @pytest.mark.parametrize(
@@ -78,3 +87,89 @@ def test_input_check_asks_on_a_new_socket_and_after_each_send_only() -> None:
         ours.close(linger=0)
         theirs.close(linger=0)
         context.term()
+
+
+@dataclass(frozen=True, slots=True)
+class CurveDealer:
+    """A client's DEALER with CURVE keys, and its public key."""
+
+    socket: zmq.Socket[bytes]
+    public_key: bytes
+
+    def watched(self, address: str) -> HandshakeWatch:
+        """A client's watch over the socket, which then connects to `address`."""
+        watch = HandshakeWatch(address, "client", self.public_key)
+        watch.watch(self.socket)
+        self.socket.connect(address)
+        return watch
+
+
+@pytest.fixture
+def curve_dealer() -> Iterator[CurveDealer]:
+    """A DEALER with CURVE keys for a broker key nobody holds, that gives each
+    handshake 0.1 s (libzmq's default is 30 s)."""
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    dealer = context.socket(zmq.DEALER)
+    public_key, secret_key = zmq.curve_keypair()
+    dealer.curve_serverkey, _ = zmq.curve_keypair()
+    dealer.curve_publickey, dealer.curve_secretkey = public_key, secret_key
+    dealer.setsockopt(zmq.HANDSHAKE_IVL, 100)
+    try:
+        yield CurveDealer(dealer, public_key)
+    finally:
+        # Every socket, the watch's monitor too, even if a test left it open.
+        context.destroy(linger=0)
+
+
+def watch_until(watch: HandshakeWatch, seen: Callable[[], object], what: str) -> None:
+    """Read the watch's events until `seen()` holds, under a deadline."""
+    deadline = time.monotonic() + DEADLINE_S
+    while not seen():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        assert watch.monitor is not None
+        if watch.monitor.poll(100):
+            watch.read()
+
+
+def test_handshakes_a_paused_broker_never_answers_are_not_blamed_on_its_key(
+    curve_dealer: CurveDealer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="ventilator._wire")
+    # What a stopped broker's port does: the kernel accepts connections into
+    # the backlog, and nobody answers the ZeroMQ greeting.
+    with socket.create_server(("127.0.0.1", 0)) as stopped_broker:
+        port = stopped_broker.getsockname()[1]
+        watch = curve_dealer.watched(f"tcp://127.0.0.1:{port}")
+
+        watch_until(
+            watch,
+            lambda: watch.problem or watch.timeouts > SILENT_FAILURES,
+            "more timed-out handshakes than it takes to doubt a key",
+        )
+        watch.close()
+
+    assert watch.problem is None
+    assert not watch.definitive
+    said = [r for r in caplog.records if r.name == "ventilator._wire"]
+    assert [r.levelname for r in said] == ["INFO"]  # once a run of them
+    assert "did not finish within 0.1s" in said[0].getMessage()
+
+
+def test_a_broker_that_cannot_read_the_curve_hello_still_has_its_key_doubted(
+    curve_dealer: CurveDealer,
+) -> None:
+    # A CURVE server closes a connection whose HELLO it cannot decrypt.
+    server = curve_dealer.socket.context.socket(zmq.ROUTER)
+    server.curve_server = True
+    _, server.curve_secretkey = zmq.curve_keypair()
+    try:
+        port = server.bind_to_random_port("tcp://127.0.0.1")
+        watch = curve_dealer.watched(f"tcp://127.0.0.1:{port}")
+
+        watch_until(watch, lambda: watch.problem, "a problem named")
+        watch.close()
+    finally:
+        server.close(linger=0)
+
+    assert "is --broker-key (broker_key) the public key" in (watch.problem or "")
+    assert watch.timeouts == 0

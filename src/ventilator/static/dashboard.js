@@ -124,8 +124,27 @@ function renderWorkers(workers) {
   fill("workers", rows, 6, "no worker connected");
 }
 
+// The order `ventilator status` lists functions in (scheduler.busiest_first):
+// the most tasks queued and on workers first; equal ones by name, with the
+// numbers in names by value (job2 before job10), as scheduler.name_order.
+function nameOrder(name) {
+  const numbers = name.replace(/[0-9]+/g, (run) => {
+    const value = run.replace(/^0+(?=[0-9])/, "");
+    return String(Math.min(value.length, 999)).padStart(3, "0") + value;
+  });
+  return `${numbers}\0${name}`;
+}
+
+function busiestFirst(queued, running) {
+  const load = (name) => (queued[name] || 0) + (running[name] || 0);
+  const names = [...new Set([...Object.keys(queued), ...Object.keys(running)])];
+  const order = new Map(names.map((name) => [name, nameOrder(name)]));
+  const byName = (a, b) => (order.get(a) < order.get(b) ? -1 : 1);
+  return names.sort((a, b) => load(b) - load(a) || byName(a, b));
+}
+
 function renderQueues(status) {
-  const names = [...new Set([...Object.keys(status.queued), ...Object.keys(status.running)])].sort();
+  const names = busiestFirst(status.queued, status.running);
   const rows = names.map((name) => el("tr", {},
     el("td", {}, el("code", {}, name)),
     el("td", { class: "num" }, number(status.queued[name] || 0)),
