@@ -937,7 +937,8 @@ class _ResultLimit:
     def max_payload_bytes(self) -> int:
         # The client learns it from the broker's WELCOME; until then (the
         # first lines of an embedded run) the default, which such a broker has.
-        known = self._client._max_payload_bytes if self._client is not None else None
+        client = self._client
+        known = client._handover.max_payload_bytes if client is not None else None
         return known or _DEFAULT_LIMITS.max_payload_bytes
 
 

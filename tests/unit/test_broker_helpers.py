@@ -9,6 +9,7 @@ import pytest
 import zmq
 
 from ventilator import protocol as p
+from ventilator._client_io import SUBMIT_BATCH, SUBMIT_BATCH_BYTES, _batches
 from ventilator.broker import (
     Broker,
     BrokerConfig,
@@ -18,7 +19,6 @@ from ventilator.broker import (
     _log_worker_lost,
     _RateLimit,
 )
-from ventilator.client import SUBMIT_BATCH, SUBMIT_BATCH_BYTES, _batches
 from ventilator.errors import UsageError
 from ventilator.logs import Dwindling
 from ventilator.scheduler import (
