@@ -815,12 +815,14 @@ class ClientIO:
     def _take_handed(self, now: float) -> None:
         """Acknowledge the results collect() handed on (under the hand-over's
         lock)."""
+        if not self._handover.handed:
+            return  # as on most turns: no call, no new list
         handed = self._handover.take_handed()
         for collected in handed:
             self._collectable.discard(collected.key)
             self._handed_on.add(collected.key)
             self._acknowledge(collected.key, collected.size)
-        if handed and self._acks_due == math.inf:
+        if self._acks_due == math.inf:
             self._acks_due = now + ACK_DELAY_S
 
     def _send_outgoing(self, now: float) -> None:
@@ -836,7 +838,8 @@ class ClientIO:
             self._send_acks(now, submitting=self._acks_go_along())
             batch = self._take_outgoing()
             cancels = self._take_cancels()
-            questions = handover.take_questions() if self._welcomed else []
+            asking = self._welcomed and handover.questions
+            questions = handover.take_questions() if asking else []
 
         batch = self._refuse_oversized(batch)
         for pending in batch:
@@ -924,7 +927,7 @@ class ClientIO:
         until the broker welcomed this connection. Sent earlier, a CANCEL would
         reach the broker before the SUBMIT that _welcome sends again, for a
         task it does not know yet, and the task would run after all."""
-        if not self._welcomed:
+        if not self._welcomed or not self._handover.cancels:
             return []
         return self._handover.take_cancels()
 

@@ -364,8 +364,6 @@ class Handover:
 
     def take_cancels(self) -> list[int]:
         """Every task id to cancel (under `lock`)."""
-        if not self.cancels:
-            return []
         cancels = list(self.cancels)
         self.cancels.clear()
         return cancels
