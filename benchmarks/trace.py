@@ -32,8 +32,8 @@ from pathlib import Path
 # module:qualified name, on the path of one round trip.
 TRACED = [
     "ventilator.client:Client.submit",
-    "ventilator.client:Client._receive",
-    "ventilator.client:Client._complete",
+    "ventilator._client_io:ClientIO._receive",
+    "ventilator._client_io:ClientIO._complete",
     "ventilator.broker:Broker._drain",
     "ventilator.broker:Broker._carry_out",
     "ventilator.broker:Broker._send_frames",
@@ -47,6 +47,7 @@ TRACED = [
 ]
 ROLES = {
     "Client": "client",
+    "ClientIO": "client",
     "Broker": "broker",
     "SqliteJournal": "broker",
     "Worker": "worker",

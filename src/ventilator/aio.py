@@ -13,14 +13,15 @@ import contextlib
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-from .client import (
-    Client,
-    ItemOutcome,
-    TaskFuture,
-    _check_chunksize,
-    _MapTasks,
+from ._maps import (
+    MapTasks,
+    check_chunksize,
+    map_batches,
+    map_each,
+    outcome_batches,
     values_of,
 )
+from .client import Client, ItemOutcome, TaskFuture
 
 __all__ = ["AsyncClient"]
 
@@ -85,20 +86,20 @@ class AsyncClient:
         raised) cancels the tasks whose results it has not yielded, as
         `Client.map` does.
         """
-        _check_chunksize(chunksize)
+        check_chunksize(chunksize)
         # The tasks are cancelled from here: the thread that runs the map may
         # be waiting in it for a result when this task is cancelled.
-        tasks = _MapTasks(self._client)
+        tasks = MapTasks(self._client)
         try:
             if options.get("sink") is not None or chunksize == 1:
-                results = self._client._map_each(function, iterable, options, tasks)
+                results = map_each(self._client, function, iterable, options, tasks)
                 async for value in _in_thread(results):
                     yield value
                 return
 
             options.pop("sink", None)
-            batches = self._client._map_batches(
-                function, iterable, chunksize, tasks=tasks, **options
+            batches = map_batches(
+                self._client, function, iterable, chunksize, tasks=tasks, **options
             )
             async for outcomes in _in_thread(batches):
                 for value in values_of(outcomes):
@@ -125,11 +126,17 @@ class AsyncClient:
             ClientClosed: the client was closed while the map waited.
             Exception: what `iterable` raised, after the outcomes before it.
         """
-        _check_chunksize(chunksize)
-        tasks = _MapTasks(self._client)  # cancelled from here, as in `map`
+        check_chunksize(chunksize)
+        tasks = MapTasks(self._client)  # cancelled from here, as in `map`
         try:
-            batches = self._client._outcome_batches(
-                function, iterable, chunksize, timeout_s, retries, tasks=tasks
+            batches = outcome_batches(
+                self._client,
+                function,
+                iterable,
+                chunksize,
+                timeout_s,
+                retries,
+                tasks=tasks,
             )
             async for outcomes in _in_thread(batches):
                 for outcome in outcomes:

@@ -31,6 +31,7 @@ from click.core import ParameterSource
 from . import logs
 from . import protocol as p
 from ._allocator import keep_freed_memory
+from ._maps import outcome_batches
 from ._wire import check_endpoint
 from .broker import DEFAULT_JOURNAL_MIN_FREE_BYTES, Broker, BrokerConfig
 from .client import DEFAULT_ADDRESS, Client, ItemOutcome, TaskFuture
@@ -938,7 +939,8 @@ class _ResultLimit:
     def max_payload_bytes(self) -> int:
         # The client learns it from the broker's WELCOME; until then (the
         # first lines of an embedded run) the default, which such a broker has.
-        known = self._client._max_payload_bytes if self._client is not None else None
+        client = self._client
+        known = client._handover.max_payload_bytes if client is not None else None
         return known or _DEFAULT_LIMITS.max_payload_bytes
 
 
@@ -1452,8 +1454,8 @@ def _outcomes(
     so that a pause in the input does not hold back results already in."""
     if job.sink is not None:
         return _sent_to_sink(client, job, items)
-    return client._outcome_batches(
-        job.function, items, None, job.timeout_s, job.retries, streaming=True
+    return outcome_batches(
+        client, job.function, items, None, job.timeout_s, job.retries, streaming=True
     )
 
 

@@ -1,9 +1,11 @@
 """Log output for the command line: readable text, or one JSON object per line.
 
-Library modules only ever call `logging.getLogger(__name__)`; handlers are
-configured here, and only the CLI calls `configure`. `RateLimit` keeps a peer's
-flood of garbage from becoming a flood of log lines; `Dwindling` keeps a state
-that lasts (no broker answers) from being logged every few seconds for hours.
+Library modules only ever call `logging.getLogger(__name__)` (the client's
+private modules log as `ventilator.client`, the component operators know);
+handlers are configured here, and only the CLI calls `configure`. `RateLimit`
+keeps a peer's flood of garbage from becoming a flood of log lines;
+`Dwindling` keeps a state that lasts (no broker answers) from being logged
+every few seconds for hours.
 """
 
 from __future__ import annotations

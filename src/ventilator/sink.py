@@ -32,9 +32,10 @@ import zmq
 
 from . import _wire
 from . import protocol as p
+from ._client_io import ACK_BATCH
 from ._recent import RecentResults
 from ._timing import poll_timeout_ms
-from .client import ACK_BATCH, DEFAULT_ADDRESS
+from .client import DEFAULT_ADDRESS
 from .errors import TaskError, UsageError, task_error_from_wire
 from .logs import Dwindling
 from .policy import check_heartbeat

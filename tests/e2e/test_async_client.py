@@ -131,7 +131,7 @@ async def until_listening(client: ventilator.AsyncClient, listening: bool) -> No
     """Wait, on the loop, until a collect of `client` listens for results (or,
     with False, until none does any more), for at most RESULT_TIMEOUT_S."""
     deadline = asyncio.get_running_loop().time() + RESULT_TIMEOUT_S
-    while bool(client._client._collect_listeners) != listening:
+    while bool(client._client._handover.collect_listeners) != listening:
         assert asyncio.get_running_loop().time() < deadline, f"listening={listening}"
         await asyncio.sleep(0.001)
 

@@ -172,7 +172,7 @@ def test_tasks_cancelled_while_the_client_reconnects_never_reach_the_broker(
     with paused(broker.pid):
         # The client reconnects once the paused broker was silent too long;
         # until the broker welcomes it again, it holds back its submissions.
-        wait_until(lambda: not client._welcomed, 10, "the client to reconnect")
+        wait_until(lambda: not client._io._welcomed, 10, "the client to reconnect")
         futures = [client.submit(UNSERVED, i) for i in range(20)]
         assert all(future.cancel() for future in futures)
 
@@ -188,7 +188,7 @@ def test_task_sent_then_cancelled_during_a_reconnect_is_cancelled_after_its_rese
     with paused(broker.pid):
         # Sent to the paused broker, never accepted: resent after the reconnect.
         future = client.submit(UNSERVED, 1)
-        wait_until(lambda: not client._welcomed, 10, "the client to reconnect")
+        wait_until(lambda: not client._io._welcomed, 10, "the client to reconnect")
         assert future.cancel()
 
     status_when(
@@ -238,7 +238,7 @@ def test_a_cancel_its_broker_died_without_reading_is_sent_to_the_restarted_one(
     assert status["totals"]["restored"] == 1
     assert status["queued"] == {}
     wait_until(
-        lambda: not client._unconfirmed_cancels,
+        lambda: not client._io._unconfirmed_cancels,
         PROBE_TIMEOUT_S,
         "the client to hear the cancellation confirmed",
     )
@@ -255,7 +255,7 @@ def test_a_running_tasks_cancel_is_confirmed_by_a_receipt(launch: Launcher) -> N
     # No result answers it: the task runs on, for nobody. A question asked
     # after it, at a heartbeat, confirms it, so the client keeps nothing.
     wait_until(
-        lambda: not client._unconfirmed_cancels,
+        lambda: not client._io._unconfirmed_cancels,
         PROBE_TIMEOUT_S,
         "the client to hear the running task's cancellation confirmed",
     )

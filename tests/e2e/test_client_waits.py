@@ -84,7 +84,7 @@ def test_status_timing_out_leaves_no_question_behind(launch: Launcher) -> None:
         with pytest.raises(ventilator.BrokerTimeout):
             client.status(timeout_s=0.1)
 
-    assert not client._questions
+    assert not client._handover.questions
 
 
 def test_a_client_that_never_reached_a_broker_does_not_call_it_silent(

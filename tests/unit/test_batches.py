@@ -13,7 +13,7 @@ import msgpack
 import pytest
 
 from ventilator import protocol as p
-from ventilator.client import (
+from ventilator._maps import (
     BATCH_OVERRUN,
     BATCH_TARGET_S,
     MAX_BATCH_BYTES,

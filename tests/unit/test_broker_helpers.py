@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from ventilator import protocol as p
+from ventilator._client_io import SUBMIT_BATCH, SUBMIT_BATCH_BYTES, _batches
 from ventilator._wire import Unfinished, UnfinishedHandshakes
 from ventilator.broker import (
     BACKEND,
@@ -21,7 +22,6 @@ from ventilator.broker import (
     _log_worker_lost,
     _RateLimit,
 )
-from ventilator.client import SUBMIT_BATCH, SUBMIT_BATCH_BYTES, _batches
 from ventilator.errors import UsageError
 from ventilator.logs import Dwindling
 from ventilator.scheduler import (
