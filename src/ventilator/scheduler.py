@@ -60,7 +60,8 @@ _BATCH = int(p.Flags.BATCH)
 _SPLIT = int(p.Flags.SPLIT)
 
 # Session and recipient names of peers that do not speak ventilator's protocol
-# (MDP clients, Titanic): a ventilator client may not take them in its HELLO.
+# (MDP clients, Titanic): a ventilator client may not take them in its HELLO
+# (see protocol.RESERVED_SESSION_PREFIXES), nor a worker as its id.
 GATEWAY_PREFIX = "mdp:"
 
 # Tickets a returning worker names above this are not taken as numbers some
@@ -499,7 +500,7 @@ def _held_by_another(recipient: Recipient, peer: bytes, hello: p.Hello) -> bool:
     )
 
 
-SINK_PREFIX = "sink:"
+SINK_PREFIX = p.SINK_PREFIX
 
 
 def sink_recipient(name: str) -> str:
@@ -892,9 +893,11 @@ class Scheduler:
         # A heartbeat needs nothing more: any command refreshed last_seen.
 
     def _hello(self, peer: bytes, hello: p.Hello, now: float) -> None:
-        if hello.session.startswith(GATEWAY_PREFIX):
-            message = f"session names starting {GATEWAY_PREFIX!r} are the broker's"
-            self._effects.to_clients.append((peer, p.Error("reserved_name", message)))
+        # Checked here, not only in our client: an older or foreign one naming
+        # its session ``sink:NAME`` used to receive that sink's results.
+        reserved = p.reserved_session_problem(hello.session)
+        if reserved is not None:
+            self._effects.to_clients.append((peer, p.Error(p.RESERVED_NAME, reserved)))
             return
 
         name = hello.session if hello.sink is None else sink_recipient(hello.sink)
@@ -1538,7 +1541,7 @@ class Scheduler:
     def _ready(self, peer: bytes, ready: p.Ready, now: float) -> None:
         if ready.worker_id.startswith(GATEWAY_PREFIX):
             message = f"worker ids starting {GATEWAY_PREFIX!r} are the broker's"
-            self._effects.to_workers.append((peer, p.Error("reserved_name", message)))
+            self._effects.to_workers.append((peer, p.Error(p.RESERVED_NAME, message)))
             return
         refused = self.register_worker(peer, ready, now)
         self._effects.to_workers.append((peer, self._welcome()))

@@ -545,6 +545,38 @@ def test_a_sink_that_leaves_keeps_the_cancelled_results_of_others_tasks(
     assert task_1 is not None and task_1.status is p.Status.CANCELLED
 
 
+@pytest.mark.parametrize("session", ["sink:totals", "mdp:01"])
+def test_a_session_named_like_the_broker_s_own_recipients_is_refused(
+    driver: Driver, session: str
+) -> None:
+    driver.submit(task(1, sink="totals"))
+    driver.done(W1, assignments(driver.ready(W1), W1)[0])
+
+    refused = driver.hello(OTHER, session=session)
+
+    [error] = sent(refused, OTHER, p.Error)
+    assert error.code == p.RESERVED_NAME
+    assert "'sink:'" in error.message and "name the session otherwise" in error.message
+    assert not sent(refused, OTHER, p.Welcome)
+    assert not results(refused, OTHER), "a session took the sink's results"
+    assert error_codes(driver.submit(task(2), peer=OTHER), OTHER) == ["hello_first"]
+
+
+def test_a_sink_never_receives_results_of_a_session_named_after_it(
+    driver: Driver,
+) -> None:
+    driver.hello(OTHER, session="sink:totals")  # refused: no such session
+    driver.submit(task(1), peer=OTHER)
+    for assignment in assignments(driver.ready(W1), W1):
+        driver.done(W1, assignment, payload=b"private")
+    driver.client(OTHER, p.Bye())
+
+    effects = driver.hello(b"sink-peer", session="reader", sink="totals")
+
+    assert not results(effects, b"sink-peer")
+    assert not driver.scheduler.tasks
+
+
 SINK_A = b"sink-a"
 SINK_B = b"sink-b"
 
