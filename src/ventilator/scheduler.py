@@ -853,9 +853,9 @@ class Scheduler:
         # Accepted task ids not yet announced, per submitting peer, and when the
         # first of them was accepted (see ACCEPT_GRACE_S).
         self._unannounced: dict[bytes, tuple[float, dict[int, None]]] = {}
-        # Why the broker is full, worked out once per loop turn: a SUBMIT of
-        # many tasks to a full broker asks for it once per task.
-        self._full_reason: str | None = None
+        # What a full broker holds, in words, worked out once per loop turn: a
+        # SUBMIT of many tasks to it asks for it once per task.
+        self._holdings_said: str | None = None
 
     # --- clients -------------------------------------------------------------------
 
@@ -1256,35 +1256,50 @@ class Scheduler:
                 "(client_window); wait for results before submitting more"
             )
         if self._held_tasks() >= limits.max_queued_tasks:
-            if self._full_reason is None:
-                self._full_reason = self._full_of_tasks()
-            return self._full_reason
-        if self._queued_bytes - self._tombstone_bytes + size > limits.max_queued_bytes:
             return (
-                f"the broker holds {limits.max_queued_bytes} bytes (max_queued_bytes)"
+                f"the broker holds {self._held_tasks()} tasks, its limit "
+                f"(max_queued_tasks): {self._holdings()}"
+            )
+        held_bytes = self._queued_bytes - self._tombstone_bytes
+        if held_bytes + size > limits.max_queued_bytes:
+            return (
+                f"the broker holds {held_bytes} bytes of arguments and results, "
+                f"and this task's {size} would pass its limit of "
+                f"{limits.max_queued_bytes} (max_queued_bytes): {self._holdings()}"
             )
         return None
 
-    def _full_of_tasks(self) -> str:
-        """Why the broker takes no more tasks: what it holds, by state.
+    def _holdings(self) -> str:
+        """What a full broker holds, by state, and what to do: worked out once
+        per loop turn, as a SUBMIT of many tasks to it asks for each.
 
         Results waiting for delivery count: they hold memory and journal space
-        as tasks do, and the limit bounds both. Those of clients that left wait
+        as tasks do, and the limits bound both. Those of clients that left wait
         for `result_ttl_s`, unless an operator drops them; then they are
-        tombstones, which do not count.
+        tombstones, which count against no limit.
         """
-        held = self._held_tasks()
+        if self._holdings_said is not None:
+            return self._holdings_said
         queued = sum(self._queued_by_function().values())
         running = sum(len(worker.running) for worker in self.workers.values())
-        waiting = held - queued - running
-        return (
-            f"the broker holds {held} tasks, its limit "
-            f"(max_queued_tasks): {queued} queued, {running} running, {waiting} "
-            "results waiting for delivery; results wait until their client "
-            f"collects them, or for {self.limits.result_ttl_s:g}s (result_ttl_s); "
-            "an operator drops those of a session that left with "
-            "`ventilator purge --session NAME`"
+        waiting = self._held_tasks() - queued - running
+        said = (
+            f"{queued} queued, {running} running, {waiting} results waiting for "
+            "delivery; "
         )
+        if waiting:
+            said += (
+                "results wait until their client collects them, or for "
+                f"{self.limits.result_ttl_s:g}s (result_ttl_s); an operator drops "
+                "those of a session that left with `ventilator purge --session NAME`"
+            )
+        else:
+            said += (
+                "tasks leave as workers finish them and their clients collect "
+                "the results: try again later, or start more workers"
+            )
+        self._holdings_said = said
+        return said
 
     def _held_tasks(self) -> int:
         """The tasks that count against max_queued_tasks: all but tombstones."""
@@ -2650,7 +2665,7 @@ class Scheduler:
         self._dispatch()
         self._deliver()
         self._announce(now)
-        self._full_reason = None
+        self._holdings_said = None
 
         effects = self._effects
         self._effects = Effects()

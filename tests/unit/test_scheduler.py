@@ -205,6 +205,35 @@ def test_broker_byte_limit_is_enforced() -> None:
     assert "max_queued_bytes" in error_report(results(effects)[0])["message"]
 
 
+def test_byte_limit_refusal_says_what_the_broker_holds_and_its_limit() -> None:
+    driver = Driver(Limits(max_queued_bytes=500))
+    driver.hello()
+
+    effects = driver.submit(task(1, payload=b"x" * 400), task(2, payload=b"x" * 150))
+
+    message = error_report(results(effects)[0])["message"]
+    assert "holds 400 bytes" in message
+    assert "this task's 150" in message and "limit of 500" in message
+    assert "1 queued, 0 running, 0 results waiting for delivery" in message
+    assert "try again" in message
+    assert "results wait until" not in message, "no result waits"
+
+
+def test_task_limit_refusal_speaks_of_waiting_results_only_when_some_wait() -> None:
+    driver = Driver(Limits(max_queued_tasks=2))
+    driver.hello()
+    driver.submit(task(1), task(2))
+    none_waits = error_report(results(driver.submit(task(3)))[0])["message"]
+    driver.done(W1, assignments(driver.ready(W1), W1)[0])
+
+    one_waits = error_report(results(driver.submit(task(4)))[0])["message"]
+
+    assert "0 results waiting" in none_waits
+    assert "results wait until" not in none_waits and "try again" in none_waits
+    assert "1 running, 1 results waiting" in one_waits
+    assert "results wait until their client collects them" in one_waits
+
+
 # --- dispatch -------------------------------------------------------------------------
 
 
