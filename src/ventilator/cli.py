@@ -1919,15 +1919,17 @@ def _clients_table(clients: list[dict[str, Any]], counts: dict[str, int] | None)
             f"{len(clients)} of {counts['all']} listed, owed the most results "
             f"first ({unlisted} more not listed); " + table.caption
         )
-    # Only when there are any: the column costs 9 of the 80 columns.
-    expired = any(c.get("expired") for c in clients)
-    if expired:
+    # Only when there are any: each column costs 9 of the 80 columns.
+    extra = [key for key in ("expired", "waiting_for_room") if _any_of(clients, key)]
+    if "expired" in extra:
         table.caption += "; expired: of those, results that expired"
+    if "waiting_for_room" in extra:
+        table.caption += "; waiting: tasks sent past its window, not yet accepted"
     table.add_column("name", overflow="fold", ratio=1)
     # No kind column: a sink's name says it (sink:NAME), and "tasks" needs
     # the room.
     columns = ("connected", "tasks", "pending", "unacked")
-    for column in (*columns, "expired") if expired else columns:
+    for column in (*columns, *(_EXTRA_COLUMNS[key] for key in extra)):
         table.add_column(column, no_wrap=True)
     for c in clients:
         cells = [
@@ -1939,8 +1941,17 @@ def _clients_table(clients: list[dict[str, Any]], counts: dict[str, int] | None)
             # An older broker does not say.
             str(c.get("unacknowledged", "-")),
         ]
-        table.add_row(*cells, *([str(c["expired"])] if expired else []))
+        table.add_row(*cells, *(str(c[key]) for key in extra))
     return table
+
+
+# Columns of the clients' table shown only when a client has some.
+_EXTRA_COLUMNS = {"expired": "expired", "waiting_for_room": "waiting"}
+
+
+def _any_of(clients: list[dict[str, Any]], key: str) -> bool:
+    # An older broker does not say.
+    return any(c.get(key) for c in clients)
 
 
 def _failures_table(failures: list[dict[str, Any]], title: str, width: int) -> Any:

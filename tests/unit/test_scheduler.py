@@ -162,16 +162,18 @@ def test_a_result_the_journal_disk_cannot_take_fails_its_task_instead(
     assert (kept.status, kept.payload) == (p.Status.OK, b"r" * 900)
 
 
-def test_client_window_is_enforced() -> None:
+def test_client_window_is_enforced_past_another_window_waiting() -> None:
     driver = Driver(Limits(client_window=2))
     driver.hello()
 
-    effects = driver.submit(task(1), task(2), task(3))
+    effects = driver.submit(*[task(i) for i in range(1, 6)])
 
-    assert accepted(effects) == [1, 2]
+    assert accepted(effects) == [1, 2]  # 3 and 4 wait for room
     [refused] = results(effects)
-    assert refused.task_id == 3
+    assert refused.task_id == 5
     assert "client_window" in error_report(refused)["message"]
+    status = driver.scheduler.status(driver.now)
+    assert status["clients"][0]["waiting_for_room"] == 2  # type: ignore[index]
 
 
 def test_client_window_reopens_when_results_are_acknowledged() -> None:
@@ -1844,12 +1846,12 @@ def test_client_over_its_byte_limit_is_refused_and_others_are_not() -> None:
     driver.hello()
     driver.hello(OTHER, session="bob")
 
-    first = driver.submit(task(1, payload=b"x" * 6), task(2, payload=b"x" * 6))
+    first = driver.submit(*[task(i, payload=b"x" * 6) for i in (1, 2, 3)])
     other = driver.submit(task(1, payload=b"x" * 6), peer=OTHER)
 
-    assert accepted(first) == [1]
+    assert accepted(first) == [1]  # 2 waits for room
     [refused] = results(first)
-    assert refused.task_id == 2
+    assert refused.task_id == 3
     assert "client_max_bytes" in error_report(refused)["message"]
     assert accepted(other, OTHER) == [1]
 
