@@ -2051,22 +2051,41 @@ def retry(
     callback=lambda ctx, param, value: _not_an_option(value, param),
     help="Instead: drop all the broker holds for this session, which left.",
 )
+@click.option(
+    "--sink",
+    callback=lambda ctx, param, value: _not_an_option(value, param),
+    help="Instead: drop the results waiting for this sink, which nobody receives.",
+)
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 def purge(
-    connect: str, timeout_s: float, function: str | None, session: str | None, yes: bool
+    connect: str,
+    timeout_s: float,
+    function: str | None,
+    session: str | None,
+    sink: str | None,
+    yes: bool,
 ) -> None:
     """Cancel every task of FUNCTION still waiting to run.
 
     Their submitters see them cancelled; running tasks finish. With
     --session NAME instead of FUNCTION: drop the results waiting for a
     session that is not connected and the tasks it submitted (running ones
-    when they end), as `status` names it.
+    when they end), as `status` names it. With --sink NAME: drop the results
+    waiting for a sink that is not connected (`status` names it sink:NAME).
     """
-    if session is not None and function is None:
+    chosen = [given for given in (function, session, sink) if given is not None]
+    if len(chosen) != 1:
+        raise click.UsageError("give one of FUNCTION, --session NAME or --sink NAME")
+    if session is not None:
         _purge_session(connect, timeout_s, session, yes)
         return
-    if function is None or session is not None:
-        raise click.UsageError("give either FUNCTION or --session NAME")
+    if sink is not None:
+        _purge_sink(connect, timeout_s, sink, yes)
+        return
+    _purge_function(connect, timeout_s, chosen[0], yes)
+
+
+def _purge_function(connect: str, timeout_s: float, function: str, yes: bool) -> None:
     with _broker_answer(connect, timeout_s) as client:
         if not yes:
             question = _purge_question(client.status(timeout_s), function)
@@ -2138,13 +2157,29 @@ def _purge_session(connect: str, timeout_s: float, session: str, yes: bool) -> N
         # The error alone answers, as for a function that matched nothing.
         raise click.ClickException(
             f"nothing matched session {session!r}: the broker holds nothing for "
-            "it (`ventilator status` lists sessions)"
+            "it (`ventilator status` lists sessions; for the results waiting "
+            f"for a sink of that name: `ventilator purge --sink {session}`)"
         )
     click.echo(
         f"session {session}: dropped {dropped['results']} result(s) waiting for "
         f"delivery and {dropped['queued']} queued task(s); "
         f"{dropped['running']} running task(s) will be dropped when they end"
     )
+
+
+def _purge_sink(connect: str, timeout_s: float, sink: str, yes: bool) -> None:
+    """Drop the results waiting for sink `sink`: the broker keeps them under
+    the name ``sink:NAME``, which a session's purge empties."""
+    if not yes:
+        click.confirm(f"Drop the results waiting for sink {sink}?", abort=True)
+    with _broker_answer(connect, timeout_s) as client:
+        dropped = client.purge_session(f"{p.SINK_PREFIX}{sink}", timeout_s)
+    if not dropped["results"]:
+        raise click.ClickException(
+            f"nothing matched sink {sink!r}: no result waits for it "
+            "(`ventilator status` lists sinks as sink:NAME)"
+        )
+    click.echo(f"sink {sink}: dropped {dropped['results']} result(s) waiting for it")
 
 
 @cli.command()
