@@ -1205,9 +1205,11 @@ class Client:
         tasks: _MapTasks,
     ) -> _BatchSlot:
         # Retries are the items' own (see _retry_raised): a batch that failed
-        # whole fails the same way again, or is split.
+        # whole fails the same way again, or is split. It carries them all
+        # the same, so that the broker counts an item we will retry as
+        # retried, not failed; it never retries a batch itself.
         flags = job.flags | p.Flags.BATCH
-        spec = p.TaskSpec(0, job.name, payload, flags, job.timeout_s)
+        spec = p.TaskSpec(0, job.name, payload, flags, job.timeout_s, job.retries)
         slot = _BatchSlot(wakeup, items)
 
         def numbered(task_id: int) -> _Slot:

@@ -519,6 +519,13 @@ def split_for_its_map(flags: int, status: p.Status) -> bool:
     return status is p.Status.POISON and bool(flags & _BATCH)
 
 
+def _retried_here(task: Task) -> bool:
+    """Whether the broker runs `task` again when it raises: while it has
+    retries left, unless it is a map's batch, whose retries are its items'
+    (its map runs an item that raised alone again; see telemetry)."""
+    return task.retries_left > 0 and not task.flags & _BATCH
+
+
 def _held_by_another(recipient: Recipient, peer: bytes, hello: p.Hello) -> bool:
     """Whether a live connection of another `Client` holds the session."""
     return (
@@ -1996,7 +2003,7 @@ class Scheduler:
             self._finish(task, p.Status.REJECTED, pack_error(unkept), now)
         elif outcome.status is p.Status.CRASHED:
             self._died_running(task, _how_it_died(outcome.payload), now)
-        elif outcome.status is p.Status.RAISED and task.retries_left > 0:
+        elif outcome.status is p.Status.RAISED and _retried_here(task):
             self._retry_later(task, now)
         else:
             self.disk_budget.spend(len(outcome.payload))

@@ -1047,6 +1047,20 @@ def test_task_with_many_retries_keeps_being_retried() -> None:
     assert driver.scheduler.tasks[assignment.ticket].attempt > 1024
 
 
+def test_a_map_batch_that_raised_whole_is_not_retried_its_retries_are_its_items(
+    driver: Driver,
+) -> None:
+    # A batch carries its map's retries so that the broker counts the items
+    # its map will retry as retried, not failed (see telemetry); the map runs
+    # them again alone, and a batch that failed whole fails the same way again.
+    driver.submit(task(1, flags=p.Flags.BATCH, retries=2))
+    [assignment] = assignments(driver.ready(W1), W1)
+
+    effects = driver.done(W1, assignment, p.Status.RAISED, b"report")
+
+    assert [r.status for r in results(effects)] == [p.Status.RAISED]
+
+
 def test_timed_out_task_is_not_retried(driver: Driver) -> None:
     driver.submit(task(1, retries=3))
     [assignment] = assignments(driver.ready(W1), W1)
