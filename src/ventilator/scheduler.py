@@ -3145,8 +3145,12 @@ class Scheduler:
             # Of those two, the tombstones of expired results.
             "expired": recipient.expired,
             # Tasks it sent past its window, not accepted yet (see _park).
-            "waiting_for_room": len(self._parked.get(recipient.name, Parked()).specs),
+            "waiting_for_room": self._parked_count(recipient.name),
         }
+
+    def _parked_count(self, session: str) -> int:
+        parked = self._parked.get(session)
+        return 0 if parked is None else len(parked.specs)
 
     def _workers_within(self, scope: Scope) -> Iterator[tuple[Worker, list[str]]]:
         """The workers as a client with limited rights sees them: those that
