@@ -775,10 +775,12 @@ class _BatchMap:
 
     def _submit_batch(self, items: list[Any], payload: bytes) -> _BatchSlot:
         # Retries are the items' own (see _retry_raised): a batch that failed
-        # whole fails the same way again, or is split.
+        # whole fails the same way again, or is split. It carries them all
+        # the same, so that the broker counts an item we will retry as
+        # retried, not failed; it never retries a batch itself.
         job = self.job
         flags = job.flags | p.Flags.BATCH
-        spec = p.TaskSpec(0, job.name, payload, flags, job.timeout_s)
+        spec = p.TaskSpec(0, job.name, payload, flags, job.timeout_s, job.retries)
         slot = _BatchSlot(self.wakeup, items)
 
         def numbered(task_id: int) -> Slot:

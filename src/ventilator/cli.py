@@ -1946,15 +1946,17 @@ def _clients_table(clients: list[dict[str, Any]], counts: dict[str, int] | None)
             f"{len(clients)} of {counts['all']} listed, owed the most results "
             f"first ({unlisted} more not listed); " + table.caption
         )
-    # Only when there are any: the column costs 9 of the 80 columns.
-    expired = any(c.get("expired") for c in clients)
-    if expired:
+    # Only when there are any: each column costs 9 of the 80 columns.
+    extra = [key for key in ("expired", "waiting_for_room") if _any_of(clients, key)]
+    if "expired" in extra:
         table.caption += "; expired: of those, results that expired"
+    if "waiting_for_room" in extra:
+        table.caption += "; waiting: tasks sent past its window, not yet accepted"
     table.add_column("name", overflow="fold", ratio=1)
     # No kind column: a sink's name says it (sink:NAME), and "tasks" needs
     # the room.
     columns = ("connected", "tasks", "pending", "unacked")
-    for column in (*columns, "expired") if expired else columns:
+    for column in (*columns, *(_EXTRA_COLUMNS[key] for key in extra)):
         table.add_column(column, no_wrap=True)
     for c in clients:
         cells = [
@@ -1966,8 +1968,17 @@ def _clients_table(clients: list[dict[str, Any]], counts: dict[str, int] | None)
             # An older broker does not say.
             str(c.get("unacknowledged", "-")),
         ]
-        table.add_row(*cells, *([str(c["expired"])] if expired else []))
+        table.add_row(*cells, *(str(c[key]) for key in extra))
     return table
+
+
+# Columns of the clients' table shown only when a client has some.
+_EXTRA_COLUMNS = {"expired": "expired", "waiting_for_room": "waiting"}
+
+
+def _any_of(clients: list[dict[str, Any]], key: str) -> bool:
+    # An older broker does not say.
+    return any(c.get(key) for c in clients)
 
 
 def _failures_table(failures: list[dict[str, Any]], title: str, width: int) -> Any:
@@ -2067,22 +2078,41 @@ def retry(
     callback=lambda ctx, param, value: _not_an_option(value, param),
     help="Instead: drop all the broker holds for this session, which left.",
 )
+@click.option(
+    "--sink",
+    callback=lambda ctx, param, value: _not_an_option(value, param),
+    help="Instead: drop the results waiting for this sink, which nobody receives.",
+)
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 def purge(
-    connect: str, timeout_s: float, function: str | None, session: str | None, yes: bool
+    connect: str,
+    timeout_s: float,
+    function: str | None,
+    session: str | None,
+    sink: str | None,
+    yes: bool,
 ) -> None:
     """Cancel every task of FUNCTION still waiting to run.
 
     Their submitters see them cancelled; running tasks finish. With
     --session NAME instead of FUNCTION: drop the results waiting for a
     session that is not connected and the tasks it submitted (running ones
-    when they end), as `status` names it.
+    when they end), as `status` names it. With --sink NAME: drop the results
+    waiting for a sink that is not connected (`status` names it sink:NAME).
     """
-    if session is not None and function is None:
+    chosen = [given for given in (function, session, sink) if given is not None]
+    if len(chosen) != 1:
+        raise click.UsageError("give one of FUNCTION, --session NAME or --sink NAME")
+    if session is not None:
         _purge_session(connect, timeout_s, session, yes)
         return
-    if function is None or session is not None:
-        raise click.UsageError("give either FUNCTION or --session NAME")
+    if sink is not None:
+        _purge_sink(connect, timeout_s, sink, yes)
+        return
+    _purge_function(connect, timeout_s, chosen[0], yes)
+
+
+def _purge_function(connect: str, timeout_s: float, function: str, yes: bool) -> None:
     with _broker_answer(connect, timeout_s) as client:
         if not yes:
             question = _purge_question(client.status(timeout_s), function)
@@ -2154,13 +2184,29 @@ def _purge_session(connect: str, timeout_s: float, session: str, yes: bool) -> N
         # The error alone answers, as for a function that matched nothing.
         raise click.ClickException(
             f"nothing matched session {session!r}: the broker holds nothing for "
-            "it (`ventilator status` lists sessions)"
+            "it (`ventilator status` lists sessions; for the results waiting "
+            f"for a sink of that name: `ventilator purge --sink {session}`)"
         )
     click.echo(
         f"session {session}: dropped {dropped['results']} result(s) waiting for "
         f"delivery and {dropped['queued']} queued task(s); "
         f"{dropped['running']} running task(s) will be dropped when they end"
     )
+
+
+def _purge_sink(connect: str, timeout_s: float, sink: str, yes: bool) -> None:
+    """Drop the results waiting for sink `sink`: the broker keeps them under
+    the name ``sink:NAME``, which a session's purge empties."""
+    if not yes:
+        click.confirm(f"Drop the results waiting for sink {sink}?", abort=True)
+    with _broker_answer(connect, timeout_s) as client:
+        dropped = client.purge_session(f"{p.SINK_PREFIX}{sink}", timeout_s)
+    if not dropped["results"]:
+        raise click.ClickException(
+            f"nothing matched sink {sink!r}: no result waits for it "
+            "(`ventilator status` lists sinks as sink:NAME)"
+        )
+    click.echo(f"sink {sink}: dropped {dropped['results']} result(s) waiting for it")
 
 
 @cli.command()

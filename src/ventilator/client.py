@@ -712,6 +712,8 @@ def _check_session(session: str | None) -> None:
     if not isinstance(session, str):
         raise UsageError(f"session must be a str, got {type(session).__name__}")
     problem = p.label_problem(session, "session")
+    if problem is None:
+        problem = p.reserved_session_problem(session)
     if problem is not None:
         raise UsageError(f"cannot open this session: {problem}")
 

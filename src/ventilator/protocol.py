@@ -133,6 +133,14 @@ SESSION_IN_USE = "session_in_use"
 # for: it remembers `max_sessions` in all, and a connection opens a few at most
 # (see Scheduler._session_room); the message names the limit.
 TOO_MANY_SESSIONS = "too_many_sessions"
+# An ERROR code: the HELLO names a session the broker keeps for itself (see
+# `reserved_session_problem`); asking again changes nothing.
+RESERVED_NAME = "reserved_name"
+# What the broker names the recipients that are not client sessions: a sink's
+# results wait under ``sink:NAME``, an MDP client's (and Titanic's) under
+# ``mdp:...``. A client session named so would share their results, both ways.
+SINK_PREFIX = "sink:"
+RESERVED_SESSION_PREFIXES = (SINK_PREFIX, "mdp:")
 
 # What a task's function is called. A dotted module path, a colon and a public
 # name is what workers serve; a pickled callable is ``pickled:`` and a label
@@ -568,6 +576,21 @@ def label_problem(value: str, what: str) -> str | None:
             "names are printable text (they appear in logs and status)"
         )
     return problem
+
+
+def reserved_session_problem(session: str) -> str | None:
+    """Why a client may not open `session`: the broker keeps names starting
+    with `RESERVED_SESSION_PREFIXES` for sinks and MDP clients (sessions and
+    sinks are separate namespaces); None when the name is free to take."""
+    if not session.startswith(RESERVED_SESSION_PREFIXES):
+        return None
+    prefixes = " or ".join(repr(prefix) for prefix in RESERVED_SESSION_PREFIXES)
+    return (
+        f"session {_short(session)} starts with a prefix the broker keeps for "
+        f"its own names ({prefixes}: sinks and MDP clients), whose results it "
+        "would share; name the session otherwise (a sink is received with "
+        "Sink(name) or `ventilator sink NAME`)"
+    )
 
 
 def _label(value: Any, what: str) -> str:

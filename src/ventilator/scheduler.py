@@ -99,7 +99,8 @@ _BATCH = int(p.Flags.BATCH)
 _SPLIT = int(p.Flags.SPLIT)
 
 # Session and recipient names of peers that do not speak ventilator's protocol
-# (MDP clients, Titanic): a ventilator client may not take them in its HELLO.
+# (MDP clients, Titanic): a ventilator client may not take them in its HELLO
+# (see protocol.RESERVED_SESSION_PREFIXES), nor a worker as its id.
 GATEWAY_PREFIX = "mdp:"
 
 # Tickets a returning worker names above this are not taken as numbers some
@@ -395,6 +396,42 @@ class Recipient:
 
 
 @dataclass(slots=True)
+class Parked:
+    """Tasks a session sent past its window, which wait at the broker for room
+    in it (see Scheduler._park): in the order they came, and their bytes.
+
+    Not accepted: neither journalled nor counted in the broker's totals. Their
+    client holds them as unaccepted, and sends them again on a new connection.
+    """
+
+    specs: dict[int, p.TaskSpec] = field(default_factory=dict)
+    size: int = 0
+
+    def add(self, spec: p.TaskSpec) -> None:
+        self.specs[spec.task_id] = spec
+        self.size += len(spec.payload)
+
+    def first(self) -> p.TaskSpec:
+        return next(iter(self.specs.values()))
+
+    def remove(self, task_id: int) -> bool:
+        """Drop the task `task_id`; False if it was not here."""
+        spec = self.specs.pop(task_id, None)
+        if spec is None:
+            return False
+        self.size -= len(spec.payload)
+        return True
+
+
+class Admission(enum.Enum):
+    """What became of one submitted task."""
+
+    ACCEPTED = "accepted"
+    WAITING = "waiting"  # past its sender's window, for room (see _park)
+    REFUSED = "refused"
+
+
+@dataclass(slots=True)
 class DiskBudget:
     """What the journal's disk can still take until the shell looks again.
 
@@ -521,10 +558,11 @@ def split_for_its_map(flags: int, status: p.Status) -> bool:
     return status is p.Status.POISON and bool(flags & _BATCH)
 
 
-def _counts_against_window(task: Task) -> bool:
-    """A task counts against its submitter's window until it is forgotten, except
-    a finished sink task, whose result is the sink's to collect."""
-    return task.state is not State.FINISHED or task.recipient == task.session
+def _retried_here(task: Task) -> bool:
+    """Whether the broker runs `task` again when it raises: while it has
+    retries left, unless it is a map's batch, whose retries are its items'
+    (its map runs an item that raised alone again; see telemetry)."""
+    return task.retries_left > 0 and not task.flags & _BATCH
 
 
 def _held_by_another(recipient: Recipient, peer: bytes, hello: p.Hello) -> bool:
@@ -538,7 +576,7 @@ def _held_by_another(recipient: Recipient, peer: bytes, hello: p.Hello) -> bool:
     )
 
 
-SINK_PREFIX = "sink:"
+SINK_PREFIX = p.SINK_PREFIX
 
 
 def sink_recipient(name: str) -> str:
@@ -841,8 +879,14 @@ class Scheduler:
         # their bytes: neither counts against max_queued_tasks or _bytes.
         self._tombstones: OrderedDict[int, float] = OrderedDict()
         self._tombstone_bytes = 0
-        self._held: dict[str, int] = {}  # per submitting session: tasks not forgotten
-        self._held_bytes: dict[str, int] = {}  # ... and their payload and result bytes
+        # Per submitting session: tasks not forgotten (a sink task's until its
+        # sink acknowledges it), and their payload and result bytes.
+        self._held: dict[str, int] = {}
+        self._held_bytes: dict[str, int] = {}
+        # Per session, tasks it sent past its window, waiting for room, and
+        # the sessions whose window some room came back to this turn.
+        self._parked: dict[str, Parked] = {}
+        self._room_freed: set[str] = set()
         self._queued_bytes = 0
         # Per queue: tickets still in it whose task left QUEUED without being
         # taken (cancelled, purged); they are skipped when they reach the front.
@@ -891,9 +935,9 @@ class Scheduler:
         # Accepted task ids not yet announced, per submitting peer, and when the
         # first of them was accepted (see ACCEPT_GRACE_S).
         self._unannounced: dict[bytes, tuple[float, dict[int, None]]] = {}
-        # Why the broker is full, worked out once per loop turn: a SUBMIT of
-        # many tasks to a full broker asks for it once per task.
-        self._full_reason: str | None = None
+        # What a full broker holds, in words, worked out once per loop turn: a
+        # SUBMIT of many tasks to it asks for it once per task.
+        self._holdings_said: str | None = None
 
     # --- clients -------------------------------------------------------------------
 
@@ -931,9 +975,11 @@ class Scheduler:
         # A heartbeat needs nothing more: any command refreshed last_seen.
 
     def _hello(self, peer: bytes, hello: p.Hello, now: float) -> None:
-        if hello.session.startswith(GATEWAY_PREFIX):
-            message = f"session names starting {GATEWAY_PREFIX!r} are the broker's"
-            self._effects.to_clients.append((peer, p.Error("reserved_name", message)))
+        # Checked here, not only in our client: an older or foreign one naming
+        # its session ``sink:NAME`` used to receive that sink's results.
+        reserved = p.reserved_session_problem(hello.session)
+        if reserved is not None:
+            self._effects.to_clients.append((peer, p.Error(p.RESERVED_NAME, reserved)))
             return
 
         name = hello.session if hello.sink is None else sink_recipient(hello.sink)
@@ -997,6 +1043,8 @@ class Scheduler:
         if recipient is None or recipient.peer != peer:
             return
         recipient.peer = None
+        # What it sent past its window no longer has a connection to hear of it.
+        self._drop_parked(recipient.name)
         if self._holds_nothing(recipient):
             self._drop_recipient(recipient)
 
@@ -1011,7 +1059,10 @@ class Scheduler:
         it (nor a tombstone: those wait in `pending` too), and no task it
         submitted is in the broker (queued, waiting, running or finished)."""
         return not (
-            recipient.pending or recipient.unacked or self._held.get(recipient.name, 0)
+            recipient.pending
+            or recipient.unacked
+            or self._held.get(recipient.name, 0)
+            or recipient.name in self._parked
         )
 
     def _drop_recipient(self, recipient: Recipient) -> None:
@@ -1202,33 +1253,61 @@ class Scheduler:
         pickle_served = self._pickle_served()  # once per batch, not per task
         in_this_batch: set[int] = set()
         functions: dict[str, None] = {}
+        sinks: dict[str, None] = {}
         for spec in specs:
             # A resubmission comes in a later SUBMIT; one id twice in the same
             # one is two tasks of which only the first could ever be answered.
             duplicate = spec.task_id in in_this_batch
             in_this_batch.add(spec.task_id)
-            if not duplicate and (session, spec.task_id) in self._by_key:
-                accepted[spec.task_id] = None  # a resubmission: already ours
-                continue
-
-            reason = (
-                f"task_id {spec.task_id} appears twice in one SUBMIT"
-                if duplicate
-                else p.submission_problem(spec.function, spec.flags)
-            )
-            if reason is None:
-                reason = self._refusal(session, spec, pickle_served)
-            if reason is not None:
+            if duplicate:
+                reason = f"task_id {spec.task_id} appears twice in one SUBMIT"
                 self._reject(peer, session, spec.task_id, reason)
                 continue
+            if (session, spec.task_id) in self._by_key:
+                accepted[spec.task_id] = None  # a resubmission: already ours
+                continue
+            if self._is_parked(session, spec.task_id):
+                continue  # a resubmission of one that waits for room
 
-            self._accept(session, spec, now)
-            accepted[spec.task_id] = None
+            admission = self._admit_submitted(peer, session, spec, pickle_served, now)
+            if admission is Admission.REFUSED:
+                continue
+            if admission is Admission.ACCEPTED:
+                accepted[spec.task_id] = None
             if not spec.flags & _PICKLED:  # refused above if unserved
                 functions[spec.function] = None
+            if spec.sink is not None:
+                sinks[spec.sink] = None
         if accepted:
             self._unannounced.setdefault(peer, (now, {}))[1].update(accepted)
         self._tell_unserved(peer, functions)
+        self._tell_unreceived(peer, sinks)
+
+    def _admit_submitted(
+        self,
+        peer: bytes,
+        session: str,
+        spec: p.TaskSpec,
+        pickle_served: bool,
+        now: float,
+    ) -> Admission:
+        """Accept one task a client submitted, or refuse it; past its window,
+        let it wait for room (see `_park`)."""
+        reason = p.submission_problem(spec.function, spec.flags)
+        if reason is None:
+            reason = self._task_refusal(spec, pickle_served)
+        size = len(spec.payload)
+        if reason is None and self._waits_for_room(session, size):
+            reason = self._park(session, spec)
+            if reason is None:
+                return Admission.WAITING
+        if reason is None:
+            reason = self._full_refusal(size)
+        if reason is not None:
+            self._reject(peer, session, spec.task_id, reason)
+            return Admission.REFUSED
+        self._accept(session, spec, now)
+        return Admission.ACCEPTED
 
     def _tell_unserved(self, peer: bytes, functions: Iterable[str]) -> None:
         """Tell a client which functions of its SUBMIT no connected worker
@@ -1239,6 +1318,22 @@ class Scheduler:
                 message = (
                     f"no connected worker serves {function}; its tasks wait in "
                     "the queue until one does"
+                )
+                self._effects.to_clients.append((peer, p.Error(p.UNSERVED, message)))
+
+    def _tell_unreceived(self, peer: bytes, sinks: Iterable[str]) -> None:
+        """Tell a client which sinks of its SUBMIT no process receives now:
+        their results wait at the broker, counted against the client's window,
+        which without a word looks like a hang once it fills. A notice, as for
+        an unserved function; the client logs each once."""
+        for sink in sinks:
+            recipient = self.recipients.get(sink_recipient(sink))
+            if recipient is None or recipient.peer is None:
+                message = (
+                    f"no sink {sink!r} is connected; results of tasks sent to it "
+                    "wait at the broker until one is (`ventilator sink "
+                    f"{sink}`), and count against this client's window until "
+                    "it collects them"
                 )
                 self._effects.to_clients.append((peer, p.Error(p.UNSERVED, message)))
 
@@ -1264,6 +1359,19 @@ class Scheduler:
     def _refusal(
         self, session: str, spec: p.TaskSpec, pickle_served: bool
     ) -> str | None:
+        """Why the broker will not accept `spec` from `session` now; None if
+        it will. For tasks not submitted by a client (MDP, Titanic, retries),
+        which wait for no room."""
+        size = len(spec.payload)
+        reason = self._task_refusal(spec, pickle_served)
+        if reason is None:
+            reason = self._window_refusal(session, size)
+        if reason is None:
+            reason = self._full_refusal(size)
+        return reason
+
+    def _task_refusal(self, spec: p.TaskSpec, pickle_served: bool) -> str | None:
+        """Why the broker will not take this task whoever sends it, now."""
         if self.not_accepting is not None:
             return self.not_accepting
         limits = self.limits
@@ -1275,52 +1383,179 @@ class Scheduler:
                 f"payload of {size} bytes is over the limit of "
                 f"{limits.max_payload_bytes} bytes (max_payload_bytes)"
             )
+        if size > limits.client_max_bytes:
+            return (
+                f"payload of {size} bytes is over the {limits.client_max_bytes} "
+                "bytes one client may have in the broker (client_max_bytes)"
+            )
         if spec.flags & _PICKLED and not pickle_served:
             return (
                 "no connected worker runs pickled callables; start one with "
                 "--allow-pickle, or submit the function by its module:name"
             )
-        if self._held_bytes.get(session, 0) + size > limits.client_max_bytes:
+        return None
+
+    def _window_refusal(self, session: str, size: int) -> str | None:
+        """Why a task of `size` bytes does not fit the window of `session` now:
+        its tasks in the broker, a sink task's until its sink acknowledges it
+        (a client of ours cannot see that, and keeps to the rest)."""
+        limits = self.limits
+        held_bytes = self._held_bytes.get(session, 0)
+        if held_bytes + size > limits.client_max_bytes:
             return (
-                f"this client already has {self._held_bytes.get(session, 0)} bytes "
-                f"in the broker, the limit is {limits.client_max_bytes} "
-                "(client_max_bytes); wait for results before submitting more"
+                f"this client already has {held_bytes} bytes in the broker, the "
+                f"limit is {limits.client_max_bytes} (client_max_bytes); wait for "
+                "results before submitting more"
             )
         if self._held.get(session, 0) >= limits.client_window:
             return (
                 f"this client already has {limits.client_window} tasks in the broker "
-                "(client_window); wait for results before submitting more"
-            )
-        if self._held_tasks() >= limits.max_queued_tasks:
-            if self._full_reason is None:
-                self._full_reason = self._full_of_tasks()
-            return self._full_reason
-        if self._queued_bytes - self._tombstone_bytes + size > limits.max_queued_bytes:
-            return (
-                f"the broker holds {limits.max_queued_bytes} bytes (max_queued_bytes)"
+                "(client_window), counting those whose results wait for a sink; "
+                "wait for results before submitting more"
             )
         return None
 
-    def _full_of_tasks(self) -> str:
-        """Why the broker takes no more tasks: what it holds, by state.
+    def _full_refusal(self, size: int) -> str | None:
+        """Why the broker, holding what it holds, takes no task of `size` now."""
+        limits = self.limits
+        if self._held_tasks() >= limits.max_queued_tasks:
+            return (
+                f"the broker holds {self._held_tasks()} tasks, its limit "
+                f"(max_queued_tasks): {self._holdings()}"
+            )
+        held_bytes = self._queued_bytes - self._tombstone_bytes
+        if held_bytes + size > limits.max_queued_bytes:
+            return (
+                f"the broker holds {held_bytes} bytes of arguments and results, "
+                f"and this task's {size} would pass its limit of "
+                f"{limits.max_queued_bytes} (max_queued_bytes): {self._holdings()}"
+            )
+        return None
+
+    def _holdings(self) -> str:
+        """What a full broker holds, by state, and what to do: worked out once
+        per loop turn, as a SUBMIT of many tasks to it asks for each.
 
         Results waiting for delivery count: they hold memory and journal space
-        as tasks do, and the limit bounds both. Those of clients that left wait
+        as tasks do, and the limits bound both. Those of clients that left wait
         for `result_ttl_s`, unless an operator drops them; then they are
-        tombstones, which do not count.
+        tombstones, which count against no limit.
         """
-        held = self._held_tasks()
+        if self._holdings_said is not None:
+            return self._holdings_said
         queued = sum(self._queued_by_function().values())
         running = sum(len(worker.running) for worker in self.workers.values())
-        waiting = held - queued - running
-        return (
-            f"the broker holds {held} tasks, its limit "
-            f"(max_queued_tasks): {queued} queued, {running} running, {waiting} "
-            "results waiting for delivery; results wait until their client "
-            f"collects them, or for {self.limits.result_ttl_s:g}s (result_ttl_s); "
-            "an operator drops those of a session that left with "
-            "`ventilator purge --session NAME`"
+        waiting = self._held_tasks() - queued - running
+        said = (
+            f"{queued} queued, {running} running, {waiting} results waiting for "
+            "delivery; "
         )
+        if waiting:
+            said += (
+                "results wait until their client collects them, or for "
+                f"{self.limits.result_ttl_s:g}s (result_ttl_s); an operator drops "
+                "those of a session that left with `ventilator purge --session NAME`"
+            )
+        else:
+            said += (
+                "tasks leave as workers finish them and their clients collect "
+                "the results: try again later, or start more workers"
+            )
+        self._holdings_said = said
+        return said
+
+    # --- tasks past their sender's window ---------------------------------------------
+
+    def _waits_for_room(self, session: str, size: int) -> bool:
+        """Whether a task of `session` must wait for room in its window: it is
+        full, or others wait already (they go first)."""
+        if session in self._parked:
+            return True
+        return self._window_refusal(session, size) is not None
+
+    def _is_parked(self, session: str, task_id: int) -> bool:
+        parked = self._parked.get(session)
+        return parked is not None and task_id in parked.specs
+
+    def _park(self, session: str, spec: p.TaskSpec) -> str | None:
+        """Let a task past its sender's window wait for room; None once it
+        waits, else why it may not (another window's worth waits already).
+
+        A sink task counts against its sender until the sink acknowledges its
+        result, which our client cannot see: it takes the task for gone once
+        accepted, and sends more. Refused, those would fail (a sink that fell
+        behind failed its senders' tasks); waiting unaccepted, they keep their
+        client's window full, and so slow the sender, and only the sender. A
+        client that keeps to its window never has more than a window's worth
+        waiting; past that, or its bytes, a sender is refused.
+        """
+        parked = self._parked.get(session)
+        if parked is None:
+            parked = self._parked[session] = Parked()
+        limits = self.limits
+        over = len(parked.specs) >= limits.client_window or (
+            parked.size + len(spec.payload) > limits.client_max_bytes
+        )
+        if over and parked.specs:
+            return (
+                f"{len(parked.specs)} tasks of this client ({parked.size} bytes) "
+                "wait at the broker for room in its window already "
+                f"(client_window={limits.client_window}, client_max_bytes="
+                f"{limits.client_max_bytes}); wait for results before "
+                "submitting more"
+            )
+        parked.add(spec)
+        return None
+
+    def _accept_waiting(self) -> None:
+        """Accept, in the order they came, the tasks that waited for room in
+        the windows some room came back to, while it lasts."""
+        freed, self._room_freed = self._room_freed, set()
+        if not freed:
+            return
+        pickle_served = self._pickle_served()
+        for session in freed:
+            parked = self._parked.get(session)
+            if parked is not None:
+                self._accept_parked(session, parked, pickle_served)
+
+    def _accept_parked(self, session: str, parked: Parked, pickle_served: bool) -> None:
+        """Accept what fits of `parked`; refuse what the broker can no longer
+        take (it filled up meanwhile, or its disk did)."""
+        peer = self._peer_of_session(session)
+        accepted: dict[int, None] = {}
+        while parked.specs:
+            spec = parked.first()
+            size = len(spec.payload)
+            if self._window_refusal(session, size) is not None:
+                break  # no more room yet
+            parked.remove(spec.task_id)
+            reason = self._task_refusal(spec, pickle_served) or self._full_refusal(size)
+            if reason is None:
+                self._accept(session, spec, self._now)
+                accepted[spec.task_id] = None
+            elif peer is not None:
+                self._reject(peer, session, spec.task_id, reason)
+        if not parked.specs:
+            del self._parked[session]
+        if accepted and peer is not None:
+            self._unannounced.setdefault(peer, (self._now, {}))[1].update(accepted)
+
+    def _peer_of_session(self, session: str) -> bytes | None:
+        """Where to tell `session` what became of its waiting tasks: its
+        connection, or the one it was last on (it may be busy, not gone); a
+        client on a new connection sends them again, and hears it then."""
+        recipient = self.recipients.get(session)
+        if recipient is None:
+            return None
+        return recipient.peer or recipient.last_peer
+
+    def _drop_parked(self, session: str) -> int:
+        """Forget the tasks `session` sent past its window (its client left,
+        lost its key, or an operator purged it); return how many."""
+        parked = self._parked.pop(session, None)
+        self._room_freed.discard(session)
+        return 0 if parked is None else len(parked.specs)
 
     def _held_tasks(self) -> int:
         """The tasks that count against max_queued_tasks: all but tombstones."""
@@ -1381,8 +1616,7 @@ class Scheduler:
     def _admit(self, task: Task) -> None:
         self.tasks[task.ticket] = task
         self._by_key[task.key] = task.ticket
-        if _counts_against_window(task):
-            self._hold(task.session, +1)
+        self._hold(task.session, +1)
         self._count_bytes(task, len(task.payload) + len(task.result))
         self._recipient(task.recipient)
 
@@ -1392,6 +1626,8 @@ class Scheduler:
             self._held[session] = held
         else:
             del self._held[session]
+        if change < 0 and session in self._parked:
+            self._room_freed.add(session)
 
     def _ack(self, recipient: Recipient, keys: Iterable[tuple[str, int]]) -> None:
         acked: set[int] = set()
@@ -1417,8 +1653,7 @@ class Scheduler:
         del self.tasks[task.ticket]
         self._fences.pop(task.ticket, None)
         del self._by_key[task.key]
-        if _counts_against_window(task):
-            self._hold(task.session, -1)
+        self._hold(task.session, -1)
         self._count_bytes(task, -len(task.payload) - len(task.result))
         self._finish_order.pop(task.ticket, None)
         if self._tombstones.pop(task.ticket, None) is not None:
@@ -1430,10 +1665,13 @@ class Scheduler:
 
     def _cancel(self, session: str, task_ids: Iterable[int], now: float) -> None:
         running: dict[int, Task] = {}  # a task named twice is stopped once
+        parked = self._parked.get(session)
         for task_id in task_ids:
             ticket = self._by_key.get((session, task_id))
             task = self.tasks.get(ticket) if ticket is not None else None
             if task is None:
+                if parked is not None and parked.remove(task_id):
+                    self._room_freed.add(session)  # the next may fit now
                 continue
             if task.state in (State.QUEUED, State.WAITING):
                 self._finish(task, p.Status.CANCELLED, b"", now)
@@ -1506,6 +1744,8 @@ class Scheduler:
         recipient.peer = None
         if said_bye:
             self._forget_cancellations(recipient)
+            # Unaccepted: its client failed them as it closed.
+            self._drop_parked(recipient.name)
         held = len(recipient.pending) + len(recipient.unacked)
         if was_connected:
             self._effects.notices.append(ClientLost(recipient.name, held, how))
@@ -1577,7 +1817,7 @@ class Scheduler:
     def _ready(self, peer: bytes, ready: p.Ready, now: float) -> None:
         if ready.worker_id.startswith(GATEWAY_PREFIX):
             message = f"worker ids starting {GATEWAY_PREFIX!r} are the broker's"
-            self._effects.to_workers.append((peer, p.Error("reserved_name", message)))
+            self._effects.to_workers.append((peer, p.Error(p.RESERVED_NAME, message)))
             return
         refused = self.register_worker(peer, ready, now)
         self._effects.to_workers.append((peer, self._welcome()))
@@ -1802,7 +2042,7 @@ class Scheduler:
             self._finish(task, p.Status.REJECTED, pack_error(unkept), now)
         elif outcome.status is p.Status.CRASHED:
             self._died_running(task, _how_it_died(outcome.payload), now)
-        elif outcome.status is p.Status.RAISED and task.retries_left > 0:
+        elif outcome.status is p.Status.RAISED and _retried_here(task):
             self._retry_later(task, now)
         else:
             self.disk_budget.spend(len(outcome.payload))
@@ -2150,6 +2390,7 @@ class Scheduler:
         recipient = self.recipients.get(name) if name is not None else None
         if recipient is not None and recipient.peer == peer:
             recipient.peer = None
+            self._drop_parked(recipient.name)
             held = len(recipient.pending) + len(recipient.unacked)
             notice = ClientLost(recipient.name, held, Departure.REVOKED)
             self._effects.notices.append(notice)
@@ -2329,11 +2570,6 @@ class Scheduler:
     ) -> None:
         """Make `task` FINISHED with `status`, counted and journalled, but not
         yet waiting for its recipient."""
-        if task.recipient != task.session:
-            # The submitter saw its sink task through when it was accepted; the
-            # result now waits on the sink, bounded by the broker's totals.
-            self._hold(task.session, -1)
-            self._hold_bytes(task.session, -len(task.payload) - len(task.result))
         self._leave_queue(task)
         if split_for_its_map(task.flags, status):
             self._batches_split += 1
@@ -2405,11 +2641,9 @@ class Scheduler:
         task.result = result
 
     def _count_bytes(self, task: Task, change: int) -> None:
-        """Bytes held for a task count in the total, and for its submitter as
-        long as the task counts against its window."""
+        """Bytes held for a task count in the total, and for its submitter."""
         self._queued_bytes += change
-        if _counts_against_window(task):
-            self._hold_bytes(task.session, change)
+        self._hold_bytes(task.session, change)
 
     def _hold_bytes(self, session: str, change: int) -> None:
         held = self._held_bytes.get(session, 0) + change
@@ -2417,6 +2651,8 @@ class Scheduler:
             self._held_bytes[session] = held
         else:
             self._held_bytes.pop(session, None)
+        if change < 0 and session in self._parked:
+            self._room_freed.add(session)
 
     def await_returning_workers(self, now: float) -> float:
         """Start serving after a restart: hold the queues of restored tasks
@@ -2683,10 +2919,11 @@ class Scheduler:
         of their SUBMIT, unless a result announced them first; without `now`,
         all of them at once (a broker's last turn).
         """
+        self._accept_waiting()
         self._dispatch()
         self._deliver()
         self._announce(now)
-        self._full_reason = None
+        self._holdings_said = None
 
         effects = self._effects
         self._effects = Effects()
@@ -2946,7 +3183,13 @@ class Scheduler:
             "tasks": self._held.get(recipient.name, 0),
             # Of those two, the tombstones of expired results.
             "expired": recipient.expired,
+            # Tasks it sent past its window, not accepted yet (see _park).
+            "waiting_for_room": self._parked_count(recipient.name),
         }
+
+    def _parked_count(self, session: str) -> int:
+        parked = self._parked.get(session)
+        return 0 if parked is None else len(parked.specs)
 
     def _workers_within(self, scope: Scope) -> Iterator[tuple[Worker, list[str]]]:
         """The workers as a client with limited rights sees them: those that
@@ -3203,7 +3446,8 @@ class Scheduler:
                 "results; purge --session is for sessions that left",
             }
 
-        dropped = {"results": 0, "queued": 0, "running": 0}
+        # What it sent past its window counts as queued: it waited to be.
+        dropped = {"results": 0, "queued": self._drop_parked(name), "running": 0}
         running: list[Task] = []
         for task in list(self.tasks.values()):
             kind = self._purge_for_session(task, name, now)
@@ -3299,6 +3543,7 @@ class Scheduler:
         self._check_byte_counts()
         self._check_tombstones()
         self._check_session_counts()
+        self._check_parked()
         assert all(ids for _, ids in self._unannounced.values()), "empty ACCEPTED"
         failed = [record.ticket for record in self.failed]
         assert len(set(failed)) == len(failed), "a failure remembered twice"
@@ -3314,6 +3559,22 @@ class Scheduler:
         assert opened == self._opened_by_peer, "sessions per connection miscounted"
         for peer, name in self._recipient_of_peer.items():
             assert name in self.recipients, f"{peer!r} mapped to forgotten {name}"
+
+    def _check_parked(self) -> None:
+        """Tasks wait for room only while there is none, a window's worth at
+        most, and only for a session the broker remembers."""
+        assert not self._room_freed, "room came back and nobody looked"
+        for session, parked in self._parked.items():
+            assert parked.specs, f"{session} parks nothing"
+            assert session in self.recipients, f"{session} forgotten with tasks parked"
+            assert len(parked.specs) <= self.limits.client_window, session
+            size = sum(len(spec.payload) for spec in parked.specs.values())
+            assert parked.size == size, (session, parked.size, size)
+            assert not any((session, t) in self._by_key for t in parked.specs)
+            first = len(parked.first().payload)
+            assert self._window_refusal(session, first) is not None, (
+                f"{session} waits with room in its window"
+            )
 
     def _check_totals(self) -> None:
         # Withdrawn tasks count in neither side, hence <= rather than ==.
@@ -3399,8 +3660,7 @@ class Scheduler:
         for task in self.tasks.values():
             size = len(task.payload) + len(task.result)
             total += size
-            if _counts_against_window(task):
-                held[task.session] = held.get(task.session, 0) + size
+            held[task.session] = held.get(task.session, 0) + size
         assert self._queued_bytes == total, (self._queued_bytes, total)
         held = {session: size for session, size in held.items() if size}
         assert self._held_bytes == held, (self._held_bytes, held)

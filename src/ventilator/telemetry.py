@@ -17,8 +17,12 @@ all its items with its outcome, except one whose process died or whose worker
 was lost: that one was handed back to its map (`split_for_its_map`), and it
 and its items count as `split`, not failed. Items the client then resubmits
 one by one are new submissions, as are the items a batch left unrun at its
-time budget. A pickled batch's arguments are opaque to the broker: its items
-are counted as submitted when it finishes.
+time budget. So are items that raised in a batch whose map has retries
+(`retries=`, which the batch carries and the broker never uses on it): each
+counts as `retried` in its batch, and failed only if its last run alone
+fails, once, as a plain task with retries counts its end only. A pickled
+batch's arguments are opaque to the broker: its items are counted as
+submitted when it finishes.
 
 Prometheus metrics (collected from the latest snapshot, in a registry of our
 own, not prometheus-client's global one)::
@@ -33,6 +37,7 @@ own, not prometheus-client's global one)::
     ventilator_tasks_cancelled_total{function}
     ventilator_tasks_split_total{function}             batches handed back to their map
     ventilator_items_split_total{function}             ... and the items they held
+    ventilator_items_retried_total{function}           raised in a batch, rerun alone
     ventilator_task_duration_seconds{function}         histogram, as workers measure
     ventilator_task_queue_wait_seconds{function}       histogram, queued to started
     ventilator_queue_depth{function}                   waiting to run (retries too)
@@ -82,6 +87,9 @@ _POISON = p.Status.POISON
 _EXPIRED = p.Status.EXPIRED
 # The outcome under which batches handed back to their map are counted.
 _SPLIT = "split"
+# ... and items that raised in a batch whose map runs them again alone.
+_RETRIED = "retried"
+_RAISED = p.Status.RAISED
 _FAILURES = FAILURE_STATUSES
 _BATCH = int(p.Flags.BATCH)
 _PICKLED = int(p.Flags.PICKLED)
@@ -280,7 +288,10 @@ class Telemetry:
         items = dict(tally)
         for task, ending in batches:
             items[(task.queue, ending)] -= 1
-            for status, count in self._finished_batch(task, ending).items():
+            outcomes = self._finished_batch(task, ending)
+            if ending is _OK and task.retries_left:
+                self._count_retried(task.queue, outcomes.pop(_RAISED, 0))
+            for status, count in outcomes.items():
                 items[(task.queue, status)] = items.get((task.queue, status), 0) + count
         interval = self._interval
         for (function, status), count in items.items():
@@ -290,6 +301,16 @@ class Telemetry:
                 interval.completed += count
             elif status in _FAILURES:
                 interval.failed += count
+
+    def _count_retried(self, function: str, count: int) -> None:
+        """Count items that raised in a batch with retries as retried: their
+        map runs each again alone (one retry fewer), a task of its own that
+        counts as submitted and ends as the item does. Counted failed here
+        too, an item that raised twice with retries=1 counted failed twice,
+        while a plain task's retries count nothing."""
+        if count:
+            key = (function, _RETRIED)
+            self.items_finished[key] = self.items_finished.get(key, 0) + count
 
     def _finished_batch(self, task: Task, ending: p.Status) -> dict[p.Status, int]:
         """How many items of a finished batch ended how."""
@@ -352,6 +373,7 @@ class Telemetry:
             "completed": by_outcome.pop("ok", 0),
             "cancelled": by_outcome.pop("cancelled", 0),
             "split": by_outcome.pop(_SPLIT, 0),
+            "retried": by_outcome.pop(_RETRIED, 0),
             "failed": sum(by_outcome.values()),
         }
 
@@ -455,7 +477,8 @@ def _ending_counters(
     submitted: dict[str, int],
     finished: dict[tuple[str, str], int],
 ) -> Iterator[Metric]:
-    """Submitted, completed, failed and cancelled counters of one unit."""
+    """Submitted, completed, failed, cancelled, split (and for items,
+    retried) counters of one unit."""
     families = {
         "submitted": f"Accepted by the broker: {what}.",
         "completed": f"Returned a result: {what}.",
@@ -470,6 +493,12 @@ def _ending_counters(
             f"failed: {what}."
         ),
     }
+    if unit == "items":  # a task is retried within the broker, uncounted
+        families[_RETRIED] = (
+            "Raised in their map's batch, whose map runs each again alone "
+            "(retries=), as a task that is submitted again and ends as the item "
+            f"does; not failed: {what}."
+        )
     counters = {
         name: CounterMetricFamily(
             f"ventilator_{unit}_{name}",
@@ -483,7 +512,7 @@ def _ending_counters(
     for (function, outcome), count in sorted(finished.items()):
         if outcome == "ok":
             counters["completed"].add_metric([function], count)
-        elif outcome in ("cancelled", _SPLIT):
+        elif outcome in ("cancelled", _SPLIT, _RETRIED):
             counters[outcome].add_metric([function], count)
         else:
             counters["failed"].add_metric([function, outcome], count)

@@ -201,6 +201,36 @@ def test_metrics_count_each_item_of_a_map_and_its_batches_as_tasks(
     assert api(web_broker, "status")["items"]["completed"] == 100
 
 
+def test_an_item_retried_by_its_map_counts_as_failed_once_when_it_ends(
+    launch: Launcher, web_broker: BrokerProcess
+) -> None:
+    # A tester saw items failed +2 for one item that raised twice with
+    # retries=1, where a plain task's retries count nothing.
+    launch.worker(web_broker)
+    client = launch.client(web_broker)
+    wait_for_workers(client, 1)
+    reciprocal = f"{TASKS}:reciprocal"
+
+    outcomes = list(client.map_outcomes(reciprocal, [1, 0, 2, 4], retries=1))
+
+    assert [type(o.error).__name__ for o in outcomes if o.error] == ["TaskRaised"]
+    function = (("function", reciprocal),)
+    expected = {
+        ("ventilator_items_submitted_total", function): 5,  # its retry too
+        ("ventilator_items_completed_total", function): 3,
+        ("ventilator_items_retried_total", function): 1,
+        ("ventilator_items_failed_total", (*function, ("outcome", "raised"))): 1,
+    }
+
+    def counted() -> bool:
+        samples = metrics(web_broker)
+        return all(samples.get(key) == value for key, value in expected.items())
+
+    wait_until(counted, SETTLE_S, f"/metrics to show {expected}")
+    items = api(web_broker, "status")["items"]
+    assert (items["failed"], items["retried"]) == (1, 1)
+
+
 @pytest.fixture
 def browser() -> Iterator[Any]:
     if not CHROMIUM.exists():

@@ -293,6 +293,26 @@ def test_results_of_a_session_that_left_are_dropped_with_purge_session(
     status_when(newcomer, lambda s: s["queued"].get(UNSERVED) == 1, 10, "1 queued")
 
 
+def test_results_waiting_for_a_sink_nobody_receives_are_dropped_with_purge_sink(
+    processes: Processes, broker: BrokerProcess, launch: Launcher
+) -> None:
+    launch.worker(broker)
+    sender = launch.client(broker)
+    for x in range(3):
+        sender.submit(f"{TASKS}:square", x, sink="nobody2").result(START_TIMEOUT_S)
+    status_when(sender, lambda s: s["results_waiting"] == 3, 10, "3 results waiting")
+    frontend = ("--connect", broker.frontend)
+
+    by_session = run_cli(processes, "purge", "--session", "nobody2", "--yes", *frontend)
+    by_sink = run_cli(processes, "purge", "--sink", "nobody2", "--yes", *frontend)
+
+    assert by_session.returncode == 1
+    assert "ventilator purge --sink nobody2" in by_session.stderr
+    assert by_sink.returncode == 0, by_sink.stderr
+    assert "dropped 3 result(s)" in by_sink.stdout
+    assert sender.status()["results_waiting"] == 0
+
+
 @pytest.fixture
 def short_ttl_broker() -> Iterator[str]:
     """A broker in this process whose results expire after a second, with
@@ -364,7 +384,9 @@ def test_purge_session_of_a_connected_session_is_refused(
 
 
 @pytest.mark.parametrize(
-    "what", [["nocolon"], ["--session", "nosuchsession"]], ids=["function", "session"]
+    "what",
+    [["nocolon"], ["--session", "nosuchsession"], ["--sink", "nosuchsink"]],
+    ids=["function", "session", "sink"],
 )
 def test_purge_of_something_the_broker_does_not_know_says_nothing_matched(
     processes: Processes, broker: BrokerProcess, what: list[str]

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import select
 import subprocess
+import threading
 import time
+from concurrent.futures import Future
 from typing import Any
 
 import pytest
@@ -23,6 +26,7 @@ from .conftest import (
     paused,
     status_when,
     ventilator_argv,
+    wait_for_workers,
 )
 
 RESULT_TIMEOUT_S = 20.0
@@ -187,3 +191,49 @@ def test_a_sink_paused_past_its_liveness_writes_each_result_once(
         sink_is_away(client, "slow")
 
     assert_written_once(sink)
+
+
+def test_a_sender_to_an_absent_sink_is_slowed_and_nobody_else(
+    launch: Launcher, caplog: pytest.LogCaptureFixture
+) -> None:
+    # As a tester saw it: one client sending to a sink nobody received had
+    # twice its window accepted, and another client's plain submit was then
+    # refused for the broker's total.
+    broker = launch.broker("--client-window", "20", "--max-queued-tasks", "50")
+    launch.worker(broker)
+    sender, other = launch.client(broker), launch.client(broker)
+    wait_for_workers(other, 1)
+    sent: list[Future[Any]] = []
+
+    def send() -> None:  # blocks once the sender's window is full
+        sent.extend(sender.submit(tasks.square, i, sink="nobody") for i in range(40))
+
+    with caplog.at_level(logging.WARNING, logger="ventilator.client"):
+        sending = threading.Thread(target=send, daemon=True)
+        sending.start()
+        held = status_when(
+            other,
+            lambda status: (
+                _row(status, sender.session_at_broker)["waiting_for_room"] == 20
+            ),
+            RESULT_TIMEOUT_S,
+            "the sender's tasks past its window waiting for room",
+        )
+        served = other.submit(tasks.square, 7).result(RESULT_TIMEOUT_S)
+        with ventilator.Sink("nobody", broker.frontend) as sink:
+            received = list(itertools.islice(sink.results(RESULT_TIMEOUT_S), 40))
+        sending.join(RESULT_TIMEOUT_S)
+
+    assert _row(held, sender.session_at_broker)["tasks"] == 20
+    assert served == 49
+    assert sorted(r.value for r in received) == [i * i for i in range(40)]
+    assert [f.result(RESULT_TIMEOUT_S) for f in sent] == [None] * 40  # none refused
+    told = [r for r in caplog.records if "'nobody'" in r.getMessage()]
+    assert len(told) == 1, "the sender was not told once that nobody receives"
+
+
+def _row(status: dict[str, Any], name: str) -> dict[str, Any]:
+    """The status row of client or sink `name`, with nothing held or waiting
+    for what it does not say (not listed, or a broker that predates it)."""
+    rows = [row for row in status["clients"] if row["name"] == name]
+    return {"tasks": 0, "waiting_for_room": 0, **(rows[0] if rows else {})}

@@ -164,16 +164,18 @@ def test_a_result_the_journal_disk_cannot_take_fails_its_task_instead(
     assert (kept.status, kept.payload) == (p.Status.OK, b"r" * 900)
 
 
-def test_client_window_is_enforced() -> None:
+def test_client_window_is_enforced_past_another_window_waiting() -> None:
     driver = Driver(Limits(client_window=2))
     driver.hello()
 
-    effects = driver.submit(task(1), task(2), task(3))
+    effects = driver.submit(*[task(i) for i in range(1, 6)])
 
-    assert accepted(effects) == [1, 2]
+    assert accepted(effects) == [1, 2]  # 3 and 4 wait for room
     [refused] = results(effects)
-    assert refused.task_id == 3
+    assert refused.task_id == 5
     assert "client_window" in error_report(refused)["message"]
+    status = driver.scheduler.status(driver.now)
+    assert status["clients"][0]["waiting_for_room"] == 2  # type: ignore[index]
 
 
 def test_client_window_reopens_when_results_are_acknowledged() -> None:
@@ -205,6 +207,35 @@ def test_broker_byte_limit_is_enforced() -> None:
 
     assert accepted(effects) == [1]
     assert "max_queued_bytes" in error_report(results(effects)[0])["message"]
+
+
+def test_byte_limit_refusal_says_what_the_broker_holds_and_its_limit() -> None:
+    driver = Driver(Limits(max_queued_bytes=500))
+    driver.hello()
+
+    effects = driver.submit(task(1, payload=b"x" * 400), task(2, payload=b"x" * 150))
+
+    message = error_report(results(effects)[0])["message"]
+    assert "holds 400 bytes" in message
+    assert "this task's 150" in message and "limit of 500" in message
+    assert "1 queued, 0 running, 0 results waiting for delivery" in message
+    assert "try again" in message
+    assert "results wait until" not in message, "no result waits"
+
+
+def test_task_limit_refusal_speaks_of_waiting_results_only_when_some_wait() -> None:
+    driver = Driver(Limits(max_queued_tasks=2))
+    driver.hello()
+    driver.submit(task(1), task(2))
+    none_waits = error_report(results(driver.submit(task(3)))[0])["message"]
+    driver.done(W1, assignments(driver.ready(W1), W1)[0])
+
+    one_waits = error_report(results(driver.submit(task(4)))[0])["message"]
+
+    assert "0 results waiting" in none_waits
+    assert "results wait until" not in none_waits and "try again" in none_waits
+    assert "1 running, 1 results waiting" in one_waits
+    assert "results wait until their client collects them" in one_waits
 
 
 # --- dispatch -------------------------------------------------------------------------
@@ -545,6 +576,38 @@ def test_a_sink_that_leaves_keeps_the_cancelled_results_of_others_tasks(
     assert not left.forgotten
     task_1 = driver.scheduler.find_task("alice", 1)
     assert task_1 is not None and task_1.status is p.Status.CANCELLED
+
+
+@pytest.mark.parametrize("session", ["sink:totals", "mdp:01"])
+def test_a_session_named_like_the_broker_s_own_recipients_is_refused(
+    driver: Driver, session: str
+) -> None:
+    driver.submit(task(1, sink="totals"))
+    driver.done(W1, assignments(driver.ready(W1), W1)[0])
+
+    refused = driver.hello(OTHER, session=session)
+
+    [error] = sent(refused, OTHER, p.Error)
+    assert error.code == p.RESERVED_NAME
+    assert "'sink:'" in error.message and "name the session otherwise" in error.message
+    assert not sent(refused, OTHER, p.Welcome)
+    assert not results(refused, OTHER), "a session took the sink's results"
+    assert error_codes(driver.submit(task(2), peer=OTHER), OTHER) == ["hello_first"]
+
+
+def test_a_sink_never_receives_results_of_a_session_named_after_it(
+    driver: Driver,
+) -> None:
+    driver.hello(OTHER, session="sink:totals")  # refused: no such session
+    driver.submit(task(1), peer=OTHER)
+    for assignment in assignments(driver.ready(W1), W1):
+        driver.done(W1, assignment, payload=b"private")
+    driver.client(OTHER, p.Bye())
+
+    effects = driver.hello(b"sink-peer", session="reader", sink="totals")
+
+    assert not results(effects, b"sink-peer")
+    assert not driver.scheduler.tasks
 
 
 SINK_A = b"sink-a"
@@ -984,6 +1047,20 @@ def test_task_with_many_retries_keeps_being_retried() -> None:
         effects = driver.tick(0.01)
 
     assert driver.scheduler.tasks[assignment.ticket].attempt > 1024
+
+
+def test_a_map_batch_that_raised_whole_is_not_retried_its_retries_are_its_items(
+    driver: Driver,
+) -> None:
+    # A batch carries its map's retries so that the broker counts the items
+    # its map will retry as retried, not failed (see telemetry); the map runs
+    # them again alone, and a batch that failed whole fails the same way again.
+    driver.submit(task(1, flags=p.Flags.BATCH, retries=2))
+    [assignment] = assignments(driver.ready(W1), W1)
+
+    effects = driver.done(W1, assignment, p.Status.RAISED, b"report")
+
+    assert [r.status for r in results(effects)] == [p.Status.RAISED]
 
 
 def test_timed_out_task_is_not_retried(driver: Driver) -> None:
@@ -1817,12 +1894,12 @@ def test_client_over_its_byte_limit_is_refused_and_others_are_not() -> None:
     driver.hello()
     driver.hello(OTHER, session="bob")
 
-    first = driver.submit(task(1, payload=b"x" * 6), task(2, payload=b"x" * 6))
+    first = driver.submit(*[task(i, payload=b"x" * 6) for i in (1, 2, 3)])
     other = driver.submit(task(1, payload=b"x" * 6), peer=OTHER)
 
-    assert accepted(first) == [1]
+    assert accepted(first) == [1]  # 2 waits for room
     [refused] = results(first)
-    assert refused.task_id == 2
+    assert refused.task_id == 3
     assert "client_max_bytes" in error_report(refused)["message"]
     assert accepted(other, OTHER) == [1]
 

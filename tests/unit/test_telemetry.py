@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from prometheus_client import generate_latest
@@ -17,7 +18,7 @@ from ventilator.journal import open_journal
 from ventilator.logs import JsonFormatter
 from ventilator.policy import Limits
 from ventilator.scheduler import Task
-from ventilator.serialization import BatchPacker, pack_batch_outcomes
+from ventilator.serialization import BatchPacker, pack_batch_outcomes, pack_error
 from ventilator.telemetry import BUCKETS_S, Telemetry, metrics_registry
 
 from .driver import FUNCTION, Driver, assignments, task
@@ -160,7 +161,40 @@ def test_items_of_a_batch_are_counted_one_by_one_beside_the_task() -> None:
         "failed": 3,
         "cancelled": 0,
         "split": 0,
+        "retried": 0,
     }
+
+
+def test_an_item_its_map_retries_counts_as_failed_once_when_it_ends() -> None:
+    driver, telemetry = Driver(), Telemetry()
+    driver.hello()
+    batch = batch_of(1, ["a", "b", "c"])
+    telemetry.record(driver.submit(replace(batch, retries=1)))
+    [running] = assignments(driver.ready(W1), W1)
+    raised = TaskRaised("KeyError", "c").to_wire()
+    outcomes = [[p.Status.OK.value, "a"], [p.Status.OK.value, "b"], [1, raised]]
+    result = pack_batch_outcomes(0.01, outcomes)
+    telemetry.record(driver.done(W1, running, payload=result))
+    # Its map runs the item that raised alone, with one retry fewer: none.
+    submitted = driver.submit(task(2, retries=0))
+    telemetry.record(submitted)
+    [alone] = assignments(submitted, W1)
+
+    error = pack_error(TaskRaised("KeyError", "c"))
+    telemetry.record(driver.done(W1, alone, p.Status.RAISED, error))
+    telemetry.publish(driver.now, driver.scheduler)
+
+    metrics = samples(telemetry)
+    function = frozenset({("function", FUNCTION)})
+    assert (
+        metrics[("ventilator_items_failed_total", function | {("outcome", "raised")})]
+        == 1
+    )
+    assert metrics[("ventilator_items_retried_total", function)] == 1
+    assert metrics[("ventilator_items_completed_total", function)] == 2
+    assert telemetry.latest is not None
+    items = telemetry.latest.status["items"]
+    assert (items["failed"], items["retried"], items["submitted"]) == (1, 1, 4)
 
 
 def test_a_batch_handed_back_to_its_map_counts_split_not_failed() -> None:
