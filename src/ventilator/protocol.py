@@ -139,8 +139,11 @@ RESERVED_NAME = "reserved_name"
 # What the broker names the recipients that are not client sessions: a sink's
 # results wait under ``sink:NAME``, an MDP client's (and Titanic's) under
 # ``mdp:...``. A client session named so would share their results, both ways.
+# The broker's own reruns of failed tasks run under ``ventilator:retry``: a
+# client there would count them in its window, and its task ids would hide
+# reruns of the same number.
 SINK_PREFIX = "sink:"
-RESERVED_SESSION_PREFIXES = (SINK_PREFIX, "mdp:")
+RESERVED_SESSION_PREFIXES = (SINK_PREFIX, "mdp:", "ventilator:")
 
 # What a task's function is called. A dotted module path, a colon and a public
 # name is what workers serve; a pickled callable is ``pickled:`` and a label
@@ -580,16 +583,18 @@ def label_problem(value: str, what: str) -> str | None:
 
 def reserved_session_problem(session: str) -> str | None:
     """Why a client may not open `session`: the broker keeps names starting
-    with `RESERVED_SESSION_PREFIXES` for sinks and MDP clients (sessions and
-    sinks are separate namespaces); None when the name is free to take."""
+    with `RESERVED_SESSION_PREFIXES` for sinks, MDP clients and its own reruns
+    (sessions and sinks are separate namespaces); None when the name is free
+    to take."""
     if not session.startswith(RESERVED_SESSION_PREFIXES):
         return None
     prefixes = " or ".join(repr(prefix) for prefix in RESERVED_SESSION_PREFIXES)
     return (
         f"session {_short(session)} starts with a prefix the broker keeps for "
-        f"its own names ({prefixes}: sinks and MDP clients), whose results it "
-        "would share; name the session otherwise (a sink is received with "
-        "Sink(name) or `ventilator sink NAME`)"
+        f"its own names ({prefixes}: sinks, MDP clients and its reruns of "
+        "failed tasks), whose tasks and results it would share; name the "
+        "session otherwise (a sink is received with Sink(name) or "
+        "`ventilator sink NAME`)"
     )
 
 

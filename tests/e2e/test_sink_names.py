@@ -78,7 +78,7 @@ def test_sink_command_with_an_over_long_name_is_a_usage_error(
     assert "1 to 256 characters" in received.stderr
 
 
-@pytest.mark.parametrize("session", ["sink:s5", "mdp:titanic"])
+@pytest.mark.parametrize("session", ["sink:s5", "mdp:titanic", "ventilator:retry"])
 def test_a_client_session_named_like_a_sink_is_refused_naming_the_rule(
     session: str,
 ) -> None:
