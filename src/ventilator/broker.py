@@ -282,16 +282,13 @@ class Broker:
             UsageError: an endpoint is malformed.
             zmq.ZMQError: an endpoint is already in use, or its host unknown.
         """
-        # A malformed endpoint is the caller's error, told before any warning
-        # about exposing it.
-        self._check_endpoints()
-        self._check_exposure()
-        # Before any bind: a handshake that finds no ZAP handler is not checked.
-        self._gate.start()
         try:
-            self._bind_sockets()
-        except zmq.ZMQError:
-            self._gate.stop()  # no thread left behind by a failed bind
+            # A malformed endpoint is the caller's error, told before any
+            # warning about exposing it.
+            self._check_endpoints()
+            self._check_exposure()
+            self._open_gate_and_bind()
+        except (UsageError, zmq.ZMQError):
             self._remove_new_journal()
             raise
         requeued, awaiting = self._replay()
@@ -312,6 +309,15 @@ class Broker:
             requeued,
             awaiting,
         )
+
+    def _open_gate_and_bind(self) -> None:
+        # Before any bind: a handshake that finds no ZAP handler is not checked.
+        self._gate.start()
+        try:
+            self._bind_sockets()
+        except zmq.ZMQError:
+            self._gate.stop()  # no thread left behind by a failed bind
+            raise
 
     def _remove_new_journal(self) -> None:
         """A broker that could not bind leaves no empty journal behind, if it

@@ -1252,12 +1252,20 @@ def test_a_bad_value_from_the_environment_is_reported_under_its_variable(
 
 
 def test_one_address_for_frontend_and_backend_is_a_usage_error_naming_both(
-    processes: Processes,
+    processes: Processes, tmp_path: Path
 ) -> None:
     address = f"tcp://127.0.0.1:{free_port()}"
+    folder = tmp_path / "journal"
+    folder.mkdir()
+    journal = folder / "journal.db"
 
-    result = run_cli(processes, "broker", "--frontend", address, "--backend", address)
+    result = run_cli(
+        processes,
+        "broker",
+        *("--frontend", address, "--backend", address, "--journal", str(journal)),
+    )
 
     assert result.returncode == 2, result.stderr
     assert "--backend" in result.stderr and "--frontend" in result.stderr
     assert "already in use" not in result.stderr
+    assert not list(folder.iterdir()), "a broker that never served made files"
