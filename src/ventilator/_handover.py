@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from . import protocol as p
-from .errors import ClientBroken, TaskRejected, UsageError
+from .errors import ClientBroken, ClientClosed, TaskRejected
 
 if TYPE_CHECKING:
     from .client import TaskFuture
@@ -183,11 +183,16 @@ class Handover:
     # --- what callers hand over -------------------------------------------------
 
     def check_open(self) -> None:
-        """Raise why nothing can be queued any more (under `lock`)."""
+        """Raise why nothing can be queued any more (under `lock`).
+
+        ClientClosed, as for a client that broke: a thread that submits or
+        reads a map while another closes the client cannot tell that it was
+        too late, and the docs name ClientClosed for it.
+        """
         if self.broken is not None:
             raise self.broken
         if self.closed:
-            raise UsageError("this client is closed")
+            raise ClientClosed("this client is closed")
 
     def must_wait(self, size: int) -> bool:
         """Whether a task of `size` bytes waits for room (under `lock`): the

@@ -254,8 +254,9 @@ class Client:
             `TaskError` (see ventilator.errors) when the task failed.
 
         Raises:
-            UsageError: the arguments cannot be encoded, or the client is closed.
+            UsageError: the arguments cannot be encoded.
             PickleNotAllowed: a callable that needs pickling, without allow_pickle.
+            ClientClosed: the client is closed, or was while this waited.
         """
         spec = self._spec(function, args, kwargs, timeout_s, retries, sink)
         return self._enqueue([spec], self._future)[0]

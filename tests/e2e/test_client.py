@@ -500,8 +500,20 @@ def test_closing_a_client_fails_its_pending_futures_with_client_closed(
     client.close()
 
     assert isinstance(future.exception(RESULT_TIMEOUT_S), ventilator.ClientClosed)
-    with pytest.raises(ventilator.UsageError, match="closed"):
+    with pytest.raises(ventilator.ClientClosed, match="closed"):
         client.submit(tasks.square, 1)
+
+
+def test_a_map_read_after_its_client_closed_raises_client_closed(
+    launch: Launcher, broker: BrokerProcess
+) -> None:
+    # What a thread reading a map meets when another closes the client
+    # between two of its submissions: the same error as its other futures.
+    client = launch.client(broker)
+    client.close()
+
+    with pytest.raises(ventilator.ClientClosed):
+        next(client.map(tasks.square, range(10)))
 
 
 # --- pickled callables ------------------------------------------------------------
