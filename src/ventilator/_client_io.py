@@ -886,7 +886,7 @@ class ClientIO:
             taken.append(handover.pop_unsent())
             self._bytes_held += size
         if taken:
-            handover.room.notify_all()  # callers waiting for bytes to go
+            handover.room_changed()  # callers waiting for bytes to go
         elif handover.outgoing and self._collectable and room == 0:
             self._warn_window_held_for_collect()
         return taken

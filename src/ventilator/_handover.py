@@ -146,6 +146,8 @@ class Handover:
         # asyncio collect() learns of one without a thread blocked on the
         # queue. A tuple, replaced whole, so the I/O thread reads it unlocked.
         self.collect_listeners: tuple[Callable[[], None], ...] = ()
+        # Called with the room condition's notify (see room_changed).
+        self.room_listeners: tuple[Callable[[], None], ...] = ()
         # Set by close(), and when the I/O thread failed. The I/O thread reads
         # `closed` and `close_deadline` unlocked: the wake-up that follows
         # close() makes its next turn see them.
@@ -232,7 +234,7 @@ class Handover:
                 unsent = self._drop_all_unsent(wanted)
             if unsent:
                 self.in_window -= len(unsent)
-                self.room.notify_all()
+                self.room_changed()
             self.cancels.extend(wanted - unsent)
         self.wake()
 
@@ -284,6 +286,29 @@ class Handover:
         if wake:
             self.wake()
 
+    def room_changed(self) -> None:
+        """Wake whoever waits for room in the window (under `lock`): threads
+        blocked in submit, and the listeners of event loops (see
+        `listening_for_room`), which must not block."""
+        self.room.notify_all()
+        for listener in self.room_listeners:
+            listener()
+
+    @contextlib.contextmanager
+    def listening_for_room(self, listener: Callable[[], None]) -> Iterator[None]:
+        """Have `listener` called whenever room in the window may have come
+        back, or the client closed or broke, for the block. It runs on
+        whichever thread made the room, under `lock`: it must not block."""
+        with self.lock:
+            self.room_listeners = (*self.room_listeners, listener)
+        try:
+            yield
+        finally:
+            with self.lock:
+                listeners = list(self.room_listeners)
+                listeners.remove(listener)
+                self.room_listeners = tuple(listeners)
+
     @contextlib.contextmanager
     def listening(self, listener: Callable[[], None]) -> Iterator[None]:
         """Have the I/O thread call `listener` whenever a result waits for
@@ -306,7 +331,7 @@ class Handover:
                 return False
             self.closed = True
             self.close_deadline = time.monotonic() + timeout_s
-            self.room.notify_all()
+            self.room_changed()
         self.wake()
         return True
 
@@ -330,7 +355,7 @@ class Handover:
         """Tasks finished or failed: room for as many in the window."""
         with self.room:
             self.in_window -= count
-            self.room.notify_all()
+            self.room_changed()
 
     def welcome(
         self, window: int, max_bytes: float, max_payload_bytes: int | None
@@ -340,13 +365,13 @@ class Handover:
             self.max_payload_bytes = max_payload_bytes
             self.window = min(self.window, window)
             self.max_bytes = max_bytes
-            self.room.notify_all()
+            self.room_changed()
 
     def break_down(self, error: ClientBroken) -> None:
         """The I/O thread failed: every later call raises `error` (under
         `lock`). Callers waiting for room are woken to raise it."""
         self.broken = error
-        self.room.notify_all()
+        self.room_changed()
 
     def take_unsent(self) -> deque[Pending]:
         """Every task not sent yet, to fail (under `lock`); the window is the

@@ -2,8 +2,9 @@
 
 It wraps a `Client` (whose I/O thread does the work) and turns its futures into
 asyncio ones; the event loop is never blocked, even when the window is full.
-What would block (a full window, a map's next batch, a question to the broker)
-waits in a thread of the loop's default executor instead.
+A full window is waited for on the loop itself (the client's I/O thread wakes
+it when room comes); what else would block (a map's next batch, a question to
+the broker) waits in a thread of the loop's default executor instead.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import contextlib
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from typing import Any
 
+from . import protocol as p
 from ._maps import (
     MapTasks,
     check_chunksize,
@@ -60,14 +62,25 @@ class AsyncClient:
 
         Options (`timeout_s`, `retries`, `sink`) are those of `Client.submit`.
         """
-        # Straight from the event loop while the window has room; only a full
-        # window costs a thread, which waits for room without blocking the loop.
-        future = self._client.submit_nowait(function, *args, **kwargs)
+        spec = self._client._prepared(function, *args, **kwargs)
+        future = self._client._enqueue_nowait(spec)
         if future is None:
-            future = await asyncio.to_thread(
-                self._client.submit, function, *args, **kwargs
-            )
+            future = await self._when_room(spec)
         return await asyncio.wrap_future(future)
+
+    async def _when_room(self, spec: p.TaskSpec) -> TaskFuture:
+        """Queue `spec` once the window has room, waiting on the loop. A thread
+        per waiting submit would take the loop's default executor from
+        everything else: thirty submits past a full window held up status()
+        and close() for seconds, as they queued behind them."""
+        room = asyncio.Event()
+        with self._client._room_listener(_waker(room)):
+            while True:
+                room.clear()  # before looking, so room made meanwhile sets it
+                future = self._client._enqueue_nowait(spec)
+                if future is not None:
+                    return future
+                await room.wait()
 
     async def map(
         self,

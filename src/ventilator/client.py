@@ -274,6 +274,23 @@ class Client:
         """Like `submit`, but return None instead of waiting when the window is
         full (for event loops, which must not block)."""
         spec = self._spec(function, args, kwargs, timeout_s, retries, sink)
+        return self._enqueue_nowait(spec)
+
+    def _prepared(
+        self,
+        function: str | Callable[..., Any],
+        /,
+        *args: Any,
+        timeout_s: float | None = None,
+        retries: int = 0,
+        sink: str | None = None,
+        **kwargs: Any,
+    ) -> p.TaskSpec:
+        """The task `submit` would send, encoded once: for a caller that
+        tries again whenever room comes (see aio)."""
+        return self._spec(function, args, kwargs, timeout_s, retries, sink)
+
+    def _enqueue_nowait(self, spec: p.TaskSpec) -> TaskFuture | None:
         queued = self._enqueue([spec], self._future, block=False)
         return queued[0] if queued else None
 
@@ -393,6 +410,13 @@ class Client:
             return None
         self._handover.hand_over(collected)
         return collected.future
+
+    def _room_listener(
+        self, listener: Callable[[], None]
+    ) -> contextlib.AbstractContextManager[None]:
+        """Have `listener` called whenever room in the window may have come
+        back (or the client closed), for the block. It must not block."""
+        return self._handover.listening_for_room(listener)
 
     def _collect_listener(
         self, listener: Callable[[], None]
@@ -658,8 +682,10 @@ class Client:
         outcomes = []
         wake = False
         with handover.room:
-            if not block and not handover.fits(specs):
-                return []
+            if not block:
+                handover.check_open()  # a closed client has no room to wait for
+                if not handover.fits(specs):
+                    return []
             # Tasks that find none of ours in flight go out at once, from this
             # thread if it can (send_now); tasks that follow others wait for
             # the I/O thread, which gathers a burst into one SUBMIT.

@@ -265,3 +265,25 @@ def test_cancelling_an_item_by_item_async_map_stops_the_item_it_awaited(
 
     assert run_with(broker, cancel_while_awaiting) == 36
     assert len(list(runs.iterdir())) == 1
+
+
+def test_async_submits_waiting_for_room_leave_questions_and_close_free(
+    broker: BrokerProcess,
+) -> None:
+    # Tasks nobody serves: the window of 2 stays full, and 28 submits wait.
+    # Waiting in the loop's default executor, they took every thread it has,
+    # and status() and close() queued behind them for as long as they waited.
+    async def ask_while_full(client: ventilator.AsyncClient) -> Any:
+        submits = [asyncio.ensure_future(client.submit(UNSERVED, x)) for x in range(30)]
+        while client._client._handover.in_window < 2:  # the first two went
+            await asyncio.sleep(0.01)
+
+        status = await client.status(timeout_s=5)
+        await client.close()
+        outcomes = await asyncio.gather(*submits, return_exceptions=True)
+        return status, outcomes
+
+    status, outcomes = run_with(broker, ask_while_full, window=2)
+
+    assert status["queued"] == {UNSERVED: 2}
+    assert all(isinstance(o, ventilator.ClientClosed) for o in outcomes)
