@@ -323,7 +323,8 @@ class Client:
         A map that ends early (a failed item raised, the generator is closed
         or collected after a ``break``) cancels the tasks whose results it has
         not yielded: those still queued at the broker never run; running ones
-        finish on their worker, and their results are dropped.
+        are stopped on their worker; finished ones have their results
+        forgotten at the broker.
         """
         check_chunksize(chunksize)
         sink = options.pop("sink", None)

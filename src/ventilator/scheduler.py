@@ -1677,7 +1677,19 @@ class Scheduler:
                 self._finish(task, p.Status.CANCELLED, b"", now)
             elif task.state is State.RUNNING and not task.cancelled:
                 running[task.ticket] = task
+            elif task.state is State.FINISHED and task.recipient == session:
+                self._drop_unread_result(task)
         self._cancel_running(list(running.values()), now)
+
+    def _drop_unread_result(self, task: Task) -> None:
+        """A client cancelled a task whose result it has not read: its
+        future is cancelled, and nobody will ever read that result (a map
+        abandoned after a `break` cancels what it did not yield). Kept, it
+        would wait a day for the session, and fill its next client's window."""
+        recipient = self.recipients.get(task.recipient)
+        if recipient is not None:
+            recipient.owe_no_more({task.ticket})
+        self._forget(task)
 
     def _cancel_running(self, tasks: list[Task], now: float) -> None:
         """Cancel tasks that workers hold (running, or waiting there for a

@@ -368,3 +368,23 @@ def test_cancelled_futures_count_as_done_for_wait_and_as_completed(
 
     assert (len(done), len(not_done), len(completed)) == (3, 0, 3)
     assert all(future.cancelled() for future in futures)
+
+
+def test_a_map_left_at_its_first_item_leaves_no_results_for_its_session(
+    launch: Launcher, broker: BrokerProcess
+) -> None:
+    launch.worker(broker, concurrency=2)
+    observer = launch.client(broker)
+    wait_for_workers(observer, 1)
+
+    # Tiny tasks finish faster than the map reads them: when it is left, most
+    # are done, their results on their way or waiting for the session.
+    with launch.client(broker, session="left-early") as client:
+        for _ in client.map(tasks.square, range(20_000), chunksize=1):
+            break
+
+    def holds_nothing(status: dict[str, Any]) -> bool:
+        row = [c for c in status["clients"] if c["name"] == "left-early"]
+        return not row or not (row[0]["pending"] or row[0]["unacknowledged"])
+
+    status_when(observer, holds_nothing, 10, "no result left for the session")

@@ -1174,6 +1174,26 @@ def test_running_task_cancelled_is_released_and_its_slot_reused_at_once(
     assert [a.ticket for a in assignments(cancelled, W1)] == [assignment.ticket + 1]
 
 
+def test_finished_task_cancelled_before_its_result_was_read_is_forgotten(
+    driver: Driver,
+) -> None:
+    # A map abandoned after a break cancels what it has not yielded: results
+    # that finished meanwhile must not wait a day for a session that left.
+    driver.hello()
+    driver.submit(task(1), task(2))
+    first, second = assignments(driver.ready(W1, capacity=2), W1)
+    driver.done(W1, first)  # sent to the client, not acknowledged yet
+    driver.unreachable(CLIENT)
+    driver.done(W1, second)  # pending: its client is not connected
+    driver.hello()
+
+    driver.cancel(1, 2)
+
+    assert not driver.scheduler.tasks
+    recipient = driver.scheduler.recipients["alice"]
+    assert not recipient.pending and not recipient.unacked
+
+
 def test_running_task_cancelled_is_dropped_result_and_all(driver: Driver) -> None:
     driver.submit(task(1))
     [assignment] = assignments(driver.ready(W1), W1)
