@@ -17,12 +17,20 @@ stale and never replayed.
 
 Only what the file shows is told apart: a log cut exactly after a whole commit
 looks like a shorter log, and a log deleted outright like none at all.
+
+A dropped commit counts as whole (certainly lost) only if each of its frames
+holds the checksum its header claims. SQLite writes a frame's header and its
+page apart: a broker killed between the two, over frames of an earlier log
+(the log starts again over them after a checkpoint), leaves a frame of the
+right size with the new header and a stale page. That commit was never
+finished, and nobody was told of it: not a loss.
 """
 
 from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -37,7 +45,12 @@ _MAGICS = (0x377F0682, 0x377F0683)  # checksums little- or big-endian
 _FRAME_HEADER_BYTES = 24
 _COMMIT_FIELD = struct.Struct(">I")  # at offset 4
 _SALTS_START, _SALTS_END = 8, 16
+_CHECKSUM = struct.Struct(">2I")  # a frame's at offset 16, the log's at 24
+_FRAME_CHECKSUM_AT, _LOG_CHECKSUM_AT = 16, 24
+# What a frame's checksum covers: its header's first 8 bytes, then its page.
+_CHECKSUMMED_HEAD_BYTES = 8
 _PAGE_SIZES = {1 << n for n in range(9, 17)}
+_MASK = 0xFFFFFFFF
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +117,9 @@ class WalSurvey:
     commit_frames: tuple[int, ...]  # the numbers (from 1) of those ending a commit
     cut_bytes: int  # bytes of a frame of the current log cut short at the end
     frame_bytes: int
+    # Whether each of those frames holds the checksum its header claims,
+    # by number: asked only of the frames SQLite dropped (see `loss`).
+    frame_is_whole: Callable[[int], bool] = lambda _number: True
 
     def loss(self, kept_frames: int) -> WalLoss | None:
         """What was lost when SQLite kept `kept_frames` of them; None if nothing
@@ -115,14 +131,29 @@ class WalSurvey:
             wal_bytes=self.wal_bytes,
             header_unreadable=self.header_unreadable,
             dropped_frames=dropped,
-            dropped_commits=sum(n > kept_frames for n in self.commit_frames),
+            dropped_commits=self._whole_commits_after(kept_frames),
             cut_bytes=self.cut_bytes,
             frame_bytes=self.frame_bytes,
         )
 
+    def _whole_commits_after(self, kept_frames: int) -> int:
+        """Dropped commits whose every frame is whole: finished, and lost. One
+        with a frame that is not was being written when the broker stopped, or
+        holds the damage that made SQLite stop there."""
+        whole = 0
+        first = kept_frames + 1
+        for last in (n for n in self.commit_frames if n > kept_frames):
+            whole += all(self.frame_is_whole(n) for n in range(first, last + 1))
+            first = last + 1
+        return whole
+
 
 def survey(wal: Path) -> WalSurvey | None:
     """Read the WAL at `wal`; None when there is none, or it is empty.
+
+    The frames' checksums are read later, and only for the frames SQLite
+    dropped (see `WalSurvey.loss`): its recovery reads the log and writes
+    nothing to it, and the broker asks before its first commit, which could.
 
     Raises:
         OSError: the file exists but cannot be read.
@@ -135,10 +166,10 @@ def survey(wal: Path) -> WalSurvey | None:
         size = os.fstat(file.fileno()).st_size
         if size == 0:
             return None
-        return _read(file, size)
+        return _read(file, size, wal)
 
 
-def _read(file: BinaryIO, size: int) -> WalSurvey:
+def _read(file: BinaryIO, size: int, wal: Path) -> WalSurvey:
     header = file.read(_HEADER_BYTES)
     fields = _HEADER.unpack(header) if len(header) == _HEADER_BYTES else None
     if fields is None or fields[0] not in _MAGICS or fields[2] not in _PAGE_SIZES:
@@ -159,7 +190,52 @@ def _read(file: BinaryIO, size: int) -> WalSurvey:
         if _ends_commit(head):
             commits.append(frames)
         offset += frame_bytes
-    return WalSurvey(size, False, frames, tuple(commits), cut, frame_bytes)
+    checksums = _FrameChecksums(wal, frame_bytes, little_endian=fields[0] == _MAGICS[0])
+    return WalSurvey(
+        size, False, frames, tuple(commits), cut, frame_bytes, checksums.holds
+    )
+
+
+class _FrameChecksums:
+    """Whether a frame of a WAL holds the checksum its header claims.
+
+    SQLite chains the checksums: each frame's starts from the one stored in
+    the frame before it (the log header's, for the first). So one frame can
+    be checked alone, whatever became of those before it.
+    """
+
+    def __init__(self, wal: Path, frame_bytes: int, little_endian: bool) -> None:
+        self._wal = wal
+        self._frame_bytes = frame_bytes
+        words = (_CHECKSUMMED_HEAD_BYTES + frame_bytes - _FRAME_HEADER_BYTES) // 4
+        self._words = struct.Struct(f"{'<' if little_endian else '>'}{words}I")
+
+    def holds(self, number: int) -> bool:
+        offset = _HEADER_BYTES + (number - 1) * self._frame_bytes
+        with open(self._wal, "rb") as file:
+            if number == 1:
+                file.seek(_LOG_CHECKSUM_AT)
+                start = _CHECKSUM.unpack(file.read(_CHECKSUM.size))
+            else:
+                file.seek(offset - self._frame_bytes + _FRAME_CHECKSUM_AT)
+                start = _CHECKSUM.unpack(file.read(_CHECKSUM.size))
+            file.seek(offset)
+            frame = file.read(self._frame_bytes)
+        if len(frame) < self._frame_bytes:
+            return False
+        head, page = frame[:_FRAME_HEADER_BYTES], frame[_FRAME_HEADER_BYTES:]
+        claimed = _CHECKSUM.unpack_from(head, _FRAME_CHECKSUM_AT)
+        covered = head[:_CHECKSUMMED_HEAD_BYTES] + page
+        return _checksum(self._words.unpack(covered), *start) == claimed
+
+
+def _checksum(words: tuple[int, ...], s0: int, s1: int) -> tuple[int, int]:
+    """SQLite's WAL checksum of `words`, going on from (s0, s1)."""
+    pairs = iter(words)
+    for first, second in zip(pairs, pairs, strict=True):
+        s0 = (s0 + first + s1) & _MASK
+        s1 = (s1 + second + s0) & _MASK
+    return s0, s1
 
 
 def _of_log(frame_header: bytes, salts: bytes) -> bool:

@@ -707,6 +707,29 @@ def test_a_damaged_frame_that_drops_whole_commits_is_an_error(
     assert str(copy) in error.getMessage() and "commits" in error.getMessage()
 
 
+def test_a_last_commit_with_a_stale_page_is_not_taken_for_lost_work(
+    path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A broker killed between writing a frame's header and its page, over a
+    # frame of an earlier log: the frame has its full size, the new header,
+    # and an old page. SQLite drops that commit; nobody was told of it.
+    copy = crashed_copy(path, turns=10)
+    frames = (Path(f"{copy}-wal").stat().st_size - WAL_HEADER_BYTES) // FRAME_BYTES
+    last_page = WAL_HEADER_BYTES + (frames - 1) * FRAME_BYTES + 24
+
+    def stale(wal: bytes) -> bytes:
+        return wal[:last_page] + bytes(4096) + wal[last_page + 4096 :]
+
+    damage_wal(copy, stale)
+
+    tasks, warnings = reopened_with_log(copy, caplog)
+
+    assert len(tasks) == 27  # the last turn's three tasks were never committed
+    [warning] = warnings
+    assert warning.levelno == logging.WARNING
+    assert "ends inside a commit" in warning.getMessage()
+
+
 def test_a_wal_whose_header_is_cut_short_is_reported(
     path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
