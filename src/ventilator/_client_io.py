@@ -997,8 +997,14 @@ class ClientIO:
         self._send_acks(time.monotonic(), submitting=True)
         self._send(p.Bye())
         self._close_socket(linger=100)
-        error = ClientClosed(
-            f"the client was closed before this task finished; session={self.session}"
+        accepted = ClientClosed(
+            "the client was closed before this task finished; its result waits "
+            f"at the broker for a client of session={self.session}"
+        )
+        # Said apart: collecting later would wait for results that never come.
+        unaccepted = ClientClosed(
+            "the client was closed before the broker accepted this task: it "
+            "was never queued, and no result will come; submit it again"
         )
         # Taken, not read in place: a done-callback of a future failed here
         # may withdraw a task, or a caller give up a question, meanwhile.
@@ -1006,9 +1012,10 @@ class ClientIO:
             unsent = self._handover.take_unsent()
             questions = [*self._asked, *self._handover.take_questions()]
         for pending in (*self._pending.values(), *unsent):
-            _fail(pending.future, error)
+            _fail(pending.future, accepted if pending.accepted else unaccepted)
+        closed = ClientClosed("the client was closed before the broker answered")
         for question in questions:
-            _fail(question.answer, error)
+            _fail(question.answer, closed)
 
 
 def _batches(specs: list[p.TaskSpec]) -> Iterator[list[p.TaskSpec]]:

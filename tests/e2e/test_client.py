@@ -497,11 +497,25 @@ def test_closing_a_client_fails_its_pending_futures_with_client_closed(
     client = launch.client(broker)
     future = client.submit(f"{MORE_TASKS}:cube", 2)  # no worker serves it
 
+    wait_until(lambda: client.status()["queued"], 10, "the task to be queued")
     client.close()
 
-    assert isinstance(future.exception(RESULT_TIMEOUT_S), ventilator.ClientClosed)
+    error = future.exception(RESULT_TIMEOUT_S)
+    assert isinstance(error, ventilator.ClientClosed)
+    assert "its result waits at the broker" in str(error)
     with pytest.raises(ventilator.ClientClosed, match="closed"):
         client.submit(tasks.square, 1)
+
+
+def test_closing_a_client_no_broker_answered_says_its_tasks_were_never_queued() -> None:
+    client = ventilator.Client(f"tcp://127.0.0.1:{free_port()}")  # nobody there
+    future = client.submit(tasks.square, 2)
+
+    client.close(timeout_s=0.1)
+
+    error = future.exception(RESULT_TIMEOUT_S)
+    assert isinstance(error, ventilator.ClientClosed)
+    assert "never queued" in str(error)
 
 
 def test_a_map_read_after_its_client_closed_raises_client_closed(
