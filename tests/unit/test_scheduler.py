@@ -8,21 +8,23 @@ import pytest
 
 from ventilator import protocol as p
 from ventilator.errors import TaskError
+from ventilator.notices import (
+    ClientLost,
+    Departure,
+    LateOutcome,
+    SessionHeld,
+    WorkerDraining,
+    WorkerLeft,
+    WorkerLost,
+)
 from ventilator.policy import Backoff, Limits
 from ventilator.scheduler import (
     ACCEPT_GRACE_S,
     RELEASED_KEPT_S,
-    ClientLost,
-    Departure,
     DiskBudget,
-    LateOutcome,
     Scheduler,
-    SessionHeld,
     State,
     Task,
-    WorkerDraining,
-    WorkerLeft,
-    WorkerLost,
     busiest_first,
     name_order,
     sink_recipient,
