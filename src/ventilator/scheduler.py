@@ -32,16 +32,12 @@ has waited another `result_ttl_s` (see `_expire_results`, `_forget_tombstones`).
 from __future__ import annotations
 
 import enum
-import functools
 import heapq
-import itertools
 import math
 import random
-import re
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeAlias
 
 from . import protocol as p
 from .errors import PoisonTask, ResultExpired, TaskRejected, TaskTimeout
@@ -71,48 +67,11 @@ from .notices import (
 )
 from .policy import Backoff, Limits, Prefetch
 from .serialization import pack_error, unpack_value
+from .status import FAILURE_STATUSES, StatusReport, latest_failures, outcome_totals
 
 # Pickled callables have no function name a worker registered; they share one
 # queue, served only by workers that opted in to unpickling.
 PICKLE_QUEUE = "<pickled>"
-# Function names whose sort key is kept (see `name_order`): far more than a
-# broker serves, and a few MB at most.
-NAME_ORDER_CACHE = 16_384
-_DIGITS = re.compile(r"\d+")
-
-
-@functools.lru_cache(maxsize=NAME_ORDER_CACHE)
-def name_order(name: str) -> str:
-    """The order a reader expects names in: as text, but numbers in them by
-    value, so that ``resize2`` comes before ``resize10`` (as text it comes
-    after, and ``job9`` after ``job10``).
-
-    A string that sorts so as text: each number loses its leading zeros and
-    gains its length in front, so a smaller number sorts first and numbers
-    as long compare digit by digit; the name itself follows, after the
-    lowest character, to settle ``f07`` against ``f7``. A string, not a
-    tuple of parts, for the speed of a plain comparison; cached, as the same
-    few names are sorted at every status."""
-    return f"{_DIGITS.sub(_length_first, name)}\0{name}"
-
-
-def _length_first(digits: re.Match[str]) -> str:
-    value = digits.group().lstrip("0") or "0"
-    return f"{min(len(value), 999):03d}{value}"
-
-
-def busiest_first(queued: Mapping[str, int], running: Mapping[str, int]) -> list[str]:
-    """The functions of `queued` and `running` (tasks of each), those with the
-    most tasks in both first, equal ones in `name_order`: the order `status`
-    lists them in, in its answer and on screen."""
-    functions = sorted(queued.keys() | running.keys(), key=name_order)
-    # Stable, reversed too: equal ones stay in name order.
-    functions.sort(
-        key=lambda name: queued.get(name, 0) + running.get(name, 0), reverse=True
-    )
-    return functions
-
-
 # The flags as plain ints: `int & IntFlag` costs about 2 us in CPython, and
 # `Task.queue` is asked on every enqueue.
 _PICKLED = int(p.Flags.PICKLED)
@@ -184,35 +143,11 @@ SESSIONS_PER_CONNECTION = 4
 # However many it was told at once (up to all it held), they cost no more
 # than those tasks did while it held them.
 RELEASED_KEPT_S = 60.0
-# How many clients and sinks `status` lists, the most relevant first (owed
-# the most results, connected, heard last); its counts cover every one. A
-# client reads answers of up to protocol.MAX_BODY_BYTES: past about 100,000
-# sessions a full list no longer fitted, and status stopped working.
-STATUS_CLIENTS = 100
-# The same for workers (serving nothing first, then holding the oldest task,
-# then the most), for functions (the most tasks queued and on workers first),
-# and for the functions each listed worker serves: thousands of workers or of
-# functions made the answer grow as fast, and every worker may serve every
-# function. Exact counts cover what is not listed.
-STATUS_WORKERS = 100
-STATUS_QUEUES = 100
-STATUS_SERVICES = 100
-
 # The session under which the broker resubmits failed tasks an operator retries.
 RETRY_SESSION = "ventilator:retry"
 # Arguments of a failed task are kept for a retry up to this size; larger ones
 # would make the bounded record of failures unbounded in bytes.
 RETRY_PAYLOAD_BYTES = p.ZERO_COPY_BYTES
-# How a task ended, as it is counted and shown: the statuses that are failures.
-FAILURE_STATUSES = frozenset(
-    {
-        p.Status.RAISED,
-        p.Status.TIMEOUT,
-        p.Status.POISON,
-        p.Status.NOT_FOUND,
-        p.Status.REJECTED,
-    }
-)
 
 
 class State(enum.Enum):
@@ -278,10 +213,6 @@ class Task:
         if self.flags & _RAW:
             return service_queue(self.function)
         return self.function
-
-
-# Serves nothing, -(when it was handed its oldest task), tasks held, -order.
-WorkerRelevance: TypeAlias = tuple[bool, float, int, int]
 
 
 @dataclass(slots=True, eq=False)
@@ -2884,7 +2815,8 @@ class Scheduler:
         self, now: float, scope: Scope | None = None, full: bool = False
     ) -> dict[str, object]:
         """A plain-data picture of the broker, for `ventilator status`; within
-        `scope`, as `_status_within` says.
+        `scope`, only what a client with limited rights may see (see
+        `status.StatusReport`).
 
         It lists the most relevant `STATUS_WORKERS` workers, `STATUS_QUEUES`
         functions and `STATUS_CLIENTS` clients, with exact counts of them all,
@@ -2893,62 +2825,20 @@ class Scheduler:
         carries). Its cost grows with workers, running tasks and queues, not
         with the number of queued tasks, so a dashboard may ask every second.
         """
+        report = StatusReport(
+            tasks=self.tasks,
+            workers=self.workers.values(),
+            recipients=self.recipients.values(),
+            held=self._held,
+            parked=self._parked,
+            failed=self.failed,
+            tombstones=len(self._tombstones),
+            queued=self._queued_by_function(),
+            totals=self.totals(),
+        )
         if scope is not None:
-            return self._status_within(scope, now)
-        queued = self._queued_by_function()
-        running = self._running_by_function()
-        unfinished = sum(queued.values()) + sum(running.values())
-        every_worker = ((w, w.services) for w in self.workers.values())
-        return {
-            **self._workers_status(every_worker, now, full),
-            **self._queues_status(queued, running, full),
-            **self._results_held(unfinished),
-            **self._clients_status(self.recipients.values()),
-            "totals": self.totals(),
-            "recent_failures": [
-                record.report(now) for record in self._failures(10, None)
-            ],
-        }
-
-    def _status_within(self, scope: Scope, now: float) -> dict[str, object]:
-        """The broker as a client with limited rights sees it: its own sessions
-        (and the sinks it receives) and their failures; the workers and queues
-        of the functions it may submit, counting every client's tasks in them
-        (how far back its own wait); and the totals, which are only numbers.
-        Other clients' sessions and failures, and functions outside its
-        rights, are not its business."""
-        queued = self._queued_by_function()
-        running = self._running_by_function()
-        unfinished = sum(queued.values()) + sum(running.values())
-        return {
-            "scope": scope.sessions,
-            **self._workers_status(self._workers_within(scope), now, full=False),
-            **self._queues_status(
-                {q: n for q, n in queued.items() if scope.shows_queue(q)},
-                {q: n for q, n in running.items() if scope.shows_queue(q)},
-                full=False,
-            ),
-            **self._results_held(unfinished),
-            **self._clients_status(
-                recipient
-                for recipient in self.recipients.values()
-                if scope.owns(recipient.name) or scope.owns(recipient.holder or "")
-            ),
-            "totals": self.totals(),
-            "recent_failures": [
-                record.report(now) for record in self._failures(10, scope)
-            ],
-        }
-
-    def _results_held(self, unfinished: int) -> dict[str, int]:
-        """Finished tasks waiting for their recipients: results, and apart
-        from them the tombstones of expired ones. Their sum is that of every
-        client's `pending` and `unacknowledged`."""
-        expired = len(self._tombstones)
-        return {
-            "results_waiting": len(self.tasks) - unfinished - expired,
-            "results_expired": expired,
-        }
+            return report.within(scope, now)
+        return report.whole(now, full)
 
     def totals(self) -> dict[str, int]:
         """Tasks taken on and finished since this broker started, by outcome.
@@ -2960,178 +2850,15 @@ class Scheduler:
         which submit their items anew (see `split_for_its_map`): they are
         not `failed`.
         """
-        by_status = self._finished_by_status
-        return {
-            "submitted": self.submitted,
-            "restored": self.restored,
-            "completed": by_status[p.Status.OK],
-            "failed": sum(by_status[status] for status in FAILURE_STATUSES),
-            "cancelled": by_status[p.Status.CANCELLED],
-            "split": self._batches_split,
-        }
-
-    def _clients_status(self, recipients: Iterable[Recipient]) -> dict[str, object]:
-        """The `STATUS_CLIENTS` most relevant of `recipients`, and exact counts
-        of them all: the answer stays readable however many there are.
-
-        Most relevant: owed the most results (pending or unacknowledged),
-        then connected, then heard last. A dashboard may ask every second:
-        one pass over them all, and a heap of the listed few.
-        """
-        counts = {"all": 0, "connected": 0, "sinks": 0, "connected_sinks": 0}
-
-        def counted() -> Iterator[tuple[tuple[int, bool, float, int], Recipient]]:
-            for order, recipient in enumerate(recipients):
-                is_sink = recipient.name.startswith(SINK_PREFIX)
-                connected = recipient.peer is not None
-                counts["all"] += 1
-                counts["connected"] += connected
-                counts["sinks"] += is_sink
-                counts["connected_sinks"] += is_sink and connected
-                owed = len(recipient.pending) + len(recipient.unacked)
-                owed += self._held.get(recipient.name, 0)
-                yield (owed, connected, recipient.last_seen, -order), recipient
-
-        # Fed an iterator, nlargest keeps a heap of the listed few only.
-        kept = heapq.nlargest(STATUS_CLIENTS, counted(), key=lambda entry: entry[0])
-        return {
-            "clients": [self._client_status(recipient) for _, recipient in kept],
-            "client_counts": {**counts, "listed": len(kept)},
-        }
-
-    def _client_status(self, recipient: Recipient) -> dict[str, object]:
-        return {
-            "name": recipient.name,
-            "kind": "sink" if recipient.name.startswith("sink:") else "client",
-            "connected": recipient.peer is not None,
-            "pending": len(recipient.pending),
-            # Sent and not yet acknowledged: a busy sink holds them.
-            "unacknowledged": len(recipient.unacked),
-            # Tasks it submitted that the broker holds, queued, running or
-            # finished: a session that left with tasks queued owes nothing
-            # yet, and shows here what `purge --session` would drop.
-            "tasks": self._held.get(recipient.name, 0),
-            # Of those two, the tombstones of expired results.
-            "expired": recipient.expired,
-            # Tasks it sent past its window, not accepted yet (see _park).
-            "waiting_for_room": self._parked_count(recipient.name),
-        }
-
-    def _parked_count(self, session: str) -> int:
-        parked = self._parked.get(session)
-        return 0 if parked is None else len(parked.specs)
-
-    def _workers_within(self, scope: Scope) -> Iterator[tuple[Worker, list[str]]]:
-        """The workers as a client with limited rights sees them: those that
-        serve functions of its rights, with those functions only."""
-        for worker in self.workers.values():
-            services = [name for name in worker.services if scope.shows_queue(name)]
-            if services:
-                yield worker, services
-
-    def _workers_status(
-        self,
-        shown: Iterable[tuple[Worker, Sequence[str]]],
-        now: float,
-        full: bool,
-    ) -> dict[str, object]:
-        """The `STATUS_WORKERS` most relevant of the `shown` workers (each with
-        the functions shown of it), all of them if `full`, and exact counts
-        of them all. One pass over them, and a heap of the listed few."""
-        counts = dict.fromkeys(
-            ("all", "draining", "not_serving", "held", "slots", "capacity"), 0
+        return outcome_totals(
+            self.submitted,
+            self.restored,
+            self._finished_by_status,
+            self._batches_split,
         )
-        entries: list[tuple[WorkerRelevance, Worker, Sequence[str]]] = []
-        for order, (worker, services) in enumerate(shown):
-            counts["all"] += 1
-            counts["draining"] += worker.draining
-            counts["not_serving"] += not services
-            counts["held"] += len(worker.running)
-            counts["slots"] += worker.slots or 0
-            counts["capacity"] += worker.capacity
-            relevance = self._worker_relevance(worker, services, order)
-            entries.append((relevance, worker, services))
-        limit = len(entries) if full else STATUS_WORKERS
-        kept = heapq.nlargest(limit, entries, key=lambda entry: entry[0])
-        return {
-            "workers": [
-                self._worker_status(worker, now, services, full)
-                for _, worker, services in kept
-            ],
-            "worker_counts": {**counts, "listed": len(kept)},
-        }
-
-    def _worker_relevance(
-        self, worker: Worker, services: Sequence[str], order: int
-    ) -> WorkerRelevance:
-        """How much an operator wants to see a worker, most first: one that
-        serves nothing (there is something to fix), then the one holding the
-        oldest task (a hung task shows), then the one holding the most, then
-        the one that registered first."""
-        started = (self.tasks[ticket].started_at for ticket in worker.running)
-        oldest = min(started, default=math.inf)
-        return (not services, -oldest, len(worker.running), -order)
-
-    def _queues_status(
-        self, queued: dict[str, int], running: dict[str, int], full: bool
-    ) -> dict[str, object]:
-        """Tasks `queued` and `running` of the `STATUS_QUEUES` functions with
-        the most of both (every function if `full`), and exact totals."""
-        functions = busiest_first(queued, running)
-        kept = functions if full else functions[:STATUS_QUEUES]
-        counts = {
-            "all": len(functions),
-            "queued": sum(queued.values()),
-            "running": sum(running.values()),
-            "listed": len(kept),
-        }
-        return {
-            "queued": {name: queued[name] for name in kept if name in queued},
-            "running": {name: running[name] for name in kept if name in running},
-            "queue_counts": counts,
-        }
-
-    def _failures(self, limit: int, scope: Scope | None) -> list[FailedTask]:
-        """The latest `limit` failures (within `scope`), newest first."""
-        newest_first: Iterable[FailedTask] = reversed(self.failed)
-        if scope is not None:
-            newest_first = (r for r in newest_first if scope.owns(r.session))
-        return list(itertools.islice(newest_first, limit))
-
-    def _worker_status(
-        self, worker: Worker, now: float, services: Sequence[str], full: bool
-    ) -> dict[str, object]:
-        held = len(worker.running)
-        # A worker runs at most `slots` of the tasks it holds; the rest wait
-        # on it. Without slots the broker cannot tell them apart.
-        running = held if worker.slots is None else min(held, worker.slots)
-        listed = services if full else services[:STATUS_SERVICES]
-        return {
-            "id": worker.worker_id,
-            "services": list(listed),
-            "service_count": len(services),
-            "capacity": worker.capacity,
-            "slots": worker.slots,
-            "held": held,
-            "running": running,
-            "prefetched": None if worker.slots is None else held - running,
-            "oldest_running_s": self._oldest_held_s(worker, now),
-            "draining": worker.draining,
-            "last_seen_s": round(now - worker.last_seen, 3),
-            "problem": worker.problem,
-        }
-
-    def _oldest_held_s(self, worker: Worker, now: float) -> float | None:
-        """Seconds since the worker was handed the oldest task it holds; None
-        when it holds none. Workers start tasks in the order they get them,
-        so that task runs, and has run at most this long: a hung task shows
-        as a number that keeps growing."""
-        if not worker.running:
-            return None
-        oldest = min(self.tasks[ticket].started_at for ticket in worker.running)
-        return round(now - oldest, 3)
 
     def _queued_by_function(self) -> dict[str, int]:
+        """Tasks waiting per function: in its queue, or due for a retry."""
         queued = {
             name: len(queue) - self._stale.get(name, 0)
             for name, queue in self._queues.items()
@@ -3145,21 +2872,13 @@ class Scheduler:
         tasks = (self.tasks.get(ticket) for _, ticket in self._waiting)
         return [t for t in tasks if t is not None and t.state is State.WAITING]
 
-    def _running_by_function(self) -> dict[str, int]:
-        running: dict[str, int] = {}
-        for worker in self.workers.values():
-            for ticket in worker.running:
-                queue = self.tasks[ticket].queue
-                running[queue] = running.get(queue, 0) + 1
-        return running
-
     # --- operator commands -----------------------------------------------------------
 
     def _operate(
         self, command: p.OperatorCommand, now: float, scope: Scope | None = None
     ) -> dict[str, object]:
         if isinstance(command, p.ListFailed):
-            records = self._failures(command.limit, scope)
+            records = latest_failures(self.failed, command.limit, scope)
             kept = sum(1 for r in self.failed if scope is None or scope.owns(r.session))
             return {
                 "failed": [r.report(now, traceback=True) for r in records],

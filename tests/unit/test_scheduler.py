@@ -25,11 +25,10 @@ from ventilator.scheduler import (
     Scheduler,
     State,
     Task,
-    busiest_first,
-    name_order,
     sink_recipient,
 )
 from ventilator.serialization import pack_error, unpack_value
+from ventilator.status import busiest_first, name_order
 
 from .driver import (
     CLIENT,

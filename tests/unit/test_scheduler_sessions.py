@@ -12,9 +12,9 @@ from ventilator.notices import (
 from ventilator.policy import Limits
 from ventilator.scheduler import (
     SESSIONS_PER_CONNECTION,
-    STATUS_CLIENTS,
     sink_recipient,
 )
+from ventilator.status import STATUS_CLIENTS
 
 from .driver import (
     CLIENT,
