@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from . import protocol as p
+from .deadlines import DeadlineEntry, DeadlineHeap
 from .errors import PoisonTask, ResultExpired, TaskRejected, TaskTimeout
 from .fairqueue import FairQueue
 from .mdp import service_queue
@@ -123,9 +124,6 @@ LEASE_GRACE_BEATS = 3
 # be importing modules (a few seconds for the heavy ones) before any task of
 # it starts. Past it, a worker that never reports is overtaken all the same.
 START_GRACE_BEATS = 10
-# Stale entries the deadline heap may keep beyond twice the running tasks
-# before it is rebuilt (see Scheduler._compact_deadlines).
-DEADLINE_HEAP_SLACK = 1024
 # How much of a CRASHED outcome's report (how the task process ended) the
 # broker repeats to the client.
 MAX_DEATH_LENGTH = 200
@@ -630,10 +628,10 @@ class Scheduler:
         # client's backlog does not hold up the others (see fairqueue).
         self._queues: dict[str, FairQueue] = {}
         self._waiting: list[tuple[float, int]] = []  # (due time, ticket) heap
-        # (deadline, ticket, attempt) of running tasks with a timeout, looked
-        # at once a tick; entries of tasks finished or re-armed since are
-        # skipped when they reach the top, not searched for.
-        self._deadlines: list[tuple[float, int, int]] = []
+        # Deadlines of running tasks with a timeout, looked at once a tick;
+        # entries of tasks finished or re-armed since are skipped when they
+        # come due, not searched for (see _armed_task).
+        self._deadlines = DeadlineHeap(self._armed_task)
         # Finished tasks by the time they finished, oldest first, for result expiry.
         self._finish_order: OrderedDict[int, float] = OrderedDict()
         # Tombstones of expired results by when they expired, oldest first, and
@@ -1748,7 +1746,7 @@ class Scheduler:
         worker.running.add(task.ticket)
         self._count_held(worker, task.queue, +1)
         if task.deadline is not None:
-            self._rearm(task, task.deadline)
+            self._deadlines.arm(task, task.deadline)
         else:
             worker.unstarted[task.ticket] = None
 
@@ -1989,7 +1987,7 @@ class Scheduler:
         slot would not be free."""
         if task.timeout_s is None or not worker.obeys_release:
             return
-        self._rearm(task, start + task.timeout_s + self._lease_grace_s())
+        self._deadlines.arm(task, start + task.timeout_s + self._lease_grace_s())
 
     def _start_waiting(self, worker: Worker, now: float) -> None:
         """Slots of `worker` freed: the tasks it held behind them start, in
@@ -2006,17 +2004,16 @@ class Scheduler:
         then drop the workers that let too many pass in a row. Not before:
         a task whose deadline passed in this tick ends as timed out too,
         rather than wait in its queue for another worker."""
-        self._compact_deadlines()
-        deadlines = self._deadlines
+        running = sum(len(w.running) for w in self.workers.values())
         overrun: dict[str, list[Task]] = {}
-        while deadlines and deadlines[0][0] <= now:
-            task = self._armed_task(heapq.heappop(deadlines))
+        for entry in self._deadlines.take_due(now, running):
+            task = self._armed_task(entry)
             if task is None or task.worker is None:
                 continue  # finished, requeued or re-armed since
             worker = self.workers[task.worker]
             trusted_until = self._trusted_until(worker)
             if trusted_until > now:
-                self._rearm(task, trusted_until)
+                self._deadlines.arm(task, trusted_until)
                 continue
             overrun.setdefault(task.worker, []).append(task)
             self._overran(worker, task, now)
@@ -2037,11 +2034,7 @@ class Scheduler:
             return worker.registered_at + start_grace_s
         return worker.reported_at + self._lease_grace_s()
 
-    def _rearm(self, task: Task, deadline: float) -> None:
-        task.deadline = deadline
-        heapq.heappush(self._deadlines, (deadline, task.ticket, task.attempt))
-
-    def _armed_task(self, entry: tuple[float, int, int]) -> Task | None:
+    def _armed_task(self, entry: DeadlineEntry) -> Task | None:
         """The running task a deadline heap entry still stands for, if any."""
         deadline, ticket, attempt = entry
         task = self.tasks.get(ticket)
@@ -2053,18 +2046,6 @@ class Scheduler:
         ):
             return None
         return task
-
-    def _compact_deadlines(self) -> None:
-        """Rebuild the deadline heap without its stale entries once they
-        outnumber the running tasks: a task that finishes well within a long
-        timeout_s (an hour, a day) leaves its entry for that long, and a
-        stream of such tasks would grow the heap without bound."""
-        running = sum(len(w.running) for w in self.workers.values())
-        if len(self._deadlines) <= 2 * running + DEADLINE_HEAP_SLACK:
-            return
-        live = [e for e in self._deadlines if self._armed_task(e) is not None]
-        heapq.heapify(live)
-        self._deadlines = live
 
     def _overran(self, worker: Worker, task: Task, now: float) -> None:
         """End `task` as timed out: its worker did not report it in time.

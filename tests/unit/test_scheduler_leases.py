@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 from ventilator import protocol as p
+from ventilator.deadlines import DEADLINE_HEAP_SLACK
 from ventilator.notices import (
     Fault,
     LateOutcome,
@@ -14,7 +15,6 @@ from ventilator.notices import (
 )
 from ventilator.policy import Limits
 from ventilator.scheduler import (
-    DEADLINE_HEAP_SLACK,
     LEASE_GRACE_BEATS,
     START_GRACE_BEATS,
 )
