@@ -2792,6 +2792,8 @@ class Scheduler:
         else:
             self._keep_failure(record)
 
+    # --- status: what the report reads (see status.StatusReport) ----------------------
+
     def status(
         self, now: float, scope: Scope | None = None, full: bool = False
     ) -> dict[str, object]:
@@ -3022,6 +3024,11 @@ class Scheduler:
             return "cancelled already" if cancelled else "finished"
         self._finish(task, p.Status.CANCELLED, b"", now)
         return "cancelled"
+
+    # --- invariants: checked by the tests after every step ----------------------------
+    # They cross-check the scheduler's own bookkeeping (counts, indexes,
+    # heaps) against a recount, so they read its private fields by design,
+    # and stay in the class rather than reach into it from outside.
 
     def check_invariants(self) -> None:
         """Raise AssertionError if the scheduler's state is inconsistent (for
