@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from . import protocol as p
+from .announcements import Unannounced
 from .deadlines import DeadlineEntry, DeadlineHeap
 from .errors import PoisonTask, ResultExpired, TaskRejected, TaskTimeout
 from .fairqueue import FairQueue
@@ -105,11 +106,6 @@ RETURN_WAIT_BEATS = 2
 
 # How many results one RESULTS message carries at most.
 RESULTS_PER_MESSAGE = 1024
-# How long an ACCEPTED may wait for its task's result to make it needless: a
-# result implies acceptance, so a quick task's client hears one message instead
-# of two. Short enough that a sink task's future or a closing client barely
-# notice the wait.
-ACCEPT_GRACE_S = 0.005
 # Weight of the newest run time in a queue's moving average.
 RUN_TIME_WEIGHT = 0.2
 # How long past a task's timeout_s the broker waits for its worker to report
@@ -691,9 +687,9 @@ class Scheduler:
         self.disk_budget = DiskBudget()
 
         self._effects = Effects()
-        # Accepted task ids not yet announced, per submitting peer, and when the
-        # first of them was accepted (see ACCEPT_GRACE_S).
-        self._unannounced: dict[bytes, tuple[float, dict[int, None]]] = {}
+        # Accepted task ids not yet announced to their submitters (see
+        # announcements.ACCEPT_GRACE_S).
+        self._unannounced = Unannounced()
         # What a full broker holds, in words, worked out once per loop turn: a
         # SUBMIT of many tasks to it asks for it once per task.
         self._holdings_said: str | None = None
@@ -1038,7 +1034,7 @@ class Scheduler:
             if spec.sink is not None:
                 sinks[spec.sink] = None
         if accepted:
-            self._unannounced.setdefault(peer, (now, {}))[1].update(accepted)
+            self._unannounced.accepted(peer, accepted, now)
         self._tell_unserved(peer, functions)
         self._tell_unreceived(peer, sinks)
 
@@ -1298,7 +1294,7 @@ class Scheduler:
         if not parked.specs:
             del self._parked[session]
         if accepted and peer is not None:
-            self._unannounced.setdefault(peer, (self._now, {}))[1].update(accepted)
+            self._unannounced.accepted(peer, accepted, self._now)
 
     def _peer_of_session(self, session: str) -> bytes | None:
         """Where to tell `session` what became of its waiting tasks: its
@@ -2621,20 +2617,8 @@ class Scheduler:
                 batch = self._next_results(recipient, count, limit_bytes)
                 if batch:
                     self._effects.to_clients.append((recipient.peer, p.Results(batch)))
-                    self._announced_by(recipient.peer, batch)
+                    self._unannounced.told_by(recipient.peer, batch)
                     room -= len(batch)
-
-    def _announced_by(self, peer: bytes, results: list[p.ResultEntry]) -> None:
-        """Results to the peer that submitted them say they were accepted."""
-        unannounced = self._unannounced.get(peer)
-        if unannounced is None:
-            return
-        task_ids = unannounced[1]
-        for entry in results:
-            if not entry.origin:  # the recipient's own task, not a sink's
-                task_ids.pop(entry.task_id, None)
-        if not task_ids:
-            del self._unannounced[peer]
 
     def _next_results(
         self, recipient: Recipient, count: int, limit_bytes: int
@@ -2664,25 +2648,16 @@ class Scheduler:
         self._accept_waiting()
         self._dispatch()
         self._deliver()
-        self._announce(now)
+        self._unannounced.send_due(now, self._effects.to_clients)
         self._holdings_said = None
 
         effects = self._effects
         self._effects = Effects()
         return effects
 
-    def _announce(self, now: float | None) -> None:
-        for peer, (accepted_at, task_ids) in list(self._unannounced.items()):
-            if now is None or now >= accepted_at + ACCEPT_GRACE_S:
-                del self._unannounced[peer]
-                accepted = p.Accepted(list(task_ids))
-                self._effects.to_clients.append((peer, accepted))
-
     def announce_due_at(self) -> float:
         """When the oldest unannounced acceptance is due (inf if none is)."""
-        if not self._unannounced:
-            return math.inf
-        return min(at for at, _ in self._unannounced.values()) + ACCEPT_GRACE_S
+        return self._unannounced.due_at()
 
     # --- for gateways (MDP, Titanic) -------------------------------------------------
 
@@ -3081,7 +3056,7 @@ class Scheduler:
         self._check_tombstones()
         self._check_session_counts()
         self._check_parked()
-        assert all(ids for _, ids in self._unannounced.values()), "empty ACCEPTED"
+        assert self._unannounced.none_empty(), "empty ACCEPTED"
         failed = [record.ticket for record in self.failed]
         assert len(set(failed)) == len(failed), "a failure remembered twice"
         self._check_totals()

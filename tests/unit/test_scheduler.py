@@ -7,6 +7,7 @@ import math
 import pytest
 
 from ventilator import protocol as p
+from ventilator.announcements import ACCEPT_GRACE_S
 from ventilator.errors import TaskError
 from ventilator.notices import (
     ClientLost,
@@ -19,7 +20,6 @@ from ventilator.notices import (
 )
 from ventilator.policy import Backoff, Limits
 from ventilator.scheduler import (
-    ACCEPT_GRACE_S,
     RELEASED_KEPT_S,
     DiskBudget,
     Scheduler,
