@@ -45,6 +45,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from . import _wire, mdp, security
+from . import notices as n
 from . import protocol as p
 from . import scheduler as s
 from ._timing import StallWatch, poll_timeout_ms
@@ -925,22 +926,22 @@ class Broker:
             log.warning("%s (`ventilator status` lists the workers left)", note)
         self._gateway.log_held_back(now)
 
-    def _log_notices(self, notices: list[s.Notice], now: float) -> None:
+    def _log_notices(self, notices: list[n.Notice], now: float) -> None:
         for notice in notices:
-            if isinstance(notice, s.Rejected):
+            if isinstance(notice, n.Rejected):
                 if self._rejection_log.allows(now):
                     # A refusal per task of a burst would flood the log (a full
                     # disk refuses them all): one a second, saying how many more.
                     _log_rejection(notice, self._rejection_log.suppressed_note())
-            elif isinstance(notice, s.SessionRefused):
+            elif isinstance(notice, n.SessionRefused):
                 # A peer saying HELLO under new names in a loop: as above.
                 if self._session_refusal_log.allows(now):
                     note = self._session_refusal_log.suppressed_note()
                     _log_session_refusal(notice, note)
-            elif isinstance(notice, s.ClientJoined):
+            elif isinstance(notice, n.ClientJoined):
                 if self._join_log.allows(now):
                     _log_client_joined(notice, self._join_log.suppressed_note())
-            elif isinstance(notice, s.WorkerLost):
+            elif isinstance(notice, n.WorkerLost):
                 if self._loss_log.allows(now):
                     _log_worker_lost(notice, self._loss_log.suppressed_note())
             else:
@@ -1061,7 +1062,7 @@ def _mdp_refusal(role: str, identity: Identity | None) -> str:
     )
 
 
-def _log_rejection(notice: s.Rejected, suppressed_note: str) -> None:
+def _log_rejection(notice: n.Rejected, suppressed_note: str) -> None:
     log.warning(
         "refused task client=%s task=%d: %s%s",
         notice.session,
@@ -1306,7 +1307,7 @@ def _endpoint(sock: zmq.Socket[bytes]) -> str:
     return sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
 
-def _log_session_refusal(notice: s.SessionRefused, suppressed_note: str) -> None:
+def _log_session_refusal(notice: n.SessionRefused, suppressed_note: str) -> None:
     log.warning(
         "refused a new session=%s: %s; its client is told why%s",
         notice.session,
@@ -1315,15 +1316,15 @@ def _log_session_refusal(notice: s.SessionRefused, suppressed_note: str) -> None
     )
 
 
-def _log_notice(notice: s.Notice) -> None:
-    if isinstance(notice, s.WorkerJoined):
+def _log_notice(notice: n.Notice) -> None:
+    if isinstance(notice, n.WorkerJoined):
         log.info(
             "worker joined worker=%s capacity=%d services=%s",
             notice.worker_id,
             notice.capacity,
             _some_of(notice.services),
         )
-    elif isinstance(notice, s.WorkerReturned):
+    elif isinstance(notice, n.WorkerReturned):
         log.info(
             "worker returned worker=%s; kept %d tasks it still holds, requeued %d "
             "it no longer holds%s",
@@ -1335,13 +1336,13 @@ def _log_notice(notice: s.Notice) -> None:
             if notice.refused
             else "",
         )
-    elif isinstance(notice, s.WorkerDraining):
+    elif isinstance(notice, n.WorkerDraining):
         log.info(
             "worker draining worker=%s; no new tasks, waiting for %d running",
             notice.worker_id,
             notice.running,
         )
-    elif isinstance(notice, s.WorkerLeft):
+    elif isinstance(notice, n.WorkerLeft):
         # A goodbye is a departure, not a fault: what it had not finished was
         # left on purpose (a cold stop), and runs on another worker.
         log.info(
@@ -1349,9 +1350,9 @@ def _log_notice(notice: s.Notice) -> None:
             notice.worker_id,
             notice.requeued,
         )
-    elif isinstance(notice, s.LeaseOverrun):
+    elif isinstance(notice, n.LeaseOverrun):
         _log_overrun(notice)
-    elif isinstance(notice, s.LateOutcome) and notice.released:
+    elif isinstance(notice, n.LateOutcome) and notice.released:
         log.debug(
             "dropped a result of a task its worker was told to give up "
             "ticket=%d attempt=%d worker=%s: the task is settled, cancelled "
@@ -1360,7 +1361,7 @@ def _log_notice(notice: s.Notice) -> None:
             notice.attempt,
             notice.worker_id,
         )
-    elif isinstance(notice, s.LateOutcome):
+    elif isinstance(notice, n.LateOutcome):
         log.warning(
             "dropped a late result ticket=%d attempt=%d worker=%s: that attempt was "
             "given up on (its worker was lost, or let it overrun its deadline)",
@@ -1368,11 +1369,11 @@ def _log_notice(notice: s.Notice) -> None:
             notice.attempt,
             notice.worker_id,
         )
-    elif isinstance(notice, s.ClientLost):
+    elif isinstance(notice, n.ClientLost):
         _log_client_lost(notice)
-    elif isinstance(notice, s.ResultsExpired):
+    elif isinstance(notice, n.ResultsExpired):
         log.warning("dropped %d results nobody collected (result_ttl_s)", notice.count)
-    elif isinstance(notice, s.TombstonesForgotten):
+    elif isinstance(notice, n.TombstonesForgotten):
         # Their clients stayed away twice the TTL: one that comes back with
         # its futures sends those tasks again; a new process hears nothing.
         log.info(
@@ -1381,18 +1382,18 @@ def _log_notice(notice: s.Notice) -> None:
             notice.count,
             notice.ttl_s,
         )
-    elif isinstance(notice, s.FailureForgotten):
+    elif isinstance(notice, n.FailureForgotten):
         log.info(
             "forgot the %d oldest failed tasks: the broker remembers the latest "
             "%d (failed_kept); those can no longer be retried",
             notice.count,
             notice.kept,
         )
-    elif isinstance(notice, s.SinkTaken):
+    elif isinstance(notice, n.SinkTaken):
         log.warning(
             "refused a second receiver of sink=%s; the first one keeps it", notice.sink
         )
-    elif isinstance(notice, s.SessionsForgotten):
+    elif isinstance(notice, n.SessionsForgotten):
         log.info(
             "forgot %d sessions that left owing and holding nothing, %gs "
             "(session_grace_s) after they were last heard; one that comes "
@@ -1400,7 +1401,7 @@ def _log_notice(notice: s.Notice) -> None:
             notice.count,
             notice.grace_s,
         )
-    elif isinstance(notice, s.SessionHeld):
+    elif isinstance(notice, n.SessionHeld):
         # A refused client asks again every heartbeat: its first refusal is news.
         log.log(
             logging.WARNING if notice.first else logging.DEBUG,
@@ -1418,17 +1419,17 @@ def _some_of(names: Sequence[str], shown: int = LOGGED_SERVICES) -> str:
     return f"{listed} and {more} more" if more > 0 else listed
 
 
-def _worth_a_warning(lost: s.WorkerLost) -> bool:
+def _worth_a_warning(lost: n.WorkerLost) -> bool:
     """A worker lost with tasks on it, or one that misbehaved, is news an
     operator should see; one dropped for reasons of the broker's (replaced,
     revoked, cut off while the broker stood still) is not."""
-    if lost.fault is s.Fault.MISBEHAVED:
+    if lost.fault is n.Fault.MISBEHAVED:
         return True
     busy = lost.requeued or lost.poisoned or lost.split
-    return bool(busy) and lost.fault is s.Fault.LOST
+    return bool(busy) and lost.fault is n.Fault.LOST
 
 
-def _log_overrun(notice: s.LeaseOverrun) -> None:
+def _log_overrun(notice: n.LeaseOverrun) -> None:
     ticket, attempt = notice.first
     log.warning(
         "worker=%s let %d tasks run %gs past their timeout without reporting "
@@ -1446,14 +1447,14 @@ def _log_overrun(notice: s.LeaseOverrun) -> None:
 
 # How each departure reads in the log line that notes it.
 _DEPARTURES = {
-    s.Departure.LEFT: "left",
-    s.Departure.SILENT: "fell silent",
-    s.Departure.UNREACHABLE: "unreachable",
-    s.Departure.REVOKED: "cut off (its key lost access)",
+    n.Departure.LEFT: "left",
+    n.Departure.SILENT: "fell silent",
+    n.Departure.UNREACHABLE: "unreachable",
+    n.Departure.REVOKED: "cut off (its key lost access)",
 }
 
 
-def _log_worker_lost(notice: s.WorkerLost, note: str) -> None:
+def _log_worker_lost(notice: n.WorkerLost, note: str) -> None:
     log.log(
         logging.WARNING if _worth_a_warning(notice) else logging.INFO,
         "worker lost worker=%s reason=%s; requeued %d tasks, %d map batches "
@@ -1467,13 +1468,13 @@ def _log_worker_lost(notice: s.WorkerLost, note: str) -> None:
     )
 
 
-def _log_client_joined(notice: s.ClientJoined, note: str) -> None:
+def _log_client_joined(notice: n.ClientJoined, note: str) -> None:
     log.info(
         "client joined client=%s resent=%d%s", notice.recipient, notice.resent, note
     )
 
 
-def _log_client_lost(notice: s.ClientLost) -> None:
+def _log_client_lost(notice: n.ClientLost) -> None:
     how = _DEPARTURES[notice.how]
     if not notice.held:
         log.info("client %s client=%s", how, notice.recipient)

@@ -51,9 +51,9 @@ from .local import LocalCluster
 from .policy import MAX_INTERVAL_S, MIN_HEARTBEAT_INTERVAL_S, Limits
 from .pool import POOL_KINDS
 from .registry import resolve
-from .scheduler import busiest_first
 from .security import ServerKeys, generate_keys
 from .sink import Sink, SinkResult
+from .status import busiest_first
 from .worker import Worker, WorkerConfig
 
 log = logging.getLogger(__name__)

@@ -32,65 +32,48 @@ has waited another `result_ttl_s` (see `_expire_results`, `_forget_tombstones`).
 from __future__ import annotations
 
 import enum
-import functools
 import heapq
-import itertools
 import math
 import random
-import re
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeAlias
 
 from . import protocol as p
+from .announcements import Unannounced
+from .deadlines import DeadlineEntry, DeadlineHeap
 from .errors import PoisonTask, ResultExpired, TaskRejected, TaskTimeout
 from .fairqueue import FairQueue
 from .mdp import service_queue
+from .notices import (
+    ClientJoined,
+    ClientLost,
+    Departure,
+    FailureForgotten,
+    Fault,
+    LateOutcome,
+    LeaseOverrun,
+    Notice,
+    Rejected,
+    ResultsExpired,
+    SessionHeld,
+    SessionRefused,
+    SessionsForgotten,
+    SinkTaken,
+    TombstonesForgotten,
+    WorkerDraining,
+    WorkerJoined,
+    WorkerLeft,
+    WorkerLost,
+    WorkerReturned,
+)
 from .policy import Backoff, Limits, Prefetch
 from .serialization import pack_error, unpack_value
+from .status import FAILURE_STATUSES, StatusReport, latest_failures, outcome_totals
 
 # Pickled callables have no function name a worker registered; they share one
 # queue, served only by workers that opted in to unpickling.
 PICKLE_QUEUE = "<pickled>"
-# Function names whose sort key is kept (see `name_order`): far more than a
-# broker serves, and a few MB at most.
-NAME_ORDER_CACHE = 16_384
-_DIGITS = re.compile(r"\d+")
-
-
-@functools.lru_cache(maxsize=NAME_ORDER_CACHE)
-def name_order(name: str) -> str:
-    """The order a reader expects names in: as text, but numbers in them by
-    value, so that ``resize2`` comes before ``resize10`` (as text it comes
-    after, and ``job9`` after ``job10``).
-
-    A string that sorts so as text: each number loses its leading zeros and
-    gains its length in front, so a smaller number sorts first and numbers
-    as long compare digit by digit; the name itself follows, after the
-    lowest character, to settle ``f07`` against ``f7``. A string, not a
-    tuple of parts, for the speed of a plain comparison; cached, as the same
-    few names are sorted at every status."""
-    return f"{_DIGITS.sub(_length_first, name)}\0{name}"
-
-
-def _length_first(digits: re.Match[str]) -> str:
-    value = digits.group().lstrip("0") or "0"
-    return f"{min(len(value), 999):03d}{value}"
-
-
-def busiest_first(queued: Mapping[str, int], running: Mapping[str, int]) -> list[str]:
-    """The functions of `queued` and `running` (tasks of each), those with the
-    most tasks in both first, equal ones in `name_order`: the order `status`
-    lists them in, in its answer and on screen."""
-    functions = sorted(queued.keys() | running.keys(), key=name_order)
-    # Stable, reversed too: equal ones stay in name order.
-    functions.sort(
-        key=lambda name: queued.get(name, 0) + running.get(name, 0), reverse=True
-    )
-    return functions
-
-
 # The flags as plain ints: `int & IntFlag` costs about 2 us in CPython, and
 # `Task.queue` is asked on every enqueue.
 _PICKLED = int(p.Flags.PICKLED)
@@ -123,11 +106,6 @@ RETURN_WAIT_BEATS = 2
 
 # How many results one RESULTS message carries at most.
 RESULTS_PER_MESSAGE = 1024
-# How long an ACCEPTED may wait for its task's result to make it needless: a
-# result implies acceptance, so a quick task's client hears one message instead
-# of two. Short enough that a sink task's future or a closing client barely
-# notice the wait.
-ACCEPT_GRACE_S = 0.005
 # Weight of the newest run time in a queue's moving average.
 RUN_TIME_WEIGHT = 0.2
 # How long past a task's timeout_s the broker waits for its worker to report
@@ -142,9 +120,6 @@ LEASE_GRACE_BEATS = 3
 # be importing modules (a few seconds for the heavy ones) before any task of
 # it starts. Past it, a worker that never reports is overtaken all the same.
 START_GRACE_BEATS = 10
-# Stale entries the deadline heap may keep beyond twice the running tasks
-# before it is rebuilt (see Scheduler._compact_deadlines).
-DEADLINE_HEAP_SLACK = 1024
 # How much of a CRASHED outcome's report (how the task process ended) the
 # broker repeats to the client.
 MAX_DEATH_LENGTH = 200
@@ -162,35 +137,11 @@ SESSIONS_PER_CONNECTION = 4
 # However many it was told at once (up to all it held), they cost no more
 # than those tasks did while it held them.
 RELEASED_KEPT_S = 60.0
-# How many clients and sinks `status` lists, the most relevant first (owed
-# the most results, connected, heard last); its counts cover every one. A
-# client reads answers of up to protocol.MAX_BODY_BYTES: past about 100,000
-# sessions a full list no longer fitted, and status stopped working.
-STATUS_CLIENTS = 100
-# The same for workers (serving nothing first, then holding the oldest task,
-# then the most), for functions (the most tasks queued and on workers first),
-# and for the functions each listed worker serves: thousands of workers or of
-# functions made the answer grow as fast, and every worker may serve every
-# function. Exact counts cover what is not listed.
-STATUS_WORKERS = 100
-STATUS_QUEUES = 100
-STATUS_SERVICES = 100
-
 # The session under which the broker resubmits failed tasks an operator retries.
 RETRY_SESSION = "ventilator:retry"
 # Arguments of a failed task are kept for a retry up to this size; larger ones
 # would make the bounded record of failures unbounded in bytes.
 RETRY_PAYLOAD_BYTES = p.ZERO_COPY_BYTES
-# How a task ended, as it is counted and shown: the statuses that are failures.
-FAILURE_STATUSES = frozenset(
-    {
-        p.Status.RAISED,
-        p.Status.TIMEOUT,
-        p.Status.POISON,
-        p.Status.NOT_FOUND,
-        p.Status.REJECTED,
-    }
-)
 
 
 class State(enum.Enum):
@@ -256,10 +207,6 @@ class Task:
         if self.flags & _RAW:
             return service_queue(self.function)
         return self.function
-
-
-# Serves nothing, -(when it was handed its oldest task), tasks held, -order.
-WorkerRelevance: TypeAlias = tuple[bool, float, int, int]
 
 
 @dataclass(slots=True, eq=False)
@@ -614,198 +561,6 @@ class Scope:
         return self.sessions + RETRY_SESSION
 
 
-# --- notices: what the broker's log should say ----------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerJoined:
-    worker_id: str
-    services: tuple[str, ...]
-    capacity: int
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerReturned:
-    """A worker registered again naming the tasks it still holds: `kept` of
-    them stay with it; `requeued` it held and no longer names went back to
-    their queues; `refused` it names are done, unknown or another's (it is
-    told to stop them, see `p.Release`; results of theirs are dropped as late)."""
-
-    worker_id: str
-    kept: int
-    requeued: int
-    refused: int
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerDraining:
-    worker_id: str
-    running: int
-
-
-class Fault(enum.Enum):
-    """Whose fault a worker's removal is, which decides what its tasks get."""
-
-    NONE = "none"  # replaced, revoked, or cut off by the broker's own stall
-    LOST = "lost"  # silent or unreachable: each of its tasks gets a strike
-    # It let deadlines pass: its tasks are requeued unblamed (it, not they,
-    # is at fault), and the operator is warned even if it held nothing more.
-    MISBEHAVED = "misbehaved"
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerLost:
-    worker_id: str
-    reason: str
-    requeued: int
-    poisoned: int
-    split: int = 0  # map batches handed back to their maps, item by item
-    fault: Fault = Fault.LOST
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerLeft:
-    """A worker said goodbye: a departure, not a fault. `requeued` counts the
-    tasks it had not finished (it was told to leave at once)."""
-
-    worker_id: str
-    requeued: int
-
-
-@dataclass(frozen=True, slots=True)
-class LeaseOverrun:
-    """A worker let tasks run `grace_s` past their timeout without reporting
-    them, and the broker ended them as timed out: `count` of them in one
-    tick (one notice, not one per task: a hoarder may hold hundreds), the
-    first of them `(ticket, attempt)` with its `timeout_s`. `overruns`: how
-    many in a row that worker let pass."""
-
-    worker_id: str
-    count: int
-    first: tuple[int, int]
-    timeout_s: float
-    grace_s: float
-    overruns: int
-
-
-@dataclass(frozen=True, slots=True)
-class LateOutcome:
-    ticket: int
-    attempt: int
-    worker_id: str
-    # Of a task the worker was told to give up (see Worker.released): sent
-    # again on its return, or crossing the RELEASE; no fault of anyone's.
-    released: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class ClientJoined:
-    recipient: str
-    resent: int
-
-
-class Departure(enum.Enum):
-    """How a client or sink stopped receiving its results."""
-
-    LEFT = "left"  # it said BYE
-    SILENT = "silent"  # given up on after liveness x heartbeat of silence
-    UNREACHABLE = "unreachable"  # a send to it failed
-    REVOKED = "revoked"  # its key lost access (see Scheduler.revoke_client)
-
-
-@dataclass(frozen=True, slots=True)
-class ClientLost:
-    """A client or sink stopped receiving: `held` results (pending or sent
-    and unacknowledged) wait for it to come back."""
-
-    recipient: str
-    held: int
-    how: Departure
-
-
-@dataclass(frozen=True, slots=True)
-class Rejected:
-    session: str
-    task_id: int
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class ResultsExpired:
-    count: int
-
-
-@dataclass(frozen=True, slots=True)
-class TombstonesForgotten:
-    """Tombstones of expired results kept another `ttl_s` were forgotten."""
-
-    count: int
-    ttl_s: float
-
-
-@dataclass(frozen=True, slots=True)
-class SinkTaken:
-    """A second process asked to receive a sink that one already receives."""
-
-    sink: str
-
-
-@dataclass(frozen=True, slots=True)
-class SessionHeld:
-    """A second live client asked for a session that one already holds;
-    `first` is False when the same client asked again."""
-
-    session: str
-    first: bool
-
-
-@dataclass(frozen=True, slots=True)
-class SessionsForgotten:
-    """Sessions (or sinks) that left owing and holding nothing were forgotten,
-    `grace_s` (session_grace_s) after they were last heard."""
-
-    count: int
-    grace_s: float
-
-
-@dataclass(frozen=True, slots=True)
-class SessionRefused:
-    """A HELLO named a new session the broker has no room for; `reason` names
-    the limit."""
-
-    session: str
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class FailureForgotten:
-    """The oldest failure records made room for new ones (`failed_kept`)."""
-
-    count: int
-    kept: int
-
-
-Notice = (
-    WorkerJoined
-    | WorkerReturned
-    | WorkerDraining
-    | WorkerLost
-    | WorkerLeft
-    | LeaseOverrun
-    | LateOutcome
-    | ClientJoined
-    | ClientLost
-    | Rejected
-    | ResultsExpired
-    | TombstonesForgotten
-    | SinkTaken
-    | SessionHeld
-    | SessionsForgotten
-    | SessionRefused
-    | FailureForgotten
-)
-
-
 @dataclass(slots=True)
 class Effects:
     """What one loop turn asks the shell to do, in this order: send to workers,
@@ -869,10 +624,10 @@ class Scheduler:
         # client's backlog does not hold up the others (see fairqueue).
         self._queues: dict[str, FairQueue] = {}
         self._waiting: list[tuple[float, int]] = []  # (due time, ticket) heap
-        # (deadline, ticket, attempt) of running tasks with a timeout, looked
-        # at once a tick; entries of tasks finished or re-armed since are
-        # skipped when they reach the top, not searched for.
-        self._deadlines: list[tuple[float, int, int]] = []
+        # Deadlines of running tasks with a timeout, looked at once a tick;
+        # entries of tasks finished or re-armed since are skipped when they
+        # come due, not searched for (see _armed_task).
+        self._deadlines = DeadlineHeap(self._armed_task)
         # Finished tasks by the time they finished, oldest first, for result expiry.
         self._finish_order: OrderedDict[int, float] = OrderedDict()
         # Tombstones of expired results by when they expired, oldest first, and
@@ -932,9 +687,9 @@ class Scheduler:
         self.disk_budget = DiskBudget()
 
         self._effects = Effects()
-        # Accepted task ids not yet announced, per submitting peer, and when the
-        # first of them was accepted (see ACCEPT_GRACE_S).
-        self._unannounced: dict[bytes, tuple[float, dict[int, None]]] = {}
+        # Accepted task ids not yet announced to their submitters (see
+        # announcements.ACCEPT_GRACE_S).
+        self._unannounced = Unannounced()
         # What a full broker holds, in words, worked out once per loop turn: a
         # SUBMIT of many tasks to it asks for it once per task.
         self._holdings_said: str | None = None
@@ -1279,7 +1034,7 @@ class Scheduler:
             if spec.sink is not None:
                 sinks[spec.sink] = None
         if accepted:
-            self._unannounced.setdefault(peer, (now, {}))[1].update(accepted)
+            self._unannounced.accepted(peer, accepted, now)
         self._tell_unserved(peer, functions)
         self._tell_unreceived(peer, sinks)
 
@@ -1539,7 +1294,7 @@ class Scheduler:
         if not parked.specs:
             del self._parked[session]
         if accepted and peer is not None:
-            self._unannounced.setdefault(peer, (self._now, {}))[1].update(accepted)
+            self._unannounced.accepted(peer, accepted, self._now)
 
     def _peer_of_session(self, session: str) -> bytes | None:
         """Where to tell `session` what became of its waiting tasks: its
@@ -1999,7 +1754,7 @@ class Scheduler:
         worker.running.add(task.ticket)
         self._count_held(worker, task.queue, +1)
         if task.deadline is not None:
-            self._rearm(task, task.deadline)
+            self._deadlines.arm(task, task.deadline)
         else:
             worker.unstarted[task.ticket] = None
 
@@ -2240,7 +1995,7 @@ class Scheduler:
         slot would not be free."""
         if task.timeout_s is None or not worker.obeys_release:
             return
-        self._rearm(task, start + task.timeout_s + self._lease_grace_s())
+        self._deadlines.arm(task, start + task.timeout_s + self._lease_grace_s())
 
     def _start_waiting(self, worker: Worker, now: float) -> None:
         """Slots of `worker` freed: the tasks it held behind them start, in
@@ -2257,17 +2012,16 @@ class Scheduler:
         then drop the workers that let too many pass in a row. Not before:
         a task whose deadline passed in this tick ends as timed out too,
         rather than wait in its queue for another worker."""
-        self._compact_deadlines()
-        deadlines = self._deadlines
+        running = sum(len(w.running) for w in self.workers.values())
         overrun: dict[str, list[Task]] = {}
-        while deadlines and deadlines[0][0] <= now:
-            task = self._armed_task(heapq.heappop(deadlines))
+        for entry in self._deadlines.take_due(now, running):
+            task = self._armed_task(entry)
             if task is None or task.worker is None:
                 continue  # finished, requeued or re-armed since
             worker = self.workers[task.worker]
             trusted_until = self._trusted_until(worker)
             if trusted_until > now:
-                self._rearm(task, trusted_until)
+                self._deadlines.arm(task, trusted_until)
                 continue
             overrun.setdefault(task.worker, []).append(task)
             self._overran(worker, task, now)
@@ -2288,11 +2042,7 @@ class Scheduler:
             return worker.registered_at + start_grace_s
         return worker.reported_at + self._lease_grace_s()
 
-    def _rearm(self, task: Task, deadline: float) -> None:
-        task.deadline = deadline
-        heapq.heappush(self._deadlines, (deadline, task.ticket, task.attempt))
-
-    def _armed_task(self, entry: tuple[float, int, int]) -> Task | None:
+    def _armed_task(self, entry: DeadlineEntry) -> Task | None:
         """The running task a deadline heap entry still stands for, if any."""
         deadline, ticket, attempt = entry
         task = self.tasks.get(ticket)
@@ -2304,18 +2054,6 @@ class Scheduler:
         ):
             return None
         return task
-
-    def _compact_deadlines(self) -> None:
-        """Rebuild the deadline heap without its stale entries once they
-        outnumber the running tasks: a task that finishes well within a long
-        timeout_s (an hour, a day) leaves its entry for that long, and a
-        stream of such tasks would grow the heap without bound."""
-        running = sum(len(w.running) for w in self.workers.values())
-        if len(self._deadlines) <= 2 * running + DEADLINE_HEAP_SLACK:
-            return
-        live = [e for e in self._deadlines if self._armed_task(e) is not None]
-        heapq.heapify(live)
-        self._deadlines = live
 
     def _overran(self, worker: Worker, task: Task, now: float) -> None:
         """End `task` as timed out: its worker did not report it in time.
@@ -2891,20 +2629,8 @@ class Scheduler:
                 batch = self._next_results(recipient, count, limit_bytes)
                 if batch:
                     self._effects.to_clients.append((recipient.peer, p.Results(batch)))
-                    self._announced_by(recipient.peer, batch)
+                    self._unannounced.told_by(recipient.peer, batch)
                     room -= len(batch)
-
-    def _announced_by(self, peer: bytes, results: list[p.ResultEntry]) -> None:
-        """Results to the peer that submitted them say they were accepted."""
-        unannounced = self._unannounced.get(peer)
-        if unannounced is None:
-            return
-        task_ids = unannounced[1]
-        for entry in results:
-            if not entry.origin:  # the recipient's own task, not a sink's
-                task_ids.pop(entry.task_id, None)
-        if not task_ids:
-            del self._unannounced[peer]
 
     def _next_results(
         self, recipient: Recipient, count: int, limit_bytes: int
@@ -2934,25 +2660,16 @@ class Scheduler:
         self._accept_waiting()
         self._dispatch()
         self._deliver()
-        self._announce(now)
+        self._unannounced.send_due(now, self._effects.to_clients)
         self._holdings_said = None
 
         effects = self._effects
         self._effects = Effects()
         return effects
 
-    def _announce(self, now: float | None) -> None:
-        for peer, (accepted_at, task_ids) in list(self._unannounced.items()):
-            if now is None or now >= accepted_at + ACCEPT_GRACE_S:
-                del self._unannounced[peer]
-                accepted = p.Accepted(list(task_ids))
-                self._effects.to_clients.append((peer, accepted))
-
     def announce_due_at(self) -> float:
         """When the oldest unannounced acceptance is due (inf if none is)."""
-        if not self._unannounced:
-            return math.inf
-        return min(at for at, _ in self._unannounced.values()) + ACCEPT_GRACE_S
+        return self._unannounced.due_at()
 
     # --- for gateways (MDP, Titanic) -------------------------------------------------
 
@@ -3062,11 +2779,14 @@ class Scheduler:
         else:
             self._keep_failure(record)
 
+    # --- status: what the report reads (see status.StatusReport) ----------------------
+
     def status(
         self, now: float, scope: Scope | None = None, full: bool = False
     ) -> dict[str, object]:
         """A plain-data picture of the broker, for `ventilator status`; within
-        `scope`, as `_status_within` says.
+        `scope`, only what a client with limited rights may see (see
+        `status.StatusReport`).
 
         It lists the most relevant `STATUS_WORKERS` workers, `STATUS_QUEUES`
         functions and `STATUS_CLIENTS` clients, with exact counts of them all,
@@ -3075,62 +2795,20 @@ class Scheduler:
         carries). Its cost grows with workers, running tasks and queues, not
         with the number of queued tasks, so a dashboard may ask every second.
         """
+        report = StatusReport(
+            tasks=self.tasks,
+            workers=self.workers.values(),
+            recipients=self.recipients.values(),
+            held=self._held,
+            parked=self._parked,
+            failed=self.failed,
+            tombstones=len(self._tombstones),
+            queued=self._queued_by_function(),
+            totals=self.totals(),
+        )
         if scope is not None:
-            return self._status_within(scope, now)
-        queued = self._queued_by_function()
-        running = self._running_by_function()
-        unfinished = sum(queued.values()) + sum(running.values())
-        every_worker = ((w, w.services) for w in self.workers.values())
-        return {
-            **self._workers_status(every_worker, now, full),
-            **self._queues_status(queued, running, full),
-            **self._results_held(unfinished),
-            **self._clients_status(self.recipients.values()),
-            "totals": self.totals(),
-            "recent_failures": [
-                record.report(now) for record in self._failures(10, None)
-            ],
-        }
-
-    def _status_within(self, scope: Scope, now: float) -> dict[str, object]:
-        """The broker as a client with limited rights sees it: its own sessions
-        (and the sinks it receives) and their failures; the workers and queues
-        of the functions it may submit, counting every client's tasks in them
-        (how far back its own wait); and the totals, which are only numbers.
-        Other clients' sessions and failures, and functions outside its
-        rights, are not its business."""
-        queued = self._queued_by_function()
-        running = self._running_by_function()
-        unfinished = sum(queued.values()) + sum(running.values())
-        return {
-            "scope": scope.sessions,
-            **self._workers_status(self._workers_within(scope), now, full=False),
-            **self._queues_status(
-                {q: n for q, n in queued.items() if scope.shows_queue(q)},
-                {q: n for q, n in running.items() if scope.shows_queue(q)},
-                full=False,
-            ),
-            **self._results_held(unfinished),
-            **self._clients_status(
-                recipient
-                for recipient in self.recipients.values()
-                if scope.owns(recipient.name) or scope.owns(recipient.holder or "")
-            ),
-            "totals": self.totals(),
-            "recent_failures": [
-                record.report(now) for record in self._failures(10, scope)
-            ],
-        }
-
-    def _results_held(self, unfinished: int) -> dict[str, int]:
-        """Finished tasks waiting for their recipients: results, and apart
-        from them the tombstones of expired ones. Their sum is that of every
-        client's `pending` and `unacknowledged`."""
-        expired = len(self._tombstones)
-        return {
-            "results_waiting": len(self.tasks) - unfinished - expired,
-            "results_expired": expired,
-        }
+            return report.within(scope, now)
+        return report.whole(now, full)
 
     def totals(self) -> dict[str, int]:
         """Tasks taken on and finished since this broker started, by outcome.
@@ -3142,178 +2820,15 @@ class Scheduler:
         which submit their items anew (see `split_for_its_map`): they are
         not `failed`.
         """
-        by_status = self._finished_by_status
-        return {
-            "submitted": self.submitted,
-            "restored": self.restored,
-            "completed": by_status[p.Status.OK],
-            "failed": sum(by_status[status] for status in FAILURE_STATUSES),
-            "cancelled": by_status[p.Status.CANCELLED],
-            "split": self._batches_split,
-        }
-
-    def _clients_status(self, recipients: Iterable[Recipient]) -> dict[str, object]:
-        """The `STATUS_CLIENTS` most relevant of `recipients`, and exact counts
-        of them all: the answer stays readable however many there are.
-
-        Most relevant: owed the most results (pending or unacknowledged),
-        then connected, then heard last. A dashboard may ask every second:
-        one pass over them all, and a heap of the listed few.
-        """
-        counts = {"all": 0, "connected": 0, "sinks": 0, "connected_sinks": 0}
-
-        def counted() -> Iterator[tuple[tuple[int, bool, float, int], Recipient]]:
-            for order, recipient in enumerate(recipients):
-                is_sink = recipient.name.startswith(SINK_PREFIX)
-                connected = recipient.peer is not None
-                counts["all"] += 1
-                counts["connected"] += connected
-                counts["sinks"] += is_sink
-                counts["connected_sinks"] += is_sink and connected
-                owed = len(recipient.pending) + len(recipient.unacked)
-                owed += self._held.get(recipient.name, 0)
-                yield (owed, connected, recipient.last_seen, -order), recipient
-
-        # Fed an iterator, nlargest keeps a heap of the listed few only.
-        kept = heapq.nlargest(STATUS_CLIENTS, counted(), key=lambda entry: entry[0])
-        return {
-            "clients": [self._client_status(recipient) for _, recipient in kept],
-            "client_counts": {**counts, "listed": len(kept)},
-        }
-
-    def _client_status(self, recipient: Recipient) -> dict[str, object]:
-        return {
-            "name": recipient.name,
-            "kind": "sink" if recipient.name.startswith("sink:") else "client",
-            "connected": recipient.peer is not None,
-            "pending": len(recipient.pending),
-            # Sent and not yet acknowledged: a busy sink holds them.
-            "unacknowledged": len(recipient.unacked),
-            # Tasks it submitted that the broker holds, queued, running or
-            # finished: a session that left with tasks queued owes nothing
-            # yet, and shows here what `purge --session` would drop.
-            "tasks": self._held.get(recipient.name, 0),
-            # Of those two, the tombstones of expired results.
-            "expired": recipient.expired,
-            # Tasks it sent past its window, not accepted yet (see _park).
-            "waiting_for_room": self._parked_count(recipient.name),
-        }
-
-    def _parked_count(self, session: str) -> int:
-        parked = self._parked.get(session)
-        return 0 if parked is None else len(parked.specs)
-
-    def _workers_within(self, scope: Scope) -> Iterator[tuple[Worker, list[str]]]:
-        """The workers as a client with limited rights sees them: those that
-        serve functions of its rights, with those functions only."""
-        for worker in self.workers.values():
-            services = [name for name in worker.services if scope.shows_queue(name)]
-            if services:
-                yield worker, services
-
-    def _workers_status(
-        self,
-        shown: Iterable[tuple[Worker, Sequence[str]]],
-        now: float,
-        full: bool,
-    ) -> dict[str, object]:
-        """The `STATUS_WORKERS` most relevant of the `shown` workers (each with
-        the functions shown of it), all of them if `full`, and exact counts
-        of them all. One pass over them, and a heap of the listed few."""
-        counts = dict.fromkeys(
-            ("all", "draining", "not_serving", "held", "slots", "capacity"), 0
+        return outcome_totals(
+            self.submitted,
+            self.restored,
+            self._finished_by_status,
+            self._batches_split,
         )
-        entries: list[tuple[WorkerRelevance, Worker, Sequence[str]]] = []
-        for order, (worker, services) in enumerate(shown):
-            counts["all"] += 1
-            counts["draining"] += worker.draining
-            counts["not_serving"] += not services
-            counts["held"] += len(worker.running)
-            counts["slots"] += worker.slots or 0
-            counts["capacity"] += worker.capacity
-            relevance = self._worker_relevance(worker, services, order)
-            entries.append((relevance, worker, services))
-        limit = len(entries) if full else STATUS_WORKERS
-        kept = heapq.nlargest(limit, entries, key=lambda entry: entry[0])
-        return {
-            "workers": [
-                self._worker_status(worker, now, services, full)
-                for _, worker, services in kept
-            ],
-            "worker_counts": {**counts, "listed": len(kept)},
-        }
-
-    def _worker_relevance(
-        self, worker: Worker, services: Sequence[str], order: int
-    ) -> WorkerRelevance:
-        """How much an operator wants to see a worker, most first: one that
-        serves nothing (there is something to fix), then the one holding the
-        oldest task (a hung task shows), then the one holding the most, then
-        the one that registered first."""
-        started = (self.tasks[ticket].started_at for ticket in worker.running)
-        oldest = min(started, default=math.inf)
-        return (not services, -oldest, len(worker.running), -order)
-
-    def _queues_status(
-        self, queued: dict[str, int], running: dict[str, int], full: bool
-    ) -> dict[str, object]:
-        """Tasks `queued` and `running` of the `STATUS_QUEUES` functions with
-        the most of both (every function if `full`), and exact totals."""
-        functions = busiest_first(queued, running)
-        kept = functions if full else functions[:STATUS_QUEUES]
-        counts = {
-            "all": len(functions),
-            "queued": sum(queued.values()),
-            "running": sum(running.values()),
-            "listed": len(kept),
-        }
-        return {
-            "queued": {name: queued[name] for name in kept if name in queued},
-            "running": {name: running[name] for name in kept if name in running},
-            "queue_counts": counts,
-        }
-
-    def _failures(self, limit: int, scope: Scope | None) -> list[FailedTask]:
-        """The latest `limit` failures (within `scope`), newest first."""
-        newest_first: Iterable[FailedTask] = reversed(self.failed)
-        if scope is not None:
-            newest_first = (r for r in newest_first if scope.owns(r.session))
-        return list(itertools.islice(newest_first, limit))
-
-    def _worker_status(
-        self, worker: Worker, now: float, services: Sequence[str], full: bool
-    ) -> dict[str, object]:
-        held = len(worker.running)
-        # A worker runs at most `slots` of the tasks it holds; the rest wait
-        # on it. Without slots the broker cannot tell them apart.
-        running = held if worker.slots is None else min(held, worker.slots)
-        listed = services if full else services[:STATUS_SERVICES]
-        return {
-            "id": worker.worker_id,
-            "services": list(listed),
-            "service_count": len(services),
-            "capacity": worker.capacity,
-            "slots": worker.slots,
-            "held": held,
-            "running": running,
-            "prefetched": None if worker.slots is None else held - running,
-            "oldest_running_s": self._oldest_held_s(worker, now),
-            "draining": worker.draining,
-            "last_seen_s": round(now - worker.last_seen, 3),
-            "problem": worker.problem,
-        }
-
-    def _oldest_held_s(self, worker: Worker, now: float) -> float | None:
-        """Seconds since the worker was handed the oldest task it holds; None
-        when it holds none. Workers start tasks in the order they get them,
-        so that task runs, and has run at most this long: a hung task shows
-        as a number that keeps growing."""
-        if not worker.running:
-            return None
-        oldest = min(self.tasks[ticket].started_at for ticket in worker.running)
-        return round(now - oldest, 3)
 
     def _queued_by_function(self) -> dict[str, int]:
+        """Tasks waiting per function: in its queue, or due for a retry."""
         queued = {
             name: len(queue) - self._stale.get(name, 0)
             for name, queue in self._queues.items()
@@ -3327,21 +2842,13 @@ class Scheduler:
         tasks = (self.tasks.get(ticket) for _, ticket in self._waiting)
         return [t for t in tasks if t is not None and t.state is State.WAITING]
 
-    def _running_by_function(self) -> dict[str, int]:
-        running: dict[str, int] = {}
-        for worker in self.workers.values():
-            for ticket in worker.running:
-                queue = self.tasks[ticket].queue
-                running[queue] = running.get(queue, 0) + 1
-        return running
-
     # --- operator commands -----------------------------------------------------------
 
     def _operate(
         self, command: p.OperatorCommand, now: float, scope: Scope | None = None
     ) -> dict[str, object]:
         if isinstance(command, p.ListFailed):
-            records = self._failures(command.limit, scope)
+            records = latest_failures(self.failed, command.limit, scope)
             kept = sum(1 for r in self.failed if scope is None or scope.owns(r.session))
             return {
                 "failed": [r.report(now, traceback=True) for r in records],
@@ -3505,6 +3012,11 @@ class Scheduler:
         self._finish(task, p.Status.CANCELLED, b"", now)
         return "cancelled"
 
+    # --- invariants: checked by the tests after every step ----------------------------
+    # They cross-check the scheduler's own bookkeeping (counts, indexes,
+    # heaps) against a recount, so they read its private fields by design,
+    # and stay in the class rather than reach into it from outside.
+
     def check_invariants(self) -> None:
         """Raise AssertionError if the scheduler's state is inconsistent (for
         tests, after a `flush`)."""
@@ -3556,7 +3068,7 @@ class Scheduler:
         self._check_tombstones()
         self._check_session_counts()
         self._check_parked()
-        assert all(ids for _, ids in self._unannounced.values()), "empty ACCEPTED"
+        assert self._unannounced.none_empty(), "empty ACCEPTED"
         failed = [record.ticket for record in self.failed]
         assert len(set(failed)) == len(failed), "a failure remembered twice"
         self._check_totals()

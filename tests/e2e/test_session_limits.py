@@ -15,7 +15,8 @@ import zmq
 import ventilator
 from ventilator import protocol as p
 from ventilator.broker import JOINS_LOGGED_PER_S
-from ventilator.scheduler import SESSIONS_PER_CONNECTION, STATUS_CLIENTS
+from ventilator.scheduler import SESSIONS_PER_CONNECTION
+from ventilator.status import STATUS_CLIENTS
 
 from . import tasks
 from .conftest import (

@@ -11,7 +11,7 @@ import zmq
 
 from ventilator import protocol as p
 from ventilator.broker import LOSSES_LOGGED_PER_S
-from ventilator.scheduler import STATUS_QUEUES, STATUS_SERVICES, STATUS_WORKERS
+from ventilator.status import STATUS_QUEUES, STATUS_SERVICES, STATUS_WORKERS
 
 from .conftest import (
     FAST_HEARTBEAT_S,

@@ -24,7 +24,7 @@ from ventilator.broker import (
 )
 from ventilator.errors import UsageError
 from ventilator.logs import Dwindling
-from ventilator.scheduler import (
+from ventilator.notices import (
     Fault,
     Notice,
     Rejected,

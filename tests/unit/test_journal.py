@@ -27,11 +27,13 @@ from ventilator.journal import (
     SqliteJournal,
     open_journal,
 )
+from ventilator.notices import (
+    FailureForgotten,
+)
 from ventilator.policy import Limits
 from ventilator.scheduler import (
     RETRY_PAYLOAD_BYTES,
     Effects,
-    FailureForgotten,
     State,
     Task,
 )

@@ -7,27 +7,28 @@ import math
 import pytest
 
 from ventilator import protocol as p
+from ventilator.announcements import ACCEPT_GRACE_S
 from ventilator.errors import TaskError
-from ventilator.policy import Backoff, Limits
-from ventilator.scheduler import (
-    ACCEPT_GRACE_S,
-    RELEASED_KEPT_S,
+from ventilator.notices import (
     ClientLost,
     Departure,
-    DiskBudget,
     LateOutcome,
-    Scheduler,
     SessionHeld,
-    State,
-    Task,
     WorkerDraining,
     WorkerLeft,
     WorkerLost,
-    busiest_first,
-    name_order,
+)
+from ventilator.policy import Backoff, Limits
+from ventilator.scheduler import (
+    RELEASED_KEPT_S,
+    DiskBudget,
+    Scheduler,
+    State,
+    Task,
     sink_recipient,
 )
 from ventilator.serialization import pack_error, unpack_value
+from ventilator.status import busiest_first, name_order
 
 from .driver import (
     CLIENT,

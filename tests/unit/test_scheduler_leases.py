@@ -6,15 +6,17 @@ from __future__ import annotations
 import math
 
 from ventilator import protocol as p
-from ventilator.policy import Limits
-from ventilator.scheduler import (
-    DEADLINE_HEAP_SLACK,
-    LEASE_GRACE_BEATS,
-    START_GRACE_BEATS,
+from ventilator.deadlines import DEADLINE_HEAP_SLACK
+from ventilator.notices import (
     Fault,
     LateOutcome,
     LeaseOverrun,
     WorkerLost,
+)
+from ventilator.policy import Limits
+from ventilator.scheduler import (
+    LEASE_GRACE_BEATS,
+    START_GRACE_BEATS,
 )
 
 from .driver import (

@@ -5,14 +5,16 @@ from __future__ import annotations
 import pytest
 
 from ventilator import protocol as p
+from ventilator.notices import (
+    LateOutcome,
+    WorkerLost,
+    WorkerReturned,
+)
 from ventilator.scheduler import (
     MAX_ADOPTED_ATTEMPT,
     RETURN_WAIT_BEATS,
-    LateOutcome,
     State,
     Task,
-    WorkerLost,
-    WorkerReturned,
 )
 
 from .driver import FUNCTION, Driver, assignments, notices, results, sent, task

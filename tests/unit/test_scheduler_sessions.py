@@ -5,14 +5,16 @@ connection opens a few at most, and the broker `max_sessions` in all."""
 from __future__ import annotations
 
 from ventilator import protocol as p
+from ventilator.notices import (
+    SessionRefused,
+    SessionsForgotten,
+)
 from ventilator.policy import Limits
 from ventilator.scheduler import (
     SESSIONS_PER_CONNECTION,
-    STATUS_CLIENTS,
-    SessionRefused,
-    SessionsForgotten,
     sink_recipient,
 )
+from ventilator.status import STATUS_CLIENTS
 
 from .driver import (
     CLIENT,

@@ -36,11 +36,13 @@ from hypothesis.stateful import (
 
 from ventilator import protocol as p
 from ventilator.mdp import service_queue
+from ventilator.notices import (
+    LateOutcome,
+)
 from ventilator.policy import Backoff, Limits
 from ventilator.scheduler import (
     RETRY_SESSION,
     Effects,
-    LateOutcome,
     Scheduler,
     Scope,
     State,
