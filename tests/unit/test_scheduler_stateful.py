@@ -234,15 +234,23 @@ class SchedulerMachine(RuleBasedStateMachine):
         session = data.draw(st.sampled_from(self._connected(SESSIONS)))
         mine = sorted(t for (owner, t) in self.recipient_of if owner == session)
         task_ids = data.draw(st.lists(st.sampled_from(mine or [10**6]), max_size=3))
-        running = [
+        # Running ones are stopped, and finished ones whose result the client
+        # has not read are forgotten (its future is cancelled): no result of
+        # theirs will reach anyone.
+        dropped = [
             (session, task_id)
             for task_id in task_ids
             if (task := self.scheduler.find_task(session, task_id)) is not None
-            and task.state is State.RUNNING
+            and (
+                task.state is State.RUNNING
+                or (task.state is State.FINISHED and task.recipient == session)
+            )
         ]
         self._client(self._peer_of(session), p.Cancel(task_ids))
-        for key in running:  # no result for them will reach anyone
-            self.recipient_of.pop(key, None)
+        for key in dropped:
+            name = self.recipient_of.pop(key, None)
+            if name is not None:
+                self.recipients[name].delivered.discard(key)
             self.dropped.add(key)
 
     @precondition(lambda self: self._can_ack())
