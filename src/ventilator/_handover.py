@@ -184,8 +184,9 @@ class Handover:
 
     # --- what callers hand over -------------------------------------------------
 
-    def check_open(self) -> None:
-        """Raise why nothing can be queued any more (under `lock`).
+    def check_open(self, waited: bool = False) -> None:
+        """Raise why nothing can be queued any more (under `lock`); `waited`:
+        the caller waited for room in the window first.
 
         ClientClosed, as for a client that broke: a thread that submits or
         reads a map while another closes the client cannot tell that it was
@@ -193,6 +194,11 @@ class Handover:
         """
         if self.broken is not None:
             raise self.broken
+        if self.closed and waited:
+            raise ClientClosed(
+                "the client was closed while this task waited for room in its "
+                "window: it was never sent"
+            )
         if self.closed:
             raise ClientClosed("this client is closed")
 

@@ -254,9 +254,11 @@ class AsyncClient:
             self._client.cancel_task, session, task_id, timeout_s
         )
 
-    async def close(self) -> None:
-        """Leave the broker; pending tasks fail with `ClientClosed`."""
-        await asyncio.to_thread(self._client.close)
+    async def close(self, timeout_s: float = 10.0) -> None:
+        """Leave the broker; pending tasks fail with `ClientClosed`. Waits up
+        to `timeout_s` for the broker to accept what was sent, as
+        `Client.close`."""
+        await asyncio.to_thread(self._client.close, timeout_s)
 
 
 def _waker(event: asyncio.Event) -> Callable[[], None]:

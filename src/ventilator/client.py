@@ -527,7 +527,9 @@ class Client:
 
         Returns:
             {"results": dropped results, "queued": dropped queued tasks,
-            "running": running tasks that will be dropped when they end}.
+            "running": running tasks that will be dropped when they end,
+            "for_sinks": tasks of its whose results wait for sinks, which
+            count against it but are the sinks' (see `purge --sink`)}.
 
         Raises:
             UsageError: the session is connected (its results are on their
@@ -539,7 +541,9 @@ class Client:
         report = self._ask(p.Purge(session=session), timeout_s, "purge_session")
         if "refused" in report:
             raise UsageError(str(report["refused"]))
-        return {kind: int(report[kind]) for kind in ("results", "queued", "running")}
+        kinds = ("results", "queued", "running", "for_sinks")
+        # An older broker does not count the last.
+        return {kind: int(report.get(kind, 0)) for kind in kinds}
 
     def cancel_task(self, session: str, task_id: int, timeout_s: float = 10.0) -> str:
         """Cancel any session's task by its id, as an operator.
@@ -693,13 +697,15 @@ class Client:
             alone = handover.in_window == 0
             for spec in specs:
                 size = len(spec.payload)
+                waited = False
                 while handover.must_wait(size) and not handover.stopped:
                     self._refuse_on_io_thread("submit() with the window full")
                     if wake:  # what we queued must go out, or no room comes back
                         handover.wake()
                         wake = False
                     handover.room.wait()
-                handover.check_open()
+                    waited = True
+                handover.check_open(waited)
                 # The I/O thread takes the whole queue when it wakes: one wake-up
                 # per burst, not one write to the pipe per task.
                 wake = wake or not handover.outgoing

@@ -507,6 +507,30 @@ def test_closing_a_client_fails_its_pending_futures_with_client_closed(
         client.submit(tasks.square, 1)
 
 
+def test_a_submit_waiting_for_room_at_close_says_its_task_was_never_sent(
+    launch: Launcher, broker: BrokerProcess
+) -> None:
+    client = launch.client(broker, window=1)
+    client.submit(f"{MORE_TASKS}:cube", 1)  # no worker serves it: the window stays full
+    errors: list[BaseException] = []
+
+    def submit_second() -> None:
+        try:
+            client.submit(f"{MORE_TASKS}:cube", 2)
+        except BaseException as exc:
+            errors.append(exc)
+
+    waiting = threading.Thread(target=submit_second)
+    waiting.start()
+    wait_until(lambda: client._handover.room._waiters, 10, "the submit to wait")
+    client.close()
+    waiting.join(RESULT_TIMEOUT_S)
+
+    [error] = errors
+    assert isinstance(error, ventilator.ClientClosed)
+    assert "never sent" in str(error)
+
+
 def test_closing_a_client_no_broker_answered_says_its_tasks_were_never_queued() -> None:
     client = ventilator.Client(f"tcp://127.0.0.1:{free_port()}")  # nobody there
     future = client.submit(tasks.square, 2)
