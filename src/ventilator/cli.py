@@ -2183,14 +2183,28 @@ def _purge_session(connect: str, timeout_s: float, session: str, yes: bool) -> N
         # A session that left with nothing owed is forgotten: as is a typo.
         # The error alone answers, as for a function that matched nothing.
         raise click.ClickException(
-            f"nothing matched session {session!r}: the broker holds nothing for "
-            "it (`ventilator status` lists sessions; for the results waiting "
-            f"for a sink of that name: `ventilator purge --sink {session}`)"
+            f"nothing matched session {session!r}: "
+            + _sink_results_hint(dropped["for_sinks"], session)
         )
     click.echo(
         f"session {session}: dropped {dropped['results']} result(s) waiting for "
         f"delivery and {dropped['queued']} queued task(s); "
         f"{dropped['running']} running task(s) will be dropped when they end"
+    )
+
+
+def _sink_results_hint(for_sinks: int, session: str) -> str:
+    """Where what a session holds went, when its purge dropped nothing."""
+    if for_sinks:
+        return (
+            f"the results of {for_sinks} of its tasks wait for sinks, which "
+            "count against it until taken (`ventilator status` lists sinks as "
+            "sink:NAME): `ventilator purge --sink NAME` drops them"
+        )
+    return (
+        "the broker holds nothing for it (`ventilator status` lists sessions; "
+        "for the results waiting for a sink of that name: `ventilator purge "
+        f"--sink {session}`)"
     )
 
 

@@ -1207,9 +1207,11 @@ class Scheduler:
         )
         if waiting:
             said += (
-                "results wait until their client collects them, or for "
+                "results wait until their client or sink collects them, or for "
                 f"{self.limits.result_ttl_s:g}s (result_ttl_s); an operator drops "
-                "those of a session that left with `ventilator purge --session NAME`"
+                "those of a session that left with `ventilator purge --session "
+                "NAME`, and those of a sink nobody receives with `ventilator "
+                "purge --sink NAME`"
             )
         else:
             said += (
@@ -2968,6 +2970,9 @@ class Scheduler:
         # What it sent past its window counts as queued: it waited to be.
         dropped = {"results": 0, "queued": self._drop_parked(name), "running": 0}
         running: list[Task] = []
+        # Results of its tasks that wait for sinks are the sinks' to drop, but
+        # they count against this session: say how many there are.
+        dropped["for_sinks"] = 0
         for task in list(self.tasks.values()):
             kind = self._purge_for_session(task, name, now)
             if kind == "running":
@@ -2985,10 +2990,12 @@ class Scheduler:
         """Drop `task` if it is session `name`'s (a running one is left to the
         caller, which stops them all at once); say how it was held."""
         if task.state is State.FINISHED:
-            if task.recipient != name:
-                return None  # a sink task's result is the sink's
-            self._forget(task)
-            return "results"
+            if task.recipient == name:
+                self._forget(task)
+                return "results"
+            if task.session == name:
+                return "for_sinks"  # the sink's result: see purge --sink
+            return None
         if task.session != name or task.cancelled:
             return None
         if task.state is State.RUNNING:

@@ -301,16 +301,22 @@ def test_results_waiting_for_a_sink_nobody_receives_are_dropped_with_purge_sink(
     for x in range(3):
         sender.submit(f"{TASKS}:square", x, sink="nobody2").result(START_TIMEOUT_S)
     status_when(sender, lambda s: s["results_waiting"] == 3, 10, "3 results waiting")
+    sender.close()  # its results count against it: a purge of it says where
     frontend = ("--connect", broker.frontend)
 
     by_session = run_cli(processes, "purge", "--session", "nobody2", "--yes", *frontend)
+    by_sender = run_cli(
+        processes, "purge", "--session", sender.session, "--yes", *frontend
+    )
     by_sink = run_cli(processes, "purge", "--sink", "nobody2", "--yes", *frontend)
 
     assert by_session.returncode == 1
     assert "ventilator purge --sink nobody2" in by_session.stderr
+    assert by_sender.returncode == 1
+    assert "the results of 3 of its tasks wait for sinks" in by_sender.stderr
     assert by_sink.returncode == 0, by_sink.stderr
     assert "dropped 3 result(s)" in by_sink.stdout
-    assert sender.status()["results_waiting"] == 0
+    assert launch.client(broker).status()["results_waiting"] == 0
 
 
 @pytest.fixture

@@ -236,7 +236,8 @@ def test_task_limit_refusal_speaks_of_waiting_results_only_when_some_wait() -> N
     assert "0 results waiting" in none_waits
     assert "results wait until" not in none_waits and "try again" in none_waits
     assert "1 running, 1 results waiting" in one_waits
-    assert "results wait until their client collects them" in one_waits
+    assert "results wait until their client or sink collects them" in one_waits
+    assert "purge --sink NAME" in one_waits
 
 
 # --- dispatch -------------------------------------------------------------------------
