@@ -300,34 +300,34 @@ class Handover:
         for listener in self.room_listeners:
             listener()
 
-    @contextlib.contextmanager
-    def listening_for_room(self, listener: Callable[[], None]) -> Iterator[None]:
+    def listening_for_room(
+        self, listener: Callable[[], None]
+    ) -> contextlib.AbstractContextManager[None]:
         """Have `listener` called whenever room in the window may have come
         back, or the client closed or broke, for the block. It runs on
         whichever thread made the room, under `lock`: it must not block."""
-        with self.lock:
-            self.room_listeners = (*self.room_listeners, listener)
-        try:
-            yield
-        finally:
-            with self.lock:
-                listeners = list(self.room_listeners)
-                listeners.remove(listener)
-                self.room_listeners = tuple(listeners)
+        return self._listening("room_listeners", listener)
 
-    @contextlib.contextmanager
-    def listening(self, listener: Callable[[], None]) -> Iterator[None]:
+    def listening(
+        self, listener: Callable[[], None]
+    ) -> contextlib.AbstractContextManager[None]:
         """Have the I/O thread call `listener` whenever a result waits for
         `collect`, for the block. It must not block: it runs on that thread."""
+        return self._listening("collect_listeners", listener)
+
+    @contextlib.contextmanager
+    def _listening(self, kind: str, listener: Callable[[], None]) -> Iterator[None]:
+        """Add `listener` to the tuple of listeners named `kind` for the block.
+        The tuple is replaced whole, so that its caller reads it unlocked."""
         with self.lock:
-            self.collect_listeners = (*self.collect_listeners, listener)
+            setattr(self, kind, (*getattr(self, kind), listener))
         try:
             yield
         finally:
             with self.lock:
-                listeners = list(self.collect_listeners)
+                listeners = list(getattr(self, kind))
                 listeners.remove(listener)
-                self.collect_listeners = tuple(listeners)
+                setattr(self, kind, tuple(listeners))
 
     def close(self, timeout_s: float) -> bool:
         """Ask the I/O thread to leave once the broker has accepted what was
