@@ -1421,9 +1421,11 @@ class Scheduler:
         self._effects.forgotten.append(task.ticket)
 
     def _cancel(self, session: str, task_ids: Iterable[int], now: float) -> None:
-        running: dict[int, Task] = {}  # a task named twice is stopped once
+        running: dict[int, Task] = {}
         parked = self._parked.get(session)
-        for task_id in task_ids:
+        # A task named twice is cancelled once: named again, one cancelled
+        # while queued would have its "cancelled" answer forgotten unread.
+        for task_id in dict.fromkeys(task_ids):
             ticket = self._by_key.get((session, task_id))
             task = self.tasks.get(ticket) if ticket is not None else None
             if task is None:

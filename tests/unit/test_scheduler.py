@@ -1196,6 +1196,16 @@ def test_finished_task_cancelled_before_its_result_was_read_is_forgotten(
     assert not recipient.pending and not recipient.unacked
 
 
+def test_a_task_named_twice_in_one_cancel_still_answers_cancelled(
+    driver: Driver,
+) -> None:
+    driver.submit(task(1))
+
+    cancelled = driver.cancel(1, 1)
+
+    assert [r.status for r in results(cancelled)] == [p.Status.CANCELLED]
+
+
 def test_running_task_cancelled_is_dropped_result_and_all(driver: Driver) -> None:
     driver.submit(task(1))
     [assignment] = assignments(driver.ready(W1), W1)
