@@ -145,9 +145,9 @@ class Handover:
         # Called by the I/O thread after it puts a result in `orphans`: how an
         # asyncio collect() learns of one without a thread blocked on the
         # queue. A tuple, replaced whole, so the I/O thread reads it unlocked.
-        self.collect_listeners: tuple[Callable[[], None], ...] = ()
+        self.collect_listeners = Listeners(self.lock)
         # Called with the room condition's notify (see room_changed).
-        self.room_listeners: tuple[Callable[[], None], ...] = ()
+        self.room_listeners = Listeners(self.lock)
         # Set by close(), and when the I/O thread failed. The I/O thread reads
         # `closed` and `close_deadline` unlocked: the wake-up that follows
         # close() makes its next turn see them.
@@ -297,8 +297,7 @@ class Handover:
         blocked in submit, and the listeners of event loops (see
         `listening_for_room`), which must not block."""
         self.room.notify_all()
-        for listener in self.room_listeners:
-            listener()
+        self.room_listeners.call()
 
     def listening_for_room(
         self, listener: Callable[[], None]
@@ -306,28 +305,14 @@ class Handover:
         """Have `listener` called whenever room in the window may have come
         back, or the client closed or broke, for the block. It runs on
         whichever thread made the room, under `lock`: it must not block."""
-        return self._listening("room_listeners", listener)
+        return self.room_listeners.added(listener)
 
     def listening(
         self, listener: Callable[[], None]
     ) -> contextlib.AbstractContextManager[None]:
         """Have the I/O thread call `listener` whenever a result waits for
         `collect`, for the block. It must not block: it runs on that thread."""
-        return self._listening("collect_listeners", listener)
-
-    @contextlib.contextmanager
-    def _listening(self, kind: str, listener: Callable[[], None]) -> Iterator[None]:
-        """Add `listener` to the tuple of listeners named `kind` for the block.
-        The tuple is replaced whole, so that its caller reads it unlocked."""
-        with self.lock:
-            setattr(self, kind, (*getattr(self, kind), listener))
-        try:
-            yield
-        finally:
-            with self.lock:
-                listeners = list(getattr(self, kind))
-                listeners.remove(listener)
-                setattr(self, kind, tuple(listeners))
+        return self.collect_listeners.added(listener)
 
     def close(self, timeout_s: float) -> bool:
         """Ask the I/O thread to leave once the broker has accepted what was
@@ -424,8 +409,36 @@ class Handover:
     def keep_for_collect(self, collected: Collected) -> None:
         """A result of an earlier client of the session, for collect()."""
         self.orphans.put(collected)
-        for listener in self.collect_listeners:
+        self.collect_listeners.call()
+
+
+class Listeners:
+    """Callables that another thread calls, each for as long as its `added`
+    block lasts. Changed under `lock`; called without it, from a tuple that
+    is replaced whole, never changed in place."""
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self._lock = lock
+        self._calls: tuple[Callable[[], None], ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self._calls)
+
+    def call(self) -> None:
+        for listener in self._calls:
             listener()
+
+    @contextlib.contextmanager
+    def added(self, listener: Callable[[], None]) -> Iterator[None]:
+        with self._lock:
+            self._calls = (*self._calls, listener)
+        try:
+            yield
+        finally:
+            with self._lock:
+                calls = list(self._calls)
+                calls.remove(listener)
+                self._calls = tuple(calls)
 
 
 def _task_id_of(pending: Pending) -> int:
