@@ -56,13 +56,21 @@ class AsyncClient:
         await self.close()
 
     async def submit(
-        self, function: str | Callable[..., Any], /, *args: Any, **kwargs: Any
+        self,
+        function: str | Callable[..., Any],
+        /,
+        *args: Any,
+        timeout_s: float | None = None,
+        retries: int = 0,
+        sink: str | None = None,
+        **kwargs: Any,
     ) -> Any:
         """Run one task and return its result; raises its `TaskError` if it failed.
 
         Options (`timeout_s`, `retries`, `sink`) are those of `Client.submit`.
         """
-        spec = self._client._prepared(function, *args, **kwargs)
+        # Encoded once: past a full window it is offered again as room comes.
+        spec = self._client._spec(function, args, kwargs, timeout_s, retries, sink)
         future = self._client._enqueue_nowait(spec)
         if future is None:
             future = await self._when_room(spec)

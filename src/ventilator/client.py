@@ -276,20 +276,6 @@ class Client:
         spec = self._spec(function, args, kwargs, timeout_s, retries, sink)
         return self._enqueue_nowait(spec)
 
-    def _prepared(
-        self,
-        function: str | Callable[..., Any],
-        /,
-        *args: Any,
-        timeout_s: float | None = None,
-        retries: int = 0,
-        sink: str | None = None,
-        **kwargs: Any,
-    ) -> p.TaskSpec:
-        """The task `submit` would send, encoded once: for a caller that
-        tries again whenever room comes (see aio)."""
-        return self._spec(function, args, kwargs, timeout_s, retries, sink)
-
     def _enqueue_nowait(self, spec: p.TaskSpec) -> TaskFuture | None:
         queued = self._enqueue([spec], self._future, block=False)
         return queued[0] if queued else None
