@@ -212,13 +212,14 @@ class _FrameChecksums:
 
     def holds(self, number: int) -> bool:
         offset = _HEADER_BYTES + (number - 1) * self._frame_bytes
+        previous = (
+            _LOG_CHECKSUM_AT
+            if number == 1
+            else offset - self._frame_bytes + _FRAME_CHECKSUM_AT
+        )
         with open(self._wal, "rb") as file:
-            if number == 1:
-                file.seek(_LOG_CHECKSUM_AT)
-                start = _CHECKSUM.unpack(file.read(_CHECKSUM.size))
-            else:
-                file.seek(offset - self._frame_bytes + _FRAME_CHECKSUM_AT)
-                start = _CHECKSUM.unpack(file.read(_CHECKSUM.size))
+            file.seek(previous)
+            start = _CHECKSUM.unpack(file.read(_CHECKSUM.size))
             file.seek(offset)
             frame = file.read(self._frame_bytes)
         if len(frame) < self._frame_bytes:
