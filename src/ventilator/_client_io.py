@@ -97,6 +97,10 @@ _MESSAGE_REFUSED = frozenset({"frames", "size", "body", "malformed"})
 # long enough for a broker with the same settings to give up a holder that
 # died without BYE, and take it over then.
 SESSION_WAIT_LIVENESS_PERIODS = 3
+# How long a Client dropped without close() waits for the broker to accept
+# what it sent, as close() does by default. Nothing is in flight by then in
+# practice: a pending task's future holds its Client.
+DROPPED_CLOSE_TIMEOUT_S = 10.0
 # The command bytes of answers to questions: one that cannot be read still
 # answers the oldest question asked (the broker answers in order).
 _ANSWER_BYTES = frozenset({bytes([p.Cmd.STATUS_REPLY]), bytes([p.Cmd.OPERATOR_REPLY])})
@@ -130,12 +134,14 @@ class ClientIO:
         settings: IOSettings,
         handover: Handover,
         context: zmq.Context[Any],
-        future_for: Callable[[int], TaskFuture],
+        future_for: Callable[[int], TaskFuture | None],
     ) -> None:
         self._handover = handover
         self._context = context
         # Makes the future of a result an earlier client of the session
-        # submitted, for collect().
+        # submitted, for collect(); None once the Client is gone. It must not
+        # hold the Client: a Client dropped without close() is collected, and
+        # its finalizer stops this thread (see Handover.drop).
         self._future_for = future_for
         self.address = settings.address
         self.session = settings.session
@@ -278,6 +284,8 @@ class ClientIO:
                 self._handshakes.read()
             if self._handover.wake_fd in ready:
                 self._handover.drain_wake()
+                if self._handover.dropped:
+                    self._close_dropped()
             if self._receive(now):
                 broker_seen = self.broker_heard_at = now
                 # WELCOME may have lowered the interval to the broker's: the
@@ -302,6 +310,15 @@ class ClientIO:
                     broker_seen = now
 
         self._shutdown()
+
+    def _close_dropped(self) -> None:
+        """Close for a Client dropped without close(), as close() would have:
+        the broker forgets the session now rather than after its silence."""
+        if self._handover.close(DROPPED_CLOSE_TIMEOUT_S):
+            log.info(
+                "the Client was dropped without close(); leaving the broker session=%s",
+                self.session,
+            )
 
     def _fail_unanswerable(self) -> None:
         """Before a WELCOME: fail what cannot be answered, saying why.
@@ -808,6 +825,8 @@ class ClientIO:
 
     def _keep_for_collect(self, key: tuple[str, int], entry: p.ResultEntry) -> None:
         orphan = self._future_for(entry.task_id)
+        if orphan is None:
+            return  # the Client is gone: the broker keeps it for a later one
         _settle(orphan, entry)
         self._collectable.add(key)
         self._handover.keep_for_collect(Collected(orphan, key, len(entry.payload)))

@@ -30,6 +30,7 @@ import os
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
@@ -154,10 +155,20 @@ class Handover:
         self.closed = False
         self.close_deadline = 0.0
         self.broken: ClientBroken | None = None
+        # Set, without the lock, by the finalizer of a Client dropped without
+        # close(): the I/O thread then closes the client itself (see drop).
+        self.dropped = False
         # Written by callers when they queue something while the I/O thread
         # may sleep; its poll wakes on the read end.
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_read, False)
+        # Closes the pipe once: at close(), or when this object is collected
+        # after its Client was dropped (then nobody is left to write to it).
+        self._pipe_closer = weakref.finalize(
+            self, _close_pipe, self._wake_read, self._wake_write
+        )
+        # At exit the daemon I/O thread may still poll the pipe.
+        self._pipe_closer.atexit = False
 
     # --- both sides -----------------------------------------------------------
 
@@ -326,10 +337,20 @@ class Handover:
         self.wake()
         return True
 
+    def drop(self) -> None:
+        """The Client was dropped without close(): have its I/O thread close
+        it, and leave.
+
+        Called by the Client's finalizer, on whatever thread the garbage
+        collector ran, maybe the I/O thread itself while it holds `lock`: so
+        no lock is taken here, and nothing waits.
+        """
+        self.dropped = True
+        self.wake()
+
     def close_pipe(self) -> None:
         """Close the wake-up pipe, once the I/O thread has left."""
-        os.close(self._wake_read)
-        os.close(self._wake_write)
+        self._pipe_closer()
 
     # --- what the I/O thread hands back ---------------------------------------
 
@@ -443,3 +464,8 @@ class Listeners:
 
 def _task_id_of(pending: Pending) -> int:
     return pending.spec.task_id
+
+
+def _close_pipe(read_end: int, write_end: int) -> None:
+    os.close(read_end)
+    os.close(write_end)

@@ -218,8 +218,12 @@ class Client:
             heartbeat_interval_s,
             liveness,
         )
-        self._io = ClientIO(settings, self._handover, context, self._future)
+        self._io = ClientIO(settings, self._handover, context, _futures_of(self))
         self._io.start()
+        # Dropped without close(), the client leaves the broker all the same
+        # (not at exit: the process's end says as much).
+        self._dropped = weakref.finalize(self, self._handover.drop)
+        self._dropped.atexit = False
 
     def __enter__(self) -> Client:
         return self
@@ -586,6 +590,7 @@ class Client:
                 which close() would have to wait for.
         """
         self._refuse_on_io_thread("close()")
+        self._dropped.detach()
         self._abandon_open_maps()
         if not self._handover.close(timeout_s):
             return
@@ -722,6 +727,18 @@ class Client:
         """Cancel tasks nobody waits for any more (a cancelled future, an
         abandoned map): see `Handover.withdraw`."""
         self._handover.withdraw(task_ids)
+
+
+def _futures_of(client: Client) -> Callable[[int], TaskFuture | None]:
+    """What makes `client`'s futures for its I/O thread, without keeping it
+    alive: None once the client is gone."""
+    owner = weakref.ref(client)
+
+    def future(task_id: int) -> TaskFuture | None:
+        client = owner()
+        return None if client is None else TaskFuture(client, task_id)
+
+    return future
 
 
 def _check_session(session: str | None) -> None:

@@ -542,6 +542,27 @@ def test_closing_a_client_no_broker_answered_says_its_tasks_were_never_queued() 
     assert "never queued" in str(error)
 
 
+def test_a_client_dropped_without_close_leaves_the_broker_and_stops_its_thread(
+    launch: Launcher, broker: BrokerProcess, two_workers: list[WorkerProcess]
+) -> None:
+    observer = launch.client(broker)
+    dropped = ventilator.Client(broker.frontend)
+    assert dropped.submit(tasks.square, 3).result(RESULT_TIMEOUT_S) == 9
+    session, thread = dropped.session, dropped._io.thread
+
+    del dropped
+    gc.collect()
+
+    thread.join(RESULT_TIMEOUT_S)
+    assert not thread.is_alive()
+    status_when(
+        observer,
+        lambda status: all(c["name"] != session for c in status["clients"]),
+        RESULT_TIMEOUT_S,
+        "the broker to forget the dropped client's session",
+    )
+
+
 def test_a_map_read_after_its_client_closed_raises_client_closed(
     launch: Launcher, broker: BrokerProcess
 ) -> None:
