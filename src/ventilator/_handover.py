@@ -111,6 +111,8 @@ class Handover:
         # Callers wait on it for room in the window; notified whenever room
         # may have come: tasks sent or finished, the window changed, closed.
         self.room = threading.Condition(self.lock)
+        # Callers blocked in wait_for_room: what a test waits on.
+        self.waiting_for_room = 0
         # Tasks of ours in the broker at once; WELCOME may lower it. A map
         # reads it unlocked to size what it reads ahead, which a stale value
         # only makes larger or smaller for a turn.
@@ -218,6 +220,14 @@ class Handover:
         window is full, or it would take the bytes waiting to be sent past the
         broker's client_max_bytes (then they could not all be sent anyway)."""
         return self.in_window >= self.window or self._too_many_bytes(size)
+
+    def wait_for_room(self) -> None:
+        """Wait, under `lock`, until room may have come back (see room_changed)."""
+        self.waiting_for_room += 1
+        try:
+            self.room.wait()
+        finally:
+            self.waiting_for_room -= 1
 
     def fits(self, specs: list[p.TaskSpec]) -> bool:
         """Whether all of `specs` fit the window and the bytes now (under `lock`)."""

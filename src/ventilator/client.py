@@ -694,7 +694,7 @@ class Client:
                     if wake:  # what we queued must go out, or no room comes back
                         handover.wake()
                         wake = False
-                    handover.room.wait()
+                    handover.wait_for_room()
                     waited = True
                 handover.check_open(waited)
                 # The I/O thread takes the whole queue when it wakes: one wake-up

@@ -522,7 +522,7 @@ def test_a_submit_waiting_for_room_at_close_says_its_task_was_never_sent(
 
     waiting = threading.Thread(target=submit_second)
     waiting.start()
-    wait_until(lambda: client._handover.room._waiters, 10, "the submit to wait")
+    wait_until(lambda: client._handover.waiting_for_room, 10, "the submit to wait")
     client.close()
     waiting.join(RESULT_TIMEOUT_S)
 
