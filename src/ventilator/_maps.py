@@ -106,6 +106,11 @@ MAP_CLOSED_UNDER = (
     "the client was closed while this map ran; its tasks not finished then "
     "were cancelled"
 )
+# The flags of a map's batch: of several items, its map splits it if it fails
+# whole by a timeout, a result over the limit or expiry (see _split_when_failed),
+# and says so, for the broker to count that as no failure.
+_ONE = int(p.Flags.BATCH)
+_SEVERAL = int(p.Flags.BATCH | p.Flags.SPLITTABLE)
 # With a per-item timeout, a batch carries at most this share of it in work: a
 # batch shares one deadline, and one of items that each keep to theirs should
 # not run past it as a whole (it would then be run again item by item).
@@ -779,7 +784,7 @@ class _BatchMap:
         # the same, so that the broker counts an item we will retry as
         # retried, not failed; it never retries a batch itself.
         job = self.job
-        flags = job.flags | p.Flags.BATCH
+        flags = job.flags | (_SEVERAL if len(items) > 1 else _ONE)
         spec = p.TaskSpec(0, job.name, payload, flags, job.timeout_s, job.retries)
         slot = _BatchSlot(self.wakeup, items)
 
@@ -936,8 +941,12 @@ def _split_when_failed(error: TaskError, items: int) -> bool:
     that the others need not share it; no when every item would fail the same
     way (no worker has the function). A batch fails as poison at its first
     death, so even its only item has attempts left (see Flags.SPLIT).
+
+    The broker counts the batches split by the same rule, told by
+    `Flags.SPLITTABLE` that a batch holds several items
+    (`scheduler.split_for_its_map`): a change here is a change there.
     """
-    if error.remote_type == "PickleNotAllowed":
+    if error.remote_type in p.UNSPLIT_ERROR_TYPES:
         return False
     if isinstance(error, PoisonTask):
         return True

@@ -1788,14 +1788,14 @@ def _print_status(report: dict[str, Any]) -> None:
 
 
 def _split_totals(totals: dict[str, Any]) -> str:
-    """The maps' batches a death or a lost worker split, when there were any (an
-    older broker does not count them apart: they are among the failed)."""
+    """The maps' batches that failed whole and were split, when there were any
+    (an older broker does not count them apart: they are among the failed)."""
     split = totals.get("split")
     if not split:
         return ""
     return (
-        f", {split} map batches split (a process died or a worker was lost; "
-        "items rerun alone)"
+        f", {split} map batches split (failed whole: a process died, a worker "
+        "was lost, a timeout or a result over the limit; items rerun alone)"
     )
 
 

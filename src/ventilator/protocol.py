@@ -121,6 +121,21 @@ class Flags(enum.IntFlag):
     # death as the item's first, so that the item that killed the batch runs
     # `max_attempts` times in all, not once in the batch and that many alone.
     SPLIT = 8
+    # A map's batch of more than one item, whose client runs the items one by
+    # one if it fails whole in one of the ways of `SPLIT_ENDINGS`: the broker
+    # counts that ending as split, not failed, and keeps it out of `failed`.
+    # Without it (an older client, a batch of one) such an ending is a failure.
+    SPLITTABLE = 16
+
+
+# How a SPLITTABLE batch may fail whole and still be no failure: its map runs
+# the items again one by one, each under its own timeout and result limit
+# (`_maps._split_when_failed` on the client's side; a test holds the two
+# sides to the same rule). Not a worker's refusal of pickles, which every
+# item alone would meet again. A batch whose process died is split whatever
+# its size or flags (see `SPLIT`).
+SPLIT_ENDINGS = frozenset({Status.TIMEOUT, Status.REJECTED, Status.EXPIRED})
+UNSPLIT_ERROR_TYPES = frozenset({"PickleNotAllowed"})
 
 
 # The ERROR code of a notice, not a refusal: a SUBMIT was accepted, but no
@@ -154,7 +169,7 @@ TASK_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z]\w*")
 PICKLED_PREFIX = "pickled:"
 MDP_PREFIX = "mdp:"
 # A plain int: `~` on an IntFlag complements only its known bits.
-CLIENT_FLAGS = int(Flags.PICKLED | Flags.BATCH | Flags.SPLIT)
+CLIENT_FLAGS = int(Flags.PICKLED | Flags.BATCH | Flags.SPLIT | Flags.SPLITTABLE)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -174,12 +189,18 @@ def submission_problem(function: str, flags: int) -> str | None:
     if flags & Flags.RAW:
         return (
             f"task flags {flags} include RAW (4), which only the broker's MDP "
-            "gateway sets; clients may set PICKLED (1), BATCH (2) and SPLIT (8)"
+            "gateway sets; clients may set PICKLED (1), BATCH (2), SPLIT (8) "
+            "and SPLITTABLE (16)"
         )
     if flags & ~CLIENT_FLAGS:
         return (
             f"task flags {flags} are not a client's: clients may set PICKLED (1), "
-            "BATCH (2) and SPLIT (8)"
+            "BATCH (2), SPLIT (8) and SPLITTABLE (16)"
+        )
+    if flags & Flags.SPLITTABLE and not flags & Flags.BATCH:
+        return (
+            f"task flags {flags}: SPLITTABLE (16) only with BATCH (2); it says "
+            "how a map's batch of items is run again when it fails whole"
         )
     if flags & Flags.PICKLED:
         if not function.startswith(PICKLED_PREFIX):

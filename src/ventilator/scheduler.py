@@ -80,6 +80,10 @@ _PICKLED = int(p.Flags.PICKLED)
 _RAW = int(p.Flags.RAW)
 _BATCH = int(p.Flags.BATCH)
 _SPLIT = int(p.Flags.SPLIT)
+_SPLITTABLE = int(p.Flags.SPLITTABLE)
+# Looked up once: attribute access on an Enum class is slow per task.
+_OK = p.Status.OK
+_POISON = p.Status.POISON
 
 # Session and recipient names of peers that do not speak ventilator's protocol
 # (MDP clients, Titanic): a ventilator client may not take them in its HELLO
@@ -494,15 +498,27 @@ def _times(count: int) -> str:
     return "1 time" if count == 1 else f"{count} times"
 
 
-def split_for_its_map(flags: int, status: p.Status) -> bool:
-    """Whether a task that ended with `status` is a map's batch handed back
-    to its map, which runs its items one by one (see `_strike`).
+def split_for_its_map(flags: int, status: p.Status, report: p.Payload) -> bool:
+    """Whether a task that ended with `status` (and the error `report`) is a
+    map's batch handed back to its map, which runs its items one by one: one
+    whose process died or whose worker was lost (see `_strike`), or one of
+    several items its client marked `Flags.SPLITTABLE` that failed whole in
+    one of the ways of `p.SPLIT_ENDINGS`.
 
     That is no failure of anything its user asked for: its items are tasks
-    of their own, and one that kills its worker fails as itself. So it is
-    neither remembered for `failed` and `retry` nor counted as failed.
+    of their own, and one that times out or kills its worker fails as
+    itself. So it is neither remembered for `failed` and `retry` nor counted
+    as failed.
     """
-    return status is p.Status.POISON and bool(flags & _BATCH)
+    if not flags & _BATCH or status is _OK:
+        return False
+    if status is _POISON:
+        return True
+    return (
+        bool(flags & _SPLITTABLE)
+        and status in p.SPLIT_ENDINGS
+        and _error_fields(report).get("type") not in p.UNSPLIT_ERROR_TYPES
+    )
 
 
 def _retried_here(task: Task) -> bool:
@@ -659,7 +675,7 @@ class Scheduler:
         self.submitted = 0
         self.restored = 0
         self._finished_by_status = [0] * (max(p.Status) + 1)
-        self._batches_split = 0  # counted apart from POISON: see split_for_its_map
+        self._batches_split = 0  # not among the failures: see split_for_its_map
         self.failed: deque[FailedTask] = deque(maxlen=self.limits.failed_kept)
 
         self.workers: dict[str, Worker] = {}
@@ -2325,7 +2341,7 @@ class Scheduler:
         """Make `task` FINISHED with `status`, counted and journalled, but not
         yet waiting for its recipient."""
         self._leave_queue(task)
-        if split_for_its_map(task.flags, status):
+        if split_for_its_map(task.flags, status, result):
             self._batches_split += 1
         else:
             self._count_ending(task, status, result, now)
@@ -2778,7 +2794,7 @@ class Scheduler:
         first; `record.failed_at` must be on this process's clock. A batch
         handed back to its map, which older brokers remembered as a failure,
         is dropped from the journal instead."""
-        if split_for_its_map(record.flags, record.status):
+        if split_for_its_map(record.flags, record.status, record.error):
             self._effects.unfailed.append(record.ticket)
         else:
             self._keep_failure(record)
@@ -2819,10 +2835,11 @@ class Scheduler:
 
         `submitted` includes the `restored` tasks: the unfinished ones the
         journal brought back at start. Results that had finished before the
-        restart count in neither. `split` counts maps' batches whose task
-        process died or whose worker was lost, handed back to their maps,
-        which submit their items anew (see `split_for_its_map`): they are
-        not `failed`.
+        restart count in neither. `split` counts maps' batches handed back
+        to their maps, which submit their items anew: those whose task process
+        died or whose worker was lost, and those of several items that timed
+        out or whose result was over the limit (see `split_for_its_map`).
+        They are not `failed`.
         """
         return outcome_totals(
             self.submitted,
@@ -2899,11 +2916,13 @@ class Scheduler:
             if reason is not None:
                 refused.append([record.ticket, reason])
                 continue
+            # No map awaits the rerun to split it: a rerun that fails whole
+            # is a failure (a batch still poisons at its first death).
             spec = p.TaskSpec(
                 record.ticket,
                 record.function,
                 record.payload,
-                record.flags,
+                record.flags & ~_SPLITTABLE,
                 record.timeout_s,
                 sink=sink,
             )

@@ -13,10 +13,12 @@ batch task (`Flags.BATCH`), which the scheduler sees as one task. Users count
 items, so both are counted: a plain task is one item, a batch as many as it
 carries (read from its payload's msgpack array header when accepted, and from
 its result's per-item statuses when it ran). A batch that failed whole counts
-all its items with its outcome, except one whose process died or whose worker
-was lost: that one was handed back to its map (`split_for_its_map`), and it
-and its items count as `split`, not failed. Items the client then resubmits
-one by one are new submissions, as are the items a batch left unrun at its
+all its items with its outcome, except one handed back to its map
+(`split_for_its_map`): one whose process died or whose worker was lost, or one
+of several items that timed out or whose result was over the limit, from a
+client that said it splits it (`Flags.SPLITTABLE`). It and its items count as
+`split`, not failed. Items the client then resubmits one by one are new
+submissions, as are the items a batch left unrun at its
 time budget. So are items that raised in a batch whose map has retries
 (`retries=`, which the batch carries and the broker never uses on it): each
 counts as `retried` in its batch, and failed only if its last run alone
@@ -84,7 +86,6 @@ BUCKETS_S: tuple[float, ...] = (
 _RAN = frozenset({p.Status.OK, p.Status.RAISED, p.Status.TIMEOUT})
 # Looked up once here: attribute access on an Enum class is slow per task.
 _OK = p.Status.OK
-_POISON = p.Status.POISON
 _EXPIRED = p.Status.EXPIRED
 # The outcome under which batches handed back to their map are counted.
 _SPLIT = "split"
@@ -228,10 +229,14 @@ class Telemetry:
             status = task.status
             if status is None or status is _EXPIRED:
                 continue  # an expired result is a tombstone, not a second ending
-            # Asked of poison only: a call per task would cost as much as
-            # the counting.
-            if status is _POISON and split_for_its_map(task.flags, status):
-                self._count_split(task)
+            # Asked of failed batches only: a call per task would cost as
+            # much as the counting.
+            if (
+                status is not _OK
+                and task.flags & _BATCH
+                and split_for_its_map(task.flags, status, task.result)
+            ):
+                self._count_split(task, status)
                 continue
             function = task.queue
             key = (function, status)
@@ -256,11 +261,11 @@ class Telemetry:
         self._add_outcomes(tally)
         self._add_item_outcomes(tally, batches)
 
-    def _count_split(self, task: Task) -> None:
+    def _count_split(self, task: Task, ending: p.Status) -> None:
         """Count a batch handed back to its map, and its items, as split."""
         key = (task.queue, _SPLIT)
         self.finished[key] = self.finished.get(key, 0) + 1
-        items = self._finished_batch(task, _POISON)[_POISON]
+        items = self._finished_batch(task, ending)[ending]
         self.items_finished[key] = self.items_finished.get(key, 0) + items
 
     def _histograms(self, function: str) -> tuple[Histogram, Histogram]:
@@ -490,7 +495,8 @@ def _ending_counters(
         "cancelled": f"Cancelled before they ran, by a client or an operator: {what}.",
         "split": (
             "Handed back to their map, which ran the items one by one, as a "
-            "process died or a worker was lost running them together; not "
+            "process died or a worker was lost running them together, or they "
+            "timed out or returned too much together; not "
             f"failed: {what}."
         ),
     }

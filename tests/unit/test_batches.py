@@ -32,6 +32,7 @@ from ventilator._maps import (
 from ventilator.errors import (
     FunctionNotFound,
     PoisonTask,
+    ResultExpired,
     TaskError,
     TaskRaised,
     TaskRejected,
@@ -39,9 +40,11 @@ from ventilator.errors import (
     UsageError,
 )
 from ventilator.execution import run_task
+from ventilator.scheduler import split_for_its_map
 from ventilator.serialization import (
     BatchPacker,
     pack_call,
+    pack_error,
     pack_pickled_batch,
     unpack_batch,
     unpack_batch_outcomes,
@@ -452,6 +455,31 @@ def test_batch_that_failed_whole_is_split_when_one_item_may_be_to_blame(
 ) -> None:
     assert _split_when_failed(error, items=3) is split
     assert _split_when_failed(error, items=1) is one_runs_alone
+
+
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [
+        (TaskTimeout("TaskTimeout", "ran past 1s"), p.Status.TIMEOUT),
+        (TaskRejected("ResultTooLarge", "over the limit"), p.Status.REJECTED),
+        (TaskRejected("PickleNotAllowed", "no pickles"), p.Status.REJECTED),
+        (ResultExpired("ResultExpired", "not collected"), p.Status.EXPIRED),
+        (PoisonTask("PoisonTask", "died"), p.Status.POISON),
+        (FunctionNotFound("FunctionNotFound", "m:f"), p.Status.NOT_FOUND),
+        (TaskRaised("ValueError", "bad batch"), p.Status.RAISED),
+    ],
+)
+def test_the_broker_counts_split_exactly_the_batches_their_map_splits(
+    error: TaskError, status: p.Status
+) -> None:
+    # A map marks a batch of several items SPLITTABLE, a batch of one not.
+    several = p.Flags.BATCH | p.Flags.SPLITTABLE
+    report = pack_error(error)
+
+    assert split_for_its_map(several, status, report) is _split_when_failed(error, 3)
+    assert split_for_its_map(p.Flags.BATCH, status, report) is _split_when_failed(
+        error, 1
+    )
 
 
 def ready_items(feed: _Feed, count: int, timeout_s: float = 5.0) -> list[int] | None:

@@ -555,6 +555,8 @@ def test_almost_right_bodies_give_a_command_or_a_protocol_error(
         ("jobs:work", p.Flags.SPLIT),
         ("pickled:<lambda>", p.Flags.PICKLED),
         ("pickled:outer.<locals>.inner", p.Flags.PICKLED | p.Flags.BATCH),
+        ("jobs:work", p.Flags.BATCH | p.Flags.SPLITTABLE),
+        ("pickled:<lambda>", p.Flags.PICKLED | p.Flags.BATCH | p.Flags.SPLITTABLE),
     ],
 )
 def test_names_our_clients_send_are_accepted(function: str, flags: int) -> None:
@@ -579,7 +581,8 @@ def test_names_our_clients_send_are_accepted(function: str, flags: int) -> None:
         ("jobs:work\x00", p.Flags.NONE, "control character '\\x00'"),
         ("jobs:wo\nrk", p.Flags.NONE, "control character '\\n'"),
         ("pickled:\x1b[31mred", p.Flags.PICKLED, "control character '\\x1b'"),
-        ("jobs:work", 16, "not a client's"),
+        ("jobs:work", 32, "not a client's"),
+        ("jobs:work", p.Flags.SPLITTABLE, "SPLITTABLE (16) only with BATCH (2)"),
     ],
 )
 def test_names_no_worker_could_serve_are_refused_naming_the_rule(

@@ -7,7 +7,13 @@ from typing import Any
 import pytest
 
 from ventilator import protocol as p
-from ventilator.errors import TaskRaised
+from ventilator.errors import (
+    FunctionNotFound,
+    TaskError,
+    TaskRaised,
+    TaskRejected,
+    TaskTimeout,
+)
 from ventilator.policy import Limits
 from ventilator.scheduler import (
     RETRY_PAYLOAD_BYTES,
@@ -108,6 +114,95 @@ def test_an_item_of_a_split_batch_that_kills_its_worker_is_a_failure(
 
     assert (record["task_id"], record["outcome"]) == (2, "poison")
     assert driver.scheduler.totals()["failed"] == 1
+
+
+# A map's batch of several items, as a client that splits such batches sends it.
+SPLITTABLE_BATCH = p.Flags.BATCH | p.Flags.SPLITTABLE
+TIMED_OUT = (p.Status.TIMEOUT, TaskTimeout("TaskTimeout", "ran past its 1s"))
+RESULT_TOO_LARGE = (
+    p.Status.REJECTED,
+    TaskRejected("ResultTooLarge", "the result is over max_payload_bytes"),
+)
+
+
+def batch_that_failed_whole(
+    driver: Driver,
+    task_id: int,
+    ending: tuple[p.Status, TaskError],
+    flags: int = SPLITTABLE_BATCH,
+) -> None:
+    driver.submit(task(task_id, flags=flags))
+    [batch] = assignments(driver.ready(W1, worker_id=f"w{task_id}"), W1)
+    status, error = ending
+    driver.done(W1, batch, status, pack_error(error))
+
+
+@pytest.mark.parametrize("ending", [TIMED_OUT, RESULT_TOO_LARGE])
+def test_a_batch_its_map_splits_after_it_failed_whole_is_no_failure(
+    driver: Driver, ending: tuple[p.Status, TaskError]
+) -> None:
+    batch_that_failed_whole(driver, 1, ending)
+
+    listed = operate(driver, p.ListFailed(10))
+    retried = operate(driver, p.Retry([], "retried"))
+    status = driver.scheduler.status(driver.now)
+
+    assert (listed["failed"], listed["kept"]) == ([], 0)
+    assert retried["retried"] == []
+    assert status["recent_failures"] == []
+    totals = status["totals"]
+    assert (totals["failed"], totals["split"]) == (0, 1)  # type: ignore[index]
+
+
+@pytest.mark.parametrize("ending", [TIMED_OUT, RESULT_TOO_LARGE])
+def test_a_timed_out_batch_of_a_client_that_does_not_say_it_splits_is_a_failure(
+    driver: Driver, ending: tuple[p.Status, TaskError]
+) -> None:
+    # An older client: it splits such batches too, but the broker cannot know.
+    batch_that_failed_whole(driver, 1, ending, flags=p.Flags.BATCH)
+
+    [record] = operate(driver, p.ListFailed(10))["failed"]
+
+    assert record["task_id"] == 1
+    totals = driver.scheduler.totals()
+    assert (totals["failed"], totals["split"]) == (1, 0)
+
+
+@pytest.mark.parametrize(
+    "ending",
+    [
+        (p.Status.NOT_FOUND, FunctionNotFound("FunctionNotFound", "jobs:work")),
+        (p.Status.REJECTED, TaskRejected("PickleNotAllowed", "no pickles here")),
+        (p.Status.RAISED, TaskRaised("ValueError", "the batch itself was bad")),
+    ],
+)
+def test_a_splittable_batch_is_a_failure_when_its_map_would_not_split_it(
+    driver: Driver, ending: tuple[p.Status, TaskError]
+) -> None:
+    # Every item alone would fail the same way, so its map does not split it.
+    batch_that_failed_whole(driver, 1, ending)
+
+    [record] = operate(driver, p.ListFailed(10))["failed"]
+
+    assert (record["task_id"], record["outcome"]) == (1, ending[0].name.lower())
+    assert driver.scheduler.totals()["split"] == 0
+
+
+def test_a_retried_batch_is_no_longer_splittable_as_no_map_awaits_it(
+    driver: Driver,
+) -> None:
+    not_found = (p.Status.NOT_FOUND, FunctionNotFound("FunctionNotFound", "x"))
+    batch_that_failed_whole(driver, 1, not_found)
+    operate(driver, p.Retry([], "retried"))
+    [rerun] = assignments(driver.ready(W1, worker_id="w-again"), W1)
+
+    status, error = TIMED_OUT
+    driver.done(W1, rerun, status, pack_error(error))
+
+    assert rerun.flags == p.Flags.BATCH
+    [record] = operate(driver, p.ListFailed(10))["failed"]
+    assert record["outcome"] == "timeout"
+    assert driver.scheduler.totals()["split"] == 0
 
 
 def test_a_split_batch_remembered_as_failed_by_an_older_broker_is_dropped(

@@ -8,12 +8,13 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ventilator import protocol as p
 from ventilator.broker import Broker, BrokerConfig
-from ventilator.errors import TaskRaised
+from ventilator.errors import TaskRaised, TaskTimeout
 from ventilator.journal import open_journal
 from ventilator.logs import JsonFormatter
 from ventilator.policy import Limits
@@ -216,6 +217,37 @@ def test_a_batch_handed_back_to_its_map_counts_split_not_failed() -> None:
     items = telemetry.latest.status["items"]
     assert (items["failed"], items["split"]) == (0, 4)
     assert telemetry.latest.history[-1]["tasks_failed"] == 0
+
+
+@pytest.mark.parametrize(
+    ("flags", "split"),
+    [(p.Flags.BATCH | p.Flags.SPLITTABLE, True), (p.Flags.BATCH, False)],
+)
+def test_a_timed_out_batch_counts_split_only_if_its_client_said_it_splits_it(
+    flags: int, split: bool
+) -> None:
+    driver, telemetry = Driver(), Telemetry()
+    driver.hello()
+    telemetry.publish(driver.now, driver.scheduler)  # the first, empty sample
+    spec = replace(batch_of(1, ["a", "b", "c", "d"]), flags=flags)
+    telemetry.record(driver.submit(spec))
+    [running] = assignments(driver.ready(W1), W1)
+    error = pack_error(TaskTimeout("TaskTimeout", "ran past its 1s"))
+
+    telemetry.record(driver.done(W1, running, p.Status.TIMEOUT, error))
+    driver.now += telemetry.sample_every_s
+    telemetry.publish(driver.now, driver.scheduler)
+
+    metrics = samples(telemetry)
+    function = frozenset({("function", FUNCTION)})
+    timeout = function | {("outcome", "timeout")}
+    assert metrics.get(("ventilator_items_split_total", function), 0) == 4 * split
+    assert metrics.get(("ventilator_tasks_split_total", function), 0) == split
+    assert metrics.get(("ventilator_items_failed_total", timeout), 0) == 4 * (not split)
+    assert telemetry.latest is not None
+    items = telemetry.latest.status["items"]
+    assert (items["failed"], items["split"]) == (4 * (not split), 4 * split)
+    assert telemetry.latest.history[-1]["tasks_failed"] == (not split)
 
 
 def test_tasks_restored_from_the_journal_count_as_submitted(tmp_path: Path) -> None:
