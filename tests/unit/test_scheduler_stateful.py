@@ -47,9 +47,20 @@ from ventilator.scheduler import (
     Scope,
     State,
     sink_recipient,
+    split_for_its_map,
 )
 
 FUNCTIONS = ("jobs:f", "jobs:g")
+# Plain tasks mostly; pickled ones, and maps' batches: of one item, and of
+# several, which their map splits when they fail whole (Flags.SPLITTABLE).
+SPEC_FLAGS = (
+    0,
+    0,
+    0,
+    p.Flags.PICKLED,
+    p.Flags.BATCH,
+    p.Flags.BATCH | p.Flags.SPLITTABLE,
+)
 SESSIONS = ("alice", "bob")
 SINK = "totals"
 WORKER_IDS = ("w1", "w2", "w3")
@@ -547,7 +558,13 @@ class SchedulerMachine(RuleBasedStateMachine):
     @rule(
         data=st.data(),
         status=st.sampled_from(
-            [p.Status.OK, p.Status.RAISED, p.Status.CRASHED, p.Status.TIMEOUT]
+            [
+                p.Status.OK,
+                p.Status.RAISED,
+                p.Status.CRASHED,
+                p.Status.TIMEOUT,
+                p.Status.REJECTED,
+            ]
         ),
     )
     def done(self, data: st.DataObject, status: p.Status) -> None:
@@ -676,8 +693,15 @@ class SchedulerMachine(RuleBasedStateMachine):
     @invariant()
     def every_task_finishes_at_most_once(self) -> None:
         totals = self.scheduler.totals()
-        finished = totals["completed"] + totals["failed"] + totals["cancelled"]
+        ended = ("completed", "failed", "cancelled", "split")
+        finished = sum(totals[outcome] for outcome in ended)
         assert finished <= totals["submitted"], totals
+
+    @invariant()
+    def a_batch_its_map_splits_is_never_kept_for_retry(self) -> None:
+        for record in self.scheduler.failed:
+            split = split_for_its_map(record.flags, record.status, record.error)
+            assert not split, record
 
     @invariant()
     def no_session_holds_more_than_its_window(self) -> None:
@@ -819,11 +843,11 @@ class SchedulerMachine(RuleBasedStateMachine):
         return self._spec(data, next(self.task_ids))
 
     def _spec(self, data: st.DataObject, task_id: int) -> p.TaskSpec:
-        flags = data.draw(st.sampled_from([0, 0, 0, p.Flags.PICKLED]))
+        flags = data.draw(st.sampled_from(SPEC_FLAGS))
         function = data.draw(st.sampled_from(FUNCTIONS))
         return p.TaskSpec(
             task_id=task_id,
-            function=f"pickled:{function}" if flags else function,
+            function=f"pickled:{function}" if flags & p.Flags.PICKLED else function,
             payload=b"x" * data.draw(st.integers(0, 10)),
             flags=flags,
             retries=data.draw(st.integers(0, 2)),
