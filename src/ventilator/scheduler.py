@@ -2447,13 +2447,31 @@ class Scheduler:
             self._held_back = set()  # the next flush dispatches them
 
     def _dispatch(self) -> None:
+        served = []
         for queue_name, queue in self._queues.items():
             if queue_name in self._held_back:
                 continue
             available = self._available.get(queue_name)
+            if not (queue and available):
+                continue
+            served.append(queue_name)
             while queue and available:
                 if not self._assign_round(queue_name, queue, available):
                     break  # credit left, but no allowance for this queue
+        self._take_turns(served)
+
+    def _take_turns(self, served: list[str]) -> None:
+        """Send the queues just served to the back of the line, so that
+        functions take turns at the credit workers free.
+
+        Otherwise the oldest queue would take every freed slot of a worker
+        that serves several functions: a backlog of one function would hold
+        up every other until it drained.
+        """
+        queues = self._queues
+        for queue_name in served:
+            if queue_name in queues:
+                queues[queue_name] = queues.pop(queue_name)
 
     def _assign_round(
         self, queue_name: str, queue: FairQueue, available: dict[str, None]

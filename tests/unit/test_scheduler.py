@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -278,6 +279,20 @@ def test_worker_gets_more_work_as_it_finishes(driver: Driver) -> None:
     [second] = assignments(driver.done(W1, first), W1)
 
     assert second.ticket != first.ticket
+
+
+def test_functions_take_turns_at_the_credit_a_worker_frees(driver: Driver) -> None:
+    driver.submit(*(task(i) for i in range(10)))
+    [running] = assignments(driver.ready(W1, services=[FUNCTION, "jobs:other"]), W1)
+    driver.submit(task(20, function="jobs:other"), task(21, function="jobs:other"))
+
+    turns = []
+    for _ in range(4):
+        [running] = assignments(driver.done(W1, running), W1)
+        turns.append(running.function)
+
+    # Neither takes two turns in a row while the other waits.
+    assert all(turn != after for turn, after in itertools.pairwise(turns)), turns
 
 
 # --- per-function prefetch: credit for tiny tasks is not room for long ones --------
