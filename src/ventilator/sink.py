@@ -186,7 +186,10 @@ class Sink:
         silence for ever."""
         now = time.monotonic()
         wait_s = self._heartbeat_interval_s * SILENT_INTERVALS
-        if self.welcomed or now - self._started_at < wait_s:
+        # A refusal is an answer: a broker is there, and _taken said why it
+        # does not welcome us.
+        answered = self.welcomed or self._refused_since is not None
+        if answered or now - self._started_at < wait_s:
             return
         if not self._unanswered_log.due(now, self._started_at):
             return

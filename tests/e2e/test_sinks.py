@@ -66,6 +66,32 @@ def test_second_receiver_of_a_sink_is_refused_and_the_first_keeps_it(
     assert sorted(r.value for r in received) == [0, 1, 4, 9, 16]
 
 
+def test_a_refused_second_receiver_warns_only_that_the_sink_is_taken(
+    launch: Launcher, broker: BrokerProcess, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Before, past three heartbeats without a WELCOME it also said that no
+    # broker answered, though the broker had answered every ask with a refusal.
+    client = launch.client(broker)
+    with ventilator.Sink("totals", broker.frontend, heartbeat_interval_s=0.1):
+        sink_connected(client, "totals")
+        second = ventilator.Sink(
+            "totals", broker.frontend, heartbeat_interval_s=0.1, taken_wait_s=1.0
+        )
+        with (
+            caplog.at_level(logging.WARNING, logger="ventilator.sink"),
+            second,
+            pytest.raises(ventilator.UsageError, match="another process"),
+        ):
+            list(second.results(idle_timeout_s=RESULT_TIMEOUT_S))
+
+    warnings = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "ventilator.sink" and r.levelno >= logging.WARNING
+    ]
+    assert len(warnings) == 1, warnings  # that it is taken, asking again
+
+
 def test_a_sink_name_is_free_again_once_its_receiver_closed(
     launch: Launcher, broker: BrokerProcess, two_workers: list[WorkerProcess]
 ) -> None:
