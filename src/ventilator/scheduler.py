@@ -457,6 +457,25 @@ class FailedTask:
         return report
 
 
+def _first_copies(
+    specs: Sequence[p.TaskSpec],
+) -> tuple[list[p.TaskSpec], dict[int, None]]:
+    """The first spec of each task id in one SUBMIT, and the ids that came
+    more than once (in the order they came)."""
+    firsts: dict[int, p.TaskSpec] = {}
+    repeated: dict[int, None] = {}
+    for spec in specs:
+        if spec.task_id in firsts:
+            repeated[spec.task_id] = None
+        else:
+            firsts[spec.task_id] = spec
+    return list(firsts.values()), repeated
+
+
+def _twice(task_id: int) -> str:
+    return f"task_id {task_id} appears twice in one SUBMIT"
+
+
 def _error_fields(packed: p.Payload) -> dict[str, str]:
     try:
         fields = unpack_value(packed)
@@ -1006,26 +1025,25 @@ class Scheduler:
         session = recipient.name
         accepted: dict[int, None] = {}
         pickle_served = self._pickle_served()  # once per batch, not per task
-        in_this_batch: set[int] = set()
+        # A resubmission comes in a later SUBMIT; one id twice in the same
+        # one is two tasks of which only the first could ever be answered.
+        firsts, repeated = _first_copies(specs)
         functions: dict[str, None] = {}
         sinks: dict[str, None] = {}
-        for spec in specs:
-            # A resubmission comes in a later SUBMIT; one id twice in the same
-            # one is two tasks of which only the first could ever be answered.
-            duplicate = spec.task_id in in_this_batch
-            in_this_batch.add(spec.task_id)
-            if duplicate:
-                reason = f"task_id {spec.task_id} appears twice in one SUBMIT"
-                self._reject(peer, session, spec.task_id, reason)
-                continue
+        for spec in firsts:
             if (session, spec.task_id) in self._by_key:
                 accepted[spec.task_id] = None  # a resubmission: already ours
                 continue
             if self._is_parked(session, spec.task_id):
                 continue  # a resubmission of one that waits for room
 
-            admission = self._admit_submitted(peer, session, spec, pickle_served, now)
+            twice = spec.task_id in repeated
+            admission = self._admit_submitted(
+                peer, session, spec, pickle_served, now, twice
+            )
             if admission is Admission.REFUSED:
+                # Its refusal named the copy too: one answer per task id.
+                repeated.pop(spec.task_id, None)
                 continue
             if admission is Admission.ACCEPTED:
                 accepted[spec.task_id] = None
@@ -1033,6 +1051,8 @@ class Scheduler:
                 functions[spec.function] = None
             if spec.sink is not None:
                 sinks[spec.sink] = None
+        for task_id in repeated:
+            self._reject(peer, session, task_id, _twice(task_id))
         if accepted:
             self._unannounced.accepted(peer, accepted, now)
         self._tell_unserved(peer, functions)
@@ -1045,9 +1065,11 @@ class Scheduler:
         spec: p.TaskSpec,
         pickle_served: bool,
         now: float,
+        twice: bool = False,
     ) -> Admission:
         """Accept one task a client submitted, or refuse it; past its window,
-        let it wait for room (see `_park`)."""
+        let it wait for room (see `_park`). `twice`: the SUBMIT carries another
+        copy of its id, which a refusal names too."""
         reason = p.submission_problem(spec.function, spec.flags)
         if reason is None:
             reason = self._task_refusal(spec, pickle_served)
@@ -1059,6 +1081,10 @@ class Scheduler:
         if reason is None:
             reason = self._full_refusal(size)
         if reason is not None:
+            if twice:
+                reason = (
+                    f"{_twice(spec.task_id)}; its first copy is refused too: {reason}"
+                )
             self._reject(peer, session, spec.task_id, reason)
             return Admission.REFUSED
         self._accept(session, spec, now)
