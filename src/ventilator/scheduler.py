@@ -80,6 +80,10 @@ _PICKLED = int(p.Flags.PICKLED)
 _RAW = int(p.Flags.RAW)
 _BATCH = int(p.Flags.BATCH)
 _SPLIT = int(p.Flags.SPLIT)
+# What a client's session does with its tasks, and what it only asks (see
+# Recipient.only_asked).
+_WORK_TYPES = (p.Submit, p.Ack, p.Cancel)
+_QUESTION_TYPES = (p.StatusRequest, *p.OPERATOR_TYPES)
 
 # Session and recipient names of peers that do not speak ventilator's protocol
 # (MDP clients, Titanic): a ventilator client may not take them in its HELLO
@@ -306,6 +310,15 @@ class Recipient:
     # created it, which counts it against SESSIONS_PER_CONNECTION.
     last_peer: bytes | None = None
     opened_by: bytes | None = None
+    # Whether it asked questions (status, operator commands), and whether it
+    # ever submitted, acknowledged or cancelled: one that only asked is a
+    # `ventilator status` run or the like, which other answers leave out.
+    asked: bool = False
+    worked: bool = False
+
+    @property
+    def only_asked(self) -> bool:
+        return self.asked and not self.worked
 
     def delivered(self, ticket: int, size: int) -> None:
         self.unacked[ticket] = size
@@ -732,6 +745,8 @@ class Scheduler:
             )
             return
 
+        recipient.worked |= isinstance(command, _WORK_TYPES)
+        recipient.asked |= isinstance(command, _QUESTION_TYPES)
         if isinstance(command, p.Submit):
             self._submit(peer, recipient, command.tasks, now)
         elif isinstance(command, p.Ack):
@@ -739,7 +754,7 @@ class Scheduler:
         elif isinstance(command, p.Cancel):
             self._cancel(recipient.name, command.task_ids, now)
         elif isinstance(command, p.StatusRequest):
-            status = self.status(now, scope)
+            status = self.status(now, scope, asker=recipient.name)
             self._effects.to_clients.append((peer, p.StatusReply(status)))
         elif isinstance(command, p.OPERATOR_TYPES):
             report = self._operate(command, now, scope)
@@ -2812,7 +2827,11 @@ class Scheduler:
     # --- status: what the report reads (see status.StatusReport) ----------------------
 
     def status(
-        self, now: float, scope: Scope | None = None, full: bool = False
+        self,
+        now: float,
+        scope: Scope | None = None,
+        full: bool = False,
+        asker: str | None = None,
     ) -> dict[str, object]:
         """A plain-data picture of the broker, for `ventilator status`; within
         `scope`, only what a client with limited rights may see (see
@@ -2824,6 +2843,8 @@ class Scheduler:
         every worker and function (the broker's own metrics, which no frame
         carries). Its cost grows with workers, running tasks and queues, not
         with the number of queued tasks, so a dashboard may ask every second.
+        Sessions that only asked questions and hold nothing are left out, but
+        `asker`'s own: a program's client that asks looks itself up.
         """
         report = StatusReport(
             tasks=self.tasks,
@@ -2835,6 +2856,7 @@ class Scheduler:
             tombstones=len(self._tombstones),
             queued=self._queued_by_function(),
             totals=self.totals(),
+            asker=asker,
         )
         if scope is not None:
             return report.within(scope, now)
