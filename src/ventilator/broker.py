@@ -1094,6 +1094,17 @@ def _log_unfinished(
             what,
         )
         return
+    if not unfinished.timed_out:
+        # Opened and closed without a word of ZMTP: a load balancer's health
+        # check does it every few seconds. A peer that speaks and is refused
+        # (a wrong key, garbage) is another event, logged as a warning.
+        log.info(
+            "%s: port checks (a load balancer's health check, a scanner) or "
+            "peers that left before finishing it; nothing to do unless "
+            "clients or workers cannot connect, and then their own logs say why",
+            what,
+        )
+        return
     log.warning(
         "%s, and none has succeeded on that socket in the %.0fs since: peers "
         "that gave up or did not complete the handshake in time (paused or "

@@ -224,12 +224,27 @@ def test_unfinished_handshakes_no_success_follows_are_settled_after_a_while() ->
     assert (settled.count, settled.followed) == (1, False)
 
 
-@pytest.mark.parametrize(("followed", "level"), [(True, "INFO"), (False, "WARNING")])
-def test_unfinished_handshakes_warn_only_when_no_peer_got_in_after_them(
-    caplog: pytest.LogCaptureFixture, followed: bool, level: str
+@pytest.mark.parametrize(
+    ("closed", "timed_out", "followed", "level"),
+    [
+        (3, 0, True, "INFO"),
+        (0, 3, True, "INFO"),
+        # A plain TCP connect and close, as a load balancer's health check
+        # does every few seconds: routine, not a page every 10 s.
+        (3, 0, False, "INFO"),
+        (0, 3, False, "WARNING"),  # peers that began and never finished
+        (2, 1, False, "WARNING"),
+    ],
+)
+def test_unfinished_handshakes_warn_only_when_peers_began_and_none_got_in_after(
+    caplog: pytest.LogCaptureFixture,
+    closed: int,
+    timed_out: int,
+    followed: bool,
+    level: str,
 ) -> None:
     caplog.set_level(logging.INFO, logger="ventilator.broker")
-    unfinished = Unfinished(first_at=100.0, closed=3, followed=followed)
+    unfinished = Unfinished(100.0, closed, timed_out, followed)
 
     _log_unfinished("client", unfinished, handshake_interval_s=30.0, now=110.0)
 
