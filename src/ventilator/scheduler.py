@@ -90,6 +90,11 @@ _QUESTION_TYPES = (p.StatusRequest, *p.OPERATOR_TYPES)
 # (see protocol.RESERVED_SESSION_PREFIXES), nor a worker as its id.
 GATEWAY_PREFIX = "mdp:"
 
+# Why a worker whose send failed just after the broker stood still is let go
+# unblamed: it gave up on the silent broker and reconnected on a new
+# connection, where it registers again.
+STALL_REASON = "its connection closed while this broker stood still"
+
 # Tickets a returning worker names above this are not taken as numbers some
 # broker handed out (see Scheduler._fence): a forged one must not push ours
 # towards what the wire carries. A million tickets a second would take nine
@@ -2151,9 +2156,9 @@ class Scheduler:
         """A send to `peer` failed: it disconnected, or stopped reading."""
         self._now = now
         worker = self._worker_for_peer(peer)
-        if worker is not None and now < self._stall_aftermath_until:
-            reason = "unreachable after the broker stood still"
-            self._remove_worker(worker, reason, Fault.NONE, now)
+        stalled = now < self._stall_aftermath_until
+        if worker is not None and stalled:
+            self._remove_worker(worker, STALL_REASON, Fault.NONE, now)
             return
         if worker is not None:
             self._remove_worker(worker, "unreachable", Fault.LOST, now)
@@ -2163,7 +2168,8 @@ class Scheduler:
         if name is not None:
             recipient = self.recipients[name]
             recipient.send_failed = True
-            self._client_gone(recipient, Departure.UNREACHABLE)
+            how = Departure.CUT_BY_STALL if stalled else Departure.UNREACHABLE
+            self._client_gone(recipient, how)
 
     def revoke_worker(self, peer: bytes, reason: str, now: float) -> None:
         """Drop the worker on `peer` for a reason of the shell's (its key lost

@@ -32,6 +32,7 @@ from ventilator.notices import (
     WorkerLeft,
     WorkerLost,
 )
+from ventilator.scheduler import STALL_REASON
 
 
 def test_rate_limit_allows_one_line_per_interval_and_counts_the_rest() -> None:
@@ -107,9 +108,7 @@ def test_a_worker_that_said_goodbye_is_logged_as_leaving_without_a_warning(
         (WorkerLost("w", "silent for 3.1s", 2, 0), logging.WARNING),
         (WorkerLost("w", "silent for 3.1s", 0, 0), logging.INFO),
         (
-            WorkerLost(
-                "w", "unreachable after the broker stood still", 2, 0, fault=Fault.NONE
-            ),
+            WorkerLost("w", STALL_REASON, 2, 0, fault=Fault.NONE),
             logging.INFO,
         ),
         (
@@ -126,6 +125,19 @@ def test_a_lost_worker_is_a_warning_only_when_it_was_at_fault(
 
     [record] = caplog.records
     assert record.levelno == level, record.getMessage()
+
+
+def test_a_worker_cut_off_by_the_broker_s_own_stall_is_not_called_lost(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # It reconnected while the broker stood still, and registers again at once.
+    dropped = WorkerLost("w", STALL_REASON, 4, 0, fault=Fault.NONE)
+    with caplog.at_level(logging.INFO, logger="ventilator.broker"):
+        _log_worker_lost(dropped, "")
+
+    [record] = caplog.records
+    assert record.levelno == logging.INFO
+    assert "lost" not in record.getMessage()
 
 
 def test_a_worker_serving_thousands_of_functions_joins_in_a_short_line(

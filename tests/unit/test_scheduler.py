@@ -2080,6 +2080,18 @@ def test_worker_whose_connection_closed_during_a_broker_stall_is_not_blamed() ->
     assert (lost.requeued, lost.poisoned) == (1, 0)
 
 
+def test_client_whose_connection_closed_during_a_broker_stall_is_reconnecting() -> None:
+    driver = Driver()
+    driver.hello()
+    driver.now += 8.0
+    driver.scheduler.stood_still(8.0, driver.now)
+
+    effects = driver.unreachable(CLIENT)
+
+    [gone] = notices(effects, ClientLost)
+    assert gone.how is Departure.CUT_BY_STALL
+
+
 def test_worker_unreachable_long_after_a_broker_stall_is_blamed() -> None:
     driver = Driver(Limits(max_attempts=1))
     driver.hello()
