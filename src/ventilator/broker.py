@@ -1094,6 +1094,17 @@ def _log_unfinished(
             what,
         )
         return
+    if not unfinished.timed_out:
+        # Opened and closed without a word of ZMTP: a load balancer's health
+        # check does it every few seconds. A peer that speaks and is refused
+        # (a wrong key, garbage) is another event, logged as a warning.
+        log.info(
+            "%s: port checks (a load balancer's health check, a scanner) or "
+            "peers that left before finishing it; nothing to do unless "
+            "clients or workers cannot connect, and then their own logs say why",
+            what,
+        )
+        return
     log.warning(
         "%s, and none has succeeded on that socket in the %.0fs since: peers "
         "that gave up or did not complete the handshake in time (paused or "
@@ -1331,8 +1342,9 @@ def _log_notice(notice: n.Notice) -> None:
             notice.worker_id,
             notice.kept,
             notice.requeued,
-            f"; {notice.refused} it named were not kept (finished here already, "
-            "or another worker's): told to give them up"
+            f"; {notice.refused} it named need nothing more from it (their "
+            "results are here already, or they were cancelled or went to another "
+            "worker): told to drop them"
             if notice.refused
             else "",
         )
@@ -1450,11 +1462,15 @@ _DEPARTURES = {
     n.Departure.LEFT: "left",
     n.Departure.SILENT: "fell silent",
     n.Departure.UNREACHABLE: "unreachable",
+    n.Departure.CUT_BY_STALL: "reconnecting after this broker stood still",
     n.Departure.REVOKED: "cut off (its key lost access)",
 }
 
 
 def _log_worker_lost(notice: n.WorkerLost, note: str) -> None:
+    if notice.fault is n.Fault.NONE:
+        _log_worker_dropped(notice, note)
+        return
     log.log(
         logging.WARNING if _worth_a_warning(notice) else logging.INFO,
         "worker lost worker=%s reason=%s; requeued %d tasks, %d map batches "
@@ -1464,6 +1480,22 @@ def _log_worker_lost(notice: n.WorkerLost, note: str) -> None:
         notice.requeued,
         notice.split,
         notice.poisoned,
+        note,
+    )
+
+
+def _log_worker_dropped(notice: n.WorkerLost, note: str) -> None:
+    """A worker let go for the broker's own reasons (replaced, its key
+    revoked, its connection cut while the broker stood still): no fault of
+    its, and nothing lost, which "worker lost" read as."""
+    log.info(
+        "worker dropped worker=%s reason=%s; requeued %d tasks unblamed (if it "
+        "registers again it takes back those it still runs), %d map batches "
+        "handed back to their maps%s",
+        notice.worker_id,
+        notice.reason,
+        notice.requeued,
+        notice.split,
         note,
     )
 

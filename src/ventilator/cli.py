@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 import click
 from click.core import ParameterSource
@@ -2288,11 +2288,12 @@ def sink(
     receiver = _or_usage_error(
         lambda: Sink(name, connect, secret_key=secret_key, broker_key=broker_key)
     )
+    output = _Output(output_file, _sink_output_name(output_file))
     with receiver:
         try:
-            for result in receiver.results(idle_timeout_s):
-                output_file.write(_json_line(_sink_fields(result)))
-                output_file.flush()
+            _write_sink_results(receiver, output, idle_timeout_s)
+        except _OutputFailed as exc:
+            _sink_output_failed(exc, name)
         except UsageError as exc:
             # The name is taken, or this key may not receive it: the command
             # was right, its broker would not serve it now; 1, as for the
@@ -2306,6 +2307,35 @@ def sink(
         raise click.ClickException(
             f"no broker answered at {connect} before the idle timeout ended"
         )
+
+
+def _sink_output_name(output_file: IO[str]) -> str:
+    name = getattr(output_file, "name", "<stdout>")
+    return "standard output" if name == "<stdout>" else repr(name)
+
+
+def _write_sink_results(
+    receiver: Sink, output: _Output, idle_timeout_s: float | None
+) -> None:
+    """Write each result as it comes. A write that fails ends the receiving
+    before the sink acknowledges the batch of the result it could not write
+    (it acknowledges a batch when asked for the result after its last)."""
+    with contextlib.closing(receiver.results(idle_timeout_s)) as results:
+        for result in results:
+            output.write(_json_line(_sink_fields(result)))
+            output.flush()
+
+
+def _sink_output_failed(exc: _OutputFailed, name: str) -> NoReturn:
+    """End a sink whose output failed; what it did not write waits at the
+    broker for the next receiver of `name`."""
+    if exc.broken_pipe:
+        # As `yes | head` ends, and as map does: quietly, with SIGPIPE's status.
+        sys.exit(128 + signal.SIGPIPE)
+    raise click.ClickException(
+        f"{exc}; the results not written wait at the broker for the next "
+        f"`ventilator sink {name}`"
+    ) from None
 
 
 def _sink_fields(result: SinkResult) -> dict[str, Any]:

@@ -104,6 +104,9 @@ class Departure(enum.Enum):
     LEFT = "left"  # it said BYE
     SILENT = "silent"  # given up on after liveness x heartbeat of silence
     UNREACHABLE = "unreachable"  # a send to it failed
+    # A send to it failed just after the broker stood still: it gave up on the
+    # silent broker's connection, and reconnects on a new one.
+    CUT_BY_STALL = "cut by stall"
     REVOKED = "revoked"  # its key lost access (see Scheduler.revoke_client)
 
 

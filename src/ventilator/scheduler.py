@@ -84,11 +84,20 @@ _SPLITTABLE = int(p.Flags.SPLITTABLE)
 # Looked up once: attribute access on an Enum class is slow per task.
 _OK = p.Status.OK
 _POISON = p.Status.POISON
+# What a client's session does with its tasks, and what it only asks (see
+# Recipient.only_asked).
+_WORK_TYPES = (p.Submit, p.Ack, p.Cancel)
+_QUESTION_TYPES = (p.StatusRequest, *p.OPERATOR_TYPES)
 
 # Session and recipient names of peers that do not speak ventilator's protocol
 # (MDP clients, Titanic): a ventilator client may not take them in its HELLO
 # (see protocol.RESERVED_SESSION_PREFIXES), nor a worker as its id.
 GATEWAY_PREFIX = "mdp:"
+
+# Why a worker whose send failed just after the broker stood still is let go
+# unblamed: it gave up on the silent broker and reconnected on a new
+# connection, where it registers again.
+STALL_REASON = "its connection closed while this broker stood still"
 
 # Tickets a returning worker names above this are not taken as numbers some
 # broker handed out (see Scheduler._fence): a forged one must not push ours
@@ -310,6 +319,15 @@ class Recipient:
     # created it, which counts it against SESSIONS_PER_CONNECTION.
     last_peer: bytes | None = None
     opened_by: bytes | None = None
+    # Whether it asked questions (status, operator commands), and whether it
+    # ever submitted, acknowledged or cancelled: one that only asked is a
+    # `ventilator status` run or the like, which other answers leave out.
+    asked: bool = False
+    worked: bool = False
+
+    @property
+    def only_asked(self) -> bool:
+        return self.asked and not self.worked
 
     def delivered(self, ticket: int, size: int) -> None:
         self.unacked[ticket] = size
@@ -459,6 +477,25 @@ class FailedTask:
         if traceback:
             report["traceback"] = error.get("traceback", "")[-4000:]
         return report
+
+
+def _first_copies(
+    specs: Sequence[p.TaskSpec],
+) -> tuple[list[p.TaskSpec], dict[int, None]]:
+    """The first spec of each task id in one SUBMIT, and the ids that came
+    more than once (in the order they came)."""
+    firsts: dict[int, p.TaskSpec] = {}
+    repeated: dict[int, None] = {}
+    for spec in specs:
+        if spec.task_id in firsts:
+            repeated[spec.task_id] = None
+        else:
+            firsts[spec.task_id] = spec
+    return list(firsts.values()), repeated
+
+
+def _twice(task_id: int) -> str:
+    return f"task_id {task_id} appears twice in one SUBMIT"
 
 
 def _error_fields(packed: p.Payload) -> dict[str, str]:
@@ -729,6 +766,8 @@ class Scheduler:
             )
             return
 
+        recipient.worked |= isinstance(command, _WORK_TYPES)
+        recipient.asked |= isinstance(command, _QUESTION_TYPES)
         if isinstance(command, p.Submit):
             self._submit(peer, recipient, command.tasks, now)
         elif isinstance(command, p.Ack):
@@ -736,7 +775,7 @@ class Scheduler:
         elif isinstance(command, p.Cancel):
             self._cancel(recipient.name, command.task_ids, now)
         elif isinstance(command, p.StatusRequest):
-            status = self.status(now, scope)
+            status = self.status(now, scope, asker=recipient.name)
             self._effects.to_clients.append((peer, p.StatusReply(status)))
         elif isinstance(command, p.OPERATOR_TYPES):
             report = self._operate(command, now, scope)
@@ -1022,26 +1061,25 @@ class Scheduler:
         session = recipient.name
         accepted: dict[int, None] = {}
         pickle_served = self._pickle_served()  # once per batch, not per task
-        in_this_batch: set[int] = set()
+        # A resubmission comes in a later SUBMIT; one id twice in the same
+        # one is two tasks of which only the first could ever be answered.
+        firsts, repeated = _first_copies(specs)
         functions: dict[str, None] = {}
         sinks: dict[str, None] = {}
-        for spec in specs:
-            # A resubmission comes in a later SUBMIT; one id twice in the same
-            # one is two tasks of which only the first could ever be answered.
-            duplicate = spec.task_id in in_this_batch
-            in_this_batch.add(spec.task_id)
-            if duplicate:
-                reason = f"task_id {spec.task_id} appears twice in one SUBMIT"
-                self._reject(peer, session, spec.task_id, reason)
-                continue
+        for spec in firsts:
             if (session, spec.task_id) in self._by_key:
                 accepted[spec.task_id] = None  # a resubmission: already ours
                 continue
             if self._is_parked(session, spec.task_id):
                 continue  # a resubmission of one that waits for room
 
-            admission = self._admit_submitted(peer, session, spec, pickle_served, now)
+            twice = spec.task_id in repeated
+            admission = self._admit_submitted(
+                peer, session, spec, pickle_served, now, twice
+            )
             if admission is Admission.REFUSED:
+                # Its refusal named the copy too: one answer per task id.
+                repeated.pop(spec.task_id, None)
                 continue
             if admission is Admission.ACCEPTED:
                 accepted[spec.task_id] = None
@@ -1049,6 +1087,8 @@ class Scheduler:
                 functions[spec.function] = None
             if spec.sink is not None:
                 sinks[spec.sink] = None
+        for task_id in repeated:
+            self._reject(peer, session, task_id, _twice(task_id))
         if accepted:
             self._unannounced.accepted(peer, accepted, now)
         self._tell_unserved(peer, functions)
@@ -1061,9 +1101,11 @@ class Scheduler:
         spec: p.TaskSpec,
         pickle_served: bool,
         now: float,
+        twice: bool = False,
     ) -> Admission:
         """Accept one task a client submitted, or refuse it; past its window,
-        let it wait for room (see `_park`)."""
+        let it wait for room (see `_park`). `twice`: the SUBMIT carries another
+        copy of its id, which a refusal names too."""
         reason = p.submission_problem(spec.function, spec.flags)
         if reason is None:
             reason = self._task_refusal(spec, pickle_served)
@@ -1075,6 +1117,10 @@ class Scheduler:
         if reason is None:
             reason = self._full_refusal(size)
         if reason is not None:
+            if twice:
+                reason = (
+                    f"{_twice(spec.task_id)}; its first copy is refused too: {reason}"
+                )
             self._reject(peer, session, spec.task_id, reason)
             return Admission.REFUSED
         self._accept(session, spec, now)
@@ -2126,9 +2172,9 @@ class Scheduler:
         """A send to `peer` failed: it disconnected, or stopped reading."""
         self._now = now
         worker = self._worker_for_peer(peer)
-        if worker is not None and now < self._stall_aftermath_until:
-            reason = "unreachable after the broker stood still"
-            self._remove_worker(worker, reason, Fault.NONE, now)
+        stalled = now < self._stall_aftermath_until
+        if worker is not None and stalled:
+            self._remove_worker(worker, STALL_REASON, Fault.NONE, now)
             return
         if worker is not None:
             self._remove_worker(worker, "unreachable", Fault.LOST, now)
@@ -2138,7 +2184,8 @@ class Scheduler:
         if name is not None:
             recipient = self.recipients[name]
             recipient.send_failed = True
-            self._client_gone(recipient, Departure.UNREACHABLE)
+            how = Departure.CUT_BY_STALL if stalled else Departure.UNREACHABLE
+            self._client_gone(recipient, how)
 
     def revoke_worker(self, peer: bytes, reason: str, now: float) -> None:
         """Drop the worker on `peer` for a reason of the shell's (its key lost
@@ -2820,7 +2867,11 @@ class Scheduler:
     # --- status: what the report reads (see status.StatusReport) ----------------------
 
     def status(
-        self, now: float, scope: Scope | None = None, full: bool = False
+        self,
+        now: float,
+        scope: Scope | None = None,
+        full: bool = False,
+        asker: str | None = None,
     ) -> dict[str, object]:
         """A plain-data picture of the broker, for `ventilator status`; within
         `scope`, only what a client with limited rights may see (see
@@ -2832,6 +2883,8 @@ class Scheduler:
         every worker and function (the broker's own metrics, which no frame
         carries). Its cost grows with workers, running tasks and queues, not
         with the number of queued tasks, so a dashboard may ask every second.
+        Sessions that only asked questions and hold nothing are left out, but
+        `asker`'s own: a program's client that asks looks itself up.
         """
         report = StatusReport(
             tasks=self.tasks,
@@ -2843,6 +2896,7 @@ class Scheduler:
             tombstones=len(self._tombstones),
             queued=self._queued_by_function(),
             totals=self.totals(),
+            asker=asker,
         )
         if scope is not None:
             return report.within(scope, now)

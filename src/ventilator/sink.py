@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,8 +132,14 @@ class Sink:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def results(self, idle_timeout_s: float | None = None) -> Iterator[SinkResult]:
+    def results(
+        self, idle_timeout_s: float | None = None
+    ) -> Generator[SinkResult, None, None]:
         """Yield results as they arrive; acknowledge each batch once consumed.
+
+        A caller that stops part way (an exception where it writes a result,
+        or `close()` on the generator) leaves the batch of the result it held
+        unacknowledged: the broker sends it to the next receiver of the sink.
 
         Args:
             idle_timeout_s: stop after this long without a result; None waits
@@ -180,7 +186,10 @@ class Sink:
         silence for ever."""
         now = time.monotonic()
         wait_s = self._heartbeat_interval_s * SILENT_INTERVALS
-        if self.welcomed or now - self._started_at < wait_s:
+        # A refusal is an answer: a broker is there, and _taken said why it
+        # does not welcome us.
+        answered = self.welcomed or self._refused_since is not None
+        if answered or now - self._started_at < wait_s:
             return
         if not self._unanswered_log.due(now, self._started_at):
             return

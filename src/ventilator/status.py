@@ -155,6 +155,8 @@ class StatusReport:
     tombstones: int
     queued: Mapping[str, int]
     totals: dict[str, int]
+    # The session asking, listed even if it only asked (see `_listed`).
+    asker: str | None = None
 
     def whole(self, now: float, full: bool = False) -> dict[str, object]:
         """The whole broker: the most relevant `STATUS_WORKERS` workers,
@@ -225,7 +227,7 @@ class StatusReport:
         counts = {"all": 0, "connected": 0, "sinks": 0, "connected_sinks": 0}
 
         def counted() -> Iterator[tuple[tuple[int, bool, float, int], Recipient]]:
-            for order, recipient in enumerate(recipients):
+            for order, recipient in enumerate(filter(self._listed, recipients)):
                 is_sink = recipient.name.startswith(p.SINK_PREFIX)
                 connected = recipient.peer is not None
                 counts["all"] += 1
@@ -242,6 +244,21 @@ class StatusReport:
             "clients": [self._client_status(recipient) for _, recipient in kept],
             "client_counts": {**counts, "listed": len(kept)},
         }
+
+    def _listed(self, recipient: Recipient) -> bool:
+        """Whether the answer lists and counts `recipient`: every one but the
+        sessions that only asked questions and hold nothing, as a `ventilator
+        status` run's own does, which leaves with its answer; two runs at once
+        listed each other. The asker's own is listed all the same."""
+        if not recipient.only_asked or recipient.name == self.asker:
+            return True
+        name = recipient.name
+        return bool(
+            recipient.pending
+            or recipient.unacked
+            or self.held.get(name)
+            or self._parked_count(name)
+        )
 
     def _client_status(self, recipient: Recipient) -> dict[str, object]:
         return {

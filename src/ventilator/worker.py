@@ -355,13 +355,23 @@ class Worker:
         assert self._pool is not None
         self._unconfirmed.forget(tickets)
         given_up = self._pool.release(tickets)
-        log.info(
-            "the broker took back %d tasks worker=%s (cancelled, past their "
-            "deadline, or finished elsewhere); gave up the %d held here",
-            len(tickets),
-            self.config.worker_id,
-            given_up,
-        )
+        if given_up:
+            log.info(
+                "the broker took back %d tasks held here worker=%s (cancelled, "
+                "past their deadline, or given to another worker); stopped them",
+                given_up,
+                self.config.worker_id,
+            )
+        # After a broker pause, most often the results sent again on our
+        # return, which it had: nothing was lost, and nothing runs here.
+        if len(tickets) > given_up:
+            log.info(
+                "the broker needs nothing more of %d tasks no longer running "
+                "here worker=%s (it has their results, or they were cancelled "
+                "or finished elsewhere); nothing to do",
+                len(tickets) - given_up,
+                self.config.worker_id,
+            )
 
     def _registering_again(self) -> None:
         """Say why the broker no longer knows us. After our connection to it

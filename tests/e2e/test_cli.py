@@ -541,10 +541,20 @@ def test_status_lists_the_busiest_functions_first_in_text_and_json(
     assert rows == BUSIEST_FIRST
 
 
-def test_status_leaves_out_its_own_connection(
+def test_status_leaves_out_its_own_connection_and_other_status_runs(
     processes: Processes, launch: Launcher, broker: BrokerProcess
 ) -> None:
-    launch.client(broker, session="watched").status()  # connected, said HELLO
+    launch.client(broker, session="watched")
+    # A connection that only asks, as another status run at the same time
+    # does: before, each run listed the other.
+    asking = launch.client(broker, session="asking")
+    status_when(
+        asking,
+        lambda status: "watched" in [c["name"] for c in status["clients"]],
+        10,
+        "the watched client's HELLO",
+        ClusterError,
+    )
 
     as_json = run_cli(processes, "status", "--connect", broker.frontend, "--json")
     as_text = run_cli(processes, "status", "--connect", broker.frontend)

@@ -9,6 +9,7 @@ import logging
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ import zmq
 
 import ventilator
 from tests.leftovers import pid_file
+from ventilator import broker as broker_module
 from ventilator import protocol as p
 from ventilator.serialization import pack_value
 
@@ -770,6 +772,22 @@ def test_handshakes_cut_short_by_a_broker_pause_are_no_warning_once_peers_are_ba
         lambda: handshake_records(broker), RESULT_TIMEOUT_S, "a word on handshakes"
     )
     # A line per socket (clients', workers'), each at INFO: nothing to do.
+    assert {r["level"] for r in said} == {"INFO"}, said
+
+
+def test_a_tcp_health_check_on_the_broker_s_port_is_no_warning(
+    launch: Launcher,
+) -> None:
+    # A load balancer opens and closes a plain TCP connection, no ZMTP; before,
+    # with no handshake succeeding after it, the broker warned ten seconds on.
+    broker = launch.broker(*JSON_LOG)
+    host, port = broker.frontend.removeprefix("tcp://").rsplit(":", 1)
+    socket.create_connection((host, int(port)), timeout=RESULT_TIMEOUT_S).close()
+
+    settle_s = broker_module.HANDSHAKE_SETTLE_S
+    said = wait_until(
+        lambda: handshake_records(broker), settle_s + RESULT_TIMEOUT_S, "a word on it"
+    )
     assert {r["level"] for r in said} == {"INFO"}, said
 
 

@@ -6,6 +6,7 @@ import itertools
 import logging
 import os
 import select
+import signal
 import subprocess
 import threading
 import time
@@ -23,7 +24,9 @@ from .conftest import (
     Processes,
     WorkerProcess,
     json_lines,
+    log_of,
     paused,
+    read_json_line,
     status_when,
     ventilator_argv,
     wait_for_workers,
@@ -61,6 +64,32 @@ def test_second_receiver_of_a_sink_is_refused_and_the_first_keeps_it(
         received = list(itertools.islice(first.results(RESULT_TIMEOUT_S), 5))
 
     assert sorted(r.value for r in received) == [0, 1, 4, 9, 16]
+
+
+def test_a_refused_second_receiver_warns_only_that_the_sink_is_taken(
+    launch: Launcher, broker: BrokerProcess, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Before, past three heartbeats without a WELCOME it also said that no
+    # broker answered, though the broker had answered every ask with a refusal.
+    client = launch.client(broker)
+    with ventilator.Sink("totals", broker.frontend, heartbeat_interval_s=0.1):
+        sink_connected(client, "totals")
+        second = ventilator.Sink(
+            "totals", broker.frontend, heartbeat_interval_s=0.1, taken_wait_s=1.0
+        )
+        with (
+            caplog.at_level(logging.WARNING, logger="ventilator.sink"),
+            second,
+            pytest.raises(ventilator.UsageError, match="another process"),
+        ):
+            list(second.results(idle_timeout_s=RESULT_TIMEOUT_S))
+
+    warnings = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "ventilator.sink" and r.levelno >= logging.WARNING
+    ]
+    assert len(warnings) == 1, warnings  # that it is taken, asking again
 
 
 def test_a_sink_name_is_free_again_once_its_receiver_closed(
@@ -237,3 +266,71 @@ def _row(status: dict[str, Any], name: str) -> dict[str, Any]:
     for what it does not say (not listed, or a broker that predates it)."""
     rows = [row for row in status["clients"] if row["name"] == name]
     return {"tasks": 0, "waiting_for_room": 0, **(rows[0] if rows else {})}
+
+
+def start_sink_command(
+    processes: Processes, broker: BrokerProcess, name: str, *options: str
+) -> subprocess.Popen[bytes]:
+    argv = ventilator_argv("sink", name, "--connect", broker.frontend, *options)
+    return processes.start("sink", argv, stdout=subprocess.PIPE)
+
+
+def all_acknowledged(client: ventilator.Client, name: str) -> None:
+    def taken(status: dict[str, Any]) -> bool:
+        row = _row(status, f"sink:{name}")
+        return row.get("pending") == 0 and row.get("unacknowledged") == 0
+
+    status_when(client, taken, RESULT_TIMEOUT_S, f"sink {name} acknowledging all")
+
+
+def received_by_successor(broker: BrokerProcess, name: str, count: int) -> list[Any]:
+    """The values a new receiver of sink `name` gets, once the old one left."""
+    with ventilator.Sink(name, broker.frontend) as successor:
+        results = list(itertools.islice(successor.results(RESULT_TIMEOUT_S), count))
+    return sorted(r.value for r in results)
+
+
+def test_a_sink_whose_reader_left_ends_quietly_and_keeps_what_it_did_not_write(
+    launch: Launcher, processes: Processes
+) -> None:
+    # As `ventilator sink x | head -3` ends: before, with 1 (click's own
+    # EPIPE handling), and nothing said of what became of the results.
+    broker = launch.broker()
+    launch.worker(broker)
+    client = launch.client(broker)
+    sink = start_sink_command(processes, broker, "piped")
+    for i in range(3):
+        client.submit(tasks.square, i, sink="piped")
+    read = [read_json_line(sink, RESULT_TIMEOUT_S)["result"] for _ in range(3)]
+    all_acknowledged(client, "piped")
+
+    assert sink.stdout is not None
+    sink.stdout.close()  # the reader leaves, as head does after its lines
+    for i in range(3, 8):
+        client.submit(tasks.square, i, sink="piped")
+
+    assert sink.wait(RESULT_TIMEOUT_S) == 128 + signal.SIGPIPE, log_of(sink)
+    assert "Traceback" not in log_of(sink)
+    assert "Error" not in log_of(sink)
+    assert sorted(read) == [0, 1, 4]
+    # What it could not write was not acknowledged: the next receiver has it.
+    assert received_by_successor(broker, "piped", 5) == [9, 16, 25, 36, 49]
+
+
+def test_a_sink_that_cannot_write_its_output_says_so_and_keeps_the_results(
+    launch: Launcher, processes: Processes
+) -> None:
+    broker = launch.broker()
+    launch.worker(broker)
+    client = launch.client(broker)
+    sink = start_sink_command(processes, broker, "full", "--output", "/dev/full")
+    sink_connected(client, "full")
+    for i in range(3):
+        client.submit(tasks.square, i, sink="full")
+
+    assert sink.wait(RESULT_TIMEOUT_S) == 1, log_of(sink)
+    said = log_of(sink)
+    assert "Traceback" not in said
+    assert "/dev/full" in said
+    assert "No space left on device" in said
+    assert received_by_successor(broker, "full", 3) == [0, 1, 4]

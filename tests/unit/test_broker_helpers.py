@@ -32,6 +32,7 @@ from ventilator.notices import (
     WorkerLeft,
     WorkerLost,
 )
+from ventilator.scheduler import STALL_REASON
 
 
 def test_rate_limit_allows_one_line_per_interval_and_counts_the_rest() -> None:
@@ -107,9 +108,7 @@ def test_a_worker_that_said_goodbye_is_logged_as_leaving_without_a_warning(
         (WorkerLost("w", "silent for 3.1s", 2, 0), logging.WARNING),
         (WorkerLost("w", "silent for 3.1s", 0, 0), logging.INFO),
         (
-            WorkerLost(
-                "w", "unreachable after the broker stood still", 2, 0, fault=Fault.NONE
-            ),
+            WorkerLost("w", STALL_REASON, 2, 0, fault=Fault.NONE),
             logging.INFO,
         ),
         (
@@ -126,6 +125,19 @@ def test_a_lost_worker_is_a_warning_only_when_it_was_at_fault(
 
     [record] = caplog.records
     assert record.levelno == level, record.getMessage()
+
+
+def test_a_worker_cut_off_by_the_broker_s_own_stall_is_not_called_lost(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # It reconnected while the broker stood still, and registers again at once.
+    dropped = WorkerLost("w", STALL_REASON, 4, 0, fault=Fault.NONE)
+    with caplog.at_level(logging.INFO, logger="ventilator.broker"):
+        _log_worker_lost(dropped, "")
+
+    [record] = caplog.records
+    assert record.levelno == logging.INFO
+    assert "lost" not in record.getMessage()
 
 
 def test_a_worker_serving_thousands_of_functions_joins_in_a_short_line(
@@ -224,12 +236,27 @@ def test_unfinished_handshakes_no_success_follows_are_settled_after_a_while() ->
     assert (settled.count, settled.followed) == (1, False)
 
 
-@pytest.mark.parametrize(("followed", "level"), [(True, "INFO"), (False, "WARNING")])
-def test_unfinished_handshakes_warn_only_when_no_peer_got_in_after_them(
-    caplog: pytest.LogCaptureFixture, followed: bool, level: str
+@pytest.mark.parametrize(
+    ("closed", "timed_out", "followed", "level"),
+    [
+        (3, 0, True, "INFO"),
+        (0, 3, True, "INFO"),
+        # A plain TCP connect and close, as a load balancer's health check
+        # does every few seconds: routine, not a page every 10 s.
+        (3, 0, False, "INFO"),
+        (0, 3, False, "WARNING"),  # peers that began and never finished
+        (2, 1, False, "WARNING"),
+    ],
+)
+def test_unfinished_handshakes_warn_only_when_peers_began_and_none_got_in_after(
+    caplog: pytest.LogCaptureFixture,
+    closed: int,
+    timed_out: int,
+    followed: bool,
+    level: str,
 ) -> None:
     caplog.set_level(logging.INFO, logger="ventilator.broker")
-    unfinished = Unfinished(first_at=100.0, closed=3, followed=followed)
+    unfinished = Unfinished(100.0, closed, timed_out, followed)
 
     _log_unfinished("client", unfinished, handshake_interval_s=30.0, now=110.0)
 

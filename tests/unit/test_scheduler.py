@@ -109,6 +109,19 @@ def test_a_task_id_twice_in_one_submit_rejects_the_second_naming_the_id(
     assert assignment.payload == b"first"
 
 
+def test_a_task_id_twice_in_one_submit_whose_first_is_refused_is_refused_once() -> None:
+    driver = Driver(Limits(max_payload_bytes=4))
+    driver.hello()
+
+    effects = driver.submit(task(7, b"too large"), task(7, b"ok"))
+
+    [refusal] = results(effects)
+    message = error_report(refusal)["message"]
+    assert "task_id 7 appears twice" in message
+    assert "max_payload_bytes" in message
+    assert not driver.scheduler.tasks
+
+
 def test_same_task_id_from_two_sessions_is_two_tasks(driver: Driver) -> None:
     driver.hello(OTHER, session="bob")
     driver.submit(task(1))
@@ -2080,6 +2093,18 @@ def test_worker_whose_connection_closed_during_a_broker_stall_is_not_blamed() ->
 
     [lost] = notices(effects, WorkerLost)
     assert (lost.requeued, lost.poisoned) == (1, 0)
+
+
+def test_client_whose_connection_closed_during_a_broker_stall_is_reconnecting() -> None:
+    driver = Driver()
+    driver.hello()
+    driver.now += 8.0
+    driver.scheduler.stood_still(8.0, driver.now)
+
+    effects = driver.unreachable(CLIENT)
+
+    [gone] = notices(effects, ClientLost)
+    assert gone.how is Departure.CUT_BY_STALL
 
 
 def test_worker_unreachable_long_after_a_broker_stall_is_blamed() -> None:

@@ -200,3 +200,45 @@ def test_status_lists_a_bounded_number_of_clients_with_exact_counts() -> None:
         "connected_sinks": 0,
         "listed": STATUS_CLIENTS,
     }
+
+
+def listed(status: dict[str, object]) -> list[str]:
+    clients = status["clients"]
+    assert isinstance(clients, list)
+    return [client["name"] for client in clients]
+
+
+def asked_for_status(driver: Driver, peer: bytes) -> dict[str, object]:
+    [reply] = sent(driver.client(peer, p.StatusRequest()), peer, p.StatusReply)
+    return reply.status
+
+
+def test_a_session_that_only_asked_is_left_out_of_other_answers() -> None:
+    # As two `ventilator status` runs at once saw it: each listed the other.
+    driver = Driver(LIMITS)
+    driver.hello(session="alice")
+    driver.submit(task(1))
+    driver.hello(b"status-1", session="first-run")
+    driver.hello(b"status-2", session="second-run")
+    asked_for_status(driver, b"status-1")
+
+    status = asked_for_status(driver, b"status-2")
+
+    assert listed(status) == ["alice", "second-run"]  # itself, which looks itself up
+    counts = status["client_counts"]
+    assert isinstance(counts, dict)
+    assert (counts["all"], counts["connected"], counts["listed"]) == (2, 2, 2)
+    assert "first-run" not in listed(driver.scheduler.status(driver.now))
+
+
+def test_a_session_that_asked_and_holds_or_submitted_is_listed() -> None:
+    driver = Driver(LIMITS)
+    driver.hello(session="alice")
+    driver.submit(task(1))
+    asked_for_status(driver, CLIENT)
+    driver.hello(b"quiet", session="connected-only")  # asked nothing yet
+    driver.hello(b"watcher", session="watcher")
+
+    status = asked_for_status(driver, b"watcher")
+
+    assert sorted(listed(status)) == ["alice", "connected-only", "watcher"]

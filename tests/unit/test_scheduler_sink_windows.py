@@ -230,3 +230,33 @@ def test_submitting_to_a_sink_nobody_receives_says_so() -> None:
     assert "no sink 'nobody' is connected" in notice.message
     assert accepted(absent) == [1]
     assert not error_codes(present, CLIENT)
+
+
+def test_a_task_id_twice_in_one_submit_past_the_waiting_room_is_refused_once() -> None:
+    # As a tester's raw client saw: its window full and a window's worth
+    # waiting, both copies of 3 were refused, the first for room, so that the
+    # client heard of 3 twice and never that it had sent 3 twice.
+    driver = Driver(Limits(client_window=1))
+    driver.hello()
+    driver.submit(task(1))
+    driver.submit(task(2))  # waits for room: a window's worth waits now
+
+    effects = driver.submit(task(3), task(3))
+
+    [refusal] = results(effects)
+    assert (refusal.task_id, refusal.status) == (3, p.Status.REJECTED)
+    message = error_report(refusal)["message"]
+    assert "task_id 3 appears twice" in message
+    assert "wait at the broker for room" in message  # why the first copy was
+
+
+def test_a_task_id_twice_in_one_submit_that_waits_is_refused_once_and_waits() -> None:
+    driver = Driver(Limits(client_window=1))
+    driver.hello()
+    driver.submit(task(1))
+
+    effects = driver.submit(task(3, b"first"), task(3, b"second"))
+
+    [refusal] = results(effects)
+    assert "task_id 3 appears twice" in error_report(refusal)["message"]
+    assert waiting_for_room(driver) == 1

@@ -3,6 +3,7 @@ loopback, the run times fed in as the pool would report them."""
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -184,3 +185,22 @@ def commands_until_ready(router: zmq.Socket[bytes], readies: int) -> list[p.Comm
         _routing_id, *frames = router.recv_multipart()
         commands.append(p.decode(frames, p.FROM_WORKER))
     return commands
+
+
+def test_results_the_broker_had_already_are_not_told_as_tasks_taken_back(
+    backend: tuple[zmq.Socket[bytes], int], caplog: pytest.LogCaptureFixture
+) -> None:
+    # After a broker pause the worker sends its results again, and the broker
+    # tells it to drop those it had: before, "the broker took back 25 tasks".
+    _router, port = backend
+    worker = connected_worker(port)
+    worker._pool = ThreadPool(1, [TASKS], allow_pickle=False)
+    try:
+        with caplog.at_level(logging.INFO, logger="ventilator.worker"):
+            worker._handle(p.Release([(7, 1), (9, 1)]), 0.0)
+    finally:
+        worker._leave()
+
+    [said] = [r for r in caplog.records if r.name == "ventilator.worker"]
+    assert said.levelno == logging.INFO
+    assert "took back" not in said.getMessage()
