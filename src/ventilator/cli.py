@@ -785,7 +785,8 @@ def _cluster_options(command: Callable[..., Any]) -> Callable[..., Any]:
                 "--workers",
                 type=click.IntRange(min=1),
                 default=None,
-                help="Local worker processes  [default: number of CPUs]",
+                help="Without --connect: task processes of the local worker "
+                "the run starts  [default: number of CPUs]",
             ),
             click.option(
                 "--timeout-s",
@@ -2116,7 +2117,8 @@ def _purge_function(connect: str, timeout_s: float, function: str, yes: bool) ->
     with _broker_answer(connect, timeout_s) as client:
         if not yes:
             question = _purge_question(client.status(timeout_s), function)
-            click.confirm(question, abort=True)
+            if question is not None:
+                click.confirm(question, abort=True)
         purged = client.purge(function, timeout_s)
         known = purged or _function_known(client.status(timeout_s), function)
     if not known:
@@ -2140,11 +2142,14 @@ def _not_an_option(value: str | None, param: click.Parameter) -> str | None:
     return value
 
 
-def _purge_question(report: dict[str, Any], function: str) -> str:
+def _purge_question(report: dict[str, Any], function: str) -> str | None:
     """The confirmation to ask, with how many tasks of `function` wait when
-    the broker says (among many functions it lists the busiest only)."""
+    the broker says (among many functions it lists the busiest only); None
+    when it says none wait: there is nothing to confirm."""
     if function in report["queued"] or not _partial(report):
         queued = report["queued"].get(function, 0)
+        if not queued:
+            return None
         return f"Cancel the {queued} task(s) of {function} waiting to run?"
     return f"Cancel every task of {function} waiting to run?"
 

@@ -154,6 +154,21 @@ def test_purge_asks_first_and_cancels_the_queue_with_yes(
         futures[0].result(0)
 
 
+def test_purge_with_nothing_waiting_asks_nothing(
+    processes: Processes, broker: BrokerProcess, launch: Launcher
+) -> None:
+    client = launch.client(broker)
+    client.submit(UNSERVED, 1).cancel()  # known to the broker, nothing waits
+    status_when(client, lambda s: not s["queued"], 10, "nothing queued")
+
+    purged = run_cli(
+        processes, "purge", UNSERVED, "--connect", broker.frontend, input_text=""
+    )
+
+    assert "Cancel the" not in purged.stdout + purged.stderr
+    assert "Aborted" not in purged.stderr
+
+
 def test_cancel_by_id_cancels_a_queued_task_and_reports_unknown_ones(
     processes: Processes, broker: BrokerProcess, launch: Launcher
 ) -> None:
