@@ -217,6 +217,13 @@ class _Running:
             self.task.ticket, self.task.attempt, status, payload, now - self.started
         )
 
+    def ran_past_timeout(self, duration_s: float) -> bool:
+        """Whether the task ran longer than its timeout, as its process
+        measured it: this process could not stop it in time (it stood still,
+        paused or starved of CPU), and its result must not count."""
+        timeout_s = self.task.timeout_s
+        return timeout_s is not None and 0 < timeout_s < duration_s
+
     def timed_out(self, now: float, what_then: str = "was stopped") -> p.Outcome:
         error = TaskTimeout(
             "TaskTimeout",
@@ -680,7 +687,10 @@ class ProcessPool:
         ):
             self._duration_of(running.task.function).observe(duration_s)
             self._suspects.discard((running.task.ticket, running.task.attempt))
-            outcomes.append(running.outcome(_STATUSES[status], result, now))
+            if running.ran_past_timeout(duration_s):
+                outcomes.append(running.timed_out(now, _NOT_STOPPED_IN_TIME))
+            else:
+                outcomes.append(running.outcome(_STATUSES[status], result, now))
         if child.sent:
             for running in child.sent[0]:
                 running.started = now
@@ -947,6 +957,12 @@ class _ThreadTask:
     replaced: bool = False  # a fresh thread took its slot: this one leaves
 
 
+# What a task process's task that ran past its timeout before this worker
+# could stop it says (the worker stood still meanwhile).
+_NOT_STOPPED_IN_TIME = (
+    "was not stopped in time, as its worker stood still meanwhile (paused or "
+    "starved of CPU); its result was dropped"
+)
 # What a thread pool says of a task past its timeout.
 _RUNS_ON = (
     "could not be stopped: it runs on in the background and its result will be dropped"

@@ -64,6 +64,13 @@ def slow_echo(value: Any, seconds: float) -> Any:
     return value
 
 
+def sleep_then_touch(seconds: float, path: str) -> float:
+    """Sleep, then create the file at `path`: proof the task ran to its end."""
+    time.sleep(seconds)
+    Path(path).touch()
+    return seconds
+
+
 def crash(code: int = 1) -> None:
     """End the process running the task at once, as a segfault would."""
     os._exit(code)

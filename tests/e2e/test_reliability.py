@@ -270,6 +270,26 @@ def test_task_past_its_timeout_fails_and_the_worker_keeps_serving(
     assert [w["id"] for w in client.status()["workers"]] == [worker_id]
 
 
+def test_task_that_ran_past_its_timeout_while_its_worker_stood_still_fails(
+    launch: Launcher, broker: BrokerProcess, tmp_path: Path
+) -> None:
+    # The worker could not stop it in time (paused, as by a long GC or a
+    # swapped-out host); the task process ran on and reported success.
+    worker = launch.worker(broker, concurrency=1)
+    client = launch.client(broker)
+    wait_for_workers(client, 1)
+    finished = tmp_path / "finished"
+
+    overrun = client.submit(tasks.sleep_then_touch, 1.0, str(finished), timeout_s=0.5)
+    status_when(client, lambda s: s["running"], RESULT_TIMEOUT_S, "the task to run")
+    with stopped(worker.pid):
+        wait_until(finished.exists, RESULT_TIMEOUT_S, "the task to end")
+
+    error = overrun.exception(RESULT_TIMEOUT_S)
+    assert isinstance(error, ventilator.TaskTimeout)
+    assert "0.5s" in error.message
+
+
 def test_thread_pool_frees_the_slots_of_tasks_that_hang_past_their_timeout(
     launch: Launcher, broker: BrokerProcess
 ) -> None:
