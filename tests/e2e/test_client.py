@@ -786,9 +786,15 @@ def parent_of(pid: int) -> int:
     return int(fields[1])
 
 
-def test_a_flooding_client_does_not_hold_up_another_on_the_same_function(
-    launch: Launcher, broker: BrokerProcess
+@pytest.mark.parametrize(
+    "call",
+    [(tasks.slow_echo, 0.01), (tasks.echo,)],
+    ids=["on the same function", "on another function"],
+)
+def test_a_flooding_client_does_not_hold_up_another(
+    launch: Launcher, broker: BrokerProcess, call: tuple[Any, ...]
 ) -> None:
+    function, *arguments = call
     launch.worker(broker, concurrency=1, pool="thread")
     flood = launch.client(broker)
     wait_for_workers(flood, 1)
@@ -796,28 +802,11 @@ def test_a_flooding_client_does_not_hold_up_another_on_the_same_function(
     status_when(flood, lambda s: sum(s["queued"].values()) > 300, 10, "a backlog")
 
     other = launch.client(broker)
-    mine = [other.submit(tasks.slow_echo, i, 0.01) for i in range(10)]
+    mine = [other.submit(function, i, *arguments) for i in range(10)]
 
     assert [f.result(RESULT_TIMEOUT_S) for f in mine] == list(range(10))
-    # Served in turns: the flood's backlog is still mostly waiting.
-    assert sum(f.done() for f in backlog) < 200
-    assert [f.result(RESULT_TIMEOUT_S) for f in backlog] == list(range(400))
-
-
-def test_a_flooding_client_does_not_hold_up_another_function(
-    launch: Launcher, broker: BrokerProcess
-) -> None:
-    launch.worker(broker, concurrency=2, pool="thread")
-    flood = launch.client(broker)
-    wait_for_workers(flood, 1)
-    backlog = [flood.submit(tasks.slow_echo, i, 0.01) for i in range(400)]
-    status_when(flood, lambda s: sum(s["queued"].values()) > 300, 10, "a backlog")
-
-    other = launch.client(broker)
-    mine = [other.submit(tasks.echo, i) for i in range(10)]
-
-    assert [f.result(RESULT_TIMEOUT_S) for f in mine] == list(range(10))
-    # Functions take turns: the flood's backlog is still mostly waiting.
+    # Clients take turns at a function, and functions at the workers'
+    # credit: the flood's backlog is still mostly waiting.
     assert sum(f.done() for f in backlog) < 200
     assert [f.result(RESULT_TIMEOUT_S) for f in backlog] == list(range(400))
 
