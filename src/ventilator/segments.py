@@ -218,7 +218,6 @@ class SegmentStore:
         self.collect()
         for segment in set(on_disk) & set(self._references):
             self._sizes[segment] = self._path(segment).stat().st_size
-        self._may_be_sparse = True
 
     def close(self) -> None:
         """Close the segment being written; delete it if nothing refers to it."""
@@ -236,7 +235,6 @@ class SegmentStore:
             self.sync()
             os.close(self._fd)
             self._sizes[self._current] = self._size
-            self._may_be_sparse = True
             if self._current not in self._references:
                 self._unreferenced.add(self._current)
             self._current += 1
