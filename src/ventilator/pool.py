@@ -58,7 +58,7 @@ import time
 from collections import deque
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from . import _proctree
 from . import protocol as p
@@ -254,6 +254,13 @@ class _Child:
 
     def fileno(self) -> int:
         return self.sock.fileno()
+
+
+# How a child is after a look at it: "healthy"; "lost" (dead, or its pipe
+# garbled); "overran" (its task ran past its timeout, and was reported so);
+# "unstarted" (it never said it was ready within CHILD_START_TIMEOUT_S).
+# All but "healthy" cost the child its slot (see `_give_up`).
+_Health = Literal["healthy", "lost", "overran", "unstarted"]
 
 
 @dataclass(slots=True, frozen=True)
@@ -569,29 +576,40 @@ class ProcessPool:
         deadline = self._next_deadline
         if check_all or (deadline is not None and now >= deadline):
             for child in list(self._children):
-                to_read = check_all or child.fileno() in readable
-                health = self._health(child, to_read, check_all, outcomes, now)
-                if health != "healthy":
-                    self._give_up(child, health, outcomes, now)
+                read = check_all or child.fileno() in readable
+                self._look_after(child, read, check_all, outcomes, now)
         else:
             # The usual turn: read only the pipes poll found readable.
             for fd in readable:
-                ready = self._by_fd.get(fd)
-                if ready is None:
-                    continue
-                health = self._health(ready, True, False, outcomes, now)
-                if health != "healthy":
-                    self._give_up(ready, health, outcomes, now)
+                polled = self._by_fd.get(fd)
+                if polled is not None:
+                    self._look_after(polled, True, False, outcomes, now)
         if self._released:
             outcomes = self._settle_released(outcomes)
         self._feed(now)
         self._next_deadline = self._earliest_deadline()
         return outcomes
 
-    def _give_up(
-        self, child: _Child, health: str, outcomes: list[p.Outcome], now: float
+    def _look_after(
+        self,
+        child: _Child,
+        read: bool,
+        check_process: bool,
+        outcomes: list[p.Outcome],
+        now: float,
     ) -> None:
-        """Replace a child that was lost or overran, blaming its task if lost."""
+        """Collect what `child` finished (if `read`), and replace it if it was
+        lost, overran or never started (looking at its process if
+        `check_process`)."""
+        health = self._health(child, read, check_process, outcomes, now)
+        if health != "healthy":
+            self._give_up(child, health, outcomes, now)
+
+    def _give_up(
+        self, child: _Child, health: _Health, outcomes: list[p.Outcome], now: float
+    ) -> None:
+        """Replace a child that was lost, overran or never started; blame its
+        task if it was lost while running one."""
         if not child.ready:
             self._failed_start(child, health, now)
             return
@@ -611,15 +629,13 @@ class ProcessPool:
     def _health(
         self,
         child: _Child,
-        to_read: bool,
+        read: bool,
         check_process: bool,
         outcomes: list[p.Outcome],
         now: float,
-    ) -> str:
-        """Collect what `child` finished; say if it is "healthy", "lost",
-        "overran" (it was running a task past its timeout) or "unstarted"
-        (it never said it was ready)."""
-        if to_read:
+    ) -> _Health:
+        """Collect what `child` finished, and say how it is (see `_Health`)."""
+        if read:
             try:
                 for reports, results in child.inbox.read():
                     if child.ready:
@@ -707,7 +723,7 @@ class ProcessPool:
         child.sent.clear()
         self._stop_child(child, at_once=True)
 
-    def _failed_start(self, child: _Child, health: str, now: float) -> None:
+    def _failed_start(self, child: _Child, health: _Health, now: float) -> None:
         """A child died or hung before it was ready: no task of its is to
         blame. Its slot rests, longer after each failure in a row."""
         error = self._start_error = _why_not_started(child, health)
@@ -918,7 +934,7 @@ def _how_it_ended(process: subprocess.Popen[bytes]) -> str:
     return f"exit code {code}"
 
 
-def _why_not_started(child: _Child, health: str) -> tuple[str, str]:
+def _why_not_started(child: _Child, health: _Health) -> tuple[str, str]:
     """Why a child never became ready, in one line, and its traceback if any."""
     if child.start_error is not None:
         return child.start_error
