@@ -338,15 +338,27 @@ class Worker:
         elif isinstance(command, p.Release):
             self._release(command.tickets)
         elif isinstance(command, p.Error):
-            if command.code == "unknown_worker" and self._broker.welcome_pending(now):
+            self._refused(command, now)
+
+    def _refused(self, error: p.Error, now: float) -> None:
+        """The broker refused a message of ours: register again if it no
+        longer knows us, say so if it is the wrong socket, else log it."""
+        if error.code == "unknown_worker":
+            if self._broker.welcome_pending(now):
                 log.debug("unknown_worker about a message sent before our READY")
-            elif command.code == "unknown_worker":
-                self._registering_again()
-                self._register(now)
-            elif command.code in _FRONTEND_REFUSALS:
-                self._misdirected(command)
-            else:
-                log.warning("the broker refused a message: %s", command.message)
+                return
+            self._registering_again()
+            self._register(now)
+        elif error.code in _FRONTEND_REFUSALS:
+            self._misdirected(error)
+        else:
+            log.warning(
+                "the broker refused a message from this worker code=%s worker=%s: "
+                "%s; that message is dropped and the worker carries on",
+                error.code,
+                self.config.worker_id,
+                error.message,
+            )
 
     def _release(self, tickets: Sequence[tuple[int, int]]) -> None:
         """The broker took these tasks back: their clients cancelled them,
