@@ -491,8 +491,14 @@ class SqliteJournal:
                 "PRAGMA wal_checkpoint(PASSIVE)"
             ).fetchone()
         except sqlite3.Error as exc:
-            # The turn's commit stands; the WAL waits for the next checkpoint.
-            log.warning("journal checkpoint failed path=%s: %s", self.path, exc)
+            log.warning(
+                "journal checkpoint failed path=%s: %s; the turn's commit stands, "
+                "and the WAL is copied into the database at the next checkpoint "
+                "(SQLite's own at %d pages, should this keep failing)",
+                self.path,
+                exc,
+                FALLBACK_CHECKPOINT_PAGES,
+            )
             return
         log.debug(
             "journal checkpoint busy=%s wal_pages=%s copied=%s", busy, wal_pages, copied
