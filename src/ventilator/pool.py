@@ -804,9 +804,11 @@ class ProcessPool:
         suspects = [r for r in batch if not r.task.flags & _BATCH]
         blamed = [r for r in batch if r.task.flags & _BATCH]
         log.warning(
-            "task process died running a batch of %d tasks (%s); %d map batches "
-            "of it reported as crashed, the other tasks run one at a time",
+            "task process died running a batch of %d tasks function=%s (%s); %d "
+            "map batches of it reported as crashed, the other tasks run one at "
+            "a time",
             len(batch),
+            batch[0].task.function,
             ended,
             len(blamed),
         )
@@ -828,9 +830,11 @@ class ProcessPool:
         before it ran, but their outcomes died with the child)."""
         running = batch[culprit]
         log.warning(
-            "task process died ticket=%d attempt=%d (%s); starting a new one%s",
+            "task process died ticket=%d attempt=%d function=%s (%s); starting a "
+            "new one%s",
             running.task.ticket,
             running.task.attempt,
+            running.task.function,
             ended,
             f", and running again the {len(batch) - 1} other tasks of its batch"
             if len(batch) > 1
