@@ -241,9 +241,10 @@ class Worker:
         the broker to give to others. Past what a READY may name, the waiting
         ones are dropped too, for the same reason.
         """
-        if self._pool is None or self._benched:
-            if self._pool is not None:
-                self._pool.drop_waiting()
+        if self._pool is None:
+            return []
+        if self._benched:
+            self._pool.drop_waiting()
             return []
         held = self._pool.held()
         if len(held) > p.MAX_HELD_TICKETS:
