@@ -1142,9 +1142,19 @@ class ThreadPool:
             # whose commands these would be.
             commands = _end_commands_of(handed)
         self._stuck += 1
-        task = handed.running.task
         if replace:
             self._start_thread()
+        else:
+            self._stuck_in_slot += 1
+        self._say_abandoned(handed.running.task, why, replace, commands)
+        return True
+
+    def _say_abandoned(
+        self, task: p.Assignment, why: str, replaced: bool, commands: list[int]
+    ) -> None:
+        """A WARNING while a fresh thread took the slot; an ERROR once the cap
+        on stuck threads costs the worker a slot."""
+        if replaced:
             log.warning(
                 "task %s and cannot be stopped ticket=%d "
                 "function=%s; it runs on in the background (%d of at most %d "
@@ -1156,19 +1166,17 @@ class ThreadPool:
                 self._max_stuck,
                 _killed_commands(commands),
             )
-        else:
-            self._stuck_in_slot += 1
-            log.error(
-                "task %s and cannot be stopped ticket=%d "
-                "function=%s; %d threads are stuck, the limit, so it keeps its "
-                "slot until it returns: this worker serves fewer tasks at once%s",
-                why,
-                task.ticket,
-                task.function,
-                self._stuck,
-                _killed_commands(commands),
-            )
-        return True
+            return
+        log.error(
+            "task %s and cannot be stopped ticket=%d "
+            "function=%s; %d threads are stuck, the limit, so it keeps its "
+            "slot until it returns: this worker serves fewer tasks at once%s",
+            why,
+            task.ticket,
+            task.function,
+            self._stuck,
+            _killed_commands(commands),
+        )
 
     def _stuck_returned(self, handed: _ThreadTask) -> None:
         """An abandoned task returned; its result is not wanted."""
