@@ -405,13 +405,8 @@ class ProcessPool:
         return dropped
 
     def held(self) -> list[tuple[int, int]]:
-        sent = [
-            running.task
-            for child in self._children
-            for batch in child.sent
-            for running in batch
-        ]
-        held = [(task.ticket, task.attempt) for task in [*sent, *self._waiting]]
+        waiting = [(task.ticket, task.attempt) for task in self._waiting]
+        held = [*self._in_pipes(), *waiting]
         if self._released:
             return [key for key in held if key not in self._released]
         return held
@@ -451,14 +446,15 @@ class ProcessPool:
             self._stop_released(child)
         return bool(stopping)
 
-    def _in_pipes(self) -> set[tuple[int, int]]:
-        """(ticket, attempt) of every task written to a child, not reported."""
-        return {
+    def _in_pipes(self) -> list[tuple[int, int]]:
+        """(ticket, attempt) of every task written to a child, not reported;
+        each child's running batch before those behind it."""
+        return [
             (r.task.ticket, r.task.attempt)
             for child in self._children
             for batch in child.sent
             for r in batch
-        }
+        ]
 
     def _runs_released(self, child: _Child) -> bool:
         return any(
