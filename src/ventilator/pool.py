@@ -618,7 +618,8 @@ class ProcessPool:
     def _swap_child(self, child: _Child) -> None:
         """A new child in `child`'s slot; the tasks in its pipe wait again."""
         index = self._children.index(child)
-        self._children[index] = self._replace(child)
+        self._retire(child)
+        self._children[index] = self._spawn()
         self._index_children()
         self._update_write_fds()
 
@@ -708,12 +709,11 @@ class ProcessPool:
         child.sent.popleft()
         return True
 
-    def _replace(self, child: _Child) -> _Child:
-        self._retire(child)
-        return self._spawn()
-
     def _retire(self, child: _Child) -> None:
-        # Tasks queued behind the lost one never started: another child runs them.
+        """Stop `child`; what is left in its pipe goes back to the head of
+        the queue, in order, for another child. The caller has taken out the
+        task it blamed or reported; a batch it stopped for a released task
+        goes back whole, that task dropped afterwards (see _settle_released)."""
         for batch in reversed(child.sent):
             self._waiting.extendleft(r.task for r in reversed(batch))
         child.sent.clear()
