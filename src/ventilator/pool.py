@@ -301,7 +301,10 @@ class ProcessPool:
         self._restart_backoff = restart_backoff
         # Slots without a child: theirs could not start, and they wait to retry.
         self._resting: list[_Resting] = []
-        self._starts_failing = False  # see start_failure
+        # Whether no child is ready and each has failed to start: derived
+        # from the children when they change (_update_starts_failing), as
+        # the worker asks for start_failure every loop turn.
+        self._starts_failing = False
         self._start_error: tuple[str, str] | None = None  # the latest, and why
         self._start_error_logged: tuple[str, float] | None = None  # reason, when
         self._waiting: deque[p.Assignment] = deque()
@@ -371,9 +374,9 @@ class ProcessPool:
     def _index_children(self) -> None:
         self._fds = tuple(child.fileno() for child in self._children)
         self._by_fd = {child.fileno(): child for child in self._children}
-        self._count_failing_starts()
+        self._update_starts_failing()
 
-    def _count_failing_starts(self) -> None:
+    def _update_starts_failing(self) -> None:
         # No child ready, and none that may become so without having failed.
         self._starts_failing = not any(
             child.ready or not child.failed_starts for child in self._children
@@ -661,7 +664,7 @@ class ProcessPool:
             raise ValueError("a task process reported a batch before it was ready")
         child.ready = True
         if child.failed_starts:
-            self._count_failing_starts()
+            self._update_starts_failing()
             log.info(
                 "task process pid=%d started after %d failed starts of its slot; "
                 "it runs tasks again",
