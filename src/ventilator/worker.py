@@ -192,12 +192,12 @@ class Worker:
                 self.config.worker_id,
                 services,
                 self._capacity,
-                self.config.allow_pickle and not self._benched,
+                allow_pickle=self.config.allow_pickle and not self._benched,
                 # Adaptive prefetch: the broker keeps long functions to one
                 # task per slot, whatever credit tiny ones earned us.
-                self.config.concurrency if self.config.prefetch is None else None,
-                self._problem(),
-                held + [(outcome.ticket, outcome.attempt) for outcome in resent],
+                slots=self.config.concurrency if self.config.prefetch is None else None,
+                problem=self._problem(),
+                held=held + [(outcome.ticket, outcome.attempt) for outcome in resent],
             )
         )
         if resent:
