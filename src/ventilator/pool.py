@@ -6,9 +6,9 @@ through file descriptors the main loop polls next to its socket, so a finished
 task is noticed at once, with no polling interval.
 
 Process pool: one child per slot, fed through its own socket pair. Each child
-gets its next task before it finishes the current one (up to `PIPELINE_DEPTH`
-tasks in its pipe), so it never waits for the worker's main loop to be
-scheduled: on a busy machine that wait is what costs efficiency. The worker
+gets its next batch of tasks before it finishes the current one (up to
+`PIPELINE_DEPTH` batches in its pipe), so it never waits for the worker's main
+loop to be scheduled: on a busy machine that wait is what costs efficiency. The worker
 writes to a child without blocking, keeping what the socket does not take yet
 for when it becomes writable: a child busy writing a large result would
 otherwise wait for the worker while the worker waits for it. A child that
