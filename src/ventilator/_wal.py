@@ -39,12 +39,14 @@ __all__ = ["WalLoss", "WalSurvey", "survey"]
 
 _HEADER = struct.Struct(">8I")  # magic, version, page size, seq, salts, checksum
 _HEADER_BYTES = _HEADER.size
+_LOG_SALTS_START, _LOG_SALTS_END = 16, 24  # after four fields of the header
 _MAGICS = (0x377F0682, 0x377F0683)  # checksums little- or big-endian
 # A frame header: page number, database size if the frame ends a commit (else
 # 0), the two salts, a checksum.
 _FRAME_HEADER_BYTES = 24
-_COMMIT_FIELD = struct.Struct(">I")  # at offset 4
-_SALTS_START, _SALTS_END = 8, 16
+_COMMIT_FIELD = struct.Struct(">I")
+_COMMIT_FIELD_AT = 4
+_FRAME_SALTS_START, _FRAME_SALTS_END = 8, 16
 _CHECKSUM = struct.Struct(">2I")  # a frame's at offset 16, the log's at 24
 _FRAME_CHECKSUM_AT, _LOG_CHECKSUM_AT = 16, 24
 # What a frame's checksum covers: its header's first 8 bytes, then its page.
@@ -173,8 +175,15 @@ def _read(file: BinaryIO, size: int, wal: Path) -> WalSurvey:
     header = file.read(_HEADER_BYTES)
     fields = _HEADER.unpack(header) if len(header) == _HEADER_BYTES else None
     if fields is None or fields[0] not in _MAGICS or fields[2] not in _PAGE_SIZES:
-        return WalSurvey(size, True, 0, (), 0, 0)
-    salts = header[16:24]  # the log header's salts, after four fields
+        return WalSurvey(
+            wal_bytes=size,
+            header_unreadable=True,
+            frames=0,
+            commit_frames=(),
+            cut_bytes=0,
+            frame_bytes=0,
+        )
+    salts = header[_LOG_SALTS_START:_LOG_SALTS_END]
     frame_bytes = _FRAME_HEADER_BYTES + fields[2]
     frames, commits, cut = 0, [], 0
     offset = _HEADER_BYTES
@@ -192,7 +201,13 @@ def _read(file: BinaryIO, size: int, wal: Path) -> WalSurvey:
         offset += frame_bytes
     checksums = _FrameChecksums(wal, frame_bytes, little_endian=fields[0] == _MAGICS[0])
     return WalSurvey(
-        size, False, frames, tuple(commits), cut, frame_bytes, checksums.holds
+        wal_bytes=size,
+        header_unreadable=False,
+        frames=frames,
+        commit_frames=tuple(commits),
+        cut_bytes=cut,
+        frame_bytes=frame_bytes,
+        frame_is_whole=checksums.holds,
     )
 
 
@@ -242,11 +257,11 @@ def _checksum(words: tuple[int, ...], s0: int, s1: int) -> tuple[int, int]:
 def _of_log(frame_header: bytes, salts: bytes) -> bool:
     """Whether a frame belongs to the log whose header has `salts`. A remnant
     too short to show its salts is taken as the log's: it may be its last."""
-    if len(frame_header) < _SALTS_END:
+    if len(frame_header) < _FRAME_SALTS_END:
         return True
-    return frame_header[_SALTS_START:_SALTS_END] == salts
+    return frame_header[_FRAME_SALTS_START:_FRAME_SALTS_END] == salts
 
 
 def _ends_commit(frame_header: bytes) -> bool:
-    database_pages: int = _COMMIT_FIELD.unpack_from(frame_header, 4)[0]
+    database_pages: int = _COMMIT_FIELD.unpack_from(frame_header, _COMMIT_FIELD_AT)[0]
     return database_pages != 0

@@ -38,7 +38,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Literal, Protocol
@@ -343,8 +343,8 @@ class SqliteJournal:
         now_wall, now = time.time(), time.monotonic()
         tasks, unreadable = [], []
         for row in rows:
-            task = _task_from_row(row[:11])
-            payload_ref, result_ref, finished_wall = row[11:]
+            *columns, payload_ref, result_ref, finished_wall = row
+            task = _task_from_row(columns)
             if blobs_missing and (payload_ref or result_ref):
                 raise self._missing_blobs(task)
             try:
@@ -491,8 +491,14 @@ class SqliteJournal:
                 "PRAGMA wal_checkpoint(PASSIVE)"
             ).fetchone()
         except sqlite3.Error as exc:
-            # The turn's commit stands; the WAL waits for the next checkpoint.
-            log.warning("journal checkpoint failed path=%s: %s", self.path, exc)
+            log.warning(
+                "journal checkpoint failed path=%s: %s; the turn's commit stands, "
+                "and the WAL is copied into the database at the next checkpoint "
+                "(SQLite's own at %d pages, should this keep failing)",
+                self.path,
+                exc,
+                FALLBACK_CHECKPOINT_PAGES,
+            )
             return
         log.debug(
             "journal checkpoint busy=%s wal_pages=%s copied=%s", busy, wal_pages, copied
@@ -964,7 +970,7 @@ def _on_this_clock(wall: object, now_wall: float, now: float) -> float:
     return now - max(0.0, now_wall - float(wall))  # type: ignore[arg-type]
 
 
-def _task_from_row(row: tuple[object, ...]) -> Task:
+def _task_from_row(row: Sequence[object]) -> Task:
     seq, session, task_id, function, flags, timeout_s, retries = row[:7]
     recipient, payload, status, result = row[7:]
     task = Task(

@@ -6,9 +6,9 @@ through file descriptors the main loop polls next to its socket, so a finished
 task is noticed at once, with no polling interval.
 
 Process pool: one child per slot, fed through its own socket pair. Each child
-gets its next task before it finishes the current one (up to `PIPELINE_DEPTH`
-tasks in its pipe), so it never waits for the worker's main loop to be
-scheduled: on a busy machine that wait is what costs efficiency. The worker
+gets its next batch of tasks before it finishes the current one (up to
+`PIPELINE_DEPTH` batches in its pipe), so it never waits for the worker's main
+loop to be scheduled: on a busy machine that wait is what costs efficiency. The worker
 writes to a child without blocking, keeping what the socket does not take yet
 for when it becomes writable: a child busy writing a large result would
 otherwise wait for the worker while the worker waits for it. A child that
@@ -58,7 +58,7 @@ import time
 from collections import deque
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from . import _proctree
 from . import protocol as p
@@ -263,6 +263,13 @@ class _Child:
         return self.sock.fileno()
 
 
+# How a child is after a look at it: "healthy"; "lost" (dead, or its pipe
+# garbled); "overran" (its task ran past its timeout, and was reported so);
+# "unstarted" (it never said it was ready within CHILD_START_TIMEOUT_S).
+# All but "healthy" cost the child its slot (see `_give_up`).
+_Health = Literal["healthy", "lost", "overran", "unstarted"]
+
+
 @dataclass(slots=True, frozen=True)
 class _Resting:
     """A slot whose child could not start, until its next try."""
@@ -301,7 +308,10 @@ class ProcessPool:
         self._restart_backoff = restart_backoff
         # Slots without a child: theirs could not start, and they wait to retry.
         self._resting: list[_Resting] = []
-        self._starts_failing = False  # see start_failure
+        # Whether no child is ready and each has failed to start: derived
+        # from the children when they change (_update_starts_failing), as
+        # the worker asks for start_failure every loop turn.
+        self._starts_failing = False
         self._start_error: tuple[str, str] | None = None  # the latest, and why
         self._start_error_logged: tuple[str, float] | None = None  # reason, when
         self._waiting: deque[p.Assignment] = deque()
@@ -371,9 +381,9 @@ class ProcessPool:
     def _index_children(self) -> None:
         self._fds = tuple(child.fileno() for child in self._children)
         self._by_fd = {child.fileno(): child for child in self._children}
-        self._count_failing_starts()
+        self._update_starts_failing()
 
-    def _count_failing_starts(self) -> None:
+    def _update_starts_failing(self) -> None:
         # No child ready, and none that may become so without having failed.
         self._starts_failing = not any(
             child.ready or not child.failed_starts for child in self._children
@@ -405,13 +415,8 @@ class ProcessPool:
         return dropped
 
     def held(self) -> list[tuple[int, int]]:
-        sent = [
-            running.task
-            for child in self._children
-            for batch in child.sent
-            for running in batch
-        ]
-        held = [(task.ticket, task.attempt) for task in [*sent, *self._waiting]]
+        waiting = [(task.ticket, task.attempt) for task in self._waiting]
+        held = [*self._in_pipes(), *waiting]
         if self._released:
             return [key for key in held if key not in self._released]
         return held
@@ -451,14 +456,15 @@ class ProcessPool:
             self._stop_released(child)
         return bool(stopping)
 
-    def _in_pipes(self) -> set[tuple[int, int]]:
-        """(ticket, attempt) of every task written to a child, not reported."""
-        return {
+    def _in_pipes(self) -> list[tuple[int, int]]:
+        """(ticket, attempt) of every task written to a child, not reported;
+        each child's running batch before those behind it."""
+        return [
             (r.task.ticket, r.task.attempt)
             for child in self._children
             for batch in child.sent
             for r in batch
-        }
+        ]
 
     def _runs_released(self, child: _Child) -> bool:
         return any(
@@ -576,29 +582,40 @@ class ProcessPool:
         deadline = self._next_deadline
         if check_all or (deadline is not None and now >= deadline):
             for child in list(self._children):
-                to_read = check_all or child.fileno() in readable
-                health = self._health(child, to_read, check_all, outcomes, now)
-                if health != "healthy":
-                    self._give_up(child, health, outcomes, now)
+                read = check_all or child.fileno() in readable
+                self._look_after(child, read, check_all, outcomes, now)
         else:
             # The usual turn: read only the pipes poll found readable.
             for fd in readable:
-                ready = self._by_fd.get(fd)
-                if ready is None:
-                    continue
-                health = self._health(ready, True, False, outcomes, now)
-                if health != "healthy":
-                    self._give_up(ready, health, outcomes, now)
+                polled = self._by_fd.get(fd)
+                if polled is not None:
+                    self._look_after(polled, True, False, outcomes, now)
         if self._released:
             outcomes = self._settle_released(outcomes)
         self._feed(now)
         self._next_deadline = self._earliest_deadline()
         return outcomes
 
-    def _give_up(
-        self, child: _Child, health: str, outcomes: list[p.Outcome], now: float
+    def _look_after(
+        self,
+        child: _Child,
+        read: bool,
+        check_process: bool,
+        outcomes: list[p.Outcome],
+        now: float,
     ) -> None:
-        """Replace a child that was lost or overran, blaming its task if lost."""
+        """Collect what `child` finished (if `read`), and replace it if it was
+        lost, overran or never started (looking at its process if
+        `check_process`)."""
+        health = self._health(child, read, check_process, outcomes, now)
+        if health != "healthy":
+            self._give_up(child, health, outcomes, now)
+
+    def _give_up(
+        self, child: _Child, health: _Health, outcomes: list[p.Outcome], now: float
+    ) -> None:
+        """Replace a child that was lost, overran or never started; blame its
+        task if it was lost while running one."""
         if not child.ready:
             self._failed_start(child, health, now)
             return
@@ -611,22 +628,21 @@ class ProcessPool:
     def _swap_child(self, child: _Child) -> None:
         """A new child in `child`'s slot; the tasks in its pipe wait again."""
         index = self._children.index(child)
-        self._children[index] = self._replace(child)
+        self._retire(child)
+        self._children[index] = self._spawn()
         self._index_children()
         self._update_write_fds()
 
     def _health(
         self,
         child: _Child,
-        to_read: bool,
+        read: bool,
         check_process: bool,
         outcomes: list[p.Outcome],
         now: float,
-    ) -> str:
-        """Collect what `child` finished; say if it is "healthy", "lost",
-        "overran" (it was running a task past its timeout) or "unstarted"
-        (it never said it was ready)."""
-        if to_read:
+    ) -> _Health:
+        """Collect what `child` finished, and say how it is (see `_Health`)."""
+        if read:
             try:
                 for reports, results in child.inbox.read():
                     if child.ready:
@@ -655,7 +671,7 @@ class ProcessPool:
             raise ValueError("a task process reported a batch before it was ready")
         child.ready = True
         if child.failed_starts:
-            self._count_failing_starts()
+            self._update_starts_failing()
             log.info(
                 "task process pid=%d started after %d failed starts of its slot; "
                 "it runs tasks again",
@@ -706,18 +722,17 @@ class ProcessPool:
         child.sent.popleft()
         return True
 
-    def _replace(self, child: _Child) -> _Child:
-        self._retire(child)
-        return self._spawn()
-
     def _retire(self, child: _Child) -> None:
-        # Tasks queued behind the lost one never started: another child runs them.
+        """Stop `child`; what is left in its pipe goes back to the head of
+        the queue, in order, for another child. The caller has taken out the
+        task it blamed or reported; a batch it stopped for a released task
+        goes back whole, that task dropped afterwards (see _settle_released)."""
         for batch in reversed(child.sent):
             self._waiting.extendleft(r.task for r in reversed(batch))
         child.sent.clear()
         self._stop_child(child, at_once=True)
 
-    def _failed_start(self, child: _Child, health: str, now: float) -> None:
+    def _failed_start(self, child: _Child, health: _Health, now: float) -> None:
         """A child died or hung before it was ready: no task of its is to
         blame. Its slot rests, longer after each failure in a row."""
         error = self._start_error = _why_not_started(child, health)
@@ -798,9 +813,11 @@ class ProcessPool:
         suspects = [r for r in batch if not r.task.flags & _BATCH]
         blamed = [r for r in batch if r.task.flags & _BATCH]
         log.warning(
-            "task process died running a batch of %d tasks (%s); %d map batches "
-            "of it reported as crashed, the other tasks run one at a time",
+            "task process died running a batch of %d tasks function=%s (%s); %d "
+            "map batches of it reported as crashed, the other tasks run one at "
+            "a time",
             len(batch),
+            batch[0].task.function,
             ended,
             len(blamed),
         )
@@ -822,9 +839,11 @@ class ProcessPool:
         before it ran, but their outcomes died with the child)."""
         running = batch[culprit]
         log.warning(
-            "task process died ticket=%d attempt=%d (%s); starting a new one%s",
+            "task process died ticket=%d attempt=%d function=%s (%s); starting a "
+            "new one%s",
             running.task.ticket,
             running.task.attempt,
+            running.task.function,
             ended,
             f", and running again the {len(batch) - 1} other tasks of its batch"
             if len(batch) > 1
@@ -928,7 +947,7 @@ def _how_it_ended(process: subprocess.Popen[bytes]) -> str:
     return f"exit code {code}"
 
 
-def _why_not_started(child: _Child, health: str) -> tuple[str, str]:
+def _why_not_started(child: _Child, health: _Health) -> tuple[str, str]:
     """Why a child never became ready, in one line, and its traceback if any."""
     if child.start_error is not None:
         return child.start_error
@@ -1138,9 +1157,19 @@ class ThreadPool:
             # whose commands these would be.
             commands = _end_commands_of(handed)
         self._stuck += 1
-        task = handed.running.task
         if replace:
             self._start_thread()
+        else:
+            self._stuck_in_slot += 1
+        self._say_abandoned(handed.running.task, why, replace, commands)
+        return True
+
+    def _say_abandoned(
+        self, task: p.Assignment, why: str, replaced: bool, commands: list[int]
+    ) -> None:
+        """A WARNING while a fresh thread took the slot; an ERROR once the cap
+        on stuck threads costs the worker a slot."""
+        if replaced:
             log.warning(
                 "task %s and cannot be stopped ticket=%d "
                 "function=%s; it runs on in the background (%d of at most %d "
@@ -1152,19 +1181,17 @@ class ThreadPool:
                 self._max_stuck,
                 _killed_commands(commands),
             )
-        else:
-            self._stuck_in_slot += 1
-            log.error(
-                "task %s and cannot be stopped ticket=%d "
-                "function=%s; %d threads are stuck, the limit, so it keeps its "
-                "slot until it returns: this worker serves fewer tasks at once%s",
-                why,
-                task.ticket,
-                task.function,
-                self._stuck,
-                _killed_commands(commands),
-            )
-        return True
+            return
+        log.error(
+            "task %s and cannot be stopped ticket=%d "
+            "function=%s; %d threads are stuck, the limit, so it keeps its "
+            "slot until it returns: this worker serves fewer tasks at once%s",
+            why,
+            task.ticket,
+            task.function,
+            self._stuck,
+            _killed_commands(commands),
+        )
 
     def _stuck_returned(self, handed: _ThreadTask) -> None:
         """An abandoned task returned; its result is not wanted."""

@@ -206,7 +206,10 @@ class SegmentStore:
             os.ftruncate(self._fd, 0)
         except OSError as exc:
             log.warning(
-                "could not empty journal segment %s: %s", self._path(self._current), exc
+                "could not empty journal segment %s: %s; its dead bytes stay on "
+                "the disk, and it is tried again after the next commit",
+                self._path(self._current),
+                exc,
             )
             return
         self._size = 0
@@ -218,7 +221,6 @@ class SegmentStore:
         self.collect()
         for segment in set(on_disk) & set(self._references):
             self._sizes[segment] = self._path(segment).stat().st_size
-        self._may_be_sparse = True
 
     def close(self) -> None:
         """Close the segment being written; delete it if nothing refers to it."""
@@ -236,7 +238,6 @@ class SegmentStore:
             self.sync()
             os.close(self._fd)
             self._sizes[self._current] = self._size
-            self._may_be_sparse = True
             if self._current not in self._references:
                 self._unreferenced.add(self._current)
             self._current += 1
@@ -295,7 +296,14 @@ def _unlink(path: Path) -> None:
     except FileNotFoundError:
         pass
     except OSError as exc:
-        log.warning("could not delete journal segment %s: %s", path, exc)
+        # Not tried again by this broker: the next one to open the journal
+        # deletes every segment no row refers to (collect_unreferenced_on_disk).
+        log.warning(
+            "could not delete journal segment %s: %s; its space stays in use "
+            "until a broker next opens this journal, which deletes it",
+            path,
+            exc,
+        )
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -192,12 +192,12 @@ class Worker:
                 self.config.worker_id,
                 services,
                 self._capacity,
-                self.config.allow_pickle and not self._benched,
+                allow_pickle=self.config.allow_pickle and not self._benched,
                 # Adaptive prefetch: the broker keeps long functions to one
                 # task per slot, whatever credit tiny ones earned us.
-                self.config.concurrency if self.config.prefetch is None else None,
-                self._problem(),
-                held + [(outcome.ticket, outcome.attempt) for outcome in resent],
+                slots=self.config.concurrency if self.config.prefetch is None else None,
+                problem=self._problem(),
+                held=held + [(outcome.ticket, outcome.attempt) for outcome in resent],
             )
         )
         if resent:
@@ -241,9 +241,10 @@ class Worker:
         the broker to give to others. Past what a READY may name, the waiting
         ones are dropped too, for the same reason.
         """
-        if self._pool is None or self._benched:
-            if self._pool is not None:
-                self._pool.drop_waiting()
+        if self._pool is None:
+            return []
+        if self._benched:
+            self._pool.drop_waiting()
             return []
         held = self._pool.held()
         if len(held) > p.MAX_HELD_TICKETS:
@@ -338,15 +339,27 @@ class Worker:
         elif isinstance(command, p.Release):
             self._release(command.tickets)
         elif isinstance(command, p.Error):
-            if command.code == "unknown_worker" and self._broker.welcome_pending(now):
+            self._refused(command, now)
+
+    def _refused(self, error: p.Error, now: float) -> None:
+        """The broker refused a message of ours: register again if it no
+        longer knows us, say so if it is the wrong socket, else log it."""
+        if error.code == "unknown_worker":
+            if self._broker.welcome_pending(now):
                 log.debug("unknown_worker about a message sent before our READY")
-            elif command.code == "unknown_worker":
-                self._registering_again()
-                self._register(now)
-            elif command.code in _FRONTEND_REFUSALS:
-                self._misdirected(command)
-            else:
-                log.warning("the broker refused a message: %s", command.message)
+                return
+            self._registering_again()
+            self._register(now)
+        elif error.code in _FRONTEND_REFUSALS:
+            self._misdirected(error)
+        else:
+            log.warning(
+                "the broker refused a message from this worker code=%s worker=%s: "
+                "%s; that message is dropped and the worker carries on",
+                error.code,
+                self.config.worker_id,
+                error.message,
+            )
 
     def _release(self, tickets: Sequence[tuple[int, int]]) -> None:
         """The broker took these tasks back: their clients cancelled them,
