@@ -87,6 +87,14 @@ class WorkerConfig:
         if self.prefetch is not None:
             check_at_least("prefetch", self.prefetch, 1)
         check_heartbeat(self.heartbeat_interval_s, self.liveness)
+        if self.worker_id.startswith(p.MDP_PREFIX):
+            # The broker would refuse every READY, and the worker ask again
+            # each heartbeat for ever.
+            raise UsageError(
+                f"worker_id {self.worker_id!r} starts with {p.MDP_PREFIX!r}, which "
+                "the broker keeps for the MDP workers of its gateway; name the "
+                "worker otherwise"
+            )
 
     @property
     def prefetch_policy(self) -> Prefetch:

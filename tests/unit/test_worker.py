@@ -120,6 +120,7 @@ def test_credit_grows_at_once_as_tasks_turn_out_tiny(
         ("liveness", 0),
         ("concurrency", 0),
         ("prefetch", 0),
+        ("worker_id", "mdp:echo"),  # the broker's name for its MDP workers
     ],
 )
 def test_worker_config_refuses_nonsense_naming_the_setting(
