@@ -18,13 +18,17 @@ __all__ = ["FairQueue"]
 class FairQueue:
     """Tickets in per-owner FIFO lanes, taken round-robin across owners."""
 
-    __slots__ = ("_lanes", "_size", "_turns")
+    __slots__ = ("_lanes", "_size", "_turns", "handed_out_s")
 
     def __init__(self) -> None:
         self._lanes: dict[str, deque[int]] = {}
         # Owners with a non-empty lane, the next to be served first.
         self._turns: deque[str] = deque()
         self._size = 0
+        # The work its owner (the scheduler) has handed out of it, in expected
+        # seconds: how queues take turns with each other (see
+        # Scheduler._dispatch), as lanes take turns within one.
+        self.handed_out_s = 0.0
 
     # Hot path (once per task each way): inlined rather than split into
     # helpers, since a Python call costs as much as the work itself.

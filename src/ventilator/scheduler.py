@@ -35,6 +35,7 @@ import enum
 import heapq
 import math
 import random
+import sys
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -121,6 +122,11 @@ RETURN_WAIT_BEATS = 2
 RESULTS_PER_MESSAGE = 1024
 # Weight of the newest run time in a queue's moving average.
 RUN_TIME_WEIGHT = 0.2
+# The least a task costs its queue's turns at the workers (see
+# Scheduler._turn_cost_s): tasks too short to measure take turns by count.
+MIN_TURN_S = 0.001
+# A round of a queue's dispatch with no cap per worker: the only queue waiting.
+_UNCAPPED = sys.maxsize
 # How long past a task's timeout_s the broker waits for its worker to report
 # the timeout itself, in heartbeat intervals. A worker notices a timeout at
 # once, but stopping the task (killing its process, starting another) and the
@@ -533,6 +539,10 @@ def _strikes(task: Task) -> str:
 
 def _times(count: int) -> str:
     return "1 time" if count == 1 else f"{count} times"
+
+
+def _work_handed_out(item: tuple[str, FairQueue]) -> float:
+    return item[1].handed_out_s
 
 
 def split_for_its_map(flags: int, status: p.Status, report: p.Payload) -> bool:
@@ -2370,6 +2380,8 @@ class Scheduler:
         queue = self._queues.get(task.queue)
         if queue is None:
             queue = self._queues[task.queue] = FairQueue()
+        if not queue:
+            queue.handed_out_s = max(queue.handed_out_s, self._turn_floor())
         if front:
             queue.appendleft(task.ticket, task.session)
         else:
@@ -2494,47 +2506,81 @@ class Scheduler:
             self._held_back = set()  # the next flush dispatches them
 
     def _dispatch(self) -> None:
-        served = []
-        for queue_name, queue in self._queues.items():
-            if queue_name in self._held_back:
-                continue
-            available = self._available.get(queue_name)
-            if not (queue and available):
-                continue
-            served.append(queue_name)
-            while queue and available:
-                if not self._assign_round(queue_name, queue, available):
-                    break  # credit left, but no allowance for this queue
-        self._take_turns(served)
+        """Hand out what waits to the workers with credit for it.
 
-    def _take_turns(self, served: list[str]) -> None:
-        """Send the queues just served to the back of the line, so that
-        functions take turns at the credit workers free.
-
-        Otherwise the oldest queue would take every freed slot of a worker
-        that serves several functions: a backlog of one function would hold
-        up every other until it drained.
+        Functions take turns by the work they were handed, not by count:
+        while several wait, the queue handed the fewest expected seconds
+        goes first, and each takes at most one task per worker before the
+        next in line. Otherwise a backlog of long tasks would take a freed
+        slot every other turn, and other functions' short tasks would wait
+        for it to drain.
         """
-        queues = self._queues
-        for queue_name in served:
-            if queue_name in queues:
-                queues[queue_name] = queues.pop(queue_name)
+        waiting = [
+            (queue_name, queue)
+            for queue_name, queue in self._queues.items()
+            if queue and queue_name not in self._held_back
+        ]
+        if len(waiting) == 1:
+            self._serve(*waiting[0], most=_UNCAPPED)
+            return
+        while waiting:
+            waiting.sort(key=_work_handed_out)
+            waiting = [
+                (queue_name, queue)
+                for queue_name, queue in waiting
+                if self._serve(queue_name, queue, most=1) and queue
+            ]
+
+    def _serve(self, queue_name: str, queue: FairQueue, most: int) -> bool:
+        """Hand out rounds of `queue`, each of at most `most` tasks per worker,
+        while workers have room for it; False if none could take any. Its
+        turns are charged what it handed out."""
+        available = self._available.get(queue_name)
+        waiting = len(queue)
+        while queue and available:
+            if not self._assign_round(queue_name, queue, available, most):
+                break  # credit left, but no allowance for this queue
+            if most != _UNCAPPED:
+                break  # the next queue in line
+        handed_out = waiting - len(queue)
+        queue.handed_out_s += handed_out * self._turn_cost_s(queue_name)
+        return handed_out > 0
+
+    def _turn_cost_s(self, queue_name: str) -> float:
+        """What a task of `queue_name` costs its queue's turns: its mean run
+        time, a long task's while unknown, and at least MIN_TURN_S, so that
+        tasks of no measurable length still take turns by count."""
+        run_s = self._run_s.get(queue_name, self._prefetch.long_task_s)
+        return max(run_s, MIN_TURN_S)
+
+    def _turn_floor(self) -> float:
+        """Where a queue that starts waiting again joins the turns: level
+        with the least served of those waiting, not ahead of all of them by
+        the work they did while it was idle."""
+        waiting = [q.handed_out_s for q in self._queues.values() if q]
+        return min(waiting, default=0.0)
 
     def _assign_round(
-        self, queue_name: str, queue: FairQueue, available: dict[str, None]
+        self, queue_name: str, queue: FairQueue, available: dict[str, None], most: int
     ) -> bool:
-        """Hand out one round of `queue`; False if nobody could take any.
+        """Hand out one round of `queue`, at most `most` tasks per worker;
+        False if nobody could take any.
 
         Idle slots first: a task sent to a worker whose slots are all busy
         waits there behind them, while another worker may have a slot free.
-        Then what workers may hold beyond their slots (see `_prefetch_room`).
+        Then what workers may hold beyond their slots (see `_prefetch_room`),
+        in a capped round only if no slot was free: other queues in line get
+        their turn at the slots first.
         """
         assigned = self._hand_out(
-            queue_name, queue, available, self._idle_room, into_slots=True
+            queue_name, queue, available, self._idle_room, most, into_slots=True
         )
+        if assigned and most != _UNCAPPED:
+            return True
         if queue and available:  # the idle slots may have taken all the credit
+            room_of = self._prefetch_room
             prefetched = self._hand_out(
-                queue_name, queue, available, self._prefetch_room, into_slots=False
+                queue_name, queue, available, room_of, most, into_slots=False
             )
             assigned = assigned or prefetched
         return assigned
@@ -2545,11 +2591,12 @@ class Scheduler:
         queue: FairQueue,
         available: dict[str, None],
         room_of: Callable[[Worker, str], int],
+        most: int,
         *,
         into_slots: bool,
     ) -> bool:
         """Give each available worker up to the room `room_of` says it has
-        (its free slots, if `into_slots`); False if none had any."""
+        (its free slots, if `into_slots`), and `most`; False if none had any."""
         rooms = []
         for worker_id in list(available):
             worker = self.workers[worker_id]
@@ -2563,7 +2610,7 @@ class Scheduler:
         # first one: with more room than tasks, each gets a share.
         share = max(1, math.ceil(len(queue) / len(rooms)))
         for worker, room in rooms:
-            count = min(share, room)
+            count = min(share, room, most)
             assignments = self._take(queue_name, queue, worker, count, into_slots)
             if assignments:
                 self._effects.to_workers.append((worker.peer, p.Tasks(assignments)))

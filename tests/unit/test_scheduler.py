@@ -48,6 +48,7 @@ from .driver import (
 W1 = b"worker-1"
 W2 = b"worker-2"
 OTHER = b"client-2"
+OTHER_FUNCTION = "jobs:other"
 
 
 def pickled_task(task_id: int) -> p.TaskSpec:
@@ -294,18 +295,39 @@ def test_worker_gets_more_work_as_it_finishes(driver: Driver) -> None:
     assert second.ticket != first.ticket
 
 
-def test_functions_take_turns_at_the_credit_a_worker_frees(driver: Driver) -> None:
+def test_functions_of_equal_run_times_take_turns_at_the_credit_a_worker_frees(
+    driver: Driver,
+) -> None:
     driver.submit(*(task(i) for i in range(10)))
-    [running] = assignments(driver.ready(W1, services=[FUNCTION, "jobs:other"]), W1)
-    driver.submit(task(20, function="jobs:other"), task(21, function="jobs:other"))
+    driver.submit(*(task(20 + i, function=OTHER_FUNCTION) for i in range(10)))
+    [running] = assignments(driver.ready(W1, services=[FUNCTION, OTHER_FUNCTION]), W1)
 
     turns = []
-    for _ in range(4):
-        [running] = assignments(driver.done(W1, running), W1)
+    for _ in range(8):
+        [running] = assignments(driver.done(W1, running, duration_s=0.01), W1)
         turns.append(running.function)
 
     # Neither takes two turns in a row while the other waits.
     assert all(turn != after for turn, after in itertools.pairwise(turns)), turns
+
+
+def test_short_tasks_of_one_function_need_not_wait_for_a_backlog_of_long_ones(
+    driver: Driver,
+) -> None:
+    driver.submit(*(task(i) for i in range(10)))
+    [running] = assignments(driver.ready(W1, services=[FUNCTION, OTHER_FUNCTION]), W1)
+    [running] = assignments(driver.done(W1, running, duration_s=2.0), W1)
+    driver.submit(*(task(20 + i, function=OTHER_FUNCTION) for i in range(5)))
+
+    turns = []
+    for _ in range(6):
+        took_s = 2.0 if running.function == FUNCTION else 0.01
+        [running] = assignments(driver.done(W1, running, duration_s=took_s), W1)
+        turns.append(running.function)
+
+    # Turns go by the work handed out: five short tasks weigh less than one
+    # long one, so they run before the next long task but one at most.
+    assert turns.count(OTHER_FUNCTION) == 5, turns
 
 
 # --- per-function prefetch: credit for tiny tasks is not room for long ones --------
