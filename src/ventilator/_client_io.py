@@ -28,10 +28,10 @@ import select
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import zmq
 
@@ -56,9 +56,6 @@ from .logs import Dwindling
 from .security import NOT_PERMITTED, REVOKED, ClientKeys
 from .serialization import unpack_value
 
-if TYPE_CHECKING:
-    from .client import TaskFuture
-
 __all__ = [
     "ACK_BATCH",
     "ACK_DELAY_S",
@@ -68,6 +65,7 @@ __all__ = [
     "WINDOW_BYTES_MIN_TASKS",
     "ClientIO",
     "IOSettings",
+    "settle",
 ]
 
 # The client's own logger, whichever of its modules speaks: operators know
@@ -134,15 +132,11 @@ class ClientIO:
         settings: IOSettings,
         handover: Handover,
         context: zmq.Context[Any],
-        future_for: Callable[[int], TaskFuture | None],
     ) -> None:
+        # Nothing here may hold the Client: one dropped without close() is
+        # collected, and its finalizer stops this thread (see Handover.drop).
         self._handover = handover
         self._context = context
-        # Makes the future of a result an earlier client of the session
-        # submitted, for collect(); None once the Client is gone. It must not
-        # hold the Client: a Client dropped without close() is collected, and
-        # its finalizer stops this thread (see Handover.drop).
-        self._future_for = future_for
         self.address = settings.address
         self.session = settings.session
         self._instance = settings.instance
@@ -807,7 +801,7 @@ class ClientIO:
             if pending is not None:
                 released += 1
                 self._bytes_held -= pending.size
-                _settle(pending.future, entry)
+                settle(pending.future, entry)
             elif entry.task_id >> 32 != self._instance:
                 # Submitted by an earlier Client of this session: see collect().
                 self._keep_for_collect(key, entry)
@@ -824,12 +818,8 @@ class ClientIO:
         self._acks_bytes += size
 
     def _keep_for_collect(self, key: tuple[str, int], entry: p.ResultEntry) -> None:
-        orphan = self._future_for(entry.task_id)
-        if orphan is None:
-            return  # the Client is gone: the broker keeps it for a later one
-        _settle(orphan, entry)
         self._collectable.add(key)
-        self._handover.keep_for_collect(Collected(orphan, key, len(entry.payload)))
+        self._handover.keep_for_collect(Collected(entry, key, len(entry.payload)))
 
     def _take_handed(self, now: float) -> None:
         """Acknowledge the results collect() handed on (under the hand-over's
@@ -1072,7 +1062,8 @@ def _without_payload(spec: p.TaskSpec) -> p.TaskSpec:
     )
 
 
-def _settle(future: Outcome, entry: p.ResultEntry) -> None:
+def settle(future: Outcome, entry: p.ResultEntry) -> None:
+    """Complete `future` with the result `entry` carries."""
     if entry.status is p.Status.CANCELLED:
         future.cancel()
         return

@@ -35,13 +35,10 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from . import protocol as p
 from .errors import ClientBroken, ClientClosed, TaskRejected
-
-if TYPE_CHECKING:
-    from .client import TaskFuture
 
 __all__ = [
     "WITHDRAW_BY_SEARCH",
@@ -89,9 +86,13 @@ class Question:
 
 
 class Collected(NamedTuple):
-    """A result of an earlier client of the session, waiting for `collect`."""
+    """A result of an earlier client of the session, waiting for `collect`.
 
-    future: TaskFuture
+    The result as it came, not a future: a future holds its Client, and the
+    I/O thread, which holds these, must not keep a dropped Client alive.
+    """
+
+    entry: p.ResultEntry
     key: tuple[str, int]  # what acknowledges it
     size: int  # the bytes the broker holds for it until then
 

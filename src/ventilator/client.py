@@ -37,9 +37,9 @@ import zmq
 
 from . import _client_io, _handover, _maps, _wire
 from . import protocol as p
-from ._client_io import ClientIO, IOSettings
+from ._client_io import ClientIO, IOSettings, settle
 from ._executor import ClientExecutor
-from ._handover import Handover, Pending, Question
+from ._handover import Collected, Handover, Pending, Question
 from ._maps import (
     ItemOutcome,
     MapTasks,
@@ -218,7 +218,7 @@ class Client:
             heartbeat_interval_s,
             liveness,
         )
-        self._io = ClientIO(settings, self._handover, context, _futures_of(self))
+        self._io = ClientIO(settings, self._handover, context)
         self._io.start()
         # Dropped without close(), the client leaves the broker all the same
         # (not at exit: the process's end says as much).
@@ -390,7 +390,7 @@ class Client:
             except queue.Empty:
                 return
             self._handover.hand_over(collected)
-            yield collected.future
+            yield self._collected_future(collected)
             received += 1
 
     def _collect_nowait(self) -> TaskFuture | None:
@@ -400,7 +400,12 @@ class Client:
         except queue.Empty:
             return None
         self._handover.hand_over(collected)
-        return collected.future
+        return self._collected_future(collected)
+
+    def _collected_future(self, collected: Collected) -> TaskFuture:
+        future = TaskFuture(self, collected.entry.task_id)
+        settle(future, collected.entry)
+        return future
 
     def _room_listener(
         self, listener: Callable[[], None]
@@ -727,18 +732,6 @@ class Client:
         """Cancel tasks nobody waits for any more (a cancelled future, an
         abandoned map): see `Handover.withdraw`."""
         self._handover.withdraw(task_ids)
-
-
-def _futures_of(client: Client) -> Callable[[int], TaskFuture | None]:
-    """What makes `client`'s futures for its I/O thread, without keeping it
-    alive: None once the client is gone."""
-    owner = weakref.ref(client)
-
-    def future(task_id: int) -> TaskFuture | None:
-        client = owner()
-        return None if client is None else TaskFuture(client, task_id)
-
-    return future
 
 
 def _check_session(session: str | None) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import select
 import signal
@@ -249,6 +250,33 @@ def test_results_a_killed_collector_had_not_taken_go_to_the_next_one(
             if seen == wanted:
                 break
     assert seen == wanted, f"{len(wanted - seen)} results lost with the collector"
+
+
+def test_results_a_dropped_collector_had_not_taken_go_to_the_next_one(
+    launch: Launcher, broker: BrokerProcess
+) -> None:
+    launch.worker(broker)
+    with launch.client(broker, session="dropped") as submitter:
+        owed = {submitter.submit(tasks.square, i).task_id for i in range(5)}
+    observer = launch.client(broker)
+    collector = ventilator.Client(broker.frontend, session="dropped")
+    taken = next(collector.collect(count=1, timeout_s=RESULT_TIMEOUT_S)).task_id
+    status_when(
+        observer,
+        lambda status: any(
+            c["name"] == "dropped" and c["connected"] and c["pending"] == 0
+            for c in status["clients"]
+        ),
+        RESULT_TIMEOUT_S,
+        "every result of the session sent to the collector",
+    )
+
+    del collector  # holding 4 results it was sent and did not yield
+    gc.collect()
+
+    with launch.client(broker, session="dropped") as later:
+        rest = {f.task_id for f in later.collect(count=4, timeout_s=RESULT_TIMEOUT_S)}
+    assert rest | {taken} == owed
 
 
 def test_a_resumed_session_whose_results_fill_the_window_says_collect_frees_it(
