@@ -705,15 +705,30 @@ class Broker:
                 self._unfinished.failed(tag, message["value"], now)
             elif self._handshake_log.allows(now):
                 log.warning(
-                    "a connection to the %s socket failed its handshake (%s): "
-                    "a plain-text peer, a wrong broker key, or a refused one%s",
+                    "a connection to the %s socket failed its handshake (%s): %s%s",
                     _SIDES[tag],
                     zmq.Event(event).name,
+                    self._handshake_causes(event),
                     self._handshake_log.suppressed_note(),
                 )
         for settled_tag, unfinished in self._unfinished.settled(now):
             interval_s = _wire.handshake_interval_s(self._sockets[settled_tag])
             _log_unfinished(_SIDES[settled_tag], unfinished, interval_s, now)
+
+    def _handshake_causes(self, event: int) -> str:
+        """What makes a handshake fail with `event` on this broker, for the
+        operator reading why."""
+        if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            return (
+                "refused by the broker: a key it does not know, or more "
+                "connections than --max-peers"
+            )
+        if self.config.curve is not None:
+            return "a plain-text peer, or one with a wrong broker key"
+        return (
+            "a peer using CURVE (this broker runs without it), or a ZeroMQ "
+            "socket of a type that cannot talk to a ROUTER (PUB, PUSH...)"
+        )
 
     def _drain(self, tag: bytes, now: float) -> None:
         """Read what waits on a socket, up to a batch; the socket stays in

@@ -14,7 +14,7 @@ import zmq
 from ventilator import protocol as p
 
 from . import tasks
-from .conftest import BrokerProcess, Launcher, WorkerProcess, wait_until
+from .conftest import BrokerProcess, Launcher, WorkerProcess, log_of, wait_until
 from .test_reliability import real_messages
 
 RESULT_TIMEOUT_S = 60.0
@@ -142,3 +142,28 @@ def test_garbage_flood_leaves_broker_up_results_whole_memory_bounded(
         f"broker RSS back within {RSS_MARGIN_BYTES >> 20} MiB of {baseline >> 20} MiB",
     )
     print(f"broker RSS after the flood: {after / 2**20:.1f} MiB")
+
+
+def test_a_curve_peer_at_a_plain_broker_is_logged_with_causes_it_can_have(
+    broker: BrokerProcess,
+) -> None:
+    # A broker without CURVE must not blame keys it does not use.
+    public, secret = zmq.curve_keypair()
+    server_public, _ = zmq.curve_keypair()
+    with zmq.Context.instance().socket(zmq.DEALER) as peer:
+        peer.setsockopt(zmq.LINGER, 0)
+        peer.curve_publickey, peer.curve_secretkey = public, secret
+        peer.curve_serverkey = server_public
+        peer.connect(broker.frontend)
+
+        logged = wait_until(
+            lambda: (
+                "failed its handshake" in log_of(broker.process)
+                and log_of(broker.process)
+            ),
+            10,
+            "the broker to log the failed handshake",
+        )
+
+    assert "a peer using CURVE (this broker runs without it)" in logged
+    assert "broker key" not in logged
