@@ -18,6 +18,8 @@ from .conftest import (
     TASKS,
     BrokerProcess,
     Launcher,
+    Processes,
+    run_cli,
     status_when,
     wait_for_workers,
 )
@@ -58,7 +60,9 @@ def held_back_broker(launch: Launcher) -> BrokerProcess:
 
 
 def test_a_client_that_never_reads_is_held_back_and_others_go_on(
-    launch: Launcher, context: zmq.Context[zmq.Socket[bytes]]
+    launch: Launcher,
+    processes: Processes,
+    context: zmq.Context[zmq.Socket[bytes]],
 ) -> None:
     broker = held_back_broker(launch)
     launch.worker(broker)
@@ -83,6 +87,11 @@ def test_a_client_that_never_reads_is_held_back_and_others_go_on(
     # The room, and what the worker's prefetched tasks returned past it.
     assert int(careless_now["result_bytes"]) <= 2 * CLIENT_MAX_BYTES
     assert status["queued"].get(MAKE_BYTES, 0) > 0, "the rest stay queued"
+    # The operator's table says which client is held back, and why.
+    shown = run_cli(processes, "status", "--connect", broker.frontend)
+    assert "held: its unread results fill --client-max-bytes" in " ".join(
+        shown.stdout.split()
+    ), shown.stdout
 
 
 def test_a_later_client_of_the_session_collects_everything(
