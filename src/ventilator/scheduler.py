@@ -1454,7 +1454,8 @@ class Scheduler:
         self._by_key[task.key] = task.ticket
         self._hold(task.session, +1)
         self._count_bytes(task, len(task.payload) + len(task.result))
-        self._count_result(task.session, len(task.result))
+        if task.result:  # restored from the journal
+            self._count_result(task.session, len(task.result))
         self._recipient(task.recipient)
 
     def _hold(self, session: str, change: int) -> None:
@@ -1492,7 +1493,8 @@ class Scheduler:
         del self._by_key[task.key]
         self._hold(task.session, -1)
         self._count_bytes(task, -len(task.payload) - len(task.result))
-        self._unexpect(task)
+        if task.expected:  # forgotten while it ran
+            self._unexpect(task)
         self._finish_order.pop(task.ticket, None)
         if self._tombstones.pop(task.ticket, None) is not None:
             self._tombstone_bytes -= len(task.result)
@@ -1865,8 +1867,7 @@ class Scheduler:
 
             self._release(worker, task)
             task.run_s = outcome.duration_s
-            self._observe_run(task.queue, outcome.duration_s)
-            self._observe_result(task.queue, len(outcome.payload))
+            self._observe_run(task.queue, outcome.duration_s, len(outcome.payload))
             if task.cancelled:
                 self._drop_cancelled(task, now)
             else:
@@ -1882,22 +1883,17 @@ class Scheduler:
             LateOutcome(outcome.ticket, outcome.attempt, worker.worker_id, released)
         )
 
-    def _observe_run(self, queue_name: str, duration_s: float) -> None:
-        # A moving average, so that a function whose tasks grow longer is
-        # soon held one per slot.
+    def _observe_run(self, queue_name: str, duration_s: float, size: int) -> None:
+        # Moving averages: a function whose tasks grow longer is soon held
+        # one per slot, and its results' size is what the next task of it is
+        # expected to return (see _results_fill_room).
         mean_s = self._run_s.get(queue_name)
-        if mean_s is None:
-            self._run_s[queue_name] = duration_s
-        else:
-            self._run_s[queue_name] = mean_s + RUN_TIME_WEIGHT * (duration_s - mean_s)
-
-    def _observe_result(self, queue_name: str, size: int) -> None:
-        # A moving average, as for run times: what the next task of this
-        # queue is expected to return (see _results_fill_room).
         mean = self._result_size.get(queue_name)
-        if mean is None:
+        if mean_s is None or mean is None:
+            self._run_s[queue_name] = duration_s
             self._result_size[queue_name] = float(size)
         else:
+            self._run_s[queue_name] = mean_s + RUN_TIME_WEIGHT * (duration_s - mean_s)
             self._result_size[queue_name] = mean + RUN_TIME_WEIGHT * (size - mean)
 
     def _settle(self, task: Task, outcome: p.Outcome, now: float) -> None:
@@ -1928,7 +1924,8 @@ class Scheduler:
 
     def _retry_later(self, task: Task, now: float) -> None:
         task.retries_left -= 1
-        self._unexpect(task)
+        if task.expected:
+            self._unexpect(task)
         task.state = State.WAITING
         delay = self._backoff.delay_s(task.attempt, self._rng.random())
         heapq.heappush(self._waiting, (now + delay, task.ticket))
@@ -2423,7 +2420,8 @@ class Scheduler:
         """Make `task` FINISHED with `status`, counted and journalled, but not
         yet waiting for its recipient."""
         self._leave_queue(task)
-        self._unexpect(task)
+        if task.expected:
+            self._unexpect(task)
         if split_for_its_map(task.flags, status, result):
             self._batches_split += 1
         else:
@@ -2523,10 +2521,9 @@ class Scheduler:
         self._room_to_review.add(session)
 
     def _unexpect(self, task: Task) -> None:
-        """`task` runs no more: its session expects its result no more."""
+        """`task`, which counts an expected result, runs no more: its session
+        expects that result no more."""
         expected = task.expected
-        if not expected:
-            return
         task.expected = 0
         session = task.session
         left = self._expected_bytes[session] - expected
@@ -2751,6 +2748,8 @@ class Scheduler:
         # What each task taken is expected to return, counted against its
         # session's room for results; past that room, its lanes rest.
         expected = int(self._result_size.get(queue_name, 0.0))
+        expected_bytes, result_bytes = self._expected_bytes, self._result_bytes
+        limit_bytes = self.limits.client_max_bytes
         while queue and len(assignments) < count:
             task = self.tasks.get(queue.popleft())
             if task is None or task.state is not State.QUEUED:
@@ -2775,8 +2774,13 @@ class Scheduler:
                 worker.unstarted[task.ticket] = None
             elif task.timeout_s is not None:  # most have none: no call for them
                 self._arm(worker, task, now)
-            if expected:
-                self._expect(task, expected)
+            if expected:  # written out, as the lease above: once per task
+                task.expected = expected
+                session = task.session
+                total = expected_bytes.get(session, 0) + expected
+                expected_bytes[session] = total
+                if total + result_bytes.get(session, 0) >= limit_bytes:
+                    self._hold_back_session(session, True)
             assignments.append(
                 p.Assignment(
                     task.ticket,
@@ -2788,15 +2792,6 @@ class Scheduler:
                 )
             )
         return assignments
-
-    def _expect(self, task: Task, size: int) -> None:
-        """Count `size` bytes as the result `task`, just taken, is expected
-        to return; hold its session back once that fills its room."""
-        task.expected = size
-        session = task.session
-        self._expected_bytes[session] = self._expected_bytes.get(session, 0) + size
-        if session not in self._results_full and self._results_fill_room(session):
-            self._hold_back_session(session, True)
 
     def _leave_queue(self, task: Task) -> None:
         if task.state is not State.QUEUED:
