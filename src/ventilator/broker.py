@@ -178,6 +178,9 @@ class Broker:
         self._journal: Journal = open_journal(config.journal, config.durability)
         durable = not isinstance(self._journal, MemoryJournal)
         self._scheduler = s.Scheduler(config.limits, durable=durable)
+        # No session could ever be given room for more tasks than its window
+        # in one message: a larger SUBMIT is refused whole, undecoded.
+        self._max_submit_tasks = min(p.MAX_SUBMIT_TASKS, config.limits.client_window)
         self._gateway = MdpGateway(
             self._scheduler, config.mdp_settings, lambda: uuid.uuid4().hex
         )
@@ -785,7 +788,7 @@ class Broker:
             return
         allowed = p.FROM_CLIENT if tag == FRONTEND else p.FROM_WORKER
         try:
-            command = p.decode(frames[1:], allowed)
+            command = p.decode(frames[1:], allowed, self._max_submit_tasks)
         except ProtocolError as exc:
             self._refuse(peer, frames, exc, now)
             return

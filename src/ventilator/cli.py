@@ -1948,11 +1948,20 @@ def _clients_table(clients: list[dict[str, Any]], counts: dict[str, int] | None)
             f"first ({unlisted} more not listed); " + table.caption
         )
     # Only when there are any: each column costs 9 of the 80 columns.
-    extra = [key for key in ("expired", "waiting_for_room") if _any_of(clients, key)]
+    extra = [
+        key
+        for key in ("expired", "waiting_for_room", "held_back")
+        if _any_of(clients, key)
+    ]
     if "expired" in extra:
         table.caption += "; expired: of those, results that expired"
     if "waiting_for_room" in extra:
         table.caption += "; waiting: tasks sent past its window, not yet accepted"
+    if "held_back" in extra:
+        table.caption += (
+            "; held: its unread results fill --client-max-bytes, so its queued "
+            "tasks do not run until it collects some"
+        )
     table.add_column("name", overflow="fold", ratio=1)
     # No kind column: a sink's name says it (sink:NAME), and "tasks" needs
     # the room.
@@ -1969,12 +1978,22 @@ def _clients_table(clients: list[dict[str, Any]], counts: dict[str, int] | None)
             # An older broker does not say.
             str(c.get("unacknowledged", "-")),
         ]
-        table.add_row(*cells, *(str(c[key]) for key in extra))
+        table.add_row(*cells, *(_cell(c[key]) for key in extra))
     return table
 
 
 # Columns of the clients' table shown only when a client has some.
-_EXTRA_COLUMNS = {"expired": "expired", "waiting_for_room": "waiting"}
+_EXTRA_COLUMNS = {
+    "expired": "expired",
+    "waiting_for_room": "waiting",
+    "held_back": "held",
+}
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
 
 
 def _any_of(clients: list[dict[str, Any]], key: str) -> bool:

@@ -50,6 +50,11 @@ MAX_HELD_TICKETS = 65536
 MAX_CAPACITY = MAX_HELD_TICKETS
 MAX_SLOTS = 4096
 MAX_BODY_BYTES = 16 * 1024 * 1024
+# The most tasks one SUBMIT may carry: four of our client's batches (2,048),
+# half the frames a broker reads in one loop turn. A raw peer's SUBMIT of
+# 100,000 tasks took the broker's loop for 2 to 3 s each; it is refused by its
+# frame count, before its body is unpacked.
+MAX_SUBMIT_TASKS = 8192
 # The longest task timeout: a year is beyond any real task, and an infinite or
 # astronomic one would overflow the clocks and waits it reaches on a worker.
 MAX_TIMEOUT_S = 365 * 24 * 3600
@@ -1127,8 +1132,13 @@ def small(frames: Sequence[Payload]) -> bool:
     return max(map(len, frames), default=0) < ZERO_COPY_BYTES
 
 
-def decode(frames: Sequence[Payload], allowed: frozenset[Cmd]) -> Command:
-    """Turn received frames into a command, if it is one `allowed` here.
+def decode(
+    frames: Sequence[Payload],
+    allowed: frozenset[Cmd],
+    max_submit_tasks: int = MAX_SUBMIT_TASKS,
+) -> Command:
+    """Turn received frames into a command, if it is one `allowed` here; a
+    SUBMIT of more than `max_submit_tasks` tasks is refused whole.
 
     Raises:
         ProtocolError: on anything malformed; `code` says which kind of fault.
@@ -1141,6 +1151,8 @@ def decode(frames: Sequence[Payload], allowed: frozenset[Cmd]) -> Command:
         raise ProtocolError(f"unknown protocol header {header[:16]!r}", "header")
 
     cmd = _command_byte(bytes(frames[1]), allowed)
+    if cmd is Cmd.SUBMIT and len(frames) - 3 > max_submit_tasks:
+        raise _too_many_tasks(len(frames) - 3, max_submit_tasks)
     body = _unpack(frames[2])
     try:
         return _DECODERS[cmd](body, frames[3:])
@@ -1152,6 +1164,16 @@ def decode(frames: Sequence[Payload], allowed: frozenset[Cmd]) -> Command:
 
 
 _COMMANDS = {int(cmd): cmd for cmd in Cmd}
+
+
+def _too_many_tasks(count: int, limit: int) -> ProtocolError:
+    # Counted by payload frames, one per task: nothing is unpacked for it.
+    return ProtocolError(
+        f"SUBMIT carries {count} tasks, over the {limit} one message may "
+        "carry (the broker's client_window, and at most "
+        f"{MAX_SUBMIT_TASKS}); send them in smaller batches, within the window",
+        "size",
+    )
 
 
 def _command_byte(raw: bytes, allowed: frozenset[Cmd]) -> Cmd:

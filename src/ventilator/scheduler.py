@@ -214,6 +214,10 @@ class Task:
     queued_at: float = 0.0
     started_at: float = 0.0
     run_s: float = 0.0
+    # While it runs: the bytes its result is expected to take (its queue's
+    # mean so far), counted against its session's room for results (see
+    # Scheduler._results_fill_room); 0 otherwise.
+    expected: int = 0
 
     @property
     def key(self) -> tuple[str, int]:
@@ -706,6 +710,16 @@ class Scheduler:
         self._parked: dict[str, Parked] = {}
         self._room_freed: set[str] = set()
         self._queued_bytes = 0
+        # Per submitting session, the bytes of its results the broker keeps
+        # (tombstones aside), and those its running tasks are expected to
+        # return; the sessions for which the two fill client_max_bytes, whose
+        # queued tasks get no turn until results are read (shared with every
+        # FairQueue); and the sessions whose figures changed since the last
+        # look (see _results_fill_room).
+        self._result_bytes: dict[str, int] = {}
+        self._expected_bytes: dict[str, int] = {}
+        self._results_full: set[str] = set()
+        self._room_to_review: set[str] = set()
         # Per queue: tickets still in it whose task left QUEUED without being
         # taken (cancelled, purged); they are skipped when they reach the front.
         self._stale: dict[str, int] = {}
@@ -743,6 +757,9 @@ class Scheduler:
         # Per queue, how long its tasks run (as workers report it), and how many
         # of them a worker's slot may hold for that (see _allowance).
         self._run_s: dict[str, float] = {}
+        # Per queue, how large its results are (a moving average, in bytes):
+        # what a task of it that runs is expected to return.
+        self._result_size: dict[str, float] = {}
         self._prefetch = Prefetch()
         # Why no new task is accepted now, as the shell found (the journal's
         # disk is nearly full); None: tasks are accepted within the limits.
@@ -1447,6 +1464,8 @@ class Scheduler:
         self._by_key[task.key] = task.ticket
         self._hold(task.session, +1)
         self._count_bytes(task, len(task.payload) + len(task.result))
+        if task.result:  # restored from the journal
+            self._count_result(task.session, len(task.result))
         self._recipient(task.recipient)
 
     def _hold(self, session: str, change: int) -> None:
@@ -1484,12 +1503,16 @@ class Scheduler:
         del self._by_key[task.key]
         self._hold(task.session, -1)
         self._count_bytes(task, -len(task.payload) - len(task.result))
+        if task.expected:  # forgotten while it ran
+            self._unexpect(task)
         self._finish_order.pop(task.ticket, None)
         if self._tombstones.pop(task.ticket, None) is not None:
             self._tombstone_bytes -= len(task.result)
             recipient = self.recipients.get(task.recipient)
             if recipient is not None:
                 recipient.expired -= 1
+        else:
+            self._count_result(task.session, -len(task.result))
         self._effects.forgotten.append(task.ticket)
 
     def _cancel(self, session: str, task_ids: Iterable[int], now: float) -> None:
@@ -1854,7 +1877,7 @@ class Scheduler:
 
             self._release(worker, task)
             task.run_s = outcome.duration_s
-            self._observe_run(task.queue, outcome.duration_s)
+            self._observe_run(task.queue, outcome.duration_s, len(outcome.payload))
             if task.cancelled:
                 self._drop_cancelled(task, now)
             else:
@@ -1870,14 +1893,18 @@ class Scheduler:
             LateOutcome(outcome.ticket, outcome.attempt, worker.worker_id, released)
         )
 
-    def _observe_run(self, queue_name: str, duration_s: float) -> None:
-        # A moving average, so that a function whose tasks grow longer is
-        # soon held one per slot.
+    def _observe_run(self, queue_name: str, duration_s: float, size: int) -> None:
+        # Moving averages: a function whose tasks grow longer is soon held
+        # one per slot, and its results' size is what the next task of it is
+        # expected to return (see _results_fill_room).
         mean_s = self._run_s.get(queue_name)
-        if mean_s is None:
+        mean = self._result_size.get(queue_name)
+        if mean_s is None or mean is None:
             self._run_s[queue_name] = duration_s
+            self._result_size[queue_name] = float(size)
         else:
             self._run_s[queue_name] = mean_s + RUN_TIME_WEIGHT * (duration_s - mean_s)
+            self._result_size[queue_name] = mean + RUN_TIME_WEIGHT * (size - mean)
 
     def _settle(self, task: Task, outcome: p.Outcome, now: float) -> None:
         unkept = self._unkeepable(outcome.payload)
@@ -1907,6 +1934,8 @@ class Scheduler:
 
     def _retry_later(self, task: Task, now: float) -> None:
         task.retries_left -= 1
+        if task.expected:
+            self._unexpect(task)
         task.state = State.WAITING
         delay = self._backoff.delay_s(task.attempt, self._rng.random())
         heapq.heappush(self._waiting, (now + delay, task.ticket))
@@ -2337,6 +2366,7 @@ class Scheduler:
         """Keep `task`, whose result expired at `expired_at`, as a tombstone."""
         self._tombstones[task.ticket] = expired_at
         self._tombstone_bytes += len(task.result)
+        self._count_result(task.session, -len(task.result))
         self._recipient(task.recipient).expired += 1
 
     def _forget_tombstones(self, now: float) -> None:
@@ -2375,11 +2405,13 @@ class Scheduler:
     # --- queues and results ----------------------------------------------------------
 
     def _enqueue(self, task: Task, front: bool = False) -> None:
+        if task.expected:  # given back by its worker
+            self._unexpect(task)
         task.state = State.QUEUED
         task.queued_at = self._now
         queue = self._queues.get(task.queue)
         if queue is None:
-            queue = self._queues[task.queue] = FairQueue()
+            queue = self._queues[task.queue] = FairQueue(self._results_full)
         if not queue:
             queue.handed_out_s = max(queue.handed_out_s, self._turn_floor())
         if front:
@@ -2400,6 +2432,8 @@ class Scheduler:
         """Make `task` FINISHED with `status`, counted and journalled, but not
         yet waiting for its recipient."""
         self._leave_queue(task)
+        if task.expected:
+            self._unexpect(task)
         if split_for_its_map(task.flags, status, result):
             self._batches_split += 1
         else:
@@ -2466,7 +2500,9 @@ class Scheduler:
         self._effects.unfailed.append(record.ticket)
 
     def _replace_result(self, task: Task, result: p.Payload) -> None:
-        self._count_bytes(task, len(result) - len(task.result))
+        change = len(result) - len(task.result)
+        self._count_bytes(task, change)
+        self._count_result(task.session, change)
         task.result = result
 
     def _count_bytes(self, task: Task, change: int) -> None:
@@ -2482,6 +2518,72 @@ class Scheduler:
             self._held_bytes.pop(session, None)
         if change < 0 and session in self._parked:
             self._room_freed.add(session)
+
+    # --- room for results -------------------------------------------------------------
+
+    def _count_result(self, session: str, change: int) -> None:
+        """Count `change` more bytes of results kept for `session`."""
+        if not change:
+            return
+        held = self._result_bytes.get(session, 0) + change
+        if held:
+            self._result_bytes[session] = held
+        else:
+            del self._result_bytes[session]
+        self._room_to_review.add(session)
+
+    def _unexpect(self, task: Task) -> None:
+        """`task`, which counts an expected result, runs no more: its session
+        expects that result no more."""
+        expected = task.expected
+        task.expected = 0
+        session = task.session
+        left = self._expected_bytes[session] - expected
+        if left:
+            self._expected_bytes[session] = left
+        else:
+            del self._expected_bytes[session]
+        self._room_to_review.add(session)
+
+    def _results_fill_room(self, session: str) -> bool:
+        """Whether the results `session` has waiting (unsent, or sent and not
+        acknowledged), and those its running tasks are expected to return,
+        fill the bytes one client may have in the broker.
+
+        Then none of its queued tasks is dispatched: they stay accepted and
+        journalled, and go once it reads results. A task's arguments are
+        bounded at submission, but its result only when it comes; a client
+        that never read (dead, careless or hostile) had a window of 100,000
+        results kept, 4 GB of them, and every other client refused for
+        max_queued_bytes. Arguments of queued tasks do not count here: they
+        leave as their tasks run, and counting them could hold a session
+        back for ever.
+        """
+        held = self._result_bytes.get(session, 0)
+        held += self._expected_bytes.get(session, 0)
+        return held >= self.limits.client_max_bytes
+
+    def _review_result_room(self) -> None:
+        """Hold back, or let go again, the queued tasks of the sessions whose
+        results changed since the last look."""
+        review, self._room_to_review = self._room_to_review, set()
+        for session in review:
+            full = self._results_fill_room(session)
+            if full != (session in self._results_full):
+                self._hold_back_session(session, full)
+
+    def _hold_back_session(self, session: str, held_back: bool) -> None:
+        """Take the lanes of `session` out of turn in every queue, or give
+        them their turns back. Once per change, not per task: one pass over
+        the queues."""
+        if held_back:
+            self._results_full.add(session)
+            for queue in self._queues.values():
+                queue.rest(session)
+        else:
+            self._results_full.discard(session)
+            for queue in self._queues.values():
+                queue.wake(session)
 
     def await_returning_workers(self, now: float) -> float:
         """Start serving after a restart: hold the queues of restored tasks
@@ -2690,6 +2792,11 @@ class Scheduler:
         free slots if `into_slots`, else held behind its busy ones."""
         assignments: list[p.Assignment] = []
         now = self._now
+        # What each task taken is expected to return, counted against its
+        # session's room for results; past that room, its lanes rest.
+        expected = int(self._result_size.get(queue_name, 0.0))
+        expected_bytes, result_bytes = self._expected_bytes, self._result_bytes
+        limit_bytes = self.limits.client_max_bytes
         while queue and len(assignments) < count:
             task = self.tasks.get(queue.popleft())
             if task is None or task.state is not State.QUEUED:
@@ -2714,6 +2821,13 @@ class Scheduler:
                 worker.unstarted[task.ticket] = None
             elif task.timeout_s is not None:  # most have none: no call for them
                 self._arm(worker, task, now)
+            if expected:  # written out, as the lease above: once per task
+                task.expected = expected
+                session = task.session
+                total = expected_bytes.get(session, 0) + expected
+                expected_bytes[session] = total
+                if total + result_bytes.get(session, 0) >= limit_bytes:
+                    self._hold_back_session(session, True)
             assignments.append(
                 p.Assignment(
                     task.ticket,
@@ -2790,6 +2904,7 @@ class Scheduler:
         all of them at once (a broker's last turn).
         """
         self._accept_waiting()
+        self._review_result_room()
         self._dispatch()
         self._deliver()
         self._unannounced.send_due(now, self._effects.to_clients)
@@ -2900,6 +3015,8 @@ class Scheduler:
             self._enqueue(task)
             self.submitted += 1
             self.restored += 1
+        # A session whose kept results fill its room stays held back.
+        self._review_result_room()
 
     def restore_failure(self, record: FailedTask) -> None:
         """Take back a failure record from the journal after a restart, oldest
@@ -2939,6 +3056,8 @@ class Scheduler:
             recipients=self.recipients.values(),
             held=self._held,
             parked=self._parked,
+            result_bytes=self._result_bytes,
+            held_back=self._results_full,
             failed=self.failed,
             tombstones=len(self._tombstones),
             queued=self._queued_by_function(),
@@ -3212,6 +3331,7 @@ class Scheduler:
                 self._check_nobody_idles_for(task)
         self._check_stale_counts()
         self._check_byte_counts()
+        self._check_result_room()
         self._check_tombstones()
         self._check_session_counts()
         self._check_parked()
@@ -3259,6 +3379,8 @@ class Scheduler:
     def _check_nobody_idles_for(self, task: Task) -> None:
         if task.queue in self._held_back:
             return  # it waits for the worker that ran it before a restart
+        if task.session in self._results_full:
+            return  # it waits for its client to read results
         for worker in self.workers.values():
             free = max(
                 self._idle_room(worker, task.queue),
@@ -3310,6 +3432,25 @@ class Scheduler:
             stale = self._stale.get(name, 0)
             assert len(queue) - stale == live, f"queue {name}: {stale} stale counted"
         assert all(count > 0 for count in self._stale.values()), self._stale
+
+    def _check_result_room(self) -> None:
+        """Results and expected results are counted per session, and exactly
+        the sessions they fill the room of are held back (their lanes out of
+        turn in every queue), once the next flush has looked."""
+        results: dict[str, int] = {}
+        expected: dict[str, int] = {}
+        for task in self.tasks.values():
+            if task.ticket not in self._tombstones and task.result:
+                results[task.session] = results.get(task.session, 0) + len(task.result)
+            if task.expected:
+                assert task.state is State.RUNNING, f"task {task.ticket} expected"
+                expected[task.session] = expected.get(task.session, 0) + task.expected
+        assert self._result_bytes == results, (self._result_bytes, results)
+        assert self._expected_bytes == expected, (self._expected_bytes, expected)
+        # Those changed since the last look are looked at by the next flush.
+        looked = self._results_full - self._room_to_review
+        full = {s for s in {*results, *expected} if self._results_fill_room(s)}
+        assert looked == full - self._room_to_review, (self._results_full, full)
 
     def _check_tombstones(self) -> None:
         size = 0

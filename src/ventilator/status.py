@@ -141,7 +141,10 @@ class StatusReport:
     `whole` for the operator, `within` for a client with limited rights.
 
     `held` counts, per submitting session, the tasks the broker holds of it;
-    `parked`, per session, the tasks it sent past its window; `tombstones`,
+    `parked`, per session, the tasks it sent past its window; `result_bytes`,
+    per session, the bytes of its results kept (tombstones aside), and
+    `held_back`, the sessions whose results fill client_max_bytes, whose
+    queued tasks are not dispatched until they are read; `tombstones`,
     the expired results kept; `queued`, the tasks waiting per function
     (queued, or due for a retry); `totals`, as `outcome_totals` makes them.
     """
@@ -151,6 +154,8 @@ class StatusReport:
     recipients: Collection[Recipient]
     held: Mapping[str, int]
     parked: Mapping[str, Parked]
+    result_bytes: Mapping[str, int]
+    held_back: Collection[str]
     failed: Sequence[FailedTask]
     tombstones: int
     queued: Mapping[str, int]
@@ -276,6 +281,11 @@ class StatusReport:
             "expired": recipient.expired,
             # Tasks it sent past its window, not accepted yet (see _park).
             "waiting_for_room": self._parked_count(recipient.name),
+            # Bytes of its results the broker keeps, for it or for a sink.
+            "result_bytes": self.result_bytes.get(recipient.name, 0),
+            # Its results fill client_max_bytes: its queued tasks are not
+            # dispatched until it (or the sink) reads some.
+            "held_back": recipient.name in self.held_back,
         }
 
     def _parked_count(self, session: str) -> int:

@@ -80,3 +80,60 @@ def test_discarded_tickets_leave_their_lane_and_the_rest_keep_their_turns() -> N
     assert len(queue) == 2
     assert drain(queue) == [2, 4]
     assert queue.owners() == 0
+
+
+def test_a_resting_owner_is_skipped_and_keeps_its_lane() -> None:
+    resting: set[str] = set()
+    queue = FairQueue(resting)
+    for ticket in range(3):
+        queue.append(ticket, "full")
+    queue.append(10, "bob")
+
+    resting.add("full")
+    queue.rest("full")
+
+    assert queue.popleft() == 10
+    assert not queue, "only a resting owner's tickets are left"
+    assert len(queue) == 3
+
+
+def test_an_owner_resting_before_its_first_ticket_gets_no_turn() -> None:
+    resting = {"full"}
+    queue = FairQueue(resting)
+    queue.append(1, "full")
+    queue.appendleft(0, "full")
+
+    assert not queue
+    resting.discard("full")
+    queue.wake("full")
+    assert drain(queue) == [0, 1]
+
+
+def test_a_woken_owner_takes_its_turn_again_behind_the_others() -> None:
+    resting: set[str] = set()
+    queue = FairQueue(resting)
+    queue.append(1, "full")
+    queue.append(2, "full")
+    queue.append(10, "bob")
+    queue.append(11, "bob")
+    resting.add("full")
+    queue.rest("full")
+    assert queue.popleft() == 10
+
+    resting.discard("full")
+    queue.wake("full")
+
+    assert drain(queue) == [11, 1, 2]
+
+
+def test_discarding_a_resting_lane_leaves_no_turn_behind() -> None:
+    resting = {"full"}
+    queue = FairQueue(resting)
+    queue.append(1, "full")
+    queue.discard("full", {1})
+    resting.discard("full")
+    queue.wake("full")
+
+    assert not queue and len(queue) == 0
+    queue.append(2, "bob")
+    assert drain(queue) == [2]

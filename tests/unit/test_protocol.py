@@ -209,6 +209,33 @@ def test_body_over_the_size_limit_is_refused_before_unpacking() -> None:
     assert error.code == "size"
 
 
+def test_submit_of_more_tasks_than_allowed_is_refused_before_unpacking() -> None:
+    payloads = [b""] * 5
+    body = b"\xc1"  # would not unpack: the count alone refuses it
+
+    with pytest.raises(ProtocolError) as caught:
+        p.decode([p.HEADER, bytes((p.Cmd.SUBMIT,)), body, *payloads], EVERY_COMMAND, 4)
+
+    assert caught.value.code == "size"
+    assert "5 tasks" in str(caught.value) and "4" in str(caught.value)
+
+
+def test_submit_of_as_many_tasks_as_allowed_is_decoded() -> None:
+    tasks = [p.TaskSpec(i, "jobs:f", b"") for i in range(4)]
+
+    decoded = p.decode(p.encode(p.Submit(tasks)), EVERY_COMMAND, 4)
+
+    assert isinstance(decoded, p.Submit) and len(decoded.tasks) == 4
+
+
+def test_submit_past_the_protocol_limit_is_refused_by_default() -> None:
+    payloads = [b""] * (p.MAX_SUBMIT_TASKS + 1)
+
+    error = refusal([p.HEADER, bytes((p.Cmd.SUBMIT,)), b"\xc1", *payloads])
+
+    assert error.code == "size"
+
+
 # --- wrong body shapes and types ------------------------------------------------------
 
 TASK_ROW = [1, "jobs:f", 0, None, 0, None]
