@@ -757,6 +757,10 @@ class Scheduler:
         # Per queue, how long its tasks run (as workers report it), and how many
         # of them a worker's slot may hold for that (see _allowance).
         self._run_s: dict[str, float] = {}
+        # The work handed out of the least served queue that waited at the
+        # last dispatch (see _dispatch): where a queue that starts waiting
+        # joins the turns. It only grows.
+        self._turn_clock = 0.0
         # Per queue, how large its results are (a moving average, in bytes):
         # what a task of it that runs is expected to return.
         self._result_size: dict[str, float] = {}
@@ -2413,7 +2417,10 @@ class Scheduler:
         if queue is None:
             queue = self._queues[task.queue] = FairQueue(self._results_full)
         if not queue:
-            queue.handed_out_s = max(queue.handed_out_s, self._turn_floor())
+            # It joins the turns level with the least served of the queues
+            # waiting last, not ahead of them by what they did while it was
+            # idle, nor behind by what it did while it ran alone.
+            queue.handed_out_s = max(queue.handed_out_s, self._turn_clock)
         if front:
             queue.appendleft(task.ticket, task.session)
         else:
@@ -2622,6 +2629,10 @@ class Scheduler:
             for queue_name, queue in self._queues.items()
             if queue and queue_name not in self._held_back
         ]
+        if not waiting:
+            return
+        least_served = min(queue.handed_out_s for _, queue in waiting)
+        self._turn_clock = max(self._turn_clock, least_served)
         if len(waiting) == 1:
             self._serve(*waiting[0], most=_UNCAPPED)
             return
@@ -2654,13 +2665,6 @@ class Scheduler:
         tasks of no measurable length still take turns by count."""
         run_s = self._run_s.get(queue_name, self._prefetch.long_task_s)
         return max(run_s, MIN_TURN_S)
-
-    def _turn_floor(self) -> float:
-        """Where a queue that starts waiting again joins the turns: level
-        with the least served of those waiting, not ahead of all of them by
-        the work they did while it was idle."""
-        waiting = [q.handed_out_s for q in self._queues.values() if q]
-        return min(waiting, default=0.0)
 
     def _assign_round(
         self, queue_name: str, queue: FairQueue, available: dict[str, None], most: int

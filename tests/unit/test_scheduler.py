@@ -330,6 +330,23 @@ def test_short_tasks_of_one_function_need_not_wait_for_a_backlog_of_long_ones(
     assert turns.count(OTHER_FUNCTION) == 5, turns
 
 
+def test_a_function_that_once_ran_alone_does_not_wait_behind_a_later_backlog(
+    driver: Driver,
+) -> None:
+    driver.submit(*(task(i) for i in range(300)))
+    [running] = assignments(driver.ready(W1, services=[FUNCTION, OTHER_FUNCTION]), W1)
+    for _ in range(299):  # alone for a while: 300 tasks of 5 ms
+        [running] = assignments(driver.done(W1, running, duration_s=0.005), W1)
+    driver.submit(*(task(400 + i, function=OTHER_FUNCTION) for i in range(10)))
+    [running] = assignments(driver.done(W1, running, duration_s=0.005), W1)
+    driver.submit(*(task(500 + i) for i in range(3)))
+
+    [after] = assignments(driver.done(W1, running, duration_s=2.0), W1)
+
+    # What it did alone is no debt: its next task goes before the backlog's.
+    assert after.function == FUNCTION
+
+
 # --- per-function prefetch: credit for tiny tasks is not room for long ones --------
 
 
