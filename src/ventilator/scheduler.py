@@ -3007,6 +3007,9 @@ class Scheduler:
         self._next_ticket = max(self._next_ticket, task.ticket + 1)
         task.worker = None
         self._admit(task)
+        # Its session is known again, as it was before the restart, though
+        # its results go to a sink: status lists it with the tasks it holds.
+        self._recipient(task.session)
         if task.state is State.FINISHED:
             self._recipient(task.recipient).pending.append(task.ticket)
             if task.status is p.Status.EXPIRED:

@@ -151,3 +151,23 @@ def test_status_tells_the_bytes_of_results_a_session_has_waiting() -> None:
 
     [alice] = [c for c in status["clients"] if c["name"] == "alice"]  # type: ignore[attr-defined]
     assert alice["result_bytes"] == 2 * len(BIG)
+
+
+def test_a_restored_sender_to_a_sink_is_listed_held_back_with_its_tasks() -> None:
+    driver = Driver(LIMITS)
+    for ticket in (1, 2):
+        finished = Task(ticket, "alice", ticket, "jobs:work", b"", 0, None, 0, "sink:s")
+        finished.state, finished.status, finished.result = (
+            State.FINISHED,
+            p.Status.OK,
+            BIG,
+        )
+        driver.scheduler.restore(finished, driver.now)
+    queued = Task(3, "alice", 3, "jobs:work", b"a", 0, None, 0, "sink:s")
+    driver.scheduler.restore(queued, driver.now)
+
+    status = driver.scheduler.status(driver.now)
+
+    [alice] = [c for c in status["clients"] if c["name"] == "alice"]  # type: ignore[attr-defined]
+    assert alice["tasks"] == 3
+    assert alice["held_back"] is True
