@@ -3064,6 +3064,7 @@ class Scheduler:
             held=self._held,
             parked=self._parked,
             result_bytes=self._result_bytes,
+            expected_bytes=self._expected_bytes,
             held_back=self._results_full,
             failed=self.failed,
             tombstones=len(self._tombstones),

@@ -143,6 +143,7 @@ class StatusReport:
     `held` counts, per submitting session, the tasks the broker holds of it;
     `parked`, per session, the tasks it sent past its window; `result_bytes`,
     per session, the bytes of its results kept (tombstones aside), and
+    `expected_bytes`, those its running tasks are expected to return;
     `held_back`, the sessions whose results fill client_max_bytes, whose
     queued tasks are not dispatched until they are read; `tombstones`,
     the expired results kept; `queued`, the tasks waiting per function
@@ -155,6 +156,7 @@ class StatusReport:
     held: Mapping[str, int]
     parked: Mapping[str, Parked]
     result_bytes: Mapping[str, int]
+    expected_bytes: Mapping[str, int]
     held_back: Collection[str]
     failed: Sequence[FailedTask]
     tombstones: int
@@ -283,6 +285,9 @@ class StatusReport:
             "waiting_for_room": self._parked_count(recipient.name),
             # Bytes of its results the broker keeps, for it or for a sink.
             "result_bytes": self.result_bytes.get(recipient.name, 0),
+            # What its running tasks are expected to return (their function's
+            # mean result size), which counts with the above.
+            "expected_result_bytes": self.expected_bytes.get(recipient.name, 0),
             # Its results fill client_max_bytes: its queued tasks are not
             # dispatched until it (or the sink) reads some.
             "held_back": recipient.name in self.held_back,

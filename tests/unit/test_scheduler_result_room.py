@@ -151,6 +151,7 @@ def test_status_tells_the_bytes_of_results_a_session_has_waiting() -> None:
 
     [alice] = [c for c in status["clients"] if c["name"] == "alice"]  # type: ignore[attr-defined]
     assert alice["result_bytes"] == 2 * len(BIG)
+    assert alice["expected_result_bytes"] == 0  # nothing of it runs
 
 
 def test_a_restored_sender_to_a_sink_is_listed_held_back_with_its_tasks() -> None:
@@ -171,3 +172,16 @@ def test_a_restored_sender_to_a_sink_is_listed_held_back_with_its_tasks() -> Non
     [alice] = [c for c in status["clients"] if c["name"] == "alice"]  # type: ignore[attr-defined]
     assert alice["tasks"] == 3
     assert alice["held_back"] is True
+
+
+def test_status_tells_what_a_session_s_running_tasks_are_expected_to_return() -> None:
+    driver = Driver(LIMITS)
+    driver.hello()
+    driver.submit(task(1, payload=b"a"), task(2, payload=b"a"))
+    [first] = assignments(driver.ready(W1, capacity=1), W1)
+    [_running] = assignments(driver.done(W1, first, payload=BIG), W1)
+
+    status = driver.scheduler.status(driver.now)
+
+    [alice] = [c for c in status["clients"] if c["name"] == "alice"]  # type: ignore[attr-defined]
+    assert alice["expected_result_bytes"] == len(BIG)  # the mean of what it returned
