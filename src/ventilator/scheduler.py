@@ -761,8 +761,9 @@ class Scheduler:
         # last dispatch (see _dispatch): where a queue that starts waiting
         # joins the turns. It only grows.
         self._turn_clock = 0.0
-        # Per queue, how large its results are (a moving average, in bytes):
-        # what a task of it that runs is expected to return.
+        # Per queue, how large its results are (in bytes: a moving average
+        # that rises at once to a larger result): what a task of it that
+        # runs is expected to return.
         self._result_size: dict[str, float] = {}
         self._prefetch = Prefetch()
         # Why no new task is accepted now, as the shell found (the journal's
@@ -1900,7 +1901,9 @@ class Scheduler:
     def _observe_run(self, queue_name: str, duration_s: float, size: int) -> None:
         # Moving averages: a function whose tasks grow longer is soon held
         # one per slot, and its results' size is what the next task of it is
-        # expected to return (see _results_fill_room).
+        # expected to return (see _results_fill_room). That one rises at once
+        # to a larger result: while an average caught up with results turning
+        # from bytes to 60 KB, a session held back at 1 MB kept 4.2 MB.
         mean_s = self._run_s.get(queue_name)
         mean = self._result_size.get(queue_name)
         if mean_s is None or mean is None:
@@ -1908,7 +1911,8 @@ class Scheduler:
             self._result_size[queue_name] = float(size)
         else:
             self._run_s[queue_name] = mean_s + RUN_TIME_WEIGHT * (duration_s - mean_s)
-            self._result_size[queue_name] = mean + RUN_TIME_WEIGHT * (size - mean)
+            decayed = mean + RUN_TIME_WEIGHT * (size - mean)
+            self._result_size[queue_name] = max(decayed, float(size))
 
     def _settle(self, task: Task, outcome: p.Outcome, now: float) -> None:
         unkept = self._unkeepable(outcome.payload)

@@ -286,7 +286,8 @@ class StatusReport:
             # Bytes of its results the broker keeps, for it or for a sink.
             "result_bytes": self.result_bytes.get(recipient.name, 0),
             # What its running tasks are expected to return (their function's
-            # mean result size), which counts with the above.
+            # mean result size, raised at once by a larger one), which counts
+            # with the above.
             "expected_result_bytes": self.expected_bytes.get(recipient.name, 0),
             # Its results fill client_max_bytes: its queued tasks are not
             # dispatched until it (or the sink) reads some.

@@ -185,3 +185,18 @@ def test_status_tells_what_a_session_s_running_tasks_are_expected_to_return() ->
 
     [alice] = [c for c in status["clients"] if c["name"] == "alice"]  # type: ignore[attr-defined]
     assert alice["expected_result_bytes"] == len(BIG)  # the mean of what it returned
+
+
+def test_results_turning_large_are_expected_large_at_once() -> None:
+    driver = Driver(Limits(client_max_bytes=10 * len(BIG)))
+    driver.hello()
+    driver.submit(*(task(i, payload=b"a") for i in range(1, 8)))
+    [running] = assignments(driver.ready(W1, capacity=1), W1)
+    for _ in range(5):  # tiny results, then one of BIG's size
+        [running] = assignments(driver.done(W1, running, payload=b"r"), W1)
+    assignments(driver.done(W1, running, payload=BIG), W1)
+
+    status = driver.scheduler.status(driver.now)
+
+    [alice] = [c for c in status["clients"] if c["name"] == "alice"]  # type: ignore[attr-defined]
+    assert alice["expected_result_bytes"] == len(BIG)
