@@ -1420,8 +1420,11 @@ def _log_notice(notice: n.Notice) -> None:
             notice.kept,
         )
     elif isinstance(notice, n.SinkTaken):
-        log.warning(
-            "refused a second receiver of sink=%s; the first one keeps it", notice.sink
+        # A refused sink asks again every heartbeat: its first refusal is news.
+        log.log(
+            logging.WARNING if notice.first else logging.DEBUG,
+            "refused a second receiver of sink=%s; the first one keeps it",
+            notice.sink,
         )
     elif isinstance(notice, n.SessionsForgotten):
         log.info(

@@ -142,9 +142,11 @@ class TombstonesForgotten:
 
 @dataclass(frozen=True, slots=True)
 class SinkTaken:
-    """A second process asked to receive a sink that one already receives."""
+    """A second process asked to receive a sink that one already receives;
+    `first` is False when the same process asked again."""
 
     sink: str
+    first: bool
 
 
 @dataclass(frozen=True, slots=True)

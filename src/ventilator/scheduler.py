@@ -310,9 +310,12 @@ class Recipient:
     unacked_bytes: int = 0
     # MDP clients never heartbeat while they wait: their silence is not absence.
     expires: bool = True
-    # For a sink: the session of the process receiving it. One process at a
-    # time receives a sink; another is refused while this one is connected.
+    # For a sink: the session of the process receiving it, and of the last
+    # other one refused it. One process at a time receives a sink; another
+    # is refused while this one is connected, and logged once, not each time
+    # it asks again (every heartbeat, for seconds).
     holder: str | None = None
+    refused_holder: str | None = None
     # For a client session: the instance of the `Client` holding it (from its
     # HELLO; None from older clients), and the last other one refused it, so
     # that a client asking again every heartbeat is logged once.
@@ -976,11 +979,16 @@ class Scheduler:
                 "receives a sink at a time: stop that one, or use another name"
             )
             self._effects.to_clients.append((peer, p.Error("sink_taken", message)))
-            self._effects.notices.append(SinkTaken(sink))
+            first = recipient.refused_holder != session
+            self._effects.notices.append(SinkTaken(sink, first))
+            recipient.refused_holder = session
             return False
 
         self.attach_recipient(peer, sink_recipient(sink), now)
-        self.recipients[sink_recipient(sink)].holder = session
+        recipient = self.recipients[sink_recipient(sink)]
+        recipient.holder = session
+        if recipient.refused_holder == session:
+            recipient.refused_holder = None
         return True
 
     def attach_recipient(

@@ -28,6 +28,7 @@ from ventilator.notices import (
     Fault,
     Notice,
     Rejected,
+    SinkTaken,
     WorkerJoined,
     WorkerLeft,
     WorkerLost,
@@ -138,6 +139,16 @@ def test_a_worker_cut_off_by_the_broker_s_own_stall_is_not_called_lost(
     [record] = caplog.records
     assert record.levelno == logging.INFO
     assert "lost" not in record.getMessage()
+
+
+def test_a_refused_sink_asking_again_is_logged_below_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.DEBUG, logger="ventilator.broker"):
+        _log_notice(SinkTaken("totals", first=True))
+        _log_notice(SinkTaken("totals", first=False))
+
+    assert [r.levelno for r in caplog.records] == [logging.WARNING, logging.DEBUG]
 
 
 def test_a_worker_serving_thousands_of_functions_joins_in_a_short_line(
