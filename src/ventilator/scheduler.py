@@ -776,6 +776,8 @@ class Scheduler:
         # What a full broker holds, in words, worked out once per loop turn: a
         # SUBMIT of many tasks to it asks for it once per task.
         self._holdings_said: str | None = None
+        # Per connection, the tasks refused and not yet told (see _reject).
+        self._refusals: dict[bytes, list[p.ResultEntry]] = {}
 
     # --- clients -------------------------------------------------------------------
 
@@ -1124,6 +1126,7 @@ class Scheduler:
                 sinks[spec.sink] = None
         for task_id in repeated:
             self._reject(peer, session, task_id, _twice(task_id))
+        self._send_refusals()
         if accepted:
             self._unannounced.accepted(peer, accepted, now)
         self._tell_unserved(peer, functions)
@@ -1420,7 +1423,8 @@ class Scheduler:
 
     def reject(self, peer: bytes, task_id: int, reason: str) -> None:
         """Refuse one submitted task for a reason the shell found (the sender's
-        rights): the client gets it as a TaskRejected result."""
+        rights): the client gets it as a TaskRejected result, with the other
+        refusals of its SUBMIT."""
         session = self._recipient_of_peer.get(peer, "?")
         self._reject(peer, session, task_id, reason)
 
@@ -1430,10 +1434,23 @@ class Scheduler:
         self._effects.to_clients.append((peer, reply))
 
     def _reject(self, peer: bytes, session: str, task_id: int, reason: str) -> None:
+        """Refuse one task: its client hears it with the other refusals of
+        the same SUBMIT (see _send_refusals), as a TaskRejected result."""
         error = TaskRejected("TaskRejected", reason)
         entry = p.ResultEntry(task_id, p.Status.REJECTED, pack_error(error))
-        self._effects.to_clients.append((peer, p.Results([entry])))
+        self._refusals.setdefault(peer, []).append(entry)
         self._effects.notices.append(Rejected(session, task_id, reason))
+
+    def _send_refusals(self) -> None:
+        """Tell each client the refusals gathered since last time, in RESULTS
+        messages as large as deliveries are. A message per refused task cost
+        a sender far past its window thousands of messages for a few SUBMITs,
+        and the broker as many sends."""
+        refusals, self._refusals = self._refusals, {}
+        for peer, entries in refusals.items():
+            for start in range(0, len(entries), RESULTS_PER_MESSAGE):
+                chunk = entries[start : start + RESULTS_PER_MESSAGE]
+                self._effects.to_clients.append((peer, p.Results(chunk)))
 
     def _accept(
         self,
@@ -2912,6 +2929,9 @@ class Scheduler:
         all of them at once (a broker's last turn).
         """
         self._accept_waiting()
+        # Those of waiting tasks the broker could no longer take, and any the
+        # shell made without a SUBMIT following.
+        self._send_refusals()
         self._review_result_room()
         self._dispatch()
         self._deliver()
