@@ -1756,7 +1756,7 @@ class Scheduler:
         self.workers[worker.worker_id] = worker
         self._worker_of_peer[peer] = worker.worker_id
         self._start_sharing(worker)
-        kept += self._reclaim(worker, named)
+        taken_back = self._reclaim(worker, named)
         refused = {t: a for t, a in named.items() if t not in worker.running}
         self._fence(refused)
         self._start_waiting(worker, now)
@@ -1764,7 +1764,9 @@ class Scheduler:
         worker.grace = max(0, len(worker.running) - worker.capacity)
         self._offer(worker)
         if old is not None or named:
-            notice = WorkerReturned(worker.worker_id, kept, requeued, len(refused))
+            notice = WorkerReturned(
+                worker.worker_id, kept, requeued, len(refused), taken_back
+            )
             self._effects.notices.append(notice)
         self._effects.notices.append(
             WorkerJoined(worker.worker_id, worker.services, worker.capacity)
