@@ -1354,18 +1354,7 @@ def _log_notice(notice: n.Notice) -> None:
             _some_of(notice.services),
         )
     elif isinstance(notice, n.WorkerReturned):
-        log.info(
-            "worker returned worker=%s; kept %d tasks it still holds, requeued %d "
-            "it no longer holds%s",
-            notice.worker_id,
-            notice.kept,
-            notice.requeued,
-            f"; {notice.refused} it named need nothing more from it (their "
-            "results are here already, or they were cancelled or went to another "
-            "worker): told to drop them"
-            if notice.refused
-            else "",
-        )
+        _log_worker_returned(notice)
     elif isinstance(notice, n.WorkerDraining):
         log.info(
             "worker draining worker=%s; no new tasks, waiting for %d running",
@@ -1420,8 +1409,11 @@ def _log_notice(notice: n.Notice) -> None:
             notice.kept,
         )
     elif isinstance(notice, n.SinkTaken):
-        log.warning(
-            "refused a second receiver of sink=%s; the first one keeps it", notice.sink
+        # A refused sink asks again every heartbeat: its first refusal is news.
+        log.log(
+            logging.WARNING if notice.first else logging.DEBUG,
+            "refused a second receiver of sink=%s; the first one keeps it",
+            notice.sink,
         )
     elif isinstance(notice, n.SessionsForgotten):
         log.info(
@@ -1439,6 +1431,35 @@ def _log_notice(notice: n.Notice) -> None:
             "until it says BYE or falls silent",
             notice.session,
         )
+
+
+def _log_worker_returned(notice: n.WorkerReturned) -> None:
+    """Say what a worker that registered again holds now. Tasks it took back
+    from their queues answer an earlier line, "worker dropped" or "worker
+    lost ... requeued N": without them here, an operator could not tell
+    whether those N ran twice."""
+    taken_back = (
+        f", took back {notice.taken_back} requeued while it was away (it still "
+        "runs them: none runs twice)"
+        if notice.taken_back
+        else ""
+    )
+    refused = (
+        f"; {notice.refused} it named need nothing more from it (their results "
+        "are here already, or they were cancelled or went to another worker): "
+        "told to drop them"
+        if notice.refused
+        else ""
+    )
+    log.info(
+        "worker returned worker=%s; kept %d tasks it still holds%s, requeued %d "
+        "it no longer holds%s",
+        notice.worker_id,
+        notice.kept,
+        taken_back,
+        notice.requeued,
+        refused,
+    )
 
 
 def _some_of(names: Sequence[str], shown: int = LOGGED_SERVICES) -> str:

@@ -1015,15 +1015,26 @@ class _Output:
         try:
             self._stream.write(text)
         except OSError as exc:
-            raise self._failed(exc) from exc
+            raise self.failed(exc) from exc
 
     def flush(self) -> None:
         try:
             self._stream.flush()
         except OSError as exc:
-            raise self._failed(exc) from exc
+            raise self.failed(exc) from exc
 
-    def _failed(self, error: OSError) -> _OutputFailed:
+    def watched_fd(self) -> int | None:
+        """The descriptor to watch for the output's reader leaving, None when
+        there is none to watch (a test's StringIO, a closed descriptor)."""
+        try:
+            fd = self._stream.fileno()
+            os.fstat(fd)
+        except (OSError, ValueError):
+            return None
+        return fd
+
+    def failed(self, error: OSError) -> _OutputFailed:
+        """The error to end the run with, once writing failed or would fail."""
         # What is still buffered would fail again when the stream is closed
         # or at exit ("Exception ignored ..."): let it go to /dev/null instead.
         with contextlib.suppress(OSError, ValueError):
@@ -2343,11 +2354,19 @@ def _write_sink_results(
 ) -> None:
     """Write each result as it comes. A write that fails ends the receiving
     before the sink acknowledges the batch of the result it could not write
-    (it acknowledges a batch when asked for the result after its last)."""
-    with contextlib.closing(receiver.results(idle_timeout_s)) as results:
-        for result in results:
-            output.write(_json_line(_sink_fields(result)))
-            output.flush()
+    (it acknowledges a batch when asked for the result after its last).
+
+    The sink watches the output while it waits: a reader that left (`| head`
+    done, `| true`) ends it as a failed write would, at once, not at the next
+    result, which may be hours away while the sink holds its name."""
+    watched = receiver.results(idle_timeout_s, output_fd=output.watched_fd())
+    with contextlib.closing(watched) as results:
+        try:
+            for result in results:
+                output.write(_json_line(_sink_fields(result)))
+                output.flush()
+        except BrokenPipeError as exc:  # the sink's, not a write's: those are wrapped
+            raise output.failed(exc) from exc
 
 
 def _sink_output_failed(exc: _OutputFailed, name: str) -> NoReturn:

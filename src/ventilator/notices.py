@@ -21,14 +21,18 @@ class WorkerJoined:
 @dataclass(frozen=True, slots=True)
 class WorkerReturned:
     """A worker registered again naming the tasks it still holds: `kept` of
-    them stay with it; `requeued` it held and no longer names went back to
-    their queues; `refused` it names are done, unknown or another's (it is
-    told to stop them, see `p.Release`; results of theirs are dropped as late)."""
+    them stay with it; `taken_back` of them it took back from their queues,
+    where they went when it was dropped or lost (or the broker restarted),
+    before any other worker started them; `requeued` it held and no longer
+    names went back to their queues; `refused` it names are done, unknown or
+    another's (it is told to stop them, see `p.Release`; results of theirs
+    are dropped as late)."""
 
     worker_id: str
     kept: int
     requeued: int
     refused: int
+    taken_back: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,9 +146,11 @@ class TombstonesForgotten:
 
 @dataclass(frozen=True, slots=True)
 class SinkTaken:
-    """A second process asked to receive a sink that one already receives."""
+    """A second process asked to receive a sink that one already receives;
+    `first` is False when the same process asked again."""
 
     sink: str
+    first: bool
 
 
 @dataclass(frozen=True, slots=True)

@@ -310,9 +310,12 @@ class Recipient:
     unacked_bytes: int = 0
     # MDP clients never heartbeat while they wait: their silence is not absence.
     expires: bool = True
-    # For a sink: the session of the process receiving it. One process at a
-    # time receives a sink; another is refused while this one is connected.
+    # For a sink: the session of the process receiving it, and of the last
+    # other one refused it. One process at a time receives a sink; another
+    # is refused while this one is connected, and logged once, not each time
+    # it asks again (every heartbeat, for seconds).
     holder: str | None = None
+    refused_holder: str | None = None
     # For a client session: the instance of the `Client` holding it (from its
     # HELLO; None from older clients), and the last other one refused it, so
     # that a client asking again every heartbeat is logged once.
@@ -778,6 +781,8 @@ class Scheduler:
         # What a full broker holds, in words, worked out once per loop turn: a
         # SUBMIT of many tasks to it asks for it once per task.
         self._holdings_said: str | None = None
+        # Per connection, the tasks refused and not yet told (see _reject).
+        self._refusals: dict[bytes, list[p.ResultEntry]] = {}
 
     # --- clients -------------------------------------------------------------------
 
@@ -981,11 +986,16 @@ class Scheduler:
                 "receives a sink at a time: stop that one, or use another name"
             )
             self._effects.to_clients.append((peer, p.Error("sink_taken", message)))
-            self._effects.notices.append(SinkTaken(sink))
+            first = recipient.refused_holder != session
+            self._effects.notices.append(SinkTaken(sink, first))
+            recipient.refused_holder = session
             return False
 
         self.attach_recipient(peer, sink_recipient(sink), now)
-        self.recipients[sink_recipient(sink)].holder = session
+        recipient = self.recipients[sink_recipient(sink)]
+        recipient.holder = session
+        if recipient.refused_holder == session:
+            recipient.refused_holder = None
         return True
 
     def attach_recipient(
@@ -1121,6 +1131,7 @@ class Scheduler:
                 sinks[spec.sink] = None
         for task_id in repeated:
             self._reject(peer, session, task_id, _twice(task_id))
+        self._send_refusals()
         if accepted:
             self._unannounced.accepted(peer, accepted, now)
         self._tell_unserved(peer, functions)
@@ -1417,7 +1428,8 @@ class Scheduler:
 
     def reject(self, peer: bytes, task_id: int, reason: str) -> None:
         """Refuse one submitted task for a reason the shell found (the sender's
-        rights): the client gets it as a TaskRejected result."""
+        rights): the client gets it as a TaskRejected result, with the other
+        refusals of its SUBMIT."""
         session = self._recipient_of_peer.get(peer, "?")
         self._reject(peer, session, task_id, reason)
 
@@ -1427,10 +1439,23 @@ class Scheduler:
         self._effects.to_clients.append((peer, reply))
 
     def _reject(self, peer: bytes, session: str, task_id: int, reason: str) -> None:
+        """Refuse one task: its client hears it with the other refusals of
+        the same SUBMIT (see _send_refusals), as a TaskRejected result."""
         error = TaskRejected("TaskRejected", reason)
         entry = p.ResultEntry(task_id, p.Status.REJECTED, pack_error(error))
-        self._effects.to_clients.append((peer, p.Results([entry])))
+        self._refusals.setdefault(peer, []).append(entry)
         self._effects.notices.append(Rejected(session, task_id, reason))
+
+    def _send_refusals(self) -> None:
+        """Tell each client the refusals gathered since last time, in RESULTS
+        messages as large as deliveries are. A message per refused task cost
+        a sender far past its window thousands of messages for a few SUBMITs,
+        and the broker as many sends."""
+        refusals, self._refusals = self._refusals, {}
+        for peer, entries in refusals.items():
+            for start in range(0, len(entries), RESULTS_PER_MESSAGE):
+                chunk = entries[start : start + RESULTS_PER_MESSAGE]
+                self._effects.to_clients.append((peer, p.Results(chunk)))
 
     def _accept(
         self,
@@ -1736,7 +1761,7 @@ class Scheduler:
         self.workers[worker.worker_id] = worker
         self._worker_of_peer[peer] = worker.worker_id
         self._start_sharing(worker)
-        kept += self._reclaim(worker, named)
+        taken_back = self._reclaim(worker, named)
         refused = {t: a for t, a in named.items() if t not in worker.running}
         self._fence(refused)
         self._start_waiting(worker, now)
@@ -1744,7 +1769,9 @@ class Scheduler:
         worker.grace = max(0, len(worker.running) - worker.capacity)
         self._offer(worker)
         if old is not None or named:
-            notice = WorkerReturned(worker.worker_id, kept, requeued, len(refused))
+            notice = WorkerReturned(
+                worker.worker_id, kept, requeued, len(refused), taken_back
+            )
             self._effects.notices.append(notice)
         self._effects.notices.append(
             WorkerJoined(worker.worker_id, worker.services, worker.capacity)
@@ -2912,6 +2939,9 @@ class Scheduler:
         all of them at once (a broker's last turn).
         """
         self._accept_waiting()
+        # Those of waiting tasks the broker could no longer take, and any the
+        # shell made without a SUBMIT following.
+        self._send_refusals()
         self._review_result_room()
         self._dispatch()
         self._deliver()

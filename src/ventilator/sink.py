@@ -20,6 +20,7 @@ lock, whose acquire and release are the memory barriers libzmq asks for.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import threading
 import time
@@ -133,7 +134,7 @@ class Sink:
         self.close()
 
     def results(
-        self, idle_timeout_s: float | None = None
+        self, idle_timeout_s: float | None = None, *, output_fd: int | None = None
     ) -> Generator[SinkResult, None, None]:
         """Yield results as they arrive; acknowledge each batch once consumed.
 
@@ -144,21 +145,31 @@ class Sink:
         Args:
             idle_timeout_s: stop after this long without a result; None waits
                 for ever (until the generator is closed).
+            output_fd: the descriptor the caller writes the results to. Watched
+                while the sink waits: once its reader left (a pipe's reader
+                exited, a terminal hung up), the sink stops at once instead of
+                at its next write, which may never come, holding its name.
 
         Raises:
             UsageError: another process receives this sink and kept it for
                 `taken_wait_s`, or this key may not receive it (CURVE rights).
+            BrokenPipeError: the reader of `output_fd` left. Every batch
+                acknowledged was yielded whole; the caller leaves (`close()`)
+                as it would had a write to the output failed.
         """
         with self._socket_lock:
-            yield from self._receive_until_idle(idle_timeout_s)
+            yield from self._receive_until_idle(idle_timeout_s, output_fd)
         if self._refused_since is not None:
             raise UsageError(self._refusal)
 
-    def _receive_until_idle(self, idle_timeout_s: float | None) -> Iterator[SinkResult]:
+    def _receive_until_idle(
+        self, idle_timeout_s: float | None, output_fd: int | None
+    ) -> Iterator[SinkResult]:
+        waiting = _Waiting(self._socket, output_fd)
         last_result = time.monotonic()
         next_beat = last_result + self._heartbeat_interval_s
         while idle_timeout_s is None or time.monotonic() - last_result < idle_timeout_s:
-            self._socket.poll(self._wait_ms(next_beat, last_result, idle_timeout_s))
+            waiting.wait(self._wait_ms(next_beat, last_result, idle_timeout_s))
             batch = self._receive()
             # WELCOME may have lowered the interval to the broker's.
             next_beat = min(next_beat, time.monotonic() + self._heartbeat_interval_s)
@@ -328,6 +339,34 @@ class Sink:
         with self._socket_lock:
             self._send(p.Bye())
             self._socket.close()
+
+
+class _Waiting:
+    """Waits for the broker's messages, and watches the output for its
+    reader leaving meanwhile.
+
+    Checked before the socket is read: what the broker sent meanwhile stays
+    unacknowledged, for the next receiver. Only an error or a hang-up wakes
+    the wait: a regular file, or /dev/null, never reports one.
+    """
+
+    def __init__(self, socket: zmq.Socket[bytes], output_fd: int | None) -> None:
+        self._output_fd = output_fd
+        self._poller = zmq.Poller()
+        self._poller.register(socket, zmq.POLLIN)
+        if output_fd is not None:
+            # libzmq reports POLLERR and POLLHUP of a descriptor as POLLERR.
+            self._poller.register(output_fd, zmq.POLLERR)
+
+    def wait(self, timeout_ms: int) -> None:
+        """Return once the broker sent something, or after `timeout_ms`.
+
+        Raises:
+            BrokenPipeError: the reader of the output left.
+        """
+        ready = dict(self._poller.poll(timeout_ms))
+        if self._output_fd is not None and self._output_fd in ready:
+            raise BrokenPipeError(errno.EPIPE, "the reader of the sink's output left")
 
 
 def _check_name(name: str) -> None:

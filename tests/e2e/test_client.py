@@ -876,6 +876,52 @@ def test_names_no_client_of_ours_sends_are_refused_from_a_raw_socket(
     assert client.status()["queued"] == {}
 
 
+def test_the_refusals_of_a_raw_submit_past_its_window_come_in_one_message(
+    launch: Launcher,
+) -> None:
+    # Before, each refused task came in a RESULTS message of its own.
+    broker = launch.broker("--client-window", "10")
+    context: zmq.Context[Any] = zmq.Context()
+    raw = context.socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    call = pack_call((3,), {})
+    square = f"{TASKS}:square"
+    try:
+        raw.connect(broker.frontend)
+        _wire.send(raw, p.Hello("raw-session"))
+        # A window's worth accepted, and one waiting for room: the room to
+        # wait in is full, and the next two SUBMITs are refused.
+        for first in range(0, 40, 10):
+            tasks_sent = [p.TaskSpec(i, square, call) for i in range(first, first + 10)]
+            _wire.send(raw, p.Submit(tasks_sent))
+        messages = raw_result_messages(raw, count=20)
+    finally:
+        raw.close()
+        context.term()
+
+    told = [[entry.task_id for entry in message.results] for message in messages]
+    assert told == [list(range(20, 30)), list(range(30, 40))]
+    entries = [entry for message in messages for entry in message.results]
+    assert {entry.status for entry in entries} == {p.Status.REJECTED}
+    assert "wait at the broker for room" in unpack_value(entries[0].payload)["message"]
+
+
+def raw_result_messages(socket: zmq.Socket[bytes], count: int) -> list[p.Results]:
+    """The RESULTS messages `socket` receives until they carried `count`
+    results."""
+    messages: list[p.Results] = []
+
+    def more() -> bool:
+        if socket.poll(100):
+            for command in _wire.receive(socket, p.TO_CLIENT):
+                if isinstance(command, p.Results):
+                    messages.append(command)
+        return sum(len(m.results) for m in messages) >= count
+
+    wait_until(more, RESULT_TIMEOUT_S, f"{count} results on a raw socket")
+    return messages
+
+
 def raw_results(socket: zmq.Socket[bytes], count: int) -> dict[int, p.ResultEntry]:
     """The first `count` results `socket` receives, by task id."""
     entries: dict[int, p.ResultEntry] = {}

@@ -334,3 +334,24 @@ def test_a_sink_that_cannot_write_its_output_says_so_and_keeps_the_results(
     assert "/dev/full" in said
     assert "No space left on device" in said
     assert received_by_successor(broker, "full", 3) == [0, 1, 4]
+
+
+def test_a_sink_whose_reader_left_while_it_waited_ends_at_once_and_frees_its_name(
+    launch: Launcher, processes: Processes
+) -> None:
+    # As `ventilator sink x | true`: before, it found out only at its next
+    # write, and held the name until then (for ever, with nothing to write).
+    broker = launch.broker()
+    launch.worker(broker)
+    client = launch.client(broker)
+    sink = start_sink_command(processes, broker, "unread")
+    sink_connected(client, "unread")
+
+    assert sink.stdout is not None
+    sink.stdout.close()  # the reader leaves; no result comes to write
+
+    assert sink.wait(RESULT_TIMEOUT_S) == 128 + signal.SIGPIPE, log_of(sink)
+    assert "Traceback" not in log_of(sink)
+    assert "Error" not in log_of(sink)
+    client.submit(tasks.square, 7, sink="unread")
+    assert received_by_successor(broker, "unread", 1) == [49]  # the name is free

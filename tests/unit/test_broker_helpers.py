@@ -28,9 +28,11 @@ from ventilator.notices import (
     Fault,
     Notice,
     Rejected,
+    SinkTaken,
     WorkerJoined,
     WorkerLeft,
     WorkerLost,
+    WorkerReturned,
 )
 from ventilator.scheduler import STALL_REASON
 
@@ -138,6 +140,31 @@ def test_a_worker_cut_off_by_the_broker_s_own_stall_is_not_called_lost(
     [record] = caplog.records
     assert record.levelno == logging.INFO
     assert "lost" not in record.getMessage()
+
+
+def test_a_refused_sink_asking_again_is_logged_below_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.DEBUG, logger="ventilator.broker"):
+        _log_notice(SinkTaken("totals", first=True))
+        _log_notice(SinkTaken("totals", first=False))
+
+    assert [r.levelno for r in caplog.records] == [logging.WARNING, logging.DEBUG]
+
+
+def test_a_returning_worker_says_how_many_requeued_tasks_it_took_back(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Dropped, "requeued 3 tasks unblamed (if it registers again it takes back
+    # those it still runs)"; back, the line that follows must close the story.
+    with caplog.at_level(logging.INFO, logger="ventilator.broker"):
+        _log_notice(WorkerReturned("w", kept=0, requeued=0, refused=0, taken_back=3))
+        _log_notice(WorkerReturned("w", kept=2, requeued=0, refused=0))
+
+    back, kept = (r.getMessage() for r in caplog.records)
+    assert "took back 3" in back
+    assert "took back" not in kept
+    assert {r.levelno for r in caplog.records} == {logging.INFO}
 
 
 def test_a_worker_serving_thousands_of_functions_joins_in_a_short_line(

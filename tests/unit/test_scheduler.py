@@ -15,6 +15,7 @@ from ventilator.notices import (
     Departure,
     LateOutcome,
     SessionHeld,
+    SinkTaken,
     WorkerDraining,
     WorkerLeft,
     WorkerLost,
@@ -703,6 +704,21 @@ def test_second_process_receiving_a_sink_is_refused_while_the_first_is_there(
     assert not error_codes(heartbeat, SINK_A), "the first one was evicted"
     assert driver.scheduler.recipients[sink_recipient("totals")].peer == SINK_A
     assert SINK_B not in driver.scheduler._recipient_of_peer
+
+
+def test_a_refused_receiver_asking_again_is_news_only_the_first_time(
+    driver: Driver,
+) -> None:
+    # Before, the broker warned once a second while a refused sink asked again.
+    sink_with_one_result_delivered(driver)
+
+    first = driver.hello(SINK_B, session="reader-b", sink="totals")
+    again = driver.hello(SINK_B, session="reader-b", sink="totals")
+    another = driver.hello(OTHER, session="reader-c", sink="totals")
+
+    assert notices(first, SinkTaken) == [SinkTaken("totals", first=True)]
+    assert notices(again, SinkTaken) == [SinkTaken("totals", first=False)]
+    assert notices(another, SinkTaken) == [SinkTaken("totals", first=True)]
 
 
 def test_sink_takes_its_name_back_on_a_new_connection(driver: Driver) -> None:

@@ -123,6 +123,19 @@ def test_a_worker_lost_and_back_reclaims_its_task_nobody_took(driver: Driver) ->
     assert results(driver.done(W1_AGAIN, first))
 
 
+def test_a_returning_worker_s_notice_tells_taken_back_from_kept(driver: Driver) -> None:
+    # Its tasks were requeued when it was lost; the operator who read that
+    # must read that it took them back, and did not run them twice.
+    driver.submit(task(1))
+    [first] = assignments(driver.ready(W1), W1)
+    driver.unreachable(W1)
+
+    effects = driver.ready(W1_AGAIN, worker_id="worker-1", held=[first])
+
+    [returned] = notices(effects, WorkerReturned)
+    assert (returned.kept, returned.taken_back, returned.requeued) == (0, 1, 0)
+
+
 def test_a_task_lost_by_one_worker_is_not_claimed_by_another(
     driver: Driver,
 ) -> None:

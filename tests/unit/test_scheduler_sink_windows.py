@@ -189,6 +189,35 @@ def test_past_another_window_waiting_a_sender_is_refused() -> None:
     assert "wait at the broker for room" in error_report(refused)["message"]
 
 
+def test_the_refusals_of_one_submit_travel_in_one_message() -> None:
+    # Before, a sender far past its window heard of each refused task in a
+    # message of its own: thousands of messages for a few SUBMITs.
+    driver = Driver(Limits(client_window=5))
+    driver.hello()
+    driver.submit(*sink_tasks(1, 2, 3, 4, 5))
+    driver.submit(*sink_tasks(6, 7, 8, 9, 10))  # waiting for room
+
+    effects = driver.submit(*sink_tasks(11, 12, 13, 14, 15))
+
+    [message] = sent(effects, CLIENT, p.Results)
+    assert isinstance(message, p.Results)
+    assert [r.task_id for r in message.results] == [11, 12, 13, 14, 15]
+    assert {r.status for r in message.results} == {p.Status.REJECTED}
+
+
+def test_refusals_for_the_sender_s_rights_travel_with_the_others() -> None:
+    driver = Driver(Limits(client_window=1))
+    driver.hello()
+    driver.submit(task(1), task(2))  # one accepted, one waiting for room
+
+    driver.scheduler.reject(CLIENT, 3, "key bob may not submit jobs:work")
+    effects = driver.submit(task(4), task(5))
+
+    [message] = sent(effects, CLIENT, p.Results)
+    assert isinstance(message, p.Results)
+    assert [r.task_id for r in message.results] == [3, 4, 5]
+
+
 def test_a_task_larger_than_a_client_may_hold_is_refused_not_kept_waiting() -> None:
     driver = Driver(Limits(client_max_bytes=10))
     driver.hello()
