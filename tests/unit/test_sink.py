@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,9 +13,16 @@ import zmq
 
 import ventilator
 
-# Nothing listens here: the sink never hears a broker, as when it waits for one.
-NOBODY = "tcp://127.0.0.1:9"
 WAIT_S = 10.0
+
+
+@pytest.fixture
+def nobody() -> str:
+    """A loopback address nobody listens on: the sink never hears a broker,
+    as when it waits for one."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{probe.getsockname()[1]}"
 
 
 @pytest.fixture
@@ -25,14 +33,14 @@ def context() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
 
 
 def test_a_sink_stops_waiting_once_the_reader_of_its_output_left(
-    context: zmq.Context[zmq.Socket[bytes]],
+    context: zmq.Context[zmq.Socket[bytes]], nobody: str
 ) -> None:
     read_end, write_end = os.pipe()
     os.close(read_end)
     started = time.monotonic()
     try:
         with (
-            ventilator.Sink("unread", NOBODY, context=context) as sink,
+            ventilator.Sink("unread", nobody, context=context) as sink,
             pytest.raises(BrokenPipeError),
         ):
             next(sink.results(idle_timeout_s=WAIT_S, output_fd=write_end))
@@ -43,11 +51,11 @@ def test_a_sink_stops_waiting_once_the_reader_of_its_output_left(
 
 
 def test_a_sink_writing_to_a_regular_file_waits_as_before(
-    context: zmq.Context[zmq.Socket[bytes]], tmp_path: Path
+    context: zmq.Context[zmq.Socket[bytes]], tmp_path: Path, nobody: str
 ) -> None:
     with (
         (tmp_path / "out").open("w") as output,
-        ventilator.Sink("filed", NOBODY, context=context) as sink,
+        ventilator.Sink("filed", nobody, context=context) as sink,
     ):
         received = list(sink.results(idle_timeout_s=0.3, output_fd=output.fileno()))
 
