@@ -260,6 +260,12 @@ class SchedulerMachine(RuleBasedStateMachine):
                 or (task.state is State.FINISHED and task.recipient == session)
             )
         ]
+        # The client counts those it holds no more at once: the broker may
+        # fill their room in the delivery window in the same turn.
+        for key in dropped:
+            name = self.recipient_of.get(key)
+            if name is not None:
+                self.recipients[name].delivered.discard(key)
         self._client(self._peer_of(session), p.Cancel(task_ids))
         for key in dropped:
             name = self.recipient_of.pop(key, None)
