@@ -43,6 +43,17 @@ def two_big_results_unread(driver: Driver) -> list[p.Assignment]:
     return taken
 
 
+def restore_two_big_results_and_a_queued_task(driver: Driver, recipient: str) -> None:
+    """What a journal gives back after a restart: two finished tasks of Alice
+    whose results wait for `recipient`, and a third task of hers queued."""
+    for ticket in (1, 2):
+        done = Task(ticket, "alice", ticket, "jobs:work", b"", 0, None, 0, recipient)
+        done.state, done.status, done.result = State.FINISHED, p.Status.OK, BIG
+        driver.scheduler.restore(done, driver.now)
+    queued = Task(3, "alice", 3, "jobs:work", b"a", 0, None, 0, recipient)
+    driver.scheduler.restore(queued, driver.now)
+
+
 def test_a_session_whose_unread_results_fill_its_room_gets_nothing_more_run() -> None:
     driver = Driver(LIMITS)
 
@@ -124,16 +135,7 @@ def test_expired_results_let_the_session_go_again() -> None:
 
 def test_a_restored_session_whose_results_fill_its_room_stays_held_back() -> None:
     driver = Driver(LIMITS)
-    for ticket in (1, 2):
-        finished = Task(ticket, "alice", ticket, "jobs:work", b"", 0, None, 0, "alice")
-        finished.state, finished.status, finished.result = (
-            State.FINISHED,
-            p.Status.OK,
-            BIG,
-        )
-        driver.scheduler.restore(finished, driver.now)
-    queued = Task(3, "alice", 3, "jobs:work", b"a", 0, None, 0, "alice")
-    driver.scheduler.restore(queued, driver.now)
+    restore_two_big_results_and_a_queued_task(driver, recipient="alice")
     driver.scheduler.await_returning_workers(driver.now)
     driver.tick(10.0)
 
@@ -156,16 +158,7 @@ def test_status_tells_the_bytes_of_results_a_session_has_waiting() -> None:
 
 def test_a_restored_sender_to_a_sink_is_listed_held_back_with_its_tasks() -> None:
     driver = Driver(LIMITS)
-    for ticket in (1, 2):
-        finished = Task(ticket, "alice", ticket, "jobs:work", b"", 0, None, 0, "sink:s")
-        finished.state, finished.status, finished.result = (
-            State.FINISHED,
-            p.Status.OK,
-            BIG,
-        )
-        driver.scheduler.restore(finished, driver.now)
-    queued = Task(3, "alice", 3, "jobs:work", b"a", 0, None, 0, "sink:s")
-    driver.scheduler.restore(queued, driver.now)
+    restore_two_big_results_and_a_queued_task(driver, recipient="sink:s")
 
     status = driver.scheduler.status(driver.now)
 
