@@ -281,6 +281,7 @@ class ClientIO:
                 if self._handover.dropped:
                     self._close_dropped()
             if self._receive(now):
+                self._log_answer_after_silence(now)
                 broker_seen = self.broker_heard_at = now
                 # WELCOME may have lowered the interval to the broker's: the
                 # next beat must not keep the date our own interval gave it.
@@ -358,6 +359,19 @@ class ClientIO:
             log.warning(
                 "broker silent for %.1fs broker=%s; reconnecting",
                 now - heard_at,
+                self.address,
+            )
+
+    def _log_answer_after_silence(self, now: float) -> None:
+        """Say the broker answers again, if its silence was said: an operator
+        who read "reconnecting" should not have to guess how it ended."""
+        heard_at = self.broker_heard_at
+        silent_since = self._started_at if heard_at is None else heard_at
+        if self._silence_log.said_of(silent_since):
+            log.info(
+                "broker answered %s after %.1fs of silence broker=%s",
+                "at last" if heard_at is None else "again",
+                now - silent_since,
                 self.address,
             )
 

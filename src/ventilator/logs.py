@@ -121,3 +121,8 @@ class Dwindling:
         self._interval_s = min(self._max_s, max(self._first_s, 2 * self._interval_s))
         self._next_at = now + self._interval_s
         return True
+
+    def said_of(self, began_at: float) -> bool:
+        """Whether it was said of the state that began at `began_at`: then
+        that state's end is worth a line too, for whoever read the first."""
+        return began_at == self._began_at and self._interval_s > 0

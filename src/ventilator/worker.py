@@ -329,7 +329,14 @@ class Worker:
         commands = _wire.receive(
             self._socket, p.TO_WORKER, lend_large=True, announced=announced
         )
-        self._broker.read(bool(commands), now)
+        silent_s = self._broker.read(bool(commands), now)
+        if silent_s is not None:
+            log.info(
+                "broker answered again after %.1fs of silence broker=%s worker=%s",
+                silent_s,
+                self.config.connect,
+                self.config.worker_id,
+            )
         for command in commands:
             self._handle(command, now)
 
@@ -605,12 +612,17 @@ class _BrokerContact:
         # Worker._registering_again).
         self.welcomed_on = 0
 
-    def read(self, heard: bool, now: float) -> None:
-        """The socket was read empty at `now`; `heard` if it held messages."""
+    def read(self, heard: bool, now: float) -> float | None:
+        """The socket was read empty at `now`; `heard` if it held messages.
+        Returns how long the broker had been silent, if that silence was
+        logged (its end is worth a line too), else None."""
         read_before, self._read_at = self._read_at, now
-        if heard:
-            self._seen_at = self._heard_at = now
-            self.heard_after = read_before
+        if not heard:
+            return None
+        ended = self._heard_at if self._silence_log.said_of(self._heard_at) else None
+        self._seen_at = self._heard_at = now
+        self.heard_after = read_before
+        return None if ended is None else now - ended
 
     def registering(self, now: float) -> None:
         self._registering = True

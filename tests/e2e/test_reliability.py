@@ -774,6 +774,28 @@ def test_a_paused_broker_blames_no_task_for_its_own_silence(
     assert client.failed() == []
 
 
+def test_peers_that_said_the_broker_was_silent_say_when_it_answers_again(
+    launch: Launcher, caplog: pytest.LogCaptureFixture
+) -> None:
+    broker = launch.broker(heartbeat_interval_s=FAST_HEARTBEAT_S)
+    worker = launch.worker(broker, extra=("--log-level", "info"))
+    client = launch.client(broker)
+    wait_for_workers(client, 1)
+    caplog.set_level(logging.INFO, logger="ventilator.client")
+
+    pause_for(broker.pid, PAUSE_S)
+
+    assert client.submit(tasks.square, 3).result(RESULT_TIMEOUT_S) == 9
+    said = [record.getMessage() for record in caplog.records]
+    assert any("broker silent" in line for line in said), said
+    assert any("broker answered again after" in line for line in said), said
+    wait_until(
+        lambda: "broker answered again after" in log_of(worker.process),
+        RESULT_TIMEOUT_S,
+        "the worker to say the broker answers again",
+    )
+
+
 def test_handshakes_cut_short_by_a_broker_pause_are_no_warning_once_peers_are_back(
     launch: Launcher,
 ) -> None:
