@@ -2665,27 +2665,29 @@ class Scheduler:
         least_served = min(queue.handed_out_s for _, queue in waiting)
         self._turn_clock = max(self._turn_clock, least_served)
         if len(waiting) == 1:
-            self._serve(*waiting[0], most=_UNCAPPED)
+            self._serve(*waiting[0], one_turn=False)
             return
         while waiting:
             waiting.sort(key=_work_handed_out)
             waiting = [
                 (queue_name, queue)
                 for queue_name, queue in waiting
-                if self._serve(queue_name, queue, most=1) and queue
+                if self._serve(queue_name, queue, one_turn=True) and queue
             ]
 
-    def _serve(self, queue_name: str, queue: FairQueue, most: int) -> bool:
-        """Hand out rounds of `queue`, each of at most `most` tasks per worker,
-        while workers have room for it; False if none could take any. Its
-        turns are charged what it handed out."""
+    def _serve(self, queue_name: str, queue: FairQueue, *, one_turn: bool) -> bool:
+        """Hand out `queue` while workers have room for it, or only one turn
+        of it (a task per worker) when other queues wait in line; False if
+        nobody took any. Its turns are charged what it handed out."""
         available = self._available.get(queue_name)
         waiting = len(queue)
-        while queue and available:
-            if not self._assign_round(queue_name, queue, available, most):
-                break  # credit left, but no allowance for this queue
-            if most != _UNCAPPED:
-                break  # the next queue in line
+        if one_turn:
+            if queue and available:
+                self._assign_round(queue_name, queue, available, one_turn=True)
+        else:
+            while queue and available:
+                if not self._assign_round(queue_name, queue, available, one_turn=False):
+                    break  # credit left, but no allowance for this queue
         handed_out = waiting - len(queue)
         queue.handed_out_s += handed_out * self._turn_cost_s(queue_name)
         return handed_out > 0
@@ -2698,21 +2700,27 @@ class Scheduler:
         return max(run_s, MIN_TURN_S)
 
     def _assign_round(
-        self, queue_name: str, queue: FairQueue, available: dict[str, None], most: int
+        self,
+        queue_name: str,
+        queue: FairQueue,
+        available: dict[str, None],
+        *,
+        one_turn: bool,
     ) -> bool:
-        """Hand out one round of `queue`, at most `most` tasks per worker;
+        """Hand out one round of `queue` (one task per worker if `one_turn`);
         False if nobody could take any.
 
         Idle slots first: a task sent to a worker whose slots are all busy
         waits there behind them, while another worker may have a slot free.
         Then what workers may hold beyond their slots (see `_prefetch_room`),
-        in a capped round only if no slot was free: other queues in line get
-        their turn at the slots first.
+        in one turn only if no slot was free: other queues in line get their
+        turn at the slots first.
         """
+        most = 1 if one_turn else _UNCAPPED
         assigned = self._hand_out(
             queue_name, queue, available, self._idle_room, most, into_slots=True
         )
-        if assigned and most != _UNCAPPED:
+        if assigned and one_turn:
             return True
         if queue and available:  # the idle slots may have taken all the credit
             room_of = self._prefetch_room
