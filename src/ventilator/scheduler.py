@@ -548,6 +548,16 @@ def _times(count: int) -> str:
     return "1 time" if count == 1 else f"{count} times"
 
 
+def _add_count(counts: dict[str, int], key: str, change: int) -> None:
+    """Add `change` to `counts[key]`, which holds no zeros: a key counted
+    down to nothing goes, so the dict is as large as what it counts."""
+    count = counts.get(key, 0) + change
+    if count:
+        counts[key] = count
+    else:
+        del counts[key]
+
+
 def _work_handed_out(item: tuple[str, FairQueue]) -> float:
     return item[1].handed_out_s
 
@@ -1499,11 +1509,7 @@ class Scheduler:
         self._recipient(task.recipient)
 
     def _hold(self, session: str, change: int) -> None:
-        held = self._held.get(session, 0) + change
-        if held:
-            self._held[session] = held
-        else:
-            del self._held[session]
+        _add_count(self._held, session, change)
         if change < 0 and session in self._parked:
             self._room_freed.add(session)
 
@@ -2079,11 +2085,7 @@ class Scheduler:
     def _count_held(self, worker: Worker, queue_name: str, change: int) -> None:
         """Count `change` more tasks of `queue_name` held by `worker` (which
         serves that queue: it got them from it)."""
-        held = worker.held.get(queue_name, 0) + change
-        if held:
-            worker.held[queue_name] = held
-        else:
-            del worker.held[queue_name]
+        _add_count(worker.held, queue_name, change)
         if worker.sharing:
             self._held_by_sharing[queue_name] += change
 
@@ -2563,25 +2565,15 @@ class Scheduler:
         """Count `change` more bytes of results kept for `session`."""
         if not change:
             return
-        held = self._result_bytes.get(session, 0) + change
-        if held:
-            self._result_bytes[session] = held
-        else:
-            del self._result_bytes[session]
+        _add_count(self._result_bytes, session, change)
         self._room_to_review.add(session)
 
     def _unexpect(self, task: Task) -> None:
         """`task`, which counts an expected result, runs no more: its session
         expects that result no more."""
-        expected = task.expected
+        _add_count(self._expected_bytes, task.session, -task.expected)
         task.expected = 0
-        session = task.session
-        left = self._expected_bytes[session] - expected
-        if left:
-            self._expected_bytes[session] = left
-        else:
-            del self._expected_bytes[session]
-        self._room_to_review.add(session)
+        self._room_to_review.add(task.session)
 
     def _results_fill_room(self, session: str) -> bool:
         """Whether the results `session` has waiting (unsent, or sent and not
