@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,17 +36,16 @@ def test_a_sink_stops_waiting_once_the_reader_of_its_output_left(
 ) -> None:
     read_end, write_end = os.pipe()
     os.close(read_end)
-    started = time.monotonic()
     try:
         with (
             ventilator.Sink("unread", nobody, context=context) as sink,
             pytest.raises(BrokenPipeError),
         ):
+            # Not watching its output, it would wait out the idle timeout and
+            # end with StopIteration instead.
             next(sink.results(idle_timeout_s=WAIT_S, output_fd=write_end))
     finally:
         os.close(write_end)
-
-    assert time.monotonic() - started < WAIT_S / 2
 
 
 def test_a_sink_writing_to_a_regular_file_waits_as_before(
