@@ -471,7 +471,8 @@ class Broker:
                     telemetry.publish(now, self._scheduler)
         except JournalError as exc:
             # No client heard of this turn's tasks: none was told "accepted" of
-            # what is not on disk (workers may have started some; at least once).
+            # what is not on disk (workers may have started some, and clients
+            # may hold results whose ends are not on disk; at least once).
             self._journal_failed = True
             log.error(
                 "%s; the broker stops (clients and workers wait for it to come "
@@ -908,6 +909,13 @@ class Broker:
         # the commit, the client would send it again (at-least-once), and the
         # worker overlaps its run with our commit instead of waiting for it.
         self._send_to_workers(effects.to_workers, now)
+        # Results next, for the same reason: a result's task was accepted on
+        # disk in an earlier turn (or never will be: a refusal, a cancel), so
+        # only its end waits for this commit. Were the broker to die before
+        # it, the task would run again and its second result be ignored; and
+        # the client reads the result while we commit, off a lone task's path.
+        results, after_commit = _results_first(effects.to_clients, self._gateway.owns)
+        self._send_results(results, now)
         if effects.journal_dirty:
             self._journal.commit(
                 effects.accepted,
@@ -918,7 +926,7 @@ class Broker:
             )
         if self.telemetry is not None:
             self.telemetry.record(effects)
-        self._send_to_clients(effects.to_clients, now)
+        self._send_to_clients(after_commit, now)
         self._log_notices(effects.notices, now)
 
     def _log_held_back(self, now: float) -> None:
@@ -975,10 +983,16 @@ class Broker:
             else:
                 self._send(peer, command, now)
 
+    def _send_results(
+        self, messages: list[tuple[bytes, p.Command]], now: float
+    ) -> None:
+        for peer, command in messages:
+            self._send(peer, command, now)
+
     def _send_to_clients(
         self, messages: list[tuple[bytes, p.Command]], now: float
     ) -> None:
-        """Acceptances and results, and MDP replies: after the turn's commit."""
+        """Acceptances, answers and MDP replies: after the turn's commit."""
         gateway = self._gateway
         for peer, command in messages:
             if not gateway.owns(peer):
@@ -1051,6 +1065,26 @@ _FORBIDDEN = ProtocolError(
 _BEAT = p.Heartbeat()
 # What a client connection whose key was removed may still send (`_late_ack`).
 _ACK_ONLY = frozenset({p.Cmd.ACK})
+
+
+def _results_first(
+    messages: list[tuple[bytes, p.Command]], is_mdp: Callable[[bytes], bool]
+) -> tuple[list[tuple[bytes, p.Command]], list[tuple[bytes, p.Command]]]:
+    """Split a turn's messages to clients into the RESULTS that may go before
+    the commit and the rest, which wait for it (an ACCEPTED must not go before
+    its task is on disk). A client's messages keep their order: once one of
+    them waits (a WELCOME, say), its later RESULTS wait behind it. An MDP
+    client's replies all wait: the gateway sends them in its own order."""
+    results: list[tuple[bytes, p.Command]] = []
+    after_commit: list[tuple[bytes, p.Command]] = []
+    waiting: set[bytes] = set()
+    for peer, command in messages:
+        if type(command) is p.Results and peer not in waiting and not is_mdp(peer):
+            results.append((peer, command))
+        else:
+            waiting.add(peer)
+            after_commit.append((peer, command))
+    return results, after_commit
 
 
 def _revoked(identity: Identity) -> p.Error:

@@ -21,6 +21,7 @@ from ventilator.broker import (
     _log_unfinished,
     _log_worker_lost,
     _RateLimit,
+    _results_first,
 )
 from ventilator.errors import UsageError
 from ventilator.logs import Dwindling
@@ -91,6 +92,33 @@ def test_one_oversized_submission_still_travels_alone() -> None:
 def test_only_messages_of_small_frames_are_copied() -> None:
     assert p.small([b"header", b"x" * (p.ZERO_COPY_BYTES - 1)])
     assert not p.small([b"header", b"x" * p.ZERO_COPY_BYTES])
+
+
+def test_results_go_before_the_commit_but_never_ahead_of_what_waits_for_it() -> None:
+    def results(task_id: int) -> p.Results:
+        return p.Results([p.ResultEntry(task_id, p.Status.OK, b"")])
+
+    welcome = p.Welcome(window=10, max_payload_bytes=1024, heartbeat_interval_s=1.0)
+    messages: list[tuple[bytes, p.Command]] = [
+        (b"alice", results(1)),
+        (b"bob", welcome),
+        (b"bob", results(2)),  # behind bob's WELCOME, which waits for the commit
+        (b"alice", p.Accepted([3])),
+        (b"alice", results(4)),  # behind alice's ACCEPTED
+        (b"carol", results(5)),
+        (b"mdp-dave", results(6)),  # the gateway orders an MDP client's replies
+    ]
+
+    early, after_commit = _results_first(messages, lambda peer: peer.startswith(b"mdp"))
+
+    assert early == [messages[0], messages[5]]
+    assert after_commit == [
+        messages[1],
+        messages[2],
+        messages[3],
+        messages[4],
+        messages[6],
+    ]
 
 
 def test_a_worker_that_said_goodbye_is_logged_as_leaving_without_a_warning(
