@@ -53,6 +53,7 @@ from .errors import JournalError, ProtocolError, UsageError
 from .gateway import MdpGateway, MdpSettings
 from .journal import Journal, MemoryJournal, open_journal
 from .logs import RateLimit as _RateLimit
+from .logs import Routine
 from .policy import Limits
 from .security import CLIENT, WORKER, Gate, Identity, KeyStore, PeerCount, ServerKeys
 from .telemetry import Telemetry
@@ -109,6 +110,9 @@ _MONITORED = (
 # whose connection failed tries again within 0.1 s (libzmq's reconnect
 # interval), or opens a new one at once if it gave up on the old.
 HANDSHAKE_SETTLE_S = 10.0
+# Unfinished handshakes with nothing to act on (port checks) are said at INFO
+# at once, then after this long, then twice as long each time up to an hour.
+ROUTINE_HANDSHAKES_FIRST_INTERVAL_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,6 +206,10 @@ class Broker:
         self._refusal_log = _RateLimit(per_s=1.0, what="refused messages")
         self._handshake_log = _RateLimit(per_s=1.0, what="failed handshakes")
         self._unfinished = _wire.UnfinishedHandshakes(HANDSHAKE_SETTLE_S)
+        self._routine_handshakes = {
+            tag: Routine(__name__, ROUTINE_HANDSHAKES_FIRST_INTERVAL_S)
+            for tag in (FRONTEND, BACKEND, MDP)
+        }
         self._rejection_log = _RateLimit(per_s=1.0, what="refused tasks")
         self._session_refusal_log = _RateLimit(per_s=1.0, what="refused sessions")
         # A line per HELLO under a new name is a flood when a client renames
@@ -717,7 +725,8 @@ class Broker:
                 )
         for settled_tag, unfinished in self._unfinished.settled(now):
             interval_s = _wire.handshake_interval_s(self._sockets[settled_tag])
-            _log_unfinished(_SIDES[settled_tag], unfinished, interval_s, now)
+            routine = self._routine_handshakes[settled_tag]
+            _log_unfinished(_SIDES[settled_tag], unfinished, interval_s, now, routine)
 
     def _handshake_causes(self, event: int) -> str:
         """What makes a handshake fail with `event` on this broker, for the
@@ -1125,10 +1134,15 @@ def _log_rejection(notice: n.Rejected, suppressed_note: str) -> None:
 
 
 def _log_unfinished(
-    side: str, unfinished: _wire.Unfinished, handshake_interval_s: float, now: float
+    side: str,
+    unfinished: _wire.Unfinished,
+    handshake_interval_s: float,
+    now: float,
+    routine: Routine,
 ) -> None:
     """Say what became of connections that ended before their ZeroMQ
-    handshake finished: nothing to act on if peers got in after them."""
+    handshake finished: nothing to act on if peers got in after them, and
+    then (`routine`) not at INFO every time."""
     ways = []
     if unfinished.closed:
         ways.append(f"{unfinished.closed} closed by the peer first")
@@ -1139,7 +1153,9 @@ def _log_unfinished(
         f"the ZeroMQ handshake finished ({', '.join(ways)})"
     )
     if unfinished.followed:
-        log.info(
+        routine.log(
+            now,
+            unfinished.count,
             "%s; handshakes on that socket succeeded since: peers that were "
             "paused, overloaded, or gave up waiting (as they do while this "
             "broker stands still) got in on a later try; nothing to do",
@@ -1150,7 +1166,9 @@ def _log_unfinished(
         # Opened and closed without a word of ZMTP: a load balancer's health
         # check does it every few seconds. A peer that speaks and is refused
         # (a wrong key, garbage) is another event, logged as a warning.
-        log.info(
+        routine.log(
+            now,
+            unfinished.count,
             "%s: port checks (a load balancer's health check, a scanner) or "
             "peers that left before finishing it; nothing to do unless "
             "clients or workers cannot connect, and then their own logs say why",

@@ -5,7 +5,8 @@ private modules log as `ventilator.client`, the component operators know);
 handlers are configured here, and only the CLI calls `configure`. `RateLimit`
 keeps a peer's flood of garbage from becoming a flood of log lines;
 `Dwindling` keeps a state that lasts (no broker answers) from being logged
-every few seconds for hours.
+every few seconds for hours, and `Routine` an event that recurs for ever (a
+load balancer's health check).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ __all__ = [
     "Dwindling",
     "JsonFormatter",
     "RateLimit",
+    "Routine",
     "configure",
 ]
 
@@ -126,3 +128,39 @@ class Dwindling:
         """Whether it was said of the state that began at `began_at`: then
         that state's end is worth a line too, for whoever read the first."""
         return began_at == self._began_at and self._interval_s > 0
+
+
+class Routine:
+    """An event worth an INFO line when it starts to happen, not each time it
+    recurs: a load balancer's port check every few seconds, for ever. It is
+    said at INFO at once, then less and less often (see `Dwindling`), each
+    line counting those since the last; between them at DEBUG. After
+    `max_interval_s` without one, the next is said at once again."""
+
+    def __init__(
+        self, log_name: str, first_interval_s: float, max_interval_s: float = 3600.0
+    ) -> None:
+        self._log = logging.getLogger(log_name)
+        self._when = Dwindling(first_interval_s, max_interval_s)
+        self._quiet_s = max_interval_s
+        self._began_at = self._last_at = -float("inf")
+        self._unsaid = 0
+
+    def log(self, now: float, count: int, message: str, *args: object) -> None:
+        """Log `message % args`, about `count` occurrences seen at `now`."""
+        if now - self._last_at > self._quiet_s:
+            self._began_at = now
+        self._last_at = now
+
+        if not self._when.due(now, self._began_at):
+            self._unsaid += count
+            self._log.debug(message, *args)
+            return
+
+        note = (
+            f" ({self._unsaid} more like it since the last line)"
+            if self._unsaid
+            else ""
+        )
+        self._unsaid = 0
+        self._log.info(message + "%s", *args, note)

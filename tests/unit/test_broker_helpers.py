@@ -24,7 +24,7 @@ from ventilator.broker import (
     _results_first,
 )
 from ventilator.errors import UsageError
-from ventilator.logs import Dwindling
+from ventilator.logs import Dwindling, Routine
 from ventilator.notices import (
     Fault,
     Notice,
@@ -313,11 +313,44 @@ def test_unfinished_handshakes_warn_only_when_peers_began_and_none_got_in_after(
     caplog.set_level(logging.INFO, logger="ventilator.broker")
     unfinished = Unfinished(100.0, closed, timed_out, followed)
 
-    _log_unfinished("client", unfinished, handshake_interval_s=30.0, now=110.0)
+    routine = Routine(log_name="ventilator.broker", first_interval_s=60.0)
+    _log_unfinished("client", unfinished, 30.0, 110.0, routine)
 
     assert [(r.name, r.levelname) for r in caplog.records] == [
         ("ventilator.broker", level)
     ]
+
+
+def test_a_health_check_every_few_seconds_is_logged_less_and_less_often(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A load balancer probes the port every 5 s for two hours: each probe
+    # settles 10 s on as a port check. A line every 10 s buried the log.
+    caplog.set_level(logging.DEBUG, logger="ventilator.broker")
+    routine = Routine(log_name="ventilator.broker", first_interval_s=60.0)
+    port_check = Unfinished(0.0, closed=1, timed_out=0, followed=False)
+
+    for now in range(10, 7200, 5):
+        _log_unfinished("client", port_check, 30.0, float(now), routine)
+
+    said = [r for r in caplog.records if r.levelname == "INFO"]
+    assert caplog.records[0].levelname == "INFO"  # the first at once
+    assert 5 <= len(said) <= 10, [r.getMessage() for r in said]
+    assert "more like it" in said[-1].getMessage()
+    assert len(caplog.records) == len(range(10, 7200, 5))  # the rest at DEBUG
+
+
+def test_a_port_check_after_a_long_quiet_is_said_at_once_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="ventilator.broker")
+    routine = Routine(log_name="ventilator.broker", first_interval_s=60.0)
+    port_check = Unfinished(0.0, closed=1, timed_out=0, followed=False)
+
+    for now in (10.0, 15.0, 20.0, 20_000.0):
+        _log_unfinished("client", port_check, 30.0, now, routine)
+
+    assert len(caplog.records) == 2  # the first and the one after the quiet
 
 
 def test_the_disk_budget_keeps_the_reserve_for_tasks_and_a_quarter_of_it_for_results(
