@@ -182,18 +182,18 @@ class Admission:
         return Admitted(command, [])
 
     def _submit(self, identity: Identity, submit: p.Submit) -> Admitted:
-        allowed, rejected = [], []
+        # One refusal per task id, however many copies a raw client sent; and
+        # none of its copies goes on, or the id would be accepted and refused.
+        refused: dict[int, str] = {}
         for spec in submit.tasks:
             name = right_name(spec.function, spec.flags)
-            if identity.rights.allows(name):
-                allowed.append(spec)
-            else:
-                reason = (
+            if spec.task_id not in refused and not identity.rights.allows(name):
+                refused[spec.task_id] = (
                     f"key {identity.name} ({identity.fingerprint}) may not submit "
                     f"{name}; it may submit {identity.rights}"
                 )
-                rejected.append((spec.task_id, reason))
-        return Admitted(p.Submit(allowed) if allowed else None, rejected)
+        allowed = [spec for spec in submit.tasks if spec.task_id not in refused]
+        return Admitted(p.Submit(allowed) if allowed else None, list(refused.items()))
 
     def _hello(self, identity: Identity, hello: p.Hello) -> Admitted:
         # A sink collects other keys' results: a key with limited rights may

@@ -218,6 +218,30 @@ def test_admission_rejects_each_task_outside_the_rights_and_keeps_the_others() -
     assert task_id == 2 and "may not submit billing:charge" in reason
 
 
+def test_admission_refuses_a_task_id_once_however_many_copies_the_submit_holds() -> (
+    None
+):
+    # A raw client repeats ids: copies outside the rights, and a copy within
+    # them of an id whose other copy is outside. One answer per task id: the
+    # client must not hear task 3 both accepted and refused.
+    admission = Admission(curve=True, pickle_permitted=True)
+    submit = p.Submit(
+        [
+            p.TaskSpec(2, "billing:charge", b""),
+            p.TaskSpec(2, "billing:charge", b""),
+            p.TaskSpec(3, "reports:daily", b""),
+            p.TaskSpec(3, "billing:charge", b""),
+            p.TaskSpec(4, "reports:daily", b""),
+        ]
+    )
+
+    admitted = admission.client(REPORTER, submit)
+
+    assert [task_id for task_id, _ in admitted.rejected] == [2, 3]
+    assert isinstance(admitted.command, p.Submit)
+    assert [spec.task_id for spec in admitted.command.tasks] == [4]
+
+
 def test_admission_keeps_a_session_inside_its_key_and_guards_sinks() -> None:
     admission = Admission(curve=True, pickle_permitted=True)
 
