@@ -118,7 +118,7 @@ def _check_totals(scheduler: Scheduler) -> None:
 def _check_nobody_idles_for(scheduler: Scheduler, task: Task) -> None:
     if task.queue in scheduler._held_back:
         return  # it waits for the worker that ran it before a restart
-    if task.session in scheduler._results_full:
+    if task.session in scheduler._room.held_back:
         return  # it waits for its client to read results
     for worker in scheduler.workers.values():
         free = max(
@@ -179,9 +179,9 @@ def _check_stale_counts(scheduler: Scheduler) -> None:
 
 
 def _check_result_room(scheduler: Scheduler) -> None:
-    """Results and expected results are counted per session, and exactly
-    the sessions they fill the room of are held back (their lanes out of
-    turn in every queue), once the next flush has looked."""
+    """Results and expected results are counted per session, and exactly the
+    sessions they fill the room of are held back (their lanes out of turn in
+    every queue), once the next flush has looked."""
     results: dict[str, int] = {}
     expected: dict[str, int] = {}
     for task in scheduler.tasks.values():
@@ -190,12 +190,7 @@ def _check_result_room(scheduler: Scheduler) -> None:
         if task.expected:
             assert task.state is State.RUNNING, f"task {task.ticket} expected"
             expected[task.session] = expected.get(task.session, 0) + task.expected
-    assert scheduler._result_bytes == results, (scheduler._result_bytes, results)
-    assert scheduler._expected_bytes == expected, (scheduler._expected_bytes, expected)
-    # Those changed since the last look are looked at by the next flush.
-    looked = scheduler._results_full - scheduler._room_to_review
-    full = {s for s in {*results, *expected} if scheduler._results_fill_room(s)}
-    assert looked == full - scheduler._room_to_review, (scheduler._results_full, full)
+    scheduler._room.check(results, expected)
 
 
 def _check_tombstones(scheduler: Scheduler) -> None:

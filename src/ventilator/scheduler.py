@@ -69,6 +69,7 @@ from .notices import (
     WorkerReturned,
 )
 from .policy import Backoff, Limits, Prefetch
+from .result_room import ResultRoom
 from .serialization import pack_error, unpack_value
 from .status import FAILURE_STATUSES, StatusReport, latest_failures, outcome_totals
 
@@ -216,7 +217,7 @@ class Task:
     run_s: float = 0.0
     # While it runs: the bytes its result is expected to take (its queue's
     # mean so far), counted against its session's room for results (see
-    # Scheduler._results_fill_room); 0 otherwise.
+    # result_room); 0 otherwise.
     expected: int = 0
 
     @property
@@ -723,16 +724,9 @@ class Scheduler:
         self._parked: dict[str, Parked] = {}
         self._room_freed: set[str] = set()
         self._queued_bytes = 0
-        # Per submitting session, the bytes of its results the broker keeps
-        # (tombstones aside), and those its running tasks are expected to
-        # return; the sessions for which the two fill client_max_bytes, whose
-        # queued tasks get no turn until results are read (shared with every
-        # FairQueue); and the sessions whose figures changed since the last
-        # look (see _results_fill_room).
-        self._result_bytes: dict[str, int] = {}
-        self._expected_bytes: dict[str, int] = {}
-        self._results_full: set[str] = set()
-        self._room_to_review: set[str] = set()
+        # Per submitting session, the bytes of results kept and expected, and
+        # the sessions they hold back (see result_room).
+        self._room = ResultRoom(self.limits.client_max_bytes)
         # Per queue: tickets still in it whose task left QUEUED without being
         # taken (cancelled, purged); they are skipped when they reach the front.
         self._stale: dict[str, int] = {}
@@ -1505,7 +1499,7 @@ class Scheduler:
         self._hold(task.session, +1)
         self._count_bytes(task, len(task.payload) + len(task.result))
         if task.result:  # restored from the journal
-            self._count_result(task.session, len(task.result))
+            self._room.count_kept(task.session, len(task.result))
         self._recipient(task.recipient)
 
     def _hold(self, session: str, change: int) -> None:
@@ -1548,7 +1542,7 @@ class Scheduler:
             if recipient is not None:
                 recipient.expired -= 1
         else:
-            self._count_result(task.session, -len(task.result))
+            self._room.count_kept(task.session, -len(task.result))
         self._effects.forgotten.append(task.ticket)
 
     def _cancel(self, session: str, task_ids: Iterable[int], now: float) -> None:
@@ -1934,7 +1928,7 @@ class Scheduler:
     def _observe_run(self, queue_name: str, duration_s: float, size: int) -> None:
         # Moving averages: a function whose tasks grow longer is soon held
         # one per slot, and its results' size is what the next task of it is
-        # expected to return (see _results_fill_room). That one rises at once
+        # expected to return (see result_room). That one rises at once
         # to a larger result: while an average caught up with results turning
         # from bytes to 60 KB, a session held back at 1 MB kept 4.2 MB.
         mean_s = self._run_s.get(queue_name)
@@ -2403,7 +2397,7 @@ class Scheduler:
         """Keep `task`, whose result expired at `expired_at`, as a tombstone."""
         self._tombstones[task.ticket] = expired_at
         self._tombstone_bytes += len(task.result)
-        self._count_result(task.session, -len(task.result))
+        self._room.count_kept(task.session, -len(task.result))
         self._recipient(task.recipient).expired += 1
 
     def _forget_tombstones(self, now: float) -> None:
@@ -2448,7 +2442,7 @@ class Scheduler:
         task.queued_at = self._now
         queue = self._queues.get(task.queue)
         if queue is None:
-            queue = self._queues[task.queue] = FairQueue(self._results_full)
+            queue = self._queues[task.queue] = FairQueue(self._room.held_back)
         if not queue:
             # It joins the turns level with the least served of the queues
             # waiting last, not ahead of them by what they did while it was
@@ -2542,7 +2536,7 @@ class Scheduler:
     def _replace_result(self, task: Task, result: p.Payload) -> None:
         change = len(result) - len(task.result)
         self._count_bytes(task, change)
-        self._count_result(task.session, change)
+        self._room.count_kept(task.session, change)
         task.result = result
 
     def _count_bytes(self, task: Task, change: int) -> None:
@@ -2559,60 +2553,28 @@ class Scheduler:
         if change < 0 and session in self._parked:
             self._room_freed.add(session)
 
-    # --- room for results -------------------------------------------------------------
-
-    def _count_result(self, session: str, change: int) -> None:
-        """Count `change` more bytes of results kept for `session`."""
-        if not change:
-            return
-        _add_count(self._result_bytes, session, change)
-        self._room_to_review.add(session)
+    # --- room for results (see result_room) -----------------------------------------
 
     def _unexpect(self, task: Task) -> None:
         """`task`, which counts an expected result, runs no more: its session
         expects that result no more."""
-        _add_count(self._expected_bytes, task.session, -task.expected)
+        self._room.unexpect(task.session, task.expected)
         task.expected = 0
-        self._room_to_review.add(task.session)
-
-    def _results_fill_room(self, session: str) -> bool:
-        """Whether the results `session` has waiting (unsent, or sent and not
-        acknowledged), and those its running tasks are expected to return,
-        fill the bytes one client may have in the broker.
-
-        Then none of its queued tasks is dispatched: they stay accepted and
-        journalled, and go once it reads results. A task's arguments are
-        bounded at submission, but its result only when it comes; a client
-        that never read (dead, careless or hostile) had a window of 100,000
-        results kept, 4 GB of them, and every other client refused for
-        max_queued_bytes. Arguments of queued tasks do not count here: they
-        leave as their tasks run, and counting them could hold a session
-        back for ever.
-        """
-        held = self._result_bytes.get(session, 0)
-        held += self._expected_bytes.get(session, 0)
-        return held >= self.limits.client_max_bytes
 
     def _review_result_room(self) -> None:
         """Hold back, or let go again, the queued tasks of the sessions whose
         results changed since the last look."""
-        review, self._room_to_review = self._room_to_review, set()
-        for session in review:
-            full = self._results_fill_room(session)
-            if full != (session in self._results_full):
-                self._hold_back_session(session, full)
+        for session, held_back in self._room.review():
+            self._rest_lanes(session, held_back)
 
-    def _hold_back_session(self, session: str, held_back: bool) -> None:
+    def _rest_lanes(self, session: str, resting: bool) -> None:
         """Take the lanes of `session` out of turn in every queue, or give
         them their turns back. Once per change, not per task: one pass over
         the queues."""
-        if held_back:
-            self._results_full.add(session)
-            for queue in self._queues.values():
+        for queue in self._queues.values():
+            if resting:
                 queue.rest(session)
-        else:
-            self._results_full.discard(session)
-            for queue in self._queues.values():
+            else:
                 queue.wake(session)
 
     def await_returning_workers(self, now: float) -> float:
@@ -2830,8 +2792,7 @@ class Scheduler:
         # What each task taken is expected to return, counted against its
         # session's room for results; past that room, its lanes rest.
         expected = int(self._result_size.get(queue_name, 0.0))
-        expected_bytes, result_bytes = self._expected_bytes, self._result_bytes
-        limit_bytes = self.limits.client_max_bytes
+        room = self._room
         while queue and len(assignments) < count:
             task = self.tasks.get(queue.popleft())
             if task is None or task.state is not State.QUEUED:
@@ -2856,13 +2817,10 @@ class Scheduler:
                 worker.unstarted[task.ticket] = None
             elif task.timeout_s is not None:  # most have none: no call for them
                 self._arm(worker, task, now)
-            if expected:  # written out, as the lease above: once per task
+            if expected:
                 task.expected = expected
-                session = task.session
-                total = expected_bytes.get(session, 0) + expected
-                expected_bytes[session] = total
-                if total + result_bytes.get(session, 0) >= limit_bytes:
-                    self._hold_back_session(session, True)
+                if room.expect(task.session, expected):
+                    self._rest_lanes(task.session, True)
             assignments.append(
                 p.Assignment(
                     task.ticket,
@@ -3097,9 +3055,9 @@ class Scheduler:
             recipients=self.recipients.values(),
             held=self._held,
             parked=self._parked,
-            result_bytes=self._result_bytes,
-            expected_bytes=self._expected_bytes,
-            held_back=self._results_full,
+            result_bytes=self._room.kept,
+            expected_bytes=self._room.expected,
+            held_back=self._room.held_back,
             failed=self.failed,
             tombstones=len(self._tombstones),
             queued=self._queued_by_function(),
