@@ -91,13 +91,9 @@ def _check_session_counts(scheduler: Scheduler) -> None:
 def _check_parked(scheduler: Scheduler) -> None:
     """Tasks wait for room only while there is none, a window's worth at
     most, and only for a session the broker remembers."""
-    assert not scheduler._room_freed, "room came back and nobody looked"
-    for session, parked in scheduler._parked.items():
-        assert parked.specs, f"{session} parks nothing"
+    scheduler._waiting_room.check()
+    for session, parked in scheduler._waiting_room.parked.items():
         assert session in scheduler.recipients, f"{session} forgotten with tasks parked"
-        assert len(parked.specs) <= scheduler.limits.client_window, session
-        size = sum(len(spec.payload) for spec in parked.specs.values())
-        assert parked.size == size, (session, parked.size, size)
         assert not any((session, t) in scheduler._by_key for t in parked.specs)
         first = len(parked.first().payload)
         assert scheduler._window_refusal(session, first) is not None, (

@@ -72,6 +72,7 @@ from .policy import Backoff, Limits, Prefetch
 from .result_room import ResultRoom
 from .serialization import pack_error, unpack_value
 from .status import FAILURE_STATUSES, StatusReport, latest_failures, outcome_totals
+from .waiting_room import Parked, WaitingRoom
 
 # Pickled callables have no function name a worker registered; they share one
 # queue, served only by workers that opted in to unpickling.
@@ -378,39 +379,11 @@ class Recipient:
         return tickets
 
 
-@dataclass(slots=True)
-class Parked:
-    """Tasks a session sent past its window, which wait at the broker for room
-    in it (see Scheduler._park): in the order they came, and their bytes.
-
-    Not accepted: neither journalled nor counted in the broker's totals. Their
-    client holds them as unaccepted, and sends them again on a new connection.
-    """
-
-    specs: dict[int, p.TaskSpec] = field(default_factory=dict)
-    size: int = 0
-
-    def add(self, spec: p.TaskSpec) -> None:
-        self.specs[spec.task_id] = spec
-        self.size += len(spec.payload)
-
-    def first(self) -> p.TaskSpec:
-        return next(iter(self.specs.values()))
-
-    def remove(self, task_id: int) -> bool:
-        """Drop the task `task_id`; False if it was not here."""
-        spec = self.specs.pop(task_id, None)
-        if spec is None:
-            return False
-        self.size -= len(spec.payload)
-        return True
-
-
 class Admission(enum.Enum):
     """What became of one submitted task."""
 
     ACCEPTED = "accepted"
-    WAITING = "waiting"  # past its sender's window, for room (see _park)
+    WAITING = "waiting"  # past its sender's window, for room (see waiting_room)
     REFUSED = "refused"
 
 
@@ -719,10 +692,10 @@ class Scheduler:
         # sink acknowledges it), and their payload and result bytes.
         self._held: dict[str, int] = {}
         self._held_bytes: dict[str, int] = {}
-        # Per session, tasks it sent past its window, waiting for room, and
-        # the sessions whose window some room came back to this turn.
-        self._parked: dict[str, Parked] = {}
-        self._room_freed: set[str] = set()
+        # Per session, tasks it sent past its window, waiting for room.
+        self._waiting_room = WaitingRoom(
+            self.limits.client_window, self.limits.client_max_bytes
+        )
         self._queued_bytes = 0
         # Per submitting session, the bytes of results kept and expected, and
         # the sessions they hold back (see result_room).
@@ -895,7 +868,7 @@ class Scheduler:
             return
         recipient.peer = None
         # What it sent past its window no longer has a connection to hear of it.
-        self._drop_parked(recipient.name)
+        self._waiting_room.drop(recipient.name)
         if self._holds_nothing(recipient):
             self._drop_recipient(recipient)
 
@@ -913,7 +886,7 @@ class Scheduler:
             recipient.pending
             or recipient.unacked
             or self._held.get(recipient.name, 0)
-            or recipient.name in self._parked
+            or recipient.name in self._waiting_room.parked
         )
 
     def _drop_recipient(self, recipient: Recipient) -> None:
@@ -1116,7 +1089,7 @@ class Scheduler:
             if (session, spec.task_id) in self._by_key:
                 accepted[spec.task_id] = None  # a resubmission: already ours
                 continue
-            if self._is_parked(session, spec.task_id):
+            if self._waiting_room.holds(session, spec.task_id):
                 continue  # a resubmission of one that waits for room
 
             twice = spec.task_id in repeated
@@ -1151,14 +1124,14 @@ class Scheduler:
         twice: bool = False,
     ) -> Admission:
         """Accept one task a client submitted, or refuse it; past its window,
-        let it wait for room (see `_park`). `twice`: the SUBMIT carries another
+        let it wait for room (see `waiting_room`). `twice`: the SUBMIT carries another
         copy of its id, which a refusal names too."""
         reason = p.submission_problem(spec.function, spec.flags)
         if reason is None:
             reason = self._task_refusal(spec, pickle_served)
         size = len(spec.payload)
         if reason is None and self._waits_for_room(session, size):
-            reason = self._park(session, spec)
+            reason = self._waiting_room.park(session, spec)
             if reason is None:
                 return Admission.WAITING
         if reason is None:
@@ -1335,55 +1308,19 @@ class Scheduler:
     def _waits_for_room(self, session: str, size: int) -> bool:
         """Whether a task of `session` must wait for room in its window: it is
         full, or others wait already (they go first)."""
-        if session in self._parked:
+        if session in self._waiting_room.parked:
             return True
         return self._window_refusal(session, size) is not None
-
-    def _is_parked(self, session: str, task_id: int) -> bool:
-        parked = self._parked.get(session)
-        return parked is not None and task_id in parked.specs
-
-    def _park(self, session: str, spec: p.TaskSpec) -> str | None:
-        """Let a task past its sender's window wait for room; None once it
-        waits, else why it may not (another window's worth waits already).
-
-        A sink task counts against its sender until the sink acknowledges its
-        result, which our client cannot see: it takes the task for gone once
-        accepted, and sends more. Refused, those would fail (a sink that fell
-        behind failed its senders' tasks); waiting unaccepted, they keep their
-        client's window full, and so slow the sender, and only the sender. A
-        client that keeps to its window never has more than a window's worth
-        waiting; past that, or its bytes, a sender is refused.
-        """
-        parked = self._parked.get(session)
-        if parked is None:
-            parked = self._parked[session] = Parked()
-        limits = self.limits
-        over = len(parked.specs) >= limits.client_window or (
-            parked.size + len(spec.payload) > limits.client_max_bytes
-        )
-        if over and parked.specs:
-            return (
-                f"{len(parked.specs)} tasks of this client ({parked.size} bytes) "
-                "wait at the broker for room in its window already "
-                f"(client_window={limits.client_window}, client_max_bytes="
-                f"{limits.client_max_bytes}); wait for results before "
-                "submitting more"
-            )
-        parked.add(spec)
-        return None
 
     def _accept_waiting(self) -> None:
         """Accept, in the order they came, the tasks that waited for room in
         the windows some room came back to, while it lasts."""
-        freed, self._room_freed = self._room_freed, set()
+        freed = self._waiting_room.take_freed()
         if not freed:
             return
         pickle_served = self._pickle_served()
-        for session in freed:
-            parked = self._parked.get(session)
-            if parked is not None:
-                self._accept_parked(session, parked, pickle_served)
+        for session, parked in freed:
+            self._accept_parked(session, parked, pickle_served)
 
     def _accept_parked(self, session: str, parked: Parked, pickle_served: bool) -> None:
         """Accept what fits of `parked`; refuse what the broker can no longer
@@ -1402,8 +1339,7 @@ class Scheduler:
                 accepted[spec.task_id] = None
             elif peer is not None:
                 self._reject(peer, session, spec.task_id, reason)
-        if not parked.specs:
-            del self._parked[session]
+        self._waiting_room.tidy(session)
         if accepted and peer is not None:
             self._unannounced.accepted(peer, accepted, self._now)
 
@@ -1415,13 +1351,6 @@ class Scheduler:
         if recipient is None:
             return None
         return recipient.peer or recipient.last_peer
-
-    def _drop_parked(self, session: str) -> int:
-        """Forget the tasks `session` sent past its window (its client left,
-        lost its key, or an operator purged it); return how many."""
-        parked = self._parked.pop(session, None)
-        self._room_freed.discard(session)
-        return 0 if parked is None else len(parked.specs)
 
     def _held_tasks(self) -> int:
         """The tasks that count against max_queued_tasks: all but tombstones."""
@@ -1504,8 +1433,8 @@ class Scheduler:
 
     def _hold(self, session: str, change: int) -> None:
         _add_count(self._held, session, change)
-        if change < 0 and session in self._parked:
-            self._room_freed.add(session)
+        if change < 0 and session in self._waiting_room.parked:
+            self._waiting_room.room_freed(session)
 
     def _ack(self, recipient: Recipient, keys: Iterable[tuple[str, int]]) -> None:
         acked: set[int] = set()
@@ -1547,15 +1476,13 @@ class Scheduler:
 
     def _cancel(self, session: str, task_ids: Iterable[int], now: float) -> None:
         running: dict[int, Task] = {}
-        parked = self._parked.get(session)
         # A task named twice is cancelled once: named again, one cancelled
         # while queued would have its "cancelled" answer forgotten unread.
         for task_id in dict.fromkeys(task_ids):
             ticket = self._by_key.get((session, task_id))
             task = self.tasks.get(ticket) if ticket is not None else None
             if task is None:
-                if parked is not None and parked.remove(task_id):
-                    self._room_freed.add(session)  # the next may fit now
+                self._waiting_room.cancel(session, task_id)
                 continue
             if task.state in (State.QUEUED, State.WAITING):
                 self._finish(task, p.Status.CANCELLED, b"", now)
@@ -1641,7 +1568,7 @@ class Scheduler:
         if said_bye:
             self._forget_cancellations(recipient)
             # Unaccepted: its client failed them as it closed.
-            self._drop_parked(recipient.name)
+            self._waiting_room.drop(recipient.name)
         held = len(recipient.pending) + len(recipient.unacked)
         if was_connected:
             self._effects.notices.append(ClientLost(recipient.name, held, how))
@@ -2277,7 +2204,7 @@ class Scheduler:
         recipient = self.recipients.get(name) if name is not None else None
         if recipient is not None and recipient.peer == peer:
             recipient.peer = None
-            self._drop_parked(recipient.name)
+            self._waiting_room.drop(recipient.name)
             held = len(recipient.pending) + len(recipient.unacked)
             notice = ClientLost(recipient.name, held, Departure.REVOKED)
             self._effects.notices.append(notice)
@@ -2550,8 +2477,8 @@ class Scheduler:
             self._held_bytes[session] = held
         else:
             self._held_bytes.pop(session, None)
-        if change < 0 and session in self._parked:
-            self._room_freed.add(session)
+        if change < 0 and session in self._waiting_room.parked:
+            self._waiting_room.room_freed(session)
 
     # --- room for results (see result_room) -----------------------------------------
 
@@ -3054,7 +2981,7 @@ class Scheduler:
             workers=self.workers.values(),
             recipients=self.recipients.values(),
             held=self._held,
-            parked=self._parked,
+            parked=self._waiting_room.parked,
             result_bytes=self._room.kept,
             expected_bytes=self._room.expected,
             held_back=self._room.held_back,
@@ -3227,7 +3154,7 @@ class Scheduler:
             }
 
         # What it sent past its window counts as queued: it waited to be.
-        dropped = {"results": 0, "queued": self._drop_parked(name), "running": 0}
+        dropped = {"results": 0, "queued": self._waiting_room.drop(name), "running": 0}
         running: list[Task] = []
         # Results of its tasks that wait for sinks are the sinks' to drop, but
         # they count against this session: say how many there are.
