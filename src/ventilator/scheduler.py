@@ -42,7 +42,12 @@ from dataclasses import dataclass, field
 
 from . import protocol as p
 from .announcements import Unannounced
-from .deadlines import DeadlineEntry, DeadlineHeap
+
+# The grace constants (and Parked, below) live with their classes now; they
+# are still importable from here, where tests and tools name them.
+from .deadlines import LEASE_GRACE_BEATS as LEASE_GRACE_BEATS
+from .deadlines import START_GRACE_BEATS as START_GRACE_BEATS
+from .deadlines import DeadlineEntry, DeadlineHeap, LeaseTerms
 from .errors import PoisonTask, ResultExpired, TaskRejected, TaskTimeout
 from .fairqueue import FairQueue
 from .mdp import service_queue
@@ -72,7 +77,8 @@ from .policy import Backoff, Limits, Prefetch
 from .result_room import ResultRoom
 from .serialization import pack_error, unpack_value
 from .status import FAILURE_STATUSES, StatusReport, latest_failures, outcome_totals
-from .waiting_room import Parked, WaitingRoom
+from .waiting_room import Parked as Parked
+from .waiting_room import WaitingRoom
 
 # Pickled callables have no function name a worker registered; they share one
 # queue, served only by workers that opted in to unpickling.
@@ -129,18 +135,6 @@ RUN_TIME_WEIGHT = 0.2
 MIN_TURN_S = 0.001
 # A round of a queue's dispatch with no cap per worker: the only queue waiting.
 _UNCAPPED = sys.maxsize
-# How long past a task's timeout_s the broker waits for its worker to report
-# the timeout itself, in heartbeat intervals. A worker notices a timeout at
-# once, but stopping the task (killing its process, starting another) and the
-# report's trip can take a moment on a loaded machine; three beats is also how
-# long the broker lets a worker stay silent before it is presumed dead. Only a
-# worker that does not enforce timeouts (hung, or not ours) is ever overtaken.
-LEASE_GRACE_BEATS = 3
-# How long, in heartbeat intervals, a worker that has reported nothing since it
-# registered may keep tasks past their deadlines: its task processes may still
-# be importing modules (a few seconds for the heavy ones) before any task of
-# it starts. Past it, a worker that never reports is overtaken all the same.
-START_GRACE_BEATS = 10
 # How much of a CRASHED outcome's report (how the task process ended) the
 # broker repeats to the client.
 MAX_DEATH_LENGTH = 200
@@ -276,7 +270,7 @@ class Worker:
     overruns: int = 0
     # When it registered, and last reported outcomes (None: not yet): while it
     # reports, the broker leaves its tasks to its own timeouts (see
-    # Scheduler._trusted_until).
+    # deadlines.LeaseTerms.trusted_until).
     registered_at: float = 0.0
     reported_at: float | None = None
     # (ticket, attempt) it was told to give up (see `p.Release`): tasks its
@@ -682,6 +676,7 @@ class Scheduler:
         # entries of tasks finished or re-armed since are skipped when they
         # come due, not searched for (see _armed_task).
         self._deadlines = DeadlineHeap(self._armed_task)
+        self._lease_terms = LeaseTerms(self.limits.heartbeat_interval_s)
         # Finished tasks by the time they finished, oldest first, for result expiry.
         self._finish_order: OrderedDict[int, float] = OrderedDict()
         # Tombstones of expired results by when they expired, oldest first, and
@@ -2048,9 +2043,6 @@ class Scheduler:
 
     # --- deadlines: timeouts the broker enforces ------------------------------------
 
-    def _lease_grace_s(self) -> float:
-        return LEASE_GRACE_BEATS * self.limits.heartbeat_interval_s
-
     def _arm(self, worker: Worker, task: Task, start: float) -> None:
         """Start the broker's clock on a task that started at `start`, if it
         has a timeout. Not on a worker that cannot be told to stop it (an MDP
@@ -2058,7 +2050,7 @@ class Scheduler:
         slot would not be free."""
         if task.timeout_s is None or not worker.obeys_release:
             return
-        self._deadlines.arm(task, start + task.timeout_s + self._lease_grace_s())
+        self._deadlines.arm(task, self._lease_terms.deadline(start, task.timeout_s))
 
     def _start_waiting(self, worker: Worker, now: float) -> None:
         """Slots of `worker` freed: the tasks it held behind them start, in
@@ -2082,7 +2074,9 @@ class Scheduler:
             if task is None or task.worker is None:
                 continue  # finished, requeued or re-armed since
             worker = self.workers[task.worker]
-            trusted_until = self._trusted_until(worker)
+            trusted_until = self._lease_terms.trusted_until(
+                worker.registered_at, worker.reported_at
+            )
             if trusted_until > now:
                 self._deadlines.arm(task, trusted_until)
                 continue
@@ -2090,20 +2084,6 @@ class Scheduler:
             self._overran(worker, task, now)
         for worker_id, tasks in overrun.items():
             self._blame_overruns(self.workers[worker_id], tasks, now)
-
-    def _trusted_until(self, worker: Worker) -> float:
-        """Until when the broker leaves `worker`'s tasks to its own timeouts.
-
-        While it reports outcomes it is running its tasks, and stops those that
-        overrun itself: a task that waited for a slot, or for a task process
-        that restarts, is not its fault. Before its first report, its task
-        processes may still be importing modules. Only a worker silent about
-        its tasks for longer than that is overtaken.
-        """
-        if worker.reported_at is None:
-            start_grace_s = START_GRACE_BEATS * self.limits.heartbeat_interval_s
-            return worker.registered_at + start_grace_s
-        return worker.reported_at + self._lease_grace_s()
 
     def _armed_task(self, entry: DeadlineEntry) -> Task | None:
         """The running task a deadline heap entry still stands for, if any."""
@@ -2129,7 +2109,7 @@ class Scheduler:
         """
         self._release(worker, task)
         worker.overruns += 1
-        timeout_s, grace_s = task.timeout_s or 0.0, self._lease_grace_s()
+        timeout_s, grace_s = task.timeout_s or 0.0, self._lease_terms.grace_s
         error = TaskTimeout(
             "TaskTimeout",
             f"the task ran past its timeout of {timeout_s:g}s and its worker "
@@ -2152,7 +2132,7 @@ class Scheduler:
                 len(tasks),
                 (first.ticket, first.attempt),
                 first.timeout_s or 0.0,
-                self._lease_grace_s(),
+                self._lease_terms.grace_s,
                 worker.overruns,
             )
         )
