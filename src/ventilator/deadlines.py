@@ -1,4 +1,8 @@
-"""The deadlines the broker enforces on running tasks, earliest first.
+"""The deadlines the broker enforces on running tasks: their terms, and a heap.
+
+`LeaseTerms` says when a running task's deadline is (its timeout, and a grace
+for its worker to report it), and how long the broker leaves a worker's tasks
+to the worker's own timeouts. `DeadlineHeap` orders the deadlines.
 
 A task with a timeout gets an entry ``(deadline, ticket, attempt)`` when its
 clock starts (see `Scheduler._arm`). Entries are never searched for: one whose
@@ -12,18 +16,71 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .scheduler import Task
 
-__all__ = ["DEADLINE_HEAP_SLACK", "DeadlineEntry", "DeadlineHeap"]
+__all__ = [
+    "DEADLINE_HEAP_SLACK",
+    "LEASE_GRACE_BEATS",
+    "START_GRACE_BEATS",
+    "DeadlineEntry",
+    "DeadlineHeap",
+    "LeaseTerms",
+]
+
+# How long past a task's timeout_s the broker waits for its worker to report
+# the timeout itself, in heartbeat intervals. A worker notices a timeout at
+# once, but stopping the task (killing its process, starting another) and the
+# report's trip can take a moment on a loaded machine; three beats is also how
+# long the broker lets a worker stay silent before it is presumed dead. Only a
+# worker that does not enforce timeouts (hung, or not ours) is ever overtaken.
+LEASE_GRACE_BEATS = 3
+# How long, in heartbeat intervals, a worker that has reported nothing since it
+# registered may keep tasks past their deadlines: its task processes may still
+# be importing modules (a few seconds for the heavy ones) before any task of
+# it starts. Past it, a worker that never reports is overtaken all the same.
+START_GRACE_BEATS = 10
 
 # Stale entries the heap may keep beyond twice the running tasks before it is
 # rebuilt (see `DeadlineHeap.take_due`).
 DEADLINE_HEAP_SLACK = 1024
 
 DeadlineEntry = tuple[float, int, int]  # (deadline, ticket, attempt)
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseTerms:
+    """How long the broker gives a running task and its worker, in
+    heartbeat intervals of `heartbeat_interval_s`."""
+
+    heartbeat_interval_s: float
+
+    @property
+    def grace_s(self) -> float:
+        """How long past a task's timeout its worker has to report it."""
+        return LEASE_GRACE_BEATS * self.heartbeat_interval_s
+
+    def deadline(self, start: float, timeout_s: float) -> float:
+        """When a task with `timeout_s` that started at `start` ends as timed
+        out, unless its worker reports it first."""
+        return start + timeout_s + self.grace_s
+
+    def trusted_until(self, registered_at: float, reported_at: float | None) -> float:
+        """Until when the broker leaves a worker's tasks to its own timeouts,
+        given when it registered and last reported outcomes (None: not yet).
+
+        While it reports outcomes it is running its tasks, and stops those that
+        overrun itself: a task that waited for a slot, or for a task process
+        that restarts, is not its fault. Before its first report, its task
+        processes may still be importing modules. Only a worker silent about
+        its tasks for longer than that is overtaken.
+        """
+        if reported_at is None:
+            return registered_at + START_GRACE_BEATS * self.heartbeat_interval_s
+        return reported_at + self.grace_s
 
 
 class DeadlineHeap:

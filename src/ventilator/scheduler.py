@@ -42,7 +42,12 @@ from dataclasses import dataclass, field
 
 from . import protocol as p
 from .announcements import Unannounced
-from .deadlines import DeadlineEntry, DeadlineHeap
+
+# The grace constants (and Parked, below) live with their classes now; they
+# are still importable from here, where tests and tools name them.
+from .deadlines import LEASE_GRACE_BEATS as LEASE_GRACE_BEATS
+from .deadlines import START_GRACE_BEATS as START_GRACE_BEATS
+from .deadlines import DeadlineEntry, DeadlineHeap, LeaseTerms
 from .errors import PoisonTask, ResultExpired, TaskRejected, TaskTimeout
 from .fairqueue import FairQueue
 from .mdp import service_queue
@@ -69,8 +74,11 @@ from .notices import (
     WorkerReturned,
 )
 from .policy import Backoff, Limits, Prefetch
+from .result_room import ResultRoom
 from .serialization import pack_error, unpack_value
 from .status import FAILURE_STATUSES, StatusReport, latest_failures, outcome_totals
+from .waiting_room import Parked as Parked
+from .waiting_room import WaitingRoom
 
 # Pickled callables have no function name a worker registered; they share one
 # queue, served only by workers that opted in to unpickling.
@@ -127,18 +135,6 @@ RUN_TIME_WEIGHT = 0.2
 MIN_TURN_S = 0.001
 # A round of a queue's dispatch with no cap per worker: the only queue waiting.
 _UNCAPPED = sys.maxsize
-# How long past a task's timeout_s the broker waits for its worker to report
-# the timeout itself, in heartbeat intervals. A worker notices a timeout at
-# once, but stopping the task (killing its process, starting another) and the
-# report's trip can take a moment on a loaded machine; three beats is also how
-# long the broker lets a worker stay silent before it is presumed dead. Only a
-# worker that does not enforce timeouts (hung, or not ours) is ever overtaken.
-LEASE_GRACE_BEATS = 3
-# How long, in heartbeat intervals, a worker that has reported nothing since it
-# registered may keep tasks past their deadlines: its task processes may still
-# be importing modules (a few seconds for the heavy ones) before any task of
-# it starts. Past it, a worker that never reports is overtaken all the same.
-START_GRACE_BEATS = 10
 # How much of a CRASHED outcome's report (how the task process ended) the
 # broker repeats to the client.
 MAX_DEATH_LENGTH = 200
@@ -216,7 +212,7 @@ class Task:
     run_s: float = 0.0
     # While it runs: the bytes its result is expected to take (its queue's
     # mean so far), counted against its session's room for results (see
-    # Scheduler._results_fill_room); 0 otherwise.
+    # result_room); 0 otherwise.
     expected: int = 0
 
     @property
@@ -274,7 +270,7 @@ class Worker:
     overruns: int = 0
     # When it registered, and last reported outcomes (None: not yet): while it
     # reports, the broker leaves its tasks to its own timeouts (see
-    # Scheduler._trusted_until).
+    # deadlines.LeaseTerms.trusted_until).
     registered_at: float = 0.0
     reported_at: float | None = None
     # (ticket, attempt) it was told to give up (see `p.Release`): tasks its
@@ -377,39 +373,11 @@ class Recipient:
         return tickets
 
 
-@dataclass(slots=True)
-class Parked:
-    """Tasks a session sent past its window, which wait at the broker for room
-    in it (see Scheduler._park): in the order they came, and their bytes.
-
-    Not accepted: neither journalled nor counted in the broker's totals. Their
-    client holds them as unaccepted, and sends them again on a new connection.
-    """
-
-    specs: dict[int, p.TaskSpec] = field(default_factory=dict)
-    size: int = 0
-
-    def add(self, spec: p.TaskSpec) -> None:
-        self.specs[spec.task_id] = spec
-        self.size += len(spec.payload)
-
-    def first(self) -> p.TaskSpec:
-        return next(iter(self.specs.values()))
-
-    def remove(self, task_id: int) -> bool:
-        """Drop the task `task_id`; False if it was not here."""
-        spec = self.specs.pop(task_id, None)
-        if spec is None:
-            return False
-        self.size -= len(spec.payload)
-        return True
-
-
 class Admission(enum.Enum):
     """What became of one submitted task."""
 
     ACCEPTED = "accepted"
-    WAITING = "waiting"  # past its sender's window, for room (see _park)
+    WAITING = "waiting"  # past its sender's window, for room (see waiting_room)
     REFUSED = "refused"
 
 
@@ -708,6 +676,7 @@ class Scheduler:
         # entries of tasks finished or re-armed since are skipped when they
         # come due, not searched for (see _armed_task).
         self._deadlines = DeadlineHeap(self._armed_task)
+        self._lease_terms = LeaseTerms(self.limits.heartbeat_interval_s)
         # Finished tasks by the time they finished, oldest first, for result expiry.
         self._finish_order: OrderedDict[int, float] = OrderedDict()
         # Tombstones of expired results by when they expired, oldest first, and
@@ -718,21 +687,14 @@ class Scheduler:
         # sink acknowledges it), and their payload and result bytes.
         self._held: dict[str, int] = {}
         self._held_bytes: dict[str, int] = {}
-        # Per session, tasks it sent past its window, waiting for room, and
-        # the sessions whose window some room came back to this turn.
-        self._parked: dict[str, Parked] = {}
-        self._room_freed: set[str] = set()
+        # Per session, tasks it sent past its window, waiting for room.
+        self._waiting_room = WaitingRoom(
+            self.limits.client_window, self.limits.client_max_bytes
+        )
         self._queued_bytes = 0
-        # Per submitting session, the bytes of its results the broker keeps
-        # (tombstones aside), and those its running tasks are expected to
-        # return; the sessions for which the two fill client_max_bytes, whose
-        # queued tasks get no turn until results are read (shared with every
-        # FairQueue); and the sessions whose figures changed since the last
-        # look (see _results_fill_room).
-        self._result_bytes: dict[str, int] = {}
-        self._expected_bytes: dict[str, int] = {}
-        self._results_full: set[str] = set()
-        self._room_to_review: set[str] = set()
+        # Per submitting session, the bytes of results kept and expected, and
+        # the sessions they hold back (see result_room).
+        self._room = ResultRoom(self.limits.client_max_bytes)
         # Per queue: tickets still in it whose task left QUEUED without being
         # taken (cancelled, purged); they are skipped when they reach the front.
         self._stale: dict[str, int] = {}
@@ -901,7 +863,7 @@ class Scheduler:
             return
         recipient.peer = None
         # What it sent past its window no longer has a connection to hear of it.
-        self._drop_parked(recipient.name)
+        self._waiting_room.drop(recipient.name)
         if self._holds_nothing(recipient):
             self._drop_recipient(recipient)
 
@@ -919,7 +881,7 @@ class Scheduler:
             recipient.pending
             or recipient.unacked
             or self._held.get(recipient.name, 0)
-            or recipient.name in self._parked
+            or recipient.name in self._waiting_room.parked
         )
 
     def _drop_recipient(self, recipient: Recipient) -> None:
@@ -1122,7 +1084,7 @@ class Scheduler:
             if (session, spec.task_id) in self._by_key:
                 accepted[spec.task_id] = None  # a resubmission: already ours
                 continue
-            if self._is_parked(session, spec.task_id):
+            if self._waiting_room.holds(session, spec.task_id):
                 continue  # a resubmission of one that waits for room
 
             twice = spec.task_id in repeated
@@ -1157,14 +1119,14 @@ class Scheduler:
         twice: bool = False,
     ) -> Admission:
         """Accept one task a client submitted, or refuse it; past its window,
-        let it wait for room (see `_park`). `twice`: the SUBMIT carries another
+        let it wait for room (see `waiting_room`). `twice`: the SUBMIT carries another
         copy of its id, which a refusal names too."""
         reason = p.submission_problem(spec.function, spec.flags)
         if reason is None:
             reason = self._task_refusal(spec, pickle_served)
         size = len(spec.payload)
         if reason is None and self._waits_for_room(session, size):
-            reason = self._park(session, spec)
+            reason = self._waiting_room.park(session, spec)
             if reason is None:
                 return Admission.WAITING
         if reason is None:
@@ -1341,55 +1303,19 @@ class Scheduler:
     def _waits_for_room(self, session: str, size: int) -> bool:
         """Whether a task of `session` must wait for room in its window: it is
         full, or others wait already (they go first)."""
-        if session in self._parked:
+        if session in self._waiting_room.parked:
             return True
         return self._window_refusal(session, size) is not None
-
-    def _is_parked(self, session: str, task_id: int) -> bool:
-        parked = self._parked.get(session)
-        return parked is not None and task_id in parked.specs
-
-    def _park(self, session: str, spec: p.TaskSpec) -> str | None:
-        """Let a task past its sender's window wait for room; None once it
-        waits, else why it may not (another window's worth waits already).
-
-        A sink task counts against its sender until the sink acknowledges its
-        result, which our client cannot see: it takes the task for gone once
-        accepted, and sends more. Refused, those would fail (a sink that fell
-        behind failed its senders' tasks); waiting unaccepted, they keep their
-        client's window full, and so slow the sender, and only the sender. A
-        client that keeps to its window never has more than a window's worth
-        waiting; past that, or its bytes, a sender is refused.
-        """
-        parked = self._parked.get(session)
-        if parked is None:
-            parked = self._parked[session] = Parked()
-        limits = self.limits
-        over = len(parked.specs) >= limits.client_window or (
-            parked.size + len(spec.payload) > limits.client_max_bytes
-        )
-        if over and parked.specs:
-            return (
-                f"{len(parked.specs)} tasks of this client ({parked.size} bytes) "
-                "wait at the broker for room in its window already "
-                f"(client_window={limits.client_window}, client_max_bytes="
-                f"{limits.client_max_bytes}); wait for results before "
-                "submitting more"
-            )
-        parked.add(spec)
-        return None
 
     def _accept_waiting(self) -> None:
         """Accept, in the order they came, the tasks that waited for room in
         the windows some room came back to, while it lasts."""
-        freed, self._room_freed = self._room_freed, set()
+        freed = self._waiting_room.take_freed()
         if not freed:
             return
         pickle_served = self._pickle_served()
-        for session in freed:
-            parked = self._parked.get(session)
-            if parked is not None:
-                self._accept_parked(session, parked, pickle_served)
+        for session, parked in freed:
+            self._accept_parked(session, parked, pickle_served)
 
     def _accept_parked(self, session: str, parked: Parked, pickle_served: bool) -> None:
         """Accept what fits of `parked`; refuse what the broker can no longer
@@ -1408,8 +1334,7 @@ class Scheduler:
                 accepted[spec.task_id] = None
             elif peer is not None:
                 self._reject(peer, session, spec.task_id, reason)
-        if not parked.specs:
-            del self._parked[session]
+        self._waiting_room.tidy(session)
         if accepted and peer is not None:
             self._unannounced.accepted(peer, accepted, self._now)
 
@@ -1421,13 +1346,6 @@ class Scheduler:
         if recipient is None:
             return None
         return recipient.peer or recipient.last_peer
-
-    def _drop_parked(self, session: str) -> int:
-        """Forget the tasks `session` sent past its window (its client left,
-        lost its key, or an operator purged it); return how many."""
-        parked = self._parked.pop(session, None)
-        self._room_freed.discard(session)
-        return 0 if parked is None else len(parked.specs)
 
     def _held_tasks(self) -> int:
         """The tasks that count against max_queued_tasks: all but tombstones."""
@@ -1505,13 +1423,13 @@ class Scheduler:
         self._hold(task.session, +1)
         self._count_bytes(task, len(task.payload) + len(task.result))
         if task.result:  # restored from the journal
-            self._count_result(task.session, len(task.result))
+            self._room.count_kept(task.session, len(task.result))
         self._recipient(task.recipient)
 
     def _hold(self, session: str, change: int) -> None:
         _add_count(self._held, session, change)
-        if change < 0 and session in self._parked:
-            self._room_freed.add(session)
+        if change < 0 and session in self._waiting_room.parked:
+            self._waiting_room.room_freed(session)
 
     def _ack(self, recipient: Recipient, keys: Iterable[tuple[str, int]]) -> None:
         acked: set[int] = set()
@@ -1548,20 +1466,18 @@ class Scheduler:
             if recipient is not None:
                 recipient.expired -= 1
         else:
-            self._count_result(task.session, -len(task.result))
+            self._room.count_kept(task.session, -len(task.result))
         self._effects.forgotten.append(task.ticket)
 
     def _cancel(self, session: str, task_ids: Iterable[int], now: float) -> None:
         running: dict[int, Task] = {}
-        parked = self._parked.get(session)
         # A task named twice is cancelled once: named again, one cancelled
         # while queued would have its "cancelled" answer forgotten unread.
         for task_id in dict.fromkeys(task_ids):
             ticket = self._by_key.get((session, task_id))
             task = self.tasks.get(ticket) if ticket is not None else None
             if task is None:
-                if parked is not None and parked.remove(task_id):
-                    self._room_freed.add(session)  # the next may fit now
+                self._waiting_room.cancel(session, task_id)
                 continue
             if task.state in (State.QUEUED, State.WAITING):
                 self._finish(task, p.Status.CANCELLED, b"", now)
@@ -1647,7 +1563,7 @@ class Scheduler:
         if said_bye:
             self._forget_cancellations(recipient)
             # Unaccepted: its client failed them as it closed.
-            self._drop_parked(recipient.name)
+            self._waiting_room.drop(recipient.name)
         held = len(recipient.pending) + len(recipient.unacked)
         if was_connected:
             self._effects.notices.append(ClientLost(recipient.name, held, how))
@@ -1934,7 +1850,7 @@ class Scheduler:
     def _observe_run(self, queue_name: str, duration_s: float, size: int) -> None:
         # Moving averages: a function whose tasks grow longer is soon held
         # one per slot, and its results' size is what the next task of it is
-        # expected to return (see _results_fill_room). That one rises at once
+        # expected to return (see result_room). That one rises at once
         # to a larger result: while an average caught up with results turning
         # from bytes to 60 KB, a session held back at 1 MB kept 4.2 MB.
         mean_s = self._run_s.get(queue_name)
@@ -2127,9 +2043,6 @@ class Scheduler:
 
     # --- deadlines: timeouts the broker enforces ------------------------------------
 
-    def _lease_grace_s(self) -> float:
-        return LEASE_GRACE_BEATS * self.limits.heartbeat_interval_s
-
     def _arm(self, worker: Worker, task: Task, start: float) -> None:
         """Start the broker's clock on a task that started at `start`, if it
         has a timeout. Not on a worker that cannot be told to stop it (an MDP
@@ -2137,7 +2050,7 @@ class Scheduler:
         slot would not be free."""
         if task.timeout_s is None or not worker.obeys_release:
             return
-        self._deadlines.arm(task, start + task.timeout_s + self._lease_grace_s())
+        self._deadlines.arm(task, self._lease_terms.deadline(start, task.timeout_s))
 
     def _start_waiting(self, worker: Worker, now: float) -> None:
         """Slots of `worker` freed: the tasks it held behind them start, in
@@ -2161,7 +2074,9 @@ class Scheduler:
             if task is None or task.worker is None:
                 continue  # finished, requeued or re-armed since
             worker = self.workers[task.worker]
-            trusted_until = self._trusted_until(worker)
+            trusted_until = self._lease_terms.trusted_until(
+                worker.registered_at, worker.reported_at
+            )
             if trusted_until > now:
                 self._deadlines.arm(task, trusted_until)
                 continue
@@ -2169,20 +2084,6 @@ class Scheduler:
             self._overran(worker, task, now)
         for worker_id, tasks in overrun.items():
             self._blame_overruns(self.workers[worker_id], tasks, now)
-
-    def _trusted_until(self, worker: Worker) -> float:
-        """Until when the broker leaves `worker`'s tasks to its own timeouts.
-
-        While it reports outcomes it is running its tasks, and stops those that
-        overrun itself: a task that waited for a slot, or for a task process
-        that restarts, is not its fault. Before its first report, its task
-        processes may still be importing modules. Only a worker silent about
-        its tasks for longer than that is overtaken.
-        """
-        if worker.reported_at is None:
-            start_grace_s = START_GRACE_BEATS * self.limits.heartbeat_interval_s
-            return worker.registered_at + start_grace_s
-        return worker.reported_at + self._lease_grace_s()
 
     def _armed_task(self, entry: DeadlineEntry) -> Task | None:
         """The running task a deadline heap entry still stands for, if any."""
@@ -2208,7 +2109,7 @@ class Scheduler:
         """
         self._release(worker, task)
         worker.overruns += 1
-        timeout_s, grace_s = task.timeout_s or 0.0, self._lease_grace_s()
+        timeout_s, grace_s = task.timeout_s or 0.0, self._lease_terms.grace_s
         error = TaskTimeout(
             "TaskTimeout",
             f"the task ran past its timeout of {timeout_s:g}s and its worker "
@@ -2231,7 +2132,7 @@ class Scheduler:
                 len(tasks),
                 (first.ticket, first.attempt),
                 first.timeout_s or 0.0,
-                self._lease_grace_s(),
+                self._lease_terms.grace_s,
                 worker.overruns,
             )
         )
@@ -2283,7 +2184,7 @@ class Scheduler:
         recipient = self.recipients.get(name) if name is not None else None
         if recipient is not None and recipient.peer == peer:
             recipient.peer = None
-            self._drop_parked(recipient.name)
+            self._waiting_room.drop(recipient.name)
             held = len(recipient.pending) + len(recipient.unacked)
             notice = ClientLost(recipient.name, held, Departure.REVOKED)
             self._effects.notices.append(notice)
@@ -2403,7 +2304,7 @@ class Scheduler:
         """Keep `task`, whose result expired at `expired_at`, as a tombstone."""
         self._tombstones[task.ticket] = expired_at
         self._tombstone_bytes += len(task.result)
-        self._count_result(task.session, -len(task.result))
+        self._room.count_kept(task.session, -len(task.result))
         self._recipient(task.recipient).expired += 1
 
     def _forget_tombstones(self, now: float) -> None:
@@ -2448,7 +2349,7 @@ class Scheduler:
         task.queued_at = self._now
         queue = self._queues.get(task.queue)
         if queue is None:
-            queue = self._queues[task.queue] = FairQueue(self._results_full)
+            queue = self._queues[task.queue] = FairQueue(self._room.held_back)
         if not queue:
             # It joins the turns level with the least served of the queues
             # waiting last, not ahead of them by what they did while it was
@@ -2542,7 +2443,7 @@ class Scheduler:
     def _replace_result(self, task: Task, result: p.Payload) -> None:
         change = len(result) - len(task.result)
         self._count_bytes(task, change)
-        self._count_result(task.session, change)
+        self._room.count_kept(task.session, change)
         task.result = result
 
     def _count_bytes(self, task: Task, change: int) -> None:
@@ -2556,63 +2457,31 @@ class Scheduler:
             self._held_bytes[session] = held
         else:
             self._held_bytes.pop(session, None)
-        if change < 0 and session in self._parked:
-            self._room_freed.add(session)
+        if change < 0 and session in self._waiting_room.parked:
+            self._waiting_room.room_freed(session)
 
-    # --- room for results -------------------------------------------------------------
-
-    def _count_result(self, session: str, change: int) -> None:
-        """Count `change` more bytes of results kept for `session`."""
-        if not change:
-            return
-        _add_count(self._result_bytes, session, change)
-        self._room_to_review.add(session)
+    # --- room for results (see result_room) -----------------------------------------
 
     def _unexpect(self, task: Task) -> None:
         """`task`, which counts an expected result, runs no more: its session
         expects that result no more."""
-        _add_count(self._expected_bytes, task.session, -task.expected)
+        self._room.unexpect(task.session, task.expected)
         task.expected = 0
-        self._room_to_review.add(task.session)
-
-    def _results_fill_room(self, session: str) -> bool:
-        """Whether the results `session` has waiting (unsent, or sent and not
-        acknowledged), and those its running tasks are expected to return,
-        fill the bytes one client may have in the broker.
-
-        Then none of its queued tasks is dispatched: they stay accepted and
-        journalled, and go once it reads results. A task's arguments are
-        bounded at submission, but its result only when it comes; a client
-        that never read (dead, careless or hostile) had a window of 100,000
-        results kept, 4 GB of them, and every other client refused for
-        max_queued_bytes. Arguments of queued tasks do not count here: they
-        leave as their tasks run, and counting them could hold a session
-        back for ever.
-        """
-        held = self._result_bytes.get(session, 0)
-        held += self._expected_bytes.get(session, 0)
-        return held >= self.limits.client_max_bytes
 
     def _review_result_room(self) -> None:
         """Hold back, or let go again, the queued tasks of the sessions whose
         results changed since the last look."""
-        review, self._room_to_review = self._room_to_review, set()
-        for session in review:
-            full = self._results_fill_room(session)
-            if full != (session in self._results_full):
-                self._hold_back_session(session, full)
+        for session, held_back in self._room.review():
+            self._rest_lanes(session, held_back)
 
-    def _hold_back_session(self, session: str, held_back: bool) -> None:
+    def _rest_lanes(self, session: str, resting: bool) -> None:
         """Take the lanes of `session` out of turn in every queue, or give
         them their turns back. Once per change, not per task: one pass over
         the queues."""
-        if held_back:
-            self._results_full.add(session)
-            for queue in self._queues.values():
+        for queue in self._queues.values():
+            if resting:
                 queue.rest(session)
-        else:
-            self._results_full.discard(session)
-            for queue in self._queues.values():
+            else:
                 queue.wake(session)
 
     def await_returning_workers(self, now: float) -> float:
@@ -2830,8 +2699,7 @@ class Scheduler:
         # What each task taken is expected to return, counted against its
         # session's room for results; past that room, its lanes rest.
         expected = int(self._result_size.get(queue_name, 0.0))
-        expected_bytes, result_bytes = self._expected_bytes, self._result_bytes
-        limit_bytes = self.limits.client_max_bytes
+        room = self._room
         while queue and len(assignments) < count:
             task = self.tasks.get(queue.popleft())
             if task is None or task.state is not State.QUEUED:
@@ -2856,13 +2724,10 @@ class Scheduler:
                 worker.unstarted[task.ticket] = None
             elif task.timeout_s is not None:  # most have none: no call for them
                 self._arm(worker, task, now)
-            if expected:  # written out, as the lease above: once per task
+            if expected:
                 task.expected = expected
-                session = task.session
-                total = expected_bytes.get(session, 0) + expected
-                expected_bytes[session] = total
-                if total + result_bytes.get(session, 0) >= limit_bytes:
-                    self._hold_back_session(session, True)
+                if room.expect(task.session, expected):
+                    self._rest_lanes(task.session, True)
             assignments.append(
                 p.Assignment(
                     task.ticket,
@@ -3096,10 +2961,10 @@ class Scheduler:
             workers=self.workers.values(),
             recipients=self.recipients.values(),
             held=self._held,
-            parked=self._parked,
-            result_bytes=self._result_bytes,
-            expected_bytes=self._expected_bytes,
-            held_back=self._results_full,
+            parked=self._waiting_room.parked,
+            result_bytes=self._room.kept,
+            expected_bytes=self._room.expected,
+            held_back=self._room.held_back,
             failed=self.failed,
             tombstones=len(self._tombstones),
             queued=self._queued_by_function(),
@@ -3269,7 +3134,7 @@ class Scheduler:
             }
 
         # What it sent past its window counts as queued: it waited to be.
-        dropped = {"results": 0, "queued": self._drop_parked(name), "running": 0}
+        dropped = {"results": 0, "queued": self._waiting_room.drop(name), "running": 0}
         running: list[Task] = []
         # Results of its tasks that wait for sinks are the sinks' to drop, but
         # they count against this session: say how many there are.
@@ -3321,202 +3186,11 @@ class Scheduler:
         return "cancelled"
 
     # --- invariants: checked by the tests after every step ----------------------------
-    # They cross-check the scheduler's own bookkeeping (counts, indexes,
-    # heaps) against a recount, so they read its private fields by design,
-    # and stay in the class rather than reach into it from outside.
 
     def check_invariants(self) -> None:
         """Raise AssertionError if the scheduler's state is inconsistent (for
         tests, after a `flush`)."""
-        running: set[int] = set()
-        for worker in self.workers.values():
-            assert len(worker.running) <= worker.capacity + worker.grace, worker
-            assert not running & worker.running, "a task on two workers"
-            running |= worker.running
-            for ticket in worker.running:
-                task = self.tasks[ticket]
-                assert task.state is State.RUNNING and task.worker == worker.worker_id
-            self._check_held_counts(worker)
-            self._check_offered(worker)
-        self._check_sharing_counts()
+        # Loaded only when a test asks: the broker never checks itself.
+        from ._invariants import check_invariants
 
-        for ticket, task in self.tasks.items():
-            assert self._by_key[task.key] == ticket
-            if task.state is State.RUNNING:
-                assert ticket in running, f"task {ticket} running on no worker"
-            if task.state is State.FINISHED:
-                assert task.status is not None
-            if task.cancelled:
-                assert task.state is State.RUNNING, f"task {ticket} cancelled"
-
-        for recipient in self.recipients.values():
-            if recipient.peer is not None:
-                owner = self._recipient_of_peer.get(recipient.peer)
-                assert owner == recipient.name, f"{recipient.name} not on its peer"
-            is_sink = recipient.name.startswith(sink_recipient(""))
-            assert recipient.unacked_bytes == sum(recipient.unacked.values()), (
-                f"{recipient.name} counts {recipient.unacked_bytes} bytes unacked"
-            )
-            assert recipient.holder is None or is_sink, f"{recipient.name} held"
-            # Sinks have holders, sessions have instances; one refused client
-            # is remembered, never the one holding the session.
-            assert recipient.instance is None or not is_sink, recipient.name
-            assert recipient.refused is None or not is_sink, recipient.name
-            assert recipient.refused is None or recipient.refused != (
-                recipient.instance
-            ), f"{recipient.name} refused its holder"
-
-        queued = {t for q in self._queues.values() for t in q}
-        for task in self.tasks.values():
-            if task.state is State.QUEUED:
-                assert task.ticket in queued, f"queued task {task.ticket} in no queue"
-                self._check_nobody_idles_for(task)
-        self._check_stale_counts()
-        self._check_byte_counts()
-        self._check_result_room()
-        self._check_tombstones()
-        self._check_session_counts()
-        self._check_parked()
-        assert self._unannounced.none_empty(), "empty ACCEPTED"
-        failed = [record.ticket for record in self.failed]
-        assert len(set(failed)) == len(failed), "a failure remembered twice"
-        self._check_totals()
-
-    def _check_session_counts(self) -> None:
-        """Each connection counts the remembered recipients it opened, and no
-        connection is mapped to a forgotten one (a leak per killed client)."""
-        opened: dict[bytes, int] = {}
-        for recipient in self.recipients.values():
-            if recipient.opened_by is not None:
-                opened[recipient.opened_by] = opened.get(recipient.opened_by, 0) + 1
-        assert opened == self._opened_by_peer, "sessions per connection miscounted"
-        for peer, name in self._recipient_of_peer.items():
-            assert name in self.recipients, f"{peer!r} mapped to forgotten {name}"
-
-    def _check_parked(self) -> None:
-        """Tasks wait for room only while there is none, a window's worth at
-        most, and only for a session the broker remembers."""
-        assert not self._room_freed, "room came back and nobody looked"
-        for session, parked in self._parked.items():
-            assert parked.specs, f"{session} parks nothing"
-            assert session in self.recipients, f"{session} forgotten with tasks parked"
-            assert len(parked.specs) <= self.limits.client_window, session
-            size = sum(len(spec.payload) for spec in parked.specs.values())
-            assert parked.size == size, (session, parked.size, size)
-            assert not any((session, t) in self._by_key for t in parked.specs)
-            first = len(parked.first().payload)
-            assert self._window_refusal(session, first) is not None, (
-                f"{session} waits with room in its window"
-            )
-
-    def _check_totals(self) -> None:
-        # Withdrawn tasks count in neither side, hence <= rather than ==.
-        unfinished = sum(
-            1 for t in self.tasks.values() if t.state is not State.FINISHED
-        )
-        finished = sum(self._finished_by_status) + self._batches_split
-        assert finished + unfinished <= self.submitted, (finished, self.submitted)
-        assert self.restored <= self.submitted
-
-    def _check_nobody_idles_for(self, task: Task) -> None:
-        if task.queue in self._held_back:
-            return  # it waits for the worker that ran it before a restart
-        if task.session in self._results_full:
-            return  # it waits for its client to read results
-        for worker in self.workers.values():
-            free = max(
-                self._idle_room(worker, task.queue),
-                self._prefetch_room(worker, task.queue),
-            )
-            assert task.queue not in worker.services or free == 0, (
-                f"task {task.ticket} waits while {worker.worker_id} has room for it"
-            )
-
-    def _check_offered(self, worker: Worker) -> None:
-        assert worker.offered == (worker.free > 0), f"{worker.worker_id} offered"
-        for service in worker.services:
-            listed = worker.worker_id in self._available.get(service, {})
-            assert listed == worker.offered, f"{worker.worker_id} under {service}"
-
-    def _check_held_counts(self, worker: Worker) -> None:
-        by_queue: dict[str, int] = {}
-        for ticket in worker.running:
-            queue_name = self.tasks[ticket].queue
-            by_queue[queue_name] = by_queue.get(queue_name, 0) + 1
-        assert worker.held == by_queue, f"{worker.worker_id} held {worker.held}"
-        # What waits behind its slots is among what it holds, clock not started.
-        for ticket in worker.unstarted:
-            assert ticket in worker.running, f"{worker.worker_id} unstarted {ticket}"
-            assert self.tasks[ticket].deadline is None, f"ticket {ticket} armed"
-
-    def _check_sharing_counts(self) -> None:
-        """The per-queue counts behind _even_share match a recount."""
-        sharing: dict[str, int] = {}
-        held: dict[str, int] = {}
-        for worker in self.workers.values():
-            assert worker.sharing == (not worker.draining), worker.worker_id
-            assert set(worker.held) <= set(worker.services), worker.worker_id
-            if not worker.sharing:
-                continue
-            for service in worker.services:
-                sharing[service] = sharing.get(service, 0) + 1
-                held[service] = held.get(service, 0) + worker.held.get(service, 0)
-        assert self._sharing == sharing, (self._sharing, sharing)
-        assert self._held_by_sharing == held, (self._held_by_sharing, held)
-
-    def _check_stale_counts(self) -> None:
-        for name, queue in self._queues.items():
-            live = sum(
-                1
-                for ticket in queue
-                if ticket in self.tasks and self.tasks[ticket].state is State.QUEUED
-            )
-            stale = self._stale.get(name, 0)
-            assert len(queue) - stale == live, f"queue {name}: {stale} stale counted"
-        assert all(count > 0 for count in self._stale.values()), self._stale
-
-    def _check_result_room(self) -> None:
-        """Results and expected results are counted per session, and exactly
-        the sessions they fill the room of are held back (their lanes out of
-        turn in every queue), once the next flush has looked."""
-        results: dict[str, int] = {}
-        expected: dict[str, int] = {}
-        for task in self.tasks.values():
-            if task.ticket not in self._tombstones and task.result:
-                results[task.session] = results.get(task.session, 0) + len(task.result)
-            if task.expected:
-                assert task.state is State.RUNNING, f"task {task.ticket} expected"
-                expected[task.session] = expected.get(task.session, 0) + task.expected
-        assert self._result_bytes == results, (self._result_bytes, results)
-        assert self._expected_bytes == expected, (self._expected_bytes, expected)
-        # Those changed since the last look are looked at by the next flush.
-        looked = self._results_full - self._room_to_review
-        full = {s for s in {*results, *expected} if self._results_fill_room(s)}
-        assert looked == full - self._room_to_review, (self._results_full, full)
-
-    def _check_tombstones(self) -> None:
-        size = 0
-        for ticket in self._tombstones:
-            task = self.tasks[ticket]
-            assert task.status is p.Status.EXPIRED, f"tombstone {ticket} not expired"
-            assert ticket not in self._finish_order, f"tombstone {ticket} expires"
-            size += len(task.result)
-        assert self._tombstone_bytes == size, (self._tombstone_bytes, size)
-        counted = sum(r.expired for r in self.recipients.values())
-        assert counted == len(self._tombstones), (counted, len(self._tombstones))
-        finished = sum(1 for t in self.tasks.values() if t.state is State.FINISHED)
-        owed = sum(len(r.pending) + len(r.unacked) for r in self.recipients.values())
-        assert owed == finished, f"recipients owed {owed} of {finished} results"
-
-    def _check_byte_counts(self) -> None:
-        total = 0
-        held: dict[str, int] = {}
-        for task in self.tasks.values():
-            size = len(task.payload) + len(task.result)
-            total += size
-            held[task.session] = held.get(task.session, 0) + size
-        assert self._queued_bytes == total, (self._queued_bytes, total)
-        held = {session: size for session, size in held.items() if size}
-        assert self._held_bytes == held, (self._held_bytes, held)
-        for queue in self._queues.values():
-            assert len(queue) == sum(1 for _ in queue), "a fair queue miscounts"
+        check_invariants(self)

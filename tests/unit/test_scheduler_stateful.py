@@ -327,7 +327,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         operator = data.draw(st.sampled_from(self._connected(SESSIONS)))
         waited = {
             spec.task_id
-            for parked in self.scheduler._parked.values()
+            for parked in self.scheduler._waiting_room.parked.values()
             for spec in parked.specs.values()
         }
         self._client(self._peer_of(operator), p.Purge(function))
@@ -742,7 +742,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             return
         self._drain()
         assert not self.scheduler.tasks
-        assert not self.scheduler._parked, "tasks still wait for room"
+        assert not self.scheduler._waiting_room.parked, "tasks still wait for room"
         for key, name in self.recipient_of.items():
             assert key in self.recipients[name].acked, key
 
