@@ -255,7 +255,12 @@ class SqliteJournal:
         self._lock = _lock_exclusively(self.path)
         # Read before SQLite recovers the log, which may overwrite what it drops.
         left_behind = _wal.survey(Path(f"{self.path}-wal"))
-        self._db = sqlite3.connect(self.path, isolation_level=None)
+        # An embedded broker opens its journal in bind(), in the caller's
+        # thread, and commits from serve(), often another. One thread at a
+        # time uses the connection, which is all SQLite asks.
+        self._db = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False
+        )
         # Set before WAL mode: SQLite then keeps the WAL's index in this
         # process's memory and holds its locks until it closes, where it took
         # and dropped six fcntl() locks per commit (about 8 µs of CPU each

@@ -70,3 +70,20 @@ def test_the_opening_example_runs_with_its_tasks_module(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     # What its comments promise.
     assert done.stdout.splitlines()[:2] == ["photo.jpg resized to 640 px", "332833500"]
+
+
+def test_the_embedded_broker_example_runs_with_a_journal(tmp_path: Path) -> None:
+    # bind() opens the journal in the caller's thread, serve() commits in
+    # another: SQLite refused that, and the broker died on its first commit.
+    [example] = [e for e in python_section_examples() if "ventilator.Broker(" in e]
+    memory = 'durability="memory",  # no journal file'
+    assert memory in example
+    journal = tmp_path / "journal.db"
+    script = tmp_path / "example.py"
+    script.write_text(example.replace(memory, f"journal={str(journal)!r},"), "utf-8")
+
+    done = run_example(script)
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "49"
+    assert journal.exists()
