@@ -1920,19 +1920,28 @@ def _queues_table(report: dict[str, Any]) -> Any:
         table.add_column(column, justify="right", no_wrap=True)
     # Busiest first, as the broker chose which to list; an older broker's
     # answer (by name) is put in that order too.
+    retrying = report.get("retrying", {})  # an older broker does not say
     for function in busiest_first(report["queued"], report["running"]):
-        table.add_row(
-            escape(function),
-            str(report["queued"].get(function, 0)),
-            str(report["running"].get(function, 0)),
-        )
+        queued = str(report["queued"].get(function, 0))
+        if function in retrying:
+            queued += f" ({retrying[function]} to retry)"
+        table.add_row(escape(function), queued, str(report["running"].get(function, 0)))
+    captions = []
     counts = report.get("queue_counts")  # an older broker lists every function
     if counts is not None and counts["all"] > counts["listed"]:
-        table.caption = (
+        captions.append(
             f"the {counts['listed']} functions with the most tasks listed; and "
             f"{counts['all'] - counts['listed']} more ({counts['queued']} queued "
             f"and {counts['running']} on workers in all)"
         )
+    if report.get("next_retry_in_s") is not None:
+        # Else a queued task beside an idle worker that serves it looks stuck.
+        captions.append(
+            f"to retry: {report['queue_counts']['retrying']} task(s) that raised "
+            f"wait out their backoff; the next runs in {report['next_retry_in_s']:.1f}s"
+        )
+    if captions:
+        table.caption = "; ".join(captions)
     return table
 
 

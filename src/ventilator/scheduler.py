@@ -2968,6 +2968,8 @@ class Scheduler:
             failed=self.failed,
             tombstones=len(self._tombstones),
             queued=self._queued_by_function(),
+            retrying=self._retrying_by_function(),
+            next_retry_at=self._next_retry_at(),
             totals=self.totals(),
             asker=asker,
         )
@@ -3002,6 +3004,24 @@ class Scheduler:
         for task in self._waiting_tasks():
             queued[task.queue] = queued.get(task.queue, 0) + 1
         return {name: count for name, count in queued.items() if count}
+
+    def _retrying_by_function(self) -> dict[str, int]:
+        """Tasks waiting out a retry's backoff, per function: queued, and
+        yet no worker takes them until it passes."""
+        retrying: dict[str, int] = {}
+        for task in self._waiting_tasks():
+            retrying[task.queue] = retrying.get(task.queue, 0) + 1
+        return retrying
+
+    def _next_retry_at(self) -> float | None:
+        """When the next retry is due (the heap also holds cancelled ones)."""
+        due = (
+            at
+            for at, ticket in self._waiting
+            if (task := self.tasks.get(ticket)) is not None
+            and task.state is State.WAITING
+        )
+        return min(due, default=None)
 
     def _waiting_tasks(self) -> list[Task]:
         """Tasks waiting for a retry; the heap also holds cancelled ones."""

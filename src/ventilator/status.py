@@ -148,7 +148,9 @@ class StatusReport:
     `held_back`, the sessions whose results fill client_max_bytes, whose
     queued tasks are not dispatched until they are read; `tombstones`,
     the expired results kept; `queued`, the tasks waiting per function
-    (queued, or due for a retry); `totals`, as `outcome_totals` makes them.
+    (queued, or due for a retry); `retrying`, those of them that wait out a
+    retry's backoff, the next of them due at `next_retry_at` (monotonic);
+    `totals`, as `outcome_totals` makes them.
     """
 
     tasks: Mapping[int, Task]
@@ -162,6 +164,8 @@ class StatusReport:
     failed: Sequence[FailedTask]
     tombstones: int
     queued: Mapping[str, int]
+    retrying: Mapping[str, int]
+    next_retry_at: float | None
     totals: dict[str, int]
     # The session asking, listed even if it only asked (see `_listed`).
     asker: str | None = None
@@ -175,7 +179,8 @@ class StatusReport:
         every_worker = ((w, w.services) for w in self.workers)
         return {
             **self._workers_status(every_worker, now, full),
-            **self._queues_status(self.queued, running, full),
+            **self._queues_status(self.queued, self.retrying, running, full),
+            **self._retries_due(now),
             **self._results_held(running),
             **self._clients_status(self.recipients),
             "totals": self.totals,
@@ -198,9 +203,11 @@ class StatusReport:
             **self._workers_status(self._workers_within(scope), now, full=False),
             **self._queues_status(
                 {q: n for q, n in self.queued.items() if scope.shows_queue(q)},
+                {q: n for q, n in self.retrying.items() if scope.shows_queue(q)},
                 {q: n for q, n in running.items() if scope.shows_queue(q)},
                 full=False,
             ),
+            **self._retries_due(now),
             **self._results_held(running),
             **self._clients_status(
                 recipient
@@ -351,23 +358,36 @@ class StatusReport:
         return (not services, -oldest, len(worker.running), -order)
 
     def _queues_status(
-        self, queued: Mapping[str, int], running: Mapping[str, int], full: bool
+        self,
+        queued: Mapping[str, int],
+        retrying: Mapping[str, int],
+        running: Mapping[str, int],
+        full: bool,
     ) -> dict[str, object]:
-        """Tasks `queued` and `running` of the `STATUS_QUEUES` functions with
-        the most of both (every function if `full`), and exact totals."""
+        """Tasks `queued` (of which `retrying`) and `running` of the
+        `STATUS_QUEUES` functions with the most of both (every function if
+        `full`), and exact totals."""
         functions = busiest_first(queued, running)
         kept = functions if full else functions[:STATUS_QUEUES]
         counts = {
             "all": len(functions),
             "queued": sum(queued.values()),
+            "retrying": sum(retrying.values()),
             "running": sum(running.values()),
             "listed": len(kept),
         }
         return {
             "queued": {name: queued[name] for name in kept if name in queued},
+            "retrying": {name: retrying[name] for name in kept if name in retrying},
             "running": {name: running[name] for name in kept if name in running},
             "queue_counts": counts,
         }
+
+    def _retries_due(self, now: float) -> dict[str, float | None]:
+        """Seconds until the next retry runs; None when none waits."""
+        if self.next_retry_at is None:
+            return {"next_retry_in_s": None}
+        return {"next_retry_in_s": round(max(0.0, self.next_retry_at - now), 3)}
 
     def _worker_status(
         self, worker: Worker, now: float, services: Sequence[str], full: bool

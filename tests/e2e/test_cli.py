@@ -603,6 +603,44 @@ def test_status_table_keeps_each_row_on_one_line_in_80_columns(
     assert any(client.session in line for line in lines)
 
 
+def test_status_says_which_queued_tasks_wait_out_a_retry_s_backoff(
+    processes: Processes,
+    launch: Launcher,
+    broker: BrokerProcess,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A task that raised and asked for retries is queued between its runs,
+    # beside an idle worker that serves it: without a word, it looks stuck.
+    launch.worker(broker, TASKS, concurrency=1)
+    client = launch.client(broker)
+    wait_for_workers(client, 1)
+    client.submit(f"{TASKS}:fail", "again", retries=1000)
+    monkeypatch.setenv("COLUMNS", "200")
+
+    def retrying_said() -> str | None:
+        # Between two backoffs it runs for a moment, and is not retrying.
+        completed = run_cli(processes, "status", "--connect", broker.frontend)
+        assert completed.returncode == 0, completed.stderr
+        return completed.stdout if "to retry" in completed.stdout else None
+
+    text = wait_until(retrying_said, 30, "the status to say it retries")
+
+    assert re.search(rf"{TASKS}:fail +1 \(1 to retry\) +0", text), text
+    caption = " ".join(text.split())  # wrapped to the table's width
+    assert re.search(r"to retry: 1 task\(s\) .* next runs in \d+\.\ds", caption)
+
+    def retrying_reported() -> dict[str, Any] | None:
+        completed = run_cli(processes, "status", "--connect", broker.frontend, "--json")
+        report: dict[str, Any] = json.loads(completed.stdout)
+        return report if report["retrying"] else None
+
+    report = wait_until(retrying_reported, 30, "the JSON status to say it retries")
+
+    assert report["retrying"] == report["queued"] == {f"{TASKS}:fail": 1}
+    assert report["queue_counts"]["retrying"] == 1
+    assert report["next_retry_in_s"] >= 0
+
+
 def test_status_says_why_a_worker_serves_nothing(
     processes: Processes,
     launch: Launcher,

@@ -1842,15 +1842,33 @@ def test_status_counts_every_task_of_a_worker_without_slots_as_running(
     assert (worker["held"], worker["running"], worker["prefetched"]) == (2, 2, None)
 
 
-def test_status_counts_a_task_waiting_for_its_retry_as_queued() -> None:
-    driver = Driver(Limits(retry_backoff=Backoff(5.0, 5.0, 0.0)))
+def test_status_counts_a_task_waiting_for_its_retry_as_queued_and_says_so() -> None:
+    # A queued task beside an idle worker that serves it looks stuck: the
+    # status says it waits out a retry's backoff, and when it runs again.
+    driver = Driver(Limits(retry_backoff=Backoff(2.0, 2.0, 0.0)))
     driver.hello()
     driver.submit(task(1, retries=1))
     driver.done(W1, assignments(driver.ready(W1), W1)[0], p.Status.RAISED)
+    driver.tick(0.5)
 
     status = driver.scheduler.status(driver.now)
 
     assert (status["queued"], status["running"]) == ({FUNCTION: 1}, {})
+    assert status["retrying"] == {FUNCTION: 1}
+    assert status["queue_counts"]["retrying"] == 1
+    assert status["next_retry_in_s"] == pytest.approx(1.5)
+
+
+def test_status_says_nothing_retries_once_the_retry_ran() -> None:
+    driver = Driver(Limits(retry_backoff=Backoff(1.0, 1.0, 0.0)))
+    driver.hello()
+    driver.submit(task(1, retries=1))
+    driver.done(W1, assignments(driver.ready(W1), W1)[0], p.Status.RAISED)
+    assert assignments(driver.tick(1.0), W1)  # the retry runs
+
+    status = driver.scheduler.status(driver.now)
+
+    assert (status["retrying"], status["next_retry_in_s"]) == ({}, None)
 
 
 def test_heartbeats_go_to_every_connected_peer(driver: Driver) -> None:
