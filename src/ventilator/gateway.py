@@ -99,8 +99,19 @@ class MdpSettings:
         return self.heartbeat_interval_s * self.liveness
 
 
-def mdp_name(peer: bytes) -> str:
-    """The scheduler's name (worker id or recipient) of the MDP peer `peer`."""
+def mdp_name(peer: bytes, run: str = "") -> str:
+    """The scheduler's name (worker id or recipient) of the MDP peer `peer`,
+    for the broker run `run`.
+
+    A routing id a peer chose itself (ZMQ_ROUTING_ID) names it across broker
+    restarts: a client that sets one may come back for a reply. One libzmq
+    made (it starts with a zero byte) means nothing after a restart: libzmq
+    numbers connections from the same value every time, so the name carries
+    the run, lest a stranger take a departed client's name and its replies.
+    """
+    routing_id = peer[1:]
+    if routing_id[:1] == b"\x00":
+        return f"{s.GATEWAY_PREFIX}{run}.{peer.hex()}"
     return s.GATEWAY_PREFIX + peer.hex()
 
 
@@ -117,6 +128,8 @@ class MdpGateway:
         self._scheduler = scheduler
         self.settings = settings
         self._titanic = Titanic(scheduler, new_uuid)
+        # Names the peers whose routing ids libzmq made (see mdp_name).
+        self._run = new_uuid()[-8:]
         self._next_task_id = 1
         # Replies decided here (MMI, Titanic, DISCONNECT), sent after the commit.
         self.outbox: list[tuple[bytes, Frames]] = []
@@ -141,9 +154,12 @@ class MdpGateway:
         ]
         self._next_task_id = max(restored, default=0) + 1
 
+    def _name(self, peer: bytes) -> str:
+        return mdp_name(peer, self._run)
+
     def owns(self, peer: bytes) -> bool:
         """Whether `peer` is an MDP worker or client the scheduler knows."""
-        name = mdp_name(peer)
+        name = self._name(peer)
         return name in self._scheduler.workers or name in self._scheduler.recipients
 
     # --- inbound ------------------------------------------------------------------
@@ -249,7 +265,7 @@ class MdpGateway:
         return b"200" if self._scheduler.serves(mdp.service_queue(asked)) else b"404"
 
     def _submit(self, peer: bytes, request: mdp.ClientRequest, now: float) -> None:
-        name = mdp_name(peer)
+        name = self._name(peer)
         recipient = self._scheduler.recipients.get(name)
         if recipient is None or recipient.peer != peer:
             self._scheduler.attach_recipient(
@@ -364,7 +380,7 @@ class MdpGateway:
             self._ready(peer, message.service, now)
             return
 
-        worker = self._scheduler.workers.get(mdp_name(peer))
+        worker = self._scheduler.workers.get(self._name(peer))
         if isinstance(message, mdp.WorkerDisconnect):
             if worker is not None:
                 self._scheduler.worker_command(peer, p.Bye(), now)
@@ -378,14 +394,14 @@ class MdpGateway:
             self._scheduler.worker_command(peer, p.Heartbeat(), now)
 
     def _ready(self, peer: bytes, service: str, now: float) -> None:
-        if mdp_name(peer) in self._scheduler.workers:
+        if self._name(peer) in self._scheduler.workers:
             self._disconnect(peer, "a second READY", now)
         elif mdp.is_reserved(service):
             self._disconnect(peer, f"the service {service!r} is the broker's", now)
         else:
             # One request at a time (7/MDP): one slot, and no credit beyond it.
             ready = p.Ready(
-                mdp_name(peer), [mdp.service_queue(service)], capacity=1, slots=1
+                self._name(peer), [mdp.service_queue(service)], capacity=1, slots=1
             )
             self._scheduler.register_worker(
                 peer,
@@ -416,7 +432,7 @@ class MdpGateway:
     def _disconnect(self, peer: bytes, reason: str, now: float) -> None:
         """Send DISCONNECT and forget the worker; what it held is queued again."""
         self._warn(now, "disconnecting MDP worker peer=%s: %s", peer.hex(), reason)
-        if mdp_name(peer) in self._scheduler.workers:
+        if self._name(peer) in self._scheduler.workers:
             self._scheduler.worker_command(peer, p.Bye(), now)
         self.outbox.append((peer, mdp.worker_disconnect()))
 
@@ -470,7 +486,7 @@ class MdpGateway:
         """The MDP REPLYs that carry `command` to client `peer` (maybe none)."""
         if not isinstance(command, p.Results):
             return []  # heartbeats, errors: MDP clients have no such thing
-        name = mdp_name(peer)
+        name = self._name(peer)
         return [
             frames
             for entry in command.results
@@ -513,7 +529,7 @@ class MdpGateway:
             return
         keys = [("", entry.task_id) for entry in command.results]
         self._scheduler.client_command(peer, p.Ack(keys), now)
-        self._answered.append(mdp_name(peer))
+        self._answered.append(self._name(peer))
 
     def end_turn(self) -> None:
         """Forget the clients answered this turn that are owed nothing more, so

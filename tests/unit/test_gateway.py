@@ -26,10 +26,13 @@ class Shell:
     """What the broker does with the gateway, minus the sockets."""
 
     def __init__(
-        self, limits: Limits | None = None, settings: MdpSettings = SETTINGS
+        self,
+        limits: Limits | None = None,
+        settings: MdpSettings = SETTINGS,
+        first_uuid: int = 1,
     ) -> None:
         self.scheduler = Scheduler(limits or Limits(max_attempts=2))
-        uuids = (f"{n:032x}" for n in itertools.count(1))
+        uuids = (f"{n:032x}" for n in itertools.count(first_uuid))
         self.gateway = MdpGateway(self.scheduler, settings, lambda: next(uuids))
         self.now = 0.0
         self.journalled: list[Effects] = []
@@ -309,6 +312,32 @@ def test_restored_requests_keep_their_task_ids_unique(shell: Shell) -> None:
 
     ids = sorted(t.task_id for t in shell.scheduler.tasks.values())
     assert ids == [1, 2]
+
+
+def test_after_a_restart_a_new_client_with_a_dead_one_s_routing_id_gets_its_own_reply(
+    shell: Shell,
+) -> None:
+    # libzmq numbers a ROUTER's connections from the same value on every
+    # broker start: the first MDP client after a restart had the id of one
+    # from before, and was sent that client's held reply as its own.
+    numbered = b"M\x00\x6b\x8b\x45\x67"  # an id libzmq made (it starts with 0)
+    shell.receive(numbered, b"", C, b"echo", b"secret-of-the-first")
+    restarted = Shell(first_uuid=1000)
+    for task in shell.scheduler.tasks.values():
+        restarted.scheduler.restore(task, restarted.now)
+    restarted.gateway.resume()
+
+    restarted.receive(numbered, b"", C, b"echo", b"hello")
+    sent = restarted.receive(WORKER, b"", W, READY, b"echo")
+    while sent:
+        address, body = request_sent_to_worker(sent)
+        reply = restarted.receive(WORKER, b"", W, REPLY, address, b"", *body)
+        sent = [(peer, frames) for peer, frames in reply if peer == WORKER]
+        to_client = [frames for peer, frames in reply if peer == numbered]
+        assert to_client in ([], [[b"", C, b"echo", b"hello"]]), to_client
+
+    replied = [f for e in restarted.journalled for _, f in e.to_clients]
+    assert len(replied) == 1, replied
 
 
 def test_a_refused_client_request_is_answered_400_forbidden_on_its_service(
