@@ -43,9 +43,6 @@ def check_invariants(scheduler: Scheduler) -> None:
             assert task.state is State.RUNNING, f"task {ticket} cancelled"
 
     for recipient in scheduler.recipients.values():
-        if recipient.peer is not None:
-            owner = scheduler._recipient_of_peer.get(recipient.peer)
-            assert owner == recipient.name, f"{recipient.name} not on its peer"
         is_sink = recipient.name.startswith(sink_recipient(""))
         assert recipient.unacked_bytes == sum(recipient.unacked.values()), (
             f"{recipient.name} counts {recipient.unacked_bytes} bytes unacked"
@@ -68,24 +65,14 @@ def check_invariants(scheduler: Scheduler) -> None:
     _check_byte_counts(scheduler)
     _check_result_room(scheduler)
     _check_tombstones(scheduler)
-    _check_session_counts(scheduler)
+    # Connections on their recipients, none on a forgotten one, and the
+    # sessions each opened counted exactly.
+    scheduler._sessions.check()
     _check_parked(scheduler)
     assert scheduler._unannounced.none_empty(), "empty ACCEPTED"
     failed = [record.ticket for record in scheduler.failed]
     assert len(set(failed)) == len(failed), "a failure remembered twice"
     _check_totals(scheduler)
-
-
-def _check_session_counts(scheduler: Scheduler) -> None:
-    """Each connection counts the remembered recipients it opened, and no
-    connection is mapped to a forgotten one (a leak per killed client)."""
-    opened: dict[bytes, int] = {}
-    for recipient in scheduler.recipients.values():
-        if recipient.opened_by is not None:
-            opened[recipient.opened_by] = opened.get(recipient.opened_by, 0) + 1
-    assert opened == scheduler._opened_by_peer, "sessions per connection miscounted"
-    for peer, name in scheduler._recipient_of_peer.items():
-        assert name in scheduler.recipients, f"{peer!r} mapped to forgotten {name}"
 
 
 def _check_parked(scheduler: Scheduler) -> None:

@@ -43,8 +43,9 @@ from dataclasses import dataclass, field
 from . import protocol as p
 from .announcements import Unannounced
 
-# The grace constants (and Parked, below) live with their classes now; they
-# are still importable from here, where tests and tools name them.
+# The grace constants (and Parked, Recipient and SESSIONS_PER_CONNECTION,
+# below) live with their classes now; they are still importable from here,
+# where tests and tools name them.
 from .deadlines import LEASE_GRACE_BEATS as LEASE_GRACE_BEATS
 from .deadlines import START_GRACE_BEATS as START_GRACE_BEATS
 from .deadlines import DeadlineEntry, DeadlineHeap, LeaseTerms
@@ -76,6 +77,9 @@ from .notices import (
 from .policy import Backoff, Limits, Prefetch
 from .result_room import ResultRoom
 from .serialization import pack_error, unpack_value
+from .sessions import SESSIONS_PER_CONNECTION as SESSIONS_PER_CONNECTION
+from .sessions import Recipient as Recipient
+from .sessions import SessionRegistry
 from .status import FAILURE_STATUSES, StatusReport, latest_failures, outcome_totals
 from .waiting_room import Parked as Parked
 from .waiting_room import WaitingRoom
@@ -139,13 +143,6 @@ _UNCAPPED = sys.maxsize
 # broker repeats to the client.
 MAX_DEATH_LENGTH = 200
 
-# How many sessions (or sinks) one connection may have opened that the broker
-# still remembers. Our clients and sinks open one per connection; a peer that
-# says HELLO under a new name leaves its old session, which is forgotten at
-# once if it holds nothing. What it holds (a task each) is not dropped, so a
-# connection that keeps renaming itself is refused past these few instead of
-# sidestepping the per-client window with a session per task.
-SESSIONS_PER_CONNECTION = 4
 # How long a worker's record remembers the tasks it was told to give up
 # (RELEASE). A result crossing a RELEASE comes within a round trip, and one
 # sent again after a reconnection right behind the READY: a minute is ample.
@@ -291,86 +288,6 @@ class Worker:
     @property
     def free(self) -> int:
         return 0 if self.draining else max(0, self.capacity - len(self.running))
-
-
-@dataclass(slots=True, eq=False)
-class Recipient:
-    """Whoever receives results: a client session, or a named sink."""
-
-    name: str
-    peer: bytes | None = None
-    last_seen: float = 0.0
-    pending: deque[int] = field(default_factory=deque)  # tickets to deliver
-    # Delivered and not acknowledged, in order: ticket -> its result's bytes.
-    unacked: dict[int, int] = field(default_factory=dict)
-    unacked_bytes: int = 0
-    # MDP clients never heartbeat while they wait: their silence is not absence.
-    expires: bool = True
-    # For a sink: the session of the process receiving it, and of the last
-    # other one refused it. One process at a time receives a sink; another
-    # is refused while this one is connected, and logged once, not each time
-    # it asks again (every heartbeat, for seconds).
-    holder: str | None = None
-    refused_holder: str | None = None
-    # For a client session: the instance of the `Client` holding it (from its
-    # HELLO; None from older clients), and the last other one refused it, so
-    # that a client asking again every heartbeat is logged once.
-    instance: int | None = None
-    refused: int | None = None
-    # Whether a send to its connection failed since it attached: only then did
-    # results it was sent get lost on the way (see _recipient_for_peer).
-    send_failed: bool = False
-    # How many of its results (pending or unacknowledged) are tombstones of
-    # expired ones, for the status.
-    expired: int = 0
-    # The connection it was last attached to, which stays mapped to it while
-    # it is away (it may speak again without a HELLO), and the one whose HELLO
-    # created it, which counts it against SESSIONS_PER_CONNECTION.
-    last_peer: bytes | None = None
-    opened_by: bytes | None = None
-    # Whether it asked questions (status, operator commands), and whether it
-    # ever submitted, acknowledged or cancelled: one that only asked is a
-    # `ventilator status` run or the like, which other answers leave out.
-    asked: bool = False
-    worked: bool = False
-
-    @property
-    def only_asked(self) -> bool:
-        return self.asked and not self.worked
-
-    def delivered(self, ticket: int, size: int) -> None:
-        self.unacked[ticket] = size
-        self.unacked_bytes += size
-
-    def acknowledged(self, ticket: int) -> bool:
-        """Forget a delivered result; False if it was not waiting for an ack."""
-        size = self.unacked.pop(ticket, None)
-        if size is None:
-            return False
-        self.unacked_bytes -= size
-        return True
-
-    def owe_no_more(self, tickets: set[int]) -> None:
-        """Stop owing the results of `tickets`, sent and unacknowledged or
-        still to send (their tasks are being forgotten).
-
-        Results wait in about the order they finished, so those withdrawn (the
-        acknowledged, the expired) are mostly at the front: the queue is
-        copied only when some lie further in, not for every ack or tick.
-        """
-        unsent = {ticket for ticket in tickets if not self.acknowledged(ticket)}
-        pending = self.pending
-        while pending and pending[0] in unsent:
-            unsent.discard(pending.popleft())
-        if unsent:
-            self.pending = deque(t for t in pending if t not in unsent)
-
-    def take_back_unacked(self) -> list[int]:
-        """The delivered results not acknowledged, oldest first, forgotten."""
-        tickets = list(self.unacked)
-        self.unacked.clear()
-        self.unacked_bytes = 0
-        return tickets
 
 
 class Admission(enum.Enum):
@@ -560,17 +477,6 @@ def _retried_here(task: Task) -> bool:
     return task.retries_left > 0 and not task.flags & _BATCH
 
 
-def _held_by_another(recipient: Recipient, peer: bytes, hello: p.Hello) -> bool:
-    """Whether a live connection of another `Client` holds the session."""
-    return (
-        recipient.peer is not None
-        and recipient.peer != peer
-        and recipient.instance is not None
-        and hello.instance is not None
-        and recipient.instance != hello.instance
-    )
-
-
 SINK_PREFIX = p.SINK_PREFIX
 
 
@@ -724,10 +630,10 @@ class Scheduler:
         self._sharing: dict[str, int] = {}
         self._held_by_sharing: dict[str, int] = {}
 
-        self.recipients: dict[str, Recipient] = {}
-        self._recipient_of_peer: dict[bytes, str] = {}
-        # Per connection, how many remembered recipients its HELLOs created.
-        self._opened_by_peer: dict[bytes, int] = {}
+        # Sessions and sinks, and which connection speaks for which (see
+        # sessions); `recipients` is the registry's own dict, by name.
+        self._sessions = SessionRegistry(self.limits, self._holds_nothing)
+        self.recipients = self._sessions.recipients
 
         # Per queue, how long its tasks run (as workers report it), and how many
         # of them a worker's slot may hold for that (see _allowance).
@@ -804,7 +710,7 @@ class Scheduler:
         name = hello.session if hello.sink is None else sink_recipient(hello.sink)
         is_new = name not in self.recipients
         if is_new:
-            refusal = self._session_room(peer)
+            refusal = self._sessions.room_for_new(peer)
             if refusal is not None:
                 self._refuse_new_session(peer, name, refusal)
                 return
@@ -815,33 +721,8 @@ class Scheduler:
         elif not self._attach_sink(peer, hello.sink, hello.session, now):
             return
         if is_new:
-            self._count_opened(self.recipients[name], peer)
+            self._sessions.count_opened(self.recipients[name], peer)
         self._effects.to_clients.append((peer, self._welcome()))
-
-    def _session_room(self, peer: bytes) -> str | None:
-        """Why no new session may be opened on `peer` now; None if one may."""
-        opened = self._opened_by_peer.get(peer, 0)
-        # The session it speaks for now is left, and forgotten if it holds
-        # nothing: that one makes room.
-        current = self.recipients.get(self._recipient_of_peer.get(peer, ""))
-        if current is not None and current.opened_by == peer:
-            opened -= self._holds_nothing(current)
-        if opened >= SESSIONS_PER_CONNECTION:
-            return (
-                f"this connection opened {opened} sessions that the broker "
-                f"still holds tasks or results of, the most one may "
-                f"({SESSIONS_PER_CONNECTION}); keep one session per connection, "
-                "or connect anew for another"
-            )
-        if len(self.recipients) >= self.limits.max_sessions:
-            return (
-                f"the broker holds {len(self.recipients)} sessions and sinks, "
-                f"its limit (max_sessions={self.limits.max_sessions}); those "
-                "that left owing nothing are forgotten "
-                f"{self.limits.session_grace_s:g}s after they were last heard "
-                "(session_grace_s): try again later, or purge sessions that left"
-            )
-        return None
 
     def _refuse_new_session(self, peer: bytes, name: str, reason: str) -> None:
         """Refuse a HELLO for a new session. The connection leaves the session
@@ -857,21 +738,13 @@ class Scheduler:
         """`peer` no longer speaks for the recipient it spoke for, which is
         away from now on (what it is owed waits), or forgotten if it holds
         nothing: its own connection moved on, so no grace is needed."""
-        name = self._recipient_of_peer.pop(peer, None)
-        recipient = self.recipients.get(name) if name is not None else None
-        if recipient is None or recipient.peer != peer:
+        recipient = self._sessions.disconnect(peer)
+        if recipient is None:
             return
-        recipient.peer = None
         # What it sent past its window no longer has a connection to hear of it.
         self._waiting_room.drop(recipient.name)
         if self._holds_nothing(recipient):
-            self._drop_recipient(recipient)
-
-    def _count_opened(self, recipient: Recipient, peer: bytes) -> None:
-        """Count `recipient`, which the HELLO of `peer` created, against it
-        (see SESSIONS_PER_CONNECTION) until the recipient is forgotten."""
-        recipient.opened_by = peer
-        self._opened_by_peer[peer] = self._opened_by_peer.get(peer, 0) + 1
+            self._sessions.forget(recipient)
 
     def _holds_nothing(self, recipient: Recipient) -> bool:
         """Whether forgetting `recipient` loses nothing: no result waits for
@@ -884,34 +757,13 @@ class Scheduler:
             or recipient.name in self._waiting_room.parked
         )
 
-    def _drop_recipient(self, recipient: Recipient) -> None:
-        """Forget `recipient` and every connection's mapping to it. A session
-        that comes back afterwards is simply new."""
-        del self.recipients[recipient.name]
-        peer = recipient.last_peer  # `peer` too, while it is connected
-        if peer is not None and self._recipient_of_peer.get(peer) == recipient.name:
-            del self._recipient_of_peer[peer]
-        opener = recipient.opened_by
-        if opener is not None:
-            left = self._opened_by_peer[opener] - 1
-            if left:
-                self._opened_by_peer[opener] = left
-            else:
-                del self._opened_by_peer[opener]
-
     def _attach_session(self, peer: bytes, hello: p.Hello, now: float) -> bool:
-        """Attach `peer` to its session, unless another live `Client` holds it.
-
-        Two clients on one session used to take it from each other on every
-        message, each saying HELLO again once it found itself replaced. The
-        same client (its instance) on a new connection takes over at once,
-        since its old connection is gone; another is refused until the holder
-        says BYE or is given up on. A HELLO without an instance comes from an
-        older client, which takes the session as it always did.
-        """
-        recipient = self.recipients.get(hello.session)
-        if recipient is not None and _held_by_another(recipient, peer, hello):
-            self._refuse_session(peer, recipient, hello.instance)
+        """Attach `peer` to its session, unless another live `Client` holds it
+        (see SessionRegistry.held_by_another): that one is refused until the
+        holder says BYE or is given up on."""
+        holder = self._sessions.held_by_another(peer, hello)
+        if holder is not None:
+            self._refuse_session(peer, holder, hello.instance)
             return False
 
         self.attach_recipient(peer, hello.session, now)
@@ -939,32 +791,24 @@ class Scheduler:
         recipient.refused = instance
 
     def _attach_sink(self, peer: bytes, sink: str, session: str, now: float) -> bool:
-        """Attach `peer` as the receiver of `sink`, unless another process is.
-
-        Two receivers of one name used to evict each other on every heartbeat.
-        The same process on a new connection (its session) takes over, since
-        its old connection is gone; another is refused until the holder leaves
-        or is given up on, and its HELLO changes nothing.
-        """
-        recipient = self.recipients.get(sink_recipient(sink))
-        if (
-            recipient is not None
-            and recipient.peer is not None
-            and recipient.peer != peer
-            and recipient.holder != session
-        ):
+        """Attach `peer` as the receiver of `sink`, unless another process is
+        (see SessionRegistry.sink_held_by_another): then it is refused until
+        the holder leaves or is given up on, and its HELLO changes nothing."""
+        name = sink_recipient(sink)
+        holder = self._sessions.sink_held_by_another(peer, name, session)
+        if holder is not None:
             message = (
                 f"sink {sink!r} is being received by another process; one process "
                 "receives a sink at a time: stop that one, or use another name"
             )
             self._effects.to_clients.append((peer, p.Error("sink_taken", message)))
-            first = recipient.refused_holder != session
+            first = holder.refused_holder != session
             self._effects.notices.append(SinkTaken(sink, first))
-            recipient.refused_holder = session
+            holder.refused_holder = session
             return False
 
-        self.attach_recipient(peer, sink_recipient(sink), now)
-        recipient = self.recipients[sink_recipient(sink)]
+        self.attach_recipient(peer, name, now)
+        recipient = self.recipients[name]
         recipient.holder = session
         if recipient.refused_holder == session:
             recipient.refused_holder = None
@@ -983,23 +827,17 @@ class Scheduler:
         `expires=False` keeps it attached however long it is silent;
         `announce=False` leaves it out of the log (one MDP client per request).
         """
-        recipient = self._recipient(name)
+        recipient = self._sessions.recipient(name)
         recipient.expires = expires
 
         # A connection that speaks for a new name no longer speaks for the old
         # one: that one is away (its unacknowledged results wait) until it is
         # back, or forgotten now if it holds nothing.
-        if self._recipient_of_peer.get(peer, name) != name:
+        if self._sessions.name_of(peer) not in (None, name):
             self._leave(peer)
 
         # A session that reconnects takes its place back: everything it had been
         # sent but had not acknowledged is sent again (the client drops doubles).
-        # Its earlier connection, even one it was away from, speaks for it no
-        # more: that one must say HELLO again, and a forgotten killed client
-        # leaves no mapping behind.
-        earlier = recipient.last_peer  # `peer` too, while it is connected
-        if earlier not in (None, peer) and self._recipient_of_peer.get(earlier) == name:
-            del self._recipient_of_peer[earlier]
         resent = self._attach(recipient, peer, now)
         if announce:
             self._effects.notices.append(ClientJoined(name, resent))
@@ -1009,7 +847,12 @@ class Scheduler:
         so that short-lived connections (MDP clients) do not accumulate."""
         recipient = self.recipients.get(name)
         if recipient is not None and self._holds_nothing(recipient):
-            self._drop_recipient(recipient)
+            self._sessions.forget(recipient)
+
+    def recipient_of(self, peer: bytes) -> str | None:
+        """The session (or sink's recipient) the client connection `peer`
+        speaks for, connected or away since; None if it must say HELLO."""
+        return self._sessions.name_of(peer)
 
     def _welcome(self) -> p.Welcome:
         return p.Welcome(
@@ -1021,9 +864,8 @@ class Scheduler:
         )
 
     def _attach(self, recipient: Recipient, peer: bytes, now: float) -> int:
-        recipient.peer = recipient.last_peer = peer
+        self._sessions.connect(recipient, peer)
         recipient.last_seen = now
-        self._recipient_of_peer[peer] = recipient.name
         return self._redeliver(recipient)
 
     def _redeliver(self, recipient: Recipient) -> int:
@@ -1047,25 +889,12 @@ class Scheduler:
         recipient.peer = recipient.last_peer = peer
         recipient.last_seen = now
 
-    def _recipient(self, name: str) -> Recipient:
-        recipient = self.recipients.get(name)
-        if recipient is None:
-            recipient = self.recipients[name] = Recipient(name)
-        return recipient
-
     def _recipient_for_peer(self, peer: bytes, now: float) -> Recipient | None:
-        name = self._recipient_of_peer.get(peer)
-        if name is None:
+        recipient = self._sessions.speaker(peer)
+        if recipient is None:
             return None
-
-        recipient = self.recipients.get(name)
-        if recipient is not None and recipient.peer is None:
+        if recipient.peer is None:
             self._take_back(recipient, peer, now)
-        elif recipient is None or recipient.peer != peer:
-            # Another connection took the name meanwhile (a sink's successor):
-            # this one must say HELLO again, and hear whether it may.
-            del self._recipient_of_peer[peer]
-            return None
         recipient.last_seen = now
         return recipient
 
@@ -1358,8 +1187,8 @@ class Scheduler:
         """Refuse one submitted task for a reason the shell found (the sender's
         rights): the client gets it as a TaskRejected result, with the other
         refusals of its SUBMIT."""
-        session = self._recipient_of_peer.get(peer, "?")
-        self._reject(peer, session, task_id, reason)
+        session = self._sessions.name_of(peer)
+        self._reject(peer, "?" if session is None else session, task_id, reason)
 
     def answer(self, peer: bytes, reply: p.Command) -> None:
         """Send a client a reply the shell decided (an operator command its key
@@ -1424,7 +1253,7 @@ class Scheduler:
         self._count_bytes(task, len(task.payload) + len(task.result))
         if task.result:  # restored from the journal
             self._room.count_kept(task.session, len(task.result))
-        self._recipient(task.recipient)
+        self._sessions.recipient(task.recipient)
 
     def _hold(self, session: str, change: int) -> None:
         _add_count(self._held, session, change)
@@ -1556,7 +1385,7 @@ class Scheduler:
         # again on the same connection, it is attached again without a HELLO.
         said_bye = how is Departure.LEFT
         if said_bye and recipient.peer is not None:
-            self._recipient_of_peer.pop(recipient.peer, None)
+            self._sessions.unmap(recipient.peer)
         # Every failed send to a gone client reports it: say so once.
         was_connected = recipient.peer is not None
         recipient.peer = None
@@ -1572,7 +1401,7 @@ class Scheduler:
         # sessions do not accumulate; one with tasks in the broker stays
         # listed (with what `purge --session` would drop) until they are done.
         if said_bye and self._holds_nothing(recipient):
-            self._drop_recipient(recipient)
+            self._sessions.forget(recipient)
 
     def _forget_cancellations(self, recipient: Recipient) -> None:
         """Forget the "cancelled" results of its own tasks a client leaves
@@ -2157,7 +1986,7 @@ class Scheduler:
             self._remove_worker(worker, "unreachable", Fault.LOST, now)
             return
 
-        name = self._recipient_of_peer.get(peer)
+        name = self._sessions.name_of(peer)
         if name is not None:
             recipient = self.recipients[name]
             recipient.send_failed = True
@@ -2180,10 +2009,9 @@ class Scheduler:
         connection was sent before stays unacknowledged, for `acknowledge`.
         Returns the session's name, or None if the connection had none.
         """
-        name = self._recipient_of_peer.pop(peer, None)
-        recipient = self.recipients.get(name) if name is not None else None
-        if recipient is not None and recipient.peer == peer:
-            recipient.peer = None
+        name = self._sessions.name_of(peer)
+        recipient = self._sessions.disconnect(peer)
+        if recipient is not None:
             self._waiting_room.drop(recipient.name)
             held = len(recipient.pending) + len(recipient.unacked)
             notice = ClientLost(recipient.name, held, Departure.REVOKED)
@@ -2261,7 +2089,7 @@ class Scheduler:
             elif recipient.last_seen <= forget_by and self._holds_nothing(recipient):
                 idle.append(recipient)
         for recipient in idle:
-            self._drop_recipient(recipient)
+            self._sessions.forget(recipient)
         if idle:
             grace_s = self.limits.session_grace_s
             self._effects.notices.append(SessionsForgotten(len(idle), grace_s))
@@ -2305,7 +2133,7 @@ class Scheduler:
         self._tombstones[task.ticket] = expired_at
         self._tombstone_bytes += len(task.result)
         self._room.count_kept(task.session, -len(task.result))
-        self._recipient(task.recipient).expired += 1
+        self._sessions.recipient(task.recipient).expired += 1
 
     def _forget_tombstones(self, now: float) -> None:
         """Forget the tombstones kept for `result_ttl_s` since they were made.
@@ -2364,7 +2192,7 @@ class Scheduler:
         self, task: Task, status: p.Status, result: p.Payload, now: float
     ) -> None:
         self._conclude(task, status, result, now)
-        self._recipient(task.recipient).pending.append(task.ticket)
+        self._sessions.recipient(task.recipient).pending.append(task.ticket)
         self._finish_order[task.ticket] = now
 
     def _conclude(
@@ -2908,9 +2736,9 @@ class Scheduler:
         self._admit(task)
         # Its session is known again, as it was before the restart, though
         # its results go to a sink: status lists it with the tasks it holds.
-        self._recipient(task.session)
+        self._sessions.recipient(task.session)
         if task.state is State.FINISHED:
-            self._recipient(task.recipient).pending.append(task.ticket)
+            self._sessions.recipient(task.recipient).pending.append(task.ticket)
             if task.status is p.Status.EXPIRED:
                 self._bury(task, task.finished_at)  # journalled when it expired
             else:
