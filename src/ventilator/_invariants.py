@@ -30,8 +30,8 @@ def check_invariants(scheduler: Scheduler) -> None:
             task = scheduler.tasks[ticket]
             assert task.state is State.RUNNING and task.worker == worker.worker_id
         _check_held_counts(scheduler, worker)
-        _check_offered(scheduler, worker)
-    _check_sharing_counts(scheduler)
+    # Offered where they have free credit; shares' counts match a recount.
+    scheduler._credit.check(scheduler.workers.values())
 
     for ticket, task in scheduler.tasks.items():
         assert scheduler._by_key[task.key] == ticket
@@ -113,13 +113,6 @@ def _check_nobody_idles_for(scheduler: Scheduler, task: Task) -> None:
         )
 
 
-def _check_offered(scheduler: Scheduler, worker: Worker) -> None:
-    assert worker.offered == (worker.free > 0), f"{worker.worker_id} offered"
-    for service in worker.services:
-        listed = worker.worker_id in scheduler._available.get(service, {})
-        assert listed == worker.offered, f"{worker.worker_id} under {service}"
-
-
 def _check_held_counts(scheduler: Scheduler, worker: Worker) -> None:
     by_queue: dict[str, int] = {}
     for ticket in worker.running:
@@ -130,22 +123,6 @@ def _check_held_counts(scheduler: Scheduler, worker: Worker) -> None:
     for ticket in worker.unstarted:
         assert ticket in worker.running, f"{worker.worker_id} unstarted {ticket}"
         assert scheduler.tasks[ticket].deadline is None, f"ticket {ticket} armed"
-
-
-def _check_sharing_counts(scheduler: Scheduler) -> None:
-    """The per-queue counts behind _even_share match a recount."""
-    sharing: dict[str, int] = {}
-    held: dict[str, int] = {}
-    for worker in scheduler.workers.values():
-        assert worker.sharing == (not worker.draining), worker.worker_id
-        assert set(worker.held) <= set(worker.services), worker.worker_id
-        if not worker.sharing:
-            continue
-        for service in worker.services:
-            sharing[service] = sharing.get(service, 0) + 1
-            held[service] = held.get(service, 0) + worker.held.get(service, 0)
-    assert scheduler._sharing == sharing, (scheduler._sharing, sharing)
-    assert scheduler._held_by_sharing == held, (scheduler._held_by_sharing, held)
 
 
 def _check_stale_counts(scheduler: Scheduler) -> None:

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 
 from . import protocol as p
 from .announcements import Unannounced
+from .credit_index import CreditIndex
 
 # The grace constants (and Parked, Recipient and SESSIONS_PER_CONNECTION,
 # below) live with their classes now; they are still importable from here,
@@ -240,7 +241,7 @@ class Worker:
     held: dict[str, int] = field(default_factory=dict)
     draining: bool = False
     # Whether it is counted among the workers sharing its queues' work (see
-    # Scheduler._even_share): registered and not draining.
+    # credit_index): registered and not draining.
     sharing: bool = False
     # Tasks it may hold above `capacity` after lowering it: those it had then.
     grace: int = 0
@@ -253,7 +254,7 @@ class Worker:
     # cannot be told to (7/MDP has no such command).
     obeys_release: bool = True
     # Whether it is in the index of workers with free credit, under each of
-    # its services (see Scheduler._offer).
+    # its services (see credit_index).
     offered: bool = False
     # When it last reported an outcome, registered, or was given a task for a
     # free slot: see Scheduler._frees_a_slot_soon.
@@ -622,13 +623,9 @@ class Scheduler:
 
         self.workers: dict[str, Worker] = {}
         self._worker_of_peer: dict[bytes, str] = {}
-        # For each queue, the workers serving it that have free credit, oldest first.
-        self._available: dict[str, dict[str, None]] = {}
-        # For each queue, how many registered workers that are not draining
-        # serve it, and how many of its tasks they hold: an even share costs
-        # no pass over the workers (see _even_share).
-        self._sharing: dict[str, int] = {}
-        self._held_by_sharing: dict[str, int] = {}
+        # For each queue, the workers serving it that have free credit, and
+        # the counts behind an even share of its work (see credit_index).
+        self._credit = CreditIndex()
 
         # Sessions and sinks, and which connection speaks for which (see
         # sessions); `recipients` is the registry's own dict, by name.
@@ -1354,7 +1351,7 @@ class Scheduler:
             self._release(worker, task)
             self._drop_cancelled(task, now)
         self._start_waiting(worker, now)
-        self._offer(worker)
+        self._credit.offer(worker)
 
     def _leave_cancelled(self, task: Task) -> None:
         """Mark `task` cancelled on a worker that cannot be told to stop it:
@@ -1449,11 +1446,11 @@ class Scheduler:
             # no more until it is under the new limit.
             worker.capacity = command.capacity
             worker.grace = max(0, len(worker.running) - worker.capacity)
-            self._offer(worker)
+            self._credit.offer(worker)
         elif isinstance(command, p.Drain):
-            self._stop_sharing(worker)
+            self._credit.stop_sharing(worker)
             worker.draining = True
-            self._offer(worker)
+            self._credit.offer(worker)
             self._effects.notices.append(
                 WorkerDraining(worker.worker_id, len(worker.running))
             )
@@ -1511,14 +1508,14 @@ class Scheduler:
 
         self.workers[worker.worker_id] = worker
         self._worker_of_peer[peer] = worker.worker_id
-        self._start_sharing(worker)
+        self._credit.join(worker)
         taken_back = self._reclaim(worker, named)
         refused = {t: a for t, a in named.items() if t not in worker.running}
         self._fence(refused)
         self._start_waiting(worker, now)
         # Tasks it kept beyond its credit stay; it gets no more until under it.
         worker.grace = max(0, len(worker.running) - worker.capacity)
-        self._offer(worker)
+        self._credit.offer(worker)
         if old is not None or named:
             notice = WorkerReturned(
                 worker.worker_id, kept, requeued, len(refused), taken_back
@@ -1634,7 +1631,7 @@ class Scheduler:
         task.given_back_by = None
         task.restored = False
         worker.running.add(task.ticket)
-        self._count_held(worker, task.queue, +1)
+        self._credit.count_held(worker, task.queue, +1)
         if task.deadline is not None:
             self._deadlines.arm(task, task.deadline)
         else:
@@ -1666,7 +1663,7 @@ class Scheduler:
             else:
                 self._settle(task, outcome, now)
         self._start_waiting(worker, now)
-        self._offer(worker)
+        self._credit.offer(worker)
 
     def _late(self, worker: Worker, outcome: p.Outcome) -> None:
         key = (outcome.ticket, outcome.attempt)
@@ -1789,13 +1786,10 @@ class Scheduler:
         strike against each; None: it left or was replaced, no blame); return
         how many were requeued, poisoned, and split (map batches whose maps
         run their items alone: no failure)."""
-        self._stop_sharing(worker)
+        self._credit.leave(worker)
         del self.workers[worker.worker_id]
         if self._worker_of_peer.get(worker.peer) == worker.worker_id:
             del self._worker_of_peer[worker.peer]
-        for service in worker.services:
-            self._available.get(service, {}).pop(worker.worker_id, None)
-        worker.offered = False
 
         requeued = poisoned = split = 0
         for ticket in sorted(worker.running, reverse=True):
@@ -1821,54 +1815,11 @@ class Scheduler:
 
     def _release(self, worker: Worker, task: Task) -> None:
         if task.ticket in worker.running:
-            self._count_held(worker, task.queue, -1)
+            self._credit.count_held(worker, task.queue, -1)
         worker.running.discard(task.ticket)
         worker.unstarted.pop(task.ticket, None)
         worker.grace = min(worker.grace, max(0, len(worker.running) - worker.capacity))
         task.worker = None
-
-    def _count_held(self, worker: Worker, queue_name: str, change: int) -> None:
-        """Count `change` more tasks of `queue_name` held by `worker` (which
-        serves that queue: it got them from it)."""
-        _add_count(worker.held, queue_name, change)
-        if worker.sharing:
-            self._held_by_sharing[queue_name] += change
-
-    def _start_sharing(self, worker: Worker) -> None:
-        """Count a worker that registered among those sharing its queues."""
-        worker.sharing = True
-        for service in worker.services:
-            self._sharing[service] = self._sharing.get(service, 0) + 1
-            held = self._held_by_sharing.get(service, 0)
-            self._held_by_sharing[service] = held + worker.held.get(service, 0)
-
-    def _stop_sharing(self, worker: Worker) -> None:
-        """Stop counting a worker that drains or leaves (once: it may do both),
-        and forget the counts of a queue nobody serves any more."""
-        if not worker.sharing:
-            return
-        worker.sharing = False
-        for service in worker.services:
-            self._held_by_sharing[service] -= worker.held.get(service, 0)
-            self._sharing[service] -= 1
-            if not self._sharing[service]:
-                del self._sharing[service]
-                del self._held_by_sharing[service]
-
-    def _offer(self, worker: Worker) -> None:
-        """Keep the index of workers with free credit up to date."""
-        has_credit = worker.free > 0 and worker.worker_id in self.workers
-        # Most calls change nothing (a worker of 2 slots running 1 task stays
-        # offered), and the index has an entry per service: skip them.
-        if has_credit == worker.offered:
-            return
-        worker.offered = has_credit
-        for service in worker.services:
-            available = self._available.setdefault(service, {})
-            if has_credit:
-                available.setdefault(worker.worker_id, None)
-            else:
-                available.pop(worker.worker_id, None)
 
     # --- deadlines: timeouts the broker enforces ------------------------------------
 
@@ -1970,7 +1921,7 @@ class Scheduler:
             self._remove_worker(worker, reason, Fault.MISBEHAVED, now)
             return
         self._start_waiting(worker, now)
-        self._offer(worker)
+        self._credit.offer(worker)
 
     # --- both ------------------------------------------------------------------------
 
@@ -2368,7 +2319,7 @@ class Scheduler:
         """Hand out `queue` while workers have room for it, or only one turn
         of it (a task per worker) when other queues wait in line; False if
         nobody took any. Its turns are charged what it handed out."""
-        available = self._available.get(queue_name)
+        available = self._credit.with_credit(queue_name)
         waiting = len(queue)
         if one_turn:
             if queue and available:
@@ -2450,7 +2401,7 @@ class Scheduler:
                 self._effects.to_workers.append((worker.peer, p.Tasks(assignments)))
                 if into_slots:
                     worker.last_progress = self._now  # a slot starts on one
-            self._offer(worker)
+            self._credit.offer(worker)
             if not queue:
                 break
         return True
@@ -2508,9 +2459,7 @@ class Scheduler:
         workers that serve it and take work. Asked once per slot-less worker
         in each dispatch pass, so from counts kept up to date, not a pass over
         the workers: that made a pass over many such workers quadratic."""
-        total = self.queued_count(queue_name)
-        total += self._held_by_sharing.get(queue_name, 0)
-        return math.ceil(total / max(1, self._sharing.get(queue_name, 0)))
+        return self._credit.even_share(queue_name, self.queued_count(queue_name))
 
     def _take(
         self,
@@ -2528,6 +2477,7 @@ class Scheduler:
         # session's room for results; past that room, its lanes rest.
         expected = int(self._result_size.get(queue_name, 0.0))
         room = self._room
+        credit = self._credit
         while queue and len(assignments) < count:
             task = self.tasks.get(queue.popleft())
             if task is None or task.state is not State.QUEUED:
@@ -2546,7 +2496,7 @@ class Scheduler:
             task.given_back_by = None
             task.restored = False
             worker.running.add(task.ticket)
-            self._count_held(worker, queue_name, +1)
+            credit.count_held(worker, queue_name, +1)
             task.deadline = None
             if not into_slots:
                 worker.unstarted[task.ticket] = None
@@ -2653,7 +2603,7 @@ class Scheduler:
 
     def serves(self, queue: str) -> bool:
         """Whether a registered worker that is not draining serves `queue`."""
-        return queue in self._sharing
+        return self._credit.serves(queue)
 
     def find_task(self, session: str, task_id: int) -> Task | None:
         """The task `session` submitted as `task_id`, if the broker still has it."""
