@@ -30,8 +30,8 @@ def check_invariants(scheduler: Scheduler) -> None:
             task = scheduler.tasks[ticket]
             assert task.state is State.RUNNING and task.worker == worker.worker_id
         _check_held_counts(scheduler, worker)
-        _check_offered(scheduler, worker)
-    _check_sharing_counts(scheduler)
+    # Offered where they have free credit; shares' counts match a recount.
+    scheduler._credit.check(scheduler.workers.values())
 
     for ticket, task in scheduler.tasks.items():
         assert scheduler._by_key[task.key] == ticket
@@ -43,9 +43,6 @@ def check_invariants(scheduler: Scheduler) -> None:
             assert task.state is State.RUNNING, f"task {ticket} cancelled"
 
     for recipient in scheduler.recipients.values():
-        if recipient.peer is not None:
-            owner = scheduler._recipient_of_peer.get(recipient.peer)
-            assert owner == recipient.name, f"{recipient.name} not on its peer"
         is_sink = recipient.name.startswith(sink_recipient(""))
         assert recipient.unacked_bytes == sum(recipient.unacked.values()), (
             f"{recipient.name} counts {recipient.unacked_bytes} bytes unacked"
@@ -68,24 +65,14 @@ def check_invariants(scheduler: Scheduler) -> None:
     _check_byte_counts(scheduler)
     _check_result_room(scheduler)
     _check_tombstones(scheduler)
-    _check_session_counts(scheduler)
+    # Connections on their recipients, none on a forgotten one, and the
+    # sessions each opened counted exactly.
+    scheduler._sessions.check()
     _check_parked(scheduler)
     assert scheduler._unannounced.none_empty(), "empty ACCEPTED"
     failed = [record.ticket for record in scheduler.failed]
     assert len(set(failed)) == len(failed), "a failure remembered twice"
     _check_totals(scheduler)
-
-
-def _check_session_counts(scheduler: Scheduler) -> None:
-    """Each connection counts the remembered recipients it opened, and no
-    connection is mapped to a forgotten one (a leak per killed client)."""
-    opened: dict[bytes, int] = {}
-    for recipient in scheduler.recipients.values():
-        if recipient.opened_by is not None:
-            opened[recipient.opened_by] = opened.get(recipient.opened_by, 0) + 1
-    assert opened == scheduler._opened_by_peer, "sessions per connection miscounted"
-    for peer, name in scheduler._recipient_of_peer.items():
-        assert name in scheduler.recipients, f"{peer!r} mapped to forgotten {name}"
 
 
 def _check_parked(scheduler: Scheduler) -> None:
@@ -126,13 +113,6 @@ def _check_nobody_idles_for(scheduler: Scheduler, task: Task) -> None:
         )
 
 
-def _check_offered(scheduler: Scheduler, worker: Worker) -> None:
-    assert worker.offered == (worker.free > 0), f"{worker.worker_id} offered"
-    for service in worker.services:
-        listed = worker.worker_id in scheduler._available.get(service, {})
-        assert listed == worker.offered, f"{worker.worker_id} under {service}"
-
-
 def _check_held_counts(scheduler: Scheduler, worker: Worker) -> None:
     by_queue: dict[str, int] = {}
     for ticket in worker.running:
@@ -143,22 +123,6 @@ def _check_held_counts(scheduler: Scheduler, worker: Worker) -> None:
     for ticket in worker.unstarted:
         assert ticket in worker.running, f"{worker.worker_id} unstarted {ticket}"
         assert scheduler.tasks[ticket].deadline is None, f"ticket {ticket} armed"
-
-
-def _check_sharing_counts(scheduler: Scheduler) -> None:
-    """The per-queue counts behind _even_share match a recount."""
-    sharing: dict[str, int] = {}
-    held: dict[str, int] = {}
-    for worker in scheduler.workers.values():
-        assert worker.sharing == (not worker.draining), worker.worker_id
-        assert set(worker.held) <= set(worker.services), worker.worker_id
-        if not worker.sharing:
-            continue
-        for service in worker.services:
-            sharing[service] = sharing.get(service, 0) + 1
-            held[service] = held.get(service, 0) + worker.held.get(service, 0)
-    assert scheduler._sharing == sharing, (scheduler._sharing, sharing)
-    assert scheduler._held_by_sharing == held, (scheduler._held_by_sharing, held)
 
 
 def _check_stale_counts(scheduler: Scheduler) -> None:

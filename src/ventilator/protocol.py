@@ -151,7 +151,7 @@ UNSERVED = "unserved"
 SESSION_IN_USE = "session_in_use"
 # An ERROR code: the HELLO names a session (or sink) the broker has no room
 # for: it remembers `max_sessions` in all, and a connection opens a few at most
-# (see Scheduler._session_room); the message names the limit.
+# (see SessionRegistry.room_for_new); the message names the limit.
 TOO_MANY_SESSIONS = "too_many_sessions"
 # An ERROR code: the HELLO names a session the broker keeps for itself (see
 # `reserved_session_problem`); asking again changes nothing.

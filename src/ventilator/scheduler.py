@@ -42,9 +42,11 @@ from dataclasses import dataclass, field
 
 from . import protocol as p
 from .announcements import Unannounced
+from .credit_index import CreditIndex
 
-# The grace constants (and Parked, below) live with their classes now; they
-# are still importable from here, where tests and tools name them.
+# The grace constants (and Parked, Recipient and SESSIONS_PER_CONNECTION,
+# below) live with their classes now; they are still importable from here,
+# where tests and tools name them.
 from .deadlines import LEASE_GRACE_BEATS as LEASE_GRACE_BEATS
 from .deadlines import START_GRACE_BEATS as START_GRACE_BEATS
 from .deadlines import DeadlineEntry, DeadlineHeap, LeaseTerms
@@ -76,6 +78,9 @@ from .notices import (
 from .policy import Backoff, Limits, Prefetch
 from .result_room import ResultRoom
 from .serialization import pack_error, unpack_value
+from .sessions import SESSIONS_PER_CONNECTION as SESSIONS_PER_CONNECTION
+from .sessions import Recipient as Recipient
+from .sessions import SessionRegistry
 from .status import FAILURE_STATUSES, StatusReport, latest_failures, outcome_totals
 from .waiting_room import Parked as Parked
 from .waiting_room import WaitingRoom
@@ -139,13 +144,6 @@ _UNCAPPED = sys.maxsize
 # broker repeats to the client.
 MAX_DEATH_LENGTH = 200
 
-# How many sessions (or sinks) one connection may have opened that the broker
-# still remembers. Our clients and sinks open one per connection; a peer that
-# says HELLO under a new name leaves its old session, which is forgotten at
-# once if it holds nothing. What it holds (a task each) is not dropped, so a
-# connection that keeps renaming itself is refused past these few instead of
-# sidestepping the per-client window with a session per task.
-SESSIONS_PER_CONNECTION = 4
 # How long a worker's record remembers the tasks it was told to give up
 # (RELEASE). A result crossing a RELEASE comes within a round trip, and one
 # sent again after a reconnection right behind the READY: a minute is ample.
@@ -243,7 +241,7 @@ class Worker:
     held: dict[str, int] = field(default_factory=dict)
     draining: bool = False
     # Whether it is counted among the workers sharing its queues' work (see
-    # Scheduler._even_share): registered and not draining.
+    # credit_index): registered and not draining.
     sharing: bool = False
     # Tasks it may hold above `capacity` after lowering it: those it had then.
     grace: int = 0
@@ -256,7 +254,7 @@ class Worker:
     # cannot be told to (7/MDP has no such command).
     obeys_release: bool = True
     # Whether it is in the index of workers with free credit, under each of
-    # its services (see Scheduler._offer).
+    # its services (see credit_index).
     offered: bool = False
     # When it last reported an outcome, registered, or was given a task for a
     # free slot: see Scheduler._frees_a_slot_soon.
@@ -291,86 +289,6 @@ class Worker:
     @property
     def free(self) -> int:
         return 0 if self.draining else max(0, self.capacity - len(self.running))
-
-
-@dataclass(slots=True, eq=False)
-class Recipient:
-    """Whoever receives results: a client session, or a named sink."""
-
-    name: str
-    peer: bytes | None = None
-    last_seen: float = 0.0
-    pending: deque[int] = field(default_factory=deque)  # tickets to deliver
-    # Delivered and not acknowledged, in order: ticket -> its result's bytes.
-    unacked: dict[int, int] = field(default_factory=dict)
-    unacked_bytes: int = 0
-    # MDP clients never heartbeat while they wait: their silence is not absence.
-    expires: bool = True
-    # For a sink: the session of the process receiving it, and of the last
-    # other one refused it. One process at a time receives a sink; another
-    # is refused while this one is connected, and logged once, not each time
-    # it asks again (every heartbeat, for seconds).
-    holder: str | None = None
-    refused_holder: str | None = None
-    # For a client session: the instance of the `Client` holding it (from its
-    # HELLO; None from older clients), and the last other one refused it, so
-    # that a client asking again every heartbeat is logged once.
-    instance: int | None = None
-    refused: int | None = None
-    # Whether a send to its connection failed since it attached: only then did
-    # results it was sent get lost on the way (see _recipient_for_peer).
-    send_failed: bool = False
-    # How many of its results (pending or unacknowledged) are tombstones of
-    # expired ones, for the status.
-    expired: int = 0
-    # The connection it was last attached to, which stays mapped to it while
-    # it is away (it may speak again without a HELLO), and the one whose HELLO
-    # created it, which counts it against SESSIONS_PER_CONNECTION.
-    last_peer: bytes | None = None
-    opened_by: bytes | None = None
-    # Whether it asked questions (status, operator commands), and whether it
-    # ever submitted, acknowledged or cancelled: one that only asked is a
-    # `ventilator status` run or the like, which other answers leave out.
-    asked: bool = False
-    worked: bool = False
-
-    @property
-    def only_asked(self) -> bool:
-        return self.asked and not self.worked
-
-    def delivered(self, ticket: int, size: int) -> None:
-        self.unacked[ticket] = size
-        self.unacked_bytes += size
-
-    def acknowledged(self, ticket: int) -> bool:
-        """Forget a delivered result; False if it was not waiting for an ack."""
-        size = self.unacked.pop(ticket, None)
-        if size is None:
-            return False
-        self.unacked_bytes -= size
-        return True
-
-    def owe_no_more(self, tickets: set[int]) -> None:
-        """Stop owing the results of `tickets`, sent and unacknowledged or
-        still to send (their tasks are being forgotten).
-
-        Results wait in about the order they finished, so those withdrawn (the
-        acknowledged, the expired) are mostly at the front: the queue is
-        copied only when some lie further in, not for every ack or tick.
-        """
-        unsent = {ticket for ticket in tickets if not self.acknowledged(ticket)}
-        pending = self.pending
-        while pending and pending[0] in unsent:
-            unsent.discard(pending.popleft())
-        if unsent:
-            self.pending = deque(t for t in pending if t not in unsent)
-
-    def take_back_unacked(self) -> list[int]:
-        """The delivered results not acknowledged, oldest first, forgotten."""
-        tickets = list(self.unacked)
-        self.unacked.clear()
-        self.unacked_bytes = 0
-        return tickets
 
 
 class Admission(enum.Enum):
@@ -560,17 +478,6 @@ def _retried_here(task: Task) -> bool:
     return task.retries_left > 0 and not task.flags & _BATCH
 
 
-def _held_by_another(recipient: Recipient, peer: bytes, hello: p.Hello) -> bool:
-    """Whether a live connection of another `Client` holds the session."""
-    return (
-        recipient.peer is not None
-        and recipient.peer != peer
-        and recipient.instance is not None
-        and hello.instance is not None
-        and recipient.instance != hello.instance
-    )
-
-
 SINK_PREFIX = p.SINK_PREFIX
 
 
@@ -716,18 +623,14 @@ class Scheduler:
 
         self.workers: dict[str, Worker] = {}
         self._worker_of_peer: dict[bytes, str] = {}
-        # For each queue, the workers serving it that have free credit, oldest first.
-        self._available: dict[str, dict[str, None]] = {}
-        # For each queue, how many registered workers that are not draining
-        # serve it, and how many of its tasks they hold: an even share costs
-        # no pass over the workers (see _even_share).
-        self._sharing: dict[str, int] = {}
-        self._held_by_sharing: dict[str, int] = {}
+        # For each queue, the workers serving it that have free credit, and
+        # the counts behind an even share of its work (see credit_index).
+        self._credit = CreditIndex()
 
-        self.recipients: dict[str, Recipient] = {}
-        self._recipient_of_peer: dict[bytes, str] = {}
-        # Per connection, how many remembered recipients its HELLOs created.
-        self._opened_by_peer: dict[bytes, int] = {}
+        # Sessions and sinks, and which connection speaks for which (see
+        # sessions); `recipients` is the registry's own dict, by name.
+        self._sessions = SessionRegistry(self.limits, self._holds_nothing)
+        self.recipients = self._sessions.recipients
 
         # Per queue, how long its tasks run (as workers report it), and how many
         # of them a worker's slot may hold for that (see _allowance).
@@ -804,7 +707,7 @@ class Scheduler:
         name = hello.session if hello.sink is None else sink_recipient(hello.sink)
         is_new = name not in self.recipients
         if is_new:
-            refusal = self._session_room(peer)
+            refusal = self._sessions.room_for_new(peer)
             if refusal is not None:
                 self._refuse_new_session(peer, name, refusal)
                 return
@@ -815,33 +718,8 @@ class Scheduler:
         elif not self._attach_sink(peer, hello.sink, hello.session, now):
             return
         if is_new:
-            self._count_opened(self.recipients[name], peer)
+            self._sessions.count_opened(self.recipients[name], peer)
         self._effects.to_clients.append((peer, self._welcome()))
-
-    def _session_room(self, peer: bytes) -> str | None:
-        """Why no new session may be opened on `peer` now; None if one may."""
-        opened = self._opened_by_peer.get(peer, 0)
-        # The session it speaks for now is left, and forgotten if it holds
-        # nothing: that one makes room.
-        current = self.recipients.get(self._recipient_of_peer.get(peer, ""))
-        if current is not None and current.opened_by == peer:
-            opened -= self._holds_nothing(current)
-        if opened >= SESSIONS_PER_CONNECTION:
-            return (
-                f"this connection opened {opened} sessions that the broker "
-                f"still holds tasks or results of, the most one may "
-                f"({SESSIONS_PER_CONNECTION}); keep one session per connection, "
-                "or connect anew for another"
-            )
-        if len(self.recipients) >= self.limits.max_sessions:
-            return (
-                f"the broker holds {len(self.recipients)} sessions and sinks, "
-                f"its limit (max_sessions={self.limits.max_sessions}); those "
-                "that left owing nothing are forgotten "
-                f"{self.limits.session_grace_s:g}s after they were last heard "
-                "(session_grace_s): try again later, or purge sessions that left"
-            )
-        return None
 
     def _refuse_new_session(self, peer: bytes, name: str, reason: str) -> None:
         """Refuse a HELLO for a new session. The connection leaves the session
@@ -857,21 +735,13 @@ class Scheduler:
         """`peer` no longer speaks for the recipient it spoke for, which is
         away from now on (what it is owed waits), or forgotten if it holds
         nothing: its own connection moved on, so no grace is needed."""
-        name = self._recipient_of_peer.pop(peer, None)
-        recipient = self.recipients.get(name) if name is not None else None
-        if recipient is None or recipient.peer != peer:
+        recipient = self._sessions.disconnect(peer)
+        if recipient is None:
             return
-        recipient.peer = None
         # What it sent past its window no longer has a connection to hear of it.
         self._waiting_room.drop(recipient.name)
         if self._holds_nothing(recipient):
-            self._drop_recipient(recipient)
-
-    def _count_opened(self, recipient: Recipient, peer: bytes) -> None:
-        """Count `recipient`, which the HELLO of `peer` created, against it
-        (see SESSIONS_PER_CONNECTION) until the recipient is forgotten."""
-        recipient.opened_by = peer
-        self._opened_by_peer[peer] = self._opened_by_peer.get(peer, 0) + 1
+            self._sessions.forget(recipient)
 
     def _holds_nothing(self, recipient: Recipient) -> bool:
         """Whether forgetting `recipient` loses nothing: no result waits for
@@ -884,34 +754,13 @@ class Scheduler:
             or recipient.name in self._waiting_room.parked
         )
 
-    def _drop_recipient(self, recipient: Recipient) -> None:
-        """Forget `recipient` and every connection's mapping to it. A session
-        that comes back afterwards is simply new."""
-        del self.recipients[recipient.name]
-        peer = recipient.last_peer  # `peer` too, while it is connected
-        if peer is not None and self._recipient_of_peer.get(peer) == recipient.name:
-            del self._recipient_of_peer[peer]
-        opener = recipient.opened_by
-        if opener is not None:
-            left = self._opened_by_peer[opener] - 1
-            if left:
-                self._opened_by_peer[opener] = left
-            else:
-                del self._opened_by_peer[opener]
-
     def _attach_session(self, peer: bytes, hello: p.Hello, now: float) -> bool:
-        """Attach `peer` to its session, unless another live `Client` holds it.
-
-        Two clients on one session used to take it from each other on every
-        message, each saying HELLO again once it found itself replaced. The
-        same client (its instance) on a new connection takes over at once,
-        since its old connection is gone; another is refused until the holder
-        says BYE or is given up on. A HELLO without an instance comes from an
-        older client, which takes the session as it always did.
-        """
-        recipient = self.recipients.get(hello.session)
-        if recipient is not None and _held_by_another(recipient, peer, hello):
-            self._refuse_session(peer, recipient, hello.instance)
+        """Attach `peer` to its session, unless another live `Client` holds it
+        (see SessionRegistry.held_by_another): that one is refused until the
+        holder says BYE or is given up on."""
+        holder = self._sessions.held_by_another(peer, hello)
+        if holder is not None:
+            self._refuse_session(peer, holder, hello.instance)
             return False
 
         self.attach_recipient(peer, hello.session, now)
@@ -939,32 +788,24 @@ class Scheduler:
         recipient.refused = instance
 
     def _attach_sink(self, peer: bytes, sink: str, session: str, now: float) -> bool:
-        """Attach `peer` as the receiver of `sink`, unless another process is.
-
-        Two receivers of one name used to evict each other on every heartbeat.
-        The same process on a new connection (its session) takes over, since
-        its old connection is gone; another is refused until the holder leaves
-        or is given up on, and its HELLO changes nothing.
-        """
-        recipient = self.recipients.get(sink_recipient(sink))
-        if (
-            recipient is not None
-            and recipient.peer is not None
-            and recipient.peer != peer
-            and recipient.holder != session
-        ):
+        """Attach `peer` as the receiver of `sink`, unless another process is
+        (see SessionRegistry.sink_held_by_another): then it is refused until
+        the holder leaves or is given up on, and its HELLO changes nothing."""
+        name = sink_recipient(sink)
+        holder = self._sessions.sink_held_by_another(peer, name, session)
+        if holder is not None:
             message = (
                 f"sink {sink!r} is being received by another process; one process "
                 "receives a sink at a time: stop that one, or use another name"
             )
             self._effects.to_clients.append((peer, p.Error("sink_taken", message)))
-            first = recipient.refused_holder != session
+            first = holder.refused_holder != session
             self._effects.notices.append(SinkTaken(sink, first))
-            recipient.refused_holder = session
+            holder.refused_holder = session
             return False
 
-        self.attach_recipient(peer, sink_recipient(sink), now)
-        recipient = self.recipients[sink_recipient(sink)]
+        self.attach_recipient(peer, name, now)
+        recipient = self.recipients[name]
         recipient.holder = session
         if recipient.refused_holder == session:
             recipient.refused_holder = None
@@ -983,23 +824,17 @@ class Scheduler:
         `expires=False` keeps it attached however long it is silent;
         `announce=False` leaves it out of the log (one MDP client per request).
         """
-        recipient = self._recipient(name)
+        recipient = self._sessions.recipient(name)
         recipient.expires = expires
 
         # A connection that speaks for a new name no longer speaks for the old
         # one: that one is away (its unacknowledged results wait) until it is
         # back, or forgotten now if it holds nothing.
-        if self._recipient_of_peer.get(peer, name) != name:
+        if self._sessions.name_of(peer) not in (None, name):
             self._leave(peer)
 
         # A session that reconnects takes its place back: everything it had been
         # sent but had not acknowledged is sent again (the client drops doubles).
-        # Its earlier connection, even one it was away from, speaks for it no
-        # more: that one must say HELLO again, and a forgotten killed client
-        # leaves no mapping behind.
-        earlier = recipient.last_peer  # `peer` too, while it is connected
-        if earlier not in (None, peer) and self._recipient_of_peer.get(earlier) == name:
-            del self._recipient_of_peer[earlier]
         resent = self._attach(recipient, peer, now)
         if announce:
             self._effects.notices.append(ClientJoined(name, resent))
@@ -1009,7 +844,12 @@ class Scheduler:
         so that short-lived connections (MDP clients) do not accumulate."""
         recipient = self.recipients.get(name)
         if recipient is not None and self._holds_nothing(recipient):
-            self._drop_recipient(recipient)
+            self._sessions.forget(recipient)
+
+    def recipient_of(self, peer: bytes) -> str | None:
+        """The session (or sink's recipient) the client connection `peer`
+        speaks for, connected or away since; None if it must say HELLO."""
+        return self._sessions.name_of(peer)
 
     def _welcome(self) -> p.Welcome:
         return p.Welcome(
@@ -1021,9 +861,8 @@ class Scheduler:
         )
 
     def _attach(self, recipient: Recipient, peer: bytes, now: float) -> int:
-        recipient.peer = recipient.last_peer = peer
+        self._sessions.connect(recipient, peer)
         recipient.last_seen = now
-        self._recipient_of_peer[peer] = recipient.name
         return self._redeliver(recipient)
 
     def _redeliver(self, recipient: Recipient) -> int:
@@ -1047,25 +886,12 @@ class Scheduler:
         recipient.peer = recipient.last_peer = peer
         recipient.last_seen = now
 
-    def _recipient(self, name: str) -> Recipient:
-        recipient = self.recipients.get(name)
-        if recipient is None:
-            recipient = self.recipients[name] = Recipient(name)
-        return recipient
-
     def _recipient_for_peer(self, peer: bytes, now: float) -> Recipient | None:
-        name = self._recipient_of_peer.get(peer)
-        if name is None:
+        recipient = self._sessions.speaker(peer)
+        if recipient is None:
             return None
-
-        recipient = self.recipients.get(name)
-        if recipient is not None and recipient.peer is None:
+        if recipient.peer is None:
             self._take_back(recipient, peer, now)
-        elif recipient is None or recipient.peer != peer:
-            # Another connection took the name meanwhile (a sink's successor):
-            # this one must say HELLO again, and hear whether it may.
-            del self._recipient_of_peer[peer]
-            return None
         recipient.last_seen = now
         return recipient
 
@@ -1358,8 +1184,8 @@ class Scheduler:
         """Refuse one submitted task for a reason the shell found (the sender's
         rights): the client gets it as a TaskRejected result, with the other
         refusals of its SUBMIT."""
-        session = self._recipient_of_peer.get(peer, "?")
-        self._reject(peer, session, task_id, reason)
+        session = self._sessions.name_of(peer)
+        self._reject(peer, "?" if session is None else session, task_id, reason)
 
     def answer(self, peer: bytes, reply: p.Command) -> None:
         """Send a client a reply the shell decided (an operator command its key
@@ -1424,7 +1250,7 @@ class Scheduler:
         self._count_bytes(task, len(task.payload) + len(task.result))
         if task.result:  # restored from the journal
             self._room.count_kept(task.session, len(task.result))
-        self._recipient(task.recipient)
+        self._sessions.recipient(task.recipient)
 
     def _hold(self, session: str, change: int) -> None:
         _add_count(self._held, session, change)
@@ -1525,7 +1351,7 @@ class Scheduler:
             self._release(worker, task)
             self._drop_cancelled(task, now)
         self._start_waiting(worker, now)
-        self._offer(worker)
+        self._credit.offer(worker)
 
     def _leave_cancelled(self, task: Task) -> None:
         """Mark `task` cancelled on a worker that cannot be told to stop it:
@@ -1556,7 +1382,7 @@ class Scheduler:
         # again on the same connection, it is attached again without a HELLO.
         said_bye = how is Departure.LEFT
         if said_bye and recipient.peer is not None:
-            self._recipient_of_peer.pop(recipient.peer, None)
+            self._sessions.unmap(recipient.peer)
         # Every failed send to a gone client reports it: say so once.
         was_connected = recipient.peer is not None
         recipient.peer = None
@@ -1572,7 +1398,7 @@ class Scheduler:
         # sessions do not accumulate; one with tasks in the broker stays
         # listed (with what `purge --session` would drop) until they are done.
         if said_bye and self._holds_nothing(recipient):
-            self._drop_recipient(recipient)
+            self._sessions.forget(recipient)
 
     def _forget_cancellations(self, recipient: Recipient) -> None:
         """Forget the "cancelled" results of its own tasks a client leaves
@@ -1620,11 +1446,11 @@ class Scheduler:
             # no more until it is under the new limit.
             worker.capacity = command.capacity
             worker.grace = max(0, len(worker.running) - worker.capacity)
-            self._offer(worker)
+            self._credit.offer(worker)
         elif isinstance(command, p.Drain):
-            self._stop_sharing(worker)
+            self._credit.stop_sharing(worker)
             worker.draining = True
-            self._offer(worker)
+            self._credit.offer(worker)
             self._effects.notices.append(
                 WorkerDraining(worker.worker_id, len(worker.running))
             )
@@ -1682,14 +1508,14 @@ class Scheduler:
 
         self.workers[worker.worker_id] = worker
         self._worker_of_peer[peer] = worker.worker_id
-        self._start_sharing(worker)
+        self._credit.join(worker)
         taken_back = self._reclaim(worker, named)
         refused = {t: a for t, a in named.items() if t not in worker.running}
         self._fence(refused)
         self._start_waiting(worker, now)
         # Tasks it kept beyond its credit stay; it gets no more until under it.
         worker.grace = max(0, len(worker.running) - worker.capacity)
-        self._offer(worker)
+        self._credit.offer(worker)
         if old is not None or named:
             notice = WorkerReturned(
                 worker.worker_id, kept, requeued, len(refused), taken_back
@@ -1805,7 +1631,7 @@ class Scheduler:
         task.given_back_by = None
         task.restored = False
         worker.running.add(task.ticket)
-        self._count_held(worker, task.queue, +1)
+        self._credit.count_held(worker, task.queue, +1)
         if task.deadline is not None:
             self._deadlines.arm(task, task.deadline)
         else:
@@ -1837,7 +1663,7 @@ class Scheduler:
             else:
                 self._settle(task, outcome, now)
         self._start_waiting(worker, now)
-        self._offer(worker)
+        self._credit.offer(worker)
 
     def _late(self, worker: Worker, outcome: p.Outcome) -> None:
         key = (outcome.ticket, outcome.attempt)
@@ -1960,13 +1786,10 @@ class Scheduler:
         strike against each; None: it left or was replaced, no blame); return
         how many were requeued, poisoned, and split (map batches whose maps
         run their items alone: no failure)."""
-        self._stop_sharing(worker)
+        self._credit.leave(worker)
         del self.workers[worker.worker_id]
         if self._worker_of_peer.get(worker.peer) == worker.worker_id:
             del self._worker_of_peer[worker.peer]
-        for service in worker.services:
-            self._available.get(service, {}).pop(worker.worker_id, None)
-        worker.offered = False
 
         requeued = poisoned = split = 0
         for ticket in sorted(worker.running, reverse=True):
@@ -1992,54 +1815,11 @@ class Scheduler:
 
     def _release(self, worker: Worker, task: Task) -> None:
         if task.ticket in worker.running:
-            self._count_held(worker, task.queue, -1)
+            self._credit.count_held(worker, task.queue, -1)
         worker.running.discard(task.ticket)
         worker.unstarted.pop(task.ticket, None)
         worker.grace = min(worker.grace, max(0, len(worker.running) - worker.capacity))
         task.worker = None
-
-    def _count_held(self, worker: Worker, queue_name: str, change: int) -> None:
-        """Count `change` more tasks of `queue_name` held by `worker` (which
-        serves that queue: it got them from it)."""
-        _add_count(worker.held, queue_name, change)
-        if worker.sharing:
-            self._held_by_sharing[queue_name] += change
-
-    def _start_sharing(self, worker: Worker) -> None:
-        """Count a worker that registered among those sharing its queues."""
-        worker.sharing = True
-        for service in worker.services:
-            self._sharing[service] = self._sharing.get(service, 0) + 1
-            held = self._held_by_sharing.get(service, 0)
-            self._held_by_sharing[service] = held + worker.held.get(service, 0)
-
-    def _stop_sharing(self, worker: Worker) -> None:
-        """Stop counting a worker that drains or leaves (once: it may do both),
-        and forget the counts of a queue nobody serves any more."""
-        if not worker.sharing:
-            return
-        worker.sharing = False
-        for service in worker.services:
-            self._held_by_sharing[service] -= worker.held.get(service, 0)
-            self._sharing[service] -= 1
-            if not self._sharing[service]:
-                del self._sharing[service]
-                del self._held_by_sharing[service]
-
-    def _offer(self, worker: Worker) -> None:
-        """Keep the index of workers with free credit up to date."""
-        has_credit = worker.free > 0 and worker.worker_id in self.workers
-        # Most calls change nothing (a worker of 2 slots running 1 task stays
-        # offered), and the index has an entry per service: skip them.
-        if has_credit == worker.offered:
-            return
-        worker.offered = has_credit
-        for service in worker.services:
-            available = self._available.setdefault(service, {})
-            if has_credit:
-                available.setdefault(worker.worker_id, None)
-            else:
-                available.pop(worker.worker_id, None)
 
     # --- deadlines: timeouts the broker enforces ------------------------------------
 
@@ -2141,7 +1921,7 @@ class Scheduler:
             self._remove_worker(worker, reason, Fault.MISBEHAVED, now)
             return
         self._start_waiting(worker, now)
-        self._offer(worker)
+        self._credit.offer(worker)
 
     # --- both ------------------------------------------------------------------------
 
@@ -2157,7 +1937,7 @@ class Scheduler:
             self._remove_worker(worker, "unreachable", Fault.LOST, now)
             return
 
-        name = self._recipient_of_peer.get(peer)
+        name = self._sessions.name_of(peer)
         if name is not None:
             recipient = self.recipients[name]
             recipient.send_failed = True
@@ -2180,10 +1960,9 @@ class Scheduler:
         connection was sent before stays unacknowledged, for `acknowledge`.
         Returns the session's name, or None if the connection had none.
         """
-        name = self._recipient_of_peer.pop(peer, None)
-        recipient = self.recipients.get(name) if name is not None else None
-        if recipient is not None and recipient.peer == peer:
-            recipient.peer = None
+        name = self._sessions.name_of(peer)
+        recipient = self._sessions.disconnect(peer)
+        if recipient is not None:
             self._waiting_room.drop(recipient.name)
             held = len(recipient.pending) + len(recipient.unacked)
             notice = ClientLost(recipient.name, held, Departure.REVOKED)
@@ -2261,7 +2040,7 @@ class Scheduler:
             elif recipient.last_seen <= forget_by and self._holds_nothing(recipient):
                 idle.append(recipient)
         for recipient in idle:
-            self._drop_recipient(recipient)
+            self._sessions.forget(recipient)
         if idle:
             grace_s = self.limits.session_grace_s
             self._effects.notices.append(SessionsForgotten(len(idle), grace_s))
@@ -2305,7 +2084,7 @@ class Scheduler:
         self._tombstones[task.ticket] = expired_at
         self._tombstone_bytes += len(task.result)
         self._room.count_kept(task.session, -len(task.result))
-        self._recipient(task.recipient).expired += 1
+        self._sessions.recipient(task.recipient).expired += 1
 
     def _forget_tombstones(self, now: float) -> None:
         """Forget the tombstones kept for `result_ttl_s` since they were made.
@@ -2364,7 +2143,7 @@ class Scheduler:
         self, task: Task, status: p.Status, result: p.Payload, now: float
     ) -> None:
         self._conclude(task, status, result, now)
-        self._recipient(task.recipient).pending.append(task.ticket)
+        self._sessions.recipient(task.recipient).pending.append(task.ticket)
         self._finish_order[task.ticket] = now
 
     def _conclude(
@@ -2540,7 +2319,7 @@ class Scheduler:
         """Hand out `queue` while workers have room for it, or only one turn
         of it (a task per worker) when other queues wait in line; False if
         nobody took any. Its turns are charged what it handed out."""
-        available = self._available.get(queue_name)
+        available = self._credit.with_credit(queue_name)
         waiting = len(queue)
         if one_turn:
             if queue and available:
@@ -2622,7 +2401,7 @@ class Scheduler:
                 self._effects.to_workers.append((worker.peer, p.Tasks(assignments)))
                 if into_slots:
                     worker.last_progress = self._now  # a slot starts on one
-            self._offer(worker)
+            self._credit.offer(worker)
             if not queue:
                 break
         return True
@@ -2680,9 +2459,7 @@ class Scheduler:
         workers that serve it and take work. Asked once per slot-less worker
         in each dispatch pass, so from counts kept up to date, not a pass over
         the workers: that made a pass over many such workers quadratic."""
-        total = self.queued_count(queue_name)
-        total += self._held_by_sharing.get(queue_name, 0)
-        return math.ceil(total / max(1, self._sharing.get(queue_name, 0)))
+        return self._credit.even_share(queue_name, self.queued_count(queue_name))
 
     def _take(
         self,
@@ -2700,6 +2477,7 @@ class Scheduler:
         # session's room for results; past that room, its lanes rest.
         expected = int(self._result_size.get(queue_name, 0.0))
         room = self._room
+        credit = self._credit
         while queue and len(assignments) < count:
             task = self.tasks.get(queue.popleft())
             if task is None or task.state is not State.QUEUED:
@@ -2718,7 +2496,7 @@ class Scheduler:
             task.given_back_by = None
             task.restored = False
             worker.running.add(task.ticket)
-            self._count_held(worker, queue_name, +1)
+            credit.count_held(worker, queue_name, +1)
             task.deadline = None
             if not into_slots:
                 worker.unstarted[task.ticket] = None
@@ -2825,7 +2603,7 @@ class Scheduler:
 
     def serves(self, queue: str) -> bool:
         """Whether a registered worker that is not draining serves `queue`."""
-        return queue in self._sharing
+        return self._credit.serves(queue)
 
     def find_task(self, session: str, task_id: int) -> Task | None:
         """The task `session` submitted as `task_id`, if the broker still has it."""
@@ -2908,9 +2686,9 @@ class Scheduler:
         self._admit(task)
         # Its session is known again, as it was before the restart, though
         # its results go to a sink: status lists it with the tasks it holds.
-        self._recipient(task.session)
+        self._sessions.recipient(task.session)
         if task.state is State.FINISHED:
-            self._recipient(task.recipient).pending.append(task.ticket)
+            self._sessions.recipient(task.recipient).pending.append(task.ticket)
             if task.status is p.Status.EXPIRED:
                 self._bury(task, task.finished_at)  # journalled when it expired
             else:

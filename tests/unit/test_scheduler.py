@@ -703,7 +703,7 @@ def test_second_process_receiving_a_sink_is_refused_while_the_first_is_there(
     assert not sent(refused, SINK_B, p.Welcome)
     assert not error_codes(heartbeat, SINK_A), "the first one was evicted"
     assert driver.scheduler.recipients[sink_recipient("totals")].peer == SINK_A
-    assert SINK_B not in driver.scheduler._recipient_of_peer
+    assert driver.scheduler.recipient_of(SINK_B) is None
 
 
 def test_a_refused_receiver_asking_again_is_news_only_the_first_time(
@@ -1716,7 +1716,7 @@ def test_second_client_of_a_session_is_refused_while_the_first_is_there() -> Non
     assert not results(refused, OTHER), "the second client got the first's result"
     assert not error_codes(heartbeat, CLIENT), "the first one was evicted"
     assert driver.scheduler.recipients["alice"].peer == CLIENT
-    assert OTHER not in driver.scheduler._recipient_of_peer
+    assert driver.scheduler.recipient_of(OTHER) is None
 
 
 def test_a_refused_client_asking_again_is_news_only_the_first_time() -> None:

@@ -189,7 +189,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         answers = [type(c) for to, c in effects.to_clients if to == peer]
         if refused:
             assert answers == [p.Error], answers
-            assert peer not in self.scheduler._recipient_of_peer
+            assert self.scheduler.recipient_of(peer) is None
         else:
             assert answers[0] is p.Welcome, answers
         assert self.scheduler.recipients[name].peer == recipient.peer
@@ -395,7 +395,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         effects = self._client(stranger, p.Hello(MDP_CLIENT))
         [(peer, error)] = effects.to_clients
         assert peer == stranger and isinstance(error, p.Error)
-        assert stranger not in self.scheduler._recipient_of_peer
+        assert self.scheduler.recipient_of(stranger) is None
 
     @precondition(lambda self: self._connected([sink_recipient(SINK)]))
     @rule()
@@ -403,7 +403,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         rival = self._new_peer("rival-sink")
         effects = self._client(rival, p.Hello("another-reader", SINK))
         assert [type(c) for peer, c in effects.to_clients if peer == rival] == [p.Error]
-        assert rival not in self.scheduler._recipient_of_peer
+        assert self.scheduler.recipient_of(rival) is None
         sink = self.scheduler.recipients[sink_recipient(SINK)]
         assert sink.peer == self._peer_of(sink_recipient(SINK)), "evicted"
 
