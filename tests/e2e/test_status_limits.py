@@ -109,6 +109,7 @@ def test_status_lists_a_bounded_number_of_functions_and_counts_them_all(
     assert status["queue_counts"] == {
         "all": len(functions),
         "queued": len(futures),
+        "retrying": 0,
         "running": 0,
         "listed": STATUS_QUEUES,
     }
