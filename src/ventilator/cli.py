@@ -59,6 +59,10 @@ from .worker import Worker, WorkerConfig
 log = logging.getLogger(__name__)
 
 _DEFAULT_LIMITS = Limits()
+# The most a broker's count or size option may be: beyond any machine, and
+# within the 64-bit counts the protocol carries and ZeroMQ's message-size
+# option, both of which a larger value made fail once the broker was running.
+MAX_LIMIT_OPTION = 2**62
 SHELL_FUNCTION = "ventilator.shell:run_call"
 # Tasks submitted ahead of the oldest unfinished one, for map and exec.
 MAP_AHEAD = 10_000
@@ -255,7 +259,7 @@ def _limit_option(
     field = flag.removeprefix("--").replace("-", "_")
     return click.option(
         flag,
-        type=type or click.IntRange(min=1),
+        type=type or click.IntRange(min=1, max=MAX_LIMIT_OPTION),
         default=getattr(_DEFAULT_LIMITS, field),
         show_default=True,
         help=help,
@@ -641,9 +645,10 @@ def _server_keys(
 )
 @click.option(
     "--concurrency",
-    type=click.IntRange(min=1),
+    # Bounded here, so that the error names the option a user typed.
+    type=click.IntRange(min=1, max=p.MAX_SLOTS),
     default=None,
-    help="Tasks run at once  [default: number of CPUs]",
+    help=f"Tasks run at once, at most {p.MAX_SLOTS}  [default: number of CPUs]",
 )
 @click.option(
     "--pool",
@@ -783,14 +788,16 @@ def _cluster_options(command: Callable[..., Any]) -> Callable[..., Any]:
             ),
             click.option(
                 "--workers",
-                type=click.IntRange(min=1),
+                # Refused before the cluster starts, whose worker would refuse
+                # it as `concurrency`, an option the user never typed.
+                type=click.IntRange(min=1, max=p.MAX_SLOTS),
                 default=None,
                 help="Without --connect: task processes of the local worker "
-                "the run starts  [default: number of CPUs]",
+                f"the run starts, at most {p.MAX_SLOTS}  [default: number of CPUs]",
             ),
             click.option(
                 "--timeout-s",
-                type=_FiniteRange(min=0, min_open=True),
+                type=_FiniteRange(min=0, min_open=True, max=p.MAX_TIMEOUT_S),
                 default=None,
                 help="Stop each line's call after this many seconds.",
             ),
