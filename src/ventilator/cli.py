@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import signal
 import stat
 import sys
@@ -1289,14 +1290,32 @@ class _Stopping:
     # Lines whose tasks a broker was asked to cancel and did not confirm it
     # (it was down): those it had accepted may still run there.
     unconfirmed: int = 0
+    # The command that drops them, and their results, once the broker is back.
+    purge: str = ""
 
     def outcome(self) -> str:
         if not self.unconfirmed:
             return "unfinished tasks cancelled"
         return (
             f"could not reach the broker to cancel the tasks of {self.unconfirmed} "
-            "unfinished line(s); those it had accepted may still run there"
+            "unfinished line(s); those it had accepted may still run there, their "
+            "results kept for this run's session until they expire. Once the "
+            f"broker is back, `{self.purge}` drops them"
         )
+
+
+def _purge_command(client: Client, run: _Run) -> str:
+    """The command line that drops what the broker holds for this run's
+    session, with the keys the run was given, ready to paste."""
+    argv = ["ventilator", "purge", "--session", client.session_at_broker]
+    argv += ["--connect", str(run.connect), "--yes"]
+    for option, key in (
+        ("--secret-key", run.secret_key),
+        ("--broker-key", run.broker_key),
+    ):
+        if key is not None:
+            argv += [option, key]
+    return shlex.join(argv)
 
 
 class _Terminated(BaseException):
@@ -1393,6 +1412,7 @@ def _cancelled_unless_done(
             client.close(timeout_s=EMBEDDED_CLOSE_S)
         elif not _settle_cancellations(client):
             stopping.unconfirmed = lines
+            stopping.purge = _purge_command(client, run)
         raise
 
 
