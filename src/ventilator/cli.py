@@ -1116,7 +1116,9 @@ def _nul_records(stream: IO[str]) -> Iterator[str]:
 
 def _parse_line(line: str) -> Any:
     try:
-        return _LINE_DECODER.decode(line)
+        value = _LINE_DECODER.decode(line)
+    except _OutOfRange as exc:
+        return _out_of_range(line, exc)
     except ValueError:
         return line
     except RecursionError:
@@ -1125,6 +1127,63 @@ def _parse_line(line: str) -> Any:
         return _Unsendable(
             ValueError("the input line is JSON nested too deep to decode")
         )
+    # Only an escape writes a lone surrogate, and none travels as UTF-8 text.
+    if "\\u" in line and _holds_lone_surrogate(value):
+        return _Unsendable(
+            UsageError(
+                "the input line's JSON holds a lone surrogate (a \\ud800 to "
+                "\\udfff escape not in a pair), which is not text a task can "
+                "receive"
+            )
+        )
+    return value
+
+
+class _OutOfRange(ValueError):
+    """A JSON number beyond what a float holds."""
+
+
+def _out_of_range(line: str, exc: _OutOfRange) -> Any:
+    """A line that is JSON with a number no float holds fails, as one with an
+    integer beyond 64 bits does: its value cannot reach a task. A line that
+    is not JSON anyway (``1e400x``) is still passed on as a string."""
+    try:
+        json.loads(line, parse_float=str, parse_constant=_reject)
+    except (ValueError, RecursionError):
+        return line
+    return _Unsendable(
+        UsageError(
+            f"the input line holds {exc}, beyond the largest float "
+            f'({sys.float_info.max:.1e}); write it as a string ("...") to '
+            "pass it on as text"
+        )
+    )
+
+
+def _holds_lone_surrogate(value: Any) -> bool:
+    """Whether a decoded JSON value holds, anywhere, a string that is not
+    valid UTF-8 text. Walked without recursion: the value may be nested
+    nearly as deep as the decoder reads."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if not item.isascii() and _not_text(item):
+                return True
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return False
+
+
+def _not_text(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -1139,10 +1198,10 @@ def _reject(constant: str) -> Any:
 
 
 def _finite(text: str) -> float:
-    # 1e400 parses to infinity, which JSON output cannot carry: keep the string.
+    # 1e400 parses to infinity, which is not the number the line wrote.
     value = float(text)
     if not math.isfinite(value):
-        raise ValueError(f"{text} is out of range")
+        raise _OutOfRange(text)
     return value
 
 

@@ -1187,6 +1187,33 @@ def test_map_fails_a_line_nested_too_deep_alone_and_writes_the_others(
     assert "2 succeeded, 2 failed" in completed.stderr
 
 
+def test_map_fails_a_line_whose_json_no_task_can_receive_echoing_it_as_read(
+    processes: Processes, tmp_path: Path
+) -> None:
+    # 1e400 is JSON but no float; a lone surrogate is JSON but no UTF-8 text.
+    # Before, 1e400 ran as the string "1e400", and the surrogate's record
+    # echoed neither the line nor its value.
+    refused = ["1e400", "[1, -1e400]", '"\\ud800"', '{"k": "\\udc80"}']
+    lines = tmp_path / "lines.txt"
+    lines.write_text("".join(f"{line}\n" for line in [*refused, "1e400x", "2"]))
+
+    completed = run_cli(
+        processes, "map", f"{TASKS}:echo", "--workers", "1", "--input", str(lines)
+    )
+
+    assert completed.returncode == 1, completed.stderr
+    records = strict_json_lines(completed.stdout)
+    assert [r["input"] for r in records[:4]] == refused
+    assert {r["error"]["type"] for r in records[:4]} == {"UsageError"}
+    assert "1e400" in records[0]["error"]["message"]
+    assert "-1e400" in records[1]["error"]["message"]
+    assert "surrogate" in records[2]["error"]["message"]
+    assert records[4:] == [
+        {"input": "1e400x", "result": "1e400x"},
+        {"input": 2, "result": 2},
+    ]
+
+
 @pytest.mark.parametrize("command", [["map", f"{TASKS}:echo"], ["exec", "echo"]])
 @pytest.mark.parametrize("stdin", [False, True])
 def test_the_input_file_as_output_is_a_usage_error_leaving_it_whole(
