@@ -1156,6 +1156,23 @@ def test_a_second_sink_of_a_taken_name_exits_1(
     assert first.poll() is None
 
 
+@pytest.mark.parametrize(
+    "command",
+    [["map", f"{TASKS}:echo"], ["exec", "--", "echo"], ["status"], ["failed"]],
+)
+def test_a_client_command_pointed_at_a_backend_says_so_once(
+    processes: Processes, broker: BrokerProcess, command: list[str]
+) -> None:
+    name, *rest = command
+    result = run_cli(
+        processes, name, "--connect", broker.backend, *rest, input_text="1\n"
+    )
+
+    # Before, the client's ERROR log line said it first, then "Error: ...".
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.count(f"{broker.backend} is not a broker's frontend") == 1
+
+
 def test_a_sink_pointed_at_a_backend_exits_1_naming_the_frontend(
     processes: Processes, broker: BrokerProcess
 ) -> None:
