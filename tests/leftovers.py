@@ -24,6 +24,10 @@ class PidFile:
         """A shell command that records its pid and sleeps long."""
         return f"echo $$ >> {self.path}; exec sleep 600"
 
+    def until_recorded(self, count: int) -> str:
+        """A shell command that returns once `count` pids are recorded."""
+        return f"until [ $(wc -l < {self.path}) -ge {count} ]; do sleep 0.01; done"
+
     def recorded(self) -> list[int]:
         return [int(pid) for pid in self.path.read_text().split()]
 

@@ -52,7 +52,7 @@ from .errors import (
     UsageError,
     task_error_from_wire,
 )
-from .logs import Dwindling
+from .logs import RAISED_TOO, Dwindling
 from .security import NOT_PERMITTED, REVOKED, ClientKeys
 from .serialization import unpack_value
 
@@ -633,7 +633,9 @@ class ClientIO:
             "backend, where workers connect? Connect clients to the broker's "
             "frontend"
         )
-        log.error("%s", self._misdirection)
+        # Every question and task fails with it too, which is how a command
+        # line tells it: there the log line would say it twice.
+        log.error("%s", self._misdirection, extra={RAISED_TOO: True})
         self._fail_questions([self._misdirection])
 
     def _fail_questions(self, problems: list[str]) -> None:

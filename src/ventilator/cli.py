@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import signal
 import stat
 import sys
@@ -59,6 +60,10 @@ from .worker import Worker, WorkerConfig
 log = logging.getLogger(__name__)
 
 _DEFAULT_LIMITS = Limits()
+# The most a broker's count or size option may be: beyond any machine, and
+# within the 64-bit counts the protocol carries and ZeroMQ's message-size
+# option, both of which a larger value made fail once the broker was running.
+MAX_LIMIT_OPTION = 2**62
 SHELL_FUNCTION = "ventilator.shell:run_call"
 # Tasks submitted ahead of the oldest unfinished one, for map and exec.
 MAP_AHEAD = 10_000
@@ -255,7 +260,7 @@ def _limit_option(
     field = flag.removeprefix("--").replace("-", "_")
     return click.option(
         flag,
-        type=type or click.IntRange(min=1),
+        type=type or click.IntRange(min=1, max=MAX_LIMIT_OPTION),
         default=getattr(_DEFAULT_LIMITS, field),
         show_default=True,
         help=help,
@@ -641,9 +646,10 @@ def _server_keys(
 )
 @click.option(
     "--concurrency",
-    type=click.IntRange(min=1),
+    # Bounded here, so that the error names the option a user typed.
+    type=click.IntRange(min=1, max=p.MAX_SLOTS),
     default=None,
-    help="Tasks run at once  [default: number of CPUs]",
+    help=f"Tasks run at once, at most {p.MAX_SLOTS}  [default: number of CPUs]",
 )
 @click.option(
     "--pool",
@@ -783,14 +789,16 @@ def _cluster_options(command: Callable[..., Any]) -> Callable[..., Any]:
             ),
             click.option(
                 "--workers",
-                type=click.IntRange(min=1),
+                # Refused before the cluster starts, whose worker would refuse
+                # it as `concurrency`, an option the user never typed.
+                type=click.IntRange(min=1, max=p.MAX_SLOTS),
                 default=None,
                 help="Without --connect: task processes of the local worker "
-                "the run starts  [default: number of CPUs]",
+                f"the run starts, at most {p.MAX_SLOTS}  [default: number of CPUs]",
             ),
             click.option(
                 "--timeout-s",
-                type=_FiniteRange(min=0, min_open=True),
+                type=_FiniteRange(min=0, min_open=True, max=p.MAX_TIMEOUT_S),
                 default=None,
                 help="Stop each line's call after this many seconds.",
             ),
@@ -1108,7 +1116,9 @@ def _nul_records(stream: IO[str]) -> Iterator[str]:
 
 def _parse_line(line: str) -> Any:
     try:
-        return _LINE_DECODER.decode(line)
+        value = _LINE_DECODER.decode(line)
+    except _OutOfRange as exc:
+        return _out_of_range(line, exc)
     except ValueError:
         return line
     except RecursionError:
@@ -1117,6 +1127,63 @@ def _parse_line(line: str) -> Any:
         return _Unsendable(
             ValueError("the input line is JSON nested too deep to decode")
         )
+    # Only an escape writes a lone surrogate, and none travels as UTF-8 text.
+    if "\\u" in line and _holds_lone_surrogate(value):
+        return _Unsendable(
+            UsageError(
+                "the input line's JSON holds a lone surrogate (a \\ud800 to "
+                "\\udfff escape not in a pair), which is not text a task can "
+                "receive"
+            )
+        )
+    return value
+
+
+class _OutOfRange(ValueError):
+    """A JSON number beyond what a float holds."""
+
+
+def _out_of_range(line: str, exc: _OutOfRange) -> Any:
+    """A line that is JSON with a number no float holds fails, as one with an
+    integer beyond 64 bits does: its value cannot reach a task. A line that
+    is not JSON anyway (``1e400x``) is still passed on as a string."""
+    try:
+        json.loads(line, parse_float=str, parse_constant=_reject)
+    except (ValueError, RecursionError):
+        return line
+    return _Unsendable(
+        UsageError(
+            f"the input line holds {exc}, beyond the largest float "
+            f'({sys.float_info.max:.1e}); write it as a string ("...") to '
+            "pass it on as text"
+        )
+    )
+
+
+def _holds_lone_surrogate(value: Any) -> bool:
+    """Whether a decoded JSON value holds, anywhere, a string that is not
+    valid UTF-8 text. Walked without recursion: the value may be nested
+    nearly as deep as the decoder reads."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if not item.isascii() and _not_text(item):
+                return True
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return False
+
+
+def _not_text(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -1131,10 +1198,10 @@ def _reject(constant: str) -> Any:
 
 
 def _finite(text: str) -> float:
-    # 1e400 parses to infinity, which JSON output cannot carry: keep the string.
+    # 1e400 parses to infinity, which is not the number the line wrote.
     value = float(text)
     if not math.isfinite(value):
-        raise ValueError(f"{text} is out of range")
+        raise _OutOfRange(text)
     return value
 
 
@@ -1282,14 +1349,32 @@ class _Stopping:
     # Lines whose tasks a broker was asked to cancel and did not confirm it
     # (it was down): those it had accepted may still run there.
     unconfirmed: int = 0
+    # The command that drops them, and their results, once the broker is back.
+    purge: str = ""
 
     def outcome(self) -> str:
         if not self.unconfirmed:
             return "unfinished tasks cancelled"
         return (
             f"could not reach the broker to cancel the tasks of {self.unconfirmed} "
-            "unfinished line(s); those it had accepted may still run there"
+            "unfinished line(s); those it had accepted may still run there, their "
+            "results kept for this run's session until they expire. Once the "
+            f"broker is back, `{self.purge}` drops them"
         )
+
+
+def _purge_command(client: Client, run: _Run) -> str:
+    """The command line that drops what the broker holds for this run's
+    session, with the keys the run was given, ready to paste."""
+    argv = ["ventilator", "purge", "--session", client.session_at_broker]
+    argv += ["--connect", str(run.connect), "--yes"]
+    for option, key in (
+        ("--secret-key", run.secret_key),
+        ("--broker-key", run.broker_key),
+    ):
+        if key is not None:
+            argv += [option, key]
+    return shlex.join(argv)
 
 
 class _Terminated(BaseException):
@@ -1386,6 +1471,7 @@ def _cancelled_unless_done(
             client.close(timeout_s=EMBEDDED_CLOSE_S)
         elif not _settle_cancellations(client):
             stopping.unconfirmed = lines
+            stopping.purge = _purge_command(client, run)
         raise
 
 

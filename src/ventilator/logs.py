@@ -6,7 +6,9 @@ handlers are configured here, and only the CLI calls `configure`. `RateLimit`
 keeps a peer's flood of garbage from becoming a flood of log lines;
 `Dwindling` keeps a state that lasts (no broker answers) from being logged
 every few seconds for hours, and `Routine` an event that recurs for ever (a
-load balancer's health check).
+load balancer's health check). A record logged with `RAISED_TOO` set in its
+`extra` says what its caller is also told by an exception: the CLI, which
+prints such exceptions as its error line, leaves it out.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from datetime import UTC, datetime
 __all__ = [
     "LOG_FORMATS",
     "LOG_LEVELS",
+    "RAISED_TOO",
     "Dwindling",
     "JsonFormatter",
     "RateLimit",
@@ -29,6 +32,8 @@ __all__ = [
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# The `extra` key of a record whose news an exception also carries to the caller.
+RAISED_TOO = "ventilator_raised_too"
 
 
 class JsonFormatter(logging.Formatter):
@@ -62,6 +67,8 @@ def configure(level: str, log_format: str) -> None:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter(TEXT_FORMAT))
+    # A command line user reads the error once, on the command's own line.
+    handler.addFilter(lambda record: not getattr(record, RAISED_TOO, False))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -5,10 +5,11 @@ A worker serves these functions only when started with this module named
 run programs on the worker's machine. The embedded cluster of `exec` does so.
 
 A line's command ends with everything it started. It runs in a session of its
-own; when it ends, runs past its timeout or writes too much, its process
-group, its descendants (found through /proc, even those that left the group
-with `setsid`) and, run on a task process's main thread, the orphans it left
-(adopted while it runs, see `_proctree.adopt_orphans`) are killed.
+own; when it exits (even if a process it left holds its output open), runs
+past its timeout or writes too much, its process group, its descendants (found
+through /proc, even those that left the group with `setsid`) and, run on a
+task process's main thread, the orphans it left (adopted while it runs, see
+`_proctree.adopt_orphans`) are killed.
 
 The kernel's parent-death signal is not asked for: it would need code run
 between fork and exec, which makes each command cost twice as much to start.
@@ -27,6 +28,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +45,14 @@ DEFAULT_MAX_OUTPUT_BYTES = Limits().max_payload_bytes
 # Room in a result for what is not output: the exit code, keys, framing.
 RESULT_OVERHEAD_BYTES = 1024
 _READ_BYTES = 65536
+# How long the pipes of a command that exited may stay open once what it left
+# running was killed: they close at once unless a process escaped the kill.
+DRAIN_AFTER_EXIT_S = 1.0
+# Without a pidfd (not Linux), how often a command whose pipes are open is
+# checked for having exited.
+_EXIT_CHECK_S = 0.05
+# Marks the exit notice among the selector's keys.
+_EXITED = object()
 
 
 class ResultTooLarge(RuntimeError):
@@ -125,6 +135,7 @@ class _Command:
     # is an orphan of its that we adopted.
     others: set[int] = field(default_factory=set)
     adopting: bool = False
+    kept_bytes: int = 0
 
     def __post_init__(self) -> None:
         # Adopting orphans is for a process running one command at a time: a
@@ -148,25 +159,27 @@ class _Command:
             raise
 
     def collect(self, deadline: float | None, limit: int) -> str:
-        """Read its output until it ends: "exited", "timeout" or "too_large"."""
+        """Read its output until it ends: "exited", "timeout" or "too_large".
+
+        It ends when it exits, even if processes it left still hold its
+        output: those are killed then, and what is in the pipes is read for
+        `DRAIN_AFTER_EXIT_S` at most (only a process that could not be found
+        or killed keeps them open that long).
+        """
         assert self.process.stdout is not None and self.process.stderr is not None
-        kept = 0
-        with selectors.DefaultSelector() as selector:
+        with (
+            selectors.DefaultSelector() as selector,
+            _exit_notice(self.process.pid) as exit_fd,
+        ):
             selector.register(self.process.stdout, selectors.EVENT_READ, self.stdout)
             selector.register(self.process.stderr, selectors.EVENT_READ, self.stderr)
-            while selector.get_map():
-                wait_s = None if deadline is None else deadline - time.monotonic()
-                if wait_s is not None and wait_s <= 0:
-                    return "timeout"
-                for key, _events in selector.select(wait_s):
-                    chunk = os.read(key.fd, _READ_BYTES)
-                    if not chunk:
-                        selector.unregister(key.fileobj)
-                        continue
-                    key.data.append(chunk)
-                    kept += len(chunk)
-                    if kept > limit:
-                        return "too_large"
+            if exit_fd is not None:
+                selector.register(exit_fd, selectors.EVENT_READ, _EXITED)
+            ended = self._read(selector, deadline, limit)
+            if ended == "exited":
+                return self._drain(selector, deadline, limit)
+        if ended != "closed":
+            return ended
         # Both outputs closed; it may still run (it closed them itself).
         try:
             wait_s = None if deadline is None else max(0, deadline - time.monotonic())
@@ -175,22 +188,73 @@ class _Command:
             return "timeout"
         return "exited"
 
+    def _read(
+        self, selector: selectors.BaseSelector, deadline: float | None, limit: int
+    ) -> str:
+        """Read output until both pipes close ("closed"), it exits with a pipe
+        still open ("exited"), "timeout" or "too_large"."""
+        watching_exit = any(k.data is _EXITED for k in selector.get_map().values())
+        while _outputs_open(selector):
+            wait_s = None if deadline is None else deadline - time.monotonic()
+            if wait_s is not None and wait_s <= 0:
+                return "timeout"
+            if not watching_exit:
+                # No pidfd on this system: look at the command now and then.
+                if self.process.poll() is not None:
+                    return "exited"
+                wait_s = _EXIT_CHECK_S if wait_s is None else min(wait_s, _EXIT_CHECK_S)
+            exited = False
+            for key, _events in selector.select(wait_s):
+                if key.data is _EXITED:
+                    selector.unregister(key.fileobj)
+                    exited = True
+                elif not (chunk := os.read(key.fd, _READ_BYTES)):
+                    selector.unregister(key.fileobj)
+                else:
+                    key.data.append(chunk)
+                    self.kept_bytes += len(chunk)
+                    if self.kept_bytes > limit:
+                        return "too_large"
+            # Its pipes close before its exit is told: one still open is held
+            # by what it left running.
+            if exited and _outputs_open(selector):
+                return "exited"
+        return "closed"
+
+    def _drain(
+        self, selector: selectors.BaseSelector, deadline: float | None, limit: int
+    ) -> str:
+        """It exited and left processes holding its output: kill them, then
+        keep what is left in the pipes."""
+        self._kill_what_it_left()
+        drain_until = time.monotonic() + DRAIN_AFTER_EXIT_S
+        if deadline is not None:
+            drain_until = min(drain_until, deadline)
+        ended = self._read(selector, drain_until, limit)
+        if ended == "timeout":
+            log.warning(
+                "command pid=%s exited but its output stayed open %gs after what "
+                "it left running was killed (a process that left its tree and "
+                "was not adopted, or not ours to kill); its line ends with the "
+                "output read so far",
+                self.process.pid,
+                DRAIN_AFTER_EXIT_S,
+            )
+        return "too_large" if ended == "too_large" else "exited"
+
     def stop(self) -> list[int]:
         """Kill what is left of it, without reading on; return the pids that
         could not be killed."""
-        pid = self.process.pid
-        left = _proctree.kill_trees([pid] if self.process.poll() is None else [])
-        # Its group may hold processes whose parent died and that init took.
-        with contextlib.suppress(OSError):  # none left, or not ours to signal
-            os.killpg(pid, signal.SIGKILL)
-        adopted = self._adopted()
-        left += _proctree.kill_trees(adopted)
+        # Not reaped yet, its pid and its group's id cannot have been reused.
+        unreaped = [self.process.pid] if self.process.returncode is None else []
+        left = _proctree.kill_trees(unreaped) + self._kill_what_it_left()
         for stream in (self.process.stdout, self.process.stderr):
             if stream is not None:
                 stream.close()
         # Not for ever: one we may not kill is left to run (its pid is named).
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(_proctree.REAP_WAIT_S)
+        adopted = self._adopted()
         unreaped = _proctree.reap(c for c in adopted if c not in left)
         self._stop_adopting()
         if unreaped:
@@ -200,6 +264,14 @@ class _Command:
                 _proctree.REAP_WAIT_S,
             )
         return sorted(set(left))
+
+    def _kill_what_it_left(self) -> list[int]:
+        """Kill its process group and the orphans of its that we adopted;
+        return the pids that could not be killed."""
+        # Its group may hold processes whose parent died and that init took.
+        with contextlib.suppress(OSError):  # none left, or not ours to signal
+            os.killpg(self.process.pid, signal.SIGKILL)
+        return _proctree.kill_trees(self._adopted())
 
     def _adopted(self) -> list[int]:
         """Our children that are neither the command nor older than it."""
@@ -212,6 +284,25 @@ class _Command:
         if self.adopting:
             _proctree.adopt_orphans(False)
             self.adopting = False
+
+
+@contextlib.contextmanager
+def _exit_notice(pid: int) -> Iterator[int | None]:
+    """A descriptor that becomes readable when process `pid` exits (a
+    pidfd), or None where this system has none."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        yield None
+        return
+    try:
+        yield pidfd
+    finally:
+        os.close(pidfd)
+
+
+def _outputs_open(selector: selectors.BaseSelector) -> bool:
+    return any(key.data is not _EXITED for key in selector.get_map().values())
 
 
 def _text_if_utf8(output: bytes) -> str | bytes:

@@ -98,6 +98,9 @@ class Sink:
         # Since when, and why, the broker refuses us the name (None: it has not).
         self._refused_since: float | None = None
         self._refusal = ""
+        # Between a broker's "hello_first" (it restarted) and its WELCOME: our
+        # HELLO is on its way, and beats ask again in case it was lost.
+        self._registering_again = False
         self._context = context or zmq.Context.instance()
         _wire.check_endpoint(address, "the broker address")
         self._socket = self._context.socket(zmq.DEALER)
@@ -185,9 +188,10 @@ class Sink:
                 self._send(p.Ack([(r.session, r.task_id) for r in batch]))
                 last_result = time.monotonic()
             if time.monotonic() >= next_beat:
-                # Refused, we ask for the name again instead of heartbeating.
-                refused = self._refused_since is not None
-                self._send(self._hello() if refused else p.Heartbeat())
+                # Refused or forgotten, we ask for the name again instead of
+                # heartbeating.
+                ask = self._refused_since is not None or self._registering_again
+                self._send(self._hello() if ask else p.Heartbeat())
                 next_beat = time.monotonic() + self._heartbeat_interval_s
                 self._warn_while_unanswered()
 
@@ -234,6 +238,7 @@ class Sink:
                 if (
                     self.welcomed
                     and self._refused_since is None
+                    and not self._registering_again
                     and time.monotonic() >= due
                 ):
                     self._send(p.Heartbeat())
@@ -256,6 +261,7 @@ class Sink:
     def _welcome(self, welcome: p.Welcome) -> None:
         self.welcomed = True
         self._refused_since = None
+        self._registering_again = False
         # Beat at least as often as the broker expects, or it takes us for
         # gone whenever no result comes for a while.
         self._heartbeat_interval_s = min(
@@ -291,8 +297,17 @@ class Sink:
         """Act on the broker's refusal of our last message."""
         if error.code == "hello_first":
             # A restarted broker: register the name again; it kept our results.
-            log.warning("the broker does not know this sink; registering again")
-            self._send(self._hello())
+            # Each message sent while it was down earns one of these: the
+            # first asks, the others find the question asked.
+            if not self._registering_again:
+                # Expected after every broker restart, as a client says it.
+                log.info(
+                    "the broker does not know this sink (it restarted); "
+                    "registering again sink=%s",
+                    self.name,
+                )
+                self._registering_again = True
+                self._send(self._hello())
         elif error.code in ("sink_taken", p.TOO_MANY_SESSIONS):
             # No room for it is waited out as another receiver is: asked
             # again each heartbeat, for as long.

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import re
+import shlex
 import signal
 import subprocess
 import threading
@@ -26,6 +28,7 @@ from .conftest import (
     free_port,
     log_of,
     paused,
+    run_cli,
     status_when,
     ventilator_argv,
     wait_for_workers,
@@ -141,6 +144,40 @@ def test_interrupted_map_says_when_its_cancellation_reached_no_broker(
     said = log_of(command)
     assert "could not reach the broker to cancel the tasks of 3 unfinished" in said
     assert "unfinished tasks cancelled" not in said
+
+
+def test_interrupted_map_with_its_broker_down_names_the_purge_of_its_session(
+    processes: Processes, launch: Launcher, tmp_path: Path
+) -> None:
+    options = restartable(tmp_path)
+    first = launch.broker(**options)  # type: ignore[arg-type]
+    command = processes.start(
+        "map",
+        ventilator_argv("map", UNSERVED, "--connect", first.frontend),
+        stdin=subprocess.PIPE,
+    )
+    command.stdin.write(b"1\n2\n3\n")
+    command.stdin.flush()  # and left open: the map waits for more lines
+    status_when(
+        launch.client(first),
+        lambda status: status["queued"].get(UNSERVED) == 3,
+        20,
+        "the map's three tasks",
+    )
+    kill(first)
+    command.send_signal(signal.SIGINT)
+    assert command.wait(30) == 130
+
+    # Before, the run said the tasks may still run, but not for which session
+    # nor how to drop them: their results waited a day for nobody.
+    said = log_of(command)
+    named = re.search(r"`ventilator (purge --session [^`]+)`", said)
+    assert named is not None, said
+    second = launch.broker(**options)  # type: ignore[arg-type]
+    purged = run_cli(processes, *shlex.split(named.group(1)))
+
+    assert purged.returncode == 0, purged.stderr
+    assert launch.client(second).status()["queued"] == {}
 
 
 def queued_after_a_question(client: ventilator.Client) -> int:

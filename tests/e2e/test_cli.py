@@ -1156,6 +1156,23 @@ def test_a_second_sink_of_a_taken_name_exits_1(
     assert first.poll() is None
 
 
+@pytest.mark.parametrize(
+    "command",
+    [["map", f"{TASKS}:echo"], ["exec", "--", "echo"], ["status"], ["failed"]],
+)
+def test_a_client_command_pointed_at_a_backend_says_so_once(
+    processes: Processes, broker: BrokerProcess, command: list[str]
+) -> None:
+    name, *rest = command
+    result = run_cli(
+        processes, name, "--connect", broker.backend, *rest, input_text="1\n"
+    )
+
+    # Before, the client's ERROR log line said it first, then "Error: ...".
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.count(f"{broker.backend} is not a broker's frontend") == 1
+
+
 def test_a_sink_pointed_at_a_backend_exits_1_naming_the_frontend(
     processes: Processes, broker: BrokerProcess
 ) -> None:
@@ -1185,6 +1202,33 @@ def test_map_fails_a_line_nested_too_deep_alone_and_writes_the_others(
     assert "nested too deep to decode" in records[1]["error"]["message"]
     assert "nested too deep to write" in records[2]["error"]["message"]
     assert "2 succeeded, 2 failed" in completed.stderr
+
+
+def test_map_fails_a_line_whose_json_no_task_can_receive_echoing_it_as_read(
+    processes: Processes, tmp_path: Path
+) -> None:
+    # 1e400 is JSON but no float; a lone surrogate is JSON but no UTF-8 text.
+    # Before, 1e400 ran as the string "1e400", and the surrogate's record
+    # echoed neither the line nor its value.
+    refused = ["1e400", "[1, -1e400]", '"\\ud800"', '{"k": "\\udc80"}']
+    lines = tmp_path / "lines.txt"
+    lines.write_text("".join(f"{line}\n" for line in [*refused, "1e400x", "2"]))
+
+    completed = run_cli(
+        processes, "map", f"{TASKS}:echo", "--workers", "1", "--input", str(lines)
+    )
+
+    assert completed.returncode == 1, completed.stderr
+    records = strict_json_lines(completed.stdout)
+    assert [r["input"] for r in records[:4]] == refused
+    assert {r["error"]["type"] for r in records[:4]} == {"UsageError"}
+    assert "1e400" in records[0]["error"]["message"]
+    assert "-1e400" in records[1]["error"]["message"]
+    assert "surrogate" in records[2]["error"]["message"]
+    assert records[4:] == [
+        {"input": "1e400x", "result": "1e400x"},
+        {"input": 2, "result": 2},
+    ]
 
 
 @pytest.mark.parametrize("command", [["map", f"{TASKS}:echo"], ["exec", "echo"]])

@@ -50,6 +50,36 @@ def test_a_nonsense_number_is_a_usage_error_naming_its_option(
     assert option in completed.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "bound"),
+    [
+        (["map", "--workers", "5000", "json:dumps"], "4096"),
+        (["exec", "--workers", "5000", "--", "true"], "4096"),
+        (["worker", "json", "--concurrency", "5000"], "4096"),
+        (["map", "--timeout-s", "1e12", "json:dumps"], "31536000"),
+        (["exec", "--timeout-s", "1e12", "--", "true"], "31536000"),
+        (["broker", "--max-payload-bytes", str(10**20)], str(2**62)),
+        (["broker", "--client-window", str(10**20)], str(2**62)),
+    ],
+)
+def test_a_number_past_its_bound_is_a_usage_error_naming_its_option_and_bound(
+    processes: Processes, args: list[str], bound: str
+) -> None:
+    option = next(arg for arg in args if arg.startswith("--"))
+    where = ["--frontend", f"tcp://127.0.0.1:{free_port()}"]
+    where += ["--backend", f"tcp://127.0.0.1:{free_port()}"]
+    extra = [*where, "--durability", "memory"] if args[0] == "broker" else []
+
+    completed = run_cli(processes, *args, *extra)
+
+    # Before, `map --workers 5000` started its cluster, whose worker refused
+    # "concurrency", an option the user never typed: exit 1.
+    assert completed.returncode == 2, completed.stderr
+    assert option in completed.stderr
+    assert bound in completed.stderr
+    assert "embedded process" not in completed.stderr
+
+
 def test_a_nonsense_number_from_the_environment_names_the_variable(
     processes: Processes, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -75,6 +75,27 @@ def test_exec_timeout_ends_a_line_whose_setsid_process_holds_its_output(
         assert pids.alive() == []
 
 
+def test_exec_line_ends_when_its_command_exits_leaving_a_daemon_on_its_output(
+    processes: Processes, tmp_path: Path
+) -> None:
+    with pid_file(tmp_path) as pids:
+        started = f"sh -c '{pids.sleeper()}' & setsid sh -c '{pids.sleeper()}' &"
+        script = f"{started} {pids.until_recorded(2)}; echo started $1"
+
+        # Before, the line waited for its sleepers (600 s), however long.
+        completed = run_cli(
+            processes,
+            *("exec", "--workers", "1", "--", "sh", "-c", script, "_", "{}"),
+            input_text="7\n",
+        )
+
+        assert completed.returncode == 0, completed.stderr
+        [record] = json_lines(completed.stdout)
+        assert record["stdout"] == "started 7\n"
+        assert len(pids.recorded()) == 2
+        assert pids.alive() == []
+
+
 def test_exec_output_past_the_brokers_limit_fails_its_line_naming_the_limit(
     processes: Processes, launch: Launcher
 ) -> None:

@@ -36,6 +36,7 @@ from .conftest import (
     BrokerProcess,
     ClusterError,
     Launcher,
+    Processes,
     ProcessId,
     WorkerProcess,
     descendants,
@@ -513,14 +514,38 @@ def test_a_worker_taken_for_dead_on_its_connection_warns_as_it_registers_again(
     assert registering_again_levels(worker) == ["WARNING"], log_of(worker.process)
 
 
+def test_sink_registers_again_with_a_restarted_broker_saying_so_once_as_news(
+    processes: Processes, launch: Launcher, restartable: dict[str, Any]
+) -> None:
+    first = launch.broker(**restartable)
+    launch.worker(first)
+    argv = ventilator_argv("sink", "restarts", "--connect", first.frontend, *JSON_LOG)
+    sink = processes.start("sink", argv, stdout=subprocess.PIPE)
+    launch.client(first).submit(tasks.square, 2, sink="restarts")
+    assert read_json_line(sink, RESULT_TIMEOUT_S)["result"] == 4
+
+    kill_broker(first)
+    second = launch.broker(**restartable)
+    launch.client(second).submit(tasks.square, 3, sink="restarts")
+    assert read_json_line(sink, RESULT_TIMEOUT_S)["result"] == 9
+    processes.stop(sink)
+
+    # A broker restart is expected: once, as news. Before, each message the
+    # sink had sent meanwhile earned a WARNING (three in a millisecond).
+    assert registering_again_levels(sink) == ["INFO"], log_of(sink)
+
+
 JSON_LOG = ("--log-format", "json", "--log-level", "INFO")
 
 
-def registering_again_levels(worker: WorkerProcess) -> list[str]:
-    """The levels of the worker's log records about registering again."""
+def registering_again_levels(
+    peer: WorkerProcess | subprocess.Popen[bytes],
+) -> list[str]:
+    """The levels of a worker's or sink's log records about registering again."""
+    process = peer.process if isinstance(peer, WorkerProcess) else peer
     records = [
         json.loads(line)
-        for line in log_of(worker.process).splitlines()
+        for line in log_of(process).splitlines()
         if line.startswith("{")
     ]
     return [r["level"] for r in records if "registering again" in r["message"]]

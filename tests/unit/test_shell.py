@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.leftovers import pid_file
+from tests.leftovers import PidFile, pid_file
 from ventilator import shell
 
 
@@ -80,6 +82,47 @@ def test_what_a_command_left_running_when_it_exited_is_killed(tmp_path: Path) ->
         assert report["stdout"] == "done\n"
         assert len(pids.recorded()) == 1
         assert pids.alive() == []
+
+
+def background_holders(pids: PidFile, then: str) -> list[str]:
+    """A command that leaves two sleepers holding its stdout, one of them out
+    of its process group (setsid), and runs `then` once both have recorded
+    themselves."""
+    started = f"sh -c '{pids.sleeper()}' & setsid sh -c '{pids.sleeper()}' &"
+    return ["sh", "-c", f"{started} {pids.until_recorded(2)}; {then}"]
+
+
+@pytest.mark.timeout(60)
+def test_line_ends_when_its_command_exits_though_what_it_left_holds_its_output(
+    tmp_path: Path,
+) -> None:
+    # Before, the line waited for the sleepers' end (600 s) to see its pipes
+    # close; a daemon held it for ever.
+    with pid_file(tmp_path) as pids:
+        report = shell.run(background_holders(pids, "echo started; exit 3"))
+
+        assert report == {"exit_code": 3, "stdout": "started\n", "stderr": ""}
+        assert len(pids.recorded()) == 2
+        assert pids.alive() == []
+
+
+@pytest.mark.timeout(60)
+def test_line_run_off_the_main_thread_ends_though_a_daemon_holds_its_output(
+    tmp_path: Path,
+) -> None:
+    # Off the main thread nothing adopts the setsid sleeper once the command
+    # exits, so it cannot be found and keeps the pipe open: the line ends
+    # anyway, with what the command printed, and its group is killed.
+    with pid_file(tmp_path) as pids:
+        reports: list[dict[str, Any]] = []
+        command = background_holders(pids, "echo started")
+        thread = threading.Thread(target=lambda: reports.append(shell.run(command)))
+
+        thread.start()
+        thread.join(30)
+
+        assert reports == [{"exit_code": 0, "stdout": "started\n", "stderr": ""}]
+        assert len(pids.alive()) == 1
 
 
 @pytest.mark.timeout(60)
