@@ -48,12 +48,13 @@ from . import _wire, mdp, security
 from . import notices as n
 from . import protocol as p
 from . import scheduler as s
+from ._questions import QuestionQuota
 from ._timing import StallWatch, poll_timeout_ms
 from .errors import JournalError, ProtocolError, UsageError
 from .gateway import MdpGateway, MdpSettings
 from .journal import Journal, MemoryJournal, open_journal
+from .logs import Dwindling, Routine
 from .logs import RateLimit as _RateLimit
-from .logs import Routine
 from .policy import Limits
 from .security import CLIENT, WORKER, Gate, Identity, KeyStore, PeerCount, ServerKeys
 from .telemetry import Telemetry
@@ -113,6 +114,9 @@ HANDSHAKE_SETTLE_S = 10.0
 # Unfinished handshakes with nothing to act on (port checks) are said at INFO
 # at once, then after this long, then twice as long each time up to an hour.
 ROUTINE_HANDSHAKES_FIRST_INTERVAL_S = 60.0
+# Questions refused past a connection's quota are said at once, then after this
+# long, then twice as long each time, for as long as the flood lasts.
+QUESTION_FLOOD_FIRST_INTERVAL_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,6 +222,11 @@ class Broker:
         # Hundreds of workers lost at once (a network cut) would be as many
         # lines in the same millisecond.
         self._loss_log = _RateLimit(LOSSES_LOGGED_PER_S, what="workers lost")
+        self._questions = QuestionQuota()
+        # A flood of questions lasts as long as its sender likes: said when it
+        # starts, then less and less often (see logs.Dwindling).
+        self._question_log = Dwindling(QUESTION_FLOOD_FIRST_INTERVAL_S)
+        self._questions_refused = 0
         self._trim = _MemoryTrim(TRIM_INTERVAL_S)
         self._disk_room = _DiskRoom(self.config)
         # Why the journal's files are no longer at their path, once noticed.
@@ -844,6 +853,11 @@ class Broker:
         self, peer: bytes, identity: Identity, command: p.Command, now: float
     ) -> None:
         """Hand a command to the scheduler, within what its key may do."""
+        if isinstance(command, _QUESTION_TYPES) and not self._questions.allows(
+            peer, now
+        ):
+            self._refuse_question(peer, identity, now)
+            return
         if identity.role == CLIENT:
             if isinstance(command, p.Hello):
                 self._revoked_clients.pop(peer, None)  # its key is back
@@ -865,6 +879,28 @@ class Broker:
             if self._keys is not None:
                 self._worker_keys[peer] = identity.public_key
         self._scheduler.worker_command(peer, command, now)
+
+    def _refuse_question(self, peer: bytes, identity: Identity, now: float) -> None:
+        """Refuse a question past the connection's quota. The answer goes
+        through the scheduler, in turn with its answers to the connection's
+        other questions, which the client pairs with them by order."""
+        refusal = p.Error(p.TOO_MANY_QUESTIONS, self._questions.refusal())
+        self._scheduler.answer(peer, refusal)
+        self._questions_refused += 1
+        began_at = self._questions.refusing_since
+        if began_at is None or not self._question_log.due(now, began_at):
+            return
+        log.warning(
+            "questions (status, operator commands) refused past the limit of %d "
+            "a second per connection: %d since this was last said; latest "
+            "peer=%s key=%s. Each is answered with the limit; the connection's "
+            "other messages are served",
+            self._questions.per_s,
+            self._questions_refused,
+            peer.hex(),
+            _key_name(identity),
+        )
+        self._questions_refused = 0
 
     def _refuse_operator(self, peer: bytes, reason: str, now: float) -> None:
         """Refuse an operator command the sender's key may not give. The answer
@@ -1072,8 +1108,17 @@ _FORBIDDEN = ProtocolError(
 # What a revoked client connection is sent each tick, to learn whether it is
 # still open (see `_probe_revoked_clients`).
 _BEAT = p.Heartbeat()
+_QUESTION_TYPES = (p.StatusRequest, *p.OPERATOR_TYPES)
 # What a client connection whose key was removed may still send (`_late_ack`).
 _ACK_ONLY = frozenset({p.Cmd.ACK})
+
+
+def _key_name(identity: Identity) -> str:
+    """A key as the log names it: its file name and fingerprint; `-` when
+    the broker runs without CURVE."""
+    if identity.public_key == security.ANONYMOUS:
+        return "-"
+    return f"{identity.name}({identity.fingerprint})"
 
 
 def _results_first(

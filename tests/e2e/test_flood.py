@@ -167,3 +167,43 @@ def test_a_curve_peer_at_a_plain_broker_is_logged_with_causes_it_can_have(
 
     assert "a peer using CURVE (this broker runs without it)" in logged
     assert "broker key" not in logged
+
+
+QUESTION_BURST = 1000
+
+
+def answers_to(sock: zmq.Socket[bytes], count: int) -> list[p.Command]:
+    """The next `count` answers on `sock`, with a deadline for each."""
+    answers: list[p.Command] = []
+    while len(answers) < count:
+        assert sock.poll(10_000), f"only {len(answers)} of {count} answers came"
+        command = p.decode(sock.recv_multipart(), p.TO_CLIENT)
+        if isinstance(command, (p.StatusReply, p.Error)):
+            answers.append(command)
+    return answers
+
+
+def test_a_connection_asking_past_its_quota_is_answered_with_the_limit(
+    broker: BrokerProcess, context: zmq.Context[zmq.Socket[bytes]]
+) -> None:
+    # Status reports are costly to build: one connection asking thousands a
+    # second made every other client's round trip about 50 times longer.
+    with context.socket(zmq.DEALER) as asker:
+        asker.setsockopt(zmq.LINGER, 0)
+        asker.setsockopt(zmq.SNDHWM, 0)  # the whole burst queued here
+        asker.connect(broker.frontend)
+        asker.send_multipart(p.encode(p.Hello(session="asker")))
+        for _ in range(QUESTION_BURST):
+            asker.send_multipart(p.encode(p.StatusRequest()))
+
+        answers = answers_to(asker, QUESTION_BURST)
+
+    refusals = [a for a in answers if isinstance(a, p.Error)]
+    assert refusals, "every one of a burst of questions was answered in full"
+    assert {r.code for r in refusals} == {p.TOO_MANY_QUESTIONS}
+    assert "questions" in refusals[0].message and "100" in refusals[0].message
+    assert "refused" in wait_until(
+        lambda: "questions" in log_of(broker.process) and log_of(broker.process),
+        10,
+        "the broker to log the refused questions",
+    )
