@@ -48,6 +48,7 @@ from . import _wire, mdp, security
 from . import notices as n
 from . import protocol as p
 from . import scheduler as s
+from ._full_queues import FullQueues
 from ._questions import QuestionQuota
 from ._timing import StallWatch, poll_timeout_ms
 from .errors import JournalError, ProtocolError, UsageError
@@ -223,6 +224,7 @@ class Broker:
         # lines in the same millisecond.
         self._loss_log = _RateLimit(LOSSES_LOGGED_PER_S, what="workers lost")
         self._questions = QuestionQuota()
+        self._full_queues = FullQueues(SEND_QUEUE)
         # A flood of questions lasts as long as its sender likes: said when it
         # starts, then less and less often (see logs.Dwindling).
         self._question_log = Dwindling(QUESTION_FLOOD_FIRST_INTERVAL_S)
@@ -469,6 +471,7 @@ class Broker:
                     self._scheduler.tick(now)
                     self._scheduler.heartbeats()
                     self._probe_revoked_clients(now)
+                    self._full_queues.forget_old(now)
                     self._log_held_back(now)
                     self._trim.maybe(now)
                     self._look_at_disk()
@@ -1012,6 +1015,9 @@ class Broker:
             elif isinstance(notice, n.ClientJoined):
                 if self._join_log.allows(now):
                     _log_client_joined(notice, self._join_log.suppressed_note())
+            elif isinstance(notice, n.ClientLost):
+                if not self._full_queues.lost(notice):
+                    _log_notice(notice)
             elif isinstance(notice, n.WorkerLost):
                 if self._loss_log.allows(now):
                     _log_worker_lost(notice, self._loss_log.suppressed_note())
@@ -1071,8 +1077,11 @@ class Broker:
             # EHOSTUNREACH: the peer is gone. EAGAIN: it stopped reading and its
             # queue is full. Either way the scheduler takes back what it sent.
             log.debug("send failed peer=%s: %s", peer.hex(), exc)
+            if exc.errno == zmq.EAGAIN:
+                self._full_queues.met(peer, now)
             self._scheduler.peer_unreachable(peer, now)
             return False
+        self._full_queues.sent(peer, now)
         return True
 
     def _close(self) -> None:

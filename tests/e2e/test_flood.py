@@ -5,6 +5,7 @@ its memory comes back down."""
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -207,3 +208,46 @@ def test_a_connection_asking_past_its_quota_is_answered_with_the_limit(
         10,
         "the broker to log the refused questions",
     )
+
+
+UNREAD_QUESTIONS = 60_000
+QUIET_S = 3.0
+
+
+def read_until_quiet(sock: zmq.Socket[bytes], deadline_s: float) -> int:
+    """Read what `sock` was sent until nothing more came for `QUIET_S`."""
+    count = 0
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline and sock.poll(int(QUIET_S * 1000)):
+        sock.recv_multipart()
+        count += 1
+    return count
+
+
+def test_a_client_that_stops_reading_is_said_once_then_said_to_read_again(
+    launch: Launcher, context: zmq.Context[zmq.Socket[bytes]]
+) -> None:
+    # Each send that met its full queue logged "client unreachable": hundreds
+    # of lines in 20 s for a client that was only slow, none saying it read.
+    broker = launch.broker("--log-level", "info")
+    with context.socket(zmq.DEALER) as reader:
+        reader.setsockopt(zmq.LINGER, 0)
+        reader.setsockopt(zmq.SNDHWM, 0)
+        reader.setsockopt(zmq.RCVHWM, 1)
+        reader.connect(broker.frontend)
+        reader.send_multipart(p.encode(p.Hello(session="late-reader")))
+        for _ in range(UNREAD_QUESTIONS):
+            reader.send_multipart(p.encode(p.StatusRequest()))
+        wait_until(
+            lambda: "late-reader" in log_of(broker.process).split("joined", 1)[-1],
+            60,
+            "the broker to say that late-reader does not read",
+        )
+
+        assert read_until_quiet(reader, 60) > 0
+
+    lines = [
+        line for line in log_of(broker.process).splitlines() if "late-reader" in line
+    ]
+    said = [line for line in lines if "joined" not in line]
+    assert len(said) == 2, lines  # it stopped reading; it reads again
