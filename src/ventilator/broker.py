@@ -118,6 +118,8 @@ ROUTINE_HANDSHAKES_FIRST_INTERVAL_S = 60.0
 # Questions refused past a connection's quota are said at once, then after this
 # long, then twice as long each time, for as long as the flood lasts.
 QUESTION_FLOOD_FIRST_INTERVAL_S = 10.0
+# Messages from the open connections of a removed key, likewise.
+REMOVED_KEY_FIRST_INTERVAL_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,6 +245,9 @@ class Broker:
         # The client connections of removed keys, and the session each spoke
         # for: it may still acknowledge what it was sent (see `_late_ack`).
         self._revoked_clients: dict[bytes, str] = {}
+        # Keys removed from the allow lists, by public key: their connections'
+        # refusals name them, said less and less often while they go on.
+        self._removed_keys: dict[str, _RemovedKey] = {}
         self._stopping = False
         self._journal_failed = False
         self._reload_requested = False
@@ -634,9 +639,26 @@ class Broker:
                 self._revoke_clients(identity)
             else:
                 self._revoke(identity, now)
+        self._note_removed_keys(changed, now)
         registered = {w.peer for w in self._scheduler.workers.values()}
         self._worker_keys = {
             peer: key for peer, key in self._worker_keys.items() if peer in registered
+        }
+
+    def _note_removed_keys(self, changed: Sequence[Identity], now: float) -> None:
+        """Remember the keys a reload removed, and forget those it allowed."""
+        assert self._keys is not None  # only a reload of keys gets here
+        for identity in changed:
+            key = identity.public_key
+            if self._keys.identity(identity.role, key) is None:
+                self._removed_keys.setdefault(
+                    key, _RemovedKey(_key_name(identity), now)
+                )
+        self._removed_keys = {
+            key: removed
+            for key, removed in self._removed_keys.items()
+            if self._keys.identity(CLIENT, key) is None
+            and self._keys.identity(WORKER, key) is None
         }
 
     def _revoke(self, identity: Identity, now: float) -> None:
@@ -803,21 +825,21 @@ class Broker:
         role = CLIENT if tag == FRONTEND else WORKER
         identity = self._identity(role, user)
         if identity is None and peer in self._revoked_clients:
-            self._late_ack(peer, frames, now)
+            self._late_ack(peer, frames, user, now)
             return
         if identity is None:
-            self._refuse(peer, frames, _FORBIDDEN, now)
+            self._refuse(peer, frames, _FORBIDDEN, now, user)
             return
         allowed = p.FROM_CLIENT if tag == FRONTEND else p.FROM_WORKER
         try:
             command = p.decode(frames[1:], allowed, self._max_submit_tasks)
         except ProtocolError as exc:
-            self._refuse(peer, frames, exc, now)
+            self._refuse(peer, frames, exc, now, user)
             return
         self._admit(peer, identity, command, now)
 
     def _late_ack(
-        self, peer: bytes, frames: list[bytes | memoryview], now: float
+        self, peer: bytes, frames: list[bytes | memoryview], user: str, now: float
     ) -> None:
         """A message from a client connection whose key was removed: an ACK of
         results it was sent before is taken, so that they are not delivered
@@ -829,7 +851,7 @@ class Broker:
         if isinstance(command, p.Ack):
             self._scheduler.acknowledge(self._revoked_clients[peer], command.keys)
         else:
-            self._refuse(peer, frames, _FORBIDDEN, now)
+            self._refuse(peer, frames, _FORBIDDEN, now, user)
 
     def _handle_mdp(
         self, peer: bytes, frames: list[bytes | memoryview], user: str, now: float
@@ -840,7 +862,7 @@ class Broker:
         role = WORKER if mdp.is_worker(frames[1:]) else CLIENT
         identity = self._identity(role, user)
         if identity is None or not identity.rights.unrestricted:
-            self._log_refusal(peer, frames, _FORBIDDEN_MDP, "mdp")
+            self._log_refusal(peer, frames, _FORBIDDEN_MDP, "mdp", user)
             self._gateway.refuse(peer, frames[1:], _mdp_refusal(role, identity))
             return
         self._gateway.receive(peer, frames[1:], now)
@@ -923,8 +945,9 @@ class Broker:
         frames: list[bytes | memoryview],
         exc: ProtocolError,
         now: float,
+        user: str = "",
     ) -> None:
-        self._log_refusal(peer, frames, exc, _SIDES[peer[:1]])
+        self._log_refusal(peer, frames, exc, _SIDES[peer[:1]], user)
         if now >= self._answered_until:
             self._answered.clear()
             self._answered_until = now + 1.0 / REFUSAL_REPLIES_PER_S
@@ -938,18 +961,35 @@ class Broker:
         frames: list[bytes | memoryview],
         exc: ProtocolError,
         side: str,
+        user: str = "",
     ) -> None:
         now = time.monotonic()
-        if self._refusal_log.allows(now):
+        removed = self._removed_keys.get(user)
+        if removed is not None:
+            removed.refused(peer, side, now)
+        elif self._refusal_log.allows(now):
             log.warning(
-                "refused a message peer=%s side=%s code=%s: %s (frames=%.120r)%s",
-                peer[1:].hex(),
+                "refused a message peer=%s key=%s side=%s code=%s: %s "
+                "(frames=%.120r)%s",
+                peer.hex(),
+                self._key_of(user),
                 side,
                 exc.code,
                 exc,
                 [bytes(f[:32]) for f in frames[1:6]],
                 self._refusal_log.suppressed_note(),
             )
+
+    def _key_of(self, user: str) -> str:
+        """The key that sent a message, for the log: its name and fingerprint
+        under CURVE (a key the lists do not hold has no name); `-` without."""
+        if self._keys is None or not user:
+            return "-"
+        identity = self._keys.identity(CLIENT, user) or self._keys.identity(
+            WORKER, user
+        )
+        name = identity.name if identity is not None else "unknown"
+        return f"{name}({security.fingerprint(user)})"
 
     def _carry_out(self, effects: s.Effects, now: float) -> None:
         # Workers first: a task may run before its acceptance is on disk, as
@@ -1120,6 +1160,34 @@ _BEAT = p.Heartbeat()
 _QUESTION_TYPES = (p.StatusRequest, *p.OPERATOR_TYPES)
 # What a client connection whose key was removed may still send (`_late_ack`).
 _ACK_ONLY = frozenset({p.Cmd.ACK})
+
+
+class _RemovedKey:
+    """A key removed from the allow lists while its connections stay open:
+    their messages are refused, said at once and then less and less often
+    (see logs.Dwindling), each line counting those since the last."""
+
+    def __init__(self, name: str, removed_at: float) -> None:
+        self.name = name
+        self.removed_at = removed_at
+        self._when = Dwindling(REMOVED_KEY_FIRST_INTERVAL_S)
+        self._unsaid = 0
+
+    def refused(self, peer: bytes, side: str, now: float) -> None:
+        self._unsaid += 1
+        if not self._when.due(now, self.removed_at):
+            return
+        log.warning(
+            "refused %d messages from connections of key %s, removed from the "
+            "allow lists %.0fs ago; latest peer=%s side=%s. They are told so; "
+            "this is said less and less often while they go on",
+            self._unsaid,
+            self.name,
+            now - self.removed_at,
+            peer.hex(),
+            side,
+        )
+        self._unsaid = 0
 
 
 def _key_name(identity: Identity) -> str:
