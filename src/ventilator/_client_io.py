@@ -102,6 +102,8 @@ DROPPED_CLOSE_TIMEOUT_S = 10.0
 # The command bytes of answers to questions: one that cannot be read still
 # answers the oldest question asked (the broker answers in order).
 _ANSWER_BYTES = frozenset({bytes([p.Cmd.STATUS_REPLY]), bytes([p.Cmd.OPERATOR_REPLY])})
+# ERROR codes that answer a question in its place (in order, like an answer).
+_QUESTION_REFUSED = frozenset({NOT_PERMITTED, p.TOO_MANY_QUESTIONS})
 
 
 @dataclass(frozen=True, slots=True)
@@ -547,8 +549,9 @@ class ClientIO:
         elif error.code == "unknown_worker":
             # A backend's answer to our heartbeat, with advice for a worker.
             self._misdirected("it took a client's heartbeat for a worker's")
-        elif error.code == NOT_PERMITTED and self._asked:
-            # An operator command this client's key may not give: its answer.
+        elif error.code in _QUESTION_REFUSED and self._asked:
+            # An operator command this client's key may not give, or a question
+            # past the connection's quota: its answer.
             _fail(self._asked.popleft().answer, UsageError(error.message))
         elif error.code == REVOKED or (error.code == "forbidden" and self._revoked):
             self._key_revoked(self._revoked or error.message)

@@ -48,12 +48,14 @@ from . import _wire, mdp, security
 from . import notices as n
 from . import protocol as p
 from . import scheduler as s
+from ._full_queues import FullQueues
+from ._questions import QuestionQuota
 from ._timing import StallWatch, poll_timeout_ms
 from .errors import JournalError, ProtocolError, UsageError
 from .gateway import MdpGateway, MdpSettings
 from .journal import Journal, MemoryJournal, open_journal
+from .logs import Dwindling, Routine
 from .logs import RateLimit as _RateLimit
-from .logs import Routine
 from .policy import Limits
 from .security import CLIENT, WORKER, Gate, Identity, KeyStore, PeerCount, ServerKeys
 from .telemetry import Telemetry
@@ -113,6 +115,11 @@ HANDSHAKE_SETTLE_S = 10.0
 # Unfinished handshakes with nothing to act on (port checks) are said at INFO
 # at once, then after this long, then twice as long each time up to an hour.
 ROUTINE_HANDSHAKES_FIRST_INTERVAL_S = 60.0
+# Questions refused past a connection's quota are said at once, then after this
+# long, then twice as long each time, for as long as the flood lasts.
+QUESTION_FLOOD_FIRST_INTERVAL_S = 10.0
+# Messages from the open connections of a removed key, likewise.
+REMOVED_KEY_FIRST_INTERVAL_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,6 +225,12 @@ class Broker:
         # Hundreds of workers lost at once (a network cut) would be as many
         # lines in the same millisecond.
         self._loss_log = _RateLimit(LOSSES_LOGGED_PER_S, what="workers lost")
+        self._questions = QuestionQuota()
+        self._full_queues = FullQueues(SEND_QUEUE)
+        # A flood of questions lasts as long as its sender likes: said when it
+        # starts, then less and less often (see logs.Dwindling).
+        self._question_log = Dwindling(QUESTION_FLOOD_FIRST_INTERVAL_S)
+        self._questions_refused = 0
         self._trim = _MemoryTrim(TRIM_INTERVAL_S)
         self._disk_room = _DiskRoom(self.config)
         # Why the journal's files are no longer at their path, once noticed.
@@ -232,6 +245,9 @@ class Broker:
         # The client connections of removed keys, and the session each spoke
         # for: it may still acknowledge what it was sent (see `_late_ack`).
         self._revoked_clients: dict[bytes, str] = {}
+        # Keys removed from the allow lists, by public key: their connections'
+        # refusals name them, said less and less often while they go on.
+        self._removed_keys: dict[str, _RemovedKey] = {}
         self._stopping = False
         self._journal_failed = False
         self._reload_requested = False
@@ -460,6 +476,7 @@ class Broker:
                     self._scheduler.tick(now)
                     self._scheduler.heartbeats()
                     self._probe_revoked_clients(now)
+                    self._full_queues.forget_old(now)
                     self._log_held_back(now)
                     self._trim.maybe(now)
                     self._look_at_disk()
@@ -622,9 +639,26 @@ class Broker:
                 self._revoke_clients(identity)
             else:
                 self._revoke(identity, now)
+        self._note_removed_keys(changed, now)
         registered = {w.peer for w in self._scheduler.workers.values()}
         self._worker_keys = {
             peer: key for peer, key in self._worker_keys.items() if peer in registered
+        }
+
+    def _note_removed_keys(self, changed: Sequence[Identity], now: float) -> None:
+        """Remember the keys a reload removed, and forget those it allowed."""
+        assert self._keys is not None  # only a reload of keys gets here
+        for identity in changed:
+            key = identity.public_key
+            if self._keys.identity(identity.role, key) is None:
+                self._removed_keys.setdefault(
+                    key, _RemovedKey(_key_name(identity), now)
+                )
+        self._removed_keys = {
+            key: removed
+            for key, removed in self._removed_keys.items()
+            if self._keys.identity(CLIENT, key) is None
+            and self._keys.identity(WORKER, key) is None
         }
 
     def _revoke(self, identity: Identity, now: float) -> None:
@@ -791,21 +825,21 @@ class Broker:
         role = CLIENT if tag == FRONTEND else WORKER
         identity = self._identity(role, user)
         if identity is None and peer in self._revoked_clients:
-            self._late_ack(peer, frames, now)
+            self._late_ack(peer, frames, user, now)
             return
         if identity is None:
-            self._refuse(peer, frames, _FORBIDDEN, now)
+            self._refuse(peer, frames, _FORBIDDEN, now, user)
             return
         allowed = p.FROM_CLIENT if tag == FRONTEND else p.FROM_WORKER
         try:
             command = p.decode(frames[1:], allowed, self._max_submit_tasks)
         except ProtocolError as exc:
-            self._refuse(peer, frames, exc, now)
+            self._refuse(peer, frames, exc, now, user)
             return
         self._admit(peer, identity, command, now)
 
     def _late_ack(
-        self, peer: bytes, frames: list[bytes | memoryview], now: float
+        self, peer: bytes, frames: list[bytes | memoryview], user: str, now: float
     ) -> None:
         """A message from a client connection whose key was removed: an ACK of
         results it was sent before is taken, so that they are not delivered
@@ -817,7 +851,7 @@ class Broker:
         if isinstance(command, p.Ack):
             self._scheduler.acknowledge(self._revoked_clients[peer], command.keys)
         else:
-            self._refuse(peer, frames, _FORBIDDEN, now)
+            self._refuse(peer, frames, _FORBIDDEN, now, user)
 
     def _handle_mdp(
         self, peer: bytes, frames: list[bytes | memoryview], user: str, now: float
@@ -828,7 +862,7 @@ class Broker:
         role = WORKER if mdp.is_worker(frames[1:]) else CLIENT
         identity = self._identity(role, user)
         if identity is None or not identity.rights.unrestricted:
-            self._log_refusal(peer, frames, _FORBIDDEN_MDP, "mdp")
+            self._log_refusal(peer, frames, _FORBIDDEN_MDP, "mdp", user)
             self._gateway.refuse(peer, frames[1:], _mdp_refusal(role, identity))
             return
         self._gateway.receive(peer, frames[1:], now)
@@ -844,6 +878,11 @@ class Broker:
         self, peer: bytes, identity: Identity, command: p.Command, now: float
     ) -> None:
         """Hand a command to the scheduler, within what its key may do."""
+        if isinstance(command, _QUESTION_TYPES) and not self._questions.allows(
+            peer, now
+        ):
+            self._refuse_question(peer, identity, now)
+            return
         if identity.role == CLIENT:
             if isinstance(command, p.Hello):
                 self._revoked_clients.pop(peer, None)  # its key is back
@@ -866,6 +905,28 @@ class Broker:
                 self._worker_keys[peer] = identity.public_key
         self._scheduler.worker_command(peer, command, now)
 
+    def _refuse_question(self, peer: bytes, identity: Identity, now: float) -> None:
+        """Refuse a question past the connection's quota. The answer goes
+        through the scheduler, in turn with its answers to the connection's
+        other questions, which the client pairs with them by order."""
+        refusal = p.Error(p.TOO_MANY_QUESTIONS, self._questions.refusal())
+        self._scheduler.answer(peer, refusal)
+        self._questions_refused += 1
+        began_at = self._questions.refusing_since
+        if began_at is None or not self._question_log.due(now, began_at):
+            return
+        log.warning(
+            "questions (status, operator commands) refused past the limit of %d "
+            "a second per connection: %d since this was last said; latest "
+            "peer=%s key=%s. Each is answered with the limit; the connection's "
+            "other messages are served",
+            self._questions.per_s,
+            self._questions_refused,
+            peer.hex(),
+            _key_name(identity),
+        )
+        self._questions_refused = 0
+
     def _refuse_operator(self, peer: bytes, reason: str, now: float) -> None:
         """Refuse an operator command the sender's key may not give. The answer
         goes through the scheduler, in turn with the answers to the client's
@@ -884,8 +945,9 @@ class Broker:
         frames: list[bytes | memoryview],
         exc: ProtocolError,
         now: float,
+        user: str = "",
     ) -> None:
-        self._log_refusal(peer, frames, exc, _SIDES[peer[:1]])
+        self._log_refusal(peer, frames, exc, _SIDES[peer[:1]], user)
         if now >= self._answered_until:
             self._answered.clear()
             self._answered_until = now + 1.0 / REFUSAL_REPLIES_PER_S
@@ -899,18 +961,35 @@ class Broker:
         frames: list[bytes | memoryview],
         exc: ProtocolError,
         side: str,
+        user: str = "",
     ) -> None:
         now = time.monotonic()
-        if self._refusal_log.allows(now):
+        removed = self._removed_keys.get(user)
+        if removed is not None:
+            removed.refused(peer, side, now)
+        elif self._refusal_log.allows(now):
             log.warning(
-                "refused a message peer=%s side=%s code=%s: %s (frames=%.120r)%s",
-                peer[1:].hex(),
+                "refused a message peer=%s key=%s side=%s code=%s: %s "
+                "(frames=%.120r)%s",
+                peer.hex(),
+                self._key_of(user),
                 side,
                 exc.code,
                 exc,
                 [bytes(f[:32]) for f in frames[1:6]],
                 self._refusal_log.suppressed_note(),
             )
+
+    def _key_of(self, user: str) -> str:
+        """The key that sent a message, for the log: its name and fingerprint
+        under CURVE (a key the lists do not hold has no name); `-` without."""
+        if self._keys is None or not user:
+            return "-"
+        identity = self._keys.identity(CLIENT, user) or self._keys.identity(
+            WORKER, user
+        )
+        name = identity.name if identity is not None else "unknown"
+        return f"{name}({security.fingerprint(user)})"
 
     def _carry_out(self, effects: s.Effects, now: float) -> None:
         # Workers first: a task may run before its acceptance is on disk, as
@@ -976,6 +1055,9 @@ class Broker:
             elif isinstance(notice, n.ClientJoined):
                 if self._join_log.allows(now):
                     _log_client_joined(notice, self._join_log.suppressed_note())
+            elif isinstance(notice, n.ClientLost):
+                if not self._full_queues.lost(notice):
+                    _log_notice(notice)
             elif isinstance(notice, n.WorkerLost):
                 if self._loss_log.allows(now):
                     _log_worker_lost(notice, self._loss_log.suppressed_note())
@@ -1035,8 +1117,11 @@ class Broker:
             # EHOSTUNREACH: the peer is gone. EAGAIN: it stopped reading and its
             # queue is full. Either way the scheduler takes back what it sent.
             log.debug("send failed peer=%s: %s", peer.hex(), exc)
+            if exc.errno == zmq.EAGAIN:
+                self._full_queues.met(peer, now)
             self._scheduler.peer_unreachable(peer, now)
             return False
+        self._full_queues.sent(peer, now)
         return True
 
     def _close(self) -> None:
@@ -1072,8 +1157,45 @@ _FORBIDDEN = ProtocolError(
 # What a revoked client connection is sent each tick, to learn whether it is
 # still open (see `_probe_revoked_clients`).
 _BEAT = p.Heartbeat()
+_QUESTION_TYPES = (p.StatusRequest, *p.OPERATOR_TYPES)
 # What a client connection whose key was removed may still send (`_late_ack`).
 _ACK_ONLY = frozenset({p.Cmd.ACK})
+
+
+class _RemovedKey:
+    """A key removed from the allow lists while its connections stay open:
+    their messages are refused, said at once and then less and less often
+    (see logs.Dwindling), each line counting those since the last."""
+
+    def __init__(self, name: str, removed_at: float) -> None:
+        self.name = name
+        self.removed_at = removed_at
+        self._when = Dwindling(REMOVED_KEY_FIRST_INTERVAL_S)
+        self._unsaid = 0
+
+    def refused(self, peer: bytes, side: str, now: float) -> None:
+        self._unsaid += 1
+        if not self._when.due(now, self.removed_at):
+            return
+        log.warning(
+            "refused %d messages from connections of key %s, removed from the "
+            "allow lists %.0fs ago; latest peer=%s side=%s. They are told so; "
+            "this is said less and less often while they go on",
+            self._unsaid,
+            self.name,
+            now - self.removed_at,
+            peer.hex(),
+            side,
+        )
+        self._unsaid = 0
+
+
+def _key_name(identity: Identity) -> str:
+    """A key as the log names it: its file name and fingerprint; `-` when
+    the broker runs without CURVE."""
+    if identity.public_key == security.ANONYMOUS:
+        return "-"
+    return f"{identity.name}({identity.fingerprint})"
 
 
 def _results_first(

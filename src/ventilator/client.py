@@ -454,6 +454,8 @@ class Client:
                 (a TimeoutError too).
             ProtocolError: the broker answered, but its answer could not be
                 read (too large, or malformed); the message says why.
+            UsageError: this connection asked more questions within a second
+                than the broker answers (100); the message names the limit.
         """
         return self._ask(p.StatusRequest(), timeout_s, "status")
 

@@ -8,7 +8,7 @@ frozen data, so a test asserts on what happened, not on how a log line reads.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +122,9 @@ class ClientLost:
     recipient: str
     held: int
     how: Departure
+    # The connection it was reached on, for the shell, which knows which of
+    # its sends failed and why; not part of what happened.
+    peer: bytes = field(default=b"", compare=False)
 
 
 @dataclass(frozen=True, slots=True)

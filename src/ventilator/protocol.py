@@ -153,6 +153,10 @@ SESSION_IN_USE = "session_in_use"
 # for: it remembers `max_sessions` in all, and a connection opens a few at most
 # (see SessionRegistry.room_for_new); the message names the limit.
 TOO_MANY_SESSIONS = "too_many_sessions"
+# An ERROR code: the answer to a question (status, an operator command) from a
+# connection that asked more than its quota within a second (see
+# `_questions.QuestionQuota`); the message names the limit.
+TOO_MANY_QUESTIONS = "too_many_questions"
 # An ERROR code: the HELLO names a session the broker keeps for itself (see
 # `reserved_session_problem`); asking again changes nothing.
 RESERVED_NAME = "reserved_name"

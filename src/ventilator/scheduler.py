@@ -1384,7 +1384,7 @@ class Scheduler:
         if said_bye and recipient.peer is not None:
             self._sessions.unmap(recipient.peer)
         # Every failed send to a gone client reports it: say so once.
-        was_connected = recipient.peer is not None
+        peer, was_connected = recipient.peer, recipient.peer is not None
         recipient.peer = None
         if said_bye:
             self._forget_cancellations(recipient)
@@ -1392,7 +1392,8 @@ class Scheduler:
             self._waiting_room.drop(recipient.name)
         held = len(recipient.pending) + len(recipient.unacked)
         if was_connected:
-            self._effects.notices.append(ClientLost(recipient.name, held, how))
+            notice = ClientLost(recipient.name, held, how, peer or b"")
+            self._effects.notices.append(notice)
 
         # A session that left holding nothing is forgotten at once, so that
         # sessions do not accumulate; one with tasks in the broker stays

@@ -5,6 +5,7 @@ its memory comes back down."""
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -167,3 +168,86 @@ def test_a_curve_peer_at_a_plain_broker_is_logged_with_causes_it_can_have(
 
     assert "a peer using CURVE (this broker runs without it)" in logged
     assert "broker key" not in logged
+
+
+QUESTION_BURST = 1000
+
+
+def answers_to(sock: zmq.Socket[bytes], count: int) -> list[p.Command]:
+    """The next `count` answers on `sock`, with a deadline for each."""
+    answers: list[p.Command] = []
+    while len(answers) < count:
+        assert sock.poll(10_000), f"only {len(answers)} of {count} answers came"
+        command = p.decode(sock.recv_multipart(), p.TO_CLIENT)
+        if isinstance(command, (p.StatusReply, p.Error)):
+            answers.append(command)
+    return answers
+
+
+def test_a_connection_asking_past_its_quota_is_answered_with_the_limit(
+    broker: BrokerProcess, context: zmq.Context[zmq.Socket[bytes]]
+) -> None:
+    # Status reports are costly to build: one connection asking thousands a
+    # second made every other client's round trip about 50 times longer.
+    with context.socket(zmq.DEALER) as asker:
+        asker.setsockopt(zmq.LINGER, 0)
+        asker.setsockopt(zmq.SNDHWM, 0)  # the whole burst queued here
+        asker.connect(broker.frontend)
+        asker.send_multipart(p.encode(p.Hello(session="asker")))
+        for _ in range(QUESTION_BURST):
+            asker.send_multipart(p.encode(p.StatusRequest()))
+
+        answers = answers_to(asker, QUESTION_BURST)
+
+    refusals = [a for a in answers if isinstance(a, p.Error)]
+    assert refusals, "every one of a burst of questions was answered in full"
+    assert {r.code for r in refusals} == {p.TOO_MANY_QUESTIONS}
+    assert "questions" in refusals[0].message and "100" in refusals[0].message
+    assert "refused" in wait_until(
+        lambda: "questions" in log_of(broker.process) and log_of(broker.process),
+        10,
+        "the broker to log the refused questions",
+    )
+
+
+UNREAD_QUESTIONS = 60_000
+QUIET_S = 3.0
+
+
+def read_until_quiet(sock: zmq.Socket[bytes], deadline_s: float) -> int:
+    """Read what `sock` was sent until nothing more came for `QUIET_S`."""
+    count = 0
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline and sock.poll(int(QUIET_S * 1000)):
+        sock.recv_multipart()
+        count += 1
+    return count
+
+
+def test_a_client_that_stops_reading_is_said_once_then_said_to_read_again(
+    launch: Launcher, context: zmq.Context[zmq.Socket[bytes]]
+) -> None:
+    # Each send that met its full queue logged "client unreachable": hundreds
+    # of lines in 20 s for a client that was only slow, none saying it read.
+    broker = launch.broker("--log-level", "info")
+    with context.socket(zmq.DEALER) as reader:
+        reader.setsockopt(zmq.LINGER, 0)
+        reader.setsockopt(zmq.SNDHWM, 0)
+        reader.setsockopt(zmq.RCVHWM, 1)
+        reader.connect(broker.frontend)
+        reader.send_multipart(p.encode(p.Hello(session="late-reader")))
+        for _ in range(UNREAD_QUESTIONS):
+            reader.send_multipart(p.encode(p.StatusRequest()))
+        wait_until(
+            lambda: "late-reader" in log_of(broker.process).split("joined", 1)[-1],
+            60,
+            "the broker to say that late-reader does not read",
+        )
+
+        assert read_until_quiet(reader, 60) > 0
+
+    lines = [
+        line for line in log_of(broker.process).splitlines() if "late-reader" in line
+    ]
+    said = [line for line in lines if "joined" not in line]
+    assert len(said) == 2, lines  # it stopped reading; it reads again

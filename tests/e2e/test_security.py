@@ -753,3 +753,37 @@ def test_a_removed_keys_connections_are_forgotten_once_closed_and_kept_while_ope
     finally:
         staying.close()
         leaving.close()
+
+
+def refusal_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and "refused" in r.getMessage()
+    ]
+
+
+def test_a_removed_keys_open_connection_is_refused_naming_the_key(
+    broker_in_thread: Broker, keyring: Keyring, caplog: pytest.LogCaptureFixture
+) -> None:
+    # It was one warning a second for as long as the client ran, naming an
+    # internal connection id rather than the key.
+    caplog.set_level(logging.WARNING, logger="ventilator")
+    client = ventilator.Client(
+        broker_in_thread.frontend_endpoint,
+        secret_key=keyring.secret("alice"),
+        broker_key=keyring.public("broker"),
+        heartbeat_interval_s=0.1,
+    )
+    try:
+        client.status(timeout_s=RESULT_TIMEOUT_S)  # its session is open
+        (keyring.clients / "alice.key").unlink()
+        broker_in_thread.reload()
+
+        said = wait_until(
+            lambda: refusal_lines(caplog), 10, "a refusal of its heartbeats"
+        )
+    finally:
+        client.close()
+
+    assert f"alice({keyring.fingerprint('alice')})" in said[0]

@@ -1,0 +1,97 @@
+"""Client connections that stopped reading, as the broker's log tells them.
+
+A client that stops reading (paused, slow, or flooding without reading) fills
+its send queue at the broker; each send that meets the full queue fails, and
+the scheduler takes back what it sent, once per send. A line per failed send
+made hundreds of "client unreachable" lines in 20 s for one client, none of
+them saying it came back, and it was never unreachable, only slow. Here the
+shell keeps, per connection, the episode of its full queue: said once when it
+starts, and once when a send goes through again.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from . import notices as n
+
+__all__ = ["FullQueues"]
+
+# The broker's shell owns these lines: operators know them as the broker's.
+log = logging.getLogger("ventilator.broker")
+
+# A connection whose queue stayed full this long after its last failed send is
+# forgotten here: it left, or fell silent, which the scheduler says itself.
+FORGET_AFTER_S = 300.0
+
+
+@dataclass(slots=True)
+class _Episode:
+    began_at: float
+    last_at: float
+    sends: int = 0
+    recipient: str | None = None  # once its start was said
+
+
+class FullQueues:
+    """The connections whose send queue at the broker is full, and the log
+    lines of each episode."""
+
+    def __init__(self, queue_messages: int) -> None:
+        self._queue_messages = queue_messages
+        self._episodes: dict[bytes, _Episode] = {}
+
+    def met(self, peer: bytes, now: float) -> None:
+        """A send to `peer` failed: its queue is full."""
+        episode = self._episodes.get(peer)
+        if episode is None:
+            episode = self._episodes[peer] = _Episode(now, now)
+        episode.last_at = now
+        episode.sends += 1
+
+    def lost(self, notice: n.ClientLost) -> bool:
+        """Say the loss of a client whose queue is full, once an episode.
+        False if the notice is not about a full queue (the caller says it)."""
+        episode = self._episodes.get(notice.peer)
+        if episode is None or notice.how is not n.Departure.UNREACHABLE:
+            return False
+        if episode.recipient is not None:
+            log.debug("client still not reading client=%s", notice.recipient)
+            return True
+        episode.recipient = notice.recipient
+        log.info(
+            "client stopped reading client=%s: its queue at the broker is full "
+            "(%d messages); what it was sent and did not acknowledge (%d "
+            "results) goes again when it next speaks, and this is said again "
+            "when it reads",
+            notice.recipient,
+            self._queue_messages,
+            notice.held,
+        )
+        return True
+
+    def sent(self, peer: bytes, now: float) -> None:
+        """A send to `peer` went through: its episode, if any, is over."""
+        episode = self._episodes.pop(peer, None)
+        if episode is None or episode.recipient is None:
+            return
+        log.info(
+            "client reads again client=%s after %.1fs; %d sends met its full "
+            "queue meanwhile",
+            episode.recipient,
+            now - episode.began_at,
+            episode.sends,
+        )
+
+    def forget_old(self, now: float) -> None:
+        """Forget connections that met no full queue for `FORGET_AFTER_S`."""
+        if not self._episodes:
+            return
+        old = [
+            peer
+            for peer, episode in self._episodes.items()
+            if now - episode.last_at > FORGET_AFTER_S
+        ]
+        for peer in old:
+            del self._episodes[peer]
