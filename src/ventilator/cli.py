@@ -2190,7 +2190,12 @@ def retry(
         report = client.retry(tickets, sink, timeout_s)
     for ticket, reason in report["refused"]:
         click.echo(f"ventilator: not retried ticket={ticket}: {reason}", err=True)
-    click.echo(f"retried {len(report['retried'])} task(s); results go to sink {sink!r}")
+    if report["retried"]:
+        click.echo(
+            f"retried {len(report['retried'])} task(s); results go to sink {sink!r}"
+        )
+    else:
+        click.echo("retried 0 task(s)")
     if report["refused"]:
         sys.exit(1)
 

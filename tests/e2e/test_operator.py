@@ -127,6 +127,8 @@ def test_retry_of_an_unknown_ticket_says_so_and_exits_1(
 
     assert retried.returncode == 1
     assert "424242" in retried.stderr
+    # Nothing reran: no word of a sink its results would go to.
+    assert retried.stdout.strip() == "retried 0 task(s)"
 
 
 def test_purge_asks_first_and_cancels_the_queue_with_yes(
