@@ -119,10 +119,11 @@ def kill(broker: BrokerProcess) -> None:
     broker.process.wait(10)
 
 
-def test_interrupted_map_says_when_its_cancellation_reached_no_broker(
-    processes: Processes, launch: Launcher
-) -> None:
-    broker = launch.broker()
+def interrupt_a_map_whose_broker_died(
+    processes: Processes, launch: Launcher, broker: BrokerProcess
+) -> str:
+    """Run a map of three lines no worker serves, kill its broker, then ^C the
+    map; return what the map said."""
     command = processes.start(
         "map",
         ventilator_argv("map", UNSERVED, "--connect", broker.frontend),
@@ -141,7 +142,14 @@ def test_interrupted_map_says_when_its_cancellation_reached_no_broker(
     command.send_signal(signal.SIGINT)
 
     assert command.wait(30) == 130
-    said = log_of(command)
+    return log_of(command)
+
+
+def test_interrupted_map_says_when_its_cancellation_reached_no_broker(
+    processes: Processes, launch: Launcher
+) -> None:
+    said = interrupt_a_map_whose_broker_died(processes, launch, launch.broker())
+
     assert "could not reach the broker to cancel the tasks of 3 unfinished" in said
     assert "unfinished tasks cancelled" not in said
 
@@ -151,26 +159,10 @@ def test_interrupted_map_with_its_broker_down_names_the_purge_of_its_session(
 ) -> None:
     options = restartable(tmp_path)
     first = launch.broker(**options)  # type: ignore[arg-type]
-    command = processes.start(
-        "map",
-        ventilator_argv("map", UNSERVED, "--connect", first.frontend),
-        stdin=subprocess.PIPE,
-    )
-    command.stdin.write(b"1\n2\n3\n")
-    command.stdin.flush()  # and left open: the map waits for more lines
-    status_when(
-        launch.client(first),
-        lambda status: status["queued"].get(UNSERVED) == 3,
-        20,
-        "the map's three tasks",
-    )
-    kill(first)
-    command.send_signal(signal.SIGINT)
-    assert command.wait(30) == 130
+    said = interrupt_a_map_whose_broker_died(processes, launch, first)
 
     # Before, the run said the tasks may still run, but not for which session
     # nor how to drop them: their results waited a day for nobody.
-    said = log_of(command)
     named = re.search(r"`ventilator (purge --session [^`]+)`", said)
     assert named is not None, said
     second = launch.broker(**options)  # type: ignore[arg-type]
