@@ -1722,7 +1722,8 @@ def _log_client_joined(notice: n.ClientJoined, note: str) -> None:
 def _log_client_lost(notice: n.ClientLost) -> None:
     how = _DEPARTURES[notice.how]
     if not notice.held:
-        log.info("client %s client=%s", how, notice.recipient)
+        level = logging.DEBUG if notice.quiet else logging.INFO
+        log.log(level, "client %s client=%s", how, notice.recipient)
         return
     # Even one that said BYE may open its session again to collect them.
     log.info(

@@ -125,6 +125,9 @@ class ClientLost:
     # The connection it was reached on, for the shell, which knows which of
     # its sends failed and why; not part of what happened.
     peer: bytes = field(default=b"", compare=False)
+    # Its join was never said (it only asked questions): its leaving is no
+    # news either.
+    quiet: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -680,6 +680,9 @@ class Scheduler:
 
         recipient.worked |= isinstance(command, _WORK_TYPES)
         recipient.asked |= isinstance(command, _QUESTION_TYPES)
+        if recipient.join_untold and recipient.worked:
+            recipient.join_untold = False
+            self._effects.notices.append(ClientJoined(recipient.name, 0))
         if isinstance(command, p.Submit):
             self._submit(peer, recipient, command.tasks, now)
         elif isinstance(command, p.Ack):
@@ -836,7 +839,11 @@ class Scheduler:
         # A session that reconnects takes its place back: everything it had been
         # sent but had not acknowledged is sent again (the client drops doubles).
         resent = self._attach(recipient, peer, now)
-        if announce:
+        fresh = not (
+            resent or recipient.worked or recipient.pending or self._held.get(name)
+        )
+        recipient.join_untold = announce and fresh and not name.startswith(SINK_PREFIX)
+        if announce and not recipient.join_untold:
             self._effects.notices.append(ClientJoined(name, resent))
 
     def detach_if_idle(self, name: str) -> None:
@@ -1392,7 +1399,9 @@ class Scheduler:
             self._waiting_room.drop(recipient.name)
         held = len(recipient.pending) + len(recipient.unacked)
         if was_connected:
-            notice = ClientLost(recipient.name, held, how, peer or b"")
+            notice = ClientLost(
+                recipient.name, held, how, peer or b"", quiet=recipient.join_untold
+            )
             self._effects.notices.append(notice)
 
         # A session that left holding nothing is forgotten at once, so that

@@ -81,6 +81,10 @@ class Recipient:
     # `ventilator status` run or the like, which other answers leave out.
     asked: bool = False
     worked: bool = False
+    # Whether its join is still untold: a new session with nothing to take
+    # back is said to have joined once it works, so that `ventilator status`
+    # runs, which only ask, are no INFO lines (see Scheduler.attach_recipient).
+    join_untold: bool = False
 
     @property
     def only_asked(self) -> bool:

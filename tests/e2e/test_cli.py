@@ -33,6 +33,7 @@ from .conftest import (
     descendants,
     free_port,
     json_lines,
+    json_records,
     log_of,
     read_json_line,
     run_cli,
@@ -639,6 +640,31 @@ def test_status_says_which_queued_tasks_wait_out_a_retry_s_backoff(
     assert report["retrying"] == report["queued"] == {f"{TASKS}:fail": 1}
     assert report["queue_counts"]["retrying"] == 1
     assert report["next_retry_in_s"] >= 0
+
+
+def test_a_status_run_is_no_news_in_the_broker_s_log(
+    processes: Processes, launch: Launcher
+) -> None:
+    # Each run was a "client joined" and a "client left" line at INFO: a
+    # dashboard polling the CLI every few seconds buried what happened.
+    broker = launch.broker("--log-level", "INFO", "--log-format", "json")
+    client = launch.client(broker)
+    client.submit(f"{MORE_TASKS}:job1")
+    status_when(client, lambda s: s["queued"], 10, "the task queued", ClusterError)
+
+    for _ in range(3):
+        ran = run_cli(processes, "status", "--connect", broker.frontend)
+        assert ran.returncode == 0, ran.stderr
+    client.close()
+
+    def said(words: str) -> list[str]:
+        records = json_records(broker.process)
+        return [r["message"] for r in records if words in r["message"]]
+
+    [left] = wait_until(lambda: said("client left"), 10, "the client to leave")
+    assert client.session in left
+    [joined] = said("client joined")
+    assert client.session in joined
 
 
 def test_status_says_why_a_worker_serves_nothing(

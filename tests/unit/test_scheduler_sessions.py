@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from ventilator import protocol as p
 from ventilator.notices import (
+    ClientJoined,
+    ClientLost,
     SessionRefused,
     SessionsForgotten,
 )
@@ -242,3 +244,42 @@ def test_a_session_that_asked_and_holds_or_submitted_is_listed() -> None:
     status = asked_for_status(driver, b"watcher")
 
     assert sorted(listed(status)) == ["alice", "connected-only", "watcher"]
+
+
+def test_a_session_that_only_asks_is_no_news_in_the_log() -> None:
+    # Every `ventilator status` run was a "client joined" and a "client left"
+    # line at INFO: news to nobody, and noise around what happened.
+    driver = Driver(LIMITS)
+    joined = driver.hello()
+    asked = driver.client(CLIENT, p.StatusRequest())
+    left = driver.client(CLIENT, p.Bye())
+
+    assert notices(joined, ClientJoined) == notices(asked, ClientJoined) == []
+    [lost] = notices(left, ClientLost)
+    assert lost.quiet
+
+
+def test_a_new_session_is_said_to_join_when_it_first_works() -> None:
+    driver = Driver(LIMITS)
+    driver.hello()
+    driver.client(CLIENT, p.StatusRequest())
+
+    submitted = driver.submit(task(1))
+    left = driver.client(CLIENT, p.Bye())
+
+    assert notices(submitted, ClientJoined) == [ClientJoined("alice", 0)]
+    [lost] = notices(left, ClientLost)
+    assert not lost.quiet
+
+
+def test_a_sink_and_a_returning_session_are_said_to_join_at_once() -> None:
+    driver = Driver(LIMITS)
+    driver.hello()
+    driver.submit(task(1))
+    driver.client(CLIENT, p.Bye())  # holds its queued task
+
+    back = driver.hello(OTHER)
+    sink = driver.hello(b"sink-reader", session="reader", sink="totals")
+
+    assert notices(back, ClientJoined) == [ClientJoined("alice", 0)]
+    assert notices(sink, ClientJoined) == [ClientJoined(sink_recipient("totals"), 0)]
