@@ -222,8 +222,10 @@ def test_a_client_that_closes_is_logged_as_left_with_nothing_kept(
     processes: Processes, launch: Launcher
 ) -> None:
     broker = launch.broker("--log-level", "INFO", "--log-format", "json")
+    launch.worker(broker)
     client = launch.client(broker)
-    client.status()
+    # One that worked: a session that only asked leaves at DEBUG.
+    assert client.submit(f"{TASKS}:square", 3).result(timeout=30) == 9
     session = client.session
 
     client.close()
