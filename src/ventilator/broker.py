@@ -878,7 +878,7 @@ class Broker:
         self, peer: bytes, identity: Identity, command: p.Command, now: float
     ) -> None:
         """Hand a command to the scheduler, within what its key may do."""
-        if isinstance(command, _QUESTION_TYPES) and not self._questions.allows(
+        if isinstance(command, p.QUESTION_TYPES) and not self._questions.allows(
             peer, now
         ):
             self._refuse_question(peer, identity, now)
@@ -1157,7 +1157,6 @@ _FORBIDDEN = ProtocolError(
 # What a revoked client connection is sent each tick, to learn whether it is
 # still open (see `_probe_revoked_clients`).
 _BEAT = p.Heartbeat()
-_QUESTION_TYPES = (p.StatusRequest, *p.OPERATOR_TYPES)
 # What a client connection whose key was removed may still send (`_late_ack`).
 _ACK_ONLY = frozenset({p.Cmd.ACK})
 

@@ -528,6 +528,9 @@ Command: TypeAlias = (
 OPERATOR_COMMANDS = frozenset({Cmd.LIST_FAILED, Cmd.RETRY, Cmd.PURGE, Cmd.CANCEL_TASK})
 OperatorCommand: TypeAlias = ListFailed | Retry | Purge | CancelTask
 OPERATOR_TYPES = (ListFailed, Retry, Purge, CancelTask)
+# Questions: answered in order, and bounded per connection (a status report
+# is costly to build); what the broker counts against a sender's quota.
+QUESTION_TYPES = (StatusRequest, *OPERATOR_TYPES)
 
 FROM_CLIENT = (
     frozenset(

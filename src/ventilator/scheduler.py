@@ -101,7 +101,6 @@ _POISON = p.Status.POISON
 # What a client's session does with its tasks, and what it only asks (see
 # Recipient.only_asked).
 _WORK_TYPES = (p.Submit, p.Ack, p.Cancel)
-_QUESTION_TYPES = (p.StatusRequest, *p.OPERATOR_TYPES)
 
 # Session and recipient names of peers that do not speak ventilator's protocol
 # (MDP clients, Titanic): a ventilator client may not take them in its HELLO
@@ -679,7 +678,7 @@ class Scheduler:
             return
 
         recipient.worked |= isinstance(command, _WORK_TYPES)
-        recipient.asked |= isinstance(command, _QUESTION_TYPES)
+        recipient.asked |= isinstance(command, p.QUESTION_TYPES)
         if recipient.join_untold and recipient.worked:
             recipient.join_untold = False
             self._effects.notices.append(ClientJoined(recipient.name, 0))
