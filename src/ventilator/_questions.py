@@ -30,32 +30,16 @@ class QuestionQuota:
         self.per_s = per_s
         self._asked: dict[bytes, int] = {}
         self._window_ends_at = 0.0
-        self._refused_now = 0
-        # When the current episode of refusals began: a flood that lasts is
-        # one episode for the log, however many windows it spans.
-        self.refusing_since: float | None = None
 
     def allows(self, peer: bytes, now: float) -> bool:
         """Count a question from `peer` at `now`; False once it asked more
         than `per_s` in the current second (it is then refused)."""
         if now >= self._window_ends_at:
-            self._next_window(now)
+            self._asked.clear()
+            self._window_ends_at = now + 1.0
         asked = self._asked.get(peer, 0) + 1
         self._asked[peer] = asked
-        if asked <= self.per_s:
-            return True
-        self._refused_now += 1
-        if self.refusing_since is None:
-            self.refusing_since = now
-        return False
-
-    def _next_window(self, now: float) -> None:
-        # A whole second without a refusal ends the episode.
-        if not self._refused_now:
-            self.refusing_since = None
-        self._refused_now = 0
-        self._asked.clear()
-        self._window_ends_at = now + 1.0
+        return asked <= self.per_s
 
     def refusal(self) -> str:
         """Why a question was refused, for the asker: names the limit."""

@@ -54,8 +54,8 @@ from ._timing import StallWatch, poll_timeout_ms
 from .errors import JournalError, ProtocolError, UsageError
 from .gateway import MdpGateway, MdpSettings
 from .journal import Journal, MemoryJournal, open_journal
-from .logs import Dwindling, Routine
 from .logs import RateLimit as _RateLimit
+from .logs import Routine
 from .policy import Limits
 from .security import CLIENT, WORKER, Gate, Identity, KeyStore, PeerCount, ServerKeys
 from .telemetry import Telemetry
@@ -228,9 +228,10 @@ class Broker:
         self._questions = QuestionQuota()
         self._full_queues = FullQueues(SEND_QUEUE)
         # A flood of questions lasts as long as its sender likes: said when it
-        # starts, then less and less often (see logs.Dwindling).
-        self._question_log = Dwindling(QUESTION_FLOOD_FIRST_INTERVAL_S)
-        self._questions_refused = 0
+        # starts, then less and less often.
+        self._question_flood = Routine(
+            __name__, QUESTION_FLOOD_FIRST_INTERVAL_S, level=logging.WARNING
+        )
         self._trim = _MemoryTrim(TRIM_INTERVAL_S)
         self._disk_room = _DiskRoom(self.config)
         # Why the journal's files are no longer at their path, once noticed.
@@ -247,7 +248,7 @@ class Broker:
         self._revoked_clients: dict[bytes, str] = {}
         # Keys removed from the allow lists, by public key: their connections'
         # refusals name them, said less and less often while they go on.
-        self._removed_keys: dict[str, _RemovedKey] = {}
+        self._removed_keys: dict[str, tuple[str, Routine]] = {}
         self._stopping = False
         self._journal_failed = False
         self._reload_requested = False
@@ -639,21 +640,22 @@ class Broker:
                 self._revoke_clients(identity)
             else:
                 self._revoke(identity, now)
-        self._note_removed_keys(changed, now)
+        self._note_removed_keys(changed)
         registered = {w.peer for w in self._scheduler.workers.values()}
         self._worker_keys = {
             peer: key for peer, key in self._worker_keys.items() if peer in registered
         }
 
-    def _note_removed_keys(self, changed: Sequence[Identity], now: float) -> None:
+    def _note_removed_keys(self, changed: Sequence[Identity]) -> None:
         """Remember the keys a reload removed, and forget those it allowed."""
         assert self._keys is not None  # only a reload of keys gets here
         for identity in changed:
             key = identity.public_key
             if self._keys.identity(identity.role, key) is None:
-                self._removed_keys.setdefault(
-                    key, _RemovedKey(_key_name(identity), now)
+                said = Routine(
+                    __name__, REMOVED_KEY_FIRST_INTERVAL_S, level=logging.WARNING
                 )
+                self._removed_keys.setdefault(key, (_key_name(identity), said))
         self._removed_keys = {
             key: removed
             for key, removed in self._removed_keys.items()
@@ -911,21 +913,16 @@ class Broker:
         other questions, which the client pairs with them by order."""
         refusal = p.Error(p.TOO_MANY_QUESTIONS, self._questions.refusal())
         self._scheduler.answer(peer, refusal)
-        self._questions_refused += 1
-        began_at = self._questions.refusing_since
-        if began_at is None or not self._question_log.due(now, began_at):
-            return
-        log.warning(
-            "questions (status, operator commands) refused past the limit of %d "
-            "a second per connection: %d since this was last said; latest "
-            "peer=%s key=%s. Each is answered with the limit; the connection's "
-            "other messages are served",
+        self._question_flood.log(
+            now,
+            1,
+            "refused questions (status, operator commands) past the limit of %d "
+            "a second per connection peer=%s key=%s; each is answered with the "
+            "limit, and the connection's other messages are served",
             self._questions.per_s,
-            self._questions_refused,
             peer.hex(),
             _key_name(identity),
         )
-        self._questions_refused = 0
 
     def _refuse_operator(self, peer: bytes, reason: str, now: float) -> None:
         """Refuse an operator command the sender's key may not give. The answer
@@ -966,7 +963,16 @@ class Broker:
         now = time.monotonic()
         removed = self._removed_keys.get(user)
         if removed is not None:
-            removed.refused(peer, side, now)
+            name, said = removed
+            said.log(
+                now,
+                1,
+                "refused a message from a connection of key %s, removed from the "
+                "allow lists; peer=%s side=%s. It is told so",
+                name,
+                peer.hex(),
+                side,
+            )
         elif self._refusal_log.allows(now):
             log.warning(
                 "refused a message peer=%s key=%s side=%s code=%s: %s "
@@ -988,8 +994,9 @@ class Broker:
         identity = self._keys.identity(CLIENT, user) or self._keys.identity(
             WORKER, user
         )
-        name = identity.name if identity is not None else "unknown"
-        return f"{name}({security.fingerprint(user)})"
+        if identity is None:
+            return f"unknown({security.fingerprint(user)})"
+        return _key_name(identity)
 
     def _carry_out(self, effects: s.Effects, now: float) -> None:
         # Workers first: a task may run before its acceptance is on disk, as
@@ -1159,34 +1166,6 @@ _FORBIDDEN = ProtocolError(
 _BEAT = p.Heartbeat()
 # What a client connection whose key was removed may still send (`_late_ack`).
 _ACK_ONLY = frozenset({p.Cmd.ACK})
-
-
-class _RemovedKey:
-    """A key removed from the allow lists while its connections stay open:
-    their messages are refused, said at once and then less and less often
-    (see logs.Dwindling), each line counting those since the last."""
-
-    def __init__(self, name: str, removed_at: float) -> None:
-        self.name = name
-        self.removed_at = removed_at
-        self._when = Dwindling(REMOVED_KEY_FIRST_INTERVAL_S)
-        self._unsaid = 0
-
-    def refused(self, peer: bytes, side: str, now: float) -> None:
-        self._unsaid += 1
-        if not self._when.due(now, self.removed_at):
-            return
-        log.warning(
-            "refused %d messages from connections of key %s, removed from the "
-            "allow lists %.0fs ago; latest peer=%s side=%s. They are told so; "
-            "this is said less and less often while they go on",
-            self._unsaid,
-            self.name,
-            now - self.removed_at,
-            peer.hex(),
-            side,
-        )
-        self._unsaid = 0
 
 
 def _key_name(identity: Identity) -> str:

@@ -138,16 +138,22 @@ class Dwindling:
 
 
 class Routine:
-    """An event worth an INFO line when it starts to happen, not each time it
-    recurs: a load balancer's port check every few seconds, for ever. It is
-    said at INFO at once, then less and less often (see `Dwindling`), each
-    line counting those since the last; between them at DEBUG. After
-    `max_interval_s` without one, the next is said at once again."""
+    """An event worth a line (at `level`) when it starts to happen, not each
+    time it recurs: a load balancer's port check every few seconds, a flood of
+    questions, a removed key's connections. It is said at once, then less and
+    less often (see `Dwindling`), each line counting those since the last;
+    between them at DEBUG. After `max_interval_s` without one, the next is
+    said at once again."""
 
     def __init__(
-        self, log_name: str, first_interval_s: float, max_interval_s: float = 3600.0
+        self,
+        log_name: str,
+        first_interval_s: float,
+        max_interval_s: float = 3600.0,
+        level: int = logging.INFO,
     ) -> None:
         self._log = logging.getLogger(log_name)
+        self._level = level
         self._when = Dwindling(first_interval_s, max_interval_s)
         self._quiet_s = max_interval_s
         self._began_at = self._last_at = -float("inf")
@@ -170,4 +176,4 @@ class Routine:
             else ""
         )
         self._unsaid = 0
-        self._log.info(message + "%s", *args, note)
+        self._log.log(self._level, message + "%s", *args, note)
