@@ -37,7 +37,7 @@ import math
 import random
 import sys
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from . import protocol as p
@@ -2801,19 +2801,20 @@ class Scheduler:
         return retrying
 
     def _next_retry_at(self) -> float | None:
-        """When the next retry is due (the heap also holds cancelled ones)."""
-        due = (
-            at
-            for at, ticket in self._waiting
-            if (task := self.tasks.get(ticket)) is not None
-            and task.state is State.WAITING
-        )
-        return min(due, default=None)
+        """When the next retry is due."""
+        return min((at for at, _ in self._waiting_entries()), default=None)
 
     def _waiting_tasks(self) -> list[Task]:
-        """Tasks waiting for a retry; the heap also holds cancelled ones."""
-        tasks = (self.tasks.get(ticket) for _, ticket in self._waiting)
-        return [t for t in tasks if t is not None and t.state is State.WAITING]
+        """Tasks waiting for a retry."""
+        return [task for _, task in self._waiting_entries()]
+
+    def _waiting_entries(self) -> Iterator[tuple[float, Task]]:
+        """Each task waiting for a retry, with when it is due; the heap also
+        holds cancelled ones, left out."""
+        for at, ticket in self._waiting:
+            task = self.tasks.get(ticket)
+            if task is not None and task.state is State.WAITING:
+                yield at, task
 
     # --- operator commands -----------------------------------------------------------
 
