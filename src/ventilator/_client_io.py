@@ -1041,9 +1041,27 @@ class ClientIO:
             questions = [*self._asked, *self._handover.take_questions()]
         for pending in (*self._pending.values(), *unsent):
             _fail(pending.future, accepted if pending.accepted else unaccepted)
+        self._log_never_queued(len(unsent) + self._unaccepted())
         closed = ClientClosed("the client was closed before the broker answered")
         for question in questions:
             _fail(question.answer, closed)
+
+    def _unaccepted(self) -> int:
+        return sum(not pending.accepted for pending in self._pending.values())
+
+    def _log_never_queued(self, count: int) -> None:
+        """Say it when closing loses tasks: their futures say it too, but a
+        program that ends without reading them (one closed at its end) hears
+        nothing else."""
+        if count:
+            log.warning(
+                "closed before the broker at %s accepted every task: never "
+                "queued, these will not run (their futures raise ClientClosed) "
+                "unaccepted=%d session=%s",
+                self.address,
+                count,
+                self.session,
+            )
 
 
 def _batches(specs: list[p.TaskSpec]) -> Iterator[list[p.TaskSpec]]:

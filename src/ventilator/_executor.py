@@ -69,7 +69,7 @@ class ClientExecutor(Executor):
                 future.cancel()
         if wait:
             if not all(future.done() for future in futures):
-                self._client._refuse_on_io_thread("shutdown(wait=True)")
+                self._client._refuse_to_wait("shutdown(wait=True)")
             for future in futures:
                 with contextlib.suppress(BaseException):
                     future.exception()

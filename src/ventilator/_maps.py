@@ -186,7 +186,7 @@ def map_each(
     tasks: MapTasks | None = None,
 ) -> Iterator[Any]:
     """`Client.map` with a task per item (with a sink, or a chunksize of 1)."""
-    client._refuse_on_io_thread("map()")
+    client._refuse_to_wait("map()")
     client._check_job(function, **options)
     tasks = tasks or MapTasks(client)
     wakeup = threading.Condition()
@@ -262,7 +262,7 @@ def map_batches(
 
     However it ends, what it has not yielded is cancelled (`tasks`, which
     another thread may abandon too)."""
-    client._refuse_on_io_thread("map()")
+    client._refuse_to_wait("map()")
     name, flags = client._check_job(function, timeout_s=timeout_s, retries=retries)
     job = _MapJob(function, name, flags, timeout_s, retries)
     run = _BatchMap(client, job, iterable, chunksize, tasks or MapTasks(client))

@@ -21,6 +21,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 import itertools
+import logging
+import os
 import queue
 import secrets
 import sys
@@ -35,7 +37,7 @@ from typing import Any, TypeVar
 
 import zmq
 
-from . import _client_io, _handover, _maps, _wire
+from . import _client_io, _handover, _maps, _open_clients, _wire
 from . import protocol as p
 from ._client_io import ClientIO, IOSettings, settle
 from ._executor import ClientExecutor
@@ -63,6 +65,8 @@ from .serialization import (
 )
 
 __all__ = ["Client", "ClientExecutor", "ItemOutcome", "TaskFuture", "values_of"]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
 DEFAULT_WINDOW = 20_000
@@ -135,14 +139,14 @@ class TaskFuture(Future):  # type: ignore[type-arg]
                 while this task is not done: the wait could never end.
         """
         if not self.done():
-            self._client._refuse_on_io_thread(f"result() of task {self.task_id}")
+            self._client._refuse_to_wait(f"result() of task {self.task_id}")
         return super().result(timeout)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """As `concurrent.futures.Future.exception`; raises `UsageError` as
         `result` does."""
         if not self.done():
-            self._client._refuse_on_io_thread(f"exception() of task {self.task_id}")
+            self._client._refuse_to_wait(f"exception() of task {self.task_id}")
         return super().exception(timeout)
 
 
@@ -224,6 +228,10 @@ class Client:
         # (not at exit: the process's end says as much).
         self._dropped = weakref.finalize(self, self._handover.drop)
         self._dropped.atexit = False
+        # The pid of the process that made this client, once this copy of it
+        # is in a child forked from there (see _open_clients).
+        self._forked_from: int | None = None
+        _open_clients.track(self)
 
     def __enter__(self) -> Client:
         return self
@@ -382,7 +390,7 @@ class Client:
         time budget (`values_of` turns the pairs into values). The broker
         does not mark batches, so they are not told apart from other tasks.
         """
-        self._refuse_on_io_thread("collect()")
+        self._refuse_to_wait("collect()")
         received = 0
         while count is None or received < count:
             try:
@@ -563,7 +571,7 @@ class Client:
 
     def _ask(self, question: p.Command, timeout_s: float, what: str) -> dict[str, Any]:
         """The broker's answer to `question`, which the caller knows as `what`."""
-        self._refuse_on_io_thread(f"{what}()")
+        self._refuse_to_wait(f"{what}()")
         asked = Question(question, Future(), what)
         self._handover.ask(asked)
         try:
@@ -596,8 +604,11 @@ class Client:
             UsageError: called in a done-callback (on the client's I/O thread),
                 which close() would have to wait for.
         """
+        if self._forked_from is not None:
+            return  # the parent's to close; its I/O thread is not here
         self._refuse_on_io_thread("close()")
         self._dropped.detach()
+        _open_clients.untrack(self)
         self._abandon_open_maps()
         if not self._handover.close(timeout_s):
             return
@@ -681,6 +692,7 @@ class Client:
         """Queue tasks for the I/O thread; `outcome(task_id)` makes what each
         task's result is delivered to. Without `block`, queue nothing and
         return [] when they do not all fit in the window now."""
+        self._refuse_in_forked_child("submit()")
         handover = self._handover
         outcomes = []
         wake = False
@@ -715,6 +727,37 @@ class Client:
             handover.wake()
         return outcomes
 
+    def _close_at_exit(self, timeout_s: float) -> None:
+        """The program ends with this client open: close it as close() would,
+        so that what it sent reaches the broker before the interpreter stops
+        its daemon I/O thread."""
+        log.info(
+            "the program ends with a Client open; closing it session=%s", self.session
+        )
+        self.close(timeout_s)
+
+    def _forked(self, parent_pid: int) -> None:
+        """This process is a child forked from `parent_pid`, whose client
+        this is: only the forking thread came along, not the I/O thread."""
+        self._forked_from = parent_pid
+        self._dropped.detach()  # dropping this copy must not wake the parent's
+
+    def _refuse_to_wait(self, call: str) -> None:
+        """Raise rather than wait for what no thread here would bring."""
+        self._refuse_in_forked_child(call)
+        self._refuse_on_io_thread(call)
+
+    def _refuse_in_forked_child(self, call: str) -> None:
+        if self._forked_from is None:
+            return
+        raise UsageError(
+            f"{call} on a Client made by process {self._forked_from}, from which "
+            f"this process (pid {os.getpid()}) was forked: the client's I/O "
+            "thread did not come along (fork() copies only the thread that "
+            "calls it). Make a new Client in the child; the parent's goes on "
+            "working"
+        )
+
     def _refuse_on_io_thread(self, call: str) -> None:
         """Raise, rather than let the I/O thread wait (in a done-callback, which
         it runs) for what only it can bring: it would wait for itself, and
@@ -733,6 +776,7 @@ class Client:
     def _withdraw(self, task_ids: list[int]) -> None:
         """Cancel tasks nobody waits for any more (a cancelled future, an
         abandoned map): see `Handover.withdraw`."""
+        self._refuse_in_forked_child("cancelling a task")
         self._handover.withdraw(task_ids)
 
 

@@ -7,6 +7,7 @@ import contextlib
 import functools
 import gc
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -561,6 +562,98 @@ def test_a_client_dropped_without_close_leaves_the_broker_and_stops_its_thread(
         RESULT_TIMEOUT_S,
         "the broker to forget the dropped client's session",
     )
+
+
+def run_program(program: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run `program` in a fresh interpreter, in a process group of its own that
+    is killed on the way out: a child it forked must not outlive a failure."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", program, *args],
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=RESULT_TIMEOUT_S)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+# A program that submits and ends without close(), as a script often does.
+SUBMIT_AND_EXIT_PROGRAM = f"""
+import sys, ventilator
+from {TASKS} import square
+client = ventilator.Client(sys.argv[1])
+for x in range(int(sys.argv[2])):
+    client.submit(square, x, sink="after-exit")
+"""
+
+TASKS_SUBMITTED_BEFORE_EXIT = 500
+
+
+def test_tasks_a_program_submitted_before_ending_without_close_reach_the_broker(
+    launch: Launcher, broker: BrokerProcess
+) -> None:
+    # Before, the program's end took the client's I/O thread with whatever it
+    # had not sent yet: a fire-and-forget script lost its tasks in silence.
+    ended = run_program(
+        SUBMIT_AND_EXIT_PROGRAM, broker.frontend, str(TASKS_SUBMITTED_BEFORE_EXIT)
+    )
+    assert ended.returncode == 0, ended.stderr
+
+    status = launch.client(broker).status()
+    assert status["totals"]["submitted"] == TASKS_SUBMITTED_BEFORE_EXIT
+
+
+def test_a_program_that_ends_before_the_broker_accepts_its_tasks_says_so() -> None:
+    # Nobody listens there: the program waits for the broker as close() does,
+    # then warns that its tasks were never queued, rather than nothing.
+    ended = run_program(
+        "import ventilator._open_clients as c; c.EXIT_CLOSE_TIMEOUT_S = 0.5\n"
+        + SUBMIT_AND_EXIT_PROGRAM,
+        f"tcp://127.0.0.1:{free_port()}",
+        "3",
+    )
+
+    assert ended.returncode == 0
+    assert "never queued" in ended.stderr and "unaccepted=3" in ended.stderr
+
+
+# A program whose forked child uses the client its parent made.
+FORKED_CHILD_PROGRAM = f"""
+import os, sys, ventilator
+from {TASKS} import square
+client = ventilator.Client(sys.argv[1])
+assert client.submit(square, 3).result(20) == 9
+child = os.fork()
+if child == 0:
+    try:
+        client.submit(square, 4)
+    except ventilator.UsageError as error:
+        print(error, flush=True)
+        os._exit(0)
+    os._exit(1)
+os.waitpid(child, 0)
+print(client.submit(square, 5).result(20), flush=True)
+client.close()
+"""
+
+
+def test_a_forked_child_using_its_parents_client_is_told_to_make_its_own(
+    broker: BrokerProcess, two_workers: list[WorkerProcess]
+) -> None:
+    # Before, the child's submit() spun at 100 % CPU for ever: the client's
+    # I/O thread does not survive fork().
+    ended = run_program(FORKED_CHILD_PROGRAM, broker.frontend)
+
+    refusal, parents_result = ended.stdout.splitlines()
+    assert "fork" in refusal and "new Client" in refusal
+    assert parents_result == "25"
 
 
 def test_a_map_read_after_its_client_closed_raises_client_closed(
