@@ -919,8 +919,11 @@ def _settled(slot: Slot) -> list[Any]:
 
 
 def check_chunksize(chunksize: int | None) -> None:
-    if chunksize is not None and chunksize < 1:
-        raise UsageError(f"chunksize must be at least 1, got {chunksize!r}")
+    if chunksize is None:
+        return
+    whole = isinstance(chunksize, int) and not isinstance(chunksize, bool)
+    if not whole or chunksize < 1:
+        raise UsageError(f"chunksize must be an int >= 1, got {chunksize!r}")
 
 
 def _read_items(items: Iterator[Any], count: int) -> tuple[list[Any], Exception | None]:

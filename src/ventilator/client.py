@@ -30,7 +30,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from concurrent.futures._base import CANCELLED as _CANCELLED
 from typing import Any, TypeVar
@@ -323,8 +323,22 @@ class Client:
         not yielded: those still queued at the broker never run; running ones
         are stopped on their worker; finished ones have their results
         forgotten at the broker.
+
+        Raises:
+            UsageError: at once, a bad `chunksize` or option, or a function
+                that cannot be named.
         """
         check_chunksize(chunksize)
+        self._check_job(function, **options)
+        return self._map(function, iterable, chunksize, options)
+
+    def _map(
+        self,
+        function: str | Callable[..., Any],
+        iterable: Iterable[Any],
+        chunksize: int | None,
+        options: dict[str, Any],
+    ) -> Iterator[Any]:
         sink = options.pop("sink", None)
         if sink is not None or chunksize == 1:
             yield from map_each(self, function, iterable, {**options, "sink": sink})
@@ -357,15 +371,21 @@ class Client:
         what it has not yielded, as `map` does.
 
         Raises:
-            UsageError: a bad `chunksize`, `timeout_s` or `retries`, or a
-                function that cannot be named.
+            UsageError: at once, a bad `chunksize`, `timeout_s` or `retries`,
+                or a function that cannot be named.
             ClientClosed: the client was closed while the map waited.
             Exception: what `iterable` raised, after the outcomes before it.
         """
         check_chunksize(chunksize)
+        self._check_job(function, timeout_s=timeout_s, retries=retries)
         batches = outcome_batches(
             self, function, iterable, chunksize, timeout_s, retries
         )
+        return self._outcomes(batches)
+
+    def _outcomes(
+        self, batches: Generator[list[ItemOutcome], None, None]
+    ) -> Iterator[ItemOutcome]:
         with contextlib.closing(batches):
             for outcomes in batches:
                 yield from outcomes

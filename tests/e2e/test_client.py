@@ -87,6 +87,15 @@ def test_map_yields_results_in_input_order(
     assert list(client.map(tasks.square, items)) == [i * i for i in items]
 
 
+@pytest.mark.parametrize("chunksize", [0, 1.5, "3", True])
+def test_a_chunksize_that_is_not_a_whole_number_from_1_is_refused_by_name(
+    client: ventilator.Client, chunksize: Any
+) -> None:
+    # Before, 1.5 and "3" failed deep in islice() and a comparison.
+    with pytest.raises(ventilator.UsageError, match="chunksize must be an int >= 1"):
+        client.map(tasks.square, range(3), chunksize=chunksize)
+
+
 @pytest.mark.parametrize("chunksize", [None, 1, 7])
 def test_map_in_batches_yields_every_result_in_input_order(
     client: ventilator.Client, two_workers: list[WorkerProcess], chunksize: int | None
