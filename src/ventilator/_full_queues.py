@@ -6,7 +6,9 @@ the scheduler takes back what it sent, once per send. A line per failed send
 made hundreds of "client unreachable" lines in 20 s for one client, none of
 them saying it came back, and it was never unreachable, only slow. Here the
 shell keeps, per connection, the episode of its full queue: said once when it
-starts, and once when a send goes through again.
+starts, and once when a send goes through again. A slow reader draining a
+deep queue stops and reads again many times a second: the spells that start
+soon after one was said are told at DEBUG, and counted on the next line.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ log = logging.getLogger("ventilator.broker")
 # A connection whose queue stayed full this long after its last failed send is
 # forgotten here: it left, or fell silent, which the scheduler says itself.
 FORGET_AFTER_S = 300.0
+# Spells of a connection that begin within this long of the end of the last
+# one said are said at DEBUG only.
+REPEAT_QUIET_S = 60.0
 
 
 @dataclass(slots=True)
@@ -31,7 +36,17 @@ class _Episode:
     began_at: float
     last_at: float
     sends: int = 0
-    recipient: str | None = None  # once its start was said
+    recipient: str | None = None  # once its start was told
+    said: bool = False  # told at INFO, not within the quiet after another
+
+
+@dataclass(slots=True)
+class _Quiet:
+    """After a spell said of a connection: until when the next ones are not,
+    and how many were not."""
+
+    until: float
+    unsaid: int = 0
 
 
 class FullQueues:
@@ -41,6 +56,7 @@ class FullQueues:
     def __init__(self, queue_messages: int) -> None:
         self._queue_messages = queue_messages
         self._episodes: dict[bytes, _Episode] = {}
+        self._quiet: dict[bytes, _Quiet] = {}
 
     def met(self, peer: bytes, now: float) -> None:
         """A send to `peer` failed: its queue is full."""
@@ -56,18 +72,30 @@ class FullQueues:
         episode = self._episodes.get(notice.peer)
         if episode is None or notice.how is not n.Departure.UNREACHABLE:
             return False
-        if episode.recipient is not None:
+        first_notice = episode.recipient is None
+        episode.recipient = notice.recipient
+        if episode.said:
             log.debug("client still not reading client=%s", notice.recipient)
             return True
-        episode.recipient = notice.recipient
+        # A spell soon after the last one said is told once it outlasts that
+        # quiet, if it does: a reader that stalls for good is still said.
+        quiet = self._quiet.get(notice.peer)
+        if quiet is not None and episode.last_at < quiet.until:
+            if first_notice:
+                log.debug("client stopped reading again client=%s", notice.recipient)
+            return True
+
+        self._quiet.pop(notice.peer, None)
+        episode.said = True
         log.info(
             "client stopped reading client=%s: its queue at the broker is full "
             "(%d messages); what it was sent and did not acknowledge (%d "
             "results) goes again when it next speaks, and this is said again "
-            "when it reads",
+            "when it reads%s",
             notice.recipient,
             self._queue_messages,
             notice.held,
+            _short_spells(quiet),
         )
         return True
 
@@ -76,6 +104,14 @@ class FullQueues:
         episode = self._episodes.pop(peer, None)
         if episode is None or episode.recipient is None:
             return
+        if not episode.said:
+            quiet = self._quiet.get(peer)
+            if quiet is not None:
+                quiet.unsaid += 1
+            log.debug("client reads again client=%s", episode.recipient)
+            return
+
+        self._quiet[peer] = _Quiet(now + REPEAT_QUIET_S)
         log.info(
             "client reads again client=%s after %.1fs; %d sends met its full "
             "queue meanwhile",
@@ -86,8 +122,6 @@ class FullQueues:
 
     def forget_old(self, now: float) -> None:
         """Forget connections that met no full queue for `FORGET_AFTER_S`."""
-        if not self._episodes:
-            return
         old = [
             peer
             for peer, episode in self._episodes.items()
@@ -95,3 +129,20 @@ class FullQueues:
         ]
         for peer in old:
             del self._episodes[peer]
+
+        over = [
+            peer
+            for peer, quiet in self._quiet.items()
+            if now - quiet.until > FORGET_AFTER_S
+        ]
+        for peer in over:
+            del self._quiet[peer]
+
+
+def _short_spells(quiet: _Quiet | None) -> str:
+    if quiet is None or not quiet.unsaid:
+        return ""
+    return (
+        f" (it also stopped reading {quiet.unsaid} more times, briefly, since "
+        "this was last said)"
+    )
