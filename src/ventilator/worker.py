@@ -326,8 +326,13 @@ class Worker:
     def _receive(self, now: float, announced: bool) -> None:
         assert self._socket is not None
         # Payloads go on to a child as they are: large ones are not copied.
-        commands = _wire.receive(
-            self._socket, p.TO_WORKER, lend_large=True, announced=announced
+        # A list, not the generator: the broker was heard only if a message
+        # came, and the socket's descriptor also wakes us when nothing did
+        # (a connection closed, a handshake failed).
+        commands = list(
+            _wire.receive(
+                self._socket, p.TO_WORKER, lend_large=True, announced=announced
+            )
         )
         silent_s = self._broker.read(bool(commands), now)
         if silent_s is not None:
