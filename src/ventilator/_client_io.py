@@ -276,8 +276,8 @@ class ClientIO:
             # could not hear the broker: that silence is not the broker's, and
             # a reconnection would drop what this socket still holds.
             broker_seen = min(now, broker_seen + stalls.stalled_s(now))
-            if self._monitor_fd in ready:
-                self._handshakes.read()
+            if self._monitor_fd in ready and self._handshakes.read():
+                self._stop_trying()
             if self._handover.wake_fd in ready:
                 self._handover.drain_wake()
                 if self._handover.dropped:
@@ -395,6 +395,19 @@ class ClientIO:
         self._unwatch()
         self._handshakes.close()
         self._socket.close(linger=linger)
+
+    def _stop_trying(self) -> None:
+        """Close the socket whose handshakes keep failing, or libzmq tries
+        again 7 times a second for ever; an unconnected one stands in (sends
+        on it fail, as to an absent broker) until the next reconnection,
+        when the broker's silence is said, makes the next try."""
+        self._close_socket(linger=0)
+        self._socket = self._context.socket(zmq.DEALER)
+        self._input = _wire.InputCheck(self._socket)
+        log.debug(
+            "handshakes keep failing: trying again at the next reconnection broker=%s",
+            self.address,
+        )
 
     def _awaiting_acceptance(self) -> bool:
         """While closing: are tasks still unaccepted, with time left to wait?

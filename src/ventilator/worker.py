@@ -183,7 +183,11 @@ class Worker:
         if self._curve is not None:
             self._curve.apply(self._socket)
         self._socket.connect(self.config.connect)
-        self._watch.socket(_wire.fd_of(self._socket))
+        monitor = self._handshakes.monitor
+        monitor_fd = _wire.fd_of(monitor) if monitor is not None else -1
+        self._watch.socket(_wire.fd_of(self._socket), monitor_fd)
+        # Its descriptor announces events only once a receive found it empty.
+        self._handshakes.read()
         self._input = _wire.InputCheck(self._socket)
         self._register(now)
 
@@ -283,6 +287,10 @@ class Worker:
             ready = self._watch.wait(timeout_ms)
             now = time.monotonic()
             self._forgive_broker(stalls, now)
+            if self._watch.monitor_ready(ready) and self._handshakes.read():
+                # At once, not at the next beat: each turn of libzmq's is
+                # another failed handshake.
+                self._stop_trying()
             announced = self._watch.socket_ready(ready)
             if unannounced or announced:
                 self._receive(now, announced)
@@ -536,8 +544,25 @@ class Worker:
             self.config.worker_id,
         )
 
+    def _stop_trying(self) -> None:
+        """Close the socket whose handshakes keep failing, or libzmq tries
+        again 7 times a second for ever; an unconnected one stands in (sends
+        on it fail, as to an absent broker) until the next reconnection,
+        when the broker's silence is said, makes the next try."""
+        assert self._socket is not None
+        self._watch.forget_socket()
+        self._handshakes.close()
+        self._socket.close(linger=0)
+        self._socket = self._context.socket(zmq.DEALER)
+        self._input = _wire.InputCheck(self._socket)
+        log.debug(
+            "handshakes keep failing: trying again at the next reconnection broker=%s",
+            self.config.connect,
+        )
+
     def _check_broker(self, now: float) -> None:
-        self._handshakes.read()  # logs a refused handshake's reason, once
+        if self._handshakes.read():  # logs a refused handshake's reason, once
+            self._stop_trying()
         if self._broker.presumed_gone(now):
             # At each reconnection at first, then less and less often.
             if self._broker.silence_worth_saying(now):
@@ -670,17 +695,22 @@ class _Watch:
 
     def __init__(self) -> None:
         self._poll = select.poll()
-        self._socket_fd = -1
+        self._socket_fd = self._monitor_fd = -1
         self._pool_fds: Sequence[int] = ()
         self._write_fds: Sequence[int] = ()
 
-    def socket(self, fd: int) -> None:
-        self._socket_fd = fd
-        self._poll.register(fd, select.POLLIN)
+    def socket(self, fd: int, monitor_fd: int) -> None:
+        """Watch the broker socket, and its handshake monitor's (-1: none)."""
+        self._socket_fd, self._monitor_fd = fd, monitor_fd
+        for watched in (fd, monitor_fd):
+            if watched != -1:
+                self._poll.register(watched, select.POLLIN)
 
     def forget_socket(self) -> None:
-        self._poll.unregister(self._socket_fd)
-        self._socket_fd = -1
+        for watched in (self._socket_fd, self._monitor_fd):
+            if watched != -1:
+                self._poll.unregister(watched)
+        self._socket_fd = self._monitor_fd = -1
 
     def wake_pipe(self, fd: int) -> None:
         self._poll.register(fd, select.POLLIN)
@@ -705,6 +735,9 @@ class _Watch:
 
     def socket_ready(self, ready: set[int]) -> bool:
         return self._socket_fd in ready
+
+    def monitor_ready(self, ready: set[int]) -> bool:
+        return self._monitor_fd != -1 and self._monitor_fd in ready
 
 
 def _check_exposure(config: WorkerConfig, curve: bool) -> None:

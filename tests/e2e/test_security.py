@@ -3,6 +3,7 @@ and what a reload takes away. Real broker, worker and client processes."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -10,6 +11,7 @@ import re
 import signal
 import stat
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +19,7 @@ from typing import Any
 
 import pytest
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 import ventilator
 from tests.mdp_peers import MdpClient
@@ -43,6 +46,7 @@ from .conftest import (
     log_of,
     run_cli,
     status_when,
+    ventilator_argv,
     wait_for_workers,
     wait_until,
 )
@@ -599,7 +603,7 @@ def test_a_worker_the_broker_refuses_says_once_what_is_wrong_with_its_key(
     )
 
     wait_until(
-        lambda: log_of(worker.process).count("refused this worker's handshake") >= 2,
+        lambda: log_of(worker.process).count("refused this worker's last") >= 2,
         RESULT_TIMEOUT_S,
         "the worker to reconnect twice",
     )
@@ -608,6 +612,65 @@ def test_a_worker_the_broker_refuses_says_once_what_is_wrong_with_its_key(
     assert log.count(diagnosis) == 1, log
     # The broker answered, with a refusal: it is not called silent.
     assert "broker silent" not in log, log
+
+
+# A window long enough for a few of the worker's own reconnections (one per
+# 3 heartbeats of 0.5 s), and libzmq's pace of about 7 handshakes a second.
+BACKOFF_WINDOW_S = 5.0
+REFUSED_NOTE = re.compile(r"refused this worker's last (\d+ )?handshake")
+
+
+@contextlib.contextmanager
+def curve_router(secret_key: str) -> Iterator[tuple[str, zmq.Socket[bytes]]]:
+    """A CURVE server of our own on a free port, and a monitor of its
+    failed handshakes; closed on the way out."""
+    context = zmq.Context.instance()
+    router: zmq.Socket[bytes] = context.socket(zmq.ROUTER)
+    router.curve_server = True
+    router.curve_secretkey = read_secret_key(secret_key)[1]
+    monitor = router.get_monitor_socket(
+        zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    )
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        yield f"tcp://127.0.0.1:{port}", monitor
+    finally:
+        router.disable_monitor()
+        monitor.close(linger=0)
+        router.close(linger=0)
+
+
+def test_a_worker_whose_handshakes_keep_failing_backs_off_and_counts_them_all(
+    launch: Launcher, keyring: Keyring
+) -> None:
+    # A wrong broker key: the server cannot read the worker's HELLO and closes
+    # the connection, and libzmq alone would try again 7 times a second for
+    # ever, while the worker's own count left out the first failures.
+    wrong_key = ["--secret-key", keyring.secret("w1"), "--broker-key"]
+    with curve_router(keyring.secret("broker")) as (endpoint, monitor):
+        worker = launch.processes.start(
+            "worker",
+            ventilator_argv(
+                *("worker", TASKS, "--connect", endpoint, "--pool", "thread"),
+                *("--heartbeat-interval-s", "0.5"),
+                *(*wrong_key, keyring.public("alice")),
+            ),
+        )
+        failed, notes = 0, []
+        deadline = time.monotonic() + BACKOFF_WINDOW_S
+        while time.monotonic() < deadline:
+            while monitor.poll(50):
+                recv_monitor_message(monitor)
+                failed += 1
+            said = REFUSED_NOTE.findall(log_of(worker))
+            # Each note, with what the server had seen when it was read.
+            notes += [(int(n or "1"), failed) for n in said[len(notes) :]]
+
+    print(f"failed handshakes in {BACKOFF_WINDOW_S}s: {failed}; notes: {notes}")
+    assert failed <= 8, log_of(worker)
+    assert notes, log_of(worker)
+    # Said as the worker reconnects: the server may have seen the new one.
+    assert all(0 <= seen - said <= 1 for said, seen in notes), notes
 
 
 def test_a_limited_key_sees_and_retries_only_its_own_sessions_work(
