@@ -115,6 +115,10 @@ HANDSHAKE_SETTLE_S = 10.0
 # Unfinished handshakes with nothing to act on (port checks) are said at INFO
 # at once, then after this long, then twice as long each time up to an hour.
 ROUTINE_HANDSHAKES_FIRST_INTERVAL_S = 60.0
+# Handshakes that failed on one socket for one reason (a peer with a wrong
+# broker key tries again all the time) are said at once, then after this long,
+# then twice as long each time up to an hour, each line counting those since.
+FAILED_HANDSHAKES_FIRST_INTERVAL_S = 10.0
 # Questions refused past a connection's quota are said at once, then after this
 # long, then twice as long each time, for as long as the flood lasts.
 QUESTION_FLOOD_FIRST_INTERVAL_S = 10.0
@@ -211,7 +215,8 @@ class Broker:
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_read, False)
         self._refusal_log = _RateLimit(per_s=1.0, what="refused messages")
-        self._handshake_log = _RateLimit(per_s=1.0, what="failed handshakes")
+        # By socket and event: see FAILED_HANDSHAKES_FIRST_INTERVAL_S.
+        self._failed_handshakes: dict[tuple[bytes, int], Routine] = {}
         self._unfinished = _wire.UnfinishedHandshakes(HANDSHAKE_SETTLE_S)
         self._routine_handshakes = {
             tag: Routine(__name__, ROUTINE_HANDSHAKES_FIRST_INTERVAL_S)
@@ -751,18 +756,28 @@ class Broker:
                 self._unfinished.succeeded(tag)
             elif event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
                 self._unfinished.failed(tag, message["value"], now)
-            elif self._handshake_log.allows(now):
-                log.warning(
-                    "a connection to the %s socket failed its handshake (%s): %s%s",
-                    _SIDES[tag],
-                    zmq.Event(event).name,
-                    self._handshake_causes(event),
-                    self._handshake_log.suppressed_note(),
-                )
+            else:
+                self._log_failed_handshake(tag, event, now)
         for settled_tag, unfinished in self._unfinished.settled(now):
             interval_s = _wire.handshake_interval_s(self._sockets[settled_tag])
             routine = self._routine_handshakes[settled_tag]
             _log_unfinished(_SIDES[settled_tag], unfinished, interval_s, now, routine)
+
+    def _log_failed_handshake(self, tag: bytes, event: int, now: float) -> None:
+        routine = self._failed_handshakes.get((tag, event))
+        if routine is None:
+            routine = Routine(
+                __name__, FAILED_HANDSHAKES_FIRST_INTERVAL_S, level=logging.WARNING
+            )
+            self._failed_handshakes[(tag, event)] = routine
+        routine.log(
+            now,
+            1,
+            "a connection to the %s socket failed its handshake (%s): %s",
+            _SIDES[tag],
+            zmq.Event(event).name,
+            self._handshake_causes(event),
+        )
 
     def _handshake_causes(self, event: int) -> str:
         """What makes a handshake fail with `event` on this broker, for the
@@ -1028,7 +1043,6 @@ class Broker:
         """Count the log lines each rate limit held back since its last one."""
         limits = (
             self._refusal_log,
-            self._handshake_log,
             self._rejection_log,
             self._session_refusal_log,
         )

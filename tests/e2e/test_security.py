@@ -190,6 +190,40 @@ def test_a_burst_of_refused_handshakes_is_counted_once_it_is_over(
     wait_until(counted, 10, "the broker to count the refusals it held back")
 
 
+def test_a_peer_whose_handshakes_keep_failing_is_not_logged_every_second(
+    curve_broker: BrokerProcess,
+) -> None:
+    # A raw DEALER with a broker key nobody holds: libzmq tries again about 7
+    # times a second. The broker said so once a second, for ever.
+    context = zmq.Context.instance()
+    peer: zmq.Socket[bytes] = context.socket(zmq.DEALER)
+    peer.curve_serverkey, _ = zmq.curve_keypair()
+    peer.curve_publickey, peer.curve_secretkey = zmq.curve_keypair()
+    monitor = peer.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+    try:
+        peer.connect(curve_broker.backend)
+        failed = 0
+        deadline = time.monotonic() + 20
+        while failed < 20:
+            assert time.monotonic() < deadline, f"only {failed} handshakes failed"
+            if monitor.poll(100):
+                recv_monitor_message(monitor)
+                failed += 1
+    finally:
+        peer.disable_monitor()
+        monitor.close(linger=0)
+        peer.close(linger=0)
+
+    log = wait_until(
+        lambda: (
+            "failed its handshake" in (text := log_of(curve_broker.process)) and text
+        ),
+        10,
+        "the broker to log the failed handshakes",
+    )
+    assert log.count("failed handshake") + log.count("failed its handshake") == 1, log
+
+
 def test_a_client_key_cannot_register_as_a_worker(
     launch: Launcher, curve_broker: BrokerProcess, keyring: Keyring
 ) -> None:
