@@ -236,6 +236,10 @@ class HandshakeWatch:
         # Handshakes failed in a row, for any reason, across reconnects; the
         # ones that timed out are `timeouts`, not failures.
         self.failures = 0
+        # A problem the broker's answer named (a refused key, a mechanism
+        # mismatch) since the last success: evidence that a later handshake
+        # ending without detail does not contradict.
+        self._evidence: str | None = None
         # Handshakes in a row that did not finish in time: the broker never
         # answered (paused, overloaded), which no key of ours explains.
         self.timeouts = 0
@@ -280,7 +284,7 @@ class HandshakeWatch:
         """Count one monitor event (`read` does, for each): a handshake that
         succeeded, timed out, or failed, and why."""
         if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-            self.problem = None
+            self.problem = self._evidence = None
             self.failures = self.timeouts = 0
             self.connections += 1
         elif event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and not closed_first(value):
@@ -332,11 +336,14 @@ class HandshakeWatch:
 
     def _problem(self, event: int, value: int) -> str | None:
         """Why a handshake failed with `event`: what the broker's answer
-        says, else a guess once the failures without detail are too many to
-        be chance."""
+        says, else the evidence seen before, else a guess once the failures
+        without detail are too many to be chance."""
         named = self._named_problem(event, value)
         if named is not None:
+            self._evidence = named
             return named
+        if self._evidence is not None:
+            return self._evidence
         if self._public_key is not None and self.failures >= SILENT_FAILURES:
             # No detail: a CURVE server drops a HELLO it cannot decrypt (and
             # a broker going down may cut one handshake short: hence a few).

@@ -707,6 +707,29 @@ def test_a_worker_whose_handshakes_keep_failing_backs_off_and_counts_them_all(
     assert all(0 <= seen - said <= 1 for said, seen in notes), notes
 
 
+def test_a_curve_worker_at_a_plain_broker_keeps_the_diagnosis_the_broker_gave(
+    launch: Launcher, keyring: Keyring
+) -> None:
+    # The mismatch is evidence; handshakes that end without detail later (the
+    # broker closes as it reads our greeting) do not make it a key problem.
+    plain = launch.broker()
+    worker = launch.worker(
+        plain,
+        pool="thread",
+        heartbeat_interval_s=0.2,
+        extra=keyring.peer_options("w1"),
+    )
+
+    wait_until(
+        lambda: log_of(worker.process).count("refused this worker's last") >= 4,
+        RESULT_TIMEOUT_S,
+        "the worker to reconnect four times",
+    )
+    log = log_of(worker.process)
+    assert log.count("does not use CURVE, but this worker has keys") == 1, log
+    assert "--broker-key (broker_key) the public key" not in log, log
+
+
 def test_a_limited_key_sees_and_retries_only_its_own_sessions_work(
     launch: Launcher, curve_broker: BrokerProcess, keyring: Keyring
 ) -> None:
