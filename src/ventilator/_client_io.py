@@ -41,6 +41,7 @@ from ._cancels import UnconfirmedCancels
 from ._handover import Collected, Handover, Outcome, Pending, Question
 from ._recent import RecentResults
 from ._timing import StallWatch, poll_timeout_ms
+from ._words import counted
 from .errors import (
     ClientBroken,
     ClientClosed,
@@ -634,7 +635,7 @@ class ClientIO:
             _fail(question.answer, error(message))
         if held:
             self._handover.release(len(held))
-            log.error("failed %d tasks: %s", len(held), message)
+            log.error("failed %s: %s", counted(len(held), "task"), message)
 
     def _misdirected(self, evidence: str) -> None:
         """A command of ours was answered as not a client's: every one we send
@@ -680,7 +681,9 @@ class ClientIO:
         once a handshake succeeds (the operator let the key in) go through."""
         failed = self._fail_held(NetworkError(message))
         if failed:
-            log.error("failed %d tasks: %s session=%s", failed, why, self.session)
+            log.error(
+                "failed %s: %s session=%s", counted(failed, "task"), why, self.session
+            )
 
     def _key_revoked(self, message: str) -> None:
         """The broker removed this client's key: it sends no more results, and
@@ -950,10 +953,10 @@ class ClientIO:
             return
         self._window_held_warned = True
         log.warning(
-            "%d results of earlier clients of session %s wait for collect() and "
+            "%s of earlier clients of session %s wait for collect() and "
             "fill the broker's window of %d; new tasks wait until collect() "
             "takes some",
-            len(self._collectable),
+            counted(len(self._collectable), "result"),
             self.session,
             self._handover.window,
         )
@@ -980,10 +983,10 @@ class ClientIO:
         forgotten = self._unconfirmed_cancels.sent(task_ids)
         if forgotten:
             log.warning(
-                "forgot %d cancellations the broker has not confirmed (over %d "
-                "kept); a broker restarted before it read them may run those "
-                "tasks session=%s",
-                forgotten,
+                "forgot %s the broker has not confirmed (over %d kept); a "
+                "broker restarted before it read them may run those tasks "
+                "session=%s",
+                counted(forgotten, "cancellation"),
                 len(self._unconfirmed_cancels),
                 self.session,
             )

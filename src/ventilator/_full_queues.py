@@ -15,6 +15,7 @@ import logging
 from dataclasses import dataclass
 
 from . import notices as n
+from ._words import counted
 
 __all__ = ["FullQueues"]
 
@@ -62,12 +63,11 @@ class FullQueues:
         episode.recipient = notice.recipient
         log.info(
             "client stopped reading client=%s: its queue at the broker is full "
-            "(%d messages); what it was sent and did not acknowledge (%d "
-            "results) goes again when it next speaks, and this is said again "
-            "when it reads",
+            "(%s); what it was sent and did not acknowledge (%s) goes again "
+            "when it next speaks, and this is said again when it reads",
             notice.recipient,
-            self._queue_messages,
-            notice.held,
+            counted(self._queue_messages, "message"),
+            counted(notice.held, "result"),
         )
         return True
 
@@ -77,11 +77,10 @@ class FullQueues:
         if episode is None or episode.recipient is None:
             return
         log.info(
-            "client reads again client=%s after %.1fs; %d sends met its full "
-            "queue meanwhile",
+            "client reads again client=%s after %.1fs; %s met its full queue meanwhile",
             episode.recipient,
             now - episode.began_at,
-            episode.sends,
+            counted(episode.sends, "send"),
         )
 
     def forget_old(self, now: float) -> None:

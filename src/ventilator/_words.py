@@ -16,9 +16,5 @@ def counted(
 
 
 def times(count: int) -> str:
-    """How often: "once", "twice", "3 times"."""
-    if count == 1:
-        return "once"
-    if count == 2:
-        return "twice"
-    return f"{count} times"
+    """How often: "once", "2 times"."""
+    return "once" if count == 1 else f"{count} times"

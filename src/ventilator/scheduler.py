@@ -41,6 +41,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from . import protocol as p
+from ._words import times
 from .announcements import Unannounced
 from .credit_index import CreditIndex
 
@@ -420,17 +421,13 @@ def _how_it_died(report: p.Payload) -> str:
 
 def _strikes(task: Task) -> str:
     """What was seen of a task's strikes, in words: "its task process died
-    2 times and its worker was lost 1 time"."""
+    2 times and its worker was lost once"."""
     seen = []
     if task.deaths:
-        seen.append(f"its task process died {_times(task.deaths)}")
+        seen.append(f"its task process died {times(task.deaths)}")
     if task.losses:
-        seen.append(f"its worker was lost {_times(task.losses)}")
+        seen.append(f"its worker was lost {times(task.losses)}")
     return " and ".join(seen)
-
-
-def _times(count: int) -> str:
-    return "1 time" if count == 1 else f"{count} times"
 
 
 def _add_count(counts: dict[str, int], key: str, change: int) -> None:

@@ -655,7 +655,7 @@ class Gate(ThreadAuthenticator):
         # Refusals are logged from this gate's thread, and what a burst held
         # back is counted from the broker's loop (`held_back`): one lock.
         self._log_lock = threading.Lock()
-        self._refusal_log = RateLimit(per_s=1.0, what="refused handshakes")
+        self._refusal_log = RateLimit(per_s=1.0, what="refused handshake")
 
     def start(self) -> None:
         super().start()

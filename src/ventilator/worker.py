@@ -30,6 +30,7 @@ from . import _wire
 from . import protocol as p
 from ._timing import StallWatch, poll_timeout_ms
 from ._unconfirmed import Unconfirmed
+from ._words import counted
 from .errors import TaskRejected, UsageError
 from .logs import Dwindling
 from .policy import Prefetch, check_at_least, check_heartbeat
@@ -236,11 +237,10 @@ class Worker:
         forgotten, self._unconfirmed.forgotten = self._unconfirmed.forgotten, 0
         if forgotten:
             log.warning(
-                "%d results sent before were not kept for sending again (over "
-                "the limit of results or bytes kept, or of tasks a READY may "
-                "name); their tasks run again if the broker did not get them "
-                "worker=%s",
-                forgotten,
+                "%s sent before not kept for sending again (over the limit of "
+                "results or bytes kept, or of tasks a READY may name); their "
+                "tasks run again if the broker did not get them worker=%s",
+                counted(forgotten, "result"),
                 self.config.worker_id,
             )
 
@@ -398,19 +398,19 @@ class Worker:
         given_up = self._pool.release(tickets)
         if given_up:
             log.info(
-                "the broker took back %d tasks held here worker=%s (cancelled, "
-                "past their deadline, or given to another worker); stopped them",
-                given_up,
+                "the broker took back %s held here worker=%s (cancelled, past "
+                "their deadline, or given to another worker); stopped them",
+                counted(given_up, "task"),
                 self.config.worker_id,
             )
         # After a broker pause, most often the results sent again on our
         # return, which it had: nothing was lost, and nothing runs here.
         if len(tickets) > given_up:
             log.info(
-                "the broker needs nothing more of %d tasks no longer running "
-                "here worker=%s (it has their results, or they were cancelled "
-                "or finished elsewhere); nothing to do",
-                len(tickets) - given_up,
+                "the broker needs nothing more of %s no longer running here "
+                "worker=%s (it has their results, or they were cancelled or "
+                "finished elsewhere); nothing to do",
+                counted(len(tickets) - given_up, "task"),
                 self.config.worker_id,
             )
 
@@ -468,15 +468,15 @@ class Worker:
         if benched:
             log.error(
                 "worker serves nothing until its task processes can start "
-                "worker=%s: handing %d tasks back to the broker for other workers",
+                "worker=%s: handing %s back to the broker for other workers",
                 self.config.worker_id,
-                self._pool.load(),
+                counted(self._pool.load(), "task"),
             )
         else:
             log.info(
-                "task processes start again worker=%s; serving %d functions",
+                "task processes start again worker=%s; serving %s",
                 self.config.worker_id,
-                len(self.services),
+                counted(len(self.services), "function"),
             )
         self._register(now)
 
@@ -608,10 +608,10 @@ class Worker:
         # INFO: leaving at once is what the operator (or an embedded run
         # that stops) asked for; the tasks are not lost.
         log.info(
-            "worker leaving at once worker=%s: stopping the %d tasks it holds, "
-            "for the broker to give to other workers",
+            "worker leaving at once worker=%s: stopping the %s it holds, for "
+            "the broker to give to other workers",
             self.config.worker_id,
-            pool.load(),
+            counted(pool.load(), "task"),
         )
         pool.close(at_once=True)
 
