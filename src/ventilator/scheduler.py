@@ -491,10 +491,13 @@ class Scope:
 
     The scheduler knows no keys: the shell makes a scope from one (under
     CURVE, a key's sessions are ``<fingerprint>.<name>``). None: no limits.
+    `retry_refusal`: why a retry may not run, said of each of the client's
+    own failures it names (the others are not its to retry at all).
     """
 
     sessions: str
     may_submit: Callable[[str, int], bool]
+    retry_refusal: str | None = None
 
     def owns(self, session: str) -> bool:
         return session.startswith(self.sessions)
@@ -2900,6 +2903,8 @@ class Scheduler:
                 f"its arguments were over {RETRY_PAYLOAD_BYTES} bytes and not kept; "
                 "submit it again from the client"
             )
+        if scope is not None and scope.retry_refusal is not None:
+            return scope.retry_refusal
         if scope is not None and not scope.may_submit(record.function, record.flags):
             return f"this client may not submit {record.function} (its rights)"
         if (session, record.ticket) in self._by_key:

@@ -586,7 +586,7 @@ def test_a_key_with_limited_rights_operates_only_on_its_own_sessions(
     with pytest.raises(ventilator.UsageError, match=r"without a \.functions file"):
         bob.purge(f"{TASKS}:square")
     with pytest.raises(ventilator.UsageError, match="sink:retried"):
-        bob.retry([1])
+        bob.retry()
 
     # A session named as its user chose it is the caller's own, as at HELLO.
     assert bob.cancel_task(bob.session, bobs[0].task_id) == "cancelled"
@@ -767,6 +767,28 @@ def test_a_limited_key_sees_and_retries_only_its_own_sessions_work(
         reruns,
         alice.session_at_broker,
     ]
+
+
+def test_a_limited_key_retrying_another_keys_failure_is_told_it_is_not_its_own(
+    launch: Launcher, curve_broker: BrokerProcess, keyring: Keyring
+) -> None:
+    # Bob may not receive sink "retried" either, but no sink right would let
+    # him retry Alice's task: the refusal must name the rule that applies.
+    curve_worker(launch, curve_broker, keyring, "w1")
+    alice = curve_client(launch, curve_broker, keyring, "alice")
+    bob = curve_client(launch, curve_broker, keyring, "bob")
+    wait_for_workers(alice, 1)
+    with pytest.raises(ventilator.TaskRaised):
+        alice.submit(tasks.fail, "alice's").result(RESULT_TIMEOUT_S)
+    [alices] = alice.failed()
+
+    report = bob.retry([alices["ticket"]], sink="retried")
+
+    assert report["retried"] == []
+    [[ticket, reason]] = report["refused"]
+    assert ticket == alices["ticket"]
+    assert "this client's sessions' failures" in reason, reason
+    assert "sink" not in reason, reason
 
 
 def test_status_of_a_limited_key_says_it_shows_a_part(
