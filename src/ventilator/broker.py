@@ -240,7 +240,7 @@ class Broker:
         self._loss_log = _RateLimit(
             LOSSES_LOGGED_PER_S, what="worker lost", plural="workers lost"
         )
-        self._questions = QuestionQuota()
+        self._questions = QuestionQuota(config.limits.max_questions_per_s)
         self._full_queues = FullQueues(SEND_QUEUE)
         # A flood of questions lasts as long as its sender likes: said when it
         # starts, then less and less often.

@@ -471,6 +471,11 @@ def _bind_address(ctx: click.Context, param: click.Parameter, value: Any) -> Any
     "one past it is refused, naming the limit.",
 )
 @_limit_option(
+    "--max-questions-per-s",
+    "Questions (status, operator commands) one connection may ask in a "
+    "second; past it each is answered at once with a refusal naming the limit.",
+)
+@_limit_option(
     "--session-grace-s",
     "Seconds after it was last heard that a session which left, owing "
     "and holding nothing, is forgotten (status shows it until then).",
@@ -536,6 +541,7 @@ def broker(
     max_queued_bytes: int,
     max_peers: int,
     max_sessions: int,
+    max_questions_per_s: int,
     session_grace_s: float,
     secret_key: str | None,
     clients: str | None,
@@ -565,6 +571,7 @@ def broker(
         max_attempts=max_attempts,
         max_peers=max_peers,
         max_sessions=max_sessions,
+        max_questions_per_s=max_questions_per_s,
         session_grace_s=session_grace_s,
     )
     config = BrokerConfig(
