@@ -2033,8 +2033,8 @@ def _queues_table(report: dict[str, Any]) -> Any:
         # Else a queued task beside an idle worker that serves it looks stuck.
         captions.append(
             f"to retry: {counted(report['queue_counts']['retrying'], 'task')} that "
-            "raised "
-            f"wait out their backoff; the next runs in {report['next_retry_in_s']:.1f}s"
+            "raised, waiting out a backoff; the next runs in "
+            f"{report['next_retry_in_s']:.1f}s"
         )
     if captions:
         table.caption = "; ".join(captions)
