@@ -41,6 +41,7 @@ from ._cancels import UnconfirmedCancels
 from ._handover import Collected, Handover, Outcome, Pending, Question
 from ._recent import RecentResults
 from ._timing import StallWatch, poll_timeout_ms
+from ._words import counted
 from .errors import (
     ClientBroken,
     ClientClosed,
@@ -276,8 +277,8 @@ class ClientIO:
             # could not hear the broker: that silence is not the broker's, and
             # a reconnection would drop what this socket still holds.
             broker_seen = min(now, broker_seen + stalls.stalled_s(now))
-            if self._monitor_fd in ready:
-                self._handshakes.read()
+            if self._monitor_fd in ready and self._handshakes.read():
+                self._stop_trying()
             if self._handover.wake_fd in ready:
                 self._handover.drain_wake()
                 if self._handover.dropped:
@@ -395,6 +396,19 @@ class ClientIO:
         self._unwatch()
         self._handshakes.close()
         self._socket.close(linger=linger)
+
+    def _stop_trying(self) -> None:
+        """Close the socket whose handshakes keep failing, or libzmq tries
+        again 7 times a second for ever; an unconnected one stands in (sends
+        on it fail, as to an absent broker) until the next reconnection,
+        when the broker's silence is said, makes the next try."""
+        self._close_socket(linger=0)
+        self._socket = self._context.socket(zmq.DEALER)
+        self._input = _wire.InputCheck(self._socket)
+        log.debug(
+            "handshakes keep failing: trying again at the next reconnection broker=%s",
+            self.address,
+        )
 
     def _awaiting_acceptance(self) -> bool:
         """While closing: are tasks still unaccepted, with time left to wait?
@@ -621,7 +635,7 @@ class ClientIO:
             _fail(question.answer, error(message))
         if held:
             self._handover.release(len(held))
-            log.error("failed %d tasks: %s", len(held), message)
+            log.error("failed %s: %s", counted(len(held), "task"), message)
 
     def _misdirected(self, evidence: str) -> None:
         """A command of ours was answered as not a client's: every one we send
@@ -667,7 +681,9 @@ class ClientIO:
         once a handshake succeeds (the operator let the key in) go through."""
         failed = self._fail_held(NetworkError(message))
         if failed:
-            log.error("failed %d tasks: %s session=%s", failed, why, self.session)
+            log.error(
+                "failed %s: %s session=%s", counted(failed, "task"), why, self.session
+            )
 
     def _key_revoked(self, message: str) -> None:
         """The broker removed this client's key: it sends no more results, and
@@ -937,10 +953,10 @@ class ClientIO:
             return
         self._window_held_warned = True
         log.warning(
-            "%d results of earlier clients of session %s wait for collect() and "
+            "%s of earlier clients of session %s wait for collect() and "
             "fill the broker's window of %d; new tasks wait until collect() "
             "takes some",
-            len(self._collectable),
+            counted(len(self._collectable), "result"),
             self.session,
             self._handover.window,
         )
@@ -967,10 +983,10 @@ class ClientIO:
         forgotten = self._unconfirmed_cancels.sent(task_ids)
         if forgotten:
             log.warning(
-                "forgot %d cancellations the broker has not confirmed (over %d "
-                "kept); a broker restarted before it read them may run those "
-                "tasks session=%s",
-                forgotten,
+                "forgot %s the broker has not confirmed (over %d kept); a "
+                "broker restarted before it read them may run those tasks "
+                "session=%s",
+                counted(forgotten, "cancellation"),
                 len(self._unconfirmed_cancels),
                 self.session,
             )

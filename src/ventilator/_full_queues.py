@@ -17,6 +17,7 @@ import logging
 from dataclasses import dataclass
 
 from . import notices as n
+from ._words import counted, times
 
 __all__ = ["FullQueues"]
 
@@ -89,12 +90,11 @@ class FullQueues:
         episode.said = True
         log.info(
             "client stopped reading client=%s: its queue at the broker is full "
-            "(%d messages); what it was sent and did not acknowledge (%d "
-            "results) goes again when it next speaks, and this is said again "
-            "when it reads%s",
+            "(%s); what it was sent and did not acknowledge (%s) goes again "
+            "when it next speaks, and this is said again when it reads%s",
             notice.recipient,
-            self._queue_messages,
-            notice.held,
+            counted(self._queue_messages, "message"),
+            counted(notice.held, "result"),
             _short_spells(quiet),
         )
         return True
@@ -113,11 +113,10 @@ class FullQueues:
 
         self._quiet[peer] = _Quiet(now + REPEAT_QUIET_S)
         log.info(
-            "client reads again client=%s after %.1fs; %d sends met its full "
-            "queue meanwhile",
+            "client reads again client=%s after %.1fs; %s met its full queue meanwhile",
             episode.recipient,
             now - episode.began_at,
-            episode.sends,
+            counted(episode.sends, "send"),
         )
 
     def forget_old(self, now: float) -> None:
@@ -143,6 +142,6 @@ def _short_spells(quiet: _Quiet | None) -> str:
     if quiet is None or not quiet.unsaid:
         return ""
     return (
-        f" (it also stopped reading {quiet.unsaid} more times, briefly, since "
+        f" (it also stopped reading {times(quiet.unsaid)} more, briefly, since "
         "this was last said)"
     )

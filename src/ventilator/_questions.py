@@ -14,6 +14,7 @@ from __future__ import annotations
 
 __all__ = ["QUESTIONS_PER_S", "QuestionQuota"]
 
+# The default of the broker's --max-questions-per-s (Limits.max_questions_per_s).
 # A person at `ventilator status`, a dashboard, or a test polling every 20 ms
 # stays well inside it; a loop asking as fast as it can does not.
 QUESTIONS_PER_S = 100

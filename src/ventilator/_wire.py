@@ -13,6 +13,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from . import protocol as p
+from ._words import counted
 from .errors import ProtocolError, UsageError
 from .security import fingerprint
 
@@ -198,12 +199,24 @@ def handshake_interval_s(socket: zmq.Socket[Any]) -> float:
 REFUSALS_BEFORE_GIVING_UP = 3
 
 
+# Handshakes failed in a row, for whatever reason, after which a peer closes
+# its socket rather than let libzmq try again 7 times a second for ever (it
+# does after a closed connection, such as a CURVE server's that could not read
+# our HELLO; zmq_disconnect does not stop it, libzmq issue 4052) and connects
+# again at its own pace, as when the broker is silent: once in a few
+# heartbeats, which a key the allow list refuses costs already (libzmq does
+# not retry those). Not after the first: a broker going down may cut one short.
+BACK_OFF_AFTER_FAILURES = SILENT_FAILURES
+
+
 class HandshakeWatch:
     """Watches a peer's socket for failed handshakes and says once, clearly,
     what is wrong: a key the broker refused, a key missing, a wrong broker key.
 
     Without it a peer that the broker refuses sees nothing but silence: libzmq
-    handles the handshake, and only the broker's log says why.
+    handles the handshake, and only the broker's log says why. It also tells
+    its owner when to close a socket whose handshakes keep failing (see
+    `BACK_OFF_AFTER_FAILURES`): the owner's next reconnection is its next try.
     """
 
     EVENTS = (
@@ -220,8 +233,13 @@ class HandshakeWatch:
         self._told: set[str] = set()  # what was said, across reconnects
         # Why the last handshake failed; None once one succeeded.
         self.problem: str | None = None
-        self._refusals = 0  # handshakes failed in a row for `problem`
-        self._silent_failures = 0  # in a row, with no detail
+        # Handshakes failed in a row, for any reason, across reconnects; the
+        # ones that timed out are `timeouts`, not failures.
+        self.failures = 0
+        # A problem the broker's answer named (a refused key, a mechanism
+        # mismatch) since the last success: evidence that a later handshake
+        # ending without detail does not contradict.
+        self._evidence: str | None = None
         # Handshakes in a row that did not finish in time: the broker never
         # answered (paused, overloaded), which no key of ours explains.
         self.timeouts = 0
@@ -238,39 +256,48 @@ class HandshakeWatch:
         self._socket = socket
         self.monitor = socket.get_monitor_socket(self.EVENTS)
 
-    def read(self) -> None:
-        """Explain every event waiting on the monitor, each kind once, and keep
-        the latest problem in `problem` until a handshake succeeds."""
+    def read(self) -> bool:
+        """Take in every event waiting on the monitor; then say the latest
+        problem if it is new (once each, at ERROR). One batch is judged as a
+        whole, so that a problem the broker named wins over the guesses
+        around it.
+
+        Returns whether the owner should close the watched socket now and
+        connect again later: a handshake failed again, past
+        `BACK_OFF_AFTER_FAILURES` in a row.
+        """
+        failures_before = self.failures
         while self.monitor is not None:
             try:
                 frames = self.monitor.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
-                return
+                break
             event = parse_monitor_message(frames)
-            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self.problem, self._silent_failures, self._refusals = None, 0, 0
-                self.timeouts = 0
-                self.connections += 1
-                continue
-            if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and not (
-                closed_first(event["value"])
-            ):
-                self._timed_out()
-                continue
-            problem = self._problem(event["event"], event["value"])
-            if problem is None:
-                continue
-            self._refusals = self._refusals + 1 if problem == self.problem else 1
-            self.problem = problem
-            if problem not in self._told:
-                self._told.add(problem)
-                log.error("%s", problem)
+            self.note(event["event"], event["value"])
+        if self.problem is not None and self.problem not in self._told:
+            self._told.add(self.problem)
+            log.error("%s", self.problem)
+        failed_again = self.failures > failures_before
+        return failed_again and self.failures >= BACK_OFF_AFTER_FAILURES
+
+    def note(self, event: int, value: int) -> None:
+        """Count one monitor event (`read` does, for each): a handshake that
+        succeeded, timed out, or failed, and why."""
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self.problem = self._evidence = None
+            self.failures = self.timeouts = 0
+            self.connections += 1
+        elif event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and not closed_first(value):
+            self._timed_out()
+        else:
+            self.failures += 1
+            self.problem = self._problem(event, value)
 
     @property
     def definitive(self) -> bool:
         """Whether `problem` is past doubt: the last `REFUSALS_BEFORE_GIVING_UP`
-        handshakes all failed for it, and none succeeded since."""
-        return self.problem is not None and self._refusals >= REFUSALS_BEFORE_GIVING_UP
+        handshakes all failed, and none succeeded since."""
+        return self.problem is not None and self.failures >= REFUSALS_BEFORE_GIVING_UP
 
     def refused_note(self) -> str | None:
         """What to say, in place of "broker silent", while the broker keeps
@@ -279,9 +306,9 @@ class HandshakeWatch:
         if self.problem is None:
             return None
         return (
-            f"the broker at {self._address} refused this {self._role}'s "
-            f"handshake {_times(self._refusals)} in a row (why: the error "
-            "above); reconnecting"
+            f"the broker at {self._address} refused this {self._role}'s last "
+            f"{counted(self.failures, 'handshake', bare_one=True)} (why: the "
+            "error above); reconnecting"
         )
 
     def _timed_out(self) -> None:
@@ -308,6 +335,26 @@ class HandshakeWatch:
         self._socket = self.monitor = None
 
     def _problem(self, event: int, value: int) -> str | None:
+        """Why a handshake failed with `event`: what the broker's answer
+        says, else the evidence seen before, else a guess once the failures
+        without detail are too many to be chance."""
+        named = self._named_problem(event, value)
+        if named is not None:
+            self._evidence = named
+            return named
+        if self._evidence is not None:
+            return self._evidence
+        if self._public_key is not None and self.failures >= SILENT_FAILURES:
+            # No detail: a CURVE server drops a HELLO it cannot decrypt (and
+            # a broker going down may cut one handshake short: hence a few).
+            return (
+                f"the CURVE handshake with the broker at {self._address} failed: "
+                "is --broker-key (broker_key) the public key of the broker at "
+                "that address?"
+            )
+        return self.problem
+
+    def _named_problem(self, event: int, value: int) -> str | None:
         where = f"the broker at {self._address}"
         if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
             key = fingerprint(self._public_key) if self._public_key else "?"
@@ -317,31 +364,23 @@ class HandshakeWatch:
                 "(client keys on the frontend, worker keys on the backend); check "
                 "the address, or ask the broker's operator to add the public key"
             )
-        if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
-            if value != zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
-                return (
-                    f"the handshake with {self._address} failed (protocol error "
-                    f"{value:#x}): is it a ventilator broker's endpoint?"
-                )
-            if self._public_key is None:
-                return (
-                    f"{where} wants CURVE and this {self._role} has no key: give "
-                    "it a secret key and the broker's public key (--secret-key "
-                    "and --broker-key)"
-                )
+        if event != zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+            return None
+        if value != zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
             return (
-                f"{where} does not use CURVE, but this {self._role} has keys: "
-                "drop them, or check that the broker runs with --secret-key"
+                f"the handshake with {self._address} failed (protocol error "
+                f"{value:#x}): is it a ventilator broker's endpoint?"
             )
-        self._silent_failures += 1
-        if self._public_key is not None and self._silent_failures >= SILENT_FAILURES:
-            # No detail: a CURVE server drops a HELLO it cannot decrypt (and
-            # a broker going down may cut one handshake short: hence a few).
+        if self._public_key is None:
             return (
-                f"the CURVE handshake with {where} failed: is --broker-key "
-                "(broker_key) the public key of the broker at that address?"
+                f"{where} wants CURVE and this {self._role} has no key: give "
+                "it a secret key and the broker's public key (--secret-key "
+                "and --broker-key)"
             )
-        return None
+        return (
+            f"{where} does not use CURVE, but this {self._role} has keys: "
+            "drop them, or check that the broker runs with --secret-key"
+        )
 
 
 @dataclass(slots=True)
@@ -405,7 +444,3 @@ class UnfinishedHandshakes:
         for tag, _ in done:
             del self._pending[tag]
         return done
-
-
-def _times(count: int) -> str:
-    return "once" if count == 1 else f"{count} times"

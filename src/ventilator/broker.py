@@ -37,8 +37,9 @@ import os
 import select
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import zmq
@@ -51,6 +52,7 @@ from . import scheduler as s
 from ._full_queues import FullQueues
 from ._questions import QuestionQuota
 from ._timing import StallWatch, poll_timeout_ms
+from ._words import counted
 from .errors import JournalError, ProtocolError, UsageError
 from .gateway import MdpGateway, MdpSettings
 from .journal import Journal, MemoryJournal, open_journal
@@ -83,6 +85,9 @@ REFUSAL_REPLIES_PER_S = 1.0
 TRIM_INTERVAL_S = 10.0
 # Lines per second saying a client joined; the rest are counted (see _join_log).
 JOINS_LOGGED_PER_S = 5.0
+# Clients whose join the rate limit held back, remembered so that their
+# departure is not said either (see _UnsaidJoins); the oldest are forgotten.
+UNSAID_JOINS_KEPT = 10_000
 # Lines per second saying a worker was lost; the rest are counted.
 LOSSES_LOGGED_PER_S = 5.0
 # Functions a worker's join line names; `status` lists them all.
@@ -115,6 +120,10 @@ HANDSHAKE_SETTLE_S = 10.0
 # Unfinished handshakes with nothing to act on (port checks) are said at INFO
 # at once, then after this long, then twice as long each time up to an hour.
 ROUTINE_HANDSHAKES_FIRST_INTERVAL_S = 60.0
+# Handshakes that failed on one socket for one reason (a peer with a wrong
+# broker key tries again all the time) are said at once, then after this long,
+# then twice as long each time up to an hour, each line counting those since.
+FAILED_HANDSHAKES_FIRST_INTERVAL_S = 10.0
 # Questions refused past a connection's quota are said at once, then after this
 # long, then twice as long each time, for as long as the flood lasts.
 QUESTION_FLOOD_FIRST_INTERVAL_S = 10.0
@@ -210,22 +219,28 @@ class Broker:
         self._sent_on: set[bytes] = set()
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_read, False)
-        self._refusal_log = _RateLimit(per_s=1.0, what="refused messages")
-        self._handshake_log = _RateLimit(per_s=1.0, what="failed handshakes")
+        self._refusal_log = _RateLimit(per_s=1.0, what="refused message")
+        # By socket and event: see FAILED_HANDSHAKES_FIRST_INTERVAL_S.
+        self._failed_handshakes: dict[tuple[bytes, int], Routine] = {}
         self._unfinished = _wire.UnfinishedHandshakes(HANDSHAKE_SETTLE_S)
         self._routine_handshakes = {
             tag: Routine(__name__, ROUTINE_HANDSHAKES_FIRST_INTERVAL_S)
             for tag in (FRONTEND, BACKEND, MDP)
         }
-        self._rejection_log = _RateLimit(per_s=1.0, what="refused tasks")
-        self._session_refusal_log = _RateLimit(per_s=1.0, what="refused sessions")
+        self._rejection_log = _RateLimit(per_s=1.0, what="refused task")
+        self._session_refusal_log = _RateLimit(per_s=1.0, what="refused session")
         # A line per HELLO under a new name is a flood when a client renames
         # itself in a loop; a few a second still name the clients of a start.
-        self._join_log = _RateLimit(JOINS_LOGGED_PER_S, what="clients joined")
+        self._join_log = _RateLimit(
+            JOINS_LOGGED_PER_S, what="client joined", plural="clients joined"
+        )
+        self._unsaid_joins = _UnsaidJoins(UNSAID_JOINS_KEPT)
         # Hundreds of workers lost at once (a network cut) would be as many
         # lines in the same millisecond.
-        self._loss_log = _RateLimit(LOSSES_LOGGED_PER_S, what="workers lost")
-        self._questions = QuestionQuota()
+        self._loss_log = _RateLimit(
+            LOSSES_LOGGED_PER_S, what="worker lost", plural="workers lost"
+        )
+        self._questions = QuestionQuota(config.limits.max_questions_per_s)
         self._full_queues = FullQueues(SEND_QUEUE)
         # A flood of questions lasts as long as its sender likes: said when it
         # starts, then less and less often.
@@ -327,16 +342,16 @@ class Broker:
             self.telemetry.publish(time.monotonic(), self._scheduler)
         log.info(
             "broker listening frontend=%s backend=%s mdp=%s journal=%s "
-            "durability=%s curve=%s; journal replay: %d tasks queued again, %d "
-            "results awaiting delivery",
+            "durability=%s curve=%s; journal replay: %s queued again, %s "
+            "awaiting delivery",
             self.frontend_endpoint,
             self.backend_endpoint,
             self.mdp_endpoint or "-",
             self.config.journal if self.config.durability != "memory" else "-",
             self.config.durability,
             self._keys.counts() if self._keys else "off",
-            requeued,
-            awaiting,
+            counted(requeued, "task"),
+            counted(awaiting, "result"),
         )
 
     def _open_gate_and_bind(self) -> None:
@@ -416,7 +431,9 @@ class Broker:
         for record in failures:
             self._scheduler.restore_failure(record)
         if failures:
-            log.info("journal replay: %d failed tasks remembered", len(failures))
+            log.info(
+                "journal replay: %s remembered", counted(len(failures), "failed task")
+            )
         return len(tasks) - finished, finished
 
     def _await_returning_workers(self) -> None:
@@ -519,11 +536,16 @@ class Broker:
         self._scheduler.stood_still(stalled_s, now)
         log.warning(
             "the broker stood still for %.1fs (%s); not holding that silence "
-            "against its %d workers and %d clients",
+            "against its %s and %s",
             stalled_s,
             stalls.cause(stalled_s),
-            len(self._scheduler.workers),
-            sum(1 for r in self._scheduler.recipients.values() if r.peer is not None),
+            counted(len(self._scheduler.workers), "worker"),
+            counted(
+                sum(
+                    1 for r in self._scheduler.recipients.values() if r.peer is not None
+                ),
+                "client",
+            ),
         )
 
     def _compact_journal(self, now: float) -> bool:
@@ -552,13 +574,13 @@ class Broker:
             if self._journal_gone is None:
                 return None
             log.error(
-                "journal is gone from its path: %s; the %d tasks and results "
+                "journal is gone from its path: %s; the %s and their results "
                 "the broker holds are now only in its memory, and a restart "
                 "would lose them. New tasks are refused: let the held ones "
                 "finish (ventilator status), then restart the broker on a "
                 "journal whose folder exists",
                 self._journal_gone,
-                len(self._scheduler.tasks),
+                counted(len(self._scheduler.tasks), "task"),
             )
         return (
             f"the broker's journal is gone ({self._journal_gone}): it accepts "
@@ -669,12 +691,12 @@ class Broker:
         for peer in peers:
             self._scheduler.revoke_worker(peer, "its key was removed or changed", now)
         log.warning(
-            "key removed or changed key=%s name=%s role=%s; %d worker connections "
-            "dropped, its next messages are checked against the new lists",
+            "key removed or changed key=%s name=%s role=%s; %s dropped, its next "
+            "messages are checked against the new lists",
             identity.fingerprint,
             identity.name,
             identity.role,
-            len(peers),
+            counted(len(peers), "worker connection"),
         )
 
     def _revoke_clients(self, identity: Identity) -> None:
@@ -696,11 +718,11 @@ class Broker:
             if session is not None:
                 self._revoked_clients[peer] = session
         log.warning(
-            "client key removed key=%s name=%s; %d connections are sent no more "
-            "results, which wait for the key's return (result_ttl_s)",
+            "client key removed key=%s name=%s; results for its %s are no "
+            "longer sent, and wait for the key's return (result_ttl_s)",
             identity.fingerprint,
             identity.name,
-            len(peers),
+            counted(len(peers), "open connection"),
         )
 
     def _probe_revoked_clients(self, now: float) -> None:
@@ -751,18 +773,28 @@ class Broker:
                 self._unfinished.succeeded(tag)
             elif event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
                 self._unfinished.failed(tag, message["value"], now)
-            elif self._handshake_log.allows(now):
-                log.warning(
-                    "a connection to the %s socket failed its handshake (%s): %s%s",
-                    _SIDES[tag],
-                    zmq.Event(event).name,
-                    self._handshake_causes(event),
-                    self._handshake_log.suppressed_note(),
-                )
+            else:
+                self._log_failed_handshake(tag, event, now)
         for settled_tag, unfinished in self._unfinished.settled(now):
             interval_s = _wire.handshake_interval_s(self._sockets[settled_tag])
             routine = self._routine_handshakes[settled_tag]
             _log_unfinished(_SIDES[settled_tag], unfinished, interval_s, now, routine)
+
+    def _log_failed_handshake(self, tag: bytes, event: int, now: float) -> None:
+        routine = self._failed_handshakes.get((tag, event))
+        if routine is None:
+            routine = Routine(
+                __name__, FAILED_HANDSHAKES_FIRST_INTERVAL_S, level=logging.WARNING
+            )
+            self._failed_handshakes[(tag, event)] = routine
+        routine.log(
+            now,
+            1,
+            "a connection to the %s socket failed its handshake (%s): %s",
+            _SIDES[tag],
+            zmq.Event(event).name,
+            self._handshake_causes(event),
+        )
 
     def _handshake_causes(self, event: int) -> str:
         """What makes a handshake fail with `event` on this broker, for the
@@ -1028,7 +1060,6 @@ class Broker:
         """Count the log lines each rate limit held back since its last one."""
         limits = (
             self._refusal_log,
-            self._handshake_log,
             self._rejection_log,
             self._session_refusal_log,
         )
@@ -1047,6 +1078,13 @@ class Broker:
             log.warning("%s (`ventilator status` lists the workers left)", note)
         self._gateway.log_held_back(now)
 
+    def _log_join(self, notice: n.ClientJoined, now: float) -> None:
+        if self._join_log.allows(now):
+            self._unsaid_joins.said(notice.recipient)
+            _log_client_joined(notice, self._join_log.suppressed_note())
+        else:
+            self._unsaid_joins.unsaid(notice.recipient)
+
     def _log_notices(self, notices: list[n.Notice], now: float) -> None:
         for notice in notices:
             if isinstance(notice, n.Rejected):
@@ -1060,11 +1098,10 @@ class Broker:
                     note = self._session_refusal_log.suppressed_note()
                     _log_session_refusal(notice, note)
             elif isinstance(notice, n.ClientJoined):
-                if self._join_log.allows(now):
-                    _log_client_joined(notice, self._join_log.suppressed_note())
+                self._log_join(notice, now)
             elif isinstance(notice, n.ClientLost):
                 if not self._full_queues.lost(notice):
-                    _log_notice(notice)
+                    _log_notice(self._unsaid_joins.left(notice))
             elif isinstance(notice, n.WorkerLost):
                 if self._loss_log.allows(now):
                     _log_worker_lost(notice, self._loss_log.suppressed_note())
@@ -1286,7 +1323,7 @@ def _log_unfinished(
 
 
 def _connections(count: int) -> str:
-    return "1 connection" if count == 1 else f"{count} connections"
+    return counted(count, "connection")
 
 
 def _replay_order(task: s.Task) -> tuple[bool, float]:
@@ -1517,9 +1554,9 @@ def _log_notice(notice: n.Notice) -> None:
         # A goodbye is a departure, not a fault: what it had not finished was
         # left on purpose (a cold stop), and runs on another worker.
         log.info(
-            "worker left worker=%s; requeued %d unfinished tasks",
+            "worker left worker=%s; requeued %s",
             notice.worker_id,
-            notice.requeued,
+            counted(notice.requeued, "unfinished task"),
         )
     elif isinstance(notice, n.LeaseOverrun):
         _log_overrun(notice)
@@ -1543,14 +1580,17 @@ def _log_notice(notice: n.Notice) -> None:
     elif isinstance(notice, n.ClientLost):
         _log_client_lost(notice)
     elif isinstance(notice, n.ResultsExpired):
-        log.warning("dropped %d results nobody collected (result_ttl_s)", notice.count)
+        log.warning(
+            "dropped %s nobody collected (result_ttl_s)",
+            counted(notice.count, "result"),
+        )
     elif isinstance(notice, n.TombstonesForgotten):
         # Their clients stayed away twice the TTL: one that comes back with
         # its futures sends those tasks again; a new process hears nothing.
         log.info(
-            "forgot %d expired results, kept %gs (result_ttl_s) after they "
-            "expired to tell their clients",
-            notice.count,
+            "forgot %s, kept %gs (result_ttl_s) after they expired to tell "
+            "their clients",
+            counted(notice.count, "expired result"),
             notice.ttl_s,
         )
     elif isinstance(notice, n.FailureForgotten):
@@ -1569,10 +1609,10 @@ def _log_notice(notice: n.Notice) -> None:
         )
     elif isinstance(notice, n.SessionsForgotten):
         log.info(
-            "forgot %d sessions that left owing and holding nothing, %gs "
+            "forgot %s that left owing and holding nothing, %gs "
             "(session_grace_s) after they were last heard; one that comes "
             "back starts anew",
-            notice.count,
+            counted(notice.count, "session"),
             notice.grace_s,
         )
     elif isinstance(notice, n.SessionHeld):
@@ -1597,17 +1637,17 @@ def _log_worker_returned(notice: n.WorkerReturned) -> None:
         else ""
     )
     refused = (
-        f"; {notice.refused} it named need nothing more from it (their results "
-        "are here already, or they were cancelled or went to another worker): "
-        "told to drop them"
+        f"; {notice.refused} it named {'needs' if notice.refused == 1 else 'need'} "
+        "nothing more from it (their results are here already, or they were "
+        "cancelled or went to another worker): told to drop them"
         if notice.refused
         else ""
     )
     log.info(
-        "worker returned worker=%s; kept %d tasks it still holds%s, requeued %d "
-        "it no longer holds%s",
+        "worker returned worker=%s; kept %s it still holds%s, requeued %d it no "
+        "longer holds%s",
         notice.worker_id,
-        notice.kept,
+        counted(notice.kept, "task"),
         taken_back,
         notice.requeued,
         refused,
@@ -1664,12 +1704,12 @@ def _log_worker_lost(notice: n.WorkerLost, note: str) -> None:
         return
     log.log(
         logging.WARNING if _worth_a_warning(notice) else logging.INFO,
-        "worker lost worker=%s reason=%s; requeued %d tasks, %d map batches "
-        "handed back to their maps, %d failed as poison%s",
+        "worker lost worker=%s reason=%s; requeued %s, %s handed back to their "
+        "maps, %d failed as poison%s",
         notice.worker_id,
         notice.reason,
-        notice.requeued,
-        notice.split,
+        counted(notice.requeued, "task"),
+        counted(notice.split, "map batch", "map batches"),
         notice.poisoned,
         note,
     )
@@ -1680,15 +1720,41 @@ def _log_worker_dropped(notice: n.WorkerLost, note: str) -> None:
     revoked, its connection cut while the broker stood still): no fault of
     its, and nothing lost, which "worker lost" read as."""
     log.info(
-        "worker dropped worker=%s reason=%s; requeued %d tasks unblamed (if it "
-        "registers again it takes back those it still runs), %d map batches "
-        "handed back to their maps%s",
+        "worker dropped worker=%s reason=%s; requeued %s unblamed (if it "
+        "registers again it takes back those it still runs), %s handed back "
+        "to their maps%s",
         notice.worker_id,
         notice.reason,
-        notice.requeued,
-        notice.split,
+        counted(notice.requeued, "task"),
+        counted(notice.split, "map batch", "map batches"),
         note,
     )
+
+
+class _UnsaidJoins:
+    """The clients whose join line the rate limit held back: their leaving
+    is logged as quietly (at DEBUG), or a "client left" names a client the
+    log never said joined. Bounded: the oldest are forgotten first, and one
+    forgotten is only said to leave."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._recipients: OrderedDict[str, None] = OrderedDict()
+
+    def unsaid(self, recipient: str) -> None:
+        self._recipients[recipient] = None
+        if len(self._recipients) > self._limit:
+            self._recipients.popitem(last=False)
+
+    def said(self, recipient: str) -> None:
+        self._recipients.pop(recipient, None)
+
+    def left(self, notice: n.ClientLost) -> n.ClientLost:
+        """The departure to log: quiet if its join was not said."""
+        if notice.recipient not in self._recipients:
+            return notice
+        del self._recipients[notice.recipient]
+        return replace(notice, quiet=True)
 
 
 def _log_client_joined(notice: n.ClientJoined, note: str) -> None:
@@ -1705,8 +1771,8 @@ def _log_client_lost(notice: n.ClientLost) -> None:
         return
     # Even one that said BYE may open its session again to collect them.
     log.info(
-        "client %s client=%s; keeping %d results for its return (result_ttl_s)",
+        "client %s client=%s; keeping %s for its return (result_ttl_s)",
         how,
         notice.recipient,
-        notice.held,
+        counted(notice.held, "result"),
     )

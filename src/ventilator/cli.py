@@ -34,6 +34,7 @@ from . import protocol as p
 from ._allocator import keep_freed_memory
 from ._maps import outcome_batches
 from ._wire import check_endpoint
+from ._words import counted
 from .broker import DEFAULT_JOURNAL_MIN_FREE_BYTES, Broker, BrokerConfig
 from .client import DEFAULT_ADDRESS, Client, ItemOutcome, TaskFuture
 from .dashboard import DashboardServer, parse_http_address
@@ -470,6 +471,11 @@ def _bind_address(ctx: click.Context, param: click.Parameter, value: Any) -> Any
     "one past it is refused, naming the limit.",
 )
 @_limit_option(
+    "--max-questions-per-s",
+    "Questions (status, operator commands) one connection may ask in a "
+    "second; past it each is answered at once with a refusal naming the limit.",
+)
+@_limit_option(
     "--session-grace-s",
     "Seconds after it was last heard that a session which left, owing "
     "and holding nothing, is forgotten (status shows it until then).",
@@ -535,6 +541,7 @@ def broker(
     max_queued_bytes: int,
     max_peers: int,
     max_sessions: int,
+    max_questions_per_s: int,
     session_grace_s: float,
     secret_key: str | None,
     clients: str | None,
@@ -564,6 +571,7 @@ def broker(
         max_attempts=max_attempts,
         max_peers=max_peers,
         max_sessions=max_sessions,
+        max_questions_per_s=max_questions_per_s,
         session_grace_s=session_grace_s,
     )
     config = BrokerConfig(
@@ -1356,8 +1364,9 @@ class _Stopping:
         if not self.unconfirmed:
             return "unfinished tasks cancelled"
         return (
-            f"could not reach the broker to cancel the tasks of {self.unconfirmed} "
-            "unfinished line(s); those it had accepted may still run there, their "
+            "could not reach the broker to cancel the tasks of "
+            f"{counted(self.unconfirmed, 'unfinished line')}; those it had "
+            "accepted may still run there, their "
             "results kept for this run's session until they expire. Once the "
             f"broker is back, `{self.purge}` drops them"
         )
@@ -1676,7 +1685,7 @@ def _check_broker(client: Client, address: str, timeout_s: float) -> None:
 def _summary(done: int, failed: int, elapsed_s: float, sink: str | None) -> None:
     # Counted in lines, not tasks: lines travel many to a task.
     rate = done / elapsed_s if elapsed_s > 0 else 0.0
-    lines = f"{done} line{'s' if done != 1 else ''}"
+    lines = counted(done, "line")
     if sink:
         outcome = f"accepted for sink {sink!r}; {failed} refused"
     else:
@@ -2023,8 +2032,9 @@ def _queues_table(report: dict[str, Any]) -> Any:
     if report.get("next_retry_in_s") is not None:
         # Else a queued task beside an idle worker that serves it looks stuck.
         captions.append(
-            f"to retry: {report['queue_counts']['retrying']} task(s) that raised "
-            f"wait out their backoff; the next runs in {report['next_retry_in_s']:.1f}s"
+            f"to retry: {counted(report['queue_counts']['retrying'], 'task')} that "
+            "raised, waiting out a backoff; the next runs in "
+            f"{report['next_retry_in_s']:.1f}s"
         )
     if captions:
         table.caption = "; ".join(captions)
@@ -2192,10 +2202,11 @@ def retry(
         click.echo(f"ventilator: not retried ticket={ticket}: {reason}", err=True)
     if report["retried"]:
         click.echo(
-            f"retried {len(report['retried'])} task(s); results go to sink {sink!r}"
+            f"retried {counted(len(report['retried']), 'task')}; results go to "
+            f"sink {sink!r}"
         )
     else:
-        click.echo("retried 0 task(s)")
+        click.echo("retried 0 tasks")
     if report["refused"]:
         sys.exit(1)
 
@@ -2258,7 +2269,7 @@ def _purge_function(connect: str, timeout_s: float, function: str, yes: bool) ->
             f"nothing matched {function!r}: no queue, running task or worker has "
             "that function (`ventilator status` lists them)"
         )
-    click.echo(f"purged {purged} task(s) of {function}")
+    click.echo(f"purged {counted(purged, 'task')} of {function}")
 
 
 def _not_an_option(value: str | None, param: click.Parameter) -> str | None:
@@ -2280,7 +2291,7 @@ def _purge_question(report: dict[str, Any], function: str) -> str | None:
         queued = report["queued"].get(function, 0)
         if not queued:
             return None
-        return f"Cancel the {queued} task(s) of {function} waiting to run?"
+        return f"Cancel the {counted(queued, 'task')} of {function} waiting to run?"
     return f"Cancel every task of {function} waiting to run?"
 
 
@@ -2322,9 +2333,9 @@ def _purge_session(connect: str, timeout_s: float, session: str, yes: bool) -> N
             + _sink_results_hint(dropped["for_sinks"], session)
         )
     click.echo(
-        f"session {session}: dropped {dropped['results']} result(s) waiting for "
-        f"delivery and {dropped['queued']} queued task(s); "
-        f"{dropped['running']} running task(s) will be dropped when they end"
+        f"session {session}: dropped {counted(dropped['results'], 'result')} "
+        f"waiting for delivery and {counted(dropped['queued'], 'queued task')}; "
+        f"{counted(dropped['running'], 'running task')} dropped when they end"
     )
 
 
@@ -2355,7 +2366,9 @@ def _purge_sink(connect: str, timeout_s: float, sink: str, yes: bool) -> None:
             f"nothing matched sink {sink!r}: no result waits for it "
             "(`ventilator status` lists sinks as sink:NAME)"
         )
-    click.echo(f"sink {sink}: dropped {dropped['results']} result(s) waiting for it")
+    click.echo(
+        f"sink {sink}: dropped {counted(dropped['results'], 'result')} waiting for it"
+    )
 
 
 @cli.command()

@@ -138,7 +138,7 @@ class MdpGateway:
         self._answered: list[str] = []
         # Peers' faults are logged at most once a second, as the broker's own
         # refusals are: a flood of garbage must not become a flood of log.
-        self._fault_log = RateLimit(per_s=1.0, what="MDP peer faults")
+        self._fault_log = RateLimit(per_s=1.0, what="MDP peer fault")
         # Queues of services no worker offers, with requests waiting: since
         # when (as first seen), and how many requests wait in them all (exact
         # at each sweep, counted up as requests come between sweeps).

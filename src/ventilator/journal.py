@@ -45,6 +45,7 @@ from typing import IO, Literal, Protocol
 
 from . import _wal
 from . import protocol as p
+from ._words import counted
 from .errors import JournalError, TaskRejected, UsageError
 from .scheduler import FailedTask, State, Task
 from .segments import INLINE_MAX_BYTES, BlobRef, SegmentStore
@@ -325,9 +326,9 @@ class SqliteJournal:
             # One damaged blob must not hold back the replay of every other
             # task: its own task fails, and its client hears why.
             log.error(
-                "journal replay: %d tasks failed as JournalDamaged, their payload "
-                "or result unreadable in %s (%s)",
-                len(unreadable),
+                "journal replay: %s failed as JournalDamaged, their payload or "
+                "result unreadable in %s (%s)",
+                counted(len(unreadable), "task"),
                 self._blobs,
                 "; ".join(unreadable[:3]) + (" ..." if len(unreadable) > 3 else ""),
             )

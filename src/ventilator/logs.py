@@ -18,6 +18,8 @@ import logging
 import sys
 from datetime import UTC, datetime
 
+from ._words import counted
+
 __all__ = [
     "LOG_FORMATS",
     "LOG_LEVELS",
@@ -79,11 +81,13 @@ class RateLimit:
     back, or `held_back` once the interval is over. A flood of garbage must
     not become a flood of log."""
 
-    def __init__(self, per_s: float, what: str) -> None:
+    def __init__(self, per_s: float, what: str, plural: str | None = None) -> None:
         self._interval_s = 1.0 / per_s
         self._next_at = 0.0
         self._suppressed = 0
-        self._what = what  # of the lines held back: "refused messages"
+        # Of one line held back, "refused message", and of more ("refused
+        # messages", unless `plural` says otherwise: "clients joined").
+        self._what, self._plural = what, plural or f"{what}s"
 
     def allows(self, now: float) -> bool:
         if now >= self._next_at:
@@ -105,7 +109,8 @@ class RateLimit:
         if not self._suppressed or now < self._next_at:
             return None
         count, self._suppressed = self._suppressed, 0
-        return f"{count} more {self._what} not logged in the last seconds"
+        held = counted(count, f"more {self._what}", f"more {self._plural}")
+        return f"{held} not logged in the last seconds"
 
 
 class Dwindling:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields
 
+from ._questions import QUESTIONS_PER_S
 from .errors import UsageError
 
 __all__ = [
@@ -159,6 +160,9 @@ class Limits:
     retry_backoff: Backoff = field(default_factory=Backoff)
     # Failed tasks remembered for `ventilator failed` and `retry`, newest kept.
     failed_kept: int = 1000
+    # Questions (status, operator commands) one connection may ask in a second;
+    # past it each is refused at once, naming the limit (see _questions).
+    max_questions_per_s: int = QUESTIONS_PER_S
 
     def __post_init__(self) -> None:
         for setting in fields(self):
@@ -184,4 +188,5 @@ _LIMITS_AT_LEAST: dict[str, float] = {
     "max_sessions": 1,
     "session_grace_s": 0,
     "failed_kept": 0,
+    "max_questions_per_s": 1,
 }

@@ -64,6 +64,7 @@ from . import _proctree
 from . import protocol as p
 from ._framing import CANNOT_START, Inbox, Outbox, frame
 from ._progress import Progress
+from ._words import counted
 from .errors import TaskError, TaskTimeout
 from .execution import run_task
 from .policy import Backoff
@@ -813,13 +814,12 @@ class ProcessPool:
         suspects = [r for r in batch if not r.task.flags & _BATCH]
         blamed = [r for r in batch if r.task.flags & _BATCH]
         log.warning(
-            "task process died running a batch of %d tasks function=%s (%s); %d "
-            "map batches of it reported as crashed, the other tasks run one at "
-            "a time",
-            len(batch),
+            "task process died running a batch of %s function=%s (%s); %s of "
+            "it reported as crashed, the other tasks run one at a time",
+            counted(len(batch), "task"),
             batch[0].task.function,
             ended,
-            len(blamed),
+            counted(len(blamed), "map batch", "map batches"),
         )
         report = crash_report(ended)
         outcomes.extend(r.outcome(p.Status.CRASHED, report, now) for r in blamed)
@@ -919,9 +919,8 @@ def _end_leftovers(child: _Child) -> None:
     left = _proctree.kill_marked(TASK_PROCESS_ENV, [child.mark])
     if left:
         log.warning(
-            "killed %d processes that tasks of task process pid=%d started and "
-            "left running: %s",
-            len(left),
+            "killed %s that tasks of task process pid=%d started and left running: %s",
+            counted(len(left), "process", "processes"),
             child.process.pid,
             ", ".join(map(str, left)),
         )
@@ -1184,12 +1183,12 @@ class ThreadPool:
             return
         log.error(
             "task %s and cannot be stopped ticket=%d "
-            "function=%s; %d threads are stuck, the limit, so it keeps its "
+            "function=%s; %s stuck, the limit, so it keeps its "
             "slot until it returns: this worker serves fewer tasks at once%s",
             why,
             task.ticket,
             task.function,
-            self._stuck,
+            counted(self._stuck, "thread"),
             _killed_commands(commands),
         )
 
@@ -1199,10 +1198,9 @@ class ThreadPool:
         if not handed.replaced:
             self._stuck_in_slot -= 1  # its thread serves its slot again
         log.info(
-            "an abandoned task returned late ticket=%d; result dropped, %d threads "
-            "still stuck",
+            "an abandoned task returned late ticket=%d; result dropped, %s still stuck",
             handed.running.task.ticket,
-            self._stuck,
+            counted(self._stuck, "thread"),
         )
 
     def start_failure(self) -> str | None:

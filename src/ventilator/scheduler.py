@@ -41,6 +41,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from . import protocol as p
+from ._words import times
 from .announcements import Unannounced
 from .credit_index import CreditIndex
 
@@ -420,17 +421,13 @@ def _how_it_died(report: p.Payload) -> str:
 
 def _strikes(task: Task) -> str:
     """What was seen of a task's strikes, in words: "its task process died
-    2 times and its worker was lost 1 time"."""
+    2 times and its worker was lost once"."""
     seen = []
     if task.deaths:
-        seen.append(f"its task process died {_times(task.deaths)}")
+        seen.append(f"its task process died {times(task.deaths)}")
     if task.losses:
-        seen.append(f"its worker was lost {_times(task.losses)}")
+        seen.append(f"its worker was lost {times(task.losses)}")
     return " and ".join(seen)
-
-
-def _times(count: int) -> str:
-    return "1 time" if count == 1 else f"{count} times"
 
 
 def _add_count(counts: dict[str, int], key: str, change: int) -> None:
@@ -494,10 +491,13 @@ class Scope:
 
     The scheduler knows no keys: the shell makes a scope from one (under
     CURVE, a key's sessions are ``<fingerprint>.<name>``). None: no limits.
+    `retry_refusal`: why a retry may not run, said of each of the client's
+    own failures it names (the others are not its to retry at all).
     """
 
     sessions: str
     may_submit: Callable[[str, int], bool]
+    retry_refusal: str | None = None
 
     def owns(self, session: str) -> bool:
         return session.startswith(self.sessions)
@@ -2903,6 +2903,8 @@ class Scheduler:
                 f"its arguments were over {RETRY_PAYLOAD_BYTES} bytes and not kept; "
                 "submit it again from the client"
             )
+        if scope is not None and scope.retry_refusal is not None:
+            return scope.retry_refusal
         if scope is not None and not scope.may_submit(record.function, record.flags):
             return f"this client may not submit {record.function} (its rights)"
         if (session, record.ticket) in self._by_key:

@@ -250,14 +250,20 @@ class Admission:
     def _retry(self, identity: Identity, command: p.Retry) -> Admitted:
         # The reruns' results go to the sink: one the key may not receive
         # would hand its results to whoever does, or mix them into theirs.
+        scope = scope_of(identity)
         if identity.rights.allows(f"sink:{command.sink}"):
-            return Admitted(command, [], scope=scope_of(identity))
+            return Admitted(command, [], scope=scope)
         reason = (
             f"key {identity.name} ({identity.fingerprint}) may retry only into a "
             f"sink its rights name, not {command.sink!r}: add sink:{command.sink} "
             f"to its .functions file (its rights are {identity.rights})"
         )
-        return Admitted(None, [], forbidden=reason, code=NOT_PERMITTED)
+        if not command.tickets or scope is None:  # all its failures: none may go
+            return Admitted(None, [], forbidden=reason, code=NOT_PERMITTED)
+        # Named tickets are refused one by one, by the rule that applies to
+        # each: the sink for its own failures, but another key's are not its
+        # to retry into any sink (the scheduler says so of those).
+        return Admitted(command, [], scope=replace(scope, retry_refusal=reason))
 
     def ready(self, identity: Identity, ready: p.Ready) -> p.Ready:
         """A worker's registration, cut down to its rights."""
@@ -655,7 +661,7 @@ class Gate(ThreadAuthenticator):
         # Refusals are logged from this gate's thread, and what a burst held
         # back is counted from the broker's loop (`held_back`): one lock.
         self._log_lock = threading.Lock()
-        self._refusal_log = RateLimit(per_s=1.0, what="refused handshakes")
+        self._refusal_log = RateLimit(per_s=1.0, what="refused handshake")
 
     def start(self) -> None:
         super().start()

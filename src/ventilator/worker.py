@@ -30,6 +30,7 @@ from . import _wire
 from . import protocol as p
 from ._timing import StallWatch, poll_timeout_ms
 from ._unconfirmed import Unconfirmed
+from ._words import counted
 from .errors import TaskRejected, UsageError
 from .logs import Dwindling
 from .policy import Prefetch, check_at_least, check_heartbeat
@@ -183,7 +184,11 @@ class Worker:
         if self._curve is not None:
             self._curve.apply(self._socket)
         self._socket.connect(self.config.connect)
-        self._watch.socket(_wire.fd_of(self._socket))
+        monitor = self._handshakes.monitor
+        monitor_fd = _wire.fd_of(monitor) if monitor is not None else -1
+        self._watch.socket(_wire.fd_of(self._socket), monitor_fd)
+        # Its descriptor announces events only once a receive found it empty.
+        self._handshakes.read()
         self._input = _wire.InputCheck(self._socket)
         self._register(now)
 
@@ -232,11 +237,10 @@ class Worker:
         forgotten, self._unconfirmed.forgotten = self._unconfirmed.forgotten, 0
         if forgotten:
             log.warning(
-                "%d results sent before were not kept for sending again (over "
-                "the limit of results or bytes kept, or of tasks a READY may "
-                "name); their tasks run again if the broker did not get them "
-                "worker=%s",
-                forgotten,
+                "%s sent before not kept for sending again (over the limit of "
+                "results or bytes kept, or of tasks a READY may name); their "
+                "tasks run again if the broker did not get them worker=%s",
+                counted(forgotten, "result"),
                 self.config.worker_id,
             )
 
@@ -283,6 +287,10 @@ class Worker:
             ready = self._watch.wait(timeout_ms)
             now = time.monotonic()
             self._forgive_broker(stalls, now)
+            if self._watch.monitor_ready(ready) and self._handshakes.read():
+                # At once, not at the next beat: each turn of libzmq's is
+                # another failed handshake.
+                self._stop_trying()
             announced = self._watch.socket_ready(ready)
             if unannounced or announced:
                 self._receive(now, announced)
@@ -326,8 +334,13 @@ class Worker:
     def _receive(self, now: float, announced: bool) -> None:
         assert self._socket is not None
         # Payloads go on to a child as they are: large ones are not copied.
-        commands = _wire.receive(
-            self._socket, p.TO_WORKER, lend_large=True, announced=announced
+        # A list, not the generator: the broker was heard only if a message
+        # came, and the socket's descriptor also wakes us when nothing did
+        # (a connection closed, a handshake failed).
+        commands = list(
+            _wire.receive(
+                self._socket, p.TO_WORKER, lend_large=True, announced=announced
+            )
         )
         silent_s = self._broker.read(bool(commands), now)
         if silent_s is not None:
@@ -385,19 +398,19 @@ class Worker:
         given_up = self._pool.release(tickets)
         if given_up:
             log.info(
-                "the broker took back %d tasks held here worker=%s (cancelled, "
-                "past their deadline, or given to another worker); stopped them",
-                given_up,
+                "the broker took back %s held here worker=%s (cancelled, past "
+                "their deadline, or given to another worker); stopped them",
+                counted(given_up, "task"),
                 self.config.worker_id,
             )
         # After a broker pause, most often the results sent again on our
         # return, which it had: nothing was lost, and nothing runs here.
         if len(tickets) > given_up:
             log.info(
-                "the broker needs nothing more of %d tasks no longer running "
-                "here worker=%s (it has their results, or they were cancelled "
-                "or finished elsewhere); nothing to do",
-                len(tickets) - given_up,
+                "the broker needs nothing more of %s no longer running here "
+                "worker=%s (it has their results, or they were cancelled or "
+                "finished elsewhere); nothing to do",
+                counted(len(tickets) - given_up, "task"),
                 self.config.worker_id,
             )
 
@@ -455,15 +468,15 @@ class Worker:
         if benched:
             log.error(
                 "worker serves nothing until its task processes can start "
-                "worker=%s: handing %d tasks back to the broker for other workers",
+                "worker=%s: handing %s back to the broker for other workers",
                 self.config.worker_id,
-                self._pool.load(),
+                counted(self._pool.load(), "task"),
             )
         else:
             log.info(
-                "task processes start again worker=%s; serving %d functions",
+                "task processes start again worker=%s; serving %s",
                 self.config.worker_id,
-                len(self.services),
+                counted(len(self.services), "function"),
             )
         self._register(now)
 
@@ -531,8 +544,25 @@ class Worker:
             self.config.worker_id,
         )
 
+    def _stop_trying(self) -> None:
+        """Close the socket whose handshakes keep failing, or libzmq tries
+        again 7 times a second for ever; an unconnected one stands in (sends
+        on it fail, as to an absent broker) until the next reconnection,
+        when the broker's silence is said, makes the next try."""
+        assert self._socket is not None
+        self._watch.forget_socket()
+        self._handshakes.close()
+        self._socket.close(linger=0)
+        self._socket = self._context.socket(zmq.DEALER)
+        self._input = _wire.InputCheck(self._socket)
+        log.debug(
+            "handshakes keep failing: trying again at the next reconnection broker=%s",
+            self.config.connect,
+        )
+
     def _check_broker(self, now: float) -> None:
-        self._handshakes.read()  # logs a refused handshake's reason, once
+        if self._handshakes.read():  # logs a refused handshake's reason, once
+            self._stop_trying()
         if self._broker.presumed_gone(now):
             # At each reconnection at first, then less and less often.
             if self._broker.silence_worth_saying(now):
@@ -578,10 +608,10 @@ class Worker:
         # INFO: leaving at once is what the operator (or an embedded run
         # that stops) asked for; the tasks are not lost.
         log.info(
-            "worker leaving at once worker=%s: stopping the %d tasks it holds, "
-            "for the broker to give to other workers",
+            "worker leaving at once worker=%s: stopping the %s it holds, for "
+            "the broker to give to other workers",
             self.config.worker_id,
-            pool.load(),
+            counted(pool.load(), "task"),
         )
         pool.close(at_once=True)
 
@@ -665,17 +695,22 @@ class _Watch:
 
     def __init__(self) -> None:
         self._poll = select.poll()
-        self._socket_fd = -1
+        self._socket_fd = self._monitor_fd = -1
         self._pool_fds: Sequence[int] = ()
         self._write_fds: Sequence[int] = ()
 
-    def socket(self, fd: int) -> None:
-        self._socket_fd = fd
-        self._poll.register(fd, select.POLLIN)
+    def socket(self, fd: int, monitor_fd: int) -> None:
+        """Watch the broker socket, and its handshake monitor's (-1: none)."""
+        self._socket_fd, self._monitor_fd = fd, monitor_fd
+        for watched in (fd, monitor_fd):
+            if watched != -1:
+                self._poll.register(watched, select.POLLIN)
 
     def forget_socket(self) -> None:
-        self._poll.unregister(self._socket_fd)
-        self._socket_fd = -1
+        for watched in (self._socket_fd, self._monitor_fd):
+            if watched != -1:
+                self._poll.unregister(watched)
+        self._socket_fd = self._monitor_fd = -1
 
     def wake_pipe(self, fd: int) -> None:
         self._poll.register(fd, select.POLLIN)
@@ -700,6 +735,9 @@ class _Watch:
 
     def socket_ready(self, ready: set[int]) -> bool:
         return self._socket_fd in ready
+
+    def monitor_ready(self, ready: set[int]) -> bool:
+        return self._monitor_fd != -1 and self._monitor_fd in ready
 
 
 def _check_exposure(config: WorkerConfig, curve: bool) -> None:

@@ -628,7 +628,7 @@ def test_status_says_which_queued_tasks_wait_out_a_retry_s_backoff(
 
     assert re.search(rf"{TASKS}:fail +1 \(1 to retry\) +0", text), text
     caption = " ".join(text.split())  # wrapped to the table's width
-    assert re.search(r"to retry: 1 task\(s\) .* next runs in \d+\.\ds", caption)
+    assert re.search(r"to retry: 1 task .* next runs in \d+\.\ds", caption)
 
     def retrying_reported() -> dict[str, Any] | None:
         completed = run_cli(processes, "status", "--connect", broker.frontend, "--json")

@@ -219,6 +219,31 @@ def test_a_connection_asking_past_its_quota_is_answered_with_the_limit(
     )
 
 
+LOW_QUOTA = 5
+
+
+def test_a_broker_with_a_lower_question_quota_refuses_past_it(
+    launch: Launcher, context: zmq.Context[zmq.Socket[bytes]]
+) -> None:
+    broker = launch.broker("--max-questions-per-s", str(LOW_QUOTA))
+    burst = 4 * LOW_QUOTA  # sent at once: well within one second
+    with context.socket(zmq.DEALER) as asker:
+        asker.setsockopt(zmq.LINGER, 0)
+        asker.connect(broker.frontend)
+        asker.send_multipart(p.encode(p.Hello(session="asker")))
+        for _ in range(burst):
+            asker.send_multipart(p.encode(p.StatusRequest()))
+
+        answers = answers_to(asker, burst)
+
+    answered = [a for a in answers if isinstance(a, p.StatusReply)]
+    refusals = [a for a in answers if isinstance(a, p.Error)]
+    # A second may end within the burst: at most twice the quota answered.
+    assert LOW_QUOTA <= len(answered) <= 2 * LOW_QUOTA, len(answered)
+    assert {r.code for r in refusals} == {p.TOO_MANY_QUESTIONS}
+    assert f"{LOW_QUOTA} questions" in refusals[0].message
+
+
 UNREAD_QUESTIONS = 60_000
 QUIET_S = 3.0
 

@@ -128,7 +128,7 @@ def test_retry_of_an_unknown_ticket_says_so_and_exits_1(
     assert retried.returncode == 1
     assert "424242" in retried.stderr
     # Nothing reran: no word of a sink its results would go to.
-    assert retried.stdout.strip() == "retried 0 task(s)"
+    assert retried.stdout.strip() == "retried 0 tasks"
 
 
 def test_purge_asks_first_and_cancels_the_queue_with_yes(
@@ -306,7 +306,7 @@ def test_results_of_a_session_that_left_are_dropped_with_purge_session(
     message = str(refused.value)
     assert "0 queued, 0 running, 3 results waiting for delivery" in message
     assert dropped.returncode == 0, dropped.stderr
-    assert "dropped 3 result(s)" in dropped.stdout
+    assert "dropped 3 results" in dropped.stdout
     assert newcomer.status()["results_waiting"] == 0
     newcomer.submit(UNSERVED, 9)  # accepted: nothing holds the room any more
     status_when(newcomer, lambda s: s["queued"].get(UNSERVED) == 1, 10, "1 queued")
@@ -334,7 +334,7 @@ def test_results_waiting_for_a_sink_nobody_receives_are_dropped_with_purge_sink(
     assert by_sender.returncode == 1
     assert "the results of 3 of its tasks wait for sinks" in by_sender.stderr
     assert by_sink.returncode == 0, by_sink.stderr
-    assert "dropped 3 result(s)" in by_sink.stdout
+    assert "dropped 3 results" in by_sink.stdout
     assert launch.client(broker).status()["results_waiting"] == 0
 
 

@@ -3,6 +3,7 @@ and what a reload takes away. Real broker, worker and client processes."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -10,6 +11,7 @@ import re
 import signal
 import stat
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +19,7 @@ from typing import Any
 
 import pytest
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 import ventilator
 from tests.mdp_peers import MdpClient
@@ -43,6 +46,7 @@ from .conftest import (
     log_of,
     run_cli,
     status_when,
+    ventilator_argv,
     wait_for_workers,
     wait_until,
 )
@@ -181,9 +185,43 @@ def test_a_burst_of_refused_handshakes_is_counted_once_it_is_over(
     # may never come.
     def counted() -> bool:
         records = json_lines(log_of(broker.process))
-        return any("refused handshakes not logged" in r["message"] for r in records)
+        return any("more refused handshake" in r["message"] for r in records)
 
     wait_until(counted, 10, "the broker to count the refusals it held back")
+
+
+def test_a_peer_whose_handshakes_keep_failing_is_not_logged_every_second(
+    curve_broker: BrokerProcess,
+) -> None:
+    # A raw DEALER with a broker key nobody holds: libzmq tries again about 7
+    # times a second. The broker said so once a second, for ever.
+    context = zmq.Context.instance()
+    peer: zmq.Socket[bytes] = context.socket(zmq.DEALER)
+    peer.curve_serverkey, _ = zmq.curve_keypair()
+    peer.curve_publickey, peer.curve_secretkey = zmq.curve_keypair()
+    monitor = peer.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+    try:
+        peer.connect(curve_broker.backend)
+        failed = 0
+        deadline = time.monotonic() + 20
+        while failed < 20:
+            assert time.monotonic() < deadline, f"only {failed} handshakes failed"
+            if monitor.poll(100):
+                recv_monitor_message(monitor)
+                failed += 1
+    finally:
+        peer.disable_monitor()
+        monitor.close(linger=0)
+        peer.close(linger=0)
+
+    log = wait_until(
+        lambda: (
+            "failed its handshake" in (text := log_of(curve_broker.process)) and text
+        ),
+        10,
+        "the broker to log the failed handshakes",
+    )
+    assert log.count("failed handshake") + log.count("failed its handshake") == 1, log
 
 
 def test_a_client_key_cannot_register_as_a_worker(
@@ -548,7 +586,7 @@ def test_a_key_with_limited_rights_operates_only_on_its_own_sessions(
     with pytest.raises(ventilator.UsageError, match=r"without a \.functions file"):
         bob.purge(f"{TASKS}:square")
     with pytest.raises(ventilator.UsageError, match="sink:retried"):
-        bob.retry([1])
+        bob.retry()
 
     # A session named as its user chose it is the caller's own, as at HELLO.
     assert bob.cancel_task(bob.session, bobs[0].task_id) == "cancelled"
@@ -599,7 +637,7 @@ def test_a_worker_the_broker_refuses_says_once_what_is_wrong_with_its_key(
     )
 
     wait_until(
-        lambda: log_of(worker.process).count("refused this worker's handshake") >= 2,
+        lambda: log_of(worker.process).count("refused this worker's last") >= 2,
         RESULT_TIMEOUT_S,
         "the worker to reconnect twice",
     )
@@ -608,6 +646,95 @@ def test_a_worker_the_broker_refuses_says_once_what_is_wrong_with_its_key(
     assert log.count(diagnosis) == 1, log
     # The broker answered, with a refusal: it is not called silent.
     assert "broker silent" not in log, log
+
+
+# A window long enough for a few of the worker's own reconnections (one per
+# 3 heartbeats of 0.5 s), and libzmq's pace of about 7 handshakes a second.
+BACKOFF_WINDOW_S = 5.0
+REFUSED_NOTE = re.compile(r"refused this worker's last (\d+ )?handshake")
+
+
+@contextlib.contextmanager
+def curve_router(secret_key: str) -> Iterator[tuple[str, zmq.Socket[bytes]]]:
+    """A CURVE server of our own on a free port, and a monitor of its
+    failed handshakes; closed on the way out."""
+    context = zmq.Context.instance()
+    router: zmq.Socket[bytes] = context.socket(zmq.ROUTER)
+    router.curve_server = True
+    router.curve_secretkey = read_secret_key(secret_key)[1]
+    monitor = router.get_monitor_socket(
+        zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    )
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        yield f"tcp://127.0.0.1:{port}", monitor
+    finally:
+        router.disable_monitor()
+        monitor.close(linger=0)
+        router.close(linger=0)
+
+
+def test_a_worker_whose_handshakes_keep_failing_backs_off_and_counts_them_all(
+    launch: Launcher, keyring: Keyring
+) -> None:
+    # A wrong broker key: the server cannot read the worker's HELLO and closes
+    # the connection, and libzmq alone would try again 7 times a second for
+    # ever, while the worker's own count left out the first failures.
+    wrong_key = ["--secret-key", keyring.secret("w1"), "--broker-key"]
+    with curve_router(keyring.secret("broker")) as (endpoint, monitor):
+        worker = launch.processes.start(
+            "worker",
+            ventilator_argv(
+                *("worker", TASKS, "--connect", endpoint, "--pool", "thread"),
+                *("--heartbeat-interval-s", "0.5"),
+                *(*wrong_key, keyring.public("alice")),
+            ),
+        )
+        failed, notes = 0, []
+        deadline = time.monotonic() + BACKOFF_WINDOW_S
+        while time.monotonic() < deadline:
+            while monitor.poll(50):
+                recv_monitor_message(monitor)
+                failed += 1
+            said = REFUSED_NOTE.findall(log_of(worker))
+            # Each note, with what the server had seen when it was read.
+            notes += [(int(n or "1"), failed) for n in said[len(notes) :]]
+
+    print(f"failed handshakes in {BACKOFF_WINDOW_S}s: {failed}; notes: {notes}")
+    assert failed <= 8, log_of(worker)
+    assert notes, log_of(worker)
+    # Said as the worker reconnects: the server may have seen the new one.
+    assert all(0 <= seen - said <= 1 for said, seen in notes), notes
+
+
+def test_a_curve_worker_at_a_plain_broker_keeps_the_diagnosis_the_broker_gave(
+    launch: Launcher, keyring: Keyring
+) -> None:
+    # The mismatch is evidence; handshakes that end without detail later (the
+    # broker closes as it reads our greeting) do not make it a key problem.
+    # Before the first mismatch is seen, a guess may come first: a race of
+    # each connection, which only the order after it can show.
+    mismatch = "does not use CURVE, but this worker has keys"
+    plain = launch.broker()
+    worker = launch.worker(
+        plain,
+        pool="thread",
+        heartbeat_interval_s=0.2,
+        extra=keyring.peer_options("w1"),
+    )
+
+    def reconnects_after_the_mismatch() -> int:
+        _, said, after = log_of(worker.process).partition(mismatch)
+        return after.count("refused this worker's last") if said else 0
+
+    wait_until(
+        lambda: reconnects_after_the_mismatch() >= 3,
+        2 * RESULT_TIMEOUT_S,  # each connection a draw: the race may go on
+        "the mismatch said, and three reconnections after it",
+    )
+    log = log_of(worker.process)
+    assert log.count(mismatch) == 1, log
+    assert "the public key" not in log.partition(mismatch)[2], log
 
 
 def test_a_limited_key_sees_and_retries_only_its_own_sessions_work(
@@ -647,6 +774,28 @@ def test_a_limited_key_sees_and_retries_only_its_own_sessions_work(
         reruns,
         alice.session_at_broker,
     ]
+
+
+def test_a_limited_key_retrying_another_keys_failure_is_told_it_is_not_its_own(
+    launch: Launcher, curve_broker: BrokerProcess, keyring: Keyring
+) -> None:
+    # Bob may not receive sink "retried" either, but no sink right would let
+    # him retry Alice's task: the refusal must name the rule that applies.
+    curve_worker(launch, curve_broker, keyring, "w1")
+    alice = curve_client(launch, curve_broker, keyring, "alice")
+    bob = curve_client(launch, curve_broker, keyring, "bob")
+    wait_for_workers(alice, 1)
+    with pytest.raises(ventilator.TaskRaised):
+        alice.submit(tasks.fail, "alice's").result(RESULT_TIMEOUT_S)
+    [alices] = alice.failed()
+
+    report = bob.retry([alices["ticket"]], sink="retried")
+
+    assert report["retried"] == []
+    [[ticket, reason]] = report["refused"]
+    assert ticket == alices["ticket"]
+    assert "this client's sessions' failures" in reason, reason
+    assert "sink" not in reason, reason
 
 
 def test_status_of_a_limited_key_says_it_shows_a_part(

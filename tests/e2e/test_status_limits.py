@@ -135,7 +135,7 @@ def test_purge_of_a_function_status_does_not_list_asks_without_a_count(
     # Not "the 0 tasks": the broker did not say how many wait.
     assert "Cancel every task of" in asked.stdout, asked.stdout
     assert purged.returncode == 0, purged.stderr
-    assert "purged 1 task(s)" in purged.stdout
+    assert "purged 1 task" in purged.stdout
 
 
 def test_many_workers_lost_at_once_are_a_few_lines_and_a_count(

@@ -26,6 +26,9 @@ from ventilator.broker import (
 from ventilator.errors import UsageError
 from ventilator.logs import Dwindling, Routine
 from ventilator.notices import (
+    ClientJoined,
+    ClientLost,
+    Departure,
     Fault,
     Notice,
     Rejected,
@@ -39,7 +42,7 @@ from ventilator.scheduler import STALL_REASON
 
 
 def test_rate_limit_allows_one_line_per_interval_and_counts_the_rest() -> None:
-    limit = _RateLimit(per_s=1.0, what="refused messages")
+    limit = _RateLimit(per_s=1.0, what="refused message")
 
     allowed = [limit.allows(now) for now in (0.0, 0.1, 0.2, 0.9, 1.0, 1.5)]
 
@@ -49,7 +52,7 @@ def test_rate_limit_allows_one_line_per_interval_and_counts_the_rest() -> None:
 
 
 def test_rate_limit_counts_a_bursts_tail_once_its_interval_is_over() -> None:
-    limit = _RateLimit(per_s=1.0, what="refused messages")
+    limit = _RateLimit(per_s=1.0, what="refused message")
     for now in (0.0, 0.1, 0.2):
         limit.allows(now)
 
@@ -396,3 +399,35 @@ def test_a_burst_of_refused_tasks_is_logged_once_a_second_with_a_count(
     assert len(messages) == 2
     assert "task=0" in messages[0] and "more not logged" not in messages[0]
     assert messages[1].endswith("; 4 more not logged")
+
+
+def test_counts_of_one_read_in_the_singular(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="ventilator.broker"):
+        _log_notice(WorkerLeft("w", requeued=1))
+        _log_worker_lost(WorkerLost("w", "silent for 3.1s", 1, 1, split=1), "")
+        _log_worker_lost(WorkerLost("w", STALL_REASON, 1, 0, fault=Fault.NONE), "")
+        _log_notice(WorkerReturned("w", kept=1, requeued=1, refused=1, taken_back=1))
+
+    said = " ".join(r.getMessage() for r in caplog.records)
+    for plural in ("tasks", "batches", "results", "1 it no longer"):
+        assert f"1 {plural}" not in said, said
+
+
+def test_a_client_whose_join_was_held_back_is_not_said_to_leave(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # "client left" for a client never said to join reads as a client unknown.
+    server = Broker(BrokerConfig(journal=None, durability="memory"))
+    joins: list[Notice] = [ClientJoined("c0", 0), ClientJoined("c1", 0)]
+    try:
+        with caplog.at_level(logging.INFO, logger="ventilator.broker"):
+            server._log_notices(joins, now=100.0)  # c1's join is held back
+            server._log_notices([ClientLost("c1", 0, Departure.LEFT)], now=100.1)
+            server._log_held_back(now=110.0)
+    finally:
+        server.stop()
+        server.serve()
+
+    said = [r.getMessage() for r in caplog.records]
+    assert not any("client=c1" in m for m in said), said
+    assert any(m.startswith("1 more client joined not logged") for m in said), said

@@ -54,7 +54,7 @@ def test_a_slow_reader_that_stops_again_soon_is_not_said_again_until_later(
     lines = said(caplog)
     assert len(lines) == 4
     assert "stopped reading client=slow" in lines[2]
-    assert "stopped reading 3 more times, briefly" in lines[2]
+    assert "stopped reading 3 times more, briefly" in lines[2]
 
 
 def test_a_spell_in_the_quiet_that_lasts_past_it_is_said(

@@ -2228,5 +2228,5 @@ def test_task_whose_process_died_fails_saying_its_task_process_died() -> None:
 
     [entry] = results(poisoned)
     message = error_report(entry)["message"]
-    assert "its task process died 1 time" in message
+    assert "its task process died once" in message
     assert "lost" not in message

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -527,6 +528,23 @@ def test_a_retry_within_a_scope_is_checked_against_its_rights(
     assert report["retried"] == []
     assert "may not submit" in dict(report["refused"])[ticket]
     assert len(tenants.scheduler.failed) == 2
+
+
+def test_a_retry_refused_within_a_scope_says_so_of_its_own_failures_only(
+    tenants: Driver,
+) -> None:
+    # The shell refuses the sink; another key's failure is still refused as
+    # not the client's, which no sink right would change.
+    mine = next(r.ticket for r in tenants.scheduler.failed if r.session == "k1.s")
+    theirs = next(r.ticket for r in tenants.scheduler.failed if r.session == "k2.s")
+    scope = replace(own_scope(FUNCTION), retry_refusal="not into that sink")
+
+    report = operate_within(tenants, scope, p.Retry([mine, theirs], "retried"))
+
+    assert report["retried"] == []
+    refused = dict(report["refused"])
+    assert refused[mine] == "not into that sink"
+    assert "this client's sessions" in refused[theirs]
 
 
 def test_a_failed_mdp_request_is_named_as_its_queue_and_metrics_name_it() -> None:

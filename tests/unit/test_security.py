@@ -318,14 +318,21 @@ def test_a_limited_key_retries_only_into_a_sink_its_rights_name() -> None:
         "carol", CLIENT, "c" * 40, Rights(("reports:*", "sink:retried"))
     )
     retry = p.Retry([1], "retried")
+    retry_all = p.Retry([], "retried")
 
-    refused = admission.client(REPORTER, retry)
+    refused = admission.client(REPORTER, retry_all)
+    named = admission.client(REPORTER, retry)
     allowed = admission.client(collector, retry)
 
     assert refused.command is None and refused.code == NOT_PERMITTED
     assert refused.forbidden is not None and "sink:retried" in refused.forbidden
+    # Named tickets go on to be refused one by one: the sink for the key's
+    # own failures, another key's as not its own (the scheduler knows whose).
+    assert named.command == retry and named.scope is not None
+    assert "sink:retried" in (named.scope.retry_refusal or "")
     assert allowed.command == retry and allowed.scope is not None
     assert allowed.scope.sessions == f"{collector.fingerprint}."
+    assert allowed.scope.retry_refusal is None
 
 
 def test_broker_sessions_are_taken_as_named() -> None:

@@ -4,6 +4,7 @@ its failed handshakes."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import time
@@ -173,3 +174,33 @@ def test_a_broker_that_cannot_read_the_curve_hello_still_has_its_key_doubted(
 
     assert "is --broker-key (broker_key) the public key" in (watch.problem or "")
     assert watch.timeouts == 0
+
+
+def test_a_problem_the_broker_named_outlasts_handshakes_that_end_without_detail() -> (
+    None
+):
+    watch = HandshakeWatch("tcp://127.0.0.1:5556", "worker", zmq.curve_keypair()[0])
+
+    watch.note(
+        zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
+    )
+    for _ in range(SILENT_FAILURES + 2):
+        watch.note(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, errno.ECONNRESET)
+
+    assert "does not use CURVE" in (watch.problem or "")
+    assert watch.failures == SILENT_FAILURES + 3  # every one counts
+    assert watch.definitive
+
+
+def test_failures_of_every_kind_count_and_a_success_starts_again() -> None:
+    watch = HandshakeWatch("tcp://127.0.0.1:5556", "worker", zmq.curve_keypair()[0])
+    for _ in range(SILENT_FAILURES):
+        watch.note(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, errno.ECONNRESET)
+    assert watch.failures == SILENT_FAILURES
+    assert "is --broker-key" in (watch.problem or "")
+
+    watch.note(zmq.EVENT_HANDSHAKE_SUCCEEDED, 0)
+    watch.note(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, errno.ECONNRESET)
+
+    assert watch.failures == 1
+    assert watch.problem is None  # one failure without detail is no evidence
