@@ -166,14 +166,23 @@ class Routine:
 
     def log(self, now: float, count: int, message: str, *args: object) -> None:
         """Log `message % args`, about `count` occurrences seen at `now`."""
+        note = self.note(now, count)
+        if note is None:
+            self._log.debug(message, *args)
+        else:
+            self._log.log(self._level, message + "%s", *args, note)
+
+    def note(self, now: float, count: int) -> str | None:
+        """For an owner that logs the line itself: `count` occurrences seen
+        at `now`; None if this one is not due to be said, else what to add to
+        its line (the count of those unsaid since the last, or nothing)."""
         if now - self._last_at > self._quiet_s:
             self._began_at = now
         self._last_at = now
 
         if not self._when.due(now, self._began_at):
             self._unsaid += count
-            self._log.debug(message, *args)
-            return
+            return None
 
         note = (
             f" ({self._unsaid} more like it since the last line)"
@@ -181,4 +190,4 @@ class Routine:
             else ""
         )
         self._unsaid = 0
-        self._log.log(self._level, message + "%s", *args, note)
+        return note

@@ -43,7 +43,7 @@ from zmq.utils import z85
 from . import protocol as p
 from . import scheduler as s
 from .errors import UsageError
-from .logs import RateLimit
+from .logs import RateLimit, Routine
 
 __all__ = [
     "CLIENT",
@@ -658,10 +658,7 @@ class Gate(ThreadAuthenticator):
         super().__init__(context, log=logging.getLogger(f"{__name__}.zap"))
         self.keys = keys
         self.peers = peers
-        # Refusals are logged from this gate's thread, and what a burst held
-        # back is counted from the broker's loop (`held_back`): one lock.
-        self._log_lock = threading.Lock()
-        self._refusal_log = RateLimit(per_s=1.0, what="refused handshake")
+        self._refusals = KeyRefusals()
 
     def start(self) -> None:
         super().start()
@@ -671,7 +668,9 @@ class Gate(ThreadAuthenticator):
 
     async def handle_zap_message(self, msg: list[bytes]) -> None:
         if len(msg) >= 6 and not self.peers.admit():
-            self._refused(
+            self._refusals.refused(
+                time.monotonic(),
+                None,
                 "connection refused: the broker has %d peers (max_peers) address=%s",
                 self.peers.limit,
                 msg[3].decode("utf-8", "replace"),
@@ -689,7 +688,9 @@ class Gate(ThreadAuthenticator):
             return True
         known_as = [r for r in (CLIENT, WORKER) if self.keys.identity(r, key)]
         why = f"a {known_as[0]} key" if known_as else "unknown key"
-        self._refused(
+        self._refusals.refused(
+            time.monotonic(),
+            fingerprint(key),
             "CURVE key refused key=%s socket=%s: %s",
             fingerprint(key),
             "+".join(roles) or domain,
@@ -698,16 +699,61 @@ class Gate(ThreadAuthenticator):
         return False
 
     def held_back(self, now: float) -> str | None:
-        """The refusals held back since the last one logged, once a second
-        passed, in words for a line of the broker's; else None. Without it
-        the tail of a burst was counted only at the next refusal, if any."""
-        with self._log_lock:
-            return self._refusal_log.held_back(now)
+        """See `KeyRefusals.held_back`."""
+        return self._refusals.held_back(now)
 
-    def _refused(self, message: str, *args: object) -> None:
-        # A flood of handshakes must not become a flood of log lines.
-        with self._log_lock:
-            if not self._refusal_log.allows(time.monotonic()):
+
+class KeyRefusals:
+    """The log of handshakes the gate refused.
+
+    A peer whose key is refused tries again every few seconds for as long as
+    it runs, which was a WARNING every few seconds for ever: each key's
+    refusals are said at once, then less and less often (`logs.Routine`),
+    the lines between at DEBUG. Keys are remembered up to `REMEMBERED`, the
+    oldest forgotten first (a key forgotten is said at once again). A flood
+    of refusals (many keys, or peers past max_peers) is said at most once a
+    second in all.
+
+    Refusals are logged from the gate's thread, and what a burst held back is
+    counted from the broker's loop (`held_back`): one lock.
+    """
+
+    REMEMBERED = 1024
+    FIRST_INTERVAL_S = 10.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._flood = RateLimit(per_s=1.0, what="refused handshake")
+        self._by_key: dict[str, Routine] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+    def refused(self, now: float, key: str | None, message: str, *args: object) -> None:
+        """A handshake refused at `now`, of `key` (its fingerprint; None when
+        the refusal is not the key's): log `message % args` if it is due."""
+        with self._lock:
+            routine_note = "" if key is None else self._routine(key).note(now, 1)
+            if routine_note is None:
+                log.debug(message, *args)
                 return
-            note = self._refusal_log.suppressed_note()
-        log.warning(message + "%s", *args, note)
+            if not self._flood.allows(now):
+                return
+            flood_note = self._flood.suppressed_note()
+        log.warning(message + "%s%s", *args, routine_note, flood_note)
+
+    def held_back(self, now: float) -> str | None:
+        """The refusals the flood limit held back since the last one logged,
+        once a second passed, in words for a line of the broker's; else None.
+        Without it the tail of a burst was counted only at the next refusal,
+        if any."""
+        with self._lock:
+            return self._flood.held_back(now)
+
+    def _routine(self, key: str) -> Routine:
+        routine = self._by_key.get(key)
+        if routine is None:
+            if len(self._by_key) >= self.REMEMBERED:
+                del self._by_key[next(iter(self._by_key))]
+            routine = self._by_key[key] = Routine(__name__, self.FIRST_INTERVAL_S)
+        return routine

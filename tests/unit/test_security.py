@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import stat
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from ventilator.security import (
     WORKER,
     Admission,
     Identity,
+    KeyRefusals,
     KeyStore,
     Rights,
     client_keys,
@@ -373,3 +375,49 @@ def test_a_garbage_key_file_is_named_as_not_a_key_file(tmp_path: Path) -> None:
 
     with pytest.raises(UsageError, match="is not a CURVE key file"):
         client_keys(str(garbage), str(public))
+
+
+# --- the log of refused keys ------------------------------------------------------
+
+
+def refusal_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        record.getMessage()
+        for record in caplog.records
+        if record.levelno >= logging.WARNING and "refused" in record.getMessage()
+    ]
+
+
+def test_a_refused_key_that_keeps_trying_is_said_less_and_less_often(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A peer whose key is not allowed tries again every 3 s for as long as it
+    # runs: that was a WARNING every 3 s, for ever.
+    caplog.set_level(logging.DEBUG)
+    refusals = KeyRefusals()
+
+    for attempt in range(21):  # a minute of tries
+        refusals.refused(attempt * 3.0, "fp-a", "CURVE key refused key=%s", "fp-a")
+
+    lines = refusal_lines(caplog)
+    assert 2 <= len(lines) <= 4, lines
+    assert "more like it" in lines[-1]
+
+
+def test_each_refused_key_is_said_at_once(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    refusals = KeyRefusals()
+
+    refusals.refused(0.0, "fp-a", "CURVE key refused key=%s", "fp-a")
+    refusals.refused(1.0, "fp-b", "CURVE key refused key=%s", "fp-b")
+
+    assert len(refusal_lines(caplog)) == 2
+
+
+def test_the_refused_keys_remembered_are_bounded() -> None:
+    refusals = KeyRefusals()
+
+    for number in range(3 * KeyRefusals.REMEMBERED):
+        refusals.refused(float(number), f"fp-{number}", "refused %s", number)
+
+    assert len(refusals) == KeyRefusals.REMEMBERED
