@@ -182,14 +182,25 @@ def test_a_curve_peer_at_a_plain_broker_is_logged_with_causes_it_can_have(
 QUESTION_BURST = 1000
 
 
-def answers_to(sock: zmq.Socket[bytes], count: int) -> list[p.Command]:
-    """The next `count` answers on `sock`, with a deadline for each."""
-    answers: list[p.Command] = []
-    while len(answers) < count:
-        assert sock.poll(10_000), f"only {len(answers)} of {count} answers came"
-        command = p.decode(sock.recv_multipart(), p.TO_CLIENT)
-        if isinstance(command, (p.StatusReply, p.Error)):
-            answers.append(command)
+def asked_at_once(
+    context: zmq.Context[zmq.Socket[bytes]], broker: BrokerProcess, count: int
+) -> list[p.Command]:
+    """The answers to `count` status requests one connection sent at once,
+    with a deadline for each answer."""
+    with context.socket(zmq.DEALER) as asker:
+        asker.setsockopt(zmq.LINGER, 0)
+        asker.setsockopt(zmq.SNDHWM, 0)  # the whole burst queued here
+        asker.connect(broker.frontend)
+        asker.send_multipart(p.encode(p.Hello(session="asker")))
+        for _ in range(count):
+            asker.send_multipart(p.encode(p.StatusRequest()))
+
+        answers: list[p.Command] = []
+        while len(answers) < count:
+            assert asker.poll(10_000), f"only {len(answers)} of {count} answers came"
+            command = p.decode(asker.recv_multipart(), p.TO_CLIENT)
+            if isinstance(command, (p.StatusReply, p.Error)):
+                answers.append(command)
     return answers
 
 
@@ -198,15 +209,7 @@ def test_a_connection_asking_past_its_quota_is_answered_with_the_limit(
 ) -> None:
     # Status reports are costly to build: one connection asking thousands a
     # second made every other client's round trip about 50 times longer.
-    with context.socket(zmq.DEALER) as asker:
-        asker.setsockopt(zmq.LINGER, 0)
-        asker.setsockopt(zmq.SNDHWM, 0)  # the whole burst queued here
-        asker.connect(broker.frontend)
-        asker.send_multipart(p.encode(p.Hello(session="asker")))
-        for _ in range(QUESTION_BURST):
-            asker.send_multipart(p.encode(p.StatusRequest()))
-
-        answers = answers_to(asker, QUESTION_BURST)
+    answers = asked_at_once(context, broker, QUESTION_BURST)
 
     refusals = [a for a in answers if isinstance(a, p.Error)]
     assert refusals, "every one of a burst of questions was answered in full"
@@ -227,14 +230,7 @@ def test_a_broker_with_a_lower_question_quota_refuses_past_it(
 ) -> None:
     broker = launch.broker("--max-questions-per-s", str(LOW_QUOTA))
     burst = 4 * LOW_QUOTA  # sent at once: well within one second
-    with context.socket(zmq.DEALER) as asker:
-        asker.setsockopt(zmq.LINGER, 0)
-        asker.connect(broker.frontend)
-        asker.send_multipart(p.encode(p.Hello(session="asker")))
-        for _ in range(burst):
-            asker.send_multipart(p.encode(p.StatusRequest()))
-
-        answers = answers_to(asker, burst)
+    answers = asked_at_once(context, broker, burst)
 
     answered = [a for a in answers if isinstance(a, p.StatusReply)]
     refusals = [a for a in answers if isinstance(a, p.Error)]
