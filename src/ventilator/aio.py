@@ -90,7 +90,7 @@ class AsyncClient:
                     return future
                 await room.wait()
 
-    async def map(
+    def map(
         self,
         function: str | Callable[..., Any],
         iterable: Iterable[Any],
@@ -106,8 +106,22 @@ class AsyncClient:
         A map that ends early (``aclose()``, its task cancelled, a failed item
         raised) cancels the tasks whose results it has not yielded, as
         `Client.map` does.
+
+        Raises:
+            UsageError: at once, a bad `chunksize` or option, or a function
+                that cannot be named.
         """
         check_chunksize(chunksize)
+        self._client._check_job(function, **options)
+        return self._map(function, iterable, chunksize, options)
+
+    async def _map(
+        self,
+        function: str | Callable[..., Any],
+        iterable: Iterable[Any],
+        chunksize: int | None,
+        options: dict[str, Any],
+    ) -> AsyncIterator[Any]:
         # The tasks are cancelled from here: the thread that runs the map may
         # be waiting in it for a result when this task is cancelled.
         tasks = MapTasks(self._client)
@@ -128,7 +142,7 @@ class AsyncClient:
         finally:
             tasks.abandon()
 
-    async def map_outcomes(
+    def map_outcomes(
         self,
         function: str | Callable[..., Any],
         iterable: Iterable[Any],
@@ -142,12 +156,23 @@ class AsyncClient:
         yielded, as `map` does.
 
         Raises:
-            UsageError: a bad `chunksize`, `timeout_s` or `retries`, or a
-                function that cannot be named.
+            UsageError: at once, a bad `chunksize`, `timeout_s` or `retries`,
+                or a function that cannot be named.
             ClientClosed: the client was closed while the map waited.
             Exception: what `iterable` raised, after the outcomes before it.
         """
         check_chunksize(chunksize)
+        self._client._check_job(function, timeout_s=timeout_s, retries=retries)
+        return self._outcomes(function, iterable, chunksize, timeout_s, retries)
+
+    async def _outcomes(
+        self,
+        function: str | Callable[..., Any],
+        iterable: Iterable[Any],
+        chunksize: int | None,
+        timeout_s: float | None,
+        retries: int,
+    ) -> AsyncIterator[ItemOutcome]:
         tasks = MapTasks(self._client)  # cancelled from here, as in `map`
         try:
             batches = outcome_batches(

@@ -287,3 +287,25 @@ def test_async_submits_waiting_for_room_leave_questions_and_close_free(
 
     assert status["queued"] == {UNSERVED: 2}
     assert all(isinstance(o, ventilator.ClientClosed) for o in outcomes)
+
+
+def test_a_bad_chunksize_or_option_is_refused_when_map_is_called(
+    broker: BrokerProcess,
+) -> None:
+    # As Client.map: at the call, not at the first `async for` step.
+    async def body(client: ventilator.AsyncClient) -> list[str]:
+        refused = []
+        for call in (
+            lambda: client.map(tasks.square, [1], chunksize=0),
+            lambda: client.map(tasks.square, [1], timeout_s=-1),
+            lambda: client.map_outcomes(tasks.square, [1], chunksize=1.5),
+        ):
+            with pytest.raises(ventilator.UsageError) as error:
+                call()
+            refused.append(str(error.value))
+        return refused
+
+    refused = run_with(broker, body)
+
+    assert "chunksize" in refused[0] and "timeout_s" in refused[1]
+    assert "chunksize" in refused[2]
