@@ -19,9 +19,13 @@ def compute_for(seconds: float) -> None:
 
 
 def test_a_turn_on_time_is_no_stall() -> None:
-    watch = StallWatch(INTERVAL_S, time.monotonic())
+    # The clock is the test's: read twice, it let a preemption of two
+    # intervals between the reads on a loaded machine pass for a stall.
+    started = time.monotonic()
+    watch = StallWatch(INTERVAL_S, started)
 
-    assert watch.stalled_s(time.monotonic()) == 0.0
+    assert watch.stalled_s(started + INTERVAL_S) == 0.0
+    assert watch.stalled_s(started + 3 * INTERVAL_S) == 0.0
 
 
 def test_a_long_turn_that_computed_says_so() -> None:
