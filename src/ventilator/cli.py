@@ -600,6 +600,10 @@ def broker(
         telemetry = server.telemetry
         dashboard = _or_usage_error(lambda: DashboardServer(http, telemetry))
         dashboard.start()
+    # Before the endpoints are printed: a supervisor that waits for them may
+    # signal at once, and a SIGHUP nobody handles ends the process.
+    _stop_on_signals(server.stop)
+    signal.signal(signal.SIGHUP, lambda signum, frame: server.reload())
     if announce:
         endpoints = {
             "frontend": server.frontend_endpoint,
@@ -609,8 +613,6 @@ def broker(
         }
         click.echo(json.dumps(endpoints), nl=True)
         sys.stdout.flush()
-    _stop_on_signals(server.stop)
-    signal.signal(signal.SIGHUP, lambda signum, frame: server.reload())
     try:
         server.serve()
     except JournalError as exc:

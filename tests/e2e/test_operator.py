@@ -433,3 +433,21 @@ def test_purge_session_followed_by_an_option_is_a_usage_error(
 
     assert purged.returncode == 2
     assert "--session" in purged.stderr
+
+
+def test_a_sighup_as_soon_as_the_broker_announced_itself_reloads_not_kills_it(
+    launch: Launcher,
+) -> None:
+    # Its handlers were installed after it printed its endpoints: a SIGHUP from
+    # a supervisor that waits for that line could land in between, and a
+    # SIGHUP nobody handles ends the process.
+    broker = launch.broker("--log-level", "info")
+
+    broker.process.send_signal(signal.SIGHUP)
+
+    wait_until(
+        lambda: "reload asked for" in log_of(broker.process),
+        10,
+        "the broker to take the SIGHUP as a reload",
+    )
+    assert broker.process.poll() is None
