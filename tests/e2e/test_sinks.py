@@ -51,8 +51,10 @@ def test_second_receiver_of_a_sink_is_refused_and_the_first_keeps_it(
     with ventilator.Sink("totals", broker.frontend, heartbeat_interval_s=0.1) as first:
         sink_connected(client, "totals")
 
+        # Three heartbeats pass while it is refused (the old fault), and the
+        # broker has 1.5 s to answer its first ask, even on a loaded machine.
         second = ventilator.Sink(
-            "totals", broker.frontend, heartbeat_interval_s=0.1, taken_wait_s=1.0
+            "totals", broker.frontend, heartbeat_interval_s=0.5, taken_wait_s=2.0
         )
         with second, pytest.raises(ventilator.UsageError, match="another process"):
             list(second.results(idle_timeout_s=RESULT_TIMEOUT_S))
@@ -74,8 +76,10 @@ def test_a_refused_second_receiver_warns_only_that_the_sink_is_taken(
     client = launch.client(broker)
     with ventilator.Sink("totals", broker.frontend, heartbeat_interval_s=0.1):
         sink_connected(client, "totals")
+        # Three heartbeats pass while it is refused (the old fault), and the
+        # broker has 1.5 s to answer its first ask, even on a loaded machine.
         second = ventilator.Sink(
-            "totals", broker.frontend, heartbeat_interval_s=0.1, taken_wait_s=1.0
+            "totals", broker.frontend, heartbeat_interval_s=0.5, taken_wait_s=2.0
         )
         with (
             caplog.at_level(logging.WARNING, logger="ventilator.sink"),
