@@ -127,6 +127,9 @@ FAILED_HANDSHAKES_FIRST_INTERVAL_S = 10.0
 # Questions refused past a connection's quota are said at once, then after this
 # long, then twice as long each time, for as long as the flood lasts.
 QUESTION_FLOOD_FIRST_INTERVAL_S = 10.0
+# Failure records forgotten to make room for new ones (past failed_kept) are
+# said at once, then after this long, then twice as long each time.
+FORGOTTEN_FAILURES_FIRST_INTERVAL_S = 60.0
 # Messages from the open connections of a removed key, likewise.
 REMOVED_KEY_FIRST_INTERVAL_S = 10.0
 
@@ -246,6 +249,9 @@ class Broker:
         # starts, then less and less often.
         self._question_flood = Routine(
             __name__, QUESTION_FLOOD_FIRST_INTERVAL_S, level=logging.WARNING
+        )
+        self._forgotten_failures = Routine(
+            __name__, FORGOTTEN_FAILURES_FIRST_INTERVAL_S
         )
         self._trim = _MemoryTrim(TRIM_INTERVAL_S)
         self._disk_room = _DiskRoom(self.config)
@@ -1105,8 +1111,24 @@ class Broker:
             elif isinstance(notice, n.WorkerLost):
                 if self._loss_log.allows(now):
                     _log_worker_lost(notice, self._loss_log.suppressed_note())
+            elif isinstance(notice, n.FailureForgotten):
+                self._log_failures_forgotten(notice, now)
             else:
                 _log_notice(notice)
+
+    def _log_failures_forgotten(self, notice: n.FailureForgotten, now: float) -> None:
+        # Once `failed_kept` is full each new failure forgets the oldest: a line
+        # each was half of a soak run's log. Said when it starts, then less and
+        # less often, with the count since.
+        oldest = counted(notice.count, "oldest failed task", bare_one=True)
+        self._forgotten_failures.log(
+            now,
+            notice.count,
+            "forgot the %s: the broker remembers the latest %d (failed_kept); what "
+            "it forgets can no longer be retried",
+            oldest,
+            notice.kept,
+        )
 
     def _send_to_workers(
         self, messages: list[tuple[bytes, p.Command]], now: float
@@ -1592,13 +1614,6 @@ def _log_notice(notice: n.Notice) -> None:
             "their clients",
             counted(notice.count, "expired result"),
             notice.ttl_s,
-        )
-    elif isinstance(notice, n.FailureForgotten):
-        log.info(
-            "forgot the %d oldest failed tasks: the broker remembers the latest "
-            "%d (failed_kept); those can no longer be retried",
-            notice.count,
-            notice.kept,
         )
     elif isinstance(notice, n.SinkTaken):
         # A refused sink asks again every heartbeat: its first refusal is news.

@@ -29,6 +29,7 @@ from ventilator.notices import (
     ClientJoined,
     ClientLost,
     Departure,
+    FailureForgotten,
     Fault,
     Notice,
     Rejected,
@@ -431,3 +432,23 @@ def test_a_client_whose_join_was_held_back_is_not_said_to_leave(
     said = [r.getMessage() for r in caplog.records]
     assert not any("client=c1" in m for m in said), said
     assert any(m.startswith("1 more client joined not logged") for m in said), said
+
+
+def test_failures_forgotten_one_at_a_time_are_said_less_and_less_often(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Tester 20: once `failed_kept` was full, every new failure logged "forgot
+    # the 1 oldest failed tasks", half of a soak run's log.
+    server = Broker(BrokerConfig(journal=None, durability="memory"))
+    try:
+        with caplog.at_level(logging.INFO, logger="ventilator.broker"):
+            for second in range(600):  # one failure a second for 10 minutes
+                server._log_notices([FailureForgotten(1, 1000)], now=float(second))
+    finally:
+        server.stop()
+        server.serve()
+
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert 2 <= len(said) <= 6, said
+    assert said[0].startswith("forgot the oldest failed task:")
+    assert "more like it" in said[-1]
