@@ -67,6 +67,7 @@ from ._progress import Progress
 from ._words import counted
 from .errors import TaskError, TaskTimeout
 from .execution import run_task
+from .logs import Routine
 from .policy import Backoff
 from .registry import load_functions
 from .serialization import pack_error
@@ -103,6 +104,9 @@ CHILD_RESTART_BACKOFF = Backoff(base_s=0.5, cap_s=30.0, jitter=0.2)
 START_FAILURE_REPEAT_S = 300.0
 # How long to wait for a lost child to be reaped, to log how it ended.
 REAP_WAIT_S = 0.05
+# Tasks the broker took back (cancelled, mostly) are said at once, then after
+# this long, then twice as long each time, by the worker and its pool.
+TAKEN_BACK_FIRST_INTERVAL_S = 60.0
 # The variable that marks the environment of a task process with its own
 # token, inherited by whatever it starts: what finds those once it is gone.
 TASK_PROCESS_ENV = "VENTILATOR_TASK_PROCESS"
@@ -321,6 +325,9 @@ class ProcessPool:
         # outcomes are dropped, and a child whose running batch holds one is
         # stopped.
         self._released: set[tuple[int, int]] = set()
+        # As the worker's line on tasks taken back: routine for a client that
+        # cancels a lot.
+        self._stops_of_released = Routine(__name__, TAKEN_BACK_FIRST_INTERVAL_S)
         # Per function: a batch is sized by how long its own function runs.
         self._task_s: dict[str, TaskDuration] = {}
         self._children = [self._spawn() for _ in range(size)]
@@ -478,7 +485,9 @@ class ProcessPool:
             for batch in child.sent
             for r in batch
         )
-        log.info(
+        self._stops_of_released.log(
+            time.monotonic(),
+            1,
             "stopping task process pid=%d: it runs a task the broker took back "
             "(other tasks in its pipe, which wait again: %d); starting a new one",
             child.process.pid,

@@ -32,9 +32,9 @@ from ._timing import StallWatch, poll_timeout_ms
 from ._unconfirmed import Unconfirmed
 from ._words import counted
 from .errors import TaskRejected, UsageError
-from .logs import Dwindling
+from .logs import Dwindling, Routine
 from .policy import Prefetch, check_at_least, check_heartbeat
-from .pool import Pool, TaskDuration, make_pool
+from .pool import TAKEN_BACK_FIRST_INTERVAL_S, Pool, TaskDuration, make_pool
 from .registry import load_functions
 from .security import client_keys, is_loopback
 from .serialization import pack_error
@@ -144,6 +144,9 @@ class Worker:
         self._stopping = False
         # Registered as serving nothing, since no task process can start.
         self._benched = False
+        # Tasks taken back are routine for a client that cancels a lot: said
+        # when it starts, then less and less often.
+        self._taken_back = Routine(__name__, TAKEN_BACK_FIRST_INTERVAL_S)
 
     def stop(self, at_once: bool = False) -> None:
         """Leave gracefully: take no new tasks, finish the held ones, then go.
@@ -397,7 +400,9 @@ class Worker:
         self._unconfirmed.forget(tickets)
         given_up = self._pool.release(tickets)
         if given_up:
-            log.info(
+            self._taken_back.log(
+                time.monotonic(),
+                given_up,
                 "the broker took back %s held here worker=%s (cancelled, past "
                 "their deadline, or given to another worker); stopped them",
                 counted(given_up, "task"),

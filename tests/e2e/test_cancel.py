@@ -417,3 +417,21 @@ def test_a_map_left_at_its_first_item_leaves_no_results_for_its_session(
         return not row or not (row[0]["pending"] or row[0]["unacknowledged"])
 
     status_when(observer, holds_nothing, 10, "no result left for the session")
+
+
+def test_a_worker_says_the_cancels_of_its_running_tasks_once_then_less_often(
+    launch: Launcher, broker: BrokerProcess
+) -> None:
+    # Tester 20: a client that cancels a lot made each worker log two INFO
+    # lines per cancelled running task, about 37 a minute.
+    worker = launch.worker(broker, concurrency=1, extra=["--log-level", "info"])
+    client = launch.client(broker)
+    wait_for_workers(client, 1)
+
+    for _ in range(3):
+        cancel_while_running(client)  # the next starts once the slot is free
+    assert client.submit(tasks.square, 3).result(PROBE_TIMEOUT_S) == 9
+
+    log = log_of(worker.process)
+    assert log.count("the broker took back 1 task") == 1, log
+    assert log.count("stopping task process") == 1, log
