@@ -2080,6 +2080,14 @@ def _clients_table(clients: list[dict[str, Any]], counts: dict[str, int] | None)
             "; held: its unread results fill --client-max-bytes, so its queued "
             "tasks do not run until it collects some"
         )
+    if any(not c["connected"] and c["pending"] for c in clients):
+        # Most often a client killed mid-run: its results count in the limits
+        # for a day, and nothing else says how to let them go.
+        table.caption += (
+            "; a session not connected keeps its results for result_ttl_s (a "
+            "day) for a client that resumes it: `ventilator purge --session "
+            "NAME` drops them"
+        )
     table.add_column("name", overflow="fold", ratio=1)
     # No kind column: a sink's name says it (sink:NAME), and "tasks" needs
     # the room.
