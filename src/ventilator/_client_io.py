@@ -212,6 +212,11 @@ class ClientIO:
         """Wait for the thread to leave, after `Handover.close`."""
         self.thread.join()
 
+    @property
+    def silence_s(self) -> float:
+        """How long without a word before the broker is presumed gone."""
+        return self._heartbeat_interval_s * self._liveness
+
     def send_now(self) -> bool:
         """Send what is queued from the caller's thread, if the I/O thread is
         idle in its wait; False when it must be woken to do it (or to read).

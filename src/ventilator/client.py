@@ -754,6 +754,11 @@ class Client:
         log.info(
             "the program ends with a Client open; closing it session=%s", self.session
         )
+        if self._io.broker_heard_at is None:
+            # No broker ever answered: wait as long as it takes to call one
+            # silent, not the whole wait (a Ctrl-C on a script facing no
+            # broker was followed by it, uninterruptible).
+            timeout_s = min(timeout_s, self._io.silence_s)
         self.close(timeout_s)
 
     def _forked(self, parent_pid: int) -> None:

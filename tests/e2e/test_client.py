@@ -633,6 +633,23 @@ def test_a_program_that_ends_before_the_broker_accepts_its_tasks_says_so() -> No
     assert "never queued" in ended.stderr and "unaccepted=3" in ended.stderr
 
 
+def test_a_program_that_never_reached_a_broker_does_not_wait_long_at_its_end() -> None:
+    # Ctrl-C on a script facing no broker, then the full wait at exit for a
+    # broker that never answered (a second Ctrl-C did not cut it short). A
+    # client that never heard one waits as long as it takes to call it silent:
+    # here 0.3 s, against an exit wait of a minute, past this test's deadline.
+    ended = run_program(
+        "import ventilator._open_clients as c; c.EXIT_CLOSE_TIMEOUT_S = 60\n"
+        "import sys, ventilator\n"
+        "client = ventilator.Client(sys.argv[1], heartbeat_interval_s=0.1)\n"
+        f"client.submit('{TASKS}:square', 2)\n",
+        f"tcp://127.0.0.1:{free_port()}",
+    )
+
+    assert ended.returncode == 0
+    assert "unaccepted=1" in ended.stderr
+
+
 # A program whose forked child uses the client its parent made.
 FORKED_CHILD_PROGRAM = f"""
 import os, sys, ventilator
