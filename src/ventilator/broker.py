@@ -57,7 +57,7 @@ from .errors import JournalError, ProtocolError, UsageError
 from .gateway import MdpGateway, MdpSettings
 from .journal import Journal, MemoryJournal, open_journal
 from .logs import RateLimit as _RateLimit
-from .logs import Routine
+from .logs import Routine, Routines
 from .policy import Limits
 from .security import CLIENT, WORKER, Gate, Identity, KeyStore, PeerCount, ServerKeys
 from .telemetry import Telemetry
@@ -224,7 +224,9 @@ class Broker:
         os.set_blocking(self._wake_read, False)
         self._refusal_log = _RateLimit(per_s=1.0, what="refused message")
         # By socket and event: see FAILED_HANDSHAKES_FIRST_INTERVAL_S.
-        self._failed_handshakes: dict[tuple[bytes, int], Routine] = {}
+        self._failed_handshakes: Routines[tuple[bytes, int]] = Routines(
+            __name__, FAILED_HANDSHAKES_FIRST_INTERVAL_S, level=logging.WARNING
+        )
         self._unfinished = _wire.UnfinishedHandshakes(HANDSHAKE_SETTLE_S)
         self._routine_handshakes = {
             tag: Routine(__name__, ROUTINE_HANDSHAKES_FIRST_INTERVAL_S)
@@ -787,13 +789,7 @@ class Broker:
             _log_unfinished(_SIDES[settled_tag], unfinished, interval_s, now, routine)
 
     def _log_failed_handshake(self, tag: bytes, event: int, now: float) -> None:
-        routine = self._failed_handshakes.get((tag, event))
-        if routine is None:
-            routine = Routine(
-                __name__, FAILED_HANDSHAKES_FIRST_INTERVAL_S, level=logging.WARNING
-            )
-            self._failed_handshakes[(tag, event)] = routine
-        routine.log(
+        self._failed_handshakes.of((tag, event)).log(
             now,
             1,
             "a connection to the %s socket failed its handshake (%s): %s",

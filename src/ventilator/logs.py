@@ -17,6 +17,7 @@ import json
 import logging
 import sys
 from datetime import UTC, datetime
+from typing import Generic, TypeVar
 
 from ._words import counted
 
@@ -28,6 +29,7 @@ __all__ = [
     "JsonFormatter",
     "RateLimit",
     "Routine",
+    "Routines",
     "configure",
 ]
 
@@ -36,6 +38,8 @@ LOG_FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # The `extra` key of a record whose news an exception also carries to the caller.
 RAISED_TOO = "ventilator_raised_too"
+
+K = TypeVar("K")
 
 
 class JsonFormatter(logging.Formatter):
@@ -191,3 +195,35 @@ class Routine:
         )
         self._unsaid = 0
         return note
+
+
+class Routines(Generic[K]):
+    """A `Routine` per key (a socket and event, a refused key), made when the
+    key first occurs. At most `remembered` are kept, the oldest made dropped
+    first: keys a peer chooses must not grow the broker without bound, and a
+    key forgotten is only said at once again."""
+
+    def __init__(
+        self,
+        log_name: str,
+        first_interval_s: float,
+        level: int = logging.INFO,
+        remembered: int = 1024,
+    ) -> None:
+        self._log_name = log_name
+        self._first_interval_s = first_interval_s
+        self._level = level
+        self._remembered = remembered
+        self._by_key: dict[K, Routine] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+    def of(self, key: K) -> Routine:
+        routine = self._by_key.get(key)
+        if routine is None:
+            if len(self._by_key) >= self._remembered:
+                del self._by_key[next(iter(self._by_key))]
+            routine = Routine(self._log_name, self._first_interval_s, level=self._level)
+            self._by_key[key] = routine
+        return routine

@@ -43,7 +43,7 @@ from zmq.utils import z85
 from . import protocol as p
 from . import scheduler as s
 from .errors import UsageError
-from .logs import RateLimit, Routine
+from .logs import RateLimit, Routines
 
 __all__ = [
     "CLIENT",
@@ -724,7 +724,9 @@ class KeyRefusals:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._flood = RateLimit(per_s=1.0, what="refused handshake")
-        self._by_key: dict[str, Routine] = {}
+        self._by_key: Routines[str] = Routines(
+            __name__, self.FIRST_INTERVAL_S, remembered=self.REMEMBERED
+        )
 
     def __len__(self) -> int:
         return len(self._by_key)
@@ -733,7 +735,7 @@ class KeyRefusals:
         """A handshake refused at `now`, of `key` (its fingerprint; None when
         the refusal is not the key's): log `message % args` if it is due."""
         with self._lock:
-            routine_note = "" if key is None else self._routine(key).note(now, 1)
+            routine_note = "" if key is None else self._by_key.of(key).note(now, 1)
             if routine_note is None:
                 log.debug(message, *args)
                 return
@@ -749,11 +751,3 @@ class KeyRefusals:
         if any."""
         with self._lock:
             return self._flood.held_back(now)
-
-    def _routine(self, key: str) -> Routine:
-        routine = self._by_key.get(key)
-        if routine is None:
-            if len(self._by_key) >= self.REMEMBERED:
-                del self._by_key[next(iter(self._by_key))]
-            routine = self._by_key[key] = Routine(__name__, self.FIRST_INTERVAL_S)
-        return routine
