@@ -121,21 +121,16 @@ class FullQueues:
 
     def forget_old(self, now: float) -> None:
         """Forget connections that met no full queue for `FORGET_AFTER_S`."""
-        old = [
-            peer
+        self._episodes = {
+            peer: episode
             for peer, episode in self._episodes.items()
-            if now - episode.last_at > FORGET_AFTER_S
-        ]
-        for peer in old:
-            del self._episodes[peer]
-
-        over = [
-            peer
+            if now - episode.last_at <= FORGET_AFTER_S
+        }
+        self._quiet = {
+            peer: quiet
             for peer, quiet in self._quiet.items()
-            if now - quiet.until > FORGET_AFTER_S
-        ]
-        for peer in over:
-            del self._quiet[peer]
+            if now - quiet.until <= FORGET_AFTER_S
+        }
 
 
 def _short_spells(quiet: _Quiet | None) -> str:

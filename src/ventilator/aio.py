@@ -17,7 +17,6 @@ from typing import Any
 from . import protocol as p
 from ._maps import (
     MapTasks,
-    check_chunksize,
     map_batches,
     map_each,
     outcome_batches,
@@ -111,8 +110,7 @@ class AsyncClient:
             UsageError: at once, a bad `chunksize` or option, or a function
                 that cannot be named.
         """
-        check_chunksize(chunksize)
-        self._client._check_job(function, **options)
+        self._client._check_map(function, chunksize, **options)
         return self._map(function, iterable, chunksize, options)
 
     async def _map(
@@ -161,8 +159,9 @@ class AsyncClient:
             ClientClosed: the client was closed while the map waited.
             Exception: what `iterable` raised, after the outcomes before it.
         """
-        check_chunksize(chunksize)
-        self._client._check_job(function, timeout_s=timeout_s, retries=retries)
+        self._client._check_map(
+            function, chunksize, timeout_s=timeout_s, retries=retries
+        )
         return self._outcomes(function, iterable, chunksize, timeout_s, retries)
 
     async def _outcomes(

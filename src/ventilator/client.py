@@ -328,8 +328,7 @@ class Client:
             UsageError: at once, a bad `chunksize` or option, or a function
                 that cannot be named.
         """
-        check_chunksize(chunksize)
-        self._check_job(function, **options)
+        self._check_map(function, chunksize, **options)
         return self._map(function, iterable, chunksize, options)
 
     def _map(
@@ -376,8 +375,7 @@ class Client:
             ClientClosed: the client was closed while the map waited.
             Exception: what `iterable` raised, after the outcomes before it.
         """
-        check_chunksize(chunksize)
-        self._check_job(function, timeout_s=timeout_s, retries=retries)
+        self._check_map(function, chunksize, timeout_s=timeout_s, retries=retries)
         batches = outcome_batches(
             self, function, iterable, chunksize, timeout_s, retries
         )
@@ -686,6 +684,14 @@ class Client:
         name, flags = self._name_of(function)
         _check_task(p.TaskSpec(0, name, b"", flags, **options))
         return name, flags
+
+    def _check_map(
+        self, function: str | Callable[..., Any], chunksize: int | None, **options: Any
+    ) -> None:
+        """Refuse a map's bad arguments when it is called, not at its first
+        item: a map is a generator, which runs nothing until then."""
+        check_chunksize(chunksize)
+        self._check_job(function, **options)
 
     def _name_of(self, function: str | Callable[..., Any]) -> tuple[str, int]:
         """The name a task of `function` goes by, and its flags."""
