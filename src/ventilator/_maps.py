@@ -185,9 +185,9 @@ def map_each(
     options: dict[str, Any],
     tasks: MapTasks | None = None,
 ) -> Iterator[Any]:
-    """`Client.map` with a task per item (with a sink, or a chunksize of 1)."""
+    """`Client.map` with a task per item (with a sink, or a chunksize of 1);
+    its arguments were checked when the map was called (`Client._check_map`)."""
     client._refuse_to_wait("map()")
-    client._check_job(function, **options)
     tasks = tasks or MapTasks(client)
     wakeup = threading.Condition()
     slots: deque[Slot] = deque()
