@@ -202,6 +202,10 @@ class ClientIO:
         self.thread = threading.Thread(
             target=self._run, name=f"ventilator-client-{self.session[:8]}", daemon=True
         )
+        # Set as the thread leaves. Waited on where `thread.join()` cannot be
+        # trusted: once a join was interrupted (Ctrl-C), CPython may take the
+        # thread for stopped while it runs on (bpo-45274's fix).
+        self.left = threading.Event()
 
     # --- what the caller's side calls ---------------------------------------------
 
@@ -244,6 +248,8 @@ class ClientIO:
                 self._serve()
             except Exception as exc:  # a bug of ours: nothing may hang on it
                 self._broke(exc)
+            finally:
+                self.left.set()
 
     def _broke(self, cause: Exception) -> None:
         """The I/O thread failed: fail what waits on it, and every later call."""

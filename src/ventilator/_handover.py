@@ -348,6 +348,15 @@ class Handover:
         self.wake()
         return True
 
+    def stop_waiting(self) -> None:
+        """Closing: have the I/O thread leave now, whatever the broker has not
+        accepted yet (it says how many), rather than at the close deadline."""
+        with self.room:
+            self.closed = True
+            self.close_deadline = 0.0
+            self.room_changed()
+        self.wake()
+
     def drop(self) -> None:
         """The Client was dropped without close(): have its I/O thread close
         it, and leave.

@@ -15,6 +15,7 @@ child's end leaves them alone, as they are its parent's.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import time
@@ -26,12 +27,19 @@ log = logging.getLogger(__name__)
 # How long the Clients still open when the program ends wait, all together,
 # for their brokers to accept what they sent (close() waits 10 s by default).
 EXIT_CLOSE_TIMEOUT_S = 10.0
+# After a Ctrl-C during that wait: how long each Client gets to leave and say
+# what its broker never accepted.
+INTERRUPTED_CLOSE_TIMEOUT_S = 1.0
 
 
 class OpenClient(Protocol):
     def _close_at_exit(self, timeout_s: float) -> None:
         """Close, as the program ends, waiting at most `timeout_s` for the
         broker."""
+
+    def _stop_waiting_at_exit(self, timeout_s: float) -> None:
+        """Leave the broker now, as the program ends interrupted; take at most
+        `timeout_s` to say what was left unaccepted."""
 
     def _forked(self, parent_pid: int) -> None:
         """This process is a child forked from `parent_pid`, which made it."""
@@ -57,7 +65,24 @@ def _close_all_at_exit() -> None:
     # sending while the first closed, and the program must end.
     deadline = time.monotonic() + EXIT_CLOSE_TIMEOUT_S
     for client in left_open:
-        client._close_at_exit(max(0.0, deadline - time.monotonic()))
+        try:
+            client._close_at_exit(max(0.0, deadline - time.monotonic()))
+        except KeyboardInterrupt:
+            _stop_waiting(left_open)
+            return
+
+
+def _stop_waiting(clients: list[OpenClient]) -> None:
+    """Ctrl-C while closing at exit: the user wants the program to end now,
+    not a traceback from this hook. Each Client leaves at once and says what
+    its broker never accepted; a second Ctrl-C cuts even that short."""
+    log.warning(
+        "interrupted while waiting at exit for the broker to accept what was sent: "
+        "leaving now"
+    )
+    with contextlib.suppress(KeyboardInterrupt):
+        for client in clients:
+            client._stop_waiting_at_exit(INTERRUPTED_CLOSE_TIMEOUT_S)
 
 
 def _forget_all_in_child() -> None:

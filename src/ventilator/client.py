@@ -767,6 +767,16 @@ class Client:
             timeout_s = min(timeout_s, self._io.silence_s)
         self.close(timeout_s)
 
+    def _stop_waiting_at_exit(self, timeout_s: float) -> None:
+        """The program is ending and its user said not to wait (Ctrl-C): leave
+        the broker now. The I/O thread gets `timeout_s` to say what it leaves
+        unaccepted, which would otherwise go unsaid."""
+        if self._forked_from is not None:
+            return
+        _open_clients.untrack(self)
+        self._handover.stop_waiting()
+        self._io.left.wait(timeout_s)
+
     def _forked(self, parent_pid: int) -> None:
         """This process is a child forked from `parent_pid`, whose client
         this is: only the forking thread came along, not the I/O thread."""

@@ -7,6 +7,7 @@ import contextlib
 import functools
 import gc
 import os
+import selectors
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import zmq
 import ventilator
 from ventilator import _wire
 from ventilator import protocol as p
+from ventilator._open_clients import EXIT_CLOSE_TIMEOUT_S
 from ventilator.client import WINDOW_BYTES_MIN_TASKS
 from ventilator.serialization import pack_call, pack_value, unpack_value
 
@@ -36,6 +38,7 @@ from .conftest import (
     child_env,
     descendants,
     free_port,
+    paused,
     status_when,
     stop_process_ids,
     wait_for_workers,
@@ -648,6 +651,79 @@ def test_a_program_that_never_reached_a_broker_does_not_wait_long_at_its_end() -
 
     assert ended.returncode == 0
     assert "unaccepted=1" in ended.stderr
+
+
+# A program that stops its broker's answers from counting: it submits while the
+# broker is stopped, so that its end waits for the broker to accept them.
+WAIT_AT_EXIT_PROGRAM = f"""
+import logging, sys, ventilator
+from {TASKS} import square
+logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(message)s")
+client = ventilator.Client(sys.argv[1])
+assert client.submit(square, 3).result(20) == 9
+print("heard the broker", flush=True)
+sys.stdin.readline()
+for x in range(50):
+    client.submit(square, x)
+"""
+
+
+def test_ctrl_c_while_a_program_waits_at_its_end_stops_the_wait_and_says_so(
+    launch: Launcher, broker: BrokerProcess
+) -> None:
+    # Before, a Ctrl-C during the exit wait broke off with a traceback from
+    # an atexit hook, and nothing said that 50 tasks were never queued.
+    launch.worker(broker)
+    program = subprocess.Popen(
+        [sys.executable, "-c", WAIT_AT_EXIT_PROGRAM, broker.frontend],
+        env=child_env(),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        read_line_containing(program, b"heard the broker", RESULT_TIMEOUT_S)
+        with paused(broker.pid):
+            assert program.stdin is not None
+            program.stdin.write(b"\n")
+            program.stdin.flush()
+            read_line_containing(program, b"ends with a Client open", RESULT_TIMEOUT_S)
+
+            program.send_signal(signal.SIGINT)
+            # Well before the exit wait of 10 s would have ended on its own.
+            said, _ = program.communicate(timeout=EXIT_CLOSE_TIMEOUT_S / 2)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(program.pid, signal.SIGKILL)
+        program.wait()
+
+    assert b"Traceback" not in said, said
+    assert b"unaccepted=50" in said, said
+
+
+def read_line_containing(
+    process: subprocess.Popen[bytes], text: bytes, timeout_s: float
+) -> bytes:
+    """Read `process`'s stdout up to the first line holding `text`, under a
+    deadline; a byte at a time, so nothing after it is consumed."""
+    assert process.stdout is not None
+    fd = process.stdout.fileno()
+    deadline = time.monotonic() + timeout_s
+    line = b""
+    with selectors.DefaultSelector() as selector:
+        selector.register(fd, selectors.EVENT_READ)
+        while not (line.endswith(b"\n") and text in line):
+            if line.endswith(b"\n"):
+                line = b""
+            remaining_s = deadline - time.monotonic()
+            if remaining_s <= 0 or not selector.select(remaining_s):
+                raise AssertionError(f"no line with {text!r} within {timeout_s:g}s")
+            byte = os.read(fd, 1)
+            if not byte:
+                raise AssertionError(f"the program ended before a line with {text!r}")
+            line += byte
+    return line
 
 
 # A program whose forked child uses the client its parent made.
