@@ -64,11 +64,13 @@ def _close_all_at_exit() -> None:
     # One wait for them all, not one each: their I/O threads all went on
     # sending while the first closed, and the program must end.
     deadline = time.monotonic() + EXIT_CLOSE_TIMEOUT_S
-    for client in left_open:
+    for index, client in enumerate(left_open):
         try:
             client._close_at_exit(max(0.0, deadline - time.monotonic()))
         except KeyboardInterrupt:
-            _stop_waiting(left_open)
+            # Not those closed already: their wake-up pipes are closed, and
+            # the descriptors may be another file's by now.
+            _stop_waiting(left_open[index:])
             return
 
 
