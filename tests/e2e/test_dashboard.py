@@ -285,6 +285,9 @@ def test_dashboard_shows_what_the_api_reports(
     failures = page.get_by_test_id("failures-table")
     assert "ValueError: failed on purpose: bad 0" in failures.inner_text()
     assert "raised" in failures.inner_text()
+    # Task ids are 64-bit: read as a JavaScript number, one was shown rounded.
+    failure = api(web_broker, "failed")["failed"][0]
+    assert f"{failure['session']} · {failure['task_id']}" in failures.inner_text()
     # The list is journalled and outlives a restart; the count is this run's.
     note = page.locator("#failed-note").inner_text()
     assert note == "(latest 1; 1 failed since the broker started)"
