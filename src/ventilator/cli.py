@@ -1354,19 +1354,31 @@ class _Run:
 
 @dataclass(slots=True)
 class _Stopping:
-    """What became of a run's unfinished lines when it stopped early."""
+    """How far a run got, and what became of its unfinished lines when it
+    stopped early."""
 
-    # Lines whose tasks a broker was asked to cancel and did not confirm it
-    # (it was down): those it had accepted may still run there.
+    # Lines whose records were written, and how many of those failed.
+    written: int = 0
+    failed: int = 0
+    # Lines read whose records were not written: their tasks are cancelled.
+    unfinished: int = 0
+    # Of those, lines whose tasks a broker was asked to cancel and did not
+    # confirm it (it was down): those it had accepted may still run there.
     unconfirmed: int = 0
     # The command that drops them, and their results, once the broker is back.
     purge: str = ""
 
+    def wrote(self, ok: bool) -> None:
+        self.written += 1
+        self.failed += not ok
+
     def outcome(self) -> str:
+        done = f"after {counted(self.written, 'line')} ({self.failed} failed); "
         if not self.unconfirmed:
-            return "unfinished tasks cancelled"
+            unfinished = counted(self.unfinished, "unfinished line")
+            return f"{done}the tasks of {unfinished} cancelled"
         return (
-            "could not reach the broker to cancel the tasks of "
+            f"{done}could not reach the broker to cancel the tasks of "
             f"{counted(self.unconfirmed, 'unfinished line')}; those it had "
             "accepted may still run there, their "
             "results kept for this run's session until they expire. Once the "
@@ -1407,13 +1419,13 @@ def _run(job: _Job, run: _Run) -> int:
         if exc.broken_pipe:
             # As `yes | head` ends: quietly, with the status of SIGPIPE.
             return 128 + signal.SIGPIPE
-        click.echo(f"ventilator: {exc}; {stopping.outcome()}", err=True)
+        click.echo(f"ventilator: {exc}, {stopping.outcome()}", err=True)
         return 1
     except KeyboardInterrupt:
-        click.echo(f"ventilator: interrupted; {stopping.outcome()}", err=True)
+        click.echo(f"ventilator: interrupted {stopping.outcome()}", err=True)
         return 130
     except _Terminated:
-        click.echo(f"ventilator: terminated; {stopping.outcome()}", err=True)
+        click.echo(f"ventilator: terminated {stopping.outcome()}", err=True)
         return 128 + signal.SIGTERM
     return 1 if failed else 0
 
@@ -1432,7 +1444,6 @@ def _run_tasks(job: _Job, run: _Run, stopping: _Stopping) -> int:
             job.connected(client)
         bar = stack.enter_context(_Progress(run.progress))
         started = time.perf_counter()
-        done = failed = 0
         # Lines read and not yet written: the map reads ahead of its output.
         read: deque[tuple[str, Any]] = deque()
         items = _items(job, run.lines, read, bar)
@@ -1443,20 +1454,17 @@ def _run_tasks(job: _Job, run: _Run, stopping: _Stopping) -> int:
             )
             for outcomes in batches:
                 for line, item, outcome in _line_outcomes(outcomes, read):
-                    ok = _write_record(run.output, job, line, item, outcome)
-                    done += 1
-                    failed += not ok
+                    stopping.wrote(_write_record(run.output, job, line, item, outcome))
                     bar.advance()
                 # Each batch as it comes: input may pause (tail -f) for hours.
                 run.output.flush()
             for line, item, outcome in _unsent(read):
-                failed += not _write_record(run.output, job, line, item, outcome)
-                done += 1
+                stopping.wrote(_write_record(run.output, job, line, item, outcome))
                 bar.advance()
         run.output.flush()
 
-    _summary(done, failed, time.perf_counter() - started, job.sink)
-    return failed
+    _summary(stopping.written, stopping.failed, time.perf_counter() - started, job.sink)
+    return stopping.failed
 
 
 @contextlib.contextmanager
@@ -1474,7 +1482,7 @@ def _cancelled_unless_done(
     try:
         yield
     except BaseException:
-        lines = len(unfinished)
+        lines = stopping.unfinished = len(unfinished)
         batches.close()
         if run.connect is None:
             # The embedded broker ends with the run: its client need not wait
