@@ -50,7 +50,7 @@ _HOMES = {
     "ClientExecutor": "client",
     "ItemOutcome": "client",
     "Limits": "policy",
-    "LocalCluster": "local",
+    "LocalCluster": "embedded",
     "ServerKeys": "security",
     "Sink": "sink",
     "SinkResult": "sink",
@@ -58,7 +58,7 @@ _HOMES = {
     "Worker": "worker",
     "WorkerConfig": "worker",
     "generate_keys": "security",
-    "local": "local",
+    "local": "embedded",
     "mdp_service": "registry",
 }
 
@@ -66,7 +66,7 @@ if TYPE_CHECKING:
     from .aio import AsyncClient
     from .broker import Broker, BrokerConfig
     from .client import Client, ClientExecutor, ItemOutcome, TaskFuture
-    from .local import LocalCluster, local
+    from .embedded import LocalCluster, local
     from .policy import Backoff, Limits
     from .registry import mdp_service
     from .security import ServerKeys, generate_keys

@@ -38,6 +38,7 @@ from ._words import counted
 from .broker import DEFAULT_JOURNAL_MIN_FREE_BYTES, Broker, BrokerConfig
 from .client import DEFAULT_ADDRESS, Client, ItemOutcome, TaskFuture
 from .dashboard import DashboardServer, parse_http_address
+from .embedded import LocalCluster
 from .errors import (
     JournalError,
     NetworkError,
@@ -49,7 +50,6 @@ from .errors import (
 )
 from .gateway import MdpSettings
 from .journal import DURABILITY_MODES
-from .local import LocalCluster
 from .policy import MAX_INTERVAL_S, MIN_HEARTBEAT_INTERVAL_S, Limits
 from .pool import POOL_KINDS
 from .registry import resolve
