@@ -54,12 +54,13 @@ from ._questions import QuestionQuota
 from ._timing import StallWatch, poll_timeout_ms
 from ._words import counted
 from .errors import JournalError, ProtocolError, UsageError
+from .gate import Gate, PeerCount
 from .gateway import MdpGateway, MdpSettings
 from .journal import Journal, MemoryJournal, open_journal
 from .logs import RateLimit as _RateLimit
 from .logs import Routine, Routines
 from .policy import Limits
-from .security import CLIENT, WORKER, Gate, Identity, KeyStore, PeerCount, ServerKeys
+from .security import CLIENT, WORKER, Identity, KeyStore, ServerKeys
 from .telemetry import Telemetry
 
 __all__ = ["Broker", "BrokerConfig"]

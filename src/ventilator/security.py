@@ -8,12 +8,14 @@ refused). Allow lists are folders of public certificates as
 file beside one limits that key to the functions matching its glob patterns, one
 per line (``reports:*``). No such file: every function.
 
-The gate is pyzmq's ZAP handler (`zmq.auth.thread.ThreadAuthenticator`) asking a
-`KeyStore` per handshake. It also runs without CURVE, for its other job: refusing
-connections past the broker's peer limit. On an accepted CURVE connection the
-ZAP User-Id is the client's public key, so the broker can tell, for every
-message, which key sent it, and check it against the *live* allow list: a key
-removed by a reload loses access even on a connection it already holds.
+The broker's gate, which asks a `KeyStore` per handshake, is in `gate`. On an
+accepted CURVE connection the ZAP User-Id is the client's public key, so the
+broker can tell, for every message, which key sent it, and check it against
+the *live* allow list: a key removed by a reload loses access even on a
+connection it already holds.
+
+Clients and workers import this module for their keys: what they do not use,
+pyzmq's `zmq.auth` (asyncio with it), is imported where it is used.
 """
 
 from __future__ import annotations
@@ -27,23 +29,22 @@ import os
 import re
 import shutil
 import tempfile
-import threading
-import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import zmq
-import zmq.auth
-from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
 from . import protocol as p
-from . import scheduler as s
 from .errors import UsageError
-from .logs import RateLimit, Routines
+
+if TYPE_CHECKING:
+    # Only for annotations: clients import this module, and the scheduler is
+    # the broker's (a fifth of a client's start).
+    from .scheduler import Scope
 
 __all__ = [
     "CLIENT",
@@ -69,12 +70,12 @@ CLIENTS: tuple[str, ...] = (CLIENT,)
 WORKERS: tuple[str, ...] = (WORKER,)
 MDP: tuple[str, ...] = (CLIENT, WORKER)
 # The ZAP domain of each kind of socket: it tells the gate which lists apply.
-_DOMAINS = {
+DOMAINS = {
     CLIENTS: "ventilator.clients",
     WORKERS: "ventilator.workers",
     MDP: "ventilator.mdp",
 }
-ROLES_OF_DOMAIN = {domain: roles for roles, domain in _DOMAINS.items()}
+ROLES_OF_DOMAIN = {domain: roles for roles, domain in DOMAINS.items()}
 RIGHTS_SUFFIX = ".functions"
 # What a connection without CURVE carries as its ZAP User-Id.
 ANONYMOUS = "anonymous"
@@ -153,7 +154,7 @@ class Admitted:
     forbidden: str | None = None  # why the whole command is refused
     code: str = "forbidden"  # the ERROR code that refusal is sent with
     # What the command sees and reaches, for a key with limited rights.
-    scope: s.Scope | None = None
+    scope: Scope | None = None
 
 
 class Admission:
@@ -290,12 +291,14 @@ class Admission:
         return replace(ready, services=services, allow_pickle=pickle)
 
 
-def scope_of(identity: Identity) -> s.Scope | None:
+def scope_of(identity: Identity) -> Scope | None:
     """What a key's status and operator commands see and reach: with limited
     rights, its own sessions and the functions it may submit; else all."""
+    from .scheduler import Scope  # the broker's, loaded by then
+
     if identity.rights.unrestricted:
         return None
-    return s.Scope(f"{identity.fingerprint}.", identity.rights.allows_task)
+    return Scope(f"{identity.fingerprint}.", identity.rights.allows_task)
 
 
 def qualified_session(identity: Identity, session: str) -> str:
@@ -358,6 +361,8 @@ def generate_keys(
     # not even between its creation and the chmod.
     staging = Path(tempfile.mkdtemp(prefix=".keys-", dir=target))
     try:
+        import zmq.auth
+
         made_public, made_secret = zmq.auth.create_certificates(staging, name)
         os.chmod(made_secret, 0o600)
         os.replace(made_secret, secret)
@@ -429,6 +434,8 @@ def _load(path: str | os.PathLike[str], what: str) -> tuple[bytes, bytes | None]
             f"{type(path).__name__}; its value is not shown, as it may be a key"
         )
     try:
+        import zmq.auth
+
         return zmq.auth.load_certificate(path)
     except (OSError, ValueError) as exc:
         if _looks_like_a_key(path):
@@ -541,7 +548,7 @@ class ServerKeys:
 
 def domain(roles: tuple[str, ...]) -> str:
     """The ZAP domain of a socket that lets in the keys of `roles`."""
-    return _DOMAINS[roles]
+    return DOMAINS[roles]
 
 
 @dataclass(frozen=True, slots=True)
@@ -612,142 +619,3 @@ def is_loopback(endpoint: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False  # "*", an interface name or a host name: assume exposed
-
-
-# --- the gate -------------------------------------------------------------------
-
-
-class PeerCount:
-    """Open connections of a broker. The broker's loop counts accepted and
-    closed connections from socket monitor events; the ZAP thread counts the
-    handshakes it is asked about. Each counter has one writer.
-
-    Every connection is accepted before its handshake asks ZAP, so both
-    `accepted` and `handshakes` are lower bounds of the connections accepted
-    so far, whichever lags: their larger one, less those seen closed, bounds
-    the open connections without waiting for the loop to catch up (a close not
-    yet seen only makes a newcomer wait and retry).
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.accepted = 0
-        self.closed = 0
-        self.handshakes = 0
-
-    @property
-    def open(self) -> int:
-        return max(self.accepted, self.handshakes) - self.closed
-
-    def admit(self) -> bool:
-        """Count a handshake; whether it fits under the limit."""
-        self.handshakes += 1
-        return self.open <= self.limit
-
-
-class Gate(ThreadAuthenticator):
-    """The ZAP handler: a key is let in only on the socket of its role, and no
-    connection once the broker has `limit` peers."""
-
-    def __init__(
-        self,
-        context: zmq.Context[Any],
-        keys: KeyStore | None,
-        peers: PeerCount,
-    ) -> None:
-        super().__init__(context, log=logging.getLogger(f"{__name__}.zap"))
-        self.keys = keys
-        self.peers = peers
-        self._refusals = KeyRefusals()
-
-    def start(self) -> None:
-        super().start()
-        if self.keys is not None:
-            for name in _DOMAINS.values():
-                self.configure_curve_callback(name, self)
-
-    async def handle_zap_message(self, msg: list[bytes]) -> None:
-        if len(msg) >= 6 and not self.peers.admit():
-            self._refusals.refused(
-                time.monotonic(),
-                None,
-                "connection refused: the broker has %d peers (max_peers) address=%s",
-                self.peers.limit,
-                msg[3].decode("utf-8", "replace"),
-            )
-            self._send_zap_reply(msg[1], b"300", b"too many peers")
-            return
-        await super().handle_zap_message(msg)
-
-    def callback(self, domain: str, z85_key: bytes) -> bool:
-        """pyzmq's credentials-provider hook: is this key allowed here?"""
-        assert self.keys is not None  # only configured with a key store
-        roles = ROLES_OF_DOMAIN.get(domain, ())
-        key = z85_key.decode("ascii")
-        if any(self.keys.identity(role, key) is not None for role in roles):
-            return True
-        known_as = [r for r in (CLIENT, WORKER) if self.keys.identity(r, key)]
-        why = f"a {known_as[0]} key" if known_as else "unknown key"
-        self._refusals.refused(
-            time.monotonic(),
-            fingerprint(key),
-            "CURVE key refused key=%s socket=%s: %s",
-            fingerprint(key),
-            "+".join(roles) or domain,
-            why,
-        )
-        return False
-
-    def held_back(self, now: float) -> str | None:
-        """See `KeyRefusals.held_back`."""
-        return self._refusals.held_back(now)
-
-
-class KeyRefusals:
-    """The log of handshakes the gate refused.
-
-    A peer whose key is refused tries again every few seconds for as long as
-    it runs, which was a WARNING every few seconds for ever: each key's
-    refusals are said at once, then less and less often (`logs.Routine`),
-    the lines between at DEBUG. Keys are remembered up to `REMEMBERED`, the
-    oldest forgotten first (a key forgotten is said at once again). A flood
-    of refusals (many keys, or peers past max_peers) is said at most once a
-    second in all.
-
-    Refusals are logged from the gate's thread, and what a burst held back is
-    counted from the broker's loop (`held_back`): one lock.
-    """
-
-    REMEMBERED = 1024
-    FIRST_INTERVAL_S = 10.0
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._flood = RateLimit(per_s=1.0, what="refused handshake")
-        self._by_key: Routines[str] = Routines(
-            __name__, self.FIRST_INTERVAL_S, remembered=self.REMEMBERED
-        )
-
-    def __len__(self) -> int:
-        return len(self._by_key)
-
-    def refused(self, now: float, key: str | None, message: str, *args: object) -> None:
-        """A handshake refused at `now`, of `key` (its fingerprint; None when
-        the refusal is not the key's): log `message % args` if it is due."""
-        with self._lock:
-            routine_note = "" if key is None else self._by_key.of(key).note(now, 1)
-            if routine_note is None:
-                log.debug(message, *args)
-                return
-            if not self._flood.allows(now):
-                return
-            flood_note = self._flood.suppressed_note()
-        log.warning(message + "%s%s", *args, routine_note, flood_note)
-
-    def held_back(self, now: float) -> str | None:
-        """The refusals the flood limit held back since the last one logged,
-        once a second passed, in words for a line of the broker's; else None.
-        Without it the tail of a burst was counted only at the next refusal,
-        if any."""
-        with self._lock:
-            return self._flood.held_back(now)

@@ -11,13 +11,13 @@ import pytest
 from ventilator import protocol as p
 from ventilator.broker import BrokerConfig
 from ventilator.errors import UsageError
+from ventilator.gate import KeyRefusals
 from ventilator.security import (
     CLIENT,
     NOT_PERMITTED,
     WORKER,
     Admission,
     Identity,
-    KeyRefusals,
     KeyStore,
     Rights,
     client_keys,
