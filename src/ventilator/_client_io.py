@@ -557,10 +557,13 @@ class ClientIO:
         if error.code == "hello_first":
             # Not once the key was revoked: its results would come back to
             # futures failed meanwhile, and be acknowledged and lost.
-            if self._welcomed and self._revoked is None:
+            if self._revoked is None:
                 # A restarted broker, or one that forgot this connection: open
                 # the session again, which also resends what it may have lost.
-                # Expected after every broker restart, so not a warning.
+                # Expected after every broker restart, so not a warning. Also
+                # before any WELCOME: a HELLO lost with a broker that died
+                # before answering is never answered, and a client that
+                # hears the next broker never calls it silent.
                 log.info("the broker does not know this session; saying HELLO again")
                 self._hello()
         elif error.code == p.UNSERVED:

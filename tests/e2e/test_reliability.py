@@ -1267,3 +1267,26 @@ def test_a_worker_leaving_at_once_stops_its_tasks_before_they_run_elsewhere(
     assert leaving.process.wait(20) == 0, log_of(leaving.process)
     release.touch()
     assert future.result(RESULT_TIMEOUT_S) == "released"
+
+
+def test_a_client_whose_hello_died_with_its_broker_says_it_again_to_the_next(
+    launch: Launcher, context: zmq.Context[zmq.Socket[bytes]]
+) -> None:
+    # A broker killed after reading a client's HELLO and before its WELCOME:
+    # the next broker on that address answered the client's heartbeats with
+    # "hello_first", which an unwelcomed client ignored. Hearing answers, it
+    # never called the broker silent, so it never said HELLO again: its
+    # tasks waited for ever (a tester's kill -9 loop, 88 results undelivered).
+    frontend = f"tcp://127.0.0.1:{free_port()}"
+    stand_in = context.socket(zmq.ROUTER)
+    stand_in.bind(frontend)
+    client = launch.client(frontend)
+    future = client.submit(tasks.square, 3)
+
+    assert stand_in.poll(RESULT_TIMEOUT_S * 1000), "no HELLO reached the stand-in"
+    stand_in.recv_multipart()
+    stand_in.close(linger=0)  # dies without a word, as after kill -9
+    broker = launch.broker(frontend=frontend)
+    launch.worker(broker)
+
+    assert future.result(RESULT_TIMEOUT_S) == 9
