@@ -224,10 +224,11 @@ class Worker:
         # make the broker take back, each time, what it had just given us.
         self._broker.registering(now)
         log.info(
-            "worker registering worker=%s broker=%s capacity=%d functions=%d "
-            "holding=%d results_resent=%d",
+            "worker registering worker=%s broker=%s slots=%d credit=%d "
+            "functions=%d holding=%d results_resent=%d",
             self.config.worker_id,
             self.config.connect,
+            self.config.concurrency,
             self._capacity,
             len(services),
             len(held),
@@ -531,7 +532,7 @@ class Worker:
         self._capacity = wanted
         self._credit_sent_at = now
         self._send(p.Credit(wanted))
-        log.debug("credit changed worker=%s capacity=%d", self.config.worker_id, wanted)
+        log.debug("credit changed worker=%s credit=%d", self.config.worker_id, wanted)
 
     def _forgive_broker(self, stalls: StallWatch, now: float) -> None:
         """This process stood still (stopped, swapped out), so the broker's

@@ -54,6 +54,25 @@ def connected_worker(port: int) -> Worker:
     return worker
 
 
+def test_a_worker_registers_in_a_line_telling_its_slots_from_its_credit(
+    backend: tuple[zmq.Socket[bytes], int], caplog: pytest.LogCaptureFixture
+) -> None:
+    _router, port = backend
+    with caplog.at_level(logging.INFO, logger="ventilator.worker"):
+        worker = connected_worker(port)
+        worker._capacity = 64  # as tiny tasks grow it
+        worker._register(1.0)
+    worker._leave()
+
+    first, again = (
+        r.getMessage().split()
+        for r in caplog.records
+        if "registering" in r.getMessage()
+    )
+    assert {"slots=2", "credit=2"} <= set(first)
+    assert {"slots=2", "credit=64"} <= set(again)
+
+
 def run_times(
     worker: Worker, durations_s: list[float], start: float, step_s: float
 ) -> None:
