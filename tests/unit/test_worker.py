@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -71,6 +72,25 @@ def test_a_worker_registers_in_a_line_telling_its_slots_from_its_credit(
     )
     assert {"slots=2", "credit=2"} <= set(first)
     assert {"slots=2", "credit=64"} <= set(again)
+
+
+def test_a_worker_wakes_when_the_broker_s_silence_passes_its_limit(
+    backend: tuple[zmq.Socket[bytes], int],
+) -> None:
+    # Checked only at its beats, a silence of 3 intervals was noticed up to an
+    # interval late: 3 to 4 s after a broker was killed, with 1 s beats.
+    _router, port = backend
+    worker = connected_worker(port)
+    worker._pool = ThreadPool(1, [TASKS], allow_pickle=False)
+    now = time.monotonic()
+    silence_limit_s = worker.config.heartbeat_interval_s * worker.config.liveness
+    try:
+        worker._broker.registering(now - silence_limit_s + 0.5)  # gone in 0.5 s
+        timeout_ms = worker._poll_timeout_ms(next_beat=now + 0.9)
+    finally:
+        worker._leave()  # closes the pool too
+
+    assert timeout_ms <= 500
 
 
 def run_times(
