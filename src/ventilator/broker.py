@@ -1555,9 +1555,12 @@ def _log_session_refusal(notice: n.SessionRefused, suppressed_note: str) -> None
 
 def _log_notice(notice: n.Notice) -> None:
     if isinstance(notice, n.WorkerJoined):
+        # Slots and credit apart: the credit of a worker that registers
+        # again has grown with its tiny tasks, and one number read as slots.
         log.info(
-            "worker joined worker=%s capacity=%d services=%s",
+            "worker joined worker=%s slots=%s credit=%d services=%s",
             notice.worker_id,
+            "-" if notice.slots is None else notice.slots,
             notice.capacity,
             _some_of(notice.services),
         )

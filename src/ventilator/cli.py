@@ -2457,6 +2457,10 @@ def sink(
     output = _Output(output_file, _sink_output_name(output_file))
     with receiver:
         try:
+            # SIGTERM unwinds as Ctrl-C does, through the receiver's close():
+            # killed by it, the sink said no BYE, and the broker logged it as
+            # unreachable rather than as a sink that left.
+            signal.signal(signal.SIGTERM, _terminate)
             _write_sink_results(receiver, output, idle_timeout_s)
         except _OutputFailed as exc:
             _sink_output_failed(exc, name)
@@ -2469,6 +2473,8 @@ def sink(
             # Ctrl-C is the way to stop a sink that runs until interrupted:
             # the status a shell gives a command SIGINT ended, as map does.
             sys.exit(128 + signal.SIGINT)
+        except _Terminated:
+            sys.exit(128 + signal.SIGTERM)  # the status of a command it ended
     if not receiver.welcomed:
         raise click.ClickException(
             f"no broker answered at {connect} before the idle timeout ended"

@@ -13,9 +13,14 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True, slots=True)
 class WorkerJoined:
+    """A worker registered. `capacity` is its credit, the tasks it may hold,
+    which grows as its tasks turn out tiny; `slots` the tasks it runs at
+    once, which does not (None: it did not say, as with a fixed prefetch)."""
+
     worker_id: str
     services: tuple[str, ...]
     capacity: int
+    slots: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

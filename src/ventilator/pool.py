@@ -107,6 +107,11 @@ REAP_WAIT_S = 0.05
 # Tasks the broker took back (cancelled, mostly) are said at once, then after
 # this long, then twice as long each time, by the worker and its pool.
 TAKEN_BACK_FIRST_INTERVAL_S = 60.0
+# Tasks past their timeout are a WARNING each while they are rare; a flood of
+# them (a map of hanging lines) is said at once, then after this long, then
+# twice as long each time up to TIMEOUTS_MAX_INTERVAL_S, counting the others.
+TIMEOUTS_FIRST_INTERVAL_S = 10.0
+TIMEOUTS_MAX_INTERVAL_S = 300.0
 # The variable that marks the environment of a task process with its own
 # token, inherited by whatever it starts: what finds those once it is gone.
 TASK_PROCESS_ENV = "VENTILATOR_TASK_PROCESS"
@@ -115,6 +120,14 @@ TASK_PROCESS_ENV = "VENTILATOR_TASK_PROCESS"
 # timed-out task keeps its slot until one returns, rather than the worker
 # growing threads without bound.
 MAX_STUCK_THREADS = 32
+
+
+def _timeout_routine() -> Routine:
+    """How a pool says that tasks ran past their timeouts (see
+    TIMEOUTS_FIRST_INTERVAL_S); both pools say it alike."""
+    return Routine(
+        __name__, TIMEOUTS_FIRST_INTERVAL_S, TIMEOUTS_MAX_INTERVAL_S, logging.WARNING
+    )
 
 
 class Pool(Protocol):
@@ -328,6 +341,7 @@ class ProcessPool:
         # As the worker's line on tasks taken back: routine for a client that
         # cancels a lot.
         self._stops_of_released = Routine(__name__, TAKEN_BACK_FIRST_INTERVAL_S)
+        self._timeouts = _timeout_routine()
         # Per function: a batch is sized by how long its own function runs.
         self._task_s: dict[str, TaskDuration] = {}
         self._children = [self._spawn() for _ in range(size)]
@@ -715,6 +729,7 @@ class ProcessPool:
             self._suspects.discard((running.task.ticket, running.task.attempt))
             if running.ran_past_timeout(duration_s):
                 outcomes.append(running.timed_out(now, _NOT_STOPPED_IN_TIME))
+                self._say_timed_out(running.task, now, child, stopped=False)
             else:
                 outcomes.append(running.outcome(_STATUSES[status], result, now))
         if child.sent:
@@ -730,7 +745,28 @@ class ProcessPool:
             return False
         outcomes.append(running.timed_out(now))
         child.sent.popleft()
+        self._say_timed_out(running.task, now, child, stopped=True)
         return True
+
+    def _say_timed_out(
+        self, task: p.Assignment, now: float, child: _Child, stopped: bool
+    ) -> None:
+        # As the thread pool says it: the client was told TaskTimeout, and
+        # the operator looks for it in this worker's log.
+        self._timeouts.log(
+            now,
+            1,
+            "task ran past its timeout and %s ticket=%d function=%s "
+            "timeout_s=%g pid=%d; %s",
+            "was stopped" if stopped else _NOT_STOPPED_HERE,
+            task.ticket,
+            task.function,
+            task.timeout_s,
+            child.process.pid,
+            "its task process is killed and a new one takes its slot"
+            if stopped
+            else "its result is dropped",
+        )
 
     def _retire(self, child: _Child) -> None:
         """Stop `child`; what is left in its pipe goes back to the head of
@@ -990,6 +1026,13 @@ _NOT_STOPPED_IN_TIME = (
     "was not stopped in time, as its worker stood still meanwhile (paused or "
     "starved of CPU); its result was dropped"
 )
+# Why a thread pool gives up on a task, most often.
+_PAST_TIMEOUT = "ran past its timeout"
+# The same, in the worker's log.
+_NOT_STOPPED_HERE = (
+    "was not stopped in time, as this worker stood still meanwhile (paused or "
+    "starved of CPU)"
+)
 # What a thread pool says of a task past its timeout.
 _RUNS_ON = (
     "could not be stopped: it runs on in the background and its result will be dropped"
@@ -1055,6 +1098,7 @@ class ThreadPool:
         self._running: dict[tuple[int, int], _ThreadTask] = {}
         self._stuck = 0  # abandoned threads still running their task
         self._stuck_in_slot = 0  # of those, the ones no fresh thread replaced
+        self._timeouts = _timeout_routine()
 
     def _start_thread(self) -> None:
         self._spawned += 1
@@ -1151,7 +1195,7 @@ class ThreadPool:
         self._feed(now)
         return outcomes
 
-    def _abandon(self, handed: _ThreadTask, why: str = "ran past its timeout") -> bool:
+    def _abandon(self, handed: _ThreadTask, why: str = _PAST_TIMEOUT) -> bool:
         """Give up on a task past its timeout (or `why` else), freeing its
         slot if the cap on stuck threads allows; False if it finished
         meanwhile (its result is on its way, and counts)."""
@@ -1178,10 +1222,12 @@ class ThreadPool:
         """A WARNING while a fresh thread took the slot; an ERROR once the cap
         on stuck threads costs the worker a slot."""
         if replaced:
-            log.warning(
-                "task %s and cannot be stopped ticket=%d "
-                "function=%s; it runs on in the background (%d of at most %d "
-                "stuck threads) and a fresh thread takes its slot%s",
+            message = (
+                "task %s and cannot be stopped ticket=%d function=%s; it runs "
+                "on in the background (%d of at most %d stuck threads) and a "
+                "fresh thread takes its slot%s"
+            )
+            args = (
                 why,
                 task.ticket,
                 task.function,
@@ -1189,6 +1235,10 @@ class ThreadPool:
                 self._max_stuck,
                 _killed_commands(commands),
             )
+            if why == _PAST_TIMEOUT:  # may come in floods, as a process pool's
+                self._timeouts.log(time.monotonic(), 1, message, *args)
+            else:
+                log.warning(message, *args)
             return
         log.error(
             "task %s and cannot be stopped ticket=%d "

@@ -1531,7 +1531,9 @@ class Scheduler:
             )
             self._effects.notices.append(notice)
         self._effects.notices.append(
-            WorkerJoined(worker.worker_id, worker.services, worker.capacity)
+            WorkerJoined(
+                worker.worker_id, worker.services, worker.capacity, worker.slots
+            )
         )
         return list(refused.items())
 

@@ -75,7 +75,13 @@ class SinkResult:
 
 
 class Sink:
-    """Receive the results addressed to sink `name`. Use as a context manager."""
+    """Receive the results addressed to sink `name`. Use as a context manager.
+
+    Leaving the block (or `close()`) says goodbye to the broker, as does a
+    KeyboardInterrupt on its way out of it; a process ended by a signal it does
+    not handle (SIGTERM, by default) cannot, and the broker notes the sink as
+    unreachable. Its results wait at the broker all the same.
+    """
 
     def __init__(
         self,

@@ -224,10 +224,11 @@ class Worker:
         # make the broker take back, each time, what it had just given us.
         self._broker.registering(now)
         log.info(
-            "worker registering worker=%s broker=%s capacity=%d functions=%d "
-            "holding=%d results_resent=%d",
+            "worker registering worker=%s broker=%s slots=%d credit=%d "
+            "functions=%d holding=%d results_resent=%d",
             self.config.worker_id,
             self.config.connect,
+            self.config.concurrency,
             self._capacity,
             len(services),
             len(held),
@@ -309,6 +310,10 @@ class Worker:
                 next_beat = now + interval_s
                 self._unconfirmed.heard(self._broker.heard_after)
                 self._check_broker(now)
+            elif self._broker.presumed_gone(now):
+                # As the silence passes the limit: at the next beat, it was
+                # noticed up to an interval later than the README says.
+                self._check_broker(now)
 
     def _drained(self) -> bool:
         """Tell the broker we are draining, once; True when nothing is left."""
@@ -328,7 +333,7 @@ class Worker:
 
     def _poll_timeout_ms(self, next_beat: float) -> int:
         assert self._pool is not None
-        wake_at = next_beat
+        wake_at = min(next_beat, self._broker.gone_at())
         deadline = self._pool.next_deadline()
         if deadline is not None:
             wake_at = min(wake_at, deadline)
@@ -531,7 +536,7 @@ class Worker:
         self._capacity = wanted
         self._credit_sent_at = now
         self._send(p.Credit(wanted))
-        log.debug("credit changed worker=%s capacity=%d", self.config.worker_id, wanted)
+        log.debug("credit changed worker=%s credit=%d", self.config.worker_id, wanted)
 
     def _forgive_broker(self, stalls: StallWatch, now: float) -> None:
         """This process stood still (stopped, swapped out), so the broker's
@@ -678,8 +683,13 @@ class _BrokerContact:
         """This process stood still for `stalled_s`: not the broker's silence."""
         self._seen_at = min(now, self._seen_at + stalled_s)
 
+    def gone_at(self) -> float:
+        """When the broker's silence reaches the limit, unless it speaks."""
+        return self._seen_at + self._silence_limit_s
+
     def presumed_gone(self, now: float) -> bool:
-        return now - self._seen_at > self._silence_limit_s
+        # At the wake-up for gone_at(), not a spin until the next microsecond.
+        return now >= self.gone_at()
 
     def silence_worth_saying(self, now: float) -> bool:
         return self._silence_log.due(now, self._heard_at)

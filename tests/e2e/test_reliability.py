@@ -271,6 +271,30 @@ def test_task_past_its_timeout_fails_and_the_worker_keeps_serving(
     assert [w["id"] for w in client.status()["workers"]] == [worker_id]
 
 
+@pytest.mark.parametrize("pool", ["process", "thread"])
+def test_a_task_past_its_timeout_is_a_warning_in_its_worker_s_log(
+    launch: Launcher, broker: BrokerProcess, pool: str
+) -> None:
+    # The client hears TaskTimeout; the operator must find it in the worker's
+    # log too, whichever pool ran the task.
+    worker = launch.worker(broker, pool=pool, extra=JSON_LOG)
+    client = launch.client(broker)
+    wait_for_workers(client, 1)
+
+    overrun = client.submit(tasks.hang, timeout_s=0.5)
+
+    assert isinstance(overrun.exception(RESULT_TIMEOUT_S), ventilator.TaskTimeout)
+    wait_until(
+        lambda: [
+            r
+            for r in json_records(worker.process)
+            if r["level"] == "WARNING" and "timeout" in r["message"]
+        ],
+        RESULT_TIMEOUT_S,
+        "a warning of the timeout in the worker's log",
+    )
+
+
 def test_task_that_ran_past_its_timeout_while_its_worker_stood_still_fails(
     launch: Launcher, broker: BrokerProcess, tmp_path: Path
 ) -> None:

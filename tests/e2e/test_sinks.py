@@ -24,12 +24,14 @@ from .conftest import (
     Processes,
     WorkerProcess,
     json_lines,
+    json_records,
     log_of,
     paused,
     read_json_line,
     status_when,
     ventilator_argv,
     wait_for_workers,
+    wait_until,
 )
 
 RESULT_TIMEOUT_S = 20.0
@@ -359,3 +361,32 @@ def test_a_sink_whose_reader_left_while_it_waited_ends_at_once_and_frees_its_nam
     assert "Error" not in log_of(sink)
     client.submit(tasks.square, 7, sink="unread")
     assert received_by_successor(broker, "unread", 1) == [49]  # the name is free
+
+
+@pytest.mark.parametrize(
+    ("signum", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)]
+)
+def test_a_sink_command_stopped_by_a_signal_says_goodbye_to_the_broker(
+    launch: Launcher, processes: Processes, signum: int, status: int
+) -> None:
+    # An operator stops a sink with SIGTERM (systemd, kill) or Ctrl-C: the
+    # broker must log a sink that left, not one it could no longer reach.
+    broker = launch.broker("--log-format", "json", "--log-level", "INFO")
+    client = launch.client(broker)
+    sink = start_sink_command(processes, broker, "stopped")
+    sink_connected(client, "stopped")
+
+    sink.send_signal(signum)
+
+    assert sink.wait(RESULT_TIMEOUT_S) == status, log_of(sink)
+    assert "Traceback" not in log_of(sink)
+    departures = wait_until(
+        lambda: [
+            record["message"]
+            for record in json_records(broker.process)
+            if "sink:stopped" in record["message"] and "joined" not in record["message"]
+        ],
+        RESULT_TIMEOUT_S,
+        "the broker to note the sink's departure",
+    )
+    assert all(" left " in line for line in departures), departures

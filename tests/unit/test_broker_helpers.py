@@ -211,6 +211,22 @@ def test_a_worker_serving_thousands_of_functions_joins_in_a_short_line(
     assert len(record.getMessage()) < 1000
 
 
+@pytest.mark.parametrize(("slots", "said"), [(1, "slots=1"), (None, "slots=-")])
+def test_a_worker_joins_in_a_line_telling_its_slots_from_its_credit(
+    caplog: pytest.LogCaptureFixture, slots: int | None, said: str
+) -> None:
+    # A worker that re-registered once its credit grew to 64 joined again with
+    # "capacity=64", after "capacity=1": read as more slots, which it has not.
+    with caplog.at_level(logging.INFO, logger="ventilator.broker"):
+        _log_notice(WorkerJoined("w", ["jobs:work"], 64, slots))
+
+    [record] = caplog.records
+    fields = record.getMessage().split()
+    assert said in fields
+    assert "credit=64" in fields
+    assert not any(field.startswith("capacity=") for field in fields)
+
+
 def test_broker_refuses_a_malformed_endpoint_before_warning_about_exposure(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import select
 import signal
@@ -236,6 +237,34 @@ def test_two_tasks_for_two_idle_children_run_side_by_side() -> None:
 
     pids = {unpack_value(o.payload)[0] for o in outcomes}
     assert len(pids) == 2, "both tasks ran in one child"
+
+
+@pytest.mark.parametrize("pool_class", [ProcessPool, ThreadPool])
+def test_both_pools_warn_of_a_task_past_its_timeout_naming_its_ticket(
+    pool_class: type[ProcessPool] | type[ThreadPool],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The client hears TaskTimeout; the operator reading the worker's log
+    # must see it too, whichever pool ran the task.
+    caplog.set_level(logging.INFO, logger="ventilator.pool")
+    pool = pool_class(1, [TASKS], allow_pickle=False)
+    tasks.RELEASE_HANGS.clear()
+    try:
+        hang = p.Assignment(7, 1, f"{TASKS}:hang", pack_call((), {}), timeout_s=0.2)
+        pool.submit(hang, time.monotonic())
+
+        (outcome,) = run_all(pool, 1)
+    finally:
+        tasks.RELEASE_HANGS.set()
+        pool.close()
+
+    assert outcome.status is p.Status.TIMEOUT
+    warned = [
+        record.getMessage()
+        for record in caplog.records
+        if record.levelno == logging.WARNING and "ticket=7" in record.getMessage()
+    ]
+    assert len(warned) == 1, [record.getMessage() for record in caplog.records]
 
 
 def test_a_task_with_a_timeout_waiting_in_a_pipe_is_stopped_on_its_own_time() -> None:

@@ -17,6 +17,7 @@ from ventilator.notices import (
     SessionHeld,
     SinkTaken,
     WorkerDraining,
+    WorkerJoined,
     WorkerLeft,
     WorkerLost,
 )
@@ -2230,3 +2231,14 @@ def test_task_whose_process_died_fails_saying_its_task_process_died() -> None:
     message = error_report(entry)["message"]
     assert "its task process died once" in message
     assert "lost" not in message
+
+
+def test_a_worker_joins_with_its_slots_and_its_credit_told_apart(
+    driver: Driver,
+) -> None:
+    # Its credit grows with tiny tasks while its slots stay: one number for
+    # both read as a capacity that changed for the same worker.
+    effects = driver.ready(W1, capacity=64, slots=1)
+
+    [joined] = notices(effects, WorkerJoined)
+    assert (joined.slots, joined.capacity) == (1, 64)

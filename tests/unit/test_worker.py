@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -52,6 +53,44 @@ def connected_worker(port: int) -> Worker:
     worker = Worker(config, zmq.Context.instance())
     worker._connect(0.0)
     return worker
+
+
+def test_a_worker_registers_in_a_line_telling_its_slots_from_its_credit(
+    backend: tuple[zmq.Socket[bytes], int], caplog: pytest.LogCaptureFixture
+) -> None:
+    _router, port = backend
+    with caplog.at_level(logging.INFO, logger="ventilator.worker"):
+        worker = connected_worker(port)
+        worker._capacity = 64  # as tiny tasks grow it
+        worker._register(1.0)
+    worker._leave()
+
+    first, again = (
+        r.getMessage().split()
+        for r in caplog.records
+        if "registering" in r.getMessage()
+    )
+    assert {"slots=2", "credit=2"} <= set(first)
+    assert {"slots=2", "credit=64"} <= set(again)
+
+
+def test_a_worker_wakes_when_the_broker_s_silence_passes_its_limit(
+    backend: tuple[zmq.Socket[bytes], int],
+) -> None:
+    # Checked only at its beats, a silence of 3 intervals was noticed up to an
+    # interval late: 3 to 4 s after a broker was killed, with 1 s beats.
+    _router, port = backend
+    worker = connected_worker(port)
+    worker._pool = ThreadPool(1, [TASKS], allow_pickle=False)
+    now = time.monotonic()
+    silence_limit_s = worker.config.heartbeat_interval_s * worker.config.liveness
+    try:
+        worker._broker.registering(now - silence_limit_s + 0.5)  # gone in 0.5 s
+        timeout_ms = worker._poll_timeout_ms(next_beat=now + 0.9)
+    finally:
+        worker._leave()  # closes the pool too
+
+    assert timeout_ms <= 500
 
 
 def run_times(
