@@ -1060,36 +1060,54 @@ class ClientIO:
             f"at the broker for a client of session={self.session}"
         )
         # Said apart: collecting later would wait for results that never come.
-        unaccepted = ClientClosed(
-            "the client was closed before the broker accepted this task: it "
-            "was never queued, and no result will come; submit it again"
+        unsent_error = ClientClosed(
+            "the client was closed before this task was sent: it was never "
+            "sent to the broker, and no result will come; submit it again"
+        )
+        # Sent, but not confirmed: a broker that stood still, or stopped with
+        # the task in its journal's last write, may still queue it.
+        unconfirmed_error = ClientClosed(
+            "the client was closed before the broker confirmed it accepted "
+            "this task: it may run there or not (if it does, its result waits "
+            f"for a client of session={self.session})"
         )
         # Taken, not read in place: a done-callback of a future failed here
         # may withdraw a task, or a caller give up a question, meanwhile.
         with self._handover.lock:
             unsent = self._handover.take_unsent()
             questions = [*self._asked, *self._handover.take_questions()]
-        for pending in (*self._pending.values(), *unsent):
-            _fail(pending.future, accepted if pending.accepted else unaccepted)
-        self._log_never_queued(len(unsent) + self._unaccepted())
+        for pending in self._pending.values():
+            _fail(pending.future, accepted if pending.accepted else unconfirmed_error)
+        for pending in unsent:
+            _fail(pending.future, unsent_error)
+        self._log_unaccepted(len(unsent), self._unconfirmed())
         closed = ClientClosed("the client was closed before the broker answered")
         for question in questions:
             _fail(question.answer, closed)
 
-    def _unaccepted(self) -> int:
+    def _unconfirmed(self) -> int:
         return sum(not pending.accepted for pending in self._pending.values())
 
-    def _log_never_queued(self, count: int) -> None:
-        """Say it when closing loses tasks: their futures say it too, but a
-        program that ends without reading them (one closed at its end) hears
-        nothing else."""
-        if count:
+    def _log_unaccepted(self, unsent: int, unconfirmed: int) -> None:
+        """Say it when closing leaves tasks unaccepted: their futures say it
+        too, but a program that ends without reading them (one closed at its
+        end) hears nothing else."""
+        if unsent:
             log.warning(
-                "closed before the broker at %s accepted every task: never "
-                "queued, these will not run (their futures raise ClientClosed) "
-                "unaccepted=%d session=%s",
+                "closed before sending every task to the broker at %s: these "
+                "were never sent and will not run (their futures raise "
+                "ClientClosed) unsent=%d session=%s",
                 self.address,
-                count,
+                unsent,
+                self.session,
+            )
+        if unconfirmed:
+            log.warning(
+                "closed before the broker at %s confirmed every task it was "
+                "sent: these may run there or not (their futures raise "
+                "ClientClosed) unconfirmed=%d session=%s",
+                self.address,
+                unconfirmed,
                 self.session,
             )
 
