@@ -234,11 +234,14 @@ class _FrameChecksums:
         )
         with open(self._wal, "rb") as file:
             file.seek(previous)
-            start = _CHECKSUM.unpack(file.read(_CHECKSUM.size))
+            chained = file.read(_CHECKSUM.size)
             file.seek(offset)
             frame = file.read(self._frame_bytes)
-        if len(frame) < self._frame_bytes:
+        # Shorter than the survey found: SQLite reset the log meanwhile (it
+        # does beside an emptied database). Nothing tells the frame was whole.
+        if len(chained) < _CHECKSUM.size or len(frame) < self._frame_bytes:
             return False
+        start = _CHECKSUM.unpack(chained)
         head, page = frame[:_FRAME_HEADER_BYTES], frame[_FRAME_HEADER_BYTES:]
         claimed = _CHECKSUM.unpack_from(head, _FRAME_CHECKSUM_AT)
         covered = head[:_CHECKSUMMED_HEAD_BYTES] + page

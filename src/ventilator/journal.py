@@ -256,6 +256,8 @@ class SqliteJournal:
         self._lock = _lock_exclusively(self.path)
         # Read before SQLite recovers the log, which may overwrite what it drops.
         left_behind = _wal.survey(Path(f"{self.path}-wal"))
+        if left_behind is not None and left_behind.frames:
+            self._refuse_a_lost_database(left_behind)
         # An embedded broker opens its journal in bind(), in the caller's
         # thread, and commits from serve(), often another. One thread at a
         # time uses the connection, which is all SQLite asks.
@@ -288,6 +290,23 @@ class SqliteJournal:
         self._compaction_waits_for_room = False
         # Sparse segments: their live bytes when last seen, and since when.
         self._sparse_since: dict[int, tuple[int, float]] = {}
+
+    def _refuse_a_lost_database(self, left_behind: _wal.WalSurvey) -> None:
+        """Stop before SQLite opens a log whose database is gone or empty.
+
+        SQLite starts such a database afresh and resets the log, dropping
+        every commit in it without a word: the tasks a broker accepted since
+        its last checkpoint. Left alone, the files can still be put back.
+        """
+        if os.fstat(self._lock.fileno()).st_size:
+            return
+        self._lock.close()
+        raise UsageError(
+            f"cannot open journal {str(self.path)!r}: the database file is "
+            f"empty or was deleted, but its write-ahead log {self.path}-wal "
+            f"holds {left_behind.frames} pages of it, which SQLite would drop; "
+            "put the database file back, or move the log away to start afresh"
+        )
 
     def _report_wal_loss(self, left_behind: _wal.WalSurvey) -> None:
         """Say what SQLite's recovery dropped of the WAL an earlier broker left.

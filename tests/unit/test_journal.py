@@ -732,6 +732,26 @@ def test_a_last_commit_with_a_stale_page_is_not_taken_for_lost_work(
     assert "ends inside a commit" in warning.getMessage()
 
 
+@pytest.mark.parametrize("lost", ["emptied", "deleted"])
+def test_a_wal_whose_database_is_gone_stops_the_broker_and_keeps_the_wal(
+    path: Path, lost: str
+) -> None:
+    # SQLite would start the database afresh and reset its log, dropping the
+    # accepted tasks in it (and, under the reading of the log's checksums,
+    # the broker stopped with "unpack requires a buffer of 8 bytes").
+    copy = crashed_copy(path, turns=10)
+    wal = Path(f"{copy}-wal").read_bytes()
+    if lost == "emptied":
+        copy.write_bytes(b"")
+    else:
+        copy.unlink()
+
+    with pytest.raises(UsageError, match="database file is empty or was deleted"):
+        reopened(copy)
+
+    assert Path(f"{copy}-wal").read_bytes() == wal  # nothing dropped yet
+
+
 def test_a_wal_whose_header_is_cut_short_is_reported(
     path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
