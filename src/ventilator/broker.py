@@ -1678,13 +1678,11 @@ def _some_of(names: Sequence[str], shown: int = LOGGED_SERVICES) -> str:
 
 
 def _worth_a_warning(lost: n.WorkerLost) -> bool:
-    """A worker lost with tasks on it, or one that misbehaved, is news an
-    operator should see; one dropped for reasons of the broker's (replaced,
-    revoked, cut off while the broker stood still) is not."""
-    if lost.fault is n.Fault.MISBEHAVED:
-        return True
-    busy = lost.requeued or lost.poisoned or lost.split
-    return bool(busy) and lost.fault is n.Fault.LOST
+    """A worker lost (killed, cut off, silent), even an idle one, is a worker
+    fewer, news an operator should see; so is one that misbehaved. One
+    dropped for reasons of the broker's (replaced, revoked, cut off while
+    the broker stood still) is not."""
+    return lost.fault in (n.Fault.LOST, n.Fault.MISBEHAVED)
 
 
 def _log_overrun(notice: n.LeaseOverrun) -> None:

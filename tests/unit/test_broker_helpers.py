@@ -140,7 +140,9 @@ def test_a_worker_that_said_goodbye_is_logged_as_leaving_without_a_warning(
     ("lost", "level"),
     [
         (WorkerLost("w", "silent for 3.1s", 2, 0), logging.WARNING),
-        (WorkerLost("w", "silent for 3.1s", 0, 0), logging.INFO),
+        # Idle, but a worker fewer: an operator at the default level (WARNING)
+        # heard nothing of a worker killed between tasks.
+        (WorkerLost("w", "silent for 3.1s", 0, 0), logging.WARNING),
         (
             WorkerLost("w", STALL_REASON, 2, 0, fault=Fault.NONE),
             logging.INFO,
