@@ -13,7 +13,8 @@ Test-only: the broker never loads this module (see `Scheduler.check_invariants`)
 from __future__ import annotations
 
 from . import protocol as p
-from .scheduler import Scheduler, State, Task, Worker, sink_recipient
+from .scheduler import Scheduler, sink_recipient
+from .tasks import State, Task, Worker
 
 __all__ = ["check_invariants"]
 
