@@ -94,7 +94,8 @@ def _check_totals(scheduler: Scheduler) -> None:
     unfinished = sum(
         1 for t in scheduler.tasks.values() if t.state is not State.FINISHED
     )
-    finished = sum(scheduler._finished_by_status) + scheduler._batches_split
+    failures = scheduler._failures
+    finished = sum(failures.finished_by_status) + failures.batches_split
     assert finished + unfinished <= scheduler.submitted, (finished, scheduler.submitted)
     assert scheduler.restored <= scheduler.submitted
 

@@ -36,33 +36,36 @@ import heapq
 import math
 import random
 import sys
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from . import protocol as p
 from ._words import times
 from .announcements import Unannounced
 from .credit_index import CreditIndex
 
-# The grace constants (and Parked, Recipient, SESSIONS_PER_CONNECTION, Task,
-# Worker and State, below) live with their classes now; they are still
-# importable from here, where tests and tools name them.
+# The grace constants (and Effects, the failure records, Parked, Recipient,
+# SESSIONS_PER_CONNECTION, Task, Worker and State, below) live with their
+# classes now; they are still importable from here, where tests and tools name
+# them.
 from .deadlines import LEASE_GRACE_BEATS as LEASE_GRACE_BEATS
 from .deadlines import START_GRACE_BEATS as START_GRACE_BEATS
 from .deadlines import DeadlineEntry, DeadlineHeap, LeaseTerms
+from .effects import Effects as Effects
 from .errors import PoisonTask, ResultExpired, TaskRejected, TaskTimeout
+from .failures import RETRY_PAYLOAD_BYTES as RETRY_PAYLOAD_BYTES
+from .failures import FailedTask as FailedTask
+from .failures import Failures, error_fields
+from .failures import split_for_its_map as split_for_its_map
 from .fairqueue import FairQueue
-from .mdp import service_queue
 from .notices import (
     ClientJoined,
     ClientLost,
     Departure,
-    FailureForgotten,
     Fault,
     LateOutcome,
     LeaseOverrun,
-    Notice,
     Rejected,
     ResultsExpired,
     SessionHeld,
@@ -78,11 +81,11 @@ from .notices import (
 )
 from .policy import Backoff, Limits, Prefetch
 from .result_room import ResultRoom
-from .serialization import pack_error, unpack_value
+from .serialization import pack_error
 from .sessions import SESSIONS_PER_CONNECTION as SESSIONS_PER_CONNECTION
 from .sessions import Recipient as Recipient
 from .sessions import SessionRegistry
-from .status import FAILURE_STATUSES, StatusReport, latest_failures, outcome_totals
+from .status import StatusReport, latest_failures, outcome_totals
 from .tasks import PICKLE_QUEUE as PICKLE_QUEUE
 from .tasks import State as State
 from .tasks import Task as Task
@@ -153,9 +156,6 @@ MAX_DEATH_LENGTH = 200
 RELEASED_KEPT_S = 60.0
 # The session under which the broker resubmits failed tasks an operator retries.
 RETRY_SESSION = "ventilator:retry"
-# Arguments of a failed task are kept for a retry up to this size; larger ones
-# would make the bounded record of failures unbounded in bytes.
-RETRY_PAYLOAD_BYTES = p.ZERO_COPY_BYTES
 
 
 class Admission(enum.Enum):
@@ -208,43 +208,6 @@ class DiskBudget:
 _MIB = 2**20
 
 
-@dataclass(frozen=True, slots=True)
-class FailedTask:
-    """What the broker remembers of a failed task, for the operator."""
-
-    ticket: int
-    session: str
-    task_id: int
-    function: str
-    status: p.Status
-    error: p.Payload  # the packed error report, decoded only when shown
-    failed_at: float
-    payload: bytes | None  # the arguments, or None when too large to keep
-    flags: int
-    timeout_s: float | None
-
-    def report(self, now: float, traceback: bool = False) -> dict[str, object]:
-        """Plain data for the operator: who, what, and why it failed."""
-        error = _error_fields(self.error)
-        report: dict[str, object] = {
-            "ticket": self.ticket,
-            "session": self.session,
-            "task_id": self.task_id,
-            # An MDP service's queue, as status and the metrics name it.
-            "function": service_queue(self.function)
-            if self.flags & _RAW
-            else self.function,
-            "outcome": self.status.name.lower(),
-            "type": error.get("type", ""),
-            "message": error.get("message", ""),
-            "retryable": self.payload is not None,
-            "failed_s_ago": round(now - self.failed_at, 3),
-        }
-        if traceback:
-            report["traceback"] = error.get("traceback", "")[-4000:]
-        return report
-
-
 def _first_copies(
     specs: Sequence[p.TaskSpec],
 ) -> tuple[list[p.TaskSpec], dict[int, None]]:
@@ -264,23 +227,13 @@ def _twice(task_id: int) -> str:
     return f"task_id {task_id} appears twice in one SUBMIT"
 
 
-def _error_fields(packed: p.Payload) -> dict[str, str]:
-    try:
-        fields = unpack_value(packed)
-    except Exception:  # msgpack raises a family of unrelated types
-        return {"type": "?", "message": "undecodable error report"}
-    if not isinstance(fields, dict):
-        return {"type": "?", "message": f"unexpected error report {fields!r:.80}"}
-    return {str(k): str(v) for k, v in fields.items()}
-
-
 def _how_it_died(report: p.Payload) -> str:
     """How a task process ended, as its worker's CRASHED report says ("exit
     code 9", "killed by SIGKILL"); "" when it says nothing (an older worker)
     or something else. Shortened: it is a peer's word."""
     if not report:
         return ""
-    fields = _error_fields(report)
+    fields = error_fields(report)
     if fields.get("type") != p.PROCESS_DIED:
         return ""
     return fields.get("message", "")[:MAX_DEATH_LENGTH]
@@ -309,29 +262,6 @@ def _add_count(counts: dict[str, int], key: str, change: int) -> None:
 
 def _work_handed_out(item: tuple[str, FairQueue]) -> float:
     return item[1].handed_out_s
-
-
-def split_for_its_map(flags: int, status: p.Status, report: p.Payload) -> bool:
-    """Whether a task that ended with `status` (and the error `report`) is a
-    map's batch handed back to its map, which runs its items one by one: one
-    whose process died or whose worker was lost (see `_strike`), or one of
-    several items its client marked `Flags.SPLITTABLE` that failed whole in
-    one of the ways of `p.SPLIT_ENDINGS`.
-
-    That is no failure of anything its user asked for: its items are tasks
-    of their own, and one that times out or kills its worker fails as
-    itself. So it is neither remembered for `failed` and `retry` nor counted
-    as failed.
-    """
-    if not flags & _BATCH or status is _OK:
-        return False
-    if status is _POISON:
-        return True
-    return (
-        bool(flags & _SPLITTABLE)
-        and status in p.SPLIT_ENDINGS
-        and _error_fields(report).get("type") not in p.UNSPLIT_ERROR_TYPES
-    )
 
 
 def _retried_here(task: Task) -> bool:
@@ -380,33 +310,6 @@ class Scope:
         their own failures are its to read and retry, and its window bounds
         them."""
         return self.sessions + RETRY_SESSION
-
-
-@dataclass(slots=True)
-class Effects:
-    """What one loop turn asks the shell to do, in this order: send to workers,
-    journal, then send to clients (nothing a client hears may outrun the disk)."""
-
-    accepted: list[Task] = field(default_factory=list)
-    finished: list[Task] = field(default_factory=list)
-    forgotten: list[int] = field(default_factory=list)  # tickets
-    # Failure records for the operator: new ones, and tickets of those retried
-    # or dropped for room, so the journal keeps the same list as `failed`.
-    failures: list[FailedTask] = field(default_factory=list)
-    unfailed: list[int] = field(default_factory=list)
-    to_clients: list[tuple[bytes, p.Command]] = field(default_factory=list)
-    to_workers: list[tuple[bytes, p.Command]] = field(default_factory=list)
-    notices: list[Notice] = field(default_factory=list)
-
-    @property
-    def journal_dirty(self) -> bool:
-        return bool(
-            self.accepted
-            or self.finished
-            or self.forgotten
-            or self.failures
-            or self.unfailed
-        )
 
 
 class Scheduler:
@@ -483,9 +386,10 @@ class Scheduler:
         # that what finishes never outnumbers what was submitted.
         self.submitted = 0
         self.restored = 0
-        self._finished_by_status = [0] * (max(p.Status) + 1)
-        self._batches_split = 0  # not among the failures: see split_for_its_map
-        self.failed: deque[FailedTask] = deque(maxlen=self.limits.failed_kept)
+        self._failures = Failures(self.limits.failed_kept)
+        # The records themselves, as operator commands, status and telemetry
+        # read them.
+        self.failed = self._failures.records
 
         self.workers: dict[str, Worker] = {}
         self._worker_of_peer: dict[bytes, str] = {}
@@ -2030,10 +1934,7 @@ class Scheduler:
         self._leave_queue(task)
         if task.expected:
             self._unexpect(task)
-        if split_for_its_map(task.flags, status, result):
-            self._batches_split += 1
-        else:
-            self._count_ending(task, status, result, now)
+        self._failures.count_ending(task, status, result, now, self._effects)
         task.state = State.FINISHED
         task.status = status
         task.finished_at = now
@@ -2042,58 +1943,6 @@ class Scheduler:
         task.payload = b""
         self._replace_result(task, result)
         self._effects.finished.append(task)
-
-    def _count_ending(
-        self, task: Task, status: p.Status, result: p.Payload, now: float
-    ) -> None:
-        if status in FAILURE_STATUSES:
-            self._remember_failure(task, status, result, now)
-        self._finished_by_status[status] += 1
-
-    def _remember_failure(
-        self, task: Task, status: p.Status, error: p.Payload, now: float
-    ) -> None:
-        kept = task.payload if len(task.payload) <= RETRY_PAYLOAD_BYTES else None
-        record = FailedTask(
-            task.ticket,
-            task.session,
-            task.task_id,
-            task.function,
-            status,
-            bytes(error),
-            now,
-            bytes(kept) if kept is not None else None,
-            task.flags,
-            task.timeout_s,
-        )
-        if self._keep_failure(record):
-            self._effects.failures.append(record)
-
-    def _keep_failure(self, record: FailedTask) -> bool:
-        """Add `record` to the bounded list, the oldest making room; return
-        whether it was kept (not when the bound is 0)."""
-        kept = self.failed.maxlen or 0
-        if not kept:
-            return False
-        if len(self.failed) >= kept:
-            oldest = self.failed.popleft()
-            self._effects.unfailed.append(oldest.ticket)
-            self._note_failure_forgotten(kept)
-        self.failed.append(record)
-        return True
-
-    def _note_failure_forgotten(self, kept: int) -> None:
-        # One notice per run of them: a storm of failures is one log line.
-        notices = self._effects.notices
-        last = notices[-1] if notices else None
-        if isinstance(last, FailureForgotten):
-            notices[-1] = FailureForgotten(last.count + 1, kept)
-        else:
-            notices.append(FailureForgotten(1, kept))
-
-    def _unfail(self, record: FailedTask) -> None:
-        self.failed.remove(record)
-        self._effects.unfailed.append(record.ticket)
 
     def _replace_result(self, task: Task, result: p.Payload) -> None:
         change = len(result) - len(task.result)
@@ -2580,13 +2429,9 @@ class Scheduler:
 
     def restore_failure(self, record: FailedTask) -> None:
         """Take back a failure record from the journal after a restart, oldest
-        first; `record.failed_at` must be on this process's clock. A batch
-        handed back to its map, which older brokers remembered as a failure,
-        is dropped from the journal instead."""
-        if split_for_its_map(record.flags, record.status, record.error):
-            self._effects.unfailed.append(record.ticket)
-        else:
-            self._keep_failure(record)
+        first; `record.failed_at` must be on this process's clock (see
+        `Failures.restore`)."""
+        self._failures.restore(record, self._effects)
 
     # --- status: what the report reads (see status.StatusReport) ----------------------
 
@@ -2645,8 +2490,8 @@ class Scheduler:
         return outcome_totals(
             self.submitted,
             self.restored,
-            self._finished_by_status,
-            self._batches_split,
+            self._failures.finished_by_status,
+            self._failures.batches_split,
         )
 
     def _queued_by_function(self) -> dict[str, int]:
@@ -2747,7 +2592,7 @@ class Scheduler:
                 sink=sink,
             )
             self._accept(session, spec, now)
-            self._unfail(record)
+            self._failures.forget(record, self._effects)
             retried.append(record.ticket)
 
         unknown = sorted(wanted - {r.ticket for r in chosen})

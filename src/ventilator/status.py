@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, TypeAlias
 from . import protocol as p
 
 if TYPE_CHECKING:
-    from .scheduler import FailedTask, Recipient, Scope
+    from .failures import FailedTask
+    from .scheduler import Recipient, Scope
     from .tasks import Task, Worker
     from .waiting_room import Parked
 

@@ -69,7 +69,9 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from . import protocol as p
-from .scheduler import Effects, Scheduler, split_for_its_map
+from .effects import Effects
+from .failures import split_for_its_map
+from .scheduler import Scheduler
 from .serialization import unpack_value
 from .status import FAILURE_STATUSES
 from .tasks import Task
