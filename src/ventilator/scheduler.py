@@ -32,12 +32,11 @@ has waited another `result_ttl_s` (see `_expire_results`, `_forget_tombstones`).
 from __future__ import annotations
 
 import enum
-import heapq
 import math
 import random
 import sys
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from . import protocol as p
@@ -81,6 +80,7 @@ from .notices import (
 )
 from .policy import Backoff, Limits, Prefetch
 from .result_room import ResultRoom
+from .retries import Retries
 from .serialization import pack_error
 from .sessions import SESSIONS_PER_CONNECTION as SESSIONS_PER_CONNECTION
 from .sessions import Recipient as Recipient
@@ -347,7 +347,8 @@ class Scheduler:
         # Per function, a lane per submitting session served in turns, so one
         # client's backlog does not hold up the others (see fairqueue).
         self._queues: dict[str, FairQueue] = {}
-        self._waiting: list[tuple[float, int]] = []  # (due time, ticket) heap
+        # Tasks that raised, waiting out their retry's backoff (see retries).
+        self._retries = Retries(self.tasks)
         # Deadlines of running tasks with a timeout, looked at once a tick;
         # entries of tasks finished or re-armed since are skipped when they
         # come due, not searched for (see _armed_task).
@@ -1501,7 +1502,7 @@ class Scheduler:
             self._unexpect(task)
         task.state = State.WAITING
         delay = self._backoff.delay_s(task.attempt, self._rng.random())
-        heapq.heappush(self._waiting, (now + delay, task.ticket))
+        self._retries.wait(task, now + delay)
 
     def _died_running(self, task: Task, how: str, now: float) -> None:
         """Requeue a task whose task process died under it (its worker said
@@ -1826,11 +1827,8 @@ class Scheduler:
             self._effects.notices.append(SessionsForgotten(len(idle), grace_s))
 
     def _wake_retries(self, now: float) -> None:
-        while self._waiting and self._waiting[0][0] <= now:
-            _, ticket = heapq.heappop(self._waiting)
-            task = self.tasks.get(ticket)
-            if task is not None and task.state is State.WAITING:
-                self._enqueue(task)
+        for task in self._retries.due(now):
+            self._enqueue(task)
 
     def _expire_results(self, now: float) -> None:
         """Replace each result older than `result_ttl_s` by a tombstone."""
@@ -2467,8 +2465,8 @@ class Scheduler:
             failed=self.failed,
             tombstones=len(self._tombstones),
             queued=self._queued_by_function(),
-            retrying=self._retrying_by_function(),
-            next_retry_at=self._next_retry_at(),
+            retrying=self._retries.by_queue(),
+            next_retry_at=self._retries.next_due_at(),
             totals=self.totals(),
             asker=asker,
         )
@@ -2500,33 +2498,9 @@ class Scheduler:
             name: len(queue) - self._stale.get(name, 0)
             for name, queue in self._queues.items()
         }
-        for task in self._waiting_tasks():
+        for task in self._retries.tasks():
             queued[task.queue] = queued.get(task.queue, 0) + 1
         return {name: count for name, count in queued.items() if count}
-
-    def _retrying_by_function(self) -> dict[str, int]:
-        """Tasks waiting out a retry's backoff, per function: queued, and
-        yet no worker takes them until it passes."""
-        retrying: dict[str, int] = {}
-        for task in self._waiting_tasks():
-            retrying[task.queue] = retrying.get(task.queue, 0) + 1
-        return retrying
-
-    def _next_retry_at(self) -> float | None:
-        """When the next retry is due."""
-        return min((at for at, _ in self._waiting_entries()), default=None)
-
-    def _waiting_tasks(self) -> list[Task]:
-        """Tasks waiting for a retry."""
-        return [task for _, task in self._waiting_entries()]
-
-    def _waiting_entries(self) -> Iterator[tuple[float, Task]]:
-        """Each task waiting for a retry, with when it is due; the heap also
-        holds cancelled ones, left out."""
-        for at, ticket in self._waiting:
-            task = self.tasks.get(ticket)
-            if task is not None and task.state is State.WAITING:
-                yield at, task
 
     # --- operator commands -----------------------------------------------------------
 
@@ -2636,7 +2610,7 @@ class Scheduler:
         queue.clear()
         self._stale.pop(queue_name, None)
 
-        for task in self._waiting_tasks():
+        for task in self._retries.tasks():
             if task.queue == queue_name:
                 self._finish(task, p.Status.CANCELLED, b"", now)
                 purged += 1
