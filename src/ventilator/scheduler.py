@@ -37,20 +37,20 @@ import random
 import sys
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 
 from . import protocol as p
 from ._words import times
 from .announcements import Unannounced
 from .credit_index import CreditIndex
 
-# The grace constants (and Effects, the failure records, Parked, Recipient,
-# SESSIONS_PER_CONNECTION, Task, Worker and State, below) live with their
-# classes now; they are still importable from here, where tests and tools name
-# them.
+# The grace constants (and DiskBudget, Effects, the failure records, Parked,
+# Recipient, Scope, SESSIONS_PER_CONNECTION, Task, Worker and State, below)
+# live with their classes now; they are still importable from here, where
+# tests and tools name them.
 from .deadlines import LEASE_GRACE_BEATS as LEASE_GRACE_BEATS
 from .deadlines import START_GRACE_BEATS as START_GRACE_BEATS
 from .deadlines import DeadlineEntry, DeadlineHeap, LeaseTerms
+from .disk_budget import DiskBudget as DiskBudget
 from .effects import Effects as Effects
 from .errors import PoisonTask, ResultExpired, TaskRejected, TaskTimeout
 from .failures import RETRY_PAYLOAD_BYTES as RETRY_PAYLOAD_BYTES
@@ -81,6 +81,8 @@ from .notices import (
 from .policy import Backoff, Limits, Prefetch
 from .result_room import ResultRoom
 from .retries import Retries
+from .scope import RETRY_SESSION as RETRY_SESSION
+from .scope import Scope as Scope
 from .serialization import pack_error
 from .sessions import SESSIONS_PER_CONNECTION as SESSIONS_PER_CONNECTION
 from .sessions import Recipient as Recipient
@@ -93,16 +95,12 @@ from .tasks import Worker as Worker
 from .waiting_room import Parked as Parked
 from .waiting_room import WaitingRoom
 
-# The flags as plain ints: `int & IntFlag` costs about 2 us in CPython (see
-# tasks).
+# The flags as plain ints: `int & IntFlag` costs about 2 us in CPython, and
+# some are asked per task.
 _PICKLED = int(p.Flags.PICKLED)
-_RAW = int(p.Flags.RAW)
 _BATCH = int(p.Flags.BATCH)
 _SPLIT = int(p.Flags.SPLIT)
 _SPLITTABLE = int(p.Flags.SPLITTABLE)
-# Looked up once: attribute access on an Enum class is slow per task.
-_OK = p.Status.OK
-_POISON = p.Status.POISON
 # What a client's session does with its tasks, and what it only asks (see
 # Recipient.only_asked).
 _WORK_TYPES = (p.Submit, p.Ack, p.Cancel)
@@ -154,8 +152,6 @@ MAX_DEATH_LENGTH = 200
 # However many it was told at once (up to all it held), they cost no more
 # than those tasks did while it held them.
 RELEASED_KEPT_S = 60.0
-# The session under which the broker resubmits failed tasks an operator retries.
-RETRY_SESSION = "ventilator:retry"
 
 
 class Admission(enum.Enum):
@@ -164,48 +160,6 @@ class Admission(enum.Enum):
     ACCEPTED = "accepted"
     WAITING = "waiting"  # past its sender's window, for room (see waiting_room)
     REFUSED = "refused"
-
-
-@dataclass(slots=True)
-class DiskBudget:
-    """What the journal's disk can still take until the shell looks again.
-
-    New tasks must leave the reserve (`--journal-min-free-bytes`) whole: it is
-    kept for the tasks already held. Their results may use it, all but a
-    quarter kept for SQLite's log: a result the disk cannot take fails its
-    task, where its write would stop the broker, and again at each restart.
-    Infinite while no reserve is kept (a memory journal, or 0).
-    """
-
-    tasks: float = math.inf
-    results: float = math.inf
-    free: int = 0  # bytes free at the look, for messages
-    reserve: int = 0
-
-    @classmethod
-    def after_look(cls, free: int, reserve: int) -> DiskBudget:
-        return cls(free - reserve, free - reserve // 4, free, reserve)
-
-    def spend(self, size: int) -> None:
-        self.tasks -= size
-        self.results -= size
-
-    def task_refusal(self, size: int) -> str:
-        return (
-            f"the journal's disk has {self.free // _MIB} MiB free; this task's "
-            f"{size} bytes would cut into the {self.reserve // _MIB} MiB the broker "
-            "keeps for the tasks it holds (--journal-min-free-bytes)"
-        )
-
-    def result_refusal(self, size: int) -> str:
-        return (
-            f"the result of {size} bytes does not fit the journal's disk "
-            f"({self.free // _MIB} MiB free when the broker last looked); free "
-            "space there, or return less"
-        )
-
-
-_MIB = 2**20
 
 
 def _first_copies(
@@ -277,39 +231,6 @@ SINK_PREFIX = p.SINK_PREFIX
 def sink_recipient(name: str) -> str:
     """The recipient name under which a sink's results wait."""
     return f"{SINK_PREFIX}{name}"
-
-
-@dataclass(frozen=True, slots=True)
-class Scope:
-    """What a client with limited rights sees and reaches with its questions
-    (status) and operator commands (failed, retry): the sessions whose names
-    start with `sessions`, and the functions `may_submit` allows it, asked
-    with a function's name and its task flags.
-
-    The scheduler knows no keys: the shell makes a scope from one (under
-    CURVE, a key's sessions are ``<fingerprint>.<name>``). None: no limits.
-    `retry_refusal`: why a retry may not run, said of each of the client's
-    own failures it names (the others are not its to retry at all).
-    """
-
-    sessions: str
-    may_submit: Callable[[str, int], bool]
-    retry_refusal: str | None = None
-
-    def owns(self, session: str) -> bool:
-        return session.startswith(self.sessions)
-
-    def shows_queue(self, name: str) -> bool:
-        """Whether a queue (a function's, or the pickled callables') is one
-        the client may submit to."""
-        return self.may_submit(name, _PICKLED if name == PICKLE_QUEUE else 0)
-
-    @property
-    def retry_session(self) -> str:
-        """Where this client's retries run: inside its own sessions, so that
-        their own failures are its to read and retry, and its window bounds
-        them."""
-        return self.sessions + RETRY_SESSION
 
 
 class Scheduler:

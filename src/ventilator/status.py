@@ -28,7 +28,8 @@ from . import protocol as p
 
 if TYPE_CHECKING:
     from .failures import FailedTask
-    from .scheduler import Recipient, Scope
+    from .scope import Scope
+    from .sessions import Recipient
     from .tasks import Task, Worker
     from .waiting_room import Parked
 
