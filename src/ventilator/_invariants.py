@@ -101,7 +101,7 @@ def _check_totals(scheduler: Scheduler) -> None:
 
 
 def _check_nobody_idles_for(scheduler: Scheduler, task: Task) -> None:
-    if task.queue in scheduler._held_back:
+    if task.queue in scheduler._return_wait.held_back:
         return  # it waits for the worker that ran it before a restart
     if task.session in scheduler._room.held_back:
         return  # it waits for its client to read results

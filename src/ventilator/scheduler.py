@@ -81,6 +81,8 @@ from .notices import (
 from .policy import Backoff, Limits, Prefetch
 from .result_room import ResultRoom
 from .retries import Retries
+from .return_wait import RETURN_WAIT_BEATS as RETURN_WAIT_BEATS
+from .return_wait import ReturnWait
 from .scope import RETRY_SESSION as RETRY_SESSION
 from .scope import Scope as Scope
 from .serialization import pack_error
@@ -126,12 +128,6 @@ MAX_FENCED_TICKET = 2**48
 # attempt, past what the wire carries (2**63 - 1), which would have every
 # worker refuse the TASKS that bring it.
 MAX_ADOPTED_ATTEMPT = 2**32
-
-# How many heartbeat intervals, after a restart, the tasks the journal brought
-# back wait for the workers that ran them to come back and name them. A worker
-# hears that the broker is new at its next beat (answered unknown_worker) and
-# registers again: within one interval, and a reconnection, of the start.
-RETURN_WAIT_BEATS = 2
 
 # How many results one RESULTS message carries at most.
 RESULTS_PER_MESSAGE = 1024
@@ -256,12 +252,9 @@ class Scheduler:
         # ticket it may not keep; the task of ours that bears it is next sent
         # at a later attempt (see _fence).
         self._fences: dict[int, int] = {}
-        # After a restart, the queues of restored tasks; once the broker
-        # serves, they dispatch nothing until `_held_back_until` (see
-        # await_returning_workers).
-        self._restored_queues: set[str] = set()
-        self._held_back: set[str] = set()
-        self._held_back_until = 0.0
+        # After a restart, the queues of restored tasks, which dispatch
+        # nothing for a while once the broker serves (see return_wait).
+        self._return_wait = ReturnWait(self.limits.heartbeat_interval_s)
 
         self.tasks: dict[int, Task] = {}
         self._by_key: dict[tuple[str, int], int] = {}
@@ -1689,7 +1682,7 @@ class Scheduler:
         self._wake_retries(now)
         self._expire_results(now)
         self._forget_tombstones(now)
-        self._end_wait_for_returning_workers(now)
+        self._return_wait.end_if_due(now)
 
     def stood_still(self, stalled_s: float, now: float) -> None:
         """The broker's loop stood still for `stalled_s` up to `now` (the process
@@ -1909,25 +1902,10 @@ class Scheduler:
 
     def await_returning_workers(self, now: float) -> float:
         """Start serving after a restart: hold the queues of restored tasks
-        back for RETURN_WAIT_BEATS heartbeat intervals from `now`; return how
-        long (0.0 if nothing was restored).
-
-        The workers that ran those tasks before the restart may run them
-        still. Each names them when it registers again, and keeps them (see
-        `_claimable`); a task handed to another worker first would run twice,
-        and the first result be dropped. Queues with nothing restored, and
-        tasks no returning worker names, are served as soon as the wait ends.
-        """
-        if not self._restored_queues:
-            return 0.0
-        wait_s = RETURN_WAIT_BEATS * self.limits.heartbeat_interval_s
-        self._held_back, self._restored_queues = self._restored_queues, set()
-        self._held_back_until = now + wait_s
-        return wait_s
-
-    def _end_wait_for_returning_workers(self, now: float) -> None:
-        if self._held_back and now >= self._held_back_until:
-            self._held_back = set()  # the next flush dispatches them
+        back for RETURN_WAIT_BEATS heartbeat intervals from `now`, for the
+        workers that may still run them to come back and name them (see
+        return_wait); return how long (0.0 if nothing was restored)."""
+        return self._return_wait.start(now)
 
     def _dispatch(self) -> None:
         """Hand out what waits to the workers with credit for it.
@@ -1939,10 +1917,11 @@ class Scheduler:
         slot every other turn, and other functions' short tasks would wait
         for it to drain.
         """
+        held_back = self._return_wait.held_back
         waiting = [
             (queue_name, queue)
             for queue_name, queue in self._queues.items()
-            if queue and queue_name not in self._held_back
+            if queue and queue_name not in held_back
         ]
         if not waiting:
             return
@@ -2339,7 +2318,7 @@ class Scheduler:
                 self._finish_order[task.ticket] = task.finished_at
         else:
             task.restored = True
-            self._restored_queues.add(task.queue)
+            self._return_wait.restored(task.queue)
             self._enqueue(task)
             self.submitted += 1
             self.restored += 1
