@@ -15,12 +15,14 @@ apart, as `split`.
 `Failures` keeps the list and the counts; the scheduler tells it how each task
 ended (`count_ending`), and which records a retry took (`forget`) or the
 journal brought back (`restore`). What changes goes into the turn's `Effects`,
-so that the journal keeps the same list.
+so that the journal keeps the same list. It answers what an operator, or a
+client within its `Scope`, asks of the list (`listed`, `chosen`).
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Set
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -28,10 +30,11 @@ from . import protocol as p
 from .mdp import service_queue
 from .notices import FailureForgotten, Notice
 from .serialization import unpack_value
-from .status import FAILURE_STATUSES
+from .status import FAILURE_STATUSES, latest_failures
 
 if TYPE_CHECKING:
     from .effects import Effects
+    from .scope import Scope
     from .tasks import Task
 
 __all__ = [
@@ -135,6 +138,27 @@ class Failures:
         """Drop `record` (an operator retried it), from the journal too."""
         self.records.remove(record)
         effects.unfailed.append(record.ticket)
+
+    def listed(self, limit: int, scope: Scope | None, now: float) -> dict[str, object]:
+        """What `ventilator failed` shows: the latest `limit` records within
+        `scope` (None: all), newest first and with their tracebacks, and how
+        many are kept there in all."""
+        records = latest_failures(self.records, limit, scope)
+        kept = sum(1 for r in self.records if scope is None or scope.owns(r.session))
+        return {
+            "failed": [r.report(now, traceback=True) for r in records],
+            "kept": kept,
+        }
+
+    def chosen(self, tickets: Set[int], scope: Scope | None) -> list[FailedTask]:
+        """The records a retry names by ticket (all of them when `tickets` is
+        empty) within `scope` (None: all), oldest first."""
+        return [
+            r
+            for r in self.records
+            if (not tickets or r.ticket in tickets)
+            and (scope is None or scope.owns(r.session))
+        ]
 
     def _remember(
         self,

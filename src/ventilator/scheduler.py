@@ -89,7 +89,7 @@ from .serialization import pack_error
 from .sessions import SESSIONS_PER_CONNECTION as SESSIONS_PER_CONNECTION
 from .sessions import Recipient as Recipient
 from .sessions import SessionRegistry
-from .status import StatusReport, latest_failures, outcome_totals
+from .status import StatusReport, outcome_totals
 from .tasks import PICKLE_QUEUE as PICKLE_QUEUE
 from .tasks import State as State
 from .tasks import Task as Task
@@ -2408,12 +2408,7 @@ class Scheduler:
         self, command: p.OperatorCommand, now: float, scope: Scope | None = None
     ) -> dict[str, object]:
         if isinstance(command, p.ListFailed):
-            records = latest_failures(self.failed, command.limit, scope)
-            kept = sum(1 for r in self.failed if scope is None or scope.owns(r.session))
-            return {
-                "failed": [r.report(now, traceback=True) for r in records],
-                "kept": kept,
-            }
+            return self._failures.listed(command.limit, scope, now)
         if isinstance(command, p.Retry):
             return self._retry_failed(command.tickets, command.sink, now, scope)
         if isinstance(command, p.Purge) and command.session is not None:
@@ -2439,12 +2434,7 @@ class Scheduler:
         """
         session = RETRY_SESSION if scope is None else scope.retry_session
         wanted = set(tickets)
-        chosen = [
-            r
-            for r in self.failed
-            if (not wanted or r.ticket in wanted)
-            and (scope is None or scope.owns(r.session))
-        ]
+        chosen = self._failures.chosen(wanted, scope)
         retried: list[int] = []
         # Pairs, not a dict: msgpack maps with integer keys are refused on the
         # wire (strict_map_key).

@@ -6,6 +6,7 @@ from ventilator import protocol as p
 from ventilator.effects import Effects
 from ventilator.failures import RETRY_PAYLOAD_BYTES, FailedTask, Failures
 from ventilator.notices import FailureForgotten
+from ventilator.scope import Scope
 from ventilator.serialization import pack_value
 from ventilator.tasks import Task
 
@@ -85,3 +86,28 @@ def test_a_retried_failure_is_forgotten_by_the_journal_too() -> None:
     failures.forget(failures.records[0], effects)
     assert not failures.records
     assert effects.unfailed == [1]
+
+
+def test_a_scoped_listing_shows_only_the_clients_own_failures_newest_first() -> None:
+    failures, effects = Failures(kept=5), Effects()
+    for ticket, session in [(1, "k1.s"), (2, "k2.s"), (3, "k1.s")]:
+        own = Task(ticket, session, ticket, "m:f", b"", 0, None, 0, session)
+        failures.count_ending(own, p.Status.RAISED, ERROR, 1.0, effects)
+    scope = Scope("k1.", lambda function, flags: True)
+
+    listed = failures.listed(limit=5, scope=scope, now=2.0)
+
+    reports = listed["failed"]
+    assert isinstance(reports, list)
+    assert [report["ticket"] for report in reports] == [3, 1]
+    assert listed["kept"] == 2
+
+
+def test_a_retry_naming_no_ticket_chooses_every_failure_in_scope() -> None:
+    failures, effects = Failures(kept=5), Effects()
+    for ticket in (1, 2, 3):
+        end(failures, effects, ticket, p.Status.RAISED)
+
+    assert [r.ticket for r in failures.chosen(set(), None)] == [1, 2, 3]
+    assert [r.ticket for r in failures.chosen({3, 9}, None)] == [3]
+    assert failures.chosen(set(), Scope("k1.", lambda f, flags: True)) == []
