@@ -83,6 +83,7 @@ from .result_room import ResultRoom
 from .retries import Retries
 from .return_wait import RETURN_WAIT_BEATS as RETURN_WAIT_BEATS
 from .return_wait import ReturnWait
+from .run_stats import RunStats
 from .scope import RETRY_SESSION as RETRY_SESSION
 from .scope import Scope as Scope
 from .serialization import pack_error
@@ -131,8 +132,6 @@ MAX_ADOPTED_ATTEMPT = 2**32
 
 # How many results one RESULTS message carries at most.
 RESULTS_PER_MESSAGE = 1024
-# Weight of the newest run time in a queue's moving average.
-RUN_TIME_WEIGHT = 0.2
 # The least a task costs its queue's turns at the workers (see
 # Scheduler._turn_cost_s): tasks too short to measure take turns by count.
 MIN_TURN_S = 0.001
@@ -317,17 +316,15 @@ class Scheduler:
         self._sessions = SessionRegistry(self.limits, self._holds_nothing)
         self.recipients = self._sessions.recipients
 
-        # Per queue, how long its tasks run (as workers report it), and how many
-        # of them a worker's slot may hold for that (see _allowance).
-        self._run_s: dict[str, float] = {}
+        # Per queue, how long its tasks run and how large their results are,
+        # as workers report them (see run_stats): how many of them a worker's
+        # slot may hold (see _allowance), and what a running one is expected
+        # to return.
+        self._runs = RunStats()
         # The work handed out of the least served queue that waited at the
         # last dispatch (see _dispatch): where a queue that starts waiting
         # joins the turns. It only grows.
         self._turn_clock = 0.0
-        # Per queue, how large its results are (in bytes: a moving average
-        # that rises at once to a larger result): what a task of it that
-        # runs is expected to return.
-        self._result_size: dict[str, float] = {}
         self._prefetch = Prefetch()
         # Why no new task is accepted now, as the shell found (the journal's
         # disk is nearly full); None: tasks are accepted within the limits.
@@ -1352,7 +1349,7 @@ class Scheduler:
 
             self._release(worker, task)
             task.run_s = outcome.duration_s
-            self._observe_run(task.queue, outcome.duration_s, len(outcome.payload))
+            self._runs.observe(task.queue, outcome.duration_s, len(outcome.payload))
             if task.cancelled:
                 self._drop_cancelled(task, now)
             else:
@@ -1367,22 +1364,6 @@ class Scheduler:
         self._effects.notices.append(
             LateOutcome(outcome.ticket, outcome.attempt, worker.worker_id, released)
         )
-
-    def _observe_run(self, queue_name: str, duration_s: float, size: int) -> None:
-        # Moving averages: a function whose tasks grow longer is soon held
-        # one per slot, and its results' size is what the next task of it is
-        # expected to return (see result_room). That one rises at once
-        # to a larger result: while an average caught up with results turning
-        # from bytes to 60 KB, a session held back at 1 MB kept 4.2 MB.
-        mean_s = self._run_s.get(queue_name)
-        mean = self._result_size.get(queue_name)
-        if mean_s is None or mean is None:
-            self._run_s[queue_name] = duration_s
-            self._result_size[queue_name] = float(size)
-        else:
-            self._run_s[queue_name] = mean_s + RUN_TIME_WEIGHT * (duration_s - mean_s)
-            decayed = mean + RUN_TIME_WEIGHT * (size - mean)
-            self._result_size[queue_name] = max(decayed, float(size))
 
     def _settle(self, task: Task, outcome: p.Outcome, now: float) -> None:
         unkept = self._unkeepable(outcome.payload)
@@ -1959,7 +1940,7 @@ class Scheduler:
         """What a task of `queue_name` costs its queue's turns: its mean run
         time, a long task's while unknown, and at least MIN_TURN_S, so that
         tasks of no measurable length still take turns by count."""
-        run_s = self._run_s.get(queue_name, self._prefetch.long_task_s)
+        run_s = self._runs.run_s.get(queue_name, self._prefetch.long_task_s)
         return max(run_s, MIN_TURN_S)
 
     def _assign_round(
@@ -2055,7 +2036,7 @@ class Scheduler:
         long_s = self._prefetch.long_task_s
         if self._now - worker.last_progress > long_s:
             return False
-        run_s = self._run_s
+        run_s = self._runs.run_s
         return any(run_s.get(name, long_s) < long_s for name in worker.held)
 
     def _allowance(self, worker: Worker, queue_name: str) -> int:
@@ -2074,7 +2055,7 @@ class Scheduler:
             # credit of thousands took 812 of 1000 tasks while two idled.
             held = worker.held.get(queue_name, 0)
             return max(0, min(worker.free, self._even_share(queue_name) - held))
-        per_slot = self._prefetch.per_slot(self._run_s.get(queue_name))
+        per_slot = self._prefetch.per_slot(self._runs.run_s.get(queue_name))
         return max(0, worker.slots * per_slot - worker.held.get(queue_name, 0))
 
     def _even_share(self, queue_name: str) -> int:
@@ -2098,7 +2079,7 @@ class Scheduler:
         now = self._now
         # What each task taken is expected to return, counted against its
         # session's room for results; past that room, its lanes rest.
-        expected = int(self._result_size.get(queue_name, 0.0))
+        expected = int(self._runs.result_size.get(queue_name, 0.0))
         room = self._room
         credit = self._credit
         while queue and len(assignments) < count:
