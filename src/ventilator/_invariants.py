@@ -13,7 +13,8 @@ Test-only: the broker never loads this module (see `Scheduler.check_invariants`)
 from __future__ import annotations
 
 from . import protocol as p
-from .scheduler import Scheduler, State, Task, Worker, sink_recipient
+from .scheduler import Scheduler, sink_recipient
+from .tasks import State, Task, Worker
 
 __all__ = ["check_invariants"]
 
@@ -93,13 +94,14 @@ def _check_totals(scheduler: Scheduler) -> None:
     unfinished = sum(
         1 for t in scheduler.tasks.values() if t.state is not State.FINISHED
     )
-    finished = sum(scheduler._finished_by_status) + scheduler._batches_split
+    failures = scheduler._failures
+    finished = sum(failures.finished_by_status) + failures.batches_split
     assert finished + unfinished <= scheduler.submitted, (finished, scheduler.submitted)
     assert scheduler.restored <= scheduler.submitted
 
 
 def _check_nobody_idles_for(scheduler: Scheduler, task: Task) -> None:
-    if task.queue in scheduler._held_back:
+    if task.queue in scheduler._return_wait.held_back:
         return  # it waits for the worker that ran it before a restart
     if task.session in scheduler._room.held_back:
         return  # it waits for its client to read results

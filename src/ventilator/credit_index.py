@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .scheduler import Worker
+    from .tasks import Worker
 
 __all__ = ["CreditIndex"]
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .scheduler import Task
+    from .tasks import Task
 
 __all__ = [
     "DEADLINE_HEAP_SLACK",

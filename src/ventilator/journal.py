@@ -47,9 +47,10 @@ from . import _wal
 from . import protocol as p
 from ._words import counted
 from .errors import JournalError, TaskRejected, UsageError
-from .scheduler import FailedTask, State, Task
+from .failures import FailedTask
 from .segments import INLINE_MAX_BYTES, BlobRef, SegmentStore
 from .serialization import pack_error
+from .tasks import State, Task
 
 __all__ = [
     "DURABILITY_MODES",

@@ -32,37 +32,39 @@ has waited another `result_ttl_s` (see `_expire_results`, `_forget_tombstones`).
 from __future__ import annotations
 
 import enum
-import heapq
 import math
 import random
 import sys
-from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
 
 from . import protocol as p
 from ._words import times
 from .announcements import Unannounced
 from .credit_index import CreditIndex
 
-# The grace constants (and Parked, Recipient and SESSIONS_PER_CONNECTION,
-# below) live with their classes now; they are still importable from here,
-# where tests and tools name them.
+# The grace constants (and DiskBudget, Effects, the failure records, Parked,
+# Recipient, Scope, SESSIONS_PER_CONNECTION, Task, Worker and State, below)
+# live with their classes now; they are still importable from here, where
+# tests and tools name them.
 from .deadlines import LEASE_GRACE_BEATS as LEASE_GRACE_BEATS
 from .deadlines import START_GRACE_BEATS as START_GRACE_BEATS
 from .deadlines import DeadlineEntry, DeadlineHeap, LeaseTerms
+from .disk_budget import DiskBudget as DiskBudget
+from .effects import Effects as Effects
 from .errors import PoisonTask, ResultExpired, TaskRejected, TaskTimeout
+from .failures import RETRY_PAYLOAD_BYTES as RETRY_PAYLOAD_BYTES
+from .failures import FailedTask as FailedTask
+from .failures import Failures, error_fields
+from .failures import split_for_its_map as split_for_its_map
 from .fairqueue import FairQueue
-from .mdp import service_queue
 from .notices import (
     ClientJoined,
     ClientLost,
     Departure,
-    FailureForgotten,
     Fault,
     LateOutcome,
     LeaseOverrun,
-    Notice,
     Rejected,
     ResultsExpired,
     SessionHeld,
@@ -78,27 +80,30 @@ from .notices import (
 )
 from .policy import Backoff, Limits, Prefetch
 from .result_room import ResultRoom
-from .serialization import pack_error, unpack_value
+from .retries import Retries
+from .return_wait import RETURN_WAIT_BEATS as RETURN_WAIT_BEATS
+from .return_wait import ReturnWait
+from .run_stats import RunStats
+from .scope import RETRY_SESSION as RETRY_SESSION
+from .scope import Scope as Scope
+from .serialization import pack_error
 from .sessions import SESSIONS_PER_CONNECTION as SESSIONS_PER_CONNECTION
 from .sessions import Recipient as Recipient
 from .sessions import SessionRegistry
-from .status import FAILURE_STATUSES, StatusReport, latest_failures, outcome_totals
+from .status import StatusReport, outcome_totals
+from .tasks import PICKLE_QUEUE as PICKLE_QUEUE
+from .tasks import State as State
+from .tasks import Task as Task
+from .tasks import Worker as Worker
 from .waiting_room import Parked as Parked
 from .waiting_room import WaitingRoom
 
-# Pickled callables have no function name a worker registered; they share one
-# queue, served only by workers that opted in to unpickling.
-PICKLE_QUEUE = "<pickled>"
 # The flags as plain ints: `int & IntFlag` costs about 2 us in CPython, and
-# `Task.queue` is asked on every enqueue.
+# some are asked per task.
 _PICKLED = int(p.Flags.PICKLED)
-_RAW = int(p.Flags.RAW)
 _BATCH = int(p.Flags.BATCH)
 _SPLIT = int(p.Flags.SPLIT)
 _SPLITTABLE = int(p.Flags.SPLITTABLE)
-# Looked up once: attribute access on an Enum class is slow per task.
-_OK = p.Status.OK
-_POISON = p.Status.POISON
 # What a client's session does with its tasks, and what it only asks (see
 # Recipient.only_asked).
 _WORK_TYPES = (p.Submit, p.Ack, p.Cancel)
@@ -125,16 +130,8 @@ MAX_FENCED_TICKET = 2**48
 # worker refuse the TASKS that bring it.
 MAX_ADOPTED_ATTEMPT = 2**32
 
-# How many heartbeat intervals, after a restart, the tasks the journal brought
-# back wait for the workers that ran them to come back and name them. A worker
-# hears that the broker is new at its next beat (answered unknown_worker) and
-# registers again: within one interval, and a reconnection, of the start.
-RETURN_WAIT_BEATS = 2
-
 # How many results one RESULTS message carries at most.
 RESULTS_PER_MESSAGE = 1024
-# Weight of the newest run time in a queue's moving average.
-RUN_TIME_WEIGHT = 0.2
 # The least a task costs its queue's turns at the workers (see
 # Scheduler._turn_cost_s): tasks too short to measure take turns by count.
 MIN_TURN_S = 0.001
@@ -150,145 +147,6 @@ MAX_DEATH_LENGTH = 200
 # However many it was told at once (up to all it held), they cost no more
 # than those tasks did while it held them.
 RELEASED_KEPT_S = 60.0
-# The session under which the broker resubmits failed tasks an operator retries.
-RETRY_SESSION = "ventilator:retry"
-# Arguments of a failed task are kept for a retry up to this size; larger ones
-# would make the bounded record of failures unbounded in bytes.
-RETRY_PAYLOAD_BYTES = p.ZERO_COPY_BYTES
-
-
-class State(enum.Enum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    WAITING = "waiting"  # for a retry's backoff to pass
-    FINISHED = "finished"
-
-
-@dataclass(slots=True, eq=False)
-class Task:
-    """One accepted task, from its acceptance until its result is acknowledged."""
-
-    ticket: int
-    session: str
-    task_id: int
-    function: str
-    payload: p.Payload
-    flags: int
-    timeout_s: float | None
-    retries_left: int
-    recipient: str
-    state: State = State.QUEUED
-    attempt: int = 0
-    # Strikes towards POISON: `deaths`, its task process died (the worker saw
-    # it and said CRASHED); `losses`, its worker was lost (silent, unreachable)
-    # while it ran, which a task can cause only in a thread pool.
-    deaths: int = 0
-    losses: int = 0
-    worker: str | None = None
-    # Who may name it in a READY and keep it, while it waits in its queue and
-    # nobody took it since (see Scheduler._claimable): the worker it was
-    # taken back from, which may still run it; and, for a task the journal
-    # brought back after a restart, any worker (`restored`), since the broker
-    # no longer knows who ran it.
-    given_back_by: str | None = None
-    restored: bool = False
-    status: p.Status | None = None
-    result: p.Payload = b""
-    finished_at: float = 0.0
-    # Cancelled by its submitter while held by a worker that cannot be told to
-    # stop it (an MDP worker): dropped, not requeued and not delivered, once
-    # that worker is done with it or gone.
-    cancelled: bool = False
-    # When the broker ends it as timed out unless its worker reports first
-    # (see Scheduler._expire_leases); None: no timeout_s, or it waits on its
-    # worker behind busy slots and its clock has not started.
-    deadline: float | None = None
-    # For metrics: when it last entered its queue and last left it, and how long
-    # the worker said it ran. Plain floats, so they cost next to nothing.
-    queued_at: float = 0.0
-    started_at: float = 0.0
-    run_s: float = 0.0
-    # While it runs: the bytes its result is expected to take (its queue's
-    # mean so far), counted against its session's room for results (see
-    # result_room); 0 otherwise.
-    expected: int = 0
-
-    @property
-    def key(self) -> tuple[str, int]:
-        return (self.session, self.task_id)
-
-    @property
-    def queue(self) -> str:
-        if self.flags & _PICKLED:
-            return PICKLE_QUEUE
-        if self.flags & _RAW:
-            return service_queue(self.function)
-        return self.function
-
-
-@dataclass(slots=True, eq=False)
-class Worker:
-    worker_id: str
-    peer: bytes
-    services: tuple[str, ...]
-    capacity: int
-    last_seen: float
-    running: set[int] = field(default_factory=set)
-    # The tasks it runs at once, if it leaves to the broker how many more of
-    # each function it holds (see Scheduler._allowance); None: no such limit.
-    slots: int | None = None
-    # How many of `running` each queue gave it.
-    held: dict[str, int] = field(default_factory=dict)
-    draining: bool = False
-    # Whether it is counted among the workers sharing its queues' work (see
-    # credit_index): registered and not draining.
-    sharing: bool = False
-    # Tasks it may hold above `capacity` after lowering it: those it had then.
-    grace: int = 0
-    # Silence after which it is presumed dead; None: the broker's default.
-    max_silence_s: float | None = None
-    # MDP workers send nothing while they work: silence while busy is not death
-    # (a dead busy worker is noticed when a send to it fails instead).
-    silent_while_busy: bool = False
-    # Whether it stops the tasks a RELEASE names: ours do; an MDP worker
-    # cannot be told to (7/MDP has no such command).
-    obeys_release: bool = True
-    # Whether it is in the index of workers with free credit, under each of
-    # its services (see credit_index).
-    offered: bool = False
-    # When it last reported an outcome, registered, or was given a task for a
-    # free slot: see Scheduler._frees_a_slot_soon.
-    last_progress: float = 0.0
-    # Why it serves nothing, as it said in its READY; for the status.
-    problem: str | None = None
-    # Tickets it holds beyond its slots, in the order they were sent: each
-    # starts (and its deadline with it) when a slot frees.
-    unstarted: dict[int, None] = field(default_factory=dict)
-    # Tasks in a row whose deadline passed before it reported them.
-    overruns: int = 0
-    # When it registered, and last reported outcomes (None: not yet): while it
-    # reports, the broker leaves its tasks to its own timeouts (see
-    # deadlines.LeaseTerms.trusted_until).
-    registered_at: float = 0.0
-    reported_at: float | None = None
-    # (ticket, attempt) it was told to give up (see `p.Release`): tasks its
-    # READY named that the broker did not keep, and tasks stopped since. A
-    # result of one that follows crossed the RELEASE, and is not a fault.
-    # Oldest first, with when; those older than RELEASED_KEPT_S are shed at
-    # its next RELEASE.
-    released: dict[tuple[int, int], float] = field(default_factory=dict)
-
-    def presumed_dead(self, now: float, default_silence_s: float) -> bool:
-        if self.silent_while_busy and self.running:
-            return False
-        limit_s = self.max_silence_s
-        if limit_s is None:
-            limit_s = default_silence_s
-        return now - self.last_seen > limit_s
-
-    @property
-    def free(self) -> int:
-        return 0 if self.draining else max(0, self.capacity - len(self.running))
 
 
 class Admission(enum.Enum):
@@ -297,85 +155,6 @@ class Admission(enum.Enum):
     ACCEPTED = "accepted"
     WAITING = "waiting"  # past its sender's window, for room (see waiting_room)
     REFUSED = "refused"
-
-
-@dataclass(slots=True)
-class DiskBudget:
-    """What the journal's disk can still take until the shell looks again.
-
-    New tasks must leave the reserve (`--journal-min-free-bytes`) whole: it is
-    kept for the tasks already held. Their results may use it, all but a
-    quarter kept for SQLite's log: a result the disk cannot take fails its
-    task, where its write would stop the broker, and again at each restart.
-    Infinite while no reserve is kept (a memory journal, or 0).
-    """
-
-    tasks: float = math.inf
-    results: float = math.inf
-    free: int = 0  # bytes free at the look, for messages
-    reserve: int = 0
-
-    @classmethod
-    def after_look(cls, free: int, reserve: int) -> DiskBudget:
-        return cls(free - reserve, free - reserve // 4, free, reserve)
-
-    def spend(self, size: int) -> None:
-        self.tasks -= size
-        self.results -= size
-
-    def task_refusal(self, size: int) -> str:
-        return (
-            f"the journal's disk has {self.free // _MIB} MiB free; this task's "
-            f"{size} bytes would cut into the {self.reserve // _MIB} MiB the broker "
-            "keeps for the tasks it holds (--journal-min-free-bytes)"
-        )
-
-    def result_refusal(self, size: int) -> str:
-        return (
-            f"the result of {size} bytes does not fit the journal's disk "
-            f"({self.free // _MIB} MiB free when the broker last looked); free "
-            "space there, or return less"
-        )
-
-
-_MIB = 2**20
-
-
-@dataclass(frozen=True, slots=True)
-class FailedTask:
-    """What the broker remembers of a failed task, for the operator."""
-
-    ticket: int
-    session: str
-    task_id: int
-    function: str
-    status: p.Status
-    error: p.Payload  # the packed error report, decoded only when shown
-    failed_at: float
-    payload: bytes | None  # the arguments, or None when too large to keep
-    flags: int
-    timeout_s: float | None
-
-    def report(self, now: float, traceback: bool = False) -> dict[str, object]:
-        """Plain data for the operator: who, what, and why it failed."""
-        error = _error_fields(self.error)
-        report: dict[str, object] = {
-            "ticket": self.ticket,
-            "session": self.session,
-            "task_id": self.task_id,
-            # An MDP service's queue, as status and the metrics name it.
-            "function": service_queue(self.function)
-            if self.flags & _RAW
-            else self.function,
-            "outcome": self.status.name.lower(),
-            "type": error.get("type", ""),
-            "message": error.get("message", ""),
-            "retryable": self.payload is not None,
-            "failed_s_ago": round(now - self.failed_at, 3),
-        }
-        if traceback:
-            report["traceback"] = error.get("traceback", "")[-4000:]
-        return report
 
 
 def _first_copies(
@@ -397,23 +176,13 @@ def _twice(task_id: int) -> str:
     return f"task_id {task_id} appears twice in one SUBMIT"
 
 
-def _error_fields(packed: p.Payload) -> dict[str, str]:
-    try:
-        fields = unpack_value(packed)
-    except Exception:  # msgpack raises a family of unrelated types
-        return {"type": "?", "message": "undecodable error report"}
-    if not isinstance(fields, dict):
-        return {"type": "?", "message": f"unexpected error report {fields!r:.80}"}
-    return {str(k): str(v) for k, v in fields.items()}
-
-
 def _how_it_died(report: p.Payload) -> str:
     """How a task process ended, as its worker's CRASHED report says ("exit
     code 9", "killed by SIGKILL"); "" when it says nothing (an older worker)
     or something else. Shortened: it is a peer's word."""
     if not report:
         return ""
-    fields = _error_fields(report)
+    fields = error_fields(report)
     if fields.get("type") != p.PROCESS_DIED:
         return ""
     return fields.get("message", "")[:MAX_DEATH_LENGTH]
@@ -444,29 +213,6 @@ def _work_handed_out(item: tuple[str, FairQueue]) -> float:
     return item[1].handed_out_s
 
 
-def split_for_its_map(flags: int, status: p.Status, report: p.Payload) -> bool:
-    """Whether a task that ended with `status` (and the error `report`) is a
-    map's batch handed back to its map, which runs its items one by one: one
-    whose process died or whose worker was lost (see `_strike`), or one of
-    several items its client marked `Flags.SPLITTABLE` that failed whole in
-    one of the ways of `p.SPLIT_ENDINGS`.
-
-    That is no failure of anything its user asked for: its items are tasks
-    of their own, and one that times out or kills its worker fails as
-    itself. So it is neither remembered for `failed` and `retry` nor counted
-    as failed.
-    """
-    if not flags & _BATCH or status is _OK:
-        return False
-    if status is _POISON:
-        return True
-    return (
-        bool(flags & _SPLITTABLE)
-        and status in p.SPLIT_ENDINGS
-        and _error_fields(report).get("type") not in p.UNSPLIT_ERROR_TYPES
-    )
-
-
 def _retried_here(task: Task) -> bool:
     """Whether the broker runs `task` again when it raises: while it has
     retries left, unless it is a map's batch, whose retries are its items'
@@ -480,66 +226,6 @@ SINK_PREFIX = p.SINK_PREFIX
 def sink_recipient(name: str) -> str:
     """The recipient name under which a sink's results wait."""
     return f"{SINK_PREFIX}{name}"
-
-
-@dataclass(frozen=True, slots=True)
-class Scope:
-    """What a client with limited rights sees and reaches with its questions
-    (status) and operator commands (failed, retry): the sessions whose names
-    start with `sessions`, and the functions `may_submit` allows it, asked
-    with a function's name and its task flags.
-
-    The scheduler knows no keys: the shell makes a scope from one (under
-    CURVE, a key's sessions are ``<fingerprint>.<name>``). None: no limits.
-    `retry_refusal`: why a retry may not run, said of each of the client's
-    own failures it names (the others are not its to retry at all).
-    """
-
-    sessions: str
-    may_submit: Callable[[str, int], bool]
-    retry_refusal: str | None = None
-
-    def owns(self, session: str) -> bool:
-        return session.startswith(self.sessions)
-
-    def shows_queue(self, name: str) -> bool:
-        """Whether a queue (a function's, or the pickled callables') is one
-        the client may submit to."""
-        return self.may_submit(name, _PICKLED if name == PICKLE_QUEUE else 0)
-
-    @property
-    def retry_session(self) -> str:
-        """Where this client's retries run: inside its own sessions, so that
-        their own failures are its to read and retry, and its window bounds
-        them."""
-        return self.sessions + RETRY_SESSION
-
-
-@dataclass(slots=True)
-class Effects:
-    """What one loop turn asks the shell to do, in this order: send to workers,
-    journal, then send to clients (nothing a client hears may outrun the disk)."""
-
-    accepted: list[Task] = field(default_factory=list)
-    finished: list[Task] = field(default_factory=list)
-    forgotten: list[int] = field(default_factory=list)  # tickets
-    # Failure records for the operator: new ones, and tickets of those retried
-    # or dropped for room, so the journal keeps the same list as `failed`.
-    failures: list[FailedTask] = field(default_factory=list)
-    unfailed: list[int] = field(default_factory=list)
-    to_clients: list[tuple[bytes, p.Command]] = field(default_factory=list)
-    to_workers: list[tuple[bytes, p.Command]] = field(default_factory=list)
-    notices: list[Notice] = field(default_factory=list)
-
-    @property
-    def journal_dirty(self) -> bool:
-        return bool(
-            self.accepted
-            or self.finished
-            or self.forgotten
-            or self.failures
-            or self.unfailed
-        )
 
 
 class Scheduler:
@@ -565,19 +251,17 @@ class Scheduler:
         # ticket it may not keep; the task of ours that bears it is next sent
         # at a later attempt (see _fence).
         self._fences: dict[int, int] = {}
-        # After a restart, the queues of restored tasks; once the broker
-        # serves, they dispatch nothing until `_held_back_until` (see
-        # await_returning_workers).
-        self._restored_queues: set[str] = set()
-        self._held_back: set[str] = set()
-        self._held_back_until = 0.0
+        # After a restart, the queues of restored tasks, which dispatch
+        # nothing for a while once the broker serves (see return_wait).
+        self._return_wait = ReturnWait(self.limits.heartbeat_interval_s)
 
         self.tasks: dict[int, Task] = {}
         self._by_key: dict[tuple[str, int], int] = {}
         # Per function, a lane per submitting session served in turns, so one
         # client's backlog does not hold up the others (see fairqueue).
         self._queues: dict[str, FairQueue] = {}
-        self._waiting: list[tuple[float, int]] = []  # (due time, ticket) heap
+        # Tasks that raised, waiting out their retry's backoff (see retries).
+        self._retries = Retries(self.tasks)
         # Deadlines of running tasks with a timeout, looked at once a tick;
         # entries of tasks finished or re-armed since are skipped when they
         # come due, not searched for (see _armed_task).
@@ -616,9 +300,10 @@ class Scheduler:
         # that what finishes never outnumbers what was submitted.
         self.submitted = 0
         self.restored = 0
-        self._finished_by_status = [0] * (max(p.Status) + 1)
-        self._batches_split = 0  # not among the failures: see split_for_its_map
-        self.failed: deque[FailedTask] = deque(maxlen=self.limits.failed_kept)
+        self._failures = Failures(self.limits.failed_kept)
+        # The records themselves, as operator commands, status and telemetry
+        # read them.
+        self.failed = self._failures.records
 
         self.workers: dict[str, Worker] = {}
         self._worker_of_peer: dict[bytes, str] = {}
@@ -631,17 +316,15 @@ class Scheduler:
         self._sessions = SessionRegistry(self.limits, self._holds_nothing)
         self.recipients = self._sessions.recipients
 
-        # Per queue, how long its tasks run (as workers report it), and how many
-        # of them a worker's slot may hold for that (see _allowance).
-        self._run_s: dict[str, float] = {}
+        # Per queue, how long its tasks run and how large their results are,
+        # as workers report them (see run_stats): how many of them a worker's
+        # slot may hold (see _allowance), and what a running one is expected
+        # to return.
+        self._runs = RunStats()
         # The work handed out of the least served queue that waited at the
         # last dispatch (see _dispatch): where a queue that starts waiting
         # joins the turns. It only grows.
         self._turn_clock = 0.0
-        # Per queue, how large its results are (in bytes: a moving average
-        # that rises at once to a larger result): what a task of it that
-        # runs is expected to return.
-        self._result_size: dict[str, float] = {}
         self._prefetch = Prefetch()
         # Why no new task is accepted now, as the shell found (the journal's
         # disk is nearly full); None: tasks are accepted within the limits.
@@ -1668,7 +1351,7 @@ class Scheduler:
 
             self._release(worker, task)
             task.run_s = outcome.duration_s
-            self._observe_run(task.queue, outcome.duration_s, len(outcome.payload))
+            self._runs.observe(task.queue, outcome.duration_s, len(outcome.payload))
             if task.cancelled:
                 self._drop_cancelled(task, now)
             else:
@@ -1683,22 +1366,6 @@ class Scheduler:
         self._effects.notices.append(
             LateOutcome(outcome.ticket, outcome.attempt, worker.worker_id, released)
         )
-
-    def _observe_run(self, queue_name: str, duration_s: float, size: int) -> None:
-        # Moving averages: a function whose tasks grow longer is soon held
-        # one per slot, and its results' size is what the next task of it is
-        # expected to return (see result_room). That one rises at once
-        # to a larger result: while an average caught up with results turning
-        # from bytes to 60 KB, a session held back at 1 MB kept 4.2 MB.
-        mean_s = self._run_s.get(queue_name)
-        mean = self._result_size.get(queue_name)
-        if mean_s is None or mean is None:
-            self._run_s[queue_name] = duration_s
-            self._result_size[queue_name] = float(size)
-        else:
-            self._run_s[queue_name] = mean_s + RUN_TIME_WEIGHT * (duration_s - mean_s)
-            decayed = mean + RUN_TIME_WEIGHT * (size - mean)
-            self._result_size[queue_name] = max(decayed, float(size))
 
     def _settle(self, task: Task, outcome: p.Outcome, now: float) -> None:
         unkept = self._unkeepable(outcome.payload)
@@ -1732,7 +1399,7 @@ class Scheduler:
             self._unexpect(task)
         task.state = State.WAITING
         delay = self._backoff.delay_s(task.attempt, self._rng.random())
-        heapq.heappush(self._waiting, (now + delay, task.ticket))
+        self._retries.wait(task, now + delay)
 
     def _died_running(self, task: Task, how: str, now: float) -> None:
         """Requeue a task whose task process died under it (its worker said
@@ -1998,7 +1665,7 @@ class Scheduler:
         self._wake_retries(now)
         self._expire_results(now)
         self._forget_tombstones(now)
-        self._end_wait_for_returning_workers(now)
+        self._return_wait.end_if_due(now)
 
     def stood_still(self, stalled_s: float, now: float) -> None:
         """The broker's loop stood still for `stalled_s` up to `now` (the process
@@ -2057,11 +1724,8 @@ class Scheduler:
             self._effects.notices.append(SessionsForgotten(len(idle), grace_s))
 
     def _wake_retries(self, now: float) -> None:
-        while self._waiting and self._waiting[0][0] <= now:
-            _, ticket = heapq.heappop(self._waiting)
-            task = self.tasks.get(ticket)
-            if task is not None and task.state is State.WAITING:
-                self._enqueue(task)
+        for task in self._retries.due(now):
+            self._enqueue(task)
 
     def _expire_results(self, now: float) -> None:
         """Replace each result older than `result_ttl_s` by a tombstone."""
@@ -2165,10 +1829,7 @@ class Scheduler:
         self._leave_queue(task)
         if task.expected:
             self._unexpect(task)
-        if split_for_its_map(task.flags, status, result):
-            self._batches_split += 1
-        else:
-            self._count_ending(task, status, result, now)
+        self._failures.count_ending(task, status, result, now, self._effects)
         task.state = State.FINISHED
         task.status = status
         task.finished_at = now
@@ -2177,58 +1838,6 @@ class Scheduler:
         task.payload = b""
         self._replace_result(task, result)
         self._effects.finished.append(task)
-
-    def _count_ending(
-        self, task: Task, status: p.Status, result: p.Payload, now: float
-    ) -> None:
-        if status in FAILURE_STATUSES:
-            self._remember_failure(task, status, result, now)
-        self._finished_by_status[status] += 1
-
-    def _remember_failure(
-        self, task: Task, status: p.Status, error: p.Payload, now: float
-    ) -> None:
-        kept = task.payload if len(task.payload) <= RETRY_PAYLOAD_BYTES else None
-        record = FailedTask(
-            task.ticket,
-            task.session,
-            task.task_id,
-            task.function,
-            status,
-            bytes(error),
-            now,
-            bytes(kept) if kept is not None else None,
-            task.flags,
-            task.timeout_s,
-        )
-        if self._keep_failure(record):
-            self._effects.failures.append(record)
-
-    def _keep_failure(self, record: FailedTask) -> bool:
-        """Add `record` to the bounded list, the oldest making room; return
-        whether it was kept (not when the bound is 0)."""
-        kept = self.failed.maxlen or 0
-        if not kept:
-            return False
-        if len(self.failed) >= kept:
-            oldest = self.failed.popleft()
-            self._effects.unfailed.append(oldest.ticket)
-            self._note_failure_forgotten(kept)
-        self.failed.append(record)
-        return True
-
-    def _note_failure_forgotten(self, kept: int) -> None:
-        # One notice per run of them: a storm of failures is one log line.
-        notices = self._effects.notices
-        last = notices[-1] if notices else None
-        if isinstance(last, FailureForgotten):
-            notices[-1] = FailureForgotten(last.count + 1, kept)
-        else:
-            notices.append(FailureForgotten(1, kept))
-
-    def _unfail(self, record: FailedTask) -> None:
-        self.failed.remove(record)
-        self._effects.unfailed.append(record.ticket)
 
     def _replace_result(self, task: Task, result: p.Payload) -> None:
         change = len(result) - len(task.result)
@@ -2276,25 +1885,10 @@ class Scheduler:
 
     def await_returning_workers(self, now: float) -> float:
         """Start serving after a restart: hold the queues of restored tasks
-        back for RETURN_WAIT_BEATS heartbeat intervals from `now`; return how
-        long (0.0 if nothing was restored).
-
-        The workers that ran those tasks before the restart may run them
-        still. Each names them when it registers again, and keeps them (see
-        `_claimable`); a task handed to another worker first would run twice,
-        and the first result be dropped. Queues with nothing restored, and
-        tasks no returning worker names, are served as soon as the wait ends.
-        """
-        if not self._restored_queues:
-            return 0.0
-        wait_s = RETURN_WAIT_BEATS * self.limits.heartbeat_interval_s
-        self._held_back, self._restored_queues = self._restored_queues, set()
-        self._held_back_until = now + wait_s
-        return wait_s
-
-    def _end_wait_for_returning_workers(self, now: float) -> None:
-        if self._held_back and now >= self._held_back_until:
-            self._held_back = set()  # the next flush dispatches them
+        back for RETURN_WAIT_BEATS heartbeat intervals from `now`, for the
+        workers that may still run them to come back and name them (see
+        return_wait); return how long (0.0 if nothing was restored)."""
+        return self._return_wait.start(now)
 
     def _dispatch(self) -> None:
         """Hand out what waits to the workers with credit for it.
@@ -2306,10 +1900,11 @@ class Scheduler:
         slot every other turn, and other functions' short tasks would wait
         for it to drain.
         """
+        held_back = self._return_wait.held_back
         waiting = [
             (queue_name, queue)
             for queue_name, queue in self._queues.items()
-            if queue and queue_name not in self._held_back
+            if queue and queue_name not in held_back
         ]
         if not waiting:
             return
@@ -2347,7 +1942,7 @@ class Scheduler:
         """What a task of `queue_name` costs its queue's turns: its mean run
         time, a long task's while unknown, and at least MIN_TURN_S, so that
         tasks of no measurable length still take turns by count."""
-        run_s = self._run_s.get(queue_name, self._prefetch.long_task_s)
+        run_s = self._runs.run_s.get(queue_name, self._prefetch.long_task_s)
         return max(run_s, MIN_TURN_S)
 
     def _assign_round(
@@ -2443,7 +2038,7 @@ class Scheduler:
         long_s = self._prefetch.long_task_s
         if self._now - worker.last_progress > long_s:
             return False
-        run_s = self._run_s
+        run_s = self._runs.run_s
         return any(run_s.get(name, long_s) < long_s for name in worker.held)
 
     def _allowance(self, worker: Worker, queue_name: str) -> int:
@@ -2462,7 +2057,7 @@ class Scheduler:
             # credit of thousands took 812 of 1000 tasks while two idled.
             held = worker.held.get(queue_name, 0)
             return max(0, min(worker.free, self._even_share(queue_name) - held))
-        per_slot = self._prefetch.per_slot(self._run_s.get(queue_name))
+        per_slot = self._prefetch.per_slot(self._runs.run_s.get(queue_name))
         return max(0, worker.slots * per_slot - worker.held.get(queue_name, 0))
 
     def _even_share(self, queue_name: str) -> int:
@@ -2486,7 +2081,7 @@ class Scheduler:
         now = self._now
         # What each task taken is expected to return, counted against its
         # session's room for results; past that room, its lanes rest.
-        expected = int(self._result_size.get(queue_name, 0.0))
+        expected = int(self._runs.result_size.get(queue_name, 0.0))
         room = self._room
         credit = self._credit
         while queue and len(assignments) < count:
@@ -2706,7 +2301,7 @@ class Scheduler:
                 self._finish_order[task.ticket] = task.finished_at
         else:
             task.restored = True
-            self._restored_queues.add(task.queue)
+            self._return_wait.restored(task.queue)
             self._enqueue(task)
             self.submitted += 1
             self.restored += 1
@@ -2715,13 +2310,9 @@ class Scheduler:
 
     def restore_failure(self, record: FailedTask) -> None:
         """Take back a failure record from the journal after a restart, oldest
-        first; `record.failed_at` must be on this process's clock. A batch
-        handed back to its map, which older brokers remembered as a failure,
-        is dropped from the journal instead."""
-        if split_for_its_map(record.flags, record.status, record.error):
-            self._effects.unfailed.append(record.ticket)
-        else:
-            self._keep_failure(record)
+        first; `record.failed_at` must be on this process's clock (see
+        `Failures.restore`)."""
+        self._failures.restore(record, self._effects)
 
     # --- status: what the report reads (see status.StatusReport) ----------------------
 
@@ -2757,8 +2348,8 @@ class Scheduler:
             failed=self.failed,
             tombstones=len(self._tombstones),
             queued=self._queued_by_function(),
-            retrying=self._retrying_by_function(),
-            next_retry_at=self._next_retry_at(),
+            retrying=self._retries.by_queue(),
+            next_retry_at=self._retries.next_due_at(),
             totals=self.totals(),
             asker=asker,
         )
@@ -2780,8 +2371,8 @@ class Scheduler:
         return outcome_totals(
             self.submitted,
             self.restored,
-            self._finished_by_status,
-            self._batches_split,
+            self._failures.finished_by_status,
+            self._failures.batches_split,
         )
 
     def _queued_by_function(self) -> dict[str, int]:
@@ -2790,33 +2381,9 @@ class Scheduler:
             name: len(queue) - self._stale.get(name, 0)
             for name, queue in self._queues.items()
         }
-        for task in self._waiting_tasks():
+        for task in self._retries.tasks():
             queued[task.queue] = queued.get(task.queue, 0) + 1
         return {name: count for name, count in queued.items() if count}
-
-    def _retrying_by_function(self) -> dict[str, int]:
-        """Tasks waiting out a retry's backoff, per function: queued, and
-        yet no worker takes them until it passes."""
-        retrying: dict[str, int] = {}
-        for task in self._waiting_tasks():
-            retrying[task.queue] = retrying.get(task.queue, 0) + 1
-        return retrying
-
-    def _next_retry_at(self) -> float | None:
-        """When the next retry is due."""
-        return min((at for at, _ in self._waiting_entries()), default=None)
-
-    def _waiting_tasks(self) -> list[Task]:
-        """Tasks waiting for a retry."""
-        return [task for _, task in self._waiting_entries()]
-
-    def _waiting_entries(self) -> Iterator[tuple[float, Task]]:
-        """Each task waiting for a retry, with when it is due; the heap also
-        holds cancelled ones, left out."""
-        for at, ticket in self._waiting:
-            task = self.tasks.get(ticket)
-            if task is not None and task.state is State.WAITING:
-                yield at, task
 
     # --- operator commands -----------------------------------------------------------
 
@@ -2824,12 +2391,7 @@ class Scheduler:
         self, command: p.OperatorCommand, now: float, scope: Scope | None = None
     ) -> dict[str, object]:
         if isinstance(command, p.ListFailed):
-            records = latest_failures(self.failed, command.limit, scope)
-            kept = sum(1 for r in self.failed if scope is None or scope.owns(r.session))
-            return {
-                "failed": [r.report(now, traceback=True) for r in records],
-                "kept": kept,
-            }
+            return self._failures.listed(command.limit, scope, now)
         if isinstance(command, p.Retry):
             return self._retry_failed(command.tickets, command.sink, now, scope)
         if isinstance(command, p.Purge) and command.session is not None:
@@ -2855,12 +2417,7 @@ class Scheduler:
         """
         session = RETRY_SESSION if scope is None else scope.retry_session
         wanted = set(tickets)
-        chosen = [
-            r
-            for r in self.failed
-            if (not wanted or r.ticket in wanted)
-            and (scope is None or scope.owns(r.session))
-        ]
+        chosen = self._failures.chosen(wanted, scope)
         retried: list[int] = []
         # Pairs, not a dict: msgpack maps with integer keys are refused on the
         # wire (strict_map_key).
@@ -2882,7 +2439,7 @@ class Scheduler:
                 sink=sink,
             )
             self._accept(session, spec, now)
-            self._unfail(record)
+            self._failures.forget(record, self._effects)
             retried.append(record.ticket)
 
         unknown = sorted(wanted - {r.ticket for r in chosen})
@@ -2926,7 +2483,7 @@ class Scheduler:
         queue.clear()
         self._stale.pop(queue_name, None)
 
-        for task in self._waiting_tasks():
+        for task in self._retries.tasks():
             if task.queue == queue_name:
                 self._finish(task, p.Status.CANCELLED, b"", now)
                 purged += 1

@@ -27,7 +27,10 @@ from typing import TYPE_CHECKING, TypeAlias
 from . import protocol as p
 
 if TYPE_CHECKING:
-    from .scheduler import FailedTask, Recipient, Scope, Task, Worker
+    from .failures import FailedTask
+    from .scope import Scope
+    from .sessions import Recipient
+    from .tasks import Task, Worker
     from .waiting_room import Parked
 
 __all__ = [

@@ -69,9 +69,12 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from . import protocol as p
-from .scheduler import Effects, Scheduler, Task, split_for_its_map
+from .effects import Effects
+from .failures import split_for_its_map
+from .scheduler import Scheduler
 from .serialization import unpack_value
 from .status import FAILURE_STATUSES
+from .tasks import Task
 
 __all__ = ["Snapshot", "Telemetry", "metrics_registry"]
 

@@ -1,0 +1,55 @@
+"""How many bytes the journal's disk can still take, between two looks at it.
+
+The broker looks at the free space on its journal's disk as the journal
+grows, not per task (see `broker._DiskRoom`); in between, the scheduler spends
+the budget that look left as it accepts tasks and keeps results, and refuses
+what would not fit, with a message that says what to do.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+__all__ = ["DiskBudget"]
+
+_MIB = 2**20
+
+
+@dataclass(slots=True)
+class DiskBudget:
+    """What the journal's disk can still take until the shell looks again.
+
+    New tasks must leave the reserve (`--journal-min-free-bytes`) whole: it is
+    kept for the tasks already held. Their results may use it, all but a
+    quarter kept for SQLite's log: a result the disk cannot take fails its
+    task, where its write would stop the broker, and again at each restart.
+    Infinite while no reserve is kept (a memory journal, or 0).
+    """
+
+    tasks: float = math.inf
+    results: float = math.inf
+    free: int = 0  # bytes free at the look, for messages
+    reserve: int = 0
+
+    @classmethod
+    def after_look(cls, free: int, reserve: int) -> DiskBudget:
+        return cls(free - reserve, free - reserve // 4, free, reserve)
+
+    def spend(self, size: int) -> None:
+        self.tasks -= size
+        self.results -= size
+
+    def task_refusal(self, size: int) -> str:
+        return (
+            f"the journal's disk has {self.free // _MIB} MiB free; this task's "
+            f"{size} bytes would cut into the {self.reserve // _MIB} MiB the broker "
+            "keeps for the tasks it holds (--journal-min-free-bytes)"
+        )
+
+    def result_refusal(self, size: int) -> str:
+        return (
+            f"the result of {size} bytes does not fit the journal's disk "
+            f"({self.free // _MIB} MiB free when the broker last looked); free "
+            "space there, or return less"
+        )
