@@ -32,7 +32,7 @@ import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 import zmq
@@ -40,11 +40,7 @@ from zmq.utils import z85
 
 from . import protocol as p
 from .errors import UsageError
-
-if TYPE_CHECKING:
-    # Only for annotations: clients import this module, and the scheduler is
-    # the broker's (a fifth of a client's start).
-    from .scheduler import Scope
+from .scope import Scope
 
 __all__ = [
     "CLIENT",
@@ -294,8 +290,6 @@ class Admission:
 def scope_of(identity: Identity) -> Scope | None:
     """What a key's status and operator commands see and reach: with limited
     rights, its own sessions and the functions it may submit; else all."""
-    from .scheduler import Scope  # the broker's, loaded by then
-
     if identity.rights.unrestricted:
         return None
     return Scope(f"{identity.fingerprint}.", identity.rights.allows_task)
