@@ -1898,6 +1898,14 @@ def _print_status(report: dict[str, Any]) -> None:
         f"{totals.get('completed', 0)} completed, {totals.get('failed', 0)} failed, "
         f"{totals.get('cancelled', 0)} cancelled" + _split_totals(totals)
     )
+    if totals.get("rejected"):
+        console.print(
+            f"refused as submitted (never accepted): {totals['rejected']} tasks"
+        )
+    if report.get("not_accepting"):
+        console.print(
+            f"[bold red]NOT ACCEPTING NEW TASKS[/]: {report['not_accepting']}"
+        )
     console.print(_results_line(report))
     if report.get("recent_failures"):
         failures = report["recent_failures"]

@@ -171,11 +171,19 @@ class _Handler(BaseHTTPRequestHandler):
         snapshot = self.dashboard.snapshot()
         age_s = None if snapshot is None else time.monotonic() - snapshot.taken_at
         healthy = age_s is not None and age_s < STALE_AFTER_S
+        # Alive, but refusing every new task (its journal's disk nearly full):
+        # 200 still, since restarting it would not help, but not "ok", which
+        # an alert on the status would miss.
+        not_accepting = (
+            None if snapshot is None else snapshot.status.get("not_accepting")
+        )
+        state = "not_accepting" if not_accepting else "ok"
         self._json(
             HTTPStatus.OK if healthy else HTTPStatus.SERVICE_UNAVAILABLE,
             {
-                "status": "ok" if healthy else "stalled",
+                "status": state if healthy else "stalled",
                 "snapshot_age_s": None if age_s is None else round(age_s, 3),
+                "not_accepting": not_accepting,
             },
         )
 

@@ -300,6 +300,8 @@ class Scheduler:
         # that what finishes never outnumbers what was submitted.
         self.submitted = 0
         self.restored = 0
+        # Tasks refused as they were submitted, since the broker started.
+        self.rejected = 0
         self._failures = Failures(self.limits.failed_kept)
         # The records themselves, as operator commands, status and telemetry
         # read them.
@@ -887,6 +889,7 @@ class Scheduler:
         error = TaskRejected("TaskRejected", reason)
         entry = p.ResultEntry(task_id, p.Status.REJECTED, pack_error(error))
         self._refusals.setdefault(peer, []).append(entry)
+        self.rejected += 1
         self._effects.notices.append(Rejected(session, task_id, reason))
 
     def _send_refusals(self) -> None:
@@ -2352,6 +2355,7 @@ class Scheduler:
             next_retry_at=self._retries.next_due_at(),
             totals=self.totals(),
             asker=asker,
+            not_accepting=self.not_accepting,
         )
         if scope is not None:
             return report.within(scope, now)
@@ -2366,13 +2370,15 @@ class Scheduler:
         to their maps, which submit their items anew: those whose task process
         died or whose worker was lost, and those of several items that timed
         out or whose result was over the limit (see `split_for_its_map`).
-        They are not `failed`.
+        They are not `failed`. `rejected` counts the tasks refused as they
+        were submitted, which were never accepted and count nowhere else.
         """
         return outcome_totals(
             self.submitted,
             self.restored,
             self._failures.finished_by_status,
             self._failures.batches_split,
+            self.rejected,
         )
 
     def _queued_by_function(self) -> dict[str, int]:

@@ -114,10 +114,16 @@ def busiest_first(queued: Mapping[str, int], running: Mapping[str, int]) -> list
 
 
 def outcome_totals(
-    submitted: int, restored: int, finished_by_status: Sequence[int], split: int
+    submitted: int,
+    restored: int,
+    finished_by_status: Sequence[int],
+    split: int,
+    rejected: int = 0,
 ) -> dict[str, int]:
     """Tasks taken on and finished since the broker started, by outcome, from
-    its running counts (`finished_by_status` is indexed by `p.Status`)."""
+    its running counts (`finished_by_status` is indexed by `p.Status`), and
+    those refused as they were submitted (`rejected`: never accepted, so in
+    no other count)."""
     return {
         "submitted": submitted,
         "restored": restored,
@@ -125,6 +131,7 @@ def outcome_totals(
         "failed": sum(finished_by_status[status] for status in FAILURE_STATUSES),
         "cancelled": finished_by_status[p.Status.CANCELLED],
         "split": split,
+        "rejected": rejected,
     }
 
 
@@ -172,6 +179,9 @@ class StatusReport:
     totals: dict[str, int]
     # The session asking, listed even if it only asked (see `_listed`).
     asker: str | None = None
+    # Why the broker refuses every new task now (its journal's disk nearly
+    # full); None while it accepts them within its limits.
+    not_accepting: str | None = None
 
     def whole(self, now: float, full: bool = False) -> dict[str, object]:
         """The whole broker: the most relevant `STATUS_WORKERS` workers,
@@ -187,6 +197,7 @@ class StatusReport:
             **self._results_held(running),
             **self._clients_status(self.recipients),
             "totals": self.totals,
+            "not_accepting": self.not_accepting,
             "recent_failures": [
                 record.report(now)
                 for record in latest_failures(self.failed, RECENT_FAILURES, None)
@@ -218,6 +229,7 @@ class StatusReport:
                 if scope.owns(recipient.name) or scope.owns(recipient.holder or "")
             ),
             "totals": self.totals,
+            "not_accepting": self.not_accepting,
             "recent_failures": [
                 record.report(now)
                 for record in latest_failures(self.failed, RECENT_FAILURES, scope)

@@ -452,6 +452,7 @@ class _SnapshotCollector(Collector):
         if snapshot is None:
             return
         yield from _counters(snapshot)
+        yield _refused(snapshot.status)
         yield _histogram(
             "ventilator_task_duration_seconds",
             "How long tasks ran, as their workers measured.",
@@ -478,6 +479,19 @@ def _counters(snapshot: Snapshot) -> Iterator[Metric]:
         snapshot.submitted,
         snapshot.finished,
     )
+
+
+def _refused(status: dict[str, Any]) -> Metric:
+    """Tasks refused as they were submitted: never accepted, so in no other
+    counter. One that rises is a broker past a limit, or whose journal's disk
+    is nearly full, refusing work that its clients see fail."""
+    refused = CounterMetricFamily(
+        "ventilator_tasks_refused",
+        "Refused as they were submitted, never accepted (over a limit, the "
+        "journal's disk nearly full, a function the key may not submit): tasks.",
+    )
+    refused.add_metric([], status["totals"].get("rejected", 0))
+    return refused
 
 
 def _ending_counters(

@@ -340,3 +340,40 @@ def test_dashboard_lists_the_busiest_functions_first_as_status_does(
     wait_until(lambda: rows.count() == 4, SETTLE_S, "four functions listed")
     assert rows.all_inner_texts() == busiest_first
     assert list(api(web_broker, "status")["queued"]) == busiest_first
+
+
+def test_a_broker_refusing_new_tasks_says_so_in_status_health_and_metrics(
+    launch: Launcher, tmp_path: Path
+) -> None:
+    # A tester's broker refused every task (its journal's disk "nearly
+    # full"): only its log said so. status counted nothing, /health said ok,
+    # and the metrics had no rejected series, so no alert could fire.
+    broker = launch.broker(
+        "--http",
+        "127.0.0.1:0",
+        "--journal-min-free-bytes",
+        str(2**62),
+        durability="process",
+        journal=tmp_path / "journal.db",
+    )
+    client = launch.client(broker)
+
+    with pytest.raises(ventilator.TaskRejected):
+        client.submit(f"{TASKS}:square", 2).result(30)
+
+    status = client.status()
+    assert status["totals"]["rejected"] == 1
+    assert "--journal-min-free-bytes" in status["not_accepting"]
+
+    # The page's snapshot is a moment behind the broker.
+    def refusing() -> dict[str, Any] | None:
+        health: dict[str, Any] = json.loads(get(broker, "/health")[1])
+        return health if health["status"] == "not_accepting" else None
+
+    health = wait_until(refusing, SETTLE_S, "/health to say it is not accepting")
+    assert health["not_accepting"] == status["not_accepting"]
+    wait_until(
+        lambda: metrics(broker).get(("ventilator_tasks_refused_total", ())) == 1,
+        SETTLE_S,
+        "the metrics to count the refused task",
+    )

@@ -1314,3 +1314,30 @@ def test_a_client_whose_hello_died_with_its_broker_says_it_again_to_the_next(
     launch.worker(broker)
 
     assert future.result(RESULT_TIMEOUT_S) == 9
+
+
+def test_the_broker_warns_of_each_task_that_failed_as_poison_or_timed_out(
+    launch: Launcher,
+) -> None:
+    # An operator reading the broker's log at its default level (WARNING)
+    # found neither the poison task nor the timed-out ones: their clients
+    # heard, the broker's log never named them.
+    broker = launch.broker("--max-attempts", "1")
+    launch.worker(broker)
+    client = launch.client(broker)
+    poison = client.submit(tasks.crash)
+    late = client.submit(tasks.sleep_for, 30, timeout_s=0.5)
+
+    assert isinstance(poison.exception(RESULT_TIMEOUT_S), ventilator.PoisonTask)
+    assert isinstance(late.exception(RESULT_TIMEOUT_S), ventilator.TaskTimeout)
+    tickets = {record["function"]: record["ticket"] for record in client.failed()}
+    wait_until(
+        lambda: all(
+            f"ticket={tickets[f'{TASKS}:{name}']} function={TASKS}:{name}"
+            in log_of(broker.process)
+            for name in ("crash", "sleep_for")
+        ),
+        RESULT_TIMEOUT_S,
+        "the broker's log to name both failed tasks",
+    )
+    assert "WARNING" in log_of(broker.process)

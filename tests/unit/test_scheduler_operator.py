@@ -225,6 +225,7 @@ def test_status_counts_outcomes_and_shows_recent_failures(driver: Driver) -> Non
     fail(driver, 1)
     driver.submit(task(2, function="jobs:unserved"))
     driver.cancel(2)
+    driver.submit(task(3, function="not a function name"))  # refused, uncounted
 
     status = driver.scheduler.status(driver.now)
 
@@ -235,6 +236,7 @@ def test_status_counts_outcomes_and_shows_recent_failures(driver: Driver) -> Non
         "failed": 1,
         "cancelled": 1,
         "split": 0,
+        "rejected": 1,
     }
     assert [r["message"] for r in status["recent_failures"]] == ["bad input 1"]  # type: ignore[attr-defined]
 
