@@ -133,6 +133,9 @@ QUESTION_FLOOD_FIRST_INTERVAL_S = 10.0
 FORGOTTEN_FAILURES_FIRST_INTERVAL_S = 60.0
 # Messages from the open connections of a removed key, likewise.
 REMOVED_KEY_FIRST_INTERVAL_S = 10.0
+# A function's tasks failing as poison or by timeout, likewise per function
+# and outcome.
+TASK_FAILURES_FIRST_INTERVAL_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,6 +258,9 @@ class Broker:
         )
         self._forgotten_failures = Routine(
             __name__, FORGOTTEN_FAILURES_FIRST_INTERVAL_S
+        )
+        self._task_failures: Routines[tuple[str, str]] = Routines(
+            __name__, TASK_FAILURES_FIRST_INTERVAL_S, level=logging.WARNING
         )
         self._trim = _MemoryTrim(TRIM_INTERVAL_S)
         self._disk_room = _DiskRoom(self.config)
@@ -1110,8 +1116,26 @@ class Broker:
                     _log_worker_lost(notice, self._loss_log.suppressed_note())
             elif isinstance(notice, n.FailureForgotten):
                 self._log_failures_forgotten(notice, now)
+            elif isinstance(notice, n.TaskFailed):
+                self._log_task_failed(notice, now)
             else:
                 _log_notice(notice)
+
+    def _log_task_failed(self, notice: n.TaskFailed, now: float) -> None:
+        # A line per failure, but dwindling per function and outcome: a map of
+        # a thousand items that all time out is not a thousand lines.
+        self._task_failures.of((notice.function, notice.outcome)).log(
+            now,
+            1,
+            "task failed as %s ticket=%d function=%s client=%s task=%d%s: %s",
+            notice.outcome,
+            notice.ticket,
+            notice.function,
+            notice.session,
+            notice.task_id,
+            f" worker={notice.worker}" if notice.worker else "",
+            notice.reason,
+        )
 
     def _log_failures_forgotten(self, notice: n.FailureForgotten, now: float) -> None:
         # Once `failed_kept` is full each new failure forgets the oldest: a line

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from . import protocol as p
 from .mdp import service_queue
-from .notices import FailureForgotten, Notice
+from .notices import FailureForgotten, Notice, TaskFailed
 from .serialization import unpack_value
 from .status import FAILURE_STATUSES, latest_failures
 
@@ -55,6 +55,9 @@ _SPLITTABLE = int(p.Flags.SPLITTABLE)
 # Looked up once: attribute access on an Enum class is slow per task.
 _OK = p.Status.OK
 _POISON = p.Status.POISON
+# Failures the broker's log names: those of the broker's or a worker's doing.
+# One its function raised is the function's business, said to its client.
+_SAID_TO_THE_OPERATOR = frozenset({p.Status.POISON, p.Status.TIMEOUT})
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +188,8 @@ class Failures:
         )
         if self._keep(record, effects):
             effects.failures.append(record)
+        if status in _SAID_TO_THE_OPERATOR:
+            effects.notices.append(_failed_notice(task, status, error))
 
     def _keep(self, record: FailedTask, effects: Effects) -> bool:
         """Add `record` to the bounded list, the oldest making room; return
@@ -198,6 +203,21 @@ class Failures:
             _note_forgotten(effects.notices, kept)
         self.records.append(record)
         return True
+
+
+def _failed_notice(task: Task, status: p.Status, error: p.Payload) -> TaskFailed:
+    fields = error_fields(error)
+    return TaskFailed(
+        task.ticket,
+        task.function,
+        task.session,
+        task.task_id,
+        status.name.lower(),
+        fields.get("message", ""),
+        # Gone by now from a task that ended on its worker; a lost worker's
+        # tasks still name it.
+        task.worker or task.given_back_by,
+    )
 
 
 def _note_forgotten(notices: list[Notice], kept: int) -> None:

@@ -143,6 +143,21 @@ class Rejected:
 
 
 @dataclass(frozen=True, slots=True)
+class TaskFailed:
+    """A task failed for a reason of the broker's or its worker's (it killed
+    its process `max_attempts` times, or ran past its timeout), not one its
+    function raised: its client hears it, and so should the operator."""
+
+    ticket: int
+    function: str
+    session: str
+    task_id: int
+    outcome: str  # "poison", "timeout"
+    reason: str
+    worker: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class ResultsExpired:
     count: int
 
@@ -210,6 +225,7 @@ Notice = (
     | ClientJoined
     | ClientLost
     | Rejected
+    | TaskFailed
     | ResultsExpired
     | TombstonesForgotten
     | SinkTaken
