@@ -7,6 +7,7 @@ exception, time passing, a dead process, or where it ran.
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -69,6 +70,14 @@ def sleep_then_touch(seconds: float, path: str) -> float:
     time.sleep(seconds)
     Path(path).touch()
     return seconds
+
+
+def stop_worker_sleep_then_touch(seconds: float, path: str) -> float:
+    """Stop the worker that runs this task process (SIGSTOP, as a long GC or a
+    swapped-out host would), then as `sleep_then_touch`: the worker cannot
+    stop the task in time, however slow the machine."""
+    os.kill(os.getppid(), signal.SIGSTOP)
+    return sleep_then_touch(seconds, path)
 
 
 def crash(code: int = 1) -> None:
