@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import json
 import logging
 import os
 import select
@@ -1606,6 +1607,8 @@ def _log_notice(notice: n.Notice) -> None:
         )
     elif isinstance(notice, n.LeaseOverrun):
         _log_overrun(notice)
+    elif isinstance(notice, n.OperatorActed):
+        _log_operator_acted(notice)
     elif isinstance(notice, n.LateOutcome) and notice.released:
         log.debug(
             "dropped a result of a task its worker was told to give up "
@@ -1707,6 +1710,29 @@ def _worth_a_warning(lost: n.WorkerLost) -> bool:
     dropped for reasons of the broker's (replaced, revoked, cut off while
     the broker stood still) is not."""
     return lost.fault in (n.Fault.LOST, n.Fault.MISBEHAVED)
+
+
+def _log_operator_acted(notice: n.OperatorActed) -> None:
+    """Who dropped or reran work, and what became of it: asked later where
+    tasks went, the log answers."""
+    log.info(
+        "operator command from client=%s: %s; %s",
+        notice.client,
+        _operator_command(notice.command),
+        json.dumps(notice.report, default=str, separators=(",", ":"))[:500],
+    )
+
+
+def _operator_command(command: p.Retry | p.Purge | p.CancelTask) -> str:
+    if isinstance(command, p.Retry):
+        tickets = ",".join(map(str, command.tickets[:20])) or "all"
+        more = "..." if len(command.tickets) > 20 else ""
+        return f"retry tickets={tickets}{more} sink={command.sink}"
+    if isinstance(command, p.Purge) and command.session is not None:
+        return f"purge session={command.session}"
+    if isinstance(command, p.Purge):
+        return f"purge function={command.function}"
+    return f"cancel client={command.session} task={command.task_id}"
 
 
 def _log_overrun(notice: n.LeaseOverrun) -> None:

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from . import protocol as p
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +162,17 @@ class TaskFailed:
 
 
 @dataclass(frozen=True, slots=True)
+class OperatorActed:
+    """An operator command that changes what the broker holds (retry, purge,
+    cancel) was carried out: the log keeps who asked for what, and what it
+    did, for whoever wonders later where the work went."""
+
+    client: str
+    command: p.Retry | p.Purge | p.CancelTask
+    report: dict[str, object]  # the operator's answer
+
+
+@dataclass(frozen=True, slots=True)
 class ResultsExpired:
     count: int
 
@@ -226,6 +241,7 @@ Notice = (
     | ClientLost
     | Rejected
     | TaskFailed
+    | OperatorActed
     | ResultsExpired
     | TombstonesForgotten
     | SinkTaken

@@ -65,6 +65,7 @@ from .notices import (
     Fault,
     LateOutcome,
     LeaseOverrun,
+    OperatorActed,
     Rejected,
     ResultsExpired,
     SessionHeld,
@@ -379,6 +380,9 @@ class Scheduler:
         elif isinstance(command, p.OPERATOR_TYPES):
             report = self._operate(command, now, scope)
             self._effects.to_clients.append((peer, p.OperatorReply(report)))
+            if not isinstance(command, p.ListFailed):  # one that changes things
+                acted = OperatorActed(recipient.name, command, report)
+                self._effects.notices.append(acted)
         elif isinstance(command, p.Bye):
             self._client_gone(recipient, Departure.LEFT)
         # A heartbeat needs nothing more: any command refreshed last_seen.

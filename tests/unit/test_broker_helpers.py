@@ -32,6 +32,7 @@ from ventilator.notices import (
     FailureForgotten,
     Fault,
     Notice,
+    OperatorActed,
     Rejected,
     SinkTaken,
     WorkerJoined,
@@ -470,3 +471,19 @@ def test_failures_forgotten_one_at_a_time_are_said_less_and_less_often(
     assert 2 <= len(said) <= 6, said
     assert said[0].startswith("forgot the oldest failed task:")
     assert "more like it" in said[-1]
+
+
+def test_an_operator_command_is_logged_with_who_asked_and_what_it_did(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    acted = OperatorActed(
+        "alice", p.Purge(session="bob"), {"session": "bob", "queued": 3}
+    )
+    with caplog.at_level(logging.INFO, logger="ventilator.broker"):
+        _log_notice(acted)
+
+    [record] = caplog.records
+    assert record.levelno == logging.INFO
+    said = record.getMessage()
+    assert "client=alice" in said and "purge session=bob" in said
+    assert '"queued":3' in said

@@ -15,6 +15,7 @@ from ventilator.errors import (
     TaskRejected,
     TaskTimeout,
 )
+from ventilator.notices import OperatorActed
 from ventilator.policy import Limits
 from ventilator.scheduler import (
     RETRY_PAYLOAD_BYTES,
@@ -31,6 +32,7 @@ from .driver import (
     Driver,
     assignments,
     error_report,
+    notices,
     results,
     sent,
     task,
@@ -284,6 +286,22 @@ def test_purge_cancels_every_queued_task_of_a_function(driver: Driver) -> None:
     status = driver.scheduler.status(driver.now)
     assert status["totals"]["cancelled"] == 2  # type: ignore[index]
     assert all(r.status is p.Status.CANCELLED for r in delivered)
+
+
+def test_an_operator_command_that_changes_things_is_a_notice_for_the_log(
+    driver: Driver,
+) -> None:
+    # A tester found no line in the broker's log of a purge: who dropped the
+    # work, and when, was nowhere to be read afterwards.
+    driver.submit(task(1), task(2))
+
+    purged = driver.client(OPERATOR, p.Purge(FUNCTION))
+    listed = driver.client(OPERATOR, p.ListFailed())
+
+    assert notices(purged, OperatorActed) == [
+        OperatorActed("operator", p.Purge(FUNCTION), {"purged": 2})
+    ]
+    assert notices(listed, OperatorActed) == []  # asking changes nothing
 
 
 def test_purge_leaves_running_tasks_alone(driver: Driver) -> None:
