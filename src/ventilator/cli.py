@@ -2034,12 +2034,22 @@ def _queues_table(report: dict[str, Any]) -> Any:
     # Busiest first, as the broker chose which to list; an older broker's
     # answer (by name) is put in that order too.
     retrying = report.get("retrying", {})  # an older broker does not say
+    unserved = set(report.get("unserved", ()))
     for function in busiest_first(report["queued"], report["running"]):
         queued = str(report["queued"].get(function, 0))
         if function in retrying:
             queued += f" ({retrying[function]} to retry)"
-        table.add_row(escape(function), queued, str(report["running"].get(function, 0)))
+        name = escape(function)
+        if function in unserved:
+            name += " [bold red](no worker serves it)[/]"
+        table.add_row(name, queued, str(report["running"].get(function, 0)))
     captions = []
+    if unserved:
+        captions.append(
+            "no connected worker serves "
+            + ", ".join(sorted(unserved))
+            + ": their tasks wait until one that does connects"
+        )
     counts = report.get("queue_counts")  # an older broker lists every function
     if counts is not None and counts["all"] > counts["listed"]:
         captions.append(

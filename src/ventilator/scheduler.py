@@ -2360,6 +2360,7 @@ class Scheduler:
             totals=self.totals(),
             asker=asker,
             not_accepting=self.not_accepting,
+            serves=self.serves,
         )
         if scope is not None:
             return report.within(scope, now)

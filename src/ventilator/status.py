@@ -20,7 +20,7 @@ import heapq
 import itertools
 import math
 import re
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeAlias
 
@@ -182,6 +182,8 @@ class StatusReport:
     # Why the broker refuses every new task now (its journal's disk nearly
     # full); None while it accepts them within its limits.
     not_accepting: str | None = None
+    # Whether a connected worker that is not draining serves a queue.
+    serves: Callable[[str], bool] = lambda _queue: True
 
     def whole(self, now: float, full: bool = False) -> dict[str, object]:
         """The whole broker: the most relevant `STATUS_WORKERS` workers,
@@ -395,6 +397,12 @@ class StatusReport:
             "queued": {name: queued[name] for name in kept if name in queued},
             "retrying": {name: retrying[name] for name in kept if name in retrying},
             "running": {name: running[name] for name in kept if name in running},
+            # Queued where no worker serves them: they wait for one to
+            # connect (a typo in a function's name waits for ever), which
+            # otherwise looks like a slow queue.
+            "unserved": [
+                name for name in kept if queued.get(name) and not self.serves(name)
+            ],
             "queue_counts": counts,
         }
 

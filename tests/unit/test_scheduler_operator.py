@@ -223,6 +223,16 @@ def test_a_split_batch_remembered_as_failed_by_an_older_broker_is_dropped(
     assert effects.unfailed == [7]
 
 
+def test_status_names_the_queues_no_worker_serves(driver: Driver) -> None:
+    driver.submit(task(1), task(2, function="jobs:unserved"))
+    driver.ready(W1)  # serves FUNCTION, and takes its task
+
+    driver.submit(task(3))
+    status = driver.scheduler.status(driver.now)
+
+    assert status["unserved"] == ["jobs:unserved"]
+
+
 def test_status_counts_outcomes_and_shows_recent_failures(driver: Driver) -> None:
     fail(driver, 1)
     driver.submit(task(2, function="jobs:unserved"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ventilator.cli import _clients_table
+from ventilator.cli import _clients_table, _queues_table
 
 
 def client(name: str, connected: bool, pending: int) -> dict[str, Any]:
@@ -29,3 +29,21 @@ def test_no_hint_while_every_session_with_results_is_connected() -> None:
     table = _clients_table([client("here", True, 3), client("idle", False, 0)], None)
 
     assert "purge" not in str(table.caption)
+
+
+def test_a_queue_no_worker_serves_is_marked_and_named_in_the_caption() -> None:
+    # A tester's typo (t22tasks:wrok) showed as "20 queued, 0 on workers",
+    # like any slow queue, and its tasks waited for ever.
+    report = {
+        "queued": {"jobs:wrok": 20, "jobs:work": 3},
+        "running": {"jobs:work": 2},
+        "unserved": ["jobs:wrok"],
+        "queue_counts": {"all": 2, "listed": 2, "queued": 23, "running": 2},
+    }
+
+    table = _queues_table(report)
+
+    names = list(table.columns[0].cells)
+    assert "no worker serves it" in str(names[0]) and "jobs:wrok" in str(names[0])
+    assert "no worker serves it" not in str(names[1])
+    assert "no connected worker serves jobs:wrok" in str(table.caption)
