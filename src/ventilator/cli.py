@@ -2427,7 +2427,10 @@ def cancel(
         outcome = client.cancel_task(session, task_id, timeout_s)
     messages = {
         "cancelled": "cancelled; its submitter sees it cancelled",
-        "running": "not cancelled: it is running, and will finish",
+        "running": (
+            "not cancelled: it runs on an MDP worker, which cannot be told to "
+            "stop it; it will finish"
+        ),
         "cancelled already": "not cancelled again: it was cancelled already",
         "finished": "not cancelled: it had finished already",
         "unknown": "not cancelled: the broker has no such task",

@@ -575,8 +575,9 @@ class Client:
         `self.session` is); another key's session is named in full,
         ``<fingerprint>.<name>``, as `failed()` and sinks show it.
 
-        Returns what became of it: "cancelled", "running" (a running task is
-        not stopped), "cancelled already", "finished" or "unknown".
+        Returns what became of it: "cancelled" (a running task is stopped
+        by its worker), "running" (on an MDP worker, which cannot be told to
+        stop it), "cancelled already", "finished" or "unknown".
 
         Raises:
             BrokerTimeout: the broker did not answer within `timeout_s`

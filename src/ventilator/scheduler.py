@@ -2558,11 +2558,27 @@ class Scheduler:
         if task.cancelled:
             return "cancelled already"  # by its client, on an MDP worker
         if task.state is State.RUNNING:
-            return "running"  # held by a worker: it is its client's to cancel
+            return self._cancel_one_running(task, now)
         if task.state is State.FINISHED:
             cancelled = task.status is p.Status.CANCELLED
             return "cancelled already" if cancelled else "finished"
         self._finish(task, p.Status.CANCELLED, b"", now)
+        return "cancelled"
+
+    def _cancel_one_running(self, task: Task, now: float) -> str:
+        """Stop a task a worker holds, for an operator (a hung one, with no
+        timeout, runs for ever): the worker gives it up (RELEASE), and its
+        client hears it cancelled, as for a queued task. An MDP worker cannot
+        be told to stop: its task runs on."""
+        assert task.worker is not None, f"task {task.ticket} held by no worker"
+        worker = self.workers[task.worker]
+        if not worker.obeys_release:
+            return "running"
+        self._tell_to_give_up(worker, [(task.ticket, task.attempt)])
+        self._release(worker, task)
+        self._finish(task, p.Status.CANCELLED, b"", now)
+        self._start_waiting(worker, now)
+        self._credit.offer(worker)
         return "cancelled"
 
     # --- invariants: checked by the tests after every step ----------------------------

@@ -197,6 +197,33 @@ def test_cancel_by_id_cancels_a_queued_task_and_reports_unknown_ones(
     assert unknown.returncode == 1 and "no such task" in unknown.stdout
 
 
+def test_cancel_by_id_stops_a_hung_task_on_its_worker(
+    processes: Processes, broker: BrokerProcess, launch: Launcher
+) -> None:
+    # A tester's task with no timeout hung on the only slot; cancel said "it
+    # is running, and will finish", and nothing but killing its client and
+    # purging the session stopped it.
+    launch.worker(broker, concurrency=1)
+    client = launch.client(broker)
+    hung = client.submit(f"{TASKS}:hang")
+    status_when(client, lambda s: s["running"], 10, "the task to run")
+
+    cancelled = run_cli(
+        processes,
+        "cancel",
+        client.session,
+        str(hung.task_id),  # type: ignore[attr-defined]
+        "--yes",
+        "--connect",
+        broker.frontend,
+    )
+
+    assert cancelled.returncode == 0, cancelled.stdout + cancelled.stderr
+    wait_until(hung.cancelled, 10, "the hung task's future to be cancelled")
+    # Its slot is free again: the next task runs.
+    assert client.submit(f"{TASKS}:square", 5).result(20) == 25
+
+
 def test_json_logs_are_one_object_per_line_with_lifecycle_events(
     processes: Processes, launch: Launcher
 ) -> None:

@@ -423,7 +423,28 @@ def test_cancel_by_id_says_what_became_of_the_task(driver: Driver) -> None:
         for task_id in (1, 2, 2, 77)
     ]
 
-    assert outcomes == ["running", "cancelled", "cancelled already", "unknown"]
+    assert outcomes == ["cancelled", "cancelled", "cancelled already", "unknown"]
+
+
+def test_cancelling_a_running_task_stops_it_on_its_worker_and_tells_its_client(
+    driver: Driver,
+) -> None:
+    # A tester's hung task (no timeout) could not be stopped: cancel said
+    # "it is running, and will finish", which a hung task never does.
+    driver.submit(task(1))
+    [held] = assignments(driver.ready(W1), W1)
+
+    effects = driver.client(OPERATOR, p.CancelTask("alice", 1))
+    delivered = results(effects) + results(driver.flush())
+
+    [reply] = sent(effects, OPERATOR, p.OperatorReply)
+    assert isinstance(reply, p.OperatorReply)
+    assert reply.report["outcome"] == "cancelled"
+    [release] = sent(effects, W1, p.Release)
+    assert isinstance(release, p.Release)
+    assert list(release.tickets) == [(held.ticket, held.attempt)]
+    assert [r.status for r in delivered] == [p.Status.CANCELLED]
+    assert driver.scheduler.status(driver.now)["running"] == {}
 
 
 def test_cancelling_a_task_that_ended_otherwise_says_it_finished(
