@@ -60,7 +60,7 @@ from .gateway import MdpGateway, MdpSettings
 from .journal import Journal, MemoryJournal, open_journal
 from .logs import RateLimit as _RateLimit
 from .logs import Routine, Routines
-from .policy import Limits
+from .policy import DEFAULT_JOURNAL_MIN_FREE_BYTES, Limits
 from .security import CLIENT, WORKER, Identity, KeyStore, ServerKeys
 from .telemetry import Telemetry
 
@@ -94,9 +94,6 @@ UNSAID_JOINS_KEPT = 10_000
 LOSSES_LOGGED_PER_S = 5.0
 # Functions a worker's join line names; `status` lists them all.
 LOGGED_SERVICES = 20
-# Room the journal's disk keeps for what is already accepted (its results,
-# retries, the SQLite log): new tasks are refused below it (see _DiskRoom).
-DEFAULT_JOURNAL_MIN_FREE_BYTES = 64 * 1024 * 1024
 
 # The one-byte prefix of a peer key: which socket the peer is on.
 FRONTEND, BACKEND, MDP = b"F", b"B", b"M"

@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass
-from typing import IO, Any, NoReturn
+from typing import IO, TYPE_CHECKING, Any, NoReturn
 
 import click
 from click.core import ParameterSource
@@ -32,13 +32,8 @@ from click.core import ParameterSource
 from . import logs
 from . import protocol as p
 from ._allocator import keep_freed_memory
-from ._maps import outcome_batches
 from ._wire import check_endpoint
 from ._words import counted
-from .broker import DEFAULT_JOURNAL_MIN_FREE_BYTES, Broker, BrokerConfig
-from .client import DEFAULT_ADDRESS, Client, ItemOutcome, TaskFuture
-from .dashboard import DashboardServer, parse_http_address
-from .embedded import LocalCluster
 from .errors import (
     JournalError,
     NetworkError,
@@ -48,15 +43,25 @@ from .errors import (
     UsageError,
     VentilatorError,
 )
-from .gateway import MdpSettings
-from .journal import DURABILITY_MODES
-from .policy import MAX_INTERVAL_S, MIN_HEARTBEAT_INTERVAL_S, Limits
+from .policy import (
+    DEFAULT_ADDRESS,
+    DEFAULT_JOURNAL_MIN_FREE_BYTES,
+    DURABILITY_MODES,
+    MAX_INTERVAL_S,
+    MIN_HEARTBEAT_INTERVAL_S,
+    Limits,
+    MdpSettings,
+)
 from .pool import POOL_KINDS
 from .registry import resolve
 from .security import ServerKeys, generate_keys
-from .sink import Sink, SinkResult
 from .status import busiest_first
-from .worker import Worker, WorkerConfig
+
+if TYPE_CHECKING:
+    from .client import Client, ItemOutcome
+    from .embedded import LocalCluster
+    from .sink import Sink, SinkResult
+    from .worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -556,6 +561,12 @@ def broker(
     With --secret-key, only clients and workers whose public keys are in
     --clients and --workers get in; SIGHUP reads those folders again.
     """
+    # Here, not at the top: every command's process would load them, a
+    # worker's twice as long to start as it needs (the scheduler, the
+    # journal, the metrics).
+    from .broker import Broker, BrokerConfig
+    from .dashboard import DashboardServer, parse_http_address
+
     http = None
     if http_address is not None:
         http = _or_usage_error(
@@ -701,6 +712,8 @@ def worker(
     insecure: bool,
 ) -> None:
     """Serve the public functions of MODULES (tasks name them module:function)."""
+    from .worker import Worker, WorkerConfig  # see broker()
+
     config = WorkerConfig(
         modules=modules,
         connect=connect,
@@ -1516,6 +1529,9 @@ def _connect(
 ) -> tuple[Client, _ClusterWatch]:
     """A client of the broker named with --connect, or of an embedded cluster
     started here; both are stopped when `stack` closes."""
+    from .client import Client
+    from .embedded import LocalCluster
+
     if run.connect is not None:
         client = stack.enter_context(
             Client(run.connect, secret_key=run.secret_key, broker_key=run.broker_key)
@@ -1559,6 +1575,8 @@ def _line_outcomes(
 
 
 def _unsent(read: deque[tuple[str, Any]]) -> Iterator[tuple[str, Any, ItemOutcome]]:
+    from .client import ItemOutcome
+
     while read and isinstance(read[0][1], _Unsendable):
         line, item = read.popleft()
         yield line, item, ItemOutcome(None, item.error)
@@ -1569,6 +1587,8 @@ def _outcomes(
 ) -> Generator[list[ItemOutcome], None, None]:
     """The lines' outcomes, a batch at a time, read by a thread of their own
     so that a pause in the input does not hold back results already in."""
+    from ._maps import outcome_batches
+
     if job.sink is not None:
         return _sent_to_sink(client, job, items)
     return outcome_batches(
@@ -1581,6 +1601,8 @@ def _sent_to_sink(
 ) -> Generator[list[ItemOutcome], None, None]:
     """A task per line, since a sink receives the results of tasks; each
     line's outcome is its task accepted (or refused) by the broker."""
+    from .client import TaskFuture
+
     window: deque[Future[Any]] = deque()
     try:
         for item in items:
@@ -1613,6 +1635,8 @@ def _submit(client: Client, job: _Job, item: Any) -> Future[Any]:
 def _acceptance(client: Client, job: _Job, future: Future[Any]) -> ItemOutcome:
     """A line's task accepted, as the ids its result will carry on the sink,
     or refused, as why."""
+    from .client import ItemOutcome, TaskFuture
+
     # An operator may purge a task before it is accepted: its line says so.
     if future.cancelled():
         return ItemOutcome(None, CancelledError("the task was cancelled at the broker"))
@@ -1819,6 +1843,8 @@ def _remember_key(ctx: click.Context, param: click.Parameter, value: Any) -> Non
 @contextlib.contextmanager
 def _broker_answer(connect: str, timeout_s: float) -> Iterator[Client]:
     """A client for one question; no answer in time is a clear CLI error."""
+    from .client import Client
+
     meta = click.get_current_context().meta
     secret_key = meta.get("ventilator.secret_key")
     broker_key = meta.get("ventilator.broker_key")
@@ -2472,6 +2498,8 @@ def sink(
     broker_key: str | None,
 ) -> None:
     """Receive the results of tasks submitted with sink=NAME, as JSON lines."""
+    from .sink import Sink  # see broker()
+
     receiver = _or_usage_error(
         lambda: Sink(name, connect, secret_key=secret_key, broker_key=broker_key)
     )

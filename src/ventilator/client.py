@@ -57,7 +57,7 @@ from .errors import (
     PickleNotAllowed,
     UsageError,
 )
-from .policy import check_heartbeat
+from .policy import DEFAULT_ADDRESS, check_heartbeat
 from .security import client_keys, fingerprint
 from .serialization import (
     pack_call,
@@ -68,7 +68,6 @@ __all__ = ["Client", "ClientExecutor", "ItemOutcome", "TaskFuture", "values_of"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
 DEFAULT_WINDOW = 20_000
 # Payload bytes of this client's unfinished tasks in the broker at once. Large
 # payloads then flow through memory that every process reuses while it is warm,

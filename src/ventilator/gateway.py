@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from . import mdp, titanic
@@ -65,6 +64,7 @@ from . import protocol as p
 from . import scheduler as s
 from .errors import ProtocolError, TaskRejected, task_error_from_wire
 from .logs import RateLimit
+from .policy import MdpSettings as MdpSettings  # its home before
 from .serialization import pack_error, unpack_value
 from .titanic import Titanic
 
@@ -78,25 +78,6 @@ Frames = list[bytes]
 # (9/TSP's meanings): not taken, try later; taken and failed, do not retry.
 TRY_LATER = "500"
 FAILED_FOR_GOOD = "400"
-
-
-@dataclass(frozen=True, slots=True)
-class MdpSettings:
-    """Heartbeats for MDP peers; the defaults are what zguide's peers use."""
-
-    heartbeat_interval_s: float = 2.5
-    liveness: int = 3
-    # Requests for a service no worker offers: how long one may wait for a
-    # worker, and how many may wait per service and in all. zguide's clients
-    # give up after 2.5 s (three times for mdcliapi); 30 s outlasts a
-    # worker's restart, and 1,000 or 10,000 small bodies are a few MB at most.
-    unserved_expiry_s: float = 30.0
-    unserved_per_service: int = 1_000
-    unserved_total: int = 10_000
-
-    @property
-    def max_silence_s(self) -> float:
-        return self.heartbeat_interval_s * self.liveness
 
 
 def mdp_name(peer: bytes, run: str = "") -> str:

@@ -48,6 +48,7 @@ from . import protocol as p
 from ._words import counted
 from .errors import JournalError, TaskRejected, UsageError
 from .failures import FailedTask
+from .policy import DURABILITY_MODES
 from .segments import INLINE_MAX_BYTES, BlobRef, SegmentStore
 from .serialization import pack_error
 from .tasks import State, Task
@@ -62,7 +63,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DURABILITY_MODES = ("process", "power", "memory")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (

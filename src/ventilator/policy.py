@@ -1,4 +1,6 @@
-"""Policies as small immutable values: limits, and the backoff between retries."""
+"""Policies as small immutable values: limits, the backoff between retries, MDP's
+heartbeats; and the defaults the command line shows, here rather than with the
+parts that use them, so that a command loads only the parts it runs."""
 
 from __future__ import annotations
 
@@ -7,6 +9,14 @@ from dataclasses import dataclass, field, fields
 
 from ._questions import QUESTIONS_PER_S
 from .errors import UsageError
+
+# Room the broker's journal's disk keeps for what is already accepted (its
+# results, retries, the SQLite log): new tasks are refused below it.
+DEFAULT_JOURNAL_MIN_FREE_BYTES = 64 * 1024 * 1024
+# Where clients and sinks find a broker by default (its frontend).
+DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
+# What a journal survives: a process kill, a power loss (fsync), or nothing.
+DURABILITY_MODES = ("process", "power", "memory")
 
 __all__ = [
     "MAX_INTERVAL_S",
@@ -190,3 +200,22 @@ _LIMITS_AT_LEAST: dict[str, float] = {
     "failed_kept": 0,
     "max_questions_per_s": 1,
 }
+
+
+@dataclass(frozen=True, slots=True)
+class MdpSettings:
+    """Heartbeats for MDP peers; the defaults are what zguide's peers use."""
+
+    heartbeat_interval_s: float = 2.5
+    liveness: int = 3
+    # Requests for a service no worker offers: how long one may wait for a
+    # worker, and how many may wait per service and in all. zguide's clients
+    # give up after 2.5 s (three times for mdcliapi); 30 s outlasts a
+    # worker's restart, and 1,000 or 10,000 small bodies are a few MB at most.
+    unserved_expiry_s: float = 30.0
+    unserved_per_service: int = 1_000
+    unserved_total: int = 10_000
+
+    @property
+    def max_silence_s(self) -> float:
+        return self.heartbeat_interval_s * self.liveness

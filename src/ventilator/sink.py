@@ -36,10 +36,9 @@ from . import protocol as p
 from ._client_io import ACK_BATCH
 from ._recent import RecentResults
 from ._timing import poll_timeout_ms
-from .client import DEFAULT_ADDRESS
 from .errors import TaskError, UsageError, task_error_from_wire
 from .logs import Dwindling
-from .policy import check_heartbeat
+from .policy import DEFAULT_ADDRESS, check_heartbeat
 from .security import REVOKED, client_keys
 from .serialization import unpack_value
 
