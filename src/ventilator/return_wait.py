@@ -29,10 +29,10 @@ class ReturnWait:
     """The queues tasks were restored to (`restored`), and once the broker
     serves, those held back (`held_back`) for `wait_s` from its start."""
 
-    __slots__ = ("_restored", "_until", "_wait_s", "held_back")
+    __slots__ = ("_restored", "_until", "held_back", "wait_s")
 
     def __init__(self, heartbeat_interval_s: float) -> None:
-        self._wait_s = RETURN_WAIT_BEATS * heartbeat_interval_s
+        self.wait_s = RETURN_WAIT_BEATS * heartbeat_interval_s
         self._restored: set[str] = set()
         self.held_back: set[str] = set()
         self._until = 0.0
@@ -47,8 +47,8 @@ class ReturnWait:
         if not self._restored:
             return 0.0
         self.held_back, self._restored = self._restored, set()
-        self._until = now + self._wait_s
-        return self._wait_s
+        self._until = now + self.wait_s
+        return self.wait_s
 
     def end_if_due(self, now: float) -> None:
         """Let the held-back queues go once the wait has passed at `now`."""

@@ -255,6 +255,10 @@ class Scheduler:
         # After a restart, the queues of restored tasks, which dispatch
         # nothing for a while once the broker serves (see return_wait).
         self._return_wait = ReturnWait(self.limits.heartbeat_interval_s)
+        # Until when clients are not told their function is unserved (see
+        # await_returning_workers), and what waits to be told then.
+        self._unserved_said_from = 0.0
+        self._unserved_untold: dict[tuple[bytes, str], None] = {}
 
         self.tasks: dict[int, Task] = {}
         self._by_key: dict[tuple[str, int], int] = {}
@@ -665,7 +669,14 @@ class Scheduler:
     def _tell_unserved(self, peer: bytes, functions: Iterable[str]) -> None:
         """Tell a client which functions of its SUBMIT no connected worker
         serves: their tasks wait for one, which without a word looks like a
-        hang. A notice, not a refusal; the client logs each once."""
+        hang. A notice, not a refusal; the client logs each once.
+
+        In the first beats after the broker starts, workers come (back) too,
+        and a client's first SUBMIT often comes before them: what is unserved
+        then is told once that time has passed, if it still is."""
+        if self._now < self._unserved_said_from:
+            self._unserved_untold.update(dict.fromkeys((peer, f) for f in functions))
+            return
         for function in functions:
             if not self.serves(function):
                 message = (
@@ -673,6 +684,15 @@ class Scheduler:
                     "the queue until one does"
                 )
                 self._effects.to_clients.append((peer, p.Error(p.UNSERVED, message)))
+
+    def _tell_unserved_at_last(self, now: float) -> None:
+        """Tell what the first beats after the start held back (see
+        _tell_unserved), once they have passed."""
+        if not self._unserved_untold or now < self._unserved_said_from:
+            return
+        untold, self._unserved_untold = self._unserved_untold, {}
+        for peer, function in untold:
+            self._tell_unserved(peer, (function,))
 
     def _tell_unreceived(self, peer: bytes, sinks: Iterable[str]) -> None:
         """Tell a client which sinks of its SUBMIT no process receives now:
@@ -1673,6 +1693,7 @@ class Scheduler:
         self._expire_results(now)
         self._forget_tombstones(now)
         self._return_wait.end_if_due(now)
+        self._tell_unserved_at_last(now)
 
     def stood_still(self, stalled_s: float, now: float) -> None:
         """The broker's loop stood still for `stalled_s` up to `now` (the process
@@ -1895,6 +1916,9 @@ class Scheduler:
         back for RETURN_WAIT_BEATS heartbeat intervals from `now`, for the
         workers that may still run them to come back and name them (see
         return_wait); return how long (0.0 if nothing was restored)."""
+        # Workers come (back) in the first beats too, a client's first
+        # SUBMIT often before them: not yet a function nobody serves.
+        self._unserved_said_from = now + self._return_wait.wait_s
         return self._return_wait.start(now)
 
     def _dispatch(self) -> None:

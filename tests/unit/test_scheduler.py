@@ -22,6 +22,7 @@ from ventilator.notices import (
     WorkerLost,
 )
 from ventilator.policy import Backoff, Limits
+from ventilator.return_wait import RETURN_WAIT_BEATS
 from ventilator.scheduler import (
     RELEASED_KEPT_S,
     DiskBudget,
@@ -2105,6 +2106,26 @@ def test_client_is_told_when_no_connected_worker_serves_its_function(
     assert len(told) == 2  # once per function of the SUBMIT
     assert FUNCTION in told[0] and "jobs:other" in told[1]
     assert accepted(effects) == [1, 2, 3]  # a notice: the tasks wait
+
+
+def test_client_is_not_told_of_unserved_functions_while_workers_come_back(
+    driver: Driver,
+) -> None:
+    # A tester's client, back before the workers of a restarted broker,
+    # warned that no worker served its function; they registered 1-40 ms
+    # later. A start is when workers come (back) too, embedded ones as well.
+    driver.scheduler.await_returning_workers(driver.now)
+    early = driver.submit(task(1), task(2, function="jobs:typo"))
+    driver.ready(W1)  # serves FUNCTION
+    after_the_start = driver.tick(
+        RETURN_WAIT_BEATS * driver.scheduler.limits.heartbeat_interval_s
+    )
+
+    assert [c for c in sent(early, CLIENT, p.Error) if c.code == p.UNSERVED] == []
+    # What is still unserved then is told, once.
+    [told] = [c for c in sent(after_the_start, CLIENT, p.Error)]
+    assert isinstance(told, p.Error) and "jobs:typo" in told.message
+    assert sent(driver.tick(1.0), CLIENT, p.Error) == []
 
 
 def test_client_is_not_told_of_a_function_a_connected_worker_serves(
