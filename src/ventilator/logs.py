@@ -25,6 +25,7 @@ __all__ = [
     "LOG_FORMATS",
     "LOG_LEVELS",
     "RAISED_TOO",
+    "REMOTE_TRACEBACK",
     "Dwindling",
     "JsonFormatter",
     "RateLimit",
@@ -38,6 +39,10 @@ LOG_FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # The `extra` key of a record whose news an exception also carries to the caller.
 RAISED_TOO = "ventilator_raised_too"
+# The `extra` key of a traceback from another process (a task process that
+# cannot import its modules), which ends the record's message: in JSON it goes
+# under "exception", as the record's own would, and leaves the message.
+REMOTE_TRACEBACK = "ventilator_remote_traceback"
 
 K = TypeVar("K")
 
@@ -56,14 +61,30 @@ class JsonFormatter(logging.Formatter):
             ),
             "level": record.levelname,
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": _own_message(record),
             "process": record.process,
             "thread": record.threadName,
         }
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
+        elif remote := _remote_traceback(record):
+            entry["exception"] = remote
         # default=str: a stray object in a log argument must not lose the line.
         return json.dumps(entry, default=str)
+
+
+def _remote_traceback(record: logging.LogRecord) -> str:
+    return str(getattr(record, REMOTE_TRACEBACK, "") or "").rstrip()
+
+
+def _own_message(record: logging.LogRecord) -> str:
+    """The message without the traceback of another process that ends it
+    (see REMOTE_TRACEBACK): in text, read under the line; in JSON, a field."""
+    message = record.getMessage()
+    remote = _remote_traceback(record)
+    if remote and message.rstrip().endswith(f"\n{remote}"):
+        return message.rstrip()[: -len(remote) - 1]
+    return message
 
 
 def configure(level: str, log_format: str) -> None:

@@ -67,7 +67,7 @@ from ._progress import Progress
 from ._words import counted
 from .errors import TaskError, TaskTimeout
 from .execution import run_task
-from .logs import Routine
+from .logs import REMOTE_TRACEBACK, Routine
 from .policy import Backoff
 from .registry import load_functions
 from .serialization import pack_error
@@ -807,6 +807,7 @@ class ProcessPool:
             log.debug("task process failed to start again: %s", reason)
             return
         self._start_error_logged = (reason, now)
+        traceback = details.rstrip() if new_reason and details else ""
         log.error(
             "task process for %s cannot start: %s; %s (%d failed starts in a "
             "row; next try in %.1fs, then less often, up to %gs apart)%s",
@@ -818,7 +819,9 @@ class ProcessPool:
             failed_starts,
             delay_s,
             self._restart_backoff.cap_s,
-            f"\n{details.rstrip()}" if new_reason and details else "",
+            f"\n{traceback}" if traceback else "",
+            # Under the line in text; in JSON, under "exception".
+            extra={REMOTE_TRACEBACK: traceback},
         )
 
     def _restart_rested(self, now: float) -> None:

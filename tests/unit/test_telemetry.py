@@ -16,7 +16,7 @@ from ventilator import protocol as p
 from ventilator.broker import Broker, BrokerConfig
 from ventilator.errors import TaskRaised, TaskTimeout
 from ventilator.journal import open_journal
-from ventilator.logs import JsonFormatter
+from ventilator.logs import REMOTE_TRACEBACK, JsonFormatter
 from ventilator.policy import Limits
 from ventilator.scheduler import Task
 from ventilator.serialization import BatchPacker, pack_batch_outcomes, pack_error
@@ -117,6 +117,27 @@ def test_json_log_lines_are_single_json_objects_with_the_exception() -> None:
     assert "\n" not in line
     assert (entry["level"], entry["message"]) == ("ERROR", "lost 3 tasks")
     assert "disk on fire" in entry["exception"]
+
+
+def test_a_traceback_from_another_process_goes_where_an_exception_s_would() -> None:
+    # A task process's import traceback was glued into a JSON line's message,
+    # where a log shipper looks for it under "exception".
+    remote = "Traceback ...\nImportError: on purpose\n"
+    record = logging.LogRecord(
+        "ventilator.pool",
+        logging.ERROR,
+        __file__,
+        1,
+        "cannot start%s",
+        (f"\n{remote}",),
+        None,
+    )
+    record.__dict__[REMOTE_TRACEBACK] = remote
+
+    entry = json.loads(JsonFormatter().format(record))
+
+    assert entry["message"] == "cannot start"
+    assert entry["exception"] == "Traceback ...\nImportError: on purpose"
 
 
 # --- items: a batch of map counts each of its items --------------------------------
