@@ -235,6 +235,7 @@ class Broker:
             for tag in (FRONTEND, BACKEND, MDP)
         }
         self._rejection_log = _RateLimit(per_s=1.0, what="refused task")
+        self._refusals = RefusalSpell()
         self._session_refusal_log = _RateLimit(per_s=1.0, what="refused session")
         # A line per HELLO under a new name is a flood when a client renames
         # itself in a loop; a few a second still name the clients of a start.
@@ -1062,6 +1063,8 @@ class Broker:
             self.telemetry.record(effects)
         self._send_to_clients(after_commit, now)
         self._log_notices(effects.notices, now)
+        if effects.accepted:
+            self._say_accepting_again(now)
 
     def _log_held_back(self, now: float) -> None:
         """Count the log lines each rate limit held back since its last one."""
@@ -1092,9 +1095,21 @@ class Broker:
         else:
             self._unsaid_joins.unsaid(notice.recipient)
 
+    def _say_accepting_again(self, now: float) -> None:
+        over = self._refusals.ended(now)
+        if over is not None:
+            refused, lasted_s = over
+            # At the refusals' level: whoever read them must read this too.
+            log.warning(
+                "accepting new tasks again, after refusing %s over %.1fs",
+                counted(refused, "task"),
+                lasted_s,
+            )
+
     def _log_notices(self, notices: list[n.Notice], now: float) -> None:
         for notice in notices:
             if isinstance(notice, n.Rejected):
+                self._refusals.refused(now)
                 if self._rejection_log.allows(now):
                     # A refusal per task of a burst would flood the log (a full
                     # disk refuses them all): one a second, saying how many more.
@@ -1789,6 +1804,36 @@ def _log_worker_dropped(notice: n.WorkerLost, note: str) -> None:
         counted(notice.split, "map batch", "map batches"),
         note,
     )
+
+
+class RefusalSpell:
+    """A spell of refused tasks (a full disk, a flood past the limits), said
+    over once tasks are accepted again: the refusals' lines stop, and nothing
+    else told the operator that the broker takes work again. At the edge of a
+    limit, tasks are refused and accepted turn by turn: the spell ends only
+    once `QUIET_S` passed without a refusal."""
+
+    QUIET_S = 1.0
+
+    def __init__(self) -> None:
+        self._began_at: float | None = None
+        self._last_at = 0.0
+        self._count = 0
+
+    def refused(self, now: float) -> None:
+        if self._began_at is None:
+            self._began_at = now
+        self._last_at = now
+        self._count += 1
+
+    def ended(self, now: float) -> tuple[int, float] | None:
+        """A task was accepted at `now`: (tasks refused, seconds the spell
+        lasted) if that ends a spell; else None."""
+        if self._began_at is None or now - self._last_at < self.QUIET_S:
+            return None
+        over = (self._count, self._last_at - self._began_at)
+        self._began_at, self._count = None, 0
+        return over
 
 
 class _UnsaidJoins:

@@ -16,6 +16,7 @@ from ventilator.broker import (
     FRONTEND,
     Broker,
     BrokerConfig,
+    RefusalSpell,
     _DiskRoom,
     _log_notice,
     _log_unfinished,
@@ -487,3 +488,17 @@ def test_an_operator_command_is_logged_with_who_asked_and_what_it_did(
     said = record.getMessage()
     assert "client=alice" in said and "purge session=bob" in said
     assert '"queued":3' in said
+
+
+def test_a_spell_of_refusals_ends_with_a_task_accepted_after_a_quiet_second() -> None:
+    # A tester's flood got thousands of tasks refused; nothing said when the
+    # broker took work again. At a limit's edge, refusals and acceptances
+    # alternate turn by turn: that is still the spell.
+    spell = RefusalSpell()
+    spell.refused(10.0)
+    spell.refused(10.5)
+
+    assert spell.ended(10.6) is None  # refusals still come
+    spell.refused(11.0)
+    assert spell.ended(11.0 + RefusalSpell.QUIET_S) == (3, 1.0)
+    assert spell.ended(20.0) is None  # said once
