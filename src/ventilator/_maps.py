@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import protocol as p
 from ._client_io import SUBMIT_BATCH
+from ._words import counted
 from .errors import (
     ClientClosed,
     PoisonTask,
@@ -806,11 +807,14 @@ class _BatchMap:
             return [_cancelled() for _ in batch.items]
         except TaskError as error:
             if _split_when_failed(error, len(batch.items)):
+                # The error's message says why (a process died, a worker was
+                # lost, a timeout): its type alone read as "poison" for a
+                # batch whose worker was merely killed.
                 log.info(
-                    "a batch of %d items failed as a whole (%s); running them one "
-                    "by one",
-                    len(batch.items),
+                    "a batch of %s failed as a whole (%s: %s); running them one by one",
+                    counted(len(batch.items), "item"),
                     error.remote_type,
+                    error.message,
                 )
                 # The death that poisoned the batch counts for each item.
                 died = isinstance(error, PoisonTask)
