@@ -14,8 +14,10 @@ import json
 import logging
 import math
 import os
+import secrets
 import shlex
 import signal
+import socket
 import stat
 import sys
 import threading
@@ -1524,6 +1526,15 @@ def _settle_cancellations(client: Client) -> bool:
     return True
 
 
+def _run_session(job: _Job) -> str:
+    """A session name that tells an operator reading `status` which run it
+    is: the command, the host, the process and a few random digits (a
+    process id comes back), not a bare random id."""
+    command = "exec" if job.takes_any_bytes else "map"
+    host = socket.gethostname()[:64]  # a name is at most 256 characters
+    return f"{command}-{host}-{os.getpid()}-{secrets.token_hex(2)}"
+
+
 def _connect(
     stack: contextlib.ExitStack, job: _Job, run: _Run
 ) -> tuple[Client, _ClusterWatch]:
@@ -1534,7 +1545,12 @@ def _connect(
 
     if run.connect is not None:
         client = stack.enter_context(
-            Client(run.connect, secret_key=run.secret_key, broker_key=run.broker_key)
+            Client(
+                run.connect,
+                session=_run_session(job),
+                secret_key=run.secret_key,
+                broker_key=run.broker_key,
+            )
         )
         _check_broker(client, run.connect, run.connect_timeout_s)
         # A remote broker that goes away is waited for: the client reconnects

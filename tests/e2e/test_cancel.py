@@ -8,6 +8,7 @@ import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import threading
 from pathlib import Path
@@ -131,12 +132,15 @@ def interrupt_a_map_whose_broker_died(
     )
     command.stdin.write(b"1\n2\n3\n")
     command.stdin.flush()  # and left open: the map waits for more lines
-    status_when(
+    status = status_when(
         launch.client(broker),
         lambda status: status["queued"].get(UNSERVED) == 3,
         20,
         "the map's three tasks",
     )
+    # Named for whoever reads status: the command, its host and process.
+    run_session = f"map-{socket.gethostname()}-{command.pid}-"
+    assert any(c["name"].startswith(run_session) for c in status["clients"])
 
     kill(broker)
     command.send_signal(signal.SIGINT)
