@@ -35,6 +35,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import resource
 import sqlite3
 import threading
 import time
@@ -424,7 +425,7 @@ class SqliteJournal:
         except (sqlite3.Error, OSError) as exc:
             raise JournalError(
                 f"cannot write journal {str(self.path)!r} "
-                f"(or its folder {str(self._blobs)!r}): {type(exc).__name__}: {exc}"
+                f"(or its folder {str(self._blobs)!r}): {_cause(exc)}"
             ) from exc
 
     def _commit(
@@ -892,6 +893,25 @@ class _WalFlusher:
             return fd
         self._flushed.set()
         return fd
+
+
+def _cause(exc: BaseException) -> str:
+    """What went wrong, in words an operator can act on. SQLite says "disk
+    I/O error" of a write refused for any reason; its error name tells a
+    little more, and a file size limit (ulimit -f) is a likely one that the
+    disk's free space does not show."""
+    cause = f"{type(exc).__name__}: {exc}"
+    name = getattr(exc, "sqlite_errorname", None)
+    if name is None:
+        return cause
+    cause += f" ({name})"
+    limit, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if name.startswith("SQLITE_IOERR") and limit != resource.RLIM_INFINITY:
+        cause += (
+            f"; this process may write files of at most {limit} bytes (ulimit "
+            "-f): raise the limit"
+        )
+    return cause
 
 
 def _lock_exclusively(path: Path) -> IO[bytes]:

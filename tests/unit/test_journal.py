@@ -8,6 +8,7 @@ import logging
 import shutil
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -919,3 +920,34 @@ def test_a_journal_whose_folder_takes_no_new_file_says_where_and_why(
         subprocess.run([chattr, "-i", str(path.parent)], check=True)
 
     assert f"{path.parent} must let this user create files" in str(refused.value)
+
+
+# A journal written past the process's file size limit, in a process of its own.
+FILE_SIZE_LIMIT_PROGRAM = """
+import resource, signal, sys
+from tests.unit.journal_tasks import a_task
+from ventilator.errors import JournalError
+from ventilator.journal import SqliteJournal
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the limit kills the process
+journal = SqliteJournal(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))
+try:
+    for turn in range(100):
+        journal.commit([a_task(turn, payload=b"x" * 4000)], [], [])
+except JournalError as error:
+    print(error)
+"""
+
+
+def test_a_write_past_the_file_size_limit_names_the_limit(path: Path) -> None:
+    # A tester's broker under `ulimit -f` said only "disk I/O error": the
+    # disk had room, and nothing pointed at the limit.
+    ran = subprocess.run(
+        [sys.executable, "-c", FILE_SIZE_LIMIT_PROGRAM, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert "SQLITE_IOERR" in ran.stdout, ran.stdout + ran.stderr
+    assert "ulimit -f" in ran.stdout and "100000 bytes" in ran.stdout
