@@ -476,10 +476,29 @@ def load_allow_list(
 
 
 def _read_rights(path: Path) -> Rights:
+    """The rights a ``.functions`` file beside a key gives it (none: every
+    function).
+
+    Raises:
+        UsageError: the file cannot be read, is not UTF-8 text, or holds a
+            pattern that is no glob; named, so that a reload keeps the lists
+            in force and says which file to mend, rather than stop the broker.
+    """
     if not path.exists():
         return Rights()
-    lines = (line.strip() for line in path.read_text().splitlines())
-    return Rights(tuple(p for p in lines if p and not p.startswith("#")))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"the rights file {path} is not UTF-8 text: {exc}") from exc
+    except OSError as exc:
+        raise UsageError(f"cannot read the rights file {path}: {exc}") from exc
+    lines = (line.strip() for line in text.splitlines())
+    patterns = tuple(p for p in lines if p and not p.startswith("#"))
+    for pattern in patterns:
+        problem = _pattern_problem(pattern)
+        if problem is not None:
+            raise UsageError(f"the rights file {path}: {problem}")
+    return Rights(patterns)
 
 
 # --- the live allow lists -------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -114,6 +115,32 @@ def test_key_store_reads_rights_and_keeps_roles_apart(tmp_path: Path) -> None:
     assert identity.rights == Rights(("reports:*",))
     assert keys.identity(WORKER, alice) is None
     assert keys.identity(CLIENT, worker) is None
+
+
+@pytest.mark.parametrize(
+    ("damage", "said"),
+    [
+        (lambda path: path.write_bytes(b"\xff\xfe garbage\n"), "not UTF-8"),
+        (lambda path: path.mkdir(), "cannot read"),
+        (lambda path: path.write_text("reports:[a\n"), "never closed"),
+    ],
+)
+def test_a_bad_rights_file_is_a_usage_error_naming_it_and_keeps_the_old_lists(
+    tmp_path: Path, damage: Callable[[Path], object], said: str
+) -> None:
+    # A tester's SIGHUP over a .functions file that was not UTF-8 (or was a
+    # folder) killed the broker with a traceback: every peer lost it. A bad
+    # glob was taken silently, to match something else than meant.
+    alice = allow(tmp_path, "clients", "alice")
+    keys = KeyStore({CLIENT: tmp_path / "clients"})
+    rights = tmp_path / "clients" / "alice.functions"
+    damage(rights)
+
+    with pytest.raises(UsageError, match=said) as refused:
+        keys.reload()
+
+    assert str(rights) in str(refused.value)
+    assert keys.identity(CLIENT, alice) is not None  # the old lists stay
 
 
 def test_reload_reports_the_keys_removed_or_changed(tmp_path: Path) -> None:
