@@ -219,4 +219,4 @@ def _readable(failure: dict[str, Any]) -> dict[str, Any]:
     """A failure as the API gives it: its task id also as text, which a
     browser reads exactly (a 64-bit id read as a JavaScript number is rounded,
     and an id copied from the page named another task)."""
-    return {**failure, "task_id_text": str(failure["task_id"])}
+    return {**failure, "task_id_str": str(failure["task_id"])}

@@ -158,7 +158,7 @@ function renderFailures(failed, total) {
     el("td", {}, el("code", {}, f.function)),
     el("td", {}, el("span", { class: "tag bad" }, f.outcome)),
     el("td", { class: "reason" }, `${f.type}: ${f.message}`),
-    el("td", {}, el("code", {}, `${f.session} · ${f.task_id_text}`)),
+    el("td", {}, el("code", {}, `${f.session} · ${f.task_id_str}`)),
     el("td", { class: "num" }, `${ago(f.failed_s_ago)} ago`)));
   fill("failures", rows, 6, "no failed task");
   // The list survives a broker restart (it is journalled); the count does not.
