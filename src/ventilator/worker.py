@@ -388,6 +388,8 @@ class Worker:
             self._register(now)
         elif error.code in _FRONTEND_REFUSALS:
             self._misdirected(error)
+        elif error.code == "forbidden":
+            self._key_removed(error, now)
         else:
             log.warning(
                 "the broker refused a message from this worker code=%s worker=%s: "
@@ -396,6 +398,20 @@ class Worker:
                 self.config.worker_id,
                 error.message,
             )
+
+    def _key_removed(self, error: p.Error, now: float) -> None:
+        """The broker no longer allows our key (removed from its allow list):
+        every message on this connection is refused, a WARNING each beat for
+        ever. Say it once, and connect again: the broker refuses the handshake
+        until the key is back (the handshake watch says so, and backs off),
+        then takes our READY, with what we still hold."""
+        log.error(
+            "the broker no longer allows this worker's key: %s; connecting again, "
+            "which it refuses until the key is allowed again worker=%s",
+            error.message,
+            self.config.worker_id,
+        )
+        self._connect(now)
 
     def _release(self, tickets: Sequence[tuple[int, int]]) -> None:
         """The broker took these tasks back: their clients cancelled them,

@@ -851,6 +851,34 @@ def test_a_removed_key_is_sent_no_more_results_and_gets_the_rest_once_back(
     assert more == []
 
 
+def test_a_worker_whose_key_is_removed_says_so_once_and_tries_again(
+    launch: Launcher, curve_broker: BrokerProcess, keyring: Keyring
+) -> None:
+    # Tester 23 removed a worker's key: the worker logged "the broker
+    # refused a message" as a WARNING every heartbeat, for ever, naming no
+    # key, and never connected again (so it could not learn when its key was
+    # back but by chance).
+    worker = curve_worker(launch, curve_broker, keyring, "w1")
+    alice = curve_client(launch, curve_broker, keyring, "alice")
+    wait_for_workers(alice, 1)
+
+    (keyring.workers / "w1.key").unlink()
+    curve_broker.process.send_signal(signal.SIGHUP)
+    wait_until(
+        lambda: "no longer allows this worker's key" in log_of(worker.process),
+        RESULT_TIMEOUT_S,
+        "the worker to say its key was removed",
+    )
+    keyring.allow("w1", keyring.workers)
+    curve_broker.process.send_signal(signal.SIGHUP)
+
+    # It connects again, and serves once its key is back.
+    assert alice.submit(tasks.square, 4).result(RESULT_TIMEOUT_S) == 16
+    said = log_of(worker.process)
+    assert said.count("no longer allows this worker's key") == 1
+    assert "the worker carries on" not in said
+
+
 # --- what the broker keeps of a removed key's connections ---------------------------
 
 
