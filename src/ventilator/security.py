@@ -28,6 +28,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -403,7 +404,23 @@ def read_secret_key(
             f"{what} {path} holds no secret key; pass the NAME.key_secret file "
             "that `ventilator keys generate` wrote"
         )
+    _warn_if_others_may_read(Path(path))
     return public, secret
+
+
+def _warn_if_others_may_read(path: Path) -> None:
+    """A secret key that other users may read is anyone's key: said, not
+    refused, since a deploy whose files came out 0644 must not stop."""
+    with contextlib.suppress(OSError):
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            log.warning(
+                "the secret key file %s can be read by other users (mode %04o): "
+                "anyone who reads it can pass for its owner; chmod 600 %s",
+                path,
+                mode,
+                path,
+            )
 
 
 def read_public_key(
@@ -467,6 +484,14 @@ def load_allow_list(
     folder = Path(directory)
     if not folder.is_dir():
         raise UsageError(f"the {role} allow list {folder} is not a folder")
+    if stat.S_IMODE(folder.stat().st_mode) & 0o022:
+        log.warning(
+            "the %s allow list %s can be written by other users: anyone who can "
+            "add a .key file there gets in; chmod go-w %s",
+            role,
+            folder,
+            folder,
+        )
     allowed: dict[str, Identity] = {}
     for certificate in sorted(folder.glob("*.key")):
         key = read_public_key(certificate).decode("ascii")

@@ -448,3 +448,33 @@ def test_the_refused_keys_remembered_are_bounded() -> None:
         refusals.refused(float(number), f"fp-{number}", "refused %s", number)
 
     assert len(refusals) == KeyRefusals.REMEMBERED
+
+
+def test_a_secret_key_others_may_read_is_a_warning_naming_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Tester 23 ran every peer with 0644 and 0666 secret keys, and an allow
+    # list any user could write to, and heard nothing.
+    _, secret = generate_keys("alice", tmp_path)
+    secret.chmod(0o644)
+    allow(tmp_path, "clients", "bob")
+    (tmp_path / "clients").chmod(0o777)
+
+    with caplog.at_level(logging.WARNING, logger="ventilator.security"):
+        read_secret_key(secret)
+        KeyStore({CLIENT: tmp_path / "clients"})
+
+    said = [r.getMessage() for r in caplog.records]
+    assert any(str(secret) in m and "chmod 600" in m for m in said), said
+    assert any("clients" in m and "chmod go-w" in m for m in said), said
+
+
+def test_a_secret_key_only_its_owner_reads_is_no_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _, secret = generate_keys("alice", tmp_path)
+
+    with caplog.at_level(logging.WARNING, logger="ventilator.security"):
+        read_secret_key(secret)
+
+    assert caplog.records == []
