@@ -2383,7 +2383,8 @@ class Scheduler:
             next_retry_at=self._retries.next_due_at(),
             totals=self.totals(),
             asker=asker,
-            not_accepting=self.not_accepting,
+            # A full broker refuses new tasks too, until some are done.
+            not_accepting=self.not_accepting or self._full_refusal(0),
             serves=self.serves,
         )
         if scope is not None:

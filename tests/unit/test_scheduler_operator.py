@@ -223,6 +223,20 @@ def test_a_split_batch_remembered_as_failed_by_an_older_broker_is_dropped(
     assert effects.unfailed == [7]
 
 
+def test_status_says_a_full_broker_accepts_no_new_task() -> None:
+    # Tester 23's broker at max_queued_tasks refused every new task, and
+    # status, with /health, said nothing of it.
+    driver = Driver(limits=Limits(max_queued_tasks=2))
+    driver.hello()
+    driver.submit(task(1))
+    assert driver.scheduler.status(driver.now)["not_accepting"] is None
+
+    driver.submit(task(2))
+
+    not_accepting = driver.scheduler.status(driver.now)["not_accepting"]
+    assert isinstance(not_accepting, str) and "max_queued_tasks" in not_accepting
+
+
 def test_status_names_the_queues_no_worker_serves(driver: Driver) -> None:
     driver.submit(task(1), task(2, function="jobs:unserved"))
     driver.ready(W1)  # serves FUNCTION, and takes its task
