@@ -275,9 +275,10 @@ class Admission:
         refused = len(ready.services) - len(services)
         if refused or pickle != ready.allow_pickle:
             log.warning(
-                "worker registered with less than it asked for worker=%s key=%s: "
-                "%d functions outside its rights %s%s",
+                "worker registered with less than it asked for worker=%s key=%s "
+                "(%s): %d functions outside its rights %s%s",
                 ready.worker_id,
+                identity.name,
                 identity.fingerprint,
                 refused,
                 rights,
@@ -285,7 +286,14 @@ class Admission:
                 if ready.allow_pickle and not pickle
                 else "",
             )
-        return replace(ready, services=services, allow_pickle=pickle)
+        problem = ready.problem
+        if ready.services and not services and problem is None:
+            # Else status shows it "not serving" with no reason.
+            problem = (
+                f"key {identity.name} ({identity.fingerprint}) may serve none of "
+                f"its {len(ready.services)} functions: its rights are {rights}"
+            )
+        return replace(ready, services=services, allow_pickle=pickle, problem=problem)
 
 
 def scope_of(identity: Identity) -> Scope | None:

@@ -380,6 +380,19 @@ def test_admission_turns_pickle_off_where_it_is_not_permitted() -> None:
     assert list(loopback.services) == ["reports:daily"]
 
 
+def test_a_worker_whose_rights_allow_none_of_its_functions_says_why() -> None:
+    # Tester 23's worker with an empty .functions file showed "not serving",
+    # with no problem in status and nothing in its own log.
+    worker = Identity("w1", WORKER, "w" * 40, Rights(("billing:*",)))
+    ready = p.Ready("w1", ["reports:daily", "reports:weekly"], 2)
+
+    admitted = Admission(curve=True, pickle_permitted=False).ready(worker, ready)
+
+    assert list(admitted.services) == []
+    assert admitted.problem is not None
+    assert "w1" in admitted.problem and "billing:*" in admitted.problem
+
+
 def test_a_key_given_in_place_of_a_key_file_is_refused_without_showing_it(
     tmp_path: Path,
 ) -> None:
