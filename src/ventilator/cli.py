@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -56,7 +57,7 @@ from .policy import (
 )
 from .pool import POOL_KINDS
 from .registry import resolve
-from .security import ServerKeys, generate_keys
+from .security import ServerKeys, fingerprint, generate_keys, read_public_key
 from .status import busiest_first
 
 if TYPE_CHECKING:
@@ -335,6 +336,17 @@ def keys_generate(name: str, directory: str, functions: tuple[str, ...]) -> None
     click.echo(f"public key: {public}\nsecret key: {secret}")
     if functions:
         click.echo(f"rights:     {public.with_suffix('.functions')}")
+
+
+@keys.command(name="fingerprint")
+@_logging_options(default=False)
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+def keys_fingerprint(files: tuple[str, ...]) -> None:
+    """Print the fingerprint of each key file (NAME.key or NAME.key_secret):
+    the 16 hex digits the broker's and peers' logs name a key by."""
+    for path in files:
+        public = _or_usage_error(functools.partial(read_public_key, path))
+        click.echo(f"{fingerprint(public)}  {path}")
 
 
 # --- broker and worker ----------------------------------------------------------

@@ -375,6 +375,22 @@ def test_keys_generate_refuses_an_empty_rights_pattern_saying_what_it_means(
     assert not keys.exists()
 
 
+def test_keys_fingerprint_prints_what_the_logs_name_a_key_by(
+    processes: Processes, keyring: Keyring
+) -> None:
+    # Logs name keys by fingerprint; tester 23 had to compute one in Python
+    # to learn which key a refusal was about.
+    public, secret = keyring.public("alice"), keyring.secret("bob")
+
+    result = run_cli(processes, "keys", "fingerprint", str(public), str(secret))
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        f"{keyring.fingerprint('alice')}  {public}",
+        f"{keyring.fingerprint('bob')}  {secret}",
+    ]
+
+
 def test_status_takes_its_keys_from_the_environment(
     processes: Processes,
     curve_broker: BrokerProcess,
