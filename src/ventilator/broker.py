@@ -668,7 +668,12 @@ class Broker:
         try:
             changed = self._keys.reload()
         except UsageError as exc:
-            log.error("allow lists not reloaded, the old ones stay in force: %s", exc)
+            log.error(
+                "allow lists not reloaded, the old ones stay in force (keys "
+                "removed since the last reload still get in, keys added do not, "
+                "until this is mended and the broker signalled again): %s",
+                exc,
+            )
             return
         log.info("allow lists reloaded: %s keys", self._keys.counts())
         for identity in changed:

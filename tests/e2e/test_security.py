@@ -375,6 +375,26 @@ def test_keys_generate_refuses_an_empty_rights_pattern_saying_what_it_means(
     assert not keys.exists()
 
 
+def test_a_reload_that_finds_a_bad_file_says_removed_keys_still_get_in(
+    launch: Launcher, curve_broker: BrokerProcess, keyring: Keyring
+) -> None:
+    # Tester 23 removed bob's key beside a garbage key file: the reload was
+    # refused whole, and bob went on working while the operator thought him
+    # out; the ERROR said only that the old lists stay.
+    (keyring.clients / "eve.key").write_text("not a key\n")
+    (keyring.clients / "alice.key").unlink()
+
+    curve_broker.process.send_signal(signal.SIGHUP)
+
+    wait_until(
+        lambda: "allow lists not reloaded" in log_of(curve_broker.process),
+        RESULT_TIMEOUT_S,
+        "the broker to refuse the reload",
+    )
+    said = log_of(curve_broker.process)
+    assert "eve.key" in said and "removed since the last reload still get in" in said
+
+
 def test_keys_fingerprint_prints_what_the_logs_name_a_key_by(
     processes: Processes, keyring: Keyring
 ) -> None:
