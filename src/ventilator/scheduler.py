@@ -1057,15 +1057,21 @@ class Scheduler:
                     self._leave_cancelled(task)
 
     def _stop_on_worker(self, worker: Worker, tasks: list[Task], now: float) -> None:
+        """Take `tasks` back from `worker` (their clients cancelled them), and
+        forget them now, by the journal too: a broker restarted on one must
+        not queue it again."""
+        self._release_on_worker(worker, tasks, now)
+        for task in tasks:
+            self._drop_cancelled(task, now)
+
+    def _release_on_worker(self, worker: Worker, tasks: list[Task], now: float) -> None:
         """Tell `worker` to give `tasks` up (RELEASE): it stops them and
-        reports none, so their slots come back here at once, and the tasks are
-        forgotten now, by the journal too (a broker restarted on one must not
-        queue it again). A worker from before RELEASE runs them on; its
-        results are then dropped as late."""
+        reports none, so their slots come back here at once; the caller says
+        how each ends. A worker from before RELEASE runs them on; its results
+        are then dropped as late."""
         self._tell_to_give_up(worker, [(task.ticket, task.attempt) for task in tasks])
         for task in tasks:
             self._release(worker, task)
-            self._drop_cancelled(task, now)
         self._start_waiting(worker, now)
         self._credit.offer(worker)
 
@@ -2599,11 +2605,8 @@ class Scheduler:
         worker = self.workers[task.worker]
         if not worker.obeys_release:
             return "running"
-        self._tell_to_give_up(worker, [(task.ticket, task.attempt)])
-        self._release(worker, task)
+        self._release_on_worker(worker, [task], now)
         self._finish(task, p.Status.CANCELLED, b"", now)
-        self._start_waiting(worker, now)
-        self._credit.offer(worker)
         return "cancelled"
 
     # --- invariants: checked by the tests after every step ----------------------------
