@@ -157,13 +157,11 @@ class _Handler(BaseHTTPRequestHandler):
         if snapshot is None:
             self._json(HTTPStatus.SERVICE_UNAVAILABLE, {"error": "starting up"})
         elif name == "status":
-            self._json(HTTPStatus.OK, _readable_status(snapshot.status))
+            self._json(HTTPStatus.OK, snapshot.status)
         elif name == "history":
             self._json(HTTPStatus.OK, {"samples": list(snapshot.history)})
         elif name == "failed":
-            self._json(
-                HTTPStatus.OK, {"failed": [_readable(f) for f in snapshot.failed]}
-            )
+            self._json(HTTPStatus.OK, {"failed": list(snapshot.failed)})
         else:
             self._json(HTTPStatus.NOT_FOUND, {"error": f"no such API: {name}"})
 
@@ -206,17 +204,3 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         # One DEBUG line per request: a dashboard polls every second.
         log.debug("http %s %s", self.address_string(), format % args)
-
-
-def _readable_status(status: dict[str, Any]) -> dict[str, Any]:
-    failures = status.get("recent_failures")
-    if not failures:
-        return status
-    return {**status, "recent_failures": [_readable(f) for f in failures]}
-
-
-def _readable(failure: dict[str, Any]) -> dict[str, Any]:
-    """A failure as the API gives it: its task id also as text, which a
-    browser reads exactly (a 64-bit id read as a JavaScript number is rounded,
-    and an id copied from the page named another task)."""
-    return {**failure, "task_id_str": str(failure["task_id"])}

@@ -82,6 +82,10 @@ class FailedTask:
             "ticket": self.ticket,
             "session": self.session,
             "task_id": self.task_id,
+            # The same id as text, as sink records give it: a browser reads a
+            # 64-bit id as a rounded JavaScript number (the dashboard showed
+            # distinct failed tasks under one id).
+            "task_id_str": str(self.task_id),
             # An MDP service's queue, as status and the metrics name it.
             "function": service_queue(self.function)
             if self.flags & _RAW
