@@ -950,6 +950,7 @@ def exec_command(
         retries,
         connected=limit.learn,
         takes_any_bytes=True,
+        command="exec",
     )
     run = _Run(
         _records(input_file, null_separated),
@@ -1363,6 +1364,8 @@ class _Job:
     connected: Callable[[Client], None] | None = None
     # Whether a line that is not UTF-8 can run (exec passes its bytes on).
     takes_any_bytes: bool = False
+    # The command the run is, which names its session at a broker.
+    command: str = "map"
 
 
 @dataclass(frozen=True, slots=True)
@@ -1542,9 +1545,8 @@ def _run_session(job: _Job) -> str:
     """A session name that tells an operator reading `status` which run it
     is: the command, the host, the process and a few random digits (a
     process id comes back), not a bare random id."""
-    command = "exec" if job.takes_any_bytes else "map"
     host = socket.gethostname()[:64]  # a name is at most 256 characters
-    return f"{command}-{host}-{os.getpid()}-{secrets.token_hex(2)}"
+    return f"{job.command}-{host}-{os.getpid()}-{secrets.token_hex(2)}"
 
 
 def _connect(
