@@ -1055,7 +1055,7 @@ class ClientIO:
         self._send_acks(time.monotonic(), submitting=True)
         self._send(p.Bye())
         self._close_socket(linger=100)
-        accepted = ClientClosed(
+        accepted_error = ClientClosed(
             "the client was closed before this task finished; its result waits "
             f"at the broker for a client of session={self.session}"
         )
@@ -1077,7 +1077,8 @@ class ClientIO:
             unsent = self._handover.take_unsent()
             questions = [*self._asked, *self._handover.take_questions()]
         for pending in self._pending.values():
-            _fail(pending.future, accepted if pending.accepted else unconfirmed_error)
+            error = accepted_error if pending.accepted else unconfirmed_error
+            _fail(pending.future, error)
         for pending in unsent:
             _fail(pending.future, unsent_error)
         self._log_unaccepted(len(unsent), self._unconfirmed())

@@ -342,9 +342,7 @@ class Handover:
         with self.room:
             if self.closed:
                 return False
-            self.closed = True
-            self.close_deadline = time.monotonic() + timeout_s
-            self.room_changed()
+            self._close_by(time.monotonic() + timeout_s)
         self.wake()
         return True
 
@@ -352,10 +350,15 @@ class Handover:
         """Closing: have the I/O thread leave now, whatever the broker has not
         accepted yet (it says how many), rather than at the close deadline."""
         with self.room:
-            self.closed = True
-            self.close_deadline = 0.0
-            self.room_changed()
+            self._close_by(0.0)
         self.wake()
+
+    def _close_by(self, deadline: float) -> None:
+        """Closed: the I/O thread leaves at `deadline` at the latest (called
+        under `room`; the caller wakes the thread to see it)."""
+        self.closed = True
+        self.close_deadline = deadline
+        self.room_changed()
 
     def drop(self) -> None:
         """The Client was dropped without close(): have its I/O thread close
