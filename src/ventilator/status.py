@@ -180,7 +180,7 @@ class StatusReport:
     # The session asking, listed even if it only asked (see `_listed`).
     asker: str | None = None
     # Why the broker refuses every new task now (its journal's disk nearly
-    # full); None while it accepts them within its limits.
+    # full, or it holds all its limits allow); None while it accepts them.
     not_accepting: str | None = None
     # Whether a connected worker that is not draining serves a queue.
     serves: Callable[[str], bool] = lambda _queue: True
