@@ -944,6 +944,7 @@ def test_a_write_past_the_file_size_limit_names_the_limit(path: Path) -> None:
     # disk had room, and nothing pointed at the limit.
     ran = subprocess.run(
         [sys.executable, "-c", FILE_SIZE_LIMIT_PROGRAM, str(path)],
+        cwd=Path(__file__).parents[2],  # where `tests` is a package
         capture_output=True,
         text=True,
         timeout=60,
