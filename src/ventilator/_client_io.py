@@ -121,6 +121,32 @@ class IOSettings:
     liveness: int
 
 
+class BrokerSilence:
+    """When the I/O thread last heard its broker, as a reconnection counts it.
+
+    The silence is judged as it passes the limit, not at the next heartbeat:
+    judged at beats, a killed broker was noticed up to an interval later than
+    the `liveness` intervals the README promises.
+    """
+
+    def __init__(self, now: float) -> None:
+        self.seen_at = now
+
+    def forgive(self, stalled_s: float, now: float) -> None:
+        """This process stood still (SIGSTOP, a swapped-out host) for
+        `stalled_s`: it could not hear the broker, so that silence is not the
+        broker's, and a reconnection would drop what the socket still holds."""
+        self.seen_at = min(now, self.seen_at + stalled_s)
+
+    def gone_at(self, limit_s: float) -> float:
+        """When a silence of `limit_s` is reached, unless the broker speaks."""
+        return self.seen_at + limit_s
+
+    def presumed_gone(self, now: float, limit_s: float) -> bool:
+        # At the wake-up for gone_at(), not a spin until the next microsecond.
+        return now >= self.gone_at(limit_s)
+
+
 class ClientIO:
     """The I/O thread of one `Client`, and the state only it touches.
 
@@ -277,17 +303,15 @@ class ClientIO:
     def _serve(self) -> None:
         self._poll.register(self._handover.wake_fd, select.POLLIN)
         self._socket = self._connect()
-        broker_seen = time.monotonic()
-        next_beat = broker_seen + self._heartbeat_interval_s
-        stalls = StallWatch(self._heartbeat_interval_s, broker_seen)
+        broker = BrokerSilence(time.monotonic())
+        next_beat = broker.seen_at + self._heartbeat_interval_s
+        stalls = StallWatch(self._heartbeat_interval_s, broker.seen_at)
 
         while not self._handover.closed or self._awaiting_acceptance():
-            ready = self._wait(min(next_beat, self._acks_due))
+            wake_at = min(next_beat, self._acks_due, broker.gone_at(self.silence_s))
+            ready = self._wait(wake_at)
             now = time.monotonic()
-            # While this process stood still (SIGSTOP, a swapped-out host) it
-            # could not hear the broker: that silence is not the broker's, and
-            # a reconnection would drop what this socket still holds.
-            broker_seen = min(now, broker_seen + stalls.stalled_s(now))
+            broker.forgive(stalls.stalled_s(now), now)
             if self._monitor_fd in ready and self._handshakes.read():
                 self._stop_trying()
             if self._handover.wake_fd in ready:
@@ -296,7 +320,7 @@ class ClientIO:
                     self._close_dropped()
             if self._receive(now):
                 self._log_answer_after_silence(now)
-                broker_seen = self.broker_heard_at = now
+                broker.seen_at = self.broker_heard_at = now
                 # WELCOME may have lowered the interval to the broker's: the
                 # next beat must not keep the date our own interval gave it.
                 next_beat = min(next_beat, now + self._heartbeat_interval_s)
@@ -304,6 +328,11 @@ class ClientIO:
             if not self._welcomed:
                 self._fail_unanswerable()
 
+            if broker.presumed_gone(now, self.silence_s):
+                self._log_silence(now)
+                self._close_socket(linger=0)
+                self._socket = self._connect()
+                broker.seen_at = now
             if now >= next_beat:
                 # A refused client asks again instead: a beat would only be
                 # answered "hello_first".
@@ -312,11 +341,6 @@ class ClientIO:
                 self._ask_cancel_receipt()
                 self._give_up_waiting_for_session(now)
                 next_beat = now + self._heartbeat_interval_s
-                if now - broker_seen > self._heartbeat_interval_s * self._liveness:
-                    self._log_silence(now)
-                    self._close_socket(linger=0)
-                    self._socket = self._connect()
-                    broker_seen = now
 
         self._shutdown()
 
