@@ -1063,6 +1063,7 @@ class Broker:
                 effects.forgotten,
                 effects.failures,
                 effects.unfailed,
+                effects.struck,
             )
         if self.telemetry is not None:
             self.telemetry.record(effects)

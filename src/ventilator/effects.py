@@ -29,6 +29,9 @@ class Effects:
     # or dropped for room, so the journal keeps the same list as `failed`.
     failures: list[FailedTask] = field(default_factory=list)
     unfailed: list[int] = field(default_factory=list)
+    # Tasks requeued after a strike (their process died, their worker was
+    # lost): the strikes go to the journal, so a restart gives no fresh tries.
+    struck: list[Task] = field(default_factory=list)
     to_clients: list[tuple[bytes, p.Command]] = field(default_factory=list)
     to_workers: list[tuple[bytes, p.Command]] = field(default_factory=list)
     notices: list[Notice] = field(default_factory=list)
@@ -41,4 +44,5 @@ class Effects:
             or self.forgotten
             or self.failures
             or self.unfailed
+            or self.struck
         )

@@ -80,7 +80,9 @@ CREATE TABLE IF NOT EXISTS tasks (
     result      BLOB,
     payload_ref BLOB,  -- where a large payload lies in the segments, else NULL
     result_ref  BLOB,  -- where a large result lies, else NULL
-    finished_wall REAL -- when it finished (wall clock): its result's age
+    finished_wall REAL, -- when it finished (wall clock): its result's age
+    deaths      INTEGER, -- strikes towards poison (Task.deaths), NULL: none
+    losses      INTEGER  -- strikes towards poison (Task.losses), NULL: none
 )
 """
 # Failure records: when a task failed is kept as wall-clock time, since the
@@ -100,14 +102,24 @@ CREATE TABLE IF NOT EXISTS failed (
 )
 """
 # Columns that journals of earlier versions lack, added when they are opened.
-_ADDED_COLUMNS = {"payload_ref": "BLOB", "result_ref": "BLOB", "finished_wall": "REAL"}
+_ADDED_COLUMNS = {
+    "payload_ref": "BLOB",
+    "result_ref": "BLOB",
+    "finished_wall": "REAL",
+    "deaths": "INTEGER",
+    "losses": "INTEGER",
+}
 
 # Tasks are keyed by the ticket (the rowid): no secondary index to keep up.
 _INSERT_TASKS = (
     "INSERT INTO tasks (seq, session, task_id, function, flags,"
-    " timeout_s, retries, recipient, payload, payload_ref)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " timeout_s, retries, recipient, payload, payload_ref, deaths, losses)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+# A task put back in the queue after its process died or its worker was lost:
+# its strikes are kept, or each restart of the broker would give a task that
+# kills what runs it a fresh max_attempts.
+_STRIKE_TASKS = "UPDATE tasks SET deaths = ?, losses = ? WHERE seq = ?"
 _FINISH_TASKS = (
     "UPDATE tasks SET status = ?, result = ?, result_ref = ?, finished_wall = ?,"
     " payload = x'', payload_ref = NULL WHERE seq = ?"
@@ -190,9 +202,11 @@ class Journal(Protocol):
         forgotten: Iterable[int],
         failures: Iterable[FailedTask] = (),
         unfailed: Iterable[int] = (),
+        struck: Iterable[Task] = (),
     ) -> None:
         """Record one loop turn's changes atomically: tasks accepted, finished
-        and forgotten; failure records added and removed (by ticket).
+        and forgotten; failure records added and removed (by ticket); the
+        strikes of tasks requeued after their process died or worker was lost.
 
         Raises:
             JournalError: the journal cannot be written; the message names it.
@@ -236,6 +250,7 @@ class MemoryJournal:
         forgotten: Iterable[int],
         failures: Iterable[FailedTask] = (),
         unfailed: Iterable[int] = (),
+        struck: Iterable[Task] = (),
     ) -> None:
         pass
 
@@ -360,8 +375,8 @@ class SqliteJournal:
         """The tasks on record, and why each one that failed as damaged did."""
         rows = self._db.execute(
             "SELECT seq, session, task_id, function, flags, timeout_s, retries,"
-            " recipient, payload, status, result, payload_ref, result_ref,"
-            " finished_wall FROM tasks ORDER BY seq"
+            " recipient, payload, status, result, deaths, losses, payload_ref,"
+            " result_ref, finished_wall FROM tasks ORDER BY seq"
         )
         blobs_missing = not self._blobs.is_dir()
         # A result's age carries over a restart (its TTL runs on); the
@@ -419,9 +434,10 @@ class SqliteJournal:
         forgotten: Iterable[int],
         failures: Iterable[FailedTask] = (),
         unfailed: Iterable[int] = (),
+        struck: Iterable[Task] = (),
     ) -> None:
         try:
-            self._commit(accepted, finished, forgotten, failures, unfailed)
+            self._commit(accepted, finished, forgotten, failures, unfailed, struck)
         except (sqlite3.Error, OSError) as exc:
             raise JournalError(
                 f"cannot write journal {str(self.path)!r} "
@@ -435,6 +451,7 @@ class SqliteJournal:
         forgotten: Iterable[int],
         failures: Iterable[FailedTask],
         unfailed: Iterable[int],
+        struck: Iterable[Task],
     ) -> None:
         # Blobs first, then the rows that refer to them; blobs the turn no
         # longer needs are released only once the rows that held them are gone.
@@ -451,6 +468,7 @@ class SqliteJournal:
 
         statements: list[_Statement] = [
             (_INSERT_TASKS, accepted_rows),
+            (_STRIKE_TASKS, [(t.deaths, t.losses, t.ticket) for t in struck]),
             (_FINISH_TASKS, finished_rows),
             (_FORGET_TASKS, forgotten_rows),
             *self._failure_statements(failures, unfailed),
@@ -692,6 +710,8 @@ class SqliteJournal:
             task.recipient,
             payload,
             ref,
+            task.deaths or None,  # a split item's first strike (Flags.SPLIT)
+            task.losses or None,
         )
 
     def _finished_row(
@@ -1018,7 +1038,7 @@ def _on_this_clock(wall: object, now_wall: float, now: float) -> float:
 
 def _task_from_row(row: Sequence[object]) -> Task:
     seq, session, task_id, function, flags, timeout_s, retries = row[:7]
-    recipient, payload, status, result = row[7:]
+    recipient, payload, status, result, deaths, losses = row[7:]
     task = Task(
         ticket=int(seq),  # type: ignore[call-overload]
         session=str(session),
@@ -1029,6 +1049,8 @@ def _task_from_row(row: Sequence[object]) -> Task:
         timeout_s=None if timeout_s is None else float(timeout_s),  # type: ignore[arg-type]
         retries_left=int(retries),  # type: ignore[call-overload]
         recipient=str(recipient),
+        deaths=int(deaths or 0),  # type: ignore[call-overload]
+        losses=int(losses or 0),  # type: ignore[call-overload]
     )
     if status is not None:
         task.state = State.FINISHED

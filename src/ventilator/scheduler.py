@@ -1474,6 +1474,7 @@ class Scheduler:
             )
         else:
             self._enqueue(task, front=True)
+            self._effects.struck.append(task)
             return False
 
         error = PoisonTask("PoisonTask", message)

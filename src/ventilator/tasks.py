@@ -52,7 +52,8 @@ class Task:
     attempt: int = 0
     # Strikes towards POISON: `deaths`, its task process died (the worker saw
     # it and said CRASHED); `losses`, its worker was lost (silent, unreachable)
-    # while it ran, which a task can cause only in a thread pool.
+    # while it ran, which a task can cause only in a thread pool. Journaled, so
+    # a restart of the broker gives a task no fresh tries.
     deaths: int = 0
     losses: int = 0
     worker: str | None = None

@@ -161,6 +161,17 @@ def crash_once(path: str) -> str:
     return "survived"
 
 
+def crash_counted_after_release(runs: str, release: str) -> None:
+    """Leave a marker in the folder `runs`, then end the process: at once on
+    the first run, once `release` exists on every later one, so that a test
+    can act between two deaths of the same poison task."""
+    if any(Path(runs).iterdir()):
+        run_counted(runs, release)
+    else:
+        Path(runs, "first").touch()
+    os._exit(1)
+
+
 def unsendable_on_negative(x: int) -> Any:
     """Square `x`, but return a value msgpack cannot carry for a negative one."""
     return object() if x < 0 else x * x

@@ -1346,3 +1346,27 @@ def test_the_broker_warns_of_each_task_that_failed_as_poison_or_timed_out(
         "the broker's log to name both failed tasks",
     )
     assert "WARNING" in log_of(broker.process)
+
+
+def test_a_poison_task_s_strikes_survive_a_broker_restart(
+    launch: Launcher, restartable: dict[str, Any], tmp_path: Path
+) -> None:
+    # Strikes were kept in memory only: each restart of the broker gave a task
+    # that kills its process max_attempts more runs (a tester's kill loop saw
+    # one run 4 times with max_attempts=3).
+    runs, release = tmp_path / "runs", tmp_path / "release"
+    runs.mkdir()
+    first = launch.broker("--max-attempts", "2", **restartable)
+    launch.worker(first)
+    client = launch.client(first)
+    poison = client.submit(tasks.crash_counted_after_release, str(runs), str(release))
+    wait_until(lambda: len(list(runs.iterdir())) == 2, 20, "the second run to start")
+
+    kill_broker(first)  # its first strike on disk, its second run under way
+    launch.broker("--max-attempts", "2", **restartable)
+    release.touch()
+
+    error = poison.exception(RESULT_TIMEOUT_S)
+    assert isinstance(error, ventilator.PoisonTask), error
+    assert "died 2 times" in error.message
+    assert len(list(runs.iterdir())) == 2

@@ -75,6 +75,24 @@ def test_accepted_task_is_loaded_as_queued_after_reopening(
     assert (loaded.retries_left, loaded.recipient) == (3, "alice")
 
 
+def test_a_requeued_task_is_loaded_with_its_strikes(
+    journal: SqliteJournal, path: Path
+) -> None:
+    # Forgotten at a restart, they gave a task that kills what runs it a fresh
+    # max_attempts each time the broker came back.
+    struck, split_item = a_task(1), a_task(2)
+    split_item.deaths = 1  # the strike a split batch gives each of its items
+    journal.commit([struck, split_item], [], [])
+    struck.deaths, struck.losses = 1, 1
+    journal.commit([], [], [], struck=[struck])
+    journal.close()
+
+    loaded = by_key(reopened(path))
+
+    assert (loaded[struck.key].deaths, loaded[struck.key].losses) == (1, 1)
+    assert (loaded[split_item.key].deaths, loaded[split_item.key].losses) == (1, 0)
+
+
 def test_finished_task_is_loaded_with_its_status_and_result(
     journal: SqliteJournal, path: Path
 ) -> None:
