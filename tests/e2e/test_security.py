@@ -163,12 +163,14 @@ def test_unknown_key_and_plain_text_peer_are_refused(
 
     assert is_refused(stranger)
     assert is_refused(plain)
-    # The refusal names the key, so an operator can tell whose it was.
-    wait_until(
-        lambda: keyring.fingerprint("stranger") in log_of(curve_broker.process),
+    # The refusal names the key, so an operator can tell whose it was, and
+    # the peer's address, so that it can be found.
+    said = wait_until(
+        lambda: refusals_of(curve_broker, keyring, "stranger"),
         5,
         "the stranger's fingerprint in the broker's log",
     )
+    assert "address=127.0.0.1" in said[0] and "name=" not in said[0]
 
 
 def test_a_burst_of_refused_handshakes_is_counted_once_it_is_over(
@@ -242,6 +244,27 @@ def test_a_client_key_cannot_register_as_a_worker(
     assert bob.status()["workers"] == []
     # ... and a worker key cannot act as a client.
     assert is_refused(curve_client(launch, curve_broker, keyring, "w1"))
+
+
+def refusals_of(broker: BrokerProcess, keyring: Keyring, name: str) -> list[str]:
+    """The broker's log lines that refuse `name`'s key."""
+    key = keyring.fingerprint(name)
+    lines = log_of(broker.process).splitlines()
+    return [line for line in lines if "refused" in line and key in line]
+
+
+def test_a_key_refused_on_the_wrong_socket_is_logged_with_its_name_and_address(
+    launch: Launcher, curve_broker: BrokerProcess, keyring: Keyring
+) -> None:
+    # Tester 23 had only a fingerprint to go on, and searched every host for
+    # the peer that held the key: a worker's, given to a client by mistake.
+    assert is_refused(curve_client(launch, curve_broker, keyring, "w1"))
+
+    said = wait_until(
+        lambda: refusals_of(curve_broker, keyring, "w1"), 10, "w1's key refused"
+    )
+
+    assert "address=127.0.0.1" in said[0] and "name=w1" in said[0]
 
 
 def test_a_task_outside_the_clients_rights_is_rejected_naming_them(
