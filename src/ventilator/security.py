@@ -33,7 +33,7 @@ import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import zmq
@@ -483,6 +483,9 @@ def _looks_like_a_key(path: str | os.PathLike[str]) -> bool:
     )
 
 
+UnreadKind = Literal["folder", "certificate", "rights file"]
+
+
 @dataclass(frozen=True, slots=True)
 class Unread:
     """A file or folder of an allow list that could not be read, and what
@@ -490,7 +493,7 @@ class Unread:
 
     path: Path
     role: str
-    what: str  # "folder", "certificate" or "rights file"
+    what: UnreadKind
     problem: str  # why, naming the path
     # What the lists in force had for it: the whole list for a folder, the
     # key's old identity for one of its files; empty, nothing is let in.
@@ -565,7 +568,7 @@ def _read_identity(
 
 
 def _unread(
-    path: Path, role: str, what: str, exc: UsageError, kept: Identity | None
+    path: Path, role: str, what: UnreadKind, exc: UsageError, kept: Identity | None
 ) -> Unread:
     return Unread(path, role, what, str(exc), () if kept is None else (kept,))
 
