@@ -665,23 +665,22 @@ class Broker:
         if self._keys is None:
             log.warning("reload asked for, but the broker runs without CURVE keys")
             return
-        try:
-            changed = self._keys.reload()
-        except UsageError as exc:
-            log.error(
-                "allow lists not reloaded, the old ones stay in force (keys "
-                "removed since the last reload still get in, keys added do not, "
-                "until this is mended and the broker signalled again): %s",
-                exc,
-            )
-            return
-        log.info("allow lists reloaded: %s keys", self._keys.counts())
-        for identity in changed:
+        reloaded = self._keys.reload()
+        for unread in reloaded.unread:
+            _log_unread(unread)
+        unread_note = (
+            f"; {counted(len(reloaded.unread), 'file')} not read, kept as they "
+            "were (see the ERROR lines)"
+            if reloaded.unread
+            else ""
+        )
+        log.info("allow lists reloaded: %s keys%s", self._keys.counts(), unread_note)
+        for identity in reloaded.changed:
             if identity.role == CLIENT:
                 self._revoke_clients(identity)
             else:
                 self._revoke(identity, now)
-        self._note_removed_keys(changed)
+        self._note_removed_keys(reloaded.changed)
         registered = {w.peer for w in self._scheduler.workers.values()}
         self._worker_keys = {
             peer: key for peer, key in self._worker_keys.items() if peer in registered
@@ -1265,6 +1264,36 @@ _FORBIDDEN = ProtocolError(
 _BEAT = p.Heartbeat()
 # What a client connection whose key was removed may still send (`_late_ack`).
 _ACK_ONLY = frozenset({p.Cmd.ACK})
+
+
+def _log_unread(unread: security.Unread) -> None:
+    """What a reload could not read, and what stays in force for it until it
+    is mended and the broker signalled again."""
+    mended = "the file is mended"
+    if unread.what == "folder":
+        kept = (
+            f"the {unread.role} list in force is kept whole "
+            f"({counted(len(unread.kept), 'key')}): removals and additions there wait"
+        )
+        mended = "it is back"
+    elif unread.kept:
+        [identity] = unread.kept
+        kept = (
+            f"key {_key_name(identity)} keeps the access it had "
+            f"(rights {identity.rights})"
+        )
+    else:
+        kept = "its key is not let in"
+    log.error(
+        "allow list %s not read; %s until %s and the broker signalled again "
+        "role=%s path=%s: %s",
+        unread.what,
+        kept,
+        mended,
+        unread.role,
+        unread.path,
+        unread.problem,
+    )
 
 
 def _key_name(identity: Identity) -> str:

@@ -21,7 +21,15 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
 from .logs import RateLimit, Routines
-from .security import CLIENT, DOMAINS, ROLES_OF_DOMAIN, WORKER, KeyStore, fingerprint
+from .security import (
+    CLIENT,
+    DOMAINS,
+    ROLES_OF_DOMAIN,
+    WORKER,
+    Identity,
+    KeyStore,
+    fingerprint,
+)
 
 __all__ = ["Gate", "KeyRefusals", "PeerCount"]
 
@@ -70,6 +78,10 @@ class Gate(ThreadAuthenticator):
         self.keys = keys
         self.peers = peers
         self._refusals = KeyRefusals()
+        # The address of the request being handled, for `callback`'s refusal
+        # line: pyzmq hands the callback only the domain and the key, and
+        # handles one request at a time, on this thread.
+        self._address = ""
 
     def start(self) -> None:
         super().start()
@@ -78,13 +90,14 @@ class Gate(ThreadAuthenticator):
                 self.configure_curve_callback(name, self)
 
     async def handle_zap_message(self, msg: list[bytes]) -> None:
+        self._address = msg[3].decode("utf-8", "replace") if len(msg) >= 6 else ""
         if len(msg) >= 6 and not self.peers.admit():
             self._refusals.refused(
                 time.monotonic(),
                 None,
                 "connection refused: the broker has %d peers (max_peers) address=%s",
                 self.peers.limit,
-                msg[3].decode("utf-8", "replace"),
+                self._address,
             )
             self._send_zap_reply(msg[1], b"300", b"too many peers")
             return
@@ -97,17 +110,25 @@ class Gate(ThreadAuthenticator):
         key = z85_key.decode("ascii")
         if any(self.keys.identity(role, key) is not None for role in roles):
             return True
-        known_as = [r for r in (CLIENT, WORKER) if self.keys.identity(r, key)]
-        why = f"a {known_as[0]} key" if known_as else "unknown key"
+        elsewhere = (self.keys.identity(role, key) for role in (CLIENT, WORKER))
+        known = next((identity for identity in elsewhere if identity), None)
+        self._refuse(key, "+".join(roles) or domain, known)
+        return False
+
+    def _refuse(self, key: str, socket: str, known: Identity | None) -> None:
+        """Log a refused key with what finds its peer: the address it came
+        from and, for a key of the other role (`known`: a worker's key given
+        to a client, say), the name its certificate has there."""
         self._refusals.refused(
             time.monotonic(),
             fingerprint(key),
-            "CURVE key refused key=%s socket=%s: %s",
+            "CURVE key refused key=%s%s socket=%s address=%s: %s",
             fingerprint(key),
-            "+".join(roles) or domain,
-            why,
+            "" if known is None else f" name={known.name}",
+            socket,
+            self._address or "-",  # ipc and inproc peers have none
+            "unknown key" if known is None else f"a {known.role} key",
         )
-        return False
 
     def held_back(self, now: float) -> str | None:
         """See `KeyRefusals.held_back`."""

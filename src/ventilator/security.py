@@ -33,7 +33,7 @@ import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import zmq
@@ -49,8 +49,10 @@ __all__ = [
     "ClientKeys",
     "Identity",
     "KeyStore",
+    "Reloaded",
     "Rights",
     "ServerKeys",
+    "Unread",
     "client_keys",
     "fingerprint",
     "generate_keys",
@@ -481,31 +483,113 @@ def _looks_like_a_key(path: str | os.PathLike[str]) -> bool:
     )
 
 
-def load_allow_list(
-    directory: str | os.PathLike[str], role: str
-) -> dict[str, Identity]:
-    """Every ``*.key`` in `directory` as an `Identity`, keyed by its Z85 key.
+UnreadKind = Literal["folder", "certificate", "rights file"]
 
-    Raises:
-        UsageError: the folder is missing or a certificate is unreadable.
+
+@dataclass(frozen=True, slots=True)
+class Unread:
+    """A file or folder of an allow list that could not be read, and what
+    stays in force in its place."""
+
+    path: Path
+    role: str
+    what: UnreadKind
+    problem: str  # why, naming the path
+    # What the lists in force had for it: the whole list for a folder, the
+    # key's old identity for one of its files; empty, nothing is let in.
+    kept: tuple[Identity, ...] = ()
+
+
+def read_allow_list(
+    directory: str | os.PathLike[str], role: str, old: Mapping[str, Identity]
+) -> tuple[dict[str, Identity], list[Unread]]:
+    """Every ``*.key`` in `directory` as an `Identity`, keyed by its Z85 key;
+    and the files it could not read, each replaced by what `old` (the list in
+    force, empty at start) had for it.
+
+    A bad file keeps what it gave, rather than fail the whole reload: an
+    operator removing a leaked key must see it go even if another file is
+    being edited, and a file half written must not lock a good peer out. A
+    folder that cannot be listed keeps the whole old list: a folder renamed
+    must not remove every key of a role.
     """
     folder = Path(directory)
-    if not folder.is_dir():
-        raise UsageError(f"the {role} allow list {folder} is not a folder")
-    if stat.S_IMODE(folder.stat().st_mode) & 0o022:
-        log.warning(
-            "the %s allow list %s can be written by other users: anyone who can "
-            "add a .key file there gets in; chmod go-w %s",
-            role,
-            folder,
-            folder,
-        )
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError as exc:
+        problem = f"the {role} allow list {folder} cannot be listed: {exc.strerror}"
+        return dict(old), [Unread(folder, role, "folder", problem, (*old.values(),))]
+    _warn_if_others_may_write(folder, role)
     allowed: dict[str, Identity] = {}
-    for certificate in sorted(folder.glob("*.key")):
-        key = read_public_key(certificate).decode("ascii")
-        rights = _read_rights(certificate.with_suffix(RIGHTS_SUFFIX))
-        allowed[key] = Identity(certificate.stem, role, key, rights)
-    return allowed
+    unread: list[Unread] = []
+    for certificate in (folder / name for name in names if name.endswith(".key")):
+        identity, unreadable = _read_identity(certificate, role, old)
+        if unreadable is not None:
+            unread.append(unreadable)
+        # A key read from a good file wins over one kept for a bad file.
+        if identity is not None and (
+            unreadable is None or identity.public_key not in allowed
+        ):
+            allowed[identity.public_key] = identity
+    return allowed, unread
+
+
+def _warn_if_others_may_write(folder: Path, role: str) -> None:
+    with contextlib.suppress(OSError):
+        if stat.S_IMODE(folder.stat().st_mode) & 0o022:
+            log.warning(
+                "the %s allow list %s can be written by other users: anyone who "
+                "can add a .key file there gets in; chmod go-w %s",
+                role,
+                folder,
+                folder,
+            )
+
+
+def _read_identity(
+    certificate: Path, role: str, old: Mapping[str, Identity]
+) -> tuple[Identity | None, Unread | None]:
+    """The identity a certificate and its rights file give, or, if one of them
+    cannot be read, what `old` had for it (None: nothing) and why."""
+    try:
+        key = _read_allowed_key(certificate)
+    except UsageError as exc:
+        # The key is unknown, so its old identity is found by file name.
+        kept = next((i for i in old.values() if i.name == certificate.stem), None)
+        return kept, _unread(certificate, role, "certificate", exc, kept)
+    rights_file = certificate.with_suffix(RIGHTS_SUFFIX)
+    try:
+        rights = _read_rights(rights_file)
+    except UsageError as exc:
+        before = old.get(key)
+        kept = None if before is None else replace(before, name=certificate.stem)
+        return kept, _unread(rights_file, role, "rights file", exc, kept)
+    return Identity(certificate.stem, role, key, rights), None
+
+
+def _unread(
+    path: Path, role: str, what: UnreadKind, exc: UsageError, kept: Identity | None
+) -> Unread:
+    return Unread(path, role, what, str(exc), () if kept is None else (kept,))
+
+
+def _read_allowed_key(certificate: Path) -> str:
+    """The Z85 public key of an allow list's certificate.
+
+    Raises:
+        UsageError: the file cannot be read or holds no whole key; pyzmq takes
+            whatever follows ``public-key =``, so a file cut short in a copy
+            would otherwise be a wrong key, and lock its peer out.
+    """
+    # Latin-1 decodes any bytes, so that whatever the file holds is checked.
+    key = read_public_key(certificate).decode("latin-1")
+    if len(key) != 40 or not _Z85.issuperset(key):
+        raise UsageError(
+            f"the certificate file {certificate} holds no whole public key: "
+            f"{len(key)} characters, not the 40 Z85 characters `ventilator keys "
+            "generate` writes (a copy cut short?)"
+        )
+    return key
 
 
 def _read_rights(path: Path) -> Rights:
@@ -514,8 +598,8 @@ def _read_rights(path: Path) -> Rights:
 
     Raises:
         UsageError: the file cannot be read, is not UTF-8 text, or holds a
-            pattern that is no glob; named, so that a reload keeps the lists
-            in force and says which file to mend, rather than stop the broker.
+            pattern that is no glob; named, so that a reload keeps the key's
+            old rights and says which file to mend, rather than stop the broker.
     """
     if not path.exists():
         return Rights()
@@ -537,34 +621,60 @@ def _read_rights(path: Path) -> Rights:
 # --- the live allow lists -------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class Reloaded:
+    """What a reload of the allow lists changed, and what it could not read."""
+
+    # The identities that lost access or changed rights: their connections
+    # must be looked at again.
+    changed: tuple[Identity, ...]
+    unread: tuple[Unread, ...]
+
+
 class KeyStore:
     """The broker's allow lists, one per role, reloadable while it runs.
 
     Read from the ZAP thread and the broker's loop, replaced whole by `reload`:
     a reader sees the old lists or the new ones, never half of each.
+
+    Raises:
+        UsageError: at start, a folder or a file cannot be read (each is
+            named): with no lists in force there is nothing to keep in its
+            place, and a broker must not start with fewer keys than given.
     """
 
     def __init__(self, folders: Mapping[str, str | os.PathLike[str]]) -> None:
         self._folders = dict(folders)
         self._lists: dict[str, dict[str, Identity]] = {}
-        self.reload()
+        unread = self.reload().unread
+        if unread:
+            raise UsageError(
+                "; ".join(u.problem for u in unread)
+                + ": mend or remove the files named, then start the broker again"
+            )
 
-    def reload(self) -> list[Identity]:
-        """Read the folders again; return the identities that lost access or
-        changed rights (their connections must be looked at again).
+    def reload(self) -> Reloaded:
+        """Read the folders again, and apply whatever could be read.
 
-        Raises:
-            UsageError: a folder or a certificate is unreadable; the lists in
-                force are kept.
+        A key whose certificate or rights file cannot be read keeps its old
+        identity and rights (a new one is not let in); a folder that cannot
+        be read keeps its role's whole list. Each is in `Reloaded.unread`.
         """
-        fresh = {role: load_allow_list(f, role) for role, f in self._folders.items()}
+        fresh: dict[str, dict[str, Identity]] = {}
+        unread: list[Unread] = []
+        for role, folder in self._folders.items():
+            fresh[role], role_unread = read_allow_list(
+                folder, role, self._lists.get(role, {})
+            )
+            unread.extend(role_unread)
         old, self._lists = self._lists, fresh
-        return [
+        changed = tuple(
             identity
             for role, identities in old.items()
             for key, identity in identities.items()
             if fresh[role].get(key) != identity
-        ]
+        )
+        return Reloaded(changed, tuple(unread))
 
     def identity(self, role: str, public_key: str) -> Identity | None:
         return self._lists.get(role, {}).get(public_key)

@@ -163,12 +163,14 @@ def test_unknown_key_and_plain_text_peer_are_refused(
 
     assert is_refused(stranger)
     assert is_refused(plain)
-    # The refusal names the key, so an operator can tell whose it was.
-    wait_until(
-        lambda: keyring.fingerprint("stranger") in log_of(curve_broker.process),
+    # The refusal names the key, so an operator can tell whose it was, and
+    # the peer's address, so that it can be found.
+    said = wait_until(
+        lambda: refusals_of(curve_broker, keyring, "stranger"),
         5,
         "the stranger's fingerprint in the broker's log",
     )
+    assert "address=127.0.0.1" in said[0] and "name=" not in said[0]
 
 
 def test_a_burst_of_refused_handshakes_is_counted_once_it_is_over(
@@ -242,6 +244,27 @@ def test_a_client_key_cannot_register_as_a_worker(
     assert bob.status()["workers"] == []
     # ... and a worker key cannot act as a client.
     assert is_refused(curve_client(launch, curve_broker, keyring, "w1"))
+
+
+def refusals_of(broker: BrokerProcess, keyring: Keyring, name: str) -> list[str]:
+    """The broker's log lines that refuse `name`'s key."""
+    key = keyring.fingerprint(name)
+    lines = log_of(broker.process).splitlines()
+    return [line for line in lines if "refused" in line and key in line]
+
+
+def test_a_key_refused_on_the_wrong_socket_is_logged_with_its_name_and_address(
+    launch: Launcher, curve_broker: BrokerProcess, keyring: Keyring
+) -> None:
+    # Tester 23 had only a fingerprint to go on, and searched every host for
+    # the peer that held the key: a worker's, given to a client by mistake.
+    assert is_refused(curve_client(launch, curve_broker, keyring, "w1"))
+
+    said = wait_until(
+        lambda: refusals_of(curve_broker, keyring, "w1"), 10, "w1's key refused"
+    )
+
+    assert "address=127.0.0.1" in said[0] and "name=w1" in said[0]
 
 
 def test_a_task_outside_the_clients_rights_is_rejected_naming_them(
@@ -375,24 +398,69 @@ def test_keys_generate_refuses_an_empty_rights_pattern_saying_what_it_means(
     assert not keys.exists()
 
 
-def test_a_reload_that_finds_a_bad_file_says_removed_keys_still_get_in(
+def test_a_reload_beside_a_bad_file_still_locks_a_removed_key_out(
     launch: Launcher, curve_broker: BrokerProcess, keyring: Keyring
 ) -> None:
-    # Tester 23 removed bob's key beside a garbage key file: the reload was
-    # refused whole, and bob went on working while the operator thought him
-    # out; the ERROR said only that the old lists stay.
+    # Tester 23 removed alice's key beside a garbage key file: the reload was
+    # refused whole, and alice went on working while the operator thought her
+    # locked out.
+    alice = curve_client(launch, curve_broker, keyring, "alice")
+    bob = curve_client(launch, curve_broker, keyring, "bob")
+    assert not is_refused(alice)
     (keyring.clients / "eve.key").write_text("not a key\n")
     (keyring.clients / "alice.key").unlink()
 
     curve_broker.process.send_signal(signal.SIGHUP)
 
-    wait_until(
-        lambda: "allow lists not reloaded" in log_of(curve_broker.process),
+    said = wait_until(
+        lambda: [line for line in error_lines(curve_broker) if "eve.key" in line],
         RESULT_TIMEOUT_S,
-        "the broker to refuse the reload",
+        "the broker to name the bad file",
     )
-    said = log_of(curve_broker.process)
-    assert "eve.key" in said and "removed since the last reload still get in" in said
+    assert is_refused(alice)
+    assert not is_refused(bob)
+    assert "not let in" in said[0]
+
+
+def test_a_reload_over_a_rights_file_being_edited_keeps_the_keys_old_rights(
+    launch: Launcher, curve_broker: BrokerProcess, keyring: Keyring
+) -> None:
+    curve_worker(launch, curve_broker, keyring, "w1")
+    bob = curve_client(launch, curve_broker, keyring, "bob")
+    wait_for_workers(bob, 1)
+    (keyring.clients / "bob.functions").write_bytes(b"\xff half written")
+
+    curve_broker.process.send_signal(signal.SIGHUP)
+
+    said = wait_until(
+        lambda: [line for line in error_lines(curve_broker) if "bob.functions" in line],
+        RESULT_TIMEOUT_S,
+        "the broker to name the bad rights file",
+    )
+    assert f"{TASKS}:square" in said[0]  # the rights it keeps, named
+    assert bob.submit(tasks.square, 7).result(RESULT_TIMEOUT_S) == 49
+    with pytest.raises(ventilator.TaskRejected):
+        bob.submit(tasks.echo, "hi").result(RESULT_TIMEOUT_S)
+
+
+def test_a_broker_started_with_a_bad_key_file_exits_2_naming_it(
+    processes: Processes, keyring: Keyring
+) -> None:
+    (keyring.clients / "eve.key").write_text("not a key\n")
+
+    result = run_cli(
+        processes,
+        "broker",
+        *("--frontend", "tcp://127.0.0.1:*", "--backend", "tcp://127.0.0.1:*"),
+        *keyring.broker_options(),
+    )
+
+    assert result.returncode == 2, result.stderr
+    assert "eve.key" in result.stderr
+
+
+def error_lines(broker: BrokerProcess) -> list[str]:
+    return [line for line in log_of(broker.process).splitlines() if "ERROR" in line]
 
 
 def test_keys_fingerprint_prints_what_the_logs_name_a_key_by(

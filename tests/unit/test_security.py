@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import stat
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -117,30 +116,106 @@ def test_key_store_reads_rights_and_keeps_roles_apart(tmp_path: Path) -> None:
     assert keys.identity(CLIENT, worker) is None
 
 
-@pytest.mark.parametrize(
-    ("damage", "said"),
-    [
-        (lambda path: path.write_bytes(b"\xff\xfe garbage\n"), "not UTF-8"),
-        (lambda path: path.mkdir(), "cannot read"),
-        (lambda path: path.write_text("reports:[a\n"), "never closed"),
-    ],
-)
-def test_a_bad_rights_file_is_a_usage_error_naming_it_and_keeps_the_old_lists(
-    tmp_path: Path, damage: Callable[[Path], object], said: str
+def damage_rights_file(path: Path, damage: str) -> None:
+    """Make a ``.functions`` file unreadable in one of the ways testers did."""
+    if damage == "not UTF-8":
+        path.write_bytes(b"\xff\xfe garbage\n")
+    elif damage == "a folder":
+        path.unlink(missing_ok=True)
+        path.mkdir()
+    else:
+        path.write_text("reports:[a\n")
+
+
+RIGHTS_DAMAGE = ["not UTF-8", "a folder", "a bad glob"]
+
+
+@pytest.mark.parametrize("damage", RIGHTS_DAMAGE)
+def test_a_key_whose_rights_file_turns_bad_keeps_its_old_rights_on_reload(
+    tmp_path: Path, damage: str
 ) -> None:
     # A tester's SIGHUP over a .functions file that was not UTF-8 (or was a
-    # folder) killed the broker with a traceback: every peer lost it. A bad
-    # glob was taken silently, to match something else than meant.
-    alice = allow(tmp_path, "clients", "alice")
+    # folder) killed the broker with a traceback; later it refused the whole
+    # reload. Now the key keeps what it had: a file being edited must not
+    # lock a good peer out, nor widen its rights.
+    alice = allow(tmp_path, "clients", "alice", "reports:*\n")
+    bob = allow(tmp_path, "clients", "bob")
     keys = KeyStore({CLIENT: tmp_path / "clients"})
     rights = tmp_path / "clients" / "alice.functions"
-    damage(rights)
+    damage_rights_file(rights, damage)
+    (tmp_path / "clients" / "bob.key").unlink()
 
-    with pytest.raises(UsageError, match=said) as refused:
-        keys.reload()
+    reloaded = keys.reload()
 
-    assert str(rights) in str(refused.value)
-    assert keys.identity(CLIENT, alice) is not None  # the old lists stay
+    identity = keys.identity(CLIENT, alice)
+    assert identity is not None and identity.rights == Rights(("reports:*",))
+    assert keys.identity(CLIENT, bob) is None  # the removal is applied
+    [unread] = reloaded.unread
+    assert unread.path == rights and str(rights) in unread.problem
+    assert unread.kept == (identity,)
+    assert [i.name for i in reloaded.changed] == ["bob"]
+
+
+def test_a_key_whose_certificate_turns_bad_keeps_its_old_identity_on_reload(
+    tmp_path: Path,
+) -> None:
+    alice = allow(tmp_path, "clients", "alice", "reports:*\n")
+    keys = KeyStore({CLIENT: tmp_path / "clients"})
+    before = keys.identity(CLIENT, alice)
+    certificate = tmp_path / "clients" / "alice.key"
+    certificate.write_text("# being edited\n")
+    carol = allow(tmp_path, "clients", "carol")
+
+    reloaded = keys.reload()
+
+    assert keys.identity(CLIENT, alice) == before is not None
+    assert keys.identity(CLIENT, carol) is not None  # the addition is applied
+    [unread] = reloaded.unread
+    assert unread.path == certificate and unread.kept == (before,)
+    assert reloaded.changed == ()
+
+
+def test_a_certificate_cut_short_is_not_read_as_a_key(tmp_path: Path) -> None:
+    # pyzmq takes whatever follows "public-key =": a file cut short in the
+    # middle of a copy would have replaced a good key with a wrong one.
+    alice = allow(tmp_path, "clients", "alice")
+    keys = KeyStore({CLIENT: tmp_path / "clients"})
+    certificate = tmp_path / "clients" / "alice.key"
+    certificate.write_text(f'public-key = "{alice[:17]}"\n')
+
+    reloaded = keys.reload()
+
+    assert keys.identity(CLIENT, alice) is not None
+    [unread] = reloaded.unread
+    assert unread.path == certificate and "40" in unread.problem
+
+
+@pytest.mark.parametrize("bad", ["certificate", *RIGHTS_DAMAGE])
+def test_a_new_key_with_a_bad_file_is_not_let_in_and_the_rest_is_applied(
+    tmp_path: Path, bad: str
+) -> None:
+    # Tester 23 removed a key beside a garbage key file: the whole reload
+    # was refused, and the removed key went on working.
+    allow(tmp_path, "clients", "alice")
+    bob = allow(tmp_path, "clients", "bob")
+    keys = KeyStore({CLIENT: tmp_path / "clients"})
+    eve = allow(tmp_path, "clients", "eve")
+    bad_file = tmp_path / "clients" / "eve.key"
+    if bad == "certificate":
+        bad_file.write_text("not a key\n")
+    else:
+        bad_file = bad_file.with_suffix(".functions")
+        damage_rights_file(bad_file, bad)
+    (tmp_path / "clients" / "bob.key").unlink()
+
+    reloaded = keys.reload()
+
+    assert keys.identity(CLIENT, eve) is None
+    assert keys.identity(CLIENT, bob) is None
+    assert keys.counts() == {CLIENT: 1}
+    [unread] = reloaded.unread
+    assert unread.path == bad_file and unread.kept == ()
+    assert str(bad_file) in unread.problem
 
 
 def test_reload_reports_the_keys_removed_or_changed(tmp_path: Path) -> None:
@@ -151,21 +226,49 @@ def test_reload_reports_the_keys_removed_or_changed(tmp_path: Path) -> None:
 
     (tmp_path / "clients" / "alice.key").unlink()
     (tmp_path / "clients" / "bob.functions").write_text("reports:*\n")
-    changed = keys.reload()
+    reloaded = keys.reload()
 
-    assert sorted(i.name for i in changed) == ["alice", "bob"]
+    assert sorted(i.name for i in reloaded.changed) == ["alice", "bob"]
+    assert reloaded.unread == ()
     assert keys.identity(CLIENT, alice) is None
 
 
-def test_reload_of_a_missing_folder_keeps_the_lists_in_force(tmp_path: Path) -> None:
+def test_reload_of_a_missing_folder_keeps_that_roles_list_and_applies_the_others(
+    tmp_path: Path,
+) -> None:
+    # A folder renamed or not yet mounted again must not remove every key of
+    # its role, which would lock every peer of that role out.
     alice = allow(tmp_path, "clients", "alice")
-    keys = KeyStore({CLIENT: tmp_path / "clients"})
-    (tmp_path / "clients" / "alice.key").rename(tmp_path / "alice.key")
-    (tmp_path / "clients").rmdir()
+    w1 = allow(tmp_path, "workers", "w1")
+    keys = KeyStore({CLIENT: tmp_path / "clients", WORKER: tmp_path / "workers"})
+    (tmp_path / "clients").rename(tmp_path / "clients.old")
+    (tmp_path / "workers" / "w1.key").unlink()
 
-    with pytest.raises(UsageError, match="not a folder"):
-        keys.reload()
+    reloaded = keys.reload()
+
     assert keys.identity(CLIENT, alice) is not None
+    assert keys.identity(WORKER, w1) is None
+    [unread] = reloaded.unread
+    assert unread.path == tmp_path / "clients"
+    assert str(unread.path) in unread.problem
+    assert [i.name for i in unread.kept] == ["alice"]
+
+
+def test_a_bad_file_at_start_is_a_usage_error_naming_every_bad_file(
+    tmp_path: Path,
+) -> None:
+    # With no lists in force there is nothing to keep: the broker must not
+    # start with fewer keys than its operator gave it.
+    allow(tmp_path, "clients", "alice", "reports:[a\n")
+    allow(tmp_path, "clients", "bob")
+    (tmp_path / "clients" / "eve.key").write_text("not a key\n")
+
+    with pytest.raises(UsageError) as refused:
+        KeyStore({CLIENT: tmp_path / "clients", WORKER: tmp_path / "workers"})
+
+    said = str(refused.value)
+    assert "alice.functions" in said and "eve.key" in said
+    assert str(tmp_path / "workers") in said
 
 
 def test_fingerprint_is_the_same_for_z85_text_and_raw_bytes(tmp_path: Path) -> None:
