@@ -167,12 +167,16 @@ class KeyRefusals:
         """A handshake refused at `now`, of `key` (its fingerprint; None when
         the refusal is not the key's): log `message % args` if it is due."""
         with self._lock:
-            routine_note = "" if key is None else self._by_key.of(key).note(now, 1)
-            if routine_note is None:
+            routine = None if key is None else self._by_key.of(key)
+            if routine is not None and not routine.due(now):
+                routine.note(now, 1)  # counted for its next line
                 log.debug(message, *args)
                 return
             if not self._flood.allows(now):
+                # Counted by the burst; the key's own routine is left as it
+                # was, so that the key is named at its next try.
                 return
+            routine_note = "" if routine is None else routine.note(now, 1)
             flood_note = self._flood.suppressed_note()
         log.warning(message + "%s%s", *args, routine_note, flood_note)
 

@@ -161,6 +161,10 @@ class Dwindling:
         self._next_at = now + self._interval_s
         return True
 
+    def would_say(self, now: float, began_at: float) -> bool:
+        """What `due` would answer, without counting it as asked."""
+        return began_at != self._began_at or now >= self._next_at
+
     def said_of(self, began_at: float) -> bool:
         """Whether it was said of the state that began at `began_at`: then
         that state's end is worth a line too, for whoever read the first."""
@@ -196,6 +200,12 @@ class Routine:
             self._log.debug(message, *args)
         else:
             self._log.log(self._level, message + "%s", *args, note)
+
+    def due(self, now: float) -> bool:
+        """Whether an occurrence at `now` would be said, without counting it:
+        for an owner whose own limit may still hold the line back."""
+        began_at = now if now - self._last_at > self._quiet_s else self._began_at
+        return self._when.would_say(now, began_at)
 
     def note(self, now: float, count: int) -> str | None:
         """For an owner that logs the line itself: `count` occurrences seen

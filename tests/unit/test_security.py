@@ -557,6 +557,24 @@ def test_each_refused_key_is_said_at_once(caplog: pytest.LogCaptureFixture) -> N
     assert len(refusal_lines(caplog)) == 2
 
 
+def test_a_key_held_back_by_a_burst_is_said_at_its_next_try(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Two keys refused within a second: the second key's first line went to
+    # the burst's count, and its own dwindling had begun, so its next tries
+    # were at DEBUG: the key was not named at WARNING for ten seconds.
+    caplog.set_level(logging.DEBUG)
+    refusals = KeyRefusals()
+
+    refusals.refused(0.0, "fp-a", "CURVE key refused key=%s", "fp-a")
+    refusals.refused(0.1, "fp-b", "CURVE key refused key=%s", "fp-b")
+    refusals.refused(3.1, "fp-b", "CURVE key refused key=%s", "fp-b")
+
+    lines = refusal_lines(caplog)
+    assert len(lines) == 2, lines
+    assert "key=fp-b" in lines[1]
+
+
 def test_the_refused_keys_remembered_are_bounded() -> None:
     refusals = KeyRefusals()
 
