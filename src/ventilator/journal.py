@@ -380,7 +380,7 @@ class SqliteJournal:
                 if result_ref is not None:
                     task.result = self._adopt("result_ref", task, result_ref)
             except OSError as exc:
-                _fail_as_damaged(task, exc)
+                _fail_as_damaged(task, self.path, exc)
                 unreadable.append(str(exc))
             if task.state is State.FINISHED:
                 task.finished_at = _on_this_clock(finished_wall, now_wall, now)
@@ -995,13 +995,14 @@ def _warn_of_a_journal_left_aside(path: str | Path | None) -> None:
     )
 
 
-def _fail_as_damaged(task: Task, exc: OSError) -> None:
+def _fail_as_damaged(task: Task, journal: Path, exc: OSError) -> None:
     """Finish a task whose payload or result cannot be read back: its client
-    gets an error that says so, rather than waiting for ever."""
+    gets an error that says so, rather than waiting for ever or being handed
+    bytes that are not its own."""
     error = TaskRejected(
         "JournalDamaged",
-        f"the broker's journal lost this task's payload or result ({exc}); "
-        "submit it again",
+        f"the broker's journal {journal} lost this task's payload or result "
+        f"({exc}); submit it again",
     )
     task.state = State.FINISHED
     task.status = p.Status.REJECTED
