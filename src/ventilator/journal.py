@@ -118,6 +118,7 @@ _INSERT_FAILURES = (
     " status, error, failed_wall, payload, flags, timeout_s)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+_INSERT_FAILURES_ONCE = _INSERT_FAILURES.replace("OR REPLACE", "OR IGNORE")
 _FORGET_FAILURES = "DELETE FROM failed WHERE ticket = ?"
 # A statement and the rows (parameters) it runs for.
 _Statement = tuple[str, list[tuple[object, ...]]]
@@ -154,6 +155,11 @@ COMPACT_QUIET_S = 5.0
 # After a compaction could not read or write its blobs, it waits this long
 # before trying again, rather than failing (and logging) every loop turn.
 COMPACT_RETRY_S = 60.0
+
+# Tasks failed on loading because a segment could not give their blobs back,
+# by segment, each with the reason.
+_Found = tuple[Task, OSError]
+_Damage = dict[int, list[_Found]]
 
 # The column of `tasks` that holds a blob's reference.
 _Column = Literal["payload_ref", "result_ref"]
@@ -340,24 +346,17 @@ class SqliteJournal:
 
     def load(self) -> list[Task]:
         try:
-            tasks, unreadable = self._load_tasks()
+            tasks, damage = self._load_tasks()
+            self._remember_damaged(damage)
         except sqlite3.Error as exc:
             raise UsageError(f"cannot open journal {str(self.path)!r}: {exc}") from exc
-        if unreadable:
-            # One damaged blob must not hold back the replay of every other
-            # task: its own task fails, and its client hears why.
-            log.error(
-                "journal replay: %s failed as JournalDamaged, their payload or "
-                "result unreadable in %s (%s)",
-                counted(len(unreadable), "task"),
-                self._blobs,
-                "; ".join(unreadable[:3]) + (" ..." if len(unreadable) > 3 else ""),
-            )
+        for segment, found in damage.items():
+            self._report_damaged_segment(segment, found)
         self._segments.collect_unreferenced_on_disk()
         return tasks
 
-    def _load_tasks(self) -> tuple[list[Task], list[str]]:
-        """The tasks on record, and why each one that failed as damaged did."""
+    def _load_tasks(self) -> tuple[list[Task], _Damage]:
+        """The tasks on record, and those failed as damaged, by segment."""
         rows = self._db.execute(
             "SELECT seq, session, task_id, function, flags, timeout_s, retries,"
             " recipient, payload, status, result, payload_ref, result_ref,"
@@ -368,24 +367,73 @@ class SqliteJournal:
         # monotonic clock does not. Journals of earlier versions have no time:
         # their results count as finished now.
         now_wall, now = time.time(), time.monotonic()
-        tasks, unreadable = [], []
+        tasks: list[Task] = []
+        damage: _Damage = {}
         for row in rows:
             *columns, payload_ref, result_ref, finished_wall = row
             task = _task_from_row(columns)
             if blobs_missing and (payload_ref or result_ref):
                 raise self._missing_blobs(task)
-            try:
-                if payload_ref is not None:
-                    task.payload = self._adopt("payload_ref", task, payload_ref)
-                if result_ref is not None:
-                    task.result = self._adopt("result_ref", task, result_ref)
-            except OSError as exc:
+            unreadable = self._read_blobs(task, payload_ref, result_ref)
+            if unreadable is not None:
+                segment, exc = unreadable
                 _fail_as_damaged(task, self.path, exc)
-                unreadable.append(str(exc))
+                damage.setdefault(segment, []).append((task, exc))
             if task.state is State.FINISHED:
                 task.finished_at = _on_this_clock(finished_wall, now_wall, now)
             tasks.append(task)
-        return tasks, unreadable
+        return tasks, damage
+
+    def _read_blobs(
+        self, task: Task, payload_ref: bytes | None, result_ref: bytes | None
+    ) -> tuple[int, OSError] | None:
+        """Put the blobs `task` keeps in the segments back into it; return the
+        segment that could not give one back, and why, or None."""
+        kept: tuple[tuple[_Column, bytes | None], ...] = (
+            ("payload_ref", payload_ref),
+            ("result_ref", result_ref),
+        )
+        for column, packed in kept:
+            if packed is None:
+                continue
+            ref = BlobRef.unpack(packed)
+            try:
+                blob = self._adopt(column, task, ref)
+            except OSError as exc:
+                return ref.segment, exc
+            if column == "payload_ref":
+                task.payload = blob
+            else:
+                task.result = blob
+        return None
+
+    def _remember_damaged(self, damage: _Damage) -> None:
+        """Put the tasks failed as damaged on the operator's list of failures,
+        as any failed task is. Kept as first written: a later restart that
+        finds them damaged again adds nothing."""
+        failed_wall = time.time()
+        rows = [
+            _failure_row(_damaged_record(task), failed_wall)
+            for found in damage.values()
+            for task, _ in found
+        ]
+        if rows:
+            self._write([(_INSERT_FAILURES_ONCE, rows)])
+
+    def _report_damaged_segment(self, segment: int, found: list[_Found]) -> None:
+        # One line per segment, not per task: a segment zeroed by the disk
+        # fails all its tasks for one reason.
+        tickets = [task.ticket for task, _ in found]
+        log.error(
+            "journal replay: segment %s of journal %s is damaged: %s failed as "
+            "JournalDamaged and their clients are told so; the segment stays on "
+            "disk until they are acknowledged; first: %s tickets=%s",
+            self._segments.path(segment),
+            self.path,
+            counted(len(found), "task"),
+            found[0][1],
+            ",".join(map(str, tickets[:10])) + (",..." if len(tickets) > 10 else ""),
+        )
 
     def _missing_blobs(self, task: Task) -> UsageError:
         # Copied or restored without its folder, most likely: nothing is lost
@@ -406,8 +454,9 @@ class SqliteJournal:
         now_wall, now = time.time(), time.monotonic()
         return [_failure_from_row(row, now_wall, now) for row in rows]
 
-    def _adopt(self, column: _Column, task: Task, packed: bytes) -> bytes:
-        ref = BlobRef.unpack(packed)
+    def _adopt(self, column: _Column, task: Task, ref: BlobRef) -> bytes:
+        # Counted before it is read: a damaged blob's segment stays on disk,
+        # for the operator to look at, until its task is acknowledged.
         self._owners.set(column, task.ticket, ref)
         self._segments.adopt(ref)
         return self._segments.get(ref)
@@ -1007,6 +1056,23 @@ def _fail_as_damaged(task: Task, journal: Path, exc: OSError) -> None:
     task.state = State.FINISHED
     task.status = p.Status.REJECTED
     task.result = pack_error(error)
+
+
+def _damaged_record(task: Task) -> FailedTask:
+    """The failure record of a task `_fail_as_damaged` finished. Its arguments
+    are not kept: the bytes that could be are the damaged ones."""
+    return FailedTask(
+        task.ticket,
+        task.session,
+        task.task_id,
+        task.function,
+        p.Status.REJECTED,
+        task.result,
+        0.0,  # the record's time is written as the wall clock's, by the caller
+        None,
+        task.flags,
+        task.timeout_s,
+    )
 
 
 def _on_this_clock(wall: object, now_wall: float, now: float) -> float:

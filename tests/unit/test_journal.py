@@ -647,6 +647,37 @@ def test_a_result_changed_on_disk_reaches_its_client_as_an_error(
     assert "checksum mismatch" in unpack_value(loaded.result)["message"]
 
 
+def test_a_task_failed_as_damaged_is_on_the_failed_list_once(path: Path) -> None:
+    journal_of_large_tasks(path, 1)
+    flip_byte(segment_files(path)[0], 100)
+
+    for _ in range(2):  # a second restart remembers it, and only once
+        journal = SqliteJournal(path)
+        [damaged] = journal.load()
+        failures = journal.load_failures()
+        journal.close()
+
+    [record] = failures
+    assert (record.ticket, record.status) == (damaged.ticket, p.Status.REJECTED)
+    assert record.payload is None  # the bytes are not there to retry with
+    assert "checksum mismatch" in unpack_value(record.error)["message"]
+
+
+def test_a_damaged_segment_is_one_error_in_the_log_whatever_its_tasks(
+    path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    journal_of_large_tasks(path, 3)
+    [segment] = segment_files(path)
+    segment.write_bytes(bytes(segment.stat().st_size))  # zeroed, every blob
+
+    with caplog.at_level(logging.ERROR, logger="ventilator.journal"):
+        loaded = reopened(path)
+
+    assert [task.status for task in loaded] == [p.Status.REJECTED] * 3
+    [error] = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert segment.name in error.getMessage()
+
+
 def test_a_reference_written_without_a_checksum_loads_as_before(
     path: Path,
 ) -> None:
