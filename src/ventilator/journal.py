@@ -50,7 +50,7 @@ from ._words import counted
 from .errors import JournalError, TaskRejected, UsageError
 from .failures import FailedTask
 from .policy import DURABILITY_MODES
-from .segments import INLINE_MAX_BYTES, BlobRef, SegmentStore
+from .segments import INLINE_MAX_BYTES, BlobDamaged, BlobRef, SegmentStore
 from .serialization import pack_error
 from .tasks import State, Task
 
@@ -298,6 +298,9 @@ class SqliteJournal:
         self._compaction_waits_for_room = False
         # Sparse segments: their live bytes when last seen, and since when.
         self._sparse_since: dict[int, tuple[int, float]] = {}
+        # Segments found damaged (checksum mismatch), said once and never
+        # compacted: copying their bytes would keep them under a new checksum.
+        self._damaged_segments: set[int] = set()
 
     def _refuse_a_lost_database(self, left_behind: _wal.WalSurvey) -> None:
         """Stop before SQLite opens a log whose database is gone or empty.
@@ -423,6 +426,7 @@ class SqliteJournal:
     def _report_damaged_segment(self, segment: int, found: list[_Found]) -> None:
         # One line per segment, not per task: a segment zeroed by the disk
         # fails all its tasks for one reason.
+        self._damaged_segments.add(segment)
         tickets = [task.ticket for task, _ in found]
         log.error(
             "journal replay: segment %s of journal %s is damaged: %s failed as "
@@ -598,6 +602,9 @@ class SqliteJournal:
 
         try:
             moves = self._copy_live_blobs(compaction.segment, COMPACT_BYTES_PER_TURN)
+        except BlobDamaged as exc:
+            self._leave_damaged_segment(compaction, exc)
+            return False
         except OSError as exc:
             self._give_up_compaction(compaction, exc, now)
             return False
@@ -629,7 +636,11 @@ class SqliteJournal:
     def _quiet_sparse_segment(self, now: float) -> int | None:
         """The sparsest segment worth compacting whose live bytes have not
         changed for `COMPACT_QUIET_S`; None if there is none yet."""
-        sparse = self._segments.sparse_segments()
+        sparse = [
+            segment
+            for segment in self._segments.sparse_segments()
+            if segment not in self._damaged_segments
+        ]
         seen: dict[int, tuple[int, float]] = {}
         for segment in sparse:
             live_bytes = self._segments.live_bytes(segment)
@@ -668,7 +679,9 @@ class SqliteJournal:
         moves: list[_Move] = []
         try:
             for (column, ticket, old), blob in zip(chunk, blobs, strict=True):
-                moves.append(_Move(column, ticket, old, self._segments.put(blob)))
+                # Checked as it was read: its checksum carries over to the copy.
+                new = self._segments.put(blob, old.crc32)
+                moves.append(_Move(column, ticket, old, new))
             self._segments.sync()
         except OSError:
             self._forget_copies(moves)
@@ -712,6 +725,22 @@ class SqliteJournal:
             self._segments.path(compaction.segment),
             exc,
             COMPACT_RETRY_S,
+        )
+
+    def _leave_damaged_segment(self, compaction: _Compaction, exc: BlobDamaged) -> None:
+        """A blob to copy is not the blob written: the segment is never
+        compacted again. Its tasks run with the bytes this broker holds in
+        memory; their rows still point at the damaged bytes, so a restart
+        before they finish fails them as JournalDamaged."""
+        self._compaction = None
+        self._damaged_segments.add(compaction.segment)
+        log.error(
+            "journal segment %s of journal %s is damaged: %s; it is no longer "
+            "compacted, its tasks run from memory, and a restart before they "
+            "finish fails them as JournalDamaged",
+            self._segments.path(compaction.segment),
+            self.path,
+            exc,
         )
 
     def _finish_compaction(self, compaction: _Compaction, now: float) -> None:
