@@ -9,8 +9,12 @@ The broker commits once per loop turn (group commit), before it tells anyone
 anything, so a task a client heard "accepted" for is on disk. Payloads and
 results larger than a few KiB go to append-only segment files beside the
 database (see `ventilator.segments`), written before the commit that refers to
-them. A segment whose live blobs became a small part of it is compacted a few
-MiB per loop turn (`SqliteJournal.compact`): its live blobs are copied into the
+them, each with a CRC-32 checked whenever it is read back: a blob whose bytes
+changed on disk fails its task as JournalDamaged (to its client and the failed
+list), never reaches anyone, and is never copied by a compaction. Blobs kept
+inline in the rows have no checksum of their own (see docs/architecture.md).
+A segment whose live blobs became a small part of it is compacted a few MiB
+per loop turn (`SqliteJournal.compact`): its live blobs are copied into the
 segment being written, their rows pointed at the copies in one commit, and the
 segment deleted once no row refers to it. A kill between any two of those steps
 leaves every row pointing at bytes that are there: the copies nothing refers to
