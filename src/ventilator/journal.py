@@ -9,8 +9,12 @@ The broker commits once per loop turn (group commit), before it tells anyone
 anything, so a task a client heard "accepted" for is on disk. Payloads and
 results larger than a few KiB go to append-only segment files beside the
 database (see `ventilator.segments`), written before the commit that refers to
-them. A segment whose live blobs became a small part of it is compacted a few
-MiB per loop turn (`SqliteJournal.compact`): its live blobs are copied into the
+them, each with a CRC-32 checked whenever it is read back: a blob whose bytes
+changed on disk fails its task as JournalDamaged (to its client and the failed
+list), never reaches anyone, and is never copied by a compaction. Blobs kept
+inline in the rows have no checksum of their own (see docs/architecture.md).
+A segment whose live blobs became a small part of it is compacted a few MiB
+per loop turn (`SqliteJournal.compact`): its live blobs are copied into the
 segment being written, their rows pointed at the copies in one commit, and the
 segment deleted once no row refers to it. A kill between any two of those steps
 leaves every row pointing at bytes that are there: the copies nothing refers to
@@ -50,7 +54,7 @@ from ._words import counted
 from .errors import JournalError, TaskRejected, UsageError
 from .failures import FailedTask
 from .policy import DURABILITY_MODES
-from .segments import INLINE_MAX_BYTES, BlobRef, SegmentStore
+from .segments import INLINE_MAX_BYTES, BlobDamaged, BlobRef, SegmentStore
 from .serialization import pack_error
 from .tasks import State, Task
 
@@ -130,6 +134,7 @@ _INSERT_FAILURES = (
     " status, error, failed_wall, payload, flags, timeout_s)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+_INSERT_FAILURES_ONCE = _INSERT_FAILURES.replace("OR REPLACE", "OR IGNORE")
 _FORGET_FAILURES = "DELETE FROM failed WHERE ticket = ?"
 # A statement and the rows (parameters) it runs for.
 _Statement = tuple[str, list[tuple[object, ...]]]
@@ -166,6 +171,11 @@ COMPACT_QUIET_S = 5.0
 # After a compaction could not read or write its blobs, it waits this long
 # before trying again, rather than failing (and logging) every loop turn.
 COMPACT_RETRY_S = 60.0
+
+# Tasks failed on loading because a segment could not give their blobs back,
+# by segment, each with the reason.
+_Found = tuple[Task, OSError]
+_Damage = dict[int, list[_Found]]
 
 # The column of `tasks` that holds a blob's reference.
 _Column = Literal["payload_ref", "result_ref"]
@@ -307,6 +317,9 @@ class SqliteJournal:
         self._compaction_waits_for_room = False
         # Sparse segments: their live bytes when last seen, and since when.
         self._sparse_since: dict[int, tuple[int, float]] = {}
+        # Segments found damaged (checksum mismatch), said once and never
+        # compacted: copying their bytes would keep them under a new checksum.
+        self._damaged_segments: set[int] = set()
 
     def _refuse_a_lost_database(self, left_behind: _wal.WalSurvey) -> None:
         """Stop before SQLite opens a log whose database is gone or empty.
@@ -355,24 +368,17 @@ class SqliteJournal:
 
     def load(self) -> list[Task]:
         try:
-            tasks, unreadable = self._load_tasks()
+            tasks, damage = self._load_tasks()
+            self._remember_damaged(damage)
         except sqlite3.Error as exc:
             raise UsageError(f"cannot open journal {str(self.path)!r}: {exc}") from exc
-        if unreadable:
-            # One damaged blob must not hold back the replay of every other
-            # task: its own task fails, and its client hears why.
-            log.error(
-                "journal replay: %s failed as JournalDamaged, their payload or "
-                "result unreadable in %s (%s)",
-                counted(len(unreadable), "task"),
-                self._blobs,
-                "; ".join(unreadable[:3]) + (" ..." if len(unreadable) > 3 else ""),
-            )
+        for segment, found in damage.items():
+            self._report_damaged_segment(segment, found)
         self._segments.collect_unreferenced_on_disk()
         return tasks
 
-    def _load_tasks(self) -> tuple[list[Task], list[str]]:
-        """The tasks on record, and why each one that failed as damaged did."""
+    def _load_tasks(self) -> tuple[list[Task], _Damage]:
+        """The tasks on record, and those failed as damaged, by segment."""
         rows = self._db.execute(
             "SELECT seq, session, task_id, function, flags, timeout_s, retries,"
             " recipient, payload, status, result, deaths, losses, payload_ref,"
@@ -383,24 +389,74 @@ class SqliteJournal:
         # monotonic clock does not. Journals of earlier versions have no time:
         # their results count as finished now.
         now_wall, now = time.time(), time.monotonic()
-        tasks, unreadable = [], []
+        tasks: list[Task] = []
+        damage: _Damage = {}
         for row in rows:
             *columns, payload_ref, result_ref, finished_wall = row
             task = _task_from_row(columns)
             if blobs_missing and (payload_ref or result_ref):
                 raise self._missing_blobs(task)
-            try:
-                if payload_ref is not None:
-                    task.payload = self._adopt("payload_ref", task, payload_ref)
-                if result_ref is not None:
-                    task.result = self._adopt("result_ref", task, result_ref)
-            except OSError as exc:
-                _fail_as_damaged(task, exc)
-                unreadable.append(str(exc))
+            unreadable = self._read_blobs(task, payload_ref, result_ref)
+            if unreadable is not None:
+                segment, exc = unreadable
+                _fail_as_damaged(task, self.path, exc)
+                damage.setdefault(segment, []).append((task, exc))
             if task.state is State.FINISHED:
                 task.finished_at = _on_this_clock(finished_wall, now_wall, now)
             tasks.append(task)
-        return tasks, unreadable
+        return tasks, damage
+
+    def _read_blobs(
+        self, task: Task, payload_ref: bytes | None, result_ref: bytes | None
+    ) -> tuple[int, OSError] | None:
+        """Put the blobs `task` keeps in the segments back into it; return the
+        segment that could not give one back, and why, or None."""
+        kept: tuple[tuple[_Column, bytes | None], ...] = (
+            ("payload_ref", payload_ref),
+            ("result_ref", result_ref),
+        )
+        for column, packed in kept:
+            if packed is None:
+                continue
+            ref = BlobRef.unpack(packed)
+            try:
+                blob = self._adopt(column, task, ref)
+            except OSError as exc:
+                return ref.segment, exc
+            if column == "payload_ref":
+                task.payload = blob
+            else:
+                task.result = blob
+        return None
+
+    def _remember_damaged(self, damage: _Damage) -> None:
+        """Put the tasks failed as damaged on the operator's list of failures,
+        as any failed task is. Kept as first written: a later restart that
+        finds them damaged again adds nothing."""
+        failed_wall = time.time()
+        rows = [
+            _failure_row(_damaged_record(task), failed_wall)
+            for found in damage.values()
+            for task, _ in found
+        ]
+        if rows:
+            self._write([(_INSERT_FAILURES_ONCE, rows)])
+
+    def _report_damaged_segment(self, segment: int, found: list[_Found]) -> None:
+        # One line per segment, not per task: a segment zeroed by the disk
+        # fails all its tasks for one reason.
+        self._damaged_segments.add(segment)
+        tickets = [task.ticket for task, _ in found]
+        log.error(
+            "journal replay: segment %s of journal %s is damaged: %s failed as "
+            "JournalDamaged and their clients are told so; the segment stays on "
+            "disk until they are acknowledged; first: %s tickets=%s",
+            self._segments.path(segment),
+            self.path,
+            counted(len(found), "task"),
+            found[0][1],
+            ",".join(map(str, tickets[:10])) + (",..." if len(tickets) > 10 else ""),
+        )
 
     def _missing_blobs(self, task: Task) -> UsageError:
         # Copied or restored without its folder, most likely: nothing is lost
@@ -421,8 +477,9 @@ class SqliteJournal:
         now_wall, now = time.time(), time.monotonic()
         return [_failure_from_row(row, now_wall, now) for row in rows]
 
-    def _adopt(self, column: _Column, task: Task, packed: bytes) -> bytes:
-        ref = BlobRef.unpack(packed)
+    def _adopt(self, column: _Column, task: Task, ref: BlobRef) -> bytes:
+        # Counted before it is read: a damaged blob's segment stays on disk,
+        # for the operator to look at, until its task is acknowledged.
         self._owners.set(column, task.ticket, ref)
         self._segments.adopt(ref)
         return self._segments.get(ref)
@@ -567,6 +624,9 @@ class SqliteJournal:
 
         try:
             moves = self._copy_live_blobs(compaction.segment, COMPACT_BYTES_PER_TURN)
+        except BlobDamaged as exc:
+            self._leave_damaged_segment(compaction, exc)
+            return False
         except OSError as exc:
             self._give_up_compaction(compaction, exc, now)
             return False
@@ -598,7 +658,11 @@ class SqliteJournal:
     def _quiet_sparse_segment(self, now: float) -> int | None:
         """The sparsest segment worth compacting whose live bytes have not
         changed for `COMPACT_QUIET_S`; None if there is none yet."""
-        sparse = self._segments.sparse_segments()
+        sparse = [
+            segment
+            for segment in self._segments.sparse_segments()
+            if segment not in self._damaged_segments
+        ]
         seen: dict[int, tuple[int, float]] = {}
         for segment in sparse:
             live_bytes = self._segments.live_bytes(segment)
@@ -637,7 +701,9 @@ class SqliteJournal:
         moves: list[_Move] = []
         try:
             for (column, ticket, old), blob in zip(chunk, blobs, strict=True):
-                moves.append(_Move(column, ticket, old, self._segments.put(blob)))
+                # Checked as it was read: its checksum carries over to the copy.
+                new = self._segments.put(blob, old.crc32)
+                moves.append(_Move(column, ticket, old, new))
             self._segments.sync()
         except OSError:
             self._forget_copies(moves)
@@ -681,6 +747,22 @@ class SqliteJournal:
             self._segments.path(compaction.segment),
             exc,
             COMPACT_RETRY_S,
+        )
+
+    def _leave_damaged_segment(self, compaction: _Compaction, exc: BlobDamaged) -> None:
+        """A blob to copy is not the blob written: the segment is never
+        compacted again. Its tasks run with the bytes this broker holds in
+        memory; their rows still point at the damaged bytes, so a restart
+        before they finish fails them as JournalDamaged."""
+        self._compaction = None
+        self._damaged_segments.add(compaction.segment)
+        log.error(
+            "journal segment %s of journal %s is damaged: %s; it is no longer "
+            "compacted, its tasks run from memory, and a restart before they "
+            "finish fails them as JournalDamaged",
+            self._segments.path(compaction.segment),
+            self.path,
+            exc,
         )
 
     def _finish_compaction(self, compaction: _Compaction, now: float) -> None:
@@ -1015,17 +1097,35 @@ def _warn_of_a_journal_left_aside(path: str | Path | None) -> None:
     )
 
 
-def _fail_as_damaged(task: Task, exc: OSError) -> None:
+def _fail_as_damaged(task: Task, journal: Path, exc: OSError) -> None:
     """Finish a task whose payload or result cannot be read back: its client
-    gets an error that says so, rather than waiting for ever."""
+    gets an error that says so, rather than waiting for ever or being handed
+    bytes that are not its own."""
     error = TaskRejected(
         "JournalDamaged",
-        f"the broker's journal lost this task's payload or result ({exc}); "
-        "submit it again",
+        f"the broker's journal {journal} lost this task's payload or result "
+        f"({exc}); submit it again",
     )
     task.state = State.FINISHED
     task.status = p.Status.REJECTED
     task.result = pack_error(error)
+
+
+def _damaged_record(task: Task) -> FailedTask:
+    """The failure record of a task `_fail_as_damaged` finished. Its arguments
+    are not kept: the bytes that could be are the damaged ones."""
+    return FailedTask(
+        task.ticket,
+        task.session,
+        task.task_id,
+        task.function,
+        p.Status.REJECTED,
+        task.result,
+        0.0,  # the record's time is written as the wall clock's, by the caller
+        None,
+        task.flags,
+        task.timeout_s,
+    )
 
 
 def _on_this_clock(wall: object, now_wall: float, now: float) -> float:

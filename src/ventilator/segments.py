@@ -14,6 +14,12 @@ when the broker stops. A broker never appends to a segment an earlier broker
 wrote: bytes after the last committed reference of a crashed broker are
 garbage nobody reads, and go with their segment.
 
+Each reference carries the CRC-32 of its blob, and every read checks it: a
+blob whose bytes changed on disk (a failing disk, a hand that edited the file)
+raises `BlobDamaged` rather than hand over bytes nobody gave the broker. The
+checksum lives in the row, not in the segment, so a segment file is nothing but
+the blobs, and one a broker wrote before checksums reads as it always did.
+
 A closed segment whose live blobs became a small part of it (one task that
 stays queued, one result nobody collects) is compacted: the journal copies
 its live blobs into the current segment, points their rows at the copies in
@@ -26,11 +32,12 @@ from __future__ import annotations
 import logging
 import os
 import struct
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["INLINE_MAX_BYTES", "BlobRef", "SegmentStore"]
+__all__ = ["INLINE_MAX_BYTES", "BlobDamaged", "BlobRef", "SegmentStore"]
 
 log = logging.getLogger(__name__)
 
@@ -52,24 +59,39 @@ COMPACT_BELOW_LIVE_FRACTION = 0.25
 # commit buy back less than the idle current segment may keep anyway.
 COMPACT_MIN_DEAD_BYTES = 4 * 1024 * 1024
 
-_REF = struct.Struct("<IQQ")  # segment, offset, length
+# A reference packs its segment, offset and length, then the blob's CRC-32.
+# References written before checksums lack the last field: the two forms are
+# told apart by their size alone (20 or 24 bytes), with no flag or version.
+_REF = struct.Struct("<IQQ")
+_CHECKED_REF = struct.Struct("<IQQI")
 _SUFFIX = ".seg"
+
+
+class BlobDamaged(OSError):
+    """A blob read back is not the blob that was written: its checksum does
+    not match. The message names the segment file, the offset and the length."""
 
 
 @dataclass(frozen=True, slots=True)
 class BlobRef:
-    """Where a blob lies: which segment, from which byte, how long."""
+    """Where a blob lies: which segment, from which byte, how long; and its
+    CRC-32, None for a reference written before checksums (nothing to check)."""
 
     segment: int
     offset: int
     length: int
+    crc32: int | None = None
 
     def pack(self) -> bytes:
-        return _REF.pack(self.segment, self.offset, self.length)
+        if self.crc32 is None:
+            return _REF.pack(self.segment, self.offset, self.length)
+        return _CHECKED_REF.pack(self.segment, self.offset, self.length, self.crc32)
 
     @classmethod
     def unpack(cls, data: bytes) -> BlobRef:
-        return cls(*_REF.unpack(data))
+        if len(data) == _REF.size:
+            return cls(*_REF.unpack(data))
+        return cls(*_CHECKED_REF.unpack(data))
 
 
 class SegmentStore:
@@ -99,13 +121,19 @@ class SegmentStore:
         """Whether the segment being written was deleted (its folder with it)."""
         return self._fd is not None and os.fstat(self._fd).st_nlink == 0
 
-    def put(self, blob: bytes | memoryview) -> BlobRef:
-        """Append `blob` to the current segment and count one reference to it."""
+    def put(self, blob: bytes | memoryview, crc32: int | None = None) -> BlobRef:
+        """Append `blob` to the current segment and count one reference to it.
+
+        `crc32` is the blob's checksum when the caller already checked it (a
+        compaction's copy), so that it is not computed twice.
+        """
         if self._fd is None or self._size >= SEGMENT_BYTES:
             self._start_segment()
         assert self._fd is not None
 
-        ref = BlobRef(self._current, self._size, len(blob))
+        if crc32 is None:
+            crc32 = zlib.crc32(blob)
+        ref = BlobRef(self._current, self._size, len(blob), crc32)
         self._unsynced = True
         try:
             _write_all(self._fd, blob)
@@ -122,6 +150,7 @@ class SegmentStore:
         """Read a blob back.
 
         Raises:
+            BlobDamaged: its bytes are not those written (checksum mismatch).
             OSError: its segment is missing or too short (the journal was
                 damaged outside the broker); the message names the segment.
         """
@@ -279,6 +308,12 @@ def _read_exactly(fd: int, ref: BlobRef, path: Path) -> bytes:
     if len(blob) != ref.length:
         raise OSError(
             f"segment {path} ends before the {ref.length} bytes at {ref.offset}"
+        )
+    if ref.crc32 is not None and zlib.crc32(blob) != ref.crc32:
+        raise BlobDamaged(
+            f"checksum mismatch in segment {path} at offset {ref.offset} "
+            f"({ref.length} bytes): its bytes changed on disk since they were "
+            "written"
         )
     return blob
 

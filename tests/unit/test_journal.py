@@ -620,6 +620,99 @@ def test_a_task_whose_blob_is_unreadable_fails_and_the_others_load(
     assert intact.state is State.QUEUED and intact.payload == b"seven" * BIG
 
 
+def flip_byte(segment: Path, offset: int) -> None:
+    """Change one byte of `segment` in place, as a failing disk or a careless
+    hand would, leaving its size alone."""
+    data = bytearray(segment.read_bytes())
+    data[offset] ^= 0xFF
+    segment.write_bytes(bytes(data))
+
+
+def test_a_payload_changed_on_disk_fails_its_task_and_the_others_load(
+    path: Path,
+) -> None:
+    journal_of_large_tasks(path, 1)
+    journal = SqliteJournal(path)  # a later broker writes a segment of its own
+    journal.load()
+    journal.commit([a_task(7, payload=b"seven" * BIG)], [], [])
+    journal.close()
+    first_segment = segment_files(path)[0]
+    flip_byte(first_segment, 100)
+
+    damaged, intact = reopened(path)
+
+    assert damaged.state is State.FINISHED and damaged.status is p.Status.REJECTED
+    error = unpack_value(damaged.result)
+    assert error["type"] == "JournalDamaged"
+    for named in ("checksum mismatch", first_segment.name, "offset 0", path.name):
+        assert named in error["message"]
+    assert intact.state is State.QUEUED and intact.payload == b"seven" * BIG
+
+
+def test_a_result_changed_on_disk_reaches_its_client_as_an_error(
+    journal: SqliteJournal, path: Path
+) -> None:
+    one = a_task(1, payload=b"p" * BIG)
+    journal.commit([one], [], [])
+    journal.commit([], [finished(one, b"r" * BIG)], [])
+    journal.close()
+    [segment] = segment_files(path)
+    flip_byte(segment, segment.stat().st_size - 1)  # the result's last byte
+
+    [loaded] = reopened(path)
+
+    assert loaded.status is p.Status.REJECTED
+    assert "checksum mismatch" in unpack_value(loaded.result)["message"]
+
+
+def test_a_task_failed_as_damaged_is_on_the_failed_list_once(path: Path) -> None:
+    journal_of_large_tasks(path, 1)
+    flip_byte(segment_files(path)[0], 100)
+
+    for _ in range(2):  # a second restart remembers it, and only once
+        journal = SqliteJournal(path)
+        [damaged] = journal.load()
+        failures = journal.load_failures()
+        journal.close()
+
+    [record] = failures
+    assert (record.ticket, record.status) == (damaged.ticket, p.Status.REJECTED)
+    assert record.payload is None  # the bytes are not there to retry with
+    assert "checksum mismatch" in unpack_value(record.error)["message"]
+
+
+def test_a_damaged_segment_is_one_error_in_the_log_whatever_its_tasks(
+    path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    journal_of_large_tasks(path, 3)
+    [segment] = segment_files(path)
+    segment.write_bytes(bytes(segment.stat().st_size))  # zeroed, every blob
+
+    with caplog.at_level(logging.ERROR, logger="ventilator.journal"):
+        loaded = reopened(path)
+
+    assert [task.status for task in loaded] == [p.Status.REJECTED] * 3
+    [error] = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert segment.name in error.getMessage()
+
+
+def test_a_reference_written_without_a_checksum_loads_as_before(
+    path: Path,
+) -> None:
+    journal_of_large_tasks(path, 1)
+    # Journals written before checksums hold a reference of 20 bytes: the
+    # segment, offset and length only.
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        [(packed,)] = db.execute("SELECT payload_ref FROM tasks")
+        db.execute("UPDATE tasks SET payload_ref = ?", (packed[:20],))
+        db.commit()
+
+    [loaded] = reopened(path)
+
+    assert loaded.state is State.QUEUED
+    assert loaded.payload == b"%08d" % 0 * BIG
+
+
 def test_a_blob_that_cannot_be_written_is_a_journal_error_naming_the_journal(
     journal: SqliteJournal, path: Path
 ) -> None:

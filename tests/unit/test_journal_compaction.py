@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from ventilator import journal as journal_module
+from ventilator import protocol as p
 from ventilator import segments as segments_module
 from ventilator.journal import COMPACT_QUIET_S, SqliteJournal
 from ventilator.scheduler import State, Task
@@ -252,6 +253,46 @@ def test_a_blob_that_cannot_be_read_stops_compaction_for_a_while_not_the_journal
     journal.commit([a_task(3000, payload=blob(3000))], [], [])  # the journal goes on
     journal.close()
     assert by_task_id(path)[3000].payload == blob(3000)
+
+
+def test_a_blob_changed_on_disk_is_never_copied_under_a_new_checksum(
+    journal: SqliteJournal, path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    kept = fill_segment_leaving_one(journal, 1, "queued")
+    journal.commit([a_task(2000, payload=blob(2000))], [], [])
+    sparse = segment_files(path)[0]
+    with sparse.open("r+b") as changed:
+        changed.write(b"rot")  # the kept task's payload is the first blob
+
+    with caplog.at_level(logging.WARNING, logger="ventilator.journal"):
+        compact_until_done(journal)
+        compact_until_done(journal)  # left alone from now on: no second line
+
+    [error] = caplog.records
+    assert error.levelno == logging.ERROR
+    assert sparse.name in error.getMessage()
+    assert "checksum mismatch" in error.getMessage()
+    assert sparse.exists()  # the row still points at it
+    journal.close()
+    assert by_task_id(path)[kept.task_id].status is p.Status.REJECTED
+
+
+def test_a_checksum_survives_compaction_and_catches_damage_to_the_copy(
+    journal: SqliteJournal, path: Path
+) -> None:
+    kept = fill_segment_leaving_one(journal, 1, "queued")
+    journal.commit([a_task(2000, payload=blob(2000))], [], [])
+    compact_until_done(journal)
+    journal.close()
+    [segment] = segment_files(path)  # the copy follows task 2000's payload
+    with segment.open("r+b") as changed:
+        changed.seek(BLOB_BYTES + 10)
+        changed.write(b"rot")
+
+    loaded = by_task_id(path)
+
+    assert loaded[kept.task_id].status is p.Status.REJECTED
+    assert loaded[2000].payload == blob(2000)
 
 
 def test_a_segment_still_draining_waits_until_its_live_blobs_stay_put(
