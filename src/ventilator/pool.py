@@ -25,9 +25,8 @@ do not import here (a deploy broken after the worker started), or the machine
 killed it. Its tasks go back to the others, unblamed, and its slot starts a new
 child after a delay that doubles with each failed start (`CHILD_RESTART_BACKOFF`),
 for ever, so that a fixed deploy needs no restart of the worker. While no child
-is ready and every slot has failed to start, `start_failure` says why: the
-worker then hands its tasks back to the broker and serves nothing until one
-starts.
+is ready and every slot has failed to start, `unable` says why: the worker
+then hands its tasks back to the broker and serves nothing until one starts.
 
 Thread pool: for I/O-bound work. A thread cannot be killed, so a task past its
 timeout is reported as timed out and left to run on in the background, its
@@ -38,7 +37,8 @@ tasks, and a task waiting for its command may return then. A command that has
 left its parent (a daemon) is not found: the worker's environment, which the
 threads share, cannot mark one task's commands. At most `MAX_STUCK_THREADS`
 such threads may pile up: beyond that, a timed-out task keeps its slot until a
-stuck thread returns.
+stuck thread returns, and once every slot is kept so, `unable` says so, and
+the worker hands its tasks back, as when task processes cannot start.
 """
 
 from __future__ import annotations
@@ -176,8 +176,9 @@ class Pool(Protocol):
         """Tasks held: running, in pipes, or waiting for a slot."""
         ...
 
-    def start_failure(self) -> str | None:
-        """Why no task can run here, while no task process can start; else None."""
+    def unable(self) -> str | None:
+        """Why no task can run here now, in words for the broker's status (no
+        task process can start; every slot holds a stuck thread); else None."""
         ...
 
     def close(self, at_once: bool = False) -> None:
@@ -328,7 +329,7 @@ class ProcessPool:
         self._resting: list[_Resting] = []
         # Whether no child is ready and each has failed to start: derived
         # from the children when they change (_update_starts_failing), as
-        # the worker asks for start_failure every loop turn.
+        # the worker asks whether it is unable every loop turn.
         self._starts_failing = False
         self._start_error: tuple[str, str] | None = None  # the latest, and why
         self._start_error_logged: tuple[str, float] | None = None  # reason, when
@@ -411,10 +412,10 @@ class ProcessPool:
             child.ready or not child.failed_starts for child in self._children
         )
 
-    def start_failure(self) -> str | None:
+    def unable(self) -> str | None:
         if not self._starts_failing or self._start_error is None:
             return None
-        return self._start_error[0]
+        return f"task processes cannot start: {self._start_error[0]}"
 
     def fds(self) -> Sequence[int]:
         return self._fds
@@ -1265,8 +1266,16 @@ class ThreadPool:
             counted(self._stuck, "thread"),
         )
 
-    def start_failure(self) -> str | None:
-        return None  # threads run in the worker, which imported the modules
+    def unable(self) -> str | None:
+        # Threads run in the worker, which imported the modules: only stuck
+        # threads keep tasks from running here.
+        if self._stuck_in_slot < self._size:
+            return None
+        return (
+            f"every slot holds a thread stuck in a task it gave up on "
+            f"({counted(self._stuck, 'thread')} stuck, the limit being "
+            f"{self._max_stuck}); serving again once one returns"
+        )
 
     def next_deadline(self) -> float | None:
         deadlines = [h.running.deadline() for h in self._running.values()]

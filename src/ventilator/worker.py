@@ -272,9 +272,8 @@ class Worker:
         """Why we serve nothing, in words for the broker's status; else None."""
         if not self._benched or self._pool is None:
             return None
-        reason = self._pool.start_failure() or "task processes cannot start"
-        text = f"task processes cannot start: {reason}"
-        return text[: p.MAX_PROBLEM_LENGTH]
+        reason = self._pool.unable() or "no task can run here"
+        return reason[: p.MAX_PROBLEM_LENGTH]
 
     def _loop(self) -> None:
         assert self._pool is not None
@@ -482,25 +481,27 @@ class Worker:
             self._adjust_credit(now)
 
     def _follow_pool(self, now: float) -> None:
-        """Serve nothing while no task process can start, and again once one
-        can. Registering again without services makes the broker requeue what
-        it gave us, unblamed, for the workers that can run it; the status
-        shows us serving no function."""
+        """Serve nothing while no task can run here (no task process can
+        start, every slot holds a stuck thread), and again once one can.
+        Registering again without services makes the broker requeue what it
+        gave us, unblamed, for the workers that can run it; the status shows
+        us serving no function, and why."""
         assert self._pool is not None
-        benched = self._pool.start_failure() is not None
+        benched = self._pool.unable() is not None
         if benched == self._benched:
             return
         self._benched = benched
         if benched:
             log.error(
-                "worker serves nothing until its task processes can start "
-                "worker=%s: handing %s back to the broker for other workers",
+                "worker serves nothing while %s worker=%s: handing %s back to "
+                "the broker for other workers",
+                self._pool.unable(),
                 self.config.worker_id,
                 counted(self._pool.load(), "task"),
             )
         else:
             log.info(
-                "task processes start again worker=%s; serving %s",
+                "tasks can run here again worker=%s; serving %s",
                 self.config.worker_id,
                 counted(len(self.services), "function"),
             )

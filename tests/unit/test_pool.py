@@ -193,6 +193,31 @@ def test_thread_pool_caps_stuck_threads_and_takes_slots_back_when_they_return() 
     assert unpack_value(square.payload) == 16
 
 
+def test_a_thread_pool_whose_every_slot_is_stuck_says_no_task_can_run_here() -> None:
+    # Past the cap on stuck threads, a hung task keeps its slot. With every
+    # slot kept, the worker went on taking tasks it could not run: they waited
+    # there while other workers idled, and no status said why.
+    pool = ThreadPool(1, [TASKS], allow_pickle=False, max_stuck=0)
+    tasks.RELEASE_HANGS.clear()
+    try:
+        hang = p.Assignment(1, 1, f"{TASKS}:hang", pack_call((), {}), 0, 0.05)
+        pool.submit(hang, time.monotonic())
+        run_all(pool, 1)  # its timeout
+        stuck = pool.unable()
+
+        tasks.RELEASE_HANGS.set()
+        deadline = time.monotonic() + DEADLINE_S
+        while pool.unable() is not None:
+            assert time.monotonic() < deadline, "its slot never came back"
+            select.select(pool.fds(), [], [], 1.0)
+            pool.collect(time.monotonic(), set(pool.fds()))
+    finally:
+        tasks.RELEASE_HANGS.set()
+        pool.close()
+
+    assert stuck is not None and "stuck" in stuck, stuck
+
+
 def test_a_thread_that_returns_after_close_writes_to_no_reused_descriptor() -> None:
     # A hung task outlives its pool; the pipe's descriptor numbers go to new
     # files, and the thread's return must not write a byte into them.
@@ -416,11 +441,11 @@ def test_a_child_that_cannot_import_blames_no_task_and_retries_ever_later(
     try:
         pool.submit(p.Assignment(1, 1, f"{BROKEN}:double", pack_call((21,), {})), 0)
         rests = rests_after_failed_starts(pool, 4)
-        reason, held = pool.start_failure(), pool.load()
+        reason, held = pool.unable(), pool.load()
 
         monkeypatch.delenv(BREAK_CHILDREN)  # the deploy is fixed
         (outcome,) = run_all(pool, 1)
-        reason_after = pool.start_failure()
+        reason_after = pool.unable()
     finally:
         pool.close()
 
@@ -450,7 +475,7 @@ def test_a_slot_that_cannot_restart_leaves_its_tasks_to_the_other_children(
             pool.submit(p.Assignment(ticket, 1, f"{BROKEN}:double", call), 0.0)
 
         outcomes = {o.ticket: o for o in run_all(pool, 7)}
-        reason = pool.start_failure()
+        reason = pool.unable()
     finally:
         pool.close()
 

@@ -4,6 +4,7 @@ loopback, the run times fed in as the pool would report them."""
 from __future__ import annotations
 
 import logging
+import select
 import threading
 import time
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import zmq
 
+from tests.e2e import tasks
 from ventilator import protocol as p
 from ventilator.errors import UsageError
 from ventilator.pool import ThreadPool
@@ -244,3 +246,31 @@ def test_results_the_broker_had_already_are_not_told_as_tasks_taken_back(
     [said] = [r for r in caplog.records if r.name == "ventilator.worker"]
     assert said.levelno == logging.INFO
     assert "took back" not in said.getMessage()
+
+
+def test_a_worker_whose_every_thread_is_stuck_hands_its_tasks_back(
+    backend: tuple[zmq.Socket[bytes], int],
+) -> None:
+    # It registers again serving nothing, with the reason, as a worker whose
+    # task processes cannot start does: the broker gives what it held to
+    # others, and its status says why.
+    router, port = backend
+    worker = connected_worker(port)
+    worker._pool = ThreadPool(1, [TASKS], allow_pickle=False, max_stuck=0)
+    tasks.RELEASE_HANGS.clear()
+    try:
+        hang = p.Assignment(1, 1, f"{TASKS}:hang", pack_call((), {}), 0, 0.05)
+        worker._pool.submit(hang, time.monotonic())
+        deadline = time.monotonic() + 10
+        while not worker._pool.collect(time.monotonic()):
+            assert time.monotonic() < deadline, "the hung task never timed out"
+            timeout_at = worker._pool.next_deadline() or deadline
+            select.select(worker._pool.fds(), [], [], timeout_at - time.monotonic())
+        worker._follow_pool(time.monotonic())
+    finally:
+        tasks.RELEASE_HANGS.set()
+        worker._leave()
+
+    *_, ready = [c for c in commands_received(router) if isinstance(c, p.Ready)]
+    assert ready.services == []
+    assert ready.problem is not None and "stuck" in ready.problem, ready.problem
