@@ -35,6 +35,7 @@ from click.core import ParameterSource
 from . import logs
 from . import protocol as p
 from ._allocator import keep_freed_memory
+from ._cli_errors import or_usage_error
 from ._wire import check_endpoint
 from ._words import counted
 from .errors import (
@@ -327,7 +328,7 @@ def keys() -> None:
 def keys_generate(name: str, directory: str, functions: tuple[str, ...]) -> None:
     """Write a key pair: NAME.key (public, give it out) and NAME.key_secret
     (mode 0600, keep it)."""
-    public, secret = _or_usage_error(lambda: generate_keys(name, directory, functions))
+    public, secret = or_usage_error(lambda: generate_keys(name, directory, functions))
     click.echo(f"public key: {public}\nsecret key: {secret}")
     if functions:
         click.echo(f"rights:     {public.with_suffix('.functions')}")
@@ -340,7 +341,7 @@ def keys_fingerprint(files: tuple[str, ...]) -> None:
     """Print the fingerprint of each key file (NAME.key or NAME.key_secret):
     the 16 hex digits the broker's and peers' logs name a key by."""
     for path in files:
-        public = _or_usage_error(functools.partial(read_public_key, path))
+        public = or_usage_error(functools.partial(read_public_key, path))
         click.echo(f"{fingerprint(public)}  {path}")
 
 
@@ -578,7 +579,7 @@ def broker(
 
     http = None
     if http_address is not None:
-        http = _or_usage_error(
+        http = or_usage_error(
             lambda: parse_http_address(http_address, http_allow_remote)
         )
     limits = Limits(
@@ -613,12 +614,12 @@ def broker(
             unserved_total=mdp_unserved_total,
         ),
     )
-    server = _or_usage_error(lambda: Broker(config))
-    _or_usage_error(server.bind)
+    server = or_usage_error(lambda: Broker(config))
+    or_usage_error(server.bind)
     dashboard = None
     if http is not None and server.telemetry is not None:
         telemetry = server.telemetry
-        dashboard = _or_usage_error(lambda: DashboardServer(http, telemetry))
+        dashboard = or_usage_error(lambda: DashboardServer(http, telemetry))
         dashboard.start()
     # Before the endpoints are printed: a supervisor that waits for them may
     # signal at once, and a SIGHUP nobody handles ends the process.
@@ -735,7 +736,7 @@ def worker(
         broker_key=broker_key,
         insecure=insecure,
     )
-    server = _or_usage_error(lambda: Worker(config))
+    server = or_usage_error(lambda: Worker(config))
     keep_freed_memory()  # this process exists to move payloads
     _stop_on_signals(server.stop)
     signal.signal(signal.SIGQUIT, _leave_at_once(server))
@@ -764,15 +765,6 @@ def _prefetch(value: str) -> int | None:
             f"expected 'auto' or a whole number >= 1, got {value!r}"
         )
     return number
-
-
-def _or_usage_error(action: Callable[[], Any]) -> Any:
-    try:
-        return action()
-    except UsageError as exc:
-        raise click.UsageError(str(exc)) from exc
-    except Exception as exc:
-        raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
 
 
 # --- map and exec -----------------------------------------------------------------
@@ -880,7 +872,7 @@ def map_command(
     _check_task_fields(function, timeout_s, retries, sink)
     _check_workers(connect, workers)
     if connect is None:
-        _or_usage_error(lambda: resolve(function))
+        or_usage_error(lambda: resolve(function))
     module = function.partition(":")[0]
     record = _map_record if sink is None else _sink_record
     job = _Job(function, _parse_line, [module], record, timeout_s, retries, sink)
@@ -1572,7 +1564,7 @@ def _connect(
         run.workers, job.modules, log_level=level, log_format=log_format
     )
     stack.callback(cluster.stop)
-    _or_usage_error(cluster.start)
+    or_usage_error(cluster.start)
     client = stack.enter_context(Client(cluster.address))
     return client, stack.enter_context(_ClusterWatch(cluster, client))
 
@@ -1873,7 +1865,7 @@ def _broker_answer(connect: str, timeout_s: float) -> Iterator[Client]:
     meta = click.get_current_context().meta
     secret_key = meta.get("ventilator.secret_key")
     broker_key = meta.get("ventilator.broker_key")
-    client = _or_usage_error(
+    client = or_usage_error(
         lambda: Client(connect, secret_key=secret_key, broker_key=broker_key)
     )
     with client:
@@ -2197,7 +2189,7 @@ def sink(
     """Receive the results of tasks submitted with sink=NAME, as JSON lines."""
     from .sink import Sink  # see broker()
 
-    receiver = _or_usage_error(
+    receiver = or_usage_error(
         lambda: Sink(name, connect, secret_key=secret_key, broker_key=broker_key)
     )
     output = _Output(output_file, _sink_output_name(output_file))
