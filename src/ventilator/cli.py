@@ -7,26 +7,16 @@ only module that configures logging.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import functools
-import io
 import json
 import logging
 import math
 import os
-import secrets
-import shlex
 import signal
-import socket
 import stat
 import sys
-import threading
-import time
-from collections import deque
-from collections.abc import Callable, Generator, Iterator
-from concurrent.futures import CancelledError, Future
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from typing import IO, TYPE_CHECKING, Any, NoReturn
 
 import click
@@ -35,16 +25,14 @@ from click.core import ParameterSource
 from . import logs
 from . import protocol as p
 from ._allocator import keep_freed_memory
+from ._cli_errors import or_usage_error
 from ._wire import check_endpoint
 from ._words import counted
 from .errors import (
     JournalError,
     NetworkError,
     ProtocolError,
-    TaskError,
-    TaskRejected,
     UsageError,
-    VentilatorError,
 )
 from .policy import (
     DEFAULT_ADDRESS,
@@ -58,12 +46,13 @@ from .policy import (
 from .pool import POOL_KINDS
 from .registry import resolve
 from .security import ServerKeys, fingerprint, generate_keys, read_public_key
-from .status import busiest_first
 
+# What map, exec, status, failed and sink run is imported by those commands
+# when they run, as broker() imports the broker: not by every command's start.
 if TYPE_CHECKING:
-    from .client import Client, ItemOutcome
-    from .embedded import LocalCluster
-    from .sink import Sink, SinkResult
+    from ._run_output import Output, OutputFailed
+    from ._runs import Run
+    from .client import Client
     from .worker import Worker
 
 log = logging.getLogger(__name__)
@@ -73,28 +62,8 @@ _DEFAULT_LIMITS = Limits()
 # within the 64-bit counts the protocol carries and ZeroMQ's message-size
 # option, both of which a larger value made fail once the broker was running.
 MAX_LIMIT_OPTION = 2**62
-SHELL_FUNCTION = "ventilator.shell:run_call"
-# Tasks submitted ahead of the oldest unfinished one, for map and exec.
-MAP_AHEAD = 10_000
-# How often map/exec check that the embedded cluster still runs.
-HEALTH_CHECK_S = 1.0
-# How often the progress bar is redrawn at most.
-PROGRESS_REFRESH_S = 0.1
-# Tables of failures show session and task ids from this terminal width on.
-WIDE_COLUMNS = 120
-# A function's name folds beyond this width, to leave its error room.
-FUNCTION_COLUMNS = 32
-# Characters read at a time from NUL-separated input (--null).
-NUL_READ_CHARS = 65536
-# What a UTF-8 byte order mark decodes to, when one opens the input.
-BYTE_ORDER_MARK = "\ufeff"
 # How long map/exec wait for a broker named with --connect to answer at all.
 BROKER_ANSWER_S = 10.0
-# How long an interrupted run waits for the broker to confirm its cancels.
-CANCEL_SETTLE_S = 2.0
-# How long a stopped run's client waits for an embedded broker to take its
-# cancellations before the cluster is stopped anyway.
-EMBEDDED_CLOSE_S = 1.0
 
 
 class _FiniteRange(click.FloatRange):
@@ -332,7 +301,7 @@ def keys() -> None:
 def keys_generate(name: str, directory: str, functions: tuple[str, ...]) -> None:
     """Write a key pair: NAME.key (public, give it out) and NAME.key_secret
     (mode 0600, keep it)."""
-    public, secret = _or_usage_error(lambda: generate_keys(name, directory, functions))
+    public, secret = or_usage_error(lambda: generate_keys(name, directory, functions))
     click.echo(f"public key: {public}\nsecret key: {secret}")
     if functions:
         click.echo(f"rights:     {public.with_suffix('.functions')}")
@@ -345,7 +314,7 @@ def keys_fingerprint(files: tuple[str, ...]) -> None:
     """Print the fingerprint of each key file (NAME.key or NAME.key_secret):
     the 16 hex digits the broker's and peers' logs name a key by."""
     for path in files:
-        public = _or_usage_error(functools.partial(read_public_key, path))
+        public = or_usage_error(functools.partial(read_public_key, path))
         click.echo(f"{fingerprint(public)}  {path}")
 
 
@@ -583,7 +552,7 @@ def broker(
 
     http = None
     if http_address is not None:
-        http = _or_usage_error(
+        http = or_usage_error(
             lambda: parse_http_address(http_address, http_allow_remote)
         )
     limits = Limits(
@@ -618,12 +587,12 @@ def broker(
             unserved_total=mdp_unserved_total,
         ),
     )
-    server = _or_usage_error(lambda: Broker(config))
-    _or_usage_error(server.bind)
+    server = or_usage_error(lambda: Broker(config))
+    or_usage_error(server.bind)
     dashboard = None
     if http is not None and server.telemetry is not None:
         telemetry = server.telemetry
-        dashboard = _or_usage_error(lambda: DashboardServer(http, telemetry))
+        dashboard = or_usage_error(lambda: DashboardServer(http, telemetry))
         dashboard.start()
     # Before the endpoints are printed: a supervisor that waits for them may
     # signal at once, and a SIGHUP nobody handles ends the process.
@@ -740,7 +709,7 @@ def worker(
         broker_key=broker_key,
         insecure=insecure,
     )
-    server = _or_usage_error(lambda: Worker(config))
+    server = or_usage_error(lambda: Worker(config))
     keep_freed_memory()  # this process exists to move payloads
     _stop_on_signals(server.stop)
     signal.signal(signal.SIGQUIT, _leave_at_once(server))
@@ -771,15 +740,6 @@ def _prefetch(value: str) -> int | None:
     return number
 
 
-def _or_usage_error(action: Callable[[], Any]) -> Any:
-    try:
-        return action()
-    except UsageError as exc:
-        raise click.UsageError(str(exc)) from exc
-    except Exception as exc:
-        raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
-
-
 # --- map and exec -----------------------------------------------------------------
 
 
@@ -789,7 +749,7 @@ def _cluster_options(command: Callable[..., Any]) -> Callable[..., Any]:
             click.option(
                 "--input",
                 "input_file",
-                # A line that is not UTF-8 fails alone (see _record), not the run.
+                # A line that is not UTF-8 fails alone (see _run_output), not the run.
                 type=click.File("r", errors="surrogateescape"),
                 default="-",
                 help="One call per line  [default: stdin]",
@@ -877,6 +837,9 @@ def map_command(
     sink: str | None,
 ) -> None:
     """Apply MODULE:FUNCTION to each input line (as JSON if it parses)."""
+    from ._jobs import map_job  # see broker()
+    from ._runs import run_job
+
     if connect is None and sink is not None:
         raise click.UsageError(
             "--sink needs --connect: an embedded broker ends with the run, and "
@@ -885,21 +848,20 @@ def map_command(
     _check_task_fields(function, timeout_s, retries, sink)
     _check_workers(connect, workers)
     if connect is None:
-        _or_usage_error(lambda: resolve(function))
-    module = function.partition(":")[0]
-    record = _map_record if sink is None else _sink_record
-    job = _Job(function, _parse_line, [module], record, timeout_s, retries, sink)
-    run = _Run(
-        _records(input_file, null_separated),
-        _open_output(output_path, input_file),
+        or_usage_error(lambda: resolve(function))
+    job = map_job(function, timeout_s, retries, sink)
+    run = _run_of(
+        input_file,
+        null_separated,
+        output_path,
         connect,
+        connect_timeout_s,
         workers,
         progress,
         secret_key,
         broker_key,
-        connect_timeout_s,
     )
-    sys.exit(_run(job, run))
+    sys.exit(run_job(job, run))
 
 
 @cli.command(name="exec")
@@ -925,35 +887,45 @@ def exec_command(
     Without '{}', the line is appended as the last argument. No shell is used.
     Workers of a running broker must serve the ventilator.shell module.
     """
+    from ._jobs import SHELL_FUNCTION, exec_job  # see broker()
+    from ._runs import run_job
+
     _check_task_fields(SHELL_FUNCTION, None, retries, None)
     _check_workers(connect, workers)
-    substitute = any("{}" in arg for arg in command)
-    limit = _ResultLimit()
-
-    def call(line: str) -> list[Any]:
-        texts = (
-            [a.replace("{}", line) for a in command] if substitute else [*command, line]
-        )
-        argv = [_argument(text) for text in texts]
-        # The timeout travels with each line: the command's own, which kills
-        # its process group, not the task's, which would kill the worker's child.
-        # So does the most output a result may carry: past it the command is
-        # stopped rather than read into memory for a result the broker refuses.
-        return [argv, timeout_s, limit.max_payload_bytes()]
-
-    job = _Job(
-        SHELL_FUNCTION,
-        call,
-        ["ventilator.shell"],
-        _exec_record,
-        None,
-        retries,
-        connected=limit.learn,
-        takes_any_bytes=True,
-        command="exec",
+    job = exec_job(command, timeout_s, retries)
+    run = _run_of(
+        input_file,
+        null_separated,
+        output_path,
+        connect,
+        connect_timeout_s,
+        workers,
+        progress,
+        secret_key,
+        broker_key,
     )
-    run = _Run(
-        _records(input_file, null_separated),
+    sys.exit(run_job(job, run))
+
+
+def _run_of(
+    input_file: IO[str],
+    null_separated: bool,
+    output_path: str,
+    connect: str | None,
+    connect_timeout_s: float,
+    workers: int | None,
+    progress: bool | None,
+    secret_key: str | None,
+    broker_key: str | None,
+) -> Run:
+    """Where a map's or an exec's lines come from and go, and what runs them,
+    as its options and the command line's logging say."""
+    from ._input_records import records_of
+    from ._runs import Run
+
+    level, log_format = _log_settings()
+    return Run(
+        records_of(input_file, null_separated),
         _open_output(output_path, input_file),
         connect,
         workers,
@@ -961,34 +933,9 @@ def exec_command(
         secret_key,
         broker_key,
         connect_timeout_s,
+        log_level=level,
+        log_format=log_format,
     )
-    sys.exit(_run(job, run))
-
-
-def _argument(text: str) -> str | bytes:
-    """A command's argument as it travels: its bytes when they are not UTF-8
-    (a file name in another encoding, read with surrogateescape), which the
-    command then receives exactly as they were read."""
-    if text.isascii() or _not_utf8(text) is None:
-        return text
-    return text.encode("utf-8", "surrogateescape")
-
-
-class _ResultLimit:
-    """The broker's limit on a result, once its client has learnt it."""
-
-    def __init__(self) -> None:
-        self._client: Client | None = None
-
-    def learn(self, client: Client) -> None:
-        self._client = client
-
-    def max_payload_bytes(self) -> int:
-        # The client learns it from the broker's WELCOME; until then (the
-        # first lines of an embedded run) the default, which such a broker has.
-        client = self._client
-        known = client._handover.max_payload_bytes if client is not None else None
-        return known or _DEFAULT_LIMITS.max_payload_bytes
 
 
 def _check_task_fields(
@@ -1015,13 +962,15 @@ def _check_workers(connect: str | None, workers: int | None) -> None:
         )
 
 
-def _open_output(path: str, input_file: IO[str]) -> _Output:
+def _open_output(path: str, input_file: IO[str]) -> Output:
     """The output stream, opened (and so emptied) only when it is not the input.
 
     Opening the input for writing would empty it before a line is read: the
     run would end at once with 0 tasks and the file lost. Standard output is
     compared too, for `--input lines.txt >> lines.txt`.
     """
+    from ._run_output import Output
+
     param = _param_named("output_path")
     if path == "-" and 1 in _CLOSED_STREAMS:
         raise click.BadParameter(
@@ -1038,56 +987,7 @@ def _open_output(path: str, input_file: IO[str]) -> _Output:
         )
     ctx = click.get_current_context()
     stream = click.File("w", lazy=False).convert(path, param, ctx)
-    return _Output(stream, "standard output" if path == "-" else repr(path))
-
-
-class _OutputFailed(Exception):
-    """Writing the output failed: the run stops, its unfinished tasks cancelled."""
-
-    def __init__(self, name: str, error: OSError) -> None:
-        super().__init__(f"cannot write the output to {name}: {error.strerror}")
-        self.broken_pipe = isinstance(error, BrokenPipeError)
-
-
-class _Output:
-    """The output stream of map and exec, whose write errors say which file
-    failed and leave nothing for Python to fail on again at exit."""
-
-    def __init__(self, stream: IO[str], name: str) -> None:
-        self._stream = stream
-        self.name = name
-
-    def write(self, text: str) -> None:
-        try:
-            self._stream.write(text)
-        except OSError as exc:
-            raise self.failed(exc) from exc
-
-    def flush(self) -> None:
-        try:
-            self._stream.flush()
-        except OSError as exc:
-            raise self.failed(exc) from exc
-
-    def watched_fd(self) -> int | None:
-        """The descriptor to watch for the output's reader leaving, None when
-        there is none to watch (a test's StringIO, a closed descriptor)."""
-        try:
-            fd = self._stream.fileno()
-            os.fstat(fd)
-        except (OSError, ValueError):
-            return None
-        return fd
-
-    def failed(self, error: OSError) -> _OutputFailed:
-        """The error to end the run with, once writing failed or would fail."""
-        # What is still buffered would fail again when the stream is closed
-        # or at exit ("Exception ignored ..."): let it go to /dev/null instead.
-        with contextlib.suppress(OSError, ValueError):
-            null = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(null, self._stream.fileno())
-            os.close(null)
-        return _OutputFailed(self.name, error)
+    return Output(stream, "standard output" if path == "-" else repr(path))
 
 
 def _param_named(name: str) -> click.Parameter:
@@ -1108,728 +1008,6 @@ def _same_regular_file(input_file: IO[str], output_path: str) -> str | None:
     if (read.st_dev, read.st_ino) != (written.st_dev, written.st_ino):
         return None
     return "standard output" if output_path == "-" else repr(output_path)
-
-
-def _records(stream: IO[str], null_separated: bool) -> Iterator[str]:
-    """The input's items: its lines, or with `null_separated` what lies
-    between NUL characters. A byte order mark that opens the input (an editor
-    on Windows writes one) is not part of the first item."""
-    records = _nul_records(_untranslated(stream)) if null_separated else _lines(stream)
-    first = next(records, None)
-    if first is None:
-        return
-    yield first.removeprefix(BYTE_ORDER_MARK)
-    yield from records
-
-
-def _lines(stream: IO[str]) -> Iterator[str]:
-    for line in stream:
-        yield line.rstrip("\r\n")
-
-
-def _untranslated(stream: IO[str]) -> IO[str]:
-    """`stream` as read without newline translation: between NULs, a carriage
-    return is part of a name, not a line ending to turn into a newline."""
-    binary = getattr(stream, "buffer", None)
-    if binary is None:
-        return stream  # already text without a byte layer (a test's StringIO)
-    return io.TextIOWrapper(
-        binary, encoding="utf-8", errors="surrogateescape", newline=""
-    )
-
-
-def _nul_records(stream: IO[str]) -> Iterator[str]:
-    """Items ended by NUL, read a block at a time; the last may lack its NUL."""
-    partial: list[str] = []
-    while block := stream.read(NUL_READ_CHARS):
-        *ended, rest = block.split("\0")
-        for record in ended:
-            yield "".join(partial) + record
-            partial.clear()
-        partial.append(rest)
-    last = "".join(partial)
-    if last:
-        yield last
-
-
-def _parse_line(line: str) -> Any:
-    try:
-        value = _LINE_DECODER.decode(line)
-    except _OutOfRange as exc:
-        return _out_of_range(line, exc)
-    except ValueError:
-        return line
-    except RecursionError:
-        # Valid JSON, but nested past what the decoder can read: not a string
-        # the caller meant, so the line fails alone rather than run as one.
-        return _Unsendable(
-            ValueError("the input line is JSON nested too deep to decode")
-        )
-    # Only an escape writes a lone surrogate, and none travels as UTF-8 text.
-    if "\\u" in line and _holds_lone_surrogate(value):
-        return _Unsendable(
-            UsageError(
-                "the input line's JSON holds a lone surrogate (a \\ud800 to "
-                "\\udfff escape not in a pair), which is not text a task can "
-                "receive"
-            )
-        )
-    return value
-
-
-class _OutOfRange(ValueError):
-    """A JSON number beyond what a float holds."""
-
-
-def _out_of_range(line: str, exc: _OutOfRange) -> Any:
-    """A line that is JSON with a number no float holds fails, as one with an
-    integer beyond 64 bits does: its value cannot reach a task. A line that
-    is not JSON anyway (``1e400x``) is still passed on as a string."""
-    try:
-        json.loads(line, parse_float=str, parse_constant=_reject)
-    except (ValueError, RecursionError):
-        return line
-    return _Unsendable(
-        UsageError(
-            f"the input line holds {exc}, beyond the largest float "
-            f'({sys.float_info.max:.1e}); write it as a string ("...") to '
-            "pass it on as text"
-        )
-    )
-
-
-def _holds_lone_surrogate(value: Any) -> bool:
-    """Whether a decoded JSON value holds, anywhere, a string that is not
-    valid UTF-8 text. Walked without recursion: the value may be nested
-    nearly as deep as the decoder reads."""
-    pending = [value]
-    while pending:
-        item = pending.pop()
-        if isinstance(item, str):
-            if not item.isascii() and _not_text(item):
-                return True
-        elif isinstance(item, dict):
-            pending.extend(item.keys())
-            pending.extend(item.values())
-        elif isinstance(item, list):
-            pending.extend(item)
-    return False
-
-
-def _not_text(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
-
-
-@dataclass(frozen=True, slots=True)
-class _Unsendable:
-    """The item of a line that fails before it is sent, and why."""
-
-    error: Exception
-
-
-def _reject(constant: str) -> Any:
-    raise ValueError(f"{constant} is not JSON a task can return as JSON")
-
-
-def _finite(text: str) -> float:
-    # 1e400 parses to infinity, which is not the number the line wrote.
-    value = float(text)
-    if not math.isfinite(value):
-        raise _OutOfRange(text)
-    return value
-
-
-# Made once: json.loads and json.dumps with options build a new one per call,
-# which costs more than the rest of a short line's trip through the CLI.
-_LINE_DECODER = json.JSONDecoder(parse_constant=_reject, parse_float=_finite)
-_RECORD_ENCODER = json.JSONEncoder(allow_nan=False)
-
-
-_Record = tuple[dict[str, Any], bool]
-
-
-def _map_record(line: str, item: Any, outcome: ItemOutcome) -> _Record:
-    if outcome.error is None:
-        return {"input": item, "result": outcome.value}, True
-    return {"input": item, "error": _error_fields(outcome.error)}, False
-
-
-def _sink_record(line: str, item: Any, outcome: ItemOutcome) -> _Record:
-    if outcome.error is None:
-        return {"input": item, **outcome.value}, True
-    return {"input": item, "error": _error_fields(outcome.error)}, False
-
-
-def _exec_record(line: str, item: Any, outcome: ItemOutcome) -> _Record:
-    if outcome.error is not None:
-        return {
-            "input": line,
-            "exit_code": None,
-            "stdout": "",
-            "stderr": "",
-            "error": _error_fields(outcome.error),
-        }, False
-    return {"input": line, **outcome.value}, outcome.value["exit_code"] == 0
-
-
-def _write_record(
-    output: _Output, job: _Job, line: str, item: Any, outcome: ItemOutcome
-) -> bool:
-    """Write the record of one line; return whether the line succeeded."""
-    fields, ok = _record(job, line, item, outcome)
-    try:
-        text = _json_line(fields)
-    except RecursionError:
-        # A value nested too deep for the JSON encoder (an echo of a deep
-        # input, say) fails its own line, not the run: the line is shown as read.
-        message = "the record is nested too deep to write as JSON"
-        error = {"type": "RecursionError", "message": message}
-        text, ok = _json_line({"input": line, "error": error}), False
-    output.write(text)
-    return ok
-
-
-def _record(job: _Job, line: str, item: Any, outcome: ItemOutcome) -> _Record:
-    """The output record of one line, and whether it succeeded."""
-    if isinstance(item, _Unsendable):
-        return {"input": line, "error": _error_fields(item.error)}, False
-    fields, ok = job.record(line, item, outcome)
-    problem = None if line.isascii() else _not_utf8(line)
-    if problem is not None:
-        # Its bytes as they were, in a form any JSON reader accepts.
-        fields["input"] = _jsonable(line.encode("utf-8", "surrogateescape"))
-        if outcome.error is not None and not job.takes_any_bytes:
-            fields["error"] = problem  # it never left: say why
-    return fields, ok
-
-
-def _not_utf8(line: str) -> dict[str, str] | None:
-    """The error fields for a line read from bytes that were not UTF-8."""
-    try:
-        line.encode("utf-8", "surrogateescape").decode("utf-8")
-    except UnicodeDecodeError as exc:
-        message = f"the input line is not valid UTF-8: {exc}"
-        return {"type": "UnicodeDecodeError", "message": message}
-    return None
-
-
-def _json_line(fields: dict[str, Any]) -> str:
-    """One line of strict JSON, whatever msgpack types a task returned."""
-    return _RECORD_ENCODER.encode(_jsonable(fields)) + "\n"
-
-
-def _jsonable(value: Any) -> Any:
-    # bytes are kept whole as base64; JSON has no NaN or infinity, so those
-    # become the strings Python prints for them; a lone surrogate (which only
-    # an escaped JSON input can hold) becomes its \udcxx spelling.
-    if isinstance(value, str):
-        return value if value.isascii() else _valid_text(value)
-    if isinstance(value, bytes):
-        return {"$base64": base64.b64encode(value).decode("ascii")}
-    if isinstance(value, float) and not math.isfinite(value):
-        return repr(value)
-    if isinstance(value, dict):
-        return {str(key): _jsonable(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(item) for item in value]
-    return value
-
-
-def _valid_text(text: str) -> str:
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def _error_fields(error: BaseException) -> dict[str, str]:
-    if isinstance(error, TaskError):
-        return {"type": error.remote_type, "message": error.message}
-    return {"type": type(error).__name__, "message": str(error)}
-
-
-@dataclass(frozen=True, slots=True)
-class _Job:
-    """What `map` and `exec` share: an item per line, a record per outcome."""
-
-    function: str
-    item_of: Callable[[str], Any]  # the function's argument for one input line
-    modules: list[str]  # what embedded workers must serve
-    record: Callable[[str, Any, ItemOutcome], _Record]
-    timeout_s: float | None = None  # per line, enforced by the worker
-    retries: int = 0  # per line
-    sink: str | None = None  # results go there, not to the output
-    # Told the client once it is connected (exec: to learn the broker's limits).
-    connected: Callable[[Client], None] | None = None
-    # Whether a line that is not UTF-8 can run (exec passes its bytes on).
-    takes_any_bytes: bool = False
-    # The command the run is, which names its session at a broker.
-    command: str = "map"
-
-
-@dataclass(frozen=True, slots=True)
-class _Run:
-    """Where a job's lines come from and go, and what runs them."""
-
-    lines: Iterator[str]
-    output: _Output
-    connect: str | None  # a broker's frontend, or None for an embedded cluster
-    workers: int | None  # embedded task processes
-    progress: bool | None  # None: when stderr is a terminal
-    secret_key: str | None = None  # CURVE, for a broker named with --connect
-    broker_key: str | None = None
-    connect_timeout_s: float = BROKER_ANSWER_S  # for it to answer at first
-
-
-@dataclass(slots=True)
-class _Stopping:
-    """How far a run got, and what became of its unfinished lines when it
-    stopped early."""
-
-    # Lines whose records were written, and how many of those failed.
-    written: int = 0
-    failed: int = 0
-    # Lines read whose records were not written: their tasks are cancelled.
-    unfinished: int = 0
-    # Of those, lines whose tasks a broker was asked to cancel and did not
-    # confirm it (it was down): those it had accepted may still run there.
-    unconfirmed: int = 0
-    # The command that drops them, and their results, once the broker is back.
-    purge: str = ""
-
-    def wrote(self, ok: bool) -> None:
-        self.written += 1
-        self.failed += not ok
-
-    def outcome(self) -> str:
-        done = f"after {counted(self.written, 'line')} ({self.failed} failed); "
-        if not self.unconfirmed:
-            unfinished = counted(self.unfinished, "unfinished line")
-            return f"{done}the tasks of {unfinished} cancelled"
-        return (
-            f"{done}could not reach the broker to cancel the tasks of "
-            f"{counted(self.unconfirmed, 'unfinished line')}; those it had "
-            "accepted may still run there, their "
-            "results kept for this run's session until they expire. Once the "
-            f"broker is back, `{self.purge}` drops them"
-        )
-
-
-def _purge_command(client: Client, run: _Run) -> str:
-    """The command line that drops what the broker holds for this run's
-    session, with the keys the run was given, ready to paste."""
-    argv = ["ventilator", "purge", "--session", client.session_at_broker]
-    argv += ["--connect", str(run.connect), "--yes"]
-    for option, key in (
-        ("--secret-key", run.secret_key),
-        ("--broker-key", run.broker_key),
-    ):
-        if key is not None:
-            argv += [option, key]
-    return shlex.join(argv)
-
-
-class _Terminated(BaseException):
-    """SIGTERM, raised in the main thread so that the run unwinds as on Ctrl-C,
-    its embedded cluster stopped, but ends with its own status. A
-    BaseException, as KeyboardInterrupt is, so that no ``except Exception`` on
-    the way swallows it."""
-
-
-def _run(job: _Job, run: _Run) -> int:
-    """Run the job; return the exit status: 0 all succeeded, 1 some failed or
-    the output could not be written, 130 interrupted (SIGINT), 141 the output
-    was a pipe its reader closed, 143 terminated (SIGTERM)."""
-    signal.signal(signal.SIGTERM, _terminate)
-    stopping = _Stopping()
-    try:
-        failed = _run_tasks(job, run, stopping)
-    except _OutputFailed as exc:
-        if exc.broken_pipe:
-            # As `yes | head` ends: quietly, with the status of SIGPIPE.
-            return 128 + signal.SIGPIPE
-        click.echo(f"ventilator: {exc}, {stopping.outcome()}", err=True)
-        return 1
-    except KeyboardInterrupt:
-        click.echo(f"ventilator: interrupted {stopping.outcome()}", err=True)
-        return 130
-    except _Terminated:
-        click.echo(f"ventilator: terminated {stopping.outcome()}", err=True)
-        return 128 + signal.SIGTERM
-    return 1 if failed else 0
-
-
-def _terminate(signum: int, frame: object) -> None:
-    # Once is enough: a second SIGTERM must not cut the cluster's stop short.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise _Terminated
-
-
-def _run_tasks(job: _Job, run: _Run, stopping: _Stopping) -> int:
-    """Run an item per line, write records in input order; return failures."""
-    with contextlib.ExitStack() as stack:
-        client, watch = _connect(stack, job, run)
-        if job.connected is not None:
-            job.connected(client)
-        bar = stack.enter_context(_Progress(run.progress))
-        started = time.perf_counter()
-        # Lines read and not yet written: the map reads ahead of its output.
-        read: deque[tuple[str, Any]] = deque()
-        items = _items(job, run.lines, read, bar)
-        with watch.explained():
-            batches = _outcomes(client, job, items)
-            stack.enter_context(
-                _cancelled_unless_done(client, batches, run, stopping, read)
-            )
-            for outcomes in batches:
-                for line, item, outcome in _line_outcomes(outcomes, read):
-                    stopping.wrote(_write_record(run.output, job, line, item, outcome))
-                    bar.advance()
-                # Each batch as it comes: input may pause (tail -f) for hours.
-                run.output.flush()
-            for line, item, outcome in _unsent(read):
-                stopping.wrote(_write_record(run.output, job, line, item, outcome))
-                bar.advance()
-        run.output.flush()
-
-    _summary(stopping.written, stopping.failed, time.perf_counter() - started, job.sink)
-    return stopping.failed
-
-
-@contextlib.contextmanager
-def _cancelled_unless_done(
-    client: Client,
-    batches: Generator[list[ItemOutcome], None, None],
-    run: _Run,
-    stopping: _Stopping,
-    unfinished: deque[tuple[str, Any]],
-) -> Iterator[None]:
-    """Cancel the tasks of lines not written yet when the run stops early
-    (Ctrl-C, SIGTERM, a broken output): a broker must not run them for a
-    session that will never collect their results. `stopping` learns whether
-    a broker named with --connect confirmed it."""
-    try:
-        yield
-    except BaseException:
-        lines = stopping.unfinished = len(unfinished)
-        batches.close()
-        if run.connect is None:
-            # The embedded broker ends with the run: its client need not wait
-            # the usual close timeout for it to take the cancellations.
-            client.close(timeout_s=EMBEDDED_CLOSE_S)
-        elif not _settle_cancellations(client):
-            stopping.unconfirmed = lines
-            stopping.purge = _purge_command(client, run)
-        raise
-
-
-def _settle_cancellations(client: Client) -> bool:
-    """Take in the broker's word on the tasks just cancelled, so that it
-    keeps no result for this session once it leaves; False if it did not
-    answer (it may never have heard the cancellation).
-
-    The broker answers a question in the turn that reads it and sends the
-    results of that turn after the answer: the second answer comes after the
-    cancelled tasks' results, which the client then acknowledges on close.
-    """
-    for _ in range(2):
-        try:
-            client.status(timeout_s=CANCEL_SETTLE_S)
-        except (TimeoutError, VentilatorError):
-            return False
-    return True
-
-
-def _run_session(job: _Job) -> str:
-    """A session name that tells an operator reading `status` which run it
-    is: the command, the host, the process and a few random digits (a
-    process id comes back), not a bare random id."""
-    host = socket.gethostname()[:64]  # a name is at most 256 characters
-    return f"{job.command}-{host}-{os.getpid()}-{secrets.token_hex(2)}"
-
-
-def _connect(
-    stack: contextlib.ExitStack, job: _Job, run: _Run
-) -> tuple[Client, _ClusterWatch]:
-    """A client of the broker named with --connect, or of an embedded cluster
-    started here; both are stopped when `stack` closes."""
-    from .client import Client
-    from .embedded import LocalCluster
-
-    if run.connect is not None:
-        client = stack.enter_context(
-            Client(
-                run.connect,
-                session=_run_session(job),
-                secret_key=run.secret_key,
-                broker_key=run.broker_key,
-            )
-        )
-        _check_broker(client, run.connect, run.connect_timeout_s)
-        # A remote broker that goes away is waited for: the client reconnects
-        # and the broker's journal keeps the tasks.
-        return client, _ClusterWatch(None, client)
-
-    level, log_format = _log_settings()
-    # The embedded broker and worker log as this command was told to.
-    cluster = LocalCluster(
-        run.workers, job.modules, log_level=level, log_format=log_format
-    )
-    stack.callback(cluster.stop)
-    _or_usage_error(cluster.start)
-    client = stack.enter_context(Client(cluster.address))
-    return client, stack.enter_context(_ClusterWatch(cluster, client))
-
-
-def _items(
-    job: _Job, lines: Iterator[str], read: deque[tuple[str, Any]], bar: _Progress
-) -> Iterator[Any]:
-    for line in lines:
-        item = job.item_of(line)
-        read.append((line, item))
-        bar.submitted()
-        if not isinstance(item, _Unsendable):
-            yield item
-
-
-def _line_outcomes(
-    outcomes: list[ItemOutcome], read: deque[tuple[str, Any]]
-) -> Iterator[tuple[str, Any, ItemOutcome]]:
-    """Each line read with its outcome, in input order: the outcomes are those
-    of the lines sent, and a line that was not sent fails in its place."""
-    for outcome in outcomes:
-        yield from _unsent(read)
-        line, item = read.popleft()
-        yield line, item, outcome
-
-
-def _unsent(read: deque[tuple[str, Any]]) -> Iterator[tuple[str, Any, ItemOutcome]]:
-    from .client import ItemOutcome
-
-    while read and isinstance(read[0][1], _Unsendable):
-        line, item = read.popleft()
-        yield line, item, ItemOutcome(None, item.error)
-
-
-def _outcomes(
-    client: Client, job: _Job, items: Iterator[Any]
-) -> Generator[list[ItemOutcome], None, None]:
-    """The lines' outcomes, a batch at a time, read by a thread of their own
-    so that a pause in the input does not hold back results already in."""
-    from ._maps import outcome_batches
-
-    if job.sink is not None:
-        return _sent_to_sink(client, job, items)
-    return outcome_batches(
-        client, job.function, items, None, job.timeout_s, job.retries, streaming=True
-    )
-
-
-def _sent_to_sink(
-    client: Client, job: _Job, items: Iterator[Any]
-) -> Generator[list[ItemOutcome], None, None]:
-    """A task per line, since a sink receives the results of tasks; each
-    line's outcome is its task accepted (or refused) by the broker."""
-    from .client import TaskFuture
-
-    window: deque[Future[Any]] = deque()
-    try:
-        for item in items:
-            window.append(_submit(client, job, item))
-            while window and (len(window) >= MAP_AHEAD or window[0].done()):
-                yield [_acceptance(client, job, window.popleft())]
-        while window:
-            yield [_acceptance(client, job, window.popleft())]
-    finally:
-        # Stopped early: the lines not written yet are not run.
-        client._withdraw([f.task_id for f in window if isinstance(f, TaskFuture)])
-
-
-def _submit(client: Client, job: _Job, item: Any) -> Future[Any]:
-    """Submit one line's task; a line that cannot be sent is a refused task."""
-    try:
-        return client.submit(
-            job.function,
-            item,
-            timeout_s=job.timeout_s,
-            retries=job.retries,
-            sink=job.sink,
-        )
-    except (UsageError, TaskError) as exc:
-        refused: Future[Any] = Future()
-        refused.set_exception(exc)
-        return refused
-
-
-def _acceptance(client: Client, job: _Job, future: Future[Any]) -> ItemOutcome:
-    """A line's task accepted, as the ids its result will carry on the sink,
-    or refused, as why."""
-    from .client import ItemOutcome, TaskFuture
-
-    # An operator may purge a task before it is accepted: its line says so.
-    if future.cancelled():
-        return ItemOutcome(None, CancelledError("the task was cancelled at the broker"))
-    error = future.exception()
-    if error is None:
-        assert isinstance(future, TaskFuture)  # only a submitted task is accepted
-        task_id = future.task_id
-        # The fields `ventilator sink` writes with the result, to join on.
-        ids = {"client": client.session_at_broker, "task_id": task_id}
-        return ItemOutcome({**ids, "task_id_str": str(task_id), "sink": job.sink}, None)
-    if isinstance(error, UsageError):
-        return ItemOutcome(None, TaskRejected("UsageError", str(error)))
-    if isinstance(error, TaskError):
-        return ItemOutcome(None, error)
-    raise error
-
-
-class _ClusterWatch:
-    """Checks the embedded cluster every HEALTH_CHECK_S in a thread of its own.
-
-    When a process of it exited, results will never come: the watch closes the
-    client, which ends a map waiting on them, and `explained` turns what the
-    map then raises into an error naming the dead process.
-    """
-
-    def __init__(self, cluster: LocalCluster | None, client: Client) -> None:
-        self._cluster = cluster
-        self._client = client
-        self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._watch, name="ventilator-cluster-watch", daemon=True
-        )
-        self.dead: str | None = None
-
-    def __enter__(self) -> _ClusterWatch:
-        if self._cluster is not None:
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
-
-    def _watch(self) -> None:
-        assert self._cluster is not None
-        while not self._stop.wait(HEALTH_CHECK_S):
-            dead = self._cluster.exited()
-            if dead:
-                # The error the run ends with says so; no need to say it twice.
-                log.info("the embedded %s exited; closing the client", dead)
-                self.dead = dead
-                self._client.close(timeout_s=0)
-                return
-
-    @contextlib.contextmanager
-    def explained(self) -> Iterator[None]:
-        try:
-            yield
-        except VentilatorError:
-            if self.dead is None:
-                raise
-            raise click.ClickException(
-                f"the embedded {self.dead} exited; unfinished tasks are lost"
-            ) from None
-
-
-def _check_broker(client: Client, address: str, timeout_s: float) -> None:
-    try:
-        client.status(timeout_s=timeout_s)
-    except TimeoutError:
-        raise click.ClickException(
-            f"no broker answered at {address} within {timeout_s:g}s "
-            "(--connect-timeout-s)"
-        ) from None
-    except NetworkError as exc:  # it answered, but not as a broker's frontend
-        raise click.ClickException(str(exc)) from None
-
-
-def _summary(done: int, failed: int, elapsed_s: float, sink: str | None) -> None:
-    # Counted in lines, not tasks: lines travel many to a task.
-    rate = done / elapsed_s if elapsed_s > 0 else 0.0
-    lines = counted(done, "line")
-    if sink:
-        outcome = f"accepted for sink {sink!r}; {failed} refused"
-    else:
-        outcome = f"{done - failed} succeeded, {failed} failed"
-    click.echo(
-        f"ventilator: {lines}, {outcome} in {elapsed_s:.2f}s ({rate:,.0f} lines/s)",
-        err=True,
-    )
-
-
-class _Progress:
-    """A rich progress bar on stderr when it is a terminal; silent otherwise.
-
-    The total is what was read so far (input is streamed, and read ahead of
-    the results), so the ETA covers the lines known yet; it is exact once the
-    input has ended. The bar is redrawn at most every PROGRESS_REFRESH_S, not
-    per line: lines finish by the thousand per second.
-    """
-
-    def __init__(self, wanted: bool | None) -> None:
-        self._enabled = sys.stderr.isatty() if wanted is None else wanted
-        self._progress: Any = None
-        self._task: Any = None
-        self._submitted = 0
-        self._done = 0
-        self._started = time.perf_counter()
-        self._next_refresh = 0.0
-
-    def __enter__(self) -> _Progress:
-        if self._enabled:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TaskProgressColumn,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self._progress = Progress(
-                TextColumn("[bold]lines"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TaskProgressColumn(),
-                TextColumn("{task.fields[rate]}"),
-                TimeElapsedColumn(),
-                TextColumn("ETA"),
-                TimeRemainingColumn(),
-                console=Console(stderr=True),
-                transient=False,
-            )
-            self._progress.start()
-            self._task = self._progress.add_task("lines", total=None, rate="")
-            self._started = time.perf_counter()
-        return self
-
-    def submitted(self) -> None:
-        self._submitted += 1
-
-    def advance(self) -> None:
-        self._done += 1
-        if self._progress is not None:
-            now = time.perf_counter()
-            if now >= self._next_refresh:
-                self._refresh(now)
-
-    def _refresh(self, now: float) -> None:
-        self._next_refresh = now + PROGRESS_REFRESH_S
-        elapsed = now - self._started
-        rate = f"{self._done / elapsed:,.0f}/s" if elapsed > 0 else ""
-        self._progress.update(
-            self._task, completed=self._done, total=self._submitted, rate=rate
-        )
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self._progress is not None:
-            self._refresh(time.perf_counter())
-            self._progress.stop()
 
 
 # --- status and sink -------------------------------------------------------------
@@ -1878,7 +1056,7 @@ def _broker_answer(connect: str, timeout_s: float) -> Iterator[Client]:
     meta = click.get_current_context().meta
     secret_key = meta.get("ventilator.secret_key")
     broker_key = meta.get("ventilator.broker_key")
-    client = _or_usage_error(
+    client = or_usage_error(
         lambda: Client(connect, secret_key=secret_key, broker_key=broker_key)
     )
     with client:
@@ -1902,340 +1080,14 @@ def _broker_answer(connect: str, timeout_s: float) -> Iterator[Client]:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def status(connect: str, as_json: bool, timeout_s: float) -> None:
     """Show the broker's workers, queues, clients and recent failures."""
+    from ._status_view import print_status, without_session  # see broker()
+
     with _broker_answer(connect, timeout_s) as client:
-        report = _without_session(client.status(timeout_s), client.session_at_broker)
+        report = without_session(client.status(timeout_s), client.session_at_broker)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
-        _print_status(report)
-
-
-def _without_session(report: dict[str, Any], session: str) -> dict[str, Any]:
-    """The broker's status without the session of the connection that asked
-    for it, in its list and its counts: a session this command made up to
-    ask, which holds nothing and leaves with the answer, is none of the
-    clients an operator looks for.
-
-    Left out here rather than by the broker: a program's client that asks is
-    one of its clients, and looks itself up in the answer. The broker counts
-    every connected session, this one too: connected, and not a sink."""
-    clients = [c for c in report["clients"] if c["name"] != session]
-    trimmed = {**report, "clients": clients}
-    counts = report.get("client_counts")  # an older broker does not count
-    if counts is not None:
-        trimmed["client_counts"] = {
-            **counts,
-            "all": max(0, counts["all"] - 1),
-            "connected": max(0, counts["connected"] - 1),
-            "listed": len(clients),
-        }
-    return trimmed
-
-
-def _print_status(report: dict[str, Any]) -> None:
-    from rich.console import Console
-
-    console = Console()
-    if "scope" in report:
-        # A key with a .functions file: the broker showed it a part only.
-        console.print(
-            f"as this key sees it: its own sessions ({report['scope']}*) and the "
-            "functions it may submit; totals are the broker's"
-        )
-    console.print(_workers_table(report["workers"], report.get("worker_counts")))
-    for line in _worker_problems(report["workers"]):
-        console.print(line)
-    console.print(_queues_table(report))
-    console.print(_clients_table(report["clients"], report.get("client_counts")))
-    totals = report.get("totals", {})
-    console.print(
-        f"tasks since start: {totals.get('submitted', 0)} submitted "
-        f"({totals.get('restored', 0)} of them restored from the journal), "
-        f"{totals.get('completed', 0)} completed, {totals.get('failed', 0)} failed, "
-        f"{totals.get('cancelled', 0)} cancelled" + _split_totals(totals)
-    )
-    if totals.get("rejected"):
-        console.print(
-            f"refused as submitted (never accepted): {totals['rejected']} tasks"
-        )
-    if report.get("not_accepting"):
-        console.print(
-            f"[bold red]NOT ACCEPTING NEW TASKS[/]: {report['not_accepting']}"
-        )
-    console.print(_results_line(report))
-    if report.get("recent_failures"):
-        failures = report["recent_failures"]
-        console.print(_failures_table(failures, "recent failures", console.width))
-
-
-def _split_totals(totals: dict[str, Any]) -> str:
-    """The maps' batches that failed whole and were split, when there were any
-    (an older broker does not count them apart: they are among the failed)."""
-    split = totals.get("split")
-    if not split:
-        return ""
-    return (
-        f", {split} map batches split (failed whole: a process died, a worker "
-        "was lost, a timeout or a result over the limit; items rerun alone)"
-    )
-
-
-def _results_line(report: dict[str, Any]) -> str:
-    """Results waiting, and the tombstones of expired ones apart: both are in
-    the clients' pending and unacked columns, only the first in the limits."""
-    line = f"results waiting for delivery: {report['results_waiting']}"
-    expired = report.get("results_expired")  # an older broker does not say
-    if expired:
-        line += (
-            f"; and {expired} expired (a few bytes each, kept one more "
-            "result_ttl_s to tell their clients; not counted in the limits)"
-        )
-    return line
-
-
-def _table(title: str) -> Any:
-    """A table made to fit 80 columns: no vertical rules or edges, which
-    cost a few columns each that the widest cells need."""
-    from rich import box
-    from rich.table import Table
-
-    return Table(title=title, box=box.SIMPLE_HEAD, show_edge=False)
-
-
-def _workers_table(workers: list[dict[str, Any]], counts: dict[str, int] | None) -> Any:
-    """The workers the broker listed; `counts` (None from an older broker,
-    which listed them all) covers those it did not list too."""
-    from rich.markup import escape
-
-    every = len(workers) if counts is None else counts["all"]
-    table = _table(f"workers ({every})")
-    captions = []
-    if every > len(workers):
-        # The broker lists the most relevant ones only: its answer stays small.
-        captions.append(
-            f"{len(workers)} listed: serving nothing, then holding the oldest "
-            f"task, first; and {every - len(workers)} more"
-        )
-    if any(w.get("prefetched") for w in workers):
-        captions.append("+N: tasks prefetched, waiting on the worker")
-    table.caption = "; ".join(captions) or None
-    # The id (host.pid.tag) is what an operator looks for: folded whole, never
-    # cut; the other columns are short and keep to one line.
-    table.add_column("worker", overflow="fold", ratio=1)
-    for column in ("state", "running", "oldest", "functions", "last seen"):
-        table.add_column(column, no_wrap=True)
-    for w in workers:
-        table.add_row(
-            escape(w["id"]),
-            _worker_state(w),
-            _worker_load(w),
-            _duration(w.get("oldest_running_s")),
-            # An older broker lists every function and does not count them.
-            str(w.get("service_count", len(w["services"]))),
-            f"{w['last_seen_s']:.1f}s ago",
-        )
-    return table
-
-
-def _worker_load(worker: dict[str, Any]) -> str:
-    """'running of slots', and '+N' prefetched; a broker that predates
-    `prefetched`, or a worker without slots, shows its credit instead."""
-    slots = worker.get("slots")
-    prefetched = worker.get("prefetched")
-    if slots is None or prefetched is None:
-        return f"{worker['running']} of {worker['capacity']}"
-    return f"{worker['running']} of {slots}" + (f" +{prefetched}" if prefetched else "")
-
-
-def _duration(seconds: float | None) -> str:
-    """A short age for a table cell: 4.2s, 12m05s, 3h20m; '-' for none."""
-    if seconds is None:
-        return "-"
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, secs = divmod(int(seconds), 60)
-    if minutes < 60:
-        return f"{minutes}m{secs:02d}s"
-    return f"{minutes // 60}h{minutes % 60:02d}m"
-
-
-def _worker_state(worker: dict[str, Any]) -> str:
-    if worker.get("draining"):
-        return "draining"
-    # A worker whose task processes cannot start registers without functions.
-    return "serving" if worker["services"] else "not serving"
-
-
-def _worker_problems(workers: list[dict[str, Any]]) -> list[str]:
-    """Why each worker that serves nothing does so, one line each, for below
-    the table (a broker that predates `problem` does not say)."""
-    from rich.markup import escape
-
-    return [
-        f"[bold]{escape(w['id'])}[/bold] serves nothing: {escape(w['problem'])}"
-        for w in workers
-        if w.get("problem")
-    ]
-
-
-def _queues_table(report: dict[str, Any]) -> Any:
-    from rich.markup import escape
-
-    table = _table("tasks by function")
-    table.add_column("function", overflow="fold", ratio=1)
-    # Workers hold prefetched tasks beside those they run: the broker counts
-    # both per function (the workers table tells them apart).
-    for column in ("queued", "on workers"):
-        table.add_column(column, justify="right", no_wrap=True)
-    # Busiest first, as the broker chose which to list; an older broker's
-    # answer (by name) is put in that order too.
-    retrying = report.get("retrying", {})  # an older broker does not say
-    unserved = set(report.get("unserved", ()))
-    for function in busiest_first(report["queued"], report["running"]):
-        queued = str(report["queued"].get(function, 0))
-        if function in retrying:
-            queued += f" ({retrying[function]} to retry)"
-        name = escape(function)
-        if function in unserved:
-            name += " [bold red](no worker serves it)[/]"
-        table.add_row(name, queued, str(report["running"].get(function, 0)))
-    captions = []
-    if unserved:
-        captions.append(
-            "no connected worker serves "
-            + ", ".join(sorted(unserved))
-            + ": their tasks wait until one that does connects"
-        )
-    counts = report.get("queue_counts")  # an older broker lists every function
-    if counts is not None and counts["all"] > counts["listed"]:
-        captions.append(
-            f"the {counts['listed']} functions with the most tasks listed; and "
-            f"{counts['all'] - counts['listed']} more ({counts['queued']} queued "
-            f"and {counts['running']} on workers in all)"
-        )
-    if report.get("next_retry_in_s") is not None:
-        # Else a queued task beside an idle worker that serves it looks stuck.
-        captions.append(
-            f"to retry: {counted(report['queue_counts']['retrying'], 'task')} that "
-            "raised, waiting out a backoff; the next runs in "
-            f"{report['next_retry_in_s']:.1f}s"
-        )
-    if captions:
-        table.caption = "; ".join(captions)
-    return table
-
-
-def _clients_table(clients: list[dict[str, Any]], counts: dict[str, int] | None) -> Any:
-    """The clients the broker listed; `counts` (None from an older broker,
-    which listed them all) covers those it did not list too."""
-    from rich.markup import escape
-
-    if counts is None:
-        connected = sum(1 for c in clients if c["connected"])
-        counts = {"all": len(clients), "connected": connected}
-    table = _table(f"clients and sinks ({counts['connected']} connected)")
-    # Short headers: a session's 32-character name stays on one line in 80
-    # columns. A busy sink is connected with results unacknowledged.
-    table.caption = (
-        "tasks: its tasks the broker holds; pending: results not sent yet; "
-        "unacked: sent, not acknowledged"
-    )
-    unlisted = counts["all"] - len(clients)
-    if unlisted > 0:
-        # The broker lists the most relevant ones only: its answer stays small.
-        table.caption = (
-            f"{len(clients)} of {counts['all']} listed, owed the most results "
-            f"first ({unlisted} more not listed); " + table.caption
-        )
-    # Only when there are any: each column costs 9 of the 80 columns.
-    extra = [
-        key
-        for key in ("expired", "waiting_for_room", "held_back")
-        if _any_of(clients, key)
-    ]
-    if "expired" in extra:
-        table.caption += "; expired: of those, results that expired"
-    if "waiting_for_room" in extra:
-        table.caption += "; waiting: tasks sent past its window, not yet accepted"
-    if "held_back" in extra:
-        table.caption += (
-            "; held: its unread results fill --client-max-bytes, so its queued "
-            "tasks do not run until it collects some"
-        )
-    if any(not c["connected"] and c["pending"] for c in clients):
-        # Most often a client killed mid-run: its results count in the limits
-        # for a day, and nothing else says how to let them go.
-        table.caption += (
-            "; a session not connected keeps its results for result_ttl_s (a "
-            "day) for a client that resumes it: `ventilator purge --session "
-            "NAME` drops them"
-        )
-    table.add_column("name", overflow="fold", ratio=1)
-    # No kind column: a sink's name says it (sink:NAME), and "tasks" needs
-    # the room.
-    columns = ("connected", "tasks", "pending", "unacked")
-    for column in (*columns, *(_EXTRA_COLUMNS[key] for key in extra)):
-        table.add_column(column, no_wrap=True)
-    for c in clients:
-        cells = [
-            escape(c["name"]),
-            "yes" if c["connected"] else "no",
-            # An older broker does not say.
-            str(c.get("tasks", "-")),
-            str(c["pending"]),
-            # An older broker does not say.
-            str(c.get("unacknowledged", "-")),
-        ]
-        table.add_row(*cells, *(_cell(c[key]) for key in extra))
-    return table
-
-
-# Columns of the clients' table shown only when a client has some.
-_EXTRA_COLUMNS = {
-    "expired": "expired",
-    "waiting_for_room": "waiting",
-    "held_back": "held",
-}
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    return str(value)
-
-
-def _any_of(clients: list[dict[str, Any]], key: str) -> bool:
-    # An older broker does not say.
-    return any(c.get(key) for c in clients)
-
-
-def _failures_table(failures: list[dict[str, Any]], title: str, width: int) -> Any:
-    """Failed tasks; below WIDE_COLUMNS, without the session and task ids
-    (32 and up to 19 digits), which `--json` shows and no command here needs:
-    `retry` takes tickets."""
-    from rich.markup import escape
-
-    wide = width >= WIDE_COLUMNS
-    table = _table(title)
-    if not wide:
-        table.caption = "session and task ids: --json"
-    table.add_column("ticket", justify="right", no_wrap=True)
-    if wide:
-        table.add_column("session", no_wrap=True)
-        table.add_column("task", justify="right", no_wrap=True)
-    table.add_column("function", overflow="fold", max_width=FUNCTION_COLUMNS)
-    table.add_column("outcome", no_wrap=True)
-    table.add_column("error", overflow="fold", ratio=1)
-    for f in failures:
-        ids = [escape(f["session"]), str(f["task_id"])] if wide else []
-        table.add_row(
-            str(f["ticket"]),
-            *ids,
-            escape(f["function"]),
-            f["outcome"],
-            escape(f"{f['type']}: {f['message']}"),
-        )
-    return table
+        print_status(report)
 
 
 # --- operator commands -------------------------------------------------------------
@@ -2259,11 +1111,9 @@ def failed(connect: str, timeout_s: float, limit: int, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(failures, indent=2))
         return
-    from rich.console import Console
+    from ._status_view import print_failures  # see broker()
 
-    console = Console()
-    title = f"failed tasks ({len(failures)})"
-    console.print(_failures_table(failures, title, console.width))
+    print_failures(failures)
 
 
 @cli.command()
@@ -2528,20 +1378,22 @@ def sink(
     broker_key: str | None,
 ) -> None:
     """Receive the results of tasks submitted with sink=NAME, as JSON lines."""
+    from ._run_output import Output, OutputFailed, write_sink_results
+    from ._runs import Terminated, terminate
     from .sink import Sink  # see broker()
 
-    receiver = _or_usage_error(
+    receiver = or_usage_error(
         lambda: Sink(name, connect, secret_key=secret_key, broker_key=broker_key)
     )
-    output = _Output(output_file, _sink_output_name(output_file))
+    output = Output(output_file, _sink_output_name(output_file))
     with receiver:
         try:
             # SIGTERM unwinds as Ctrl-C does, through the receiver's close():
             # killed by it, the sink said no BYE, and the broker logged it as
             # unreachable rather than as a sink that left.
-            signal.signal(signal.SIGTERM, _terminate)
-            _write_sink_results(receiver, output, idle_timeout_s)
-        except _OutputFailed as exc:
+            signal.signal(signal.SIGTERM, terminate)
+            write_sink_results(receiver, output, idle_timeout_s)
+        except OutputFailed as exc:
             _sink_output_failed(exc, name)
         except UsageError as exc:
             # The name is taken, or this key may not receive it: the command
@@ -2552,7 +1404,7 @@ def sink(
             # Ctrl-C is the way to stop a sink that runs until interrupted:
             # the status a shell gives a command SIGINT ended, as map does.
             sys.exit(128 + signal.SIGINT)
-        except _Terminated:
+        except Terminated:
             sys.exit(128 + signal.SIGTERM)  # the status of a command it ended
     if not receiver.welcomed:
         raise click.ClickException(
@@ -2565,27 +1417,7 @@ def _sink_output_name(output_file: IO[str]) -> str:
     return "standard output" if name == "<stdout>" else repr(name)
 
 
-def _write_sink_results(
-    receiver: Sink, output: _Output, idle_timeout_s: float | None
-) -> None:
-    """Write each result as it comes. A write that fails ends the receiving
-    before the sink acknowledges the batch of the result it could not write
-    (it acknowledges a batch when asked for the result after its last).
-
-    The sink watches the output while it waits: a reader that left (`| head`
-    done, `| true`) ends it as a failed write would, at once, not at the next
-    result, which may be hours away while the sink holds its name."""
-    watched = receiver.results(idle_timeout_s, output_fd=output.watched_fd())
-    with contextlib.closing(watched) as results:
-        try:
-            for result in results:
-                output.write(_json_line(_sink_fields(result)))
-                output.flush()
-        except BrokenPipeError as exc:  # the sink's, not a write's: those are wrapped
-            raise output.failed(exc) from exc
-
-
-def _sink_output_failed(exc: _OutputFailed, name: str) -> NoReturn:
+def _sink_output_failed(exc: OutputFailed, name: str) -> NoReturn:
     """End a sink whose output failed; what it did not write waits at the
     broker for the next receiver of `name`."""
     if exc.broken_pipe:
@@ -2595,21 +1427,6 @@ def _sink_output_failed(exc: _OutputFailed, name: str) -> NoReturn:
         f"{exc}; the results not written wait at the broker for the next "
         f"`ventilator sink {name}`"
     ) from None
-
-
-def _sink_fields(result: SinkResult) -> dict[str, Any]:
-    fields: dict[str, Any] = {
-        "client": result.session,
-        "task_id": result.task_id,
-        # Ids are 64-bit: readers that parse every JSON number as a double
-        # (JavaScript, jq 1.6) round those above 2**53.
-        "task_id_str": str(result.task_id),
-    }
-    if result.error is None:
-        fields["result"] = result.value
-    else:
-        fields["error"] = _error_fields(result.error)
-    return fields
 
 
 __all__ = ["cli", "main"]
