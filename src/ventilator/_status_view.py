@@ -177,7 +177,8 @@ def _duration(seconds: float | None) -> str:
 def _worker_state(worker: dict[str, Any]) -> str:
     if worker.get("draining"):
         return "draining"
-    # A worker whose task processes cannot start registers without functions.
+    # A worker where no task can run (task processes that cannot start, every
+    # slot held by a stuck thread) registers without functions.
     return "serving" if worker["services"] else "not serving"
 
 

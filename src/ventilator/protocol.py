@@ -437,9 +437,9 @@ class Ready:
     # function how many more to hold (adaptive prefetch); None: its capacity
     # alone limits what it is sent (a fixed prefetch, an older worker).
     slots: int | None = None
-    # Why it serves nothing, when its task processes cannot start: shown to
-    # operators in the status. Sent only when set, so that a healthy worker's
-    # READY still reads to a broker that predates it.
+    # Why it serves nothing (its task processes cannot start, every slot holds
+    # a stuck thread): shown to operators in the status. Sent only when set,
+    # so that a healthy worker's READY still reads to a broker that predates it.
     problem: str | None = None
     # The tasks it still holds and will report, as (ticket, attempt), when it
     # registers again: the broker keeps them with it instead of running them

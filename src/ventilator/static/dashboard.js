@@ -107,7 +107,7 @@ function renderWorkers(workers) {
   const rows = workers.map((w) => {
     const load = w.capacity ? Math.min(100, (100 * w.running) / w.capacity) : 0;
     const state = w.draining ? el("span", { class: "tag warn" }, "draining") : "";
-    // A worker whose task processes cannot start serves nothing, and says why.
+    // A worker where no task can run serves nothing, and says why.
     const problem = w.problem
       ? el("div", { class: "problem" }, el("span", { class: "tag warn" }, "serves nothing"),
         " ", w.problem)
