@@ -50,6 +50,23 @@ def test_a_nonsense_number_is_a_usage_error_naming_its_option(
     assert option in completed.stderr
 
 
+def test_a_broker_that_cannot_open_its_journal_says_so_without_a_usage_banner(
+    processes: Processes, tmp_path: Path
+) -> None:
+    # The command line was right: "Usage: ventilator broker [OPTIONS]" and
+    # "Try --help" above the journal's error sent an operator to the options.
+    journal = tmp_path / "journal.db"
+    journal.write_text("not a database\n")
+    where = ["--frontend", f"tcp://127.0.0.1:{free_port()}"]
+    where += ["--backend", f"tcp://127.0.0.1:{free_port()}"]
+
+    completed = run_cli(processes, "broker", "--journal", str(journal), *where)
+
+    assert completed.returncode == 2, completed.stderr
+    assert "Error: cannot open journal" in completed.stderr
+    assert "Usage:" not in completed.stderr, completed.stderr
+
+
 @pytest.mark.parametrize(
     ("args", "bound"),
     [
