@@ -500,6 +500,24 @@ def client(launch: Launcher, broker: BrokerProcess) -> ventilator.Client:
     return launch.client(broker)
 
 
+def restartable_broker(tmp_path: Path, **extra: object) -> dict[str, Any]:
+    """Options of a broker that a second one replaces on the same endpoints
+    and journal (`Launcher.broker(**options)`)."""
+    return {
+        "frontend": f"tcp://127.0.0.1:{free_port()}",
+        "backend": f"tcp://127.0.0.1:{free_port()}",
+        "durability": "process",
+        "journal": tmp_path / "journal.db",
+        **extra,
+    }
+
+
+@pytest.fixture
+def restartable(tmp_path: Path) -> dict[str, Any]:
+    """Broker options for one restartable broker: fixed ports and a journal."""
+    return restartable_broker(tmp_path)
+
+
 @pytest.fixture
 def context() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
     """A ZeroMQ context for a test's raw sockets, closed with them at the end."""

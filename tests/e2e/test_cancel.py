@@ -29,6 +29,7 @@ from .conftest import (
     free_port,
     log_of,
     paused,
+    restartable_broker,
     run_cli,
     status_when,
     ventilator_argv,
@@ -85,30 +86,18 @@ def test_cancelled_running_task_is_not_rerun_when_its_worker_dies(
     assert status["totals"]["cancelled"] == 1
 
 
-def restartable(tmp_path: Path, **extra: object) -> dict[str, object]:
-    """Options of a broker that a second one replaces on the same endpoints
-    and journal."""
-    return {
-        "frontend": f"tcp://127.0.0.1:{free_port()}",
-        "backend": f"tcp://127.0.0.1:{free_port()}",
-        "durability": "process",
-        "journal": tmp_path / "journal.db",
-        **extra,
-    }
-
-
 def test_cancelled_running_task_is_not_queued_again_by_a_restarted_broker(
     launch: Launcher, tmp_path: Path
 ) -> None:
-    options = restartable(tmp_path)
-    first = launch.broker(**options)  # type: ignore[arg-type]
+    options = restartable_broker(tmp_path)
+    first = launch.broker(**options)
     launch.worker(first, pool="thread")
     client = launch.client(first)
     wait_for_workers(client, 1)
     cancel_while_running(client)
 
     kill(first)
-    second = launch.broker(**options)  # type: ignore[arg-type]
+    second = launch.broker(**options)
 
     status = launch.client(second).status()
     assert (status["queued"], status["totals"]["restored"]) == ({}, 0)
@@ -164,15 +153,15 @@ def test_interrupted_map_says_when_its_cancellation_reached_no_broker(
 def test_interrupted_map_with_its_broker_down_names_the_purge_of_its_session(
     processes: Processes, launch: Launcher, tmp_path: Path
 ) -> None:
-    options = restartable(tmp_path)
-    first = launch.broker(**options)  # type: ignore[arg-type]
+    options = restartable_broker(tmp_path)
+    first = launch.broker(**options)
     said = interrupt_a_map_whose_broker_died(processes, launch, first)
 
     # Before, the run said the tasks may still run, but not for which session
     # nor how to drop them: their results waited a day for nobody.
     named = re.search(r"`ventilator (purge --session [^`]+)`", said)
     assert named is not None, said
-    second = launch.broker(**options)  # type: ignore[arg-type]
+    second = launch.broker(**options)
     purged = run_cli(processes, *shlex.split(named.group(1)))
 
     assert purged.returncode == 0, purged.stderr
@@ -253,8 +242,8 @@ def test_only_the_cancelled_of_the_tasks_held_before_welcome_stay_unsent(
 def test_a_cancel_its_broker_died_without_reading_is_sent_to_the_restarted_one(
     launch: Launcher, tmp_path: Path
 ) -> None:
-    options = restartable(tmp_path, heartbeat_interval_s=FAST_HEARTBEAT_S)
-    first = launch.broker(**options)  # type: ignore[arg-type]
+    options = restartable_broker(tmp_path, heartbeat_interval_s=FAST_HEARTBEAT_S)
+    first = launch.broker(**options)
     client = launch.client(first)
     future = client.submit(UNSERVED, 1)
     assert queued_after_a_question(client) == 1  # journalled: a restart keeps it
@@ -263,7 +252,7 @@ def test_a_cancel_its_broker_died_without_reading_is_sent_to_the_restarted_one(
     os.kill(first.pid, signal.SIGSTOP)
     assert future.cancel()
     kill(first)
-    second = launch.broker(**options)  # type: ignore[arg-type]
+    second = launch.broker(**options)
 
     status = status_when(
         launch.client(second),

@@ -5,26 +5,21 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from ventilator.errors import TaskRejected
 
-from .conftest import MORE_TASKS, Launcher, free_port, status_when
+from .conftest import MORE_TASKS, Launcher, status_when
 
 PAYLOAD_BYTES = 100_000  # well over the 8 KiB kept inline in a row
 
 
 def test_a_payload_changed_while_the_broker_was_down_fails_that_task_alone(
-    launch: Launcher, tmp_path: Path
+    launch: Launcher, restartable: dict[str, Any]
 ) -> None:
-    journal = tmp_path / "journal.db"
-    restartable = {
-        "frontend": f"tcp://127.0.0.1:{free_port()}",
-        "backend": f"tcp://127.0.0.1:{free_port()}",
-        "durability": "process",
-        "journal": journal,
-    }
+    journal = restartable["journal"]
     broker = launch.broker(**restartable)
     client = launch.client(broker)
     # No worker yet: both payloads wait in the first segment, one after the other.

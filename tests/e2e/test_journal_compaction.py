@@ -13,6 +13,7 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,7 +24,7 @@ from ventilator.scheduler import State, Task
 from ventilator.segments import BlobRef
 
 from . import tasks
-from .conftest import MORE_TASKS, REPO_ROOT, Launcher, child_env, free_port, wait_until
+from .conftest import MORE_TASKS, REPO_ROOT, Launcher, child_env, wait_until
 from .journal_crash import STEPS
 
 SMALL_SEGMENT_BYTES = 8 * 2**20
@@ -134,15 +135,9 @@ def test_a_compaction_killed_after_any_step_loses_nothing(
 
 
 def test_one_queued_task_does_not_pin_a_segment_of_a_real_broker(
-    launch: Launcher, tmp_path: Path
+    launch: Launcher, restartable: dict[str, Any]
 ) -> None:
-    journal = tmp_path / "journal.db"
-    restartable = {
-        "frontend": f"tcp://127.0.0.1:{free_port()}",
-        "backend": f"tcp://127.0.0.1:{free_port()}",
-        "durability": "process",
-        "journal": journal,
-    }
+    journal = restartable["journal"]
     broker = launch.broker(**restartable)
     client = launch.client(broker)
     # Nobody serves it until the end: its payload is the first blob of the

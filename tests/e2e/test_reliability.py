@@ -471,17 +471,6 @@ def test_thread_pool_worker_told_to_leave_at_once_exits_while_a_task_runs(
 # --- broker restarts and quiet clients --------------------------------------------
 
 
-@pytest.fixture
-def restartable(launch: Launcher, tmp_path: Path) -> dict[str, Any]:
-    """Broker options for one restartable broker: fixed ports and a journal."""
-    return {
-        "frontend": f"tcp://127.0.0.1:{free_port()}",
-        "backend": f"tcp://127.0.0.1:{free_port()}",
-        "durability": "process",
-        "journal": tmp_path / "journal.db",
-    }
-
-
 def kill_broker(broker: BrokerProcess) -> None:
     os.kill(broker.pid, signal.SIGKILL)
     broker.process.wait(10)
