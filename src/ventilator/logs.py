@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from datetime import UTC, datetime
 from typing import Generic, TypeVar
@@ -47,11 +48,19 @@ REMOTE_TRACEBACK = "ventilator_remote_traceback"
 K = TypeVar("K")
 
 
+# A `key=value` pair of a message, as our lines put them after the sentence:
+# a lower-case name that starts a word, and a value up to the next space.
+_FIELD = re.compile(r"(?<!\S)([a-z][a-z0-9_]*)=(\S+)")
+_INTEGER = re.compile(r"-?[0-9]+")
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per record, on one line, for log shippers.
 
-    Fields: time (ISO 8601, UTC), level, logger, message, process, thread, and
-    exception (the formatted traceback) when there is one.
+    Fields: time (ISO 8601, UTC), level, logger, message, process, thread,
+    fields (the message's `key=value` pairs, so that a shipper can filter on a
+    ticket or a worker) when it has any, and exception (the formatted
+    traceback) when there is one.
     """
 
     def format(self, record: logging.LogRecord) -> str:
@@ -65,12 +74,25 @@ class JsonFormatter(logging.Formatter):
             "process": record.process,
             "thread": record.threadName,
         }
+        fields = _fields(str(entry["message"]))
+        if fields:
+            entry["fields"] = fields
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         elif remote := _remote_traceback(record):
             entry["exception"] = remote
         # default=str: a stray object in a log argument must not lose the line.
         return json.dumps(entry, default=str)
+
+
+def _fields(message: str) -> dict[str, object]:
+    """The `key=value` pairs of `message`, the first of each key; integers
+    as numbers, the rest as text, without the punctuation that ends a clause."""
+    fields: dict[str, object] = {}
+    for key, raw in _FIELD.findall(message):
+        value = raw.rstrip(";,:")
+        fields.setdefault(key, int(value) if _INTEGER.fullmatch(value) else value)
+    return fields
 
 
 def _remote_traceback(record: logging.LogRecord) -> str:

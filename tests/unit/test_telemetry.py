@@ -140,6 +140,37 @@ def test_a_traceback_from_another_process_goes_where_an_exception_s_would() -> N
     assert entry["exception"] == "Traceback ...\nImportError: on purpose"
 
 
+def test_a_json_line_carries_the_message_s_key_value_fields_as_fields() -> None:
+    # Tester 22: the ticket, function and client of a failure were only
+    # inside the message text, where a log shipper cannot filter on them.
+    record = logging.LogRecord(
+        "ventilator.broker",
+        logging.WARNING,
+        __file__,
+        1,
+        "task failed as poison ticket=%d function=%s client=%s; it ran %s",
+        (42, "tasks:crash", "alice-1", "3 times (max_attempts=3)"),
+        None,
+    )
+
+    entry = json.loads(JsonFormatter().format(record))
+
+    assert entry["fields"] == {
+        "ticket": 42,
+        "function": "tasks:crash",
+        "client": "alice-1",
+    }
+    assert entry["message"].startswith("task failed as poison ticket=42")
+
+
+def test_a_json_line_without_fields_has_none() -> None:
+    record = logging.LogRecord(
+        "ventilator.broker", logging.INFO, __file__, 1, "plain words", (), None
+    )
+
+    assert "fields" not in json.loads(JsonFormatter().format(record))
+
+
 # --- items: a batch of map counts each of its items --------------------------------
 
 
