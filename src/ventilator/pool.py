@@ -928,7 +928,7 @@ class ProcessPool:
         if at_once:
             # Abandoned: the broker runs them again, so they must not run on.
             for child in self._children:
-                self._stop_child(child, at_once=True)
+                self._stop_child(child, at_once=True, closing=True)
             return
         for child in self._children:
             # Best effort: batches not written yet are dropped, and end-of-file
@@ -940,9 +940,11 @@ class ProcessPool:
         for child in self._children:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 child.process.wait(max(0.0, deadline - time.monotonic()))
-            self._stop_child(child, at_once=False)
+            self._stop_child(child, at_once=False, closing=True)
 
-    def _stop_child(self, child: _Child, at_once: bool) -> None:
+    def _stop_child(self, child: _Child, at_once: bool, closing: bool = False) -> None:
+        """Stop `child` and whatever its tasks started; `closing`: the pool
+        is closing, so what is ended is no news worth a WARNING."""
         if _alive(child.process):
             # What its task started goes first, or it would run on, adopted by
             # init: a command, a task's own subprocess, and theirs.
@@ -955,19 +957,20 @@ class ProcessPool:
                 child.process.wait()
         child.sock.close()
         child.progress.close()
-        _end_leftovers(child)
+        _end_leftovers(child, logging.INFO if closing else logging.WARNING)
 
 
 # Status by value: indexing costs less than calling the enum, once per task.
 _STATUSES = tuple(p.Status)
 
 
-def _end_leftovers(child: _Child) -> None:
+def _end_leftovers(child: _Child, level: int) -> None:
     """Kill what a gone child's tasks started and left running: adopted by
     init when the child died, no walk of its tree finds them any more."""
     left = _proctree.kill_marked(TASK_PROCESS_ENV, [child.mark])
     if left:
-        log.warning(
+        log.log(
+            level,
             "killed %s that tasks of task process pid=%d started and left running: %s",
             counted(len(left), "process", "processes"),
             child.process.pid,

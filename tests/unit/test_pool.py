@@ -391,6 +391,30 @@ def test_a_task_process_that_dies_on_its_own_leaves_no_process_it_started(
             pool.close()
 
 
+def test_closing_a_pool_ends_what_its_tasks_left_running_without_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Ctrl-C on `ventilator exec` printed a WARNING for each command its
+    # interrupted tasks left behind: ending them is what a close is for.
+    with pid_file(tmp_path) as pids:
+        pool = ProcessPool(1, [PROCESS_TASKS], allow_pickle=False)
+        try:
+            # The inner shell outlives the outer one: adopted by init, where
+            # only the mark its environment carries finds it.
+            script = f"sh -c '{pids.sleeper()}' & {pids.until_recorded(1)}"
+            call = pack_call((["sh", "-c", script],), {})
+            pool.submit(p.Assignment(1, 1, f"{PROCESS_TASKS}:run_program", call), 0.0)
+            [outcome] = run_all(pool, 1)
+        finally:
+            with caplog.at_level(logging.INFO, logger="ventilator.pool"):
+                pool.close()
+        wait_until(lambda: not pids.alive(), 5, "the command left running to go")
+
+    assert outcome.status is p.Status.OK
+    lines = [r for r in caplog.records if "left running" in r.getMessage()]
+    assert [r.levelno for r in lines] == [logging.INFO], lines
+
+
 def test_a_thread_pool_task_past_its_timeout_leaves_no_process_it_started(
     tmp_path: Path,
 ) -> None:
