@@ -63,7 +63,25 @@ def describe_error(exc: BaseException) -> str:
 
 def unpack_value(payload: Any) -> Any:
     """Decode what `pack_value` encoded."""
-    return msgpack.unpackb(payload, raw=False, strict_map_key=False)
+    try:
+        return msgpack.unpackb(payload, raw=False, strict_map_key=False)
+    except TypeError:
+        # See _with_tuple_keys: only a payload that needs it pays for it.
+        return msgpack.unpackb(
+            payload, raw=False, strict_map_key=False, object_pairs_hook=_with_tuple_keys
+        )
+
+
+def _with_tuple_keys(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    """A map whose keys may be lists: msgpack carries a tuple as a list, so a
+    dict keyed by tuples, which it packs without complaint, arrived with
+    lists for keys and failed to decode ("unhashable type: 'list'"). Such
+    keys become tuples again, as they were."""
+    return {_hashable(key): value for key, value in pairs}
+
+
+def _hashable(key: Any) -> Any:
+    return tuple(map(_hashable, key)) if isinstance(key, list) else key
 
 
 def pack_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
@@ -184,15 +202,26 @@ def unpack_batch(payload: Any) -> tuple[list[Any], float | None]:
         ValueError: the items are not a list, the budget not a number of
             seconds, or something follows it.
     """
-    # The limits of an Unpacker follow its buffer's size; the payload is whole.
-    unpacker = msgpack.Unpacker(
-        raw=False, strict_map_key=False, max_buffer_size=max(1, len(payload))
-    )
-    unpacker.feed(payload)
-    values = list(unpacker)
+    try:
+        values = _unpack_all(payload)
+    except TypeError:
+        values = _unpack_all(payload, object_pairs_hook=_with_tuple_keys)
     if not values or not isinstance(values[0], list) or len(values) > 2:
         raise ValueError("a batch payload must be a list of items, then a budget")
     return values[0], _budget(values[1] if len(values) == 2 else None)
+
+
+def _unpack_all(payload: Any, **options: Any) -> list[Any]:
+    """Every value packed one after another in `payload`."""
+    # The limits of an Unpacker follow its buffer's size; the payload is whole.
+    unpacker = msgpack.Unpacker(
+        raw=False,
+        strict_map_key=False,
+        max_buffer_size=max(1, len(payload)),
+        **options,
+    )
+    unpacker.feed(payload)
+    return list(unpacker)
 
 
 def _budget(value: Any) -> float | None:

@@ -11,10 +11,12 @@ from hypothesis import strategies as st
 
 from ventilator.errors import TaskRaised, UsageError, task_error_from_wire
 from ventilator.serialization import (
+    BatchPacker,
     pack_call,
     pack_error,
     pack_pickled_call,
     pack_value,
+    unpack_batch,
     unpack_call,
     unpack_pickled_call,
     unpack_value,
@@ -38,6 +40,18 @@ plain_values = st.recursive(
 @given(value=plain_values)
 def test_plain_values_survive_a_round_trip(value: Any) -> None:
     assert unpack_value(pack_value(value)) == value
+
+
+def test_a_dict_keyed_by_tuples_survives_a_round_trip() -> None:
+    # msgpack carries a tuple as a list, and a list cannot be a key: tester 24
+    # saw such an argument accepted by submit, then fail on the worker as if
+    # the function had raised ("unhashable type: 'list'").
+    value = {(1, 2): "b", (3, (4, 5)): "c", "plain": [1, 2]}
+
+    assert unpack_value(pack_value(value)) == value
+    assert unpack_call(pack_call((value,), {})) == ([value], {})
+    packer = BatchPacker()
+    assert unpack_batch(packer.batch([packer.item(value)])) == ([value], None)
 
 
 def test_bytes_and_text_stay_distinct() -> None:
