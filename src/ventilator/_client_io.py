@@ -119,6 +119,9 @@ class IOSettings:
     curve: ClientKeys | None
     heartbeat_interval_s: float
     liveness: int
+    # Whether the caller named the session: then results left behind at close
+    # are likely meant to be collected later; a generated one's are likely not.
+    session_named: bool = False
 
 
 class BrokerSilence:
@@ -168,6 +171,7 @@ class ClientIO:
         self._context = context
         self.address = settings.address
         self.session = settings.session
+        self._session_named = settings.session_named
         self._instance = settings.instance
         self._curve = settings.curve
         self._heartbeat_interval_s = settings.heartbeat_interval_s
@@ -1106,6 +1110,7 @@ class ClientIO:
         for pending in unsent:
             _fail(pending.future, unsent_error)
         self._log_unaccepted(len(unsent), self._unconfirmed())
+        self._log_unfinished(len(self._pending) - self._unconfirmed())
         closed = ClientClosed("the client was closed before the broker answered")
         for question in questions:
             _fail(question.answer, closed)
@@ -1135,6 +1140,26 @@ class ClientIO:
                 unconfirmed,
                 self.session,
             )
+
+    def _log_unfinished(self, unfinished: int) -> None:
+        """Say where the results of tasks left running at close go: a client
+        closed as a ProcessPoolExecutor's `with` block would be, expecting a
+        wait, left the broker holding them for a day. A WARNING for a session
+        of its own, which nobody is likely to resume; news for a named one."""
+        if not unfinished:
+            return
+        log.log(
+            logging.INFO if self._session_named else logging.WARNING,
+            "closed with tasks unfinished: they run on at the broker at %s, which "
+            "keeps their results until a client of this session collects them "
+            "(Client(session=...).collect()) or the session is purged (ventilator "
+            "purge --session), for up to its result TTL (a day by default); to "
+            "wait for them, wait on their futures before closing "
+            "unfinished=%d session=%s",
+            self.address,
+            unfinished,
+            self.session,
+        )
 
 
 def _batches(specs: list[p.TaskSpec]) -> Iterator[list[p.TaskSpec]]:

@@ -220,6 +220,7 @@ class Client:
             self._curve,
             heartbeat_interval_s,
             liveness,
+            session_named=session is not None,
         )
         self._io = ClientIO(settings, self._handover, context)
         self._io.start()

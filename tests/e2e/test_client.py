@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import functools
 import gc
+import logging
 import os
 import selectors
 import signal
@@ -1453,3 +1454,30 @@ def test_a_plain_name_under_the_pickled_prefix_is_refused_at_submit(
 ) -> None:
     with pytest.raises(ventilator.UsageError, match="reserved for pickled callables"):
         client.submit("pickled:x", 1)
+
+
+@pytest.mark.parametrize(("named", "level"), [(False, "WARNING"), (True, "INFO")])
+def test_closing_with_tasks_unfinished_says_where_their_results_wait(
+    launch: Launcher,
+    broker: BrokerProcess,
+    caplog: pytest.LogCaptureFixture,
+    named: bool,
+    level: str,
+) -> None:
+    # Tester 24 left `with Client(...)` blocks with futures pending, as a
+    # ProcessPoolExecutor's block would wait for them: the broker kept 46,118
+    # results for seven sessions nobody would come back to, and nothing said
+    # so. A session of its own (generated) is a WARNING; a named one, kept on
+    # purpose to collect later, is news at INFO.
+    caplog.set_level(logging.INFO, logger="ventilator.client")
+    session = "kept-on-purpose" if named else None
+    client = launch.client(broker, session=session)
+    futures = [client.submit(f"{MORE_TASKS}:cube", i) for i in range(3)]
+    status_when(client, lambda s: sum(s["queued"].values()) == 3, 10, "3 queued")
+
+    client.close()
+
+    assert all(isinstance(f.exception(), ventilator.ClientClosed) for f in futures)
+    [line] = [r for r in caplog.records if "unfinished=3" in r.getMessage()]
+    assert line.levelname == level
+    assert f"session={client.session}" in line.getMessage()
