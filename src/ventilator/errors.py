@@ -24,10 +24,14 @@
 `TaskError` and its subclasses cross process boundaries: a worker reports one as a
 plain dict (`to_wire`), the client rebuilds it (`task_error_from_wire`), and each
 instance pickles, so a `Future` holding one can be passed between processes too.
+A `TaskRaised` whose remote type is a built-in exception class is an instance of
+that class too, as `BrokerTimeout` is a `TimeoutError`: `except ValueError`
+catches a task's ValueError, as it would from a `ProcessPoolExecutor`.
 """
 
 from __future__ import annotations
 
+import builtins
 from typing import Any
 
 __all__ = [
@@ -123,7 +127,9 @@ class TaskError(VentilatorError):
         self.remote_traceback = remote_traceback
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.remote_type, self.message, self.remote_traceback))
+        # By kind, not by class: a TaskRaised that is also a ValueError has a
+        # class made at run time, which pickle cannot find by name.
+        return (task_error_from_wire, (self.to_wire(),))
 
     @property
     def _names_itself(self) -> bool:
@@ -248,8 +254,62 @@ def task_error_from_wire(fields: Any) -> TaskError:
         return TaskError("ProtocolError", f"undecodable error report {fields!r:.80}")
 
     cls = _KINDS.get(str(fields.get("kind", "")), TaskError)
+    remote_type = str(fields.get("type", "Error"))
+    if cls is TaskRaised:
+        cls = _raised_as(remote_type)
     return cls(
-        str(fields.get("type", "Error")),
+        remote_type,
         str(fields.get("message", "")),
         str(fields.get("traceback", "")),
     )
+
+
+# Built-in exceptions a task's error does not pose as: they end a program, or
+# a generator that happens to call result().
+_NOT_MIMICKED = frozenset({StopIteration, StopAsyncIteration})
+
+
+def _raised_as(remote_type: str) -> type[TaskRaised]:
+    """The class of a task's raised error named `remote_type`: TaskRaised,
+    and the built-in exception class of that name, if there is one.
+
+    Only built-ins: a class the wire names is never imported, as importing
+    would run a module's code. Exceptions that are not `Exception`s
+    (KeyboardInterrupt, SystemExit) are not mimicked either.
+    """
+    builtin = getattr(builtins, remote_type, None)
+    if (
+        not isinstance(builtin, type)
+        or not issubclass(builtin, Exception)
+        or builtin in _NOT_MIMICKED
+    ):
+        return TaskRaised
+    mixed = _MIXED.get(builtin)
+    if mixed is None:
+        mixed = _MIXED[builtin] = _mixed_with(builtin)
+    return mixed
+
+
+# Made once per built-in class: a few dozen at most.
+_MIXED: dict[type[Exception], type[TaskRaised]] = {}
+
+
+def _mixed_with(builtin: type[Exception]) -> type[TaskRaised]:
+    namespace: dict[str, Any] = {"__module__": __name__}
+    if issubclass(builtin, OSError):
+        namespace["__init__"] = _init_without_errno
+    try:
+        cls = type("TaskRaised", (TaskRaised, builtin), namespace)
+        cls("ValueError", "", "")  # some built-ins need arguments of their own
+    except TypeError:
+        return TaskRaised
+    return cls
+
+
+def _init_without_errno(
+    self: Any, remote_type: str, message: str, remote_traceback: str = ""
+) -> None:
+    TaskRaised.__init__(self, remote_type, message, remote_traceback)
+    # OSError read the remote type's name as an errno: the number did not
+    # travel, only the message that may hold it.
+    self.errno, self.strerror = None, message

@@ -131,7 +131,7 @@ def test_error_report_survives_as_the_same_task_error() -> None:
 
     again = task_error_from_wire(unpack_value(pack_error(error)))
 
-    assert type(again) is TaskRaised
+    assert isinstance(again, TaskRaised) and isinstance(again, ZeroDivisionError)
     assert (again.remote_type, again.message, again.remote_traceback) == (
         "ZeroDivisionError",
         "division by zero",
