@@ -103,6 +103,8 @@ DROPPED_CLOSE_TIMEOUT_S = 10.0
 # The command bytes of answers to questions: one that cannot be read still
 # answers the oldest question asked (the broker answers in order).
 _ANSWER_BYTES = frozenset({bytes([p.Cmd.STATUS_REPLY]), bytes([p.Cmd.OPERATOR_REPLY])})
+# The broker's notices of unserved functions kept for a timed-out wait to name.
+UNSERVED_REMEMBERED = 64
 # ERROR codes that answer a question in its place (in order, like an answer).
 _QUESTION_REFUSED = frozenset({NOT_PERMITTED, p.TOO_MANY_QUESTIONS})
 
@@ -222,6 +224,9 @@ class ClientIO:
         self._collectable: set[tuple[str, int]] = set()
         self._window_held_warned = False
         self._warned: set[str] = set()  # what the broker told us, logged once
+        # The broker's latest words on functions no worker serves, for what a
+        # caller's wait that timed out says (see why_waiting).
+        self._unserved_said: deque[str] = deque(maxlen=UNSERVED_REMEMBERED)
         # Why the broker stopped serving this client's key, once it said so.
         self._revoked: str | None = None
         public_key = self._curve.public_key if self._curve is not None else None
@@ -250,6 +255,28 @@ class ClientIO:
     def silence_s(self) -> float:
         """How long without a word before the broker is presumed gone."""
         return self._heartbeat_interval_s * self._liveness
+
+    def function_of(self, task_id: int) -> str | None:
+        """The function of a task not finished yet; None for any other."""
+        pending = self._pending.get(task_id)
+        return None if pending is None else pending.spec.function
+
+    def why_waiting(self, task_id: int) -> str | None:
+        """What the client knows of why task `task_id` is not done, in words
+        for a caller whose wait timed out; None when it knows nothing.
+
+        Read from the caller's thread without the lock: a diagnosis, and each
+        read is one step the I/O thread cannot tear."""
+        pending = self._pending.get(task_id)
+        if pending is None:
+            return None
+        function = pending.spec.function
+        for message in reversed(self._unserved_said):
+            if f"serves {function};" in message:
+                return f"the broker said: {message}"
+        if not pending.accepted:
+            return "the broker has not confirmed it accepted it yet"
+        return None
 
     def send_now(self) -> bool:
         """Send what is queued from the caller's thread, if the I/O thread is
@@ -595,6 +622,7 @@ class ClientIO:
                 log.info("the broker does not know this session; saying HELLO again")
                 self._hello()
         elif error.code == p.UNSERVED:
+            self._unserved_said.append(error.message)
             self._warn_once(error.message)
         elif error.code in (p.SESSION_IN_USE, p.TOO_MANY_SESSIONS):
             self._session_refused(error)

@@ -139,14 +139,22 @@ class TaskFuture(Future):  # type: ignore[type-arg]
         """
         if not self.done():
             self._client._refuse_to_wait(f"result() of task {self.task_id}")
-        return super().result(timeout)
+        try:
+            return super().result(timeout)
+        except TimeoutError:
+            if self.done():  # the task's own error: a remote TimeoutError
+                raise
+            raise self._client._wait_timed_out(self.task_id, timeout) from None
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """As `concurrent.futures.Future.exception`; raises `UsageError` as
         `result` does."""
         if not self.done():
             self._client._refuse_to_wait(f"exception() of task {self.task_id}")
-        return super().exception(timeout)
+        try:
+            return super().exception(timeout)
+        except TimeoutError:
+            raise self._client._wait_timed_out(self.task_id, timeout) from None
 
 
 OutcomeT = TypeVar("OutcomeT", TaskFuture, Slot)
@@ -783,6 +791,16 @@ class Client:
         this is: only the forking thread came along, not the I/O thread."""
         self._forked_from = parent_pid
         self._dropped.detach()  # dropping this copy must not wake the parent's
+
+    def _wait_timed_out(self, task_id: int, timeout_s: float | None) -> TimeoutError:
+        """The error for a wait on task `task_id` that timed out, saying what
+        is known of why: a bare TimeoutError left a mistyped function's name
+        to a log line printed once, long before."""
+        function = self._io.function_of(task_id)
+        what = f"task {task_id}" if function is None else f"task {task_id} ({function})"
+        message = f"{what} is not done after {timeout_s:g}s"
+        why = self._io.why_waiting(task_id)
+        return TimeoutError(f"{message}; {why}" if why else message)
 
     def _refuse_to_wait(self, call: str) -> None:
         """Raise rather than wait for what no thread here would bring."""

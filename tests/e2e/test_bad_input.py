@@ -240,6 +240,26 @@ def test_a_client_is_told_once_that_no_worker_serves_its_function(
     assert [f.result(RESULT_TIMEOUT_S) for f in futures] == [i * i for i in range(6)]
 
 
+def test_a_wait_that_times_out_says_what_the_broker_said_of_its_function(
+    launch: Launcher, broker: BrokerProcess, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Tester 24 typed a function's name wrong: result(timeout=4) raised a bare
+    # TimeoutError, the reason only in a log line printed once, long before.
+    caplog.set_level(logging.WARNING, logger="ventilator.client")
+    client = launch.client(broker)
+    function = f"{TASKS}:sqaure"
+    future = client.submit(function, 3)
+    wait_until(lambda: notices(caplog, function), 10, "the unserved notice")
+
+    with pytest.raises(TimeoutError) as waited:
+        future.result(timeout=0.01)
+
+    assert f"task {future.task_id} ({function})" in str(waited.value)
+    assert f"no connected worker serves {function}" in str(waited.value)
+    with pytest.raises(TimeoutError, match="no connected worker serves"):
+        future.exception(timeout=0.01)
+
+
 def notices(caplog: pytest.LogCaptureFixture, function: str) -> list[str]:
     return [
         r.getMessage()
