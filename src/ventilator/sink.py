@@ -53,6 +53,13 @@ TAKEN_WAIT_S = 5.0
 # What a broker's backend answers a client's HELLO ("command") and heartbeats
 # ("unknown_worker"): the sink was pointed at the wrong socket.
 _BACKEND_REFUSALS = frozenset({"command", "unknown_worker"})
+# Results yielded between two ACKs. A sink that starts late reads the whole
+# backlog the broker sends at once (up to its delivery window, 20,000); held
+# until all of it was written, a sink killed part way got every written
+# result again. An ACK per result halved a sink's rate (see
+# _receive_until_idle); one per this many costs next to nothing, and bounds
+# what a killed sink writes twice.
+SINK_ACK_EVERY = 256
 # Heartbeat intervals without a broker's WELCOME before the sink says so, and
 # between two such warnings: a Client's default liveness, so that both say
 # "no broker answered" after the same wait.
@@ -181,16 +188,17 @@ class Sink:
             batch = self._receive()
             # WELCOME may have lowered the interval to the broker's.
             next_beat = min(next_beat, time.monotonic() + self._heartbeat_interval_s)
-            if batch:
+            for start in range(0, len(batch), SINK_ACK_EVERY):
                 # Acknowledged together once the caller asks for the one after
                 # the last: all written. One ACK per result halved a sink's
                 # rate and cost the broker five times the CPU; a sink killed
-                # meanwhile gets the whole batch again.
-                for result in batch:
+                # meanwhile gets that part of the batch again.
+                part = batch[start : start + SINK_ACK_EVERY]
+                for result in part:
                     with self._lent_socket():
                         yield result
                     self._handed_on.add((result.session, result.task_id))
-                self._send(p.Ack([(r.session, r.task_id) for r in batch]))
+                self._send(p.Ack([(r.session, r.task_id) for r in part]))
                 last_result = time.monotonic()
             if time.monotonic() >= next_beat:
                 # Refused or forgotten, we ask for the name again instead of
