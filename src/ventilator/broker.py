@@ -32,25 +32,23 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
-import json
 import logging
 import os
 import select
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from . import _wire, mdp, security
-from . import notices as n
 from . import protocol as p
 from . import scheduler as s
 from ._full_queues import FullQueues
+from ._notice_log import NoticeLog
 from ._questions import QuestionQuota
 from ._timing import StallWatch, poll_timeout_ms
 from ._words import counted
@@ -85,15 +83,6 @@ RECEIVE_QUEUE = 100
 REFUSAL_REPLIES_PER_S = 1.0
 # How often the allocator is asked to give freed memory back to the system.
 TRIM_INTERVAL_S = 10.0
-# Lines per second saying a client joined; the rest are counted (see _join_log).
-JOINS_LOGGED_PER_S = 5.0
-# Clients whose join the rate limit held back, remembered so that their
-# departure is not said either (see _UnsaidJoins); the oldest are forgotten.
-UNSAID_JOINS_KEPT = 10_000
-# Lines per second saying a worker was lost; the rest are counted.
-LOSSES_LOGGED_PER_S = 5.0
-# Functions a worker's join line names; `status` lists them all.
-LOGGED_SERVICES = 20
 
 # The one-byte prefix of a peer key: which socket the peer is on.
 FRONTEND, BACKEND, MDP = b"F", b"B", b"M"
@@ -126,14 +115,8 @@ FAILED_HANDSHAKES_FIRST_INTERVAL_S = 10.0
 # Questions refused past a connection's quota are said at once, then after this
 # long, then twice as long each time, for as long as the flood lasts.
 QUESTION_FLOOD_FIRST_INTERVAL_S = 10.0
-# Failure records forgotten to make room for new ones (past failed_kept) are
-# said at once, then after this long, then twice as long each time.
-FORGOTTEN_FAILURES_FIRST_INTERVAL_S = 60.0
 # Messages from the open connections of a removed key, likewise.
 REMOVED_KEY_FIRST_INTERVAL_S = 10.0
-# A function's tasks failing as poison or by timeout, likewise per function
-# and outcome.
-TASK_FAILURES_FIRST_INTERVAL_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,32 +217,13 @@ class Broker:
             tag: Routine(__name__, ROUTINE_HANDSHAKES_FIRST_INTERVAL_S)
             for tag in (FRONTEND, BACKEND, MDP)
         }
-        self._rejection_log = _RateLimit(per_s=1.0, what="refused task")
-        self._refusals = RefusalSpell()
-        self._session_refusal_log = _RateLimit(per_s=1.0, what="refused session")
-        # A line per HELLO under a new name is a flood when a client renames
-        # itself in a loop; a few a second still name the clients of a start.
-        self._join_log = _RateLimit(
-            JOINS_LOGGED_PER_S, what="client joined", plural="clients joined"
-        )
-        self._unsaid_joins = _UnsaidJoins(UNSAID_JOINS_KEPT)
-        # Hundreds of workers lost at once (a network cut) would be as many
-        # lines in the same millisecond.
-        self._loss_log = _RateLimit(
-            LOSSES_LOGGED_PER_S, what="worker lost", plural="workers lost"
-        )
         self._questions = QuestionQuota(config.limits.max_questions_per_s)
         self._full_queues = FullQueues(SEND_QUEUE)
+        self._notice_log = NoticeLog(self._full_queues)
         # A flood of questions lasts as long as its sender likes: said when it
         # starts, then less and less often.
         self._question_flood = Routine(
             __name__, QUESTION_FLOOD_FIRST_INTERVAL_S, level=logging.WARNING
-        )
-        self._forgotten_failures = Routine(
-            __name__, FORGOTTEN_FAILURES_FIRST_INTERVAL_S
-        )
-        self._task_failures: Routines[tuple[str, str]] = Routines(
-            __name__, TASK_FAILURES_FIRST_INTERVAL_S, level=logging.WARNING
         )
         self._trim = _MemoryTrim(TRIM_INTERVAL_S)
         self._disk_room = _DiskRoom(self.config)
@@ -1067,107 +1031,17 @@ class Broker:
         if self.telemetry is not None:
             self.telemetry.record(effects)
         self._send_to_clients(after_commit, now)
-        self._log_notices(effects.notices, now)
+        self._notice_log.log(effects.notices, now)
         if effects.accepted:
-            self._say_accepting_again(now)
+            self._notice_log.say_accepting_again(now)
 
     def _log_held_back(self, now: float) -> None:
         """Count the log lines each rate limit held back since its last one."""
-        limits = (
-            self._refusal_log,
-            self._rejection_log,
-            self._session_refusal_log,
-        )
-        for limit in limits:
-            note = limit.held_back(now)
+        for note in (self._refusal_log.held_back(now), self._gate.held_back(now)):
             if note is not None:
                 log.warning("%s", note)
-        note = self._gate.held_back(now)
-        if note is not None:
-            log.warning("%s", note)
-        note = self._join_log.held_back(now)
-        if note is not None:
-            log.info("%s (`ventilator status` counts the clients)", note)
-        note = self._loss_log.held_back(now)
-        if note is not None:
-            log.warning("%s (`ventilator status` lists the workers left)", note)
+        self._notice_log.log_held_back(now)
         self._gateway.log_held_back(now)
-
-    def _log_join(self, notice: n.ClientJoined, now: float) -> None:
-        if self._join_log.allows(now):
-            self._unsaid_joins.said(notice.recipient)
-            _log_client_joined(notice, self._join_log.suppressed_note())
-        else:
-            self._unsaid_joins.unsaid(notice.recipient)
-
-    def _say_accepting_again(self, now: float) -> None:
-        over = self._refusals.ended(now)
-        if over is not None:
-            refused, lasted_s = over
-            # At the refusals' level: whoever read them must read this too.
-            log.warning(
-                "accepting new tasks again, after refusing %s over %.1fs",
-                counted(refused, "task"),
-                lasted_s,
-            )
-
-    def _log_notices(self, notices: list[n.Notice], now: float) -> None:
-        for notice in notices:
-            if isinstance(notice, n.Rejected):
-                self._refusals.refused(now)
-                if self._rejection_log.allows(now):
-                    # A refusal per task of a burst would flood the log (a full
-                    # disk refuses them all): one a second, saying how many more.
-                    _log_rejection(notice, self._rejection_log.suppressed_note())
-            elif isinstance(notice, n.SessionRefused):
-                # A peer saying HELLO under new names in a loop: as above.
-                if self._session_refusal_log.allows(now):
-                    note = self._session_refusal_log.suppressed_note()
-                    _log_session_refusal(notice, note)
-            elif isinstance(notice, n.ClientJoined):
-                self._log_join(notice, now)
-            elif isinstance(notice, n.ClientLost):
-                if not self._full_queues.lost(notice):
-                    _log_notice(self._unsaid_joins.left(notice))
-            elif isinstance(notice, n.WorkerLost):
-                if self._loss_log.allows(now):
-                    _log_worker_lost(notice, self._loss_log.suppressed_note())
-            elif isinstance(notice, n.FailureForgotten):
-                self._log_failures_forgotten(notice, now)
-            elif isinstance(notice, n.TaskFailed):
-                self._log_task_failed(notice, now)
-            else:
-                _log_notice(notice)
-
-    def _log_task_failed(self, notice: n.TaskFailed, now: float) -> None:
-        # A line per failure, but dwindling per function and outcome: a map of
-        # a thousand items that all time out is not a thousand lines.
-        self._task_failures.of((notice.function, notice.outcome)).log(
-            now,
-            1,
-            "task failed as %s ticket=%d function=%s client=%s task=%d%s: %s",
-            notice.outcome,
-            notice.ticket,
-            notice.function,
-            notice.session,
-            notice.task_id,
-            f" worker={notice.worker}" if notice.worker else "",
-            notice.reason,
-        )
-
-    def _log_failures_forgotten(self, notice: n.FailureForgotten, now: float) -> None:
-        # Once `failed_kept` is full each new failure forgets the oldest: a line
-        # each was half of a soak run's log. Said when it starts, then less and
-        # less often, with the count since.
-        oldest = counted(notice.count, "oldest failed task", bare_one=True)
-        self._forgotten_failures.log(
-            now,
-            notice.count,
-            "forgot the %s: the broker remembers the latest %d (failed_kept); what "
-            "it forgets can no longer be retried",
-            oldest,
-            notice.kept,
-        )
 
     def _send_to_workers(
         self, messages: list[tuple[bytes, p.Command]], now: float
@@ -1348,16 +1222,6 @@ def _mdp_refusal(role: str, identity: Identity | None) -> str:
     return (
         "this key has limited rights, which name ventilator functions, not MDP "
         "services: only a key with full rights speaks MDP"
-    )
-
-
-def _log_rejection(notice: n.Rejected, suppressed_note: str) -> None:
-    log.warning(
-        "refused task client=%s task=%d: %s%s",
-        notice.session,
-        notice.task_id,
-        notice.reason,
-        suppressed_note,
     )
 
 
@@ -1614,305 +1478,3 @@ def _bind(sock: zmq.Socket[bytes], address: str, name: str) -> None:
 
 def _endpoint(sock: zmq.Socket[bytes]) -> str:
     return sock.getsockopt_string(zmq.LAST_ENDPOINT)
-
-
-def _log_session_refusal(notice: n.SessionRefused, suppressed_note: str) -> None:
-    log.warning(
-        "refused a new session=%s: %s; its client is told why%s",
-        notice.session,
-        notice.reason,
-        suppressed_note,
-    )
-
-
-def _log_notice(notice: n.Notice) -> None:
-    if isinstance(notice, n.WorkerJoined):
-        # Slots and credit apart: the credit of a worker that registers
-        # again has grown with its tiny tasks, and one number read as slots.
-        log.info(
-            "worker joined worker=%s slots=%s credit=%d services=%s",
-            notice.worker_id,
-            "-" if notice.slots is None else notice.slots,
-            notice.capacity,
-            _some_of(notice.services),
-        )
-    elif isinstance(notice, n.WorkerReturned):
-        _log_worker_returned(notice)
-    elif isinstance(notice, n.WorkerDraining):
-        log.info(
-            "worker draining worker=%s; no new tasks, waiting for %d running",
-            notice.worker_id,
-            notice.running,
-        )
-    elif isinstance(notice, n.WorkerLeft):
-        # A goodbye is a departure, not a fault: what it had not finished was
-        # left on purpose (a cold stop), and runs on another worker.
-        log.info(
-            "worker left worker=%s; requeued %s",
-            notice.worker_id,
-            counted(notice.requeued, "unfinished task"),
-        )
-    elif isinstance(notice, n.LeaseOverrun):
-        _log_overrun(notice)
-    elif isinstance(notice, n.OperatorActed):
-        _log_operator_acted(notice)
-    elif isinstance(notice, n.LateOutcome) and notice.released:
-        log.debug(
-            "dropped a result of a task its worker was told to give up "
-            "ticket=%d attempt=%d worker=%s: the task is settled, cancelled "
-            "or another worker's",
-            notice.ticket,
-            notice.attempt,
-            notice.worker_id,
-        )
-    elif isinstance(notice, n.LateOutcome):
-        log.warning(
-            "dropped a late result ticket=%d attempt=%d worker=%s: that attempt was "
-            "given up on (its worker was lost, or let it overrun its deadline)",
-            notice.ticket,
-            notice.attempt,
-            notice.worker_id,
-        )
-    elif isinstance(notice, n.ClientLost):
-        _log_client_lost(notice)
-    elif isinstance(notice, n.ResultsExpired):
-        log.warning(
-            "dropped %s nobody collected (result_ttl_s)",
-            counted(notice.count, "result"),
-        )
-    elif isinstance(notice, n.TombstonesForgotten):
-        # Their clients stayed away twice the TTL: one that comes back with
-        # its futures sends those tasks again; a new process hears nothing.
-        log.info(
-            "forgot %s, kept %gs (result_ttl_s) after they expired to tell "
-            "their clients",
-            counted(notice.count, "expired result"),
-            notice.ttl_s,
-        )
-    elif isinstance(notice, n.SinkTaken):
-        # A refused sink asks again every heartbeat: its first refusal is news.
-        log.log(
-            logging.WARNING if notice.first else logging.DEBUG,
-            "refused a second receiver of sink=%s; the first one keeps it",
-            notice.sink,
-        )
-    elif isinstance(notice, n.SessionsForgotten):
-        log.info(
-            "forgot %s that left owing and holding nothing, %gs "
-            "(session_grace_s) after they were last heard; one that comes "
-            "back starts anew",
-            counted(notice.count, "session"),
-            notice.grace_s,
-        )
-    elif isinstance(notice, n.SessionHeld):
-        # A refused client asks again every heartbeat: its first refusal is news.
-        log.log(
-            logging.WARNING if notice.first else logging.DEBUG,
-            "refused a second client of session=%s; the one holding it keeps it "
-            "until it says BYE or falls silent",
-            notice.session,
-        )
-
-
-def _log_worker_returned(notice: n.WorkerReturned) -> None:
-    """Say what a worker that registered again holds now. Tasks it took back
-    from their queues answer an earlier line, "worker dropped" or "worker
-    lost ... requeued N": without them here, an operator could not tell
-    whether those N ran twice."""
-    taken_back = (
-        f", took back {notice.taken_back} requeued while it was away (it still "
-        "runs them: none runs twice)"
-        if notice.taken_back
-        else ""
-    )
-    refused = (
-        f"; {notice.refused} it named {'needs' if notice.refused == 1 else 'need'} "
-        "nothing more from it (their results are here already, or they were "
-        "cancelled or went to another worker): told to drop them"
-        if notice.refused
-        else ""
-    )
-    log.info(
-        "worker returned worker=%s; kept %s it still holds%s, requeued %d it no "
-        "longer holds%s",
-        notice.worker_id,
-        counted(notice.kept, "task"),
-        taken_back,
-        notice.requeued,
-        refused,
-    )
-
-
-def _some_of(names: Sequence[str], shown: int = LOGGED_SERVICES) -> str:
-    """The first `shown` of `names`, and how many more: a worker serving
-    thousands of functions made a join line of 600,000 characters."""
-    listed = ",".join(names[:shown])
-    more = len(names) - shown
-    return f"{listed} and {more} more" if more > 0 else listed
-
-
-def _worth_a_warning(lost: n.WorkerLost) -> bool:
-    """A worker lost (killed, cut off, silent), even an idle one, is a worker
-    fewer, news an operator should see; so is one that misbehaved. One
-    dropped for reasons of the broker's (replaced, revoked, cut off while
-    the broker stood still) is not."""
-    return lost.fault in (n.Fault.LOST, n.Fault.MISBEHAVED)
-
-
-def _log_operator_acted(notice: n.OperatorActed) -> None:
-    """Who dropped or reran work, and what became of it: asked later where
-    tasks went, the log answers."""
-    log.info(
-        "operator command from client=%s: %s; %s",
-        notice.client,
-        _operator_command(notice.command),
-        json.dumps(notice.report, default=str, separators=(",", ":"))[:500],
-    )
-
-
-def _operator_command(command: p.Retry | p.Purge | p.CancelTask) -> str:
-    if isinstance(command, p.Retry):
-        tickets = ",".join(map(str, command.tickets[:20])) or "all"
-        more = "..." if len(command.tickets) > 20 else ""
-        return f"retry tickets={tickets}{more} sink={command.sink}"
-    if isinstance(command, p.Purge) and command.session is not None:
-        return f"purge session={command.session}"
-    if isinstance(command, p.Purge):
-        return f"purge function={command.function}"
-    return f"cancel client={command.session} task={command.task_id}"
-
-
-def _log_overrun(notice: n.LeaseOverrun) -> None:
-    ticket, attempt = notice.first
-    log.warning(
-        "worker=%s let %d tasks run %gs past their timeout without reporting "
-        "them (%d in a row; the first ticket=%d attempt=%d timeout_s=%g); ended "
-        "them as timed out, and results it sends for them later will be dropped",
-        notice.worker_id,
-        notice.count,
-        notice.grace_s,
-        notice.overruns,
-        ticket,
-        attempt,
-        notice.timeout_s,
-    )
-
-
-# How each departure reads in the log line that notes it.
-_DEPARTURES = {
-    n.Departure.LEFT: "left",
-    n.Departure.SILENT: "fell silent",
-    n.Departure.UNREACHABLE: "unreachable",
-    n.Departure.CUT_BY_STALL: "reconnecting after this broker stood still",
-    n.Departure.REVOKED: "cut off (its key lost access)",
-}
-
-
-def _log_worker_lost(notice: n.WorkerLost, note: str) -> None:
-    if notice.fault is n.Fault.NONE:
-        _log_worker_dropped(notice, note)
-        return
-    log.log(
-        logging.WARNING if _worth_a_warning(notice) else logging.INFO,
-        "worker lost worker=%s reason=%s; requeued %s, %s handed back to their "
-        "maps, %d failed as poison%s",
-        notice.worker_id,
-        notice.reason,
-        counted(notice.requeued, "task"),
-        counted(notice.split, "map batch", "map batches"),
-        notice.poisoned,
-        note,
-    )
-
-
-def _log_worker_dropped(notice: n.WorkerLost, note: str) -> None:
-    """A worker let go for the broker's own reasons (replaced, its key
-    revoked, its connection cut while the broker stood still): no fault of
-    its, and nothing lost, which "worker lost" read as."""
-    log.info(
-        "worker dropped worker=%s reason=%s; requeued %s unblamed (if it "
-        "registers again it takes back those it still runs), %s handed back "
-        "to their maps%s",
-        notice.worker_id,
-        notice.reason,
-        counted(notice.requeued, "task"),
-        counted(notice.split, "map batch", "map batches"),
-        note,
-    )
-
-
-class RefusalSpell:
-    """A spell of refused tasks (a full disk, a flood past the limits), said
-    over once tasks are accepted again: the refusals' lines stop, and nothing
-    else told the operator that the broker takes work again. At the edge of a
-    limit, tasks are refused and accepted turn by turn: the spell ends only
-    once `QUIET_S` passed without a refusal."""
-
-    QUIET_S = 1.0
-
-    def __init__(self) -> None:
-        self._began_at: float | None = None
-        self._last_at = 0.0
-        self._count = 0
-
-    def refused(self, now: float) -> None:
-        if self._began_at is None:
-            self._began_at = now
-        self._last_at = now
-        self._count += 1
-
-    def ended(self, now: float) -> tuple[int, float] | None:
-        """A task was accepted at `now`: (tasks refused, seconds the spell
-        lasted) if that ends a spell; else None."""
-        if self._began_at is None or now - self._last_at < self.QUIET_S:
-            return None
-        over = (self._count, self._last_at - self._began_at)
-        self._began_at, self._count = None, 0
-        return over
-
-
-class _UnsaidJoins:
-    """The clients whose join line the rate limit held back: their leaving
-    is logged as quietly (at DEBUG), or a "client left" names a client the
-    log never said joined. Bounded: the oldest are forgotten first, and one
-    forgotten is only said to leave."""
-
-    def __init__(self, limit: int) -> None:
-        self._limit = limit
-        self._recipients: OrderedDict[str, None] = OrderedDict()
-
-    def unsaid(self, recipient: str) -> None:
-        self._recipients[recipient] = None
-        if len(self._recipients) > self._limit:
-            self._recipients.popitem(last=False)
-
-    def said(self, recipient: str) -> None:
-        self._recipients.pop(recipient, None)
-
-    def left(self, notice: n.ClientLost) -> n.ClientLost:
-        """The departure to log: quiet if its join was not said."""
-        if notice.recipient not in self._recipients:
-            return notice
-        del self._recipients[notice.recipient]
-        return replace(notice, quiet=True)
-
-
-def _log_client_joined(notice: n.ClientJoined, note: str) -> None:
-    log.info(
-        "client joined client=%s resent=%d%s", notice.recipient, notice.resent, note
-    )
-
-
-def _log_client_lost(notice: n.ClientLost) -> None:
-    how = _DEPARTURES[notice.how]
-    if not notice.held:
-        level = logging.DEBUG if notice.quiet else logging.INFO
-        log.log(level, "client %s client=%s", how, notice.recipient)
-        return
-    # Even one that said BYE may open its session again to collect them.
-    log.info(
-        "client %s client=%s; keeping %s for its return (result_ttl_s)",
-        how,
-        notice.recipient,
-        counted(notice.held, "result"),
-    )

@@ -14,7 +14,7 @@ import zmq
 
 import ventilator
 from ventilator import protocol as p
-from ventilator.broker import JOINS_LOGGED_PER_S
+from ventilator._notice_log import JOINS_LOGGED_PER_S
 from ventilator.scheduler import SESSIONS_PER_CONNECTION
 from ventilator.status import STATUS_CLIENTS
 

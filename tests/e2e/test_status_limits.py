@@ -10,7 +10,7 @@ import pytest
 import zmq
 
 from ventilator import protocol as p
-from ventilator.broker import LOSSES_LOGGED_PER_S
+from ventilator._notice_log import LOSSES_LOGGED_PER_S
 from ventilator.status import STATUS_QUEUES, STATUS_SERVICES, STATUS_WORKERS
 
 from .conftest import (

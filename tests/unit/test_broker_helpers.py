@@ -10,17 +10,22 @@ import pytest
 
 from ventilator import protocol as p
 from ventilator._client_io import SUBMIT_BATCH, SUBMIT_BATCH_BYTES, _batches
+from ventilator._full_queues import FullQueues
+from ventilator._notice_log import (
+    NoticeLog,
+    RefusalSpell,
+    _log_notice,
+    _log_worker_lost,
+)
 from ventilator._wire import Unfinished, UnfinishedHandshakes
 from ventilator.broker import (
     BACKEND,
     FRONTEND,
+    SEND_QUEUE,
     Broker,
     BrokerConfig,
-    RefusalSpell,
     _DiskRoom,
-    _log_notice,
     _log_unfinished,
-    _log_worker_lost,
     _RateLimit,
     _results_first,
 )
@@ -406,15 +411,11 @@ def test_a_lasting_silence_is_said_less_and_less_often_and_anew_for_a_new_one() 
 def test_a_burst_of_refused_tasks_is_logged_once_a_second_with_a_count(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    server = Broker(BrokerConfig(journal=None, durability="memory"))
+    notice_log = NoticeLog(FullQueues(SEND_QUEUE))
     refusals: list[Notice] = [Rejected("s", i, "disk full") for i in range(5)]
-    try:
-        with caplog.at_level(logging.WARNING, logger="ventilator.broker"):
-            server._log_notices(refusals, now=100.0)
-            server._log_notices(refusals[:1], now=101.5)
-    finally:
-        server.stop()
-        server.serve()
+    with caplog.at_level(logging.WARNING, logger="ventilator.broker"):
+        notice_log.log(refusals, now=100.0)
+        notice_log.log(refusals[:1], now=101.5)
 
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 2
@@ -438,16 +439,12 @@ def test_a_client_whose_join_was_held_back_is_not_said_to_leave(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     # "client left" for a client never said to join reads as a client unknown.
-    server = Broker(BrokerConfig(journal=None, durability="memory"))
+    notice_log = NoticeLog(FullQueues(SEND_QUEUE))
     joins: list[Notice] = [ClientJoined("c0", 0), ClientJoined("c1", 0)]
-    try:
-        with caplog.at_level(logging.INFO, logger="ventilator.broker"):
-            server._log_notices(joins, now=100.0)  # c1's join is held back
-            server._log_notices([ClientLost("c1", 0, Departure.LEFT)], now=100.1)
-            server._log_held_back(now=110.0)
-    finally:
-        server.stop()
-        server.serve()
+    with caplog.at_level(logging.INFO, logger="ventilator.broker"):
+        notice_log.log(joins, now=100.0)  # c1's join is held back
+        notice_log.log([ClientLost("c1", 0, Departure.LEFT)], now=100.1)
+        notice_log.log_held_back(now=110.0)
 
     said = [r.getMessage() for r in caplog.records]
     assert not any("client=c1" in m for m in said), said
@@ -459,14 +456,10 @@ def test_failures_forgotten_one_at_a_time_are_said_less_and_less_often(
 ) -> None:
     # Tester 20: once `failed_kept` was full, every new failure logged "forgot
     # the 1 oldest failed tasks", half of a soak run's log.
-    server = Broker(BrokerConfig(journal=None, durability="memory"))
-    try:
-        with caplog.at_level(logging.INFO, logger="ventilator.broker"):
-            for second in range(600):  # one failure a second for 10 minutes
-                server._log_notices([FailureForgotten(1, 1000)], now=float(second))
-    finally:
-        server.stop()
-        server.serve()
+    notice_log = NoticeLog(FullQueues(SEND_QUEUE))
+    with caplog.at_level(logging.INFO, logger="ventilator.broker"):
+        for second in range(600):  # one failure a second for 10 minutes
+            notice_log.log([FailureForgotten(1, 1000)], now=float(second))
 
     said = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
     assert 2 <= len(said) <= 6, said
