@@ -202,6 +202,7 @@ class ClientIO:
         self._monitor_fd = -1
         self._input: _wire.InputCheck  # with the socket (see _watch)
         self._welcomed = False
+        self._hello_sent_at = -math.inf
         self._started_at = time.monotonic()
         # When the I/O thread last heard from a broker; None while none
         # answered. Callers read it unlocked, for what they say on a timeout.
@@ -503,9 +504,19 @@ class ClientIO:
         self._hello()
         return socket
 
+    def _hello_unanswered(self) -> bool:
+        """Whether a HELLO went out within the last heartbeat interval and no
+        WELCOME came since: a restarted broker answers each message it got
+        before it with "hello_first", and a HELLO for each of those made the
+        one client join three times. A HELLO lost on the way (its broker died
+        again) is said again at the first "hello_first" after an interval."""
+        since = time.monotonic() - self._hello_sent_at
+        return not self._welcomed and since < self._heartbeat_interval_s
+
     def _hello(self) -> None:
         # Nothing else is sent until the broker's WELCOME gives its limits; then
         # whatever it may not have (see _welcome) is sent again.
+        self._hello_sent_at = time.monotonic()
         self._welcomed = False
         # Questions asked of a broker that forgot us will not be answered, and
         # cancellations it did not confirm go again after WELCOME.
@@ -612,7 +623,7 @@ class ClientIO:
         if error.code == "hello_first":
             # Not once the key was revoked: its results would come back to
             # futures failed meanwhile, and be acknowledged and lost.
-            if self._revoked is None:
+            if self._revoked is None and not self._hello_unanswered():
                 # A restarted broker, or one that forgot this connection: open
                 # the session again, which also resends what it may have lost.
                 # Expected after every broker restart, so not a warning. Also

@@ -1359,3 +1359,28 @@ def test_a_poison_task_s_strikes_survive_a_broker_restart(
     assert isinstance(error, ventilator.PoisonTask), error
     assert "died 2 times" in error.message
     assert len(list(runs.iterdir())) == 2
+
+
+def test_a_client_says_hello_once_to_a_burst_of_hello_first(
+    launch: Launcher, context: zmq.Context[zmq.Socket[bytes]]
+) -> None:
+    # A restarted broker answers each message it gets before the client's
+    # HELLO with "hello_first": a tester saw three HELLOs within a
+    # millisecond, and the broker logged the one client joining three times.
+    frontend = f"tcp://127.0.0.1:{free_port()}"
+    stand_in = context.socket(zmq.ROUTER)
+    stand_in.bind(frontend)
+    launch.client(frontend, heartbeat_interval_s=5.0)
+    peer, *_ = stand_in.recv_multipart()
+    welcome = p.Welcome(window=16, max_payload_bytes=1 << 20, heartbeat_interval_s=5.0)
+    stand_in.send_multipart([peer, *p.encode(welcome)])
+
+    first = p.Error("hello_first", "send HELLO before any other command")
+    for _ in range(3):
+        stand_in.send_multipart([peer, *p.encode(first)])
+    hellos = []
+    while stand_in.poll(1000):  # the answers to all three, and a margin
+        _, *frames = stand_in.recv_multipart()
+        hellos.append(p.decode(frames, frozenset(p.Cmd)))
+
+    assert [type(command) for command in hellos] == [p.Hello]
