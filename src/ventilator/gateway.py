@@ -494,7 +494,12 @@ class MdpGateway:
                 reason = f"the service's reply is not an MDP body: {exc}"
         else:
             reason = _failure(entry)
-        log.warning(
+        # A service that raised is its client's news, as any task's is (the
+        # README's rule): at DEBUG, or a service that fails every request
+        # would be a WARNING per request. Everything else the broker did.
+        raised = entry.status is p.Status.RAISED
+        log.log(
+            logging.DEBUG if raised else logging.WARNING,
             "MDP request failed client=%s service=%r; replied %s %s",
             peer.hex(),
             service,
