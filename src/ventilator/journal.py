@@ -173,9 +173,11 @@ COMPACT_QUIET_S = 5.0
 COMPACT_RETRY_S = 60.0
 
 # Tasks failed on loading because a segment could not give their blobs back,
-# by segment, each with the reason.
+# by segment, each with the reason; under _NO_SEGMENT, those whose row held a
+# reference that names no segment it could be read from.
 _Found = tuple[Task, OSError]
 _Damage = dict[int, list[_Found]]
+_NO_SEGMENT = -1
 
 # The column of `tasks` that holds a blob's reference.
 _Column = Literal["payload_ref", "result_ref"]
@@ -418,7 +420,10 @@ class SqliteJournal:
         for column, packed in kept:
             if packed is None:
                 continue
-            ref = BlobRef.unpack(packed)
+            try:
+                ref = BlobRef.unpack(packed)
+            except BlobDamaged as exc:
+                return _NO_SEGMENT, exc
             try:
                 blob = self._adopt(column, task, ref)
             except OSError as exc:
@@ -445,6 +450,9 @@ class SqliteJournal:
     def _report_damaged_segment(self, segment: int, found: list[_Found]) -> None:
         # One line per segment, not per task: a segment zeroed by the disk
         # fails all its tasks for one reason.
+        if segment == _NO_SEGMENT:
+            self._report_damaged_rows(found)
+            return
         self._damaged_segments.add(segment)
         tickets = [task.ticket for task, _ in found]
         log.error(
@@ -456,6 +464,17 @@ class SqliteJournal:
             counted(len(found), "task"),
             found[0][1],
             ",".join(map(str, tickets[:10])) + (",..." if len(tickets) > 10 else ""),
+        )
+
+    def _report_damaged_rows(self, found: list[_Found]) -> None:
+        log.error(
+            "journal replay: journal %s holds damaged rows: %s failed as "
+            "JournalDamaged and their clients are told so; first: %s tickets=%s",
+            self.path,
+            counted(len(found), "task"),
+            found[0][1],
+            ",".join(str(task.ticket) for task, _ in found[:10])
+            + (",..." if len(found) > 10 else ""),
         )
 
     def _missing_blobs(self, task: Task) -> UsageError:

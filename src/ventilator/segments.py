@@ -89,9 +89,17 @@ class BlobRef:
 
     @classmethod
     def unpack(cls, data: bytes) -> BlobRef:
+        """Raises:
+        BlobDamaged: `data` has neither length a reference is written with
+            (its row was damaged, or edited by hand)."""
         if len(data) == _REF.size:
             return cls(*_REF.unpack(data))
-        return cls(*_CHECKED_REF.unpack(data))
+        if len(data) == _CHECKED_REF.size:
+            return cls(*_CHECKED_REF.unpack(data))
+        raise BlobDamaged(
+            f"a blob reference of {len(data)} bytes, where one is written with "
+            f"{_REF.size} or {_CHECKED_REF.size}: the row holding it is damaged"
+        )
 
 
 class SegmentStore:

@@ -649,6 +649,29 @@ def test_a_payload_changed_on_disk_fails_its_task_and_the_others_load(
     assert intact.state is State.QUEUED and intact.payload == b"seven" * BIG
 
 
+def test_a_malformed_blob_reference_fails_its_task_and_the_others_load(
+    journal: SqliteJournal, path: Path
+) -> None:
+    # A reference of neither known length (a row edited by hand, a page the
+    # disk damaged) stopped the whole load with a struct.error.
+    large = [a_task(1, payload=b"p" * BIG), a_task(2, payload=b"q" * BIG)]
+    journal.commit(large, [], [])
+    journal.close()
+    db = sqlite3.connect(path)
+    with db:
+        broken = "UPDATE tasks SET payload_ref = x'0102' WHERE seq = ?"
+        db.execute(broken, (large[0].ticket,))
+    db.close()
+
+    damaged, intact = reopened(path)
+
+    assert damaged.state is State.FINISHED and damaged.status is p.Status.REJECTED
+    error = unpack_value(damaged.result)
+    assert error["type"] == "JournalDamaged"
+    assert "reference" in error["message"]
+    assert intact.state is State.QUEUED and intact.payload == b"q" * BIG
+
+
 def test_a_result_changed_on_disk_reaches_its_client_as_an_error(
     journal: SqliteJournal, path: Path
 ) -> None:
