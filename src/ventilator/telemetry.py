@@ -18,8 +18,8 @@ all its items with its outcome, except one handed back to its map
 of several items that timed out or whose result was over the limit, from a
 client that said it splits it (`Flags.SPLITTABLE`). It and its items count as
 `split`, not failed. Items the client then resubmits one by one are new
-submissions, as are the items a batch left unrun at its
-time budget. So are items that raised in a batch whose map has retries
+submissions, as are the items a batch left unrun at its time budget, which
+count as `split` in their batch. So are items that raised in a batch whose map has retries
 (`retries=`, which the batch carries and the broker never uses on it): each
 counts as `retried` in its batch, and failed only if its last run alone
 fails, once, as a plain task with retries counts its end only. A pickled
@@ -321,6 +321,14 @@ class Telemetry:
             key = (function, _RETRIED)
             self.items_finished[key] = self.items_finished.get(key, 0) + count
 
+    def _count_unrun(self, function: str, count: int) -> None:
+        """Count the items a batch stopped at its time budget did not run as
+        split: its map sends them again, new submissions, or the items
+        submitted would outnumber every ending."""
+        if count > 0:
+            key = (function, _SPLIT)
+            self.items_finished[key] = self.items_finished.get(key, 0) + count
+
     def _finished_batch(self, task: Task, ending: p.Status) -> dict[p.Status, int]:
         """How many items of a finished batch ended how."""
         known = self._batch_items.pop(task.ticket, None)
@@ -329,6 +337,8 @@ class Telemetry:
             # It failed whole (or its result is not a batch's): every item
             # shares its ending. Unknown count: one restored or pickled batch.
             outcomes = {ending: known or 1}
+        elif known is not None:
+            self._count_unrun(task.queue, known - sum(outcomes.values()))
         if known is None and task.flags & _PICKLED:
             submitted = sum(outcomes.values())
             _add(self.items_submitted, {task.queue: submitted})
