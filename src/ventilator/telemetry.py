@@ -19,12 +19,12 @@ of several items that timed out or whose result was over the limit, from a
 client that said it splits it (`Flags.SPLITTABLE`). It and its items count as
 `split`, not failed. Items the client then resubmits one by one are new
 submissions, as are the items a batch left unrun at its time budget, which
-count as `split` in their batch. So are items that raised in a batch whose map has retries
-(`retries=`, which the batch carries and the broker never uses on it): each
-counts as `retried` in its batch, and failed only if its last run alone
-fails, once, as a plain task with retries counts its end only. A pickled
-batch's arguments are opaque to the broker: its items are counted as
-submitted when it finishes.
+count as `split` in their batch. So are items that raised in a batch whose
+map has retries (`retries=`, which the batch carries and the broker never
+uses on it): each counts as `retried` in its batch, and failed only if its
+last run alone fails, once, as a plain task with retries counts its end
+only. A pickled batch's arguments are opaque to the broker: its items are
+counted as submitted when it finishes.
 
 Prometheus metrics (collected from the latest snapshot, in a registry of our
 own, not prometheus-client's global one)::
