@@ -243,6 +243,7 @@ def test_a_remote_builtin_exception_is_caught_as_its_own_class(
 
     assert isinstance(error, TaskRaised)
     assert isinstance(error, builtin)
+    assert error.args == ("bad input: 3",)  # as the built-in's own
     if isinstance(error, OSError):  # the errno did not travel, only the text
         assert (error.errno, error.strerror) == (None, "bad input: 3")
     assert (error.remote_type, error.message) == (remote_type, "bad input: 3")
