@@ -97,6 +97,14 @@ _RETRIED = "retried"
 _RAISED = p.Status.RAISED
 _FAILURES = FAILURE_STATUSES
 _BATCH = int(p.Flags.BATCH)
+# Functions named in metric labels, at most. Each costs about 40 series (two
+# histograms of 16 buckets, counters by outcome) for as long as the broker
+# runs, and any client may name new ones (a typo, a generated name, an MDP
+# service): 20,000 names made /metrics 61 MB, its rendering took the broker's
+# CPU from its tasks, and a scrape outlasted Prometheus' timeout. Past this
+# many, new names are counted together under OTHER_FUNCTIONS.
+MAX_FUNCTION_LABELS = 256
+OTHER_FUNCTIONS = "(other)"
 _PICKLED = int(p.Flags.PICKLED)
 # Failures are listed for /api/failed up to this many.
 FAILED_SHOWN = 50
@@ -183,12 +191,24 @@ class Telemetry:
     # Items of each batch accepted and not finished yet, by ticket: a batch that
     # fails whole has only an error report left to count from.
     _batch_items: dict[int, int] = field(default_factory=dict)
+    # The functions named in labels so far (see MAX_FUNCTION_LABELS).
+    _labelled: set[str] = field(default_factory=set)
     duration: dict[str, Histogram] = field(default_factory=dict)
     queue_wait: dict[str, Histogram] = field(default_factory=dict)
     _interval: _Interval = field(default_factory=_Interval)
     _history: deque[dict[str, Any]] = field(default_factory=deque)
     _publish_at: float = 0.0
     _sample_at: float = 0.0
+
+    def _label(self, function: str) -> str:
+        """The `function` label to count `function` under: itself, or
+        OTHER_FUNCTIONS once MAX_FUNCTION_LABELS others were named."""
+        if function in self._labelled:
+            return function
+        if len(self._labelled) < MAX_FUNCTION_LABELS:
+            self._labelled.add(function)
+            return function
+        return OTHER_FUNCTIONS
 
     def record(self, effects: Effects) -> None:
         """Count one loop turn's accepted and finished tasks."""
@@ -202,7 +222,7 @@ class Telemetry:
         tally: dict[str, int] = {}
         items: dict[str, int] = {}
         for task in effects.accepted:
-            function = task.queue
+            function = self._label(task.queue)
             tally[function] = tally.get(function, 0) + 1
             if task.flags & _BATCH:
                 count = self._accepted_batch(task)
@@ -241,11 +261,15 @@ class Telemetry:
             ):
                 self._count_split(task, status)
                 continue
-            function = task.queue
+            function = self._label(task.queue)
             key = (function, status)
             tally[key] = tally.get(key, 0) + 1
             if task.flags & _BATCH:
                 batches.append((task, status))
+            if not task.started_at and status not in _RAN:
+                # Never started (cancelled, expired, refused): nothing for the
+                # histograms, whose empty buckets cost a series each.
+                continue
             pair = histograms.get(function)
             if pair is None:
                 pair = histograms[function] = self._histograms(function)
@@ -266,7 +290,7 @@ class Telemetry:
 
     def _count_split(self, task: Task, ending: p.Status) -> None:
         """Count a batch handed back to its map, and its items, as split."""
-        key = (task.queue, _SPLIT)
+        key = (self._label(task.queue), _SPLIT)
         self.finished[key] = self.finished.get(key, 0) + 1
         items = self._finished_batch(task, ending)[ending]
         self.items_finished[key] = self.items_finished.get(key, 0) + items
@@ -296,12 +320,13 @@ class Telemetry:
         """Count items: the tasks' tally, with each batch replaced by its items."""
         items = dict(tally)
         for task, ending in batches:
-            items[(task.queue, ending)] -= 1
+            function = self._label(task.queue)
+            items[(function, ending)] -= 1
             outcomes = self._finished_batch(task, ending)
             if ending is _OK and task.retries_left:
-                self._count_retried(task.queue, outcomes.pop(_RAISED, 0))
+                self._count_retried(function, outcomes.pop(_RAISED, 0))
             for status, count in outcomes.items():
-                items[(task.queue, status)] = items.get((task.queue, status), 0) + count
+                items[(function, status)] = items.get((function, status), 0) + count
         interval = self._interval
         for (function, status), count in items.items():
             shown = (function, _outcome(status))
@@ -338,10 +363,10 @@ class Telemetry:
             # shares its ending. Unknown count: one restored or pickled batch.
             outcomes = {ending: known or 1}
         elif known is not None:
-            self._count_unrun(task.queue, known - sum(outcomes.values()))
+            self._count_unrun(self._label(task.queue), known - sum(outcomes.values()))
         if known is None and task.flags & _PICKLED:
             submitted = sum(outcomes.values())
-            _add(self.items_submitted, {task.queue: submitted})
+            _add(self.items_submitted, {self._label(task.queue): submitted})
         return outcomes
 
     @staticmethod

@@ -13,6 +13,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ventilator import protocol as p
+from ventilator import telemetry as telemetry_module
 from ventilator.broker import Broker, BrokerConfig
 from ventilator.errors import TaskRaised, TaskTimeout
 from ventilator.journal import open_journal
@@ -51,6 +52,27 @@ def samples(
         for family in text_string_to_metric_families(text)
         for s in family.samples
     }
+
+
+def test_functions_past_the_label_limit_are_counted_together(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Tester 26 named 20,000 functions from one client: /metrics grew to
+    # 61 MB, about 40 series a name, for as long as the broker ran.
+    monkeypatch.setattr(telemetry_module, "MAX_FUNCTION_LABELS", 3)
+    driver, telemetry = Driver(), Telemetry()
+    driver.hello()
+
+    for number in range(5):
+        telemetry.record(driver.submit(task(number, function=f"typo{number}:f")))
+    telemetry.publish(driver.now, driver.scheduler)
+
+    submitted = {
+        dict(labels)["function"]: value
+        for (name, labels), value in samples(telemetry).items()
+        if name == "ventilator_tasks_submitted_total"
+    }
+    assert submitted == {"typo0:f": 1, "typo1:f": 1, "typo2:f": 1, "(other)": 2}
 
 
 def test_counters_and_histograms_follow_the_tasks_finished() -> None:
