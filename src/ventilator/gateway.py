@@ -62,7 +62,12 @@ from typing import Any
 from . import mdp, titanic
 from . import protocol as p
 from . import scheduler as s
-from .errors import ProtocolError, TaskRejected, task_error_from_wire
+from .errors import (
+    FunctionNotFound,
+    ProtocolError,
+    TaskRejected,
+    task_error_from_wire,
+)
 from .logs import RateLimit
 from .policy import MdpSettings as MdpSettings  # its home before
 from .serialization import pack_error, unpack_value
@@ -317,7 +322,7 @@ class MdpGateway:
             if self._scheduler.serves(queue):
                 continue
             since = self._unserved_since.get(queue, now)
-            if since <= cutoff and (count := self._expire(queue, cutoff)):
+            if since <= cutoff and (count := self._expire(queue, cutoff, now)):
                 expired[queue[len(mdp.QUEUE_PREFIX) :]] = count
             if self._scheduler.queued_count(queue):
                 since_by_queue[queue] = since
@@ -337,16 +342,19 @@ class MdpGateway:
                 FAILED_FOR_GOOD,
             )
 
-    def _expire(self, queue: str, cutoff: float) -> int:
-        """Forget the requests queued in `queue` by `cutoff`, each answered."""
+    def _expire(self, queue: str, cutoff: float, now: float) -> int:
+        """End the requests queued in `queue` by `cutoff`, each answered."""
         withdrawn = self._scheduler.withdraw_queued(
-            queue, cutoff, spare=lambda task: task.recipient == titanic.RECIPIENT
+            queue,
+            cutoff,
+            spare=lambda task: task.recipient == titanic.RECIPIENT,
+            why=lambda task: pack_error(
+                FunctionNotFound("FunctionNotFound", self._expiry_reason(task))
+            ),
+            now=now,
         )
         for task in withdrawn:
-            reason = (
-                f"expired: no worker offered {task.function!r} within "
-                f"{self.settings.unserved_expiry_s:g}s (--mdp-unserved-expiry)"
-            )
+            reason = f"expired: {self._expiry_reason(task)}"
             recipient = self._scheduler.recipients.get(task.recipient)
             if recipient is not None and recipient.peer is not None:
                 body = [f"{FAILED_FOR_GOOD} {reason}".encode()]
@@ -355,6 +363,12 @@ class MdpGateway:
                 )
             self._answered.append(task.recipient)
         return len(withdrawn)
+
+    def _expiry_reason(self, task: s.Task) -> str:
+        return (
+            f"no worker offered {task.function!r} within "
+            f"{self.settings.unserved_expiry_s:g}s (--mdp-unserved-expiry)"
+        )
 
     def _from_worker(self, peer: bytes, message: mdp.Message, now: float) -> None:
         if isinstance(message, mdp.WorkerReady):

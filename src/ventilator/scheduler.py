@@ -2287,13 +2287,22 @@ class Scheduler:
         ]
 
     def withdraw_queued(
-        self, queue_name: str, queued_by: float, spare: Callable[[Task], bool]
+        self,
+        queue_name: str,
+        queued_by: float,
+        spare: Callable[[Task], bool],
+        why: Callable[[Task], bytes],
+        now: float,
     ) -> list[Task]:
-        """Forget every task that has waited in `queue_name` since `queued_by`
-        or earlier, except those `spare` keeps; return the forgotten ones.
+        """End as not found, and forget, every task that has waited in
+        `queue_name` since `queued_by` or earlier, except those `spare` keeps;
+        `why` gives each its error report. Return the tasks ended.
 
-        A queue left with nothing waiting is dropped, stale tickets and all:
-        requests for names nobody serves must not leave a queue behind each.
+        Ended, not only forgotten: counted failed in the status, the metrics
+        and the list of failures, as a task whose function no worker serves;
+        forgotten, they were counted submitted and then nowhere. A queue left
+        with nothing waiting is dropped, stale tickets and all: requests for
+        names nobody serves must not leave a queue behind each.
         """
         queue = self._queues.get(queue_name)
         if queue is None:
@@ -2307,7 +2316,7 @@ class Scheduler:
             and not spare(task)
         ]
         for task in withdrawn:
-            self._leave_queue(task)
+            self._conclude(task, p.Status.NOT_FOUND, why(task), now)
             self._forget(task)
         self._drop_queue_if_idle(queue_name)
         return withdrawn

@@ -386,6 +386,19 @@ def statuses(sent: Sent) -> list[tuple[bytes, bytes, bytes]]:
     return [(peer, f[2], f[3]) for peer, f in sent if f[:2] == [b"", C]]
 
 
+def test_an_expired_request_counts_as_failed_not_nowhere(shell: Shell) -> None:
+    # Tester 26: expired requests were counted submitted and then nothing, so
+    # submitted - (completed + failed + cancelled) showed them stuck for good.
+    shell.receive(CLIENT, b"", C, b"nobody", b"1")
+    shell.later(EXPIRY_S)
+
+    [ended] = [task for effects in shell.journalled for task in effects.finished]
+    assert ended.status is p.Status.NOT_FOUND
+    assert shell.scheduler.status(shell.now)["totals"]["failed"] == 1
+    [failure] = shell.scheduler.failed
+    assert failure.function == "nobody"
+
+
 def test_requests_for_a_service_nobody_offers_expire_with_a_400(
     shell: Shell, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -461,7 +461,11 @@ class SchedulerMachine(RuleBasedStateMachine):
         }
         queued_by = self.now - waited_s
         withdrawn = self.scheduler.withdraw_queued(
-            queue, queued_by, spare=lambda task: task.recipient == TITANIC
+            queue,
+            queued_by,
+            spare=lambda task: task.recipient == TITANIC,
+            why=lambda task: b"",
+            now=self.now,
         )
         for task in withdrawn:
             assert waiting.pop(task.key) <= queued_by and task.recipient != TITANIC
