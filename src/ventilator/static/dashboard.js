@@ -145,8 +145,12 @@ function busiestFirst(queued, running) {
 
 function renderQueues(status) {
   const names = busiestFirst(status.queued, status.running);
+  // A queue no connected worker serves (a typo'd name) would read as a slow
+  // one: marked, as `ventilator status` marks it.
+  const unserved = new Set(status.unserved || []);
   const rows = names.map((name) => el("tr", {},
-    el("td", {}, el("code", {}, name)),
+    el("td", {}, el("code", {}, name),
+      ...(unserved.has(name) ? [" ", el("span", { class: "tag warn" }, "no worker serves it")] : [])),
     el("td", { class: "num" }, number(status.queued[name] || 0)),
     el("td", { class: "num" }, number(status.running[name] || 0))));
   fill("queues", rows, 3, "no task queued or running");
