@@ -544,7 +544,9 @@ def _ending_counters(
             f"Failed, by outcome (raised, timeout, poison, not_found, rejected): "
             f"{what}."
         ),
-        "cancelled": f"Cancelled before they ran, by a client or an operator: {what}.",
+        "cancelled": (
+            f"Cancelled by a client or an operator, queued or running: {what}."
+        ),
         "split": (
             "Handed back to their map, which ran the items one by one, as a "
             "process died or a worker was lost running them together, or they "
