@@ -332,7 +332,7 @@ def test_dashboard_lists_the_busiest_functions_first_as_status_does(
     )
     page = browser.new_page()
     page.goto(web_broker.http)
-    rows = page.locator("#queues tr td:first-child")
+    rows = page.locator("#queues tr td:first-child code")
 
     busiest_first = [
         f"{MORE_TASKS}:{name}" for name in ("job9", "job2", "job10", "job1")
@@ -340,6 +340,9 @@ def test_dashboard_lists_the_busiest_functions_first_as_status_does(
     wait_until(lambda: rows.count() == 4, SETTLE_S, "four functions listed")
     assert rows.all_inner_texts() == busiest_first
     assert list(api(web_broker, "status")["queued"]) == busiest_first
+    # No worker serves them: each row says so, as `ventilator status` marks it.
+    tags = page.locator("#queues tr td:first-child .tag").all_inner_texts()
+    assert tags == ["no worker serves it"] * 4
 
 
 def test_a_broker_refusing_new_tasks_says_so_in_status_health_and_metrics(
