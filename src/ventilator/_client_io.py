@@ -40,7 +40,7 @@ from . import protocol as p
 from ._cancels import UnconfirmedCancels
 from ._handover import Collected, Handover, Outcome, Pending, Question
 from ._recent import RecentResults
-from ._timing import StallWatch, poll_timeout_ms
+from ._timing import BrokerSilence, StallWatch, poll_timeout_ms
 from ._words import counted
 from .errors import (
     ClientBroken,
@@ -124,32 +124,6 @@ class IOSettings:
     # Whether the caller named the session: then results left behind at close
     # are likely meant to be collected later; a generated one's are likely not.
     session_named: bool = False
-
-
-class BrokerSilence:
-    """When the I/O thread last heard its broker, as a reconnection counts it.
-
-    The silence is judged as it passes the limit, not at the next heartbeat:
-    judged at beats, a killed broker was noticed up to an interval later than
-    the `liveness` intervals the README promises.
-    """
-
-    def __init__(self, now: float) -> None:
-        self.seen_at = now
-
-    def forgive(self, stalled_s: float, now: float) -> None:
-        """This process stood still (SIGSTOP, a swapped-out host) for
-        `stalled_s`: it could not hear the broker, so that silence is not the
-        broker's, and a reconnection would drop what the socket still holds."""
-        self.seen_at = min(now, self.seen_at + stalled_s)
-
-    def gone_at(self, limit_s: float) -> float:
-        """When a silence of `limit_s` is reached, unless the broker speaks."""
-        return self.seen_at + limit_s
-
-    def presumed_gone(self, now: float, limit_s: float) -> bool:
-        # At the wake-up for gone_at(), not a spin until the next microsecond.
-        return now >= self.gone_at(limit_s)
 
 
 class ClientIO:

@@ -60,3 +60,31 @@ class StallWatch:
             "it did not run: stopped, swapped out, starved of CPU by other "
             "processes, or waiting on its disk"
         )
+
+
+class BrokerSilence:
+    """When a peer (a client's I/O thread, a worker) last heard its broker,
+    as a reconnection counts it.
+
+    The silence is judged as it passes the limit, not at the next heartbeat:
+    judged at beats, a killed broker was noticed up to an interval later than
+    the `liveness` intervals the README promises. The limit is given at each
+    question: a client's follows the interval the broker's WELCOME set.
+    """
+
+    def __init__(self, now: float) -> None:
+        self.seen_at = now
+
+    def forgive(self, stalled_s: float, now: float) -> None:
+        """This process stood still (SIGSTOP, a swapped-out host) for
+        `stalled_s`: it could not hear the broker, so that silence is not the
+        broker's, and a reconnection would drop what the socket still holds."""
+        self.seen_at = min(now, self.seen_at + stalled_s)
+
+    def gone_at(self, limit_s: float) -> float:
+        """When a silence of `limit_s` is reached, unless the broker speaks."""
+        return self.seen_at + limit_s
+
+    def presumed_gone(self, now: float, limit_s: float) -> bool:
+        # At the wake-up for gone_at(), not a spin until the next microsecond.
+        return now >= self.gone_at(limit_s)

@@ -28,7 +28,7 @@ import zmq
 
 from . import _wire
 from . import protocol as p
-from ._timing import StallWatch, poll_timeout_ms
+from ._timing import BrokerSilence, StallWatch, poll_timeout_ms
 from ._unconfirmed import Unconfirmed
 from ._words import counted
 from .errors import TaskRejected, UsageError
@@ -652,7 +652,7 @@ class _BrokerContact:
         self._silence_limit_s = interval_s * liveness
         # Silence counted towards a reconnection: from the last message, the
         # last READY, or later when this process stood still meanwhile.
-        self._seen_at = 0.0
+        self._silence = BrokerSilence(0.0)
         # When the broker last said anything, across reconnections: what a
         # silence is logged from, less and less often.
         self._heard_at = now
@@ -677,14 +677,14 @@ class _BrokerContact:
         if not heard:
             return None
         ended = self._heard_at if self._silence_log.said_of(self._heard_at) else None
-        self._seen_at = self._heard_at = now
+        self._silence.seen_at = self._heard_at = now
         self.heard_after = read_before
         return None if ended is None else now - ended
 
     def registering(self, now: float) -> None:
         self._registering = True
         self._registered_at = now
-        self._seen_at = now
+        self._silence.seen_at = now
 
     def welcomed(self, connections: int) -> None:
         self._registering = False
@@ -698,15 +698,14 @@ class _BrokerContact:
 
     def forgive(self, stalled_s: float, now: float) -> None:
         """This process stood still for `stalled_s`: not the broker's silence."""
-        self._seen_at = min(now, self._seen_at + stalled_s)
+        self._silence.forgive(stalled_s, now)
 
     def gone_at(self) -> float:
         """When the broker's silence reaches the limit, unless it speaks."""
-        return self._seen_at + self._silence_limit_s
+        return self._silence.gone_at(self._silence_limit_s)
 
     def presumed_gone(self, now: float) -> bool:
-        # At the wake-up for gone_at(), not a spin until the next microsecond.
-        return now >= self.gone_at()
+        return self._silence.presumed_gone(now, self._silence_limit_s)
 
     def silence_worth_saying(self, now: float) -> bool:
         return self._silence_log.due(now, self._heard_at)

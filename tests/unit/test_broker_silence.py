@@ -1,8 +1,8 @@
-"""The client I/O thread's judgement of its broker's silence."""
+"""How a client or a worker judges its broker's silence (`_timing.BrokerSilence`)."""
 
 from __future__ import annotations
 
-from ventilator._client_io import BrokerSilence
+from ventilator._timing import BrokerSilence
 
 
 def test_a_silence_is_due_as_it_reaches_the_limit_not_at_a_later_beat() -> None:
