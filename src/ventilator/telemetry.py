@@ -200,9 +200,16 @@ class Telemetry:
     _publish_at: float = 0.0
     _sample_at: float = 0.0
 
+    def _add_labelled(self, totals: dict[str, int], tally: dict[str, int]) -> None:
+        """Add a turn's `tally` (by function) to `totals` (by label)."""
+        for function, count in tally.items():
+            label = self._label(function)
+            totals[label] = totals.get(label, 0) + count
+
     def _label(self, function: str) -> str:
         """The `function` label to count `function` under: itself, or
-        OTHER_FUNCTIONS once MAX_FUNCTION_LABELS others were named."""
+        OTHER_FUNCTIONS once MAX_FUNCTION_LABELS others were named. Asked once
+        per function of a turn's tally, not per task."""
         if function in self._labelled:
             return function
         if len(self._labelled) < MAX_FUNCTION_LABELS:
@@ -222,15 +229,15 @@ class Telemetry:
         tally: dict[str, int] = {}
         items: dict[str, int] = {}
         for task in effects.accepted:
-            function = self._label(task.queue)
+            function = task.queue
             tally[function] = tally.get(function, 0) + 1
             if task.flags & _BATCH:
                 count = self._accepted_batch(task)
                 items[function] = items.get(function, 0) + count - 1
-        _add(self.submitted, tally)
+        self._add_labelled(self.submitted, tally)
         # A plain task is one item: only batches make the figures differ.
-        _add(self.items_submitted, tally)
-        _add(self.items_submitted, items)
+        self._add_labelled(self.items_submitted, tally)
+        self._add_labelled(self.items_submitted, items)
 
     def _accepted_batch(self, task: Task) -> int:
         """The items of an accepted batch, 0 if they are counted when it ends."""
@@ -261,7 +268,7 @@ class Telemetry:
             ):
                 self._count_split(task, status)
                 continue
-            function = self._label(task.queue)
+            function = task.queue
             key = (function, status)
             tally[key] = tally.get(key, 0) + 1
             if task.flags & _BATCH:
@@ -297,15 +304,16 @@ class Telemetry:
 
     def _histograms(self, function: str) -> tuple[Histogram, Histogram]:
         """(queue wait, duration) histograms of `function`."""
+        label = self._label(function)
         return (
-            self._histogram(self.queue_wait, function),
-            self._histogram(self.duration, function),
+            self._histogram(self.queue_wait, label),
+            self._histogram(self.duration, label),
         )
 
     def _add_outcomes(self, tally: dict[tuple[str, p.Status], int]) -> None:
         interval = self._interval
         for (function, status), count in tally.items():
-            key = (function, _outcome(status))
+            key = (self._label(function), _outcome(status))
             self.finished[key] = self.finished.get(key, 0) + count
             if status is _OK:
                 interval.tasks_completed += count
@@ -320,7 +328,7 @@ class Telemetry:
         """Count items: the tasks' tally, with each batch replaced by its items."""
         items = dict(tally)
         for task, ending in batches:
-            function = self._label(task.queue)
+            function = task.queue
             items[(function, ending)] -= 1
             outcomes = self._finished_batch(task, ending)
             if ending is _OK and task.retries_left:
@@ -329,7 +337,7 @@ class Telemetry:
                 items[(function, status)] = items.get((function, status), 0) + count
         interval = self._interval
         for (function, status), count in items.items():
-            shown = (function, _outcome(status))
+            shown = (self._label(function), _outcome(status))
             self.items_finished[shown] = self.items_finished.get(shown, 0) + count
             if status is _OK:
                 interval.completed += count
@@ -343,7 +351,7 @@ class Telemetry:
         too, an item that raised twice with retries=1 counted failed twice,
         while a plain task's retries count nothing."""
         if count:
-            key = (function, _RETRIED)
+            key = (self._label(function), _RETRIED)
             self.items_finished[key] = self.items_finished.get(key, 0) + count
 
     def _count_unrun(self, function: str, count: int) -> None:
@@ -351,7 +359,7 @@ class Telemetry:
         split: its map sends them again, new submissions, or the items
         submitted would outnumber every ending."""
         if count > 0:
-            key = (function, _SPLIT)
+            key = (self._label(function), _SPLIT)
             self.items_finished[key] = self.items_finished.get(key, 0) + count
 
     def _finished_batch(self, task: Task, ending: p.Status) -> dict[p.Status, int]:
@@ -363,10 +371,10 @@ class Telemetry:
             # shares its ending. Unknown count: one restored or pickled batch.
             outcomes = {ending: known or 1}
         elif known is not None:
-            self._count_unrun(self._label(task.queue), known - sum(outcomes.values()))
+            self._count_unrun(task.queue, known - sum(outcomes.values()))
         if known is None and task.flags & _PICKLED:
             submitted = sum(outcomes.values())
-            _add(self.items_submitted, {self._label(task.queue): submitted})
+            self._add_labelled(self.items_submitted, {task.queue: submitted})
         return outcomes
 
     @staticmethod
@@ -432,11 +440,6 @@ class Telemetry:
 
 def _outcome(status: p.Status) -> str:
     return "ok" if status is p.Status.OK else status.name.lower()
-
-
-def _add(totals: dict[str, int], tally: dict[str, int]) -> None:
-    for name, count in tally.items():
-        totals[name] = totals.get(name, 0) + count
 
 
 def _array_length(payload: p.Payload) -> int:
