@@ -295,9 +295,7 @@ _MIXED: dict[type[Exception], type[TaskRaised]] = {}
 
 
 def _mixed_with(builtin: type[Exception]) -> type[TaskRaised]:
-    namespace: dict[str, Any] = {"__module__": __name__, "__init__": _init_as_builtin}
-    if issubclass(builtin, OSError):
-        namespace["__init__"] = _init_without_errno
+    namespace = {"__module__": __name__, "__init__": _init_as_builtin}
     try:
         cls = type("TaskRaised", (TaskRaised, builtin), namespace)
         cls("ValueError", "", "")  # some built-ins need arguments of their own
@@ -313,12 +311,7 @@ def _init_as_builtin(
     # As the built-in's own: `except ValueError as e: e.args[0]` is the
     # message, not the type's name (a KeyError's key travels as its text).
     self.args = (message,)
-
-
-def _init_without_errno(
-    self: Any, remote_type: str, message: str, remote_traceback: str = ""
-) -> None:
-    _init_as_builtin(self, remote_type, message, remote_traceback)
-    # OSError read the remote type's name as an errno: the number did not
-    # travel, only the message that may hold it.
-    self.errno, self.strerror = None, message
+    if isinstance(self, OSError):
+        # OSError read the remote type's name as an errno: the number did
+        # not travel, only the message that may hold it.
+        self.errno, self.strerror = None, message
