@@ -512,6 +512,17 @@ def restartable_broker(tmp_path: Path, **extra: object) -> dict[str, Any]:
     }
 
 
+def stand_in_broker(
+    context: zmq.Context[zmq.Socket[bytes]],
+) -> tuple[zmq.Socket[bytes], str]:
+    """A bare ROUTER bound where a broker's frontend would be, and its
+    address: a test plays the broker's part, message by message."""
+    frontend = f"tcp://127.0.0.1:{free_port()}"
+    stand_in = context.socket(zmq.ROUTER)
+    stand_in.bind(frontend)
+    return stand_in, frontend
+
+
 @pytest.fixture
 def restartable(tmp_path: Path) -> dict[str, Any]:
     """Broker options for one restartable broker: fixed ports and a journal."""

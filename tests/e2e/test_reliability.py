@@ -44,6 +44,7 @@ from .conftest import (
     json_records,
     log_of,
     read_json_line,
+    stand_in_broker,
     status_when,
     ventilator_argv,
     wait_for_workers,
@@ -1295,9 +1296,7 @@ def test_a_client_whose_hello_died_with_its_broker_says_it_again_to_the_next(
     # "hello_first", which an unwelcomed client ignored. Hearing answers, it
     # never called the broker silent, so it never said HELLO again: its
     # tasks waited for ever (a tester's kill -9 loop, 88 results undelivered).
-    frontend = f"tcp://127.0.0.1:{free_port()}"
-    stand_in = context.socket(zmq.ROUTER)
-    stand_in.bind(frontend)
+    stand_in, frontend = stand_in_broker(context)
     client = launch.client(frontend)
     future = client.submit(tasks.square, 3)
 
@@ -1367,9 +1366,7 @@ def test_a_client_says_hello_once_to_a_burst_of_hello_first(
     # A restarted broker answers each message it gets before the client's
     # HELLO with "hello_first": a tester saw three HELLOs within a
     # millisecond, and the broker logged the one client joining three times.
-    frontend = f"tcp://127.0.0.1:{free_port()}"
-    stand_in = context.socket(zmq.ROUTER)
-    stand_in.bind(frontend)
+    stand_in, frontend = stand_in_broker(context)
     launch.client(frontend, heartbeat_interval_s=5.0)
     peer, *_ = stand_in.recv_multipart()
     welcome = p.Welcome(window=16, max_payload_bytes=1 << 20, heartbeat_interval_s=5.0)
