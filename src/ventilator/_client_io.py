@@ -241,12 +241,14 @@ class ClientIO:
         for a caller whose wait timed out; None when it knows nothing.
 
         Read from the caller's thread without the lock: a diagnosis, and each
-        read is one step the I/O thread cannot tear."""
+        read is one step the I/O thread cannot tear. The notices are copied
+        first (one C-level step): iterating the deque while the I/O thread
+        appends to it raises RuntimeError."""
         pending = self._pending.get(task_id)
         if pending is None:
             return None
         function = pending.spec.function
-        for message in reversed(self._unserved_said):
+        for message in reversed(list(self._unserved_said)):
             if f"serves {function};" in message:
                 return f"the broker said: {message}"
         if not pending.accepted:
