@@ -40,6 +40,7 @@ from . import protocol as p
 from ._cancels import UnconfirmedCancels
 from ._handover import Collected, Handover, Outcome, Pending, Question
 from ._recent import RecentResults
+from ._shared import ClientShare
 from ._timing import BrokerSilence, StallWatch, poll_timeout_ms
 from ._words import counted
 from .errors import (
@@ -124,6 +125,8 @@ class IOSettings:
     # Whether the caller named the session: then results left behind at close
     # are likely meant to be collected later; a generated one's are likely not.
     session_named: bool = False
+    # Whether large payloads may go through shared memory (see _shared).
+    shared_memory: bool = True
 
 
 class ClientIO:
@@ -159,6 +162,8 @@ class ClientIO:
         # changes threads as libzmq requires.
         self._socket_lock = threading.Lock()
         self._pending: dict[int, Pending] = {}
+        # Large payloads go through shared memory to a broker on this machine.
+        self._shared = ClientShare(handover.window_bytes, settings.shared_memory)
         # Bytes the broker holds for us as we reckon them: payloads of tasks
         # sent and not finished, results received and not acknowledged (of
         # which `_acks_bytes`). Nothing is sent that would take them past the
@@ -436,6 +441,7 @@ class ClientIO:
             self._socket_lock.acquire()
 
     def _close_socket(self, linger: int) -> None:
+        self._shared.close()
         self._unwatch()
         self._handshakes.close()
         self._socket.close(linger=linger)
@@ -504,7 +510,7 @@ class ClientIO:
     def _hello_command(self) -> p.Hello:
         # The instance tells the broker this is the client that holds the
         # session, back on a new connection, and not a second one.
-        return p.Hello(self.session, instance=self._instance)
+        return p.Hello(self.session, instance=self._instance, shared=self._shared.ask())
 
     def _watch(self) -> None:
         """Wait on the socket and its monitor through their ZMQ_FDs, with the
@@ -813,7 +819,13 @@ class ClientIO:
 
     def _resend_unaccepted(self) -> None:
         again = [x.spec for x in self._pending.values() if not x.accepted]
-        for chunk in _batches(again):
+        self._submit(again)
+
+    def _submit(self, specs: list[p.TaskSpec]) -> None:
+        """Send `specs`, their large payloads by reference where they can be."""
+        on_wire = self._shared.on_wire
+        unfinished = self._pending.__contains__
+        for chunk in _batches([on_wire(spec, unfinished) for spec in specs]):
             self._send(p.Submit(chunk))
 
     def _welcome(self, welcome: p.Welcome) -> None:
@@ -823,6 +835,7 @@ class ClientIO:
             self._session_refused_at = self._session_refusal = None
             log.info("the session is ours now session=%s", self.session)
         self._durable = welcome.durable
+        self._shared.welcomed(welcome.arena)
         # Beat at least as often as the broker expects, or it takes us for gone.
         self._heartbeat_interval_s = min(
             self._heartbeat_interval_s, welcome.heartbeat_interval_s
@@ -851,8 +864,7 @@ class ClientIO:
             for pending in self._pending.values()
             if not pending.accepted or not self._durable
         ]
-        for chunk in _batches(again):
-            self._send(p.Submit(chunk))
+        self._submit(again)
 
     def _accepted(self, task_ids: Iterable[int]) -> None:
         released = 0
@@ -891,6 +903,7 @@ class ClientIO:
                 continue
             pending = self._pending.pop(entry.task_id, None)
             if pending is not None:
+                self._shared.done(entry.task_id)
                 released += 1
                 self._bytes_held -= pending.size
                 settle(pending.future, entry)
@@ -945,8 +958,7 @@ class ClientIO:
         batch = self._refuse_oversized(batch)
         for pending in batch:
             self._pending[pending.spec.task_id] = pending
-        for chunk in _batches([pending.spec for pending in batch]):
-            self._send(p.Submit(chunk))
+        self._submit([pending.spec for pending in batch])
         if cancels:
             self._forget_cancelled(cancels)
             self._send(p.Cancel(cancels))

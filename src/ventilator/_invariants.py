@@ -64,6 +64,7 @@ def check_invariants(scheduler: Scheduler) -> None:
             _check_nobody_idles_for(scheduler, task)
     _check_stale_counts(scheduler)
     _check_byte_counts(scheduler)
+    _check_shared(scheduler)
     _check_result_room(scheduler)
     _check_tombstones(scheduler)
     # Connections on their recipients, none on a forgotten one, and the
@@ -74,6 +75,16 @@ def check_invariants(scheduler: Scheduler) -> None:
     failed = [record.ticket for record in scheduler.failed]
     assert len(set(failed)) == len(failed), "a failure remembered twice"
     _check_totals(scheduler)
+
+
+def _check_shared(scheduler: Scheduler) -> None:
+    """Tasks whose payload lies in shared memory are listed under its arena,
+    and only they."""
+    listed: dict[bytes, set[int]] = {}
+    for ticket, task in scheduler.tasks.items():
+        if task.flags & p.Flags.SHARED and task.payload:
+            listed.setdefault(p.shared_arena(task.payload), set()).add(ticket)
+    assert scheduler._shared == listed, (scheduler._shared, listed)
 
 
 def _check_parked(scheduler: Scheduler) -> None:

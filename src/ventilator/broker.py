@@ -44,7 +44,7 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from . import _wire, mdp, security
+from . import _shared, _wire, mdp, security
 from . import protocol as p
 from . import scheduler as s
 from ._full_queues import FullQueues
@@ -141,6 +141,9 @@ class BrokerConfig:
     # New tasks are refused while the journal's disk has less room than this:
     # a disk that fills would fail a commit and stop the broker for everyone.
     journal_min_free_bytes: int = DEFAULT_JOURNAL_MIN_FREE_BYTES
+    # Clients and workers on this machine pass large payloads through shared
+    # memory, with the journal in memory (see _shared).
+    shared_memory: bool = True
 
     @property
     def durable(self) -> bool:
@@ -186,6 +189,11 @@ class Broker:
         self._journal: Journal = open_journal(config.journal, config.durability)
         durable = not isinstance(self._journal, MemoryJournal)
         self._scheduler = s.Scheduler(config.limits, durable=durable)
+        self._shared = _shared.Arenas(
+            enabled=config.shared_memory and not durable,
+            max_arena_bytes=config.limits.client_max_bytes,
+            worker_peers=self._scheduler.worker_peers,
+        )
         # No session could ever be given room for more tasks than its window
         # in one message: a larger SUBMIT is refused whole, undecoded.
         self._max_submit_tasks = min(p.MAX_SUBMIT_TASKS, config.limits.client_window)
@@ -315,6 +323,7 @@ class Broker:
             raise
         requeued, awaiting = self._replay()
         self._gateway.resume()
+        self._sweep_shared_memory()
         if self.telemetry is not None:
             # A first snapshot, so that readers have one from the start.
             self.telemetry.publish(time.monotonic(), self._scheduler)
@@ -331,6 +340,16 @@ class Broker:
             counted(requeued, "task"),
             counted(awaiting, "result"),
         )
+
+    def _sweep_shared_memory(self) -> None:
+        if not self._shared.enabled:
+            return
+        removed = _shared.sweep_stale()
+        if removed:
+            log.info(
+                "removed %s of shared memory left by processes killed outright",
+                counted(removed, "arena folder or probe", "arena folders or probes"),
+            )
 
     def _open_gate_and_bind(self) -> None:
         # Before any bind: a handshake that finds no ZAP handler is not checked.
@@ -476,6 +495,7 @@ class Broker:
                     self._log_held_back(now)
                     self._trim.maybe(now)
                     self._look_at_disk()
+                    self._shared.tick(now)
                     next_tick = now + interval_s
                 elif self._disk_room.due(self._journal.written_bytes):
                     self._look_at_disk()
@@ -896,6 +916,7 @@ class Broker:
         if identity.role == CLIENT:
             if isinstance(command, p.Hello):
                 self._revoked_clients.pop(peer, None)  # its key is back
+                self._shared.hello(peer, command.shared)
             admitted = self._admission.client(identity, command)
             for task_id, reason in admitted.rejected:
                 self._scheduler.reject(peer, task_id, reason)
@@ -904,12 +925,18 @@ class Broker:
             elif admitted.forbidden is not None:
                 log.warning("refused a sink: %s", admitted.forbidden)
                 self._send(peer, p.Error("forbidden", admitted.forbidden), now)
-            if admitted.command is not None:
+            admitted_command = admitted.command
+            if isinstance(admitted_command, p.Submit):
+                admitted_command = self._shared.resolve(
+                    peer, admitted_command, self._scheduler.reject
+                )
+            if admitted_command is not None:
                 self._scheduler.client_command(
-                    peer, admitted.command, now, admitted.scope
+                    peer, admitted_command, now, admitted.scope
                 )
             return
         if isinstance(command, p.Ready):
+            self._shared.ready(peer, command.shared)
             command = self._admission.ready(identity, command)
             if self._keys is not None:
                 self._worker_keys[peer] = identity.public_key
@@ -1032,8 +1059,20 @@ class Broker:
             self.telemetry.record(effects)
         self._send_to_clients(after_commit, now)
         self._notice_log.log(effects.notices, now)
+        for peer in effects.departed:
+            self._unshare(peer, now)
         if effects.accepted:
             self._notice_log.say_accepting_again(now)
+
+    def _unshare(self, peer: bytes, now: float) -> None:
+        """A client connection is gone: its tasks get copies of the payloads
+        they hold in its arena of shared memory, which then goes."""
+        arena = self._shared.arena_of(peer)
+        if arena is None:
+            return
+        copied = self._scheduler.unshare(arena, self._shared.materialize)
+        self._shared.drop(peer, now)
+        log.debug("arena dropped peer=%s payloads_copied=%d", peer.hex(), copied)
 
     def _log_held_back(self, now: float) -> None:
         """Count the log lines each rate limit held back since its last one."""
@@ -1050,8 +1089,10 @@ class Broker:
         for peer, command in messages:
             if gateway.owns(peer):
                 self._send_all(peer, gateway.to_worker(peer, command, now), now)
-            else:
-                self._send(peer, command, now)
+                continue
+            if type(command) is p.Tasks:
+                command = self._shared.for_worker(peer, command)
+            self._send(peer, command, now)
 
     def _send_results(
         self, messages: list[tuple[bytes, p.Command]], now: float
@@ -1075,6 +1116,8 @@ class Broker:
         gateway.end_turn()
 
     def _send(self, peer: bytes, command: p.Command, now: float) -> bool:
+        if type(command) is p.Welcome:
+            command = self._shared.welcome(peer, command)
         return self._send_frames(peer, p.encode(command), now)
 
     def _send_all(self, peer: bytes, messages: list[list[bytes]], now: float) -> bool:
@@ -1117,6 +1160,7 @@ class Broker:
             sock.close()
         for monitor in self._monitors:
             monitor.close(linger=0)
+        self._shared.close()
         self._gate.stop()
         if self._own_context:
             self._context.term()

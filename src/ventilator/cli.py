@@ -491,6 +491,14 @@ def _bind_address(ctx: click.Context, param: click.Parameter, value: Any) -> Any
     "pickled callables.",
 )
 @click.option(
+    "--no-shared-memory",
+    "shared_memory",
+    flag_value=False,
+    default=True,
+    help="Send large payloads in messages even to clients and workers on "
+    "this machine (with --durability memory, they go through shared memory).",
+)
+@click.option(
     "--announce",
     is_flag=True,
     help="Print the bound endpoints as one JSON line on stdout.",
@@ -535,6 +543,7 @@ def broker(
     clients: str | None,
     workers: str | None,
     insecure: bool,
+    shared_memory: bool,
     announce: bool,
     http_address: str | None,
     http_allow_remote: bool,
@@ -577,6 +586,7 @@ def broker(
         curve=_server_keys(secret_key, clients, workers),
         insecure=insecure,
         journal_min_free_bytes=journal_min_free_bytes,
+        shared_memory=shared_memory,
         telemetry=http is not None,
         mdp=mdp,
         mdp_settings=MdpSettings(
@@ -682,6 +692,14 @@ def _server_keys(
     is_flag=True,
     help="With --allow-pickle, accept a non-loopback broker without CURVE.",
 )
+@click.option(
+    "--no-shared-memory",
+    "shared_memory",
+    flag_value=False,
+    default=True,
+    help="Receive large payloads in messages even from a broker on this "
+    "machine, which would pass them through shared memory.",
+)
 def worker(
     modules: tuple[str, ...],
     connect: str,
@@ -693,6 +711,7 @@ def worker(
     secret_key: str | None,
     broker_key: str | None,
     insecure: bool,
+    shared_memory: bool,
 ) -> None:
     """Serve the public functions of MODULES (tasks name them module:function)."""
     from .worker import Worker, WorkerConfig  # see broker()
@@ -708,6 +727,7 @@ def worker(
         secret_key=secret_key,
         broker_key=broker_key,
         insecure=insecure,
+        shared_memory=shared_memory,
     )
     server = or_usage_error(lambda: Worker(config))
     keep_freed_memory()  # this process exists to move payloads

@@ -60,7 +60,8 @@ from .errors import (
 from .policy import DEFAULT_ADDRESS, check_heartbeat
 from .security import client_keys, fingerprint
 from .serialization import (
-    pack_call,
+    Pieces,
+    pack_call_in_pieces,
     pack_pickled_call,
 )
 
@@ -175,6 +176,9 @@ class Client:
             after `liveness` silent intervals, and the client reconnects.
         secret_key: this client's ``.key_secret`` file, for a CURVE broker.
         broker_key: the broker's public ``.key`` file (with `secret_key`).
+        shared_memory: pass payloads of 64 KiB or more through shared memory
+            when the broker (with its journal in memory) and the workers are
+            on this machine; they travel in messages otherwise.
 
     Raises:
         UsageError: a bad window or session name, or only one of the two key
@@ -194,6 +198,7 @@ class Client:
         context: zmq.Context[Any] | None = None,
         secret_key: str | None = None,
         broker_key: str | None = None,
+        shared_memory: bool = True,
     ) -> None:
         if window < 1:
             raise UsageError(f"window must be at least 1, got {window}")
@@ -229,6 +234,7 @@ class Client:
             heartbeat_interval_s,
             liveness,
             session_named=session is not None,
+            shared_memory=shared_memory,
         )
         self._io = ClientIO(settings, self._handover, context)
         self._io.start()
@@ -678,11 +684,11 @@ class Client:
         function: str | Callable[..., Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-    ) -> tuple[str, int, bytes]:
+    ) -> tuple[str, int, bytes | Pieces]:
         name, flags = self._name_of(function)
         if flags & p.Flags.PICKLED:
             return name, flags, pack_pickled_call(function, args, kwargs)  # type: ignore[arg-type]
-        return name, flags, pack_call(args, kwargs)
+        return name, flags, pack_call_in_pieces(args, kwargs)
 
     def _check_job(
         self, function: str | Callable[..., Any], **options: Any

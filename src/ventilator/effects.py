@@ -35,6 +35,10 @@ class Effects:
     to_clients: list[tuple[bytes, p.Command]] = field(default_factory=list)
     to_workers: list[tuple[bytes, p.Command]] = field(default_factory=list)
     notices: list[Notice] = field(default_factory=list)
+    # Client connections gone (BYE, silence) or replaced since the last turn:
+    # their arenas of shared memory go, once the shell has had the scheduler
+    # copy out what its tasks still need (see _shared, Scheduler.unshare).
+    departed: list[bytes] = field(default_factory=list)
 
     @property
     def journal_dirty(self) -> bool:

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 from . import mdp
 from . import protocol as p
+from ._shared import SharedPayloadGone, read_payload
 from .errors import (
     FunctionNotFound,
     ProtocolError,
@@ -41,6 +42,9 @@ Unpickled = TypeVar("Unpickled")
 _BATCH = int(p.Flags.BATCH)
 _PICKLED = int(p.Flags.PICKLED)
 _RAW = int(p.Flags.RAW)
+_SHARED = int(p.Flags.SHARED)
+# The error type of a task whose payload in shared memory cannot be read.
+PAYLOAD_GONE = "SharedPayloadGone"
 # How an unencodable result is named in its error.
 RETURN_VALUE = "the task's return value"
 
@@ -53,6 +57,12 @@ def run_task(
     payload: Any,
 ) -> tuple[p.Status, bytes]:
     """Run one task and return how it ended, with its result or error report."""
+    if flags & _SHARED:
+        try:
+            payload = read_payload(payload)
+        except SharedPayloadGone as exc:
+            # Reported as a death: see read_payload.
+            return p.Status.CRASHED, pack_error(TaskError(PAYLOAD_GONE, str(exc)))
     if flags & _BATCH:
         return _run_batch(functions, allow_pickle, function, flags, payload)
 

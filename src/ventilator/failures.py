@@ -48,6 +48,7 @@ __all__ = [
 # Arguments of a failed task are kept for a retry up to this size; larger ones
 # would make the bounded record of failures unbounded in bytes.
 RETRY_PAYLOAD_BYTES = p.ZERO_COPY_BYTES
+_SHARED = int(p.Flags.SHARED)
 # The flags as plain ints: `int & IntFlag` costs about 2 us in CPython.
 _RAW = int(p.Flags.RAW)
 _BATCH = int(p.Flags.BATCH)
@@ -177,7 +178,10 @@ class Failures:
     ) -> None:
         """Keep a record of `task`, which failed; its arguments only if they
         are small enough to keep for a retry."""
-        kept = task.payload if len(task.payload) <= RETRY_PAYLOAD_BYTES else None
+        # A shared payload stands for one at least as large, in memory its
+        # client frees.
+        keepable = len(task.payload) <= RETRY_PAYLOAD_BYTES
+        kept = task.payload if keepable and not task.flags & _SHARED else None
         record = FailedTask(
             task.ticket,
             task.session,

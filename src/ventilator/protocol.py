@@ -26,6 +26,7 @@ import enum
 import functools
 import re
 import reprlib
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
@@ -131,6 +132,19 @@ class Flags(enum.IntFlag):
     # counts that ending as split, not failed, and keeps it out of `failed`.
     # Without it (an older client, a batch of one) such an ending is a failure.
     SPLITTABLE = 16
+    # The payload frame is a reference into shared memory (see _shared): from
+    # a client, offset, length and generation in its arena (`SHARED_REFERENCE`);
+    # from the broker, the same followed by the arena's path.
+    SHARED = 32
+
+
+# What a shared payload's frame starts with: offset, length, generation.
+SHARED_REFERENCE = struct.Struct("<QQQ")
+
+
+def shared_arena(payload: Payload) -> bytes:
+    """The arena (its path) a broker's shared-payload reference points into."""
+    return bytes(payload[SHARED_REFERENCE.size :])
 
 
 # How a SPLITTABLE batch may fail whole and still be no failure: its map runs
@@ -178,7 +192,14 @@ TASK_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z]\w*")
 PICKLED_PREFIX = "pickled:"
 MDP_PREFIX = "mdp:"
 # A plain int: `~` on an IntFlag complements only its known bits.
-CLIENT_FLAGS = int(Flags.PICKLED | Flags.BATCH | Flags.SPLIT | Flags.SPLITTABLE)
+CLIENT_FLAGS = int(
+    Flags.PICKLED | Flags.BATCH | Flags.SPLIT | Flags.SPLITTABLE | Flags.SHARED
+)
+
+
+_CLIENT_FLAGS_SAID = (
+    "clients may set PICKLED (1), BATCH (2), SPLIT (8), SPLITTABLE (16) and SHARED (32)"
+)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -198,14 +219,10 @@ def submission_problem(function: str, flags: int) -> str | None:
     if flags & Flags.RAW:
         return (
             f"task flags {flags} include RAW (4), which only the broker's MDP "
-            "gateway sets; clients may set PICKLED (1), BATCH (2), SPLIT (8) "
-            "and SPLITTABLE (16)"
+            f"gateway sets; {_CLIENT_FLAGS_SAID}"
         )
     if flags & ~CLIENT_FLAGS:
-        return (
-            f"task flags {flags} are not a client's: clients may set PICKLED (1), "
-            "BATCH (2), SPLIT (8) and SPLITTABLE (16)"
-        )
+        return f"task flags {flags} are not a client's: {_CLIENT_FLAGS_SAID}"
     if flags & Flags.SPLITTABLE and not flags & Flags.BATCH:
         return (
             f"task flags {flags}: SPLITTABLE (16) only with BATCH (2); it says "
@@ -257,11 +274,25 @@ class Hello:
     `instance` tells one `Client` object from another on the same session: the
     same one reconnecting takes its session back, another is refused while the
     holder is live. None from peers that predate it (they take the session).
+    `shared` asks for an arena of shared memory for large payloads: a probe's
+    path and token, which prove the client shares the broker's memory, and
+    the arena's size in bytes (see _shared).
     """
 
     session: str
     sink: str | None = None
     instance: int | None = None
+    shared: SharedAsk | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SharedAsk:
+    """A peer's proof that it shares the broker's memory (see _shared.Probe),
+    and for a client the size of the arena it asks for."""
+
+    probe_path: str
+    token: str
+    arena_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,6 +306,9 @@ class Welcome:
     # Payload and result bytes the client may have in the broker; 0: unsaid
     # (a broker from before it said so).
     client_max_bytes: int = 0
+    # The file of shared memory the client writes its large payloads into;
+    # None: it sends them in frames (see _shared).
+    arena: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -445,6 +479,9 @@ class Ready:
     # registers again: the broker keeps them with it instead of running them
     # again elsewhere. Sent only when there are some, as `problem` is.
     held: Sequence[tuple[int, int]] = ()
+    # Its proof that it shares the broker's memory: then it is sent large
+    # payloads by reference (see _shared).
+    shared: SharedAsk | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -723,11 +760,7 @@ def _encode(command: Command) -> tuple[Cmd, Any, Sequence[Payload]]:
 
 
 _ENCODERS: dict[type, Callable[[Any], tuple[Cmd, Any, Sequence[Payload]]]] = {
-    Hello: lambda c: (
-        Cmd.HELLO,
-        {"session": c.session, "sink": c.sink, "instance": c.instance},
-        (),
-    ),
+    Hello: lambda c: (Cmd.HELLO, _hello_body(c), ()),
     Welcome: lambda c: (
         Cmd.WELCOME,
         [
@@ -736,6 +769,7 @@ _ENCODERS: dict[type, Callable[[Any], tuple[Cmd, Any, Sequence[Payload]]]] = {
             c.heartbeat_interval_s,
             c.durable,
             c.client_max_bytes,
+            *([] if c.arena is None else [c.arena]),
         ],
         (),
     ),
@@ -788,6 +822,21 @@ _ENCODERS: dict[type, Callable[[Any], tuple[Cmd, Any, Sequence[Payload]]]] = {
 }
 
 
+def _hello_body(hello: Hello) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "session": hello.session,
+        "sink": hello.sink,
+        "instance": hello.instance,
+    }
+    if hello.shared is not None:
+        body["shared"] = _shared_body(hello.shared)
+    return body
+
+
+def _shared_body(shared: SharedAsk) -> list[Any]:
+    return [shared.probe_path, shared.token, shared.arena_bytes]
+
+
 def _ready_body(ready: Ready) -> list[Any]:
     # Optional fields trail, each sent only when it or one after it is set,
     # so that a READY without them reads to brokers that predate them.
@@ -798,32 +847,48 @@ def _ready_body(ready: Ready) -> list[Any]:
         ready.allow_pickle,
         ready.slots,
     ]
+    held = [list(entry) for entry in ready.held]
+    if ready.shared is not None:
+        return [*body, ready.problem, held, _shared_body(ready.shared)]
     if ready.held:
-        return [*body, ready.problem, [list(entry) for entry in ready.held]]
+        return [*body, ready.problem, held]
     return body if ready.problem is None else [*body, ready.problem]
 
 
 def _decode_hello(body: Any, payloads: Sequence[Payload]) -> Hello:
     _no_payloads(payloads, "HELLO")
     _expect(body, dict, "HELLO body")
+    shared = body.get("shared")
     return Hello(
         session=_label(body.get("session"), "session"),
         sink=_optional_label(body.get("sink"), "sink"),
         instance=_optional_count(body.get("instance"), "instance"),
+        shared=None if shared is None else _shared_ask(shared),
     )
+
+
+def _shared_ask(value: Any) -> SharedAsk:
+    path, token, arena_bytes = _fixed(value, 3, "shared ([probe path, token, size])")
+    path = _name(path, "shared probe path")
+    token = _name(token, "shared token")
+    return SharedAsk(path, token, _count(arena_bytes, "shared arena size"))
 
 
 def _decode_welcome(body: Any, payloads: Sequence[Payload]) -> Welcome:
     _no_payloads(payloads, "WELCOME")
-    if isinstance(body, list) and len(body) == 4:
-        body = [*body, 0]  # a broker from before client_max_bytes
-    window, max_payload, interval, durable, max_bytes = _fixed(body, 5, "WELCOME")
+    if not isinstance(body, list) or not 4 <= len(body) <= 6:
+        raise ProtocolError("WELCOME must be a list of 4 to 6 fields")
+    # Fields a broker leaves off: `client_max_bytes` (older brokers), `arena`
+    # (no shared memory).
+    fields: list[Any] = [*body, 0, None][:6] if len(body) == 4 else [*body, None][:6]
+    window, max_payload, interval, durable, max_bytes, arena = fields
     return Welcome(
         _count(window, "window"),
         _count(max_payload, "max_payload_bytes"),
         float(_expect(interval, (int, float), "heartbeat_interval_s")),
         bool(_expect(durable, bool, "durable")),
         _count(max_bytes, "client_max_bytes"),
+        None if arena is None else _name(arena, "arena"),
     )
 
 
@@ -968,12 +1033,12 @@ def _decode_operator_reply(body: Any, payloads: Sequence[Payload]) -> OperatorRe
 
 def _decode_ready(body: Any, payloads: Sequence[Payload]) -> Ready:
     _no_payloads(payloads, "READY")
-    if not isinstance(body, list) or len(body) not in (4, 5, 6, 7):
-        raise ProtocolError("READY must be a list of 4 to 7 fields")
+    if not isinstance(body, list) or not 4 <= len(body) <= 8:
+        raise ProtocolError("READY must be a list of 4 to 8 fields")
     # Fields a worker leaves off: `slots` (older workers), `problem` (healthy),
-    # `held` (nothing held).
-    fields: list[Any] = [*body, *[None] * (7 - len(body))]
-    worker_id, services, capacity, allow_pickle, slots, problem, held = fields
+    # `held` (nothing held), `shared` (no shared memory).
+    fields: list[Any] = [*body, *[None] * (8 - len(body))]
+    worker_id, services, capacity, allow_pickle, slots, problem, held, shared = fields
     _expect(services, list, "services")
     capacity = _declared(capacity, "capacity", MAX_CAPACITY)
     if slots is not None:
@@ -985,7 +1050,8 @@ def _decode_ready(body: Any, payloads: Sequence[Payload]) -> Ready:
         allow_pickle=bool(_expect(allow_pickle, bool, "allow_pickle")),
         slots=slots,
         problem=None if problem is None else _problem(problem),
-        held=() if held is None else _ticket_attempts(held),
+        held=() if held in (None, []) else _ticket_attempts(held),
+        shared=None if shared is None else _shared_ask(shared),
     )
 
 

@@ -105,6 +105,7 @@ _PICKLED = int(p.Flags.PICKLED)
 _BATCH = int(p.Flags.BATCH)
 _SPLIT = int(p.Flags.SPLIT)
 _SPLITTABLE = int(p.Flags.SPLITTABLE)
+_SHARED = int(p.Flags.SHARED)
 # What a client's session does with its tasks, and what it only asks (see
 # Recipient.only_asked).
 _WORK_TYPES = (p.Submit, p.Ack, p.Cancel)
@@ -347,6 +348,9 @@ class Scheduler:
         self._holdings_said: str | None = None
         # Per connection, the tasks refused and not yet told (see _reject).
         self._refusals: dict[bytes, list[p.ResultEntry]] = {}
+        # Per arena of shared memory (its path), the tickets of unfinished
+        # tasks whose payload lies in it (see unshare).
+        self._shared: dict[bytes, set[int]] = {}
 
     # --- clients -------------------------------------------------------------------
 
@@ -949,6 +953,10 @@ class Scheduler:
             deaths=1 if spec.flags & _SPLIT else 0,
         )
         self._admit(task)
+        if task.flags & _SHARED:
+            self._shared.setdefault(p.shared_arena(task.payload), set()).add(
+                task.ticket
+            )
         self._enqueue(task)
         self.submitted += 1
         self.disk_budget.spend(len(spec.payload))
@@ -994,6 +1002,8 @@ class Scheduler:
         return task.state is State.FINISHED and task.recipient == recipient.name
 
     def _forget(self, task: Task) -> None:
+        if task.flags & _SHARED:
+            self._unshare_task(task)
         del self.tasks[task.ticket]
         self._fences.pop(task.ticket, None)
         del self._by_key[task.key]
@@ -1108,6 +1118,8 @@ class Scheduler:
         # Every failed send to a gone client reports it: say so once.
         peer, was_connected = recipient.peer, recipient.peer is not None
         recipient.peer = None
+        if peer is not None:
+            self._effects.departed.append(peer)
         if said_bye:
             self._forget_cancellations(recipient)
             # Unaccepted: its client failed them as it closed.
@@ -1869,10 +1881,46 @@ class Scheduler:
         task.status = status
         task.finished_at = now
         # The arguments are not needed any more; only the result is kept.
+        if task.flags & _SHARED:
+            self._unshare_task(task)
         self._count_bytes(task, -len(task.payload))
         task.payload = b""
         self._replace_result(task, result)
         self._effects.finished.append(task)
+
+    def worker_peers(self) -> set[bytes]:
+        """The connections of the registered workers."""
+        return set(self._worker_of_peer)
+
+    def unshare(
+        self, arena: bytes, read: Callable[[p.Payload], p.Payload | None]
+    ) -> int:
+        """Give every unfinished task whose payload lies in `arena` a copy of
+        it, read by `read` from the reference: the arena is about to go (its
+        client left, see _shared). Returns how many tasks were given one; a
+        task whose payload cannot be read keeps its reference."""
+        tickets = self._shared.pop(arena, set())
+        unread = set()
+        for ticket in tickets:
+            task = self.tasks[ticket]
+            payload = read(task.payload)
+            if payload is None:
+                unread.add(ticket)
+                continue
+            self._count_bytes(task, len(payload) - len(task.payload))
+            task.payload = payload
+            task.flags &= ~_SHARED
+        if unread:
+            self._shared[arena] = unread
+        return len(tickets) - len(unread)
+
+    def _unshare_task(self, task: Task) -> None:
+        arena = p.shared_arena(task.payload)
+        tickets = self._shared.get(arena)
+        if tickets is not None:
+            tickets.discard(task.ticket)
+            if not tickets:
+                del self._shared[arena]
 
     def _replace_result(self, task: Task, result: p.Payload) -> None:
         change = len(result) - len(task.result)
@@ -2234,6 +2282,9 @@ class Scheduler:
         self._deliver()
         self._unannounced.send_due(now, self._effects.to_clients)
         self._holdings_said = None
+        if self._sessions.departed:
+            self._effects.departed += self._sessions.departed
+            self._sessions.departed.clear()
 
         effects = self._effects
         self._effects = Effects()

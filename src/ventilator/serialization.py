@@ -8,6 +8,7 @@ worker opted in, because unpickling is running the sender's code.
 from __future__ import annotations
 
 import pickle
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -18,8 +19,10 @@ from .errors import TaskError, UsageError
 
 __all__ = [
     "BatchPacker",
+    "Pieces",
     "pack_batch_outcomes",
     "pack_call",
+    "pack_call_in_pieces",
     "pack_error",
     "pack_pickled_call",
     "pack_value",
@@ -87,6 +90,63 @@ def _hashable(key: Any) -> Any:
 def pack_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
     """Encode call arguments as msgpack ``[args, kwargs]``."""
     return pack_value([list(args), kwargs] if kwargs else [list(args)], "the arguments")
+
+
+def pack_call_in_pieces(
+    args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> bytes | Pieces:
+    """`pack_call`, but as `Pieces` when some arguments are large bytes,
+    which are then not copied here."""
+    if not kwargs and len(args) <= _FIXARRAY_MAX and any(map(_large_bytes, args)):
+        return _pieces(args)
+    return pack_call(args, kwargs)
+
+
+# Bytes arguments at least this large are not copied into the encoded call:
+# pyzmq's own zero-copy threshold, and that of shared payloads.
+LARGE_BYTES = 65536
+# What `_pieces` writes by hand: msgpack's fixarray (up to 15 entries) and
+# bin 32 (a length of 4 bytes, big-endian, then the bytes).
+_FIXARRAY = 0x90
+_FIXARRAY_MAX = 15
+_BIN32 = struct.Struct(">BI")
+_BIN32_MARK = 0xC6
+
+
+class Pieces:
+    """An encoded payload in parts: msgpack around large `bytes` arguments,
+    which are held, not copied (bytes cannot change). Joined once, where it
+    is written: into a message frame, or into shared memory (see _shared),
+    so that a 100 KiB argument is copied once on its way out, not three times.
+    """
+
+    __slots__ = ("_size", "parts")
+
+    def __init__(self, parts: list[bytes]) -> None:
+        self.parts = parts
+        self._size = sum(map(len, parts))
+
+    def __len__(self) -> int:
+        return self._size
+
+    def joined(self) -> bytes:
+        return b"".join(self.parts)
+
+
+def _large_bytes(value: Any) -> bool:
+    return type(value) is bytes and len(value) >= LARGE_BYTES
+
+
+def _pieces(args: tuple[Any, ...]) -> Pieces:
+    """``[args]`` in msgpack, exactly as `pack_value` encodes it, with each
+    large bytes argument a piece of its own."""
+    parts = [bytes((_FIXARRAY | 1, _FIXARRAY | len(args)))]
+    for arg in args:
+        if _large_bytes(arg):
+            parts += (_BIN32.pack(_BIN32_MARK, len(arg)), arg)
+        else:
+            parts.append(pack_value(arg, "the arguments"))
+    return Pieces(parts)
 
 
 def unpack_call(payload: Any) -> tuple[list[Any], dict[str, Any]]:

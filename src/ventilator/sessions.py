@@ -139,6 +139,7 @@ class SessionRegistry:
         "_limits",
         "_name_of_peer",
         "_opened_by_peer",
+        "departed",
         "recipients",
     )
 
@@ -150,6 +151,13 @@ class SessionRegistry:
         self.recipients: dict[str, Recipient] = {}
         self._name_of_peer: dict[bytes, str] = {}
         self._opened_by_peer: dict[bytes, int] = {}
+        # Connections that stopped speaking for anyone since the scheduler
+        # last took them: their shared memory goes (see _shared).
+        self.departed: list[bytes] = []
+
+    def _unmap(self, peer: bytes) -> None:
+        del self._name_of_peer[peer]
+        self.departed.append(peer)
 
     def name_of(self, peer: bytes) -> str | None:
         """The name of the recipient `peer` speaks for (connected on it, or
@@ -168,7 +176,7 @@ class SessionRegistry:
         recipient = self.recipients.get(name)
         if recipient is not None and recipient.peer in (None, peer):
             return recipient
-        del self._name_of_peer[peer]
+        self._unmap(peer)
         return None
 
     def recipient(self, name: str) -> Recipient:
@@ -255,14 +263,16 @@ class SessionRegistry:
         earlier = recipient.last_peer  # `peer` too, while it is connected
         name = recipient.name
         if earlier not in (None, peer) and self._name_of_peer.get(earlier) == name:
-            del self._name_of_peer[earlier]
+            self._unmap(earlier)
         recipient.peer = recipient.last_peer = peer
         self._name_of_peer[peer] = name
 
     def disconnect(self, peer: bytes) -> Recipient | None:
         """`peer` speaks for nobody from now on; return the recipient it was
         connected for, away from now on, or None if it was on none."""
-        name = self._name_of_peer.pop(peer, None)
+        name = self._name_of_peer.get(peer)
+        if name is not None:
+            self._unmap(peer)
         recipient = self.recipients.get(name) if name is not None else None
         if recipient is None or recipient.peer != peer:
             return None
@@ -271,7 +281,8 @@ class SessionRegistry:
 
     def unmap(self, peer: bytes) -> None:
         """`peer` speaks for nobody from now on (its recipient said BYE)."""
-        self._name_of_peer.pop(peer, None)
+        if peer in self._name_of_peer:
+            self._unmap(peer)
 
     def forget(self, recipient: Recipient) -> None:
         """Forget `recipient` and every connection's mapping to it. A session
@@ -279,7 +290,7 @@ class SessionRegistry:
         del self.recipients[recipient.name]
         peer = recipient.last_peer  # `peer` too, while it is connected
         if peer is not None and self._name_of_peer.get(peer) == recipient.name:
-            del self._name_of_peer[peer]
+            self._unmap(peer)
         opener = recipient.opened_by
         if opener is not None:
             left = self._opened_by_peer[opener] - 1

@@ -28,6 +28,7 @@ import zmq
 
 from . import _wire
 from . import protocol as p
+from ._shared import WorkerShare
 from ._timing import BrokerSilence, StallWatch, poll_timeout_ms
 from ._unconfirmed import Unconfirmed
 from ._words import counted
@@ -77,6 +78,8 @@ class WorkerConfig:
     broker_key: str | None = None
     # Run pickled callables from a broker reached without CURVE off this machine.
     insecure: bool = False
+    # Read large payloads from shared memory, from a broker on this machine.
+    shared_memory: bool = True
 
     def __post_init__(self) -> None:
         check_at_least("concurrency", self.concurrency, 1)
@@ -139,6 +142,8 @@ class Worker:
         self._credit_sent_at = -CREDIT_INTERVAL_S
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_read, False)
+        # Large payloads read from shared memory, from a broker on this machine.
+        self._shared = WorkerShare(config.shared_memory)
         self._drain_requested = False
         self._draining = False
         self._stopping = False
@@ -214,6 +219,7 @@ class Worker:
                 slots=self.config.concurrency if self.config.prefetch is None else None,
                 problem=self._problem(),
                 held=held + [(outcome.ticket, outcome.attempt) for outcome in resent],
+                shared=self._shared.ask(),
             )
         )
         if resent:
@@ -365,6 +371,7 @@ class Worker:
             self._max_payload_bytes = command.max_payload_bytes
             self._handshakes.read()  # the handshake came before the welcome
             self._broker.welcomed(self._handshakes.connections)
+            self._shared.welcomed()
         elif isinstance(command, p.Tasks):
             assert self._pool is not None
             if self._benched:
@@ -627,6 +634,7 @@ class Worker:
             self._socket.close()
         if self._pool is not None and not at_once:
             self._pool.close()
+        self._shared.close()
         os.close(self._wake_read)
         os.close(self._wake_write)
         log.info("worker stopped worker=%s", self.config.worker_id)

@@ -20,8 +20,10 @@ EXAMPLES: list[p.Command] = [
     p.Hello("session-1"),
     p.Hello("session-1", sink="totals"),
     p.Hello("session-1", instance=2**30),
+    p.Hello("session-1", shared=p.SharedAsk("/dev/shm/probe", "token", 2**25)),
     p.Welcome(100, 1024, 0.5, durable=False),
     p.Welcome(100, 1024, 0.5, client_max_bytes=4096),
+    p.Welcome(100, 1024, 0.5, durable=False, arena="/dev/shm/v-1-a/1.arena"),
     p.Submit(
         [
             p.TaskSpec(1, "jobs:square", b"\x91\x07"),
@@ -57,6 +59,7 @@ EXAMPLES: list[p.Command] = [
     p.Ready("worker-2", [], 2, slots=2, problem="task processes cannot start: x"),
     p.Ready("worker-3", ["jobs:square"], 2, held=[(7, 1), (9, 3)]),
     p.Ready("worker-4", [], 1, problem="x", held=[(7, 2)]),
+    p.Ready("worker-5", ["jobs:square"], 2, shared=p.SharedAsk("/dev/shm/p", "t")),
     p.Tasks(
         [
             p.Assignment(7, 1, "jobs:square", b"args"),
@@ -250,7 +253,7 @@ READY_BODY = ["worker-1", ["jobs:f"], 2, False]
         (p.Cmd.HELLO, {"session": 5}, 0, "session must be str"),
         (p.Cmd.HELLO, {"session": "s", "sink": ""}, 0, "sink must be 1 to 256"),
         (p.Cmd.HELLO, {"session": "s"}, 1, "takes no payload frames"),
-        (p.Cmd.WELCOME, [1, 2, 3], 0, "list of 5 fields"),
+        (p.Cmd.WELCOME, [1, 2, 3], 0, "list of 4 to 6 fields"),
         (p.Cmd.WELCOME, [1, 2, 3.0, True, -1], 0, "client_max_bytes must be"),
         (p.Cmd.WELCOME, [1, 2, "3", True], 0, "heartbeat_interval_s must be"),
         (p.Cmd.WELCOME, [1, 2, 3.0, 1], 0, "durable must be bool"),
@@ -277,7 +280,7 @@ READY_BODY = ["worker-1", ["jobs:f"], 2, False]
         (p.Cmd.DRAIN, None, 1, "takes no payload frames"),
         (p.Cmd.ERROR, ["code"], 0, "list of 2 fields"),
         (p.Cmd.ERROR, ["code", 5], 0, "message must be str"),
-        (p.Cmd.READY, READY_BODY[:3], 0, "list of 4 to 7 fields"),
+        (p.Cmd.READY, READY_BODY[:3], 0, "list of 4 to 8 fields"),
         (p.Cmd.READY, [*READY_BODY, None, None, {}], 0, "held must be list"),
         (p.Cmd.READY, [*READY_BODY, None, None, [7]], 0, "held entry"),
         (p.Cmd.READY, [*READY_BODY, None, None, [[7]]], 0, "list of 2 fields"),
@@ -608,7 +611,7 @@ def test_names_our_clients_send_are_accepted(function: str, flags: int) -> None:
         ("jobs:work\x00", p.Flags.NONE, "control character '\\x00'"),
         ("jobs:wo\nrk", p.Flags.NONE, "control character '\\n'"),
         ("pickled:\x1b[31mred", p.Flags.PICKLED, "control character '\\x1b'"),
-        ("jobs:work", 32, "not a client's"),
+        ("jobs:work", 64, "not a client's"),
         ("jobs:work", p.Flags.SPLITTABLE, "SPLITTABLE (16) only with BATCH (2)"),
     ],
 )

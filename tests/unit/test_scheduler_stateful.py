@@ -140,6 +140,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.dropped: set[Key] = set()
         # The failure records a journal would hold, from the effects alone.
         self.journalled_failures: set[int] = set()
+        # The arena of each connection that sent payloads by reference.
+        self.arenas: dict[bytes, bytes] = {}
         # Start with someone to talk to, so that short runs reach deep states.
         for name in self.recipients:
             if name != TITANIC:  # Titanic's results wait; nobody reads them
@@ -231,8 +233,29 @@ class SchedulerMachine(RuleBasedStateMachine):
         ]
         if resubmit and unfinished:
             specs.append(self._spec(data, data.draw(st.sampled_from(unfinished))))
+        peer = self._peer_of(session)
+        specs = [self._maybe_shared(data, spec, peer) for spec in specs]
         self.submitted.update((session, s.task_id) for s in specs)
-        self._client(self._peer_of(session), p.Submit(specs))
+        self._client(peer, p.Submit(specs))
+
+    def _maybe_shared(
+        self, data: st.DataObject, spec: p.TaskSpec, peer: bytes
+    ) -> p.TaskSpec:
+        """Some payloads lie in the arena of shared memory of the connection
+        that sent them, as the shell names it (see _shared)."""
+        if not data.draw(st.booleans()):
+            return spec
+        arena = self.arenas.setdefault(peer, f"/dev/shm/{peer.hex()}.arena".encode())
+        reference = p.SHARED_REFERENCE.pack(0, 100_000, 1) + arena
+        return p.TaskSpec(
+            spec.task_id,
+            spec.function,
+            reference,
+            spec.flags | p.Flags.SHARED,
+            spec.timeout_s,
+            spec.retries,
+            spec.sink,
+        )
 
     @precondition(lambda self: self._connected(SESSIONS))
     @rule(data=st.data(), count=st.integers(1, 4))
@@ -780,6 +803,11 @@ class SchedulerMachine(RuleBasedStateMachine):
             elif isinstance(command, p.Accepted):
                 self._accepted(peer, command.task_ids)
         self._forget_the_departed()
+        # As the shell does: a departed connection's tasks get copies.
+        for peer in effects.departed:
+            arena = self.arenas.pop(peer, None)
+            if arena is not None:
+                self.scheduler.unshare(arena, lambda reference: b"copy")
         return effects
 
     def _assigned(self, peer: bytes, assignments: list[p.Assignment]) -> None:

@@ -5,14 +5,18 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import msgpack
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from ventilator.errors import TaskRaised, UsageError, task_error_from_wire
 from ventilator.serialization import (
+    LARGE_BYTES,
     BatchPacker,
+    Pieces,
     pack_call,
+    pack_call_in_pieces,
     pack_error,
     pack_pickled_call,
     pack_value,
@@ -137,3 +141,49 @@ def test_error_report_survives_as_the_same_task_error() -> None:
         "division by zero",
         "Traceback...",
     )
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        (b"x" * LARGE_BYTES,),
+        (1, b"y" * 100_000, "z", b"w" * LARGE_BYTES),
+        (b"v" * LARGE_BYTES, [1, {"a": b"q"}], None),
+    ],
+)
+def test_large_bytes_arguments_are_pieces_that_join_to_the_same_msgpack(
+    args: tuple[Any, ...],
+) -> None:
+    packed = pack_call_in_pieces(args, {})
+
+    assert isinstance(packed, Pieces)
+    assert packed.joined() == msgpack.packb([list(args)], use_bin_type=True)
+    assert len(packed) == len(packed.joined())
+    assert unpack_call(packed.joined()) == (list(args), {})
+    assert any(part is args[0] or part is args[-1] for part in packed.parts)
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs"),
+    [
+        ((b"x" * (LARGE_BYTES - 1),), {}),  # small
+        ((bytearray(LARGE_BYTES),), {}),  # may change after submit: copied
+        ((b"x" * LARGE_BYTES,), {"k": 1}),  # with keywords
+        (tuple([b"x" * LARGE_BYTES] * 16), {}),  # more than a fixarray holds
+    ],
+)
+def test_other_arguments_are_packed_whole(
+    args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
+    packed = pack_call_in_pieces(args, kwargs)
+
+    assert isinstance(packed, bytes)
+    assert unpack_call(packed) == (
+        [bytes(a) if isinstance(a, bytearray) else a for a in args],
+        kwargs,
+    )
+
+
+def test_an_unsendable_argument_beside_large_bytes_names_the_arguments() -> None:
+    with pytest.raises(UsageError, match="the arguments cannot be sent"):
+        pack_call_in_pieces((b"x" * LARGE_BYTES, {1, 2}), {})

@@ -1,0 +1,847 @@
+"""Large payloads through shared memory, between processes of one machine.
+
+A 100 KiB argument sent to a broker on the same machine crosses two TCP
+connections, and each costs its bytes twice in the kernel and once more in
+each libzmq I/O thread: more CPU than all of ventilator's own work per task.
+A client and the workers that share the broker's memory skip that: the client
+writes the payload once into a file in memory (tmpfs) and sends a 24-byte
+reference; the worker reads it from there. The broker never touches the bytes
+unless someone who cannot read them needs them.
+
+Who shares: a client (HELLO) or a worker (READY) writes a probe, a file under
+`SHM_ROOT` holding a random token, and names both; the broker reads it back
+(`probe_matches`). Only a peer of the same user, on the same machine and
+mount namespace, can have written it. A remote peer, an older one, or one in
+a container with its own /dev/shm simply does not share, and every payload it
+sends or receives travels in frames as before.
+
+Arenas (`Arenas`, the broker's side): each sharing client connection gets one
+file in the broker's own folder (mode 0700), as large as the client asks
+within the broker's per-client byte limit, named in its WELCOME. The client
+(`ArenaWriter`) writes each large payload into a free extent of it, behind an
+8-byte generation stamp, and submits `Flags.SHARED` with a reference
+(offset, length, generation). The broker checks the reference against the
+connection's arena and appends the arena's path, so a task's reference names
+its file wherever it goes. A worker that shares gets the reference
+(`SharedReader` copies the bytes out, checking the stamp before and after);
+a worker that does not gets the bytes, read from the broker's own mapping.
+
+Lifetimes. The client frees an extent when its task ends for it (a result, a
+cancel, a failure): a stale reference to a reused extent fails its stamp check
+instead of reading another task's bytes. When the connection goes (BYE,
+silence, replaced), the broker copies the payloads of that arena's unfinished
+tasks into its own memory (`materialize`), so they no longer depend on the
+file, and removes the file `ARENA_LINGER_S` later, so that a worker still
+reading a reference it was just sent finds it. The broker's folder goes when
+the broker stops; one left by a broker killed outright is removed by the next
+broker to start on the machine (`sweep_stale`).
+
+Only with the journal in memory: a durable journal must write the bytes to
+its disk anyway, which costs the broker as much as receiving them.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import logging
+import mmap
+import os
+import re
+import secrets
+import shutil
+import stat
+import struct
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from . import protocol as p
+from .serialization import Pieces
+
+__all__ = [
+    "SHARED_MIN_BYTES",
+    "ArenaWriter",
+    "Arenas",
+    "ClientShare",
+    "Probe",
+    "SharedPayloadGone",
+    "SharedReader",
+    "WorkerShare",
+    "probe_matches",
+]
+
+log = logging.getLogger(__name__)
+
+# Where shared files live: a tmpfs on every Linux; no sharing without it.
+SHM_ROOT = "/dev/shm"
+# Payloads at least this large go through an arena: below it a frame costs
+# less than the file's bookkeeping (pyzmq's own zero-copy threshold).
+SHARED_MIN_BYTES = p.ZERO_COPY_BYTES
+# An arena is as large as its client's byte window, within these bounds.
+MIN_ARENA_BYTES = 1024 * 1024
+MAX_ARENA_BYTES = 256 * 1024 * 1024
+# How long a dropped arena's file outlives its connection: a worker reads a
+# reference as soon as it receives it, so a few seconds cover one in flight.
+ARENA_LINGER_S = 10.0
+# Extents start on cache lines, so that two payloads never share one.
+_ALIGN = 64
+# An extent: the generation stamp, then the payload.
+_STAMP = struct.Struct("<Q")
+# What a client sends for a shared payload: offset, length, generation. The
+# broker appends the arena's path for the workers.
+REFERENCE = p.SHARED_REFERENCE
+_PROBE_NAME = re.compile(r"ventilator-probe-(\d+)-[0-9a-f]{32}")
+_FOLDER_NAME = re.compile(r"ventilator-(\d+)-[0-9a-f]{16}")
+_ARENA_PATH = re.compile(
+    re.escape(SHM_ROOT) + r"/ventilator-\d+-[0-9a-f]{16}/\d+\.arena"
+)
+# Arenas a worker keeps mapped at once: one per sharing client connection.
+_MAPPINGS_KEPT = 64
+_SHARED = int(p.Flags.SHARED)
+
+
+class SharedPayloadGone(Exception):
+    """A shared payload cannot be read: its arena is gone, or its extent was
+    reused (the reference is stale). The message says which."""
+
+
+# --- probes: does a peer share the broker's memory? ----------------------------
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A peer's proof that it can write where the broker reads: a file under
+    `SHM_ROOT` holding `token`. The peer removes it once welcomed; the broker
+    removes it once read."""
+
+    path: str
+    token: str
+
+    @classmethod
+    def create(cls) -> Probe | None:
+        """Write a new probe; None where there is no shared memory to offer."""
+        token = secrets.token_hex(16)
+        name = f"ventilator-probe-{os.getpid()}-{secrets.token_hex(16)}"
+        path = os.path.join(SHM_ROOT, name)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError:
+            return None  # no /dev/shm here: payloads travel in frames
+        try:
+            os.write(fd, token.encode())
+        finally:
+            os.close(fd)
+        return cls(path, token)
+
+    def remove(self) -> None:
+        with contextlib.suppress(OSError):  # the broker removed it already
+            os.unlink(self.path)
+
+
+def probe_matches(path: str, token: str) -> bool:
+    """Whether `path` is a probe holding `token`, written by this user: then
+    its writer shares this process's memory. Removes the probe once read.
+
+    A peer's word: the path must be a probe's name directly under SHM_ROOT,
+    is opened without following links or waiting on a FIFO, and is read only
+    if it is a small regular file of ours.
+    """
+    folder, name = os.path.split(path)
+    if folder != SHM_ROOT or not _PROBE_NAME.fullmatch(name):
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        info = os.fstat(fd)
+        expected = token.encode()
+        if not _own_regular_file(info) or info.st_size != len(expected):
+            return False
+        matches = os.read(fd, len(expected)) == expected
+    finally:
+        os.close(fd)
+    if matches:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    return matches
+
+
+def _own_regular_file(info: os.stat_result) -> bool:
+    return stat.S_ISREG(info.st_mode) and info.st_uid == os.getuid()
+
+
+# --- the client's side: writing payloads into its arena --------------------------
+
+
+class ArenaWriter:
+    """A client's arena: payloads written into free extents, freed by key
+    (the task id) when their task ends for the client.
+
+    Used by the client's I/O thread only.
+    """
+
+    def __init__(self, path: str) -> None:
+        """Map the arena the broker named; raises OSError when this process
+        cannot (then the client sends payloads in frames)."""
+        self._fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+        try:
+            size = os.fstat(self._fd).st_size
+            self._map = mmap.mmap(self._fd, size)
+        except OSError:
+            os.close(self._fd)
+            raise
+        self.path = path
+        self._free = _Extents(size)
+        # key -> (offset, extent size, reference)
+        self._held: dict[int, tuple[int, int, bytes]] = {}
+        self._generation = 0
+        # The arena's file is sparse: its first bytes up to here have memory
+        # (see _reserve).
+        self._reserved = 0
+        self._full_said = False
+
+    def put(self, key: int, payload: p.Payload) -> bytes | None:
+        """Write `payload` for task `key` and return its reference; the same
+        reference again for a key already written (a resend); None when no
+        extent is free (the payload then travels in a frame)."""
+        held = self._held.get(key)
+        if held is not None:
+            return held[2]
+
+        length = len(payload)
+        size = _aligned(_STAMP.size + length)
+        offset = self._free.take(size)
+        if offset is None:
+            return None
+        if not self._reserve(offset + size):
+            self._free.give(offset, size)
+            return None
+
+        self._generation += 1
+        generation = self._generation
+        # Unstamped while written: a stale reader fails its check, not reads
+        # half a payload.
+        _STAMP.pack_into(self._map, offset, 0)
+        self._write(offset + _STAMP.size, payload)
+        _STAMP.pack_into(self._map, offset, generation)
+        reference = REFERENCE.pack(offset, length, generation)
+        self._held[key] = (offset, size, reference)
+        return reference
+
+    def _reserve(self, end: int) -> bool:
+        """Give the arena memory up to `end`, or say there is none: a write
+        into a sparse page that a full tmpfs cannot back kills the writer
+        with SIGBUS. Extents are taken first fit, so the reserved part grows
+        from the start and is reserved once."""
+        if end <= self._reserved:
+            return True
+        try:
+            os.posix_fallocate(self._fd, self._reserved, end - self._reserved)
+        except OSError as exc:
+            if not self._full_said:
+                self._full_said = True
+                log.info(
+                    "shared memory is full (%s arena=%s); large payloads travel "
+                    "in messages until some is free",
+                    exc,
+                    self.path,
+                )
+            return False
+        self._reserved = end
+        self._full_said = False
+        return True
+
+    def _write(self, start: int, payload: p.Payload) -> None:
+        parts = payload.parts if isinstance(payload, Pieces) else (payload,)
+        for part in parts:
+            end = start + len(part)
+            self._map[start:end] = part
+            start = end
+
+    def reclaim(self, unfinished: Callable[[int], bool]) -> int:
+        """Free the extents of tasks no longer `unfinished`: those that ended
+        without a result (cancelled, failed by the client); return how many."""
+        ended = [key for key in self._held if not unfinished(key)]
+        for key in ended:
+            self.free(key)
+        return len(ended)
+
+    def free(self, key: int) -> None:
+        """Task `key` ended for the client: its extent may be reused."""
+        held = self._held.pop(key, None)
+        if held is None:
+            return
+        offset, size, _ = held
+        _STAMP.pack_into(self._map, offset, 0)  # any reference to it is stale now
+        self._free.give(offset, size)
+
+    def close(self) -> None:
+        self._held.clear()
+        with contextlib.suppress(BufferError):  # a view still out: the GC closes it
+            self._map.close()
+        os.close(self._fd)
+
+
+class ClientShare:
+    """What a client's I/O thread needs of shared memory: the probe its
+    HELLO carries, the arena its WELCOME names, and its payloads' references.
+
+    `arena_bytes` is what it asks for: its byte window, which bounds the
+    payloads it has in the broker at once.
+    """
+
+    def __init__(self, arena_bytes: int, enabled: bool = True) -> None:
+        self._arena_bytes = min(MAX_ARENA_BYTES, arena_bytes + MIN_ARENA_BYTES)
+        self._enabled = enabled
+        self._probe: Probe | None = None
+        self._writer: ArenaWriter | None = None
+
+    def ask(self) -> p.SharedAsk | None:
+        """What a HELLO asks for; None where there is no shared memory, or
+        when it is not to be used."""
+        if not self._enabled:
+            return None
+        if self._probe is None:
+            self._probe = Probe.create()
+        if self._probe is None:
+            return None
+        return p.SharedAsk(self._probe.path, self._probe.token, self._arena_bytes)
+
+    def welcomed(self, arena: str | None) -> None:
+        """The broker's WELCOME named `arena` (None: it offers none). A new
+        arena replaces the old, whose references died with its connection."""
+        self._remove_probe()
+        if self._writer is not None and self._writer.path == arena:
+            return  # the same connection, welcomed again
+        self._close_writer()
+        if arena is None:
+            return
+        try:
+            self._writer = ArenaWriter(arena)
+        except OSError as exc:
+            log.debug("cannot map the broker's arena %s: %s", arena, exc)
+
+    def on_wire(
+        self, spec: p.TaskSpec, unfinished: Callable[[int], bool]
+    ) -> p.TaskSpec:
+        """`spec` as sent: by reference when its payload is large and fits
+        the arena (freeing the extents of tasks no longer `unfinished` if it
+        does not), else as it is."""
+        writer = self._writer
+        if writer is None or len(spec.payload) < SHARED_MIN_BYTES or spec.sink:
+            return _in_one_frame(spec)
+        reference = writer.put(spec.task_id, spec.payload)
+        if reference is None and writer.reclaim(unfinished):
+            reference = writer.put(spec.task_id, spec.payload)
+        if reference is None:
+            return _in_one_frame(spec)
+        return p.TaskSpec(
+            spec.task_id,
+            spec.function,
+            reference,
+            spec.flags | _SHARED,
+            spec.timeout_s,
+            spec.retries,
+            spec.sink,
+        )
+
+    def done(self, task_id: int) -> None:
+        """Task `task_id` ended for the client: its extent is free."""
+        if self._writer is not None:
+            self._writer.free(task_id)
+
+    def close(self) -> None:
+        self._remove_probe()
+        self._close_writer()
+
+    def _remove_probe(self) -> None:
+        if self._probe is not None:
+            self._probe.remove()
+            self._probe = None
+
+    def _close_writer(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def _in_one_frame(spec: p.TaskSpec) -> p.TaskSpec:
+    if not isinstance(spec.payload, Pieces):
+        return spec
+    return _with_payload(spec, spec.payload.joined())
+
+
+def _aligned(size: int) -> int:
+    return -(-size // _ALIGN) * _ALIGN
+
+
+class _Extents:
+    """Free byte ranges of an arena, first fit, merged with their neighbours
+    when given back. An arena holds a few hundred payloads at most (its size
+    over SHARED_MIN_BYTES), so lists searched from the start are enough."""
+
+    def __init__(self, size: int) -> None:
+        self._starts = [0]
+        self._sizes = [size]
+
+    def take(self, size: int) -> int | None:
+        for index, free in enumerate(self._sizes):
+            if free >= size:
+                start = self._starts[index]
+                if free == size:
+                    del self._starts[index], self._sizes[index]
+                else:
+                    self._starts[index] += size
+                    self._sizes[index] -= size
+                return start
+        return None
+
+    def give(self, start: int, size: int) -> None:
+        index = bisect.bisect(self._starts, start)
+        # Merge with the free range after it, then with the one before.
+        if index < len(self._starts) and start + size == self._starts[index]:
+            size += self._sizes[index]
+            del self._starts[index], self._sizes[index]
+        if index and self._starts[index - 1] + self._sizes[index - 1] == start:
+            self._sizes[index - 1] += size
+            return
+        self._starts.insert(index, start)
+        self._sizes.insert(index, size)
+
+    def free_bytes(self) -> int:
+        return sum(self._sizes)
+
+
+# --- reading: the worker's side, and the broker's for those who cannot ---------
+
+
+class SharedReader:
+    """The arenas a process reads payloads from, mapped once each and kept
+    while it is sent references into them (the latest `_MAPPINGS_KEPT`).
+
+    A mapping outlives its file: a payload the broker dropped the file of
+    after it was sent still reads, as long as its arena was mapped here.
+    """
+
+    def __init__(self) -> None:
+        self._maps: OrderedDict[str, mmap.mmap] = OrderedDict()
+
+    def read(self, reference: p.Payload) -> bytes:
+        """The payload `reference` (as the broker sends it) points to; raises
+        SharedPayloadGone naming why it cannot be read."""
+        offset, length, generation, path = _parse(reference)
+        arena = self._mapping(path)
+        return _read_extent(arena, offset, length, generation, path)
+
+    def _mapping(self, path: str) -> mmap.mmap:
+        arena = self._maps.get(path)
+        if arena is not None:
+            self._maps.move_to_end(path)
+            return arena
+        arena = _map_for_reading(path)
+        self._maps[path] = arena
+        if len(self._maps) > _MAPPINGS_KEPT:
+            _, oldest = self._maps.popitem(last=False)
+            oldest.close()
+        return arena
+
+    def close(self) -> None:
+        for arena in self._maps.values():
+            arena.close()
+        self._maps.clear()
+
+
+class WorkerShare:
+    """The probe a worker's READY carries, to be sent payloads by reference;
+    its task processes (or threads) read them (`read_payload`)."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self._enabled = enabled
+        self._probe: Probe | None = None
+
+    def ask(self) -> p.SharedAsk | None:
+        """What a READY offers; None where there is no shared memory, or
+        when it is not to be used."""
+        if not self._enabled:
+            return None
+        if self._probe is None:
+            self._probe = Probe.create()
+        if self._probe is None:
+            return None
+        return p.SharedAsk(self._probe.path, self._probe.token)
+
+    def welcomed(self) -> None:
+        if self._probe is not None:
+            self._probe.remove()
+            self._probe = None
+
+    close = welcomed
+
+
+# The arenas of this process, for the tasks it runs: read where the task runs,
+# so that a payload is copied once, out of the arena, and never through the
+# worker's pipe to its task process.
+_reader = SharedReader()
+_reader_lock = threading.Lock()  # a thread pool's threads share it
+
+
+def read_payload(reference: p.Payload) -> bytes:
+    """The payload a task's reference points to; raises SharedPayloadGone.
+
+    A task process that cannot read it reports its task CRASHED, as if it
+    had died: the broker runs it again, with its own copy if the client
+    left, and counts the strike."""
+    with _reader_lock:
+        return _reader.read(reference)
+
+
+def _parse(reference: p.Payload) -> tuple[int, int, int, str]:
+    data = bytes(reference)
+    if len(data) <= REFERENCE.size:
+        raise SharedPayloadGone(
+            f"a shared payload reference of {len(data)} bytes names no arena"
+        )
+    offset, length, generation = REFERENCE.unpack_from(data)
+    path = data[REFERENCE.size :].decode("ascii", "replace")
+    if not _ARENA_PATH.fullmatch(path):
+        raise SharedPayloadGone(f"{path!r} is not a broker's arena")
+    return offset, length, generation, path
+
+
+def _map_for_reading(path: str) -> mmap.mmap:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise SharedPayloadGone(
+            f"arena {path} is gone: the client that wrote the payload left, "
+            "and the broker sends its own copy to the next try"
+        ) from None
+    except OSError as exc:
+        raise SharedPayloadGone(f"arena {path} cannot be opened: {exc}") from None
+    try:
+        info = os.fstat(fd)
+        if not _own_regular_file(info) or not info.st_size:
+            raise SharedPayloadGone(f"{path} is not an arena of this user")
+        return mmap.mmap(fd, info.st_size, prot=mmap.PROT_READ)
+    finally:
+        os.close(fd)
+
+
+def _read_extent(
+    arena: mmap.mmap, offset: int, length: int, generation: int, where: str
+) -> bytes:
+    """The `length` bytes behind the stamp at `offset`, if the stamp still
+    says `generation` before and after the copy: otherwise the extent was
+    freed, and perhaps reused, since the reference was made."""
+    _check_stamp(arena, offset, length, generation, where)
+    start = offset + _STAMP.size
+    data = arena[start : start + length]
+    _check_stamp(arena, offset, length, generation, where)
+    return data
+
+
+def _check_stamp(
+    arena: mmap.mmap, offset: int, length: int, generation: int, where: str
+) -> None:
+    if generation == 0 or not length or offset + _STAMP.size + length > len(arena):
+        raise SharedPayloadGone(
+            f"reference (offset {offset}, {length} bytes, generation "
+            f"{generation}) lies outside arena {where} of {len(arena)} bytes"
+        )
+    if _STAMP.unpack_from(arena, offset)[0] != generation:
+        raise SharedPayloadGone(
+            f"the payload at offset {offset} of arena {where} is not generation "
+            f"{generation}: its client freed it (its task ended for it, or was "
+            "cancelled), or never wrote it"
+        )
+
+
+# --- the broker's side: one arena per sharing client connection --------------------
+
+
+@dataclass
+class _Arena:
+    path: str
+    key: bytes  # the path as references carry it
+    mapping: mmap.mmap
+
+
+class Arenas:
+    """The broker's arenas, the peers that share its memory, and the
+    references they exchange. Used by the broker's loop only.
+
+    `enabled` is False with a durable journal, or when asked to: then no
+    client is offered an arena, and references are refused.
+    """
+
+    def __init__(
+        self,
+        enabled: bool,
+        max_arena_bytes: int,
+        worker_peers: Callable[[], set[bytes]],
+    ) -> None:
+        self.enabled = enabled and os.path.isdir(SHM_ROOT)
+        self._worker_peers = worker_peers
+        self._max_arena_bytes = min(MAX_ARENA_BYTES, max_arena_bytes)
+        self._folder: str | None = None
+        self._made = 0
+        # Client connections whose probe matched, and the arena size each may
+        # have; then those that have one.
+        self._asked: dict[bytes, int] = {}
+        self._of_peer: dict[bytes, _Arena] = {}
+        self._of_key: dict[bytes, _Arena] = {}
+        self._local_workers: set[bytes] = set()
+        self._lingering: list[tuple[float, _Arena]] = []
+
+    # --- who shares -------------------------------------------------------
+
+    def hello(self, peer: bytes, shared: p.SharedAsk | None) -> None:
+        """A client's HELLO: note whether it may have an arena."""
+        if peer in self._of_peer:
+            return  # a HELLO again on the same connection keeps its arena
+        size = min(self._max_arena_bytes, shared.arena_bytes) if shared else 0
+        if (
+            self.enabled
+            and shared
+            and size >= MIN_ARENA_BYTES
+            and probe_matches(shared.probe_path, shared.token)
+        ):
+            self._asked[peer] = size
+            return
+        self._asked.pop(peer, None)
+
+    def ready(self, peer: bytes, shared: p.SharedAsk | None) -> None:
+        """A worker's READY: note whether it reads references."""
+        if self.enabled and shared and probe_matches(shared.probe_path, shared.token):
+            self._local_workers.add(peer)
+        else:
+            self._local_workers.discard(peer)
+        # Connections of workers gone are forgotten once they outnumber the
+        # live ones, not looked for at each departure.
+        if len(self._local_workers) > 2 * len(self._worker_peers()) + 16:
+            self._local_workers &= self._worker_peers()
+
+    def welcome(self, peer: bytes, welcome: p.Welcome) -> p.Welcome:
+        """The WELCOME for `peer`, naming its arena if it may have one."""
+        arena = self._of_peer.get(peer)
+        if arena is None and peer in self._asked:
+            arena = self._make(peer, self._asked.pop(peer))
+        if arena is None:
+            return welcome
+        return p.Welcome(
+            welcome.window,
+            welcome.max_payload_bytes,
+            welcome.heartbeat_interval_s,
+            welcome.durable,
+            welcome.client_max_bytes,
+            arena.path,
+        )
+
+    def _make(self, peer: bytes, size: int) -> _Arena | None:
+        try:
+            folder = self._own_folder()
+            self._made += 1
+            path = os.path.join(folder, f"{self._made}.arena")
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.ftruncate(fd, size)  # sparse: memory is taken as it is written
+                mapping = mmap.mmap(fd, size)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            log.warning(
+                "cannot make an arena of shared memory for a client peer=%s: %s; "
+                "its payloads travel in frames",
+                peer.hex(),
+                exc,
+            )
+            return None
+        arena = _Arena(path, path.encode(), mapping)
+        self._of_peer[peer] = self._of_key[arena.key] = arena
+        log.debug("arena made peer=%s path=%s bytes=%d", peer.hex(), path, size)
+        return arena
+
+    def _own_folder(self) -> str:
+        if self._folder is None:
+            name = f"ventilator-{os.getpid()}-{secrets.token_hex(8)}"
+            folder = os.path.join(SHM_ROOT, name)
+            os.mkdir(folder, 0o700)
+            self._folder = folder
+        return self._folder
+
+    # --- references ---------------------------------------------------------
+
+    def resolve(
+        self,
+        peer: bytes,
+        submit: p.Submit,
+        reject: Callable[[bytes, int, str], None],
+    ) -> p.Submit | None:
+        """`submit` with each shared payload's reference checked against the
+        sender's arena and naming it; a task whose reference is bad is
+        refused through `reject`, alone. None when no task is left."""
+        if not any(spec.flags & _SHARED for spec in submit.tasks):
+            return submit
+        arena = self._of_peer.get(peer)
+        kept = []
+        for spec in submit.tasks:
+            if not spec.flags & _SHARED:
+                kept.append(spec)
+                continue
+            problem = _reference_problem(arena, spec.payload)
+            if problem is not None:
+                reject(peer, spec.task_id, problem)
+                continue
+            assert arena is not None  # a problem otherwise
+            payload = bytes(spec.payload) + arena.key
+            kept.append(_with_payload(spec, payload))
+        return p.Submit(kept) if kept else None
+
+    def for_worker(self, peer: bytes, tasks: p.Tasks) -> p.Tasks:
+        """`tasks` as `peer` can take them: references for a worker that
+        shares our memory, the bytes themselves for another."""
+        if peer in self._local_workers:
+            return tasks
+        if not any(task.flags & _SHARED for task in tasks.tasks):
+            return tasks
+        return p.Tasks([self._readable(task) for task in tasks.tasks])
+
+    def _readable(self, task: p.Assignment) -> p.Assignment:
+        if not task.flags & _SHARED:
+            return task
+        payload = self.materialize(task.payload)
+        if payload is None:
+            return task  # the worker reports it cannot read it; see materialize
+        return p.Assignment(
+            task.ticket,
+            task.attempt,
+            task.function,
+            payload,
+            task.flags & ~_SHARED,
+            task.timeout_s,
+        )
+
+    def materialize(self, reference: p.Payload) -> bytes | None:
+        """A copy of the payload `reference` points to, read from our own
+        mapping; None (and a warning) when it cannot be read, which only a
+        client that freed an extent its task still needed causes."""
+        try:
+            offset, length, generation, path = _parse(reference)
+            arena = self._of_key.get(path.encode())
+            if arena is None:
+                raise SharedPayloadGone(f"arena {path} is not one of ours")
+            return _read_extent(arena.mapping, offset, length, generation, path)
+        except SharedPayloadGone as exc:
+            log.warning("a shared payload cannot be read: %s", exc)
+            return None
+
+    # --- lifetimes ----------------------------------------------------------
+
+    def arena_of(self, peer: bytes) -> bytes | None:
+        """The key of `peer`'s arena, for the scheduler to copy its tasks'
+        payloads out (`Scheduler.unshare`) before `drop`."""
+        arena = self._of_peer.get(peer)
+        return None if arena is None else arena.key
+
+    def drop(self, peer: bytes, now: float) -> None:
+        """`peer` is gone: its arena's file goes ARENA_LINGER_S from now."""
+        self._asked.pop(peer, None)
+        arena = self._of_peer.pop(peer, None)
+        if arena is not None:
+            self._lingering.append((now + ARENA_LINGER_S, arena))
+
+    def tick(self, now: float) -> None:
+        """Remove the files of arenas dropped long enough ago."""
+        while self._lingering and self._lingering[0][0] <= now:
+            _, arena = self._lingering.pop(0)
+            self._remove(arena)
+
+    def _remove(self, arena: _Arena) -> None:
+        self._of_key.pop(arena.key, None)
+        with contextlib.suppress(OSError):
+            os.unlink(arena.path)
+        with contextlib.suppress(BufferError):
+            arena.mapping.close()
+
+    def close(self) -> None:
+        """Remove every arena and the broker's folder."""
+        for arena in list(self._of_key.values()):
+            self._remove(arena)
+        self._of_peer.clear()
+        self._lingering.clear()
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+            self._folder = None
+
+
+def _reference_problem(arena: _Arena | None, reference: p.Payload) -> str | None:
+    """Why a client's reference cannot stand for its task's payload."""
+    if arena is None:
+        return (
+            "its payload was sent by reference to shared memory, but this "
+            "connection has no arena (it was not offered one, or went silent "
+            "and lost it); send the payload in the frame"
+        )
+    if len(reference) != REFERENCE.size:
+        return (
+            f"a shared payload reference must be {REFERENCE.size} bytes "
+            f"(offset, length, generation), got {len(reference)}"
+        )
+    offset, length, generation = REFERENCE.unpack_from(bytes(reference))
+    try:
+        _check_stamp(arena.mapping, offset, length, generation, arena.path)
+    except SharedPayloadGone as exc:
+        return f"its shared payload cannot be read: {exc}"
+    return None
+
+
+def _with_payload(spec: p.TaskSpec, payload: bytes) -> p.TaskSpec:
+    return p.TaskSpec(
+        spec.task_id,
+        spec.function,
+        payload,
+        spec.flags,
+        spec.timeout_s,
+        spec.retries,
+        spec.sink,
+    )
+
+
+def sweep_stale() -> int:
+    """Remove what brokers and peers of this user killed outright left under
+    SHM_ROOT: arena folders and probes whose process is gone. Returns how
+    many were removed."""
+    try:
+        names = os.listdir(SHM_ROOT)
+    except OSError:
+        return 0
+    removed = 0
+    for name in names:
+        found = _FOLDER_NAME.fullmatch(name) or _PROBE_NAME.fullmatch(name)
+        if found is None or _alive(int(found.group(1))):
+            continue
+        path = os.path.join(SHM_ROOT, name)
+        try:
+            if os.lstat(path).st_uid != os.getuid():
+                continue
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
+        except OSError:
+            continue  # another broker swept it first
+        removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True

@@ -1,0 +1,446 @@
+"""Large payloads through shared memory (`_shared`): probes, arenas, references,
+and the scheduler's copies of a departed client's payloads."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ventilator import _shared
+from ventilator import protocol as p
+from ventilator._shared import (
+    ARENA_LINGER_S,
+    Arenas,
+    ArenaWriter,
+    ClientShare,
+    Probe,
+    SharedPayloadGone,
+    SharedReader,
+    probe_matches,
+)
+
+from .driver import CLIENT, FUNCTION, Driver, assignments, results, task
+
+pytestmark = pytest.mark.skipif(
+    not os.path.isdir(_shared.SHM_ROOT), reason="no shared memory on this machine"
+)
+
+WORKER = b"worker-1"
+MIB = 1024 * 1024
+
+
+@pytest.fixture
+def arenas() -> Iterator[Arenas]:
+    made = Arenas(enabled=True, max_arena_bytes=64 * MIB, worker_peers=set)
+    yield made
+    made.close()
+
+
+def welcomed(arenas: Arenas, peer: bytes = CLIENT, size: int = 2 * MIB) -> str:
+    """Have `peer` prove it shares our memory and be welcomed with an arena."""
+    probe = Probe.create()
+    assert probe is not None
+    arenas.hello(peer, p.SharedAsk(probe.path, probe.token, size))
+    welcome = arenas.welcome(peer, p.Welcome(10, 100, 1.0, False))
+    assert welcome.arena is not None
+    return welcome.arena
+
+
+def shared_spec(task_id: int, reference: bytes) -> p.TaskSpec:
+    return p.TaskSpec(task_id, FUNCTION, reference, int(p.Flags.SHARED))
+
+
+# --- extents ------------------------------------------------------------------
+
+
+def test_extents_given_back_merge_with_their_neighbours() -> None:
+    extents = _shared._Extents(1000)
+    first, second, third = extents.take(100), extents.take(100), extents.take(100)
+    assert (first, second, third) == (0, 100, 200)
+
+    extents.give(0, 100)
+    extents.give(200, 100)  # merges with the free tail
+    extents.give(100, 100)  # joins both sides: one range again
+
+    assert extents.take(1000) == 0
+
+
+def test_extents_take_nothing_too_large_for_any_free_range() -> None:
+    extents = _shared._Extents(300)
+    extents.take(100)
+    middle = extents.take(100)
+    extents.take(100)
+    assert middle is not None
+    extents.give(middle, 100)
+
+    assert extents.take(101) is None
+    assert extents.take(100) == middle
+
+
+# --- probes -------------------------------------------------------------------
+
+
+def test_a_probe_matches_its_own_token_once_and_is_removed() -> None:
+    probe = Probe.create()
+    assert probe is not None
+
+    assert probe_matches(probe.path, probe.token)
+    assert not os.path.exists(probe.path)
+    assert not probe_matches(probe.path, probe.token)
+
+
+def test_a_probe_with_another_token_does_not_match() -> None:
+    probe = Probe.create()
+    assert probe is not None
+    try:
+        assert not probe_matches(probe.path, "0" * 32)
+    finally:
+        probe.remove()
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/etc/passwd",
+        os.path.join(_shared.SHM_ROOT, "not-a-probe"),
+        os.path.join(_shared.SHM_ROOT, "sub", "ventilator-probe-1-" + "a" * 32),
+    ],
+)
+def test_a_path_that_is_not_a_probe_is_not_opened(path: str) -> None:
+    assert not probe_matches(path, "x")
+
+
+def test_a_fifo_named_as_a_probe_does_not_block_the_broker() -> None:
+    name = f"ventilator-probe-{os.getpid()}-{'b' * 32}"
+    path = os.path.join(_shared.SHM_ROOT, name)
+    os.mkfifo(path, 0o600)
+    try:
+        assert not probe_matches(path, "x" * 32)  # returns: no writer needed
+    finally:
+        os.unlink(path)
+
+
+def test_a_link_named_as_a_probe_is_not_followed() -> None:
+    probe = Probe.create()
+    assert probe is not None
+    link = os.path.join(_shared.SHM_ROOT, f"ventilator-probe-{os.getpid()}-{'c' * 32}")
+    os.symlink(probe.path, link)
+    try:
+        assert not probe_matches(link, probe.token)
+    finally:
+        os.unlink(link)
+        probe.remove()
+
+
+# --- writing and reading ------------------------------------------------------
+
+
+def test_a_payload_written_by_a_client_reads_whole_where_the_broker_names_it(
+    arenas: Arenas,
+) -> None:
+    path = welcomed(arenas)
+    writer = ArenaWriter(path)
+    payload = os.urandom(100_000)
+
+    reference = writer.put(7, payload)
+    assert reference is not None
+    resolved = arenas.resolve(CLIENT, p.Submit([shared_spec(7, reference)]), reject)
+
+    assert resolved is not None
+    assert SharedReader().read(resolved.tasks[0].payload) == payload
+    assert arenas.materialize(resolved.tasks[0].payload) == payload
+    writer.close()
+
+
+def test_a_reference_to_a_freed_extent_is_stale_even_once_the_extent_is_reused(
+    arenas: Arenas,
+) -> None:
+    writer = ArenaWriter(welcomed(arenas))
+    old = writer.put(1, b"a" * 70_000)
+    assert old is not None
+    resolved = arenas.resolve(CLIENT, p.Submit([shared_spec(1, old)]), reject)
+    assert resolved is not None
+    reference = resolved.tasks[0].payload
+
+    writer.free(1)
+    assert writer.put(2, b"b" * 70_000) is not None  # the same extent, reused
+
+    with pytest.raises(SharedPayloadGone, match="its client freed it"):
+        SharedReader().read(reference)
+    assert arenas.materialize(reference) is None
+    writer.close()
+
+
+def test_the_same_task_written_again_gets_the_same_reference(arenas: Arenas) -> None:
+    writer = ArenaWriter(welcomed(arenas))
+
+    assert writer.put(1, b"x" * 70_000) == writer.put(1, b"x" * 70_000)
+    writer.close()
+
+
+def test_a_full_arena_frees_the_extents_of_ended_tasks_before_giving_up(
+    arenas: Arenas,
+) -> None:
+    share = ClientShare(arena_bytes=0)  # the smallest arena: 1 MiB
+    probe_ask = share.ask()
+    assert probe_ask is not None
+    arenas.hello(CLIENT, probe_ask)
+    share.welcomed(arenas.welcome(CLIENT, p.Welcome(10, 100, 1.0, False)).arena)
+    payload = b"x" * 300_000
+    unfinished = {1, 2, 3}
+
+    sent = [
+        share.on_wire(p.TaskSpec(i, FUNCTION, payload), unfinished.__contains__)
+        for i in (1, 2, 3)
+    ]
+    assert all(spec.flags & p.Flags.SHARED for spec in sent)
+    fourth = share.on_wire(p.TaskSpec(4, FUNCTION, payload), unfinished.__contains__)
+    assert not fourth.flags & p.Flags.SHARED  # no room: sent in its frame
+
+    unfinished.discard(2)  # cancelled, say: its extent is free for the next
+    fifth = share.on_wire(p.TaskSpec(5, FUNCTION, payload), unfinished.__contains__)
+    assert fifth.flags & p.Flags.SHARED
+    share.close()
+
+
+def test_small_payloads_and_sink_tasks_travel_in_frames(arenas: Arenas) -> None:
+    share = ClientShare(arena_bytes=MIB)
+    ask = share.ask()
+    assert ask is not None
+    arenas.hello(CLIENT, ask)
+    share.welcomed(arenas.welcome(CLIENT, p.Welcome(10, 100, 1.0, False)).arena)
+    big = b"x" * _shared.SHARED_MIN_BYTES
+
+    small = share.on_wire(p.TaskSpec(1, FUNCTION, b"tiny"), lambda _: True)
+    to_sink = share.on_wire(p.TaskSpec(2, FUNCTION, big, sink="s"), lambda _: True)
+
+    assert small.payload == b"tiny" and not small.flags
+    assert to_sink.payload == big and not to_sink.flags
+    share.close()
+
+
+def test_a_disabled_client_asks_for_nothing() -> None:
+    assert ClientShare(MIB, enabled=False).ask() is None
+
+
+# --- the broker's checks ------------------------------------------------------
+
+refused: list[tuple[bytes, int, str]] = []
+
+
+def reject(peer: bytes, task_id: int, reason: str) -> None:
+    refused.append((peer, task_id, reason))
+
+
+@pytest.mark.parametrize(
+    ("reference", "words"),
+    [
+        (b"short", "must be 24 bytes"),
+        (p.SHARED_REFERENCE.pack(0, 10, 0), "outside"),
+        (p.SHARED_REFERENCE.pack(2 * MIB, 10, 1), "outside"),
+        (p.SHARED_REFERENCE.pack(0, 10, 99), "is not generation 99"),
+    ],
+)
+def test_a_bad_reference_refuses_its_task_alone(
+    arenas: Arenas, reference: bytes, words: str
+) -> None:
+    welcomed(arenas)
+    refused.clear()
+    good = p.TaskSpec(2, FUNCTION, b"inline")
+
+    resolved = arenas.resolve(
+        CLIENT, p.Submit([shared_spec(1, reference), good]), reject
+    )
+
+    assert resolved is not None and list(resolved.tasks) == [good]
+    assert [(task_id, words in reason) for _, task_id, reason in refused] == [(1, True)]
+
+
+def test_a_reference_from_a_connection_without_an_arena_is_refused(
+    arenas: Arenas,
+) -> None:
+    refused.clear()
+    reference = p.SHARED_REFERENCE.pack(0, 10, 1)
+
+    assert arenas.resolve(CLIENT, p.Submit([shared_spec(1, reference)]), reject) is None
+    assert "no arena" in refused[0][2]
+
+
+def test_a_client_whose_probe_fails_gets_no_arena(arenas: Arenas) -> None:
+    arenas.hello(
+        CLIENT, p.SharedAsk("/dev/shm/ventilator-probe-1-" + "d" * 32, "t", MIB)
+    )
+
+    assert arenas.welcome(CLIENT, p.Welcome(10, 100, 1.0, False)).arena is None
+
+
+def test_a_worker_that_shares_gets_references_and_another_the_bytes(
+    arenas: Arenas,
+) -> None:
+    writer = ArenaWriter(welcomed(arenas))
+    reference = writer.put(1, b"y" * 70_000)
+    assert reference is not None
+    resolved = arenas.resolve(CLIENT, p.Submit([shared_spec(1, reference)]), reject)
+    assert resolved is not None
+    assignment = p.Assignment(
+        5, 1, FUNCTION, resolved.tasks[0].payload, int(p.Flags.SHARED)
+    )
+    probe = Probe.create()
+    assert probe is not None
+    arenas.ready(WORKER, p.SharedAsk(probe.path, probe.token))
+
+    local = arenas.for_worker(WORKER, p.Tasks([assignment])).tasks[0]
+    remote = arenas.for_worker(b"elsewhere", p.Tasks([assignment])).tasks[0]
+
+    assert local.flags & p.Flags.SHARED and local.payload == assignment.payload
+    assert remote.payload == b"y" * 70_000 and not remote.flags & p.Flags.SHARED
+    writer.close()
+
+
+def test_a_dropped_arena_s_file_goes_after_its_linger(arenas: Arenas) -> None:
+    path = welcomed(arenas)
+
+    arenas.drop(CLIENT, now=100.0)
+    arenas.tick(100.0 + ARENA_LINGER_S - 0.1)
+    assert os.path.exists(path)
+    arenas.tick(100.0 + ARENA_LINGER_S)
+
+    assert not os.path.exists(path)
+
+
+def test_closing_removes_the_broker_s_folder() -> None:
+    arenas = Arenas(enabled=True, max_arena_bytes=64 * MIB, worker_peers=set)
+    folder = os.path.dirname(welcomed(arenas))
+
+    arenas.close()
+
+    assert not os.path.exists(folder)
+
+
+def test_a_disabled_broker_offers_no_arena() -> None:
+    arenas = Arenas(enabled=False, max_arena_bytes=64 * MIB, worker_peers=set)
+    probe = Probe.create()
+    assert probe is not None
+    try:
+        arenas.hello(CLIENT, p.SharedAsk(probe.path, probe.token, MIB))
+        assert arenas.welcome(CLIENT, p.Welcome(10, 100, 1.0, False)).arena is None
+    finally:
+        probe.remove()
+
+
+def test_what_a_process_killed_outright_left_is_swept(tmp_path: Path) -> None:
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    pid = int(gone.stdout)
+    folder = Path(_shared.SHM_ROOT) / f"ventilator-{pid}-{'e' * 16}"
+    folder.mkdir()
+    (folder / "1.arena").write_bytes(b"x")
+    probe = Path(_shared.SHM_ROOT) / f"ventilator-probe-{pid}-{'f' * 32}"
+    probe.write_bytes(b"x")
+    ours = Probe.create()
+    assert ours is not None
+
+    assert _shared.sweep_stale() >= 2
+
+    assert not folder.exists() and not probe.exists()
+    assert os.path.exists(ours.path)  # a live process's is kept
+    ours.remove()
+
+
+# --- the scheduler's copies ---------------------------------------------------
+
+
+def reference_into(arena: bytes, payload_bytes: int = 100_000) -> bytes:
+    return p.SHARED_REFERENCE.pack(0, payload_bytes, 1) + arena
+
+
+def test_a_departed_client_s_unfinished_tasks_get_copies_of_their_payloads() -> None:
+    driver = Driver(durable=False)
+    driver.hello()
+    arena = b"/dev/shm/ventilator-1-0000000000000000/1.arena"
+    driver.submit(task(1, reference_into(arena), flags=int(p.Flags.SHARED)))
+
+    copied = driver.scheduler.unshare(arena, lambda reference: b"the payload")
+    driver.flush()  # the invariants hold: its bytes are counted anew
+
+    assert copied == 1
+    driver.ready(WORKER)
+    [assignment] = assignments(driver.flush(), WORKER) or assignments(
+        driver.ready(WORKER), WORKER
+    )
+    assert assignment.payload == b"the payload"
+    assert not assignment.flags & p.Flags.SHARED
+
+
+def test_a_finished_task_s_payload_is_not_copied() -> None:
+    driver = Driver(durable=False)
+    driver.hello()
+    arena = b"/dev/shm/ventilator-1-0000000000000000/1.arena"
+    driver.submit(task(1, reference_into(arena), flags=int(p.Flags.SHARED)))
+    [assignment] = assignments(driver.ready(WORKER), WORKER)
+    effects = driver.done(WORKER, assignment)
+    assert [r.task_id for r in results(effects)] == [1]
+
+    assert driver.scheduler.unshare(arena, lambda reference: b"copy") == 0
+
+
+def test_a_client_that_leaves_is_named_for_its_arena_to_go() -> None:
+    driver = Driver(durable=False)
+    driver.hello()
+
+    effects = driver.client(CLIENT, p.Bye())
+
+    assert CLIENT in effects.departed
+
+
+def test_a_failed_shared_task_is_not_kept_for_a_retry() -> None:
+    driver = Driver(durable=False)
+    driver.hello()
+    arena = b"/dev/shm/ventilator-1-0000000000000000/1.arena"
+    driver.submit(task(1, reference_into(arena), flags=int(p.Flags.SHARED)))
+    [assignment] = assignments(driver.ready(WORKER), WORKER)
+
+    driver.done(WORKER, assignment, p.Status.RAISED, b"\x80")
+
+    [record] = driver.scheduler.failed
+    assert record.payload is None
+
+
+def test_a_full_shared_memory_sends_payloads_in_frames_instead_of_crashing(
+    arenas: Arenas, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A write into a sparse tmpfs page that cannot be backed is a SIGBUS.
+    writer = ArenaWriter(welcomed(arenas))
+
+    def no_room(fd: int, offset: int, length: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", no_room)
+    assert writer.put(1, b"x" * 70_000) is None
+    monkeypatch.undo()
+
+    assert writer.put(1, b"x" * 70_000) is not None  # the extent was given back
+    writer.close()
+
+
+def test_a_payload_that_cannot_be_copied_keeps_its_reference() -> None:
+    driver = Driver(durable=False)
+    driver.hello()
+    arena = b"/dev/shm/ventilator-1-0000000000000000/1.arena"
+    spec = task(1, reference_into(arena), flags=int(p.Flags.SHARED))
+    driver.submit(spec)
+
+    assert driver.scheduler.unshare(arena, lambda reference: None) == 0
+    driver.flush()  # still listed under its arena: the invariants hold
+
+    [assignment] = assignments(driver.ready(WORKER), WORKER)
+    assert assignment.payload == spec.payload
