@@ -22,17 +22,20 @@ within the broker's per-client byte limit, named in its WELCOME. The client
 8-byte generation stamp, and submits `Flags.SHARED` with a reference
 (offset, length, generation). The broker checks the reference against the
 connection's arena and appends the arena's path, so a task's reference names
-its file wherever it goes. A worker that shares gets the reference
-(`SharedReader` copies the bytes out, checking the stamp before and after);
-a worker that does not gets the bytes, read from the broker's own mapping.
+its file wherever it goes. A worker that shares gets the reference, and its
+task process reads the bytes (`read_payload`), checking the stamp before and
+after; a worker that does not gets the bytes, read from the broker's own
+mapping. A client's large bytes arguments reach the arena with one copy
+(`serialization.Pieces`).
 
 Lifetimes. The client frees an extent when its task ends for it (a result, a
 cancel, a failure): a stale reference to a reused extent fails its stamp check
 instead of reading another task's bytes. When the connection goes (BYE,
 silence, replaced), the broker copies the payloads of that arena's unfinished
 tasks into its own memory (`materialize`), so they no longer depend on the
-file, and removes the file `ARENA_LINGER_S` later, so that a worker still
-reading a reference it was just sent finds it. The broker's folder goes when
+file, and removes the file `ARENA_LINGER_S` later, once the attempts that were
+sent references into it have ended: a task process reads one as it starts the
+task, which may have waited in its pipe. The broker's folder goes when
 the broker stops; one left by a broker killed outright is removed by the next
 broker to start on the machine (`sweep_stale`).
 
@@ -54,8 +57,8 @@ import stat
 import struct
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 from . import protocol as p
 from .serialization import Pieces
@@ -567,6 +570,9 @@ class _Arena:
     path: str
     key: bytes  # the path as references carry it
     mapping: mmap.mmap
+    # Once dropped: the attempts (ticket, attempt) that were sent references
+    # into it and may not have read them yet.
+    readers: list[tuple[int, int]] = field(default_factory=list)
 
 
 class Arenas:
@@ -746,18 +752,30 @@ class Arenas:
         arena = self._of_peer.get(peer)
         return None if arena is None else arena.key
 
-    def drop(self, peer: bytes, now: float) -> None:
-        """`peer` is gone: its arena's file goes ARENA_LINGER_S from now."""
+    def drop(
+        self, peer: bytes, now: float, running: Sequence[tuple[int, int]] = ()
+    ) -> None:
+        """`peer` is gone: its arena's file goes ARENA_LINGER_S from now, once
+        the `running` attempts (ticket, attempt), which were sent references
+        into it, have ended: a worker reads one only as it starts the task,
+        which may wait behind others in its pipe."""
         self._asked.pop(peer, None)
         arena = self._of_peer.pop(peer, None)
         if arena is not None:
+            arena.readers = list(running)
             self._lingering.append((now + ARENA_LINGER_S, arena))
 
-    def tick(self, now: float) -> None:
-        """Remove the files of arenas dropped long enough ago."""
-        while self._lingering and self._lingering[0][0] <= now:
-            _, arena = self._lingering.pop(0)
-            self._remove(arena)
+    def tick(self, now: float, runs: Callable[[int, int], bool]) -> None:
+        """Remove the files of arenas dropped long enough ago whose readers
+        have all ended (`runs` says whether an attempt still runs)."""
+        kept = []
+        for due, arena in self._lingering:
+            arena.readers = [reader for reader in arena.readers if runs(*reader)]
+            if due <= now and not arena.readers:
+                self._remove(arena)
+            else:
+                kept.append((due, arena))
+        self._lingering = kept
 
     def _remove(self, arena: _Arena) -> None:
         self._of_key.pop(arena.key, None)

@@ -495,7 +495,7 @@ class Broker:
                     self._log_held_back(now)
                     self._trim.maybe(now)
                     self._look_at_disk()
-                    self._shared.tick(now)
+                    self._shared.tick(now, self._scheduler.runs)
                     next_tick = now + interval_s
                 elif self._disk_room.due(self._journal.written_bytes):
                     self._look_at_disk()
@@ -1070,9 +1070,9 @@ class Broker:
         arena = self._shared.arena_of(peer)
         if arena is None:
             return
-        copied = self._scheduler.unshare(arena, self._shared.materialize)
-        self._shared.drop(peer, now)
-        log.debug("arena dropped peer=%s payloads_copied=%d", peer.hex(), copied)
+        running = self._scheduler.unshare(arena, self._shared.materialize)
+        self._shared.drop(peer, now, running)
+        log.debug("arena dropped peer=%s running=%d", peer.hex(), len(running))
 
     def _log_held_back(self, now: float) -> None:
         """Count the log lines each rate limit held back since its last one."""

@@ -1894,15 +1894,19 @@ class Scheduler:
 
     def unshare(
         self, arena: bytes, read: Callable[[p.Payload], p.Payload | None]
-    ) -> int:
+    ) -> list[tuple[int, int]]:
         """Give every unfinished task whose payload lies in `arena` a copy of
         it, read by `read` from the reference: the arena is about to go (its
-        client left, see _shared). Returns how many tasks were given one; a
-        task whose payload cannot be read keeps its reference."""
+        client left, see _shared); a task whose payload cannot be read keeps
+        its reference. Returns the (ticket, attempt) of those running: their
+        workers were sent the reference, and read it when they start them."""
         tickets = self._shared.pop(arena, set())
         unread = set()
+        running = []
         for ticket in tickets:
             task = self.tasks[ticket]
+            if task.state is State.RUNNING:
+                running.append((ticket, task.attempt))
             payload = read(task.payload)
             if payload is None:
                 unread.add(ticket)
@@ -1912,7 +1916,14 @@ class Scheduler:
             task.flags &= ~_SHARED
         if unread:
             self._shared[arena] = unread
-        return len(tickets) - len(unread)
+        return running
+
+    def runs(self, ticket: int, attempt: int) -> bool:
+        """Whether attempt `attempt` of task `ticket` is still running."""
+        task = self.tasks.get(ticket)
+        return (
+            task is not None and task.state is State.RUNNING and task.attempt == attempt
+        )
 
     def _unshare_task(self, task: Task) -> None:
         arena = p.shared_arena(task.payload)

@@ -306,9 +306,26 @@ def test_a_dropped_arena_s_file_goes_after_its_linger(arenas: Arenas) -> None:
     path = welcomed(arenas)
 
     arenas.drop(CLIENT, now=100.0)
-    arenas.tick(100.0 + ARENA_LINGER_S - 0.1)
+    arenas.tick(100.0 + ARENA_LINGER_S - 0.1, runs=lambda ticket, attempt: False)
     assert os.path.exists(path)
-    arenas.tick(100.0 + ARENA_LINGER_S)
+    arenas.tick(100.0 + ARENA_LINGER_S, runs=lambda ticket, attempt: False)
+
+    assert not os.path.exists(path)
+
+
+def test_a_dropped_arena_stays_while_a_task_sent_a_reference_into_it_runs(
+    arenas: Arenas,
+) -> None:
+    # A worker reads the payload as it starts the task, which may wait in
+    # its pipe behind others for longer than the linger.
+    path = welcomed(arenas)
+    running = {(7, 1)}
+
+    arenas.drop(CLIENT, now=100.0, running=[(7, 1)])
+    arenas.tick(100.0 + 10 * ARENA_LINGER_S, runs=lambda *attempt: attempt in running)
+    assert os.path.exists(path)
+    running.clear()  # it ended, or runs again as another attempt with a copy
+    arenas.tick(100.0 + 10 * ARENA_LINGER_S, runs=lambda *attempt: attempt in running)
 
     assert not os.path.exists(path)
 
@@ -369,10 +386,10 @@ def test_a_departed_client_s_unfinished_tasks_get_copies_of_their_payloads() -> 
     arena = b"/dev/shm/ventilator-1-0000000000000000/1.arena"
     driver.submit(task(1, reference_into(arena), flags=int(p.Flags.SHARED)))
 
-    copied = driver.scheduler.unshare(arena, lambda reference: b"the payload")
+    running = driver.scheduler.unshare(arena, lambda reference: b"the payload")
     driver.flush()  # the invariants hold: its bytes are counted anew
 
-    assert copied == 1
+    assert running == []  # it was queued: no worker holds its reference
     driver.ready(WORKER)
     [assignment] = assignments(driver.flush(), WORKER) or assignments(
         driver.ready(WORKER), WORKER
@@ -390,7 +407,8 @@ def test_a_finished_task_s_payload_is_not_copied() -> None:
     effects = driver.done(WORKER, assignment)
     assert [r.task_id for r in results(effects)] == [1]
 
-    assert driver.scheduler.unshare(arena, lambda reference: b"copy") == 0
+    assert driver.scheduler.unshare(arena, lambda reference: b"copy") == []
+    assert arena not in driver.scheduler._shared
 
 
 def test_a_client_that_leaves_is_named_for_its_arena_to_go() -> None:
@@ -439,8 +457,23 @@ def test_a_payload_that_cannot_be_copied_keeps_its_reference() -> None:
     spec = task(1, reference_into(arena), flags=int(p.Flags.SHARED))
     driver.submit(spec)
 
-    assert driver.scheduler.unshare(arena, lambda reference: None) == 0
+    assert driver.scheduler.unshare(arena, lambda reference: None) == []
     driver.flush()  # still listed under its arena: the invariants hold
 
     [assignment] = assignments(driver.ready(WORKER), WORKER)
     assert assignment.payload == spec.payload
+
+
+def test_the_running_attempts_of_a_departed_client_s_tasks_are_named() -> None:
+    driver = Driver(durable=False)
+    driver.hello()
+    arena = b"/dev/shm/ventilator-1-0000000000000000/1.arena"
+    driver.submit(task(1, reference_into(arena), flags=int(p.Flags.SHARED)))
+    [assignment] = assignments(driver.ready(WORKER), WORKER)
+
+    running = driver.scheduler.unshare(arena, lambda reference: b"copy")
+
+    assert running == [(assignment.ticket, assignment.attempt)]
+    assert driver.scheduler.runs(assignment.ticket, assignment.attempt)
+    driver.done(WORKER, assignment)
+    assert not driver.scheduler.runs(assignment.ticket, assignment.attempt)
