@@ -143,6 +143,29 @@ class Probe:
             os.unlink(self.path)
 
 
+class _ProbeHolder:
+    """A peer's probe, made when its HELLO or READY first asks, and removed
+    once the broker answered (it may have removed it already)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self._enabled = enabled
+        self._probe: Probe | None = None
+
+    def ask(self, arena_bytes: int) -> p.SharedAsk | None:
+        if not self._enabled:
+            return None
+        if self._probe is None:
+            self._probe = Probe.create()
+        if self._probe is None:
+            return None
+        return p.SharedAsk(self._probe.path, self._probe.token, arena_bytes)
+
+    def remove(self) -> None:
+        if self._probe is not None:
+            self._probe.remove()
+            self._probe = None
+
+
 def probe_matches(path: str, token: str) -> bool:
     """Whether `path` is a probe holding `token`, written by this user: then
     its writer shares this process's memory. Removes the probe once read.
@@ -298,25 +321,18 @@ class ClientShare:
 
     def __init__(self, arena_bytes: int, enabled: bool = True) -> None:
         self._arena_bytes = min(MAX_ARENA_BYTES, arena_bytes + MIN_ARENA_BYTES)
-        self._enabled = enabled
-        self._probe: Probe | None = None
+        self._probe = _ProbeHolder(enabled)
         self._writer: ArenaWriter | None = None
 
     def ask(self) -> p.SharedAsk | None:
         """What a HELLO asks for; None where there is no shared memory, or
         when it is not to be used."""
-        if not self._enabled:
-            return None
-        if self._probe is None:
-            self._probe = Probe.create()
-        if self._probe is None:
-            return None
-        return p.SharedAsk(self._probe.path, self._probe.token, self._arena_bytes)
+        return self._probe.ask(self._arena_bytes)
 
     def welcomed(self, arena: str | None) -> None:
         """The broker's WELCOME named `arena` (None: it offers none). A new
         arena replaces the old, whose references died with its connection."""
-        self._remove_probe()
+        self._probe.remove()
         if self._writer is not None and self._writer.path == arena:
             return  # the same connection, welcomed again
         self._close_writer()
@@ -357,13 +373,8 @@ class ClientShare:
             self._writer.free(task_id)
 
     def close(self) -> None:
-        self._remove_probe()
+        self._probe.remove()
         self._close_writer()
-
-    def _remove_probe(self) -> None:
-        if self._probe is not None:
-            self._probe.remove()
-            self._probe = None
 
     def _close_writer(self) -> None:
         if self._writer is not None:
@@ -459,27 +470,19 @@ class SharedReader:
 
 class WorkerShare:
     """The probe a worker's READY carries, to be sent payloads by reference;
-    its task processes (or threads) read them (`read_payload`)."""
+    its task processes (or threads) read them (`read_payload`). Removed once
+    the broker welcomed the worker."""
 
     def __init__(self, enabled: bool = True) -> None:
-        self._enabled = enabled
-        self._probe: Probe | None = None
+        self._probe = _ProbeHolder(enabled)
 
     def ask(self) -> p.SharedAsk | None:
         """What a READY offers; None where there is no shared memory, or
         when it is not to be used."""
-        if not self._enabled:
-            return None
-        if self._probe is None:
-            self._probe = Probe.create()
-        if self._probe is None:
-            return None
-        return p.SharedAsk(self._probe.path, self._probe.token)
+        return self._probe.ask(arena_bytes=0)
 
     def welcomed(self) -> None:
-        if self._probe is not None:
-            self._probe.remove()
-            self._probe = None
+        self._probe.remove()
 
     close = welcomed
 

@@ -55,6 +55,18 @@ def shared_spec(task_id: int, reference: bytes) -> p.TaskSpec:
     return p.TaskSpec(task_id, FUNCTION, reference, int(p.Flags.SHARED))
 
 
+def written(arenas: Arenas, writer: ArenaWriter, task_id: int, payload: bytes) -> bytes:
+    """Write `payload` as the client would, and return the reference the
+    broker passes on for it (naming the arena)."""
+    reference = writer.put(task_id, payload)
+    assert reference is not None
+    resolved = arenas.resolve(
+        CLIENT, p.Submit([shared_spec(task_id, reference)]), reject
+    )
+    assert resolved is not None
+    return bytes(resolved.tasks[0].payload)
+
+
 # --- extents ------------------------------------------------------------------
 
 
@@ -147,13 +159,10 @@ def test_a_payload_written_by_a_client_reads_whole_where_the_broker_names_it(
     writer = ArenaWriter(path)
     payload = os.urandom(100_000)
 
-    reference = writer.put(7, payload)
-    assert reference is not None
-    resolved = arenas.resolve(CLIENT, p.Submit([shared_spec(7, reference)]), reject)
+    reference = written(arenas, writer, 7, payload)
 
-    assert resolved is not None
-    assert SharedReader().read(resolved.tasks[0].payload) == payload
-    assert arenas.materialize(resolved.tasks[0].payload) == payload
+    assert SharedReader().read(reference) == payload
+    assert arenas.materialize(reference) == payload
     writer.close()
 
 
@@ -161,11 +170,7 @@ def test_a_reference_to_a_freed_extent_is_stale_even_once_the_extent_is_reused(
     arenas: Arenas,
 ) -> None:
     writer = ArenaWriter(welcomed(arenas))
-    old = writer.put(1, b"a" * 70_000)
-    assert old is not None
-    resolved = arenas.resolve(CLIENT, p.Submit([shared_spec(1, old)]), reject)
-    assert resolved is not None
-    reference = resolved.tasks[0].payload
+    reference = written(arenas, writer, 1, b"a" * 70_000)
 
     writer.free(1)
     assert writer.put(2, b"b" * 70_000) is not None  # the same extent, reused
@@ -283,13 +288,8 @@ def test_a_worker_that_shares_gets_references_and_another_the_bytes(
     arenas: Arenas,
 ) -> None:
     writer = ArenaWriter(welcomed(arenas))
-    reference = writer.put(1, b"y" * 70_000)
-    assert reference is not None
-    resolved = arenas.resolve(CLIENT, p.Submit([shared_spec(1, reference)]), reject)
-    assert resolved is not None
-    assignment = p.Assignment(
-        5, 1, FUNCTION, resolved.tasks[0].payload, int(p.Flags.SHARED)
-    )
+    reference = written(arenas, writer, 1, b"y" * 70_000)
+    assignment = p.Assignment(5, 1, FUNCTION, reference, int(p.Flags.SHARED))
     probe = Probe.create()
     assert probe is not None
     arenas.ready(WORKER, p.SharedAsk(probe.path, probe.token))
@@ -376,17 +376,24 @@ def test_what_a_process_killed_outright_left_is_swept(tmp_path: Path) -> None:
 # --- the scheduler's copies ---------------------------------------------------
 
 
-def reference_into(arena: bytes, payload_bytes: int = 100_000) -> bytes:
-    return p.SHARED_REFERENCE.pack(0, payload_bytes, 1) + arena
+ARENA = b"/dev/shm/ventilator-1-0000000000000000/1.arena"
+
+
+def with_shared_task() -> tuple[Driver, p.TaskSpec]:
+    """A scheduler holding one task whose payload lies in ARENA, as the
+    shell passes it on: the client's reference, then the arena's path."""
+    driver = Driver(durable=False)
+    driver.hello()
+    reference = p.SHARED_REFERENCE.pack(0, 100_000, 1) + ARENA
+    spec = task(1, reference, flags=int(p.Flags.SHARED))
+    driver.submit(spec)
+    return driver, spec
 
 
 def test_a_departed_client_s_unfinished_tasks_get_copies_of_their_payloads() -> None:
-    driver = Driver(durable=False)
-    driver.hello()
-    arena = b"/dev/shm/ventilator-1-0000000000000000/1.arena"
-    driver.submit(task(1, reference_into(arena), flags=int(p.Flags.SHARED)))
+    driver, _ = with_shared_task()
 
-    running = driver.scheduler.unshare(arena, lambda reference: b"the payload")
+    running = driver.scheduler.unshare(ARENA, lambda reference: b"the payload")
     driver.flush()  # the invariants hold: its bytes are counted anew
 
     assert running == []  # it was queued: no worker holds its reference
@@ -399,16 +406,13 @@ def test_a_departed_client_s_unfinished_tasks_get_copies_of_their_payloads() -> 
 
 
 def test_a_finished_task_s_payload_is_not_copied() -> None:
-    driver = Driver(durable=False)
-    driver.hello()
-    arena = b"/dev/shm/ventilator-1-0000000000000000/1.arena"
-    driver.submit(task(1, reference_into(arena), flags=int(p.Flags.SHARED)))
+    driver, _ = with_shared_task()
     [assignment] = assignments(driver.ready(WORKER), WORKER)
     effects = driver.done(WORKER, assignment)
     assert [r.task_id for r in results(effects)] == [1]
 
-    assert driver.scheduler.unshare(arena, lambda reference: b"copy") == []
-    assert arena not in driver.scheduler._shared
+    assert driver.scheduler.unshare(ARENA, lambda reference: b"copy") == []
+    assert ARENA not in driver.scheduler._shared
 
 
 def test_a_client_that_leaves_is_named_for_its_arena_to_go() -> None:
@@ -421,10 +425,7 @@ def test_a_client_that_leaves_is_named_for_its_arena_to_go() -> None:
 
 
 def test_a_failed_shared_task_is_not_kept_for_a_retry() -> None:
-    driver = Driver(durable=False)
-    driver.hello()
-    arena = b"/dev/shm/ventilator-1-0000000000000000/1.arena"
-    driver.submit(task(1, reference_into(arena), flags=int(p.Flags.SHARED)))
+    driver, _ = with_shared_task()
     [assignment] = assignments(driver.ready(WORKER), WORKER)
 
     driver.done(WORKER, assignment, p.Status.RAISED, b"\x80")
@@ -451,13 +452,9 @@ def test_a_full_shared_memory_sends_payloads_in_frames_instead_of_crashing(
 
 
 def test_a_payload_that_cannot_be_copied_keeps_its_reference() -> None:
-    driver = Driver(durable=False)
-    driver.hello()
-    arena = b"/dev/shm/ventilator-1-0000000000000000/1.arena"
-    spec = task(1, reference_into(arena), flags=int(p.Flags.SHARED))
-    driver.submit(spec)
+    driver, spec = with_shared_task()
 
-    assert driver.scheduler.unshare(arena, lambda reference: None) == []
+    assert driver.scheduler.unshare(ARENA, lambda reference: None) == []
     driver.flush()  # still listed under its arena: the invariants hold
 
     [assignment] = assignments(driver.ready(WORKER), WORKER)
@@ -465,13 +462,10 @@ def test_a_payload_that_cannot_be_copied_keeps_its_reference() -> None:
 
 
 def test_the_running_attempts_of_a_departed_client_s_tasks_are_named() -> None:
-    driver = Driver(durable=False)
-    driver.hello()
-    arena = b"/dev/shm/ventilator-1-0000000000000000/1.arena"
-    driver.submit(task(1, reference_into(arena), flags=int(p.Flags.SHARED)))
+    driver, _ = with_shared_task()
     [assignment] = assignments(driver.ready(WORKER), WORKER)
 
-    running = driver.scheduler.unshare(arena, lambda reference: b"copy")
+    running = driver.scheduler.unshare(ARENA, lambda reference: b"copy")
 
     assert running == [(assignment.ticket, assignment.attempt)]
     assert driver.scheduler.runs(assignment.ticket, assignment.attempt)
