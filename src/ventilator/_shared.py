@@ -622,9 +622,12 @@ class Arenas:
             return
         self._asked.pop(peer, None)
 
-    def ready(self, peer: bytes, shared: p.SharedAsk | None) -> None:
-        """A worker's READY: note whether it reads references."""
-        if self.enabled and shared and probe_matches(shared.probe_path, shared.token):
+    def ready(self, peer: bytes, shared: p.SharedAsk | None) -> bool:
+        """A worker's READY: note, and return, whether it reads references."""
+        matched = bool(
+            self.enabled and shared and probe_matches(shared.probe_path, shared.token)
+        )
+        if matched:
             self._local_workers.add(peer)
         else:
             self._local_workers.discard(peer)
@@ -632,6 +635,7 @@ class Arenas:
         # live ones, not looked for at each departure.
         if len(self._local_workers) > 2 * len(self._worker_peers()) + 16:
             self._local_workers &= self._worker_peers()
+        return matched
 
     def welcome(self, peer: bytes, welcome: p.Welcome) -> p.Welcome:
         """The WELCOME for `peer`, naming its arena if it may have one."""

@@ -38,7 +38,7 @@ import select
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import zmq
@@ -936,7 +936,9 @@ class Broker:
                 )
             return
         if isinstance(command, p.Ready):
-            self._shared.ready(peer, command.shared)
+            if not self._shared.ready(peer, command.shared):
+                # What the scheduler sees: this worker reads no references.
+                command = replace(command, shared=None)
             command = self._admission.ready(identity, command)
             if self._keys is not None:
                 self._worker_keys[peer] = identity.public_key

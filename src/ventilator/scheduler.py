@@ -1271,6 +1271,7 @@ class Scheduler:
             services += (PICKLE_QUEUE,)
         worker = Worker(ready.worker_id, peer, services, ready.capacity, now)
         worker.slots = ready.slots
+        worker.shared_memory = ready.shared is not None
         worker.problem = ready.problem
         worker.last_progress = worker.registered_at = now
         return worker

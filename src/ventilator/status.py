@@ -433,6 +433,7 @@ class StatusReport:
             "draining": worker.draining,
             "last_seen_s": round(now - worker.last_seen, 3),
             "problem": worker.problem,
+            "shared_memory": worker.shared_memory,
         }
 
     def _oldest_held_s(self, worker: Worker, now: float) -> float | None:

@@ -109,6 +109,8 @@ class Worker:
     # The tasks it runs at once, if it leaves to the broker how many more of
     # each function it holds (see Scheduler._allowance); None: no such limit.
     slots: int | None = None
+    # Whether it reads payloads from shared memory (its READY's probe matched).
+    shared_memory: bool = False
     # How many of `running` each queue gave it.
     held: dict[str, int] = field(default_factory=dict)
     draining: bool = False

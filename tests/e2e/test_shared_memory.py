@@ -61,7 +61,7 @@ def test_large_payloads_go_through_shared_memory_and_arrive_whole(
 def test_a_worker_that_does_not_share_memory_is_sent_the_bytes(
     launch: Launcher, broker: BrokerProcess
 ) -> None:
-    launch.worker(broker, extra=["--no-shared-memory"])
+    apart = launch.worker(broker, extra=["--no-shared-memory"])
     client = launch.client(broker)
     sent = payloads(10)
 
@@ -69,6 +69,10 @@ def test_a_worker_that_does_not_share_memory_is_sent_the_bytes(
 
     assert [f.result(RESULT_TIMEOUT_S) for f in futures] == sent
     assert arenas_of(broker)  # the client still writes to it
+    sharing = launch.worker(broker)
+    status = wait_for_workers(client, 2)
+    assert (apart.entry(status) or {})["shared_memory"] is False
+    assert (sharing.entry(status) or {})["shared_memory"] is True
 
 
 def echoed_whole(launch: Launcher, broker: BrokerProcess) -> bool:
