@@ -786,6 +786,13 @@ class Arenas:
 
     def _remove(self, arena: _Arena) -> None:
         self._of_key.pop(arena.key, None)
+        # Its memory goes now, not when the last task process that mapped it
+        # lets go: a worker's task processes keep the arenas they read from
+        # mapped (SharedReader), and would hold the memory of every client
+        # that came and went. A late reader finds zeros, not a payload: its
+        # stamp check fails.
+        with contextlib.suppress(OSError, ValueError):
+            arena.mapping.madvise(mmap.MADV_REMOVE)
         with contextlib.suppress(OSError):
             os.unlink(arena.path)
         with contextlib.suppress(BufferError):

@@ -471,3 +471,23 @@ def test_the_running_attempts_of_a_departed_client_s_tasks_are_named() -> None:
     assert driver.scheduler.runs(assignment.ticket, assignment.attempt)
     driver.done(WORKER, assignment)
     assert not driver.scheduler.runs(assignment.ticket, assignment.attempt)
+
+
+def test_a_removed_arena_frees_its_memory_though_a_reader_keeps_it_mapped(
+    arenas: Arenas,
+) -> None:
+    writer = ArenaWriter(welcomed(arenas))
+    reference = written(arenas, writer, 1, os.urandom(500_000))
+    reader = SharedReader()
+    reader.read(reference)  # a task process now keeps the arena mapped
+    held = os.open(writer.path, os.O_RDONLY)  # to look at the file once unlinked
+    writer.close()
+
+    arenas.drop(CLIENT, now=0.0)
+    arenas.tick(ARENA_LINGER_S, runs=lambda ticket, attempt: False)
+
+    assert os.fstat(held).st_blocks == 0
+    with pytest.raises(SharedPayloadGone):
+        reader.read(reference)
+    os.close(held)
+    reader.close()
