@@ -45,6 +45,12 @@ def arenas_of(broker: BrokerProcess) -> list[str]:
     return glob.glob(os.path.join(_shared.SHM_ROOT, f"ventilator-{broker.pid}-*", "*"))
 
 
+def written_to(broker: BrokerProcess) -> bool:
+    """Whether a client wrote payloads into an arena of `broker`: its file
+    is sparse until then."""
+    return any(os.stat(arena).st_blocks for arena in arenas_of(broker))
+
+
 def test_large_payloads_go_through_shared_memory_and_arrive_whole(
     launch: Launcher, broker: BrokerProcess
 ) -> None:
@@ -55,7 +61,7 @@ def test_large_payloads_go_through_shared_memory_and_arrive_whole(
     futures = [client.submit(ECHO, payload) for payload in sent]
 
     assert [f.result(RESULT_TIMEOUT_S) for f in futures] == sent
-    assert arenas_of(broker)  # the client's arena, while it is connected
+    assert written_to(broker)  # the client's arena, while it is connected
 
 
 def test_a_worker_that_does_not_share_memory_is_sent_the_bytes(
@@ -68,7 +74,7 @@ def test_a_worker_that_does_not_share_memory_is_sent_the_bytes(
     futures = [client.submit(ECHO, payload) for payload in sent]
 
     assert [f.result(RESULT_TIMEOUT_S) for f in futures] == sent
-    assert arenas_of(broker)  # the client still writes to it
+    assert written_to(broker)  # the client still writes to it
     sharing = launch.worker(broker)
     status = wait_for_workers(client, 2)
     assert (apart.entry(status) or {})["shared_memory"] is False
@@ -179,3 +185,18 @@ def test_a_reference_from_a_client_without_an_arena_is_refused_naming_why(
     assert (
         client.submit(ECHO, b"x" * 100_000).result(RESULT_TIMEOUT_S) == b"x" * 100_000
     )
+
+
+def test_map_batches_and_pickled_calls_with_large_payloads_arrive_whole(
+    launch: Launcher, broker: BrokerProcess
+) -> None:
+    launch.worker(broker, concurrency=2, allow_pickle=True)
+    client = launch.client(broker, allow_pickle=True)
+    sent = payloads(30, size=70_000)
+
+    mapped = list(client.map(ECHO, sent, chunksize=3))  # 210 KB a batch
+    assert mapped == sent
+    assert written_to(broker)
+
+    pickled = client.submit(lambda blob: blob[::-1], sent[0])
+    assert pickled.result(RESULT_TIMEOUT_S) == sent[0][::-1]
