@@ -39,8 +39,9 @@ task, which may have waited in its pipe. The broker's folder goes when
 the broker stops; one left by a broker killed outright is removed by the next
 broker to start on the machine (`sweep_stale`).
 
-Only with the journal in memory: a durable journal must write the bytes to
-its disk anyway, which costs the broker as much as receiving them.
+With a durable journal, the journal reads a shared payload's bytes into its
+segment as the task is accepted (`SqliteJournal(read_shared=materialize)`): a
+broker restarted after a crash has no arenas, and loads the bytes.
 """
 
 from __future__ import annotations
@@ -590,10 +591,11 @@ class Arenas:
         self,
         enabled: bool,
         max_arena_bytes: int,
-        worker_peers: Callable[[], set[bytes]],
+        worker_peers: Callable[[], set[bytes]] = set,
     ) -> None:
         self.enabled = enabled and os.path.isdir(SHM_ROOT)
-        self._worker_peers = worker_peers
+        # The connections of the registered workers (the scheduler's).
+        self.worker_peers = worker_peers
         self._max_arena_bytes = min(MAX_ARENA_BYTES, max_arena_bytes)
         self._folder: str | None = None
         self._made = 0
@@ -633,8 +635,8 @@ class Arenas:
             self._local_workers.discard(peer)
         # Connections of workers gone are forgotten once they outnumber the
         # live ones, not looked for at each departure.
-        if len(self._local_workers) > 2 * len(self._worker_peers()) + 16:
-            self._local_workers &= self._worker_peers()
+        if len(self._local_workers) > 2 * len(self.worker_peers()) + 16:
+            self._local_workers &= self.worker_peers()
         return matched
 
     def welcome(self, peer: bytes, welcome: p.Welcome) -> p.Welcome:

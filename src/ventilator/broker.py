@@ -142,7 +142,7 @@ class BrokerConfig:
     # a disk that fills would fail a commit and stop the broker for everyone.
     journal_min_free_bytes: int = DEFAULT_JOURNAL_MIN_FREE_BYTES
     # Clients and workers on this machine pass large payloads through shared
-    # memory, with the journal in memory (see _shared).
+    # memory (see _shared).
     shared_memory: bool = True
 
     @property
@@ -186,14 +186,16 @@ class Broker:
             if config.durable and not os.path.exists(config.journal or "")
             else None
         )
-        self._journal: Journal = open_journal(config.journal, config.durability)
+        self._shared = _shared.Arenas(
+            enabled=config.shared_memory,
+            max_arena_bytes=config.limits.client_max_bytes,
+        )
+        self._journal: Journal = open_journal(
+            config.journal, config.durability, self._shared.materialize
+        )
         durable = not isinstance(self._journal, MemoryJournal)
         self._scheduler = s.Scheduler(config.limits, durable=durable)
-        self._shared = _shared.Arenas(
-            enabled=config.shared_memory and not durable,
-            max_arena_bytes=config.limits.client_max_bytes,
-            worker_peers=self._scheduler.worker_peers,
-        )
+        self._shared.worker_peers = self._scheduler.worker_peers
         # No session could ever be given room for more tasks than its window
         # in one message: a larger SUBMIT is refused whole, undecoded.
         self._max_submit_tasks = min(p.MAX_SUBMIT_TASKS, config.limits.client_window)

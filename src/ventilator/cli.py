@@ -496,7 +496,7 @@ def _bind_address(ctx: click.Context, param: click.Parameter, value: Any) -> Any
     flag_value=False,
     default=True,
     help="Send large payloads in messages even to clients and workers on "
-    "this machine (with --durability memory, they go through shared memory).",
+    "this machine (they go through shared memory otherwise).",
 )
 @click.option(
     "--announce",

@@ -177,8 +177,8 @@ class Client:
         secret_key: this client's ``.key_secret`` file, for a CURVE broker.
         broker_key: the broker's public ``.key`` file (with `secret_key`).
         shared_memory: pass payloads of 64 KiB or more through shared memory
-            when the broker (with its journal in memory) and the workers are
-            on this machine; they travel in messages otherwise.
+            when the broker and the workers are on this machine; they travel
+            in messages otherwise.
 
     Raises:
         UsageError: a bad window or session name, or only one of the two key

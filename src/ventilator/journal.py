@@ -43,7 +43,7 @@ import resource
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Literal, Protocol
@@ -57,6 +57,8 @@ from .policy import DURABILITY_MODES
 from .segments import INLINE_MAX_BYTES, BlobDamaged, BlobRef, SegmentStore
 from .serialization import pack_error
 from .tasks import State, Task
+
+_SHARED = int(p.Flags.SHARED)
 
 __all__ = [
     "DURABILITY_MODES",
@@ -277,11 +279,22 @@ class MemoryJournal:
 
 
 class SqliteJournal:
-    """The journal in one SQLite file (plus its WAL), owned by one broker."""
+    """The journal in one SQLite file (plus its WAL), owned by one broker.
 
-    def __init__(self, path: str | Path, durability: str = "process") -> None:
+    `read_shared` gives the bytes a task's payload in shared memory stands
+    for (see _shared): the journal keeps the bytes, as a restarted broker
+    has no arenas; None when the reference cannot be read.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        durability: str = "process",
+        read_shared: Callable[[p.Payload], bytes | None] | None = None,
+    ) -> None:
         self.path = Path(path)
         self.written_bytes = 0
+        self._read_shared = read_shared
         self._lock = _lock_exclusively(self.path)
         # Read before SQLite recovers the log, which may overwrite what it drops.
         left_behind = _wal.survey(Path(f"{self.path}-wal"))
@@ -799,13 +812,14 @@ class SqliteJournal:
         )
 
     def _accepted_row(self, task: Task) -> tuple[object, ...]:
-        payload, ref = self._store(task.payload, "payload_ref", task.ticket)
+        payload, flags = self._kept_payload(task)
+        payload, ref = self._store(payload, "payload_ref", task.ticket)
         return (
             task.ticket,
             task.session,
             task.task_id,
             task.function,
-            task.flags,
+            flags,
             task.timeout_s,
             task.retries_left,
             task.recipient,
@@ -814,6 +828,19 @@ class SqliteJournal:
             task.deaths or None,  # a split item's first strike (Flags.SPLIT)
             task.losses or None,
         )
+
+    def _kept_payload(self, task: Task) -> tuple[p.Payload, int]:
+        """A task's payload and flags as the journal keeps them: the bytes of
+        a payload in shared memory, not the reference, which no broker after
+        this one could read."""
+        if not task.flags & _SHARED or self._read_shared is None:
+            return task.payload, task.flags
+        payload = self._read_shared(task.payload)
+        if payload is None:
+            # Its client freed it already: a restart would fail the task
+            # for its unreadable reference, as a worker does now.
+            return task.payload, task.flags
+        return payload, task.flags & ~_SHARED
 
     def _finished_row(
         self, task: Task, finished_wall: float, released: list[BlobRef]
@@ -1066,8 +1093,13 @@ def _still_at(path: Path, opened: os.stat_result) -> bool:
     return (found.st_dev, found.st_ino) == (opened.st_dev, opened.st_ino)
 
 
-def open_journal(path: str | Path | None, durability: str = "process") -> Journal:
-    """The journal a broker was configured with.
+def open_journal(
+    path: str | Path | None,
+    durability: str = "process",
+    read_shared: Callable[[p.Payload], bytes | None] | None = None,
+) -> Journal:
+    """The journal a broker was configured with (see SqliteJournal for
+    `read_shared`).
 
     Raises:
         UsageError: an unknown durability mode, or a journal file that cannot be
@@ -1082,7 +1114,7 @@ def open_journal(path: str | Path | None, durability: str = "process") -> Journa
         return MemoryJournal()
 
     try:
-        return SqliteJournal(path, durability)
+        return SqliteJournal(path, durability, read_shared)
     except (sqlite3.Error, OSError) as exc:
         hint = _cannot_open_hint(path) if _is_cantopen(exc) else ""
         raise UsageError(f"cannot open journal {str(path)!r}: {exc}{hint}") from exc

@@ -140,11 +140,20 @@ class Flags(enum.IntFlag):
 
 # What a shared payload's frame starts with: offset, length, generation.
 SHARED_REFERENCE = struct.Struct("<QQQ")
+_SHARED_FLAG = int(Flags.SHARED)
 
 
 def shared_arena(payload: Payload) -> bytes:
     """The arena (its path) a broker's shared-payload reference points into."""
     return bytes(payload[SHARED_REFERENCE.size :])
+
+
+def payload_bytes(spec: TaskSpec) -> int:
+    """The size of a task's payload: what a shared reference stands for (the
+    bytes a worker reads, and a journal writes), or its frame's."""
+    if spec.flags & _SHARED_FLAG and len(spec.payload) >= SHARED_REFERENCE.size:
+        return int(SHARED_REFERENCE.unpack_from(spec.payload)[1])
+    return len(spec.payload)
 
 
 # How a SPLITTABLE batch may fail whole and still be no failure: its map runs

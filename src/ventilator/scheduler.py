@@ -752,7 +752,7 @@ class Scheduler:
         if self.not_accepting is not None:
             return self.not_accepting
         limits = self.limits
-        size = len(spec.payload)
+        size = p.payload_bytes(spec)
         if size > self.disk_budget.tasks:
             return self.disk_budget.task_refusal(size)
         if size > limits.max_payload_bytes:
@@ -959,7 +959,7 @@ class Scheduler:
             )
         self._enqueue(task)
         self.submitted += 1
-        self.disk_budget.spend(len(spec.payload))
+        self.disk_budget.spend(p.payload_bytes(spec))
         self._effects.accepted.append(task)
 
     def _new_ticket(self) -> int:

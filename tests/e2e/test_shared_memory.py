@@ -23,6 +23,7 @@ from .conftest import (
     Launcher,
     Processes,
     read_json_line,
+    restartable_broker,
     status_when,
     wait_for_workers,
     wait_until,
@@ -96,13 +97,24 @@ def test_a_broker_told_not_to_share_memory_offers_no_arena(launch: Launcher) -> 
     assert not arenas_of(broker)
 
 
-def test_a_broker_with_a_durable_journal_offers_no_arena(
+def test_a_durable_broker_journals_shared_payloads_as_their_bytes(
     launch: Launcher, tmp_path: Path
 ) -> None:
-    broker = launch.broker(durability="process", journal=tmp_path / "journal.db")
+    options = restartable_broker(tmp_path)
+    broker = launch.broker(**options)
+    client = launch.client(broker)
+    sent = payloads(6)
+    futures = [client.submit(ECHO, payload) for payload in sent]
+    status_when(client, lambda s: s["queued"].get(ECHO) == 6, 10, "6 queued")
+    assert written_to(broker)
 
-    assert echoed_whole(launch, broker)
-    assert not arenas_of(broker)
+    os.kill(broker.pid, signal.SIGKILL)
+    broker.process.wait(10)
+    restarted = launch.broker(**options)  # with no arena of the first one's
+    launch.worker(restarted)
+
+    assert [f.result(RESULT_TIMEOUT_S) for f in futures] == sent
+    assert not arenas_of(broker)  # the restarted broker swept them
 
 
 def test_tasks_of_a_client_that_left_run_with_the_broker_s_copy_of_their_payloads(

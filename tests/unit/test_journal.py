@@ -1086,3 +1086,31 @@ def test_a_write_past_the_file_size_limit_names_the_limit(path: Path) -> None:
 
     assert "SQLITE_IOERR" in ran.stdout, ran.stdout + ran.stderr
     assert "ulimit -f" in ran.stdout and "100000 bytes" in ran.stdout
+
+
+def test_a_payload_in_shared_memory_is_journalled_as_its_bytes(path: Path) -> None:
+    # A restarted broker has no arenas: the reference would be unreadable.
+    reference = p.SHARED_REFERENCE.pack(0, 100_000, 1) + b"/dev/shm/an.arena"
+    payload = bytes(range(256)) * 400
+    journal = SqliteJournal(path, read_shared={reference: payload}.get)
+    shared = a_task(1, payload=reference, flags=p.Flags.SHARED | p.Flags.PICKLED)
+    journal.commit([shared], [], [])
+    journal.close()
+
+    [loaded] = reopened(path)
+
+    assert loaded.payload == payload
+    assert loaded.flags == p.Flags.PICKLED
+
+
+def test_a_shared_payload_that_cannot_be_read_is_journalled_as_it_came(
+    path: Path,
+) -> None:
+    reference = p.SHARED_REFERENCE.pack(0, 100_000, 1) + b"/dev/shm/an.arena"
+    journal = SqliteJournal(path, read_shared=lambda reference: None)
+    journal.commit([a_task(1, payload=reference, flags=p.Flags.SHARED)], [], [])
+    journal.close()
+
+    [loaded] = reopened(path)
+
+    assert (loaded.payload, loaded.flags) == (reference, p.Flags.SHARED)

@@ -23,8 +23,18 @@ from ventilator._shared import (
     SharedReader,
     probe_matches,
 )
+from ventilator.disk_budget import DiskBudget
+from ventilator.policy import Limits
 
-from .driver import CLIENT, FUNCTION, Driver, assignments, results, task
+from .driver import (
+    CLIENT,
+    FUNCTION,
+    Driver,
+    assignments,
+    error_report,
+    results,
+    task,
+)
 
 pytestmark = pytest.mark.skipif(
     not os.path.isdir(_shared.SHM_ROOT), reason="no shared memory on this machine"
@@ -379,13 +389,18 @@ def test_what_a_process_killed_outright_left_is_swept(tmp_path: Path) -> None:
 ARENA = b"/dev/shm/ventilator-1-0000000000000000/1.arena"
 
 
+def shared_task(task_id: int) -> p.TaskSpec:
+    """A task whose 100,000-byte payload lies in ARENA, as the shell passes
+    it on: the client's reference, then the arena's path."""
+    reference = p.SHARED_REFERENCE.pack(0, 100_000, 1) + ARENA
+    return task(task_id, reference, flags=int(p.Flags.SHARED))
+
+
 def with_shared_task() -> tuple[Driver, p.TaskSpec]:
-    """A scheduler holding one task whose payload lies in ARENA, as the
-    shell passes it on: the client's reference, then the arena's path."""
+    """A scheduler holding one shared task (see shared_task)."""
     driver = Driver(durable=False)
     driver.hello()
-    reference = p.SHARED_REFERENCE.pack(0, 100_000, 1) + ARENA
-    spec = task(1, reference, flags=int(p.Flags.SHARED))
+    spec = shared_task(1)
     driver.submit(spec)
     return driver, spec
 
@@ -491,3 +506,26 @@ def test_a_removed_arena_frees_its_memory_though_a_reader_keeps_it_mapped(
         reader.read(reference)
     os.close(held)
     reader.close()
+
+
+def test_a_shared_payload_is_held_to_the_limits_by_the_size_it_stands_for() -> None:
+    driver = Driver(Limits(max_payload_bytes=50_000), durable=False)
+    driver.hello()
+
+    effects = driver.submit(shared_task(1))
+
+    [refused] = results(effects)
+    assert (
+        "payload of 100000 bytes is over the limit" in error_report(refused)["message"]
+    )
+
+
+def test_a_shared_payload_spends_the_disk_budget_it_will_take_in_the_journal() -> None:
+    driver, _ = with_shared_task()
+    driver.scheduler.disk_budget = DiskBudget.after_look(free=150_000, reserve=0)
+
+    driver.submit(shared_task(2))  # 100,000 bytes of the 150,000
+    effects = driver.submit(shared_task(3))
+
+    [refused] = results(effects)
+    assert refused.task_id == 3 and refused.status is p.Status.REJECTED
