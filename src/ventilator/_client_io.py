@@ -890,7 +890,11 @@ class ClientIO:
         # Looked at once a message: results far outnumber cancels.
         unconfirmed = self._unconfirmed_cancels if self._unconfirmed_cancels else None
         collectable = self._collectable
+        arena_lost = 0
         for entry in results:
+            if entry.status is p.Status.REJECTED and self._arena_lost_for(entry):
+                arena_lost += 1
+                continue  # sent again once we have an arena, or in a frame
             key = (entry.origin, entry.task_id)
             if unconfirmed is not None:
                 unconfirmed.settled(entry.task_id)  # a task's end confirms a cancel
@@ -917,6 +921,37 @@ class ClientIO:
             self._acknowledge(key, len(entry.payload))
         if released:
             self._handover.release(released)
+        if arena_lost:
+            self._ask_for_arena(arena_lost)
+
+    def _arena_lost_for(self, entry: p.ResultEntry) -> bool:
+        """Whether `entry` refuses a task of ours only because its payload was
+        sent by reference to an arena the broker dropped: it took this client
+        for gone while it stood still (SIGSTOP, a suspended laptop), and it
+        carried on, on the same connection, with no word of it."""
+        pending = self._pending.get(entry.task_id)
+        if not self._shared.sent_references or entry.origin:
+            return False  # we sent no reference: the refusal is its end
+        if pending is None or pending.accepted:
+            return False
+        try:
+            report = unpack_value(entry.payload)
+        except Exception:  # a peer's word: settled as it is
+            return False
+        return isinstance(report, dict) and report.get("type") == p.SHARED_MEMORY_GONE
+
+    def _ask_for_arena(self, refused: int) -> None:
+        """Say HELLO again, for a new arena; the WELCOME sends again what the
+        broker has not accepted, the tasks refused for the old one among it."""
+        log.info(
+            "the broker dropped this client's shared memory, taking it for gone "
+            "session=%s; asking for new memory and sending %s again",
+            self.session,
+            counted(refused, "task"),
+        )
+        self._shared.lost()
+        if not self._hello_unanswered():
+            self._hello()
 
     def _acknowledge(self, key: tuple[str, int], size: int) -> None:
         self._acks.append(key)

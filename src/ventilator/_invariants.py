@@ -94,7 +94,7 @@ def _check_parked(scheduler: Scheduler) -> None:
     for session, parked in scheduler._waiting_room.parked.items():
         assert session in scheduler.recipients, f"{session} forgotten with tasks parked"
         assert not any((session, t) in scheduler._by_key for t in parked.specs)
-        first = len(parked.first().payload)
+        first = p.payload_bytes(parked.first())
         assert scheduler._window_refusal(session, first) is not None, (
             f"{session} waits with room in its window"
         )
@@ -185,7 +185,7 @@ def _check_byte_counts(scheduler: Scheduler) -> None:
     total = 0
     held: dict[str, int] = {}
     for task in scheduler.tasks.values():
-        size = len(task.payload) + len(task.result)
+        size = p.payload_size(task.payload, task.flags) + len(task.result)
         total += size
         held[task.session] = held.get(task.session, 0) + size
     assert scheduler._queued_bytes == total, (scheduler._queued_bytes, total)

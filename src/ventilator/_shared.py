@@ -33,8 +33,8 @@ cancel, a failure): a stale reference to a reused extent fails its stamp check
 instead of reading another task's bytes. When the connection goes (BYE,
 silence, replaced), the broker copies the payloads of that arena's unfinished
 tasks into its own memory (`materialize`), so they no longer depend on the
-file, and removes the file `ARENA_LINGER_S` later, once the attempts that were
-sent references into it have ended: a task process reads one as it starts the
+file, and removes the file once the attempts that were sent references into it
+have ended (at once if none was): a task process reads one as it starts the
 task, which may have waited in its pipe. The broker's folder goes when
 the broker stops; one left by a broker killed outright is removed by the next
 broker to start on the machine (`sweep_stale`).
@@ -86,9 +86,6 @@ SHARED_MIN_BYTES = p.ZERO_COPY_BYTES
 # An arena is as large as its client's byte window, within these bounds.
 MIN_ARENA_BYTES = 1024 * 1024
 MAX_ARENA_BYTES = 256 * 1024 * 1024
-# How long a dropped arena's file outlives its connection: a worker reads a
-# reference as soon as it receives it, so a few seconds cover one in flight.
-ARENA_LINGER_S = 10.0
 # Extents start on cache lines, so that two payloads never share one.
 _ALIGN = 64
 # An extent: the generation stamp, then the payload.
@@ -324,6 +321,7 @@ class ClientShare:
         self._arena_bytes = min(MAX_ARENA_BYTES, arena_bytes + MIN_ARENA_BYTES)
         self._probe = _ProbeHolder(enabled)
         self._writer: ArenaWriter | None = None
+        self._lost = False
 
     def ask(self) -> p.SharedAsk | None:
         """What a HELLO asks for; None where there is no shared memory, or
@@ -334,6 +332,7 @@ class ClientShare:
         """The broker's WELCOME named `arena` (None: it offers none). A new
         arena replaces the old, whose references died with its connection."""
         self._probe.remove()
+        self._lost = False
         if self._writer is not None and self._writer.path == arena:
             return  # the same connection, welcomed again
         self._close_writer()
@@ -367,6 +366,18 @@ class ClientShare:
             spec.retries,
             spec.sink,
         )
+
+    @property
+    def sent_references(self) -> bool:
+        """Whether payloads went to an arena on this connection: it has one,
+        or had one until the broker dropped it (see lost)."""
+        return self._writer is not None or self._lost
+
+    def lost(self) -> None:
+        """The broker dropped our arena (it took us for gone): payloads go in
+        frames until a WELCOME names a new one."""
+        self._close_writer()
+        self._lost = True
 
     def done(self, task_id: int) -> None:
         """Task `task_id` ended for the client: its extent is free."""
@@ -605,7 +616,8 @@ class Arenas:
         self._of_peer: dict[bytes, _Arena] = {}
         self._of_key: dict[bytes, _Arena] = {}
         self._local_workers: set[bytes] = set()
-        self._lingering: list[tuple[float, _Arena]] = []
+        # Dropped arenas whose readers have not all ended (see drop).
+        self._lingering: list[_Arena] = []
 
     # --- who shares -------------------------------------------------------
 
@@ -693,7 +705,7 @@ class Arenas:
         self,
         peer: bytes,
         submit: p.Submit,
-        reject: Callable[[bytes, int, str], None],
+        reject: Callable[[bytes, int, str, str], None],
     ) -> p.Submit | None:
         """`submit` with each shared payload's reference checked against the
         sender's arena and naming it; a task whose reference is bad is
@@ -706,11 +718,13 @@ class Arenas:
             if not spec.flags & _SHARED:
                 kept.append(spec)
                 continue
+            if arena is None:
+                reject(peer, spec.task_id, _NO_ARENA, p.SHARED_MEMORY_GONE)
+                continue
             problem = _reference_problem(arena, spec.payload)
             if problem is not None:
-                reject(peer, spec.task_id, problem)
+                reject(peer, spec.task_id, problem, "TaskRejected")
                 continue
-            assert arena is not None  # a problem otherwise
             payload = bytes(spec.payload) + arena.key
             kept.append(_with_payload(spec, payload))
         return p.Submit(kept) if kept else None
@@ -761,29 +775,32 @@ class Arenas:
         arena = self._of_peer.get(peer)
         return None if arena is None else arena.key
 
-    def drop(
-        self, peer: bytes, now: float, running: Sequence[tuple[int, int]] = ()
-    ) -> None:
-        """`peer` is gone: its arena's file goes ARENA_LINGER_S from now, once
-        the `running` attempts (ticket, attempt), which were sent references
-        into it, have ended: a worker reads one only as it starts the task,
-        which may wait behind others in its pipe."""
+    def drop(self, peer: bytes, running: Sequence[tuple[int, int]] = ()) -> None:
+        """`peer` is gone, and its tasks have copies of their payloads: its
+        arena goes now, or once the `running` attempts (ticket, attempt),
+        whose workers were sent references into it, have ended. A task
+        process reads one only as it starts the task, which may wait in its
+        pipe behind a long one."""
         self._asked.pop(peer, None)
         arena = self._of_peer.pop(peer, None)
-        if arena is not None:
+        if arena is None:
+            return
+        if running:
             arena.readers = list(running)
-            self._lingering.append((now + ARENA_LINGER_S, arena))
+            self._lingering.append(arena)
+        else:
+            self._remove(arena)
 
-    def tick(self, now: float, runs: Callable[[int, int], bool]) -> None:
-        """Remove the files of arenas dropped long enough ago whose readers
-        have all ended (`runs` says whether an attempt still runs)."""
+    def tick(self, runs: Callable[[int, int], bool]) -> None:
+        """Remove the dropped arenas whose readers have all ended (`runs`
+        says whether an attempt still runs)."""
         kept = []
-        for due, arena in self._lingering:
+        for arena in self._lingering:
             arena.readers = [reader for reader in arena.readers if runs(*reader)]
-            if due <= now and not arena.readers:
-                self._remove(arena)
+            if arena.readers:
+                kept.append(arena)
             else:
-                kept.append((due, arena))
+                self._remove(arena)
         self._lingering = kept
 
     def _remove(self, arena: _Arena) -> None:
@@ -811,14 +828,15 @@ class Arenas:
             self._folder = None
 
 
-def _reference_problem(arena: _Arena | None, reference: p.Payload) -> str | None:
+_NO_ARENA = (
+    "its payload was sent by reference to shared memory, but this connection "
+    "has no arena (it was not offered one, or went silent and lost it); our "
+    "clients say HELLO again and send it again"
+)
+
+
+def _reference_problem(arena: _Arena, reference: p.Payload) -> str | None:
     """Why a client's reference cannot stand for its task's payload."""
-    if arena is None:
-        return (
-            "its payload was sent by reference to shared memory, but this "
-            "connection has no arena (it was not offered one, or went silent "
-            "and lost it); send the payload in the frame"
-        )
     if len(reference) != REFERENCE.size:
         return (
             f"a shared payload reference must be {REFERENCE.size} bytes "

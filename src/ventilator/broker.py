@@ -497,7 +497,7 @@ class Broker:
                     self._log_held_back(now)
                     self._trim.maybe(now)
                     self._look_at_disk()
-                    self._shared.tick(now, self._scheduler.runs)
+                    self._shared.tick(self._scheduler.runs)
                     next_tick = now + interval_s
                 elif self._disk_room.due(self._journal.written_bytes):
                     self._look_at_disk()
@@ -1064,18 +1064,18 @@ class Broker:
         self._send_to_clients(after_commit, now)
         self._notice_log.log(effects.notices, now)
         for peer in effects.departed:
-            self._unshare(peer, now)
+            self._unshare(peer)
         if effects.accepted:
             self._notice_log.say_accepting_again(now)
 
-    def _unshare(self, peer: bytes, now: float) -> None:
+    def _unshare(self, peer: bytes) -> None:
         """A client connection is gone: its tasks get copies of the payloads
         they hold in its arena of shared memory, which then goes."""
         arena = self._shared.arena_of(peer)
         if arena is None:
             return
         running = self._scheduler.unshare(arena, self._shared.materialize)
-        self._shared.drop(peer, now, running)
+        self._shared.drop(peer, running)
         log.debug("arena dropped peer=%s running=%d", peer.hex(), len(running))
 
     def _log_held_back(self, now: float) -> None:

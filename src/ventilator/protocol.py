@@ -138,6 +138,10 @@ class Flags(enum.IntFlag):
     SHARED = 32
 
 
+# The type of the TaskRejected a task gets when its payload was sent by
+# reference on a connection that has no arena (any more): its client takes
+# it as the word to ask for a new one, and sends the task again.
+SHARED_MEMORY_GONE = "SharedMemoryGone"
 # What a shared payload's frame starts with: offset, length, generation.
 SHARED_REFERENCE = struct.Struct("<QQQ")
 _SHARED_FLAG = int(Flags.SHARED)
@@ -148,12 +152,17 @@ def shared_arena(payload: Payload) -> bytes:
     return bytes(payload[SHARED_REFERENCE.size :])
 
 
-def payload_bytes(spec: TaskSpec) -> int:
+def payload_size(payload: Payload, flags: int) -> int:
     """The size of a task's payload: what a shared reference stands for (the
     bytes a worker reads, and a journal writes), or its frame's."""
-    if spec.flags & _SHARED_FLAG and len(spec.payload) >= SHARED_REFERENCE.size:
-        return int(SHARED_REFERENCE.unpack_from(spec.payload)[1])
-    return len(spec.payload)
+    if flags & _SHARED_FLAG and len(payload) >= SHARED_REFERENCE.size:
+        return int(SHARED_REFERENCE.unpack_from(payload)[1])
+    return len(payload)
+
+
+def payload_bytes(spec: TaskSpec) -> int:
+    """`payload_size` of a submitted task."""
+    return payload_size(spec.payload, spec.flags)
 
 
 # How a SPLITTABLE batch may fail whole and still be no failure: its map runs

@@ -215,6 +215,13 @@ def _work_handed_out(item: tuple[str, FairQueue]) -> float:
     return item[1].handed_out_s
 
 
+def _payload_size(task: Task) -> int:
+    """What a task's payload counts against the byte limits: a shared one by
+    the bytes it stands for, which are in memory too (its client's arena),
+    and which the broker copies into its own when the client leaves."""
+    return p.payload_size(task.payload, task.flags)
+
+
 def _retried_here(task: Task) -> bool:
     """Whether the broker runs `task` again when it raises: while it has
     retries left, unless it is a map's batch, whose retries are its items'
@@ -653,7 +660,7 @@ class Scheduler:
         reason = p.submission_problem(spec.function, spec.flags)
         if reason is None:
             reason = self._task_refusal(spec, pickle_served)
-        size = len(spec.payload)
+        size = p.payload_bytes(spec)
         if reason is None and self._waits_for_room(session, size):
             reason = self._waiting_room.park(session, spec)
             if reason is None:
@@ -739,7 +746,7 @@ class Scheduler:
         """Why the broker will not accept `spec` from `session` now; None if
         it will. For tasks not submitted by a client (MDP, Titanic, retries),
         which wait for no room."""
-        size = len(spec.payload)
+        size = p.payload_bytes(spec)
         reason = self._task_refusal(spec, pickle_served)
         if reason is None:
             reason = self._window_refusal(session, size)
@@ -869,7 +876,7 @@ class Scheduler:
         accepted: dict[int, None] = {}
         while parked.specs:
             spec = parked.first()
-            size = len(spec.payload)
+            size = p.payload_bytes(spec)
             if self._window_refusal(session, size) is not None:
                 break  # no more room yet
             parked.remove(spec.task_id)
@@ -899,22 +906,32 @@ class Scheduler:
     def _pickle_served(self) -> bool:
         return any(PICKLE_QUEUE in w.services for w in self.workers.values())
 
-    def reject(self, peer: bytes, task_id: int, reason: str) -> None:
+    def reject(
+        self, peer: bytes, task_id: int, reason: str, kind: str = "TaskRejected"
+    ) -> None:
         """Refuse one submitted task for a reason the shell found (the sender's
-        rights): the client gets it as a TaskRejected result, with the other
-        refusals of its SUBMIT."""
+        rights, a shared payload it cannot read): the client gets it as a
+        TaskRejected result of type `kind`, with the other refusals of its
+        SUBMIT."""
         session = self._sessions.name_of(peer)
-        self._reject(peer, "?" if session is None else session, task_id, reason)
+        self._reject(peer, "?" if session is None else session, task_id, reason, kind)
 
     def answer(self, peer: bytes, reply: p.Command) -> None:
         """Send a client a reply the shell decided (an operator command its key
         may not give), in order with the scheduler's replies to its questions."""
         self._effects.to_clients.append((peer, reply))
 
-    def _reject(self, peer: bytes, session: str, task_id: int, reason: str) -> None:
+    def _reject(
+        self,
+        peer: bytes,
+        session: str,
+        task_id: int,
+        reason: str,
+        kind: str = "TaskRejected",
+    ) -> None:
         """Refuse one task: its client hears it with the other refusals of
         the same SUBMIT (see _send_refusals), as a TaskRejected result."""
-        error = TaskRejected("TaskRejected", reason)
+        error = TaskRejected(kind, reason)
         entry = p.ResultEntry(task_id, p.Status.REJECTED, pack_error(error))
         self._refusals.setdefault(peer, []).append(entry)
         self.rejected += 1
@@ -971,7 +988,7 @@ class Scheduler:
         self.tasks[task.ticket] = task
         self._by_key[task.key] = task.ticket
         self._hold(task.session, +1)
-        self._count_bytes(task, len(task.payload) + len(task.result))
+        self._count_bytes(task, _payload_size(task) + len(task.result))
         if task.result:  # restored from the journal
             self._room.count_kept(task.session, len(task.result))
         self._sessions.recipient(task.recipient)
@@ -1008,7 +1025,7 @@ class Scheduler:
         self._fences.pop(task.ticket, None)
         del self._by_key[task.key]
         self._hold(task.session, -1)
-        self._count_bytes(task, -len(task.payload) - len(task.result))
+        self._count_bytes(task, -_payload_size(task) - len(task.result))
         if task.expected:  # forgotten while it ran
             self._unexpect(task)
         self._finish_order.pop(task.ticket, None)
@@ -1884,7 +1901,7 @@ class Scheduler:
         # The arguments are not needed any more; only the result is kept.
         if task.flags & _SHARED:
             self._unshare_task(task)
-        self._count_bytes(task, -len(task.payload))
+        self._count_bytes(task, -_payload_size(task))
         task.payload = b""
         self._replace_result(task, result)
         self._effects.finished.append(task)
@@ -1912,7 +1929,7 @@ class Scheduler:
             if payload is None:
                 unread.add(ticket)
                 continue
-            self._count_bytes(task, len(payload) - len(task.payload))
+            self._count_bytes(task, len(payload) - _payload_size(task))
             task.payload = payload
             task.flags &= ~_SHARED
         if unread:

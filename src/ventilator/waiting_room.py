@@ -35,7 +35,7 @@ class Parked:
 
     def add(self, spec: p.TaskSpec) -> None:
         self.specs[spec.task_id] = spec
-        self.size += len(spec.payload)
+        self.size += p.payload_bytes(spec)
 
     def first(self) -> p.TaskSpec:
         return next(iter(self.specs.values()))
@@ -45,7 +45,7 @@ class Parked:
         spec = self.specs.pop(task_id, None)
         if spec is None:
             return False
-        self.size -= len(spec.payload)
+        self.size -= p.payload_bytes(spec)
         return True
 
 
@@ -74,7 +74,7 @@ class WaitingRoom:
         if parked is None:
             parked = self.parked[session] = Parked()
         over = len(parked.specs) >= self._window or (
-            parked.size + len(spec.payload) > self._max_bytes
+            parked.size + p.payload_bytes(spec) > self._max_bytes
         )
         if over and parked.specs:
             return (
@@ -128,5 +128,5 @@ class WaitingRoom:
         for session, parked in self.parked.items():
             assert parked.specs, f"{session} parks nothing"
             assert len(parked.specs) <= self._window, session
-            size = sum(len(spec.payload) for spec in parked.specs.values())
+            size = sum(p.payload_bytes(spec) for spec in parked.specs.values())
             assert parked.size == size, (session, parked.size, size)

@@ -9,6 +9,7 @@ import signal
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,10 +19,12 @@ from ventilator import protocol as p
 from ventilator.serialization import pack_value
 
 from .conftest import (
+    FAST_HEARTBEAT_S,
     TASKS,
     BrokerProcess,
     Launcher,
     Processes,
+    paused,
     read_json_line,
     restartable_broker,
     status_when,
@@ -160,7 +163,7 @@ def test_tasks_of_a_client_killed_outright_run_and_its_arena_goes(
     collected = {f.task_id: f.result(0) for f in resumed.collect(4, RESULT_TIMEOUT_S)}
 
     assert [collected[i] for i in ids] == [bytes([i]) * 100_000 for i in range(4)]
-    # Once the broker gave up on it, and a linger after.
+    # Once the broker gave up on it.
     wait_until(lambda: not set(arenas) & set(arenas_of(broker)), 30, "arena removed")
 
 
@@ -212,3 +215,42 @@ def test_map_batches_and_pickled_calls_with_large_payloads_arrive_whole(
 
     pickled = client.submit(lambda blob: blob[::-1], sent[0])
     assert pickled.result(RESULT_TIMEOUT_S) == sent[0][::-1]
+
+
+PAUSED_CLIENT = """
+import json, sys, ventilator
+client = ventilator.Client(sys.argv[1], session="paused", heartbeat_interval_s=0.1)
+def echoed(first):
+    sent = [bytes([i]) * 100_000 for i in first]
+    futures = [client.submit(sys.argv[2], payload) for payload in sent]
+    return [f.result(timeout=30) == payload for f, payload in zip(futures, sent)]
+print(json.dumps(echoed(range(4))), flush=True)
+sys.stdin.readline()  # paused and resumed meanwhile
+print(json.dumps(echoed(range(4, 8))), flush=True)
+client.close()
+"""
+
+
+def test_a_client_paused_past_its_silence_gets_new_shared_memory_and_goes_on(
+    launch: Launcher, processes: Processes
+) -> None:
+    # The broker takes it for gone and drops its arena; resumed, it carries
+    # on, on the same connection, and every large task was refused (tester 27).
+    broker = launch.broker(heartbeat_interval_s=FAST_HEARTBEAT_S)
+    launch.worker(broker)
+    argv = [sys.executable, "-c", PAUSED_CLIENT, broker.frontend, ECHO]
+    paused_client = processes.start("client", argv, stdin=-1, stdout=-1)
+    assert read_json_line(paused_client, 20) == [True] * 4
+    watcher = launch.client(broker, shared_memory=False)
+
+    with paused(paused_client.pid):
+        status_when(watcher, lambda s: not connected(s, "paused"), 10, "given up")
+    assert paused_client.stdin is not None
+    paused_client.stdin.write(b"go\n")
+    paused_client.stdin.flush()
+
+    assert read_json_line(paused_client, 30) == [True] * 4
+
+
+def connected(status: dict[str, Any], session: str) -> bool:
+    return any(c["name"] == session and c["connected"] for c in status["clients"])

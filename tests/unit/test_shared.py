@@ -14,7 +14,6 @@ import pytest
 from ventilator import _shared
 from ventilator import protocol as p
 from ventilator._shared import (
-    ARENA_LINGER_S,
     Arenas,
     ArenaWriter,
     ClientShare,
@@ -30,6 +29,7 @@ from .driver import (
     CLIENT,
     FUNCTION,
     Driver,
+    accepted,
     assignments,
     error_report,
     results,
@@ -248,8 +248,8 @@ def test_a_disabled_client_asks_for_nothing() -> None:
 refused: list[tuple[bytes, int, str]] = []
 
 
-def reject(peer: bytes, task_id: int, reason: str) -> None:
-    refused.append((peer, task_id, reason))
+def reject(peer: bytes, task_id: int, reason: str, kind: str) -> None:
+    refused.append((peer, task_id, f"{kind}: {reason}"))
 
 
 @pytest.mark.parametrize(
@@ -283,6 +283,7 @@ def test_a_reference_from_a_connection_without_an_arena_is_refused(
     reference = p.SHARED_REFERENCE.pack(0, 10, 1)
 
     assert arenas.resolve(CLIENT, p.Submit([shared_spec(1, reference)]), reject) is None
+    assert refused[0][2].startswith(f"{p.SHARED_MEMORY_GONE}: ")
     assert "no arena" in refused[0][2]
 
 
@@ -312,13 +313,13 @@ def test_a_worker_that_shares_gets_references_and_another_the_bytes(
     writer.close()
 
 
-def test_a_dropped_arena_s_file_goes_after_its_linger(arenas: Arenas) -> None:
+def test_a_dropped_arena_whose_tasks_are_not_running_goes_at_once(
+    arenas: Arenas,
+) -> None:
+    # Its queued tasks have copies: nothing reads it any more.
     path = welcomed(arenas)
 
-    arenas.drop(CLIENT, now=100.0)
-    arenas.tick(100.0 + ARENA_LINGER_S - 0.1, runs=lambda ticket, attempt: False)
-    assert os.path.exists(path)
-    arenas.tick(100.0 + ARENA_LINGER_S, runs=lambda ticket, attempt: False)
+    arenas.drop(CLIENT)
 
     assert not os.path.exists(path)
 
@@ -326,16 +327,16 @@ def test_a_dropped_arena_s_file_goes_after_its_linger(arenas: Arenas) -> None:
 def test_a_dropped_arena_stays_while_a_task_sent_a_reference_into_it_runs(
     arenas: Arenas,
 ) -> None:
-    # A worker reads the payload as it starts the task, which may wait in
-    # its pipe behind others for longer than the linger.
+    # A task process reads the payload as it starts the task, which may wait
+    # in its pipe behind a long one.
     path = welcomed(arenas)
     running = {(7, 1)}
 
-    arenas.drop(CLIENT, now=100.0, running=[(7, 1)])
-    arenas.tick(100.0 + 10 * ARENA_LINGER_S, runs=lambda *attempt: attempt in running)
+    arenas.drop(CLIENT, running=[(7, 1)])
+    arenas.tick(runs=lambda *attempt: attempt in running)
     assert os.path.exists(path)
     running.clear()  # it ended, or runs again as another attempt with a copy
-    arenas.tick(100.0 + 10 * ARENA_LINGER_S, runs=lambda *attempt: attempt in running)
+    arenas.tick(runs=lambda *attempt: attempt in running)
 
     assert not os.path.exists(path)
 
@@ -498,8 +499,7 @@ def test_a_removed_arena_frees_its_memory_though_a_reader_keeps_it_mapped(
     held = os.open(writer.path, os.O_RDONLY)  # to look at the file once unlinked
     writer.close()
 
-    arenas.drop(CLIENT, now=0.0)
-    arenas.tick(ARENA_LINGER_S, runs=lambda ticket, attempt: False)
+    arenas.drop(CLIENT)
 
     assert os.fstat(held).st_blocks == 0
     with pytest.raises(SharedPayloadGone):
@@ -529,3 +529,15 @@ def test_a_shared_payload_spends_the_disk_budget_it_will_take_in_the_journal() -
 
     [refused] = results(effects)
     assert refused.task_id == 3 and refused.status is p.Status.REJECTED
+
+
+def test_shared_payloads_count_against_a_client_s_bytes_by_their_size() -> None:
+    # A raw peer sent ten references to one 5 MiB extent past a 20 MB limit,
+    # and the broker copied out 50 MiB once it left (tester 27).
+    driver = Driver(Limits(client_max_bytes=250_000), durable=False)
+    driver.hello()
+
+    effects = driver.submit(shared_task(1), shared_task(2), shared_task(3))
+
+    assert accepted(effects) == [1, 2]
+    assert driver.scheduler._held_bytes["alice"] == 200_000
