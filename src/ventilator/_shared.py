@@ -60,6 +60,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from . import protocol as p
 from .serialization import Pieces
@@ -77,6 +78,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Where shared files live: a tmpfs on every Linux; no sharing without it.
 SHM_ROOT = "/dev/shm"
@@ -458,9 +461,22 @@ class SharedReader:
     def read(self, reference: p.Payload) -> bytes:
         """The payload `reference` (as the broker sends it) points to; raises
         SharedPayloadGone naming why it cannot be read."""
+        return self.decode(reference, bytes)
+
+    def decode(self, reference: p.Payload, decode: Callable[[memoryview], T]) -> T:
+        """`decode` of a view of the payload `reference` points to, checked
+        against the stamp before and after (see read_payload)."""
         offset, length, generation, path = _parse(reference)
         arena = self._mapping(path)
-        return _read_extent(arena, offset, length, generation, path)
+        _check_stamp(arena, offset, length, generation, path)
+        start = offset + _STAMP.size
+        try:
+            with memoryview(arena) as whole, whole[start : start + length] as view:
+                return decode(view)
+        finally:
+            # Raised here, this replaces whatever decode made of bytes that
+            # changed under it.
+            _check_stamp(arena, offset, length, generation, path)
 
     def _mapping(self, path: str) -> mmap.mmap:
         arena = self._maps.get(path)
@@ -506,14 +522,18 @@ _reader = SharedReader()
 _reader_lock = threading.Lock()  # a thread pool's threads share it
 
 
-def read_payload(reference: p.Payload) -> bytes:
-    """The payload a task's reference points to; raises SharedPayloadGone.
+def read_payload(reference: p.Payload, decode: Callable[[memoryview], T]) -> T:
+    """What `decode` makes of the payload a task's reference points to, given
+    a view of it in shared memory: decoding copies what it keeps, so the
+    payload is copied once. Raises SharedPayloadGone when the payload cannot
+    be read, or was freed while it was decoded (whatever `decode` made of
+    it is dropped then).
 
     A task process that cannot read it reports its task CRASHED, as if it
     had died: the broker runs it again, with its own copy if the client
     left, and counts the strike."""
     with _reader_lock:
-        return _reader.read(reference)
+        return _reader.decode(reference, decode)
 
 
 def _parse(reference: p.Payload) -> tuple[int, int, int, str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 import traceback
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any, TypeVar
 
 from . import mdp
@@ -57,25 +58,42 @@ def run_task(
     payload: Any,
 ) -> tuple[p.Status, bytes]:
     """Run one task and return how it ended, with its result or error report."""
-    if flags & _SHARED:
-        try:
-            payload = read_payload(payload)
-        except SharedPayloadGone as exc:
-            # Reported as a death: see read_payload.
-            return p.Status.CRASHED, pack_error(TaskError(PAYLOAD_GONE, str(exc)))
-    if flags & _BATCH:
-        return _run_batch(functions, allow_pickle, function, flags, payload)
-
+    # A payload in shared memory is decoded in place: the arguments are
+    # copied once, out of it (see _shared.read_payload).
+    decode = partial(_decoded, functions, allow_pickle, function, flags & ~_SHARED)
     try:
-        target, args, kwargs = _prepare(
-            functions, allow_pickle, function, flags, payload
-        )
+        run = read_payload(payload, decode) if flags & _SHARED else decode(payload)
+    except SharedPayloadGone as exc:
+        # Reported as a death: see read_payload.
+        return p.Status.CRASHED, pack_error(TaskError(PAYLOAD_GONE, str(exc)))
     except TaskError as error:
         return _status_of(error), pack_error(error)
+    return run()
 
+
+def _decoded(
+    functions: Mapping[str, Callable[..., Any]],
+    allow_pickle: bool,
+    function: str,
+    flags: int,
+    payload: Any,
+) -> Callable[[], tuple[p.Status, bytes]]:
+    """The task, decoded, ready to run; raises TaskError when it cannot be."""
+    if flags & _BATCH:
+        target, items, budget_s = _prepare_batch(
+            functions, allow_pickle, function, flags, payload
+        )
+        return partial(_run_batch, target, items, budget_s)
+    target, args, kwargs = _prepare(functions, allow_pickle, function, flags, payload)
+    return partial(_run_call, target, args, kwargs, bool(flags & _RAW))
+
+
+def _run_call(
+    target: Callable[..., Any], args: Any, kwargs: Any, raw: bool
+) -> tuple[p.Status, bytes]:
     try:
         value = target(*args, **kwargs)
-        if flags & _RAW:
+        if raw:
             return p.Status.OK, _mdp_reply(value)
     # Whatever the task raises, SystemExit included, is its result, not our crash.
     except BaseException as exc:
@@ -87,11 +105,7 @@ def run_task(
 
 
 def _run_batch(
-    functions: Mapping[str, Callable[..., Any]],
-    allow_pickle: bool,
-    function: str,
-    flags: int,
-    payload: Any,
+    target: Callable[..., Any], items: list[Any], budget_s: float | None
 ) -> tuple[p.Status, bytes]:
     """Call the function on each item of a batch; each item has its own outcome.
 
@@ -99,13 +113,6 @@ def _run_batch(
     in its place, and the other items keep their results. A batch with a time
     budget stops once it has run that long, with the outcomes it has.
     """
-    try:
-        target, items, budget_s = _prepare_batch(
-            functions, allow_pickle, function, flags, payload
-        )
-    except TaskError as error:
-        return _status_of(error), pack_error(error)
-
     started = time.perf_counter()
     outcomes = _call_each(target, items, started, budget_s)
     elapsed_s = time.perf_counter() - started

@@ -541,3 +541,20 @@ def test_shared_payloads_count_against_a_client_s_bytes_by_their_size() -> None:
 
     assert accepted(effects) == [1, 2]
     assert driver.scheduler._held_bytes["alice"] == 200_000
+
+
+def test_a_payload_freed_while_it_is_decoded_is_gone_not_decoded(
+    arenas: Arenas,
+) -> None:
+    writer = ArenaWriter(welcomed(arenas))
+    reference = written(arenas, writer, 1, b"z" * 70_000)
+    reader = SharedReader()
+
+    def decode_while_freed(view: memoryview) -> bytes:
+        writer.free(1)  # its client reused it meanwhile
+        return bytes(view)
+
+    with pytest.raises(SharedPayloadGone, match="its client freed it"):
+        reader.decode(reference, decode_while_freed)
+    reader.close()  # no view of the arena is left out
+    writer.close()
