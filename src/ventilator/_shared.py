@@ -910,10 +910,18 @@ def sweep_stale() -> int:
 
 
 def _alive(pid: int) -> bool:
+    """Whether process `pid` runs: not gone, and not a zombie (a broker killed
+    outright stays one until its parent reaps it, seconds when that is init,
+    and a broker restarted meanwhile took its folder for a live one's)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True  # another user's process
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat_file:
+            state = stat_file.read().rpartition(b")")[2].split()[0]
+    except (OSError, IndexError):
+        return True  # no /proc to ask: kill(0) has the last word
+    return state != b"Z"

@@ -344,8 +344,8 @@ class Broker:
         )
 
     def _sweep_shared_memory(self) -> None:
-        if not self._shared.enabled:
-            return
+        # Also when this broker shares none: another broker's leftovers are
+        # memory of this machine's, which nobody else gives back.
         removed = _shared.sweep_stale()
         if removed:
             log.info(

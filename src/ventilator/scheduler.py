@@ -934,6 +934,8 @@ class Scheduler:
         error = TaskRejected(kind, reason)
         entry = p.ResultEntry(task_id, p.Status.REJECTED, pack_error(error))
         self._refusals.setdefault(peer, []).append(entry)
+        if kind == p.SHARED_MEMORY_GONE:
+            return  # our client sends it again, unseen: no refusal to count
         self.rejected += 1
         self._effects.notices.append(Rejected(session, task_id, reason))
 
@@ -1934,6 +1936,7 @@ class Scheduler:
             task.flags &= ~_SHARED
         if unread:
             self._shared[arena] = unread
+        self._waiting_room.copy_shared(arena, read)
         return running
 
     def runs(self, ticket: int, attempt: int) -> bool:

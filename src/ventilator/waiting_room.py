@@ -18,11 +18,14 @@ looked.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import protocol as p
 
 __all__ = ["Parked", "WaitingRoom"]
+
+_SHARED = int(p.Flags.SHARED)
 
 
 @dataclass(slots=True)
@@ -112,6 +115,21 @@ class WaitingRoom:
         if not self.parked[session].specs:
             del self.parked[session]
 
+    def copy_shared(
+        self, arena: bytes, read: Callable[[p.Payload], p.Payload | None]
+    ) -> None:
+        """Give the waiting tasks whose payload lies in `arena` a copy of it,
+        read by `read` (see Scheduler.unshare): they may be accepted after
+        the arena is gone. One whose payload cannot be read keeps its
+        reference. Only a peer that sends past its window has any: our client
+        sends only sink tasks past it, and those never by reference."""
+        for parked in self.parked.values():
+            for task_id, spec in parked.specs.items():
+                if spec.flags & _SHARED and p.shared_arena(spec.payload) == arena:
+                    payload = read(spec.payload)
+                    if payload is not None:
+                        parked.specs[task_id] = _copied(spec, payload)
+
     def drop(self, session: str) -> int:
         """Forget what `session` sent past its window (its client left, lost
         its key, or an operator purged it); return how many tasks."""
@@ -130,3 +148,16 @@ class WaitingRoom:
             assert len(parked.specs) <= self._window, session
             size = sum(p.payload_bytes(spec) for spec in parked.specs.values())
             assert parked.size == size, (session, parked.size, size)
+
+
+def _copied(spec: p.TaskSpec, payload: p.Payload) -> p.TaskSpec:
+    """`spec` with the bytes its shared reference stood for (as many)."""
+    return p.TaskSpec(
+        spec.task_id,
+        spec.function,
+        payload,
+        spec.flags & ~_SHARED,
+        spec.timeout_s,
+        spec.retries,
+        spec.sink,
+    )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -558,3 +559,59 @@ def test_a_payload_freed_while_it_is_decoded_is_gone_not_decoded(
         reader.decode(reference, decode_while_freed)
     reader.close()  # no view of the arena is left out
     writer.close()
+
+
+def test_a_zombie_s_leftovers_are_swept_as_a_dead_process_s() -> None:
+    # A broker killed outright stays a zombie until reaped: one restarted
+    # meanwhile took its folder for a live broker's (tester 28).
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    folder = Path(_shared.SHM_ROOT) / f"ventilator-{zombie.pid}-{'a' * 16}"
+    folder.mkdir()
+    try:
+        wait_until_zombie(zombie.pid)
+
+        assert not _shared._alive(zombie.pid)
+        assert _shared.sweep_stale() >= 1
+        assert not folder.exists()
+    finally:
+        zombie.wait()
+        if folder.exists():
+            folder.rmdir()
+
+
+def wait_until_zombie(pid: int) -> None:
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}/stat").read_bytes().rpartition(b")")[2].split()[0] != b"Z":
+        assert time.monotonic() < deadline, "the child never exited"
+        time.sleep(0.01)
+
+
+def test_tasks_waiting_for_room_get_copies_of_a_departed_client_s_payloads() -> None:
+    # A raw peer past its window, then silent: its waiting tasks were
+    # accepted later with references into a removed arena (tester 28).
+    driver = Driver(Limits(client_max_bytes=150_000), durable=False)
+    driver.hello()
+    effects = driver.submit(shared_task(1), shared_task(2))
+    assert accepted(effects) == [1]  # 2 waits for room
+
+    driver.scheduler.unshare(ARENA, lambda reference: b"w" * 100_000)
+    driver.flush()
+    [first] = assignments(driver.ready(WORKER), WORKER)
+    [second] = assignments(driver.done(WORKER, first), WORKER)  # room for it now
+
+    assert second.payload == b"w" * 100_000
+    assert not second.flags & p.Flags.SHARED
+
+
+def test_a_reference_refused_for_a_dropped_arena_is_no_refusal_to_count() -> None:
+    # Our client sends the task again, unseen by its caller.
+    driver = Driver(durable=False)
+    driver.hello()
+
+    driver.scheduler.reject(CLIENT, 1, "no arena", p.SHARED_MEMORY_GONE)
+    effects = driver.flush()
+
+    [refused] = results(effects)
+    assert error_report(refused)["type"] == p.SHARED_MEMORY_GONE
+    assert driver.scheduler.rejected == 0
+    assert not effects.notices
