@@ -529,9 +529,9 @@ def read_payload(reference: p.Payload, decode: Callable[[memoryview], T]) -> T:
     be read, or was freed while it was decoded (whatever `decode` made of
     it is dropped then).
 
-    A task process that cannot read it reports its task CRASHED, as if it
-    had died: the broker runs it again, with its own copy if the client
-    left, and counts the strike."""
+    A task process that cannot read it reports its task CRASHED, with the
+    type `p.PAYLOAD_GONE`: the broker runs it again, unblamed if it has a
+    copy since (its client left), else as a strike (Scheduler._crashed)."""
     with _reader_lock:
         return _reader.decode(reference, decode)
 

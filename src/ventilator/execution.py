@@ -44,8 +44,6 @@ _BATCH = int(p.Flags.BATCH)
 _PICKLED = int(p.Flags.PICKLED)
 _RAW = int(p.Flags.RAW)
 _SHARED = int(p.Flags.SHARED)
-# The error type of a task whose payload in shared memory cannot be read.
-PAYLOAD_GONE = "SharedPayloadGone"
 # How an unencodable result is named in its error.
 RETURN_VALUE = "the task's return value"
 
@@ -65,7 +63,7 @@ def run_task(
         run = read_payload(payload, decode) if flags & _SHARED else decode(payload)
     except SharedPayloadGone as exc:
         # Reported as a death: see read_payload.
-        return p.Status.CRASHED, pack_error(TaskError(PAYLOAD_GONE, str(exc)))
+        return p.Status.CRASHED, pack_error(TaskError(p.PAYLOAD_GONE, str(exc)))
     except TaskError as error:
         return _status_of(error), pack_error(error)
     return run()

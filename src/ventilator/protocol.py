@@ -62,6 +62,9 @@ MAX_TIMEOUT_S = 365 * 24 * 3600
 # The error type a CRASHED outcome's report names: its message says how the
 # task process ended ("exit code 9", "killed by SIGKILL").
 PROCESS_DIED = "ProcessDied"
+# The error type of a CRASHED outcome whose task's payload in shared memory
+# could not be read (see _shared.read_payload): its message says why.
+PAYLOAD_GONE = "SharedPayloadGone"
 # Frames at least this large travel without copies (pyzmq's own threshold).
 ZERO_COPY_BYTES = 65536
 

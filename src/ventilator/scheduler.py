@@ -1437,7 +1437,7 @@ class Scheduler:
         if unkept is not None:
             self._finish(task, p.Status.REJECTED, pack_error(unkept), now)
         elif outcome.status is p.Status.CRASHED:
-            self._died_running(task, _how_it_died(outcome.payload), now)
+            self._crashed(task, outcome.payload, now)
         elif outcome.status is p.Status.RAISED and _retried_here(task):
             self._retry_later(task, now)
         else:
@@ -1465,6 +1465,21 @@ class Scheduler:
         task.state = State.WAITING
         delay = self._backoff.delay_s(task.attempt, self._rng.random())
         self._retries.wait(task, now + delay)
+
+    def _crashed(self, task: Task, report: p.Payload, now: float) -> None:
+        """A task ended CRASHED: its process died, or it could not read its
+        payload in shared memory (see _shared.read_payload)."""
+        fields = error_fields(report) if report else {}
+        if fields.get("type") != p.PAYLOAD_GONE:
+            self._died_running(task, _how_it_died(report), now)
+        elif not task.flags & _SHARED:
+            # Its client left, and the broker has given it a copy since the
+            # reference was sent: no fault of the task's, so no strike.
+            self._enqueue(task, front=True)
+        else:
+            task.deaths += 1
+            message = fields.get("message", "")[:MAX_DEATH_LENGTH]
+            self._strike(task, f"its payload could not be read ({message})", now)
 
     def _died_running(self, task: Task, how: str, now: float) -> None:
         """Requeue a task whose task process died under it (its worker said

@@ -24,7 +24,9 @@ from ventilator._shared import (
     probe_matches,
 )
 from ventilator.disk_budget import DiskBudget
+from ventilator.errors import TaskError
 from ventilator.policy import Limits
+from ventilator.serialization import pack_error
 
 from .driver import (
     CLIENT,
@@ -615,3 +617,37 @@ def test_a_reference_refused_for_a_dropped_arena_is_no_refusal_to_count() -> Non
     assert error_report(refused)["type"] == p.SHARED_MEMORY_GONE
     assert driver.scheduler.rejected == 0
     assert not effects.notices
+
+
+def gone(assignment: p.Assignment) -> p.Outcome:
+    """The outcome of a task process that could not read its payload."""
+    report = pack_error(TaskError(p.PAYLOAD_GONE, "arena x is gone"))
+    return p.Outcome(assignment.ticket, assignment.attempt, p.Status.CRASHED, report)
+
+
+def test_a_task_whose_arena_went_under_it_runs_again_with_the_copy_unblamed() -> None:
+    driver, _ = with_shared_task()
+    [sent] = assignments(driver.ready(WORKER), WORKER)
+    driver.scheduler.unshare(ARENA, lambda reference: b"the copy")  # client left
+
+    effects = driver.worker(WORKER, p.Done([gone(sent)]))
+
+    [again] = assignments(effects, WORKER)
+    assert again.payload == b"the copy" and again.attempt == sent.attempt + 1
+    assert driver.scheduler.tasks[again.ticket].deaths == 0
+
+
+def test_a_payload_that_stays_unreadable_ends_as_poison_saying_so() -> None:
+    driver, _ = with_shared_task()
+    effects = driver.ready(WORKER)
+
+    for _ in range(3):  # max_attempts
+        [sent] = assignments(effects, WORKER)
+        effects = driver.worker(WORKER, p.Done([gone(sent)]))
+
+    [poisoned] = results(effects)
+    assert poisoned.status is p.Status.POISON
+    assert (
+        "its payload could not be read (arena x is gone)"
+        in (error_report(poisoned)["message"])
+    )
