@@ -44,7 +44,7 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from . import _shared, _wire, mdp, security
+from . import _arenas, _wire, mdp, security
 from . import protocol as p
 from . import scheduler as s
 from ._full_queues import FullQueues
@@ -186,7 +186,7 @@ class Broker:
             if config.durable and not os.path.exists(config.journal or "")
             else None
         )
-        self._shared = _shared.Arenas(
+        self._shared = _arenas.Arenas(
             enabled=config.shared_memory,
             max_arena_bytes=config.limits.client_max_bytes,
         )
@@ -346,7 +346,7 @@ class Broker:
     def _sweep_shared_memory(self) -> None:
         # Also when this broker shares none: another broker's leftovers are
         # memory of this machine's, which nobody else gives back.
-        removed = _shared.sweep_stale()
+        removed = _arenas.sweep_stale()
         if removed:
             log.info(
                 "removed %s of shared memory left by processes killed outright",

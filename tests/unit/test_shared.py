@@ -12,16 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from ventilator import _shared
+from ventilator import _arenas, _shared
 from ventilator import protocol as p
+from ventilator._arenas import Arenas, probe_matches
 from ventilator._shared import (
-    Arenas,
     ArenaWriter,
     ClientShare,
     Probe,
     SharedPayloadGone,
     SharedReader,
-    probe_matches,
 )
 from ventilator.disk_budget import DiskBudget
 from ventilator.errors import TaskError
@@ -380,7 +379,7 @@ def test_what_a_process_killed_outright_left_is_swept(tmp_path: Path) -> None:
     ours = Probe.create()
     assert ours is not None
 
-    assert _shared.sweep_stale() >= 2
+    assert _arenas.sweep_stale() >= 2
 
     assert not folder.exists() and not probe.exists()
     assert os.path.exists(ours.path)  # a live process's is kept
@@ -572,8 +571,8 @@ def test_a_zombie_s_leftovers_are_swept_as_a_dead_process_s() -> None:
     try:
         wait_until_zombie(zombie.pid)
 
-        assert not _shared._alive(zombie.pid)
-        assert _shared.sweep_stale() >= 1
+        assert not _arenas._alive(zombie.pid)
+        assert _arenas.sweep_stale() >= 1
         assert not folder.exists()
     finally:
         zombie.wait()
