@@ -84,7 +84,7 @@ class Arenas:
     ) -> None:
         self.enabled = enabled and os.path.isdir(sh.SHM_ROOT)
         # The connections of the registered workers (the scheduler's).
-        self.worker_peers = worker_peers
+        self._worker_peers = worker_peers
         self._max_arena_bytes = min(sh.MAX_ARENA_BYTES, max_arena_bytes)
         self._folder: str | None = None
         self._made = 0
@@ -125,8 +125,8 @@ class Arenas:
             self._local_workers.discard(peer)
         # Connections of workers gone are forgotten once they outnumber the
         # live ones, not looked for at each departure.
-        if len(self._local_workers) > 2 * len(self.worker_peers()) + 16:
-            self._local_workers &= self.worker_peers()
+        if len(self._local_workers) > 2 * len(self._worker_peers()) + 16:
+            self._local_workers &= self._worker_peers()
         return matched
 
     def welcome(self, peer: bytes, welcome: p.Welcome) -> p.Welcome:
@@ -240,7 +240,9 @@ class Arenas:
             arena = self._of_key.get(path.encode())
             if arena is None:
                 raise sh.SharedPayloadGone(f"arena {path} is not one of ours")
-            return sh.read_extent(arena.mapping, offset, length, generation, path)
+            return sh.decode_extent(
+                arena.mapping, offset, length, generation, path, bytes
+            )
         except sh.SharedPayloadGone as exc:
             log.warning("a shared payload cannot be read: %s", exc)
             return None

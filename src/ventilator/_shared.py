@@ -427,25 +427,13 @@ class SharedReader:
     def __init__(self) -> None:
         self._maps: OrderedDict[str, mmap.mmap] = OrderedDict()
 
-    def read(self, reference: p.Payload) -> bytes:
-        """The payload `reference` (as the broker sends it) points to; raises
-        SharedPayloadGone naming why it cannot be read."""
-        return self.decode(reference, bytes)
-
     def decode(self, reference: p.Payload, decode: Callable[[memoryview], T]) -> T:
-        """`decode` of a view of the payload `reference` points to, checked
-        against the stamp before and after (see read_payload)."""
+        """`decode` of a view of the payload `reference` (as the broker sends
+        it) points to; raises SharedPayloadGone naming why it cannot be read
+        (see decode_extent)."""
         offset, length, generation, path = parse_reference(reference)
         arena = self._mapping(path)
-        check_stamp(arena, offset, length, generation, path)
-        start = offset + _STAMP.size
-        try:
-            with memoryview(arena) as whole, whole[start : start + length] as view:
-                return decode(view)
-        finally:
-            # Raised here, this replaces whatever decode made of bytes that
-            # changed under it.
-            check_stamp(arena, offset, length, generation, path)
+        return decode_extent(arena, offset, length, generation, path, decode)
 
     def _mapping(self, path: str) -> mmap.mmap:
         arena = self._maps.get(path)
@@ -537,17 +525,28 @@ def _map_for_reading(path: str) -> mmap.mmap:
         os.close(fd)
 
 
-def read_extent(
-    arena: mmap.mmap, offset: int, length: int, generation: int, where: str
-) -> bytes:
-    """The `length` bytes behind the stamp at `offset`, if the stamp still
-    says `generation` before and after the copy: otherwise the extent was
-    freed, and perhaps reused, since the reference was made."""
+def decode_extent(
+    arena: mmap.mmap,
+    offset: int,
+    length: int,
+    generation: int,
+    where: str,
+    decode: Callable[[memoryview], T],
+) -> T:
+    """`decode` of a view of the `length` bytes behind the stamp at `offset`,
+    if the stamp says `generation` before and after: otherwise the extent was
+    freed, and perhaps reused, since the reference was made, and whatever
+    `decode` made of it is dropped. `decode` must copy what it keeps: the
+    view is released as it returns."""
     check_stamp(arena, offset, length, generation, where)
     start = offset + _STAMP.size
-    data = arena[start : start + length]
-    check_stamp(arena, offset, length, generation, where)
-    return data
+    try:
+        with memoryview(arena) as whole, whole[start : start + length] as view:
+            return decode(view)
+    finally:
+        # Raised here, this replaces whatever decode made of bytes that
+        # changed under it.
+        check_stamp(arena, offset, length, generation, where)
 
 
 def check_stamp(

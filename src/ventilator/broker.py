@@ -186,16 +186,17 @@ class Broker:
             if config.durable and not os.path.exists(config.journal or "")
             else None
         )
+        # Made before the scheduler: the journal reads shared payloads.
         self._shared = _arenas.Arenas(
             enabled=config.shared_memory,
             max_arena_bytes=config.limits.client_max_bytes,
+            worker_peers=lambda: self._scheduler.worker_peers(),
         )
         self._journal: Journal = open_journal(
             config.journal, config.durability, self._shared.materialize
         )
         durable = not isinstance(self._journal, MemoryJournal)
         self._scheduler = s.Scheduler(config.limits, durable=durable)
-        self._shared.worker_peers = self._scheduler.worker_peers
         # No session could ever be given room for more tasks than its window
         # in one message: a larger SUBMIT is refused whole, undecoded.
         self._max_submit_tasks = min(p.MAX_SUBMIT_TASKS, config.limits.client_window)

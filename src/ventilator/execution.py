@@ -56,11 +56,15 @@ def run_task(
     payload: Any,
 ) -> tuple[p.Status, bytes]:
     """Run one task and return how it ended, with its result or error report."""
-    # A payload in shared memory is decoded in place: the arguments are
-    # copied once, out of it (see _shared.read_payload).
-    decode = partial(_decoded, functions, allow_pickle, function, flags & ~_SHARED)
     try:
-        run = read_payload(payload, decode) if flags & _SHARED else decode(payload)
+        if not flags & _SHARED:
+            run = _decoded(functions, allow_pickle, function, flags, payload)
+        else:
+            # Decoded in place, in shared memory: the arguments are copied
+            # once, out of it (see _shared.read_payload).
+            plain = flags & ~_SHARED
+            decode = partial(_decoded, functions, allow_pickle, function, plain)
+            run = read_payload(payload, decode)
     except SharedPayloadGone as exc:
         # Reported as a death: see read_payload.
         return p.Status.CRASHED, pack_error(TaskError(p.PAYLOAD_GONE, str(exc)))

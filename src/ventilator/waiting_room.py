@@ -19,7 +19,7 @@ looked.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from . import protocol as p
 
@@ -128,7 +128,10 @@ class WaitingRoom:
                 if spec.flags & _SHARED and p.shared_arena(spec.payload) == arena:
                     payload = read(spec.payload)
                     if payload is not None:
-                        parked.specs[task_id] = _copied(spec, payload)
+                        flags = spec.flags & ~_SHARED
+                        parked.specs[task_id] = replace(
+                            spec, payload=payload, flags=flags
+                        )
 
     def drop(self, session: str) -> int:
         """Forget what `session` sent past its window (its client left, lost
@@ -148,16 +151,3 @@ class WaitingRoom:
             assert len(parked.specs) <= self._window, session
             size = sum(p.payload_bytes(spec) for spec in parked.specs.values())
             assert parked.size == size, (session, parked.size, size)
-
-
-def _copied(spec: p.TaskSpec, payload: p.Payload) -> p.TaskSpec:
-    """`spec` with the bytes its shared reference stood for (as many)."""
-    return p.TaskSpec(
-        spec.task_id,
-        spec.function,
-        payload,
-        spec.flags & ~_SHARED,
-        spec.timeout_s,
-        spec.retries,
-        spec.sink,
-    )

@@ -173,7 +173,7 @@ def test_a_payload_written_by_a_client_reads_whole_where_the_broker_names_it(
 
     reference = written(arenas, writer, 7, payload)
 
-    assert SharedReader().read(reference) == payload
+    assert SharedReader().decode(reference, bytes) == payload
     assert arenas.materialize(reference) == payload
     writer.close()
 
@@ -188,7 +188,7 @@ def test_a_reference_to_a_freed_extent_is_stale_even_once_the_extent_is_reused(
     assert writer.put(2, b"b" * 70_000) is not None  # the same extent, reused
 
     with pytest.raises(SharedPayloadGone, match="its client freed it"):
-        SharedReader().read(reference)
+        SharedReader().decode(reference, bytes)
     assert arenas.materialize(reference) is None
     writer.close()
 
@@ -497,7 +497,7 @@ def test_a_removed_arena_frees_its_memory_though_a_reader_keeps_it_mapped(
     writer = ArenaWriter(welcomed(arenas))
     reference = written(arenas, writer, 1, os.urandom(500_000))
     reader = SharedReader()
-    reader.read(reference)  # a task process now keeps the arena mapped
+    reader.decode(reference, bytes)  # a task process now keeps the arena mapped
     held = os.open(writer.path, os.O_RDONLY)  # to look at the file once unlinked
     writer.close()
 
@@ -505,7 +505,7 @@ def test_a_removed_arena_frees_its_memory_though_a_reader_keeps_it_mapped(
 
     assert os.fstat(held).st_blocks == 0
     with pytest.raises(SharedPayloadGone):
-        reader.read(reference)
+        reader.decode(reference, bytes)
     os.close(held)
     reader.close()
 
