@@ -91,6 +91,10 @@ MAX_ARENA_BYTES = 256 * 1024 * 1024
 _ALIGN = 64
 # An extent: the generation stamp, then the payload.
 _STAMP = struct.Struct("<Q")
+# madvise(2)'s advice to fault a range's pages in, writable, in one call
+# (Linux 5.14); Python's mmap module does not name it. Arenas live in
+# /dev/shm, so only on Linux.
+_MADV_POPULATE_WRITE = 23
 # What a client sends for a shared payload: offset, length, generation. The
 # broker appends the arena's path for the workers.
 REFERENCE = p.SHARED_REFERENCE
@@ -246,9 +250,20 @@ class ArenaWriter:
                     self.path,
                 )
             return False
+        self._populate(self._reserved, end)
         self._reserved = end
         self._full_said = False
         return True
+
+    def _populate(self, start: int, end: int) -> None:
+        """Map the newly reserved pages into this process at once: written
+        one by one, each page costs a fault, which made the first pass over
+        a fresh arena about five times slower than the next (measured, 100
+        KiB writes). Not every kernel can (Linux 5.14 and later): then the
+        writes fault the pages in as before."""
+        first_page = start - start % mmap.PAGESIZE
+        with contextlib.suppress(OSError):
+            self._map.madvise(_MADV_POPULATE_WRITE, first_page, end - first_page)
 
     def _write(self, start: int, payload: p.Payload) -> None:
         parts = payload.parts if isinstance(payload, Pieces) else (payload,)
