@@ -8,7 +8,7 @@ import logging
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import zmq
 
@@ -242,16 +242,18 @@ class HandshakeWatch:
         self._address = address
         self._role = role
         self._public_key = public_key
-        self._told: set[str] = set()  # what was said, across reconnects
+        # The causes said, across reconnects: a cause first guessed and then
+        # named by the broker (a missing key) is said once.
+        self._told: set[str] = set()
         # Why the last handshake failed; None once one succeeded.
-        self.problem: str | None = None
+        self._current: _Problem | None = None
         # Handshakes failed in a row, for any reason, across reconnects; the
         # ones that timed out are `timeouts`, not failures.
         self.failures = 0
         # A problem the broker's answer named (a refused key, a mechanism
         # mismatch) since the last success: evidence that a later handshake
         # ending without detail does not contradict.
-        self._evidence: str | None = None
+        self._evidence: _Problem | None = None
         # Handshakes in a row that did not finish in time: the broker never
         # answered (paused, overloaded), which no key of ours explains.
         self.timeouts = 0
@@ -285,9 +287,10 @@ class HandshakeWatch:
             except zmq.Again:
                 break
             self.note(*_monitor_event(frames))
-        if self.problem is not None and self.problem not in self._told:
-            self._told.add(self.problem)
-            log.error("%s", self.problem)
+        current = self._current
+        if current is not None and current.cause not in self._told:
+            self._told.add(current.cause)
+            log.error("%s", current.text)
         failed_again = self.failures > failures_before
         return failed_again and self.failures >= BACK_OFF_AFTER_FAILURES
 
@@ -295,14 +298,19 @@ class HandshakeWatch:
         """Count one monitor event (`read` does, for each): a handshake that
         succeeded, timed out, or failed, and why."""
         if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-            self.problem = self._evidence = None
+            self._current = self._evidence = None
             self.failures = self.timeouts = 0
             self.connections += 1
         elif event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and not closed_first(value):
             self._timed_out()
         else:
             self.failures += 1
-            self.problem = self._problem(event, value)
+            self._current = self._problem(event, value) or self._current
+
+    @property
+    def problem(self) -> str | None:
+        """Why the last handshake failed, as said; None once one succeeded."""
+        return None if self._current is None else self._current.text
 
     @property
     def definitive(self) -> bool:
@@ -345,53 +353,85 @@ class HandshakeWatch:
             self.monitor.close(linger=0)
         self._socket = self.monitor = None
 
-    def _problem(self, event: int, value: int) -> str | None:
+    def _problem(self, event: int, value: int) -> _Problem | None:
         """Why a handshake failed with `event`: what the broker's answer
         says, else the evidence seen before, else a guess once the failures
-        without detail are too many to be chance."""
+        without detail are too many to be chance (None until then)."""
         named = self._named_problem(event, value)
         if named is not None:
             self._evidence = named
             return named
         if self._evidence is not None:
             return self._evidence
-        if self._public_key is not None and self.failures >= SILENT_FAILURES:
-            # No detail: a CURVE server drops a HELLO it cannot decrypt (and
-            # a broker going down may cut one handshake short: hence a few).
-            return (
+        if self.failures < SILENT_FAILURES:
+            return None
+        # The broker keeps closing our handshakes without a word. A CURVE
+        # server drops a HELLO it cannot decrypt; and libzmq, racing the
+        # broker's close, often reports a missing key the same way (EPIPE
+        # rather than a mechanism mismatch). A broker going down may cut one
+        # handshake short: hence a few.
+        if self._public_key is not None:
+            return _Problem(
+                _WRONG_BROKER_KEY,
                 f"the CURVE handshake with the broker at {self._address} failed: "
                 "is --broker-key (broker_key) the public key of the broker at "
-                "that address?"
+                "that address?",
             )
-        return self.problem
+        return _Problem(
+            _NO_KEY,
+            f"the broker at {self._address} keeps closing this {self._role}'s "
+            "handshakes without a reason: most likely it wants CURVE and this "
+            f"{self._role} has no key: give it a secret key and the broker's "
+            "public key (--secret-key and --broker-key); else, is that address "
+            "a ventilator broker's endpoint?",
+        )
 
-    def _named_problem(self, event: int, value: int) -> str | None:
+    def _named_problem(self, event: int, value: int) -> _Problem | None:
         where = f"the broker at {self._address}"
         if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
             key = fingerprint(self._public_key) if self._public_key else "?"
-            return (
+            return _Problem(
+                _REFUSED_KEY,
                 f"{where} refused this {self._role}'s CURVE key {key} (ZAP status "
                 f"{value}): it is not among the keys let in on that socket "
                 "(client keys on the frontend, worker keys on the backend); check "
-                "the address, or ask the broker's operator to add the public key"
+                "the address, or ask the broker's operator to add the public key",
             )
         if event != zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
             return None
         if value != zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
-            return (
+            return _Problem(
+                _NOT_A_BROKER,
                 f"the handshake with {self._address} failed (protocol error "
-                f"{value:#x}): is it a ventilator broker's endpoint?"
+                f"{value:#x}): is it a ventilator broker's endpoint?",
             )
         if self._public_key is None:
-            return (
+            return _Problem(
+                _NO_KEY,
                 f"{where} wants CURVE and this {self._role} has no key: give "
                 "it a secret key and the broker's public key (--secret-key "
-                "and --broker-key)"
+                "and --broker-key)",
             )
-        return (
+        return _Problem(
+            _UNWANTED_KEYS,
             f"{where} does not use CURVE, but this {self._role} has keys: "
-            "drop them, or check that the broker runs with --secret-key"
+            "drop them, or check that the broker runs with --secret-key",
         )
+
+
+class _Problem(NamedTuple):
+    """Why handshakes fail: the cause, said once, and what to say of it."""
+
+    cause: str
+    text: str
+
+
+# The causes of failed handshakes a peer can tell apart.
+_REFUSED_KEY = "refused key"
+_NO_KEY = "no key"
+_UNWANTED_KEYS = "unwanted keys"
+_WRONG_BROKER_KEY = "wrong broker key"
+_NOT_A_BROKER = "not a broker"
 
 
 @dataclass(slots=True)

@@ -204,3 +204,39 @@ def test_failures_of_every_kind_count_and_a_success_starts_again() -> None:
 
     assert watch.failures == 1
     assert watch.problem is None  # one failure without detail is no evidence
+
+
+def test_a_keyless_peer_whose_handshakes_are_closed_without_detail_is_told_why() -> (
+    None
+):
+    # libzmq, racing a CURVE broker's close, may report a keyless peer's
+    # mismatch as EPIPE, every time in a run: that alone must diagnose it.
+    watch = HandshakeWatch("tcp://127.0.0.1:5556", "client", None)
+
+    for _ in range(SILENT_FAILURES):
+        watch.note(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, errno.EPIPE)
+
+    assert "wants CURVE and this client has no key" in (watch.problem or "")
+    assert watch.definitive
+
+
+def test_a_missing_key_guessed_then_named_by_the_broker_is_said_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.ERROR, logger="ventilator._wire")
+    watch = HandshakeWatch("tcp://127.0.0.1:5556", "client", None)
+    for _ in range(SILENT_FAILURES):
+        watch.note(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, errno.EPIPE)
+    watch.read()
+
+    watch.note(
+        zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
+    )
+    watch.read()
+
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1
+    assert "wants CURVE and this client has no key" in said[0]
+    assert watch.problem is not None and watch.problem.startswith(
+        "the broker at tcp://127.0.0.1:5556 wants CURVE"
+    )  # the named cause, kept for the tasks that fail on it
