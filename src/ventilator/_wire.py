@@ -13,6 +13,7 @@ from typing import Any, NamedTuple, cast
 import zmq
 
 from . import protocol as p
+from ._greeting import broker_mechanism
 from ._words import counted
 from .errors import ProtocolError, UsageError
 from .security import fingerprint
@@ -211,6 +212,12 @@ def handshake_interval_s(socket: zmq.Socket[Any]) -> float:
 REFUSALS_BEFORE_GIVING_UP = 3
 
 
+# How long a peer waits for the broker's greeting when it reads it to learn
+# why its handshakes fail (see HandshakeWatch._problem): the broker answered
+# a moment ago, so it answers at once or is gone.
+GREETING_TIMEOUT_S = 1.0
+
+
 # Handshakes failed in a row, for whatever reason, after which a peer closes
 # its socket rather than let libzmq try again 7 times a second for ever (it
 # does after a closed connection, such as a CURVE server's that could not read
@@ -247,6 +254,9 @@ class HandshakeWatch:
         self._told: set[str] = set()
         # Why the last handshake failed; None once one succeeded.
         self._current: _Problem | None = None
+        # Whether the broker's greeting was read since the last success
+        # (see _problem): once is enough.
+        self._greeting_read = False
         # Handshakes failed in a row, for any reason, across reconnects; the
         # ones that timed out are `timeouts`, not failures.
         self.failures = 0
@@ -299,6 +309,7 @@ class HandshakeWatch:
         succeeded, timed out, or failed, and why."""
         if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             self._current = self._evidence = None
+            self._greeting_read = False
             self.failures = self.timeouts = 0
             self.connections += 1
         elif event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and not closed_first(value):
@@ -355,28 +366,39 @@ class HandshakeWatch:
 
     def _problem(self, event: int, value: int) -> _Problem | None:
         """Why a handshake failed with `event`: what the broker's answer
-        says, else the evidence seen before, else a guess once the failures
-        without detail are too many to be chance (None until then)."""
+        says, else the evidence seen before, else, once the failures without
+        detail are too many to be chance, what the broker's greeting shows
+        (or a guess if it cannot be read); None until then."""
         named = self._named_problem(event, value)
         if named is not None:
             self._evidence = named
             return named
         if self._evidence is not None:
             return self._evidence
-        if self.failures < SILENT_FAILURES:
+        if self.failures < SILENT_FAILURES or self._greeting_read:
             return None
-        # The broker keeps closing our handshakes without a word. A CURVE
-        # server drops a HELLO it cannot decrypt; and libzmq, racing the
-        # broker's close, often reports a missing key the same way (EPIPE
-        # rather than a mechanism mismatch). A broker going down may cut one
-        # handshake short: hence a few.
+        # The broker keeps closing our handshakes without a word (one alone
+        # may be a broker going down): a CURVE server drops a HELLO it cannot
+        # decrypt, and libzmq, racing the broker's close, often reports a
+        # mechanism mismatch the same way. Its greeting tells them apart.
+        self._greeting_read = True
+        mechanism = broker_mechanism(self._address, GREETING_TIMEOUT_S)
+        if mechanism is None:
+            return self._guess()
+        self._evidence = self._explain(mechanism)
+        return self._evidence
+
+    def _explain(self, mechanism: str) -> _Problem | None:
+        """Why a broker greeting with `mechanism` closes our handshakes."""
+        curve = mechanism == "CURVE"
+        if self._public_key is None:
+            return self._no_key() if curve else None  # ours, and yet it closes
+        return self._wrong_broker_key() if curve else self._unwanted_keys()
+
+    def _guess(self) -> _Problem:
+        """The likeliest cause, when the broker's greeting could not be read."""
         if self._public_key is not None:
-            return _Problem(
-                _WRONG_BROKER_KEY,
-                f"the CURVE handshake with the broker at {self._address} failed: "
-                "is --broker-key (broker_key) the public key of the broker at "
-                "that address?",
-            )
+            return self._wrong_broker_key()
         return _Problem(
             _NO_KEY,
             f"the broker at {self._address} keeps closing this {self._role}'s "
@@ -387,15 +409,15 @@ class HandshakeWatch:
         )
 
     def _named_problem(self, event: int, value: int) -> _Problem | None:
-        where = f"the broker at {self._address}"
         if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
             key = fingerprint(self._public_key) if self._public_key else "?"
             return _Problem(
                 _REFUSED_KEY,
-                f"{where} refused this {self._role}'s CURVE key {key} (ZAP status "
-                f"{value}): it is not among the keys let in on that socket "
-                "(client keys on the frontend, worker keys on the backend); check "
-                "the address, or ask the broker's operator to add the public key",
+                f"the broker at {self._address} refused this {self._role}'s "
+                f"CURVE key {key} (ZAP status {value}): it is not among the keys "
+                "let in on that socket (client keys on the frontend, worker keys "
+                "on the backend); check the address, or ask the broker's operator "
+                "to add the public key",
             )
         if event != zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
             return None
@@ -405,17 +427,30 @@ class HandshakeWatch:
                 f"the handshake with {self._address} failed (protocol error "
                 f"{value:#x}): is it a ventilator broker's endpoint?",
             )
-        if self._public_key is None:
-            return _Problem(
-                _NO_KEY,
-                f"{where} wants CURVE and this {self._role} has no key: give "
-                "it a secret key and the broker's public key (--secret-key "
-                "and --broker-key)",
-            )
+        return self._no_key() if self._public_key is None else self._unwanted_keys()
+
+    def _no_key(self) -> _Problem:
+        return _Problem(
+            _NO_KEY,
+            f"the broker at {self._address} wants CURVE and this {self._role} "
+            "has no key: give it a secret key and the broker's public key "
+            "(--secret-key and --broker-key)",
+        )
+
+    def _unwanted_keys(self) -> _Problem:
         return _Problem(
             _UNWANTED_KEYS,
-            f"{where} does not use CURVE, but this {self._role} has keys: "
-            "drop them, or check that the broker runs with --secret-key",
+            f"the broker at {self._address} does not use CURVE, but this "
+            f"{self._role} has keys: drop them, or check that the broker runs "
+            "with --secret-key",
+        )
+
+    def _wrong_broker_key(self) -> _Problem:
+        return _Problem(
+            _WRONG_BROKER_KEY,
+            f"the CURVE handshake with the broker at {self._address} failed: "
+            "is --broker-key (broker_key) the public key of the broker at that "
+            "address?",
         )
 
 
