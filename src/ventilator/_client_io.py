@@ -1147,7 +1147,8 @@ class ClientIO:
         self._close_socket(linger=100)
         accepted_error = ClientClosed(
             "the client was closed before this task finished; its result waits "
-            f"at the broker for a client of session={self.session}"
+            f"at the broker{self._while_it_lasts()} for a client of "
+            f"session={self.session}"
         )
         # Said apart: collecting later would wait for results that never come.
         unsent_error = ClientClosed(
@@ -1203,6 +1204,13 @@ class ClientIO:
                 self.session,
             )
 
+    def _while_it_lasts(self) -> str:
+        """How long the broker keeps results, said where a closing client
+        leaves them: a broker without a journal (an embedded one, most
+        often, which stops with its `with` block) keeps nothing past its own
+        end."""
+        return "" if self._durable else " while it runs (it has no journal)"
+
     def _log_unfinished(self, unfinished: int) -> None:
         """Say where the results of tasks left running at close go: a client
         closed as a ProcessPoolExecutor's `with` block would be, expecting a
@@ -1213,12 +1221,13 @@ class ClientIO:
         log.log(
             logging.INFO if self._session_named else logging.WARNING,
             "closed with tasks unfinished: they run on at the broker at %s, which "
-            "keeps their results until a client of this session collects them "
+            "keeps their results%s until a client of this session collects them "
             "(Client(session=...).collect()) or the session is purged (ventilator "
             "purge --session), for up to its result TTL (a day by default); to "
             "wait for them, wait on their futures before closing "
             "unfinished=%d session=%s",
             self.address,
+            self._while_it_lasts(),
             unfinished,
             self.session,
         )

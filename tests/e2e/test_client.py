@@ -521,6 +521,31 @@ def test_closing_a_client_fails_its_pending_futures_with_client_closed(
         client.submit(tasks.square, 1)
 
 
+@pytest.mark.parametrize("durability", ["memory", "process"])
+def test_a_client_closed_with_tasks_unfinished_says_how_long_their_results_wait(
+    launch: Launcher,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    durability: str,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="ventilator.client")
+    journal = tmp_path / "journal.db" if durability != "memory" else None
+    broker = launch.broker(durability=durability, journal=journal)
+    client = launch.client(broker)
+    future = client.submit(f"{MORE_TASKS}:cube", 2)  # no worker serves it
+
+    wait_until(lambda: client.status()["queued"], 10, "the task to be queued")
+    client.close()
+
+    error = str(future.exception(RESULT_TIMEOUT_S))
+    said = [r.getMessage() for r in caplog.records]
+    [warning] = [message for message in said if "tasks unfinished" in message]
+    # Without a journal (as an embedded broker runs), only while it runs.
+    ephemeral = "while it runs (it has no journal)"
+    assert (ephemeral in error) == (durability == "memory"), error
+    assert (ephemeral in warning) == (durability == "memory"), warning
+
+
 def test_a_submit_waiting_for_room_at_close_says_its_task_was_never_sent(
     launch: Launcher, broker: BrokerProcess
 ) -> None:
