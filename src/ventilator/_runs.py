@@ -206,6 +206,10 @@ def _cancelled_unless_done(
         elif not _settle_cancellations(client):
             stopping.unconfirmed = lines
             stopping.purge = _purge_command(client, run)
+            # A broker that did not answer will not confirm what it was sent
+            # either: waiting for that (close()'s default 10 s) would only put
+            # off the end the user asked for. What it has, the purge drops.
+            client.close(timeout_s=0)
         raise
 
 

@@ -15,8 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import zmq
 
 import ventilator
+from ventilator import protocol as p
+from ventilator._runs import CANCEL_SETTLE_S
 
 from . import tasks
 from .conftest import (
@@ -31,6 +34,7 @@ from .conftest import (
     paused,
     restartable_broker,
     run_cli,
+    stand_in_broker,
     status_when,
     ventilator_argv,
     wait_for_workers,
@@ -109,11 +113,18 @@ def kill(broker: BrokerProcess) -> None:
     broker.process.wait(10)
 
 
+# How soon a map whose broker died ends once interrupted: it waits
+# CANCEL_SETTLE_S for the broker to confirm its cancellations. It used to
+# wait 10 s more, as close() does, for a durable broker to confirm
+# acceptances that could not come either.
+INTERRUPTED_EXIT_S = CANCEL_SETTLE_S + 5
+
+
 def interrupt_a_map_whose_broker_died(
     processes: Processes, launch: Launcher, broker: BrokerProcess
 ) -> str:
     """Run a map of three lines no worker serves, kill its broker, then ^C the
-    map; return what the map said."""
+    map; return what the map said, once it ended soon after."""
     command = processes.start(
         "map",
         ventilator_argv("map", UNSERVED, "--connect", broker.frontend),
@@ -134,7 +145,7 @@ def interrupt_a_map_whose_broker_died(
     kill(broker)
     command.send_signal(signal.SIGINT)
 
-    assert command.wait(30) == 130
+    assert command.wait(INTERRUPTED_EXIT_S) == 130
     return log_of(command)
 
 
@@ -166,6 +177,46 @@ def test_interrupted_map_with_its_broker_down_names_the_purge_of_its_session(
 
     assert purged.returncode == 0, purged.stderr
     assert launch.client(second).status()["queued"] == {}
+
+
+def test_an_interrupted_map_does_not_wait_for_acceptances_its_broker_cannot_give(
+    processes: Processes, context: zmq.Context[zmq.Socket[bytes]]
+) -> None:
+    # A durable broker that took the map's tasks and stopped answering (it
+    # died, or stands still): a tester's map, sent SIGTERM, took 10-20 s to
+    # end, waiting for a confirmation after the cancellations went unanswered.
+    stand_in, frontend = stand_in_broker(context)
+    command = processes.start(
+        "map",
+        ventilator_argv("map", UNSERVED, "--connect", frontend),
+        stdin=subprocess.PIPE,
+    )
+    peer, *_ = stand_in.recv_multipart()  # its HELLO
+    welcome = p.Welcome(100, 1 << 20, 1.0, durable=True)
+    stand_in.send_multipart([peer, *p.encode(welcome)])
+    command.stdin.write(b"1\n2\n3\n")
+    command.stdin.flush()
+    wait_until(
+        lambda: stand_in.poll(100) and _submitted(stand_in),
+        20,
+        "the map's tasks to reach the broker (which will never confirm them)",
+    )
+    wait_until(lambda: "reconnecting" in log_of(command), 20, "the broker found silent")
+
+    command.send_signal(signal.SIGINT)
+
+    assert command.wait(INTERRUPTED_EXIT_S) == 130
+    assert "could not reach the broker to cancel" in log_of(command)
+
+
+def _submitted(stand_in: zmq.Socket[bytes]) -> bool:
+    """Whether the message waiting is a SUBMIT; the map's first question (is
+    a broker there?) is answered, everything else ignored."""
+    peer, *frames = stand_in.recv_multipart()
+    command = p.decode(frames, frozenset(p.Cmd))
+    if isinstance(command, p.StatusRequest):
+        stand_in.send_multipart([peer, *p.encode(p.StatusReply({}))])
+    return isinstance(command, p.Submit)
 
 
 def queued_after_a_question(client: ventilator.Client) -> int:
