@@ -210,7 +210,9 @@ class ClientIO:
         # Why the broker stopped serving this client's key, once it said so.
         self._revoked: str | None = None
         public_key = self._curve.public_key if self._curve is not None else None
-        self._handshakes = _wire.HandshakeWatch(self.address, "client", public_key)
+        self._handshakes = _wire.HandshakeWatch(
+            self.address, "client", public_key, raised_too=True
+        )
         # Why this address cannot be a broker's frontend, once a refusal showed
         # it (see _misdirected); None while none did, or since a WELCOME.
         self._misdirection: str | None = None

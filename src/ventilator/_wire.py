@@ -16,6 +16,7 @@ from . import protocol as p
 from ._greeting import broker_mechanism
 from ._words import counted
 from .errors import ProtocolError, UsageError
+from .logs import RAISED_TOO
 from .security import fingerprint
 
 log = logging.getLogger(__name__)
@@ -245,10 +246,20 @@ class HandshakeWatch:
         | zmq.EVENT_HANDSHAKE_FAILED_AUTH
     )
 
-    def __init__(self, address: str, role: str, public_key: bytes | None) -> None:
+    def __init__(
+        self,
+        address: str,
+        role: str,
+        public_key: bytes | None,
+        raised_too: bool = False,
+    ) -> None:
+        """`raised_too`: the owner also fails what it is asked with the
+        problem (a client's questions and tasks), which is how a command line
+        tells it; there the log line would say it twice."""
         self._address = address
         self._role = role
         self._public_key = public_key
+        self._told_extra = {RAISED_TOO: raised_too}
         # The causes said, across reconnects: a cause first guessed and then
         # named by the broker (a missing key) is said once.
         self._told: set[str] = set()
@@ -300,7 +311,7 @@ class HandshakeWatch:
         current = self._current
         if current is not None and current.cause not in self._told:
             self._told.add(current.cause)
-            log.error("%s", current.text)
+            log.error("%s", current.text, extra=self._told_extra)
         failed_again = self.failures > failures_before
         return failed_again and self.failures >= BACK_OFF_AFTER_FAILURES
 

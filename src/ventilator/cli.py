@@ -1415,10 +1415,10 @@ def sink(
             write_sink_results(receiver, output, idle_timeout_s)
         except OutputFailed as exc:
             _sink_output_failed(exc, name)
-        except UsageError as exc:
-            # The name is taken, or this key may not receive it: the command
-            # was right, its broker would not serve it now; 1, as for the
-            # operator commands, not 2.
+        except (UsageError, NetworkError) as exc:
+            # The name is taken, this key may not receive it, or the broker
+            # refuses its handshakes: the command was right, its broker would
+            # not serve it now; 1, as for the operator commands, not 2.
             raise click.ClickException(str(exc)) from None
         except KeyboardInterrupt:
             # Ctrl-C is the way to stop a sink that runs until interrupted:

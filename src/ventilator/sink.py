@@ -36,7 +36,7 @@ from . import protocol as p
 from ._client_io import ACK_BATCH
 from ._recent import RecentResults
 from ._timing import poll_timeout_ms
-from .errors import TaskError, UsageError, task_error_from_wire
+from .errors import NetworkError, TaskError, UsageError, task_error_from_wire
 from .logs import Dwindling
 from .policy import DEFAULT_ADDRESS, check_heartbeat
 from .security import REVOKED, client_keys
@@ -119,6 +119,13 @@ class Sink:
         self._socket.setsockopt(zmq.LINGER, 1000)
         if curve is not None:
             curve.apply(self._socket)
+        # A broker that refuses our handshakes (a key missing, refused, or
+        # the wrong broker key) is not silent: `results` says why and fails.
+        public_key = curve.public_key if curve is not None else None
+        self._handshakes = _wire.HandshakeWatch(
+            address, "sink", public_key, raised_too=True
+        )
+        self._handshakes.watch(self._socket)
         self._socket.connect(address)
         self._session = uuid.uuid4().hex
         self._started_at = time.monotonic()
@@ -168,6 +175,9 @@ class Sink:
         Raises:
             UsageError: another process receives this sink and kept it for
                 `taken_wait_s`, or this key may not receive it (CURVE rights).
+            NetworkError: the broker refuses this sink's handshakes, saying
+                why: it wants CURVE and the sink has no key, its key is not
+                allowed, or the broker key is not that broker's.
             BrokenPipeError: the reader of `output_fd` left. Every batch
                 acknowledged was yielded whole; the caller leaves (`close()`)
                 as it would had a write to the output failed.
@@ -180,11 +190,12 @@ class Sink:
     def _receive_until_idle(
         self, idle_timeout_s: float | None, output_fd: int | None
     ) -> Iterator[SinkResult]:
-        waiting = _Waiting(self._socket, output_fd)
+        waiting = _Waiting(self._socket, output_fd, self._handshakes.monitor)
         last_result = time.monotonic()
         next_beat = last_result + self._heartbeat_interval_s
         while idle_timeout_s is None or time.monotonic() - last_result < idle_timeout_s:
             waiting.wait(self._wait_ms(next_beat, last_result, idle_timeout_s))
+            self._check_handshakes()
             batch = self._receive()
             # WELCOME may have lowered the interval to the broker's.
             next_beat = min(next_beat, time.monotonic() + self._heartbeat_interval_s)
@@ -208,12 +219,31 @@ class Sink:
                 next_beat = time.monotonic() + self._heartbeat_interval_s
                 self._warn_while_unanswered()
 
+    def _check_handshakes(self) -> None:
+        """Say once why the broker refuses our handshakes, if it does; fail
+        once that is past doubt, as a client's tasks do: no result can come.
+        A refusal libzmq does not retry (a key the broker's list lacks, a
+        mechanism mismatch) is past doubt once the sink, never welcomed,
+        has waited as long as it waits before saying no broker answered.
+
+        Raises:
+            NetworkError: the broker refuses our handshakes, saying why.
+        """
+        self._handshakes.read()
+        problem = self._handshakes.problem
+        if problem is None:
+            return
+        waited_s = time.monotonic() - self._started_at
+        unanswered = not self.welcomed and waited_s >= self._silence_s
+        if self._handshakes.definitive or unanswered:
+            raise NetworkError(f"{problem} (sink={self.name})")
+
     def _warn_while_unanswered(self) -> None:
         """Say, now and then, that no broker has answered yet: a sink at a
         wrong address, or started before its broker, would otherwise wait in
         silence for ever."""
         now = time.monotonic()
-        wait_s = self._heartbeat_interval_s * SILENT_INTERVALS
+        wait_s = self._silence_s
         # A refusal is an answer: a broker is there, and _taken said why it
         # does not welcome us.
         answered = self.welcomed or self._refused_since is not None
@@ -255,6 +285,11 @@ class Sink:
                     and time.monotonic() >= due
                 ):
                     self._send(p.Heartbeat())
+
+    @property
+    def _silence_s(self) -> float:
+        """How long a sink never welcomed waits before it says so."""
+        return self._heartbeat_interval_s * SILENT_INTERVALS
 
     def _wait_ms(self, next_beat: float, last: float, idle_s: float | None) -> int:
         wake_at = next_beat if idle_s is None else min(next_beat, last + idle_s)
@@ -366,6 +401,7 @@ class Sink:
         self._beater.join()
         with self._socket_lock:
             self._send(p.Bye())
+            self._handshakes.close()
             self._socket.close()
 
 
@@ -378,10 +414,17 @@ class _Waiting:
     the wait: a regular file, or /dev/null, never reports one.
     """
 
-    def __init__(self, socket: zmq.Socket[bytes], output_fd: int | None) -> None:
+    def __init__(
+        self,
+        socket: zmq.Socket[bytes],
+        output_fd: int | None,
+        monitor: zmq.Socket[bytes] | None,
+    ) -> None:
         self._output_fd = output_fd
         self._poller = zmq.Poller()
         self._poller.register(socket, zmq.POLLIN)
+        if monitor is not None:  # the socket's handshakes, failed or not
+            self._poller.register(monitor, zmq.POLLIN)
         if output_fd is not None:
             # libzmq reports POLLERR and POLLHUP of a descriptor as POLLERR.
             self._poller.register(output_fd, zmq.POLLERR)

@@ -666,6 +666,30 @@ def test_tasks_of_a_client_the_broker_refuses_fail_saying_why(
     )
 
 
+@pytest.mark.parametrize(
+    ("secret", "broker_key", "says"),
+    [
+        (None, None, "wants CURVE and this sink has no key"),
+        ("stranger", "broker", "refused this sink's CURVE key"),
+        ("alice", "w1", "is --broker-key (broker_key) the public key"),
+    ],
+)
+def test_a_sink_the_broker_refuses_fails_saying_why(
+    curve_broker: BrokerProcess,
+    keyring: Keyring,
+    secret: str | None,
+    broker_key: str | None,
+    says: str,
+) -> None:
+    # It used to wait for ever, saying no broker answered.
+    keys = client_keys(keyring, secret, broker_key)
+    with (
+        ventilator.Sink("refused", curve_broker.frontend, **keys) as sink,
+        pytest.raises(ventilator.NetworkError, match=re.escape(says)),
+    ):
+        list(sink.results(idle_timeout_s=RESULT_TIMEOUT_S))
+
+
 def test_status_without_a_key_says_at_once_that_the_broker_wants_one(
     processes: Processes, curve_broker: BrokerProcess
 ) -> None:
