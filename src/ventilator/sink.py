@@ -60,9 +60,10 @@ _BACKEND_REFUSALS = frozenset({"command", "unknown_worker"})
 # _receive_until_idle); one per this many costs next to nothing, and bounds
 # what a killed sink writes twice.
 SINK_ACK_EVERY = 256
-# Heartbeat intervals without a broker's WELCOME before the sink says so, and
-# between two such warnings: a Client's default liveness, so that both say
-# "no broker answered" after the same wait.
+# Heartbeat intervals without a word from the broker (its WELCOME at first,
+# its heartbeats then) before the sink says so, and between two such
+# warnings: a Client's default liveness, so that both say it after the same
+# wait.
 SILENT_INTERVALS = 3
 
 
@@ -140,8 +141,10 @@ class Sink:
         # beating thread while the caller holds a result (see _beat_meanwhile).
         self._socket_lock = threading.Lock()
         self._last_sent_at = time.monotonic()
-        # Says that no broker answered, less and less often.
-        self._unanswered_log = Dwindling(self._heartbeat_interval_s * SILENT_INTERVALS)
+        # When the broker last sent anything (None: never); and saying that
+        # it is silent, less and less often.
+        self._heard_at: float | None = None
+        self._silence_log = Dwindling(self._heartbeat_interval_s * SILENT_INTERVALS)
         self._closing = threading.Event()
         self._send(self._hello())
         self._beater = threading.Thread(
@@ -217,14 +220,14 @@ class Sink:
                 ask = self._refused_since is not None or self._registering_again
                 self._send(self._hello() if ask else p.Heartbeat())
                 next_beat = time.monotonic() + self._heartbeat_interval_s
-                self._warn_while_unanswered()
+                self._warn_while_silent()
 
     def _check_handshakes(self) -> None:
         """Say once why the broker refuses our handshakes, if it does; fail
         once that is past doubt, as a client's tasks do: no result can come.
         A refusal libzmq does not retry (a key the broker's list lacks, a
-        mechanism mismatch) is past doubt once the sink, never welcomed,
-        has waited as long as it waits before saying no broker answered.
+        mechanism mismatch) is past doubt once the broker has been silent as
+        long as the sink waits before saying so.
 
         Raises:
             NetworkError: the broker refuses our handshakes, saying why.
@@ -233,30 +236,39 @@ class Sink:
         problem = self._handshakes.problem
         if problem is None:
             return
-        waited_s = time.monotonic() - self._started_at
-        unanswered = not self.welcomed and waited_s >= self._silence_s
-        if self._handshakes.definitive or unanswered:
+        silent = self._silent_s(time.monotonic()) >= self._silence_s
+        if self._handshakes.definitive or silent:
             raise NetworkError(f"{problem} (sink={self.name})")
 
-    def _warn_while_unanswered(self) -> None:
-        """Say, now and then, that no broker has answered yet: a sink at a
-        wrong address, or started before its broker, would otherwise wait in
-        silence for ever."""
+    def _warn_while_silent(self) -> None:
+        """Say, now and then, that the broker is silent: a sink at a wrong
+        address, started before its broker, or whose broker stopped, would
+        otherwise wait in silence for ever."""
         now = time.monotonic()
-        wait_s = self._silence_s
-        # A refusal is an answer: a broker is there, and _taken said why it
-        # does not welcome us.
-        answered = self.welcomed or self._refused_since is not None
-        if answered or now - self._started_at < wait_s:
+        if self._silent_s(now) < self._silence_s:
             return
-        if not self._unanswered_log.due(now, self._started_at):
+        since = self._started_at if self._heard_at is None else self._heard_at
+        if not self._silence_log.due(now, since):
             return
-        log.warning(
-            "no broker answered at %s yet (waited %.1fs) sink=%s; still waiting",
-            self.address,
-            now - self._started_at,
-            self.name,
-        )
+        if self._heard_at is None:
+            log.warning(
+                "no broker answered at %s yet (waited %.1fs) sink=%s; still waiting",
+                self.address,
+                now - since,
+                self.name,
+            )
+        else:
+            log.warning(
+                "broker silent for %.1fs broker=%s sink=%s; still waiting (its "
+                "results wait there meanwhile)",
+                now - since,
+                self.address,
+                self.name,
+            )
+
+    def _silent_s(self, now: float) -> float:
+        """How long the broker has said nothing (since we started, if never)."""
+        return now - (self._started_at if self._heard_at is None else self._heard_at)
 
     @contextlib.contextmanager
     def _lent_socket(self) -> Iterator[None]:
@@ -298,6 +310,7 @@ class Sink:
     def _receive(self) -> list[SinkResult]:
         batch: dict[tuple[str, int], SinkResult] = {}
         for command in _wire.receive(self._socket, p.TO_CLIENT):
+            self._heard_at = time.monotonic()
             if isinstance(command, p.Welcome):
                 self._welcome(command)
             elif isinstance(command, p.Results):

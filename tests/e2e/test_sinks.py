@@ -390,3 +390,26 @@ def test_a_sink_command_stopped_by_a_signal_says_goodbye_to_the_broker(
         "the broker to note the sink's departure",
     )
     assert all(" left " in line for line in departures), departures
+
+
+def test_a_sink_whose_broker_falls_silent_says_so_and_then_goes_on(
+    launch: Launcher, caplog: pytest.LogCaptureFixture
+) -> None:
+    # It used to say only that no broker answered, and only before its first
+    # WELCOME: a sink whose broker stopped waited for ever, saying nothing.
+    caplog.set_level(logging.WARNING, logger="ventilator.sink")
+    broker = launch.broker(heartbeat_interval_s=0.2)
+    client = launch.client(broker)
+    launch.worker(broker)
+    with ventilator.Sink("quiet", broker.frontend, heartbeat_interval_s=0.2) as sink:
+        sink_connected(client, "quiet")
+
+        with paused(broker.pid):
+            # Three beats of silence, then the warning, well within this.
+            assert list(sink.results(idle_timeout_s=3.0)) == []
+        client.submit(tasks.square, 7, sink="quiet").result(RESULT_TIMEOUT_S)
+        [result] = list(itertools.islice(sink.results(RESULT_TIMEOUT_S), 1))
+
+    said = [r.getMessage() for r in caplog.records]
+    assert any("broker silent for" in line and "sink=quiet" in line for line in said)
+    assert result.value == 49
