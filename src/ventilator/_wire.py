@@ -266,8 +266,10 @@ class HandshakeWatch:
         # Why the last handshake failed; None once one succeeded.
         self._current: _Problem | None = None
         # Whether the broker's greeting was read since the last success
-        # (see _problem): once is enough.
+        # (see _problem): once is enough; and whether it confirmed the
+        # mismatch a handshake ended with (see _confirm).
         self._greeting_read = False
+        self._confirmed = False
         # Handshakes failed in a row, for any reason, across reconnects; the
         # ones that timed out are `timeouts`, not failures.
         self.failures = 0
@@ -320,7 +322,7 @@ class HandshakeWatch:
         succeeded, timed out, or failed, and why."""
         if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             self._current = self._evidence = None
-            self._greeting_read = False
+            self._greeting_read = self._confirmed = False
             self.failures = self.timeouts = 0
             self.connections += 1
         elif event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and not closed_first(value):
@@ -337,8 +339,11 @@ class HandshakeWatch:
     @property
     def definitive(self) -> bool:
         """Whether `problem` is past doubt: the last `REFUSALS_BEFORE_GIVING_UP`
-        handshakes all failed, and none succeeded since."""
-        return self.problem is not None and self.failures >= REFUSALS_BEFORE_GIVING_UP
+        handshakes all failed, or the broker's greeting confirmed the
+        mechanism mismatch a handshake ended with; none succeeded since."""
+        if self.problem is None:
+            return False
+        return self._confirmed or self.failures >= REFUSALS_BEFORE_GIVING_UP
 
     def refused_note(self) -> str | None:
         """What to say, in place of "broker silent", while the broker keeps
@@ -383,6 +388,8 @@ class HandshakeWatch:
         named = self._named_problem(event, value)
         if named is not None:
             self._evidence = named
+            if named.cause in _MISMATCHES and not self._greeting_read:
+                self._confirm(named)
             return named
         if self._evidence is not None:
             return self._evidence
@@ -398,6 +405,16 @@ class HandshakeWatch:
             return self._guess()
         self._evidence = self._explain(mechanism)
         return self._evidence
+
+    def _confirm(self, mismatch: _Problem) -> None:
+        """Read the broker's greeting after a mechanism mismatch: if it says
+        the same, the problem is past doubt at once (see `definitive`), and
+        tasks fail now rather than after two more handshakes, which libzmq
+        does not retry after a mismatch: they came only as the owner
+        reconnected, seconds apart."""
+        self._greeting_read = True
+        mechanism = broker_mechanism(self._address, GREETING_TIMEOUT_S)
+        self._confirmed = mechanism is not None and self._explain(mechanism) == mismatch
 
     def _explain(self, mechanism: str) -> _Problem | None:
         """Why a broker greeting with `mechanism` closes our handshakes."""
@@ -478,6 +495,8 @@ _NO_KEY = "no key"
 _UNWANTED_KEYS = "unwanted keys"
 _WRONG_BROKER_KEY = "wrong broker key"
 _NOT_A_BROKER = "not a broker"
+# Those a mechanism mismatch names, which the broker's greeting confirms.
+_MISMATCHES = frozenset({_NO_KEY, _UNWANTED_KEYS})
 
 
 @dataclass(slots=True)

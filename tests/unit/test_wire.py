@@ -202,10 +202,10 @@ def test_a_broker_that_cannot_read_the_curve_hello_still_has_its_key_doubted(
     assert watch.timeouts == 0
 
 
-def test_a_problem_the_broker_named_outlasts_handshakes_that_end_without_detail() -> (
-    None
-):
-    watch = HandshakeWatch("tcp://127.0.0.1:5556", "worker", zmq.curve_keypair()[0])
+def test_a_problem_the_broker_named_outlasts_handshakes_that_end_without_detail(
+    nobody_address: str,
+) -> None:
+    watch = HandshakeWatch(nobody_address, "worker", zmq.curve_keypair()[0])
 
     watch.note(
         zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
@@ -302,3 +302,25 @@ def test_a_keyless_peer_at_a_plain_broker_that_closes_it_guesses_nothing(
 
     assert watch.problem is None  # no key is missing there
     assert not watch.definitive
+
+
+@pytest.mark.parametrize("keyed", [False, True])
+def test_a_mismatch_the_brokers_greeting_confirms_is_past_doubt_at_once(
+    greeters: dict[str, str], nobody_address: str, keyed: bool
+) -> None:
+    # libzmq does not retry after a mismatch: waiting for three failures
+    # made a client's tasks fail seconds after the diagnosis was said.
+    public_key = zmq.curve_keypair()[0] if keyed else None
+    other_side = greeters["NULL" if keyed else "CURVE"]
+    confirmed = HandshakeWatch(other_side, "client", public_key)
+    unconfirmed = HandshakeWatch(nobody_address, "client", public_key)
+
+    for watch in (confirmed, unconfirmed):
+        watch.note(
+            zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+            zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH,
+        )
+
+    assert confirmed.definitive
+    assert unconfirmed.problem == confirmed.problem.replace(other_side, nobody_address)
+    assert not unconfirmed.definitive  # one failure, and nothing to confirm it
