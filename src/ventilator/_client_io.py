@@ -204,6 +204,8 @@ class ClientIO:
         self._collectable: set[tuple[str, int]] = set()
         self._window_held_warned = False
         self._warned: set[str] = set()  # what the broker told us, logged once
+        # Why tasks were failed unsent since the last WELCOME (see _fail_tasks).
+        self._failed_why: set[str] = set()
         # The broker's latest words on functions no worker serves, for what a
         # caller's wait that timed out says (see why_waiting).
         self._unserved_said: deque[str] = deque(maxlen=UNSERVED_REMEMBERED)
@@ -380,10 +382,10 @@ class ClientIO:
         problem = self._handshakes.problem
         self._fail_questions([x for x in (problem, self._misdirection) if x])
         if problem is not None and self._handshakes.definitive:
-            refusals = _wire.REFUSALS_BEFORE_GIVING_UP
+            refused = counted(self._handshakes.failures, "handshake", bare_one=True)
             self._fail_tasks(
                 f"{problem} (this task was not run: the broker refused this "
-                f"client's last {refusals} handshakes; session={self.session})",
+                f"client's last {refused}; session={self.session})",
                 "the broker refuses this client",
             )
         if self._misdirection is not None:
@@ -745,10 +747,20 @@ class ClientIO:
         _fail_unanswerable). The connection keeps trying: tasks submitted
         once a handshake succeeds (the operator let the key in) go through."""
         failed = self._fail_held(NetworkError(message))
-        if failed:
-            log.error(
-                "failed %s: %s session=%s", counted(failed, "task"), why, self.session
-            )
+        if not failed:
+            return
+        # Once until the next WELCOME: a program that keeps submitting while
+        # refused gets each task's NetworkError, not an ERROR line each.
+        told = why in self._failed_why
+        self._failed_why.add(why)
+        log.log(
+            logging.DEBUG if told else logging.ERROR,
+            "failed %s: %s session=%s",
+            counted(failed, "task"),
+            why,
+            self.session,
+            extra={RAISED_TOO: True},
+        )
 
     def _key_revoked(self, message: str) -> None:
         """The broker removed this client's key: it sends no more results, and
@@ -837,6 +849,7 @@ class ClientIO:
             self._session_refused_at = self._session_refusal = None
             log.info("the session is ours now session=%s", self.session)
         self._durable = welcome.durable
+        self._failed_why.clear()
         self._shared.welcomed(welcome.arena)
         # Beat at least as often as the broker expects, or it takes us for gone.
         self._heartbeat_interval_s = min(
@@ -1220,16 +1233,30 @@ class ClientIO:
         of its own, which nobody is likely to resume; news for a named one."""
         if not unfinished:
             return
+        level = logging.INFO if self._session_named else logging.WARNING
+        if not self._durable:
+            log.log(
+                level,
+                "closed with tasks unfinished: they run on at the broker at %s, "
+                "which has no journal: their results are lost when it stops (an "
+                "embedded broker stops with its with block), unless a client of "
+                "this session collects them first (Client(session=...).collect()); "
+                "to wait for them, wait on their futures before closing "
+                "unfinished=%d session=%s",
+                self.address,
+                unfinished,
+                self.session,
+            )
+            return
         log.log(
-            logging.INFO if self._session_named else logging.WARNING,
+            level,
             "closed with tasks unfinished: they run on at the broker at %s, which "
-            "keeps their results%s until a client of this session collects them "
+            "keeps their results until a client of this session collects them "
             "(Client(session=...).collect()) or the session is purged (ventilator "
             "purge --session), for up to its result TTL (a day by default); to "
             "wait for them, wait on their futures before closing "
             "unfinished=%d session=%s",
             self.address,
-            self._while_it_lasts(),
             unfinished,
             self.session,
         )

@@ -541,9 +541,10 @@ def test_a_client_closed_with_tasks_unfinished_says_how_long_their_results_wait(
     said = [r.getMessage() for r in caplog.records]
     [warning] = [message for message in said if "tasks unfinished" in message]
     # Without a journal (as an embedded broker runs), only while it runs.
-    ephemeral = "while it runs (it has no journal)"
-    assert (ephemeral in error) == (durability == "memory"), error
-    assert (ephemeral in warning) == (durability == "memory"), warning
+    ephemeral = durability == "memory"
+    assert ("while it runs (it has no journal)" in error) == ephemeral, error
+    assert ("lost when it stops" in warning) == ephemeral, warning
+    assert ("a day by default" in warning) == (not ephemeral), warning
 
 
 def test_a_submit_waiting_for_room_at_close_says_its_task_was_never_sent(

@@ -641,11 +641,13 @@ def test_tasks_of_a_client_the_broker_refuses_fail_saying_why(
     launch: Launcher,
     curve_broker: BrokerProcess,
     keyring: Keyring,
+    caplog: pytest.LogCaptureFixture,
     secret: str | None,
     broker_key: str | None,
     says: str,
 ) -> None:
     # Without the diagnosis they waited for ever, and so did close().
+    caplog.set_level(logging.ERROR, logger="ventilator.client")
     client = launch.client(curve_broker, **client_keys(keyring, secret, broker_key))
 
     early = client.submit(tasks.square, 3)
@@ -664,6 +666,9 @@ def test_tasks_of_a_client_the_broker_refuses_fail_saying_why(
     assert isinstance(
         unsent.exception(0), ventilator.NetworkError | ventilator.ClientClosed
     )
+    # Each failure told by its exception; the log says so once, not per task.
+    failed_lines = [r for r in caplog.records if "refuses this client" in r.message]
+    assert len(failed_lines) == 1, [r.message for r in failed_lines]
 
 
 @pytest.mark.parametrize(
