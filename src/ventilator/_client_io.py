@@ -1219,6 +1219,13 @@ class ClientIO:
                 self.session,
             )
 
+    @property
+    def broker_durable(self) -> bool:
+        """Whether the broker's last WELCOME said it journals what it accepts
+        (True until one came: a broker not heard yet is not presumed to
+        forget)."""
+        return self._durable
+
     def _while_it_lasts(self) -> str:
         """How long the broker keeps results, said where a closing client
         leaves them: a broker without a journal (an embedded one, most

@@ -82,6 +82,9 @@ class _Stopping:
     unconfirmed: int = 0
     # The command that drops them, and their results, once the broker is back.
     purge: str = ""
+    # Whether that broker journals what it accepts: one that does not keeps
+    # nothing once it stopped.
+    durable: bool = True
 
     def wrote(self, ok: bool) -> None:
         self.written += 1
@@ -92,10 +95,13 @@ class _Stopping:
         if not self.unconfirmed:
             unfinished = counted(self.unfinished, "unfinished line")
             return f"{done}the tasks of {unfinished} cancelled"
+        # A broker without a journal that stopped kept nothing; one that
+        # stands still or is out of reach still has them.
+        lasting = "" if self.durable else " while it runs (it has no journal)"
         return (
             f"{done}could not reach the broker to cancel the tasks of "
             f"{counted(self.unconfirmed, 'unfinished line')}; those it had "
-            "accepted may still run there, their "
+            f"accepted may still run there{lasting}, their "
             "results kept for this run's session until they expire. Once the "
             f"broker is back, `{self.purge}` drops them"
         )
@@ -206,6 +212,7 @@ def _cancelled_unless_done(
         elif not _settle_cancellations(client):
             stopping.unconfirmed = lines
             stopping.purge = _purge_command(client, run)
+            stopping.durable = client._io.broker_durable
             # A broker that did not answer will not confirm what it was sent
             # either: waiting for that (close()'s default 10 s) would only put
             # off the end the user asked for. What it has, the purge drops.

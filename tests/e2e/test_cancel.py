@@ -159,6 +159,9 @@ def test_interrupted_map_says_when_its_cancellation_reached_no_broker(
     )
     assert "could not reach the broker to cancel the tasks of 3 unfinished" in said
     assert "unfinished lines cancelled" not in said
+    # A broker with no journal, killed, kept nothing: "may still run there"
+    # holds only while it runs.
+    assert "may still run there while it runs (it has no journal)" in said
 
 
 def test_interrupted_map_with_its_broker_down_names_the_purge_of_its_session(
@@ -172,6 +175,7 @@ def test_interrupted_map_with_its_broker_down_names_the_purge_of_its_session(
     # nor how to drop them: their results waited a day for nobody.
     named = re.search(r"`ventilator (purge --session [^`]+)`", said)
     assert named is not None, said
+    assert "it has no journal" not in said  # this one keeps them
     second = launch.broker(**options)
     purged = run_cli(processes, *shlex.split(named.group(1)))
 
