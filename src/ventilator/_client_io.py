@@ -1240,30 +1240,26 @@ class ClientIO:
         of its own, which nobody is likely to resume; news for a named one."""
         if not unfinished:
             return
-        level = logging.INFO if self._session_named else logging.WARNING
-        if not self._durable:
-            log.log(
-                level,
-                "closed with tasks unfinished: they run on at the broker at %s, "
+        if self._durable:
+            kept = (
+                "which keeps their results until a client of this session "
+                "collects them (Client(session=...).collect()) or the session is "
+                "purged (ventilator purge --session), for up to its result TTL "
+                "(a day by default)"
+            )
+        else:
+            kept = (
                 "which has no journal: their results are lost when it stops (an "
                 "embedded broker stops with its with block), unless a client of "
-                "this session collects them first (Client(session=...).collect()); "
-                "to wait for them, wait on their futures before closing "
-                "unfinished=%d session=%s",
-                self.address,
-                unfinished,
-                self.session,
+                "this session collects them first (Client(session=...).collect())"
             )
-            return
         log.log(
-            level,
-            "closed with tasks unfinished: they run on at the broker at %s, which "
-            "keeps their results until a client of this session collects them "
-            "(Client(session=...).collect()) or the session is purged (ventilator "
-            "purge --session), for up to its result TTL (a day by default); to "
-            "wait for them, wait on their futures before closing "
+            logging.INFO if self._session_named else logging.WARNING,
+            "closed with tasks unfinished: they run on at the broker at %s, %s; "
+            "to wait for them, wait on their futures before closing "
             "unfinished=%d session=%s",
             self.address,
+            kept,
             unfinished,
             self.session,
         )

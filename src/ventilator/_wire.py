@@ -399,8 +399,7 @@ class HandshakeWatch:
         # may be a broker going down): a CURVE server drops a HELLO it cannot
         # decrypt, and libzmq, racing the broker's close, often reports a
         # mechanism mismatch the same way. Its greeting tells them apart.
-        self._greeting_read = True
-        mechanism = broker_mechanism(self._address, GREETING_TIMEOUT_S)
+        mechanism = self._read_greeting()
         if mechanism is None:
             return self._guess()
         self._evidence = self._explain(mechanism)
@@ -412,9 +411,14 @@ class HandshakeWatch:
         tasks fail now rather than after two more handshakes, which libzmq
         does not retry after a mismatch: they came only as the owner
         reconnected, seconds apart."""
-        self._greeting_read = True
-        mechanism = broker_mechanism(self._address, GREETING_TIMEOUT_S)
+        mechanism = self._read_greeting()
         self._confirmed = mechanism is not None and self._explain(mechanism) == mismatch
+
+    def _read_greeting(self) -> str | None:
+        """The broker's mechanism, from its greeting (None if unreadable):
+        asked once between two successes."""
+        self._greeting_read = True
+        return broker_mechanism(self._address, GREETING_TIMEOUT_S)
 
     def _explain(self, mechanism: str) -> _Problem | None:
         """Why a broker greeting with `mechanism` closes our handshakes."""

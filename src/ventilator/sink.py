@@ -197,8 +197,10 @@ class Sink:
         last_result = time.monotonic()
         next_beat = last_result + self._heartbeat_interval_s
         while idle_timeout_s is None or time.monotonic() - last_result < idle_timeout_s:
-            waiting.wait(self._wait_ms(next_beat, last_result, idle_timeout_s))
-            self._check_handshakes()
+            handshake_news = waiting.wait(
+                self._wait_ms(next_beat, last_result, idle_timeout_s)
+            )
+            self._check_handshakes(handshake_news)
             batch = self._receive()
             # WELCOME may have lowered the interval to the broker's.
             next_beat = min(next_beat, time.monotonic() + self._heartbeat_interval_s)
@@ -222,7 +224,7 @@ class Sink:
                 next_beat = time.monotonic() + self._heartbeat_interval_s
                 self._warn_while_silent()
 
-    def _check_handshakes(self) -> None:
+    def _check_handshakes(self, news: bool) -> None:
         """Say once why the broker refuses our handshakes, if it does; fail
         once that is past doubt, as a client's tasks do: no result can come.
         A refusal libzmq does not retry (a key the broker's list lacks, a
@@ -232,7 +234,8 @@ class Sink:
         Raises:
             NetworkError: the broker refuses our handshakes, saying why.
         """
-        self._handshakes.read()
+        if news:  # the monitor's events, only when it has some
+            self._handshakes.read()
         problem = self._handshakes.problem
         if problem is None:
             return
@@ -270,6 +273,11 @@ class Sink:
         """How long the broker has said nothing (since we started, if never)."""
         return now - (self._started_at if self._heard_at is None else self._heard_at)
 
+    @property
+    def _silence_s(self) -> float:
+        """How long the broker may say nothing before the sink says so."""
+        return self._heartbeat_interval_s * SILENT_INTERVALS
+
     @contextlib.contextmanager
     def _lent_socket(self) -> Iterator[None]:
         """Let the beating thread use the socket while the caller holds a result."""
@@ -297,11 +305,6 @@ class Sink:
                     and time.monotonic() >= due
                 ):
                     self._send(p.Heartbeat())
-
-    @property
-    def _silence_s(self) -> float:
-        """How long a sink never welcomed waits before it says so."""
-        return self._heartbeat_interval_s * SILENT_INTERVALS
 
     def _wait_ms(self, next_beat: float, last: float, idle_s: float | None) -> int:
         wake_at = next_beat if idle_s is None else min(next_beat, last + idle_s)
@@ -434,6 +437,7 @@ class _Waiting:
         monitor: zmq.Socket[bytes] | None,
     ) -> None:
         self._output_fd = output_fd
+        self._monitor = monitor
         self._poller = zmq.Poller()
         self._poller.register(socket, zmq.POLLIN)
         if monitor is not None:  # the socket's handshakes, failed or not
@@ -442,8 +446,9 @@ class _Waiting:
             # libzmq reports POLLERR and POLLHUP of a descriptor as POLLERR.
             self._poller.register(output_fd, zmq.POLLERR)
 
-    def wait(self, timeout_ms: int) -> None:
-        """Return once the broker sent something, or after `timeout_ms`.
+    def wait(self, timeout_ms: int) -> bool:
+        """Return once the broker sent something, or after `timeout_ms`;
+        whether the socket's monitor has handshake events to read.
 
         Raises:
             BrokenPipeError: the reader of the output left.
@@ -451,6 +456,7 @@ class _Waiting:
         ready = dict(self._poller.poll(timeout_ms))
         if self._output_fd is not None and self._output_fd in ready:
             raise BrokenPipeError(errno.EPIPE, "the reader of the sink's output left")
+        return self._monitor is not None and self._monitor in ready
 
 
 def _check_name(name: str) -> None:

@@ -629,14 +629,16 @@ def test_a_client_the_broker_refuses_says_once_what_is_wrong_with_its_key(
         assert keyring.fingerprint(secret) in said
 
 
-@pytest.mark.parametrize(
-    ("secret", "broker_key", "says"),
-    [
-        (None, None, "wants CURVE and this client has no key"),
-        ("stranger", "broker", "refused this client's CURVE key"),
-        ("alice", "w1", "is --broker-key (broker_key) the public key"),
-    ],
-)
+# What a peer refused by a CURVE broker is told, by its keys: none, keys the
+# lists lack, and a broker key of another. `{role}` is the peer's.
+REFUSALS = [
+    (None, None, "wants CURVE and this {role} has no key"),
+    ("stranger", "broker", "refused this {role}'s CURVE key"),
+    ("alice", "w1", "is --broker-key (broker_key) the public key"),
+]
+
+
+@pytest.mark.parametrize(("secret", "broker_key", "says"), REFUSALS)
 def test_tasks_of_a_client_the_broker_refuses_fail_saying_why(
     launch: Launcher,
     curve_broker: BrokerProcess,
@@ -647,6 +649,7 @@ def test_tasks_of_a_client_the_broker_refuses_fail_saying_why(
     says: str,
 ) -> None:
     # Without the diagnosis they waited for ever, and so did close().
+    says = says.format(role="client")
     caplog.set_level(logging.ERROR, logger="ventilator.client")
     client = launch.client(curve_broker, **client_keys(keyring, secret, broker_key))
 
@@ -671,14 +674,7 @@ def test_tasks_of_a_client_the_broker_refuses_fail_saying_why(
     assert len(failed_lines) == 1, [r.message for r in failed_lines]
 
 
-@pytest.mark.parametrize(
-    ("secret", "broker_key", "says"),
-    [
-        (None, None, "wants CURVE and this sink has no key"),
-        ("stranger", "broker", "refused this sink's CURVE key"),
-        ("alice", "w1", "is --broker-key (broker_key) the public key"),
-    ],
-)
+@pytest.mark.parametrize(("secret", "broker_key", "says"), REFUSALS)
 def test_a_sink_the_broker_refuses_fails_saying_why(
     curve_broker: BrokerProcess,
     keyring: Keyring,
@@ -687,6 +683,7 @@ def test_a_sink_the_broker_refuses_fails_saying_why(
     says: str,
 ) -> None:
     # It used to wait for ever, saying no broker answered.
+    says = says.format(role="sink")
     keys = client_keys(keyring, secret, broker_key)
     with (
         ventilator.Sink("refused", curve_broker.frontend, **keys) as sink,
