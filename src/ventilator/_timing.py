@@ -68,7 +68,7 @@ class BrokerSilence:
 
     The silence is judged as it passes the limit, not at the next heartbeat:
     judged at beats, a killed broker was noticed up to an interval later than
-    the `liveness` intervals the README promises. The limit is given at each
+    the `liveness` intervals docs/cli.md promises. The limit is given at each
     question: a client's follows the interval the broker's WELCOME set.
     """
 

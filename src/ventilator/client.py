@@ -107,7 +107,7 @@ class TaskFuture(Future):  # type: ignore[type-arg]
     """A `concurrent.futures.Future` for one task; `cancel()` reaches the broker.
 
     A task still queued at the broker is removed from the queue; one a worker
-    already holds is stopped there (see `Future.cancel()` in the README).
+    already holds is stopped there (see `Future.cancel()` in docs/python.md).
     """
 
     def __init__(self, client: Client, task_id: int) -> None:
@@ -506,7 +506,7 @@ class Client:
         timeout, poison, not_found, rejected), type, message, traceback,
         retryable. The broker remembers a bounded number (`failed_kept`).
         Under CURVE, a key with a ``.functions`` file gets its own sessions'
-        failures only (see README, Security).
+        failures only (see docs/security.md).
 
         Raises:
             BrokerTimeout: the broker did not answer within `timeout_s`
@@ -550,7 +550,7 @@ class Client:
             BrokerTimeout: the broker did not answer within `timeout_s`
                 (a TimeoutError too).
             UsageError: under CURVE, this client's key has a ``.functions``
-                file (see README, Security).
+                file (see docs/security.md).
         """
         return int(self._ask(p.Purge(function), timeout_s, "purge")["purged"])
 
@@ -571,7 +571,7 @@ class Client:
         Raises:
             UsageError: the session is connected (its results are on their
                 way to it), or, under CURVE, this client's key has a
-                ``.functions`` file (see README, Security).
+                ``.functions`` file (see docs/security.md).
             BrokerTimeout: the broker did not answer within `timeout_s`
                 (a TimeoutError too).
         """

@@ -78,8 +78,8 @@ class SessionRefused(UsageError):
 
 class SessionInUse(SessionRefused):
     """Another live `Client` holds this client's session, and kept it for as
-    long as this one waited (see README, Sessions): close that one, or use
-    another session name."""
+    long as this one waited (see docs/python.md, Sessions): close that one, or
+    use another session name."""
 
 
 class JournalError(VentilatorError):

@@ -509,7 +509,7 @@ class MdpGateway:
         else:
             reason = _failure(entry)
         # A service that raised is its client's news, as any task's is (the
-        # README's rule): at DEBUG, or a service that fails every request
+        # rule in docs/cli.md): at DEBUG, or a service that fails every request
         # would be a WARNING per request. Everything else the broker did.
         raised = entry.status is p.Status.RAISED
         log.log(

@@ -317,7 +317,7 @@ class Worker:
                 self._check_broker(now)
             elif self._broker.presumed_gone(now):
                 # As the silence passes the limit: at the next beat, it was
-                # noticed up to an interval later than the README says.
+                # noticed up to an interval later than docs/cli.md says.
                 self._check_broker(now)
 
     def _drained(self) -> bool:

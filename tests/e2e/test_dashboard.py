@@ -96,7 +96,7 @@ def test_health_answers_ok_and_unknown_pages_are_404(web_broker: BrokerProcess) 
     missing, _ = get(web_broker, "/nothing-here")
 
     assert status == 200 and json.loads(body)["status"] == "ok"
-    # How long ago the broker's loop published, as the README documents it.
+    # How long ago the broker's loop published, as docs/operations.md documents it.
     assert 0 <= json.loads(body)["snapshot_age_s"] < 10
     assert missing == 404
 

@@ -1,5 +1,6 @@
-"""The README's runnable Python examples run: each list item's example of the
-Python section, as a program of its own, against the processes it starts."""
+"""The Python documentation's runnable examples run: each list item's example
+of docs/python.md, as a program of its own, against the processes it starts;
+and the opening example, which the README keeps, runs from both."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,17 +18,24 @@ from .conftest import REPO_ROOT, child_env
 EXAMPLE_TIMEOUT_S = 60.0
 # Indented under a list item: runnable as they stand, each alone.
 INDENTED_PYTHON = re.compile(r"\n  ```python\n(.*?)\n  ```", re.S)
-# The section's opening: a module of tasks, then the script that uses it.
+# The page's (and the README's section's) opening: a module of tasks, then
+# the script that uses it.
 OPENING_PYTHON = re.compile(r"\n```python\n(.*?)\n```", re.S)
 
 
-def python_section() -> str:
+def python_page() -> str:
+    page = (REPO_ROOT / "docs" / "python.md").read_text(encoding="utf-8")
+    assert page.startswith("# Python\n"), "docs/python.md is the Python section"
+    return page
+
+
+def readme_python_section() -> str:
     readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
     return readme.split("\n## Python\n", 1)[1].split("\n## ", 1)[0]
 
 
-def python_section_examples() -> list[str]:
-    blocks = INDENTED_PYTHON.findall(python_section())
+def python_page_examples() -> list[str]:
+    blocks = INDENTED_PYTHON.findall(python_page())
     return [textwrap.dedent(block) for block in blocks]
 
 
@@ -41,16 +50,16 @@ def run_example(script: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_the_python_section_has_its_examples() -> None:
-    examples = python_section_examples()
+def test_the_python_page_has_its_examples() -> None:
+    examples = python_page_examples()
 
     assert any("ventilator.Sink(" in example for example in examples)
     assert any("ventilator.Broker(" in example for example in examples)
     assert any("AsyncClient(" in example for example in examples)
 
 
-@pytest.mark.parametrize("example", python_section_examples())
-def test_a_readme_example_runs(example: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("example", python_page_examples())
+def test_a_python_page_example_runs(example: str, tmp_path: Path) -> None:
     script = tmp_path / "example.py"
     script.write_text(example, encoding="utf-8")
 
@@ -60,8 +69,15 @@ def test_a_readme_example_runs(example: str, tmp_path: Path) -> None:
     assert done.stdout.strip(), "every example prints what it got"
 
 
-def test_the_opening_example_runs_with_its_tasks_module(tmp_path: Path) -> None:
-    tasks, main = OPENING_PYTHON.findall(python_section())[:2]
+@pytest.mark.parametrize(
+    "section",
+    [readme_python_section, python_page],
+    ids=["README.md", "docs/python.md"],
+)
+def test_the_opening_example_runs_with_its_tasks_module(
+    section: Callable[[], str], tmp_path: Path
+) -> None:
+    tasks, main = OPENING_PYTHON.findall(section())[:2]
     (tmp_path / "tasks.py").write_text(tasks, encoding="utf-8")
     (tmp_path / "main.py").write_text(main, encoding="utf-8")
 
@@ -75,7 +91,7 @@ def test_the_opening_example_runs_with_its_tasks_module(tmp_path: Path) -> None:
 def test_the_embedded_broker_example_runs_with_a_journal(tmp_path: Path) -> None:
     # bind() opens the journal in the caller's thread, serve() commits in
     # another: SQLite refused that, and the broker died on its first commit.
-    [example] = [e for e in python_section_examples() if "ventilator.Broker(" in e]
+    [example] = [e for e in python_page_examples() if "ventilator.Broker(" in e]
     memory = 'durability="memory",  # no journal file'
     assert memory in example
     journal = tmp_path / "journal.db"
