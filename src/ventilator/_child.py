@@ -38,7 +38,8 @@ def serve(
     """Receive a batch of tasks, run them, send their outcomes; until EOF.
 
     Before each task, `progress` notes which it is: if it kills us, the
-    worker blames it alone (see _progress)."""
+    worker blames it alone; before each batch, it says whether the worker
+    took the batch back (see _progress)."""
     functions = _import_or_explain(sock, modules)
     # An empty message says we are ready: a task's timeout counts from here,
     # not from a start that may take seconds on a loaded machine.
@@ -49,20 +50,42 @@ def serve(
         except (EOFError, OSError):
             return  # the worker closed our pipe: leave
 
-        reports, results = [], []
-        for place, ((function, flags), payload) in enumerate(
-            zip(tasks, payloads, strict=True)
-        ):
-            progress.running(batch, place)
-            started = time.perf_counter()
-            status, result = run_task(functions, allow_pickle, function, flags, payload)
-            reports.append((int(status), time.perf_counter() - started))
-            results.append(result)
-        progress.between(batch)
+        if progress.withdrawn(batch):
+            # Run elsewhere while we were held up: answered with nothing, so
+            # that the worker's count of our batches stays right.
+            reports: list[tuple[int, float]] = []
+            results: list[Any] = []
+        else:
+            reports, results = _run_batch(
+                batch, tasks, payloads, progress, functions, allow_pickle
+            )
         try:
             write_message(sock, reports, results)
         except OSError:
             return  # the worker went away while we ran
+
+
+def _run_batch(
+    batch: int,
+    tasks: list[list[Any]],
+    payloads: list[Any],
+    progress: Progress,
+    functions: dict[str, Callable[..., Any]],
+    allow_pickle: bool,
+) -> tuple[list[tuple[int, float]], list[Any]]:
+    """Run the tasks of batch number `batch`; their reports and results."""
+    reports: list[tuple[int, float]] = []
+    results: list[Any] = []
+    for place, ((function, flags), payload) in enumerate(
+        zip(tasks, payloads, strict=True)
+    ):
+        progress.running(batch, place)
+        started = time.perf_counter()
+        status, result = run_task(functions, allow_pickle, function, flags, payload)
+        reports.append((int(status), time.perf_counter() - started))
+        results.append(result)
+    progress.between(batch)
+    return reports, results
 
 
 def _import_or_explain(

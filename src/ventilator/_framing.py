@@ -12,7 +12,9 @@ pieces. The child's end blocks (`read_message`, `write_message`).
 
 A child's first message says it imported its modules: empty, it is ready; with
 one row ``[CANNOT_START, reason]`` and the traceback as its payload, it cannot
-import them and leaves.
+import them and leaves. After that, each message answers a batch, a row per
+task; an empty one answers a batch the worker took back, none of it run (see
+`_progress`).
 """
 
 from __future__ import annotations

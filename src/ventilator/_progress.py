@@ -9,6 +9,11 @@ once the process is gone, and blames that task alone, at its first death.
 A note in shared memory rather than a message per task on the pipe: it costs a
 store, not a system call on each side, and it survives the writer's death.
 A memfd where the system has one, else an unlinked temporary file.
+
+The worker writes a second note the other way: the batches it took back from
+the pipe, to run elsewhere while the process was held up (see
+`ProcessPool._withdraw_held_up`). The process reads it before each batch and
+skips one taken back. A message on the pipe would queue behind those batches.
 """
 
 from __future__ import annotations
@@ -19,10 +24,12 @@ import tempfile
 
 __all__ = ["Progress"]
 
-# The note: the batch's number, counted from 1 over the process's life, in the
-# high half; the task's place in it plus one in the low half, 0 between tasks.
-# One aligned 8-byte store, so a reader never sees half a note.
-_SIZE = 8
+# The process's note: the batch's number, counted from 1 over the process's
+# life, in the high half; the task's place in it plus one in the low half, 0
+# between tasks. The worker's note: the number of the last batch it took back.
+# Each one aligned 8-byte store, so a reader never sees half a note.
+_SIZE = 16
+_RUNNING, _WITHDRAWN = 0, 1
 _PLACE_BITS = 32
 _PLACE_MASK = (1 << _PLACE_BITS) - 1
 
@@ -48,19 +55,27 @@ class Progress:
 
     def running(self, batch: int, place: int) -> None:
         """The task at `place` (from 0) of batch number `batch` starts now."""
-        self._note[0] = (batch << _PLACE_BITS) | (place + 1)
+        self._note[_RUNNING] = (batch << _PLACE_BITS) | (place + 1)
 
     def between(self, batch: int) -> None:
         """No task of batch number `batch` runs any more."""
-        self._note[0] = batch << _PLACE_BITS
+        self._note[_RUNNING] = batch << _PLACE_BITS
 
     def running_task(self, batch: int) -> int | None:
         """The place of the task of batch number `batch` that was running,
         or None if none was (the note is of another batch, or between tasks)."""
-        note = self._note[0]
+        note = self._note[_RUNNING]
         if note >> _PLACE_BITS != batch or not note & _PLACE_MASK:
             return None
         return (note & _PLACE_MASK) - 1
+
+    def withdraw_through(self, batch: int) -> None:
+        """The worker took back every batch up to number `batch` not started."""
+        self._note[_WITHDRAWN] = batch
+
+    def withdrawn(self, batch: int) -> bool:
+        """Whether the worker took back batch number `batch`: skip it."""
+        return self._note[_WITHDRAWN] >= batch
 
     def close(self) -> None:
         self._note.release()

@@ -8,7 +8,9 @@ task is noticed at once, with no polling interval.
 Process pool: one child per slot, fed through its own socket pair. Each child
 gets its next batch of tasks before it finishes the current one (up to
 `PIPELINE_DEPTH` batches in its pipe), so it never waits for the worker's main
-loop to be scheduled: on a busy machine that wait is what costs efficiency. The worker
+loop to be scheduled: on a busy machine that wait is what costs efficiency.
+Batches behind one that runs long (`HELD_UP_S`) are taken back for a child
+that idles, which a task that hangs would otherwise leave idle. The worker
 writes to a child without blocking, keeping what the socket does not take yet
 for when it becomes writable: a child busy writing a large result would
 otherwise wait for the worker while the worker waits for it. A child that
@@ -58,6 +60,7 @@ import time
 from collections import deque
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any, Literal, Protocol
 
 from . import _proctree
@@ -90,8 +93,14 @@ _SPLIT = int(p.Flags.SPLIT)
 
 # How long a child gets to exit on its own before it is killed.
 CHILD_EXIT_GRACE_S = 2.0
-# How often to look whether each child process is still alive.
+# How often to look whether each child process is still alive, and whether
+# one is held up (see HELD_UP_S).
 LIVENESS_CHECK_S = 1.0
+# How long a child may run one batch before the batches in its pipe behind it
+# are taken back for a child that idles (see ProcessPool._withdraw_held_up).
+# Batches are sized to BATCH_WORK_S of work; tasks of a function not timed yet
+# go one at a time, and that one may run for ever.
+HELD_UP_S = 0.5
 # How long a new child may take to import its modules and say it is ready
 # before it is taken for stuck and replaced (its tasks wait, unblamed).
 CHILD_START_TIMEOUT_S = 60.0
@@ -264,7 +273,8 @@ class _Child:
     progress: Progress  # which task of its batch it runs, told through memory
     mark: str  # its TASK_PROCESS_ENV, inherited by what it starts
     spawned_at: float
-    # Batches sent down the pipe, oldest (the one running) first.
+    # Batches sent down the pipe, oldest (the one running) first. One taken
+    # back is left empty: the child still answers it (see _withdraw).
     sent: deque[list[_Running]] = field(default_factory=deque)
     # Batches it reported: the oldest in `sent` is its batch number this plus 1.
     batches_reported: int = 0
@@ -524,6 +534,46 @@ class ProcessPool:
                 return
             self._send(child, self._next_batch(), now)
 
+    def _withdraw_held_up(self, now: float) -> None:
+        """Take back the batches in the pipe of each child held up by a long
+        batch, for a child that idles: they would wait as long, for ever
+        behind a task that hangs, while it idles. Nothing is taken back while
+        tasks wait here: an idle child gets those first."""
+        if self._waiting or not any(c.ready and not c.sent for c in self._children):
+            return
+        for child in self._children:
+            if self._held_up(child, now):
+                self._withdraw(child, now)
+
+    def _held_up(self, child: _Child, now: float) -> bool:
+        """Whether `child` has run its batch for HELD_UP_S and more, with a
+        batch behind it in its pipe."""
+        if not child.ready or not any(islice(child.sent, 1, None)):
+            return False
+        head = child.sent[0]
+        running = child.progress.running_task(child.batches_reported + 1)
+        # A child between batches is about to start the next: no use.
+        return bool(head) and running is not None and now - head[0].started >= HELD_UP_S
+
+    def _withdraw(self, child: _Child, now: float) -> None:
+        """Take back every batch behind `child`'s running one: their tasks
+        go to the head of the queue, in order. The child reads in its note
+        that they were taken back, and skips them (see _progress). Should it
+        start one just as they are taken back, its tasks run twice, and the
+        outcomes of their run in another child count (see _finished)."""
+        behind = list(islice(child.sent, 1, None))
+        child.progress.withdraw_through(child.batches_reported + len(child.sent))
+        for batch in reversed(behind):
+            self._waiting.extendleft(r.task for r in reversed(batch))
+        child.sent = deque([child.sent[0], *([] for _ in behind)])
+        log.info(
+            "task process pid=%d has run one batch for %.1fs; the %s behind it "
+            "in its pipe go to another",
+            child.process.pid,
+            now - child.sent[0][0].started,
+            counted(sum(len(batch) for batch in behind), "task"),
+        )
+
     def _next_batch(self) -> list[p.Assignment]:
         first = self._waiting.popleft()
         if not self._batchable(first):
@@ -617,6 +667,8 @@ class ProcessPool:
                     self._look_after(polled, True, False, outcomes, now)
         if self._released:
             outcomes = self._settle_released(outcomes)
+        if check_all:
+            self._withdraw_held_up(now)
         self._feed(now)
         self._next_deadline = self._earliest_deadline()
         return outcomes
@@ -644,7 +696,7 @@ class ProcessPool:
         if not child.ready:
             self._failed_start(child, health, now)
             return
-        if health == "lost" and child.sent:
+        if health == "lost" and child.sent and child.sent[0]:
             ended = _how_it_ended(child.process)
             culprit = child.progress.running_task(child.batches_reported + 1)
             self._blame(child.sent.popleft(), culprit, outcomes, now, ended)
@@ -723,8 +775,13 @@ class ProcessPool:
         if not child.sent:
             raise ValueError("a task process reported a batch it was not given")
         child.batches_reported += 1
+        batch = child.sent.popleft()
+        if not batch:
+            # Taken back (see _withdraw): another child runs its tasks. Had
+            # this one started it just before, its outcomes are dropped here.
+            reports, results = [], []
         for running, (status, duration_s), result in zip(
-            child.sent.popleft(), reports, results, strict=True
+            batch, reports, results, strict=True
         ):
             self._duration_of(running.task.function).observe(duration_s)
             self._suspects.discard((running.task.ticket, running.task.attempt))
@@ -916,7 +973,9 @@ class ProcessPool:
         timed = False
         for child in self._children:
             # Only single tasks carry a timeout (see _batchable).
-            timed = timed or any(batch[0].task.timeout_s for batch in child.sent)
+            timed = timed or any(
+                batch and batch[0].task.timeout_s for batch in child.sent
+            )
             if child.ready and child.sent and len(first := child.sent[0]) == 1:
                 deadline = first[0].deadline()
                 if deadline is not None and (earliest is None or deadline < earliest):

@@ -341,6 +341,26 @@ def test_thread_pool_frees_the_slots_of_tasks_that_hang_past_their_timeout(
         assert "result will be dropped" in error.message
 
 
+def test_a_task_that_hangs_holds_up_no_other_clients_tasks_on_its_worker(
+    launch: Launcher, broker: BrokerProcess
+) -> None:
+    # A tester's hung task (no timeout) held its task process; the batch the
+    # worker had written to that process's pipe behind it waited with it,
+    # while the worker's other process idled and the other client waited.
+    launch.worker(broker, concurrency=2)
+    hanging = launch.client(broker)
+    other = launch.client(broker)
+    wait_for_workers(other, 1)
+    hanging.submit(tasks.hang)
+
+    for round_ in range(3):  # a round ends only if every task came back
+        numbers = range(round_ * 200, (round_ + 1) * 200)
+        futures = [other.submit(tasks.square, x) for x in numbers]
+        assert [f.result(RESULT_TIMEOUT_S) for f in futures] == [
+            x * x for x in numbers
+        ]
+
+
 # --- garbage on the wire ----------------------------------------------------------
 
 

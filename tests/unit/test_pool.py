@@ -560,3 +560,49 @@ def test_a_pool_gives_up_released_tasks_running_or_waiting_and_runs_the_rest(
     assert given_up == 2
     assert [(o.ticket, unpack_value(o.payload)) for o in outcomes] == [(3, 9)]
     assert held == []
+
+
+def test_a_batch_in_the_pipe_of_a_child_held_up_runs_on_an_idle_one_once(
+    tmp_path: Path,
+) -> None:
+    # A task that never ends holds its child; the batch written to that
+    # child's pipe behind it would wait as long, while the other child idles.
+    started, release = tmp_path / "started", tmp_path / "release"
+    runs, done = tmp_path / "runs", tmp_path / "done"
+    runs.mkdir()
+    done.touch()  # the counted tasks end at once
+    pool = ProcessPool(2, [TASKS], allow_pickle=False)
+    try:
+        head = pack_call((str(started), str(release)), {})
+        pool.submit(p.Assignment(1, 1, f"{TASKS}:wait_for_file", head), 0.0)
+        for ticket in range(2, 6):
+            call = pack_call((str(runs), str(done)), {})
+            pool.submit(p.Assignment(ticket, 1, f"{TASKS}:run_counted", call), 0.0)
+
+        behind = collect_until(pool, {2, 3, 4, 5}, deadline_s=10.0)
+        release.touch()
+        head_outcome = collect_until(pool, {1}, deadline_s=10.0)
+    finally:
+        pool.close()
+
+    assert all(o.status is p.Status.OK for o in [*behind, *head_outcome])
+    assert sorted(o.ticket for o in behind) == [2, 3, 4, 5]
+    assert len(list(runs.iterdir())) == 4, "a task withdrawn from a pipe ran twice"
+
+
+def collect_until(
+    pool: ProcessPool, tickets: set[int], deadline_s: float
+) -> list[p.Outcome]:
+    """The outcomes of `tickets`, collected as the worker's loop does; fails
+    if one does not come within `deadline_s` or another comes instead."""
+    outcomes: list[p.Outcome] = []
+    deadline = time.monotonic() + deadline_s
+    while {o.ticket for o in outcomes} != tickets:
+        left_s = deadline - time.monotonic()
+        assert left_s > 0, f"only {sorted(o.ticket for o in outcomes)} came back"
+        readable, _, _ = select.select(
+            pool.fds(), pool.write_fds(), [], min(left_s, 1.0)
+        )
+        outcomes += pool.collect(time.monotonic(), set(readable))
+    assert len(outcomes) == len(tickets), "a task was reported twice"
+    return outcomes
