@@ -1342,7 +1342,8 @@ def _purge_sink(connect: str, timeout_s: float, sink: str, yes: bool) -> None:
 def cancel(
     connect: str, timeout_s: float, session: str, task_id: int, yes: bool
 ) -> None:
-    """Cancel the task TASK_ID of the client SESSION, if it has not started.
+    """Cancel the task TASK_ID of the client SESSION: queued, it leaves its
+    queue; running, its worker stops it.
 
     `ventilator failed` and the dashboard show sessions and task ids; a
     client's own are `Client.session` and `TaskFuture.task_id`.
@@ -1359,7 +1360,14 @@ def cancel(
         ),
         "cancelled already": "not cancelled again: it was cancelled already",
         "finished": "not cancelled: it had finished already",
-        "unknown": "not cancelled: the broker has no such task",
+        "unknown": (
+            "not cancelled: the broker has no such task (never submitted, or "
+            "forgotten once its result was collected or expired)"
+        ),
+        "unknown session": (
+            "not cancelled: the broker knows no session of this name (it holds "
+            "nothing for one: never connected, or all collected)"
+        ),
     }
     click.echo(f"task {task_id} of {session}: {messages.get(outcome, outcome)}")
     if outcome != "cancelled":

@@ -591,7 +591,8 @@ class Client:
 
         Returns what became of it: "cancelled" (a running task is stopped
         by its worker), "running" (on an MDP worker, which cannot be told to
-        stop it), "cancelled already", "finished" or "unknown".
+        stop it), "cancelled already", "finished", "unknown" (no such task
+        of the session) or "unknown session".
 
         Raises:
             BrokerTimeout: the broker did not answer within `timeout_s`

@@ -2594,9 +2594,15 @@ class Scheduler:
 
         unknown = sorted(wanted - {r.ticket for r in chosen})
         mine = "" if scope is None else " among this client's sessions' failures"
+        kept = self._failures.records.maxlen
         for ticket in unknown:
             refused.append(
-                [ticket, f"no failed task with this ticket is remembered{mine}"]
+                [
+                    ticket,
+                    f"no failed task with this ticket is remembered{mine}: "
+                    f"retried already, or older than the latest {kept} failures "
+                    "kept",
+                ]
             )
         return {"retried": retried, "refused": refused, "sink": sink}
 
@@ -2693,7 +2699,7 @@ class Scheduler:
         ticket = self._by_key.get((session, task_id))
         task = self.tasks.get(ticket) if ticket is not None else None
         if task is None:
-            return "unknown"
+            return "unknown" if session in self.recipients else "unknown session"
         if task.cancelled:
             return "cancelled already"  # by its client, on an MDP worker
         if task.state is State.RUNNING:

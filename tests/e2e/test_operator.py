@@ -191,10 +191,14 @@ def test_cancel_by_id_cancels_a_queued_task_and_reports_unknown_ones(
     unknown = run_cli(
         processes, "cancel", client.session, "1", "--yes", "--connect", broker.frontend
     )
+    nobody = run_cli(
+        processes, "cancel", "nobody", "1", "--yes", "--connect", broker.frontend
+    )
 
     assert cancelled.returncode == 0, cancelled.stderr
     wait_until(future.cancelled, 10, "the future to be cancelled")
     assert unknown.returncode == 1 and "no such task" in unknown.stdout
+    assert nobody.returncode == 1 and "knows no session" in nobody.stdout
 
 
 def test_cancel_by_id_stops_a_hung_task_on_its_worker(
