@@ -174,6 +174,17 @@ def _first_copies(
     return list(firsts.values()), repeated
 
 
+def _split_ones_first(specs: list[p.TaskSpec]) -> list[p.TaskSpec]:
+    """`specs` in the order to accept them: the items split from a map's batch
+    whose worker died, last first, then the others. Each split item goes to
+    the front of its session's lane, as a task given back does: a tester's
+    map, its worker killed, resent them behind its whole backlog, and its
+    output, in input order, stood still for a minute. Taken last first, they
+    end up at the front in the order they were sent."""
+    split = [spec for spec in reversed(specs) if spec.flags & _SPLIT]
+    return split + [spec for spec in specs if not spec.flags & _SPLIT]
+
+
 def _twice(task_id: int) -> str:
     return f"task_id {task_id} appears twice in one SUBMIT"
 
@@ -614,6 +625,8 @@ class Scheduler:
         # A resubmission comes in a later SUBMIT; one id twice in the same
         # one is two tasks of which only the first could ever be answered.
         firsts, repeated = _first_copies(specs)
+        if any(spec.flags & _SPLIT for spec in firsts):
+            firsts = _split_ones_first(firsts)
         functions: dict[str, None] = {}
         sinks: dict[str, None] = {}
         for spec in firsts:
@@ -976,7 +989,9 @@ class Scheduler:
             self._shared.setdefault(p.shared_arena(task.payload), set()).add(
                 task.ticket
             )
-        self._enqueue(task)
+        # An item of a map's batch whose worker died is among the map's
+        # oldest: its output, in input order, waits for it (see _split_ones_first).
+        self._enqueue(task, front=bool(task.flags & _SPLIT))
         self.submitted += 1
         self.disk_budget.spend(p.payload_bytes(spec))
         self._effects.accepted.append(task)

@@ -356,9 +356,7 @@ def test_a_task_that_hangs_holds_up_no_other_clients_tasks_on_its_worker(
     for round_ in range(3):  # a round ends only if every task came back
         numbers = range(round_ * 200, (round_ + 1) * 200)
         futures = [other.submit(tasks.square, x) for x in numbers]
-        assert [f.result(RESULT_TIMEOUT_S) for f in futures] == [
-            x * x for x in numbers
-        ]
+        assert [f.result(RESULT_TIMEOUT_S) for f in futures] == [x * x for x in numbers]
 
 
 # --- garbage on the wire ----------------------------------------------------------

@@ -1013,6 +1013,23 @@ def test_item_split_from_a_dead_batch_has_that_death_counted_already() -> None:
     assert "3 times" in error_report(entry)["message"]
 
 
+def test_items_split_from_a_dead_batch_run_before_their_maps_backlog_in_order() -> None:
+    # A tester's map, its worker killed, sent the items of its batches again
+    # behind its whole backlog; its output, in input order, stood still.
+    driver = Driver()
+    driver.hello()
+    driver.submit(*[task(i) for i in range(1, 6)])  # the map's later batches
+    driver.submit(*[task(i, flags=p.Flags.SPLIT) for i in range(10, 13)])
+
+    ran = []  # task ids, in the order the worker got them
+    handed = assignments(driver.ready(W1), W1)
+    while handed:
+        ran.append(driver.scheduler.tasks[handed[0].ticket].task_id)
+        handed = assignments(driver.done(W1, handed[0]), W1)
+
+    assert ran == [10, 11, 12, 1, 2, 3, 4, 5]
+
+
 def test_silent_worker_is_expired_and_its_tasks_requeued(driver: Driver) -> None:
     driver.submit(task(1))
     driver.ready(W1)
