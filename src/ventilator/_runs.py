@@ -168,7 +168,7 @@ def _run_tasks(job: Job, run: Run, stopping: _Stopping) -> int:
         # Lines read and not yet written: the map reads ahead of its output.
         read: deque[tuple[str, Any]] = deque()
         items = _items(job, run.lines, read, bar)
-        with watch.explained():
+        with watch.explained(stopping):
             batches = _outcomes(client, job, items)
             stack.enter_context(
                 _cancelled_unless_done(client, batches, run, stopping, read)
@@ -417,14 +417,18 @@ class _ClusterWatch:
                 return
 
     @contextlib.contextmanager
-    def explained(self) -> Iterator[None]:
+    def explained(self, stopping: _Stopping) -> Iterator[None]:
+        """Say that the embedded process died, if the run failed for that,
+        and how far it got: with --output, nothing else says so."""
         try:
             yield
         except VentilatorError:
             if self.dead is None:
                 raise
             raise click.ClickException(
-                f"the embedded {self.dead} exited; unfinished tasks are lost"
+                f"the embedded {self.dead} exited after "
+                f"{counted(stopping.written, 'line')} ({stopping.failed} failed); "
+                "the tasks of the lines after those are lost"
             ) from None
 
 

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import _lifeline as lifeline
+from ._words import how_it_ended
 from .client import Client
 from .errors import UsageError, VentilatorError
 from .policy import check_at_least
@@ -256,7 +257,8 @@ class LocalCluster:
         """ "broker" or "worker" if that process has exited, else None."""
         for name, process in zip(("broker", "worker"), self._processes, strict=False):
             if process.poll() is not None:
-                return f"{name} (pid {process.pid}, exit status {process.returncode})"
+                ended = how_it_ended(process.returncode)
+                return f"{name} (pid {process.pid}, {ended})"
         return None
 
     def stop(self) -> None:

@@ -51,7 +51,6 @@ import os
 import queue
 import random
 import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -67,7 +66,7 @@ from . import _proctree
 from . import protocol as p
 from ._framing import CANNOT_START, Inbox, Outbox, frame
 from ._progress import Progress
-from ._words import counted
+from ._words import counted, how_it_ended
 from .errors import TaskError, TaskTimeout
 from .execution import run_task
 from .logs import REMOTE_TRACEBACK, Routine
@@ -1049,12 +1048,9 @@ def _how_it_ended(process: subprocess.Popen[bytes]) -> str:
     before the process is gone: wait that instant, not longer."""
     with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(timeout=REAP_WAIT_S)
-    code = process.returncode
-    if code is None:
+    if process.returncode is None:
         return "still exiting"
-    if code < 0:
-        return f"killed by {signal.Signals(-code).name}"
-    return f"exit code {code}"
+    return how_it_ended(process.returncode)
 
 
 def _why_not_started(child: _Child, health: _Health) -> tuple[str, str]:
