@@ -22,7 +22,7 @@ from typing import IO, TYPE_CHECKING, Any, NoReturn
 import click
 from click.core import ParameterSource
 
-from . import logs
+from . import _lifeline, logs
 from . import protocol as p
 from ._allocator import keep_freed_memory
 from ._cli_errors import or_usage_error
@@ -52,7 +52,9 @@ from .security import ServerKeys, fingerprint, generate_keys, read_public_key
 if TYPE_CHECKING:
     from ._run_output import Output, OutputFailed
     from ._runs import Run
+    from .broker import Broker
     from .client import Client
+    from .dashboard import DashboardServer
     from .worker import Worker
 
 log = logging.getLogger(__name__)
@@ -99,6 +101,18 @@ def _log_settings() -> tuple[str, str]:
     """(level, format) that logging was set up with for this command."""
     settings = click.get_current_context().find_root().meta["ventilator.logging"]
     return str(settings["level"]).upper(), str(settings["format"])
+
+
+def _say_started(line: str) -> None:
+    """Tell a person at a terminal that a server command is up, and how to
+    stop it: at the default level it logs nothing at all while all is well,
+    and a new user took its silence for a hang. Not in JSON logs, not when
+    INFO says it anyway, not from a process a map or exec runs for itself."""
+    level, log_format = _log_settings()
+    embedded = _lifeline.ENV in os.environ
+    quiet = logging.getLevelName(level) > logging.INFO
+    if sys.stderr.isatty() and log_format == "text" and quiet and not embedded:
+        click.echo(f"ventilator {line}", err=True)
 
 
 def _logging_options(default: bool) -> Callable[[Callable[..., Any]], Any]:
@@ -608,6 +622,7 @@ def broker(
     # signal at once, and a SIGHUP nobody handles ends the process.
     _stop_on_signals(server.stop)
     signal.signal(signal.SIGHUP, lambda signum, frame: server.reload())
+    _say_started(_broker_started(server, dashboard))
     if announce:
         endpoints = {
             "frontend": server.frontend_endpoint,
@@ -624,6 +639,27 @@ def broker(
     finally:
         if dashboard is not None:
             dashboard.stop()
+
+
+def _broker_started(server: Broker, dashboard: DashboardServer | None) -> str:
+    """The line a broker started at a terminal says (see _say_started)."""
+    if server.config.durability == "memory":
+        kept = "no journal (--durability memory)"
+    else:
+        kept = f"journal {server.config.journal}"
+    also = "".join(
+        f", {what} {where}"
+        for what, where in (
+            ("MDP on", server.mdp_endpoint),
+            ("dashboard at", dashboard.endpoint if dashboard else None),
+        )
+        if where
+    )
+    return (
+        f"broker: clients connect to {server.frontend_endpoint}, workers to "
+        f"{server.backend_endpoint}{also}; {kept}. Ctrl-C stops it; "
+        "--log-level INFO logs who comes and goes"
+    )
 
 
 def _journal_named(journal: str, durability: str) -> str | None:
@@ -733,6 +769,14 @@ def worker(
     keep_freed_memory()  # this process exists to move payloads
     _stop_on_signals(server.stop)
     signal.signal(signal.SIGQUIT, _leave_at_once(server))
+    if pool == "process":
+        slots = counted(config.concurrency, "task process", "task processes")
+    else:
+        slots = counted(config.concurrency, "thread")
+    _say_started(
+        f"worker: serving {', '.join(modules)} in {slots} for the broker at "
+        f"{connect}. Ctrl-C finishes the tasks it holds and leaves; twice, at once"
+    )
     server.serve()
 
 

@@ -7,12 +7,15 @@ import hashlib
 import itertools
 import json
 import os
+import pty
 import re
+import select
 import signal
 import socket
 import subprocess
 import sys
 import sysconfig
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +27,16 @@ from . import broken_child_tasks
 from .conftest import (
     CLI_TIMEOUT_S,
     MORE_TASKS,
+    REPO_ROOT,
+    START_TIMEOUT_S,
+    STOP_TIMEOUT_S,
     TASKS,
     BrokerProcess,
     ClusterError,
     Launcher,
     Processes,
     ProcessId,
+    child_env,
     descendants,
     free_port,
     json_lines,
@@ -1391,3 +1398,58 @@ def test_one_address_for_frontend_and_backend_is_a_usage_error_naming_both(
     assert "--backend" in result.stderr and "--frontend" in result.stderr
     assert "already in use" not in result.stderr
     assert not list(folder.iterdir()), "a broker that never served made files"
+
+
+def test_a_broker_and_a_worker_at_a_terminal_say_they_started_and_how_to_stop() -> None:
+    # At the default level both log nothing while all is well: a new user took
+    # their silence for a hang. Their logs, when piped, stay as they were.
+    frontend = f"tcp://127.0.0.1:{free_port()}"
+    backend = f"tcp://127.0.0.1:{free_port()}"
+    broker = ventilator_argv(
+        "broker", "--frontend", frontend, "--backend", backend, "--durability", "memory"
+    )
+    worker = ventilator_argv(
+        "worker", TASKS, "--connect", backend, "--concurrency", "1"
+    )
+
+    said_by_broker = said_at_a_terminal(broker, "Ctrl-C stops it")
+    said_by_worker = said_at_a_terminal(worker, "leaves")
+
+    assert f"clients connect to {frontend}, workers to {backend}" in said_by_broker
+    assert "no journal (--durability memory)" in said_by_broker
+    assert f"serving {TASKS} in 1 task process for the broker at {backend}" in (
+        said_by_worker
+    )
+
+
+def said_at_a_terminal(argv: list[str], until: str) -> str:
+    """What `argv`, its stderr a terminal, wrote there up to `until`; then
+    it is stopped."""
+    terminal, its_end = pty.openpty()
+    process = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=its_end,
+        env=child_env(),
+        cwd=REPO_ROOT,
+    )
+    os.close(its_end)
+    said = b""
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while until.encode() not in said:
+            left_s = deadline - time.monotonic()
+            assert left_s > 0, f"not said within {START_TIMEOUT_S}s: {said!r}"
+            readable, _, _ = select.select([terminal], [], [], left_s)
+            if readable:
+                said += os.read(terminal, 4096)
+    finally:
+        process.terminate()
+        try:
+            process.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        os.close(terminal)
+    return said.decode()
