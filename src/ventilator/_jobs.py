@@ -38,6 +38,8 @@ class Job:
     takes_any_bytes: bool = False
     # The command the run is, which names its session at a broker.
     command: str = "map"
+    # Whether a failed line's record carries the worker's traceback.
+    tracebacks: bool = False
 
 
 class _ResultLimit:
@@ -58,13 +60,27 @@ class _ResultLimit:
 
 
 def map_job(
-    function: str, timeout_s: float | None, retries: int, sink: str | None
+    function: str,
+    timeout_s: float | None,
+    retries: int,
+    sink: str | None,
+    tracebacks: bool = False,
 ) -> Job:
     """`function` (module:name) called with each line's value; its results
-    written, or with `sink` sent there and each line's acceptance written."""
+    written, or with `sink` sent there and each line's acceptance written;
+    with `tracebacks`, a failed line's record holds where it failed."""
     module = function.partition(":")[0]
     record = map_record if sink is None else sink_record
-    return Job(function, parse_line, [module], record, timeout_s, retries, sink)
+    return Job(
+        function,
+        parse_line,
+        [module],
+        record,
+        timeout_s,
+        retries,
+        sink,
+        tracebacks=tracebacks,
+    )
 
 
 def exec_job(command: Sequence[str], timeout_s: float | None, retries: int) -> Job:

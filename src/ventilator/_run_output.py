@@ -119,6 +119,8 @@ def _record(job: Job, line: str, item: Any, outcome: ItemOutcome) -> Record:
     if isinstance(item, Unsendable):
         return {"input": line, "error": _error_fields(item.error)}, False
     fields, ok = job.record(line, item, outcome)
+    if job.tracebacks and isinstance(outcome.error, TaskError):
+        _add_traceback(fields, outcome.error)
     problem = None if line.isascii() else not_utf8(line)
     if problem is not None:
         # Its bytes as they were, in a form any JSON reader accepts.
@@ -157,6 +159,14 @@ def _jsonable(value: Any) -> Any:
 
 def _valid_text(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _add_traceback(fields: dict[str, Any], error: TaskError) -> None:
+    """Add where the task failed to its record's error (map --tracebacks):
+    a function's failures are its caller's news, listed by no broker."""
+    described = fields.get("error")
+    if isinstance(described, dict) and error.remote_traceback:
+        described["traceback"] = error.remote_traceback
 
 
 def _error_fields(error: BaseException) -> dict[str, str]:

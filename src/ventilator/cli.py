@@ -885,6 +885,12 @@ def _cluster_options(command: Callable[..., Any]) -> Callable[..., Any]:
 @click.argument("function")
 @_cluster_options
 @click.option("--sink", default=None, help="Send results to this sink instead.")
+@click.option(
+    "--tracebacks",
+    is_flag=True,
+    help="Give each failed line's error the traceback of where it failed, "
+    'under "traceback".',
+)
 def map_command(
     function: str,
     input_file: IO[str],
@@ -899,6 +905,7 @@ def map_command(
     secret_key: str | None,
     broker_key: str | None,
     sink: str | None,
+    tracebacks: bool,
 ) -> None:
     """Apply MODULE:FUNCTION to each input line (as JSON if it parses)."""
     from ._jobs import map_job  # see broker()
@@ -913,7 +920,7 @@ def map_command(
     _check_workers(connect, workers)
     if connect is None:
         or_usage_error(lambda: resolve(function))
-    job = map_job(function, timeout_s, retries, sink)
+    job = map_job(function, timeout_s, retries, sink, tracebacks)
     run = _run_of(
         input_file,
         null_separated,

@@ -178,6 +178,24 @@ def test_map_reports_each_failure_as_an_error_line_and_exits_1(
     ]
 
 
+def test_map_with_tracebacks_says_where_each_failed_line_failed(
+    processes: Processes,
+) -> None:
+    # A function's failures are its caller's news: no broker lists them, and
+    # a record saying only "division by zero" left a tester without a lead.
+    completed = run_cli(
+        processes,
+        *("map", f"{TASKS}:reciprocal", "--workers", "1", "--tracebacks"),
+        input_text="4\n0\n",
+    )
+
+    ok, failed = json_lines(completed.stdout)
+    assert "traceback" not in ok
+    assert failed["error"]["type"] == "ZeroDivisionError"
+    assert "in reciprocal" in failed["error"]["traceback"]
+    assert "return 1 / x" in failed["error"]["traceback"]
+
+
 @pytest.mark.parametrize(
     ("function", "complaint"),
     [
