@@ -498,7 +498,8 @@ def _log_client_lost(notice: n.ClientLost) -> None:
         return
     # Even one that said BYE may open its session again to collect them.
     log.info(
-        "client %s client=%s; keeping %s for its return (result_ttl_s)",
+        "client %s client=%s; keeping %s for its return (result_ttl_s; "
+        "orphan_grace_s if the broker is full)",
         how,
         notice.recipient,
         counted(notice.held, "result"),
