@@ -23,8 +23,9 @@ every loop turn to deliver, and at most `MAX_LOOKED_AT` of their results.
 
 from __future__ import annotations
 
+import heapq
 import itertools
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from . import protocol as p
@@ -80,56 +81,56 @@ def pick_orphans(
 ) -> list[Task]:
     """The oldest results of the sessions that left by `cutoff`, as many as
     cover `shortfall` (all that were found, if they do not), oldest first."""
-    found: dict[int, Task] = {}
+    per_session: list[list[Task]] = []
     budget = max_looked_at
     for recipient in recipients:
         if budget <= 0:
             break
         if has_left(recipient, cutoff):
-            budget -= _oldest_of(recipient, tasks, shortfall, budget, found)
-    oldest_first = sorted(found.values(), key=_finished_at)
-    return _enough(oldest_first, shortfall)
+            oldest, looked = _oldest_of(recipient, tasks, shortfall, budget)
+            per_session.append(oldest)
+            budget -= looked
+    # Each session's come oldest first: merged, not sorted, so that the work
+    # grows with the results dropped rather than with those looked at.
+    return _enough(heapq.merge(*per_session, key=_finished_at), shortfall)
 
 
 def _oldest_of(
-    recipient: Recipient,
-    tasks: Mapping[int, Task],
-    shortfall: Shortfall,
-    budget: int,
-    found: dict[int, Task],
-) -> int:
-    """Add to `found` the oldest results owed to `recipient`, until they
-    alone cover `shortfall` or `budget` of them were looked at; return how
-    many were."""
+    recipient: Recipient, tasks: Mapping[int, Task], shortfall: Shortfall, budget: int
+) -> tuple[list[Task], int]:
+    """The oldest results owed to `recipient`, until they alone cover
+    `shortfall` or `budget` of them were looked at; and how many were."""
     # Sent and unacknowledged ones first: they are older than those unsent.
     # Its tombstones (expired, or dropped by an earlier pick) are its oldest,
     # in front: skipped without a look each, or a session that lost most of
     # a large backlog would spend the budget on them at every pick.
     owed = itertools.chain(recipient.unacked, recipient.pending)
-    looked = freed_tasks = freed_bytes = 0
+    found: dict[int, Task] = {}  # a ticket may be in both after a reconnection
+    looked = freed_bytes = 0
     for ticket in itertools.islice(owed, recipient.expired, None):
-        if looked >= budget or shortfall.covered_by(freed_tasks, freed_bytes):
+        if looked >= budget or shortfall.covered_by(len(found), freed_bytes):
             break
         looked += 1
         task = tasks.get(ticket)
         if task is None or task.status in (None, p.Status.EXPIRED):
             continue
-        if task.ticket not in found:
-            found[task.ticket] = task
-            freed_tasks += 1
+        if ticket not in found:
+            found[ticket] = task
             freed_bytes += len(task.result)
-    return looked
+    return list(found.values()), looked
 
 
 def _finished_at(task: Task) -> float:
     return task.finished_at
 
 
-def _enough(oldest_first: list[Task], shortfall: Shortfall) -> list[Task]:
+def _enough(oldest_first: Iterator[Task], shortfall: Shortfall) -> list[Task]:
     """The first of `oldest_first` that together cover `shortfall`."""
+    enough: list[Task] = []
     freed_bytes = 0
-    for count, task in enumerate(oldest_first):
-        if shortfall.covered_by(count, freed_bytes):
-            return oldest_first[:count]
+    for task in oldest_first:
+        if shortfall.covered_by(len(enough), freed_bytes):
+            break
+        enough.append(task)
         freed_bytes += len(task.result)
-    return oldest_first
+    return enough

@@ -196,6 +196,20 @@ def test_the_oldest_results_are_dropped_first_and_no_more_than_needed() -> None:
     assert statuses(driver, "late") == {p.Status.OK}
 
 
+def test_a_later_turn_drops_the_next_oldest_past_the_tombstones() -> None:
+    limits = Limits(heartbeat_interval_s=1.0, max_queued_tasks=2000, orphan_grace_s=5)
+    driver = Driver(limits)
+    results_left_behind(driver, count=2000)
+    driver.hello(BOB, "bob")
+    driver.tick(GRACE_S)
+    bob_submits(driver, 1)  # alice's 1,025 oldest go
+
+    taken, refused = bob_submits(driver, *range(2, 1101))
+
+    assert len(taken) == 1099 and refused == []
+    assert statuses(driver, "alice") == {p.Status.EXPIRED}
+
+
 def test_room_is_made_for_max_queued_bytes_too() -> None:
     limits = Limits(
         heartbeat_interval_s=1.0, max_queued_bytes=1_000_000, orphan_grace_s=GRACE_S
