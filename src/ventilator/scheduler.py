@@ -913,12 +913,11 @@ class Scheduler:
         if waiting:
             said += (
                 "results wait until their client or sink collects them, or for "
-                f"{self.limits.result_ttl_s:g}s (result_ttl_s); those of a "
-                "session with no client connected for "
-                f"{self.limits.orphan_grace_s:g}s (orphan_grace_s) are dropped "
-                "when the broker is full, sooner by an operator with "
-                "`ventilator purge --session NAME`; those of a sink nobody "
-                "receives with `ventilator purge --sink NAME`"
+                f"{self.limits.result_ttl_s:g}s (result_ttl_s); a full broker "
+                "drops those of a session with no client connected for "
+                f"{self.limits.orphan_grace_s:g}s (orphan_grace_s), an operator "
+                "sooner with `ventilator purge --session NAME`, and those of a "
+                "sink nobody receives with `ventilator purge --sink NAME`"
             )
         else:
             said += (
