@@ -46,6 +46,9 @@ FORGOTTEN_FAILURES_FIRST_INTERVAL_S = 60.0
 # A function's tasks failing as poison or by timeout, likewise per function
 # and outcome.
 TASK_FAILURES_FIRST_INTERVAL_S = 10.0
+# Results of sessions that left dropped to make room, at most once a loop turn
+# while clients keep a broker full: said at once, then less and less often.
+ORPHANS_DROPPED_FIRST_INTERVAL_S = 10.0
 
 
 class NoticeLog:
@@ -75,6 +78,9 @@ class NoticeLog:
         self._task_failures: Routines[tuple[str, str]] = Routines(
             _LOG_NAME, TASK_FAILURES_FIRST_INTERVAL_S, level=logging.WARNING
         )
+        self._orphans_dropped = Routine(
+            _LOG_NAME, ORPHANS_DROPPED_FIRST_INTERVAL_S, level=logging.WARNING
+        )
 
     def log(self, notices: list[n.Notice], now: float) -> None:
         """Say a loop turn's notices, within the rate limits."""
@@ -102,6 +108,8 @@ class NoticeLog:
                 self._log_failures_forgotten(notice, now)
             elif isinstance(notice, n.TaskFailed):
                 self._log_task_failed(notice, now)
+            elif isinstance(notice, n.OrphansDropped):
+                self._log_orphans_dropped(notice, now)
             else:
                 _log_notice(notice)
 
@@ -167,6 +175,21 @@ class NoticeLog:
             "it forgets can no longer be retried",
             oldest,
             notice.kept,
+        )
+
+    def _log_orphans_dropped(self, notice: n.OrphansDropped, now: float) -> None:
+        # A WARNING: work was done and is lost, though nobody was left to
+        # read it; the operator learns which limit is too tight for its use.
+        self._orphans_dropped.log(
+            now,
+            notice.count,
+            "the broker is full (%s): dropped %s of %s with no client "
+            "connected for %gs or more (orphan_grace_s) to make room; a client "
+            "of theirs that comes back hears why",
+            notice.limit,
+            counted(notice.count, "result"),
+            counted(notice.sessions, "session"),
+            notice.grace_s,
         )
 
 
@@ -485,7 +508,8 @@ def _log_client_lost(notice: n.ClientLost) -> None:
         return
     # Even one that said BYE may open its session again to collect them.
     log.info(
-        "client %s client=%s; keeping %s for its return (result_ttl_s)",
+        "client %s client=%s; keeping %s for its return (result_ttl_s; "
+        "orphan_grace_s if the broker is full)",
         how,
         notice.recipient,
         counted(notice.held, "result"),

@@ -102,8 +102,9 @@ def _results_line(report: dict[str, Any]) -> str:
     expired = report.get("results_expired")  # an older broker does not say
     if expired:
         line += (
-            f"; and {expired} expired (a few bytes each, kept one more "
-            "result_ttl_s to tell their clients; not counted in the limits)"
+            f"; and {expired} expired or dropped for room (a few bytes each, "
+            "kept one more result_ttl_s to tell their clients; not counted in "
+            "the limits)"
         )
     return line
 

@@ -724,7 +724,8 @@ class Broker:
                 self._revoked_clients[peer] = session
         log.warning(
             "client key removed key=%s name=%s; results for its %s are no "
-            "longer sent, and wait for the key's return (result_ttl_s)",
+            "longer sent, and wait for the key's return (result_ttl_s; "
+            "orphan_grace_s if the broker is full)",
             identity.fingerprint,
             identity.name,
             counted(len(peers), "open connection"),
@@ -1253,7 +1254,8 @@ def _revoked(identity: Identity) -> p.Error:
         f"key {identity.name} ({identity.fingerprint}) was removed from the "
         "broker's client allow list: this connection is sent no more results. "
         "Its sessions' tasks keep running and their results wait at the broker "
-        "(result_ttl_s): once the key is allowed again, open the session again "
+        "(result_ttl_s; orphan_grace_s if the broker is full): once the key is "
+        "allowed again, open the session again "
         "(Client(session=...)) and collect() them"
     )
     return p.Error(security.REVOKED, message)

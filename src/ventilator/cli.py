@@ -483,6 +483,13 @@ def _bind_address(ctx: click.Context, param: click.Parameter, value: Any) -> Any
     "and holding nothing, is forgotten (status shows it until then).",
     type=_FiniteRange(min=0.0),
 )
+@_limit_option(
+    "--orphan-grace-s",
+    "Seconds a client session must have had no client connected before a "
+    "full broker drops its results (oldest first) to make room; each leaves "
+    "a tombstone saying why. Sinks' results are never dropped this way.",
+    type=_FiniteRange(min=0.0),
+)
 @_key_file(
     "The broker's .key_secret file; turns CURVE on (needs --clients, --workers)."
 )
@@ -553,6 +560,7 @@ def broker(
     max_sessions: int,
     max_questions_per_s: int,
     session_grace_s: float,
+    orphan_grace_s: float,
     secret_key: str | None,
     clients: str | None,
     workers: str | None,
@@ -590,6 +598,7 @@ def broker(
         max_sessions=max_sessions,
         max_questions_per_s=max_questions_per_s,
         session_grace_s=session_grace_s,
+        orphan_grace_s=orphan_grace_s,
     )
     config = BrokerConfig(
         frontend,

@@ -189,6 +189,19 @@ class ResultsExpired:
 
 
 @dataclass(frozen=True, slots=True)
+class OrphansDropped:
+    """The broker reached `limit` (max_queued_tasks or max_queued_bytes) and
+    made room by dropping `count` results of `sessions` client sessions that
+    had had no client connected for `grace_s` (orphan_grace_s) or longer:
+    each is a tombstone now, as an expired result is."""
+
+    count: int
+    sessions: int
+    limit: str
+    grace_s: float
+
+
+@dataclass(frozen=True, slots=True)
 class TombstonesForgotten:
     """Tombstones of expired results kept another `ttl_s` were forgotten."""
 
@@ -255,6 +268,7 @@ Notice = (
     | TaskFailed
     | OperatorActed
     | ResultsExpired
+    | OrphansDropped
     | TombstonesForgotten
     | SinkTaken
     | SessionHeld

@@ -157,6 +157,13 @@ class Limits:
     # A task whose worker died under it this many times fails as poison.
     max_attempts: int = 3
     result_ttl_s: float = 24 * 3600.0
+    # How long a client session must have had no client connected before a
+    # full broker may drop its results to make room (each becomes a tombstone,
+    # as at `result_ttl_s`). 200 times the 3 s after which a silent client is
+    # given up: a client that restarts, or reconnects after a network cut,
+    # is back well within it; a crashed one no longer locks the others out
+    # for a day, only for this long.
+    orphan_grace_s: float = 600.0
     # Connections to the broker, both sockets together, counted from the moment
     # they are accepted (a peer that never says HELLO counts too).
     max_peers: int = 10_000
@@ -194,6 +201,7 @@ _LIMITS_AT_LEAST: dict[str, float] = {
     "delivery_window_bytes": 1,
     "max_attempts": 1,
     "result_ttl_s": 0,
+    "orphan_grace_s": 0,
     "max_peers": 1,
     "max_sessions": 1,
     "session_grace_s": 0,

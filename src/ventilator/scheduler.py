@@ -67,6 +67,7 @@ from .notices import (
     LateOutcome,
     LeaseOverrun,
     OperatorActed,
+    OrphansDropped,
     Rejected,
     ResultsExpired,
     SessionHeld,
@@ -80,6 +81,7 @@ from .notices import (
     WorkerLost,
     WorkerReturned,
 )
+from .orphans import ROOM_HEADROOM_BYTES, ROOM_HEADROOM_TASKS, Shortfall, pick_orphans
 from .policy import Backoff, Limits, Prefetch
 from .result_room import ResultRoom
 from .retries import Retries
@@ -365,6 +367,11 @@ class Scheduler:
         # What a full broker holds, in words, worked out once per loop turn: a
         # SUBMIT of many tasks to it asks for it once per task.
         self._holdings_said: str | None = None
+        # Whether this loop turn looked for room in the results of sessions
+        # that left (see orphans): once a turn at most, for all it asks.
+        self._room_sought = False
+        # The tasks of the SUBMIT being admitted: what room is made for.
+        self._asked: Sequence[p.TaskSpec] = ()
         # Per connection, the tasks refused and not yet told (see _reject).
         self._refusals: dict[bytes, list[p.ResultEntry]] = {}
         # Per arena of shared memory (its path), the tickets of unfinished
@@ -630,6 +637,7 @@ class Scheduler:
             firsts = _split_ones_first(firsts)
         functions: dict[str, None] = {}
         sinks: dict[str, None] = {}
+        self._asked = firsts
         for spec in firsts:
             if (session, spec.task_id) in self._by_key:
                 accepted[spec.task_id] = None  # a resubmission: already ours
@@ -651,6 +659,7 @@ class Scheduler:
                 functions[spec.function] = None
             if spec.sink is not None:
                 sinks[spec.sink] = None
+        self._asked = ()
         for task_id in repeated:
             self._reject(peer, session, task_id, _twice(task_id))
         self._send_refusals()
@@ -680,7 +689,7 @@ class Scheduler:
             if reason is None:
                 return Admission.WAITING
         if reason is None:
-            reason = self._full_refusal(size)
+            reason = self._room_refusal(size)
         if reason is not None:
             if twice:
                 reason = (
@@ -765,7 +774,7 @@ class Scheduler:
         if reason is None:
             reason = self._window_refusal(session, size)
         if reason is None:
-            reason = self._full_refusal(size)
+            reason = self._room_refusal(size)
         return reason
 
     def _task_refusal(self, spec: p.TaskSpec, pickle_served: bool) -> str | None:
@@ -830,14 +839,81 @@ class Scheduler:
             )
         return None
 
+    def _room_refusal(self, size: int) -> str | None:
+        """Why the broker, holding what it holds, takes no task of `size` now,
+        once it made what room it could from the results of sessions that
+        left (see `orphans`)."""
+        reason = self._full_refusal(size)
+        if reason is not None and self._make_room(size):
+            reason = self._full_refusal(size)
+        return reason
+
+    def _make_room(self, size: int) -> bool:
+        """Drop the oldest results of client sessions that left, for tombstones,
+        as many as the SUBMIT being admitted needs and some headroom; return
+        whether any was dropped. Once a loop turn at most: a full broker is
+        asked for each task of a SUBMIT, and each would look in vain again."""
+        if self._room_sought:
+            return False
+        self._room_sought = True
+        grace_s = self.limits.orphan_grace_s
+        cutoff = self._now - grace_s
+        shortfall = self._shortfall(size)
+        orphans = pick_orphans(self.recipients.values(), self.tasks, cutoff, shortfall)
+        if not orphans:
+            return False
+
+        limit = self._limit_reached()
+        error = ResultExpired(
+            "ResultExpired",
+            f"the broker was full ({limit}) and dropped this result to make "
+            f"room: no client of its session had been connected for {grace_s:g}s "
+            "(orphan_grace_s)",
+        )
+        for task in orphans:
+            del self._finish_order[task.ticket]
+            self._entomb(task, error, self._now)
+        sessions = len({task.recipient for task in orphans})
+        notice = OrphansDropped(len(orphans), sessions, limit, grace_s)
+        self._effects.notices.append(notice)
+        self._holdings_said = None  # said of a fuller broker
+        return True
+
+    def _shortfall(self, size: int) -> Shortfall:
+        """What to free for the SUBMIT being admitted (for one task of `size`
+        outside one), and some headroom."""
+        asked_tasks = max(len(self._asked), 1)
+        asked_bytes = max(sum(p.payload_bytes(spec) for spec in self._asked), size)
+        held_bytes = self._queued_bytes - self._tombstone_bytes
+        limits = self.limits
+        return Shortfall(
+            tasks=self._held_tasks()
+            + asked_tasks
+            + ROOM_HEADROOM_TASKS
+            - limits.max_queued_tasks,
+            bytes=held_bytes
+            + asked_bytes
+            + ROOM_HEADROOM_BYTES
+            - limits.max_queued_bytes,
+        )
+
+    def _limit_reached(self) -> str:
+        """The name of the limit a full broker reached."""
+        if self._held_tasks() >= self.limits.max_queued_tasks:
+            return "max_queued_tasks"
+        return "max_queued_bytes"
+
     def _holdings(self) -> str:
         """What a full broker holds, by state, and what to do: worked out once
         per loop turn, as a SUBMIT of many tasks to it asks for each.
 
         Results waiting for delivery count: they hold memory and journal space
         as tasks do, and the limits bound both. Those of clients that left wait
-        for `result_ttl_s`, unless an operator drops them; then they are
-        tombstones, which count against no limit.
+        for `result_ttl_s`, unless an operator drops them, or the broker does
+        to make room once their session had no client for `orphan_grace_s`;
+        then they are tombstones, which count against no limit. A broker still
+        full after that holds results of sessions with a client, or away for
+        less than that grace, or of sinks: what is said here.
         """
         if self._holdings_said is not None:
             return self._holdings_said
@@ -851,10 +927,11 @@ class Scheduler:
         if waiting:
             said += (
                 "results wait until their client or sink collects them, or for "
-                f"{self.limits.result_ttl_s:g}s (result_ttl_s); an operator drops "
-                "those of a session that left with `ventilator purge --session "
-                "NAME`, and those of a sink nobody receives with `ventilator "
-                "purge --sink NAME`"
+                f"{self.limits.result_ttl_s:g}s (result_ttl_s); a full broker "
+                "drops those of a session with no client connected for "
+                f"{self.limits.orphan_grace_s:g}s (orphan_grace_s), an operator "
+                "sooner with `ventilator purge --session NAME`, and those of a "
+                "sink nobody receives with `ventilator purge --sink NAME`"
             )
         else:
             said += (
@@ -894,7 +971,7 @@ class Scheduler:
             if self._window_refusal(session, size) is not None:
                 break  # no more room yet
             parked.remove(spec.task_id)
-            reason = self._task_refusal(spec, pickle_served) or self._full_refusal(size)
+            reason = self._task_refusal(spec, pickle_served) or self._room_refusal(size)
             if reason is None:
                 self._accept(session, spec, self._now)
                 accepted[spec.task_id] = None
@@ -1869,21 +1946,26 @@ class Scheduler:
             del self._finish_order[ticket]
             expired.append(self.tasks[ticket])
 
+        error = ResultExpired(
+            "ResultExpired",
+            f"the result was not collected within {self.limits.result_ttl_s:g}s "
+            "(result_ttl_s) and was dropped",
+        )
         for task in expired:
-            # Keep a small tombstone, so the client hears "expired", never silence.
-            error = ResultExpired(
-                "ResultExpired",
-                f"the result was not collected within {self.limits.result_ttl_s:g}s "
-                "(result_ttl_s) and was dropped",
-            )
-            task.status = p.Status.EXPIRED
-            self._replace_result(task, pack_error(error))
-            self._bury(task, now)
-            # The journal keeps the tombstone, and when it was made (as the
-            # time the task finished): a restart keeps it as long, no longer.
-            self._effects.finished.append(task)
+            self._entomb(task, error, now)
         if expired:
             self._effects.notices.append(ResultsExpired(len(expired)))
+
+    def _entomb(self, task: Task, error: ResultExpired, now: float) -> None:
+        """Replace the result of `task`, no longer in `_finish_order`, by a
+        small tombstone saying `error`, so that its client hears why, never
+        silence."""
+        task.status = p.Status.EXPIRED
+        self._replace_result(task, pack_error(error))
+        self._bury(task, now)
+        # The journal keeps the tombstone, and when it was made (as the time
+        # the task finished): a restart keeps it as long, no longer.
+        self._effects.finished.append(task)
 
     def _bury(self, task: Task, expired_at: float) -> None:
         """Keep `task`, whose result expired at `expired_at`, as a tombstone."""
@@ -2378,6 +2460,7 @@ class Scheduler:
         self._deliver()
         self._unannounced.send_due(now, self._effects.to_clients)
         self._holdings_said = None
+        self._room_sought = False
         if self._sessions.departed:
             self._effects.departed += self._sessions.departed
             self._sessions.departed.clear()
@@ -2486,7 +2569,11 @@ class Scheduler:
         self._admit(task)
         # Its session is known again, as it was before the restart, though
         # its results go to a sink: status lists it with the tasks it holds.
-        self._sessions.recipient(task.session)
+        # Both count as last heard now: their clients have had no chance to
+        # come back yet, and must not lose results to make room meanwhile.
+        for name in (task.recipient, task.session):
+            recipient = self._sessions.recipient(name)
+            recipient.last_seen = max(recipient.last_seen, now)
         if task.state is State.FINISHED:
             self._sessions.recipient(task.recipient).pending.append(task.ticket)
             if task.status is p.Status.EXPIRED:

@@ -660,7 +660,9 @@ def _gauges(status: dict[str, Any]) -> Iterator[Metric]:
     )
     yield GaugeMetricFamily(
         "ventilator_results_expired",
-        "Results that expired uncollected, kept as a few bytes each for one "
-        "more result TTL to tell their clients; in no limit.",
+        "Results that expired uncollected, or that a full broker dropped to "
+        "make room once their session had no client for orphan_grace_s, kept "
+        "as a few bytes each for one more result TTL to tell their clients; "
+        "in no limit.",
         value=status["results_expired"],
     )

@@ -126,6 +126,8 @@ def test_adaptive_prefetch_holds_about_its_buffer_of_short_tasks() -> None:
         ("delivery_window", 0),
         ("max_peers", 0),
         ("result_ttl_s", -1.0),
+        ("orphan_grace_s", -1.0),
+        ("orphan_grace_s", float("nan")),
         ("failed_kept", -1),
     ],
 )
