@@ -457,9 +457,21 @@ class ProcessPool:
         released = set(tickets).intersection(self.held())
         if released:
             self._released |= released
+            self._withdraw_released(released)
             self._drop_waiting_released()
             self._settle_released([])
         return len(released)
+
+    def _withdraw_released(self, released: set[tuple[int, int]]) -> None:
+        """Take back the batches behind a child's running one if they hold a
+        released task: the child skips them, rather than be stopped for it
+        once it gets there (see _withdraw); their other tasks wait again."""
+        for child in self._children:
+            behind = islice(child.sent, 1, None)
+            if any(
+                (r.task.ticket, r.task.attempt) in released for b in behind for r in b
+            ):
+                self._withdraw(child)
 
     def _drop_waiting_released(self) -> None:
         self._waiting = deque(
@@ -481,8 +493,8 @@ class ProcessPool:
         """Stop each child whose running batch holds a released task: a long
         one would hold its slot to the end. The rest of that batch runs again
         (a batch is short work, unless its function's run time is not known
-        yet); a released task further down a pipe is stopped once it starts.
-        Return whether it stopped any."""
+        yet); a released task further down a pipe was taken back from it
+        (see _withdraw_released). Return whether it stopped any."""
         stopping = [c for c in self._children if c.sent and self._runs_released(c)]
         for child in stopping:
             self._stop_released(child)
@@ -542,7 +554,13 @@ class ProcessPool:
             return
         for child in self._children:
             if self._held_up(child, now):
-                self._withdraw(child, now)
+                log.info(
+                    "task process pid=%d has run one batch for %.1fs; the %s "
+                    "behind it in its pipe go to another",
+                    child.process.pid,
+                    now - child.sent[0][0].started,
+                    counted(self._withdraw(child), "task"),
+                )
 
     def _held_up(self, child: _Child, now: float) -> bool:
         """Whether `child` has run its batch for HELD_UP_S and more, with a
@@ -554,24 +572,19 @@ class ProcessPool:
         # A child between batches is about to start the next: no use.
         return bool(head) and running is not None and now - head[0].started >= HELD_UP_S
 
-    def _withdraw(self, child: _Child, now: float) -> None:
-        """Take back every batch behind `child`'s running one: their tasks
-        go to the head of the queue, in order. The child reads in its note
-        that they were taken back, and skips them (see _progress). Should it
-        start one just as they are taken back, its tasks run twice, and the
-        outcomes of their run in another child count (see _finished)."""
+    def _withdraw(self, child: _Child) -> int:
+        """Take back every batch behind `child`'s running one; return how many
+        tasks they held. Their tasks go to the head of the queue, in order.
+        The child reads in its note that they were taken back, and skips them
+        (see _progress). Should it start one just as they are taken back, its
+        tasks run twice, and the outcomes of their other run count (see
+        _finished)."""
         behind = list(islice(child.sent, 1, None))
         child.progress.withdraw_through(child.batches_reported + len(child.sent))
         for batch in reversed(behind):
             self._waiting.extendleft(r.task for r in reversed(batch))
         child.sent = deque([child.sent[0], *([] for _ in behind)])
-        log.info(
-            "task process pid=%d has run one batch for %.1fs; the %s behind it "
-            "in its pipe go to another",
-            child.process.pid,
-            now - child.sent[0][0].started,
-            counted(sum(len(batch) for batch in behind), "task"),
-        )
+        return sum(len(batch) for batch in behind)
 
     def _next_batch(self) -> list[p.Assignment]:
         first = self._waiting.popleft()

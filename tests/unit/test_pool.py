@@ -590,6 +590,40 @@ def test_a_batch_in_the_pipe_of_a_child_held_up_runs_on_an_idle_one_once(
     assert len(list(runs.iterdir())) == 4, "a task withdrawn from a pipe ran twice"
 
 
+def test_a_released_task_in_a_pipe_behind_the_running_one_is_taken_back_unrun(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Once it reached the task, the child used to be stopped for it, and a
+    # new one started: the task was already in its pipe.
+    started, release = tmp_path / "started", tmp_path / "release"
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    pool = ProcessPool(1, [TASKS], allow_pickle=False)
+    try:
+        head = pack_call((str(started), str(release)), {})
+        pool.submit(p.Assignment(1, 1, f"{TASKS}:wait_for_file", head), 0.0)
+        counted = pack_call((str(runs), str(release)), {})
+        pool.submit(p.Assignment(2, 1, f"{TASKS}:run_counted", counted), 0.0)
+        pool.submit(p.Assignment(3, 1, f"{TASKS}:square", pack_call((3,), {})), 0.0)
+        pool.collect(time.monotonic())  # the first two go down the pipe
+        wait_until(started.exists, DEADLINE_S)
+
+        with caplog.at_level(logging.INFO, logger="ventilator.pool"):
+            given_up = pool.release([(2, 1)])
+            release.touch()
+            outcomes = collect_until(pool, {1, 3}, deadline_s=DEADLINE_S)
+    finally:
+        pool.close()
+
+    assert given_up == 1
+    assert {o.ticket: unpack_value(o.payload) for o in outcomes} == {
+        1: "released",
+        3: 9,
+    }
+    assert not list(runs.iterdir()), "the released task ran"
+    assert "stopping task process" not in caplog.text
+
+
 def collect_until(
     pool: ProcessPool, tickets: set[int], deadline_s: float
 ) -> list[p.Outcome]:
