@@ -152,12 +152,6 @@ MAX_DEATH_LENGTH = 200
 # However many it was told at once (up to all it held), they cost no more
 # than those tasks did while it held them.
 RELEASED_KEPT_S = 60.0
-# How long a worker may report nothing before the tasks it holds behind its
-# slots are taken back for a worker with room (see _take_back_held). Four
-# times a long task (Prefetch.long_task_s): it holds tasks only of functions
-# known to be shorter, and its pool may have started some of them in an order
-# the broker does not follow; those are stopped under it when taken back.
-TAKE_BACK_AFTER_S = 2.0
 
 
 class Admission(enum.Enum):
@@ -1702,16 +1696,15 @@ class Scheduler:
 
     def _take_back_held(self, now: float) -> None:
         """Take back the tasks a worker holds behind its slots (`unstarted`)
-        when it has reported nothing for TAKE_BACK_AFTER_S and another worker
-        has a free slot for them: queued first, they start
+        when it has reported nothing for as long as a long task takes and
+        another worker has a free slot for them: queued first, they start
         there rather than behind tasks that are long or may never end (a
         tester's hung task held a client's tasks while another worker idled).
         Once a tick; a worker that cannot be told to give tasks up keeps them."""
+        long_s = self._prefetch.long_task_s
         for worker in list(self.workers.values()):
             silent_s = now - worker.last_progress
-            if not worker.unstarted or not worker.obeys_release:
-                continue
-            if silent_s < TAKE_BACK_AFTER_S:
+            if not worker.unstarted or not worker.obeys_release or silent_s <= long_s:
                 continue
             held = [self.tasks[ticket] for ticket in worker.unstarted]
             if not any(self._room_elsewhere(worker, task.queue) for task in held):

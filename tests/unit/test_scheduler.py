@@ -26,7 +26,6 @@ from ventilator.policy import Backoff, Limits
 from ventilator.return_wait import RETURN_WAIT_BEATS
 from ventilator.scheduler import (
     RELEASED_KEPT_S,
-    TAKE_BACK_AFTER_S,
     DiskBudget,
     Scheduler,
     State,
@@ -440,8 +439,8 @@ def test_tasks_held_behind_slots_that_went_silent_go_to_a_worker_with_room(
     assert len(held) == 3  # behind its two busy slots
     assert not assignments(driver.ready(W2, capacity=20, slots=2), W2)
 
-    fresh = driver.tick(TAKE_BACK_AFTER_S - 0.5)  # a short silence: they stay
-    silent = driver.tick(1.0)
+    fresh = driver.tick(0.2)  # a short silence: they stay
+    silent = driver.tick(1.0)  # longer than a long task
 
     assert not sent(fresh, W1, p.Release)
     [release] = sent(silent, W1, p.Release)
