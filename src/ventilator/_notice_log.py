@@ -239,16 +239,6 @@ def _log_notice(notice: n.Notice) -> None:
             notice.worker_id,
             counted(notice.requeued, "unfinished task"),
         )
-    elif isinstance(notice, n.HeldTasksTakenBack):
-        # Routine with long tasks; a hint, at a tick's rate at most, when a
-        # worker's slots hang.
-        log.info(
-            "took back %s worker=%s held behind its busy slots: it reported "
-            "nothing for %.1fs, and another worker has room for them",
-            counted(notice.count, "task"),
-            notice.worker_id,
-            notice.silent_s,
-        )
     elif isinstance(notice, n.LeaseOverrun):
         _log_overrun(notice)
     elif isinstance(notice, n.OperatorActed):

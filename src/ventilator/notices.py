@@ -71,17 +71,6 @@ class WorkerLost:
 
 
 @dataclass(frozen=True, slots=True)
-class HeldTasksTakenBack:
-    """A worker held `count` tasks behind its slots and reported nothing for
-    `silent_s`, while another worker had a free slot for them: they were
-    taken back (RELEASE) and queued first, to start there."""
-
-    worker_id: str
-    count: int
-    silent_s: float
-
-
-@dataclass(frozen=True, slots=True)
 class WorkerLeft:
     """A worker said goodbye: a departure, not a fault. `requeued` counts the
     tasks it had not finished (it was told to leave at once)."""
@@ -259,7 +248,6 @@ Notice = (
     | WorkerDraining
     | WorkerLost
     | WorkerLeft
-    | HeldTasksTakenBack
     | LeaseOverrun
     | LateOutcome
     | ClientJoined

@@ -63,7 +63,6 @@ from .notices import (
     ClientLost,
     Departure,
     Fault,
-    HeldTasksTakenBack,
     LateOutcome,
     LeaseOverrun,
     OperatorActed,
@@ -1694,38 +1693,6 @@ class Scheduler:
             del worker.unstarted[ticket]
             self._arm(worker, self.tasks[ticket], now)
 
-    def _take_back_held(self, now: float) -> None:
-        """Take back the tasks a worker holds behind its slots (`unstarted`)
-        when it has reported nothing for as long as a long task takes and
-        another worker has a free slot for them: queued first, they start
-        there rather than behind tasks that are long or may never end (a
-        tester's hung task held a client's tasks while another worker idled).
-        Once a tick; a worker that cannot be told to give tasks up keeps them."""
-        long_s = self._prefetch.long_task_s
-        for worker in list(self.workers.values()):
-            silent_s = now - worker.last_progress
-            if not worker.unstarted or not worker.obeys_release or silent_s <= long_s:
-                continue
-            held = [self.tasks[ticket] for ticket in worker.unstarted]
-            if not any(self._room_elsewhere(worker, task.queue) for task in held):
-                continue
-            self._release_on_worker(worker, held, now)
-            for task in reversed(held):  # in the order they were sent
-                self._enqueue(task, front=True)
-            self._effects.notices.append(
-                HeldTasksTakenBack(worker.worker_id, len(held), silent_s)
-            )
-
-    def _room_elsewhere(self, worker: Worker, queue_name: str) -> bool:
-        """Whether a worker other than `worker` could start a task of
-        `queue_name` now."""
-        return any(
-            other is not worker
-            and queue_name in other.services
-            and self._idle_room(other, queue_name) > 0
-            for other in self.workers.values()
-        )
-
     def _expire_leases(self, now: float) -> None:
         """End the running tasks whose worker let them pass their deadline;
         then drop the workers that let too many pass in a row. Not before:
@@ -1867,7 +1834,6 @@ class Scheduler:
         self._now = now
         self._expire_workers(now)
         self._expire_leases(now)
-        self._take_back_held(now)
         self._expire_clients(now)
         self._wake_retries(now)
         self._expire_results(now)

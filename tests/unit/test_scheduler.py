@@ -13,7 +13,6 @@ from ventilator.errors import TaskError
 from ventilator.notices import (
     ClientLost,
     Departure,
-    HeldTasksTakenBack,
     LateOutcome,
     SessionHeld,
     SinkTaken,
@@ -424,31 +423,6 @@ def test_a_stalled_worker_is_given_no_tasks_to_wait_behind_its_busy_slots(
 
     assert not assignments(effects, W1)
     assert len(assignments(effects, W2)) == 20  # all its credit
-
-
-def test_tasks_held_behind_slots_that_went_silent_go_to_a_worker_with_room(
-    driver: Driver,
-) -> None:
-    # A tester's hung task held a client's tasks on its worker while another
-    # worker idled, until the tester cancelled it.
-    driver.ready(W1, capacity=20, slots=2)
-    [first] = assignments(driver.submit(task(1)), W1)
-    driver.done(W1, first, duration_s=0.001)  # short: worth holding
-    assert len(assignments(driver.submit(task(2), task(3)), W1)) == 2
-    held = assignments(driver.submit(*[task(i) for i in range(10, 13)]), W1)
-    assert len(held) == 3  # behind its two busy slots
-    assert not assignments(driver.ready(W2, capacity=20, slots=2), W2)
-
-    fresh = driver.tick(0.2)  # a short silence: they stay
-    silent = driver.tick(1.0)  # longer than a long task
-
-    assert not sent(fresh, W1, p.Release)
-    [release] = sent(silent, W1, p.Release)
-    assert sorted(release.tickets) == sorted((a.ticket, a.attempt) for a in held)
-    started = [a.ticket for a in assignments(silent, W2)]
-    assert started == [a.ticket for a in held]  # in the order they were sent
-    [taken] = notices(silent, HeldTasksTakenBack)
-    assert (taken.worker_id, taken.count) == (W1.decode(), 3)
 
 
 def test_nothing_is_held_behind_slots_busy_with_tasks_of_unknown_length(
