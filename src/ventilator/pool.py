@@ -10,7 +10,9 @@ gets its next batch of tasks before it finishes the current one (up to
 `PIPELINE_DEPTH` batches in its pipe), so it never waits for the worker's main
 loop to be scheduled: on a busy machine that wait is what costs efficiency.
 Batches behind one that runs long (`HELD_UP_S`) are taken back for a child
-that idles, which a task that hangs would otherwise leave idle. The worker
+that idles, which a task that hangs would otherwise leave idle; when every
+child is so held up, what waits is given up for the worker to hand back to
+the broker (`give_up_held_up`). The worker
 writes to a child without blocking, keeping what the socket does not take yet
 for when it becomes writable: a child busy writing a large result would
 otherwise wait for the worker while the worker waits for it. A child that
@@ -163,6 +165,12 @@ class Pool(Protocol):
 
     def drop_waiting(self) -> int:
         """Forget tasks not started yet (the broker requeued them); return how many."""
+        ...
+
+    def give_up_held_up(self, now: float) -> int:
+        """When every slot has run its task or batch for HELD_UP_S or more,
+        forget the tasks not started yet, for the caller to hand back to the
+        broker; return how many (0: none, or a slot may free soon)."""
         ...
 
     def held(self) -> list[tuple[int, int]]:
@@ -553,7 +561,7 @@ class ProcessPool:
         if self._waiting or not any(c.ready and not c.sent for c in self._children):
             return
         for child in self._children:
-            if self._held_up(child, now):
+            if self._held_up(child, now) and any(islice(child.sent, 1, None)):
                 log.info(
                     "task process pid=%d has run one batch for %.1fs; the %s "
                     "behind it in its pipe go to another",
@@ -562,15 +570,21 @@ class ProcessPool:
                     counted(self._withdraw(child), "task"),
                 )
 
+    def give_up_held_up(self, now: float) -> int:
+        held_up = self._children and all(self._held_up(c, now) for c in self._children)
+        if not held_up:
+            return 0
+        for child in self._children:
+            self._withdraw(child)
+        return self.drop_waiting()
+
     def _held_up(self, child: _Child, now: float) -> bool:
-        """Whether `child` has run its batch for HELD_UP_S and more, with a
-        batch behind it in its pipe."""
-        if not child.ready or not any(islice(child.sent, 1, None)):
+        """Whether `child` has run its batch for HELD_UP_S and more."""
+        if not child.ready or not child.sent or not child.sent[0]:
             return False
-        head = child.sent[0]
         running = child.progress.running_task(child.batches_reported + 1)
-        # A child between batches is about to start the next: no use.
-        return bool(head) and running is not None and now - head[0].started >= HELD_UP_S
+        # A child between batches is about to start the next: not held up.
+        return running is not None and now - child.sent[0][0].started >= HELD_UP_S
 
     def _withdraw(self, child: _Child) -> int:
         """Take back every batch behind `child`'s running one; return how many
@@ -1198,6 +1212,15 @@ class ThreadPool:
         dropped = len(self._waiting)
         self._waiting.clear()
         return dropped
+
+    def give_up_held_up(self, now: float) -> int:
+        busy = len(self._running) + self._stuck_in_slot >= self._size
+        if not busy or any(
+            now - handed.running.started < HELD_UP_S
+            for handed in self._running.values()
+        ):
+            return 0
+        return self.drop_waiting()
 
     def held(self) -> list[tuple[int, int]]:
         # An abandoned task has left `_running`: its outcome was reported.

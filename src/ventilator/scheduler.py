@@ -1350,6 +1350,9 @@ class Scheduler:
         if old is not None:
             kept = self._hand_over(old, worker, named)
             requeued = self._drop_worker(old, lost=None, now=now)[0]
+            # Registering again is no progress: a worker that hands back the
+            # tasks its busy slots hold must not be given them back at once.
+            worker.last_progress = old.last_progress
         stale = self._worker_for_peer(peer)
         if stale is not None:
             self._remove_worker(stale, "replaced on its connection", Fault.NONE, now)

@@ -315,6 +315,7 @@ class Worker:
                 next_beat = now + interval_s
                 self._unconfirmed.heard(self._broker.heard_after)
                 self._check_broker(now)
+                self._give_back_held_up(now)
             elif self._broker.presumed_gone(now):
                 # As the silence passes the limit: at the next beat, it was
                 # noticed up to an interval later than docs/cli.md says.
@@ -486,6 +487,28 @@ class Worker:
             for outcome in outcomes:
                 self._task_s.observe(outcome.duration_s)
             self._adjust_credit(now)
+
+    def _give_back_held_up(self, now: float) -> None:
+        """Hand the tasks not started here back to the broker, for workers
+        with room, when every slot has run one task or batch for HELD_UP_S or
+        more (long tasks, or tasks that hang with no timeout): a tester's
+        tasks waited here behind two that hung while another worker idled.
+        Registering again names only what runs; the broker requeues the rest,
+        first. Only this worker knows which it has started: taken back by the
+        broker, a running one would be stopped and run again."""
+        assert self._pool is not None
+        if self._benched or self._draining:
+            return
+        handed = self._pool.give_up_held_up(now)
+        if not handed:
+            return
+        log.info(
+            "every slot is busy with a long task worker=%s: handing %s not "
+            "started back to the broker for workers with room",
+            self.config.worker_id,
+            counted(handed, "task"),
+        )
+        self._register(now)
 
     def _follow_pool(self, now: float) -> None:
         """Serve nothing while no task can run here (no task process can

@@ -359,6 +359,29 @@ def test_a_task_that_hangs_holds_up_no_other_clients_tasks_on_its_worker(
         assert [f.result(RESULT_TIMEOUT_S) for f in futures] == [x * x for x in numbers]
 
 
+def test_tasks_held_behind_slots_that_hang_go_to_a_worker_with_room(
+    launch: Launcher, broker: BrokerProcess
+) -> None:
+    # A tester's worker held tiny tasks behind two that hung (no timeout),
+    # for ever, while a second worker idled. One function for both, so that
+    # they queue in the order sent: the two long ones take both slots, and
+    # the worker, having learnt the function is short, holds the next. A
+    # timeout makes a task travel to its process alone, not in a batch with
+    # tiny ones (they would wait behind it in its batch).
+    first = launch.worker(broker, concurrency=2, extra=("--log-level", "INFO"))
+    client = launch.client(broker)
+    wait_for_workers(client, 1)
+    assert sum(client.map(tasks.sleep_for, [0] * 3000, chunksize=1)) == 0
+
+    hung = [client.submit(tasks.sleep_for, 3600, timeout_s=3600) for _ in range(2)]
+    tiny = [client.submit(tasks.sleep_for, 0) for _ in range(500)]
+    launch.worker(broker, concurrency=2)
+
+    assert [f.result(RESULT_TIMEOUT_S) for f in tiny] == [0] * 500
+    assert not any(f.done() for f in hung)
+    assert "every slot is busy with a long task" in log_of(first.process)
+
+
 # --- garbage on the wire ----------------------------------------------------------
 
 

@@ -18,7 +18,7 @@ from tests.e2e.conftest import wait_until
 from tests.leftovers import pid_file
 from ventilator import protocol as p
 from ventilator.policy import Backoff
-from ventilator.pool import ProcessPool, ThreadPool
+from ventilator.pool import HELD_UP_S, ProcessPool, ThreadPool
 from ventilator.serialization import BatchPacker, pack_call, unpack_value
 
 TASKS = "tests.e2e.tasks"
@@ -624,8 +624,52 @@ def test_a_released_task_in_a_pipe_behind_the_running_one_is_taken_back_unrun(
     assert "stopping task process" not in caplog.text
 
 
+@pytest.mark.parametrize("kind", [ProcessPool, ThreadPool])
+def test_a_pool_whose_every_slot_is_held_up_gives_up_only_what_it_has_not_started(
+    kind: type[ProcessPool] | type[ThreadPool], tmp_path: Path
+) -> None:
+    # For its worker to hand back to the broker: tasks waited behind two that
+    # hung while another worker idled.
+    release, runs = tmp_path / "release", tmp_path / "runs"
+    runs.mkdir()
+    started = [tmp_path / f"started-{ticket}" for ticket in (1, 2)]
+    pool = kind(2, [TASKS], allow_pickle=False)
+    try:
+        for ticket, path in zip((1, 2), started, strict=True):
+            call = pack_call((str(path), str(release)), {})
+            task = p.Assignment(ticket, 1, f"{TASKS}:wait_for_file", call)
+            pool.submit(task, time.monotonic())
+        for ticket in range(3, 9):
+            call = pack_call((str(runs), str(release)), {})
+            task = p.Assignment(ticket, 1, f"{TASKS}:run_counted", call)
+            pool.submit(task, time.monotonic())
+        wait_until(lambda: turn(pool) and all(map(Path.exists, started)), DEADLINE_S)
+        turn(pool)  # what the processes said before they started is read
+
+        soon = pool.give_up_held_up(time.monotonic())
+        given_up = pool.give_up_held_up(time.monotonic() + HELD_UP_S)
+        held = pool.held()
+        release.touch()
+        outcomes = collect_until(pool, {1, 2}, deadline_s=DEADLINE_S)
+    finally:
+        release.touch()
+        pool.close()
+
+    assert (soon, given_up) == (0, 6)
+    assert sorted(held) == [(1, 1), (2, 1)]
+    assert all(o.status is p.Status.OK for o in outcomes)
+    assert not list(runs.iterdir()), "a task given up ran"
+
+
+def turn(pool: ProcessPool | ThreadPool) -> bool:
+    """One turn of the worker's loop: a short wait, then what came in."""
+    readable, _, _ = select.select(pool.fds(), pool.write_fds(), [], 0.05)
+    pool.collect(time.monotonic(), set(readable))
+    return True
+
+
 def collect_until(
-    pool: ProcessPool, tickets: set[int], deadline_s: float
+    pool: ProcessPool | ThreadPool, tickets: set[int], deadline_s: float
 ) -> list[p.Outcome]:
     """The outcomes of `tickets`, collected as the worker's loop does; fails
     if one does not come within `deadline_s` or another comes instead."""

@@ -425,6 +425,28 @@ def test_a_stalled_worker_is_given_no_tasks_to_wait_behind_its_busy_slots(
     assert len(assignments(effects, W2)) == 20  # all its credit
 
 
+def test_a_worker_that_hands_back_what_its_busy_slots_held_is_not_given_it_back(
+    driver: Driver,
+) -> None:
+    # Its slots run long tasks: registering again naming only those hands the
+    # rest back, for workers with room. Taken for progress, it got them back.
+    driver.ready(W1, capacity=20, slots=2)
+    [first] = assignments(driver.submit(task(1)), W1)
+    driver.done(W1, first, duration_s=0.001)  # short: worth holding
+    running = assignments(driver.submit(task(2), task(3)), W1)
+    held = assignments(driver.submit(*[task(i) for i in range(10, 13)]), W1)
+    assert len(held) == 3  # behind its two busy slots
+    driver.tick(1.0)
+
+    again = driver.ready(W1, capacity=20, slots=2, held=running)
+    joined = driver.ready(W2, capacity=20, slots=2)
+
+    assert not assignments(again, W1)
+    assert sorted(a.ticket for a in assignments(joined, W2)) == sorted(
+        a.ticket for a in held
+    )
+
+
 def test_nothing_is_held_behind_slots_busy_with_tasks_of_unknown_length(
     driver: Driver,
 ) -> None:
