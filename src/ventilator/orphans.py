@@ -38,6 +38,7 @@ __all__ = [
     "ROOM_HEADROOM_TASKS",
     "Shortfall",
     "has_left",
+    "headroom",
     "pick_orphans",
 ]
 
@@ -48,6 +49,13 @@ MAX_LOOKED_AT = 100_000
 # again for every SUBMIT that follows.
 ROOM_HEADROOM_TASKS = 1024
 ROOM_HEADROOM_BYTES = 16 * 1024 * 1024
+
+
+def headroom(limit: int, most: int) -> int:
+    """Room to make beyond what was asked under `limit`: `most`, but no more
+    than a hundredth of the limit (a tester's broker of 20 tasks dropped every
+    result it held to admit 5)."""
+    return min(most, limit // 100)
 
 
 @dataclass(frozen=True, slots=True)

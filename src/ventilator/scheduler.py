@@ -80,7 +80,13 @@ from .notices import (
     WorkerLost,
     WorkerReturned,
 )
-from .orphans import ROOM_HEADROOM_BYTES, ROOM_HEADROOM_TASKS, Shortfall, pick_orphans
+from .orphans import (
+    ROOM_HEADROOM_BYTES,
+    ROOM_HEADROOM_TASKS,
+    Shortfall,
+    headroom,
+    pick_orphans,
+)
 from .policy import Backoff, Limits, Prefetch
 from .result_room import ResultRoom
 from .retries import Retries
@@ -885,15 +891,14 @@ class Scheduler:
         asked_bytes = max(sum(p.payload_bytes(spec) for spec in self._asked), size)
         held_bytes = self._queued_bytes - self._tombstone_bytes
         limits = self.limits
+        headroom_tasks = headroom(limits.max_queued_tasks, ROOM_HEADROOM_TASKS)
+        headroom_bytes = headroom(limits.max_queued_bytes, ROOM_HEADROOM_BYTES)
         return Shortfall(
             tasks=self._held_tasks()
             + asked_tasks
-            + ROOM_HEADROOM_TASKS
+            + headroom_tasks
             - limits.max_queued_tasks,
-            bytes=held_bytes
-            + asked_bytes
-            + ROOM_HEADROOM_BYTES
-            - limits.max_queued_bytes,
+            bytes=held_bytes + asked_bytes + headroom_bytes - limits.max_queued_bytes,
         )
 
     def _limit_reached(self) -> str:

@@ -15,7 +15,7 @@ from ventilator._full_queues import FullQueues
 from ventilator._notice_log import NoticeLog
 from ventilator.journal import SqliteJournal
 from ventilator.notices import OrphansDropped
-from ventilator.orphans import ROOM_HEADROOM_TASKS, Shortfall, pick_orphans
+from ventilator.orphans import ROOM_HEADROOM_TASKS, Shortfall, headroom, pick_orphans
 from ventilator.policy import Limits
 
 from .driver import (
@@ -95,7 +95,8 @@ def test_a_full_broker_makes_room_from_a_session_gone_past_its_grace() -> None:
     statuses = [
         t.status for t in driver.scheduler.tasks.values() if t.session == "alice"
     ]
-    assert statuses == [p.Status.EXPIRED] * 4
+    # Room for two, the oldest two: a broker of 4 makes no headroom.
+    assert statuses == [p.Status.EXPIRED] * 2 + [p.Status.OK] * 2
 
 
 def test_room_made_is_said_once_for_the_whole_submit() -> None:
@@ -107,7 +108,7 @@ def test_room_made_is_said_once_for_the_whole_submit() -> None:
     effects = driver.submit(task(1), task(2), task(3), peer=BOB)
 
     [dropped] = notices(effects, OrphansDropped)
-    assert (dropped.count, dropped.sessions) == (4, 1)
+    assert (dropped.count, dropped.sessions) == (3, 1)
     assert (dropped.limit, dropped.grace_s) == ("max_queued_tasks", GRACE_S)
 
 
@@ -170,10 +171,11 @@ def test_a_client_of_the_session_that_comes_back_hears_why_its_results_went() ->
 
     back = driver.hello(BACK, "alice")
 
-    tombstones = results(back, BACK)
-    assert sorted(entry.task_id for entry in tombstones) == [1, 2, 3, 4]
-    assert {entry.status for entry in tombstones} == {p.Status.EXPIRED}
-    message = error_report(tombstones[0])["message"]
+    by_id = {entry.task_id: entry for entry in results(back, BACK)}
+    assert sorted(by_id) == [1, 2, 3, 4]
+    [tombstone] = [e for e in by_id.values() if e.status is p.Status.EXPIRED]
+    assert tombstone.task_id == 1  # the oldest, for bob's one task
+    message = error_report(tombstone)["message"]
     assert "max_queued_tasks" in message and "orphan_grace_s" in message
 
 
@@ -190,8 +192,8 @@ def test_the_oldest_results_are_dropped_first_and_no_more_than_needed() -> None:
 
     expired = driver.scheduler.status(driver.now)["results_expired"]
     assert taken == [1]
-    # One task asked for and the headroom: 1,025 of early's, none of late's.
-    assert expired == 1 + ROOM_HEADROOM_TASKS
+    # One task asked for and the headroom: 31 of early's, none of late's.
+    assert expired == 1 + headroom(3000, ROOM_HEADROOM_TASKS) == 31
     assert statuses(driver, "early") == {p.Status.OK, p.Status.EXPIRED}
     assert statuses(driver, "late") == {p.Status.OK}
 
@@ -202,12 +204,15 @@ def test_a_later_turn_drops_the_next_oldest_past_the_tombstones() -> None:
     results_left_behind(driver, count=2000)
     driver.hello(BOB, "bob")
     driver.tick(GRACE_S)
-    bob_submits(driver, 1)  # alice's 1,025 oldest go
+    bob_submits(driver, 1)  # alice's 21 oldest go: 1 and the headroom
 
-    taken, refused = bob_submits(driver, *range(2, 1101))
+    taken, refused = bob_submits(driver, *range(2, 1102))
 
-    assert len(taken) == 1099 and refused == []
-    assert statuses(driver, "alice") == {p.Status.EXPIRED}
+    assert len(taken) == 1100 and refused == []
+    expired = driver.scheduler.status(driver.now)["results_expired"]
+    # The next oldest, past the first tombstones: what was asked, and at
+    # most the headroom (20) more.
+    assert 21 + 1100 <= expired <= 21 + 1100 + 20
 
 
 def test_room_is_made_for_max_queued_bytes_too() -> None:
@@ -256,10 +261,16 @@ def test_the_journal_keeps_the_tombstones_over_a_restart(path: Path) -> None:
         after.scheduler.restore(restored_task, after.now)
     back = after.hello(BACK, "alice")
 
-    alices = [t for t in restored if t.session == "alice"]
-    assert {t.status for t in alices} == {p.Status.EXPIRED}
-    assert after.scheduler.status(after.now)["results_expired"] == 4
-    assert {entry.status for entry in results(back, BACK)} == {p.Status.EXPIRED}
+    alices = {t.task_id: t.status for t in restored if t.session == "alice"}
+    assert alices == {
+        1: p.Status.EXPIRED,  # the oldest, for bob's one task
+        2: p.Status.OK,
+        3: p.Status.OK,
+        4: p.Status.OK,
+    }
+    assert after.scheduler.status(after.now)["results_expired"] == 1
+    told = {entry.task_id: entry.status for entry in results(back, BACK)}
+    assert told == alices
 
 
 def test_results_restored_from_the_journal_wait_a_grace_for_their_client() -> None:
