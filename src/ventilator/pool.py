@@ -98,10 +98,14 @@ CHILD_EXIT_GRACE_S = 2.0
 # one is held up (see HELD_UP_S).
 LIVENESS_CHECK_S = 1.0
 # How long a child may run one batch before the batches in its pipe behind it
-# are taken back for a child that idles (see ProcessPool._withdraw_held_up).
-# Batches are sized to BATCH_WORK_S of work; tasks of a function not timed yet
-# go one at a time, and that one may run for ever.
-HELD_UP_S = 0.5
+# are taken back for a child that idles (see ProcessPool._withdraw_held_up),
+# and, once every child is so held up, what waits is handed back to the
+# broker (see give_up_held_up). Batches are sized to BATCH_WORK_S of work;
+# tasks of a function not timed yet go one at a time, and that one may run
+# for ever. Twice the broker's `long_task_s`: a worker that has reported
+# nothing for longer is given no tasks to hold, so what it hands back is not
+# given straight back (a tester saw that once per hand-back at 0.5 s).
+HELD_UP_S = 1.0
 # How long a new child may take to import its modules and say it is ready
 # before it is taken for stuck and replaced (its tasks wait, unblamed).
 CHILD_START_TIMEOUT_S = 60.0

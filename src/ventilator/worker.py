@@ -200,13 +200,18 @@ class Worker:
         self._input = _wire.InputCheck(self._socket)
         self._register(now)
 
-    def _register(self, now: float) -> None:
+    def _register(self, now: float, resend: bool = True) -> None:
+        """Say READY, naming what we hold. Unless told not to `resend` (the
+        connection the broker welcomed us on carries our results in order,
+        ahead of this READY), results the broker may not have are named too,
+        and sent again right behind it: it keeps their tasks with us, then
+        settles them."""
         held = self._held_tickets()
-        # Results the broker may not have are named too, and sent again right
-        # behind the READY: it keeps their tasks with us, then settles them.
-        resent = self._unconfirmed.resend(
-            {ticket for ticket, _ in held}, p.MAX_HELD_TICKETS - len(held), now
-        )
+        resent = []
+        if resend:
+            resent = self._unconfirmed.resend(
+                {ticket for ticket, _ in held}, p.MAX_HELD_TICKETS - len(held), now
+            )
         services = [] if self._benched else self.services
         self._send(
             p.Ready(
@@ -508,7 +513,7 @@ class Worker:
             self.config.worker_id,
             counted(handed, "task"),
         )
-        self._register(now)
+        self._register(now, resend=False)
 
     def _follow_pool(self, now: float) -> None:
         """Serve nothing while no task can run here (no task process can
