@@ -38,8 +38,8 @@ def serve(
     """Receive a batch of tasks, run them, send their outcomes; until EOF.
 
     Before each task, `progress` notes which it is: if it kills us, the
-    worker blames it alone; before each batch, it says whether the worker
-    took the batch back (see _progress)."""
+    worker blames it alone; and says whether the worker took it back (see
+    _progress)."""
     functions = _import_or_explain(sock, modules)
     # An empty message says we are ready: a task's timeout counts from here,
     # not from a start that may take seconds on a loaded machine.
@@ -50,15 +50,9 @@ def serve(
         except (EOFError, OSError):
             return  # the worker closed our pipe: leave
 
-        if progress.withdrawn(batch):
-            # Run elsewhere while we were held up: answered with nothing, so
-            # that the worker's count of our batches stays right.
-            reports: list[tuple[int, float]] = []
-            results: list[Any] = []
-        else:
-            reports, results = _run_batch(
-                batch, tasks, payloads, progress, functions, allow_pickle
-            )
+        reports, results = _run_batch(
+            batch, tasks, payloads, progress, functions, allow_pickle
+        )
         try:
             write_message(sock, reports, results)
         except OSError:
@@ -73,12 +67,17 @@ def _run_batch(
     functions: dict[str, Callable[..., Any]],
     allow_pickle: bool,
 ) -> tuple[list[tuple[int, float]], list[Any]]:
-    """Run the tasks of batch number `batch`; their reports and results."""
+    """Run the tasks of batch number `batch`; their reports and results.
+    Those the worker took back, run elsewhere while we were held up, are not
+    run: the report is of those before them (none, for a batch taken back
+    whole)."""
     reports: list[tuple[int, float]] = []
     results: list[Any] = []
     for place, ((function, flags), payload) in enumerate(
         zip(tasks, payloads, strict=True)
     ):
+        if progress.withdrawn(batch, place):
+            break
         progress.running(batch, place)
         started = time.perf_counter()
         status, result = run_task(functions, allow_pickle, function, flags, payload)

@@ -10,10 +10,10 @@ A note in shared memory rather than a message per task on the pipe: it costs a
 store, not a system call on each side, and it survives the writer's death.
 A memfd where the system has one, else an unlinked temporary file.
 
-The worker writes a second note the other way: the batches it took back from
-the pipe, to run elsewhere while the process was held up (see
-`ProcessPool._withdraw_held_up`). The process reads it before each batch and
-skips one taken back. A message on the pipe would queue behind those batches.
+The worker writes notes the other way: the tasks it took back, to run
+elsewhere while the process was held up (see `ProcessPool._withdraw`): from a
+place of a batch on, through a later batch. The process reads them before
+each task and skips those. A message on the pipe would queue behind them.
 """
 
 from __future__ import annotations
@@ -25,12 +25,16 @@ import tempfile
 __all__ = ["Progress"]
 
 # The process's note: the batch's number, counted from 1 over the process's
-# life, in the high half; the task's place in it plus one in the low half, 0
-# between tasks. The worker's note: the number of the last batch it took back.
-# Each one aligned 8-byte store, so a reader never sees half a note.
-_SIZE = 16
-_RUNNING, _WITHDRAWN = 0, 1
-_PLACE_BITS = 32
+# life, shifted past the place bits; the task's place in it plus one in the
+# low bits, 0 between tasks. The worker's notes: the first task it took back
+# (batch and place, the same way, without the plus one), and the number of
+# the last batch it took back. Each one aligned 8-byte store, so a reader
+# never sees half a note. A batch holds at most 64 tasks (pool.MAX_BATCH);
+# 48 bits of batch numbers last for ever, where 32 ran out after a few days
+# of tiny batches.
+_SIZE = 24
+_RUNNING, _CUT, _THROUGH = 0, 1, 2
+_PLACE_BITS = 16
 _PLACE_MASK = (1 << _PLACE_BITS) - 1
 
 
@@ -69,13 +73,19 @@ class Progress:
             return None
         return (note & _PLACE_MASK) - 1
 
-    def withdraw_through(self, batch: int) -> None:
-        """The worker took back every batch up to number `batch` not started."""
-        self._note[_WITHDRAWN] = batch
+    def withdraw(self, batch: int, place: int, through: int) -> None:
+        """The worker took back the tasks from `place` (from 0) of batch
+        number `batch` on, through batch number `through`."""
+        # The cut first: a process that sees the new end sees it too.
+        self._note[_CUT] = (batch << _PLACE_BITS) | place
+        self._note[_THROUGH] = through
 
-    def withdrawn(self, batch: int) -> bool:
-        """Whether the worker took back batch number `batch`: skip it."""
-        return self._note[_WITHDRAWN] >= batch
+    def withdrawn(self, batch: int, place: int) -> bool:
+        """Whether the worker took back the task at `place` of batch number
+        `batch`: skip it, and the rest of its batch."""
+        if batch > self._note[_THROUGH]:
+            return False
+        return (batch << _PLACE_BITS) | place >= self._note[_CUT]
 
     def close(self) -> None:
         self._note.release()

@@ -285,7 +285,8 @@ class _Child:
     mark: str  # its TASK_PROCESS_ENV, inherited by what it starts
     spawned_at: float
     # Batches sent down the pipe, oldest (the one running) first. One taken
-    # back is left empty: the child still answers it (see _withdraw).
+    # back is left empty, and the running one without the tasks taken back
+    # from it: the child still answers them (see _withdraw).
     sent: deque[list[_Running]] = field(default_factory=deque)
     # Batches it reported: the oldest in `sent` is its batch number this plus 1.
     batches_reported: int = 0
@@ -558,51 +559,70 @@ class ProcessPool:
             self._send(child, self._next_batch(), now)
 
     def _withdraw_held_up(self, now: float) -> None:
-        """Take back the batches in the pipe of each child held up by a long
-        batch, for a child that idles: they would wait as long, for ever
-        behind a task that hangs, while it idles. Nothing is taken back while
-        tasks wait here: an idle child gets those first."""
+        """Take back the tasks each child held up by a long task has not
+        started, in its batch and behind it in its pipe, for a child that
+        idles: they would wait as long, for ever behind a task that hangs,
+        while it idles. Nothing is taken back while tasks wait here: an idle
+        child gets those first."""
         if self._waiting or not any(c.ready and not c.sent for c in self._children):
             return
         for child in self._children:
-            if self._held_up(child, now) and any(islice(child.sent, 1, None)):
+            running = self._held_up_at(child, now)
+            if running is not None and self._unstarted_in(child, running):
                 log.info(
-                    "task process pid=%d has run one batch for %.1fs; the %s "
-                    "behind it in its pipe go to another",
+                    "task process pid=%d has run one task for %.1fs; the %s "
+                    "it has not started go to another",
                     child.process.pid,
                     now - child.sent[0][0].started,
-                    counted(self._withdraw(child), "task"),
+                    counted(self._withdraw(child, running + 1), "task"),
                 )
 
     def give_up_held_up(self, now: float) -> int:
-        held_up = self._children and all(self._held_up(c, now) for c in self._children)
-        if not held_up:
+        held_up = [self._held_up_at(c, now) for c in self._children]
+        if not held_up or None in held_up:
             return 0
-        for child in self._children:
-            self._withdraw(child)
+        for child, running in zip(self._children, held_up, strict=True):
+            assert running is not None
+            self._withdraw(child, running + 1)
         return self.drop_waiting()
 
-    def _held_up(self, child: _Child, now: float) -> bool:
-        """Whether `child` has run its batch for HELD_UP_S and more."""
+    def _held_up_at(self, child: _Child, now: float) -> int | None:
+        """The place in its batch of the task `child` runs, if it has run
+        that batch for HELD_UP_S and more; else None."""
         if not child.ready or not child.sent or not child.sent[0]:
-            return False
-        running = child.progress.running_task(child.batches_reported + 1)
-        # A child between batches is about to start the next: not held up.
-        return running is not None and now - child.sent[0][0].started >= HELD_UP_S
+            return None
+        if now - child.sent[0][0].started < HELD_UP_S:
+            return None
+        # None between tasks too: about to start the next, not held up.
+        return child.progress.running_task(child.batches_reported + 1)
 
-    def _withdraw(self, child: _Child) -> int:
-        """Take back every batch behind `child`'s running one; return how many
-        tasks they held. Their tasks go to the head of the queue, in order.
-        The child reads in its note that they were taken back, and skips them
-        (see _progress). Should it start one just as they are taken back, its
-        tasks run twice, and the outcomes of their other run count (see
-        _finished)."""
-        behind = list(islice(child.sent, 1, None))
-        child.progress.withdraw_through(child.batches_reported + len(child.sent))
-        for batch in reversed(behind):
+    def _unstarted_in(self, child: _Child, running: int) -> bool:
+        """Whether `child`, running the task at place `running` of its batch,
+        holds tasks it has not started: later in that batch, or behind it."""
+        return len(child.sent[0]) > running + 1 or any(islice(child.sent, 1, None))
+
+    def _withdraw(self, child: _Child, from_place: int | None = None) -> int:
+        """Take back the tasks `child` has not started: those of its running
+        batch from `from_place` on (none when None), and every batch behind
+        it; return how many. They go to the head of the queue, in order. The
+        child reads in its note that they were taken back, and skips them
+        (see _progress); the batches behind stay in `sent`, empty, as the
+        child still answers them. Should it start one just as it is taken
+        back, that task runs twice, and the outcome of its other run counts
+        (see _finished)."""
+        head, *behind = child.sent
+        number = child.batches_reported + 1
+        if from_place is None:
+            cut, from_place = (number + 1, 0), len(head)
+        else:
+            cut = (number, from_place)
+        child.progress.withdraw(*cut, through=number + len(behind))
+
+        taken = [head[from_place:], *behind]
+        for batch in reversed(taken):
             self._waiting.extendleft(r.task for r in reversed(batch))
-        child.sent = deque([child.sent[0], *([] for _ in behind)])
-        return sum(len(batch) for batch in behind)
+        child.sent = deque([head[:from_place], *([] for _ in behind)])
+        return sum(len(batch) for batch in taken)
 
     def _next_batch(self) -> list[p.Assignment]:
         first = self._waiting.popleft()
@@ -806,12 +826,14 @@ class ProcessPool:
             raise ValueError("a task process reported a batch it was not given")
         child.batches_reported += 1
         batch = child.sent.popleft()
-        if not batch:
-            # Taken back (see _withdraw): another child runs its tasks. Had
-            # this one started it just before, its outcomes are dropped here.
-            reports, results = [], []
+        if len(reports) < len(batch) or len(results) != len(reports):
+            raise ValueError("a task process reported less than it was given")
+        # Beyond `batch`: tasks taken back from it (see _withdraw), run by
+        # another child. Had this one started one just before, its outcome
+        # is dropped here.
+        kept = len(batch)
         for running, (status, duration_s), result in zip(
-            batch, reports, results, strict=True
+            batch, reports[:kept], results[:kept], strict=True
         ):
             self._duration_of(running.task.function).observe(duration_s)
             self._suspects.discard((running.task.ticket, running.task.attempt))

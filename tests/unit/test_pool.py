@@ -590,6 +590,36 @@ def test_a_batch_in_the_pipe_of_a_child_held_up_runs_on_an_idle_one_once(
     assert len(list(runs.iterdir())) == 4, "a task withdrawn from a pipe ran twice"
 
 
+def test_the_rest_of_a_batch_held_up_by_a_task_that_hangs_runs_on_an_idle_child(
+    tmp_path: Path,
+) -> None:
+    # Tiny tasks of one function travel to a child in batches: one of them
+    # that hangs held the rest of its batch, while the other child idled.
+    runs, done, never = tmp_path / "runs", tmp_path / "done", tmp_path / "never"
+    runs.mkdir()
+    done.touch()
+    tiny = pack_call((str(runs), str(done)), {})
+    pool = ProcessPool(2, [TASKS], allow_pickle=False)
+    try:
+        for ticket in range(1, 31):  # the pool learns the function is tiny
+            pool.submit(p.Assignment(ticket, 1, f"{TASKS}:run_counted", tiny), 0.0)
+        collect_until(pool, set(range(1, 31)), deadline_s=DEADLINE_S)
+        hang = pack_call((str(runs), str(never)), {})
+        pool.submit(p.Assignment(31, 1, f"{TASKS}:run_counted", hang), 0.0)
+        for ticket in range(32, 42):
+            pool.submit(p.Assignment(ticket, 1, f"{TASKS}:run_counted", tiny), 0.0)
+
+        behind = collect_until(pool, set(range(32, 42)), deadline_s=10.0)
+        never.touch()
+        last = collect_until(pool, {31}, deadline_s=10.0)
+    finally:
+        never.touch()
+        pool.close()
+
+    assert all(o.status is p.Status.OK for o in [*behind, *last])
+    assert len(list(runs.iterdir())) == 41, "a task taken back ran twice"
+
+
 def test_a_released_task_in_a_pipe_behind_the_running_one_is_taken_back_unrun(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
