@@ -375,8 +375,6 @@ class Scheduler:
         # Whether this loop turn looked for room in the results of sessions
         # that left (see orphans): once a turn at most, for all it asks.
         self._room_sought = False
-        # The tasks of the SUBMIT being admitted: what room is made for.
-        self._asked: Sequence[p.TaskSpec] = ()
         # Per connection, the tasks refused and not yet told (see _reject).
         self._refusals: dict[bytes, list[p.ResultEntry]] = {}
         # Per arena of shared memory (its path), the tickets of unfinished
@@ -642,7 +640,6 @@ class Scheduler:
             firsts = _split_ones_first(firsts)
         functions: dict[str, None] = {}
         sinks: dict[str, None] = {}
-        self._asked = firsts
         for spec in firsts:
             if (session, spec.task_id) in self._by_key:
                 accepted[spec.task_id] = None  # a resubmission: already ours
@@ -652,7 +649,7 @@ class Scheduler:
 
             twice = spec.task_id in repeated
             admission = self._admit_submitted(
-                peer, session, spec, pickle_served, now, twice
+                peer, session, spec, pickle_served, now, twice, asked=firsts
             )
             if admission is Admission.REFUSED:
                 # Its refusal named the copy too: one answer per task id.
@@ -664,7 +661,6 @@ class Scheduler:
                 functions[spec.function] = None
             if spec.sink is not None:
                 sinks[spec.sink] = None
-        self._asked = ()
         for task_id in repeated:
             self._reject(peer, session, task_id, _twice(task_id))
         self._send_refusals()
@@ -681,10 +677,12 @@ class Scheduler:
         pickle_served: bool,
         now: float,
         twice: bool = False,
+        asked: Sequence[p.TaskSpec] = (),
     ) -> Admission:
         """Accept one task a client submitted, or refuse it; past its window,
         let it wait for room (see `waiting_room`). `twice`: the SUBMIT carries another
-        copy of its id, which a refusal names too."""
+        copy of its id, which a refusal names too. `asked`: the whole SUBMIT,
+        which a full broker makes room for at once (see `_make_room`)."""
         reason = p.submission_problem(spec.function, spec.flags)
         if reason is None:
             reason = self._task_refusal(spec, pickle_served)
@@ -694,7 +692,7 @@ class Scheduler:
             if reason is None:
                 return Admission.WAITING
         if reason is None:
-            reason = self._room_refusal(size)
+            reason = self._room_refusal(size, asked)
         if reason is not None:
             if twice:
                 reason = (
@@ -844,26 +842,26 @@ class Scheduler:
             )
         return None
 
-    def _room_refusal(self, size: int) -> str | None:
+    def _room_refusal(self, size: int, asked: Sequence[p.TaskSpec] = ()) -> str | None:
         """Why the broker, holding what it holds, takes no task of `size` now,
         once it made what room it could from the results of sessions that
-        left (see `orphans`)."""
+        left (see `orphans`), for `asked` (the SUBMIT it belongs to) if any."""
         reason = self._full_refusal(size)
-        if reason is not None and self._make_room(size):
+        if reason is not None and self._make_room(size, asked):
             reason = self._full_refusal(size)
         return reason
 
-    def _make_room(self, size: int) -> bool:
+    def _make_room(self, size: int, asked: Sequence[p.TaskSpec]) -> bool:
         """Drop the oldest results of client sessions that left, for tombstones,
-        as many as the SUBMIT being admitted needs and some headroom; return
-        whether any was dropped. Once a loop turn at most: a full broker is
-        asked for each task of a SUBMIT, and each would look in vain again."""
+        as many as `asked` (or one task of `size`) needs and some headroom;
+        return whether any was dropped. Once a loop turn at most: a full broker
+        is asked for each task of a SUBMIT, and each would look in vain again."""
         if self._room_sought:
             return False
         self._room_sought = True
         grace_s = self.limits.orphan_grace_s
         cutoff = self._now - grace_s
-        shortfall = self._shortfall(size)
+        shortfall = self._shortfall(size, asked)
         orphans = pick_orphans(self.recipients.values(), self.tasks, cutoff, shortfall)
         if not orphans:
             return False
@@ -884,11 +882,11 @@ class Scheduler:
         self._holdings_said = None  # said of a fuller broker
         return True
 
-    def _shortfall(self, size: int) -> Shortfall:
-        """What to free for the SUBMIT being admitted (for one task of `size`
-        outside one), and some headroom."""
-        asked_tasks = max(len(self._asked), 1)
-        asked_bytes = max(sum(p.payload_bytes(spec) for spec in self._asked), size)
+    def _shortfall(self, size: int, asked: Sequence[p.TaskSpec]) -> Shortfall:
+        """What to free for the tasks `asked` (or one task of `size`), and
+        some headroom."""
+        asked_tasks = max(len(asked), 1)
+        asked_bytes = max(sum(p.payload_bytes(spec) for spec in asked), size)
         held_bytes = self._queued_bytes - self._tombstone_bytes
         limits = self.limits
         headroom_tasks = headroom(limits.max_queued_tasks, ROOM_HEADROOM_TASKS)
