@@ -55,7 +55,7 @@ if TYPE_CHECKING:
     from .broker import Broker
     from .client import Client
     from .dashboard import DashboardServer
-    from .worker import Worker
+    from .worker import Worker, WorkerConfig
 
 log = logging.getLogger(__name__)
 
@@ -778,15 +778,21 @@ def worker(
     keep_freed_memory()  # this process exists to move payloads
     _stop_on_signals(server.stop)
     signal.signal(signal.SIGQUIT, _leave_at_once(server))
-    if pool == "process":
+    _say_started(_worker_started(config))
+    server.serve()
+
+
+def _worker_started(config: WorkerConfig) -> str:
+    """The line a worker started at a terminal says (see _say_started)."""
+    if config.pool == "process":
         slots = counted(config.concurrency, "task process", "task processes")
     else:
         slots = counted(config.concurrency, "thread")
-    _say_started(
-        f"worker: serving {', '.join(modules)} in {slots} for the broker at "
-        f"{connect}. Ctrl-C finishes the tasks it holds and leaves; twice, at once"
+    return (
+        f"worker: serving {', '.join(config.modules)} in {slots} for the broker "
+        f"at {config.connect}. Ctrl-C finishes the tasks it holds and leaves; "
+        "twice, at once"
     )
-    server.serve()
 
 
 def _leave_at_once(server: Worker) -> Callable[[int, object], None]:
