@@ -49,6 +49,9 @@ TASK_FAILURES_FIRST_INTERVAL_S = 10.0
 # Results of sessions that left dropped to make room, at most once a loop turn
 # while clients keep a broker full: said at once, then less and less often.
 ORPHANS_DROPPED_FIRST_INTERVAL_S = 10.0
+# A worker busy with long tasks hands back what waits behind them every few
+# seconds: said at once per worker, then after this long, then twice as long.
+HAND_BACKS_FIRST_INTERVAL_S = 60.0
 
 
 class NoticeLog:
@@ -81,6 +84,9 @@ class NoticeLog:
         self._orphans_dropped = Routine(
             _LOG_NAME, ORPHANS_DROPPED_FIRST_INTERVAL_S, level=logging.WARNING
         )
+        self._hand_backs: Routines[str] = Routines(
+            _LOG_NAME, HAND_BACKS_FIRST_INTERVAL_S
+        )
 
     def log(self, notices: list[n.Notice], now: float) -> None:
         """Say a loop turn's notices, within the rate limits."""
@@ -110,6 +116,8 @@ class NoticeLog:
                 self._log_task_failed(notice, now)
             elif isinstance(notice, n.OrphansDropped):
                 self._log_orphans_dropped(notice, now)
+            elif isinstance(notice, n.WorkerReturned) and _handed_back(notice):
+                self._log_hand_back(notice, now)
             else:
                 _log_notice(notice)
 
@@ -175,6 +183,17 @@ class NoticeLog:
             "it forgets can no longer be retried",
             oldest,
             notice.kept,
+        )
+
+    def _log_hand_back(self, notice: n.WorkerReturned, now: float) -> None:
+        self._hand_backs.of(notice.worker_id).log(
+            now,
+            1,
+            "worker registered again worker=%s, keeping %s it runs: requeued %d "
+            "it had not started, for workers with room",
+            notice.worker_id,
+            counted(notice.kept, "task"),
+            notice.requeued,
         )
 
     def _log_orphans_dropped(self, notice: n.OrphansDropped, now: float) -> None:
@@ -299,6 +318,12 @@ def _log_notice(notice: n.Notice) -> None:
             "until it says BYE or falls silent",
             notice.session,
         )
+
+
+def _handed_back(notice: n.WorkerReturned) -> bool:
+    """Whether a worker registered again only to hand back tasks it had not
+    started: routine, where a return after a reconnection is news."""
+    return notice.same_connection and not (notice.refused or notice.taken_back)
 
 
 def _log_worker_returned(notice: n.WorkerReturned) -> None:

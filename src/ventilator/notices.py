@@ -35,13 +35,16 @@ class WorkerReturned:
     before any other worker started them; `requeued` it held and no longer
     names went back to their queues; `refused` it names are done, unknown or
     another's (it is told to stop them, see `p.Release`; results of theirs
-    are dropped as late)."""
+    are dropped as late). `same_connection`: it registered again without
+    reconnecting, serving the same functions, as it does to hand back the
+    tasks it has not started while every slot runs a long one."""
 
     worker_id: str
     kept: int
     requeued: int
     refused: int
     taken_back: int = 0
+    same_connection: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -1349,6 +1349,9 @@ class Scheduler:
         worker.obeys_release = obeys_release
         named = dict(ready.held)
         old = self.workers.get(ready.worker_id)
+        # Not a return but a hand-back (see Worker._give_back_held_up), or a
+        # READY sent again: nothing joined that was not here.
+        again = old is not None and old.peer == peer and old.services == worker.services
         kept = requeued = 0
         if old is not None:
             kept = self._hand_over(old, worker, named)
@@ -1372,14 +1375,15 @@ class Scheduler:
         self._credit.offer(worker)
         if old is not None or named:
             notice = WorkerReturned(
-                worker.worker_id, kept, requeued, len(refused), taken_back
+                worker.worker_id, kept, requeued, len(refused), taken_back, again
             )
             self._effects.notices.append(notice)
-        self._effects.notices.append(
-            WorkerJoined(
-                worker.worker_id, worker.services, worker.capacity, worker.slots
+        if not again:
+            self._effects.notices.append(
+                WorkerJoined(
+                    worker.worker_id, worker.services, worker.capacity, worker.slots
+                )
             )
-        )
         return list(refused.items())
 
     def _new_worker(self, peer: bytes, ready: p.Ready, now: float) -> Worker:

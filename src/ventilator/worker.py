@@ -152,6 +152,9 @@ class Worker:
         # Tasks taken back are routine for a client that cancels a lot: said
         # when it starts, then less and less often.
         self._taken_back = Routine(__name__, TAKEN_BACK_FIRST_INTERVAL_S)
+        # Hand-backs are routine under a mix of long and short tasks (a tester
+        # counted one every few seconds): said at once, then less and less often.
+        self._handed_back = Routine(__name__, TAKEN_BACK_FIRST_INTERVAL_S)
 
     def stop(self, at_once: bool = False) -> None:
         """Leave gracefully: take no new tasks, finish the held ones, then go.
@@ -507,7 +510,9 @@ class Worker:
         handed = self._pool.give_up_held_up(now)
         if not handed:
             return
-        log.info(
+        self._handed_back.log(
+            now,
+            1,
             "every slot is busy with a long task worker=%s: handing %s not "
             "started back to the broker for workers with room",
             self.config.worker_id,

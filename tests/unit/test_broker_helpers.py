@@ -423,6 +423,35 @@ def test_a_burst_of_refused_tasks_is_logged_once_a_second_with_a_count(
     assert messages[1].endswith("; 4 more not logged")
 
 
+def test_hand_backs_of_a_busy_worker_are_said_less_and_less_often(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Tester 34: 166 broker lines in 2 minutes of long and short tasks mixed.
+    notice_log = NoticeLog(FullQueues(SEND_QUEUE))
+    handed = WorkerReturned("w", 2, 5, 0, same_connection=True)
+    with caplog.at_level(logging.INFO, logger="ventilator.broker"):
+        for second in range(120):
+            notice_log.log([handed], now=float(second))
+
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert len(said) == 2, said
+    assert said[0].startswith("worker registered again worker=w, keeping 2 tasks")
+    assert "59 more like it" in said[1]
+
+
+def test_a_worker_back_after_a_reconnection_is_said_each_time(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    notice_log = NoticeLog(FullQueues(SEND_QUEUE))
+    returned = WorkerReturned("w", 2, 5, 0)
+    with caplog.at_level(logging.INFO, logger="ventilator.broker"):
+        notice_log.log([returned], now=1.0)
+        notice_log.log([returned], now=2.0)
+
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert [m.startswith("worker returned") for m in said] == [True, True], said
+
+
 def test_counts_of_one_read_in_the_singular(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="ventilator.broker"):
         _log_notice(WorkerLeft("w", requeued=1))

@@ -7,6 +7,7 @@ import pytest
 from ventilator import protocol as p
 from ventilator.notices import (
     LateOutcome,
+    WorkerJoined,
     WorkerLost,
     WorkerReturned,
 )
@@ -46,6 +47,32 @@ def test_worker_that_registers_again_naming_its_task_keeps_it(driver: Driver) ->
     assert held_by(driver, "worker-1") == {first.ticket}
     assert notices(effects, WorkerReturned) == [WorkerReturned("worker-1", 1, 0, 0)]
     assert not notices(effects, WorkerLost)
+
+
+def test_a_worker_handing_back_on_its_connection_is_no_new_join(
+    driver: Driver,
+) -> None:
+    # Every slot busy with a long task: it registers again, naming what runs.
+    driver.submit(task(1), task(2))
+    running, waiting = assignments(driver.ready(W1, capacity=2), W1)
+
+    effects = driver.ready(W1, capacity=2, held=[running])
+
+    assert notices(effects, WorkerReturned) == [
+        WorkerReturned("worker-1", 1, 1, 0, same_connection=True)
+    ]
+    assert not notices(effects, WorkerJoined)
+    assert waiting.ticket in held_by(driver, "worker-1")  # it has room again
+
+
+def test_a_worker_back_on_a_new_connection_joins_again(driver: Driver) -> None:
+    driver.submit(task(1))
+    [first] = assignments(driver.ready(W1), W1)
+
+    effects = driver.ready(W1_AGAIN, worker_id="worker-1", held=[first])
+
+    assert not notices(effects, WorkerReturned)[0].same_connection
+    assert [j.worker_id for j in notices(effects, WorkerJoined)] == ["worker-1"]
 
 
 def test_result_of_a_kept_task_reaches_its_client(driver: Driver) -> None:
