@@ -84,6 +84,7 @@ from .orphans import (
     ROOM_HEADROOM_BYTES,
     ROOM_HEADROOM_TASKS,
     Shortfall,
+    has_left,
     headroom,
     pick_orphans,
 )
@@ -841,6 +842,18 @@ class Scheduler:
                 f"{limits.max_queued_bytes} (max_queued_bytes): {self._holdings()}"
             )
         return None
+
+    def _refusal_said(self, now: float) -> str | None:
+        """Why a full broker refuses new tasks, as `status` says it, until
+        some are done; none while it would make room from the results of
+        sessions that left (see `_make_room`): the next task is accepted."""
+        reason = self._full_refusal(0)
+        cutoff = now - self.limits.orphan_grace_s
+        if reason is not None and any(
+            has_left(recipient, cutoff) for recipient in self.recipients.values()
+        ):
+            return None
+        return reason
 
     def _room_refusal(self, size: int, asked: Sequence[p.TaskSpec] = ()) -> str | None:
         """Why the broker, holding what it holds, takes no task of `size` now,
@@ -2609,8 +2622,7 @@ class Scheduler:
             next_retry_at=self._retries.next_due_at(),
             totals=self.totals(),
             asker=asker,
-            # A full broker refuses new tasks too, until some are done.
-            not_accepting=self.not_accepting or self._full_refusal(0),
+            not_accepting=self.not_accepting or self._refusal_said(now),
             serves=self.serves,
         )
         if scope is not None:

@@ -99,6 +99,19 @@ def test_a_full_broker_makes_room_from_a_session_gone_past_its_grace() -> None:
     assert statuses == [p.Status.EXPIRED] * 2 + [p.Status.OK] * 2
 
 
+def test_status_says_a_full_broker_accepts_while_it_can_make_room() -> None:
+    driver = Driver(LIMITS)
+    results_left_behind(driver)
+
+    driver.tick(GRACE_S - 5.0)
+    within_grace = driver.scheduler.status(driver.now)["not_accepting"]
+    driver.tick(10.0)
+    past_grace = driver.scheduler.status(driver.now)["not_accepting"]
+
+    assert "max_queued_tasks" in str(within_grace)
+    assert past_grace is None  # the next task is taken, room made for it
+
+
 def test_room_made_is_said_once_for_the_whole_submit() -> None:
     driver = Driver(LIMITS)
     results_left_behind(driver)
