@@ -124,10 +124,11 @@ _WORK_TYPES = (p.Submit, p.Ack, p.Cancel)
 # (see protocol.RESERVED_SESSION_PREFIXES), nor a worker as its id.
 GATEWAY_PREFIX = "mdp:"
 
-# Why a worker whose send failed just after the broker stood still is let go
-# unblamed: it gave up on the silent broker and reconnected on a new
-# connection, where it registers again.
+# Why a worker whose send failed, or who fell silent, just after the broker
+# stood still is let go unblamed: it gave up on the silent broker and
+# reconnected on a new connection, where it registers again.
 STALL_REASON = "its connection closed while this broker stood still"
+STALL_SILENCE_REASON = "its connection fell silent after this broker stood still"
 
 # Tickets a returning worker names above this are not taken as numbers some
 # broker handed out (see Scheduler._fence): a forged one must not push ours
@@ -323,8 +324,8 @@ class Scheduler:
         self._stale: dict[str, int] = {}
         # The latest time any event brought, for timestamps taken inside flush().
         self._now = 0.0
-        # Until when a worker's lost connection is blamed on our own stall
-        # rather than on its task (see stood_still).
+        # Until when a worker's lost or silent connection is blamed on our own
+        # stall rather than on its task (see stood_still).
         self._stall_aftermath_until = -math.inf
 
         # Running totals since start, and the latest failures, for the operator.
@@ -1803,7 +1804,7 @@ class Scheduler:
         """A send to `peer` failed: it disconnected, or stopped reading."""
         self._now = now
         worker = self._worker_for_peer(peer)
-        stalled = now < self._stall_aftermath_until
+        stalled = self._in_stall_aftermath(now)
         if worker is not None and stalled:
             self._remove_worker(worker, STALL_REASON, Fault.NONE, now)
             return
@@ -1871,12 +1872,16 @@ class Scheduler:
 
         Their silence is shifted by the stall rather than forgotten: a peer
         that was already silent before it still expires on time, and a broker
-        that keeps stalling still finds its dead peers.
+        that keeps stalling still finds its dead peers. In the stall's
+        aftermath a worker lost is let go unblamed: one that died cannot be
+        told from one that left us for our silence and is coming back.
         """
         self._now = now
         # Peers that gave up on us meanwhile closed their connection: a send
-        # to it fails, though they live and are about to register again.
-        self._stall_aftermath_until = now + self._peer_silence_s()
+        # to it fails, or it falls silent, though they live and are about to
+        # register again on another. On a machine loaded enough to stop us
+        # (CI saw it), that may take as long as the stall did, and a silence.
+        self._stall_aftermath_until = now + stalled_s + self._peer_silence_s()
         for worker in self.workers.values():
             worker.last_seen = min(now, worker.last_seen + stalled_s)
         for recipient in self.recipients.values():
@@ -1890,6 +1895,11 @@ class Scheduler:
             (r.peer, beat) for r in self.recipients.values() if r.peer is not None
         )
 
+    def _in_stall_aftermath(self, now: float) -> bool:
+        """Whether a worker lost at `now` is lost to our own stall (see
+        stood_still): let go unblamed, its tasks are not counted a death."""
+        return now < self._stall_aftermath_until
+
     def _peer_silence_s(self) -> float:
         """How long a peer may be silent before it is presumed gone."""
         return self.limits.heartbeat_interval_s * self.limits.liveness
@@ -1897,7 +1907,11 @@ class Scheduler:
     def _expire_workers(self, now: float) -> None:
         silence_s = self._peer_silence_s()
         dead = [w for w in self.workers.values() if w.presumed_dead(now, silence_s)]
+        stalled = self._in_stall_aftermath(now)
         for worker in dead:
+            if stalled:
+                self._remove_worker(worker, STALL_SILENCE_REASON, Fault.NONE, now)
+                continue
             silent_s = now - worker.last_seen
             self._remove_worker(worker, f"silent for {silent_s:.1f}s", Fault.LOST, now)
 
