@@ -14,18 +14,26 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
 from typing import IO, Any
 
 from ._allocator import keep_freed_memory
-from ._framing import CANNOT_START, read_message, write_message
+from ._framing import CANNOT_START, EARLY, read_message, write_message
 from ._lifeline import end_with_parent
 from ._progress import Progress
 from .errors import UsageError
 from .execution import run_task
 from .registry import load_functions
+
+# A batch is sized to a few milliseconds of work (pool.TaskDuration), and its
+# outcomes go back together when it ends. When a task of it runs far longer
+# (it hangs, or its function's run time was misjudged), the outcomes of those
+# before it go back on their own once they have waited this long: their
+# clients must not wait on it, nor see them run again should it be stopped.
+EARLY_AFTER_S = 0.2
 
 
 def serve(
@@ -44,17 +52,16 @@ def serve(
     # An empty message says we are ready: a task's timeout counts from here,
     # not from a start that may take seconds on a loaded machine.
     write_message(sock, [], [])
+    outcomes = _Outcomes(sock)
     for batch in itertools.count(1):
         try:
             tasks, payloads = read_message(batches)
         except (EOFError, OSError):
             return  # the worker closed our pipe: leave
 
-        reports, results = _run_batch(
-            batch, tasks, payloads, progress, functions, allow_pickle
-        )
+        _run_batch(batch, tasks, payloads, progress, functions, allow_pickle, outcomes)
         try:
-            write_message(sock, reports, results)
+            outcomes.send()
         except OSError:
             return  # the worker went away while we ran
 
@@ -66,13 +73,12 @@ def _run_batch(
     progress: Progress,
     functions: dict[str, Callable[..., Any]],
     allow_pickle: bool,
-) -> tuple[list[tuple[int, float]], list[Any]]:
-    """Run the tasks of batch number `batch`; their reports and results.
-    Those the worker took back, run elsewhere while we were held up, are not
-    run: the report is of those before them (none, for a batch taken back
-    whole)."""
-    reports: list[tuple[int, float]] = []
-    results: list[Any] = []
+    outcomes: _Outcomes,
+) -> None:
+    """Run the tasks of batch number `batch`, adding their outcomes to
+    `outcomes`. Those the worker took back, run elsewhere while we were held
+    up, are not run: the outcomes are of those before them (none, for a batch
+    taken back whole)."""
     for place, ((function, flags), payload) in enumerate(
         zip(tasks, payloads, strict=True)
     ):
@@ -81,10 +87,57 @@ def _run_batch(
         progress.running(batch, place)
         started = time.perf_counter()
         status, result = run_task(functions, allow_pickle, function, flags, payload)
-        reports.append((int(status), time.perf_counter() - started))
-        results.append(result)
+        outcomes.add(int(status), time.perf_counter() - started, result)
     progress.between(batch)
-    return reports, results
+
+
+class _Outcomes:
+    """The outcomes of the running batch not sent yet, and the one writer of
+    our pipe. The main thread adds them as its tasks end, and sends them when
+    the batch does; a thread of ours sends those that waited EARLY_AFTER_S
+    before that, marked EARLY (see _framing)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._lock = threading.Lock()
+        self._reports: list[tuple[int, float]] = []
+        self._results: list[Any] = []
+        self._oldest_at = 0.0  # when the first of them was added
+        early = threading.Thread(target=self._send_early, name="early", daemon=True)
+        early.start()
+
+    def add(self, status: int, duration_s: float, result: Any) -> None:
+        with self._lock:
+            if not self._reports:
+                self._oldest_at = time.monotonic()
+            self._reports.append((status, duration_s))
+            self._results.append(result)
+
+    def send(self) -> None:
+        """The batch ended: send what was not sent early, if anything."""
+        with self._lock:
+            write_message(self._sock, *self._take())
+
+    def _take(self) -> tuple[list[tuple[int, float]], list[Any]]:
+        taken = self._reports, self._results
+        self._reports, self._results = [], []
+        return taken
+
+    def _send_early(self) -> None:
+        # A look now and then, not a timer per batch: a batch normally ends
+        # within milliseconds, and must cost nothing more for this.
+        while True:
+            time.sleep(EARLY_AFTER_S / 2)
+            with self._lock:
+                if not self._reports:
+                    continue
+                if time.monotonic() - self._oldest_at < EARLY_AFTER_S:
+                    continue
+                reports, results = self._take()
+                try:
+                    write_message(self._sock, [[EARLY], *reports], [b"", *results])
+                except OSError:
+                    return  # the worker is gone; the main thread leaves too
 
 
 def _import_or_explain(

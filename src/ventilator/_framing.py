@@ -14,7 +14,9 @@ A child's first message says it imported its modules: empty, it is ready; with
 one row ``[CANNOT_START, reason]`` and the traceback as its payload, it cannot
 import them and leaves. After that, each message answers a batch, a row per
 task; an empty one answers a batch the worker took back, none of it run (see
-`_progress`).
+`_progress`). A batch may be answered in parts: a message whose first row is
+``[EARLY]`` (with an empty payload) answers the next tasks of the running
+batch, while a later one of it runs long (see `_child`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import msgpack
 
 __all__ = [
     "CANNOT_START",
+    "EARLY",
     "Inbox",
     "Message",
     "Outbox",
@@ -44,6 +47,7 @@ Buffer: TypeAlias = Any
 Message: TypeAlias = tuple[list[list[Any]], list[Buffer]]
 
 CANNOT_START = "cannot_start"
+EARLY = "early"
 
 _PREFIX = struct.Struct("!II")  # header bytes, payload bytes
 # Buffers in one sendmsg call: well under Linux's IOV_MAX of 1024.

@@ -66,7 +66,7 @@ from typing import Any, Literal, Protocol
 
 from . import _proctree
 from . import protocol as p
-from ._framing import CANNOT_START, Inbox, Outbox, frame
+from ._framing import CANNOT_START, EARLY, Inbox, Outbox, frame
 from ._progress import Progress
 from ._words import counted, how_it_ended
 from .errors import TaskError, TaskTimeout
@@ -290,6 +290,9 @@ class _Child:
     sent: deque[list[_Running]] = field(default_factory=deque)
     # Batches it reported: the oldest in `sent` is its batch number this plus 1.
     batches_reported: int = 0
+    # Tasks of its running batch it reported early (see _child), dropped from
+    # the front of `sent[0]`: the first task there is at this place in it.
+    reported_early: int = 0
     # Whether it said it has imported its modules; until then its tasks wait
     # in the pipe and their timeouts have not started.
     ready: bool = False
@@ -587,14 +590,14 @@ class ProcessPool:
         return self.drop_waiting()
 
     def _held_up_at(self, child: _Child, now: float) -> int | None:
-        """The place in its batch of the task `child` runs, if it has run
-        that batch for HELD_UP_S and more; else None."""
+        """Where in `child.sent[0]` the task `child` runs is, if it has run
+        that batch for HELD_UP_S and more (since its last report); else None."""
         if not child.ready or not child.sent or not child.sent[0]:
             return None
         if now - child.sent[0][0].started < HELD_UP_S:
             return None
         # None between tasks too: about to start the next, not held up.
-        return child.progress.running_task(child.batches_reported + 1)
+        return _running_in_head(child)
 
     def _unstarted_in(self, child: _Child, running: int) -> bool:
         """Whether `child`, running the task at place `running` of its batch,
@@ -603,19 +606,19 @@ class ProcessPool:
 
     def _withdraw(self, child: _Child, from_place: int | None = None) -> int:
         """Take back the tasks `child` has not started: those of its running
-        batch from `from_place` on (none when None), and every batch behind
-        it; return how many. They go to the head of the queue, in order. The
-        child reads in its note that they were taken back, and skips them
-        (see _progress); the batches behind stay in `sent`, empty, as the
-        child still answers them. Should it start one just as it is taken
-        back, that task runs twice, and the outcome of its other run counts
-        (see _finished)."""
+        batch from `sent[0][from_place]` on (none when None), and every batch
+        behind it; return how many. They go to the head of the queue, in
+        order. The child reads in its note that they were taken back, and
+        skips them (see _progress); the batches behind stay in `sent`, empty,
+        as the child still answers them. Should it start one just as it is
+        taken back, that task runs twice, and the outcome of its other run
+        counts (see _report)."""
         head, *behind = child.sent
         number = child.batches_reported + 1
         if from_place is None:
             cut, from_place = (number + 1, 0), len(head)
         else:
-            cut = (number, from_place)
+            cut = (number, child.reported_early + from_place)
         child.progress.withdraw(*cut, through=number + len(behind))
 
         taken = [head[from_place:], *behind]
@@ -748,8 +751,11 @@ class ProcessPool:
             return
         if health == "lost" and child.sent and child.sent[0]:
             ended = _how_it_ended(child.process)
-            culprit = child.progress.running_task(child.batches_reported + 1)
-            self._blame(child.sent.popleft(), culprit, outcomes, now, ended)
+            culprit = _running_in_head(child)
+            # Past the batch: it died running a task just taken back from it
+            # (see _withdraw), blamed nowhere; the batch goes again, unblamed.
+            if culprit is None or culprit < len(child.sent[0]):
+                self._blame(child.sent.popleft(), culprit, outcomes, now, ended)
         self._swap_child(child)
 
     def _swap_child(self, child: _Child) -> None:
@@ -824,13 +830,53 @@ class ProcessPool:
         """Turn a batch's reports into outcomes; the next batch starts now."""
         if not child.sent:
             raise ValueError("a task process reported a batch it was not given")
+        if reports and reports[0] == [EARLY]:
+            self._finished_early(child, reports[1:], results[1:], outcomes, now)
+            return
         child.batches_reported += 1
+        child.reported_early = 0
         batch = child.sent.popleft()
         if len(reports) < len(batch) or len(results) != len(reports):
             raise ValueError("a task process reported less than it was given")
-        # Beyond `batch`: tasks taken back from it (see _withdraw), run by
-        # another child. Had this one started one just before, its outcome
-        # is dropped here.
+        self._report(child, batch, reports, results, outcomes, now)
+        if child.sent:
+            for running in child.sent[0]:
+                running.started = now
+
+    def _finished_early(
+        self,
+        child: _Child,
+        reports: list[list[Any]],
+        results: list[Any],
+        outcomes: list[p.Outcome],
+        now: float,
+    ) -> None:
+        """Turn the reports of the first tasks of the running batch, sent
+        while a later one runs long, into outcomes; the rest of the batch
+        runs from now, as far as the held-up check goes."""
+        if not reports or len(results) != len(reports):
+            raise ValueError("a task process reported early nothing it ran")
+        head = child.sent[0]
+        reported = min(len(reports), len(head))
+        self._report(child, head[:reported], reports, results, outcomes, now)
+        del head[:reported]
+        child.reported_early += len(reports)
+        for running in head:
+            running.started = now
+
+    def _report(
+        self,
+        child: _Child,
+        batch: list[_Running],
+        reports: list[list[Any]],
+        results: list[Any],
+        outcomes: list[p.Outcome],
+        now: float,
+    ) -> None:
+        """Add the outcomes of `batch`, the first of `reports` and `results`.
+        Reports beyond it are of tasks taken back from it (see _withdraw),
+        which another child runs: had this one started one just before, its
+        outcome is dropped here."""
         kept = len(batch)
         for running, (status, duration_s), result in zip(
             batch, reports[:kept], results[:kept], strict=True
@@ -842,9 +888,6 @@ class ProcessPool:
                 self._say_timed_out(running.task, now, child, stopped=False)
             else:
                 outcomes.append(running.outcome(_STATUSES[status], result, now))
-        if child.sent:
-            for running in child.sent[0]:
-                running.started = now
 
     def _overran(self, child: _Child, outcomes: list[p.Outcome], now: float) -> bool:
         if not child.ready or not child.sent or len(child.sent[0]) != 1:
@@ -1094,6 +1137,14 @@ def crash_report(ended: str) -> bytes:
     ("exit code 9", "killed by SIGKILL"), for the broker to tell the client
     when the task fails as poison."""
     return pack_error(TaskError(p.PROCESS_DIED, ended))
+
+
+def _running_in_head(child: _Child) -> int | None:
+    """Where in `child.sent[0]` the task its progress note says it runs is:
+    its place in the batch, less the tasks reported early; None between
+    tasks, or when the note is of another batch."""
+    place = child.progress.running_task(child.batches_reported + 1)
+    return None if place is None else place - child.reported_early
 
 
 def _how_it_ended(process: subprocess.Popen[bytes]) -> str:

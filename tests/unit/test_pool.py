@@ -620,6 +620,94 @@ def test_the_rest_of_a_batch_held_up_by_a_task_that_hangs_runs_on_an_idle_child(
     assert len(list(runs.iterdir())) == 41, "a task taken back ran twice"
 
 
+def tiny_then_a_hang(
+    pool: ProcessPool, folder: Path, tiny_tickets: range, hang_ticket: int
+) -> tuple[Path, Path]:
+    """Teach `pool` that run_counted is tiny, then give it `tiny_tickets` and
+    `hang_ticket`, which runs until the returned file exists, in one batch
+    behind them. Returns that file, and the folder counting the runs."""
+    runs, done, never = folder / "runs", folder / "done", folder / "never"
+    runs.mkdir()
+    done.touch()
+    tiny = pack_call((str(runs), str(done)), {})
+    for ticket in range(1, 31):
+        pool.submit(p.Assignment(ticket, 1, f"{TASKS}:run_counted", tiny), 0.0)
+    collect_until(pool, set(range(1, 31)), deadline_s=DEADLINE_S)
+    for ticket in tiny_tickets:
+        pool.submit(p.Assignment(ticket, 1, f"{TASKS}:run_counted", tiny), 0.0)
+    hang = pack_call((str(runs), str(never)), {})
+    pool.submit(p.Assignment(hang_ticket, 1, f"{TASKS}:run_counted", hang), 0.0)
+    return never, runs
+
+
+def test_tasks_that_ran_before_one_that_hangs_in_their_batch_report_without_it(
+    tmp_path: Path,
+) -> None:
+    # Their outcomes waited in the child for the batch to end: for ever.
+    pool = ProcessPool(1, [TASKS], allow_pickle=False)
+    try:
+        never, runs = tiny_then_a_hang(pool, tmp_path, range(31, 35), 35)
+
+        before = collect_until(pool, {31, 32, 33, 34}, deadline_s=10.0)
+        never.touch()
+        last = collect_until(pool, {35}, deadline_s=10.0)
+    finally:
+        (tmp_path / "never").touch()
+        pool.close()
+
+    assert all(o.status is p.Status.OK for o in [*before, *last])
+    assert len(list(runs.iterdir())) == 35, "a task ran twice"
+
+
+def test_the_rest_of_a_batch_partly_reported_before_a_hang_runs_on_an_idle_child(
+    tmp_path: Path,
+) -> None:
+    # Places in the batch count the tasks reported early: a cut one off would
+    # run a task twice, or hold one up with the hang.
+    pool = ProcessPool(2, [TASKS], allow_pickle=False)
+    try:
+        never, runs = tiny_then_a_hang(pool, tmp_path, range(31, 35), 35)
+        done = pack_call((str(runs), str(tmp_path / "done")), {})
+        for ticket in range(36, 51):  # 36-40 in the hang's batch, behind it
+            pool.submit(p.Assignment(ticket, 1, f"{TASKS}:run_counted", done), 0.0)
+
+        others = {*range(31, 35), *range(36, 51)}
+        before = collect_until(pool, others, deadline_s=10.0)
+        never.touch()
+        last = collect_until(pool, {35}, deadline_s=10.0)
+    finally:
+        (tmp_path / "never").touch()
+        pool.close()
+
+    assert all(o.status is p.Status.OK for o in [*before, *last])
+    assert len(list(runs.iterdir())) == 50, "a task ran twice"
+
+
+def test_tasks_reported_before_one_that_hangs_do_not_run_again_when_it_is_released(
+    tmp_path: Path,
+) -> None:
+    # Releasing the task that hangs stops its child; the others of its batch
+    # ran again, their outcomes lost with it.
+    pool = ProcessPool(1, [TASKS], allow_pickle=False)
+    try:
+        never, runs = tiny_then_a_hang(pool, tmp_path, range(31, 35), 35)
+        collect_until(pool, {31, 32, 33, 34}, deadline_s=10.0)
+
+        given_up = pool.release([(35, 1)])
+        # Behind whatever would run again: it runs first (see _blame_one).
+        done = pack_call((str(runs), str(tmp_path / "done")), {})
+        pool.submit(p.Assignment(36, 1, f"{TASKS}:run_counted", done), 0.0)
+        after = collect_until(pool, {36}, deadline_s=DEADLINE_S)
+        held = pool.held()
+    finally:
+        never.touch()
+        pool.close()
+
+    assert given_up == 1
+    assert [o.ticket for o in after] == [36] and held == []
+    assert len(list(runs.iterdir())) == 36, "a task ran again"
+
+
 def test_a_released_task_in_a_pipe_behind_the_running_one_is_taken_back_unrun(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
