@@ -119,12 +119,28 @@ class TaskError(VentilatorError):
     kind = "error"
 
     def __init__(
-        self, remote_type: str, message: str, remote_traceback: str = ""
+        self,
+        remote_type: str,
+        message: str,
+        remote_traceback: str = "",
+        remote_args: tuple[Any, ...] | None = None,
     ) -> None:
         super().__init__(remote_type, message)
+        self._describe(remote_type, message, remote_traceback, remote_args)
+
+    def _describe(
+        self,
+        remote_type: str,
+        message: str,
+        remote_traceback: str,
+        remote_args: tuple[Any, ...] | None,
+    ) -> None:
         self.remote_type = remote_type
         self.message = message
         self.remote_traceback = remote_traceback
+        # The remote exception's args, when they were plain values (see
+        # plain_args); None when they did not travel.
+        self.remote_args = remote_args
 
     def __reduce__(self) -> tuple[Any, ...]:
         # By kind, not by class: a TaskRaised that is also a ValueError has a
@@ -159,14 +175,17 @@ class TaskError(VentilatorError):
             return f"{name}(message={self.message!r})"
         return f"{name}(remote_type={self.remote_type!r}, message={self.message!r})"
 
-    def to_wire(self) -> dict[str, str]:
-        """The error as a plain dict that msgpack and JSON can carry."""
-        return {
+    def to_wire(self) -> dict[str, Any]:
+        """The error as a plain dict that msgpack can carry."""
+        wire: dict[str, Any] = {
             "kind": self.kind,
             "type": _utf8(self.remote_type),
             "message": _utf8(self.message),
             "traceback": _utf8(self.remote_traceback),
         }
+        if self.remote_args is not None:
+            wire["args"] = list(self.remote_args)
+        return wire
 
 
 class TaskRaised(TaskError):
@@ -225,6 +244,40 @@ class ClientBroken(ClientClosed):
     tasks fail with this, and so does every later call; make a new client."""
 
 
+# What of an exception's args travels: a few plain values, each small (a
+# KeyError's key, an OSError's errno and text). Anything else stays behind:
+# the client must not rebuild objects of the task's making.
+MAX_ARGS = 8
+MAX_ARG_BYTES = 4096
+_PLAIN = (type(None), bool, int, float, str, bytes)
+
+
+def plain_args(args: Any) -> tuple[Any, ...] | None:
+    """`args` as a tuple if it is a short sequence of small plain values
+    (None, bool, int, float, str, bytes) that msgpack carries; else None.
+    Read from the wire too, where nothing else is trusted."""
+    if not isinstance(args, (list, tuple)) or len(args) > MAX_ARGS:
+        return None
+    for arg in args:
+        if type(arg) not in _PLAIN:
+            return None
+        if isinstance(arg, int) and not -(2**63) <= arg < 2**64:
+            return None
+        if isinstance(arg, (str, bytes)) and len(arg) > MAX_ARG_BYTES:
+            return None
+        if isinstance(arg, str) and not _utf8_encodable(arg):
+            return None  # a file name's lone surrogates: msgpack cannot carry it
+    return tuple(args)
+
+
+def _utf8_encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _utf8(text: str) -> str:
     """`text` with anything UTF-8 cannot carry (lone surrogates) escaped."""
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
@@ -261,6 +314,7 @@ def task_error_from_wire(fields: Any) -> TaskError:
         remote_type,
         str(fields.get("message", "")),
         str(fields.get("traceback", "")),
+        plain_args(fields.get("args")),
     )
 
 
@@ -295,23 +349,38 @@ _MIXED: dict[type[Exception], type[TaskRaised]] = {}
 
 
 def _mixed_with(builtin: type[Exception]) -> type[TaskRaised]:
-    namespace = {"__module__": __name__, "__init__": _init_as_builtin}
+    namespace = {
+        "__module__": __name__,
+        "__init__": _init_as_builtin,
+        "_builtin": builtin,
+    }
     try:
         cls = type("TaskRaised", (TaskRaised, builtin), namespace)
-        cls("ValueError", "", "")  # some built-ins need arguments of their own
+        # One whose __new__ wants arguments of its own cannot pose: an
+        # ExceptionGroup's members did not travel.
+        cls("ValueError", "", "")
     except TypeError:
         return TaskRaised
     return cls
 
 
 def _init_as_builtin(
-    self: Any, remote_type: str, message: str, remote_traceback: str = ""
+    self: Any,
+    remote_type: str,
+    message: str,
+    remote_traceback: str = "",
+    remote_args: tuple[Any, ...] | None = None,
 ) -> None:
-    TaskRaised.__init__(self, remote_type, message, remote_traceback)
-    # As the built-in's own: `except ValueError as e: e.args[0]` is the
-    # message, not the type's name (a KeyError's key travels as its text).
-    self.args = (message,)
-    if isinstance(self, OSError):
-        # OSError read the remote type's name as an errno: the number did
-        # not travel, only the message that may hold it.
-        self.errno, self.strerror = None, message
+    self._describe(remote_type, message, remote_traceback, remote_args)
+    # As the built-in's own: `except KeyError as e: e.args[0]` is the key and
+    # an OSError's errno its number, when they travelled; else the message.
+    args = (message,) if remote_args is None else remote_args
+    try:
+        self._builtin.__init__(self, *args)
+    except (TypeError, ValueError):
+        # It wants arguments that did not travel (a UnicodeDecodeError's
+        # object and positions): the message will do.
+        BaseException.__init__(self, *args)
+    self.args = args
+    if isinstance(self, OSError) and self.strerror is None:
+        self.strerror = message

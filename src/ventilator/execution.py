@@ -23,6 +23,7 @@ from .errors import (
     TaskRaised,
     TaskRejected,
     UsageError,
+    plain_args,
 )
 from .serialization import (
     describe_error,
@@ -201,7 +202,8 @@ def _unsendable(exc: UsageError) -> TaskRaised:
 
 
 def _raised(exc: BaseException) -> TaskRaised:
-    return TaskRaised(type(exc).__name__, _text(exc), _traceback(exc))
+    args = plain_args(exc.args)
+    return TaskRaised(type(exc).__name__, _text(exc), _traceback(exc), args)
 
 
 def _text(exc: BaseException) -> str:

@@ -253,6 +253,34 @@ def test_a_remote_builtin_exception_is_caught_as_its_own_class(
     assert isinstance(again, builtin) and again.remote_traceback == TRACEBACK
 
 
+def test_a_builtin_wanting_arguments_that_did_not_travel_is_mimicked() -> None:
+    error = through_msgpack(TaskRaised("UnicodeDecodeError", "'utf-8' codec can't"))
+
+    assert isinstance(error, UnicodeDecodeError) and isinstance(error, ValueError)
+    assert error.args == ("'utf-8' codec can't",)
+
+
+def test_an_exception_group_is_a_plain_task_raised() -> None:
+    # Its members did not travel: `except*` could match none of them.
+    error = through_msgpack(TaskRaised("ExceptionGroup", "grp (2 sub-exceptions)"))
+
+    assert type(error) is TaskRaised
+
+
+@pytest.mark.parametrize(
+    "forged", [[{"a": 1}], "k", [2**64], ["x" * 5000], list(range(9)), [[1]]]
+)
+def test_args_on_the_wire_that_are_not_a_few_plain_values_are_ignored(
+    forged: object,
+) -> None:
+    wire = {"kind": "raised", "type": "KeyError", "message": "'k'", "args": forged}
+
+    error = task_error_from_wire(wire)
+
+    assert isinstance(error, KeyError)
+    assert error.args == ("'k'",)
+
+
 @pytest.mark.parametrize(
     "remote_type",
     ["MyError", "KeyboardInterrupt", "SystemExit", "StopIteration", "print", "os"],

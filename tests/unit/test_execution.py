@@ -201,6 +201,45 @@ def test_exception_message_with_an_undecodable_file_name_becomes_raised() -> Non
     assert "report-" in report["message"]
 
 
+def raise_this(error: BaseException) -> None:
+    raise error
+
+
+@pytest.mark.parametrize(
+    ("error", "caught_as", "args"),
+    [
+        (KeyError("k"), KeyError, ("k",)),
+        (KeyError(5), LookupError, (5,)),
+        (ValueError("a", 2), ValueError, ("a", 2)),
+        (ValueError(), ValueError, ()),
+        (FileNotFoundError(2, "No such file"), OSError, (2, "No such file")),
+        (UnicodeDecodeError("utf-8", b"\xff", 0, 1, "bad"), ValueError, None),
+    ],
+)
+def test_a_raised_builtin_comes_back_with_its_plain_args(
+    error: Exception, caught_as: type[Exception], args: tuple[object, ...] | None
+) -> None:
+    # Tester 35: `except KeyError as e: e.args[0]` was the key's repr, and a
+    # UnicodeDecodeError was no ValueError at all.
+    functions = {"jobs:raise": lambda: raise_this(error)}
+
+    status, report = run("jobs:raise", call(), functions=functions)
+    again = task_error_from_wire(report)
+
+    assert status is p.Status.RAISED
+    assert isinstance(again, caught_as)
+    assert again.args == (error.args if args is None else args)
+
+
+def test_args_that_are_not_plain_values_stay_behind() -> None:
+    functions = {"jobs:raise": lambda: raise_this(ValueError(object(), "x"))}
+
+    _, report = run("jobs:raise", call(), functions=functions)
+
+    assert "args" not in report
+    assert task_error_from_wire(report).args == (report["message"],)
+
+
 def echo_frames(body: list[bytes]) -> list[bytes]:
     return [*body, b"done"]
 
