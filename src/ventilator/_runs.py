@@ -91,6 +91,17 @@ class _Stopping:
         self.failed += not ok
 
     def outcome(self) -> str:
+        """What became of the lines, and where to start again: the output
+        holds a record for each of the input's first `written` lines."""
+        # Lines past those read were never looked at: the count of unfinished
+        # ones is not what was left of the input (a tester read it so).
+        rest = (
+            f"; the rest of the input starts at line {self.written + 1} "
+            f"(`tail -n +{self.written + 1}` gives it)"
+        )
+        return self._what_became_of_the_lines() + rest
+
+    def _what_became_of_the_lines(self) -> str:
         done = f"after {counted(self.written, 'line')} ({self.failed} failed); "
         if not self.unconfirmed:
             unfinished = counted(self.unfinished, "unfinished line")

@@ -355,6 +355,8 @@ def test_stopped_map_exits_with_its_signal_status_leaving_no_processes(
     # 3 a.m. must know where it stood. The lines may not all be read yet.
     said_last = rf"ventilator: {said} after 0 lines \(0 failed\); the tasks of "
     assert re.search(said_last + "[0-2] unfinished lines? cancelled", log_of(command))
+    # Where to start again (tester 35 took the count for the whole input).
+    assert "the rest of the input starts at line 1 (`tail -n +1`" in log_of(command)
 
 
 def test_run_whose_embedded_broker_died_exits_1_naming_it(
