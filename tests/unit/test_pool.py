@@ -640,39 +640,25 @@ def tiny_then_a_hang(
     return never, runs
 
 
+@pytest.mark.parametrize(
+    ("children", "behind"),
+    # One child: the first four report while the fifth hangs (their outcomes
+    # waited in the child for the batch to end: for ever). Two: 36-40, in the
+    # hang's batch behind it, go to the idle child; the places it is cut at
+    # count the four reported early, or a task would run twice or hang on.
+    [(1, range(0)), (2, range(36, 51))],
+)
 def test_tasks_that_ran_before_one_that_hangs_in_their_batch_report_without_it(
-    tmp_path: Path,
+    tmp_path: Path, children: int, behind: range
 ) -> None:
-    # Their outcomes waited in the child for the batch to end: for ever.
-    pool = ProcessPool(1, [TASKS], allow_pickle=False)
-    try:
-        never, runs = tiny_then_a_hang(pool, tmp_path, range(31, 35), 35)
-
-        before = collect_until(pool, {31, 32, 33, 34}, deadline_s=10.0)
-        never.touch()
-        last = collect_until(pool, {35}, deadline_s=10.0)
-    finally:
-        (tmp_path / "never").touch()
-        pool.close()
-
-    assert all(o.status is p.Status.OK for o in [*before, *last])
-    assert len(list(runs.iterdir())) == 35, "a task ran twice"
-
-
-def test_the_rest_of_a_batch_partly_reported_before_a_hang_runs_on_an_idle_child(
-    tmp_path: Path,
-) -> None:
-    # Places in the batch count the tasks reported early: a cut one off would
-    # run a task twice, or hold one up with the hang.
-    pool = ProcessPool(2, [TASKS], allow_pickle=False)
+    pool = ProcessPool(children, [TASKS], allow_pickle=False)
     try:
         never, runs = tiny_then_a_hang(pool, tmp_path, range(31, 35), 35)
         done = pack_call((str(runs), str(tmp_path / "done")), {})
-        for ticket in range(36, 51):  # 36-40 in the hang's batch, behind it
+        for ticket in behind:
             pool.submit(p.Assignment(ticket, 1, f"{TASKS}:run_counted", done), 0.0)
 
-        others = {*range(31, 35), *range(36, 51)}
-        before = collect_until(pool, others, deadline_s=10.0)
+        before = collect_until(pool, {*range(31, 35), *behind}, deadline_s=10.0)
         never.touch()
         last = collect_until(pool, {35}, deadline_s=10.0)
     finally:
@@ -680,7 +666,7 @@ def test_the_rest_of_a_batch_partly_reported_before_a_hang_runs_on_an_idle_child
         pool.close()
 
     assert all(o.status is p.Status.OK for o in [*before, *last])
-    assert len(list(runs.iterdir())) == 50, "a task ran twice"
+    assert len(list(runs.iterdir())) == 35 + len(behind), "a task ran twice"
 
 
 def test_tasks_reported_before_one_that_hangs_do_not_run_again_when_it_is_released(
