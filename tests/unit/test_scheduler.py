@@ -2213,16 +2213,23 @@ def test_peers_silent_past_a_stall_of_the_broker_are_still_expired(
     assert lost.requeued == 1
 
 
-def test_worker_whose_connection_closed_during_a_broker_stall_is_not_blamed() -> None:
+def one_chance_task_running_through_a_broker_stall() -> Driver:
+    """A task that fails at its first blamed death runs on W1 while the
+    broker stands still for 8 s (its peers' liveness is 3 s)."""
     driver = Driver(Limits(max_attempts=1))
     driver.hello()
     driver.submit(task(1))
     driver.ready(W1)
+    driver.now += 8.0
+    driver.scheduler.stood_still(8.0, driver.now)
+    return driver
+
+
+def test_worker_whose_connection_closed_during_a_broker_stall_is_not_blamed() -> None:
+    driver = one_chance_task_running_through_a_broker_stall()
 
     # It gave up on the stopped broker and reconnected: its old connection is
     # gone, the first send to it fails.
-    driver.now += 8.0
-    driver.scheduler.stood_still(8.0, driver.now)
     effects = driver.unreachable(W1)
 
     [lost] = notices(effects, WorkerLost)
@@ -2242,15 +2249,10 @@ def test_client_whose_connection_closed_during_a_broker_stall_is_reconnecting() 
 
 
 def test_a_worker_silent_after_a_broker_stall_is_not_blamed() -> None:
-    driver = Driver(Limits(max_attempts=1))
-    driver.hello()
-    driver.submit(task(1))
-    driver.ready(W1)
+    driver = one_chance_task_running_through_a_broker_stall()
 
     # It gave up on the stopped broker; its READY on a new connection is slow
     # to come on a loaded machine, and the old one falls silent meanwhile.
-    driver.now += 8.0
-    driver.scheduler.stood_still(8.0, driver.now)
     effects = driver.tick(3.5)
 
     [lost] = notices(effects, WorkerLost)
@@ -2258,12 +2260,7 @@ def test_a_worker_silent_after_a_broker_stall_is_not_blamed() -> None:
 
 
 def test_worker_unreachable_long_after_a_broker_stall_is_blamed() -> None:
-    driver = Driver(Limits(max_attempts=1))
-    driver.hello()
-    driver.submit(task(1))
-    driver.ready(W1)
-    driver.now += 8.0
-    driver.scheduler.stood_still(8.0, driver.now)
+    driver = one_chance_task_running_through_a_broker_stall()
     for _ in range(5):  # heard over as long as the stall and a silence
         driver.now += 2.5
         driver.worker(W1, p.Heartbeat())
