@@ -114,7 +114,8 @@ class _Outcomes:
             self._results.append(result)
 
     def send(self) -> None:
-        """The batch ended: send what was not sent early, if anything."""
+        """The batch ended: send the message that says so, with the outcomes
+        not sent early (none, if all were, or if none ran)."""
         with self._lock:
             write_message(self._sock, *self._take())
 

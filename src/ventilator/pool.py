@@ -600,8 +600,8 @@ class ProcessPool:
         return _running_in_head(child)
 
     def _unstarted_in(self, child: _Child, running: int) -> bool:
-        """Whether `child`, running the task at place `running` of its batch,
-        holds tasks it has not started: later in that batch, or behind it."""
+        """Whether `child`, running the task `sent[0][running]`, holds tasks it
+        has not started: later in that batch, or behind it."""
         return len(child.sent[0]) > running + 1 or any(islice(child.sent, 1, None))
 
     def _withdraw(self, child: _Child, from_place: int | None = None) -> int:
