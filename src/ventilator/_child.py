@@ -79,6 +79,7 @@ def _run_batch(
     `outcomes`. Those the worker took back, run elsewhere while we were held
     up, are not run: the outcomes are of those before them (none, for a batch
     taken back whole)."""
+    outcomes.batch_started(len(tasks))
     for place, ((function, flags), payload) in enumerate(
         zip(tasks, payloads, strict=True)
     ):
@@ -95,7 +96,11 @@ class _Outcomes:
     """The outcomes of the running batch not sent yet, and the one writer of
     our pipe. The main thread adds them as its tasks end, and sends them when
     the batch does; a thread of ours sends those that waited EARLY_AFTER_S
-    before that, marked EARLY (see _framing)."""
+    before that, marked EARLY (see _framing).
+
+    That thread looks only while batches of several tasks run: a batch of one
+    has nothing to send early, and a lone round trip (one task at a time)
+    must not pay for its wake-ups."""
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
@@ -103,8 +108,18 @@ class _Outcomes:
         self._reports: list[tuple[int, float]] = []
         self._results: list[Any] = []
         self._oldest_at = 0.0  # when the first of them was added
+        # Whether a batch of several tasks runs, and the same for the thread
+        # to wait on (both under the lock, or it could miss a batch).
+        self._batch_of_many = False
+        self._watching = threading.Event()
         early = threading.Thread(target=self._send_early, name="early", daemon=True)
         early.start()
+
+    def batch_started(self, size: int) -> None:
+        if size > 1:
+            with self._lock:
+                self._batch_of_many = True
+                self._watching.set()
 
     def add(self, status: int, duration_s: float, result: Any) -> None:
         with self._lock:
@@ -117,6 +132,7 @@ class _Outcomes:
         """The batch ended: send the message that says so, with the outcomes
         not sent early (none, if all were, or if none ran)."""
         with self._lock:
+            self._batch_of_many = False
             write_message(self._sock, *self._take())
 
     def _take(self) -> tuple[list[tuple[int, float]], list[Any]]:
@@ -128,17 +144,23 @@ class _Outcomes:
         # A look now and then, not a timer per batch: a batch normally ends
         # within milliseconds, and must cost nothing more for this.
         while True:
+            self._watching.wait()
             time.sleep(EARLY_AFTER_S / 2)
             with self._lock:
-                if not self._reports:
-                    continue
-                if time.monotonic() - self._oldest_at < EARLY_AFTER_S:
-                    continue
-                reports, results = self._take()
-                try:
-                    write_message(self._sock, [[EARLY], *reports], [b"", *results])
-                except OSError:
-                    return  # the worker is gone; the main thread leaves too
+                if not self._batch_of_many:
+                    self._watching.clear()
+                if self._due():
+                    reports, results = self._take()
+                    try:
+                        write_message(self._sock, [[EARLY], *reports], [b"", *results])
+                    except OSError:
+                        return  # the worker is gone; the main thread leaves too
+
+    def _due(self) -> bool:
+        """Whether outcomes wait, and have for EARLY_AFTER_S."""
+        return bool(self._reports) and (
+            time.monotonic() - self._oldest_at >= EARLY_AFTER_S
+        )
 
 
 def _import_or_explain(
