@@ -75,6 +75,11 @@ class NoticeLog:
         self._loss_log = RateLimit(
             LOSSES_LOGGED_PER_S, what="worker lost", plural="workers lost"
         )
+        # Workers let go for the broker's own reasons (all of them at once
+        # after it stood still) are no loss: counted apart, and said at INFO.
+        self._drop_log = RateLimit(
+            LOSSES_LOGGED_PER_S, what="worker dropped", plural="workers dropped"
+        )
         self._forgotten_failures = Routine(
             _LOG_NAME, FORGOTTEN_FAILURES_FIRST_INTERVAL_S
         )
@@ -108,8 +113,9 @@ class NoticeLog:
                 if not self._full_queues.lost(notice):
                     _log_notice(self._unsaid_joins.left(notice))
             elif isinstance(notice, n.WorkerLost):
-                if self._loss_log.allows(now):
-                    _log_worker_lost(notice, self._loss_log.suppressed_note())
+                limit = self._drop_log if _dropped(notice) else self._loss_log
+                if limit.allows(now):
+                    _log_worker_lost(notice, limit.suppressed_note())
             elif isinstance(notice, n.FailureForgotten):
                 self._log_failures_forgotten(notice, now)
             elif isinstance(notice, n.TaskFailed):
@@ -147,6 +153,9 @@ class NoticeLog:
         note = self._loss_log.held_back(now)
         if note is not None:
             log.warning("%s (`ventilator status` lists the workers left)", note)
+        note = self._drop_log.held_back(now)
+        if note is not None:
+            log.info("%s (they register again as they come back)", note)
 
     def _log_join(self, notice: n.ClientJoined, now: float) -> None:
         if self._join_log.allows(now):
@@ -420,8 +429,14 @@ _DEPARTURES = {
 }
 
 
+def _dropped(notice: n.WorkerLost) -> bool:
+    """Whether the worker was let go for the broker's own reasons (see
+    _log_worker_dropped), not lost."""
+    return notice.fault is n.Fault.NONE
+
+
 def _log_worker_lost(notice: n.WorkerLost, note: str) -> None:
-    if notice.fault is n.Fault.NONE:
+    if _dropped(notice):
         _log_worker_dropped(notice, note)
         return
     log.log(

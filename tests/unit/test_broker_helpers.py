@@ -408,6 +408,25 @@ def test_a_lasting_silence_is_said_less_and_less_often_and_anew_for_a_new_one() 
     assert dwindling.due(100.5, began_at=100.0)  # the broker came back, and went
 
 
+def test_workers_dropped_after_a_broker_stall_are_not_counted_as_lost(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Tester 36: "3 more workers lost not logged" at WARNING, after a stall in
+    # which every worker was dropped unblamed and came straight back.
+    notice_log = NoticeLog(FullQueues(SEND_QUEUE))
+    dropped: list[Notice] = [
+        WorkerLost(f"w{i}", STALL_REASON, 1, 0, fault=Fault.NONE) for i in range(4)
+    ]
+    with caplog.at_level(logging.INFO, logger="ventilator.broker"):
+        notice_log.log(dropped, now=100.0)
+        notice_log.log_held_back(now=110.0)
+
+    said = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert all(level == logging.INFO for level, _ in said), said
+    assert not any("lost" in message for _, message in said), said
+    assert any(m.startswith("3 more workers dropped not logged") for _, m in said)
+
+
 def test_a_burst_of_refused_tasks_is_logged_once_a_second_with_a_count(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
