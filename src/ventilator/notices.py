@@ -144,9 +144,14 @@ class ClientLost:
 
 @dataclass(frozen=True, slots=True)
 class Rejected:
+    """A task refused as it was submitted. `refusing_all`: the broker refused
+    every new task then (full, or its disk nearly so), not just this one (its
+    size, its client's rights or window)."""
+
     session: str
     task_id: int
     reason: str
+    refusing_all: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -1044,7 +1044,13 @@ class Scheduler:
         if kind == p.SHARED_MEMORY_GONE:
             return  # our client sends it again, unseen: no refusal to count
         self.rejected += 1
-        self._effects.notices.append(Rejected(session, task_id, reason))
+        notice = Rejected(session, task_id, reason, self._refusing_all())
+        self._effects.notices.append(notice)
+
+    def _refusing_all(self) -> bool:
+        """Whether the broker refuses every new task now: its disk, or its
+        limits (see _full_refusal)."""
+        return self.not_accepting is not None or self._full_refusal(0) is not None
 
     def _send_refusals(self) -> None:
         """Tell each client the refusals gathered since last time, in RESULTS

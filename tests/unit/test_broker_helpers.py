@@ -531,6 +531,22 @@ def test_an_operator_command_is_logged_with_who_asked_and_what_it_did(
     assert '"queued":3' in said
 
 
+def test_a_task_refused_for_itself_is_no_spell_of_the_whole_broker(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Tester 36: one task refused for its key's rights was followed by
+    # "accepting new tasks again, after refusing 1 task over 0.0s".
+    notice_log = NoticeLog(FullQueues(SEND_QUEUE))
+    with caplog.at_level(logging.WARNING, logger="ventilator.broker"):
+        notice_log.log([Rejected("s", 1, "not allowed")], now=100.0)
+        notice_log.say_accepting_again(now=110.0)
+        notice_log.log([Rejected("s", 2, "full", refusing_all=True)], now=120.0)
+        notice_log.say_accepting_again(now=158.0)
+
+    said = [r.getMessage() for r in caplog.records if "accepting" in r.getMessage()]
+    assert said == ["accepting new tasks again; 1 task refused since 38.0s ago"]
+
+
 def test_a_spell_of_refusals_ends_with_a_task_accepted_after_a_quiet_second() -> None:
     # A tester's flood got thousands of tasks refused; nothing said when the
     # broker took work again. At a limit's edge, refusals and acceptances
@@ -541,5 +557,5 @@ def test_a_spell_of_refusals_ends_with_a_task_accepted_after_a_quiet_second() ->
 
     assert spell.ended(10.6) is None  # refusals still come
     spell.refused(11.0)
-    assert spell.ended(11.0 + RefusalSpell.QUIET_S) == (3, 1.0)
+    assert spell.ended(11.0 + RefusalSpell.QUIET_S) == (3, 1.0 + RefusalSpell.QUIET_S)
     assert spell.ended(20.0) is None  # said once
