@@ -5,6 +5,7 @@ imported by the functions that draw, when a command draws."""
 
 from __future__ import annotations
 
+import shlex
 from typing import Any
 
 from ._words import counted
@@ -50,6 +51,8 @@ def print_status(report: dict[str, Any]) -> None:
         )
     console.print(workers_table(report["workers"], report.get("worker_counts")))
     for line in _worker_problems(report["workers"]):
+        console.print(line)
+    for line in _long_running(report["workers"]):
         console.print(line)
     console.print(queues_table(report))
     console.print(clients_table(report["clients"], report.get("client_counts")))
@@ -193,6 +196,34 @@ def _worker_problems(workers: list[dict[str, Any]]) -> list[str]:
         for w in workers
         if w.get("problem")
     ]
+
+
+# A task running this long is named below the workers' table, with the command
+# that cancels it: one that hangs with no timeout has nothing else to end it.
+LONG_RUNNING_S = 60.0
+
+
+def _long_running(workers: list[dict[str, Any]]) -> list[str]:
+    """For each listed worker whose oldest task has run LONG_RUNNING_S or
+    more, a line naming it and how to cancel it (a broker that predates
+    `oldest_task`, or a task of another client's, is not named)."""
+    from rich.markup import escape
+
+    lines = []
+    for worker in workers:
+        task = worker.get("oldest_task")
+        running_s = worker.get("oldest_running_s")
+        if task is None or running_s is None or running_s < LONG_RUNNING_S:
+            continue
+        command = shlex.join(
+            ["ventilator", "cancel", task["session"], str(task["task_id"])]
+        )
+        lines.append(
+            f"[bold]{escape(worker['id'])}[/bold] has run {escape(task['function'])} "
+            f"for {_duration(running_s)}: task {task['task_id']} of session "
+            f"{escape(task['session'])}; `{escape(command)}` ends it"
+        )
+    return lines
 
 
 def queues_table(report: dict[str, Any]) -> Any:

@@ -1411,7 +1411,8 @@ def cancel(
     """Cancel the task TASK_ID of the client SESSION: queued, it leaves its
     queue; running, its worker stops it.
 
-    `ventilator failed` and the dashboard show sessions and task ids; a
+    `ventilator status` names each worker's task that has run for a minute
+    or more; `ventilator failed` and the dashboard show the failed ones; a
     client's own are `Client.session` and `TaskFuture.task_id`.
     """
     if not yes:

@@ -216,7 +216,9 @@ class StatusReport:
         running = self._running_by_function()
         return {
             "scope": scope.sessions,
-            **self._workers_status(self._workers_within(scope), now, full=False),
+            **self._workers_status(
+                self._workers_within(scope), now, full=False, owns=scope.owns
+            ),
             **self._queues_status(
                 {q: n for q, n in self.queued.items() if scope.shows_queue(q)},
                 {q: n for q, n in self.retrying.items() if scope.shows_queue(q)},
@@ -336,10 +338,13 @@ class StatusReport:
         shown: Iterable[tuple[Worker, Sequence[str]]],
         now: float,
         full: bool,
+        owns: Callable[[str], bool] = lambda _session: True,
     ) -> dict[str, object]:
         """The `STATUS_WORKERS` most relevant of the `shown` workers (each with
         the functions shown of it), all of them if `full`, and exact counts
-        of them all. One pass over them, and a heap of the listed few."""
+        of them all. One pass over them, and a heap of the listed few. The
+        oldest task of each is named only to the client that `owns` its
+        session."""
         counts = dict.fromkeys(
             ("all", "draining", "not_serving", "held", "slots", "capacity"), 0
         )
@@ -357,7 +362,7 @@ class StatusReport:
         kept = heapq.nlargest(limit, entries, key=lambda entry: entry[0])
         return {
             "workers": [
-                self._worker_status(worker, now, services, full)
+                self._worker_status(worker, now, services, full, owns)
                 for _, worker, services in kept
             ],
             "worker_counts": {**counts, "listed": len(kept)},
@@ -413,7 +418,12 @@ class StatusReport:
         return {"next_retry_in_s": round(max(0.0, self.next_retry_at - now), 3)}
 
     def _worker_status(
-        self, worker: Worker, now: float, services: Sequence[str], full: bool
+        self,
+        worker: Worker,
+        now: float,
+        services: Sequence[str],
+        full: bool,
+        owns: Callable[[str], bool],
     ) -> dict[str, object]:
         held = len(worker.running)
         # A worker runs at most `slots` of the tasks it holds; the rest wait
@@ -430,6 +440,7 @@ class StatusReport:
             "running": running,
             "prefetched": None if worker.slots is None else held - running,
             "oldest_running_s": self._oldest_held_s(worker, now),
+            "oldest_task": self._oldest_held_task(worker, owns),
             "draining": worker.draining,
             "last_seen_s": round(now - worker.last_seen, 3),
             "problem": worker.problem,
@@ -446,6 +457,24 @@ class StatusReport:
         oldest = min(self.tasks[ticket].started_at for ticket in worker.running)
         return round(now - oldest, 3)
 
+    def _oldest_held_task(
+        self, worker: Worker, owns: Callable[[str], bool]
+    ) -> dict[str, object] | None:
+        """Which task `oldest_running_s` is of, as `cancel` names it: an
+        operator looking at a hung one has nothing else to find its id by
+        (tester 36). None when the worker holds none, or it is another
+        client's."""
+        if not worker.running:
+            return None
+        oldest = min((self.tasks[t] for t in worker.running), key=_started_at)
+        if not owns(oldest.session):
+            return None
+        return {
+            "session": oldest.session,
+            "task_id": oldest.task_id,
+            "function": oldest.function,
+        }
+
     def _running_by_function(self) -> dict[str, int]:
         running: dict[str, int] = {}
         for worker in self.workers:
@@ -453,3 +482,7 @@ class StatusReport:
                 queue = self.tasks[ticket].queue
                 running[queue] = running.get(queue, 0) + 1
         return running
+
+
+def _started_at(task: Task) -> float:
+    return task.started_at

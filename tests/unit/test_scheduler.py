@@ -1861,6 +1861,12 @@ def test_status_tells_running_tasks_from_prefetched_ones_and_ages_the_oldest() -
 
     assert (worker["held"], worker["running"], worker["prefetched"]) == (3, 1, 2)
     assert worker["oldest_running_s"] == pytest.approx(5.0)
+    # The id `cancel` takes: a hung one had nothing else to find it by.
+    assert worker["oldest_task"] == {
+        "session": "alice",
+        "task_id": 2,
+        "function": FUNCTION,
+    }
 
 
 def test_status_of_an_idle_worker_has_no_oldest_task(driver: Driver) -> None:
@@ -1870,6 +1876,7 @@ def test_status_of_an_idle_worker_has_no_oldest_task(driver: Driver) -> None:
 
     assert (worker["running"], worker["prefetched"]) == (0, 0)
     assert worker["oldest_running_s"] is None
+    assert worker["oldest_task"] is None
 
 
 def test_status_counts_every_task_of_a_worker_without_slots_as_running(

@@ -557,6 +557,24 @@ def test_status_within_a_scope_shows_only_its_sessions_and_functions(
     assert "scope" not in everything
 
 
+def test_status_within_a_scope_names_no_other_clients_running_task(
+    tenants: Driver,
+) -> None:
+    tenants.submit(task(2), peer=THEIRS)
+    tenants.ready(b"w-shared", services=[FUNCTION])
+
+    mine = operate_status_within(tenants, own_scope(FUNCTION))
+
+    [worker] = [w for w in mine["workers"] if w["id"] == "w-shared"]
+    assert worker["oldest_running_s"] is not None
+    assert worker["oldest_task"] is None  # k2.s's task: not its business
+
+
+def operate_status_within(driver: Driver, scope: Scope) -> dict[str, Any]:
+    [reply] = sent(driver.client(MINE, p.StatusRequest(), scope), MINE, p.StatusReply)
+    return reply.status  # type: ignore[attr-defined, no-any-return]
+
+
 def test_failed_and_retry_within_a_scope_reach_only_its_sessions_failures(
     tenants: Driver,
 ) -> None:

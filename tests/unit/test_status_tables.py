@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ventilator._status_view import clients_table, queues_table
+from ventilator._status_view import _long_running, clients_table, queues_table
 
 
 def client(name: str, connected: bool, pending: int) -> dict[str, Any]:
@@ -47,3 +47,24 @@ def test_a_queue_no_worker_serves_is_marked_and_named_in_the_caption() -> None:
     assert "no worker serves it" in str(names[0]) and "jobs:wrok" in str(names[0])
     assert "no worker serves it" not in str(names[1])
     assert "no connected worker serves jobs:wrok" in str(table.caption)
+
+
+def worker(running_s: float | None, task: dict[str, Any] | None) -> dict[str, Any]:
+    return {"id": "vm.12.ab", "oldest_running_s": running_s, "oldest_task": task}
+
+
+def test_a_task_running_long_is_named_with_the_command_that_cancels_it() -> None:
+    # Tester 36 found no way to learn a hung task's id, which `cancel` needs.
+    hung = {"session": "map-vm-1", "task_id": 7, "function": "jobs:crawl"}
+
+    lines = _long_running([worker(75.0, hung), worker(3.0, {**hung, "task_id": 8})])
+
+    [line] = lines
+    assert "jobs:crawl" in line and "1m15s" in line
+    assert "`ventilator cancel map-vm-1 7` ends it" in line
+
+
+def test_no_task_is_named_of_another_client_or_an_older_broker() -> None:
+    assert (
+        _long_running([worker(75.0, None), {"id": "w", "oldest_running_s": 80.0}]) == []
+    )
