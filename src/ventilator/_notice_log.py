@@ -70,6 +70,8 @@ class NoticeLog:
             JOINS_LOGGED_PER_S, what="client joined", plural="clients joined"
         )
         self._unsaid_joins = _UnsaidJoins(UNSAID_JOINS_KEPT)
+        # Their departures, said at DEBUG: counted on a tick, as their joins.
+        self._unsaid_leaves = 0
         # Hundreds of workers lost at once (a network cut) would be as many
         # lines in the same millisecond.
         self._loss_log = RateLimit(
@@ -112,7 +114,9 @@ class NoticeLog:
                 self._log_join(notice, now)
             elif isinstance(notice, n.ClientLost):
                 if not self._full_queues.lost(notice):
-                    _log_notice(self._unsaid_joins.left(notice))
+                    departure = self._unsaid_joins.left(notice)
+                    self._unsaid_leaves += departure.quiet
+                    _log_notice(departure)
             elif isinstance(notice, n.WorkerLost):
                 limit = self._drop_log if _dropped(notice) else self._loss_log
                 if limit.allows(now):
@@ -151,12 +155,20 @@ class NoticeLog:
         note = self._join_log.held_back(now)
         if note is not None:
             log.info("%s (`ventilator status` counts the clients)", note)
+        if self._unsaid_leaves:
+            left = counted(self._unsaid_leaves, "more client", "more clients")
+            log.info("%s left not logged in the last seconds, as their joins", left)
+            self._unsaid_leaves = 0
         note = self._loss_log.held_back(now)
         if note is not None:
             log.warning("%s (`ventilator status` lists the workers left)", note)
         note = self._drop_log.held_back(now)
         if note is not None:
             log.info("%s (they register again as they come back)", note)
+        for routine in (self._forgotten_failures, self._orphans_dropped):
+            routine.flush(now)
+        self._task_failures.flush(now)
+        self._hand_backs.flush(now)
 
     def _log_join(self, notice: n.ClientJoined, now: float) -> None:
         if self._join_log.allows(now):

@@ -722,6 +722,8 @@ class ProcessPool:
             outcomes = self._settle_released(outcomes)
         if check_all:
             self._withdraw_held_up(now)
+            self._timeouts.flush(now)
+            self._stops_of_released.flush(now)
         self._feed(now)
         self._next_deadline = self._earliest_deadline()
         return outcomes
@@ -1350,6 +1352,7 @@ class ThreadPool:
     def collect(self, now: float, readable: Collection[int] = ()) -> list[p.Outcome]:
         with contextlib.suppress(BlockingIOError):
             os.read(self._wake_read, 65536)
+        self._timeouts.flush(now)
 
         outcomes = []
         while not self._done.empty():

@@ -324,6 +324,8 @@ class Worker:
                 self._unconfirmed.heard(self._broker.heard_after)
                 self._check_broker(now)
                 self._give_back_held_up(now)
+                self._taken_back.flush(now)
+                self._handed_back.flush(now)
             elif self._broker.presumed_gone(now):
                 # As the silence passes the limit: at the next beat, it was
                 # noticed up to an interval later than docs/cli.md says.

@@ -41,6 +41,7 @@ from ventilator.notices import (
     OperatorActed,
     Rejected,
     SinkTaken,
+    TaskFailed,
     WorkerJoined,
     WorkerLeft,
     WorkerLost,
@@ -458,6 +459,28 @@ def test_hand_backs_of_a_busy_worker_are_said_less_and_less_often(
     assert "59 more like it" in said[1]
 
 
+def test_the_tail_of_a_burst_of_task_failures_is_said_on_a_tick(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Tester 36: three timeouts 3 s apart gave one line; the other two were
+    # said only when a fourth came, minutes later.
+    notice_log = NoticeLog(FullQueues(SEND_QUEUE))
+    timeouts: list[Notice] = [
+        TaskFailed(ticket, "jobs:hang", "s", ticket, "timeout", "ran past 2s", "w")
+        for ticket in (1, 2, 3)
+    ]
+    with caplog.at_level(logging.INFO, logger="ventilator.broker"):
+        for second, notice in zip((0.0, 3.0, 6.0), timeouts, strict=True):
+            notice_log.log([notice], now=second)
+        notice_log.log_held_back(now=9.0)  # within the first interval: not yet
+        notice_log.log_held_back(now=11.0)
+        notice_log.log_held_back(now=12.0)  # said once
+
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert len(said) == 2, said
+    assert "ticket=3" in said[1] and "(1 more like it since the last line)" in said[1]
+
+
 def test_a_worker_back_after_a_reconnection_is_said_each_time(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -497,6 +520,8 @@ def test_a_client_whose_join_was_held_back_is_not_said_to_leave(
     said = [r.getMessage() for r in caplog.records]
     assert not any("client=c1" in m for m in said), said
     assert any(m.startswith("1 more client joined not logged") for m in said), said
+    # Nor is it left out of the count (tester 36 missed those that left).
+    assert "1 more client left not logged in the last seconds, as their joins" in said
 
 
 def test_failures_forgotten_one_at_a_time_are_said_less_and_less_often(
