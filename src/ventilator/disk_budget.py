@@ -44,12 +44,19 @@ class DiskBudget:
         return (
             f"the journal's disk has {self.free // _MIB} MiB free; this task's "
             f"{size} bytes would cut into the {self.reserve // _MIB} MiB the broker "
-            "keeps for the tasks it holds (--journal-min-free-bytes)"
+            "keeps for the tasks it holds (--journal-min-free-bytes); free space "
+            "on that disk, or send smaller tasks"
         )
 
     def result_refusal(self, size: int) -> str:
+        # The free space alone read as a contradiction: 8 MB "did not fit"
+        # 23 MiB free, where results had spent it and the log keeps a part.
+        left = max(0, int(self.results))
         return (
-            f"the result of {size} bytes does not fit the journal's disk "
-            f"({self.free // _MIB} MiB free when the broker last looked); free "
-            "space there, or return less"
+            f"the result of {size} bytes does not fit the journal's disk: "
+            f"{left // _MIB} MiB are left for results, of the "
+            f"{self.free // _MIB} MiB free when the broker last looked (results "
+            f"since took their part, and SQLite's log keeps "
+            f"{self.reserve // 4 // _MIB} MiB of the --journal-min-free-bytes "
+            "reserve); free space there, or return less"
         )

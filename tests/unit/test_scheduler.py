@@ -163,6 +163,18 @@ def test_a_task_that_would_cut_into_the_disk_reserve_is_rejected_saying_so() -> 
     assert "--journal-min-free-bytes" in error_report(entry)["message"]
 
 
+def test_a_result_refused_for_the_disk_says_what_is_left_for_results() -> None:
+    # Tester 36: "8000005 bytes does not fit ... (23 MiB free)" read as a
+    # contradiction: results since the look had spent it.
+    budget = DiskBudget.after_look(free=24 * 2**20, reserve=64 * 2**20)
+    budget.spend(15 * 2**20)
+
+    message = budget.result_refusal(8_000_005)
+
+    assert "0 MiB are left for results, of the 24 MiB free" in message
+    assert "SQLite's log keeps 16 MiB of the --journal-min-free-bytes" in message
+
+
 def test_a_result_the_journal_disk_cannot_take_fails_its_task_instead(
     driver: Driver,
 ) -> None:
