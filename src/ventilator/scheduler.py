@@ -36,10 +36,10 @@ import math
 import random
 import sys
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from . import protocol as p
-from ._words import times
+from ._words import counted, times
 from .announcements import Unannounced
 from .credit_index import CreditIndex
 
@@ -933,7 +933,8 @@ class Scheduler:
         """
         if self._holdings_said is not None:
             return self._holdings_said
-        queued = sum(self._queued_by_function().values())
+        by_function = self._queued_by_function()
+        queued = sum(by_function.values())
         running = sum(len(worker.running) for worker in self.workers.values())
         waiting = self._held_tasks() - queued - running
         said = (
@@ -954,8 +955,25 @@ class Scheduler:
                 "tasks leave as workers finish them and their clients collect "
                 "the results: try again later, or start more workers"
             )
+        said += self._unserved_holdings(by_function)
         self._holdings_said = said
         return said
+
+    def _unserved_holdings(self, queued: Mapping[str, int]) -> str:
+        """What of a full broker's queue no connected worker serves, in
+        words: waiting for more workers would not empty it (tester 36)."""
+        unserved = sorted(
+            f for f, count in queued.items() if count and not self.serves(f)
+        )
+        if not unserved:
+            return ""
+        tasks = sum(queued[function] for function in unserved)
+        named = ", ".join(unserved[:3]) + (", ..." if len(unserved) > 3 else "")
+        return (
+            f"; {counted(tasks, 'queued task')} of functions no connected worker "
+            f"serves ({named}): start a worker that serves them, or drop them "
+            "with `ventilator purge FUNCTION`"
+        )
 
     # --- tasks past their sender's window ---------------------------------------------
 

@@ -254,6 +254,21 @@ def test_byte_limit_refusal_says_what_the_broker_holds_and_its_limit() -> None:
     assert "results wait until" not in message, "no result waits"
 
 
+def test_a_full_broker_names_the_queued_functions_no_worker_serves() -> None:
+    # Tester 36: "try again later, or start more workers" of a queue that no
+    # worker serves, which neither would empty.
+    driver = Driver(Limits(max_queued_tasks=2))
+    driver.hello()
+    driver.submit(task(1, function="jobs:wrok"), task(2, function="jobs:wrok"))
+
+    message = error_report(results(driver.submit(task(3)))[0])["message"]
+
+    assert "2 queued tasks of functions no connected worker serves (jobs:wrok)" in (
+        message
+    )
+    assert "ventilator purge FUNCTION" in message
+
+
 def test_task_limit_refusal_speaks_of_waiting_results_only_when_some_wait() -> None:
     driver = Driver(Limits(max_queued_tasks=2))
     driver.hello()
