@@ -643,6 +643,16 @@ class Worker:
         if refused is not None:
             log.warning("%s", refused)  # not silent: it refused our key
             return
+        if not self._broker.ever_heard:
+            # As clients and sinks say it: "silent" read as a broker that was
+            # there and went, when none ever answered (tester 36).
+            log.warning(
+                "no broker answered at %s yet (waited %.1fs) worker=%s; reconnecting",
+                self.config.connect,
+                self._broker.silent_s(now),
+                self.config.worker_id,
+            )
+            return
         log.warning(
             "broker silent for %.1fs broker=%s; reconnecting",
             self._broker.silent_s(now),
@@ -706,6 +716,8 @@ class _BrokerContact:
         # and proves nothing about what we sent meanwhile (see _unconfirmed).
         self.heard_after = 0.0
         self._read_at = 0.0
+        # Whether any broker ever said anything to us.
+        self.ever_heard = False
         self._registering = False
         self._registered_at = 0.0
         # The connections made to the broker by when it last welcomed us (see
@@ -721,6 +733,7 @@ class _BrokerContact:
             return None
         ended = self._heard_at if self._silence_log.said_of(self._heard_at) else None
         self._silence.seen_at = self._heard_at = now
+        self.ever_heard = True
         self.heard_after = read_before
         return None if ended is None else now - ended
 

@@ -1192,6 +1192,22 @@ def test_sink_waiting_for_a_broker_that_never_answers_warns_while_it_waits(
     assert sink.wait(10) == 130, log_of(sink)
 
 
+def test_worker_that_no_broker_answered_says_so_not_that_it_went_silent(
+    processes: Processes,
+) -> None:
+    # Tester 36: "broker silent for 3.0s" read as a broker that had been there.
+    address = f"tcp://127.0.0.1:{free_port()}"  # nobody listens there
+    argv = ventilator_argv("worker", TASKS, "--connect", address)
+    worker = processes.start("worker", argv)
+
+    wait_until(
+        lambda: f"no broker answered at {address} yet" in log_of(worker),
+        10,
+        "the worker's warning",
+    )
+    assert "broker silent" not in log_of(worker)
+
+
 def test_a_second_sink_of_a_taken_name_exits_1(
     processes: Processes, broker: BrokerProcess, client: Client
 ) -> None:
