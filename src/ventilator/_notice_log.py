@@ -547,15 +547,30 @@ def _log_client_joined(notice: n.ClientJoined, note: str) -> None:
 
 def _log_client_lost(notice: n.ClientLost) -> None:
     how = _DEPARTURES[notice.how]
+    going_on = _going_on(notice)
     if not notice.held:
-        level = logging.DEBUG if notice.quiet else logging.INFO
-        log.log(level, "client %s client=%s", how, notice.recipient)
+        level = logging.DEBUG if notice.quiet and not going_on else logging.INFO
+        log.log(level, "client %s client=%s%s", how, notice.recipient, going_on)
         return
     # Even one that said BYE may open its session again to collect them.
     log.info(
         "client %s client=%s; keeping %s for its return (result_ttl_s; "
-        "orphan_grace_s if the broker is full)",
+        "orphan_grace_s if the broker is full)%s",
         how,
         notice.recipient,
         counted(notice.held, "result"),
+        going_on,
+    )
+
+
+def _going_on(notice: n.ClientLost) -> str:
+    """The tasks of a departed client's session still in the broker, which
+    run on for it, and how to drop them: a killed map's hundreds of queued
+    tasks went unsaid (tester 36)."""
+    if not notice.unfinished:
+        return ""
+    return (
+        f"; {counted(notice.unfinished, 'more task')} of its session are in the "
+        f"broker and go on (`ventilator purge --session {notice.recipient}` "
+        "drops them)"
     )

@@ -134,6 +134,9 @@ class ClientLost:
     recipient: str
     held: int
     how: Departure
+    # Its session's other tasks in the broker (queued, running, or their
+    # results on their way to a sink): they go on for it.
+    unfinished: int = field(default=0, compare=False)
     # The connection it was reached on, for the shell, which knows which of
     # its sends failed and why; not part of what happened.
     peer: bytes = field(default=b"", compare=False)

@@ -1278,8 +1278,14 @@ class Scheduler:
             self._waiting_room.drop(recipient.name)
         held = len(recipient.pending) + len(recipient.unacked)
         if was_connected:
+            unfinished = max(0, self._held.get(recipient.name, 0) - held)
             notice = ClientLost(
-                recipient.name, held, how, peer or b"", quiet=recipient.join_untold
+                recipient.name,
+                held,
+                how,
+                unfinished,
+                peer or b"",
+                quiet=recipient.join_untold,
             )
             self._effects.notices.append(notice)
 

@@ -506,6 +506,21 @@ def test_counts_of_one_read_in_the_singular(caplog: pytest.LogCaptureFixture) ->
         assert f"1 {plural}" not in said, said
 
 
+def test_a_client_lost_with_tasks_still_queued_says_they_go_on_and_how_to_drop_them(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Tester 36: a killed map's line said "keeping 1 result for its return",
+    # not the 328 tasks of its session still queued, running for nobody.
+    lost = ClientLost("map-vm-1", 1, Departure.UNREACHABLE, unfinished=328)
+    with caplog.at_level(logging.INFO, logger="ventilator.broker"):
+        _log_notice(lost)
+
+    [said] = [r.getMessage() for r in caplog.records]
+    assert "keeping 1 result for its return" in said
+    assert "328 more tasks of its session are in the broker and go on" in said
+    assert "`ventilator purge --session map-vm-1` drops them" in said
+
+
 def test_a_client_whose_join_was_held_back_is_not_said_to_leave(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

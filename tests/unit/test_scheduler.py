@@ -1476,6 +1476,7 @@ def test_a_client_unreachable_twice_in_one_turn_is_lost_once(driver: Driver) -> 
     assert notices(effects, ClientLost) == [
         ClientLost("alice", 0, Departure.UNREACHABLE)
     ]
+    assert notices(effects, ClientLost)[0].unfinished == 1  # its task goes on
 
 
 def test_a_client_that_says_bye_is_noted_as_left(driver: Driver) -> None:
