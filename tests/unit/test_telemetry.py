@@ -374,6 +374,44 @@ def test_worker_slots_are_the_slots_declared_and_credit_is_apart() -> None:
     assert metrics[("ventilator_worker_credit", frozenset())] == 47 + 6
 
 
+def test_a_worker_that_serves_nothing_is_counted_apart_not_in_slots_or_credit() -> None:
+    # Tester 36: a worker whose task processes could not start registered
+    # without functions, and its slots counted as usable: /metrics looked the
+    # same as for a worker that ran tasks, so no alert could fire.
+    driver, telemetry = Driver(), Telemetry()
+    driver.ready(W1, capacity=4, slots=2)
+    driver.ready(b"worker-2", capacity=8, slots=8, services=[])
+    telemetry.publish(driver.now, driver.scheduler)
+
+    metrics = samples(telemetry)
+    gauges = {
+        name.removeprefix("ventilator_"): value
+        for (name, _), value in metrics.items()
+        if name.startswith(("ventilator_worker_", "ventilator_workers_"))
+    }
+    assert gauges == {
+        "workers_connected": 2,
+        "workers_not_serving": 1,
+        "worker_slots": 2,
+        "worker_credit": 4,
+    }
+
+
+def test_a_broker_refusing_every_new_task_says_so_in_a_gauge() -> None:
+    # Tester 36: only /health and status said "not_accepting"; the refused
+    # counter rises only once a client's task fails.
+    driver, telemetry = Driver(Limits(max_queued_tasks=1)), Telemetry()
+    driver.hello()
+    telemetry.publish(driver.now, driver.scheduler)
+    accepting = samples(telemetry)[("ventilator_not_accepting", frozenset())]
+
+    driver.submit(task(1))  # the broker is full now
+    telemetry.publish(driver.now + 1.0, driver.scheduler)
+
+    refusing = samples(telemetry)[("ventilator_not_accepting", frozenset())]
+    assert (accepting, refusing) == (0, 1)
+
+
 def test_oldest_running_task_is_a_gauge_per_worker_holding_a_task() -> None:
     driver, telemetry = Driver(), Telemetry()
     driver.hello()
