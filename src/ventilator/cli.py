@@ -1353,7 +1353,7 @@ def _purge_session(connect: str, timeout_s: float, session: str, yes: bool) -> N
         )
     with _broker_answer(connect, timeout_s) as client:
         dropped = client.purge_session(session, timeout_s)
-    if not any(dropped[kind] for kind in ("results", "queued", "running")):
+    if not any(dropped[kind] for kind in ("results", "expired", "queued", "running")):
         # A session that left with nothing owed is forgotten: as is a typo.
         # The error alone answers, as for a function that matched nothing.
         raise click.ClickException(
@@ -1361,10 +1361,20 @@ def _purge_session(connect: str, timeout_s: float, session: str, yes: bool) -> N
             + _sink_results_hint(dropped["for_sinks"], session)
         )
     click.echo(
-        f"session {session}: dropped {counted(dropped['results'], 'result')} "
-        f"waiting for delivery and {counted(dropped['queued'], 'queued task')}; "
+        f"session {session}: dropped {_results_dropped(dropped)} and "
+        f"{counted(dropped['queued'], 'queued task')}; "
         f"{counted(dropped['running'], 'running task')} dropped when they end"
     )
+
+
+def _results_dropped(dropped: dict[str, int]) -> str:
+    """The results a purge dropped, and apart from them the expired ones, as
+    `status` counts them: a tombstone kept to tell its client the result
+    expired is no result waiting for delivery."""
+    said = f"{counted(dropped['results'], 'result')} waiting for delivery"
+    if dropped["expired"]:
+        said += f", {counted(dropped['expired'], 'expired result')}"
+    return said
 
 
 def _sink_results_hint(for_sinks: int, session: str) -> str:
@@ -1389,14 +1399,12 @@ def _purge_sink(connect: str, timeout_s: float, sink: str, yes: bool) -> None:
         click.confirm(f"Drop the results waiting for sink {sink}?", abort=True)
     with _broker_answer(connect, timeout_s) as client:
         dropped = client.purge_session(f"{p.SINK_PREFIX}{sink}", timeout_s)
-    if not dropped["results"]:
+    if not dropped["results"] and not dropped["expired"]:
         raise click.ClickException(
             f"nothing matched sink {sink!r}: no result waits for it "
             "(`ventilator status` lists sinks as sink:NAME)"
         )
-    click.echo(
-        f"sink {sink}: dropped {counted(dropped['results'], 'result')} waiting for it"
-    )
+    click.echo(f"sink {sink}: dropped {_results_dropped(dropped)}")
 
 
 @cli.command()

@@ -563,10 +563,12 @@ class Client:
         session as `status()` shows it (under CURVE, ``<fingerprint>.<name>``).
 
         Returns:
-            {"results": dropped results, "queued": dropped queued tasks,
-            "running": running tasks that will be dropped when they end,
-            "for_sinks": tasks of its whose results wait for sinks, which
-            count against it but are the sinks' (see `purge --sink`)}.
+            {"results": dropped results, "expired": dropped tombstones of its
+            results that expired (or a full broker dropped), which were kept
+            only to tell it so, "queued": dropped queued tasks, "running":
+            running tasks that will be dropped when they end, "for_sinks":
+            tasks of its whose results wait for sinks, which count against it
+            but are the sinks' (see `purge --sink`)}.
 
         Raises:
             UsageError: the session is connected (its results are on their
@@ -578,8 +580,8 @@ class Client:
         report = self._ask(p.Purge(session=session), timeout_s, "purge_session")
         if "refused" in report:
             raise UsageError(str(report["refused"]))
-        kinds = ("results", "queued", "running", "for_sinks")
-        # An older broker does not count the last.
+        kinds = ("results", "expired", "queued", "running", "for_sinks")
+        # An older broker counts no for_sinks, and its expired among results.
         return {kind: int(report.get(kind, 0)) for kind in kinds}
 
     def cancel_task(self, session: str, task_id: int, timeout_s: float = 10.0) -> str:

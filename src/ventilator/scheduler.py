@@ -2815,9 +2815,11 @@ class Scheduler:
 
     def _purge_session(self, name: str, now: float) -> dict[str, object]:
         """Drop everything the broker holds for session `name`, which left: the
-        results waiting for it, and the tasks it submitted (queued ones at
-        once, running ones stopped on their workers; see `_cancel_running`).
-        Refused while it is connected: its results are on their way to it."""
+        results waiting for it, the tombstones of its expired ones (counted
+        apart, as `status` counts them), and the tasks it submitted (queued
+        ones at once, running ones stopped on their workers; see
+        `_cancel_running`). Refused while it is connected: its results are on
+        their way to it."""
         recipient = self.recipients.get(name)
         if recipient is not None and recipient.peer is not None:
             return {
@@ -2827,7 +2829,12 @@ class Scheduler:
             }
 
         # What it sent past its window counts as queued: it waited to be.
-        dropped = {"results": 0, "queued": self._waiting_room.drop(name), "running": 0}
+        dropped = {
+            "results": 0,
+            "expired": 0,
+            "queued": self._waiting_room.drop(name),
+            "running": 0,
+        }
         running: list[Task] = []
         # Results of its tasks that wait for sinks are the sinks' to drop, but
         # they count against this session: say how many there are.
@@ -2850,8 +2857,10 @@ class Scheduler:
         caller, which stops them all at once); say how it was held."""
         if task.state is State.FINISHED:
             if task.recipient == name:
+                # Asked before forgetting it, which takes it off the tombstones.
+                kind = "expired" if task.ticket in self._tombstones else "results"
                 self._forget(task)
-                return "results"
+                return kind
             if task.session == name:
                 return "for_sinks"  # the sink's result: see purge --sink
             return None

@@ -45,7 +45,9 @@ own, not prometheus-client's global one)::
     ventilator_queue_depth{function}                   waiting to run (retries too)
     ventilator_tasks_running{function}
     ventilator_oldest_running_task_seconds{worker}     workers holding a task only
-    ventilator_workers_connected   ventilator_worker_slots   ventilator_worker_credit
+    ventilator_workers_connected   ventilator_workers_not_serving
+    ventilator_worker_slots   ventilator_worker_credit     of the workers serving
+    ventilator_not_accepting                           1 while it refuses new tasks
     ventilator_clients_connected   ventilator_results_waiting
     ventilator_results_expired                         tombstones kept for their clients
 """
@@ -491,6 +493,7 @@ class _SnapshotCollector(Collector):
             return
         yield from _counters(snapshot)
         yield _refused(snapshot.status)
+        yield _not_accepting(snapshot.status)
         yield _histogram(
             "ventilator_task_duration_seconds",
             "How long tasks ran, as their workers measured.",
@@ -615,6 +618,54 @@ def _oldest_running(workers: list[dict[str, Any]]) -> Metric:
     return oldest
 
 
+def _worker_gauges(workers: list[dict[str, Any]]) -> Iterator[Metric]:
+    """How many workers there are, how many serve nothing, and what those
+    that serve can take. A worker whose task processes cannot start stays
+    registered without functions: counting its slots made a broker where no
+    task could run look as able as a healthy one, so no alert could fire."""
+    serving = [w for w in workers if w["services"]]
+    yield GaugeMetricFamily(
+        "ventilator_workers_connected",
+        "Workers registered, serving or not.",
+        value=len(workers),
+    )
+    yield GaugeMetricFamily(
+        "ventilator_workers_not_serving",
+        "Workers registered that serve no function, as no task can run there "
+        "(task processes that cannot start, every slot held by a stuck "
+        "thread); `ventilator status` says why. Their slots and credit are "
+        "in no other gauge.",
+        value=len(workers) - len(serving),
+    )
+    yield GaugeMetricFamily(
+        "ventilator_worker_slots",
+        "Tasks the workers that serve a function run at once, as they "
+        "declared it (--concurrency; 1 per MDP worker). Workers with a fixed "
+        "--prefetch declare none.",
+        value=sum(w["slots"] or 0 for w in serving),
+    )
+    yield GaugeMetricFamily(
+        "ventilator_worker_credit",
+        "Tasks the workers that serve a function may hold at once: their "
+        "slots times what prefetch lets each slot hold, running or waiting.",
+        value=sum(w["capacity"] for w in serving),
+    )
+
+
+def _not_accepting(status: dict[str, Any]) -> Metric:
+    """1 while the broker refuses every new task, the state /health calls
+    not_accepting: alive and serving what it holds, so nothing else to alert
+    on shows it until clients' tasks fail (tasks_refused_total rises only
+    once one is submitted)."""
+    return GaugeMetricFamily(
+        "ventilator_not_accepting",
+        "1 while the broker refuses every new task (its journal's disk nearly "
+        "full, its journal's files gone, or it holds all its limits allow); "
+        "status and /health say why. Else 0.",
+        value=int(status["not_accepting"] is not None),
+    )
+
+
 def _gauges(status: dict[str, Any]) -> Iterator[Metric]:
     depth = GaugeMetricFamily(
         "ventilator_queue_depth",
@@ -632,21 +683,7 @@ def _gauges(status: dict[str, Any]) -> Iterator[Metric]:
     yield depth
     yield running
     yield _oldest_running(workers)
-    yield GaugeMetricFamily(
-        "ventilator_workers_connected", "Workers registered.", value=len(workers)
-    )
-    yield GaugeMetricFamily(
-        "ventilator_worker_slots",
-        "Tasks all workers run at once, as they declared it (--concurrency; "
-        "1 per MDP worker). Workers with a fixed --prefetch declare none.",
-        value=sum(w["slots"] or 0 for w in workers),
-    )
-    yield GaugeMetricFamily(
-        "ventilator_worker_credit",
-        "Tasks all workers may hold at once: their slots times what prefetch "
-        "lets each slot hold, running or waiting.",
-        value=sum(w["capacity"] for w in workers),
-    )
+    yield from _worker_gauges(workers)
     yield GaugeMetricFamily(
         "ventilator_clients_connected",
         "Clients and sinks connected.",

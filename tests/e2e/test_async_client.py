@@ -201,7 +201,13 @@ def test_async_purge_session_drops_what_a_departed_session_left(
 
     dropped = run_with(broker, lambda client: client.purge_session(departed.session))
 
-    assert dropped == {"results": 0, "queued": 2, "running": 0, "for_sinks": 0}
+    assert dropped == {
+        "results": 0,
+        "expired": 0,
+        "queued": 2,
+        "running": 0,
+        "for_sinks": 0,
+    }
 
 
 def test_async_purge_session_of_a_connected_session_is_a_usage_error(

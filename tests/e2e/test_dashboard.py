@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import ventilator
 
+from . import broken_child_tasks
 from .conftest import (
     MORE_TASKS,
     TASKS,
@@ -158,6 +159,32 @@ def test_metrics_counters_match_the_tasks_run(
     assert ("ventilator_tasks_completed_total", fail) not in samples
     duration_sum = samples[("ventilator_task_duration_seconds_sum", square)]
     assert 0 <= duration_sum < 30
+
+
+def test_a_worker_whose_task_processes_cannot_start_is_not_counted_as_slots(
+    launch: Launcher, web_broker: BrokerProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Tester 36: such a worker's slots counted as usable, so /metrics showed
+    # a broker where no task could run as able to run two at once.
+    monkeypatch.setenv(broken_child_tasks.BREAK_CHILDREN, "1")
+    launch.worker(web_broker, broken_child_tasks.__name__, concurrency=2)
+    monkeypatch.delenv(broken_child_tasks.BREAK_CHILDREN)
+    client = launch.client(web_broker)
+    wait_for_workers(client, 1)
+    client.submit(broken_child_tasks.double, 1)  # a child meets the broken deploy
+
+    expected = {
+        ("ventilator_workers_connected", ()): 1,
+        ("ventilator_workers_not_serving", ()): 1,
+        ("ventilator_worker_slots", ()): 0,
+        ("ventilator_worker_credit", ()): 0,
+    }
+
+    def counted() -> bool:
+        samples = metrics(web_broker)
+        return all(samples.get(key) == value for key, value in expected.items())
+
+    wait_until(counted, SETTLE_S, f"/metrics to show {expected}")
 
 
 def test_api_status_is_what_ventilator_status_reports(
@@ -375,6 +402,8 @@ def test_a_broker_refusing_new_tasks_says_so_in_status_health_and_metrics(
 
     health = wait_until(refusing, SETTLE_S, "/health to say it is not accepting")
     assert health["not_accepting"] == status["not_accepting"]
+    # From the same snapshot or a later one: a gauge to alert on (tester 36).
+    assert metrics(broker)[("ventilator_not_accepting", ())] == 1
     wait_until(
         lambda: metrics(broker).get(("ventilator_tasks_refused_total", ())) == 1,
         SETTLE_S,

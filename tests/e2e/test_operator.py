@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 import ventilator
+from ventilator._words import counted
 from ventilator.broker import Broker, BrokerConfig
 from ventilator.policy import Limits
 from ventilator.scheduler import RETRY_SESSION
@@ -341,6 +342,40 @@ def test_results_of_a_session_that_left_are_dropped_with_purge_session(
     assert newcomer.status()["results_waiting"] == 0
     newcomer.submit(UNSERVED, 9)  # accepted: nothing holds the room any more
     status_when(newcomer, lambda s: s["queued"].get(UNSERVED) == 1, 10, "1 queued")
+
+
+def test_purge_session_counts_the_expired_results_it_drops_apart(
+    processes: Processes, launch: Launcher
+) -> None:
+    # Tester 36: with status showing results_waiting 9 and results_expired 1,
+    # the purge said it dropped 10 results waiting for delivery.
+    broker = launch.broker("--max-queued-tasks", "3", "--orphan-grace-s", "0.2")
+    departed = launch.client(broker)
+    for x in range(3):
+        departed.submit(UNSERVED, x)
+    status_when(departed, lambda s: s["queued"].get(UNSERVED) == 3, 10, "3 queued")
+    departed.close()
+    frontend = ("--connect", broker.frontend)
+    run_cli(processes, "purge", UNSERVED, "--yes", *frontend)  # 3 results wait
+    newcomer = launch.client(broker)
+    # Full, until the departed session is away past its grace: then the
+    # broker makes room from its results, which leave tombstones.
+    status_when(newcomer, lambda s: s["not_accepting"] is None, 10, "room to make")
+    newcomer.submit(UNSERVED, 9)
+    held = status_when(
+        newcomer, lambda s: s["results_expired"] > 0, 10, "a result dropped for room"
+    )
+
+    dropped = run_cli(
+        processes, "purge", "--session", departed.session, "--yes", *frontend
+    )
+
+    assert dropped.returncode == 0, dropped.stderr
+    waiting, expired = held["results_waiting"], held["results_expired"]
+    assert waiting + expired == 3
+    said = f"dropped {counted(waiting, 'result')} waiting for delivery, "
+    assert said + counted(expired, "expired result") in dropped.stdout
+    assert newcomer.status()["results_expired"] == 0
 
 
 def test_results_waiting_for_a_sink_nobody_receives_are_dropped_with_purge_sink(

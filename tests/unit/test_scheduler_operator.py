@@ -358,11 +358,33 @@ def test_purging_a_session_that_left_drops_its_results_and_queued_tasks(
 
     assert report == {
         "session": "alice",
-        **{"results": 2, "queued": 3, "running": 0, "for_sinks": 0},
+        **{"results": 2, "expired": 0, "queued": 3, "running": 0, "for_sinks": 0},
     }
     assert not driver.scheduler.tasks
     assert "alice" not in driver.scheduler.recipients
     assert driver.scheduler.totals()["cancelled"] == 3
+
+
+def test_purging_a_session_counts_its_expired_results_apart() -> None:
+    # Tester 36: status said results_waiting 9, results_expired 1, and the
+    # purge said it dropped 10 results waiting for delivery.
+    driver = Driver(Limits(result_ttl_s=2.0))
+    driver.hello()
+    driver.hello(OPERATOR, "operator")
+    driver.submit(task(1), task(2))
+    first, second = assignments(driver.ready(W1, capacity=2), W1)
+    driver.unreachable(CLIENT)
+    driver.done(W1, first)
+    driver.tick(1.5)
+    driver.done(W1, second)
+    driver.tick(1.0)  # the first result is past its TTL: a tombstone
+    status = driver.scheduler.status(driver.now)
+    assert (status["results_waiting"], status["results_expired"]) == (1, 1)
+
+    report = operate(driver, p.Purge(session="alice"))
+
+    assert (report["results"], report["expired"]) == (1, 1)
+    assert not driver.scheduler.tasks
 
 
 def test_purging_a_session_stops_its_running_tasks_in_one_release_per_worker(
@@ -409,7 +431,7 @@ def test_purging_a_session_leaves_other_sessions_and_sinks_alone(
     # alice's task to the sink "totals" is the sink's to drop, but hers.
     assert report == {
         "session": "alice",
-        **{"results": 0, "queued": 0, "running": 0, "for_sinks": 1},
+        **{"results": 0, "expired": 0, "queued": 0, "running": 0, "for_sinks": 1},
     }
     assert len(driver.scheduler.tasks) == 2
 

@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ventilator import protocol as p
 from ventilator import telemetry as telemetry_module
 from ventilator.broker import Broker, BrokerConfig
+from ventilator.effects import Effects
 from ventilator.errors import TaskRaised, TaskTimeout
 from ventilator.journal import open_journal
 from ventilator.logs import REMOTE_TRACEBACK, JsonFormatter
@@ -363,6 +364,31 @@ def test_tasks_restored_from_the_journal_count_as_submitted(tmp_path: Path) -> N
     assert broker.telemetry.submitted == {FUNCTION: 1}
 
 
+def test_a_restored_task_its_worker_takes_back_counts_in_both_histograms() -> None:
+    # Tester 36 saw fewer in the histograms than completed after a restart.
+    # After one, a worker that still runs a task takes it back as it returns:
+    # it ran for as long as the worker says, and waited from its restore.
+    driver, telemetry = Driver(), Telemetry()
+    restored = Task(7, "alice", 7, FUNCTION, b"\x91\x01", 0, None, 0, "alice")
+    driver.scheduler.restore(restored, driver.now)
+    telemetry.record(Effects(accepted=[restored]))  # as the broker's replay does
+    driver.hello()
+    named = p.Assignment(7, 3, FUNCTION, b"")
+    driver.now += 0.5
+    telemetry.record(driver.ready(W1, held=[named]))
+
+    telemetry.record(driver.done(W1, named, duration_s=0.2))
+    telemetry.publish(driver.now, driver.scheduler)
+
+    metrics = samples(telemetry)
+    function = frozenset({("function", FUNCTION)})
+    assert metrics[("ventilator_tasks_completed_total", function)] == 1
+    assert metrics[("ventilator_task_duration_seconds_count", function)] == 1
+    assert metrics[("ventilator_task_duration_seconds_sum", function)] == 0.2
+    assert metrics[("ventilator_task_queue_wait_seconds_count", function)] == 1
+    assert metrics[("ventilator_task_queue_wait_seconds_sum", function)] == 0.5
+
+
 def test_worker_slots_are_the_slots_declared_and_credit_is_apart() -> None:
     driver, telemetry = Driver(), Telemetry()
     driver.ready(W1, capacity=47, slots=4)  # adaptive prefetch: credit grows
@@ -372,6 +398,44 @@ def test_worker_slots_are_the_slots_declared_and_credit_is_apart() -> None:
     metrics = samples(telemetry)
     assert metrics[("ventilator_worker_slots", frozenset())] == 4
     assert metrics[("ventilator_worker_credit", frozenset())] == 47 + 6
+
+
+def test_a_worker_that_serves_nothing_is_counted_apart_not_in_slots_or_credit() -> None:
+    # Tester 36: a worker whose task processes could not start registered
+    # without functions, and its slots counted as usable: /metrics looked the
+    # same as for a worker that ran tasks, so no alert could fire.
+    driver, telemetry = Driver(), Telemetry()
+    driver.ready(W1, capacity=4, slots=2)
+    driver.ready(b"worker-2", capacity=8, slots=8, services=[])
+    telemetry.publish(driver.now, driver.scheduler)
+
+    metrics = samples(telemetry)
+    gauges = {
+        name.removeprefix("ventilator_"): value
+        for (name, _), value in metrics.items()
+        if name.startswith(("ventilator_worker_", "ventilator_workers_"))
+    }
+    assert gauges == {
+        "workers_connected": 2,
+        "workers_not_serving": 1,
+        "worker_slots": 2,
+        "worker_credit": 4,
+    }
+
+
+def test_a_broker_refusing_every_new_task_says_so_in_a_gauge() -> None:
+    # Tester 36: only /health and status said "not_accepting"; the refused
+    # counter rises only once a client's task fails.
+    driver, telemetry = Driver(Limits(max_queued_tasks=1)), Telemetry()
+    driver.hello()
+    telemetry.publish(driver.now, driver.scheduler)
+    accepting = samples(telemetry)[("ventilator_not_accepting", frozenset())]
+
+    driver.submit(task(1))  # the broker is full now
+    telemetry.publish(driver.now + 1.0, driver.scheduler)
+
+    refusing = samples(telemetry)[("ventilator_not_accepting", frozenset())]
+    assert (accepting, refusing) == (0, 1)
 
 
 def test_oldest_running_task_is_a_gauge_per_worker_holding_a_task() -> None:
