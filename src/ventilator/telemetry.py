@@ -46,7 +46,7 @@ own, not prometheus-client's global one)::
     ventilator_tasks_running{function}
     ventilator_oldest_running_task_seconds{worker}     workers holding a task only
     ventilator_workers_connected   ventilator_workers_not_serving
-    ventilator_worker_slots   ventilator_worker_credit     of the workers serving
+    ventilator_worker_slots   ventilator_worker_credit     serving, not draining
     ventilator_not_accepting                           1 while it refuses new tasks
     ventilator_clients_connected   ventilator_results_waiting
     ventilator_results_expired                         tombstones kept for their clients
@@ -624,6 +624,9 @@ def _worker_gauges(workers: list[dict[str, Any]]) -> Iterator[Metric]:
     registered without functions: counting its slots made a broker where no
     task could run look as able as a healthy one, so no alert could fire."""
     serving = [w for w in workers if w["services"]]
+    # A draining worker finishes what it holds and takes nothing new: no
+    # room for the queue either.
+    taking = [w for w in serving if not w["draining"]]
     yield GaugeMetricFamily(
         "ventilator_workers_connected",
         "Workers registered, serving or not.",
@@ -639,16 +642,17 @@ def _worker_gauges(workers: list[dict[str, Any]]) -> Iterator[Metric]:
     )
     yield GaugeMetricFamily(
         "ventilator_worker_slots",
-        "Tasks the workers that serve a function run at once, as they "
-        "declared it (--concurrency; 1 per MDP worker). Workers with a fixed "
-        "--prefetch declare none.",
-        value=sum(w["slots"] or 0 for w in serving),
+        "Tasks the workers that serve a function and are not draining run "
+        "at once, as they declared it (--concurrency; 1 per MDP worker). "
+        "Workers with a fixed --prefetch declare none.",
+        value=sum(w["slots"] or 0 for w in taking),
     )
     yield GaugeMetricFamily(
         "ventilator_worker_credit",
-        "Tasks the workers that serve a function may hold at once: their "
-        "slots times what prefetch lets each slot hold, running or waiting.",
-        value=sum(w["capacity"] for w in serving),
+        "Tasks the workers that serve a function and are not draining may "
+        "hold at once: their slots times what prefetch lets each slot hold, "
+        "running or waiting.",
+        value=sum(w["capacity"] for w in taking),
     )
 
 

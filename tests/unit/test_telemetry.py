@@ -454,3 +454,17 @@ def test_oldest_running_task_is_a_gauge_per_worker_holding_a_task() -> None:
         if name == "ventilator_oldest_running_task_seconds"
     }
     assert oldest == {"worker-1": 2.5}
+
+
+def test_a_draining_worker_has_no_room_in_slots_or_credit() -> None:
+    # It takes no new task: a queue waiting on it alone must read as no room.
+    driver, telemetry = Driver(), Telemetry()
+    driver.ready(W1, capacity=4, slots=2)
+    driver.ready(b"worker-2", capacity=8, slots=8)
+    driver.worker(b"worker-2", p.Drain())
+    telemetry.publish(driver.now, driver.scheduler)
+
+    metrics = samples(telemetry)
+    assert metrics[("ventilator_worker_slots", frozenset())] == 2
+    assert metrics[("ventilator_worker_credit", frozenset())] == 4
+    assert metrics[("ventilator_workers_not_serving", frozenset())] == 0

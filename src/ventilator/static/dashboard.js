@@ -75,8 +75,10 @@ function renderCards(status, history) {
   const sinks = counts.connected_sinks;
   setText("workers-count", number(workers.length));
   // Slots as workers declared them, not their credit (capacity), which
-  // prefetch makes many times larger for short tasks.
-  setText("slots", `${number(sum(workers.map((w) => w.slots ?? 0)))} slots`);
+  // prefetch makes many times larger for short tasks; of the workers that can
+  // take a task, as ventilator_worker_slots counts them.
+  const taking = workers.filter((w) => w.services.length && !w.draining);
+  setText("slots", `${number(sum(taking.map((w) => w.slots ?? 0)))} slots`);
   setText("queued-total", number(queued));
   setText("running-total", `${number(running)} running`);
   // Items, as users count them: a batch of map items is one task to the broker.
