@@ -71,6 +71,8 @@ def print_status(report: dict[str, Any]) -> None:
         console.print(
             f"[bold red]NOT ACCEPTING NEW TASKS[/]: {report['not_accepting']}"
         )
+    if report.get("delivery_held"):
+        console.print(f"[bold red]RESULTS HELD BACK[/]: {report['delivery_held']}")
     console.print(_results_line(report))
     if report.get("recent_failures"):
         failures = report["recent_failures"]

@@ -564,6 +564,7 @@ class Broker:
         written = self._journal.written_bytes
         refusal = self._journal_refusal() or self._disk_room.problem(written)
         self._scheduler.not_accepting = refusal
+        self._scheduler.delivery_held = self._disk_room.delivery_hold()
         self._scheduler.disk_budget = self._disk_room.budget()
 
     def _journal_refusal(self) -> str | None:
@@ -1359,6 +1360,7 @@ class _DiskRoom:
         self._min_free = config.journal_min_free_bytes if config.durable else 0
         self._free_bytes = free_bytes or _free_bytes
         self._refusing = False
+        self._holding = False
         self._written_at_look = 0
         self._free_at_look: int | None = None
 
@@ -1392,6 +1394,42 @@ class _DiskRoom:
             "tasks it holds (--journal-min-free-bytes); new tasks are refused "
             "until an operator frees space"
         )
+
+    def delivery_hold(self) -> str | None:
+        """Why results are held back now, as the last look found: the disk
+        is into the quarter of the reserve kept for SQLite's log, the room
+        a client's acknowledgements need to be recorded. A result delivered
+        whose acknowledgement cannot be would stop the broker and be
+        delivered again after its restart (tester 36: 192 results, twice)."""
+        free = self._free_at_look
+        holding = self._min_free > 0 and free is not None and free < self._min_free // 4
+        if holding != self._holding:
+            self._holding = holding
+            self._log_hold(free or 0)
+        if not holding:
+            return None
+        return (
+            f"the journal's disk ({self._folder}) has {(free or 0) // 2**20} MiB "
+            "free, too little to record that results were received: they are "
+            "held until an operator frees space"
+        )
+
+    def _log_hold(self, free: int) -> None:
+        if self._holding:
+            log.error(
+                "journal disk full folder=%s free_mib=%d: holding results back "
+                "until space is freed (their delivery could not be recorded, "
+                "and they would be delivered again after a restart)",
+                self._folder,
+                free // 2**20,
+            )
+        else:
+            log.warning(
+                "journal disk has room for acknowledgements again folder=%s "
+                "free_mib=%d: delivering results",
+                self._folder,
+                free // 2**20,
+            )
 
     def budget(self) -> s.DiskBudget:
         """What the disk can take until the next look, as the last one found

@@ -365,6 +365,9 @@ class Scheduler:
         # Why no new task is accepted now, as the shell found (the journal's
         # disk is nearly full); None: tasks are accepted within the limits.
         self.not_accepting: str | None = None
+        # Why results are not delivered now (the journal's disk has no room to
+        # record their acknowledgement); None: they are. Set by the shell.
+        self.delivery_held: str | None = None
         self.disk_budget = DiskBudget()
 
         self._effects = Effects()
@@ -2444,6 +2447,8 @@ class Scheduler:
             self._stale.pop(queue_name, None)
 
     def _deliver(self) -> None:
+        if self.delivery_held is not None:
+            return  # they wait, as for a client that is away
         for recipient in self.recipients.values():
             if recipient.peer is None:
                 continue
@@ -2669,9 +2674,11 @@ class Scheduler:
             not_accepting=self.not_accepting or self._refusal_said(now),
             serves=self.serves,
         )
-        if scope is not None:
-            return report.within(scope, now)
-        return report.whole(now, full)
+        said = (
+            report.within(scope, now) if scope is not None else report.whole(now, full)
+        )
+        said["delivery_held"] = self.delivery_held
+        return said
 
     def totals(self) -> dict[str, int]:
         """Tasks taken on and finished since this broker started, by outcome.

@@ -274,6 +274,32 @@ def test_the_disk_is_looked_at_again_once_a_quarter_of_the_reserve_was_written(
     assert not room.due(written_bytes=31 * mib)
 
 
+def test_results_are_held_while_the_disk_has_no_room_to_record_their_delivery(
+    tmp_path: Path,
+) -> None:
+    # Tester 36: a client collected 192 results from a broker whose disk an
+    # outsider filled; it stopped, unable to journal their acknowledgements,
+    # and delivered them again after its restart.
+    mib = 2**20
+    free = [100 * mib]
+    config = BrokerConfig(
+        journal=str(tmp_path / "journal.db"), journal_min_free_bytes=64 * mib
+    )
+    room = _DiskRoom(config, free_bytes=lambda folder: free[0])
+
+    room.problem()
+    before = room.delivery_hold()
+    free[0] = 15 * mib  # into the quarter of the reserve kept for SQLite's log
+    room.problem()
+    held = room.delivery_hold()
+    free[0] = 100 * mib
+    room.problem()
+
+    assert before is None
+    assert held is not None and "15 MiB free" in held
+    assert room.delivery_hold() is None
+
+
 def test_a_memory_broker_never_looks_at_its_disk() -> None:
     looked: list[str] = []
 

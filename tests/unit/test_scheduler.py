@@ -175,6 +175,21 @@ def test_a_result_refused_for_the_disk_says_what_is_left_for_results() -> None:
     assert "SQLite's log keeps 16 MiB of the --journal-min-free-bytes" in message
 
 
+def test_results_wait_while_delivery_is_held_and_go_once_it_is_not(
+    driver: Driver,
+) -> None:
+    driver.submit(task(1))
+    [work] = assignments(driver.ready(W1), W1)
+    driver.scheduler.delivery_held = "the journal's disk is full"
+
+    while_held = driver.done(W1, work, payload=b"49")
+    driver.scheduler.delivery_held = None
+    after = driver.flush()
+
+    assert results(while_held) == []
+    assert [r.payload for r in results(after)] == [b"49"]
+
+
 def test_a_result_the_journal_disk_cannot_take_fails_its_task_instead(
     driver: Driver,
 ) -> None:
