@@ -251,17 +251,26 @@ def test_broker_refuses_a_malformed_endpoint_before_warning_about_exposure(
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
+MIB = 2**20
+
+
+def disk_room_of(tmp_path: Path, free: list[int]) -> _DiskRoom:
+    """The disk room of a broker keeping the default 64 MiB reserve, on a
+    disk whose free bytes are `free[0]` at each look."""
+    config = BrokerConfig(
+        journal=str(tmp_path / "journal.db"), journal_min_free_bytes=64 * MIB
+    )
+    return _DiskRoom(config, free_bytes=lambda folder: free[0])
+
+
 def test_the_disk_is_looked_at_again_once_a_quarter_of_the_reserve_was_written(
     tmp_path: Path,
 ) -> None:
     # A burst of large payloads between two ticks must not fill the disk: the
     # journal's own writes bring the next look forward.
-    mib = 2**20
+    mib = MIB
     free = [100 * mib]
-    config = BrokerConfig(
-        journal=str(tmp_path / "journal.db"), journal_min_free_bytes=64 * mib
-    )
-    room = _DiskRoom(config, free_bytes=lambda folder: free[0])
+    room = disk_room_of(tmp_path, free)
 
     assert room.problem(written_bytes=0) is None
     assert not room.due(written_bytes=15 * mib)
@@ -280,19 +289,15 @@ def test_results_are_held_while_the_disk_has_no_room_to_record_their_delivery(
     # Tester 36: a client collected 192 results from a broker whose disk an
     # outsider filled; it stopped, unable to journal their acknowledgements,
     # and delivered them again after its restart.
-    mib = 2**20
-    free = [100 * mib]
-    config = BrokerConfig(
-        journal=str(tmp_path / "journal.db"), journal_min_free_bytes=64 * mib
-    )
-    room = _DiskRoom(config, free_bytes=lambda folder: free[0])
+    free = [100 * MIB]
+    room = disk_room_of(tmp_path, free)
 
     room.problem()
     before = room.delivery_hold()
-    free[0] = 15 * mib  # into the quarter of the reserve kept for SQLite's log
+    free[0] = 15 * MIB  # into the quarter of the reserve kept for SQLite's log
     room.problem()
     held = room.delivery_hold()
-    free[0] = 100 * mib
+    free[0] = 100 * MIB
     room.problem()
 
     assert before is None
