@@ -1107,18 +1107,27 @@ def test_a_worker_stops_a_task_it_named_that_the_broker_gave_to_another(
 
 
 def restart_under_a_running_task(
-    launch: Launcher, restartable: dict[str, Any], folder: Path
+    launch: Launcher, restartable: dict[str, Any], folder: Path, *broker_args: str
 ) -> tuple[BrokerProcess, ventilator.Client, ventilator.Future, Path, Path]:
     """Start a counted task on a worker, then kill its broker and start
-    another on the same journal; return the new broker, a client of it, and
-    the task's future, runs folder and release file."""
+    another on the same journal (with `broker_args`); return the new broker,
+    a client of it, and the task's future, runs folder and release file."""
     first, future, runs, release = counted_task_on_a_journal(
         launch, restartable, folder
     )
 
     kill_broker(first)
-    second = launch.broker(**restartable)
+    second = launch.broker(*broker_args, **restartable)
     return second, launch.client(second), future, runs, release
+
+
+def wait_for_the_worker_back_holding_its_task(observer: ventilator.Client) -> None:
+    status_when(
+        observer,
+        lambda status: [w["held"] for w in status["workers"]] == [1],
+        RESULT_TIMEOUT_S,
+        "the worker back, holding its task",
+    )
 
 
 def counted_task_on_a_journal(
@@ -1141,12 +1150,7 @@ def test_a_task_running_while_the_broker_is_killed_and_restarted_runs_once(
         launch, restartable, tmp_path
     )
     # The journal brought the task back; the worker names it as it registers.
-    status_when(
-        observer,
-        lambda status: [w["held"] for w in status["workers"]] == [1],
-        RESULT_TIMEOUT_S,
-        "the worker back, holding its task",
-    )
+    wait_for_the_worker_back_holding_its_task(observer)
     release.touch()
 
     assert future.result(RESULT_TIMEOUT_S) == "released"
@@ -1158,18 +1162,10 @@ def test_a_task_its_worker_took_back_after_a_restart_is_in_both_histograms(
 ) -> None:
     # Tester 36 saw 2 fewer in each histogram's count than tasks completed
     # after a kill -9 restart, and blamed the tasks workers took back.
-    first, future, runs, release = counted_task_on_a_journal(
-        launch, restartable, tmp_path
+    second, observer, future, runs, release = restart_under_a_running_task(
+        launch, restartable, tmp_path, "--http", "127.0.0.1:0"
     )
-    kill_broker(first)
-    second = launch.broker("--http", "127.0.0.1:0", **restartable)
-    observer = launch.client(second)
-    status_when(
-        observer,
-        lambda status: [w["held"] for w in status["workers"]] == [1],
-        RESULT_TIMEOUT_S,
-        "the worker back, holding its task",
-    )
+    wait_for_the_worker_back_holding_its_task(observer)
     release.touch()
     assert future.result(RESULT_TIMEOUT_S) == "released"
 
