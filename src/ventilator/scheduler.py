@@ -2672,13 +2672,12 @@ class Scheduler:
             totals=self.totals(),
             asker=asker,
             not_accepting=self.not_accepting or self._refusal_said(now),
+            delivery_held=self.delivery_held,
             serves=self.serves,
         )
-        said = (
-            report.within(scope, now) if scope is not None else report.whole(now, full)
-        )
-        said["delivery_held"] = self.delivery_held
-        return said
+        if scope is not None:
+            return report.within(scope, now)
+        return report.whole(now, full)
 
     def totals(self) -> dict[str, int]:
         """Tasks taken on and finished since this broker started, by outcome.

@@ -182,6 +182,9 @@ class StatusReport:
     # Why the broker refuses every new task now (its journal's disk nearly
     # full, or it holds all its limits allow); None while it accepts them.
     not_accepting: str | None = None
+    # Why results are held back now (no room on the journal's disk to record
+    # their delivery); None while they go.
+    delivery_held: str | None = None
     # Whether a connected worker that is not draining serves a queue.
     serves: Callable[[str], bool] = lambda _queue: True
 
@@ -200,6 +203,7 @@ class StatusReport:
             **self._clients_status(self.recipients),
             "totals": self.totals,
             "not_accepting": self.not_accepting,
+            "delivery_held": self.delivery_held,
             "recent_failures": [
                 record.report(now)
                 for record in latest_failures(self.failed, RECENT_FAILURES, None)
@@ -234,6 +238,7 @@ class StatusReport:
             ),
             "totals": self.totals,
             "not_accepting": self.not_accepting,
+            "delivery_held": self.delivery_held,
             "recent_failures": [
                 record.report(now)
                 for record in latest_failures(self.failed, RECENT_FAILURES, scope)
@@ -439,40 +444,36 @@ class StatusReport:
             "held": held,
             "running": running,
             "prefetched": None if worker.slots is None else held - running,
-            "oldest_running_s": self._oldest_held_s(worker, now),
-            "oldest_task": self._oldest_held_task(worker, owns),
+            **self._oldest_held(worker, now, owns),
             "draining": worker.draining,
             "last_seen_s": round(now - worker.last_seen, 3),
             "problem": worker.problem,
             "shared_memory": worker.shared_memory,
         }
 
-    def _oldest_held_s(self, worker: Worker, now: float) -> float | None:
-        """Seconds since the worker was handed the oldest task it holds; None
-        when it holds none. Workers start tasks in the order they get them,
-        so that task runs, and has run at most this long: a hung task shows
-        as a number that keeps growing."""
+    def _oldest_held(
+        self, worker: Worker, now: float, owns: Callable[[str], bool]
+    ) -> dict[str, object]:
+        """The oldest task the worker holds: seconds since it was handed it,
+        and which it is, as `cancel` names it (an operator looking at a hung
+        one has nothing else to find its id by; tester 36). Workers start
+        tasks in the order they get them, so that task runs, and has run at
+        most this long: a hung task shows as a number that keeps growing.
+        None for both when it holds none; the task is None when it is a
+        session's that the asker does not `own`."""
         if not worker.running:
-            return None
-        oldest = min(self.tasks[ticket].started_at for ticket in worker.running)
-        return round(now - oldest, 3)
-
-    def _oldest_held_task(
-        self, worker: Worker, owns: Callable[[str], bool]
-    ) -> dict[str, object] | None:
-        """Which task `oldest_running_s` is of, as `cancel` names it: an
-        operator looking at a hung one has nothing else to find its id by
-        (tester 36). None when the worker holds none, or it is another
-        client's."""
-        if not worker.running:
-            return None
+            return {"oldest_running_s": None, "oldest_task": None}
         oldest = min((self.tasks[t] for t in worker.running), key=_started_at)
-        if not owns(oldest.session):
-            return None
+        task = None
+        if owns(oldest.session):
+            task = {
+                "session": oldest.session,
+                "task_id": oldest.task_id,
+                "function": oldest.function,
+            }
         return {
-            "session": oldest.session,
-            "task_id": oldest.task_id,
-            "function": oldest.function,
+            "oldest_running_s": round(now - oldest.started_at, 3),
+            "oldest_task": task,
         }
 
     def _running_by_function(self) -> dict[str, int]:

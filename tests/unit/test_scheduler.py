@@ -183,10 +183,12 @@ def test_results_wait_while_delivery_is_held_and_go_once_it_is_not(
     driver.scheduler.delivery_held = "the journal's disk is full"
 
     while_held = driver.done(W1, work, payload=b"49")
+    said = driver.scheduler.status(driver.now)["delivery_held"]
     driver.scheduler.delivery_held = None
     after = driver.flush()
 
     assert results(while_held) == []
+    assert said == "the journal's disk is full"
     assert [r.payload for r in results(after)] == [b"49"]
 
 
