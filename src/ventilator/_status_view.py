@@ -39,7 +39,9 @@ def without_session(report: dict[str, Any], session: str) -> dict[str, Any]:
     return trimmed
 
 
-def print_status(report: dict[str, Any]) -> None:
+def print_status(report: dict[str, Any], connect: str | None = None) -> None:
+    """`report` as tables and lines; `connect`, the broker asked, goes into
+    the commands the lines suggest."""
     from rich.console import Console
 
     console = Console()
@@ -52,7 +54,7 @@ def print_status(report: dict[str, Any]) -> None:
     console.print(workers_table(report["workers"], report.get("worker_counts")))
     for line in _worker_problems(report["workers"]):
         console.print(line)
-    for line in _long_running(report["workers"]):
+    for line in _long_running(report["workers"], connect):
         console.print(line)
     console.print(queues_table(report))
     console.print(clients_table(report["clients"], report.get("client_counts")))
@@ -205,10 +207,13 @@ def _worker_problems(workers: list[dict[str, Any]]) -> list[str]:
 LONG_RUNNING_S = 60.0
 
 
-def _long_running(workers: list[dict[str, Any]]) -> list[str]:
+def _long_running(
+    workers: list[dict[str, Any]], connect: str | None = None
+) -> list[str]:
     """For each listed worker whose oldest task has run LONG_RUNNING_S or
-    more, a line naming it and how to cancel it (a broker that predates
-    `oldest_task`, or a task of another client's, is not named)."""
+    more, a line naming it and how to cancel it at the broker at `connect`
+    (a broker that predates `oldest_task`, or a task of another client's, is
+    not named)."""
     from rich.markup import escape
 
     lines = []
@@ -217,9 +222,10 @@ def _long_running(workers: list[dict[str, Any]]) -> list[str]:
         running_s = worker.get("oldest_running_s")
         if task is None or running_s is None or running_s < LONG_RUNNING_S:
             continue
-        command = shlex.join(
-            ["ventilator", "cancel", task["session"], str(task["task_id"])]
-        )
+        argv = ["ventilator", "cancel", task["session"], str(task["task_id"])]
+        if connect is not None:
+            argv += ["--connect", connect]
+        command = shlex.join(argv)
         lines.append(
             f"[bold]{escape(worker['id'])}[/bold] has run {escape(task['function'])} "
             f"for {_duration(running_s)}: task {task['task_id']} of session "

@@ -1173,7 +1173,7 @@ def status(connect: str, as_json: bool, timeout_s: float) -> None:
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
-        print_status(report)
+        print_status(report, connect)
 
 
 # --- operator commands -------------------------------------------------------------

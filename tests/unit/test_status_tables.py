@@ -57,11 +57,16 @@ def test_a_task_running_long_is_named_with_the_command_that_cancels_it() -> None
     # Tester 36 found no way to learn a hung task's id, which `cancel` needs.
     hung = {"session": "map-vm-1", "task_id": 7, "function": "jobs:crawl"}
 
-    lines = _long_running([worker(75.0, hung), worker(3.0, {**hung, "task_id": 8})])
+    lines = _long_running(
+        [worker(75.0, hung), worker(3.0, {**hung, "task_id": 8})],
+        "tcp://10.0.0.5:5555",
+    )
 
     [line] = lines
     assert "jobs:crawl" in line and "1m15s" in line
-    assert "`ventilator cancel map-vm-1 7` ends it" in line
+    # The broker asked, not the default one.
+    command = "ventilator cancel map-vm-1 7 --connect tcp://10.0.0.5:5555"
+    assert f"`{command}` ends it" in line
 
 
 def test_no_task_is_named_of_another_client_or_an_older_broker() -> None:
