@@ -1396,20 +1396,18 @@ class _DiskRoom:
         )
 
     def delivery_hold(self) -> str | None:
-        """Why results are held back now, as the last look found: the disk
-        is into the quarter of the reserve kept for SQLite's log, the room
-        a client's acknowledgements need to be recorded. A result delivered
-        whose acknowledgement cannot be would stop the broker and be
-        delivered again after its restart (tester 36: 192 results, twice)."""
-        free = self._free_at_look
-        holding = self._min_free > 0 and free is not None and free < self._min_free // 4
+        """Why results are held back now, as the last look found (see
+        DiskBudget.records_deliveries; tester 36 saw 192 results delivered
+        twice); None while they go."""
+        budget = self.budget()
+        holding = not budget.records_deliveries()
         if holding != self._holding:
             self._holding = holding
-            self._log_hold(free or 0)
+            self._log_hold(budget.free)
         if not holding:
             return None
         return (
-            f"the journal's disk ({self._folder}) has {(free or 0) // 2**20} MiB "
+            f"the journal's disk ({self._folder}) has {budget.free // 2**20} MiB "
             "free, too little to record that results were received: they are "
             "held until an operator frees space"
         )

@@ -16,15 +16,23 @@ __all__ = ["DiskBudget"]
 _MIB = 2**20
 
 
+def _log_reserve(reserve: int) -> int:
+    """The part of the reserve kept for SQLite's log: what records a
+    client's acknowledgements, among the rest."""
+    return reserve // 4
+
+
 @dataclass(slots=True)
 class DiskBudget:
     """What the journal's disk can still take until the shell looks again.
 
     New tasks must leave the reserve (`--journal-min-free-bytes`) whole: it is
     kept for the tasks already held. Their results may use it, all but a
-    quarter kept for SQLite's log: a result the disk cannot take fails its
-    task, where its write would stop the broker, and again at each restart.
-    Infinite while no reserve is kept (a memory journal, or 0).
+    quarter kept for SQLite's log (`log_reserve`): a result the disk cannot
+    take fails its task, where its write would stop the broker, and again at
+    each restart. Once even that quarter is short, results are not delivered
+    (`records_deliveries`). Infinite while no reserve is kept (a memory
+    journal, or 0).
     """
 
     tasks: float = math.inf
@@ -34,7 +42,17 @@ class DiskBudget:
 
     @classmethod
     def after_look(cls, free: int, reserve: int) -> DiskBudget:
-        return cls(free - reserve, free - reserve // 4, free, reserve)
+        return cls(free - reserve, free - _log_reserve(reserve), free, reserve)
+
+    @property
+    def log_reserve(self) -> int:
+        return _log_reserve(self.reserve)
+
+    def records_deliveries(self) -> bool:
+        """Whether the disk, at the look, had the log's part of the reserve:
+        a result delivered whose acknowledgement could not be recorded would
+        stop the broker, and be delivered again after its restart."""
+        return self.free >= self.log_reserve
 
     def spend(self, size: int) -> None:
         self.tasks -= size
@@ -57,6 +75,6 @@ class DiskBudget:
             f"{left // _MIB} MiB are left for results, of the "
             f"{self.free // _MIB} MiB free when the broker last looked (results "
             f"since took their part, and SQLite's log keeps "
-            f"{self.reserve // 4 // _MIB} MiB of the --journal-min-free-bytes "
+            f"{self.log_reserve // _MIB} MiB of the --journal-min-free-bytes "
             "reserve); free space there, or return less"
         )
