@@ -108,18 +108,15 @@ class _Outcomes:
         self._reports: list[tuple[int, float]] = []
         self._results: list[Any] = []
         self._oldest_at = 0.0  # when the first of them was added
-        # Whether a batch of several tasks runs, and the same for the thread
-        # to wait on (both under the lock, or it could miss a batch).
-        self._batch_of_many = False
-        self._watching = threading.Event()
+        # Set while a batch of several tasks runs: the thread waits on it.
+        # Only the main thread sets and clears it.
+        self._batch_of_many = threading.Event()
         early = threading.Thread(target=self._send_early, name="early", daemon=True)
         early.start()
 
     def batch_started(self, size: int) -> None:
         if size > 1:
-            with self._lock:
-                self._batch_of_many = True
-                self._watching.set()
+            self._batch_of_many.set()
 
     def add(self, status: int, duration_s: float, result: Any) -> None:
         with self._lock:
@@ -131,8 +128,9 @@ class _Outcomes:
     def send(self) -> None:
         """The batch ended: send the message that says so, with the outcomes
         not sent early (none, if all were, or if none ran)."""
+        if self._batch_of_many.is_set():
+            self._batch_of_many.clear()
         with self._lock:
-            self._batch_of_many = False
             write_message(self._sock, *self._take())
 
     def _take(self) -> tuple[list[tuple[int, float]], list[Any]]:
@@ -144,17 +142,16 @@ class _Outcomes:
         # A look now and then, not a timer per batch: a batch normally ends
         # within milliseconds, and must cost nothing more for this.
         while True:
-            self._watching.wait()
+            self._batch_of_many.wait()
             time.sleep(EARLY_AFTER_S / 2)
             with self._lock:
-                if not self._batch_of_many:
-                    self._watching.clear()
-                if self._due():
-                    reports, results = self._take()
-                    try:
-                        write_message(self._sock, [[EARLY], *reports], [b"", *results])
-                    except OSError:
-                        return  # the worker is gone; the main thread leaves too
+                if not self._due():
+                    continue
+                reports, results = self._take()
+                try:
+                    write_message(self._sock, [[EARLY], *reports], [b"", *results])
+                except OSError:
+                    return  # the worker is gone; the main thread leaves too
 
     def _due(self) -> bool:
         """Whether outcomes wait, and have for EARLY_AFTER_S."""
