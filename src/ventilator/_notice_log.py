@@ -157,7 +157,9 @@ class NoticeLog:
             log.info("%s (`ventilator status` counts the clients)", note)
         if self._unsaid_leaves:
             left = counted(self._unsaid_leaves, "more client", "more clients")
-            log.info("%s left not logged in the last seconds, as their joins", left)
+            log.info(
+                "%s left not logged in the last seconds (nor were their joins)", left
+            )
             self._unsaid_leaves = 0
         note = self._loss_log.held_back(now)
         if note is not None:
@@ -549,7 +551,8 @@ def _log_client_lost(notice: n.ClientLost) -> None:
     how = _DEPARTURES[notice.how]
     going_on = _going_on(notice)
     if not notice.held:
-        level = logging.DEBUG if notice.quiet and not going_on else logging.INFO
+        # A quiet one is counted on the next tick (see log_held_back).
+        level = logging.DEBUG if notice.quiet else logging.INFO
         log.log(level, "client %s client=%s%s", how, notice.recipient, going_on)
         return
     # Even one that said BYE may open its session again to collect them.
