@@ -245,10 +245,11 @@ class ClientBroken(ClientClosed):
 
 
 # What of an exception's args travels: a few plain values, each small (a
-# KeyError's key, an OSError's errno and text). Anything else stays behind:
+# KeyError's key, an OSError's errno and text; a string's length counted in
+# characters, a bytes' in bytes). Anything else stays behind:
 # the client must not rebuild objects of the task's making.
 MAX_ARGS = 8
-MAX_ARG_BYTES = 4096
+MAX_ARG_LENGTH = 4096
 _PLAIN = (type(None), bool, int, float, str, bytes)
 
 
@@ -263,7 +264,7 @@ def plain_args(args: Any) -> tuple[Any, ...] | None:
             return None
         if isinstance(arg, int) and not -(2**63) <= arg < 2**64:
             return None
-        if isinstance(arg, (str, bytes)) and len(arg) > MAX_ARG_BYTES:
+        if isinstance(arg, (str, bytes)) and len(arg) > MAX_ARG_LENGTH:
             return None
         if isinstance(arg, str) and not _utf8_encodable(arg):
             return None  # a file name's lone surrogates: msgpack cannot carry it
